@@ -1,0 +1,1 @@
+"""Online drift detectors (the detector contract and its implementations)."""

@@ -1,0 +1,267 @@
+"""``oversight``: the command line. Imports stay inside the commands so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monitor.config import Settings
+
+log = logging.getLogger("oversight")
+
+
+def _common(p: argparse.ArgumentParser, *, db: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a setting by dotted key (repeatable), e.g. --set sampling.human.rate=0.05",
+    )
+    if db:
+        p.add_argument("--db", metavar="URL", help="database URL (sqlite:///PATH or postgresql://...)")
+    p.add_argument("--dev", action="store_true", default=None, help="development mode (built-in sampling key allowed)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oversight",
+        description="Continuous deployment-time oversight monitor for deployed language models.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline as a service (source -> validate -> sample -> store)")
+    _common(p)
+    p.add_argument("--input", metavar="FILE", help="shortcut for --set source.kind=file --set source.path=FILE ('-' for stdin)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="run the pipeline over a file as fast as possible and write a report")
+    _common(p)
+    p.add_argument("--input", required=True, metavar="FILE", help="JSONL episodes (plain or gzip; '-' for stdin)")
+    p.add_argument("--report", required=True, metavar="REPORT.json")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("demo", help="replay the bundled real traffic through the embedded service")
+    _common(p, db=False)
+    p.add_argument("--workdir", default=".oversight-demo", help="where the demo keeps its database and dead letters")
+    p.add_argument("--port", type=int, default=9108, help="port of /metrics, /healthz, /readyz")
+    p.add_argument("--exit-after-replay", action="store_true", help="exit after the summary instead of serving")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("estimate", help="Horvitz-Thompson estimate over all traffic of a stream from sampled items")
+    _common(p)
+    p.add_argument("--stream", required=True)
+    p.add_argument("--channel", default="rm", choices=["human", "rm", "drift"])
+    p.add_argument(
+        "--quantity", required=True,
+        help="per-episode quantity: response_chars, prompt_chars, empty_response, or metadata.KEY (numeric or boolean)",
+    )
+    p.add_argument("--since", help="window start (RFC 3339 or epoch seconds)")
+    p.add_argument("--until", help="window end (RFC 3339 or epoch seconds)")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("db", help="database migrations")
+    dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    for name, helptext in (("upgrade", "apply all migrations"), ("current", "print the current revision")):
+        q = dbsub.add_parser(name, help=helptext)
+        _common(q)
+        q.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("config", help="show or check the effective configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    for name, helptext in (("show", "print the effective configuration (secrets redacted)"), ("check", "validate and exit")):
+        q = csub.add_parser(name, help=helptext)
+        _common(q)
+        q.set_defaults(func=cmd_config)
+    return parser
+
+
+def _settings(args: argparse.Namespace, extra: list[str] | None = None) -> Settings:
+    from monitor.config import load_settings
+
+    overrides = list(extra or [])
+    if getattr(args, "db", None):
+        overrides.append(f"database.url={args.db}")
+    if getattr(args, "dev", None):
+        overrides.append("dev=true")
+    overrides.extend(args.overrides)
+    return load_settings(args.config, overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from monitor.pipeline import Aborted
+    from monitor.service import build_service, install_signal_handlers
+
+    extra = []
+    if args.input:
+        extra += ["source.kind=stdin"] if args.input == "-" else ["source.kind=file", f"source.path={args.input}"]
+    settings = _settings(args, extra)
+    svc = build_service(settings)
+    stop = threading.Event()
+    install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
+    assert svc.server is not None
+    log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
+    try:
+        stats = svc.pipeline.run(stop)
+    except Aborted as e:
+        log.warning("%s", e)
+        return 3
+    finally:
+        svc.server.stop()
+        svc.store.close()
+    log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
+    return 0
+
+
+def _replay(settings: Settings, path: str, progress: bool, name: str | None = None, desc: str = "replay") -> tuple[Any, dict[str, Any]]:
+    import time
+
+    from monitor.service import build_service, build_source
+
+    source = build_source(settings, resume=False, name=name or f"replay:{path}")
+    svc = build_service(settings, source=source, serve=False)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=desc, unit="ep", file=sys.stderr, total=_count_lines(path))
+    t0 = time.perf_counter()
+    pipe = svc.pipeline
+    pipe.open()
+    try:
+        while True:
+            records = pipe.source.poll(settings.pipeline.batch_size, 0.05)
+            if records:
+                pipe.process_batch(records)
+                if bar is not None:
+                    bar.update(len(records))
+            elif pipe.source.exhausted:
+                break
+    finally:
+        pipe.close()
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    report = pipe.report()
+    report["timing"] = {"seconds": round(elapsed, 3), "episodes_per_s": round(report["episodes"] / elapsed, 1) if elapsed else None}
+    return svc, report
+
+
+def _count_lines(path: str) -> int | None:
+    import gzip
+
+    if path == "-":
+        return None
+    with open(path, "rb") as probe:
+        gz = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gz else open
+    with opener(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    extra = ["source.kind=stdin"] if args.input == "-" else ["source.kind=file", f"source.path={args.input}"]
+    settings = _settings(args, extra)
+    if settings.sampling.key is None and not settings.dev:
+        # Offline replays are reproducible with the built-in key; say so.
+        log.warning("sampling.key is not set: replaying in dev mode with the built-in key")
+        settings = _settings(args, extra + ["dev=true"])
+    svc, report = _replay(settings, args.input, args.progress)
+    svc.store.close()
+    with open(args.report, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    return run_demo(args)
+
+
+def _parse_time(value: str | None) -> float | None:
+    if value is None:
+        return None
+    from monitor.episodes import InvalidEpisode, parse_timestamp
+
+    try:
+        return parse_timestamp(float(value)) if value.replace(".", "", 1).isdigit() else parse_timestamp(value)
+    except InvalidEpisode as e:
+        raise SystemExit(f"oversight: bad time {value!r}: {e.detail}") from None
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from monitor.estimates import estimate_stream
+    from monitor.store import Store
+
+    settings = _settings(args)
+    store = Store(settings.database.url, migrate=settings.database.migrate)
+    try:
+        est = estimate_stream(
+            store, args.stream, args.channel, args.quantity, _parse_time(args.since), _parse_time(args.until), args.confidence
+        )
+    finally:
+        store.close()
+    print(json.dumps(est, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from monitor.store import Store
+
+    settings = _settings(args)
+    store = Store(settings.database.url, migrate=args.db_command == "upgrade")
+    print(store.revision() or "none")
+    store.close()
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.config_command == "show":
+        print(json.dumps(settings.redacted(), indent=2, sort_keys=True))
+    else:
+        settings.sampling_policy()
+        print("configuration is valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from monitor import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "log_level", "INFO"))
+    from monitor.config import ConfigError
+
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"oversight: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

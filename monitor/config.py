@@ -1,0 +1,298 @@
+"""Configuration: one YAML file, ``OVERSIGHT_`` environment variables, ``--set`` overrides.
+
+Precedence, highest first: ``--set KEY=VALUE`` (dotted keys), environment
+(``OVERSIGHT_SAMPLING__HUMAN__RATE=0.05``: double underscore between levels),
+the YAML file, defaults. Unknown keys are an error at every level.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from sampling import SamplingPolicy
+
+DEV_SAMPLING_KEY = "dev-only-sampling-key"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ChannelConfig(_Model):
+    rate: float = Field(0.01, ge=0.0, le=1.0, description="base inclusion probability")
+    floor: float = Field(0.001, gt=0.0, le=1.0, description="lowest probability ever used")
+    max_rate: float = Field(1.0, gt=0.0, le=1.0, description="highest probability a boost or budget may reach")
+
+    @model_validator(mode="after")
+    def _floor_below_max(self) -> ChannelConfig:
+        if self.floor > self.max_rate:
+            raise ValueError("floor must not exceed max_rate")
+        return self
+
+
+class RmChannelConfig(ChannelConfig):
+    rate: float = Field(0.1, ge=0.0, le=1.0, description="base inclusion probability")
+
+
+class DriftChannelConfig(ChannelConfig):
+    rate: float = Field(0.05, ge=0.0, le=1.0, description="base inclusion probability")
+
+
+class ChannelOverride(_Model):
+    """Per-stream override; unset fields inherit the global channel's."""
+
+    rate: float | None = Field(None, ge=0.0, le=1.0)
+    floor: float | None = Field(None, gt=0.0, le=1.0)
+    max_rate: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class StreamSamplingConfig(_Model):
+    human: ChannelOverride | None = None
+    rm: ChannelOverride | None = None
+    drift: ChannelOverride | None = None
+    human_budget_per_hour: float | None = Field(None, gt=0)
+
+
+class SamplingConfig(_Model):
+    key: SecretStr | None = Field(None, description="secret for the keyed hash; required outside dev mode")
+    human: ChannelConfig = ChannelConfig()
+    rm: RmChannelConfig = RmChannelConfig()
+    drift: DriftChannelConfig = DriftChannelConfig()
+    human_budget_per_hour: float | None = Field(None, gt=0, description="target human reviews per hour per stream")
+    budget_window_s: float = Field(300.0, gt=0)
+    budget_smoothing: float = Field(0.5, gt=0, le=1)
+    streams: dict[str, StreamSamplingConfig] = Field(default_factory=dict)
+
+
+class DatabaseConfig(_Model):
+    url: str = "sqlite:///oversight.db"
+    migrate: bool = Field(True, description="apply migrations at start")
+
+
+class SourceConfig(_Model):
+    kind: Literal["file", "stdin", "kafka"] = "file"
+    path: str | None = None
+    max_episode_bytes: int = Field(256 * 1024, gt=0)
+
+
+class KafkaConfig(_Model):
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"])
+    topic: str = "oversight.episodes"
+    group_id: str = "oversight-monitor"
+    dlq_topic: str | None = Field(None, description="default: <topic>.dlq")
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 3000
+    max_poll_interval_ms: int = 60000
+    max_poll_records: int = Field(1000, gt=0)
+    fetch_max_bytes: int = 52428800
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.topic}.dlq"
+
+
+class DeadLetterConfig(_Model):
+    path: str = "dead-letter.jsonl"
+    max_raw_bytes: int = Field(900_000, gt=0, description="raw bytes kept per dead letter (larger is truncated, hashed)")
+    fsync: bool = True
+
+
+class PipelineConfig(_Model):
+    batch_size: int = Field(500, gt=0)
+    batch_timeout_ms: int = Field(200, gt=0)
+    drain_timeout_s: float = Field(8.0, gt=0)
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class MetricsConfig(_Model):
+    max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
+
+
+_LOAD: contextvars.ContextVar[tuple[dict[str, Any], dict[str, Any]]] = contextvars.ContextVar(
+    "_LOAD", default=({}, {})
+)
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], which: int):
+        super().__init__(settings_cls)
+        self._which = which
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _LOAD.get()[self._which]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OVERSIGHT_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    dev: bool = Field(False, description="development mode: allows the built-in sampling key")
+    database: DatabaseConfig = DatabaseConfig()
+    source: SourceConfig = SourceConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    server: ServerConfig = ServerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _DictSource(settings_cls, 1), env_settings, _DictSource(settings_cls, 0))
+
+    @field_validator("database", mode="after")
+    @classmethod
+    def _db_url(cls, v: DatabaseConfig) -> DatabaseConfig:
+        if not v.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+            raise ValueError("database.url must be sqlite:///PATH or postgresql://...")
+        return v
+
+    def sampling_key(self) -> bytes:
+        """The keyed-hash secret; the built-in one only in dev mode."""
+        if self.sampling.key is not None and self.sampling.key.get_secret_value():
+            key = self.sampling.key.get_secret_value()
+            if key == DEV_SAMPLING_KEY and not self.dev:
+                raise ConfigError("sampling.key is the built-in dev key; set a secret or run with --dev")
+            return key.encode()
+        if self.dev:
+            return DEV_SAMPLING_KEY.encode()
+        raise ConfigError(
+            "sampling.key is not set: set OVERSIGHT_SAMPLING__KEY to a secret "
+            "(a policy that can predict the key can predict which episodes are reviewed), or run with --dev"
+        )
+
+    def redacted(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def sampling_policy(self) -> SamplingPolicy:
+        from sampling import ChannelPolicy, SamplingPolicy
+
+        def pol(c: ChannelConfig, o: ChannelOverride | None = None) -> ChannelPolicy:
+            rate, floor, mx = c.rate, c.floor, c.max_rate
+            if o is not None:
+                rate = o.rate if o.rate is not None else rate
+                floor = o.floor if o.floor is not None else floor
+                mx = o.max_rate if o.max_rate is not None else mx
+            return ChannelPolicy(rate=rate, floor=floor, max_rate=mx)
+
+        s = self.sampling
+        base = {"human": s.human, "rm": s.rm, "drift": s.drift}
+        streams = {}
+        budgets: dict[str, float] = {}
+        if s.human_budget_per_hour is not None:
+            budgets["*"] = s.human_budget_per_hour
+        for name, sc in s.streams.items():
+            streams[name] = {ch: pol(base[ch], getattr(sc, ch)) for ch in base}
+            if sc.human_budget_per_hour is not None:
+                budgets[name] = sc.human_budget_per_hour
+        try:
+            return SamplingPolicy(
+                channels={ch: pol(c) for ch, c in base.items()},
+                streams=streams,
+                budgets=budgets,
+                budget_window_s=s.budget_window_s,
+                budget_smoothing=s.budget_smoothing,
+            )
+        except ValueError as e:
+            raise ConfigError(f"invalid sampling configuration: {e}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"--set has an empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _nest(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        cur = out
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)} conflicts with an earlier --set")
+            cur = nxt
+        cur[parts[-1]] = value
+    return out
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Settings:
+    """Build the effective settings, raising :class:`ConfigError` with a readable message."""
+    from pydantic import ValidationError
+
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        file_data = loaded
+    set_data = _nest(overrides or [])
+    known = {name.upper() for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith("OVERSIGHT_"):
+            head = var[len("OVERSIGHT_") :].split("__", 1)[0]
+            if head not in known:
+                raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
+    token = _LOAD.set((file_data, set_data))
+    try:
+        return Settings()
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    finally:
+        _LOAD.reset(token)

@@ -1,0 +1,73 @@
+"""Estimates over all traffic of a stream from its sampled items (Horvitz-Thompson)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from monitor.store import Store
+from sampling import horvitz_thompson
+
+BUILTIN_QUANTITIES = ("response_chars", "prompt_chars", "empty_response")
+
+
+def quantity_value(row: dict[str, Any], quantity: str) -> float | None:
+    """The value of a per-episode quantity on a stored episode, or None if it has none."""
+    if quantity == "response_chars":
+        return float(len(row["response"]))
+    if quantity == "prompt_chars":
+        return float(len(row["prompt"]))
+    if quantity == "empty_response":
+        return 1.0 if not row["response"].strip() else 0.0
+    if quantity.startswith("metadata."):
+        cur: Any = row.get("metadata")
+        for part in quantity.split(".")[1:]:
+            if not isinstance(cur, dict) or part not in cur:
+                return None
+            cur = cur[part]
+        if isinstance(cur, bool):
+            return 1.0 if cur else 0.0
+        if isinstance(cur, int | float) and math.isfinite(cur):
+            return float(cur)
+        return None
+    raise ValueError(f"unknown quantity {quantity!r}: use one of {', '.join(BUILTIN_QUANTITIES)} or metadata.KEY")
+
+
+def estimate_stream(
+    store: Store,
+    stream: str,
+    channel: str,
+    quantity: str,
+    since: float | None = None,
+    until: float | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    rows = store.sampled(stream, channel, since, until)
+    values: list[float] = []
+    probs: list[float] = []
+    missing = 0
+    for row in rows:
+        v = quantity_value(row, quantity)
+        if v is None:
+            missing += 1
+            continue
+        values.append(v)
+        probs.append(float(row["inclusion_probability"]))
+    population = store.traffic_count(stream, since, until)
+    # With missing values the known population no longer matches the items
+    # we can use; the ratio (Hajek) estimator does not need it.
+    est = horvitz_thompson(values, probs, population if (population and not missing) else None, confidence)
+    out = est.to_dict()
+    for k, v in list(out.items()):
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+    return {
+        "stream": stream,
+        "channel": channel,
+        "quantity": quantity,
+        "since": since,
+        "until": until,
+        "population": population,
+        "n_missing": missing,
+        "estimate": out,
+    }

@@ -1,0 +1,77 @@
+"""Operational HTTP endpoints: ``/metrics``, ``/healthz`` (alive), ``/readyz`` (source and database).
+
+A small threaded stdlib server: the pipeline's ops surface must not depend on
+the review app's web stack, and it must answer while the pipeline is busy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+ReadyCheck = Callable[[], dict[str, bool]]
+
+
+class OpsServer:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: ReadyCheck):
+        self._registry = registry
+        self._ready = ready
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "oversight"
+            sys_version = ""
+
+            def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(outer._registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status":"ok"}\n', "application/json")
+                elif path == "/readyz":
+                    try:
+                        checks = outer._ready()
+                    except Exception:
+                        checks = {"check": False}
+                    ok = all(checks.values())
+                    body = json.dumps({"ready": ok, "checks": checks}).encode() + b"\n"
+                    self._send(200 if ok else 503, body, "application/json")
+                else:
+                    self._send(404, b'{"error":"not found"}\n', "application/json")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="ops-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self._httpd.server_address[0]
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> OpsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,68 @@
+"""The source contract: records with their positions, committed after the store has them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class Record:
+    """One raw record. ``next_offset`` is the position to resume from after it."""
+
+    value: bytes
+    partition: int
+    offset: int
+    next_offset: int
+    received_at: float
+    key: bytes | None = None
+    #: Set when ``value`` holds only the first bytes of an oversize record.
+    full_size: int | None = None
+
+
+class Rebalance(Protocol):
+    """What a source calls when partitions move (Kafka groups); files have one partition."""
+
+    def assigned(self, partitions: list[int]) -> Mapping[int, int]:
+        """Partitions gained; return the stored next offset of each one that has one."""
+        ...
+
+    def revoked(self, partitions: list[int]) -> None:
+        """Partitions lost; called when nothing is in flight."""
+        ...
+
+
+class Source(Protocol):
+    #: Checkpoint key in the offsets table, e.g. ``kafka:GROUP:TOPIC`` or ``file:/abs/path``.
+    name: str
+
+    def open(self, rebalance: Rebalance) -> None: ...
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to ``max_records`` records; an empty list when none came in time."""
+        ...
+
+    @property
+    def exhausted(self) -> bool:
+        """True when a finite source has no more records."""
+        ...
+
+    def commit(self, offsets: Mapping[int, int]) -> None:
+        """Tell the source these next offsets are durable (after the store commit)."""
+        ...
+
+    def rewind(self) -> None:
+        """Forget fetched records and seek back to the stored offsets."""
+        ...
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the end, per partition, where known."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+OffsetLoader = Callable[[Iterable[int]], Mapping[int, int]]

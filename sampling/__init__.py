@@ -1,0 +1,28 @@
+"""Random sampling for oversight: keyed, deterministic per episode, with floors.
+
+Pure and light: no torch, no Kafka, no database. Imports nothing from
+``monitor`` or ``detectors``.
+"""
+
+from sampling.estimator import Estimate, horvitz_thompson
+from sampling.hashing import keyed_uniform
+from sampling.policy import (
+    CHANNELS,
+    ChannelPolicy,
+    Decision,
+    Sampler,
+    SamplingPolicy,
+    StreamSamplingState,
+)
+
+__all__ = [
+    "CHANNELS",
+    "ChannelPolicy",
+    "Decision",
+    "Estimate",
+    "Sampler",
+    "SamplingPolicy",
+    "StreamSamplingState",
+    "horvitz_thompson",
+    "keyed_uniform",
+]

@@ -1,0 +1,309 @@
+"""Channel policies, floors, budgets and boosts, and the per-episode decision.
+
+Channels:
+
+- ``human`` and ``rm`` share one keyed uniform draw per episode, and the
+  effective ``rm`` probability is never below the ``human`` one, so every
+  human-sampled episode is also reward-model scored (the two can be compared
+  on the same items).
+- ``drift`` uses an independent draw.
+
+Every channel has a floor probability > 0: no episode is ever unsupervisable.
+Time is the stream's event time (the largest episode timestamp seen), so a
+replay of the same input gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sampling.hashing import keyed_uniform
+
+CHANNELS: tuple[str, ...] = ("human", "rm", "drift")
+REVIEW_SALT = "review"
+DRIFT_SALT = "drift"
+
+
+@dataclass(frozen=True)
+class ChannelPolicy:
+    """Base rate and floor of one channel."""
+
+    rate: float
+    floor: float = 0.001
+    max_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.floor <= 1.0:
+            raise ValueError(f"floor must be in (0, 1], got {self.floor}")
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate}")
+        if not self.floor <= self.max_rate <= 1.0:
+            raise ValueError("max_rate must be in [floor, 1]")
+
+    def clamp(self, p: float) -> float:
+        return min(self.max_rate, max(self.floor, p))
+
+
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """Rates for every stream, with per-stream overrides and review budgets.
+
+    ``budgets`` maps a stream (or ``"*"`` for every stream) to a target number
+    of human reviews per hour; the human rate of that stream then follows
+    ``target / traffic_per_hour`` (never below the floor) instead of its base
+    rate. Traffic is measured over windows of ``budget_window_s`` seconds of
+    event time and smoothed with ``budget_smoothing``.
+    """
+
+    channels: Mapping[str, ChannelPolicy]
+    streams: Mapping[str, Mapping[str, ChannelPolicy]] = field(default_factory=dict)
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    budget_window_s: float = 300.0
+    budget_smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        missing = [c for c in CHANNELS if c not in self.channels]
+        if missing:
+            raise ValueError(f"missing channel policies: {missing}")
+        if self.budget_window_s <= 0 or not 0 < self.budget_smoothing <= 1:
+            raise ValueError("budget_window_s must be > 0 and budget_smoothing in (0, 1]")
+
+    def channel(self, stream: str, channel: str) -> ChannelPolicy:
+        override = self.streams.get(stream)
+        if override is not None and channel in override:
+            return override[channel]
+        return self.channels[channel]
+
+    def budget(self, stream: str) -> float | None:
+        if stream in self.budgets:
+            return self.budgets[stream]
+        return self.budgets.get("*")
+
+
+@dataclass
+class Boost:
+    factor: float
+    until: float
+    channels: tuple[str, ...]
+    reason: str = ""
+
+
+@dataclass
+class StreamSamplingState:
+    """Everything a stream's decisions depend on besides the policy and key.
+
+    Checkpointed with the consumed offsets so that a restarted or reassigned
+    replica makes the same decisions as the one before it.
+    """
+
+    clock: float = -math.inf
+    window_start: float | None = None
+    window_count: int = 0
+    traffic_per_hour: float | None = None
+    budget_rate: float | None = None
+    boosts: list[Boost] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "clock": None if math.isinf(self.clock) else self.clock,
+            "window_start": self.window_start,
+            "window_count": self.window_count,
+            "traffic_per_hour": self.traffic_per_hour,
+            "budget_rate": self.budget_rate,
+            "boosts": [
+                {"factor": b.factor, "until": b.until, "channels": list(b.channels), "reason": b.reason}
+                for b in self.boosts
+            ],
+        }
+
+    @classmethod
+    def restore(cls, snap: Mapping[str, Any]) -> StreamSamplingState:
+        if snap.get("version") != 1:
+            raise ValueError(f"unknown sampling state version {snap.get('version')!r}")
+        clock = snap.get("clock")
+        return cls(
+            clock=-math.inf if clock is None else float(clock),
+            window_start=snap.get("window_start"),
+            window_count=int(snap.get("window_count", 0)),
+            traffic_per_hour=snap.get("traffic_per_hour"),
+            budget_rate=snap.get("budget_rate"),
+            boosts=[
+                Boost(float(b["factor"]), float(b["until"]), tuple(b["channels"]), str(b.get("reason", "")))
+                for b in snap.get("boosts", [])
+            ],
+        )
+
+
+class Decision:
+    """Which channels sampled an episode, and the probabilities in effect.
+
+    ``sampled`` maps each selected channel to its inclusion probability;
+    ``probabilities`` holds the probability of every channel, selected or not.
+    """
+
+    __slots__ = ("probabilities", "sampled", "u_drift", "u_review")
+
+    def __init__(self, sampled: dict[str, float], probabilities: dict[str, float], u_review: float, u_drift: float):
+        self.sampled = sampled
+        self.probabilities = probabilities
+        self.u_review = u_review
+        self.u_drift = u_drift
+
+    def __repr__(self) -> str:
+        return f"Decision(sampled={self.sampled!r}, probabilities={self.probabilities!r})"
+
+
+StateLoader = Callable[[str], "StreamSamplingState | None"]
+
+
+class Sampler:
+    """Per-episode sampling decisions for every stream.
+
+    ``decide`` is a pure function of (key, policy, stream state, episode id);
+    it also advances the stream's event-time clock and review budget, which
+    only affect later episodes. ``loader`` fetches a stream's checkpointed
+    state the first time the stream is seen (after a restart or rebalance).
+    """
+
+    def __init__(self, policy: SamplingPolicy, key: bytes, loader: StateLoader | None = None):
+        if not key:
+            raise ValueError("the sampling key must not be empty")
+        self.policy = policy
+        self._key = key
+        self._loader = loader
+        self._states: dict[str, StreamSamplingState] = {}
+        self._rates: dict[str, tuple[dict[str, float], float]] = {}
+        self._dirty: set[str] = set()
+
+    # -- state -----------------------------------------------------------
+    def state(self, stream: str) -> StreamSamplingState:
+        st = self._states.get(stream)
+        if st is None:
+            st = self._loader(stream) if self._loader is not None else None
+            if st is None:
+                st = StreamSamplingState()
+            self._states[stream] = st
+        return st
+
+    @property
+    def streams(self) -> list[str]:
+        return sorted(self._states)
+
+    def take_dirty(self) -> dict[str, dict[str, Any]]:
+        """Snapshots of the streams changed since the last call."""
+        out = {s: self._states[s].snapshot() for s in self._dirty if s in self._states}
+        self._dirty.clear()
+        return out
+
+    def forget(self, streams: Iterable[str] | None = None) -> None:
+        """Drop cached state (after a rebalance it is reloaded from the checkpoint)."""
+        if streams is None:
+            self._states.clear()
+            self._rates.clear()
+            self._dirty.clear()
+            return
+        for s in streams:
+            self._states.pop(s, None)
+            self._rates.pop(s, None)
+            self._dirty.discard(s)
+
+    # -- rates -----------------------------------------------------------
+    def rates(self, stream: str) -> dict[str, float]:
+        """Inclusion probability of every channel for the stream's next episode."""
+        cached = self._rates.get(stream)
+        st = self.state(stream)
+        if cached is not None and st.clock < cached[1]:
+            return cached[0]
+        rates, valid_until = self._compute_rates(stream, st)
+        self._rates[stream] = (rates, valid_until)
+        return rates
+
+    def _compute_rates(self, stream: str, st: StreamSamplingState) -> tuple[dict[str, float], float]:
+        active = [b for b in st.boosts if b.until > st.clock]
+        if len(active) != len(st.boosts):
+            st.boosts = active
+            self._dirty.add(stream)
+        out: dict[str, float] = {}
+        for ch in CHANNELS:
+            pol = self.policy.channel(stream, ch)
+            base = pol.rate
+            if ch == "human" and st.budget_rate is not None and self.policy.budget(stream) is not None:
+                base = st.budget_rate
+            factor = max([b.factor for b in active if ch in b.channels], default=1.0)
+            out[ch] = pol.clamp(base * factor)
+        out["rm"] = max(out["rm"], out["human"])
+        valid_until = min([b.until for b in active], default=math.inf)
+        return out, valid_until
+
+    def boost_factor(self, stream: str, channel: str) -> float:
+        st = self.state(stream)
+        return max([b.factor for b in st.boosts if channel in b.channels and b.until > st.clock], default=1.0)
+
+    def boost(
+        self,
+        stream: str,
+        factor: float,
+        duration: float,
+        channels: Iterable[str] = ("human", "rm"),
+        reason: str = "",
+        now: float | None = None,
+    ) -> None:
+        """Multiply the stream's rates on ``channels`` by ``factor`` for ``duration`` seconds.
+
+        Duration is measured on the stream's event-time clock from ``now``
+        (default: the latest episode seen). Overlapping boosts do not stack:
+        the largest active factor applies.
+        """
+        if factor < 1.0 or duration <= 0:
+            raise ValueError("a boost needs factor >= 1 and duration > 0")
+        chans = tuple(channels)
+        unknown = set(chans) - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"unknown channels {sorted(unknown)}")
+        st = self.state(stream)
+        start = st.clock if now is None else now
+        if math.isinf(start):
+            start = 0.0 if now is None else now
+        st.boosts.append(Boost(float(factor), start + float(duration), chans, reason))
+        self._rates.pop(stream, None)
+        self._dirty.add(stream)
+
+    # -- decisions -------------------------------------------------------
+    def decide(self, episode_id: str, stream: str, event_time: float) -> Decision:
+        st = self.state(stream)
+        self._observe(stream, st, event_time)
+        rates = self.rates(stream)
+        u = keyed_uniform(self._key, episode_id, REVIEW_SALT)
+        v = keyed_uniform(self._key, episode_id, DRIFT_SALT)
+        sampled: dict[str, float] = {}
+        if u < rates["human"]:
+            sampled["human"] = rates["human"]
+        if u < rates["rm"]:
+            sampled["rm"] = rates["rm"]
+        if v < rates["drift"]:
+            sampled["drift"] = rates["drift"]
+        return Decision(sampled, rates, u, v)
+
+    def _observe(self, stream: str, st: StreamSamplingState, t: float) -> None:
+        if t > st.clock:
+            st.clock = t
+        self._dirty.add(stream)
+        target = self.policy.budget(stream)
+        if target is None:
+            return
+        if st.window_start is None:
+            st.window_start = st.clock
+        st.window_count += 1
+        elapsed = st.clock - st.window_start
+        if elapsed >= self.policy.budget_window_s:
+            per_hour = st.window_count * 3600.0 / elapsed
+            a = self.policy.budget_smoothing
+            st.traffic_per_hour = per_hour if st.traffic_per_hour is None else a * per_hour + (1 - a) * st.traffic_per_hour
+            st.budget_rate = min(1.0, target / st.traffic_per_hour) if st.traffic_per_hour > 0 else 1.0
+            st.window_start = st.clock
+            st.window_count = 0
+            self._rates.pop(stream, None)
