@@ -205,6 +205,7 @@ class Pipeline:
             st = stats.streams.get(stream)
             if st is None:
                 st = stats.streams[stream] = StreamStats()
+                self.metrics.stream_label(stream)  # label slots go to streams in order of arrival
             st.episodes += 1
             streams_seen.add(stream)
             probs = d.probabilities

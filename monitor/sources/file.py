@@ -1,10 +1,11 @@
-"""JSONL episodes from a file (plain or gzip) or stdin.
+"""JSONL episodes from a file (plain or gzip), a pipe, or stdin.
 
 The position of a record is the byte offset of its line in the
-(decompressed) stream, so a file source resumes where the store says it
-stopped. Blank lines are not records. Lines longer than the episode limit are
-not read into memory whole: the first bytes are kept for the dead letter and
-the rest is skipped.
+(decompressed) stream, so a regular-file source resumes where the store says
+it stopped. Blank lines are not records. Lines longer than the episode limit
+are not read into memory whole: the first bytes are kept for the dead letter
+and the rest is skipped. Pipes (stdin, FIFOs) are read by a thread, so a
+batch is committed after ``timeout`` even while the writer is quiet.
 """
 
 from __future__ import annotations
@@ -12,32 +13,64 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import queue
+import stat
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
 from monitor.sources.base import Rebalance, Record
 
+_EOF = object()
+
+
+def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, int, int | None]]:
+    """(value, start, next_offset, full_size if truncated) for every non-blank line."""
+    pos = start
+    while True:
+        begin = pos
+        line = fh.readline(limit + 2)
+        if not line:
+            return
+        pos += len(line)
+        if not line.endswith(b"\n") and len(line) > limit:
+            while True:
+                chunk = fh.readline(1 << 20)
+                if not chunk:
+                    break
+                pos += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+            yield line, begin, pos, pos - begin
+            continue
+        value = line.rstrip(b"\r\n")
+        if value.strip():
+            yield value, begin, pos, None
+
 
 class FileSource:
     def __init__(self, path: str | None, max_line_bytes: int, *, resume: bool = True):
-        """``path`` None or ``-`` reads stdin (never resumed)."""
+        """``path`` None or ``-`` reads stdin; pipes are never resumed."""
         self._stdin = path in (None, "-")
         self.path = None if self._stdin else os.path.abspath(str(path))
         self.name = "stdin" if self._stdin else f"file:{self.path}"
+        self._pipe = self._stdin or not stat.S_ISREG(os.stat(str(self.path)).st_mode)
         self._limit = max_line_bytes
-        self._resume = resume and not self._stdin
+        self._resume = resume and not self._pipe
         self._fh: BinaryIO | None = None
-        self._pos = 0
+        self._it: Iterator[tuple[bytes, int, int, int | None]] | None = None
+        self._queue: queue.Queue[object] | None = None
         self._eof = False
         self._rebalance: Rebalance | None = None
 
     def _open_stream(self) -> BinaryIO:
-        if self._stdin:
-            raw: BinaryIO = sys.stdin.buffer
-            peek = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
-            if peek == b"\x1f\x8b":
+        if self._pipe:
+            raw: BinaryIO = sys.stdin.buffer if self._stdin else open(str(self.path), "rb")  # noqa: SIM115
+            if not isinstance(raw, io.BufferedReader):
+                raw = io.BufferedReader(raw)  # type: ignore[arg-type]
+            if raw.peek(2)[:2] == b"\x1f\x8b":  # type: ignore[attr-defined]
                 return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
             return raw
         assert self.path is not None
@@ -45,7 +78,7 @@ class FileSource:
             magic = probe.read(2)
         if magic == b"\x1f\x8b":
             return gzip.open(self.path, "rb")  # type: ignore[return-value]
-        return open(self.path, "rb", buffering=1 << 20)
+        return open(self.path, "rb", buffering=1 << 20)  # noqa: SIM115
 
     def open(self, rebalance: Rebalance) -> None:
         self._rebalance = rebalance
@@ -53,37 +86,44 @@ class FileSource:
         start = int(rebalance.assigned([0]).get(0, 0)) if self._resume else 0
         if start:
             self._fh.seek(start)
-        self._pos = start
+        self._it = _lines(self._fh, self._limit, start)
+        if self._pipe:
+            q: queue.Queue[object] = queue.Queue(maxsize=10000)
+            self._queue = q
+            it = self._it
+
+            def pump() -> None:
+                try:
+                    for item in it:
+                        q.put(item)
+                finally:
+                    q.put(_EOF)
+
+            threading.Thread(target=pump, name="file-source-reader", daemon=True).start()
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        fh = self._fh
-        if fh is None or self._eof:
+        if self._eof or self._it is None:
             return []
-        out: list[Record] = []
         now = time.time()
-        limit = self._limit
+        out: list[Record] = []
+        if self._queue is None:
+            for value, begin, end, full in self._it:
+                out.append(Record(value, 0, begin, end, now, full_size=full))
+                if len(out) >= max_records:
+                    return out
+            self._eof = True
+            return out
+        deadline = time.monotonic() + timeout_s
         while len(out) < max_records:
-            start = self._pos
-            line = fh.readline(limit + 2)
-            if not line:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if not out else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _EOF:
                 self._eof = True
                 break
-            self._pos += len(line)
-            if not line.endswith(b"\n") and len(line) > limit:
-                # Oversize: keep what we read, skip the rest of the line.
-                while True:
-                    chunk = fh.readline(1 << 20)
-                    if not chunk:
-                        break
-                    self._pos += len(chunk)
-                    if chunk.endswith(b"\n"):
-                        break
-                out.append(Record(line, 0, start, self._pos, now, full_size=self._pos - start))
-                continue
-            value = line.rstrip(b"\r\n")
-            if not value.strip():
-                continue
-            out.append(Record(value, 0, start, self._pos, now))
+            value, begin, end, full = item  # type: ignore[misc]
+            out.append(Record(value, 0, begin, end, time.time(), full_size=full))
         return out
 
     @property
@@ -95,6 +135,8 @@ class FileSource:
 
     def rewind(self) -> None:
         assert self._rebalance is not None
+        if self._pipe:
+            return  # a pipe cannot be re-read; the store's CAS already refused the batch
         self.close()
         self._eof = False
         self.open(self._rebalance)
@@ -106,6 +148,9 @@ class FileSource:
         return self._fh is not None
 
     def close(self) -> None:
-        if self._fh is not None and not self._stdin:
+        # A pipe's reader thread may be blocked in readline holding the
+        # buffer's lock; closing would wait for the writer. It dies with us.
+        if self._fh is not None and not self._pipe:
             self._fh.close()
         self._fh = None
+        self._it = None

@@ -156,10 +156,14 @@ class Store:
         # Sorted so two writers lock rows in the same order (no deadlock).
         for (source, partition), (expected, new) in sorted(offsets.items()):
             if expected is None:
-                res = conn.execute(
-                    self._insert(t.offsets).on_conflict_do_nothing(),
+                # RETURNING, not rowcount: drivers report -1 for INSERT .. ON CONFLICT.
+                inserted = conn.execute(
+                    self._insert(t.offsets).on_conflict_do_nothing().returning(t.offsets.c.partition),
                     {"source": source, "partition": partition, "next_offset": new, "updated_at": now},
-                )
+                ).first()
+                if inserted is None:
+                    raise StaleOffsets(f"offset of {source}[{partition}] was created by another consumer")
+                continue
             else:
                 res = conn.execute(
                     t.offsets.update()

@@ -1,0 +1,189 @@
+"""The CLI as users run it: subprocesses, real files, real signals, real HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from monitor.demo import bundled_traffic
+
+OVERSIGHT = [sys.executable, "-m", "monitor.cli"]
+
+
+def run(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OVERSIGHT, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (loopback only)
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_help_is_fast() -> None:
+    t0 = time.perf_counter()
+    out = subprocess.run([str(Path(sys.executable).parent / "oversight"), "--help"], capture_output=True, text=True, check=True)
+    assert time.perf_counter() - t0 < 2.0
+    assert "replay" in out.stdout and "demo" in out.stdout
+
+
+def test_no_heavy_imports_at_cli_import() -> None:
+    code = "import monitor.cli, sys; print(sorted(m for m in ('torch','transformers','alibi_detect','sqlalchemy','kafka') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_replay_report_is_deterministic(tmp_path: Path) -> None:
+    data = bundled_traffic()
+    reports = []
+    for i in range(2):
+        rep = tmp_path / f"r{i}.json"
+        res = run("replay", "--input", str(data), "--report", str(rep), "--db", f"sqlite:///{tmp_path / f'db{i}.sqlite'}",
+                  "--set", f"dead_letter.path={tmp_path / f'dlq{i}.jsonl'}")
+        assert res.returncode == 0, res.stderr
+        reports.append(json.loads(rep.read_text()))
+    a, b = reports
+    a.pop("timing")
+    b.pop("timing")
+    assert a == b
+    assert a["episodes"] == 2420 and a["invalid"] == 5 and a["drift_events"] == []
+    assert set(a["sampled"]) == {"human", "rm", "drift"}
+    assert a["streams"]["chat"]["episodes"] == 1610 and a["streams"]["assistant"]["episodes"] == 805
+    assert a["sampled"]["rm"] >= a["sampled"]["human"] > 0
+    assert sum(st["sampled"]["rm"] for st in a["streams"].values()) == a["sampled"]["rm"]
+
+
+def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
+    lines = [json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) for i in range(300)]
+    rep = tmp_path / "r.json"
+    res = run("replay", "--input", "-", "--report", str(rep), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
+              "--set", "sampling.human.rate=1.0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}",
+              input="\n".join(lines) + "\n\n")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(rep.read_text())
+    assert report["episodes"] == 300 and report["sampled"]["human"] == 300 and report["sampled"]["rm"] == 300
+
+
+def test_config_errors_exit_2_with_message(tmp_path: Path) -> None:
+    res = run("config", "check", "--set", "sampling.humna.rate=0.1")
+    assert res.returncode == 2 and "sampling.humna: unknown key" in res.stderr
+    bad = tmp_path / "c.yaml"
+    bad.write_text("sampling: [1\n")
+    res = run("config", "show", "--config", str(bad))
+    assert res.returncode == 2 and "not valid YAML" in res.stderr
+    res = run("run", "--input", str(bundled_traffic()), "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    assert res.returncode == 2 and "sampling.key is not set" in res.stderr
+    shown = run("config", "show", "--set", "sampling.key=topsecret")
+    assert shown.returncode == 0 and "topsecret" not in shown.stdout and "**" in shown.stdout
+
+
+def test_run_serves_ops_endpoints_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """A file source that is being appended to (a FIFO) keeps the service running; SIGTERM drains."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    port = free_port()
+    db = tmp_path / "db.sqlite"
+    proc = subprocess.Popen(
+        [*OVERSIGHT, "run", "--input", str(fifo), "--db", f"sqlite:///{db}", "--set", "sampling.key=k3y",
+         "--set", f"server.port={port}", "--set", "sampling.rm.rate=1.0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}",
+         "--set", "pipeline.batch_size=10"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    writer = open(fifo, "w")  # noqa: SIM115 (held open across the test)
+    try:
+        for i in range(25):
+            writer.write(json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r"}) + "\n")
+        writer.write("{not json\n")
+        writer.flush()
+        deadline = time.time() + 30
+        body = ""
+        while time.time() < deadline:
+            try:
+                code, body = get(f"http://127.0.0.1:{port}/metrics")
+                if 'oversight_sampled_total{channel="rm",stream="default"} 25.0' in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert 'oversight_sampled_total{channel="rm",stream="default"} 25.0' in body
+        assert 'oversight_dead_letters_total{reason="invalid_json"} 1.0' in body
+        assert "oversight_processing_latency_seconds_bucket" in body
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        code, ready = get(f"http://127.0.0.1:{port}/readyz")
+        assert code == 200 and json.loads(ready)["checks"] == {"source": True, "database": True}
+        assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        assert rc == 0 and time.time() - t0 < 10
+    finally:
+        writer.close()
+        if proc.poll() is None:
+            proc.kill()
+    from monitor.store import Store
+
+    store = Store(f"sqlite:///{db}")
+    assert store.traffic_count("default") == 25 and store.sample_counts()["default"]["rm"] == 25
+    store.close()
+
+
+def test_run_resumes_a_file_where_it_stopped(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        for i in range(500):
+            fh.write(json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) + "\n")
+    common = ["--input", str(path), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--set", "sampling.key=k",
+              "--set", "server.port=0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}"]
+    assert run("run", *common).returncode == 0
+    with gzip.open(path, "at") as fh:
+        for i in range(500, 700):
+            fh.write(json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) + "\n")
+    res = run("run", *common)
+    assert res.returncode == 0, res.stderr
+    assert "stopped after 200 records" in res.stderr
+    from monitor.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert store.traffic_count("default") == 700
+    store.close()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    res = run("demo", "--exit-after-replay", "--port", "0", "--workdir", str(tmp_path / "demo"), timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2420 records" in res.stdout and "covered" in res.stdout
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["invalid"] == 5
+    assert len((tmp_path / "demo" / "dead-letter.jsonl").read_text().splitlines()) == 5
+
+
+def test_estimate_command(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    res = run("replay", "--input", str(bundled_traffic()), "--report", str(tmp_path / "r.json"), "--db", db,
+              "--set", "sampling.rm.rate=0.3", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}")
+    assert res.returncode == 0, res.stderr
+    res = run("estimate", "--db", db, "--stream", "chat", "--channel", "rm", "--quantity", "metadata.judge_pref", "--dev")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["population"] == 1610 and out["estimate"]["method"] == "horvitz-thompson"
+    assert 0.0 < out["estimate"]["ci_low"] < out["estimate"]["mean"] < out["estimate"]["ci_high"] < 1.0

@@ -1,0 +1,76 @@
+"""Configuration: YAML, environment, --set precedence; unknown keys are errors; secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from monitor.config import DEV_SAMPLING_KEY, ConfigError, load_settings
+
+
+def test_required_keys_exist_with_defaults() -> None:
+    s = load_settings(None, [])
+    assert s.sampling.human.rate == 0.01 and s.sampling.human.floor == 0.001
+    assert s.sampling.rm.rate == 0.1 and s.sampling.drift.rate == 0.05
+
+
+def test_precedence_set_over_env_over_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampling:\n  human: {rate: 0.2, floor: 0.01}\n  rm: {rate: 0.3}\n  drift: {rate: 0.4}\n")
+    s = load_settings(cfg, [])
+    assert (s.sampling.human.rate, s.sampling.human.floor, s.sampling.rm.rate) == (0.2, 0.01, 0.3)
+    monkeypatch.setenv("OVERSIGHT_SAMPLING__RM__RATE", "0.5")
+    monkeypatch.setenv("OVERSIGHT_SAMPLING__HUMAN__RATE", "0.25")
+    s = load_settings(cfg, ["sampling.human.rate=0.05"])
+    assert s.sampling.human.rate == 0.05  # --set beats env
+    assert s.sampling.rm.rate == 0.5  # env beats YAML
+    assert s.sampling.human.floor == 0.01  # YAML kept where nothing overrides
+    assert s.sampling.drift.rate == 0.4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["sampling.humna.rate=0.1"], ["nope=1"], ["sampling.human.rate=1.5"], ["sampling.human.floor=0"], ["database"]],
+)
+def test_bad_overrides_are_errors(overrides: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(None, overrides)
+
+
+def test_unknown_yaml_and_env_keys_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampling:\n  human:\n    rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"sampling\.human\.rat: unknown key"):
+        load_settings(cfg, [])
+    cfg.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(cfg, [])
+    monkeypatch.setenv("OVERSIGHT_SAMPLNG__HUMAN__RATE", "0.1")
+    with pytest.raises(ConfigError, match="OVERSIGHT_SAMPLNG"):
+        load_settings(None, [])
+
+
+def test_sampling_key_required_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="sampling.key"):
+        load_settings(None, []).sampling_key()
+    with pytest.raises(ConfigError, match="dev key"):
+        load_settings(None, [f"sampling.key={DEV_SAMPLING_KEY}"]).sampling_key()
+    assert load_settings(None, ["dev=true"]).sampling_key() == DEV_SAMPLING_KEY.encode()
+    monkeypatch.setenv("OVERSIGHT_SAMPLING__KEY", "s3cret-value")
+    s = load_settings(None, [])
+    assert s.sampling_key() == b"s3cret-value"
+    assert "s3cret" not in str(s.redacted()) and "s3cret" not in repr(s)
+
+
+def test_stream_overrides_inherit_unset_fields() -> None:
+    s = load_settings(None, ["sampling.human.floor=0.02", "sampling.streams.vip.human.rate=0.5"])
+    pol = s.sampling_policy()
+    assert pol.channel("vip", "human").rate == 0.5 and pol.channel("vip", "human").floor == 0.02
+    assert pol.channel("other", "human").rate == 0.01
+
+
+def test_budget_config_reaches_policy() -> None:
+    s = load_settings(None, ["sampling.human_budget_per_hour=60", "sampling.streams.b.human_budget_per_hour=6"])
+    pol = s.sampling_policy()
+    assert pol.budget("a") == 60 and pol.budget("b") == 6

@@ -1,0 +1,203 @@
+"""The pipeline end to end over an in-memory source and a real store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Settings, load_settings
+from monitor.deadletter import JsonlDeadLetterSink
+from monitor.metrics import Metrics
+from monitor.pipeline import Pipeline, make_sampler
+from monitor.sources.memory import MemorySource
+from monitor.store import Store
+from sampling import Sampler
+
+
+def episodes(n: int, stream: str = "s", start: int = 0) -> list[bytes]:
+    return [
+        json.dumps(
+            {"episode_id": f"{stream}-{i}", "stream": stream, "prompt": f"q{i}", "response": "a" * (i % 50),
+             "timestamp": 1_767_225_600 + i, "metadata": {"v": i % 7}}
+        ).encode()
+        for i in range(start, start + n)
+    ]
+
+
+BAD = [
+    b'{"episode_id": "t", "prompt": "trunc',
+    b"[1]",
+    b'{"episode_id": 1, "prompt": "p", "response": "r"}',
+    b'{"episode_id": "m", "prompt": "p"}',
+    b'{"episode_id": "u", "prompt": "\xff", "response": "r"}',
+    b'{"episode_id": "n", "prompt": "\x00", "response": "r"}',
+    b'{"episode_id": "big", "prompt": "p", "response": "' + b"x" * 300_000 + b'"}',
+]
+
+
+def settings(db_url: str, tmp_path: Path, *extra: str) -> Settings:
+    return load_settings(
+        None,
+        ["dev=true", f"database.url={db_url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.batch_size=50",
+         "sampling.human.rate=0.05", "sampling.rm.rate=0.2", "sampling.drift.rate=0.1", *extra],
+    )
+
+
+def make(s: Settings, values: list[bytes], store: Store | None = None, name: str = "mem") -> Pipeline:
+    store = store or Store(s.database.url)
+    sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
+    return Pipeline(s, store, MemorySource(values, name), sink, Metrics(CollectorRegistry(), s.metrics.max_streams))
+
+
+def expected_samples(s: Settings, values: list[bytes]) -> set[tuple[str, str, float]]:
+    sampler = Sampler(s.sampling_policy(), s.sampling_key())
+    out = set()
+    for v in values:
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("episode_id"), str) or "response" not in obj:
+            continue
+        d = sampler.decide(obj["episode_id"], obj.get("stream", "default"), float(obj["timestamp"]))
+        out |= {(obj["episode_id"], ch, p) for ch, p in d.sampled.items()}
+    return out
+
+
+def stored_samples(store: Store) -> set[tuple[str, str, float]]:
+    import sqlalchemy as sa
+
+    with store.engine.connect() as c:
+        rows = c.execute(sa.text("SELECT episode_id, channel, inclusion_probability FROM samples")).all()
+    return {(r[0], r[1], r[2]) for r in rows}
+
+
+def test_valid_and_invalid_records(db_url: str, tmp_path: Path) -> None:
+    s = settings(db_url, tmp_path)
+    good = episodes(400, "a") + episodes(200, "b")
+    values = good[:100] + BAD + good[100:]
+    p = make(s, values)
+    stats = p.run()
+    assert stats.records == len(values) and stats.invalid == len(BAD)
+    assert dict(stats.dead_letters) == {
+        "invalid_json": 1, "not_object": 1, "wrong_type": 1, "missing_field": 1, "invalid_utf8": 1,
+        "nul_character": 1, "oversize": 1,
+    }
+    assert stored_samples(p.store) == expected_samples(s, good)
+    assert p.store.traffic_count("a") == 400 and p.store.traffic_count("b") == 200
+    assert p.store.load_offsets("mem") == {0: len(values)}
+    letters = [json.loads(line) for line in Path(s.dead_letter.path).read_text().splitlines()]
+    assert len(letters) == len(BAD)
+    by_reason = {d["reason"]: d for d in letters}
+    assert base64.b64decode(by_reason["invalid_utf8"]["raw_b64"]) == BAD[4]
+    assert by_reason["wrong_type"]["offset"] == 102 and by_reason["wrong_type"]["detail"]
+    assert by_reason["oversize"]["size"] == len(BAD[6])
+    metrics = p.metrics.registry
+    assert metrics.get_sample_value("oversight_dead_letters_total", {"reason": "oversize"}) == 1
+    total = sum(
+        metrics.get_sample_value("oversight_episodes_total", {"stream": st, "outcome": o}) or 0
+        for st in ("a", "b", "default", "_unknown") for o in ("sampled", "not_sampled", "invalid")
+    )
+    assert total == len(values)
+    human_a = metrics.get_sample_value("oversight_sampled_total", {"stream": "a", "channel": "human"})
+    assert human_a == sum(1 for e, ch, _ in stored_samples(p.store) if ch == "human" and e.startswith("a-"))
+    assert metrics.get_sample_value("oversight_inclusion_probability_min", {"stream": "a", "channel": "human"}) == 0.05
+
+
+def test_restart_resumes_and_duplicates_nothing(db_url: str, tmp_path: Path) -> None:
+    s = settings(db_url, tmp_path)
+    values = episodes(1000)
+    store = Store(s.database.url)
+    p1 = make(s, values, store)
+    p1.open()
+    for _ in range(7):  # process 350 then "crash" (no close)
+        p1.process_batch(p1.source.poll(50, 0.0))
+    # A redelivery after a crash: a new pipeline resumes from the stored offset.
+    p2 = make(s, values, store)
+    p2.run()
+    assert p2.stats.records == 650
+    assert store.traffic_count("s") == 1000
+    assert stored_samples(store) == expected_samples(s, values)
+
+
+def test_stale_batch_is_rolled_back_and_redone(db_url: str, tmp_path: Path) -> None:
+    s = settings(db_url, tmp_path)
+    values = episodes(300)
+    store = Store(s.database.url)
+    zombie = make(s, values, store)
+    zombie.open()
+    fresh = make(s, values, store)
+    fresh.run()  # took over the partition and processed everything
+    assert not zombie.process_batch(zombie.source.poll(50, 0.0))  # CAS refuses the zombie
+    assert zombie.stats.stale_batches == 1
+    assert store.traffic_count("s") == 300
+    assert stored_samples(store) == expected_samples(s, values)
+
+
+def test_boost_changes_rates_and_is_checkpointed(db_url: str, tmp_path: Path) -> None:
+    s = settings(db_url, tmp_path)
+    values = episodes(200)
+    p = make(s, values)
+    p.open()
+    p.process_batch(p.source.poll(50, 0.0))
+    p.boost("s", 4.0, duration=1000.0)
+    p.process_batch(p.source.poll(50, 0.0))
+    snap = p.store.load_state("s", "sampling")
+    assert snap is not None and snap["boosts"][0]["factor"] == 4.0
+    rows = p.store.sampled("s", "human")
+    probs = {r["episode_id"]: r["inclusion_probability"] for r in rows}
+    assert all(probs[e] == 0.05 for e in probs if int(e.split("-")[1]) < 50)
+    assert all(probs[e] == pytest.approx(0.2) for e in probs if 50 <= int(e.split("-")[1]) < 100)
+    # A new pipeline restores the boost from the checkpoint.
+    p2 = make(s, values, p.store)
+    p2.open()
+    assert p2.sampler.rates("s")["human"] == pytest.approx(0.2)
+    r = p2.metrics.registry
+    p2.process_batch(p2.source.poll(50, 0.0))
+    assert r.get_sample_value("oversight_sampling_boost_factor", {"stream": "s", "channel": "human"}) == 4.0
+
+
+def test_episode_the_database_refuses_is_dead_lettered(pg_url: str, tmp_path: Path) -> None:
+    """Passes validation, refused by PostgreSQL (a model name over the column width is caught
+    by validation, so use a JSON metadata key PostgreSQL JSONB refuses: none exist after
+    validation; simulate with a too-long stream via a direct batch)."""
+    s = settings(pg_url, tmp_path)
+    values = episodes(20)
+    p = make(s, values)
+    p.open()
+    recs = p.source.poll(20, 0.0)
+    from monitor.store import tables as t
+
+    # Narrow a column so a valid episode no longer fits: the pipeline must not stall on it.
+    with p.store.engine.begin() as c:
+        c.exec_driver_sql(f"ALTER TABLE {t.episodes.name} ALTER COLUMN prompt TYPE varchar(2)")
+    p.process_batch(recs)
+    letters = [json.loads(line) for line in Path(s.dead_letter.path).read_text().splitlines()]
+    rejected = {d["episode_id"] for d in letters if d["reason"] == "store_rejected"}
+    sampled_ids = {e for e, _, _ in expected_samples(s, values)}
+    long_prompt = {e for e in sampled_ids if len(f"q{e.split('-')[1]}") > 2}
+    assert rejected == long_prompt and rejected
+    assert {e for e, _, _ in stored_samples(p.store)} == sampled_ids - rejected
+    assert p.store.traffic_count("s") == 20
+
+
+def test_metrics_label_cardinality_is_bounded(tmp_path: Path) -> None:
+    s = settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, "metrics.max_streams=3")
+    values = [v for i in range(10) for v in episodes(3, f"st{i}")]
+    p = make(s, values)
+    p.run()
+    streams = {
+        smp.labels["stream"]
+        for metric in p.metrics.registry.collect() if metric.name == "oversight_episodes"
+        for smp in metric.samples
+    }
+    assert streams == {"st0", "st1", "st2", "_other"}
+
+
+def _unused(_: Any) -> None:  # keep make_sampler imported for type checkers
+    make_sampler  # noqa: B018
