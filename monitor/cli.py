@@ -17,7 +17,11 @@ log = logging.getLogger("oversight")
 def _common(p: argparse.ArgumentParser, *, db: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a setting by dotted key (repeatable), e.g. --set sampling.human.rate=0.05",
     )
     if db:
@@ -36,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline as a service (source -> validate -> sample -> store)")
     _common(p)
-    p.add_argument("--input", metavar="FILE", help="shortcut for --set source.kind=file --set source.path=FILE ('-' for stdin)")
+    p.add_argument(
+        "--input", metavar="FILE", help="shortcut for --set source.kind=file --set source.path=FILE ('-' for stdin)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="run the pipeline over a file as fast as possible and write a report")
@@ -58,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", required=True)
     p.add_argument("--channel", default="rm", choices=["human", "rm", "drift"])
     p.add_argument(
-        "--quantity", required=True,
+        "--quantity",
+        required=True,
         help="per-episode quantity: response_chars, prompt_chars, empty_response, or metadata.KEY (numeric or boolean)",
     )
     p.add_argument("--since", help="window start (RFC 3339 or epoch seconds)")
@@ -75,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="show or check the effective configuration")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    for name, helptext in (("show", "print the effective configuration (secrets redacted)"), ("check", "validate and exit")):
+    for name, helptext in (
+        ("show", "print the effective configuration (secrets redacted)"),
+        ("check", "validate and exit"),
+    ):
         q = csub.add_parser(name, help=helptext)
         _common(q)
         q.set_defaults(func=cmd_config)
@@ -95,7 +105,9 @@ def _settings(args: argparse.Namespace, extra: list[str] | None = None) -> Setti
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -127,7 +139,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay(settings: Settings, path: str, progress: bool, name: str | None = None, desc: str = "replay") -> tuple[Any, dict[str, Any]]:
+def _replay(
+    settings: Settings, path: str, progress: bool, name: str | None = None, desc: str = "replay"
+) -> tuple[Any, dict[str, Any]]:
     import time
 
     from monitor.service import build_service, build_source
@@ -157,7 +171,10 @@ def _replay(settings: Settings, path: str, progress: bool, name: str | None = No
             bar.close()
     elapsed = time.perf_counter() - t0
     report = pipe.report()
-    report["timing"] = {"seconds": round(elapsed, 3), "episodes_per_s": round(report["episodes"] / elapsed, 1) if elapsed else None}
+    report["timing"] = {
+        "seconds": round(elapsed, 3),
+        "episodes_per_s": round(report["episodes"] / elapsed, 1) if elapsed else None,
+    }
     return svc, report
 
 
@@ -179,7 +196,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if settings.sampling.key is None and not settings.dev:
         # Offline replays are reproducible with the built-in key; say so.
         log.warning("sampling.key is not set: replaying in dev mode with the built-in key")
-        settings = _settings(args, extra + ["dev=true"])
+        settings = _settings(args, [*extra, "dev=true"])
     svc, report = _replay(settings, args.input, args.progress)
     svc.store.close()
     with open(args.report, "w", encoding="utf-8") as fh:
@@ -214,7 +231,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     store = Store(settings.database.url, migrate=settings.database.migrate)
     try:
         est = estimate_stream(
-            store, args.stream, args.channel, args.quantity, _parse_time(args.since), _parse_time(args.until), args.confidence
+            store,
+            args.stream,
+            args.channel,
+            args.quantity,
+            _parse_time(args.since),
+            _parse_time(args.until),
+            args.confidence,
         )
     finally:
         store.close()

@@ -112,7 +112,9 @@ class KafkaConfig(_Model):
 
 class DeadLetterConfig(_Model):
     path: str = "dead-letter.jsonl"
-    max_raw_bytes: int = Field(900_000, gt=0, description="raw bytes kept per dead letter (larger is truncated, hashed)")
+    max_raw_bytes: int = Field(
+        900_000, gt=0, description="raw bytes kept per dead letter (larger is truncated, hashed)"
+    )
     fsync: bool = True
 
 
@@ -131,9 +133,7 @@ class MetricsConfig(_Model):
     max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
 
 
-_LOAD: contextvars.ContextVar[tuple[dict[str, Any], dict[str, Any]]] = contextvars.ContextVar(
-    "_LOAD", default=({}, {})
-)
+_LOAD: contextvars.ContextVar[tuple[dict[str, Any], dict[str, Any]]] = contextvars.ContextVar("_LOAD", default=({}, {}))
 
 
 class _DictSource(PydanticBaseSettingsSource):
@@ -235,7 +235,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
     key, _, raw = item.partition("=")
-    parts = [p for p in key.strip().split(".")]
+    parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
         raise ConfigError(f"--set has an empty key segment in {key!r}")
     try:

@@ -54,7 +54,7 @@ class JsonlDeadLetterSink:
         self._fsync = fsync
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        self._fh = open(path, "ab")
+        self._fh = open(path, "ab")  # noqa: SIM115 (kept open for the sink's life)
         self._pending = 0
 
     def send(self, letter: DeadLetter) -> None:

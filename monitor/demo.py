@@ -35,7 +35,6 @@ def _true_means(path: Path, key: str) -> dict[str, float]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from monitor.cli import _replay, _settings
-    from monitor.estimates import estimate_stream
     from monitor.server import OpsServer
     from monitor.service import install_signal_handlers
 
@@ -55,7 +54,9 @@ def run_demo(args: argparse.Namespace) -> int:
     settings = _settings(args, extra)
     print(f"Replaying {data.name}: real AlpacaEval traffic from 3 models in 2 streams (see monitor/data/README.md)")
     svc, report = _replay(settings, str(data), progress=True, name="demo", desc="demo")
-    server = OpsServer(settings.server.host, settings.server.port, svc.metrics.registry, lambda: {"database": svc.store.ping()})
+    server = OpsServer(
+        settings.server.host, settings.server.port, svc.metrics.registry, lambda: {"database": svc.store.ping()}
+    )
     server.start()
     _summary(report, svc.store, data)
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
@@ -78,9 +79,10 @@ def _summary(report: dict[str, Any], store: Any, data: Path) -> None:
     from monitor.estimates import estimate_stream
 
     t = report["timing"]
+    letters = ", ".join(f"{k}={v}" for k, v in report["dead_letters"].items())
     print(
         f"\n{report['episodes']} records in {t['seconds']:.1f}s ({t['episodes_per_s']:.0f}/s): "
-        f"{report['invalid']} invalid (dead-lettered: {', '.join(f'{k}={v}' for k, v in report['dead_letters'].items())})"
+        f"{report['invalid']} invalid (dead-lettered: {letters})"
     )
     print(f"{'stream':<12}{'episodes':>9}{'human':>7}{'rm':>6}{'drift':>7}   min inclusion probability h/rm/drift")
     for name, st in report["streams"].items():

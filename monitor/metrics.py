@@ -25,40 +25,75 @@ class Metrics:
         r = self.registry
         self.info = Info("build", "Build information", namespace=NS, registry=r)
         self.episodes = Counter(
-            "episodes", "Records ingested, by stream and outcome (sampled, not_sampled, invalid)",
-            ["stream", "outcome"], namespace=NS, registry=r,
+            "episodes",
+            "Records ingested, by stream and outcome (sampled, not_sampled, invalid)",
+            ["stream", "outcome"],
+            namespace=NS,
+            registry=r,
         )
-        self.sampled = Counter("sampled", "Episodes sampled, by stream and channel", ["stream", "channel"], namespace=NS, registry=r)
-        self.dead_letters = Counter("dead_letters", "Records dead-lettered, by reason", ["reason"], namespace=NS, registry=r)
+        self.sampled = Counter(
+            "sampled", "Episodes sampled, by stream and channel", ["stream", "channel"], namespace=NS, registry=r
+        )
+        self.dead_letters = Counter(
+            "dead_letters", "Records dead-lettered, by reason", ["reason"], namespace=NS, registry=r
+        )
         self.consumer_lag = Gauge(
-            "consumer_lag", "Records behind the end of each assigned partition", ["topic", "partition"], namespace=NS, registry=r
+            "consumer_lag",
+            "Records behind the end of each assigned partition",
+            ["topic", "partition"],
+            namespace=NS,
+            registry=r,
         )
         self.inclusion_probability = Gauge(
-            "inclusion_probability", "Inclusion probability in effect, by stream and channel", ["stream", "channel"], namespace=NS, registry=r
+            "inclusion_probability",
+            "Inclusion probability in effect, by stream and channel",
+            ["stream", "channel"],
+            namespace=NS,
+            registry=r,
         )
         self.inclusion_probability_min = Gauge(
             "inclusion_probability_min",
             "Lowest inclusion probability applied to any episode since start (coverage), by stream and channel",
-            ["stream", "channel"], namespace=NS, registry=r,
+            ["stream", "channel"],
+            namespace=NS,
+            registry=r,
         )
-        self.sampling_floor = Gauge("sampling_floor", "Configured floor probability", ["stream", "channel"], namespace=NS, registry=r)
-        self.boost_factor = Gauge("sampling_boost_factor", "Active boost factor (1 when none)", ["stream", "channel"], namespace=NS, registry=r)
+        self.sampling_floor = Gauge(
+            "sampling_floor", "Configured floor probability", ["stream", "channel"], namespace=NS, registry=r
+        )
+        self.boost_factor = Gauge(
+            "sampling_boost_factor",
+            "Active boost factor (1 when none)",
+            ["stream", "channel"],
+            namespace=NS,
+            registry=r,
+        )
         self.latency = Histogram(
-            "processing_latency_seconds", "Time from receiving a record to committing its effects",
-            namespace=NS, registry=r,
+            "processing_latency_seconds",
+            "Time from receiving a record to committing its effects",
+            namespace=NS,
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
         self.batch_seconds = Histogram(
-            "batch_duration_seconds", "Time to validate, sample and commit one batch", namespace=NS, registry=r,
+            "batch_duration_seconds",
+            "Time to validate, sample and commit one batch",
+            namespace=NS,
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.batches = Counter("batches", "Batches committed", namespace=NS, registry=r)
-        self.commit_errors = Counter("commit_errors", "Failed commits (retried), by target", ["target"], namespace=NS, registry=r)
+        self.commit_errors = Counter(
+            "commit_errors", "Failed commits (retried), by target", ["target"], namespace=NS, registry=r
+        )
         self.stale_batches = Counter(
             "stale_batches", "Batches rolled back because another consumer moved the offsets", namespace=NS, registry=r
         )
         self.last_checkpoint = Gauge(
-            "last_checkpoint_timestamp_seconds", "Unix time of the last committed batch (offsets and state)", namespace=NS, registry=r
+            "last_checkpoint_timestamp_seconds",
+            "Unix time of the last committed batch (offsets and state)",
+            namespace=NS,
+            registry=r,
         )
         self.ready = Gauge("ready", "1 when the source and database are reachable", namespace=NS, registry=r)
 

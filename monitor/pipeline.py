@@ -130,7 +130,9 @@ class Pipeline:
         self.sampler.forget()
 
     # -- control -------------------------------------------------------------
-    def boost(self, stream: str, factor: float, duration: float, channels: Iterable[str] = ("human", "rm"), reason: str = "") -> None:
+    def boost(
+        self, stream: str, factor: float, duration: float, channels: Iterable[str] = ("human", "rm"), reason: str = ""
+    ) -> None:
         """Raise a stream's sampling rates for a while (used by drift handling)."""
         self.sampler.boost(stream, factor, duration, channels, reason)
 
@@ -211,10 +213,8 @@ class Pipeline:
             probs = d.probabilities
             for ch in CHANNELS:
                 p = probs[ch]
-                if p < st.p_min[ch]:
-                    st.p_min[ch] = p
-                if p > st.p_max[ch]:
-                    st.p_max[ch] = p
+                st.p_min[ch] = min(st.p_min[ch], p)
+                st.p_max[ch] = max(st.p_max[ch], p)
             key = (stream, bucket_of(ep.timestamp))
             batch.traffic[key] = batch.traffic.get(key, 0) + 1
             if d.sampled:
@@ -398,7 +398,9 @@ class Pipeline:
         self.metrics.commit_errors.labels(target).inc()
         if target == "store":
             self._db_ok = False
-        log.warning("%s unavailable, retrying: %s", target, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        log.warning(
+            "%s unavailable, retrying: %s", target, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        )
 
     def _maybe_update_lag(self) -> None:
         t = time.monotonic()

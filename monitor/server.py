@@ -26,7 +26,7 @@ class OpsServer:
             server_version = "oversight"
             sys_version = ""
 
-            def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, generate_latest(outer._registry), CONTENT_TYPE_LATEST)
@@ -65,7 +65,7 @@ class OpsServer:
 
     @property
     def url(self) -> str:
-        host = self._httpd.server_address[0]
+        host = str(self._httpd.server_address[0])
         return f"http://{host}:{self.port}"
 
     def start(self) -> OpsServer:

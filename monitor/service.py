@@ -47,7 +47,9 @@ def build_dead_letters(settings: Settings) -> DeadLetterSink:
         from monitor.deadletter import KafkaDeadLetterSink
 
         return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes)
-    return JsonlDeadLetterSink(settings.dead_letter.path, settings.dead_letter.max_raw_bytes, settings.dead_letter.fsync)
+    return JsonlDeadLetterSink(
+        settings.dead_letter.path, settings.dead_letter.max_raw_bytes, settings.dead_letter.fsync
+    )
 
 
 @dataclass

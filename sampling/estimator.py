@@ -74,7 +74,9 @@ def horvitz_thompson(
         pop = math.fsum(1.0 / p for p in probabilities)
         mean = total / pop
         resid = [(y - mean) for y in values]
-        var_mean = math.fsum((1.0 - p) * r * r / (p * p) for r, p in zip(resid, probabilities, strict=True)) / (pop * pop)
+        var_mean = math.fsum((1.0 - p) * r * r / (p * p) for r, p in zip(resid, probabilities, strict=True)) / (
+            pop * pop
+        )
         se = math.sqrt(var_mean)
         method = "hajek"
     return Estimate(

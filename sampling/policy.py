@@ -289,8 +289,7 @@ class Sampler:
         return Decision(sampled, rates, u, v)
 
     def _observe(self, stream: str, st: StreamSamplingState, t: float) -> None:
-        if t > st.clock:
-            st.clock = t
+        st.clock = max(st.clock, t)
         self._dirty.add(stream)
         target = self.policy.budget(stream)
         if target is None:
@@ -302,7 +301,9 @@ class Sampler:
         if elapsed >= self.policy.budget_window_s:
             per_hour = st.window_count * 3600.0 / elapsed
             a = self.policy.budget_smoothing
-            st.traffic_per_hour = per_hour if st.traffic_per_hour is None else a * per_hour + (1 - a) * st.traffic_per_hour
+            st.traffic_per_hour = (
+                per_hour if st.traffic_per_hour is None else a * per_hour + (1 - a) * st.traffic_per_hour
+            )
             st.budget_rate = min(1.0, target / st.traffic_per_hour) if st.traffic_per_hour > 0 else 1.0
             st.window_start = st.clock
             st.window_count = 0

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -41,13 +41,16 @@ def get(url: str) -> tuple[int, str]:
 
 def test_help_is_fast() -> None:
     t0 = time.perf_counter()
-    out = subprocess.run([str(Path(sys.executable).parent / "oversight"), "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "oversight"), "--help"], capture_output=True, text=True, check=True
+    )
     assert time.perf_counter() - t0 < 2.0
     assert "replay" in out.stdout and "demo" in out.stdout
 
 
 def test_no_heavy_imports_at_cli_import() -> None:
-    code = "import monitor.cli, sys; print(sorted(m for m in ('torch','transformers','alibi_detect','sqlalchemy','kafka') if m in sys.modules))"
+    heavy = "('torch', 'transformers', 'alibi_detect', 'sqlalchemy', 'kafka')"
+    code = f"import monitor.cli, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -57,8 +60,17 @@ def test_replay_report_is_deterministic(tmp_path: Path) -> None:
     reports = []
     for i in range(2):
         rep = tmp_path / f"r{i}.json"
-        res = run("replay", "--input", str(data), "--report", str(rep), "--db", f"sqlite:///{tmp_path / f'db{i}.sqlite'}",
-                  "--set", f"dead_letter.path={tmp_path / f'dlq{i}.jsonl'}")
+        res = run(
+            "replay",
+            "--input",
+            str(data),
+            "--report",
+            str(rep),
+            "--db",
+            f"sqlite:///{tmp_path / f'db{i}.sqlite'}",
+            "--set",
+            f"dead_letter.path={tmp_path / f'dlq{i}.jsonl'}",
+        )
         assert res.returncode == 0, res.stderr
         reports.append(json.loads(rep.read_text()))
     a, b = reports
@@ -75,9 +87,20 @@ def test_replay_report_is_deterministic(tmp_path: Path) -> None:
 def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
     lines = [json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) for i in range(300)]
     rep = tmp_path / "r.json"
-    res = run("replay", "--input", "-", "--report", str(rep), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
-              "--set", "sampling.human.rate=1.0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}",
-              input="\n".join(lines) + "\n\n")
+    res = run(
+        "replay",
+        "--input",
+        "-",
+        "--report",
+        str(rep),
+        "--db",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "--set",
+        "sampling.human.rate=1.0",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+        input="\n".join(lines) + "\n\n",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(rep.read_text())
     assert report["episodes"] == 300 and report["sampled"]["human"] == 300 and report["sampled"]["rm"] == 300
@@ -103,10 +126,27 @@ def test_run_serves_ops_endpoints_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     db = tmp_path / "db.sqlite"
     proc = subprocess.Popen(
-        [*OVERSIGHT, "run", "--input", str(fifo), "--db", f"sqlite:///{db}", "--set", "sampling.key=k3y",
-         "--set", f"server.port={port}", "--set", "sampling.rm.rate=1.0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}",
-         "--set", "pipeline.batch_size=10"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *OVERSIGHT,
+            "run",
+            "--input",
+            str(fifo),
+            "--db",
+            f"sqlite:///{db}",
+            "--set",
+            "sampling.key=k3y",
+            "--set",
+            f"server.port={port}",
+            "--set",
+            "sampling.rm.rate=1.0",
+            "--set",
+            f"dead_letter.path={tmp_path / 'd.jsonl'}",
+            "--set",
+            "pipeline.batch_size=10",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     writer = open(fifo, "w")  # noqa: SIM115 (held open across the test)
     try:
@@ -151,8 +191,18 @@ def test_run_resumes_a_file_where_it_stopped(tmp_path: Path) -> None:
     with gzip.open(path, "wt") as fh:
         for i in range(500):
             fh.write(json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) + "\n")
-    common = ["--input", str(path), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--set", "sampling.key=k",
-              "--set", "server.port=0", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}"]
+    common = [
+        "--input",
+        str(path),
+        "--db",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "--set",
+        "sampling.key=k",
+        "--set",
+        "server.port=0",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+    ]
     assert run("run", *common).returncode == 0
     with gzip.open(path, "at") as fh:
         for i in range(500, 700):
@@ -179,10 +229,23 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_estimate_command(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    res = run("replay", "--input", str(bundled_traffic()), "--report", str(tmp_path / "r.json"), "--db", db,
-              "--set", "sampling.rm.rate=0.3", "--set", f"dead_letter.path={tmp_path / 'd.jsonl'}")
+    res = run(
+        "replay",
+        "--input",
+        str(bundled_traffic()),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--db",
+        db,
+        "--set",
+        "sampling.rm.rate=0.3",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+    )
     assert res.returncode == 0, res.stderr
-    res = run("estimate", "--db", db, "--stream", "chat", "--channel", "rm", "--quantity", "metadata.judge_pref", "--dev")
+    res = run(
+        "estimate", "--db", db, "--stream", "chat", "--channel", "rm", "--quantity", "metadata.judge_pref", "--dev"
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["population"] == 1610 and out["estimate"]["method"] == "horvitz-thompson"

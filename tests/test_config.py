@@ -52,7 +52,7 @@ def test_unknown_yaml_and_env_keys_are_errors(tmp_path: Path, monkeypatch: pytes
 
 
 def test_sampling_key_required_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="sampling.key"):
+    with pytest.raises(ConfigError, match=r"sampling\.key"):
         load_settings(None, []).sampling_key()
     with pytest.raises(ConfigError, match="dev key"):
         load_settings(None, [f"sampling.key={DEV_SAMPLING_KEY}"]).sampling_key()

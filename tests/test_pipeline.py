@@ -22,8 +22,14 @@ from sampling import Sampler
 def episodes(n: int, stream: str = "s", start: int = 0) -> list[bytes]:
     return [
         json.dumps(
-            {"episode_id": f"{stream}-{i}", "stream": stream, "prompt": f"q{i}", "response": "a" * (i % 50),
-             "timestamp": 1_767_225_600 + i, "metadata": {"v": i % 7}}
+            {
+                "episode_id": f"{stream}-{i}",
+                "stream": stream,
+                "prompt": f"q{i}",
+                "response": "a" * (i % 50),
+                "timestamp": 1_767_225_600 + i,
+                "metadata": {"v": i % 7},
+            }
         ).encode()
         for i in range(start, start + n)
     ]
@@ -43,8 +49,16 @@ BAD = [
 def settings(db_url: str, tmp_path: Path, *extra: str) -> Settings:
     return load_settings(
         None,
-        ["dev=true", f"database.url={db_url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.batch_size=50",
-         "sampling.human.rate=0.05", "sampling.rm.rate=0.2", "sampling.drift.rate=0.1", *extra],
+        [
+            "dev=true",
+            f"database.url={db_url}",
+            f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
+            "pipeline.batch_size=50",
+            "sampling.human.rate=0.05",
+            "sampling.rm.rate=0.2",
+            "sampling.drift.rate=0.1",
+            *extra,
+        ],
     )
 
 
@@ -85,8 +99,13 @@ def test_valid_and_invalid_records(db_url: str, tmp_path: Path) -> None:
     stats = p.run()
     assert stats.records == len(values) and stats.invalid == len(BAD)
     assert dict(stats.dead_letters) == {
-        "invalid_json": 1, "not_object": 1, "wrong_type": 1, "missing_field": 1, "invalid_utf8": 1,
-        "nul_character": 1, "oversize": 1,
+        "invalid_json": 1,
+        "not_object": 1,
+        "wrong_type": 1,
+        "missing_field": 1,
+        "invalid_utf8": 1,
+        "nul_character": 1,
+        "oversize": 1,
     }
     assert stored_samples(p.store) == expected_samples(s, good)
     assert p.store.traffic_count("a") == 400 and p.store.traffic_count("b") == 200
@@ -101,7 +120,8 @@ def test_valid_and_invalid_records(db_url: str, tmp_path: Path) -> None:
     assert metrics.get_sample_value("oversight_dead_letters_total", {"reason": "oversize"}) == 1
     total = sum(
         metrics.get_sample_value("oversight_episodes_total", {"stream": st, "outcome": o}) or 0
-        for st in ("a", "b", "default", "_unknown") for o in ("sampled", "not_sampled", "invalid")
+        for st in ("a", "b", "default", "_unknown")
+        for o in ("sampled", "not_sampled", "invalid")
     )
     assert total == len(values)
     human_a = metrics.get_sample_value("oversight_sampled_total", {"stream": "a", "channel": "human"})
@@ -193,7 +213,8 @@ def test_metrics_label_cardinality_is_bounded(tmp_path: Path) -> None:
     p.run()
     streams = {
         smp.labels["stream"]
-        for metric in p.metrics.registry.collect() if metric.name == "oversight_episodes"
+        for metric in p.metrics.registry.collect()
+        if metric.name == "oversight_episodes"
         for smp in metric.samples
     }
     assert streams == {"st0", "st1", "st2", "_other"}

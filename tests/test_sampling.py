@@ -12,7 +12,9 @@ from sampling import CHANNELS, ChannelPolicy, Sampler, SamplingPolicy, StreamSam
 KEY = b"test-key"
 
 
-def policy(human: float = 0.01, rm: float = 0.1, drift: float = 0.05, floor: float = 0.001, **kw: object) -> SamplingPolicy:
+def policy(
+    human: float = 0.01, rm: float = 0.1, drift: float = 0.05, floor: float = 0.001, **kw: object
+) -> SamplingPolicy:
     return SamplingPolicy(
         channels={
             "human": ChannelPolicy(human, floor),

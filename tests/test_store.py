@@ -14,15 +14,30 @@ from monitor.store.store import bucket_of
 
 def ep(eid: str, stream: str = "s", ts: float = 120.0, **kw: Any) -> dict[str, Any]:
     row = {
-        "episode_id": eid, "stream": stream, "model": None, "ts": ts, "prompt": "p", "response": "r",
-        "metadata": {"k": 1}, "source": "src", "position": "0:0", "ingested_at": 1.0,
+        "episode_id": eid,
+        "stream": stream,
+        "model": None,
+        "ts": ts,
+        "prompt": "p",
+        "response": "r",
+        "metadata": {"k": 1},
+        "source": "src",
+        "position": "0:0",
+        "ingested_at": 1.0,
     }
     row.update(kw)
     return row
 
 
 def sample(eid: str, channel: str, p: float, stream: str = "s", ts: float = 120.0) -> dict[str, Any]:
-    return {"episode_id": eid, "channel": channel, "stream": stream, "ts": ts, "inclusion_probability": p, "created_at": 1.0}
+    return {
+        "episode_id": eid,
+        "channel": channel,
+        "stream": stream,
+        "ts": ts,
+        "inclusion_probability": p,
+        "created_at": 1.0,
+    }
 
 
 def test_migrations_are_idempotent(db_url: str) -> None:
@@ -47,7 +62,9 @@ def test_batch_is_atomic_and_idempotent_by_episode_id(db_url: str) -> None:
     )
     s.commit_batch(b)
     # The same rows again (a redelivery after a crash) under the next offsets: nothing duplicates.
-    b2 = BatchWrite(episodes=[ep("a", response="changed")], samples=[sample("a", "rm", 0.5)], offsets={("src", 0): (10, 12)})
+    b2 = BatchWrite(
+        episodes=[ep("a", response="changed")], samples=[sample("a", "rm", 0.5)], offsets={("src", 0): (10, 12)}
+    )
     s.commit_batch(b2)
     assert s.sample_counts() == {"s": {"rm": 1, "human": 1, "drift": 1}}
     rows = s.sampled("s", "rm")
@@ -63,7 +80,9 @@ def test_stale_offsets_roll_back_everything(db_url: str) -> None:
     s = Store(db_url)
     s.commit_batch(BatchWrite(offsets={("src", 0): (None, 5), ("src", 1): (None, 7)}))
     zombie = BatchWrite(
-        episodes=[ep("z")], samples=[sample("z", "rm", 0.1)], traffic={("s", 0): 3},
+        episodes=[ep("z")],
+        samples=[sample("z", "rm", 0.1)],
+        traffic={("s", 0): 3},
         offsets={("src", 0): (5, 9), ("src", 1): (6, 8)},  # partition 1 moved on without us
     )
     with pytest.raises(StaleOffsets):
@@ -80,7 +99,11 @@ def test_traffic_windows_and_sampled_windows_agree(db_url: str) -> None:
     s.commit_batch(
         BatchWrite(
             episodes=[ep("a", ts=30.0), ep("b", ts=90.0), ep("c", ts=150.0)],
-            samples=[sample("a", "rm", 0.5, ts=30.0), sample("b", "rm", 0.5, ts=90.0), sample("c", "rm", 0.5, ts=150.0)],
+            samples=[
+                sample("a", "rm", 0.5, ts=30.0),
+                sample("b", "rm", 0.5, ts=90.0),
+                sample("c", "rm", 0.5, ts=150.0),
+            ],
             traffic={("s", 0): 4, ("s", 60): 2, ("s", 120): 6, ("t", 0): 1},
         )
     )
@@ -102,8 +125,12 @@ def test_concurrent_writers_serialise(db_url: str) -> None:
             for i in range(25):
                 rows = [ep(f"p{part}-{i}")]
                 s.commit_batch(
-                    BatchWrite(episodes=rows, samples=[sample(f"p{part}-{i}", "rm", 0.1)], traffic={("s", 0): 1},
-                               offsets={("src", part): (expected, i + 1)})
+                    BatchWrite(
+                        episodes=rows,
+                        samples=[sample(f"p{part}-{i}", "rm", 0.1)],
+                        traffic={("s", 0): 1},
+                        offsets={("src", part): (expected, i + 1)},
+                    )
                 )
                 expected = i + 1
         except BaseException as e:  # pragma: no cover - reported below

@@ -1,6 +1,6 @@
 """Build the bundled demo traffic from ../shared/data (run by hand; output is committed).
 
-    python -m monitor.data.build_demo_data ../shared/data/alpaca_eval monitor/data/demo-traffic.jsonl.gz
+python -m monitor.data.build_demo_data ../shared/data/alpaca_eval monitor/data/demo-traffic.jsonl.gz
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from monitor.sources.base import Rebalance, Record
 
@@ -67,18 +67,18 @@ class FileSource:
 
     def _open_stream(self) -> BinaryIO:
         if self._pipe:
-            raw: BinaryIO = sys.stdin.buffer if self._stdin else open(str(self.path), "rb")  # noqa: SIM115
+            raw: Any = sys.stdin.buffer if self._stdin else open(str(self.path), "rb")  # noqa: SIM115
             if not isinstance(raw, io.BufferedReader):
-                raw = io.BufferedReader(raw)  # type: ignore[arg-type]
-            if raw.peek(2)[:2] == b"\x1f\x8b":  # type: ignore[attr-defined]
+                raw = io.BufferedReader(raw)
+            if raw.peek(2)[:2] == b"\x1f\x8b":
                 return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
-            return raw
+            return cast(BinaryIO, raw)
         assert self.path is not None
         with open(self.path, "rb") as probe:
             magic = probe.read(2)
         if magic == b"\x1f\x8b":
             return gzip.open(self.path, "rb")  # type: ignore[return-value]
-        return open(self.path, "rb", buffering=1 << 20)  # noqa: SIM115
+        return open(self.path, "rb", buffering=1 << 20)
 
     def open(self, rebalance: Rebalance) -> None:
         self._rebalance = rebalance
@@ -116,7 +116,11 @@ class FileSource:
         deadline = time.monotonic() + timeout_s
         while len(out) < max_records:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if not out else self._queue.get_nowait()
+                item = (
+                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if not out
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if item is _EOF:

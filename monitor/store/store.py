@@ -38,7 +38,7 @@ def normalize_url(url: str) -> str:
 
 
 def bucket_of(ts: float) -> int:
-    return int(math.floor(ts / BUCKET_S)) * BUCKET_S
+    return math.floor(ts / BUCKET_S) * BUCKET_S
 
 
 @dataclass
