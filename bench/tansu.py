@@ -65,8 +65,16 @@ def start_broker(log_path: str | os.PathLike[str] | None = None, timeout_s: floa
     url = f"tcp://127.0.0.1:{port}"
     log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (closed by Broker.stop)
     proc = subprocess.Popen(
-        [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
         stdout=log if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
         env={**os.environ, "RUST_LOG": os.environ.get("TANSU_RUST_LOG", "warn")},
@@ -130,7 +138,9 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
         c.close()
 
 
-def produce(bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, bytes]], linger_ms: int = 5) -> dict[int, int]:
+def produce(
+    bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, bytes]], linger_ms: int = 5
+) -> dict[int, int]:
     """Produce (key, value) pairs and wait for every ack.
 
     Returns the next offset after the last record written to each partition
@@ -139,7 +149,10 @@ def produce(bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, byte
     from kafka import KafkaProducer
 
     p = KafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, batch_size=256 * 1024,
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=linger_ms,
+        batch_size=256 * 1024,
         max_request_size=4 * 1024 * 1024,
     )
     try:
