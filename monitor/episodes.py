@@ -137,6 +137,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf, which neither JSON nor PostgreSQL's JSONB can hold.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
     """Validate one raw record; raise :class:`InvalidEpisode` with a reason."""
     size = len(raw)
@@ -150,7 +158,7 @@ def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
         raise InvalidEpisode("nul_character", "raw NUL byte in record")
     try:
         # NaN/Infinity are not JSON; strict=True rejects raw control characters.
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         msg = str(e) if not isinstance(e, RecursionError) else "nesting too deep"
         raise InvalidEpisode("invalid_json", msg[:200]) from None

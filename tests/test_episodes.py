@@ -70,6 +70,8 @@ def test_full_episode_and_timestamps() -> None:
         (b'{"episode_id": "e", "prompt": "p", "response": "\\ud800"}', "invalid_unicode"),
         (b'{"episode_id": "e", "prompt": "\xff\xfe", "response": "r"}', "invalid_utf8"),
         (b'{"episode_id": "e", "prompt": "p", "response": NaN}', "invalid_json"),
+        (b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": {"x": 1e400}}', "invalid_json"),
+        (b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": {"x": -Infinity}}', "invalid_json"),
         (
             b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": ' + b"[" * 100000 + b"]" * 100000 + b"}",
             "invalid_json",

@@ -71,3 +71,41 @@ def test_interval_covers_true_mean_at_nominal_rate_over_replays(shared_data: Pat
     # Binomial bounds around 0.95 (normal-approximation intervals run slightly low at ~200 items).
     lo = binom.ppf(0.001, reps, 0.95) - 0.02 * reps
     assert lo <= covered <= reps, (covered, lo)
+
+
+def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) -> None:
+    """The full path: replays of the bundled real traffic through the pipeline under different
+    sampling keys; the store-based estimate of mean judge_pref covers the true mean."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import load_settings
+    from monitor.deadletter import JsonlDeadLetterSink
+    from monitor.demo import _true_means, bundled_traffic
+    from monitor.estimates import estimate_stream
+    from monitor.metrics import Metrics
+    from monitor.pipeline import Pipeline
+    from monitor.sources.file import FileSource
+    from monitor.store import Store
+
+    truth = _true_means(bundled_traffic(), "judge_pref")
+    reps, covered = 40, 0
+    for rep in range(reps):
+        s = load_settings(
+            None,
+            [
+                f"sampling.key=key-{rep}",
+                "sampling.rm.rate=0.1",
+                "database.url=sqlite://",
+                f"dead_letter.path={tmp_path / 'd.jsonl'}",
+            ],
+        )
+        store = Store(s.database.url)
+        sink = JsonlDeadLetterSink(s.dead_letter.path, 1000)
+        Pipeline(s, store, FileSource(str(bundled_traffic()), 1 << 20), sink, Metrics(CollectorRegistry())).run()
+        for stream in ("chat", "assistant"):
+            est = estimate_stream(store, stream, "rm", "metadata.judge_pref")["estimate"]
+            covered += est["ci_low"] <= truth[stream] <= est["ci_high"]
+        store.close()
+    n = 2 * reps
+    print(f"covered {covered}/{n}")
+    assert covered >= binom.ppf(0.001, n, 0.95) - 0.02 * n, covered

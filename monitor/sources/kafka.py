@@ -41,6 +41,9 @@ class KafkaSource:
         self._consumer: Any = None
         self._rebalance: Rebalance | None = None
         self._assigned: set[int] = set()
+        # First offset returned per partition since it was assigned: where a
+        # rewind goes back to when the database has no offset for it yet.
+        self._first: dict[int, int] = {}
         self._last_poll_ok = 0.0
 
     def open(self, rebalance: Rebalance) -> None:
@@ -68,12 +71,16 @@ class KafkaSource:
             def on_partitions_revoked(self, revoked: Any) -> None:
                 parts = sorted(tp.partition for tp in revoked)
                 source._assigned.difference_update(parts)
+                for p in parts:
+                    source._first.pop(p, None)
                 log.info("partitions revoked: %s", parts)
                 rebalance.revoked(parts)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 parts = sorted(tp.partition for tp in assigned)
                 source._assigned.update(parts)
+                for p in parts:
+                    source._first.pop(p, None)
                 log.info("partitions assigned: %s", parts)
                 stored = rebalance.assigned(parts)
                 source._seek(stored, parts)
@@ -86,6 +93,9 @@ class KafkaSource:
         for p in parts:
             if p in stored:
                 self._consumer.seek(TopicPartition(self.cfg.topic, p), stored[p])
+            elif p in self._first:
+                # No stored offset (a rolled-back batch was its first): go back to its first record.
+                self._consumer.seek(TopicPartition(self.cfg.topic, p), self._first[p])
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -94,6 +104,8 @@ class KafkaSource:
         out: list[Record] = []
         for tp, msgs in batches.items():
             p = tp.partition
+            if msgs and p not in self._first:
+                self._first[p] = msgs[0].offset
             for m in msgs:
                 out.append(Record(m.value if m.value is not None else b"", p, m.offset, m.offset + 1, now, m.key))
         return out
