@@ -71,6 +71,10 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
 class KafkaEnv:
     """Topics, producing, settings and store assertions against the session's broker."""
 
+    episode = staticmethod(episode)
+    bad_records = BAD_RECORDS
+    base_ts = BASE_TS
+
     def __init__(self, bootstrap: str):
         self.bootstrap = bootstrap
 

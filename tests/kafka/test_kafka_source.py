@@ -1,0 +1,189 @@
+"""The Kafka source against a real Kafka-protocol broker (Tansu): sampling, dead letters,
+offsets in the database, resume after restart, the CLI's SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kafka
+
+STREAMS = ("chat", "code", "search")
+
+
+def _group() -> str:
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
+def _wait_committed(kenv: Any, group: str, topic: str, ends: dict[int, int], timeout_s: float = 10.0) -> dict[int, int]:
+    deadline = time.monotonic() + timeout_s
+    got: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        got = kenv.committed(group, topic)
+        if all(got.get(p) == o for p, o in ends.items()):
+            break
+        time.sleep(0.2)
+    return got
+
+
+def test_valid_and_invalid_records(kenv: Any, db_url: str) -> None:
+    topic, group = kenv.topic(partitions=3), _group()
+    eps = [kenv.episode(i, s) for i in range(40) for s in STREAMS]
+    ends = kenv.produce_episodes(topic, eps)
+    bad = [(raw, reason) for raw, reason in kenv.bad_records] + [(None, "invalid_json")]  # a tombstone
+    bad_ends = kenv.produce(topic, [(b"bad-key", raw) for raw, _ in bad])
+    for p, o in bad_ends.items():
+        ends[p] = max(ends.get(p, 0), o)
+    assert sum(ends.values()) == len(eps) + len(bad)
+
+    settings = kenv.settings(topic, group, db_url)
+    source = kenv.source_name(group, topic)
+    stats = kenv.run_until(settings, lambda store: kenv.offsets_reached(db_url, source, ends))
+
+    assert stats.records == len(eps) + len(bad)
+    assert stats.invalid == len(bad)
+    kenv.assert_exactly_once(db_url, settings, eps)
+    offsets = dict(kenv.db_rows(db_url, f"SELECT partition, next_offset FROM offsets WHERE source = '{source}'"))
+    assert {int(p): int(o) for p, o in offsets.items()} == ends
+
+    # Every invalid record is on <topic>.dlq once, with its reason and its raw bytes.
+    letters = kenv.consume_all(f"{topic}.dlq", expect=len(bad))
+    assert len(letters) == len(bad)
+    want = sorted(((raw or b""), reason) for raw, reason in bad)
+    got = []
+    for m in letters:
+        h = dict(m.headers)
+        got.append((m.value, h["oversight.error.reason"].decode()))
+        assert h["oversight.source"].decode() == source
+        assert m.key == b"bad-key"
+        assert h["oversight.raw_truncated"] == b"false"
+        assert int(h["oversight.size"]) == len(m.value)
+    assert sorted(got) == want
+
+    # Kafka's committed offsets (lag tooling) reach the end too.
+    assert _wait_committed(kenv, group, topic, ends) == ends
+
+
+def test_restart_resumes_from_database_offsets(kenv: Any, db_url: str) -> None:
+    from kafka import KafkaAdminClient, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    topic, group = kenv.topic(partitions=3), _group()
+    first = [kenv.episode(i, s) for i in range(60) for s in STREAMS]
+    ends = kenv.produce_episodes(topic, first)
+    settings = kenv.settings(topic, group, db_url, "pipeline.batch_size=20")
+    source = kenv.source_name(group, topic)
+
+    def total(store: Any) -> int:
+        return sum(store.load_offsets(source).values())
+
+    # Stop part-way (at least two batches in).
+    kenv.run_until(settings, lambda store: total(store) >= 40)
+    done_first = sum(int(o) for _, o in kenv.db_rows(db_url, "SELECT partition, next_offset FROM offsets"))
+    assert 40 <= done_first <= len(first)
+
+    # The database, not Kafka, decides where to resume: rewind the group's Kafka offsets
+    # to 0; resuming from them would count the first records twice.
+    admin = KafkaAdminClient(bootstrap_servers=kenv.bootstrap)
+    try:
+        admin.alter_group_offsets(group, {TopicPartition(topic, p): OffsetAndMetadata(0, "", -1) for p in ends})
+    finally:
+        admin.close()
+    assert all(o == 0 for o in kenv.committed(group, topic).values())
+
+    second = [kenv.episode(i, s) for i in range(60, 120) for s in STREAMS]
+    for p, o in kenv.produce_episodes(topic, second).items():
+        ends[p] = max(ends.get(p, 0), o)
+    kenv.run_until(settings, lambda store: kenv.offsets_reached(db_url, source, ends))
+
+    kenv.assert_exactly_once(db_url, settings, first + second)
+    assert _wait_committed(kenv, group, topic, ends) == ends
+
+
+def test_stale_batch_rewinds_every_partition(kenv: Any, sqlite_url: str) -> None:
+    """A batch rolled back as stale is redone in full, including partitions that had no stored offset."""
+    import sqlalchemy as sa
+
+    from monitor.store import tables as t
+
+    topic, group = kenv.topic(partitions=3), _group()
+    eps = [kenv.episode(i, s) for i in range(20) for s in ("s0", "s1", "s2", "s3", "s4", "s5")]
+    ends = kenv.produce_episodes(topic, eps)
+    assert len(ends) >= 2
+    settings = kenv.settings(topic, group, sqlite_url, "pipeline.batch_size=1000")
+    source = kenv.source_name(group, topic)
+    injected: list[int] = []
+
+    def prepare(svc: Any) -> None:
+        store = svc.store
+        real = store.commit_batch
+
+        def commit_batch(batch: Any) -> None:
+            fresh = sorted(p for (_, p), (expected, _) in batch.offsets.items() if expected is None)
+            if not injected and len(batch.offsets) >= 2 and fresh:
+                # Another consumer "created" one partition's offset at 0 meanwhile.
+                injected.append(fresh[0])
+                with store.engine.begin() as c:
+                    c.execute(
+                        sa.insert(t.offsets).values(source=source, partition=fresh[0], next_offset=0, updated_at=0.0)
+                    )
+            real(batch)
+
+        store.commit_batch = commit_batch
+
+    stats = kenv.run_until(
+        settings, lambda store: kenv.offsets_reached(sqlite_url, source, ends), timeout_s=30, prepare=prepare
+    )
+    assert injected, "no batch spanned two fresh partitions; the scenario did not happen"
+    assert stats.stale_batches == 1
+    kenv.assert_exactly_once(sqlite_url, settings, eps)
+
+
+def test_cli_run_drains_on_sigterm(kenv: Any, tmp_path: Path) -> None:
+    topic, group = kenv.topic(partitions=2), _group()
+    eps = [kenv.episode(i, s) for i in range(50) for s in STREAMS]
+    ends = kenv.produce_episodes(topic, eps)
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    source = kenv.source_name(group, topic)
+    args = ["--dev", "--db", db, "--set", "server.port=0"]
+    for item in kenv.overrides(topic, group, db):
+        if not item.startswith(("dev=", "database.url=")):
+            args += ["--set", item]
+    log = tmp_path / "run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "run", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=kenv.env_without_oversight(),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if Path(tmp_path / "cli.db").exists() and kenv.offsets_reached(db, source, ends):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert kenv.offsets_reached(db, source, ends), log.read_text()[-3000:]
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=10)
+            elapsed = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = log.read_text()
+    assert rc == 0, out[-3000:]
+    assert elapsed < 10
+    assert "signal SIGTERM: draining" in out
+    assert f"stopped after {len(eps)} records (0 invalid)" in out
+    kenv.assert_exactly_once(db, kenv.settings(topic, group, db), eps)
+    assert _wait_committed(kenv, group, topic, ends, timeout_s=2) == ends
