@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import tansu  # noqa: E402
+from monitor.config import KafkaConfig  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval"
 BASE_TS = 1_767_225_600.0
@@ -180,14 +182,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--episodes", type=int, default=50_000)
     ap.add_argument("--partitions", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=500, help="pipeline.batch_size, also the raw loop's max_records")
+    ap.add_argument("--rounds", type=int, default=3, help="paired raw/pipeline measurements; medians are reported")
+    ap.add_argument("--batch-size", type=int, default=500, help="pipeline.batch_size (records per transaction)")
+    ap.add_argument(
+        "--pure-python-crc",
+        action="store_true",
+        help="make kafka-python check CRCs in pure Python, as it does when the crc32c extension is missing",
+    )
     ap.add_argument("--profile", action="store_true", help="cProfile the pipeline run and print the top functions")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.pure_python_crc:
+        import kafka.record.util as kafka_util
+
+        kafka_util.calc_crc32c.__defaults__ = (kafka_util.crc32c_py,)
 
     values, origin = make_episodes(args.episodes)
     avg = sum(len(v) for _, v in values) / len(values)
-    print(f"episodes: {len(values)} from {origin}, {avg:.0f} bytes on average", flush=True)
+    crc = "pure-Python CRC" if args.pure_python_crc else "C CRC (crc32c)"
+    print(f"episodes: {len(values)} from {origin}, {avg:.0f} bytes on average; kafka-python with {crc}", flush=True)
+    raw_rates: list[float] = []
+    pipe_rates: list[float] = []
+    prof = None
     with tempfile.TemporaryDirectory(prefix="kafka-bench-") as workdir:
         broker = tansu.start_broker(Path(workdir) / "tansu.log")
         try:
@@ -199,24 +215,32 @@ def main() -> int:
             produce_s = time.perf_counter() - t0
             assert sum(ends.values()) == len(values), ends
             print(f"produce: {len(values) / produce_s:,.0f} records/s ({produce_s:.2f}s) partitions {ends}", flush=True)
-
-            raw_s, nbytes = raw_consume(broker.bootstrap, topic, len(values), args.batch_size)
-            raw_rate = len(values) / raw_s
-            mb_s = nbytes / raw_s / 1e6
-            print(f"(a) raw kafka-python consume: {raw_rate:,.0f} records/s ({raw_s:.2f}s, {mb_s:.1f} MB/s)")
-
-            pipe_s, stats, prof = pipeline_consume(
-                broker.bootstrap, topic, len(values), args.batch_size, workdir, args.profile
-            )
-            pipe_rate = len(values) / pipe_s
-            print(
-                f"(b) pipeline consume->validate->sample->store: {pipe_rate:,.0f} records/s ({pipe_s:.2f}s, "
-                f"{stats.batches} batches, sampled {stats.sampled})"
-            )
+            for r in range(args.rounds):
+                # The raw loop gets the same consumer settings as the service (max_poll_records).
+                raw_s, nbytes = raw_consume(broker.bootstrap, topic, len(values), KafkaConfig().max_poll_records)
+                raw_rates.append(len(values) / raw_s)
+                pipe_s, stats, prof = pipeline_consume(
+                    broker.bootstrap, topic, len(values), args.batch_size, f"{workdir}/r{r}", args.profile
+                )
+                pipe_rates.append(len(values) / pipe_s)
+                print(
+                    f"round {r}: (a) raw kafka-python consume {raw_rates[-1]:,.0f} records/s"
+                    f" ({nbytes / raw_s / 1e6:.0f} MB/s)"
+                    f"  (b) pipeline consume->validate->sample->store {pipe_rates[-1]:,.0f} records/s"
+                    f" ({stats.batches} batches, sampled {stats.sampled})",
+                    flush=True,
+                )
         finally:
             broker.stop()
-    ratio = pipe_rate / raw_rate
-    print(f"ratio (b)/(a): {ratio:.2f} (goal >= 0.8)", flush=True)
+    raw_rate = statistics.median(raw_rates)
+    pipe_rate = statistics.median(pipe_rates)
+    ratio = statistics.median(p / r for p, r in zip(pipe_rates, raw_rates, strict=True))
+    overhead_us = (1 / pipe_rate - 1 / raw_rate) * 1e6
+    print(
+        f"median: raw {raw_rate:,.0f}/s, pipeline {pipe_rate:,.0f}/s, ratio (b)/(a) {ratio:.2f} (goal >= 0.8); "
+        f"the service path adds {overhead_us:.0f} us per record",
+        flush=True,
+    )
     if prof is not None:
         for key in ("tottime", "cumulative"):
             buf = io.StringIO()
@@ -231,6 +255,9 @@ def main() -> int:
         "partitions": args.partitions,
         "batch_size": args.batch_size,
         "produce_records_per_s": round(len(values) / produce_s, 1),
+        "kafka_crc": "python" if args.pure_python_crc else "c",
+        "rounds": args.rounds,
+        "overhead_us_per_record": round(overhead_us, 1),
         "raw_records_per_s": round(raw_rate, 1),
         "pipeline_records_per_s": round(pipe_rate, 1),
         "ratio": round(ratio, 3),

@@ -7,17 +7,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["replay.py", "kafka_ingest.py"]
+BENCHES = [["replay.py"], ["kafka_ingest.py"], ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"]]
 
 
 def main() -> int:
     failed = []
-    for name in BENCHES:
-        path = HERE / name
-        if not path.exists():
-            continue
-        print(f"== {name}", flush=True)
-        if subprocess.run([sys.executable, str(path)], check=False).returncode != 0:
+    for name, *args in BENCHES:
+        print(f"== {name} {' '.join(args)}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / name), *args], check=False).returncode != 0:
             failed.append(name)
     if failed:
         print("failed:", ", ".join(failed))

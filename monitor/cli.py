@@ -122,9 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.input:
         extra += ["source.kind=stdin"] if args.input == "-" else ["source.kind=file", f"source.path={args.input}"]
     settings = _settings(args, extra)
-    svc = build_service(settings)
     stop = threading.Event()
+    # Before connecting anything: a SIGTERM during start-up is a clean stop too.
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
+    svc = build_service(settings)
     assert svc.server is not None
     log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
     try:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 SCHEMA_VERSION = 1
 DEFAULT_STREAM = "default"
 MAX_ID_CHARS = 128
@@ -150,6 +152,20 @@ def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
     size = len(raw)
     if size > max_bytes:
         raise InvalidEpisode("oversize", f"record is {size} bytes, limit is {max_bytes}")
+    # Fast path: orjson rejects invalid UTF-8, lone surrogates, NaN/Infinity
+    # and out-of-range numbers itself. Anything it refuses takes the slow path,
+    # which says exactly why.
+    if b"\x00" not in raw and b"\\u0000" not in raw:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return _validate(obj, size, now)
+    return _parse_slow(raw, size, now)
+
+
+def _parse_slow(raw: bytes, size: int, now: float) -> Episode:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -162,62 +178,85 @@ def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
     except (ValueError, RecursionError) as e:
         msg = str(e) if not isinstance(e, RecursionError) else "nesting too deep"
         raise InvalidEpisode("invalid_json", msg[:200]) from None
-    if not isinstance(obj, dict):
-        raise InvalidEpisode("not_object", f"expected a JSON object, got {type(obj).__name__}")
-
-    eid = obj.get("episode_id")
-    stream = obj.get("stream", DEFAULT_STREAM)
-    ctx_id = eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS else None
-    ctx_stream = stream if isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_CHARS else None
-
-    def bad(reason: str, detail: str) -> InvalidEpisode:
-        return InvalidEpisode(reason, detail, ctx_id, ctx_stream)
-
-    extra = obj.keys() - _FIELDS
-    if extra:
-        names = ", ".join(sorted(repr(k[:40]) for k in extra)[:5])
-        raise bad("unknown_field", f"unknown top-level fields {names} (put extras in metadata)")
-    for name in ("episode_id", "prompt", "response"):
-        if name not in obj:
-            raise bad("missing_field", f"{name} is required")
-    if not isinstance(eid, str):
-        raise bad("wrong_type", "episode_id must be a string")
-    if not 0 < len(eid) <= MAX_ID_CHARS:
-        raise bad("invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
-    if not isinstance(stream, str):
-        raise bad("wrong_type", "stream must be a string")
-    if not 0 < len(stream) <= MAX_STREAM_CHARS:
-        raise bad("invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
-    prompt = obj["prompt"]
-    response = obj["response"]
-    if not isinstance(prompt, str):
-        raise bad("wrong_type", "prompt must be a string")
-    if not isinstance(response, str):
-        raise bad("wrong_type", "response must be a string")
-    model = obj.get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise bad("wrong_type", "model must be a string")
-        if len(model) > MAX_MODEL_CHARS:
-            raise bad("invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
-    metadata = obj.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise bad("wrong_type", "metadata must be an object")
-    version = obj.get("schema_version", SCHEMA_VERSION)
-    if isinstance(version, bool) or version != SCHEMA_VERSION:
-        raise bad("invalid_value", f"schema_version must be {SCHEMA_VERSION}")
-    ts_raw = obj.get("timestamp")
-    try:
-        ts = now if ts_raw is None else parse_timestamp(ts_raw)
-    except InvalidEpisode as e:
-        raise bad(e.reason, e.detail) from None
     # Escaped NULs and lone surrogates parse fine but PostgreSQL text and
-    # UTF-8 encoders reject them later; catch them here, cheaply: only when
-    # the raw text holds an escape that can produce one.
+    # UTF-8 encoders reject them later; catch them here.
     if "\\u" in text:
         low = text.lower()
         if "\\u0000" in low and _contains_nul(obj):
-            raise bad("nul_character", "NUL characters are not allowed in episode text")
+            raise InvalidEpisode("nul_character", "NUL characters are not allowed in episode text", *_context(obj))
         if "\\ud" in low and _has_lone_surrogate(obj):
-            raise bad("invalid_unicode", "unpaired UTF-16 surrogate escape")
+            raise InvalidEpisode("invalid_unicode", "unpaired UTF-16 surrogate escape", *_context(obj))
+    return _validate(obj, size, now)
+
+
+def _context(obj: Any) -> tuple[str | None, str | None]:
+    if not isinstance(obj, dict):
+        return None, None
+    eid = obj.get("episode_id")
+    stream = obj.get("stream", DEFAULT_STREAM)
+    return (
+        eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS else None,
+        stream if isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_CHARS else None,
+    )
+
+
+def _validate(obj: Any, size: int, now: float) -> Episode:
+    if type(obj) is not dict:
+        raise InvalidEpisode("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    if not _FIELDS.issuperset(obj):
+        names = ", ".join(sorted(repr(k[:40]) for k in obj.keys() - _FIELDS)[:5])
+        raise _bad(obj, "unknown_field", f"unknown top-level fields {names} (put extras in metadata)")
+    eid = obj.get("episode_id")
+    prompt = obj.get("prompt")
+    response = obj.get("response")
+    stream = obj.get("stream", DEFAULT_STREAM)
+    # The common case in one test; the detailed checks below only name the problem.
+    if (
+        type(eid) is str
+        and type(prompt) is str
+        and type(response) is str
+        and type(stream) is str
+        and 0 < len(eid) <= MAX_ID_CHARS
+        and 0 < len(stream) <= MAX_STREAM_CHARS
+    ):
+        pass
+    else:
+        for name in ("episode_id", "prompt", "response"):
+            if name not in obj:
+                raise _bad(obj, "missing_field", f"{name} is required")
+        if not isinstance(eid, str):
+            raise _bad(obj, "wrong_type", "episode_id must be a string")
+        if not 0 < len(eid) <= MAX_ID_CHARS:
+            raise _bad(obj, "invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
+        if not isinstance(stream, str):
+            raise _bad(obj, "wrong_type", "stream must be a string")
+        if not 0 < len(stream) <= MAX_STREAM_CHARS:
+            raise _bad(obj, "invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
+        if not isinstance(prompt, str):
+            raise _bad(obj, "wrong_type", "prompt must be a string")
+        raise _bad(obj, "wrong_type", "response must be a string")
+    model = obj.get("model")
+    if model is not None:
+        if type(model) is not str:
+            raise _bad(obj, "wrong_type", "model must be a string")
+        if len(model) > MAX_MODEL_CHARS:
+            raise _bad(obj, "invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
+    metadata = obj.get("metadata")
+    if metadata is not None and type(metadata) is not dict:
+        raise _bad(obj, "wrong_type", "metadata must be an object")
+    version = obj.get("schema_version")
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
+        raise _bad(obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION}")
+    ts_raw = obj.get("timestamp")
+    if ts_raw is None:
+        ts = now
+    else:
+        try:
+            ts = parse_timestamp(ts_raw)
+        except InvalidEpisode as e:
+            raise _bad(obj, e.reason, e.detail) from None
     return Episode(eid, ts, stream, model, prompt, response, metadata, size)
+
+
+def _bad(obj: dict[str, Any], reason: str, detail: str) -> InvalidEpisode:
+    return InvalidEpisode(reason, detail, *_context(obj))

@@ -25,7 +25,7 @@ from monitor.episodes import Episode, InvalidEpisode, parse_episode
 from monitor.metrics import Metrics
 from monitor.sources.base import Record, Source
 from monitor.store import BatchWrite, StaleOffsets, Store
-from monitor.store.store import bucket_of
+from monitor.store.store import BUCKET_S
 from sampling import CHANNELS, Decision, Sampler, StreamSamplingState
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,16 @@ class Pipeline:
 
     # -- the batch -------------------------------------------------------------
     def process_batch(self, records: list[Record], stop: threading.Event | None = None) -> bool:
-        """Validate, sample and commit a batch. Returns False if it was rolled back as stale."""
+        """Validate, sample and commit a batch. Returns False if it was dropped or rolled back as stale."""
+        with self.source.guard(records) as current:
+            if not current:
+                # Fetched before a rebalance or rewind: the records are fetched again.
+                self.metrics.stale_batches.inc()
+                self.stats.stale_batches += 1
+                return False
+            return self._process(records, stop)
+
+    def _process(self, records: list[Record], stop: threading.Event | None) -> bool:
         t0 = time.perf_counter()
         now = self.clock()
         sampler = self.sampler
@@ -183,18 +192,19 @@ class Pipeline:
         letters: list[DeadLetter] = []
         outcomes: TallyCounter[tuple[str, str]] = TallyCounter()
         sampled_tally: TallyCounter[tuple[str, str]] = TallyCounter()
-        streams_seen: set[str] = set()
         next_offsets: dict[int, int] = {}
         observers = self.observers
         pending: list[tuple[Episode, Decision, int]] = []
 
+        traffic = batch.traffic
+        streams = stats.streams
+        last_probs: dict[str, dict[str, float]] = {}
+        idx = self._index - 1
+        # The hot loop: every record of the deployment's traffic passes here.
         for rec in records:
-            idx = self._index
-            self._index += 1
-            stats.records += 1
-            prev = next_offsets.get(rec.partition)
-            if prev is None or rec.next_offset > prev:
-                next_offsets[rec.partition] = rec.next_offset
+            idx += 1
+            # Records arrive in offset order within a partition: the last one wins.
+            next_offsets[rec.partition] = rec.next_offset
             try:
                 if rec.full_size is not None:
                     raise InvalidEpisode("oversize", f"record is {rec.full_size} bytes, limit is {max_bytes}")
@@ -204,19 +214,20 @@ class Pipeline:
                 continue
             stream = ep.stream
             d = sampler.decide(ep.episode_id, stream, ep.timestamp)
-            st = stats.streams.get(stream)
+            st = streams.get(stream)
             if st is None:
-                st = stats.streams[stream] = StreamStats()
+                st = streams[stream] = StreamStats()
                 self.metrics.stream_label(stream)  # label slots go to streams in order of arrival
             st.episodes += 1
-            streams_seen.add(stream)
             probs = d.probabilities
-            for ch in CHANNELS:
-                p = probs[ch]
-                st.p_min[ch] = min(st.p_min[ch], p)
-                st.p_max[ch] = max(st.p_max[ch], p)
-            key = (stream, bucket_of(ep.timestamp))
-            batch.traffic[key] = batch.traffic.get(key, 0) + 1
+            if last_probs.get(stream) is not probs:  # the sampler reuses one dict until rates change
+                last_probs[stream] = probs
+                for ch in CHANNELS:
+                    p = probs[ch]
+                    st.p_min[ch] = min(st.p_min[ch], p)
+                    st.p_max[ch] = max(st.p_max[ch], p)
+            key = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
+            traffic[key] = traffic.get(key, 0) + 1
             if d.sampled:
                 outcomes[(stream, "sampled")] += 1
                 batch.episodes.append(
@@ -250,6 +261,9 @@ class Pipeline:
             if observers:
                 pending.append((ep, d, idx))
 
+        self._index = idx + 1
+        stats.records += len(records)
+        streams_seen = set(last_probs)
         for ep, d, idx in pending:
             for obs in observers:
                 obs.observe(ep, d, idx)

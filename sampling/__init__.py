@@ -5,7 +5,7 @@ Pure and light: no torch, no Kafka, no database. Imports nothing from
 """
 
 from sampling.estimator import Estimate, horvitz_thompson
-from sampling.hashing import keyed_uniform
+from sampling.hashing import keyed_uniform, keyed_uniforms
 from sampling.policy import (
     CHANNELS,
     ChannelPolicy,
@@ -25,4 +25,5 @@ __all__ = [
     "StreamSamplingState",
     "horvitz_thompson",
     "keyed_uniform",
+    "keyed_uniforms",
 ]

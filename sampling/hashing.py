@@ -12,6 +12,16 @@ import hashlib
 _SCALE = float(2**64)
 
 
+def keyed_uniforms(key: bytes, episode_id: str) -> tuple[float, float]:
+    """Two independent uniforms in [0, 1) for an episode from one keyed digest.
+
+    The first drives the nested review channels (human, rm), the second the
+    drift channel. One 16-byte digest costs the same as one 8-byte digest.
+    """
+    d = hashlib.blake2b(episode_id.encode("utf-8", "surrogatepass"), digest_size=16, key=key).digest()
+    return int.from_bytes(d[:8], "big") / _SCALE, int.from_bytes(d[8:], "big") / _SCALE
+
+
 def keyed_uniform(key: bytes, episode_id: str, salt: str) -> float:
     """Uniform number in [0, 1) that depends only on (key, salt, episode_id).
 

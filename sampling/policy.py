@@ -20,11 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sampling.hashing import keyed_uniform
+from sampling.hashing import keyed_uniforms
 
 CHANNELS: tuple[str, ...] = ("human", "rm", "drift")
-REVIEW_SALT = "review"
-DRIFT_SALT = "drift"
 
 
 @dataclass(frozen=True)
@@ -157,6 +155,8 @@ class Decision:
         return f"Decision(sampled={self.sampled!r}, probabilities={self.probabilities!r})"
 
 
+_UNSET = object()
+
 StateLoader = Callable[[str], "StreamSamplingState | None"]
 
 
@@ -178,6 +178,7 @@ class Sampler:
         self._states: dict[str, StreamSamplingState] = {}
         self._rates: dict[str, tuple[dict[str, float], float]] = {}
         self._dirty: set[str] = set()
+        self._targets: dict[str, float | None | object] = {}
 
     # -- state -----------------------------------------------------------
     def state(self, stream: str) -> StreamSamplingState:
@@ -274,26 +275,31 @@ class Sampler:
 
     # -- decisions -------------------------------------------------------
     def decide(self, episode_id: str, stream: str, event_time: float) -> Decision:
-        st = self.state(stream)
-        self._observe(stream, st, event_time)
-        rates = self.rates(stream)
-        u = keyed_uniform(self._key, episode_id, REVIEW_SALT)
-        v = keyed_uniform(self._key, episode_id, DRIFT_SALT)
+        # Runs for every episode of the deployment: kept flat on purpose.
+        st = self._states.get(stream)
+        if st is None:
+            st = self.state(stream)
+        if event_time > st.clock:
+            st.clock = event_time
+        self._dirty.add(stream)
+        target = self._targets.get(stream, _UNSET)
+        if target is _UNSET:
+            target = self._targets[stream] = self.policy.budget(stream)
+        if target is not None:
+            self._observe_budget(stream, st, target)  # type: ignore[arg-type]
+        cached = self._rates.get(stream)
+        rates = cached[0] if cached is not None and st.clock < cached[1] else self.rates(stream)
+        u, v = keyed_uniforms(self._key, episode_id)
         sampled: dict[str, float] = {}
-        if u < rates["human"]:
-            sampled["human"] = rates["human"]
         if u < rates["rm"]:
             sampled["rm"] = rates["rm"]
+            if u < rates["human"]:
+                sampled["human"] = rates["human"]
         if v < rates["drift"]:
             sampled["drift"] = rates["drift"]
         return Decision(sampled, rates, u, v)
 
-    def _observe(self, stream: str, st: StreamSamplingState, t: float) -> None:
-        st.clock = max(st.clock, t)
-        self._dirty.add(stream)
-        target = self.policy.budget(stream)
-        if target is None:
-            return
+    def _observe_budget(self, stream: str, st: StreamSamplingState, target: float) -> None:
         if st.window_start is None:
             st.window_start = st.clock
         st.window_count += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,8 @@ class Record:
     key: bytes | None = None
     #: Set when ``value`` holds only the first bytes of an oversize record.
     full_size: int | None = None
+    #: Fetch generation (Kafka: bumped by rebalances and rewinds).
+    generation: int = 0
 
 
 class Rebalance(Protocol):
@@ -50,6 +53,11 @@ class Source(Protocol):
 
     def commit(self, offsets: Mapping[int, int]) -> None:
         """Tell the source these next offsets are durable (after the store commit)."""
+        ...
+
+    def guard(self, records: list[Record]) -> AbstractContextManager[bool]:
+        """Held while a batch is processed and committed; yields False if the batch is stale
+        (fetched before a rebalance or rewind) and must be dropped."""
         ...
 
     def rewind(self) -> None:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO, cast
 
 from monitor.sources.base import Rebalance, Record
@@ -136,6 +137,9 @@ class FileSource:
 
     def commit(self, offsets: Mapping[int, int]) -> None:
         """Nothing to do: the store holds the file position."""
+
+    def guard(self, records: list[Record]) -> AbstractContextManager[bool]:
+        return nullcontext(True)
 
     def rewind(self) -> None:
         assert self._rebalance is not None

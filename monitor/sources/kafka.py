@@ -3,23 +3,39 @@
 At-least-once delivery with exactly-once effects on the store: offsets are
 committed to the database in the same transaction as the rows a batch
 produced, and on every assignment the consumer seeks to the database's
-offsets. Offsets are also committed to Kafka afterwards, for lag tooling.
+offsets (or, for a partition the database has never seen, to the start or
+end per ``auto_offset_reset``; Kafka's committed offsets are written for lag
+tooling but never read back, so a reset database cannot silently skip
+records). Per-stream state belongs to whichever replica owns the partition
+that the stream's key hashes to, so producers must key episodes by ``stream``.
 
-Per-stream state belongs to whichever replica owns the partition that the
-stream's key hashes to, so producers must key episodes by ``stream``.
+Fetching overlaps processing: a consumer thread owns the (non-thread-safe)
+KafkaConsumer, polls, and hands batches to the pipeline through a bounded
+queue. Two things keep that safe:
+
+- ``guard()``: the pipeline holds a lock while it processes and commits a
+  batch, and rebalance callbacks take the same lock, so a partition is never
+  revoked with one of its batches half committed;
+- generations: every rebalance and rewind starts a new generation, queued
+  batches of an older one are dropped, and ``guard()`` refuses them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from monitor.config import KafkaConfig
 from monitor.sources.base import Rebalance, Record
 
 log = logging.getLogger(__name__)
+
+QUEUE_BATCHES = 4
 
 
 def client_security(cfg: KafkaConfig) -> dict[str, Any]:
@@ -40,12 +56,29 @@ class KafkaSource:
         self._client_id = client_id
         self._consumer: Any = None
         self._rebalance: Rebalance | None = None
+        # _guard: held by the pipeline for a whole batch and by rebalance
+        # callbacks; _state: short critical sections of the consumer thread, so
+        # that fetching never waits for a batch to be processed.
+        self._guard = threading.RLock()
+        self._state = threading.Lock()
+        self._gen = 0
+        self._queue: queue.Queue[tuple[int, list[Record]]] = queue.Queue(maxsize=QUEUE_BATCHES)
         self._assigned: set[int] = set()
-        # First offset returned per partition since it was assigned: where a
+        # First offset fetched per partition since it was assigned: where a
         # rewind goes back to when the database has no offset for it yet.
         self._first: dict[int, int] = {}
+        self._pending_seek: dict[int, int] | None = None
+        self._seek_gen = 0
+        self._to_commit: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        self._lag: dict[int, int] = {}
         self._last_poll_ok = 0.0
+        self._error: BaseException | None = None
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._max_records = cfg.max_poll_records
 
+    # -- lifecycle -----------------------------------------------------------
     def open(self, rebalance: Rebalance) -> None:
         from kafka import KafkaConsumer
         from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -68,95 +101,206 @@ class KafkaSource:
         source = self
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            # Both run on the consumer thread, inside poll().
             def on_partitions_revoked(self, revoked: Any) -> None:
                 parts = sorted(tp.partition for tp in revoked)
-                source._assigned.difference_update(parts)
-                for p in parts:
-                    source._first.pop(p, None)
-                log.info("partitions revoked: %s", parts)
-                rebalance.revoked(parts)
+                with source._guard, source._state:  # waits for the batch in flight to commit
+                    source._new_generation()
+                    source._assigned.difference_update(parts)
+                    for p in parts:
+                        source._first.pop(p, None)
+                        source._to_commit.pop(p, None)
+                        source._committed.pop(p, None)
+                        source._lag.pop(p, None)
+                    log.info("partitions revoked: %s", parts)
+                    rebalance.revoked(parts)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 parts = sorted(tp.partition for tp in assigned)
-                source._assigned.update(parts)
-                for p in parts:
-                    source._first.pop(p, None)
-                log.info("partitions assigned: %s", parts)
-                stored = rebalance.assigned(parts)
-                source._seek(stored, parts)
+                with source._guard, source._state:
+                    source._new_generation()
+                    source._assigned.update(parts)
+                    for p in parts:
+                        source._first.pop(p, None)
+                    stored = rebalance.assigned(parts)
+                    log.info("partitions assigned: %s (stored offsets %s)", parts, dict(stored))
+                    source._seek(stored, parts, fresh=True)
+                    source._seek_gen = source._gen
 
         self._consumer.subscribe([cfg.topic], listener=Listener())
+        self._running.set()
+        self._thread = threading.Thread(target=self._loop, name="kafka-consumer", daemon=True)
+        self._thread.start()
 
-    def _seek(self, stored: Mapping[int, int], parts: list[int]) -> None:
+    def close(self) -> None:
+        self._running.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    # -- consumer thread -----------------------------------------------------
+    def _new_generation(self) -> None:
+        self._gen += 1
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _seek(self, stored: Mapping[int, int], parts: list[int], *, fresh: bool = False) -> None:
         from kafka import TopicPartition
 
+        unseen = []
         for p in parts:
+            tp = TopicPartition(self.cfg.topic, p)
             if p in stored:
-                self._consumer.seek(TopicPartition(self.cfg.topic, p), stored[p])
+                self._consumer.seek(tp, stored[p])
             elif p in self._first:
-                # No stored offset (a rolled-back batch was its first): go back to its first record.
-                self._consumer.seek(TopicPartition(self.cfg.topic, p), self._first[p])
+                self._consumer.seek(tp, self._first[p])
+            elif fresh:
+                unseen.append(tp)
+        if unseen:
+            # The database has never seen these partitions: it, not Kafka's
+            # committed offsets, decides where to start.
+            if self.cfg.auto_offset_reset == "earliest":
+                self._consumer.seek_to_beginning(*unseen)
+            else:
+                self._consumer.seek_to_end(*unseen)
 
+    def _loop(self) -> None:
+        consumer = self._consumer
+        last_lag = 0.0
+        try:
+            while self._running.is_set():
+                with self._state:
+                    if self._pending_seek is not None:
+                        self._seek(self._pending_seek, sorted(self._assigned))
+                        self._pending_seek = None
+                        self._seek_gen = self._gen
+                    commits, self._to_commit = self._to_commit, {}
+                self._commit_kafka(commits)
+                batches = consumer.poll(timeout_ms=100, max_records=self._max_records)
+                self._last_poll_ok = time.monotonic()
+                if time.monotonic() - last_lag >= 1.0:
+                    last_lag = time.monotonic()
+                    self._update_lag()
+                if not batches:
+                    continue
+                now = time.time()
+                with self._state:
+                    gen = self._seek_gen
+                    if gen != self._gen:
+                        continue  # fetched before a rewind's seek: stale
+                    out: list[Record] = []
+                    for tp, msgs in batches.items():
+                        p = tp.partition
+                        if msgs and p not in self._first:
+                            self._first[p] = msgs[0].offset
+                        for m in msgs:
+                            value = m.value if m.value is not None else b""
+                            out.append(Record(value, p, m.offset, m.offset + 1, now, m.key))
+                self._put(gen, out)
+        except BaseException as e:  # surfaced to the pipeline by poll()
+            log.exception("kafka consumer thread failed")
+            self._error = e
+        finally:
+            with contextlib.suppress(Exception):
+                with self._state:
+                    commits, self._to_commit = self._to_commit, {}
+                self._commit_kafka(commits, sync=True)
+            with contextlib.suppress(Exception):
+                consumer.close(autocommit=False)
+
+    def _put(self, gen: int, records: list[Record]) -> None:
+        # Blocks while the pipeline is behind; kafka-python's heartbeat thread
+        # keeps the membership alive meanwhile (up to max_poll_interval_ms).
+        while self._running.is_set():
+            if gen != self._gen:
+                return
+            try:
+                self._queue.put((gen, records), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _commit_kafka(self, offsets: Mapping[int, int], sync: bool = False) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        if not offsets:
+            return
+        data = {TopicPartition(self.cfg.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
+        try:
+            if sync:
+                self._consumer.commit(data)
+            else:
+                self._consumer.commit_async(data)
+        except Exception as e:  # informational: must not stop ingest
+            log.warning("kafka offset commit failed: %s", e)
+
+    def _update_lag(self) -> None:
+        """Records between the end of each partition and what the store has committed.
+
+        Uses the high watermark from fetch responses and offsets we already
+        know; ``consumer.position()`` is not used: it can reset fetch state.
+        """
+        from kafka import TopicPartition
+
+        out: dict[int, int] = {}
+        for p in sorted(self._assigned):
+            hw = self._consumer.highwater(TopicPartition(self.cfg.topic, p))
+            done = self._committed.get(p, self._first.get(p))
+            if hw is not None and done is not None:
+                out[p] = max(0, hw - done)
+        self._lag = out
+
+    # -- pipeline side -------------------------------------------------------
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        self._last_poll_ok = time.monotonic()
-        now = time.time()
-        out: list[Record] = []
-        for tp, msgs in batches.items():
-            p = tp.partition
-            if msgs and p not in self._first:
-                self._first[p] = msgs[0].offset
-            for m in msgs:
-                out.append(Record(m.value if m.value is not None else b"", p, m.offset, m.offset + 1, now, m.key))
-        return out
+        if self._error is not None:
+            raise RuntimeError(f"kafka consumer thread failed: {self._error}") from self._error
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                gen, records = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return []
+            if gen == self._gen:
+                for r in records:
+                    r.generation = gen
+                return records
+
+    @contextlib.contextmanager
+    def guard(self, records: list[Record]) -> Iterator[bool]:
+        with self._guard:
+            yield bool(records) and records[0].generation == self._gen
 
     @property
     def exhausted(self) -> bool:
         return False
 
     def commit(self, offsets: Mapping[int, int]) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
-        # Informational (lag tooling); the database holds the offsets we resume from.
-        if not offsets:
-            return
-        try:
-            self._consumer.commit_async(
-                {TopicPartition(self.cfg.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}
-            )
-        except Exception as e:  # a failed informational commit must not stop ingest
-            log.warning("kafka offset commit failed: %s", e)
+        with self._state:
+            for p, o in offsets.items():
+                if p in self._assigned:
+                    self._to_commit[p] = max(o, self._to_commit.get(p, o))
+                    self._committed[p] = o
 
     def rewind(self) -> None:
+        """Drop fetched records and seek every partition back to its stored offset."""
         assert self._rebalance is not None
         parts = sorted(self._assigned)
-        stored = self._rebalance.assigned(parts)
-        self._seek(stored, parts)
+        stored = dict(self._rebalance.assigned(parts))
+        with self._state:
+            self._new_generation()
+            self._pending_seek = stored
 
     def lag(self) -> dict[int, int]:
-        from kafka import TopicPartition
-
-        out: dict[int, int] = {}
-        for p in sorted(self._assigned):
-            tp = TopicPartition(self.cfg.topic, p)
-            hw = self._consumer.highwater(tp)
-            if hw is None:
-                continue
-            try:
-                pos = self._consumer.position(tp, timeout_ms=0)
-            except Exception:
-                continue
-            if pos is not None:
-                out[p] = max(0, hw - pos)
-        return out
+        return dict(self._lag)
 
     def ready(self) -> bool:
-        return self._consumer is not None and time.monotonic() - self._last_poll_ok < 30
-
-    def close(self) -> None:
-        if self._consumer is not None:
-            try:
-                self._consumer.close(autocommit=False)
-            finally:
-                self._consumer = None
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self._error is None
+            and time.monotonic() - self._last_poll_ok < 30
+        )

@@ -77,6 +77,15 @@ class Replica:
     def sigterm(self, timeout_s: float = 15.0) -> int:
         assert self.proc is not None
         assert self.alive(), f"{self.name} died on its own:\n{self.tail()}"
+        # A replica restarted moments ago may still be importing Python modules,
+        # before any handler exists: wait until it serves.
+        deadline = time.monotonic() + 30
+        while (
+            self.log is not None
+            and "serving /metrics" not in self.log.read_text(errors="replace")
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout_s)
 
@@ -111,6 +120,10 @@ class Progress:
         except sa.exc.ProgrammingError:  # tables not migrated yet
             return 0
 
+    def wait_until(self, value: int, timeout_s: float, replicas: list[Replica]) -> int:
+        """Wait until at least ``value`` records are committed; return the count then."""
+        return self.wait_beyond(value - 1, timeout_s, replicas)
+
     def wait_beyond(self, value: int, timeout_s: float, replicas: list[Replica]) -> int:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -144,7 +157,7 @@ def _setup(kenv: Any, pg_url: str, tmp_path: Path) -> tuple[str, str, Any, list[
         "kafka.heartbeat_interval_ms=500",
         "kafka.max_poll_interval_ms=3000",
     ]
-    for item in kenv.overrides(topic, group, pg_url, "pipeline.batch_size=200", *fast_rejoin):
+    for item in kenv.overrides(topic, group, pg_url, "pipeline.batch_size=100", *fast_rejoin):
         if not item.startswith(("dev=", "database.url=")):
             args += ["--set", item]
     return topic, group, kenv.settings(topic, group, pg_url), eps, total, args
@@ -164,6 +177,12 @@ def _check(kenv: Any, pg_url: str, topic: str, group: str, settings: Any, eps: l
     assert {dict(m.headers)["oversight.error.reason"] for m in letters} == {b"missing_field"}
 
 
+def _kill_points(rng: random.Random, n: int, total: int) -> list[int]:
+    """Progress counts at which to kill: spread over the run, so every kill lands mid-stream
+    however fast the pipeline is."""
+    return sorted(int(total * rng.uniform(0.05, 0.85)) for _ in range(n))
+
+
 def _seed() -> int:
     seed = int(os.environ.get("KAFKA_CRASH_SEED", random.randrange(1 << 30)))
     print(f"KAFKA_CRASH_SEED={seed}")
@@ -178,11 +197,12 @@ def test_kill9_single_replica_exactly_once(kenv: Any, pg_url: str, tmp_path: Pat
     kills = 0
     try:
         done = 0
-        while kills < 5:
+        for point in _kill_points(rng, 5, total):
             replica.start()
-            # Kill while it processes: after it has committed something in this incarnation.
-            done = progress.wait_beyond(done, 60, [replica])
-            time.sleep(rng.uniform(0.0, 0.4))
+            # Kill while it processes: after it has committed something in this incarnation,
+            # at a random moment (between transactions or in the middle of one).
+            done = progress.wait_until(max(point, done + 1), 60, [replica])
+            time.sleep(rng.uniform(0.0, 0.03))
             replica.kill9()
             kills += 1
             done = progress()
@@ -212,9 +232,9 @@ def test_kill9_one_of_two_replicas_exactly_once(kenv: Any, pg_url: str, tmp_path
         for r in replicas:
             r.start()
         done = 0
-        while kills < 3:
-            done = progress.wait_beyond(done, 60, replicas)
-            time.sleep(rng.uniform(0.0, 0.4))
+        for point in _kill_points(rng, 3, total):
+            done = progress.wait_until(max(point, done + 1), 60, replicas)
+            time.sleep(rng.uniform(0.0, 0.03))
             victim = rng.choice(replicas)
             victim.kill9()
             kills += 1
