@@ -63,6 +63,7 @@ class KafkaSource:
         self._state = threading.Lock()
         self._gen = 0
         self._queue: queue.Queue[tuple[int, list[Record]]] = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._leftover: list[Record] = []
         self._assigned: set[int] = set()
         # First offset fetched per partition since it was assigned: where a
         # rewind goes back to when the database has no offset for it yet.
@@ -260,14 +261,20 @@ class KafkaSource:
             raise RuntimeError(f"kafka consumer thread failed: {self._error}") from self._error
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                gen, records = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return []
-            if gen == self._gen:
+            if self._leftover and self._leftover[0].generation == self._gen:
+                records = self._leftover
+            else:
+                try:
+                    gen, records = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return []
+                if gen != self._gen:
+                    continue
                 for r in records:
                     r.generation = gen
-                return records
+            # A fetch can hold more than a batch: the rest waits for the next poll.
+            self._leftover = records[max_records:]
+            return records[:max_records]
 
     @contextlib.contextmanager
     def guard(self, records: list[Record]) -> Iterator[bool]:

@@ -187,3 +187,89 @@ def test_cli_run_drains_on_sigterm(kenv: Any, tmp_path: Path) -> None:
     assert f"stopped after {len(eps)} records (0 invalid)" in out
     kenv.assert_exactly_once(db, kenv.settings(topic, group, db), eps)
     assert _wait_committed(kenv, group, topic, ends, timeout_s=2) == ends
+
+
+def test_database_decides_where_an_unseen_partition_starts(kenv: Any, sqlite_url: str) -> None:
+    """A fresh (or reset) database against a group whose Kafka offsets are at the end: the
+    database has no offsets, so every record is read (auto_offset_reset), none skipped."""
+    from kafka import KafkaAdminClient, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    topic, group = kenv.topic(partitions=2), _group()
+    eps = [kenv.episode(i, s) for i in range(30) for s in STREAMS]
+    ends = kenv.produce_episodes(topic, eps)
+    admin = KafkaAdminClient(bootstrap_servers=kenv.bootstrap)
+    try:
+        admin.alter_group_offsets(
+            group, {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in ends.items()}
+        )
+    finally:
+        admin.close()
+    settings = kenv.settings(topic, group, sqlite_url)
+    source = kenv.source_name(group, topic)
+    stats = kenv.run_until(settings, lambda store: kenv.offsets_reached(sqlite_url, source, ends))
+    assert stats.records == len(eps)
+    kenv.assert_exactly_once(sqlite_url, settings, eps)
+
+
+def test_second_replica_joining_mid_stream_rebalances_without_loss(kenv: Any, pg_url: str) -> None:
+    """Two in-process replicas in one group; the second joins while the first is busy, taking
+    partitions away from it (revocation with batches in flight). Effects stay exactly-once and
+    per-stream sampling state moves with the partitions."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from monitor.service import build_service
+
+    topic, group = kenv.topic(partitions=3), _group()
+    streams = [f"s{i}" for i in range(9)]
+    eps = [kenv.episode(i, s) for i in range(400) for s in streams]
+    ends = kenv.produce_episodes(topic, eps)
+    settings = kenv.settings(topic, group, pg_url, "pipeline.batch_size=25")
+    source = kenv.source_name(group, topic)
+    services = [build_service(settings, serve=False, registry=CollectorRegistry()) for _ in range(2)]
+    for svc in services:
+        # Slow commits (a busy database) so the first replica is still working when the
+        # second one's join (a few seconds) completes.
+        real = svc.store.commit_batch
+
+        def slow_commit(batch: Any, real: Any = real) -> None:
+            time.sleep(0.03)
+            real(batch)
+
+        svc.store.commit_batch = slow_commit  # type: ignore[method-assign]
+    stops = [threading.Event(), threading.Event()]
+    threads = [
+        threading.Thread(target=svc.pipeline.run, args=(stop,), daemon=True)
+        for svc, stop in zip(services, stops, strict=True)
+    ]
+    threads[0].start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(services[0].store.load_offsets(source).values()) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threads[1].start()
+        deadline = time.monotonic() + 90
+        while not kenv.offsets_reached(pg_url, source, ends) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kenv.offsets_reached(pg_url, source, ends)
+    finally:
+        for stop in stops:
+            stop.set()
+        for th in threads:
+            if th.is_alive() or th.ident is not None:
+                th.join(30)
+        for svc in services:
+            svc.store.close()
+    both = [svc.pipeline.stats.records for svc in services]
+    assert both[1] > 0, f"the second replica never got a partition: {both}"
+    kenv.assert_exactly_once(pg_url, settings, eps)
+    # The stream states checkpointed by whichever replica owned them cover every stream.
+    states = {r[0] for r in kenv.db_rows(pg_url, "SELECT stream FROM stream_state WHERE component = 'sampling'")}
+    assert states == set(streams)
+
+
+test_second_replica_joining_mid_stream_rebalances_without_loss = pytest.mark.postgres(
+    test_second_replica_joining_mid_stream_rebalances_without_loss
+)
