@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sampling import SamplingPolicy
 
 DEV_SAMPLING_KEY = "dev-only-sampling-key"
+DEV_REVIEW_SECRET = "dev-only-review-secret-key"
 
 
 class ConfigError(ValueError):
@@ -129,6 +130,34 @@ class ServerConfig(_Model):
     port: int = Field(9108, ge=0, le=65535)
 
 
+DEFAULT_FLAGS = ["harmful", "incorrect", "unhelpful", "refusal", "policy_violation"]
+
+
+class ReviewConfig(_Model):
+    secret_key: SecretStr | None = Field(None, description="signs CSRF tokens; required outside dev mode")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    lease_seconds: int = Field(600, gt=0, description="a claimed item returns to the queue after this")
+    overlap: int = Field(1, ge=1, le=5, description="reviewers per item")
+    overlap_fraction: float = Field(0.1, ge=0, le=1, description="sampled fraction of items that get 2 reviewers")
+    flags: list[str] = Field(default_factory=lambda: list(DEFAULT_FLAGS))
+    session_hours: float = Field(12.0, gt=0)
+    login_max_failures: int = Field(5, gt=0, description="failed logins per name or address per window")
+    login_window_s: int = Field(900, gt=0)
+
+    @field_validator("flags")
+    @classmethod
+    def _flag_names(cls, v: list[str]) -> list[str]:
+        import re
+
+        for f in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", f):
+                raise ValueError(f"flag {f!r}: use lower-case letters, digits and _")
+        if len(set(v)) != len(v):
+            raise ValueError("flags must be unique")
+        return v
+
+
 class MetricsConfig(_Model):
     max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
 
@@ -162,6 +191,7 @@ class Settings(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
+    review: ReviewConfig = ReviewConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -193,6 +223,20 @@ class Settings(BaseSettings):
         raise ConfigError(
             "sampling.key is not set: set OVERSIGHT_SAMPLING__KEY to a secret "
             "(a policy that can predict the key can predict which episodes are reviewed), or run with --dev"
+        )
+
+    def review_secret(self) -> bytes:
+        """The key that signs CSRF tokens; a built-in one only in dev mode."""
+        key = self.review.secret_key.get_secret_value() if self.review.secret_key is not None else ""
+        if key and key != DEV_REVIEW_SECRET:
+            if len(key) < 16:
+                raise ConfigError("review.secret_key must be at least 16 characters")
+            return key.encode()
+        if self.dev:
+            return DEV_REVIEW_SECRET.encode()
+        raise ConfigError(
+            "review.secret_key is not set (or is the built-in dev value): set OVERSIGHT_REVIEW__SECRET_KEY "
+            "to a long random secret, or run with --dev"
         )
 
     def redacted(self) -> dict[str, Any]:

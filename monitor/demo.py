@@ -84,12 +84,15 @@ def _summary(report: dict[str, Any], store: Any, data: Path) -> None:
         f"\n{report['episodes']} records in {t['seconds']:.1f}s ({t['episodes_per_s']:.0f}/s): "
         f"{report['invalid']} invalid (dead-lettered: {letters})"
     )
-    print(f"{'stream':<12}{'episodes':>9}{'human':>7}{'rm':>6}{'drift':>7}   min inclusion probability h/rm/drift")
+    print(
+        f"{'stream':<12}{'episodes':>9}{'invalid':>8}{'human':>7}{'rm':>6}{'drift':>7}"
+        "   min inclusion probability human/rm/drift"
+    )
     for name, st in report["streams"].items():
         s = st["sampled"]
         p = st["inclusion_probability"]
-        pm = "/".join(f"{p[c]['min']:.3g}" for c in ("human", "rm", "drift") if c in p)
-        print(f"{name:<12}{st['episodes']:>9}{s['human']:>7}{s['rm']:>6}{s['drift']:>7}   {pm}")
+        pm = "/".join(f"{p[c]['min']:.3g}" for c in ("human", "rm", "drift") if c in p) or "-"
+        print(f"{name:<12}{st['episodes']:>9}{st['invalid']:>8}{s['human']:>7}{s['rm']:>6}{s['drift']:>7}   {pm}")
     truth = _true_means(data, "judge_pref")
     print("\nHorvitz-Thompson estimate of the mean judge preference over ALL traffic, from the rm sample only:")
     for name in report["streams"]:

@@ -26,7 +26,7 @@ from monitor.metrics import Metrics
 from monitor.sources.base import Record, Source
 from monitor.store import BatchWrite, StaleOffsets, Store
 from monitor.store.store import BUCKET_S
-from sampling import CHANNELS, Decision, Sampler, StreamSamplingState
+from sampling import CHANNELS, Decision, Sampler, StreamSamplingState, keyed_uniform
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class Pipeline:
         self._expected: dict[int, int | None] = {}
         self._index = 0
         self._max_bytes = settings.source.max_episode_bytes
+        self._key = settings.sampling_key()
         self._db_ok = True
         self._last_lag = 0.0
         self._opened = False
@@ -244,6 +245,17 @@ class Pipeline:
                         "ingested_at": now,
                     }
                 )
+                if "human" in d.sampled:
+                    for slot in range(self._overlap(ep.episode_id)):
+                        batch.tasks.append(
+                            {
+                                "episode_id": ep.episode_id,
+                                "slot": slot,
+                                "stream": stream,
+                                "status": "pending",
+                                "created_at": now,
+                            }
+                        )
                 for ch, p in d.sampled.items():
                     batch.samples.append(
                         {
@@ -315,6 +327,14 @@ class Pipeline:
         stats.batches += 1
         return True
 
+    def _overlap(self, episode_id: str) -> int:
+        """Reviewers for a human-sampled episode: ``review.overlap``, or 2 for a keyed-random
+        ``review.overlap_fraction`` of items (inter-annotator agreement needs pairs)."""
+        cfg = self.settings.review
+        if cfg.overlap >= 2 or cfg.overlap_fraction <= 0:
+            return cfg.overlap
+        return 2 if keyed_uniform(self._key, episode_id, "overlap") < cfg.overlap_fraction else 1
+
     def _letter(self, rec: Record, reason: str, detail: str, episode_id: str | None, stream: str | None) -> DeadLetter:
         return DeadLetter(
             reason=reason,
@@ -383,6 +403,7 @@ class Pipeline:
             letters.extend(extra)
             batch.episodes = [r for r in batch.episodes if r["episode_id"] not in rejected]
             batch.samples = [r for r in batch.samples if r["episode_id"] not in rejected]
+            batch.tasks = [r for r in batch.tasks if r["episode_id"] not in rejected]
             self.store.commit_batch(batch)
         self._db_ok = True
 

@@ -50,6 +50,7 @@ class BatchWrite:
     traffic: dict[tuple[str, int], int] = field(default_factory=dict)
     offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
     states: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store:
@@ -108,6 +109,8 @@ class Store:
                 conn.execute(self._insert(t.episodes).on_conflict_do_nothing(), batch.episodes)
             if batch.samples:
                 conn.execute(self._insert(t.samples).on_conflict_do_nothing(), batch.samples)
+            if batch.tasks:
+                conn.execute(self._insert(t.review_tasks).on_conflict_do_nothing(), batch.tasks)
             if batch.traffic:
                 ins = self._insert(t.traffic)
                 stmt = ins.on_conflict_do_update(

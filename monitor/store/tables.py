@@ -72,3 +72,87 @@ stream_state = sa.Table(
     sa.Column("state", JsonType, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+# -- human review (migration 0002) --------------------------------------------
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+# Only a hash of the session token is stored: a database leak yields no live sessions.
+auth_sessions = sa.Table(
+    "auth_sessions",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("address", sa.String(64), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Index("ix_login_failures_name_at", "name", "at"),
+    sa.Index("ix_login_failures_address_at", "address", "at"),
+)
+
+# One row per (human-sampled episode, reviewer slot); ``fence`` grows with every claim so a
+# submit under an old lease is refused.
+review_tasks = sa.Table(
+    "review_tasks",
+    metadata,
+    sa.Column("episode_id", sa.String(128), sa.ForeignKey("episodes.episode_id"), primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("lease_user_id", sa.Integer),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("fence", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("done_at", sa.Float),
+    sa.Index("ix_review_tasks_status_created", "status", "created_at"),
+    sa.Index("ix_review_tasks_stream_status", "stream", "status"),
+)
+
+labels = sa.Table(
+    "labels",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(128), sa.ForeignKey("episodes.episode_id"), nullable=False),
+    sa.Column("slot", sa.Integer, nullable=False),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("skipped", sa.Boolean, nullable=False),
+    sa.Column("skip_reason", sa.String(500)),
+    sa.Column("rating", sa.Integer),
+    sa.Column("flags", JsonType, nullable=False),
+    sa.Column("critique", sa.Text, nullable=False),
+    sa.Column("preference", sa.String(8)),
+    sa.Column("time_spent_ms", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
+    sa.Index("ix_labels_stream_created", "stream", "created_at"),
+)
