@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", metavar="FILE", help="shortcut for --set source.kind=file --set source.path=FILE ('-' for stdin)"
     )
+    p.add_argument("--review", action="store_true", help="also serve the review UI and API in this process")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="run the pipeline over a file as fast as possible and write a report")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, db=False)
     p.add_argument("--workdir", default=".oversight-demo", help="where the demo keeps its database and dead letters")
     p.add_argument("--port", type=int, default=9108, help="port of /metrics, /healthz, /readyz")
+    p.add_argument("--review-port", type=int, default=8080, help="port of the review UI")
     p.add_argument("--exit-after-replay", action="store_true", help="exit after the summary instead of serving")
     p.set_defaults(func=cmd_demo)
 
@@ -72,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="window end (RFC 3339 or epoch seconds)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("serve", help="run the review web UI and API")
+    _common(p)
+    p.add_argument("--host", help="listen address (default: review.host)")
+    p.add_argument("--port", type=int, help="listen port (default: review.port)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("users", help="review users")
+    usub = p.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    q = usub.add_parser("add", help="add a user (password from stdin when piped, else generated and printed once)")
+    _common(q)
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=["reviewer", "admin"])
+    q.set_defaults(func=cmd_users)
+    q = usub.add_parser("token", help="create an API token for a user (printed once)")
+    _common(q)
+    q.add_argument("name")
+    q.add_argument("--label", default="api", help="what the token is for")
+    q.set_defaults(func=cmd_users)
+    q = usub.add_parser("list", help="list users")
+    _common(q)
+    q.set_defaults(func=cmd_users)
 
     p = sub.add_parser("db", help="database migrations")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -128,12 +152,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     svc = build_service(settings)
     assert svc.server is not None
     log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
+    review = None
+    if args.review:
+        from monitor.review.app import create_app
+        from monitor.review.server import BackgroundServer
+
+        review = BackgroundServer(create_app(settings, svc.store), settings.review.host, settings.review.port).start()
+        log.info("review UI at %s", review.url)
     try:
         stats = svc.pipeline.run(stop)
     except Aborted as e:
         log.warning("%s", e)
         return 3
     finally:
+        if review is not None:
+            review.stop()
         svc.server.stop()
         svc.store.close()
     log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
@@ -244,6 +277,53 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         store.close()
     print(json.dumps(est, indent=2, sort_keys=True))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from monitor.review.app import create_app
+
+    settings = _settings(args)
+    app = create_app(settings)
+    host = args.host or settings.review.host
+    port = args.port if args.port is not None else settings.review.port
+    log.info("review UI at http://%s:%d/", host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from monitor.review import auth
+    from monitor.store import Store
+
+    settings = _settings(args)
+    store = Store(settings.database.url, migrate=settings.database.migrate)
+    try:
+        if args.users_command == "list":
+            for u in auth.list_users(store):
+                print(f"{u.name}\t{u.role}")
+            return 0
+        if args.users_command == "token":
+            user = auth.find_user(store, args.name)
+            if user is None:
+                print(f"oversight: no user {args.name!r}", file=sys.stderr)
+                return 1
+            print(auth.create_api_token(store, user, args.label))
+            return 0
+        generated = sys.stdin.isatty()
+        password = auth.generate_password() if generated else sys.stdin.readline().rstrip("\r\n")
+        try:
+            auth.create_user(store, args.name, args.role, password)
+        except ValueError as e:
+            print(f"oversight: {e}", file=sys.stderr)
+            return 1
+        print(f"added {args.role} {args.name}")
+        if generated:
+            print(f"password (shown once): {password}")
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sampling import SamplingPolicy
 
 DEV_SAMPLING_KEY = "dev-only-sampling-key"
-DEV_REVIEW_SECRET = "dev-only-review-secret-key"
+DEV_REVIEW_SECRET = "dev-only-review-secret-key"  # noqa: S105 (refused outside dev mode)
 
 
 class ConfigError(ValueError):

@@ -59,6 +59,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     server.start()
     _summary(report, svc.store, data)
+    review = _start_review(settings, svc.store, args.review_port)
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"\nReport: {work / 'report.json'}   dead letters: {settings.dead_letter.path}")
     print(f"Metrics: {server.url}/metrics   health: {server.url}/healthz   ready: {server.url}/readyz")
@@ -71,8 +72,27 @@ def run_demo(args: argparse.Namespace) -> int:
         stop.wait()
         return 0
     finally:
+        review.stop()
         server.stop()
         svc.store.close()
+
+
+def _start_review(settings: Any, store: Any, port: int) -> Any:
+    """The review UI in this process, with two demo accounts (passwords printed once)."""
+    from monitor.review import auth
+    from monitor.review.app import create_app
+    from monitor.review.server import BackgroundServer
+
+    accounts = []
+    for name, role in (("admin", "admin"), ("reviewer", "reviewer")):
+        password = auth.generate_password()
+        auth.create_user(store, name, role, password)
+        accounts.append((name, role, password))
+    review = BackgroundServer(create_app(settings, store), settings.review.host, port).start()
+    print(f"\nReview UI: {review.url}  (dev mode)")
+    for name, role, password in accounts:
+        print(f"  {role:<9} login: {name:<9} password: {password}")
+    return review
 
 
 def _summary(report: dict[str, Any], store: Any, data: Path) -> None:

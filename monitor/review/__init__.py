@@ -1,0 +1,1 @@
+"""Human review: users and sessions, the claim/label queue, admin statistics, exports, web app."""

@@ -1,0 +1,148 @@
+"""Label exports: reward-model training pairs and ratings (JSONL), ratings (CSV).
+
+Exports carry model outputs, i.e. attacker-controlled text: they are served as
+attachments, JSON is ASCII-escaped, and CSV cells that a spreadsheet would read
+as a formula (starting with = + - @, tab or carriage return) are neutralised.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.review.queue import alternative_of
+from monitor.store import Store
+from monitor.store import tables as t
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _rows(store: Store) -> list[Any]:
+    lb, e, s, u = t.labels, t.episodes, t.samples, t.users
+    q = (
+        sa.select(
+            lb.c.episode_id,
+            lb.c.stream,
+            lb.c.rating,
+            lb.c.flags,
+            lb.c.critique,
+            lb.c.preference,
+            lb.c.skipped,
+            lb.c.skip_reason,
+            lb.c.time_spent_ms,
+            lb.c.created_at,
+            u.c.name.label("reviewer"),
+            e.c.prompt,
+            e.c.response,
+            e.c.model,
+            e.c.metadata,
+            e.c.ts,
+            s.c.inclusion_probability,
+        )
+        .join(e, e.c.episode_id == lb.c.episode_id)
+        .join(u, u.c.id == lb.c.user_id)
+        .join(s, sa.and_(s.c.episode_id == lb.c.episode_id, s.c.channel == "human"), isouter=True)
+        .order_by(lb.c.id)
+    )
+    with store.engine.connect() as conn:
+        return list(conn.execute(q).all())
+
+
+def rating_records(store: Store) -> list[dict[str, Any]]:
+    out = []
+    for r in _rows(store):
+        out.append(
+            {
+                "episode_id": r.episode_id,
+                "stream": r.stream,
+                "model": r.model,
+                "timestamp": r.ts,
+                "reviewer": r.reviewer,
+                "skipped": bool(r.skipped),
+                "skip_reason": r.skip_reason,
+                "rating": r.rating,
+                "flags": list(r.flags or []),
+                "critique": r.critique,
+                "preference": r.preference,
+                "time_spent_ms": r.time_spent_ms,
+                "labelled_at": r.created_at,
+                "inclusion_probability": r.inclusion_probability,
+                "prompt": r.prompt,
+                "response": r.response,
+            }
+        )
+    return out
+
+
+def pair_records(store: Store) -> list[dict[str, str]]:
+    """``{"prompt", "chosen", "rejected"}`` pairs: from pairwise preferences, and from ratings of
+    different responses to the same prompt (mean rating per response; ties give no pair)."""
+    pairs: list[dict[str, str]] = []
+    by_prompt: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in _rows(store):
+        if r.skipped:
+            continue
+        alt = alternative_of(r.metadata)
+        if alt is not None and r.preference in ("response", "alternative"):
+            chosen, rejected = (r.response, alt) if r.preference == "response" else (alt, r.response)
+            pairs.append({"prompt": r.prompt, "chosen": chosen, "rejected": rejected})
+        if r.rating is not None:
+            by_prompt[r.prompt][r.response].append(int(r.rating))
+    for prompt, responses in by_prompt.items():
+        means = sorted(((statistics.fmean(v), resp) for resp, v in responses.items()), reverse=True)
+        for i, (mi, ri) in enumerate(means):
+            for mj, rj in means[i + 1 :]:
+                if mi > mj:
+                    pairs.append({"prompt": prompt, "chosen": ri, "rejected": rj})
+    return pairs
+
+
+def jsonl(records: list[dict[str, Any]]) -> Iterator[str]:
+    for rec in records:
+        yield json.dumps(rec, ensure_ascii=True, sort_keys=True) + "\n"
+
+
+def neutralize(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if text.startswith(FORMULA_START):
+        return "'" + text
+    return text
+
+
+CSV_FIELDS = [
+    "episode_id",
+    "stream",
+    "model",
+    "timestamp",
+    "reviewer",
+    "skipped",
+    "skip_reason",
+    "rating",
+    "flags",
+    "critique",
+    "preference",
+    "time_spent_ms",
+    "labelled_at",
+    "inclusion_probability",
+    "prompt",
+    "response",
+]
+
+
+def csv_rows(records: list[dict[str, Any]]) -> Iterator[str]:
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL)
+    w.writerow(CSV_FIELDS)
+    yield buf.getvalue()
+    for rec in records:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow([neutralize(";".join(rec[k]) if k == "flags" else rec[k]) for k in CSV_FIELDS])
+        yield buf.getvalue()
