@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install chromium demo test test-fast bench lint clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/oversight demo $(DEMO_ARGS)
 
-test: install
+# Browser tests use Debian's Chromium (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -89,9 +89,12 @@ class Principal:
 class ReviewApp:
     """Holds what the routes need; built once per process."""
 
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, registry: Any = None):
+        from monitor.review.metrics import ReviewMetrics
+
         self.settings = settings
         self.store = store
+        self.metrics = ReviewMetrics(store, registry, settings.metrics.max_streams)
         self.secret = settings.review_secret()
         self.key = settings.sampling_key()
         self.dev = settings.dev
@@ -129,10 +132,11 @@ class ReviewApp:
         )
 
 
-def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
+def create_app(settings: Settings, store: Store | None = None, registry: Any = None) -> FastAPI:
     """The review app. Refuses to start outside dev mode without a real secret key."""
+    settings.review_secret()
     store = store if store is not None else Store(settings.database.url, migrate=settings.database.migrate)
-    ctx = ReviewApp(settings, store)
+    ctx = ReviewApp(settings, store, registry)
     app = FastAPI(
         title="oversight review API",
         version="1",
@@ -153,11 +157,20 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
 
     @app.exception_handler(queue.QueueError)
     async def queue_error(_request: Request, exc: queue.QueueError) -> JSONResponse:
+        if exc.status == 409:
+            ctx.metrics.conflicts.inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(auth.AuthError)
     async def auth_error(_request: Request, exc: auth.AuthError) -> JSONResponse:
+        ctx.metrics.logins.labels("rate_limited" if exc.status == 429 else "failed").inc()
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_router(ctx), prefix="/api/v1")
 
@@ -170,23 +183,21 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         ok = store.ping()
         return JSONResponse({"ready": ok, "checks": {"database": ok}}, status_code=200 if ok else 503)
 
-    try:
-        from monitor.review.pages import PageContext, make_router
-    except ImportError:  # pages not built yet
-        pass
-    else:
-        app.include_router(
-            make_router(
-                PageContext(
-                    settings=settings,
-                    store=store,
-                    secret=ctx.secret,
-                    key=ctx.key,
-                    dev=ctx.dev,
-                    current_session=ctx.session,
-                )
+    from monitor.review.pages import PageContext, make_router
+
+    app.include_router(
+        make_router(
+            PageContext(
+                settings=settings,
+                store=store,
+                secret=ctx.secret,
+                key=ctx.key,
+                dev=ctx.dev,
+                current_session=ctx.session,
+                metrics=ctx.metrics,
             )
         )
+    )
     if STATIC.is_dir():
         from fastapi.staticfiles import StaticFiles
 
@@ -225,6 +236,7 @@ def api_router(ctx: ReviewApp) -> APIRouter:
         if old:
             auth.revoke_session(store, old)
         ctx.set_session_cookie(response, sess)
+        ctx.metrics.logins.labels("ok").inc()
         return {"user": {"name": sess.user.name, "role": sess.user.role}, "csrf_token": sess.csrf}
 
     @r.post("/auth/logout", tags=["auth"])
@@ -262,6 +274,7 @@ def api_router(ctx: ReviewApp) -> APIRouter:
             ),
             settings.review.flags,
         )
+        ctx.metrics.labels.labels("labelled").inc()
         return {"ok": True}
 
     @r.post("/items/skip", tags=["review"])
@@ -275,6 +288,7 @@ def api_router(ctx: ReviewApp) -> APIRouter:
             queue.LabelIn(skipped=True, skip_reason=body.reason, time_spent_ms=body.time_spent_ms),
             settings.review.flags,
         )
+        ctx.metrics.labels.labels("skipped").inc()
         return {"ok": True}
 
     @r.post("/items/release", tags=["review"])

@@ -38,7 +38,7 @@ def krippendorff_alpha_interval(units: list[list[float]]) -> float | None:
     values = [v for u in units for v in u]
     d_e = sum((a - b) ** 2 for i, a in enumerate(values) for j, b in enumerate(values) if i != j) / (n * (n - 1))
     if d_e == 0:
-        return 1.0 if d_o == 0 else None
+        return None  # every rating identical: no variation to agree on
     return 1.0 - d_o / d_e
 
 
@@ -52,7 +52,9 @@ def cohen_kappa(pairs: list[tuple[bool, bool]]) -> float | None:
     pb = sum(1 for _, b in pairs if b) / n
     pe = pa * pb + (1 - pa) * (1 - pb)
     if pe == 1.0:
-        return 1.0 if po == 1.0 else None
+        # Both reviewers gave the same answer to every item (e.g. never used the flag):
+        # agreement is not measurable, and 1.0 would overstate it.
+        return None
     return (po - pe) / (1 - pe)
 
 
@@ -80,8 +82,15 @@ def _labels(store: Store, since: float | None = None) -> list[Any]:
         return list(conn.execute(q).all())
 
 
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def _finite(d: dict[str, Any], lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    """NaN/inf become None; the normal-approximation interval is clipped to the quantity's range."""
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+    if lo is not None and hi is not None:
+        for k in ("ci_low", "ci_high"):
+            v = out.get(k)
+            if isinstance(v, float):
+                out[k] = min(hi, max(lo, v))
+    return out
 
 
 def _per_item(rows: list[Any]) -> dict[str, dict[str, Any]]:
@@ -110,13 +119,13 @@ def estimates(store: Store, flags: list[str], rows: list[Any] | None = None) -> 
         flag_est = {}
         for f in flags:
             vals = [sum(1 for _, fl in it["labels"] if f in fl) / len(it["labels"]) for it in items]
-            flag_est[f] = _finite(horvitz_thompson(vals, probs).to_dict())
+            flag_est[f] = _finite(horvitz_thompson(vals, probs).to_dict(), 0.0, 1.0)
         out.append(
             {
                 "stream": stream,
                 "population": store.traffic_count(stream),
                 "n_labelled": len(items),
-                "rating": _finite(rating.to_dict()),
+                "rating": _finite(rating.to_dict(), 1.0, 7.0),
                 "flags": flag_est,
             }
         )
@@ -135,7 +144,7 @@ def estimate_series(store: Store, stream: str, bucket_s: int = 3600) -> list[dic
         est = horvitz_thompson(
             [statistics.fmean(r for r, _ in it["labels"]) for it in items], [it["p"] for it in items]
         )
-        d = _finite(est.to_dict())
+        d = _finite(est.to_dict(), 1.0, 7.0)
         out.append({"start": start, "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(items)})
     return out
 

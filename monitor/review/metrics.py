@@ -1,0 +1,82 @@
+"""Prometheus metrics of the review service (namespaced ``oversight_review_``).
+
+Queue depth and age are read from the database at scrape time by a custom
+collector, so every replica reports the same, current numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from monitor.store import Store
+
+NS = "oversight"
+
+
+class QueueCollector(Collector):
+    def __init__(self, store: Store, max_streams: int):
+        self._store = store
+        self._max_streams = max_streams
+
+    def collect(self) -> Iterator[Any]:
+        from monitor.review.queue import queue_depth
+
+        waiting = GaugeMetricFamily(
+            f"{NS}_review_queue_waiting", "Review items waiting (pending or lease expired)", labels=["stream"]
+        )
+        leased = GaugeMetricFamily(f"{NS}_review_queue_leased", "Review items under a live lease", labels=["stream"])
+        done = GaugeMetricFamily(f"{NS}_review_queue_done", "Review items labelled", labels=["stream"])
+        oldest = GaugeMetricFamily(
+            f"{NS}_review_queue_oldest_seconds", "Age of the oldest waiting review item", labels=["stream"]
+        )
+        try:
+            rows = queue_depth(self._store, time.time())
+        except Exception:  # a scrape must not fail because the database blinked
+            rows = []
+        # Bounded label set: the busiest streams by name order, the rest summed as _other.
+        head, tail = rows[: self._max_streams], rows[self._max_streams :]
+        if tail:
+            head.append(
+                {
+                    "stream": "_other",
+                    "waiting": sum(r["waiting"] for r in tail),
+                    "leased": sum(r["leased"] for r in tail),
+                    "done": sum(r["done"] for r in tail),
+                    "oldest_wait_s": max((r["oldest_wait_s"] or 0.0) for r in tail),
+                }
+            )
+        for r in head:
+            waiting.add_metric([r["stream"]], r["waiting"])
+            leased.add_metric([r["stream"]], r["leased"])
+            done.add_metric([r["stream"]], r["done"])
+            oldest.add_metric([r["stream"]], r["oldest_wait_s"] or 0.0)
+        yield from (waiting, leased, done, oldest)
+
+
+class ReviewMetrics:
+    def __init__(self, store: Store, registry: CollectorRegistry | None = None, max_streams: int = 50):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(QueueCollector(store, max_streams))
+        self.labels = Counter(
+            "review_labels",
+            "Labels submitted, by outcome (labelled, skipped)",
+            ["outcome"],
+            namespace=NS,
+            registry=self.registry,
+        )
+        self.conflicts = Counter(
+            "review_stale_submits", "Submits refused because the lease was stale", namespace=NS, registry=self.registry
+        )
+        self.logins = Counter(
+            "review_logins",
+            "Login attempts, by result (ok, failed, rate_limited)",
+            ["result"],
+            namespace=NS,
+            registry=self.registry,
+        )

@@ -1,0 +1,23 @@
+"""Fixtures for the review-app tests (helpers live in review_helpers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from review_helpers import Env, make_env
+
+
+@pytest.fixture
+def make_review_env(db_url: str) -> Iterator[Callable[..., Env]]:
+    """``make_review_env(*overrides)`` -> Env over the parametrized database (SQLite and PostgreSQL)."""
+    envs: list[Env] = []
+
+    def make(*overrides: str) -> Env:
+        env = make_env(db_url, *overrides)
+        envs.append(env)
+        return env
+
+    yield make
+    for e in envs:
+        e.close()
