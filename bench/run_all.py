@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = [["replay.py"], ["kafka_ingest.py"], ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"]]
+BENCHES = [
+    ["replay.py"],
+    ["kafka_ingest.py"],
+    ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
+    ["review_api.py"],
+]
 
 
 def main() -> int:

@@ -142,7 +142,10 @@ class ReviewConfig(_Model):
     overlap_fraction: float = Field(0.1, ge=0, le=1, description="sampled fraction of items that get 2 reviewers")
     flags: list[str] = Field(default_factory=lambda: list(DEFAULT_FLAGS))
     session_hours: float = Field(12.0, gt=0)
-    login_max_failures: int = Field(5, gt=0, description="failed logins per name or address per window")
+    login_max_failures: int = Field(5, gt=0, description="failed logins per user name per window")
+    login_max_failures_per_address: int = Field(
+        50, gt=0, description="failed logins per client address per window (behind a proxy: shared by everyone)"
+    )
     login_window_s: int = Field(900, gt=0)
 
     @field_validator("flags")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,13 +71,17 @@ class ReleaseBody(_In):
 
 
 class UserIn(_In):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64, pattern=f"^{auth.NAME_RE}$")
     role: Literal["reviewer", "admin"]
     password: str | None = Field(None, min_length=10, max_length=1024)
 
 
 class TokenIn(_In):
     name: str = Field("api", min_length=1, max_length=64)
+
+
+def validation_detail(loc: tuple[str, ...], msg: str) -> dict[str, Any]:
+    return {"detail": [{"type": "value_error", "loc": list(loc), "msg": msg}]}
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,9 @@ def create_app(settings: Settings, store: Store | None = None, registry: Any = N
     async def queue_error(_request: Request, exc: queue.QueueError) -> JSONResponse:
         if exc.status == 409:
             ctx.metrics.conflicts.inc()
+        if exc.status == 422:
+            # Same shape as FastAPI's own validation errors, as the OpenAPI document says.
+            return JSONResponse(validation_detail(("body",), str(exc)), status_code=422)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(auth.AuthError)
@@ -231,6 +238,7 @@ def api_router(ctx: ReviewApp) -> APIRouter:
             max_failures=cfg.login_max_failures,
             window_s=cfg.login_window_s,
             hours=cfg.session_hours,
+            max_failures_per_address=cfg.login_max_failures_per_address,
         )
         old = request.cookies.get(SESSION_COOKIE)
         if old:
@@ -305,17 +313,17 @@ def api_router(ctx: ReviewApp) -> APIRouter:
         return stats.admin_summary(store, settings)
 
     @r.get("/admin/estimates/series", tags=["admin"])
-    def series(stream: str, bucket_s: int = 3600, p: Principal = is_admin) -> list[dict[str, Any]]:
-        if not 60 <= bucket_s <= 86400 * 31:
-            raise HTTPException(422, "bucket_s must be between 60 and 2678400")
+    def series(
+        stream: str = Query(max_length=128),
+        bucket_s: int = Query(3600, ge=60, le=86400 * 31),
+        p: Principal = is_admin,
+    ) -> list[dict[str, Any]]:
         return stats.estimate_series(store, stream, bucket_s)
 
     @r.get("/admin/estimates/chart.svg", tags=["admin"], response_class=Response)
-    def chart(bucket_s: int = 3600, p: Principal = is_admin) -> Response:
+    def chart(bucket_s: int = Query(3600, ge=60, le=86400 * 31), p: Principal = is_admin) -> Response:
         from monitor.review.chart import estimates_svg
 
-        if not 60 <= bucket_s <= 86400 * 31:
-            raise HTTPException(422, "bucket_s must be between 60 and 2678400")
         streams = {q["stream"] for q in queue.queue_depth(store)}
         svg = estimates_svg({s: stats.estimate_series(store, s, bucket_s) for s in sorted(streams)})
         return Response(svg, media_type="image/svg+xml")
@@ -342,12 +350,14 @@ def api_router(ctx: ReviewApp) -> APIRouter:
         return [{"name": u.name, "role": u.role} for u in auth.list_users(store)]
 
     @r.post("/admin/users", tags=["admin"], status_code=201)
-    def add_user(body: UserIn, p: Principal = is_admin) -> dict[str, Any]:
+    def add_user(body: UserIn, p: Principal = is_admin) -> Any:
         password = body.password or auth.generate_password()
         try:
             u = auth.create_user(store, body.name, body.role, password)
         except ValueError as e:
-            raise HTTPException(409 if "exists" in str(e) else 422, str(e)) from None
+            if "exists" in str(e):
+                raise HTTPException(409, str(e)) from None
+            return JSONResponse(validation_detail(("body", "name"), str(e)), status_code=422)
         out: dict[str, Any] = {"name": u.name, "role": u.role}
         if body.password is None:
             out["password"] = password  # shown once

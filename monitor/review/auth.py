@@ -100,12 +100,27 @@ def list_users(store: Store) -> list[User]:
 
 
 def login(
-    store: Store, name: str, password: str, address: str, *, max_failures: int, window_s: int, hours: float
+    store: Store,
+    name: str,
+    password: str,
+    address: str,
+    *,
+    max_failures: int,
+    window_s: int,
+    hours: float,
+    max_failures_per_address: int | None = None,
 ) -> Session:
     """Check a password and open a new session (a new token every login: no fixation)."""
     now = time.time()
     name = name[:64]
     address = address[:64]
+    # Record the attempt *before* checking the password, committed, then count: of N
+    # parallel guesses at most ``max_failures`` see a count within the limit, so
+    # guessing in parallel gains nothing. A successful login deletes its record.
+    with store.engine.begin() as conn:
+        attempt = conn.execute(
+            t.login_failures.insert().values(name=name, address=address, at=now).returning(t.login_failures.c.id)
+        ).scalar_one()
     with store.engine.connect() as conn:
         since = now - window_s
         by_name = conn.execute(
@@ -114,7 +129,8 @@ def login(
         by_addr = conn.execute(
             sa.select(sa.func.count()).where(t.login_failures.c.address == address, t.login_failures.c.at >= since)
         ).scalar_one()
-        if by_name >= max_failures or by_addr >= max_failures * 4:
+        per_address = max_failures * 4 if max_failures_per_address is None else max_failures_per_address
+        if by_name > max_failures or by_addr > per_address:
             raise AuthError("too many failed logins; try again later", status=429)
         row = conn.execute(
             sa.select(t.users.c.id, t.users.c.name, t.users.c.role, t.users.c.password_hash).where(
@@ -134,10 +150,10 @@ def login(
         # Same work for unknown names: no user enumeration by timing.
         hasher.hash(password)
     if not ok:
-        with store.engine.begin() as conn:
-            conn.execute(t.login_failures.insert().values(name=name, address=address, at=now))
         raise AuthError("wrong name or password")
     assert row is not None
+    with store.engine.begin() as conn:
+        conn.execute(t.login_failures.delete().where(t.login_failures.c.id == attempt))
     if hasher.check_needs_rehash(row.password_hash):
         with store.engine.begin() as conn:
             conn.execute(t.users.update().where(t.users.c.id == row.id).values(password_hash=hasher.hash(password)))

@@ -345,6 +345,7 @@ def make_router(ctx: PageContext) -> APIRouter:
                 max_failures=rc.login_max_failures,
                 window_s=rc.login_window_s,
                 hours=rc.session_hours,
+                max_failures_per_address=rc.login_max_failures_per_address,
             )
         except auth.AuthError as e:
             count("logins", "rate_limited" if e.status == 429 else "failed")

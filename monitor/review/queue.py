@@ -100,6 +100,10 @@ def claim(store: Store, user: User, lease_s: float, key: bytes, now: float | Non
     rt = t.review_tasks
     for _ in range(5):  # a lost compare-and-set race (SQLite readers) just tries the next row
         with store.engine.begin() as conn:
+            if store.dialect == "postgresql":
+                # One claim at a time per reviewer (two tabs, a double click): otherwise
+                # both see "no lease held" and SKIP LOCKED hands each a different row.
+                conn.execute(sa.select(t.users.c.id).where(t.users.c.id == user.id).with_for_update())
             held = conn.execute(
                 sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence, rt.c.lease_expires_at).where(
                     rt.c.lease_user_id == user.id, rt.c.status == "claimed", rt.c.lease_expires_at > now
@@ -109,11 +113,13 @@ def claim(store: Store, user: User, lease_s: float, key: bytes, now: float | Non
                 c = Claim(held.episode_id, int(held.slot), int(held.fence), float(held.lease_expires_at))
                 return _item(conn, c, key)
             mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
+            leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
             q = (
                 sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence)
                 .where(
                     sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
                     rt.c.episode_id.not_in(mine),
+                    rt.c.episode_id.not_in(leased),
                 )
                 .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
                 .limit(1)
@@ -223,6 +229,11 @@ def submit(
             sa.select(t.episodes.c.stream, t.episodes.c.metadata).where(t.episodes.c.episode_id == episode_id)
         ).one()
         validate_label(label, flags_allowed, alternative_of(ep.metadata) is not None)
+        exists = conn.execute(
+            sa.select(t.labels.c.id).where(t.labels.c.episode_id == episode_id, t.labels.c.user_id == user.id)
+        ).first()
+        if exists is not None:
+            raise QueueError("you have already labelled this episode", 409)
         conn.execute(
             t.labels.insert().values(
                 episode_id=episode_id,

@@ -150,7 +150,7 @@ labels = sa.Table(
     sa.Column("rating", sa.Integer),
     sa.Column("flags", JsonType, nullable=False),
     sa.Column("critique", sa.Text, nullable=False),
-    sa.Column("preference", sa.String(8)),
+    sa.Column("preference", sa.String(16)),
     sa.Column("time_spent_ms", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
