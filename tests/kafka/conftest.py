@@ -233,10 +233,13 @@ class KafkaEnv:
 
     @staticmethod
     def offsets_reached(url: str, source: str, ends: Mapping[int, int]) -> bool:
-        got = {
-            int(p): int(o)
-            for p, o in KafkaEnv.db_rows(url, f"SELECT partition, next_offset FROM offsets WHERE source = '{source}'")
-        }
+        import sqlalchemy as sa
+
+        try:
+            rows = KafkaEnv.db_rows(url, f"SELECT partition, next_offset FROM offsets WHERE source = '{source}'")
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            return False  # the service has not created its tables yet
+        got = {int(p): int(o) for p, o in rows}
         return all(got.get(p, -1) >= o for p, o in ends.items())
 
     @staticmethod
