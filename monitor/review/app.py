@@ -265,39 +265,26 @@ def api_router(ctx: ReviewApp) -> APIRouter:
             return Response(status_code=204)
         return item.to_json()
 
+    def record(p: Principal, body: LabelBody | SkipBody, label: queue.LabelIn, outcome: str) -> dict[str, bool]:
+        queue.submit(store, p.user, body.episode_id, body.slot, body.fence, label, settings.review.flags)
+        ctx.metrics.labels.labels(outcome).inc()
+        return {"ok": True}
+
     @r.post("/items/label", tags=["review"])
     def label(body: LabelBody, p: Principal = who) -> dict[str, bool]:
-        queue.submit(
-            store,
-            p.user,
-            body.episode_id,
-            body.slot,
-            body.fence,
-            queue.LabelIn(
-                rating=body.rating,
-                flags=tuple(body.flags),
-                critique=body.critique,
-                preference=body.preference,
-                time_spent_ms=body.time_spent_ms,
-            ),
-            settings.review.flags,
+        lab = queue.LabelIn(
+            rating=body.rating,
+            flags=tuple(body.flags),
+            critique=body.critique,
+            preference=body.preference,
+            time_spent_ms=body.time_spent_ms,
         )
-        ctx.metrics.labels.labels("labelled").inc()
-        return {"ok": True}
+        return record(p, body, lab, "labelled")
 
     @r.post("/items/skip", tags=["review"])
     def skip(body: SkipBody, p: Principal = who) -> dict[str, bool]:
-        queue.submit(
-            store,
-            p.user,
-            body.episode_id,
-            body.slot,
-            body.fence,
-            queue.LabelIn(skipped=True, skip_reason=body.reason, time_spent_ms=body.time_spent_ms),
-            settings.review.flags,
-        )
-        ctx.metrics.labels.labels("skipped").inc()
-        return {"ok": True}
+        lab = queue.LabelIn(skipped=True, skip_reason=body.reason, time_spent_ms=body.time_spent_ms)
+        return record(p, body, lab, "skipped")
 
     @r.post("/items/release", tags=["review"])
     def release(body: ReleaseBody, p: Principal = who) -> dict[str, bool]:

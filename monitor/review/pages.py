@@ -403,6 +403,20 @@ def make_router(ctx: PageContext) -> APIRouter:
             return resp
         return review_page(request, session, 422, error=str(e), form=form)
 
+    def form_lease(
+        request: Request, episode_id: str, slot: str, fence: str, csrf: str
+    ) -> Response | tuple[Session, tuple[str, int, int]]:
+        """The signed-in session and the lease a review form names, or the response refusing it."""
+        session = ctx.current_session(request)
+        if session is None:
+            return redirect("/login")
+        if not csrf_ok(session, csrf):
+            return forbidden(request, session, "The form expired. Reload the page and try again.")
+        lease = lease_of(episode_id, slot, fence)
+        if lease is None:
+            return render(request, "error.html", 400, session, title="Bad request", message="Malformed form.")
+        return session, lease
+
     @router.post("/review/submit")
     def post_submit(
         request: Request,
@@ -416,14 +430,10 @@ def make_router(ctx: PageContext) -> APIRouter:
         preference: Annotated[str, Form()] = "",
         time_spent_ms: Annotated[str, Form()] = "",
     ) -> Response:
-        session = ctx.current_session(request)
-        if session is None:
-            return redirect("/login")
-        if not csrf_ok(session, csrf):
-            return forbidden(request, session, "The form expired. Reload the page and try again.")
-        lease = lease_of(episode_id, slot, fence)
-        if lease is None:
-            return render(request, "error.html", 400, session, title="Bad request", message="Malformed form.")
+        checked = form_lease(request, episode_id, slot, fence, csrf)
+        if isinstance(checked, Response):
+            return checked
+        session, lease = checked
         form = {"rating": rating, "flags": flags_, "critique": critique, "preference": preference}
         try:
             r: int | None = int(rating) if rating.strip() else None
@@ -453,14 +463,10 @@ def make_router(ctx: PageContext) -> APIRouter:
         skip_reason: Annotated[str, Form()] = "",
         time_spent_ms: Annotated[str, Form()] = "",
     ) -> Response:
-        session = ctx.current_session(request)
-        if session is None:
-            return redirect("/login")
-        if not csrf_ok(session, csrf):
-            return forbidden(request, session, "The form expired. Reload the page and try again.")
-        lease = lease_of(episode_id, slot, fence)
-        if lease is None:
-            return render(request, "error.html", 400, session, title="Bad request", message="Malformed form.")
+        checked = form_lease(request, episode_id, slot, fence, csrf)
+        if isinstance(checked, Response):
+            return checked
+        session, lease = checked
         label = q.LabelIn(skipped=True, skip_reason=skip_reason.strip(), time_spent_ms=spent(time_spent_ms))
         try:
             q.submit(store, session.user, *lease, label, flags)
