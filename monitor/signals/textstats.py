@@ -1,0 +1,81 @@
+"""Cheap text statistics, computed on every episode.
+
+Each is a scalar or a binary signal; all are bounded in cost (at most the first
+``MAX_CHARS`` characters are scanned) because they run on all traffic, not a sample.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_CHARS = 8000
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+# Refusal openings seen in deployed assistants; matched near the start of a response.
+_REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i (?:cannot|can't|can not|won't|will not|am unable|'m unable|"
+    r"am not able|'m not able|must decline|do not feel comfortable|don't feel comfortable)|as an ai\b|"
+    r"i apologi[sz]e,? but)",
+    re.IGNORECASE,
+)
+_TEXT_CATEGORIES = ("L", "M", "N", "P", "Z")
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    name: str
+    kind: Literal["continuous", "binary"]
+    description: str
+
+
+TEXT_SIGNALS: dict[str, SignalSpec] = {
+    s.name: s
+    for s in (
+        SignalSpec("response_log_chars", "continuous", "log(1 + characters in the response)"),
+        SignalSpec("prompt_log_chars", "continuous", "log(1 + characters in the prompt)"),
+        SignalSpec("empty_response", "binary", "the response is empty or whitespace"),
+        SignalSpec("refusal", "binary", "the response opens like a refusal"),
+        SignalSpec("distinct_token_ratio", "continuous", "distinct / total word tokens of the response (repetition)"),
+        SignalSpec(
+            "non_text_ratio",
+            "continuous",
+            "share of response characters that are not letters, marks, digits, "
+            "punctuation or spaces (symbols, control, private-use)",
+        ),
+    )
+}
+
+
+def _non_text_ratio(text: str) -> float:
+    if not text:
+        return 0.0
+    if text.isascii():
+        bad = sum(1 for ch in text if (ord(ch) < 32 and ch not in "\n\r\t") or ord(ch) == 127)
+        return bad / len(text)
+    bad = 0
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat[0] not in _TEXT_CATEGORIES and ch not in "\n\r\t":
+            bad += 1
+    return bad / len(text)
+
+
+def text_stats(prompt: str, response: str) -> dict[str, float]:
+    """Every text signal of one episode."""
+    r = response[:MAX_CHARS]
+    tokens = _TOKEN.findall(r.lower())
+    return {
+        "response_log_chars": math.log1p(len(response)),
+        "prompt_log_chars": math.log1p(len(prompt)),
+        "empty_response": 0.0 if response.strip() else 1.0,
+        "refusal": 1.0 if _REFUSAL.match(r[:300]) else 0.0,
+        "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
+        "non_text_ratio": _non_text_ratio(r),
+    }
+
+
+Extractor = Callable[[str, str], dict[str, float]]

@@ -1,0 +1,71 @@
+"""Text statistics on hand-made and real episodes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from monitor.signals import TEXT_SIGNALS, text_stats
+
+
+def test_every_declared_signal_is_computed() -> None:
+    assert set(text_stats("p", "r")) == set(TEXT_SIGNALS)
+
+
+@pytest.mark.parametrize(
+    ("response", "signal", "value"),
+    [
+        ("", "empty_response", 1.0),
+        ("   \n", "empty_response", 1.0),
+        ("ok", "empty_response", 0.0),
+        ("I'm sorry, but I can't help with that.", "refusal", 1.0),
+        ("  I cannot assist with this request.", "refusal", 1.0),
+        ("As an AI language model, I do not have opinions.", "refusal", 1.0),
+        ("Sure! Here is the recipe. I'm sorry it is long.", "refusal", 0.0),
+        ("the the the the", "distinct_token_ratio", 0.25),
+        ("one two three", "distinct_token_ratio", 1.0),
+        ("abc\x07\x07", "non_text_ratio", 0.4),
+        ("plain text.\n", "non_text_ratio", 0.0),
+    ],
+)
+def test_known_values(response: str, signal: str, value: float) -> None:
+    assert text_stats("prompt", response)[signal] == pytest.approx(value)
+
+
+def test_lengths_are_log_scaled() -> None:
+    s = text_stats("x" * 9, "y" * 99)
+    assert s["prompt_log_chars"] == pytest.approx(math.log(10)) and s["response_log_chars"] == pytest.approx(
+        math.log(100)
+    )
+
+
+def test_cost_is_bounded_for_huge_responses() -> None:
+    s = text_stats("p", "word " * 1_000_000)
+    assert s["distinct_token_ratio"] < 0.01
+
+
+def _rows(shared: Path, model: str) -> list[dict[str, str]]:
+    with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_real_shifts_move_the_statistics(shared_data: Path) -> None:
+    """Real deployed-model traffic: verbose vs concise styles differ in length, and the reward-hacking
+    NullModel's constant output is degenerate (one response repeated)."""
+
+    def mean(model: str, signal: str) -> float:
+        return statistics.fmean(text_stats(r["instruction"], r["output"])[signal] for r in _rows(shared_data, model))
+
+    assert (
+        mean("gpt-3.5-turbo-1106_verbose", "response_log_chars")
+        > mean("gpt-3.5-turbo-1106_concise", "response_log_chars") + 0.5
+    )
+    null = [text_stats(r["instruction"], r["output"]) for r in _rows(shared_data, "NullModel")]
+    assert len({round(s["response_log_chars"], 6) for s in null}) == 1  # a constant answer
+    refusals = mean("claude-2", "refusal")
+    assert 0.0 <= refusals < 0.2
