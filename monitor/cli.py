@@ -97,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.set_defaults(func=cmd_users)
 
+    p = sub.add_parser("drift", help="drift events and re-referencing")
+    dsub = p.add_subparsers(dest="drift_command", metavar="ACTION", required=True)
+    q = dsub.add_parser("events", help="list recent drift events as JSON lines")
+    _common(q)
+    q.add_argument("--stream")
+    q.add_argument("--limit", type=int, default=50)
+    q.set_defaults(func=cmd_drift)
+    q = dsub.add_parser(
+        "rereference", help="acknowledge a change (e.g. a new policy version): the stream's detectors warm up again"
+    )
+    _common(q)
+    q.add_argument("--stream", required=True)
+    q.add_argument("--signal", help="only this signal (default: all)")
+    q.add_argument("--reason", required=True)
+    q.add_argument("--actor", default="cli")
+    q.set_defaults(func=cmd_drift)
+
     p = sub.add_parser("db", help="database migrations")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     for name, helptext in (("upgrade", "apply all migrations"), ("current", "print the current revision")):
@@ -321,6 +338,32 @@ def cmd_users(args: argparse.Namespace) -> int:
         print(f"added {args.role} {args.name}")
         if generated:
             print(f"password (shown once): {password}")
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from monitor.drift import request_rereference
+    from monitor.store import Store
+    from monitor.store import tables as t
+
+    settings = _settings(args)
+    store = Store(settings.database.url, migrate=settings.database.migrate)
+    try:
+        if args.drift_command == "rereference":
+            rid = request_rereference(store, args.stream, args.signal, args.reason, args.actor)
+            print(json.dumps({"request": rid, "stream": args.stream, "signal": args.signal, "status": "pending"}))
+            return 0
+        e = t.drift_events
+        q = sa.select(e).order_by(e.c.id.desc()).limit(max(1, min(args.limit, 10_000)))
+        if args.stream:
+            q = q.where(e.c.stream == args.stream)
+        with store.engine.connect() as conn:
+            for row in conn.execute(q):
+                print(json.dumps(dict(row._mapping), ensure_ascii=True, sort_keys=True))
         return 0
     finally:
         store.close()

@@ -94,6 +94,7 @@ class KafkaConfig(_Model):
     topic: str = "oversight.episodes"
     group_id: str = "oversight-monitor"
     dlq_topic: str | None = Field(None, description="default: <topic>.dlq")
+    drift_topic: str = Field("oversight.drift", description="drift events are published here")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
@@ -161,6 +162,30 @@ class ReviewConfig(_Model):
         return v
 
 
+def _default_drift_signals() -> dict[str, list[str]]:
+    return {
+        "response_log_chars": ["adwin"],
+        "prompt_log_chars": ["adwin"],
+        "distinct_token_ratio": ["adwin"],
+        "non_text_ratio": ["adwin"],
+        "empty_response": ["fet"],
+        "refusal": ["fet"],
+    }
+
+
+class DriftConfig(_Model):
+    enabled: bool = True
+    ert: float = Field(2000.0, gt=10, description="expected run time: mean episodes between false alarms")
+    reference_size: int = Field(500, ge=20, description="warm-up episodes per stream and signal")
+    cooldown: int = Field(300, ge=0, description="updates after an event during which that signal stays quiet")
+    boost_factor: float = Field(5.0, ge=1.0, description="human and rm rate multiplier after a drift event")
+    boost_duration_s: float = Field(3600.0, gt=0, description="event-time seconds the boost lasts")
+    signals: dict[str, list[str]] = Field(
+        default_factory=_default_drift_signals, description="signal -> detector names watching it"
+    )
+    rereference_poll_s: float = Field(5.0, gt=0)
+
+
 class MetricsConfig(_Model):
     max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
 
@@ -195,6 +220,7 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
     review: ReviewConfig = ReviewConfig()
+    drift: DriftConfig = DriftConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -95,6 +95,34 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        self.drift_events = Counter(
+            "drift_events",
+            "Drift events, by stream, signal and detector",
+            ["stream", "signal", "detector"],
+            namespace=NS,
+            registry=r,
+        )
+        self.drift_statistic = Gauge(
+            "drift_statistic",
+            "Current test statistic of each drift detector",
+            ["stream", "signal", "detector"],
+            namespace=NS,
+            registry=r,
+        )
+        self.drift_threshold = Gauge(
+            "drift_threshold",
+            "Current threshold of each drift detector",
+            ["stream", "signal", "detector"],
+            namespace=NS,
+            registry=r,
+        )
+        self.detector_errors = Counter(
+            "drift_detector_errors",
+            "Detectors disabled after an error, by detector",
+            ["detector"],
+            namespace=NS,
+            registry=r,
+        )
         self.ready = Gauge("ready", "1 when the source and database are reachable", namespace=NS, registry=r)
 
     def stream_label(self, stream: str | None) -> str:

@@ -15,7 +15,7 @@ import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 
@@ -27,6 +27,9 @@ from monitor.sources.base import Record, Source
 from monitor.store import BatchWrite, StaleOffsets, Store
 from monitor.store.store import BUCKET_S
 from sampling import CHANNELS, Decision, Sampler, StreamSamplingState, keyed_uniform
+
+if TYPE_CHECKING:
+    from monitor.drift import DriftMonitor
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class RunStats:
     streams: dict[str, StreamStats] = field(default_factory=dict)
     batches: int = 0
     stale_batches: int = 0
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_sampler(settings: Settings, store: Store) -> Sampler:
@@ -105,6 +109,19 @@ class Pipeline:
         self.metrics = metrics
         self.sampler = sampler if sampler is not None else make_sampler(settings, store)
         self.observers = list(observers)
+        self.drift: DriftMonitor | None = None
+        self.drift_publisher: Any = None  # a DriftPublisher in Kafka mode
+        if settings.drift.enabled:
+            from monitor.drift import DriftMonitor
+
+            self.drift = DriftMonitor(
+                settings.drift,
+                store,
+                settings.sampling_key(),
+                metrics,
+                lambda stream, factor, duration, reason: self.sampler.boost(stream, factor, duration, reason=reason),
+            )
+            self.observers.append(self.drift)
         self.clock = clock
         self.stats = RunStats()
         self.stop_event = threading.Event()
@@ -129,6 +146,8 @@ class Pipeline:
         # Streams on the revoked partitions now belong to another replica;
         # whatever we still own is reloaded from the checkpoint on next use.
         self.sampler.forget()
+        if self.drift is not None:
+            self.drift.forget()
 
     # -- control -------------------------------------------------------------
     def boost(
@@ -159,6 +178,8 @@ class Pipeline:
                 elif self.source.exhausted:
                     break
                 self._maybe_update_lag()
+                if self.drift is not None:
+                    self.drift.poll_rereference()
         finally:
             self.close()
         return self.stats
@@ -170,6 +191,8 @@ class Pipeline:
                 self.source.close()
             finally:
                 self.dead_letters.close()
+                if self.drift_publisher is not None:
+                    self.drift_publisher.close()
 
     # -- the batch -------------------------------------------------------------
     def process_batch(self, records: list[Record], stop: threading.Event | None = None) -> bool:
@@ -195,7 +218,6 @@ class Pipeline:
         sampled_tally: TallyCounter[tuple[str, str]] = TallyCounter()
         next_offsets: dict[int, int] = {}
         observers = self.observers
-        pending: list[tuple[Episode, Decision, int]] = []
 
         traffic = batch.traffic
         streams = stats.streams
@@ -270,15 +292,14 @@ class Pipeline:
                     sampled_tally[(stream, ch)] += 1
             else:
                 outcomes[(stream, "not_sampled")] += 1
-            if observers:
-                pending.append((ep, d, idx))
+            # Inline, not after the batch: a drift event's boost must apply from the very
+            # next episode, whatever the batch boundaries (replays stay deterministic).
+            for obs in observers:
+                obs.observe(ep, d, idx)
 
         self._index = idx + 1
         stats.records += len(records)
         streams_seen = set(last_probs)
-        for ep, d, idx in pending:
-            for obs in observers:
-                obs.observe(ep, d, idx)
 
         for p, nxt in next_offsets.items():
             batch.offsets[(source_name, p)] = (self._expected.get(p), nxt)
@@ -286,12 +307,20 @@ class Pipeline:
             batch.states[(stream, SAMPLING_COMPONENT)] = snap
         for obs in observers:
             batch.states.update(obs.checkpoint())
+        if self.drift is not None:
+            batch.drift_events = self.drift.take_events()
+            batch.audit_applied = self.drift.take_applied()
 
         if not self._commit(batch, letters, stop):
             return False
         for p, nxt in next_offsets.items():
             self._expected[p] = nxt
         self.source.commit(next_offsets)
+        if batch.drift_events and self.drift_publisher is not None:
+            try:
+                self.drift_publisher.publish_pending()
+            except Exception as e:  # the outbox keeps them; the next event or restart retries
+                log.warning("publishing drift events failed (kept for retry): %s", e)
 
         # Bookkeeping after the commit, so stats and metrics count committed work.
         done = time.time()
@@ -321,6 +350,19 @@ class Pipeline:
                 m.boost_factor.labels(label, ch).set(sampler.boost_factor(stream, ch))
         for rec in records:
             m.latency.observe(done - rec.received_at)
+        for ev in batch.drift_events:
+            stats.drift_events.append(
+                {
+                    "index": ev["input_index"],
+                    "episode_id": ev["episode_id"],
+                    "stream": ev["stream"],
+                    "signal": ev["signal"],
+                    "detector": ev["detector"],
+                    "statistic": ev["statistic"],
+                    "threshold": ev["threshold"],
+                }
+            )
+            m.drift_events.labels(m.stream_label(ev["stream"]), ev["signal"], ev["detector"]).inc()
         m.batches.inc()
         m.last_checkpoint.set(done)
         m.batch_seconds.observe(time.perf_counter() - t0)
@@ -359,6 +401,8 @@ class Pipeline:
             self.metrics.stale_batches.inc()
             self.stats.stale_batches += 1
             self.sampler.forget()
+            if self.drift is not None:
+                self.drift.forget()
             self.source.rewind()
             return False
         return True
@@ -459,7 +503,7 @@ class Pipeline:
             "invalid": s.invalid,
             "sampled": dict(s.sampled),
             "dead_letters": dict(sorted(s.dead_letters.items())),
-            "drift_events": list(drift_events or []),
+            "drift_events": list(drift_events if drift_events is not None else s.drift_events),
             "streams": {name: st.to_dict() for name, st in sorted(s.streams.items())},
         }
 

@@ -42,10 +42,10 @@ def sample(eid: str, channel: str, p: float, stream: str = "s", ts: float = 120.
 
 def test_migrations_are_idempotent(db_url: str) -> None:
     s = Store(db_url)
-    assert s.revision() == "0002"
+    assert s.revision() == "0003"
     s.migrate()
     Store(db_url).close()
-    assert s.revision() == "0002"
+    assert s.revision() == "0003"
     insp = sa.inspect(s.engine)
     assert {"episodes", "samples", "traffic", "offsets", "stream_state", "review_tasks", "labels", "users"} <= set(
         insp.get_table_names()

@@ -51,6 +51,8 @@ class BatchWrite:
     offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
     states: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     tasks: list[dict[str, Any]] = field(default_factory=list)
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
+    audit_applied: list[int] = field(default_factory=list)
 
 
 class Store:
@@ -111,6 +113,12 @@ class Store:
                 conn.execute(self._insert(t.samples).on_conflict_do_nothing(), batch.samples)
             if batch.tasks:
                 conn.execute(self._insert(t.review_tasks).on_conflict_do_nothing(), batch.tasks)
+            if batch.drift_events:
+                conn.execute(self._insert(t.drift_events).on_conflict_do_nothing(), batch.drift_events)
+            if batch.audit_applied:
+                conn.execute(
+                    t.drift_audit.update().where(t.drift_audit.c.id.in_(batch.audit_applied)).values(applied_at=now)
+                )
             if batch.traffic:
                 ins = self._insert(t.traffic)
                 stmt = ins.on_conflict_do_update(

@@ -156,3 +156,38 @@ labels = sa.Table(
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
     sa.Index("ix_labels_stream_created", "stream", "created_at"),
 )
+
+# -- drift detection (migration 0003) -----------------------------------------
+
+drift_events = sa.Table(
+    "drift_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("signal", sa.String(64), nullable=False),
+    sa.Column("detector", sa.String(32), nullable=False),
+    sa.Column("statistic", sa.Float),
+    sa.Column("threshold", sa.Float),
+    sa.Column("p_val", sa.Float),
+    sa.Column("episode_id", sa.String(128), nullable=False),
+    sa.Column("input_index", sa.BigInteger, nullable=False),
+    sa.Column("event_ts", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("published_at", sa.Float),
+    sa.UniqueConstraint("stream", "signal", "episode_id", name="uq_drift_events_stream_signal_episode"),
+    sa.Index("ix_drift_events_stream_created", "stream", "created_at"),
+)
+
+# Re-reference requests and what became of them: the audit trail of acknowledged changes.
+drift_audit = sa.Table(
+    "drift_audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("signal", sa.String(64)),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("applied_at", sa.Float),
+)

@@ -1,0 +1,337 @@
+"""Drift monitoring inside the pipeline: signals -> per-stream detectors -> drift events.
+
+For every stream and every configured (signal, detector):
+
+1. *Warm-up*: the first ``drift.reference_size`` values form the reference
+   (the stream as it was when monitoring started, or after a re-reference).
+2. *Watching*: each value updates the detectors, which are calibrated to the
+   configured ERT (mean episodes between false alarms).
+3. *Event*: when any detector of a signal fires, one drift event is recorded
+   for that signal (the first detector that fired names it), every detector
+   of the signal is reset and the signal stays quiet for ``drift.cooldown``
+   updates: one change gives one event per signal, not a burst. The stream's
+   human and rm sampling rates are boosted at once (the next episode already
+   sees the higher rates, whatever the batch boundaries).
+
+Detector state is checkpointed with the offsets (component ``drift``), as
+pickles signed with HMAC-SHA256 under the sampling key: a database write
+alone cannot make the monitor unpickle attacker-chosen bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.config import DriftConfig
+from monitor.episodes import Episode
+from monitor.metrics import Metrics
+from monitor.signals import TEXT_SIGNALS, text_stats
+from monitor.store import Store
+from monitor.store import tables as t
+from sampling import Decision
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "drift"
+STATE_VERSION = 1
+
+Boost = Callable[[str, float, float, str], None]
+
+
+@dataclass
+class SignalState:
+    ref: list[float] | None = field(default_factory=list)  # None once the detectors are built
+    detectors: dict[str, Any] = field(default_factory=dict)  # name -> Detector (None: failed, disabled)
+    cooldown: int = 0
+    n: int = 0
+
+
+@dataclass
+class StreamDrift:
+    signals: dict[str, SignalState] = field(default_factory=dict)
+
+
+class DriftMonitor:
+    """An :class:`monitor.pipeline.EpisodeObserver` that runs drift detection per stream."""
+
+    def __init__(self, cfg: DriftConfig, store: Store, key: bytes, metrics: Metrics, boost: Boost):
+        unknown = set(cfg.signals) - set(TEXT_SIGNALS)
+        if unknown:
+            from monitor.config import ConfigError
+
+            raise ConfigError(f"drift.signals: unknown signals {sorted(unknown)}; known: {sorted(TEXT_SIGNALS)}")
+        self.cfg = cfg
+        self._store = store
+        self._key = key
+        self._metrics = metrics
+        self._boost = boost
+        self._streams: dict[str, StreamDrift] = {}
+        self._dirty: set[str] = set()
+        self._events: list[dict[str, Any]] = []
+        self._applied: list[int] = []
+        self._last_poll = 0.0
+
+    # -- observer protocol ------------------------------------------------------
+    def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        stream = episode.stream
+        sd = self._streams.get(stream)
+        if sd is None:
+            sd = self._load(stream)
+        self._dirty.add(stream)
+        values = text_stats(episode.prompt, episode.response)
+        fired: list[tuple[str, str, dict[str, Any]]] = []
+        for signal, names in self.cfg.signals.items():
+            st = sd.signals.setdefault(signal, SignalState())
+            x = values[signal]
+            st.n += 1
+            if st.ref is not None:
+                st.ref.append(x)
+                if len(st.ref) >= self.cfg.reference_size:
+                    self._arm(stream, signal, st, names)
+                continue
+            hit = None
+            for name in names:
+                det = st.detectors.get(name)
+                if det is None:
+                    continue
+                try:
+                    det.update(x)
+                    if det.drift_detected and hit is None:
+                        hit = (name, det.result())
+                except Exception as e:  # a detector must never stop ingest
+                    log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
+                    self._metrics.detector_errors.labels(name).inc()
+                    st.detectors[name] = None
+            if st.cooldown > 0:
+                st.cooldown -= 1
+                continue
+            if hit is not None:
+                fired.append((signal, hit[0], hit[1]))
+                for det in st.detectors.values():
+                    if det is not None:
+                        det.reset()
+                st.cooldown = self.cfg.cooldown
+        for signal, name, res in fired:
+            data = res["data"]
+            self._events.append(
+                {
+                    "stream": stream,
+                    "signal": signal,
+                    "detector": name,
+                    "statistic": _num(data.get("distance")),
+                    "threshold": _num(data.get("threshold")),
+                    "p_val": _num(data.get("p_val")),
+                    "episode_id": episode.episode_id,
+                    "input_index": index,
+                    "event_ts": episode.timestamp,
+                    "created_at": time.time(),
+                }
+            )
+        if fired:
+            self._boost(stream, self.cfg.boost_factor, self.cfg.boost_duration_s, f"drift:{fired[0][0]}")
+
+    def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        out = {(s, COMPONENT): self._snapshot(self._streams[s]) for s in self._dirty if s in self._streams}
+        self._dirty.clear()
+        self._publish_gauges(out)
+        return out
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def take_applied(self) -> list[int]:
+        applied, self._applied = self._applied, []
+        return applied
+
+    def forget(self) -> None:
+        """After a rebalance: reload state from the checkpoint on next use."""
+        self._streams.clear()
+        self._dirty.clear()
+        self._events.clear()
+        self._applied.clear()
+
+    # -- arming, state ------------------------------------------------------------
+    def _arm(self, stream: str, signal: str, st: SignalState, names: list[str]) -> None:
+        import numpy as np
+
+        import detectors
+
+        ref = np.asarray(st.ref, dtype=float)
+        for name in names:
+            try:
+                st.detectors[name] = detectors.make(name, ert=self.cfg.ert, x_ref=ref)
+            except Exception as e:
+                log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, e)
+                self._metrics.detector_errors.labels(name).inc()
+                st.detectors[name] = None
+        st.ref = None
+
+    def _sign(self, data: bytes) -> str:
+        mac = hmac.new(self._key, data, hashlib.sha256).digest()
+        return base64.b64encode(mac + data).decode("ascii")
+
+    def _unsign(self, text: str) -> bytes | None:
+        raw = base64.b64decode(text)
+        mac, data = raw[:32], raw[32:]
+        if not hmac.compare_digest(mac, hmac.new(self._key, data, hashlib.sha256).digest()):
+            return None
+        return data
+
+    def _snapshot(self, sd: StreamDrift) -> dict[str, Any]:
+        signals = {}
+        for signal, st in sd.signals.items():
+            dets = {}
+            for name, det in st.detectors.items():
+                dets[name] = None if det is None else self._sign(det.snapshot())
+            signals[signal] = {"ref": st.ref, "cooldown": st.cooldown, "n": st.n, "detectors": dets}
+        return {"version": STATE_VERSION, "signals": signals}
+
+    def _load(self, stream: str) -> StreamDrift:
+        sd = StreamDrift()
+        snap = self._store.load_state(stream, COMPONENT)
+        if snap is not None and snap.get("version") == STATE_VERSION:
+            import detectors
+
+            for signal, s in snap.get("signals", {}).items():
+                if signal not in self.cfg.signals:
+                    continue
+                st = SignalState(ref=s.get("ref"), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
+                for name, blob in (s.get("detectors") or {}).items():
+                    data = None if blob is None else self._unsign(blob)
+                    if blob is not None and data is None:
+                        log.error("drift state of %s/%s fails its signature: warming up again", stream, signal)
+                        st = SignalState()
+                        break
+                    st.detectors[name] = None if data is None else detectors.restore(data)
+                sd.signals[signal] = st
+        self._streams[stream] = sd
+        self._apply_rereference(stream)
+        return sd
+
+    # -- re-reference -------------------------------------------------------------
+    def poll_rereference(self) -> None:
+        """Apply pending re-reference requests for streams this replica holds (every few seconds)."""
+        now = time.monotonic()
+        if now - self._last_poll < self.cfg.rereference_poll_s:
+            return
+        self._last_poll = now
+        for stream in list(self._streams):
+            self._apply_rereference(stream)
+
+    def _apply_rereference(self, stream: str) -> None:
+        a = t.drift_audit
+        q = sa.select(a.c.id, a.c.signal).where(
+            a.c.stream == stream, a.c.action == "rereference", a.c.applied_at.is_(None)
+        )
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        for row in rows:
+            sd = self._streams[stream]
+            for signal in list(sd.signals):
+                if row.signal is None or row.signal == signal:
+                    sd.signals[signal] = SignalState()
+            self._dirty.add(stream)
+            self._applied.append(int(row.id))
+            log.info("re-referencing %s (%s)", stream, row.signal or "all signals")
+
+    def _publish_gauges(self, snaps: Mapping[tuple[str, str], dict[str, Any]]) -> None:
+        m = self._metrics
+        for stream, _ in snaps:
+            label = m.stream_label(stream)
+            for signal, st in self._streams[stream].signals.items():
+                for name, det in st.detectors.items():
+                    if det is None:
+                        continue
+                    data = det.result()["data"]
+                    if data.get("distance") is not None:
+                        m.drift_statistic.labels(label, signal, name).set(float(data["distance"]))
+                    if data.get("threshold") is not None:
+                        m.drift_threshold.labels(label, signal, name).set(float(data["threshold"]))
+
+
+def request_rereference(store: Store, stream: str, signal: str | None, reason: str, actor: str) -> int:
+    """Record an acknowledged change (e.g. a new policy version): the stream's detectors warm up again."""
+    with store.engine.begin() as conn:
+        return int(
+            conn.execute(
+                t.drift_audit.insert()
+                .values(
+                    stream=stream,
+                    signal=signal,
+                    action="rereference",
+                    reason=reason[:500],
+                    actor=actor[:64],
+                    created_at=time.time(),
+                )
+                .returning(t.drift_audit.c.id)
+            ).scalar_one()
+        )
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class DriftPublisher:
+    """Publishes drift events to Kafka from the ``drift_events`` table (an outbox).
+
+    Events are committed with the batch first; publishing follows and marks them.
+    A crash in between publishes them again on the next run (at-least-once; each
+    message carries the event id as its idempotency key).
+    """
+
+    def __init__(self, cfg: Any, store: Store):
+        from kafka import KafkaProducer
+
+        from monitor.sources.kafka import client_security
+
+        self.topic = cfg.drift_topic
+        self._store = store
+        self._producer = KafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, acks="all", retries=5, **client_security(cfg)
+        )
+
+    def publish_pending(self, limit: int = 500) -> int:
+        import json
+
+        e = t.drift_events
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(e).where(e.c.published_at.is_(None)).order_by(e.c.id).limit(limit)).all()
+        if not rows:
+            return 0
+        futures = []
+        for row in rows:
+            event = dict(row._mapping)
+            event.pop("published_at", None)
+            futures.append(
+                self._producer.send(
+                    self.topic,
+                    key=str(event["stream"]).encode(),
+                    value=json.dumps(event, ensure_ascii=True, sort_keys=True).encode(),
+                    headers=[("oversight.idempotency_key", f"drift-event-{event['id']}".encode())],
+                )
+            )
+        self._producer.flush(timeout=30)
+        for f in futures:
+            f.get(timeout=30)
+        with self._store.engine.begin() as conn:
+            conn.execute(e.update().where(e.c.id.in_([r.id for r in rows])).values(published_at=time.time()))
+        return len(rows)
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)

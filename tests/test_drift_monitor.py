@@ -1,0 +1,167 @@
+"""Drift detection inside the pipeline, on real traffic: a policy swap fires one event per signal,
+boosts review sampling at once, survives a restart, and can be re-referenced."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Settings, load_settings
+from monitor.deadletter import JsonlDeadLetterSink
+from monitor.drift import COMPONENT, request_rereference
+from monitor.metrics import Metrics
+from monitor.pipeline import Pipeline
+from monitor.sources.memory import MemorySource
+from monitor.store import Store
+
+T0 = 1_767_225_600
+
+
+def swap_stream(shared: Path, n_before: int = 600, n_after: int = 400) -> list[bytes]:
+    """gpt-3.5-turbo-1106 answers, then alpaca-7b answers (a real policy swap; same prompts)."""
+    out = []
+
+    def rows(model: str) -> list[dict[str, Any]]:
+        with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
+            return [json.loads(line) for line in fh]
+
+    gpt, alpaca = rows("gpt-3.5-turbo-1106"), rows("alpaca-7b")
+    for i in range(n_before + n_after):
+        src = gpt[i % 805] if i < n_before else alpaca[i % 805]
+        out.append(
+            json.dumps(
+                {
+                    "episode_id": f"e{i}",
+                    "stream": "chat",
+                    "model": "policy",
+                    "timestamp": T0 + i,
+                    "prompt": src["instruction"],
+                    "response": src["output"],
+                }
+            ).encode()
+        )
+    return out
+
+
+def settings(db: str, tmp: Path, *extra: str) -> Settings:
+    return load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url={db}",
+            f"dead_letter.path={tmp / 'd.jsonl'}",
+            "pipeline.batch_size=100",
+            "drift.reference_size=300",
+            "drift.ert=1000",
+            "drift.cooldown=200",
+            "drift.boost_factor=4",
+            "drift.boost_duration_s=100000",
+            "sampling.human.rate=0.05",
+            *extra,
+        ],
+    )
+
+
+def pipeline(s: Settings, values: list[bytes], store: Store | None = None) -> Pipeline:
+    store = store or Store(s.database.url)
+    return Pipeline(
+        s, store, MemorySource(values), JsonlDeadLetterSink(s.dead_letter.path, 1000), Metrics(CollectorRegistry())
+    )
+
+
+@pytest.fixture
+def values(shared_data: Path) -> list[bytes]:
+    return swap_stream(shared_data)
+
+
+def test_policy_swap_fires_once_per_signal_and_boosts(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:
+    p = pipeline(settings(sqlite_url, tmp_path), values)
+    stats = p.run()
+    events = stats.drift_events
+    assert events, "the policy swap was not detected"
+    first = min(e["index"] for e in events)
+    assert 600 <= first < 800, events  # after the change, within 200 episodes
+    signals = [e["signal"] for e in events]
+    assert len(signals) == len(set(signals)), f"a burst of events for one signal: {events}"
+    assert not [e for e in events if e["index"] < 600], "false alarm before the change"
+    # Boosted at once: episodes right after the event are sampled at 4x the human rate.
+    rows = p.store.sampled("chat", "human")
+    probs = {int(r["episode_id"][1:]): r["inclusion_probability"] for r in rows}
+    assert all(pr == pytest.approx(0.05) for i, pr in probs.items() if i <= first)
+    assert any(pr == pytest.approx(0.2) for i, pr in probs.items() if i > first)
+    # Persisted, with the metrics.
+    import sqlalchemy as sa
+
+    with p.store.engine.connect() as c:
+        n = c.execute(sa.text("SELECT COUNT(*) FROM drift_events")).scalar_one()
+    assert n == len(events)
+    got = p.metrics.registry.get_sample_value(
+        "oversight_drift_events_total",
+        {"stream": "chat", "signal": events[0]["signal"], "detector": events[0]["detector"]},
+    )
+    assert got and got >= 1
+
+
+def test_restart_mid_stream_fires_at_the_same_index(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:
+    whole = pipeline(settings(f"sqlite:///{tmp_path / 'a.db'}", tmp_path), values).run().drift_events
+    s = settings(f"sqlite:///{tmp_path / 'b.db'}", tmp_path)
+    store = Store(s.database.url)
+    first = pipeline(s, values, store)
+    first.open()
+    for _ in range(5):  # 500 episodes: past the warm-up, before the change
+        first.process_batch(first.source.poll(100, 0.0))
+    # A new process resumes from the checkpoint (offsets + sampling + detector state).
+    rest = pipeline(s, values, store).run().drift_events
+    assert [(e["index"], e["signal"], e["detector"]) for e in rest] == [
+        (e["index"], e["signal"], e["detector"]) for e in whole
+    ]
+
+
+def test_tampered_checkpoint_is_not_unpickled(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:
+    s = settings(sqlite_url, tmp_path)
+    store = Store(s.database.url)
+    p = pipeline(s, values[:500], store)
+    p.run()
+    snap = store.load_state("chat", COMPONENT)
+    assert snap is not None
+    blob = next(b for st in snap["signals"].values() for b in st["detectors"].values() if b)
+    import base64
+
+    raw = bytearray(base64.b64decode(blob))
+    raw[40] ^= 0xFF  # flip a byte of the pickle, keep the old signature
+    for st in snap["signals"].values():
+        for name in st["detectors"]:
+            st["detectors"][name] = base64.b64encode(bytes(raw)).decode()
+    from monitor.store import BatchWrite
+
+    store.commit_batch(BatchWrite(states={("chat", COMPONENT): snap}))
+    again = pipeline(s, values, store)
+    again.open()
+    again.process_batch(again.source.poll(10, 0.0))
+    assert again.drift is not None
+    st = again.drift._streams["chat"].signals["response_log_chars"]
+    assert st.ref is not None and st.detectors == {}  # warming up again, nothing unpickled
+
+
+def test_rereference_is_applied_and_audited(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:
+    s = settings(sqlite_url, tmp_path)
+    store = Store(s.database.url)
+    p = pipeline(s, values[:500], store)
+    p.run()
+    rid = request_rereference(store, "chat", None, "new policy version acknowledged", "alice")
+    p2 = pipeline(s, values[:600], store)
+    p2.run()
+    import sqlalchemy as sa
+
+    with store.engine.connect() as c:
+        row = c.execute(sa.text("SELECT applied_at, reason, actor FROM drift_audit WHERE id = :i"), {"i": rid}).one()
+    assert row[0] is not None and row[1] == "new policy version acknowledged" and row[2] == "alice"
+    snap = store.load_state("chat", COMPONENT)
+    assert snap is not None
+    # 100 episodes since the re-reference: every signal is warming up again with them.
+    assert all(st["ref"] is not None and len(st["ref"]) == 100 for st in snap["signals"].values())
