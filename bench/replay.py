@@ -50,6 +50,12 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50_000)
     ap.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--drift",
+        action="store_true",
+        help="with drift detection (text statistics on every episode, embeddings on the drift channel); "
+        "default: the streaming core only (validate, sample, store)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "in.jsonl"
@@ -65,6 +71,7 @@ def main() -> None:
                     f"source.path={data}",
                     f"database.url={db}",
                     f"dead_letter.path={tmp}/dlq.jsonl",
+                    f"drift.enabled={'true' if args.drift else 'false'}",
                 ],
             )
             t0 = time.perf_counter()
@@ -80,6 +87,7 @@ def main() -> None:
             json.dumps(
                 {
                     "bench": "replay",
+                    "drift": args.drift,
                     "episodes": args.episodes,
                     "db": "sqlite" if args.db is None else args.db.split(":")[0],
                     "episodes_per_s_best": round(max(rates)),

@@ -9,6 +9,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["replay.py"],
+    ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
+    ["drift.py"],
     ["kafka_ingest.py"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["review_api.py"],

@@ -1,1 +1,88 @@
-"""Online drift detectors (the detector contract and its implementations)."""
+"""Online drift detectors: the detector contract and its implementations.
+
+``import detectors`` loads only the standard library: the implementations (numpy, river,
+alibi-detect, torch) are imported when a detector is made, so the CLI starts fast.
+
+>>> import detectors
+>>> det = detectors.make("page_hinkley", ert=1000, x_ref=reference)  # doctest: +SKIP
+>>> det.update(0.3); det.drift_detected  # doctest: +SKIP
+
+See ``detectors/README.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from detectors.base import Detector, Result, SnapshotError, load_snapshot
+
+if TYPE_CHECKING:
+    from detectors.alibi_detectors import CVMDetector, FETDetector, LSDDDetector, MMDDetector
+    from detectors.river_detectors import ADWINDetector, KSWINDetector, PageHinkleyDetector
+
+__all__ = [
+    "NAMES",
+    "ADWINDetector",
+    "CVMDetector",
+    "Detector",
+    "FETDetector",
+    "KSWINDetector",
+    "LSDDDetector",
+    "MMDDetector",
+    "PageHinkleyDetector",
+    "Result",
+    "SnapshotError",
+    "detector_class",
+    "make",
+    "restore",
+]
+
+# name -> (module, class)
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "adwin": ("detectors.river_detectors", "ADWINDetector"),
+    "kswin": ("detectors.river_detectors", "KSWINDetector"),
+    "page_hinkley": ("detectors.river_detectors", "PageHinkleyDetector"),
+    "cvm": ("detectors.alibi_detectors", "CVMDetector"),
+    "fet": ("detectors.alibi_detectors", "FETDetector"),
+    "mmd": ("detectors.alibi_detectors", "MMDDetector"),
+    "lsdd": ("detectors.alibi_detectors", "LSDDDetector"),
+}
+
+#: Every detector name :func:`make` knows.
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+_CLASSES = {cls: mod for mod, cls in _REGISTRY.values()}
+
+
+def detector_class(name: str) -> type[Detector]:
+    """The class registered under ``name`` (imports its module)."""
+    try:
+        module, cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(NAMES)}") from None
+    out: type[Detector] = getattr(importlib.import_module(module), cls)
+    return out
+
+
+def make(name: str, *, ert: float, x_ref: Any = None, **params: Any) -> Detector:
+    """Build the detector ``name`` for a target ERT (mean updates between false alarms).
+
+    ``x_ref``: reference data (a 1-D array for the univariate detectors, 0/1 for ``fet``, an
+    ``(n, d)`` array for ``mmd``/``lsdd``); required except for the river detectors, which then
+    assume standardised inputs. ``params``: the detector's other constructor arguments.
+    """
+    cls: Any = detector_class(name)  # the concrete classes take ert and x_ref
+    det: Detector = cls(ert=ert, x_ref=x_ref, **params)
+    return det
+
+
+def restore(data: bytes) -> Detector:
+    """A detector from :meth:`Detector.snapshot` bytes. Authenticate the bytes first: it unpickles."""
+    return load_snapshot(data)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module 'detectors' has no attribute {name!r}")

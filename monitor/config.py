@@ -162,6 +162,18 @@ class ReviewConfig(_Model):
         return v
 
 
+class EmbeddingDriftConfig(_Model):
+    """Prompt+response embeddings (all-MiniLM-L6-v2) of the ``drift`` sampling channel."""
+
+    enabled: bool = True
+    detectors: list[str] = Field(default_factory=lambda: ["mmd"])
+    reference_size: int = Field(200, ge=20, description="drift-sampled episodes per stream in the reference")
+    max_length: int = Field(128, ge=16, le=512, description="tokens per text (CPU cost grows with it)")
+    model_dir: str | None = Field(
+        None, description="a local transformers encoder directory; default: the bundled MiniLM"
+    )
+
+
 def _default_drift_signals() -> dict[str, list[str]]:
     return {
         "response_log_chars": ["adwin"],
@@ -177,13 +189,18 @@ class DriftConfig(_Model):
     enabled: bool = True
     ert: float = Field(2000.0, gt=10, description="expected run time: mean episodes between false alarms")
     reference_size: int = Field(500, ge=20, description="warm-up episodes per stream and signal")
-    cooldown: int = Field(300, ge=0, description="updates after an event during which that signal stays quiet")
+    cooldown: int = Field(
+        0,
+        ge=0,
+        description="extra quiet updates after the warm-up that follows an event (the warm-up alone prevents bursts)",
+    )
     boost_factor: float = Field(5.0, ge=1.0, description="human and rm rate multiplier after a drift event")
     boost_duration_s: float = Field(3600.0, gt=0, description="event-time seconds the boost lasts")
     signals: dict[str, list[str]] = Field(
         default_factory=_default_drift_signals, description="signal -> detector names watching it"
     )
     rereference_poll_s: float = Field(5.0, gt=0)
+    embedding: EmbeddingDriftConfig = Field(default_factory=lambda: EmbeddingDriftConfig())
 
 
 class MetricsConfig(_Model):

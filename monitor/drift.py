@@ -7,11 +7,12 @@ For every stream and every configured (signal, detector):
 2. *Watching*: each value updates the detectors, which are calibrated to the
    configured ERT (mean episodes between false alarms).
 3. *Event*: when any detector of a signal fires, one drift event is recorded
-   for that signal (the first detector that fired names it), every detector
-   of the signal is reset and the signal stays quiet for ``drift.cooldown``
-   updates: one change gives one event per signal, not a burst. The stream's
-   human and rm sampling rates are boosted at once (the next episode already
-   sees the higher rates, whatever the batch boundaries).
+   for that signal (the first detector that fired names it) and the signal
+   re-references: it warms up again on the traffic that follows (plus
+   ``drift.cooldown`` quiet updates), so one change gives one event per
+   signal, not a burst, and later alarms are relative to the new regime. The
+   stream's human and rm sampling rates are boosted at once (the next episode
+   already sees the higher rates, whatever the batch boundaries).
 
 Detector state is checkpointed with the offsets (component ``drift``), as
 pickles signed with HMAC-SHA256 under the sampling key: a database write
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "drift"
 STATE_VERSION = 1
+EMBEDDING = "embedding"
 
 Boost = Callable[[str, float, float, str], None]
 
@@ -80,23 +82,35 @@ class DriftMonitor:
         self._events: list[dict[str, Any]] = []
         self._applied: list[int] = []
         self._last_poll = 0.0
+        # Drift-sampled episodes waiting to be embedded at the end of the batch (one batched forward pass).
+        self._pending: list[tuple[Episode, int]] = []
+        self._embedder: Any = None
+        self._params: dict[str, float] = {}
 
     # -- observer protocol ------------------------------------------------------
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        self._update(
+            episode, index, text_stats(episode.prompt, episode.response), self.cfg.signals, self.cfg.reference_size
+        )
+        if self.cfg.embedding.enabled and "drift" in decision.sampled:
+            self._pending.append((episode, index))
+
+    def _update(
+        self, episode: Episode, index: int, values: Mapping[str, Any], watch: Mapping[str, list[str]], ref_size: int
+    ) -> None:
         stream = episode.stream
         sd = self._streams.get(stream)
         if sd is None:
             sd = self._load(stream)
         self._dirty.add(stream)
-        values = text_stats(episode.prompt, episode.response)
         fired: list[tuple[str, str, dict[str, Any]]] = []
-        for signal, names in self.cfg.signals.items():
+        for signal, names in watch.items():
             st = sd.signals.setdefault(signal, SignalState())
             x = values[signal]
             st.n += 1
             if st.ref is not None:
                 st.ref.append(x)
-                if len(st.ref) >= self.cfg.reference_size:
+                if len(st.ref) >= ref_size:
                     self._arm(stream, signal, st, names)
                 continue
             hit = None
@@ -117,10 +131,10 @@ class DriftMonitor:
                 continue
             if hit is not None:
                 fired.append((signal, hit[0], hit[1]))
-                for det in st.detectors.values():
-                    if det is not None:
-                        det.reset()
-                st.cooldown = self.cfg.cooldown
+                # Re-reference on the new traffic: the signal warms up again on what follows the
+                # change, so the same change cannot fire again (no bursts), and later alarms are
+                # relative to the new regime. The cool-down covers detectors that need no warm-up.
+                sd.signals[signal] = SignalState(cooldown=self.cfg.cooldown)
         for signal, name, res in fired:
             data = res["data"]
             self._events.append(
@@ -140,7 +154,22 @@ class DriftMonitor:
         if fired:
             self._boost(stream, self.cfg.boost_factor, self.cfg.boost_duration_s, f"drift:{fired[0][0]}")
 
+    def _embed_pending(self) -> None:
+        """Embed the batch's drift-sampled episodes in one pass and feed them, in input order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        from monitor.signals.embeddings import Embedder, episode_text
+
+        ecfg = self.cfg.embedding
+        if self._embedder is None:
+            self._embedder = Embedder(ecfg.model_dir, max_length=ecfg.max_length)
+        vectors = self._embedder.embed([episode_text(ep.prompt, ep.response) for ep, _ in pending])
+        for (ep, index), vec in zip(pending, vectors, strict=True):
+            self._update(ep, index, {EMBEDDING: vec}, {EMBEDDING: ecfg.detectors}, ecfg.reference_size)
+
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        self._embed_pending()
         out = {(s, COMPONENT): self._snapshot(self._streams[s]) for s in self._dirty if s in self._streams}
         self._dirty.clear()
         self._publish_gauges(out)
@@ -160,6 +189,7 @@ class DriftMonitor:
         self._dirty.clear()
         self._events.clear()
         self._applied.clear()
+        self._pending.clear()
 
     # -- arming, state ------------------------------------------------------------
     def _arm(self, stream: str, signal: str, st: SignalState, names: list[str]) -> None:
@@ -170,12 +200,25 @@ class DriftMonitor:
         ref = np.asarray(st.ref, dtype=float)
         for name in names:
             try:
-                st.detectors[name] = detectors.make(name, ert=self.cfg.ert, x_ref=ref)
+                st.detectors[name] = detectors.make(name, ert=self.cfg.ert, x_ref=ref, **self._river_param(name))
             except Exception as e:
                 log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, e)
                 self._metrics.detector_errors.labels(name).inc()
                 st.detectors[name] = None
         st.ref = None
+
+    def _river_param(self, name: str) -> dict[str, float]:
+        """River detectors see standardised inputs: calibrate their sensitivity once per process on
+        the Gaussian null (seconds), not once per stream and signal on each reference."""
+        import detectors
+
+        cls = detectors.detector_class(name)
+        param = getattr(cls, "param_name", None)
+        if param is None:
+            return {}
+        if name not in self._params:
+            self._params[name] = float(detectors.make(name, ert=self.cfg.ert).param_value)  # type: ignore[attr-defined]
+        return {param: self._params[name]}
 
     def _sign(self, data: bytes) -> str:
         mac = hmac.new(self._key, data, hashlib.sha256).digest()
@@ -194,7 +237,7 @@ class DriftMonitor:
             dets = {}
             for name, det in st.detectors.items():
                 dets[name] = None if det is None else self._sign(det.snapshot())
-            signals[signal] = {"ref": st.ref, "cooldown": st.cooldown, "n": st.n, "detectors": dets}
+            signals[signal] = {"ref": _pack_ref(st.ref), "cooldown": st.cooldown, "n": st.n, "detectors": dets}
         return {"version": STATE_VERSION, "signals": signals}
 
     def _load(self, stream: str) -> StreamDrift:
@@ -204,9 +247,11 @@ class DriftMonitor:
             import detectors
 
             for signal, s in snap.get("signals", {}).items():
-                if signal not in self.cfg.signals:
+                if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):
                     continue
-                st = SignalState(ref=s.get("ref"), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
+                st = SignalState(
+                    ref=_unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0))
+                )
                 for name, blob in (s.get("detectors") or {}).items():
                     data = None if blob is None else self._unsign(blob)
                     if blob is not None and data is None:
@@ -277,6 +322,25 @@ def request_rereference(store: Store, stream: str, signal: str | None, reason: s
                 .returning(t.drift_audit.c.id)
             ).scalar_one()
         )
+
+
+def _pack_ref(ref: list[Any] | None) -> Any:
+    """Scalar references stay JSON lists; vector references are float16 base64 (a fifth of the size)."""
+    if ref is None or not ref or not hasattr(ref[0], "shape"):
+        return ref
+    import numpy as np
+
+    arr = np.asarray(ref, dtype=np.float16)
+    return {"f16": base64.b64encode(arr.tobytes()).decode("ascii"), "shape": list(arr.shape)}
+
+
+def _unpack_ref(ref: Any) -> list[Any] | None:
+    if isinstance(ref, dict) and "f16" in ref:
+        import numpy as np
+
+        arr = np.frombuffer(base64.b64decode(ref["f16"]), dtype=np.float16).reshape(ref["shape"]).astype(np.float32)
+        return list(arr)
+    return ref  # type: ignore[no-any-return]
 
 
 def _num(v: Any) -> float | None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLING_COMPONENT = "sampling"
+INDEX_STREAM = "__input__"  # stream_state row holding a non-Kafka source's record count
 
 
 class Aborted(RuntimeError):
@@ -132,6 +133,7 @@ class Pipeline:
         self._db_ok = True
         self._last_lag = 0.0
         self._opened = False
+        self._kafka = False
 
     # -- rebalance protocol (called by the source) ----------------------------
     def assigned(self, partitions: list[int]) -> Mapping[int, int]:
@@ -161,6 +163,12 @@ class Pipeline:
 
     def open(self) -> None:
         if not self._opened:
+            # The input index continues across restarts (a file source resumes mid-file);
+            # Kafka records are indexed by their partition offset instead.
+            self._kafka = self.source.name.startswith("kafka:")
+            if not self._kafka:
+                saved = self.store.load_state(INDEX_STREAM, self.source.name)
+                self._index = int(saved["records"]) if saved else 0
             self.source.open(self)
             self._opened = True
             self._publish_floors()
@@ -223,9 +231,10 @@ class Pipeline:
         streams = stats.streams
         last_probs: dict[str, dict[str, float]] = {}
         idx = self._index - 1
+        kafka = self._kafka
         # The hot loop: every record of the deployment's traffic passes here.
         for rec in records:
-            idx += 1
+            idx = rec.offset if kafka else idx + 1
             # Records arrive in offset order within a partition: the last one wins.
             next_offsets[rec.partition] = rec.next_offset
             try:
@@ -297,16 +306,20 @@ class Pipeline:
             for obs in observers:
                 obs.observe(ep, d, idx)
 
-        self._index = idx + 1
+        if not kafka:
+            self._index = idx + 1
+            batch.states[(INDEX_STREAM, source_name)] = {"records": self._index}
         stats.records += len(records)
         streams_seen = set(last_probs)
 
         for p, nxt in next_offsets.items():
             batch.offsets[(source_name, p)] = (self._expected.get(p), nxt)
-        for stream, snap in sampler.take_dirty().items():
-            batch.states[(stream, SAMPLING_COMPONENT)] = snap
+        # Observers first: a drift event found at checkpoint time boosts the sampler,
+        # and that boost must be in this batch's sampling checkpoint.
         for obs in observers:
             batch.states.update(obs.checkpoint())
+        for stream, snap in sampler.take_dirty().items():
+            batch.states[(stream, SAMPLING_COMPONENT)] = snap
         if self.drift is not None:
             batch.drift_events = self.drift.take_events()
             batch.audit_applied = self.drift.take_applied()

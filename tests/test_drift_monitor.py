@@ -30,9 +30,15 @@ def swap_stream(shared: Path, n_before: int = 600, n_after: int = 400) -> list[b
         with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
             return [json.loads(line) for line in fh]
 
+    import random
+
+    # Shuffled: the files are ordered by prompt source, itself a real shift we do not want here.
     gpt, alpaca = rows("gpt-3.5-turbo-1106"), rows("alpaca-7b")
+    order = list(range(805))
+    random.Random(7).shuffle(order)
     for i in range(n_before + n_after):
-        src = gpt[i % 805] if i < n_before else alpaca[i % 805]
+        j = order[i % 805]
+        src = gpt[j] if i < n_before else alpaca[j]
         out.append(
             json.dumps(
                 {
@@ -57,7 +63,9 @@ def settings(db: str, tmp: Path, *extra: str) -> Settings:
             f"dead_letter.path={tmp / 'd.jsonl'}",
             "pipeline.batch_size=100",
             "drift.reference_size=300",
-            "drift.ert=1000",
+            "drift.ert=3000",
+            "drift.signals={response_log_chars: [adwin], distinct_token_ratio: [adwin], refusal: [fet]}",
+            "drift.embedding.enabled=false",
             "drift.cooldown=200",
             "drift.boost_factor=4",
             "drift.boost_duration_s=100000",

@@ -54,6 +54,9 @@ def settings(db_url: str, tmp_path: Path, *extra: str) -> Settings:
             f"database.url={db_url}",
             f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
             "pipeline.batch_size=50",
+            # These tests compare the store with an offline sampler: no drift boosts here
+            # (tests/test_drift_monitor.py covers drift).
+            "drift.enabled=false",
             "sampling.human.rate=0.05",
             "sampling.rm.rate=0.2",
             "sampling.drift.rate=0.1",

@@ -130,6 +130,8 @@ class KafkaEnv:
             *SAMPLING,
             "pipeline.batch_size=50",
             "pipeline.batch_timeout_ms=100",
+            # Exactly-once checks compare with an offline sampler: no drift boosts here.
+            "drift.enabled=false",
             *extra,
         ]
 

@@ -1,0 +1,192 @@
+"""The detector contract shared by every drift detector of the monitor.
+
+Style follows river's ``drift`` detectors (constructor arguments are kept as public
+attributes, state lives in underscore attributes, ``update(x) -> None`` and a read-only
+``drift_detected`` property) and alibi-detect's result shape (``{"data": ..., "meta": ...}``).
+
+This module imports only the standard library: ``import detectors`` must stay cheap.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import math
+import pickle
+from typing import Any, ClassVar, Literal, Self, TypedDict
+
+#: Header of every snapshot: magic bytes, then one version byte, then a pickle.
+SNAPSHOT_MAGIC = b"OMDET"
+SNAPSHOT_VERSION = 1
+
+Kind = Literal["continuous", "binary", "multivariate"]
+
+
+class SnapshotError(ValueError):
+    """The bytes are not a detector snapshot this code can read."""
+
+
+class ResultData(TypedDict):
+    is_drift: bool
+    distance: float | None
+    p_val: float | None
+    threshold: float | None
+
+
+class ResultMeta(TypedDict):
+    name: str
+    detector: str
+    ert: float | None
+    n: int
+    params: dict[str, Any]
+
+
+class Result(TypedDict):
+    data: ResultData
+    meta: ResultMeta
+
+
+def finite_or_none(v: Any) -> float | None:
+    """``float(v)`` when it is a finite number, else ``None`` (NaN, inf, None, arrays of size != 1)."""
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class Detector(abc.ABC):
+    """A streaming drift detector.
+
+    Subclasses implement :meth:`_step` (one update, returning the decision and the
+    statistics of that update), :meth:`_reset_state` and :meth:`_params`.
+
+    The contract:
+
+    * ``update(x) -> None``: ``x`` is a float (``kind == "continuous"``), 0/1 (``"binary"``)
+      or a 1-D numpy array (``"multivariate"``).
+    * ``drift_detected``: whether the *last* update detected drift.
+    * ``reset()``: back to the state right after construction (a reference-based detector
+      keeps its reference and its calibrated thresholds).
+    * ``snapshot() -> bytes`` / ``restore(data)``: a restored detector continues exactly
+      where the original stopped (same alarms at the same indices for the same inputs).
+      The bytes are a pickle: only restore bytes you have authenticated.
+    * ``clone()``: a fresh copy with the same parameters (and the same reference).
+    * ``n``: updates since construction or the last ``reset()``.
+    * ``result()``: one fixed shape for every detector (see :class:`Result`).
+    """
+
+    #: Registry name (``detectors.NAMES``).
+    name: ClassVar[str]
+    #: What ``update`` takes.
+    kind: ClassVar[Kind]
+
+    ert: float | None
+
+    def __init__(self, ert: float | None) -> None:
+        if ert is not None and not (math.isfinite(ert) and ert > 1):
+            raise ValueError(f"ert must be a finite number > 1, got {ert!r}")
+        self.ert = None if ert is None else float(ert)
+        self._n = 0
+        self._drift_detected = False
+        self._distance: float | None = None
+        self._p_val: float | None = None
+        self._threshold: float | None = None
+
+    # -- the contract ---------------------------------------------------------------
+    @property
+    def drift_detected(self) -> bool:
+        """Whether the last update detected drift."""
+        return self._drift_detected
+
+    @property
+    def n(self) -> int:
+        """Updates since construction or the last :meth:`reset`."""
+        return self._n
+
+    def update(self, x: Any) -> None:
+        """Update the detector with one observation (see :attr:`kind`)."""
+        drift, distance, p_val, threshold = self._step(x)
+        self._n += 1
+        self._drift_detected = bool(drift)
+        self._distance = finite_or_none(distance)
+        self._p_val = finite_or_none(p_val)
+        self._threshold = finite_or_none(threshold)
+
+    def reset(self) -> None:
+        """Back to the state right after construction (reference and calibration kept)."""
+        self._reset_state()
+        self._n = 0
+        self._drift_detected = False
+        self._distance = self._p_val = self._threshold = None
+
+    def clone(self) -> Self:
+        """A fresh copy with the same parameters (and, if any, the same reference)."""
+        new = copy.deepcopy(self)
+        new.reset()
+        return new
+
+    def snapshot(self) -> bytes:
+        """The full state as bytes: a version header, then a pickle. Sign them before storing."""
+        return SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, data: bytes) -> Self:
+        """The detector a :meth:`snapshot` was taken of. Only pass bytes you have authenticated."""
+        obj = load_snapshot(data)
+        if not isinstance(obj, cls):
+            raise SnapshotError(f"snapshot holds a {type(obj).__name__}, not a {cls.__name__}")
+        return obj
+
+    def result(self) -> Result:
+        """The last update's decision and statistics, and the detector's metadata."""
+        return {
+            "data": {
+                "is_drift": self._drift_detected,
+                "distance": self._distance,
+                "p_val": self._p_val,
+                "threshold": self._threshold,
+            },
+            "meta": {
+                "name": self.name,
+                "detector": type(self).__name__,
+                "ert": self.ert,
+                "n": self._n,
+                "params": self._params(),
+            },
+        }
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        return f"{type(self).__name__}(ert={self.ert!r}, {params})"
+
+    # -- for subclasses ---------------------------------------------------------------
+    @abc.abstractmethod
+    def _step(self, x: Any) -> tuple[bool, Any, Any, Any]:
+        """One update: ``(drift, distance, p_val, threshold)`` (non-finite values become ``None``)."""
+
+    @abc.abstractmethod
+    def _reset_state(self) -> None:
+        """Reset the online state (not the reference nor the calibration)."""
+
+    @abc.abstractmethod
+    def _params(self) -> dict[str, Any]:
+        """JSON-friendly parameters: the constructor arguments (arrays summarised) and calibrated values."""
+
+
+def load_snapshot(data: bytes) -> Detector:
+    """Restore any detector from :meth:`Detector.snapshot` bytes (authenticate them first)."""
+    head = len(SNAPSHOT_MAGIC)
+    if not isinstance(data, bytes | bytearray) or data[:head] != SNAPSHOT_MAGIC or len(data) <= head:
+        raise SnapshotError("not a detector snapshot")
+    version = data[head]
+    if version != SNAPSHOT_VERSION:
+        raise SnapshotError(
+            f"detector snapshot version {version} is not supported (this code reads {SNAPSHOT_VERSION})"
+        )
+    obj = pickle.loads(data[head + 1 :])  # noqa: S301 - the caller authenticates the bytes (HMAC)
+    if not isinstance(obj, Detector):
+        raise SnapshotError(f"snapshot holds a {type(obj).__name__}, not a Detector")
+    return obj

@@ -1,0 +1,113 @@
+"""The ERT calibration of the river detectors: the vectorised run-length models agree with
+river, the search finds the parameter, results are cached and shared by look-alike references."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from detectors import calibration as cal
+from detectors.river_detectors import KSWINDetector, PageHinkleyDetector
+
+
+def test_page_hinkley_model_matches_river_exactly() -> None:
+    streams = cal.null_streams(None, 6, 1500, seed=3)
+    streams[3, 700:] += 1.0  # one stream with a change
+    fixed = {"min_instances": 30, "delta": 0.005, "alpha": 1 - 0.0001, "mode": "both"}
+    fast = cal.page_hinkley_run_lengths(streams, **fixed)
+    from river.drift import PageHinkley
+
+    slow = cal.object_run_lengths(lambda thr: PageHinkley(threshold=thr, **fixed), streams)
+    for threshold in (5.0, 20.0, 60.0):
+        np.testing.assert_array_equal(fast(threshold), slow(threshold))
+    assert (fast(20.0) > 0).any() and (fast(60.0) == 0).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ks_statistic_matches_scipy_with_ties(seed: int) -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 12, size=(50, 30))  # many ties, within and across samples
+    b = rng.integers(0, 12, size=(50, 30)) + rng.integers(0, 3, size=(50, 1))
+    k = cal.ks_k(a, b)
+    expected = [round(stats.ks_2samp(x, y).statistic * 30) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_array_equal(k, expected)
+
+
+def test_kswin_critical_value_follows_rivers_rule() -> None:
+    p = cal.kswin_p_values(30)
+    assert all(a >= b for a, b in itertools.pairwise(p))  # p falls as D grows
+    for alpha in (0.5, 0.05, 0.005, 1e-4, 1e-9):
+        k = cal.kswin_critical_k(alpha, 30)
+        assert p[k] <= alpha and k / 30 > 0.1
+        assert k == 4 or p[k - 1] > alpha
+    assert cal.kswin_critical_k(1e-30, 30) == 31  # unreachable: never fires
+
+
+def test_kswin_model_agrees_with_river_in_distribution() -> None:
+    streams = cal.null_streams(None, 32, 600, seed=5)
+    alpha = 0.02  # a short ERT keeps river's slow KSWIN cheap here
+    fast = cal.kswin_run_lengths(streams, window_size=100, stat_size=30, seed=1)(alpha)
+    from river.drift import KSWIN
+
+    slow = cal.object_run_lengths(lambda a: KSWIN(alpha=a, seed=1), streams)(alpha)
+    e_fast, e_slow = cal.estimate_ert(fast, 600), cal.estimate_ert(slow, 600)
+    assert 1 / 1.5 < e_fast / e_slow < 1.5, (e_fast, e_slow)
+
+
+def test_search_finds_the_parameter_on_log_scale() -> None:
+    # A synthetic detector whose run lengths are exactly 1000 / param (decreasing in param).
+    def model(param: float) -> cal.IntArray:
+        return np.full(20, max(1, round(1000 / param)), dtype=np.int64)
+
+    res = cal.search(model, target_ert=250, max_len=10**6, start=0.01, lo=1e-6, hi=1e6, increasing=False, rtol=0.02)
+    assert res.converged and abs(res.ert_estimate / 250 - 1) <= 0.02
+    assert res.param == pytest.approx(4.0, rel=0.03)
+    assert res.evaluations <= 12
+    # Out of reach: the closest bound, not converged.
+    res = cal.search(model, target_ert=10**7, max_len=10**9, start=1, lo=0.5, hi=10, increasing=False)
+    assert not res.converged and res.param == 0.5
+
+
+def test_estimate_handles_censoring() -> None:
+    assert cal.estimate_ert(np.array([0, 0]), 100) == math.inf
+    assert cal.estimate_ert(np.array([10, 0, 30]), 100) == pytest.approx((10 + 30 + 100) / 2)
+
+
+def test_calibration_is_cached_and_shared_by_standardised_lookalikes() -> None:
+    ref = np.random.default_rng(0).standard_normal(400)
+    a = PageHinkleyDetector(ert=500, x_ref=ref)
+    b = PageHinkleyDetector(ert=500, x_ref=ref * 7.0 + 100.0)  # same shape after standardising
+    assert a.calibration is b.calibration  # one cache entry
+    assert a.calibration is not None and a.calibration.converged
+    assert a.param_value == b.param_value
+    cal.clear_cache()
+    c = PageHinkleyDetector(ert=500, x_ref=ref)
+    assert c.calibration == a.calibration  # recomputed: deterministic
+
+
+def test_explicit_parameter_skips_calibration() -> None:
+    det = KSWINDetector(ert=None, alpha=0.001)
+    assert det.calibration is None and det.param_value == 0.001 and det.alpha == 0.001
+    with pytest.raises(ValueError):
+        KSWINDetector(ert=None)
+
+
+def test_reference_checks() -> None:
+    # A constant reference (a signal that never moved during the warm-up) is centred with unit
+    # scale: a later move away from the constant is drift.
+    det = PageHinkleyDetector(ert=500, x_ref=np.ones(50))
+    fired_before = fired_after = False
+    for i in range(400):
+        det.update(1.0 if i < 100 else 6.0)
+        if i < 100:
+            fired_before = fired_before or det.drift_detected
+        else:
+            fired_after = fired_after or det.drift_detected
+    assert fired_after and not fired_before
+    with pytest.raises(ValueError, match="NaN"):
+        PageHinkleyDetector(ert=500, x_ref=np.array([1.0, np.nan, 2.0]))

@@ -1,0 +1,245 @@
+"""One contract, every detector: clone, snapshot/restore, reset, result shape, public
+constructor arguments, lazy imports. Small references and few bootstraps keep it fast."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+import subprocess
+import sys
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+
+import detectors
+from detectors.base import SNAPSHOT_MAGIC, SNAPSHOT_VERSION, Detector, SnapshotError
+
+_rng = np.random.default_rng(20240601)
+REF_1D = _rng.standard_normal(200)
+REF_BIN = (_rng.random(200) < 0.2).astype(int)
+REF_MV = _rng.standard_normal((120, 4))
+
+# Small, fast configurations (correctness of the contract, not detection quality).
+SPECS: dict[str, dict[str, Any]] = {
+    "adwin": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16, "clock": 8},
+    "kswin": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16, "window_size": 40, "stat_size": 15},
+    "page_hinkley": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16},
+    "cvm": {"ert": 100, "x_ref": REF_1D, "window_sizes": (10, 20), "n_bootstraps": 200},
+    "fet": {"ert": 100, "x_ref": REF_BIN, "window_sizes": (10, 30), "n_bootstraps": 300},
+    "mmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
+    "lsdd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
+}
+KINDS = {"continuous", "binary", "multivariate"}
+DATA_KEYS = {"is_drift", "distance", "p_val", "threshold"}
+META_KEYS = {"name", "detector", "ert", "n", "params"}
+
+
+def test_every_name_has_a_spec() -> None:
+    assert set(SPECS) == set(detectors.NAMES)
+
+
+@cache
+def _proto(name: str) -> Detector:
+    return detectors.make(name, **SPECS[name])
+
+
+def fresh(name: str) -> Detector:
+    return _proto(name).clone()
+
+
+@cache
+def stream(kind: str, n: int = 240, change: int = 120) -> list[Any]:
+    """A seeded stream with a strong change at ``change``, so that alarms happen."""
+    rng = np.random.default_rng(7)
+    if kind == "continuous":
+        return [float(v) for v in np.r_[rng.standard_normal(change), rng.normal(2.5, 1.0, n - change)]]
+    if kind == "binary":
+        return [int(v) for v in np.r_[rng.random(change) < 0.2, rng.random(n - change) < 0.8]]
+    return list(np.r_[rng.standard_normal((change, 4)), rng.normal(2.0, 1.0, (n - change, 4))].astype(np.float32))
+
+
+def trace(det: Detector, xs: list[Any]) -> tuple[list[bool], list[Any]]:
+    flags, results = [], []
+    for x in xs:
+        det.update(x)
+        flags.append(det.drift_detected)
+        results.append(det.result())
+    return flags, results
+
+
+names = pytest.mark.parametrize("name", detectors.NAMES)
+
+
+@names
+def test_class_attributes(name: str) -> None:
+    cls = detectors.detector_class(name)
+    assert cls.name == name
+    assert cls.kind in KINDS
+    assert issubclass(cls, Detector)
+    assert getattr(detectors, cls.__name__) is cls
+
+
+@names
+def test_constructor_args_are_public_attributes(name: str) -> None:
+    det = _proto(name)
+    spec = SPECS[name]
+    for p in list(inspect.signature(type(det).__init__).parameters.values())[1:]:
+        assert hasattr(det, p.name), p.name
+        value = getattr(det, p.name)
+        expected = spec.get(p.name, p.default)
+        if p.name == "x_ref":
+            np.testing.assert_array_equal(np.asarray(value, dtype=float), np.asarray(expected, dtype=float))
+        elif isinstance(expected, tuple | list):
+            assert tuple(value) == tuple(expected), p.name
+        else:
+            assert value == expected, p.name
+
+
+@names
+def test_result_has_the_fixed_shape(name: str) -> None:
+    det = fresh(name)
+
+    def check(res: Any, n: int) -> None:
+        assert set(res) == {"data", "meta"}
+        assert set(res["data"]) == DATA_KEYS
+        assert set(res["meta"]) == META_KEYS
+        assert type(res["data"]["is_drift"]) is bool
+        for k in ("distance", "p_val", "threshold"):
+            assert res["data"][k] is None or type(res["data"][k]) is float, (k, res["data"][k])
+        assert res["meta"]["name"] == name
+        assert res["meta"]["detector"] == type(det).__name__
+        assert res["meta"]["n"] == n
+        assert res["meta"]["ert"] == float(SPECS[name]["ert"])
+        assert isinstance(res["meta"]["params"], dict)
+        json.dumps(res)
+
+    res = det.result()
+    check(res, 0)
+    assert res["data"] == {"is_drift": False, "distance": None, "p_val": None, "threshold": None}
+    _, results = trace(det, stream(det.kind))
+    for i, r in enumerate(results):
+        check(r, i + 1)
+    assert any(r["data"]["is_drift"] for r in results), "the change in the stream should be detected"
+    if name != "adwin":  # river's ADWIN exposes no statistic
+        assert any(r["data"]["distance"] is not None or r["data"]["p_val"] is not None for r in results)
+
+
+@names
+def test_clone_is_a_fresh_detector_with_equal_parameters(name: str) -> None:
+    det = fresh(name)
+    xs = stream(det.kind)
+    trace(det, xs[:150])
+    c = det.clone()
+    assert type(c) is type(det)
+    assert c.n == 0 and not c.drift_detected
+    assert c.result()["meta"]["params"] == det.result()["meta"]["params"]
+    for p in list(inspect.signature(type(det).__init__).parameters)[1:]:
+        a, b = getattr(c, p), getattr(det, p)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b, p
+    # fresh: behaves as a never-used detector; independent of the original
+    assert trace(c, xs) == trace(fresh(name), xs)
+    assert det.n == 150
+
+
+@names
+def test_same_parameters_and_seed_build_the_same_detector(name: str) -> None:
+    xs = stream(detectors.detector_class(name).kind)
+    assert trace(detectors.make(name, **SPECS[name]), xs) == trace(fresh(name), xs)
+
+
+@names
+@pytest.mark.parametrize("cut", [60, 150])
+def test_snapshot_restore_continues_identically(name: str, cut: int) -> None:
+    xs = stream(detectors.detector_class(name).kind)
+    flags, results = trace(fresh(name), xs)
+    det = fresh(name)
+    trace(det, xs[:cut])
+    data = det.snapshot()
+    assert data.startswith(SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]))
+    restored = type(det).restore(data)
+    assert type(restored) is type(det) and restored.n == cut
+    assert restored.result() == results[cut - 1]
+    via_module = detectors.restore(data)
+    twice = pickle.loads(pickle.dumps(restored))
+    for d in (det, restored, via_module, twice):
+        assert trace(d, xs[cut:]) == (flags[cut:], results[cut:])
+
+
+@names
+def test_updates_ignore_the_global_random_generators(name: str) -> None:
+    import torch
+
+    xs = stream(detectors.detector_class(name).kind)
+    expected = trace(fresh(name), xs)
+    det = fresh(name)
+    flags, results = [], []
+    for i, x in enumerate(xs):
+        np.random.seed(i)
+        torch.manual_seed(i)
+        det.update(x)
+        flags.append(det.drift_detected)
+        results.append(det.result())
+    assert (flags, results) == expected
+
+
+@names
+def test_reset_returns_to_the_fresh_state(name: str) -> None:
+    det = fresh(name)
+    xs = stream(det.kind)
+    trace(det, xs[:200])
+    det.reset()
+    assert det.n == 0 and not det.drift_detected
+    assert det.result()["data"] == {"is_drift": False, "distance": None, "p_val": None, "threshold": None}
+    assert trace(det, xs) == trace(fresh(name), xs)
+
+
+@names
+def test_bad_inputs_raise_and_leave_the_state_alone(name: str) -> None:
+    det = fresh(name)
+    xs = stream(det.kind)
+    trace(det, xs[:5])
+    bad: list[Any] = {
+        "continuous": [float("nan"), float("inf")],
+        "binary": [0.5, 2],
+        "multivariate": [np.zeros(3), np.full(4, np.nan)],
+    }[det.kind]
+    for x in bad:
+        with pytest.raises(ValueError):
+            det.update(x)
+    assert det.n == 5
+
+
+def test_restore_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(SnapshotError):
+        detectors.restore(b"not a snapshot")
+    data = _proto("page_hinkley").snapshot()
+    with pytest.raises(SnapshotError):
+        detectors.restore(SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION + 1]) + data[len(SNAPSHOT_MAGIC) + 1 :])
+    with pytest.raises(SnapshotError):
+        detectors.detector_class("adwin").restore(data)
+    with pytest.raises(SnapshotError):
+        detectors.restore(SNAPSHOT_MAGIC + bytes([SNAPSHOT_VERSION]) + pickle.dumps({"not": "a detector"}))
+
+
+def test_make_rejects_unknown_names_and_missing_references() -> None:
+    with pytest.raises(ValueError, match="unknown detector"):
+        detectors.make("nope", ert=100)
+    for name in ("cvm", "fet", "mmd", "lsdd"):
+        with pytest.raises(ValueError, match="x_ref"):
+            detectors.make(name, ert=100)
+
+
+def test_import_is_lazy() -> None:
+    code = (
+        "import sys, detectors\n"
+        "assert detectors.NAMES and callable(detectors.make) and callable(detectors.restore)\n"
+        "print(sorted(m for m in ('river', 'alibi_detect', 'torch', 'numpy', 'scipy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout
