@@ -200,7 +200,7 @@ class DriftConfig(_Model):
         default_factory=_default_drift_signals, description="signal -> detector names watching it"
     )
     rereference_poll_s: float = Field(5.0, gt=0)
-    embedding: EmbeddingDriftConfig = Field(default_factory=lambda: EmbeddingDriftConfig())
+    embedding: EmbeddingDriftConfig = Field(default_factory=EmbeddingDriftConfig)
 
 
 class MetricsConfig(_Model):

@@ -113,6 +113,10 @@ def _summary(report: dict[str, Any], store: Any, data: Path) -> None:
         p = st["inclusion_probability"]
         pm = "/".join(f"{p[c]['min']:.3g}" for c in ("human", "rm", "drift") if c in p) or "-"
         print(f"{name:<12}{st['episodes']:>9}{st['invalid']:>8}{s['human']:>7}{s['rm']:>6}{s['drift']:>7}   {pm}")
+    events = report.get("drift_events") or []
+    print(f"\nDrift events: {len(events)} (each boosts its stream's human and rm sampling)")
+    for ev in events[:10]:
+        print(f"  input #{ev['index']:<5} {ev['stream']:<10} {ev['signal']:<22} {ev['detector']}")
     truth = _true_means(data, "judge_pref")
     print("\nHorvitz-Thompson estimate of the mean judge preference over ALL traffic, from the rm sample only:")
     for name in report["streams"]:

@@ -194,6 +194,27 @@ def throughput(store: Store, now: float) -> list[dict[str, Any]]:
     ]
 
 
+def recent_drift_events(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    e = t.drift_events
+    q = (
+        sa.select(
+            e.c.stream,
+            e.c.signal,
+            e.c.detector,
+            e.c.statistic,
+            e.c.threshold,
+            e.c.episode_id,
+            e.c.input_index,
+            e.c.event_ts,
+            e.c.created_at,
+        )
+        .order_by(e.c.id.desc())
+        .limit(limit)
+    )
+    with store.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
 def admin_summary(store: Store, settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     flags = settings.review.flags
@@ -204,7 +225,6 @@ def admin_summary(store: Store, settings: Settings, now: float | None = None) ->
         "agreement": agreement(rows, flags),
         # Filled in once the reward model scores episodes (issue: reward model).
         "rm_agreement": None,
-        # Filled in once drift detection records events (issue: drift detection).
-        "drift_events": [],
+        "drift_events": recent_drift_events(store),
         "estimates": estimates(store, flags, rows),
     }
