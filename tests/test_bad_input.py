@@ -60,6 +60,8 @@ def test_bad_input_corpus_through_replay(tmp_path: Path) -> None:
             f"dead_letter.path={dlq}",
             "--set",
             "sampling.rm.rate=1",
+            "--set",
+            "drift.enabled=false",
         ],
         capture_output=True,
         text=True,

@@ -103,6 +103,8 @@ def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
         "--set",
         "sampling.human.rate=1.0",
         "--set",
+        "drift.enabled=false",
+        "--set",
         f"dead_letter.path={tmp_path / 'd.jsonl'}",
         input="\n".join(lines) + "\n\n",
     )
@@ -204,6 +206,8 @@ def test_run_resumes_a_file_where_it_stopped(tmp_path: Path) -> None:
         "--set",
         "sampling.key=k",
         "--set",
+        "drift.enabled=false",
+        "--set",
         "server.port=0",
         "--set",
         f"dead_letter.path={tmp_path / 'd.jsonl'}",
@@ -244,6 +248,8 @@ def test_estimate_command(tmp_path: Path) -> None:
         db,
         "--set",
         "sampling.rm.rate=0.3",
+        "--set",
+        "drift.enabled=false",  # estimates only: no need to load the embedding model
         "--set",
         f"dead_letter.path={tmp_path / 'd.jsonl'}",
     )

@@ -95,6 +95,7 @@ def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) ->
             [
                 f"sampling.key=key-{rep}",
                 "sampling.rm.rate=0.1",
+                "drift.enabled=false",
                 "database.url=sqlite://",
                 f"dead_letter.path={tmp_path / 'd.jsonl'}",
             ],
