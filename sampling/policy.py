@@ -178,7 +178,7 @@ class Sampler:
         self._states: dict[str, StreamSamplingState] = {}
         self._rates: dict[str, tuple[dict[str, float], float]] = {}
         self._dirty: set[str] = set()
-        self._targets: dict[str, float | None | object] = {}
+        self._targets: dict[str, float | object | None] = {}
 
     # -- state -----------------------------------------------------------
     def state(self, stream: str) -> StreamSamplingState:
@@ -279,7 +279,7 @@ class Sampler:
         st = self._states.get(stream)
         if st is None:
             st = self.state(stream)
-        if event_time > st.clock:
+        if event_time > st.clock:  # noqa: PLR1730 (hot loop: no call)
             st.clock = event_time
         self._dirty.add(stream)
         target = self._targets.get(stream, _UNSET)
