@@ -33,6 +33,7 @@ alibi-detect and torch are imported inside the constructors, never when ``detect
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import warnings
@@ -134,8 +135,9 @@ class _AlibiDetector(Detector):
             n = max(self.n_bootstraps, int(2 * self.ert) + 1)
             self._detector = factory(ert=self.ert, n_bootstraps=n, verbose=False, **kwargs)
 
+    @abc.abstractmethod
     def _input(self, x: Any) -> NDArray[Any]:
-        raise NotImplementedError
+        """Validate one update's input and shape it for alibi-detect."""
 
     def _predict(self, x_t: NDArray[Any]) -> dict[str, Any]:
         if not self._uses_global_rng_online:

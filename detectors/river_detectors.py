@@ -15,6 +15,7 @@ river is imported inside the constructors, never when ``detectors`` is imported.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -68,12 +69,13 @@ class _RiverDetector(Detector):
         self._detector = self._factory()(self._value)
 
     # -- per detector ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def _fixed(self) -> dict[str, Any]:
         """The constructor arguments other than ert, x_ref, the calibrated one and the seeds."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _factory(self) -> Callable[[float], Any]:
-        raise NotImplementedError
+        """A function from the sensitivity parameter to a fresh river detector."""
 
     def _fast_model(self) -> Callable[[cal.FloatArray], cal.RunLengths] | None:
         return None

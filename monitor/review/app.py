@@ -312,7 +312,8 @@ def api_router(ctx: ReviewApp) -> APIRouter:
         from monitor.review.chart import estimates_svg
 
         streams = {q["stream"] for q in queue.queue_depth(store)}
-        svg = estimates_svg({s: stats.estimate_series(store, s, bucket_s) for s in sorted(streams)})
+        rows = stats.label_rows(store)
+        svg = estimates_svg({s: stats.estimate_series(store, s, bucket_s, rows) for s in sorted(streams)})
         return Response(svg, media_type="image/svg+xml")
 
     def attachment(body: Any, media_type: str, filename: str) -> StreamingResponse:

@@ -493,10 +493,12 @@ def make_router(ctx: PageContext) -> APIRouter:
         if ctx.estimate_series is not None:
             series_of = ctx.estimate_series
         else:
-            from monitor.review.stats import estimate_series
+            from monitor.review.stats import estimate_series, label_rows
+
+            rows = label_rows(store)
 
             def series_of(stream: str) -> list[dict[str, Any]]:
-                return estimate_series(store, stream)
+                return estimate_series(store, stream, rows=rows)
 
         from monitor.review.chart import MAX_STREAMS, estimates_svg
 

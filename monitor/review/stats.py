@@ -82,6 +82,11 @@ def _labels(store: Store, since: float | None = None) -> list[Any]:
         return list(conn.execute(q).all())
 
 
+def label_rows(store: Store) -> list[Any]:
+    """Every label with its inclusion probability (one read for several estimates)."""
+    return _labels(store)
+
+
 def _finite(d: dict[str, Any], lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     """NaN/inf become None; the normal-approximation interval is clipped to the quantity's range."""
     out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -132,10 +137,13 @@ def estimates(store: Store, flags: list[str], rows: list[Any] | None = None) -> 
     return out
 
 
-def estimate_series(store: Store, stream: str, bucket_s: int = 3600) -> list[dict[str, Any]]:
-    """The rating estimate per time bucket of episode time (for the chart)."""
+def estimate_series(
+    store: Store, stream: str, bucket_s: int = 3600, rows: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rating estimate per time bucket of episode time (for the chart). Pass ``rows``
+    (from :func:`label_rows`) to chart several streams from one read of the labels."""
     buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for it in _per_item(_labels(store)).values():
+    for it in _per_item(_labels(store) if rows is None else rows).values():
         if it["stream"] == stream:
             buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
     out = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +75,3 @@ def text_stats(prompt: str, response: str) -> dict[str, float]:
         "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
         "non_text_ratio": _non_text_ratio(r),
     }
-
-
-Extractor = Callable[[str, str], dict[str, float]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,6 +71,3 @@ class Source(Protocol):
     def ready(self) -> bool: ...
 
     def close(self) -> None: ...
-
-
-OffsetLoader = Callable[[Iterable[int]], Mapping[int, int]]
