@@ -1,0 +1,217 @@
+{{/* Names */}}
+{{- define "oversight.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "oversight.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "oversight.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels. Call with (dict "ctx" $ "component" "pipeline"). */}}
+{{- define "oversight.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "oversight.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end -}}
+
+{{- define "oversight.labels" -}}
+helm.sh/chart: {{ include "oversight.chart" .ctx }}
+{{ include "oversight.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: oversight
+{{- end -}}
+
+{{- define "oversight.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "oversight.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "oversight.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "oversight.secretName" -}}
+{{- default (printf "%s-secrets" (include "oversight.fullname" .)) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "oversight.configName" -}}
+{{- printf "%s-config" (include "oversight.fullname" .) -}}
+{{- end -}}
+
+{{- define "oversight.dataClaimName" -}}
+{{- default (printf "%s-data" (include "oversight.fullname" .)) .Values.pipeline.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* "true" when the database is SQLite: one process, review inside the pipeline pod, data on a volume. */}}
+{{- define "oversight.sqlite" -}}
+{{- if hasPrefix "sqlite" .Values.database.url -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the review app runs inside the pipeline pod (`oversight run --review`). */}}
+{{- define "oversight.reviewEmbedded" -}}
+{{- if and .Values.review.enabled (include "oversight.sqlite" .) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "oversight.dataOnClaim" -}}
+{{- if and (include "oversight.sqlite" .) .Values.pipeline.persistence.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Render-time checks. Every template includes this, so `helm template` and `helm install` fail before anything
+reaches the cluster.
+*/}}
+{{- define "oversight.validate" -}}
+{{- $p := .Values.pipeline -}}
+{{- if and (include "oversight.sqlite" .) (gt (int $p.replicas) 1) -}}
+{{- fail (printf "database.url is SQLite, which is for one process: pipeline.replicas is %d. Use PostgreSQL for more than one replica." (int $p.replicas)) -}}
+{{- end -}}
+{{- if and (include "oversight.sqlite" .) (or $p.autoscaling.enabled $p.keda.enabled) -}}
+{{- fail "database.url is SQLite, which is for one process: pipeline.autoscaling and pipeline.keda need PostgreSQL." -}}
+{{- end -}}
+{{- if and $p.autoscaling.enabled $p.keda.enabled -}}
+{{- fail "pipeline.autoscaling and pipeline.keda both scale the pipeline: enable one (KEDA creates its own HPA)." -}}
+{{- end -}}
+{{- if and (not .Values.database.url) (not .Values.secrets.existingSecret) -}}
+{{- fail "database.url is empty: set it, or set secrets.existingSecret to a Secret with the key database-url." -}}
+{{- end -}}
+{{- if not (or (hasPrefix "sqlite:" .Values.database.url) (hasPrefix "postgresql" .Values.database.url) (hasPrefix "postgres:" .Values.database.url) (not .Values.database.url)) -}}
+{{- fail "database.url must be sqlite:////data/FILE or postgresql://..." -}}
+{{- end -}}
+{{- if and (include "oversight.sqlite" .) (not (hasPrefix "sqlite:////data/" .Values.database.url)) -}}
+{{- fail "a SQLite database must live on the data volume: database.url=sqlite:////data/FILE (the root filesystem is read-only)." -}}
+{{- end -}}
+{{- $drain := 10 -}}
+{{- if lt (int $p.terminationGracePeriodSeconds) (add (int $p.preStopSleepSeconds) $drain 5 | int) -}}
+{{- fail (printf "pipeline.terminationGracePeriodSeconds (%d) must cover preStopSleepSeconds (%d) + the 10 s drain + 5 s." (int $p.terminationGracePeriodSeconds) (int $p.preStopSleepSeconds)) -}}
+{{- end -}}
+{{- if lt (int .Values.review.terminationGracePeriodSeconds) (add (int .Values.review.preStopSleepSeconds) $drain | int) -}}
+{{- fail "review.terminationGracePeriodSeconds must cover review.preStopSleepSeconds + 10 s." -}}
+{{- end -}}
+{{- if and .Values.review.ingress.enabled (not .Values.review.enabled) -}}
+{{- fail "review.ingress.enabled needs review.enabled." -}}
+{{- end -}}
+{{- if and .Values.review.ingress.enabled (not .Values.review.ingress.hosts) -}}
+{{- fail "review.ingress.enabled needs at least one entry in review.ingress.hosts." -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The service's configuration file: values.config with the keys the chart manages laid over it. */}}
+{{- define "oversight.config" -}}
+{{- $managed := dict
+  "server" (dict "host" "0.0.0.0" "port" (int .Values.pipeline.port))
+  "review" (dict "host" "0.0.0.0" "port" (int .Values.review.port))
+  "source" (dict "kind" "kafka")
+  "kafka" (dict "bootstrap_servers" .Values.kafka.bootstrapServers "topic" .Values.kafka.topic "group_id" .Values.kafka.groupId)
+  "dead_letter" (dict "path" "/data/dead-letter.jsonl")
+  "database" (dict "migrate" .Values.database.migrate)
+-}}
+{{- if include "oversight.sqlite" . -}}
+{{- $_ := set $managed.database "url" .Values.database.url -}}
+{{- end -}}
+{{- mustMergeOverwrite (deepCopy (default (dict) .Values.config)) $managed | toYaml -}}
+{{- end -}}
+
+{{/* Environment from the Secret. Call with (dict "ctx" $ "review" true/false). */}}
+{{- define "oversight.secretEnv" -}}
+{{- $secret := include "oversight.secretName" .ctx -}}
+- name: OVERSIGHT_SAMPLING__KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: sampling-key
+{{- if .review }}
+- name: OVERSIGHT_REVIEW__SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: review-secret-key
+{{- end }}
+{{- if not (include "oversight.sqlite" .ctx) }}
+- name: OVERSIGHT_DATABASE__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: database-url
+{{- end }}
+- name: OVERSIGHT_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: kafka-sasl-password
+      optional: true
+{{- end -}}
+
+{{/* Volumes every oversight container mounts. Call with (dict "ctx" $ "tmpSizeLimit" "1Gi" "data" <volume source>). */}}
+{{- define "oversight.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "oversight.configName" .ctx }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .tmpSizeLimit }}
+- name: data
+{{- toYaml .data | nindent 2 }}
+- name: webhook-secret
+  secret:
+    secretName: {{ include "oversight.secretName" .ctx }}
+    optional: true
+    defaultMode: 0440
+    items:
+      - key: webhook-secret
+        path: webhook-secret
+{{- end -}}
+
+{{- define "oversight.volumeMounts" -}}
+- name: config
+  mountPath: /etc/oversight
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: data
+  mountPath: /data
+- name: webhook-secret
+  mountPath: /var/run/secrets/oversight
+  readOnly: true
+{{- end -}}
+
+{{/* Source of the /data volume of pipeline pods (and of jobs, which share the SQLite file). */}}
+{{- define "oversight.dataVolume" -}}
+{{- if include "oversight.dataOnClaim" . -}}
+persistentVolumeClaim:
+  claimName: {{ include "oversight.dataClaimName" . }}
+{{- else -}}
+emptyDir:
+  sizeLimit: 1Gi
+{{- end -}}
+{{- end -}}
+
+{{/* Topology spread constraints with the component's selector filled in where the values leave it out. */}}
+{{- define "oversight.topologySpread" -}}
+{{- $sel := include "oversight.selectorLabels" (dict "ctx" .ctx "component" .component) | fromYaml -}}
+{{- range .constraints }}
+- {{ toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" $sel))) | nindent 2 | trim }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,741 @@
+"""The Helm chart (helm/oversight), rendered with the real Helm engine (helm-python-sdk) for the default values
+and every ci/*-values.yaml scenario, linted, and every manifest validated: built-in kinds against the
+Kubernetes OpenAPI schemas (kubernetes-validate, strict), the CRD kinds (ServiceMonitor, PrometheusRule,
+ScaledObject) against hand-written subsets of their CRD schemas below. The configuration, environment and
+commands the pods get are loaded through the service's own Settings and CLI parser."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_helpers import CHART, DASHBOARD, RULES, rule_groups
+
+from monitor.cli import build_parser
+from monitor.config import Settings, load_settings
+
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+SCENARIOS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
+RELEASE, NAMESPACE = "oversight", "oversight-ns"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the schemas know.
+K8S_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
+DRAIN_S = 10  # the service exits within 10 s of SIGTERM (README: delivery guarantees)
+
+
+def scenario_values(name: str) -> dict[str, Any] | None:
+    if name == "default":
+        return None
+    data: dict[str, Any] = yaml.safe_load((CHART / "ci" / f"{name}-values.yaml").read_text())
+    return data
+
+
+def render(values: dict[str, Any] | None) -> dict[str, str]:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def render_docs(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [
+        doc
+        for path, text in render(values).items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+@functools.cache
+def _rendered(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(render_docs(scenario_values(name)))
+
+
+def manifests(name: str) -> list[dict[str, Any]]:
+    # A fresh copy per test: tests may walk and never share mutations.
+    return json.loads(json.dumps(list(_rendered(name))))
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def job_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Job manifests the service instantiates, from the jobs ConfigMap."""
+    out = []
+    for cm in by_kind(docs, "ConfigMap"):
+        if cm["metadata"]["name"].endswith("-jobs"):
+            out.extend(yaml.safe_load(text) for text in cm["data"].values())
+    return out
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in by_kind(docs, "Deployment") + job_templates(docs):
+        yield f"{d['kind']}/{d['metadata'].get('name') or d['metadata']['generateName']}", d["spec"]["template"]
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- rendering, lint, schema ------------------------------------------------------------------------------
+
+
+def test_scenarios_exist() -> None:
+    names = set(SCENARIOS)
+    assert {"minimal-sqlite", "postgres-kafka-ha", "ingress-tls", "existing-secret", "keda"} <= names
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_lint_is_clean(scenario: str) -> None:
+    report = helm.lint(CHART, scenario_values(scenario), strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2 or m["error"] != "icon is recommended"]
+    assert problems == [], problems
+
+
+def test_values_schema_rejects_typos_and_wrong_types() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(None)
+        for path in CI_VALUES:
+            chart.validate_schema(yaml.safe_load(path.read_text()))
+        for bad in (
+            {"pipline": {"replicas": 1}},
+            {"pipeline": {"replicas": "3"}},
+            {"review": {"ingress": {"enabeld": True}}},
+            {"database": {"url": "mysql://x"}},
+            {"secrets": {"reviewSecretKey": "short"}},
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
+
+
+def test_every_values_key_has_a_comment() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(\s*)([A-Za-z_][\w.-]*):")
+    missing = []
+    for i, line in enumerate(lines):
+        m = key.match(line)
+        if not m or "#" in line.split(":", 1)[1]:
+            continue
+        prev = next((p for p in reversed(lines[:i]) if p.strip()), "")
+        if not prev.strip().startswith("#"):
+            missing.append(f"line {i + 1}: {line.strip()}")
+    assert missing == [], "values.yaml keys without a comment above them:\n" + "\n".join(missing)
+
+
+# --- validation of every manifest -----------------------------------------------------------------------
+
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d|w|y))+$"}
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
+}
+# Hand-written subsets of the CRD schemas (prometheus-operator v0.7x, KEDA v2): every field the chart uses,
+# with the CRDs' types and enums; unknown fields are refused, as the API server's structural schema would.
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "additionalProperties": False,
+                "properties": {
+                    "selector": {
+                        "type": "object",
+                        "required": ["matchLabels"],
+                        "properties": {"matchLabels": _LABELS},
+                        "additionalProperties": False,
+                    },
+                    "namespaceSelector": {
+                        "type": "object",
+                        "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                        "additionalProperties": False,
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["port"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string", "pattern": "^/"},
+                                "interval": _DURATION,
+                                "scrapeTimeout": _DURATION,
+                                "relabelings": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop"]},
+                                            "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                            "targetLabel": {"type": "string"},
+                                            "replacement": {"type": "string"},
+                                            "regex": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "additionalProperties": False,
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string", "minLength": 1},
+                                "interval": _DURATION,
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "additionalProperties": False,
+                                        "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                        "properties": {
+                                            "record": {"type": "string"},
+                                            "alert": {"type": "string"},
+                                            "expr": {"type": "string", "minLength": 1},
+                                            "for": _DURATION,
+                                            "labels": _LABELS,
+                                            "annotations": _LABELS,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string"},
+                        },
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {"type": "string"},
+                                # KEDA trigger metadata is map[string]string: a number here is refused.
+                                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "properties": {"name": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def validate(doc: dict[str, Any], version: str) -> None:
+    schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if schema is not None:
+        jsonschema.validate(doc, schema)
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_manifest_validates(scenario: str) -> None:
+    docs = manifests(scenario) + job_templates(manifests(scenario))
+    assert len(docs) >= 8
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            validate(doc, version)
+
+
+def test_validation_can_fail() -> None:
+    """Both validators refuse what the API server would refuse."""
+    docs = manifests("postgres-kafka-ha")
+    deployment = one(docs, "Deployment", "-pipeline")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["pathh"] = "/healthz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment, K8S_VERSIONS[-1])
+    monitor = one(docs, "ServiceMonitor", "-pipeline")
+    monitor["spec"]["endpoints"][0]["interval"] = 30
+    with pytest.raises(jsonschema.ValidationError):
+        validate(monitor, K8S_VERSIONS[-1])
+    keda = one(manifests("keda"), "ScaledObject")
+    keda["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 2000
+    with pytest.raises(jsonschema.ValidationError):
+        validate(keda, K8S_VERSIONS[-1])
+
+
+# --- security, probes, shutdown --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_restricted_pod_security(scenario: str) -> None:
+    specs = list(pod_specs(manifests(scenario)))
+    assert specs
+    for where, template in specs:
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert not any("hostPath" in v for v in volumes.values()), where
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: /tmp must be an emptyDir"
+            if c["image"].startswith("oversight-monitor"):
+                assert "/data" in mounts, where
+                data = volumes[mounts["/data"]]
+                assert "emptyDir" in data or "persistentVolumeClaim" in data, where
+                assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], where
+                assert c["resources"]["limits"]["memory"], where
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_and_graceful_shutdown(scenario: str) -> None:
+    deployments = by_kind(manifests(scenario), "Deployment")
+    assert deployments
+    for d in deployments:
+        spec = d["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", d["metadata"]["name"]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", d["metadata"]["name"]
+        assert c["startupProbe"]["httpGet"]["path"] == "/healthz", d["metadata"]["name"]
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            assert c[probe]["httpGet"]["port"] in ports
+        # Readiness (broker or database down) never restarts the pod.
+        assert all(c[p]["httpGet"]["path"] != "/readyz" for p in ("livenessProbe", "startupProbe"))
+        sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep" and int(sleep[1]) > 0
+        assert spec["terminationGracePeriodSeconds"] >= int(sleep[1]) + DRAIN_S
+
+
+def test_grace_period_too_short_for_the_drain_is_rejected() -> None:
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render({"pipeline": {"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 15}})
+
+
+# --- selectors and references ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_selectors_match_pod_labels(scenario: str) -> None:
+    docs = manifests(scenario)
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in by_kind(docs, "Deployment")}
+    for name, template in pods.items():
+        d = one(docs, "Deployment", name)
+        assert matches(d["spec"]["selector"]["matchLabels"], template["metadata"]["labels"]), name
+    # Deployments do not select each other's pods.
+    for a in pods:
+        for b in pods:
+            if a != b:
+                assert not matches(
+                    one(docs, "Deployment", a)["spec"]["selector"]["matchLabels"], pods[b]["metadata"]["labels"]
+                )
+
+    def pods_of(selector: dict[str, str]) -> list[dict[str, Any]]:
+        return [t for t in pods.values() if matches(selector, t["metadata"]["labels"])]
+
+    services = {}
+    for svc in by_kind(docs, "Service"):
+        selected = pods_of(svc["spec"]["selector"])
+        assert selected, f"Service {svc['metadata']['name']} selects no pods"
+        for port in svc["spec"]["ports"]:
+            for t in selected:
+                names = {p["name"] for c in t["spec"]["containers"] for p in c["ports"]}
+                assert port["targetPort"] in names, f"{svc['metadata']['name']}: no container port {port['targetPort']}"
+        services[svc["metadata"]["name"]] = svc
+    for kind in ("PodDisruptionBudget",):
+        for pdb in by_kind(docs, kind):
+            assert pods_of(pdb["spec"]["selector"]["matchLabels"]), pdb["metadata"]["name"]
+    for np in by_kind(docs, "NetworkPolicy"):
+        selected = pods_of(np["spec"]["podSelector"]["matchLabels"])
+        assert selected, np["metadata"]["name"]
+        names = {p["name"] for t in selected for c in t["spec"]["containers"] for p in c["ports"]}
+        for rule in np["spec"]["ingress"]:
+            assert all(p["port"] in names for p in rule["ports"]), np["metadata"]["name"]
+    for sm in by_kind(docs, "ServiceMonitor"):
+        svc = [s for s in services.values() if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+        assert len(svc) == 1, sm["metadata"]["name"]
+        assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc[0]["spec"]["ports"]}
+        assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    for scaler in by_kind(docs, "HorizontalPodAutoscaler") + by_kind(docs, "ScaledObject"):
+        assert scaler["spec"]["scaleTargetRef"]["name"] in pods
+    for ing in by_kind(docs, "Ingress"):
+        for rule in ing["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                assert backend["port"]["name"] in {p["name"] for p in services[backend["name"]]["spec"]["ports"]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_secret_and_config_references_resolve(scenario: str) -> None:
+    docs = manifests(scenario)
+    values = scenario_values(scenario) or {}
+    existing = values.get("secrets", {}).get("existingSecret")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(docs, "Secret")}
+    configmaps = {c["metadata"]["name"] for c in by_kind(docs, "ConfigMap")}
+    assert bool(existing) != bool(secrets), "the chart's Secret exactly when no existingSecret is given"
+    for where, template in pod_specs(docs):
+        for v in template["spec"]["volumes"]:
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, where
+            if "secret" in v:
+                assert v["secret"]["secretName"] in (existing or secrets), where
+        for c in template["spec"]["containers"]:
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if not ref:
+                    continue
+                if existing:
+                    assert ref["name"] == existing, where
+                elif not ref.get("optional"):
+                    assert ref["key"] in secrets[ref["name"]]["data"], f"{where}: {ref['key']} not in the Secret"
+
+
+# --- what the pods run: config, environment, commands ---------------------------------------------------
+
+
+def _pod_settings(
+    docs: list[dict[str, Any]], template: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp: Path
+) -> Settings:
+    """Settings exactly as the container would load them: its args, its config file, its environment."""
+    (c,) = template["spec"]["containers"]
+    secrets = {s["metadata"]["name"]: s["data"] for s in by_kind(docs, "Secret")}
+    for env in c.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref is None:
+            monkeypatch.setenv(env["name"], env["value"])
+        elif ref["name"] in secrets and ref["key"] in secrets[ref["name"]]:
+            monkeypatch.setenv(env["name"], base64.b64decode(secrets[ref["name"]][ref["key"]]).decode())
+        elif not ref.get("optional"):
+            # A Secret managed outside the chart (existingSecret): a stand-in value of the right shape.
+            stand_in = {"OVERSIGHT_DATABASE__URL": "postgresql://u:p@db:5432/o"}.get(env["name"], "x" * 32)
+            monkeypatch.setenv(env["name"], stand_in)
+    args = build_parser().parse_args(c["args"])
+    assert args.config == "/etc/oversight/config.yaml"
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/oversight")
+    volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = one(docs, "ConfigMap", volume["configMap"]["name"])
+    path = tmp / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    return load_settings(path, args.overrides)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_load_their_configuration_through_settings(
+    scenario: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every OVERSIGHT_* variable and config key must be a real setting (Settings rejects unknown ones), the
+    secrets must be usable outside dev mode, and the ports the probes and Services use are the ones the
+    service listens on."""
+    docs = manifests(scenario)
+    for d in by_kind(docs, "Deployment"):
+        with monkeypatch.context() as m:
+            template = d["spec"]["template"]
+            settings = _pod_settings(docs, template, m, tmp_path)
+            (c,) = template["spec"]["containers"]
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            args = build_parser().parse_args(c["args"])
+            assert not settings.dev
+            settings.sampling_key()
+            assert settings.source.kind == "kafka"
+            assert settings.server.host == "0.0.0.0"
+            if args.command == "run":
+                assert ports["ops"] == settings.server.port
+                if args.review:
+                    assert ports["http"] == settings.review.port
+                    settings.review_secret()
+            else:
+                assert args.command == "serve" and ports["http"] == settings.review.port
+                assert settings.review.host == "0.0.0.0"
+                settings.review_secret()
+            if settings.database.url.startswith("sqlite"):
+                assert settings.database.url.startswith("sqlite:////data/")
+
+
+def test_config_values_reach_the_service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    docs = manifests("postgres-kafka-ha")
+    settings = _pod_settings(docs, one(docs, "Deployment", "-pipeline")["spec"]["template"], monkeypatch, tmp_path)
+    values = scenario_values("postgres-kafka-ha")
+    assert values is not None
+    assert settings.kafka.bootstrap_servers == values["kafka"]["bootstrapServers"]
+    assert settings.kafka.topic == "prod.episodes" and settings.kafka.group_id == "oversight-prod"
+    assert settings.kafka.security_protocol == "SASL_SSL"
+    assert (
+        settings.kafka.sasl_password is not None
+        and settings.kafka.sasl_password.get_secret_value() == "ci-sasl-password"
+    )
+    assert settings.sampling.human_budget_per_hour == 200
+    assert settings.sampling.streams["chat"].human is not None and settings.sampling.streams["chat"].human.rate == 0.02
+    assert settings.database.url == values["database"]["url"]
+    assert settings.sampling_key() == b"ci-sampling-key-0123456789abcdef"
+
+
+def test_an_unknown_config_key_fails_the_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from monitor.config import ConfigError
+
+    values = {"config": {"sampling": {"humann": {"rate": 0.5}}}}
+    docs = render_docs(values)
+    with pytest.raises(ConfigError, match="humann"):
+        _pod_settings(docs, one(docs, "Deployment", "-pipeline")["spec"]["template"], monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_deployment_commands_are_real_cli_subcommands(scenario: str) -> None:
+    commands = {}
+    for d in by_kind(manifests(scenario), "Deployment"):
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        assert "command" not in c, "the image's entrypoint is oversight"
+        commands[d["metadata"]["name"]] = build_parser().parse_args(c["args"]).command
+    assert commands[f"{RELEASE}-pipeline"] == "run"
+    if f"{RELEASE}-review" in commands:
+        assert commands[f"{RELEASE}-review"] == "serve"
+
+
+def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
+    """`oversight rm update` comes with the reward-model feature; until it lands this fails (argparse exits 2)."""
+    jobs = {j["metadata"]["generateName"]: j for j in job_templates(manifests("postgres-kafka-ha"))}
+    rm = jobs[f"{RELEASE}-rm-update-"]
+    (c,) = rm["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:2] == ["rm", "update"]
+    try:
+        args = build_parser().parse_args(c["args"])
+    except SystemExit as e:
+        pytest.fail(f"`oversight {' '.join(c['args'])}` is not a CLI command yet (exit {e.code})")
+    assert args.config == "/etc/oversight/config.yaml"
+
+
+# --- scenarios: SQLite, secrets, monitoring ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"pipeline": {"replicas": 2}}, "SQLite"),
+        ({"pipeline": {"replicas": 3}, "database": {"url": "sqlite:////data/other.db"}}, "SQLite"),
+        ({"pipeline": {"keda": {"enabled": True}}}, "SQLite"),
+        ({"pipeline": {"autoscaling": {"enabled": True}}}, "SQLite"),
+        ({"database": {"url": "sqlite:///relative.db"}}, "data volume"),
+        ({"database": {"url": ""}}, "database.url is empty"),
+        (
+            {
+                "database": {"url": "postgresql://u@db:5432/o"},
+                "pipeline": {"keda": {"enabled": True}, "autoscaling": {"enabled": True}},
+            },
+            "enable one",
+        ),
+        ({"review": {"ingress": {"enabled": True}}}, "hosts"),
+    ],
+)
+def test_invalid_combinations_are_rejected_at_render_time(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(values)
+
+
+def test_sqlite_runs_one_process_with_the_review_ui_inside() -> None:
+    docs = manifests("default")
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Deployment")] == [f"{RELEASE}-pipeline"]
+    pipeline = one(docs, "Deployment", "-pipeline")
+    assert pipeline["spec"]["replicas"] == 1
+    assert pipeline["spec"]["strategy"]["type"] == "Recreate", "never two processes on the SQLite file"
+    (c,) = pipeline["spec"]["template"]["spec"]["containers"]
+    assert "--review" in c["args"]
+    review_svc = one(docs, "Service", "-review")
+    assert review_svc["spec"]["selector"]["app.kubernetes.io/component"] == "pipeline"
+    claim = one(docs, "PersistentVolumeClaim")
+    data = next(v for v in pipeline["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # The job template opens the same file.
+    (job,) = job_templates(docs)
+    job_data = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert job_data == data
+
+
+def test_postgres_ha_scales_and_spreads() -> None:
+    docs = manifests("postgres-kafka-ha")
+    pipeline = one(docs, "Deployment", "-pipeline")
+    assert pipeline["spec"]["replicas"] == 3 and pipeline["spec"]["strategy"]["type"] == "RollingUpdate"
+    review = one(docs, "Deployment", "-review")
+    assert "replicas" not in review["spec"], "the review HPA owns the replica count"
+    (spread,) = pipeline["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert matches(spread["labelSelector"]["matchLabels"], pipeline["spec"]["template"]["metadata"]["labels"])
+    assert {d["metadata"]["name"] for d in by_kind(docs, "PodDisruptionBudget")} == {
+        f"{RELEASE}-pipeline",
+        f"{RELEASE}-review",
+    }
+    # Only the pipeline may create Jobs, and only it gets a token.
+    role = one(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]}
+    ]
+    binding = one(docs, "RoleBinding")
+    assert binding["subjects"][0]["name"] == pipeline["spec"]["template"]["spec"]["serviceAccountName"]
+    assert pipeline["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert review["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    jobs = {j["metadata"]["generateName"] for j in job_templates(docs)}
+    assert jobs == {f"{RELEASE}-rm-update-", f"{RELEASE}-retrain-"}
+    policies = {n["metadata"]["name"]: n for n in by_kind(docs, "NetworkPolicy")}
+    assert policies[f"{RELEASE}-pipeline"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+
+
+def test_existing_secret_supplies_every_secret() -> None:
+    docs = manifests("existing-secret")
+    assert by_kind(docs, "Secret") == []
+    review = one(docs, "Deployment", "-review")
+    (c,) = review["spec"]["template"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert refs["OVERSIGHT_DATABASE__URL"] == {"name": "oversight-managed", "key": "database-url"}
+    assert refs["OVERSIGHT_SAMPLING__KEY"]["name"] == "oversight-managed"
+    assert refs["OVERSIGHT_REVIEW__SECRET_KEY"]["name"] == "oversight-managed"
+    assert one(docs, "Deployment", "-pipeline")["spec"]["replicas"] == 2
+
+
+def test_chart_secret_keeps_given_values_and_generates_the_rest() -> None:
+    given = one(manifests("postgres-kafka-ha"), "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in given["data"].items()}
+    assert data == {
+        "sampling-key": "ci-sampling-key-0123456789abcdef",
+        "review-secret-key": "ci-review-secret-0123456789abcdef",
+        "database-url": "postgresql://oversight:ci-password@postgres.db.svc:5432/oversight",
+        "webhook-secret": "ci-webhook-secret",
+        "kafka-sasl-password": "ci-sasl-password",
+    }
+    assert given["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    generated = one(manifests("default"), "Secret")
+    keys = {k: base64.b64decode(v).decode() for k, v in generated["data"].items()}
+    assert set(keys) == {"sampling-key", "review-secret-key"}, "SQLite: no database-url in the Secret"
+    assert all(len(v) == 48 for v in keys.values())
+
+
+def test_config_change_rolls_the_pods() -> None:
+    def checksum(values: dict[str, Any] | None) -> str:
+        pipeline = one(render_docs(values), "Deployment", "-pipeline")
+        return str(pipeline["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+
+    assert checksum(None) == checksum(None), "generated secrets must not roll the pods on every upgrade"
+    assert checksum(None) != checksum({"config": {"sampling": {"human": {"rate": 0.02}}}})
+
+
+def test_monitoring_resources_come_from_the_deploy_files() -> None:
+    docs = manifests("postgres-kafka-ha")
+    rule = one(docs, "PrometheusRule")
+    assert rule["spec"]["groups"] == rule_groups(), "the PrometheusRule must be deploy/prometheus/rules.yaml"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    dashboard = one(docs, "ConfigMap", "-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert json.loads(dashboard["data"]["oversight.json"]) == json.loads(DASHBOARD.read_text())
+    jobs = {sm["spec"]["endpoints"][0]["relabelings"][0]["replacement"] for sm in by_kind(docs, "ServiceMonitor")}
+    # The job names the rules' up{job=...} alerts match.
+    assert jobs == {"oversight-pipeline", "oversight-review"}
+    assert all(j in RULES.read_text() for j in jobs)
+    assert (CHART / "files" / "rules.yaml").resolve() == RULES
+    assert (CHART / "files" / "oversight.json").resolve() == DASHBOARD
+
+
+def test_monitoring_resources_are_off_by_default() -> None:
+    kinds = {d["kind"] for d in manifests("default")}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "ScaledObject", "HorizontalPodAutoscaler", "Ingress"}
+
+
+def test_keda_scales_the_pipeline_on_the_consumer_group_lag() -> None:
+    docs = manifests("keda")
+    pipeline = one(docs, "Deployment", "-pipeline")
+    assert "replicas" not in pipeline["spec"], "KEDA owns the replica count"
+    scaled = one(docs, "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"] == {
+        "bootstrapServers": "kafka:9092",
+        "consumerGroup": "oversight-monitor",
+        "topic": "oversight.episodes",
+        "lagThreshold": "2000",
+        "offsetResetPolicy": "earliest",
+    }
+    assert trigger["authenticationRef"] == {"name": "kafka-sasl"}
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 12)
+
+
+def test_ingress_terminates_tls_for_the_review_service() -> None:
+    docs = manifests("ingress-tls")
+    ingress = one(docs, "Ingress")
+    assert ingress["spec"]["tls"] == [{"secretName": "oversight-review-tls", "hosts": ["review.oversight.example.com"]}]
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "review.oversight.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-review"
