@@ -21,6 +21,7 @@ DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yaml"
 RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.yaml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "oversight.json"
+DOCKERFILE = DEPLOY / "Dockerfile"
 CHART = REPO / "helm" / "oversight"
 
 # Grafana template variables, replaced by values Prometheus accepts (what Grafana would send).
@@ -85,6 +86,30 @@ def substitute(expr: str) -> str:
         expr = expr.replace(var, value)
     assert "$" not in expr, f"unknown Grafana variable left in {expr!r}"
     return expr
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def healthcheck_command() -> list[str]:
+    """The exec-form CMD of the image's HEALTHCHECK."""
+    health = dict(dockerfile_instructions())["HEALTHCHECK"]
+    command: list[str] = json.loads(health[health.index("CMD") + 3 :].strip())
+    return command
 
 
 # --- PromQL: metric names and selectors --------------------------------------------------------------------

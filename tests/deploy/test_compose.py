@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, REPO, RULES, promtool
+from deploy_helpers import DEPLOY, DOCKERFILE, REPO, RULES, dockerfile_instructions, healthcheck_command, promtool
 
 from monitor.cli import build_parser
 from monitor.config import ConfigError, Settings, load_settings
 
 COMPOSE = DEPLOY / "compose.yaml"
-DOCKERFILE = DEPLOY / "Dockerfile"
 OVERSIGHT_SERVICES = ("migrate", "pipeline", "review")
 _VAR = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
 
@@ -82,23 +81,6 @@ def host_path(service: dict[str, Any], container_path: str) -> Path:
 # --- Dockerfile -------------------------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
 def dockerfile_env() -> dict[str, str]:
     """ENV of the final stage."""
     stages: list[dict[str, str]] = []
@@ -133,8 +115,7 @@ def test_dockerfile_is_multistage_nonroot_offline_with_entrypoint_and_healthchec
     assert set(volumes) == {"/data", "/tmp"}
     assert words["WORKDIR"] == "/data", "the default SQLite file and dead-letter file land on the volume"
     # The health check probes /healthz on the ops port the service really listens on.
-    health = words["HEALTHCHECK"]
-    m = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", health)
+    m = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", " ".join(healthcheck_command()))
     assert m and m.group(2) == "/healthz"
     assert int(m.group(1)) == Settings().server.port
     assert {int(p) for p in words["EXPOSE"].split()} == {Settings().server.port, Settings().review.port}
