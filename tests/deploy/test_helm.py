@@ -622,6 +622,12 @@ def test_sqlite_runs_one_process_with_the_review_ui_inside() -> None:
     (job,) = job_templates(docs)
     job_data = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
     assert job_data == data
+    # ReadWriteOnce: the job must land on the pipeline pod's node.
+    (term,) = job["spec"]["template"]["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert matches(term["labelSelector"]["matchLabels"], pipeline["spec"]["template"]["metadata"]["labels"])
 
 
 def test_postgres_ha_scales_and_spreads() -> None:
