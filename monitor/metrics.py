@@ -123,6 +123,63 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        # Reward model (monitor/reward). Scores are unbounded Bradley-Terry logits; the buckets
+        # cover the range seen on real traffic, and rate(sum)/rate(count) gives the mean trend.
+        self.rm_score = Histogram(
+            "rm_score",
+            "Reward-model scores of episodes on the rm channel, by stream",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+            buckets=(-6.0, -4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0),
+        )
+        self.rm_active_version = Gauge(
+            "rm_active_version_info", "1 for the active reward-model version", ["version"], namespace=NS, registry=r
+        )
+        self.rm_last_training = Gauge(
+            "rm_last_training_timestamp_seconds",
+            "Unix time of the last finished reward-model training",
+            namespace=NS,
+            registry=r,
+        )
+        self.rm_updates = Counter(
+            "rm_updates",
+            "Reward-model updates, by outcome (promoted, rejected, failed)",
+            ["outcome"],
+            namespace=NS,
+            registry=r,
+        )
+        self.rm_agreement = Gauge(
+            "rm_human_agreement",
+            "Fraction of recent human labels the active reward model agrees with, by stream",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+        )
+        # Human-rated quality over all traffic (Horvitz-Thompson from the labelled sample).
+        self.quality_estimate = Gauge(
+            "quality_estimate",
+            "Horvitz-Thompson estimate of human-rated quality over all traffic, by stream and bound"
+            " (estimate, ci_low, ci_high)",
+            ["stream", "bound"],
+            namespace=NS,
+            registry=r,
+        )
+        self.reward_hacking = Gauge(
+            "reward_hacking_suspected",
+            "1 while the reward-model score trend rises and the human quality estimate falls or stays flat",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+        )
+        self.action_requests = Counter(
+            "action_requests",
+            "Retraining and reward-model update requests, by kind (retrain, rm_update), sink and outcome"
+            " (sent, failed)",
+            ["kind", "sink", "outcome"],
+            namespace=NS,
+            registry=r,
+        )
         self.ready = Gauge("ready", "1 when the source and database are reachable", namespace=NS, registry=r)
 
     def stream_label(self, stream: str | None) -> str:
