@@ -5,9 +5,9 @@
 Scenarios are built from ../shared/data (AlpacaEval outputs of real models, HH-RLHF red-team
 prompts): 1,500 episodes before and 1,500 after each change, ``model`` constant and nothing in
 ``metadata``: detection must come from the traffic itself. For each scenario the monitor (the
-full pipeline with its default drift configuration, every episode on the drift channel) is
-compared with two standalone baselines fed the same stream: river ADWIN (default delta) on
-response length, and alibi-detect MMDDriftOnline on prompt+response embeddings (ERT 2000,
+full pipeline with its default configuration: text-statistic CUSUMs on every episode,
+embeddings of the 5% drift channel) is compared with two standalone baselines fed the same
+stream: river ADWIN (default delta) on response length, and alibi-detect MMDDriftOnline on prompt+response embeddings (ERT 2000,
 window 50, 500-episode reference). Prints a table and a JSON line.
 """
 
@@ -104,7 +104,6 @@ def run_monitor(values: list[bytes], tmp: str) -> tuple[list[dict[str, Any]], fl
             "dev=true",
             "database.url=sqlite://",
             f"dead_letter.path={tmp}/d.jsonl",
-            "sampling.drift.rate=1.0",
             "pipeline.batch_size=100",
         ],
     )

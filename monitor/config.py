@@ -175,19 +175,38 @@ class EmbeddingDriftConfig(_Model):
 
 
 def _default_drift_signals() -> dict[str, list[str]]:
+    # One CUSUM per text signal: cheap, calibrated once per process (signals are put on a
+    # common null first, see monitor/signals/normalise.py), and quick on real shifts.
     return {
-        "response_log_chars": ["adwin"],
-        "prompt_log_chars": ["adwin"],
-        "distinct_token_ratio": ["adwin"],
-        "non_text_ratio": ["adwin"],
-        "empty_response": ["fet"],
-        "refusal": ["fet"],
+        name: ["page_hinkley"]
+        for name in (
+            "response_log_chars",
+            "prompt_log_chars",
+            "distinct_token_ratio",
+            "non_text_ratio",
+            "empty_response",
+            "refusal",
+            "mixed_script",
+        )
     }
+
+
+def _default_detector_params() -> dict[str, dict[str, float | str]]:
+    # river's PageHinkley defaults (delta 0.005, fading alpha 0.9999) make a random walk whose
+    # alarm level must grow with the ERT (~300 at ERT 1e5, hundreds of episodes of delay);
+    # without fading and with a drift allowance of half a standard deviation it is a proper
+    # CUSUM for shifts of about one standard deviation.
+    return {"page_hinkley": {"delta": 0.5, "alpha": 1.0}}
 
 
 class DriftConfig(_Model):
     enabled: bool = True
-    ert: float = Field(2000.0, gt=10, description="expected run time: mean episodes between false alarms")
+    ert: float = Field(
+        20000.0,
+        gt=10,
+        description="expected run time per stream: mean episodes between false alarms of all its signals and"
+        " detectors together (each detector gets an equal share of the false-alarm rate)",
+    )
     reference_size: int = Field(500, ge=20, description="warm-up episodes per stream and signal")
     cooldown: int = Field(
         0,
@@ -198,6 +217,13 @@ class DriftConfig(_Model):
     boost_duration_s: float = Field(3600.0, gt=0, description="event-time seconds the boost lasts")
     signals: dict[str, list[str]] = Field(
         default_factory=_default_drift_signals, description="signal -> detector names watching it"
+    )
+    detector_params: dict[str, dict[str, float | str]] = Field(
+        default_factory=_default_detector_params,
+        description="detector name -> constructor parameters (besides ert and x_ref)",
+    )
+    tail_clip: float = Field(
+        5.0, gt=0, description="normal scores of values beyond the reference's range are clipped at +-tail_clip"
     )
     rereference_poll_s: float = Field(5.0, gt=0)
     embedding: EmbeddingDriftConfig = Field(default_factory=EmbeddingDriftConfig)

@@ -36,7 +36,8 @@ import sqlalchemy as sa
 from monitor.config import DriftConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
-from monitor.signals import TEXT_SIGNALS, text_stats
+from monitor.signals import FED_SIGNALS, TEXT_SIGNALS, text_stats
+from monitor.signals.normalise import NormalScores, conservative_binary_reference
 from monitor.store import Store
 from monitor.store import tables as t
 from sampling import Decision
@@ -44,7 +45,7 @@ from sampling import Decision
 log = logging.getLogger(__name__)
 
 COMPONENT = "drift"
-STATE_VERSION = 1
+STATE_VERSION = 2
 EMBEDDING = "embedding"
 
 Boost = Callable[[str, float, float, str], None]
@@ -56,6 +57,7 @@ class SignalState:
     detectors: dict[str, Any] = field(default_factory=dict)  # name -> Detector (None: failed, disabled)
     cooldown: int = 0
     n: int = 0
+    transform: NormalScores | None = None
 
 
 @dataclass
@@ -66,13 +68,31 @@ class StreamDrift:
 class DriftMonitor:
     """An :class:`monitor.pipeline.EpisodeObserver` that runs drift detection per stream."""
 
-    def __init__(self, cfg: DriftConfig, store: Store, key: bytes, metrics: Metrics, boost: Boost):
-        unknown = set(cfg.signals) - set(TEXT_SIGNALS)
+    def __init__(
+        self,
+        cfg: DriftConfig,
+        store: Store,
+        key: bytes,
+        metrics: Metrics,
+        boost: Boost,
+        drift_rate: float = 1.0,
+    ):
+        known = {**TEXT_SIGNALS, **FED_SIGNALS}
+        unknown = set(cfg.signals) - set(known)
         if unknown:
             from monitor.config import ConfigError
 
-            raise ConfigError(f"drift.signals: unknown signals {sorted(unknown)}; known: {sorted(TEXT_SIGNALS)}")
+            raise ConfigError(f"drift.signals: unknown signals {sorted(unknown)}; known: {sorted(known)}")
         self.cfg = cfg
+        self._kinds = {name: spec.kind for name, spec in known.items()}
+        self._text_watch = {s: d for s, d in cfg.signals.items() if s in TEXT_SIGNALS}
+        # The false-alarm budget of a stream (one alarm per cfg.ert episodes) is split evenly
+        # over its detectors (a union bound): each runs at ERT = cfg.ert * detectors.
+        # Embedding detectors see only drift-sampled episodes, so their ERT in updates is
+        # scaled by the drift sampling rate.
+        n = sum(len(d) for d in cfg.signals.values()) + (len(cfg.embedding.detectors) if cfg.embedding.enabled else 0)
+        self.ert_each = cfg.ert * max(1, n)
+        self.ert_embedding = max(50.0, self.ert_each * drift_rate)
         self._store = store
         self._key = key
         self._metrics = metrics
@@ -85,20 +105,43 @@ class DriftMonitor:
         # Drift-sampled episodes waiting to be embedded at the end of the batch (one batched forward pass).
         self._pending: list[tuple[Episode, int]] = []
         self._embedder: Any = None
-        self._params: dict[str, float] = {}
+        self._params: dict[tuple[Any, ...], float] = {}
 
     # -- observer protocol ------------------------------------------------------
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         self._update(
-            episode, index, text_stats(episode.prompt, episode.response), self.cfg.signals, self.cfg.reference_size
+            episode.stream,
+            episode.episode_id,
+            episode.timestamp,
+            index,
+            text_stats(episode.prompt, episode.response),
+            self._text_watch,
+            self.cfg.reference_size,
         )
         if self.cfg.embedding.enabled and "drift" in decision.sampled:
             self._pending.append((episode, index))
 
-    def _update(
-        self, episode: Episode, index: int, values: Mapping[str, Any], watch: Mapping[str, list[str]], ref_size: int
+    def observe_value(
+        self, stream: str, signal: str, value: float, episode_id: str, event_ts: float | None, index: int
     ) -> None:
-        stream = episode.stream
+        """Feed a signal computed by a later stage (reward-model score, human/model disagreement).
+
+        Signals not configured in ``drift.signals`` are ignored, so producers need not know the
+        configuration."""
+        names = self.cfg.signals.get(signal)
+        if names:
+            self._update(stream, episode_id, event_ts, index, {signal: value}, {signal: names}, self.cfg.reference_size)
+
+    def _update(
+        self,
+        stream: str,
+        episode_id: str,
+        event_ts: float | None,
+        index: int,
+        values: Mapping[str, Any],
+        watch: Mapping[str, list[str]],
+        ref_size: int,
+    ) -> None:
         sd = self._streams.get(stream)
         if sd is None:
             sd = self._load(stream)
@@ -113,6 +156,8 @@ class DriftMonitor:
                 if len(st.ref) >= ref_size:
                     self._arm(stream, signal, st, names)
                 continue
+            if st.transform is not None:
+                x = st.transform(x)
             hit = None
             for name in names:
                 det = st.detectors.get(name)
@@ -145,9 +190,9 @@ class DriftMonitor:
                     "statistic": _num(data.get("distance")),
                     "threshold": _num(data.get("threshold")),
                     "p_val": _num(data.get("p_val")),
-                    "episode_id": episode.episode_id,
+                    "episode_id": episode_id,
                     "input_index": index,
-                    "event_ts": episode.timestamp,
+                    "event_ts": event_ts,
                     "created_at": time.time(),
                 }
             )
@@ -166,7 +211,15 @@ class DriftMonitor:
             self._embedder = Embedder(ecfg.model_dir, max_length=ecfg.max_length)
         vectors = self._embedder.embed([episode_text(ep.prompt, ep.response) for ep, _ in pending])
         for (ep, index), vec in zip(pending, vectors, strict=True):
-            self._update(ep, index, {EMBEDDING: vec}, {EMBEDDING: ecfg.detectors}, ecfg.reference_size)
+            self._update(
+                ep.stream,
+                ep.episode_id,
+                ep.timestamp,
+                index,
+                {EMBEDDING: vec},
+                {EMBEDDING: ecfg.detectors},
+                ecfg.reference_size,
+            )
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._embed_pending()
@@ -197,28 +250,45 @@ class DriftMonitor:
 
         import detectors
 
-        ref = np.asarray(st.ref, dtype=float)
+        kind = "multivariate" if signal == EMBEDDING else self._kinds[signal]
+        raw = st.ref or []
+        ert = self.ert_embedding if signal == EMBEDDING else self.ert_each
+        if kind == "continuous":
+            st.transform = NormalScores.fit(raw, self.cfg.tail_clip)
+            ref = np.asarray([st.transform(x) for x in raw], dtype=float)
+        else:
+            ref = np.asarray(raw, dtype=float)
         for name in names:
             try:
-                st.detectors[name] = detectors.make(name, ert=self.cfg.ert, x_ref=ref, **self._river_param(name))
+                params: dict[str, Any] = dict(self.cfg.detector_params.get(name, {}))
+                x_ref = ref
+                if getattr(detectors.detector_class(name), "param_name", None) is not None:
+                    if kind == "binary":
+                        # Calibrated on a conservative rate, not on the noisy estimate of a rare event.
+                        x_ref = np.asarray(conservative_binary_reference(raw), dtype=float)
+                    params.update(self._river_param(name, kind, x_ref if kind == "binary" else None, ert, params))
+                st.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)
             except Exception as e:
                 log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, e)
                 self._metrics.detector_errors.labels(name).inc()
                 st.detectors[name] = None
         st.ref = None
 
-    def _river_param(self, name: str) -> dict[str, float]:
-        """River detectors see standardised inputs: calibrate their sensitivity once per process on
-        the Gaussian null (seconds), not once per stream and signal on each reference."""
+    def _river_param(
+        self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
+        (seconds). Continuous signals arrive as normal scores, so one calibration on the
+        Gaussian null serves every stream; binary ones are calibrated per conservative rate.
+        Both are cached for the life of the process."""
         import detectors
 
-        cls = detectors.detector_class(name)
-        param = getattr(cls, "param_name", None)
-        if param is None:
-            return {}
-        if name not in self._params:
-            self._params[name] = float(detectors.make(name, ert=self.cfg.ert).param_value)  # type: ignore[attr-defined]
-        return {param: self._params[name]}
+        param = detectors.detector_class(name).param_name  # type: ignore[attr-defined]
+        key = (name, kind, ert, None if x_ref is None else int(x_ref.sum()), tuple(sorted(params.items())))
+        if key not in self._params:
+            det = detectors.make(name, ert=ert, x_ref=x_ref, **params)
+            self._params[key] = float(det.param_value)  # type: ignore[attr-defined]
+        return {param: self._params[key]}
 
     def _sign(self, data: bytes) -> str:
         mac = hmac.new(self._key, data, hashlib.sha256).digest()
@@ -237,7 +307,13 @@ class DriftMonitor:
             dets = {}
             for name, det in st.detectors.items():
                 dets[name] = None if det is None else self._sign(det.snapshot())
-            signals[signal] = {"ref": _pack_ref(st.ref), "cooldown": st.cooldown, "n": st.n, "detectors": dets}
+            signals[signal] = {
+                "ref": _pack_ref(st.ref),
+                "cooldown": st.cooldown,
+                "n": st.n,
+                "detectors": dets,
+                "transform": None if st.transform is None else st.transform.to_dict(),
+            }
         return {"version": STATE_VERSION, "signals": signals}
 
     def _load(self, stream: str) -> StreamDrift:
@@ -252,6 +328,8 @@ class DriftMonitor:
                 st = SignalState(
                     ref=_unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0))
                 )
+                if s.get("transform") is not None:
+                    st.transform = NormalScores.from_dict(s["transform"])
                 for name, blob in (s.get("detectors") or {}).items():
                     data = None if blob is None else self._unsign(blob)
                     if blob is not None and data is None:

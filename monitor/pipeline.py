@@ -121,6 +121,7 @@ class Pipeline:
                 settings.sampling_key(),
                 metrics,
                 lambda stream, factor, duration, reason: self.sampler.boost(stream, factor, duration, reason=reason),
+                drift_rate=settings.sampling.drift.rate,
             )
             self.observers.append(self.drift)
         self.clock = clock

@@ -38,6 +38,12 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
         SignalSpec("prompt_log_chars", "continuous", "log(1 + characters in the prompt)"),
         SignalSpec("empty_response", "binary", "the response is empty or whitespace"),
         SignalSpec("refusal", "binary", "the response opens like a refusal"),
+        SignalSpec(
+            "mixed_script",
+            "binary",
+            "the response's letters come from more than one writing system (e.g. Latin and Cyrillic or CJK):"
+            " rare in real answers, typical of degenerate or adversarial output",
+        ),
         SignalSpec("distinct_token_ratio", "continuous", "distinct / total word tokens of the response (repetition)"),
         SignalSpec(
             "non_text_ratio",
@@ -63,6 +69,19 @@ def _non_text_ratio(text: str) -> float:
     return bad / len(text)
 
 
+def _mixed_script(text: str) -> float:
+    if text.isascii():
+        return 0.0
+    scripts: set[str] = set()
+    for ch in text:
+        if ch.isalpha():
+            # The first word of a letter's Unicode name is its script (LATIN, CYRILLIC, CJK, ...).
+            scripts.add("LATIN" if ch.isascii() else unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0])
+            if len(scripts) > 1:
+                return 1.0
+    return 0.0
+
+
 def text_stats(prompt: str, response: str) -> dict[str, float]:
     """Every text signal of one episode."""
     r = response[:MAX_CHARS]
@@ -74,4 +93,17 @@ def text_stats(prompt: str, response: str) -> dict[str, float]:
         "refusal": 1.0 if _REFUSAL.match(r[:300]) else 0.0,
         "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
         "non_text_ratio": _non_text_ratio(r),
+        "mixed_script": _mixed_script(r),
     }
+
+
+# Signals that later stages feed (monitor.drift.DriftMonitor.observe_value), not computed here.
+FED_SIGNALS: dict[str, SignalSpec] = {
+    s.name: s
+    for s in (
+        SignalSpec("rm_score", "continuous", "reward-model score of an episode on the rm channel"),
+        SignalSpec(
+            "rm_disagreement", "binary", "a human label disagrees with the reward model's verdict on the same episode"
+        ),
+    )
+}

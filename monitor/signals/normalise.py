@@ -1,0 +1,80 @@
+"""Put every scalar signal on one null distribution before a detector sees it.
+
+Text statistics are skewed, bounded, or mostly zero (``non_text_ratio``), so a detector
+calibrated on a Gaussian null would raise false alarms at rates far from its ERT. Two
+transforms fix that without per-stream calibration runs:
+
+* **Continuous signals: normal scores.** ``z = Phi^-1(F_ref(x))`` with the reference's
+  empirical CDF (mid-ranks for ties, ``(r + 1/2) / (n + 1)`` so no value maps to infinity).
+  Under no drift ``z`` is close to standard normal whatever the signal's shape, so a
+  detector calibrated once per process on the Gaussian null keeps its ERT on every stream
+  and signal. Values outside the reference's range continue linearly in units of the
+  reference's standard deviation, clipped at ``+-clip``: a run of far-out values (a
+  degenerate model) still moves the statistic quickly, but one outlier cannot fire alone.
+* **Binary signals: a conservative reference.** The rate of a rare event (refusals, empty
+  responses) estimated from a few hundred episodes is noisy; a detector calibrated on that
+  estimate fires whenever the true rate is a little higher. The detector is calibrated on
+  a synthetic 0/1 reference at the upper 97.5% Beta bound of the rate instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+_N = NormalDist()
+
+
+@dataclass
+class NormalScores:
+    """Normal-score transform against a reference sample (picklable; part of detector state)."""
+
+    sorted_ref: list[float]
+    scale: float
+    clip: float
+
+    @classmethod
+    def fit(cls, ref: list[float], clip: float = 5.0) -> NormalScores:
+        s = sorted(float(x) for x in ref)
+        n = len(s)
+        mean = sum(s) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in s) / max(1, n - 1))
+        return cls(s, sd if sd > 0 else 1.0, clip)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sorted_ref": self.sorted_ref, "scale": self.scale, "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NormalScores:
+        return cls([float(x) for x in d["sorted_ref"]], float(d["scale"]), float(d["clip"]))
+
+    def __call__(self, x: float) -> float:
+        import bisect
+
+        s, n = self.sorted_ref, len(self.sorted_ref)
+        lo, hi = s[0], s[-1]
+        if x < lo:
+            return max(_N.inv_cdf(0.5 / (n + 1)) - (lo - x) / self.scale, -self.clip)
+        if x > hi:
+            return min(_N.inv_cdf(1 - 0.5 / (n + 1)) + (x - hi) / self.scale, self.clip)
+        rank = (bisect.bisect_left(s, x) + bisect.bisect_right(s, x)) / 2
+        return _N.inv_cdf((rank + 0.5) / (n + 1))
+
+
+def conservative_binary_reference(ref: list[float], size: int = 4000, quantile: float = 0.975) -> list[float]:
+    """A 0/1 sample whose rate is the upper ``quantile`` Beta bound of the reference's rate."""
+    from scipy.stats import beta
+
+    n = len(ref)
+    k = sum(1 for x in ref if x >= 0.5)
+    p = float(beta.ppf(quantile, k + 1, n - k + 1))
+    ones = max(1, min(size - 1, round(p * size)))
+    return [1.0] * ones + [0.0] * (size - ones)
+
+
+def describe(t: Any) -> dict[str, Any]:
+    if isinstance(t, NormalScores):
+        return {"transform": "normal_scores", "reference_size": len(t.sorted_ref), "clip": t.clip}
+    return {"transform": "none"}
