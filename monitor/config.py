@@ -95,6 +95,10 @@ class KafkaConfig(_Model):
     group_id: str = "oversight-monitor"
     dlq_topic: str | None = Field(None, description="default: <topic>.dlq")
     drift_topic: str = Field("oversight.drift", description="drift events are published here")
+    scores_topic: str = Field("oversight.scores", description="reward-model scores are published here")
+    retrain_topic: str = Field(
+        "oversight.retrain", description="reward-model update and policy retraining requests are published here"
+    )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
@@ -229,6 +233,72 @@ class DriftConfig(_Model):
     embedding: EmbeddingDriftConfig = Field(default_factory=EmbeddingDriftConfig)
 
 
+class RewardUpdateConfig(_Model):
+    """When and how a reward-model update runs (train on fresh labels -> gate -> promote)."""
+
+    enabled: bool = True
+    trigger_signals: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="drift events on these signals request an update ('*': any signal)",
+    )
+    min_labels: int = Field(40, ge=4, description="fresh human labels from the drifted stream needed before training")
+    max_wait_s: float = Field(
+        86400.0, gt=0, description="a request still short of labels after this long (wall clock) is marked failed"
+    )
+    holdout_fraction: float = Field(0.3, gt=0, lt=1, description="share of prompts held out for the gate")
+    margin: float = Field(0.02, ge=0, description="the candidate must beat the active version by this on new labels")
+    max_regression: float = Field(0.02, ge=0, description="allowed drop on the older held-out labels")
+    rating_gap: int = Field(1, ge=1, description="minimum rating difference for two ratings of a prompt to form a pair")
+    train: dict[str, Any] = Field(default_factory=dict, description="training config overrides (rm train --set)")
+    poll_s: float = Field(5.0, gt=0, description="how often the embedded worker looks for requests")
+
+
+class RewardConfig(_Model):
+    """Reward-model scoring of the rm channel, and its versioned updates."""
+
+    enabled: bool = True
+    models_dir: str = Field("./models", description="registry directory holding one folder per version")
+    stream_set: str = Field("default", description="streams scored by one active version")
+    batch_size: int = Field(32, gt=0)
+    swap_poll_s: float = Field(2.0, gt=0, description="how often the scorer checks for a newly promoted version")
+    device: str | None = Field(None, description="torch device; default: cuda when present, else cpu")
+    update: RewardUpdateConfig = Field(default_factory=RewardUpdateConfig)
+
+
+class WebhookConfig(_Model):
+    url: str | None = Field(None, description="POST target for requests (JSON body, HMAC-SHA256 signature header)")
+    secret_file: str | None = Field(
+        None, description="file holding the HMAC secret (the chart mounts /var/run/secrets/oversight/webhook-secret)"
+    )
+    timeout_s: float = Field(10.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each attempt")
+
+
+class KubernetesJobConfig(_Model):
+    templates_dir: str = Field(
+        "/etc/oversight-jobs", description="Job manifests rm-update-job.yaml and retrain-job.yaml (from the chart)"
+    )
+    namespace: str | None = Field(None, description="default: the pod's own namespace")
+
+
+class ActionsConfig(_Model):
+    """Where reward-model update and policy retraining requests go."""
+
+    retrain_sinks: list[Literal["kafka", "webhook", "kubernetes", "log"]] = Field(
+        default_factory=lambda: ["log"], description="sinks for policy retraining requests"
+    )
+    rm_update_sinks: list[Literal["kafka", "webhook", "kubernetes", "local"]] = Field(
+        default_factory=lambda: ["local"],
+        description="'local': the embedded worker trains, gates and promotes; others hand the request to a trainer",
+    )
+    incident_gap_s: float = Field(
+        3600.0, gt=0, description="drift events of a stream closer than this (event time) form one incident"
+    )
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+    kubernetes: KubernetesJobConfig = Field(default_factory=KubernetesJobConfig)
+
+
 class MetricsConfig(_Model):
     max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
 
@@ -264,6 +334,8 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     review: ReviewConfig = ReviewConfig()
     drift: DriftConfig = DriftConfig()
+    reward: RewardConfig = RewardConfig()
+    actions: ActionsConfig = ActionsConfig()
 
     @classmethod
     def settings_customise_sources(

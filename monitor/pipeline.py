@@ -111,7 +111,7 @@ class Pipeline:
         self.sampler = sampler if sampler is not None else make_sampler(settings, store)
         self.observers = list(observers)
         self.drift: DriftMonitor | None = None
-        self.drift_publisher: Any = None  # a DriftPublisher in Kafka mode
+        self.drift_publisher: Any = None  # an OutboxPublisher of drift_events in Kafka mode
         if settings.drift.enabled:
             from monitor.drift import DriftMonitor
 
@@ -124,6 +124,22 @@ class Pipeline:
                 drift_rate=settings.sampling.drift.rate,
             )
             self.observers.append(self.drift)
+        self.scorer: Any = None  # a RewardScorer when reward.enabled
+        if settings.reward.enabled:
+            from monitor.reward.registry import Registry
+            from monitor.reward.scorer import RewardScorer
+
+            drift = self.drift
+            self.scorer = RewardScorer(
+                settings.reward,
+                Registry(store, settings.reward.models_dir, settings.reward.stream_set),
+                metrics,
+                feed=None if drift is None else drift.observe_value,
+            )
+            # Before drift: its checkpoint feeds rm_score values that drift's checkpoint saves.
+            at = self.observers.index(drift) if drift is not None else len(self.observers)
+            self.observers.insert(at, self.scorer)
+        self.scores_publisher: Any = None  # an OutboxPublisher of rm_scores in Kafka mode
         self.clock = clock
         self.stats = RunStats()
         self.stop_event = threading.Event()
@@ -151,6 +167,8 @@ class Pipeline:
         self.sampler.forget()
         if self.drift is not None:
             self.drift.forget()
+        if self.scorer is not None:
+            self.scorer.forget()
 
     # -- control -------------------------------------------------------------
     def boost(
@@ -202,6 +220,8 @@ class Pipeline:
                 self.dead_letters.close()
                 if self.drift_publisher is not None:
                     self.drift_publisher.close()
+                if self.scores_publisher is not None:
+                    self.scores_publisher.close()
 
     # -- the batch -------------------------------------------------------------
     def process_batch(self, records: list[Record], stop: threading.Event | None = None) -> bool:
@@ -324,6 +344,8 @@ class Pipeline:
         if self.drift is not None:
             batch.drift_events = self.drift.take_events()
             batch.audit_applied = self.drift.take_applied()
+        if self.scorer is not None:
+            batch.rm_scores = self.scorer.take_rows()
 
         if not self._commit(batch, letters, stop):
             return False
@@ -335,6 +357,11 @@ class Pipeline:
                 self.drift_publisher.publish_pending()
             except Exception as e:  # the outbox keeps them; the next event or restart retries
                 log.warning("publishing drift events failed (kept for retry): %s", e)
+        if batch.rm_scores and self.scores_publisher is not None:
+            try:
+                self.scores_publisher.publish_pending()
+            except Exception as e:  # the outbox keeps them
+                log.warning("publishing reward-model scores failed (kept for retry): %s", e)
 
         # Bookkeeping after the commit, so stats and metrics count committed work.
         done = time.time()
@@ -417,6 +444,8 @@ class Pipeline:
             self.sampler.forget()
             if self.drift is not None:
                 self.drift.forget()
+            if self.scorer is not None:
+                self.scorer.forget()
             self.source.rewind()
             return False
         return True

@@ -78,11 +78,16 @@ def build_service(
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     src = source if source is not None else build_source(settings, resume=resume)
     pipeline = Pipeline(settings, store, src, build_dead_letters(settings), metrics)
-    if settings.source.kind == "kafka" and settings.drift.enabled:
-        from monitor.drift import DriftPublisher
+    if settings.source.kind == "kafka":
+        from monitor.outbox import drift_publisher, scores_publisher
 
-        pipeline.drift_publisher = DriftPublisher(settings.kafka, store)
-        pipeline.drift_publisher.publish_pending()  # whatever a previous run committed but did not publish
+        # Whatever a previous run committed but did not publish goes out first.
+        if settings.drift.enabled:
+            pipeline.drift_publisher = drift_publisher(settings.kafka, store)
+            pipeline.drift_publisher.publish_pending()
+        if settings.reward.enabled:
+            pipeline.scores_publisher = scores_publisher(settings.kafka, store)
+            pipeline.scores_publisher.publish_pending()
     svc = Service(settings, store, metrics, pipeline, None)
     if serve:
         svc.server = OpsServer(settings.server.host, settings.server.port, metrics.registry, svc.readiness).start()

@@ -53,6 +53,7 @@ class BatchWrite:
     tasks: list[dict[str, Any]] = field(default_factory=list)
     drift_events: list[dict[str, Any]] = field(default_factory=list)
     audit_applied: list[int] = field(default_factory=list)
+    rm_scores: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store:
@@ -115,6 +116,8 @@ class Store:
                 conn.execute(self._insert(t.review_tasks).on_conflict_do_nothing(), batch.tasks)
             if batch.drift_events:
                 conn.execute(self._insert(t.drift_events).on_conflict_do_nothing(), batch.drift_events)
+            if batch.rm_scores:
+                conn.execute(self._insert(t.rm_scores).on_conflict_do_nothing(), batch.rm_scores)
             if batch.audit_applied:
                 conn.execute(
                     t.drift_audit.update().where(t.drift_audit.c.id.in_(batch.audit_applied)).values(applied_at=now)

@@ -191,3 +191,64 @@ drift_audit = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("applied_at", sa.Float),
 )
+
+# -- reward model and actions (migration 0004) ---------------------------------
+
+# Every reward-model version ever trained: its directory, lineage, data window and metrics.
+rm_versions = sa.Table(
+    "rm_versions",
+    metadata,
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("parent", sa.String(64)),
+    sa.Column("path", sa.String(1024), nullable=False),
+    # candidate -> active | rejected; active -> retired when another is promoted
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("data_window", JsonType, nullable=False),
+    sa.Column("metrics", JsonType, nullable=False),
+    sa.Column("gate", JsonType),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("promoted_at", sa.Float),
+)
+
+# Exactly one active version per stream set (one row per set; the generation orders swaps).
+rm_active = sa.Table(
+    "rm_active",
+    metadata,
+    sa.Column("stream_set", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), sa.ForeignKey("rm_versions.version"), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# One score per episode and version: the primary key makes re-scoring after a crash a no-op.
+rm_scores = sa.Table(
+    "rm_scores",
+    metadata,
+    sa.Column("episode_id", sa.String(128), sa.ForeignKey("episodes.episode_id"), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("published_at", sa.Float),
+    sa.Index("ix_rm_scores_stream_ts", "stream", "ts"),
+)
+
+# Reward-model update and policy retraining requests: one per drift incident (the key), with
+# the state that the admin view shows and the sinks' delivery outcome.
+action_requests = sa.Table(
+    "action_requests",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # rm_update | retrain
+    sa.Column("key", sa.String(255), nullable=False),
+    sa.Column("stream", sa.String(128)),
+    sa.Column("state", sa.String(16), nullable=False),  # pending, running, sent, done, failed, rejected
+    sa.Column("payload", JsonType, nullable=False),
+    sa.Column("result", JsonType),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.String(1000)),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("kind", "key", name="uq_action_requests_kind_key"),
+)

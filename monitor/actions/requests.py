@@ -1,0 +1,105 @@
+"""Action requests (``action_requests`` table): reward-model updates and policy retraining.
+
+One request per drift incident and kind: the incident's key (stream + its first event) is
+unique per kind, so a redelivered event, a restarted worker or a second replica cannot make
+a second request. States: ``pending`` -> ``running`` -> ``done`` | ``failed`` for work the
+monitor runs itself (rm_update in embedded mode); ``pending`` -> ``sent`` | ``failed`` for
+requests handed to a sink (retraining, rm_update in Kafka mode).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.store import Store
+from monitor.store import tables as t
+
+OPEN_STATES = ("pending", "running")
+
+
+def create(store: Store, kind: str, key: str, stream: str | None, payload: dict[str, Any]) -> tuple[str, bool]:
+    """(request id, created?): an existing request with the same kind and key is returned as is."""
+    r = t.action_requests
+    now = time.time()
+    rid = f"{kind}-{uuid.uuid4().hex[:16]}"
+    with store.engine.begin() as conn:
+        row = conn.execute(sa.select(r.c.id).where(r.c.kind == kind, r.c.key == key)).first()
+        if row is not None:
+            return str(row.id), False
+        conn.execute(
+            store._insert(r).on_conflict_do_nothing(),
+            [
+                {
+                    "id": rid,
+                    "kind": kind,
+                    "key": key,
+                    "stream": stream,
+                    "state": "pending",
+                    "payload": payload,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            ],
+        )
+        row = conn.execute(sa.select(r.c.id).where(r.c.kind == kind, r.c.key == key)).first()
+    assert row is not None
+    return str(row.id), str(row.id) == rid
+
+
+def open_request(store: Store, kind: str, stream: str) -> dict[str, Any] | None:
+    r = t.action_requests
+    with store.engine.connect() as conn:
+        q = sa.select(r).where(r.c.kind == kind, r.c.stream == stream, r.c.state.in_(OPEN_STATES))
+        row = conn.execute(q.order_by(r.c.created_at)).first()
+    return None if row is None else dict(row._mapping)
+
+
+def claim(store: Store, rid: str, from_state: str = "pending", to_state: str = "running") -> bool:
+    """Move a request between states only if nobody else did (compare-and-set)."""
+    r = t.action_requests
+    with store.engine.begin() as conn:
+        res = conn.execute(
+            r.update()
+            .where(r.c.id == rid, r.c.state == from_state)
+            .values(state=to_state, attempts=r.c.attempts + 1, updated_at=time.time())
+        )
+    return res.rowcount == 1
+
+
+def finish(store: Store, rid: str, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
+    r = t.action_requests
+    values: dict[str, Any] = {"state": state, "updated_at": time.time()}
+    if result is not None:
+        values["result"] = result
+    if error is not None:
+        values["last_error"] = error[:1000]
+    with store.engine.begin() as conn:
+        conn.execute(r.update().where(r.c.id == rid).values(**values))
+
+
+def update_payload(store: Store, rid: str, payload: dict[str, Any]) -> None:
+    r = t.action_requests
+    with store.engine.begin() as conn:
+        conn.execute(r.update().where(r.c.id == rid).values(payload=payload, updated_at=time.time()))
+
+
+def get(store: Store, rid: str) -> dict[str, Any] | None:
+    r = t.action_requests
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(r).where(r.c.id == rid)).first()
+    return None if row is None else dict(row._mapping)
+
+
+def listing(store: Store, kind: str | None = None, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    r = t.action_requests
+    q = sa.select(r).order_by(r.c.created_at.desc()).limit(limit)
+    if kind is not None:
+        q = q.where(r.c.kind == kind)
+    if state is not None:
+        q = q.where(r.c.state == state)
+    with store.engine.connect() as conn:
+        return [dict(row._mapping) for row in conn.execute(q).all()]

@@ -1,0 +1,83 @@
+"""Publishing committed rows to Kafka (the outbox pattern).
+
+Drift events and reward-model scores are committed with their batch first; publishing
+follows and marks the rows (``published_at``). A crash in between publishes them again on
+the next run (at-least-once); each message carries an idempotency key header so consumers
+can drop the repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+class OutboxPublisher:
+    def __init__(
+        self,
+        cfg: Any,
+        store: Store,
+        table: sa.Table,
+        topic: str,
+        idempotency_key: Callable[[dict[str, Any]], str],
+    ):
+        from kafka import KafkaProducer
+
+        from monitor.sources.kafka import client_security
+
+        self.topic = topic
+        self._store = store
+        self._table = table
+        self._pk = list(table.primary_key.columns)
+        self._key = idempotency_key
+        self._producer = KafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, acks="all", retries=5, **client_security(cfg)
+        )
+
+    def publish_pending(self, limit: int = 500) -> int:
+        tb = self._table
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(tb).where(tb.c.published_at.is_(None)).order_by(*self._pk).limit(limit)
+            ).all()
+        if not rows:
+            return 0
+        futures = []
+        for row in rows:
+            item = dict(row._mapping)
+            item.pop("published_at", None)
+            futures.append(
+                self._producer.send(
+                    self.topic,
+                    key=str(item["stream"]).encode(),
+                    value=json.dumps(item, ensure_ascii=True, sort_keys=True).encode(),
+                    headers=[("oversight.idempotency_key", self._key(item).encode())],
+                )
+            )
+        self._producer.flush(timeout=30)
+        for f in futures:
+            f.get(timeout=30)
+        keys = [tuple(getattr(r, c.name) for c in self._pk) for r in rows]
+        with self._store.engine.begin() as conn:
+            conn.execute(tb.update().where(sa.tuple_(*self._pk).in_(keys)).values(published_at=time.time()))
+        return len(rows)
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)
+
+
+def drift_publisher(cfg: Any, store: Store) -> OutboxPublisher:
+    return OutboxPublisher(cfg, store, t.drift_events, cfg.drift_topic, lambda e: f"drift-event-{e['id']}")
+
+
+def scores_publisher(cfg: Any, store: Store) -> OutboxPublisher:
+    return OutboxPublisher(
+        cfg, store, t.rm_scores, cfg.scores_topic, lambda s: f"rm-score-{s['episode_id']}-{s['version']}"
+    )

@@ -1,0 +1,138 @@
+"""Reward-model versions: folders under ``reward.models_dir`` plus rows in the database.
+
+A version is written once (its folder name is its content id) and registered as a
+``candidate``; the gate makes it ``active`` (the previous one becomes ``retired``) or
+``rejected``. ``rm_active`` holds exactly one version per stream set; promotion swaps it
+and bumps its generation in one transaction, so every reader sees either the old or the
+new version, and scorers notice the new generation at their next batch boundary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class Registry:
+    def __init__(self, store: Store, models_dir: str | Path, stream_set: str = "default"):
+        self.store = store
+        self.root = Path(models_dir)
+        self.stream_set = stream_set
+
+    def path_of(self, version: str) -> Path:
+        return self.root / version
+
+    def register(
+        self,
+        model: Any,
+        *,
+        data_window: dict[str, Any],
+        metrics: dict[str, Any],
+        status: str = "candidate",
+    ) -> str:
+        """Save ``model`` (a RewardModel) under its content id and record it; idempotent."""
+        tmp = self.root / f".tmp-{time.time_ns()}"
+        model.save(tmp)
+        version = str(model.version)
+        dest = self.path_of(version)
+        if dest.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(dest)  # atomic on one filesystem: a folder is complete or absent
+        row = {
+            "version": version,
+            "parent": model.parent,
+            "path": str(dest),
+            "status": status,
+            "data_window": data_window,
+            "metrics": metrics,
+            "created_at": time.time(),
+        }
+        with self.store.engine.begin() as conn:
+            if conn.execute(sa.select(t.rm_versions.c.version).where(t.rm_versions.c.version == version)).first():
+                return version
+            conn.execute(t.rm_versions.insert().values(**row))
+        return version
+
+    def active(self) -> tuple[str, Path, int] | None:
+        a = t.rm_active
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(a.c.version, a.c.generation).where(a.c.stream_set == self.stream_set)).first()
+        if row is None:
+            return None
+        return str(row.version), self.path_of(str(row.version)), int(row.generation)
+
+    def generation(self) -> int:
+        a = self.active()
+        return -1 if a is None else a[2]
+
+    def promote(self, version: str, gate: dict[str, Any] | None = None) -> int:
+        """Make ``version`` the active one (atomically); returns the new generation."""
+        now = time.time()
+        v, a = t.rm_versions, t.rm_active
+        with self.store.engine.begin() as conn:
+            if conn.execute(sa.select(v.c.version).where(v.c.version == version)).first() is None:
+                raise RegistryError(f"unknown version {version}")
+            cur = conn.execute(sa.select(a.c.version, a.c.generation).where(a.c.stream_set == self.stream_set)).first()
+            if cur is not None and cur.version == version:
+                return int(cur.generation)
+            gen = 0 if cur is None else int(cur.generation) + 1
+            if cur is None:
+                conn.execute(
+                    a.insert().values(stream_set=self.stream_set, version=version, generation=gen, updated_at=now)
+                )
+            else:
+                # Compare-and-set on the generation: two concurrent promotions cannot both win.
+                res = conn.execute(
+                    a.update()
+                    .where(a.c.stream_set == self.stream_set, a.c.generation == cur.generation)
+                    .values(version=version, generation=gen, updated_at=now)
+                )
+                if res.rowcount != 1:
+                    raise RegistryError("another promotion happened concurrently")
+                conn.execute(v.update().where(v.c.version == cur.version).values(status="retired"))
+            values: dict[str, Any] = {"status": "active", "promoted_at": now}
+            if gate is not None:
+                values["gate"] = gate
+            conn.execute(v.update().where(v.c.version == version).values(**values))
+        return gen
+
+    def reject(self, version: str, gate: dict[str, Any]) -> None:
+        v = t.rm_versions
+        with self.store.engine.begin() as conn:
+            conn.execute(v.update().where(v.c.version == version).values(status="rejected", gate=gate))
+
+    def versions(self) -> list[dict[str, Any]]:
+        v = t.rm_versions
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(v).order_by(v.c.created_at, v.c.version)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def get(self, version: str) -> dict[str, Any] | None:
+        v = t.rm_versions
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(v).where(v.c.version == version)).first()
+        return None if row is None else dict(row._mapping)
+
+    def load_active(self, device: str | None = None) -> tuple[Any, int] | None:
+        """The active RewardModel and its generation, or None when no version is active."""
+        from monitor.reward.model import RewardModel
+
+        a = self.active()
+        if a is None:
+            return None
+        version, path, gen = a
+        if not path.exists():
+            raise RegistryError(f"active version {version} has no folder at {path}")
+        return RewardModel.load(path, device=device), gen

@@ -1,0 +1,121 @@
+"""Batched reward-model scoring of the ``rm`` sampling channel, inside the pipeline.
+
+Episodes sampled for ``rm`` are collected as they pass and scored in one forward pass at the
+batch boundary (the observers' checkpoint), by the version active at that moment; the scores
+are committed in the same transaction as the batch's offsets, so a crash re-scores nothing
+twice (one row per episode and version) and loses nothing. A newly promoted version is picked
+up at a batch boundary: every episode is scored by exactly one version, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from monitor.config import RewardConfig
+from monitor.episodes import Episode
+from monitor.metrics import Metrics
+from monitor.reward.registry import Registry
+from sampling import Decision
+
+log = logging.getLogger(__name__)
+
+# (stream, signal, value, episode_id, event_ts, input_index): DriftMonitor.observe_value
+Feed = Callable[[str, str, float, str, float | None, int], None]
+
+
+class RewardScorer:
+    """An :class:`monitor.pipeline.EpisodeObserver` that scores the rm channel."""
+
+    def __init__(self, cfg: RewardConfig, registry: Registry, metrics: Metrics, feed: Feed | None = None):
+        self.cfg = cfg
+        self.registry = registry
+        self._metrics = metrics
+        self._feed = feed
+        self._pending: list[tuple[Episode, int]] = []
+        self._rows: list[dict[str, Any]] = []
+        self._model: Any = None
+        self._generation = -2  # unknown: check at the first batch
+        self._last_check = -1e18
+        self._warned = False
+        self.scored = 0
+        self.unscored = 0
+
+    @property
+    def version(self) -> str | None:
+        return None if self._model is None else self._model.version
+
+    def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        if "rm" in decision.sampled:
+            self._pending.append((episode, index))
+
+    def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        self._maybe_swap()
+        if not self._pending:
+            return {}
+        pending, self._pending = self._pending, []
+        if self._model is None:
+            # Kept in the samples table (channel rm): `oversight rm score-backlog` scores them later.
+            self.unscored += len(pending)
+            if not self._warned:
+                log.warning("no active reward-model version: rm-sampled episodes stay unscored")
+                self._warned = True
+            return {}
+        scores = self._model.score(
+            [ep.prompt for ep, _ in pending], [ep.response for ep, _ in pending], batch_size=self.cfg.batch_size
+        )
+        now = time.time()
+        version = str(self._model.version)
+        for (ep, index), s in zip(pending, scores, strict=True):
+            self._rows.append(
+                {
+                    "episode_id": ep.episode_id,
+                    "version": version,
+                    "stream": ep.stream,
+                    "score": float(s),
+                    "ts": ep.timestamp,
+                    "created_at": now,
+                }
+            )
+            self._metrics.rm_score.labels(self._metrics.stream_label(ep.stream)).observe(float(s))
+            if self._feed is not None:
+                self._feed(ep.stream, "rm_score", float(s), ep.episode_id, ep.timestamp, index)
+        self.scored += len(pending)
+        return {}
+
+    def take_rows(self) -> list[dict[str, Any]]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def forget(self) -> None:
+        self._pending.clear()
+        self._rows.clear()
+
+    def _maybe_swap(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_check < self.cfg.swap_poll_s:
+            return
+        self._last_check = now
+        active = self.registry.active()
+        gen = -1 if active is None else active[2]
+        if gen == self._generation:
+            return
+        if active is None:
+            self._model, self._generation = None, gen
+            return
+        from monitor.reward.model import RewardModel
+
+        version, path, _ = active
+        try:
+            model = RewardModel.load(path, device=self.cfg.device)
+        except Exception as e:  # keep scoring with the old version rather than stop ingest
+            log.error("cannot load reward-model version %s (keeping %s): %s", version, self.version, e)
+            return
+        old = self.version
+        self._model, self._generation = model, gen
+        if old is not None:
+            self._metrics.rm_active_version.remove(old)
+        self._metrics.rm_active_version.labels(version).set(1)
+        log.info("reward model: scoring with %s (generation %d, was %s)", version, gen, old)
