@@ -268,7 +268,8 @@ class RewardConfig(_Model):
 class WebhookConfig(_Model):
     url: str | None = Field(None, description="POST target for requests (JSON body, HMAC-SHA256 signature header)")
     secret_file: str | None = Field(
-        None, description="file holding the HMAC secret (the chart mounts /var/run/secrets/oversight/webhook-secret)"
+        "/var/run/secrets/oversight/webhook-secret",
+        description="file holding the HMAC secret (where the chart mounts it)",
     )
     timeout_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(5, ge=1)
@@ -282,14 +283,18 @@ class KubernetesJobConfig(_Model):
     namespace: str | None = Field(None, description="default: the pod's own namespace")
 
 
+RetrainSink = Literal["kafka", "webhook", "kubernetes", "log"]
+UpdateSink = Literal["kafka", "webhook", "kubernetes", "local"]
+
+
 class ActionsConfig(_Model):
     """Where reward-model update and policy retraining requests go."""
 
-    retrain_sinks: list[Literal["kafka", "webhook", "kubernetes", "log"]] = Field(
-        default_factory=lambda: ["log"], description="sinks for policy retraining requests"
+    retrain_sinks: list[RetrainSink] = Field(
+        default_factory=lambda: list[RetrainSink](["log"]), description="sinks for policy retraining requests"
     )
-    rm_update_sinks: list[Literal["kafka", "webhook", "kubernetes", "local"]] = Field(
-        default_factory=lambda: ["local"],
+    rm_update_sinks: list[UpdateSink] = Field(
+        default_factory=lambda: list[UpdateSink](["local"]),
         description="'local': the embedded worker trains, gates and promotes; others hand the request to a trainer",
     )
     incident_gap_s: float = Field(

@@ -4,7 +4,7 @@ One request per drift incident and kind: the incident's key (stream + its first 
 unique per kind, so a redelivered event, a restarted worker or a second replica cannot make
 a second request. States: ``pending`` -> ``running`` -> ``done`` | ``failed`` for work the
 monitor runs itself (rm_update in embedded mode); ``pending`` -> ``sent`` | ``failed`` for
-requests handed to a sink (retraining, rm_update in Kafka mode).
+requests handed to sinks (retraining, rm_update in Kafka mode): pending -> running -> sent | failed.
 """
 
 from __future__ import annotations

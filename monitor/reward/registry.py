@@ -42,6 +42,7 @@ class Registry:
         status: str = "candidate",
     ) -> str:
         """Save ``model`` (a RewardModel) under its content id and record it; idempotent."""
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{time.time_ns()}"
         model.save(tmp)
         version = str(model.version)

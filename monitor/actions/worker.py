@@ -1,0 +1,234 @@
+"""The action worker: drift events -> incidents -> reward-model updates and retraining requests.
+
+It runs beside the pipeline (a thread in ``oversight run``; ``run_once`` in tests and the
+simulation) and meets the pipeline only through the database:
+
+1. New drift events (past a cursor kept in ``stream_state``, advanced by compare-and-set so
+   two workers cannot both act on an event) are grouped into **incidents**: events of one
+   stream within ``actions.incident_gap_s`` (event time) of the incident's last event, on
+   whatever signals. The first event of an incident creates one ``rm_update`` request (if
+   its signal is in ``reward.update.trigger_signals``); later ones are attached to it.
+2. ``rm_update`` requests with the ``local`` sink run here once ``reward.update.min_labels``
+   fresh human labels of the stream exist (labels of episodes at or after the first event):
+   train -> gate -> promote or reject (``monitor.reward.update``). After a promotion the
+   stream's detectors are re-referenced (audited in ``drift_audit``): the new regime is the
+   new normal. Other sinks hand the request to an external trainer.
+3. When an incident's update has finished (or at once, without updates), one ``retrain``
+   request carries the drift events, the label window and the active reward-model version
+   to the configured sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.actions import requests as rq
+from monitor.config import Settings
+from monitor.metrics import Metrics
+from monitor.store import Store
+from monitor.store import tables as t
+
+log = logging.getLogger(__name__)
+CURSOR = ("__actions__", "cursor")
+
+
+class ActionWorker:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._sinks: dict[str, list[Any]] = {}  # built once: a Kafka sink holds a producer
+        self.errors = 0
+
+    # -- incidents ------------------------------------------------------------------
+    def _cursor(self, conn: sa.Connection) -> int:
+        st = t.stream_state
+        row = conn.execute(sa.select(st.c.state).where(st.c.stream == CURSOR[0], st.c.component == CURSOR[1])).first()
+        return int(row.state["last_event_id"]) if row is not None else 0
+
+    def ingest_events(self) -> int:
+        """Turn new drift events into incidents and requests; returns how many were taken."""
+        e, st = t.drift_events, t.stream_state
+        with self.store.engine.begin() as conn:
+            cursor = self._cursor(conn)
+            rows = conn.execute(sa.select(e).where(e.c.id > cursor).order_by(e.c.id).limit(1000)).all()
+            if not rows:
+                return 0
+            last = int(rows[-1].id)
+            state = {"last_event_id": last}
+            if cursor == 0:
+                conn.execute(
+                    self.store._insert(st).on_conflict_do_nothing(),
+                    [{"stream": CURSOR[0], "component": CURSOR[1], "state": state, "updated_at": time.time()}],
+                )
+            # Compare-and-set: only the worker that moved the cursor from its value acts on these events.
+            res = conn.execute(
+                st.update()
+                .where(st.c.stream == CURSOR[0], st.c.component == CURSOR[1])
+                .where(sa.cast(st.c.state["last_event_id"].as_string(), sa.Integer) == cursor if cursor else sa.true())
+                .values(state=state, updated_at=time.time())
+            )
+            if res.rowcount != 1:
+                return 0
+        for row in rows:
+            self._on_event(dict(row._mapping))
+        return len(rows)
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        stream = str(ev["stream"])
+        summary = {k: ev[k] for k in ("id", "signal", "detector", "statistic", "threshold", "episode_id", "event_ts")}
+        inc = self._incident(stream, float(ev["event_ts"]))
+        if inc is not None:
+            payload = dict(inc["payload"])
+            if all(x["id"] != ev["id"] for x in payload["drift_events"]):
+                payload["drift_events"] = [*payload["drift_events"], summary]
+                payload["last_event_ts"] = max(float(payload["last_event_ts"]), float(ev["event_ts"]))
+                rq.update_payload(self.store, inc["id"], payload)
+            return
+        ucfg = self.settings.reward.update
+        triggers = ucfg.trigger_signals
+        wants_update = self.settings.reward.enabled and ucfg.enabled and ("*" in triggers or ev["signal"] in triggers)
+        payload = {
+            "stream": stream,
+            "incident": f"{stream}:{ev['id']}",
+            "since": float(ev["event_ts"]),
+            "last_event_ts": float(ev["event_ts"]),
+            "drift_events": [summary],
+        }
+        if wants_update:
+            rq.create(self.store, "rm_update", payload["incident"], stream, payload)
+        else:
+            self._request_retrain(payload, None)
+
+    def _incident(self, stream: str, event_ts: float) -> dict[str, Any] | None:
+        """The stream's latest incident request (rm_update, else retrain) if this event is close to it."""
+        for kind in ("rm_update", "retrain"):
+            reqs = [r for r in rq.listing(self.store, kind=kind, limit=50) if r["stream"] == stream]
+            if reqs:
+                req = reqs[0]  # newest first
+                return (
+                    req
+                    if event_ts - float(req["payload"]["last_event_ts"]) <= self.settings.actions.incident_gap_s
+                    else None
+                )
+        return None
+
+    # -- reward-model updates ----------------------------------------------------------
+    def run_updates(self) -> list[dict[str, Any]]:
+        from monitor.reward.update import fresh_label_count
+
+        done = []
+        sinks = self.settings.actions.rm_update_sinks
+        for req in rq.listing(self.store, kind="rm_update", state="pending"):
+            p = req["payload"]
+            if "local" not in sinks:
+                continue  # dispatched to the configured sinks below
+            have = fresh_label_count(self.store, p["stream"], float(p["since"]))
+            if have < self.settings.reward.update.min_labels:
+                expired = time.time() - float(req["created_at"]) > self.settings.reward.update.max_wait_s
+                if expired and rq.claim(self.store, req["id"]):
+                    rq.finish(self.store, req["id"], "failed", error=f"only {have} fresh labels")
+                    self._request_retrain(p, None)
+                continue
+            if not rq.claim(self.store, req["id"]):
+                continue
+            done.append(self._run_update(req))
+        return done
+
+    def _run_update(self, req: dict[str, Any]) -> dict[str, Any]:
+        from monitor.drift import request_rereference
+        from monitor.reward.update import run_update
+
+        p = req["payload"]
+        try:
+            result = run_update(
+                self.settings,
+                self.store,
+                stream=p["stream"],
+                since=float(p["since"]),
+                metrics=self.metrics,
+                request_id=req["id"],
+            )
+        except Exception as e:
+            log.exception("reward-model update %s failed", req["id"])
+            if self.metrics is not None:
+                self.metrics.rm_updates.labels("failed").inc()
+            rq.finish(self.store, req["id"], "failed", error=str(e))
+            self._request_retrain(p, None)
+            return {"request": req["id"], "error": str(e)}
+        rq.finish(self.store, req["id"], "done", result=result)
+        if result["promoted"]:
+            request_rereference(
+                self.store,
+                p["stream"],
+                None,
+                f"reward model {result['version']} promoted after incident {p['incident']}",
+                "rm-update",
+            )
+        self._request_retrain(p, result)
+        return {"request": req["id"], **result}
+
+    # -- retraining requests -----------------------------------------------------------------
+    def _request_retrain(self, incident: dict[str, Any], update: dict[str, Any] | None) -> None:
+        from monitor.reward.registry import Registry
+
+        active = Registry(self.store, self.settings.reward.models_dir, self.settings.reward.stream_set).active()
+        payload = {
+            **incident,
+            "label_window": {"stream": incident["stream"], "since": incident["since"], "until": time.time()},
+            "rm_version": None if active is None else active[0],
+            "rm_update": None if update is None else {k: update.get(k) for k in ("version", "promoted", "gate")},
+        }
+        rid, created = rq.create(self.store, "retrain", incident["incident"], incident["stream"], payload)
+        if created:
+            log.info("retraining request %s for incident %s", rid, incident["incident"])
+
+    def dispatch(self) -> int:
+        """Send pending requests to their sinks (everything but the local worker)."""
+        from monitor.actions.dispatch import dispatch_pending
+        from monitor.actions.sinks import make_sinks
+
+        n = 0
+        a = self.settings.actions
+        for kind, names in (
+            ("retrain", a.retrain_sinks),
+            ("rm_update", [s for s in a.rm_update_sinks if s != "local"]),
+        ):
+            if names and not (kind == "rm_update" and "local" in a.rm_update_sinks):
+                n += dispatch_pending(self.store, self.settings, kind, make_sinks(names, self.settings), self.metrics)
+        return n
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run_once(self) -> None:
+        self.ingest_events()
+        self.run_updates()
+        self.dispatch()
+
+    def start(self) -> ActionWorker:
+        def loop() -> None:
+            while not self._stop.wait(self.settings.reward.update.poll_s):
+                try:
+                    self.run_once()
+                except Exception:  # keep the worker alive; the next round retries
+                    self.errors += 1
+                    log.exception("action worker round failed")
+
+        self._thread = threading.Thread(target=loop, name="action-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for sinks in self._sinks.values():
+            for sink in sinks:
+                sink.close()
+        self._sinks.clear()

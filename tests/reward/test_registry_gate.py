@@ -1,0 +1,86 @@
+"""Registry and promotion gate with real (small) reward models and real AlpacaEval judge pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.config import load_settings
+from monitor.metrics import Metrics
+from monitor.reward.registry import Registry, RegistryError
+from monitor.reward.train import evaluate
+from monitor.reward.update import decide, gate
+from monitor.store import Store
+
+
+def _settings(tmp_path: Path, url: str) -> Any:
+    return load_settings(None, ["dev=true", f"database.url={url}", f"reward.models_dir={tmp_path / 'models'}"])
+
+
+def test_gate_rules() -> None:
+    assert gate(0.70, 0.60, 0.66, 0.65, 0.02, 0.02) == (True, "passed")
+    ok, why = gate(0.61, 0.60, 0.66, 0.65, 0.02, 0.02)
+    assert not ok and "new-window" in why
+    ok, why = gate(0.70, 0.60, 0.60, 0.65, 0.02, 0.02)
+    assert not ok and "old-window" in why
+    assert gate(None, 0.6, None, None, 0.0, 0.0)[0] is False
+    # No active version: the candidate must beat chance by the margin.
+    assert gate(0.55, None, None, None, 0.02, 0.0)[0] is True
+    assert gate(0.51, None, None, None, 0.02, 0.0)[0] is False
+
+
+def test_gate_promotes_better_and_rejects_worse(
+    tmp_path: Path, db_url: str, small_models: dict[str, Any], alpaca_split: dict[str, list[dict[str, Any]]]
+) -> None:
+    settings = _settings(tmp_path, db_url)
+    store = Store(db_url)
+    registry = Registry(store, settings.reward.models_dir)
+    metrics = Metrics()
+    trained, untrained = small_models["trained"], small_models["untrained"]
+    test = alpaca_split["test"]
+    acc_t = evaluate(trained, test)["pairwise_accuracy"]
+    acc_u = evaluate(untrained, test)["pairwise_accuracy"]
+    assert acc_t > acc_u + 0.05, (acc_t, acc_u)  # the premise of the test
+
+    split = {"holdout_new": test[:100], "holdout_old": test[100:], "train_new": [], "train_old": []}
+    # First the untrained head is the active version (e.g. the bootstrap of a fresh install).
+    v0 = registry.register(untrained, data_window={}, metrics={})
+    assert registry.promote(v0) == 0
+    verdict = decide(
+        settings, registry, trained, untrained, split, data_window={"w": 1}, train_metrics={}, metrics=metrics
+    )
+    assert verdict["passed"], verdict
+    active = registry.active()
+    assert active is not None and active[0] == verdict["version"] and active[2] == 1
+    rows = {r["version"]: r for r in registry.versions()}
+    assert rows[v0]["status"] == "retired" and rows[verdict["version"]]["status"] == "active"
+    assert rows[verdict["version"]]["gate"]["candidate_new"] == pytest.approx(verdict["candidate_new"])
+
+    # A worse candidate (another untrained head) is kept but rejected; the active one stays.
+    worse = type(untrained).create(untrained.config, seed=7)
+    verdict2 = decide(settings, registry, worse, trained, split, data_window={}, train_metrics={}, metrics=metrics)
+    assert not verdict2["passed"]
+    assert registry.active() == active
+    assert {r["version"]: r["status"] for r in registry.versions()}[verdict2["version"]] == "rejected"
+    assert (Path(settings.reward.models_dir) / verdict2["version"]).is_dir()
+    assert metrics.rm_updates.labels("promoted")._value.get() == 1
+    assert metrics.rm_updates.labels("rejected")._value.get() == 1
+
+
+def test_registry_load_active_round_trip(tmp_path: Path, small_models: dict[str, Any]) -> None:
+    store = Store("sqlite://")
+    registry = Registry(store, tmp_path / "models")
+    assert registry.active() is None and registry.load_active() is None
+    with pytest.raises(RegistryError):
+        registry.promote("rm-nope")
+    v = registry.register(small_models["trained"], data_window={}, metrics={"x": 1})
+    assert registry.register(small_models["trained"], data_window={}, metrics={}) == v  # idempotent
+    registry.promote(v)
+    loaded = registry.load_active()
+    assert loaded is not None
+    model, gen = loaded
+    texts = (["Name a colour.", "Say hi."], ["Blue.", "Hello! How can I help you today?"])
+    assert model.score(*texts) == small_models["trained"].score(*texts)
+    assert gen == 0 and model.version == v
