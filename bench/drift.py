@@ -152,7 +152,8 @@ def baseline_mmd(rows: list[dict[str, Any]], emb_cache: dict[str, Any]) -> list[
         emb_cache.update(zip(missing, vecs, strict=True))
     x = np.stack([emb_cache[t] for t in texts])
     ref = x[:500]
-    det = MMDDriftOnline(ref, ert=2000, window_size=50, backend="pytorch", n_bootstraps=4001, verbose=False)
+    # alibi-detect's defaults but for the ERT, window and reference of the orientation numbers.
+    det = MMDDriftOnline(ref, ert=2000, window_size=50, backend="pytorch", verbose=False)
     out = []
     for i in range(500, len(x)):
         if det.predict(x[i])["data"]["is_drift"]:

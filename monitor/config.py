@@ -300,6 +300,9 @@ class ActionsConfig(_Model):
     incident_gap_s: float = Field(
         3600.0, gt=0, description="drift events of a stream closer than this (event time) form one incident"
     )
+    worker: bool = Field(
+        True, description="run the action worker (incidents, updates, requests) inside `oversight run`"
+    )
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     kubernetes: KubernetesJobConfig = Field(default_factory=KubernetesJobConfig)
 
