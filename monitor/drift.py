@@ -263,10 +263,16 @@ class DriftMonitor:
                 params: dict[str, Any] = dict(self.cfg.detector_params.get(name, {}))
                 x_ref = ref
                 if getattr(detectors.detector_class(name), "param_name", None) is not None:
+                    cal_ref = None  # the Gaussian null: right for normal scores of a continuous sample
                     if kind == "binary":
                         # Calibrated on a conservative rate, not on the noisy estimate of a rare event.
                         x_ref = np.asarray(conservative_binary_reference(raw), dtype=float)
-                    params.update(self._river_param(name, kind, x_ref if kind == "binary" else None, ert, params))
+                        cal_ref = x_ref
+                    elif len(set(raw)) < 0.9 * len(raw):
+                        # Many ties (e.g. mostly zero): normal scores are discrete, not Gaussian;
+                        # calibrate on the bootstrap of the transformed reference instead.
+                        cal_ref = ref
+                    params.update(self._river_param(name, kind, cal_ref, ert, params))
                 st.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)
             except Exception as e:
                 log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, e)
@@ -279,12 +285,13 @@ class DriftMonitor:
     ) -> dict[str, float]:
         """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
         (seconds). Continuous signals arrive as normal scores, so one calibration on the
-        Gaussian null serves every stream; binary ones are calibrated per conservative rate.
-        Both are cached for the life of the process."""
+        Gaussian null serves every stream; binary ones, and continuous ones with many ties, on
+        the bootstrap of their conservative or transformed reference. Cached for the process."""
         import detectors
 
         param = detectors.detector_class(name).param_name  # type: ignore[attr-defined]
-        key = (name, kind, ert, None if x_ref is None else int(x_ref.sum()), tuple(sorted(params.items())))
+        summary = None if x_ref is None else tuple(sorted(round(float(v), 3) for v in x_ref))
+        key = (name, kind, ert, summary, tuple(sorted(params.items())))
         if key not in self._params:
             det = detectors.make(name, ert=ert, x_ref=x_ref, **params)
             self._params[key] = float(det.param_value)  # type: ignore[attr-defined]
