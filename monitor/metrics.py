@@ -181,6 +181,20 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("ready", "1 when the source and database are reachable", namespace=NS, registry=r)
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        """Counters with a known, small label set start at 0: a series that first appears with
+        value 1 is invisible to rate()/increase(), so the first dead letter or failed update
+        would never alert."""
+        from monitor.episodes import REASONS
+
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        for target in ("store", "dead_letter"):
+            self.commit_errors.labels(target)
+        for outcome in ("promoted", "rejected", "failed"):
+            self.rm_updates.labels(outcome)
 
     def stream_label(self, stream: str | None) -> str:
         if stream is None:

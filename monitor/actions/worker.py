@@ -45,6 +45,7 @@ class ActionWorker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sinks: dict[str, list[Any]] = {}  # built once: a Kafka sink holds a producer
+        self.oversight: dict[str, dict[str, Any]] = {}
         self.errors = 0
 
     # -- incidents ------------------------------------------------------------------
@@ -206,10 +207,22 @@ class ActionWorker:
         return n
 
     # -- loop ---------------------------------------------------------------------------------
+    def refresh_gauges(self) -> dict[str, dict[str, Any]]:
+        """Quality estimates, reward-model/human agreement and the reward-hacking alarm (metrics)."""
+        from monitor.actions import oversight
+        from monitor.reward.registry import Registry
+
+        active = Registry(self.store, self.settings.reward.models_dir, self.settings.reward.stream_set).active()
+        self.oversight = oversight.compute(self.store, None if active is None else active[0])
+        if self.metrics is not None:
+            oversight.publish(self.metrics, self.oversight)
+        return self.oversight
+
     def run_once(self) -> None:
         self.ingest_events()
         self.run_updates()
         self.dispatch()
+        self.refresh_gauges()
 
     def start(self) -> ActionWorker:
         def loop() -> None:

@@ -165,3 +165,6 @@ def test_incident_update_promotion_and_one_retraining_request(
     worker.run_once()
     assert len(rq.listing(store, kind="rm_update")) == 2
     assert metrics.registry.get_sample_value("oversight_rm_updates_total", {"outcome": "promoted"}) == 1
+    # The quality gauge is published (no samples table rows here, so no HT estimate: the
+    # estimates need inclusion probabilities, which test_oversight covers).
+    assert worker.oversight is not None

@@ -1,0 +1,143 @@
+"""The oversight gauges: human-rated quality over all traffic, reward-model vs human
+agreement, and the reward-hacking alarm, per stream.
+
+* ``quality``: the Horvitz-Thompson estimate (and 95% interval) of the mean human rating over
+  all traffic, from the labelled sample and its inclusion probabilities.
+* ``agreement``: over the most recent ``window`` labelled episodes that the active reward model
+  also scored, the share of pairs with different ratings that the reward model orders the same
+  way as the reviewers (ties in score count half).
+* ``reward_hacking``: the reward-model score trend rises while human-rated quality falls or
+  stays flat. Compares the latest ``window`` scored episodes with the ``window`` before them
+  (by episode time): the mean score rose by more than two standard errors, and the mean human
+  rating over the same two spans did not rise by more than two standard errors (or has too few
+  labels to tell, which is itself a reason to look). Both means weight items by their inverse
+  inclusion probability (Hajek), so boosted sampling does not bias them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.metrics import Metrics
+from monitor.review.stats import estimates, label_rows
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+def _hajek(values: list[float], probs: list[float]) -> tuple[float, float] | None:
+    """Weighted mean and its (linearised) standard error."""
+    if len(values) < 2:
+        return None
+    w = [1.0 / p for p in probs]
+    sw = sum(w)
+    mean = sum(wi * v for wi, v in zip(w, values, strict=True)) / sw
+    var = sum((wi * (v - mean)) ** 2 for wi, v in zip(w, values, strict=True)) / sw**2
+    return mean, math.sqrt(var)
+
+
+def _concordance(items: list[tuple[float, float]]) -> tuple[float | None, int]:
+    good = 0.0
+    n = 0
+    for i, (ri, si) in enumerate(items):
+        for rj, sj in items[i + 1 :]:
+            if ri == rj:
+                continue
+            n += 1
+            d = (ri - rj) * (si - sj)
+            good += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+    return (good / n if n else None), n
+
+
+def compute(store: Store, version: str | None, window: int = 200) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = defaultdict(dict)
+    rows = label_rows(store)
+    for est in estimates(store, [], rows):
+        out[est["stream"]]["quality"] = est["rating"]
+    if version is None:
+        return dict(out)
+    sc, s = t.rm_scores, t.samples
+    q = (
+        sa.select(sc.c.episode_id, sc.c.stream, sc.c.score, sc.c.ts, s.c.inclusion_probability)
+        .join(s, sa.and_(s.c.episode_id == sc.c.episode_id, s.c.channel == "rm"))
+        .where(sc.c.version == version)
+    )
+    with store.engine.connect() as conn:
+        scores = conn.execute(q).all()
+    by_stream: dict[str, list[Any]] = defaultdict(list)
+    for r in scores:
+        by_stream[r.stream].append(r)
+    ratings: dict[str, list[float]] = defaultdict(list)
+    human: dict[str, tuple[str, float, float]] = {}  # episode -> (stream, ts, p)
+    for r in rows:
+        if not r.skipped and r.rating is not None:
+            ratings[r.episode_id].append(float(r.rating))
+            human[r.episode_id] = (r.stream, float(r.ts), float(r.inclusion_probability))
+    for stream, items in by_stream.items():
+        items.sort(key=lambda r: (r.ts, r.episode_id))
+        score_of = {r.episode_id: float(r.score) for r in items}
+        labelled = sorted(
+            ((human[e][1], statistics.fmean(ratings[e]), score_of[e]) for e in score_of if e in ratings),
+            key=lambda x: x[0],
+        )[-window:]
+        agree, npairs = _concordance([(r, sc_) for _, r, sc_ in labelled])
+        out[stream]["agreement"] = {"value": agree, "pairs": npairs, "items": len(labelled)}
+        out[stream]["reward_hacking"] = _hacking(items, window, ratings, human, stream)
+    return dict(out)
+
+
+def _hacking(
+    items: list[Any],
+    window: int,
+    ratings: dict[str, list[float]],
+    human: dict[str, tuple[str, float, float]],
+    stream: str,
+) -> dict[str, Any]:
+    if len(items) < 2 * window:
+        return {"suspected": False, "reason": "not enough scored episodes"}
+    prev, recent = items[-2 * window : -window], items[-window:]
+    sp = _hajek([float(r.score) for r in prev], [float(r.inclusion_probability) for r in prev])
+    sr = _hajek([float(r.score) for r in recent], [float(r.inclusion_probability) for r in recent])
+    assert sp is not None and sr is not None
+    rm_rise = sr[0] - sp[0]
+    rm_up = rm_rise > 2 * math.hypot(sp[1], sr[1])
+
+    def span(lo: float, hi: float) -> tuple[float, float] | None:
+        sel = [e for e, (st, ts, _) in human.items() if st == stream and lo <= ts <= hi]
+        return _hajek([statistics.fmean(ratings[e]) for e in sel], [human[e][2] for e in sel])
+
+    hp = span(float(prev[0].ts), float(prev[-1].ts))
+    hr = span(float(recent[0].ts), float(recent[-1].ts))
+    if hp is None or hr is None:
+        human_up = False  # too few labels to see humans agree with the rise
+        human_rise = None
+    else:
+        human_rise = hr[0] - hp[0]
+        human_up = human_rise > 2 * math.hypot(hp[1], hr[1])
+    return {
+        "suspected": bool(rm_up and not human_up),
+        "rm_rise": rm_rise,
+        "human_rise": human_rise,
+        "reason": "rm score rises, human rating does not" if rm_up and not human_up else "no",
+    }
+
+
+def publish(metrics: Metrics, result: dict[str, dict[str, Any]]) -> None:
+    for stream, r in result.items():
+        label = metrics.stream_label(stream)
+        q = r.get("quality")
+        if q is not None:
+            for bound, key in (("estimate", "mean"), ("ci_low", "ci_low"), ("ci_high", "ci_high")):
+                v = q.get(key)
+                if isinstance(v, float) and math.isfinite(v):
+                    metrics.quality_estimate.labels(label, bound).set(v)
+        a = r.get("agreement")
+        if a is not None and a["value"] is not None:
+            metrics.rm_agreement.labels(label).set(a["value"])
+        h = r.get("reward_hacking")
+        if h is not None:
+            metrics.reward_hacking.labels(label).set(1.0 if h["suspected"] else 0.0)
