@@ -114,6 +114,72 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--actor", default="cli")
     q.set_defaults(func=cmd_drift)
 
+    p = sub.add_parser("rm", help="reward model: build preference pairs, train, evaluate")
+    rsub = p.add_subparsers(dest="rm_command", metavar="ACTION", required=True)
+    q = rsub.add_parser("pairs", help="write {prompt, chosen, rejected} pairs JSONL from the shared data or ratings")
+    q.add_argument("--source", required=True, choices=["alpaca_eval", "hh_rlhf", "ratings"])
+    q.add_argument("--out", required=True, metavar="FILE", help="pairs JSONL (gzip when it ends in .gz)")
+    q.add_argument("--split", default="all", choices=["train", "test", "all"], help="held-out side, by prompt group")
+    q.add_argument("--test-fraction", type=float, default=0.2, help="share of prompt groups on the test side")
+    q.add_argument("--seed", type=int, default=0, help="split and AlpacaEval pair sampling seed")
+    q.add_argument("--data-dir", metavar="DIR", help="shared data folder (default: ../shared/data)")
+    q.add_argument("--ratings", metavar="FILE", help="--source ratings: the review export's ratings JSONL")
+    q.add_argument("--pairs-per-instruction", type=int, default=4, help="alpaca_eval: model pairs per instruction")
+    q.add_argument("--min-logit-margin", type=float, default=1.0, help="alpaca_eval: skip closer judge preferences")
+    q.add_argument("--min-gap", type=float, default=1.0, help="ratings: smallest mean-rating gap that makes a pair")
+    q.add_argument("--limit", type=int, help="keep the first N pairs")
+    q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    q.set_defaults(func=cmd_rm)
+    q = rsub.add_parser("train", help="train a reward-model version on pairs (Bradley-Terry)")
+    q.add_argument("--pairs", required=True, metavar="FILE", help="training pairs JSONL")
+    q.add_argument("--out", required=True, metavar="DIR", help="version directory to write")
+    q.add_argument("--base", metavar="DIR", help="continue from this version (its parent in the metadata)")
+    q.add_argument("--config", metavar="FILE", help="YAML training configuration")
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training setting (repeatable), e.g. --set epochs=2 --set max_length=256",
+    )
+    q.add_argument("--eval-pairs", metavar="FILE", help="also report held-out accuracy on these pairs")
+    q.add_argument("--description", help="what the training data is (recorded in the model card)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    q.set_defaults(func=cmd_rm)
+    q = rsub.add_parser("eval", help="pairwise accuracy of a version on pairs (JSON)")
+    q.add_argument("--model", required=True, metavar="DIR", help="version directory")
+    q.add_argument("--pairs", required=True, metavar="FILE", help="pairs JSONL")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    q.set_defaults(func=cmd_rm)
+
+    q = rsub.add_parser(
+        "update",
+        help="run a reward-model update now: train on fresh labels, gate against the active version, promote or reject",
+    )
+    _common(q)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--request", metavar="ID", help="run this rm_update request (e.g. from a Kubernetes Job)")
+    g.add_argument("--stream", help="by hand: the stream whose fresh labels drive the update")
+    q.add_argument("--since", type=float, default=0.0, help="with --stream: event time where 'fresh' starts")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_rm)
+    q = rsub.add_parser("register", help="add a version directory to the registry (optionally make it active)")
+    _common(q)
+    q.add_argument("--model", required=True, metavar="DIR", help="version directory (from rm train)")
+    q.add_argument("--activate", action="store_true", help="promote it without a gate (bootstrap, rollback)")
+    q.set_defaults(func=cmd_rm)
+    q = rsub.add_parser("versions", help="list registered versions (JSON lines) and the active one")
+    _common(q)
+    q.set_defaults(func=cmd_rm)
+    q = rsub.add_parser("requests", help="list reward-model update and retraining requests (JSON lines)")
+    _common(q)
+    q.add_argument("--kind", choices=["rm_update", "retrain"])
+    q.add_argument("--state")
+    q.set_defaults(func=cmd_rm)
+
     p = sub.add_parser("db", help="database migrations")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     for name, helptext in (("upgrade", "apply all migrations"), ("current", "print the current revision")):
@@ -176,12 +242,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         review = BackgroundServer(create_app(settings, svc.store), settings.review.host, settings.review.port).start()
         log.info("review UI at %s", review.url)
+    worker = None
+    if settings.actions.worker:
+        from monitor.actions.worker import ActionWorker
+
+        worker = ActionWorker(settings, svc.store, svc.metrics).start()
     try:
         stats = svc.pipeline.run(stop)
     except Aborted as e:
         log.warning("%s", e)
         return 3
     finally:
+        if worker is not None:
+            worker.stop()
         if review is not None:
             review.stop()
         svc.server.stop()
@@ -367,6 +440,160 @@ def cmd_drift(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    if args.rm_command == "pairs":
+        return _rm_pairs(args)
+    if args.rm_command == "train":
+        return _rm_train(args)
+    if args.rm_command in ("update", "register", "versions", "requests"):
+        return _rm_registry(args)
+    from monitor.reward.model import RewardModel
+    from monitor.reward.train import evaluate
+
+    pairs = _read_pairs(args.pairs)
+    model = RewardModel.load(args.model)
+    print(json.dumps(evaluate(model, pairs, batch_size=args.batch_size), sort_keys=True))
+    return 0
+
+
+def _rm_registry(args: argparse.Namespace) -> int:
+    from monitor.actions import requests as rq
+    from monitor.config import ConfigError
+    from monitor.reward.registry import Registry
+    from monitor.store import Store
+
+    _setup_logging(args.log_level)
+    settings = _settings(args)
+    store = Store(settings.database.url, migrate=settings.database.migrate)
+    registry = Registry(store, settings.reward.models_dir, settings.reward.stream_set)
+    try:
+        if args.rm_command == "versions":
+            active = registry.active()
+            for row in registry.versions():
+                row["active"] = active is not None and row["version"] == active[0]
+                print(json.dumps(row, ensure_ascii=True, sort_keys=True, default=str))
+            return 0
+        if args.rm_command == "requests":
+            for row in rq.listing(store, kind=args.kind, state=args.state):
+                print(json.dumps(row, ensure_ascii=True, sort_keys=True, default=str))
+            return 0
+        if args.rm_command == "register":
+            from monitor.reward.model import RewardModel
+
+            try:
+                model = RewardModel.load(args.model)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot load {args.model}: {e}") from None
+            version = registry.register(model, data_window=model.metadata.get("data", {}), metrics={})
+            out: dict[str, Any] = {"version": version, "active": False}
+            if args.activate:
+                out["generation"] = registry.promote(version, {"passed": True, "reason": "activated by hand"})
+                out["active"] = True
+            print(json.dumps(out, sort_keys=True))
+            return 0
+        return _rm_update(args, settings, store)
+    finally:
+        store.close()
+
+
+def _rm_update(args: argparse.Namespace, settings: Settings, store: Any) -> int:
+    from monitor.actions import requests as rq
+    from monitor.config import ConfigError
+    from monitor.reward.update import UpdateError, run_update
+
+    if args.request:
+        req = rq.get(store, args.request)
+        if req is None or req["kind"] != "rm_update":
+            raise ConfigError(f"no rm_update request {args.request!r}")
+        if req["state"] in ("done", "failed"):
+            print(json.dumps({"request": req["id"], "state": req["state"], "result": req["result"]}, default=str))
+            return 0
+        # A request handed to a trainer (Kafka, webhook, Kubernetes Job) was marked sent; a
+        # local one is pending. Either way only one runner wins the claim.
+        if not (rq.claim(store, req["id"], "sent", "running") or rq.claim(store, req["id"], "pending", "running")):
+            raise ConfigError(f"request {req['id']} is {req['state']}: another trainer has it")
+        stream, since = req["payload"]["stream"], float(req["payload"]["since"])
+    else:
+        stream, since = args.stream, args.since
+    try:
+        result = run_update(
+            settings, store, stream=stream, since=since, request_id=args.request, progress=not args.no_progress
+        )
+    except UpdateError as e:
+        if args.request:
+            rq.finish(store, args.request, "failed", error=str(e))
+        print(json.dumps({"error": str(e)}), file=sys.stderr)
+        return 1
+    if args.request:
+        rq.finish(store, args.request, "done", result=result)
+    print(json.dumps(result, sort_keys=True, default=str))
+    return 0
+
+
+def _read_pairs(path: str) -> list[dict[str, Any]]:
+    from monitor.config import ConfigError
+    from monitor.reward.data import read_pairs
+
+    try:
+        return read_pairs(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read pairs: {e}") from None
+
+
+def _rm_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monitor.config import ConfigError
+    from monitor.reward import data
+
+    root = Path(args.data_dir) if args.data_dir else data.default_data_dir()
+    if args.source == "alpaca_eval":
+        pairs = data.alpaca_eval_pairs(
+            root / "alpaca_eval",
+            pairs_per_instruction=args.pairs_per_instruction,
+            min_logit_margin=args.min_logit_margin,
+            seed=args.seed,
+        )
+    elif args.source == "hh_rlhf":
+        pairs = data.hh_rlhf_pairs(root / "hh_rlhf" / "harmless-base-test.jsonl.gz")
+    else:
+        if not args.ratings:
+            raise ConfigError("--source ratings needs --ratings FILE")
+        with open(args.ratings, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+        pairs = data.pairs_from_ratings(records, min_gap=args.min_gap)
+    if args.split != "all":
+        pairs = [p for p in pairs if data.split_of(data.group_of(p), args.test_fraction, args.seed) == args.split]
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    n = data.write_pairs(pairs, args.out)
+    print(json.dumps({"pairs": n, "out": args.out, "source": args.source, "split": args.split}))
+    return 0
+
+
+def _rm_train(args: argparse.Namespace) -> int:
+    from monitor.reward.model import RewardModel
+    from monitor.reward.train import evaluate, load_train_config, train
+
+    cfg = load_train_config(args.config, args.overrides)
+    pairs = _read_pairs(args.pairs)
+    eval_pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
+    base = RewardModel.load(args.base) if args.base else None
+    model, metrics = train(
+        pairs, cfg, base=base, progress=not args.no_progress, description=args.description or f"pairs from {args.pairs}"
+    )
+    if eval_pairs is not None:
+        held_out = evaluate(model, eval_pairs)
+        metrics["test_accuracy"] = held_out["pairwise_accuracy"]
+        metrics["test_length_baseline"] = held_out["length_baseline"]
+        metrics["n_test"] = held_out["n"]
+        model.metadata["metrics"].update({k: metrics[k] for k in ("test_accuracy", "test_length_baseline", "n_test")})
+    model.save(args.out)
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    print(json.dumps({"version": model.version, "parent": model.parent, "out": args.out, **summary}, sort_keys=True))
+    return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -1,0 +1,274 @@
+"""Preference pairs ``{"prompt", "chosen", "rejected"}`` for reward-model training and evaluation.
+
+Sources:
+
+* **HH-RLHF harmless** (``hh_rlhf_pairs``): each row holds two dialogues that share every
+  turn but the last assistant turn. The shared prefix (ending in ``"\\n\\nAssistant:"``) is the
+  prompt; the two last assistant turns are ``chosen`` and ``rejected`` (the crowdworker's pick).
+* **AlpacaEval** (``alpaca_eval_pairs``): for one instruction, two models' outputs; the one the
+  GPT-4-turbo judge prefers more is ``chosen``. ``judge_pref`` is P(judge prefers the output over
+  the gpt4_1106_preview reference), so under the judge's own Bradley-Terry reading
+  ``logit(p_a) - logit(p_b)`` is the log-odds that it prefers a over b. Pairs whose log-odds
+  margin is below ``min_logit_margin`` (default 1.0, i.e. the judge prefers the winner with less
+  than ~73% probability) are ties or noise and are skipped. Models without judge labels and the
+  two adversarial generators (NullModel, gpt4_gamed: built to fool the judge) are excluded by
+  default: their "wins" are reward hacking, which a reward model must not learn to like.
+* **Reviewer ratings** (``pairs_from_ratings``): rated episodes of the same prompt with different
+  mean ratings.
+
+Every pair carries a ``group`` (the instruction, or the first human turn of an HH dialogue), and
+train/test splits are made by group with a keyed hash (``split_of``), so no instruction is ever on
+both sides and a pair's side does not depend on which other pairs exist.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+Pair = dict[str, Any]
+Split = Literal["train", "test"]
+
+ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+DEFAULT_EXCLUDE = frozenset({"NullModel", "gpt4_gamed", "Mixtral-8x7B-Instruct-v0.1"})
+DEFAULT_TEST_FRACTION = 0.2
+
+
+def default_data_dir() -> Path:
+    """``$OVERSIGHT_SHARED_DATA`` or the ``shared/data`` folder next to the repository."""
+    env = os.environ.get("OVERSIGHT_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def split_of(group: str, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0) -> Split:
+    """Deterministic side of a group: a hash, so the split never depends on the rest of the data."""
+    h = hashlib.sha256(f"{seed}\x00{group}".encode()).digest()
+    return "test" if int.from_bytes(h[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def split_pairs(
+    pairs: Iterable[Pair], test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0
+) -> tuple[list[Pair], list[Pair]]:
+    train: list[Pair] = []
+    test: list[Pair] = []
+    for p in pairs:
+        (test if split_of(group_of(p), test_fraction, seed) == "test" else train).append(p)
+    return train, test
+
+
+def group_of(pair: Mapping[str, Any]) -> str:
+    return str(pair.get("group") or pair["prompt"])
+
+
+def _open_text(path: str | os.PathLike[str]) -> Any:
+    with open(path, "rb") as probe:
+        gz = probe.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
+
+
+def _jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    with _open_text(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# --- HH-RLHF -----------------------------------------------------------------------------------
+
+
+def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen last turn, rejected last turn), or None when the two share no prompt."""
+    cut = chosen.rfind(ASSISTANT)
+    if cut >= 0 and rejected.startswith(chosen[: cut + len(ASSISTANT)]):
+        end = cut + len(ASSISTANT)
+    else:
+        # A few rows have "Assistant:" inside the chosen answer: fall back to the longest common
+        # prefix, cut back to its last assistant marker.
+        n = 0
+        for a, b in zip(chosen, rejected, strict=False):
+            if a != b:
+                break
+            n += 1
+        cut = chosen.rfind(ASSISTANT, 0, n - len(ASSISTANT) + 1) if n >= len(ASSISTANT) else -1
+        if cut < 0:
+            return None
+        end = cut + len(ASSISTANT)
+    prompt = chosen[:end]
+    c, r = chosen[end:].strip(), rejected[end:].strip()
+    if c == r:
+        return None
+    return prompt.strip(), c, r
+
+
+def first_human_turn(prompt: str) -> str:
+    body = prompt.strip()
+    if body.startswith("Human:"):
+        body = body[len("Human:") :]
+    return body.split(ASSISTANT.strip(), 1)[0].split(HUMAN.strip(), 1)[0].strip()
+
+
+def hh_rlhf_pairs(path: str | os.PathLike[str] | None = None) -> list[Pair]:
+    """Harmless-base pairs; grouped by the first human turn (red-team openings repeat with
+    different continuations, and a test prompt must not have been seen in training)."""
+    src = Path(path) if path is not None else default_data_dir() / "hh_rlhf" / "harmless-base-test.jsonl.gz"
+    out: list[Pair] = []
+    for row in _jsonl(src):
+        parts = split_dialogue(row["chosen"], row["rejected"])
+        if parts is None:
+            continue
+        prompt, chosen, rejected = parts
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "group": first_human_turn(prompt),
+                "source": "hh_rlhf",
+            }
+        )
+    return out
+
+
+# --- AlpacaEval --------------------------------------------------------------------------------
+
+
+def _logit(p: float) -> float:
+    # The judge's probabilities go down to ~1e-6; clipping keeps one saturated label from
+    # dominating the margin.
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def load_alpaca_eval(
+    data_dir: str | os.PathLike[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE
+) -> dict[str, list[dict[str, Any]]]:
+    """Judge-labelled rows by instruction, models in sorted order (deterministic)."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir() / "alpaca_eval"
+    skip = set(exclude)
+    by_instruction: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for f in sorted(root.glob("*.jsonl.gz")):
+        model = f.name.removesuffix(".jsonl.gz")
+        if model in skip:
+            continue
+        for row in _jsonl(f):
+            if row.get("judge_pref") is None or not isinstance(row.get("output"), str):
+                continue
+            by_instruction[row["instruction"]].append(row)
+    return dict(by_instruction)
+
+
+def alpaca_eval_pairs(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    pairs_per_instruction: int = 4,
+    min_logit_margin: float = 1.0,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    seed: int = 0,
+) -> list[Pair]:
+    """Up to ``pairs_per_instruction`` random model pairs per instruction (seeded), each with a
+    judge log-odds margin of at least ``min_logit_margin``; the judge's favourite is ``chosen``."""
+    out: list[Pair] = []
+    for instruction, rows in sorted(load_alpaca_eval(data_dir, exclude).items()):
+        candidates = []
+        for i, a in enumerate(rows):
+            for b in rows[i + 1 :]:
+                if a["output"].strip() == b["output"].strip():
+                    continue
+                margin = _logit(a["judge_pref"]) - _logit(b["judge_pref"])
+                if abs(margin) >= min_logit_margin:
+                    candidates.append((a, b) if margin > 0 else (b, a))
+        # Per-instruction RNG: one instruction's pairs do not depend on how many others exist.
+        rng = random.Random(f"{seed}\x00{instruction}")
+        rng.shuffle(candidates)
+        for win, lose in candidates[:pairs_per_instruction]:
+            out.append(
+                {
+                    "prompt": instruction,
+                    "chosen": win["output"],
+                    "rejected": lose["output"],
+                    "group": instruction,
+                    "source": "alpaca_eval",
+                    "chosen_model": win["generator"],
+                    "rejected_model": lose["generator"],
+                    "margin": round(abs(_logit(win["judge_pref"]) - _logit(lose["judge_pref"])), 4),
+                }
+            )
+    return out
+
+
+# --- reviewer ratings --------------------------------------------------------------------------
+
+
+def pairs_from_ratings(records: Iterable[Mapping[str, Any]], min_gap: float = 1.0) -> list[Pair]:
+    """Pairs from rated episodes (the review export's rating records: ``prompt``, ``response``,
+    ``rating``, optional ``skipped``). Several ratings of one response are averaged first (doubly
+    reviewed items); two responses to the same prompt whose mean ratings differ by at least
+    ``min_gap`` make a pair, the better-rated one chosen."""
+    by_prompt: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        if rec.get("skipped") or rec.get("rating") is None:
+            continue
+        by_prompt[str(rec["prompt"])][str(rec["response"])].append(float(rec["rating"]))
+    out: list[Pair] = []
+    for prompt in sorted(by_prompt):
+        means = sorted(((statistics.fmean(v), resp) for resp, v in by_prompt[prompt].items()), reverse=True)
+        for i, (hi, better) in enumerate(means):
+            for lo, worse in means[i + 1 :]:
+                if hi - lo >= min_gap:
+                    out.append(
+                        {
+                            "prompt": prompt,
+                            "chosen": better,
+                            "rejected": worse,
+                            "group": prompt,
+                            "source": "ratings",
+                            "margin": hi - lo,
+                        }
+                    )
+    return out
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def validate_pair(obj: Any, where: str = "pair") -> Pair:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj.get(key), str):
+            raise ValueError(f"{where}: {key!r} must be a string")
+    return obj
+
+
+def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
+    """Pairs from a JSONL file (plain or gzip); every line must hold prompt, chosen and rejected."""
+    out = []
+    with _open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+                out.append(validate_pair(obj, f"{path}:{n}"))
+    return out
+
+
+def write_pairs(pairs: Iterable[Pair], path: str | os.PathLike[str]) -> int:
+    n = 0
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as fh:
+        for p in pairs:
+            fh.write(json.dumps(validate_pair(p), ensure_ascii=True, sort_keys=True) + "\n")
+            n += 1
+    return n

