@@ -14,6 +14,7 @@ BENCHES = [
     ["kafka_ingest.py"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["review_api.py"],
+    ["rm_score.py"],
 ]
 
 

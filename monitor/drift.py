@@ -93,6 +93,9 @@ class DriftMonitor:
         n = sum(len(d) for d in cfg.signals.values()) + (len(cfg.embedding.detectors) if cfg.embedding.enabled else 0)
         self.ert_each = cfg.ert * max(1, n)
         self.ert_embedding = max(50.0, self.ert_each * drift_rate)
+        names = {n for d in cfg.signals.values() for n in d} | set(cfg.embedding.detectors)
+        for name in sorted(names):
+            metrics.detector_errors.labels(name)  # a series from the start: the first error is visible
         self._store = store
         self._key = key
         self._metrics = metrics
@@ -280,9 +283,7 @@ class DriftMonitor:
                 st.detectors[name] = None
         st.ref = None
 
-    def _river_param(
-        self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]
-    ) -> dict[str, float]:
+    def _river_param(self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]) -> dict[str, float]:
         """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
         (seconds). Continuous signals arrive as normal scores, so one calibration on the
         Gaussian null serves every stream; binary ones, and continuous ones with many ties, on

@@ -46,6 +46,13 @@ class ActionWorker:
         self._stop = threading.Event()
         self._sinks: dict[str, list[Any]] = {}  # built once: a Kafka sink holds a producer
         self.oversight: dict[str, dict[str, Any]] = {}
+        if metrics is not None:
+            # Series exist from the start (rate() and alerts see the first request).
+            a = settings.actions
+            plan = [("retrain", s) for s in a.retrain_sinks] + [("rm_update", s) for s in a.rm_update_sinks]
+            for kind, sink in plan:
+                for outcome in ("sent", "failed"):
+                    metrics.action_requests.labels(kind, sink, outcome)
         self.errors = 0
 
     # -- incidents ------------------------------------------------------------------
@@ -161,10 +168,13 @@ class ActionWorker:
             log.exception("reward-model update %s failed", req["id"])
             if self.metrics is not None:
                 self.metrics.rm_updates.labels("failed").inc()
+                self.metrics.action_requests.labels("rm_update", "local", "failed").inc()
             rq.finish(self.store, req["id"], "failed", error=str(e))
             self._request_retrain(p, None)
             return {"request": req["id"], "error": str(e)}
         rq.finish(self.store, req["id"], "done", result=result)
+        if self.metrics is not None:
+            self.metrics.action_requests.labels("rm_update", "local", "sent").inc()
         if result["promoted"]:
             request_rereference(
                 self.store,
