@@ -160,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a reward-model update now: train on fresh labels, gate against the active version, promote or reject",
     )
     _common(q)
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--request", metavar="ID", help="run this rm_update request (e.g. from a Kubernetes Job)")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument(
+        "--request", metavar="ID", help="run this rm_update request (default: the oldest one waiting for a trainer)"
+    )
     g.add_argument("--stream", help="by hand: the stream whose fresh labels drive the update")
     q.add_argument("--since", type=float, default=0.0, help="with --stream: event time where 'fresh' starts")
     q.add_argument("--no-progress", action="store_true")
@@ -503,6 +505,12 @@ def _rm_update(args: argparse.Namespace, settings: Settings, store: Any) -> int:
     from monitor.config import ConfigError
     from monitor.reward.update import UpdateError, run_update
 
+    if not args.request and not args.stream:
+        waiting = [r for r in rq.listing(store, kind="rm_update") if r["state"] in ("sent", "pending")]
+        if not waiting:
+            print(json.dumps({"request": None, "state": "nothing to do"}))
+            return 0
+        args.request = waiting[-1]["id"]  # listing is newest first
     if args.request:
         req = rq.get(store, args.request)
         if req is None or req["kind"] != "rm_update":

@@ -133,6 +133,15 @@ class Metrics:
             registry=r,
             buckets=(-6.0, -4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0),
         )
+        # The histogram cannot carry the sum: with negative buckets the OpenMetrics exposition
+        # omits a histogram's _sum. A gauge (it can go down) carries it instead.
+        self.rm_score_cumulative = Gauge(
+            "rm_score_cumulative",
+            "Sum of all reward-model scores since start, by stream (mean = delta / increase of rm_score_count)",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+        )
         self.rm_active_version = Gauge(
             "rm_active_version_info", "1 for the active reward-model version", ["version"], namespace=NS, registry=r
         )

@@ -79,7 +79,9 @@ class RewardScorer:
                     "created_at": now,
                 }
             )
-            self._metrics.rm_score.labels(self._metrics.stream_label(ep.stream)).observe(float(s))
+            label = self._metrics.stream_label(ep.stream)
+            self._metrics.rm_score.labels(label).observe(float(s))
+            self._metrics.rm_score_cumulative.labels(label).inc(float(s))
             if self._feed is not None:
                 self._feed(ep.stream, "rm_score", float(s), ep.episode_id, ep.timestamp, index)
         self.scored += len(pending)

@@ -177,7 +177,7 @@ def test_configuration_is_checked_up_front(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="http"):
         WebhookSink(WebhookConfig(url="file:///etc/passwd", secret_file=str(good)))
     with pytest.raises(ConfigError, match="secret_file is required"):
-        WebhookSink(WebhookConfig(url="http://127.0.0.1:1/"))
+        WebhookSink(WebhookConfig(url="http://127.0.0.1:1/", secret_file=None))
     with pytest.raises(ConfigError, match="cannot read"):
         WebhookSink(WebhookConfig(url="http://127.0.0.1:1/", secret_file=str(tmp_path / "missing")))
     empty = tmp_path / "empty"

@@ -31,7 +31,6 @@ from deploy_helpers import (
     dashboard,
     dashboard_exprs,
     healthcheck_command,
-    metric_names,
     recording_rules,
     selectors,
     substitute,
@@ -48,18 +47,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 T0 = 1_767_225_600
 N_BEFORE = N_AFTER = 1500
 OVERSIGHT = str(Path(sys.executable).parent / "oversight")
-# Fed by the reward model and the closed loop (being built): until they are, expressions on these are listed
-# separately in the failure message.
-LOOP_METRICS = (
-    "oversight_rm_",
-    "oversight:rm_",
-    "oversight_quality_estimate",
-    "oversight:quality_estimate",
-    "oversight_reward_hacking_suspected",
-    "oversight_action_requests_total",
-)
-# Labelled counters the service creates on their first increment: no series until something goes wrong.
-EVENT_COUNTERS = ("oversight_commit_errors_total", "oversight_drift_detector_errors_total")
 BAD_RECORDS = [
     b'{"episode_id": "bad-1", "prompt": "trunc',
     b"[1, 2]",
@@ -207,6 +194,17 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
         stdout=prom_log,
         stderr=subprocess.STDOUT,
     )
+    # An active reward-model version (an untrained head is enough for the metrics' wiring).
+    from monitor.reward.model import ModelConfig, RewardModel
+    from monitor.reward.registry import Registry
+    from monitor.store import Store
+
+    store = Store(db)
+    registry = Registry(store, tmp_path / "models")
+    registry.promote(
+        registry.register(RewardModel.create(ModelConfig(finetune_layers=0, max_length=64)), data_window={}, metrics={})
+    )
+    store.close()
     mon_log = open(tmp_path / "oversight.log", "wb")  # noqa: SIM115 (closed in finally)
     monitor = subprocess.Popen(
         [
@@ -223,6 +221,9 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
             "--set", f"review.port={review_port}",
             "--set", "pipeline.batch_size=100",
             "--set", "sampling.human.rate=0.05",
+            "--set", "sampling.rm.rate=0.03",
+            "--set", f"reward.models_dir={tmp_path / 'models'}",
+            "--set", "reward.update.poll_s=1",
             # A drift configuration that fires within this scenario (tests/test_drift_monitor.py).
             "--set", "drift.reference_size=300",
             "--set", "drift.ert=3000",
@@ -256,7 +257,7 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
         _wait(
             f"{expected} records in oversight_episodes_total",
             lambda: prom.total("sum(oversight_episodes_total)") >= expected,
-            120,
+            300,
         )
 
         # A reviewer at work: one failed login, one login, a claim and a label (review counters).
@@ -275,11 +276,14 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
             login = client.post("/auth/login", json={"name": "alice", "password": "correct-horse-battery"})
             assert login.status_code == 200, login.text
             csrf = {"X-CSRF-Token": login.json()["csrf_token"]}
-            item = client.post("/queue/claim", headers=csrf)
-            assert item.status_code == 200, item.text
-            it = item.json()
-            label = {"episode_id": it["episode_id"], "slot": it["slot"], "fence": it["fence"], "rating": 5}
-            assert client.post("/items/label", json=label, headers=csrf).status_code == 200
+            # Several labels with different ratings: a quality estimate with an interval, and
+            # reward-model/human agreement over pairs.
+            for rating in (2, 5, 3, 6, 4, 7):
+                item = client.post("/queue/claim", headers=csrf)
+                assert item.status_code == 200, item.text
+                it = item.json()
+                label = {"episode_id": it["episode_id"], "slot": it["slot"], "fence": it["fence"], "rating": rating}
+                assert client.post("/items/label", json=label, headers=csrf).status_code == 200
 
         fired = _wait(
             "ALERTS{alertname=OversightDriftDetected} firing",
@@ -297,18 +301,14 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
                 if prom.query(expr):
                     del pending[(where, expr)]
             time.sleep(1)
-        loop = [f"  {w}: {e}" for w, e in pending if any(m.startswith(LOOP_METRICS) for m in metric_names(e))]
-        events = [f"  {w}: {e}" for w, e in pending if metric_names(e) & set(EVENT_COUNTERS)]
-        other = [f"  {w}: {e}" for w, e in pending if f"  {w}: {e}" not in loop + events]
-        if other:
-            problems.append("returned no data (wiring broken?):\n" + "\n".join(other))
-        if loop:
-            problems.append("returned no data: reward-model / closed-loop metrics not fed yet:\n" + "\n".join(loop))
-        if events:
-            problems.append(
-                "returned no data: counters the service creates on the first increment (pre-initialise their "
-                "label values so dashboards and rate() see them):\n" + "\n".join(events)
-            )
+        if pending:
+            for probe in (
+                "oversight_rm_score_count",
+                "rate(oversight_rm_score_count[1h])",
+                "oversight_rm_score_cumulative",
+            ):
+                problems.append(f"probe {probe}: {prom.query(probe)}")
+            problems.append("returned no data (wiring broken?):\n" + "\n".join(f"  {w}: {e}" for w, e in pending))
 
         # SIGTERM drains within 10 s (the chart's terminationGracePeriodSeconds assumes it).
         t0 = time.monotonic()

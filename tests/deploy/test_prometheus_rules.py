@@ -102,7 +102,11 @@ def test_rules_use_only_metrics_the_service_exposes(tmp_path: Path) -> None:
     unknown = {n: sorted(by) for n, by in used.items() if n not in exposed | recorded | PROMETHEUS_BUILTINS}
     assert not unknown, f"rules use metrics nobody exposes: {unknown}"
     # The lexer found the families the brief names (a lexer that found nothing would pass the check above).
-    for name in ("oversight_drift_events_total", "oversight_review_queue_oldest_seconds", "oversight_rm_score_sum"):
+    for name in (
+        "oversight_drift_events_total",
+        "oversight_review_queue_oldest_seconds",
+        "oversight_rm_score_cumulative",
+    ):
         assert name in used
 
 
