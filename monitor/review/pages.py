@@ -515,6 +515,7 @@ def make_router(ctx: PageContext) -> APIRouter:
             if isinstance(ev, dict):
                 drift_cols.extend(k for k in ev if k not in drift_cols)
         rm = summary.get("rm_agreement")
+        reqs = [r for r in (summary.get("requests") or []) if isinstance(r, dict)]
         return render(
             request,
             "admin.html",
@@ -526,6 +527,8 @@ def make_router(ctx: PageContext) -> APIRouter:
             rm=rm if isinstance(rm, dict) else ({"value": rm} if rm is not None else None),
             drift=drift,
             drift_cols=drift_cols[:8],
+            requests=reqs,
+            request_cols=["id", "kind", "stream", "state", "attempts", "updated_at", "last_error"],
             estimates=estimates,
             flags=flags,
             chart=chart,

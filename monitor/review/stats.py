@@ -223,6 +223,29 @@ def recent_drift_events(store: Store, limit: int = 20) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in conn.execute(q)]
 
 
+def rm_agreement(store: Store, settings: Settings) -> dict[str, Any] | None:
+    """The active reward-model version and its agreement with reviewers per stream (None: no version)."""
+    from monitor.actions.oversight import compute
+    from monitor.reward.registry import Registry
+
+    active = Registry(store, settings.reward.models_dir, settings.reward.stream_set).active()
+    if active is None:
+        return None
+    out: dict[str, Any] = {"active version": active[0]}
+    for stream, r in sorted(compute(store, active[0]).items()):
+        a = r.get("agreement")
+        if a is not None:
+            out[f"{stream}: agreement ({a['pairs']} pairs)"] = a["value"]
+    return out
+
+
+def recent_requests(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    from monitor.actions.requests import listing
+
+    keep = ("id", "kind", "stream", "state", "attempts", "created_at", "updated_at", "last_error")
+    return [{k: r[k] for k in keep} for r in listing(store, limit=limit)]
+
+
 def admin_summary(store: Store, settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     flags = settings.review.flags
@@ -231,8 +254,8 @@ def admin_summary(store: Store, settings: Settings, now: float | None = None) ->
         "queue": queue_depth(store, now),
         "throughput": throughput(store, now),
         "agreement": agreement(rows, flags),
-        # Filled in once the reward model scores episodes (issue: reward model).
-        "rm_agreement": None,
+        "rm_agreement": rm_agreement(store, settings),
         "drift_events": recent_drift_events(store),
+        "requests": recent_requests(store),
         "estimates": estimates(store, flags, rows),
     }

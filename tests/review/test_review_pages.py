@@ -327,7 +327,14 @@ def test_admin_page_is_for_admins(make_page_env: Callable[..., Env]) -> None:
     assert "<svg" in text and "<circle" in text  # one hourly estimate per stream
     assert "stream&lt;0&gt;" in text and "stream<0>" not in text
     assert "Not available until the reward model is deployed" in text
-    assert "No drift events" in text
+    assert "No drift events" in text and "No requests." in text
+    # Requests show with their id and state; stream names from traffic are escaped.
+    from monitor.actions import requests as rq
+
+    rid, _ = rq.create(env.store, "retrain", "k1", "<img src=x onerror=alert(1)>", {"incident": "k1"})
+    text = admin.get("/admin").text
+    assert rid in text and ">pending<" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text and "<img src=x" not in text
     assert "alice" in text  # throughput
     for href in ("pairs.jsonl", "ratings.jsonl", "ratings.csv"):
         assert f'href="/api/v1/admin/export/{href}"' in text
