@@ -99,7 +99,7 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
             if a != b:
                 break
             n += 1
-        cut = chosen.rfind(ASSISTANT, 0, n - len(ASSISTANT) + 1) if n >= len(ASSISTANT) else -1
+        cut = chosen.rfind(ASSISTANT, 0, n)
         if cut < 0:
             return None
         end = cut + len(ASSISTANT)

@@ -42,8 +42,11 @@ _APOLOGY = re.compile(r"\b(?:sorry|apologi[sz]e)\b", re.IGNORECASE)
 _AI_MENTION = re.compile(r"\b(?:as an ai|language model|i'?m an ai|i am an ai|ai assistant)\b", re.IGNORECASE)
 _ROLE_LEAK = re.compile(r"\b(?:Human|Assistant|User|### Instruction|### Response):", re.IGNORECASE)
 _STOP = frozenset(
-    "a an and are as at be but by can do does for from has have how i if in is it me my of on or so that the this "
-    "to was what when where which who why will with would you your".split()
+    re.findall(
+        r"\w+",
+        "a an and are as at be but by can do does for from has have how i if in is it me my of on or so that the "
+        "this to was what when where which who why will with would you your",
+    )
 )
 
 FEATURE_NAMES: tuple[str, ...] = (

@@ -66,6 +66,12 @@ class ModelConfig(BaseModel):
     max_length: int = Field(128, ge=16, le=512, description="tokens per prompt + response sequence")
     max_prompt_tokens: int = Field(32, ge=0, description="prompt tokens kept when the response needs the room")
     finetune_layers: int = Field(1, ge=0, description="top encoder layers trained (0: frozen encoder, head only)")
+    pool_layers: list[int] = Field(
+        default_factory=lambda: [-1, -3],
+        min_length=1,
+        description="hidden states mean-pooled and concatenated for the head (0: embeddings, -1: last layer); "
+        "a middle layer adds surface and style information the last layer has abstracted away",
+    )
     head_hidden: int = Field(64, ge=1)
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     features: bool = Field(True, description="feed explicit length/structure features to the head")
@@ -111,7 +117,7 @@ def _build_head(hidden_size: int, cfg: ModelConfig) -> Any:
     head = torch.nn.ModuleDict(
         {
             "mlp": torch.nn.Sequential(
-                torch.nn.Linear(hidden_size + n_feat, cfg.head_hidden),
+                torch.nn.Linear(hidden_size * len(cfg.pool_layers) + n_feat, cfg.head_hidden),
                 torch.nn.GELU(),
                 torch.nn.Dropout(cfg.head_dropout),
                 torch.nn.Linear(cfg.head_hidden, 1),
@@ -147,7 +153,7 @@ class RewardModel:
         self.feat_std = feat_std
         self.trained_layers = sorted(set(trained_layers))
         self.metadata: dict[str, Any] = dict(metadata or {})
-        self.device = device or default_device()
+        self.device = default_device() if device in (None, "auto") else str(device)
         self._to_device()
 
     # --- construction ------------------------------------------------------------------------
@@ -166,6 +172,9 @@ class RewardModel:
         layers = _layers(encoder)
         if cfg.finetune_layers > len(layers):
             raise ValueError(f"finetune_layers={cfg.finetune_layers} but the encoder has {len(layers)} layers")
+        for i in cfg.pool_layers:
+            if not -len(layers) - 1 <= i <= len(layers):
+                raise ValueError(f"pool_layers: {i} is not a hidden state of a {len(layers)}-layer encoder")
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -343,8 +352,8 @@ class RewardModel:
             for s in range(0, len(order), max(1, batch_size)):
                 idx = order[s : s + batch_size]
                 ids, types, mask = pad_batch([encs[i] for i in idx], self.device)
-                hidden = self.hidden_from(self.embed(ids, types), mask, 0)
-                scores = self.head_score(pool(hidden, mask), feats[idx].to(self.device))
+                pooled = self.pooled_from(self.embed(ids, types), mask, 0)
+                scores = self.head_score(pooled, feats[idx].to(self.device))
                 for j, i in enumerate(idx):
                     out[i] = float(scores[j])
         return out
@@ -354,13 +363,37 @@ class RewardModel:
     def embed(self, ids: Any, types: Any) -> Any:
         return self.encoder.embeddings(input_ids=ids, token_type_ids=types)
 
-    def hidden_from(self, hidden: Any, mask: Any, start: int, stop: int | None = None) -> Any:
-        """Run encoder layers ``start:stop`` on hidden states (one code path for scoring, caching and training)."""
+    def run_layers(
+        self, hidden: Any, mask: Any, start: int, stop: int | None = None, collect: frozenset[int] = frozenset()
+    ) -> tuple[Any, dict[int, Any]]:
+        """Run encoder layers ``start:stop`` on the hidden state entering layer ``start``; also return
+        the mean-pooled hidden states with indices in ``collect``. Scoring, caching and training all
+        go through here, so they compute the same function."""
+        got: dict[int, Any] = {}
+        if start in collect:
+            got[start] = pool(hidden, mask)
         ext = self.encoder.get_extended_attention_mask(mask, mask.shape)
-        for layer in _layers(self.encoder)[start:stop]:
+        for i, layer in enumerate(_layers(self.encoder)[start:stop], start + 1):
             out = layer(hidden, attention_mask=ext)
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+            if i in collect:
+                got[i] = pool(hidden, mask)
+        return hidden, got
+
+    def pool_indices(self) -> list[int]:
+        """``pool_layers`` as absolute hidden-state indices (0: embeddings output, n_layers: last layer)."""
+        n = self.n_layers
+        return [i % (n + 1) for i in self.config.pool_layers]
+
+    def pooled_from(self, hidden: Any, mask: Any, start: int, early: dict[int, Any] | None = None) -> Any:
+        """Run layers ``start..`` and concatenate the pooled states of ``pool_layers``; ``early`` holds
+        those below ``start`` (training pools them once, with the frozen layers)."""
+        import torch
+
+        wanted = self.pool_indices()
+        _, got = self.run_layers(hidden, mask, start, None, frozenset(i for i in wanted if i >= start))
+        got.update(early or {})
+        return torch.cat([got[i] for i in wanted], dim=-1)
 
     def head_score(self, pooled: Any, raw_feats: Any) -> Any:
         import torch
@@ -417,8 +450,12 @@ def model_card(model: RewardModel) -> str:
         f"* Input: `[CLS] prompt [SEP] response [SEP]`, at most {cfg.max_length} tokens; the prompt keeps its last "
         f"{cfg.max_prompt_tokens} or more tokens (cut from the left), the response its first tokens (cut from the "
         "right).",
-        f"* Head: MLP ({cfg.head_hidden} hidden) over the mean-pooled last hidden state"
-        + (f" and {N_FEATURES} length/structure features computed on the whole text, plus a linear feature prior" if cfg.features else "")
+        f"* Head: MLP ({cfg.head_hidden} hidden) over the mean-pooled hidden states {cfg.pool_layers}"
+        + (
+            f" and {N_FEATURES} length/structure features computed on the whole text, plus a linear feature prior"
+            if cfg.features
+            else ""
+        )
         + ".",
         "* Output: an unbounded score; P(a preferred to b) = sigmoid(score_a - score_b) (Bradley-Terry).",
         "",

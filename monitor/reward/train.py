@@ -8,7 +8,7 @@ frozen, so their output for every distinct (prompt, response) is computed **once
 mode, and cached (float16); each step then runs only the top ``finetune_layers`` layers (default 1
 of 6) and the head, forward and backward. With 128-token sequences the cache costs about one
 forward pass over the data and an epoch about a third of one. Scores of the trained model are
-computed by the very same layer code (``RewardModel.hidden_from``), so training and serving agree.
+computed by the very same layer code (``RewardModel.run_layers``), so training and serving agree.
 
 What the truncated sequence cannot show (length, lists, headers, code blocks) reaches the head
 through explicit features (``features.py``), normalised with the training texts' mean and spread.
@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from monitor.reward.data import Pair, group_of, split_of
-from monitor.reward.model import ModelConfig, RewardModel, default_device, pad_batch, pool
+from monitor.reward.model import ModelConfig, RewardModel, default_device, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _text_index(pairs: Sequence[Pair]) -> tuple[list[tuple[str, str]], list[tupl
     return list(texts), idx
 
 
-def _accuracy(scores: Sequence[float], idx: Sequence[tuple[int, int]]) -> tuple[float, float]:
+def _accuracy(scores: Sequence[float] | dict[int, float], idx: Sequence[tuple[int, int]]) -> tuple[float, float]:
     """(pairwise accuracy with ties as half, mean Bradley-Terry loss)."""
     acc = 0.0
     loss = 0.0
@@ -203,7 +203,7 @@ def train(
             log.warning("training from %s: architecture keys %s come from the base", base.version, sorted(ignored))
     mcfg = model.config
     n_layers = model.n_layers
-    k = cfg.finetune_layers if base is None else max(cfg.finetune_layers, 0)
+    k = cfg.finetune_layers
     if k > n_layers:
         raise ValueError(f"finetune_layers={k} but the encoder has {n_layers} layers")
     start = n_layers - k
@@ -249,8 +249,9 @@ def train(
         if start == n_layers:
             pooled = torch.stack([cache[i] for i in text_ids]).to(device, torch.float32)
             return model.head_score(pooled, f)
-        hidden, mask = _stack([cache[i] for i in text_ids], device)
-        return model.head_score(pool(model.hidden_from(hidden, mask, start), mask), f)
+        hidden, mask = _stack([cache[i][0] for i in text_ids], device)
+        early = {k: torch.stack([cache[i][1][k] for i in text_ids]).to(device) for k in cache[text_ids[0]][1]}
+        return model.head_score(model.pooled_from(hidden, mask, start, early), f)
 
     def scores_of(text_ids: Sequence[int]) -> dict[int, float]:
         model.encoder.eval()
@@ -267,7 +268,7 @@ def train(
         sc = scores_of(sorted({i for pair in va_idx for i in pair}))
         return _accuracy(sc, va_idx)
 
-    head_params = [p for p in model.head.parameters()]
+    head_params = list(model.head.parameters())
     enc_params = [p for i in trainable_layers for p in layers[i].parameters()]
     groups = [{"params": head_params, "lr": cfg.lr_head}]
     if enc_params:
@@ -314,12 +315,13 @@ def train(
                 r = torch.tensor([pos[b] for _, b in batch], device=device)
                 loss = -torch.nn.functional.logsigmoid(sc[c] - sc[r]).mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(head_params + enc_params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 step += 1
-                running = 0.9 * running + 0.1 * float(loss) if step > 1 else float(loss)
+                lv = float(loss.item())
+                running = 0.9 * running + 0.1 * lv if step > 1 else lv
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{running:.3f}", val_acc=f"{best[2]:.3f}")
@@ -398,12 +400,14 @@ def _schedule(warm: int, total: int) -> Callable[[int], float]:
 
 
 def _cache(model: RewardModel, encs: Sequence[tuple[list[int], list[int]]], start: int, bs: int, progress: bool) -> Any:
-    """Per text: hidden states after the frozen layers (float16, unpadded), or, with nothing to
-    fine-tune, the pooled output (float32)."""
+    """Per text, what the frozen layers give: the hidden state entering layer ``start`` (float16,
+    unpadded) and the pooled states of frozen pooling layers below it; with nothing to fine-tune,
+    just the head's pooled input (float32)."""
     import torch
 
     out: list[Any] = [None] * len(encs)
     order = sorted(range(len(encs)), key=lambda i: len(encs[i][0]))
+    below = frozenset(i for i in model.pool_indices() if i < start)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -415,18 +419,17 @@ def _cache(model: RewardModel, encs: Sequence[tuple[list[int], list[int]]], star
             for s in range(0, len(order), bs):
                 idx = order[s : s + bs]
                 ids, types, mask = pad_batch([encs[i] for i in idx], model.device)
-                hidden = model.embed(ids, types)
-                if start > 0:
-                    hidden = model.hidden_from(hidden, mask, 0, start)
+                hidden, early = model.run_layers(model.embed(ids, types), mask, 0, start, below)
                 if start == model.n_layers:
-                    pooled = pool(hidden, mask).float().cpu()
+                    pooled = model.pooled_from(hidden, mask, start, early).float().cpu()
                     for j, i in enumerate(idx):
                         out[i] = pooled[j].clone()
                 else:
                     lengths = mask.sum(1).tolist()
-                    half = hidden.to(torch.float16)
+                    half = hidden.to(torch.float16).cpu()
+                    early_cpu = {k: v.float().cpu() for k, v in early.items()}
                     for j, i in enumerate(idx):
-                        out[i] = half[j, : int(lengths[j])].clone()
+                        out[i] = (half[j, : int(lengths[j])].clone(), {k: v[j].clone() for k, v in early_cpu.items()})
                 if bar is not None:
                     bar.update(len(idx))
     finally:
