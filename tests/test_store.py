@@ -42,14 +42,26 @@ def sample(eid: str, channel: str, p: float, stream: str = "s", ts: float = 120.
 
 def test_migrations_are_idempotent(db_url: str) -> None:
     s = Store(db_url)
-    assert s.revision() == "0003"
+    assert s.revision() == "0004"
     s.migrate()
     Store(db_url).close()
-    assert s.revision() == "0003"
+    assert s.revision() == "0004"
     insp = sa.inspect(s.engine)
-    assert {"episodes", "samples", "traffic", "offsets", "stream_state", "review_tasks", "labels", "users"} <= set(
-        insp.get_table_names()
-    )
+    assert {
+        "episodes",
+        "samples",
+        "traffic",
+        "offsets",
+        "stream_state",
+        "review_tasks",
+        "labels",
+        "users",
+        "drift_events",
+        "rm_versions",
+        "rm_active",
+        "rm_scores",
+        "action_requests",
+    } <= set(insp.get_table_names())
     s.close()
 
 
