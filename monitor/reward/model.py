@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from monitor.reward.features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, response_features
 
@@ -75,6 +75,13 @@ class ModelConfig(BaseModel):
     head_hidden: int = Field(64, ge=1)
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     features: bool = Field(True, description="feed explicit length/structure features to the head")
+
+    @model_validator(mode="after")
+    def _room_for_the_response(self) -> ModelConfig:
+        # Special tokens plus a few response tokens must fit next to the prompt's share.
+        if self.max_prompt_tokens + 8 > self.max_length:
+            raise ValueError("max_prompt_tokens must leave at least 8 tokens of max_length for the response")
+        return self
 
 
 def packaged_encoder_dir() -> Path:
@@ -311,11 +318,12 @@ class RewardModel:
         tok = self.tokenizer
         budget = cfg.max_length - tok.num_special_tokens_to_add(pair=True)
         cap = cfg.max_length * _CHARS_PER_TOKEN
-        p_ids = tok([p[-cap:] for p in prompts], add_special_tokens=False)["input_ids"]
-        r_ids = tok([r[:cap] for r in responses], add_special_tokens=False)["input_ids"]
+        # verbose=False: the untruncated pieces may exceed the encoder's limit; they are cut below.
+        p_ids = tok([p[-cap:] for p in prompts], add_special_tokens=False, verbose=False)["input_ids"]
+        r_ids = tok([r[:cap] for r in responses], add_special_tokens=False, verbose=False)["input_ids"]
         out = []
         for p, r in zip(p_ids, r_ids, strict=True):
-            n_p = min(len(p), max(cfg.max_prompt_tokens, budget - len(r)))
+            n_p = min(len(p), max(min(cfg.max_prompt_tokens, budget), budget - len(r)))
             p_keep = p[len(p) - n_p :]
             r_keep = r[: budget - n_p]
             enc = tok.prepare_for_model(

@@ -141,3 +141,12 @@ def test_cached_training_path_matches_scoring(finetune_layers: int) -> None:
         cached = m.head_score(pooled, feats).tolist()
     exact = m.score(PROMPTS, RESPONSES)
     assert cached == pytest.approx(exact, abs=2e-2)
+
+
+def test_prompt_budget_must_leave_room_for_the_response() -> None:
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        ModelConfig(max_length=32, max_prompt_tokens=30)
+    m = RewardModel.create(ModelConfig(max_length=32, max_prompt_tokens=24), device="cpu")
+    (ids, types), (short_ids, _) = m.encode(["hello " * 500, "hi"], ["world " * 500, "ok"])
+    assert len(ids) == 32 and types.count(1) == 32 - 24 - 2  # response tokens + its [SEP]
+    assert len(short_ids) < 32

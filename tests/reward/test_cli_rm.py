@@ -1,0 +1,69 @@
+"""``oversight rm pairs | train | eval`` as users run them: subprocesses, real files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+OVERSIGHT = [sys.executable, "-m", "monitor.cli"]
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+TINY = ["--set", "max_length=32", "--set", "max_prompt_tokens=8", "--set", "epochs=1", "--set", "val_fraction=0"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OVERSIGHT, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_rm_pairs_train_eval(tmp_path: Path) -> None:
+    pairs = tmp_path / "hh.jsonl"
+    out = run("rm", "pairs", "--source", "hh_rlhf", "--split", "test", "--limit", "24", "--out", str(pairs))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pairs"] == 24
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert len(rows) == 24 and all({"prompt", "chosen", "rejected"} <= set(r) for r in rows)
+
+    v1 = tmp_path / "v1"
+    out = run("rm", "train", "--pairs", str(pairs), "--out", str(v1), "--no-progress", *TINY)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["version"].startswith("rm-") and summary["parent"] is None and summary["n_train"] == 24
+    assert (v1 / "weights.safetensors").exists() and (v1 / "MODEL_CARD.md").exists()
+
+    out = run("rm", "eval", "--model", str(v1), "--pairs", str(pairs))
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["n"] == 24 and 0.0 <= result["pairwise_accuracy"] <= 1.0
+    assert result["version"] == summary["version"]
+
+    v2 = tmp_path / "v2"
+    out = run("rm", "train", "--pairs", str(pairs), "--out", str(v2), "--base", str(v1), "--no-progress", *TINY)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["parent"] == summary["version"]
+    assert json.loads((v2 / "metadata.json").read_text())["parent"] == summary["version"]
+
+
+def test_rm_train_rejects_unknown_settings_and_bad_pairs(tmp_path: Path) -> None:
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    out = run("rm", "train", "--pairs", str(pairs), "--out", str(tmp_path / "v"), "--set", "epochz=1")
+    assert out.returncode == 2 and "epochz: unknown key" in out.stderr
+    pairs.write_text('{"prompt": "p", "chosen": "a"}\n')
+    out = run("rm", "eval", "--model", str(tmp_path / "v"), "--pairs", str(pairs))
+    assert out.returncode == 2 and "rejected" in out.stderr
+    assert not (tmp_path / "v").exists()
+
+
+def test_rm_pairs_splits_do_not_share_instructions(tmp_path: Path) -> None:
+    sides = {}
+    for side in ("train", "test"):
+        f = tmp_path / f"{side}.jsonl.gz"
+        out = run("rm", "pairs", "--source", "alpaca_eval", "--split", side, "--out", str(f))
+        assert out.returncode == 0, out.stderr
+        sides[side] = json.loads(out.stdout)["pairs"]
+        with gzip.open(f, "rt") as fh:
+            sides[side + "_prompts"] = {json.loads(line)["prompt"] for line in fh}
+    assert sides["train"] > 2000 and sides["test"] > 400
+    assert not sides["train_prompts"] & sides["test_prompts"]
