@@ -451,13 +451,22 @@ def cmd_rm(args: argparse.Namespace) -> int:
         return _rm_train(args)
     if args.rm_command in ("update", "register", "versions", "requests"):
         return _rm_registry(args)
-    from monitor.reward.model import RewardModel
     from monitor.reward.train import evaluate
 
     pairs = _read_pairs(args.pairs)
-    model = RewardModel.load(args.model)
+    model = _load_rm(args.model)
     print(json.dumps(evaluate(model, pairs, batch_size=args.batch_size), sort_keys=True))
     return 0
+
+
+def _load_rm(path: str) -> Any:
+    from monitor.config import ConfigError
+    from monitor.reward.model import RewardModel
+
+    try:
+        return RewardModel.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load reward model {path}: {e}") from None
 
 
 def _rm_registry(args: argparse.Namespace) -> int:
@@ -582,13 +591,12 @@ def _rm_pairs(args: argparse.Namespace) -> int:
 
 
 def _rm_train(args: argparse.Namespace) -> int:
-    from monitor.reward.model import RewardModel
     from monitor.reward.train import evaluate, load_train_config, train
 
     cfg = load_train_config(args.config, args.overrides)
     pairs = _read_pairs(args.pairs)
     eval_pairs = _read_pairs(args.eval_pairs) if args.eval_pairs else None
-    base = RewardModel.load(args.base) if args.base else None
+    base = _load_rm(args.base) if args.base else None
     model, metrics = train(
         pairs, cfg, base=base, progress=not args.no_progress, description=args.description or f"pairs from {args.pairs}"
     )

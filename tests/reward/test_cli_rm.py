@@ -54,6 +54,9 @@ def test_rm_train_rejects_unknown_settings_and_bad_pairs(tmp_path: Path) -> None
     out = run("rm", "eval", "--model", str(tmp_path / "v"), "--pairs", str(pairs))
     assert out.returncode == 2 and "rejected" in out.stderr
     assert not (tmp_path / "v").exists()
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    out = run("rm", "eval", "--model", str(tmp_path / "missing"), "--pairs", str(pairs))
+    assert out.returncode == 2 and "cannot load reward model" in out.stderr
 
 
 def test_rm_pairs_splits_do_not_share_instructions(tmp_path: Path) -> None:
