@@ -7,8 +7,8 @@ prompts): 1,500 episodes before and 1,500 after each change, ``model`` constant 
 ``metadata``: detection must come from the traffic itself. For each scenario the monitor (the
 full pipeline with its default configuration: text-statistic CUSUMs on every episode,
 embeddings of the 5% drift channel) is compared with two standalone baselines fed the same
-stream: river ADWIN (default delta) on response length, and alibi-detect MMDDriftOnline on prompt+response embeddings (ERT 2000,
-window 50, 500-episode reference). Prints a table and a JSON line.
+stream: river ADWIN (default delta) on response length, and alibi-detect MMDDriftOnline on
+prompt+response embeddings (ERT 2000, window 50, 500-episode reference). Prints a table and a JSON line.
 """
 
 from __future__ import annotations

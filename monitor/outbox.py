@@ -44,9 +44,7 @@ class OutboxPublisher:
     def publish_pending(self, limit: int = 500) -> int:
         tb = self._table
         with self._store.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(tb).where(tb.c.published_at.is_(None)).order_by(*self._pk).limit(limit)
-            ).all()
+            rows = conn.execute(sa.select(tb).where(tb.c.published_at.is_(None)).order_by(*self._pk).limit(limit)).all()
         if not rows:
             return 0
         futures = []
