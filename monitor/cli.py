@@ -497,7 +497,9 @@ def _rm_registry(args: argparse.Namespace) -> int:
                 model = RewardModel.load(args.model)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"cannot load {args.model}: {e}") from None
-            version = registry.register(model, data_window=model.metadata.get("data", {}), metrics={})
+            version = registry.register(
+                model, data_window=model.metadata.get("training", {}), metrics=model.metadata.get("metrics", {})
+            )
             out: dict[str, Any] = {"version": version, "active": False}
             if args.activate:
                 out["generation"] = registry.promote(version, {"passed": True, "reason": "activated by hand"})
