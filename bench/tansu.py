@@ -172,3 +172,24 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     with admin(bootstrap) as a:
         got = a.list_group_offsets({group: None}).get(group, {})
     return {tp.partition: int(om.offset) for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
+
+
+def consume_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of a topic from the beginning (until ``expect`` records or the timeout), plus
+    one more poll so that a record beyond ``expect`` (a duplicate) would be seen."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    try:
+        c.assign([TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())])
+        c.seek_to_beginning()
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            for msgs in c.poll(timeout_ms=500).values():
+                out.extend(msgs)
+        for msgs in c.poll(timeout_ms=500).values():
+            out.extend(msgs)
+        return out
+    finally:
+        c.close()

@@ -19,6 +19,7 @@ transforms fix that without per-stream calibration runs:
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -51,8 +52,6 @@ class NormalScores:
         return cls([float(x) for x in d["sorted_ref"]], float(d["scale"]), float(d["clip"]))
 
     def __call__(self, x: float) -> float:
-        import bisect
-
         s, n = self.sorted_ref, len(self.sorted_ref)
         lo, hi = s[0], s[-1]
         if x < lo:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,26 +16,6 @@ from monitor.config import KafkaConfig, load_settings
 from monitor.store import Store
 
 pytestmark = pytest.mark.kafka
-
-
-def consume(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list[Any]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        c.assign([TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())])
-        c.seek_to_beginning()
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < expect and time.monotonic() < deadline:
-            for msgs in c.poll(timeout_ms=500).values():
-                out.extend(msgs)
-        # One more poll, so that a record beyond ``expect`` (a duplicate) would be seen.
-        for msgs in c.poll(timeout_ms=500).values():
-            out.extend(msgs)
-        return out
-    finally:
-        c.close()
 
 
 def new_topic(bootstrap: str, partitions: int = 1) -> str:
@@ -72,7 +50,7 @@ def test_request_is_published_with_headers_and_acknowledged(action_kafka: str) -
     finally:
         sink.close()
     assert [r["topic"] for r in results] == [topic, topic]
-    got = consume(action_kafka, topic, expect=2)
+    got = tansu.consume_all(action_kafka, topic, expect=2)
     assert len(got) == 2
     for req, res, rec in zip(reqs, results, got, strict=True):
         assert (rec.partition, rec.offset) == (res["partition"], res["offset"])
@@ -101,7 +79,7 @@ def test_dispatch_publishes_each_pending_request_once(action_kafka: str, tmp_pat
     finally:
         sink.close()
         store.close()
-    got = consume(action_kafka, topic, expect=5)
+    got = tansu.consume_all(action_kafka, topic, expect=5)
     assert sorted(dict(r.headers)["oversight.idempotency_key"].decode() for r in got) == sorted(ids)
     for rec in got:
         row = rows[json.loads(rec.value)["id"]]

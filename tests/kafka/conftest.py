@@ -99,24 +99,7 @@ class KafkaEnv:
 
     def consume_all(self, topic: str, expect: int, timeout_s: float = 20.0) -> list[Any]:
         """Every record of a topic (reads until ``expect`` records or the timeout)."""
-        from kafka import KafkaConsumer, TopicPartition
-
-        c = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-        try:
-            parts = sorted(c.partitions_for_topic(topic) or ())
-            c.assign([TopicPartition(topic, p) for p in parts])
-            c.seek_to_beginning()
-            out: list[Any] = []
-            deadline = time.monotonic() + timeout_s
-            while len(out) < expect and time.monotonic() < deadline:
-                for msgs in c.poll(timeout_ms=500).values():
-                    out.extend(msgs)
-            # A short extra poll so that more than ``expect`` records would be noticed.
-            for msgs in c.poll(timeout_ms=500).values():
-                out.extend(msgs)
-            return out
-        finally:
-            c.close()
+        return tansu.consume_all(self.bootstrap, topic, expect, timeout_s)
 
     # -- service settings -----------------------------------------------------
     def overrides(self, topic: str, group: str, db_url: str, *extra: str) -> list[str]:
