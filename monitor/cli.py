@@ -53,13 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("demo", help="replay the bundled real traffic through the embedded service")
+    p = sub.add_parser(
+        "demo", help="the closed loop (simulate) on the bundled real traffic, with the review UI and /metrics live"
+    )
     _common(p, db=False)
     p.add_argument("--workdir", default=".oversight-demo", help="where the demo keeps its database and dead letters")
     p.add_argument("--port", type=int, default=9108, help="port of /metrics, /healthz, /readyz")
     p.add_argument("--review-port", type=int, default=8080, help="port of the review UI")
-    p.add_argument("--exit-after-replay", action="store_true", help="exit after the summary instead of serving")
+    p.add_argument(
+        "--exit-after-replay", action="store_true", help="exit after the summary instead of serving until Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "simulate",
+        help="the closed loop over an episode file: drift -> boosted review by a simulated reviewer pool"
+        " -> reward-model update -> retraining request",
+    )
+    _common(p)
+    p.add_argument(
+        "--input", required=True, metavar="FILE", help="JSONL episodes (plain or gzip) with metadata answers"
+    )
+    p.add_argument("--report", required=True, metavar="REPORT.json")
+    p.add_argument("--review-port", type=int, default=0, help="port of the review UI while it runs (0: any free)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("estimate", help="Horvitz-Thompson estimate over all traffic of a stream from sampled items")
     _common(p)
@@ -218,6 +236,7 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -329,6 +348,29 @@ def cmd_replay(args: argparse.Namespace) -> int:
         json.dump(report, fh, indent=2, sort_keys=True)
         fh.write("\n")
     print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
+
+    if args.config is None:
+        args.config = str(bundled(BUNDLED_CONFIG))
+    settings = _settings(args, ["source.kind=file", f"source.path={args.input}"])
+    report = run_simulation(settings, args.input, progress=not args.no_progress, review_port=args.review_port)
+    with open(args.report, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    print(
+        json.dumps(
+            {
+                "drift_events": len(report["drift_events"]),
+                "labels": report["labels_collected"]["total"],
+                "rm_versions": [(v["version"], v["status"]) for v in report["rm_versions"]],
+                "retrain_requests": len(report["retrain_requests"]),
+            }
+        )
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ the YAML file, defaults. Unknown keys are an error at every level.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -248,7 +249,16 @@ class RewardUpdateConfig(_Model):
     holdout_fraction: float = Field(0.3, gt=0, lt=1, description="share of prompts held out for the gate")
     margin: float = Field(0.02, ge=0, description="the candidate must beat the active version by this on new labels")
     max_regression: float = Field(0.02, ge=0, description="allowed drop on the older held-out labels")
-    rating_gap: int = Field(1, ge=1, description="minimum rating difference for two ratings of a prompt to form a pair")
+    rating_gap: int = Field(1, ge=1, description="minimum rating difference for two ratings to form a pair")
+    pairing: Literal["prompt", "absolute"] = Field(
+        "absolute",
+        description="'prompt': pairs only within a prompt; 'absolute': ratings are on one scale for every prompt"
+        " (pointwise targets), so responses to different prompts are paired too (see rm pairs_from_ratings)",
+    )
+    partners: int = Field(8, ge=1, description="'absolute' pairing: other-prompt partners drawn per rated response")
+    lease_s: float = Field(
+        300.0, gt=0, description="a running update whose worker sent no heartbeat for this long is taken over"
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="training config overrides (rm train --set)")
     poll_s: float = Field(5.0, gt=0, description="how often the embedded worker looks for requests")
 
@@ -297,6 +307,9 @@ class ActionsConfig(_Model):
         default_factory=lambda: list[UpdateSink](["local"]),
         description="'local': the embedded worker trains, gates and promotes; others hand the request to a trainer",
     )
+    oversight_window: int = Field(
+        200, ge=10, description="scored episodes per span in the reward-hacking comparison and agreement window"
+    )
     incident_gap_s: float = Field(
         3600.0, gt=0, description="drift events of a stream closer than this (event time) form one incident"
     )
@@ -305,6 +318,47 @@ class ActionsConfig(_Model):
     )
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     kubernetes: KubernetesJobConfig = Field(default_factory=KubernetesJobConfig)
+
+
+class SimulateConfig(_Model):
+    """``oversight simulate``: the simulated reviewer pool and the starting reward model."""
+
+    reviewers: int = Field(3, ge=1, le=100, description="simulated reviewers, each with an API token")
+    seconds_per_label: float = Field(
+        20.0, gt=0, description="mean event-time seconds a reviewer spends on one item (exponential, seeded)"
+    )
+    answer_key: str = Field(
+        "judge_pref",
+        pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description="metadata key the reviewers answer from (never read by detectors or the reward model)",
+    )
+    cutpoints: list[float] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 0.2],
+        min_length=1,
+        max_length=6,
+        description="answer values at which the rating steps up: rating = 1 + number of cutpoints <= value"
+        " (judge_pref is a probability concentrated near 0: these bins are its log-odds)",
+    )
+    noise: float = Field(0.1, ge=0, le=1, description="probability a rating moves one step up or down")
+    seed: int = 0
+    round_episodes: int = Field(50, ge=1, description="episodes between reviewer and worker rounds")
+    gauges_every: int = Field(10, ge=1, description="rounds between oversight gauge refreshes")
+    bootstrap_pairs: str | None = Field(
+        "bundled",
+        description="pairs the starting reward model is trained on when no version is active ('bundled':"
+        " 400 HH-RLHF harmless pairs shipped with the package; null: start without a reward model)",
+    )
+    bootstrap_train: dict[str, Any] = Field(default_factory=dict, description="training overrides for that model")
+    eval_margin: float = Field(
+        1.0, ge=0, description="judge log-odds margin below which two responses make no evaluation pair"
+    )
+
+    @field_validator("cutpoints")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("cutpoints must increase")
+        return v
 
 
 class MetricsConfig(_Model):
@@ -344,6 +398,7 @@ class Settings(BaseSettings):
     drift: DriftConfig = DriftConfig()
     reward: RewardConfig = RewardConfig()
     actions: ActionsConfig = ActionsConfig()
+    simulate: SimulateConfig = SimulateConfig()
 
     @classmethod
     def settings_customise_sources(

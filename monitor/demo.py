@@ -34,104 +34,119 @@ def _true_means(path: Path, key: str) -> dict[str, float]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from monitor.cli import _replay, _settings
-    from monitor.server import OpsServer
+    """The closed loop (``oversight simulate``) on the bundled traffic, told as a story."""
+    from monitor.cli import _settings
     from monitor.service import install_signal_handlers
+    from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
 
     work = Path(args.workdir)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     data = bundled_traffic()
+    if args.config is None:
+        args.config = str(bundled(BUNDLED_CONFIG))
     extra = [
         "dev=true",
         "source.kind=file",
         f"source.path={data}",
         f"database.url=sqlite:///{(work / 'oversight.db').resolve()}",
         f"dead_letter.path={work / 'dead-letter.jsonl'}",
+        f"reward.models_dir={work / 'models'}",
         f"server.port={args.port}",
     ]
     settings = _settings(args, extra)
-    print(f"Replaying {data.name}: real AlpacaEval traffic from 3 models in 2 streams (see monitor/data/README.md)")
-    svc, report = _replay(settings, str(data), progress=True, name="demo", desc="demo")
-    server = OpsServer(
-        settings.server.host, settings.server.port, svc.metrics.registry, lambda: {"database": svc.store.ping()}
+    print(
+        f"The closed loop on {data.name}: real AlpacaEval traffic (see monitor/data/README.md).\n"
+        "  stream chat:      gpt-3.5-turbo-1106, replaced by alpaca-7b half way (a real policy swap; nothing in\n"
+        "                    the episodes announces it)\n"
+        "  stream assistant: claude-2 throughout\n"
+        f"{settings.simulate.reviewers} simulated reviewers label what the monitor samples, through the review API,"
+        " answering from the judge's preference (metadata.judge_pref, which nothing else reads)."
     )
-    server.start()
-    _summary(report, svc.store, data)
-    review = _start_review(settings, svc.store, args.review_port)
-    (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"\nReport: {work / 'report.json'}   dead letters: {settings.dead_letter.path}")
-    print(f"Metrics: {server.url}/metrics   health: {server.url}/healthz   ready: {server.url}/readyz")
-    try:
+
+    def on_start(sim: Any, store: Any) -> None:
+        _accounts(store, sim.review_url)
+        base = str(sim.metrics_url).rstrip("/")
+        print(f"Metrics: {base}/metrics   health: {base}/healthz\n", flush=True)
+
+    def while_serving(report: dict[str, Any]) -> None:
+        (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        _summary(report)
+        print(f"\nReport: {work / 'report.json'}   dead letters: {settings.dead_letter.path}")
         if args.exit_after_replay:
-            return 0
-        print("Serving metrics until Ctrl-C.")
+            return
+        print("Review UI and /metrics stay up until Ctrl-C.")
         stop = threading.Event()
         install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
         stop.wait()
-        return 0
-    finally:
-        review.stop()
-        server.stop()
-        svc.store.close()
+
+    run_simulation(
+        settings, str(data), progress=True, review_port=args.review_port, on_start=on_start, while_serving=while_serving
+    )
+    return 0
 
 
-def _start_review(settings: Any, store: Any, port: int) -> Any:
-    """The review UI in this process, with two demo accounts (passwords printed once)."""
+def _accounts(store: Any, url: str | None) -> None:
+    """Two accounts for a person to look at the review UI while the loop runs (passwords printed once)."""
     from monitor.review import auth
-    from monitor.review.app import create_app
-    from monitor.review.server import BackgroundServer
 
-    accounts = []
+    print(f"\nReview UI: {url}  (dev mode; the simulated reviewers work in the same queue)")
     for name, role in (("admin", "admin"), ("reviewer", "reviewer")):
         password = auth.generate_password()
-        auth.create_user(store, name, role, password)
-        accounts.append((name, role, password))
-    review = BackgroundServer(create_app(settings, store), settings.review.host, port).start()
-    print(f"\nReview UI: {review.url}  (dev mode)")
-    for name, role, password in accounts:
-        print(f"  {role:<9} login: {name:<9} password: {password}")
-    return review
+        if auth.find_user(store, name) is None:
+            auth.create_user(store, name, role, password)
+            print(f"  {role:<9} login: {name:<9} password: {password}")
 
 
-def _summary(report: dict[str, Any], store: Any, data: Path) -> None:
-    from monitor.estimates import estimate_stream
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
-    t = report["timing"]
-    letters = ", ".join(f"{k}={v}" for k, v in report["dead_letters"].items())
-    print(
-        f"\n{report['episodes']} records in {t['seconds']:.1f}s ({t['episodes_per_s']:.0f}/s): "
-        f"{report['invalid']} invalid (dead-lettered: {letters})"
-    )
-    print(
-        f"{'stream':<12}{'episodes':>9}{'invalid':>8}{'human':>7}{'rm':>6}{'drift':>7}"
-        "   min inclusion probability human/rm/drift"
-    )
-    for name, st in report["streams"].items():
-        s = st["sampled"]
-        p = st["inclusion_probability"]
-        pm = "/".join(f"{p[c]['min']:.3g}" for c in ("human", "rm", "drift") if c in p) or "-"
-        print(f"{name:<12}{st['episodes']:>9}{st['invalid']:>8}{s['human']:>7}{s['rm']:>6}{s['drift']:>7}   {pm}")
-    events = report.get("drift_events") or []
-    print(f"\nDrift events: {len(events)} (each boosts its stream's human and rm sampling)")
+
+def _summary(report: dict[str, Any]) -> None:
+    pipe = report["pipeline"]
+    letters = ", ".join(f"{k}={v}" for k, v in pipe["dead_letters"].items())
+    print(f"\n{pipe['episodes']} records: {pipe['invalid']} invalid (dead-lettered: {letters})")
+    events = report["drift_events"]
+    print(f"\nDrift: {len(events)} event(s); each boosts its stream's human and reward-model sampling")
     for ev in events[:10]:
         print(f"  input #{ev['index']:<5} {ev['stream']:<10} {ev['signal']:<22} {ev['detector']}")
-    truth = _true_means(data, "judge_pref")
-    print(
-        "\nHorvitz-Thompson estimate of the mean judge preference over ALL traffic, from the rm sample only\n"
-        "(weights undo the drift boosts; a 95% interval misses the truth in about 1 run in 20: coverage over\n"
-        "repeated replays is tested in tests/test_estimator.py):"
-    )
-    for name in report["streams"]:
-        est = estimate_stream(store, name, "rm", "metadata.judge_pref")
-        e = est["estimate"]
-        if e["mean"] is None:
-            continue
-        covered = e["ci_low"] <= truth.get(name, float("nan")) <= e["ci_high"]
+    print("\nHuman sampling (mean inclusion probability of sampled episodes):")
+    for stream, ph in report["sampling"].items():
+        parts = [
+            f"{name} {v['mean_p']:.3f} ({v['sampled']} sampled)" for name, v in ph.items() if v["mean_p"] is not None
+        ]
+        print(f"  {stream:<10} " + ", ".join(parts))
+    lab = report["labels_collected"]
+    print(f"\nLabels: {lab['total']} by the simulated reviewers ({lab['by_stream']})")
+    for inc in report["incidents"]:
+        up = inc["update"] or {}
         print(
-            f"  {name:<10} {e['mean']:.3f}  95% CI [{e['ci_low']:.3f}, {e['ci_high']:.3f}]  "
-            f"from {e['n_sampled']} of {est['population']} episodes; true mean {truth.get(name, float('nan')):.3f} "
-            f"({'covered' if covered else 'not covered'})"
+            f"  incident {inc['incident']}: alarm at input #{inc['alarm_index']} on {', '.join(inc['signals'])};"
+            f" {inc['labels_after_alarm']} labels of the new traffic before the update;"
+            f" update {up.get('state')} in {up.get('wall_seconds_alarm_to_decision')} s"
+            f" (training {up.get('train_seconds')} s)"
         )
+    print("\nReward-model versions (pairwise agreement with held-out judge pairs, after / before the change):")
+    for v in report["rm_versions"]:
+        an, ao = v["agreement_new"], v["agreement_old"]
+        reason = (v.get("gate") or {}).get("reason") or ""
+        print(f"  {v['version']}  {v['status']:<8} new {_num(an)}  old {_num(ao)}  {reason[:80]}")
+    print("\nPolicy retraining requests (one per incident):")
+    for r in report["retrain_requests"]:
+        print(
+            f"  {r['id']} for {r['incident']}: {len(r['drift_events'])} drift event(s), reward model {r['rm_version']},"
+            f" {r['state']} via {', '.join(sorted((r.get('sinks') or {}).keys())) or '-'}"
+        )
+    print("\nHorvitz-Thompson estimate of the mean judge preference over ALL traffic, from the labelled sample:")
+    for stream, e in report["estimates"].items():
+        if e["estimate"] is None:
+            continue
+        print(
+            f"  {stream:<10} {e['estimate']:.3f}  95% CI [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+            f"  from {e['n_labelled']} of {e['population']} episodes; true mean {e['true_mean']:.3f}"
+            f" ({'covered' if e['covered'] else 'not covered'})"
+        )
+    hacking = report["reward_hacking_suspected"]
+    print(f"\nReward hacking suspected: {', '.join(hacking) if hacking else 'no stream'}")
     sys.stdout.flush()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from monitor.actions import requests
@@ -79,7 +79,7 @@ def _claims(store: Store, kind: str, lease_s: float, limit: int) -> Iterator[tup
     for row in sorted(requests.listing(store, kind, "running", limit), key=lambda r: r["created_at"]):
         if n >= limit:
             return
-        if row["updated_at"] < cutoff and _take_over(store, row, cutoff):
+        if row["updated_at"] < cutoff and requests.take_over(store, row, cutoff):
             log.warning("action request %s was abandoned by a worker; sending it again", row["id"])
             n += 1
             yield {**row, "attempts": row["attempts"] + 1}, row["attempts"] + 1
@@ -96,14 +96,6 @@ def _claims(store: Store, kind: str, lease_s: float, limit: int) -> Iterator[tup
                 continue
             n += 1
             yield got, int(got["attempts"])
-
-
-def _take_over(store: Store, row: Mapping[str, Any], cutoff: float) -> bool:
-    r = t.action_requests
-    unchanged = (r.c.id == row["id"], r.c.state == "running", r.c.attempts == row["attempts"], r.c.updated_at < cutoff)
-    with store.engine.begin() as conn:
-        res = conn.execute(r.update().where(*unchanged).values(attempts=r.c.attempts + 1, updated_at=time.time()))
-    return res.rowcount == 1
 
 
 def _fenced_update(store: Store, rid: str, fence: int, **values: Any) -> bool:

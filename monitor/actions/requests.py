@@ -70,6 +70,22 @@ def claim(store: Store, rid: str, from_state: str = "pending", to_state: str = "
     return res.rowcount == 1
 
 
+def take_over(store: Store, row: dict[str, Any], cutoff: float) -> bool:
+    """Claim a ``running`` request whose worker stopped renewing it (``updated_at`` before ``cutoff``)."""
+    r = t.action_requests
+    unchanged = (r.c.id == row["id"], r.c.state == "running", r.c.attempts == row["attempts"], r.c.updated_at < cutoff)
+    with store.engine.begin() as conn:
+        res = conn.execute(r.update().where(*unchanged).values(attempts=r.c.attempts + 1, updated_at=time.time()))
+    return res.rowcount == 1
+
+
+def touch(store: Store, rid: str) -> None:
+    """Renew a running request's lease (the worker is alive and still on it)."""
+    r = t.action_requests
+    with store.engine.begin() as conn:
+        conn.execute(r.update().where(r.c.id == rid, r.c.state == "running").values(updated_at=time.time()))
+
+
 def finish(store: Store, rid: str, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
     r = t.action_requests
     values: dict[str, Any] = {"state": state, "updated_at": time.time()}

@@ -132,15 +132,22 @@ class ActionWorker:
     def run_updates(self) -> list[dict[str, Any]]:
         from monitor.reward.update import fresh_label_count
 
-        done = []
-        sinks = self.settings.actions.rm_update_sinks
-        for req in rq.listing(self.store, kind="rm_update", state="pending"):
+        done: list[dict[str, Any]] = []
+        if "local" not in self.settings.actions.rm_update_sinks:
+            return done  # dispatched to the configured sinks instead
+        ucfg = self.settings.reward.update
+        # A worker killed mid-update leaves its request running; once its heartbeat is older
+        # than the lease, this one takes it over (one winner: compare-and-set on attempts).
+        cutoff = time.time() - ucfg.lease_s
+        for req in rq.listing(self.store, kind="rm_update", state="running"):
+            if float(req["updated_at"]) < cutoff and rq.take_over(self.store, req, cutoff):
+                log.warning("reward-model update %s was abandoned by its worker; running it again", req["id"])
+                done.append(self._run_update(req))
+        for req in sorted(rq.listing(self.store, kind="rm_update", state="pending"), key=lambda r: r["created_at"]):
             p = req["payload"]
-            if "local" not in sinks:
-                continue  # dispatched to the configured sinks below
             have = fresh_label_count(self.store, p["stream"], float(p["since"]))
-            if have < self.settings.reward.update.min_labels:
-                expired = time.time() - float(req["created_at"]) > self.settings.reward.update.max_wait_s
+            if have < ucfg.min_labels:
+                expired = time.time() - float(req["created_at"]) > ucfg.max_wait_s
                 if expired and rq.claim(self.store, req["id"]):
                     rq.finish(self.store, req["id"], "failed", error=f"only {have} fresh labels")
                     self._request_retrain(p, None)
@@ -155,6 +162,14 @@ class ActionWorker:
         from monitor.reward.update import run_update
 
         p = req["payload"]
+        beat = threading.Event()
+
+        def heartbeat() -> None:
+            while not beat.wait(self.settings.reward.update.lease_s / 4):
+                rq.touch(self.store, req["id"])
+
+        ticker = threading.Thread(target=heartbeat, name="rm-update-heartbeat", daemon=True)
+        ticker.start()
         try:
             result = run_update(
                 self.settings,
@@ -172,6 +187,8 @@ class ActionWorker:
             rq.finish(self.store, req["id"], "failed", error=str(e))
             self._request_retrain(p, None)
             return {"request": req["id"], "error": str(e)}
+        finally:
+            beat.set()
         rq.finish(self.store, req["id"], "done", result=result)
         if self.metrics is not None:
             self.metrics.action_requests.labels("rm_update", "local", "sent").inc()
@@ -223,7 +240,9 @@ class ActionWorker:
         from monitor.reward.registry import Registry
 
         active = Registry(self.store, self.settings.reward.models_dir, self.settings.reward.stream_set).active()
-        self.oversight = oversight.compute(self.store, None if active is None else active[0])
+        self.oversight = oversight.compute(
+            self.store, None if active is None else active[0], window=self.settings.actions.oversight_window
+        )
         if self.metrics is not None:
             oversight.publish(self.metrics, self.oversight)
         return self.oversight

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,21 +15,27 @@ from pathlib import Path
 START = datetime(2026, 1, 5, tzinfo=UTC)
 
 
-def _rows(folder: Path, model: str) -> list[dict[str, object]]:
+def _rows(folder: Path, model: str, seed: int) -> list[dict[str, object]]:
+    """The model's 805 answers in a seeded random order: the source files are sorted by prompt
+    source (``dataset``), which would put a prompt-source shift into every stream."""
     with gzip.open(folder / f"{model}.jsonl.gz", "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
+        rows = [json.loads(line) for line in fh]
+    for i, r in enumerate(rows):
+        r["_i"] = i
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
 def build(folder: Path, out: Path) -> None:
     timeline: list[tuple[datetime, dict[str, object]]] = []
     # Stream "chat": a policy swap (gpt-3.5-turbo-1106 -> alpaca-7b) half way through.
-    chat = [("gpt-3.5-turbo-1106", r) for r in _rows(folder, "gpt-3.5-turbo-1106")]
-    chat += [("alpaca-7b", r) for r in _rows(folder, "alpaca-7b")]
+    chat = [("gpt-3.5-turbo-1106", r) for r in _rows(folder, "gpt-3.5-turbo-1106", 1)]
+    chat += [("alpaca-7b", r) for r in _rows(folder, "alpaca-7b", 2)]
     for i, (model, r) in enumerate(chat):
-        timeline.append((START + timedelta(seconds=4 * i), _episode("chat", model, i % 805, r)))
+        timeline.append((START + timedelta(seconds=4 * i), _episode("chat", model, int(r["_i"]), r)))  # type: ignore[call-overload]
     # Stream "assistant": one steady policy.
-    for i, r in enumerate(_rows(folder, "claude-2")):
-        timeline.append((START + timedelta(seconds=2 + 8 * i), _episode("assistant", "claude-2", i, r)))
+    for i, r in enumerate(_rows(folder, "claude-2", 3)):
+        timeline.append((START + timedelta(seconds=2 + 8 * i), _episode("assistant", "claude-2", int(r["_i"]), r)))  # type: ignore[call-overload]
     timeline.sort(key=lambda x: (x[0], str(x[1]["episode_id"])))
     lines = []
     for ts, ep in timeline:

@@ -209,11 +209,25 @@ def alpaca_eval_pairs(
 # --- reviewer ratings --------------------------------------------------------------------------
 
 
-def pairs_from_ratings(records: Iterable[Mapping[str, Any]], min_gap: float = 1.0) -> list[Pair]:
+def pairs_from_ratings(
+    records: Iterable[Mapping[str, Any]],
+    min_gap: float = 1.0,
+    *,
+    across_prompts: bool = False,
+    partners: int = 8,
+    seed: int = 0,
+) -> list[Pair]:
     """Pairs from rated episodes (the review export's rating records: ``prompt``, ``response``,
     ``rating``, optional ``skipped``). Several ratings of one response are averaged first (doubly
     reviewed items); two responses to the same prompt whose mean ratings differ by at least
-    ``min_gap`` make a pair, the better-rated one chosen."""
+    ``min_gap`` make a pair, the better-rated one chosen.
+
+    ``across_prompts`` reads the ratings as absolute (a Likert scale, the same for every prompt),
+    i.e. as pointwise targets: then each rated response is also paired with up to ``partners``
+    responses to *other* prompts (drawn with a seeded, per-response RNG) whose rating differs by at
+    least ``min_gap``; such a pair names the rejected response's prompt in ``rejected_prompt``. With
+    sampled traffic two reviewed answers to one prompt are rare, so this is what makes a few hundred
+    labels enough to train on."""
     by_prompt: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if rec.get("skipped") or rec.get("rating") is None:
@@ -235,6 +249,33 @@ def pairs_from_ratings(records: Iterable[Mapping[str, Any]], min_gap: float = 1.
                             "margin": hi - lo,
                         }
                     )
+    if not across_prompts or partners <= 0:
+        return out
+    items = sorted(
+        (statistics.fmean(v), prompt, resp) for prompt, resps in by_prompt.items() for resp, v in resps.items()
+    )
+    seen: set[tuple[int, int]] = set()
+    for i, (ri, prompt_i, resp_i) in enumerate(items):
+        others = [j for j, (rj, prompt_j, _) in enumerate(items) if prompt_j != prompt_i and abs(ri - rj) >= min_gap]
+        # Per-response RNG: a response's partners do not depend on the order labels arrived in.
+        rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt_i}\x00{resp_i}".encode()).hexdigest())
+        for j in rng.sample(others, min(partners, len(others))):
+            key = (min(i, j), max(i, j))
+            if key in seen:
+                continue
+            seen.add(key)
+            (rb, pb, b), (rw, pw, w) = (items[i], items[j]) if ri > items[j][0] else (items[j], items[i])
+            out.append(
+                {
+                    "prompt": pb,
+                    "chosen": b,
+                    "rejected_prompt": pw,
+                    "rejected": w,
+                    "group": pb,
+                    "source": "ratings",
+                    "margin": rb - rw,
+                }
+            )
     return out
 
 
@@ -247,6 +288,8 @@ def validate_pair(obj: Any, where: str = "pair") -> Pair:
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(obj.get(key), str):
             raise ValueError(f"{where}: {key!r} must be a string")
+    if obj.get("rejected_prompt") is not None and not isinstance(obj["rejected_prompt"], str):
+        raise ValueError(f"{where}: 'rejected_prompt' must be a string when given")
     return obj
 
 

@@ -118,12 +118,19 @@ def length_baseline(pairs: Sequence[Pair]) -> float:
     return wins / len(pairs)
 
 
+def pair_texts(p: Pair) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((prompt, chosen), (prompt, rejected)); a pair across prompts (absolute ratings) names the
+    rejected response's own prompt in ``rejected_prompt``."""
+    return (p["prompt"], p["chosen"]), (p.get("rejected_prompt") or p["prompt"], p["rejected"])
+
+
 def _text_index(pairs: Sequence[Pair]) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
     texts: dict[tuple[str, str], int] = {}
     idx = []
     for p in pairs:
-        c = texts.setdefault((p["prompt"], p["chosen"]), len(texts))
-        r = texts.setdefault((p["prompt"], p["rejected"]), len(texts))
+        chosen, rejected = pair_texts(p)
+        c = texts.setdefault(chosen, len(texts))
+        r = texts.setdefault(rejected, len(texts))
         idx.append((c, r))
     return list(texts), idx
 
@@ -228,8 +235,13 @@ def train(
 
     texts, _ = _text_index(train_pairs + val_pairs)
     tindex = {t: i for i, t in enumerate(texts)}
-    tr_idx = [(tindex[(p["prompt"], p["chosen"])], tindex[(p["prompt"], p["rejected"])]) for p in train_pairs]
-    va_idx = [(tindex[(p["prompt"], p["chosen"])], tindex[(p["prompt"], p["rejected"])]) for p in val_pairs]
+
+    def pair_ids(p: Pair) -> tuple[int, int]:
+        c, r = pair_texts(p)
+        return tindex[c], tindex[r]
+
+    tr_idx = [pair_ids(p) for p in train_pairs]
+    va_idx = [pair_ids(p) for p in val_pairs]
     prompts = [t[0] for t in texts]
     responses = [t[1] for t in texts]
 

@@ -1,10 +1,12 @@
 """A reward-model update: fresh human labels -> candidate -> gate -> promote or reject.
 
-Data. Reviewers' ratings become pairs within a prompt (``pairs_from_ratings``: two responses
-to one prompt whose ratings differ by at least ``reward.update.rating_gap``). A pair is *new*
-when one of its responses comes from the drifted stream at or after the change (the drift
-event's event time), *old* otherwise. Prompts are split by a keyed hash: a
-``holdout_fraction`` of them never reach training and serve the gate.
+Data. Prompts are split first by a keyed hash: a ``holdout_fraction`` of them never reach
+training and serve the gate. Within each side reviewers' ratings become pairs
+(``pairs_from_ratings``): two responses whose ratings differ by at least
+``reward.update.rating_gap``, within a prompt, and with ``pairing: absolute`` (the default:
+the review UI's scale is the same for every prompt) also across prompts. A pair is *new* when
+one of its responses comes from the drifted stream at or after the change (the drift event's
+event time), *old* otherwise.
 
 Gate. The candidate is trained from the active version on the training pairs (new and old,
 so it does not forget). It is promoted only if, on the held-out pairs, its pairwise
@@ -26,6 +28,7 @@ from monitor.config import Settings
 from monitor.metrics import Metrics
 from monitor.reward.data import Pair, pairs_from_ratings, split_of
 from monitor.reward.registry import Registry
+from monitor.reward.train import pair_texts
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -58,15 +61,30 @@ def fresh_label_count(store: Store, stream: str, since: float) -> int:
 
 
 def build_pairs(
-    records: Sequence[dict[str, Any]], stream: str, since: float, rating_gap: int, holdout_fraction: float
+    records: Sequence[dict[str, Any]],
+    stream: str,
+    since: float,
+    rating_gap: int,
+    holdout_fraction: float,
+    *,
+    across_prompts: bool = False,
+    partners: int = 8,
 ) -> dict[str, list[Pair]]:
-    """Pairs split four ways: {train, holdout} x {new, old} as keys train_new, train_old, holdout_new, holdout_old."""
+    """Pairs split four ways: {train, holdout} x {new, old} as keys train_new, train_old, holdout_new, holdout_old.
+
+    Records are split by prompt *before* pairing, so a held-out pair never shares a prompt (or,
+    across prompts, a response) with a training pair."""
     new_texts = {(r["prompt"], r["response"]) for r in records if r["stream"] == stream and r["ts"] >= since}
     out: dict[str, list[Pair]] = {"train_new": [], "train_old": [], "holdout_new": [], "holdout_old": []}
-    for p in pairs_from_ratings(records, min_gap=float(rating_gap)):
-        new = (p["prompt"], p["chosen"]) in new_texts or (p["prompt"], p["rejected"]) in new_texts
-        side = "holdout" if split_of(p["prompt"], holdout_fraction, seed=HOLDOUT_SEED) == "test" else "train"
-        out[f"{side}_{'new' if new else 'old'}"].append(p)
+    sides: dict[str, list[dict[str, Any]]] = {"train": [], "holdout": []}
+    for r in records:
+        test = split_of(r["prompt"], holdout_fraction, seed=HOLDOUT_SEED) == "test"
+        sides["holdout" if test else "train"].append(r)
+    for side, recs in sides.items():
+        for p in pairs_from_ratings(recs, min_gap=float(rating_gap), across_prompts=across_prompts, partners=partners):
+            chosen, rejected = pair_texts(p)
+            new = chosen in new_texts or rejected in new_texts
+            out[f"{side}_{'new' if new else 'old'}"].append(p)
     return out
 
 
@@ -111,7 +129,15 @@ def run_update(
     registry = Registry(store, settings.reward.models_dir, settings.reward.stream_set)
     registry.root.mkdir(parents=True, exist_ok=True)
     records = rated_records(store)
-    split = build_pairs(records, stream, since, ucfg.rating_gap, ucfg.holdout_fraction)
+    split = build_pairs(
+        records,
+        stream,
+        since,
+        ucfg.rating_gap,
+        ucfg.holdout_fraction,
+        across_prompts=ucfg.pairing == "absolute",
+        partners=ucfg.partners,
+    )
     train_pairs = split["train_new"] + split["train_old"]
     counts = {k: len(v) for k, v in split.items()}
     if not split["train_new"] or not split["holdout_new"]:

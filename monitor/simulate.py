@@ -1,0 +1,695 @@
+"""``oversight simulate``: the closed loop, in one process, over an episode file.
+
+    traffic -> sampling -> drift -> boosted review -> reward-model update -> retraining request
+
+Everything but the reviewers is the real service: the pipeline (sampling, reward-model scoring,
+drift detection, checkpoints) reads the file as ``oversight run`` would, the review app serves
+its HTTP API on a local port, and the action worker (incidents, gated updates, re-referencing,
+retraining requests through the configured sinks) runs between rounds. The reviewers are a
+simulated pool: each has an API token and claims, labels and submits items through the review
+API exactly as the web UI does. Their answers come from ``metadata.<simulate.answer_key>``
+(``judge_pref`` by default), binned into the 1-5 rating scale by ``simulate.cutpoints``, with
+``simulate.noise``; the detectors and the reward model never read that key.
+
+Time. The simulation runs on event time: the clock is the timestamp of the newest processed
+episode. Every ``round_episodes`` episodes the reviewers work until the clock (an item takes an
+exponential ``seconds_per_label`` of event time, drawn from a hash of episode and reviewer, so
+reruns label the same items the same way), then the worker takes a round. An update trains
+synchronously in that round: traffic waits, as it would not in production, which keeps the
+run reproducible. After the file ends, the reviewers finish the queue and the worker its
+requests.
+
+Restart. A killed simulation started again with the same database continues: the pipeline
+resumes from its checkpoint, reviewers resume their leases, a half-run update is taken over
+once its lease has passed (``reward.update.lease_s``), and requests are unique per incident,
+so nothing is requested twice. The report is built from the database, not from memory.
+
+Report (``--report``): ``drift_events`` (as in ``oversight replay``), ``labels_collected``,
+``rm_versions`` (in order, the first active at the start, each with ``agreement_new`` /
+``agreement_old``: pairwise agreement with held-out answer-key pairs from after / before the
+change), ``retrain_requests``, ``estimates`` (Horvitz-Thompson estimate of the answer key's mean
+over all traffic, from the labelled items, with ``true_mean`` over every episode), ``sampling``
+(human inclusion probability before, during and after the boost) and ``timeline``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.config import Settings
+from monitor.store import Store
+from monitor.store import tables as t
+
+log = logging.getLogger(__name__)
+BUNDLED_PAIRS = "hh-harmless-400.jsonl.gz"
+BUNDLED_CONFIG = "simulate.yaml"
+REVIEWER_PREFIX = "sim-reviewer-"
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("monitor.data").joinpath(name)))
+
+
+def rating_of(value: float, cutpoints: list[float], noise: float = 0.0, rng: random.Random | None = None) -> int:
+    """1 + the number of cutpoints at or below ``value``; with probability ``noise`` one step off."""
+    rating = 1 + sum(1 for c in cutpoints if value >= c)
+    if noise > 0 and rng is not None and rng.random() < noise:
+        rating += rng.choice((-1, 1))
+    return min(max(rating, 1), len(cutpoints) + 1)
+
+
+def _seeded(*parts: object) -> random.Random:
+    return random.Random(hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest())
+
+
+# --- the episode file, as the simulation's ground truth ------------------------------------------
+
+
+@dataclass
+class Truth:
+    """Per valid episode of the input: stream, ts, prompt, response and the answer-key value."""
+
+    episodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str, key: str, max_bytes: int) -> Truth:
+        from monitor.episodes import InvalidEpisode, parse_episode
+
+        with open(path, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        out = cls()
+        now = time.time()
+        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    ep = parse_episode(line.rstrip(b"\r\n"), max_bytes, now)
+                except InvalidEpisode:
+                    continue  # the pipeline dead-letters it
+                v = (ep.metadata or {}).get(key)
+                out.episodes.setdefault(
+                    ep.episode_id,
+                    {
+                        "stream": ep.stream,
+                        "ts": ep.timestamp,
+                        "prompt": ep.prompt,
+                        "response": ep.response,
+                        "value": float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None,
+                    },
+                )
+        return out
+
+    def eval_pairs(
+        self, holdout_fraction: float, margin: float, since: dict[str, float]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Held-out pairs by the answer key: two different responses to one held-out prompt whose
+        values differ by ``margin`` in log-odds; *new* when one of them was served in a drifted
+        stream at or after its change (``since``: stream -> first drift event time)."""
+        from monitor.reward.data import _logit, split_of
+        from monitor.reward.update import HOLDOUT_SEED
+
+        by_prompt: dict[str, dict[str, tuple[float, bool]]] = defaultdict(dict)
+        for e in self.episodes.values():
+            if e["value"] is None or split_of(e["prompt"], holdout_fraction, seed=HOLDOUT_SEED) != "test":
+                continue
+            new = e["ts"] >= since.get(e["stream"], math.inf)
+            old = by_prompt[e["prompt"]].get(e["response"])
+            by_prompt[e["prompt"]][e["response"]] = (e["value"], new or (old is not None and old[1]))
+        out: dict[str, list[dict[str, Any]]] = {"new": [], "old": []}
+        for prompt in sorted(by_prompt):
+            items = sorted(by_prompt[prompt].items())
+            for i, (ra, (va, na)) in enumerate(items):
+                for rb, (vb, nb) in items[i + 1 :]:
+                    d = _logit(va) - _logit(vb)
+                    if abs(d) < margin:
+                        continue
+                    chosen, rejected = (ra, rb) if d > 0 else (rb, ra)
+                    out["new" if na or nb else "old"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        return out
+
+
+# --- reviewers ------------------------------------------------------------------------------------
+
+
+class Reviewer:
+    """One simulated reviewer: claims, waits (event time), rates and submits through the review API."""
+
+    def __init__(self, name: str, token: str, client: Any, sim: SimulateCfg):
+        self.name = name
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.cfg = sim
+        self.free_at = -math.inf
+        self.current: tuple[dict[str, Any], float] | None = None
+        self.labelled = 0
+        self.skipped = 0
+
+    def step(self, clock: float, truth: Truth) -> bool:
+        """Work until ``clock``; False when the queue had nothing for this reviewer."""
+        while True:
+            if self.current is None:
+                if self.free_at > clock:
+                    return True
+                r = self.client.post("/api/v1/queue/claim", headers=self.headers)
+                r.raise_for_status()
+                if r.status_code == 204:
+                    self.free_at = max(self.free_at, clock)
+                    return False
+                item = r.json()
+                rng = _seeded(self.cfg.seed, "time", item["episode_id"], item["slot"], self.name)
+                # Free since free_at, the item there since its timestamp: work started at the later.
+                start = max(self.free_at, float(item["timestamp"]))
+                self.current = (item, start + rng.expovariate(1.0 / self.cfg.seconds_per_label))
+            item, done_at = self.current
+            if done_at > clock:
+                return True
+            self._submit(item, done_at - float(item["timestamp"]), truth)
+            self.current = None
+            self.free_at = done_at
+
+    def _submit(self, item: dict[str, Any], spent_s: float, truth: Truth) -> None:
+        ep = truth.episodes.get(item["episode_id"])
+        base = {"episode_id": item["episode_id"], "slot": item["slot"], "fence": item["fence"]}
+        ms = int(min(max(spent_s, 0.0), 86_400) * 1000)
+        if ep is None or ep["value"] is None:
+            body = {**base, "reason": f"no {self.cfg.answer_key} to answer from", "time_spent_ms": ms}
+            r = self.client.post("/api/v1/items/skip", headers=self.headers, json=body)
+            self.skipped += 1
+        else:
+            rng = _seeded(self.cfg.seed, "rating", item["episode_id"], item["slot"], self.name)
+            rating = rating_of(ep["value"], self.cfg.cutpoints, self.cfg.noise, rng)
+            body = {**base, "rating": rating, "time_spent_ms": ms}
+            r = self.client.post("/api/v1/items/label", headers=self.headers, json=body)
+            self.labelled += 1
+        if r.status_code == 409:
+            log.warning("reviewer %s lost the lease on %s", self.name, item["episode_id"])
+            return
+        r.raise_for_status()
+
+
+SimulateCfg = Any  # monitor.config.SimulateConfig (kept loose for the Reviewer signature)
+
+
+def _reviewer_tokens(store: Store, n: int) -> list[tuple[str, str]]:
+    from monitor.review import auth
+
+    out = []
+    for i in range(n):
+        name = f"{REVIEWER_PREFIX}{i + 1}"
+        user = auth.find_user(store, name) or auth.create_user(store, name, "reviewer", auth.generate_password())
+        out.append((name, auth.create_api_token(store, user, "simulate")))
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+class Simulation:
+    def __init__(
+        self,
+        settings: Settings,
+        input_path: str,
+        *,
+        progress: bool = True,
+        review_port: int = 0,
+        on_start: Callable[[Simulation, Store], None] | None = None,
+    ):
+        self.settings = settings
+        self.on_start = on_start
+        self.input = input_path
+        self.progress = progress
+        self.review_port = review_port
+        self.timeline: list[dict[str, Any]] = []
+        self.seen_events: set[int] = set()
+        self.seen_requests: set[tuple[str, str]] = set()
+        self.seen_versions: set[str] = set()
+        self.hacking_seen: set[str] = set()
+        self.review_url: str | None = None
+        self.clock = 0.0  # event time: the newest processed episode's timestamp
+        self.processed = 0  # input records processed
+        self.metrics_url: str | None = None
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _bootstrap_rm(self, store: Store) -> str | None:
+        """Train and activate the starting reward model when none is active (recorded as version 0)."""
+        from monitor.reward.data import read_pairs
+        from monitor.reward.registry import Registry
+        from monitor.reward.train import load_train_config, train
+
+        cfg = self.settings.simulate
+        registry = Registry(store, self.settings.reward.models_dir, self.settings.reward.stream_set)
+        active = registry.active()
+        if active is not None or not self.settings.reward.enabled or cfg.bootstrap_pairs is None:
+            return None if active is None else active[0]
+        path = bundled(BUNDLED_PAIRS) if cfg.bootstrap_pairs == "bundled" else Path(cfg.bootstrap_pairs)
+        pairs = read_pairs(path)
+        tcfg = load_train_config(None, [f"{k}={v}" for k, v in cfg.bootstrap_train.items()])
+        self._say(f"Training the starting reward model on {len(pairs)} pairs from {path.name} ...")
+        model, metrics = train(pairs, tcfg, progress=self.progress, description=f"bootstrap pairs {path.name}")
+        version = registry.register(model, data_window={"bootstrap": path.name, "pairs": len(pairs)}, metrics=metrics)
+        registry.promote(version, {"passed": True, "reason": "bootstrap: the starting version of the simulation"})
+        self._mark("rm_bootstrap", version=version, seconds=metrics.get("seconds"))
+        return version
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def _mark(self, what: str, **info: Any) -> None:
+        entry = {"what": what, "wall": round(time.time(), 3), "clock": self.clock, "processed": self.processed, **info}
+        self.timeline.append(entry)
+        log.info("simulate: %s %s", what, json.dumps(info, default=str, sort_keys=True))
+
+    # -- main loop -------------------------------------------------------------------------------------
+    def run(self, while_serving: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Run the loop to the end of the file; ``while_serving(report)`` runs before the review
+        UI and /metrics stop (the demo prints its summary and serves until Ctrl-C there)."""
+        import httpx
+
+        from monitor.actions.worker import ActionWorker
+        from monitor.review.app import create_app
+        from monitor.review.server import BackgroundServer
+        from monitor.service import build_service, build_source
+
+        s = self.settings
+        cfg = s.simulate
+        truth = Truth.load(self.input, cfg.answer_key, s.source.max_episode_bytes)
+        source = build_source(s, resume=True, name=f"simulate:{Path(self.input).resolve()}")
+        svc = build_service(s, source=source, serve=True)
+        store = svc.store
+        assert svc.server is not None
+        self.metrics_url = svc.server.url
+        review = BackgroundServer(create_app(s, store), s.review.host, self.review_port).start()
+        self.review_url = review.url
+        client = httpx.Client(base_url=review.url.rstrip("/"), timeout=30.0)
+        worker = ActionWorker(s, store, svc.metrics)
+        bar = None
+        try:
+            if self.on_start is not None:
+                self.on_start(self, store)
+            start_version = self._bootstrap_rm(store)
+            reviewers = [Reviewer(n, tok, client, cfg) for n, tok in _reviewer_tokens(store, cfg.reviewers)]
+            pipe = svc.pipeline
+            pipe.open()
+            if self.progress:
+                from tqdm import tqdm
+
+                from monitor.cli import _count_lines
+
+                bar = tqdm(desc="simulate", unit="ep", file=sys.stderr, total=_count_lines(self.input))
+                bar.update(getattr(pipe, "_index", 0))
+            clock = self._clock(store)
+            rounds = 0
+            pending: list[Any] = []
+            while True:
+                records = pipe.source.poll(min(s.pipeline.batch_size, cfg.round_episodes), 0.05)
+                if records:
+                    pipe.process_batch(records)
+                    pending.extend(records)
+                    if bar is not None:
+                        bar.update(len(records))
+                    if len(pending) < cfg.round_episodes:
+                        continue
+                elif not pipe.source.exhausted:
+                    continue
+                pending.clear()
+                clock = self.clock = self._clock(store)
+                self.processed = int(getattr(pipe, "_index", 0))
+                for r in reviewers:
+                    r.step(clock, truth)
+                rounds += 1
+                self._worker_round(worker, store, refresh=rounds % cfg.gauges_every == 0)
+                if not records and pipe.source.exhausted:
+                    break
+            pipe.close()
+            if bar is not None:
+                bar.close()
+                bar = None
+            self._drain(worker, store, reviewers, truth, clock)
+            self._worker_round(worker, store, refresh=True)
+            report = self.report(store, truth, start_version)
+            report["pipeline"] = pipe.report()
+            report["reviewers"] = {r.name: {"labelled": r.labelled, "skipped": r.skipped} for r in reviewers}
+            if while_serving is not None:
+                while_serving(report)
+            return report
+        finally:
+            if bar is not None:
+                bar.close()
+            worker.stop()
+            client.close()
+            review.stop()
+            svc.server.stop()
+            store.close()
+
+    def _clock(self, store: Store) -> float:
+        with store.engine.connect() as conn:
+            ts = conn.execute(sa.select(sa.func.max(t.episodes.c.ts))).scalar()
+        return float(ts) if ts is not None else 0.0
+
+    def _drain(self, worker: Any, store: Store, reviewers: list[Reviewer], truth: Truth, clock: float) -> None:
+        """After the traffic: reviewers empty the queue, the worker finishes what it can."""
+        step = max(self.settings.simulate.seconds_per_label, 1.0) * 10
+        idle = 0
+        while idle < 2:
+            clock += step
+            self.clock = clock
+            busy = [r.step(clock, truth) for r in reviewers]
+            self._worker_round(worker, store, refresh=False)
+            idle = idle + 1 if not any(busy) and all(r.current is None for r in reviewers) else 0
+
+    def _worker_round(self, worker: Any, store: Store, refresh: bool) -> None:
+        from monitor.actions import requests as rq
+        from monitor.reward.registry import Registry
+
+        worker.ingest_events()
+        self._note_events(store)
+        worker.run_updates()
+        worker.dispatch()
+        for req in rq.listing(store):
+            key = (req["kind"], req["id"])
+            if key not in self.seen_requests and req["state"] not in ("pending", "running"):
+                self.seen_requests.add(key)
+                self._mark(f"{req['kind']}_{req['state']}", request=req["id"], stream=req["stream"])
+        registry = Registry(store, self.settings.reward.models_dir, self.settings.reward.stream_set)
+        for v in registry.versions():
+            if v["version"] not in self.seen_versions and v["status"] != "candidate":
+                self.seen_versions.add(v["version"])
+                self._mark("rm_version", version=v["version"], status=v["status"])
+        if refresh:
+            result = worker.refresh_gauges()
+            for stream, r in result.items():
+                h = r.get("reward_hacking") or {}
+                if h.get("suspected") and stream not in self.hacking_seen:
+                    self.hacking_seen.add(stream)
+                    self._mark(
+                        "reward_hacking_suspected", stream=stream, **{k: h.get(k) for k in ("rm_rise", "human_rise")}
+                    )
+
+    def _note_events(self, store: Store) -> None:
+        e = t.drift_events
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.select(e.c.id, e.c.stream, e.c.signal, e.c.input_index)).all()
+        for r in rows:
+            if r.id not in self.seen_events:
+                self.seen_events.add(int(r.id))
+                self._mark("drift", stream=r.stream, signal=r.signal, index=r.input_index)
+
+    # -- report ---------------------------------------------------------------------------------------
+    def report(self, store: Store, truth: Truth, start_version: str | None) -> dict[str, Any]:
+        from monitor.actions import requests as rq
+
+        s = self.settings
+        events = _drift_events(store)
+        since: dict[str, float] = {}
+        for ev in events:
+            since.setdefault(ev["stream"], ev["event_ts"])
+        labels = _label_items(store)
+        retrain = sorted(rq.listing(store, kind="retrain", limit=10_000), key=lambda r: r["created_at"])
+        updates = sorted(rq.listing(store, kind="rm_update", limit=10_000), key=lambda r: r["created_at"])
+        return {
+            "input": str(self.input),
+            "answer_key": s.simulate.answer_key,
+            "drift_events": [{k: v for k, v in ev.items() if k != "event_ts"} for ev in events],
+            "labels_collected": {
+                "total": len(labels),
+                "by_stream": _count(labels, lambda it: it["stream"]),
+                "after_first_drift": {
+                    st: sum(1 for it in labels if it["stream"] == st and it["ts"] >= ts) for st, ts in since.items()
+                },
+            },
+            "rm_versions": self._versions(store, truth, since, start_version),
+            "rm_updates": [
+                {
+                    "id": r["id"],
+                    "state": r["state"],
+                    "incident": r["payload"].get("incident"),
+                    **{k: (r.get("result") or {}).get(k) for k in ("version", "promoted", "pairs", "train_seconds")},
+                    "error": r.get("last_error"),
+                }
+                for r in updates
+            ],
+            "retrain_requests": [
+                {
+                    "id": r["id"],
+                    "state": r["state"],
+                    "incident": r["payload"].get("incident"),
+                    "stream": r["stream"],
+                    "drift_events": [ev["id"] for ev in r["payload"].get("drift_events", [])],
+                    "label_window": r["payload"].get("label_window"),
+                    "rm_version": r["payload"].get("rm_version"),
+                    "sinks": r.get("result"),
+                }
+                for r in retrain
+            ],
+            "incidents": self._incidents(store, updates, retrain, events),
+            "estimates": self._estimates(store, truth, labels, since),
+            "sampling": _sampling(store, since, s),
+            "reward_hacking_suspected": sorted(self.hacking_seen),
+            "timeline": self.timeline,
+        }
+
+    def _incidents(
+        self,
+        store: Store,
+        updates: list[dict[str, Any]],
+        retrain: list[dict[str, Any]],
+        events: list[dict[str, Any]],
+    ) -> list[dict[str, Any]]:
+        """Per drift incident: the alarm, the labels it took, the update and the retraining request."""
+        lb, ep = t.labels, t.episodes
+        by_id = {ev["id"]: ev for ev in events}
+        done_clock = {m["request"]: m["clock"] for m in self.timeline if m["what"].startswith("rm_update_")}
+        out = []
+        for req in updates or retrain:
+            p = req["payload"]
+            first = by_id.get(p["drift_events"][0]["id"]) if p.get("drift_events") else None
+            finished = float(req["updated_at"]) if req["state"] not in ("pending", "running") else None
+            q = (
+                sa.select(sa.func.count())
+                .select_from(lb.join(ep, ep.c.episode_id == lb.c.episode_id))
+                .where(ep.c.stream == req["stream"], ep.c.ts >= float(p["since"]), lb.c.skipped.is_(False))
+            )
+            if finished is not None:
+                q = q.where(lb.c.created_at <= finished)
+            with store.engine.connect() as conn:
+                n_labels = int(conn.execute(q).scalar() or 0)
+            result = req.get("result") or {}
+            clock = done_clock.get(req["id"])
+            out.append(
+                {
+                    "incident": p.get("incident"),
+                    "stream": req["stream"],
+                    "signals": sorted({ev["signal"] for ev in p.get("drift_events", [])}),
+                    "alarm_index": None if first is None else first["index"],
+                    "alarm_event_ts": float(p["since"]),
+                    "labels_after_alarm": n_labels,
+                    "update": None
+                    if req["kind"] != "rm_update"
+                    else {
+                        "state": req["state"],
+                        "version": result.get("version"),
+                        "promoted": result.get("promoted"),
+                        "train_seconds": result.get("train_seconds"),
+                        "wall_seconds_alarm_to_decision": None
+                        if finished is None
+                        else round(finished - float(req["created_at"]), 1),
+                        "event_seconds_alarm_to_decision": None
+                        if clock is None
+                        else round(clock - float(p["since"]), 1),
+                    },
+                    "retrain_requests": [r["id"] for r in retrain if r["payload"].get("incident") == p.get("incident")],
+                }
+            )
+        return out
+
+    def _versions(
+        self, store: Store, truth: Truth, since: dict[str, float], start_version: str | None
+    ) -> list[dict[str, Any]]:
+        from monitor.reward.model import RewardModel
+        from monitor.reward.registry import Registry
+        from monitor.reward.train import evaluate
+
+        s = self.settings
+        registry = Registry(store, s.reward.models_dir, s.reward.stream_set)
+        rows = [v for v in registry.versions() if v["status"] != "candidate" or v["version"] == start_version]
+        pairs = truth.eval_pairs(s.reward.update.holdout_fraction, s.simulate.eval_margin, since)
+        out = []
+        for v in rows:
+            model = RewardModel.load(registry.path_of(v["version"]), device=s.reward.device)
+            acc = {}
+            for side in ("new", "old"):
+                acc[side] = evaluate(model, pairs[side])["pairwise_accuracy"] if pairs[side] else None
+            gate = v.get("gate") or {}
+            out.append(
+                {
+                    "version": v["version"],
+                    "parent": v["parent"],
+                    "status": v["status"],
+                    "promoted": v.get("promoted_at") is not None,
+                    "agreement_new": acc["new"],
+                    "agreement_old": acc["old"],
+                    "eval_pairs": {k: len(p) for k, p in pairs.items()},
+                    "gate": {
+                        k: gate.get(k) for k in ("candidate_new", "active_new", "candidate_old", "active_old", "reason")
+                    },
+                    "data_window": v.get("data_window"),
+                }
+            )
+        return out
+
+    def _estimates(
+        self, store: Store, truth: Truth, labels: list[dict[str, Any]], since: dict[str, float]
+    ) -> dict[str, Any]:
+        """Per stream: the Horvitz-Thompson estimate over all its traffic from the labelled items,
+        and, for a stream that drifted, the same split at its first drift event (Hajek ratio form:
+        the per-phase population is not counted exactly), each beside the true mean."""
+        out: dict[str, Any] = {}
+        by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for it in labels:
+            if truth.episodes.get(it["episode_id"], {}).get("value") is not None:
+                by[it["stream"]].append(it)
+        values: dict[str, list[tuple[float, float]]] = defaultdict(list)  # stream -> (ts, value)
+        for e in truth.episodes.values():
+            if e["value"] is not None:
+                values[e["stream"]].append((e["ts"], e["value"]))
+        for stream in sorted(values):
+            items = by.get(stream, [])
+            population = store.traffic_count(stream)
+            entry = _ht(truth, items, [v for _, v in values[stream]], population or None)
+            entry["population"] = population
+            t0 = since.get(stream)
+            if t0 is not None:
+                entry["phases"] = {
+                    "before_alarm": _ht(
+                        truth, [it for it in items if it["ts"] < t0], [v for ts, v in values[stream] if ts < t0], None
+                    ),
+                    "after_alarm": _ht(
+                        truth, [it for it in items if it["ts"] >= t0], [v for ts, v in values[stream] if ts >= t0], None
+                    ),
+                }
+            out[stream] = entry
+        return out
+
+
+def _ht(truth: Truth, items: list[dict[str, Any]], all_values: list[float], population: int | None) -> dict[str, Any]:
+    from sampling import horvitz_thompson
+
+    est = horvitz_thompson(
+        [truth.episodes[it["episode_id"]]["value"] for it in items], [it["p"] for it in items], population
+    ).to_dict()
+    mean = statistics.fmean(all_values) if all_values else None
+    lo, hi = _finite(est.get("ci_low")), _finite(est.get("ci_high"))
+    return {
+        "estimate": _finite(est.get("mean")),
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_labelled": len(items),
+        "true_mean": None if mean is None else round(mean, 6),
+        "covered": None if lo is None or hi is None or mean is None else bool(lo <= mean <= hi),
+    }
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def _count(items: list[dict[str, Any]], key: Any) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for it in items:
+        out[key(it)] += 1
+    return dict(sorted(out.items()))
+
+
+def _drift_events(store: Store) -> list[dict[str, Any]]:
+    e = t.drift_events
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(e).order_by(e.c.input_index, e.c.id)).all()
+    return [
+        {
+            "id": int(r.id),
+            "index": r.input_index,
+            "episode_id": r.episode_id,
+            "stream": r.stream,
+            "signal": r.signal,
+            "detector": r.detector,
+            "statistic": r.statistic,
+            "threshold": r.threshold,
+            "event_ts": float(r.event_ts),
+        }
+        for r in rows
+    ]
+
+
+def _label_items(store: Store) -> list[dict[str, Any]]:
+    """Labelled (not skipped) items, one per episode: stream, ts, inclusion probability."""
+    from monitor.review.stats import label_rows
+
+    items: dict[str, dict[str, Any]] = {}
+    for r in label_rows(store):
+        if r.skipped or r.rating is None:
+            continue
+        items.setdefault(
+            r.episode_id,
+            {"episode_id": r.episode_id, "stream": r.stream, "ts": float(r.ts), "p": float(r.inclusion_probability)},
+        )
+    return sorted(items.values(), key=lambda it: (it["ts"], it["episode_id"]))
+
+
+def _sampling(store: Store, since: dict[str, float], settings: Settings) -> dict[str, Any]:
+    """Mean human inclusion probability per stream: before the first drift event, while its boost
+    lasted, and after the boost (the boost decays back to the base rate)."""
+    s = t.samples
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(s.c.stream, s.c.ts, s.c.inclusion_probability).where(s.c.channel == "human")
+        ).all()
+    dur = settings.drift.boost_duration_s
+    out: dict[str, Any] = {}
+    by: dict[str, list[Any]] = defaultdict(list)
+    for r in rows:
+        by[r.stream].append(r)
+    for stream, rs in sorted(by.items()):
+        t0 = since.get(stream)
+        phases: dict[str, list[float]] = {"before": [], "boosted": [], "after": []}
+        for r in rs:
+            if t0 is None or r.ts < t0:
+                phases["before"].append(float(r.inclusion_probability))
+            elif r.ts < t0 + dur:
+                phases["boosted"].append(float(r.inclusion_probability))
+            else:
+                phases["after"].append(float(r.inclusion_probability))
+        out[stream] = {
+            k: {"sampled": len(v), "mean_p": round(statistics.fmean(v), 4) if v else None} for k, v in phases.items()
+        }
+    return out
+
+
+def run_simulation(
+    settings: Settings,
+    input_path: str,
+    *,
+    progress: bool = True,
+    review_port: int = 0,
+    on_start: Callable[[Simulation, Store], None] | None = None,
+    while_serving: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    sim = Simulation(settings, input_path, progress=progress, review_port=review_port, on_start=on_start)
+    return sim.run(while_serving)
