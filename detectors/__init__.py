@@ -19,11 +19,13 @@ from detectors.base import Detector, Result, SnapshotError, load_snapshot
 
 if TYPE_CHECKING:
     from detectors.alibi_detectors import CVMDetector, FETDetector, LSDDDetector, MMDDetector
+    from detectors.cusum import CUSUMDetector
     from detectors.river_detectors import ADWINDetector, KSWINDetector, PageHinkleyDetector
 
 __all__ = [
     "NAMES",
     "ADWINDetector",
+    "CUSUMDetector",
     "CVMDetector",
     "Detector",
     "FETDetector",
@@ -43,6 +45,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "adwin": ("detectors.river_detectors", "ADWINDetector"),
     "kswin": ("detectors.river_detectors", "KSWINDetector"),
     "page_hinkley": ("detectors.river_detectors", "PageHinkleyDetector"),
+    "cusum": ("detectors.cusum", "CUSUMDetector"),
     "cvm": ("detectors.alibi_detectors", "CVMDetector"),
     "fet": ("detectors.alibi_detectors", "FETDetector"),
     "mmd": ("detectors.alibi_detectors", "MMDDetector"),

@@ -196,6 +196,24 @@ def page_hinkley_run_lengths(
     return run
 
 
+def cusum_run_lengths(streams: FloatArray, *, k: float, min_instances: int, mode: str) -> RunLengths:
+    """Vectorised :class:`detectors.cusum.CUSUM` (param: ``threshold``). A CUSUM
+    ``S_t = max(0, S_{t-1} + y_t)`` equals ``X_t - min(0, min_{j<=t} X_j)`` for the random walk
+    ``X = cumsum(y)``, so the path is two cumulative sums and each threshold a first passage."""
+    up = np.cumsum(streams - k, axis=1)
+    up = up - np.minimum(np.minimum.accumulate(up, axis=1), 0.0)
+    down = np.cumsum(-streams - k, axis=1)
+    down = down - np.minimum(np.minimum.accumulate(down, axis=1), 0.0)
+    stat = up if mode == "up" else down if mode == "down" else np.maximum(up, down)
+    stat[:, : max(min_instances - 1, 0)] = -np.inf
+    path = np.maximum.accumulate(stat, axis=1)
+
+    def run(threshold: float) -> IntArray:
+        return _first_passage(path, threshold, strict=True)
+
+    return run
+
+
 @lru_cache(maxsize=64)
 def kswin_p_values(stat_size: int) -> tuple[float, ...]:
     """p-value of scipy's ``ks_2samp`` (as river's KSWIN calls it) for D = k / stat_size, k = 0..stat_size."""

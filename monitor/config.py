@@ -180,10 +180,11 @@ class EmbeddingDriftConfig(_Model):
 
 
 def _default_drift_signals() -> dict[str, list[str]]:
-    # One CUSUM per text signal: cheap, calibrated once per process (signals are put on a
-    # common null first, see monitor/signals/normalise.py), and quick on real shifts.
+    # One CUSUM per text signal, anchored on the warm-up reference: cheap, calibrated once per
+    # process (signals are put on a common null first, see monitor/signals/normalise.py), and
+    # quick on real shifts (detectors/cusum.py says why not river's PageHinkley).
     return {
-        name: ["page_hinkley"]
+        name: ["cusum"]
         for name in (
             "response_log_chars",
             "prompt_log_chars",
@@ -197,11 +198,10 @@ def _default_drift_signals() -> dict[str, list[str]]:
 
 
 def _default_detector_params() -> dict[str, dict[str, float | str]]:
-    # river's PageHinkley defaults (delta 0.005, fading alpha 0.9999) make a random walk whose
-    # alarm level must grow with the ERT (~300 at ERT 1e5, hundreds of episodes of delay);
-    # without fading and with a drift allowance of half a standard deviation it is a proper
-    # CUSUM for shifts of about one standard deviation.
-    return {"page_hinkley": {"delta": 0.5, "alpha": 1.0}}
+    # The CUSUM allowance: tuned for shifts of about one reference standard deviation. river's
+    # PageHinkley, if configured, gets no fading and the same allowance (its defaults, delta
+    # 0.005 and fading 0.9999, make a random walk whose alarm level must grow with the ERT).
+    return {"cusum": {"k": 0.5}, "page_hinkley": {"delta": 0.5, "alpha": 1.0}}
 
 
 class DriftConfig(_Model):

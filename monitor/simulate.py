@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 BUNDLED_PAIRS = "hh-harmless-400.jsonl.gz"
 BUNDLED_CONFIG = "simulate.yaml"
 REVIEWER_PREFIX = "sim-reviewer-"
+FEED_STATE = ("__simulate__", "kafka_feed")
+
+
+def _open(path: str) -> Any:
+    with open(path, "rb") as probe:
+        gz = probe.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def bundled(name: str) -> Path:
@@ -91,11 +98,9 @@ class Truth:
     def load(cls, path: str, key: str, max_bytes: int) -> Truth:
         from monitor.episodes import InvalidEpisode, parse_episode
 
-        with open(path, "rb") as probe:
-            gz = probe.read(2) == b"\x1f\x8b"
         out = cls()
         now = time.time()
-        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+        with _open(path) as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -305,6 +310,7 @@ class Simulation:
             if self.on_start is not None:
                 self.on_start(self, store)
             start_version = self._bootstrap_rm(store)
+            fed = self._feed_kafka(store) if s.source.kind == "kafka" else None
             reviewers = [Reviewer(n, tok, client, cfg) for n, tok in _reviewer_tokens(store, cfg.reviewers)]
             pipe = svc.pipeline
             pipe.open()
@@ -327,7 +333,7 @@ class Simulation:
                         bar.update(len(records))
                     if len(pending) < cfg.round_episodes:
                         continue
-                elif not pipe.source.exhausted:
+                elif not self._done(pipe, fed):
                     continue
                 pending.clear()
                 clock = self.clock = self._clock(store)
@@ -336,7 +342,7 @@ class Simulation:
                     r.step(clock, truth)
                 rounds += 1
                 self._worker_round(worker, store, refresh=rounds % cfg.gauges_every == 0)
-                if not records and pipe.source.exhausted:
+                if not records and self._done(pipe, fed):
                     break
             pipe.close()
             if bar is not None:
@@ -358,6 +364,50 @@ class Simulation:
             review.stop()
             svc.server.stop()
             store.close()
+
+    def _feed_kafka(self, store: Store) -> int:
+        """Kafka mode: the simulation plays the deployed policy and writes the file to the episodes
+        topic, once (a restarted simulation finds the feed recorded and only consumes)."""
+        from monitor.sources.kafka import client_security
+
+        st = t.stream_state
+        done = store.load_state(*FEED_STATE)
+        if done is not None:
+            return int(done["records"])
+        from kafka import KafkaProducer
+
+        cfg = self.settings.kafka
+        producer = KafkaProducer(
+            bootstrap_servers=cfg.bootstrap_servers, acks="all", linger_ms=5, **client_security(cfg)
+        )
+        n = 0
+        try:
+            with _open(self.input) as fh:
+                for line in fh:
+                    line = line.rstrip(b"\r\n")
+                    if not line.strip():
+                        continue
+                    producer.send(cfg.topic, value=line)
+                    n += 1
+            producer.flush(timeout=120)
+        finally:
+            producer.close(timeout=10)
+        with store.engine.begin() as conn:
+            conn.execute(
+                st.insert().values(
+                    stream=FEED_STATE[0],
+                    component=FEED_STATE[1],
+                    state={"records": n, "topic": cfg.topic},
+                    updated_at=time.time(),
+                )
+            )
+        self._mark("kafka_fed", records=n, topic=cfg.topic)
+        return n
+
+    def _done(self, pipe: Any, fed: int | None) -> bool:
+        if fed is None:
+            return bool(pipe.source.exhausted)
+        return int(getattr(pipe, "_index", 0)) >= fed
 
     def _clock(self, store: Store) -> float:
         with store.engine.connect() as conn:

@@ -42,7 +42,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from monitor.reward.features import FEATURE_NAMES, FEATURES_VERSION, N_FEATURES, response_features
+from monitor.reward.features import (
+    FEATURE_NAMES,
+    FEATURES_BY_VERSION,
+    FEATURES_VERSION,
+    N_FEATURES,
+    response_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +123,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build_head(hidden_size: int, cfg: ModelConfig) -> Any:
+def _build_head(hidden_size: int, cfg: ModelConfig, n_feat: int) -> Any:
     import torch
 
-    n_feat = N_FEATURES if cfg.features else 0
     head = torch.nn.ModuleDict(
         {
             "mlp": torch.nn.Sequential(
@@ -185,8 +190,8 @@ class RewardModel:
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            head = _build_head(encoder.config.hidden_size, cfg)
-        n_feat = N_FEATURES if cfg.features else 0
+            n_feat = N_FEATURES if cfg.features else 0
+            head = _build_head(encoder.config.hidden_size, cfg, n_feat)
         return cls(
             cfg,
             encoder,
@@ -210,9 +215,18 @@ class RewardModel:
         if meta_cfg.get("format") != FORMAT or meta_cfg.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{root}: not an {FORMAT} v{FORMAT_VERSION} directory")
         feats = meta_cfg["features"]
-        if feats["version"] != FEATURES_VERSION or list(feats["names"]) != list(FEATURE_NAMES[: len(feats["names"])]):
+        names = list(feats["names"])
+        # Feature sets only grow: an older version's features are a prefix of this code's.
+        if (
+            not isinstance(feats["version"], int)
+            or not 1 <= feats["version"] <= FEATURES_VERSION
+            or names != list(FEATURE_NAMES[: len(names)])
+            or (names and len(names) != FEATURES_BY_VERSION[feats["version"]])
+        ):
             raise ValueError(f"{root}: saved with feature set v{feats['version']}, this code has v{FEATURES_VERSION}")
         cfg = ModelConfig.model_validate(meta_cfg["model"])
+        if bool(names) != cfg.features:
+            raise ValueError(f"{root}: features={cfg.features} but {len(names)} feature names saved")
         enc_ref = meta_cfg["encoder"]
         enc_path = encoder_dir(enc_ref["source"])
         digest = file_sha256(_weights_file(enc_path))
@@ -224,7 +238,7 @@ class RewardModel:
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)  # type: ignore[no-untyped-call]
         encoder = AutoModel.from_pretrained(enc_path, local_files_only=True)
         tensors = load_file(str(root / WEIGHTS))
-        head = _build_head(encoder.config.hidden_size, cfg)
+        head = _build_head(encoder.config.hidden_size, cfg, len(names))
         head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
         trained = [int(i) for i in meta_cfg["trained_layers"]]
         layers = _layers(encoder)
@@ -274,7 +288,7 @@ class RewardModel:
             "model": self.config.model_dump(),
             "encoder": {"source": src, "sha256": file_sha256(_weights_file(encoder_dir(src)))},
             "trained_layers": self.trained_layers,
-            "features": {"version": FEATURES_VERSION, "names": list(FEATURE_NAMES) if self.config.features else []},
+            "features": {"version": self.features_version, "names": list(FEATURE_NAMES[: self.n_features])},
         }
 
     def content_id(self) -> str:
@@ -333,13 +347,14 @@ class RewardModel:
         return out
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
-        """Raw (unnormalised) feature matrix, (n, N_FEATURES) float32 on the CPU."""
+        """Raw (unnormalised) feature matrix, (n, n_features) float32 on the CPU."""
         import torch
 
-        if not self.config.features:
+        k = self.n_features
+        if not k:
             return torch.zeros((len(prompts), 0))
         return torch.tensor(
-            [response_features(p, r) for p, r in zip(prompts, responses, strict=True)], dtype=torch.float32
+            [response_features(p, r)[:k] for p, r in zip(prompts, responses, strict=True)], dtype=torch.float32
         )
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
@@ -412,6 +427,18 @@ class RewardModel:
         return (self.head["mlp"](torch.cat([pooled, f], dim=-1)) + self.head["prior"](f)).squeeze(-1)
 
     @property
+    def n_features(self) -> int:
+        """Explicit features the head reads (0 without features; fewer than ``N_FEATURES`` for a
+        model saved under an older feature set)."""
+        return int(self.feat_mean.shape[0])
+
+    @property
+    def features_version(self) -> int:
+        """The feature set version whose features this model reads."""
+        n = self.n_features
+        return min((v for v, k in FEATURES_BY_VERSION.items() if k == n), default=FEATURES_VERSION)
+
+    @property
     def n_layers(self) -> int:
         return len(_layers(self.encoder))
 
@@ -460,7 +487,7 @@ def model_card(model: RewardModel) -> str:
         "right).",
         f"* Head: MLP ({cfg.head_hidden} hidden) over the mean-pooled hidden states {cfg.pool_layers}"
         + (
-            f" and {N_FEATURES} length/structure features computed on the whole text, plus a linear feature prior"
+            f" and {model.n_features} length/structure features computed on the whole text, plus a linear feature prior"
             if cfg.features
             else ""
         )

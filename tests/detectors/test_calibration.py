@@ -26,6 +26,37 @@ def test_page_hinkley_model_matches_river_exactly() -> None:
     assert (fast(20.0) > 0).any() and (fast(60.0) == 0).any()
 
 
+@pytest.mark.parametrize("mode", ["both", "up", "down"])
+def test_cusum_model_matches_the_detector_exactly(mode: str) -> None:
+    from detectors.cusum import CUSUM
+
+    streams = cal.null_streams(None, 6, 1500, seed=4)
+    streams[2, 600:] += 1.0  # a rise
+    streams[4, 900:] -= 1.0  # a fall
+    fixed = {"k": 0.5, "min_instances": 5, "mode": mode}
+    fast = cal.cusum_run_lengths(streams, **fixed)
+    slow = cal.object_run_lengths(lambda thr: CUSUM(thr, **fixed), streams)
+    for threshold in (3.0, 8.0, 15.0):
+        np.testing.assert_array_equal(fast(threshold), slow(threshold))
+    runs = fast(8.0)
+    assert runs[2 if mode != "down" else 4] > 0
+
+
+def test_cusum_is_anchored_on_the_reference_not_the_running_mean() -> None:
+    """A change soon after the start: the reference-anchored CUSUM finds it, PageHinkley (whose
+    running mean follows the new level) much later."""
+    from detectors.cusum import CUSUMDetector
+
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal(500)
+    stream = np.r_[rng.standard_normal(20), rng.normal(-1.0, 1.0, 600)]
+    delays = {}
+    for det in (CUSUMDetector(ert=20000, x_ref=ref), PageHinkleyDetector(ert=20000, x_ref=ref, delta=0.5, alpha=1.0)):
+        delays[det.name] = next((i - 20 for i, x in enumerate(stream, 1) if det.update(x) or det.drift_detected), None)
+    assert delays["cusum"] is not None and delays["cusum"] < 60, delays
+    assert delays["page_hinkley"] is None or delays["page_hinkley"] > 2 * delays["cusum"], delays
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_ks_statistic_matches_scipy_with_ties(seed: int) -> None:
     from scipy import stats

@@ -27,6 +27,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "adwin": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16, "clock": 8},
     "kswin": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16, "window_size": 40, "stat_size": 15},
     "page_hinkley": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16},
+    "cusum": {"ert": 300, "x_ref": REF_1D, "calibration_runs": 16},
     "cvm": {"ert": 100, "x_ref": REF_1D, "window_sizes": (10, 20), "n_bootstraps": 200},
     "fet": {"ert": 100, "x_ref": REF_BIN, "window_sizes": (10, 30), "n_bootstraps": 300},
     "mmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},

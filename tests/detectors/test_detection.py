@@ -21,7 +21,7 @@ from detectors.base import Detector
 
 ERT = 1000
 SEEDS = (11, 12, 13)
-UNIVARIATE = ("adwin", "kswin", "page_hinkley", "cvm")
+UNIVARIATE = ("adwin", "kswin", "page_hinkley", "cusum", "cvm")
 DIM = 8
 
 
@@ -71,17 +71,20 @@ def _ert_estimate(runs: list[int], remainder: int) -> float:
 def test_univariate_false_alarms_match_the_ert(name: str) -> None:
     runs: list[int] = []
     remainder = 0
-    for seed in SEEDS:
+    # The cheap CUSUMs get more updates: with ~9 expected alarms the estimate is too noisy
+    # for a 4x band now and then (P(at most 1 alarm) ~ 0.1%); with ~27 it is not.
+    seeds = SEEDS if name not in ("cusum", "page_hinkley") else tuple(range(11, 20))
+    for seed in seeds:
         rng = np.random.default_rng(seed)
         r, rest = stationary_run_lengths(_proto(name).clone(), lambda rng=rng: float(rng.normal(3.0, 2.0)), 3000)
         runs += r
         remainder += rest
     est = _ert_estimate(runs, remainder)
-    print(f"{name}: {len(runs)} false alarms in {len(SEEDS) * 3000} updates, ERT estimate {est:.0f}")
+    print(f"{name}: {len(runs)} false alarms in {len(seeds) * 3000} updates, ERT estimate {est:.0f}")
     # 9,000 updates at ERT 1000: ~9 alarms expected; the band allows the estimate's noise
     # (and alibi's noisy thresholds for n_bootstraps < 10 x ERT).
     assert ERT / 4 <= est <= ERT * 4
-    assert len(runs) <= 30
+    assert len(runs) <= 10 * len(seeds)
 
 
 @pytest.mark.parametrize("name", UNIVARIATE)

