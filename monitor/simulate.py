@@ -337,7 +337,9 @@ class Simulation:
                     continue
                 pending.clear()
                 clock = self.clock = self._clock(store)
-                self.processed = int(getattr(pipe, "_index", 0))
+                self.processed = (
+                    sum(store.load_offsets(pipe.source.name).values()) if fed is not None else int(pipe._index)
+                )
                 for r in reviewers:
                     r.step(clock, truth)
                 rounds += 1
@@ -383,11 +385,11 @@ class Simulation:
         n = 0
         try:
             with _open(self.input) as fh:
-                for line in fh:
-                    line = line.rstrip(b"\r\n")
-                    if not line.strip():
+                for raw in fh:
+                    value = raw.rstrip(b"\r\n")
+                    if not value.strip():
                         continue
-                    producer.send(cfg.topic, value=line)
+                    producer.send(cfg.topic, value=value)
                     n += 1
             producer.flush(timeout=120)
         finally:
@@ -407,7 +409,8 @@ class Simulation:
     def _done(self, pipe: Any, fed: int | None) -> bool:
         if fed is None:
             return bool(pipe.source.exhausted)
-        return int(getattr(pipe, "_index", 0)) >= fed
+        # Kafka: the committed offsets (the topic held only the fed records) say how far it got.
+        return sum(pipe.store.load_offsets(pipe.source.name).values()) >= fed
 
     def _clock(self, store: Store) -> float:
         with store.engine.connect() as conn:
@@ -511,7 +514,7 @@ class Simulation:
             ],
             "incidents": self._incidents(store, updates, retrain, events),
             "estimates": self._estimates(store, truth, labels, since),
-            "sampling": _sampling(store, since, s),
+            "sampling": _sampling(store, events, s),
             "reward_hacking_suspected": sorted(self.hacking_seen),
             "timeline": self.timeline,
         }
@@ -703,29 +706,33 @@ def _label_items(store: Store) -> list[dict[str, Any]]:
     return sorted(items.values(), key=lambda it: (it["ts"], it["episode_id"]))
 
 
-def _sampling(store: Store, since: dict[str, float], settings: Settings) -> dict[str, Any]:
-    """Mean human inclusion probability per stream: before the first drift event, while its boost
-    lasted, and after the boost (the boost decays back to the base rate)."""
+def _sampling(store: Store, events: list[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """Mean human inclusion probability per stream: before its first drift event, while a boost
+    was on (``drift.boost_duration_s`` of event time after each event), and after the boosts
+    ended (back to the base rate)."""
     s = t.samples
     with store.engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(s.c.stream, s.c.ts, s.c.inclusion_probability).where(s.c.channel == "human")
-        ).all()
+        q = sa.select(s.c.stream, s.c.ts, s.c.inclusion_probability).where(s.c.channel == "human")
+        rows = conn.execute(q).all()
     dur = settings.drift.boost_duration_s
+    windows: dict[str, list[float]] = defaultdict(list)
+    for ev in events:
+        windows[ev["stream"]].append(ev["event_ts"])
     out: dict[str, Any] = {}
     by: dict[str, list[Any]] = defaultdict(list)
     for r in rows:
         by[r.stream].append(r)
     for stream, rs in sorted(by.items()):
-        t0 = since.get(stream)
+        starts = sorted(windows.get(stream, []))
         phases: dict[str, list[float]] = {"before": [], "boosted": [], "after": []}
         for r in rs:
-            if t0 is None or r.ts < t0:
-                phases["before"].append(float(r.inclusion_probability))
-            elif r.ts < t0 + dur:
-                phases["boosted"].append(float(r.inclusion_probability))
+            p = float(r.inclusion_probability)
+            if not starts or r.ts <= starts[0]:
+                phases["before"].append(p)
+            elif any(t0 < r.ts < t0 + dur for t0 in starts):  # the sampler: until > clock
+                phases["boosted"].append(p)
             else:
-                phases["after"].append(float(r.inclusion_probability))
+                phases["after"].append(p)
         out[stream] = {
             k: {"sampled": len(v), "mean_p": round(statistics.fmean(v), 4) if v else None} for k, v in phases.items()
         }

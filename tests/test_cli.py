@@ -228,12 +228,35 @@ def test_run_resumes_a_file_where_it_stopped(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    res = run("demo", "--exit-after-replay", "--port", "0", "--workdir", str(tmp_path / "demo"), timeout=300)
+    """The demo's story on the bundled traffic (training cut to head-only phases to save minutes)."""
+    res = run(
+        "demo",
+        "--exit-after-replay",
+        "--port",
+        "0",
+        "--review-port",
+        "0",
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--set",
+        'simulate.bootstrap_train={"epochs": 0}',
+        "--set",
+        'reward.update.train={"epochs": 0}',
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
-    assert "2420 records" in res.stdout and "covered" in res.stdout
+    out = res.stdout
+    assert "2420 records: 5 invalid" in out and "Review UI: http://" in out and "/metrics" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["invalid"] == 5
+    assert report["pipeline"]["invalid"] == 5
     assert len((tmp_path / "demo" / "dead-letter.jsonl").read_text().splitlines()) == 5
+    # The story: drift on chat (the swap), a boost, an update, one retraining request.
+    (first, *_) = [e for e in report["drift_events"] if e["stream"] == "chat"]
+    assert f"input #{first['index']:<5} chat" in out
+    assert report["sampling"]["chat"]["boosted"]["sampled"] > 0 and "boosted 0.250" in out
+    assert len(report["rm_versions"]) >= 2 and report["rm_versions"][-1]["status"] == "active"
+    (req,) = report["retrain_requests"]
+    assert req["id"] in out and "covered" in out
 
 
 def test_estimate_command(tmp_path: Path) -> None:

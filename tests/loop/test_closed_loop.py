@@ -308,19 +308,27 @@ def test_kill_after_alarm_resumes_without_duplicates(loop: dict[str, Any], tmp_p
     assert updates[0]["promoted"] is True
     assert len(r["retrain_requests"]) == len(ref["retrain_requests"]) == 1
     assert r["retrain_requests"][0]["rm_version"] == r["rm_versions"][-1]["version"]
-    # ... and every valid episode stored exactly once, every sampled one labelled once per slot.
-    store = Store(db, migrate=False)
-    try:
-        with store.engine.connect() as conn:
-            n_eps = conn.execute(sa.select(sa.func.count()).select_from(t.episodes)).scalar()
-            dup = conn.execute(
-                sa.select(t.labels.c.episode_id, t.labels.c.slot, sa.func.count())
-                .group_by(t.labels.c.episode_id, t.labels.c.slot)
-                .having(sa.func.count() > 1)
-            ).all()
-    finally:
-        store.close()
-    assert n_eps == len(loop["change"]["episodes"])
+
+    # ... and every episode counted once, the same ones sampled as without the kill, every
+    # sampled one labelled once per slot.
+    def stored(url: str) -> tuple[int, set[str], list[Any]]:
+        st = Store(url, migrate=False)
+        try:
+            with st.engine.connect() as conn:
+                ids = {row[0] for row in conn.execute(sa.select(t.episodes.c.episode_id))}
+                dup = conn.execute(
+                    sa.select(t.labels.c.episode_id, t.labels.c.slot, sa.func.count())
+                    .group_by(t.labels.c.episode_id, t.labels.c.slot)
+                    .having(sa.func.count() > 1)
+                ).all()
+            return st.traffic_count("chat") + st.traffic_count("assistant"), ids, list(dup)
+        finally:
+            st.close()
+
+    n, ids, dup = stored(db)
+    n_ref, ids_ref, _ = stored(loop["db"])
+    assert n == n_ref == len(loop["change"]["episodes"])
+    assert ids == ids_ref
     assert not dup
     assert r["labels_collected"]["total"] == ref["labels_collected"]["total"]
 
