@@ -410,7 +410,7 @@ class Simulation:
         if fed is None:
             return bool(pipe.source.exhausted)
         # Kafka: the committed offsets (the topic held only the fed records) say how far it got.
-        return sum(pipe.store.load_offsets(pipe.source.name).values()) >= fed
+        return bool(sum(pipe.store.load_offsets(pipe.source.name).values()) >= fed)
 
     def _clock(self, store: Store) -> float:
         with store.engine.connect() as conn:
