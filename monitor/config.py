@@ -194,7 +194,11 @@ def _default_drift_signals() -> dict[str, list[str]]:
             "refusal",
             "mixed_script",
         )
-    }
+    } | {"rm_disagreement": ["cusum"]}
+
+
+def _default_signal_params() -> dict[str, dict[str, dict[str, float | str]]]:
+    return {"rm_disagreement": {"cusum": {"mode": "up"}}}
 
 
 def _default_detector_params() -> dict[str, dict[str, float | str]]:
@@ -226,6 +230,17 @@ class DriftConfig(_Model):
     detector_params: dict[str, dict[str, float | str]] = Field(
         default_factory=_default_detector_params,
         description="detector name -> constructor parameters (besides ert and x_ref)",
+    )
+    signal_params: dict[str, dict[str, dict[str, float | str]]] = Field(
+        default_factory=_default_signal_params,
+        description="signal -> detector name -> parameters on top of detector_params (e.g. one-sided"
+        " on human/reward-model disagreement: only more disagreement is a problem)",
+    )
+    fed_reference_size: int = Field(
+        60,
+        ge=20,
+        description="reference values of the signals fed by later stages (rm_score per scored episode,"
+        " rm_disagreement per reviewed episode: far rarer than episodes)",
     )
     tail_clip: float = Field(
         5.0, gt=0, description="normal scores of values beyond the reference's range are clipped at +-tail_clip"

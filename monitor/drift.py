@@ -133,7 +133,9 @@ class DriftMonitor:
         configuration."""
         names = self.cfg.signals.get(signal)
         if names:
-            self._update(stream, episode_id, event_ts, index, {signal: value}, {signal: names}, self.cfg.reference_size)
+            self._update(
+                stream, episode_id, event_ts, index, {signal: value}, {signal: names}, self.cfg.fed_reference_size
+            )
 
     def _update(
         self,
@@ -264,6 +266,7 @@ class DriftMonitor:
         for name in names:
             try:
                 params: dict[str, Any] = dict(self.cfg.detector_params.get(name, {}))
+                params.update(self.cfg.signal_params.get(signal, {}).get(name, {}))
                 x_ref = ref
                 if getattr(detectors.detector_class(name), "param_name", None) is not None:
                     cal_ref = None  # the Gaussian null: right for normal scores of a continuous sample

@@ -139,6 +139,12 @@ class Pipeline:
             # Before drift: its checkpoint feeds rm_score values that drift's checkpoint saves.
             at = self.observers.index(drift) if drift is not None else len(self.observers)
             self.observers.insert(at, self.scorer)
+        self.labels_feed: Any = None  # human/reward-model disagreement from new labels
+        if self.drift is not None and settings.drift.signals.get("rm_disagreement"):
+            from monitor.signals.disagreement import DisagreementFeed
+
+            self.labels_feed = DisagreementFeed(store, self.drift.observe_value)
+            self.observers.insert(self.observers.index(self.drift), self.labels_feed)
         self.scores_publisher: Any = None  # an OutboxPublisher of rm_scores in Kafka mode
         self.clock = clock
         self.stats = RunStats()
@@ -169,6 +175,8 @@ class Pipeline:
             self.drift.forget()
         if self.scorer is not None:
             self.scorer.forget()
+        if self.labels_feed is not None:
+            self.labels_feed.forget()
 
     # -- control -------------------------------------------------------------
     def boost(
@@ -446,6 +454,8 @@ class Pipeline:
                 self.drift.forget()
             if self.scorer is not None:
                 self.scorer.forget()
+            if self.labels_feed is not None:
+                self.labels_feed.forget()
             self.source.rewind()
             return False
         return True

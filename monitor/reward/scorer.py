@@ -1,5 +1,11 @@
 """Batched reward-model scoring of the ``rm`` sampling channel, inside the pipeline.
 
+Episodes sampled for ``human`` review are scored too (a few percent more work): the reward
+model's verdict on what people review is what the human/reward-model disagreement signal
+compares (``monitor/signals/disagreement.py``). The score metrics and the ``rm_score`` drift
+signal take the ``rm`` channel only, so they describe the rm sample and its inclusion
+probabilities.
+
 Episodes sampled for ``rm`` are collected as they pass and scored in one forward pass at the
 batch boundary (the observers' checkpoint), by the version active at that moment; the scores
 are committed in the same transaction as the batch's offsets, so a crash re-scores nothing
@@ -34,7 +40,7 @@ class RewardScorer:
         self.registry = registry
         self._metrics = metrics
         self._feed = feed
-        self._pending: list[tuple[Episode, int]] = []
+        self._pending: list[tuple[Episode, int, bool]] = []  # (episode, input index, rm-sampled?)
         self._rows: list[dict[str, Any]] = []
         self._model: Any = None
         self._generation = -2  # unknown: check at the first batch
@@ -48,8 +54,9 @@ class RewardScorer:
         return None if self._model is None else self._model.version
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
-        if "rm" in decision.sampled:
-            self._pending.append((episode, index))
+        rm = "rm" in decision.sampled
+        if rm or "human" in decision.sampled:
+            self._pending.append((episode, index, rm))
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._maybe_swap()
@@ -64,11 +71,11 @@ class RewardScorer:
                 self._warned = True
             return {}
         scores = self._model.score(
-            [ep.prompt for ep, _ in pending], [ep.response for ep, _ in pending], batch_size=self.cfg.batch_size
+            [ep.prompt for ep, _, _ in pending], [ep.response for ep, _, _ in pending], batch_size=self.cfg.batch_size
         )
         now = time.time()
         version = str(self._model.version)
-        for (ep, index), s in zip(pending, scores, strict=True):
+        for (ep, index, rm), s in zip(pending, scores, strict=True):
             self._rows.append(
                 {
                     "episode_id": ep.episode_id,
@@ -79,6 +86,8 @@ class RewardScorer:
                     "created_at": now,
                 }
             )
+            if not rm:
+                continue
             label = self._metrics.stream_label(ep.stream)
             self._metrics.rm_score.labels(label).observe(float(s))
             self._metrics.rm_score_cumulative.labels(label).inc(float(s))

@@ -55,6 +55,7 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
             "pipeline.batch_size=20",
             "drift.signals.rm_score=[page_hinkley]",
             "drift.reference_size=20",
+            "drift.fed_reference_size=20",
         ],
     )
     store = Store(db_url)
@@ -83,12 +84,16 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
 
     with store.engine.connect() as conn:
         rm = {r.episode_id for r in conn.execute(sa.select(t.samples.c.episode_id).where(t.samples.c.channel == "rm"))}
+        human = {
+            r.episode_id for r in conn.execute(sa.select(t.samples.c.episode_id).where(t.samples.c.channel == "human"))
+        }
         scores = conn.execute(sa.select(t.rm_scores)).all()
     by_episode: dict[str, list[Any]] = {}
     for s in scores:
         by_episode.setdefault(s.episode_id, []).append(s)
-    # Every rm-sampled episode scored exactly once, nothing else scored.
-    assert set(by_episode) == rm and len(rm) > 80
+    # Every rm- or human-sampled episode scored exactly once (the human ones for the disagreement
+    # signal), nothing else scored.
+    assert set(by_episode) == rm | human and len(rm) > 80 and human - rm
     assert all(len(v) == 1 for v in by_episode.values())
     versions = {s.version for s in scores}
     assert versions == {v1, v2}

@@ -1,0 +1,110 @@
+"""The human / reward-model disagreement signal: one binary value per reviewed episode.
+
+Labels arrive in the database from the review API, in whatever process serves it; the pipeline
+picks them up at each batch checkpoint (an :class:`monitor.pipeline.EpisodeObserver` that sees
+no episodes, only the checkpoint). For a newly labelled (not skipped) episode that the reward
+model scored (human-sampled episodes are scored for this), the value is 1 when the two put the
+episode on opposite sides of their own stream medians: the reward model's score against the
+median score of that version's recent scores in the stream, the mean human rating against the
+median of the stream's recent ratings (strictly above counts as "good" on both sides, so a
+stream where most ratings sit at the floor still splits). It goes to drift detection as
+``rm_disagreement`` (one-sided by default: only more disagreement is a problem).
+
+Each stream's cursor (last label id taken) is checkpointed with the batch, in the same
+transaction as the detector state that the values updated, so a crash neither skips nor repeats
+a label. Only streams this pipeline has seen episodes of since its last rebalance are fed: with
+several replicas, a stream's labels go to the replica that owns its detectors.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.episodes import Episode
+from monitor.store import Store
+from monitor.store import tables as t
+from sampling import Decision
+
+SIGNAL = "rm_disagreement"
+COMPONENT = SIGNAL
+WINDOW = 500  # recent scores / ratings per stream that set the medians
+BATCH = 1000  # labels taken per checkpoint at most
+
+Feed = Callable[[str, str, float, str, float | None, int], None]
+
+
+class DisagreementFeed:
+    def __init__(self, store: Store, feed: Feed):
+        self.store = store
+        self._feed = feed
+        self._cursors: dict[str, int] = {}  # owned stream -> last label id taken
+        self._index = -1
+        self.fed = 0
+
+    def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        self._index = index  # events name the input index at which their value arrived
+        if episode.stream not in self._cursors:
+            saved = self.store.load_state(episode.stream, COMPONENT)
+            self._cursors[episode.stream] = int(saved["last_label_id"]) if saved else 0
+
+    def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        if not self._cursors:
+            return {}
+        lb, sc = t.labels, t.rm_scores
+        owned = sa.or_(*(sa.and_(lb.c.stream == s, lb.c.id > c) for s, c in self._cursors.items()))
+        q = (
+            sa.select(lb.c.id, lb.c.episode_id, lb.c.stream, lb.c.rating, lb.c.skipped)
+            .add_columns(sc.c.version, sc.c.score, sc.c.ts)
+            .select_from(lb.outerjoin(sc, sc.c.episode_id == lb.c.episode_id))
+            .where(owned)
+            .order_by(lb.c.id)
+            .limit(BATCH)
+        )
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+            if not rows:
+                return {}
+            medians = self._medians(conn, {(r.stream, r.version) for r in rows if r.version is not None})
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            self._cursors[r.stream] = max(self._cursors[r.stream], int(r.id))
+            out[(r.stream, COMPONENT)] = {"last_label_id": self._cursors[r.stream]}
+            if r.skipped or r.rating is None or r.score is None:
+                continue
+            m = medians.get((r.stream, r.version))
+            if m is None:
+                continue
+            rm_good = float(r.score) > m[0]
+            human_good = float(r.rating) > m[1]
+            self._feed(r.stream, SIGNAL, 1.0 if rm_good != human_good else 0.0, r.episode_id, r.ts, self._index)
+            self.fed += 1
+        return out
+
+    def _medians(self, conn: sa.Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, float]]:
+        lb, sc = t.labels, t.rm_scores
+        out = {}
+        for stream, version in keys:
+            scores = conn.execute(
+                sa.select(sc.c.score)
+                .where(sc.c.stream == stream, sc.c.version == version)
+                .order_by(sc.c.ts.desc())
+                .limit(WINDOW)
+            ).scalars()
+            ratings = conn.execute(
+                sa.select(lb.c.rating)
+                .where(lb.c.stream == stream, lb.c.skipped.is_(False), lb.c.rating.is_not(None))
+                .order_by(lb.c.id.desc())
+                .limit(WINDOW)
+            ).scalars()
+            s, h = [float(x) for x in scores], [float(x) for x in ratings]
+            if s and h:
+                out[(stream, version)] = (statistics.median(s), statistics.median(h))
+        return out
+
+    def forget(self) -> None:
+        """After a rolled-back batch or a rebalance: cursors reload from the database on next use."""
+        self._cursors.clear()

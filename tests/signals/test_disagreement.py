@@ -1,0 +1,103 @@
+"""The human / reward-model disagreement signal: labels from the database reach drift detection,
+once each, with the right value, and the cursor survives a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.signals.disagreement import COMPONENT, SIGNAL, DisagreementFeed
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+class _Ep:
+    def __init__(self, episode_id: str, stream: str):
+        self.episode_id = episode_id
+        self.stream = stream
+
+
+def _seed(store: Store, rows: list[tuple[str, float, int]]) -> None:
+    """(episode id, rm score, human rating) in stream chat."""
+    now = 1_700_000_000.0
+    with store.engine.begin() as conn:
+        conn.execute(t.users.insert().values(id=1, name="r", role="reviewer", password_hash="x", created_at=now))
+        for i, (eid, score, rating) in enumerate(rows):
+            conn.execute(
+                t.episodes.insert().values(
+                    episode_id=eid,
+                    stream="chat",
+                    model=None,
+                    ts=now + i,
+                    prompt="p",
+                    response="r",
+                    metadata=None,
+                    source="test",
+                    position=str(i),
+                    ingested_at=now,
+                )
+            )
+            conn.execute(
+                t.rm_scores.insert().values(
+                    episode_id=eid, version="v1", stream="chat", score=score, ts=now + i, created_at=now
+                )
+            )
+            conn.execute(
+                t.labels.insert().values(
+                    episode_id=eid,
+                    slot=0,
+                    user_id=1,
+                    stream="chat",
+                    skipped=False,
+                    rating=rating,
+                    flags=[],
+                    critique="",
+                    time_spent_ms=0,
+                    created_at=now + i,
+                )
+            )
+
+
+def test_each_label_is_fed_once_with_its_verdict(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    # Scores 1..6 (median 3.5), ratings: the rm's top three are rated low, its bottom three high.
+    _seed(store, [(f"e{i}", float(i), r) for i, r in zip(range(1, 7), [5, 4, 5, 1, 2, 1], strict=True)])
+    fed: list[tuple[Any, ...]] = []
+    feed = DisagreementFeed(store, lambda *a: fed.append(a))
+    assert feed.checkpoint() == {}  # owns no stream yet: feeds nothing
+    feed.observe(_Ep("x", "chat"), None, 41)  # type: ignore[arg-type]
+    state = feed.checkpoint()
+    assert [(a[0], a[1], a[3]) for a in fed] == [("chat", SIGNAL, f"e{i}") for i in range(1, 7)]
+    # Median rating 3: e1,e2,e3 "bad" by the rm (score <= 3.5) but rated > 3 -> disagree; e4..e6 too.
+    assert [a[2] for a in fed] == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert all(a[5] == 41 for a in fed)
+    assert state == {("chat", COMPONENT): {"last_label_id": 6}}
+    assert feed.checkpoint() == {} and len(fed) == 6  # nothing twice
+    # A restarted pipeline continues from the committed cursor.
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.stream_state.insert().values(
+                stream="chat", component=COMPONENT, state=state[("chat", COMPONENT)], updated_at=0.0
+            )
+        )
+    again: list[tuple[Any, ...]] = []
+    feed2 = DisagreementFeed(store, lambda *a: again.append(a))
+    feed2.observe(_Ep("y", "chat"), None, 42)  # type: ignore[arg-type]
+    assert feed2.checkpoint() == {} and not again
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.labels)).scalar_one() == 6
+    store.close()
+
+
+def test_agreeing_labels_feed_zeros(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    _seed(store, [(f"e{i}", float(i), r) for i, r in zip(range(1, 7), [1, 1, 2, 4, 5, 5], strict=True)])
+    fed: list[tuple[Any, ...]] = []
+    feed = DisagreementFeed(store, lambda *a: fed.append(a))
+    feed.observe(_Ep("x", "chat"), None, 0)  # type: ignore[arg-type]
+    feed.checkpoint()
+    # Median rating 3: e4..e6 good on both sides, e1..e3 bad on both sides.
+    assert [a[2] for a in fed] == [0.0] * 6
+    store.close()
