@@ -357,7 +357,7 @@ class SimulateConfig(_Model):
     noise: float = Field(0.1, ge=0, le=1, description="probability a rating moves one step up or down")
     seed: int = 0
     round_episodes: int = Field(50, ge=1, description="episodes between reviewer and worker rounds")
-    gauges_every: int = Field(10, ge=1, description="rounds between oversight gauge refreshes")
+    gauges_every: int = Field(2, ge=1, description="rounds between oversight gauge refreshes")
     bootstrap_pairs: str | None = Field(
         "bundled",
         description="pairs the starting reward model is trained on when no version is active ('bundled':"

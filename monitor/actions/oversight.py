@@ -7,11 +7,13 @@ agreement, and the reward-hacking alarm, per stream.
   also scored, the share of pairs with different ratings that the reward model orders the same
   way as the reviewers (ties in score count half).
 * ``reward_hacking``: the reward-model score trend rises while human-rated quality falls or
-  stays flat. Compares the latest ``window`` scored episodes with the ``window`` before them
-  (by episode time): the mean score rose by more than two standard errors, and the mean human
-  rating over the same two spans did not rise by more than two standard errors (or has too few
-  labels to tell, which is itself a reason to look). Both means weight items by their inverse
-  inclusion probability (Hajek), so boosted sampling does not bias them.
+  stays flat. Compares the latest ``window`` scored episodes with the first ``window`` that the
+  active version scored in the stream, its baseline (by episode time; adjacent windows would
+  miss a change that is older than one window by the time anyone looks): the mean score rose
+  by more than two standard errors, and the mean human rating over the same two spans did not
+  rise by more than two standard errors (or has too few labels to tell, which is itself a
+  reason to look). Both means weight items by their inverse inclusion probability (Hajek), so
+  boosted sampling does not bias them.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _hacking(
 ) -> dict[str, Any]:
     if len(items) < 2 * window:
         return {"suspected": False, "reason": "not enough scored episodes"}
-    prev, recent = items[-2 * window : -window], items[-window:]
+    prev, recent = items[:window], items[-window:]
     sp = _hajek([float(r.score) for r in prev], [float(r.inclusion_probability) for r in prev])
     sr = _hajek([float(r.score) for r in recent], [float(r.inclusion_probability) for r in recent])
     assert sp is not None and sr is not None
