@@ -1,8 +1,10 @@
 """Batched reward-model scoring of the ``rm`` sampling channel, inside the pipeline.
 
-Episodes sampled for ``human`` review are scored too (a few percent more work): the reward
-model's verdict on what people review is what the human/reward-model disagreement signal
-compares (``monitor/signals/disagreement.py``). The score metrics and the ``rm_score`` drift
+Episodes sampled for ``human`` review are scored too: the reward model's verdict on what
+people review is what the human/reward-model disagreement signal compares
+(``monitor/signals/disagreement.py``). The two channels share their uniform draw, so while the
+human rate is at most the rm rate every human-sampled episode is rm-sampled anyway; this
+matters when a budget or override puts human review above the rm rate. The score metrics and the ``rm_score`` drift
 signal take the ``rm`` channel only, so they describe the rm sample and its inclusion
 probabilities.
 

@@ -93,7 +93,9 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
         by_episode.setdefault(s.episode_id, []).append(s)
     # Every rm- or human-sampled episode scored exactly once (the human ones for the disagreement
     # signal), nothing else scored.
-    assert set(by_episode) == rm | human and len(rm) > 80 and human - rm
+    missing, extra = (rm | human) - set(by_episode), set(by_episode) - (rm | human)
+    assert not missing and not extra, (sorted(missing)[:10], sorted(extra)[:10])
+    assert len(rm) > 80 and human
     assert all(len(v) == 1 for v in by_episode.values())
     versions = {s.version for s in scores}
     assert versions == {v1, v2}
