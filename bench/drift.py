@@ -152,8 +152,9 @@ def baseline_mmd(rows: list[dict[str, Any]], emb_cache: dict[str, Any]) -> list[
         emb_cache.update(zip(missing, vecs, strict=True))
     x = np.stack([emb_cache[t] for t in texts])
     ref = x[:500]
-    # alibi-detect's defaults but for the ERT, window and reference of the orientation numbers.
-    det = MMDDriftOnline(ref, ert=2000, window_size=50, backend="pytorch", verbose=False)
+    # alibi-detect's defaults but for the ERT, window and reference of the orientation
+    # numbers; its default 1,000 bootstraps cannot estimate the 1 - 1/2000 quantile (it refuses).
+    det = MMDDriftOnline(ref, ert=2000, window_size=50, n_bootstraps=5000, backend="pytorch", verbose=False)
     out = []
     for i in range(500, len(x)):
         if det.predict(x[i])["data"]["is_drift"]:

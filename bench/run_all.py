@@ -15,6 +15,7 @@ BENCHES = [
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["review_api.py"],
     ["rm_score.py"],
+    ["closed_loop.py"],  # ~7 minutes: the closed loop on three real shifts
 ]
 
 
