@@ -52,7 +52,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from monitor.config import Settings
+from monitor.config import Settings, SimulateConfig
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -156,7 +156,7 @@ class Truth:
 class Reviewer:
     """One simulated reviewer: claims, waits (event time), rates and submits through the review API."""
 
-    def __init__(self, name: str, token: str, client: Any, sim: SimulateCfg):
+    def __init__(self, name: str, token: str, client: Any, sim: SimulateConfig):
         self.name = name
         self.client = client
         self.headers = {"Authorization": f"Bearer {token}"}
@@ -207,9 +207,6 @@ class Reviewer:
             log.warning("reviewer %s lost the lease on %s", self.name, item["episode_id"])
             return
         r.raise_for_status()
-
-
-SimulateCfg = Any  # monitor.config.SimulateConfig (kept loose for the Reviewer signature)
 
 
 def _reviewer_tokens(store: Store, n: int) -> list[tuple[str, str]]:
