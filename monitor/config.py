@@ -188,6 +188,7 @@ def _default_drift_signals() -> dict[str, list[str]]:
         for name in (
             "response_log_chars",
             "prompt_log_chars",
+            "response_log_lines",
             "distinct_token_ratio",
             "non_text_ratio",
             "empty_response",
@@ -202,10 +203,13 @@ def _default_signal_params() -> dict[str, dict[str, dict[str, float | str]]]:
 
 
 def _default_detector_params() -> dict[str, dict[str, float | str]]:
-    # The CUSUM allowance: tuned for shifts of about one reference standard deviation. river's
-    # PageHinkley, if configured, gets no fading and the same allowance (its defaults, delta
+    # The CUSUM allowance k is half the shift it is tuned for. Real shifts of deployed traffic
+    # are smaller than the textbook one standard deviation: on bench/drift.py's scenarios the
+    # moved signals shift by 0.4-0.65 reference SDs (normal scores), and k = 0.3 detected them
+    # about twice as fast as k = 0.5 across seeds, with the same false-alarm budget. river's
+    # PageHinkley, if configured, gets no fading and an allowance (its defaults, delta
     # 0.005 and fading 0.9999, make a random walk whose alarm level must grow with the ERT).
-    return {"cusum": {"k": 0.5}, "page_hinkley": {"delta": 0.5, "alpha": 1.0}}
+    return {"cusum": {"k": 0.3}, "page_hinkley": {"delta": 0.5, "alpha": 1.0}}
 
 
 class DriftConfig(_Model):

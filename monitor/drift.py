@@ -37,7 +37,12 @@ from monitor.config import DriftConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.signals import FED_SIGNALS, TEXT_SIGNALS, text_stats
-from monitor.signals.normalise import NormalScores, conservative_binary_reference
+from monitor.signals.normalise import (
+    NormalScores,
+    conservative_binary_reference,
+    has_point_mass,
+    tail_augmented_reference,
+)
 from monitor.store import Store
 from monitor.store import tables as t
 from sampling import Decision
@@ -274,10 +279,14 @@ class DriftMonitor:
                         # Calibrated on a conservative rate, not on the noisy estimate of a rare event.
                         x_ref = np.asarray(conservative_binary_reference(raw), dtype=float)
                         cal_ref = x_ref
-                    elif len(set(raw)) < 0.9 * len(raw):
-                        # Many ties (e.g. mostly zero): normal scores are discrete, not Gaussian;
-                        # calibrate on the bootstrap of the transformed reference instead.
-                        cal_ref = ref
+                    elif has_point_mass(raw):
+                        # A point mass (e.g. mostly zero): normal scores are discrete, not Gaussian;
+                        # calibrate on the bootstrap of the transformed reference instead, with the
+                        # out-of-range values that a bootstrap cannot produce added back (the
+                        # detector standardises by the same sample it was calibrated on).
+                        assert st.transform is not None
+                        augmented = tail_augmented_reference(ref.tolist(), raw, st.transform.clip)
+                        x_ref = cal_ref = np.asarray(augmented, dtype=float)
                     params.update(self._river_param(name, kind, cal_ref, ert, params))
                 st.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)
             except Exception as e:
@@ -289,7 +298,7 @@ class DriftMonitor:
     def _river_param(self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]) -> dict[str, float]:
         """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
         (seconds). Continuous signals arrive as normal scores, so one calibration on the
-        Gaussian null serves every stream; binary ones, and continuous ones with many ties, on
+        Gaussian null serves every stream; binary ones, and continuous ones with a point mass, on
         the bootstrap of their conservative or transformed reference. Cached for the process."""
         import detectors
 

@@ -11,6 +11,12 @@ transforms fix that without per-stream calibration runs:
   and signal. Values outside the reference's range continue linearly in units of the
   reference's standard deviation, clipped at ``+-clip``: a run of far-out values (a
   degenerate model) still moves the statistic quickly, but one outlier cannot fire alone.
+* **Continuous signals with a point mass** (``non_text_ratio`` is mostly zero): normal scores
+  are discrete, so detectors are calibrated on the bootstrap of the transformed reference, with
+  the values a bootstrap never draws added back: new values beyond the reference's range, at a
+  conservative bound of their chance and at the clipped score (:func:`tail_augmented_reference`).
+  Without them, a reference that happened to see a short tail made every later out-of-range
+  value look like evidence (a false alarm on stationary gpt-3.5 traffic in ``bench/drift.py``).
 * **Binary signals: a conservative reference.** The rate of a rare event (refusals, empty
   responses) estimated from a few hundred episodes is noisy; a detector calibrated on that
   estimate fires whenever the true rate is a little higher. The detector is calibrated on
@@ -60,6 +66,41 @@ class NormalScores:
             return min(_N.inv_cdf(1 - 0.5 / (n + 1)) + (x - hi) / self.scale, self.clip)
         rank = (bisect.bisect_left(s, x) + bisect.bisect_right(s, x)) / 2
         return _N.inv_cdf((rank + 0.5) / (n + 1))
+
+
+def has_point_mass(ref: list[float], share: float = 0.1) -> bool:
+    """Whether one value holds more than ``share`` of the reference (e.g. a mostly-zero ratio).
+
+    Such a signal's normal scores are discrete, not Gaussian. Duplicates of a few values (the
+    same answer served twice) are not a point mass: their normal scores stay close to Gaussian."""
+    from collections import Counter
+
+    return bool(ref) and Counter(ref).most_common(1)[0][1] > share * len(ref)
+
+
+def tail_augmented_reference(z_ref: list[float], raw: list[float], clip: float, quantile: float = 0.975) -> list[float]:
+    """The transformed reference plus the values it cannot show: new values beyond its range.
+
+    A bootstrap of the reference never leaves its range, but new traffic does: the chance that a
+    new value exceeds the largest of ``n`` exchangeable reference values is Beta(1, n)-distributed
+    given the reference (mean ``1/(n+1)``). Each side whose extreme is a single value (not a point
+    mass such as the zeros of a ratio) gets draws at the clipped score (the transform's worst case)
+    at the upper ``quantile`` bound of that chance (about 3.7/n at 97.5%), so a detector calibrated
+    on the result keeps its ERT when an unlucky reference has a short tail."""
+    n = len(raw)
+    if n == 0:
+        return list(z_ref)
+    p = 1.0 - math.pow(1.0 - quantile, 1.0 / n)
+    # Enough copies of the reference that the tail share is represented in whole draws.
+    reps = max(1, math.ceil(1.0 / (p * n)))
+    extra = round(p * n * reps)
+    lo, hi = min(raw), max(raw)
+    out = list(z_ref) * reps
+    if raw.count(hi) == 1:
+        out += [clip] * extra
+    if raw.count(lo) == 1:
+        out += [-clip] * extra
+    return out
 
 
 def conservative_binary_reference(ref: list[float], size: int = 4000, quantile: float = 0.975) -> list[float]:

@@ -36,6 +36,12 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
     for s in (
         SignalSpec("response_log_chars", "continuous", "log(1 + characters in the response)"),
         SignalSpec("prompt_log_chars", "continuous", "log(1 + characters in the prompt)"),
+        SignalSpec(
+            "response_log_lines",
+            "continuous",
+            "log(1 + non-blank lines in the response): layout (lists, steps, paragraphs), which moves"
+            " with a policy or style change even where length alone moves little",
+        ),
         SignalSpec("empty_response", "binary", "the response is empty or whitespace"),
         SignalSpec("refusal", "binary", "the response opens like a refusal"),
         SignalSpec(
@@ -89,6 +95,7 @@ def text_stats(prompt: str, response: str) -> dict[str, float]:
     return {
         "response_log_chars": math.log1p(len(response)),
         "prompt_log_chars": math.log1p(len(prompt)),
+        "response_log_lines": math.log1p(sum(1 for line in r.split("\n") if line.strip())),
         "empty_response": 0.0 if response.strip() else 1.0,
         "refusal": 1.0 if _REFUSAL.match(r[:300]) else 0.0,
         "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,

@@ -31,6 +31,8 @@ def test_every_declared_signal_is_computed() -> None:
         ("one two three", "distinct_token_ratio", 1.0),
         ("abc\x07\x07", "non_text_ratio", 0.4),
         ("plain text.\n", "non_text_ratio", 0.0),
+        ("1. one\n\n  \n2. two\n3. three", "response_log_lines", math.log(4)),
+        ("", "response_log_lines", 0.0),
     ],
 )
 def test_known_values(response: str, signal: str, value: float) -> None:
@@ -65,6 +67,8 @@ def test_real_shifts_move_the_statistics(shared_data: Path) -> None:
         mean("gpt-3.5-turbo-1106_verbose", "response_log_chars")
         > mean("gpt-3.5-turbo-1106_concise", "response_log_chars") + 0.5
     )
+    # alpaca-7b answers in plain paragraphs where gpt-3.5 lays out lists and steps
+    assert mean("gpt-3.5-turbo-1106", "response_log_lines") > mean("alpaca-7b", "response_log_lines") + 0.3
     null = [text_stats(r["instruction"], r["output"]) for r in _rows(shared_data, "NullModel")]
     assert len({round(s["response_log_chars"], 6) for s in null}) == 1  # a constant answer
     refusals = mean("claude-2", "refusal")

@@ -1,0 +1,62 @@
+"""The transforms that put signals on one null: point masses and the reference's missing tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import detectors
+from monitor.signals.normalise import NormalScores, has_point_mass, tail_augmented_reference
+
+
+def test_point_mass_is_a_value_holding_a_tenth_of_the_reference() -> None:
+    assert has_point_mass([0.0] * 480 + [0.01 * i for i in range(1, 21)])
+    # The same answers served a few times each are duplicates, not a point mass.
+    assert not has_point_mass([float(i % 170) for i in range(500)])
+    assert not has_point_mass([])
+
+
+def test_tail_draws_at_the_conservative_exceedance_chance() -> None:
+    raw = [0.0] * 450 + [0.001 * i for i in range(1, 51)]
+    t = NormalScores.fit(raw, clip=5.0)
+    z = [t(x) for x in raw]
+    out = tail_augmented_reference(z, raw, clip=5.0)
+    share = out.count(5.0) / len(out)
+    # Beta(1, 500)'s 97.5% quantile: 1 - 0.025 ** (1/500), about 3.7 / 500.
+    assert share == pytest.approx(1 - 0.025 ** (1 / 500), rel=0.3)
+    assert -5.0 not in out  # the minimum is the zeros' point mass: nothing lies below it
+    cont = [float(i) for i in range(500)]
+    tc = NormalScores.fit(cont, clip=5.0)
+    both = tail_augmented_reference([tc(x) for x in cont], cont, clip=5.0)
+    assert both.count(5.0) == both.count(-5.0) > 0
+
+
+def _false_alarms(augment: bool, seed: int, ert: float = 2000.0, n: int = 20000) -> int:
+    """A stationary mostly-zero signal with a heavy tail (like non_text_ratio): the reference's
+    500 values rarely show how far the tail goes, so new values beyond its range reach the clip."""
+    rng = np.random.default_rng(seed)
+
+    def draw(m: int) -> np.ndarray:
+        return np.where(rng.random(m) < 0.05, rng.lognormal(-4.0, 1.0, m), 0.0)
+
+    raw = [float(x) for x in draw(500)]
+    t = NormalScores.fit(raw, clip=5.0)
+    z = [t(x) for x in raw]
+    ref = np.asarray(tail_augmented_reference(z, raw, 5.0) if augment else z)
+    det = detectors.make("cusum", ert=ert, x_ref=ref, k=0.3)
+    alarms = 0
+    for x in draw(n):
+        det.update(t(float(x)))
+        alarms += det.drift_detected
+    return alarms
+
+
+def test_tail_augmented_calibration_keeps_the_false_alarm_budget() -> None:
+    seeds = range(6)
+    expected = 6 * 20000 / 2000
+    plain = sum(_false_alarms(False, s) for s in seeds)
+    augmented = sum(_false_alarms(True, s) for s in seeds)
+    # The plain bootstrap never draws beyond the reference's range and alarms far more often
+    # than its ERT promises; with the tail added back the detector stays within its budget.
+    assert plain > 1.5 * expected
+    assert augmented <= expected
