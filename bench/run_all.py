@@ -11,6 +11,7 @@ BENCHES = [
     ["replay.py"],
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
     ["drift.py"],
+    ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
     ["kafka_ingest.py"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["review_api.py"],
