@@ -18,6 +18,17 @@ code, stock openers and closers, digits/colons/newlines, non-ASCII share (a repl
 script than the prompt) and echoing the prompt: on AlpacaEval judge pairs (5-fold CV over the
 training pairs, head on frozen encoder states) they lower the Bradley-Terry loss from 0.371 to
 0.348 and lift accuracy over "longer wins" from +1.2 to +2.0 points.
+
+Version 3 adds what the prompt asks for (brevity, a list, code, creative writing, a question, a
+number of items) and the response's length and structure *given* that request (length times each
+request type, items when a list was asked for, whether the item count matches the asked number, a
+code block when code was asked for), plus paragraph length, share of lines that are list items,
+markdown headers and length on a linear (capped) and squared scale. The judge's length preference
+depends on the request: a long answer to "in one sentence" loses, a long list to "give me ten
+ideas" wins. Head on frozen encoder states (layers 6 and 4, dropout 0.3, lr 3e-4), mean of 5
+seeds: AlpacaEval validation accuracy 0.846 -> 0.857 and held-out accuracy 0.881 -> 0.885;
+HH-RLHF harmless stays within noise (0.654 -> 0.649 held-out, 0.637 -> 0.658 with the previous
+head settings).
 """
 
 from __future__ import annotations
@@ -27,9 +38,9 @@ import re
 
 from monitor.signals.textstats import _non_text_ratio
 
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 # The first FEATURES_BY_VERSION[v] names are feature set v (later versions append).
-FEATURES_BY_VERSION = {1: 26, 2: 40}
+FEATURES_BY_VERSION = {1: 26, 2: 40, 3: 60}
 # Long enough for any real answer in the bundled data (the longest is ~12k characters);
 # it bounds the cost of a pathological input.
 MAX_CHARS = 32_000
@@ -58,6 +69,26 @@ _CLOSER = re.compile(
     r"\b(?:in summary|in conclusion|overall|to summari[sz]e|i hope this helps|let me know if)\b", re.IGNORECASE
 )
 _DIGIT = re.compile(r"\d")
+# v3: what the prompt asks for, so the head can tell "long is good" from "long ignores the request".
+_ASKS_BRIEF = re.compile(
+    r"\b(?:brief(?:ly)?|short|concise(?:ly)?|one (?:word|sentence|line|paragraph)|"
+    r"in (?:a )?(?:few|one|two|three) (?:words|sentences)|single (?:word|sentence)|summari[sz]e|tl;?dr|"
+    r"only (?:the|answer|return|output|respond)|just (?:the|give|answer|say)|yes or no)\b",
+    re.IGNORECASE,
+)
+_ASKS_LIST = re.compile(
+    r"\b(?:list|steps?|ways|tips|ideas|examples|suggestions|options|reasons|names|outline|bullet)\b", re.I
+)
+_ASKS_CODE = re.compile(
+    r"\b(?:code|function|python|javascript|program|script|sql|regex|java|c\+\+|implement|algorithm|bash)\b", re.I
+)
+_ASKS_CREATIVE = re.compile(
+    r"\b(?:poem|story|song|lyrics|haiku|limerick|essay|letter|email|joke|tweet|slogan|rap)\b", re.I
+)
+_COUNT = re.compile(r"\b(\d{1,2}|two|three|four|five|six|seven|eight|nine|ten)\b", re.IGNORECASE)
+_COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+_ITEM = re.compile(r"^\s*(?:[-*\u2022+]|\d{1,3}[.)])\s+\S", re.MULTILINE)
+_MD_HEADER = re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE)
 _STOP = frozenset(
     re.findall(
         r"\w+",
@@ -108,6 +139,27 @@ FEATURE_NAMES: tuple[str, ...] = (
     "prompt_non_ascii_ratio",
     "non_ascii_gap",
     "echoes_prompt",
+    # v3
+    "asks_brief",
+    "asks_list",
+    "asks_code",
+    "asks_creative",
+    "prompt_is_question",
+    "log_chars_if_brief",
+    "log_chars_if_list",
+    "log_chars_if_code",
+    "log_chars_if_creative",
+    "log_items_if_list",
+    "item_line_share",
+    "log_chars_per_paragraph",
+    "asks_count",
+    "count_matches",
+    "log_count_gap",
+    "log_chars_squared",
+    "has_code_block",
+    "code_block_if_code",
+    "log_md_headers",
+    "kchars_capped",
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -118,6 +170,16 @@ def _content_words(text: str) -> set[str]:
 
 def _non_ascii_ratio(text: str) -> float:
     return sum(1 for c in text if ord(c) > 127) / max(1, len(text))
+
+
+def _asked_count(prompt: str) -> int | None:
+    """The first number 2-30 in the prompt ("give me 5 ideas"), read as how many items it asks for."""
+    m = _COUNT.search(prompt)
+    if m is None:
+        return None
+    t = m.group(1).lower()
+    n = _COUNT_WORDS.get(t) or (int(t) if t.isdigit() else None)
+    return n if n is not None and 2 <= n <= 30 else None
 
 
 def response_features(prompt: str, response: str) -> list[float]:
@@ -139,6 +201,15 @@ def response_features(prompt: str, response: str) -> list[float]:
     r_na = _non_ascii_ratio(r[:4000])
     p_na = _non_ascii_ratio(p[:4000])
     p_head = prompt.strip()[:60].lower()
+    # v3
+    p_req = prompt[-4000:]
+    log_chars = math.log1p(len(r))
+    brief, wants_list, code, creative = (
+        1.0 if rx.search(p_req) else 0.0 for rx in (_ASKS_BRIEF, _ASKS_LIST, _ASKS_CODE, _ASKS_CREATIVE)
+    )
+    items = len(_ITEM.findall(r))
+    asked = _asked_count(p_req)
+    has_fence = 1.0 if fences else 0.0
     return [
         math.log1p(len(response)),
         math.log1p(len(words)),
@@ -181,4 +252,25 @@ def response_features(prompt: str, response: str) -> list[float]:
         p_na,
         abs(r_na - p_na),
         1.0 if p_head and p_head in stripped.lower()[:400] else 0.0,
+        # v3
+        brief,
+        wants_list,
+        code,
+        creative,
+        1.0 if p_req.strip().endswith("?") else 0.0,
+        log_chars * brief,
+        log_chars * wants_list,
+        log_chars * code,
+        log_chars * creative,
+        math.log1p(items) * wants_list,
+        items / max(1, len(raw_lines)),
+        math.log1p(len(r) / max(1, len(paragraphs))),
+        1.0 if asked is not None else 0.0,
+        1.0 if asked is not None and items == asked else 0.0,
+        math.log1p(abs(items - asked)) if asked is not None else 0.0,
+        log_chars**2 / 10,
+        has_fence,
+        has_fence * code,
+        math.log1p(len(_MD_HEADER.findall(r))),
+        min(len(r), 8000) / 1000.0,
     ]

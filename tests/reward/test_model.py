@@ -152,26 +152,28 @@ def test_prompt_budget_must_leave_room_for_the_response() -> None:
     assert len(short_ids) < 32
 
 
-def test_a_model_saved_under_an_older_feature_set_still_loads(tmp_path: Path) -> None:
-    """Feature sets only append: a v1 model (its 26 features) loads and scores with just those."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_model_saved_under_an_older_feature_set_still_loads(tmp_path: Path, version: int) -> None:
+    """Feature sets only append: a model saved under an older version (its first features) loads
+    and scores with just those."""
     import torch
 
     from monitor.reward.features import FEATURE_NAMES, FEATURES_BY_VERSION, FEATURES_VERSION
     from monitor.reward.model import _build_head
 
-    n_v1 = FEATURES_BY_VERSION[1]
-    assert FEATURES_VERSION >= 2 and n_v1 < len(FEATURE_NAMES)
+    n_old = FEATURES_BY_VERSION[version]
+    assert version < FEATURES_VERSION and n_old < len(FEATURE_NAMES)
     cfg = ModelConfig(max_length=48, max_prompt_tokens=8)
     m = RewardModel.create(cfg, seed=0, device="cpu")
     torch.manual_seed(0)
-    m.head = _build_head(m.encoder.config.hidden_size, cfg, n_v1)
-    m.feat_mean, m.feat_std = torch.zeros(n_v1), torch.ones(n_v1)
-    assert m.n_features == n_v1 and m.features(PROMPTS, RESPONSES).shape == (len(PROMPTS), n_v1)
-    out = m.save(tmp_path / "v1")
+    m.head = _build_head(m.encoder.config.hidden_size, cfg, n_old)
+    m.feat_mean, m.feat_std = torch.zeros(n_old), torch.ones(n_old)
+    assert m.n_features == n_old and m.features(PROMPTS, RESPONSES).shape == (len(PROMPTS), n_old)
+    out = m.save(tmp_path / f"v{version}")
     saved = json.loads((out / "config.json").read_text())["features"]
-    assert saved == {"version": 1, "names": list(FEATURE_NAMES[:n_v1])}
+    assert saved == {"version": version, "names": list(FEATURE_NAMES[:n_old])}
     loaded = RewardModel.load(out, device="cpu")
-    assert loaded.n_features == n_v1 and loaded.features_version == 1
+    assert loaded.n_features == n_old and loaded.features_version == version
     assert loaded.score(PROMPTS, RESPONSES) == pytest.approx(m.score(PROMPTS, RESPONSES), abs=1e-5)
     assert loaded.content_id() == m.version
 

@@ -14,8 +14,9 @@ from monitor.reward.model import RewardModel
 from monitor.reward.train import TrainConfig, evaluate, load_train_config, model_config_of, train
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-# Short sequences keep this under a minute on two cores; the defaults use 128 tokens.
-SMALL = {"max_length": 64, "max_prompt_tokens": 16, "head_epochs": 5, "epochs": 1, "seed": 0}
+# Short sequences keep this under a minute on two cores; the defaults use 128 tokens. One fine-tuned
+# layer (the default trains the head alone) so the cached fine-tuning path is exercised too.
+SMALL = {"max_length": 64, "max_prompt_tokens": 16, "head_epochs": 5, "epochs": 1, "finetune_layers": 1, "seed": 0}
 
 
 @pytest.fixture(scope="module")
