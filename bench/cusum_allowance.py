@@ -37,13 +37,14 @@ def main() -> int:
     import drift as scenarios_of
 
     import detectors
+    from detectors.cusum import CUSUM
     from monitor.config import DriftConfig
+    from monitor.drift import detector_ert
     from monitor.signals import text_stats
     from monitor.signals.normalise import NormalScores
 
     cfg = DriftConfig()
-    n_detectors = sum(len(d) for d in cfg.signals.values()) + len(cfg.embedding.detectors)
-    ert = cfg.ert * n_detectors
+    ert = detector_ert(cfg)
     ks = [float(k) for k in args.k.split(",")]
     thresholds = {k: detectors.make("cusum", ert=ert, x_ref=None, k=k).param_value for k in ks}
     table = []
@@ -58,14 +59,12 @@ def main() -> int:
                 for signal in SIGNALS:
                     values = [s[signal] for s in stats]
                     t = NormalScores.fit(values[:REFERENCE], cfg.tail_clip)
-                    up = down = 0.0
+                    det = CUSUM(thresholds[k], k=k)
                     for i in range(REFERENCE, len(values)):
-                        z = t(values[i])
-                        up, down = max(0.0, up + z - k), max(0.0, down - z - k)
-                        if max(up, down) > thresholds[k]:
+                        det.update(t(values[i]))
+                        if det.drift_detected:
                             if i < cut:
-                                false_alarms += 1
-                                up = down = 0.0
+                                false_alarms += 1  # the CUSUM restarts on its next update
                                 continue
                             first = i - cut if first is None else min(first, i - cut)
                             break

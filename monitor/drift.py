@@ -70,6 +70,13 @@ class StreamDrift:
     signals: dict[str, SignalState] = field(default_factory=dict)
 
 
+def detector_ert(cfg: DriftConfig) -> float:
+    """The ERT each detector of a stream runs at: the stream's false-alarm budget (one alarm per
+    ``cfg.ert`` episodes) split evenly over its detectors (a union bound)."""
+    n = sum(len(d) for d in cfg.signals.values()) + (len(cfg.embedding.detectors) if cfg.embedding.enabled else 0)
+    return cfg.ert * max(1, n)
+
+
 class DriftMonitor:
     """An :class:`monitor.pipeline.EpisodeObserver` that runs drift detection per stream."""
 
@@ -91,12 +98,9 @@ class DriftMonitor:
         self.cfg = cfg
         self._kinds = {name: spec.kind for name, spec in known.items()}
         self._text_watch = {s: d for s, d in cfg.signals.items() if s in TEXT_SIGNALS}
-        # The false-alarm budget of a stream (one alarm per cfg.ert episodes) is split evenly
-        # over its detectors (a union bound): each runs at ERT = cfg.ert * detectors.
         # Embedding detectors see only drift-sampled episodes, so their ERT in updates is
         # scaled by the drift sampling rate.
-        n = sum(len(d) for d in cfg.signals.values()) + (len(cfg.embedding.detectors) if cfg.embedding.enabled else 0)
-        self.ert_each = cfg.ert * max(1, n)
+        self.ert_each = detector_ert(cfg)
         self.ert_embedding = max(50.0, self.ert_each * drift_rate)
         names = {n for d in cfg.signals.values() for n in d} | set(cfg.embedding.detectors)
         for name in sorted(names):
@@ -284,8 +288,7 @@ class DriftMonitor:
                         # calibrate on the bootstrap of the transformed reference instead, with the
                         # out-of-range values that a bootstrap cannot produce added back (the
                         # detector standardises by the same sample it was calibrated on).
-                        assert st.transform is not None
-                        augmented = tail_augmented_reference(ref.tolist(), raw, st.transform.clip)
+                        augmented = tail_augmented_reference(ref.tolist(), raw, self.cfg.tail_clip)
                         x_ref = cal_ref = np.asarray(augmented, dtype=float)
                     params.update(self._river_param(name, kind, cal_ref, ert, params))
                 st.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)

@@ -170,13 +170,14 @@ class Pipeline:
             self._expected.pop(p, None)
         # Streams on the revoked partitions now belong to another replica;
         # whatever we still own is reloaded from the checkpoint on next use.
+        self._forget_state()
+
+    def _forget_state(self) -> None:
+        """Drop in-memory per-stream state; it reloads from the checkpoint on next use."""
         self.sampler.forget()
-        if self.drift is not None:
-            self.drift.forget()
-        if self.scorer is not None:
-            self.scorer.forget()
-        if self.labels_feed is not None:
-            self.labels_feed.forget()
+        for part in (self.drift, self.scorer, self.labels_feed):
+            if part is not None:
+                part.forget()
 
     # -- control -------------------------------------------------------------
     def boost(
@@ -449,13 +450,7 @@ class Pipeline:
             log.warning("batch rolled back: %s; rewinding to the stored offsets", e)
             self.metrics.stale_batches.inc()
             self.stats.stale_batches += 1
-            self.sampler.forget()
-            if self.drift is not None:
-                self.drift.forget()
-            if self.scorer is not None:
-                self.scorer.forget()
-            if self.labels_feed is not None:
-                self.labels_feed.forget()
+            self._forget_state()
             self.source.rewind()
             return False
         return True

@@ -87,7 +87,6 @@ _ASKS_CREATIVE = re.compile(
 )
 _COUNT = re.compile(r"\b(\d{1,2}|two|three|four|five|six|seven|eight|nine|ten)\b", re.IGNORECASE)
 _COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
-_ITEM = re.compile(r"^\s*(?:[-*\u2022+]|\d{1,3}[.)])\s+\S", re.MULTILINE)
 _MD_HEADER = re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE)
 _STOP = frozenset(
     re.findall(
@@ -207,7 +206,8 @@ def response_features(prompt: str, response: str) -> list[float]:
     brief, wants_list, code, creative = (
         1.0 if rx.search(p_req) else 0.0 for rx in (_ASKS_BRIEF, _ASKS_LIST, _ASKS_CODE, _ASKS_CREATIVE)
     )
-    items = len(_ITEM.findall(r))
+    bullets, numbered = len(_BULLET.findall(r)), len(_NUMBERED.findall(r))
+    items = bullets + numbered  # list items: the two patterns never match the same line
     asked = _asked_count(p_req)
     has_fence = 1.0 if fences else 0.0
     return [
@@ -217,8 +217,8 @@ def response_features(prompt: str, response: str) -> list[float]:
         math.log1p(len(paragraphs)),
         math.log1p(sentences),
         math.log1p(len(words) / sentences) if sentences else 0.0,
-        math.log1p(len(_BULLET.findall(r))),
-        math.log1p(len(_NUMBERED.findall(r))),
+        math.log1p(bullets),
+        math.log1p(numbered),
         math.log1p(len(_HEADER.findall(r))),
         math.log1p(fences // 2 + fences % 2),
         math.log1p(len(_BOLD.findall(r))),

@@ -4,9 +4,9 @@ Episodes sampled for ``human`` review are scored too: the reward model's verdict
 people review is what the human/reward-model disagreement signal compares
 (``monitor/signals/disagreement.py``). The two channels share their uniform draw, so while the
 human rate is at most the rm rate every human-sampled episode is rm-sampled anyway; this
-matters when a budget or override puts human review above the rm rate. The score metrics and the ``rm_score`` drift
-signal take the ``rm`` channel only, so they describe the rm sample and its inclusion
-probabilities.
+matters when a budget or override puts human review above the rm rate. The score metrics and
+the ``rm_score`` drift signal take the ``rm`` channel only, so they describe the rm sample and
+its inclusion probabilities.
 
 Episodes sampled for ``rm`` are collected as they pass and scored in one forward pass at the
 batch boundary (the observers' checkpoint), by the version active at that moment; the scores

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -73,8 +74,6 @@ def has_point_mass(ref: list[float], share: float = 0.1) -> bool:
 
     Such a signal's normal scores are discrete, not Gaussian. Duplicates of a few values (the
     same answer served twice) are not a point mass: their normal scores stay close to Gaussian."""
-    from collections import Counter
-
     return bool(ref) and Counter(ref).most_common(1)[0][1] > share * len(ref)
 
 
