@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install chromium prometheus demo test test-slow test-all bench lint clean
+.PHONY: install chromium prometheus schema demo test test-slow test-all bench lint clean
 
 install: $(STAMP)
 
@@ -30,9 +30,15 @@ demo: install
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-# Deployment tests use Debian's promtool and Prometheus server (rules unit tests, a live scrape of the monitor).
+# Deployment tests use Debian's promtool and Prometheus server (rules unit tests, a live scrape of the monitor)
+# and amtool from prometheus-alertmanager (checks of the Alertmanager routing example).
 prometheus:
-	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null)
+
+# The `config:` part of helm/oversight/values.schema.json comes from the service's Settings: run this after
+# changing a setting (tests/deploy/test_helm.py fails until the committed schema matches).
+schema: install
+	$(BIN)/python tests/deploy/chart_schema.py
 
 # `make test` stays under 20 minutes on 2 cores: the slow end-to-end tests (marked `slow`:
 # closed loop with kill -9, browser, Kafka crash, live Prometheus, demo) run in `make test-slow`,

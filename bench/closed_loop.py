@@ -47,7 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "alpaca_eval"
+from bench.shared_data import shared_data  # noqa: E402
+
 START = datetime(2026, 3, 2, tzinfo=UTC)
 SCENARIOS = {
     "policy_swap": ("gpt-3.5-turbo-1106", "alpaca-7b", 1.0),
@@ -57,7 +58,7 @@ SCENARIOS = {
 
 
 def _rows(model: str) -> list[dict[str, Any]]:
-    with gzip.open(DATA / f"{model}.jsonl.gz", "rt", encoding="utf-8") as fh:
+    with gzip.open(shared_data("alpaca_eval", f"{model}.jsonl.gz"), "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
 
 
@@ -113,7 +114,9 @@ def judge_distilled_pairs(out: Path, n: int = 400, seed: int = 0) -> None:
     from monitor.reward.data import alpaca_eval_pairs, split_of, write_pairs
     from monitor.reward.update import HOLDOUT_SEED
 
-    pairs = alpaca_eval_pairs(DATA, exclude={"gpt4_gamed", "Mixtral-8x7B-Instruct-v0.1"}, seed=seed)
+    pairs = alpaca_eval_pairs(
+        shared_data("alpaca_eval"), exclude={"gpt4_gamed", "Mixtral-8x7B-Instruct-v0.1"}, seed=seed
+    )
     # Never a prompt the simulation holds out for evaluation.
     pairs = [p for p in pairs if split_of(p["prompt"], 0.3, seed=HOLDOUT_SEED) != "test"]
     null = [p for p in pairs if "NullModel" in (p["chosen_model"], p["rejected_model"])]

@@ -2,8 +2,8 @@
 
     python bench/drift.py [--seed N] [--scenarios a,b,...]
 
-Scenarios are built from ../shared/data (AlpacaEval outputs of real models, HH-RLHF red-team
-prompts): 1,500 episodes before and 1,500 after each change, ``model`` constant and nothing in
+Scenarios are built from ../shared/data (needed: AlpacaEval outputs of real models, HH-RLHF red-team
+prompts; see bench/shared_data.py): 1,500 episodes before and 1,500 after each change, ``model`` constant and nothing in
 ``metadata``: detection must come from the traffic itself. For each scenario the monitor (the
 full pipeline with its default configuration: text-statistic CUSUMs on every episode,
 embeddings of the 5% drift channel) is compared with two standalone baselines fed the same
@@ -26,13 +26,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data"
+from bench.shared_data import shared_data  # noqa: E402
+
 N = 1500
 T0 = 1_767_225_600
 
 
 def alpaca(model: str) -> list[dict[str, Any]]:
-    with gzip.open(DATA / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
+    with gzip.open(shared_data("alpaca_eval", f"{model}.jsonl.gz"), "rt") as fh:
         return [
             {"prompt": r["instruction"], "response": r["output"], "dataset": r["dataset"]} for r in map(json.loads, fh)
         ]
@@ -40,7 +41,7 @@ def alpaca(model: str) -> list[dict[str, Any]]:
 
 def red_team() -> list[dict[str, Any]]:
     out = []
-    with gzip.open(DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz", "rt") as fh:
+    with gzip.open(shared_data("hh_rlhf", "harmless-base-test.jsonl.gz"), "rt") as fh:
         for line in fh:
             chosen = json.loads(line)["chosen"]
             parts = chosen.split("\n\nAssistant:")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor.cli import _replay
 from monitor.config import load_settings
 from monitor.demo import bundled_traffic
+from monitor.replay import replay_file
 
 
 def make_input(path: Path, n: int) -> int:
@@ -75,9 +75,8 @@ def main() -> None:
                 ],
             )
             t0 = time.perf_counter()
-            svc, report = _replay(settings, str(data), progress=False, name=f"bench-{r}-{os.getpid()}")
+            report = replay_file(settings, str(data), name=f"bench-{r}-{os.getpid()}")
             dt = time.perf_counter() - t0
-            svc.store.close()
             rates.append(report["episodes"] / dt)
             print(
                 f"replay run {r}: {report['episodes']} episodes ({size / 1e6:.1f} MB) in {dt:.2f}s"

@@ -83,7 +83,7 @@ def seed(db: str, items: int, clients: int) -> list[str]:
                 }
             )
     store.commit_batch(batch)
-    pw = auth._hasher().hash(auth.generate_password())  # one hash for all: they never log in
+    pw = auth.hash_password(auth.generate_password())  # one hash for all: they never log in
     with store.engine.begin() as conn:
         conn.execute(
             t.users.insert(),

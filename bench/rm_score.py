@@ -24,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.shared_data import shared_data  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -47,7 +49,7 @@ def main() -> int:
     from monitor.store import Store
     from sampling import Decision
 
-    rows = [r for rs in load_alpaca_eval().values() for r in rs][: args.texts]
+    rows = [r for rs in load_alpaca_eval(shared_data("alpaca_eval")).values() for r in rs][: args.texts]
     prompts = [r["instruction"] for r in rows]
     responses = [r["output"] for r in rows]
     with tempfile.TemporaryDirectory() as tmp:

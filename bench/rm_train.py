@@ -22,9 +22,13 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.shared_data import shared_data  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +50,11 @@ def main() -> int:
     corpora = ["alpaca_eval", "hh_rlhf"] if args.corpus == "both" else [args.corpus]
     print(f"torch threads {torch.get_num_threads()}, cuda {torch.cuda.is_available()}, config {cfg.model_dump()}")
     for corpus in corpora:
-        pairs = data.alpaca_eval_pairs() if corpus == "alpaca_eval" else data.hh_rlhf_pairs()
+        pairs = (
+            data.alpaca_eval_pairs(shared_data("alpaca_eval"))
+            if corpus == "alpaca_eval"
+            else data.hh_rlhf_pairs(shared_data("hh_rlhf", "harmless-base-test.jsonl.gz"))
+        )
         train_pairs, test_pairs = data.split_pairs(pairs, 0.2, seed=0)
         train_pairs = train_pairs[: args.train_pairs]
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from detectors.base import Detector, Result, SnapshotError, load_snapshot
 if TYPE_CHECKING:
     from detectors.alibi_detectors import CVMDetector, FETDetector, LSDDDetector, MMDDetector
     from detectors.cusum import CUSUMDetector
+    from detectors.kernel_mmd import KernelMMDDetector
     from detectors.river_detectors import ADWINDetector, KSWINDetector, PageHinkleyDetector
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Detector",
     "FETDetector",
     "KSWINDetector",
+    "KernelMMDDetector",
     "LSDDDetector",
     "MMDDetector",
     "PageHinkleyDetector",
@@ -50,6 +52,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "fet": ("detectors.alibi_detectors", "FETDetector"),
     "mmd": ("detectors.alibi_detectors", "MMDDetector"),
     "lsdd": ("detectors.alibi_detectors", "LSDDDetector"),
+    "kmmd": ("detectors.kernel_mmd", "KernelMMDDetector"),
 }
 
 #: Every detector name :func:`make` knows.
@@ -72,7 +75,7 @@ def make(name: str, *, ert: float, x_ref: Any = None, **params: Any) -> Detector
     """Build the detector ``name`` for a target ERT (mean updates between false alarms).
 
     ``x_ref``: reference data (a 1-D array for the univariate detectors, 0/1 for ``fet``, an
-    ``(n, d)`` array for ``mmd``/``lsdd``); required except for the river detectors, which then
+    ``(n, d)`` array for ``mmd``/``lsdd``/``kmmd``); required except for the river detectors, which then
     assume standardised inputs. ``params``: the detector's other constructor arguments.
     """
     cls: Any = detector_class(name)  # the concrete classes take ert and x_ref

@@ -46,9 +46,13 @@ look alike share one calibration.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
+import time
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -421,3 +425,94 @@ def calibrate(
     if key is not None:
         _CACHE[key] = res
     return res
+
+
+# -- off the caller's process ---------------------------------------------------------------
+class CalibrationProcess:
+    """Runs :func:`calibrate` (through :func:`detectors.make`) in a child process of its own.
+
+    A calibration at a large ERT simulates tens of millions of values, partly in numpy calls that
+    hold the interpreter lock for up to a second: in a thread it would stall the caller's other
+    threads (a service's ingest) and delay its exit. In a child process it uses its own core, and
+    the child is ended at once when the caller exits (and ends itself if the caller dies). The
+    child imports only this package and numpy/scipy ("spawn": nothing of the caller's state,
+    threads or locks is copied). One request at a time; a child that died is started again once.
+    The child is started here, on the constructing thread, so that it exists before anything
+    can begin the caller's exit.
+    """
+
+    def __init__(self) -> None:
+        import atexit
+
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._proc: Any = None
+        self._closed = False
+        self._start()
+        # Before multiprocessing's own exit handler (atexit runs last-registered first): a
+        # calibration in progress is abandoned, never waited for.
+        atexit.register(self.close)
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, os.getpid()), name="detector-calibration", daemon=True)
+        proc.start()
+        child.close()
+        self._conn, self._proc = parent, proc
+
+    def param(self, name: str, *, ert: float, x_ref: ArrayLike | None, params: Mapping[str, Any]) -> float:
+        """The calibrated sensitivity parameter of detector ``name`` (``param_value``)."""
+        ref = None if x_ref is None else np.asarray(x_ref, dtype=np.float64)
+        with self._lock:
+            for _ in range(2):
+                if self._closed:
+                    raise RuntimeError("the calibration process is closed")
+                if self._proc is None or not self._proc.is_alive():
+                    self._start()
+                try:
+                    self._conn.send((name, float(ert), ref, dict(params)))
+                    ok, value = self._conn.recv()
+                except (EOFError, OSError):  # the child died (killed, out of memory): once more
+                    self._proc = None
+                    continue
+                if not ok:
+                    raise ValueError(value)
+                return float(value)
+        raise RuntimeError("the calibration process died twice in a row")
+
+    def close(self) -> None:
+        """End the child now (not under the lock: a request may be waiting for it)."""
+        self._closed = True
+        proc, conn = self._proc, self._conn
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def _serve(conn: Any, parent: int) -> None:
+    """The child's loop: (name, ert, reference, params) in, (ok, parameter or error) out."""
+
+    def orphaned() -> None:  # the parent died without ending us: end now, mid-simulation or not
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+    import detectors
+
+    while True:
+        try:
+            name, ert, x_ref, params = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        try:
+            det: Any = detectors.make(name, ert=ert, x_ref=x_ref, **params)
+            conn.send((True, float(det.param_value)))
+        except Exception as e:
+            conn.send((False, f"{type(e).__name__}: {e}"))

@@ -25,8 +25,47 @@ DEV_SAMPLING_KEY = "dev-only-sampling-key"
 DEV_REVIEW_SECRET = "dev-only-review-secret-key"  # noqa: S105 (refused outside dev mode)
 
 
+# A secret must not be guessable: at least this many characters, not a repeated pattern,
+# and this many bits by the empirical-entropy estimate below. A random 16-character hex
+# string (64 bits) falls under 36 estimated bits about once in 13,000 draws; typed words,
+# repeated characters and short patterns are far below.
+MIN_SECRET_CHARS = 16
+MIN_SECRET_BITS = 36.0
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
+
+
+def secret_weakness(value: str) -> str | None:
+    """Why ``value`` is too weak to be a secret, or None.
+
+    The estimate is length x the Shannon entropy of the value's own character frequencies:
+    an upper bound on what a person typing a phrase puts in, and close to the truth for
+    random output (``openssl rand -hex 32``). It cannot prove a secret random; it refuses
+    what is obviously not (short, repetitive, few distinct characters).
+
+    >>> secret_weakness("a" * 16)
+    'is one character repeated'
+    >>> secret_weakness("3f9c2a7be1d04c58a6e2b7d9c0f1e8a4") is None
+    True
+    """
+    import math
+    from collections import Counter
+
+    n = len(value)
+    if n < MIN_SECRET_CHARS:
+        return f"is shorter than {MIN_SECRET_CHARS} characters"
+    counts = Counter(value)
+    if len(counts) == 1:
+        return "is one character repeated"
+    for period in range(1, n // 2 + 1):
+        if n % period == 0 and value[:period] * (n // period) == value:
+            return f"repeats a {period}-character pattern"
+    bits = -n * sum(c / n * math.log2(c / n) for c in counts.values())
+    if bits < MIN_SECRET_BITS:
+        return f"has too little entropy (about {bits:.0f} bits estimated, {MIN_SECRET_BITS:.0f} needed)"
+    return None
 
 
 class _Model(BaseModel):
@@ -139,20 +178,60 @@ class ServerConfig(_Model):
 DEFAULT_FLAGS = ["harmful", "incorrect", "unhelpful", "refusal", "policy_violation"]
 
 
+class ReviewStreamConfig(_Model):
+    """Per-stream blinding; unset fields inherit ``review.metadata_fields`` / ``review.show_model``."""
+
+    metadata_fields: list[str] | None = Field(None, description="top-level metadata keys reviewers may see")
+    show_model: bool | None = Field(None, description="show reviewers the episode's policy version")
+
+
 class ReviewConfig(_Model):
     secret_key: SecretStr | None = Field(None, description="signs CSRF tokens; required outside dev mode")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks of reverse proxies whose X-Forwarded-For names the client "
+        "(login throttling is per client address); empty: the peer is the client",
+    )
+    metrics_host: str = Field("127.0.0.1", description="listen address of the review service's /metrics")
+    metrics_port: int = Field(
+        9109, ge=0, le=65535, description="port of the review service's /metrics (0: any free port)"
+    )
     lease_seconds: int = Field(600, gt=0, description="a claimed item returns to the queue after this")
     overlap: int = Field(1, ge=1, le=5, description="reviewers per item")
     overlap_fraction: float = Field(0.1, ge=0, le=1, description="sampled fraction of items that get 2 reviewers")
     flags: list[str] = Field(default_factory=lambda: list(DEFAULT_FLAGS))
-    session_hours: float = Field(12.0, gt=0)
-    login_max_failures: int = Field(5, gt=0, description="failed logins per user name per window")
-    login_max_failures_per_address: int = Field(
-        50, gt=0, description="failed logins per client address per window (behind a proxy: shared by everyone)"
+    # Blinding: reviewers see no metadata and no policy version unless a stream allows it
+    # (metadata often carries answer keys such as a judge's preference).
+    metadata_fields: list[str] = Field(
+        default_factory=list, description="top-level metadata keys reviewers see (all streams; default none)"
     )
-    login_window_s: int = Field(900, gt=0)
+    show_model: bool = Field(False, description="show reviewers the episode's policy version (all streams)")
+    streams: dict[str, ReviewStreamConfig] = Field(default_factory=dict)
+    session_hours: float = Field(12.0, gt=0)
+    login_max_failures: int = Field(
+        5, gt=0, description="failed logins per (user name, client address) before exponential backoff starts"
+    )
+    login_backoff_s: float = Field(1.0, gt=0, description="first backoff delay; doubles with every further failure")
+    login_backoff_max_s: float = Field(900.0, gt=0, description="longest backoff delay")
+    login_max_failures_per_address: int = Field(
+        50, gt=0, description="failed logins per client address per window, all names together"
+    )
+    login_window_s: int = Field(900, gt=0, description="failures older than this are forgotten")
+    # Each argon2 computation holds its memory cost (19 MiB; 64 MiB for hashes made before
+    # that default) for its whole duration: slots x that must fit the pod's memory limit.
+    password_hash_slots: int = Field(4, ge=1, le=64, description="password hashes computed at once per process")
+    password_hash_wait_s: float = Field(
+        0.5, ge=0, le=30, description="how long a login waits for a hashing slot before 503 + Retry-After"
+    )
+
+    def blinding(self, stream: str) -> tuple[frozenset[str], bool]:
+        """(metadata keys reviewers may see, whether they see the policy version) for a stream."""
+        sc = self.streams.get(stream)
+        fields = sc.metadata_fields if sc is not None and sc.metadata_fields is not None else self.metadata_fields
+        show = sc.show_model if sc is not None and sc.show_model is not None else self.show_model
+        return frozenset(fields), show
 
     @field_validator("flags")
     @classmethod
@@ -437,12 +516,25 @@ class Settings(BaseSettings):
             raise ValueError("database.url must be sqlite:///PATH or postgresql://...")
         return v
 
+    def check_secrets(self) -> None:
+        """Outside dev mode, refuse a secret that is set but guessable (``load_settings`` calls
+        this, so every command fails closed at start, ``config check`` included). Dev mode
+        accepts anything: it already allows the built-in keys, which are public."""
+        if self.dev:
+            return
+        for name, secret in (("sampling.key", self.sampling.key), ("review.secret_key", self.review.secret_key)):
+            value = secret.get_secret_value() if secret is not None else ""
+            why = secret_weakness(value) if value else None
+            if why is not None:
+                raise ConfigError(f"{name} {why}: use a long random secret (e.g. the output of `openssl rand -hex 32`)")
+
     def sampling_key(self) -> bytes:
         """The keyed-hash secret; the built-in one only in dev mode."""
         if self.sampling.key is not None and self.sampling.key.get_secret_value():
             key = self.sampling.key.get_secret_value()
             if key == DEV_SAMPLING_KEY and not self.dev:
                 raise ConfigError("sampling.key is the built-in dev key; set a secret or run with --dev")
+            self.check_secrets()
             return key.encode()
         if self.dev:
             return DEV_SAMPLING_KEY.encode()
@@ -455,8 +547,7 @@ class Settings(BaseSettings):
         """The key that signs CSRF tokens; a built-in one only in dev mode."""
         key = self.review.secret_key.get_secret_value() if self.review.secret_key is not None else ""
         if key and key != DEV_REVIEW_SECRET:
-            if len(key) < 16:
-                raise ConfigError("review.secret_key must be at least 16 characters")
+            self.check_secrets()
             return key.encode()
         if self.dev:
             return DEV_REVIEW_SECRET.encode()
@@ -556,7 +647,9 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
                 raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
     token = _LOAD.set((file_data, set_data))
     try:
-        return Settings()
+        settings = Settings()
+        settings.check_secrets()
+        return settings
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -566,3 +659,77 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
     finally:
         _LOAD.reset(token)
+
+
+def settings_json_schema(reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """JSON schema of a configuration file (what ``--config`` reads), for tools that check one before the service
+    starts: the Helm chart's values.schema.json (``make schema``) rejects a typo under ``config:`` at render time
+    instead of a crash-looping pod.
+
+    Self-contained (references inlined, so any draft-07 validator reads it) and closed like the models
+    (``extra="forbid"`` makes pydantic emit ``additionalProperties: false`` for every section). Titles and
+    defaults are dropped: they do not validate anything, and defaults would make the schema change with every new
+    default. Secrets (``SecretStr``) are left out: they come from the environment or a secret store, never from a
+    file someone commits. Each dotted key of ``reserved`` keeps its place but accepts any value and carries only
+    the given description, so a tool can refuse it with a message of its own (the chart's render says which value
+    to set instead); a reserved key that is not a setting is an error, so such a list cannot go stale. Cross-field
+    rules (a floor above max_rate, a short review.secret_key) stay with the service, which checks them at start.
+    """
+    raw = Settings.model_json_schema()
+    defs: dict[str, Any] = raw.get("$defs", {})
+
+    def clean(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [clean(v, seen) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        if "$ref" in node:
+            name = node["$ref"].rsplit("/", 1)[-1]
+            if name in seen:
+                raise ValueError(f"settings model {name} refers to itself and cannot be inlined")
+            out.update(clean(defs[name], (*seen, name)))
+        for key, value in node.items():
+            if key in ("$ref", "$defs", "title", "default"):
+                continue
+            if key == "properties":
+                # Property names are setting names, not schema keywords: never filter them as keywords.
+                out[key] = {name: clean(sub, seen) for name, sub in value.items() if not _is_secret_schema(sub)}
+            elif key == "required":
+                out[key] = [r for r in value if not _is_secret_schema(node.get("properties", {}).get(r, {}))]
+            else:
+                out[key] = clean(value, seen)
+        return out
+
+    schema: dict[str, Any] = clean(raw, ())
+    for dotted, description in (reserved or {}).items():
+        *parents, leaf = dotted.split(".")
+        if _schema_at(raw, defs, dotted) is None:
+            raise ValueError(f"reserved key {dotted!r} is not a setting")
+        section = schema
+        for part in parents:
+            section = _object_branch(section)["properties"][part]
+        _object_branch(section)["properties"][leaf] = {"description": description}
+    return schema
+
+
+def _object_branch(node: dict[str, Any]) -> dict[str, Any]:
+    # An optional section is anyOf [section, null]: its keys live in the branch that has properties.
+    return next(b for b in [node, *node.get("anyOf", [])] if "properties" in b)
+
+
+def _is_secret_schema(node: dict[str, Any]) -> bool:
+    # pydantic renders SecretStr as a string of format "password" (inside anyOf when optional).
+    return any(b.get("format") == "password" for b in node.get("anyOf", [node]) if isinstance(b, dict))
+
+
+def _schema_at(node: dict[str, Any], defs: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    """The schema of the dotted setting below ``node`` (through references and optional sections), or None."""
+    current: dict[str, Any] | None = node
+    for part in dotted.split("."):
+        if current is None:
+            return None
+        branches = [current, *current.get("anyOf", [])]
+        resolved = [defs.get(b["$ref"].rsplit("/", 1)[-1], {}) if "$ref" in b else b for b in branches]
+        current = next((b["properties"][part] for b in resolved if part in b.get("properties", {})), None)
+    return current

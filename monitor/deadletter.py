@@ -8,6 +8,7 @@ offset) but never lose one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from monitor.config import KafkaConfig
+
+FLUSH_TIMEOUT_S = 5
 
 
 @dataclass(slots=True)
@@ -46,7 +49,12 @@ class DeadLetterSink(Protocol):
 
 
 class JsonlDeadLetterSink:
-    """Appends one JSON object per dead letter; raw bytes are base64 (they may not be UTF-8)."""
+    """Appends one JSON object per dead letter; raw bytes are base64 (they may not be UTF-8).
+
+    Lines are buffered here and written with one unbuffered append per flush. A failed flush (a
+    full disk, an I/O error) leaves no partial line behind: the file is cut back to its last
+    flushed length, the unflushed letters are dropped, and the pipeline sends the batch's letters
+    again when it retries, so every line in the file is whole and none is lost."""
 
     def __init__(self, path: str, max_raw_bytes: int, fsync: bool = True):
         self.path = path
@@ -54,8 +62,9 @@ class JsonlDeadLetterSink:
         self._fsync = fsync
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        self._fh = open(path, "ab")  # noqa: SIM115 (kept open for the sink's life)
-        self._pending = 0
+        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 (kept open for the sink's life)
+        self._good = os.fstat(self._fh.fileno()).st_size  # length of what was flushed whole
+        self._lines: list[bytes] = []
 
     def send(self, letter: DeadLetter) -> None:
         raw = letter.raw[: self.max_raw_bytes]
@@ -78,19 +87,31 @@ class JsonlDeadLetterSink:
         if letter.key is not None:
             obj["key_b64"] = base64.b64encode(letter.key).decode("ascii")
         # ensure_ascii: a dead letter is attacker-controlled text; keep the file plain ASCII.
-        self._fh.write(json.dumps(obj, ensure_ascii=True).encode("ascii") + b"\n")
-        self._pending += 1
+        self._lines.append(json.dumps(obj, ensure_ascii=True).encode("ascii") + b"\n")
 
     def flush(self) -> None:
-        if self._pending:
-            self._fh.flush()
+        if not self._lines:
+            return
+        data = memoryview(b"".join(self._lines))
+        self._lines = []
+        fd = self._fh.fileno()
+        try:
+            rest = data
+            while rest:
+                rest = rest[os.write(fd, rest) :]
             if self._fsync:
-                os.fsync(self._fh.fileno())
-            self._pending = 0
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._good)  # appends go to the end: the next write starts whole
+            raise
+        self._good += len(data)
 
     def close(self) -> None:
-        self.flush()
-        self._fh.close()
+        try:
+            self.flush()
+        finally:
+            self._fh.close()
 
 
 class KafkaDeadLetterSink:
@@ -108,6 +129,10 @@ class KafkaDeadLetterSink:
             acks="all",
             retries=5,
             max_request_size=max(1048576, max_raw_bytes + 65536),
+            # While the broker is down, send() and flush() give up within seconds: the pipeline's
+            # retry policy owns the waiting, and a stop must not sit in a 60 s metadata wait.
+            max_block_ms=FLUSH_TIMEOUT_S * 1000,
+            reconnect_backoff_max_ms=1000,
             **client_security(cfg),
         )
         self._futures: list[Any] = []
@@ -130,10 +155,13 @@ class KafkaDeadLetterSink:
     def flush(self) -> None:
         if not self._futures:
             return
-        self._producer.flush(timeout=30)
+        # The pipeline sends the batch's letters again when it retries, so a failed attempt's
+        # futures are dropped: a letter of it that reached the broker after all is a duplicate
+        # with the same idempotency key, never a loss.
         futures, self._futures = self._futures, []
+        self._producer.flush(timeout=FLUSH_TIMEOUT_S)
         for f in futures:
-            f.get(timeout=30)  # raises if the broker did not take it: the batch is not committed
+            f.get(timeout=FLUSH_TIMEOUT_S)  # raises if the broker did not take it: the batch is not committed
 
     def close(self) -> None:
         self.flush()

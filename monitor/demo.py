@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import shutil
@@ -11,6 +10,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from monitor.entry import UsageError
 
 DATA = "demo-traffic.jsonl.gz"
 
@@ -33,19 +34,55 @@ def _true_means(path: Path, key: str) -> dict[str, float]:
     return {s: sum(v) / len(v) for s, v in sums.items()}
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """The closed loop (``oversight simulate``) on the bundled traffic, told as a story."""
-    from monitor.cli import _settings
+# What a demo folder holds; --workdir is emptied at start only when it holds nothing else.
+WORKDIR_MARKER = ".oversight-demo-workdir"
+WORKDIR_FILES = frozenset(
+    {
+        WORKDIR_MARKER,
+        "oversight.db",
+        "oversight.db-wal",
+        "oversight.db-shm",
+        "dead-letter.jsonl",
+        "models",
+        "report.json",
+    }
+)
+
+
+def prepare_workdir(work: Path) -> None:
+    """Empty (or create) the demo's folder; refuse any folder the demo did not make, since
+    ``--workdir ~`` must not delete a home directory."""
+    if work.exists():
+        if not work.is_dir():
+            raise UsageError(f"--workdir {work}: is a file, not a folder")
+        names = {p.name for p in work.iterdir()}
+        if names and WORKDIR_MARKER not in names and not names <= WORKDIR_FILES:
+            raise UsageError(f"--workdir {work}: not empty and not a demo folder; refusing to delete it")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / WORKDIR_MARKER).write_text("made by oversight demo; emptied by the next demo run\n")
+
+
+def run_demo(
+    *,
+    config: str | None,
+    overrides: list[str],
+    workdir: str,
+    port: int,
+    review_port: int,
+    exit_after_replay: bool,
+    progress: bool = True,
+) -> int:
+    """The closed loop (``oversight simulate``) on the bundled traffic, told as a story.
+
+    ``overrides`` (``--set``) come after the demo's own settings, so a user's --set wins.
+    """
+    from monitor.config import load_settings
     from monitor.service import install_signal_handlers
     from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
 
-    work = Path(args.workdir)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = Path(workdir)
     data = bundled_traffic()
-    if args.config is None:
-        args.config = str(bundled(BUNDLED_CONFIG))
     extra = [
         "dev=true",
         "source.kind=file",
@@ -53,9 +90,11 @@ def run_demo(args: argparse.Namespace) -> int:
         f"database.url=sqlite:///{(work / 'oversight.db').resolve()}",
         f"dead_letter.path={work / 'dead-letter.jsonl'}",
         f"reward.models_dir={work / 'models'}",
-        f"server.port={args.port}",
+        f"server.port={port}",
     ]
-    settings = _settings(args, extra)
+    settings = load_settings(config if config is not None else str(bundled(BUNDLED_CONFIG)), [*extra, *overrides])
+    # Only a valid configuration empties the folder of the previous run.
+    prepare_workdir(work)
     print(
         f"The closed loop on {data.name}: real AlpacaEval traffic (see monitor/data/README.md).\n"
         "  stream chat:      gpt-3.5-turbo-1106, replaced by alpaca-7b half way (a real policy swap; nothing in\n"
@@ -74,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
         (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         _summary(report)
         print(f"\nReport: {work / 'report.json'}   dead letters: {settings.dead_letter.path}")
-        if args.exit_after_replay:
+        if exit_after_replay:
             return
         print("Review UI and /metrics stay up until Ctrl-C.")
         stop = threading.Event()
@@ -82,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stop.wait()
 
     run_simulation(
-        settings, str(data), progress=True, review_port=args.review_port, on_start=on_start, while_serving=while_serving
+        settings, str(data), progress=progress, review_port=review_port, on_start=on_start, while_serving=while_serving
     )
     return 0
 

@@ -17,25 +17,41 @@ For every stream and every configured (signal, detector):
 Detector state is checkpointed with the offsets (component ``drift``), as
 pickles signed with HMAC-SHA256 under the sampling key: a database write
 alone cannot make the monitor unpickle attacker-chosen bytes.
+
+Building a signal's detectors can take seconds (a river-style detector is
+calibrated to its ERT by simulation; binary and point-mass references each need
+their own). Offline (replays, ``process_batch``) the build runs where the
+reference fills, so reports are deterministic. In the service loop
+(:meth:`DriftMonitor.arm_in_background`) a worker thread builds them, after
+warming the calibrations that the configuration alone determines: the signal
+keeps its values meanwhile (``waiting``, checkpointed with the state) and feeds
+them to its detectors, in order, as soon as they are built; no value is lost and
+the batch in flight never waits for a simulation, so a stop drains in
+milliseconds. An alarm among the waiting values boosts sampling from the moment
+it is found, not from the episode that raised it.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from monitor.config import DriftConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
+from monitor.retry import RetryPolicy, transient
 from monitor.signals import FED_SIGNALS, TEXT_SIGNALS, text_stats
 from monitor.signals.normalise import (
     NormalScores,
@@ -54,6 +70,9 @@ STATE_VERSION = 2
 EMBEDDING = "embedding"
 
 Boost = Callable[[str, float, float, str], None]
+_T = TypeVar("_T")
+#: Where a value arrived: (episode id, event time, input index).
+At = tuple[str, float | None, int]
 
 
 @dataclass
@@ -63,6 +82,24 @@ class SignalState:
     cooldown: int = 0
     n: int = 0
     transform: NormalScores | None = None
+    # Not None while the detectors are being built from the full reference: the values that
+    # arrived since, with where each arrived, fed to the detectors in order once they are built.
+    waiting: list[tuple[Any, At]] | None = None
+
+
+@dataclass
+class Build:
+    """Building one signal's detectors from its full reference (on the worker, or inline)."""
+
+    stream: str
+    signal: str
+    kind: str
+    raw: list[Any]
+    names: list[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    transform: NormalScores | None = None
+    detectors: dict[str, Any] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (detector, error) of the failed ones
 
 
 @dataclass
@@ -88,6 +125,7 @@ class DriftMonitor:
         metrics: Metrics,
         boost: Boost,
         drift_rate: float = 1.0,
+        retry: RetryPolicy | None = None,
     ):
         known = {**TEXT_SIGNALS, **FED_SIGNALS}
         unknown = set(cfg.signals) - set(known)
@@ -118,6 +156,12 @@ class DriftMonitor:
         self._pending: list[tuple[Episode, int]] = []
         self._embedder: Any = None
         self._params: dict[tuple[Any, ...], float] = {}
+        # Database reads on the pipeline's path wait out an outage in the pipeline's retry policy.
+        self._retry = retry
+        self._builds: dict[tuple[str, str], Build] = {}
+        self._background = False
+        self._work: queue.Queue[Callable[[], None]] | None = None
+        self._calibrator: Any = None  # a detectors.calibration.CalibrationProcess in the background
 
     # -- observer protocol ------------------------------------------------------
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
@@ -160,41 +204,64 @@ class DriftMonitor:
         if sd is None:
             sd = self._load(stream)
         self._dirty.add(stream)
-        fired: list[tuple[str, str, dict[str, Any]]] = []
+        fired: list[tuple[str, str, dict[str, Any], At]] = []
+        at = (episode_id, event_ts, index)
         for signal, names in watch.items():
-            st = sd.signals.setdefault(signal, SignalState())
-            x = values[signal]
-            st.n += 1
-            if st.ref is not None:
-                st.ref.append(x)
-                if len(st.ref) >= ref_size:
-                    self._arm(stream, signal, st, names)
+            self._feed(stream, sd, signal, names, ref_size, values[signal], at, fired)
+        self._record(stream, fired)
+
+    def _feed(
+        self,
+        stream: str,
+        sd: StreamDrift,
+        signal: str,
+        names: list[str],
+        ref_size: int,
+        x: Any,
+        at: At,
+        fired: list[tuple[str, str, dict[str, Any], At]],
+    ) -> None:
+        """One value of one signal: into the reference, the waiting list, or the detectors."""
+        st = sd.signals.setdefault(signal, SignalState())
+        if st.waiting is not None:
+            if not self._install(stream, sd, signal, names, ref_size, fired):
+                st.waiting.append((x, at))
+                return
+            st = sd.signals[signal]  # the waiting values may have fired and re-referenced it
+        st.n += 1
+        if st.ref is not None:
+            st.ref.append(x)
+            if len(st.ref) >= ref_size:
+                self._arm(stream, sd, signal, names, ref_size, fired)
+            return
+        if st.transform is not None:
+            x = st.transform(x)
+        hit = None
+        for name in names:
+            det = st.detectors.get(name)
+            if det is None:
                 continue
-            if st.transform is not None:
-                x = st.transform(x)
-            hit = None
-            for name in names:
-                det = st.detectors.get(name)
-                if det is None:
-                    continue
-                try:
-                    det.update(x)
-                    if det.drift_detected and hit is None:
-                        hit = (name, det.result())
-                except Exception as e:  # a detector must never stop ingest
-                    log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
-                    self._metrics.detector_errors.labels(name).inc()
-                    st.detectors[name] = None
-            if st.cooldown > 0:
-                st.cooldown -= 1
-                continue
-            if hit is not None:
-                fired.append((signal, hit[0], hit[1]))
-                # Re-reference on the new traffic: the signal warms up again on what follows the
-                # change, so the same change cannot fire again (no bursts), and later alarms are
-                # relative to the new regime. The cool-down covers detectors that need no warm-up.
-                sd.signals[signal] = SignalState(cooldown=self.cfg.cooldown)
-        for signal, name, res in fired:
+            try:
+                det.update(x)
+                if det.drift_detected and hit is None:
+                    hit = (name, det.result())
+            except Exception as e:  # a detector must never stop ingest
+                log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
+                self._metrics.detector_errors.labels(name).inc()
+                st.detectors[name] = None
+        if st.cooldown > 0:
+            st.cooldown -= 1
+            return
+        if hit is not None:
+            fired.append((signal, hit[0], hit[1], at))
+            # Re-reference on the new traffic: the signal warms up again on what follows the
+            # change, so the same change cannot fire again (no bursts), and later alarms are
+            # relative to the new regime. The cool-down covers detectors that need no warm-up.
+            sd.signals[signal] = SignalState(cooldown=self.cfg.cooldown)
+
+    def _record(self, stream: str, fired: list[tuple[str, str, dict[str, Any], At]]) -> None:
+        """Drift events for the signals that fired, and one boost of the stream."""
+        for signal, name, res, (episode_id, event_ts, index) in fired:
             data = res["data"]
             self._events.append(
                 {
@@ -218,11 +285,10 @@ class DriftMonitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        from monitor.signals.embeddings import Embedder, episode_text
+        from monitor.signals.embeddings import episode_text
 
         ecfg = self.cfg.embedding
-        if self._embedder is None:
-            self._embedder = Embedder(ecfg.model_dir, max_length=ecfg.max_length)
+        self._load_embedder()
         vectors = self._embedder.embed([episode_text(ep.prompt, ep.response) for ep, _ in pending])
         for (ep, index), vec in zip(pending, vectors, strict=True):
             self._update(
@@ -235,8 +301,16 @@ class DriftMonitor:
                 ecfg.reference_size,
             )
 
+    def _load_embedder(self) -> None:
+        if self._embedder is None:
+            from monitor.signals.embeddings import Embedder
+
+            ecfg = self.cfg.embedding
+            self._embedder = Embedder(ecfg.model_dir, max_length=ecfg.max_length)
+
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._embed_pending()
+        self._install_built()
         out = {(s, COMPONENT): self._snapshot(self._streams[s]) for s in self._dirty if s in self._streams}
         self._dirty.clear()
         self._publish_gauges(out)
@@ -252,51 +326,194 @@ class DriftMonitor:
 
     def forget(self) -> None:
         """After a rebalance: reload state from the checkpoint on next use."""
+        # Builds in flight finish on the worker (their calibrations stay cached) but are not
+        # installed: a reloaded signal that still waits starts its own.
+        self._builds.clear()
         self._streams.clear()
         self._dirty.clear()
         self._events.clear()
         self._applied.clear()
         self._pending.clear()
 
-    # -- arming, state ------------------------------------------------------------
-    def _arm(self, stream: str, signal: str, st: SignalState, names: list[str]) -> None:
+    # -- building detectors -----------------------------------------------------------
+    def arm_in_background(self) -> None:
+        """Build detectors on a worker thread from now on (the service loop, where a stop must
+        never wait for a calibration), after warming every calibration that the configuration
+        alone determines: the Gaussian null of the continuous signals, shared by all streams.
+        Call it from the thread that starts the service: it starts the calibration process."""
+        if self._background:
+            return
+        from detectors.calibration import CalibrationProcess
+
+        work: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._work = work
+        self._background = True
+        # The simulations run in a child process: in a thread they would hold the interpreter
+        # lock for up to a second at a time, stalling ingest and the exit after a SIGTERM.
+        self._calibrator = CalibrationProcess()
+        # A daemon thread, not an executor: the interpreter's exit must not wait for a simulation.
+        threading.Thread(target=_work_loop, args=(work,), name="drift-calibration", daemon=True).start()
+        for job in self._warm_jobs():
+            work.put(job)
+        if self.cfg.embedding.enabled:
+            # Now, not in the first batch: importing torch and loading the encoder takes seconds
+            # (tens on a busy machine), and a drain would wait for the batch that does it.
+            self._load_embedder()
+            self._embedder.embed([])  # the encoder loads on first use: this is the first use
+
+    def _warm_jobs(self) -> list[Callable[[], None]]:
+        import detectors
+
+        jobs: list[Callable[[], None]] = []
+        seen: set[tuple[Any, ...]] = set()
+        for signal, names in self.cfg.signals.items():
+            if self._kinds.get(signal) != "continuous":
+                continue
+            for name in names:
+                try:
+                    calibrated = getattr(detectors.detector_class(name), "param_name", None) is not None
+                except ValueError:
+                    continue  # an unknown detector: its build reports it
+                params = self._params_for(signal, name)
+                key = (name, tuple(sorted(params.items())))
+                if calibrated and key not in seen:
+                    seen.add(key)
+                    jobs.append(functools.partial(self._warm, name, params))
+        return jobs
+
+    def _warm(self, name: str, params: Mapping[str, Any]) -> None:
+        try:
+            self._river_param(name, "continuous", None, self.ert_each, params)
+        except Exception as e:  # the build that needs it reports the error
+            log.debug("warming the calibration of %s failed: %s", name, e)
+
+    def _params_for(self, signal: str, name: str) -> dict[str, Any]:
+        params: dict[str, Any] = dict(self.cfg.detector_params.get(name, {}))
+        params.update(self.cfg.signal_params.get(signal, {}).get(name, {}))
+        return params
+
+    def _watch_of(self, signal: str) -> tuple[list[str], int]:
+        """(detector names, reference size) of a signal, as ``_update`` is called with them."""
+        if signal == EMBEDDING:
+            return self.cfg.embedding.detectors, self.cfg.embedding.reference_size
+        if signal in self._text_watch:
+            return self._text_watch[signal], self.cfg.reference_size
+        return self.cfg.signals.get(signal, []), self.cfg.fed_reference_size
+
+    def _arm(
+        self,
+        stream: str,
+        sd: StreamDrift,
+        signal: str,
+        names: list[str],
+        ref_size: int,
+        fired: list[tuple[str, str, dict[str, Any], At]],
+    ) -> None:
+        """The reference is full: build the detectors (here, or on the worker: the values that
+        arrive meanwhile wait) and install them as soon as they are built."""
+        st = sd.signals[signal]
+        st.waiting = []
+        self._start_build(stream, signal, st, names)
+        self._install(stream, sd, signal, names, ref_size, fired)
+
+    def _start_build(self, stream: str, signal: str, st: SignalState, names: list[str]) -> Build:
+        kind = "multivariate" if signal == EMBEDDING else self._kinds[signal]
+        b = Build(stream, signal, kind, list(st.ref or []), list(names))
+        self._builds[(stream, signal)] = b
+        if self._background and self._work is not None:
+            self._work.put(lambda: self._build(b))
+        else:
+            self._build(b)
+        return b
+
+    def _install(
+        self,
+        stream: str,
+        sd: StreamDrift,
+        signal: str,
+        names: list[str],
+        ref_size: int,
+        fired: list[tuple[str, str, dict[str, Any], At]],
+    ) -> bool:
+        """Install a waiting signal's detectors and feed them the values that waited, in order;
+        False while they are still being built."""
+        st = sd.signals[signal]
+        b = self._builds.get((stream, signal))
+        if b is None:  # restored from a checkpoint taken while the build ran: build again
+            b = self._start_build(stream, signal, st, names)
+        if not b.done.is_set():
+            return False
+        del self._builds[(stream, signal)]
+        for name, err in b.errors:
+            log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, err)
+            self._metrics.detector_errors.labels(name).inc()
+        st.transform, st.detectors, st.ref = b.transform, b.detectors, None
+        waiting, st.waiting = st.waiting or [], None
+        for x, at in waiting:
+            self._feed(stream, sd, signal, names, ref_size, x, at, fired)
+        return True
+
+    def _install_built(self) -> None:
+        """At the batch boundary: install what the worker finished, so that a signal whose
+        stream went quiet does not wait for its next value."""
+        for (stream, signal), b in list(self._builds.items()):
+            if not b.done.is_set():
+                continue
+            sd = self._streams.get(stream)
+            st = None if sd is None else sd.signals.get(signal)
+            if sd is None or st is None or st.waiting is None:
+                self._builds.pop((stream, signal), None)  # re-referenced or forgotten meanwhile
+                continue
+            names, ref_size = self._watch_of(signal)
+            fired: list[tuple[str, str, dict[str, Any], At]] = []
+            self._install(stream, sd, signal, names, ref_size, fired)
+            self._dirty.add(stream)
+            self._record(stream, fired)
+
+    def _build(self, b: Build) -> None:
+        """The detectors of a full reference (seconds when a calibration is not cached). Touches
+        nothing but ``b`` and the calibration caches: it may run on the worker thread."""
         import numpy as np
 
         import detectors
 
-        kind = "multivariate" if signal == EMBEDDING else self._kinds[signal]
-        raw = st.ref or []
-        ert = self.ert_embedding if signal == EMBEDDING else self.ert_each
-        if kind == "continuous":
-            st.transform = NormalScores.fit(raw, self.cfg.tail_clip)
-            ref = np.asarray([st.transform(x) for x in raw], dtype=float)
-        else:
-            ref = np.asarray(raw, dtype=float)
-        for name in names:
-            try:
-                params: dict[str, Any] = dict(self.cfg.detector_params.get(name, {}))
-                params.update(self.cfg.signal_params.get(signal, {}).get(name, {}))
-                x_ref = ref
-                if getattr(detectors.detector_class(name), "param_name", None) is not None:
-                    cal_ref = None  # the Gaussian null: right for normal scores of a continuous sample
-                    if kind == "binary":
-                        # Calibrated on a conservative rate, not on the noisy estimate of a rare event.
-                        x_ref = np.asarray(conservative_binary_reference(raw), dtype=float)
-                        cal_ref = x_ref
-                    elif has_point_mass(raw):
-                        # A point mass (e.g. mostly zero): normal scores are discrete, not Gaussian;
-                        # calibrate on the bootstrap of the transformed reference instead, with the
-                        # out-of-range values that a bootstrap cannot produce added back (the
-                        # detector standardises by the same sample it was calibrated on).
-                        augmented = tail_augmented_reference(ref.tolist(), raw, self.cfg.tail_clip)
-                        x_ref = cal_ref = np.asarray(augmented, dtype=float)
-                    params.update(self._river_param(name, kind, cal_ref, ert, params))
-                st.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)
-            except Exception as e:
-                log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, e)
-                self._metrics.detector_errors.labels(name).inc()
-                st.detectors[name] = None
-        st.ref = None
+        try:
+            raw = b.raw
+            ert = self.ert_embedding if b.signal == EMBEDDING else self.ert_each
+            if b.kind == "continuous":
+                b.transform = NormalScores.fit(raw, self.cfg.tail_clip)
+                ref = np.asarray([b.transform(x) for x in raw], dtype=float)
+            else:
+                ref = np.asarray(raw, dtype=float)
+            for name in b.names:
+                try:
+                    params = self._params_for(b.signal, name)
+                    x_ref = ref
+                    if getattr(detectors.detector_class(name), "param_name", None) is not None:
+                        cal_ref = None  # the Gaussian null: right for normal scores of a continuous sample
+                        if b.kind == "binary":
+                            # Calibrated on a conservative rate, not on the noisy estimate of a rare event.
+                            x_ref = np.asarray(conservative_binary_reference(raw), dtype=float)
+                            cal_ref = x_ref
+                        elif has_point_mass(raw):
+                            # A point mass (e.g. mostly zero): normal scores are discrete, not Gaussian;
+                            # calibrate on the bootstrap of the transformed reference instead, with the
+                            # out-of-range values that a bootstrap cannot produce added back (the
+                            # detector standardises by the same sample it was calibrated on).
+                            augmented = tail_augmented_reference(ref.tolist(), raw, self.cfg.tail_clip)
+                            x_ref = cal_ref = np.asarray(augmented, dtype=float)
+                        params.update(self._river_param(name, b.kind, cal_ref, ert, params))
+                    b.detectors[name] = detectors.make(name, ert=ert, x_ref=x_ref, **params)
+                except Exception as e:
+                    b.errors.append((name, str(e)))
+                    b.detectors[name] = None
+        except Exception as e:  # the reference itself is unusable: every detector is disabled
+            for name in b.names:
+                if name not in b.detectors:
+                    b.errors.append((name, str(e)))
+                    b.detectors[name] = None
+        finally:
+            b.done.set()
 
     def _river_param(self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]) -> dict[str, float]:
         """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
@@ -309,8 +526,11 @@ class DriftMonitor:
         summary = None if x_ref is None else tuple(sorted(round(float(v), 3) for v in x_ref))
         key = (name, kind, ert, summary, tuple(sorted(params.items())))
         if key not in self._params:
-            det = detectors.make(name, ert=ert, x_ref=x_ref, **params)
-            self._params[key] = float(det.param_value)  # type: ignore[attr-defined]
+            if self._calibrator is not None:
+                self._params[key] = self._calibrator.param(name, ert=ert, x_ref=x_ref, params=params)
+            else:
+                det = detectors.make(name, ert=ert, x_ref=x_ref, **params)
+                self._params[key] = float(det.param_value)  # type: ignore[attr-defined]
         return {param: self._params[key]}
 
     def _sign(self, data: bytes) -> str:
@@ -337,11 +557,16 @@ class DriftMonitor:
                 "detectors": dets,
                 "transform": None if st.transform is None else st.transform.to_dict(),
             }
+            if st.waiting is not None:  # detectors being built: the next owner builds them again
+                signals[signal]["waiting"] = {
+                    "values": _pack_ref([x for x, _ in st.waiting]),
+                    "at": [list(at) for _, at in st.waiting],
+                }
         return {"version": STATE_VERSION, "signals": signals}
 
     def _load(self, stream: str) -> StreamDrift:
         sd = StreamDrift()
-        snap = self._store.load_state(stream, COMPONENT)
+        snap = self._read(lambda: self._store.load_state(stream, COMPONENT))
         if snap is not None and snap.get("version") == STATE_VERSION:
             import detectors
 
@@ -353,6 +578,10 @@ class DriftMonitor:
                 )
                 if s.get("transform") is not None:
                     st.transform = NormalScores.from_dict(s["transform"])
+                if s.get("waiting") is not None:
+                    w = s["waiting"]
+                    values = _unpack_ref(w["values"]) or []
+                    st.waiting = [(x, (str(a[0]), a[1], int(a[2]))) for x, a in zip(values, w["at"], strict=True)]
                 for name, blob in (s.get("detectors") or {}).items():
                     data = None if blob is None else self._unsign(blob)
                     if blob is not None and data is None:
@@ -367,21 +596,34 @@ class DriftMonitor:
 
     # -- re-reference -------------------------------------------------------------
     def poll_rereference(self) -> None:
-        """Apply pending re-reference requests for streams this replica holds (every few seconds)."""
+        """Apply pending re-reference requests for streams this replica holds (every few seconds).
+
+        Between batches, so one attempt: during an outage it tries again at the next poll instead
+        of holding the loop (a stop while idle must not wait for the database)."""
         now = time.monotonic()
         if now - self._last_poll < self.cfg.rereference_poll_s:
             return
         self._last_poll = now
         for stream in list(self._streams):
-            self._apply_rereference(stream)
+            try:
+                self._apply_rereference(stream, retry=False)
+            except Exception as e:
+                if self._retry is None or not transient(e):
+                    raise
+                self._retry.health.failed("store", e)
+                return
 
-    def _apply_rereference(self, stream: str) -> None:
+    def _apply_rereference(self, stream: str, retry: bool = True) -> None:
         a = t.drift_audit
         q = sa.select(a.c.id, a.c.signal).where(
             a.c.stream == stream, a.c.action == "rereference", a.c.applied_at.is_(None)
         )
-        with self._store.engine.connect() as conn:
-            rows = conn.execute(q).all()
+
+        def read() -> list[Any]:
+            with self._store.engine.connect() as conn:
+                return list(conn.execute(q).all())
+
+        rows = self._read(read) if retry else read()
         for row in rows:
             sd = self._streams[stream]
             for signal in list(sd.signals):
@@ -390,6 +632,10 @@ class DriftMonitor:
             self._dirty.add(stream)
             self._applied.append(int(row.id))
             log.info("re-referencing %s (%s)", stream, row.signal or "all signals")
+
+    def _read(self, fn: Callable[[], _T]) -> _T:
+        """A database read on the pipeline's path: through the retry policy when there is one."""
+        return fn() if self._retry is None else self._retry.call(fn, "store")
 
     def _publish_gauges(self, snaps: Mapping[tuple[str, str], dict[str, Any]]) -> None:
         m = self._metrics
@@ -404,6 +650,16 @@ class DriftMonitor:
                         m.drift_statistic.labels(label, signal, name).set(float(data["distance"]))
                     if data.get("threshold") is not None:
                         m.drift_threshold.labels(label, signal, name).set(float(data["threshold"]))
+
+
+def _work_loop(work: queue.Queue[Callable[[], None]]) -> None:
+    """The drift worker: builds detectors (each job catches its own errors) for the process's life."""
+    while True:
+        job = work.get()
+        try:
+            job()
+        except Exception:
+            log.exception("a drift detector build failed")
 
 
 def request_rereference(store: Store, stream: str, signal: str | None, reason: str, actor: str) -> int:

@@ -12,17 +12,25 @@ Schema v1 (one JSON object per episode)::
     model       string (policy version), optional, at most 256 characters
     prompt      string, required
     response    string, required
-    metadata    object, optional
+    metadata    object, optional, at most MAX_METADATA_DEPTH levels of nesting
     schema_version  1, optional
 
 Unknown top-level fields are rejected (put extras in ``metadata``), so a
-misspelt field is caught instead of silently ignored.
+misspelt field is caught instead of silently ignored. Ids, streams and model
+names hold no control characters. Numbers are IEEE doubles or integers of
+at most 64 bits; larger integers are read as doubles, as orjson does.
+
+Every record is an attack payload: nothing here may recurse on its
+structure (a 1,000-deep array would hit Python's recursion limit here or in
+a JSON encoder later) or build unbounded numbers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +42,17 @@ DEFAULT_STREAM = "default"
 MAX_ID_CHARS = 128
 MAX_STREAM_CHARS = 128
 MAX_MODEL_CHARS = 256
+# Levels of objects and arrays in metadata, the metadata object itself being level 1.
+# Far beyond any real annotation, far below the recursion limits of the JSON encoders
+# and of anything that later walks metadata (SQLAlchemy, exports, the review UI).
+MAX_METADATA_DEPTH = 32
+# orjson's integer range; larger integers become doubles (on both parse paths).
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+# C0, DEL and C1 controls: a browser form turns LF into CRLF, so an id holding one
+# could never be labelled, and they break log lines and terminal output.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTAINERS = frozenset((dict, list))  # what json.loads and orjson build for objects and arrays
 
 # Stable reasons: they are metric label values and dead-letter fields.
 REASONS: tuple[str, ...] = (
@@ -47,7 +66,13 @@ REASONS: tuple[str, ...] = (
     "unknown_field",
     "nul_character",
     "invalid_unicode",
+    "too_deep",
+    "number_out_of_range",
 )
+# Reasons the pipeline gives a record that passed validation: the database refused it,
+# or processing it raised an exception nobody foresaw (a bug, never a crash).
+PIPELINE_REASONS: tuple[str, ...] = ("store_rejected", "internal_error")
+DEAD_LETTER_REASONS: tuple[str, ...] = REASONS + PIPELINE_REASONS
 
 _FIELDS = frozenset({"episode_id", "timestamp", "stream", "model", "prompt", "response", "metadata", "schema_version"})
 
@@ -91,10 +116,10 @@ def parse_timestamp(value: Any) -> float:
     if isinstance(value, bool):
         raise InvalidEpisode("wrong_type", "timestamp must be an RFC 3339 string or epoch seconds")
     if isinstance(value, int | float):
-        t = float(value)
-        if not math.isfinite(t) or t < 0 or t > 253402300799:  # 9999-12-31
+        # Compared before float(): an integer beyond the double range overflows it.
+        if not 0 <= value <= 253402300799:  # 9999-12-31; NaN fails too
             raise InvalidEpisode("invalid_value", "timestamp is out of range")
-        return t
+        return float(value)
     if isinstance(value, str):
         s = value.strip()
         if len(s) < 20 or len(s) > 40 or s[4] != "-" or s[10] not in "Tt ":
@@ -111,40 +136,82 @@ def parse_timestamp(value: Any) -> float:
     raise InvalidEpisode("wrong_type", "timestamp must be an RFC 3339 string or epoch seconds")
 
 
+def _strings(obj: Any) -> Iterator[str]:
+    """Every string of a parsed document, keys included; iterative, so depth cannot overflow the stack."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            yield item
+        elif type(item) is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+
+
 def _contains_nul(obj: Any) -> bool:
-    if isinstance(obj, str):
-        return "\x00" in obj
-    if isinstance(obj, dict):
-        return any(_contains_nul(k) or _contains_nul(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return any(_contains_nul(v) for v in obj)
-    return False
+    return any("\x00" in s for s in _strings(obj))
+
+
+def _is_lone_surrogate_free(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
+    return not all(_is_lone_surrogate_free(s) for s in _strings(obj))
+
+
+def _depth_exceeds(root: dict[str, Any] | list[Any], limit: int) -> bool:
+    """True if ``root`` nests objects and arrays more than ``limit`` levels (``root`` is level 1).
+
+    Level by level, without recursion; a flat object costs one pass over its values,
+    which is all the common case (scalar metadata) pays."""
+    level: list[Any] = [root]
+    depth = 1
+    while True:
+        deeper = []
+        for node in level:
+            for v in node.values() if type(node) is dict else node:
+                if type(v) is dict or type(v) is list:
+                    deeper.append(v)
+        if not deeper:
+            return False
+        depth += 1
+        if depth > limit:
             return True
-        return False
-    if isinstance(obj, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return any(_has_lone_surrogate(v) for v in obj)
-    return False
+        level = deeper
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _NumberOutOfRange(Exception):
+    """Raised out of json.loads by the number hooks (not a ValueError: that means malformed JSON)."""
+
+
 def _finite_float(text: str) -> float:
     # 1e400 parses to inf, which neither JSON nor PostgreSQL's JSONB can hold.
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
+        raise _NumberOutOfRange(f"number {text[:40]} is out of range")
     return value
+
+
+def _bounded_int(text: str) -> int | float:
+    # The same result as orjson's fast path: 64-bit integers stay exact, larger ones become
+    # doubles, and beyond the double range the record is refused. Never int() of a long
+    # digit string: CPython caps it at 4,300 digits and it is quadratic below that.
+    if len(text) <= 21:
+        value = int(text)
+        if _INT_MIN <= value <= _INT_MAX:
+            return value
+    return _finite_float(text)
 
 
 def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
@@ -174,10 +241,14 @@ def _parse_slow(raw: bytes, size: int, now: float) -> Episode:
         raise InvalidEpisode("nul_character", "raw NUL byte in record")
     try:
         # NaN/Infinity are not JSON; strict=True rejects raw control characters.
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as e:
-        msg = str(e) if not isinstance(e, RecursionError) else "nesting too deep"
-        raise InvalidEpisode("invalid_json", msg[:200]) from None
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except _NumberOutOfRange as e:
+        raise InvalidEpisode("number_out_of_range", f"{e} (numbers must be finite doubles)") from None
+    except RecursionError:
+        # orjson refuses over 1,024 levels, so deep documents end up here.
+        raise InvalidEpisode("too_deep", f"nesting deeper than {MAX_METADATA_DEPTH} levels") from None
+    except ValueError as e:
+        raise InvalidEpisode("invalid_json", str(e)[:200]) from None
     # Escaped NULs and lone surrogates parse fine but PostgreSQL text and
     # UTF-8 encoders reject them later; catch them here.
     if "\\u" in text:
@@ -194,9 +265,13 @@ def _context(obj: Any) -> tuple[str | None, str | None]:
         return None, None
     eid = obj.get("episode_id")
     stream = obj.get("stream", DEFAULT_STREAM)
+    # Only values that would have been valid: the context travels into dead-letter
+    # fields and metric labels.
     return (
-        eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS else None,
-        stream if isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_CHARS else None,
+        eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS and not _CONTROL.search(eid) else None,
+        stream
+        if isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_CHARS and not _CONTROL.search(stream)
+        else None,
     )
 
 
@@ -211,6 +286,7 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
     response = obj.get("response")
     stream = obj.get("stream", DEFAULT_STREAM)
     # The common case in one test; the detailed checks below only name the problem.
+    # isprintable() is a cheap superset test for control characters.
     if (
         type(eid) is str
         and type(prompt) is str
@@ -218,6 +294,7 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and type(stream) is str
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
+        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _CONTROL.search(stream)))
     ):
         pass
     else:
@@ -228,10 +305,14 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
             raise _bad(obj, "wrong_type", "episode_id must be a string")
         if not 0 < len(eid) <= MAX_ID_CHARS:
             raise _bad(obj, "invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
+        if _CONTROL.search(eid):
+            raise _bad(obj, "invalid_value", f"episode_id must not contain control characters ({_control_at(eid)})")
         if not isinstance(stream, str):
             raise _bad(obj, "wrong_type", "stream must be a string")
         if not 0 < len(stream) <= MAX_STREAM_CHARS:
             raise _bad(obj, "invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
+        if _CONTROL.search(stream):
+            raise _bad(obj, "invalid_value", f"stream must not contain control characters ({_control_at(stream)})")
         if not isinstance(prompt, str):
             raise _bad(obj, "wrong_type", "prompt must be a string")
         raise _bad(obj, "wrong_type", "response must be a string")
@@ -241,9 +322,16 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
             raise _bad(obj, "wrong_type", "model must be a string")
         if len(model) > MAX_MODEL_CHARS:
             raise _bad(obj, "invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
+        if not model.isprintable() and _CONTROL.search(model):
+            raise _bad(obj, "invalid_value", f"model must not contain control characters ({_control_at(model)})")
     metadata = obj.get("metadata")
-    if metadata is not None and type(metadata) is not dict:
-        raise _bad(obj, "wrong_type", "metadata must be an object")
+    if metadata is not None:
+        if type(metadata) is not dict:
+            raise _bad(obj, "wrong_type", "metadata must be an object")
+        # The walk only when some value is a container: flat metadata (the common case) costs
+        # one pass in C over the value types.
+        if not _CONTAINERS.isdisjoint(map(type, metadata.values())) and _depth_exceeds(metadata, MAX_METADATA_DEPTH):
+            raise _bad(obj, "too_deep", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     version = obj.get("schema_version")
     if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
         raise _bad(obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION}")
@@ -260,3 +348,9 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
 
 def _bad(obj: dict[str, Any], reason: str, detail: str) -> InvalidEpisode:
     return InvalidEpisode(reason, detail, *_context(obj))
+
+
+def _control_at(s: str) -> str:
+    """Names the first control character by code point: the detail must not carry it raw."""
+    m = _CONTROL.search(s)
+    return "none" if m is None else f"U+{ord(m.group()):04X} at index {m.start()}"

@@ -189,16 +189,28 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
-        self.ready = Gauge("ready", "1 when the source and database are reachable", namespace=NS, registry=r)
+        self.ready = Gauge(
+            "ready",
+            "1 when the pipeline can make progress: every check of /readyz passes (computed at scrape time)",
+            namespace=NS,
+            registry=r,
+        )
+        self.ready_check = Gauge(
+            "ready_check",
+            "1 when a check of /readyz passes (source, database, dead_letter), computed at scrape time",
+            ["check"],
+            namespace=NS,
+            registry=r,
+        )
         self._zero_known_labels()
 
     def _zero_known_labels(self) -> None:
         """Counters with a known, small label set start at 0: a series that first appears with
         value 1 is invisible to rate()/increase(), so the first dead letter or failed update
         would never alert."""
-        from monitor.episodes import REASONS
+        from monitor.episodes import DEAD_LETTER_REASONS
 
-        for reason in REASONS:
+        for reason in DEAD_LETTER_REASONS:  # validation's reasons, store_rejected and internal_error
             self.dead_letters.labels(reason)
         for target in ("store", "dead_letter"):
             self.commit_errors.labels(target)

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from monitor.config import Settings
 from monitor.deadletter import DeadLetter, DeadLetterSink
 from monitor.episodes import Episode, InvalidEpisode, parse_episode
 from monitor.metrics import Metrics
-from monitor.sources.base import Record, Source
+from monitor.retry import Aborted as Aborted  # noqa: PLC0414 (re-exported: the CLI catches it from here)
+from monitor.retry import Health, NoProgress, RetryPolicy, first_line, transient
+from monitor.sources.base import ReadAhead, Record, Source
 from monitor.store import BatchWrite, StaleOffsets, Store
 from monitor.store.store import BUCKET_S
 from sampling import CHANNELS, Decision, Sampler, StreamSamplingState, keyed_uniform
@@ -35,10 +38,18 @@ log = logging.getLogger(__name__)
 
 SAMPLING_COMPONENT = "sampling"
 INDEX_STREAM = "__input__"  # stream_state row holding a non-Kafka source's record count
+READY_CHECKS = ("source", "database", "dead_letter")  # the checks of /readyz
+PROBE_S = 1.0  # while idle, a write probe this often keeps the database check within seconds of the truth
+STALE_LIMIT = 10  # batches rolled back in a row (offsets moved under us) before giving up
+READ_AHEAD_DRAIN_S = 1.0  # on a stop, how long a pipe's already-read records are processed
 
 
-class Aborted(RuntimeError):
-    """Stopped while a batch could not be committed; it was not (it will be redelivered)."""
+def describe(e: BaseException, limit: int = 300) -> str:
+    """``Class: first line of the message``, for a dead letter or a log line about an unexpected
+    exception (the class says more than many messages do: ``KeyError: 'x'``)."""
+    name = type(e).__name__
+    text = first_line(e, limit)
+    return name if text == name else f"{name}: {text}"
 
 
 class EpisodeObserver(Protocol):
@@ -82,9 +93,23 @@ class RunStats:
     drift_events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_sampler(settings: Settings, store: Store) -> Sampler:
+def index_component(source_name: str) -> str:
+    """The ``stream_state`` component that holds a source's record count: its name, or, for a
+    name longer than the column's 64 characters (a file's absolute path), its start and a hash."""
+    if len(source_name) <= 64:
+        return source_name
+    import hashlib
+
+    return f"{source_name[:47]}~{hashlib.sha256(source_name.encode()).hexdigest()[:16]}"
+
+
+def make_sampler(settings: Settings, store: Store, retry: RetryPolicy | None = None) -> Sampler:
     def load(stream: str) -> StreamSamplingState | None:
-        snap = store.load_state(stream, SAMPLING_COMPONENT)
+        def get() -> dict[str, Any] | None:
+            return store.load_state(stream, SAMPLING_COMPONENT)
+
+        # Inside the hot loop: an outage here waits for the database (no decision without state).
+        snap = get() if retry is None else retry.call(get, "store")
         return None if snap is None else StreamSamplingState.restore(snap)
 
     return Sampler(settings.sampling_policy(), settings.sampling_key(), loader=load)
@@ -108,7 +133,12 @@ class Pipeline:
         self.source = source
         self.dead_letters = dead_letters
         self.metrics = metrics
-        self.sampler = sampler if sampler is not None else make_sampler(settings, store)
+        # One retry policy for every database and broker access on the pipeline's path; its
+        # health is what /readyz and oversight_ready report. A failed store operation drops the
+        # pooled connections: one opened while the database was read-only stays read-only.
+        self.health = Health(metrics)
+        self.retry = RetryPolicy(self.health, on_failure={"store": store.reconnect})
+        self.sampler = sampler if sampler is not None else make_sampler(settings, store, self.retry)
         self.observers = list(observers)
         self.drift: DriftMonitor | None = None
         self.drift_publisher: Any = None  # an OutboxPublisher of drift_events in Kafka mode
@@ -122,6 +152,7 @@ class Pipeline:
                 metrics,
                 lambda stream, factor, duration, reason: self.sampler.boost(stream, factor, duration, reason=reason),
                 drift_rate=settings.sampling.drift.rate,
+                retry=self.retry,
             )
             self.observers.append(self.drift)
         self.scorer: Any = None  # a RewardScorer when reward.enabled
@@ -143,7 +174,7 @@ class Pipeline:
         if self.drift is not None and settings.drift.signals.get("rm_disagreement"):
             from monitor.signals.disagreement import DisagreementFeed
 
-            self.labels_feed = DisagreementFeed(store, self.drift.observe_value)
+            self.labels_feed = DisagreementFeed(store, self.drift.observe_value, retry=self.retry)
             self.observers.insert(self.observers.index(self.drift), self.labels_feed)
         self.scores_publisher: Any = None  # an OutboxPublisher of rm_scores in Kafka mode
         self.clock = clock
@@ -153,14 +184,20 @@ class Pipeline:
         self._index = 0
         self._max_bytes = settings.source.max_episode_bytes
         self._key = settings.sampling_key()
-        self._db_ok = True
         self._last_lag = 0.0
+        self._last_store_ok = 0.0  # monotonic time of the last successful store write
+        self._stale_in_a_row = 0
+        self._index_key = ""  # stream_state component of the input index (set by open)
         self._opened = False
         self._kafka = False
+        self._internal_seen: set[str] = set()  # exception classes already logged with a traceback
+        self._publish_readiness()
 
     # -- rebalance protocol (called by the source) ----------------------------
     def assigned(self, partitions: list[int]) -> Mapping[int, int]:
-        stored = self.store.load_offsets(self.source.name, partitions)
+        # Called on the Kafka consumer thread during a rebalance, and on rewinds: an outage
+        # waits here (the group's heartbeats go on in kafka-python's own thread).
+        stored = self.retry.call(lambda: self.store.load_offsets(self.source.name, partitions), "store")
         for p in partitions:
             self._expected[p] = stored.get(p)
         return stored
@@ -186,8 +223,21 @@ class Pipeline:
         """Raise a stream's sampling rates for a while (used by drift handling)."""
         self.sampler.boost(stream, factor, duration, channels, reason)
 
+    def readiness(self) -> dict[str, bool]:
+        """The checks of /readyz: can the pipeline make progress against each target now?
+
+        ``source``: opened and the source says it is live (Kafka: connected to the group
+        coordinator and the partition leaders, not merely polling); ``database``: the last
+        store operation (a batch, a read on the pipeline's path, or the write probe while idle)
+        succeeded; ``dead_letter``: the last dead-letter write succeeded."""
+        return {
+            "source": self._opened and self.source.ready(),
+            "database": self.health.ok("store"),
+            "dead_letter": self.health.ok("dead_letter"),
+        }
+
     def ready(self) -> bool:
-        return self._opened and self._db_ok and self.source.ready()
+        return all(self.readiness().values())
 
     def open(self) -> None:
         if not self._opened:
@@ -195,30 +245,107 @@ class Pipeline:
             # Kafka records are indexed by their partition offset instead.
             self._kafka = self.source.name.startswith("kafka:")
             if not self._kafka:
-                saved = self.store.load_state(INDEX_STREAM, self.source.name)
+                key = self._index_key = index_component(self.source.name)
+                saved = self.retry.call(lambda: self.store.load_state(INDEX_STREAM, key), "store")
                 self._index = int(saved["records"]) if saved else 0
             self.source.open(self)
             self._opened = True
             self._publish_floors()
 
     def run(self, stop: threading.Event | None = None) -> RunStats:
-        """Process until the source is exhausted or ``stop`` is set; then close the source."""
+        """Process until the source is exhausted or ``stop`` is set; then close the source.
+
+        No outage ends it: batches wait in the retry policy and readiness says so. A stop
+        processes what a pipe source already read."""
         stop = stop if stop is not None else self.stop_event
         cfg = self.settings.pipeline
+        self.retry.stop = stop
         self.open()
         try:
             while not stop.is_set():
                 records = self.source.poll(cfg.batch_size, cfg.batch_timeout_ms / 1000.0)
                 if records:
-                    self.process_batch(records, stop)
+                    self._process_with_retry(records, stop)
                 elif self.source.exhausted:
                     break
+                else:
+                    self._probe_store_when_idle()
                 self._maybe_update_lag()
                 if self.drift is not None:
                     self.drift.poll_rereference()
+            if stop.is_set():
+                self._drain_read_ahead(stop)
         finally:
             self.close()
         return self.stats
+
+    def _process_with_retry(self, records: list[Record], stop: threading.Event) -> None:
+        """``process_batch``, redone from the checkpoint if an outage escapes it anyway.
+
+        Every database access on the batch's path retries in place; this is the net under a
+        path that does not (a stage added later). The batch is redone with the same records after
+        the in-memory state is dropped (it reloads from the checkpoint, which matches the stored
+        offsets), so its effects are still exactly once."""
+        index, counted = self._index, self.stats.records
+        delay = self.retry.first_delay_s
+        while True:
+            try:
+                self.process_batch(records, stop)
+                return
+            except Aborted:
+                raise
+            except Exception as e:
+                if not transient(e):
+                    raise
+                log.warning("batch interrupted by an outage, redoing it: %s", describe(e, 200))
+                self.health.failed("store" if isinstance(e, sa.exc.SQLAlchemyError) else "source", e)
+                self._index, self.stats.records = index, counted
+                self._forget_state()
+            self.retry.wait(delay, stop, "stopped during an outage; the batch will be redelivered")
+            delay = min(delay * 2, self.retry.max_delay_s)
+
+    def prepare_for_service(self) -> None:
+        """Before a long-running service consumes: do now what a batch would otherwise do the
+        first time (import torch and load the encoder and the active reward model: seconds, tens
+        on a busy machine), and build drift detectors in the background from now on, so that a
+        SIGTERM drain never waits for any of it."""
+        if self.drift is not None:
+            self.drift.arm_in_background()
+        if self.scorer is not None:
+            self.scorer.checkpoint()  # nothing pending yet: loads the active version, if any
+
+    def _drain_read_ahead(self, stop: threading.Event) -> None:
+        """On a stop, process the records a pipe source already took off its input (they cannot
+        be read again), in small batches and for at most ``READ_AHEAD_DRAIN_S``: the drain has
+        a deadline; what is left then is lost with the pipe, as what the writer had not yet
+        written is."""
+        if not isinstance(self.source, ReadAhead):
+            return
+        size = min(self.settings.pipeline.batch_size, 100)
+        deadline = time.monotonic() + READ_AHEAD_DRAIN_S
+        while time.monotonic() < deadline and (records := self.source.take_read_ahead(size)):
+            self._process_with_retry(records, stop)
+        left = len(self.source.take_read_ahead(1 << 30))
+        if left:
+            log.warning("stopped with %d records read from %s but not processed", left, self.source.name)
+
+    def _probe_store_when_idle(self) -> None:
+        """While no batch comes, one cheap write every ``PROBE_S`` keeps the ``database`` check
+        honest: a plain SELECT succeeds on a full disk or a read-only database. One attempt, no
+        retry: the loop must keep polling the source."""
+        now = time.monotonic()
+        if now - self._last_store_ok < PROBE_S:
+            return
+        self._last_store_ok = now
+        try:
+            self.store.probe_write()
+        except Exception as e:
+            if not transient(e):
+                raise
+            self.health.failed("store", e)
+            self.store.reconnect()
+        else:
+            self.health.succeeded("store")
 
     def close(self) -> None:
         if self._opened:
@@ -262,20 +389,39 @@ class Pipeline:
         last_probs: dict[str, dict[str, float]] = {}
         idx = self._index - 1
         kafka = self._kafka
-        # The hot loop: every record of the deployment's traffic passes here.
+        # The hot loop: every record of the deployment's traffic passes here. Nothing in it may
+        # stop the batch: a record that fails in a way nobody foresaw (a bug in validation,
+        # sampling or an observer) is dead-lettered as internal_error and the batch goes on.
+        # Everything that can raise runs before the record touches the batch, so a failed
+        # record is in no row and no count. What is not undone: the sampler's clock and budget
+        # and the observers before the failing one have seen the episode (drift statistics,
+        # a reward-model score queued, dropped below if its episode is not stored).
+        failed = False
         for rec in records:
             idx = rec.offset if kafka else idx + 1
             # Records arrive in offset order within a partition: the last one wins.
             next_offsets[rec.partition] = rec.next_offset
+            ep: Episode | None = None
             try:
                 if rec.full_size is not None:
                     raise InvalidEpisode("oversize", f"record is {rec.full_size} bytes, limit is {max_bytes}")
                 ep = parse_episode(rec.value, max_bytes, now)
+                stream = ep.stream
+                d = sampler.decide(ep.episode_id, stream, ep.timestamp)
+                n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0
+                # Inline, not after the batch: a drift event's boost must apply from the very
+                # next episode, whatever the batch boundaries (replays stay deterministic).
+                for obs in observers:
+                    obs.observe(ep, d, idx)
             except InvalidEpisode as e:
                 letters.append(self._letter(rec, e.reason, e.detail, e.episode_id, e.stream))
                 continue
-            stream = ep.stream
-            d = sampler.decide(ep.episode_id, stream, ep.timestamp)
+            except Exception as e:
+                if transient(e):
+                    raise  # the batch is redelivered; dead-lettering would lose a good record
+                letters.append(self._internal_error(rec, e, ep))
+                failed = True
+                continue
             st = streams.get(stream)
             if st is None:
                 st = streams[stream] = StreamStats()
@@ -291,7 +437,6 @@ class Pipeline:
             key = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
             traffic[key] = traffic.get(key, 0) + 1
             if d.sampled:
-                outcomes[(stream, "sampled")] += 1
                 batch.episodes.append(
                     {
                         "episode_id": ep.episode_id,
@@ -306,17 +451,16 @@ class Pipeline:
                         "ingested_at": now,
                     }
                 )
-                if "human" in d.sampled:
-                    for slot in range(self._overlap(ep.episode_id)):
-                        batch.tasks.append(
-                            {
-                                "episode_id": ep.episode_id,
-                                "slot": slot,
-                                "stream": stream,
-                                "status": "pending",
-                                "created_at": now,
-                            }
-                        )
+                for slot in range(n_tasks):
+                    batch.tasks.append(
+                        {
+                            "episode_id": ep.episode_id,
+                            "slot": slot,
+                            "stream": stream,
+                            "status": "pending",
+                            "created_at": now,
+                        }
+                    )
                 for ch, p in d.sampled.items():
                     batch.samples.append(
                         {
@@ -328,26 +472,23 @@ class Pipeline:
                             "created_at": now,
                         }
                     )
-                    sampled_tally[(stream, ch)] += 1
             else:
                 outcomes[(stream, "not_sampled")] += 1
-            # Inline, not after the batch: a drift event's boost must apply from the very
-            # next episode, whatever the batch boundaries (replays stay deterministic).
-            for obs in observers:
-                obs.observe(ep, d, idx)
 
         if not kafka:
             self._index = idx + 1
-            batch.states[(INDEX_STREAM, source_name)] = {"records": self._index}
+            batch.states[(INDEX_STREAM, self._index_key)] = {"records": self._index}
         stats.records += len(records)
         streams_seen = set(last_probs)
 
         for p, nxt in next_offsets.items():
             batch.offsets[(source_name, p)] = (self._expected.get(p), nxt)
         # Observers first: a drift event found at checkpoint time boosts the sampler,
-        # and that boost must be in this batch's sampling checkpoint.
+        # and that boost must be in this batch's sampling checkpoint. Through the retry policy:
+        # a checkpoint may read the database (new labels, the active reward-model version) and
+        # fails before it changes anything, so calling it again after an outage is safe.
         for obs in observers:
-            batch.states.update(obs.checkpoint())
+            batch.states.update(self.retry.call(obs.checkpoint, "store", stop))
         for stream, snap in sampler.take_dirty().items():
             batch.states[(stream, SAMPLING_COMPONENT)] = snap
         if self.drift is not None:
@@ -355,6 +496,9 @@ class Pipeline:
             batch.audit_applied = self.drift.take_applied()
         if self.scorer is not None:
             batch.rm_scores = self.scorer.take_rows()
+            if failed:  # a score of an episode that failed after the scorer saw it has no row to refer to
+                stored = {row["episode_id"] for row in batch.episodes}
+                batch.rm_scores = [r for r in batch.rm_scores if r["episode_id"] in stored]
 
         if not self._commit(batch, letters, stop):
             return False
@@ -372,9 +516,14 @@ class Pipeline:
             except Exception as e:  # the outbox keeps them
                 log.warning("publishing reward-model scores failed (kept for retry): %s", e)
 
-        # Bookkeeping after the commit, so stats and metrics count committed work.
+        # Bookkeeping after the commit, so stats and metrics count committed work: sampled
+        # counts come from the rows committed, without those the store refused (dead letters now).
         done = time.time()
         m = self.metrics
+        for row in batch.episodes:
+            outcomes[(row["stream"], "sampled")] += 1
+        for row in batch.samples:
+            sampled_tally[(row["stream"], row["channel"])] += 1
         for (stream, ch), n in sampled_tally.items():
             stats.sampled[ch] += n
             stats.streams[stream].sampled[ch] += n
@@ -387,6 +536,8 @@ class Pipeline:
             if letter.stream is not None:
                 st = stats.streams.setdefault(letter.stream, StreamStats())
                 st.invalid += 1
+                if letter.reason == "store_rejected":
+                    st.episodes -= 1  # counted as valid in the loop, before the store refused it
             m.dead_letters.labels(letter.reason).inc()
             m.episodes.labels(m.stream_label(letter.stream), "invalid").inc()
         for stream in streams_seen:
@@ -427,6 +578,23 @@ class Pipeline:
             return cfg.overlap
         return 2 if keyed_uniform(self._key, episode_id, "overlap") < cfg.overlap_fraction else 1
 
+    def _internal_error(self, rec: Record, e: Exception, ep: Episode | None) -> DeadLetter:
+        """The dead letter of a record whose processing raised unexpectedly, logged: the
+        traceback once per exception class (a poison stream must not flood the log), one line
+        after that. The message is logged escaped: it may quote the record."""
+        name = type(e).__name__
+        where = f"{self.source.name}:{rec.partition}:{rec.offset}"
+        detail = describe(e)
+        if name in self._internal_seen:
+            log.error("record %s dead-lettered as internal_error: %r", where, detail)
+        else:
+            self._internal_seen.add(name)
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            log.error("record %s dead-lettered as internal_error: %r\n%s", where, detail, frames)
+        return self._letter(
+            rec, "internal_error", detail, None if ep is None else ep.episode_id, None if ep is None else ep.stream
+        )
+
     def _letter(self, rec: Record, reason: str, detail: str, episode_id: str | None, stream: str | None) -> DeadLetter:
         return DeadLetter(
             reason=reason,
@@ -447,13 +615,34 @@ class Pipeline:
         try:
             self._retry(lambda: self._commit_store(batch, letters, stop), "store", stop)
         except StaleOffsets as e:
-            log.warning("batch rolled back: %s; rewinding to the stored offsets", e)
-            self.metrics.stale_batches.inc()
-            self.stats.stale_batches += 1
-            self._forget_state()
-            self.source.rewind()
+            self._rolled_back(e, stop)
             return False
+        self._stale_in_a_row = 0
+        self._last_store_ok = time.monotonic()
         return True
+
+    def _rolled_back(self, e: StaleOffsets, stop: threading.Event | None) -> None:
+        """Another consumer moved the offsets: forget the batch's state, wait, and rewind to the
+        stored offsets. A rewind that keeps failing is not progress (a consumer that can never
+        win the compare-and-set): counted, backed off, and given up after ``STALE_LIMIT``."""
+        self._stale_in_a_row += 1
+        n = self._stale_in_a_row
+        self.metrics.stale_batches.inc()
+        self.stats.stale_batches += 1
+        self._forget_state()
+        if n > STALE_LIMIT:
+            raise NoProgress(
+                f"gave up after {STALE_LIMIT} batches in a row were rolled back: {e}. Another consumer keeps"
+                f" moving the offsets of {self.source.name}, or this input was already stored by another run"
+            )
+        log.warning("batch rolled back (%d in a row): %s; rewinding to the stored offsets", n, e)
+        # Backoff before the rewind, so that a competing writer can finish and the rewind sees it.
+        self.retry.wait(
+            min(self.retry.first_delay_s * 2 ** (n - 1), self.retry.max_delay_s),
+            stop,
+            "stopped while rewinding a rolled-back batch; it will be redelivered",
+        )
+        self.source.rewind()
 
     def _send_letters(self, letters: list[DeadLetter]) -> None:
         if not letters:
@@ -465,69 +654,57 @@ class Pipeline:
     def _commit_store(self, batch: BatchWrite, letters: list[DeadLetter], stop: threading.Event | None) -> None:
         try:
             self.store.commit_batch(batch)
-        except (sa.exc.DataError, sa.exc.IntegrityError, sa.exc.ProgrammingError) as e:
-            # Not transient: some episode is unacceptable to this database
-            # although it passed validation. Find it, dead-letter it, commit the rest.
+        except Exception as e:
+            if transient(e) or isinstance(e, StaleOffsets):
+                raise
+            # Not transient: some episode is unacceptable to this database (or to the driver's
+            # encoder) although it passed validation. Find it, dead-letter it, commit the rest.
             rejected = self.store.find_rejected(batch)
             if not rejected:
                 raise
-            log.warning("store rejected %d episode(s): %s", len(rejected), str(e).splitlines()[0][:200])
-            extra = []
-            for row in batch.episodes:
-                if row["episode_id"] in rejected:
-                    extra.append(
-                        DeadLetter(
-                            reason="store_rejected",
-                            detail=rejected[row["episode_id"]][:500],
-                            raw=_reencode(row),
-                            source=row["source"],
-                            partition=int(row["position"].split(":")[0]),
-                            offset=int(row["position"].split(":")[1]),
-                            received_at=row["ingested_at"],
-                            size=0,
-                            episode_id=row["episode_id"],
-                            stream=row["stream"],
-                        )
-                    )
-            for letter in extra:
-                letter.size = len(letter.raw)
-            self._retry(lambda: self._send_letters(extra), "dead_letter", stop)
-            letters.extend(extra)
-            batch.episodes = [r for r in batch.episodes if r["episode_id"] not in rejected]
-            batch.samples = [r for r in batch.samples if r["episode_id"] not in rejected]
-            batch.tasks = [r for r in batch.tasks if r["episode_id"] not in rejected]
+            log.warning("store rejected %d episode(s): %r", len(rejected), describe(e, 200))
+            self._reject_rows(batch, rejected, letters, stop)
             self.store.commit_batch(batch)
-        self._db_ok = True
+
+    def _reject_rows(
+        self, batch: BatchWrite, rejected: Mapping[str, str], letters: list[DeadLetter], stop: threading.Event | None
+    ) -> None:
+        """Dead-letter the rejected episodes (flushed before the commit, as all dead letters) and
+        take them out of the batch: rows, and their traffic count, so each record is counted once."""
+        extra = []
+        for row in batch.episodes:
+            if row["episode_id"] in rejected:
+                raw = _reencode(row)
+                partition, offset = row["position"].split(":")
+                extra.append(
+                    DeadLetter(
+                        reason="store_rejected",
+                        detail=rejected[row["episode_id"]][:500],
+                        raw=raw,
+                        source=row["source"],
+                        partition=int(partition),
+                        offset=int(offset),
+                        received_at=row["ingested_at"],
+                        size=len(raw),
+                        episode_id=row["episode_id"],
+                        stream=row["stream"],
+                    )
+                )
+                key = (row["stream"], int(row["ts"] // BUCKET_S) * BUCKET_S)
+                left = batch.traffic.get(key, 0) - 1
+                if left > 0:
+                    batch.traffic[key] = left
+                else:
+                    batch.traffic.pop(key, None)
+        self._retry(lambda: self._send_letters(extra), "dead_letter", stop)
+        letters.extend(extra)
+        batch.episodes = [r for r in batch.episodes if r["episode_id"] not in rejected]
+        batch.samples = [r for r in batch.samples if r["episode_id"] not in rejected]
+        batch.tasks = [r for r in batch.tasks if r["episode_id"] not in rejected]
+        batch.rm_scores = [r for r in batch.rm_scores if r["episode_id"] not in rejected]
 
     def _retry(self, fn: Callable[[], None], target: str, stop: threading.Event | None) -> None:
-        delay = 0.1
-        while True:
-            try:
-                fn()
-                return
-            except StaleOffsets:
-                raise
-            except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError) as e:
-                self._on_transient(target, e)
-            except Exception as e:
-                # kafka-python raises its own hierarchy for broker trouble.
-                if type(e).__module__.startswith("kafka"):
-                    self._on_transient(target, e)
-                else:
-                    raise
-            if stop is not None and stop.wait(delay):
-                raise Aborted(f"stopped while the {target} was unavailable; the batch will be redelivered")
-            if stop is None:
-                time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _on_transient(self, target: str, e: BaseException) -> None:
-        self.metrics.commit_errors.labels(target).inc()
-        if target == "store":
-            self._db_ok = False
-        log.warning(
-            "%s unavailable, retrying: %s", target, str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        )
+        self.retry.call(fn, target, stop)
 
     def _maybe_update_lag(self) -> None:
         t = time.monotonic()
@@ -537,7 +714,25 @@ class Pipeline:
         topic = getattr(getattr(self.source, "cfg", None), "topic", self.source.name)
         for p, lag in self.source.lag().items():
             self.metrics.consumer_lag.labels(topic, str(p)).set(lag)
-        self.metrics.ready.set(1 if self.ready() else 0)
+
+    def _publish_readiness(self) -> None:
+        """``oversight_ready`` and ``oversight_ready_check{check}`` are computed at scrape time
+        by the same function as /readyz, so the gauge and the endpoint always agree (a value set
+        by the pipeline thread would go stale while that thread waits out an outage)."""
+
+        def check(name: str | None) -> Callable[[], float]:
+            def value() -> float:
+                try:
+                    checks = self.readiness()
+                except Exception:  # a scrape must not fail because a check did
+                    return 0.0
+                return float(all(checks.values()) if name is None else checks.get(name, False))
+
+            return value
+
+        self.metrics.ready.set_function(check(None))
+        for name in READY_CHECKS:
+            self.metrics.ready_check.labels(name).set_function(check(name))
 
     def _publish_floors(self) -> None:
         m = self.metrics
@@ -561,4 +756,9 @@ def _reencode(row: Mapping[str, Any]) -> bytes:
 
     obj = {k: row[k] for k in ("episode_id", "stream", "model", "prompt", "response", "metadata")}
     obj["timestamp"] = row["ts"]
-    return json.dumps(obj, ensure_ascii=True, default=str).encode("ascii")
+    try:
+        return json.dumps(obj, ensure_ascii=True, default=str).encode("ascii")
+    except (ValueError, TypeError, RecursionError) as e:
+        # The metadata may be what the store refused to encode; the dead letter must still be written.
+        obj["metadata"] = {"unencodable": describe(e, 200)}
+        return json.dumps(obj, ensure_ascii=True, default=str).encode("ascii")

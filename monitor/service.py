@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import signal
@@ -61,7 +63,8 @@ class Service:
     server: OpsServer | None
 
     def readiness(self) -> dict[str, bool]:
-        return {"source": self.pipeline._opened and self.pipeline.source.ready(), "database": self.store.ping()}
+        """The checks of /readyz (``oversight_ready`` is computed from the same function)."""
+        return self.pipeline.readiness()
 
 
 def build_service(
@@ -71,27 +74,52 @@ def build_service(
     serve: bool = True,
     resume: bool = True,
     registry: Any = None,
+    background_calibration: bool | None = None,
 ) -> Service:
+    """The service: store (migrated), metrics, source, dead letters, pipeline, ops server.
+
+    ``background_calibration``: drift detectors are built (calibrated by simulation, seconds)
+    on a worker thread while their signals keep their values, so that a batch, and a SIGTERM
+    drain, never waits for a calibration. Default: on for the long-running service (``serve``
+    and the source from the settings: ``oversight run``), off for drivers that bring their own
+    source (replay, simulate), whose reports must not depend on how fast a calibration ran.
+    """
     settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
     store = Store(settings.database.url, migrate=settings.database.migrate)
     metrics = Metrics(registry, max_streams=settings.metrics.max_streams)
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     src = source if source is not None else build_source(settings, resume=resume)
     pipeline = Pipeline(settings, store, src, build_dead_letters(settings), metrics)
+    if background_calibration is None:
+        background_calibration = serve and source is None
+    if background_calibration:
+        pipeline.prepare_for_service()
     if settings.source.kind == "kafka":
         from monitor.outbox import drift_publisher, scores_publisher
 
-        # Whatever a previous run committed but did not publish goes out first.
+        # Whatever a previous run committed but did not publish goes out first. The outbox keeps
+        # it through an outage of the broker or the database: start anyway, the next batch retries.
         if settings.drift.enabled:
             pipeline.drift_publisher = drift_publisher(settings.kafka, store)
-            pipeline.drift_publisher.publish_pending()
+            _publish_pending(pipeline.drift_publisher, "drift events")
         if settings.reward.enabled:
             pipeline.scores_publisher = scores_publisher(settings.kafka, store)
-            pipeline.scores_publisher.publish_pending()
+            _publish_pending(pipeline.scores_publisher, "reward-model scores")
     svc = Service(settings, store, metrics, pipeline, None)
     if serve:
         svc.server = OpsServer(settings.server.host, settings.server.port, metrics.registry, svc.readiness).start()
     return svc
+
+
+def _publish_pending(publisher: Any, what: str) -> None:
+    from monitor.retry import first_line, transient
+
+    try:
+        publisher.publish_pending()
+    except Exception as e:
+        if not transient(e):
+            raise
+        log.warning("publishing %s left over by the last run failed (kept for retry): %s", what, first_line(e))
 
 
 def install_signal_handlers(stop: threading.Event, drain_timeout_s: float) -> None:
@@ -112,3 +140,7 @@ def install_signal_handlers(stop: threading.Event, drain_timeout_s: float) -> No
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # The interpreter's last garbage collection walks the whole heap (torch, transformers, scipy):
+    # over a second on a busy machine, after the drain is done. Nothing needs collecting at exit
+    # (sinks, store and consumer are closed explicitly), so the heap is frozen out of it.
+    atexit.register(gc.freeze)

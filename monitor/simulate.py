@@ -34,7 +34,6 @@ over all traffic, from the labelled items, with ``true_mean`` over every episode
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -53,6 +52,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from monitor.config import Settings, SimulateConfig
+from monitor.fileio import count_lines, open_maybe_gzip
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -61,12 +61,6 @@ BUNDLED_PAIRS = "hh-harmless-400.jsonl.gz"
 BUNDLED_CONFIG = "simulate.yaml"
 REVIEWER_PREFIX = "sim-reviewer-"
 FEED_STATE = ("__simulate__", "kafka_feed")
-
-
-def _open(path: str) -> Any:
-    with open(path, "rb") as probe:
-        gz = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def bundled(name: str) -> Path:
@@ -100,7 +94,7 @@ class Truth:
 
         out = cls()
         now = time.time()
-        with _open(path) as fh:
+        with open_maybe_gzip(path) as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -314,9 +308,7 @@ class Simulation:
             if self.progress:
                 from tqdm import tqdm
 
-                from monitor.cli import _count_lines
-
-                bar = tqdm(desc="simulate", unit="ep", file=sys.stderr, total=_count_lines(self.input))
+                bar = tqdm(desc="simulate", unit="ep", file=sys.stderr, total=count_lines(self.input))
                 bar.update(getattr(pipe, "_index", 0))
             clock = self._clock(store)
             rounds = 0
@@ -381,7 +373,7 @@ class Simulation:
         )
         n = 0
         try:
-            with _open(self.input) as fh:
+            with open_maybe_gzip(self.input) as fh:
                 for raw in fh:
                     value = raw.rstrip(b"\r\n")
                     if not value.strip():

@@ -4,6 +4,13 @@ Each sampled item carries its inclusion probability ``pi``. Sampling is
 Poisson (each episode is included independently), so the HT total
 ``sum(y / pi)`` is unbiased and ``sum((1 - pi) * y**2 / pi**2)`` is an
 unbiased estimate of its variance.
+
+Intervals. An unbounded quantity (a length) gets the normal interval
+``mean +- z * se``. A quantity on a known range (a rate: 0/1; a rating on a
+fixed scale) gets :func:`bounded_interval`, a score interval that stays inside
+the range and does not collapse to a point when every observed value is the
+same: with 0 events in 30 labels the rate is not known to be 0, only to be
+below about 11%.
 """
 
 from __future__ import annotations
@@ -17,7 +24,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a normal-approximation confidence interval."""
+    """A point estimate with its confidence interval.
+
+    ``interval`` names how the interval was made: ``"normal"`` (``mean +- z * se``) or ``"score"``
+    (:func:`bounded_interval`, for a quantity with known bounds). ``n_effective`` is Kish's
+    effective sample size ``(sum w)**2 / sum w**2`` with ``w = 1 / pi``: the number of equally
+    weighted items that would carry as much information as the unequally weighted sample.
+    """
 
     mean: float
     total: float
@@ -28,9 +41,125 @@ class Estimate:
     n_sampled: int
     population: float
     method: str
+    interval: str = "normal"
+    n_effective: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError("confidence must be in (0, 1)")
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def _lower_score_bound(p: float, s2: float, n: float, excess: float, z: float) -> float:
+    """Smallest ``theta <= p`` with ``(p - theta)**2 <= z**2 * (V(theta) / n + excess)`` on [0, 1].
+
+    ``V(theta) = (theta / p) * s2 + theta * (p - theta)`` is the variance of the sample's
+    distribution after the least favourable change that moves its mean down to ``theta``: a share
+    ``1 - theta / p`` of it moved to 0, the bound it has not been seen near. For 0/1 data
+    (``s2 = p * (1 - p)``) it is the binomial ``theta * (1 - theta)`` and the bound is Wilson's.
+    """
+    if p <= 0.0:
+        return 0.0
+    z2 = z * z
+    a = n + z2
+    b = 2.0 * n * p + z2 * s2 / p + z2 * p
+    c = n * p * p - z2 * n * excess
+    if c <= 0.0:
+        return 0.0
+    disc = max(b * b - 4.0 * a * c, 0.0)
+    # The smaller root in the form that does not cancel.
+    return max(0.0, 2.0 * c / (b + math.sqrt(disc)))
+
+
+def bounded_interval(
+    mean: float,
+    variance: float,
+    design_variance: float,
+    n_effective: float,
+    bounds: tuple[float, float],
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Confidence interval for the mean of a quantity known to lie in ``bounds = (lo, hi)``.
+
+    ``mean`` is the weighted (Hajek) mean, ``variance`` the weighted variance of the values
+    around it, ``design_variance`` the design-based variance of the mean (Poisson sampling,
+    linearised) and ``n_effective`` Kish's effective sample size.
+
+    Method: a score interval, the set of means ``theta`` that the estimate is within ``z``
+    standard errors of when the standard error is computed *at theta*, not at the estimate.
+    Values are rescaled to [0, 1]. Below the estimate ``p`` the variance at ``theta`` is that of
+    the sample's distribution with a share ``1 - theta / p`` of it moved to the lower bound
+    (the least favourable way for the mean to be ``theta``: mass where nothing was seen),
+    ``V(theta) = (theta / p) * s2 + theta * (p - theta)``; above it, the mirror image. For 0/1
+    values this is the binomial variance, and with equal weights the interval is exactly
+    Wilson's score interval (Wilson 1927), with ``n`` replaced by Kish's effective sample size for
+    unequal inclusion probabilities. Where the design-based variance of the mean is larger than
+    ``s2 / n_effective`` (values correlated with the weights), the difference is added to the
+    variance at every ``theta``. The interval always contains the estimate, never leaves
+    ``bounds``, and does not collapse to a point when every value is the same (the normal
+    interval gives ``[0, 0]`` for 0 events in 30, which claims a certainty nobody has).
+
+    Measured coverage of the 95% interval (``tests/test_estimator.py``, Poisson sampling with
+    probabilities varying 10x, 30 to 300 items): at least nominal within Monte-Carlo error at
+    true rates from 0.001 to 0.99 and for ratings piled up at either end of a 1-7 scale, where
+    the normal interval covered as little as 2%.
+
+    >>> lo, hi = bounded_interval(0.0, 0.0, 0.0, 30, (0.0, 1.0))  # 0 events in 30 labels
+    >>> (round(lo, 4), round(hi, 4))
+    (0.0, 0.1135)
+    >>> lo, hi = bounded_interval(7.0, 0.0, 0.0, 30, (1.0, 7.0))  # 30 ratings, all 7 of 7
+    >>> (round(lo, 2), hi)
+    (6.32, 7.0)
+    """
+    lo_b, hi_b = bounds
+    if not (math.isfinite(lo_b) and math.isfinite(hi_b) and lo_b < hi_b):
+        raise ValueError(f"bounds {bounds!r} are not a finite range lo < hi")
+    if not n_effective > 0.0:
+        raise ValueError("n_effective must be positive")
+    z = _z(confidence)
+    span = hi_b - lo_b
+    p = min(1.0, max(0.0, (mean - lo_b) / span))
+    # No distribution on [0, 1] with mean p has a variance above p * (1 - p); rounding may say so.
+    s2 = min(max(variance, 0.0) / span**2, p * (1.0 - p))
+    excess = max(0.0, max(design_variance, 0.0) / span**2 - s2 / n_effective)
+    low = _lower_score_bound(p, s2, n_effective, excess, z)
+    high = 1.0 - _lower_score_bound(1.0 - p, s2, n_effective, excess, z)
+    return lo_b + span * low, lo_b + span * high
+
+
+def _check(values: Sequence[float], probabilities: Sequence[float], bounds: tuple[float, float] | None) -> None:
+    if len(values) != len(probabilities):
+        raise ValueError("values and probabilities must have the same length")
+    for p in probabilities:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"inclusion probability {p!r} is not in (0, 1]")
+    if bounds is not None:
+        lo, hi = bounds
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds {bounds!r} are not a finite range lo < hi")
+        for y in values:
+            if not lo <= y <= hi:
+                raise ValueError(f"value {y!r} is outside the declared bounds [{lo}, {hi}]")
+
+
+def _ht_total_variance(values: Sequence[float], probabilities: Sequence[float], weights: list[float]) -> float:
+    """Unbiased variance estimate of the HT total under Poisson sampling: ``sum((1 - pi) y**2 / pi**2)``."""
+    return math.fsum((1.0 - p) * y * y * w * w for y, p, w in zip(values, probabilities, weights, strict=True))
+
+
+def _hajek(values: Sequence[float], probabilities: Sequence[float], weights: list[float]) -> tuple[float, float, float]:
+    """The ratio mean ``sum(w y) / sum(w)``, its linearised design variance under Poisson
+    sampling, and the weighted variance of the values around it."""
+    sum_w = math.fsum(weights)
+    mean = math.fsum(y * w for y, w in zip(values, weights, strict=True)) / sum_w
+    resid = [y - mean for y in values]
+    design = math.fsum((1.0 - p) * r * r * w * w for r, p, w in zip(resid, probabilities, weights, strict=True))
+    spread = math.fsum(w * r * r for r, w in zip(resid, weights, strict=True)) / sum_w
+    return mean, design / (sum_w * sum_w), spread
 
 
 def horvitz_thompson(
@@ -38,6 +167,7 @@ def horvitz_thompson(
     probabilities: Sequence[float],
     population: float | None = None,
     confidence: float = 0.95,
+    bounds: tuple[float, float] | None = None,
 ) -> Estimate:
     """Estimate the mean (and total) of ``y`` over every episode in a population.
 
@@ -46,47 +176,39 @@ def horvitz_thompson(
     number of episodes in the stream and window, all traffic) is known the
     mean is the HT mean ``total / N``; otherwise the Hajek ratio estimator
     ``total / sum(1/pi)`` with its linearised variance is used.
+
+    ``bounds=(lo, hi)`` declares that every value lies in that range (a rate: ``(0, 1)``; a
+    rating on a 1-7 scale: ``(1, 7)``). Then the interval is :func:`bounded_interval` and the
+    mean is the Hajek ratio even when the population is known: the HT mean of a rate carries
+    the whole sampling noise of ``sum(1/pi)``, which does not shrink at the bounds (simulated at
+    a true rate of 97%, 30 to 300 items, probabilities varying 10x: intervals 2.6 to 3.6 times as
+    wide as the ratio's, and estimates above 100%). The total is then ``mean * N``.
     """
-    if len(values) != len(probabilities):
-        raise ValueError("values and probabilities must have the same length")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError("confidence must be in (0, 1)")
-    for p in probabilities:
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"inclusion probability {p!r} is not in (0, 1]")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    _check(values, probabilities, bounds)
+    z = _z(confidence)
     n = len(values)
-    total = math.fsum(y / p for y, p in zip(values, probabilities, strict=True))
-    var_total = math.fsum((1.0 - p) * y * y / (p * p) for y, p in zip(values, probabilities, strict=True))
     if n == 0:
         # With nothing sampled the HT total is 0 with variance 0, a confident
         # wrong answer; say "unknown" instead.
         nan = float("nan")
         return Estimate(nan, nan, nan, nan, nan, confidence, 0, float(population or 0.0), "none")
-    if population is not None:
-        if population <= 0:
-            raise ValueError("population must be positive")
+    if population is not None and population <= 0:
+        raise ValueError("population must be positive")
+    weights = [1.0 / p for p in probabilities]
+    n_eff = math.fsum(weights) ** 2 / math.fsum(w * w for w in weights)
+    total = math.fsum(y * w for y, w in zip(values, weights, strict=True))
+    if bounds is None and population is not None:
         mean = total / population
-        se = math.sqrt(var_total) / population
-        method = "horvitz-thompson"
-        pop = float(population)
-    else:
-        pop = math.fsum(1.0 / p for p in probabilities)
-        mean = total / pop
-        resid = [(y - mean) for y in values]
-        var_mean = math.fsum((1.0 - p) * r * r / (p * p) for r, p in zip(resid, probabilities, strict=True)) / (
-            pop * pop
-        )
-        se = math.sqrt(var_mean)
-        method = "hajek"
-    return Estimate(
-        mean=mean,
-        total=total,
-        se=se,
-        ci_low=mean - z * se,
-        ci_high=mean + z * se,
-        confidence=confidence,
-        n_sampled=n,
-        population=pop,
-        method=method,
-    )
+        se = math.sqrt(_ht_total_variance(values, probabilities, weights)) / population
+        lo, hi = mean - z * se, mean + z * se
+        return Estimate(mean, total, se, lo, hi, confidence, n, float(population), "horvitz-thompson", "normal", n_eff)
+    mean, var_mean, variance = _hajek(values, probabilities, weights)
+    se = math.sqrt(var_mean)
+    pop = math.fsum(weights) if population is None else float(population)
+    if bounds is None:
+        return Estimate(mean, total, se, mean - z * se, mean + z * se, confidence, n, pop, "hajek", "normal", n_eff)
+    mean = min(bounds[1], max(bounds[0], mean))  # a weighted mean of values in range is in range; rounding aside
+    ci_low, ci_high = bounded_interval(mean, variance, var_mean, n_eff, bounds, confidence)
+    if population is not None:
+        total = mean * population
+    return Estimate(mean, total, se, ci_low, ci_high, confidence, n, pop, "hajek", "score", n_eff)

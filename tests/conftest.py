@@ -1,6 +1,6 @@
-"""Shared fixtures: real PostgreSQL (schema per test), SQLite files, and the CI rule that
-a test needing PostgreSQL or the Kafka broker is never skipped in CI (a missing service
-fails the test; the hook below also turns any skip of a marked test into a failure)."""
+"""Shared fixtures: real PostgreSQL (schema per test), SQLite files, the bundled real data, and
+the CI rule that a test needing PostgreSQL or the Kafka broker is never skipped in CI (a missing
+service fails the test; the hook below also turns any skip of a marked test into a failure)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PG_BASE = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
 REQUIRE_SERVICES = os.environ.get("CI_REQUIRE_SERVICES") == "1"
 
 
@@ -70,8 +68,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not (SHARED_DATA / "alpaca_eval").is_dir():
-        pytest.fail(f"the shared data set is not at {SHARED_DATA}")
-    return SHARED_DATA
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real data bundled with the tests (``tests/realdata.py``), laid out like the shared
+    data set: ``alpaca_eval/<model>.jsonl.gz`` and ``hh_rlhf/harmless-base-test.jsonl.gz``."""
+    from realdata import write_data_dir
+
+    return write_data_dir(tmp_path_factory.mktemp("real-data"))

@@ -57,9 +57,9 @@ def test_sampling_key_required_outside_dev(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ConfigError, match="dev key"):
         load_settings(None, [f"sampling.key={DEV_SAMPLING_KEY}"]).sampling_key()
     assert load_settings(None, ["dev=true"]).sampling_key() == DEV_SAMPLING_KEY.encode()
-    monkeypatch.setenv("OVERSIGHT_SAMPLING__KEY", "s3cret-value")
+    monkeypatch.setenv("OVERSIGHT_SAMPLING__KEY", "s3cret-value-8f1d4c7a2e9b")
     s = load_settings(None, [])
-    assert s.sampling_key() == b"s3cret-value"
+    assert s.sampling_key() == b"s3cret-value-8f1d4c7a2e9b"
     assert "s3cret" not in str(s.redacted()) and "s3cret" not in repr(s)
 
 

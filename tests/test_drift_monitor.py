@@ -3,13 +3,12 @@ boosts review sampling at once, survives a restart, and can be re-referenced."""
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from realdata import alpaca_rows
 
 from monitor.config import Settings, load_settings
 from monitor.deadletter import JsonlDeadLetterSink
@@ -22,18 +21,14 @@ from monitor.store import Store
 T0 = 1_767_225_600
 
 
-def swap_stream(shared: Path, n_before: int = 600, n_after: int = 400) -> list[bytes]:
+def swap_stream(n_before: int = 600, n_after: int = 400) -> list[bytes]:
     """gpt-3.5-turbo-1106 answers, then alpaca-7b answers (a real policy swap; same prompts)."""
     out = []
-
-    def rows(model: str) -> list[dict[str, Any]]:
-        with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
-            return [json.loads(line) for line in fh]
 
     import random
 
     # Shuffled: the files are ordered by prompt source, itself a real shift we do not want here.
-    gpt, alpaca = rows("gpt-3.5-turbo-1106"), rows("alpaca-7b")
+    gpt, alpaca = alpaca_rows("gpt-3.5-turbo-1106"), alpaca_rows("alpaca-7b")
     order = list(range(805))
     random.Random(7).shuffle(order)
     for i in range(n_before + n_after):
@@ -83,8 +78,8 @@ def pipeline(s: Settings, values: list[bytes], store: Store | None = None) -> Pi
 
 
 @pytest.fixture
-def values(shared_data: Path) -> list[bytes]:
-    return swap_stream(shared_data)
+def values() -> list[bytes]:
+    return swap_stream()
 
 
 def test_policy_swap_fires_once_per_signal_and_boosts(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from monitor.episodes import REASONS, InvalidEpisode, parse_episode
+from monitor.episodes import MAX_METADATA_DEPTH, REASONS, InvalidEpisode, parse_episode, parse_timestamp
 
 NOW = 1_767_225_600.0
 LIMIT = 256 * 1024
@@ -70,11 +70,11 @@ def test_full_episode_and_timestamps() -> None:
         (b'{"episode_id": "e", "prompt": "p", "response": "\\ud800"}', "invalid_unicode"),
         (b'{"episode_id": "e", "prompt": "\xff\xfe", "response": "r"}', "invalid_utf8"),
         (b'{"episode_id": "e", "prompt": "p", "response": NaN}', "invalid_json"),
-        (b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": {"x": 1e400}}', "invalid_json"),
+        (b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": {"x": 1e400}}', "number_out_of_range"),
         (b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": {"x": -Infinity}}', "invalid_json"),
         (
             b'{"episode_id": "e", "prompt": "p", "response": "r", "metadata": ' + b"[" * 100000 + b"]" * 100000 + b"}",
-            "invalid_json",
+            "too_deep",
         ),
     ],
 )
@@ -97,3 +97,97 @@ def test_context_is_kept_for_dead_letters() -> None:
 def test_surrogate_pairs_and_escaped_backslashes_are_fine() -> None:
     ep = parse_episode(b'{"episode_id": "e", "prompt": "\\ud83d\\ude00", "response": "\\\\u0000 is text"}', LIMIT, NOW)
     assert ep.prompt == "\U0001f600" and ep.response == "\\u0000 is text"
+
+
+def deep_metadata(levels: int, leaf: bytes = b"1", arrays: bool = True) -> bytes:
+    """Metadata nesting ``levels`` objects/arrays (the metadata object is level 1), written out by
+    hand: json.dumps would recurse."""
+    inner = levels - 1
+    opens, closes = (b"[", b"]") if arrays else (b'{"k":', b"}")
+    return b'{"d":' + opens * inner + leaf + closes * inner + b"}"
+
+
+def with_metadata(meta: bytes, tail: bytes = b"") -> bytes:
+    # Metadata before the text fields: the old recursive scans descended into it before finding the escape.
+    return b'{"episode_id": "e", "metadata": ' + meta + b', "prompt": "p", "response": "r' + tail + b'"}'
+
+
+# Issue 13: records that crashed the pipeline instead of getting a reason.
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # 1e400 written out as an integer: OverflowError in float().
+        (
+            b'{"episode_id": "e", "prompt": "p", "response": "r", "timestamp": 1' + b"0" * 400 + b"}",
+            "number_out_of_range",
+        ),
+        (with_metadata(b'{"n": -' + b"9" * 5000 + b"}"), "number_out_of_range"),
+        # 1,000 deep: orjson parses it, the store's JSON encoder hit the recursion limit.
+        (with_metadata(deep_metadata(1000)), "too_deep"),
+        (with_metadata(deep_metadata(1000, arrays=False)), "too_deep"),
+        # 600 deep with an escaped NUL or lone surrogate: RecursionError in the recursive scans.
+        (with_metadata(deep_metadata(600), b"\\u0000"), "nul_character"),
+        (with_metadata(deep_metadata(600), b"\\ud800"), "invalid_unicode"),
+        (with_metadata(deep_metadata(600, b'"\\u0000"')), "nul_character"),
+        (with_metadata(deep_metadata(MAX_METADATA_DEPTH + 1)), "too_deep"),
+        (with_metadata(deep_metadata(MAX_METADATA_DEPTH + 1, arrays=False)), "too_deep"),
+        # Text that looks like an escape (an escaped backslash, then u0000) takes the slow path.
+        (with_metadata(deep_metadata(40), b"\\\\u0000"), "too_deep"),
+    ],
+)
+def test_poison_pills_get_a_reason(raw: bytes, expected: str) -> None:
+    assert reason(raw, limit=10_000_000) == expected
+
+
+def test_metadata_at_the_depth_limit_is_fine_on_both_parse_paths() -> None:
+    for arrays in (True, False):
+        meta = deep_metadata(MAX_METADATA_DEPTH, arrays=arrays)
+        fast = parse_episode(with_metadata(meta), LIMIT, NOW)
+        # An escaped backslash followed by u0000 is text, but sends the record down the slow path.
+        slow = parse_episode(with_metadata(meta, b"\\\\u0000"), LIMIT, NOW)
+        assert fast.metadata == slow.metadata and fast.metadata is not None
+        assert slow.response == "r\\u0000"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"-9223372036854775808",
+        b"-9223372036854775809",
+        b"1e308",
+        b"1" + b"0" * 300,
+    ],
+)
+def test_numbers_read_the_same_on_both_parse_paths(number: bytes) -> None:
+    raw = b'{"episode_id": "e", "prompt": "p", "response": "r%s", "metadata": {"n": ' + number + b"}}"
+    fast = parse_episode(raw % b"", LIMIT, NOW).metadata
+    slow = parse_episode(raw % b"\\\\u0000", LIMIT, NOW).metadata
+    assert fast is not None and slow is not None
+    assert fast["n"] == slow["n"] and type(fast["n"]) is type(slow["n"])
+
+
+@pytest.mark.parametrize("field", ["episode_id", "stream", "model"])
+@pytest.mark.parametrize("char", ["\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\x9f"])
+def test_control_characters_in_ids_are_rejected(field: str, char: str) -> None:
+    with pytest.raises(InvalidEpisode) as ei:
+        parse_episode(ok(**{field: f"a{char}b"}), LIMIT, NOW)
+    assert ei.value.reason == "invalid_value"
+    assert "control character" in ei.value.detail and f"U+{ord(char):04X}" in ei.value.detail
+    assert char not in ei.value.detail  # the detail names it, it does not carry it
+    if field != "model":  # nor does the dead letter's context
+        assert getattr(ei.value, field) is None
+
+
+def test_printable_unicode_ids_are_fine() -> None:
+    ep = parse_episode(ok(episode_id="épisode ü-\U0001f600", stream="日本 語", model="m\u2028x"), LIMIT, NOW)
+    assert (ep.episode_id, ep.stream, ep.model) == ("épisode ü-\U0001f600", "日本 語", "m\u2028x")
+
+
+def test_huge_integer_timestamp_is_out_of_range() -> None:
+    for value in (10**400, -(10**400), 10**30):
+        with pytest.raises(InvalidEpisode) as ei:
+            parse_timestamp(value)
+        assert ei.value.reason == "invalid_value"
+    assert parse_timestamp(253402300799) == 253402300799.0

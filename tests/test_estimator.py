@@ -1,21 +1,29 @@
-"""Horvitz-Thompson: unbiased, and its 95% interval covers the true mean at the nominal rate."""
+"""Horvitz-Thompson: unbiased, its 95% interval covers the true mean at the nominal rate, and a
+bounded quantity (a rate, a rating) gets an interval that stays honest at the bounds."""
 
 from __future__ import annotations
 
-import gzip
-import json
+import doctest
+import functools
 import math
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
+from realdata import alpaca_rows
 from scipy.stats import binom
 
-from sampling import ChannelPolicy, Sampler, SamplingPolicy, horvitz_thompson
+import sampling.estimator
+from monitor.store import Store
+from sampling import ChannelPolicy, Sampler, SamplingPolicy, bounded_interval, horvitz_thompson
+
+Z95 = 1.959963984540054
 
 
-def judge_prefs(shared: Path, model: str) -> list[tuple[str, float]]:
-    with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
-        rows = [json.loads(line) for line in fh]
+def judge_prefs(model: str) -> list[tuple[str, float]]:
+    rows = alpaca_rows(model)
     return [(f"{model}-{i}", float(r["judge_pref"])) for i, r in enumerate(rows) if r.get("judge_pref") is not None]
 
 
@@ -26,6 +34,7 @@ def test_known_values() -> None:
     var = (1 - 0.5) * 1 / 0.25 + (1 - 0.25) * 9 / 0.0625
     assert est.se == pytest.approx(math.sqrt(var) / 10)
     assert est.ci_low < est.mean < est.ci_high
+    assert est.interval == "normal" and est.n_effective == pytest.approx(36 / 20)
     census = horvitz_thompson([2.0, 4.0], [1.0, 1.0], population=2)
     assert (census.mean, census.se) == (3.0, 0.0)
     hajek = horvitz_thompson([1.0, 3.0], [0.5, 0.5])
@@ -35,22 +44,69 @@ def test_known_values() -> None:
 def test_empty_sample_is_unknown_not_zero() -> None:
     est = horvitz_thompson([], [], population=100)
     assert math.isnan(est.mean) and est.n_sampled == 0
+    est = horvitz_thompson([], [], population=100, bounds=(0.0, 1.0))
+    assert math.isnan(est.ci_low) and math.isnan(est.ci_high)
 
 
-def test_rejects_bad_probabilities() -> None:
+def test_rejects_bad_probabilities_and_bounds() -> None:
     with pytest.raises(ValueError):
         horvitz_thompson([1.0], [0.0])
     with pytest.raises(ValueError):
         horvitz_thompson([1.0], [1.5])
+    with pytest.raises(ValueError, match="outside the declared bounds"):
+        horvitz_thompson([0.0, 8.0], [0.5, 0.5], bounds=(1.0, 7.0))
+    with pytest.raises(ValueError, match="lo < hi"):
+        horvitz_thompson([1.0], [0.5], bounds=(1.0, 1.0))
+
+
+def test_the_docstring_examples_run() -> None:
+    assert doctest.testmod(sampling.estimator).failed == 0
+
+
+def test_no_event_in_30_labels_is_a_rate_below_about_11_percent_not_zero() -> None:
+    """The normal interval says [0%, 0%]; with 30 labels the true rate could well be 10%."""
+    normal = horvitz_thompson([0.0] * 30, [0.1] * 30)
+    assert (normal.ci_low, normal.ci_high) == (0.0, 0.0)  # what the bounds fix
+    est = horvitz_thompson([0.0] * 30, [0.1] * 30, bounds=(0.0, 1.0))
+    assert est.mean == 0.0 and est.ci_low == 0.0
+    assert est.ci_high == pytest.approx(Z95**2 / (30 + Z95**2))  # Wilson's bound: 11.4%
+    assert est.interval == "score" and est.method == "hajek"
+    # 30 events in 30: the mirror image. Known population: still the ratio, inside [0, 1].
+    ones = horvitz_thompson([1.0] * 30, [0.1] * 30, population=250, bounds=(0.0, 1.0))
+    assert ones.mean == 1.0 and ones.ci_high == 1.0 and ones.ci_low == pytest.approx(1 - est.ci_high)
+    assert ones.total == pytest.approx(250.0)
+    # Unequal probabilities: fewer effective labels, a wider interval.
+    probs = [0.02] * 10 + [0.2] * 20
+    skewed = horvitz_thompson([0.0] * 30, probs, bounds=(0.0, 1.0))
+    assert skewed.n_effective < 30 and skewed.ci_high > est.ci_high
+    # Plenty of labels: the score interval and the normal one agree away from the bounds.
+    values = [1.0] * 200 + [0.0] * 200
+    wide = horvitz_thompson(values, [0.05] * 400, bounds=(0.0, 1.0))
+    plain = horvitz_thompson(values, [0.05] * 400)
+    assert wide.ci_low == pytest.approx(plain.ci_low, abs=0.005)
+    assert wide.ci_high == pytest.approx(plain.ci_high, abs=0.005)
+
+
+def test_ratings_that_all_agree_do_not_make_a_point_interval() -> None:
+    top = horvitz_thompson([7.0] * 30, [0.1] * 30, bounds=(1.0, 7.0))
+    assert top.mean == 7.0 and top.ci_high == 7.0 and 6.0 < top.ci_low < 6.6
+    middle = horvitz_thompson([4.0] * 30, [0.1] * 30, bounds=(1.0, 7.0))
+    assert 3.0 < middle.ci_low < 4.0 < middle.ci_high < 5.0
+    # One 6 among the 7s moves the interval a little, not to a sliver.
+    almost = horvitz_thompson([7.0] * 29 + [6.0], [0.1] * 30, bounds=(1.0, 7.0))
+    assert almost.ci_low < top.ci_low + 0.1 and almost.ci_high <= 7.0
+    # Always inside the scale and around the estimate.
+    for values in ([1.0] * 5, [1.0, 7.0], [1.0] * 40 + [2.0], [7.0, 7.0, 1.0]):
+        e = horvitz_thompson(values, [0.3] * len(values), bounds=(1.0, 7.0))
+        assert 1.0 <= e.ci_low <= e.mean <= e.ci_high <= 7.0
 
 
 @pytest.mark.parametrize("population_known", [True, False])
-def test_interval_covers_true_mean_at_nominal_rate_over_replays(shared_data: Path, population_known: bool) -> None:
+def test_interval_covers_true_mean_at_nominal_rate_over_replays(population_known: bool) -> None:
     """Repeated 'replays' of real traffic (judge_pref of three models, mixed rates per stream
     segment via a boost) under different sampling keys: the 95% CI covers the true mean in
     about 95% of them."""
-    population = judge_prefs(shared_data, "gpt-3.5-turbo-1106") + judge_prefs(shared_data, "alpaca-7b")
-    population += judge_prefs(shared_data, "claude-2")
+    population = judge_prefs("gpt-3.5-turbo-1106") + judge_prefs("alpaca-7b") + judge_prefs("claude-2")
     truth = sum(v for _, v in population) / len(population)
     pol = SamplingPolicy(
         channels={"human": ChannelPolicy(0.02), "rm": ChannelPolicy(0.08), "drift": ChannelPolicy(0.05)}
@@ -73,11 +129,181 @@ def test_interval_covers_true_mean_at_nominal_rate_over_replays(shared_data: Pat
     assert lo <= covered <= reps, (covered, lo)
 
 
+# --- coverage of the bounded (score) interval, Monte Carlo -------------------------------------
+
+REPLICATES = 2000
+UNITS = 5000
+# Coverage of a 95% interval estimated from 2,000 replicates: 3 standard errors of Monte-Carlo slack.
+MIN_COVERAGE = 0.95 - 3 * math.sqrt(0.95 * 0.05 / REPLICATES)
+
+
+@functools.cache
+def _design(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2,000 Poisson samples of expected size n from UNITS units whose inclusion probabilities
+    vary 10x: the probabilities and, for every inclusion, its replicate and unit. The design does
+    not depend on the values, so every population below is sampled by the same replicates."""
+    rng = np.random.default_rng(n)
+    u = np.exp(rng.uniform(0.0, math.log(10.0), UNITS))
+    pi = n * u / u.sum()
+    rep, unit = np.nonzero(rng.random((REPLICATES, UNITS)) < pi)
+    return pi, rep, unit
+
+
+def _coverage(y: np.ndarray, bounds: tuple[float, float], n: int) -> tuple[float, float, float]:
+    """(score coverage, normal coverage, mean score width) over the replicates of ``_design(n)``.
+    The sums per replicate are vectorised; the first replicates are checked against
+    horvitz_thompson itself, so they are the estimator's."""
+    truth = float(y.mean())
+    pi, rep, unit = _design(n)
+    w = 1.0 / pi
+    cols = (w, w * w, w * y, w * y * y, (1 - pi) * w * w, (1 - pi) * w * w * y, (1 - pi) * w * w * y * y)
+    sums = np.stack([np.bincount(rep, weights=c[unit], minlength=REPLICATES) for c in cols], 1)
+    covered = covered_normal = 0
+    width = 0.0
+    for r, (sw, sw2, swy, swyy, a0, a1, a2) in enumerate(sums.tolist()):
+        mean = swy / sw
+        variance = max(swyy / sw - mean * mean, 0.0)
+        design = max(a2 - 2 * mean * a1 + mean * mean * a0, 0.0) / (sw * sw)
+        lo, hi = bounded_interval(mean, variance, design, sw * sw / sw2, bounds)
+        if r < 5:
+            units = unit[rep == r]
+            est = horvitz_thompson(y[units].tolist(), pi[units].tolist(), bounds=bounds)
+            assert (est.ci_low, est.ci_high) == pytest.approx((lo, hi), abs=1e-9)
+        covered += lo <= truth <= hi
+        half = Z95 * math.sqrt(design)
+        covered_normal += mean - half <= truth <= mean + half
+        width += hi - lo
+    return covered / REPLICATES, covered_normal / REPLICATES, width / REPLICATES
+
+
+@pytest.mark.parametrize("rate", [0.001, 0.01, 0.03, 0.5, 0.97, 0.99])
+def test_rate_interval_covers_at_the_nominal_rate_near_0_and_1(rate: float) -> None:
+    rng = np.random.default_rng(int(rate * 1000))
+    y = np.zeros(UNITS)
+    y[rng.choice(UNITS, size=max(1, round(rate * UNITS)), replace=False)] = 1.0
+    for n in (30, 100, 300):
+        score, normal, width = _coverage(y, (0.0, 1.0), n)
+        print(f"rate {rate} n {n}: score interval covers {score:.3f} (width {width:.3f}), normal {normal:.3f}")
+        assert score >= MIN_COVERAGE, (rate, n, score)
+
+
+@pytest.mark.parametrize(
+    "ratings",
+    [{7: 0.7, 6: 0.25, 5: 0.05}, {7: 0.99, 3: 0.01}, {2: 0.05, 3: 0.2, 4: 0.4, 5: 0.25, 6: 0.1}, {1: 0.9, 2: 0.1}],
+    ids=["mostly-top", "rare-low", "middle", "mostly-bottom"],
+)
+def test_rating_interval_covers_at_the_nominal_rate(ratings: dict[int, float]) -> None:
+    rng = np.random.default_rng(len(ratings))
+    y = rng.choice(list(ratings), size=UNITS, p=list(ratings.values())).astype(np.float64)
+    for n in (30, 100, 300):
+        score, normal, width = _coverage(y, (1.0, 7.0), n)
+        print(f"{ratings} n {n}: score interval covers {score:.3f} (width {width:.3f}), normal {normal:.3f}")
+        assert score >= MIN_COVERAGE, (ratings, n, score)
+
+
+# --- every place that shows a rate or a rating ------------------------------------------------
+
+
+def _fill(store: Store, n: int = 30) -> None:
+    """n episodes, none empty, none flagged, every one sampled for rm and human review (unequal
+    probabilities) and rated 7 by a reviewer."""
+    from monitor.review.auth import create_user
+    from monitor.store import tables as t
+    from monitor.store.store import bucket_of
+
+    user = create_user(store, "rev", "reviewer", "correct horse battery")
+    now = time.time()
+    eps, samples, labels = [], [], []
+    for i in range(n):
+        eid = f"e{i}"
+        p = 0.05 if i % 3 else 0.5
+        eps.append(
+            {
+                "episode_id": eid,
+                "stream": "chat",
+                "model": "m",
+                "ts": float(i),
+                "prompt": "p",
+                "response": "a real answer",
+                "metadata": {"flagged": False, "score": 0.5},
+                "source": "t",
+                "position": eid,
+                "ingested_at": now,
+            }
+        )
+        for channel in ("rm", "human"):
+            samples.append(
+                {
+                    "episode_id": eid,
+                    "channel": channel,
+                    "stream": "chat",
+                    "ts": float(i),
+                    "inclusion_probability": p,
+                    "created_at": now,
+                }
+            )
+        labels.append(
+            {
+                "episode_id": eid,
+                "slot": 0,
+                "user_id": user.id,
+                "stream": "chat",
+                "skipped": False,
+                "rating": 7,
+                "flags": [],
+                "critique": "",
+                "time_spent_ms": 1000,
+                "created_at": now,
+            }
+        )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.samples.insert(), samples)
+        conn.execute(t.labels.insert(), labels)
+        conn.execute(t.traffic.insert(), [{"stream": "chat", "bucket": bucket_of(0.0), "episodes": 400}])
+
+
+def test_no_zero_width_interval_at_any_call_site(sqlite_url: str) -> None:
+    """`oversight estimate`, the admin page's estimates and chart, and the quality gauges: no
+    empty response, no flag and only 7s among 30 labelled items must not read as certainty."""
+    from monitor.actions import oversight
+    from monitor.estimates import estimate_stream
+    from monitor.metrics import Metrics
+    from monitor.review import stats
+
+    store = Store(sqlite_url)
+    _fill(store)
+    for quantity in ("empty_response", "metadata.flagged"):
+        out = estimate_stream(store, "chat", "rm", quantity)["estimate"]
+        assert out["mean"] == 0.0 and out["ci_low"] == 0.0, out
+        assert 0.05 < out["ci_high"] < 0.5 and out["interval"] == "score", out
+    numeric = estimate_stream(store, "chat", "rm", "metadata.score")["estimate"]
+    assert numeric["interval"] == "normal" and numeric["method"] == "horvitz-thompson"
+
+    (est,) = stats.estimates(store, ["harmful"])
+    flag = est["flags"]["harmful"]
+    assert flag["mean"] == 0.0 and flag["ci_low"] == 0.0 and 0.05 < flag["ci_high"] < 0.5, flag
+    rating = est["rating"]
+    assert rating["mean"] == 7.0 and rating["ci_high"] == 7.0 and 5.0 < rating["ci_low"] < 6.9, rating
+    (bucket,) = stats.estimate_series(store, "chat")
+    assert bucket["ci_low"] == pytest.approx(rating["ci_low"]) and bucket["ci_high"] == 7.0
+
+    quality = oversight.compute(store, None)["chat"]["quality"]
+    m = Metrics(CollectorRegistry())
+    oversight.publish(m, {"chat": {"quality": quality}})
+
+    def gauge(bound: str) -> float | None:
+        return m.registry.get_sample_value("oversight_quality_estimate", {"stream": "chat", "bound": bound})
+
+    assert gauge("estimate") == 7.0 and gauge("ci_high") == 7.0
+    low = gauge("ci_low")
+    assert low is not None and low == pytest.approx(rating["ci_low"]) and low < 6.9
+    store.close()
+
+
 def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) -> None:
     """The full path: replays of the bundled real traffic through the pipeline under different
     sampling keys; the store-based estimate of mean judge_pref covers the true mean."""
-    from prometheus_client import CollectorRegistry
-
     from monitor.config import load_settings
     from monitor.deadletter import JsonlDeadLetterSink
     from monitor.demo import _true_means, bundled_traffic
@@ -85,7 +311,6 @@ def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) ->
     from monitor.metrics import Metrics
     from monitor.pipeline import Pipeline
     from monitor.sources.file import FileSource
-    from monitor.store import Store
 
     truth = _true_means(bundled_traffic(), "judge_pref")
     reps, covered = 40, 0
@@ -93,6 +318,7 @@ def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) ->
         s = load_settings(
             None,
             [
+                "dev=true",  # short per-repetition keys: dev mode skips the secret-entropy check
                 f"sampling.key=key-{rep}",
                 "sampling.rm.rate=0.1",
                 "drift.enabled=false",

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
+from monitor.config import ConfigError
 from monitor.sources.file import FileSource
 
 
@@ -50,9 +55,13 @@ def test_resume_from_byte_offset(tmp_path: Path) -> None:
     resumed = FileSource(str(path), 1000)
     resumed.open(Positions({0: first[-1].next_offset}))
     assert drain(resumed)[0] == b'{"i":4}'
-    not_resumed = FileSource(str(path), 1000, resume=False)
-    not_resumed.open(Positions({0: first[-1].next_offset}))
-    assert len(drain(not_resumed)) == 10
+    # A replay (resume=False) reads from the start, into a store that does not hold this input:
+    # one that does is refused at once (reading it again would count it twice).
+    fresh = FileSource(str(path), 1000, resume=False)
+    fresh.open(Positions())
+    assert len(drain(fresh)) == 10
+    with pytest.raises(ConfigError, match="already holds"):
+        FileSource(str(path), 1000, resume=False).open(Positions({0: first[-1].next_offset}))
 
 
 def test_oversize_line_is_truncated_and_skipped(tmp_path: Path) -> None:
@@ -67,3 +76,92 @@ def test_oversize_line_is_truncated_and_skipped(tmp_path: Path) -> None:
     assert [r.value for r in recs][::2] == [b'{"a":1}', b'{"b":2}']
     assert recs[1].full_size == len(big) + 1 and len(recs[1].value) <= 1002
     assert recs[2].offset == 8 + len(big) + 1
+
+
+def test_whitespace_only_oversize_line_is_blank(tmp_path: Path) -> None:
+    # Spaces, tabs and CRs far beyond the limit: not a record (the old reader dead-lettered it as oversize).
+    blank = b" \t\r" * 700_000
+    content = b'{"a":1}\n' + blank + b"\n" + blank + b'\n{"b":2}\n' + blank
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    recs = []
+    while not src.exhausted:
+        recs += src.poll(10, 0.0)
+    assert [(r.value, r.full_size) for r in recs] == [(b'{"a":1}', None), (b'{"b":2}', None)]
+    assert recs[1].offset == content.index(b'{"b":2}')
+    assert recs[1].next_offset == recs[1].offset + len(b'{"b":2}\n')
+
+
+def test_oversize_line_with_content_after_whitespace_is_still_oversize(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b" " * 5000 + b'{"x":1}\n{"b":2}\n')
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    recs = src.poll(10, 0.0)
+    assert [r.full_size for r in recs] == [5008, None] and recs[1].value == b'{"b":2}'
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_bom_at_the_start_is_skipped_and_offsets_stay_true(tmp_path: Path) -> None:
+    content = BOM + b'{"a":1}\n{"b":2}\n{"c":3}\n'
+    plain = tmp_path / "x.jsonl"
+    plain.write_bytes(content)
+    gz = tmp_path / "x.jsonl.gz"
+    gz.write_bytes(gzip.compress(content))
+    for path in (plain, gz):
+        src = FileSource(str(path), 1000)
+        src.open(Positions())
+        recs = src.poll(2, 0.0)
+        src.close()
+        assert [r.value for r in recs] == [b'{"a":1}', b'{"b":2}']
+        assert recs[0].offset == 3 and recs[0].next_offset == 3 + 8 == recs[1].offset
+        resumed = FileSource(str(path), 1000)
+        resumed.open(Positions({0: recs[1].next_offset}))
+        assert drain(resumed) == [b'{"c":3}']
+        resumed.close()
+    # Only at the start: a BOM inside the stream is data (the record is then invalid JSON).
+    inner = tmp_path / "inner.jsonl"
+    inner.write_bytes(b'{"a":1}\n' + BOM + b'{"b":2}\n')
+    src = FileSource(str(inner), 1000)
+    src.open(Positions())
+    assert drain(src) == [b'{"a":1}', BOM + b'{"b":2}']
+
+
+def test_bom_alone_or_before_a_long_first_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(BOM + b"\n" + b'{"b":2}\n')
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    assert drain(src) == [b'{"b":2}']
+    # A first line of exactly the limit after the BOM is not oversize (the BOM is not part of it).
+    line = b'{"x":"' + b"y" * 992 + b'"}'
+    assert len(line) == 1000
+    path.write_bytes(BOM + line + b"\n")
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    recs = src.poll(10, 0.0)
+    assert [(r.value, r.full_size) for r in recs] == [(line, None)]
+
+
+def test_bom_on_a_pipe(tmp_path: Path) -> None:
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    payload = BOM + b'{"a":1}\n' + b" " * 5000 + b'\n{"b":2}\n'
+
+    def write() -> None:
+        with open(fifo, "wb") as w:
+            w.write(payload)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    src = FileSource(str(fifo), 1000)
+    src.open(Positions())
+    got = []
+    while not src.exhausted:
+        got += [r.value for r in src.poll(10, 1.0)]
+    writer.join(5)
+    assert got == [b'{"a":1}', b'{"b":2}']

@@ -206,7 +206,9 @@ def test_episode_the_database_refuses_is_dead_lettered(pg_url: str, tmp_path: Pa
     long_prompt = {e for e in sampled_ids if len(f"q{e.split('-')[1]}") > 2}
     assert rejected == long_prompt and rejected
     assert {e for e, _, _ in stored_samples(p.store)} == sampled_ids - rejected
-    assert p.store.traffic_count("s") == 20
+    # A refused episode is a dead letter, not traffic: each record is counted once.
+    assert p.store.traffic_count("s") == 20 - len(rejected)
+    assert p.stats.invalid == len(rejected) and p.stats.streams["s"].episodes == 20 - len(rejected)
 
 
 def test_metrics_label_cardinality_is_bounded(tmp_path: Path) -> None:

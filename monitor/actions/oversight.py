@@ -1,8 +1,9 @@
 """The oversight gauges: human-rated quality over all traffic, reward-model vs human
 agreement, and the reward-hacking alarm, per stream.
 
-* ``quality``: the Horvitz-Thompson estimate (and 95% interval) of the mean human rating over
-  all traffic, from the labelled sample and its inclusion probabilities.
+* ``quality``: the Horvitz-Thompson (Hajek) estimate of the mean human rating over all traffic,
+  from the labelled sample and its inclusion probabilities, with its 95% score interval (inside
+  the 1-7 scale, never a point when every rating agrees: ``sampling.bounded_interval``).
 * ``agreement``: over the most recent ``window`` labelled episodes that the active reward model
   also scored, the share of pairs with different ratings that the reward model orders the same
   way as the reviewers (ties in score count half).

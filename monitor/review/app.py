@@ -7,7 +7,10 @@ form field on pages) or with ``Authorization: Bearer <api token>`` (machines).
 
 from __future__ import annotations
 
+import hmac
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,10 +18,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monitor.config import Settings
 from monitor.review import auth, export, queue, stats
 from monitor.store import Store
+
+log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "oversight_session"
 CSP = (
@@ -33,7 +40,49 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
+# Outside dev mode the service is meant to be reached over HTTPS only (cookies are Secure).
+HSTS = "max-age=31536000; includeSubDomains"
 STATIC = Path(__file__).with_name("static")
+
+
+class SecurityHeaders:
+    """Adds the security headers to every HTTP response, a 500 for an unhandled error included.
+
+    A pure ASGI middleware that catches what the app raises: Starlette answers an unhandled
+    exception from its outermost middleware, outside any ``@app.middleware``, so such a 500
+    used to go out without a single security header. The traceback goes to the log, never
+    into the response.
+    """
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]):
+        self.app = app
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for k, v in self.headers.items():
+                    headers.setdefault(k, v)
+                if not path.startswith("/static/"):
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error answering %s %s", scope.get("method"), path)
+            if started:
+                raise  # headers already went out with the response's start
+            await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send_with_headers)
 
 
 class _In(BaseModel):
@@ -88,6 +137,7 @@ def validation_detail(loc: tuple[str, ...], msg: str) -> dict[str, Any]:
 class Principal:
     user: auth.User
     session: auth.Session | None  # None when authenticated by API token
+    api_token: str | None = None  # the bearer token, when authenticated by one
 
 
 class ReviewApp:
@@ -102,6 +152,45 @@ class ReviewApp:
         self.secret = settings.review_secret()
         self.key = settings.sampling_key()
         self.dev = settings.dev
+        self.gate = auth.HashGate.of(settings.review)
+        self.limits = auth.LoginLimits.of(settings.review)
+
+    def login(self, request: Request, name: str, password: str) -> auth.Session:
+        """The one login path of the API and the pages (throttled, hashing bounded by the gate)."""
+        address = request.client.host if request.client else "unknown"
+        try:
+            sess = auth.login(
+                self.store,
+                name,
+                password,
+                address,
+                limits=self.limits,
+                gate=self.gate,
+                hours=self.settings.review.session_hours,
+            )
+        except auth.AuthError as e:
+            self.metrics.login_refused(e.status)
+            raise
+        self.metrics.logins.labels("ok").inc()
+        return sess
+
+    def claim(self, user: auth.User) -> queue.Item | None:
+        return queue.claim(
+            self.store, user, self.settings.review.lease_seconds, self.key, blinding=self.settings.review.blinding
+        )
+
+    def show(
+        self, user: auth.User, item: queue.Item, build: Callable[[], Response], failed: Callable[[], Response]
+    ) -> Response:
+        """``build()`` the response for a claimed item; if that fails, set the item aside (so
+        no lease is left behind and the next claim gets the next item) and answer ``failed()``."""
+        try:
+            return build()
+        except Exception:
+            log.exception("claimed item %r could not be shown; set aside", item.claim.episode_id)
+            queue.set_aside(self.store, user, item.claim)
+            self.metrics.claim_errors.inc()
+            return failed()
 
     def session(self, request: Request) -> auth.Session | None:
         return auth.session_from_token(self.store, request.cookies.get(SESSION_COOKIE))
@@ -109,16 +198,15 @@ class ReviewApp:
     def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            user = auth.user_from_api_token(self.store, header[7:].strip())
+            token = header[7:].strip()
+            user = auth.user_from_api_token(self.store, token)
             if user is None:
                 raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
-            return Principal(user, None)
+            return Principal(user, None, token)
         sess = self.session(request)
         if sess is None:
             raise HTTPException(401, "not logged in", headers={"WWW-Authenticate": "Bearer"})
         if request.method not in ("GET", "HEAD", "OPTIONS"):
-            import hmac
-
             sent = request.headers.get("x-csrf-token", "")
             if not hmac.compare_digest(sent, sess.csrf):
                 raise HTTPException(403, "missing or wrong X-CSRF-Token header")
@@ -149,15 +237,14 @@ def create_app(settings: Settings, store: Store | None = None, registry: Any = N
         redoc_url=None,
     )
     app.state.review = ctx
+    headers = SECURITY_HEADERS if settings.dev else {**SECURITY_HEADERS, "Strict-Transport-Security": HSTS}
+    app.add_middleware(SecurityHeaders, headers=headers)
+    if settings.review.trusted_proxies:
+        # Outermost: behind an ingress every request comes from the proxy's address, and login
+        # throttling per address would then be per user name, which anyone could trigger.
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        for k, v in SECURITY_HEADERS.items():
-            response.headers.setdefault(k, v)
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.review.trusted_proxies)
 
     @app.exception_handler(queue.QueueError)
     async def queue_error(_request: Request, exc: queue.QueueError) -> JSONResponse:
@@ -170,15 +257,10 @@ def create_app(settings: Settings, store: Store | None = None, registry: Any = N
 
     @app.exception_handler(auth.AuthError)
     async def auth_error(_request: Request, exc: auth.AuthError) -> JSONResponse:
-        ctx.metrics.logins.labels("rate_limited" if exc.status == 429 else "failed").inc()
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=exc.headers)
 
-    @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    # No /metrics here: it is served on its own listener (review.metrics_host/_port, see
+    # monitor.review.server.start_metrics), so the public review port does not expose it.
     app.include_router(api_router(ctx), prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
@@ -201,6 +283,9 @@ def create_app(settings: Settings, store: Store | None = None, registry: Any = N
                 key=ctx.key,
                 dev=ctx.dev,
                 current_session=ctx.session,
+                login=ctx.login,
+                claim=ctx.claim,
+                show=ctx.show,
                 metrics=ctx.metrics,
             )
         )
@@ -226,31 +311,29 @@ def api_router(ctx: ReviewApp) -> APIRouter:
 
     is_admin = Depends(admin)
 
-    @r.post("/auth/login", tags=["auth"])
+    @r.post(
+        "/auth/login",
+        tags=["auth"],
+        responses={
+            429: {"description": "too many failed logins from this address (Retry-After)"},
+            503: {"description": "no password-hashing slot free (Retry-After)"},
+        },
+    )
     def login(body: LoginIn, request: Request, response: Response) -> dict[str, Any]:
-        cfg = settings.review
-        address = request.client.host if request.client else "unknown"
-        sess = auth.login(
-            store,
-            body.name,
-            body.password,
-            address,
-            max_failures=cfg.login_max_failures,
-            window_s=cfg.login_window_s,
-            hours=cfg.session_hours,
-            max_failures_per_address=cfg.login_max_failures_per_address,
-        )
+        sess = ctx.login(request, body.name, body.password)
         old = request.cookies.get(SESSION_COOKIE)
         if old:
             auth.revoke_session(store, old)
         ctx.set_session_cookie(response, sess)
-        ctx.metrics.logins.labels("ok").inc()
         return {"user": {"name": sess.user.name, "role": sess.user.role}, "csrf_token": sess.csrf}
 
     @r.post("/auth/logout", tags=["auth"])
     def logout(response: Response, p: Principal = who) -> dict[str, bool]:
+        """Ends the session, or revokes the API token the request was authenticated with."""
         if p.session is not None:
             auth.revoke_session(store, p.session.token)
+        elif p.api_token is not None:
+            auth.revoke_api_token(store, p.api_token)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return {"logged_out": True}
 
@@ -258,12 +341,26 @@ def api_router(ctx: ReviewApp) -> APIRouter:
     def me(p: Principal = who) -> dict[str, Any]:
         return {"name": p.user.name, "role": p.user.role, "flags": settings.review.flags}
 
-    @r.post("/queue/claim", tags=["review"], responses={204: {"description": "the queue is empty"}})
+    @r.post(
+        "/queue/claim",
+        tags=["review"],
+        responses={
+            204: {"description": "the queue is empty"},
+            500: {"description": "the item could not be shown and was set aside; claim again"},
+        },
+    )
     def claim(p: Principal = who) -> Any:
-        item = queue.claim(store, p.user, settings.review.lease_seconds, ctx.key)
+        item = ctx.claim(p.user)
         if item is None:
             return Response(status_code=204)
-        return item.to_json()
+        # Rendered here, inside show(): a failure sets the item aside instead of leaving the
+        # lease behind (every later claim would return the same held lease and fail again).
+        return ctx.show(p.user, item, lambda: JSONResponse(item.to_json()), claim_failed)
+
+    def claim_failed() -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the claimed item could not be shown and was set aside; claim again"}, status_code=500
+        )
 
     def record(p: Principal, body: LabelBody | SkipBody, label: queue.LabelIn, outcome: str) -> dict[str, bool]:
         queue.submit(store, p.user, body.episode_id, body.slot, body.fence, label, settings.review.flags)
@@ -341,7 +438,7 @@ def api_router(ctx: ReviewApp) -> APIRouter:
     def add_user(body: UserIn, p: Principal = is_admin) -> Any:
         password = body.password or auth.generate_password()
         try:
-            u = auth.create_user(store, body.name, body.role, password)
+            u = auth.create_user(store, body.name, body.role, password, gate=ctx.gate)
         except ValueError as e:
             if "exists" in str(e):
                 raise HTTPException(409, str(e)) from None

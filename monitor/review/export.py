@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from monitor.review.queue import alternative_of
+from monitor.review.queue import alternative_of, metadata_text, parse_metadata
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -42,7 +42,7 @@ def _rows(store: Store) -> list[Any]:
             e.c.prompt,
             e.c.response,
             e.c.model,
-            e.c.metadata,
+            metadata_text().label("metadata"),  # parsed by parse_metadata: a bad row cannot fail the export
             e.c.ts,
             s.c.inclusion_probability,
         )
@@ -89,7 +89,7 @@ def pair_records(store: Store) -> list[dict[str, str]]:
     for r in _rows(store):
         if r.skipped:
             continue
-        alt = alternative_of(r.metadata)
+        alt = alternative_of(parse_metadata(r.metadata, r.episode_id))
         if alt is not None and r.preference in ("response", "alternative"):
             chosen, rejected = (r.response, alt) if r.preference == "response" else (alt, r.response)
             pairs.append({"prompt": r.prompt, "chosen": chosen, "rejected": rejected})

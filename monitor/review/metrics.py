@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 from monitor.store import Store
 
 NS = "oversight"
+LABEL_OUTCOMES = ("labelled", "skipped")
+LOGIN_RESULTS = ("ok", "failed", "rate_limited", "busy")
 
 
 class QueueCollector(Collector):
@@ -35,6 +37,9 @@ class QueueCollector(Collector):
         oldest = GaugeMetricFamily(
             f"{NS}_review_queue_oldest_seconds", "Age of the oldest waiting review item", labels=["stream"]
         )
+        error = GaugeMetricFamily(
+            f"{NS}_review_queue_error", "Review items set aside because they could not be shown", labels=["stream"]
+        )
         try:
             rows = queue_depth(self._store, time.time())
         except Exception:  # a scrape must not fail because the database blinked
@@ -48,6 +53,7 @@ class QueueCollector(Collector):
                     "waiting": sum(r["waiting"] for r in tail),
                     "leased": sum(r["leased"] for r in tail),
                     "done": sum(r["done"] for r in tail),
+                    "error": sum(r["error"] for r in tail),
                     "oldest_wait_s": max((r["oldest_wait_s"] or 0.0) for r in tail),
                 }
             )
@@ -56,7 +62,8 @@ class QueueCollector(Collector):
             leased.add_metric([r["stream"]], r["leased"])
             done.add_metric([r["stream"]], r["done"])
             oldest.add_metric([r["stream"]], r["oldest_wait_s"] or 0.0)
-        yield from (waiting, leased, done, oldest)
+            error.add_metric([r["stream"]], r["error"])
+        yield from (waiting, leased, done, oldest, error)
 
 
 class ReviewMetrics:
@@ -75,8 +82,23 @@ class ReviewMetrics:
         )
         self.logins = Counter(
             "review_logins",
-            "Login attempts, by result (ok, failed, rate_limited)",
+            "Login attempts, by result (ok, failed, rate_limited, busy: no password-hashing slot free)",
             ["result"],
             namespace=NS,
             registry=self.registry,
         )
+        self.claim_errors = Counter(
+            "review_claim_errors",
+            "Claimed items that could not be shown and were set aside",
+            namespace=NS,
+            registry=self.registry,
+        )
+        # Pre-zeroed: the first failure shows up in rate().
+        for outcome in LABEL_OUTCOMES:
+            self.labels.labels(outcome)
+        for result in LOGIN_RESULTS:
+            self.logins.labels(result)
+
+    def login_refused(self, status: int) -> None:
+        """Count a refused login by its HTTP status (429 throttled, 503 busy, else failed)."""
+        self.logins.labels({429: "rate_limited", 503: "busy"}.get(status, "failed")).inc()

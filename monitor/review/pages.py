@@ -11,7 +11,10 @@ Security notes:
 * Every state-changing form carries a CSRF token: the session's for signed-in
   forms, a signed nonce bound to an HttpOnly cookie for the login form.
 * Blind review: the reviewer page shows the episode only, never another
-  reviewer's label, a model score or the policy version.
+  reviewer's label or a model score; metadata and the policy version only as far as
+  the stream's blinding allows (:mod:`monitor.review.queue` applies it).
+* Invisible and direction-changing characters in model text are shown as visible
+  markers (:func:`monitor.review.display.reveal`), so reviewers see what was emitted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from markupsafe import Markup
 from monitor.config import Settings
 from monitor.review import auth
 from monitor.review import queue as q
-from monitor.review.auth import Session
+from monitor.review.auth import Session, User
+from monitor.review.display import reveal
 from monitor.store import Store
 
 HERE = Path(__file__).resolve().parent
@@ -61,6 +65,11 @@ EXPORTS = (
     ("/api/v1/admin/export/ratings.csv", "Ratings (CSV)"),
 )
 RATING_ANCHORS = {1: "worst", 4: "neutral", 7: "best"}
+LOGIN_ERRORS = {
+    401: "Wrong name or password.",
+    429: "Too many failed sign-in attempts. Try again later.",
+    503: "The server is busy. Try again in a moment.",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,11 @@ class PageContext:
     key: bytes  # sampling key: keyed order of the two responses of a pair
     dev: bool  # cookies without Secure (plain-HTTP development server)
     current_session: Callable[[Request], Session | None]
+    login: Callable[[Request, str, str], Session]  # raises auth.AuthError (401, 429, 503)
+    claim: Callable[[User], q.Item | None]  # with the stream's blinding
+    # show(user, item, build, failed): build() the response for a claimed item; if that fails,
+    # set the item aside and answer failed().
+    show: Callable[[User, q.Item, Callable[[], Response], Callable[[], Response]], Response]
     admin_summary: Callable[[], dict[str, Any]] | None = None
     estimate_series: Callable[[str], list[dict[str, Any]]] | None = None
     metrics: Any = None  # monitor.review.metrics.ReviewMetrics: login/label/conflict counters
@@ -233,7 +247,7 @@ def _env() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(num=f_num, pct=f_pct, duration=f_duration, utc=f_utc, cell=f_cell)
+    env.filters.update(num=f_num, pct=f_pct, duration=f_duration, utc=f_utc, cell=f_cell, reveal=reveal)
     env.globals.update(split_fences=split_fences, pretty_json=pretty_json)
     return env
 
@@ -292,32 +306,47 @@ def make_router(ctx: PageContext) -> APIRouter:
         error: str | None = None,
         notice: str | None = None,
         form: dict[str, Any] | None = None,
-    ) -> HTMLResponse:
-        item = q.claim(store, session.user, rc.lease_seconds, ctx.key)
-        pair: list[dict[str, Any]] = []
-        if item is not None and item.alternative is not None:
-            shown = [("response", item.response), ("alternative", item.alternative)]
-            if item.alternative_first:
-                shown.reverse()
-            pair = [{"value": v, "text": text, "letter": "AB"[i]} for i, (v, text) in enumerate(shown)]
-        return render(
-            request,
-            "review.html",
-            status,
-            session,
-            item=item,
-            pair=pair,
-            flags=flags,
-            flag_keys=keys,
-            anchors=RATING_ANCHORS,
-            error=error,
-            notice=notice,
-            form=form or {},
-            now=time.time(),
-            lease_minutes=max(1, round(rc.lease_seconds / 60)),
-            max_critique=q.MAX_CRITIQUE,
-            max_skip=q.MAX_SKIP_REASON,
-        )
+    ) -> Response:
+        item = ctx.claim(session.user)
+
+        def page() -> HTMLResponse:
+            pair: list[dict[str, Any]] = []
+            if item is not None and item.alternative is not None:
+                shown = [("response", item.response), ("alternative", item.alternative)]
+                if item.alternative_first:
+                    shown.reverse()
+                pair = [{"value": v, "text": text, "letter": "AB"[i]} for i, (v, text) in enumerate(shown)]
+            return render(
+                request,
+                "review.html",
+                status,
+                session,
+                item=item,
+                pair=pair,
+                invisible=sum(item.invisible_characters().values()) if item is not None else 0,
+                flags=flags,
+                flag_keys=keys,
+                anchors=RATING_ANCHORS,
+                error=error,
+                notice=notice,
+                form=form or {},
+                now=time.time(),
+                lease_minutes=max(1, round(rc.lease_seconds / 60)),
+                max_critique=q.MAX_CRITIQUE,
+                max_skip=q.MAX_SKIP_REASON,
+            )
+
+        def failed() -> HTMLResponse:
+            return render(
+                request,
+                "error.html",
+                500,
+                session,
+                title="This item could not be shown",
+                message="It was set aside for an administrator. Reload the page for the next item.",
+            )
+
+        return page() if item is None else ctx.show(session.user, item, page, failed)
 
     @router.get("/login", response_class=HTMLResponse)
     def get_login(request: Request) -> Response:
@@ -335,23 +364,12 @@ def make_router(ctx: PageContext) -> APIRouter:
         nonce = request.cookies.get(LOGIN_CSRF_COOKIE)
         if not auth.check_login_csrf(ctx.secret, nonce, csrf):
             return login_page(request, 403, "The login form expired. Please try again.", name)
-        address = request.client.host if request.client else "unknown"
         try:
-            session = auth.login(
-                store,
-                name,
-                password,
-                address,
-                max_failures=rc.login_max_failures,
-                window_s=rc.login_window_s,
-                hours=rc.session_hours,
-                max_failures_per_address=rc.login_max_failures_per_address,
-            )
+            session = ctx.login(request, name, password)
         except auth.AuthError as e:
-            count("logins", "rate_limited" if e.status == 429 else "failed")
-            msg = "Too many failed sign-in attempts. Try again later." if e.status == 429 else "Wrong name or password."
-            return login_page(request, e.status, msg, name)
-        count("logins", "ok")
+            refused = login_page(request, e.status, LOGIN_ERRORS.get(e.status, LOGIN_ERRORS[401]), name)
+            refused.headers.update(e.headers)
+            return refused
         old = request.cookies.get(SESSION_COOKIE)
         if old:
             auth.revoke_session(store, old)

@@ -7,17 +7,26 @@ The update is also a compare-and-set on ``fence``, so a row can never be
 handed out twice. A reviewer holds at most one lease at a time; an expired
 lease returns the item to the queue; a submit under a lease that is no longer
 the current one (expired, released or re-claimed) is refused.
+
+Blind review: an :class:`Item` holds only what the stream's blinding allows
+(``review.metadata_fields``, ``review.show_model``, per stream under
+``review.streams``); the rest of the episode never leaves this module.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from monitor.review.auth import User
+from monitor.review.display import bounded, invisible_count
 from monitor.store import Store
 from monitor.store import tables as t
 from sampling import keyed_uniform
@@ -25,6 +34,19 @@ from sampling import keyed_uniform
 MAX_CRITIQUE = 10_000
 MAX_SKIP_REASON = 500
 PREFERENCES = ("response", "alternative", "tie")
+# Statuses of a review task. ``error``: the item could not be shown (see :func:`set_aside`).
+STATUSES = ("pending", "claimed", "done", "error")
+
+log = logging.getLogger(__name__)
+
+# (metadata keys reviewers may see, whether they see the policy version) for a stream;
+# ``ReviewConfig.blinding`` is the one the app passes.
+Blinding = Callable[[str], tuple[frozenset[str], bool]]
+
+
+def blind_all(_stream: str) -> tuple[frozenset[str], bool]:
+    """The default: no metadata, no policy version."""
+    return frozenset(), False
 
 
 class QueueError(Exception):
@@ -45,7 +67,9 @@ class Claim:
 
 @dataclass(frozen=True)
 class Item:
-    """What a reviewer sees: the episode, never another reviewer's label or a model score."""
+    """What a reviewer sees: the episode as its stream's blinding allows (``model`` None and
+    ``metadata`` without the hidden keys), never another reviewer's label or a model score.
+    ``metadata`` is already bounded (:func:`monitor.review.display.bounded`)."""
 
     claim: Claim
     stream: str
@@ -57,6 +81,19 @@ class Item:
     metadata: dict[str, Any] | None
     alternative_first: bool
 
+    def invisible_characters(self) -> dict[str, int]:
+        """Invisible or direction-changing characters per shown field (fields with none left out)."""
+        fields = {
+            "stream": self.stream,
+            "model": self.model,
+            "prompt": self.prompt,
+            "response": self.response,
+            "alternative": self.alternative,
+            "metadata": json.dumps(self.metadata, ensure_ascii=False) if self.metadata else None,
+        }
+        counts = {k: invisible_count(v) for k, v in fields.items()}
+        return {k: n for k, n in counts.items() if n}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "episode_id": self.claim.episode_id,
@@ -65,12 +102,14 @@ class Item:
             "lease_expires_at": self.claim.lease_expires_at,
             "stream": self.stream,
             "model": self.model,
-            "timestamp": self.timestamp,
+            # A non-finite time (an old row) is no JSON number: shown as unknown, like the page does.
+            "timestamp": self.timestamp if math.isfinite(self.timestamp) else None,
             "prompt": self.prompt,
             "response": self.response,
             "alternative": self.alternative,
             "alternative_first": self.alternative_first,
             "metadata": self.metadata,
+            "invisible_characters": self.invisible_characters(),
         }
 
 
@@ -94,74 +133,193 @@ def alternative_of(metadata: Any) -> str | None:
     return None
 
 
-def claim(store: Store, user: User, lease_s: float, key: bytes, now: float | None = None) -> Item | None:
-    """The reviewer's current lease, or a new one on the oldest available item; None if the queue is empty."""
+class UnreadableItem(Exception):
+    """An item's row cannot be read back (for example text that is not valid UTF-8 in SQLite,
+    written by something other than the pipeline); ``fence`` is the task's fence before the claim."""
+
+    def __init__(self, episode_id: str, slot: int, fence: int):
+        super().__init__(f"review item {episode_id!r} slot {slot} cannot be read")
+        self.episode_id, self.slot, self.fence = episode_id, slot, fence
+
+
+class _LostRace(Exception):
+    """Another reviewer took the row between the select and the compare-and-set."""
+
+
+def claim(
+    store: Store,
+    user: User,
+    lease_s: float,
+    key: bytes,
+    now: float | None = None,
+    blinding: Blinding = blind_all,
+) -> Item | None:
+    """The reviewer's current lease, or a new one on the oldest available item; None if the queue is empty.
+
+    An item whose row cannot be read is set aside (status ``error``) and the next one is
+    tried: one bad row must not fail every claim of the queue's oldest item. The caller turns
+    the item into a response; if that fails it must call :func:`set_aside`, or the lease would
+    keep the reviewer on an item they cannot see.
+    """
     now = time.time() if now is None else now
-    rt = t.review_tasks
-    for _ in range(5):  # a lost compare-and-set race (SQLite readers) just tries the next row
-        with store.engine.begin() as conn:
-            if store.dialect == "postgresql":
-                # One claim at a time per reviewer (two tabs, a double click): otherwise
-                # both see "no lease held" and SKIP LOCKED hands each a different row.
-                conn.execute(sa.select(t.users.c.id).where(t.users.c.id == user.id).with_for_update())
-            held = conn.execute(
-                sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence, rt.c.lease_expires_at).where(
-                    rt.c.lease_user_id == user.id, rt.c.status == "claimed", rt.c.lease_expires_at > now
-                )
-            ).first()
-            if held is not None:
-                c = Claim(held.episode_id, int(held.slot), int(held.fence), float(held.lease_expires_at))
-                return _item(conn, c, key)
-            mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
-            leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
-            q = (
-                sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence)
-                .where(
-                    sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
-                    rt.c.episode_id.not_in(mine),
-                    rt.c.episode_id.not_in(leased),
-                )
-                .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
-                .limit(1)
-            )
-            if store.dialect == "postgresql":
-                q = q.with_for_update(skip_locked=True, of=rt)
-            row = conn.execute(q).first()
-            if row is None:
-                return None
-            expires = now + lease_s
-            res = conn.execute(
-                rt.update()
-                .where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot, rt.c.fence == row.fence)
-                .values(status="claimed", lease_user_id=user.id, lease_expires_at=expires, fence=row.fence + 1)
-            )
-            if res.rowcount != 1:
-                continue
-            return _item(conn, Claim(row.episode_id, int(row.slot), int(row.fence) + 1, expires), key)
+    for _ in range(5):  # a lost compare-and-set race (SQLite readers) or a bad row: try the next row
+        try:
+            return _claim_once(store, user, lease_s, key, now, blinding)
+        except _LostRace:
+            continue
+        except UnreadableItem as e:
+            _set_aside_unreadable(store, e, key, blinding)
     return None
 
 
-def _item(conn: sa.Connection, c: Claim, key: bytes) -> Item:
+def _claim_once(store: Store, user: User, lease_s: float, key: bytes, now: float, blinding: Blinding) -> Item | None:
+    rt = t.review_tasks
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            # One claim at a time per reviewer (two tabs, a double click): otherwise
+            # both see "no lease held" and SKIP LOCKED hands each a different row.
+            conn.execute(sa.select(t.users.c.id).where(t.users.c.id == user.id).with_for_update())
+        held = conn.execute(
+            sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence, rt.c.lease_expires_at).where(
+                rt.c.lease_user_id == user.id, rt.c.status == "claimed", rt.c.lease_expires_at > now
+            )
+        ).first()
+        if held is not None:
+            c = Claim(held.episode_id, int(held.slot), int(held.fence), float(held.lease_expires_at))
+            return _read_item(conn, c, c.fence, key, blinding)
+        mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
+        leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
+        q = (
+            sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence)
+            .where(
+                sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
+                rt.c.episode_id.not_in(mine),
+                rt.c.episode_id.not_in(leased),
+            )
+            .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
+            .limit(1)
+        )
+        if store.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=rt)
+        row = conn.execute(q).first()
+        if row is None:
+            return None
+        expires = now + lease_s
+        res = conn.execute(
+            rt.update()
+            .where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot, rt.c.fence == row.fence)
+            .values(status="claimed", lease_user_id=user.id, lease_expires_at=expires, fence=row.fence + 1)
+        )
+        if res.rowcount != 1:
+            raise _LostRace
+        c = Claim(row.episode_id, int(row.slot), int(row.fence) + 1, expires)
+        return _read_item(conn, c, int(row.fence), key, blinding)
+
+
+def _read_item(conn: sa.Connection, c: Claim, fence_before: int, key: bytes, blinding: Blinding) -> Item:
+    try:
+        return _item(conn, c, key, blinding)
+    except sa.exc.DBAPIError as e:
+        if e.connection_invalidated:
+            raise  # the database, not the row
+        raise UnreadableItem(c.episode_id, c.slot, fence_before) from e
+    except (ValueError, TypeError, OverflowError) as e:
+        raise UnreadableItem(c.episode_id, c.slot, fence_before) from e
+
+
+def _set_aside_unreadable(store: Store, e: UnreadableItem, key: bytes, blinding: Blinding) -> None:
+    """Set aside a row that failed to read, if it still fails in a fresh transaction (the
+    first failure rolled the claim back); a failure that does not repeat was not the row's."""
+    rt = t.review_tasks
+    with store.engine.connect() as conn:  # read only; rolled back at close
+        try:
+            _item(conn, Claim(e.episode_id, e.slot, e.fence, 0.0), key, blinding)
+            return
+        except Exception as again:
+            log.warning("review item %r cannot be read (%s); set aside", e.episode_id, type(again).__name__)
+    with store.engine.begin() as conn:
+        conn.execute(
+            rt.update()
+            .where(rt.c.episode_id == e.episode_id, rt.c.slot == e.slot, rt.c.fence == e.fence)
+            .values(status="error", lease_user_id=None, lease_expires_at=None)
+        )
+
+
+def metadata_text() -> sa.Cast[str]:
+    """The episodes' metadata column as JSON text, for :func:`parse_metadata`."""
+    return sa.cast(t.episodes.c.metadata, sa.Text)
+
+
+def parse_metadata(raw: str | None, episode_id: str) -> dict[str, Any] | None:
+    """Metadata read as text (:func:`metadata_text`), or None when there is none or it cannot be read.
+
+    Parsed here, not by the column type: a row stored before validation limited nesting (or
+    by another writer) can nest deeper than the JSON decoder's recursion limit, and an
+    exception while fetching would fail every claim of the queue's oldest item (and exports).
+    """
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        log.warning("episode %r: metadata cannot be read back (%d characters); used without it", episode_id, len(raw))
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_metadata(conn: sa.Connection, episode_id: str) -> dict[str, Any] | None:
+    """An episode's metadata (see :func:`parse_metadata`)."""
+    raw = conn.execute(sa.select(metadata_text()).where(t.episodes.c.episode_id == episode_id)).scalar()
+    return parse_metadata(raw, episode_id)
+
+
+def _item(conn: sa.Connection, c: Claim, key: bytes, blinding: Blinding) -> Item:
     e = t.episodes
     row = conn.execute(
-        sa.select(e.c.stream, e.c.model, e.c.ts, e.c.prompt, e.c.response, e.c.metadata).where(
-            e.c.episode_id == c.episode_id
-        )
+        sa.select(e.c.stream, e.c.model, e.c.ts, e.c.prompt, e.c.response).where(e.c.episode_id == c.episode_id)
     ).one()
-    meta = row.metadata if isinstance(row.metadata, dict) else None
+    meta = load_metadata(conn, c.episode_id)
     alt = alternative_of(meta)
+    fields, show_model = blinding(row.stream)
+    shown = {k: bounded(v) for k, v in (meta or {}).items() if k in fields and k != "alternative_response"}
     return Item(
         claim=c,
         stream=row.stream,
-        model=row.model,
+        model=row.model if show_model else None,
         timestamp=float(row.ts),
         prompt=row.prompt,
         response=row.response,
         alternative=alt,
-        metadata={k: v for k, v in meta.items() if k != "alternative_response"} if meta else None,
+        metadata=shown or None,
         # Order of the two responses is keyed-random: no position bias across items.
         alternative_first=alt is not None and keyed_uniform(key, c.episode_id, "pair-order") < 0.5,
     )
+
+
+def set_aside(store: Store, user: User, c: Claim, now: float | None = None) -> bool:
+    """Take an item that could not be shown out of the queue (status ``error``), in place of
+    the reviewer's lease; whether it was still theirs to set aside.
+
+    Releasing it instead would hand the same item to the next claim, which would fail the
+    same way: one bad item would stop the queue for everyone. Set-aside items are counted
+    (``oversight_review_queue_error``) and go back with ``UPDATE review_tasks SET
+    status = 'pending' WHERE status = 'error'`` once the cause is fixed.
+    """
+    now = time.time() if now is None else now
+    rt = t.review_tasks
+    with store.engine.begin() as conn:
+        res = conn.execute(
+            rt.update()
+            .where(
+                rt.c.episode_id == c.episode_id,
+                rt.c.slot == c.slot,
+                rt.c.fence == c.fence,
+                rt.c.lease_user_id == user.id,
+                rt.c.status == "claimed",
+            )
+            .values(status="error", lease_user_id=None, lease_expires_at=None)
+        )
+    return bool(res.rowcount)
 
 
 def _check_lease(
@@ -225,10 +383,8 @@ def submit(
     now = time.time() if now is None else now
     with store.engine.begin() as conn:
         _check_lease(conn, store, user, episode_id, slot, fence, now)
-        ep = conn.execute(
-            sa.select(t.episodes.c.stream, t.episodes.c.metadata).where(t.episodes.c.episode_id == episode_id)
-        ).one()
-        validate_label(label, flags_allowed, alternative_of(ep.metadata) is not None)
+        ep = conn.execute(sa.select(t.episodes.c.stream).where(t.episodes.c.episode_id == episode_id)).one()
+        validate_label(label, flags_allowed, alternative_of(load_metadata(conn, episode_id)) is not None)
         exists = conn.execute(
             sa.select(t.labels.c.id).where(t.labels.c.episode_id == episode_id, t.labels.c.user_id == user.id)
         ).first()
@@ -274,7 +430,8 @@ def release(store: Store, user: User, episode_id: str, slot: int, fence: int, no
 
 
 def queue_depth(store: Store, now: float | None = None) -> list[dict[str, Any]]:
-    """Per stream: items waiting (pending or with an expired lease), leased, done, and the oldest wait in seconds."""
+    """Per stream: items waiting (pending or with an expired lease), leased, done, set aside
+    (``error``: could not be shown), and the oldest wait in seconds."""
     now = time.time() if now is None else now
     rt = t.review_tasks
     waiting = sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now))
@@ -286,6 +443,7 @@ def queue_depth(store: Store, now: float | None = None) -> list[dict[str, Any]]:
             sa.func.sum(sa.case((leased, 1), else_=0)),
             sa.func.sum(sa.case((rt.c.status == "done", 1), else_=0)),
             sa.func.min(sa.case((waiting, rt.c.created_at), else_=None)),
+            sa.func.sum(sa.case((rt.c.status == "error", 1), else_=0)),
         )
         .group_by(rt.c.stream)
         .order_by(rt.c.stream)
@@ -299,6 +457,7 @@ def queue_depth(store: Store, now: float | None = None) -> list[dict[str, Any]]:
             "leased": int(r[2] or 0),
             "done": int(r[3] or 0),
             "oldest_wait_s": None if r[4] is None else max(0.0, now - float(r[4])),
+            "error": int(r[5] or 0),
         }
         for r in rows
     ]

@@ -1,28 +1,78 @@
-"""Run the review app with uvicorn: on its own, or in a thread beside the pipeline."""
+"""Run the review app with uvicorn: on its own, or in a thread beside the pipeline.
+
+The review service's ``/metrics`` (with ``/healthz`` and ``/readyz``) is served by a
+listener of its own on ``review.metrics_host:review.metrics_port`` (default
+127.0.0.1:9109), never on the public review port: queue depths per stream and login
+counters are for Prometheus, not for whoever can reach the UI.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
+from monitor.config import ConfigError, Settings
+from monitor.server import OpsServer
+
+log = logging.getLogger(__name__)
+
+
+def start_metrics(app: Any, host: str, port: int) -> OpsServer:
+    """Serve the review app's metrics registry on ``host:port`` (a daemon thread)."""
+    ctx = app.state.review
+    try:
+        server = OpsServer(host, port, ctx.metrics.registry, lambda: {"database": bool(ctx.store.ping())}).start()
+    except OSError as e:
+        raise ConfigError(f"review.metrics_host/metrics_port: cannot listen on {host}:{port}: {e.strerror}") from None
+    log.info("review /metrics at %s/metrics", server.url)
+    return server
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """``oversight serve``: the review app in the foreground, its metrics listener beside it."""
+    import uvicorn
+
+    from monitor.review.app import create_app
+
+    app = create_app(settings)
+    metrics = start_metrics(app, settings.review.metrics_host, settings.review.metrics_port)
+    host = host or settings.review.host
+    port = settings.review.port if port is None else port
+    log.info("review UI at http://%s:%d/", host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+    finally:
+        metrics.stop()
+
 
 class BackgroundServer:
-    """uvicorn in a daemon thread (the embedded default runs review and pipeline in one process)."""
+    """uvicorn in a daemon thread (the embedded default runs review and pipeline in one process).
 
-    def __init__(self, app: Any, host: str, port: int):
+    With ``metrics=(host, port)`` the review metrics listener runs too (``oversight run --review``).
+    """
+
+    def __init__(self, app: Any, host: str, port: int, metrics: tuple[str, int] | None = None):
         import uvicorn
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False, lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="review-http", daemon=True)
+        self._app = app
+        self._metrics_listen = metrics
+        self.metrics: OpsServer | None = None
         self.host = host
 
     def start(self, timeout_s: float = 15.0) -> BackgroundServer:
+        if self._metrics_listen is not None:
+            self.metrics = start_metrics(self._app, *self._metrics_listen)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                if self.metrics is not None:
+                    self.metrics.stop()
                 raise RuntimeError("the review server did not start (is the port free?)")
             time.sleep(0.02)
         return self
@@ -42,3 +92,5 @@ class BackgroundServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+        if self.metrics is not None:
+            self.metrics.stop()

@@ -5,6 +5,10 @@ human channel weighted by their inclusion probabilities. Only part of the
 sampled items is labelled at any time, so the ratio (Hajek) estimator is used:
 it needs no population count, and treats which sampled items got labelled so
 far as unrelated to their labels (the queue is served oldest first).
+
+Ratings (1-7) and flag rates (0-1) are bounded, so their intervals are the score
+intervals of :func:`sampling.bounded_interval`: inside the scale, and never a point
+when every label agrees (no flag in 30 labels is a rate below about 11%, not 0%).
 """
 
 from __future__ import annotations
@@ -87,15 +91,13 @@ def label_rows(store: Store) -> list[Any]:
     return _labels(store)
 
 
-def _finite(d: dict[str, Any], lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
-    """NaN/inf become None; the normal-approximation interval is clipped to the quantity's range."""
-    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-    if lo is not None and hi is not None:
-        for k in ("ci_low", "ci_high"):
-            v = out.get(k)
-            if isinstance(v, float):
-                out[k] = min(hi, max(lo, v))
-    return out
+RATING_BOUNDS = (1.0, 7.0)
+FLAG_BOUNDS = (0.0, 1.0)
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf (no labels) become None."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def _per_item(rows: list[Any]) -> dict[str, dict[str, Any]]:
@@ -120,17 +122,19 @@ def estimates(store: Store, flags: list[str], rows: list[Any] | None = None) -> 
     for stream in sorted(by_stream):
         items = by_stream[stream]
         probs = [it["p"] for it in items]
-        rating = horvitz_thompson([statistics.fmean(r for r, _ in it["labels"]) for it in items], probs)
+        rating = horvitz_thompson(
+            [statistics.fmean(r for r, _ in it["labels"]) for it in items], probs, bounds=RATING_BOUNDS
+        )
         flag_est = {}
         for f in flags:
             vals = [sum(1 for _, fl in it["labels"] if f in fl) / len(it["labels"]) for it in items]
-            flag_est[f] = _finite(horvitz_thompson(vals, probs).to_dict(), 0.0, 1.0)
+            flag_est[f] = _finite(horvitz_thompson(vals, probs, bounds=FLAG_BOUNDS).to_dict())
         out.append(
             {
                 "stream": stream,
                 "population": store.traffic_count(stream),
                 "n_labelled": len(items),
-                "rating": _finite(rating.to_dict(), 1.0, 7.0),
+                "rating": _finite(rating.to_dict()),
                 "flags": flag_est,
             }
         )
@@ -150,9 +154,11 @@ def estimate_series(
     for start in sorted(buckets):
         items = buckets[start]
         est = horvitz_thompson(
-            [statistics.fmean(r for r, _ in it["labels"]) for it in items], [it["p"] for it in items]
+            [statistics.fmean(r for r, _ in it["labels"]) for it in items],
+            [it["p"] for it in items],
+            bounds=RATING_BOUNDS,
         )
-        d = _finite(est.to_dict(), 1.0, 7.0)
+        d = _finite(est.to_dict())
         out.append({"start": start, "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(items)})
     return out
 

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from monitor.fileio import open_maybe_gzip
+
 Pair = dict[str, Any]
 Split = Literal["train", "test"]
 
@@ -42,14 +44,29 @@ ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
 DEFAULT_EXCLUDE = frozenset({"NullModel", "gpt4_gamed", "Mixtral-8x7B-Instruct-v0.1"})
 DEFAULT_TEST_FRACTION = 0.2
+# Where the AlpacaEval and HH-RLHF data are (see default_data_dir).
+DATA_DIR_ENV = "REWARD_DATA_DIR"
 
 
 def default_data_dir() -> Path:
-    """``$OVERSIGHT_SHARED_DATA`` or the ``shared/data`` folder next to the repository."""
-    env = os.environ.get("OVERSIGHT_SHARED_DATA")
+    """The folder holding ``alpaca_eval/`` and ``hh_rlhf/``: ``$REWARD_DATA_DIR``, else, in a source
+    checkout only, the ``shared/data`` folder beside it.
+
+    The variable is deliberately not under ``OVERSIGHT_``: settings reject unknown ``OVERSIGHT_*``
+    variables, so such a name would break every other command. An installed package or the image
+    has no checkout beside it; there this raises ``FileNotFoundError`` naming the variable instead
+    of pointing into site-packages' parent folders.
+    """
+    env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]
+    beside = repo.parent / "shared" / "data"
+    if (repo / "pyproject.toml").is_file() and beside.is_dir():
+        return beside
+    raise FileNotFoundError(
+        f"no preference data folder: set {DATA_DIR_ENV} to the folder holding alpaca_eval/ and hh_rlhf/"
+    )
 
 
 def split_of(group: str, test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0) -> Split:
@@ -72,14 +89,8 @@ def group_of(pair: Mapping[str, Any]) -> str:
     return str(pair.get("group") or pair["prompt"])
 
 
-def _open_text(path: str | os.PathLike[str]) -> Any:
-    with open(path, "rb") as probe:
-        gz = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
-
-
 def _jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    with _open_text(path) as fh:
+    with open_maybe_gzip(path, text=True) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
@@ -296,7 +307,7 @@ def validate_pair(obj: Any, where: str = "pair") -> Pair:
 def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     """Pairs from a JSONL file (plain or gzip); every line must hold prompt, chosen and rejected."""
     out = []
-    with _open_text(path) as fh:
+    with open_maybe_gzip(path, text=True) as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from monitor.episodes import Episode
+from monitor.retry import RetryPolicy
 from monitor.store import Store
 from monitor.store import tables as t
 from sampling import Decision
@@ -35,12 +36,15 @@ WINDOW = 500  # recent scores / ratings per stream that set the medians
 BATCH = 1000  # labels taken per checkpoint at most
 
 Feed = Callable[[str, str, float, str, float | None, int], None]
+_T = TypeVar("_T")
 
 
 class DisagreementFeed:
-    def __init__(self, store: Store, feed: Feed):
+    def __init__(self, store: Store, feed: Feed, retry: RetryPolicy | None = None):
         self.store = store
         self._feed = feed
+        # Database reads on the pipeline's path wait out an outage in the pipeline's retry policy.
+        self._retry = retry
         self._cursors: dict[str, int] = {}  # owned stream -> last label id taken
         self._index = -1
         self.fed = 0
@@ -48,27 +52,21 @@ class DisagreementFeed:
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         self._index = index  # events name the input index at which their value arrived
         if episode.stream not in self._cursors:
-            saved = self.store.load_state(episode.stream, COMPONENT)
-            self._cursors[episode.stream] = int(saved["last_label_id"]) if saved else 0
+            stream = episode.stream
+            saved = self._read(lambda: self.store.load_state(stream, COMPONENT))
+            self._cursors[stream] = int(saved["last_label_id"]) if saved else 0
+
+    def _read(self, fn: Callable[[], _T]) -> _T:
+        return fn() if self._retry is None else self._retry.call(fn, "store")
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         if not self._cursors:
             return {}
-        lb, sc = t.labels, t.rm_scores
-        owned = sa.or_(*(sa.and_(lb.c.stream == s, lb.c.id > c) for s, c in self._cursors.items()))
-        q = (
-            sa.select(lb.c.id, lb.c.episode_id, lb.c.stream, lb.c.rating, lb.c.skipped)
-            .add_columns(sc.c.version, sc.c.score, sc.c.ts)
-            .select_from(lb.outerjoin(sc, sc.c.episode_id == lb.c.episode_id))
-            .where(owned)
-            .order_by(lb.c.id)
-            .limit(BATCH)
-        )
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(q).all()
-            if not rows:
-                return {}
-            medians = self._medians(conn, {(r.stream, r.version) for r in rows if r.version is not None})
+        # Nothing changes before the reads below succeed, so a retry after an outage is exact.
+        found = self._read(self._new_labels)
+        if found is None:
+            return {}
+        rows, medians = found
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             self._cursors[r.stream] = max(self._cursors[r.stream], int(r.id))
@@ -83,6 +81,25 @@ class DisagreementFeed:
             self._feed(r.stream, SIGNAL, 1.0 if rm_good != human_good else 0.0, r.episode_id, r.ts, self._index)
             self.fed += 1
         return out
+
+    def _new_labels(self) -> tuple[list[Any], dict[tuple[str, str], tuple[float, float]]] | None:
+        """Labels past the owned streams' cursors, with the medians they are compared with."""
+        lb, sc = t.labels, t.rm_scores
+        owned = sa.or_(*(sa.and_(lb.c.stream == s, lb.c.id > c) for s, c in self._cursors.items()))
+        q = (
+            sa.select(lb.c.id, lb.c.episode_id, lb.c.stream, lb.c.rating, lb.c.skipped)
+            .add_columns(sc.c.version, sc.c.score, sc.c.ts)
+            .select_from(lb.outerjoin(sc, sc.c.episode_id == lb.c.episode_id))
+            .where(owned)
+            .order_by(lb.c.id)
+            .limit(BATCH)
+        )
+        with self.store.engine.connect() as conn:
+            rows = list(conn.execute(q).all())
+            if not rows:
+                return None
+            medians = self._medians(conn, {(r.stream, r.version) for r in rows if r.version is not None})
+        return rows, medians
 
     def _medians(self, conn: sa.Connection, keys: set[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, float]]:
         lb, sc = t.labels, t.rm_scores

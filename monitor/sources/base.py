@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
@@ -71,3 +71,14 @@ class Source(Protocol):
     def ready(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReadAhead(Protocol):
+    """A source that takes records off an input that cannot give them back (a pipe): on a
+    stop, the pipeline processes what it already took instead of dropping it."""
+
+    def take_read_ahead(self, max_records: int) -> list[Record]:
+        """Up to ``max_records`` records already read, without waiting; ``[]`` when none are left.
+        The first call also stops further reading."""
+        ...

@@ -2,7 +2,8 @@
 
 The position of a record is the byte offset of its line in the
 (decompressed) stream, so a regular-file source resumes where the store says
-it stopped. Blank lines are not records. Lines longer than the episode limit
+it stopped. Blank (whitespace-only) lines are not records, and a UTF-8 BOM
+at the start of the stream is skipped. Lines longer than the episode limit
 are not read into memory whole: the first bytes are kept for the dead letter
 and the rest is skipped. Pipes (stdin, FIFOs) are read by a thread, so a
 batch is committed after ``timeout`` even while the writer is quiet.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import queue
 import stat
@@ -24,27 +26,43 @@ from typing import Any, BinaryIO, cast
 
 from monitor.sources.base import Rebalance, Record
 
+log = logging.getLogger(__name__)
+
 _EOF = object()
+READ_AHEAD = 500  # lines a pipe's reader thread takes ahead of the pipeline (what a stop still processes)
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, int, int | None]]:
-    """(value, start, next_offset, full_size if truncated) for every non-blank line."""
+    """(value, start, next_offset, full_size if truncated) for every non-blank line.
+
+    Whitespace-only lines are blank whatever their length (an oversize one is skipped in
+    chunks, never read whole). A UTF-8 byte-order mark at offset 0 (editors on Windows write
+    one) is not part of the first record, which starts at offset 3: offsets stay byte offsets
+    of the stream, so a resume seeks past it."""
     pos = start
     while True:
         begin = pos
-        line = fh.readline(limit + 2)
+        line = fh.readline(limit + 2 + (len(_BOM) if begin == 0 else 0))
         if not line:
             return
         pos += len(line)
+        if begin == 0 and line.startswith(_BOM):
+            line, begin = line[len(_BOM) :], len(_BOM)
         if not line.endswith(b"\n") and len(line) > limit:
+            blank = line.isspace()
             while True:
                 chunk = fh.readline(1 << 20)
                 if not chunk:
                     break
                 pos += len(chunk)
+                blank = blank and chunk.isspace()
                 if chunk.endswith(b"\n"):
                     break
-            yield line, begin, pos, pos - begin
+            if not blank:
+                yield line, begin, pos, pos - begin
             continue
         value = line.rstrip(b"\r\n")
         if value.strip():
@@ -53,22 +71,28 @@ def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, i
 
 class FileSource:
     def __init__(self, path: str | None, max_line_bytes: int, *, resume: bool = True):
-        """``path`` None or ``-`` reads stdin; pipes are never resumed."""
+        """``path`` None or ``-`` reads stdin; pipes are never resumed.
+
+        ``resume=False`` (a replay) reads from the first record, into a database that does not
+        hold this input yet: :meth:`open` refuses one that does (a replay cannot resume, and
+        reading it again would count its traffic twice)."""
         self._stdin = path in (None, "-")
         self.path = None if self._stdin else os.path.abspath(str(path))
         self.name = "stdin" if self._stdin else f"file:{self.path}"
         self._pipe = self._stdin or not stat.S_ISREG(os.stat(str(self.path)).st_mode)
         self._limit = max_line_bytes
         self._resume = resume and not self._pipe
+        self._fresh_only = not resume
         self._fh: BinaryIO | None = None
         self._it: Iterator[tuple[bytes, int, int, int | None]] | None = None
         self._queue: queue.Queue[object] | None = None
+        self._stop_reading = threading.Event()
         self._eof = False
         self._rebalance: Rebalance | None = None
 
     def _open_stream(self) -> BinaryIO:
         if self._pipe:
-            raw: Any = sys.stdin.buffer if self._stdin else open(str(self.path), "rb")  # noqa: SIM115
+            raw: Any = _stdin_reader() if self._stdin else open(str(self.path), "rb")  # noqa: SIM115
             if not isinstance(raw, io.BufferedReader):
                 raw = io.BufferedReader(raw)
             if raw.peek(2)[:2] == b"\x1f\x8b":
@@ -83,31 +107,60 @@ class FileSource:
 
     def open(self, rebalance: Rebalance) -> None:
         self._rebalance = rebalance
+        # Always asked, also when not resuming: the pipeline's compare-and-set of the offset
+        # must expect what the store holds, or every batch would be rolled back as stale.
+        stored = rebalance.assigned([0]).get(0)
+        if self._fresh_only and stored is not None:
+            from monitor.config import ConfigError
+
+            raise ConfigError(
+                f"the database already holds {self.name} (up to byte {stored}): a replay reads its input"
+                " from the start and cannot resume. Replay into a fresh database (--db), or continue a"
+                " file where it stopped with `oversight run --input FILE`"
+            )
+        # From here on the stored offset is this run's own progress: a rewind resumes from it.
+        self._fresh_only = False
+        self._resume = not self._pipe
+        if self._pipe:
+            self._start_reader()
+            return
         self._fh = self._open_stream()
-        start = int(rebalance.assigned([0]).get(0, 0)) if self._resume else 0
+        start = int(stored or 0) if self._resume else 0
         if start:
             self._fh.seek(start)
         self._it = _lines(self._fh, self._limit, start)
-        if self._pipe:
-            q: queue.Queue[object] = queue.Queue(maxsize=10000)
-            self._queue = q
-            it = self._it
 
-            def pump() -> None:
-                try:
-                    for item in it:
-                        q.put(item)
-                finally:
-                    q.put(_EOF)
+    def _start_reader(self) -> None:
+        """A pipe is read by a thread: everything that can block (opening a FIFO waits for its
+        writer, the gzip check waits for the first bytes, every read waits for the next line)
+        happens there, so the pipeline's loop keeps seeing its stop. A pipe is a new input every
+        time: it is read from its start (its positions restart at 0)."""
+        q: queue.Queue[object] = queue.Queue(maxsize=READ_AHEAD)
+        self._queue = q
+        stop_reading = self._stop_reading
+        limit = self._limit
 
-            threading.Thread(target=pump, name="file-source-reader", daemon=True).start()
+        def pump() -> None:
+            try:
+                fh = self._fh = self._open_stream()
+                for item in _lines(fh, limit, 0):
+                    q.put(item)
+                    if stop_reading.is_set():
+                        return  # a stop: what was read is processed, nothing more is taken
+            except (OSError, EOFError) as e:  # a broken or corrupt stream ends the input, said once
+                log.error("reading %s failed, treating it as the end of the input: %s", self.name, e)
+            finally:
+                q.put(_EOF)
+
+        threading.Thread(target=pump, name="file-source-reader", daemon=True).start()
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        if self._eof or self._it is None:
+        if self._eof or (self._it is None and self._queue is None):
             return []
         now = time.time()
         out: list[Record] = []
         if self._queue is None:
+            assert self._it is not None
             for value, begin, end, full in self._it:
                 out.append(Record(value, 0, begin, end, now, full_size=full))
                 if len(out) >= max_records:
@@ -141,10 +194,20 @@ class FileSource:
     def guard(self, records: list[Record]) -> AbstractContextManager[bool]:
         return nullcontext(True)
 
+    def take_read_ahead(self, max_records: int) -> list[Record]:
+        """On a stop: the lines a pipe's reader already took, without waiting (see ReadAhead)."""
+        self._stop_reading.set()
+        if self._queue is None:
+            return []  # a regular file: nothing is lost, a restart resumes from the store
+        return self.poll(max_records, 0.0)
+
     def rewind(self) -> None:
         assert self._rebalance is not None
         if self._pipe:
-            return  # a pipe cannot be re-read; the store's CAS already refused the batch
+            # A pipe cannot be re-read (the store's CAS refused the batch): only learn the
+            # stored offset again, so that the next batch's compare-and-set can succeed.
+            self._rebalance.assigned([0])
+            return
         self.close()
         self._eof = False
         self.open(self._rebalance)
@@ -153,12 +216,26 @@ class FileSource:
         return {}
 
     def ready(self) -> bool:
-        return self._fh is not None
+        # A pipe waiting for its writer, or for its next line, is a live source with nothing to say.
+        return self._fh is not None or self._queue is not None
 
     def close(self) -> None:
-        # A pipe's reader thread may be blocked in readline holding the
-        # buffer's lock; closing would wait for the writer. It dies with us.
+        # A pipe's reader thread may be blocked in readline holding the buffer's lock; closing
+        # would wait for the writer. It dies with us (see _stdin_reader).
         if self._fh is not None and not self._pipe:
             self._fh.close()
         self._fh = None
         self._it = None
+        self._queue = None
+
+
+def _stdin_reader() -> io.BufferedReader:
+    """A reader of our own on a duplicate of file descriptor 0, not ``sys.stdin.buffer``: the
+    reader thread may be blocked in a read when the interpreter exits (a SIGTERM while the
+    writer is quiet), and a thread holding the interpreter's own stdin buffer then aborts the
+    exit ("Fatal Python error: _enter_buffered_busy", exit 134)."""
+    try:
+        fd = os.dup(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # no real stdin (embedded, closed): use what there is
+        return cast(io.BufferedReader, sys.stdin.buffer)
+    return io.BufferedReader(io.FileIO(fd, "rb"))

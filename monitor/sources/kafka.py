@@ -36,6 +36,11 @@ from monitor.sources.base import Rebalance, Record
 log = logging.getLogger(__name__)
 
 QUEUE_BATCHES = 4
+# The source is ready while the consumer thread saw the broker this recently: connected to the
+# group coordinator and to the leader of every assigned partition (kafka-python's poll returns
+# empty batches while the broker is down, so a poll that returned proves nothing).
+CONTACT_S = 3.0
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 def client_security(cfg: KafkaConfig) -> dict[str, Any]:
@@ -73,7 +78,7 @@ class KafkaSource:
         self._to_commit: dict[int, int] = {}
         self._committed: dict[int, int] = {}
         self._lag: dict[int, int] = {}
-        self._last_poll_ok = 0.0
+        self._last_contact = 0.0  # monotonic time the consumer thread last saw the broker up
         self._error: BaseException | None = None
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,6 +102,9 @@ class KafkaSource:
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             max_poll_records=cfg.max_poll_records,
             fetch_max_bytes=cfg.fetch_max_bytes,
+            # Reconnect within a second of the broker's return (the default backoff grows to 30 s),
+            # so that ingest, and /readyz, recover within seconds of an outage.
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **client_security(cfg),
         )
         source = self
@@ -181,7 +189,7 @@ class KafkaSource:
                     commits, self._to_commit = self._to_commit, {}
                 self._commit_kafka(commits)
                 batches = consumer.poll(timeout_ms=100, max_records=self._max_records)
-                self._last_poll_ok = time.monotonic()
+                self._check_contact(bool(batches))
                 if time.monotonic() - last_lag >= 1.0:
                     last_lag = time.monotonic()
                     self._update_lag()
@@ -222,7 +230,36 @@ class KafkaSource:
                 self._queue.put((gen, records), timeout=0.1)
                 return
             except queue.Full:
+                # Not polling while the pipeline is behind (say, waiting out a database outage):
+                # the broker's liveness is still known from the client's connections.
+                self._check_contact(False)
                 continue
+
+    def _check_contact(self, fetched: bool) -> None:
+        """On the consumer thread (the client is not thread-safe): note the time if the broker is
+        reachable now. Records just fetched prove it; otherwise the connections to the group
+        coordinator and to every assigned partition's leader must be up, and a stable member's
+        heartbeats must be answered (a hung broker keeps its sockets open)."""
+        from kafka import TopicPartition
+
+        now = time.monotonic()
+        if not fetched:
+            try:
+                client = self._consumer._client
+                coordinator = self._consumer._coordinator
+                node = coordinator.coordinator_id
+                if node is None or not client.connected(node):
+                    return
+                for p in self._assigned:
+                    leader = client.cluster.leader_for_partition(TopicPartition(self.cfg.topic, p))
+                    if leader is None or leader < 0 or not client.connected(leader):
+                        return
+                silent = now - coordinator.heartbeat.last_receive
+                if coordinator.stable() and silent > max(3.0, 2.5 * self.cfg.heartbeat_interval_ms / 1000):
+                    return
+            except AttributeError:  # another kafka-python: only fetched records prove contact
+                return
+        self._last_contact = now
 
     def _commit_kafka(self, offsets: Mapping[int, int], sync: bool = False) -> None:
         from kafka import TopicPartition
@@ -309,5 +346,5 @@ class KafkaSource:
             self._thread is not None
             and self._thread.is_alive()
             and self._error is None
-            and time.monotonic() - self._last_poll_ok < 30
+            and time.monotonic() - self._last_contact < CONTACT_S
         )

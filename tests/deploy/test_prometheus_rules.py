@@ -3,6 +3,7 @@ the service really exposes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,11 +86,35 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     assert not lacking, f"alerts without both a firing and a not-firing unit test: {lacking}"
 
 
+RUNBOOK = DEPLOY / "prometheus" / "RUNBOOK.md"
+
+
+def _runbook_sections() -> dict[str, str]:
+    """GitHub anchor of each `## ` section of the runbook -> its text."""
+    sections: dict[str, str] = {}
+    for chunk in RUNBOOK.read_text().split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        sections[re.sub(r"[^a-z0-9 -]", "", title.strip().lower()).replace(" ", "-")] = body
+    return sections
+
+
 def test_every_alert_is_labelled_and_explained() -> None:
+    sections = _runbook_sections()
     for rule in alerting_rules():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, rule["alert"]
         assert rule["labels"].get("component"), rule["alert"]
-        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+        annotations = rule["annotations"]
+        assert annotations.get("summary") and annotations.get("description"), rule["alert"]
+        # The runbook link: the repository path of the runbook and the alert's own section there (the chart
+        # rewrites the path to metrics.prometheusRule.runbookBaseUrl).
+        assert annotations.get("runbook_url") == f"deploy/prometheus/RUNBOOK.md#{rule['alert'].lower()}", rule["alert"]
+        section = sections.get(rule["alert"].lower(), "")
+        assert "**Means.**" in section and "**Fix.**" in section, f"RUNBOOK.md has no full section for {rule['alert']}"
+
+
+def test_the_runbook_has_no_section_for_an_alert_that_does_not_exist() -> None:
+    alerts = {r["alert"].lower() for r in alerting_rules()}
+    assert set(_runbook_sections()) == alerts
 
 
 def test_rules_use_only_metrics_the_service_exposes(tmp_path: Path) -> None:

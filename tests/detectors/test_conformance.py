@@ -32,6 +32,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "fet": {"ert": 100, "x_ref": REF_BIN, "window_sizes": (10, 30), "n_bootstraps": 300},
     "mmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
     "lsdd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
+    "kmmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8},
 }
 KINDS = {"continuous", "binary", "multivariate"}
 DATA_KEYS = {"is_drift", "distance", "p_val", "threshold"}
@@ -231,7 +232,7 @@ def test_restore_refuses_what_it_cannot_read() -> None:
 def test_make_rejects_unknown_names_and_missing_references() -> None:
     with pytest.raises(ValueError, match="unknown detector"):
         detectors.make("nope", ert=100)
-    for name in ("cvm", "fet", "mmd", "lsdd"):
+    for name in ("cvm", "fet", "mmd", "lsdd", "kmmd"):
         with pytest.raises(ValueError, match="x_ref"):
             detectors.make(name, ert=100)
 

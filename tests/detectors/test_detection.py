@@ -32,7 +32,7 @@ def _proto(name: str) -> Detector:
         x_ref: Any = np.zeros(500, dtype=int)
         x_ref[:50] = 1  # a reference rate of exactly 0.1 (a sampled one is off by ~0.013)
         rng.shuffle(x_ref)
-    elif name in ("mmd", "lsdd"):
+    elif name in ("mmd", "lsdd", "kmmd"):
         x_ref = rng.standard_normal((500, DIM))
     else:
         x_ref = rng.normal(3.0, 2.0, 500)  # not standard: the detectors standardise by the reference
@@ -119,7 +119,7 @@ def test_fet_rate_change() -> None:
     assert max(delays) < 200
 
 
-@pytest.mark.parametrize("name", ["mmd", "lsdd"])
+@pytest.mark.parametrize("name", ["mmd", "lsdd", "kmmd"])
 def test_multivariate_mean_shift(name: str) -> None:
     det = _proto(name)
     alarms = 0

@@ -4,7 +4,6 @@ exactly as committed in the database, with idempotency keys."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 import uuid
@@ -12,25 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from realdata import alpaca_rows
 
 from monitor.reward.model import ModelConfig, RewardModel
 from monitor.reward.registry import Registry
 from monitor.store import Store
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval"
-
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def _outputs(model: str) -> list[dict[str, Any]]:
-    with gzip.open(DATA / f"{model}.jsonl.gz", "rt") as fh:
-        return [json.loads(line) for line in fh]
 
 
 def test_drift_events_and_scores_are_published(kenv: Any, sqlite_url: str, tmp_path: Path) -> None:
     # The files are ordered by prompt source (a real shift of its own): shuffle each side.
     rng = random.Random(0)
-    before, after = _outputs("gpt-3.5-turbo-1106"), _outputs("alpaca-7b")
+    before, after = alpaca_rows("gpt-3.5-turbo-1106"), alpaca_rows("alpaca-7b")
     rng.shuffle(before)
     rng.shuffle(after)
     before, after = before[:700], after[:700]

@@ -14,7 +14,7 @@ import pytest
 from fastapi.routing import APIRoute
 from review_helpers import API, PASSWORD, Env, make_env, seed_simple
 
-from monitor.review import queue
+from monitor.review import auth, queue
 
 ANON, BAD, REV, ADM, OTHER = "anonymous", "bad_token", "reviewer", "admin", "other_reviewers_item"
 ANY_USER = {ANON: 401, BAD: 401, REV: 200, ADM: 200}
@@ -69,6 +69,10 @@ def _request(env: Env, method: str, path: str, role: str) -> httpx.Response:
     client = env.client({REV: "rev", ADM: "root", OTHER: "rev"}.get(role))
     if role == BAD:
         client.headers["Authorization"] = "Bearer ovt_not-a-real-token"
+    elif path.endswith("/auth/logout") and role in (REV, ADM):
+        # Logout revokes the bearer token it is called with: use a throwaway one.
+        name = {REV: "rev", ADM: "root"}[role]
+        client.headers["Authorization"] = f"Bearer {auth.create_api_token(env.store, env.users[name], 'logout')}"
     actor = {REV: "rev", ADM: "root"}.get(role, "owner")
     body: dict[str, Any] | None = None
     params: dict[str, Any] = {}
@@ -141,7 +145,6 @@ PAGE_EXPECT: dict[tuple[str, str], dict[str, tuple[int, str | None]]] = {
     ("GET", "/admin"): {ANON: (303, "/login"), REV: (403, None), ADM: (200, None)},
     ("GET", "/healthz"): {ANON: (200, None), REV: (200, None), ADM: (200, None)},
     ("GET", "/readyz"): {ANON: (200, None), REV: (200, None), ADM: (200, None)},
-    ("GET", "/metrics"): {ANON: (200, None), REV: (200, None), ADM: (200, None)},
 }
 PAGE_CELLS = [(m, p, role, exp) for (m, p), roles in PAGE_EXPECT.items() for role, exp in roles.items()]
 
@@ -194,3 +197,9 @@ def test_page_authz_cell(env: Env, method: str, path: str, role: str, expected: 
 def test_static_files_are_public(env: Env) -> None:
     r = env.client().get("/static/review.js")
     assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+
+
+def test_metrics_are_not_on_the_public_port(env: Env) -> None:
+    """Queue depths and login counters are for Prometheus, on the metrics listener only."""
+    for role in (ANON, REV, ADM):
+        assert _page_client(env, role).get("/metrics").status_code == 404

@@ -20,6 +20,7 @@ import uvicorn
 from review_helpers import API, PASSWORD, Env, episode_row, make_env, seed
 
 from monitor.review.app import CSP
+from monitor.review.display import INVISIBLE, marker
 
 pytestmark = pytest.mark.slow
 
@@ -356,6 +357,10 @@ def test_xss_corpus_never_executes(browser: Any, live: Callable[[], tuple[Env, L
         )
     seed(env.store, eps)
     n_items = len(eps)
+    # Blinding hides metadata and the policy version by default: show them all here, so every
+    # payload is rendered in those places too (keys and values).
+    env.settings.review.metadata_fields = sorted({k for e in eps for k in e["metadata"]})
+    env.settings.review.show_model = True
 
     dialogs: list[str] = []
     ctx = browser.new_context()
@@ -383,7 +388,8 @@ def test_xss_corpus_never_executes(browser: Any, live: Callable[[], tuple[Env, L
         g = PAYLOADS[int(str(eid)[1:]) : int(str(eid)[1:]) + group]
         for p in g:
             if "`" not in p and "\r" not in p:
-                assert p.strip() in prompt, p  # shown as text, not dropped or parsed
+                # Shown as text, not dropped or parsed; invisible characters as visible markers.
+                assert INVISIBLE.sub(lambda m: marker(m.group()), p.strip()) in prompt, p
                 seen_text += 1
         page.keyboard.press("4")
         with page.expect_navigation():
@@ -404,7 +410,7 @@ def test_xss_corpus_never_executes(browser: Any, live: Callable[[], tuple[Env, L
     page.wait_for_load_state("load")
     audit("admin page")
     text = page.text_content("main") or ""
-    shown = [s for s in {e["stream"] for e in eps} if s in text]
+    shown = [s for s in {e["stream"] for e in eps} if INVISIBLE.sub(lambda m: marker(m.group()), s) in text]
     assert len(shown) == len({e["stream"] for e in eps})
     assert page.locator("svg.chart").count() == 1
     r = page.goto(f"{srv.url}/api/v1/admin/estimates/chart.svg")
@@ -502,4 +508,27 @@ def test_form_errors_reflect_input_as_text(browser: Any, live: Callable[[], tupl
         assert page.input_value("#skip_reason").startswith(p)
         assert page.evaluate(HITS) == [0, [], []] and dialogs == [], p
         assert page.evaluate(DOM_AUDIT) == [], p
+    ctx.close()
+
+
+def test_invisible_characters_are_visible_to_reviewers(
+    browser: Any, live: Callable[[], tuple[Env, LiveServer]]
+) -> None:
+    """A right-to-left override would show "Pay to NAVI" for the emitted "Pay to IVAN"; a
+    zero-width space splits a word unseen. The reviewer sees markers where they are instead."""
+    env, srv = live()
+    response = "Pay to \u202eNAVI\u202c today. Be\u200bware."
+    seed(env.store, [episode_row("bidi", prompt="Who gets paid?", response=response)])
+    ctx = browser.new_context()
+    page = sign_in(ctx, srv, "alice")
+    shown = page.inner_text("section.response")
+    assert "Pay to ⟨U+202E⟩NAVI⟨U+202C⟩ today. Be⟨U+200B⟩ware." in shown, shown
+    # No control character reaches the rendered text (the DOM keeps none of them either).
+    text = page.evaluate("document.querySelector('main').textContent")
+    assert not any(ch in text for ch in "\u202e\u202c\u200b")
+    assert page.locator("section.response .invisible-char").count() == 3
+    assert "3 invisible or direction-changing characters" in page.inner_text("p.invisible-notice")
+    # Markers are laid out left to right, in emission order: the override no longer reorders anything.
+    boxes = [page.locator("section.response .invisible-char").nth(i).bounding_box() for i in range(2)]
+    assert boxes[0] is not None and boxes[1] is not None and boxes[0]["x"] < boxes[1]["x"]
     ctx.close()

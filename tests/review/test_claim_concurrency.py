@@ -36,7 +36,7 @@ def store(pg_url: str) -> Iterator[Store]:
 
 def make_users(store: Store, n: int, prefix: str = "r") -> list[auth.User]:
     """Reviewers without per-user argon2 cost: one hash shared by all (they never log in)."""
-    pw = auth._hasher().hash("unused-password")
+    pw = auth.hash_password("unused-password")
     rows = [
         {"name": f"{prefix}{i:03d}", "role": "reviewer", "password_hash": pw, "created_at": time.time()}
         for i in range(n)

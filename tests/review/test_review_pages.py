@@ -246,7 +246,7 @@ def test_submit_errors(make_page_env: Callable[..., Env]) -> None:
 
 
 def test_model_text_is_escaped_and_code_fences_render(make_page_env: Callable[..., Env]) -> None:
-    env = make_page_env()
+    env = make_page_env("review.metadata_fields=[note]")  # "note" is shown, "score_hidden" is not
     env.user("alice")
     response = f"Hi {XSS}\n```python\nif a < b:\n    print('<b>')\n```\ntail & more"
     seed(
@@ -271,6 +271,7 @@ def test_model_text_is_escaped_and_code_fences_render(make_page_env: Callable[..
     )
     assert "tail &amp; more" in page
     assert "<details" in page and "&#34;note&#34;" in page  # metadata pretty-printed, escaped
+    assert "score_hidden" not in page  # not on the stream's allow-list
     assert ">m<" not in page  # the policy version (model) is not shown: blind review
 
 

@@ -1,17 +1,35 @@
-"""Small real reward models for the registry, gate and scorer tests (trained once per session)."""
+"""Small real reward models for the registry, gate and scorer tests (trained once per session),
+on the real data bundled with the tests."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from monitor.reward.data import alpaca_eval_pairs, split_of
+from monitor.reward.data import DATA_DIR_ENV, alpaca_eval_pairs, split_of
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bundled_preference_data(real_data: Path) -> Iterator[Path]:
+    """Point the reward data's default folder, here and in ``oversight rm`` subprocesses, at the
+    bundled data while a module of these tests runs (and only then: tests elsewhere see the
+    environment they started with); the tests read nothing beside the repository."""
+    before = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(real_data)
+    yield real_data
+    if before is None:
+        os.environ.pop(DATA_DIR_ENV, None)
+    else:
+        os.environ[DATA_DIR_ENV] = before
 
 
 @pytest.fixture(scope="session")
-def alpaca_split() -> dict[str, list[dict[str, Any]]]:
-    pairs = alpaca_eval_pairs(pairs_per_instruction=2)
+def alpaca_split(real_data: Path) -> dict[str, list[dict[str, Any]]]:
+    pairs = alpaca_eval_pairs(real_data / "alpaca_eval", pairs_per_instruction=2)
     out: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     for p in pairs:
         out[split_of(p["group"])].append(p)

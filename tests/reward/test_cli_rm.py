@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 OVERSIGHT = [sys.executable, "-m", "monitor.cli"]
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TINY = ["--set", "max_length=32", "--set", "max_prompt_tokens=8", "--set", "epochs=1", "--set", "val_fraction=0"]
 
 
@@ -44,19 +43,38 @@ def test_rm_pairs_train_eval(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["parent"] == summary["version"]
     assert json.loads((v2 / "metadata.json").read_text())["parent"] == summary["version"]
 
+    # The registry commands: register (creates the database), list, and an update with nothing to do.
+    db = ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--set", f"reward.models_dir={tmp_path / 'models'}"]
+    out = run("rm", "register", "--model", str(v1), "--activate", *db)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["active"] is True
+    out = run("rm", "versions", *db)
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert row["version"] == summary["version"] and row["active"] is True
+    out = run("rm", "requests", *db)
+    assert out.returncode == 0 and out.stdout == ""
+    out = run("rm", "update", *db)
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "nothing to do"
+
 
 def test_rm_train_rejects_unknown_settings_and_bad_pairs(tmp_path: Path) -> None:
     pairs = tmp_path / "p.jsonl"
     pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     out = run("rm", "train", "--pairs", str(pairs), "--out", str(tmp_path / "v"), "--set", "epochz=1")
     assert out.returncode == 2 and "epochz: unknown key" in out.stderr
-    pairs.write_text('{"prompt": "p", "chosen": "a"}\n')
-    out = run("rm", "eval", "--model", str(tmp_path / "v"), "--pairs", str(pairs))
-    assert out.returncode == 2 and "rejected" in out.stderr
     assert not (tmp_path / "v").exists()
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    pairs.write_text('{"prompt": "p", "chosen": "a"}\n')
+    out = run("rm", "eval", "--model", str(not_a_model), "--pairs", str(pairs))
+    assert out.returncode == 2 and "rejected" in out.stderr
     pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
-    out = run("rm", "eval", "--model", str(tmp_path / "missing"), "--pairs", str(pairs))
+    out = run("rm", "eval", "--model", str(not_a_model), "--pairs", str(pairs))
     assert out.returncode == 2 and "cannot load reward model" in out.stderr
+    # A missing folder is found before anything is loaded (exit 1: a missing file, not a bad one).
+    out = run("rm", "eval", "--model", str(tmp_path / "missing"), "--pairs", str(pairs))
+    assert out.returncode == 1 and "--model" in out.stderr and "no such folder" in out.stderr
 
 
 def test_rm_pairs_splits_do_not_share_instructions(tmp_path: Path) -> None:

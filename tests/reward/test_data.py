@@ -1,4 +1,4 @@
-"""Pair adapters on the real shared data: prompts split right, winners right, no leakage."""
+"""Pair adapters on real data (bundled, tests/realdata.py): prompts split right, winners right, no leakage."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
+from realdata import HH
 
 from monitor.reward import data
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-HH = SHARED / "hh_rlhf" / "harmless-base-test.jsonl.gz"
-ALPACA = SHARED / "alpaca_eval"
+
+@pytest.fixture(scope="module")
+def alpaca_dir(real_data: Path) -> Path:
+    return real_data / "alpaca_eval"
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def hh_pairs() -> list[data.Pair]:
 
 
 @pytest.fixture(scope="module")
-def alpaca_pairs() -> list[data.Pair]:
-    return data.alpaca_eval_pairs(ALPACA)
+def alpaca_pairs(alpaca_dir: Path) -> list[data.Pair]:
+    return data.alpaca_eval_pairs(alpaca_dir)
 
 
 def test_hh_pairs_rebuild_the_original_dialogues(hh_pairs: list[data.Pair]) -> None:
@@ -52,9 +54,9 @@ def test_hh_prompt_with_assistant_inside_the_answer_falls_back_to_the_common_pre
     assert data.split_dialogue("\n\nHuman: a\n\nAssistant: same", "\n\nHuman: a\n\nAssistant: same") is None
 
 
-def test_alpaca_pairs_follow_the_judge(alpaca_pairs: list[data.Pair]) -> None:
+def test_alpaca_pairs_follow_the_judge(alpaca_dir: Path, alpaca_pairs: list[data.Pair]) -> None:
     prefs: dict[tuple[str, str], float] = {}
-    for f in ALPACA.glob("*.jsonl.gz"):
+    for f in alpaca_dir.glob("*.jsonl.gz"):
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)
@@ -77,10 +79,10 @@ def test_alpaca_pairs_follow_the_judge(alpaca_pairs: list[data.Pair]) -> None:
     assert max(per_instruction.values()) <= 4
 
 
-def test_alpaca_pairs_are_seeded() -> None:
-    a = data.alpaca_eval_pairs(ALPACA, pairs_per_instruction=2, seed=3)
-    b = data.alpaca_eval_pairs(ALPACA, pairs_per_instruction=2, seed=3)
-    c = data.alpaca_eval_pairs(ALPACA, pairs_per_instruction=2, seed=4)
+def test_alpaca_pairs_are_seeded(alpaca_dir: Path) -> None:
+    a = data.alpaca_eval_pairs(alpaca_dir, pairs_per_instruction=2, seed=3)
+    b = data.alpaca_eval_pairs(alpaca_dir, pairs_per_instruction=2, seed=3)
+    c = data.alpaca_eval_pairs(alpaca_dir, pairs_per_instruction=2, seed=4)
     assert a == b
     assert a != c
 

@@ -13,15 +13,14 @@ from monitor.reward import data
 from monitor.reward.model import RewardModel
 from monitor.reward.train import TrainConfig, evaluate, load_train_config, model_config_of, train
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # Short sequences keep this under a minute on two cores; the defaults use 128 tokens. One fine-tuned
 # layer (the default trains the head alone) so the cached fine-tuning path is exercised too.
 SMALL = {"max_length": 64, "max_prompt_tokens": 16, "head_epochs": 5, "epochs": 1, "finetune_layers": 1, "seed": 0}
 
 
 @pytest.fixture(scope="module")
-def split() -> tuple[list[data.Pair], list[data.Pair]]:
-    pairs = data.alpaca_eval_pairs(SHARED / "alpaca_eval", pairs_per_instruction=2, seed=0)
+def split(real_data: Path) -> tuple[list[data.Pair], list[data.Pair]]:
+    pairs = data.alpaca_eval_pairs(real_data / "alpaca_eval", pairs_per_instruction=2, seed=0)
     train_pairs, test_pairs = data.split_pairs(pairs, 0.2, seed=0)
     return train_pairs[:300], test_pairs[:120]
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
+from realdata import alpaca_rows
 
 from monitor.signals import TEXT_SIGNALS, text_stats
 
@@ -51,17 +49,12 @@ def test_cost_is_bounded_for_huge_responses() -> None:
     assert s["distinct_token_ratio"] < 0.01
 
 
-def _rows(shared: Path, model: str) -> list[dict[str, str]]:
-    with gzip.open(shared / "alpaca_eval" / f"{model}.jsonl.gz", "rt") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def test_real_shifts_move_the_statistics(shared_data: Path) -> None:
+def test_real_shifts_move_the_statistics() -> None:
     """Real deployed-model traffic: verbose vs concise styles differ in length, and the reward-hacking
     NullModel's constant output is degenerate (one response repeated)."""
 
     def mean(model: str, signal: str) -> float:
-        return statistics.fmean(text_stats(r["instruction"], r["output"])[signal] for r in _rows(shared_data, model))
+        return statistics.fmean(text_stats(r["instruction"], r["output"])[signal] for r in alpaca_rows(model))
 
     assert (
         mean("gpt-3.5-turbo-1106_verbose", "response_log_chars")
@@ -69,7 +62,7 @@ def test_real_shifts_move_the_statistics(shared_data: Path) -> None:
     )
     # alpaca-7b answers in plain paragraphs where gpt-3.5 lays out lists and steps
     assert mean("gpt-3.5-turbo-1106", "response_log_lines") > mean("alpaca-7b", "response_log_lines") + 0.3
-    null = [text_stats(r["instruction"], r["output"]) for r in _rows(shared_data, "NullModel")]
+    null = [text_stats(r["instruction"], r["output"]) for r in alpaca_rows("NullModel")]
     assert len({round(s["response_log_chars"], 6) for s in null}) == 1  # a constant answer
     refusals = mean("claude-2", "refusal")
     assert 0.0 <= refusals < 0.2

@@ -116,13 +116,64 @@ reaches the cluster.
 {{- if and .Values.review.ingress.enabled (not .Values.review.ingress.hosts) -}}
 {{- fail "review.ingress.enabled needs at least one entry in review.ingress.hosts." -}}
 {{- end -}}
+{{- if has (int .Values.review.metricsPort) (list (int .Values.review.port) (int $p.port)) -}}
+{{- fail (printf "review.metricsPort (%d) must differ from review.port and pipeline.port: the review pod listens on all of them in the SQLite layout." (int .Values.review.metricsPort)) -}}
+{{- end -}}
+{{- include "oversight.validateReservedConfig" . -}}
 {{- end -}}
 
-{{/* The service's configuration file: values.config with the keys the chart manages laid over it. */}}
+{{/*
+A key of values.config that the chart sets itself or that holds a secret fails the render: the merge would
+overwrite the first kind silently, and the second would land in a ConfigMap. files/reserved-config.yaml lists
+them with the message (values.schema.json lets them through so that this message, not a schema error, explains).
+*/}}
+{{- define "oversight.validateReservedConfig" -}}
+{{- $reserved := .Files.Get "files/reserved-config.yaml" | fromYaml -}}
+{{- if not $reserved -}}
+{{- fail "files/reserved-config.yaml is missing or empty" -}}
+{{- end -}}
+{{- range $key, $why := $reserved -}}
+{{- $node := $.Values.config -}}
+{{- $set := true -}}
+{{- range splitList "." $key -}}
+{{- if and $set (kindIs "map" $node) (hasKey $node .) -}}
+{{- $node = index $node . -}}
+{{- else -}}
+{{- $set = false -}}
+{{- end -}}
+{{- end -}}
+{{- if $set -}}
+{{- fail (printf "config.%s %s." $key $why) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Optional CRDs. A resource whose API the cluster lacks is left out (the install would fail on it otherwise) and
+NOTES.txt says so; `helm template` knows no cluster, so pass the API with --api-versions (Argo CD does that).
+Each returns "true" when the feature is enabled and its API is available.
+*/}}
+{{- define "oversight.serviceMonitorOn" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "oversight.prometheusRuleOn" -}}
+{{- if and .Values.metrics.prometheusRule.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") -}}true{{- end -}}
+{{- end -}}
+
+{{- define "oversight.kedaOn" -}}
+{{- if and .Values.pipeline.keda.enabled (.Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject") -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The service's configuration file: values.config merged (deeply) with the keys the chart manages. The render has
+already failed if values.config sets any of those (files/reserved-config.yaml), so the merge never overwrites a
+user's setting.
+*/}}
 {{- define "oversight.config" -}}
 {{- $managed := dict
   "server" (dict "host" "0.0.0.0" "port" (int .Values.pipeline.port))
-  "review" (dict "host" "0.0.0.0" "port" (int .Values.review.port))
+  "review" (dict "host" "0.0.0.0" "port" (int .Values.review.port) "metrics_host" "0.0.0.0" "metrics_port" (int .Values.review.metricsPort))
   "source" (dict "kind" "kafka")
   "kafka" (dict "bootstrap_servers" .Values.kafka.bootstrapServers "topic" .Values.kafka.topic "group_id" .Values.kafka.groupId)
   "dead_letter" (dict "path" "/data/dead-letter.jsonl")
@@ -214,4 +265,17 @@ emptyDir:
 {{- range .constraints }}
 - {{ toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" $sel))) | nindent 2 | trim }}
 {{- end }}
+{{- end -}}
+
+{{/* One ingress rule of a NetworkPolicy. Call with (dict "ports" (list "ops") "from" <peers; empty: anyone>). */}}
+{{- define "oversight.networkPolicyRule" -}}
+- ports:
+    {{- range .ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .from }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end -}}

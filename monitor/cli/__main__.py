@@ -1,0 +1,7 @@
+"""``python -m monitor.cli``: the same as the ``oversight`` script."""
+
+import sys
+
+from monitor.cli import main
+
+sys.exit(main())

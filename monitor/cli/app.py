@@ -1,0 +1,205 @@
+"""The parser built from the command table, and the one place a command is run: logging set up,
+paths checked, errors turned into one line and an exit code.
+
+Exit codes: 0 done; 1 the command could not do its work (a missing or unwritable file, an
+unreachable database or broker, a failed operation); 2 the command line or the configuration is
+wrong (argparse errors, unknown names, invalid settings); 3 ``run`` stopped on an unrecoverable
+pipeline error; 130 interrupted (Ctrl-C); 141 stdout was closed early (``oversight ... | head``),
+quietly, as a process killed by SIGPIPE would report in a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, NoReturn
+
+from monitor.cli import admin, pipeline, query, rm, users
+from monitor.cli.common import (
+    EXIT_ABORTED,
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OPTION_GROUPS,
+    PATH_TYPES,
+    Command,
+    InputDir,
+    InputFile,
+    OutputDir,
+    log_options,
+    one_line,
+)
+from monitor.entry import (
+    CommandFailed,
+    UsageError,
+    require_readable,
+    require_readable_dir,
+    require_writable_dir,
+    require_writable_file,
+)
+
+log = logging.getLogger("oversight")
+
+# The whole command line, in the order ``--help`` lists it.
+COMMANDS: tuple[Command, ...] = (
+    *pipeline.COMMANDS,
+    *query.ESTIMATE,
+    *users.COMMANDS,
+    *query.DRIFT,
+    *rm.COMMANDS,
+    *admin.COMMANDS,
+)
+GROUPS = {
+    "users": "review users and their API tokens",
+    "drift": "drift events and re-referencing",
+    "rm": "reward model: preference pairs, training, evaluation, versions, updates",
+    "db": "database migrations",
+    "config": "show or check the effective configuration",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="oversight", description="Continuous deployment-time oversight monitor for deployed language models."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[tuple[str, ...], Any] = {(): top}  # path prefix -> its subparsers
+    for cmd in COMMANDS:
+        for depth in range(1, len(cmd.path)):
+            prefix = cmd.path[:depth]
+            if prefix not in groups:
+                p = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUPS[prefix[-1]])
+                groups[prefix] = p.add_subparsers(
+                    dest=f"{prefix[-1]}_command", metavar="ACTION", required=True, parser_class=Parser
+                )
+        leaf = groups[cmd.path[:-1]].add_parser(cmd.path[-1], help=cmd.help, description=cmd.help)
+        if cmd.arguments is not None:
+            cmd.arguments(leaf)
+        for group in cmd.options:
+            OPTION_GROUPS[group](leaf)
+        log_options(leaf)
+        leaf.set_defaults(func=cmd.run, command_name=cmd.name)
+    return parser
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path argument, before the command does anything. A path argument's value has the
+    type of its kind (``type=InputFile`` ...); its flag is its dest's (all are ``--long-options``)."""
+    for dest, value in vars(args).items():
+        if not isinstance(value, PATH_TYPES):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, InputFile):
+            require_readable(value, flag)
+        elif isinstance(value, InputDir):
+            require_readable_dir(value, flag)
+        elif isinstance(value, OutputDir):
+            require_writable_dir(value, flag)
+        else:
+            require_writable_file(value, flag)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("kafka", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def classify(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for an error of a library the command used; None for a bug.
+
+    A library's classes are looked up only when it was imported: a command that never touched
+    the database did not raise a database error, and ``--help`` stays free of those imports.
+    """
+    config = sys.modules.get("monitor.config")
+    if config is not None and isinstance(e, config.ConfigError):
+        return EXIT_USAGE, str(e)
+    pipeline = sys.modules.get("monitor.pipeline")
+    if pipeline is not None and isinstance(e, pipeline.Aborted):
+        # The pipeline gave up (an outage that outlasted its retries, a loop without progress).
+        return EXIT_ABORTED, str(e)
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(e, sa_exc.SQLAlchemyError):
+        reason = getattr(e, "orig", None) or e
+        if isinstance(e, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return EXIT_FAILED, f"database unavailable: {one_line(reason)}"
+        return EXIT_FAILED, f"database error: {one_line(reason)}"
+    alembic_exc = sys.modules.get("alembic.util.exc")
+    if alembic_exc is not None and isinstance(e, alembic_exc.CommandError):
+        return EXIT_FAILED, f"database migration failed: {e}"
+    kafka_errors = sys.modules.get("kafka.errors")
+    if kafka_errors is not None and isinstance(e, kafka_errors.KafkaError):
+        return EXIT_FAILED, f"broker unavailable: {e}"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return EXIT_FAILED, f"{where}{e.strerror or e}"
+    return None
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away: later writes (the interpreter's final flush among
+    them) go nowhere instead of raising again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def run_command(args: argparse.Namespace) -> int:
+    name = f"oversight {args.command_name}"
+    try:
+        check_paths(args)
+        code = int(args.func(args))
+        # A reader that went away shows up at the latest here, where it is still handled.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as e:
+        code, message = EXIT_USAGE, str(e)
+    except CommandFailed as e:
+        code, message = EXIT_FAILED, str(e)
+    except Exception as e:
+        known = classify(e)
+        if known is None:
+            # A bug: one line for the user, the traceback for whoever asks with --log-level DEBUG.
+            log.debug("%s failed", name, exc_info=True)
+            known = EXIT_FAILED, f"unexpected {type(e).__name__}: {e} (--log-level DEBUG shows where)"
+        code, message = known
+    print(f"{name}: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from monitor import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level)
+    return run_command(args)

@@ -1,0 +1,202 @@
+"""``oversight run | replay | simulate | demo``: the pipeline over a source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from monitor.cli.common import (
+    EXIT_ABORTED,
+    Command,
+    InputFile,
+    OutputDir,
+    OutputFile,
+    input_overrides,
+    port,
+    progress_of,
+    settings_from_args,
+    write_json,
+)
+from monitor.entry import UsageError, require_readable
+
+log = logging.getLogger("oversight")
+
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        metavar="FILE",
+        type=InputFile,
+        help="shortcut for --set source.kind=file --set source.path=FILE ('-' for stdin)",
+    )
+    p.add_argument("--review", action="store_true", help="also serve the review UI and API in this process")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import threading
+
+    from monitor.pipeline import Aborted
+    from monitor.service import build_service, install_signal_handlers
+
+    settings = settings_from_args(args, input_overrides(args.input) if args.input else [])
+    if settings.source.kind == "file" and settings.source.path and not args.input:
+        require_readable(settings.source.path, "source.path")
+    stop = threading.Event()
+    # Before connecting anything: a SIGTERM during start-up is a clean stop too.
+    install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
+    svc = build_service(settings)
+    assert svc.server is not None
+    log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
+    review = None
+    worker = None
+    try:
+        if args.review:
+            from monitor.review.app import create_app
+            from monitor.review.server import BackgroundServer
+
+            review = BackgroundServer(
+                create_app(settings, svc.store),
+                settings.review.host,
+                settings.review.port,
+                metrics=(settings.review.metrics_host, settings.review.metrics_port),
+            ).start()
+            log.info("review UI at %s", review.url)
+        if settings.actions.worker:
+            from monitor.actions.worker import ActionWorker
+
+            worker = ActionWorker(settings, svc.store, svc.metrics).start()
+        stats = svc.pipeline.run(stop)
+    except Aborted as e:
+        log.warning("%s", e)
+        return EXIT_ABORTED
+    finally:
+        if worker is not None:
+            worker.stop()
+        if review is not None:
+            review.stop()
+        svc.server.stop()
+        svc.store.close()
+    log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
+    return 0
+
+
+def replay_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input", required=True, metavar="FILE", type=InputFile, help="JSONL episodes (plain or gzip; '-' for stdin)"
+    )
+    p.add_argument(
+        "--report", required=True, metavar="REPORT.json", type=OutputFile, help="where the JSON report is written"
+    )
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.replay import replay_file
+
+    extra = input_overrides(args.input)
+    settings = settings_from_args(args, extra)
+    if settings.sampling.key is None and not settings.dev:
+        # Offline replays are reproducible with the built-in key; say so.
+        log.warning("sampling.key is not set: replaying in dev mode with the built-in key")
+        settings = settings_from_args(args, [*extra, "dev=true"])
+    report = replay_file(settings, args.input, progress=progress_of(args))
+    write_json(args.report, report)
+    print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
+    return 0
+
+
+def simulate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE",
+        type=InputFile,
+        help="JSONL episodes (plain or gzip) whose metadata carries the simulated reviewers' answers",
+    )
+    p.add_argument(
+        "--report", required=True, metavar="REPORT.json", type=OutputFile, help="where the JSON report is written"
+    )
+    p.add_argument("--review-port", type=port, default=0, help="port of the review UI while it runs (0: any free)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
+
+    if args.input == "-":
+        raise UsageError("--input: the simulation reads its input twice (the answers, then the episodes): give a file")
+    if args.config is None:
+        args.config = str(bundled(BUNDLED_CONFIG))
+    settings = settings_from_args(args, ["source.kind=file", f"source.path={args.input}"])
+    report = run_simulation(settings, args.input, progress=progress_of(args), review_port=args.review_port)
+    write_json(args.report, report)
+    print(
+        json.dumps(
+            {
+                "drift_events": len(report["drift_events"]),
+                "labels": report["labels_collected"]["total"],
+                "rm_versions": [(v["version"], v["status"]) for v in report["rm_versions"]],
+                "retrain_requests": len(report["retrain_requests"]),
+            }
+        )
+    )
+    return 0
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir",
+        default=".oversight-demo",
+        type=OutputDir,
+        help="where the demo keeps its database, models and dead letters (emptied at start)",
+    )
+    p.add_argument("--port", type=port, default=9108, help="port of /metrics, /healthz, /readyz")
+    p.add_argument("--review-port", type=port, default=8080, help="port of the review UI")
+    p.add_argument(
+        "--exit-after-replay", action="store_true", help="exit after the summary instead of serving until Ctrl-C"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    return run_demo(
+        config=args.config,
+        overrides=args.overrides,
+        workdir=args.workdir,
+        port=args.port,
+        review_port=args.review_port,
+        exit_after_replay=args.exit_after_replay,
+        progress=progress_of(args),
+    )
+
+
+COMMANDS = (
+    Command(
+        ("run",),
+        "run the pipeline as a service (source -> validate -> sample -> store)",
+        cmd_run,
+        run_arguments,
+    ),
+    Command(
+        ("replay",),
+        "run the pipeline over a file as fast as possible and write a report",
+        cmd_replay,
+        replay_arguments,
+        ("settings", "db", "progress"),
+    ),
+    Command(
+        ("simulate",),
+        "the closed loop over an episode file: drift -> boosted review by a simulated reviewer pool"
+        " -> reward-model update -> retraining request",
+        cmd_simulate,
+        simulate_arguments,
+        ("settings", "db", "progress"),
+    ),
+    Command(
+        ("demo",),
+        "the closed loop (simulate) on the bundled real traffic, with the review UI and /metrics live",
+        cmd_demo,
+        demo_arguments,
+        ("settings", "progress"),
+    ),
+)

