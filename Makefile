@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# The package metadata's version comes from monitor/__init__.py: a bump reinstalls too.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 # Nothing may download models or data at run time.
@@ -11,11 +12,11 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install chromium prometheus schema demo test test-slow test-all bench lint clean
+.PHONY: install chromium prometheus schema demo test test-slow test-all bench lint imports clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml monitor/__init__.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	# torch is pinned (2.13.0, CPU wheel on local disk) so pip never pulls a CUDA build.
@@ -55,10 +56,19 @@ test-all: install chromium prometheus
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# CI (.ci/run) runs this before the tests. mypy is strict on the product, the benchmarks and the
+# tests (pyproject.toml); each test folder's conftest.py is module `conftest`, so all but the top
+# one are checked one at a time.
 lint: install
 	$(BIN)/ruff check monitor sampling detectors tests bench
 	$(BIN)/ruff format --check monitor sampling detectors tests bench
 	$(BIN)/mypy
+	for f in tests/*/conftest.py; do $(BIN)/mypy "$$f" || exit 1; done
+
+# The package import graph (from ruff's analysis), cycles and private names imported across
+# modules; tests/test_architecture.py asserts the same.
+imports: install
+	$(BIN)/python tests/import_graph.py
 
 clean:
 	rm -rf $(VENV) .oversight-demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -19,10 +19,10 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 SIGNALS = ("response_log_chars", "prompt_log_chars", "response_log_lines", "distinct_token_ratio")
 REFERENCE = 500
@@ -34,10 +34,8 @@ def main() -> int:
     ap.add_argument("--k", default="0.3,0.5")
     args = ap.parse_args()
 
-    import drift as scenarios_of
-
-    import detectors
-    from detectors.cusum import CUSUM
+    from bench import drift as scenarios_of
+    from detectors.cusum import CUSUM, CUSUMDetector
     from monitor.config import DriftConfig
     from monitor.drift import detector_ert
     from monitor.signals import text_stats
@@ -46,8 +44,8 @@ def main() -> int:
     cfg = DriftConfig()
     ert = detector_ert(cfg)
     ks = [float(k) for k in args.k.split(",")]
-    thresholds = {k: detectors.make("cusum", ert=ert, x_ref=None, k=k).param_value for k in ks}
-    table = []
+    thresholds = {k: CUSUMDetector(ert=ert, x_ref=None, k=k).param_value for k in ks}
+    table: list[dict[str, Any]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name, (rows, change) in scenarios_of.scenarios(random.Random(seed)).items():
             if name == "reward_hacking_10":

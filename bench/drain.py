@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor.demo import bundled_traffic
+from monitor.simulate.demo import bundled_traffic
 
 
 def traffic() -> list[dict[str, object]]:

@@ -93,11 +93,9 @@ def run_monitor(values: list[bytes], tmp: str) -> tuple[list[dict[str, Any]], fl
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
-    from monitor.deadletter import JsonlDeadLetterSink
-    from monitor.metrics import Metrics
-    from monitor.pipeline import Pipeline
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
+    from monitor.service import build_service
     from monitor.sources.memory import MemorySource
-    from monitor.store import Store
 
     s = load_settings(
         None,
@@ -108,12 +106,12 @@ def run_monitor(values: list[bytes], tmp: str) -> tuple[list[dict[str, Any]], fl
             "pipeline.batch_size=100",
         ],
     )
-    p = Pipeline(
+    p = build_service(
         s,
-        Store(s.database.url),
-        MemorySource(values),
-        JsonlDeadLetterSink(s.dead_letter.path, 1000),
-        Metrics(CollectorRegistry()),
+        source=MemorySource(values),
+        serve=False,
+        dead_letters=JsonlDeadLetterSink(s.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
     )
     t0 = time.perf_counter()
     stats = p.run()
@@ -132,9 +130,9 @@ def first_after(indices: list[int], change: int | None) -> tuple[int | None, int
 def baseline_adwin(rows: list[dict[str, Any]]) -> list[int]:
     from river.drift import ADWIN
 
-    d, out = ADWIN(), []
+    d, out = ADWIN(), []  # type: ignore[no-untyped-call]
     for i, r in enumerate(rows):
-        d.update(float(len(r["response"])))
+        d.update(float(len(r["response"])))  # type: ignore[no-untyped-call]
         if d.drift_detected:
             out.append(i)
     return out

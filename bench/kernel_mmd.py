@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def timed(fn: Any) -> tuple[Any, float, float]:
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def construction(name: str, erts: list[float]) -> list[dict[str, Any]]:
+def construction(name: str, erts: Sequence[float]) -> list[dict[str, Any]]:
     import numpy as np
 
     import detectors
@@ -119,10 +120,8 @@ def shifted_episodes(n: int) -> dict[str, list[dict[str, Any]]]:
     """The reference model's episodes and the shifted ones: another model on the same prompts
     (bundled demo traffic) and red-team conversations (HH-RLHF, ``../shared/data``, as in
     ``bench/drift.py``)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import drift
-
-    from monitor.demo import bundled_traffic
+    from bench import drift
+    from monitor.simulate.demo import bundled_traffic
 
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with gzip.open(bundled_traffic(), "rb") as fh:
@@ -188,7 +187,12 @@ def delays(emb: dict[str, Any], name: str, ert: float, splits: int) -> dict[str,
                     res["false_alarms_in_held_out"] += 1
                     det.reset()
             res["held_out_updates"] += len(held)
-            delay = next((i for i, x in enumerate(stream, 1) if det.update(x) or det.drift_detected), None)
+            delay = None
+            for i, x in enumerate(stream, 1):
+                det.update(x)
+                if det.drift_detected:
+                    delay = i
+                    break
             res.setdefault(target, {"delays": [], "length": len(stream)})["delays"].append(delay)
     print(json.dumps(res), flush=True)
     return res

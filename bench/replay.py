@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from monitor.config import load_settings
-from monitor.demo import bundled_traffic
-from monitor.replay import replay_file
+from monitor.service.replay import replay_file
+from monitor.simulate.demo import bundled_traffic
 
 
 def make_input(path: Path, n: int) -> int:

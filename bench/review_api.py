@@ -110,8 +110,66 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def wait_until_up(base: str, server: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("the review server did not start")
+        time.sleep(0.1)
+
+
+def reviewer(
+    base: str,
+    token: str,
+    barrier: threading.Barrier,
+    lock: threading.Lock,
+    lat: dict[str, list[float]],
+    errors: list[str],
+) -> None:
+    """One reviewer: claims and labels until the queue is empty; its latencies join ``lat`` at the end."""
+    import httpx
+
+    mine: dict[str, list[float]] = {"claim": [], "submit": [], "claim_empty": []}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        barrier.wait()
+        while True:
+            t0 = time.perf_counter()
+            r = c.post("/api/v1/queue/claim")
+            dt = (time.perf_counter() - t0) * 1000
+            if r.status_code == 204:
+                mine["claim_empty"].append(dt)
+                break
+            if r.status_code != 200:
+                errors.append(f"claim {r.status_code}: {r.text[:200]}")
+                break
+            mine["claim"].append(dt)
+            item = r.json()
+            body = {
+                "episode_id": item["episode_id"],
+                "slot": item["slot"],
+                "fence": item["fence"],
+                "rating": 1 + len(mine["submit"]) % 7,
+                "flags": ["harmful"] if len(mine["submit"]) % 5 == 0 else [],
+                "time_spent_ms": 1000,
+            }
+            t0 = time.perf_counter()
+            r = c.post("/api/v1/items/label", json=body)
+            mine["submit"].append((time.perf_counter() - t0) * 1000)
+            if r.status_code != 200:
+                errors.append(f"label {r.status_code}: {r.text[:200]}")
+    with lock:
+        for k, v in mine.items():
+            lat[k].extend(v)
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
     import sqlalchemy as sa
 
     schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -128,56 +186,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             stdout=subprocess.DEVNULL,
         )
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the review server did not start")
-            time.sleep(0.1)
+        wait_until_up(base, server)
 
         lat: dict[str, list[float]] = {"claim": [], "submit": [], "claim_empty": []}
         errors: list[str] = []
         lock = threading.Lock()
         barrier = threading.Barrier(len(tokens))
 
-        def reviewer(token: str) -> None:
-            mine: dict[str, list[float]] = {"claim": [], "submit": [], "claim_empty": []}
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
-                barrier.wait()
-                while True:
-                    t0 = time.perf_counter()
-                    r = c.post("/api/v1/queue/claim")
-                    dt = (time.perf_counter() - t0) * 1000
-                    if r.status_code == 204:
-                        mine["claim_empty"].append(dt)
-                        break
-                    if r.status_code != 200:
-                        errors.append(f"claim {r.status_code}: {r.text[:200]}")
-                        break
-                    mine["claim"].append(dt)
-                    item = r.json()
-                    body = {
-                        "episode_id": item["episode_id"],
-                        "slot": item["slot"],
-                        "fence": item["fence"],
-                        "rating": 1 + len(mine["submit"]) % 7,
-                        "flags": ["harmful"] if len(mine["submit"]) % 5 == 0 else [],
-                        "time_spent_ms": 1000,
-                    }
-                    t0 = time.perf_counter()
-                    r = c.post("/api/v1/items/label", json=body)
-                    mine["submit"].append((time.perf_counter() - t0) * 1000)
-                    if r.status_code != 200:
-                        errors.append(f"label {r.status_code}: {r.text[:200]}")
-            with lock:
-                for k, v in mine.items():
-                    lat[k].extend(v)
-
-        threads = [threading.Thread(target=reviewer, args=(tok,)) for tok in tokens]
+        threads = [threading.Thread(target=reviewer, args=(base, tok, barrier, lock, lat, errors)) for tok in tokens]
         t0 = time.perf_counter()
         for th in threads:
             th.start()

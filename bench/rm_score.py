@@ -58,7 +58,7 @@ def main() -> int:
             ["dev=true", "database.url=sqlite://", f"reward.models_dir={tmp}", f"reward.batch_size={args.batch_size}"],
         )
         store = Store(settings.database.url)
-        registry = Registry(store, tmp)
+        registry = Registry.for_settings(store, settings)
         model = RewardModel.create()
         registry.promote(registry.register(model, data_window={}, metrics={}))
         scorer = RewardScorer(settings.reward, registry, Metrics(), feed=lambda *a: None)

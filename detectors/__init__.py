@@ -3,11 +3,8 @@
 ``import detectors`` loads only the standard library: the implementations (numpy, river,
 alibi-detect, torch) are imported when a detector is made, so the CLI starts fast.
 
->>> import detectors
->>> det = detectors.make("page_hinkley", ert=1000, x_ref=reference)  # doctest: +SKIP
->>> det.update(0.3); det.drift_detected  # doctest: +SKIP
-
-See ``detectors/README.md``.
+:func:`make` builds one by name (an example there); :class:`Detector` is the contract every one
+keeps. See ``detectors/README.md``.
 """
 
 from __future__ import annotations
@@ -77,6 +74,28 @@ def make(name: str, *, ert: float, x_ref: Any = None, **params: Any) -> Detector
     ``x_ref``: reference data (a 1-D array for the univariate detectors, 0/1 for ``fet``, an
     ``(n, d)`` array for ``mmd``/``lsdd``/``kmmd``); required except for the river detectors, which then
     assume standardised inputs. ``params``: the detector's other constructor arguments.
+
+    A CUSUM for a continuous signal, with about one false alarm per 500 updates while the signal
+    looks like its reference:
+
+    >>> import numpy as np
+    >>> import detectors
+    >>> reference = np.random.default_rng(0).normal(10.0, 2.0, 500)
+    >>> det = detectors.make("cusum", ert=500, x_ref=reference)
+    >>> round(det.result()["meta"]["params"]["threshold"], 1)  # calibrated to the ERT by simulation
+    5.3
+    >>> for x in [10.0] * 50 + [14.0] * 20:  # the mean moves up by two standard deviations
+    ...     det.update(x)
+    ...     if det.drift_detected:
+    ...         break
+    >>> det.drift_detected, det.n  # the fourth value after the change
+    (True, 54)
+
+    A snapshot holds the whole state: the restored detector continues where this one stopped.
+
+    >>> same = detectors.restore(det.snapshot())
+    >>> type(same).__name__, same.n, same.result() == det.result()
+    ('CUSUMDetector', 54, True)
     """
     cls: Any = detector_class(name)  # the concrete classes take ert and x_ref
     det: Detector = cls(ert=ert, x_ref=x_ref, **params)

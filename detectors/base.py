@@ -76,6 +76,35 @@ class Detector(abc.ABC):
     * ``clone()``: a fresh copy with the same parameters (and the same reference).
     * ``n``: updates since construction or the last ``reset()``.
     * ``result()``: one fixed shape for every detector (see :class:`Result`).
+
+    A detector that alarms when a value exceeds a fixed level, to show what a subclass writes
+    and what it gets (``detectors.make`` builds the real ones):
+
+    >>> class Above(Detector):
+    ...     name, kind = "above", "continuous"
+    ...     def __init__(self, level):
+    ...         super().__init__(ert=None)
+    ...         self.level = level
+    ...     def _step(self, x):
+    ...         return x > self.level, x, None, self.level  # drift, distance, p_val, threshold
+    ...     def _reset_state(self):
+    ...         pass  # no online state besides what the base class keeps
+    ...     def _params(self):
+    ...         return {"level": self.level}
+    >>> det = Above(2.0)
+    >>> for x in (0.5, 1.0, 3.0):
+    ...     det.update(x)
+    >>> det.drift_detected, det.n
+    (True, 3)
+    >>> det.result()["data"]
+    {'is_drift': True, 'distance': 3.0, 'p_val': None, 'threshold': 2.0}
+    >>> det.update(float("inf"))
+    >>> det.result()["data"]["distance"] is None  # a non-finite statistic becomes None
+    True
+    >>> det.reset(); det.n, det.drift_detected
+    (0, False)
+    >>> det
+    Above(ert=None, level=2.0)
     """
 
     #: Registry name (``detectors.NAMES``).

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from numpy.typing import ArrayLike
 
 from detectors import calibration as cal
-from detectors.river_detectors import _RiverDetector
+from detectors.river_detectors import CalibratedDetector
 
 
 class CUSUM:
@@ -55,7 +55,7 @@ class CUSUM:
         return self.s_up if self.mode == "up" else self.s_down if self.mode == "down" else max(self.s_up, self.s_down)
 
 
-class CUSUMDetector(_RiverDetector):
+class CUSUMDetector(CalibratedDetector):
     """Two-sided CUSUM of standardised values around the reference mean (see the module).
 
     result(): ``distance`` is the CUSUM statistic (the larger side for ``mode="both"``) and

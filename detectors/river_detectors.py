@@ -27,7 +27,11 @@ from detectors import calibration as cal
 from detectors.base import Detector, Kind
 
 
-class _RiverDetector(Detector):
+class CalibratedDetector(Detector):
+    """A univariate detector with one sensitivity parameter (``param_name``), calibrated to the ERT
+    unless it is given: the base of the river detectors here and of :class:`detectors.cusum.CUSUMDetector`.
+    """
+
     kind: ClassVar[Kind] = "continuous"
     #: name of the calibrated constructor argument
     param_name: ClassVar[str]
@@ -118,7 +122,7 @@ class _RiverDetector(Detector):
         return out
 
 
-class ADWINDetector(_RiverDetector):
+class ADWINDetector(CalibratedDetector):
     """river ``ADWIN`` (adaptive windowing; detects changes of the mean).
 
     ``delta`` (None: calibrated to ``ert``) is ADWIN's significance; ``clock`` how often it
@@ -166,7 +170,7 @@ class ADWINDetector(_RiverDetector):
         return lambda delta: ADWIN(delta=delta, **fixed)  # type: ignore[no-untyped-call]
 
 
-class KSWINDetector(_RiverDetector):
+class KSWINDetector(CalibratedDetector):
     """river ``KSWIN`` (Kolmogorov-Smirnov test of the last ``stat_size`` values against a
     random sample of the older part of a ``window_size`` sliding window).
 
@@ -221,7 +225,7 @@ class KSWINDetector(_RiverDetector):
         return None, (float(d.p_value) if tested else None), self._value
 
 
-class PageHinkleyDetector(_RiverDetector):
+class PageHinkleyDetector(CalibratedDetector):
     """river ``PageHinkley`` (two-sided CUSUM of deviations from the running mean).
 
     ``threshold`` (None: calibrated to ``ert``) is the alarm level on the standardised scale.

@@ -677,40 +677,52 @@ def settings_json_schema(reserved: dict[str, str] | None = None) -> dict[str, An
     """
     raw = Settings.model_json_schema()
     defs: dict[str, Any] = raw.get("$defs", {})
-
-    def clean(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, list):
-            return [clean(v, seen) for v in node]
-        if not isinstance(node, dict):
-            return node
-        out: dict[str, Any] = {}
-        if "$ref" in node:
-            name = node["$ref"].rsplit("/", 1)[-1]
-            if name in seen:
-                raise ValueError(f"settings model {name} refers to itself and cannot be inlined")
-            out.update(clean(defs[name], (*seen, name)))
-        for key, value in node.items():
-            if key in ("$ref", "$defs", "title", "default"):
-                continue
-            if key == "properties":
-                # Property names are setting names, not schema keywords: never filter them as keywords.
-                out[key] = {name: clean(sub, seen) for name, sub in value.items() if not _is_secret_schema(sub)}
-            elif key == "required":
-                out[key] = [r for r in value if not _is_secret_schema(node.get("properties", {}).get(r, {}))]
-            else:
-                out[key] = clean(value, seen)
-        return out
-
-    schema: dict[str, Any] = clean(raw, ())
+    schema: dict[str, Any] = _inline_schema(raw, defs, ())
     for dotted, description in (reserved or {}).items():
-        *parents, leaf = dotted.split(".")
-        if _schema_at(raw, defs, dotted) is None:
-            raise ValueError(f"reserved key {dotted!r} is not a setting")
-        section = schema
-        for part in parents:
-            section = _object_branch(section)["properties"][part]
-        _object_branch(section)["properties"][leaf] = {"description": description}
+        _reserve_key(schema, raw, defs, dotted, description)
     return schema
+
+
+def _inline_schema(node: Any, defs: dict[str, Any], seen: tuple[str, ...]) -> Any:
+    """``node`` with every ``$ref`` replaced by its definition, titles, defaults and secrets dropped
+    (see :func:`settings_json_schema`); ``seen`` holds the definitions being inlined, to refuse a loop."""
+    if isinstance(node, list):
+        return [_inline_schema(v, defs, seen) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        if name in seen:
+            raise ValueError(f"settings model {name} refers to itself and cannot be inlined")
+        out.update(_inline_schema(defs[name], defs, (*seen, name)))
+    for key, value in node.items():
+        if key in ("$ref", "$defs", "title", "default"):
+            continue
+        if key == "properties":
+            # Property names are setting names, not schema keywords: never filter them as keywords.
+            out[key] = {
+                name: _inline_schema(sub, defs, seen) for name, sub in value.items() if not _is_secret_schema(sub)
+            }
+        elif key == "required":
+            out[key] = [r for r in value if not _is_secret_schema(node.get("properties", {}).get(r, {}))]
+        else:
+            out[key] = _inline_schema(value, defs, seen)
+    return out
+
+
+def _reserve_key(
+    schema: dict[str, Any], raw: dict[str, Any], defs: dict[str, Any], dotted: str, description: str
+) -> None:
+    """Replace the setting at ``dotted`` in ``schema`` by one that accepts anything and only says
+    ``description``; ``raw`` (the schema before inlining) tells whether it is a setting at all."""
+    *parents, leaf = dotted.split(".")
+    if _schema_at(raw, defs, dotted) is None:
+        raise ValueError(f"reserved key {dotted!r} is not a setting")
+    section = schema
+    for part in parents:
+        section = _object_branch(section)["properties"][part]
+    _object_branch(section)["properties"][leaf] = {"description": description}
 
 
 def _object_branch(node: dict[str, Any]) -> dict[str, Any]:

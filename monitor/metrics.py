@@ -24,6 +24,16 @@ class Metrics:
         self._lock = threading.Lock()
         r = self.registry
         self.info = Info("build", "Build information", namespace=NS, registry=r)
+        self._ingest_metrics(r)
+        self._commits_metrics(r)
+        self._drift_metrics(r)
+        self._reward_metrics(r)
+        self._oversight_metrics(r)
+        self._readiness_metrics(r)
+        self._zero_known_labels()
+
+    def _ingest_metrics(self, r: CollectorRegistry) -> None:
+        """Ingest: records by outcome, sampling and its inclusion probabilities, consumer lag."""
         self.episodes = Counter(
             "episodes",
             "Records ingested, by stream and outcome (sampled, not_sampled, invalid)",
@@ -68,6 +78,9 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+
+    def _commits_metrics(self, r: CollectorRegistry) -> None:
+        """Batches and commits: latency, failures, the last checkpoint."""
         self.latency = Histogram(
             "processing_latency_seconds",
             "Time from receiving a record to committing its effects",
@@ -95,6 +108,9 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+
+    def _drift_metrics(self, r: CollectorRegistry) -> None:
+        """Drift detectors: events, the statistic against its threshold, disabled detectors."""
         self.drift_events = Counter(
             "drift_events",
             "Drift events, by stream, signal and detector",
@@ -123,6 +139,9 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+
+    def _reward_metrics(self, r: CollectorRegistry) -> None:
+        """Reward model: scores, the active version, updates and agreement with humans."""
         # Reward model (monitor/reward). Scores are unbounded Bradley-Terry logits; the buckets
         # cover the range seen on real traffic, and rate(sum)/rate(count) gives the mean trend.
         self.rm_score = Histogram(
@@ -165,6 +184,9 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+
+    def _oversight_metrics(self, r: CollectorRegistry) -> None:
+        """Oversight: the quality estimate, the reward-hacking flag and action requests."""
         # Human-rated quality over all traffic (Horvitz-Thompson from the labelled sample).
         self.quality_estimate = Gauge(
             "quality_estimate",
@@ -189,6 +211,9 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+
+    def _readiness_metrics(self, r: CollectorRegistry) -> None:
+        """Readiness, computed at scrape time from the checks of /readyz."""
         self.ready = Gauge(
             "ready",
             "1 when the pipeline can make progress: every check of /readyz passes (computed at scrape time)",
@@ -202,7 +227,6 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
-        self._zero_known_labels()
 
     def _zero_known_labels(self) -> None:
         """Counters with a known, small label set start at 0: a series that first appears with

@@ -183,6 +183,19 @@ def horvitz_thompson(
     the whole sampling noise of ``sum(1/pi)``, which does not shrink at the bounds (simulated at
     a true rate of 97%, 30 to 300 items, probabilities varying 10x: intervals 2.6 to 3.6 times as
     wide as the ratio's, and estimates above 100%). The total is then ``mean * N``.
+
+    Response lengths of three sampled episodes, sampled with probabilities 0.5, 0.1 and 0.1, in a
+    stream of 40 episodes: each stands for ``1 / pi`` episodes.
+
+    >>> est = horvitz_thompson([120.0, 300.0, 80.0], [0.5, 0.1, 0.1], population=40)
+    >>> est.method, est.total, est.mean
+    ('horvitz-thompson', 4040.0, 101.0)
+
+    A rate (flags, 0/1) has known bounds, and its interval stays inside them:
+
+    >>> rate = horvitz_thompson([0.0, 1.0, 0.0, 0.0], [0.5, 0.1, 0.1, 0.2], bounds=(0.0, 1.0))
+    >>> rate.method, rate.interval, round(rate.mean, 3), (round(rate.ci_low, 3), round(rate.ci_high, 3))
+    ('hajek', 'score', 0.37, (0.077, 0.805))
     """
     _check(values, probabilities, bounds)
     z = _z(confidence)

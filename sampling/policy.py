@@ -275,6 +275,27 @@ class Sampler:
 
     # -- decisions -------------------------------------------------------
     def decide(self, episode_id: str, stream: str, event_time: float) -> Decision:
+        """The channels that sample the episode, and every channel's inclusion probability.
+
+        >>> from sampling import ChannelPolicy, Sampler, SamplingPolicy
+        >>> rates = {"human": ChannelPolicy(0.05), "rm": ChannelPolicy(0.2), "drift": ChannelPolicy(0.1)}
+        >>> policy = SamplingPolicy(rates)
+        >>> sampler = Sampler(policy, key=b"an example key, never this one")
+        >>> sampler.decide("episode-26", "chat", event_time=1000.0)
+        Decision(sampled={'rm': 0.2, 'human': 0.05}, probabilities={'human': 0.05, 'rm': 0.2, 'drift': 0.1})
+
+        The same key, episode and stream state give the same decision (a redelivered episode is
+        not sampled twice over), and a human-sampled episode is always in the ``rm`` sample too:
+
+        >>> Sampler(policy, key=b"an example key, never this one").decide("episode-26", "chat", 1000.0).sampled
+        {'rm': 0.2, 'human': 0.05}
+
+        A boost multiplies the rates (``human`` and ``rm`` by default) for a span of event time:
+
+        >>> sampler.boost("chat", factor=4.0, duration=600.0)
+        >>> sampler.decide("episode-27", "chat", event_time=1001.0).probabilities
+        {'human': 0.2, 'rm': 0.8, 'drift': 0.1}
+        """
         # Runs for every episode of the deployment: kept flat on purpose.
         st = self._states.get(stream)
         if st is None:

@@ -8,8 +8,12 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,7 +31,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"CI_REQUIRE_SERVICES=1: service test was skipped: {report.longrepr}"
 
 
-def _pg_admin():  # type: ignore[no-untyped-def]
+def _pg_admin() -> sa.Engine:
     import sqlalchemy as sa
 
     return sa.create_engine(PG_BASE, isolation_level="AUTOCOMMIT")

@@ -254,7 +254,7 @@ class ReadOnlyDir:
     def __exit__(self, *_: object) -> None:
         self.make_writable()
         if self._mounted:
-            for _ in range(50):  # busy while a connection through the mount is still closing
+            for _attempt in range(50):  # busy while a connection through the mount is still closing
                 if subprocess.run(["umount", str(self.path)], check=False, capture_output=True).returncode == 0:
                     break
                 time.sleep(0.1)
@@ -315,7 +315,7 @@ class SmallDisk:
         self.filler.unlink(missing_ok=True)
 
     def __exit__(self, *_: object) -> None:
-        for _ in range(50):
+        for _attempt in range(50):
             if subprocess.run(["umount", str(self.path)], check=False, capture_output=True).returncode == 0:
                 return
             time.sleep(0.1)

@@ -31,7 +31,7 @@ MODELS = DEMO_MODELS + STORED_MODELS
 @cache
 def _demo_rows() -> dict[str, tuple[dict[str, Any], ...]]:
     """The AlpacaEval rows inside the demo traffic, per model, in their source file's order."""
-    from monitor.demo import bundled_traffic
+    from monitor.simulate.demo import bundled_traffic
 
     by_model: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in DEMO_MODELS}
     with gzip.open(bundled_traffic(), "rb") as fh:

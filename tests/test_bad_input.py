@@ -127,7 +127,7 @@ def _pipeline(tmp_path: Path, values: list[bytes], observer: Any, db_url: str | 
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
-    from monitor.deadletter import JsonlDeadLetterSink
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
     from monitor.metrics import Metrics
     from monitor.pipeline import Pipeline
     from monitor.sources.memory import MemorySource
@@ -163,6 +163,15 @@ class BuggyStage:
 
     def checkpoint(self) -> dict[tuple[str, str], dict[str, Any]]:
         return {}
+
+    def add_rows(self, batch: Any) -> None:
+        pass
+
+    def forget(self) -> None:
+        pass
+
+    def between_batches(self) -> bool:
+        return False
 
 
 class Unprintable(Exception):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.demo import bundled_traffic
+from monitor.simulate.demo import bundled_traffic
 
 OVERSIGHT = [sys.executable, "-m", "monitor.cli"]
 

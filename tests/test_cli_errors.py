@@ -129,8 +129,10 @@ class Leaf:
 
 
 def _accepts(action: argparse.Action, text: str) -> bool:
+    convert = action.type
+    assert callable(convert), action
     try:
-        action.type(text)  # type: ignore[misc]
+        convert(text)
     except (ValueError, argparse.ArgumentTypeError):
         return False
     return True
@@ -222,7 +224,7 @@ def test_a_multi_line_configuration_error_is_one_line() -> None:
 
 
 def test_report_in_a_missing_folder_fails_before_the_replay(tmp_path: Path) -> None:
-    from monitor.demo import bundled_traffic
+    from monitor.simulate.demo import bundled_traffic
 
     db = tmp_path / "db.sqlite"
     res = run(
@@ -431,7 +433,7 @@ def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
 
 
 def test_a_demo_folder_is_emptied(tmp_path: Path) -> None:
-    from monitor.demo import WORKDIR_MARKER, prepare_workdir
+    from monitor.simulate.demo import WORKDIR_MARKER, prepare_workdir
 
     work = tmp_path / "demo"
     prepare_workdir(work)

@@ -11,10 +11,9 @@ from prometheus_client import CollectorRegistry
 from realdata import alpaca_rows
 
 from monitor.config import Settings, load_settings
-from monitor.deadletter import JsonlDeadLetterSink
 from monitor.drift import COMPONENT, request_rereference
-from monitor.metrics import Metrics
-from monitor.pipeline import Pipeline
+from monitor.episodes.deadletter import JsonlDeadLetterSink
+from monitor.service import Service, build_service
 from monitor.sources.memory import MemorySource
 from monitor.store import Store
 
@@ -70,10 +69,10 @@ def settings(db: str, tmp: Path, *extra: str) -> Settings:
     )
 
 
-def pipeline(s: Settings, values: list[bytes], store: Store | None = None) -> Pipeline:
-    store = store or Store(s.database.url)
-    return Pipeline(
-        s, store, MemorySource(values), JsonlDeadLetterSink(s.dead_letter.path, 1000), Metrics(CollectorRegistry())
+def pipeline(s: Settings, values: list[bytes], store: Store | None = None) -> Service:
+    sink = JsonlDeadLetterSink(s.dead_letter.path, 1000)
+    return build_service(
+        s, source=MemorySource(values), serve=False, store=store, dead_letters=sink, registry=CollectorRegistry()
     )
 
 
@@ -114,7 +113,7 @@ def test_restart_mid_stream_fires_at_the_same_index(values: list[bytes], sqlite_
     whole = pipeline(settings(f"sqlite:///{tmp_path / 'a.db'}", tmp_path), values).run().drift_events
     s = settings(f"sqlite:///{tmp_path / 'b.db'}", tmp_path)
     store = Store(s.database.url)
-    first = pipeline(s, values, store)
+    first = pipeline(s, values, store).pipeline
     first.open()
     for _ in range(5):  # 500 episodes: past the warm-up, before the change
         first.process_batch(first.source.poll(100, 0.0))
@@ -144,8 +143,8 @@ def test_tampered_checkpoint_is_not_unpickled(values: list[bytes], sqlite_url: s
 
     store.commit_batch(BatchWrite(states={("chat", COMPONENT): snap}))
     again = pipeline(s, values, store)
-    again.open()
-    again.process_batch(again.source.poll(10, 0.0))
+    again.pipeline.open()
+    again.pipeline.process_batch(again.pipeline.source.poll(10, 0.0))
     assert again.drift is not None
     st = again.drift._streams["chat"].signals["response_log_chars"]
     assert st.ref is not None and st.detectors == {}  # warming up again, nothing unpickled

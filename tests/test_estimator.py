@@ -3,19 +3,20 @@ bounded quantity (a rate, a rating) gets an interval that stays honest at the bo
 
 from __future__ import annotations
 
-import doctest
 import functools
+import gzip
+import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry
 from realdata import alpaca_rows
 from scipy.stats import binom
 
-import sampling.estimator
 from monitor.store import Store
 from sampling import ChannelPolicy, Sampler, SamplingPolicy, bounded_interval, horvitz_thompson
 
@@ -57,10 +58,6 @@ def test_rejects_bad_probabilities_and_bounds() -> None:
         horvitz_thompson([0.0, 8.0], [0.5, 0.5], bounds=(1.0, 7.0))
     with pytest.raises(ValueError, match="lo < hi"):
         horvitz_thompson([1.0], [0.5], bounds=(1.0, 1.0))
-
-
-def test_the_docstring_examples_run() -> None:
-    assert doctest.testmod(sampling.estimator).failed == 0
 
 
 def test_no_event_in_30_labels_is_a_rate_below_about_11_percent_not_zero() -> None:
@@ -138,7 +135,7 @@ MIN_COVERAGE = 0.95 - 3 * math.sqrt(0.95 * 0.05 / REPLICATES)
 
 
 @functools.cache
-def _design(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _design(n: int) -> tuple[NDArray[np.float64], NDArray[np.intp], NDArray[np.intp]]:
     """2,000 Poisson samples of expected size n from UNITS units whose inclusion probabilities
     vary 10x: the probabilities and, for every inclusion, its replicate and unit. The design does
     not depend on the values, so every population below is sampled by the same replicates."""
@@ -149,7 +146,7 @@ def _design(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pi, rep, unit
 
 
-def _coverage(y: np.ndarray, bounds: tuple[float, float], n: int) -> tuple[float, float, float]:
+def _coverage(y: NDArray[np.float64], bounds: tuple[float, float], n: int) -> tuple[float, float, float]:
     """(score coverage, normal coverage, mean score width) over the replicates of ``_design(n)``.
     The sums per replicate are vectorised; the first replicates are checked against
     horvitz_thompson itself, so they are the estimator's."""
@@ -266,10 +263,10 @@ def _fill(store: Store, n: int = 30) -> None:
 def test_no_zero_width_interval_at_any_call_site(sqlite_url: str) -> None:
     """`oversight estimate`, the admin page's estimates and chart, and the quality gauges: no
     empty response, no flag and only 7s among 30 labelled items must not read as certainty."""
-    from monitor.actions import oversight
-    from monitor.estimates import estimate_stream
     from monitor.metrics import Metrics
-    from monitor.review import stats
+    from monitor.quality import estimates as stats
+    from monitor.quality import oversight
+    from monitor.quality.estimates import estimate_stream
 
     store = Store(sqlite_url)
     _fill(store)
@@ -301,18 +298,33 @@ def test_no_zero_width_interval_at_any_call_site(sqlite_url: str) -> None:
     store.close()
 
 
+def true_means(path: Path, key: str) -> dict[str, float]:
+    """The mean of ``metadata[key]`` per stream over every episode of a (gzipped) traffic file."""
+    sums: dict[str, list[float]] = {}
+    with gzip.open(path, "rb") as fh:
+        for line in fh:
+            try:
+                obj = json.loads(line)
+                v = obj["metadata"][key]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(v, int | float):
+                sums.setdefault(obj.get("stream", "default"), []).append(float(v))
+    return {s: sum(v) / len(v) for s, v in sums.items()}
+
+
 def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) -> None:
     """The full path: replays of the bundled real traffic through the pipeline under different
     sampling keys; the store-based estimate of mean judge_pref covers the true mean."""
     from monitor.config import load_settings
-    from monitor.deadletter import JsonlDeadLetterSink
-    from monitor.demo import _true_means, bundled_traffic
-    from monitor.estimates import estimate_stream
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
     from monitor.metrics import Metrics
     from monitor.pipeline import Pipeline
+    from monitor.quality.estimates import estimate_stream
+    from monitor.simulate.demo import bundled_traffic
     from monitor.sources.file import FileSource
 
-    truth = _true_means(bundled_traffic(), "judge_pref")
+    truth = true_means(bundled_traffic(), "judge_pref")
     reps, covered = 40, 0
     for rep in range(reps):
         s = load_settings(

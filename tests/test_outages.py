@@ -61,7 +61,11 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
             errors_before = metric(port, "oversight_commit_errors_total", target="store") or 0.0
             for i in range(outages):
                 seen = traffic(pg, "oversight")
-                wait_for(lambda s=seen: traffic(pg, "oversight") > s + 50, 30, f"progress before outage {i}")
+
+                def progressed(s: int = seen) -> bool:
+                    return traffic(pg, "oversight") > s + 50
+
+                wait_for(progressed, 30, f"progress before outage {i}")
                 pg.crash()
                 took = wait_for(lambda: readyz(port)[0] == 503, READY_WITHIN_S, f"/readyz 503 in outage {i}")
                 code, checks = readyz(port)
@@ -115,9 +119,8 @@ def test_every_database_read_of_a_batch_waits_out_an_outage(tmp_path: Path) -> N
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
-    from monitor.deadletter import JsonlDeadLetterSink
-    from monitor.metrics import Metrics
-    from monitor.pipeline import Pipeline
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
+    from monitor.service import build_service
     from monitor.sources.memory import MemorySource
     from monitor.store import Store
 
@@ -129,8 +132,11 @@ def test_every_database_read_of_a_batch_waits_out_an_outage(tmp_path: Path) -> N
         s = load_settings(None, [*SETTINGS, f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}"])
         store = Store(url)
         sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
-        p = Pipeline(s, store, MemorySource(values), sink, Metrics(CollectorRegistry()))
-        assert p.labels_feed is not None and p.drift is not None and p.scorer is not None
+        svc = build_service(
+            s, source=MemorySource(values), serve=False, store=store, dead_letters=sink, registry=CollectorRegistry()
+        )
+        assert svc.labels_feed is not None and svc.drift is not None and svc.scorer is not None
+        p = svc.pipeline
         p.open()
         assert p.process_batch(p.source.poll(30, 0.0))
         pg.crash()

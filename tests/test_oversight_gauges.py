@@ -8,8 +8,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.actions import oversight
 from monitor.metrics import Metrics
+from monitor.quality import oversight
 from monitor.review.auth import create_user
 from monitor.store import Store
 from monitor.store import tables as t

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings, load_settings
-from monitor.deadletter import JsonlDeadLetterSink
+from monitor.episodes.deadletter import JsonlDeadLetterSink
 from monitor.metrics import Metrics
 from monitor.pipeline import Pipeline, make_sampler
 from monitor.sources.memory import MemorySource

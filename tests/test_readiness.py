@@ -256,8 +256,8 @@ def test_rollbacks_without_progress_back_off_and_give_up(tmp_path: Path, monkeyp
     each rollback, and give up with an error after a bound, never spin."""
     import sqlalchemy as sa
 
-    import monitor.pipeline as pipeline_module
-    from monitor.deadletter import JsonlDeadLetterSink
+    import monitor.pipeline.commit as pipeline_module
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
     from monitor.metrics import Metrics
     from monitor.pipeline import Pipeline
     from monitor.retry import NoProgress

@@ -1,4 +1,5 @@
-"""The store, against SQLite and the real PostgreSQL: migrations, atomic batches, CAS offsets."""
+"""The store, against SQLite and the real PostgreSQL: migrations, atomic batches, CAS offsets,
+the service's keyed state, insert-ignore, drift events and the outbox."""
 
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ def sample(eid: str, channel: str, p: float, stream: str = "s", ts: float = 120.
 
 def test_migrations_are_idempotent(db_url: str) -> None:
     s = Store(db_url)
-    assert s.revision() == "0004"
+    assert s.revision() == "0005"
     s.migrate()
     Store(db_url).close()
-    assert s.revision() == "0004"
+    assert s.revision() == "0005"
     insp = sa.inspect(s.engine)
     assert {
         "episodes",
@@ -61,6 +62,7 @@ def test_migrations_are_idempotent(db_url: str) -> None:
         "rm_active",
         "rm_scores",
         "action_requests",
+        "internal_state",
     } <= set(insp.get_table_names())
     s.close()
 
@@ -161,13 +163,33 @@ def test_concurrent_writers_serialise(db_url: str) -> None:
     s.close()
 
 
-def test_find_rejected_changes_nothing(db_url: str) -> None:
+def test_find_rejected_names_the_refused_rows_and_changes_nothing(db_url: str) -> None:
     s = Store(db_url)
-    b = BatchWrite(episodes=[ep("ok"), ep("bad", stream="x" * 300)], samples=[sample("ok", "rm", 0.1)])
+    nested: dict[str, Any] = {}
+    for _ in range(5000):  # deeper than the JSON encoder recurses: refused before any database sees it
+        nested = {"k": nested}
+    b = BatchWrite(
+        episodes=[ep("ok"), ep("null", prompt=None), ep("deep", metadata=nested), ep("long", stream="x" * 300)],
+        samples=[sample("ok", "rm", 0.1), sample("null", "rm", 0.1), sample("deep", "rm", 0.1)],
+    )
     rejected = s.find_rejected(b)
-    if s.dialect == "postgresql":  # SQLite does not enforce VARCHAR lengths
-        assert set(rejected) == {"bad"}
-    assert s.sample_counts() == {}
+    # Both databases refuse a NULL in a NOT NULL column, and neither gets a value that cannot be
+    # encoded; only PostgreSQL enforces VARCHAR lengths (SQLite stores the long stream as is).
+    refused = {"null", "deep", "long"} if s.dialect == "postgresql" else {"null", "deep"}
+    assert set(rejected) == refused
+    assert "prompt" in rejected["null"].lower() and "null" in rejected["null"].lower()
+    assert "recursion" in rejected["deep"].lower()
+    assert all(len(why) <= 500 for why in rejected.values())
+    assert s.sample_counts() == {}  # nothing of the trial inserts is left
+    assert s.sampled("s", "rm") == []
+    # The rows it did not name commit as they are.
+    s.commit_batch(
+        BatchWrite(
+            episodes=[e for e in b.episodes if e["episode_id"] not in rejected],
+            samples=[x for x in b.samples if x["episode_id"] not in rejected],
+        )
+    )
+    assert [r["episode_id"] for r in s.sampled("s", "rm")] == ["ok"]
     s.close()
 
 

@@ -26,9 +26,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from monitor.actions import requests
 from monitor.actions.sinks import MAX_RETRY_DELAY_S, Sink, SinkError
-from monitor.store import Store
+from monitor.store import Store, requests
 from monitor.store import tables as t
 
 if TYPE_CHECKING:

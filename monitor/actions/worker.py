@@ -3,8 +3,8 @@
 It runs beside the pipeline (a thread in ``oversight run``; ``run_once`` in tests and the
 simulation) and meets the pipeline only through the database:
 
-1. New drift events (past a cursor kept in ``stream_state``, advanced by compare-and-set so
-   two workers cannot both act on an event) are grouped into **incidents**: events of one
+1. New drift events (past a cursor kept in ``internal_state`` under ``actions:cursor``, advanced
+   by compare-and-set so two workers cannot both act on an event) are grouped into **incidents**: events of one
    stream within ``actions.incident_gap_s`` (event time) of the incident's last event, on
    whatever signals. The first event of an incident creates one ``rm_update`` request (if
    its signal is in ``reward.update.trigger_signals``); later ones are attached to it.
@@ -25,16 +25,15 @@ import threading
 import time
 from typing import Any
 
-import sqlalchemy as sa
-
-from monitor.actions import requests as rq
 from monitor.config import Settings
 from monitor.metrics import Metrics
-from monitor.store import Store
-from monitor.store import tables as t
+from monitor.retry import first_line, transient
+from monitor.store import DriftEvent, Store
+from monitor.store import requests as rq
 
 log = logging.getLogger(__name__)
-CURSOR = ("__actions__", "cursor")
+CURSOR_KEY = "actions:cursor"  # internal_state: the id of the last drift event taken
+INGEST_LIMIT = 1000  # drift events taken per round
 
 
 class ActionWorker:
@@ -56,40 +55,22 @@ class ActionWorker:
         self.errors = 0
 
     # -- incidents ------------------------------------------------------------------
-    def _cursor(self, conn: sa.Connection) -> int:
-        st = t.stream_state
-        row = conn.execute(sa.select(st.c.state).where(st.c.stream == CURSOR[0], st.c.component == CURSOR[1])).first()
-        return int(row.state["last_event_id"]) if row is not None else 0
-
     def ingest_events(self) -> int:
         """Turn new drift events into incidents and requests; returns how many were taken."""
-        e, st = t.drift_events, t.stream_state
-        with self.store.engine.begin() as conn:
-            cursor = self._cursor(conn)
-            rows = conn.execute(sa.select(e).where(e.c.id > cursor).order_by(e.c.id).limit(1000)).all()
-            if not rows:
-                return 0
-            last = int(rows[-1].id)
-            state = {"last_event_id": last}
-            if cursor == 0:
-                conn.execute(
-                    self.store._insert(st).on_conflict_do_nothing(),
-                    [{"stream": CURSOR[0], "component": CURSOR[1], "state": state, "updated_at": time.time()}],
-                )
-            # Compare-and-set: only the worker that moved the cursor from its value acts on these events.
-            res = conn.execute(
-                st.update()
-                .where(st.c.stream == CURSOR[0], st.c.component == CURSOR[1])
-                .where(sa.cast(st.c.state["last_event_id"].as_string(), sa.Integer) == cursor if cursor else sa.true())
-                .values(state=state, updated_at=time.time())
-            )
-            if res.rowcount != 1:
-                return 0
-        for row in rows:
-            self._on_event(dict(row._mapping))
-        return len(rows)
+        saved = self.store.load_internal(CURSOR_KEY)
+        cursor = int(saved["last_event_id"]) if saved is not None else 0
+        events = self.store.drift_events(since_id=cursor, limit=INGEST_LIMIT)
+        if not events:
+            return 0
+        # Compare-and-set from the state read above (None: no cursor yet): of two workers that
+        # read the same cursor, only the one that moves it acts on these events.
+        if not self.store.cas_internal(CURSOR_KEY, saved, {"last_event_id": int(events[-1]["id"])}):
+            return 0
+        for ev in events:
+            self._on_event(ev)
+        return len(events)
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
+    def _on_event(self, ev: DriftEvent) -> None:
         stream = str(ev["stream"])
         summary = {k: ev[k] for k in ("id", "signal", "detector", "statistic", "threshold", "episode_id", "event_ts")}
         inc = self._incident(stream, float(ev["event_ts"]))
@@ -207,7 +188,7 @@ class ActionWorker:
     def _request_retrain(self, incident: dict[str, Any], update: dict[str, Any] | None) -> None:
         from monitor.reward.registry import Registry
 
-        active = Registry(self.store, self.settings.reward.models_dir, self.settings.reward.stream_set).active()
+        active = Registry.for_settings(self.store, self.settings).active()
         payload = {
             **incident,
             "label_window": {"stream": incident["stream"], "since": incident["since"], "until": time.time()},
@@ -236,10 +217,10 @@ class ActionWorker:
     # -- loop ---------------------------------------------------------------------------------
     def refresh_gauges(self) -> dict[str, dict[str, Any]]:
         """Quality estimates, reward-model/human agreement and the reward-hacking alarm (metrics)."""
-        from monitor.actions import oversight
+        from monitor.quality import oversight
         from monitor.reward.registry import Registry
 
-        active = Registry(self.store, self.settings.reward.models_dir, self.settings.reward.stream_set).active()
+        active = Registry.for_settings(self.store, self.settings).active()
         self.oversight = oversight.compute(
             self.store, None if active is None else active[0], window=self.settings.actions.oversight_window
         )
@@ -258,9 +239,12 @@ class ActionWorker:
             while not self._stop.wait(self.settings.reward.update.poll_s):
                 try:
                     self.run_once()
-                except Exception:  # keep the worker alive; the next round retries
+                except Exception as e:  # keep the worker alive; the next round retries
                     self.errors += 1
-                    log.exception("action worker round failed")
+                    if transient(e):  # an outage: one line per round, not a traceback per round
+                        log.warning("action worker round failed (retried next round): %s", first_line(e))
+                    else:
+                        log.exception("action worker round failed")
 
         self._thread = threading.Thread(target=loop, name="action-worker", daemon=True)
         self._thread.start()

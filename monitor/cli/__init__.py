@@ -3,7 +3,7 @@
 ``app`` builds the parser from the tables of the command modules and runs the chosen command;
 the command modules import what they need inside their functions, so ``--help`` stays fast.
 Nothing else in the project imports this package: what the CLI shares with the demo and the
-benchmarks lives below it (``monitor.entry``, ``monitor.fileio``, ``monitor.replay``).
+benchmarks lives below it (``monitor.errors``, ``monitor.fileio``, ``monitor.service.replay``).
 """
 
 from monitor.cli.app import build_parser, main

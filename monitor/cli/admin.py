@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 from monitor.cli.common import Command, one_line, open_existing_store, settings_from_args, shown_url
-from monitor.entry import CommandFailed, require_readable, require_writable_dir, sqlite_file
+from monitor.errors import CommandFailed, require_readable, require_writable_dir, sqlite_file
 
 if TYPE_CHECKING:
     from monitor.config import KafkaConfig, Settings

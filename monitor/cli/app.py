@@ -33,7 +33,7 @@ from monitor.cli.common import (
     log_options,
     one_line,
 )
-from monitor.entry import (
+from monitor.errors import (
     CommandFailed,
     UsageError,
     require_readable,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from monitor.entry import CommandFailed, UsageError, sqlite_file
+from monitor.errors import CommandFailed, UsageError, sqlite_file
 
 if TYPE_CHECKING:
     from monitor.config import Settings

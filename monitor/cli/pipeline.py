@@ -18,7 +18,7 @@ from monitor.cli.common import (
     settings_from_args,
     write_json,
 )
-from monitor.entry import UsageError, require_readable
+from monitor.errors import UsageError, require_readable
 
 log = logging.getLogger("oversight")
 
@@ -45,38 +45,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # Before connecting anything: a SIGTERM during start-up is a clean stop too.
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    svc = build_service(settings)
-    assert svc.server is not None
-    log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
-    review = None
-    worker = None
-    try:
+    with build_service(settings) as svc:
+        assert svc.server is not None
+        log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
         if args.review:
-            from monitor.review.app import create_app
-            from monitor.review.server import BackgroundServer
-
-            review = BackgroundServer(
-                create_app(settings, svc.store),
-                settings.review.host,
-                settings.review.port,
-                metrics=(settings.review.metrics_host, settings.review.metrics_port),
-            ).start()
-            log.info("review UI at %s", review.url)
+            log.info("review UI at %s", svc.serve_review().url)
         if settings.actions.worker:
-            from monitor.actions.worker import ActionWorker
-
-            worker = ActionWorker(settings, svc.store, svc.metrics).start()
-        stats = svc.pipeline.run(stop)
-    except Aborted as e:
-        log.warning("%s", e)
-        return EXIT_ABORTED
-    finally:
-        if worker is not None:
-            worker.stop()
-        if review is not None:
-            review.stop()
-        svc.server.stop()
-        svc.store.close()
+            svc.action_worker(start=True)
+        try:
+            stats = svc.run(stop)
+        except Aborted as e:
+            log.warning("%s", e)
+            return EXIT_ABORTED
     log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
     return 0
 
@@ -91,7 +71,7 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from monitor.replay import replay_file
+    from monitor.service.replay import replay_file
 
     extra = input_overrides(args.input)
     settings = settings_from_args(args, extra)
@@ -157,7 +137,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from monitor.demo import run_demo
+    from monitor.simulate.demo import run_demo
 
     return run_demo(
         config=args.config,

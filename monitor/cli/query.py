@@ -15,7 +15,7 @@ from monitor.cli.common import (
     require_stream,
     settings_from_args,
 )
-from monitor.entry import UsageError
+from monitor.errors import UsageError
 
 METADATA_PREFIX = "metadata."
 
@@ -34,7 +34,7 @@ def parse_time(value: str | None, flag: str) -> float | None:
 
 def check_quantity(quantity: str) -> None:
     """Refuse a quantity no episode can have: it would estimate over nothing and look like an answer."""
-    from monitor.estimates import BUILTIN_QUANTITIES
+    from monitor.quality.estimates import BUILTIN_QUANTITIES
 
     if quantity in BUILTIN_QUANTITIES:
         return
@@ -62,7 +62,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     check_quantity(args.quantity)
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     settings = settings_from_args(args)
-    from monitor.estimates import estimate_stream
+    from monitor.quality.estimates import estimate_stream
 
     store = open_existing_store(settings)
     try:
@@ -80,20 +80,11 @@ def events_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_drift_events(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-
-    from monitor.store import tables as t
-
     store = open_existing_store(settings_from_args(args))
     try:
         if args.stream is not None:
             require_stream(store, args.stream)
-        e = t.drift_events
-        q = sa.select(e).order_by(e.c.id.desc()).limit(min(args.limit, 10_000))
-        if args.stream is not None:
-            q = q.where(e.c.stream == args.stream)
-        with store.engine.connect() as conn:
-            rows = [dict(row._mapping) for row in conn.execute(q)]
+        rows = store.drift_events(stream=args.stream, limit=min(args.limit, 10_000), newest_first=True)
     finally:
         store.close()
     for row in rows:

@@ -24,7 +24,7 @@ from monitor.cli.common import (
     require_stream,
     settings_from_args,
 )
-from monitor.entry import CommandFailed, UsageError
+from monitor.errors import CommandFailed, UsageError
 
 if TYPE_CHECKING:
     from monitor.config import Settings
@@ -222,7 +222,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
 def registry_of(settings: Settings, store: Store) -> Any:
     from monitor.reward.registry import Registry
 
-    return Registry(store, settings.reward.models_dir, settings.reward.stream_set)
+    return Registry.for_settings(store, settings)
 
 
 def register_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,7 +272,7 @@ def requests_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_rm_requests(args: argparse.Namespace) -> int:
-    from monitor.actions import requests as rq
+    from monitor.store import requests as rq
 
     store = open_existing_store(settings_from_args(args))
     try:
@@ -301,7 +301,7 @@ def update_arguments(p: argparse.ArgumentParser) -> None:
 def claim_request(store: Store, request: str | None) -> dict[str, Any] | None:
     """The rm_update request to run, claimed for this process (a finished one as it is); None when
     there is nothing to do."""
-    from monitor.actions import requests as rq
+    from monitor.store import requests as rq
 
     if request is None:
         waiting = [r for r in rq.listing(store, kind="rm_update") if r["state"] in ("sent", "pending")]
@@ -321,7 +321,7 @@ def claim_request(store: Store, request: str | None) -> dict[str, Any] | None:
 
 
 def cmd_rm_update(args: argparse.Namespace) -> int:
-    from monitor.actions import requests as rq
+    from monitor.store import requests as rq
 
     settings = settings_from_args(args)
     store = open_existing_store(settings)
@@ -350,9 +350,9 @@ def cmd_rm_update(args: argparse.Namespace) -> int:
 def run_update(
     args: argparse.Namespace, settings: Settings, store: Store, request: str | None, stream: str, since: float
 ) -> dict[str, Any]:
-    from monitor.actions import requests as rq
     from monitor.reward.update import UpdateError
     from monitor.reward.update import run_update as update
+    from monitor.store import requests as rq
 
     try:
         result: dict[str, Any] = update(

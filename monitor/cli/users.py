@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from monitor.cli.common import Command, open_existing_store, open_store, port, print_json, settings_from_args
-from monitor.entry import UsageError
+from monitor.errors import UsageError
 
 if TYPE_CHECKING:
     from monitor.review.auth import User

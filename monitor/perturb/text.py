@@ -395,6 +395,46 @@ def _line_key(m: re.Match[str]) -> tuple[str, str, str]:
     return ("step", m.group("stepfmt").strip(), indent)
 
 
+def _list_item(m: re.Match[str], start: int) -> ListItem:
+    """The item of a matched marker line starting at ``start``, with its number's span if numbered."""
+    if m.group("num") is not None:
+        return ListItem(start, (start + m.start("num"), start + m.end("num")), int(m.group("num")))
+    if m.group("step") is not None:
+        return ListItem(start, (start + m.start("stepnum"), start + m.end("stepnum")), int(m.group("stepnum")))
+    return ListItem(start, None, None)
+
+
+def _add_item(
+    open_runs: dict[tuple[str, str, str], _Run], done: list[_Run], key: tuple[str, str, str], item: ListItem, end: int
+) -> None:
+    """An item line: it closes deeper lists and other markers at its indent, then joins (or opens)
+    the list of its key, and the shallower lists it is nested in extend over it."""
+    width = len(key[2])
+    for k, run in list(open_runs.items()):
+        if run.indent > width or (run.indent == width and k != key):
+            done.append(open_runs.pop(k))
+    current = open_runs.get(key)
+    if current is None:
+        open_runs[key] = _Run(key, width, [item], end)
+    else:
+        current.items.append(item)
+        current.end = end
+        current.blank_since_item = False
+    for other in open_runs.values():
+        if other.indent < width:
+            other.end = end
+
+
+def _add_other_line(open_runs: dict[tuple[str, str, str], _Run], done: list[_Run], indent: int, end: int) -> None:
+    """A line that is not an item: a continuation of the lists it is indented under (or lazily
+    continues, right after an item), the end of the others."""
+    for k, run in list(open_runs.items()):
+        if indent > run.indent or not run.blank_since_item:
+            run.end = end
+        else:
+            done.append(open_runs.pop(k))
+
+
 def detect_lists(text: str, excluded: list[tuple[int, int]]) -> list[DetectedList]:
     """Every list in ``text`` (outside ``excluded``): numbered ("1." / "1)"), bulleted (- * • +)
     or "Step N", in document order of their first item.
@@ -418,35 +458,10 @@ def detect_lists(text: str, excluded: list[tuple[int, int]]) -> list[DetectedLis
         if inside(start, excluded):
             continue
         m = _ITEM.match(body)
-        indent = len(body) - len(body.lstrip(" \t"))
         if m is not None:
-            key = _line_key(m)
-            width = len(key[2])
-            for k, run in list(open_runs.items()):
-                if run.indent > width or (run.indent == width and k != key):
-                    done.append(open_runs.pop(k))
-            if m.group("num") is not None:
-                item = ListItem(start, (start + m.start("num"), start + m.end("num")), int(m.group("num")))
-            elif m.group("step") is not None:
-                item = ListItem(start, (start + m.start("stepnum"), start + m.end("stepnum")), int(m.group("stepnum")))
-            else:
-                item = ListItem(start, None, None)
-            current = open_runs.get(key)
-            if current is None:
-                open_runs[key] = _Run(key, width, [item], end)
-            else:
-                current.items.append(item)
-                current.end = end
-                current.blank_since_item = False
-            for other in open_runs.values():
-                if other.indent < width:
-                    other.end = end
-            continue
-        for k, run in list(open_runs.items()):
-            if indent > run.indent or not run.blank_since_item:
-                run.end = end
-            else:
-                done.append(open_runs.pop(k))
+            _add_item(open_runs, done, _line_key(m), _list_item(m, start), end)
+        else:
+            _add_other_line(open_runs, done, len(body) - len(body.lstrip(" \t")), end)
     done.extend(open_runs.values())
     lists = [DetectedList(r.key[0], tuple(r.items), r.end) for r in done]
     return sorted(lists, key=lambda d: d.items[0].start)

@@ -227,13 +227,15 @@ def login(
     limits: LoginLimits,
     gate: HashGate,
     hours: float,
+    now: float | None = None,
 ) -> Session:
     """Check a password and open a new session (a new token every login: no fixation).
 
     Raises :class:`AuthError`: 401 wrong name or password (the same for unknown names),
-    429 throttled (with Retry-After), 503 no hashing slot free (with Retry-After).
+    429 throttled (with Retry-After), 503 no hashing slot free (with Retry-After). ``now``
+    (default: the time) dates the attempt, the backoff and the session.
     """
-    now = time.time()
+    now = time.time() if now is None else now
     name = name[:64]
     address = address[:64]
     attempt = _record_attempt(store, name, address, now, limits.window_s)
@@ -253,7 +255,7 @@ def login(
         raise AuthError("wrong name or password")  # the attempt's row stays: it is the failure
     _clear_failures(store, name, address)
     _rehash_if_needed(store, int(row.id), str(row.password_hash), password, gate)
-    return open_session(store, User(int(row.id), row.name, row.role), hours)
+    return open_session(store, User(int(row.id), row.name, row.role), hours, now=now)
 
 
 def _record_attempt(store: Store, name: str, address: str, now: float, window_s: float) -> int:
@@ -338,10 +340,10 @@ def _rehash_if_needed(store: Store, user_id: int, stored_hash: str, password: st
         conn.execute(t.users.update().where(t.users.c.id == user_id).values(password_hash=new_hash))
 
 
-def open_session(store: Store, user: User, hours: float) -> Session:
+def open_session(store: Store, user: User, hours: float, now: float | None = None) -> Session:
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(32)
-    now = time.time()
+    now = time.time() if now is None else now
     expires = now + hours * 3600
     with store.engine.begin() as conn:
         conn.execute(
@@ -352,10 +354,11 @@ def open_session(store: Store, user: User, hours: float) -> Session:
     return Session(token, user, csrf, expires)
 
 
-def session_from_token(store: Store, token: str | None) -> Session | None:
+def session_from_token(store: Store, token: str | None, now: float | None = None) -> Session | None:
+    """The live session (not revoked, not expired at ``now``, its user enabled) ``token`` names."""
     if not token or len(token) > 128:
         return None
-    now = time.time()
+    now = time.time() if now is None else now
     s, u = t.auth_sessions, t.users
     with store.engine.connect() as conn:
         row = conn.execute(
@@ -373,32 +376,33 @@ def session_from_token(store: Store, token: str | None) -> Session | None:
     return Session(token, User(int(row.id), row.name, row.role), row.csrf, float(row.expires_at))
 
 
-def revoke_session(store: Store, token: str) -> None:
+def revoke_session(store: Store, token: str, now: float | None = None) -> None:
     with store.engine.begin() as conn:
         conn.execute(
             t.auth_sessions.update()
             .where(t.auth_sessions.c.token_hash == _hash(token), t.auth_sessions.c.revoked_at.is_(None))
-            .values(revoked_at=time.time())
+            .values(revoked_at=time.time() if now is None else now)
         )
 
 
-def create_api_token(store: Store, user: User, name: str = "api") -> str:
+def create_api_token(store: Store, user: User, name: str = "api", now: float | None = None) -> str:
     token = "ovt_" + secrets.token_urlsafe(32)
     with store.engine.begin() as conn:
         conn.execute(
             t.api_tokens.insert().values(
-                token_hash=_hash(token), user_id=user.id, name=name[:64], created_at=time.time()
+                token_hash=_hash(token), user_id=user.id, name=name[:64], created_at=time.time() if now is None else now
             )
         )
     return token
 
 
-def revoke_api_token(store: Store, token: str) -> bool:
+def revoke_api_token(store: Store, token: str, now: float | None = None) -> bool:
     """Revoke one API token (logout with ``Authorization: Bearer``); whether it was live."""
     a = t.api_tokens
+    at = time.time() if now is None else now
     with store.engine.begin() as conn:
         res = conn.execute(
-            a.update().where(a.c.token_hash == _hash(token), a.c.revoked_at.is_(None)).values(revoked_at=time.time())
+            a.update().where(a.c.token_hash == _hash(token), a.c.revoked_at.is_(None)).values(revoked_at=at)
         )
     return bool(res.rowcount)
 

@@ -7,7 +7,7 @@ collector, so every replica reports the same, current numbers.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -22,9 +22,10 @@ LOGIN_RESULTS = ("ok", "failed", "rate_limited", "busy")
 
 
 class QueueCollector(Collector):
-    def __init__(self, store: Store, max_streams: int):
+    def __init__(self, store: Store, max_streams: int, clock: Callable[[], float] = time.time):
         self._store = store
         self._max_streams = max_streams
+        self._clock = clock
 
     def collect(self) -> Iterator[Any]:
         from monitor.review.queue import queue_depth
@@ -41,7 +42,7 @@ class QueueCollector(Collector):
             f"{NS}_review_queue_error", "Review items set aside because they could not be shown", labels=["stream"]
         )
         try:
-            rows = queue_depth(self._store, time.time())
+            rows = queue_depth(self._store, self._clock())
         except Exception:  # a scrape must not fail because the database blinked
             rows = []
         # Bounded label set: the busiest streams by name order, the rest summed as _other.
@@ -67,9 +68,15 @@ class QueueCollector(Collector):
 
 
 class ReviewMetrics:
-    def __init__(self, store: Store, registry: CollectorRegistry | None = None, max_streams: int = 50):
+    def __init__(
+        self,
+        store: Store,
+        registry: CollectorRegistry | None = None,
+        max_streams: int = 50,
+        clock: Callable[[], float] = time.time,
+    ):
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.registry.register(QueueCollector(store, max_streams))
+        self.registry.register(QueueCollector(store, max_streams, clock))
         self.labels = Counter(
             "review_labels",
             "Labels submitted, by outcome (labelled, skipped)",

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from monitor.config import ConfigError, Settings
-from monitor.server import OpsServer
+from monitor.ops import OpsServer
 
 log = logging.getLogger(__name__)
 

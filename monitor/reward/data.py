@@ -153,7 +153,8 @@ def hh_rlhf_pairs(path: str | os.PathLike[str] | None = None) -> list[Pair]:
 # --- AlpacaEval --------------------------------------------------------------------------------
 
 
-def _logit(p: float) -> float:
+def logit(p: float) -> float:
+    """log(p / (1 - p)) with p clipped to [1e-4, 1 - 1e-4]: a judge preference as log-odds."""
     # The judge's probabilities go down to ~1e-6; clipping keeps one saturated label from
     # dominating the margin.
     p = min(max(p, 1e-4), 1 - 1e-4)
@@ -195,7 +196,7 @@ def alpaca_eval_pairs(
             for b in rows[i + 1 :]:
                 if a["output"].strip() == b["output"].strip():
                     continue
-                margin = _logit(a["judge_pref"]) - _logit(b["judge_pref"])
+                margin = logit(a["judge_pref"]) - logit(b["judge_pref"])
                 if abs(margin) >= min_logit_margin:
                     candidates.append((a, b) if margin > 0 else (b, a))
         # Per-instruction RNG: one instruction's pairs do not depend on how many others exist.
@@ -211,7 +212,7 @@ def alpaca_eval_pairs(
                     "source": "alpaca_eval",
                     "chosen_model": win["generator"],
                     "rejected_model": lose["generator"],
-                    "margin": round(abs(_logit(win["judge_pref"]) - _logit(lose["judge_pref"])), 4),
+                    "margin": round(abs(logit(win["judge_pref"]) - logit(lose["judge_pref"])), 4),
                 }
             )
     return out

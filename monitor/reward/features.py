@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
-from monitor.signals.textstats import _non_text_ratio
+from monitor.signals.textstats import non_text_ratio
 
 FEATURES_VERSION = 3
 # The first FEATURES_BY_VERSION[v] names are feature set v (later versions append).
@@ -181,46 +182,68 @@ def _asked_count(prompt: str) -> int | None:
     return n if n is not None and 2 <= n <= 30 else None
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    """What several feature groups read of one response, computed once."""
+
+    r: str  # the response, clipped to MAX_CHARS
+    stripped: str
+    words: list[str]
+    lower_words: list[str]
+    lines: list[str]  # non-blank lines, stripped
+    raw_lines: list[str]  # non-blank lines as written
+    paragraphs: list[str]
+    fences: int
+    bullets: int
+    numbered: int
+
+    @classmethod
+    def of(cls, response: str) -> _Parsed:
+        r = response[:MAX_CHARS]
+        words = _WORD.findall(r)
+        raw_lines = [ln for ln in r.splitlines() if ln.strip()]
+        return cls(
+            r=r,
+            stripped=r.strip(),
+            words=words,
+            lower_words=[w.lower() for w in words],
+            lines=[ln.strip() for ln in raw_lines],
+            raw_lines=raw_lines,
+            paragraphs=[b for b in re.split(r"\n\s*\n", r) if b.strip()],
+            fences=len(_FENCE.findall(r)),
+            bullets=len(_BULLET.findall(r)),
+            numbered=len(_NUMBERED.findall(r)),
+        )
+
+
 def response_features(prompt: str, response: str) -> list[float]:
-    """One vector (``FEATURE_NAMES`` order) for a response given its prompt; raw, unnormalised."""
-    r = response[:MAX_CHARS]
-    p = prompt[-MAX_CHARS:]
-    stripped = r.strip()
-    words = _WORD.findall(r)
-    lower_words = [w.lower() for w in words]
-    lines = [ln.strip() for ln in r.splitlines() if ln.strip()]
-    paragraphs = [b for b in re.split(r"\n\s*\n", r) if b.strip()]
+    """One vector (``FEATURE_NAMES`` order) for a response given its prompt; raw, unnormalised.
+
+    Three groups, in the order the feature versions added them: shape and lexical (v1), layout
+    and language (v2), and how the response meets what the prompt asks for (v3).
+    """
+    t = _Parsed.of(response)
+    return [*_shape_features(prompt, response, t), *_layout_features(prompt, t), *_request_features(prompt, t)]
+
+
+def _shape_features(prompt: str, response: str, t: _Parsed) -> list[float]:
+    """v1: length, structure, overlap with the prompt, refusals and leaks."""
+    r, stripped, words, lower_words, lines = t.r, t.stripped, t.words, t.lower_words, t.lines
     sentences = max(1, len(_SENTENCE_END.findall(r))) if stripped else 0
-    fences = len(_FENCE.findall(r))
-    prompt_words = _content_words(p)
+    prompt_words = _content_words(prompt[-MAX_CHARS:])
     overlap = len(prompt_words & set(lower_words)) / len(prompt_words) if prompt_words else 0.0
     head = stripped[:300]
-    trigrams = list(zip(lower_words, lower_words[1:], lower_words[2:], strict=False))
-    raw_lines = [ln for ln in r.splitlines() if ln.strip()]
-    r_na = _non_ascii_ratio(r[:4000])
-    p_na = _non_ascii_ratio(p[:4000])
-    p_head = prompt.strip()[:60].lower()
-    # v3
-    p_req = prompt[-4000:]
-    log_chars = math.log1p(len(r))
-    brief, wants_list, code, creative = (
-        1.0 if rx.search(p_req) else 0.0 for rx in (_ASKS_BRIEF, _ASKS_LIST, _ASKS_CODE, _ASKS_CREATIVE)
-    )
-    bullets, numbered = len(_BULLET.findall(r)), len(_NUMBERED.findall(r))
-    items = bullets + numbered  # list items: the two patterns never match the same line
-    asked = _asked_count(p_req)
-    has_fence = 1.0 if fences else 0.0
     return [
         math.log1p(len(response)),
         math.log1p(len(words)),
         math.log1p(len(lines)),
-        math.log1p(len(paragraphs)),
+        math.log1p(len(t.paragraphs)),
         math.log1p(sentences),
         math.log1p(len(words) / sentences) if sentences else 0.0,
-        math.log1p(bullets),
-        math.log1p(numbered),
+        math.log1p(t.bullets),
+        math.log1p(t.numbered),
         math.log1p(len(_HEADER.findall(r))),
-        math.log1p(fences // 2 + fences % 2),
+        math.log1p(t.fences // 2 + t.fences % 2),
         math.log1p(len(_BOLD.findall(r))),
         math.log1p(len(_URL.findall(r))),
         math.log1p(r.count("?")),
@@ -236,8 +259,18 @@ def response_features(prompt: str, response: str) -> list[float]:
         1.0 if _APOLOGY.search(head) else 0.0,
         1.0 if _AI_MENTION.search(r[:2000]) else 0.0,
         1.0 if _ROLE_LEAK.search(r) else 0.0,
-        _non_text_ratio(r[:8000]),
-        # v2
+        non_text_ratio(r[:8000]),
+    ]
+
+
+def _layout_features(prompt: str, t: _Parsed) -> list[float]:
+    """v2: repetition, line shape, tables and code, openers and closers, script of the text."""
+    r, stripped, lower_words, raw_lines = t.r, t.stripped, t.lower_words, t.raw_lines
+    trigrams = list(zip(lower_words, lower_words[1:], lower_words[2:], strict=False))
+    r_na = _non_ascii_ratio(r[:4000])
+    p_na = _non_ascii_ratio(prompt[-MAX_CHARS:][:4000])
+    p_head = prompt.strip()[:60].lower()
+    return [
         len(set(trigrams)) / len(trigrams) if trigrams else 1.0,
         math.log1p(max((len(ln) for ln in raw_lines), default=0)),
         math.log1p(len(r) / max(1, len(raw_lines))),
@@ -252,7 +285,21 @@ def response_features(prompt: str, response: str) -> list[float]:
         p_na,
         abs(r_na - p_na),
         1.0 if p_head and p_head in stripped.lower()[:400] else 0.0,
-        # v3
+    ]
+
+
+def _request_features(prompt: str, t: _Parsed) -> list[float]:
+    """v3: what the prompt asks for (brevity, a list, code, creative writing) against what came back."""
+    r, raw_lines = t.r, t.raw_lines
+    p_req = prompt[-4000:]
+    log_chars = math.log1p(len(r))
+    brief, wants_list, code, creative = (
+        1.0 if rx.search(p_req) else 0.0 for rx in (_ASKS_BRIEF, _ASKS_LIST, _ASKS_CODE, _ASKS_CREATIVE)
+    )
+    items = t.bullets + t.numbered  # list items: the two patterns never match the same line
+    asked = _asked_count(p_req)
+    has_fence = 1.0 if t.fences else 0.0
+    return [
         brief,
         wants_list,
         code,
@@ -264,7 +311,7 @@ def response_features(prompt: str, response: str) -> list[float]:
         log_chars * creative,
         math.log1p(items) * wants_list,
         items / max(1, len(raw_lines)),
-        math.log1p(len(r) / max(1, len(paragraphs))),
+        math.log1p(len(r) / max(1, len(t.paragraphs))),
         1.0 if asked is not None else 0.0,
         1.0 if asked is not None and items == asked else 0.0,
         math.log1p(abs(items - asked)) if asked is not None else 0.0,

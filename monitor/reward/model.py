@@ -33,6 +33,7 @@ Layout of a version directory::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -322,6 +323,21 @@ class RewardModel:
         )
         (root / "MODEL_CARD.md").write_text(model_card(self), encoding="utf-8")
         return root
+
+    def clone(self, device: str | None = None) -> RewardModel:
+        """An independent copy to train further, on ``device``: its own encoder and head weights
+        (tokenizer, configuration and feature scaling are shared: training never changes them in
+        place) and no metadata, since it is not this version any more."""
+        return RewardModel(
+            self.config,
+            copy.deepcopy(self.encoder),
+            self.tokenizer,
+            copy.deepcopy(self.head),
+            self.feat_mean,
+            self.feat_std,
+            trained_layers=self.trained_layers,
+            device=device,
+        )
 
     # --- scoring -----------------------------------------------------------------------------
 

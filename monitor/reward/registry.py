@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.config import Settings
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -29,6 +30,11 @@ class Registry:
         self.store = store
         self.root = Path(models_dir)
         self.stream_set = stream_set
+
+    @classmethod
+    def for_settings(cls, store: Store, settings: Settings) -> Registry:
+        """The registry the service uses: ``reward.models_dir`` and ``reward.stream_set``."""
+        return cls(store, settings.reward.models_dir, settings.reward.stream_set)
 
     def path_of(self, version: str) -> Path:
         return self.root / version

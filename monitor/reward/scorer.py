@@ -26,16 +26,38 @@ from monitor.config import RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.reward.registry import Registry
+from monitor.store import BatchWrite, RmScoreRow
 from sampling import Decision
 
 log = logging.getLogger(__name__)
 
 # (stream, signal, value, episode_id, event_ts, input_index): DriftMonitor.observe_value
-Feed = Callable[[str, str, float, str, float | None, int], None]
+Feed = Callable[[str, str, float, str, float, int], None]
 
 
 class RewardScorer:
-    """An :class:`monitor.pipeline.EpisodeObserver` that scores the rm channel."""
+    """An :class:`monitor.pipeline.EpisodeObserver` that scores the rm channel.
+
+    The pipeline calls :meth:`observe` per episode and :meth:`checkpoint` at each batch boundary,
+    then commits :meth:`take_rows` with the batch. Without an active version (as below, so nothing
+    loads the encoder) the sampled episodes are counted as unscored and left to
+    ``oversight rm score-backlog``; an episode that no review channel sampled is never held.
+
+    >>> from monitor.config import load_settings
+    >>> from monitor.episodes import parse_episode
+    >>> from monitor.store import Store
+    >>> settings = load_settings(None, ["dev=true", "database.url=sqlite://"])
+    >>> registry = Registry.for_settings(Store(settings.database.url), settings)
+    >>> scorer = RewardScorer(settings.reward, registry, Metrics())
+    >>> episode = parse_episode(b'{"episode_id": "e1", "prompt": "2+2?", "response": "4"}', 1 << 20, now=0.0)
+    >>> rates = {"rm": 0.1, "human": 0.01}
+    >>> scorer.observe(episode, Decision({"rm": 0.1}, rates, u_review=0.05, u_drift=0.5), index=0)
+    >>> scorer.observe(episode, Decision({}, rates, u_review=0.5, u_drift=0.5), index=1)
+    >>> scorer.checkpoint()
+    {}
+    >>> scorer.version, scorer.scored, scorer.unscored, scorer.take_rows()
+    (None, 0, 1, [])
+    """
 
     def __init__(self, cfg: RewardConfig, registry: Registry, metrics: Metrics, feed: Feed | None = None):
         self.cfg = cfg
@@ -43,7 +65,7 @@ class RewardScorer:
         self._metrics = metrics
         self._feed = feed
         self._pending: list[tuple[Episode, int, bool]] = []  # (episode, input index, rm-sampled?)
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[RmScoreRow] = []
         self._model: Any = None
         self._generation = -2  # unknown: check at the first batch
         self._last_check = -1e18
@@ -98,9 +120,16 @@ class RewardScorer:
         self.scored += len(pending)
         return {}
 
-    def take_rows(self) -> list[dict[str, Any]]:
+    def take_rows(self) -> list[RmScoreRow]:
         rows, self._rows = self._rows, []
         return rows
+
+    def add_rows(self, batch: BatchWrite) -> None:
+        """The scores of this batch (one row per episode and version) commit with it."""
+        batch.rm_scores.extend(self.take_rows())
+
+    def between_batches(self) -> bool:
+        return False
 
     def forget(self) -> None:
         self._pending.clear()

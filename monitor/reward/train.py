@@ -51,9 +51,10 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from monitor.reward.data import Pair, group_of, split_of
 from monitor.reward.model import ModelConfig, RewardModel, default_device, pad_batch
@@ -83,6 +84,14 @@ class TrainConfig(ModelConfig):
     patience: int = Field(3, ge=1, description="evaluations without a better validation loss before stopping")
     cache_batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> TrainConfig:
+        # With layers to fine-tune, phase 1 runs only for head_epochs and phase 2 only for
+        # epochs (see plan_phases): both 0 would leave no phase at all.
+        if self.finetune_layers > 0 and self.head_epochs == 0 and self.epochs == 0:
+            raise ValueError("finetune_layers > 0 needs head_epochs > 0 or epochs > 0: nothing would train")
+        return self
 
 
 MODEL_KEYS = frozenset(ModelConfig.model_fields)
@@ -209,259 +218,388 @@ def train(
     """Train a reward model on ``pairs``; from ``base`` (a copy; its architecture, feature scaling
     and already trained layers are kept, ``cfg``'s architecture keys are ignored) or from the
     base encoder. Returns the new version (its ``version`` set, ``parent`` = base's) and metrics."""
-    import torch
-
-    cfg = cfg or TrainConfig()
-    t_start = time.perf_counter()
     if not pairs:
         raise ValueError("no training pairs")
-    device = default_device() if cfg.device == "auto" else cfg.device
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    return Trainer(cfg or TrainConfig(), base, progress).run(pairs, description)
 
-    if base is None:
-        model = RewardModel.create(model_config_of(cfg), seed=cfg.seed, device=device)
-        prior_layers: list[int] = []
-    else:
-        model = copy.copy(base)
-        model.encoder = copy.deepcopy(base.encoder)
-        model.head = copy.deepcopy(base.head)
-        model.metadata = {}
-        model.device = device
-        model._to_device()
-        prior_layers = list(base.trained_layers)
-        ignored = {k for k in MODEL_KEYS if getattr(cfg, k) != getattr(base.config, k) and k != "finetune_layers"}
-        if ignored:
-            log.warning("training from %s: architecture keys %s come from the base", base.version, sorted(ignored))
-    mcfg = model.config
-    n_layers = model.n_layers
-    k = cfg.finetune_layers
-    if k > n_layers:
-        raise ValueError(f"finetune_layers={k} but the encoder has {n_layers} layers")
-    start = n_layers - k
 
-    # Validation split by group, keyed on the seed so another seed gives another split.
+class Phase(NamedTuple):
+    """``head``: the head alone on the frozen encoder's pooled states; ``finetune``: the top layers
+    together with the head."""
+
+    name: Literal["head", "finetune"]
+    epochs: int
+
+    @property
+    def frozen(self) -> bool:
+        return self.name == "head"
+
+
+def plan_phases(cfg: TrainConfig, finetuning: bool) -> list[Phase]:
+    """Phase 1 trains the head on the frozen encoder's pooled states (seconds an epoch); phase 2
+    fine-tunes the top layers together with that head. A fresh head would otherwise push large,
+    noisy gradients into the pretrained layers, and early stopping can keep the phase-1 state when
+    fine-tuning does not help on validation. With nothing to fine-tune, ``epochs`` count as head
+    epochs too."""
+    phases: list[Phase] = []
+    if cfg.head_epochs > 0 or not finetuning:
+        phases.append(Phase("head", cfg.head_epochs if finetuning else max(cfg.head_epochs, cfg.epochs)))
+    if finetuning and cfg.epochs > 0:
+        phases.append(Phase("finetune", cfg.epochs))
+    return phases
+
+
+def split_validation(pairs: Sequence[Pair], cfg: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """(training, validation) pairs, split by group and keyed on the seed so another seed gives
+    another split; too few validation pairs for a meaningful early stop: all pairs train."""
     train_pairs: list[Pair] = []
     val_pairs: list[Pair] = []
     for p in pairs:
         is_val = cfg.val_fraction > 0 and split_of(group_of(p), cfg.val_fraction, seed=cfg.seed + 7919) == "test"
         (val_pairs if is_val else train_pairs).append(p)
     if len(val_pairs) < cfg.min_val_pairs or not train_pairs:
-        train_pairs, val_pairs = list(pairs), []
+        return list(pairs), []
+    return train_pairs, val_pairs
 
-    texts, _ = _text_index(train_pairs + val_pairs)
-    tindex = {t: i for i, t in enumerate(texts)}
 
-    def pair_ids(p: Pair) -> tuple[int, int]:
-        c, r = pair_texts(p)
-        return tindex[c], tindex[r]
+def start_model(cfg: TrainConfig, base: RewardModel | None, device: str) -> RewardModel:
+    """A fresh model from the base encoder (head seeded by ``cfg.seed``), or a copy of ``base``."""
+    if base is None:
+        return RewardModel.create(model_config_of(cfg), seed=cfg.seed, device=device)
+    ignored = {k for k in MODEL_KEYS if getattr(cfg, k) != getattr(base.config, k) and k != "finetune_layers"}
+    if ignored:
+        log.warning("training from %s: architecture keys %s come from the base", base.version, sorted(ignored))
+    return base.clone(device)
 
-    tr_idx = [pair_ids(p) for p in train_pairs]
-    va_idx = [pair_ids(p) for p in val_pairs]
-    prompts = [t[0] for t in texts]
-    responses = [t[1] for t in texts]
 
-    feats = model.features(prompts, responses)
-    if base is None and mcfg.features:
-        train_texts = sorted({i for pair in tr_idx for i in pair})
-        ft = feats[train_texts]
-        model.feat_mean = ft.mean(0).to(device)
-        # Binary features that never vary in training would divide by zero.
-        model.feat_std = ft.std(0).clamp(min=1e-2).to(device)
+@dataclass
+class Best:
+    """Early-stopping bookkeeping: the lowest validation loss so far (over both phases), its step
+    and accuracy, the weights at that point, and evaluations since without improvement."""
 
-    # Cache the frozen part once.
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
-    trainable_layers = list(range(start, n_layers))
-    layers = model.encoder.encoder.layer
-    for i in trainable_layers:
-        for p in layers[i].parameters():
-            p.requires_grad_(True)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    encs = model.encode(prompts, responses)
-    cache = _cache(model, encs, start, cfg.cache_batch_size, progress)
-    t_cache = time.perf_counter() - t_start
+    loss: float
+    step: int
+    accuracy: float
+    state: dict[str, Any]
+    patience: int
+    bad_evals: int = 0
 
-    def pooled_batch(text_ids: Sequence[int]) -> Any:
-        """The head's pooled input, running the trainable layers on the cached states."""
-        if start == n_layers:
-            return torch.stack([cache[i] for i in text_ids]).to(device, torch.float32)
-        hidden, mask = _stack([cache[i][0] for i in text_ids], device)
-        early = {k: torch.stack([cache[i][1][k] for i in text_ids]).to(device) for k in cache[text_ids[0]][1]}
-        return model.pooled_from(hidden, mask, start, early)
+    def offer(self, loss: float, accuracy: float, step: int, snapshot: Callable[[], dict[str, Any]]) -> bool:
+        """Record one evaluation; True when ``patience`` evaluations in a row did not improve."""
+        if loss < self.loss - 1e-4:
+            self.loss, self.step, self.accuracy = loss, step, accuracy
+            self.state = snapshot()
+            self.bad_evals = 0
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.patience
 
-    frozen_pooled: dict[int, Any] = {}
 
-    def forward(text_ids: Sequence[int], frozen: bool) -> Any:
-        f = feats[list(text_ids)].to(device)
-        if frozen and start < n_layers:
-            return model.head_score(torch.stack([frozen_pooled[i] for i in text_ids]), f)
-        return model.head_score(pooled_batch(text_ids), f)
+@dataclass
+class PhaseRun:
+    """One phase in progress: its optimiser, schedule, the parameters it clips, and its steps."""
 
-    def by_length(text_ids: Sequence[int]) -> list[list[int]]:
-        ordered = sorted(text_ids, key=lambda i: len(encs[i][0]))
-        return [ordered[s : s + cfg.cache_batch_size] for s in range(0, len(ordered), cfg.cache_batch_size)]
+    phase: Phase
+    opt: Any
+    sched: Any
+    params: list[Any]
+    n_steps: int
+    step: int = 0
 
-    def val_metrics(frozen: bool) -> tuple[float, float]:
-        model.encoder.eval()
-        model.head.eval()
-        sc: dict[int, float] = {}
-        with torch.inference_mode():
-            for chunk in by_length(sorted({i for pair in va_idx for i in pair})):
-                sc.update(zip(chunk, forward(chunk, frozen).tolist(), strict=True))
-        return _accuracy(sc, va_idx)
 
-    head_params = list(model.head.parameters())
-    enc_params = [p for i in trainable_layers for p in layers[i].parameters()]
-    steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
-    # Phase 1 trains the head on the frozen encoder's pooled states (seconds an epoch); phase 2
-    # fine-tunes the top layers together with that head. A fresh head would otherwise push large,
-    # noisy gradients into the pretrained layers, and early stopping can keep the phase-1 state
-    # when fine-tuning does not help on validation.
-    phases: list[tuple[str, int]] = []
-    if cfg.head_epochs > 0 or start == n_layers:
-        phases.append(("head", cfg.head_epochs if start < n_layers else max(cfg.head_epochs, cfg.epochs)))
-    if start < n_layers and cfg.epochs > 0:
-        phases.append(("finetune", cfg.epochs))
-    total = sum(steps_per_epoch * e for _, e in phases)
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+class Trainer:
+    """One run of ``train``, as named steps sharing the run's state: :meth:`prepare` (validation
+    split, text index, features), :meth:`cache_frozen` (the frozen layers, once), then per phase
+    :meth:`optimiser` and :meth:`epoch` (:meth:`optimisation_step`, :meth:`validate` with the
+    :class:`Best` bookkeeping), and :meth:`finalise` (best weights back, frozen, metadata)."""
 
-    if phases[0][0] == "head" and start < n_layers:
-        model.encoder.eval()
-        # no_grad, not inference_mode: the head's backward needs these as saved inputs.
-        with torch.no_grad():
-            for chunk in by_length(list(range(len(texts)))):
-                frozen_pooled.update(zip(chunk, pooled_batch(chunk), strict=True))
+    def __init__(self, cfg: TrainConfig, base: RewardModel | None = None, progress: bool = True) -> None:
+        import torch
 
-    def snapshot() -> dict[str, Any]:
-        return {
-            "head": copy.deepcopy(model.head.state_dict()),
-            "layers": {i: copy.deepcopy(layers[i].state_dict()) for i in trainable_layers},
-        }
+        self.cfg = cfg
+        self.base = base
+        self.progress = progress
+        self.t_start = time.perf_counter()
+        self.device = default_device() if cfg.device == "auto" else cfg.device
+        # Seeded before the head is initialised: head, dropout and batch order all follow the seed.
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.model = start_model(cfg, base, self.device)
+        self.prior_layers = list(base.trained_layers) if base is not None else []
+        n_layers = self.model.n_layers
+        if cfg.finetune_layers > n_layers:
+            raise ValueError(f"finetune_layers={cfg.finetune_layers} but the encoder has {n_layers} layers")
+        self.start = n_layers - cfg.finetune_layers
+        self.finetuning = self.start < n_layers
+        self.trainable_layers = list(range(self.start, n_layers))
+        self.layers = self.model.encoder.encoder.layer
+        self.phases = plan_phases(cfg, self.finetuning)
+        self.train_pairs: list[Pair] = []
+        self.val_pairs: list[Pair] = []
+        self.texts: list[tuple[str, str]] = []
+        self.tr_idx: list[tuple[int, int]] = []
+        self.va_idx: list[tuple[int, int]] = []
+        self.feats: Any = None
+        self.encs: list[tuple[list[int], list[int]]] = []
+        self.cache: list[Any] = []
+        self.frozen_pooled: dict[int, Any] = {}
+        self.t_cache = 0.0
+        self.step = 0
+        self.running = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.stopped_early = False
 
-    untrained_val = val_metrics(frozen=True) if va_idx else (float("nan"), float("nan"))
-    best = (untrained_val[1], 0, untrained_val[0])
-    best_state = snapshot()
-    history: list[dict[str, Any]] = []
-    step = 0
-    stopped_early = False
-    bar = None
-    if progress:
+    def run(self, pairs: Sequence[Pair], description: str | None = None) -> tuple[RewardModel, dict[str, Any]]:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="rm train", unit="step", dynamic_ncols=True)
-    running = 0.0
-    try:
-        for phase, epochs in phases:
-            frozen = phase == "head"
-            if not frozen and va_idx:
-                # Continue from the best head of phase 1, not from where it overfitted.
-                model.head.load_state_dict(best_state["head"])
-            params = head_params if frozen else head_params + enc_params
-            groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr_head}]
-            if not frozen and enc_params:
-                groups.append({"params": enc_params, "lr": cfg.lr_encoder})
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            n_steps = steps_per_epoch * epochs
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, _schedule(max(1, int(n_steps * cfg.warmup_fraction)), n_steps)
-            )
-            bad_evals = 0
-            phase_step = 0
-            for _epoch in range(epochs):
-                order = list(range(len(tr_idx)))
-                rng.shuffle(order)
-                for s in range(0, len(order), cfg.batch_size):
-                    batch = [tr_idx[i] for i in order[s : s + cfg.batch_size]]
-                    ids = sorted({i for pair in batch for i in pair})
-                    pos = {t: j for j, t in enumerate(ids)}
-                    model.head.train()
-                    for i in trainable_layers:
-                        layers[i].train()
-                    sc = forward(ids, frozen)
-                    c = torch.tensor([pos[a] for a, _ in batch], device=device)
-                    r = torch.tensor([pos[b] for _, b in batch], device=device)
-                    loss = -torch.nn.functional.logsigmoid(sc[c] - sc[r]).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    phase_step += 1
-                    lv = float(loss.item())
-                    running = 0.9 * running + 0.1 * lv if step > 1 else lv
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(phase=phase, loss=f"{running:.3f}", val_acc=f"{best[2]:.3f}")
-                    if va_idx and (phase_step % eval_every == 0 or phase_step == n_steps):
-                        acc, vloss = val_metrics(frozen)
-                        history.append(
-                            {"phase": phase, "step": step, "val_accuracy": round(acc, 4), "val_loss": round(vloss, 4)}
-                        )
-                        if vloss < best[0] - 1e-4:
-                            best = (vloss, step, acc)
-                            best_state = snapshot()
-                            bad_evals = 0
-                        else:
-                            bad_evals += 1
-                            if bad_evals >= cfg.patience:
-                                break
-                if bad_evals >= cfg.patience:
-                    stopped_early = True
-                    if bar is not None:
-                        bar.update(n_steps - phase_step)
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    if va_idx:
-        model.head.load_state_dict(best_state["head"])
-        for i in trainable_layers:
-            layers[i].load_state_dict(best_state["layers"][i])
-    model.encoder.eval()
-    model.head.eval()
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
-    for p in model.head.parameters():
-        p.requires_grad_(False)
-    model.trained_layers = sorted(set(prior_layers) | set(trainable_layers))
+        self.prepare(pairs)
+        self.cache_frozen()
+        untrained = self.val_metrics(self.phases[0].frozen) if self.va_idx else (math.nan, math.nan)
+        best = Best(untrained[1], 0, untrained[0], self.snapshot(), self.cfg.patience)
+        total = sum(self.steps_per_epoch * ph.epochs for ph in self.phases)
+        with tqdm(total=total, desc="rm train", unit="step", dynamic_ncols=True, disable=not self.progress) as bar:
+            for phase in self.phases:
+                self.run_phase(phase, best, bar)
+        self.finalise(best)
+        seconds = time.perf_counter() - self.t_start
+        metrics = self.metrics(best, untrained, seconds)
+        self.model.metadata = self.metadata(pairs, description, metrics)
+        log.info(
+            "trained %s in %.0f s: val accuracy %s (untrained %s, length %s)",
+            self.model.version,
+            seconds,
+            metrics["val_accuracy"],
+            metrics["val_accuracy_untrained"],
+            metrics["val_length_baseline"],
+        )
+        return self.model, metrics
 
-    seconds = time.perf_counter() - t_start
-    metrics: dict[str, Any] = {
-        "n_train": len(tr_idx),
-        "n_val": len(va_idx),
-        "val_accuracy": round(best[2], 4) if va_idx else None,
-        "val_loss": round(best[0], 4) if va_idx else None,
-        "val_accuracy_untrained": round(untrained_val[0], 4) if va_idx else None,
-        "val_length_baseline": round(length_baseline(val_pairs), 4) if va_idx else None,
-        "best_step": best[1] if va_idx else step,
-        "steps": step,
-        "stopped_early": stopped_early,
-        "history": history,
-        "seconds": round(seconds, 1),
-        "seconds_cache": round(t_cache, 1),
-        "device": device,
-    }
-    model.metadata = {
-        "version": None,
-        "parent": base.version if base is not None else None,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "training": _describe(pairs, description),
-        "metrics": {k: v for k, v in metrics.items() if k != "history"},
-        "train_config": cfg.model_dump(),
-    }
-    model.metadata["version"] = model.content_id()
-    log.info(
-        "trained %s in %.0f s: val accuracy %s (untrained %s, length %s)",
-        model.version,
-        seconds,
-        metrics["val_accuracy"],
-        metrics["val_accuracy_untrained"],
-        metrics["val_length_baseline"],
-    )
-    return model, metrics
+    # --- data ----------------------------------------------------------------------------------
+
+    def prepare(self, pairs: Sequence[Pair]) -> None:
+        """Validation split, one index over the distinct texts, their features (and, for a fresh
+        model, the feature scaling fitted on the training side)."""
+        self.train_pairs, self.val_pairs = split_validation(pairs, self.cfg)
+        self.texts, idx = _text_index(self.train_pairs + self.val_pairs)
+        self.tr_idx, self.va_idx = idx[: len(self.train_pairs)], idx[len(self.train_pairs) :]
+        self.feats = self.model.features([t[0] for t in self.texts], [t[1] for t in self.texts])
+        # A base's scaling is kept so the child's scores stay on the parent's scale.
+        if self.base is None and self.model.config.features:
+            self.fit_feature_scaling()
+
+    def fit_feature_scaling(self) -> None:
+        ft = self.feats[sorted({i for pair in self.tr_idx for i in pair})]
+        self.model.feat_mean = ft.mean(0).to(self.device)
+        # Binary features that never vary in training would divide by zero.
+        self.model.feat_std = ft.std(0).clamp(min=1e-2).to(self.device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.tr_idx) / self.cfg.batch_size)
+
+    @property
+    def eval_every(self) -> int:
+        return max(1, self.steps_per_epoch // self.cfg.evals_per_epoch)
+
+    # --- the frozen part -------------------------------------------------------------------------
+
+    def cache_frozen(self) -> None:
+        """Run the frozen layers once over every text (see :func:`frozen_states`); when phase 1
+        trains the head alone, also the top layers once, so its epochs touch the head only."""
+        self.set_trainable()
+        self.encs = self.model.encode([t[0] for t in self.texts], [t[1] for t in self.texts])
+        self.cache = frozen_states(self.model, self.encs, self.start, self.cfg.cache_batch_size, self.progress)
+        self.t_cache = time.perf_counter() - self.t_start
+        if self.phases[0].frozen and self.finetuning:
+            self.pool_frozen()
+
+    def set_trainable(self) -> None:
+        """Gradients for the top ``finetune_layers`` layers and the head only."""
+        for p in self.model.encoder.parameters():
+            p.requires_grad_(False)
+        for i in self.trainable_layers:
+            for p in self.layers[i].parameters():
+                p.requires_grad_(True)
+        for p in self.model.head.parameters():
+            p.requires_grad_(True)
+
+    def pool_frozen(self) -> None:
+        import torch
+
+        self.model.encoder.eval()
+        # no_grad, not inference_mode: the head's backward needs these as saved inputs.
+        with torch.no_grad():
+            for chunk in self.by_length(list(range(len(self.texts)))):
+                self.frozen_pooled.update(zip(chunk, self.pooled_batch(chunk), strict=True))
+
+    def by_length(self, text_ids: Sequence[int]) -> list[list[int]]:
+        """Chunks of similar token length, so little of a batch is padding."""
+        ordered = sorted(text_ids, key=lambda i: len(self.encs[i][0]))
+        bs = self.cfg.cache_batch_size
+        return [ordered[s : s + bs] for s in range(0, len(ordered), bs)]
+
+    def pooled_batch(self, text_ids: Sequence[int]) -> Any:
+        """The head's pooled input, running the trainable layers on the cached states."""
+        import torch
+
+        cache = self.cache
+        if not self.finetuning:
+            return torch.stack([cache[i] for i in text_ids]).to(self.device, torch.float32)
+        hidden, mask = stack_states([cache[i][0] for i in text_ids], self.device)
+        early = {k: torch.stack([cache[i][1][k] for i in text_ids]).to(self.device) for k in cache[text_ids[0]][1]}
+        return self.model.pooled_from(hidden, mask, self.start, early)
+
+    def forward(self, text_ids: Sequence[int], frozen: bool) -> Any:
+        """Scores of ``text_ids``; ``frozen``: from the top layers' output pooled once."""
+        import torch
+
+        f = self.feats[list(text_ids)].to(self.device)
+        if frozen and self.finetuning:
+            return self.model.head_score(torch.stack([self.frozen_pooled[i] for i in text_ids]), f)
+        return self.model.head_score(self.pooled_batch(text_ids), f)
+
+    # --- training --------------------------------------------------------------------------------
+
+    def run_phase(self, phase: Phase, best: Best, bar: Any) -> None:
+        if not phase.frozen and self.va_idx:
+            # Continue from the best head of phase 1, not from where it overfitted.
+            self.model.head.load_state_dict(best.state["head"])
+        run = self.optimiser(phase)
+        best.bad_evals = 0
+        for _epoch in range(phase.epochs):
+            if self.epoch(run, best, bar):
+                self.stopped_early = True
+                bar.update(run.n_steps - run.step)
+                return
+
+    def optimiser(self, phase: Phase) -> PhaseRun:
+        """AdamW (the encoder's layers at their own, lower rate) with linear warm-up and decay."""
+        import torch
+
+        head_params = list(self.model.head.parameters())
+        enc_params = [p for i in self.trainable_layers for p in self.layers[i].parameters()]
+        groups: list[dict[str, Any]] = [{"params": head_params, "lr": self.cfg.lr_head}]
+        if not phase.frozen and enc_params:
+            groups.append({"params": enc_params, "lr": self.cfg.lr_encoder})
+        opt = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        n_steps = self.steps_per_epoch * phase.epochs
+        warm = max(1, int(n_steps * self.cfg.warmup_fraction))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(warm, n_steps))
+        params = head_params if phase.frozen else head_params + enc_params
+        return PhaseRun(phase, opt, sched, params, n_steps)
+
+    def epoch(self, run: PhaseRun, best: Best, bar: Any) -> bool:
+        """One shuffled pass over the training pairs; True when early stopping ended the phase."""
+        order = list(range(len(self.tr_idx)))
+        self.rng.shuffle(order)
+        for s in range(0, len(order), self.cfg.batch_size):
+            loss = self.optimisation_step([self.tr_idx[i] for i in order[s : s + self.cfg.batch_size]], run)
+            self.running = 0.9 * self.running + 0.1 * loss if self.step > 1 else loss
+            bar.update(1)
+            bar.set_postfix(phase=run.phase.name, loss=f"{self.running:.3f}", val_acc=f"{best.accuracy:.3f}")
+            if self.validate(run, best):
+                return True
+        return False
+
+    def optimisation_step(self, batch: Sequence[tuple[int, int]], run: PhaseRun) -> float:
+        """One Bradley-Terry step over ``batch`` (chosen, rejected) text ids; returns its loss."""
+        import torch
+
+        ids = sorted({i for pair in batch for i in pair})
+        pos = {t: j for j, t in enumerate(ids)}
+        self.model.head.train()
+        for i in self.trainable_layers:
+            self.layers[i].train()
+        sc = self.forward(ids, run.phase.frozen)
+        c = torch.tensor([pos[a] for a, _ in batch], device=self.device)
+        r = torch.tensor([pos[b] for _, b in batch], device=self.device)
+        loss = -torch.nn.functional.logsigmoid(sc[c] - sc[r]).mean()
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(run.params, self.cfg.max_grad_norm)
+        run.opt.step()
+        run.sched.step()
+        self.step += 1
+        run.step += 1
+        return float(loss.item())
+
+    # --- validation and early stopping -----------------------------------------------------------
+
+    def validate(self, run: PhaseRun, best: Best) -> bool:
+        """Evaluate ``evals_per_epoch`` times an epoch and at the phase's end; True: stop the phase."""
+        if not self.va_idx or not (run.step % self.eval_every == 0 or run.step == run.n_steps):
+            return False
+        acc, vloss = self.val_metrics(run.phase.frozen)
+        self.history.append(
+            {"phase": run.phase.name, "step": self.step, "val_accuracy": round(acc, 4), "val_loss": round(vloss, 4)}
+        )
+        return best.offer(vloss, acc, self.step, self.snapshot)
+
+    def val_metrics(self, frozen: bool) -> tuple[float, float]:
+        """(accuracy, Bradley-Terry loss) on the validation pairs, in eval mode."""
+        import torch
+
+        self.model.encoder.eval()
+        self.model.head.eval()
+        sc: dict[int, float] = {}
+        with torch.inference_mode():
+            for chunk in self.by_length(sorted({i for pair in self.va_idx for i in pair})):
+                sc.update(zip(chunk, self.forward(chunk, frozen).tolist(), strict=True))
+        return _accuracy(sc, self.va_idx)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "head": copy.deepcopy(self.model.head.state_dict()),
+            "layers": {i: copy.deepcopy(self.layers[i].state_dict()) for i in self.trainable_layers},
+        }
+
+    # --- the result ------------------------------------------------------------------------------
+
+    def finalise(self, best: Best) -> None:
+        """The best validated weights back (without validation: the last), frozen, in eval mode."""
+        model = self.model
+        if self.va_idx:
+            model.head.load_state_dict(best.state["head"])
+            for i in self.trainable_layers:
+                self.layers[i].load_state_dict(best.state["layers"][i])
+        model.encoder.eval()
+        model.head.eval()
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        for p in model.head.parameters():
+            p.requires_grad_(False)
+        model.trained_layers = sorted(set(self.prior_layers) | set(self.trainable_layers))
+
+    def metrics(self, best: Best, untrained: tuple[float, float], seconds: float) -> dict[str, Any]:
+        val = bool(self.va_idx)
+        return {
+            "n_train": len(self.tr_idx),
+            "n_val": len(self.va_idx),
+            "val_accuracy": round(best.accuracy, 4) if val else None,
+            "val_loss": round(best.loss, 4) if val else None,
+            "val_accuracy_untrained": round(untrained[0], 4) if val else None,
+            "val_length_baseline": round(length_baseline(self.val_pairs), 4) if val else None,
+            "best_step": best.step if val else self.step,
+            "steps": self.step,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "seconds": round(seconds, 1),
+            "seconds_cache": round(self.t_cache, 1),
+            "device": self.device,
+        }
+
+    def metadata(self, pairs: Sequence[Pair], description: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Lineage, data, metrics and settings; ``version`` is the content id of the final weights."""
+        md: dict[str, Any] = {
+            "version": None,
+            "parent": self.base.version if self.base is not None else None,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "training": _describe(pairs, description),
+            "metrics": {k: v for k, v in metrics.items() if k != "history"},
+            "train_config": self.cfg.model_dump(),
+        }
+        md["version"] = self.model.content_id()
+        return md
 
 
 def _schedule(warm: int, total: int) -> Callable[[int], float]:
@@ -473,46 +611,43 @@ def _schedule(warm: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _cache(model: RewardModel, encs: Sequence[tuple[list[int], list[int]]], start: int, bs: int, progress: bool) -> Any:
+def frozen_states(
+    model: RewardModel, encs: Sequence[tuple[list[int], list[int]]], start: int, bs: int, progress: bool
+) -> list[Any]:
     """Per text, what the frozen layers give: the hidden state entering layer ``start`` (float16,
     unpadded) and the pooled states of frozen pooling layers below it; with nothing to fine-tune,
     just the head's pooled input (float32)."""
     import torch
+    from tqdm import tqdm
 
     out: list[Any] = [None] * len(encs)
     order = sorted(range(len(encs)), key=lambda i: len(encs[i][0]))
     below = frozenset(i for i in model.pool_indices() if i < start)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(encs), desc="rm cache", unit="text", dynamic_ncols=True)
     model.encoder.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(order), bs):
-                idx = order[s : s + bs]
-                ids, types, mask = pad_batch([encs[i] for i in idx], model.device)
-                hidden, early = model.run_layers(model.embed(ids, types), mask, 0, start, below)
-                if start == model.n_layers:
-                    pooled = model.pooled_from(hidden, mask, start, early).float().cpu()
-                    for j, i in enumerate(idx):
-                        out[i] = pooled[j].clone()
-                else:
-                    lengths = mask.sum(1).tolist()
-                    half = hidden.to(torch.float16).cpu()
-                    early_cpu = {k: v.float().cpu() for k, v in early.items()}
-                    for j, i in enumerate(idx):
-                        out[i] = (half[j, : int(lengths[j])].clone(), {k: v[j].clone() for k, v in early_cpu.items()})
-                if bar is not None:
-                    bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
+    with (
+        tqdm(total=len(encs), desc="rm cache", unit="text", dynamic_ncols=True, disable=not progress) as bar,
+        torch.inference_mode(),
+    ):
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            ids, types, mask = pad_batch([encs[i] for i in idx], model.device)
+            hidden, early = model.run_layers(model.embed(ids, types), mask, 0, start, below)
+            if start == model.n_layers:
+                pooled = model.pooled_from(hidden, mask, start, early).float().cpu()
+                for j, i in enumerate(idx):
+                    out[i] = pooled[j].clone()
+            else:
+                lengths = mask.sum(1).tolist()
+                half = hidden.to(torch.float16).cpu()
+                early_cpu = {k: v.float().cpu() for k, v in early.items()}
+                for j, i in enumerate(idx):
+                    out[i] = (half[j, : int(lengths[j])].clone(), {k: v[j].clone() for k, v in early_cpu.items()})
+            bar.update(len(idx))
     return out
 
 
-def _stack(states: Sequence[Any], device: str) -> tuple[Any, Any]:
+def stack_states(states: Sequence[Any], device: str) -> tuple[Any, Any]:
+    """Cached unpadded hidden states as one zero-padded float32 batch and its attention mask."""
     import torch
 
     width = max(int(s.shape[0]) for s in states)

@@ -126,7 +126,7 @@ def run_update(
     from monitor.reward.train import load_train_config, train
 
     ucfg = settings.reward.update
-    registry = Registry(store, settings.reward.models_dir, settings.reward.stream_set)
+    registry = Registry.for_settings(store, settings)
     registry.root.mkdir(parents=True, exist_ok=True)
     records = rated_records(store)
     split = build_pairs(

@@ -61,7 +61,8 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
 }
 
 
-def _non_text_ratio(text: str) -> float:
+def non_text_ratio(text: str) -> float:
+    """Share of characters that are not text (see the ``non_text_ratio`` signal above)."""
     if not text:
         return 0.0
     if text.isascii():
@@ -99,7 +100,7 @@ def text_stats(prompt: str, response: str) -> dict[str, float]:
         "empty_response": 0.0 if response.strip() else 1.0,
         "refusal": 1.0 if _REFUSAL.match(r[:300]) else 0.0,
         "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
-        "non_text_ratio": _non_text_ratio(r),
+        "non_text_ratio": non_text_ratio(r),
         "mixed_script": _mixed_script(r),
     }
 

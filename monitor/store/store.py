@@ -1,31 +1,36 @@
 """Durable state of the pipeline, written one transaction per batch.
 
-A batch's sampled rows, traffic counts, stream-state checkpoints and the
-source offsets it consumed commit together, so after any crash the database
-holds exactly the effects of the offsets it records: redelivered records are
-either already counted (offset stored) or not at all. Offsets are written
-with compare-and-set, so a zombie replica that lost its partition cannot
-commit the same range twice.
+A batch's sampled rows, traffic counts, stream-state checkpoints, the service's own keyed
+state (``internal_state``) and the source offsets it consumed commit together, so after any
+crash the database holds exactly the effects of the offsets it records: redelivered records are
+either already counted (offset stored) or not at all. Offsets are written with compare-and-set,
+so a zombie replica that lost its partition cannot commit the same range twice.
+
+Access is by meaning: callers ask for drift events, keyed state or an insert that skips existing
+keys, and the SQL of each lives here once.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from monitor.retry import first_line, transient
 from monitor.store import tables as t
+from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUCKET_S = 60
-PROBE_ROW = ("__health__", "write_probe")  # the stream_state row of the pipeline's idle write probe
+PROBE_KEY = "health:write_probe"  # the internal_state row of the pipeline's idle write probe
 CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
 
 
@@ -46,17 +51,20 @@ def bucket_of(ts: float) -> int:
 
 @dataclass
 class BatchWrite:
-    """Everything one batch changes. ``offsets`` maps (source, partition) to (expected, new)."""
+    """Everything one batch changes. ``offsets`` maps (source, partition) to (expected, new);
+    ``states`` (stream, component) to a stream's checkpoint; ``internal`` a key of the service's
+    own state (``internal_state``, e.g. ``input_index:<source name>``) to its new value."""
 
-    episodes: list[dict[str, Any]] = field(default_factory=list)
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    episodes: list[EpisodeRow] = field(default_factory=list)
+    samples: list[SampleRow] = field(default_factory=list)
     traffic: dict[tuple[str, int], int] = field(default_factory=dict)
     offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
     states: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    tasks: list[dict[str, Any]] = field(default_factory=list)
-    drift_events: list[dict[str, Any]] = field(default_factory=list)
+    internal: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: list[ReviewTaskRow] = field(default_factory=list)
+    drift_events: list[DriftEventRow] = field(default_factory=list)
     audit_applied: list[int] = field(default_factory=list)
-    rm_scores: list[dict[str, Any]] = field(default_factory=list)
+    rm_scores: list[RmScoreRow] = field(default_factory=list)
 
 
 class Store:
@@ -68,7 +76,8 @@ class Store:
             self.migrate()
 
     # -- lifecycle -------------------------------------------------------
-    def migrate(self) -> None:
+    def migrate(self, target: str = "head") -> None:
+        """Upgrade the schema to ``target`` (a revision; the tests build older databases)."""
         from alembic import command
         from alembic.config import Config
 
@@ -76,7 +85,7 @@ class Store:
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, target)
 
     def revision(self) -> str | None:
         with self.engine.connect() as conn:
@@ -96,17 +105,9 @@ class Store:
             return False
 
     def probe_write(self) -> None:
-        """One tiny committed write (a row of its own in ``stream_state``); raises what a batch's
+        """One tiny committed write (a row of its own in ``internal_state``); raises what a batch's
         commit would raise now: on a full disk, a read-only file or database, or an outage."""
-        ins = self._insert(t.stream_state)
-        now = time.time()
-        stmt = ins.on_conflict_do_update(
-            index_elements=["stream", "component"], set_={"state": ins.excluded.state, "updated_at": now}
-        )
-        with self.engine.begin() as conn:
-            conn.execute(
-                stmt, [{"stream": PROBE_ROW[0], "component": PROBE_ROW[1], "state": {"at": now}, "updated_at": now}]
-            )
+        self.save_internal(PROBE_KEY, {"at": time.time()})
 
     def reconnect(self) -> None:
         """Drop every pooled connection: the next operation opens new ones. After a failed
@@ -121,6 +122,7 @@ class Store:
 
     # -- writes ----------------------------------------------------------
     def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT, which has ``on_conflict_do_nothing`` and ``on_conflict_do_update``."""
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -129,21 +131,84 @@ class Store:
 
         return sqlite_insert(table)
 
+    @contextmanager
+    def _writing(self, conn: Connection | None) -> Iterator[Connection]:
+        """The caller's connection (its transaction commits the write), else a transaction of its own."""
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.begin() as own:
+            yield own
+
+    def insert_ignore(self, table: sa.Table, rows: Iterable[Mapping[str, Any]], conn: Connection | None = None) -> None:
+        """Insert rows, skipping every one whose key (primary or unique) is already there: how a
+        redelivered record or a second writer of the same row becomes a no-op. ``conn``: write in
+        the caller's transaction. All rows must have the same keys (one ``executemany``)."""
+        batch = list(rows)
+        if not batch:
+            return
+        with self._writing(conn) as c:
+            c.execute(self._insert(table).on_conflict_do_nothing(), batch)
+
+    def save_internal(self, key: str, state: Mapping[str, Any], conn: Connection | None = None) -> None:
+        """Set the service's keyed state ``key`` (``internal_state``), whatever it was."""
+        self._upsert_internal(conn, {key: state}, time.time())
+
+    def cas_internal(self, key: str, expected: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+        """Compare-and-set of a keyed state: set ``new`` only if the state is ``expected`` now
+        (``None``: no row yet). False when another writer changed it since the caller read it:
+        of two workers that read the same cursor, exactly one moves it and acts."""
+        it = t.internal_state
+        now = time.time()
+        with self.engine.begin() as conn:
+            if expected is None:
+                # RETURNING, not rowcount: drivers report -1 for INSERT .. ON CONFLICT. A second
+                # inserter on PostgreSQL waits for the first's commit, then inserts nothing.
+                inserted = conn.execute(
+                    self._insert(it).on_conflict_do_nothing().returning(it.c.key),
+                    {"key": key, "state": dict(new), "updated_at": now},
+                ).first()
+                return inserted is not None
+            # Locked until the commit (PostgreSQL; SQLite's BEGIN IMMEDIATE holds the whole
+            # database), so nobody changes the row between this comparison and the update.
+            row = conn.execute(sa.select(it.c.state).where(it.c.key == key).with_for_update()).first()
+            if row is None or row.state != _json_value(expected):
+                return False
+            conn.execute(it.update().where(it.c.key == key).values(state=dict(new), updated_at=now))
+        return True
+
+    def _upsert_internal(self, conn: Connection | None, states: Mapping[str, Mapping[str, Any]], now: float) -> None:
+        if not states:
+            return
+        ins = self._insert(t.internal_state)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["key"], set_={"state": ins.excluded.state, "updated_at": ins.excluded.updated_at}
+        )
+        # Sorted so two writers lock rows in the same order (no deadlock).
+        rows = [{"key": k, "state": dict(st), "updated_at": now} for k, st in sorted(states.items())]
+        with self._writing(conn) as c:
+            c.execute(stmt, rows)
+
+    def mark_published(self, table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Mark rows of an outbox table (``drift_events``, ``rm_scores``) as published, by their key."""
+        pk = list(table.primary_key.columns)
+        keys = [tuple(r[c.name] for c in pk) for r in rows]
+        if not keys:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(table.update().where(sa.tuple_(*pk).in_(keys)).values(published_at=time.time()))
+
     def commit_batch(self, batch: BatchWrite) -> None:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us."""
         now = time.time()
         with self.engine.begin() as conn:
             self._cas_offsets(conn, batch.offsets, now)
-            if batch.episodes:
-                conn.execute(self._insert(t.episodes).on_conflict_do_nothing(), batch.episodes)
-            if batch.samples:
-                conn.execute(self._insert(t.samples).on_conflict_do_nothing(), batch.samples)
-            if batch.tasks:
-                conn.execute(self._insert(t.review_tasks).on_conflict_do_nothing(), batch.tasks)
-            if batch.drift_events:
-                conn.execute(self._insert(t.drift_events).on_conflict_do_nothing(), batch.drift_events)
-            if batch.rm_scores:
-                conn.execute(self._insert(t.rm_scores).on_conflict_do_nothing(), batch.rm_scores)
+            # Episodes before the rows that refer to them (foreign keys).
+            self.insert_ignore(t.episodes, batch.episodes, conn)
+            self.insert_ignore(t.samples, batch.samples, conn)
+            self.insert_ignore(t.review_tasks, batch.tasks, conn)
+            self.insert_ignore(t.drift_events, batch.drift_events, conn)
+            self.insert_ignore(t.rm_scores, batch.rm_scores, conn)
             if batch.audit_applied:
                 conn.execute(
                     t.drift_audit.update().where(t.drift_audit.c.id.in_(batch.audit_applied)).values(applied_at=now)
@@ -166,6 +231,7 @@ class Store:
                     for (s, c), st in sorted(batch.states.items())
                 ]
                 conn.execute(stmt, rows)
+            self._upsert_internal(conn, batch.internal, now)
 
     def find_rejected(self, batch: BatchWrite) -> dict[str, str]:
         """Episodes of a batch that this database refuses, with the error; changes nothing.
@@ -173,19 +239,17 @@ class Store:
         Raises on an outage (the caller retries the batch): a lost connection must not
         dead-letter every episode after it."""
         rejected: dict[str, str] = {}
-        by_id: dict[str, list[dict[str, Any]]] = {}
-        for row in batch.samples:
-            by_id.setdefault(row["episode_id"], []).append(row)
+        by_id: dict[str, list[SampleRow]] = {}
+        for sample in batch.samples:
+            by_id.setdefault(sample["episode_id"], []).append(sample)
         conn = self.engine.connect()
         trans = conn.begin()
         try:
             for row in batch.episodes:
                 try:
                     with conn.begin_nested():
-                        conn.execute(self._insert(t.episodes).on_conflict_do_nothing(), [row])
-                        rows = by_id.get(row["episode_id"])
-                        if rows:
-                            conn.execute(self._insert(t.samples).on_conflict_do_nothing(), rows)
+                        self.insert_ignore(t.episodes, [row], conn)
+                        self.insert_ignore(t.samples, by_id.get(row["episode_id"], []), conn)
                 except Exception as e:
                     if transient(e):
                         raise  # the database, not the row: the caller retries the whole batch
@@ -241,6 +305,40 @@ class Store:
             row = conn.execute(q).first()
         return None if row is None else dict(row[0])
 
+    def load_internal(self, key: str) -> dict[str, Any] | None:
+        """The service's keyed state ``key`` (``internal_state``); None if it was never saved."""
+        q = sa.select(t.internal_state.c.state).where(t.internal_state.c.key == key)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return None if row is None else dict(row[0])
+
+    def drift_events(
+        self,
+        stream: str | None = None,
+        since_id: int | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[DriftEvent]:
+        """Stored drift events in the order they were recorded (by id; ``newest_first``: the
+        reverse): only ``stream``'s, only those after id ``since_id`` (a consumer's cursor), at
+        most ``limit`` (the first ones in that order)."""
+        e = t.drift_events
+        q = sa.select(e).order_by(e.c.id.desc() if newest_first else e.c.id)
+        if stream is not None:
+            q = q.where(e.c.stream == stream)
+        if since_id is not None:
+            q = q.where(e.c.id > since_id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [cast(DriftEvent, dict(r._mapping)) for r in conn.execute(q)]
+
+    def unpublished(self, table: sa.Table, limit: int) -> list[dict[str, Any]]:
+        """Rows of an outbox table (``drift_events``, ``rm_scores``) not yet published, oldest key first."""
+        q = sa.select(table).where(table.c.published_at.is_(None)).order_by(*table.primary_key.columns).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
     def sample_counts(self) -> dict[str, dict[str, int]]:
         q = sa.select(t.samples.c.stream, t.samples.c.channel, sa.func.count()).group_by(
             t.samples.c.stream, t.samples.c.channel
@@ -294,6 +392,11 @@ class Store:
     def streams(self) -> list[str]:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(sa.select(t.traffic.c.stream).distinct().order_by(t.traffic.c.stream))]
+
+
+def _json_value(value: Mapping[str, Any]) -> Any:
+    """A value as it reads back from a JSON column (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value))
 
 
 def _make_engine(url: str, echo: bool) -> Engine:

@@ -73,6 +73,18 @@ stream_state = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
+# The service's own keyed state, which belongs to no stream (migration 0005): the input index
+# of a non-Kafka source (``input_index:<source name>``), the action worker's cursor
+# (``actions:cursor``), the simulation's Kafka feed (``simulate:kafka_feed``) and the write
+# probe (``health:write_probe``). A key is unbounded text: a source's name is an absolute path.
+internal_state = sa.Table(
+    "internal_state",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("state", JsonType, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
 # -- human review (migration 0002) --------------------------------------------
 
 users = sa.Table(

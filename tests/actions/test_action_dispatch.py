@@ -14,12 +14,11 @@ import pytest
 from action_helpers import Gate, Receiver
 from prometheus_client import CollectorRegistry
 
-from monitor.actions import requests
 from monitor.actions.dispatch import MIN_LEASE_S, dispatch_pending, lease_seconds
 from monitor.actions.sinks import LogSink, Sink, WebhookSink
 from monitor.config import Settings, WebhookConfig, load_settings
 from monitor.metrics import Metrics
-from monitor.store import Store
+from monitor.store import Store, requests
 
 
 @pytest.fixture

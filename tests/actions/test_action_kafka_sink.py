@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench import tansu
-from monitor.actions import requests
 from monitor.actions.dispatch import dispatch_pending
 from monitor.actions.sinks import KafkaSink, encode
 from monitor.config import KafkaConfig, load_settings
-from monitor.store import Store
+from monitor.store import Store, requests
 
 pytestmark = pytest.mark.kafka
 

@@ -93,7 +93,8 @@ def _rendered(name: str) -> tuple[dict[str, Any], ...]:
 
 def manifests(name: str) -> list[dict[str, Any]]:
     # A fresh copy per test: tests may walk and never share mutations.
-    return json.loads(json.dumps(list(_rendered(name))))
+    copied: list[dict[str, Any]] = json.loads(json.dumps(list(_rendered(name))))
+    return copied
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -108,7 +109,7 @@ def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[st
 
 def job_templates(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Job manifests the service instantiates, from the jobs ConfigMap."""
-    out = []
+    out: list[dict[str, Any]] = []
     for cm in by_kind(docs, "ConfigMap"):
         if cm["metadata"]["name"].endswith("-jobs"):
             out.extend(yaml.safe_load(text) for text in cm["data"].values())
@@ -464,9 +465,11 @@ def test_selectors_match_pod_labels(scenario: str) -> None:
         for rule in np["spec"]["ingress"]:
             assert all(p["port"] in names for p in rule["ports"]), np["metadata"]["name"]
     for sm in by_kind(docs, "ServiceMonitor"):
-        svc = [s for s in services.values() if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
-        assert len(svc) == 1, sm["metadata"]["name"]
-        assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc[0]["spec"]["ports"]}
+        targets = [
+            s for s in services.values() if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        assert len(targets) == 1, sm["metadata"]["name"]
+        assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in targets[0]["spec"]["ports"]}
         assert sm["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
     for scaler in by_kind(docs, "HorizontalPodAutoscaler") + by_kind(docs, "ScaledObject"):
         assert scaler["spec"]["scaleTargetRef"]["name"] in pods
@@ -1080,12 +1083,12 @@ def test_helm_test_checks_readyz_and_metrics_of_every_service(scenario: str) -> 
 
 
 def test_helm_test_passes_on_live_endpoints_and_names_what_fails() -> None:
-    """The test Pod's script, run here against the service's real ops server (monitor.server.OpsServer with the
+    """The test Pod's script, run here against the service's real ops server (monitor.ops.OpsServer with the
     pipeline's metric registry); the readiness check it calls is a stand-in that the test switches."""
     from prometheus_client import CollectorRegistry
 
     from monitor.metrics import Metrics
-    from monitor.server import OpsServer
+    from monitor.ops import OpsServer
 
     command = _test_command(render_docs({"helmTest": {"attempts": 1}}))
     ready = {"source": True}

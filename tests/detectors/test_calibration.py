@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from detectors.river_detectors import KSWINDetector, PageHinkleyDetector
 def test_page_hinkley_model_matches_river_exactly() -> None:
     streams = cal.null_streams(None, 6, 1500, seed=3)
     streams[3, 700:] += 1.0  # one stream with a change
-    fixed = {"min_instances": 30, "delta": 0.005, "alpha": 1 - 0.0001, "mode": "both"}
+    fixed: dict[str, Any] = {"min_instances": 30, "delta": 0.005, "alpha": 1 - 0.0001, "mode": "both"}
     fast = cal.page_hinkley_run_lengths(streams, **fixed)
     from river.drift import PageHinkley
 
@@ -33,7 +34,7 @@ def test_cusum_model_matches_the_detector_exactly(mode: str) -> None:
     streams = cal.null_streams(None, 6, 1500, seed=4)
     streams[2, 600:] += 1.0  # a rise
     streams[4, 900:] -= 1.0  # a fall
-    fixed = {"k": 0.5, "min_instances": 5, "mode": mode}
+    fixed: dict[str, Any] = {"k": 0.5, "min_instances": 5, "mode": mode}
     fast = cal.cusum_run_lengths(streams, **fixed)
     slow = cal.object_run_lengths(lambda thr: CUSUM(thr, **fixed), streams)
     for threshold in (3.0, 8.0, 15.0):

@@ -206,11 +206,12 @@ def test_bad_inputs_raise_and_leave_the_state_alone(name: str) -> None:
     det = fresh(name)
     xs = stream(det.kind)
     trace(det, xs[:5])
-    bad: list[Any] = {
+    bad_by_kind: dict[str, list[Any]] = {
         "continuous": [float("nan"), float("inf")],
         "binary": [0.5, 2],
         "multivariate": [np.zeros(3), np.full(4, np.nan)],
-    }[det.kind]
+    }
+    bad = bad_by_kind[det.kind]
     for x in bad:
         with pytest.raises(ValueError):
             det.update(x)

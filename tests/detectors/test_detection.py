@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 import detectors
 from detectors.base import Detector
@@ -76,7 +77,11 @@ def test_univariate_false_alarms_match_the_ert(name: str) -> None:
     seeds = SEEDS if name not in ("cusum", "page_hinkley") else tuple(range(11, 20))
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        r, rest = stationary_run_lengths(_proto(name).clone(), lambda rng=rng: float(rng.normal(3.0, 2.0)), 3000)
+
+        def draw(rng: np.random.Generator = rng) -> float:
+            return float(rng.normal(3.0, 2.0))
+
+        r, rest = stationary_run_lengths(_proto(name).clone(), draw, 3000)
         runs += r
         remainder += rest
     est = _ert_estimate(runs, remainder)
@@ -107,7 +112,11 @@ def test_fet_rate_change() -> None:
     delays = []
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
-        r, rest = stationary_run_lengths(det.clone(), lambda rng=rng: int(rng.random() < 0.1), 3000)
+
+        def draw(rng: np.random.Generator = rng) -> int:
+            return int(rng.random() < 0.1)
+
+        r, rest = stationary_run_lengths(det.clone(), draw, 3000)
         runs += r
         remainder += rest
         pre = [int(v) for v in rng.random(300) < 0.1]
@@ -126,7 +135,11 @@ def test_multivariate_mean_shift(name: str) -> None:
     delays = []
     for seed in SEEDS[:2]:
         rng = np.random.default_rng(seed)
-        r, _ = stationary_run_lengths(det.clone(), lambda rng=rng: rng.standard_normal(DIM), 1000)
+
+        def draw(rng: np.random.Generator = rng) -> NDArray[np.float64]:
+            return rng.standard_normal(DIM)
+
+        r, _ = stationary_run_lengths(det.clone(), draw, 1000)
         alarms += len(r)
         pre = list(rng.standard_normal((200, DIM)))
         post = list(rng.normal(0.5, 1.0, (300, DIM)))  # a shift of 0.5 sd in every dimension

@@ -12,6 +12,7 @@ each cut comes while the service is part-way through what was produced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -179,7 +180,9 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
             ends = env.produce_episodes(topic, new)
             done_before = len(eps) - chunk
             wait_for(
-                lambda d=done_before: env.offsets_reached(db, source, {0: d + 100}), 60, f"progress before outage {i}"
+                functools.partial(env.offsets_reached, db, source, {0: done_before + 100}),
+                60,
+                f"progress before outage {i}",
             )
             assert not env.offsets_reached(db, source, ends), "the chunk was done before the outage: not mid-stream"
             relay.cut()
@@ -193,7 +196,7 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
             relay.restore()
             wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, f"/readyz 200 after outage {i}")
             assert metric(port, "oversight_ready") == 1.0
-            wait_for(lambda e=ends: env.offsets_reached(db, source, e), 90, f"the chunk of outage {i} stored")
+            wait_for(functools.partial(env.offsets_reached, db, source, ends), 90, f"the chunk of outage {i} stored")
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=15)
         assert rc == 0, tail(tmp_path / "service.log")

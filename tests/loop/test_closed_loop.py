@@ -25,8 +25,8 @@ import pytest
 import sqlalchemy as sa
 
 from monitor.config import load_settings
-from monitor.demo import bundled_traffic
 from monitor.simulate import rating_of, run_simulation
+from monitor.simulate.demo import bundled_traffic
 
 pytestmark = pytest.mark.slow
 
@@ -231,10 +231,12 @@ def test_rereference_is_audited_and_estimates_continue(loop: dict[str, Any]) -> 
     store = Store(loop["db"])
     try:
         fed = store.load_state("chat", "rm_disagreement")
-        sig = store.load_state("chat", "drift")["signals"].get("rm_disagreement")
+        drift_state = store.load_state("chat", "drift")
     finally:
         store.close()
     assert fed is not None and fed["last_label_id"] > 0
+    assert drift_state is not None
+    sig = drift_state["signals"].get("rm_disagreement")
     assert sig is not None and sig["n"] > 0
     est = loop["report"]["estimates"]["chat"]
     assert est["n_labelled"] > 0
@@ -263,9 +265,9 @@ def _run_cli(tmp: Path, db: str, boot: str) -> subprocess.Popen[bytes]:
 
 def test_kill_after_alarm_resumes_without_duplicates(loop: dict[str, Any], tmp_path: Path) -> None:
     """kill -9 while the reward-model update is training; a restart ends in the same state."""
-    from monitor.actions import requests as rq
     from monitor.reward.registry import Registry
     from monitor.store import Store
+    from monitor.store import requests as rq
     from monitor.store import tables as t
 
     _slice(tmp_path / "slice.jsonl")

@@ -97,6 +97,20 @@ def seed_simple(store: Store, n: int, *, prefix: str = "e", slots: int = 1, **kw
     return seed(store, [episode_row(f"{prefix}{i:05d}", **kw) for i in range(n)], slots=slots)
 
 
+class FakeClock:
+    """An injectable clock for ``create_app(clock=...)``: starts at the real time (so rows other
+    code writes with the real time compare sensibly) and moves only when the test says so."""
+
+    def __init__(self, start: float | None = None):
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @dataclass
 class Env:
     """A review app over a fresh database, with helpers to make users and clients."""
@@ -138,12 +152,12 @@ class Env:
         self.store.close()
 
 
-def make_env(url: str, *overrides: str) -> Env:
+def make_env(url: str, *overrides: str, clock: Callable[[], float] = time.time) -> Env:
     from monitor.review.app import create_app
 
     settings = make_settings(url, *overrides)
     store = Store(url)
-    return Env(url, settings, store, create_app(settings, store))
+    return Env(url, settings, store, create_app(settings, store, clock=clock))
 
 
 def label_body(item: dict[str, Any], **kw: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.review.stats import cohen_kappa, krippendorff_alpha_interval
+from monitor.quality.labels import cohen_kappa, krippendorff_alpha_interval
 
 
 def test_krippendorff_alpha_interval_known_values() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,7 +132,6 @@ def test_cookie_sessions_need_the_csrf_header(env: Env, method: str, path: str) 
 
 # -- HTML pages and other routes outside the OpenAPI document ---------------------------------
 
-PAGES_EXIST = (Path(__file__).resolve().parents[2] / "monitor" / "review" / "pages.py").exists()
 # (method, path) -> role -> (status, Location or None); roles use session cookies, forms carry no CSRF.
 PAGE_EXPECT: dict[tuple[str, str], dict[str, tuple[int, str | None]]] = {
     ("GET", "/login"): {ANON: (200, None), REV: (303, "/"), ADM: (303, "/")},
@@ -149,8 +147,20 @@ PAGE_EXPECT: dict[tuple[str, str], dict[str, tuple[int, str | None]]] = {
 PAGE_CELLS = [(m, p, role, exp) for (m, p), roles in PAGE_EXPECT.items() for role, exp in roles.items()]
 
 
-def test_pages_module_exists() -> None:
-    assert PAGES_EXIST, "monitor/review/pages.py is missing: the HTML pages are not served"
+def test_the_pages_are_served(env: Env) -> None:
+    """The login form, the reviewer's item and the dashboard, rendered from their templates."""
+    login = env.client().get("/login")
+    assert login.status_code == 200 and login.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<form method="post" action="/login"' in login.text
+    assert all(f'name="{field}"' in login.text for field in ("name", "password", "csrf"))
+    assert "oversight_login_csrf=" in login.headers["set-cookie"]
+    page = _page_client(env, REV).get("/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert 'id="label-form"' in page.text and 'action="/logout"' in page.text  # an item, and signing out
+    assert 'href="/admin"' not in page.text
+    dashboard = _page_client(env, ADM).get("/admin")
+    assert dashboard.status_code == 200 and "<svg" in dashboard.text
+    assert 'href="/api/v1/admin/export/ratings.csv"' in dashboard.text
 
 
 def _routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -12,7 +12,18 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
-from review_helpers import API, PASSWORD, Env, episode_row, label_body, lease, make_settings, seed, seed_simple
+from review_helpers import (
+    API,
+    PASSWORD,
+    Env,
+    FakeClock,
+    episode_row,
+    label_body,
+    lease,
+    make_settings,
+    seed,
+    seed_simple,
+)
 
 from monitor.config import ConfigError
 from monitor.review import queue
@@ -58,7 +69,8 @@ def _task(env: Env, eid: str, slot: int) -> tuple[str, int | None, int]:
 
 
 def test_lease_expiry_returns_the_item_to_the_queue(make_review_env: MakeEnv) -> None:
-    env = make_review_env("review.lease_seconds=1")
+    clock = FakeClock()
+    env = make_review_env("review.lease_seconds=1", clock=clock)
     env.user("alice")
     env.user("bob")
     seed_simple(env.store, 1)
@@ -67,13 +79,16 @@ def test_lease_expiry_returns_the_item_to_the_queue(make_review_env: MakeEnv) ->
     first = a.post(f"{API}/queue/claim")
     assert first.status_code == 200, first.text
     item = first.json()
-    assert item["lease_expires_at"] == pytest.approx(time.time() + 1, abs=1.0)
+    assert item["lease_expires_at"] == pytest.approx(clock.now + 1, abs=1e-6)
     assert b.post(f"{API}/queue/claim").status_code == 204  # leased: not handed out twice
     depth = a.get(f"{API}/queue").json()
     assert depth == [{"stream": "s", "waiting": 0, "leased": 1, "done": 0, "oldest_wait_s": None, "error": 0}]
 
-    time.sleep(1.3)
-    assert a.get(f"{API}/queue").json()[0]["waiting"] == 1  # expired: waiting again
+    clock.advance(0.99)
+    assert b.post(f"{API}/queue/claim").status_code == 204  # the lease still holds ...
+    assert a.get(f"{API}/queue").json()[0]["leased"] == 1
+    clock.advance(0.02)
+    assert a.get(f"{API}/queue").json()[0]["waiting"] == 1  # ... then expires: waiting again
     second = b.post(f"{API}/queue/claim")
     assert second.status_code == 200, second.text
     again = second.json()
@@ -354,6 +369,54 @@ def test_every_pairwise_preference_is_accepted(make_review_env: MakeEnv, prefere
     assert pairs == expected[preference]
 
 
+# -- admin ----------------------------------------------------------------------------
+
+
+def test_admin_summary_and_series_answer_their_documented_shapes(make_review_env: MakeEnv) -> None:
+    """Every part of the summary filled (a 200 means the response models took real data; the
+    schemathesis run sees them empty): labels by two reviewers, a drift event, a request."""
+    from monitor.store import requests as rq
+
+    env = make_review_env()
+    env.user("root", "admin")
+    seed(env.store, [episode_row(f"o{i}") for i in range(3)], slots=2)
+    for name, rating, flags in (("alice", 5, ["harmful"]), ("bob", 6, [])):
+        env.user(name)
+        c = env.client(name)
+        for _ in range(3):
+            item = c.post(f"{API}/queue/claim").json()
+            assert c.post(f"{API}/items/label", json=label_body(item, rating=rating, flags=flags)).status_code == 200
+    event = {"stream": "s", "signal": "len", "detector": "cusum", "statistic": 9.5, "threshold": 5.0}
+    with env.store.engine.begin() as conn:
+        conn.execute(
+            t.drift_events.insert().values(**event, episode_id="o1", input_index=7, event_ts=1.0e9, created_at=2.0e9)
+        )
+    rid, _ = rq.create(env.store, "retrain", "k1", "s", {"incident": "k1"})
+    admin = env.client("root")
+    r = admin.get(f"{API}/admin/summary")
+    assert r.status_code == 200, r.text
+    summary = r.json()
+    assert summary["queue"] == [
+        {"stream": "s", "waiting": 0, "leased": 0, "done": 6, "oldest_wait_s": None, "error": 0}
+    ]
+    assert [(t["reviewer"], t["labels_24h"], t["skips_24h"]) for t in summary["throughput"]] == [
+        ("alice", 3, 0),
+        ("bob", 3, 0),
+    ]
+    assert summary["agreement"]["n_items"] == 3 and summary["agreement"]["kappa"]["harmful"]["n"] == 3
+    (est,) = summary["estimates"]
+    assert (est["stream"], est["n_labelled"]) == ("s", 3)
+    assert est["rating"]["mean"] == pytest.approx(5.5) and est["flags"]["harmful"]["mean"] == pytest.approx(0.5)
+    assert summary["drift_events"] == [
+        {**event, "episode_id": "o1", "input_index": 7, "event_ts": 1.0e9, "created_at": 2.0e9}
+    ]
+    assert [(q["id"], q["state"]) for q in summary["requests"]] == [(rid, "pending")]
+    assert summary["rm_agreement"] is None  # no reward model deployed
+    (point,) = admin.get(f"{API}/admin/estimates/series", params={"stream": "s"}).json()
+    assert set(point) == {"start", "mean", "ci_low", "ci_high", "n"}
+    assert point["n"] == 3 and point["mean"] == pytest.approx(5.5) and point["start"] % 3600 == 0
+
+
 # -- authentication -----------------------------------------------------------------
 
 
@@ -407,6 +470,23 @@ def test_session_token_rotates_at_each_login(make_review_env: MakeEnv) -> None:
     planted.cookies.set(SESSION_COOKIE, "attacker-chosen-token")
     r = planted.post(f"{API}/auth/login", json={"name": "alice", "password": PASSWORD})
     assert r.cookies[SESSION_COOKIE] != "attacker-chosen-token"
+
+
+def test_a_session_expires_after_session_hours(make_review_env: MakeEnv) -> None:
+    clock = FakeClock()
+    env = make_review_env("review.session_hours=1", clock=clock)
+    env.user("alice")
+    c = env.client()
+    r = c.post(f"{API}/auth/login", json={"name": "alice", "password": PASSWORD})
+    assert r.status_code == 200 and "max-age=3600" in r.headers["set-cookie"].lower()
+    c.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+    clock.advance(3599.5)
+    assert c.get(f"{API}/me").status_code == 200
+    assert c.get("/", follow_redirects=False).status_code == 200
+    clock.advance(1)
+    assert c.get(f"{API}/me").status_code == 401
+    assert c.post(f"{API}/queue/claim").status_code == 401
+    assert c.get("/", follow_redirects=False).headers["location"] == "/login"
 
 
 def test_cookie_attributes(make_review_env: MakeEnv) -> None:

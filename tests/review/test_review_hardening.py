@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from review_helpers import API, PASSWORD, Env, episode_row, label_body, make_env, make_settings, seed
+from review_helpers import API, PASSWORD, Env, FakeClock, episode_row, label_body, make_env, make_settings, seed
 
 from monitor.review import auth, queue
 from monitor.review.app import HSTS, create_app
@@ -65,25 +64,31 @@ def test_guessing_from_another_address_does_not_lock_the_user_out(make_review_en
 
 
 def test_guessing_from_one_address_backs_off_exponentially(make_review_env: MakeEnv) -> None:
-    env = make_review_env("review.login_max_failures=2", "review.login_backoff_s=2", PROXIED)
+    clock = FakeClock()
+    env = make_review_env("review.login_max_failures=2", "review.login_backoff_s=2", PROXIED, clock=clock)
     env.user("alice")
     c = env.client()
     assert [_login(c, "alice", "wrong-1", ATTACKER).status_code for _ in range(2)] == [401, 401]
     r = _login(c, "alice", PASSWORD, ATTACKER)
     assert r.status_code == 429, r.text
     first = int(r.headers["Retry-After"])
-    assert first == 2  # 2 s from the last failure, less the time since, rounded up
-    # Refused attempts check no password and extend nothing: the delay only runs down.
-    for _ in range(3):
+    assert first == 2  # 2 s from the last failure
+    # Refused attempts check no password and extend nothing: the delay only runs down. (Steps
+    # are binary fractions: the clock's sums are exact, so the boundaries below are too.)
+    for waited in (0.5, 0.25, 0.75):
+        clock.advance(waited)
         r = _login(c, "alice", PASSWORD, ATTACKER)
         assert r.status_code == 429 and int(r.headers["Retry-After"]) <= first
-    time.sleep(first)
+    assert r.headers["Retry-After"] == "1"  # 0.5 s left, rounded up
+    clock.advance(0.5)
     assert _login(c, "alice", "wrong-2", ATTACKER).status_code == 401  # one guess per delay
     r = _login(c, "alice", PASSWORD, ATTACKER)
     assert r.status_code == 429
     second = int(r.headers["Retry-After"])
-    assert second >= 3  # the delay doubled to 4 s (a slow machine may have spent up to 1 s of it)
-    time.sleep(second)
+    assert second == 4  # the delay doubled
+    clock.advance(3.875)
+    assert _login(c, "alice", PASSWORD, ATTACKER).status_code == 429  # not a moment before
+    clock.advance(0.125)
     assert _login(c, "alice", PASSWORD, ATTACKER).status_code == 200
     # Success ends that address's backoff: a typo afterwards is an ordinary failure.
     assert _login(c, "alice", "wrong-3", ATTACKER).status_code == 401

@@ -330,7 +330,7 @@ def test_admin_page_is_for_admins(make_page_env: Callable[..., Env]) -> None:
     assert "Not available until the reward model is deployed" in text
     assert "No drift events" in text and "No requests." in text
     # Requests show with their id and state; stream names from traffic are escaped.
-    from monitor.actions import requests as rq
+    from monitor.store import requests as rq
 
     rid, _ = rq.create(env.store, "retrain", "k1", "<img src=x onerror=alert(1)>", {"incident": "k1"})
     text = admin.get("/admin").text

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from monitor.reward.model import ModelConfig, RewardModel
-from monitor.reward.train import _cache, _stack
+from monitor.reward.train import frozen_states, stack_states
 
 PROMPTS = [
     "What is the capital of France? Answer briefly.",
@@ -129,13 +129,13 @@ def test_cached_training_path_matches_scoring(finetune_layers: int) -> None:
     )
     start = m.n_layers - finetune_layers
     encs = m.encode(PROMPTS, RESPONSES)
-    cache = _cache(m, encs, start, 2, progress=False)
+    cache = frozen_states(m, encs, start, 2, progress=False)
     feats = m.features(PROMPTS, RESPONSES)
     with torch.inference_mode():
         if start == m.n_layers:
             pooled = torch.stack(cache)
         else:
-            hidden, mask = _stack([c[0] for c in cache], "cpu")
+            hidden, mask = stack_states([c[0] for c in cache], "cpu")
             early = {k: torch.stack([c[1][k] for c in cache]) for k in cache[0][1]}
             pooled = m.pooled_from(hidden, mask, start, early)
         cached = m.head_score(pooled, feats).tolist()

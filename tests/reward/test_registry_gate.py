@@ -36,7 +36,7 @@ def test_gate_promotes_better_and_rejects_worse(
 ) -> None:
     settings = _settings(tmp_path, db_url)
     store = Store(db_url)
-    registry = Registry(store, settings.reward.models_dir)
+    registry = Registry.for_settings(store, settings)
     metrics = Metrics()
     trained, untrained = small_models["trained"], small_models["untrained"]
     test = alpaca_split["test"]

@@ -12,11 +12,10 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from monitor.config import load_settings
-from monitor.deadletter import JsonlDeadLetterSink
-from monitor.metrics import Metrics
-from monitor.pipeline import Pipeline
+from monitor.episodes.deadletter import JsonlDeadLetterSink
 from monitor.reward.data import load_alpaca_eval
 from monitor.reward.registry import Registry
+from monitor.service import build_service
 from monitor.sources.memory import MemorySource
 from monitor.store import Store
 from monitor.store import tables as t
@@ -59,15 +58,20 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
         ],
     )
     store = Store(db_url)
-    registry = Registry(store, settings.reward.models_dir)
+    registry = Registry.for_settings(store, settings)
     v1 = registry.register(small_models["untrained"], data_window={}, metrics={})
     v2 = registry.register(small_models["trained"], data_window={}, metrics={})
     registry.promote(v1)
-    metrics = Metrics(CollectorRegistry())
     values = _episodes(240)
-    pipeline = Pipeline(
-        settings, store, MemorySource(values), JsonlDeadLetterSink(settings.dead_letter.path, 1000), metrics
+    pipeline = build_service(
+        settings,
+        source=MemorySource(values),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(settings.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
     )
+    metrics = pipeline.metrics
     scorer = pipeline.scorer
     assert scorer is not None
 
@@ -134,10 +138,16 @@ def test_no_active_version_scores_nothing_and_keeps_ingesting(tmp_path: Path) ->
         ],
     )
     store = Store(settings.database.url)
-    pipeline = Pipeline(
-        settings, store, MemorySource(_episodes(30)), JsonlDeadLetterSink(settings.dead_letter.path, 1000), Metrics()
+    pipeline = build_service(
+        settings,
+        source=MemorySource(_episodes(30)),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(settings.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
     )
     stats = pipeline.run()
+    assert pipeline.scorer is not None
     assert stats.records == 30 and pipeline.scorer.unscored == 30 and pipeline.scorer.scored == 0
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(t.rm_scores)).scalar_one() == 0

@@ -3,6 +3,7 @@ the configuration refuses unknown keys."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,26 @@ def test_train_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_train_config(None, ["max_length=4"])
     with pytest.raises(ValueError, match="no training pairs"):
         train([], TrainConfig())
+
+
+def test_fine_tuning_without_a_head_phase_validates_from_the_start(
+    split: tuple[list[data.Pair], list[data.Pair]],
+) -> None:
+    # head_epochs=0 skips phase 1, so nothing is pooled once ahead: the untrained validation must
+    # run the top layer itself (it used to look up phase 1's pooled states and raise KeyError).
+    cfg = TrainConfig.model_validate(
+        {**SMALL, "max_length": 32, "max_prompt_tokens": 8, "head_epochs": 0, "epochs": 1, "val_fraction": 0.3}
+    )
+    model, metrics = train(split[0][:80], cfg, progress=False)
+    assert metrics["n_val"] >= cfg.min_val_pairs
+    assert metrics["val_accuracy_untrained"] is not None
+    assert {h["phase"] for h in metrics["history"]} == {"finetune"}
+    assert metrics["steps"] == math.ceil(metrics["n_train"] / cfg.batch_size)
+    assert model.trained_layers == [model.n_layers - 1]
+
+
+def test_fine_tuning_with_no_epoch_at_all_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="nothing would train"):
+        load_train_config(None, ["finetune_layers=1", "head_epochs=0", "epochs=0"])
+    # Head only: epochs count as head epochs, and 0 of both is allowed (feature scaling only).
+    assert load_train_config(None, ["finetune_layers=0", "head_epochs=0", "epochs=0"]).epochs == 0

@@ -11,7 +11,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from monitor.actions import requests as rq
 from monitor.actions.worker import ActionWorker
 from monitor.config import load_settings
 from monitor.metrics import Metrics
@@ -19,6 +18,7 @@ from monitor.review.auth import create_user
 from monitor.reward.data import load_alpaca_eval
 from monitor.reward.registry import Registry
 from monitor.store import Store
+from monitor.store import requests as rq
 from monitor.store import tables as t
 
 CHANGE = 10_000.0
@@ -115,7 +115,7 @@ def test_incident_update_promotion_and_one_retraining_request(
         ],
     )
     store = Store(db_url)
-    registry = Registry(store, settings.reward.models_dir)
+    registry = Registry.for_settings(store, settings)
     v0 = registry.register(small_models["untrained"], data_window={}, metrics={})
     registry.promote(v0)
     metrics = Metrics()

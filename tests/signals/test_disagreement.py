@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from monitor.signals.disagreement import COMPONENT, SIGNAL, DisagreementFeed
+from monitor.drift.disagreement import COMPONENT, SIGNAL, DisagreementFeed
 from monitor.store import Store
 from monitor.store import tables as t
 

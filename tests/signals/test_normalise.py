@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 import detectors
 from monitor.signals.normalise import NormalScores, has_point_mass, tail_augmented_reference
@@ -36,7 +37,7 @@ def _false_alarms(augment: bool, seed: int, ert: float = 2000.0, n: int = 20000)
     500 values rarely show how far the tail goes, so new values beyond its range reach the clip."""
     rng = np.random.default_rng(seed)
 
-    def draw(m: int) -> np.ndarray:
+    def draw(m: int) -> NDArray[np.float64]:
         return np.where(rng.random(m) < 0.05, rng.lognormal(-4.0, 1.0, m), 0.0)
 
     raw = [float(x) for x in draw(500)]

@@ -1,10 +1,24 @@
-"""Estimates over all traffic of a stream from its sampled items (Horvitz-Thompson)."""
+"""Estimates over all traffic of a stream from its sampled items (Horvitz-Thompson).
+
+Estimates of human-rated quality and flag rates use the labelled items of the
+human channel weighted by their inclusion probabilities. Only part of the
+sampled items is labelled at any time, so the ratio (Hajek) estimator is used:
+it needs no population count, and treats which sampled items got labelled so
+far as unrelated to their labels (the queue is served oldest first).
+
+Ratings (1-7) and flag rates (0-1) are bounded, so their intervals are the score
+intervals of :func:`sampling.bounded_interval`: inside the scale, and never a point
+when every label agrees (no flag in 30 labels is a rate below about 11%, not 0%).
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import defaultdict
 from typing import Any
 
+from monitor.quality.labels import label_rows, per_item
 from monitor.store import Store
 from sampling import horvitz_thompson
 
@@ -92,3 +106,62 @@ def estimate_stream(
         "n_missing": missing,
         "estimate": out,
     }
+
+
+RATING_BOUNDS = (1.0, 7.0)
+FLAG_BOUNDS = (0.0, 1.0)
+
+
+def finite(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf (no labels) become None."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def estimates(store: Store, flags: list[str], rows: list[Any] | None = None) -> list[dict[str, Any]]:
+    rows = label_rows(store) if rows is None else rows
+    by_stream: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for it in per_item(rows).values():
+        by_stream[it["stream"]].append(it)
+    out = []
+    for stream in sorted(by_stream):
+        items = by_stream[stream]
+        probs = [it["p"] for it in items]
+        rating = horvitz_thompson(
+            [statistics.fmean(r for r, _ in it["labels"]) for it in items], probs, bounds=RATING_BOUNDS
+        )
+        flag_est = {}
+        for f in flags:
+            vals = [sum(1 for _, fl in it["labels"] if f in fl) / len(it["labels"]) for it in items]
+            flag_est[f] = finite(horvitz_thompson(vals, probs, bounds=FLAG_BOUNDS).to_dict())
+        out.append(
+            {
+                "stream": stream,
+                "population": store.traffic_count(stream),
+                "n_labelled": len(items),
+                "rating": finite(rating.to_dict()),
+                "flags": flag_est,
+            }
+        )
+    return out
+
+
+def estimate_series(
+    store: Store, stream: str, bucket_s: int = 3600, rows: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rating estimate per time bucket of episode time (for the chart). Pass ``rows``
+    (from :func:`label_rows`) to chart several streams from one read of the labels."""
+    buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for it in per_item(label_rows(store) if rows is None else rows).values():
+        if it["stream"] == stream:
+            buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
+    out = []
+    for start in sorted(buckets):
+        items = buckets[start]
+        est = horvitz_thompson(
+            [statistics.fmean(r for r, _ in it["labels"]) for it in items],
+            [it["p"] for it in items],
+            bounds=RATING_BOUNDS,
+        )
+        d = finite(est.to_dict())
+        out.append({"start": start, "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(items)})
+    return out

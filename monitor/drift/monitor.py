@@ -59,7 +59,7 @@ from monitor.signals.normalise import (
     has_point_mass,
     tail_augmented_reference,
 )
-from monitor.store import Store
+from monitor.store import BatchWrite, DriftEventRow, Store
 from monitor.store import tables as t
 from sampling import Decision
 
@@ -72,7 +72,7 @@ EMBEDDING = "embedding"
 Boost = Callable[[str, float, float, str], None]
 _T = TypeVar("_T")
 #: Where a value arrived: (episode id, event time, input index).
-At = tuple[str, float | None, int]
+At = tuple[str, float, int]
 
 
 @dataclass
@@ -149,7 +149,7 @@ class DriftMonitor:
         self._boost = boost
         self._streams: dict[str, StreamDrift] = {}
         self._dirty: set[str] = set()
-        self._events: list[dict[str, Any]] = []
+        self._events: list[DriftEventRow] = []
         self._applied: list[int] = []
         self._last_poll = 0.0
         # Drift-sampled episodes waiting to be embedded at the end of the batch (one batched forward pass).
@@ -178,7 +178,7 @@ class DriftMonitor:
             self._pending.append((episode, index))
 
     def observe_value(
-        self, stream: str, signal: str, value: float, episode_id: str, event_ts: float | None, index: int
+        self, stream: str, signal: str, value: float, episode_id: str, event_ts: float, index: int
     ) -> None:
         """Feed a signal computed by a later stage (reward-model score, human/model disagreement).
 
@@ -194,7 +194,7 @@ class DriftMonitor:
         self,
         stream: str,
         episode_id: str,
-        event_ts: float | None,
+        event_ts: float,
         index: int,
         values: Mapping[str, Any],
         watch: Mapping[str, list[str]],
@@ -261,8 +261,17 @@ class DriftMonitor:
 
     def _record(self, stream: str, fired: list[tuple[str, str, dict[str, Any], At]]) -> None:
         """Drift events for the signals that fired, and one boost of the stream."""
+        m = self._metrics
         for signal, name, res, (episode_id, event_ts, index) in fired:
             data = res["data"]
+            # The gauges show the alarm itself: the signal re-references at once, so the next
+            # checkpoint may find no detector to read them from (detectors built in the background
+            # are fed their waiting values, alarm included, between two checkpoints).
+            label = m.stream_label(stream)
+            if data.get("distance") is not None:
+                m.drift_statistic.labels(label, signal, name).set(float(data["distance"]))
+            if data.get("threshold") is not None:
+                m.drift_threshold.labels(label, signal, name).set(float(data["threshold"]))
             self._events.append(
                 {
                     "stream": stream,
@@ -316,13 +325,25 @@ class DriftMonitor:
         self._publish_gauges(out)
         return out
 
-    def take_events(self) -> list[dict[str, Any]]:
+    def take_events(self) -> list[DriftEventRow]:
         events, self._events = self._events, []
         return events
 
     def take_applied(self) -> list[int]:
         applied, self._applied = self._applied, []
         return applied
+
+    def add_rows(self, batch: BatchWrite) -> None:
+        """The events found and the re-reference requests applied since the last batch."""
+        batch.drift_events.extend(self.take_events())
+        batch.audit_applied.extend(self.take_applied())
+
+    def between_batches(self) -> bool:
+        """Idle work of the service loop: apply re-reference requests (every
+        ``drift.rereference_poll_s``). True when detectors built in the background are ready, so
+        that the values which waited for them are fed and committed now."""
+        self.poll_rereference()
+        return any(b.done.is_set() for b in self._builds.values())
 
     def forget(self) -> None:
         """After a rebalance: reload state from the checkpoint on next use."""

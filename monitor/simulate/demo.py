@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import sys
@@ -11,27 +10,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from monitor.entry import UsageError
+from monitor.errors import UsageError
 
 DATA = "demo-traffic.jsonl.gz"
 
 
 def bundled_traffic() -> Path:
     return Path(str(resources.files("monitor.data").joinpath(DATA)))
-
-
-def _true_means(path: Path, key: str) -> dict[str, float]:
-    sums: dict[str, list[float]] = {}
-    with gzip.open(path, "rb") as fh:
-        for line in fh:
-            try:
-                obj = json.loads(line)
-                v = obj["metadata"][key]
-            except (ValueError, KeyError, TypeError):
-                continue
-            if isinstance(v, int | float):
-                sums.setdefault(obj.get("stream", "default"), []).append(float(v))
-    return {s: sum(v) / len(v) for s, v in sums.items()}
 
 
 # What a demo folder holds; --workdir is emptied at start only when it holds nothing else.

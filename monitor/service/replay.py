@@ -12,7 +12,9 @@ from typing import Any
 
 from monitor.config import Settings
 from monitor.fileio import count_lines
-from monitor.service import build_service, build_source
+from monitor.pipeline import LoopHooks
+from monitor.service.build import build_service, build_source
+from monitor.sources.base import Record
 
 
 def replay_file(
@@ -20,37 +22,30 @@ def replay_file(
 ) -> dict[str, Any]:
     """Replay ``path`` ('-': stdin) through a fresh, non-serving service; the pipeline's report plus ``timing``.
 
-    The replay never resumes (``resume=False``): it reads the input from its first record. The
-    store is closed on the way out, also when the replay fails.
-    """
+    The replay never resumes (``resume=False``): it reads the input from its first record, and
+    refuses a database that already holds this input. Its result does not depend on wall time:
+    the stages do no idle work (no re-reference polls, detectors built in place)."""
     source = build_source(settings, resume=False, name=name or f"replay:{path}")
-    svc = build_service(settings, source=source, serve=False)
-    try:
+    with build_service(settings, source=source, serve=False) as svc:
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(desc=desc, unit="ep", file=sys.stderr, total=count_lines(path))
+
+        def advance(records: list[Record]) -> None:
+            if bar is not None:
+                bar.update(len(records))
+
+        hooks = LoopHooks(stage_idle_work=False, after_batch=advance)
         t0 = time.perf_counter()
-        pipe = svc.pipeline
-        pipe.open()
         try:
-            while True:
-                records = pipe.source.poll(settings.pipeline.batch_size, 0.05)
-                if records:
-                    pipe.process_batch(records)
-                    if bar is not None:
-                        bar.update(len(records))
-                elif pipe.source.exhausted:
-                    break
+            svc.run(hooks=hooks)
         finally:
-            pipe.close()
             if bar is not None:
                 bar.close()
         elapsed = time.perf_counter() - t0
-        report = pipe.report()
-    finally:
-        svc.store.close()
+        report = svc.pipeline.report()
     report["timing"] = {
         "seconds": round(elapsed, 3),
         "episodes_per_s": round(report["episodes"] / elapsed, 1) if elapsed else None,

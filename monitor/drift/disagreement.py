@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from monitor.episodes import Episode
 from monitor.retry import RetryPolicy
-from monitor.store import Store
+from monitor.store import BatchWrite, Store
 from monitor.store import tables as t
 from sampling import Decision
 
@@ -35,7 +35,7 @@ COMPONENT = SIGNAL
 WINDOW = 500  # recent scores / ratings per stream that set the medians
 BATCH = 1000  # labels taken per checkpoint at most
 
-Feed = Callable[[str, str, float, str, float | None, int], None]
+Feed = Callable[[str, str, float, str, float, int], None]
 _T = TypeVar("_T")
 
 
@@ -125,3 +125,9 @@ class DisagreementFeed:
     def forget(self) -> None:
         """After a rolled-back batch or a rebalance: cursors reload from the database on next use."""
         self._cursors.clear()
+
+    def add_rows(self, batch: BatchWrite) -> None:
+        """Nothing: the values go to the drift monitor, and the cursors into the checkpoint."""
+
+    def between_batches(self) -> bool:
+        return False

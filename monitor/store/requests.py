@@ -30,8 +30,10 @@ def create(store: Store, kind: str, key: str, stream: str | None, payload: dict[
         row = conn.execute(sa.select(r.c.id).where(r.c.kind == kind, r.c.key == key)).first()
         if row is not None:
             return str(row.id), False
-        conn.execute(
-            store._insert(r).on_conflict_do_nothing(),
+        # A concurrent creator of the same (kind, key) wins the unique constraint: ours is skipped
+        # and the row read back below is theirs.
+        store.insert_ignore(
+            r,
             [
                 {
                     "id": rid,
@@ -44,6 +46,7 @@ def create(store: Store, kind: str, key: str, stream: str | None, payload: dict[
                     "updated_at": now,
                 }
             ],
+            conn,
         )
         row = conn.execute(sa.select(r.c.id).where(r.c.kind == kind, r.c.key == key)).first()
     assert row is not None

@@ -47,20 +47,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from monitor.config import Settings, SimulateConfig
 from monitor.fileio import count_lines, open_maybe_gzip
+from monitor.pipeline import LoopHooks, Pipeline
 from monitor.store import Store
 from monitor.store import tables as t
+
+if TYPE_CHECKING:
+    from monitor.actions.worker import ActionWorker
+    from monitor.service import Service
 
 log = logging.getLogger(__name__)
 BUNDLED_PAIRS = "hh-harmless-400.jsonl.gz"
 BUNDLED_CONFIG = "simulate.yaml"
 REVIEWER_PREFIX = "sim-reviewer-"
-FEED_STATE = ("__simulate__", "kafka_feed")
+FEED_KEY = "simulate:kafka_feed"  # internal state: the Kafka feed was written (records, topic)
 
 
 def bundled(name: str) -> Path:
@@ -121,7 +126,7 @@ class Truth:
         """Held-out pairs by the answer key: two different responses to one held-out prompt whose
         values differ by ``margin`` in log-odds; *new* when one of them was served in a drifted
         stream at or after its change (``since``: stream -> first drift event time)."""
-        from monitor.reward.data import _logit, split_of
+        from monitor.reward.data import logit, split_of
         from monitor.reward.update import HOLDOUT_SEED
 
         by_prompt: dict[str, dict[str, tuple[float, bool]]] = defaultdict(dict)
@@ -136,7 +141,7 @@ class Truth:
             items = sorted(by_prompt[prompt].items())
             for i, (ra, (va, na)) in enumerate(items):
                 for rb, (vb, nb) in items[i + 1 :]:
-                    d = _logit(va) - _logit(vb)
+                    d = logit(va) - logit(vb)
                     if abs(d) < margin:
                         continue
                     chosen, rejected = (ra, rb) if d > 0 else (rb, ra)
@@ -217,6 +222,58 @@ def _reviewer_tokens(store: Store, n: int) -> list[tuple[str, str]]:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+class Rounds:
+    """The simulation's part in the pipeline's loop: every ``simulate.round_episodes`` inputs, the
+    reviewers take a step and the action worker a round, at event time (the newest processed
+    episode's timestamp), so that a rerun makes the same decisions."""
+
+    def __init__(
+        self,
+        sim: Simulation,
+        svc: Service,
+        worker: ActionWorker,
+        reviewers: list[Reviewer],
+        truth: Truth,
+        fed: int | None,
+    ):
+        self.sim, self.svc, self.worker, self.reviewers, self.truth, self.fed = sim, svc, worker, reviewers, truth, fed
+        self.pending = 0
+        self.rounds = 0
+        self.bar: Any = None
+        if sim.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="simulate", unit="ep", file=sys.stderr, total=count_lines(sim.input))
+            self.bar.update(svc.pipeline.index)
+
+    def after_batch(self, records: list[Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(len(records))
+        self.pending += len(records)
+        if self.pending >= self.sim.settings.simulate.round_episodes:
+            self.play()
+
+    def finished(self) -> bool:
+        """A quiet source: done when every fed record is committed (Kafka never runs dry)."""
+        return self.sim.done(self.svc.pipeline, self.fed)
+
+    def play(self) -> None:
+        sim, store = self.sim, self.svc.store
+        self.pending = 0
+        clock = sim.clock = sim.event_clock(store)
+        pipe = self.svc.pipeline
+        sim.processed = sum(store.load_offsets(pipe.source.name).values()) if self.fed is not None else pipe.index
+        for r in self.reviewers:
+            r.step(clock, self.truth)
+        self.rounds += 1
+        sim.worker_round(self.worker, store, refresh=self.rounds % sim.settings.simulate.gauges_every == 0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Simulation:
     def __init__(
         self,
@@ -279,90 +336,52 @@ class Simulation:
         UI and /metrics stop (the demo prints its summary and serves until Ctrl-C there)."""
         import httpx
 
-        from monitor.actions.worker import ActionWorker
-        from monitor.review.app import create_app
-        from monitor.review.server import BackgroundServer
         from monitor.service import build_service, build_source
 
         s = self.settings
         cfg = s.simulate
         truth = Truth.load(self.input, cfg.answer_key, s.source.max_episode_bytes)
         source = build_source(s, resume=True, name=f"simulate:{Path(self.input).resolve()}")
-        svc = build_service(s, source=source, serve=True)
-        store = svc.store
-        assert svc.server is not None
-        self.metrics_url = svc.server.url
-        review = BackgroundServer(create_app(s, store), s.review.host, self.review_port).start()
-        self.review_url = review.url
-        client = httpx.Client(base_url=review.url.rstrip("/"), timeout=30.0)
-        worker = ActionWorker(s, store, svc.metrics)
-        bar = None
-        try:
-            if self.on_start is not None:
-                self.on_start(self, store)
-            start_version = self._bootstrap_rm(store)
-            fed = self._feed_kafka(store) if s.source.kind == "kafka" else None
-            reviewers = [Reviewer(n, tok, client, cfg) for n, tok in _reviewer_tokens(store, cfg.reviewers)]
-            pipe = svc.pipeline
-            pipe.open()
-            if self.progress:
-                from tqdm import tqdm
-
-                bar = tqdm(desc="simulate", unit="ep", file=sys.stderr, total=count_lines(self.input))
-                bar.update(getattr(pipe, "_index", 0))
-            clock = self._clock(store)
-            rounds = 0
-            pending: list[Any] = []
-            while True:
-                records = pipe.source.poll(min(s.pipeline.batch_size, cfg.round_episodes), 0.05)
-                if records:
-                    pipe.process_batch(records)
-                    pending.extend(records)
-                    if bar is not None:
-                        bar.update(len(records))
-                    if len(pending) < cfg.round_episodes:
-                        continue
-                elif not self._done(pipe, fed):
-                    continue
-                pending.clear()
-                clock = self.clock = self._clock(store)
-                self.processed = (
-                    sum(store.load_offsets(pipe.source.name).values()) if fed is not None else int(pipe._index)
-                )
-                for r in reviewers:
-                    r.step(clock, truth)
-                rounds += 1
-                self._worker_round(worker, store, refresh=rounds % cfg.gauges_every == 0)
-                if not records and self._done(pipe, fed):
-                    break
-            pipe.close()
-            if bar is not None:
-                bar.close()
-                bar = None
-            self._drain(worker, store, reviewers, truth, clock)
-            self._worker_round(worker, store, refresh=True)
-            report = self.report(store, truth, start_version)
-            report["pipeline"] = pipe.report()
-            report["reviewers"] = {r.name: {"labelled": r.labelled, "skipped": r.skipped} for r in reviewers}
-            if while_serving is not None:
-                while_serving(report)
-            return report
-        finally:
-            if bar is not None:
-                bar.close()
-            worker.stop()
-            client.close()
-            review.stop()
-            svc.server.stop()
-            store.close()
+        with build_service(s, source=source, serve=True) as svc:
+            store = svc.store
+            assert svc.server is not None
+            self.metrics_url = svc.server.url
+            self.review_url = svc.serve_review(self.review_port, metrics_listener=False).url
+            worker = svc.action_worker(start=False)
+            with httpx.Client(base_url=self.review_url.rstrip("/"), timeout=30.0) as client:
+                if self.on_start is not None:
+                    self.on_start(self, store)
+                start_version = self._bootstrap_rm(store)
+                fed = self._feed_kafka(store) if s.source.kind == "kafka" else None
+                reviewers = [Reviewer(n, tok, client, cfg) for n, tok in _reviewer_tokens(store, cfg.reviewers)]
+                svc.pipeline.open()
+                rounds = Rounds(self, svc, worker, reviewers, truth, fed)
+                try:
+                    hooks = LoopHooks(
+                        after_batch=rounds.after_batch,
+                        when_idle=rounds.finished,
+                        stage_idle_work=False,
+                        max_records=cfg.round_episodes,
+                    )
+                    svc.run(hooks=hooks)
+                finally:
+                    rounds.close()
+                rounds.play()  # the last round, after the last batch
+                self._drain(worker, store, reviewers, truth, self.clock)
+                self.worker_round(worker, store, refresh=True)
+                report = self.report(store, truth, start_version)
+                report["pipeline"] = svc.pipeline.report()
+                report["reviewers"] = {r.name: {"labelled": r.labelled, "skipped": r.skipped} for r in reviewers}
+                if while_serving is not None:
+                    while_serving(report)
+                return report
 
     def _feed_kafka(self, store: Store) -> int:
         """Kafka mode: the simulation plays the deployed policy and writes the file to the episodes
         topic, once (a restarted simulation finds the feed recorded and only consumes)."""
         from monitor.sources.kafka import client_security
 
-        st = t.stream_state
-        done = store.load_state(*FEED_STATE)
+        done = store.load_internal(FEED_KEY)
         if done is not None:
             return int(done["records"])
         from kafka import KafkaProducer
@@ -383,25 +402,17 @@ class Simulation:
             producer.flush(timeout=120)
         finally:
             producer.close(timeout=10)
-        with store.engine.begin() as conn:
-            conn.execute(
-                st.insert().values(
-                    stream=FEED_STATE[0],
-                    component=FEED_STATE[1],
-                    state={"records": n, "topic": cfg.topic},
-                    updated_at=time.time(),
-                )
-            )
+        store.save_internal(FEED_KEY, {"records": n, "topic": cfg.topic})
         self._mark("kafka_fed", records=n, topic=cfg.topic)
         return n
 
-    def _done(self, pipe: Any, fed: int | None) -> bool:
+    def done(self, pipe: Pipeline, fed: int | None) -> bool:
         if fed is None:
             return bool(pipe.source.exhausted)
         # Kafka: the committed offsets (the topic held only the fed records) say how far it got.
         return bool(sum(pipe.store.load_offsets(pipe.source.name).values()) >= fed)
 
-    def _clock(self, store: Store) -> float:
+    def event_clock(self, store: Store) -> float:
         with store.engine.connect() as conn:
             ts = conn.execute(sa.select(sa.func.max(t.episodes.c.ts))).scalar()
         return float(ts) if ts is not None else 0.0
@@ -414,12 +425,12 @@ class Simulation:
             clock += step
             self.clock = clock
             busy = [r.step(clock, truth) for r in reviewers]
-            self._worker_round(worker, store, refresh=False)
+            self.worker_round(worker, store, refresh=False)
             idle = idle + 1 if not any(busy) and all(r.current is None for r in reviewers) else 0
 
-    def _worker_round(self, worker: Any, store: Store, refresh: bool) -> None:
-        from monitor.actions import requests as rq
+    def worker_round(self, worker: Any, store: Store, refresh: bool) -> None:
         from monitor.reward.registry import Registry
+        from monitor.store import requests as rq
 
         worker.ingest_events()
         self._note_events(store)
@@ -446,17 +457,14 @@ class Simulation:
                     )
 
     def _note_events(self, store: Store) -> None:
-        e = t.drift_events
-        with store.engine.connect() as conn:
-            rows = conn.execute(sa.select(e.c.id, e.c.stream, e.c.signal, e.c.input_index)).all()
-        for r in rows:
-            if r.id not in self.seen_events:
-                self.seen_events.add(int(r.id))
-                self._mark("drift", stream=r.stream, signal=r.signal, index=r.input_index)
+        for ev in store.drift_events():
+            if ev["id"] not in self.seen_events:
+                self.seen_events.add(int(ev["id"]))
+                self._mark("drift", stream=ev["stream"], signal=ev["signal"], index=ev["input_index"])
 
     # -- report ---------------------------------------------------------------------------------------
     def report(self, store: Store, truth: Truth, start_version: str | None) -> dict[str, Any]:
-        from monitor.actions import requests as rq
+        from monitor.store import requests as rq
 
         s = self.settings
         events = _drift_events(store)
@@ -661,28 +669,26 @@ def _count(items: list[dict[str, Any]], key: Any) -> dict[str, int]:
 
 
 def _drift_events(store: Store) -> list[dict[str, Any]]:
-    e = t.drift_events
-    with store.engine.connect() as conn:
-        rows = conn.execute(sa.select(e).order_by(e.c.input_index, e.c.id)).all()
+    """The run's drift events in input order (the report's ``drift_events``)."""
     return [
         {
-            "id": int(r.id),
-            "index": r.input_index,
-            "episode_id": r.episode_id,
-            "stream": r.stream,
-            "signal": r.signal,
-            "detector": r.detector,
-            "statistic": r.statistic,
-            "threshold": r.threshold,
-            "event_ts": float(r.event_ts),
+            "id": int(ev["id"]),
+            "index": ev["input_index"],
+            "episode_id": ev["episode_id"],
+            "stream": ev["stream"],
+            "signal": ev["signal"],
+            "detector": ev["detector"],
+            "statistic": ev["statistic"],
+            "threshold": ev["threshold"],
+            "event_ts": float(ev["event_ts"]),
         }
-        for r in rows
+        for ev in sorted(store.drift_events(), key=lambda e: e["input_index"])
     ]
 
 
 def _label_items(store: Store) -> list[dict[str, Any]]:
     """Labelled (not skipped) items, one per episode: stream, ts, inclusion probability."""
-    from monitor.review.stats import label_rows
+    from monitor.quality.labels import label_rows
 
     items: dict[str, dict[str, Any]] = {}
     for r in label_rows(store):

@@ -9,7 +9,6 @@ can drop the repeats.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,30 +26,33 @@ class OutboxPublisher:
         table: sa.Table,
         topic: str,
         idempotency_key: Callable[[dict[str, Any]], str],
+        *,
+        batch_field: str,
+        what: str,
     ):
+        """``batch_field``: the field of a committed ``BatchWrite`` whose rows this outbox
+        publishes (a batch without any has nothing new to send); ``what``: for log lines."""
         from kafka import KafkaProducer
 
         from monitor.sources.kafka import client_security
 
         self.topic = topic
+        self.batch_field = batch_field
+        self.what = what
         self._store = store
         self._table = table
-        self._pk = list(table.primary_key.columns)
         self._key = idempotency_key
         self._producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers, acks="all", retries=5, **client_security(cfg)
         )
 
     def publish_pending(self, limit: int = 500) -> int:
-        tb = self._table
-        with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(tb).where(tb.c.published_at.is_(None)).order_by(*self._pk).limit(limit)).all()
+        rows = self._store.unpublished(self._table, limit)
         if not rows:
             return 0
         futures = []
         for row in rows:
-            item = dict(row._mapping)
-            item.pop("published_at", None)
+            item = {k: v for k, v in row.items() if k != "published_at"}
             futures.append(
                 self._producer.send(
                     self.topic,
@@ -62,9 +64,8 @@ class OutboxPublisher:
         self._producer.flush(timeout=30)
         for f in futures:
             f.get(timeout=30)
-        keys = [tuple(getattr(r, c.name) for c in self._pk) for r in rows]
-        with self._store.engine.begin() as conn:
-            conn.execute(tb.update().where(sa.tuple_(*self._pk).in_(keys)).values(published_at=time.time()))
+        # Only after every send is acknowledged: a crash before this line publishes them again.
+        self._store.mark_published(self._table, rows)
         return len(rows)
 
     def close(self) -> None:
@@ -72,10 +73,24 @@ class OutboxPublisher:
 
 
 def drift_publisher(cfg: Any, store: Store) -> OutboxPublisher:
-    return OutboxPublisher(cfg, store, t.drift_events, cfg.drift_topic, lambda e: f"drift-event-{e['id']}")
+    return OutboxPublisher(
+        cfg,
+        store,
+        t.drift_events,
+        cfg.drift_topic,
+        lambda e: f"drift-event-{e['id']}",
+        batch_field="drift_events",
+        what="drift events",
+    )
 
 
 def scores_publisher(cfg: Any, store: Store) -> OutboxPublisher:
     return OutboxPublisher(
-        cfg, store, t.rm_scores, cfg.scores_topic, lambda s: f"rm-score-{s['episode_id']}-{s['version']}"
+        cfg,
+        store,
+        t.rm_scores,
+        cfg.scores_topic,
+        lambda s: f"rm-score-{s['episode_id']}-{s['version']}",
+        batch_field="rm_scores",
+        what="reward-model scores",
     )

@@ -285,9 +285,9 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
     prompt = obj.get("prompt")
     response = obj.get("response")
     stream = obj.get("stream", DEFAULT_STREAM)
-    # The common case in one test; the detailed checks below only name the problem.
+    # The common case in one test; the detailed checks only name the problem.
     # isprintable() is a cheap superset test for control characters.
-    if (
+    if not (
         type(eid) is str
         and type(prompt) is str
         and type(response) is str
@@ -296,42 +296,13 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and 0 < len(stream) <= MAX_STREAM_CHARS
         and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _CONTROL.search(stream)))
     ):
-        pass
-    else:
-        for name in ("episode_id", "prompt", "response"):
-            if name not in obj:
-                raise _bad(obj, "missing_field", f"{name} is required")
-        if not isinstance(eid, str):
-            raise _bad(obj, "wrong_type", "episode_id must be a string")
-        if not 0 < len(eid) <= MAX_ID_CHARS:
-            raise _bad(obj, "invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
-        if _CONTROL.search(eid):
-            raise _bad(obj, "invalid_value", f"episode_id must not contain control characters ({_control_at(eid)})")
-        if not isinstance(stream, str):
-            raise _bad(obj, "wrong_type", "stream must be a string")
-        if not 0 < len(stream) <= MAX_STREAM_CHARS:
-            raise _bad(obj, "invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
-        if _CONTROL.search(stream):
-            raise _bad(obj, "invalid_value", f"stream must not contain control characters ({_control_at(stream)})")
-        if not isinstance(prompt, str):
-            raise _bad(obj, "wrong_type", "prompt must be a string")
-        raise _bad(obj, "wrong_type", "response must be a string")
+        raise _required_fields_error(obj, eid, stream, prompt)
     model = obj.get("model")
     if model is not None:
-        if type(model) is not str:
-            raise _bad(obj, "wrong_type", "model must be a string")
-        if len(model) > MAX_MODEL_CHARS:
-            raise _bad(obj, "invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
-        if not model.isprintable() and _CONTROL.search(model):
-            raise _bad(obj, "invalid_value", f"model must not contain control characters ({_control_at(model)})")
+        _check_model(obj, model)
     metadata = obj.get("metadata")
     if metadata is not None:
-        if type(metadata) is not dict:
-            raise _bad(obj, "wrong_type", "metadata must be an object")
-        # The walk only when some value is a container: flat metadata (the common case) costs
-        # one pass in C over the value types.
-        if not _CONTAINERS.isdisjoint(map(type, metadata.values())) and _depth_exceeds(metadata, MAX_METADATA_DEPTH):
-            raise _bad(obj, "too_deep", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
+        _check_metadata(obj, metadata)
     version = obj.get("schema_version")
     if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
         raise _bad(obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION}")
@@ -344,6 +315,47 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         except InvalidEpisode as e:
             raise _bad(obj, e.reason, e.detail) from None
     return Episode(eid, ts, stream, model, prompt, response, metadata, size)
+
+
+def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: Any) -> InvalidEpisode:
+    """The first problem with the required fields, named, once the one test of the common case
+    failed: in the order a reader fixes them (presence, then each field's type, length, characters)."""
+    for name in ("episode_id", "prompt", "response"):
+        if name not in obj:
+            return _bad(obj, "missing_field", f"{name} is required")
+    if not isinstance(eid, str):
+        return _bad(obj, "wrong_type", "episode_id must be a string")
+    if not 0 < len(eid) <= MAX_ID_CHARS:
+        return _bad(obj, "invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
+    if _CONTROL.search(eid):
+        return _bad(obj, "invalid_value", f"episode_id must not contain control characters ({_control_at(eid)})")
+    if not isinstance(stream, str):
+        return _bad(obj, "wrong_type", "stream must be a string")
+    if not 0 < len(stream) <= MAX_STREAM_CHARS:
+        return _bad(obj, "invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
+    if _CONTROL.search(stream):
+        return _bad(obj, "invalid_value", f"stream must not contain control characters ({_control_at(stream)})")
+    if not isinstance(prompt, str):
+        return _bad(obj, "wrong_type", "prompt must be a string")
+    return _bad(obj, "wrong_type", "response must be a string")
+
+
+def _check_model(obj: dict[str, Any], model: Any) -> None:
+    if type(model) is not str:
+        raise _bad(obj, "wrong_type", "model must be a string")
+    if len(model) > MAX_MODEL_CHARS:
+        raise _bad(obj, "invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
+    if not model.isprintable() and _CONTROL.search(model):
+        raise _bad(obj, "invalid_value", f"model must not contain control characters ({_control_at(model)})")
+
+
+def _check_metadata(obj: dict[str, Any], metadata: Any) -> None:
+    if type(metadata) is not dict:
+        raise _bad(obj, "wrong_type", "metadata must be an object")
+    # The walk only when some value is a container: flat metadata (the common case) costs
+    # one pass in C over the value types.
+    if not _CONTAINERS.isdisjoint(map(type, metadata.values())) and _depth_exceeds(metadata, MAX_METADATA_DEPTH):
+        raise _bad(obj, "too_deep", f"metadata nests deeper than {MAX_METADATA_DEPTH} levels")
 
 
 def _bad(obj: dict[str, Any], reason: str, detail: str) -> InvalidEpisode:

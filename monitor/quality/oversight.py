@@ -27,7 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from monitor.metrics import Metrics
-from monitor.review.stats import estimates, label_rows
+from monitor.quality.estimates import estimates
+from monitor.quality.labels import label_rows
 from monitor.store import Store
 from monitor.store import tables as t
 

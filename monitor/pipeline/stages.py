@@ -1,0 +1,43 @@
+"""The contract between the pipeline and the stages that watch its episodes (drift detection,
+reward-model scoring, the reviewer/reward-model disagreement feed).
+
+A stage is built by the composition root (``monitor.service``) and handed to the pipeline, which
+never imports one: stages later in the flow meet the pipeline only through this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from monitor.episodes import Episode
+from monitor.store import BatchWrite
+from sampling import Decision
+
+
+class EpisodeObserver(Protocol):
+    """A later stage that sees every valid episode with its sampling decision.
+
+    Per batch, in this order: ``observe`` for each valid episode (inline, so that an effect such
+    as a drift boost applies from the very next episode), then ``checkpoint`` and ``add_rows``
+    (their results commit in the batch's transaction). ``forget`` drops in-memory state (it
+    reloads from the last checkpoint); ``between_batches`` does idle work in the service loop.
+    """
+
+    def observe(self, episode: Episode, decision: Decision, index: int) -> None: ...
+
+    def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        """State changed since the last call, keyed by (stream, component). It may read the
+        database (through the pipeline's retry policy) and must change nothing when it fails, so
+        that calling it again after an outage is safe."""
+        ...
+
+    def add_rows(self, batch: BatchWrite) -> None:
+        """Rows found since the last call (drift events, scores) that commit with the batch."""
+        ...
+
+    def forget(self) -> None: ...
+
+    def between_batches(self) -> bool:
+        """Idle work; True when the stage has state to commit now although no record came."""
+        ...

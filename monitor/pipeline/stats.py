@@ -1,0 +1,77 @@
+"""What a run has done, counted from committed batches only.
+
+The hot loop tallies a batch into a :class:`BatchTally`; the tally is added to the run's
+:class:`RunStats` and to the metrics after the batch commits. A batch that is rolled back or
+redone after an outage therefore counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sampling import CHANNELS
+
+
+@dataclass
+class StreamStats:
+    episodes: int = 0
+    invalid: int = 0
+    sampled: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
+    p_min: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, math.inf))
+    p_max: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "episodes": self.episodes,
+            "invalid": self.invalid,
+            "sampled": dict(self.sampled),
+            "inclusion_probability": {
+                ch: {"min": self.p_min[ch], "max": self.p_max[ch]} for ch in CHANNELS if self.p_max[ch] > 0
+            },
+        }
+
+    def saw_probabilities(self, probs: dict[str, float]) -> None:
+        for ch in CHANNELS:
+            p = probs[ch]
+            self.p_min[ch] = min(self.p_min[ch], p)
+            self.p_max[ch] = max(self.p_max[ch], p)
+
+
+@dataclass
+class RunStats:
+    records: int = 0
+    invalid: int = 0
+    sampled: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    streams: dict[str, StreamStats] = field(default_factory=dict)
+    batches: int = 0
+    stale_batches: int = 0
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def stream(self, name: str) -> StreamStats:
+        st = self.streams.get(name)
+        if st is None:
+            st = self.streams[name] = StreamStats()
+        return st
+
+
+@dataclass
+class BatchTally:
+    """Per-stream counts of one batch, before it commits."""
+
+    valid: Counter[str] = field(default_factory=Counter)
+    not_sampled: Counter[str] = field(default_factory=Counter)
+    #: The distinct probability dicts each stream's decisions used (the sampler reuses one dict
+    #: until a stream's rates change), in order: min and max over them are the batch's range.
+    probabilities: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def saw(self, stream: str, probs: dict[str, float]) -> None:
+        self.valid[stream] += 1
+        seen = self.probabilities.get(stream)
+        if seen is None:
+            self.probabilities[stream] = [probs]
+        elif seen[-1] is not probs:
+            seen.append(probs)

@@ -1,0 +1,100 @@
+"""Labels as the estimators and agreement statistics read them: every label joined with its episode's
+human inclusion probability, grouped per item, and agreement between reviewers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+def krippendorff_alpha_interval(units: list[list[float]]) -> float | None:
+    """Krippendorff's alpha with the interval metric; units with fewer than 2 values are ignored."""
+    units = [u for u in units if len(u) >= 2]
+    n = sum(len(u) for u in units)
+    if n < 2:
+        return None
+    d_o = 0.0
+    for u in units:
+        m = len(u)
+        d_o += sum((a - b) ** 2 for i, a in enumerate(u) for j, b in enumerate(u) if i != j) / (m - 1)
+    d_o /= n
+    values = [v for u in units for v in u]
+    d_e = sum((a - b) ** 2 for i, a in enumerate(values) for j, b in enumerate(values) if i != j) / (n * (n - 1))
+    if d_e == 0:
+        return None  # every rating identical: no variation to agree on
+    return 1.0 - d_o / d_e
+
+
+def cohen_kappa(pairs: list[tuple[bool, bool]]) -> float | None:
+    """Cohen's kappa for two binary ratings per item."""
+    n = len(pairs)
+    if n == 0:
+        return None
+    po = sum(1 for a, b in pairs if a == b) / n
+    pa = sum(1 for a, _ in pairs if a) / n
+    pb = sum(1 for _, b in pairs if b) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    if pe == 1.0:
+        # Both reviewers gave the same answer to every item (e.g. never used the flag):
+        # agreement is not measurable, and 1.0 would overstate it.
+        return None
+    return (po - pe) / (1 - pe)
+
+
+def label_rows(store: Store, since: float | None = None) -> list[Any]:
+    """Every label with its inclusion probability (one read for several estimates)."""
+    lb, s = t.labels, t.samples
+    q = (
+        sa.select(
+            lb.c.episode_id,
+            lb.c.stream,
+            lb.c.user_id,
+            lb.c.rating,
+            lb.c.flags,
+            lb.c.skipped,
+            lb.c.time_spent_ms,
+            lb.c.created_at,
+            s.c.inclusion_probability,
+            s.c.ts,
+        )
+        .join(s, sa.and_(s.c.episode_id == lb.c.episode_id, s.c.channel == "human"))
+        .order_by(lb.c.episode_id, lb.c.id)
+    )
+    if since is not None:
+        q = q.where(lb.c.created_at >= since)
+    with store.engine.connect() as conn:
+        return list(conn.execute(q).all())
+
+
+def per_item(rows: list[Any]) -> dict[str, dict[str, Any]]:
+    """Non-skipped labels grouped by episode: mean rating, flag shares, probability, stream, ts."""
+    items: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.skipped:
+            continue
+        it = items.setdefault(
+            r.episode_id, {"stream": r.stream, "p": float(r.inclusion_probability), "ts": float(r.ts), "labels": []}
+        )
+        it["labels"].append((int(r.rating), set(r.flags or [])))
+    return items
+
+
+def agreement(rows: list[Any], flags: list[str]) -> dict[str, Any]:
+    ratings: dict[str, list[float]] = defaultdict(list)
+    flagsets: dict[str, list[set[str]]] = defaultdict(list)
+    for r in rows:
+        if r.skipped:
+            continue
+        ratings[r.episode_id].append(float(r.rating))
+        flagsets[r.episode_id].append(set(r.flags or []))
+    units = [v for v in ratings.values() if len(v) >= 2]
+    kappa = {}
+    for f in flags:
+        pairs = [(f in fs[0], f in fs[1]) for fs in flagsets.values() if len(fs) == 2]
+        kappa[f] = {"kappa": cohen_kappa(pairs), "n": len(pairs)}
+    return {"krippendorff_alpha": krippendorff_alpha_interval(units), "n_items": len(units), "kappa": kappa}

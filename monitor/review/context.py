@@ -1,0 +1,129 @@
+"""What the review routes share: settings, store, metrics, keys, the clock; built once per app.
+
+:func:`monitor.review.app.create_app` keeps one :class:`ReviewContext` in ``app.state.review``;
+routes are module-level functions that reach it through the :data:`Ctx` dependency, never
+through a closure, so every route is a plain function of its request and its dependencies.
+
+The clock is injectable (``create_app(..., clock=...)``): leases, login backoff and session
+expiry are all measured with it, so tests move time instead of sleeping through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response
+
+from monitor.config import Settings
+from monitor.review import auth, queue
+from monitor.review.metrics import ReviewMetrics
+from monitor.store import Store
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "oversight_session"
+
+Clock = Callable[[], float]
+
+
+class ReviewContext:
+    """The app's state and the few operations both the API and the pages perform."""
+
+    def __init__(self, settings: Settings, store: Store, registry: Any = None, clock: Clock = time.time):
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.metrics = ReviewMetrics(store, registry, settings.metrics.max_streams, clock=clock)
+        self.secret = settings.review_secret()  # signs the login form's CSRF token
+        self.key = settings.sampling_key()  # keyed order of the two responses of a pair
+        self.dev = settings.dev  # cookies without Secure (plain-HTTP development server)
+        self.gate = auth.HashGate.of(settings.review)
+        self.limits = auth.LoginLimits.of(settings.review)
+
+    def now(self) -> float:
+        return self.clock()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def login(self, request: Request, name: str, password: str) -> auth.Session:
+        """The one login path of the API and the pages (throttled, hashing bounded by the gate).
+
+        Raises :class:`monitor.review.auth.AuthError` (401, 429, 503), counted by result."""
+        address = request.client.host if request.client else "unknown"
+        try:
+            sess = auth.login(
+                self.store,
+                name,
+                password,
+                address,
+                limits=self.limits,
+                gate=self.gate,
+                hours=self.settings.review.session_hours,
+                now=self.now(),
+            )
+        except auth.AuthError as e:
+            self.metrics.login_refused(e.status)
+            raise
+        self.metrics.logins.labels("ok").inc()
+        return sess
+
+    def session(self, request: Request) -> auth.Session | None:
+        """The live session the request's cookie names, if any."""
+        return auth.session_from_token(self.store, request.cookies.get(SESSION_COOKIE), now=self.now())
+
+    def start_session(self, request: Request, response: Response, sess: auth.Session) -> None:
+        """Hand ``sess`` to the browser. A session the request still carried is revoked first:
+        logging in again over an old session ends it, and a planted token is never adopted."""
+        old = request.cookies.get(SESSION_COOKIE)
+        if old:
+            auth.revoke_session(self.store, old, now=self.now())
+        self.set_cookie(response, SESSION_COOKIE, sess.token, max(1, int(sess.expires_at - self.now())))
+
+    def set_cookie(self, response: Response, name: str, value: str, max_age: int, path: str = "/") -> None:
+        response.set_cookie(
+            name, value, max_age=max_age, path=path, httponly=True, samesite="strict", secure=not self.dev
+        )
+
+    def delete_cookie(self, response: Response, name: str, path: str = "/") -> None:
+        response.delete_cookie(name, path=path, httponly=True, samesite="strict", secure=not self.dev)
+
+    # -- the queue ------------------------------------------------------------------------
+
+    def claim(self, user: auth.User) -> queue.Item | None:
+        """The reviewer's lease (held or new), with the stream's blinding applied."""
+        rc = self.settings.review
+        return queue.claim(self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding)
+
+    def submit(
+        self, user: auth.User, episode_id: str, slot: int, fence: int, label: queue.LabelIn, outcome: str
+    ) -> None:
+        """Store a label or a skip under the user's lease and count it by ``outcome``; raises
+        :class:`monitor.review.queue.QueueError` (404, 409, 422) when refused."""
+        flags = self.settings.review.flags
+        queue.submit(self.store, user, episode_id, slot, fence, label, flags, now=self.now())
+        self.metrics.labels.labels(outcome).inc()
+
+    def show(
+        self, user: auth.User, item: queue.Item, build: Callable[[], Response], failed: Callable[[], Response]
+    ) -> Response:
+        """``build()`` the response for a claimed item; if that fails, set the item aside (so
+        no lease is left behind and the next claim gets the next item) and answer ``failed()``."""
+        try:
+            return build()
+        except Exception:
+            log.exception("claimed item %r could not be shown; set aside", item.claim.episode_id)
+            queue.set_aside(self.store, user, item.claim, now=self.now())
+            self.metrics.claim_errors.inc()
+            return failed()
+
+
+async def review_context(request: Request) -> ReviewContext:
+    """The app's :class:`ReviewContext` (async: no I/O, so no trip through the thread pool)."""
+    ctx: ReviewContext = request.app.state.review
+    return ctx
+
+
+Ctx = Annotated[ReviewContext, Depends(review_context)]

@@ -1,0 +1,247 @@
+"""The shapes of the review API: request bodies and response models, one per JSON answer.
+
+Both forbid fields they do not name: a request with an unknown field is a 422, and a response
+that drifts from its model fails loudly in the tests (schemathesis checks every answer against
+the OpenAPI document these models generate) instead of documenting a shape the API no longer has.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.review import auth, queue
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+class LoginIn(Strict):
+    name: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+class LeaseIn(Strict):
+    """Names a lease: the item, its slot and the fencing token the claim handed out."""
+
+    episode_id: str = Field(min_length=1, max_length=128)
+    slot: int = Field(ge=0, le=16)
+    fence: int = Field(ge=0)
+
+
+class LabelBody(LeaseIn):
+    rating: int = Field(ge=1, le=7)
+    flags: list[str] = Field(default_factory=list, max_length=32)
+    critique: str = Field("", max_length=queue.MAX_CRITIQUE)
+    preference: Literal["response", "alternative", "tie"] | None = None
+    time_spent_ms: int = Field(0, ge=0, le=86_400_000)
+
+
+class SkipBody(LeaseIn):
+    reason: str = Field(min_length=1, max_length=queue.MAX_SKIP_REASON)
+    time_spent_ms: int = Field(0, ge=0, le=86_400_000)
+
+
+class ReleaseBody(LeaseIn):
+    pass
+
+
+class UserIn(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=f"^{auth.NAME_RE}$")
+    role: Literal["reviewer", "admin"]
+    password: str | None = Field(None, min_length=10, max_length=1024)
+
+
+class TokenIn(Strict):
+    name: str = Field("api", min_length=1, max_length=64)
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class ErrorOut(Strict):
+    """Every refusal but a validation error (401, 403, 404, 409, 429, 500, 503)."""
+
+    detail: str
+
+
+class UserOut(Strict):
+    name: str
+    role: str
+
+
+class LoginOut(Strict):
+    user: UserOut
+    csrf_token: str = Field(description="send as X-CSRF-Token with every unsafe request of this session")
+
+
+class LogoutOut(Strict):
+    logged_out: bool
+
+
+class MeOut(Strict):
+    name: str
+    role: str
+    flags: list[str] = Field(description="the flags a label may carry")
+
+
+class ItemOut(Strict):
+    """A claimed item, as its stream's blinding allows (no model and no hidden metadata)."""
+
+    episode_id: str
+    slot: int
+    fence: int
+    lease_expires_at: float
+    stream: str
+    model: str | None
+    timestamp: float | None = Field(description="episode time; null when the stored time is not finite")
+    prompt: str
+    response: str
+    alternative: str | None
+    alternative_first: bool
+    metadata: dict[str, Any] | None
+    invisible_characters: dict[str, int] = Field(description="invisible characters per shown field")
+
+
+class OkOut(Strict):
+    ok: bool
+
+
+class QueueDepthOut(Strict):
+    stream: str
+    waiting: int
+    leased: int
+    done: int
+    oldest_wait_s: float | None
+    error: int = Field(description="items set aside because they could not be shown")
+
+
+class ThroughputOut(Strict):
+    reviewer: str
+    labels_1h: int
+    labels_24h: int
+    skips_24h: int
+    median_time_s: float | None
+
+
+class KappaOut(Strict):
+    kappa: float | None
+    n: int
+
+
+class AgreementOut(Strict):
+    krippendorff_alpha: float | None
+    n_items: int
+    kappa: dict[str, KappaOut]
+
+
+class EstimateOut(Strict):
+    """A Horvitz-Thompson (Hajek) estimate with its interval; null where it is not defined."""
+
+    mean: float | None
+    total: float | None
+    se: float | None
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float | None
+    n_sampled: int
+    population: float | None
+    method: str
+    interval: str
+    n_effective: float | None
+
+
+class StreamEstimateOut(Strict):
+    stream: str
+    population: int
+    n_labelled: int
+    rating: EstimateOut
+    flags: dict[str, EstimateOut]
+
+
+class DriftEventOut(Strict):
+    stream: str
+    signal: str
+    detector: str
+    statistic: float | None
+    threshold: float | None
+    episode_id: str
+    input_index: int
+    event_ts: float
+    created_at: float
+
+
+class RequestOut(Strict):
+    id: str
+    kind: str
+    stream: str | None
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    last_error: str | None
+
+
+class SummaryOut(Strict):
+    queue: list[QueueDepthOut]
+    throughput: list[ThroughputOut]
+    agreement: AgreementOut
+    rm_agreement: dict[str, str | float | None] | None = Field(
+        description="the active reward-model version and its agreement with reviewers per stream; null: none"
+    )
+    drift_events: list[DriftEventOut]
+    requests: list[RequestOut]
+    estimates: list[StreamEstimateOut]
+
+
+class SeriesPointOut(Strict):
+    start: int
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class CreatedUserOut(Strict):
+    name: str
+    role: str
+    password: str | None = Field(None, description="the generated password, shown once; absent when one was given")
+
+
+class TokenOut(Strict):
+    token: str = Field(description="shown once; only its hash is stored")
+
+
+# -- documented refusals ---------------------------------------------------------------------
+
+
+Responses = dict[int | str, dict[str, Any]]  # FastAPI's ``responses=``: status -> OpenAPI entry
+
+
+def refusal(description: str) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for a refusal with an :class:`ErrorOut` body."""
+    return {"model": ErrorOut, "description": description}
+
+
+SIGNED_IN: Responses = {
+    401: refusal("no session cookie nor a valid API token (WWW-Authenticate: Bearer)"),
+    403: refusal("a cookie session without its X-CSRF-Token header on an unsafe method"),
+}
+ADMIN_ONLY: Responses = {**SIGNED_IN, 403: refusal("not an admin, or a cookie session without its X-CSRF-Token header")}
+# FastAPI's own answer to a request body it cannot parse (not UTF-8, not JSON).
+BODY: Responses = {400: refusal("the request body could not be parsed")}
+LEASED: Responses = {
+    **BODY,
+    404: refusal("no such review item"),
+    409: refusal("the lease is no longer valid (expired, released, claimed by someone else) or already used"),
+}
+
+
+def validation_detail(loc: tuple[str, ...], msg: str) -> dict[str, Any]:
+    """A 422 body of the same shape as FastAPI's own (``HTTPValidationError``), as documented."""
+    return {"detail": [{"type": "value_error", "loc": list(loc), "msg": msg}]}

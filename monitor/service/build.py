@@ -1,0 +1,334 @@
+"""The composition root: every part of the running service is built here, from ``Settings``.
+
+``build_service`` wires the stages in the order an episode travels: the store and the retry
+policy every database access shares, the source and the dead-letter sink, the sampler, the
+stages that watch the episodes (the disagreement feed and the scorer before the drift monitor:
+their values feed it, and they must reach it in the same checkpoint), the pipeline, the outbox
+publishers that act on committed rows, the ops server, and, when asked, the review app and the
+action worker. Nothing else builds these: ``oversight run``, ``replay``, ``simulate`` and the demo
+all get a :class:`Service` and drive it through :meth:`Service.run`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+from monitor import __version__
+from monitor.config import ConfigError, Settings
+from monitor.episodes.deadletter import DeadLetterSink, JsonlDeadLetterSink
+from monitor.metrics import Metrics
+from monitor.ops import OpsServer
+from monitor.pipeline import AfterCommit, EpisodeObserver, LoopHooks, Pipeline, RunStats, make_sampler
+from monitor.retry import Health, RetryPolicy, first_line, transient
+from monitor.sources.base import Source
+from monitor.store import BatchWrite, Store
+
+if TYPE_CHECKING:
+    from monitor.actions.outbox import OutboxPublisher
+    from monitor.actions.worker import ActionWorker
+    from monitor.drift import DisagreementFeed, DriftMonitor
+    from monitor.review.server import BackgroundServer
+    from monitor.reward.scorer import RewardScorer
+    from sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+def build_source(settings: Settings, *, resume: bool = True, name: str | None = None) -> Source:
+    kind = settings.source.kind
+    if kind == "kafka":
+        from monitor.sources.kafka import KafkaSource
+
+        return KafkaSource(settings.kafka, client_id=f"oversight-{os.getpid()}")
+    from monitor.sources.file import FileSource
+
+    path = None if kind == "stdin" else settings.source.path
+    if kind == "file" and not path:
+        raise ConfigError("source.path is required when source.kind is file")
+    src = FileSource(path, settings.source.max_episode_bytes, resume=resume)
+    if name is not None:
+        src.name = name
+    return src
+
+
+def build_dead_letters(settings: Settings) -> DeadLetterSink:
+    if settings.source.kind == "kafka":
+        from monitor.episodes.deadletter import KafkaDeadLetterSink
+
+        return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes)
+    return JsonlDeadLetterSink(
+        settings.dead_letter.path, settings.dead_letter.max_raw_bytes, settings.dead_letter.fsync
+    )
+
+
+@dataclass
+class Stages:
+    """The stages that watch the pipeline's episodes, in the order they see them."""
+
+    drift: DriftMonitor | None = None
+    scorer: RewardScorer | None = None
+    labels_feed: DisagreementFeed | None = None
+
+    def observers(self) -> list[EpisodeObserver]:
+        # The feed and the scorer before drift: their checkpoints feed values that drift's
+        # checkpoint saves in the same batch.
+        return [s for s in (self.labels_feed, self.scorer, self.drift) if s is not None]
+
+
+def build_stages(settings: Settings, store: Store, metrics: Metrics, sampler: Sampler, retry: RetryPolicy) -> Stages:
+    stages = Stages()
+    if settings.drift.enabled:
+        from monitor.drift import DriftMonitor
+
+        stages.drift = DriftMonitor(
+            settings.drift,
+            store,
+            settings.sampling_key(),
+            metrics,
+            lambda stream, factor, duration, reason: sampler.boost(stream, factor, duration, reason=reason),
+            drift_rate=settings.sampling.drift.rate,
+            retry=retry,
+        )
+    if settings.reward.enabled:
+        from monitor.reward.registry import Registry
+        from monitor.reward.scorer import RewardScorer
+
+        drift = stages.drift
+        stages.scorer = RewardScorer(
+            settings.reward,
+            Registry.for_settings(store, settings),
+            metrics,
+            feed=None if drift is None else drift.observe_value,
+        )
+    if stages.drift is not None and settings.drift.signals.get("rm_disagreement"):
+        from monitor.drift import DisagreementFeed
+
+        stages.labels_feed = DisagreementFeed(store, stages.drift.observe_value, retry=retry)
+    return stages
+
+
+def build_publishers(settings: Settings, store: Store) -> list[OutboxPublisher]:
+    """Kafka mode: the outboxes of drift events and scores. Whatever a previous run committed but
+    did not publish goes out first; through an outage of the broker or the database the outbox
+    keeps it: start anyway, the next batch retries."""
+    if settings.source.kind != "kafka":
+        return []
+    from monitor.actions.outbox import drift_publisher, scores_publisher
+
+    publishers = []
+    if settings.drift.enabled:
+        publishers.append(drift_publisher(settings.kafka, store))
+    if settings.reward.enabled:
+        publishers.append(scores_publisher(settings.kafka, store))
+    for publisher in publishers:
+        _publish_pending(publisher)
+    return publishers
+
+
+def _after_commit(publisher: OutboxPublisher) -> AfterCommit:
+    rows = publisher.batch_field
+
+    def hook(batch: BatchWrite) -> None:
+        if getattr(batch, rows):
+            publisher.publish_pending()
+
+    return hook
+
+
+def _publish_pending(publisher: OutboxPublisher) -> None:
+    try:
+        publisher.publish_pending()
+    except Exception as e:
+        if not transient(e):
+            raise
+        log.warning(
+            "publishing %s left over by the last run failed (kept for retry): %s", publisher.what, first_line(e)
+        )
+
+
+@dataclass
+class Service:
+    """The running service. A context manager: leaving it stops and closes every part it holds,
+    in the reverse order of their start."""
+
+    settings: Settings
+    store: Store
+    metrics: Metrics
+    retry: RetryPolicy
+    sampler: Sampler
+    stages: Stages
+    pipeline: Pipeline
+    publishers: list[OutboxPublisher] = field(default_factory=list)
+    server: OpsServer | None = None
+    review: BackgroundServer | None = None
+    worker: ActionWorker | None = None
+    owns_store: bool = True  # False: the caller gave the store, and closes it
+
+    # The stages by name (tests and the simulation read them).
+    @property
+    def drift(self) -> DriftMonitor | None:
+        return self.stages.drift
+
+    @property
+    def scorer(self) -> RewardScorer | None:
+        return self.stages.scorer
+
+    @property
+    def labels_feed(self) -> DisagreementFeed | None:
+        return self.stages.labels_feed
+
+    def readiness(self) -> dict[str, bool]:
+        """The checks of /readyz (``oversight_ready`` is computed from the same function)."""
+        return self.pipeline.readiness()
+
+    def prepare_for_service(self) -> None:
+        """Before a long-running service consumes: do now what a batch would otherwise do the
+        first time (import torch and load the encoder and the active reward model: seconds, tens
+        on a busy machine), and build drift detectors in the background from now on, so that a
+        SIGTERM drain never waits for any of it."""
+        if self.drift is not None:
+            self.drift.arm_in_background()
+        if self.scorer is not None:
+            self.scorer.checkpoint()  # nothing pending yet: loads the active version, if any
+
+    def serve_review(self, port: int | None = None, *, metrics_listener: bool = True) -> BackgroundServer:
+        """The review UI and API in this process, on the service's store."""
+        from monitor.review.app import create_app
+        from monitor.review.server import BackgroundServer
+
+        s = self.settings
+        self.review = BackgroundServer(
+            create_app(s, self.store),
+            s.review.host,
+            s.review.port if port is None else port,
+            metrics=(s.review.metrics_host, s.review.metrics_port) if metrics_listener else None,
+        ).start()
+        return self.review
+
+    def action_worker(self, *, start: bool) -> ActionWorker:
+        """The action worker on the service's store and metrics: a thread of its own (``start``),
+        or driven round by round by the caller (the simulation)."""
+        from monitor.actions.worker import ActionWorker
+
+        self.worker = ActionWorker(self.settings, self.store, self.metrics)
+        if start:
+            self.worker.start()
+        return self.worker
+
+    def run(self, stop: threading.Event | None = None, hooks: LoopHooks | None = None) -> RunStats:
+        """The pipeline's loop until the source is exhausted, ``stop`` is set or a hook ends it."""
+        stats: RunStats = self.pipeline.run(stop, hooks)
+        return stats
+
+    def close(self) -> None:
+        """Stop and close everything, the last started first; one failure does not keep the rest open."""
+        parts = [
+            self.worker.stop if self.worker is not None else None,
+            self.review.stop if self.review is not None else None,
+            self.pipeline.close,
+            *(p.close for p in self.publishers),
+            self.server.stop if self.server is not None else None,
+            self.store.close if self.owns_store else None,
+        ]
+        for close in parts:
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as e:
+                log.warning("closing the service: %s", first_line(e))
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def build_service(
+    settings: Settings,
+    *,
+    source: Source | None = None,
+    serve: bool = True,
+    resume: bool = True,
+    registry: Any = None,
+    background_calibration: bool | None = None,
+    dead_letters: DeadLetterSink | None = None,
+    store: Store | None = None,
+) -> Service:
+    """The service: store (migrated), metrics, source, dead letters, stages, pipeline, publishers,
+    ops server (``serve``). ``source``, ``dead_letters`` and ``store``: given ones instead of those
+    the settings describe (tests, drivers); ``registry``: the Prometheus registry (a fresh one per
+    service in tests).
+
+    ``background_calibration``: drift detectors are built (calibrated by simulation, seconds)
+    on a worker thread while their signals keep their values, so that a batch, and a SIGTERM
+    drain, never waits for a calibration. Default: on for the long-running service (``serve``
+    and the source from the settings: ``oversight run``), off for drivers that bring their own
+    source (replay, simulate), whose reports must not depend on how fast a calibration ran.
+    """
+    settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
+    given_store = store is not None
+    store = store if store is not None else Store(settings.database.url, migrate=settings.database.migrate)
+    metrics = Metrics(registry, max_streams=settings.metrics.max_streams)
+    metrics.info.info({"version": __version__, "source": settings.source.kind})
+    # One retry policy for every database and broker access on the pipeline's path; its health
+    # is what /readyz reports. A failed store operation drops the pooled connections.
+    retry = RetryPolicy(Health(metrics), on_failure={"store": store.reconnect})
+    sampler = make_sampler(settings, store, retry)
+    stages = build_stages(settings, store, metrics, sampler, retry)
+    publishers = build_publishers(settings, store)
+    pipeline = Pipeline(
+        settings,
+        store,
+        source if source is not None else build_source(settings, resume=resume),
+        dead_letters if dead_letters is not None else build_dead_letters(settings),
+        metrics,
+        retry=retry,
+        sampler=sampler,
+        observers=stages.observers(),
+        after_commit=[_after_commit(p) for p in publishers],
+    )
+    svc = Service(settings, store, metrics, retry, sampler, stages, pipeline, publishers, owns_store=not given_store)
+    if background_calibration is None:
+        background_calibration = serve and source is None
+    if background_calibration:
+        svc.prepare_for_service()
+    if serve:
+        svc.server = OpsServer(settings.server.host, settings.server.port, metrics.registry, svc.readiness).start()
+    return svc
+
+
+def install_signal_handlers(stop: threading.Event, drain_timeout_s: float) -> None:
+    """SIGTERM/SIGINT: stop after the batch in flight; a watchdog exits if draining hangs."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            return
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+        def watchdog() -> None:
+            time.sleep(drain_timeout_s)
+            log.error("drain took longer than %.1fs; exiting (uncommitted work is redelivered)", drain_timeout_s)
+            os._exit(3)
+
+        threading.Thread(target=watchdog, daemon=True, name="drain-watchdog").start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    # The interpreter's last garbage collection walks the whole heap (torch, transformers, scipy):
+    # over a second on a busy machine, after the drain is done. Nothing needs collecting at exit
+    # (sinks, store and consumer are closed explicitly), so the heap is frozen out of it.
+    atexit.register(gc.freeze)

@@ -1,0 +1,116 @@
+"""The action worker's cursor over drift events, on SQLite and the real PostgreSQL: each event is
+taken by exactly one worker, also when two read the same cursor at once, and the cursor survives
+a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.actions.worker import ActionWorker
+from monitor.config import Settings, load_settings
+from monitor.store import BatchWrite, Store
+from monitor.store import requests as rq
+from monitor.store import tables as t
+
+
+def _settings(db_url: str, tmp_path: Path) -> Settings:
+    return load_settings(None, ["dev=true", f"database.url={db_url}", f"reward.models_dir={tmp_path / 'models'}"])
+
+
+def _events(store: Store, stream: str, first: int, n: int) -> None:
+    store.commit_batch(
+        BatchWrite(
+            drift_events=[
+                {
+                    "stream": stream,
+                    "signal": "response_log_chars",
+                    "detector": "page_hinkley",
+                    "statistic": 12.0,
+                    "threshold": 10.0,
+                    "p_val": None,
+                    "episode_id": f"{stream}-{i}",
+                    "input_index": i,
+                    "event_ts": 10_000.0 + i,
+                    "created_at": 1.0,
+                }
+                for i in range(first, first + n)
+            ]
+        )
+    )
+
+
+def test_two_workers_reading_the_same_cursor_take_each_event_once(db_url: str, tmp_path: Path) -> None:
+    """Both workers read the cursor (none yet) and the new events before either moves it: the
+    database's compare-and-set lets exactly one of them act on the events."""
+    settings = _settings(db_url, tmp_path)
+    store = Store(db_url)
+    _events(store, "chat", 0, 3)
+    workers = [ActionWorker(settings, store), ActionWorker(settings, store)]
+    # Hold each worker's thread right after it read the drift events until the other one has too
+    # (PostgreSQL). SQLite runs one write transaction at a time: there the second worker waits for
+    # the first, the barrier times out and the workers run one after the other.
+    barrier = threading.Barrier(2)
+    held: set[int] = set()
+    racing: set[int] = set()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        me = threading.get_ident()
+        reads_events = statement.lstrip().upper().startswith("SELECT") and "FROM drift_events" in statement
+        if me in racing and me not in held and reads_events:
+            held.add(me)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=2)
+
+    sa.event.listen(store.engine, "before_cursor_execute", hold)
+    taken: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(w: ActionWorker) -> None:
+        racing.add(threading.get_ident())
+        try:
+            taken.append(w.ingest_events())
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    sa.event.remove(store.engine, "before_cursor_execute", hold)
+    assert not errors
+    assert sorted(taken) == [0, 3], taken
+    # Nothing left for anyone; the next event is taken once.
+    assert [w.ingest_events() for w in workers] == [0, 0]
+    _events(store, "chat", 3, 1)
+    assert sorted(w.ingest_events() for w in workers) == [0, 1]
+    store.close()
+
+
+def test_the_cursor_survives_a_restart(db_url: str, tmp_path: Path) -> None:
+    settings = _settings(db_url, tmp_path)
+    store = Store(db_url)
+    _events(store, "chat", 0, 2)
+    assert ActionWorker(settings, store).ingest_events() == 2
+    ids = [e["id"] for e in store.drift_events()]
+    # Kept in the service's keyed state, not in the per-stream state.
+    assert store.load_internal("actions:cursor") == {"last_event_id": ids[-1]}
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.stream_state)).scalar_one() == 0
+    store.close()
+
+    store = Store(db_url)
+    restarted = ActionWorker(settings, store)
+    assert restarted.ingest_events() == 0
+    _events(store, "code", 0, 1)
+    assert restarted.ingest_events() == 1
+    # One incident per stream, each event in it once.
+    reqs = {r["stream"]: r for r in rq.listing(store)}
+    assert sorted(reqs) == ["chat", "code"]
+    assert [e["id"] for e in reqs["chat"]["payload"]["drift_events"]] == ids
+    store.close()
