@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The package metadata's version comes from monitor/__init__.py: a bump reinstalls too.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py sdk/python/pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 # Nothing may download models or data at run time.
@@ -12,15 +12,17 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install chromium prometheus schema demo test test-slow test-all bench lint imports clean
+.PHONY: install chromium prometheus schema demo test test-slow test-all test-alibi bench lint imports clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml monitor/__init__.py
+$(STAMP): pyproject.toml monitor/__init__.py sdk/python/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	# torch is pinned (2.13.0, CPU wheel on local disk) so pip never pulls a CUDA build.
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The Python SDK (oversight-client, sdk/python): its own light distribution; tests/sdk use it.
+	$(BIN)/python -m pip install -q -e sdk/python
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -45,13 +47,31 @@ schema: install
 # closed loop with kill -9, browser, Kafka crash, live Prometheus, demo) run in `make test-slow`,
 # and CI (.ci/run) runs both.
 test: install chromium prometheus
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not alibi" $(PYTEST_ARGS)
 
 test-slow: install chromium prometheus
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slow and not alibi" $(PYTEST_ARGS)
 
 test-all: install chromium prometheus
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not alibi" $(PYTEST_ARGS)
+
+# alibi-detect (the `alibi` extra, BSL 1.1) is no part of the default install nor of .venv: it needs
+# numpy<2 and transformers<5, so its detectors' tests (marked `alibi`) run in their own virtualenv,
+# .venv-alibi with `.[dev,alibi]`. CI (.ci/run) runs this after test-slow.
+ALIBI_VENV := .venv-alibi
+ALIBI_STAMP := $(ALIBI_VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py sdk/python/pyproject.toml | sha1sum | cut -c1-12)
+
+$(ALIBI_STAMP): pyproject.toml monitor/__init__.py sdk/python/pyproject.toml
+	test -x $(ALIBI_VENV)/bin/python || $(PY) -m venv $(ALIBI_VENV)
+	$(ALIBI_VENV)/bin/python -m pip install -q -U pip setuptools wheel
+	$(ALIBI_VENV)/bin/python -m pip install -q -e '.[dev,alibi]'
+	# tests/sdk import the SDK: collecting them (before -m alibi deselects them) needs it.
+	$(ALIBI_VENV)/bin/python -m pip install -q -e sdk/python
+	rm -f $(ALIBI_VENV)/.installed-*
+	touch $@
+
+test-alibi: $(ALIBI_STAMP)
+	$(ALIBI_VENV)/bin/python -m pytest -m alibi $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run_all.py
@@ -60,10 +80,10 @@ bench: install
 # tests (pyproject.toml); each test folder's conftest.py is module `conftest`, so all but the top
 # one are checked one at a time.
 lint: install
-	$(BIN)/ruff check monitor sampling detectors tests bench
-	$(BIN)/ruff format --check monitor sampling detectors tests bench
+	$(BIN)/ruff check monitor sampling detectors tests bench sdk/python
+	$(BIN)/ruff format --check monitor sampling detectors tests bench sdk/python
 	$(BIN)/mypy
-	for f in tests/*/conftest.py; do $(BIN)/mypy "$$f" || exit 1; done
+	for f in tests/*/conftest.py tests/*/*/conftest.py; do $(BIN)/mypy "$$f" || exit 1; done
 
 # The package import graph (from ruff's analysis), cycles and private names imported across
 # modules; tests/test_architecture.py asserts the same.
@@ -71,4 +91,4 @@ imports: install
 	$(BIN)/python tests/import_graph.py
 
 clean:
-	rm -rf $(VENV) .oversight-demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(ALIBI_VENV) .oversight-demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info

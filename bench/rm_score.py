@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="model batch size (reward.batch_size)")
     ap.add_argument("--pipeline-batch", type=int, default=128, help="episodes per pipeline batch")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--skip-kinds", action="store_true", help="skip the per-kind section (bench/rm_score_kinds.py)")
     args = ap.parse_args()
 
     import torch
@@ -91,7 +93,7 @@ def main() -> int:
                 scorer.take_rows()
             sc_t.append(time.perf_counter() - t0)
     raw, sc = len(eps) / min(raw_t), len(eps) / min(sc_t)
-    out = {
+    out: dict[str, Any] = {
         "bench": "rm_score",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "texts": len(eps),
@@ -100,6 +102,12 @@ def main() -> int:
         "ratio": round(sc / raw, 3),
     }
     print(f"raw batched forward: {raw:.1f} texts/s; pipeline scorer: {sc:.1f} texts/s; ratio {sc / raw:.3f}")
+    if not args.skip_kinds:
+        # A section per reward-model kind (hf, and judge/http against the tests' stand-in servers).
+        from bench.rm_score_kinds import kinds_section
+
+        print("per kind:")
+        out["kinds"] = kinds_section(prompts, responses)
     print(json.dumps(out))
     return 0
 

@@ -12,11 +12,15 @@ BENCHES = [
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
     ["drift.py"],
     ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
+    ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector
     ["kafka_ingest.py"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["review_api.py"],
+    ["ingest_http.py"],  # SDK, raw HTTP, OTLP and a raw producer against `oversight ingest serve`
     ["rm_score.py"],
+    ["encoder.py"],  # ~3 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders
     ["closed_loop.py"],  # ~7 minutes: the closed loop on three real shifts
+    ["install_size.py"],  # ~2 minutes: a fresh virtualenv with `pip install .` (no extras): size, time, BSL check
 ]
 
 

@@ -13,12 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from detectors.base import Detector, Result, SnapshotError, load_snapshot
+from detectors.extras import MissingExtraError, missing_for_module, module_extra, require_module
 
 if TYPE_CHECKING:
     from detectors.alibi_detectors import CVMDetector, FETDetector, LSDDDetector, MMDDetector
     from detectors.cusum import CUSUMDetector
     from detectors.kernel_mmd import KernelMMDDetector
     from detectors.river_detectors import ADWINDetector, KSWINDetector, PageHinkleyDetector
+    from detectors.windowed import WindowedShiftDetector
 
 __all__ = [
     "NAMES",
@@ -31,11 +33,15 @@ __all__ = [
     "KernelMMDDetector",
     "LSDDDetector",
     "MMDDetector",
+    "MissingExtraError",
     "PageHinkleyDetector",
     "Result",
     "SnapshotError",
+    "WindowedShiftDetector",
     "detector_class",
+    "extra_of",
     "make",
+    "missing_extra",
     "restore",
 ]
 
@@ -50,6 +56,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "mmd": ("detectors.alibi_detectors", "MMDDetector"),
     "lsdd": ("detectors.alibi_detectors", "LSDDDetector"),
     "kmmd": ("detectors.kernel_mmd", "KernelMMDDetector"),
+    "windowed": ("detectors.windowed", "WindowedShiftDetector"),
 }
 
 #: Every detector name :func:`make` knows.
@@ -64,8 +71,25 @@ def detector_class(name: str) -> type[Detector]:
         module, cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown detector {name!r}; known: {', '.join(NAMES)}") from None
+    # alibi-detect's detectors need the `alibi` extra: one sentence naming it, not an import traceback.
+    require_module(module, f"detector {name!r}")
     out: type[Detector] = getattr(importlib.import_module(module), cls)
     return out
+
+
+def extra_of(name: str) -> str | None:
+    """The optional extra of oversight-monitor the detector ``name`` needs (``"alibi"``), or None."""
+    entry = _REGISTRY.get(name)
+    return None if entry is None else module_extra(entry[0])
+
+
+def missing_extra(name: str) -> str | None:
+    """Why the detector ``name`` cannot be built in this install (the extra to add), or None.
+
+    None too for an unknown name (:func:`detector_class` reports those). Nothing is imported.
+    """
+    entry = _REGISTRY.get(name)
+    return None if entry is None else missing_for_module(entry[0], f"detector {name!r}")
 
 
 def make(name: str, *, ert: float, x_ref: Any = None, **params: Any) -> Detector:

@@ -28,7 +28,9 @@ The wrappers also trim alibi's ever-growing history (``xs``, ``test_stats``,
 ``drift_preds`` are concatenated at every update: O(t) memory and time) to what the next
 update reads, so memory, update time and snapshots stay bounded.
 
-alibi-detect and torch are imported inside the constructors, never when ``detectors`` is.
+alibi-detect and torch are imported inside the constructors, never when ``detectors`` is. alibi-detect
+is the optional ``alibi`` extra (BSL 1.1): without it a constructor raises
+:class:`detectors.extras.MissingExtraError`, which names the extra.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from detectors.base import Detector, Kind
+from detectors.extras import require_module
 
 
 @contextlib.contextmanager
@@ -69,6 +72,8 @@ def _seeded(seed: int | None, use_torch: bool) -> Iterator[None]:
 
 def _alibi_cd() -> Any:
     """``alibi_detect.cd`` (imports torch too), without its import-time deprecation warnings."""
+    # Without the `alibi` extra (the default install): one sentence naming it, not a traceback.
+    require_module(__name__, "alibi-detect's detectors (cvm, fet, mmd, lsdd)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import alibi_detect.cd

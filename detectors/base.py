@@ -135,9 +135,13 @@ class Detector(abc.ABC):
         """Updates since construction or the last :meth:`reset`."""
         return self._n
 
-    def update(self, x: Any) -> None:
-        """Update the detector with one observation (see :attr:`kind`)."""
-        drift, distance, p_val, threshold = self._step(x)
+    def update(self, x: Any, t: float | None = None) -> None:
+        """Update the detector with one observation (see :attr:`kind`).
+
+        ``t``: the observation's event time in seconds. Detectors that count updates ignore it;
+        detectors whose false-alarm budget is in time (``timed = True``) use it, and without it
+        count one second per update."""
+        drift, distance, p_val, threshold = self._step(x) if t is None else self._step_at(x, float(t))
         self._n += 1
         self._drift_detected = bool(drift)
         self._distance = finite_or_none(distance)
@@ -192,6 +196,13 @@ class Detector(abc.ABC):
         return f"{type(self).__name__}(ert={self.ert!r}, {params})"
 
     # -- for subclasses ---------------------------------------------------------------
+    #: Whether :meth:`update` uses event time (see :meth:`_step_at`).
+    timed: ClassVar[bool] = False
+
+    def _step_at(self, x: Any, t: float) -> tuple[bool, Any, Any, Any]:
+        """One update at event time ``t`` (seconds); detectors that count updates ignore ``t``."""
+        return self._step(x)
+
     @abc.abstractmethod
     def _step(self, x: Any) -> tuple[bool, Any, Any, Any]:
         """One update: ``(drift, distance, p_val, threshold)`` (non-finite values become ``None``)."""

@@ -124,7 +124,7 @@ class DatabaseConfig(_Model):
 
 
 class SourceConfig(_Model):
-    kind: Literal["file", "stdin", "kafka"] = "file"
+    kind: Literal["file", "stdin", "kafka", "inbox"] = "file"
     path: str | None = None
     max_episode_bytes: int = Field(256 * 1024, gt=0)
 
@@ -183,6 +183,9 @@ class ReviewStreamConfig(_Model):
 
     metadata_fields: list[str] | None = Field(None, description="top-level metadata keys reviewers may see")
     show_model: bool | None = Field(None, description="show reviewers the episode's policy version")
+    rate: Literal["final_turn", "conversation"] | None = Field(
+        None, description="what reviewers rate in a conversation (schema v2); unset: review.rate"
+    )
 
 
 class ReviewConfig(_Model):
@@ -209,6 +212,11 @@ class ReviewConfig(_Model):
     )
     show_model: bool = Field(False, description="show reviewers the episode's policy version (all streams)")
     streams: dict[str, ReviewStreamConfig] = Field(default_factory=dict)
+    rate: Literal["final_turn", "conversation"] = Field(
+        "final_turn",
+        description="what reviewers rate in a conversation (schema v2): the final assistant turn, or the whole"
+        " conversation; per stream under review.streams; the label records which",
+    )
     session_hours: float = Field(12.0, gt=0)
     login_max_failures: int = Field(
         5, gt=0, description="failed logins per (user name, client address) before exponential backoff starts"
@@ -250,12 +258,17 @@ class EmbeddingDriftConfig(_Model):
     """Prompt+response embeddings (all-MiniLM-L6-v2) of the ``drift`` sampling channel."""
 
     enabled: bool = True
-    detectors: list[str] = Field(default_factory=lambda: ["mmd"])
+    # The built-in kernel MMD (numpy): alibi-detect's `mmd` is the optional `alibi` extra (BSL 1.1).
+    detectors: list[str] = Field(default_factory=lambda: ["kmmd"])
     reference_size: int = Field(200, ge=20, description="drift-sampled episodes per stream in the reference")
     max_length: int = Field(128, ge=16, le=512, description="tokens per text (CPU cost grows with it)")
     model_dir: str | None = Field(
         None, description="a local transformers encoder directory; default: the bundled MiniLM"
     )
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto", description="auto: PyTorch on CUDA when present, else ONNX Runtime (exported at first use, cached)"
+    )
+    quantisation: Literal["int8", "fp32"] = Field("int8", description="ONNX weights (int8: q/k/v projections only)")
 
 
 def _default_drift_signals() -> dict[str, list[str]]:
@@ -330,6 +343,47 @@ class DriftConfig(_Model):
     )
     rereference_poll_s: float = Field(5.0, gt=0)
     embedding: EmbeddingDriftConfig = Field(default_factory=EmbeddingDriftConfig)
+    # The time-budgeted detector (`windowed`, detectors/windowed.py), for streams at volume.
+    false_alarms_per_30d: float = Field(
+        1.0,
+        gt=0,
+        description="`windowed` detectors: expected false alarms per stream per 30 days of event time, all its"
+        " windowed detectors together (a union bound over detectors and window lengths, whatever the rate)",
+    )
+    min_shift_sd: float = Field(
+        0.2, ge=0, description="`windowed`: smallest shift of a continuous signal worth an alarm, in reference SDs"
+    )
+    min_rate_change: float = Field(
+        0.25, ge=0, description="`windowed`: smallest relative change of a binary signal's rate worth an alarm"
+    )
+    windows_s: list[float] = Field(
+        default_factory=lambda: [300.0, 3600.0, 21600.0],
+        min_length=1,
+        description="`windowed`: event-time window lengths tested (seconds; multiples of 60 keep them aligned)",
+    )
+    seasonal_warmup_s: float = Field(
+        86400.0, ge=0, description="`windowed`: event-time seconds of a signal's traffic learned before any test"
+    )
+    reference_half_life_days: float = Field(
+        7.0, gt=0, description="`windowed`: half-life of the seasonal reference (days of each hour-of-day bucket)"
+    )
+
+    @model_validator(mode="after")
+    def _detector_extras(self) -> DriftConfig:
+        # A detector whose optional extra is not installed (alibi-detect's, BSL 1.1) fails here, when
+        # the configuration is read, with the extra to install: not in the first batch as a traceback.
+        import detectors
+
+        if not self.enabled:
+            return self
+        names = {n for d in self.signals.values() for n in d}
+        if self.embedding.enabled:
+            names |= set(self.embedding.detectors)
+        for name in sorted(names):
+            message = detectors.missing_extra(name)
+            if message is not None:
+                raise ValueError(message)
+        return self
 
 
 class RewardUpdateConfig(_Model):
@@ -370,7 +424,25 @@ class RewardConfig(_Model):
     batch_size: int = Field(32, gt=0)
     swap_poll_s: float = Field(2.0, gt=0, description="how often the scorer checks for a newly promoted version")
     device: str | None = Field(None, description="torch device; default: cuda when present, else cpu")
+    # PyTorch by default: ONNX scores only 1.2-1.3x faster on CPU (bench/encoder.py) and exports each
+    # promoted version once (about 20 s on 2 cores), which a swap would pay inside the ingest path.
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "torch",
+        description="scoring encoder: torch, onnx (ONNX Runtime, exported per version and cached), "
+        "or auto (PyTorch on CUDA when present, else ONNX Runtime)",
+    )
+    quantisation: Literal["int8", "fp32"] = Field("fp32", description="ONNX encoder weights for scoring")
     update: RewardUpdateConfig = Field(default_factory=RewardUpdateConfig)
+    # Bring your own reward model (monitor/reward/kinds/): which kind a version is, and so how it is
+    # scored, is recorded with the version; these say what `rm register` registers by default and
+    # how the backlog of a remote kind (scored off the pipeline's thread) is worked.
+    kind: Literal["builtin", "hf", "judge", "http"] = Field(
+        "builtin", description="default kind of `oversight rm register` (builtin, hf, judge, http)"
+    )
+    backlog_max: int = Field(
+        1000, gt=0, description="remote kinds: scores held in memory waiting for their commit (the rest wait in the DB)"
+    )
+    backlog_poll_s: float = Field(1.0, gt=0, description="remote kinds: how often the background scorer looks for work")
 
 
 class WebhookConfig(_Model):
@@ -410,6 +482,15 @@ class ActionsConfig(_Model):
     )
     incident_gap_s: float = Field(
         3600.0, gt=0, description="drift events of a stream closer than this (event time) form one incident"
+    )
+    incident_timeout_s: float = Field(
+        86400.0,
+        gt=0,
+        description="an open incident with no new drift event for this long (event time) closes; acknowledgement"
+        " (`oversight drift rereference`) or a promotion closes it at once",
+    )
+    max_requests_per_stream_per_day: int = Field(
+        3, ge=1, description="new incidents (each one rm_update and one retrain request) per stream per 24 h"
     )
     worker: bool = Field(
         True, description="run the action worker (incidents, updates, requests) inside `oversight run`"
@@ -459,6 +540,32 @@ class SimulateConfig(_Model):
         return v
 
 
+class IngestConfig(_Model):
+    """``oversight ingest serve``: the HTTP ingest API (``POST /v1/episodes``) and its durable hand-off."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535, description="listen port (0: any free port)")
+    handoff: Literal["inbox", "kafka"] = Field(
+        "inbox",
+        description="where accepted records go before the 2xx: the database table inbox (one transaction;"
+        " `oversight run` with source.kind=inbox consumes it) or kafka.topic (acks=all, keyed by stream)",
+    )
+    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (after gzip), else 413")
+    max_records_per_request: int = Field(10_000, gt=0, description="records per request, else 413")
+    max_inflight: int = Field(8, gt=0, description="requests processed at once; more get 429 + Retry-After")
+    max_backlog: int = Field(
+        100_000, gt=0, description="inbox mode: unconsumed inbox rows above which requests get 429 + Retry-After"
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429 or 503")
+    token_refresh_s: float = Field(
+        5.0, ge=0, description="seconds a token list read from the database is used (a revocation takes this long)"
+    )
+    inbox_retention_s: float = Field(
+        3600.0, ge=0, description="consumed inbox rows older than this are deleted by the consumer"
+    )
+    kafka_timeout_s: float = Field(10.0, gt=0, description="kafka mode: longest wait for the broker's acks")
+
+
 class MetricsConfig(_Model):
     max_streams: int = Field(50, gt=0, description="streams beyond this share the label _other")
 
@@ -497,6 +604,7 @@ class Settings(BaseSettings):
     reward: RewardConfig = RewardConfig()
     actions: ActionsConfig = ActionsConfig()
     simulate: SimulateConfig = SimulateConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -211,6 +211,28 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        # Incident hygiene (monitor/actions/worker.py): pre-zeroed by the worker for its outcomes.
+        self.incidents = Counter(
+            "incidents",
+            "Drift events taken by the action worker, by what they did to incidents (opened, attached,"
+            " rate_limited) and incidents closed (closed_timeout, closed_rereference)",
+            ["outcome"],
+            namespace=NS,
+            registry=r,
+        )
+        self.incident_limit = Gauge(
+            "incident_limit_per_stream_per_day",
+            "actions.max_requests_per_stream_per_day: new incidents (with their requests) allowed per stream per 24 h",
+            namespace=NS,
+            registry=r,
+        )
+        self.incidents_last_day = Gauge(
+            "incidents_last_day",
+            "Incidents opened per stream in the last 24 h of event time",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+        )
 
     def _readiness_metrics(self, r: CollectorRegistry) -> None:
         """Readiness, computed at scrape time from the checks of /readyz."""

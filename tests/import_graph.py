@@ -25,6 +25,7 @@ ROOTS = ("monitor", "sampling", "detectors")
 # Entry points and the composition root sit on top; the stages in the order an episode travels.
 LAYERS: list[tuple[str, ...]] = [
     ("sampling", "detectors"),
+    ("monitor.inference",),  # encoder backends (ONNX Runtime); signals/embeddings and reward use them
     ("monitor.__init__", "monitor.errors", "monitor.fileio", "monitor.config", "monitor.data", "monitor.signals"),
     ("monitor.sources",),
     ("monitor.episodes",),
@@ -33,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("monitor.pipeline",),
     ("monitor.drift", "monitor.reward"),
     ("monitor.quality",),
-    ("monitor.review", "monitor.actions"),
+    ("monitor.review", "monitor.actions", "monitor.ingest"),
     ("monitor.service",),
     ("monitor.simulate", "monitor.cli"),
 ]

@@ -58,7 +58,7 @@ def settings(db: str, tmp: Path, *extra: str) -> Settings:
             "pipeline.batch_size=100",
             "drift.reference_size=300",
             "drift.ert=3000",
-            "drift.signals={response_log_chars: [adwin], distinct_token_ratio: [adwin], refusal: [fet]}",
+            "drift.signals={response_log_chars: [adwin], distinct_token_ratio: [adwin], refusal: [cusum]}",
             "drift.embedding.enabled=false",
             "drift.cooldown=200",
             "drift.boost_factor=4",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from monitor.store import BatchWrite, StaleOffsets, Store
+from monitor.store import BatchWrite, DriftEventRow, StaleOffsets, Store
 from monitor.store import tables as t
 from monitor.store.store import PROBE_KEY
 
@@ -18,8 +18,8 @@ from monitor.store.store import PROBE_KEY
 LONG_KEY = "input_index:file:/" + "/".join(["a-directory-with-a-long-name"] * 12) + "/episodes.jsonl.gz"
 
 
-def event(stream: str, signal: str, episode_id: str, index: int, **kw: Any) -> dict[str, Any]:
-    row = {
+def event(stream: str, signal: str, episode_id: str, index: int) -> DriftEventRow:
+    return {
         "stream": stream,
         "signal": signal,
         "detector": "page_hinkley",
@@ -31,8 +31,6 @@ def event(stream: str, signal: str, episode_id: str, index: int, **kw: Any) -> d
         "event_ts": 1000.0 + index,
         "created_at": 2000.0 + index,
     }
-    row.update(kw)
-    return row
 
 
 @pytest.fixture

@@ -353,6 +353,17 @@ class KubernetesJobSink(Sink):
     name = "kubernetes"
 
     def __init__(self, cfg: KubernetesJobConfig):
+        import importlib.util
+
+        # The client is the optional `k8s` extra: a missing one fails when the sink is configured, not
+        # at the first request. Looked up, not imported (it takes a second): create_job imports it.
+        if importlib.util.find_spec("kubernetes") is None:
+            from monitor.config import ConfigError
+
+            raise ConfigError(
+                "action sink 'kubernetes' needs the Kubernetes client, which the default install leaves out:"
+                " pip install 'oversight-monitor[k8s]'"
+            )
         self.cfg = cfg
         self.templates_dir = Path(cfg.templates_dir)
 

@@ -4,10 +4,14 @@ It runs beside the pipeline (a thread in ``oversight run``; ``run_once`` in test
 simulation) and meets the pipeline only through the database:
 
 1. New drift events (past a cursor kept in ``internal_state`` under ``actions:cursor``, advanced
-   by compare-and-set so two workers cannot both act on an event) are grouped into **incidents**: events of one
-   stream within ``actions.incident_gap_s`` (event time) of the incident's last event, on
-   whatever signals. The first event of an incident creates one ``rm_update`` request (if
-   its signal is in ``reward.update.trigger_signals``); later ones are attached to it.
+   by compare-and-set so two workers cannot both act on an event) are grouped into **incidents**:
+   while a stream's incident is open, every further event of the stream, on whatever signal,
+   attaches to it (no new request). It closes after ``max(actions.incident_gap_s,
+   actions.incident_timeout_s)`` of event time without an event, or when a re-reference of the
+   stream (acknowledgement, promotion) has been applied. The first event of an incident creates
+   one ``rm_update`` request (if its signal is in ``reward.update.trigger_signals``); at most
+   ``actions.max_requests_per_stream_per_day`` incidents open per stream per 24 h of event time
+   (further events are counted as ``rate_limited`` and create nothing).
 2. ``rm_update`` requests with the ``local`` sink run here once ``reward.update.min_labels``
    fresh human labels of the stream exist (labels of episodes at or after the first event):
    train -> gate -> promote or reject (``monitor.reward.update``). After a promotion the
@@ -34,6 +38,8 @@ from monitor.store import requests as rq
 log = logging.getLogger(__name__)
 CURSOR_KEY = "actions:cursor"  # internal_state: the id of the last drift event taken
 INGEST_LIMIT = 1000  # drift events taken per round
+#: What a drift event did to incidents (``oversight_incidents_total{outcome}``).
+INCIDENT_OUTCOMES = ("opened", "attached", "rate_limited", "closed_timeout", "closed_rereference")
 
 
 class ActionWorker:
@@ -52,6 +58,9 @@ class ActionWorker:
             for kind, sink in plan:
                 for outcome in ("sent", "failed"):
                     metrics.action_requests.labels(kind, sink, outcome)
+            for outcome in INCIDENT_OUTCOMES:
+                metrics.incidents.labels(outcome)
+            metrics.incident_limit.set(a.max_requests_per_stream_per_day)
         self.errors = 0
 
     # -- incidents ------------------------------------------------------------------
@@ -72,14 +81,27 @@ class ActionWorker:
 
     def _on_event(self, ev: DriftEvent) -> None:
         stream = str(ev["stream"])
-        summary = {k: ev[k] for k in ("id", "signal", "detector", "statistic", "threshold", "episode_id", "event_ts")}
-        inc = self._incident(stream, float(ev["event_ts"]))
+        summary: dict[str, Any] = {
+            k: ev[k] for k in ("id", "signal", "detector", "statistic", "threshold", "episode_id", "event_ts")
+        }
+        summary["detail"] = ev.get("detail")  # the size of the shift travels with the retraining request
+        inc = self._incident(stream, ev)
         if inc is not None:
             payload = dict(inc["payload"])
             if all(x["id"] != ev["id"] for x in payload["drift_events"]):
                 payload["drift_events"] = [*payload["drift_events"], summary]
                 payload["last_event_ts"] = max(float(payload["last_event_ts"]), float(ev["event_ts"]))
                 rq.update_payload(self.store, inc["id"], payload)
+            self._count("attached")
+            return
+        if self._rate_limited(stream, float(ev["event_ts"])):
+            log.warning(
+                "drift event %s on %s: %d incidents in 24 h, the limit; no new requests",
+                ev["id"],
+                stream,
+                self.settings.actions.max_requests_per_stream_per_day,
+            )
+            self._count("rate_limited")
             return
         ucfg = self.settings.reward.update
         triggers = ucfg.trigger_signals
@@ -91,23 +113,72 @@ class ActionWorker:
             "last_event_ts": float(ev["event_ts"]),
             "drift_events": [summary],
         }
+        self._count("opened")
         if wants_update:
             rq.create(self.store, "rm_update", payload["incident"], stream, payload)
         else:
             self._request_retrain(payload, None)
 
-    def _incident(self, stream: str, event_ts: float) -> dict[str, Any] | None:
-        """The stream's latest incident request (rm_update, else retrain) if this event is close to it."""
+    def _incident(self, stream: str, ev: DriftEvent) -> dict[str, Any] | None:
+        """The stream's latest incident request (rm_update, else retrain) if it is still open.
+
+        Open until no event came for ``max(incident_gap_s, incident_timeout_s)`` of event time, or
+        until a re-reference of the stream (an acknowledgement or a promotion) was applied by the
+        drift monitor before this event was found: alarms after it are against the new reference."""
+        a = self.settings.actions
         for kind in ("rm_update", "retrain"):
             reqs = [r for r in rq.listing(self.store, kind=kind, limit=50) if r["stream"] == stream]
-            if reqs:
-                req = reqs[0]  # newest first
-                return (
-                    req
-                    if event_ts - float(req["payload"]["last_event_ts"]) <= self.settings.actions.incident_gap_s
-                    else None
-                )
+            if not reqs:
+                continue
+            req = reqs[0]  # newest first
+            payload = req["payload"]
+            if payload.get("closed"):
+                return None
+            closed = None
+            if self._rereferenced(stream, float(req["created_at"]), float(ev["created_at"])):
+                closed = "rereference"
+            elif float(ev["event_ts"]) - float(payload["last_event_ts"]) > max(a.incident_gap_s, a.incident_timeout_s):
+                closed = "timeout"
+            if closed is None:
+                return req
+            rq.update_payload(self.store, req["id"], {**payload, "closed": closed})
+            self._count(f"closed_{closed}")
+            return None
         return None
+
+    def _rereferenced(self, stream: str, after: float, before: float) -> bool:
+        """Whether a re-reference of the stream was applied between two wall-clock times."""
+        import sqlalchemy as sa
+
+        from monitor.store import tables as t
+
+        d = t.drift_audit
+        q = sa.select(sa.func.count()).where(
+            d.c.stream == stream,
+            d.c.action == "rereference",
+            d.c.applied_at.is_not(None),
+            d.c.applied_at > after,
+            d.c.applied_at < before,
+        )
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one()) > 0
+
+    def _rate_limited(self, stream: str, event_ts: float) -> bool:
+        """Whether the stream already opened ``max_requests_per_stream_per_day`` incidents in the
+        24 h (event time) before this event."""
+        opened = {
+            r["payload"]["incident"]
+            for kind in ("rm_update", "retrain")
+            for r in rq.listing(self.store, kind=kind, limit=200)
+            if r["stream"] == stream and event_ts - float(r["payload"]["since"]) < 86400.0
+        }
+        if self.metrics is not None:
+            self.metrics.incidents_last_day.labels(self.metrics.stream_label(stream)).set(len(opened))
+        return len(opened) >= self.settings.actions.max_requests_per_stream_per_day
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.incidents.labels(outcome).inc()
 
     # -- reward-model updates ----------------------------------------------------------
     def run_updates(self) -> list[dict[str, Any]]:
@@ -258,3 +329,61 @@ class ActionWorker:
             for sink in sinks:
                 sink.close()
         self._sinks.clear()
+
+
+def incident_overview(store: Store, settings: Settings) -> list[dict[str, Any]]:
+    """Per stream: the open incident (since, drift events attached), the incidents opened in the
+    24 h of event time before the stream's latest traffic against
+    ``actions.max_requests_per_stream_per_day``, and the drift false-alarm budget in time.
+
+    For the admin page. An incident counts as open as the worker would judge it at the stream's
+    latest traffic: not closed, and its last event no longer ago than ``max(incident_gap_s,
+    incident_timeout_s)`` (the worker itself closes it only when the next event comes)."""
+    import sqlalchemy as sa
+
+    from monitor.store import tables as t
+
+    a = settings.actions
+    incidents = _incidents_by_stream(store)
+    with store.engine.connect() as conn:
+        q = sa.select(t.traffic.c.stream, sa.func.max(t.traffic.c.bucket)).group_by(t.traffic.c.stream)
+        latest = {str(s): float(b) + 60.0 for s, b in conn.execute(q)}  # end of the last traffic minute
+    out = []
+    for stream in sorted(set(latest) | set(incidents)):
+        mine = incidents.get(stream, [])
+        newest = max(mine, key=lambda p: float(p["since"]), default=None)
+        now = latest.get(stream, 0.0)
+        if newest is not None:
+            now = max(now, float(newest.get("last_event_ts", newest["since"])))
+        is_open = (
+            newest is not None
+            and not newest.get("closed")
+            and now - float(newest.get("last_event_ts", newest["since"])) <= max(a.incident_gap_s, a.incident_timeout_s)
+        )
+        out.append(
+            {
+                "stream": stream,
+                "open_incident_since": float(newest["since"]) if is_open and newest is not None else None,
+                "events_attached": len(newest.get("drift_events") or []) if is_open and newest is not None else 0,
+                "incidents_24h": sum(1 for p in mine if now - float(p["since"]) < 86400.0),
+                "incident_limit_24h": a.max_requests_per_stream_per_day,
+                "false_alarms_per_30d": settings.drift.false_alarms_per_30d,
+            }
+        )
+    return out
+
+
+def _incidents_by_stream(store: Store) -> dict[str, list[dict[str, Any]]]:
+    """Each incident's payload once per stream (an incident has an rm_update and/or a retrain
+    request; the newest payload of the two is the one events attach to)."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind in ("retrain", "rm_update"):  # rm_update last: it is the one the worker attaches events to
+        for r in rq.listing(store, kind=kind, limit=500):
+            p = r["payload"] or {}
+            if r["stream"] is None or "since" not in p or "incident" not in p:
+                continue
+            seen[(str(r["stream"]), str(p["incident"]))] = p
+    out: dict[str, list[dict[str, Any]]] = {}
+    for (stream, _), p in seen.items():
+        out.setdefault(stream, []).append(p)
+    return out

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from monitor.cli import admin, pipeline, query, rm, users
+from monitor.cli import admin, importing, ingest, pipeline, query, rm, users
 from monitor.cli.common import (
     EXIT_ABORTED,
     EXIT_BROKEN_PIPE,
@@ -49,6 +49,8 @@ COMMANDS: tuple[Command, ...] = (
     *pipeline.COMMANDS,
     *query.ESTIMATE,
     *users.COMMANDS,
+    *ingest.COMMANDS,
+    *importing.COMMANDS,
     *query.DRIFT,
     *rm.COMMANDS,
     *admin.COMMANDS,
@@ -59,6 +61,8 @@ GROUPS = {
     "rm": "reward model: preference pairs, training, evaluation, versions, updates",
     "db": "database migrations",
     "config": "show or check the effective configuration",
+    "ingest": "the HTTP ingest API and its bearer tokens",
+    "tokens": "ingest bearer tokens",
 }
 
 

@@ -87,8 +87,11 @@ def cmd_drift_events(args: argparse.Namespace) -> int:
         rows = store.drift_events(stream=args.stream, limit=min(args.limit, 10_000), newest_first=True)
     finally:
         store.close()
+    from monitor.drift import detail_text
+
     for row in rows:
-        print_json(row)
+        # ``detail`` is what the detector measured; ``size`` says it in words (shift and interval).
+        print_json({**row, "size": detail_text(row.get("detail"))})
     return 0
 
 

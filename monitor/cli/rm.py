@@ -226,15 +226,32 @@ def registry_of(settings: Settings, store: Store) -> Any:
 
 
 def register_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", type=InputDir, help="version directory (from rm train)")
+    from monitor.cli.rm_kinds import kind_arguments
+
+    p.add_argument(
+        "--model", metavar="DIR", type=InputDir, help="version directory (from rm train); --kind hf: the checkpoint"
+    )
     p.add_argument("--activate", action="store_true", help="promote it without a gate (bootstrap, rollback)")
+    kind_arguments(p)
 
 
 def cmd_rm_register(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     # A registry may be set up before the pipeline ever ran (bootstrap): create the schema. The
     # database first: it fails in a second, loading a model takes longer.
+    args.kind = args.kind or settings.reward.kind
+    if args.kind == "builtin" and not args.model:
+        raise UsageError("rm register needs --model DIR (a version directory from rm train)")
     store = open_store(settings)
+    if args.kind != "builtin":
+        from monitor.cli.rm_kinds import register_kind
+
+        try:
+            kind_out = register_kind(args, settings, store)
+        finally:
+            store.close()
+        print(json.dumps(kind_out, sort_keys=True, default=str))
+        return 0
     try:
         model = load_model(args.model)
         registry = registry_of(settings, store)
@@ -242,7 +259,12 @@ def cmd_rm_register(args: argparse.Namespace) -> int:
             model, data_window=model.metadata.get("training", {}), metrics=model.metadata.get("metrics", {})
         )
         out: dict[str, Any] = {"version": version, "active": False}
-        if args.activate:
+        if args.gate:
+            from monitor.cli.rm_kinds import gate
+
+            out["gate"] = gate(args, settings, store, version)
+            out["active"] = bool(out["gate"]["passed"])
+        elif args.activate:
             out["generation"] = registry.promote(version, {"passed": True, "reason": "activated by hand"})
             out["active"] = True
     finally:

@@ -3,6 +3,21 @@ the values later stages feed back (reward-model scores, reviewer/reward-model di
 drift events, and re-referencing."""
 
 from monitor.drift.disagreement import DisagreementFeed
-from monitor.drift.monitor import COMPONENT, EMBEDDING, DriftMonitor, detector_ert, request_rereference
+from monitor.drift.monitor import (
+    COMPONENT,
+    EMBEDDING,
+    DriftMonitor,
+    detail_text,
+    detector_ert,
+    request_rereference,
+)
 
-__all__ = ["COMPONENT", "EMBEDDING", "DisagreementFeed", "DriftMonitor", "detector_ert", "request_rereference"]
+__all__ = [
+    "COMPONENT",
+    "EMBEDDING",
+    "DisagreementFeed",
+    "DriftMonitor",
+    "detail_text",
+    "detector_ert",
+    "request_rereference",
+]

@@ -52,7 +52,7 @@ from monitor.config import DriftConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.retry import RetryPolicy, transient
-from monitor.signals import FED_SIGNALS, TEXT_SIGNALS, text_stats
+from monitor.signals import CONVERSATION_SIGNALS, FED_SIGNALS, TEXT_SIGNALS, conversation_stats, text_stats
 from monitor.signals.normalise import (
     NormalScores,
     conservative_binary_reference,
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "drift"
 STATE_VERSION = 2
 EMBEDDING = "embedding"
+WINDOWED = "windowed"  # the time-budgeted detector (detectors/windowed.py)
 
 Boost = Callable[[str, float, float, str], None]
 _T = TypeVar("_T")
@@ -109,9 +110,18 @@ class StreamDrift:
 
 def detector_ert(cfg: DriftConfig) -> float:
     """The ERT each detector of a stream runs at: the stream's false-alarm budget (one alarm per
-    ``cfg.ert`` episodes) split evenly over its detectors (a union bound)."""
-    n = sum(len(d) for d in cfg.signals.values()) + (len(cfg.embedding.detectors) if cfg.embedding.enabled else 0)
+    ``cfg.ert`` episodes) split evenly over its detectors (a union bound). The time-budgeted
+    ``windowed`` detectors have their own budget (:func:`windowed_ert_s`)."""
+    n = sum(len([x for x in d if x != WINDOWED]) for d in cfg.signals.values())
+    n += len(cfg.embedding.detectors) if cfg.embedding.enabled else 0
     return cfg.ert * max(1, n)
+
+
+def windowed_ert_s(cfg: DriftConfig) -> float:
+    """Event-time seconds between false alarms of each ``windowed`` detector: the stream's budget
+    (``drift.false_alarms_per_30d``) split evenly over its windowed detectors (a union bound)."""
+    n = sum(d.count(WINDOWED) for d in cfg.signals.values())
+    return 30 * 86400.0 * max(1, n) / cfg.false_alarms_per_30d
 
 
 class DriftMonitor:
@@ -127,7 +137,7 @@ class DriftMonitor:
         drift_rate: float = 1.0,
         retry: RetryPolicy | None = None,
     ):
-        known = {**TEXT_SIGNALS, **FED_SIGNALS}
+        known = {**TEXT_SIGNALS, **CONVERSATION_SIGNALS, **FED_SIGNALS}
         unknown = set(cfg.signals) - set(known)
         if unknown:
             from monitor.config import ConfigError
@@ -135,7 +145,10 @@ class DriftMonitor:
             raise ConfigError(f"drift.signals: unknown signals {sorted(unknown)}; known: {sorted(known)}")
         self.cfg = cfg
         self._kinds = {name: spec.kind for name, spec in known.items()}
-        self._text_watch = {s: d for s, d in cfg.signals.items() if s in TEXT_SIGNALS}
+        # Signals computed here on every episode: the text statistics and the conversation signals.
+        self._text_watch = {s: d for s, d in cfg.signals.items() if s in TEXT_SIGNALS or s in CONVERSATION_SIGNALS}
+        # Conversation signals only when one is watched: they are off by default, and v1 traffic pays nothing.
+        self._conversation = any(s in CONVERSATION_SIGNALS for s in cfg.signals)
         # Embedding detectors see only drift-sampled episodes, so their ERT in updates is
         # scaled by the drift sampling rate.
         self.ert_each = detector_ert(cfg)
@@ -165,12 +178,15 @@ class DriftMonitor:
 
     # -- observer protocol ------------------------------------------------------
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        values = text_stats(episode.prompt, episode.response)
+        if self._conversation:
+            values.update(conversation_stats(episode.messages))
         self._update(
             episode.stream,
             episode.episode_id,
             episode.timestamp,
             index,
-            text_stats(episode.prompt, episode.response),
+            values,
             self._text_watch,
             self.cfg.reference_size,
         )
@@ -236,19 +252,7 @@ class DriftMonitor:
             return
         if st.transform is not None:
             x = st.transform(x)
-        hit = None
-        for name in names:
-            det = st.detectors.get(name)
-            if det is None:
-                continue
-            try:
-                det.update(x)
-                if det.drift_detected and hit is None:
-                    hit = (name, det.result())
-            except Exception as e:  # a detector must never stop ingest
-                log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
-                self._metrics.detector_errors.labels(name).inc()
-                st.detectors[name] = None
+        hit = self._update_detectors(stream, signal, st, names, x, at[1])
         if st.cooldown > 0:
             st.cooldown -= 1
             return
@@ -258,6 +262,29 @@ class DriftMonitor:
             # change, so the same change cannot fire again (no bursts), and later alarms are
             # relative to the new regime. The cool-down covers detectors that need no warm-up.
             sd.signals[signal] = SignalState(cooldown=self.cfg.cooldown)
+
+    def _update_detectors(
+        self, stream: str, signal: str, st: SignalState, names: list[str], x: Any, event_ts: float
+    ) -> tuple[str, dict[str, Any]] | None:
+        """One value into each detector of a signal: the first that fired, with its result."""
+        hit = None
+        for name in names:
+            det = st.detectors.get(name)
+            if det is None:
+                continue
+            try:
+                det.update(x, event_ts)  # event time: the windowed detector's clock; the others ignore it
+                if det.drift_detected and hit is None:
+                    res: dict[str, Any] = dict(det.result())
+                    if getattr(det, "last_test", None) is not None:  # windowed: the shift and its interval
+                        res["window"] = dict(det.last_test)
+                    res["detail"] = event_detail(det, res, st.n)
+                    hit = (name, res)
+            except Exception as e:  # a detector must never stop ingest
+                log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
+                self._metrics.detector_errors.labels(name).inc()
+                st.detectors[name] = None
+        return hit
 
     def _record(self, stream: str, fired: list[tuple[str, str, dict[str, Any], At]]) -> None:
         """Drift events for the signals that fired, and one boost of the stream."""
@@ -272,6 +299,8 @@ class DriftMonitor:
                 m.drift_statistic.labels(label, signal, name).set(float(data["distance"]))
             if data.get("threshold") is not None:
                 m.drift_threshold.labels(label, signal, name).set(float(data["threshold"]))
+            if "window" in res:
+                self._log_shift(stream, signal, res["window"])
             self._events.append(
                 {
                     "stream": stream,
@@ -284,10 +313,24 @@ class DriftMonitor:
                     "input_index": index,
                     "event_ts": event_ts,
                     "created_at": time.time(),
+                    "detail": res.get("detail"),
                 }
             )
         if fired:
             self._boost(stream, self.cfg.boost_factor, self.cfg.boost_duration_s, f"drift:{fired[0][0]}")
+
+    @staticmethod
+    def _log_shift(stream: str, signal: str, w: Mapping[str, float]) -> None:
+        log.warning(
+            "drift on %r/%s: shift %.3f reference SDs (95%% interval %.3f to %.3f), %d values in %.0f s",
+            stream,
+            signal,
+            w["shift_sd"],
+            w["ci_low"],
+            w["ci_high"],
+            w["n"],
+            w["window_s"],
+        )
 
     def _embed_pending(self) -> None:
         """Embed the batch's drift-sampled episodes in one pass and feed them, in input order."""
@@ -315,7 +358,9 @@ class DriftMonitor:
             from monitor.signals.embeddings import Embedder
 
             ecfg = self.cfg.embedding
-            self._embedder = Embedder(ecfg.model_dir, max_length=ecfg.max_length)
+            self._embedder = Embedder(
+                ecfg.model_dir, max_length=ecfg.max_length, backend=ecfg.backend, quantisation=ecfg.quantisation
+            )
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._embed_pending()
@@ -510,6 +555,9 @@ class DriftMonitor:
                 try:
                     params = self._params_for(b.signal, name)
                     x_ref = ref
+                    if name == WINDOWED:
+                        b.detectors[name] = self._make_windowed(b.kind, ref, params)
+                        continue
                     if getattr(detectors.detector_class(name), "param_name", None) is not None:
                         cal_ref = None  # the Gaussian null: right for normal scores of a continuous sample
                         if b.kind == "binary":
@@ -535,6 +583,22 @@ class DriftMonitor:
                     b.detectors[name] = None
         finally:
             b.done.set()
+
+    def _make_windowed(self, kind: str, ref: Any, params: Mapping[str, Any]) -> Any:
+        """A time-budgeted detector from the drift settings (``detector_params.windowed`` override them)."""
+        import detectors
+
+        c = self.cfg
+        args: dict[str, Any] = {
+            "windows_s": tuple(c.windows_s),
+            "min_shift_sd": c.min_shift_sd,
+            "min_rate_change": c.min_rate_change,
+            "warmup_s": c.seasonal_warmup_s,
+            "half_life_folds": c.reference_half_life_days,
+            "binary": kind == "binary",
+            **params,
+        }
+        return detectors.make(WINDOWED, ert=windowed_ert_s(c), x_ref=ref, **args)
 
     def _river_param(self, name: str, kind: str, x_ref: Any, ert: float, params: Mapping[str, Any]) -> dict[str, float]:
         """river detectors take a sensitivity parameter, calibrated to the ERT by simulation
@@ -671,6 +735,57 @@ class DriftMonitor:
                         m.drift_statistic.labels(label, signal, name).set(float(data["distance"]))
                     if data.get("threshold") is not None:
                         m.drift_threshold.labels(label, signal, name).set(float(data["threshold"]))
+
+
+#: The windowed test's fields an event keeps (detectors/windowed.py, ``last_test``).
+WINDOW_FIELDS = ("shift_sd", "ci_low", "ci_high", "min_shift", "window_s", "window_end", "n", "p_val", "alpha")
+
+
+def bucket_label(b: float) -> str:
+    """A seasonal reference bucket in words: ``weekday 14:00 UTC`` (0-23 weekdays, 24-47 weekends)."""
+    i = int(b)
+    return f"{'weekend' if i >= 24 else 'weekday'} {i % 24:02d}:00 UTC"
+
+
+def event_detail(det: Any, res: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """What a drift event stores about its size (``drift_events.detail``), JSON-safe.
+
+    ``windowed``: the shift in reference SDs with its 95% interval, the window (length, end,
+    values in it), the minimum shift of interest and the reference buckets compared with.
+    Count detectors (CUSUM & co.): their statistic, threshold and the ERT (episodes) they ran at,
+    and the values seen since the signal's warm-up began."""
+    data = res.get("data") or {}
+    out: dict[str, Any] = {"kind": "count", "ert": _num(getattr(det, "ert", None)), "n": n}
+    out["statistic"], out["threshold"] = _num(data.get("distance")), _num(data.get("threshold"))
+    w = res.get("window")
+    if isinstance(w, Mapping):
+        out = {"kind": "windowed", "ert_s": out["ert"], **{k: _num(w.get(k)) for k in WINDOW_FIELDS}}
+        if w.get("bucket_first") is not None:
+            first, last = float(w["bucket_first"]), float(w.get("bucket_last", w["bucket_first"]))
+            ref = bucket_label(first) if first == last else f"{bucket_label(first)} to {bucket_label(last)}"
+            out["reference"] = ref if getattr(det, "seasonal", True) else "rolling (not seasonal)"
+    return out
+
+
+def detail_text(detail: Mapping[str, Any] | None) -> str:
+    """A drift event's size in one line for people (CLI, admin page); "" when it has no detail."""
+    if not isinstance(detail, Mapping):
+        return ""
+    if detail.get("kind") == "windowed" and isinstance(detail.get("shift_sd"), (int, float)):
+        text = f"shift {detail['shift_sd']:+.2f} SD"
+        if isinstance(detail.get("ci_low"), (int, float)) and isinstance(detail.get("ci_high"), (int, float)):
+            text += f" (95% {detail['ci_low']:+.2f} to {detail['ci_high']:+.2f})"
+        if isinstance(detail.get("min_shift"), (int, float)):
+            text += f", minimum {detail['min_shift']:.2f}"
+        if isinstance(detail.get("n"), (int, float)) and isinstance(detail.get("window_s"), (int, float)):
+            text += f", {detail['n']:.0f} values in {detail['window_s'] / 60:.0f} min"
+        ref = detail.get("reference")
+        return f"{text}, vs {ref}" if isinstance(ref, str) else text
+    parts = []
+    for key, fmt in (("statistic", "statistic {:.3g}"), ("threshold", "threshold {:.3g}"), ("ert", "ERT {:.0f}")):
+        if isinstance(detail.get(key), (int, float)):
+            parts.append(fmt.format(detail[key]))
+    return ", ".join(parts)
 
 
 def _work_loop(work: queue.Queue[Callable[[], None]]) -> None:

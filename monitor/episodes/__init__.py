@@ -1,6 +1,18 @@
-"""Stage 2, validate: episode schema v1, validation of raw records, and the dead-letter sinks that
-receive what validation (or a later step of the batch) refuses, with its reason."""
+"""Stage 2, validate: episode schemas v1 and v2 (conversations), validation of raw records, and the
+dead-letter sinks that receive what validation (or a later step of the batch) refuses, with its reason."""
 
+from monitor.episodes.conversation import (
+    CONVERSATION_REASONS,
+    MAX_MESSAGES,
+    MAX_PARTS,
+    MAX_TOOL_CALLS,
+    ROLES,
+    ConversationError,
+    check_messages,
+    content_text,
+    flatten,
+    prompt_and_response,
+)
 from monitor.episodes.validate import (
     DEAD_LETTER_REASONS,
     DEFAULT_STREAM,
@@ -11,6 +23,7 @@ from monitor.episodes.validate import (
     PIPELINE_REASONS,
     REASONS,
     SCHEMA_VERSION,
+    SCHEMA_VERSION_V2,
     Episode,
     InvalidEpisode,
     parse_episode,
@@ -18,17 +31,28 @@ from monitor.episodes.validate import (
 )
 
 __all__ = [
+    "CONVERSATION_REASONS",
     "DEAD_LETTER_REASONS",
     "DEFAULT_STREAM",
     "MAX_ID_CHARS",
+    "MAX_MESSAGES",
     "MAX_METADATA_DEPTH",
     "MAX_MODEL_CHARS",
+    "MAX_PARTS",
     "MAX_STREAM_CHARS",
+    "MAX_TOOL_CALLS",
     "PIPELINE_REASONS",
     "REASONS",
+    "ROLES",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSION_V2",
+    "ConversationError",
     "Episode",
     "InvalidEpisode",
+    "check_messages",
+    "content_text",
+    "flatten",
     "parse_episode",
     "parse_timestamp",
+    "prompt_and_response",
 ]

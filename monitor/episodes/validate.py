@@ -1,4 +1,4 @@
-"""Episode schema v1 and validation of raw records.
+"""Episode schemas v1 and v2 and validation of raw records.
 
 Validation is hand-written rather than a pydantic model: it runs on every
 episode of the deployment's traffic and must be cheap, and each failure needs
@@ -14,6 +14,12 @@ Schema v1 (one JSON object per episode)::
     response    string, required
     metadata    object, optional, at most MAX_METADATA_DEPTH levels of nesting
     schema_version  1, optional
+
+Schema v2 (``monitor.episodes.conversation``) replaces ``prompt`` and ``response`` with
+``messages``, a conversation in the OpenAI chat format, and sets ``schema_version`` 2 (a record
+with ``messages`` and no ``schema_version`` is v2 too); ``prompt`` and ``response`` are then derived
+from the messages by the documented flattening, so every consumer of them works unchanged. A record
+with both ``messages`` and ``prompt``/``response`` is refused (``mixed_schema``).
 
 Unknown top-level fields are rejected (put extras in ``metadata``), so a
 misspelt field is caught instead of silently ignored. Ids, streams and model
@@ -37,7 +43,10 @@ from typing import Any
 
 import orjson
 
+from monitor.episodes.conversation import CONVERSATION_REASONS, ConversationError, check_messages, prompt_and_response
+
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_V2 = 2  # records with ``messages``
 DEFAULT_STREAM = "default"
 MAX_ID_CHARS = 128
 MAX_STREAM_CHARS = 128
@@ -68,13 +77,16 @@ REASONS: tuple[str, ...] = (
     "invalid_unicode",
     "too_deep",
     "number_out_of_range",
+    *CONVERSATION_REASONS,
 )
 # Reasons the pipeline gives a record that passed validation: the database refused it,
 # or processing it raised an exception nobody foresaw (a bug, never a crash).
 PIPELINE_REASONS: tuple[str, ...] = ("store_rejected", "internal_error")
 DEAD_LETTER_REASONS: tuple[str, ...] = REASONS + PIPELINE_REASONS
 
-_FIELDS = frozenset({"episode_id", "timestamp", "stream", "model", "prompt", "response", "metadata", "schema_version"})
+_FIELDS = frozenset(
+    {"episode_id", "timestamp", "stream", "model", "prompt", "response", "metadata", "schema_version", "messages"}
+)
 
 
 @dataclass(slots=True)
@@ -87,21 +99,31 @@ class Episode:
     response: str
     metadata: dict[str, Any] | None
     size: int
+    # Schema v2: the conversation as validated (None for v1); prompt and response are its flattening.
+    messages: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The episode as a record that :func:`parse_episode` accepts: v1 with prompt and response;
+        v2 with ``schema_version`` 2 and ``messages`` only (its prompt and response are derived,
+        and a record with both is refused)."""
+        out: dict[str, Any] = {
             "episode_id": self.episode_id,
             "timestamp": self.timestamp,
             "stream": self.stream,
             "model": self.model,
-            "prompt": self.prompt,
-            "response": self.response,
-            "metadata": self.metadata,
         }
+        if self.messages is None:
+            out["prompt"] = self.prompt
+            out["response"] = self.response
+        else:
+            out["schema_version"] = SCHEMA_VERSION_V2
+            out["messages"] = self.messages
+        out["metadata"] = self.metadata
+        return out
 
 
 class InvalidEpisode(Exception):
-    """A record that is not a valid v1 episode; ``reason`` is one of ``REASONS``."""
+    """A record that is not a valid episode; ``reason`` is one of ``REASONS``."""
 
     def __init__(self, reason: str, detail: str, episode_id: str | None = None, stream: str | None = None):
         super().__init__(f"{reason}: {detail}")
@@ -281,6 +303,8 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
     if not _FIELDS.issuperset(obj):
         names = ", ".join(sorted(repr(k[:40]) for k in obj.keys() - _FIELDS)[:5])
         raise _bad(obj, "unknown_field", f"unknown top-level fields {names} (put extras in metadata)")
+    if "messages" in obj:  # one dict lookup is all v1 pays
+        return _validate_v2(obj, size, now)
     eid = obj.get("episode_id")
     prompt = obj.get("prompt")
     response = obj.get("response")
@@ -297,29 +321,72 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _CONTROL.search(stream)))
     ):
         raise _required_fields_error(obj, eid, stream, prompt)
+    model, metadata = _optional_fields(obj)
+    version = obj.get("schema_version")
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
+        if type(version) is int and version == SCHEMA_VERSION_V2:
+            raise _bad(obj, "invalid_value", "schema_version 2 records carry messages, not prompt and response")
+        raise _bad(
+            obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION} (or {SCHEMA_VERSION_V2} with messages)"
+        )
+    return Episode(eid, _timestamp(obj, now), stream, model, prompt, response, metadata, size)
+
+
+def _optional_fields(obj: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """``model`` and ``metadata``, checked: v1 and v2 share them."""
     model = obj.get("model")
     if model is not None:
         _check_model(obj, model)
     metadata = obj.get("metadata")
     if metadata is not None:
         _check_metadata(obj, metadata)
-    version = obj.get("schema_version")
-    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
-        raise _bad(obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION}")
+    return model, metadata
+
+
+def _timestamp(obj: dict[str, Any], now: float) -> float:
     ts_raw = obj.get("timestamp")
     if ts_raw is None:
-        ts = now
-    else:
-        try:
-            ts = parse_timestamp(ts_raw)
-        except InvalidEpisode as e:
-            raise _bad(obj, e.reason, e.detail) from None
-    return Episode(eid, ts, stream, model, prompt, response, metadata, size)
+        return now
+    try:
+        return parse_timestamp(ts_raw)
+    except InvalidEpisode as e:
+        raise _bad(obj, e.reason, e.detail) from None
+
+
+def _validate_v2(obj: dict[str, Any], size: int, now: float) -> Episode:
+    """A record with ``messages``: the same id, stream and optional fields as v1, then the conversation."""
+    if "prompt" in obj or "response" in obj:
+        raise _bad(obj, "mixed_schema", "a record with messages (schema v2) must not carry prompt or response")
+    version = obj.get("schema_version")
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION_V2):
+        raise _bad(obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION_V2} with messages")
+    eid = obj.get("episode_id")
+    stream = obj.get("stream", DEFAULT_STREAM)
+    if not (
+        type(eid) is str
+        and type(stream) is str
+        and 0 < len(eid) <= MAX_ID_CHARS
+        and 0 < len(stream) <= MAX_STREAM_CHARS
+        and not (_CONTROL.search(eid) or _CONTROL.search(stream))
+    ):
+        # v1's checks name the problem; "" stands in for the prompt and response v2 does not have.
+        raise _required_fields_error({**obj, "prompt": "", "response": ""}, eid, stream, "")
+    model, metadata = _optional_fields(obj)
+    ts = _timestamp(obj, now)
+    try:
+        messages = check_messages(obj["messages"])
+    except ConversationError as e:
+        raise _bad(obj, e.reason, e.detail) from None
+    prompt, response = prompt_and_response(messages)
+    return Episode(eid, ts, stream, model, prompt, response, metadata, size, messages)
 
 
 def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: Any) -> InvalidEpisode:
     """The first problem with the required fields, named, once the one test of the common case
     failed: in the order a reader fixes them (presence, then each field's type, length, characters)."""
+    version = obj.get("schema_version")
+    if type(version) is int and version == SCHEMA_VERSION_V2 and "prompt" not in obj and "response" not in obj:
+        return _bad(obj, "missing_field", "messages is required with schema_version 2")
     for name in ("episode_id", "prompt", "response"):
         if name not in obj:
             return _bad(obj, "missing_field", f"{name} is required")

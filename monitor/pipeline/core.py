@@ -414,6 +414,7 @@ class Pipeline:
                 "source": self.source.name,
                 "position": position,
                 "ingested_at": now,
+                "messages": ep.messages,
             }
         )
         for slot in range(n_tasks):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 
 from monitor.config import Settings
 from monitor.review import auth, queue
+from monitor.review.conversation import Rate
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
 
@@ -95,7 +97,18 @@ class ReviewContext:
     def claim(self, user: auth.User) -> queue.Item | None:
         """The reviewer's lease (held or new), with the stream's blinding applied."""
         rc = self.settings.review
-        return queue.claim(self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding)
+        item = queue.claim(self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding)
+        if item is None:
+            return None
+        # A pair compares two final turns, whatever the stream's setting (queue.submit records the same).
+        return replace(item, rate="final_turn" if item.alternative is not None else self.rate(item.stream))
+
+    def rate(self, stream: str) -> Rate:
+        """What reviewers of ``stream`` rate in a conversation: its ``review.streams`` entry's
+        ``rate``, else ``review.rate``."""
+        rc = self.settings.review
+        sc = rc.streams.get(stream)
+        return sc.rate if sc is not None and sc.rate is not None else rc.rate
 
     def submit(
         self, user: auth.User, episode_id: str, slot: int, fence: int, label: queue.LabelIn, outcome: str
@@ -103,7 +116,7 @@ class ReviewContext:
         """Store a label or a skip under the user's lease and count it by ``outcome``; raises
         :class:`monitor.review.queue.QueueError` (404, 409, 422) when refused."""
         flags = self.settings.review.flags
-        queue.submit(self.store, user, episode_id, slot, fence, label, flags, now=self.now())
+        queue.submit(self.store, user, episode_id, slot, fence, label, flags, now=self.now(), rate=self.rate)
         self.metrics.labels.labels(outcome).inc()
 
     def show(

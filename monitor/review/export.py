@@ -34,6 +34,7 @@ def _rows(store: Store) -> list[Any]:
             lb.c.flags,
             lb.c.critique,
             lb.c.preference,
+            lb.c.rated,
             lb.c.skipped,
             lb.c.skip_reason,
             lb.c.time_spent_ms,
@@ -71,6 +72,7 @@ def rating_records(store: Store) -> list[dict[str, Any]]:
                 "flags": list(r.flags or []),
                 "critique": r.critique,
                 "preference": r.preference,
+                "rated": r.rated,  # final_turn or conversation; None for a v1 episode or a skip
                 "time_spent_ms": r.time_spent_ms,
                 "labelled_at": r.created_at,
                 "inclusion_probability": r.inclusion_probability,
@@ -128,6 +130,7 @@ CSV_FIELDS = [
     "flags",
     "critique",
     "preference",
+    "rated",
     "time_spent_ms",
     "labelled_at",
     "inclusion_probability",

@@ -11,7 +11,8 @@ Security notes:
 
 * Every template is autoescaped; model text (prompt, responses, metadata) is never
   marked safe. Fenced code blocks are split out in Python (:func:`split_fences`)
-  and rendered as ``<pre><code>`` with escaped content.
+  and rendered as ``<pre><code>`` with escaped content. The messages of a conversation
+  are rendered as a small, escaping Markdown subset (:mod:`monitor.review.markdown`).
 * No inline script or style anywhere (the Content-Security-Policy forbids them):
   behaviour lives in ``static/review.js``, looks in ``static/app.css``; the admin
   chart is SVG with presentation attributes only (:mod:`monitor.review.chart`).
@@ -29,8 +30,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -42,7 +41,9 @@ from jinja2 import Environment, FileSystemLoader, Undefined
 
 from monitor.review.auth import Session
 from monitor.review.context import Ctx
+from monitor.review.conversation import shown
 from monitor.review.display import reveal
+from monitor.review.markdown import render_markdown, split_fences
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -52,60 +53,6 @@ FORM_EXPIRED = "The form expired. Reload the page and try again."
 
 
 # -- text rendering -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Segment:
-    code: bool
-    text: str
-    lang: str = ""
-
-
-_OPEN_FENCE = re.compile(r"^[ \t]{0,3}(`{3,})([^`\r\n]*)\r?\n?$")
-_LANG = re.compile(r"[A-Za-z0-9_+#.-]{1,32}")
-
-
-def split_fences(text: str) -> list[Segment]:
-    """Split model text into prose and fenced code blocks (CommonMark-style backtick fences).
-
-    Only the structure is parsed: the text of every segment is returned verbatim for the
-    template to escape. An unclosed fence runs to the end of the text.
-    """
-    segments: list[Segment] = []
-    buf: list[str] = []
-    fence: str | None = None
-    lang = ""
-
-    def flush(code: bool) -> None:
-        chunk = "".join(buf)
-        buf.clear()
-        if code:
-            segments.append(Segment(True, chunk.removesuffix("\n").removesuffix("\r"), lang))
-        elif chunk.strip():
-            segments.append(Segment(False, chunk.removesuffix("\n").removesuffix("\r")))
-
-    for line in text.splitlines(keepends=True):
-        if fence is None:
-            m = _OPEN_FENCE.match(line)
-            if m:
-                flush(False)
-                fence = m.group(1)
-                info = m.group(2).strip().split(maxsplit=1)
-                lang = info[0] if info and _LANG.fullmatch(info[0]) else ""
-                continue
-            buf.append(line)
-        else:
-            stripped = line.strip()
-            if stripped.startswith(fence) and not stripped.strip("`") and len(line) - len(line.lstrip(" ")) <= 3:
-                flush(True)
-                fence = None
-                lang = ""
-                continue
-            buf.append(line)
-    flush(fence is not None)
-    if not segments:
-        segments.append(Segment(False, text))
-    return segments
 
 
 def flag_keys(flags: list[str]) -> dict[str, str]:
@@ -205,7 +152,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(num=f_num, pct=f_pct, duration=f_duration, utc=f_utc, cell=f_cell, reveal=reveal)
-    env.globals.update(split_fences=split_fences, pretty_json=pretty_json)
+    env.globals.update(split_fences=split_fences, pretty_json=pretty_json, markdown=render_markdown, shown=shown)
     return env
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from monitor.review.auth import User
+from monitor.review.conversation import Rate, Turn, invisible_in, turns_of
 from monitor.review.display import bounded, invisible_count
 from monitor.store import Store
 from monitor.store import tables as t
@@ -47,6 +48,15 @@ Blinding = Callable[[str], tuple[frozenset[str], bool]]
 def blind_all(_stream: str) -> tuple[frozenset[str], bool]:
     """The default: no metadata, no policy version."""
     return frozenset(), False
+
+
+# What a stream's reviewers rate in a conversation; ``ReviewContext.rate`` is the one the app passes.
+Rating = Callable[[str], Rate]
+
+
+def final_turn(_stream: str) -> Rate:
+    """The default: the final assistant turn."""
+    return "final_turn"
 
 
 class QueueError(Exception):
@@ -80,9 +90,28 @@ class Item:
     alternative: str | None
     metadata: dict[str, Any] | None
     alternative_first: bool
+    # Schema v2: the conversation (None for v1), and what its stream rates (set by the caller,
+    # which knows the settings: ``ReviewContext.claim``).
+    messages: tuple[Turn, ...] | None = None
+    rate: Rate = "final_turn"
 
     def invisible_characters(self) -> dict[str, int]:
         """Invisible or direction-changing characters per shown field (fields with none left out)."""
+        counts = self.field_invisibles()
+        if self.messages is not None:
+            counts["messages"] = invisible_in(self.messages)
+        return {k: n for k, n in counts.items() if n}
+
+    def shown_invisibles(self) -> int:
+        """Invisible characters on the review page: a conversation is shown instead of its
+        flattening into ``prompt`` and ``response``, so those are not counted twice."""
+        counts = self.invisible_characters()
+        if self.messages is not None:
+            counts.pop("prompt", None)
+            counts.pop("response", None)
+        return sum(counts.values())
+
+    def field_invisibles(self) -> dict[str, int]:
         fields = {
             "stream": self.stream,
             "model": self.model,
@@ -91,8 +120,7 @@ class Item:
             "alternative": self.alternative,
             "metadata": json.dumps(self.metadata, ensure_ascii=False) if self.metadata else None,
         }
-        counts = {k: invisible_count(v) for k, v in fields.items()}
-        return {k: n for k, n in counts.items() if n}
+        return {k: invisible_count(v) for k, v in fields.items()}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +138,8 @@ class Item:
             "alternative_first": self.alternative_first,
             "metadata": self.metadata,
             "invisible_characters": self.invisible_characters(),
+            "messages": None if self.messages is None else [m.to_json(self.rate) for m in self.messages],
+            "rate": self.rate,
         }
 
 
@@ -273,6 +303,21 @@ def load_metadata(conn: sa.Connection, episode_id: str) -> dict[str, Any] | None
     return parse_metadata(raw, episode_id)
 
 
+def load_messages(conn: sa.Connection, episode_id: str) -> tuple[Turn, ...] | None:
+    """An episode's conversation (schema v2), None for v1. Read as text and parsed here, like
+    metadata (:func:`parse_metadata`): a row that cannot be decoded is shown as its flattening."""
+    raw = conn.execute(
+        sa.select(sa.cast(t.episodes.c.messages, sa.Text)).where(t.episodes.c.episode_id == episode_id)
+    ).scalar()
+    if raw is None:
+        return None
+    try:
+        return turns_of(json.loads(raw))
+    except (ValueError, RecursionError):
+        log.warning("episode %r: messages cannot be read back (%d characters); shown flattened", episode_id, len(raw))
+        return None
+
+
 def _item(conn: sa.Connection, c: Claim, key: bytes, blinding: Blinding) -> Item:
     e = t.episodes
     row = conn.execute(
@@ -293,6 +338,7 @@ def _item(conn: sa.Connection, c: Claim, key: bytes, blinding: Blinding) -> Item
         metadata=shown or None,
         # Order of the two responses is keyed-random: no position bias across items.
         alternative_first=alt is not None and keyed_uniform(key, c.episode_id, "pair-order") < 0.5,
+        messages=load_messages(conn, c.episode_id),
     )
 
 
@@ -378,18 +424,26 @@ def submit(
     label: LabelIn,
     flags_allowed: list[str],
     now: float | None = None,
+    rate: Rating = final_turn,
 ) -> None:
-    """Record a label (or a skip) under the reviewer's current lease; 409 if the lease is stale."""
+    """Record a label (or a skip) under the reviewer's current lease; 409 if the lease is stale.
+    A label of a conversation records what was rated (``labels.rated``): the stream's ``rate``, or
+    ``final_turn`` for a pair; NULL for a v1 episode and a skip."""
     now = time.time() if now is None else now
     with store.engine.begin() as conn:
         _check_lease(conn, store, user, episode_id, slot, fence, now)
         ep = conn.execute(sa.select(t.episodes.c.stream).where(t.episodes.c.episode_id == episode_id)).one()
-        validate_label(label, flags_allowed, alternative_of(load_metadata(conn, episode_id)) is not None)
+        pairwise = alternative_of(load_metadata(conn, episode_id)) is not None
+        validate_label(label, flags_allowed, pairwise)
         exists = conn.execute(
             sa.select(t.labels.c.id).where(t.labels.c.episode_id == episode_id, t.labels.c.user_id == user.id)
         ).first()
         if exists is not None:
             raise QueueError("you have already labelled this episode", 409)
+        rated: Rate | None = None
+        if not label.skipped and load_messages(conn, episode_id) is not None:
+            # A pair compares two final turns, whatever the stream's setting.
+            rated = "final_turn" if pairwise else rate(ep.stream)
         conn.execute(
             t.labels.insert().values(
                 episode_id=episode_id,
@@ -404,6 +458,7 @@ def submit(
                 preference=None if label.skipped else label.preference,
                 time_spent_ms=label.time_spent_ms,
                 created_at=now,
+                rated=rated,
             )
         )
         # A skipped slot goes back to the queue for someone else; a labelled one is done.

@@ -90,8 +90,29 @@ class MeOut(Strict):
     flags: list[str] = Field(description="the flags a label may carry")
 
 
+class ToolCallOut(Strict):
+    id: str | None
+    name: str
+    arguments: str = Field(description="as the model wrote them (usually JSON text)")
+
+
+class MessageOut(Strict):
+    """One message of a conversation, its content as text (non-text parts as placeholders)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "unknown"]
+    name: str | None
+    content: str
+    tool_calls: list[ToolCallOut]
+    tool_call_id: str | None = Field(description="a tool result: the call it answers")
+    tool_name: str | None = Field(description="a tool result: the name of the function it answers, if known")
+    final: bool = Field(description="the final assistant turn")
+    rated: bool = Field(description="part of what the reviewer rates (the final turn, or every turn)")
+
+
 class ItemOut(Strict):
-    """A claimed item, as its stream's blinding allows (no model and no hidden metadata)."""
+    """A claimed item, as its stream's blinding allows (no model and no hidden metadata).
+    A conversation (schema v2) comes as ``messages``; ``prompt`` and ``response`` hold its
+    flattening (``response``: the final assistant turn)."""
 
     episode_id: str
     slot: int
@@ -106,6 +127,10 @@ class ItemOut(Strict):
     alternative_first: bool
     metadata: dict[str, Any] | None
     invisible_characters: dict[str, int] = Field(description="invisible characters per shown field")
+    messages: list[MessageOut] | None = Field(description="the conversation (schema v2); null for a v1 episode")
+    rate: Literal["final_turn", "conversation"] = Field(
+        description="what a label of a conversation rates: the final assistant turn or the whole conversation"
+    )
 
 
 class OkOut(Strict):
@@ -168,12 +193,27 @@ class DriftEventOut(Strict):
     stream: str
     signal: str
     detector: str
+    size: str = Field(description="the measured size in words (shift and 95% interval, or statistic vs threshold)")
     statistic: float | None
     threshold: float | None
     episode_id: str
     input_index: int
     event_ts: float
     created_at: float
+    detail: dict[str, Any] | None = Field(
+        description="what the detector measured: windowed: shift_sd, ci_low, ci_high, min_shift, window_s,"
+        " window_end, n, p_val, alpha, ert_s, reference; count detectors: statistic, threshold, ert, n;"
+        " null before migration 0009"
+    )
+
+
+class DriftStreamOut(Strict):
+    stream: str
+    open_incident_since: float | None = Field(description="event time the open incident began; null: none open")
+    events_attached: int
+    incidents_24h: int = Field(description="incidents opened in the 24 h of event time before the latest traffic")
+    incident_limit_24h: int = Field(description="actions.max_requests_per_stream_per_day")
+    false_alarms_per_30d: float = Field(description="drift.false_alarms_per_30d: the time budget of windowed detectors")
 
 
 class RequestOut(Strict):
@@ -195,6 +235,7 @@ class SummaryOut(Strict):
         description="the active reward-model version and its agreement with reviewers per stream; null: none"
     )
     drift_events: list[DriftEventOut]
+    drift_streams: list[DriftStreamOut]
     requests: list[RequestOut]
     estimates: list[StreamEstimateOut]
 

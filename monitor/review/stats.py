@@ -9,7 +9,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.actions.worker import incident_overview
 from monitor.config import Settings
+from monitor.drift import detail_text
 from monitor.quality.estimates import estimates
 from monitor.quality.labels import agreement, label_rows
 from monitor.review.queue import queue_depth
@@ -53,12 +55,14 @@ def recent_drift_events(store: Store, limit: int = 20) -> list[dict[str, Any]]:
             "stream": ev["stream"],
             "signal": ev["signal"],
             "detector": ev["detector"],
+            "size": detail_text(ev.get("detail")),
             "statistic": ev["statistic"],
             "threshold": ev["threshold"],
             "episode_id": ev["episode_id"],
             "input_index": ev["input_index"],
             "event_ts": ev["event_ts"],
             "created_at": ev["created_at"],
+            "detail": ev.get("detail"),
         }
         for ev in store.drift_events(limit=limit, newest_first=True)
     ]
@@ -97,6 +101,7 @@ def admin_summary(store: Store, settings: Settings, now: float | None = None) ->
         "agreement": agreement(rows, flags),
         "rm_agreement": rm_agreement(store, settings),
         "drift_events": recent_drift_events(store),
+        "drift_streams": incident_overview(store, settings),
         "requests": recent_requests(store),
         "estimates": estimates(store, flags, rows),
     }

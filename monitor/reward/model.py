@@ -45,6 +45,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from monitor.inference.onnx import Quantisation
 from monitor.reward.features import (
     FEATURE_NAMES,
     FEATURES_BY_VERSION,
@@ -129,7 +130,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build_head(hidden_size: int, cfg: ModelConfig, n_feat: int) -> Any:
+def build_head(hidden_size: int, cfg: ModelConfig, n_feat: int) -> Any:
+    """A fresh scoring head (untrained) for an encoder of ``hidden_size`` and ``n_feat`` features;
+    public because a test grows a saved model's feature set with it."""
     import torch
 
     head = torch.nn.ModuleDict(
@@ -172,6 +175,7 @@ class RewardModel:
         self.trained_layers = sorted(set(trained_layers))
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.device = default_device() if device in (None, "auto") else str(device)
+        self.onnx: Any = None  # an ONNX Runtime copy of the encoder and pooling (use_backend)
         self._to_device()
 
     # --- construction ------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class RewardModel:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         cfg = config or ModelConfig()
         path = encoder_dir(cfg.encoder)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
         encoder = AutoModel.from_pretrained(path, local_files_only=True)
         layers = _layers(encoder)
         if cfg.finetune_layers > len(layers):
@@ -197,7 +201,7 @@ class RewardModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             n_feat = N_FEATURES if cfg.features else 0
-            head = _build_head(encoder.config.hidden_size, cfg, n_feat)
+            head = build_head(encoder.config.hidden_size, cfg, n_feat)
         return cls(
             cfg,
             encoder,
@@ -241,10 +245,10 @@ class RewardModel:
                 f"{root}: base encoder {enc_path} has weights sha256 {digest[:12]}, "
                 f"the version was trained on {enc_ref['sha256'][:12]}"
             )
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)  # type: ignore[no-untyped-call]
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
         encoder = AutoModel.from_pretrained(enc_path, local_files_only=True)
         tensors = load_file(str(root / WEIGHTS))
-        head = _build_head(encoder.config.hidden_size, cfg, len(names))
+        head = build_head(encoder.config.hidden_size, cfg, len(names))
         head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
         trained = [int(i) for i in meta_cfg["trained_layers"]]
         layers = _layers(encoder)
@@ -341,6 +345,36 @@ class RewardModel:
 
     # --- scoring -----------------------------------------------------------------------------
 
+    def use_backend(self, backend: str = "auto", quantisation: Quantisation = "fp32") -> str:
+        """Score with ONNX Runtime (``onnx``; ``auto`` on a machine without CUDA) or PyTorch; returns
+        the backend in use. The encoder and pooling are exported as they are now, cached by
+        ``content_id`` (one export per version); the head stays in PyTorch. Training never goes
+        through here: a model trained further must call this again."""
+        from monitor.inference.onnx import load_encoder, resolve_backend
+
+        self.onnx = None
+        if resolve_backend(backend) == "torch":
+            return "torch"
+        encoder = self.encoder
+        self.onnx = load_encoder(
+            self.content_id(),
+            lambda: copy.deepcopy(encoder).cpu().eval(),
+            self.pool_indices(),
+            normalize=False,
+            quantisation=quantisation,
+        )
+        return "onnx"
+
+    def _pooled(self, encs: Sequence[tuple[list[int], list[int]]]) -> Any:
+        """The pooled hidden states of ``pool_layers`` for one batch, from the backend in use."""
+        import torch
+
+        if self.onnx is None:
+            ids, types, mask = pad_batch(encs, self.device)
+            return self.pooled_from(self.embed(ids, types), mask, 0)
+        ids, types, mask = pad_batch(encs, "cpu")
+        return torch.from_numpy(self.onnx.run(ids.numpy(), mask.numpy(), types.numpy())).to(self.device)
+
     def _to_device(self) -> None:
         self.encoder.to(self.device).eval()
         self.head.to(self.device).eval()
@@ -350,21 +384,25 @@ class RewardModel:
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids and token types per pair, truncated as the module docstring describes."""
         cfg = self.config
-        tok = self.tokenizer
-        budget = cfg.max_length - tok.num_special_tokens_to_add(pair=True)
+        # The tokenizer's Rust backend (the same one transformers' fast tokenizer calls): it cuts
+        # each piece and builds the pair with the tokenizer's own template, on transformers 4 and 5
+        # alike (5 dropped prepare_for_model). Its saved truncation/padding settings must not apply.
+        backend = self.tokenizer.backend_tokenizer
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        budget = cfg.max_length - backend.num_special_tokens_to_add(True)
         cap = cfg.max_length * _CHARS_PER_TOKEN
-        # verbose=False: the untruncated pieces may exceed the encoder's limit; they are cut below.
-        p_ids = tok([p[-cap:] for p in prompts], add_special_tokens=False, verbose=False)["input_ids"]
-        r_ids = tok([r[:cap] for r in responses], add_special_tokens=False, verbose=False)["input_ids"]
+        p_enc = backend.encode_batch([p[-cap:] for p in prompts], add_special_tokens=False)
+        r_enc = backend.encode_batch([r[:cap] for r in responses], add_special_tokens=False)
         out = []
-        for p, r in zip(p_ids, r_ids, strict=True):
-            n_p = min(len(p), max(min(cfg.max_prompt_tokens, budget), budget - len(r)))
-            p_keep = p[len(p) - n_p :]
-            r_keep = r[: budget - n_p]
-            enc = tok.prepare_for_model(
-                p_keep, r_keep, add_special_tokens=True, return_token_type_ids=True, return_attention_mask=False
-            )
-            out.append((list(enc["input_ids"]), list(enc["token_type_ids"])))
+        for p, r in zip(p_enc, r_enc, strict=True):
+            n_p = min(len(p.ids), max(min(cfg.max_prompt_tokens, budget), budget - len(r.ids)))
+            p.truncate(n_p, direction="left")  # the prompt keeps its end
+            r.truncate(budget - n_p, direction="right")  # the response keeps its beginning
+            enc = backend.post_process(p, r, add_special_tokens=True)
+            out.append((list(enc.ids), list(enc.type_ids)))
         return out
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
@@ -395,8 +433,7 @@ class RewardModel:
         with torch.inference_mode():
             for s in range(0, len(order), max(1, batch_size)):
                 idx = order[s : s + batch_size]
-                ids, types, mask = pad_batch([encs[i] for i in idx], self.device)
-                pooled = self.pooled_from(self.embed(ids, types), mask, 0)
+                pooled = self._pooled([encs[i] for i in idx])
                 scores = self.head_score(pooled, feats[idx].to(self.device))
                 for j, i in enumerate(idx):
                     out[i] = float(scores[j])
@@ -416,7 +453,7 @@ class RewardModel:
         got: dict[int, Any] = {}
         if start in collect:
             got[start] = pool(hidden, mask)
-        ext = self.encoder.get_extended_attention_mask(mask, mask.shape)
+        ext = extended_attention_mask(mask, hidden.dtype)
         for i, layer in enumerate(_layers(self.encoder)[start:stop], start + 1):
             out = layer(hidden, attention_mask=ext)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -462,6 +499,15 @@ class RewardModel:
     @property
     def n_layers(self) -> int:
         return len(_layers(self.encoder))
+
+
+def extended_attention_mask(mask: Any, dtype: Any) -> Any:
+    """The additive mask every encoder layer takes, (batch, 1, 1, length): 0 where ``mask`` is 1, the
+    dtype's minimum at padding. What transformers 4's ``get_extended_attention_mask`` returned for an
+    encoder; 5 removed it, and its eager and SDPA attention both accept this form."""
+    import torch
+
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 def _layers(encoder: Any) -> Any:

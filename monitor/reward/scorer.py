@@ -72,6 +72,7 @@ class RewardScorer:
         self._warned = False
         self.scored = 0
         self.unscored = 0
+        self._background: Any = None  # a BackgroundScorer while a remote kind is active
 
     @property
     def version(self) -> str | None:
@@ -84,9 +85,16 @@ class RewardScorer:
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._maybe_swap()
+        self._take_background()
         if not self._pending:
             return {}
         pending, self._pending = self._pending, []
+        if self._background is not None:
+            # A remote kind never holds the batch: the episodes wait in the store (sampled, no
+            # score) and the background scorer's scores commit with a later batch.
+            self._metrics_backend().deferred.inc(len(pending))
+            self._background.nudge()
+            return {}
         if self._model is None:
             # Kept in the samples table (channel rm): `oversight rm score-backlog` scores them later.
             self.unscored += len(pending)
@@ -94,31 +102,54 @@ class RewardScorer:
                 log.warning("no active reward-model version: rm-sampled episodes stay unscored")
                 self._warned = True
             return {}
-        scores = self._model.score(
-            [ep.prompt for ep, _, _ in pending], [ep.response for ep, _, _ in pending], batch_size=self.cfg.batch_size
-        )
-        now = time.time()
-        version = str(self._model.version)
+        from monitor.reward.kinds import Item
+
+        scores = self._model.score([Item(ep.prompt, ep.response, ep.messages) for ep, _, _ in pending])
         for (ep, index, rm), s in zip(pending, scores, strict=True):
-            self._rows.append(
-                {
-                    "episode_id": ep.episode_id,
-                    "version": version,
-                    "stream": ep.stream,
-                    "score": float(s),
-                    "ts": ep.timestamp,
-                    "created_at": now,
-                }
-            )
-            if not rm:
-                continue
-            label = self._metrics.stream_label(ep.stream)
-            self._metrics.rm_score.labels(label).observe(float(s))
-            self._metrics.rm_score_cumulative.labels(label).inc(float(s))
-            if self._feed is not None:
-                self._feed(ep.stream, "rm_score", float(s), ep.episode_id, ep.timestamp, index)
-        self.scored += len(pending)
+            if s.ok:
+                self._accept(ep.episode_id, ep.stream, ep.timestamp, index, rm, float(s.value))
+            else:  # left in the samples table: the backlog scores it later
+                self.unscored += 1
         return {}
+
+    def _accept(self, episode_id: str, stream: str, ts: float, index: int, rm: bool, score: float) -> None:
+        self._rows.append(
+            {
+                "episode_id": episode_id,
+                "version": str(self._model.version),
+                "stream": stream,
+                "score": score,
+                "ts": ts,
+                "created_at": time.time(),
+            }
+        )
+        self.scored += 1
+        if not rm:
+            return
+        label = self._metrics.stream_label(stream)
+        self._metrics.rm_score.labels(label).observe(score)
+        self._metrics.rm_score_cumulative.labels(label).inc(score)
+        if self._feed is not None:
+            self._feed(stream, "rm_score", score, episode_id, ts, index)
+
+    def _take_background(self) -> None:
+        if self._background is None:
+            return
+        for done in self._background.take():
+            w = done.waiting
+            # index -1: an episode of an earlier batch, fed in the order its score arrived.
+            self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(done.score.value))
+
+    def _metrics_backend(self) -> Any:
+        from monitor.reward.kinds.resilience import BackendMetrics
+
+        return BackendMetrics.on(self._metrics.registry)
+
+    def close(self) -> None:
+        """Stop the background scorer, if any (what it scored but did not hand over waits in the store)."""
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def take_rows(self) -> list[RmScoreRow]:
         rows, self._rows = self._rows, []
@@ -129,9 +160,12 @@ class RewardScorer:
         batch.rm_scores.extend(self.take_rows())
 
     def between_batches(self) -> bool:
-        return False
+        # Background scores commit through the idle commit when no record comes.
+        return self._background is not None and self._background.pending() > 0
 
     def forget(self) -> None:
+        if self._background is not None:
+            self._background.release([r["episode_id"] for r in self._rows])
         self._pending.clear()
         self._rows.clear()
 
@@ -147,17 +181,42 @@ class RewardScorer:
         if active is None:
             self._model, self._generation = None, gen
             return
-        from monitor.reward.model import RewardModel
+        from monitor.reward.kinds import load_backend
 
         version, path, _ = active
         try:
-            model = RewardModel.load(path, device=self.cfg.device)
+            model = load_backend(
+                path,
+                device=self.cfg.device,
+                batch_size=self.cfg.batch_size,
+                registry=self._metrics.registry,
+                backend=self.cfg.backend,
+                quantisation=self.cfg.quantisation,
+            )
         except Exception as e:  # keep scoring with the old version rather than stop ingest
             log.error("cannot load reward-model version %s (keeping %s): %s", version, self.version, e)
             return
         old = self.version
         self._model, self._generation = model, gen
+        self._start_background()
         if old is not None:
             self._metrics.rm_active_version.remove(old)
         self._metrics.rm_active_version.labels(version).set(1)
         log.info("reward model: scoring with %s (generation %d, was %s)", version, gen, old)
+
+    def _start_background(self) -> None:
+        """A remote kind scores on a worker thread; a local one inline (and stops the worker)."""
+        from monitor.reward.kinds.background import BackgroundScorer
+
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
+        if getattr(self._model, "remote", False):
+            self._background = BackgroundScorer(
+                self.registry.store,
+                self._model,
+                self._metrics_backend(),
+                batch=self.cfg.batch_size,
+                poll_s=self.cfg.backlog_poll_s,
+                max_pending=self.cfg.backlog_max,
+            ).start()

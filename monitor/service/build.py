@@ -43,8 +43,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_source(settings: Settings, *, resume: bool = True, name: str | None = None) -> Source:
+def build_source(
+    settings: Settings, *, resume: bool = True, name: str | None = None, store: Store | None = None
+) -> Source:
     kind = settings.source.kind
+    if kind == "inbox":
+        return build_inbox_source(settings, store)
     if kind == "kafka":
         from monitor.sources.kafka import KafkaSource
 
@@ -58,6 +62,16 @@ def build_source(settings: Settings, *, resume: bool = True, name: str | None = 
     if name is not None:
         src.name = name
     return src
+
+
+def build_inbox_source(settings: Settings, store: Store | None) -> Source:
+    """The ingest API's inbox (``source.kind: inbox``), read through the pipeline's store."""
+    from monitor.sources.inbox import InboxSource
+    from monitor.store.ingest import Inbox
+
+    if store is None:
+        raise ConfigError("source.kind inbox reads the database: build it with the service's store")
+    return InboxSource(Inbox(store), settings.ingest.inbox_retention_s)
 
 
 def build_dead_letters(settings: Settings) -> DeadLetterSink:
@@ -235,6 +249,7 @@ class Service:
             self.worker.stop if self.worker is not None else None,
             self.review.stop if self.review is not None else None,
             self.pipeline.close,
+            self.scorer.close if self.scorer is not None else None,  # a remote kind's background scorer
             *(p.close for p in self.publishers),
             self.server.stop if self.server is not None else None,
             self.store.close if self.owns_store else None,
@@ -292,7 +307,7 @@ def build_service(
     pipeline = Pipeline(
         settings,
         store,
-        source if source is not None else build_source(settings, resume=resume),
+        source if source is not None else build_source(settings, resume=resume, store=store),
         dead_letters if dead_letters is not None else build_dead_letters(settings),
         metrics,
         retry=retry,

@@ -9,7 +9,7 @@ part of them.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class EpisodeRow(TypedDict):
@@ -25,6 +25,9 @@ class EpisodeRow(TypedDict):
     source: str
     position: str
     ingested_at: float
+    # Schema v2's conversation, None for v1. The pipeline always sets it; rows built elsewhere
+    # (fixtures, benchmarks) may leave it out, and a batch holds rows of one kind only.
+    messages: NotRequired[list[dict[str, Any]] | None]
 
 
 class SampleRow(TypedDict):
@@ -61,6 +64,9 @@ class DriftEventRow(TypedDict):
     input_index: int
     event_ts: float
     created_at: float
+    #: What the detector measured (``windowed``: shift in reference SDs with its 95% interval,
+    #: window, n, bucket; count detectors: statistic, threshold, ERT); NULL before migration 0009.
+    detail: NotRequired[dict[str, Any] | None]
 
 
 class DriftEvent(DriftEventRow):

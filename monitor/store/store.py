@@ -376,6 +376,7 @@ class Store:
                 e.c.prompt,
                 e.c.response,
                 e.c.metadata,
+                e.c.messages,
                 s.c.inclusion_probability,
             )
             .join(s, s.c.episode_id == e.c.episode_id)

@@ -23,6 +23,8 @@ episodes = sa.Table(
     sa.Column("source", sa.String(512), nullable=False),
     sa.Column("position", sa.String(64), nullable=False),
     sa.Column("ingested_at", sa.Float, nullable=False),
+    # Schema v2's conversation (NULL for v1); prompt and response hold its flattening (migration 0006).
+    sa.Column("messages", JsonType),
     sa.Index("ix_episodes_stream_ts", "stream", "ts"),
 )
 
@@ -165,6 +167,9 @@ labels = sa.Table(
     sa.Column("preference", sa.String(16)),
     sa.Column("time_spent_ms", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # What was rated in a conversation (schema v2): final_turn or conversation; NULL for a v1
+    # episode, a skip, and labels from before migration 0008.
+    sa.Column("rated", sa.String(16)),
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
     sa.Index("ix_labels_stream_created", "stream", "created_at"),
 )
@@ -186,6 +191,9 @@ drift_events = sa.Table(
     sa.Column("event_ts", sa.Float, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("published_at", sa.Float),
+    # What the detector measured (migration 0009): shift and interval, window, n, bucket; or
+    # statistic, threshold and ERT. NULL before 0009.
+    sa.Column("detail", JsonType),
     sa.UniqueConstraint("stream", "signal", "episode_id", name="uq_drift_events_stream_signal_episode"),
     sa.Index("ix_drift_events_stream_created", "stream", "created_at"),
 )
@@ -263,4 +271,33 @@ action_requests = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.UniqueConstraint("kind", "key", name="uq_action_requests_kind_key"),
+)
+
+# -- HTTP ingest (migration 0007) ---------------------------------------------------
+
+# Records accepted by ``POST /v1/episodes`` in the embedded hand-off, in the order they were
+# committed (id): the inbox source consumes them by id, its position in ``offsets`` (source
+# "inbox"). AUTOINCREMENT on SQLite: a deleted highest id is never reused (a reused id below the
+# consumer's position would never be read). episode_id UNIQUE: a retried request is a no-op.
+inbox = sa.Table(
+    "inbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# Bearer tokens of the ingest API (never the reviewers' accounts): only a SHA-256 of each token
+# is kept; ``streams`` null means every stream.
+ingest_tokens = sa.Table(
+    "ingest_tokens",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("streams", JsonType),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
 )

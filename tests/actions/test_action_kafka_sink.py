@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ def new_topic(bootstrap: str, partitions: int = 1) -> str:
 def test_request_is_published_with_headers_and_acknowledged(action_kafka: str) -> None:
     topic = new_topic(action_kafka)
     sink = KafkaSink(KafkaConfig(bootstrap_servers=[action_kafka], retrain_topic=topic))
-    reqs = [
+    reqs: list[dict[str, Any]] = [
         {
             "id": "retrain-00000000000000a1",
             "kind": "retrain",

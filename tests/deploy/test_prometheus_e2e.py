@@ -223,7 +223,7 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(tmp_path: Path
             # A drift configuration that fires within this scenario (tests/test_drift_monitor.py).
             "--set", "drift.reference_size=300",
             "--set", "drift.ert=3000",
-            "--set", "drift.signals={response_log_chars: [adwin], distinct_token_ratio: [adwin], refusal: [fet]}",
+            "--set", "drift.signals={response_log_chars: [adwin], distinct_token_ratio: [adwin], refusal: [cusum]}",
             "--set", "drift.embedding.enabled=false",
             "--set", "drift.cooldown=200",
         ],

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from extra_marks import by_extra
 
 import detectors
 from detectors.base import SNAPSHOT_MAGIC, SNAPSHOT_VERSION, Detector, SnapshotError
@@ -33,6 +34,16 @@ SPECS: dict[str, dict[str, Any]] = {
     "mmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
     "lsdd": {"ert": 100, "x_ref": REF_MV, "window_size": 8, "n_bootstraps": 200},
     "kmmd": {"ert": 100, "x_ref": REF_MV, "window_size": 8},
+    # Without event times one update is one second: windows of 10 and 20 updates, one bucket folded every 20.
+    "windowed": {
+        "ert": 300,
+        "x_ref": REF_1D,
+        "windows_s": (10.0, 20.0),
+        "seasonal": False,
+        "fold_s": 20.0,
+        "warmup_s": 40.0,
+        "min_count": 5,
+    },
 }
 KINDS = {"continuous", "binary", "multivariate"}
 DATA_KEYS = {"is_drift", "distance", "p_val", "threshold"}
@@ -72,7 +83,7 @@ def trace(det: Detector, xs: list[Any]) -> tuple[list[bool], list[Any]]:
     return flags, results
 
 
-names = pytest.mark.parametrize("name", detectors.NAMES)
+names = pytest.mark.parametrize("name", by_extra(detectors.NAMES))
 
 
 @names
@@ -233,7 +244,13 @@ def test_restore_refuses_what_it_cannot_read() -> None:
 def test_make_rejects_unknown_names_and_missing_references() -> None:
     with pytest.raises(ValueError, match="unknown detector"):
         detectors.make("nope", ert=100)
-    for name in ("cvm", "fet", "mmd", "lsdd", "kmmd"):
+    with pytest.raises(ValueError, match="x_ref"):
+        detectors.make("kmmd", ert=100)
+
+
+@pytest.mark.alibi
+def test_alibi_detectors_reject_missing_references() -> None:
+    for name in ("cvm", "fet", "mmd", "lsdd"):
         with pytest.raises(ValueError, match="x_ref"):
             detectors.make(name, ert=100)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from extra_marks import by_extra
 from numpy.typing import NDArray
 
 import detectors
@@ -68,7 +69,7 @@ def _ert_estimate(runs: list[int], remainder: int) -> float:
     return (sum(runs) + remainder) / len(runs) if runs else math.inf
 
 
-@pytest.mark.parametrize("name", UNIVARIATE)
+@pytest.mark.parametrize("name", by_extra(UNIVARIATE))
 def test_univariate_false_alarms_match_the_ert(name: str) -> None:
     runs: list[int] = []
     remainder = 0
@@ -92,7 +93,7 @@ def test_univariate_false_alarms_match_the_ert(name: str) -> None:
     assert len(runs) <= 10 * len(seeds)
 
 
-@pytest.mark.parametrize("name", UNIVARIATE)
+@pytest.mark.parametrize("name", by_extra(UNIVARIATE))
 @pytest.mark.parametrize("shift", [1.0, 2.0])
 def test_univariate_mean_shift_is_detected_quickly(name: str, shift: float) -> None:
     delays = []
@@ -105,6 +106,7 @@ def test_univariate_mean_shift_is_detected_quickly(name: str, shift: float) -> N
     assert max(delays) < 200
 
 
+@pytest.mark.alibi
 def test_fet_rate_change() -> None:
     det = _proto("fet")
     runs: list[int] = []
@@ -128,7 +130,7 @@ def test_fet_rate_change() -> None:
     assert max(delays) < 200
 
 
-@pytest.mark.parametrize("name", ["mmd", "lsdd", "kmmd"])
+@pytest.mark.parametrize("name", by_extra(["mmd", "lsdd", "kmmd"]))
 def test_multivariate_mean_shift(name: str) -> None:
     det = _proto(name)
     alarms = 0

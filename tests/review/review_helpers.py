@@ -10,12 +10,16 @@ from typing import Any
 
 from monitor.config import Settings, load_settings
 from monitor.review import auth
-from monitor.store import BatchWrite, Store
+from monitor.store import BatchWrite, EpisodeRow, Store
 from monitor.store.store import bucket_of
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's "use httpx2" deprecation notice
     from fastapi.testclient import TestClient
+
+# TestClient is re-exported: tests import it from here, so its first import, which warns, happens
+# under the filter above. Names defined below need no entry here to be importable.
+__all__ = ["TestClient"]
 
 PASSWORD = "correct-horse-battery"
 API = "/api/v1"
@@ -34,7 +38,7 @@ def episode_row(
     metadata: dict[str, Any] | None = None,
     model: str | None = "m",
     ts: float = 1_700_000_000.0,
-) -> dict[str, Any]:
+) -> EpisodeRow:
     return {
         "episode_id": eid,
         "stream": stream,
@@ -51,9 +55,9 @@ def episode_row(
 
 def seed(
     store: Store,
-    episodes: Iterable[dict[str, Any]],
+    episodes: Iterable[EpisodeRow],
     *,
-    slots: int | Callable[[int, dict[str, Any]], int] = 1,
+    slots: int | Callable[[int, EpisodeRow], int] = 1,
     probability: float = 0.05,
     created_at: float = 1_000.0,
 ) -> list[tuple[str, int]]:

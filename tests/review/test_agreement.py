@@ -15,7 +15,8 @@ def test_krippendorff_alpha_interval_known_values() -> None:
     # D_e = 22 / (4*3) = 1.8333; alpha = 1 - 0.5/1.8333 = 0.72727
     assert krippendorff_alpha_interval([[1, 2], [3, 3]]) == pytest.approx(1 - 0.5 / (22 / 12))
     # Systematic disagreement is worse than chance.
-    assert krippendorff_alpha_interval([[1, 7], [7, 1], [1, 7]]) < 0
+    systematic = krippendorff_alpha_interval([[1, 7], [7, 1], [1, 7]])
+    assert systematic is not None and systematic < 0
     # Units with a single rating do not count; no variation at all is undefined.
     assert krippendorff_alpha_interval([[3], [5]]) is None
     assert krippendorff_alpha_interval([[4, 4], [4, 4]]) is None

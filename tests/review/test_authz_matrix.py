@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -91,7 +91,9 @@ def _request(env: Env, method: str, path: str, role: str) -> httpx.Response:
         body = {"name": "authz"}
     elif path.endswith("/estimates/series"):
         params = {"stream": "s"}
-    return client.request(method, url, json=body, params=params)
+    # starlette types its TestClient against httpx2: an httpx2.Response where it is installed (huggingface_hub 2
+    # brings it), Any to mypy where not; both have httpx.Response's interface.
+    return cast(httpx.Response, client.request(method, url, json=body, params=params))
 
 
 def test_the_table_covers_every_endpoint(env: Env) -> None:
@@ -168,6 +170,7 @@ def _routes(routes: list[Any], prefix: str = "") -> Iterator[tuple[str, str]]:
     ``include_router`` lazy: the app's route list then holds the router, not its routes)."""
     for route in routes:
         if isinstance(route, APIRoute):
+            assert route.methods is not None  # typed optional, but APIRoute fills in {"GET"}
             yield from ((m, prefix + route.path) for m in route.methods if m != "HEAD")
         elif hasattr(route, "original_router"):  # fastapi.routing._IncludedRouter
             yield from _routes(route.original_router.routes, prefix + route.include_context.prefix)

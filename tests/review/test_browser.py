@@ -275,6 +275,16 @@ def check_csp(response: Any) -> None:
     assert "content-security-policy-report-only" not in response.headers  # enforcing, not report-only
 
 
+def dismiss_into(dialogs: list[str]) -> Callable[[Any], None]:
+    """A page's "dialog" handler: records the message (a payload's alert() that ran) and dismisses it."""
+
+    def handle(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    return handle
+
+
 # -- tests -------------------------------------------------------------------------------------
 
 
@@ -359,14 +369,14 @@ def test_xss_corpus_never_executes(browser: Any, live: Callable[[], tuple[Env, L
     n_items = len(eps)
     # Blinding hides metadata and the policy version by default: show them all here, so every
     # payload is rendered in those places too (keys and values).
-    env.settings.review.metadata_fields = sorted({k for e in eps for k in e["metadata"]})
+    env.settings.review.metadata_fields = sorted({k for e in eps for k in e["metadata"] or {}})
     env.settings.review.show_model = True
 
     dialogs: list[str] = []
     ctx = browser.new_context()
     ctx.add_init_script(INIT_SCRIPT)
     page = sign_in(ctx, srv, "alice")
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("dialog", dismiss_into(dialogs))
 
     def audit(where: str) -> None:
         for frame in page.frames:
@@ -403,7 +413,7 @@ def test_xss_corpus_never_executes(browser: Any, live: Callable[[], tuple[Env, L
     actx = browser.new_context()
     actx.add_init_script(INIT_SCRIPT)
     page = sign_in(actx, srv, "root")
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("dialog", dismiss_into(dialogs))
     r = page.goto(f"{srv.url}/admin")
     assert r is not None and r.status == 200
     check_csp(r)
@@ -426,7 +436,7 @@ def test_login_form_reflects_names_as_text(browser: Any, live: Callable[[], tupl
     ctx.add_init_script(INIT_SCRIPT)
     page = ctx.new_page()
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("dialog", dismiss_into(dialogs))
     names = [p for p in PAYLOADS if len(p) <= 64 and ('"' in p or "'" in p or "<" in p)][:25]
     assert len(names) >= 20
     for name in names:
@@ -450,7 +460,7 @@ def test_the_detectors_see_an_injection(browser: Any, live: Callable[[], tuple[E
     ctx.add_init_script(INIT_SCRIPT)
     page = ctx.new_page()
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("dialog", dismiss_into(dialogs))
     body = f"<!doctype html><p>{BASE[0]}</p><div>{BASE[5]}</div>"
     headers = {"content-type": "text/html"}
     page.route(f"{srv.url}/unsafe", lambda route: route.fulfill(status=200, headers=headers, body=body))
@@ -481,7 +491,7 @@ def test_form_errors_reflect_input_as_text(browser: Any, live: Callable[[], tupl
     ctx.add_init_script(INIT_SCRIPT)
     page = sign_in(ctx, srv, "alice")
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("dialog", dismiss_into(dialogs))
     payloads = [p for p in PAYLOADS if "</textarea>" in p or p.startswith(('"', "'"))][:12]
     assert len(payloads) >= 10
     for p in payloads:
@@ -531,4 +541,62 @@ def test_invisible_characters_are_visible_to_reviewers(
     # Markers are laid out left to right, in emission order: the override no longer reorders anything.
     boxes = [page.locator("section.response .invisible-char").nth(i).bounding_box() for i in range(2)]
     assert boxes[0] is not None and boxes[1] is not None and boxes[0]["x"] < boxes[1]["x"]
+    ctx.close()
+
+
+def test_conversation_with_the_xss_corpus_never_executes(
+    browser: Any, live: Callable[[], tuple[Env, LiveServer]]
+) -> None:
+    """A schema-v2 conversation carries the corpus in every message field (system prompt, user
+    parts, names, tool names, arguments, call ids, tool results, the final turn), rendered as
+    Markdown: nothing runs, not even with every collapsed block opened, and the text is shown."""
+    env, srv = live()
+    group = 60
+    eps = []
+    for k in range(0, len(PAYLOADS), group):
+        g = PAYLOADS[k : k + group]
+        text = "\n\n".join(g)
+        calls = [{"id": p[:200], "type": "function", "function": {"name": p[:200], "arguments": p}} for p in g[:10]]
+        row = episode_row(f"c{k:04d}", prompt="flattened", response="flattened")
+        row["messages"] = [
+            {"role": "system", "content": text, "name": g[0][:200]},
+            {"role": "user", "content": [{"type": "text", "text": text}, {"type": g[1][:60]}], "name": g[2][:200]},
+            {"role": "assistant", "content": text, "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": c["id"], "content": text} for c in calls[:3]),
+            {"role": "assistant", "content": "\n".join(reversed(g)), "name": g[3][:200]},
+        ]
+        eps.append(row)
+    seed(env.store, eps)
+    dialogs: list[str] = []
+    ctx = browser.new_context()
+    ctx.add_init_script(INIT_SCRIPT)
+    page = sign_in(ctx, srv, "alice")
+    page.on("dialog", dismiss_into(dialogs))
+    seen_text = 0
+    for i in range(len(eps)):
+        r = page.goto(f"{srv.url}/")
+        assert r is not None and r.status == 200
+        check_csp(r)
+        page.wait_for_load_state("load")
+        assert page.locator("section.conversation li.turn").count() == 7
+        assert page.locator("details[open]").count() == 0  # system prompt and tool blocks start collapsed
+        for d in page.locator("details").all():
+            d.evaluate("(el) => { el.open = true; }")
+        page.wait_for_timeout(50)
+        final = page.text_content("li.turn.final") or ""
+        eid = str(page.get_attribute("input[name=episode_id]", "value"))
+        g = PAYLOADS[int(eid[1:]) : int(eid[1:]) + group]
+        shown = [p for p in g if "`" not in p and "*" not in p and "_" not in p and "[" not in p and "\r" not in p]
+        for p in shown:  # Markdown-free payloads appear as they were emitted (markers for invisibles)
+            assert INVISIBLE.sub(lambda m: marker(m.group()), p.strip().splitlines()[0].strip()) in final, p
+            seen_text += 1
+        xss, hits, csp = page.evaluate(HITS)
+        assert (xss, hits, csp) == (0, [], []), (i, xss, hits, csp)
+        assert page.evaluate(DOM_AUDIT) == [], (i, page.evaluate(DOM_AUDIT)[:10])
+        assert dialogs == [], dialogs
+        page.keyboard.press("4")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+    assert seen_text >= 30
+    assert sum(q["done"] for q in api(env, srv, "/queue").json()) == len(eps)
     ctx.close()

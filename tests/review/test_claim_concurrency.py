@@ -205,7 +205,8 @@ def test_expired_lease_reclaimed_concurrently_and_the_old_holder_is_refused(stor
     assert outcomes == ["409"] * 5
     queue.submit(store, user, "lease", 0, item.claim.fence, queue.LabelIn(rating=6), FLAGS)
     with store.engine.connect() as conn:
-        assert conn.execute(sa.select(t.labels.c.user_id, t.labels.c.rating)).all() == [(user.id, 6)]
+        rows = conn.execute(sa.select(t.labels.c.user_id, t.labels.c.rating)).all()
+    assert [tuple(r) for r in rows] == [(user.id, 6)]
 
 
 def test_concurrent_double_submit_of_one_lease_is_accepted_once(store: Store) -> None:

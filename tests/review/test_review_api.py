@@ -9,6 +9,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -46,6 +47,8 @@ ITEM_KEYS = {
     "alternative_first",
     "metadata",
     "invisible_characters",
+    "messages",  # the conversation of a schema-v2 episode (null here); no label, no score
+    "rate",
 }
 
 
@@ -190,7 +193,7 @@ def test_label_validation(make_review_env: MakeEnv) -> None:
     seed_simple(env.store, 1)
     a = env.client("alice")
     item = a.post(f"{API}/queue/claim").json()
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"rating": 0},
         {"rating": 8},
         {"flags": ["not_a_flag"]},
@@ -302,10 +305,10 @@ def test_csv_export_neutralises_formulas_and_is_an_attachment(make_review_env: M
     by_id = {row[header.index("episode_id")]: dict(zip(header, row, strict=True)) for row in data}
     assert set(by_id) == {f"'={i}+1" for i in range(len(FORMULAS))}
     for i, f in enumerate(FORMULAS):
-        row = by_id[f"'={i}+1"]
-        assert row["prompt"] == "'" + f and row["model"] == "'" + f and row["stream"] == "'" + f + "-stream"
-        assert row["response"] == "'" + f + " resp"
-        assert (row["skip_reason"] if i % 2 else row["critique"]) == "'" + f
+        cols = by_id[f"'={i}+1"]
+        assert cols["prompt"] == "'" + f and cols["model"] == "'" + f and cols["stream"] == "'" + f + "-stream"
+        assert cols["response"] == "'" + f + " resp"
+        assert (cols["skip_reason"] if i % 2 else cols["critique"]) == "'" + f
 
 
 def test_jsonl_pairs_export_shape(make_review_env: MakeEnv) -> None:
@@ -323,7 +326,7 @@ def test_jsonl_pairs_export_shape(make_review_env: MakeEnv) -> None:
         ],
     )
     a = env.client("alice")
-    answers = {
+    answers: dict[str, dict[str, Any]] = {
         "pair": {"rating": 5, "preference": "response"},
         "good": {"rating": 6},
         "bad": {"rating": 2},
@@ -372,6 +375,9 @@ def test_every_pairwise_preference_is_accepted(make_review_env: MakeEnv, prefere
 # -- admin ----------------------------------------------------------------------------
 
 
+DETAIL = {"kind": "count", "statistic": 9.5, "threshold": 5.0, "ert": 160000.0, "n": 900}  # drift_events.detail
+
+
 def test_admin_summary_and_series_answer_their_documented_shapes(make_review_env: MakeEnv) -> None:
     """Every part of the summary filled (a 200 means the response models took real data; the
     schemathesis run sees them empty): labels by two reviewers, a drift event, a request."""
@@ -389,7 +395,9 @@ def test_admin_summary_and_series_answer_their_documented_shapes(make_review_env
     event = {"stream": "s", "signal": "len", "detector": "cusum", "statistic": 9.5, "threshold": 5.0}
     with env.store.engine.begin() as conn:
         conn.execute(
-            t.drift_events.insert().values(**event, episode_id="o1", input_index=7, event_ts=1.0e9, created_at=2.0e9)
+            t.drift_events.insert().values(
+                **event, episode_id="o1", input_index=7, event_ts=1.0e9, created_at=2.0e9, detail=DETAIL
+            )
         )
     rid, _ = rq.create(env.store, "retrain", "k1", "s", {"incident": "k1"})
     admin = env.client("root")
@@ -408,7 +416,15 @@ def test_admin_summary_and_series_answer_their_documented_shapes(make_review_env
     assert (est["stream"], est["n_labelled"]) == ("s", 3)
     assert est["rating"]["mean"] == pytest.approx(5.5) and est["flags"]["harmful"]["mean"] == pytest.approx(0.5)
     assert summary["drift_events"] == [
-        {**event, "episode_id": "o1", "input_index": 7, "event_ts": 1.0e9, "created_at": 2.0e9}
+        {
+            **event,
+            "episode_id": "o1",
+            "input_index": 7,
+            "event_ts": 1.0e9,
+            "created_at": 2.0e9,
+            "detail": DETAIL,
+            "size": "statistic 9.5, threshold 5, ERT 160000",
+        }
     ]
     assert [(q["id"], q["state"]) for q in summary["requests"]] == [(rid, "pending")]
     assert summary["rm_agreement"] is None  # no reward model deployed
@@ -521,7 +537,7 @@ def test_app_level_422_bodies_match_the_documented_schema(make_review_env: MakeE
     c = env.client("admin")
     spec = c.get(f"{API}/openapi.json").json()
     item = c.post(f"{API}/queue/claim").json()
-    calls = [
+    calls: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", f"{API}/admin/estimates/series", {"params": {"stream": "s", "bucket_s": 1}}),
         ("GET", f"{API}/admin/estimates/chart.svg", {"params": {"bucket_s": 1}}),
         ("POST", f"{API}/admin/users", {"json": {"name": "*bad*", "role": "reviewer"}}),

@@ -10,7 +10,7 @@ import threading
 import unicodedata
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -35,8 +35,8 @@ PROXIED = "review.trusted_proxies=[testclient]"  # the test client is the proxy:
 
 def _login(c: TestClient, name: str, password: str, address: str | None = None) -> httpx.Response:
     headers = {"X-Forwarded-For": address} if address else {}
-    r: httpx.Response = c.post(f"{API}/auth/login", json={"name": name, "password": password}, headers=headers)
-    return r
+    # starlette's TestClient returns an httpx2.Response where httpx2 is installed (huggingface_hub 2 brings it).
+    return cast(httpx.Response, c.post(f"{API}/auth/login", json={"name": name, "password": password}, headers=headers))
 
 
 def _task(env: Env, eid: str) -> tuple[str, int | None]:

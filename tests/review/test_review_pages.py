@@ -14,7 +14,8 @@ from review_helpers import PASSWORD, Env, TestClient, episode_row, make_env, mak
 from monitor.review import auth, queue
 from monitor.review.app import create_app
 from monitor.review.chart import estimates_svg
-from monitor.review.pages import flag_keys, split_fences
+from monitor.review.markdown import split_fences
+from monitor.review.pages import flag_keys
 from monitor.store import Store
 from monitor.store import tables as t
 

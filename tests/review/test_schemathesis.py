@@ -9,6 +9,7 @@ The app is built at import over an in-memory SQLite database: schemathesis' lazy
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
@@ -45,7 +46,7 @@ def review_env() -> Iterator[Env]:
 @settings(
     max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
 )
-def test_api_conforms(case: schemathesis.Case, review_env: Env) -> None:
+def test_api_conforms(case: schemathesis.Case[Any], review_env: Env) -> None:
     # A token per case: /auth/logout revokes the token it is called with, and with one shared
     # token every case after the first logout was a 401 that checked no response schema at all.
     token = auth.create_api_token(review_env.store, review_env.users["root"], "schemathesis")
@@ -53,7 +54,7 @@ def test_api_conforms(case: schemathesis.Case, review_env: Env) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
 
 
-def with_live_lease(case: schemathesis.Case, env: Env) -> None:
+def with_live_lease(case: schemathesis.Case[Any], env: Env) -> None:
     """A body naming a lease names the admin's live one: generated ids only ever reach the 404."""
     if case.path not in LEASED or not isinstance(case.body, dict) or not all(k in case.body for k in LEASE_KEYS):
         return

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from realdata import HH
@@ -103,7 +104,7 @@ def test_splits_never_share_a_prompt_group(hh_pairs: list[data.Pair], alpaca_pai
 
 
 def test_pairs_from_ratings_average_and_gap() -> None:
-    records = [
+    records: list[dict[str, Any]] = [
         {"prompt": "q", "response": "good", "rating": 7},
         {"prompt": "q", "response": "good", "rating": 5},  # second reviewer: mean 6
         {"prompt": "q", "response": "ok", "rating": 5},

@@ -159,14 +159,14 @@ def test_a_model_saved_under_an_older_feature_set_still_loads(tmp_path: Path, ve
     import torch
 
     from monitor.reward.features import FEATURE_NAMES, FEATURES_BY_VERSION, FEATURES_VERSION
-    from monitor.reward.model import _build_head
+    from monitor.reward.model import build_head
 
     n_old = FEATURES_BY_VERSION[version]
     assert version < FEATURES_VERSION and n_old < len(FEATURE_NAMES)
     cfg = ModelConfig(max_length=48, max_prompt_tokens=8)
     m = RewardModel.create(cfg, seed=0, device="cpu")
     torch.manual_seed(0)
-    m.head = _build_head(m.encoder.config.hidden_size, cfg, n_old)
+    m.head = build_head(m.encoder.config.hidden_size, cfg, n_old)
     m.feat_mean, m.feat_std = torch.zeros(n_old), torch.ones(n_old)
     assert m.n_features == n_old and m.features(PROMPTS, RESPONSES).shape == (len(PROMPTS), n_old)
     out = m.save(tmp_path / f"v{version}")

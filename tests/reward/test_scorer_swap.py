@@ -120,7 +120,9 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
     assert metrics.registry.get_sample_value("oversight_rm_active_version_info", {"version": v1}) is None
     # The scores reached drift detection as a signal (its state was checkpointed; a drift event
     # on rm_score, which the swap itself may cause, restarts the count).
-    n = store.load_state("chat", "drift")["signals"]["rm_score"]["n"]
+    drift_state = store.load_state("chat", "drift")
+    assert drift_state is not None
+    n = drift_state["signals"]["rm_score"]["n"]
     with store.engine.connect() as conn:
         fired = conn.execute(sa.select(t.drift_events).where(t.drift_events.c.signal == "rm_score")).all()
     assert n == len(rm) if not fired else 0 < n < len(rm)

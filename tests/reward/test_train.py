@@ -84,7 +84,7 @@ def test_train_config_overrides_and_unknown_keys(tmp_path: Path) -> None:
     assert (cfg.epochs, cfg.max_length, cfg.lr_head, cfg.pool_layers) == (2, 256, 3e-4, [-1])
     yml = tmp_path / "rm.yaml"
     yml.write_text("epochs: 5\nbatch_size: 8\n")
-    assert load_train_config(yml, ["epochs=1"]).model_dump()["epochs"] == 1
+    assert load_train_config(str(yml), ["epochs=1"]).model_dump()["epochs"] == 1
     with pytest.raises(ConfigError, match="unknown key"):
         load_train_config(None, ["epochz=2"])
     with pytest.raises(ConfigError, match="max_length"):

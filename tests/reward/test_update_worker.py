@@ -112,6 +112,7 @@ def test_incident_update_promotion_and_one_retraining_request(
             "reward.update.margin=0.0",
             "reward.update.train={finetune_layers: 0, max_length: 64, epochs: 3, val_fraction: 0.0}",
             "actions.incident_gap_s=600",
+            "actions.incident_timeout_s=600",
         ],
     )
     store = Store(db_url)
@@ -135,11 +136,12 @@ def test_incident_update_promotion_and_one_retraining_request(
     settings_wait = settings.model_copy(deep=True)
     settings_wait.reward.update.min_labels = 10_000
     ActionWorker(settings_wait, store, metrics).run_once()
-    assert rq.get(store, reqs[0]["id"])["state"] == "pending"
+    waiting = rq.get(store, reqs[0]["id"])
+    assert waiting is not None and waiting["state"] == "pending"
 
     worker.run_once()
     req = rq.get(store, reqs[0]["id"])
-    assert req["state"] == "done", req
+    assert req is not None and req["state"] == "done", req
     result = req["result"]
     assert result["parent"] == v0 and result["promoted"] is True
     assert result["gate"]["candidate_new"] > result["gate"]["active_new"]

@@ -24,7 +24,16 @@ EXPORTS = (
     ("/api/v1/admin/export/ratings.csv", "Ratings (CSV)"),
 )
 REQUEST_COLUMNS = ["id", "kind", "stream", "state", "attempts", "updated_at", "last_error"]
-MAX_DRIFT_ROWS, MAX_DRIFT_COLUMNS = 50, 8
+MAX_DRIFT_ROWS, MAX_DRIFT_COLUMNS = 50, 9
+# The per-stream drift and incident table (``stats.admin_summary``'s ``drift_streams``).
+STREAM_COLUMNS = [
+    "stream",
+    "open_incident_since",
+    "events_attached",
+    "incidents_24h",
+    "incident_limit_24h",
+    "false_alarms_per_30d",
+]
 
 
 def chart(ctx: ReviewContext, estimates: list[Any]) -> Markup:
@@ -55,7 +64,10 @@ def dashboard(summary: dict[str, Any]) -> dict[str, Any]:
         "agreement": summary.get("agreement") or {},
         "rm": rm if isinstance(rm, dict) else ({"value": rm} if rm is not None else None),
         "drift": drift,
-        "drift_cols": columns(drift, MAX_DRIFT_COLUMNS),
+        # ``detail`` is the JSON behind ``size`` (the API has it): the page shows the words.
+        "drift_cols": [c for c in columns(drift, MAX_DRIFT_COLUMNS + 1) if c != "detail"][:MAX_DRIFT_COLUMNS],
+        "drift_streams": [r for r in (summary.get("drift_streams") or []) if isinstance(r, dict)],
+        "stream_cols": STREAM_COLUMNS,
         "requests": [r for r in (summary.get("requests") or []) if isinstance(r, dict)],
         "request_cols": REQUEST_COLUMNS,
         "estimates": summary.get("estimates") or [],

@@ -80,7 +80,7 @@ def item_page(ctx: ReviewContext, session: Session, item: q.Item | None, status:
         session,
         item=item,
         pair=pair_of(item),
-        invisible=sum(item.invisible_characters().values()) if item is not None else 0,
+        invisible=item.shown_invisibles() if item is not None else 0,
         flags=flags,
         flag_keys=flag_keys(flags),
         anchors=RATING_ANCHORS,

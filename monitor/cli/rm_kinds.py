@@ -1,0 +1,108 @@
+"""``oversight rm register --kind hf|judge|http``: bring your own reward model (``monitor/reward/kinds``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monitor.cli.common import InputFile
+from monitor.errors import CommandFailed, UsageError
+
+if TYPE_CHECKING:
+    from monitor.config import Settings
+    from monitor.store import Store
+
+
+def kind_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kind",
+        choices=["builtin", "hf", "judge", "http"],
+        help="reward-model kind (default: reward.kind). builtin: --model is a version directory from rm train; "
+        "hf: --model is a sequence-classification checkpoint directory; judge, http: --kind-config",
+    )
+    p.add_argument(
+        "--kind-config",
+        metavar="FILE",
+        type=InputFile,
+        help="YAML or JSON: the kind's settings (README 'Bring your own')",
+    )
+    p.add_argument(
+        "--kind-set",
+        dest="kind_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one of the kind's settings (repeatable; dotted keys, YAML values), e.g. --kind-set model=gpt-4o-mini",
+    )
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="evaluate it against the active version on held-out human labels (--stream, --since); promote or reject",
+    )
+    p.add_argument("--stream", help="with --gate: the stream whose fresh labels decide")
+    p.add_argument("--since", type=float, default=0.0, help="with --gate: event time (epoch s) where 'fresh' starts")
+
+
+def kind_config(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if args.kind_config:
+        try:
+            loaded = yaml.safe_load(Path(args.kind_config).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UsageError(f"--kind-config {args.kind_config}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--kind-config {args.kind_config}: not a mapping")
+        raw = loaded
+    for item in args.kind_overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--kind-set {item!r}: expected KEY=VALUE")
+        node = raw
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value)
+    if args.kind == "hf" and args.model:
+        raw["path"] = str(Path(args.model).resolve())
+    return raw
+
+
+def register_kind(args: argparse.Namespace, settings: Settings, store: Store) -> dict[str, Any]:
+    """Register (and gate or activate) a version of a non-built-in kind; the command's JSON result."""
+    from monitor.reward.kinds import BackendError, KindVersion
+    from monitor.reward.registry import Registry
+
+    if args.kind == "hf" and not args.model:
+        raise UsageError("--kind hf needs --model DIR (the checkpoint directory)")
+    try:
+        kv = KindVersion.create(args.kind, kind_config(args))
+    except BackendError as e:
+        raise UsageError(str(e)) from None
+    registry = Registry.for_settings(store, settings)
+    version = registry.register(kv, data_window=kv.metadata["training"], metrics={"identity": kv.identity})
+    out: dict[str, Any] = {"version": version, "kind": args.kind, "active": False}
+    if args.gate:
+        out["gate"] = gate(args, settings, store, version)
+        out["active"] = bool(out["gate"]["passed"])
+    elif args.activate:
+        out["generation"] = registry.promote(version, {"passed": True, "reason": "activated by hand"})
+        out["active"] = True
+    return out
+
+
+def gate(args: argparse.Namespace, settings: Settings, store: Store, version: str) -> dict[str, Any]:
+    from monitor.reward.kinds import BackendError
+    from monitor.reward.kinds.gate import gate_version
+    from monitor.reward.update import UpdateError
+
+    if not args.stream:
+        raise UsageError("--gate needs --stream (whose held-out human labels decide)")
+    try:
+        verdict = gate_version(settings, store, version, stream=args.stream, since=args.since)
+    except (UpdateError, BackendError) as e:
+        raise CommandFailed(f"gate could not decide; {version} stays a candidate: {e}") from None
+    return json.loads(json.dumps(verdict, default=str))  # type: ignore[no-any-return]

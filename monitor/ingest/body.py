@@ -1,0 +1,122 @@
+"""A request body of ``POST /v1/episodes``: read within its limit, un-gzipped within the same
+limit, and split into one raw record per episode.
+
+Records are validated one by one afterwards (``monitor.episodes.parse_episode``), so splitting
+keeps each record's bytes faithful enough for validation to name what is wrong with it: an NDJSON
+line is passed as is; an element of a JSON array is serialised again, with invalid UTF-8 bytes
+restored (surrogateescape) and lone surrogates kept as ``\\uXXXX`` escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/json-lines")
+JSON_TYPES = ("application/json",)
+
+
+class BodyError(Exception):
+    """The request as a whole is refused: ``status`` (400, 413, 415) with a ``reason`` and a detail."""
+
+    def __init__(self, status: int, reason: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+def too_large(what: str, limit: int) -> BodyError:
+    return BodyError(413, "too_large", f"{what} exceeds the limit of {limit} bytes")
+
+
+async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """The whole body, or 413 as soon as more than ``limit`` bytes came (a client that sends more
+    than its Content-Length said, or streams without one, is cut off there)."""
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large("request body", limit)
+    return bytes(buf)
+
+
+def gunzip_limited(data: bytes, limit: int) -> bytes:
+    """Decompress gzip, at most ``limit`` bytes out (a small bomb must not fill the memory)."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise too_large("decompressed request body", limit)
+        out += d.flush()
+    except zlib.error as e:
+        raise BodyError(400, "invalid_gzip", f"Content-Encoding gzip, but the body is not gzip: {e}") from None
+    if len(out) > limit:
+        raise too_large("decompressed request body", limit)
+    if not d.eof:
+        raise BodyError(400, "invalid_gzip", "truncated gzip body")
+    return out
+
+
+def split_ndjson(body: bytes, max_records: int) -> list[bytes]:
+    """One record per non-blank line (``\\n`` or ``\\r\\n``)."""
+    out = []
+    for line in body.split(b"\n"):
+        value = line.rstrip(b"\r")
+        if value.strip():
+            out.append(value)
+            if len(out) > max_records:
+                raise BodyError(413, "too_many_records", f"more than {max_records} records in one request")
+    return out
+
+
+def split_json_array(body: bytes, max_records: int) -> list[bytes]:
+    """The elements of a JSON array, each as the bytes of one record."""
+    try:
+        doc: Any = orjson.loads(body)
+        strict = True
+    except orjson.JSONDecodeError:
+        doc, strict = _lenient_loads(body), False
+    if not isinstance(doc, list):
+        raise BodyError(400, "not_array", "an application/json body must be a JSON array of records")
+    if len(doc) > max_records:
+        raise BodyError(413, "too_many_records", f"{len(doc)} records in one request; the limit is {max_records}")
+    return [orjson.dumps(x) if strict else _reencode(x) for x in doc]
+
+
+def _lenient_loads(body: bytes) -> Any:
+    """Parse a body orjson refused (invalid UTF-8 or lone surrogates in some record) so that the
+    other records still go through; a body that is not JSON at all is a 400."""
+    text = body.decode("utf-8", "surrogateescape")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BodyError(400, "too_deep", "the body nests too deeply") from None
+    except ValueError as e:
+        raise BodyError(400, "invalid_json", f"the body is not JSON: {str(e)[:200]}") from None
+
+
+def _reencode(value: Any) -> bytes:
+    try:
+        # Restores invalid UTF-8 bytes as they came: validation reports them as invalid_utf8.
+        return json.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A lone surrogate (an escape such as \ud800): kept escaped, validation names it.
+        return json.dumps(value, ensure_ascii=True, allow_nan=True).encode("ascii")
+    except RecursionError:
+        return b"[" * 2000  # validation reports it as too deep
+
+
+def split_records(body: bytes, content_type: str, max_records: int) -> list[bytes]:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in NDJSON_TYPES:
+        return split_ndjson(body, max_records)
+    if media in JSON_TYPES or media.endswith("+json"):
+        return split_json_array(body, max_records)
+    raise BodyError(
+        415, "unsupported_media_type", "Content-Type must be application/json (an array) or application/x-ndjson"
+    )

@@ -1,0 +1,169 @@
+"""The durable hand-off of accepted records, done before the ingest API answers 2xx.
+
+* ``inbox`` (embedded default): one database transaction inserts the records into ``inbox``,
+  skipping episode ids already there (a retried request reports them as duplicates).
+* ``kafka``: each record is produced to ``kafka.topic`` keyed by its stream with acks=all, and
+  every send's acknowledgement is awaited. Kafka does not deduplicate: a retried request is
+  produced again, and the pipeline stores each episode once (the episodes primary key), so the
+  API reports no duplicates in this mode.
+
+An outage raises :class:`HandoffUnavailable` (the API answers 503 + Retry-After); nothing is
+acknowledged that the target did not durably take.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from monitor.config import KafkaConfig
+from monitor.store import Store
+from monitor.store.ingest import Inbox, InboxRow
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY_S = 1.0  # readiness re-checks a failed target at most this often
+
+
+class HandoffUnavailable(RuntimeError):
+    """The target did not take the records (an outage); nothing may be acknowledged."""
+
+
+class Handoff(Protocol):
+    kind: str
+
+    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
+        """Hand the rows off durably; the episode ids that were new (the rest were duplicates)."""
+        ...
+
+    def backlog(self, cap: int) -> int | None:
+        """Records handed off but not consumed yet, up to ``cap`` + 1; None when unknown."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _Health:
+    """The outcome of the last hand-off, with a probe of a failed target now and then."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self._probed = 0.0
+
+    def failed(self) -> None:
+        self.ok = False
+
+    def succeeded(self) -> None:
+        self.ok = True
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._probed < PROBE_EVERY_S:
+            return False
+        self._probed = now
+        return True
+
+
+class InboxHandoff:
+    kind = "inbox"
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._inbox = Inbox(store)
+        self._health = _Health()
+
+    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
+        try:
+            new = self._inbox.insert(rows)
+        except Exception as e:
+            self._health.failed()
+            self._store.reconnect()  # never reuse a connection opened during the outage
+            raise HandoffUnavailable(f"database: {type(e).__name__}") from e
+        self._health.succeeded()
+        return new
+
+    def backlog(self, cap: int) -> int | None:
+        try:
+            return self._inbox.backlog(cap)
+        except Exception as e:
+            self._health.failed()
+            raise HandoffUnavailable(f"database: {type(e).__name__}") from e
+
+    def ready(self) -> bool:
+        if not self._health.ok and self._health.due() and self._store.ping():
+            self._health.succeeded()
+        return self._health.ok
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaHandoff:
+    kind = "kafka"
+
+    def __init__(self, cfg: KafkaConfig, timeout_s: float):
+        self._cfg = cfg
+        self._timeout_s = timeout_s
+        self._producer: Any = None
+        self._lock = threading.Lock()
+        self._health = _Health()
+
+    def _get_producer(self) -> Any:
+        with self._lock:
+            if self._producer is None:
+                from kafka import KafkaProducer
+
+                from monitor.sources.kafka import client_security
+
+                ms = int(self._timeout_s * 1000)
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self._cfg.bootstrap_servers,
+                    acks="all",
+                    retries=5,
+                    linger_ms=2,
+                    max_block_ms=ms,
+                    bootstrap_timeout_ms=ms,  # a broker that is down: 503 after this, not 30 s
+                    request_timeout_ms=ms,
+                    client_id="oversight-ingest",
+                    **client_security(self._cfg),
+                )
+            return self._producer
+
+    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
+        try:
+            producer = self._get_producer()
+            futures = [producer.send(self._cfg.topic, key=r.stream.encode(), value=r.raw) for r in rows]
+            producer.flush(timeout=self._timeout_s)
+            deadline = time.monotonic() + self._timeout_s
+            for f in futures:
+                f.get(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:
+            self._health.failed()
+            raise HandoffUnavailable(f"broker: {type(e).__name__}") from e
+        self._health.succeeded()
+        return {r.episode_id for r in rows}
+
+    def backlog(self, cap: int) -> int | None:
+        return None
+
+    def ready(self) -> bool:
+        if not self._health.ok and self._health.due():
+            try:
+                if self._get_producer().bootstrap_connected():
+                    self._health.succeeded()
+            except Exception:
+                log.debug("kafka hand-off probe failed", exc_info=True)
+        return self._health.ok
+
+    def close(self) -> None:
+        with self._lock:
+            if self._producer is not None:
+                try:
+                    self._producer.close(timeout=self._timeout_s)
+                finally:
+                    self._producer = None

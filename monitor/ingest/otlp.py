@@ -1,0 +1,783 @@
+"""OTLP traces -> schema-v2 episode records: the pure conversion behind ``POST /v1/traces``.
+
+An ``ExportTraceServiceRequest`` (protobuf, or the OTLP/JSON encoding) is decoded into plain
+:class:`Span` values, every attribute bounded (size, nesting), then grouped into episodes under the
+OpenTelemetry GenAI semantic conventions:
+
+* a span is **GenAI** when it has ``gen_ai.operation.name``, ``gen_ai.system`` or
+  ``gen_ai.provider.name``; other spans are ignored (and counted);
+* one episode per **top-level** GenAI span (one without a GenAI ancestor in the request): a
+  generation or an agent invocation. Its GenAI descendants (LLM calls, tool executions, nested
+  agents), also through non-GenAI spans in between, are its turns, in start-time order;
+* messages come from ``gen_ai.input.messages`` / ``gen_ai.output.messages`` /
+  ``gen_ai.system_instructions`` (JSON, the current conventions), from the older
+  ``gen_ai.*.message`` / ``gen_ai.choice`` / ``gen_ai.content.prompt`` events, or from the
+  OpenLLMetry flattening ``gen_ai.prompt.N.role`` / ``.content`` (``gen_ai.completion.N.*``);
+  ``execute_tool`` spans give an assistant tool call and its tool result.
+
+README "OTLP traces" has the whole attribute mapping. Nothing here validates an episode: the
+records go through the same validation as every other path (``monitor.episodes``); a span whose
+episode cannot even be built (no messages, an oversize or too deeply nested attribute) gets a
+reason here instead. Every span is an attack payload: nothing recurses without a bound, nothing
+grows without a limit, and a malformed request raises :class:`OtlpError` (a 4xx), never anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+GENAI_OPERATIONS = frozenset(
+    {"chat", "text_completion", "generate_content", "execute_tool", "invoke_agent", "create_agent"}
+)
+# Operations whose spans are one model call (their input messages hold the conversation so far).
+LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
+STREAM_ATTRIBUTE = "oversight.stream"
+STATUS_ERROR = 2  # Status.StatusCode.STATUS_CODE_ERROR
+REJECT_REASONS = ("no_messages", "oversize", "too_deep", "invalid_json", "invalid_value")
+_HEX_ID = re.compile(r"^[0-9a-fA-F]{1,64}$")
+_FLAT = re.compile(r"^gen_ai\.(prompt|completion)\.(\d{1,4})\.(.+)$")
+_FLAT_TOOL = re.compile(r"^tool_calls\.(\d{1,3})\.(name|arguments|id)$")
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpLimits:
+    """Bounds on one export request; beyond them the request is refused (4xx) or the span rejected."""
+
+    max_body_bytes: int = 16 << 20  # after decompression
+    max_spans: int = 10_000
+    max_attributes: int = 512  # per span, resource or event
+    max_events: int = 512  # per span
+    max_value_chars: int = 1 << 20  # one string (or bytes) value
+    max_depth: int = 16  # nested arrays / kvlists in one AnyValue, JSON in a messages attribute
+
+
+class OtlpError(Exception):
+    """The request as a whole is malformed or too large: ``status`` 400 or 413."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Reject(Exception):
+    """One span's value is unusable; ``reason`` is one of ``REJECT_REASONS``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Span:
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    start_ns: int
+    status_code: int
+    attrs: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    resource: dict[str, Any]
+    #: Set when an attribute was refused while decoding (the span's episode is rejected with it).
+    error: _Reject | None = None
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A top-level span whose episode could not be built, and how many spans it took with it."""
+
+    span_id: str
+    spans: int
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Conversion:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    #: Spans of each record (parallel to ``records``), for partial_success accounting.
+    record_spans: list[int] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    ignored: int = 0  # spans that are not GenAI
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode_protobuf(body: bytes, limits: OtlpLimits) -> list[Span]:
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    try:
+        request = ExportTraceServiceRequest.FromString(body)
+    except (DecodeError, RecursionError, ValueError) as e:  # upb refuses invalid UTF-8 and deep nesting itself
+        raise OtlpError(400, f"not an OTLP ExportTraceServiceRequest: {str(e)[:200]}") from None
+    out: list[Span] = []
+    for rs in request.resource_spans:
+        resource = _proto_attributes(rs.resource.attributes, limits)
+        for ss in rs.scope_spans:
+            _check_count(len(out) + len(ss.spans), limits)
+            out.extend(_proto_span(sp, resource, limits) for sp in ss.spans)
+    return out
+
+
+def _check_count(n: int, limits: OtlpLimits) -> None:
+    if n > limits.max_spans:
+        raise OtlpError(413, f"more than {limits.max_spans} spans in one request")
+
+
+def _proto_span(sp: Any, resource: dict[str, Any], limits: OtlpLimits) -> Span:
+    errors: list[_Reject] = []
+    span = Span(
+        sp.trace_id.hex(), sp.span_id.hex(), sp.parent_span_id.hex(), sp.name[:256], int(sp.start_time_unix_nano),
+        int(sp.status.code), _proto_attributes(sp.attributes, limits, errors), [], resource,
+    )  # fmt: skip
+    if len(sp.events) > limits.max_events:
+        errors.append(_Reject("oversize", f"more than {limits.max_events} events"))
+    span.events = [(ev.name, _proto_attributes(ev.attributes, limits, errors)) for ev in sp.events[: limits.max_events]]
+    span.error = errors[0] if errors else None
+    return span
+
+
+def _proto_attributes(kvs: Any, limits: OtlpLimits, errors: list[_Reject] | None = None) -> dict[str, Any]:
+    """Key-values to a dict. A bad value is dropped; with ``errors`` (a span's, not the resource's)
+    it is also recorded, and rejects the span's episode, while what was readable still says
+    whether the span is GenAI."""
+    if len(kvs) > limits.max_attributes:
+        _record(errors, _Reject("oversize", f"more than {limits.max_attributes} attributes"))
+        kvs = kvs[: limits.max_attributes]
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        try:
+            out[kv.key[:256]] = _proto_value(kv.value, limits, 1)
+        except _Reject as e:
+            _record(errors, e)
+    return out
+
+
+def _record(errors: list[_Reject] | None, e: _Reject) -> None:
+    if errors is not None:
+        errors.append(e)
+
+
+def _proto_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
+    kind = v.WhichOneof("value")
+    if kind in ("string_value", "bytes_value"):
+        value = getattr(v, kind)
+        if len(value) > limits.max_value_chars:
+            raise _Reject("oversize", f"an attribute value of {len(value)} characters")
+        return value if kind == "string_value" else value.hex()
+    if kind in ("bool_value", "int_value", "double_value"):
+        return getattr(v, kind)
+    if kind is None:
+        return None
+    if depth >= limits.max_depth:
+        raise _Reject("too_deep", f"an attribute nested deeper than {limits.max_depth} levels")
+    if kind == "array_value":
+        return [_proto_value(x, limits, depth + 1) for x in v.array_value.values]
+    return {kv.key[:256]: _proto_value(kv.value, limits, depth + 1) for kv in v.kvlist_value.values}
+
+
+def decode_json(body: bytes, limits: OtlpLimits) -> list[Span]:
+    """The OTLP/JSON encoding: lowerCamelCase fields (snake_case accepted), hex trace and span ids,
+    64-bit integers as strings or numbers."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:  # invalid UTF-8, lone surrogates, > 1,024 levels: all end here
+        raise OtlpError(400, f"invalid JSON: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise OtlpError(400, "an ExportTraceServiceRequest must be a JSON object")
+    out: list[Span] = []
+    for rs in _list(doc, "resourceSpans"):
+        resource = _json_attributes(_obj(rs, "resource").get("attributes"), limits)
+        for ss in _list(rs, "scopeSpans"):
+            spans = _list(ss, "spans")
+            _check_count(len(out) + len(spans), limits)
+            out.extend(_json_span(sp, resource, limits) for sp in spans)
+    return out
+
+
+def _get(obj: dict[str, Any], camel: str) -> Any:
+    if camel in obj:
+        return obj[camel]
+    return obj.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
+
+
+def _obj(parent: Any, key: str) -> dict[str, Any]:
+    value = _get(parent, key) if isinstance(parent, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OtlpError(400, f"{key} must be an object")
+    return value
+
+
+def _list(parent: Any, key: str) -> list[Any]:
+    if not isinstance(parent, dict):
+        raise OtlpError(400, f"expected an object holding {key}")
+    value = _get(parent, key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise OtlpError(400, f"{key} must be an array")
+    return value
+
+
+def _json_id(sp: dict[str, Any], key: str, *, required: bool) -> str:
+    value = _get(sp, key)
+    if value in (None, "") and not required:
+        return ""
+    if not isinstance(value, str) or not _HEX_ID.match(value):
+        raise OtlpError(400, f"span {key} must be a hex string")
+    return value.lower()
+
+
+def _json_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise OtlpError(400, f"{what} must be an integer")
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise OtlpError(400, f"{what} must be an integer")
+    return int(value)
+
+
+def _json_span(sp: Any, resource: dict[str, Any], limits: OtlpLimits) -> Span:
+    if not isinstance(sp, dict):
+        raise OtlpError(400, "a span must be an object")
+    errors: list[_Reject] = []
+    name = _get(sp, "name")
+    start = _get(sp, "startTimeUnixNano")
+    span = Span(
+        _json_id(sp, "traceId", required=True), _json_id(sp, "spanId", required=True),
+        _json_id(sp, "parentSpanId", required=False), name[:256] if isinstance(name, str) else "",
+        0 if start is None else _json_int(start, "startTimeUnixNano"),
+        _json_int(_obj(sp, "status").get("code", 0), "status.code"),
+        _json_attributes(_get(sp, "attributes"), limits, errors), [], resource,
+    )  # fmt: skip
+    events = _get(sp, "events") or []
+    if not isinstance(events, list) or len(events) > limits.max_events:
+        errors.append(_Reject("oversize", f"events must be an array of at most {limits.max_events}"))
+        events = events[: limits.max_events] if isinstance(events, list) else []
+    span.events = [_json_event(ev, limits, errors) for ev in events]
+    span.error = errors[0] if errors else None
+    return span
+
+
+def _json_event(ev: Any, limits: OtlpLimits, errors: list[_Reject]) -> tuple[str, dict[str, Any]]:
+    if not isinstance(ev, dict):
+        errors.append(_Reject("invalid_value", "an event must be an object"))
+        return "", {}
+    name = ev.get("name")
+    return (name if isinstance(name, str) else ""), _json_attributes(ev.get("attributes"), limits, errors)
+
+
+def _json_attributes(kvs: Any, limits: OtlpLimits, errors: list[_Reject] | None = None) -> dict[str, Any]:
+    """As :func:`_proto_attributes`, for the JSON encoding."""
+    if kvs is None:
+        return {}
+    if not isinstance(kvs, list):
+        _record(errors, _Reject("invalid_value", "attributes must be an array"))
+        return {}
+    if len(kvs) > limits.max_attributes:
+        _record(errors, _Reject("oversize", f"more than {limits.max_attributes} attributes"))
+        kvs = kvs[: limits.max_attributes]
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+            _record(errors, _Reject("invalid_value", "an attribute must be an object with a string key"))
+            continue
+        try:
+            out[kv["key"][:256]] = _json_value(kv.get("value"), limits, 1)
+        except _Reject as e:
+            _record(errors, e)
+    return out
+
+
+_JSON_SCALARS: dict[str, type | tuple[type, ...]] = {
+    "stringValue": str,
+    "boolValue": bool,
+    "doubleValue": (int, float),
+    "bytesValue": str,
+}
+
+
+def _json_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
+    if v is None or v == {}:
+        return None
+    if not isinstance(v, dict) or len(v) != 1:
+        raise _Reject("invalid_value", "an AnyValue must be an object with one field")
+    (key, value), = v.items()  # fmt: skip
+    key = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
+    if key in _JSON_SCALARS:
+        if not isinstance(value, _JSON_SCALARS[key]):
+            raise _Reject("invalid_value", f"{key} has the wrong type")
+        if isinstance(value, str) and len(value) > limits.max_value_chars:
+            raise _Reject("oversize", f"an attribute value of {len(value)} characters")
+        return value
+    if key == "intValue":
+        return _signed_int(value)
+    if depth >= limits.max_depth:
+        raise _Reject("too_deep", f"an attribute nested deeper than {limits.max_depth} levels")
+    if key == "arrayValue" and isinstance(value, dict):
+        return [_json_value(x, limits, depth + 1) for x in _values(value)]
+    if key == "kvlistValue" and isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for kv in _values(value):
+            if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+                raise _Reject("invalid_value", "a kvlist entry needs a string key")
+            out[kv["key"][:256]] = _json_value(kv.get("value"), limits, depth + 1)
+        return out
+    raise _Reject("invalid_value", f"unknown AnyValue field {key[:40]!r}")
+
+
+def _signed_int(value: Any) -> int:
+    negative = isinstance(value, str) and value.startswith("-")
+    try:
+        n = _json_int(value[1:] if negative else value, "intValue")
+    except OtlpError:
+        raise _Reject("invalid_value", "intValue must be an integer") from None
+    return -n if negative else n
+
+
+def _values(container: dict[str, Any]) -> list[Any]:
+    values = container.get("values") or []
+    if not isinstance(values, list):
+        raise _Reject("invalid_value", "values must be an array")
+    return values
+
+
+# --- spans -> episodes ------------------------------------------------------------------------
+
+Key = tuple[str, str]
+
+
+def is_genai(span: Span) -> bool:
+    a = span.attrs
+    return "gen_ai.operation.name" in a or "gen_ai.system" in a or "gen_ai.provider.name" in a
+
+
+def convert(spans: list[Span], limits: OtlpLimits | None = None) -> Conversion:
+    """Group the request's spans into episodes (see the module docstring); never raises on content."""
+    limits = limits or OtlpLimits()
+    by_key = {(s.trace_id, s.span_id): s for s in spans}
+    tops = _top_genai(spans, by_key)
+    out = Conversion()
+    groups: dict[Key, list[Span]] = {}
+    for s in spans:
+        top = tops.get((s.trace_id, s.span_id))
+        if top is None:
+            out.ignored += 1
+        else:
+            groups.setdefault(top, []).append(s)
+    for key, members in groups.items():
+        root = by_key[key]
+        try:
+            record = build_episode(root, members, limits)
+        except _Reject as e:
+            out.rejected.append(Rejected(root.span_id, len(members), e.reason, e.detail))
+        else:
+            out.records.append(record)
+            out.record_spans.append(len(members))
+    return out
+
+
+def _top_genai(spans: list[Span], by_key: dict[Key, Span]) -> dict[Key, Key | None]:
+    """Each GenAI span's topmost GenAI ancestor-or-self in the request (None for other spans).
+
+    Memoised walks up the parent links: linear in the spans, and a parent cycle (hostile input)
+    ends the walk instead of looping."""
+    memo: dict[Key, Key | None] = {}
+    for s in spans:
+        path: list[Key] = []
+        on_path: set[Key] = set()
+        cur: Key = (s.trace_id, s.span_id)
+        while cur not in memo and cur in by_key and cur not in on_path:
+            path.append(cur)
+            on_path.add(cur)
+            parent = by_key[cur].parent_id
+            cur = (cur[0], parent) if parent else ("", "")
+        base = memo.get(cur)
+        for node in reversed(path):
+            if base is None and is_genai(by_key[node]):
+                base = node
+            memo[node] = base
+    return {k: (v if is_genai(by_key[k]) else None) for k, v in memo.items()}
+
+
+def _operation(span: Span) -> str:
+    op = span.attrs.get("gen_ai.operation.name")
+    return op if isinstance(op, str) else ""
+
+
+def build_episode(root: Span, members: list[Span], limits: OtlpLimits) -> dict[str, Any]:
+    """The v2 record of one top-level GenAI span and its GenAI descendants (``members`` holds both)."""
+    ordered = sorted(members, key=lambda s: (s is not root, s.start_ns))
+    for s in ordered:
+        if s.error is not None:
+            raise s.error
+    conv = _Conversation(limits)
+    conv.add_span(root, outputs=False)
+    for s in ordered[1:]:
+        conv.add_span(s, outputs=True)
+    conv.add_outputs(_outputs(root, limits))
+    messages = conv.finish()
+    if not messages:
+        raise _Reject("no_messages", "no gen_ai messages on the span or its descendants")
+    record: dict[str, Any] = {
+        "schema_version": 2,
+        "episode_id": episode_id(root.trace_id, root.span_id),
+        "metadata": _metadata(root, ordered),
+        "messages": messages,
+    }
+    if root.start_ns > 0:
+        record["timestamp"] = root.start_ns / 1e9
+    stream = _first_str(root.attrs, root.resource, keys=(STREAM_ATTRIBUTE,)) or _first_str(
+        root.resource, keys=("service.name",)
+    )
+    if stream:
+        record["stream"] = stream
+    model = _model(root, ordered)
+    if model:
+        record["model"] = model
+    return record
+
+
+def episode_id(trace_id: str, span_id: str) -> str:
+    """Stable across redeliveries of the same span: the ingest path is idempotent by it."""
+    return "otlp-" + hashlib.sha256(f"{trace_id}:{span_id}".encode()).hexdigest()[:32]
+
+
+def _first_str(*maps: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for m in maps:
+        for k in keys:
+            v = m.get(k)
+            if isinstance(v, str) and v:
+                return v
+    return None
+
+
+def _model(root: Span, ordered: list[Span]) -> str | None:
+    keys = ("gen_ai.response.model", "gen_ai.request.model")
+    found = _first_str(root.attrs, keys=keys)
+    for s in reversed(ordered):  # else the last model call's
+        found = found or _first_str(s.attrs, keys=keys)
+    return found
+
+
+def _metadata(root: Span, ordered: list[Span]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"source": "otlp", "trace_id": root.trace_id, "span_id": root.span_id}
+    for key, attr in (
+        ("operation", "gen_ai.operation.name"),
+        ("span_name", None),
+        ("agent_name", "gen_ai.agent.name"),
+        ("conversation_id", "gen_ai.conversation.id"),
+        ("provider", "gen_ai.provider.name"),
+        ("system", "gen_ai.system"),
+    ):
+        value = root.name if attr is None else root.attrs.get(attr)
+        if isinstance(value, str) and value:
+            meta[key] = value[:256]
+    tokens = {"input_tokens": 0, "output_tokens": 0}
+    for s in ordered:
+        for k in tokens:
+            v = s.attrs.get(f"gen_ai.usage.{k}")
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40:
+                tokens[k] += v
+    meta.update({k: v for k, v in tokens.items() if v})
+    errors = sum(1 for s in ordered if _operation(s) == "execute_tool" and _failed(s))
+    if errors:
+        meta["tool_errors"] = errors
+    return meta
+
+
+def _failed(span: Span) -> bool:
+    return span.status_code == STATUS_ERROR or "error.type" in span.attrs
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+_ROLE_ALIASES = {"model": "assistant", "human": "user", "ai": "assistant"}  # Gemini, LangChain
+_EVENT_ROLES = {
+    "gen_ai.system.message": "system",
+    "gen_ai.user.message": "user",
+    "gen_ai.assistant.message": "assistant",
+    "gen_ai.tool.message": "tool",
+}
+
+
+def _message_key(m: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two renderings of one message the same message: a tool result by its call id,
+    an assistant tool call by its call ids, anything else by role and text."""
+    if m.get("tool_call_id"):
+        return ("tool", m["tool_call_id"])
+    calls = m.get("tool_calls")
+    if calls:
+        return (m.get("role"), tuple(c.get("id") for c in calls))
+    return (m.get("role"), m.get("content"))
+
+
+class _Conversation:
+    """Messages gathered from the spans of one episode, each message once."""
+
+    def __init__(self, limits: OtlpLimits):
+        self.limits = limits
+        self.messages: list[dict[str, Any]] = []
+
+    def add_span(self, span: Span, *, outputs: bool) -> None:
+        if _operation(span) == "execute_tool":
+            self.add_tool(span)
+            return
+        system = _system_instructions(span, self.limits)
+        if system is not None:
+            self.add_inputs([system])
+        self.add_inputs(_inputs(span, self.limits))
+        if outputs:
+            self.add_outputs(_outputs(span, self.limits))
+
+    def add_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        # A model call's input repeats the conversation so far: keep what is new, matching the
+        # messages already here in order (a repeated "yes" later in the conversation stays).
+        pos = 0
+        keys = [_message_key(m) for m in self.messages]
+        for m in inputs:
+            k = _message_key(m)
+            try:
+                pos = keys.index(k, pos) + 1
+            except ValueError:
+                self.messages.append(m)
+                keys.append(k)
+                pos = len(keys)
+
+    def add_outputs(self, outputs: list[dict[str, Any]]) -> None:
+        for m in outputs:
+            if not self.messages or _message_key(self.messages[-1]) != _message_key(m):
+                self.messages.append(m)
+
+    def add_tool(self, span: Span) -> None:
+        a = span.attrs
+        call_id = a.get("gen_ai.tool.call.id")
+        call_id = call_id if isinstance(call_id, str) and call_id else f"call_{span.span_id}"
+        if not any(call_id == c.get("id") for m in self.messages for c in m.get("tool_calls") or ()):
+            name = a.get("gen_ai.tool.name")
+            call = {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name if isinstance(name, str) else span.name, "arguments": _text_of(
+                    a.get("gen_ai.tool.call.arguments", ""))},
+            }  # fmt: skip
+            self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        if any(m.get("tool_call_id") == call_id for m in self.messages):
+            return
+        result = a.get("gen_ai.tool.call.result")
+        if result is None and _failed(span):
+            result = f"error: {a.get('error.type') or 'tool call failed'}"
+        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(result or "")})
+
+    def finish(self) -> list[dict[str, Any]]:
+        # Instructions first whatever span carried them (an agent's may come after the user's turn).
+        system = [m for m in self.messages if m.get("role") == "system"]
+        return system + [m for m in self.messages if m.get("role") != "system"]
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _json_attr(value: Any, limits: OtlpLimits) -> Any:
+    """A messages attribute: a JSON string (how most SDKs record it) or a structured value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as e:
+        reason = "too_deep" if "recursion" in str(e).lower() else "invalid_json"
+        raise _Reject(reason, f"a gen_ai messages attribute is not JSON: {str(e)[:100]}") from None
+    if _too_deep(doc, limits.max_depth):
+        raise _Reject("too_deep", f"a gen_ai messages attribute nests deeper than {limits.max_depth} levels")
+    return doc
+
+
+def _too_deep(doc: Any, limit: int) -> bool:
+    level, depth = [doc], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [
+            v
+            for node in level
+            if isinstance(node, dict | list)
+            for v in (node.values() if isinstance(node, dict) else node)
+            if isinstance(v, dict | list)
+        ]
+    return False
+
+
+def _messages(value: Any, limits: OtlpLimits, default_role: str) -> list[dict[str, Any]]:
+    doc = _json_attr(value, limits)
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise _Reject("invalid_value", "gen_ai messages must be a JSON array of messages")
+    out: list[dict[str, Any]] = []
+    for m in doc:
+        out.extend(_normalise(m, default_role))
+    return out
+
+
+def _normalise(m: Any, default_role: str) -> list[dict[str, Any]]:
+    """One GenAI-convention message (``parts``) or OpenAI chat message -> OpenAI chat messages."""
+    if isinstance(m, str):
+        return [{"role": default_role, "content": m}]
+    if not isinstance(m, dict):
+        raise _Reject("invalid_value", "a gen_ai message must be an object")
+    role = m.get("role") or default_role
+    role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if isinstance(m.get("parts"), list):
+        return _from_parts(role, m["parts"])
+    msg: dict[str, Any] = {"role": role, "content": _content(m.get("content"))}
+    if isinstance(m.get("tool_calls"), list) and m["tool_calls"]:
+        msg["tool_calls"] = [_tool_call(c) for c in m["tool_calls"]]
+    tool_call_id = m.get("tool_call_id", m.get("id"))
+    if role == "tool" and tool_call_id is not None:
+        msg["tool_call_id"] = tool_call_id
+    return [msg]
+
+
+def _content(content: Any) -> Any:
+    if isinstance(content, list):  # OpenAI parts or GenAI parts: their text
+        texts = [p.get("text", p.get("content")) for p in content if isinstance(p, dict)]
+        return "\n".join(t for t in texts if isinstance(t, str))
+    if content is None or isinstance(content, str):
+        return content
+    return _text_of(content)
+
+
+def _tool_call(c: Any) -> dict[str, Any]:
+    if not isinstance(c, dict):
+        raise _Reject("invalid_value", "a tool call must be an object")
+    fn: dict[str, Any] = c["function"] if isinstance(c.get("function"), dict) else c
+    args = fn.get("arguments", "")
+    return {
+        "id": c.get("id"),
+        "type": "function",
+        "function": {"name": fn.get("name"), "arguments": _text_of(args if args is not None else "")},
+    }
+
+
+def _from_parts(role: Any, parts: list[Any]) -> list[dict[str, Any]]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for p in parts:
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("content"), str):
+            texts.append(p["content"])
+        elif kind == "tool_call":
+            calls.append(_tool_call(p))
+        elif kind == "tool_call_response":
+            results.append({"role": "tool", "tool_call_id": p.get("id"), "content": _text_of(p.get("response", ""))})
+        # reasoning, blob, file and uri parts are not reviewed text: left out
+    out: list[dict[str, Any]] = []
+    if texts or calls or not results:
+        msg: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts else None}
+        if calls:
+            msg["tool_calls"] = calls
+        out.append(msg)
+    return out + results
+
+
+def _system_instructions(span: Span, limits: OtlpLimits) -> dict[str, Any] | None:
+    value = span.attrs.get("gen_ai.system_instructions")
+    if value is None:
+        return None
+    is_json = isinstance(value, str) and value.lstrip()[:1] in ("[", "{")
+    doc = _json_attr(value, limits) if is_json else value
+    if isinstance(doc, dict):  # one part
+        doc = [doc]
+    return {"role": "system", "content": _content(doc)}
+
+
+def _inputs(span: Span, limits: OtlpLimits) -> list[dict[str, Any]]:
+    a = span.attrs
+    if "gen_ai.input.messages" in a:
+        return _messages(a["gen_ai.input.messages"], limits, "user")
+    out: list[dict[str, Any]] = []
+    for name, attrs in span.events:
+        if name == "gen_ai.client.inference.operation.details" and "gen_ai.input.messages" in attrs:
+            out.extend(_messages(attrs["gen_ai.input.messages"], limits, "user"))
+        elif name in _EVENT_ROLES:
+            out.extend(_normalise({**attrs, "role": attrs.get("role") or _EVENT_ROLES[name]}, "user"))
+        elif name == "gen_ai.content.prompt" and "gen_ai.prompt" in attrs:
+            out.extend(_legacy(attrs["gen_ai.prompt"], limits, "user"))
+    if out:
+        return out
+    if "gen_ai.prompt" in a:
+        return _legacy(a["gen_ai.prompt"], limits, "user")
+    return _flattened(a, "prompt")
+
+
+def _outputs(span: Span, limits: OtlpLimits) -> list[dict[str, Any]]:
+    a = span.attrs
+    if "gen_ai.output.messages" in a:
+        return _messages(a["gen_ai.output.messages"], limits, "assistant")
+    out: list[dict[str, Any]] = []
+    for name, attrs in span.events:
+        if name == "gen_ai.client.inference.operation.details" and "gen_ai.output.messages" in attrs:
+            out.extend(_messages(attrs["gen_ai.output.messages"], limits, "assistant"))
+        elif name == "gen_ai.choice":
+            message = attrs.get("message", {"content": attrs.get("content")})
+            out.extend(_messages(message, limits, "assistant"))
+        elif name == "gen_ai.content.completion" and "gen_ai.completion" in attrs:
+            out.extend(_legacy(attrs["gen_ai.completion"], limits, "assistant"))
+    if out:
+        return out
+    if "gen_ai.completion" in a:
+        return _legacy(a["gen_ai.completion"], limits, "assistant")
+    return _flattened(a, "completion")
+
+
+def _legacy(value: Any, limits: OtlpLimits, role: str) -> list[dict[str, Any]]:
+    """``gen_ai.prompt`` / ``gen_ai.completion``: JSON messages, or the bare text of one message."""
+    if isinstance(value, str) and value.lstrip()[:1] not in ("[", "{"):
+        return [{"role": role, "content": value}]
+    return _messages(value, limits, role)
+
+
+def _flattened(attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """OpenLLMetry's ``gen_ai.prompt.0.role`` / ``.content`` / ``.tool_calls.0.name`` ... flattening."""
+    found: dict[int, dict[str, Any]] = {}
+    for key, value in attrs.items():
+        m = _FLAT.match(key)
+        if m is None or m.group(1) != kind:
+            continue
+        msg = found.setdefault(int(m.group(2)), {})
+        rest = m.group(3)
+        tool = _FLAT_TOOL.match(rest)
+        if tool is not None:
+            calls = msg.setdefault("_calls", {})
+            calls.setdefault(int(tool.group(1)), {})[tool.group(2)] = value
+        else:
+            msg[rest] = value
+    out: list[dict[str, Any]] = []
+    for _, msg in sorted(found.items()):
+        calls = msg.pop("_calls", {})
+        if calls:
+            msg["tool_calls"] = [c for _, c in sorted(calls.items())]
+        out.extend(_normalise(msg, "user" if kind == "prompt" else "assistant"))
+    return out
+
+
+def iter_reasons(conv: Conversion, limit: int = 10) -> Iterator[str]:
+    """The first rejects, as short lines for partial_success.error_message."""
+    for r in conv.rejected[:limit]:
+        yield f"span {r.span_id}: {r.reason}: {r.detail[:200]}"

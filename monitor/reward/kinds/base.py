@@ -1,0 +1,106 @@
+"""The one scorer contract every reward-model kind implements.
+
+A backend scores items (prompt, response and, for schema-v2 episodes, the conversation) and
+returns one :class:`Score` per item, in order. A score that could not be computed carries an
+``error`` and no value: the caller leaves that episode unscored (it stays in the backlog) rather
+than storing a made-up number. ``truncated`` says the backend saw less than the whole text;
+``tokens`` is what the item cost (input plus output tokens for a remote judge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+KINDS = ("builtin", "hf", "judge", "http")
+REMOTE_KINDS = frozenset({"judge", "http"})
+
+
+class BackendError(RuntimeError):
+    """A backend cannot score at all (bad configuration, unreachable checkpoint)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    response: str
+    messages: Sequence[Mapping[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float | None
+    truncated: bool = False
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.value is not None and math.isfinite(self.value)
+
+    @classmethod
+    def failed(cls, error: str) -> Score:
+        return cls(None, error=error)
+
+
+class ScoringBackend(Protocol):
+    """What the scorer, the gate and the benchmarks call; ``remote`` backends are scored off the
+    pipeline's thread (they may be slow or down)."""
+
+    kind: str
+    remote: bool
+
+    @property
+    def version(self) -> str | None: ...
+
+    def score(self, items: Sequence[Item]) -> list[Score]: ...
+
+    def close(self) -> None: ...
+
+
+class BuiltinBackend:
+    """The in-process reward model (``monitor.reward.model.RewardModel``) under the contract.
+    It sees the whole text through its length/structure features, so nothing is recorded as
+    truncated; its cut is the documented prompt-end/response-start one."""
+
+    kind = "builtin"
+    remote = False
+
+    def __init__(self, model: Any, batch_size: int = 32):
+        self.model = model
+        self.batch_size = batch_size
+
+    @property
+    def version(self) -> str | None:
+        v = self.model.version
+        return None if v is None else str(v)
+
+    def score(self, items: Sequence[Item]) -> list[Score]:
+        values = self.model.score([i.prompt for i in items], [i.response for i in items], batch_size=self.batch_size)
+        return [Score(float(v)) for v in values]
+
+    def close(self) -> None:
+        return None
+
+
+class PairScorer:
+    """A backend seen as ``RewardModel.score(prompts, responses, batch_size)``, so that the gate's
+    ``train.evaluate`` measures every kind the same way. A single failed item fails the whole
+    evaluation: agreement computed on the items a judge happened to answer would be biased."""
+
+    def __init__(self, backend: ScoringBackend):
+        self.backend = backend
+
+    @property
+    def version(self) -> str | None:
+        return self.backend.version
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
+        del batch_size  # each backend batches by its own configuration
+        scores = self.backend.score([Item(p, r) for p, r in zip(prompts, responses, strict=True)])
+        failed = [s.error for s in scores if not s.ok]
+        if failed:
+            raise BackendError(f"{len(failed)} of {len(scores)} items could not be scored (first: {failed[0]})")
+        return [float(s.value) for s in scores if s.value is not None]

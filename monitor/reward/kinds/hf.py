@@ -1,0 +1,127 @@
+"""A local Hugging Face ``AutoModelForSequenceClassification`` checkpoint as the reward model.
+
+Input. With a tokenizer that has a chat template, the conversation (the episode's messages, or
+the prompt as one user turn) plus the response as the assistant turn, rendered by the template:
+that is the format chat reward models (Llama-, Gemma-, Skywork-style) were trained on. Without a
+template, the **documented flattening**: the tokenizer's pair encoding of (prompt, response), as
+``[CLS] prompt [SEP] response [SEP]`` for BERT/DeBERTa, cut ``longest_first`` to ``max_length``.
+An item longer than ``max_length`` tokens is cut (chat template: the tokenizer's
+``truncation_side``, right by default) and recorded as truncated, per item and in
+``oversight_rm_backend_truncated_total{kind="hf"}``.
+
+Score: the logit at ``label_index`` (a reward model has ``num_labels=1``). bf16 on CUDA, fp32 on
+the CPU. Items are batched longest first, so a batch wastes little on padding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from monitor.reward.kinds.base import BackendError, Item, Score
+from monitor.reward.kinds.config import HfConfig
+from monitor.reward.kinds.resilience import BackendMetrics
+
+# No token is shorter than a character and English averages ~4: this many characters per kept
+# token always suffice, and a 100 kB response is not tokenized whole to keep its first tokens.
+_CHARS_PER_TOKEN = 12
+
+
+class HfBackend:
+    kind = "hf"
+    remote = False
+
+    def __init__(self, cfg: HfConfig, version: str | None, metrics: BackendMetrics, device: str | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.cfg = cfg
+        self.version = version
+        self.metrics = metrics
+        dev = cfg.device or device
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev in (None, "auto") else str(dev)
+        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path, local_files_only=True, dtype=self.dtype
+            )
+        except (OSError, ValueError) as e:
+            raise BackendError(f"cannot load the checkpoint {cfg.path}: {e}") from None
+        if cfg.label_index >= int(self.model.config.num_labels):
+            raise BackendError(f"label_index {cfg.label_index} but the model has {self.model.config.num_labels} labels")
+        if self.tokenizer.pad_token is None:
+            # Decoder reward models often ship without one; padding with EOS is the usual choice.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _text(self, item: Item) -> str:
+        cap = self.cfg.max_length * _CHARS_PER_TOKEN
+        turns = [dict(m) for m in item.messages[:-1]] if item.messages else [{"role": "user", "content": item.prompt}]
+        for t in turns:
+            t["content"] = str(t.get("content", ""))[-cap:]
+        turns.append({"role": "assistant", "content": item.response[:cap]})
+        return str(self.tokenizer.apply_chat_template(turns, tokenize=False))
+
+    def encode(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
+        """Token ids per item and whether they were cut."""
+        tok, n = self.tokenizer, self.cfg.max_length
+        cap = n * _CHARS_PER_TOKEN
+        if self.uses_chat_template:
+            texts = [self._text(i) for i in items]
+            full = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            cut = tok(texts, add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+        else:
+            firsts = [i.prompt[-cap:] for i in items]
+            seconds = [i.response[:cap] for i in items]
+            full = tok(firsts, seconds, verbose=False)["input_ids"]
+            cut = tok(firsts, seconds, truncation="longest_first", max_length=n)["input_ids"]
+        capped = [len(i.prompt) > cap or len(i.response) > cap for i in items]
+        return [(list(c), len(f) > len(c) or k) for f, c, k in zip(full, cut, capped, strict=True)]
+
+    def score(self, items: Sequence[Item]) -> list[Score]:
+        import torch
+
+        if not items:
+            return []
+        encs = self.encode(items)
+        order = sorted(range(len(encs)), key=lambda i: -len(encs[i][0]))
+        out: list[Score] = [Score.failed("not scored")] * len(items)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        with torch.inference_mode():
+            for s in range(0, len(order), self.cfg.batch_size):
+                idx = order[s : s + self.cfg.batch_size]
+                t0 = time.perf_counter()
+                logits = self._forward([encs[i][0] for i in idx], pad)
+                self.metrics.latency.labels(self.kind).observe(time.perf_counter() - t0)
+                for j, i in enumerate(idx):
+                    ids, truncated = encs[i]
+                    out[i] = Score(float(logits[j]), truncated=truncated, tokens=len(ids))
+        n_tokens = sum(len(ids) for ids, _ in encs)
+        self.metrics.tokens.labels(self.kind, "input").inc(n_tokens)
+        self.metrics.truncated.labels(self.kind).inc(sum(1 for _, t in encs if t))
+        return out
+
+    def _forward(self, batch: list[list[int]], pad: int) -> list[float]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        left = self.tokenizer.padding_side == "left"
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, row in enumerate(batch):
+            sl = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[j, sl] = torch.tensor(row)
+            mask[j, sl] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return [float(v) for v in logits[:, self.cfg.label_index].float().cpu()]
+
+    def close(self) -> None:
+        return None

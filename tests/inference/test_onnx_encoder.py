@@ -1,0 +1,189 @@
+"""ONNX Runtime encoders: accuracy gates against PyTorch on real texts, the checked cache, ``auto``.
+
+The cache mechanics run on a tiny randomly initialised BERT (a real model, exported in a second);
+the accuracy gates run on the bundled MiniLM and a reward model trained on the bundled pairs
+(slow: each export takes seconds)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from monitor.inference.onnx import CACHE_ENV, DIGEST, MODEL, load_encoder, resolve_backend
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def tiny_bert() -> Any:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(  # type: ignore[no-untyped-call, unused-ignore]
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return BertModel(cfg).eval()  # type: ignore[no-untyped-call]
+
+
+def tiny_inputs() -> tuple[Any, Any, Any]:
+    ids = np.array([[1, 5, 6, 7, 8, 2], [1, 9, 2, 0, 0, 0]], dtype=np.int64)
+    return ids, (ids != 0).astype(np.int64), np.zeros_like(ids)
+
+
+def torch_pooled(model: Any, ids: Any, mask: Any, types: Any) -> Any:
+    import torch
+
+    from monitor.inference.onnx import pooled_module
+
+    with torch.no_grad():
+        out = pooled_module(model, [0, -1], False)(
+            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
+        )
+    return out.numpy()
+
+
+def test_exported_encoder_matches_pytorch_and_handles_any_shape(cache: Path) -> None:
+    model = tiny_bert()
+    enc = load_encoder("tiny", lambda: model, [0, -1], normalize=False, quantisation="fp32")
+    ids, mask, types = tiny_inputs()
+    np.testing.assert_allclose(enc.run(ids, mask, types), torch_pooled(model, ids, mask, types), atol=1e-4)
+    # Dynamic axes: another batch size and sequence length than the trace's.
+    longer = np.tile(np.arange(1, 40, dtype=np.int64), (5, 1))
+    ones = np.ones_like(longer)
+    np.testing.assert_allclose(enc.run(longer, ones, 0 * ones), torch_pooled(model, longer, ones, 0 * ones), atol=1e-4)
+
+
+def test_cache_hit_does_not_rebuild(cache: Path) -> None:
+    calls: list[int] = []
+
+    def make() -> Any:
+        calls.append(1)
+        return tiny_bert()
+
+    first = load_encoder("tiny", make, [-1], normalize=True, quantisation="fp32")
+    second = load_encoder("tiny", make, [-1], normalize=True, quantisation="fp32")
+    assert calls == [1]
+    assert first.path == second.path and (first.path.parent / DIGEST).is_file()
+    assert not [p for p in first.path.parent.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_with_matching_digest", "missing_digest"])
+def test_corrupt_cache_file_is_rebuilt(cache: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_bert()
+    ids, mask, types = tiny_inputs()
+    enc = load_encoder("tiny", lambda: model, [-1], normalize=True, quantisation="fp32")
+    want = enc.run(ids, mask, types)
+    path = enc.path
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage_with_matching_digest":
+        import hashlib
+
+        path.write_bytes(b"not an onnx model")
+        (path.parent / DIGEST).write_text(hashlib.sha256(b"not an onnx model").hexdigest())
+    else:
+        (path.parent / DIGEST).unlink()
+    with caplog.at_level(logging.WARNING, logger="monitor.inference.onnx"):
+        again = load_encoder("tiny", lambda: model, [-1], normalize=True, quantisation="fp32")
+    assert "rebuilding" in caplog.text
+    np.testing.assert_allclose(again.run(ids, mask, types), want, atol=1e-5)
+    assert (again.path.parent / MODEL).stat().st_size > 1000
+
+
+def test_auto_is_torch_on_cuda_and_onnx_on_cpu() -> None:
+    import torch
+
+    assert resolve_backend("auto") == ("torch" if torch.cuda.is_available() else "onnx")
+    assert resolve_backend("torch") == "torch"
+    assert resolve_backend("onnx") == "onnx"
+    with pytest.raises(ValueError, match="unknown inference backend"):
+        resolve_backend("tpu")
+
+
+def real_texts() -> list[str]:
+    """Drift-embedding inputs as the pipeline builds them, plus bare instructions and one-word
+    texts (the ones int8 is least accurate on)."""
+    from monitor.signals.embeddings import episode_text
+
+    texts: list[str] = []
+    for name in ("gpt-3.5-turbo-1106_verbose", "gpt-3.5-turbo-1106_concise", "NullModel"):
+        with gzip.open(DATA / "alpaca_eval" / f"{name}.jsonl.gz", "rt", encoding="utf-8") as fh:
+            rows = [json.loads(line) for line, _ in zip(fh, range(48), strict=False)]
+        texts += [episode_text(r["instruction"], r["output"]) for r in rows]
+        texts += [r["instruction"] for r in rows[:16]]
+    return [*texts, "ok", "Sure!", "x", "I cannot help with that.", "What is 2+2?\n\n4"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("onnx-cache")
+    mp.setenv(CACHE_ENV, str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantisation", ["int8", "fp32"])
+def test_embedding_cosine_gate_on_real_texts(shared_cache: Path, quantisation: str) -> None:
+    from monitor.signals.embeddings import Embedder
+
+    texts = real_texts()
+    ref = Embedder(backend="torch").embed(texts)
+    onnx = Embedder(backend="onnx", quantisation="int8" if quantisation == "int8" else "fp32")
+    got = onnx.embed(texts)
+    assert onnx.resolved == "onnx" and got.shape == ref.shape
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    worst = int(cos.argmin())
+    assert cos.min() >= 0.99, (quantisation, float(cos.min()), texts[worst][:80])
+
+
+@pytest.mark.slow
+def test_reward_model_onnx_keeps_accuracy(shared_cache: Path, real_data: Path) -> None:
+    from monitor.reward.data import alpaca_eval_pairs, split_of
+    from monitor.reward.train import TrainConfig, evaluate, train
+
+    pairs = alpaca_eval_pairs(real_data / "alpaca_eval", pairs_per_instruction=2)
+    train_pairs = [p for p in pairs if split_of(p["group"]) == "train"][:240]
+    test_pairs = [p for p in pairs if split_of(p["group"]) == "test"][:200]
+    model, _ = train(
+        train_pairs, TrainConfig(finetune_layers=0, max_length=128, epochs=3, seed=0, val_fraction=0.0), progress=False
+    )
+    prompts = [p["prompt"] for p in test_pairs] * 2
+    responses = [p["chosen"] for p in test_pairs] + [p["rejected"] for p in test_pairs]
+    torch_scores = np.array(model.score(prompts, responses))
+    torch_acc = evaluate(model, test_pairs)["pairwise_accuracy"]
+    for quantisation in ("fp32", "int8"):
+        assert model.use_backend("onnx", quantisation) == "onnx"
+        onnx_scores = np.array(model.score(prompts, responses))
+        assert np.corrcoef(torch_scores, onnx_scores)[0, 1] > 0.99, quantisation
+        # Within 0.5 points: one flipped pair of 200 is allowed (the epsilon: 0.9 - 0.895 in floats).
+        assert abs(evaluate(model, test_pairs)["pairwise_accuracy"] - torch_acc) <= 0.005 + 1e-9, quantisation
+    assert model.use_backend("torch") == "torch"
+    np.testing.assert_allclose(model.score(prompts, responses), torch_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_falls_back_to_torch_when_the_cache_is_unwritable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.signals.embeddings import DIM, Embedder
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "cache"))
+    auto = Embedder(backend="auto")
+    vec = auto.embed(["hello"])
+    assert auto.resolved == "torch" and vec.shape == (1, DIM)
+    with pytest.raises(OSError):
+        Embedder(backend="onnx").embed(["hello"])

