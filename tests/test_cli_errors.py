@@ -77,6 +77,11 @@ def leaves(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] 
         yield from leaves(child, (*path, name))
 
 
+# Options a command needs under the default settings although argparse cannot mark them required:
+# `rm register --model` is optional only for a non-built-in `--kind` (a remote judge has no folder).
+REQUIRED_BY_DEFAULT: dict[str, tuple[str, ...]] = {"rm register": ("--model",)}
+
+
 @dataclass
 class Leaf:
     path: tuple[str, ...]
@@ -105,7 +110,7 @@ class Leaf:
             if flag in replace:
                 argv += [flag, replace[flag]]
                 continue
-            if not action.required:
+            if not (action.required or flag in REQUIRED_BY_DEFAULT.get(self.name, ())):
                 continue
             value = VALID.get(flag or "") or self.sample(action, tmp / f"{'-'.join(self.path)}-{i}")
             argv += [value] if flag is None else [flag, value]
