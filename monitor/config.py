@@ -233,6 +233,9 @@ class ReviewConfig(_Model):
     password_hash_wait_s: float = Field(
         0.5, ge=0, le=30, description="how long a login waits for a hashing slot before 503 + Retry-After"
     )
+    undo_window_s: float = Field(
+        30.0, ge=0, le=3600, description="a reviewer may withdraw their last label for this long (0: no undo)"
+    )
 
     def blinding(self, stream: str) -> tuple[frozenset[str], bool]:
         """(metadata keys reviewers may see, whether they see the policy version) for a stream."""
@@ -413,6 +416,14 @@ class RewardUpdateConfig(_Model):
     )
     train: dict[str, Any] = Field(default_factory=dict, description="training config overrides (rm train --set)")
     poll_s: float = Field(5.0, gt=0, description="how often the embedded worker looks for requests")
+    # The gate's statistics (monitor/reward/update.py): below min_gate_pairs the intervals (normal
+    # approximations on pairs that share responses) are not trusted to promote.
+    min_gate_pairs: int = Field(
+        100, ge=1, description="new held-out pairs below which the gate never promotes (undecided; bootstrap excepted)"
+    )
+    gate_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="one-sided confidence of each bound of the gate's intervals"
+    )
 
 
 class RewardConfig(_Model):

@@ -172,7 +172,7 @@ class Metrics:
         )
         self.rm_updates = Counter(
             "rm_updates",
-            "Reward-model updates, by outcome (promoted, rejected, failed)",
+            "Reward-model updates, by outcome (promoted, rejected, undecided, failed)",
             ["outcome"],
             namespace=NS,
             registry=r,
@@ -260,7 +260,7 @@ class Metrics:
             self.dead_letters.labels(reason)
         for target in ("store", "dead_letter"):
             self.commit_errors.labels(target)
-        for outcome in ("promoted", "rejected", "failed"):
+        for outcome in ("promoted", "rejected", "undecided", "failed"):
             self.rm_updates.labels(outcome)
 
     def stream_label(self, stream: str | None) -> str:

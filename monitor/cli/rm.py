@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +251,7 @@ def cmd_rm_register(args: argparse.Namespace) -> int:
             kind_out = register_kind(args, settings, store)
         finally:
             store.close()
+        print_gate(kind_out.get("gate"))
         print(json.dumps(kind_out, sort_keys=True, default=str))
         return 0
     try:
@@ -269,8 +271,18 @@ def cmd_rm_register(args: argparse.Namespace) -> int:
             out["active"] = True
     finally:
         store.close()
+    print_gate(out.get("gate"))
     print(json.dumps(out, sort_keys=True))
     return 0
+
+
+def print_gate(verdict: Any) -> None:
+    """The gate's verdict in words on stderr (stdout stays one JSON object): the sizes, every
+    agreement and the gain with their bounds, and whether it could decide."""
+    from monitor.reward.update import render_gate
+
+    if isinstance(verdict, dict) and "verdict" in verdict:
+        print(render_gate(verdict), file=sys.stderr)
 
 
 def cmd_rm_versions(args: argparse.Namespace) -> int:
@@ -365,6 +377,7 @@ def cmd_rm_update(args: argparse.Namespace) -> int:
                 rq.finish(store, rid, "done", result=result)
     finally:
         store.close()
+    print_gate(result.get("gate") or (result.get("result") or {}).get("gate"))
     print(json.dumps(result, sort_keys=True, default=str))
     return 0
 

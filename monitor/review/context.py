@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 
 from monitor.config import Settings
-from monitor.review import auth, queue
+from monitor.review import auth, queue, workday
 from monitor.review.conversation import Rate
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
@@ -94,10 +94,13 @@ class ReviewContext:
 
     # -- the queue ------------------------------------------------------------------------
 
-    def claim(self, user: auth.User) -> queue.Item | None:
-        """The reviewer's lease (held or new), with the stream's blinding applied."""
+    def claim(self, user: auth.User, renew: bool = False) -> queue.Item | None:
+        """The reviewer's lease (held or new), with the stream's blinding applied; ``renew``
+        extends a held lease (the review page: see :func:`monitor.review.queue.claim`)."""
         rc = self.settings.review
-        item = queue.claim(self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding)
+        item = queue.claim(
+            self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding, renew=renew
+        )
         if item is None:
             return None
         # A pair compares two final turns, whatever the stream's setting (queue.submit records the same).
@@ -118,6 +121,21 @@ class ReviewContext:
         flags = self.settings.review.flags
         queue.submit(self.store, user, episode_id, slot, fence, label, flags, now=self.now(), rate=self.rate)
         self.metrics.labels.labels(outcome).inc()
+
+    def undo(self, user: auth.User) -> queue.Claim:
+        """Withdraw the user's last label and lease its item back to them; raises
+        :class:`monitor.review.queue.QueueError` (404, 409) when refused."""
+        rc = self.settings.review
+        claim = workday.undo(self.store, user, rc.lease_seconds, rc.undo_window_s, now=self.now())
+        self.metrics.labels.labels("undone").inc()
+        return claim
+
+    def progress(self, user: auth.User) -> dict[str, Any]:
+        """Today's labels and skips of the user, the items waiting, the seconds left to undo."""
+        now = self.now()
+        out = workday.progress(self.store, user, now)
+        out["undo_left_s"] = workday.undo_left(self.store, user, self.settings.review.undo_window_s, now)
+        return out
 
     def show(
         self, user: auth.User, item: queue.Item, build: Callable[[], Response], failed: Callable[[], Response]

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from monitor.store import Store
 
 NS = "oversight"
-LABEL_OUTCOMES = ("labelled", "skipped")
+LABEL_OUTCOMES = ("labelled", "skipped", "undone")
 LOGIN_RESULTS = ("ok", "failed", "rate_limited", "busy")
 
 
@@ -79,7 +79,7 @@ class ReviewMetrics:
         self.registry.register(QueueCollector(store, max_streams, clock))
         self.labels = Counter(
             "review_labels",
-            "Labels submitted, by outcome (labelled, skipped)",
+            "Labels submitted, by outcome (labelled, skipped; undone: withdrawn by their reviewer)",
             ["outcome"],
             namespace=NS,
             registry=self.registry,

@@ -183,8 +183,13 @@ def claim(
     key: bytes,
     now: float | None = None,
     blinding: Blinding = blind_all,
+    renew: bool = False,
 ) -> Item | None:
     """The reviewer's current lease, or a new one on the oldest available item; None if the queue is empty.
+
+    ``renew``: a held lease is extended to ``now + lease_s`` (the review page, on every view):
+    its ``lease_expires_at`` then names this view, so the leave beacon of a page the reviewer
+    has since reloaded cannot release it (:func:`leave`). The fence stays.
 
     An item whose row cannot be read is set aside (status ``error``) and the next one is
     tried: one bad row must not fail every claim of the queue's oldest item. The caller turns
@@ -194,7 +199,7 @@ def claim(
     now = time.time() if now is None else now
     for _ in range(5):  # a lost compare-and-set race (SQLite readers) or a bad row: try the next row
         try:
-            return _claim_once(store, user, lease_s, key, now, blinding)
+            return _claim_once(store, user, lease_s, key, now, blinding, renew)
         except _LostRace:
             continue
         except UnreadableItem as e:
@@ -202,7 +207,9 @@ def claim(
     return None
 
 
-def _claim_once(store: Store, user: User, lease_s: float, key: bytes, now: float, blinding: Blinding) -> Item | None:
+def _claim_once(
+    store: Store, user: User, lease_s: float, key: bytes, now: float, blinding: Blinding, renew: bool = False
+) -> Item | None:
     rt = t.review_tasks
     with store.engine.begin() as conn:
         if store.dialect == "postgresql":
@@ -216,6 +223,8 @@ def _claim_once(store: Store, user: User, lease_s: float, key: bytes, now: float
         ).first()
         if held is not None:
             c = Claim(held.episode_id, int(held.slot), int(held.fence), float(held.lease_expires_at))
+            if renew:
+                c = _renew(conn, c, now + lease_s)
             return _read_item(conn, c, c.fence, key, blinding)
         mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
         leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
@@ -238,12 +247,35 @@ def _claim_once(store: Store, user: User, lease_s: float, key: bytes, now: float
         res = conn.execute(
             rt.update()
             .where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot, rt.c.fence == row.fence)
-            .values(status="claimed", lease_user_id=user.id, lease_expires_at=expires, fence=row.fence + 1)
+            .values(
+                status="claimed",
+                lease_user_id=user.id,
+                lease_expires_at=expires,
+                fence=row.fence + 1,
+                guidelines_version=current_guidelines_version(),
+            )
         )
         if res.rowcount != 1:
             raise _LostRace
         c = Claim(row.episode_id, int(row.slot), int(row.fence) + 1, expires)
         return _read_item(conn, c, int(row.fence), key, blinding)
+
+
+def current_guidelines_version() -> sa.ScalarSelect[Any]:
+    """The newest guidelines version of the review task's stream (NULL: none), for an UPDATE of
+    ``review_tasks``: what the reviewer is told at claim time."""
+    g, rt = t.guidelines, t.review_tasks
+    return sa.select(sa.func.max(g.c.version)).where(g.c.stream == rt.c.stream).scalar_subquery()
+
+
+def _renew(conn: sa.Connection, c: Claim, expires: float) -> Claim:
+    rt = t.review_tasks
+    conn.execute(
+        rt.update()
+        .where(rt.c.episode_id == c.episode_id, rt.c.slot == c.slot, rt.c.fence == c.fence)
+        .values(lease_expires_at=expires)
+    )
+    return Claim(c.episode_id, c.slot, c.fence, expires)
 
 
 def _read_item(conn: sa.Connection, c: Claim, fence_before: int, key: bytes, blinding: Blinding) -> Item:
@@ -431,7 +463,7 @@ def submit(
     ``final_turn`` for a pair; NULL for a v1 episode and a skip."""
     now = time.time() if now is None else now
     with store.engine.begin() as conn:
-        _check_lease(conn, store, user, episode_id, slot, fence, now)
+        task = _check_lease(conn, store, user, episode_id, slot, fence, now)
         ep = conn.execute(sa.select(t.episodes.c.stream).where(t.episodes.c.episode_id == episode_id)).one()
         pairwise = alternative_of(load_metadata(conn, episode_id)) is not None
         validate_label(label, flags_allowed, pairwise)
@@ -459,6 +491,7 @@ def submit(
                 time_spent_ms=label.time_spent_ms,
                 created_at=now,
                 rated=rated,
+                guidelines_version=task.guidelines_version,
             )
         )
         # A skipped slot goes back to the queue for someone else; a labelled one is done.
@@ -482,6 +515,32 @@ def release(store: Store, user: User, episode_id: str, slot: int, fence: int, no
             .where(rt.c.episode_id == episode_id, rt.c.slot == slot)
             .values(status="pending", lease_user_id=None, lease_expires_at=None)
         )
+
+
+def leave(
+    store: Store, user: User, episode_id: str, slot: int, fence: int, until: float, now: float | None = None
+) -> bool:
+    """The reviewer left the page that showed this lease (its ``pagehide`` beacon): release it,
+    unless the lease has been shown again since (a reload or a second tab renews it, so its
+    ``lease_expires_at`` is no longer ``until``). Whether it was released; never refuses."""
+    now = time.time() if now is None else now
+    rt = t.review_tasks
+    with store.engine.begin() as conn:
+        res = conn.execute(
+            rt.update()
+            .where(
+                rt.c.episode_id == episode_id,
+                rt.c.slot == slot,
+                rt.c.fence == fence,
+                rt.c.lease_user_id == user.id,
+                rt.c.status == "claimed",
+                rt.c.lease_expires_at > now,
+                # The page had the value as text: equal to well under a millisecond.
+                sa.func.abs(rt.c.lease_expires_at - until) < 1e-4,
+            )
+            .values(status="pending", lease_user_id=None, lease_expires_at=None)
+        )
+    return bool(res.rowcount)
 
 
 def queue_depth(store: Store, now: float | None = None) -> list[dict[str, Any]]:

@@ -286,3 +286,42 @@ LEASED: Responses = {
 def validation_detail(loc: tuple[str, ...], msg: str) -> dict[str, Any]:
     """A 422 body of the same shape as FastAPI's own (``HTTPValidationError``), as documented."""
     return {"detail": [{"type": "value_error", "loc": list(loc), "msg": msg}]}
+
+
+# -- the reviewer's workday: progress, undo, guidelines ----------------------------------------
+
+
+class ProgressOut(Strict):
+    labelled_today: int = Field(description="the caller's labels since the start of the UTC day")
+    skipped_today: int = Field(description="the caller's skips since the start of the UTC day")
+    waiting: int = Field(description="items waiting in the queue that the caller could claim")
+    day_start: float = Field(description="the start of the UTC day (Unix seconds)")
+    undo_left_s: float = Field(description="seconds left to undo the caller's last label (0: none to undo)")
+
+
+class UndoneOut(Strict):
+    """The withdrawn label's item, leased back to the caller (claim it to see it again)."""
+
+    episode_id: str
+    slot: int
+    fence: int
+    lease_expires_at: float
+
+
+class GuidelinesIn(Strict):
+    stream: str = Field(min_length=1, max_length=128)
+    markdown: str = Field(min_length=1, max_length=50_000)
+
+
+class GuidelinesOut(Strict):
+    stream: str
+    version: int = Field(description="1 for the first save of a stream, one more with every save")
+    markdown: str
+    created_at: float
+    created_by: str
+
+
+UNDO: Responses = {
+    404: refusal("the caller has no label to undo"),
+    409: refusal("the undo window has passed, or the item is now leased to someone else"),
+}

@@ -1,8 +1,8 @@
 """Reward-model versions: folders under ``reward.models_dir`` plus rows in the database.
 
 A version is written once (its folder name is its content id) and registered as a
-``candidate``; the gate makes it ``active`` (the previous one becomes ``retired``) or
-``rejected``. ``rm_active`` holds exactly one version per stream set; promotion swaps it
+``candidate``; the gate makes it ``active`` (the previous one becomes ``retired``),
+``rejected`` or ``undecided``. ``rm_active`` holds exactly one version per stream set; promotion swaps it
 and bumps its generation in one transaction, so every reader sees either the old or the
 new version, and scorers notice the new generation at their next batch boundary.
 """
@@ -119,6 +119,13 @@ class Registry:
         v = t.rm_versions
         with self.store.engine.begin() as conn:
             conn.execute(v.update().where(v.c.version == version).values(status="rejected", gate=gate))
+
+    def hold(self, version: str, gate: dict[str, Any]) -> None:
+        """The gate could not decide: the version is kept as ``undecided`` with its record; the active
+        one stays. Gating it again later (more labels) may still promote it."""
+        v = t.rm_versions
+        with self.store.engine.begin() as conn:
+            conn.execute(v.update().where(v.c.version == version).values(status="undecided", gate=gate))
 
     def versions(self) -> list[dict[str, Any]]:
         v = t.rm_versions

@@ -9,19 +9,38 @@ one of its responses comes from the drifted stream at or after the change (the d
 event time), *old* otherwise.
 
 Gate. The candidate is trained from the active version on the training pairs (new and old,
-so it does not forget). It is promoted only if, on the held-out pairs, its pairwise
-agreement beats the active version's on *new* pairs by ``margin`` and does not fall more
-than ``max_regression`` below it on *old* pairs; otherwise it is registered as rejected.
-Either way it is kept (folder and row) with its gate numbers.
+so it does not forget), then both are scored on the held-out pairs. Agreement is the share of
+held-out pairs a model orders as the reviewers did (ties count half); the gain is candidate minus
+active on the *same* pairs. Held-out pairs are not independent: with ``pairing: absolute`` every
+rated response sits in up to ``2 * partners`` pairs, so one misjudged response moves many of them.
+Every interval therefore uses a dyadic-robust variance (pairs that share a response covary) turned
+into an effective number of pairs (never more than the pairs themselves), then a Wilson interval:
+for an agreement on the pairs, for the gain on the discordant pairs (the share of those the
+candidate wins, mapped back to the gain, as McNemar's test does). Each bound is one-sided at
+``gate_confidence`` (0.95: together a 90% interval). The verdict, on the new held-out pairs:
+
+* ``reject``: the gain's upper bound is below ``margin`` (the candidate is not better by the margin
+  it needs, and more labels would not change that), or the old pairs' gain is below
+  ``-max_regression`` with its upper bound below zero (significantly worse on the old stream);
+* ``undecided`` (``could_not_decide``): fewer than ``min_gate_pairs`` new held-out pairs, or an
+  interval that straddles; the active version stays, the candidate is kept with status
+  ``undecided`` and the record says about how many more labels the observed gain would need;
+* ``promote``: the gain's lower bound is above zero and the gain is at least ``margin``.
+
+Without an active version (bootstrap) the rule stays "beat chance (0.5) by ``margin``", with the
+intervals recorded. Either way the candidate is kept (folder and row) with this record.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from monitor.config import Settings
@@ -88,28 +107,146 @@ def build_pairs(
     return out
 
 
-def _accuracy(model: Any, pairs: Sequence[Pair]) -> float | None:
-    from monitor.reward.train import evaluate
+def outcomes(model: Any, pairs: Sequence[Pair]) -> np.ndarray:
+    """Per pair: 1 when ``model`` orders it as the reviewers did, 0 when not, 0.5 on a tie."""
+    texts: dict[tuple[str, str], int] = {}
+    idx = [tuple(texts.setdefault(x, len(texts)) for x in pair_texts(p)) for p in pairs]
+    if not idx:
+        return np.zeros(0)
+    scores = np.asarray(model.score([x[0] for x in texts], [x[1] for x in texts]), dtype=float)
+    d = np.array([scores[c] - scores[r] for c, r in idx])
+    return np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))
 
-    return float(evaluate(model, pairs)["pairwise_accuracy"]) if pairs else None
+
+def response_ends(pairs: Sequence[Pair]) -> tuple[np.ndarray, np.ndarray]:
+    """For each pair, the indices of its two responses (a response = its (prompt, text))."""
+    ids: dict[tuple[str, str], int] = {}
+    ends = [[ids.setdefault(x, len(ids)) for x in pair_texts(p)] for p in pairs]
+    arr = np.array(ends, dtype=np.int64).reshape(-1, 2)
+    return arr[:, 0], arr[:, 1]
+
+
+def dyadic_variance(x: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
+    """Variance of ``mean(x)`` when pairs sharing a response covary (dyadic-robust): the sum over
+    responses of the squared summed residuals of their pairs, less each pair's own square once
+    (each pair has two responses), over n squared. Independent pairs give the usual var/n."""
+    n = len(x)
+    if n == 0:
+        return 0.0
+    e = x - x.mean()
+    size = int(max(left.max(), right.max())) + 1
+    per_response = np.bincount(left, e, size) + np.bincount(right, e, size)
+    return float(max((per_response @ per_response - e @ e) / n**2, 0.0))
+
+
+def wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score bounds for a share ``p`` observed on ``n`` (effective) trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _effective(n: int, naive: float, robust: float) -> float:
+    """Pairs worth of independent evidence: n over the design effect (at least 1: never more than n)."""
+    if robust <= 0 or naive <= 0:
+        return float(n)
+    return n / max(1.0, robust / naive)
+
+
+def agreement_interval(x: np.ndarray, left: np.ndarray, right: np.ndarray, z: float) -> dict[str, Any]:
+    n, p = len(x), float(x.mean())
+    n_eff = _effective(n, float(x.var()) / n, dyadic_variance(x, left, right))
+    lo, hi = wilson(p, n_eff, z)
+    return {"agreement": round(p, 4), "lo": round(lo, 4), "hi": round(hi, 4), "n_eff": round(n_eff, 1)}
+
+
+def gain_interval(cand: np.ndarray, act: np.ndarray, left: np.ndarray, right: np.ndarray, z: float) -> dict[str, Any]:
+    """The paired gain and its bounds: a Wilson interval on the share of the discordant pairs the
+    candidate wins (effective size from the dyadic variance of the differences), mapped to the gain."""
+    n, diff = len(cand), cand - act
+    gain = float(diff.mean())
+    robust = dyadic_variance(diff, left, right)
+    wins, losses = float(np.clip(diff, 0, None).sum()), float(np.clip(-diff, 0, None).sum())
+    disc = wins + losses
+    if disc == 0:
+        lo = hi = 0.0
+    else:
+        m_eff = _effective(n, float(diff.var()) / n, robust) * disc / n
+        w_lo, w_hi = wilson(wins / disc, m_eff, z)
+        lo, hi = disc / n * (2 * w_lo - 1), disc / n * (2 * w_hi - 1)
+    return {
+        "gain": round(gain, 4),
+        "lo": round(lo, 4),
+        "hi": round(hi, 4),
+        "se": round(math.sqrt(robust), 4),
+        "discordant": round(disc, 1),
+    }
+
+
+def side_report(candidate: Any, active: Any, pairs: Sequence[Pair], z: float) -> dict[str, Any] | None:
+    """n, responses, both agreements with intervals and the paired gain on ``pairs`` (None if empty)."""
+    if not pairs:
+        return None
+    left, right = response_ends(pairs)
+    cand = outcomes(candidate, pairs)
+    out: dict[str, Any] = {
+        "n": len(pairs),
+        "responses": int(max(left.max(), right.max())) + 1,
+        "candidate": agreement_interval(cand, left, right, z),
+        "active": None,
+        "gain": None,
+    }
+    if active is not None:
+        act = outcomes(active, pairs)
+        out["active"] = agreement_interval(act, left, right, z)
+        out["gain"] = gain_interval(cand, act, left, right, z)
+    return out
+
+
+def labels_needed(
+    new: dict[str, Any], margin: float, min_pairs: int, z: float, holdout_fraction: float
+) -> dict[str, int] | None:
+    """About how many more held-out pairs (and fresh labels) the observed gain needs for its lower
+    bound to clear zero (normal approximation, the SE shrinking as 1/sqrt(n)); None when the gain
+    observed is below the margin: more labels would then reject, not promote."""
+    gain, n = new["gain"]["gain"], new["n"]
+    if gain <= 0 or gain < margin:
+        return None
+    se = new["gain"]["se"]
+    target = max(float(min_pairs), n * (z * se / gain) ** 2 if se > 0 else float(n))
+    pairs = max(0, math.ceil(target - n))
+    # Labels per held-out pair as observed; only holdout_fraction of new labels reach the gate.
+    labels = math.ceil(pairs * new["responses"] / n / holdout_fraction)
+    return {"pairs": pairs, "labels": labels}
 
 
 def gate(
-    cand_new: float | None,
-    act_new: float | None,
-    cand_old: float | None,
-    act_old: float | None,
-    margin: float,
-    max_regression: float,
-) -> tuple[bool, str]:
-    if cand_new is None:
-        return False, "no held-out pairs from the new window"
-    base_new = act_new if act_new is not None else 0.5
-    if cand_new < base_new + margin:
-        return False, f"new-window agreement {cand_new:.3f} < active {base_new:.3f} + margin {margin}"
-    if cand_old is not None and act_old is not None and cand_old < act_old - max_regression:
-        return False, f"old-window agreement {cand_old:.3f} < active {act_old:.3f} - {max_regression}"
-    return True, "passed"
+    new: dict[str, Any] | None, old: dict[str, Any] | None, margin: float, max_regression: float, min_pairs: int
+) -> tuple[str, str]:
+    """(verdict, the rule that decided) from the side reports; see the module docstring."""
+    if new is None:
+        return "reject", "no held-out pairs from the new window"
+    cand = new["candidate"]
+    if new["gain"] is None:  # bootstrap: no active version to compare with
+        if cand["agreement"] >= 0.5 + margin:
+            return "promote", f"bootstrap: agreement {cand['agreement']:.3f} >= chance 0.5 + margin {margin}"
+        return "reject", f"bootstrap: agreement {cand['agreement']:.3f} < chance 0.5 + margin {margin}"
+    g = new["gain"]
+    if old is not None and old["gain"] is not None and old["gain"]["gain"] < -max_regression:
+        og = old["gain"]
+        if og["hi"] < 0:
+            return "reject", f"old-window gain {og['gain']:+.3f} < -{max_regression}, upper bound {og['hi']:+.3f} < 0"
+        return "undecided", f"old-window gain {og['gain']:+.3f} < -{max_regression} but not significant"
+    if g["hi"] < margin or g["hi"] <= 0:
+        return "reject", f"new-window gain upper bound {g['hi']:+.3f} < margin {margin}"
+    if new["n"] < min_pairs:
+        return "undecided", f"{new['n']} new held-out pairs < min_gate_pairs {min_pairs}"
+    if g["lo"] > 0 and g["gain"] >= margin:
+        return "promote", f"new-window gain {g['gain']:+.3f} >= margin {margin}, lower bound {g['lo']:+.3f} > 0"
+    return "undecided", f"new-window gain {g['gain']:+.3f}, interval [{g['lo']:+.3f}, {g['hi']:+.3f}] straddles"
 
 
 def run_update(
@@ -171,6 +308,9 @@ def run_update(
     }
 
 
+OUTCOMES = {"promote": "promoted", "reject": "rejected", "undecided": "undecided"}
+
+
 def decide(
     settings: Settings,
     registry: Registry,
@@ -182,39 +322,79 @@ def decide(
     train_metrics: dict[str, Any],
     metrics: Metrics | None = None,
 ) -> dict[str, Any]:
-    """Gate ``candidate`` against ``active`` on the held-out pairs; register it, then promote or reject."""
+    """Gate ``candidate`` against ``active`` on the held-out pairs; register it, then promote it,
+    reject it or keep it undecided (the active version stays). Returns the verdict record."""
     ucfg = settings.reward.update
-    acc = {
-        "candidate_new": _accuracy(candidate, split["holdout_new"]),
-        "candidate_old": _accuracy(candidate, split["holdout_old"]),
-        "active_new": None if active is None else _accuracy(active, split["holdout_new"]),
-        "active_old": None if active is None else _accuracy(active, split["holdout_old"]),
-    }
-    ok, reason = gate(
-        acc["candidate_new"],
-        acc["active_new"],
-        acc["candidate_old"],
-        acc["active_old"],
-        ucfg.margin,
-        ucfg.max_regression,
-    )
+    z = NormalDist().inv_cdf(ucfg.gate_confidence)
+    new = side_report(candidate, active, split["holdout_new"], z)
+    old = side_report(candidate, active, split["holdout_old"], z)
+    outcome, rule = gate(new, old, ucfg.margin, ucfg.max_regression, ucfg.min_gate_pairs)
+    needs = None
+    if outcome == "undecided" and new is not None and new["gain"] is not None:
+        needs = labels_needed(new, ucfg.margin, ucfg.min_gate_pairs, z, ucfg.holdout_fraction)
     version = registry.register(candidate, data_window=data_window, metrics=train_metrics)
     verdict: dict[str, Any] = {
-        **acc,
+        **_points(new, old),
         "version": version,
         "active": None if active is None else active.version,
-        "passed": ok,
-        "reason": reason,
+        "passed": outcome == "promote",
+        "verdict": outcome,
+        "could_not_decide": outcome == "undecided",
+        # "passed" on a promotion, as before (reports and tests key on it); the rule says why.
+        "reason": "passed" if outcome == "promote" else rule,
+        "rule": rule,
+        "needs_more": needs,
+        "new": new,
+        "old": old,
+        "confidence": ucfg.gate_confidence,
+        "min_gate_pairs": ucfg.min_gate_pairs,
         "margin": ucfg.margin,
         "max_regression": ucfg.max_regression,
         "holdout": {k: len(v) for k, v in split.items() if k.startswith("holdout")},
     }
-    if ok:
+    if outcome == "promote":
         registry.promote(version, verdict)
-    else:
+    elif outcome == "reject":
         registry.reject(version, verdict)
+    else:
+        registry.hold(version, verdict)
     if metrics is not None:
-        metrics.rm_updates.labels("promoted" if ok else "rejected").inc()
+        metrics.rm_updates.labels(OUTCOMES[outcome]).inc()
         metrics.rm_last_training.set(time.time())
-    log.info("reward model %s %s (%s)", version, "promoted" if ok else "rejected", reason)
+    log.info("reward model %s %s", version, render_gate(verdict))
     return verdict
+
+
+def _points(new: dict[str, Any] | None, old: dict[str, Any] | None) -> dict[str, float | None]:
+    """The point agreements under their earlier keys (candidate_new, active_old, ...)."""
+    out: dict[str, float | None] = {}
+    for side, rep in (("new", new), ("old", old)):
+        for who in ("candidate", "active"):
+            out[f"{who}_{side}"] = None if rep is None or rep[who] is None else rep[who]["agreement"]
+    return out
+
+
+def _interval(a: dict[str, Any], key: str, sign: str = "") -> str:
+    return f"{a[key]:{sign}.3f} [{a['lo']:{sign}.3f}, {a['hi']:{sign}.3f}]"
+
+
+def render_gate(verdict: dict[str, Any]) -> str:
+    """One line for people: the verdict, the sizes, every agreement and the gain with its bounds."""
+    head = f"gate {verdict['verdict']}"
+    if verdict.get("could_not_decide"):
+        head += " (could not decide; the active version stays)"
+    parts = [head, str(verdict.get("rule", verdict["reason"]))]
+    for side in ("new", "old"):
+        rep = verdict.get(side)
+        if rep is None:
+            continue
+        cand = _interval(rep["candidate"], "agreement")
+        txt = f"{side}: {rep['n']} pairs of {rep['responses']} responses, candidate {cand}"
+        if rep["active"] is not None:
+            txt += f", active {_interval(rep['active'], 'agreement')}, gain {_interval(rep['gain'], 'gain', '+')}"
+        parts.append(txt)
+    parts.append(f"bounds one-sided at {verdict['confidence']}")
+    if verdict.get("needs_more"):
+        m = verdict["needs_more"]
+        parts.append(f"needs about {m['labels']} more labels ({m['pairs']} more held-out pairs) at the observed gain")
+    return "; ".join(parts)

@@ -147,6 +147,9 @@ review_tasks = sa.Table(
     sa.Column("fence", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("done_at", sa.Float),
+    # The stream's guidelines version when the item was last claimed (migration 0010); the
+    # label copies it, so it records what the reviewer was told, not what was current later.
+    sa.Column("guidelines_version", sa.Integer),
     sa.Index("ix_review_tasks_status_created", "status", "created_at"),
     sa.Index("ix_review_tasks_stream_status", "stream", "status"),
 )
@@ -170,8 +173,22 @@ labels = sa.Table(
     # What was rated in a conversation (schema v2): final_turn or conversation; NULL for a v1
     # episode, a skip, and labels from before migration 0008.
     sa.Column("rated", sa.String(16)),
+    # The stream's guidelines version in effect when the item was claimed (migration 0010);
+    # NULL when the stream had none, and for labels from before.
+    sa.Column("guidelines_version", sa.Integer),
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
     sa.Index("ix_labels_stream_created", "stream", "created_at"),
+)
+
+# Reviewer guidelines per stream (migration 0010): every save is a new version, never an update.
+guidelines = sa.Table(
+    "guidelines",
+    metadata,
+    sa.Column("stream", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("markdown", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
 )
 
 # -- drift detection (migration 0003) -----------------------------------------
@@ -221,7 +238,7 @@ rm_versions = sa.Table(
     sa.Column("version", sa.String(64), primary_key=True),
     sa.Column("parent", sa.String(64)),
     sa.Column("path", sa.String(1024), nullable=False),
-    # candidate -> active | rejected; active -> retired when another is promoted
+    # candidate -> active | rejected | undecided; active -> retired when another is promoted
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("data_window", JsonType, nullable=False),
     sa.Column("metrics", JsonType, nullable=False),

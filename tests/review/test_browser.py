@@ -600,3 +600,54 @@ def test_conversation_with_the_xss_corpus_never_executes(
     assert seen_text >= 30
     assert sum(q["done"] for q in api(env, srv, "/queue").json()) == len(eps)
     ctx.close()
+
+
+def test_workday_undo_leave_beacon_and_help_at_phone_width(
+    browser: Any, live: Callable[[], tuple[Env, LiveServer]]
+) -> None:
+    """Ctrl+Z withdraws the last label; leaving the page gives the lease back (pagehide beacon),
+    reloading does not; at phone width the help panel (key, then action) sits in the page's flow."""
+    import sqlalchemy as sa
+    from review_helpers import wait_until
+
+    from monitor.store import tables as t
+
+    env, srv = live()
+    seed(env.store, [episode_row(f"wd{i}", prompt=f"Prompt {i}") for i in range(3)])
+    ctx = browser.new_context(viewport={"width": 390, "height": 844})
+    page = sign_in(ctx, srv, "alice")
+    first = page.get_attribute("input[name=episode_id]", "value")
+    page.keyboard.press("4")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.get_attribute("input[name=episode_id]", "value") != first
+    with page.expect_navigation():
+        page.keyboard.press("Control+z")
+    assert "withdrawn" in (page.text_content("p.notice") or "")
+    assert page.get_attribute("input[name=episode_id]", "value") == first
+
+    page.keyboard.press("?")
+    help_panel = page.locator("#help")
+    assert help_panel.is_visible()
+    assert help_panel.evaluate(
+        "(el) => [getComputedStyle(el).position, el.tabIndex, document.activeElement === el]"
+    ) == [
+        "static",
+        0,
+        True,
+    ]
+    assert page.locator("#help thead th").all_text_contents() == ["Key", "Action"]
+    form_box, help_box = page.locator("#skip-form").bounding_box(), help_panel.bounding_box()
+    assert form_box is not None and help_box is not None and help_box["y"] >= form_box["y"] + form_box["height"]
+
+    def status() -> str:
+        with env.store.engine.connect() as conn:
+            rt = t.review_tasks
+            return str(conn.execute(sa.select(rt.c.status).where(rt.c.episode_id == first)).scalar())
+
+    page.reload()  # the old view's beacon must not release the lease the new view shows
+    time.sleep(1)  # the beacon is sent at pagehide: give a wrong release the time to land
+    assert status() == "claimed"
+    page.goto("about:blank")  # leaving: the lease goes back at once
+    assert wait_until(lambda: status() == "pending"), status()
+    ctx.close()

@@ -19,16 +19,37 @@ def _settings(tmp_path: Path, url: str) -> Any:
     return load_settings(None, ["dev=true", f"database.url={url}", f"reward.models_dir={tmp_path / 'models'}"])
 
 
+def _side(n: int, cand: float, act: float | None, lo: float = 0.0, hi: float = 0.0) -> dict[str, Any]:
+    """A side report as ``side_report`` builds it: agreements, and the gain with its bounds."""
+    a = {"agreement": cand, "lo": cand - 0.05, "hi": cand + 0.05, "n_eff": n}
+    if act is None:
+        return {"n": n, "responses": n, "candidate": a, "active": None, "gain": None}
+    g = {"gain": cand - act, "lo": lo, "hi": hi, "se": 0.02, "discordant": n / 4}
+    return {"n": n, "responses": n, "candidate": a, "active": {**a, "agreement": act}, "gain": g}
+
+
 def test_gate_rules() -> None:
-    assert gate(0.70, 0.60, 0.66, 0.65, 0.02, 0.02) == (True, "passed")
-    ok, why = gate(0.61, 0.60, 0.66, 0.65, 0.02, 0.02)
-    assert not ok and "new-window" in why
-    ok, why = gate(0.70, 0.60, 0.60, 0.65, 0.02, 0.02)
-    assert not ok and "old-window" in why
-    assert gate(None, 0.6, None, None, 0.0, 0.0)[0] is False
+    # The gain must be significant (lower bound above 0) and reach the margin, on enough pairs.
+    assert gate(_side(300, 0.70, 0.60, 0.05, 0.15), _side(100, 0.66, 0.65, -0.05, 0.07), 0.02, 0.02, 100)[0] == (
+        "promote"
+    )
+    # The same point gain, with an interval that straddles 0, or on too few pairs: undecided.
+    verdict, why = gate(_side(300, 0.70, 0.60, -0.01, 0.2), None, 0.02, 0.02, 100)
+    assert verdict == "undecided" and "straddles" in why
+    verdict, why = gate(_side(60, 0.70, 0.60, 0.05, 0.15), None, 0.02, 0.02, 100)
+    assert verdict == "undecided" and "min_gate_pairs" in why
+    # Not better by the margin, surely: rejected.
+    verdict, why = gate(_side(300, 0.61, 0.60, -0.01, 0.015), None, 0.02, 0.02, 100)
+    assert verdict == "reject" and "new-window" in why
+    # A significant drop on the old window beyond max_regression: rejected; a drop not significant: undecided.
+    new = _side(300, 0.70, 0.60, 0.05, 0.15)
+    verdict, why = gate(new, _side(100, 0.60, 0.65, -0.09, -0.01), 0.02, 0.02, 100)
+    assert verdict == "reject" and "old-window" in why
+    assert gate(new, _side(100, 0.60, 0.65, -0.12, 0.02), 0.02, 0.02, 100)[0] == "undecided"
+    assert gate(None, None, 0.0, 0.0, 100)[0] == "reject"
     # No active version: the candidate must beat chance by the margin.
-    assert gate(0.55, None, None, None, 0.02, 0.0)[0] is True
-    assert gate(0.51, None, None, None, 0.02, 0.0)[0] is False
+    assert gate(_side(50, 0.55, None), None, 0.02, 0.0, 100)[0] == "promote"
+    assert gate(_side(50, 0.51, None), None, 0.02, 0.0, 100)[0] == "reject"
 
 
 def test_gate_promotes_better_and_rejects_worse(
@@ -51,7 +72,8 @@ def test_gate_promotes_better_and_rejects_worse(
     verdict = decide(
         settings, registry, trained, untrained, split, data_window={"w": 1}, train_metrics={}, metrics=metrics
     )
-    assert verdict["passed"], verdict
+    assert verdict["passed"] and verdict["verdict"] == "promote", verdict
+    assert verdict["new"]["n"] == 100 and verdict["new"]["gain"]["lo"] > 0
     active = registry.active()
     assert active is not None and active[0] == verdict["version"] and active[2] == 1
     rows = {r["version"]: r for r in registry.versions()}
@@ -61,7 +83,7 @@ def test_gate_promotes_better_and_rejects_worse(
     # A worse candidate (another untrained head) is kept but rejected; the active one stays.
     worse = type(untrained).create(untrained.config, seed=7)
     verdict2 = decide(settings, registry, worse, trained, split, data_window={}, train_metrics={}, metrics=metrics)
-    assert not verdict2["passed"]
+    assert not verdict2["passed"] and verdict2["verdict"] == "reject", verdict2
     assert registry.active() == active
     assert {r["version"]: r["status"] for r in registry.versions()}[verdict2["version"]] == "rejected"
     assert (Path(settings.reward.models_dir) / verdict2["version"]).is_dir()

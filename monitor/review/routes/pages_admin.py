@@ -11,7 +11,7 @@ from markupsafe import Markup
 
 from monitor.quality.estimates import estimate_series
 from monitor.quality.labels import label_rows
-from monitor.review import stats
+from monitor.review import guidelines, stats
 from monitor.review.chart import MAX_STREAMS, estimates_svg
 from monitor.review.context import Ctx, ReviewContext
 from monitor.review.pages import AdminSession, render
@@ -86,4 +86,5 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         flags=list(ctx.settings.review.flags),
         chart=chart(ctx, values["estimates"]),
         exports=EXPORTS,
+        guidelines=guidelines.current_versions(ctx.store),
     )

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
+from monitor.review import guidelines
 from monitor.review import queue as q
 from monitor.review.auth import Session
 from monitor.review.context import Ctx, ReviewContext
@@ -25,6 +26,8 @@ FLASHES = {
     "expired": "Your lease expired; here is the next item.",
     "gone": "That item is no longer available; here is the next item.",
     "skipped": "Skipped; the item goes back to the queue for someone else.",
+    "undone": "Your last label was withdrawn; here is the item again.",
+    "undo_late": "That label can no longer be undone.",
 }
 RATING_ANCHORS = {1: "worst", 4: "neutral", 7: "best"}
 MAX_TIME_SPENT_MS = 86_400_000
@@ -74,6 +77,7 @@ def pair_of(item: q.Item | None) -> list[dict[str, Any]]:
 def item_page(ctx: ReviewContext, session: Session, item: q.Item | None, status: int, **messages: Any) -> HTMLResponse:
     """The review page for ``item`` (None: the queue is empty); ``messages``: error, notice, form."""
     flags = list(ctx.settings.review.flags)
+    guide = guidelines.get(ctx.store, item.stream) if item is not None else None
     return render(
         "review.html",
         status,
@@ -91,12 +95,17 @@ def item_page(ctx: ReviewContext, session: Session, item: q.Item | None, status:
         lease_minutes=max(1, round(ctx.settings.review.lease_seconds / 60)),
         max_critique=q.MAX_CRITIQUE,
         max_skip=q.MAX_SKIP_REASON,
+        progress=ctx.progress(session.user),
+        guidelines=guide,
+        released=messages.get("released", False),
     )
 
 
 def review_page(ctx: ReviewContext, session: Session, status: int = 200, **messages: Any) -> Response:
     """Claim (or re-show) the reviewer's item and render it; an item that fails to render is set aside."""
-    item = ctx.claim(session.user)
+    # A page view renews a held lease: the leave beacon of an earlier view of it (a reload)
+    # then no longer matches, and does not release the lease this page shows.
+    item = None if messages.get("released") else ctx.claim(session.user, renew=True)
 
     def page() -> Response:
         return item_page(ctx, session, item, status, **messages)

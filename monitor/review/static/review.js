@@ -1,4 +1,5 @@
-// Reviewer page behaviour: keyboard shortcuts, time spent, lease countdown, help panel.
+// Reviewer page behaviour: keyboard shortcuts, time spent, lease countdown, help panel,
+// undo, and the leave beacon that gives the lease back when the reviewer goes elsewhere.
 // Loaded as a file under a strict CSP: no eval, no inline handlers, addEventListener only.
 (function () {
   "use strict";
@@ -10,6 +11,9 @@
   var help = document.getElementById("help");
   var helpToggle = document.getElementById("help-toggle");
   var lease = document.getElementById("lease");
+  var leaveForm = document.getElementById("leave-form");
+  var undoForm = document.getElementById("undo-form");
+  var staying = false; // a form of this page was submitted: the server handles the lease
 
   function elapsedMs() {
     return Math.max(0, Math.round(performance.now() - started));
@@ -28,6 +32,20 @@
       form.submit();
     }
   }
+
+  Array.prototype.forEach.call(document.forms, function (form) {
+    form.addEventListener("submit", function () {
+      staying = true;
+    });
+  });
+
+  // Leaving the page (another site, the admin page, closing the tab) gives the lease back at
+  // once. The beacon names this view's lease by its expiry: a reload renews the lease first,
+  // so the old view's beacon no longer matches it and releases nothing.
+  window.addEventListener("pagehide", function () {
+    if (staying || !leaveForm || typeof navigator.sendBeacon !== "function") return;
+    navigator.sendBeacon(leaveForm.getAttribute("action"), new URLSearchParams(new FormData(leaveForm)));
+  });
 
   [labelForm, skipForm].forEach(function (form) {
     if (!form) return;
@@ -50,8 +68,12 @@
 
   function setHelp(show) {
     if (!help) return;
+    var inside = help.contains(document.activeElement);
     help.hidden = !show;
     if (helpToggle) helpToggle.setAttribute("aria-expanded", show ? "true" : "false");
+    // Its own scroll region: focused when opened (arrow keys scroll it), focus back on close.
+    if (show) help.focus();
+    else if (inside && helpToggle) helpToggle.focus();
   }
 
   if (helpToggle) {
@@ -87,6 +109,11 @@
         ev.preventDefault();
         submit(form);
       }
+      return;
+    }
+    if (!typing && undoForm && (ev.ctrlKey || ev.metaKey) && !ev.altKey && ev.key.toLowerCase() === "z") {
+      ev.preventDefault();
+      undoForm.requestSubmit ? undoForm.requestSubmit() : undoForm.submit();
       return;
     }
     if (typing || ev.ctrlKey || ev.metaKey || ev.altKey) return;

@@ -1,0 +1,136 @@
+"""What a reviewer who labels all day needs besides the item: progress, and undo.
+
+Progress: the reviewer's labels and skips since the start of the UTC day, and the items waiting
+in the queue that they could claim (not ones they labelled, not leased by someone else).
+
+Undo: the reviewer's newest label (or skip) can be withdrawn within ``review.undo_window_s``.
+The label row is deleted, not marked: every reader of labels (estimates, agreement, exports,
+reward-model training data) then sees the queue as if it had never been submitted, with no
+filter to forget. The item goes back to the same reviewer under a fresh lease (a new fence, as a
+claim gives), and the lease they held on the next item is released: one lease at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from monitor.review.auth import User
+from monitor.review.queue import Claim, QueueError, current_guidelines_version
+from monitor.store import Store
+from monitor.store import tables as t
+
+DAY_S = 86_400
+
+
+def day_start(now: float) -> float:
+    """The start of the UTC day of ``now``."""
+    return now - now % DAY_S
+
+
+def progress(store: Store, user: User, now: float | None = None) -> dict[str, Any]:
+    """Labels and skips of ``user`` today (UTC), and the items waiting that they could claim."""
+    now = time.time() if now is None else now
+    lb, rt = t.labels, t.review_tasks
+    start = day_start(now)
+    done = sa.select(
+        sa.func.sum(sa.case((lb.c.skipped == sa.false(), 1), else_=0)),
+        sa.func.sum(sa.case((lb.c.skipped == sa.true(), 1), else_=0)),
+    ).where(lb.c.user_id == user.id, lb.c.created_at >= start)
+    mine = sa.select(lb.c.episode_id).where(lb.c.user_id == user.id)
+    waiting = (
+        sa.select(sa.func.count())
+        .select_from(rt)
+        .where(
+            sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
+            rt.c.episode_id.not_in(mine),
+        )
+    )
+    with store.engine.connect() as conn:
+        labelled, skipped = conn.execute(done).one()
+        ahead = conn.execute(waiting).scalar()
+    return {
+        "labelled_today": int(labelled or 0),
+        "skipped_today": int(skipped or 0),
+        "waiting": int(ahead or 0),
+        "day_start": start,
+    }
+
+
+def last_label(store: Store, user: User) -> Any:
+    """The reviewer's newest label row (id, episode, slot, created_at, skipped), or None."""
+    lb = t.labels
+    q = (
+        sa.select(lb.c.id, lb.c.episode_id, lb.c.slot, lb.c.created_at, lb.c.skipped)
+        .where(lb.c.user_id == user.id)
+        .order_by(lb.c.created_at.desc(), lb.c.id.desc())
+        .limit(1)
+    )
+    with store.engine.connect() as conn:
+        return conn.execute(q).first()
+
+
+def undo_left(store: Store, user: User, window_s: float, now: float | None = None) -> float:
+    """Seconds left to undo the reviewer's newest label (0: nothing to undo)."""
+    now = time.time() if now is None else now
+    row = last_label(store, user)
+    if row is None:
+        return 0.0
+    return max(0.0, float(row.created_at) + window_s - now)
+
+
+def undo(store: Store, user: User, lease_s: float, window_s: float, now: float | None = None) -> Claim:
+    """Withdraw the reviewer's newest label and lease its item back to them.
+
+    404 when they have no label; 409 when the window has passed or the item has meanwhile been
+    leased to someone else (a withdrawn skip goes back to the queue at once)."""
+    now = time.time() if now is None else now
+    lb, rt = t.labels, t.review_tasks
+    with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            # One undo or claim at a time per reviewer (see queue.claim).
+            conn.execute(sa.select(t.users.c.id).where(t.users.c.id == user.id).with_for_update())
+        row = conn.execute(
+            sa.select(lb.c.id, lb.c.episode_id, lb.c.slot, lb.c.created_at)
+            .where(lb.c.user_id == user.id)
+            .order_by(lb.c.created_at.desc(), lb.c.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            raise QueueError("there is no label to undo", 404)
+        if now - float(row.created_at) > window_s:
+            raise QueueError(f"a label can be undone for {window_s:g} seconds only", 409)
+        q = sa.select(rt).where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot)
+        task = conn.execute(q.with_for_update() if store.dialect == "postgresql" else q).first()
+        if task is None:
+            raise QueueError("no such review item", 404)
+        if task.status == "claimed" and task.lease_user_id != user.id and (task.lease_expires_at or 0) > now:
+            raise QueueError("the item is now leased to another reviewer", 409)
+        if task.status == "error":
+            raise QueueError("the item was set aside", 409)
+        # The lease on the next item goes back to the queue: one lease at a time.
+        conn.execute(
+            rt.update()
+            .where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
+            .values(status="pending", lease_user_id=None, lease_expires_at=None)
+        )
+        conn.execute(lb.delete().where(lb.c.id == row.id))
+        fence, expires = int(task.fence) + 1, now + lease_s
+        guidelines = task.guidelines_version if task.guidelines_version is not None else current_guidelines_version()
+        res = conn.execute(
+            rt.update()
+            .where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot, rt.c.fence == task.fence)
+            .values(
+                status="claimed",
+                lease_user_id=user.id,
+                lease_expires_at=expires,
+                fence=fence,
+                done_at=None,
+                guidelines_version=guidelines,
+            )
+        )
+        if res.rowcount != 1:
+            raise QueueError("the item changed meanwhile; try again", 409)
+        return Claim(row.episode_id, int(row.slot), fence, expires)
