@@ -9,6 +9,7 @@ item, in any process, in any order of calls.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -174,7 +175,7 @@ class Perturbation(Protocol):
     def apply(self, prompt: str, response: str, seed_key: str) -> Perturbed | None: ...
 
 
-class RuleBased(Generic[C]):
+class RuleBased(abc.ABC, Generic[C]):
     """Shared skeleton: find the candidate edits (``candidates``), draw one and make it
     (``rewrite``). ``applies`` is "there is a candidate", which keeps it exact: ``rewrite`` must
     succeed on any non-empty candidate list."""
@@ -182,11 +183,13 @@ class RuleBased(Generic[C]):
     kind: str = ""
     description: str = ""
 
+    @abc.abstractmethod
     def candidates(self, prompt: str, response: str) -> Sequence[C]:
-        raise NotImplementedError
+        """Every edit this perturbation could make to ``response`` (empty: it does not apply)."""
 
+    @abc.abstractmethod
     def rewrite(self, prompt: str, response: str, cands: Sequence[C], draws: Draws) -> tuple[str, dict[str, Any]]:
-        raise NotImplementedError
+        """The perturbed response and what was changed, from one of ``cands`` drawn with ``draws``."""
 
     def _usable(self, prompt: str, response: str) -> Sequence[C]:
         if len(response) > MAX_CHARS:
