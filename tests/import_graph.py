@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("monitor.store", "monitor.perturb"),
     ("monitor.pipeline",),
     ("monitor.drift", "monitor.reward"),
-    ("monitor.quality",),
+    ("monitor.quality", "monitor.assist"),
     ("monitor.review", "monitor.actions", "monitor.ingest"),
     ("monitor.service",),
     ("monitor.simulate", "monitor.cli"),

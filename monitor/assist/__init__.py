@@ -1,0 +1,42 @@
+"""Assistance for reviewers: the contract (:class:`Assistant`, :class:`Hint`) and its registry.
+
+>>> from typing import ClassVar
+>>> from monitor.assist import EpisodeView, Hint, make, register
+>>> class LengthNote:
+...     name: ClassVar[str] = "length_note"
+...     def hints(self, episode, ctx):
+...         return [Hint(assistant=self.name, kind="note", text=f"{len(episode.response)} characters")]
+>>> register("length_note", lambda params: LengthNote())
+>>> make("length_note").hints(EpisodeView("e1", "chat", "Hi", "Hello there"), None)[0].text
+'11 characters'
+"""
+
+from monitor.assist.base import (
+    MAX_HINT_CHARS,
+    MAX_HINTS,
+    Assistant,
+    AssistantFactory,
+    AssistContext,
+    EpisodeView,
+    Hint,
+    HintField,
+    HintKind,
+    make,
+    register,
+    registered,
+)
+
+__all__ = [
+    "MAX_HINTS",
+    "MAX_HINT_CHARS",
+    "AssistContext",
+    "Assistant",
+    "AssistantFactory",
+    "EpisodeView",
+    "Hint",
+    "HintField",
+    "HintKind",
+    "make",
+    "register",
+    "registered",
+]
