@@ -188,6 +188,54 @@ class ReviewStreamConfig(_Model):
     )
 
 
+class CanaryConfig(_Model):
+    """Perturbed canaries mixed blind into each reviewer's queue (monitor/perturb, monitor/quality)."""
+
+    share: float = Field(
+        0.05, ge=0, le=0.5, description="fraction of each reviewer's items that are canaries (0: none)"
+    )
+    seed: int = Field(0, description="seeds which items are canaries, their perturbation and presentation")
+    kinds: list[str] | None = Field(None, description="perturbation kinds used (default: every rule-based kind)")
+
+
+def _no_assistance() -> dict[str, list[str]]:
+    return {"none": []}
+
+
+class AssistExperimentConfig(_Model):
+    """An assistance experiment: each (reviewer, item) gets a condition by seeded randomisation,
+    and the condition names the assistants whose hints the review page shows."""
+
+    enabled: bool = False
+    name: str = Field("assist", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="stored with every label")
+    seed: int = 0
+    conditions: dict[str, list[str]] = Field(
+        default_factory=_no_assistance, description="condition -> assistants shown under it"
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="condition -> assignment weight (unset: equal weights)"
+    )
+    assistant_params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="assistant -> its parameters")
+
+    @model_validator(mode="after")
+    def _conditions(self) -> AssistExperimentConfig:
+        import re
+
+        if not self.conditions:
+            raise ValueError("an experiment needs at least one condition")
+        for c in self.conditions:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", c):
+                raise ValueError(f"condition {c!r}: use lower-case letters, digits, _ and -")
+        unknown = sorted(set(self.weights) - set(self.conditions))
+        if unknown:
+            raise ValueError(f"weights for unknown conditions: {unknown}")
+        if any(not (w >= 0) for w in self.weights.values()) or (
+            self.weights and sum(self.weights.get(c, 0.0) for c in self.conditions) <= 0
+        ):
+            raise ValueError("weights must be >= 0 with a positive total")
+        return self
+
+
 class ReviewConfig(_Model):
     secret_key: SecretStr | None = Field(None, description="signs CSRF tokens; required outside dev mode")
     host: str = "127.0.0.1"
@@ -236,6 +284,8 @@ class ReviewConfig(_Model):
     undo_window_s: float = Field(
         30.0, ge=0, le=3600, description="a reviewer may withdraw their last label for this long (0: no undo)"
     )
+    canaries: CanaryConfig = Field(default_factory=CanaryConfig)
+    assist: AssistExperimentConfig = Field(default_factory=AssistExperimentConfig)
 
     def blinding(self, stream: str) -> tuple[frozenset[str], bool]:
         """(metadata keys reviewers may see, whether they see the policy version) for a stream."""

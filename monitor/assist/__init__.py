@@ -25,6 +25,7 @@ from monitor.assist.base import (
     register,
     registered,
 )
+from monitor.assist.experiment import assign, assistants_of, condition_of, uniform
 
 __all__ = [
     "MAX_HINTS",
@@ -36,7 +37,11 @@ __all__ = [
     "Hint",
     "HintField",
     "HintKind",
+    "assign",
+    "assistants_of",
+    "condition_of",
     "make",
     "register",
     "registered",
+    "uniform",
 ]
