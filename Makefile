@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install chromium prometheus schema demo test test-slow test-all test-alibi bench lint imports clean
+.PHONY: install chromium prometheus axe schema demo test test-slow test-all test-alibi bench lint imports clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ chromium:
 prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null)
 
+# The accessibility scan (tests/review/test_axe.py) injects axe-core, from npm into .cache/axe (once: the
+# file's presence makes it a no-op). Without node/npm nothing is installed and the scan skips, saying why.
+AXE_JS := .cache/axe/node_modules/axe-core/axe.min.js
+axe:
+	@test -f $(AXE_JS) || ! command -v npm >/dev/null 2>&1 || npm install --prefix .cache/axe --no-audit --no-fund --silent axe-core@4
+
 # The `config:` part of helm/oversight/values.schema.json comes from the service's Settings: run this after
 # changing a setting (tests/deploy/test_helm.py fails until the committed schema matches).
 schema: install
@@ -46,13 +52,13 @@ schema: install
 # `make test` stays under 20 minutes on 2 cores: the slow end-to-end tests (marked `slow`:
 # closed loop with kill -9, browser, Kafka crash, live Prometheus, demo) run in `make test-slow`,
 # and CI (.ci/run) runs both.
-test: install chromium prometheus
+test: install chromium prometheus axe
 	$(BIN)/python -m pytest -m "not slow and not alibi" $(PYTEST_ARGS)
 
-test-slow: install chromium prometheus
+test-slow: install chromium prometheus axe
 	$(BIN)/python -m pytest -m "slow and not alibi" $(PYTEST_ARGS)
 
-test-all: install chromium prometheus
+test-all: install chromium prometheus axe
 	$(BIN)/python -m pytest -m "not alibi" $(PYTEST_ARGS)
 
 # alibi-detect (the `alibi` extra, BSL 1.1) is no part of the default install nor of .venv: it needs
@@ -91,4 +97,4 @@ imports: install
 	$(BIN)/python tests/import_graph.py
 
 clean:
-	rm -rf $(VENV) $(ALIBI_VENV) .oversight-demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(ALIBI_VENV) .cache/axe .oversight-demo .pytest_cache .mypy_cache .ruff_cache build *.egg-info

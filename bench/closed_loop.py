@@ -25,7 +25,9 @@ episodes), human labels of the new traffic before the update, alarm -> promoted 
 (wall seconds on this CPU, of which training), pairwise agreement with held-out judge pairs of
 the new distribution before and after the update, the Horvitz-Thompson estimate of the mean
 answer before and after the alarm with its 95% interval against the true mean, retraining
-requests per incident, and whether the reward-hacking alarm fired. Prints a table and one JSON line.
+requests per incident, and whether the reward-hacking alarm fired; for the new distribution also
+"the longer answer wins" on the same held-out pairs as the agreements (``longer_wins_new``), the
+bar an overseer has to clear. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -150,7 +152,23 @@ def run(name: str, work: Path) -> dict[str, Any]:
     report = run_simulation(settings, str(data), progress=False)
     seconds = time.perf_counter() - t0
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-    return summarise(name, report, change, seconds)
+    return {**summarise(name, report, change, seconds), **length_on_new(settings, str(data), report)}
+
+
+def length_on_new(settings: Any, data: str, report: dict[str, Any]) -> dict[str, Any]:
+    """How "the longer answer wins" does on the very pairs ``agreement_new`` is measured on: the simulation's
+    own held-out answer-key pairs (prompts the update never trains on) with an answer served after
+    the stream's first alarm, rebuilt from the episode file the same way the report builds them."""
+    from monitor.reward.train import length_baseline
+    from monitor.simulate.loop import Truth
+
+    truth = Truth.load(data, settings.simulate.answer_key, settings.source.max_episode_bytes)
+    # The report's events carry the alarm episode, whose event time is the change point it uses.
+    since: dict[str, float] = {}
+    for ev in sorted(report["drift_events"], key=lambda e: e["index"]):
+        since.setdefault(ev["stream"], truth.episodes[ev["episode_id"]]["ts"])
+    pairs = truth.eval_pairs(settings.reward.update.holdout_fraction, settings.simulate.eval_margin, since)["new"]
+    return {"longer_wins_new": round(length_baseline(pairs), 4) if pairs else None, "n_eval_new": len(pairs)}
 
 
 def summarise(name: str, r: dict[str, Any], change: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -222,6 +240,12 @@ def main() -> int:
             f"{_fmt(r['agreement_new_before']):>15}{_fmt(r['agreement_new_after']):>7}"
             f"{_fmt(r['agreement_old_before'], 2) + '/' + _fmt(r['agreement_old_after'], 2):>12}"
             f"{r['retrain_requests']:>8}{'yes' if r['reward_hacking_alarm'] else 'no':>8}"
+        )
+    print("\nAfter the change, held-out prompts (pairs with an answer served after the alarm):")
+    for r in rows:
+        print(
+            f"  {r['scenario']:<16}starting version {_fmt(r['agreement_new_before'])}  "
+            f"promoted {_fmt(r['agreement_new_after'])}  longer wins {_fmt(r['longer_wins_new'])}  n={r['n_eval_new']}"
         )
     print("\nHorvitz-Thompson estimate of the mean answer in chat (95% CI) vs the true mean:")
     for r in rows:

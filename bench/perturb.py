@@ -5,6 +5,10 @@ and (optionally) a reward model's sensitivity per kind.
     python bench/perturb.py --rm DIR [--rm-items 40]         # sensitivity of a saved reward model
     python bench/perturb.py --train-rm hh_rlhf [--rm-items 40] # train one first (bundled HH pairs, ~1-2 min CPU)
 
+The reward model's sensitivity is measured on the gate's probe set (``monitor.reward.sensitivity``,
+bundled texts, ``--seed``, ``--rm-items`` pairs per kind), per kind with its Wilson interval, and
+the kinds it cannot see (upper bound below 0.5) are named.
+
 Texts: every valid episode of ``monitor/data/demo-traffic.jsonl.gz`` (AlpacaEval answers) and both
 answers of each pair of ``monitor/data/hh-harmless-400.jsonl.gz`` (HH-RLHF). Per kind: the share of
 texts it applies to (per corpus), the mean characters changed (removed + inserted), the time per
@@ -110,8 +114,8 @@ def better_counts(texts: list[tuple[str, str, str, str]]) -> dict[str, int]:
     return counts
 
 
-def rm_sensitivity(items: list[Any], args: argparse.Namespace) -> dict[str, Any]:
-    from monitor.perturb import sensitivity
+def rm_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
+    from monitor.reward import sensitivity as rs
     from monitor.reward.model import RewardModel
 
     t0 = time.perf_counter()
@@ -128,24 +132,17 @@ def rm_sensitivity(items: list[Any], args: argparse.Namespace) -> dict[str, Any]
         model, _ = train(pairs, load_train_config(None, []), progress=False, description="bench perturb")
         origin = f"trained on {args.train_rm} ({len(pairs)} pairs)"
     load_s = time.perf_counter() - t0
-    per_kind: dict[str, list[Any]] = {}
-    for it in items:
-        per_kind.setdefault(it.kind, []).append(it)
-    # Every n-th item of each kind, so the subsample spans the corpus.
-    chosen = [
-        it for group in per_kind.values() for it in group[:: max(1, len(group) // args.rm_items)][: args.rm_items]
-    ]
-
-    def score(texts: Any) -> list[float]:
-        return model.score([p for p, _ in texts], [r for _, r in texts])
-
+    # The probe set the gate and `oversight rm sensitivity` use (monitor/reward/sensitivity.py), on
+    # the bundled texts: the same pairs, so these numbers are the ones a gate would record.
+    chosen = rs.probe_set(None, seed=args.seed, per_kind=args.rm_items)
     t1 = time.perf_counter()
-    result = sensitivity(score, chosen)
+    rows = rs.table(rs.measure(model, chosen).per_kind)
     return {
         "model": origin,
         "load_or_train_s": round(load_s, 1),
         "score_s": round(time.perf_counter() - t1, 1),
-        "per_kind": {k: v.to_dict() for k, v in result.items()},
+        "per_kind": rows,
+        "blind_spots": rs.blind_spots(rows),
     }
 
 
@@ -160,11 +157,11 @@ def main() -> int:
     args = ap.parse_args()
 
     texts = load_texts()
-    report, items = run_kinds(texts, args.seed, args.examples)
+    report, _ = run_kinds(texts, args.seed, args.examples)
     out: dict[str, Any] = {"bench": "perturb", "seed": args.seed, "texts": len(texts), "kinds": report}
     out["better"] = better_counts(texts)
     if args.rm or args.train_rm:
-        out["rm_sensitivity"] = rm_sensitivity(items, args)
+        out["rm_sensitivity"] = rm_sensitivity(args)
     if not args.json:
         print(f"{len(texts)} texts, seed {args.seed}")
         print(f"{'kind':24} {'alpaca_eval':>11} {'hh_rlhf':>8} {'chars':>7} {'us/text':>8}")
@@ -183,8 +180,12 @@ def main() -> int:
             rs = out["rm_sensitivity"]
             print(f"reward model ({rs['model']}; {rs['load_or_train_s']} s to get, {rs['score_s']} s to score):")
             for kind, s in rs["per_kind"].items():
+                if not s["n"]:
+                    print(f"  {kind:24}   0/0   (no probe pairs)")
+                    continue
                 ci = f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
                 print(f"  {kind:24} {s['detected']:>3}/{s['n']:<3} {s['rate']:.2f} {ci}")
+            print(f"  cannot see (95% upper bound below 0.5): {', '.join(rs['blind_spots']) or 'none'}")
     print(json.dumps(out))
     return 0
 

@@ -11,7 +11,13 @@ Called by ``bench/rm_score.py`` (a section per kind) and runnable alone:
   model behind them): these numbers measure the client's own cost (request building, JSON,
   retries machinery, concurrency), not a real judge's latency, and are labelled ``standin``.
 
-Latency: median wall time of one item scored alone; throughput: texts/s over the whole list.
+Latency: median and 95th percentile wall time of one item scored alone; throughput: texts/s over
+the whole list.
+
+A second section gives the stand-in servers a simulated latency (``--server-ms``, 50 ms by default:
+each request sleeps that long on the server) and scores with ``resilience.concurrency`` 1, 4 and
+16, the judge one item per request and the JSON endpoint unbatched and batched: what the
+concurrency limit buys against a slow endpoint (ideal: concurrency / latency requests per second).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def _measure(backend: Any, items: list[Any], single: int = 20) -> dict[str, floa
     return {
         "texts_per_s": round(len(items) / total, 1),
         "latency_ms_p50": round(1000 * statistics.median(lat), 2),
+        "latency_ms_p95": round(1000 * statistics.quantiles(lat, n=20, method="inclusive")[-1], 2),
         "failed": sum(1 for s in scores if not s.ok),
     }
 
@@ -86,7 +93,40 @@ def _remote(items: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def kinds_section(prompts: list[str], responses: list[str]) -> list[dict[str, Any]]:
+def slow_section(items: list[Any], server_ms: float) -> list[dict[str, Any]]:
+    """judge and http against stand-ins that take ``server_ms`` per request, per concurrency limit."""
+    from prometheus_client import CollectorRegistry
+    from standin import chat_answer, json_answer, serve
+
+    from monitor.reward.kinds.config import HttpJsonConfig, JudgeConfig, ResilienceConfig
+    from monitor.reward.kinds.http_json import HttpJsonBackend
+    from monitor.reward.kinds.judge import JudgeBackend
+    from monitor.reward.kinds.resilience import BackendMetrics
+
+    out: list[dict[str, Any]] = []
+    m = BackendMetrics.on(CollectorRegistry())
+    items = items[:64]
+    for conc in (1, 4, 16):
+        res = ResilienceConfig(concurrency=conc, timeout_s=5.0)
+        for server in serve(chat_answer):
+            server.script.mode, server.script.delay = "slow", server_ms / 1000
+            j = JudgeBackend(JudgeConfig(base_url=f"{server.url}/v1", model="standin", resilience=res), "j", m)
+            out.append({"kind": "judge", "server_ms": server_ms, "concurrency": conc, **_measure(j, items, 10)})
+            j.close()
+        for batched in (False, True):
+            for server in serve(json_answer):
+                server.script.mode, server.script.delay = "slow", server_ms / 1000
+                cfg = HttpJsonConfig(
+                    url=f"{server.url}/score", score_path="outputs.0.data", batched=batched, max_batch=8, resilience=res
+                )
+                h = HttpJsonBackend(cfg, "h", m)
+                row = {"kind": "http", "batch": 8 if batched else 1, "server_ms": server_ms, "concurrency": conc}
+                out.append({**row, **_measure(h, items, 10)})
+                h.close()
+    return out
+
+
+def kinds_section(prompts: list[str], responses: list[str], server_ms: float = 50.0) -> list[dict[str, Any]]:
     from monitor.reward.kinds import Item
 
     items = [Item(p, r) for p, r in zip(prompts, responses, strict=True)]
@@ -94,7 +134,20 @@ def kinds_section(prompts: list[str], responses: list[str]) -> list[dict[str, An
         results = [_hf(items, Path(tmp)), *_remote(items)]
     for r in results:
         label = f"{r['kind']}" + (" (stand-in server, no model)" if r.get("target") == "standin" else "")
-        print(f"  {label}: {r['texts_per_s']} texts/s, one item {r['latency_ms_p50']} ms (p50), failed {r['failed']}")
+        print(
+            f"  {label}: {r['texts_per_s']} texts/s, one item {r['latency_ms_p50']} ms p50 / "
+            f"{r['latency_ms_p95']} ms p95, failed {r['failed']}"
+        )
+    if server_ms > 0:
+        print(f"  stand-in servers with {server_ms:.0f} ms simulated latency per request:")
+        slow = slow_section(items, server_ms)
+        for r in slow:
+            what = r["kind"] + (f" batch {r['batch']}" if "batch" in r else "")
+            print(
+                f"    {what}, concurrency {r['concurrency']}: {r['texts_per_s']} texts/s, one item "
+                f"{r['latency_ms_p50']} ms p50 / {r['latency_ms_p95']} ms p95, failed {r['failed']}"
+            )
+        results += [{**r, "target": "standin-slow"} for r in slow]
     return results
 
 
@@ -106,9 +159,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--texts", type=int, default=256)
+    ap.add_argument("--server-ms", type=float, default=50.0, help="simulated stand-in latency (0: skip that section)")
     args = ap.parse_args()
     rows = [r for rs in load_alpaca_eval(shared_data("alpaca_eval")).values() for r in rs][: args.texts]
-    out = kinds_section([r["instruction"] for r in rows], [r["output"] for r in rows])
+    out = kinds_section([r["instruction"] for r in rows], [r["output"] for r in rows], args.server_ms)
     print(json.dumps({"bench": "rm_score_kinds", "texts": len(rows), "kinds": out}))
     return 0
 

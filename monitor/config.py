@@ -196,6 +196,23 @@ class CanaryConfig(_Model):
     )
     seed: int = Field(0, description="seeds which items are canaries, their perturbation and presentation")
     kinds: list[str] | None = Field(None, description="perturbation kinds used (default: every rule-based kind)")
+    min_detection_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a reviewer whose detection rate of a kind is below this with confidence (the Wilson upper"
+        " bound below it) is marked low (oversight_reviewer_detection_low, alert OversightReviewerDetectionLow)",
+    )
+    window_days: float = Field(28.0, gt=0, description="canary labels of the last this many days feed the metrics")
+    max_metric_reviewers: int = Field(
+        50,
+        ge=1,
+        le=1000,
+        description="reviewers with their own metric series (most canary labels first); the rest are summed as _other",
+    )
+    source_window: int = Field(
+        500, ge=1, le=100_000, description="canaries are made from the newest this many labelled items"
+    )
 
 
 def _no_assistance() -> dict[str, list[str]]:
@@ -216,6 +233,9 @@ class AssistExperimentConfig(_Model):
         default_factory=dict, description="condition -> assignment weight (unset: equal weights)"
     )
     assistant_params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="assistant -> its parameters")
+    timeout_s: float = Field(
+        2.0, gt=0, le=30, description="seconds the review page waits for an item's hints (a late assistant shows none)"
+    )
 
     @model_validator(mode="after")
     def _conditions(self) -> AssistExperimentConfig:
@@ -474,6 +494,22 @@ class RewardUpdateConfig(_Model):
     gate_confidence: float = Field(
         0.95, gt=0.5, lt=1, description="one-sided confidence of each bound of the gate's intervals"
     )
+    # Sensitivity per perturbation kind (monitor/reward/sensitivity.py): the candidate and the active
+    # version score the same seeded probe pairs; a significant loss beyond the tolerance refuses.
+    sensitivity_pairs: int = Field(
+        40, ge=0, le=1000, description="probe pairs per perturbation kind scored at the gate (0: not measured)"
+    )
+    sensitivity_min_pairs: int = Field(
+        20, ge=1, description="probe pairs a kind needs before a loss of sensitivity on it can refuse a candidate"
+    )
+    max_sensitivity_loss: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="refuse a candidate whose detection rate on any kind drops by more than this (absolute) with"
+        " its lower bound above 0; null: measured and reported, never refuses",
+    )
+    sensitivity_seed: int = Field(0, description="seeds the probe set (which texts, which edits)")
 
 
 class RewardConfig(_Model):
@@ -538,6 +574,10 @@ class ActionsConfig(_Model):
         default_factory=lambda: list[UpdateSink](["local"]),
         description="'local': the embedded worker trains, gates and promotes; others hand the request to a trainer",
     )
+    rm_training_sinks: list[RetrainSink] = Field(
+        default_factory=lambda: list[RetrainSink](["log"]),
+        description="sinks for reward-model training requests of a brought-in judge/http kind (its owner retrains it)",
+    )
     oversight_window: int = Field(
         200, ge=10, description="scored episodes per span in the reward-hacking comparison and agreement window"
     )
@@ -591,6 +631,24 @@ class SimulateConfig(_Model):
     bootstrap_train: dict[str, Any] = Field(default_factory=dict, description="training overrides for that model")
     eval_margin: float = Field(
         1.0, ge=0, description="judge log-odds margin below which two responses make no evaluation pair"
+    )
+    # Canaries (review.canaries): how the simulated reviewers answer them. The simulation's oracle is
+    # the canaries table (like the truth key for real items): a reviewer looks up what a canary is.
+    sensitivity: dict[str, float] = Field(
+        default_factory=dict,
+        description="perturbation kind -> probability a simulated reviewer detects it (flags it, rates it 1,"
+        " prefers the original of a pair); unset kinds: default_sensitivity",
+    )
+    default_sensitivity: float = Field(0.7, ge=0, le=1, description="detection probability of unlisted kinds")
+    false_flag_rate: float = Field(
+        0.05, ge=0, le=1, description="probability a simulated reviewer flags an unperturbed canary original"
+    )
+    assist_gain: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="added to the detection probability (clipped to [0, 1]) when the item's assistance condition"
+        " shows at least one assistant",
     )
 
     @field_validator("cutpoints")
@@ -646,6 +704,23 @@ class _DictSource(PydanticBaseSettingsSource):
         return _LOAD.get()[self._which]
 
 
+class QualityConfig(_Model):
+    """How labels become estimates (monitor/quality)."""
+
+    reliability_weighting: bool = Field(
+        False,
+        description="weight each reviewer's ratings by an estimated reliability (per-reviewer bias and noise,"
+        " fitted by EM on overlapping labels) in the quality estimates and reward-model training data",
+    )
+    reliability_prior_labels: float = Field(
+        5.0,
+        gt=0,
+        le=1000,
+        description="each reviewer's bias and noise are shrunk towards none and the pooled noise with a prior"
+        " worth this many overlapping labels",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OVERSIGHT_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
@@ -666,6 +741,7 @@ class Settings(BaseSettings):
     actions: ActionsConfig = ActionsConfig()
     simulate: SimulateConfig = SimulateConfig()
     ingest: IngestConfig = IngestConfig()
+    quality: QualityConfig = QualityConfig()
 
     @classmethod
     def settings_customise_sources(

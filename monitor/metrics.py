@@ -7,6 +7,7 @@ distinct streams, further ones share the label ``_other``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -184,6 +185,56 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        # Sensitivity per perturbation kind (monitor/reward/sensitivity.py), computed when a version
+        # is gated, promoted or first seen active, never per episode. Versions are bounded: one per
+        # role (active, candidate), set through set_rm_sensitivity.
+        self.rm_sensitivity = Gauge(
+            "rm_sensitivity",
+            "Share of perturbed/original probe pairs in which a reward-model version scores the worse"
+            " version lower, by version and perturbation kind (0 with rm_sensitivity_pairs 0: not measured)",
+            ["version", "kind"],
+            namespace=NS,
+            registry=r,
+        )
+        self.rm_sensitivity_pairs = Gauge(
+            "rm_sensitivity_pairs",
+            "Probe pairs behind rm_sensitivity, by version and perturbation kind",
+            ["version", "kind"],
+            namespace=NS,
+            registry=r,
+        )
+        self._rm_sensitivity_roles: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def set_rm_sensitivity(self, role: str, version: str, values: dict[str, tuple[float, int]]) -> None:
+        """Publish a version's (rate, pairs) per kind under ``role``, dropping the series of the
+        version the role held before (unless another role still holds it)."""
+        with self._lock:
+            old = self._rm_sensitivity_roles.get(role)
+            self._rm_sensitivity_roles[role] = (version, tuple(values))
+            self._drop_rm_sensitivity(old)
+            for kind, (rate, n) in values.items():
+                self.rm_sensitivity.labels(version, kind).set(rate)
+                self.rm_sensitivity_pairs.labels(version, kind).set(n)
+
+    def rm_sensitivity_version(self, role: str) -> str | None:
+        """The version whose sensitivity ``role`` shows (None: none published)."""
+        with self._lock:
+            held = self._rm_sensitivity_roles.get(role)
+        return None if held is None else held[0]
+
+    def clear_rm_sensitivity(self, role: str) -> None:
+        """The role holds no version any more (a candidate decided): drop its series."""
+        with self._lock:
+            self._drop_rm_sensitivity(self._rm_sensitivity_roles.pop(role, None))
+
+    def _drop_rm_sensitivity(self, old: tuple[str, tuple[str, ...]] | None) -> None:
+        """Remove a version's series unless a role still holds it (the caller holds the lock)."""
+        if old is None or any(v == old[0] for v, _ in self._rm_sensitivity_roles.values()):
+            return
+        for kind in old[1]:
+            for g in (self.rm_sensitivity, self.rm_sensitivity_pairs):
+                with contextlib.suppress(KeyError):
+                    g.remove(old[0], kind)
 
     def _oversight_metrics(self, r: CollectorRegistry) -> None:
         """Oversight: the quality estimate, the reward-hacking flag and action requests."""

@@ -28,7 +28,7 @@ OVERSIGHT = str(Path(sys.executable).parent / "oversight")
 REPO = Path(__file__).resolve().parent.parent
 # Nothing listens on port 1: the connection is refused at once.
 UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/none"
-ERROR_LINE = re.compile(r"^oversight( [a-z]+)*: error: \S")
+ERROR_LINE = re.compile(r"^oversight( [a-z][a-z-]*)*: error: \S")
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR) ")
 # Values for required arguments that the command validates before it touches anything else.
 VALID = {"--quantity": "response_chars"}
@@ -506,3 +506,18 @@ def test_the_cli_imports_no_private_names() -> None:
         if name.startswith("_") and name != "__version__"
     ]
     assert not offenders
+
+
+def test_an_assistance_experiment_naming_an_unknown_assistant_fails_the_check() -> None:
+    res = run(
+        "config",
+        "check",
+        "--offline",
+        "--dev",
+        "--set",
+        "review.assist.enabled=true",
+        "--set",
+        "review.assist.conditions={a: [], b: [rm_scores]}",
+    )
+    line = one_error_line(res)
+    assert res.returncode == 2 and "unknown assistants ['rm_scores']" in line and "rm_score" in line

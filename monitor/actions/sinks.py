@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("monitor.actions")
 
-KINDS = ("retrain", "rm_update")
+# rm_training: a brought-in remote reward model asks its owner's pipeline to retrain (monitor/reward/kinds/updates.py).
+KINDS = ("retrain", "rm_update", "rm_training")
 SCHEMA_VERSION = 1
 IDEMPOTENCY_HEADER = "oversight.idempotency_key"
 KIND_HEADER = "oversight.kind"
@@ -49,7 +50,11 @@ LABEL_PREFIX = "oversight.io/"
 # container under another prefix.
 ENV_PREFIX = "ACTION_REQUEST_"
 MAX_ENV_PAYLOAD_BYTES = 32 * 1024
-JOB_TEMPLATES = {"rm_update": "rm-update-job.yaml", "retrain": "retrain-job.yaml"}
+JOB_TEMPLATES = {
+    "rm_update": "rm-update-job.yaml",
+    "retrain": "retrain-job.yaml",
+    "rm_training": "rm-training-job.yaml",
+}
 SINK_NAMES = ("kafka", "webhook", "kubernetes", "log")
 
 

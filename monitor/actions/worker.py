@@ -62,6 +62,7 @@ class ActionWorker:
                 metrics.incidents.labels(outcome)
             metrics.incident_limit.set(a.max_requests_per_stream_per_day)
         self.errors = 0
+        self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
 
     # -- incidents ------------------------------------------------------------------
     def ingest_events(self) -> int:
@@ -280,6 +281,7 @@ class ActionWorker:
         for kind, names in (
             ("retrain", a.retrain_sinks),
             ("rm_update", [s for s in a.rm_update_sinks if s != "local"]),
+            ("rm_training", a.rm_training_sinks),
         ):
             if names and not (kind == "rm_update" and "local" in a.rm_update_sinks):
                 n += dispatch_pending(self.store, self.settings, kind, make_sinks(names, self.settings), self.metrics)
@@ -293,11 +295,29 @@ class ActionWorker:
 
         active = Registry.for_settings(self.store, self.settings).active()
         self.oversight = oversight.compute(
-            self.store, None if active is None else active[0], window=self.settings.actions.oversight_window
+            self.store,
+            None if active is None else active[0],
+            window=self.settings.actions.oversight_window,
+            reliability_weighting=self.settings.quality.reliability_weighting,
+            prior_labels=self.settings.quality.reliability_prior_labels,
         )
         if self.metrics is not None:
             oversight.publish(self.metrics, self.oversight)
+            if active is not None and active[0] not in self.sensitivity_failed:
+                self.refresh_sensitivity(active[0])
         return self.oversight
+
+    def refresh_sensitivity(self, version: str) -> None:
+        """The active version's sensitivity per perturbation kind, once per version (gate record,
+        else measured). A version that cannot be measured is logged once, not retried each round."""
+        from monitor.reward import sensitivity
+
+        assert self.metrics is not None
+        try:
+            sensitivity.refresh_active(self.metrics, self.settings, self.store)
+        except Exception as e:  # a broken version folder must not stop the other gauges
+            self.sensitivity_failed.add(version)
+            log.warning("cannot measure the sensitivity of reward-model version %s: %s", version, first_line(e))
 
     def run_once(self) -> None:
         self.ingest_events()

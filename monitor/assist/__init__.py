@@ -25,12 +25,19 @@ from monitor.assist.base import (
     register,
     registered,
 )
+from monitor.assist.builtin import BUILTIN, register_builtins
 from monitor.assist.experiment import assign, assistants_of, condition_of, uniform
+from monitor.assist.run import Assistance, check_experiment, used_assistants
+
+# The built-in assistants (rm_score, drift_signals, neighbours) are there for every importer.
+register_builtins()
 
 __all__ = [
+    "BUILTIN",
     "MAX_HINTS",
     "MAX_HINT_CHARS",
     "AssistContext",
+    "Assistance",
     "Assistant",
     "AssistantFactory",
     "EpisodeView",
@@ -39,9 +46,12 @@ __all__ = [
     "HintKind",
     "assign",
     "assistants_of",
+    "check_experiment",
     "condition_of",
     "make",
     "register",
+    "register_builtins",
     "registered",
     "uniform",
+    "used_assistants",
 ]

@@ -144,6 +144,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.sampling_key()
     settings.sampling_policy()
+    if settings.review.assist.enabled:
+        from monitor.assist import check_experiment
+
+        check_experiment(settings.review.assist)  # an unknown assistant or bad parameters: exit 2
     notes: list[str] = []
     try:
         settings.review_secret()

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from monitor.cli import admin, importing, ingest, pipeline, query, rm, users
+from monitor.cli import admin, importing, ingest, pipeline, query, reviewers, rm, rm_sensitivity, users
 from monitor.cli.common import (
     EXIT_ABORTED,
     EXIT_BROKEN_PIPE,
@@ -49,14 +49,17 @@ COMMANDS: tuple[Command, ...] = (
     *pipeline.COMMANDS,
     *query.ESTIMATE,
     *users.COMMANDS,
+    *reviewers.COMMANDS,
     *ingest.COMMANDS,
     *importing.COMMANDS,
     *query.DRIFT,
     *rm.COMMANDS,
+    *rm_sensitivity.COMMANDS,
     *admin.COMMANDS,
 )
 GROUPS = {
     "users": "review users and their API tokens",
+    "reviewers": "reviewer quality from canaries, and the assistance experiment",
     "drift": "drift events and re-referencing",
     "rm": "reward model: preference pairs, training, evaluation, versions, updates",
     "db": "database migrations",

@@ -285,6 +285,18 @@ def print_gate(verdict: Any) -> None:
         print(render_gate(verdict), file=sys.stderr)
 
 
+def cmd_rm_score_backlog(args: argparse.Namespace) -> int:
+    from monitor.cli.rm_kinds import cmd_rm_score_backlog as run
+
+    return run(args)
+
+
+def backlog_arguments(p: argparse.ArgumentParser) -> None:
+    from monitor.cli.rm_kinds import backlog_arguments as add
+
+    add(p)
+
+
 def cmd_rm_versions(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     store = open_existing_store(settings)
@@ -430,6 +442,13 @@ COMMANDS = (
         register_arguments,
     ),
     Command(("rm", "versions"), "list registered versions (JSON lines) and the active one", cmd_rm_versions),
+    Command(
+        ("rm", "score-backlog"),
+        "score sampled episodes still without a reward-model score (a remote kind's backlog) now",
+        cmd_rm_score_backlog,
+        backlog_arguments,
+        ("settings", "db", "progress"),
+    ),
     Command(
         ("rm", "requests"),
         "list reward-model update and retraining requests (JSON lines)",

@@ -106,3 +106,71 @@ def gate(args: argparse.Namespace, settings: Settings, store: Store, version: st
     except (UpdateError, BackendError) as e:
         raise CommandFailed(f"gate could not decide; {version} stays a candidate: {e}") from None
     return json.loads(json.dumps(verdict, default=str))  # type: ignore[no-any-return]
+
+
+def backlog_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", help="only episodes of this stream")
+    p.add_argument("--limit", type=int, help="try at most this many episodes (the oldest first); the rest are deferred")
+    p.add_argument("--batch", type=int, default=32, help="episodes fetched and sent per round (default 32)")
+    p.add_argument(
+        "--version",
+        help="score with this registered version instead of the active one (its scores carry its version id)",
+    )
+
+
+def cmd_rm_score_backlog(args: argparse.Namespace) -> int:
+    """Score sampled episodes still without a reward-model score (a remote kind's backlog) now.
+    Prints one JSON object (scored, failed, deferred, waiting, version); exit 0 when nothing failed,
+    1 when some items failed and still wait, 2 on bad usage."""
+    import sys
+
+    from monitor.cli.common import open_existing_store, progress_of, settings_from_args
+    from monitor.reward.kinds import BackendError, load_backend
+    from monitor.reward.kinds.background import backlog_count, score_backlog
+    from monitor.reward.kinds.resilience import BackendMetrics
+    from monitor.reward.registry import Registry
+
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    settings = settings_from_args(args)
+    store = open_existing_store(settings)
+    try:
+        registry = Registry.for_settings(store, settings)
+        if args.version:
+            if registry.get(args.version) is None:
+                raise CommandFailed(f"no registered version {args.version}")
+            version, path = args.version, registry.path_of(args.version)
+        else:
+            active = registry.active()
+            if active is None:
+                raise CommandFailed("no active reward-model version (rm register --activate, or --version)")
+            version, path = active[0], active[1]
+        before = backlog_count(store, args.stream)
+        try:
+            backend = load_backend(path, device=settings.reward.device, batch_size=settings.reward.batch_size)
+        except (BackendError, OSError, ValueError) as e:
+            raise CommandFailed(f"cannot load {version}: {str(e).splitlines()[0]}") from None
+        show = progress_of(args)
+
+        def progress(c: dict[str, int]) -> None:
+            if show:
+                print(f"scored {c['scored']}, failed {c['failed']} of {before} waiting", file=sys.stderr, flush=True)
+
+        try:
+            counts = score_backlog(
+                store,
+                backend,
+                BackendMetrics.on(None),
+                batch=args.batch,
+                stream=args.stream,
+                limit=args.limit,
+                progress=progress,
+            )
+        finally:
+            backend.close()
+    finally:
+        store.close()
+    print(json.dumps({**counts, "version": version, "stream": args.stream, "before": before}, sort_keys=True))
+    return 1 if counts["failed"] else 0

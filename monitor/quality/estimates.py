@@ -20,7 +20,7 @@ from typing import Any
 
 from monitor.quality.labels import label_rows, per_item
 from monitor.store import Store
-from sampling import horvitz_thompson
+from sampling import horvitz_thompson, reliability
 
 BUILTIN_QUANTITIES = ("response_chars", "prompt_chars", "empty_response")
 RATE_BOUNDS = (0.0, 1.0)
@@ -117,31 +117,56 @@ def finite(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def estimates(store: Store, flags: list[str], rows: list[Any] | None = None) -> list[dict[str, Any]]:
+def estimates(
+    store: Store,
+    flags: list[str],
+    rows: list[Any] | None = None,
+    *,
+    reliability_weighting: bool = False,
+    prior_labels: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Per stream: the rating estimate and the flag rates over all traffic.
+
+    With ``reliability_weighting`` (``quality.reliability_weighting``) an item's rating is its
+    calibrated value (``sampling.reliability``: each reviewer's bias removed, ratings weighted by
+    their precision) instead of the plain mean; the stream then also reports ``rating_unweighted``
+    (the estimate without weighting, to show the effect) and ``reliability`` (the fit)."""
     rows = label_rows(store) if rows is None else rows
     by_stream: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for it in per_item(rows).values():
-        by_stream[it["stream"]].append(it)
+    for eid, it in per_item(rows).items():
+        by_stream[it["stream"]].append({**it, "episode_id": eid})
+    rel = (
+        reliability.fit(
+            [(r.episode_id, r.user_id, float(r.rating)) for r in rows if not r.skipped and r.rating is not None],
+            prior_labels=prior_labels,
+            bounds=RATING_BOUNDS,
+        )
+        if reliability_weighting
+        else None
+    )
+    calibrated = None if rel is None else rel.items
     out = []
     for stream in sorted(by_stream):
         items = by_stream[stream]
         probs = [it["p"] for it in items]
-        rating = horvitz_thompson(
-            [statistics.fmean(r for r, _ in it["labels"]) for it in items], probs, bounds=RATING_BOUNDS
-        )
+        plain = [statistics.fmean(r for r, _ in it["labels"]) for it in items]
+        values = plain if calibrated is None else [calibrated[it["episode_id"]] for it in items]
+        rating = horvitz_thompson(values, probs, bounds=RATING_BOUNDS)
         flag_est = {}
         for f in flags:
             vals = [sum(1 for _, fl in it["labels"] if f in fl) / len(it["labels"]) for it in items]
             flag_est[f] = finite(horvitz_thompson(vals, probs, bounds=FLAG_BOUNDS).to_dict())
-        out.append(
-            {
-                "stream": stream,
-                "population": store.traffic_count(stream),
-                "n_labelled": len(items),
-                "rating": finite(rating.to_dict()),
-                "flags": flag_est,
-            }
-        )
+        row: dict[str, Any] = {
+            "stream": stream,
+            "population": store.traffic_count(stream),
+            "n_labelled": len(items),
+            "rating": finite(rating.to_dict()),
+            "flags": flag_est,
+        }
+        if rel is not None:
+            row["rating_unweighted"] = finite(horvitz_thompson(plain, probs, bounds=RATING_BOUNDS).to_dict())
+            row["reliability"] = {"weighted": True, **rel.to_dict()}
+        out.append(row)
     return out
 
 

@@ -57,10 +57,17 @@ def _concordance(items: list[tuple[float, float]]) -> tuple[float | None, int]:
     return (good / n if n else None), n
 
 
-def compute(store: Store, version: str | None, window: int = 200) -> dict[str, dict[str, Any]]:
+def compute(
+    store: Store,
+    version: str | None,
+    window: int = 200,
+    *,
+    reliability_weighting: bool = False,
+    prior_labels: float = 5.0,
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     rows = label_rows(store)
-    for est in estimates(store, [], rows):
+    for est in estimates(store, [], rows, reliability_weighting=reliability_weighting, prior_labels=prior_labels):
         out[est["stream"]]["quality"] = est["rating"]
     if version is None:
         return dict(out)

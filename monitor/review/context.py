@@ -18,8 +18,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 
+from monitor.assist import Assistance, AssistContext, Hint
 from monitor.config import Settings
-from monitor.review import auth, queue, workday
+from monitor.review import auth, canary, hints, queue, workday
 from monitor.review.conversation import Rate
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
@@ -38,12 +39,18 @@ class ReviewContext:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.metrics = ReviewMetrics(store, registry, settings.metrics.max_streams, clock=clock)
+        self.metrics = ReviewMetrics(
+            store, registry, settings.metrics.max_streams, clock=clock, canaries=settings.review.canaries
+        )
+        # Fails closed at start on an unknown perturbation kind (config cannot import monitor.perturb).
+        canary.check_kinds(settings.review.canaries)
         self.secret = settings.review_secret()  # signs the login form's CSRF token
         self.key = settings.sampling_key()  # keyed order of the two responses of a pair
         self.dev = settings.dev  # cookies without Secure (plain-HTTP development server)
         self.gate = auth.HashGate.of(settings.review)
         self.limits = auth.LoginLimits.of(settings.review)
+        # Refuses to start on an experiment naming an unknown assistant or invalid parameters.
+        self.assist = Assistance(settings.review.assist, on_error=self.count_assist_error)
 
     def now(self) -> float:
         return self.clock()
@@ -99,7 +106,14 @@ class ReviewContext:
         extends a held lease (the review page: see :func:`monitor.review.queue.claim`)."""
         rc = self.settings.review
         item = queue.claim(
-            self.store, user, rc.lease_seconds, self.key, now=self.now(), blinding=rc.blinding, renew=renew
+            self.store,
+            user,
+            rc.lease_seconds,
+            self.key,
+            now=self.now(),
+            blinding=rc.blinding,
+            renew=renew,
+            canaries=rc.canaries,
         )
         if item is None:
             return None
@@ -118,8 +132,10 @@ class ReviewContext:
     ) -> None:
         """Store a label or a skip under the user's lease and count it by ``outcome``; raises
         :class:`monitor.review.queue.QueueError` (404, 409, 422) when refused."""
-        flags = self.settings.review.flags
-        queue.submit(self.store, user, episode_id, slot, fence, label, flags, now=self.now(), rate=self.rate)
+        rc = self.settings.review
+        queue.submit(
+            self.store, user, episode_id, slot, fence, label, rc.flags, now=self.now(), rate=self.rate, assist=rc.assist
+        )
         self.metrics.labels.labels(outcome).inc()
 
     def undo(self, user: auth.User) -> queue.Claim:
@@ -136,6 +152,26 @@ class ReviewContext:
         out = workday.progress(self.store, user, now)
         out["undo_left_s"] = workday.undo_left(self.store, user, self.settings.review.undo_window_s, now)
         return out
+
+    # -- assistance experiments -------------------------------------------------------------
+
+    def count_assist_error(self, assistant: str) -> None:
+        self.metrics.assist_errors.labels(assistant).inc()
+
+    def hints_for(self, user: auth.User, item: queue.Item) -> list[Hint]:
+        """The hints of the reviewer's condition for this item (none without an experiment)."""
+        if not self.assist.enabled:
+            return []
+        ctx = AssistContext(store=self.store, settings=self.settings, now=self.now())
+        view = hints.view_of(item)
+        # A canary's assistants see its source episode's id (never shown): otherwise the source,
+        # often labelled, would be the canary's own closest neighbour (a tell, and its rating a
+        # leak), and a shown original would miss the score a real item of it gets.
+        with self.store.engine.connect() as conn:
+            row = canary.find(conn, user.id, item.claim.episode_id)
+        if row is not None:
+            view = replace(view, episode_id=row.episode_id)
+        return self.assist.hints(user.id, item.claim.slot, view, ctx, item_id=item.claim.episode_id)
 
     def show(
         self, user: auth.User, item: queue.Item, build: Callable[[], Response], failed: Callable[[], Response]

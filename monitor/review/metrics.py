@@ -6,6 +6,7 @@ collector, so every replica reports the same, current numbers.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from monitor.assist import registered
+from monitor.config import CanaryConfig
 from monitor.store import Store
 
 NS = "oversight"
@@ -67,6 +70,62 @@ class QueueCollector(Collector):
         yield from (waiting, leased, done, oldest, error)
 
 
+class QualityCollector(Collector):
+    """Reviewer quality from canaries (:mod:`monitor.quality.canaries`), read at scrape time.
+
+    Bounded: at most ``max_metric_reviewers`` reviewers (most canary labels first, then by name;
+    the rest summed as ``_other``) times the configured kinds. Pre-zeroed: every active reviewer
+    has every kind's series from the first scrape (``canaries`` 0, ``low`` 0, the rate NaN: no
+    measurement yet is not a detection rate of 0)."""
+
+    def __init__(self, store: Store, cfg: CanaryConfig, clock: Callable[[], float] = time.time):
+        self._store = store
+        self._cfg = cfg
+        self._clock = clock
+
+    def collect(self) -> Iterator[Any]:
+        from monitor.perturb import NAMES
+        from monitor.quality.canaries import low, outcomes, summarise, window_start
+        from monitor.review.auth import list_users
+
+        labels = ["reviewer", "kind"]
+        rate = GaugeMetricFamily(
+            f"{NS}_reviewer_detection_rate", "Canaries of a kind a reviewer detected (window), NaN: none", labels=labels
+        )
+        upper = GaugeMetricFamily(
+            f"{NS}_reviewer_detection_upper", "Upper 95% Wilson bound of the detection rate (NaN: none)", labels=labels
+        )
+        low_g = GaugeMetricFamily(
+            f"{NS}_reviewer_detection_low",
+            "1 when the detection rate's upper bound is below review.canaries.min_detection_rate",
+            labels=labels,
+        )
+        count = GaugeMetricFamily(f"{NS}_reviewer_canaries", "Scored canary labels (window)", labels=labels)
+        kinds = list(self._cfg.kinds or NAMES)
+        try:
+            items = outcomes(self._store, window_start(self._cfg.window_days, self._clock()))
+            names = [u.name for u in list_users(self._store)]
+        except Exception:  # a scrape must not fail because the database blinked
+            items, names = [], []
+        per: dict[str, list[Any]] = {n: [] for n in names}
+        for o in items:
+            per.setdefault(o.reviewer, []).append(o)
+        order = sorted(per, key=lambda n: (-len(per[n]), n))
+        head, tail = order[: self._cfg.max_metric_reviewers], order[self._cfg.max_metric_reviewers :]
+        groups = {n: per[n] for n in head}
+        if tail:
+            groups["_other"] = [o for n in tail for o in per[n]]
+        for name, outs in groups.items():
+            for k in kinds:
+                s = summarise(o for o in outs if o.kind == k)
+                d = s["detection"]
+                rate.add_metric([name, k], d["rate"] if d["rate"] is not None else math.nan)
+                upper.add_metric([name, k], d["ci"][1] if d["ci"] is not None else math.nan)
+                low_g.add_metric([name, k], 1.0 if low(s, self._cfg.min_detection_rate) else 0.0)
+                count.add_metric([name, k], d["n"])
+        yield from (rate, upper, low_g, count)
+
+
 class ReviewMetrics:
     def __init__(
         self,
@@ -74,9 +133,12 @@ class ReviewMetrics:
         registry: CollectorRegistry | None = None,
         max_streams: int = 50,
         clock: Callable[[], float] = time.time,
+        canaries: CanaryConfig | None = None,
     ):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(QueueCollector(store, max_streams, clock))
+        # Reviewer quality from canaries (the defaults when none are given: the series exist either way).
+        self.registry.register(QualityCollector(store, canaries if canaries is not None else CanaryConfig(), clock))
         self.labels = Counter(
             "review_labels",
             "Labels submitted, by outcome (labelled, skipped; undone: withdrawn by their reviewer)",
@@ -100,7 +162,16 @@ class ReviewMetrics:
             namespace=NS,
             registry=self.registry,
         )
+        self.assist_errors = Counter(
+            "assist_errors",
+            "Assistants that failed, timed out or returned no valid hints for an item (it showed none of theirs)",
+            ["assistant"],
+            namespace=NS,
+            registry=self.registry,
+        )
         # Pre-zeroed: the first failure shows up in rate().
+        for name in registered():
+            self.assist_errors.labels(name)
         for outcome in LABEL_OUTCOMES:
             self.labels.labels(outcome)
         for result in LOGIN_RESULTS:

@@ -8,6 +8,11 @@ handed out twice. A reviewer holds at most one lease at a time; an expired
 lease returns the item to the queue; a submit under a lease that is no longer
 the current one (expired, released or re-claimed) is refused.
 
+Canaries (:mod:`monitor.review.canary`): with ``canaries`` configured, a share of a reviewer's
+claims hand out a perturbed copy of a stored episode instead, in the same :class:`Item`; its
+label goes to ``canary_labels``, never ``labels``. Submit, skip, release, leave, set-aside and
+undo (:mod:`monitor.review.workday`) take a canary's id like an episode's.
+
 Blind review: an :class:`Item` holds only what the stream's blinding allows
 (``review.metadata_fields``, ``review.show_model``, per stream under
 ``review.streams``); the rest of the episode never leaves this module.
@@ -25,6 +30,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.assist import condition_of
+from monitor.config import AssistExperimentConfig, CanaryConfig
+from monitor.review import canary
 from monitor.review.auth import User
 from monitor.review.conversation import Rate, Turn, invisible_in, turns_of
 from monitor.review.display import bounded, invisible_count
@@ -176,6 +184,14 @@ class _LostRace(Exception):
     """Another reviewer took the row between the select and the compare-and-set."""
 
 
+class _UnreadableCanary(Exception):
+    """A canary's source episode cannot be read back: the canary is set aside (status ``error``)."""
+
+    def __init__(self, canary_id: str):
+        super().__init__(canary_id)
+        self.canary_id = canary_id
+
+
 def claim(
     store: Store,
     user: User,
@@ -184,6 +200,7 @@ def claim(
     now: float | None = None,
     blinding: Blinding = blind_all,
     renew: bool = False,
+    canaries: CanaryConfig | None = None,
 ) -> Item | None:
     """The reviewer's current lease, or a new one on the oldest available item; None if the queue is empty.
 
@@ -195,20 +212,35 @@ def claim(
     tried: one bad row must not fail every claim of the queue's oldest item. The caller turns
     the item into a response; if that fails it must call :func:`set_aside`, or the lease would
     keep the reviewer on an item they cannot see.
+
+    ``canaries``: hand out canaries at their configured share (None: none; a canary already
+    leased or released to the reviewer is handed out again all the same).
     """
     now = time.time() if now is None else now
     for _ in range(5):  # a lost compare-and-set race (SQLite readers) or a bad row: try the next row
         try:
-            return _claim_once(store, user, lease_s, key, now, blinding, renew)
+            return _claim_once(store, user, lease_s, key, now, blinding, renew, canaries)
         except _LostRace:
             continue
         except UnreadableItem as e:
             _set_aside_unreadable(store, e, key, blinding)
+        except _UnreadableCanary as e:
+            log.warning("a canary's source cannot be read (%s); set aside", type(e.__cause__).__name__)
+            with store.engine.begin() as conn:
+                c = t.canaries
+                conn.execute(c.update().where(c.c.id == e.canary_id).values(status="error", lease_expires_at=None))
     return None
 
 
 def _claim_once(
-    store: Store, user: User, lease_s: float, key: bytes, now: float, blinding: Blinding, renew: bool = False
+    store: Store,
+    user: User,
+    lease_s: float,
+    key: bytes,
+    now: float,
+    blinding: Blinding,
+    renew: bool = False,
+    canaries: CanaryConfig | None = None,
 ) -> Item | None:
     rt = t.review_tasks
     with store.engine.begin() as conn:
@@ -226,6 +258,9 @@ def _claim_once(
             if renew:
                 c = _renew(conn, c, now + lease_s)
             return _read_item(conn, c, c.fence, key, blinding)
+        mine_canary = _held_canary(conn, user, lease_s, now, renew, blinding)
+        if mine_canary is not None:
+            return mine_canary
         mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
         leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
         q = (
@@ -234,6 +269,8 @@ def _claim_once(
                 sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
                 rt.c.episode_id.not_in(mine),
                 rt.c.episode_id.not_in(leased),
+                # An episode that was this reviewer's canary: seeing it again would tell.
+                rt.c.episode_id.not_in(canary.sources_of(user.id)),
             )
             .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
             .limit(1)
@@ -244,6 +281,10 @@ def _claim_once(
         if row is None:
             return None
         expires = now + lease_s
+        if canaries is not None and canaries.share > 0:
+            new = _new_canary(conn, user, key, canaries, row.episode_id, now, expires, blinding)
+            if new is not None:
+                return new
         res = conn.execute(
             rt.update()
             .where(rt.c.episode_id == row.episode_id, rt.c.slot == row.slot, rt.c.fence == row.fence)
@@ -259,6 +300,80 @@ def _claim_once(
             raise _LostRace
         c = Claim(row.episode_id, int(row.slot), int(row.fence) + 1, expires)
         return _read_item(conn, c, int(row.fence), key, blinding)
+
+
+def _held_canary(
+    conn: sa.Connection, user: User, lease_s: float, now: float, renew: bool, blinding: Blinding
+) -> Item | None:
+    """The reviewer's canary under a live lease (renewed on ``renew``), else their released or
+    expired one leased again; None when they have neither."""
+    held = canary.held(conn, user.id, now)
+    if held is not None:
+        if renew:
+            canary.renew(conn, held, now + lease_s)
+        return _canary_item(conn, canary.find(conn, user.id, held.id), blinding)
+    back = canary.waiting(conn, user.id, now)
+    if back is None:
+        return None
+    if canary.lease(conn, back, now + lease_s) is None:
+        raise _LostRace
+    return _canary_item(conn, canary.find(conn, user.id, back.id), blinding)
+
+
+def _new_canary(
+    conn: sa.Connection,
+    user: User,
+    key: bytes,
+    cfg: CanaryConfig,
+    head_id: str,
+    now: float,
+    expires: float,
+    blinding: Blinding,
+) -> Item | None:
+    """A new canary in place of the real item ``head_id`` when this claim's draw says so."""
+    n = canary.claim_number(conn, user.id)
+    if not canary.canary_turn(key, cfg, user.id, n):
+        return None
+    e = t.episodes
+    head = conn.execute(sa.select(e.c.episode_id, e.c.ts).where(e.c.episode_id == head_id)).one()
+    cid = canary.create(conn, key, cfg, user.id, n, head, now, expires, _source)
+    return None if cid is None else _canary_item(conn, canary.find(conn, user.id, cid), blinding)
+
+
+def _source(conn: sa.Connection, episode_id: str) -> tuple[Any, dict[str, Any] | None, tuple[Turn, ...] | None]:
+    """An episode as a canary is made from it: its row, metadata and conversation."""
+    e = t.episodes
+    row = conn.execute(
+        sa.select(e.c.stream, e.c.model, e.c.ts, e.c.prompt, e.c.response).where(e.c.episode_id == episode_id)
+    ).one()
+    return row, load_metadata(conn, episode_id), load_messages(conn, episode_id)
+
+
+def _canary_item(conn: sa.Connection, row: Any, blinding: Blinding) -> Item:
+    """A canary as an :class:`Item`: the same fields, blinding and shape as a real item."""
+    try:
+        source, meta, messages = _source(conn, row.episode_id)
+        sh = canary.shown(row, source, meta, messages)
+        fields, show_model = blinding(sh.stream)
+        shown = {k: bounded(v) for k, v in (sh.metadata or {}).items() if k in fields and k != "alternative_response"}
+        return Item(
+            claim=Claim(sh.id, 0, sh.fence, sh.lease_expires_at),
+            stream=sh.stream,
+            model=sh.model if show_model else None,
+            timestamp=sh.timestamp,
+            prompt=sh.prompt,
+            response=sh.response,
+            alternative=sh.alternative,
+            metadata=shown or None,
+            alternative_first=sh.alternative is not None and sh.alternative_first,
+            messages=sh.messages,
+        )
+    except sa.exc.DBAPIError as e:
+        if e.connection_invalidated:
+            raise
+        raise _UnreadableCanary(row.id) from e
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _UnreadableCanary(row.id) from e
 
 
 def current_guidelines_version() -> sa.ScalarSelect[Any]:
@@ -384,8 +499,17 @@ def set_aside(store: Store, user: User, c: Claim, now: float | None = None) -> b
     status = 'pending' WHERE status = 'error'`` once the cause is fixed.
     """
     now = time.time() if now is None else now
-    rt = t.review_tasks
+    rt, ct = t.review_tasks, t.canaries
     with store.engine.begin() as conn:
+        if canary.find(conn, user.id, c.episode_id) is not None:
+            res = conn.execute(
+                ct.update()
+                .where(
+                    ct.c.id == c.episode_id, ct.c.user_id == user.id, ct.c.fence == c.fence, ct.c.status == "claimed"
+                )
+                .values(status="error", lease_expires_at=None)
+            )
+            return bool(res.rowcount)
         res = conn.execute(
             rt.update()
             .where(
@@ -419,6 +543,17 @@ def _check_lease(
     ):
         raise QueueError("this lease is no longer valid (expired, released or claimed by someone else)", 409)
     return row
+
+
+def _check_canary_lease(row: Any, slot: int, fence: int, now: float) -> None:
+    if (
+        slot != 0
+        or row.status != "claimed"
+        or int(row.fence) != fence
+        or row.lease_expires_at is None
+        or row.lease_expires_at <= now
+    ):
+        raise QueueError("this lease is no longer valid (expired, released or claimed by someone else)", 409)
 
 
 def validate_label(label: LabelIn, flags_allowed: list[str], pairwise: bool) -> None:
@@ -457,12 +592,20 @@ def submit(
     flags_allowed: list[str],
     now: float | None = None,
     rate: Rating = final_turn,
+    assist: AssistExperimentConfig | None = None,
 ) -> None:
     """Record a label (or a skip) under the reviewer's current lease; 409 if the lease is stale.
     A label of a conversation records what was rated (``labels.rated``): the stream's ``rate``, or
-    ``final_turn`` for a pair; NULL for a v1 episode and a skip."""
+    ``final_turn`` for a pair; NULL for a v1 episode and a skip. ``assist``: the experiment whose
+    condition for this reviewer and item is recorded with the label (NULL when none runs)."""
     now = time.time() if now is None else now
+    condition = condition_of(assist, user.id, episode_id, slot) if assist is not None else None
+    experiment = assist.name if assist is not None and condition is not None else None
     with store.engine.begin() as conn:
+        row = canary.find(conn, user.id, episode_id, lock=store.dialect == "postgresql")
+        if row is not None:
+            _submit_canary(conn, user, row, slot, fence, label, flags_allowed, now, rate, experiment, condition)
+            return
         task = _check_lease(conn, store, user, episode_id, slot, fence, now)
         ep = conn.execute(sa.select(t.episodes.c.stream).where(t.episodes.c.episode_id == episode_id)).one()
         pairwise = alternative_of(load_metadata(conn, episode_id)) is not None
@@ -492,6 +635,8 @@ def submit(
                 created_at=now,
                 rated=rated,
                 guidelines_version=task.guidelines_version,
+                assist_experiment=experiment,
+                assist_condition=condition,
             )
         )
         # A skipped slot goes back to the queue for someone else; a labelled one is done.
@@ -504,10 +649,67 @@ def submit(
         conn.execute(t_.update().where(t_.c.episode_id == episode_id, t_.c.slot == slot).values(**values))
 
 
+def _submit_canary(
+    conn: sa.Connection,
+    user: User,
+    row: Any,
+    slot: int,
+    fence: int,
+    label: LabelIn,
+    flags_allowed: list[str],
+    now: float,
+    rate: Rating,
+    experiment: str | None,
+    condition: str | None,
+) -> None:
+    """A label on a canary goes to ``canary_labels`` (never ``labels``): validated, refused and
+    recorded as on a real item. A skipped canary is done, not re-queued: it belongs to this
+    reviewer alone."""
+    _check_canary_lease(row, slot, fence, now)
+    pairwise = row.presentation == "pair"
+    validate_label(label, flags_allowed, pairwise)
+    cl = t.canary_labels
+    if conn.execute(sa.select(cl.c.id).where(cl.c.canary_id == row.id, cl.c.user_id == user.id)).first() is not None:
+        raise QueueError("you have already labelled this episode", 409)
+    rated: Rate | None = None
+    if not label.skipped and load_messages(conn, row.episode_id) is not None:
+        rated = "final_turn" if pairwise else rate(row.stream)
+    conn.execute(
+        cl.insert().values(
+            canary_id=row.id,
+            user_id=user.id,
+            episode_id=row.episode_id,
+            stream=row.stream,
+            kind=row.kind,
+            presentation=row.presentation,
+            skipped=label.skipped,
+            skip_reason=label.skip_reason if label.skipped else None,
+            rating=None if label.skipped else label.rating,
+            flags=[] if label.skipped else sorted(label.flags),
+            critique="" if label.skipped else label.critique,
+            preference=None if label.skipped else label.preference,
+            time_spent_ms=label.time_spent_ms,
+            created_at=now,
+            rated=rated,
+            guidelines_version=row.guidelines_version,
+            assist_experiment=experiment,
+            assist_condition=condition,
+        )
+    )
+    ct = t.canaries
+    conn.execute(ct.update().where(ct.c.id == row.id).values(status="done", done_at=now, lease_expires_at=None))
+
+
 def release(store: Store, user: User, episode_id: str, slot: int, fence: int, now: float | None = None) -> None:
     """Give a leased item back to the queue."""
     now = time.time() if now is None else now
     with store.engine.begin() as conn:
+        row = canary.find(conn, user.id, episode_id, lock=store.dialect == "postgresql")
+        if row is not None:
+            _check_canary_lease(row, slot, fence, now)
+            ct = t.canaries
+            conn.execute(ct.update().where(ct.c.id == row.id).values(status="pending", lease_expires_at=None))
+            return
         _check_lease(conn, store, user, episode_id, slot, fence, now)
         rt = t.review_tasks
         conn.execute(
@@ -524,8 +726,23 @@ def leave(
     unless the lease has been shown again since (a reload or a second tab renews it, so its
     ``lease_expires_at`` is no longer ``until``). Whether it was released; never refuses."""
     now = time.time() if now is None else now
-    rt = t.review_tasks
+    rt, ct = t.review_tasks, t.canaries
     with store.engine.begin() as conn:
+        if canary.find(conn, user.id, episode_id) is not None:
+            res = conn.execute(
+                ct.update()
+                .where(
+                    ct.c.id == episode_id,
+                    ct.c.user_id == user.id,
+                    ct.c.fence == fence,
+                    ct.c.status == "claimed",
+                    ct.c.lease_expires_at > now,
+                    sa.func.abs(ct.c.lease_expires_at - until) < 1e-4,
+                    sa.literal(slot) == 0,
+                )
+                .values(status="pending", lease_expires_at=None)
+            )
+            return bool(res.rowcount)
         res = conn.execute(
             rt.update()
             .where(

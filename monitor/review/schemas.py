@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.assist import Hint
 from monitor.review import auth, queue
 
 
@@ -131,6 +132,11 @@ class ItemOut(Strict):
     rate: Literal["final_turn", "conversation"] = Field(
         description="what a label of a conversation rates: the final assistant turn or the whole conversation"
     )
+    hints: list[Hint] = Field(
+        default_factory=list,
+        description="assistance for the reviewer under an assistance experiment (review.assist); empty without one."
+        " Texts quote model output: untrusted, escape them",
+    )
 
 
 class OkOut(Strict):
@@ -187,6 +193,41 @@ class StreamEstimateOut(Strict):
     n_labelled: int
     rating: EstimateOut
     flags: dict[str, EstimateOut]
+    rating_unweighted: EstimateOut | None = Field(
+        None, description="with quality.reliability_weighting: the rating estimate without weighting"
+    )
+    reliability: dict[str, Any] | None = Field(
+        None, description="with quality.reliability_weighting: the fitted bias and noise of each reviewer"
+    )
+
+
+class KindSensitivityOut(Strict):
+    n: int = Field(description="probe pairs of this kind")
+    detected: int
+    rate: float | None = Field(description="share of the pairs whose worse version scored lower; null: n = 0")
+    ci_low: float | None
+    ci_high: float | None
+
+
+class KindLossOut(Strict):
+    n: int
+    loss: float = Field(description="detection rate lost against the version gated against, on the same pairs")
+    lo: float = Field(description="one-sided lower bound of the loss at the gate's confidence")
+    failed: bool
+
+
+class RmSensitivityOut(Strict):
+    """A reward-model version's sensitivity per perturbation kind, as its gate recorded it."""
+
+    version: str | None = Field(description="the version (default: the active one); null: none active")
+    status: str | None
+    per_kind: dict[str, KindSensitivityOut] | None = Field(
+        description="null: no gate measured it (activated by hand; `oversight rm sensitivity` measures it)"
+    )
+    compared_with: str | None = Field(description="the active version at its gate")
+    comparison: dict[str, KindLossOut] | None
+    failed: list[str] = Field(description="kinds on which the gate found a significant loss beyond the tolerance")
+    blind_spots: list[str] = Field(description="kinds whose detection rate is surely below 0.5 (upper bound)")
 
 
 class DriftEventOut(Strict):
@@ -325,3 +366,63 @@ UNDO: Responses = {
     404: refusal("the caller has no label to undo"),
     409: refusal("the undo window has passed, or the item is now leased to someone else"),
 }
+
+
+# -- reviewer quality and the assistance experiment (monitor/quality/canaries.py) ----------------
+
+
+class RateOut(Strict):
+    rate: float | None = Field(description="k / n (null when n is 0)")
+    ci: tuple[float, float] | None = Field(description="95% Wilson score interval")
+    k: int
+    n: int
+
+
+class SecondsOut(Strict):
+    mean: float | None = Field(description="mean seconds per item")
+    ci: tuple[float, float] | None = Field(description="95% normal interval, mean +/- 1.96 s / sqrt(n)")
+    n: int
+
+
+class QualityPartOut(Strict):
+    detection: RateOut
+    false_flag: RateOut
+    seconds: SecondsOut
+    n: int
+
+
+class KindQualityOut(QualityPartOut):
+    kind: str
+    low: bool = Field(description="detection rate below review.canaries.min_detection_rate with confidence")
+
+
+class TrendPointOut(QualityPartOut):
+    start: float = Field(description="start of the day (or week), UTC epoch seconds")
+
+
+class ReviewerQualityOut(QualityPartOut):
+    reviewer: str
+    low: bool
+    kinds: list[KindQualityOut]
+    trend: list[TrendPointOut]
+
+
+class DiffOut(Strict):
+    diff: float | None
+    ci: tuple[float, float] | None
+
+
+class ConditionRowOut(QualityPartOut):
+    condition: str
+    kind: str = Field(description="a perturbation kind, or all")
+    control: bool
+    detection_diff: DiffOut | None = Field(description="detection rate minus the control's (Newcombe interval)")
+    seconds_diff: DiffOut | None = Field(description="seconds per item minus the control's (Welch interval)")
+
+
+class ExperimentReportOut(Strict):
+    experiment: str
+    enabled: bool
+    control: str | None
+    conditions: list[str]
+    rows: list[ConditionRowOut]

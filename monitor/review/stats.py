@@ -103,5 +103,11 @@ def admin_summary(store: Store, settings: Settings, now: float | None = None) ->
         "drift_events": recent_drift_events(store),
         "drift_streams": incident_overview(store, settings),
         "requests": recent_requests(store),
-        "estimates": estimates(store, flags, rows),
+        "estimates": estimates(
+            store,
+            flags,
+            rows,
+            reliability_weighting=settings.quality.reliability_weighting,
+            prior_labels=settings.quality.reliability_prior_labels,
+        ),
     }

@@ -31,7 +31,7 @@ import os
 import random
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,19 +182,28 @@ def load_alpaca_eval(
 def alpaca_eval_pairs(
     data_dir: str | os.PathLike[str] | None = None,
     *,
-    pairs_per_instruction: int = 4,
+    pairs_per_instruction: int | None = 4,
     min_logit_margin: float = 1.0,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     seed: int = 0,
+    instructions: Callable[[str], bool] | None = None,
+    models: Callable[[str, str], bool] | None = None,
 ) -> list[Pair]:
-    """Up to ``pairs_per_instruction`` random model pairs per instruction (seeded), each with a
-    judge log-odds margin of at least ``min_logit_margin``; the judge's favourite is ``chosen``."""
+    """Up to ``pairs_per_instruction`` random model pairs per instruction (seeded; None: every
+    pair), each with a judge log-odds margin of at least ``min_logit_margin``; the judge's favourite
+    is ``chosen``. ``instructions`` keeps only the instructions it accepts and ``models`` only the
+    pairs of generators it accepts (both before sampling, so a restricted set still gets its
+    ``pairs_per_instruction``)."""
     out: list[Pair] = []
     for instruction, rows in sorted(load_alpaca_eval(data_dir, exclude).items()):
+        if instructions is not None and not instructions(instruction):
+            continue
         candidates = []
         for i, a in enumerate(rows):
             for b in rows[i + 1 :]:
                 if a["output"].strip() == b["output"].strip():
+                    continue
+                if models is not None and not models(a["generator"], b["generator"]):
                     continue
                 margin = logit(a["judge_pref"]) - logit(b["judge_pref"])
                 if abs(margin) >= min_logit_margin:
@@ -202,7 +211,7 @@ def alpaca_eval_pairs(
         # Per-instruction RNG: one instruction's pairs do not depend on how many others exist.
         rng = random.Random(f"{seed}\x00{instruction}")
         rng.shuffle(candidates)
-        for win, lose in candidates[:pairs_per_instruction]:
+        for win, lose in candidates if pairs_per_instruction is None else candidates[:pairs_per_instruction]:
             out.append(
                 {
                     "prompt": instruction,
@@ -216,6 +225,70 @@ def alpaca_eval_pairs(
                 }
             )
     return out
+
+
+def alpaca_eval_models(
+    data_dir: str | os.PathLike[str] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE
+) -> list[str]:
+    """The judge-labelled generators (sorted), i.e. the models ``alpaca_eval_pairs`` pairs up."""
+    return sorted({r["generator"] for rows in load_alpaca_eval(data_dir, exclude).values() for r in rows})
+
+
+# Models set aside to tune the built-in reward model's defaults on (bench/rm_train.py --split dev);
+# the reported held-out folds are made of the other models only, so no default was chosen by
+# looking at a reported test model. Four different families and styles: a chat model, a verbose
+# and a concise prompted variant, and a small model.
+DEV_MODELS = ("Qwen-14B-Chat", "alpaca-7b_verbose", "gemma-2b-it", "gpt-3.5-turbo-1106_concise")
+
+
+def model_folds(models: Sequence[str], n_folds: int = 3, dev: Iterable[str] = DEV_MODELS) -> list[list[str]]:
+    """The models other than ``dev`` dealt round-robin (sorted) into ``n_folds`` test folds."""
+    if n_folds < 1:
+        raise ValueError("n_folds must be at least 1")
+    rest = sorted(set(models) - set(dev))
+    return [rest[k::n_folds] for k in range(n_folds)]
+
+
+def heldout_model_split(
+    test_models: Iterable[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    pairs_per_instruction: int = 4,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+) -> tuple[list[Pair], list[Pair]]:
+    """(train, test) AlpacaEval pairs with whole models *and* instructions held out.
+
+    Train: instructions on the train side of ``split_of(.., test_fraction, seed)``, pairs of two
+    models outside ``test_models`` (``pairs_per_instruction`` of them). Test: every judge pair
+    (margin as in ``alpaca_eval_pairs``) on a held-out instruction with at least one answer from
+    a ``test_models`` model, so no training pair comes from a test model or a test instruction,
+    and each held-out model is compared with every other model on the same instructions."""
+    held = frozenset(test_models)
+    if not held:
+        raise ValueError("no test models")
+
+    def is_test(instruction: str) -> bool:
+        return split_of(instruction, test_fraction, seed) == "test"
+
+    train = alpaca_eval_pairs(
+        data_dir,
+        pairs_per_instruction=pairs_per_instruction,
+        exclude=exclude,
+        seed=seed,
+        instructions=lambda i: not is_test(i),
+        models=lambda a, b: a not in held and b not in held,
+    )
+    test = alpaca_eval_pairs(
+        data_dir,
+        pairs_per_instruction=None,
+        exclude=exclude,
+        seed=seed,
+        instructions=is_test,
+        models=lambda a, b: a in held or b in held,
+    )
+    return train, test
 
 
 # --- reviewer ratings --------------------------------------------------------------------------

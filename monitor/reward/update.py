@@ -29,6 +29,12 @@ candidate wins, mapped back to the gain, as McNemar's test does). Each bound is 
 
 Without an active version (bootstrap) the rule stays "beat chance (0.5) by ``margin``", with the
 intervals recorded. Either way the candidate is kept (folder and row) with this record.
+
+Sensitivity. Both versions also score one seeded probe set of perturbed/original pairs
+(``monitor.reward.sensitivity``); a candidate that loses sensitivity on any perturbation kind
+beyond ``max_sensitivity_loss`` (significantly: the loss's lower bound above zero, on at least
+``sensitivity_min_pairs`` pairs) is rejected whatever its gain, and the rule names the kind. The
+per-kind tables go into the record (``sensitivity``) and the ``oversight_rm_sensitivity`` gauges.
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ import sqlalchemy as sa
 
 from monitor.config import Settings
 from monitor.metrics import Metrics
+from monitor.reward import sensitivity as rm_sensitivity
 from monitor.reward.data import Pair, pairs_from_ratings, split_of
 from monitor.reward.registry import Registry
 from monitor.reward.train import pair_texts
 from monitor.store import Store
 from monitor.store import tables as t
+from sampling import reliability
 
 log = logging.getLogger(__name__)
 HOLDOUT_SEED = 104729
@@ -63,7 +71,7 @@ def rated_records(store: Store, stream: str | None = None, since: float | None =
     """Labelled episodes (not skipped, rated): prompt, response, rating, stream, ts (episode event time)."""
     lb, ep = t.labels, t.episodes
     q = (
-        sa.select(ep.c.episode_id, ep.c.stream, ep.c.ts, ep.c.prompt, ep.c.response, lb.c.rating)
+        sa.select(ep.c.episode_id, ep.c.stream, ep.c.ts, ep.c.prompt, ep.c.response, lb.c.rating, lb.c.user_id)
         .join(ep, ep.c.episode_id == lb.c.episode_id)
         .where(lb.c.skipped.is_(False), lb.c.rating.is_not(None))
     )
@@ -73,6 +81,19 @@ def rated_records(store: Store, stream: str | None = None, since: float | None =
         q = q.where(ep.c.ts >= since)
     with store.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q.order_by(ep.c.ts, ep.c.episode_id)).all()]
+
+
+def calibrated_records(records: Sequence[dict[str, Any]], prior_labels: float = 5.0) -> list[dict[str, Any]]:
+    """``quality.reliability_weighting`` for training data: one record per episode, its rating the
+    calibrated value of its labels (``sampling.reliability``: reviewer bias removed, ratings
+    weighted by reviewer precision) instead of one record per label averaged as equals."""
+    fit = reliability.fit(
+        [(r["episode_id"], r["user_id"], float(r["rating"])) for r in records], prior_labels=prior_labels
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        out.setdefault(r["episode_id"], {**r, "rating": fit.items[r["episode_id"]]})
+    return list(out.values())
 
 
 def fresh_label_count(store: Store, stream: str, since: float) -> int:
@@ -266,6 +287,8 @@ def run_update(
     registry = Registry.for_settings(store, settings)
     registry.root.mkdir(parents=True, exist_ok=True)
     records = rated_records(store)
+    if settings.quality.reliability_weighting:
+        records = calibrated_records(records, settings.quality.reliability_prior_labels)
     split = build_pairs(
         records,
         stream,
@@ -279,6 +302,21 @@ def run_update(
     counts = {k: len(v) for k, v in split.items()}
     if not split["train_new"] or not split["holdout_new"]:
         raise UpdateError(f"not enough rated pairs from the new window of {stream}: {counts}")
+    from monitor.reward.kinds.updates import active_kind, update_kind
+
+    if active_kind(registry) is not None:  # a brought-in kind: LoRA, or calibration plus a training request
+        return update_kind(
+            settings,
+            store,
+            registry,
+            split,
+            records,
+            stream=stream,
+            since=since,
+            metrics=metrics,
+            request_id=request_id,
+            progress=progress,
+        )
     loaded = registry.load_active(settings.reward.device)
     active = None if loaded is None else loaded[0]
     cfg = load_train_config(None, [f"{k}={v}" for k, v in ucfg.train.items()])
@@ -329,6 +367,11 @@ def decide(
     new = side_report(candidate, active, split["holdout_new"], z)
     old = side_report(candidate, active, split["holdout_old"], z)
     outcome, rule = gate(new, old, ucfg.margin, ucfg.max_regression, ucfg.min_gate_pairs)
+    # The reward model tested as reviewers are: a significant loss of sensitivity on any
+    # perturbation kind refuses a candidate however it does on the held-out labels.
+    sens = rm_sensitivity.gate_sensitivity(ucfg, registry.store, candidate, active, data_window.get("stream"), z)
+    if sens is not None and sens["failed"] and outcome != "reject":
+        outcome, rule = "reject", rm_sensitivity.failure_rule(sens)
     needs = None
     if outcome == "undecided" and new is not None and new["gain"] is not None:
         needs = labels_needed(new, ucfg.margin, ucfg.min_gate_pairs, z, ucfg.holdout_fraction)
@@ -351,6 +394,7 @@ def decide(
         "margin": ucfg.margin,
         "max_regression": ucfg.max_regression,
         "holdout": {k: len(v) for k, v in split.items() if k.startswith("holdout")},
+        "sensitivity": sens,
     }
     if outcome == "promote":
         registry.promote(version, verdict)
@@ -359,10 +403,27 @@ def decide(
     else:
         registry.hold(version, verdict)
     if metrics is not None:
+        publish_gate_sensitivity(metrics, sens, version, None if active is None else active.version, outcome)
         metrics.rm_updates.labels(OUTCOMES[outcome]).inc()
         metrics.rm_last_training.set(time.time())
     log.info("reward model %s %s", version, render_gate(verdict))
     return verdict
+
+
+def publish_gate_sensitivity(
+    metrics: Metrics, sens: dict[str, Any] | None, version: str, active: str | None, outcome: str
+) -> None:
+    """The gauges after a gate: a promoted candidate becomes the active role; otherwise the
+    candidate role shows the refused or held candidate beside the active version."""
+    if sens is None:
+        return
+    if outcome == "promote":
+        rm_sensitivity.publish(metrics, version, sens["candidate"], "active")
+        metrics.clear_rm_sensitivity("candidate")
+        return
+    if active is not None and sens["active"] is not None:
+        rm_sensitivity.publish(metrics, active, sens["active"], "active")
+    rm_sensitivity.publish(metrics, version, sens["candidate"], "candidate")
 
 
 def _points(new: dict[str, Any] | None, old: dict[str, Any] | None) -> dict[str, float | None]:
@@ -393,6 +454,13 @@ def render_gate(verdict: dict[str, Any]) -> str:
         if rep["active"] is not None:
             txt += f", active {_interval(rep['active'], 'agreement')}, gain {_interval(rep['gain'], 'gain', '+')}"
         parts.append(txt)
+    sens = verdict.get("sensitivity")
+    if sens and sens.get("comparison"):
+        worst = max(sens["comparison"].items(), key=lambda kv: kv[1]["loss"])
+        parts.append(
+            f"sensitivity on {sens['probe']['pairs']} probe pairs: largest loss {worst[0]} {worst[1]['loss']:+.2f}"
+            f" (lower bound {worst[1]['lo']:+.2f}); failed: {', '.join(sens['failed']) or 'none'}"
+        )
     parts.append(f"bounds one-sided at {verdict['confidence']}")
     if verdict.get("needs_more"):
         m = verdict["needs_more"]

@@ -11,6 +11,14 @@ API exactly as the web UI does. Their answers come from ``metadata.<simulate.ans
 (``judge_pref`` by default), binned into the 1-5 rating scale by ``simulate.cutpoints``, with
 ``simulate.noise``; the detectors and the reward model never read that key.
 
+Canaries (``review.canaries``). The simulation's oracle for a canary is the canaries table (as
+the answer key is for a real item): a reviewer looks up what the item it holds is (:func:`canary_oracle`)
+and answers as ``simulate.sensitivity`` says: a perturbed canary is detected with the kind's
+probability (plus ``simulate.assist_gain`` when the item's assistance condition shows at least one
+assistant) and then flagged and rated 1, or, in a pair, the original is preferred (a miss: rated as
+the original, unflagged; a tie in a pair); an unperturbed original is flagged with
+``simulate.false_flag_rate``. So the quality report can be checked against known skill.
+
 Time. The simulation runs on event time: the clock is the timestamp of the newest processed
 episode. Every ``round_episodes`` episodes the reviewers work until the clock (an item takes an
 exponential ``seconds_per_label`` of event time, drawn from a hash of episode and reviewer, so
@@ -155,8 +163,20 @@ class Truth:
 class Reviewer:
     """One simulated reviewer: claims, waits (event time), rates and submits through the review API."""
 
-    def __init__(self, name: str, token: str, client: Any, sim: SimulateConfig):
+    def __init__(
+        self,
+        name: str,
+        token: str,
+        client: Any,
+        sim: SimulateConfig,
+        oracle: Callable[[str], dict[str, Any] | None] | None = None,
+        assisted: Callable[[str, int], bool] | None = None,
+        flag: str = "incorrect",
+    ):
         self.name = name
+        self.oracle = oracle
+        self.assisted = assisted
+        self.flag = flag
         self.client = client
         self.headers = {"Authorization": f"Bearer {token}"}
         self.cfg = sim
@@ -188,11 +208,33 @@ class Reviewer:
             self.current = None
             self.free_at = done_at
 
+    def canary_answer(self, item: dict[str, Any], canary: dict[str, Any], truth: Truth) -> dict[str, Any]:
+        """The answer to a canary, from the oracle (see the module's docstring): rating, flags, preference."""
+        ep = truth.episodes.get(canary["episode_id"])
+        rng = _seeded(self.cfg.seed, "canary", item["episode_id"], self.name)
+        value = ep["value"] if ep is not None else None
+        rating = rating_of(value, self.cfg.cutpoints, self.cfg.noise, rng) if value is not None else 3
+        if canary["presentation"] == "original":
+            flags = [self.flag] if rng.random() < self.cfg.false_flag_rate else []
+            return {"rating": rating, "flags": flags}
+        p = self.cfg.sensitivity.get(canary["kind"], self.cfg.default_sensitivity)
+        if self.assisted is not None and self.assisted(item["episode_id"], int(item["slot"])):
+            p += self.cfg.assist_gain
+        detected = rng.random() < min(max(p, 0.0), 1.0)
+        if canary["presentation"] == "pair":
+            return {"rating": rating, "preference": "response" if detected else "tie"}
+        return {"rating": 1, "flags": [self.flag]} if detected else {"rating": rating}
+
     def _submit(self, item: dict[str, Any], spent_s: float, truth: Truth) -> None:
         ep = truth.episodes.get(item["episode_id"])
         base = {"episode_id": item["episode_id"], "slot": item["slot"], "fence": item["fence"]}
         ms = int(min(max(spent_s, 0.0), 86_400) * 1000)
-        if ep is None or ep["value"] is None:
+        canary = self.oracle(item["episode_id"]) if self.oracle is not None and ep is None else None
+        if canary is not None:
+            body = {**base, **self.canary_answer(item, canary, truth), "time_spent_ms": ms}
+            r = self.client.post("/api/v1/items/label", headers=self.headers, json=body)
+            self.labelled += 1
+        elif ep is None or ep["value"] is None:
             body = {**base, "reason": f"no {self.cfg.answer_key} to answer from", "time_spent_ms": ms}
             r = self.client.post("/api/v1/items/skip", headers=self.headers, json=body)
             self.skipped += 1
@@ -206,6 +248,45 @@ class Reviewer:
             log.warning("reviewer %s lost the lease on %s", self.name, item["episode_id"])
             return
         r.raise_for_status()
+
+
+def canary_oracle(store: Store) -> Callable[[str], dict[str, Any] | None]:
+    """The simulation's oracle for canaries: what the item of this id is (source episode, kind,
+    presentation), or None for a real item. Only simulated reviewers read it."""
+
+    def look(item_id: str) -> dict[str, Any] | None:
+        c = t.canaries
+        with store.engine.connect() as conn:
+            row = conn.execute(sa.select(c.c.episode_id, c.c.kind, c.c.presentation).where(c.c.id == item_id)).first()
+        return None if row is None else dict(row._mapping)
+
+    return look
+
+
+def assistance(settings: Settings, store: Store, name: str) -> Callable[[str, int], bool]:
+    """Whether reviewer ``name``'s condition for an item shows at least one assistant."""
+    from monitor.assist import assistants_of, condition_of
+    from monitor.review import auth
+
+    user = auth.find_user(store, name)
+    cfg = settings.review.assist
+
+    def assisted(item_id: str, slot: int) -> bool:
+        return user is not None and bool(assistants_of(cfg, condition_of(cfg, user.id, item_id, slot)))
+
+    return assisted
+
+
+def make_reviewers(settings: Settings, store: Store, client: Any) -> list[Reviewer]:
+    """The simulated pool: one API token each, the canary oracle and their assistance condition."""
+    cfg = settings.simulate
+    oracle = canary_oracle(store)
+    flags = settings.review.flags
+    flag = "incorrect" if "incorrect" in flags or not flags else flags[0]
+    return [
+        Reviewer(n, tok, client, cfg, oracle=oracle, assisted=assistance(settings, store, n), flag=flag)
+        for n, tok in _reviewer_tokens(store, cfg.reviewers)
+    ]
 
 
 def _reviewer_tokens(store: Store, n: int) -> list[tuple[str, str]]:
@@ -353,7 +434,7 @@ class Simulation:
                     self.on_start(self, store)
                 start_version = self._bootstrap_rm(store)
                 fed = self._feed_kafka(store) if s.source.kind == "kafka" else None
-                reviewers = [Reviewer(n, tok, client, cfg) for n, tok in _reviewer_tokens(store, cfg.reviewers)]
+                reviewers = make_reviewers(s, store, client)
                 svc.pipeline.open()
                 rounds = Rounds(self, svc, worker, reviewers, truth, fed)
                 try:

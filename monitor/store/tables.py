@@ -176,6 +176,10 @@ labels = sa.Table(
     # The stream's guidelines version in effect when the item was claimed (migration 0010);
     # NULL when the stream had none, and for labels from before.
     sa.Column("guidelines_version", sa.Integer),
+    # The assistance experiment and the condition the reviewer labelled under (migration 0011);
+    # NULL when no experiment ran, and for labels from before.
+    sa.Column("assist_experiment", sa.String(32)),
+    sa.Column("assist_condition", sa.String(32)),
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
     sa.Index("ix_labels_stream_created", "stream", "created_at"),
 )
@@ -189,6 +193,65 @@ guidelines = sa.Table(
     sa.Column("markdown", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("created_by", sa.String(64), nullable=False),
+)
+
+# -- canaries (migration 0011) -------------------------------------------------------
+
+# Perturbed copies of stored episodes, mixed blind into one reviewer's queue (monitor/review/canary.py).
+# Their own tables, never ``review_tasks``/``labels``: estimates, reward-model training data, drift
+# signals and agreement statistics read those and so never see a canary, with no filter to forget.
+# ``id`` is what the reviewer sees (shaped like the stream's episode ids); ``episode_id`` is the
+# source, never shown. ``presentation``: original (unchanged), perturbed, or pair (original as
+# ``response``, perturbed as ``alternative``, order ``alternative_first``). The lease columns work
+# as in ``review_tasks``.
+canaries = sa.Table(
+    "canaries",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("episode_id", sa.String(128), sa.ForeignKey("episodes.episode_id"), nullable=False),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("presentation", sa.String(16), nullable=False),
+    sa.Column("perturbed", sa.Text, nullable=False),
+    sa.Column("detail", JsonType, nullable=False),
+    sa.Column("alternative_first", sa.Boolean, nullable=False),
+    sa.Column("shown_ts", sa.Float, nullable=False),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("fence", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("guidelines_version", sa.Integer),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("done_at", sa.Float),
+    sa.Index("ix_canaries_user_status", "user_id", "status"),
+)
+
+# A reviewer's answer on a canary: the fields of ``labels`` plus what the quality measures need.
+canary_labels = sa.Table(
+    "canary_labels",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("canary_id", sa.String(128), sa.ForeignKey("canaries.id"), nullable=False),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("episode_id", sa.String(128), nullable=False),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("presentation", sa.String(16), nullable=False),
+    sa.Column("skipped", sa.Boolean, nullable=False),
+    sa.Column("skip_reason", sa.String(500)),
+    sa.Column("rating", sa.Integer),
+    sa.Column("flags", JsonType, nullable=False),
+    sa.Column("critique", sa.Text, nullable=False),
+    sa.Column("preference", sa.String(16)),
+    sa.Column("time_spent_ms", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("rated", sa.String(16)),
+    sa.Column("guidelines_version", sa.Integer),
+    sa.Column("assist_experiment", sa.String(32)),
+    sa.Column("assist_condition", sa.String(32)),
+    sa.UniqueConstraint("canary_id", "user_id", name="uq_canary_labels_canary_user"),
+    sa.Index("ix_canary_labels_user_created", "user_id", "created_at"),
 )
 
 # -- drift detection (migration 0003) -----------------------------------------

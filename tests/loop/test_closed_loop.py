@@ -73,12 +73,18 @@ def _overrides(tmp: Path, db: str) -> list[str]:
         f"drift.boost_factor={BOOST}",
         "drift.boost_duration_s=600",
         "reward.update.min_labels=60",
+        # The candidate trained on the drifted stream's labels gains about +0.46 agreement but loses
+        # sensitivity to changed facts, off-topic text and rudeness (measured, recorded, not refused
+        # here: this test is about the loop; tests/reward/test_rm_sensitivity.py tests the refusal).
+        "reward.update.max_sensitivity_loss=null",
         "reward.update.lease_s=4",
         # Head-only, no early stopping on a handful of validation pairs: seconds, and it learns.
         'reward.update.train={"epochs": 0, "head_epochs": 60, "val_fraction": 0.0, "lr_head": 0.003}',
         "actions.oversight_window=40",
         "simulate.noise=0",
-        'simulate.bootstrap_train={"epochs": 0, "head_epochs": 8}',
+        # A weak starting model (random head, not the default length-anchored start, which already
+        # ranks this policy swap near "longer wins"): the loop under test must find and promote a gain.
+        'simulate.bootstrap_train={"epochs": 0, "head_epochs": 8, "length_anchor": 0.0}',
         "simulate.round_episodes=25",
     ]
 

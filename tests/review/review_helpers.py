@@ -26,7 +26,9 @@ API = "/api/v1"
 
 
 def make_settings(url: str, *overrides: str, dev: bool = True) -> Settings:
-    return load_settings(None, [*(["dev=true"] if dev else []), f"database.url={url}", *overrides])
+    # No canaries unless a test asks (review.canaries.share=...): these tests count queue items exactly.
+    base = [*(["dev=true"] if dev else []), f"database.url={url}", "review.canaries.share=0"]
+    return load_settings(None, [*base, *overrides])
 
 
 def episode_row(

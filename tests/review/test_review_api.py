@@ -49,6 +49,7 @@ ITEM_KEYS = {
     "invisible_characters",
     "messages",  # the conversation of a schema-v2 episode (null here); no label, no score
     "rate",
+    "hints",  # assistance under an experiment (review.assist); empty without one, as here
 }
 
 
@@ -219,7 +220,7 @@ def test_blind_review_shows_no_other_label_and_no_score(make_review_env: MakeEnv
     seed(env.store, [episode_row("blind", metadata={"alternative_response": "ALT", "topic": "x"})], slots=2)
     a, b = env.client("alice"), env.client("bob")
     first = a.post(f"{API}/queue/claim").json()
-    assert set(first) == ITEM_KEYS
+    assert set(first) == ITEM_KEYS and first["hints"] == []
     critique = "ALICE-SECRET-CRITIQUE"
     body = label_body(first, rating=7, flags=["harmful"], critique=critique, preference="response")
     assert a.post(f"{API}/items/label", json=body).status_code == 200

@@ -44,5 +44,7 @@ def small_models(alpaca_split: dict[str, list[dict[str, Any]]]) -> dict[str, Any
 
     cfg = TrainConfig(finetune_layers=0, max_length=64, epochs=3, seed=0, val_fraction=0.0)
     trained, _ = train(alpaca_split["train"], cfg, progress=False)
-    untrained = RewardModel.create(ModelConfig(finetune_layers=0, max_length=64), seed=1)
+    # A randomly initialised head (no length anchor): the weak version the gate tests need. The
+    # default anchored start already ranks like "longer wins", which is strong on AlpacaEval.
+    untrained = RewardModel.create(ModelConfig(finetune_layers=0, max_length=64, length_anchor=0.0), seed=1)
     return {"trained": trained, "untrained": untrained}

@@ -133,3 +133,38 @@ def test_pairs_file_round_trip_and_validation(tmp_path: Path, hh_pairs: list[dat
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="not JSON"):
         data.read_pairs(bad)
+
+
+def test_heldout_model_split_keeps_test_models_and_instructions_out_of_training(alpaca_dir: Path) -> None:
+    models = data.alpaca_eval_models(alpaca_dir)
+    assert "NullModel" not in models and "claude-2" in models
+    held = ["claude-2"]
+    train, test = data.heldout_model_split(held, alpaca_dir, seed=3)
+    assert train and test
+    train_groups = {p["group"] for p in train}
+    for p in train:
+        assert "claude-2" not in (p["chosen_model"], p["rejected_model"])
+    for p in test:
+        assert "claude-2" in (p["chosen_model"], p["rejected_model"])
+        assert p["group"] not in train_groups
+        assert p["margin"] >= 1.0
+    # Every qualifying pair of a held-out instruction is tested, not a sample of them.
+    all_pairs = data.alpaca_eval_pairs(alpaca_dir, pairs_per_instruction=None, seed=3)
+    test_groups = {p["group"] for p in test}
+    expected = [
+        p for p in all_pairs if p["group"] in test_groups and "claude-2" in (p["chosen_model"], p["rejected_model"])
+    ]
+    assert len(test) == len(expected)
+    with pytest.raises(ValueError, match="no test models"):
+        data.heldout_model_split([], alpaca_dir)
+
+
+def test_model_folds_leave_the_development_models_out() -> None:
+    models = [f"m{i}" for i in range(10)] + list(data.DEV_MODELS)
+    folds = data.model_folds(models, 3)
+    assert len(folds) == 3
+    flat = [m for f in folds for m in f]
+    assert sorted(flat) == sorted(f"m{i}" for i in range(10))
+    assert not set(flat) & set(data.DEV_MODELS)
+    with pytest.raises(ValueError):
+        data.model_folds(models, 0)

@@ -173,7 +173,9 @@ def test_decide_records_an_undecided_verdict(
 ) -> None:
     """Too few held-out pairs to decide: the candidate is kept as undecided with its record, the
     active version stays, and the outcome is counted (and was pre-zeroed)."""
-    settings = load_settings(None, ["dev=true", "database.url=sqlite://", f"reward.models_dir={tmp_path / 'm'}"])
+    # The held-out rule alone: sensitivity per perturbation kind has its own tests (test_rm_sensitivity.py).
+    overrides = ["dev=true", "database.url=sqlite://", f"reward.models_dir={tmp_path / 'm'}"]
+    settings = load_settings(None, [*overrides, "reward.update.sensitivity_pairs=0"])
     registry = Registry.for_settings(Store("sqlite://"), settings)
     metrics = Metrics()
     assert metrics.registry.get_sample_value("oversight_rm_updates_total", {"outcome": "undecided"}) == 0

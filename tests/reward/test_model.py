@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,9 +25,14 @@ RESPONSES = [
 ]
 
 
+# A randomly initialised head (no length anchor): an anchored untrained head reads only the log
+# length, so these tests of the encoder path would pass whatever the encoder computed.
+FREE: dict[str, Any] = {"max_length": 48, "max_prompt_tokens": 8, "length_anchor": 0.0}
+
+
 @pytest.fixture(scope="module")
 def model() -> RewardModel:
-    return RewardModel.create(ModelConfig(max_length=48, max_prompt_tokens=8), seed=0, device="cpu")
+    return RewardModel.create(ModelConfig(**FREE), seed=0, device="cpu")
 
 
 def _fine_tune_top_layer(m: RewardModel, seed: int = 1) -> None:
@@ -79,7 +85,7 @@ def test_scores_do_not_depend_on_batching(model: RewardModel) -> None:
 
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path: Path) -> None:
-    m = RewardModel.create(ModelConfig(max_length=48, max_prompt_tokens=8), seed=3, device="cpu")
+    m = RewardModel.create(ModelConfig(**FREE), seed=3, device="cpu")
     base_scores = m.score(PROMPTS, RESPONSES)
     _fine_tune_top_layer(m)
     m.metadata.update({"parent": "rm-000000000000", "training": {"n_pairs": 0}, "metrics": {"val_accuracy": 0.5}})
@@ -124,9 +130,7 @@ def test_cached_training_path_matches_scoring(finetune_layers: int) -> None:
     optimises must be the scores the saved model gives."""
     import torch
 
-    m = RewardModel.create(
-        ModelConfig(max_length=48, max_prompt_tokens=8, finetune_layers=finetune_layers), seed=0, device="cpu"
-    )
+    m = RewardModel.create(ModelConfig(**{**FREE, "finetune_layers": finetune_layers}), seed=0, device="cpu")
     start = m.n_layers - finetune_layers
     encs = m.encode(PROMPTS, RESPONSES)
     cache = frozen_states(m, encs, start, 2, progress=False)
@@ -184,3 +188,19 @@ def test_a_model_saved_under_an_older_feature_set_still_loads(tmp_path: Path, ve
     (out / "config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(ValueError, match="feature set"):
         RewardModel.load(out)
+
+
+def test_an_untrained_model_starts_at_longer_wins() -> None:
+    import math
+
+    model = RewardModel.create(ModelConfig(max_length=48, max_prompt_tokens=8), seed=0, device="cpu")
+    # The length anchor: the MLP's output is zero and the prior reads only the log length, so
+    # before any training the score is the anchored log length and orders like "longer wins".
+    scores = model.score(PROMPTS, RESPONSES)
+    anchor = model.config.length_anchor
+    assert anchor > 0
+    for s, r in zip(scores, RESPONSES, strict=True):
+        assert s == pytest.approx(anchor * math.log1p(len(r)), abs=1e-5)
+    # Without the anchor the head starts at random, not at the length order.
+    free = RewardModel.create(ModelConfig(**FREE), seed=0, device="cpu")
+    assert free.score(PROMPTS, RESPONSES) != pytest.approx([anchor * math.log1p(len(r)) for r in RESPONSES], abs=1e-3)

@@ -37,9 +37,16 @@ def test_training_beats_the_untrained_model_on_held_out_pairs(
     model, metrics = trained
     _, test_pairs = split
     assert not {p["prompt"] for p in split[0]} & {p["prompt"] for p in test_pairs}
-    untrained = evaluate(RewardModel.create(model_config_of(TrainConfig.model_validate(SMALL)), seed=0), test_pairs)
+    cfg = model_config_of(TrainConfig.model_validate(SMALL))
+    # The default start is anchored at "longer wins" (length_anchor): training must keep at least
+    # that order and fit the judge better; against a randomly initialised head it must gain clearly.
+    anchored = evaluate(RewardModel.create(cfg, seed=0), test_pairs)
+    untrained = evaluate(RewardModel.create(cfg.model_copy(update={"length_anchor": 0.0}), seed=0), test_pairs)
     after = evaluate(model, test_pairs)
     assert after["n"] == len(test_pairs)
+    assert anchored["pairwise_accuracy"] == anchored["length_baseline"]
+    assert after["pairwise_accuracy"] >= anchored["pairwise_accuracy"], (after, anchored)
+    assert after["bt_loss"] < anchored["bt_loss"]
     assert after["pairwise_accuracy"] >= untrained["pairwise_accuracy"] + 0.05, (after, untrained)
     assert after["pairwise_accuracy"] >= 0.7, after
     assert after["bt_loss"] < untrained["bt_loss"]

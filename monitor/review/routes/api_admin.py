@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.exceptions import RequestValidationError
 
+from monitor.quality import canaries as quality_canaries
 from monitor.quality import estimates as quality_estimates
 from monitor.quality import labels as quality_labels
 from monitor.review import auth, queue, stats
@@ -15,6 +16,9 @@ from monitor.review.schemas import (
     ADMIN_ONLY,
     BODY,
     CreatedUserOut,
+    ExperimentReportOut,
+    ReviewerQualityOut,
+    RmSensitivityOut,
     SeriesPointOut,
     SummaryOut,
     TokenIn,
@@ -54,6 +58,16 @@ def chart(_p: Admin, ctx: Ctx, bucket_s: int = BUCKET_S) -> Response:
     return Response(svg, media_type="image/svg+xml")
 
 
+@router.get("/rm/sensitivity")
+def rm_sensitivity(
+    _p: Admin, ctx: Ctx, version: str | None = Query(None, max_length=128, description="default: the active one")
+) -> RmSensitivityOut:
+    """A reward-model version's sensitivity per perturbation kind, as recorded by its gate (nothing is scored here)."""
+    from monitor.reward.sensitivity import recorded
+
+    return RmSensitivityOut.model_validate(recorded(ctx.store, ctx.settings, version))
+
+
 @router.get("/users")
 def users(_p: Admin, ctx: Ctx) -> list[UserOut]:
     return [UserOut(name=u.name, role=u.role) for u in auth.list_users(ctx.store)]
@@ -85,3 +99,27 @@ def add_token(name: str, body: TokenIn, _p: Admin, ctx: Ctx) -> TokenOut:
     if u is None:
         raise HTTPException(404, "no such user")
     return TokenOut(token=auth.create_api_token(ctx.store, u, body.name, now=ctx.now()))
+
+
+@router.get("/reviewers/quality", response_model=list[ReviewerQualityOut])
+def reviewer_quality(
+    _p: Admin,
+    ctx: Ctx,
+    days: float = Query(28.0, gt=0, le=3660, description="canary labels of the last this many days"),
+    bucket: str = Query("day", pattern="^(day|week)$", description="trend bucket"),
+) -> list[ReviewerQualityOut]:
+    """Per reviewer and perturbation kind, from canaries: detection rate, false-flag rate on
+    unperturbed originals and time per item, each with its 95% interval, and the trend."""
+    cfg = ctx.settings.review.canaries
+    since = quality_canaries.window_start(days, ctx.now())
+    rows = quality_canaries.reviewer_quality(ctx.store, cfg.min_detection_rate, since, bucket)
+    return [ReviewerQualityOut.model_validate(r) for r in rows]
+
+
+@router.get("/assist/report", response_model=ExperimentReportOut)
+def assist_report(_p: Admin, ctx: Ctx) -> ExperimentReportOut:
+    """The assistance experiment, per condition and kind: detection rate and time per item with
+    95% intervals, and each condition's difference from the control (``none``, else the first)."""
+    cfg = ctx.settings.review.assist
+    rep = quality_canaries.experiment_report(ctx.store, cfg.name, list(cfg.conditions))
+    return ExperimentReportOut.model_validate({**rep, "enabled": cfg.enabled})

@@ -42,7 +42,8 @@ def claim(p: Who, ctx: Ctx) -> Response:
     # Rendered here, inside show(): a failure sets the item aside instead of leaving the
     # lease behind (every later claim would return the same held lease and fail again).
     def build() -> Response:
-        return JSONResponse(ItemOut.model_validate(item.to_json()).model_dump(mode="json"))
+        out = ItemOut.model_validate({**item.to_json(), "hints": ctx.hints_for(p.user, item)})
+        return JSONResponse(out.model_dump(mode="json"))
 
     return ctx.show(p.user, item, build, claim_failed)
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
+from monitor.quality import canaries as quality_canaries
 from monitor.quality.estimates import estimate_series
 from monitor.quality.labels import label_rows
 from monitor.review import guidelines, stats
@@ -87,4 +88,17 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         chart=chart(ctx, values["estimates"]),
         exports=EXPORTS,
         guidelines=guidelines.current_versions(ctx.store),
+        **quality(ctx),
     )
+
+
+def quality(ctx: ReviewContext) -> dict[str, Any]:
+    """Reviewer quality over the metrics' window, and the assistance experiment's report."""
+    rc = ctx.settings.review
+    since = quality_canaries.window_start(rc.canaries.window_days, ctx.now())
+    report = quality_canaries.experiment_report(ctx.store, rc.assist.name, list(rc.assist.conditions))
+    return {
+        "quality": quality_canaries.reviewer_quality(ctx.store, rc.canaries.min_detection_rate, since),
+        "quality_days": rc.canaries.window_days,
+        "assist": {**report, "enabled": rc.assist.enabled},
+    }

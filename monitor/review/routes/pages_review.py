@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
-from monitor.review import guidelines
+from monitor.review import guidelines, hints
 from monitor.review import queue as q
 from monitor.review.auth import Session
 from monitor.review.context import Ctx, ReviewContext
@@ -98,6 +98,7 @@ def item_page(ctx: ReviewContext, session: Session, item: q.Item | None, status:
         progress=ctx.progress(session.user),
         guidelines=guide,
         released=messages.get("released", False),
+        hints=hints.shown(ctx.hints_for(session.user, item), item) if item is not None else [],
     )
 
 

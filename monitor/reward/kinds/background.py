@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,18 +46,20 @@ class Scored:
     score: Score
 
 
-def backlog_count(store: Store) -> int:
-    """Sampled episodes (rm or human) without any reward-model score."""
+def backlog_count(store: Store, stream: str | None = None) -> int:
+    """Sampled episodes (rm or human) without any reward-model score (of ``stream`` if given)."""
     s, r = t.samples, t.rm_scores
     q = sa.select(sa.func.count(sa.distinct(s.c.episode_id))).where(
         s.c.channel.in_(CHANNELS), ~sa.exists().where(r.c.episode_id == s.c.episode_id)
     )
+    if stream is not None:
+        q = q.where(s.c.stream == stream)
     with store.engine.connect() as conn:
         return int(conn.execute(q).scalar_one())
 
 
-def waiting(store: Store, limit: int, skip: frozenset[str] = frozenset()) -> list[Waiting]:
-    """The oldest ``limit`` waiting episodes not in ``skip``, oldest sample first."""
+def waiting(store: Store, limit: int, skip: frozenset[str] = frozenset(), stream: str | None = None) -> list[Waiting]:
+    """The oldest ``limit`` waiting episodes not in ``skip`` (of ``stream`` if given), oldest sample first."""
     s, r, e = t.samples, t.rm_scores, t.episodes
     q = (
         sa.select(s.c.episode_id, s.c.channel)
@@ -65,6 +67,8 @@ def waiting(store: Store, limit: int, skip: frozenset[str] = frozenset()) -> lis
         .order_by(s.c.created_at, s.c.episode_id)
         .limit(2 * (limit + len(skip)))
     )
+    if stream is not None:
+        q = q.where(s.c.stream == stream)
     with store.engine.connect() as conn:
         rows = conn.execute(q).all()
         rm: dict[str, bool] = {}
@@ -100,6 +104,7 @@ class BackgroundScorer:
         poll_s: float = 1.0,
         max_pending: int = 1000,
         retry_after_s: float = 30.0,
+        stream: str | None = None,
     ):
         self.store = store
         self.backend = backend
@@ -108,6 +113,9 @@ class BackgroundScorer:
         self.poll_s = poll_s
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
+        self.stream = stream
+        self.failed = 0  # items whose score failed (they stay waiting), over the worker's life
+        self.attempted = 0
         self._lock = threading.Lock()
         self._done: list[Scored] = []
         self._claimed: dict[str, float] = {}  # handed out or failed recently: not fetched again before the time
@@ -154,7 +162,7 @@ class BackgroundScorer:
             skip = frozenset(self._claimed)
         if room <= 0:
             return 0
-        items = waiting(self.store, min(self.batch, room), skip)
+        items = waiting(self.store, min(self.batch, room), skip, self.stream)
         self.metrics.backlog.set(backlog_count(self.store))
         if not items:
             return 0
@@ -171,6 +179,8 @@ class BackgroundScorer:
                 self._claimed[w.episode_id] = now + (3600.0 if s.ok else self.retry_after_s)
         self.metrics.async_scored.labels("ok").inc(len(good))
         self.metrics.async_scored.labels("failed").inc(len(items) - len(good))
+        self.failed += len(items) - len(good)
+        self.attempted += len(items)
         return len(good)
 
     def release(self, episode_ids: Sequence[str]) -> None:
@@ -197,12 +207,31 @@ class BackgroundScorer:
         self.stop()
 
 
-def score_backlog(store: Store, backend: ScoringBackend, metrics: BackendMetrics, *, batch: int = 32) -> dict[str, int]:
-    """Score every waiting episode now and commit each round's scores (outside a pipeline: after a
-    restart, or from a command). Items that keep failing are left waiting; returns the counts."""
-    worker = BackgroundScorer(store, backend, metrics, batch=batch, retry_after_s=1e9)
+def score_backlog(
+    store: Store,
+    backend: ScoringBackend,
+    metrics: BackendMetrics,
+    *,
+    batch: int = 32,
+    stream: str | None = None,
+    limit: int | None = None,
+    progress: Callable[[dict[str, int]], None] | None = None,
+) -> dict[str, int]:
+    """Score the waiting episodes now and commit each round's scores (outside a pipeline: after a
+    restart, or from ``oversight rm score-backlog``). Each episode is tried once per call: one whose
+    score fails stays waiting (``failed``); those beyond ``limit`` are not tried (``deferred``).
+    Returns the counts and what still waits (``waiting``)."""
+    worker = BackgroundScorer(store, backend, metrics, batch=batch, retry_after_s=1e9, stream=stream)
     scored = 0
-    while worker.run_once() or worker.pending():
+    while True:
+        if limit is not None:
+            if worker.attempted >= limit:
+                break
+            worker.batch = min(batch, limit - worker.attempted)
+        before = worker.attempted
+        worker.run_once()
+        if worker.attempted == before and not worker.pending():
+            break
         rows = [
             {
                 "episode_id": d.waiting.episode_id,
@@ -216,4 +245,7 @@ def score_backlog(store: Store, backend: ScoringBackend, metrics: BackendMetrics
         ]
         store.insert_ignore(t.rm_scores, rows)
         scored += len(rows)
-    return {"scored": scored, "waiting": backlog_count(store)}
+        if progress is not None:
+            progress({"scored": scored, "failed": worker.failed})
+    left = backlog_count(store, stream)
+    return {"scored": scored, "failed": worker.failed, "deferred": max(0, left - worker.failed), "waiting": left}

@@ -7,6 +7,8 @@ version is loaded into a :class:`pydantic.SecretStr`.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from typing import Any, Literal
 
@@ -36,6 +38,46 @@ class ResilienceConfig(_Kind):
     breaker_reset_s: float = Field(30.0, gt=0, description="an open circuit lets one probe through after this")
 
 
+class LoraConfig(_Kind):
+    """How an update fine-tunes an ``hf`` version: a LoRA adapter (peft) trained on fresh human-label
+    pairs with the Bradley-Terry loss on the classifier's score, then merged into a new checkpoint."""
+
+    r: int = Field(8, ge=1, le=256, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None,
+        description="module names to adapt; default: peft's choice for the architecture (query/value, q_proj/v_proj)",
+    )
+    epochs: int = Field(1, ge=1, le=100)
+    lr: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, description="pairs per step (each pair is two forward passes)")
+    max_pairs: int = Field(2000, ge=1, description="training pairs used at most (the newest window's first)")
+    seed: int = 0
+
+
+class CalibrationMap(_Kind):
+    """A monotone map from a remote scorer's raw score to the reviewers' rating scale (isotonic
+    regression on fresh labels, ``calibration.py``): piecewise linear through the knots, flat
+    outside them. Part of the version: a new map is a new version the gate must pass."""
+
+    x: list[float] = Field(..., min_length=1, description="raw-score knots, strictly increasing")
+    y: list[float] = Field(..., min_length=1, description="calibrated value at each knot, non-decreasing")
+    labels: int = Field(..., ge=1, description="human labels the map was fitted on")
+
+    @field_validator("y")
+    @classmethod
+    def _shape(cls, v: list[float], info: Any) -> list[float]:
+        x = info.data.get("x") or []
+        if len(v) != len(x):
+            raise ValueError("x and y must have the same length")
+        if any(b <= a for a, b in itertools.pairwise(x)) or any(b < a for a, b in itertools.pairwise(v)):
+            raise ValueError("x must be strictly increasing and y non-decreasing")
+        if not all(math.isfinite(f) for f in [*x, *v]):
+            raise ValueError("knots must be finite numbers")
+        return v
+
+
 class HfConfig(_Kind):
     """A local Hugging Face ``AutoModelForSequenceClassification`` checkpoint directory."""
 
@@ -44,12 +86,16 @@ class HfConfig(_Kind):
     batch_size: int = Field(8, ge=1)
     label_index: int = Field(0, ge=0, description="logit taken as the reward (0 for num_labels=1 reward models)")
     device: str | None = Field(None, description="torch device; default cuda (bf16) when present, else cpu (fp32)")
+    lora: LoraConfig | None = Field(None, description="updates fine-tune a LoRA adapter (needs the `lora` extra: peft)")
 
 
 class _Remote(_Kind):
     api_key_env: str | None = Field(None, description="environment variable holding the API key (never stored)")
     max_chars: int = Field(16000, ge=100, description="characters of prompt and of response sent; more is truncated")
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    calibration: CalibrationMap | None = Field(
+        None, description="set by an update (isotonic fit on fresh labels), not by hand: raw score -> rating scale"
+    )
 
     @field_validator("api_key_env")
     @classmethod

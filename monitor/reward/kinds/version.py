@@ -30,6 +30,8 @@ KIND_FILE = "kind.json"
 FORMAT = "oversight-reward-kind"
 # Operational settings: they change how a version is called, not what it scores.
 _NOT_IDENTITY = frozenset({"resilience", "api_key_env", "device", "batch_size", "max_batch"})
+# Settings added later: unset, they stay out of the hash, so versions registered before them keep their id.
+_OPTIONAL = frozenset({"lora", "calibration"})
 
 
 def dir_sha256(path: Path) -> str:
@@ -64,14 +66,20 @@ def identity_of(kind: str, cfg: Any) -> dict[str, Any]:
         if not path.is_dir():
             raise BackendError(f"hf checkpoint {path} is not a directory")
         return {"checkpoint_sha256": dir_sha256(path)}
+    out: dict[str, Any]
     if isinstance(cfg, JudgeConfig):
-        return {
+        out = {
             "endpoint": cfg.base_url,
             "model": cfg.model,
             "rubric_sha256": hashlib.sha256(cfg.rubric.encode()).hexdigest(),
         }
-    assert isinstance(cfg, HttpJsonConfig), kind
-    return {"endpoint": cfg.url, "model": cfg.extra_body.get("model"), "rubric_sha256": None}
+    else:
+        assert isinstance(cfg, HttpJsonConfig), kind
+        out = {"endpoint": cfg.url, "model": cfg.extra_body.get("model"), "rubric_sha256": None}
+    if cfg.calibration is not None:
+        blob = json.dumps(cfg.calibration.model_dump(), sort_keys=True).encode()
+        out["calibration_sha256"] = hashlib.sha256(blob).hexdigest()
+    return out
 
 
 class KindVersion:
@@ -88,12 +96,20 @@ class KindVersion:
     @classmethod
     def create(cls, kind: str, raw: dict[str, Any], description: str | None = None) -> KindVersion:
         cfg = parse_config(kind, raw)
+        if isinstance(cfg, HfConfig) and cfg.lora is not None:
+            from monitor.reward.kinds.lora import require_peft
+
+            require_peft()  # fail at registration, not at the first update
         meta: dict[str, Any] = {"training": {"description": description or f"{kind} registered by hand"}}
         return cls(kind, cfg, identity_of(kind, cfg), meta)
 
     @property
     def version(self) -> str:
-        scored = {k: v for k, v in self.config.model_dump().items() if k not in _NOT_IDENTITY}
+        scored = {
+            k: v
+            for k, v in self.config.model_dump().items()
+            if k not in _NOT_IDENTITY and not (k in _OPTIONAL and v is None)
+        }
         blob = json.dumps({"kind": self.kind, "identity": self.identity, "config": scored}, sort_keys=True)
         return f"{self.kind}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -163,12 +179,19 @@ def load_backend(
                     f"{rec['identity']['checkpoint_sha256'][:12]}): register it as a new version"
                 )
             return HfBackend(cfg, version, metrics, device=device)
+        remote: ScoringBackend
         if isinstance(cfg, JudgeConfig):
             from monitor.reward.kinds.judge import JudgeBackend
 
-            return JudgeBackend(cfg, version, metrics, client)
-        from monitor.reward.kinds.http_json import HttpJsonBackend
+            remote = JudgeBackend(cfg, version, metrics, client)
+        else:
+            from monitor.reward.kinds.http_json import HttpJsonBackend
 
-        return HttpJsonBackend(cfg, version, metrics, client)
+            remote = HttpJsonBackend(cfg, version, metrics, client)
+        if cfg.calibration is not None:
+            from monitor.reward.kinds.calibration import Calibrated
+
+            return Calibrated(remote, cfg.calibration)
+        return remote
     except ValueError as e:  # the API key's variable is unset
         raise BackendError(f"{kind} version {version}: {e}") from None

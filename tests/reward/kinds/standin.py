@@ -8,7 +8,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -59,6 +59,27 @@ def chat_answer(body: dict[str, Any], script: Script) -> dict[str, Any]:
         "choices": [choice],
         "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": 1, "total_tokens": len(user) // 4 + 1},
     }
+
+
+def chat_answer_by(score: Callable[[str], int]) -> Callable[[dict[str, Any], Script], dict[str, Any]]:
+    """A STAND-IN judge with another verdict: ``score(response)`` (1..10), plain text, no logprobs."""
+
+    def answer(body: dict[str, Any], script: Script) -> dict[str, Any]:
+        user = body["messages"][-1]["content"]
+        response = user.split("<<<RESPONSE\n", 1)[1].rsplit("\nRESPONSE>>>", 1)[0]
+        msg = {"role": "assistant", "content": str(max(1, min(10, score(response))))}
+        return {"choices": [{"index": 0, "message": msg, "finish_reason": "stop"}], "usage": {}}
+
+    return answer
+
+
+def json_answer_by(score: Callable[[str], float]) -> Callable[[dict[str, Any], Script], dict[str, Any]]:
+    """A STAND-IN JSON endpoint (batched, ``scores`` list) with the verdict ``score(response)``."""
+
+    def answer(body: dict[str, Any], script: Script) -> dict[str, Any]:
+        return {"scores": [score(i["response"]) for i in body["inputs"]]}
+
+    return answer
 
 
 def json_answer(body: dict[str, Any], script: Script) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
     judge_standin.script.release.set()
     metrics = BackendMetrics.on(CollectorRegistry())
     backend = load_backend(registry.path_of(version))
-    assert score_backlog(store, backend, metrics, batch=16) == {"scored": 100, "waiting": 0}
+    counts = score_backlog(store, backend, metrics, batch=16)
+    assert counts == {"scored": 100, "failed": 0, "deferred": 0, "waiting": 0}
     with store.engine.connect() as conn:
         rows = conn.execute(sa.select(t.rm_scores.c.episode_id, t.rm_scores.c.version, t.rm_scores.c.score)).all()
     assert len(rows) == 100 and {r.version for r in rows} == {version}

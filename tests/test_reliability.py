@@ -1,0 +1,196 @@
+"""Reviewer reliability weighting (``sampling.reliability``, ``quality.reliability_weighting``):
+simulated reviewers of known skill, the fit, and its effect on the estimates and training data."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor.config import load_settings
+from monitor.quality.estimates import estimates
+from monitor.reward.update import calibrated_records, rated_records
+from monitor.store import Store
+from monitor.store import tables as t
+from sampling.reliability import fit, item_values
+
+SCALE = [2, 3, 4, 5, 6, 6, 7]  # true ratings lean high, so a random reviewer pulls the mean down
+
+
+def simulate(
+    reviewers: list[str], seed: int = 1, n: int = 300, gold_every: int = 0
+) -> tuple[dict[int, int], list[tuple[int, str, int]], dict[int, float]]:
+    """Truth per item, labels (item, reviewer, rating) and gold items. Every third item is labelled
+    by every reviewer (overlap), the rest by one at random. ``good*`` reviewers rate the truth with
+    a little noise, ``random`` uniformly at random, ``adversarial`` the mirror image (8 - truth)."""
+    rng = random.Random(seed)
+    truth = {i: rng.choice(SCALE) for i in range(n)}
+    labels: list[tuple[int, str, int]] = []
+    gold: dict[int, float] = {}
+    for i, true in truth.items():
+        if gold_every and i % gold_every == 1:
+            gold[i] = float(true)
+        for who in reviewers if i % 3 == 0 else [rng.choice(reviewers)]:
+            if who.startswith("good"):
+                r = min(7, max(1, round(true + rng.gauss(0, 0.5))))
+            elif who == "random":
+                r = rng.randint(1, 7)
+            else:
+                r = 8 - true
+            labels.append((i, who, r))
+    return truth, labels, gold
+
+
+@pytest.mark.parametrize("bad", ["random", "adversarial"])
+def test_weighting_moves_the_estimate_towards_the_truth(bad: str) -> None:
+    truth, labels, _ = simulate(["good", "good2", bad])
+    rel = fit(labels)
+    assert rel.converged
+    r = rel.reviewers
+    assert r[bad].variance > 5 * max(r["good"].variance, r["good2"].variance), rel.to_dict()
+    true_mean = statistics.fmean(truth.values())
+    plain = statistics.fmean(item_values(labels, weighting=False).values())
+    weighted = statistics.fmean(item_values(labels, weighting=True).values())
+    assert abs(weighted - true_mean) < abs(plain - true_mean) / 3, (true_mean, plain, weighted)
+
+
+def test_gold_items_identify_two_reviewers() -> None:
+    # Two reviewers alone cannot say which of them is the random one (their disagreement is
+    # symmetric); items with a known answer (canaries) can.
+    truth, labels, gold = simulate(["good", "random"], gold_every=10)
+    rel = fit(labels, gold=gold)
+    assert rel.reviewers["random"].variance > 2 * rel.reviewers["good"].variance
+    ids = [i for i in truth if i not in gold]
+    true_mean = statistics.fmean(truth[i] for i in ids)
+    plain = item_values(labels, weighting=False)
+    assert abs(statistics.fmean(rel.items[i] for i in ids) - true_mean) < abs(
+        statistics.fmean(plain[i] for i in ids) - true_mean
+    )
+
+
+def test_without_overlap_weighting_changes_nothing() -> None:
+    labels = [(i, f"r{i % 3}", 1 + i % 7) for i in range(50)]  # one label per item
+    rel = fit(labels)
+    assert rel.notes and all(r.bias == 0 for r in rel.reviewers.values())
+    assert rel.items == item_values(labels, weighting=False)
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        fit([(1, "a", float("nan"))])
+    with pytest.raises(ValueError, match="prior_labels"):
+        fit([(1, "a", 3.0)], prior_labels=0)
+
+
+# --- in the store: the estimates and the reward model's training data ---------------------------
+
+
+def _fill(store: Store, truth: dict[int, int], labels: list[tuple[int, str, int]]) -> None:
+    from monitor.review.auth import create_user
+    from monitor.store.store import bucket_of
+
+    users = {who: create_user(store, who, "reviewer", "correct horse battery").id for who in {w for _, w, _ in labels}}
+    now = time.time()
+    eps, samples = [], []
+    for i in truth:
+        eid = f"e{i}"
+        eps.append(
+            {
+                "episode_id": eid,
+                "stream": "chat",
+                "model": "m",
+                "ts": float(i),
+                "prompt": f"prompt {i}",
+                "response": f"answer {i}",
+                "metadata": {},
+                "source": "t",
+                "position": eid,
+                "ingested_at": now,
+            }
+        )
+        samples.append(
+            {
+                "episode_id": eid,
+                "channel": "human",
+                "stream": "chat",
+                "ts": float(i),
+                "inclusion_probability": 0.5,
+                "created_at": now,
+            }
+        )
+    slots: dict[int, int] = {}
+    rows = []
+    for i, who, r in labels:
+        slots[i] = slots.get(i, -1) + 1
+        rows.append(
+            {
+                "episode_id": f"e{i}",
+                "slot": slots[i],
+                "user_id": users[who],
+                "stream": "chat",
+                "skipped": False,
+                "rating": r,
+                "flags": [],
+                "critique": "",
+                "time_spent_ms": 1000,
+                "created_at": now,
+            }
+        )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.samples.insert(), samples)
+        conn.execute(t.labels.insert(), rows)
+        conn.execute(t.traffic.insert(), [{"stream": "chat", "bucket": bucket_of(0.0), "episodes": 2 * len(truth)}])
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Any:
+    truth, labels, _ = simulate(["good", "good2", "random"], n=300)
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    _fill(store, truth, labels)
+    yield store, truth
+    store.close()
+
+
+def test_estimates_with_and_without_weighting(filled: Any) -> None:
+    store, truth = filled
+    (off,) = estimates(store, ["harmful"])
+    assert "rating_unweighted" not in off and "reliability" not in off  # off: the report is as before
+    (on,) = estimates(store, ["harmful"], reliability_weighting=True)
+    assert on["rating_unweighted"] == off["rating"] and on["flags"] == off["flags"]
+    assert on["reliability"]["weighted"] and set(on["reliability"]["reviewers"]) == {"1", "2", "3"}
+    true_mean = statistics.fmean(truth.values())
+    assert abs(on["rating"]["mean"] - true_mean) < abs(off["rating"]["mean"] - true_mean), (on, off)
+    assert 1.0 <= on["rating"]["ci_low"] <= on["rating"]["mean"] <= on["rating"]["ci_high"] <= 7.0
+
+
+def test_settings_reach_the_admin_summary(filled: Any) -> None:
+    from monitor.review.stats import admin_summary
+
+    store, _ = filled
+    off = load_settings(None, ["dev=true"])
+    on = load_settings(None, ["dev=true", "quality.reliability_weighting=true"])
+    assert off.quality.reliability_weighting is False  # off by default
+    (est_off,) = admin_summary(store, off)["estimates"]
+    (est_on,) = admin_summary(store, on)["estimates"]
+    assert "reliability" not in est_off and est_on["rating_unweighted"] == est_off["rating"]
+    assert est_on["rating"]["mean"] != est_off["rating"]["mean"]
+
+
+def test_training_records_are_calibrated(filled: Any) -> None:
+    store, truth = filled
+    records = rated_records(store)
+    cal = calibrated_records(records)
+    assert len(cal) == len(truth) == len({r["episode_id"] for r in records})
+
+    def error(recs: list[dict[str, Any]]) -> float:
+        per: dict[str, list[float]] = {}
+        for r in recs:
+            per.setdefault(r["episode_id"], []).append(float(r["rating"]))
+        return statistics.fmean(abs(statistics.fmean(v) - truth[int(e[1:])]) for e, v in per.items())
+
+    assert error(cal) < error(records)
