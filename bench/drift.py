@@ -1,6 +1,6 @@
 """Drift detection on real traffic: detection delay and false alarms per scenario.
 
-    python bench/drift.py [--seed N] [--scenarios a,b,...]
+    python bench/drift.py [--seed N] [--scenarios a,b,...] [--set drift.ert=172800 ...]
 
 Scenarios are built from ../shared/data (needed: AlpacaEval outputs of real models, HH-RLHF red-team
 prompts; see bench/shared_data.py): 1,500 episodes before and 1,500 after each change, ``model`` constant and nothing in
@@ -91,7 +91,7 @@ def encode(rows: list[dict[str, Any]], name: str) -> list[bytes]:
     ]
 
 
-def run_monitor(values: list[bytes], tmp: str) -> tuple[list[dict[str, Any]], float]:
+def run_monitor(values: list[bytes], tmp: str, overrides: list[str]) -> tuple[list[dict[str, Any]], float]:
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
@@ -106,6 +106,7 @@ def run_monitor(values: list[bytes], tmp: str) -> tuple[list[dict[str, Any]], fl
             "database.url=sqlite://",
             f"dead_letter.path={tmp}/d.jsonl",
             "pipeline.batch_size=100",
+            *overrides,
         ],
     )
     p = build_service(
@@ -169,6 +170,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenarios", help="comma-separated subset")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="configuration override KEY=VALUE (repeatable)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     scen = scenarios(rng)
@@ -178,7 +180,7 @@ def main() -> int:
     emb_cache: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (rows, change) in scen.items():
-            events, rate = run_monitor(encode(rows, name), tmp)
+            events, rate = run_monitor(encode(rows, name), tmp, args.set)
             delay, false_alarms = first_after(sorted({e["index"] for e in events}), change)
             res: dict[str, Any] = {
                 "scenario": name,

@@ -19,6 +19,8 @@ BENCHES = [
     ["ingest_http.py"],  # SDK, raw HTTP, OTLP and a raw producer against `oversight ingest serve`
     ["rm_score.py"],
     ["encoder.py"],  # ~3 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders
+    ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
+    ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
     ["closed_loop.py"],  # ~7 minutes: the closed loop on three real shifts
     ["install_size.py"],  # ~2 minutes: a fresh virtualenv with `pip install .` (no extras): size, time, BSL check
 ]

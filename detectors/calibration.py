@@ -38,6 +38,17 @@ statistic's path does not depend on the parameter (PageHinkley: the two-sided CU
 statistic at every step for every stream, then a first-passage search for the critical value
 of any ``alpha``). ADWIN runs the real river detector (its Cython core does ~2.5 us an update;
 a calibration at ERT 1000-3000 takes 1-3 s). See ``detectors/README.md`` for the values found.
+Bounded cost. The simulation holds ``n_runs x max_len_factor x ERT`` values, so it is capped at
+``MAX_SIMULATED_ERT`` (250,000: about 36 M values, ~1 GB at the peak of the CUSUM model). Above it
+a detector that knows how its ERT grows with its parameter (``log_arl_slope``) is calibrated at
+the cap and extrapolated: for a CUSUM on increments ``y = z - k`` the false-alarm run length
+grows as ``C exp(theta h)`` in the threshold ``h`` (Siegmund; Cramer-Lundberg for the random
+walk), where ``theta > 0`` solves ``E exp(theta y) = 1`` on the standardised reference itself
+(``2k`` for a normal reference). ``h = h_cap + log(ERT / cap) / theta`` with the smaller
+``theta`` of the two sides is conservative for a two-sided CUSUM: each side's run length grows by
+at least ``ERT / cap``. A detector without a slope refuses an ERT above the cap with a clear
+error instead of allocating tens of GB (an ERT of 2.6 M episodes, one false alarm per 30 days at
+1 episode/s, asked for 28 GB). Memory and time therefore no longer grow with the ERT.
 Results are cached in-process per (detector, fixed parameters, ERT, reference summary, search
 settings), where the reference summary is the standardised reference's quantiles rounded to
 0.1 sd and its share of distinct values rounded to 0.1: streams whose standardised references
@@ -69,6 +80,8 @@ RunLengths = Callable[[float], IntArray]
 DEFAULT_RUNS = 48
 DEFAULT_MAX_LEN_FACTOR = 3.0
 DEFAULT_RTOL = 0.1
+#: The largest ERT simulated; above it a detector's ``log_arl_slope`` extrapolates (see the module).
+MAX_SIMULATED_ERT = 250_000.0
 _GAUSSIAN_REF_SIZE = 5000
 _SUMMARY_PROBS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -393,6 +406,8 @@ def calibrate(
     rtol: float = DEFAULT_RTOL,
     seed: int = 0,
     cache_key: Hashable | None = None,
+    log_arl_slope: float | None = None,
+    max_simulated_ert: float = MAX_SIMULATED_ERT,
 ) -> CalibrationResult:
     """Find the parameter of ``factory(param)`` whose mean run length to the first false alarm
     on null streams (``x_ref`` standardised and resampled with replacement) is ``ert``.
@@ -400,12 +415,43 @@ def calibrate(
     ``factory`` builds a detector that takes *standardised* values. ``fast`` (optional)
     replaces it by a vectorised model: streams -> (param -> run lengths). ``cache_key``
     (optional) names the detector and its fixed parameters; with it, results are cached
-    in-process per (cache_key, ert, reference summary, search settings).
+    in-process per (cache_key, ert, reference summary, search settings). Above
+    ``max_simulated_ert`` the parameter is extrapolated with ``log_arl_slope`` (d log ERT / d
+    param; the result's ``max_len`` is then that of the simulation), or refused without one.
     """
     if not ert > 1:
         raise ValueError("ert must be > 1")
     if factory is None and fast is None:
         raise ValueError("need a factory or a fast model")
+    if ert > max_simulated_ert:
+        if log_arl_slope is None:
+            raise ValueError(
+                f"an ERT of {ert:.0f} is above what this detector can calibrate by simulation"
+                f" ({max_simulated_ert:.0f}); use a CUSUM or the time-budgeted windowed detector"
+            )
+        base = calibrate(
+            factory,
+            x_ref,
+            max_simulated_ert,
+            start=start,
+            lo=lo,
+            hi=hi,
+            increasing=increasing,
+            fast=fast,
+            n_runs=n_runs,
+            max_len_factor=max_len_factor,
+            rtol=rtol,
+            seed=seed,
+            cache_key=cache_key,
+        )
+        step = 0.0 if math.isinf(log_arl_slope) else math.log(ert / max_simulated_ert) / log_arl_slope
+        return CalibrationResult(
+            **{
+                **base.as_dict(),
+                "param": base.param + step,
+                "ert_estimate": base.ert_estimate * ert / max_simulated_ert,
+            }
+        )
     _, _, z_ref = standardise(x_ref)
     key = None
     if cache_key is not None:
@@ -425,6 +471,46 @@ def calibrate(
     if key is not None:
         _CACHE[key] = res
     return res
+
+
+def adjustment_coefficient(increments: FloatArray) -> float:
+    """``theta > 0`` with ``mean(exp(theta * y)) = 1`` for increments of negative mean: the
+    exponent of a random walk's (and so a CUSUM's) tail, ``P(max > h) ~ C exp(-theta h)``.
+    ``inf`` when no increment is positive (the walk never rises)."""
+    y = np.asarray(increments, dtype=np.float64)
+    if not y.mean() < 0:
+        raise ValueError("the increments need a negative mean (an allowance k > 0)")
+    top = float(y.max())
+    if top <= 0:
+        return math.inf
+
+    def log_mgf(theta: float) -> float:  # log mean exp(theta y), computed without overflow
+        a = theta * y
+        m = float(a.max())
+        return m + math.log(float(np.exp(a - m).mean()))
+
+    lo, hi = 0.0, 1.0
+    while log_mgf(hi) < 0:  # convex, 0 at 0, falling first: step out to the root's far side
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if log_mgf(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def cusum_log_arl_slope(x_ref: ArrayLike | None, *, k: float, mode: str) -> float:
+    """d log(ERT) / d threshold of a CUSUM with allowance ``k`` on ``x_ref`` standardised (a
+    standard normal without one): the smaller adjustment coefficient of its sides."""
+    if not k > 0:
+        raise ValueError("a CUSUM without allowance (k = 0) has no exponential run length to extrapolate")
+    _, _, z = standardise(x_ref)
+    if z is None:
+        return 2.0 * k  # normal increments z - k: theta = 2k exactly
+    sides = {"up": [z - k], "down": [-z - k], "both": [z - k, -z - k]}[mode]
+    return min(adjustment_coefficient(y) for y in sides)
 
 
 # -- off the caller's process ---------------------------------------------------------------

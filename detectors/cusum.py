@@ -11,7 +11,9 @@ reference exists, the in-control mean is known: after standardising by the refer
 alarms when ``max(S+, S-) > threshold``. ``k`` is the allowance (half the shift, in reference
 standard deviations, that it is tuned for: 0.5 is the classic choice for one standard
 deviation); ``threshold`` is calibrated to the target ERT on stationary streams resampled from
-the reference (:func:`detectors.calibration.cusum_run_lengths`). After an alarm both sums start
+the reference (:func:`detectors.calibration.cusum_run_lengths`), and above
+``MAX_SIMULATED_ERT`` extrapolated from there in ``log ERT`` (:func:`detectors.calibration.
+cusum_log_arl_slope`), so memory does not grow with the ERT. After an alarm both sums start
 again from 0 on the next update (as river's detectors do).
 """
 
@@ -101,6 +103,9 @@ class CUSUMDetector(CalibratedDetector):
     def _fast_model(self) -> Callable[[cal.FloatArray], cal.RunLengths] | None:
         fixed = self._fixed()
         return lambda streams: cal.cusum_run_lengths(streams, **fixed)
+
+    def _log_arl_slope(self) -> float | None:
+        return cal.cusum_log_arl_slope(self.x_ref, k=self.k, mode=self.mode)
 
     def _stats(self) -> tuple[Any, Any, Any]:
         d = self._detector

@@ -66,6 +66,7 @@ class CalibratedDetector(Detector):
                 n_runs=self.calibration_runs,
                 seed=self.seed,
                 cache_key=(type(self).__name__, tuple(sorted(self._fixed().items()))),
+                log_arl_slope=self._log_arl_slope() if self.ert > cal.MAX_SIMULATED_ERT else None,
             )
             self._value = self._calibration.param
         else:
@@ -82,6 +83,10 @@ class CalibratedDetector(Detector):
         """A function from the sensitivity parameter to a fresh river detector."""
 
     def _fast_model(self) -> Callable[[cal.FloatArray], cal.RunLengths] | None:
+        return None
+
+    def _log_arl_slope(self) -> float | None:
+        """d log ERT / d parameter, for ERTs beyond simulation (None: such ERTs are refused)."""
         return None
 
     def _stats(self) -> tuple[Any, Any, Any]:

@@ -509,6 +509,13 @@ class RewardUpdateConfig(_Model):
         description="refuse a candidate whose detection rate on any kind drops by more than this (absolute) with"
         " its lower bound above 0; null: measured and reported, never refuses",
     )
+    sensitivity_floor: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="a kind can refuse only where the active version detects it: the lower bound of its"
+        " detection rate above this (0.5: better than a coin)",
+    )
     sensitivity_seed: int = Field(0, description="seeds the probe set (which texts, which edits)")
 
 

@@ -17,7 +17,11 @@ loss is ``(b - c) / n``. Its one-sided lower bound at the gate's confidence come
 interval on ``b / (b + c)`` (McNemar's view of paired 0/1 outcomes), mapped back to the loss. A
 kind *fails* when it has at least ``min_pairs`` pairs, the loss exceeds ``max_loss`` and its
 lower bound is above zero: a drop both larger than the tolerance and not explainable by noise.
-A kind with fewer pairs is reported and never refuses.
+A kind with fewer pairs is reported and never refuses. Only a *protected* kind can fail: one the
+active version detects better than chance (the lower bound of its detection rate above ``floor``,
+0.5 by default). A version that prefers the broken answer as often as not has no sensitivity to
+lose there; refusing a candidate that ranks the reviewers' new traffic far better for moving such
+a kind from 0.32 to 0.16 would keep the worse overseer in place for noise.
 """
 
 from __future__ import annotations
@@ -190,9 +194,12 @@ def compare(
     max_loss: float,
     min_pairs: int,
     z: float,
+    protected: Iterable[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per kind: n, the loss of the candidate against the active version on the same pairs, its
-    lower bound and whether the kind fails (see the module docstring)."""
+    lower bound, whether the kind is protected (None: every kind is) and whether it fails (see
+    the module docstring)."""
+    guarded = None if protected is None else set(protected)
     counts: dict[str, list[int]] = {}
     for it, seen_a, seen_c in zip(items, active, candidate, strict=True):
         k = counts.setdefault(it.kind, [0, 0, 0])  # n, active-only, candidate-only
@@ -204,9 +211,15 @@ def compare(
         loss = (b - c) / n
         disc = b + c
         lo = 0.0 if disc == 0 else disc / n * (2 * _wilson(b / disc, disc, z)[0] - 1)
-        failed = n >= min_pairs and loss > max_loss and lo > 0
-        out[kind] = {"n": n, "loss": round(loss, 4), "lo": round(lo, 4), "failed": failed}
+        guards = guarded is None or kind in guarded
+        failed = guards and n >= min_pairs and loss > max_loss and lo > 0
+        out[kind] = {"n": n, "loss": round(loss, 4), "lo": round(lo, 4), "protected": guards, "failed": failed}
     return out
+
+
+def protected_kinds(per_kind: Mapping[str, Sensitivity], floor: float) -> list[str]:
+    """Kinds a version detects better than chance: its detection rate's lower bound above ``floor``."""
+    return [k for k, s in per_kind.items() if s.n and s.ci_low > floor]
 
 
 def failed_kinds(comparison: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -230,7 +243,8 @@ def render(rows: Mapping[str, Mapping[str, Any]], comparison: Mapping[str, Mappi
         line = f"{kind:24} {r['n']:>4} {r['detected']:>8} {r['rate']:>6.2f}  [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
         if comparison is not None and kind in comparison:
             c = comparison[kind]
-            line += f"  loss {c['loss']:+.2f} (lower bound {c['lo']:+.2f}){'  FAILED' if c['failed'] else ''}"
+            line += f"  loss {c['loss']:+.2f} (lower bound {c['lo']:+.2f})"
+            line += "  FAILED" if c["failed"] else ("" if c.get("protected", True) else "  (not protected)")
         lines.append(line)
     return "\n".join(lines)
 
@@ -266,6 +280,7 @@ def gate_sensitivity(
         "failed": [],
         "max_loss": ucfg.max_sensitivity_loss,
         "min_pairs": ucfg.sensitivity_min_pairs,
+        "floor": ucfg.sensitivity_floor,
     }
     if active is not None:
         act = measure(active, items, confidence)
@@ -277,6 +292,7 @@ def gate_sensitivity(
             max_loss=1.0 if ucfg.max_sensitivity_loss is None else ucfg.max_sensitivity_loss,
             min_pairs=ucfg.sensitivity_min_pairs,
             z=z,
+            protected=protected_kinds(act.per_kind, ucfg.sensitivity_floor),
         )
         if ucfg.max_sensitivity_loss is None:
             comparison = {k: {**v, "failed": False} for k, v in comparison.items()}

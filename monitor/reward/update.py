@@ -33,7 +33,8 @@ intervals recorded. Either way the candidate is kept (folder and row) with this 
 Sensitivity. Both versions also score one seeded probe set of perturbed/original pairs
 (``monitor.reward.sensitivity``); a candidate that loses sensitivity on any perturbation kind
 beyond ``max_sensitivity_loss`` (significantly: the loss's lower bound above zero, on at least
-``sensitivity_min_pairs`` pairs) is rejected whatever its gain, and the rule names the kind. The
+``sensitivity_min_pairs`` pairs, on a kind the active version detects better than
+``sensitivity_floor``) is rejected whatever its gain, and the rule names the kind. The
 per-kind tables go into the record (``sensitivity``) and the ``oversight_rm_sensitivity`` gauges.
 """
 

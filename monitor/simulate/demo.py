@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import textwrap
 import threading
 from importlib import resources
 from pathlib import Path
@@ -155,7 +156,9 @@ def _summary(report: dict[str, Any]) -> None:
     for v in report["rm_versions"]:
         an, ao = v["agreement_new"], v["agreement_old"]
         reason = (v.get("gate") or {}).get("reason") or ""
-        print(f"  {v['version']}  {v['status']:<8} new {_num(an)}  old {_num(ao)}  {reason[:80]}")
+        print(f"  {v['version']}  {v['status']:<8} new {_num(an)}  old {_num(ao)}")
+        # The gate's whole rule: a refusal names the kinds and numbers, which a cut line would lose.
+        print(textwrap.fill(reason, 100, initial_indent="      ", subsequent_indent="      "))
     print("\nPolicy retraining requests (one per incident):")
     for r in report["retrain_requests"]:
         print(

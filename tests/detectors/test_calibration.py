@@ -143,3 +143,54 @@ def test_reference_checks() -> None:
     assert fired_after and not fired_before
     with pytest.raises(ValueError, match="NaN"):
         PageHinkleyDetector(ert=500, x_ref=np.array([1.0, np.nan, 2.0]))
+
+
+def test_adjustment_coefficient_is_2k_for_normal_increments() -> None:
+    # E exp(theta (Z - k)) = 1 for Z ~ N(0, 1) at theta = 2k: checked on a large sample.
+    z = np.random.default_rng(0).standard_normal(400_000)
+    assert cal.adjustment_coefficient(z - 0.5) == pytest.approx(1.0, rel=0.05)
+    assert cal.cusum_log_arl_slope(None, k=0.25, mode="both") == 0.5
+    assert cal.adjustment_coefficient(np.full(10, -0.3)) == math.inf  # a walk that never rises
+    with pytest.raises(ValueError, match="allowance"):
+        cal.cusum_log_arl_slope(None, k=0.0, mode="both")
+
+
+@pytest.mark.parametrize("shape", ["normal", "skewed", "binary"])
+def test_cusum_beyond_simulation_is_extrapolated_to_the_same_threshold(shape: str) -> None:
+    """Calibrated at a small cap and extrapolated, the threshold is the one a direct simulation
+    finds, and its measured ERT on fresh null streams is at least about the target."""
+    rng = np.random.default_rng(11)
+    ref = {
+        "normal": rng.standard_normal(600),
+        "skewed": rng.exponential(1.0, 600),
+        "binary": (rng.random(600) < 0.1).astype(float),
+    }[shape]
+    k, target = 0.5, 20_000.0
+    slope = cal.cusum_log_arl_slope(ref, k=k, mode="both")
+
+    def fast(s: cal.FloatArray) -> cal.RunLengths:
+        return cal.cusum_run_lengths(s, k=k, min_instances=1, mode="both")
+
+    kw: dict[str, Any] = {"start": 10.0, "lo": 0.01, "hi": 1e6, "increasing": True, "fast": fast, "n_runs": 96}
+    direct = cal.calibrate(None, ref, target, **kw)
+    extrapolated = cal.calibrate(None, ref, target, **kw, log_arl_slope=slope, max_simulated_ert=1500)
+    assert extrapolated.max_len == math.ceil(3 * 1500)  # it simulated at the cap only
+    assert extrapolated.param == pytest.approx(direct.param, abs=0.08 * direct.param)
+    _, _, z = cal.standardise(ref)
+    run = fast(cal.null_streams(z, 96, 100_000, seed=5))
+    assert cal.estimate_ert(run(extrapolated.param), 100_000) > 0.6 * target
+
+
+def test_an_ert_beyond_simulation_costs_no_more_and_is_refused_without_a_slope() -> None:
+    from detectors.cusum import CUSUMDetector
+
+    x = np.random.default_rng(2).standard_normal(500)
+    # One false alarm per 30 days at 1 episode/s for each of 8 detectors: 20.7 M updates. The
+    # simulation is that of MAX_SIMULATED_ERT (it once asked for 28 GB).
+    det = CUSUMDetector(ert=2_592_000 * 8, x_ref=x, k=0.5)
+    cap = CUSUMDetector(ert=cal.MAX_SIMULATED_ERT, x_ref=x, k=0.5)
+    assert det.calibration is not None and det.calibration.max_len == math.ceil(3 * cal.MAX_SIMULATED_ERT)
+    slope = cal.cusum_log_arl_slope(x, k=0.5, mode="both")
+    assert det.param_value == pytest.approx(cap.param_value + math.log(2_592_000 * 8 / cal.MAX_SIMULATED_ERT) / slope)
+    with pytest.raises(ValueError, match="above what this detector can calibrate"):
+        PageHinkleyDetector(ert=cal.MAX_SIMULATED_ERT * 2, x_ref=x)

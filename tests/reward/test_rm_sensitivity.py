@@ -13,7 +13,7 @@ import pytest
 
 from monitor.config import load_settings
 from monitor.metrics import Metrics
-from monitor.perturb import NAMES, Perturbed
+from monitor.perturb import NAMES, Perturbed, Sensitivity
 from monitor.perturb.better import HH_PAIRS, bundled_records
 from monitor.reward import sensitivity as rs
 from monitor.reward.registry import Registry
@@ -162,6 +162,29 @@ def test_compare_ignores_noise_and_small_kinds() -> None:
     # Everything lost on a kind with too few pairs: reported, never refuses.
     small = rs.compare([rare] * 10, [True] * 10, [False] * 10, max_loss=0.05, min_pairs=20, z=z)["break_code"]
     assert small["loss"] == 1.0 and small["lo"] > 0 and not small["failed"]
+
+
+def test_only_a_sensitivity_the_active_version_has_can_refuse() -> None:
+    """Losing a kind the active version scores at chance or below is noise, not a lost
+    capability; losing one it detects refuses."""
+    seen = Perturbed("off_topic", "p", "on topic.", "elsewhere.", "worse")
+    coin = Perturbed("break_code", "p", "x < 1", "x <= 1", "worse")
+    items = [seen] * 40 + [coin] * 40
+    # The active version detects off_topic 36/40 and break_code 13/40 (0.32, below a coin).
+    act = [True] * 36 + [False] * 4 + [True] * 13 + [False] * 27
+    cand = [True] * 12 + [False] * 28 + [False] * 40  # loses both: 36 -> 12, 13 -> 0
+    per_kind = {
+        # 95% Wilson intervals of 36/40 and 13/40.
+        "off_topic": Sensitivity("off_topic", 40, 36, 0.9, 0.7695, 0.9604, 0.95),
+        "break_code": Sensitivity("break_code", 40, 13, 0.325, 0.2006, 0.4799, 0.95),
+    }
+    protected = rs.protected_kinds(per_kind, 0.5)
+    assert protected == ["off_topic"]
+    got = rs.compare(items, act, cand, max_loss=0.05, min_pairs=20, z=1.645, protected=protected)
+    assert got["off_topic"]["failed"] and got["off_topic"]["protected"]
+    assert got["break_code"]["lo"] > 0.05 and not got["break_code"]["failed"] and not got["break_code"]["protected"]
+    # Without the floor (every kind protected) the same loss on break_code refuses.
+    assert rs.compare(items, act, cand, max_loss=0.05, min_pairs=20, z=1.645)["break_code"]["failed"]
 
 
 def _gate(tmp_path: Path, db_url: str, probes: list[Perturbed], blind: Sequence[str], *extra: str) -> Any:
