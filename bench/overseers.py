@@ -108,7 +108,11 @@ def run_seed(seed: int, share: float, lines: list[bytes], tmp: str) -> dict[str,
         registry=CollectorRegistry(),
     ) as svc:
         svc.run()
-        truth = Truth.load(str(TRAFFIC), s.simulate.answer_key, s.source.max_episode_bytes)
+        # The truth of the ingested records only: a canary's id is free in the store, and a record
+        # of the file that was never ingested may hold it (the reviewer would take it for that one).
+        subset = Path(tmp) / f"traffic-{seed}.jsonl"
+        subset.write_bytes(b"\n".join(lines) + b"\n")
+        truth = Truth.load(str(subset), s.simulate.answer_key, s.source.max_episode_bytes)
         url = svc.serve_review(0, metrics_listener=False).url
         with httpx.Client(base_url=url.rstrip("/"), timeout=30.0) as client:
             reviewers = make_reviewers(s, svc.store, client)
