@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["replay.py"],
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
+    ["hot_path.py", "--configs", "core,signals"],  # ~1 minute: microseconds per record by area (cProfile)
     ["drift.py"],
     ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
     ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector
