@@ -141,11 +141,20 @@ def canary_turn(key: bytes, cfg: CanaryConfig, user_id: int, n: int) -> bool:
     return cfg.share > 0 and keyed_uniform(key, f"{cfg.seed}\x1f{user_id}\x1f{n}", "canary") < cfg.share
 
 
+def _live() -> sa.ColumnElement[bool]:
+    """A canary whose id no real episode has taken since. An id is free when the canary is made,
+    but a stream with sequential ids can later ingest a real episode of that very id; from then on
+    the id names the real item (its lease, its label), and the canary is abandoned: otherwise the
+    reviewer's label of the real item would be taken for the canary's and refused (409) on every
+    try, holding that reviewer on one item forever."""
+    return ~sa.exists().where(t.episodes.c.episode_id == t.canaries.c.id)
+
+
 def held(conn: sa.Connection, user_id: int, now: float) -> Any:
     """The reviewer's canary under a live lease, or None."""
     c = t.canaries
     return conn.execute(
-        sa.select(c).where(c.c.user_id == user_id, c.c.status == "claimed", c.c.lease_expires_at > now)
+        sa.select(c).where(c.c.user_id == user_id, c.c.status == "claimed", c.c.lease_expires_at > now, _live())
     ).first()
 
 
@@ -158,6 +167,7 @@ def waiting(conn: sa.Connection, user_id: int, now: float) -> Any:
         .where(
             c.c.user_id == user_id,
             sa.or_(c.c.status == "pending", sa.and_(c.c.status == "claimed", c.c.lease_expires_at <= now)),
+            _live(),
         )
         .order_by(c.c.created_at, c.c.id)
         .limit(1)
@@ -165,9 +175,10 @@ def waiting(conn: sa.Connection, user_id: int, now: float) -> Any:
 
 
 def find(conn: sa.Connection, user_id: int, canary_id: str, lock: bool = False) -> Any:
-    """The reviewer's canary of this id, or None (another reviewer's canary is no canary to them)."""
+    """The reviewer's canary of this id, or None (another reviewer's canary is no canary to them,
+    nor is one whose id a real episode has taken since: :func:`_live`)."""
     c = t.canaries
-    q = sa.select(c).where(c.c.id == canary_id, c.c.user_id == user_id)
+    q = sa.select(c).where(c.c.id == canary_id, c.c.user_id == user_id, _live())
     return conn.execute(q.with_for_update() if lock else q).first()
 
 

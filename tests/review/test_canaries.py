@@ -175,6 +175,37 @@ def test_release_undo_and_skip_work_on_canaries(make_review_env: Any) -> None:
     assert c.post(f"{API}/queue/claim").json()["episode_id"] != item["episode_id"]
 
 
+def test_a_real_episode_that_later_takes_a_canarys_id_wins(make_review_env: Any) -> None:
+    """Sequential ids: a canary's id was free when it was made, and the stream then ingests a real
+    episode of that very id. The id names the real item from then on: the reviewer labels it (it
+    was refused with 409 on every try, holding the reviewer on it forever), and the canary, held
+    or labelled, is left as it was."""
+    env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1")
+    _seed(env, 40)
+    env.user("ann")
+    env.user("bob")
+    _work(env, env.client("ann"), 10)
+    c = env.client("bob")
+    held = _until_canary(env, c)  # bob holds a canary, unlabelled
+    cid = held["episode_id"]
+    # The real episode of that id arrives with its review task.
+    seed(env.store, [episode_row(cid, prompt="A real question.", response="A real answer.")], created_at=0.0)
+    for _ in range(80):  # bob works on; the real item comes up in its turn and his label of it counts
+        item = c.post(f"{API}/queue/claim").json()
+        if item["episode_id"] == cid:
+            break
+        assert c.post(f"{API}/items/label", json=label_body(item)).status_code == 200
+    assert item["episode_id"] == cid and item["response"] == "A real answer."
+    assert c.post(f"{API}/items/label", json=label_body(item, rating=5)).status_code == 200
+    with env.store.engine.connect() as conn:
+        real = conn.execute(sa.select(t.labels).where(t.labels.c.episode_id == cid)).one()
+        left = conn.execute(sa.select(t.canaries.c.status).where(t.canaries.c.id == cid)).scalar_one()
+    assert real.rating == 5
+    assert left == "claimed"  # abandoned unlabelled, never served again
+    nxt = c.post(f"{API}/queue/claim")
+    assert nxt.status_code == 204 or nxt.json()["episode_id"] != cid
+
+
 def test_assist_condition_is_recorded_with_every_label(make_review_env: Any) -> None:
     env = make_review_env(
         "review.canaries.share=0.4",
