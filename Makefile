@@ -42,7 +42,8 @@ prometheus:
 # file's presence makes it a no-op). Without node/npm nothing is installed and the scan skips, saying why.
 AXE_JS := .cache/axe/node_modules/axe-core/axe.min.js
 axe:
-	@test -f $(AXE_JS) || ! command -v npm >/dev/null 2>&1 || npm install --prefix .cache/axe --no-audit --no-fund --silent axe-core@4
+	@test -f $(AXE_JS) || command -v npm >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null)
+	@test -f $(AXE_JS) || npm install --prefix .cache/axe --no-audit --no-fund --silent axe-core@4
 
 # The `config:` part of helm/oversight/values.schema.json comes from the service's Settings: run this after
 # changing a setting (tests/deploy/test_helm.py fails until the committed schema matches).

@@ -33,7 +33,10 @@ DESKTOP = {"width": 1280, "height": 900}
 @pytest.fixture(scope="module")
 def axe_source() -> str:
     if not AXE.is_file():
-        if shutil.which("node") is None or shutil.which("npm") is None:
+        if (shutil.which("node") is None or shutil.which("npm") is None) and os.environ.get(
+            "CI_REQUIRE_SERVICES"
+        ) != "1":
+            # Only outside CI: `make axe` installs node/npm (Debian) and axe-core, and CI never skips it.
             pytest.skip("node/npm are not installed: axe-core cannot be installed (apt-get install nodejs npm)")
         pytest.fail(f"axe-core is not installed at {AXE}: run `make axe`")
     return AXE.read_text(encoding="utf-8")
