@@ -256,6 +256,16 @@ class AssistExperimentConfig(_Model):
         return self
 
 
+class AdjudicationConfig(_Model):
+    """When the labels of an item with overlap disagree enough to go to an adjudicator
+    (monitor/quality/adjudication.py, the admin page /admin/adjudication)."""
+
+    rating_gap: int = Field(
+        2, ge=1, le=6, description="ratings (1-7) of one item this many points apart or more disagree"
+    )
+    flags_disagree: bool = Field(True, description="a flag set by some reviewers of an item and not others disagrees")
+
+
 class ReviewConfig(_Model):
     secret_key: SecretStr | None = Field(None, description="signs CSRF tokens; required outside dev mode")
     host: str = "127.0.0.1"
@@ -306,6 +316,7 @@ class ReviewConfig(_Model):
     )
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
     assist: AssistExperimentConfig = Field(default_factory=AssistExperimentConfig)
+    adjudication: AdjudicationConfig = Field(default_factory=AdjudicationConfig)
 
     def blinding(self, stream: str) -> tuple[frozenset[str], bool]:
         """(metadata keys reviewers may see, whether they see the policy version) for a stream."""

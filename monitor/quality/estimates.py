@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
+from monitor.quality.adjudication import Final, finals
 from monitor.quality.labels import label_rows, per_item
 from monitor.store import Store
 from sampling import horvitz_thompson, reliability
@@ -124,22 +126,31 @@ def estimates(
     *,
     reliability_weighting: bool = False,
     prior_labels: float = 5.0,
+    final: Mapping[str, Final] | None = None,
 ) -> list[dict[str, Any]]:
     """Per stream: the rating estimate and the flag rates over all traffic.
 
     With ``reliability_weighting`` (``quality.reliability_weighting``) an item's rating is its
     calibrated value (``sampling.reliability``: each reviewer's bias removed, ratings weighted by
     their precision) instead of the plain mean; the stream then also reports ``rating_unweighted``
-    (the estimate without weighting, to show the effect) and ``reliability`` (the fit)."""
+    (the estimate without weighting, to show the effect) and ``reliability`` (the fit).
+
+    An adjudicated item (``final``, default: :func:`monitor.quality.adjudication.finals`) counts
+    with its final label in place of its reviewers' labels, weighted or not; the reliability fit
+    still reads the reviewers' own labels (it measures them), with the final ratings as gold."""
     rows = label_rows(store) if rows is None else rows
+    final = finals(store) if final is None else final
     by_stream: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for eid, it in per_item(rows).items():
+    for eid, it in per_item(rows, final).items():
         by_stream[it["stream"]].append({**it, "episode_id": eid})
     rel = (
         reliability.fit(
             [(r.episode_id, r.user_id, float(r.rating)) for r in rows if not r.skipped and r.rating is not None],
             prior_labels=prior_labels,
             bounds=RATING_BOUNDS,
+            # An adjudicated rating is the best truth there is: each reviewer's error there is
+            # measured against it rather than against the other reviewers.
+            gold={eid: float(f.rating) for eid, f in final.items()},
         )
         if reliability_weighting
         else None
@@ -150,7 +161,11 @@ def estimates(
         items = by_stream[stream]
         probs = [it["p"] for it in items]
         plain = [statistics.fmean(r for r, _ in it["labels"]) for it in items]
-        values = plain if calibrated is None else [calibrated[it["episode_id"]] for it in items]
+        values = (
+            plain
+            if calibrated is None
+            else [plain[i] if it["adjudicated"] else calibrated[it["episode_id"]] for i, it in enumerate(items)]
+        )
         rating = horvitz_thompson(values, probs, bounds=RATING_BOUNDS)
         flag_est = {}
         for f in flags:
@@ -160,6 +175,7 @@ def estimates(
             "stream": stream,
             "population": store.traffic_count(stream),
             "n_labelled": len(items),
+            "n_adjudicated": sum(1 for it in items if it["adjudicated"]),
             "rating": finite(rating.to_dict()),
             "flags": flag_est,
         }
@@ -171,12 +187,18 @@ def estimates(
 
 
 def estimate_series(
-    store: Store, stream: str, bucket_s: int = 3600, rows: list[Any] | None = None
+    store: Store,
+    stream: str,
+    bucket_s: int = 3600,
+    rows: list[Any] | None = None,
+    final: Mapping[str, Final] | None = None,
 ) -> list[dict[str, Any]]:
-    """The rating estimate per time bucket of episode time (for the chart). Pass ``rows``
-    (from :func:`label_rows`) to chart several streams from one read of the labels."""
+    """The rating estimate per time bucket of episode time (for the chart), adjudicated items at
+    their final label. Pass ``rows`` (from :func:`label_rows`) and ``final`` (from
+    :func:`monitor.quality.adjudication.finals`) to chart several streams from one read."""
     buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for it in per_item(label_rows(store) if rows is None else rows).values():
+    labelled = per_item(label_rows(store) if rows is None else rows, finals(store, stream) if final is None else final)
+    for it in labelled.values():
         if it["stream"] == stream:
             buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
     out = []

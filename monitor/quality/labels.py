@@ -4,10 +4,12 @@ human inclusion probability, grouped per item, and agreement between reviewers."
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.quality.adjudication import Final
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -71,16 +73,30 @@ def label_rows(store: Store, since: float | None = None) -> list[Any]:
         return list(conn.execute(q).all())
 
 
-def per_item(rows: list[Any]) -> dict[str, dict[str, Any]]:
-    """Non-skipped labels grouped by episode: mean rating, flag shares, probability, stream, ts."""
+def per_item(rows: list[Any], final: Mapping[str, Final] | None = None) -> dict[str, dict[str, Any]]:
+    """Non-skipped labels grouped by episode: (rating, flags) per label, probability, stream, ts.
+
+    ``final``: adjudicated labels (:func:`monitor.quality.adjudication.finals`); an adjudicated
+    item's labels are replaced by its one final label (``adjudicated`` True on the item)."""
     items: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r.skipped:
             continue
         it = items.setdefault(
-            r.episode_id, {"stream": r.stream, "p": float(r.inclusion_probability), "ts": float(r.ts), "labels": []}
+            r.episode_id,
+            {
+                "stream": r.stream,
+                "p": float(r.inclusion_probability),
+                "ts": float(r.ts),
+                "labels": [],
+                "adjudicated": False,
+            },
         )
         it["labels"].append((int(r.rating), set(r.flags or [])))
+    for eid, f in (final or {}).items():
+        if eid in items:
+            items[eid]["labels"] = [(f.rating, set(f.flags))]
+            items[eid]["adjudicated"] = True
     return items
 
 

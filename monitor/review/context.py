@@ -20,7 +20,8 @@ from fastapi import Depends, Request, Response
 
 from monitor.assist import Assistance, AssistContext, Hint
 from monitor.config import Settings
-from monitor.review import auth, canary, hints, queue, workday
+from monitor.quality.adjudication import Rule
+from monitor.review import adjudication, auth, canary, hints, queue, workday
 from monitor.review.conversation import Rate
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
@@ -39,8 +40,15 @@ class ReviewContext:
         self.settings = settings
         self.store = store
         self.clock = clock
+        # When labels of one item disagree (``review.adjudication``): the metrics, the API and the page.
+        self.disagreement_rule = Rule.of(settings.review.adjudication)
         self.metrics = ReviewMetrics(
-            store, registry, settings.metrics.max_streams, clock=clock, canaries=settings.review.canaries
+            store,
+            registry,
+            settings.metrics.max_streams,
+            clock=clock,
+            canaries=settings.review.canaries,
+            disagreement=self.disagreement_rule,
         )
         # Fails closed at start on an unknown perturbation kind (config cannot import monitor.perturb).
         canary.check_kinds(settings.review.canaries)
@@ -145,6 +153,27 @@ class ReviewContext:
         claim = workday.undo(self.store, user, rc.lease_seconds, rc.undo_window_s, now=self.now())
         self.metrics.labels.labels("undone").inc()
         return claim
+
+    # -- adjudication ---------------------------------------------------------------------
+
+    def adjudicate(self, user: auth.User, episode_id: str, verdict: adjudication.Verdict) -> adjudication.Adjudication:
+        """Record an administrator's final label, counted by outcome; raises
+        :class:`monitor.review.adjudication.AdjudicationError` (404, 409, 422) when refused."""
+        try:
+            out = adjudication.adjudicate(
+                self.store,
+                user,
+                episode_id,
+                verdict,
+                self.settings.review.flags,
+                self.disagreement_rule,
+                now=self.now(),
+            )
+        except adjudication.AdjudicationError:
+            self.metrics.adjudications.labels("refused").inc()
+            raise
+        self.metrics.adjudications.labels("adjudicated").inc()
+        return out
 
     def progress(self, user: auth.User) -> dict[str, Any]:
         """Today's labels and skips of the user, the items waiting, the seconds left to undo."""

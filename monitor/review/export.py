@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.quality.adjudication import finals
 from monitor.review.queue import alternative_of, metadata_text, parse_metadata
 from monitor.store import Store
 from monitor.store import tables as t
@@ -57,8 +58,13 @@ def _rows(store: Store) -> list[Any]:
 
 
 def rating_records(store: Store) -> list[dict[str, Any]]:
+    """One record per label (the reviewers' own, for analysis); an adjudicated episode's records
+    also carry its final label (``adjudicated``, ``final_rating``, ``final_flags``,
+    ``final_preference``; null when it has none), which training should use instead."""
+    final = finals(store)
     out = []
     for r in _rows(store):
+        f = final.get(r.episode_id)
         out.append(
             {
                 "episode_id": r.episode_id,
@@ -78,6 +84,10 @@ def rating_records(store: Store) -> list[dict[str, Any]]:
                 "inclusion_probability": r.inclusion_probability,
                 "prompt": r.prompt,
                 "response": r.response,
+                "adjudicated": f is not None,
+                "final_rating": None if f is None else f.rating,
+                "final_flags": None if f is None else sorted(f.flags),
+                "final_preference": None if f is None else f.preference,
             }
         )
     return out
@@ -85,18 +95,26 @@ def rating_records(store: Store) -> list[dict[str, Any]]:
 
 def pair_records(store: Store) -> list[dict[str, str]]:
     """``{"prompt", "chosen", "rejected"}`` pairs: from pairwise preferences, and from ratings of
-    different responses to the same prompt (mean rating per response; ties give no pair)."""
+    different responses to the same prompt (mean rating per response; ties give no pair). An
+    adjudicated episode counts once, with its final label, in place of its reviewers' labels."""
+    final = finals(store)
+    done: set[str] = set()
     pairs: list[dict[str, str]] = []
     by_prompt: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in _rows(store):
-        if r.skipped:
+        if r.skipped or r.episode_id in done:
             continue
+        f = final.get(r.episode_id)
+        if f is not None:
+            done.add(r.episode_id)
+        preference = r.preference if f is None else f.preference
+        rating = r.rating if f is None else f.rating
         alt = alternative_of(parse_metadata(r.metadata, r.episode_id))
-        if alt is not None and r.preference in ("response", "alternative"):
-            chosen, rejected = (r.response, alt) if r.preference == "response" else (alt, r.response)
+        if alt is not None and preference in ("response", "alternative"):
+            chosen, rejected = (r.response, alt) if preference == "response" else (alt, r.response)
             pairs.append({"prompt": r.prompt, "chosen": chosen, "rejected": rejected})
-        if r.rating is not None:
-            by_prompt[r.prompt][r.response].append(int(r.rating))
+        if rating is not None:
+            by_prompt[r.prompt][r.response].append(int(rating))
     for prompt, responses in by_prompt.items():
         means = sorted(((statistics.fmean(v), resp) for resp, v in responses.items()), reverse=True)
         for i, (mi, ri) in enumerate(means):
@@ -136,7 +154,14 @@ CSV_FIELDS = [
     "inclusion_probability",
     "prompt",
     "response",
+    "adjudicated",
+    "final_rating",
+    "final_flags",
+    "final_preference",
 ]
+
+
+LIST_FIELDS = ("flags", "final_flags")
 
 
 def csv_rows(records: list[dict[str, Any]]) -> Iterator[str]:
@@ -147,5 +172,7 @@ def csv_rows(records: list[dict[str, Any]]) -> Iterator[str]:
     for rec in records:
         buf.seek(0)
         buf.truncate()
-        w.writerow([neutralize(";".join(rec[k]) if k == "flags" else rec[k]) for k in CSV_FIELDS])
+        w.writerow(
+            [neutralize(";".join(rec[k]) if k in LIST_FIELDS and rec[k] is not None else rec[k]) for k in CSV_FIELDS]
+        )
         yield buf.getvalue()

@@ -489,6 +489,22 @@ def _item(conn: sa.Connection, c: Claim, key: bytes, blinding: Blinding) -> Item
     )
 
 
+def episode_item(store: Store, episode_id: str, key: bytes, blinding: Blinding = blind_all) -> Item | None:
+    """An episode as its stream's reviewers would see it, with no lease (``claim`` names the
+    episode only): for the adjudication page. None when there is no such episode or its row
+    cannot be read."""
+    with store.engine.connect() as conn:
+        try:
+            return _item(conn, Claim(episode_id, 0, 0, 0.0), key, blinding)
+        except sa.exc.NoResultFound:
+            return None
+        except (sa.exc.DBAPIError, ValueError, TypeError, OverflowError) as e:
+            if isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated:
+                raise  # the database, not the row
+            log.warning("episode %r cannot be read for adjudication (%s)", episode_id, type(e).__name__)
+            return None
+
+
 def set_aside(store: Store, user: User, c: Claim, now: float | None = None) -> bool:
     """Take an item that could not be shown out of the queue (status ``error``), in place of
     the reviewer's lease; whether it was still theirs to set aside.

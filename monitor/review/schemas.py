@@ -62,7 +62,56 @@ class TokenIn(Strict):
     name: str = Field("api", min_length=1, max_length=64)
 
 
+class AdjudicationIn(Strict):
+    """An administrator's final label of an item whose reviewers disagreed, and why."""
+
+    episode_id: str = Field(min_length=1, max_length=128)
+    rating: int = Field(ge=1, le=7)
+    flags: list[str] = Field(default_factory=list, max_length=32)
+    preference: Literal["response", "alternative", "tie"] | None = Field(None, description="pairs only")
+    note: str = Field(min_length=1, max_length=2000, description="why: the final label is audited")
+
+
 # -- responses ------------------------------------------------------------------------------
+
+
+class LabelSeenOut(Strict):
+    """A reviewer's label of a disagreeing item."""
+
+    label_id: int
+    user_id: int
+    reviewer: str
+    rating: int
+    flags: list[str]
+    preference: str | None
+    critique: str
+    created_at: float
+
+
+class DisagreementOut(Strict):
+    episode_id: str
+    stream: str
+    reasons: list[str] = Field(description="why the labels disagree: rating, flags, preference")
+    rating_spread: int = Field(description="highest minus lowest rating")
+    split_flags: list[str] = Field(description="flags some reviewers set and others did not")
+    labels: list[LabelSeenOut]
+    first_label_at: float
+    adjudicated: bool
+
+
+class AdjudicationOut(Strict):
+    id: int
+    episode_id: str
+    stream: str
+    adjudicator: str
+    rating: int
+    flags: list[str]
+    preference: str | None
+    note: str
+    label_ids: list[int] = Field(description="the reviewers' labels the adjudicator was shown")
+    reasons: list[str] = Field(description="why they disagreed when adjudicated (empty: they did not)")
+    created_at: float
+    current: bool = Field(description="false once a later adjudication of the same item superseded it")
 
 
 class ErrorOut(Strict):
@@ -191,6 +240,7 @@ class StreamEstimateOut(Strict):
     stream: str
     population: int
     n_labelled: int
+    n_adjudicated: int = Field(0, description="labelled items counted at their adjudicated label")
     rating: EstimateOut
     flags: dict[str, EstimateOut]
     rating_unweighted: EstimateOut | None = Field(

@@ -58,6 +58,7 @@ from monitor.reward.registry import Registry
 from monitor.reward.train import pair_texts
 from monitor.store import Store
 from monitor.store import tables as t
+from monitor.store.adjudications import finals
 from sampling import reliability
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ class UpdateError(RuntimeError):
 
 
 def rated_records(store: Store, stream: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
-    """Labelled episodes (not skipped, rated): prompt, response, rating, stream, ts (episode event time)."""
+    """Labelled episodes (not skipped, rated): prompt, response, rating, stream, ts (episode event
+    time), user_id, and ``adjudicated``: one record per label, except that an adjudicated episode
+    (:mod:`monitor.quality.adjudication`) gives one record, its final label (the adjudicator's
+    ``user_id``), in place of its reviewers' disagreeing labels."""
     lb, ep = t.labels, t.episodes
     q = (
         sa.select(ep.c.episode_id, ep.c.stream, ep.c.ts, ep.c.prompt, ep.c.response, lb.c.rating, lb.c.user_id)
@@ -81,19 +85,35 @@ def rated_records(store: Store, stream: str | None = None, since: float | None =
     if since is not None:
         q = q.where(ep.c.ts >= since)
     with store.engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(q.order_by(ep.c.ts, ep.c.episode_id)).all()]
+        rows = [dict(r._mapping) for r in conn.execute(q.order_by(ep.c.ts, ep.c.episode_id)).all()]
+    final = finals(store, stream)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for r in rows:
+        f = final.get(r["episode_id"])
+        if f is None:
+            out.append({**r, "adjudicated": False})
+        elif r["episode_id"] not in seen:
+            seen.add(r["episode_id"])
+            out.append({**r, "rating": f.rating, "user_id": f.user_id, "adjudicated": True})
+    return out
 
 
 def calibrated_records(records: Sequence[dict[str, Any]], prior_labels: float = 5.0) -> list[dict[str, Any]]:
     """``quality.reliability_weighting`` for training data: one record per episode, its rating the
     calibrated value of its labels (``sampling.reliability``: reviewer bias removed, ratings
-    weighted by reviewer precision) instead of one record per label averaged as equals."""
+    weighted by reviewer precision) instead of one record per label averaged as equals.
+
+    An adjudicated record keeps its final rating: the adjudicator already settled the item, and
+    is no reviewer whose bias the fit could estimate."""
     fit = reliability.fit(
-        [(r["episode_id"], r["user_id"], float(r["rating"])) for r in records], prior_labels=prior_labels
+        [(r["episode_id"], r["user_id"], float(r["rating"])) for r in records if not r.get("adjudicated")],
+        prior_labels=prior_labels,
     )
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        out.setdefault(r["episode_id"], {**r, "rating": fit.items[r["episode_id"]]})
+        rating = r["rating"] if r.get("adjudicated") else fit.items[r["episode_id"]]
+        out.setdefault(r["episode_id"], {**r, "rating": rating})
     return list(out.values())
 
 

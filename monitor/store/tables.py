@@ -381,3 +381,28 @@ ingest_tokens = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float),
 )
+
+# -- adjudications (migration 0012) --------------------------------------------------
+
+# An administrator's final label of an item whose reviewers disagreed (monitor/review/adjudication.py).
+# Append-only: a later row for the same episode supersedes the earlier one, which stays as the
+# audit trail. ``label_ids``: the labels the adjudicator was shown; ``reasons``: why they
+# disagreed (rating, flags, preference). Estimates and training data use the newest row of an
+# episode in place of its labels (monitor/quality/adjudication.py); agreement statistics do not.
+adjudications = sa.Table(
+    "adjudications",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("episode_id", sa.String(128), sa.ForeignKey("episodes.episode_id"), nullable=False),
+    sa.Column("stream", sa.String(128), nullable=False),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("rating", sa.Integer, nullable=False),
+    sa.Column("flags", JsonType, nullable=False),
+    sa.Column("preference", sa.String(16)),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("label_ids", JsonType, nullable=False),
+    sa.Column("reasons", JsonType, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_adjudications_episode", "episode_id"),
+    sa.Index("ix_adjudications_stream_created", "stream", "created_at"),
+)

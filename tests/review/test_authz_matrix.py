@@ -46,6 +46,10 @@ EXPECT: dict[tuple[str, str], dict[str, int]] = {
     ("POST", f"{API}/items/undo"): ANY_USER,  # the caller labels an item first (see _request)
     ("GET", f"{API}/guidelines"): {ANON: 401, BAD: 401, REV: 404, ADM: 404},  # stream "s" has none
     ("POST", f"{API}/admin/guidelines"): {**ADMIN_ONLY, ADM: 201},
+    ("GET", f"{API}/admin/adjudications/pending"): ADMIN_ONLY,
+    ("GET", f"{API}/admin/adjudications"): ADMIN_ONLY,
+    # An admin gets past authorisation to the episode lookup: the episode named does not exist.
+    ("POST", f"{API}/admin/adjudications"): {**ADMIN_ONLY, ADM: 404},
 }
 CELLS = [(m, p, role, status) for (m, p), roles in EXPECT.items() for role, status in roles.items()]
 _names = itertools.count()
@@ -100,6 +104,8 @@ def _request(env: Env, method: str, path: str, role: str) -> httpx.Response:
         params = {"stream": "s"}
     elif path.endswith("/admin/guidelines"):
         body = {"stream": "authz", "markdown": "authz"}
+    elif path.endswith("/admin/adjudications") and method == "POST":
+        body = {"episode_id": "authz-missing", "rating": 4, "note": "authz"}
     elif path.endswith("/items/undo") and role in (REV, ADM):
         lease = _own_lease(env, actor)
         flags = env.settings.review.flags
@@ -164,6 +170,8 @@ PAGE_EXPECT: dict[tuple[str, str], dict[str, tuple[int, str | None]]] = {
     ("POST", "/review/release"): {ANON: (303, "/login"), REV: (403, None), ADM: (403, None)},
     ("POST", "/review/leave"): {ANON: (303, "/login"), REV: (403, None), ADM: (403, None)},
     ("POST", "/admin/guidelines"): {ANON: (303, "/login"), REV: (403, None), ADM: (403, None)},
+    ("GET", "/admin/adjudication"): {ANON: (303, "/login"), REV: (403, None), ADM: (200, None)},
+    ("POST", "/admin/adjudication"): {ANON: (303, "/login"), REV: (403, None), ADM: (403, None)},
 }
 PAGE_CELLS = [(m, p, role, exp) for (m, p), roles in PAGE_EXPECT.items() for role, exp in roles.items()]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from review_helpers import Env, episode_row, make_env, seed
 from test_browser import ARGS, CHROMIUM, LiveServer, sign_in
 
 from monitor.review import guidelines
+from monitor.store import tables as t
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +140,31 @@ def test_review_pages_have_no_serious_accessibility_violations(
     found["admin"] = violations(admin, axe_source)
     admin.set_viewport_size(PHONE)
     found["admin, 375px"] = violations(admin, axe_source)
+    # The adjudication page with an item whose two reviewers disagree (labels written directly).
+    bob, carol = env.user("bob"), env.user("carol")
+    seed(env.store, [episode_row("disputed", prompt="Is the egg done?", response=long)], slots=0)
+    with env.store.engine.begin() as conn:
+        for u, rating, flags in ((bob, 2, ["harmful"]), (carol, 6, [])):
+            conn.execute(
+                t.labels.insert().values(
+                    episode_id="disputed",
+                    slot=0,
+                    user_id=u.id,
+                    stream="s",
+                    skipped=False,
+                    rating=rating,
+                    flags=flags,
+                    critique="see the guidelines",
+                    time_spent_ms=1,
+                    created_at=time.time(),
+                )
+            )
+    admin.set_viewport_size(DESKTOP)
+    admin.goto(f"{srv.url}/admin/adjudication")
+    assert admin.locator("#adjudication-form").count() == 1, "the page under test shows an item and its form"
+    found["adjudication"] = violations(admin, axe_source)
+    admin.set_viewport_size(PHONE)
+    found["adjudication, 375px"] = violations(admin, axe_source)
     ctx.close()
 
     assert {where: v for where, v in found.items() if v} == {}

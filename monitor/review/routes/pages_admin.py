@@ -1,5 +1,6 @@
-"""/admin: the dashboard (queue, throughput, agreement, estimates and their chart, drift
-events, action requests, exports). Everything on it may come from traffic: all escaped."""
+"""/admin: the dashboard (queue, throughput, agreement and the disagreements waiting for
+adjudication, estimates and their chart, drift events, action requests, exports). Everything
+on it may come from traffic: all escaped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
 from monitor.quality import canaries as quality_canaries
+from monitor.quality.adjudication import waiting_per_stream
 from monitor.quality.estimates import estimate_series
 from monitor.quality.labels import label_rows
 from monitor.review import guidelines, stats
@@ -88,6 +90,7 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         chart=chart(ctx, values["estimates"]),
         exports=EXPORTS,
         guidelines=guidelines.current_versions(ctx.store),
+        disagreements_waiting=sum(waiting_per_stream(ctx.store, ctx.disagreement_rule).values()),
         **quality(ctx),
     )
 
