@@ -651,3 +651,46 @@ def test_workday_undo_leave_beacon_and_help_at_phone_width(
     page.goto("about:blank")  # leaving: the lease goes back at once
     assert wait_until(lambda: status() == "pending"), status()
     ctx.close()
+
+
+def test_adjudication_in_the_browser_with_hostile_labels(
+    browser: Any, live: Callable[[], tuple[Env, LiveServer]]
+) -> None:
+    """An administrator settles a disagreement in Chromium: the item, and critiques that are XSS
+    payloads, render as text under the CSP; the form records the final label."""
+    env, srv = live()
+    from monitor.store import tables as t
+
+    bob = env.user("bob")
+    payloads = [p for p in SHORT if "<" in p][:20]
+    seed(env.store, [episode_row("dispute", prompt=payloads[0], response="\n\n".join(payloads))], slots=0)
+    with env.store.engine.begin() as conn:
+        for user, rating, critique in ((env.users["alice"], 2, payloads[1]), (bob, 6, payloads[2])):
+            conn.execute(
+                t.labels.insert().values(
+                    episode_id="dispute", slot=0, user_id=user.id, stream="s", skipped=False, rating=rating,
+                    flags=[], critique=critique, time_spent_ms=1, created_at=time.time(),
+                )
+            )  # fmt: skip
+    dialogs: list[str] = []
+    ctx = browser.new_context()
+    ctx.add_init_script(INIT_SCRIPT)
+    page = sign_in(ctx, srv, "root")
+    page.on("dialog", dismiss_into(dialogs))
+    r = page.goto(f"{srv.url}/admin/adjudication")
+    assert r is not None and r.status == 200
+    check_csp(r)
+    page.wait_for_load_state("load")
+    assert page.evaluate(HITS) == [0, [], []] and page.evaluate(DOM_AUDIT) == [] and dialogs == []
+    critiques = page.locator("table.labels-seen td.critique").all_text_contents()
+    assert critiques == [INVISIBLE.sub(lambda m: marker(m.group()), p) for p in payloads[1:3]]
+    page.click("label[for=rating-5]")
+    page.check("#flag-incorrect")
+    page.fill("#note", "Both miss the point; see guideline 2.")
+    with page.expect_navigation():
+        page.click("#adjudication-form button[type=submit]")
+    assert "Adjudicated" in (page.text_content("p.notice") or "")
+    assert page.locator("#adjudication-form").count() == 0  # nothing else waits
+    history = api(env, srv, "/admin/adjudications?episode_id=dispute").json()
+    assert [(h["rating"], h["flags"], h["adjudicator"]) for h in history] == [(5, ["incorrect"], "root")]
+    ctx.close()
