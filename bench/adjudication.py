@@ -1,6 +1,7 @@
 """Adjudication of disagreements: how many items it sends to an administrator, what it changes, what it costs.
 
-    python bench/adjudication.py [--items 20000] [--overlap 0.1] [--seeds 5] [--gap 2] [--db URL] [--json]
+    python bench/adjudication.py [--items 20000] [--overlap 0.1] [--seeds 5] [--first-seed 0] [--gap 2]
+                                 [--db URL] [--json]
 
 Per seed, ``--items`` episodes of one stream are stored as the pipeline stores them (episodes, their
 human-channel samples at inclusion probability 0.05, traffic counts); each gets a *true* rating
@@ -227,13 +228,14 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--overlap", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--gap", type=int, default=2)
     ap.add_argument("--db", default=None, help="a database URL (default: a fresh SQLite file per seed)")
     ap.add_argument("--json", action="store_true", help="only the JSON line")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             url = args.db or f"sqlite:///{Path(tmp) / f'adj{seed}.db'}"
             results.append(run_seed(seed, args, url))
 

@@ -126,7 +126,9 @@ def _rated() -> sa.ColumnElement[bool]:
     return sa.and_(lb.c.skipped.is_(False), lb.c.rating.is_not(None))
 
 
-def _candidates(rule: Rule, stream: str | None, include_adjudicated: bool) -> sa.Select[Any]:
+def _candidates(
+    rule: Rule, stream: str | None, include_adjudicated: bool, episode_id: str | None = None
+) -> sa.Select[Any]:
     """Episodes whose labels may disagree under ``rule`` (episode_id, stream, first label time),
     decided by the database over the labels grouped per episode: the listing then reads only
     those episodes' labels, and counting them reads none.
@@ -153,9 +155,20 @@ def _candidates(rule: Rule, stream: str | None, include_adjudicated: bool) -> sa
     )
     if stream is not None:
         q = q.where(lb.c.stream == stream)
+    if episode_id is not None:
+        q = q.where(lb.c.episode_id == episode_id)
     if not include_adjudicated:
         q = q.where(lb.c.episode_id.not_in(sa.select(t.adjudications.c.episode_id)))
     return q
+
+
+def _adjudicated_among(conn: sa.Connection, episode_ids: list[str]) -> set[str]:
+    a = t.adjudications
+    done: set[str] = set()
+    for i in range(0, len(episode_ids), 500):
+        q = sa.select(a.c.episode_id).where(a.c.episode_id.in_(episode_ids[i : i + 500])).distinct()
+        done.update(conn.execute(q).scalars())
+    return done
 
 
 def _labels_of(conn: sa.Connection, episode_ids: list[str]) -> list[Any]:
@@ -182,17 +195,18 @@ def disagreements(
     stream: str | None = None,
     include_adjudicated: bool = False,
     limit: int | None = None,
+    episode_id: str | None = None,
 ) -> list[Disagreement]:
     """Items whose labels disagree under ``rule``, the longest waiting first (by their first
-    label); adjudicated ones only with ``include_adjudicated``."""
-    cand = _candidates(rule, stream, include_adjudicated).subquery()
+    label); adjudicated ones only with ``include_adjudicated``; ``episode_id``: that item only."""
+    cand = _candidates(rule, stream, include_adjudicated, episode_id).subquery()
     q = sa.select(cand.c.episode_id).order_by(cand.c.first_label_at, cand.c.episode_id)
     if limit is not None:
         q = q.limit(limit)
     with store.engine.connect() as conn:
         ids = list(conn.execute(q).scalars())
         rows = _labels_of(conn, ids)
-    done = set(finals(store, stream)) if include_adjudicated else set()
+        done = _adjudicated_among(conn, ids) if include_adjudicated else set()
     by_episode: dict[str, list[Any]] = defaultdict(list)
     for r in rows:
         by_episode[r.episode_id].append(r)

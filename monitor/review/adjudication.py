@@ -34,11 +34,13 @@ MAX_NOTE = 2000
 
 
 class AdjudicationError(Exception):
-    """A refused adjudication; ``status`` is the HTTP status (404, 409, 422)."""
+    """A refused adjudication; ``status`` is the HTTP status (404, 409, 422); ``field``: the
+    request field a 422 refuses."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, status: int, field: str | None = None):
         super().__init__(message)
         self.status = status
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,11 @@ class Adjudication:
 def _check_note(note: str) -> str:
     note = note.strip()
     if not note:
-        raise AdjudicationError("an adjudication needs a note saying why", 422)
+        raise AdjudicationError("an adjudication needs a note saying why", 422, "note")
     if len(note) > MAX_NOTE:
-        raise AdjudicationError(f"the note is longer than {MAX_NOTE} characters", 422)
+        raise AdjudicationError(f"the note is longer than {MAX_NOTE} characters", 422, "note")
     if "\x00" in note:
-        raise AdjudicationError("NUL characters are not allowed", 422)
+        raise AdjudicationError("NUL characters are not allowed", 422, "note")
     return note
 
 
@@ -101,7 +103,7 @@ def adjudicate(
                 LabelIn(verdict.rating, verdict.flags, preference=verdict.preference), flags_allowed, pairwise
             )
         except QueueError as e:
-            raise AdjudicationError(str(e), e.status) from None
+            raise AdjudicationError(str(e), e.status, e.field) from None
         labels = conn.execute(
             sa.select(lb.c.id, lb.c.user_id, lb.c.rating, lb.c.flags, lb.c.preference)
             .where(lb.c.episode_id == episode_id, lb.c.skipped.is_(False), lb.c.rating.is_not(None))

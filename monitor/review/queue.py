@@ -68,11 +68,13 @@ def final_turn(_stream: str) -> Rate:
 
 
 class QueueError(Exception):
-    """A refused queue operation; ``status`` is the HTTP status (404, 409, 422)."""
+    """A refused queue operation; ``status`` is the HTTP status (404, 409, 422); ``field``: the
+    label field a 422 refuses (None when it is no one field's)."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, status: int, field: str | None = None):
         super().__init__(message)
         self.status = status
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -575,25 +577,25 @@ def _check_canary_lease(row: Any, slot: int, fence: int, now: float) -> None:
 def validate_label(label: LabelIn, flags_allowed: list[str], pairwise: bool) -> None:
     if label.skipped:
         if not label.skip_reason or not label.skip_reason.strip():
-            raise QueueError("a skip needs a reason", 422)
+            raise QueueError("a skip needs a reason", 422, "skip_reason")
         if len(label.skip_reason) > MAX_SKIP_REASON:
-            raise QueueError(f"skip reason is longer than {MAX_SKIP_REASON} characters", 422)
+            raise QueueError(f"skip reason is longer than {MAX_SKIP_REASON} characters", 422, "skip_reason")
     else:
         if label.rating is None or isinstance(label.rating, bool) or not 1 <= label.rating <= 7:
-            raise QueueError("rating must be an integer from 1 to 7", 422)
+            raise QueueError("rating must be an integer from 1 to 7", 422, "rating")
         unknown = set(label.flags) - set(flags_allowed)
         if unknown:
-            raise QueueError(f"unknown flags: {', '.join(sorted(unknown))}", 422)
+            raise QueueError(f"unknown flags: {', '.join(sorted(unknown))}", 422, "flags")
         if len(set(label.flags)) != len(label.flags):
-            raise QueueError("flags repeat", 422)
+            raise QueueError("flags repeat", 422, "flags")
         if len(label.critique) > MAX_CRITIQUE:
-            raise QueueError(f"critique is longer than {MAX_CRITIQUE} characters", 422)
+            raise QueueError(f"critique is longer than {MAX_CRITIQUE} characters", 422, "critique")
         if label.preference is not None and label.preference not in PREFERENCES:
-            raise QueueError(f"preference must be one of {', '.join(PREFERENCES)}", 422)
+            raise QueueError(f"preference must be one of {', '.join(PREFERENCES)}", 422, "preference")
         if label.preference is not None and not pairwise:
-            raise QueueError("this item has a single response: no preference", 422)
+            raise QueueError("this item has a single response: no preference", 422, "preference")
     if not 0 <= label.time_spent_ms <= 86_400_000:
-        raise QueueError("time_spent_ms must be between 0 and 86400000", 422)
+        raise QueueError("time_spent_ms must be between 0 and 86400000", 422, "time_spent_ms")
     if "\x00" in label.critique or (label.skip_reason and "\x00" in label.skip_reason):
         raise QueueError("NUL characters are not allowed", 422)
 

@@ -166,6 +166,39 @@ def make_env(url: str, *overrides: str, clock: Callable[[], float] = time.time) 
     return Env(url, settings, store, create_app(settings, store, clock=clock))
 
 
+def put_label(
+    store: Store,
+    eid: str,
+    user: auth.User,
+    rating: int,
+    flags: Iterable[str] = (),
+    *,
+    preference: str | None = None,
+    critique: str = "",
+    stream: str = "s",
+) -> None:
+    """A reviewer's label written as the queue writes it (flags sorted), without a lease: for
+    tests of what reads labels (adjudication), where the queue itself is not under test."""
+    from monitor.store import tables as t
+
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.labels.insert().values(
+                episode_id=eid,
+                slot=0,
+                user_id=user.id,
+                stream=stream,
+                skipped=False,
+                rating=rating,
+                flags=sorted(flags),
+                critique=critique,
+                preference=preference,
+                time_spent_ms=1000,
+                created_at=time.time(),
+            )
+        )
+
+
 def label_body(item: dict[str, Any], **kw: Any) -> dict[str, Any]:
     body = {"episode_id": item["episode_id"], "slot": item["slot"], "fence": item["fence"], "rating": 4}
     body.update(kw)

@@ -10,11 +10,11 @@ import io
 import json
 import re
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import review_helpers as helpers
 import sqlalchemy as sa
 from review_helpers import API, PASSWORD, Env, FakeClock, TestClient, episode_row, seed
 
@@ -31,23 +31,9 @@ XSS = "<script>alert(1)</script>"
 def put_label(
     env: Env, eid: str, user: str, rating: int, flags: tuple[str, ...] = (), preference: str | None = None
 ) -> None:
-    """A reviewer's label written as the queue writes it (the queue itself is tested elsewhere)."""
-    with env.store.engine.begin() as conn:
-        conn.execute(
-            t.labels.insert().values(
-                episode_id=eid,
-                slot=0,
-                user_id=env.users[user].id,
-                stream="s",
-                skipped=False,
-                rating=rating,
-                flags=sorted(flags),
-                critique=f"rated {rating}: {XSS}",
-                preference=preference,
-                time_spent_ms=1000,
-                created_at=time.time(),
-            )
-        )
+    helpers.put_label(
+        env.store, eid, env.users[user], rating, flags, preference=preference, critique=f"rated {rating}: {XSS}"
+    )
 
 
 @pytest.fixture
@@ -278,7 +264,11 @@ def test_the_page_shows_the_item_blind_and_records_the_verdict(disputed: Env) ->
     f = finals(disputed.store)["e0"]
     assert (f.rating, f.flags) == (6, frozenset({"incorrect"}))
     after = c.get("/admin/adjudication?done=1").text
-    assert "Adjudicated" in after and 'name="episode_id" value="e1"' in after
+    assert "Adjudicated" in after and 'name="episode_id" value="e0"' not in after
+    assert 'name="episode_id" value="e1"' in after
+    # An adjudicated item is out of the waiting list but can be opened again to revise it.
+    again = c.get("/admin/adjudication", params={"episode": "e0"}).text
+    assert "adjudicated already" in again and 'name="episode_id" value="e0"' in again
     # The dashboard links the page with the count waiting.
     dash = c.get("/admin").text
     assert 'class="disagreements-waiting">1<' in dash and 'href="/admin/adjudication"' in dash

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from review_helpers import API, PASSWORD, Env, episode_row, make_env, seed
+from review_helpers import API, PASSWORD, Env, episode_row, make_env, put_label, seed
 
 from monitor.review.app import CSP
 from monitor.review.display import INVISIBLE, marker
@@ -659,19 +659,11 @@ def test_adjudication_in_the_browser_with_hostile_labels(
     """An administrator settles a disagreement in Chromium: the item, and critiques that are XSS
     payloads, render as text under the CSP; the form records the final label."""
     env, srv = live()
-    from monitor.store import tables as t
-
     bob = env.user("bob")
     payloads = [p for p in SHORT if "<" in p][:20]
     seed(env.store, [episode_row("dispute", prompt=payloads[0], response="\n\n".join(payloads))], slots=0)
-    with env.store.engine.begin() as conn:
-        for user, rating, critique in ((env.users["alice"], 2, payloads[1]), (bob, 6, payloads[2])):
-            conn.execute(
-                t.labels.insert().values(
-                    episode_id="dispute", slot=0, user_id=user.id, stream="s", skipped=False, rating=rating,
-                    flags=[], critique=critique, time_spent_ms=1, created_at=time.time(),
-                )
-            )  # fmt: skip
+    put_label(env.store, "dispute", env.users["alice"], 2, critique=payloads[1])
+    put_label(env.store, "dispute", bob, 6, critique=payloads[2])
     dialogs: list[str] = []
     ctx = browser.new_context()
     ctx.add_init_script(INIT_SCRIPT)

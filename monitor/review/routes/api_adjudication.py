@@ -74,17 +74,8 @@ def create(body: AdjudicationIn, p: Admin, ctx: Ctx) -> AdjudicationOut:
         if e.status != 422:
             raise HTTPException(e.status, str(e)) from None
         # The same shape as the request's own validation errors, as the OpenAPI document says.
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body", field_of(str(e))), "msg": str(e)}]
-        ) from None
-
-
-def field_of(message: str) -> str:
-    """The request field a refusal of the label's rules names."""
-    for name in ("flags", "preference", "note"):
-        if name in message:
-            return name
-    return "note" if "NUL" in message else "rating"
+        loc = ("body", e.field) if e.field else ("body",)
+        raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": str(e)}]) from None
 
 
 def out(a: adjudication.Adjudication) -> AdjudicationOut:

@@ -66,8 +66,8 @@ def pick(ctx: ReviewContext, episode: str, waiting: list[Disagreement]) -> Disag
         if d.episode_id == episode:
             return d
     # Not in the waiting list: already adjudicated (shown again to revise it), or beyond the list.
-    found = disagreements(ctx.store, ctx.disagreement_rule, include_adjudicated=True)
-    return next((d for d in found if d.episode_id == episode), None)
+    found = disagreements(ctx.store, ctx.disagreement_rule, include_adjudicated=True, episode_id=episode)
+    return found[0] if found else None
 
 
 @router.get("/admin/adjudication", response_class=HTMLResponse)
