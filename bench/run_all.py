@@ -16,6 +16,7 @@ BENCHES = [
     ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector
     ["kafka_ingest.py"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
+    ["run_rss.py"],  # ~5 minutes: `oversight run` on a 100,000-episode topic, its memory while ingesting
     ["review_api.py"],
     ["ingest_http.py"],  # SDK, raw HTTP, OTLP and a raw producer against `oversight ingest serve`
     ["rm_score.py"],

@@ -138,6 +138,16 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
         c.close()
 
 
+def episodes_topic(bootstrap: str, prefix: str, partitions: int) -> str:
+    """A fresh episodes topic named ``<prefix>-<random>`` with its dead-letter topic (``.dlq``)."""
+    import uuid
+
+    topic = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    create_topic(bootstrap, topic, partitions)
+    create_topic(bootstrap, f"{topic}.dlq", 1)
+    return topic
+
+
 def produce(
     bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, bytes]], linger_ms: int = 5
 ) -> dict[int, int]:

@@ -170,6 +170,31 @@ class PipelineConfig(_Model):
     drain_timeout_s: float = Field(8.0, gt=0)
 
 
+class InferenceConfig(_Model):
+    """Model work off the ingest path: inference workers embed the committed drift samples (and
+    score the rm and human samples) on their own threads; the pipeline never waits for a model."""
+
+    workers: bool = Field(
+        True, description="in `oversight run`: embed and score on worker threads (replay and simulate always inline)"
+    )
+    batch_size: int = Field(32, gt=0, le=1024, description="drift samples per forward pass of the embedding worker")
+    poll_s: float = Field(0.5, gt=0, le=60, description="how often an idle worker looks for waiting samples")
+    max_pending: int = Field(1000, gt=0, description="embeddings the worker holds before the pipeline commits them")
+    retry_after_s: float = Field(30.0, gt=0, description="wait before a failed embedding is tried again")
+    settle_timeout_s: float = Field(
+        600.0, ge=0, description="at the end of a finite input, how long `run` waits for the workers' backlog"
+    )
+    max_lag_s: float = Field(
+        120.0,
+        gt=0,
+        description="a model channel whose oldest waiting sample waited longer is halved (never below the floor)",
+    )
+    adapt_every_s: float = Field(10.0, gt=0, description="how often the model channels' rates adapt to the workers")
+    threads: int = Field(
+        0, ge=0, le=256, description="ONNX Runtime threads of the embedding worker (0: every core but one)"
+    )
+
+
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
@@ -751,6 +776,7 @@ class Settings(BaseSettings):
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     sampling: SamplingConfig = SamplingConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    inference: InferenceConfig = InferenceConfig()
     server: ServerConfig = ServerConfig()
     metrics: MetricsConfig = MetricsConfig()
     review: ReviewConfig = ReviewConfig()

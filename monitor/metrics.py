@@ -31,6 +31,7 @@ class Metrics:
         self._reward_metrics(r)
         self._oversight_metrics(r)
         self._readiness_metrics(r)
+        self._inference_metrics(r)
         self._zero_known_labels()
 
     def _ingest_metrics(self, r: CollectorRegistry) -> None:
@@ -301,6 +302,45 @@ class Metrics:
             registry=r,
         )
 
+    def _inference_metrics(self, r: CollectorRegistry) -> None:
+        """The inference workers (embeddings, scores off the ingest path): work, backlog, lag, and
+        the rate factor their lag imposes on the model channels."""
+        self.inference_items = Counter(
+            "inference_items",
+            "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed)",
+            ["stage", "outcome"],
+            namespace=NS,
+            registry=r,
+        )
+        self.inference_backlog = Gauge(
+            "inference_backlog",
+            "Committed samples waiting for an inference worker, by stage",
+            ["stage"],
+            namespace=NS,
+            registry=r,
+        )
+        self.inference_lag = Gauge(
+            "inference_lag_seconds",
+            "How long the oldest sample waiting for an inference worker has waited, by stage",
+            ["stage"],
+            namespace=NS,
+            registry=r,
+        )
+        self.inference_capacity = Gauge(
+            "inference_capacity_items_per_second",
+            "Items per second of computing time of each inference worker",
+            ["stage"],
+            namespace=NS,
+            registry=r,
+        )
+        self.sampling_throttle = Gauge(
+            "sampling_throttle",
+            "Factor (at most 1) applied to a model channel's rate while its inference workers lag",
+            ["channel"],
+            namespace=NS,
+            registry=r,
+        )
+
     def _zero_known_labels(self) -> None:
         """Counters with a known, small label set start at 0: a series that first appears with
         value 1 is invisible to rate()/increase(), so the first dead letter or failed update
@@ -313,6 +353,13 @@ class Metrics:
             self.commit_errors.labels(target)
         for outcome in ("promoted", "rejected", "undecided", "failed"):
             self.rm_updates.labels(outcome)
+        for stage in ("embedding", "rm_score"):
+            for outcome in ("ok", "failed"):
+                self.inference_items.labels(stage, outcome)
+            self.inference_backlog.labels(stage)
+            self.inference_lag.labels(stage)
+        for channel in ("drift", "rm"):
+            self.sampling_throttle.labels(channel).set(1.0)
 
     def stream_label(self, stream: str | None) -> str:
         if stream is None:

@@ -179,6 +179,7 @@ class Sampler:
         self._rates: dict[str, tuple[dict[str, float], float]] = {}
         self._dirty: set[str] = set()
         self._targets: dict[str, float | object | None] = {}
+        self._throttle: dict[str, float] = {}
 
     # -- state -----------------------------------------------------------
     def state(self, stream: str) -> StreamSamplingState:
@@ -235,10 +236,39 @@ class Sampler:
             if ch == "human" and st.budget_rate is not None and self.policy.budget(stream) is not None:
                 base = st.budget_rate
             factor = max([b.factor for b in active if ch in b.channels], default=1.0)
-            out[ch] = pol.clamp(base * factor)
+            out[ch] = pol.clamp(base * factor * self._throttle.get(ch, 1.0))
         out["rm"] = max(out["rm"], out["human"])
         valid_until = min([b.until for b in active], default=math.inf)
         return out, valid_until
+
+    def throttle(self, channel: str, factor: float) -> None:
+        """Scale a channel's rate on every stream by ``factor`` (at most 1) until told otherwise:
+        what the model channels' inference workers can serve. The floor still holds (a channel's
+        rate never goes below it), every decision records the probability in effect, and a
+        channel keeps ``rm >= human`` (the human rate is never throttled), so estimates stay
+        unbiased. Not checkpointed: it follows the workers, measured again after a restart.
+
+        >>> from sampling import ChannelPolicy, Sampler, SamplingPolicy
+        >>> rates = {"human": ChannelPolicy(0.01), "rm": ChannelPolicy(0.2), "drift": ChannelPolicy(0.1, floor=0.02)}
+        >>> sampler = Sampler(SamplingPolicy(rates), key=b"an example key, never this one")
+        >>> sampler.throttle("drift", 0.5)
+        >>> sampler.rates("chat")["drift"]
+        0.05
+        >>> sampler.throttle("drift", 0.01)  # never below the floor
+        >>> sampler.rates("chat")["drift"]
+        0.02
+        """
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"a throttle factor must be in (0, 1], got {factor}")
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}")
+        if self._throttle.get(channel, 1.0) == factor:
+            return
+        self._throttle[channel] = factor
+        self._rates.clear()
+
+    def throttle_factor(self, channel: str) -> float:
+        return self._throttle.get(channel, 1.0)
 
     def boost_factor(self, stream: str, channel: str) -> float:
         st = self.state(stream)

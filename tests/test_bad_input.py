@@ -173,6 +173,9 @@ class BuggyStage:
     def between_batches(self) -> bool:
         return False
 
+    def outstanding(self) -> bool:
+        return False
+
 
 class Unprintable(Exception):
     def __str__(self) -> str:

@@ -131,3 +131,6 @@ class DisagreementFeed:
 
     def between_batches(self) -> bool:
         return False
+
+    def outstanding(self) -> bool:
+        return False

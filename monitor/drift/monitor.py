@@ -42,15 +42,16 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from monitor.config import DriftConfig
+from monitor.config import DriftConfig, InferenceConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
+from monitor.pipeline.background import BackgroundWork
 from monitor.retry import RetryPolicy, transient
 from monitor.signals import CONVERSATION_SIGNALS, FED_SIGNALS, TEXT_SIGNALS, conversation_stats, text_stats
 from monitor.signals.normalise import (
@@ -61,6 +62,7 @@ from monitor.signals.normalise import (
 )
 from monitor.store import BatchWrite, DriftEventRow, Store
 from monitor.store import tables as t
+from monitor.store.inference import ToEmbed, waiting_for_embedding
 from sampling import Decision
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ class Build:
 @dataclass
 class StreamDrift:
     signals: dict[str, SignalState] = field(default_factory=dict)
+    # Values fed per signal over the stream's life (re-references included): what a replica
+    # restarted by kill -9 must continue, neither repeating nor skipping a value.
+    fed: dict[str, int] = field(default_factory=dict)
 
 
 def detector_ert(cfg: DriftConfig) -> float:
@@ -165,9 +170,17 @@ class DriftMonitor:
         self._events: list[DriftEventRow] = []
         self._applied: list[int] = []
         self._last_poll = 0.0
-        # Drift-sampled episodes waiting to be embedded at the end of the batch (one batched forward pass).
+        # Drift-sampled episodes waiting to be embedded at the end of the batch (one batched forward
+        # pass), when the embeddings are computed inline (replay, simulate: deterministic reports).
         self._pending: list[tuple[Episode, int]] = []
         self._embedder: Any = None
+        # In the service, an inference worker embeds the committed drift samples off the ingest
+        # path (:meth:`embed_in_background`); their embeddings are fed here at a checkpoint.
+        self._worker: BackgroundWork[ToEmbed, Any] | None = None
+        self._marked: list[str] = []  # drift samples fed since the last batch: marked embedded by the next
+        self._marked_last: list[str] = []  # marked by the batch being committed: released if it is forgotten
+        self._owned: frozenset[str] = frozenset()  # the streams this replica holds: the worker embeds only these
+        self._every_stream = False
         self._params: dict[tuple[Any, ...], float] = {}
         # Database reads on the pipeline's path wait out an outage in the pipeline's retry policy.
         self._retry = retry
@@ -190,7 +203,7 @@ class DriftMonitor:
             self._text_watch,
             self.cfg.reference_size,
         )
-        if self.cfg.embedding.enabled and "drift" in decision.sampled:
+        if self.cfg.embedding.enabled and "drift" in decision.sampled and self._worker is None:
             self._pending.append((episode, index))
 
     def observe_value(
@@ -223,6 +236,7 @@ class DriftMonitor:
         fired: list[tuple[str, str, dict[str, Any], At]] = []
         at = (episode_id, event_ts, index)
         for signal, names in watch.items():
+            sd.fed[signal] = sd.fed.get(signal, 0) + 1
             self._feed(stream, sd, signal, names, ref_size, values[signal], at, fired)
         self._record(stream, fired)
 
@@ -339,32 +353,112 @@ class DriftMonitor:
         pending, self._pending = self._pending, []
         from monitor.signals.embeddings import episode_text
 
-        ecfg = self.cfg.embedding
         self._load_embedder()
         vectors = self._embedder.embed([episode_text(ep.prompt, ep.response) for ep, _ in pending])
         for (ep, index), vec in zip(pending, vectors, strict=True):
-            self._update(
-                ep.stream,
-                ep.episode_id,
-                ep.timestamp,
-                index,
-                {EMBEDDING: vec},
-                {EMBEDDING: ecfg.detectors},
-                ecfg.reference_size,
-            )
+            self._feed_embedding(ep.stream, ep.episode_id, ep.timestamp, index, vec)
 
-    def _load_embedder(self) -> None:
+    def _feed_embedding(self, stream: str, episode_id: str, event_ts: float, index: int, vec: Any) -> None:
+        ecfg = self.cfg.embedding
+        self._update(
+            stream, episode_id, event_ts, index, {EMBEDDING: vec}, {EMBEDDING: ecfg.detectors}, ecfg.reference_size
+        )
+        self._marked.append(episode_id)
+
+    # -- the inference worker ------------------------------------------------------
+    def embed_in_background(self, icfg: InferenceConfig, *, every_stream: bool) -> None:
+        """Embed drift samples on a worker thread from now on: the batch commits its drift samples
+        as waiting, the worker embeds the oldest waiting ones of the streams this replica holds,
+        and a later checkpoint feeds their embeddings to the detectors and marks them embedded in
+        its batch's transaction (``monitor/pipeline/background.py`` says why that is exactly once).
+
+        ``every_stream``: this replica holds every stream (a file, stdin or the inbox). Otherwise
+        (Kafka) it holds the streams of its partitions, known by their episodes: a stream's backlog
+        is embedded once this replica has seen an episode of it since its last assignment, so that
+        two replicas never feed the same stream's detectors."""
+        self._every_stream = every_stream
+        if self._worker is not None or not self.cfg.embedding.enabled:
+            return
+        import os
+
+        from monitor.signals.embeddings import episode_text
+
+        # Before arm_in_background loads it: the worker's encoder leaves a core to the ingest loop.
+        self._load_embedder(icfg.threads or max(1, (os.cpu_count() or 2) - 1))
+        embedder, store = self._embedder, self._store
+        m = self._metrics
+
+        def fetch(limit: int, skip: frozenset[str]) -> list[ToEmbed]:
+            return waiting_for_embedding(store, limit, skip, self.owned_streams())
+
+        def compute(items: Sequence[ToEmbed]) -> list[Any]:
+            return list(embedder.embed([episode_text(w.prompt, w.response) for w in items]))
+
+        def counted(ok: int, failed: int) -> None:
+            m.inference_items.labels(EMBEDDING, "ok").inc(ok)
+            m.inference_items.labels(EMBEDDING, "failed").inc(failed)
+
+        self._worker = BackgroundWork(
+            "inference-embedding",
+            fetch,
+            compute,
+            key=lambda w: w.episode_id,
+            batch=icfg.batch_size,
+            poll_s=icfg.poll_s,
+            max_pending=icfg.max_pending,
+            retry_after_s=icfg.retry_after_s,
+            counted=counted,
+        ).start()
+
+    def _take_embedded(self) -> None:
+        """Feed the worker's embeddings, oldest first (index -1: an episode of an earlier batch)."""
+        if self._worker is None:
+            return
+        gone = []
+        for w, vec in self._worker.take():
+            if self._every_stream or w.stream in self._streams:
+                self._feed_embedding(w.stream, w.episode_id, w.ts, -1, vec)
+            else:  # its stream moved to another replica while it was being embedded
+                gone.append(w.episode_id)
+        self._worker.release(gone)
+
+    def outstanding(self) -> bool:
+        """Drift samples of this replica's streams still waiting for the worker, or fed and not committed."""
+        return bool(self._marked) or (self._worker is not None and self._worker.outstanding())
+
+    def owned_streams(self) -> frozenset[str] | None:
+        """The streams this replica holds, as of the last checkpoint (``None``: every stream)."""
+        return None if self._every_stream else self._owned
+
+    @property
+    def worker(self) -> BackgroundWork[ToEmbed, Any] | None:
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the inference worker (what it embedded but did not hand over waits in the store)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def _load_embedder(self, threads: int | None = None) -> None:
         if self._embedder is None:
             from monitor.signals.embeddings import Embedder
 
             ecfg = self.cfg.embedding
             self._embedder = Embedder(
-                ecfg.model_dir, max_length=ecfg.max_length, backend=ecfg.backend, quantisation=ecfg.quantisation
+                ecfg.model_dir,
+                max_length=ecfg.max_length,
+                backend=ecfg.backend,
+                quantisation=ecfg.quantisation,
+                threads=threads,
             )
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        self._marked_last = []  # the last batch committed before this one was assembled
         self._embed_pending()
+        self._take_embedded()
         self._install_built()
+        self._owned = frozenset(self._streams)
         out = {(s, COMPONENT): self._snapshot(self._streams[s]) for s in self._dirty if s in self._streams}
         self._dirty.clear()
         self._publish_gauges(out)
@@ -382,19 +476,26 @@ class DriftMonitor:
         """The events found and the re-reference requests applied since the last batch."""
         batch.drift_events.extend(self.take_events())
         batch.audit_applied.extend(self.take_applied())
+        batch.embedded.extend(self._marked)
+        self._marked_last, self._marked = self._marked_last + self._marked, []
 
     def between_batches(self) -> bool:
         """Idle work of the service loop: apply re-reference requests (every
         ``drift.rereference_poll_s``). True when detectors built in the background are ready, so
         that the values which waited for them are fed and committed now."""
         self.poll_rereference()
-        return any(b.done.is_set() for b in self._builds.values())
+        ready = self._worker is not None and self._worker.pending() > 0
+        return ready or any(b.done.is_set() for b in self._builds.values())
 
     def forget(self) -> None:
         """After a rebalance: reload state from the checkpoint on next use."""
         # Builds in flight finish on the worker (their calibrations stay cached) but are not
         # installed: a reloaded signal that still waits starts its own.
         self._builds.clear()
+        if self._worker is not None:  # fed, not committed: the worker fetches them again
+            self._worker.release(self._marked_last + self._marked)
+        self._marked_last, self._marked = [], []
+        self._owned = frozenset()
         self._streams.clear()
         self._dirty.clear()
         self._events.clear()
@@ -647,13 +748,15 @@ class DriftMonitor:
                     "values": _pack_ref([x for x, _ in st.waiting]),
                     "at": [list(at) for _, at in st.waiting],
                 }
-        return {"version": STATE_VERSION, "signals": signals}
+        return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}
 
     def _load(self, stream: str) -> StreamDrift:
         sd = StreamDrift()
         snap = self._read(lambda: self._store.load_state(stream, COMPONENT))
         if snap is not None and snap.get("version") == STATE_VERSION:
             import detectors
+
+            sd.fed = {str(k): int(v) for k, v in (snap.get("fed") or {}).items()}
 
             for signal, s in snap.get("signals", {}).items():
                 if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):

@@ -256,7 +256,10 @@ class OnnxEncoder:
 
         opts = ort.SessionOptions()
         if threads:
+            # A bounded worker next to the ingest loop: its threads must not spin-wait between
+            # runs, which keeps a core busy that the loop needs.
             opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -278,11 +281,13 @@ def load_encoder(
     *,
     normalize: bool,
     quantisation: Quantisation,
+    threads: int | None = None,
 ) -> OnnxEncoder:
     """A session for the encoder whose weights hash to ``source_digest``; ``make_encoder`` (the
     PyTorch model, loaded only on a cache miss) is exported when the cache has no valid copy.
     A cached file that passes its digest but still fails to load (written by an onnxruntime that
-    shares the version string, a disk error after the check) is rebuilt once."""
+    shares the version string, a disk error after the check) is rebuilt once. ``threads``: the
+    session's intra-op threads, without spinning (default: onnxruntime's, one per core)."""
     key = cache_key(source_digest, quantisation, pool_indices, normalize)
 
     def make() -> Any:
@@ -290,8 +295,8 @@ def load_encoder(
 
     path = cached_model(key, make, quantisation)
     try:
-        return OnnxEncoder(path)
+        return OnnxEncoder(path, threads)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         log.warning("cached ONNX model %s does not load (%s): rebuilding it", path, e)
         _discard(path.parent)
-        return OnnxEncoder(cached_model(key, make, quantisation))
+        return OnnxEncoder(cached_model(key, make, quantisation), threads)

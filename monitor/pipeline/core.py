@@ -118,6 +118,9 @@ class Pipeline:
         self.observers: list[EpisodeObserver] = list(observers)
         self.after_commit: list[AfterCommit] = list(after_commit)
         self.clock = clock
+        # At the end of a finite input, wait for the inference workers' backlog (the service
+        # with its workers sets it: `oversight run --input FILE` reports on every episode).
+        self.settle_at_end = False
         self.stats = RunStats()
         self.stop_event = threading.Event()
         self.committer = Committer(store, source, dead_letters, self.retry, metrics, self.stats, self._forget_state)
@@ -215,6 +218,8 @@ class Pipeline:
                     if hooks.after_batch is not None:
                         hooks.after_batch(records)
                 elif self.source.exhausted:
+                    if self.settle_at_end and hooks.stage_idle_work:
+                        self._settle(stop)
                     break
                 else:
                     self._probe_store_when_idle()
@@ -270,6 +275,22 @@ class Pipeline:
                 if self.committer.commit(batch, [], stop):
                     self._after_commit(batch)
                     self.stats.drift_events.extend(self.committer.account_events(batch))
+
+    def _settle(self, stop: threading.Event) -> None:
+        """The input is exhausted: wait for the inference workers to finish what its episodes left
+        them (embeddings, scores), committing their results as they come, for at most
+        ``inference.settle_timeout_s``. What is left then waits in the store for the next run."""
+        deadline = time.monotonic() + self.settings.inference.settle_timeout_s
+        while not stop.is_set() and any(obs.outstanding() for obs in self.observers):
+            if time.monotonic() > deadline:
+                log.warning(
+                    "input exhausted; inference work still waiting after %.0f s (inference.settle_timeout_s):"
+                    " it waits in the database for the next run",
+                    self.settings.inference.settle_timeout_s,
+                )
+                return
+            self._stage_idle_work(stop, idle=True)
+            stop.wait(0.05)
 
     def _drain_read_ahead(self, stop: threading.Event) -> None:
         """On a stop, process the records a pipe source already took off its input (they cannot

@@ -21,7 +21,8 @@ class EpisodeObserver(Protocol):
     Per batch, in this order: ``observe`` for each valid episode (inline, so that an effect such
     as a drift boost applies from the very next episode), then ``checkpoint`` and ``add_rows``
     (their results commit in the batch's transaction). ``forget`` drops in-memory state (it
-    reloads from the last checkpoint); ``between_batches`` does idle work in the service loop.
+    reloads from the last checkpoint); ``between_batches`` does idle work in the service loop, and
+    ``outstanding`` says whether work off the pipeline's thread remains.
     """
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None: ...
@@ -40,4 +41,9 @@ class EpisodeObserver(Protocol):
 
     def between_batches(self) -> bool:
         """Idle work; True when the stage has state to commit now although no record came."""
+        ...
+
+    def outstanding(self) -> bool:
+        """Work of committed episodes still to do off the pipeline's thread (an inference worker's
+        backlog), or done and not yet committed: at the end of a finite input the loop waits for it."""
         ...

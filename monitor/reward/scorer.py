@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from monitor.config import RewardConfig
+from monitor.config import InferenceConfig, RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.reward.registry import Registry
@@ -72,7 +72,9 @@ class RewardScorer:
         self._warned = False
         self.scored = 0
         self.unscored = 0
-        self._background: Any = None  # a BackgroundScorer while a remote kind is active
+        self._background: Any = None  # a BackgroundScorer while a remote kind is active (any kind, in the service)
+        self._icfg: InferenceConfig | None = None  # set by score_in_background
+        self._streams: Callable[[], Collection[str] | None] | None = None
 
     @property
     def version(self) -> str | None:
@@ -90,8 +92,8 @@ class RewardScorer:
             return {}
         pending, self._pending = self._pending, []
         if self._background is not None:
-            # A remote kind never holds the batch: the episodes wait in the store (sampled, no
-            # score) and the background scorer's scores commit with a later batch.
+            # A background scorer never holds the batch: the episodes wait in the store (sampled,
+            # no score) and its scores commit with a later batch.
             self._metrics_backend().deferred.inc(len(pending))
             self._background.nudge()
             return {}
@@ -135,10 +137,36 @@ class RewardScorer:
     def _take_background(self) -> None:
         if self._background is None:
             return
-        for done in self._background.take():
-            w = done.waiting
+        for w, score in self._background.take():
             # index -1: an episode of an earlier batch, fed in the order its score arrived.
-            self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(done.score.value))
+            self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(score.value or 0.0))
+
+    def score_in_background(
+        self, icfg: InferenceConfig, streams: Callable[[], Collection[str] | None] | None = None
+    ) -> None:
+        """Score every kind on a worker thread from now on (the service: ``inference.workers``),
+        not only the remote ones: the batch commits its rm and human samples as waiting and a
+        later batch commits their scores, so ingest never waits for a forward pass. ``streams``:
+        the streams this replica holds (see :class:`BackgroundScorer`)."""
+        self._icfg = icfg
+        self._streams = streams
+        self._maybe_swap(force=True)
+        if self._model is not None and self._background is None:
+            self._start_background()
+
+    def capacity(self) -> float | None:
+        """Episodes per second of the background scorer's computing time (None before its first score)."""
+        background = self._background
+        return None if background is None else background.capacity()
+
+    @property
+    def scoring(self) -> bool:
+        """A background scorer is running (a version is active, and scores off the pipeline's thread)."""
+        return self._background is not None
+
+    def outstanding(self) -> bool:
+        """Samples waiting for the background scorer, or scores taken and not yet committed."""
+        return bool(self._rows) or (self._background is not None and self._background.outstanding())
 
     def _metrics_backend(self) -> Any:
         from monitor.reward.kinds.resilience import BackendMetrics
@@ -211,7 +239,14 @@ class RewardScorer:
         if self._background is not None:
             self._background.stop()
             self._background = None
-        if getattr(self._model, "remote", False):
+        offload = self._icfg is not None and self._icfg.workers
+        if getattr(self._model, "remote", False) or offload:
+            m = self._metrics
+
+            def counted(ok: int, failed: int) -> None:
+                m.inference_items.labels("rm_score", "ok").inc(ok)
+                m.inference_items.labels("rm_score", "failed").inc(failed)
+
             self._background = BackgroundScorer(
                 self.registry.store,
                 self._model,
@@ -219,4 +254,6 @@ class RewardScorer:
                 batch=self.cfg.batch_size,
                 poll_s=self.cfg.backlog_poll_s,
                 max_pending=self.cfg.backlog_max,
+                counted=counted,
+                streams=self._streams,
             ).start()

@@ -18,12 +18,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from monitor import __version__
-from monitor.config import ConfigError, Settings
+from monitor.config import ConfigError, InferenceConfig, Settings
 from monitor.episodes.deadletter import DeadLetterSink, JsonlDeadLetterSink
 from monitor.metrics import Metrics
 from monitor.ops import OpsServer
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from monitor.actions.outbox import OutboxPublisher
     from monitor.actions.worker import ActionWorker
     from monitor.drift import DisagreementFeed, DriftMonitor
+    from monitor.pipeline.throttle import ModelChannelThrottle
     from monitor.review.server import BackgroundServer
     from monitor.reward.scorer import RewardScorer
     from sampling import Sampler
@@ -209,10 +211,42 @@ class Service:
         first time (import torch and load the encoder and the active reward model: seconds, tens
         on a busy machine), and build drift detectors in the background from now on, so that a
         SIGTERM drain never waits for any of it."""
-        if self.drift is not None:
-            self.drift.arm_in_background()
+        icfg = self.settings.inference
+        drift = self.drift
+        if drift is not None and icfg.workers:
+            # The models off the ingest path: the batch commits its samples as waiting and the
+            # inference workers' results commit with later batches (monitor/pipeline/background.py).
+            drift.embed_in_background(icfg, every_stream=self.settings.source.kind != "kafka")
+        if drift is not None:
+            drift.arm_in_background()
         if self.scorer is not None:
             self.scorer.checkpoint()  # nothing pending yet: loads the active version, if any
+        if not icfg.workers:
+            return
+        if self.scorer is not None:
+            self.scorer.score_in_background(icfg, None if drift is None else drift.owned_streams)
+        self.pipeline.observers.append(self._throttle(icfg))
+        self.pipeline.settle_at_end = True
+
+    def _throttle(self, icfg: InferenceConfig) -> ModelChannelThrottle:
+        """The model channels' rates follow the workers' lag (only channels that have a worker)."""
+        from monitor.pipeline.throttle import ModelChannelThrottle
+        from monitor.store.inference import Backlog, embedding_backlog, score_backlog_stats
+
+        store = self.store
+        backlogs = {}
+        capacities: dict[str, Callable[[], float | None]] = {}
+        worker = None if self.drift is None else self.drift.worker
+        if worker is not None:
+            backlogs["drift"] = ("embedding", lambda: embedding_backlog(store))
+            capacities["embedding"] = worker.capacity
+        scorer = self.scorer
+        if scorer is not None:
+            # No version active, nothing scores: the backlog waits for one (or `rm score-backlog`)
+            # and says nothing about the workers.
+            backlogs["rm"] = ("rm_score", lambda: score_backlog_stats(store) if scorer.scoring else Backlog(0, 0.0))
+            capacities["rm_score"] = scorer.capacity
+        return ModelChannelThrottle(self.sampler, self.metrics, icfg, backlogs, capacities=capacities)
 
     def serve_review(self, port: int | None = None, *, metrics_listener: bool = True) -> BackgroundServer:
         """The review UI and API in this process, on the service's store."""
@@ -249,7 +283,8 @@ class Service:
             self.worker.stop if self.worker is not None else None,
             self.review.stop if self.review is not None else None,
             self.pipeline.close,
-            self.scorer.close if self.scorer is not None else None,  # a remote kind's background scorer
+            self.scorer.close if self.scorer is not None else None,  # the background scorer
+            self.drift.close if self.drift is not None else None,  # the embedding worker
             *(p.close for p in self.publishers),
             self.server.stop if self.server is not None else None,
             self.store.close if self.owns_store else None,

@@ -53,12 +53,14 @@ class Embedder:
         *,
         backend: Backend = "auto",
         quantisation: Quantisation = "int8",
+        threads: int | None = None,
     ):
         self.path = Path(path) if path is not None else model_dir()
         self.max_length = max_length
         self.batch_size = batch_size
         self.backend = backend
         self.quantisation = quantisation
+        self.threads = threads  # ONNX Runtime intra-op threads (None: one per core)
         self._lock = threading.Lock()
         self._model: Any = None
         self._onnx: Any = None
@@ -80,6 +82,7 @@ class Embedder:
                     [-1],
                     normalize=True,
                     quantisation=self.quantisation,
+                    threads=self.threads,
                 )
                 return
             except OSError as e:  # an unwritable cache folder (read-only root file system)

@@ -6,6 +6,7 @@ Each is a scalar or a binary signal; all are bounded in cost (at most the first
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 MAX_CHARS = 8000
-_TOKEN = re.compile(r"\w+", re.UNICODE)
 # Refusal openings seen in deployed assistants; matched near the start of a response.
 _REFUSAL = re.compile(
     r"^\W*(?:i'?m sorry|i am sorry|sorry, (?:but )?i|i (?:cannot|can't|can not|won't|will not|am unable|'m unable|"
@@ -61,29 +61,56 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
 }
 
 
+# These run on every episode, so the per-character work is left to the regex engine (C): Python
+# loops only over what it cannot classify, with the Unicode lookups cached per character.
+# Letters and numbers (categories L and N) of any script, and the ASCII spaces and punctuation
+# (categories Z and P, tab, CR, LF): text, so never looked up one by one.
+_PLAIN_TEXT = re.compile(r"""(?:[^\W_]|[\t\n\r !"#%&'()*,\-./:;?@\[\\\]_{}])+""")
+_NON_WORD = re.compile(r"\W+")
+# ASCII text (most traffic) goes through bytes.translate, a table lookup per byte: every byte that
+# is not a word character (``\w`` in ASCII: letters, digits, underscore) becomes a space, and
+# the control characters but tab, CR and LF are counted by deleting them.
+_ASCII_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_TO_SPACE = bytes(b if b in _ASCII_WORD else 0x20 for b in range(256))
+_CONTROL_BYTES = bytes(b for b in range(128) if (b < 32 and b not in b"\n\r\t") or b == 127)
+_ASCII = re.compile(r"[\x00-\x7f]+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_text_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in _TEXT_CATEGORIES or ch in "\n\r\t"
+
+
+@functools.lru_cache(maxsize=65536)
+def _script(ch: str) -> str | None:
+    """A letter's writing system: the first word of its Unicode name (LATIN, CYRILLIC, CJK, ...)."""
+    return unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0] if ch.isalpha() else None
+
+
 def non_text_ratio(text: str) -> float:
-    """Share of characters that are not text (see the ``non_text_ratio`` signal above)."""
+    """Share of characters that are not text (see the ``non_text_ratio`` signal above).
+
+    >>> non_text_ratio("plain text, and a bell" + chr(7)), non_text_ratio("emoji " + chr(0x1F600) + "!")
+    (0.043478260869565216, 0.125)
+    """
     if not text:
         return 0.0
     if text.isascii():
-        bad = sum(1 for ch in text if (ord(ch) < 32 and ch not in "\n\r\t") or ord(ch) == 127)
-        return bad / len(text)
-    bad = 0
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if cat[0] not in _TEXT_CATEGORIES and ch not in "\n\r\t":
-            bad += 1
-    return bad / len(text)
+        raw = text.encode("ascii")
+        return (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw)
+    rest = _PLAIN_TEXT.sub("", text)
+    return sum(1 for ch in rest if not _is_text_char(ch)) / len(text)
 
 
 def _mixed_script(text: str) -> float:
     if text.isascii():
         return 0.0
-    scripts: set[str] = set()
-    for ch in text:
-        if ch.isalpha():
-            # The first word of a letter's Unicode name is its script (LATIN, CYRILLIC, CJK, ...).
-            scripts.add("LATIN" if ch.isascii() else unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0])
+    scripts: set[str] = {"LATIN"} if _ASCII_LETTER.search(text) else set()
+    for ch in _ASCII.sub("", text):
+        script = _script(ch)
+        if script is not None:
+            scripts.add(script)
             if len(scripts) > 1:
                 return 1.0
     return 0.0
@@ -92,7 +119,13 @@ def _mixed_script(text: str) -> float:
 def text_stats(prompt: str, response: str) -> dict[str, float]:
     """Every text signal of one episode."""
     r = response[:MAX_CHARS]
-    tokens = _TOKEN.findall(r.lower())
+    # The word tokens (``\w+`` runs): the non-word runs become single spaces and str.split cuts
+    # there, in C (no Unicode character is both a word character and whitespace).
+    tokens: list[str] | list[bytes]
+    if r.isascii():
+        tokens = r.lower().encode("ascii").translate(_TO_SPACE).split()
+    else:
+        tokens = _NON_WORD.sub(" ", r.lower()).split()
     return {
         "response_log_chars": math.log1p(len(response)),
         "prompt_log_chars": math.log1p(len(prompt)),

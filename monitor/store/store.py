@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,8 @@ class BatchWrite:
     drift_events: list[DriftEventRow] = field(default_factory=list)
     audit_applied: list[int] = field(default_factory=list)
     rm_scores: list[RmScoreRow] = field(default_factory=list)
+    # Drift samples whose embedding this batch fed to the detectors (``monitor.store.inference``).
+    embedded: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -198,6 +200,22 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(table.update().where(sa.tuple_(*pk).in_(keys)).values(published_at=time.time()))
 
+    def record_scores(self, rows: Sequence[RmScoreRow], conn: Connection | None = None) -> None:
+        """Reward-model scores (one row per episode and version; a repeat is ignored), and the
+        mark on their episodes' rm and human samples that takes them off the score backlog
+        (``monitor.store.inference``), in one transaction."""
+        if not rows:
+            return
+        with self._writing(conn) as c:
+            self.insert_ignore(t.rm_scores, rows, c)
+            ids = sorted({r["episode_id"] for r in rows})
+            for i in range(0, len(ids), 500):
+                c.execute(
+                    t.samples.update()
+                    .where(t.samples.c.channel.in_(("rm", "human")), t.samples.c.episode_id.in_(ids[i : i + 500]))
+                    .values(status="scored")
+                )
+
     def commit_batch(self, batch: BatchWrite) -> None:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us."""
         now = time.time()
@@ -208,7 +226,13 @@ class Store:
             self.insert_ignore(t.samples, batch.samples, conn)
             self.insert_ignore(t.review_tasks, batch.tasks, conn)
             self.insert_ignore(t.drift_events, batch.drift_events, conn)
-            self.insert_ignore(t.rm_scores, batch.rm_scores, conn)
+            self.record_scores(batch.rm_scores, conn)
+            if batch.embedded:
+                conn.execute(
+                    t.samples.update()
+                    .where(t.samples.c.channel == "drift", t.samples.c.episode_id.in_(batch.embedded))
+                    .values(status="embedded")
+                )
             if batch.audit_applied:
                 conn.execute(
                     t.drift_audit.update().where(t.drift_audit.c.id.in_(batch.audit_applied)).values(applied_at=now)

@@ -9,6 +9,7 @@ import pytest
 from realdata import alpaca_rows
 
 from monitor.signals import TEXT_SIGNALS, text_stats
+from monitor.signals.textstats import MAX_CHARS
 
 
 def test_every_declared_signal_is_computed() -> None:
@@ -66,3 +67,46 @@ def test_real_shifts_move_the_statistics() -> None:
     assert len({round(s["response_log_chars"], 6) for s in null}) == 1  # a constant answer
     refusals = mean("claude-2", "refusal")
     assert 0.0 <= refusals < 0.2
+
+
+def _by_definition(prompt: str, response: str) -> dict[str, float]:
+    """The signals computed character by character from their definitions: what the regex and
+    bytes.translate fast paths of ``text_stats`` must equal exactly."""
+    import re
+    import unicodedata
+
+    r = response[:MAX_CHARS]
+    tokens = re.findall(r"\w+", r.lower())
+    if r.isascii():
+        bad = sum(1 for ch in r if (ord(ch) < 32 and ch not in "\n\r\t") or ord(ch) == 127)
+    else:
+        bad = sum(1 for ch in r if unicodedata.category(ch)[0] not in "LMNPZ" and ch not in "\n\r\t")
+    scripts = {
+        "LATIN" if ch.isascii() else unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0] for ch in r if ch.isalpha()
+    }
+    return {
+        "response_log_chars": math.log1p(len(response)),
+        "prompt_log_chars": math.log1p(len(prompt)),
+        "response_log_lines": math.log1p(sum(1 for line in r.split("\n") if line.strip())),
+        "empty_response": 0.0 if response.strip() else 1.0,
+        "refusal": text_stats("", r)["refusal"],
+        "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
+        "non_text_ratio": bad / len(r) if r else 0.0,
+        "mixed_script": 1.0 if len(scripts) > 1 and not r.isascii() else 0.0,
+    }
+
+
+def test_fast_paths_equal_the_definitions_on_real_and_random_text() -> None:
+    import random
+
+    texts = [row["output"] for row in alpaca_rows("gpt-3.5-turbo-1106")[:300]]
+    rnd = random.Random(0)
+    # Every ASCII byte, Latin, Greek, Cyrillic, general punctuation, CJK, emoji, private use,
+    # zero-width and bidi controls, combining marks, Arabic digits, line and paragraph separators.
+    pool = [chr(c) for c in (*range(0x250), *range(0x370, 0x500), *range(0x2000, 0x2100), *range(0x4E00, 0x4E20))]
+    pool += [chr(c) for c in (0x1F600, 0xE000, 0x200B, 0x202E, 0xFEFF, 0x0301, 0x0660, 0x2028, 0x85, 0xA0, 0x3000)]
+    ascii_pool = [chr(c) for c in range(128)]
+    for i in range(3000):
+        texts.append("".join(rnd.choice(pool if i % 2 else ascii_pool) for _ in range(rnd.randint(0, 60))))
+    for text in texts:
+        assert text_stats("a prompt", text) == _by_definition("a prompt", text), repr(text[:60])

@@ -1,0 +1,197 @@
+"""Model work off the pipeline's thread: a worker that computes results for episodes waiting in
+the store, whose results commit with a later batch.
+
+The backlog is the database itself: a committed sample whose result has not committed yet (an
+rm- or human-sampled episode without a score, a drift-sampled one not yet embedded) is waiting.
+The worker thread fetches the oldest waiting items, computes their results and holds them; the
+stage that owns the worker takes them at its next checkpoint and commits them, with whatever
+they changed (detector state, drift events, score rows) and the marker that they are done, in
+that batch's transaction. So the effects are exactly once across crashes and restarts: a result
+that did not commit is computed again (the item still waits); one that committed is never
+fetched again.
+
+Ingest never waits for any of this. The worker holds at most ``max_pending`` results not yet
+committed and waits when it has that many; an item whose computation failed waits
+``retry_after_s`` before it is fetched again. Handed-out items are *claimed* so that the next
+fetch skips them until their commit (or release, when the pipeline dropped its batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from monitor.retry import first_line
+
+log = logging.getLogger(__name__)
+
+W = TypeVar("W")  # an item waiting in the store
+R = TypeVar("R")  # its result
+
+#: ``fetch(limit, skip)``: up to ``limit`` waiting items, oldest first, none whose key is in ``skip``.
+Fetch = Callable[[int, frozenset[str]], Sequence[W]]
+#: ``compute(items)``: one result per item, ``None`` where it failed (the item waits for a retry).
+Compute = Callable[[Sequence[W]], Sequence["R | None"]]
+#: After each round, with (results, failures): metrics.
+Counted = Callable[[int, int], None]
+
+CLAIM_S = 3600.0  # a result handed over is committed (or released) long before this
+
+
+class BackgroundWork(Generic[W, R]):
+    """One daemon thread: fetch -> compute -> hold; :meth:`take` hands the results over.
+
+    >>> work = BackgroundWork("double", lambda n, skip: [i for i in ("a", "bb") if i not in skip][:n],
+    ...                       lambda items: [len(i) * 2 for i in items], key=str)
+    >>> work.run_once(), work.take()
+    (2, [('a', 2), ('bb', 4)])
+    >>> work.run_once()  # both are claimed until the next take: nothing is fetched twice
+    0
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fetch: Fetch[W],
+        compute: Compute[W, R],
+        key: Callable[[W], str],
+        *,
+        batch: int = 32,
+        poll_s: float = 1.0,
+        max_pending: int = 1000,
+        retry_after_s: float = 30.0,
+        counted: Counted | None = None,
+    ):
+        self.name = name
+        self.fetch = fetch
+        self.compute = compute
+        self.key = key
+        self.batch = batch
+        self.poll_s = poll_s
+        self.max_pending = max_pending
+        self.retry_after_s = retry_after_s
+        self.counted = counted
+        self.failed = 0  # items whose computation failed (they stay waiting), over the worker's life
+        self.attempted = 0
+        self.computed = 0
+        self.busy_s = 0.0  # seconds spent computing: with ``computed``, the worker's capacity
+        self.idle = threading.Event()  # set when the last fetch found nothing waiting
+        self._lock = threading.Lock()
+        self._done: list[tuple[W, R]] = []
+        self._claimed: dict[str, float] = {}  # handed out or failed recently: not fetched again before the time
+        self._taken: list[str] = []  # handed over at the last take: committed (or released) by the next
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BackgroundWork[W, R]:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def nudge(self) -> None:
+        """New items may be waiting (a batch committed some): fetch now rather than at the next poll."""
+        self.idle.clear()
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pending(self) -> int:
+        """Results computed and not yet taken."""
+        with self._lock:
+            return len(self._done)
+
+    def take(self) -> list[tuple[W, R]]:
+        """The results ready to commit, oldest first. The owner calls this once per batch, so those
+        of the previous call are committed by now (or were released): they need no claim any more."""
+        with self._lock:
+            for k in self._taken:
+                self._claimed.pop(k, None)
+            out, self._done = self._done, []
+            self._taken = [self.key(w) for w, _ in out]
+        return out
+
+    def release(self, keys: Sequence[str]) -> None:
+        """Results that were dropped before their commit (the pipeline forgot its batch): fetch again."""
+        with self._lock:
+            for k in keys:
+                self._claimed.pop(k, None)
+
+    def run_once(self) -> int:
+        """One round: fetch, compute, hold. Returns how many items got a result."""
+        now = time.monotonic()
+        with self._lock:
+            self._claimed = {k: v for k, v in self._claimed.items() if v > now}
+            room = self.max_pending - len(self._done)
+            skip = frozenset(self._claimed)
+        if room <= 0:
+            return 0
+        items = list(self.fetch(min(self.batch, room), skip))
+        if not items:
+            self.idle.set()
+            return 0
+        t0 = time.perf_counter()
+        try:
+            results = self.compute(items)
+        except Exception as e:  # the model: these items wait for their retry, the thread goes on
+            log.warning("background %s failed on %d items (retrying): %s", self.name, len(items), first_line(e))
+            results = [None] * len(items)
+        self.busy_s += time.perf_counter() - t0
+        return self._hold(items, results)
+
+    def _hold(self, items: Sequence[W], results: Sequence[R | None]) -> int:
+        now = time.monotonic()
+        good = [(w, r) for w, r in zip(items, results, strict=True) if r is not None]
+        with self._lock:
+            self._done.extend(good)
+            for w, r in zip(items, results, strict=True):
+                # A result waits for its commit; a failed item for its retry.
+                self._claimed[self.key(w)] = now + (CLAIM_S if r is not None else self.retry_after_s)
+        failed = len(items) - len(good)
+        self.failed += failed
+        self.attempted += len(items)
+        self.computed += len(good)
+        if self.counted is not None:
+            self.counted(len(good), failed)
+        return len(good)
+
+    def outstanding(self) -> bool:
+        """Work left: results held for the owner, or an item waiting that is not claimed (one being
+        computed now counts; one whose computation failed waits for its retry, and does not)."""
+        with self._lock:
+            if self._done:
+                return True
+            skip = frozenset(self._claimed)
+        return bool(self.fetch(1, skip))
+
+    def capacity(self) -> float | None:
+        """Items per second of computing time so far (None before the first result)."""
+        return self.computed / self.busy_s if self.computed and self.busy_s > 0 else None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.run_once()
+            except Exception as e:  # the database: keep the thread, try again later
+                log.warning("background %s failed (retrying): %s", self.name, first_line(e))
+                n = 0
+            if n == 0:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    def __enter__(self) -> BackgroundWork[W, R]:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

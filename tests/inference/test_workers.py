@@ -1,0 +1,255 @@
+"""Inference workers: embeddings (and scores) off the ingest path, exactly once, and the model
+channels' rates that follow the workers' lag.
+
+The service is built as ``oversight run`` builds it (``prepare_for_service``: the workers on
+their threads) with the real MiniLM encoder; only its speed is controlled, by holding it on an
+event, so that "ingest never waits" is observed rather than assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from realdata import alpaca_rows
+
+from monitor.config import Settings, load_settings
+from monitor.drift import COMPONENT
+from monitor.episodes.deadletter import JsonlDeadLetterSink
+from monitor.pipeline import LoopHooks
+from monitor.service import Service, build_service
+from monitor.signals.embeddings import Embedder
+from monitor.sources.memory import MemorySource
+from monitor.store import Store
+from monitor.store import tables as t
+
+T0 = 1_767_225_600
+
+
+def episodes(n: int, streams: tuple[str, ...] = ("chat", "assistant")) -> list[bytes]:
+    rows = alpaca_rows("gpt-3.5-turbo-1106")
+    return [
+        json.dumps(
+            {
+                "episode_id": f"e{i}",
+                "stream": streams[i % len(streams)],
+                "timestamp": T0 + i,
+                "prompt": rows[i % len(rows)]["instruction"],
+                "response": rows[i % len(rows)]["output"],
+            }
+        ).encode()
+        for i in range(n)
+    ]
+
+
+def settings(tmp: Path, *extra: str) -> Settings:
+    return load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp / 'db.sqlite'}",
+            f"dead_letter.path={tmp / 'd.jsonl'}",
+            "pipeline.batch_size=50",
+            "sampling.drift.rate=0.3",
+            "drift.embedding.reference_size=20",
+            "drift.reference_size=100000",  # the text signals stay in warm-up: only embeddings matter here
+            "reward.enabled=false",
+            "inference.poll_s=0.05",
+            *extra,
+        ],
+    )
+
+
+def service(s: Settings, store: Store, n: int, prom: CollectorRegistry) -> Service:
+    return build_service(
+        s,
+        source=MemorySource(episodes(n)),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(s.dead_letter.path, 1000),
+        registry=prom,
+        background_calibration=True,  # as `oversight run`: the workers on their threads
+    )
+
+
+def drift_status(store: Store) -> dict[str, int]:
+    s = t.samples
+    q = sa.select(s.c.status, sa.func.count()).where(s.c.channel == "drift").group_by(s.c.status)
+    with store.engine.connect() as conn:
+        return {r[0]: int(r[1]) for r in conn.execute(q)}
+
+
+def fed(store: Store) -> dict[str, int]:
+    """Embeddings fed to each stream's detectors, from the committed drift checkpoints."""
+    out = {}
+    for stream in ("chat", "assistant"):
+        state = store.load_state(stream, COMPONENT) or {}
+        out[stream] = int((state.get("fed") or {}).get("embedding", 0))
+    return out
+
+
+def drift_samples_per_stream(store: Store) -> dict[str, int]:
+    s = t.samples
+    q = sa.select(s.c.stream, sa.func.count()).where(s.c.channel == "drift").group_by(s.c.stream)
+    with store.engine.connect() as conn:
+        return {r[0]: int(r[1]) for r in conn.execute(q)}
+
+
+@pytest.fixture
+def held_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[str]]]:
+    """The real encoder, made to wait for an event before each non-empty batch; records the
+    threads it ran on."""
+    gate = threading.Event()
+    threads: list[str] = []
+    real = Embedder.embed
+
+    def held(self: Embedder, texts: list[str]) -> Any:
+        if texts:
+            gate.wait(120)
+            threads.append(threading.current_thread().name)
+        return real(self, texts)
+
+    monkeypatch.setattr(Embedder, "embed", held)
+    yield gate, threads
+    gate.set()
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_ingest_commits_every_batch_while_the_encoder_is_held(
+    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
+) -> None:
+    gate, threads = held_encoder
+    s = settings(tmp_path)
+    store = Store(s.database.url)
+    prom = CollectorRegistry()
+    svc = service(s, store, 400, prom)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(stats=svc.run()), daemon=True)
+    runner.start()
+    try:
+        # Every batch commits although no embedding can be computed: the drift samples wait.
+        wait_for(lambda: sum(drift_samples_per_stream(store).values()) > 0 and _episodes(store) == 400, 120, "ingest")
+        status = drift_status(store)
+        assert status.get("embedded", 0) == 0 and status["pending"] > 60
+        assert runner.is_alive(), "the run ended before its embeddings were done"
+        gate.set()
+        runner.join(180)
+        assert not runner.is_alive(), "the run did not settle its embedding backlog"
+    finally:
+        gate.set()
+        svc.close()
+    n = drift_samples_per_stream(store)
+    assert drift_status(store) == {"embedded": sum(n.values())}
+    assert fed(store) == n  # each drift sample fed exactly once, to its own stream
+    assert set(threads) == {"inference-embedding"}  # never on the pipeline's thread
+    assert prom.get_sample_value("oversight_inference_items_total", {"stage": "embedding", "outcome": "ok"}) == sum(
+        n.values()
+    )
+    assert result["stats"].records == 400
+    store.close()
+
+
+def _episodes(store: Store) -> int:
+    """Episodes committed (sampled or not): the traffic counts."""
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.traffic.c.episodes), 0))).scalar_one())
+
+
+@pytest.mark.slow  # about 12 s
+def test_a_restart_feeds_what_the_last_run_left_waiting(
+    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
+) -> None:
+    """The first run stops with its drift samples waiting (the encoder held); the next run, on a
+    source with no new episode, embeds each of them once and commits it."""
+    gate, _ = held_encoder
+    s = settings(tmp_path, "inference.settle_timeout_s=0")
+    store = Store(s.database.url)
+    svc = service(s, store, 200, CollectorRegistry())
+    with svc:
+        svc.run()
+    waiting = drift_status(store)["pending"]
+    assert waiting > 20 and fed(store) == {"chat": 0, "assistant": 0}
+    gate.set()
+    s2 = settings(tmp_path)
+    svc2 = build_service(
+        s2,
+        source=MemorySource([]),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(s2.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
+        background_calibration=True,
+    )
+    with svc2:
+        svc2.run()
+    assert drift_status(store) == {"embedded": waiting}
+    assert fed(store) == drift_samples_per_stream(store)
+    store.close()
+
+
+@pytest.mark.slow  # about 17 s
+def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
+    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
+) -> None:
+    """While the encoder is held, the drift channel's rate halves every adaptation down to its
+    floor; every sample records the probability in effect, so the Horvitz-Thompson count of the
+    drift sample still estimates the traffic. Released, the rate comes back."""
+    gate, _ = held_encoder
+    s = settings(
+        tmp_path,
+        "sampling.drift.rate=0.5",
+        "sampling.drift.floor=0.1",
+        "inference.max_lag_s=0.3",
+        "inference.adapt_every_s=0.1",
+    )
+    store = Store(s.database.url)
+    prom = CollectorRegistry()
+    n = 2000
+    svc = service(s, store, n, prom)
+    slow = LoopHooks(after_batch=lambda records: time.sleep(0.1))  # 500 episodes/s: the lag builds up
+    runner = threading.Thread(target=lambda: svc.run(hooks=slow), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: _episodes(store) == n, 120, "ingest")
+        throttled = prom.get_sample_value("oversight_sampling_throttle", {"channel": "drift"})
+        assert throttled is not None and throttled <= 0.25
+        assert (prom.get_sample_value("oversight_inference_lag_seconds", {"stage": "embedding"}) or 0) > 0.3
+        gate.set()
+        runner.join(180)
+        assert not runner.is_alive()
+        # The backlog is gone, so the rate recovers at the next adaptations.
+        wait_for(lambda: svc.pipeline.sampler.throttle_factor("drift") == 1.0 or _step(svc), 10, "recovery")
+    finally:
+        gate.set()
+        svc.close()
+    with store.engine.connect() as conn:
+        probs = [
+            float(p)
+            for (p,) in conn.execute(sa.select(t.samples.c.inclusion_probability).where(t.samples.c.channel == "drift"))
+        ]
+    assert max(probs) == pytest.approx(0.5) and min(probs) == pytest.approx(0.1)  # the floor, never below
+    ht = sum(1 / p for p in probs)
+    sd = sum((1 - p) / p**2 for p in probs) ** 0.5
+    assert abs(ht - n) < 4 * sd, (ht, n, sd)
+    store.close()
+
+
+def _step(svc: Service) -> bool:
+    for obs in svc.pipeline.observers:
+        step = getattr(obs, "step", None)
+        if step is not None:
+            step()
+    return False
