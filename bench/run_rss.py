@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=100_000)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="seconds to wait for the embedding backlog")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the run")
+    ap.add_argument("--keep-log", metavar="FILE", help="copy the service's log here")
     args = ap.parse_args()
     values, origin = make_episodes(args.episodes)
     print(f"episodes: {len(values)} from {origin}", flush=True)
@@ -77,6 +79,7 @@ def main() -> int:
                 "kafka.heartbeat_interval_ms=1000",
                 "kafka.max_poll_interval_ms=10000",
                 f"server.port={tansu.free_port()}",
+                *args.set,
             ):
                 cmd += ["--set", s]
             env = {k: v for k, v in os.environ.items() if not k.startswith("OVERSIGHT_")} | {"HF_HUB_OFFLINE": "1"}
@@ -93,6 +96,8 @@ def main() -> int:
                 log.close()
             if not result.get("finished"):
                 print((Path(workdir) / "run.log").read_text(errors="replace")[-3000:])
+            if args.keep_log:
+                Path(args.keep_log).write_bytes((Path(workdir) / "run.log").read_bytes())
         finally:
             broker.stop()
     print(json.dumps({"bench": "run_rss", "episodes": len(values), **result}))
