@@ -142,11 +142,10 @@ def test_kill9_mid_backlog_then_restart_is_exactly_once(tmp_path: Path) -> None:
     store = Store(settings.database.url)
     s, sc = t.samples, t.rm_scores
     with store.engine.connect() as conn:
-        drift_per_stream = dict(
-            conn.execute(
-                sa.select(s.c.stream, sa.func.count()).where(s.c.channel == "drift").group_by(s.c.stream)
-            ).all()
-        )
+        grouped = conn.execute(
+            sa.select(s.c.stream, sa.func.count()).where(s.c.channel == "drift").group_by(s.c.stream)
+        ).all()
+        drift_per_stream: dict[str, int] = {str(r[0]): int(r[1]) for r in grouped}
         review_sampled = conn.execute(
             sa.select(sa.func.count(sa.distinct(s.c.episode_id))).where(s.c.channel.in_(("rm", "human")))
         ).scalar_one()
