@@ -178,7 +178,6 @@ class DriftMonitor:
         # path (:meth:`embed_in_background`); their embeddings are fed here at a checkpoint.
         self._worker: BackgroundWork[ToEmbed, Any] | None = None
         self._marked: list[str] = []  # drift samples fed since the last batch: marked embedded by the next
-        self._marked_last: list[str] = []  # marked by the batch being committed: released if it is forgotten
         self._owned: frozenset[str] = frozenset()  # the streams this replica holds: the worker embeds only these
         self._every_stream = False
         self._params: dict[tuple[Any, ...], float] = {}
@@ -454,7 +453,6 @@ class DriftMonitor:
             )
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
-        self._marked_last = []  # the last batch committed before this one was assembled
         self._embed_pending()
         self._take_embedded()
         self._install_built()
@@ -477,7 +475,7 @@ class DriftMonitor:
         batch.drift_events.extend(self.take_events())
         batch.audit_applied.extend(self.take_applied())
         batch.embedded.extend(self._marked)
-        self._marked_last, self._marked = self._marked_last + self._marked, []
+        self._marked = []
 
     def between_batches(self) -> bool:
         """Idle work of the service loop: apply re-reference requests (every
@@ -492,9 +490,11 @@ class DriftMonitor:
         # Builds in flight finish on the worker (their calibrations stay cached) but are not
         # installed: a reloaded signal that still waits starts its own.
         self._builds.clear()
-        if self._worker is not None:  # fed, not committed: the worker fetches them again
-            self._worker.release(self._marked_last + self._marked)
-        self._marked_last, self._marked = [], []
+        # Fed and not committed: fetched again (those of a batch that failed are, from the next
+        # take, as the worker's claims end there).
+        if self._worker is not None:
+            self._worker.release(self._marked)
+        self._marked = []
         self._owned = frozenset()
         self._streams.clear()
         self._dirty.clear()

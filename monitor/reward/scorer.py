@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from monitor.config import InferenceConfig, RewardConfig
+from monitor.config import RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.reward.registry import Registry
@@ -73,7 +73,7 @@ class RewardScorer:
         self.scored = 0
         self.unscored = 0
         self._background: Any = None  # a BackgroundScorer while a remote kind is active (any kind, in the service)
-        self._icfg: InferenceConfig | None = None  # set by score_in_background
+        self._offload = False  # every kind on the background scorer (score_in_background)
         self._streams: Callable[[], Collection[str] | None] | None = None
 
     @property
@@ -141,14 +141,12 @@ class RewardScorer:
             # index -1: an episode of an earlier batch, fed in the order its score arrived.
             self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(score.value or 0.0))
 
-    def score_in_background(
-        self, icfg: InferenceConfig, streams: Callable[[], Collection[str] | None] | None = None
-    ) -> None:
+    def score_in_background(self, streams: Callable[[], Collection[str] | None] | None = None) -> None:
         """Score every kind on a worker thread from now on (the service: ``inference.workers``),
         not only the remote ones: the batch commits its rm and human samples as waiting and a
         later batch commits their scores, so ingest never waits for a forward pass. ``streams``:
         the streams this replica holds (see :class:`BackgroundScorer`)."""
-        self._icfg = icfg
+        self._offload = True
         self._streams = streams
         self._maybe_swap(force=True)
         if self._model is not None and self._background is None:
@@ -239,8 +237,7 @@ class RewardScorer:
         if self._background is not None:
             self._background.stop()
             self._background = None
-        offload = self._icfg is not None and self._icfg.workers
-        if getattr(self._model, "remote", False) or offload:
+        if getattr(self._model, "remote", False) or self._offload:
             m = self._metrics
 
             def counted(ok: int, failed: int) -> None:

@@ -224,7 +224,7 @@ class Service:
         if not icfg.workers:
             return
         if self.scorer is not None:
-            self.scorer.score_in_background(icfg, None if drift is None else drift.owned_streams)
+            self.scorer.score_in_background(None if drift is None else drift.owned_streams)
         self.pipeline.observers.append(self._throttle(icfg))
         self.pipeline.settle_at_end = True
 
