@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from monitor.config import DriftConfig, InferenceConfig
+from monitor.drift.waiting import At, WaitingValues, pack_ref, unpack_ref
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork
@@ -74,8 +75,6 @@ WINDOWED = "windowed"  # the time-budgeted detector (detectors/windowed.py)
 
 Boost = Callable[[str, float, float, str], None]
 _T = TypeVar("_T")
-#: Where a value arrived: (episode id, event time, input index).
-At = tuple[str, float, int]
 
 
 @dataclass
@@ -87,7 +86,7 @@ class SignalState:
     transform: NormalScores | None = None
     # Not None while the detectors are being built from the full reference: the values that
     # arrived since, with where each arrived, fed to the detectors in order once they are built.
-    waiting: list[tuple[Any, At]] | None = None
+    waiting: WaitingValues | None = None
 
 
 @dataclass
@@ -254,7 +253,7 @@ class DriftMonitor:
         st = sd.signals.setdefault(signal, SignalState())
         if st.waiting is not None:
             if not self._install(stream, sd, signal, names, ref_size, fired):
-                st.waiting.append((x, at))
+                st.waiting.append(x, at)
                 return
             st = sd.signals[signal]  # the waiting values may have fired and re-referenced it
         st.n += 1
@@ -579,7 +578,7 @@ class DriftMonitor:
         """The reference is full: build the detectors (here, or on the worker: the values that
         arrive meanwhile wait) and install them as soon as they are built."""
         st = sd.signals[signal]
-        st.waiting = []
+        st.waiting = WaitingValues()
         self._start_build(stream, signal, st, names)
         self._install(stream, sd, signal, names, ref_size, fired)
 
@@ -615,7 +614,7 @@ class DriftMonitor:
             log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, err)
             self._metrics.detector_errors.labels(name).inc()
         st.transform, st.detectors, st.ref = b.transform, b.detectors, None
-        waiting, st.waiting = st.waiting or [], None
+        waiting, st.waiting = st.waiting or WaitingValues(), None
         for x, at in waiting:
             self._feed(stream, sd, signal, names, ref_size, x, at, fired)
         return True
@@ -732,22 +731,26 @@ class DriftMonitor:
 
     def _snapshot(self, sd: StreamDrift) -> dict[str, Any]:
         signals = {}
+        shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
         for signal, st in sd.signals.items():
             dets = {}
             for name, det in st.detectors.items():
                 dets[name] = None if det is None else self._sign(det.snapshot())
             signals[signal] = {
-                "ref": _pack_ref(st.ref),
+                "ref": pack_ref(st.ref),
                 "cooldown": st.cooldown,
                 "n": st.n,
                 "detectors": dets,
                 "transform": None if st.transform is None else st.transform.to_dict(),
             }
             if st.waiting is not None:  # detectors being built: the next owner builds them again
-                signals[signal]["waiting"] = {
-                    "values": _pack_ref([x for x, _ in st.waiting]),
-                    "at": [list(at) for _, at in st.waiting],
-                }
+                waiting = st.waiting
+                twin = next((name for name, w in shared if w.same_arrivals(waiting)), None)
+                signals[signal]["waiting"] = waiting.to_state(arrivals=twin is None)
+                if twin is None:
+                    shared.append((signal, waiting))
+                else:
+                    signals[signal]["waiting"]["arrivals_of"] = twin
         return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}
 
     def _load(self, stream: str) -> StreamDrift:
@@ -761,15 +764,14 @@ class DriftMonitor:
             for signal, s in snap.get("signals", {}).items():
                 if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):
                     continue
-                st = SignalState(
-                    ref=_unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0))
-                )
+                st = SignalState(ref=unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
                 if s.get("transform") is not None:
                     st.transform = NormalScores.from_dict(s["transform"])
                 if s.get("waiting") is not None:
                     w = s["waiting"]
-                    values = _unpack_ref(w["values"]) or []
-                    st.waiting = [(x, (str(a[0]), a[1], int(a[2]))) for x, a in zip(values, w["at"], strict=True)]
+                    twin = w.get("arrivals_of")
+                    of = None if twin is None else WaitingValues.from_state(snap["signals"][twin]["waiting"])
+                    st.waiting = WaitingValues.from_state(w, of)
                 for name, blob in (s.get("detectors") or {}).items():
                     data = None if blob is None else self._unsign(blob)
                     if blob is not None and data is None:
@@ -918,25 +920,6 @@ def request_rereference(store: Store, stream: str, signal: str | None, reason: s
                 .returning(t.drift_audit.c.id)
             ).scalar_one()
         )
-
-
-def _pack_ref(ref: list[Any] | None) -> Any:
-    """Scalar references stay JSON lists; vector references are float16 base64 (a fifth of the size)."""
-    if ref is None or not ref or not hasattr(ref[0], "shape"):
-        return ref
-    import numpy as np
-
-    arr = np.asarray(ref, dtype=np.float16)
-    return {"f16": base64.b64encode(arr.tobytes()).decode("ascii"), "shape": list(arr.shape)}
-
-
-def _unpack_ref(ref: Any) -> list[Any] | None:
-    if isinstance(ref, dict) and "f16" in ref:
-        import numpy as np
-
-        arr = np.frombuffer(base64.b64decode(ref["f16"]), dtype=np.float16).reshape(ref["shape"]).astype(np.float32)
-        return list(arr)
-    return ref  # type: ignore[no-any-return]
 
 
 def _num(v: Any) -> float | None:

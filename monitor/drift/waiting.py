@@ -1,0 +1,164 @@
+"""The values a signal keeps while its detectors are being built, checkpointed at every batch.
+
+Why a class of its own: the list grows for as long as a build runs (a calibration simulation
+takes seconds to a minute), at the stream's full rate, and every batch checkpoints it. Written
+out as JSON lists of ``[value, [episode id, event time, index]]`` it cost every batch a Python
+loop and a JSON encoding over the whole list: quadratic in the build's length, and half of the
+ingest thread's time in ``bench/kafka_ingest.py``. Here each value is packed once, when the first
+checkpoint after its arrival asks for it, into columns (float64 values and event times, int64
+indices: exact; vectors as float16, as vector references are), and a checkpoint encodes the
+columns with C-level calls: per batch, Python work only for the values that arrived since the
+last one.
+
+Checkpoints written before this module (``{"values": [...], "at": [[id, ts, index], ...]}``)
+are still read.
+
+>>> w = WaitingValues()
+>>> w.append(0.5, ("ep-1", 100.0, 7))
+>>> w.append(True, ("ep-2", 101.5, 8))
+>>> state = w.to_state()
+>>> sorted(state)
+['f64', 'ids', 'idx', 'n', 'ts']
+>>> list(WaitingValues.from_state(state))
+[(0.5, ('ep-1', 100.0, 7)), (1.0, ('ep-2', 101.5, 8))]
+"""
+
+from __future__ import annotations
+
+import base64
+from array import array
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+#: Where a value arrived: (episode id, event time, input index).
+At = tuple[str, float, int]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _column(text: str, code: str) -> array[Any]:
+    out = array(code)
+    out.frombytes(base64.b64decode(text))
+    return out
+
+
+class WaitingValues:
+    """A signal's values in arrival order, each with where it arrived; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Any, At]] = []
+        self._packed = 0  # items already in the columns below
+        self._vector: bool | None = None  # None until the first value: scalars or vectors
+        self._scalars = array("d")
+        self._vectors = bytearray()  # float16, row after row
+        self._dim = 0
+        self._ts = array("d")
+        self._idx = array("q")
+        self._ids: list[str] = []
+
+    def append(self, x: Any, at: At) -> None:
+        self._items.append((x, at))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[tuple[Any, At]]:
+        return iter(self._items)
+
+    def _pack_new(self) -> None:
+        new = self._items[self._packed :]
+        if not new:
+            return
+        if self._vector is None:
+            self._vector = hasattr(new[0][0], "shape")
+        if self._vector:
+            import numpy as np
+
+            block = np.asarray([x for x, _ in new], dtype=np.float16)
+            self._dim = int(block.shape[1]) if block.ndim == 2 else 0
+            self._vectors += block.tobytes()
+        else:
+            self._scalars.extend(float(x) for x, _ in new)
+        self._ids.extend(at[0] for _, at in new)
+        self._ts.extend(float(at[1]) for _, at in new)
+        self._idx.extend(int(at[2]) for _, at in new)
+        self._packed = len(self._items)
+
+    def same_arrivals(self, other: WaitingValues) -> bool:
+        """Whether both hold values of the same episodes in the same order: the text signals of a
+        stream, filled and built together, do; a checkpoint then writes the arrivals once."""
+        if len(self._items) != len(other._items):
+            return False
+        self._pack_new()
+        other._pack_new()
+        return self._idx == other._idx and self._ts == other._ts and self._ids == other._ids
+
+    def to_state(self, *, arrivals: bool = True) -> dict[str, Any]:
+        """The checkpoint form: packs what arrived since the last call, then encodes columns.
+        ``arrivals=False``: the values only (another signal's state holds the same arrivals)."""
+        self._pack_new()
+        out: dict[str, Any] = {"n": len(self._ids)}
+        if arrivals:
+            # Episode ids hold no control characters (validated at ingest), so one line each is
+            # one string to encode, not a list of them; an id that holds a newline keeps the list.
+            ids: str | list[str] = "\n".join(self._ids)
+            if ids.count("\n") != max(0, len(self._ids) - 1):
+                ids = list(self._ids)
+            out.update(ids=ids, ts=_b64(self._ts.tobytes()), idx=_b64(self._idx.tobytes()))
+        if self._vector:
+            out["f16"] = _b64(bytes(self._vectors))
+            out["shape"] = [len(self._ids), self._dim]
+        else:
+            out["f64"] = _b64(self._scalars.tobytes())
+        return out
+
+    @classmethod
+    def from_state(cls, w: Mapping[str, Any], arrivals_of: WaitingValues | None = None) -> WaitingValues:
+        """Read :meth:`to_state`'s form (``arrivals_of``: the signal whose state holds the
+        arrivals, when this one's does not), or the older ``values``/``at`` lists."""
+        out = cls()
+        if "at" in w:  # the form before this module
+            for x, a in zip(unpack_ref(w["values"]) or [], w["at"], strict=True):
+                out.append(x, (str(a[0]), a[1], int(a[2])))
+            return out
+        values: list[Any]
+        if "f16" in w:
+            values = unpack_ref({"f16": w["f16"], "shape": w["shape"]}) or []
+        else:
+            values = _column(w["f64"], "d").tolist()
+        if "ids" in w:
+            ts, idx = _column(w["ts"], "d"), _column(w["idx"], "q")
+            raw = w["ids"]
+            ids = [str(i) for i in raw] if isinstance(raw, list) else (str(raw).split("\n") if len(ts) else [])
+            if not len(values) == len(ids) == len(ts) == len(idx):
+                raise ValueError("waiting values: columns of different lengths")
+            ats: list[At] = list(zip(ids, ts, idx, strict=True))
+        elif arrivals_of is not None and len(arrivals_of) == len(values):
+            ats = [at for _, at in arrivals_of]
+        else:
+            raise ValueError("waiting values without their arrivals")
+        for x, at in zip(values, ats, strict=True):
+            out.append(x, at)
+        return out
+
+
+def pack_ref(ref: list[Any] | None) -> Any:
+    """Scalar references stay JSON lists; vector references are float16 base64 (a fifth of the size)."""
+    if ref is None or not ref or not hasattr(ref[0], "shape"):
+        return ref
+    import numpy as np
+
+    arr = np.asarray(ref, dtype=np.float16)
+    return {"f16": _b64(arr.tobytes()), "shape": list(arr.shape)}
+
+
+def unpack_ref(ref: Any) -> list[Any] | None:
+    """The inverse of :func:`pack_ref` (vectors come back as float32)."""
+    if isinstance(ref, dict) and "f16" in ref:
+        import numpy as np
+
+        arr = np.frombuffer(base64.b64decode(ref["f16"]), dtype=np.float16).reshape(ref["shape"]).astype(np.float32)
+        return list(arr)
+    return None if ref is None else list(ref)
