@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from monitor.config import DriftConfig, InferenceConfig
-from monitor.drift.waiting import At, WaitingValues, pack_ref, unpack_ref
+from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork
@@ -456,9 +456,14 @@ class DriftMonitor:
         self._take_embedded()
         self._install_built()
         self._owned = frozenset(self._streams)
-        out = {(s, COMPONENT): self._snapshot(self._streams[s]) for s in self._dirty if s in self._streams}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        streams = [s for s in self._dirty if s in self._streams]
+        for stream in streams:
+            state, chunks = self._snapshot(self._streams[stream])
+            out[(stream, COMPONENT)] = state
+            out.update(((stream, component), chunk) for component, chunk in chunks.items())
         self._dirty.clear()
-        self._publish_gauges(out)
+        self._publish_gauges(streams)
         return out
 
     def take_events(self) -> list[DriftEventRow]:
@@ -729,8 +734,11 @@ class DriftMonitor:
             return None
         return data
 
-    def _snapshot(self, sd: StreamDrift) -> dict[str, Any]:
+    def _snapshot(self, sd: StreamDrift) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """A stream's state, and the chunks of waiting values filled since the last snapshot (by
+        state component: written once, see ``monitor/drift/waiting.py``)."""
         signals = {}
+        chunks: dict[str, dict[str, Any]] = {}
         shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
         for signal, st in sd.signals.items():
             dets = {}
@@ -751,7 +759,8 @@ class DriftMonitor:
                     shared.append((signal, waiting))
                 else:
                     signals[signal]["waiting"]["arrivals_of"] = twin
-        return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}
+                chunks.update((chunk_component(COMPONENT, signal, j), c) for j, c in waiting.new_chunks())
+        return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}, chunks
 
     def _load(self, stream: str) -> StreamDrift:
         sd = StreamDrift()
@@ -768,10 +777,12 @@ class DriftMonitor:
                 if s.get("transform") is not None:
                     st.transform = NormalScores.from_dict(s["transform"])
                 if s.get("waiting") is not None:
-                    w = s["waiting"]
-                    twin = w.get("arrivals_of")
-                    of = None if twin is None else WaitingValues.from_state(snap["signals"][twin]["waiting"])
-                    st.waiting = WaitingValues.from_state(w, of)
+                    try:
+                        st.waiting = self._load_waiting(stream, snap["signals"], signal)
+                    except (KeyError, ValueError) as e:  # a checkpoint this version cannot read whole
+                        log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
+                        sd.signals[signal] = SignalState()
+                        continue
                 for name, blob in (s.get("detectors") or {}).items():
                     data = None if blob is None else self._unsign(blob)
                     if blob is not None and data is None:
@@ -783,6 +794,20 @@ class DriftMonitor:
         self._streams[stream] = sd
         self._apply_rereference(stream)
         return sd
+
+    def _load_waiting(self, stream: str, signals: Mapping[str, Any], signal: str) -> WaitingValues:
+        """A signal's waiting values from its checkpoint: its chunks, then the tail (whose arrivals
+        may be in another signal's state)."""
+        w = signals[signal]["waiting"]
+        chunks = []
+        for j in range(int(w.get("sealed", 0))):
+            component = chunk_component(COMPONENT, signal, j)
+            chunk = self._read(functools.partial(self._store.load_state, stream, component))
+            if chunk is None:
+                raise ValueError(f"chunk {component} is missing")
+            chunks.append(chunk)
+        twin = w.get("arrivals_of")
+        return WaitingValues.from_state(w, None if twin is None else signals[twin]["waiting"], chunks)
 
     # -- re-reference -------------------------------------------------------------
     def poll_rereference(self) -> None:
@@ -827,9 +852,9 @@ class DriftMonitor:
         """A database read on the pipeline's path: through the retry policy when there is one."""
         return fn() if self._retry is None else self._retry.call(fn, "store")
 
-    def _publish_gauges(self, snaps: Mapping[tuple[str, str], dict[str, Any]]) -> None:
+    def _publish_gauges(self, streams: Sequence[str]) -> None:
         m = self._metrics
-        for stream, _ in snaps:
+        for stream in streams:
             label = m.stream_label(stream)
             for signal, st in self._streams[stream].signals.items():
                 for name, det in st.detectors.items():

@@ -6,9 +6,13 @@ out as JSON lists of ``[value, [episode id, event time, index]]`` it cost every 
 loop and a JSON encoding over the whole list: quadratic in the build's length, and half of the
 ingest thread's time in ``bench/kafka_ingest.py``. Here each value is packed once, when the first
 checkpoint after its arrival asks for it, into columns (float64 values and event times, int64
-indices: exact; vectors as float16, as vector references are), and a checkpoint encodes the
-columns with C-level calls: per batch, Python work only for the values that arrived since the
-last one.
+indices: exact; vectors as float16, as vector references are). The columns are cut into chunks
+of ``CHUNK`` values: a full chunk is written once, as a state component of its own
+(:func:`chunk_component`), and the signal's checkpoint holds only the open tail and the number of
+chunks before it. So a batch writes at most one chunk's worth per waiting signal, plus the chunks
+sealed since the last batch, however long the build takes. Chunks left over from an earlier
+build of the same signal are overwritten by the next one's and never read: the checkpoint says
+how many chunks are its own.
 
 Checkpoints written before this module (``{"values": [...], "at": [[id, ts, index], ...]}``)
 are still read.
@@ -17,8 +21,8 @@ are still read.
 >>> w.append(0.5, ("ep-1", 100.0, 7))
 >>> w.append(True, ("ep-2", 101.5, 8))
 >>> state = w.to_state()
->>> sorted(state)
-['f64', 'ids', 'idx', 'n', 'ts']
+>>> sorted(state), w.new_chunks()
+(['f64', 'ids', 'idx', 'n', 'sealed', 'ts'], [])
 >>> list(WaitingValues.from_state(state))
 [(0.5, ('ep-1', 100.0, 7)), (1.0, ('ep-2', 101.5, 8))]
 """
@@ -27,11 +31,18 @@ from __future__ import annotations
 
 import base64
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 #: Where a value arrived: (episode id, event time, input index).
 At = tuple[str, float, int]
+#: Values per chunk written once (see the module docstring).
+CHUNK = 1024
+
+
+def chunk_component(component: str, signal: str, j: int) -> str:
+    """The state component that holds chunk ``j`` of ``signal``'s waiting values."""
+    return f"{component}:wait:{signal}:{j}"
 
 
 def _b64(data: bytes) -> str:
@@ -57,6 +68,7 @@ class WaitingValues:
         self._ts = array("d")
         self._idx = array("q")
         self._ids: list[str] = []
+        self._written = 0  # chunks handed out by new_chunks (or read back from the checkpoint)
 
     def append(self, x: Any, at: At) -> None:
         self._items.append((x, at))
@@ -95,50 +107,98 @@ class WaitingValues:
         other._pack_new()
         return self._idx == other._idx and self._ts == other._ts and self._ids == other._ids
 
-    def to_state(self, *, arrivals: bool = True) -> dict[str, Any]:
-        """The checkpoint form: packs what arrived since the last call, then encodes columns.
-        ``arrivals=False``: the values only (another signal's state holds the same arrivals)."""
-        self._pack_new()
-        out: dict[str, Any] = {"n": len(self._ids)}
+    def _columns(self, lo: int, hi: int, arrivals: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": hi - lo}
         if arrivals:
             # Episode ids hold no control characters (validated at ingest), so one line each is
             # one string to encode, not a list of them; an id that holds a newline keeps the list.
-            ids: str | list[str] = "\n".join(self._ids)
-            if ids.count("\n") != max(0, len(self._ids) - 1):
-                ids = list(self._ids)
-            out.update(ids=ids, ts=_b64(self._ts.tobytes()), idx=_b64(self._idx.tobytes()))
+            part = self._ids[lo:hi]
+            ids: str | list[str] = "\n".join(part)
+            if ids.count("\n") != max(0, len(part) - 1):
+                ids = part
+            out.update(ids=ids, ts=_b64(self._ts[lo:hi].tobytes()), idx=_b64(self._idx[lo:hi].tobytes()))
         if self._vector:
-            out["f16"] = _b64(bytes(self._vectors))
-            out["shape"] = [len(self._ids), self._dim]
+            row = 2 * self._dim  # float16
+            out["f16"] = _b64(bytes(self._vectors[lo * row : hi * row]))
+            out["shape"] = [hi - lo, self._dim]
         else:
-            out["f64"] = _b64(self._scalars.tobytes())
+            out["f64"] = _b64(self._scalars[lo:hi].tobytes())
         return out
 
+    def to_state(self, *, arrivals: bool = True) -> dict[str, Any]:
+        """The checkpoint form: the open tail after the full chunks, and how many chunks there are.
+        ``arrivals=False``: the values only (another signal's state holds the same arrivals)."""
+        self._pack_new()
+        sealed = len(self._items) // CHUNK
+        out = self._columns(sealed * CHUNK, len(self._items), arrivals)
+        out["sealed"] = sealed
+        return out
+
+    def new_chunks(self) -> list[tuple[int, dict[str, Any]]]:
+        """The chunks filled since the last call, with their arrivals, to be written with the same
+        checkpoint as :meth:`to_state`. A checkpoint that does not commit is followed by a reload
+        from the stored one (the pipeline's rule), which resets this count."""
+        self._pack_new()
+        sealed = len(self._items) // CHUNK
+        out = [(j, self._columns(j * CHUNK, (j + 1) * CHUNK, True)) for j in range(self._written, sealed)]
+        self._written = sealed
+        return out
+
+    @staticmethod
+    def arrivals(w: Mapping[str, Any]) -> list[At]:
+        """Where the values of a state's tail (or of a chunk) arrived."""
+        ts, idx = _column(w["ts"], "d"), _column(w["idx"], "q")
+        raw = w["ids"]
+        ids = [str(i) for i in raw] if isinstance(raw, list) else (str(raw).split("\n") if len(ts) else [])
+        if not len(ids) == len(ts) == len(idx):
+            raise ValueError("waiting values: columns of different lengths")
+        return list(zip(ids, ts, idx, strict=True))
+
+    @staticmethod
+    def _values(w: Mapping[str, Any]) -> list[Any]:
+        if "f16" in w:
+            return unpack_ref({"f16": w["f16"], "shape": w["shape"]}) or []
+        return _column(w["f64"], "d").tolist()
+
     @classmethod
-    def from_state(cls, w: Mapping[str, Any], arrivals_of: WaitingValues | None = None) -> WaitingValues:
-        """Read :meth:`to_state`'s form (``arrivals_of``: the signal whose state holds the
-        arrivals, when this one's does not), or the older ``values``/``at`` lists."""
+    def _tail_arrivals(cls, w: Mapping[str, Any], arrivals_of: Mapping[str, Any] | None, n: int) -> list[At]:
+        if "ids" in w:
+            ats = cls.arrivals(w)
+        elif arrivals_of is not None:
+            ats = cls.arrivals(arrivals_of)
+        elif n:
+            raise ValueError("waiting values without their arrivals")
+        else:
+            ats = []
+        if len(ats) != n:
+            raise ValueError("waiting values: values and arrivals of different lengths")
+        return ats
+
+    @classmethod
+    def from_state(
+        cls,
+        w: Mapping[str, Any],
+        arrivals_of: Mapping[str, Any] | None = None,
+        chunks: Sequence[Mapping[str, Any]] = (),
+    ) -> WaitingValues:
+        """Read :meth:`to_state`'s form: ``chunks`` are the ``w["sealed"]`` chunks before the tail,
+        in order; ``arrivals_of`` the state of the signal that holds the tail's arrivals, when this
+        one's does not. Or read the older ``values``/``at`` lists."""
         out = cls()
         if "at" in w:  # the form before this module
             for x, a in zip(unpack_ref(w["values"]) or [], w["at"], strict=True):
                 out.append(x, (str(a[0]), a[1], int(a[2])))
             return out
-        values: list[Any]
-        if "f16" in w:
-            values = unpack_ref({"f16": w["f16"], "shape": w["shape"]}) or []
-        else:
-            values = _column(w["f64"], "d").tolist()
-        if "ids" in w:
-            ts, idx = _column(w["ts"], "d"), _column(w["idx"], "q")
-            raw = w["ids"]
-            ids = [str(i) for i in raw] if isinstance(raw, list) else (str(raw).split("\n") if len(ts) else [])
-            if not len(values) == len(ids) == len(ts) == len(idx):
-                raise ValueError("waiting values: columns of different lengths")
-            ats: list[At] = list(zip(ids, ts, idx, strict=True))
-        elif arrivals_of is not None and len(arrivals_of) == len(values):
-            ats = [at for _, at in arrivals_of]
-        else:
-            raise ValueError("waiting values without their arrivals")
+        if len(chunks) != int(w.get("sealed", 0)):
+            raise ValueError(f"waiting values: {len(chunks)} chunks where the checkpoint has {w.get('sealed')}")
+        for chunk in chunks:
+            part = cls.from_state(chunk)
+            if len(part) != CHUNK:
+                raise ValueError("waiting values: a chunk of the wrong size")
+            out._items.extend(part._items)
+        out._written = len(chunks)
+        values = cls._values(w)
+        ats = cls._tail_arrivals(w, arrivals_of, len(values))
         for x, at in zip(values, ats, strict=True):
             out.append(x, at)
         return out

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from monitor.config import load_settings
 from monitor.drift import DriftMonitor
-from monitor.drift.waiting import WaitingValues
+from monitor.drift.waiting import CHUNK, WaitingValues, chunk_component
 from monitor.metrics import Metrics
 from monitor.store import BatchWrite, Store
+from monitor.store import tables as t
 
 KEY = b"w" * 32
 T0 = 1_767_225_600.0
@@ -59,6 +64,27 @@ def test_checkpoints_of_the_earlier_form_still_load() -> None:
     assert list(WaitingValues.from_state(old)) == [(0.25, ("e0", 10.0, 3)), (1.5, ("e1", 11.0, 4))]
     with pytest.raises(ValueError):
         WaitingValues.from_state({"ids": ["a"], "ts": "", "idx": "", "f64": ""})
+    one = WaitingValues()
+    one.append(1.0, ("e", 1.0, 0))
+    with pytest.raises(ValueError):  # values without their arrivals
+        WaitingValues.from_state(one.to_state(arrivals=False))
+
+
+@pytest.fixture
+def held_builds(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Background builds wait for the event: values keep waiting for as long as the test needs."""
+    from detectors.calibration import CalibrationProcess
+
+    release = threading.Event()
+    real = CalibrationProcess.param
+
+    def param(self: CalibrationProcess, *args: Any, **kw: Any) -> float:
+        release.wait(60)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(CalibrationProcess, "param", param)
+    yield release
+    release.set()
 
 
 def _monitor(store: Store) -> DriftMonitor:
@@ -88,7 +114,9 @@ def _feed(mon: DriftMonitor, store: Store, xs: list[float], lo: int, hi: int) ->
     ]
 
 
-def test_a_restart_while_the_detectors_are_built_feeds_every_waiting_value_once(db_url: str, tmp_path: Path) -> None:
+def test_a_restart_while_the_detectors_are_built_feeds_every_waiting_value_once(
+    db_url: str, tmp_path: Path, held_builds: threading.Event
+) -> None:
     """A replica checkpoints while its detectors are built in the background, with values waiting,
     and stops. The next one reads the waiting values from the checkpoint and finds the same alarms,
     at the same episodes, as a monitor that never stopped (on SQLite and PostgreSQL, whose JSONB
@@ -104,7 +132,7 @@ def test_a_restart_while_the_detectors_are_built_feeds_every_waiting_value_once(
 
     store = Store(db_url)
     first = _monitor(store)
-    first.arm_in_background()  # its calibration process starts now: the build cannot be done yet
+    first.arm_in_background()  # its builds wait for held_builds
     try:
         got = _feed(first, store, xs, 0, 300)
     finally:
@@ -128,3 +156,72 @@ def test_ids_of_any_shape_come_back(ids: list[str]) -> None:
     for i, e in enumerate(ids):
         w.append(float(i), (e, float(i), i))
     assert [at[0] for _, at in WaitingValues.from_state(w.to_state())] == ids
+
+
+def test_full_chunks_are_handed_out_once_and_read_back_before_the_tail() -> None:
+    w = WaitingValues()
+    n = 2 * CHUNK + 37
+    written: dict[int, dict[str, object]] = {}
+    for i in range(n):
+        w.append(float(i) / 7, (f"e{i}", T0 + i, i))
+        if i % 700 == 0 or i == n - 1:  # checkpoints at uneven places
+            state = w.to_state()
+            for j, chunk in w.new_chunks():
+                assert j not in written
+                written[j] = chunk
+    assert sorted(written) == [0, 1] and state["sealed"] == 2 and state["n"] == 37
+    back = WaitingValues.from_state(state, chunks=[written[0], written[1]])
+    assert list(back) == list(w)
+    assert back.new_chunks() == []  # read back: those chunks are stored already
+    with pytest.raises(ValueError):
+        WaitingValues.from_state(state, chunks=[written[0]])
+
+
+def test_a_long_build_writes_chunks_once_and_a_restart_reads_them(
+    db_url: str, tmp_path: Path, held_builds: threading.Event
+) -> None:
+    """Values wait across two batches, long enough to fill chunks: the restarted monitor reads the
+    chunks and the tail and finds the alarms of a monitor that never stopped. A chunk that went
+    missing makes that signal warm up again (logged), without stopping the monitor."""
+    rng = np.random.default_rng(12)
+    xs = [float(v) + (1.5 if i >= 900 else 0.0) for i, v in enumerate(rng.standard_normal(3200))]
+    cuts = [(0, 1500), (1500, 2700), (2700, 3200)]
+    whole_store = Store(f"sqlite:///{tmp_path / 'whole.db'}")
+    whole = _monitor(whole_store)
+    want = [e for lo, hi in cuts for e in _feed(whole, whole_store, xs, lo, hi)]
+
+    store = Store(db_url)
+    first = _monitor(store)
+    first.arm_in_background()
+    try:
+        got = _feed(first, store, xs, *cuts[0]) + _feed(first, store, xs, *cuts[1])
+    finally:
+        first.close()
+    state = store.load_state("chat", "drift")
+    assert state is not None and state["signals"]["rm_score"]["waiting"]["sealed"] == (2700 - 40) // CHUNK
+    assert store.load_state("chat", chunk_component("drift", "rm_score", 1)) is not None
+    second = _monitor(store)
+    got += _feed(second, store, xs, *cuts[2])
+    assert sorted(got, key=lambda e: (e[3], e[0])) == sorted(want, key=lambda e: (e[3], e[0]))
+    assert any(e[3] >= 900 for e in got)
+
+    # The same checkpoint with a chunk gone: the signal warms up again, the other keeps its values.
+    lost = Store(f"sqlite:///{tmp_path / 'lost.db'}")
+    first = _monitor(lost)
+    first.arm_in_background()
+    try:
+        _feed(first, lost, xs, *cuts[0])
+    finally:
+        first.close()
+    with lost.engine.begin() as conn:
+        conn.execute(
+            sa.delete(t.stream_state).where(t.stream_state.c.component == chunk_component("drift", "rm_score", 0))
+        )
+    third = _monitor(lost)
+    found = _feed(third, lost, xs, 1500, 1501)
+    after = lost.load_state("chat", "drift")
+    assert after is not None
+    assert "waiting" not in after["signals"]["rm_score"] and len(after["signals"]["rm_score"]["ref"]) == 1
+    # rm_disagreement's tail arrivals are in rm_score's state, its values in its own: restored whole,
+    # they were fed to its detectors, and the change among them alarmed.
+    assert found and {e[0] for e in found} == {"rm_disagreement"} and all(900 <= e[3] < 1500 for e in found)
