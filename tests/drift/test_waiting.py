@@ -225,3 +225,18 @@ def test_a_long_build_writes_chunks_once_and_a_restart_reads_them(
     # rm_disagreement's tail arrivals are in rm_score's state, its values in its own: restored whole,
     # they were fed to its detectors, and the change among them alarmed.
     assert found and {e[0] for e in found} == {"rm_disagreement"} and all(900 <= e[3] < 1500 for e in found)
+
+
+def test_vector_chunks_round_trip() -> None:
+    """The embedding signal waits with vectors: chunks cut at the same rows as the arrivals."""
+    rng = np.random.default_rng(2)
+    vecs = rng.standard_normal((CHUNK + 5, 16)).astype(np.float32)
+    w = WaitingValues()
+    for i, v in enumerate(vecs):
+        w.append(v, (f"e{i}", float(i), i))
+    state = w.to_state()
+    chunks = [c for _, c in w.new_chunks()]
+    assert state["sealed"] == 1 and state["shape"] == [5, 16] and chunks[0]["shape"] == [CHUNK, 16]
+    back = list(WaitingValues.from_state(state, chunks=chunks))
+    assert [at for _, at in back] == [(f"e{i}", float(i), i) for i in range(CHUNK + 5)]
+    assert np.allclose(np.stack([x for x, _ in back]), vecs, atol=2e-3, rtol=1e-3)
