@@ -620,9 +620,18 @@ class DriftMonitor:
             self._metrics.detector_errors.labels(name).inc()
         st.transform, st.detectors, st.ref = b.transform, b.detectors, None
         waiting, st.waiting = st.waiting or WaitingValues(), None
-        for x, at in waiting:
-            self._feed(stream, sd, signal, names, ref_size, x, at, fired)
+        load = functools.partial(self._load_chunk, stream, signal)
+        try:
+            for x, at in waiting.items(load):
+                self._feed(stream, sd, signal, names, ref_size, x, at, fired)
+        except ValueError as e:  # a chunk the store does not have (whole): the values are lost
+            log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
+            sd.signals[signal] = SignalState()
         return True
+
+    def _load_chunk(self, stream: str, signal: str, j: int) -> dict[str, Any] | None:
+        """Chunk ``j`` of a signal's waiting values, from the store (written by an earlier checkpoint)."""
+        return self._read(functools.partial(self._store.load_state, stream, chunk_component(COMPONENT, signal, j)))
 
     def _install_built(self) -> None:
         """At the batch boundary: install what the worker finished, so that a signal whose
@@ -796,18 +805,11 @@ class DriftMonitor:
         return sd
 
     def _load_waiting(self, stream: str, signals: Mapping[str, Any], signal: str) -> WaitingValues:
-        """A signal's waiting values from its checkpoint: its chunks, then the tail (whose arrivals
-        may be in another signal's state)."""
+        """A signal's waiting values from its checkpoint: the tail (whose arrivals may be in another
+        signal's state), and how many chunks before it are in the store."""
         w = signals[signal]["waiting"]
-        chunks = []
-        for j in range(int(w.get("sealed", 0))):
-            component = chunk_component(COMPONENT, signal, j)
-            chunk = self._read(functools.partial(self._store.load_state, stream, component))
-            if chunk is None:
-                raise ValueError(f"chunk {component} is missing")
-            chunks.append(chunk)
         twin = w.get("arrivals_of")
-        return WaitingValues.from_state(w, None if twin is None else signals[twin]["waiting"], chunks)
+        return WaitingValues.from_state(w, None if twin is None else signals[twin]["waiting"])
 
     # -- re-reference -------------------------------------------------------------
     def poll_rereference(self) -> None:

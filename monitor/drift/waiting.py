@@ -8,11 +8,12 @@ ingest thread's time in ``bench/kafka_ingest.py``. Here each value is packed onc
 checkpoint after its arrival asks for it, into columns (float64 values and event times, int64
 indices: exact; vectors as float16, as vector references are). The columns are cut into chunks
 of ``CHUNK`` values: a full chunk is written once, as a state component of its own
-(:func:`chunk_component`), and the signal's checkpoint holds only the open tail and the number of
-chunks before it. So a batch writes at most one chunk's worth per waiting signal, plus the chunks
-sealed since the last batch, however long the build takes. Chunks left over from an earlier
-build of the same signal are overwritten by the next one's and never read: the checkpoint says
-how many chunks are its own.
+(:func:`chunk_component`), and leaves memory; the signal's checkpoint holds only the open tail
+and the number of chunks before it. So a batch writes at most one chunk's worth per waiting
+signal, and a waiting signal holds at most about two chunks in memory, however long the build
+takes at whatever rate; the chunks are read back, in order, when the detectors are installed.
+Chunks left over from an earlier build of the same signal are overwritten by the next one's and
+never read: the checkpoint says how many chunks are its own.
 
 Checkpoints written before this module (``{"values": [...], "at": [[id, ts, index], ...]}``)
 are still read.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import base64
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 #: Where a value arrived: (episode id, event time, input index).
@@ -56,11 +57,16 @@ def _column(text: str, code: str) -> array[Any]:
 
 
 class WaitingValues:
-    """A signal's values in arrival order, each with where it arrived; see the module docstring."""
+    """A signal's values in arrival order, each with where it arrived; see the module docstring.
+
+    Values in chunks already handed to a checkpoint are dropped from memory (they are in the
+    store from that checkpoint's commit on); :meth:`items` reads them back when the detectors are
+    installed. Memory per waiting signal is thus at most about two chunks, whatever the rate."""
 
     def __init__(self) -> None:
-        self._items: list[tuple[Any, At]] = []
-        self._packed = 0  # items already in the columns below
+        self._base = 0  # values before the in-memory ones: in stored chunks
+        self._items: list[tuple[Any, At]] = []  # the values from _base on
+        self._packed = 0  # in-memory values already in the columns below
         self._vector: bool | None = None  # None until the first value: scalars or vectors
         self._scalars = array("d")
         self._vectors = bytearray()  # float16, row after row
@@ -74,9 +80,24 @@ class WaitingValues:
         self._items.append((x, at))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._base + len(self._items)
+
+    def items(self, load_chunk: Callable[[int], Mapping[str, Any] | None]) -> Iterator[tuple[Any, At]]:
+        """Every value in order: the stored chunks through ``load_chunk(j)`` (a chunk that is
+        missing raises ``ValueError``), then those in memory."""
+        for j in range(self._base // CHUNK):
+            chunk = load_chunk(j)
+            if chunk is None:
+                raise ValueError(f"chunk {j} of the waiting values is missing")
+            part = WaitingValues.from_state(chunk)
+            if len(part) != CHUNK:
+                raise ValueError(f"chunk {j} of the waiting values has {len(part)} values")
+            yield from part._items
+        yield from self._items
 
     def __iter__(self) -> Iterator[tuple[Any, At]]:
+        if self._base:
+            raise RuntimeError("some waiting values are in stored chunks: read them with items()")
         return iter(self._items)
 
     def _pack_new(self) -> None:
@@ -98,50 +119,64 @@ class WaitingValues:
         self._idx.extend(int(at[2]) for _, at in new)
         self._packed = len(self._items)
 
+    def _drop_to(self, n: int) -> None:
+        """Forget the values before position ``n`` (stored in chunks now)."""
+        k = n - self._base
+        if k <= 0:
+            return
+        del self._items[:k], self._scalars[:k], self._ts[:k], self._idx[:k], self._ids[:k]
+        del self._vectors[: k * 2 * self._dim]
+        self._packed -= k
+        self._base = n
+
     def same_arrivals(self, other: WaitingValues) -> bool:
         """Whether both hold values of the same episodes in the same order: the text signals of a
         stream, filled and built together, do; a checkpoint then writes the arrivals once."""
-        if len(self._items) != len(other._items):
+        if len(self) != len(other) or self._base != other._base:
             return False
         self._pack_new()
         other._pack_new()
         return self._idx == other._idx and self._ts == other._ts and self._ids == other._ids
 
     def _columns(self, lo: int, hi: int, arrivals: bool) -> dict[str, Any]:
+        """Positions ``lo`` to ``hi`` (in memory) as columns."""
+        a, b = lo - self._base, hi - self._base
         out: dict[str, Any] = {"n": hi - lo}
         if arrivals:
             # Episode ids hold no control characters (validated at ingest), so one line each is
             # one string to encode, not a list of them; an id that holds a newline keeps the list.
-            part = self._ids[lo:hi]
+            part = self._ids[a:b]
             ids: str | list[str] = "\n".join(part)
             if ids.count("\n") != max(0, len(part) - 1):
                 ids = part
-            out.update(ids=ids, ts=_b64(self._ts[lo:hi].tobytes()), idx=_b64(self._idx[lo:hi].tobytes()))
+            out.update(ids=ids, ts=_b64(self._ts[a:b].tobytes()), idx=_b64(self._idx[a:b].tobytes()))
         if self._vector:
             row = 2 * self._dim  # float16
-            out["f16"] = _b64(bytes(self._vectors[lo * row : hi * row]))
+            out["f16"] = _b64(bytes(self._vectors[a * row : b * row]))
             out["shape"] = [hi - lo, self._dim]
         else:
-            out["f64"] = _b64(self._scalars[lo:hi].tobytes())
+            out["f64"] = _b64(self._scalars[a:b].tobytes())
         return out
 
     def to_state(self, *, arrivals: bool = True) -> dict[str, Any]:
         """The checkpoint form: the open tail after the full chunks, and how many chunks there are.
         ``arrivals=False``: the values only (another signal's state holds the same arrivals)."""
         self._pack_new()
-        sealed = len(self._items) // CHUNK
-        out = self._columns(sealed * CHUNK, len(self._items), arrivals)
+        sealed = len(self) // CHUNK
+        out = self._columns(sealed * CHUNK, len(self), arrivals)
         out["sealed"] = sealed
         return out
 
     def new_chunks(self) -> list[tuple[int, dict[str, Any]]]:
         """The chunks filled since the last call, with their arrivals, to be written with the same
-        checkpoint as :meth:`to_state`. A checkpoint that does not commit is followed by a reload
-        from the stored one (the pipeline's rule), which resets this count."""
+        checkpoint as :meth:`to_state`; their values leave memory. A checkpoint that does not
+        commit is followed by a reload from the stored one (the pipeline's rule), which brings
+        this count and the values back in line with the store."""
         self._pack_new()
-        sealed = len(self._items) // CHUNK
+        sealed = len(self) // CHUNK
         out = [(j, self._columns(j * CHUNK, (j + 1) * CHUNK, True)) for j in range(self._written, sealed)]
         self._written = sealed
+        self._drop_to(sealed * CHUNK)
         return out
 
     @staticmethod
@@ -175,31 +210,19 @@ class WaitingValues:
         return ats
 
     @classmethod
-    def from_state(
-        cls,
-        w: Mapping[str, Any],
-        arrivals_of: Mapping[str, Any] | None = None,
-        chunks: Sequence[Mapping[str, Any]] = (),
-    ) -> WaitingValues:
-        """Read :meth:`to_state`'s form: ``chunks`` are the ``w["sealed"]`` chunks before the tail,
-        in order; ``arrivals_of`` the state of the signal that holds the tail's arrivals, when this
-        one's does not. Or read the older ``values``/``at`` lists."""
+    def from_state(cls, w: Mapping[str, Any], arrivals_of: Mapping[str, Any] | None = None) -> WaitingValues:
+        """Read :meth:`to_state`'s form: its ``sealed`` chunks stay in the store (:meth:`items`
+        reads them); ``arrivals_of`` is the state of the signal that holds the tail's arrivals,
+        when this one's does not. Or read the older ``values``/``at`` lists."""
         out = cls()
         if "at" in w:  # the form before this module
             for x, a in zip(unpack_ref(w["values"]) or [], w["at"], strict=True):
                 out.append(x, (str(a[0]), a[1], int(a[2])))
             return out
-        if len(chunks) != int(w.get("sealed", 0)):
-            raise ValueError(f"waiting values: {len(chunks)} chunks where the checkpoint has {w.get('sealed')}")
-        for chunk in chunks:
-            part = cls.from_state(chunk)
-            if len(part) != CHUNK:
-                raise ValueError("waiting values: a chunk of the wrong size")
-            out._items.extend(part._items)
-        out._written = len(chunks)
+        out._written = int(w.get("sealed", 0))
+        out._base = out._written * CHUNK
         values = cls._values(w)
-        ats = cls._tail_arrivals(w, arrivals_of, len(values))
-        for x, at in zip(values, ats, strict=True):
+        for x, at in zip(values, cls._tail_arrivals(w, arrivals_of, len(values)), strict=True):
             out.append(x, at)
         return out
 

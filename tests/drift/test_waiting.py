@@ -158,23 +158,27 @@ def test_ids_of_any_shape_come_back(ids: list[str]) -> None:
     assert [at[0] for _, at in WaitingValues.from_state(w.to_state())] == ids
 
 
-def test_full_chunks_are_handed_out_once_and_read_back_before_the_tail() -> None:
+def test_full_chunks_are_handed_out_once_leave_memory_and_are_read_back_before_the_tail() -> None:
     w = WaitingValues()
     n = 2 * CHUNK + 37
-    written: dict[int, dict[str, object]] = {}
-    for i in range(n):
-        w.append(float(i) / 7, (f"e{i}", T0 + i, i))
+    want = [(float(i) / 7, (f"e{i}", T0 + i, i)) for i in range(n)]
+    written: dict[int, dict[str, Any]] = {}
+    for i, (x, at) in enumerate(want):
+        w.append(x, at)
         if i % 700 == 0 or i == n - 1:  # checkpoints at uneven places
             state = w.to_state()
             for j, chunk in w.new_chunks():
                 assert j not in written
                 written[j] = chunk
     assert sorted(written) == [0, 1] and state["sealed"] == 2 and state["n"] == 37
-    back = WaitingValues.from_state(state, chunks=[written[0], written[1]])
-    assert list(back) == list(w)
-    assert back.new_chunks() == []  # read back: those chunks are stored already
-    with pytest.raises(ValueError):
-        WaitingValues.from_state(state, chunks=[written[0]])
+    assert list(w.items(written.get)) == want
+    with pytest.raises(RuntimeError):  # the chunks are no longer in memory
+        list(w)
+    back = WaitingValues.from_state(state)  # a restarted replica: the tail, and two chunks stored
+    assert len(back) == n and back.new_chunks() == []  # those chunks are stored already
+    assert list(back.items(written.get)) == want
+    with pytest.raises(ValueError):  # a chunk the store lost
+        list(back.items({0: written[0]}.get))
 
 
 def test_a_long_build_writes_chunks_once_and_a_restart_reads_them(
@@ -237,6 +241,6 @@ def test_vector_chunks_round_trip() -> None:
     state = w.to_state()
     chunks = [c for _, c in w.new_chunks()]
     assert state["sealed"] == 1 and state["shape"] == [5, 16] and chunks[0]["shape"] == [CHUNK, 16]
-    back = list(WaitingValues.from_state(state, chunks=chunks))
+    back = list(WaitingValues.from_state(state).items(dict(enumerate(chunks)).get))
     assert [at for _, at in back] == [(f"e{i}", float(i), i) for i in range(CHUNK + 5)]
     assert np.allclose(np.stack([x for x, _ in back]), vecs, atol=2e-3, rtol=1e-3)
