@@ -762,13 +762,14 @@ class DriftMonitor:
             }
             if st.waiting is not None:  # detectors being built: the next owner builds them again
                 waiting = st.waiting
+                # The full chunks first, so that every signal compared below holds only its tail.
+                chunks.update((chunk_component(COMPONENT, signal, j), c) for j, c in waiting.new_chunks())
                 twin = next((name for name, w in shared if w.same_arrivals(waiting)), None)
                 signals[signal]["waiting"] = waiting.to_state(arrivals=twin is None)
                 if twin is None:
                     shared.append((signal, waiting))
                 else:
                     signals[signal]["waiting"]["arrivals_of"] = twin
-                chunks.update((chunk_component(COMPONENT, signal, j), c) for j, c in waiting.new_chunks())
         return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}, chunks
 
     def _load(self, stream: str) -> StreamDrift:
@@ -787,7 +788,7 @@ class DriftMonitor:
                     st.transform = NormalScores.from_dict(s["transform"])
                 if s.get("waiting") is not None:
                     try:
-                        st.waiting = self._load_waiting(stream, snap["signals"], signal)
+                        st.waiting = self._load_waiting(snap["signals"], signal)
                     except (KeyError, ValueError) as e:  # a checkpoint this version cannot read whole
                         log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
                         sd.signals[signal] = SignalState()
@@ -804,7 +805,8 @@ class DriftMonitor:
         self._apply_rereference(stream)
         return sd
 
-    def _load_waiting(self, stream: str, signals: Mapping[str, Any], signal: str) -> WaitingValues:
+    @staticmethod
+    def _load_waiting(signals: Mapping[str, Any], signal: str) -> WaitingValues:
         """A signal's waiting values from its checkpoint: the tail (whose arrivals may be in another
         signal's state), and how many chunks before it are in the store."""
         w = signals[signal]["waiting"]

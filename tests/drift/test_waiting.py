@@ -203,6 +203,8 @@ def test_a_long_build_writes_chunks_once_and_a_restart_reads_them(
         first.close()
     state = store.load_state("chat", "drift")
     assert state is not None and state["signals"]["rm_score"]["waiting"]["sealed"] == (2700 - 40) // CHUNK
+    # A chunk filled in the same batch on both signals: the tail's arrivals are still written once.
+    assert state["signals"]["rm_disagreement"]["waiting"].get("arrivals_of") == "rm_score"
     assert store.load_state("chat", chunk_component("drift", "rm_score", 1)) is not None
     second = _monitor(store)
     got += _feed(second, store, xs, *cuts[2])
