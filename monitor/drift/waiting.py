@@ -74,7 +74,6 @@ class WaitingValues:
         self._ts = array("d")
         self._idx = array("q")
         self._ids: list[str] = []
-        self._written = 0  # chunks handed out by new_chunks (or read back from the checkpoint)
 
     def append(self, x: Any, at: At) -> None:
         self._items.append((x, at))
@@ -174,8 +173,8 @@ class WaitingValues:
         this count and the values back in line with the store."""
         self._pack_new()
         sealed = len(self) // CHUNK
-        out = [(j, self._columns(j * CHUNK, (j + 1) * CHUNK, True)) for j in range(self._written, sealed)]
-        self._written = sealed
+        # The chunks before _base were handed out already (or read back from the checkpoint).
+        out = [(j, self._columns(j * CHUNK, (j + 1) * CHUNK, True)) for j in range(self._base // CHUNK, sealed)]
         self._drop_to(sealed * CHUNK)
         return out
 
@@ -192,7 +191,7 @@ class WaitingValues:
     @staticmethod
     def _values(w: Mapping[str, Any]) -> list[Any]:
         if "f16" in w:
-            return unpack_ref({"f16": w["f16"], "shape": w["shape"]}) or []
+            return unpack_ref(w) or []
         return _column(w["f64"], "d").tolist()
 
     @classmethod
@@ -219,8 +218,7 @@ class WaitingValues:
             for x, a in zip(unpack_ref(w["values"]) or [], w["at"], strict=True):
                 out.append(x, (str(a[0]), a[1], int(a[2])))
             return out
-        out._written = int(w.get("sealed", 0))
-        out._base = out._written * CHUNK
+        out._base = int(w.get("sealed", 0)) * CHUNK
         values = cls._values(w)
         for x, at in zip(values, cls._tail_arrivals(w, arrivals_of, len(values)), strict=True):
             out.append(x, at)
