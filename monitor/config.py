@@ -177,6 +177,10 @@ class InferenceConfig(_Model):
     workers: bool = Field(
         True, description="in `oversight run`: embed and score on worker threads (replay and simulate always inline)"
     )
+    external: bool = Field(
+        False,
+        description="`run` loads no model: `oversight infer` (a process of its own) computes, `run` feeds the results",
+    )
     batch_size: int = Field(32, gt=0, le=1024, description="drift samples per forward pass of the embedding worker")
     poll_s: float = Field(0.5, gt=0, le=60, description="how often an idle worker looks for waiting samples")
     max_pending: int = Field(1000, gt=0, description="embeddings the worker holds before the pipeline commits them")
@@ -193,6 +197,13 @@ class InferenceConfig(_Model):
     threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime threads of the embedding worker (0: every core but one)"
     )
+
+    @model_validator(mode="after")
+    def _external_needs_workers(self) -> InferenceConfig:
+        # Inline computing would load the models that an external worker is there to keep out.
+        if self.external and not self.workers:
+            raise ValueError("inference.external needs inference.workers (the results commit with later batches)")
+        return self
 
 
 class ServerConfig(_Model):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -305,34 +306,11 @@ class Metrics:
     def _inference_metrics(self, r: CollectorRegistry) -> None:
         """The inference workers (embeddings, scores off the ingest path): work, backlog, lag, and
         the rate factor their lag imposes on the model channels."""
-        self.inference_items = Counter(
-            "inference_items",
-            "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed)",
-            ["stage", "outcome"],
-            namespace=NS,
-            registry=r,
-        )
-        self.inference_backlog = Gauge(
-            "inference_backlog",
-            "Committed samples waiting for an inference worker, by stage",
-            ["stage"],
-            namespace=NS,
-            registry=r,
-        )
-        self.inference_lag = Gauge(
-            "inference_lag_seconds",
-            "How long the oldest sample waiting for an inference worker has waited, by stage",
-            ["stage"],
-            namespace=NS,
-            registry=r,
-        )
-        self.inference_capacity = Gauge(
-            "inference_capacity_items_per_second",
-            "Items per second of computing time of each inference worker",
-            ["stage"],
-            namespace=NS,
-            registry=r,
-        )
+        self.inference = inference = InferenceMetrics.on(r)
+        self.inference_items = inference.items
+        self.inference_backlog = inference.backlog
+        self.inference_lag = inference.lag
+        self.inference_capacity = inference.capacity
         self.sampling_throttle = Gauge(
             "sampling_throttle",
             "Factor (at most 1) applied to a model channel's rate while its inference workers lag",
@@ -353,11 +331,7 @@ class Metrics:
             self.commit_errors.labels(target)
         for outcome in ("promoted", "rejected", "undecided", "failed"):
             self.rm_updates.labels(outcome)
-        for stage in ("embedding", "rm_score"):
-            for outcome in ("ok", "failed"):
-                self.inference_items.labels(stage, outcome)
-            self.inference_backlog.labels(stage)
-            self.inference_lag.labels(stage)
+        self.inference.zero()
         for channel in ("drift", "rm"):
             self.sampling_throttle.labels(channel).set(1.0)
 
@@ -371,3 +345,65 @@ class Metrics:
                 self._streams.add(stream)
                 return stream
         return OTHER
+
+
+@dataclass(frozen=True)
+class InferenceMetrics:
+    """The inference workers' metrics: those of ``oversight run`` and, alone on a registry of its
+    own, those of ``oversight infer`` (a worker process publishes no pipeline series, so no
+    pipeline alert reads its zeros).
+
+    >>> m = InferenceMetrics.on(CollectorRegistry())
+    >>> m.zero(); m.items.labels("embedding", "ok").inc(3)
+    >>> m.items.labels("embedding", "ok")._value.get()
+    3.0
+    """
+
+    items: Counter
+    backlog: Gauge
+    lag: Gauge
+    capacity: Gauge
+
+    @classmethod
+    def on(cls, r: CollectorRegistry) -> InferenceMetrics:
+        return cls(
+            Counter(
+                "inference_items",
+                "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed)",
+                ["stage", "outcome"],
+                namespace=NS,
+                registry=r,
+            ),
+            Gauge(
+                "inference_backlog",
+                "Committed samples waiting for an inference worker, by stage",
+                ["stage"],
+                namespace=NS,
+                registry=r,
+            ),
+            Gauge(
+                "inference_lag_seconds",
+                "How long the oldest sample waiting for an inference worker has waited, by stage",
+                ["stage"],
+                namespace=NS,
+                registry=r,
+            ),
+            Gauge(
+                "inference_capacity_items_per_second",
+                "Items per second of computing time of each inference worker",
+                ["stage"],
+                namespace=NS,
+                registry=r,
+            ),
+        )
+
+    def zero(self, backlogs: bool = True) -> None:
+        """Pre-zeroed, so that the first failure shows in rate(). ``backlogs``: also the backlog
+        gauges, which ``oversight run`` publishes and a worker process leaves to it (the same
+        database-wide values from every worker would only repeat its series and alerts)."""
+        for stage in ("embedding", "rm_score"):
+            for outcome in ("ok", "failed"):
+                self.items.labels(stage, outcome)
+            if backlogs:
+                self.backlog.labels(stage)
+                self.lag.labels(stage)

@@ -1,4 +1,4 @@
-"""``oversight run | replay | simulate | demo``: the pipeline over a source."""
+"""``oversight run | infer | replay | simulate | demo``: the pipeline over a source, and its inference workers."""
 
 from __future__ import annotations
 
@@ -58,6 +58,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning("%s", e)
             return EXIT_ABORTED
     log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
+    return 0
+
+
+def infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--port", type=port, default=9109, help="port of /metrics, /healthz and /readyz on server.host (default 9109)"
+    )
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import threading
+
+    from monitor.ops import OpsServer
+    from monitor.service import install_signal_handlers
+    from monitor.service.infer import InferenceWorker
+    from monitor.store import Store
+
+    settings = settings_from_args(args)
+    if not settings.inference.external:
+        # Both would compute the same samples: the pipeline's threads and this process.
+        log.warning("inference.external is false: `oversight run` computes too (set it for the pipeline)")
+    stop = threading.Event()
+    install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
+    store = Store(settings.database.url, migrate=settings.database.migrate)
+    worker = InferenceWorker(settings, store)
+    server = OpsServer(settings.server.host, args.port, worker.registry, worker.readiness).start()
+    log.info("inference worker %s: serving /metrics, /healthz, /readyz at %s", worker.id, server.url)
+    try:
+        worker.warm()
+        log.info("inference worker %s: stages %s", worker.id, ", ".join(s.name for s in worker.stages) or "none")
+        worker.run(stop)
+    finally:
+        worker.close()
+        server.stop()
+    log.info("inference worker %s stopped", worker.id)
     return 0
 
 
@@ -156,6 +191,12 @@ COMMANDS = (
         "run the pipeline as a service (source -> validate -> sample -> store)",
         cmd_run,
         run_arguments,
+    ),
+    Command(
+        ("infer",),
+        "run the inference workers as a process of their own (inference.external: embed and score the waiting samples)",
+        cmd_infer,
+        infer_arguments,
     ),
     Command(
         ("replay",),

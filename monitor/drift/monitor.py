@@ -52,7 +52,7 @@ from monitor.config import DriftConfig, InferenceConfig
 from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
-from monitor.pipeline.background import BackgroundWork
+from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import RetryPolicy, transient
 from monitor.signals import CONVERSATION_SIGNALS, FED_SIGNALS, TEXT_SIGNALS, conversation_stats, text_stats
 from monitor.signals.normalise import (
@@ -63,7 +63,7 @@ from monitor.signals.normalise import (
 )
 from monitor.store import BatchWrite, DriftEventRow, Store
 from monitor.store import tables as t
-from monitor.store.inference import ToEmbed, waiting_for_embedding
+from monitor.store.inference import Embedded, ToEmbed, stored_embeddings, waiting_for_embedding
 from sampling import Decision
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ class DriftMonitor:
         self._embedder: Any = None
         # In the service, an inference worker embeds the committed drift samples off the ingest
         # path (:meth:`embed_in_background`); their embeddings are fed here at a checkpoint.
-        self._worker: BackgroundWork[ToEmbed, Any] | None = None
+        self._worker: BackgroundWork[ToEmbed, Any] | BackgroundWork[Embedded, Any] | None = None
+        self._external = False  # the embeddings come from `oversight infer` (inference.external)
         self._marked: list[str] = []  # drift samples fed since the last batch: marked embedded by the next
         self._owned: frozenset[str] = frozenset()  # the streams this replica holds: the worker embeds only these
         self._every_stream = False
@@ -377,6 +378,9 @@ class DriftMonitor:
         self._every_stream = every_stream
         if self._worker is not None or not self.cfg.embedding.enabled:
             return
+        if icfg.external:
+            self._worker = self._stored_results(icfg)
+            return
         import os
 
         from monitor.signals.embeddings import episode_text
@@ -396,16 +400,26 @@ class DriftMonitor:
             m.inference_items.labels(EMBEDDING, "ok").inc(ok)
             m.inference_items.labels(EMBEDDING, "failed").inc(failed)
 
-        self._worker = BackgroundWork(
-            "inference-embedding",
-            fetch,
-            compute,
-            key=lambda w: w.episode_id,
-            batch=icfg.batch_size,
-            poll_s=icfg.poll_s,
-            max_pending=icfg.max_pending,
-            retry_after_s=icfg.retry_after_s,
-            counted=counted,
+        self._worker = episode_work("inference-embedding", fetch, compute, icfg, counted=counted).start()
+
+    def _stored_results(self, icfg: InferenceConfig) -> BackgroundWork[Embedded, Any]:
+        """The embeddings that ``oversight infer`` (a process of its own) stored: this replica
+        loads no encoder, and feeds them exactly as the thread's (``monitor.store.inference``)."""
+        store = self._store
+        self._external = True
+
+        def fetch(limit: int, skip: frozenset[str]) -> list[Embedded]:
+            return stored_embeddings(store, limit, skip, self.owned_streams(), hold_s=icfg.max_lag_s)
+
+        def waiting(skip: frozenset[str]) -> bool:
+            # Stored or not yet: a finite input's run waits for the other process too.
+            return bool(waiting_for_embedding(store, 1, skip, self.owned_streams()))
+
+        def vectors(items: Sequence[Embedded]) -> list[Any]:
+            return [w.vector for w in items]
+
+        return episode_work(
+            "inference-embedding-results", fetch, vectors, icfg, batch=icfg.max_pending, waiting=waiting
         ).start()
 
     def _take_embedded(self) -> None:
@@ -429,8 +443,13 @@ class DriftMonitor:
         return None if self._every_stream else self._owned
 
     @property
-    def worker(self) -> BackgroundWork[ToEmbed, Any] | None:
+    def worker(self) -> BackgroundWork[ToEmbed, Any] | BackgroundWork[Embedded, Any] | None:
         return self._worker
+
+    @property
+    def embeds(self) -> bool:
+        """This process computes embeddings (not when ``oversight infer`` does)."""
+        return self.cfg.embedding.enabled and not self._external
 
     def close(self) -> None:
         """Stop the inference worker (what it embedded but did not hand over waits in the store)."""
@@ -440,16 +459,9 @@ class DriftMonitor:
 
     def _load_embedder(self, threads: int | None = None) -> None:
         if self._embedder is None:
-            from monitor.signals.embeddings import Embedder
+            from monitor.signals.embeddings import embedder_for
 
-            ecfg = self.cfg.embedding
-            self._embedder = Embedder(
-                ecfg.model_dir,
-                max_length=ecfg.max_length,
-                backend=ecfg.backend,
-                quantisation=ecfg.quantisation,
-                threads=threads,
-            )
+            self._embedder = embedder_for(self.cfg.embedding, threads)
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
         self._embed_pending()
@@ -526,7 +538,7 @@ class DriftMonitor:
         threading.Thread(target=_work_loop, args=(work,), name="drift-calibration", daemon=True).start()
         for job in self._warm_jobs():
             work.put(job)
-        if self.cfg.embedding.enabled:
+        if self.embeds:
             # Now, not in the first batch: importing torch and loading the encoder takes seconds
             # (tens on a busy machine), and a drain would wait for the batch that does it.
             self._load_embedder()

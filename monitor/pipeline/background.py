@@ -22,8 +22,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
+from monitor.config import InferenceConfig
 from monitor.retry import first_line
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class BackgroundWork(Generic[W, R]):
         max_pending: int = 1000,
         retry_after_s: float = 30.0,
         counted: Counted | None = None,
+        waiting: Callable[[frozenset[str]], bool] | None = None,
     ):
         self.name = name
         self.fetch = fetch
@@ -74,6 +77,10 @@ class BackgroundWork(Generic[W, R]):
         self.max_pending = max_pending
         self.retry_after_s = retry_after_s
         self.counted = counted
+        # Whether an item not in the given keys waits for its result, where ``fetch`` alone cannot
+        # tell: results computed by another process are fetched once stored, and one not stored
+        # yet is still work left.
+        self.waiting = waiting
         self.failed = 0  # items whose computation failed (they stay waiting), over the worker's life
         self.attempted = 0
         self.computed = 0
@@ -173,7 +180,7 @@ class BackgroundWork(Generic[W, R]):
             if self._done:
                 return True
             skip = frozenset(self._claimed)
-        return bool(self.fetch(1, skip))
+        return self.waiting(skip) if self.waiting is not None else bool(self.fetch(1, skip))
 
     def capacity(self) -> float | None:
         """Items per second of computing time so far (None before the first result)."""
@@ -195,3 +202,29 @@ class BackgroundWork(Generic[W, R]):
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def episode_work(
+    name: str,
+    fetch: Fetch[W],
+    compute: Compute[W, R],
+    icfg: InferenceConfig,
+    *,
+    batch: int | None = None,
+    counted: Counted | None = None,
+    waiting: Callable[[frozenset[str]], bool] | None = None,
+) -> BackgroundWork[W, R]:
+    """A worker over items keyed by their ``episode_id``, paced by ``inference`` (``batch``: items
+    per fetch, default ``inference.batch_size``). Not started."""
+    return BackgroundWork(
+        name,
+        fetch,
+        compute,
+        key=attrgetter("episode_id"),
+        batch=icfg.batch_size if batch is None else batch,
+        poll_s=icfg.poll_s,
+        max_pending=icfg.max_pending,
+        retry_after_s=icfg.retry_after_s,
+        counted=counted,
+        waiting=waiting,
+    )

@@ -19,20 +19,43 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from monitor.config import RewardConfig
+from monitor.config import InferenceConfig, RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
+from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.reward.registry import Registry
 from monitor.store import BatchWrite, RmScoreRow
+from monitor.store.inference import Scored, stored_scores, waiting_for_score
 from sampling import Decision
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from monitor.reward.kinds import ScoringBackend
 
 log = logging.getLogger(__name__)
 
 # (stream, signal, value, episode_id, event_ts, input_index): DriftMonitor.observe_value
 Feed = Callable[[str, str, float, str, float, int], None]
+
+
+def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistry | None) -> ScoringBackend:
+    """The scoring backend of a version folder, as ``reward`` configures it (device, batch,
+    the built-in's backend and quantisation); raises what :func:`load_backend` raises."""
+    from monitor.reward.kinds import load_backend
+
+    return load_backend(
+        path,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        registry=registry,
+        backend=cfg.backend,
+        quantisation=cfg.quantisation,
+    )
 
 
 class RewardScorer:
@@ -74,11 +97,13 @@ class RewardScorer:
         self.unscored = 0
         self._background: Any = None  # a BackgroundScorer while a remote kind is active (any kind, in the service)
         self._offload = False  # every kind on the background scorer (score_in_background)
+        self._external = False  # scores come from `oversight infer` (inference.external): no model here
+        self._active: str | None = None  # the active version, as last read (external: no model holds it)
         self._streams: Callable[[], Collection[str] | None] | None = None
 
     @property
     def version(self) -> str | None:
-        return None if self._model is None else self._model.version
+        return self._active if self._model is None else self._model.version
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         rm = "rm" in decision.sampled
@@ -109,16 +134,18 @@ class RewardScorer:
         scores = self._model.score([Item(ep.prompt, ep.response, ep.messages) for ep, _, _ in pending])
         for (ep, index, rm), s in zip(pending, scores, strict=True):
             if s.ok:
-                self._accept(ep.episode_id, ep.stream, ep.timestamp, index, rm, float(s.value))
+                self._accept(ep.episode_id, ep.stream, ep.timestamp, index, rm, float(s.value), self._model.version)
             else:  # left in the samples table: the backlog scores it later
                 self.unscored += 1
         return {}
 
-    def _accept(self, episode_id: str, stream: str, ts: float, index: int, rm: bool, score: float) -> None:
+    def _accept(
+        self, episode_id: str, stream: str, ts: float, index: int, rm: bool, score: float, version: str
+    ) -> None:
         self._rows.append(
             {
                 "episode_id": episode_id,
-                "version": str(self._model.version),
+                "version": str(version),
                 "stream": stream,
                 "score": score,
                 "ts": ts,
@@ -137,17 +164,31 @@ class RewardScorer:
     def _take_background(self) -> None:
         if self._background is None:
             return
+        version = None if self._model is None else self._model.version
         for w, score in self._background.take():
-            # index -1: an episode of an earlier batch, fed in the order its score arrived.
-            self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(score.value or 0.0))
+            # index -1: an episode of an earlier batch, fed in the order its score arrived. A
+            # stored result carries the version that computed it (inference.external).
+            if isinstance(w, Scored):
+                self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, w.score, w.version)
+            else:
+                self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(score.value or 0.0), str(version))
 
-    def score_in_background(self, streams: Callable[[], Collection[str] | None] | None = None) -> None:
+    def score_in_background(
+        self, streams: Callable[[], Collection[str] | None] | None = None, icfg: InferenceConfig | None = None
+    ) -> None:
         """Score every kind on a worker thread from now on (the service: ``inference.workers``),
         not only the remote ones: the batch commits its rm and human samples as waiting and a
         later batch commits their scores, so ingest never waits for a forward pass. ``streams``:
-        the streams this replica holds (see :class:`BackgroundScorer`)."""
+        the streams this replica holds (see :class:`BackgroundScorer`). With
+        ``icfg.external``, no model loads here: the scores ``oversight infer`` stored are fed."""
         self._offload = True
         self._streams = streams
+        if icfg is not None and icfg.external:
+            self._external = True
+            self._model = None
+            self._background = self._stored_results(icfg)
+            self._maybe_swap(force=True)
+            return
         self._maybe_swap(force=True)
         if self._model is not None and self._background is None:
             self._start_background()
@@ -157,9 +198,30 @@ class RewardScorer:
         background = self._background
         return None if background is None else background.capacity()
 
+    def _stored_results(self, icfg: InferenceConfig) -> BackgroundWork[Scored, float]:
+        store = self.registry.store
+
+        def fetch(limit: int, skip: frozenset[str]) -> list[Scored]:
+            return stored_scores(store, limit, skip, self._owned(), hold_s=icfg.max_lag_s)
+
+        def waiting(skip: frozenset[str]) -> bool:
+            # Scored or not yet: a finite input's run waits for the other process, while a version is active.
+            return self.scoring and bool(waiting_for_score(store, 1, skip, streams=self._owned()))
+
+        def scores(items: Sequence[Scored]) -> list[float]:
+            return [w.score for w in items]
+
+        return episode_work("rm-score-results", fetch, scores, icfg, batch=icfg.max_pending, waiting=waiting).start()
+
+    def _owned(self) -> Collection[str] | None:
+        return None if self._streams is None else self._streams()
+
     @property
     def scoring(self) -> bool:
-        """A background scorer is running (a version is active, and scores off the pipeline's thread)."""
+        """Scores are being computed off the pipeline's thread: a background scorer runs (a version
+        is active), or an external worker's scores are fed and a version is active."""
+        if self._external:
+            return self._active is not None
         return self._background is not None
 
     def outstanding(self) -> bool:
@@ -205,30 +267,29 @@ class RewardScorer:
         if gen == self._generation:
             return
         if active is None:
-            self._model, self._generation = None, gen
+            self._model, self._generation, self._active = None, gen, None
             return
-        from monitor.reward.kinds import load_backend
-
+        if self._external:  # `oversight infer` loads it: keep the name for the metrics
+            self._swap_label(active[0])
+            self._generation = gen
+            return
         version, path, _ = active
         try:
-            model = load_backend(
-                path,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                registry=self._metrics.registry,
-                backend=self.cfg.backend,
-                quantisation=self.cfg.quantisation,
-            )
+            model = load_version(self.cfg, path, self._metrics.registry)
         except Exception as e:  # keep scoring with the old version rather than stop ingest
             log.error("cannot load reward-model version %s (keeping %s): %s", version, self.version, e)
             return
         old = self.version
         self._model, self._generation = model, gen
         self._start_background()
-        if old is not None:
+        self._swap_label(version)
+        log.info("reward model: scoring with %s (generation %d, was %s)", version, gen, old)
+
+    def _swap_label(self, version: str) -> None:
+        old, self._active = self._active, version
+        if old is not None and old != version:
             self._metrics.rm_active_version.remove(old)
         self._metrics.rm_active_version.labels(version).set(1)
-        log.info("reward model: scoring with %s (generation %d, was %s)", version, gen, old)
 
     def _start_background(self) -> None:
         """A remote kind scores on a worker thread; a local one inline (and stops the worker)."""

@@ -219,12 +219,16 @@ class Service:
             drift.embed_in_background(icfg, every_stream=self.settings.source.kind != "kafka")
         if drift is not None:
             drift.arm_in_background()
+        streams = None if drift is None else drift.owned_streams
+        if self.scorer is not None and icfg.workers and icfg.external:
+            # Before the first checkpoint, which would load the active version: `oversight infer` does.
+            self.scorer.score_in_background(streams, icfg)
         if self.scorer is not None:
             self.scorer.checkpoint()  # nothing pending yet: loads the active version, if any
         if not icfg.workers:
             return
-        if self.scorer is not None:
-            self.scorer.score_in_background(None if drift is None else drift.owned_streams)
+        if self.scorer is not None and not icfg.external:
+            self.scorer.score_in_background(streams)
         self.pipeline.observers.append(self._throttle(icfg))
         self.pipeline.settle_at_end = True
 
@@ -237,15 +241,20 @@ class Service:
         backlogs = {}
         capacities: dict[str, Callable[[], float | None]] = {}
         worker = None if self.drift is None else self.drift.worker
+        # With external workers (`oversight infer`) the capacity is theirs to publish: here it would
+        # be the rate of reading stored results.
+        local = not icfg.external
         if worker is not None:
             backlogs["drift"] = ("embedding", lambda: embedding_backlog(store))
-            capacities["embedding"] = worker.capacity
+            if local:
+                capacities["embedding"] = worker.capacity
         scorer = self.scorer
         if scorer is not None:
             # No version active, nothing scores: the backlog waits for one (or `rm score-backlog`)
             # and says nothing about the workers.
             backlogs["rm"] = ("rm_score", lambda: score_backlog_stats(store) if scorer.scoring else Backlog(0, 0.0))
-            capacities["rm_score"] = scorer.capacity
+            if local:
+                capacities["rm_score"] = scorer.capacity
         return ModelChannelThrottle(self.sampler, self.metrics, icfg, backlogs, capacities=capacities)
 
     def serve_review(self, port: int | None = None, *, metrics_listener: bool = True) -> BackgroundServer:

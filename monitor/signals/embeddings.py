@@ -17,9 +17,12 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, resolve_backend
+
+if TYPE_CHECKING:
+    from monitor.config import EmbeddingDriftConfig
 
 DIM = 384
 log = logging.getLogger(__name__)
@@ -40,6 +43,17 @@ def weights_file(path: Path) -> Path:
         if (path / name).exists():
             return path / name
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in encoder directory {path}")
+
+
+def embedder_for(ecfg: EmbeddingDriftConfig, threads: int | None = None) -> Embedder:
+    """The encoder that ``drift.embedding`` configures (``threads``: ONNX Runtime's, None: one per core)."""
+    return Embedder(
+        ecfg.model_dir,
+        max_length=ecfg.max_length,
+        backend=ecfg.backend,
+        quantisation=ecfg.quantisation,
+        threads=threads,
+    )
 
 
 class Embedder:

@@ -152,6 +152,17 @@ class Store:
         with self._writing(conn) as c:
             c.execute(self._insert(table).on_conflict_do_nothing(), batch)
 
+    def insert_new(
+        self, table: sa.Table, rows: Sequence[Mapping[str, Any]], column: sa.Column[Any], conn: Connection
+    ) -> list[Any]:
+        """Insert the rows whose key is not there yet and return ``column`` of those inserted: of
+        two writers of the same key, exactly one gets it back (a claim). RETURNING, not rowcount:
+        drivers report -1 for INSERT .. ON CONFLICT."""
+        if not rows:
+            return []
+        stmt = self._insert(table).on_conflict_do_nothing().returning(column)
+        return [r[0] for r in conn.execute(stmt, list(rows))]
+
     def save_internal(self, key: str, state: Mapping[str, Any], conn: Connection | None = None) -> None:
         """Set the service's keyed state ``key`` (``internal_state``), whatever it was."""
         self._upsert_internal(conn, {key: state}, time.time())
@@ -215,6 +226,9 @@ class Store:
                     .where(t.samples.c.channel.in_(("rm", "human")), t.samples.c.episode_id.in_(ids[i : i + 500]))
                     .values(status="scored")
                 )
+                # The results an inference worker of its own stored for them (inference.external).
+                r = t.inference_results
+                c.execute(r.delete().where(r.c.stage == "score", r.c.episode_id.in_(ids[i : i + 500])))
 
     def commit_batch(self, batch: BatchWrite) -> None:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us."""
@@ -233,6 +247,8 @@ class Store:
                     .where(t.samples.c.channel == "drift", t.samples.c.episode_id.in_(batch.embedded))
                     .values(status="embedded")
                 )
+                r = t.inference_results
+                conn.execute(r.delete().where(r.c.stage == "embedding", r.c.episode_id.in_(batch.embedded)))
             if batch.audit_applied:
                 conn.execute(
                     t.drift_audit.update().where(t.drift_audit.c.id.in_(batch.audit_applied)).values(applied_at=now)

@@ -43,6 +43,26 @@ samples = sa.Table(
     sa.Index("ix_samples_channel_status", "channel", "status"),
 )
 
+# Results of the inference workers that run as a process of their own (`oversight infer`,
+# ``inference.external``): a row claims a waiting sample's model work for a worker until
+# ``claimed_until``, then holds the result (``done``) until the pipeline feeds it and marks the
+# sample, in one transaction that also deletes the row. So the table holds the backlog in flight,
+# never history, and a result is a cache: the effects happen once, in the pipeline's commit.
+inference_results = sa.Table(
+    "inference_results",
+    metadata,
+    sa.Column("episode_id", sa.String(128), primary_key=True),
+    sa.Column("stage", sa.String(16), primary_key=True),  # embedding | score
+    sa.Column("worker", sa.String(128), nullable=False),
+    sa.Column("claimed_until", sa.Float, nullable=False),
+    sa.Column("done", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("version", sa.String(128)),  # the reward-model version of a score
+    sa.Column("score", sa.Float),
+    sa.Column("vector", sa.LargeBinary),  # float32, little-endian
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_inference_results_stage_done", "stage", "done"),
+)
+
 # Episodes per stream per minute of event time: the population size N that
 # Horvitz-Thompson estimates over all traffic need.
 traffic = sa.Table(

@@ -133,7 +133,14 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def test_scenarios_exist() -> None:
     names = set(SCENARIOS)
-    assert {"minimal-sqlite", "postgres-kafka-ha", "ingress-tls", "existing-secret", "keda"} <= names
+    assert {
+        "minimal-sqlite",
+        "postgres-kafka-ha",
+        "ingress-tls",
+        "existing-secret",
+        "keda",
+        "inference-worker",
+    } <= names
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -155,6 +162,10 @@ def test_values_schema_rejects_typos_and_wrong_types() -> None:
             {"review": {"ingress": {"enabeld": True}}},
             {"database": {"url": "mysql://x"}},
             {"secrets": {"reviewSecretKey": "short"}},
+            {"inferenceWorker": {"gpus": 1}},
+            {"inferenceWorker": {"gpu": -1}},
+            {"inferenceWorker": {"gpu": "1"}},
+            {"inferenceWorker": {"resources": {"limit": {"memory": "2Gi"}}}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -415,6 +426,11 @@ def test_probes_and_graceful_shutdown(scenario: str) -> None:
             assert c[probe]["httpGet"]["port"] in ports
         # Readiness (broker or database down) never restarts the pod.
         assert all(c[p]["httpGet"]["path"] != "/readyz" for p in ("livenessProbe", "startupProbe"))
+        if c["name"] == "inference-worker":
+            # No Service sends it work and no broker assigns it partitions: SIGTERM at once, no preStop sleep.
+            assert "lifecycle" not in c
+            assert spec["terminationGracePeriodSeconds"] >= DRAIN_S
+            continue
         sleep = c["lifecycle"]["preStop"]["exec"]["command"]
         assert sleep[0] == "sleep" and int(sleep[1]) > 0
         assert spec["terminationGracePeriodSeconds"] >= int(sleep[1]) + DRAIN_S
@@ -545,6 +561,7 @@ def test_pods_load_their_configuration_through_settings(
     secrets must be usable outside dev mode, and the ports the probes and Services use are the ones the
     service listens on."""
     docs = manifests(scenario)
+    workers = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-inference-worker")]
     for d in by_kind(docs, "Deployment"):
         with monkeypatch.context() as m:
             template = d["spec"]["template"]
@@ -556,12 +573,18 @@ def test_pods_load_their_configuration_through_settings(
             settings.sampling_key()
             assert settings.source.kind == "kafka"
             assert settings.server.host == "0.0.0.0"
+            # The pipeline loads no model exactly when the inference workers run in pods of their own.
+            assert settings.inference.external is bool(workers)
             if args.command == "run":
                 assert ports["ops"] == settings.server.port
                 if args.review:
                     assert ports["http"] == settings.review.port
                     assert ports["metrics"] == settings.review.metrics_port
                     settings.review_secret()
+            elif args.command == "infer":
+                # `oversight infer` serves its ops endpoints at --port on server.host.
+                assert ports["ops"] == args.port
+                assert not settings.database.url.startswith("sqlite")
             else:
                 assert args.command == "serve" and ports["http"] == settings.review.port
                 assert ports["metrics"] == settings.review.metrics_port
@@ -616,6 +639,10 @@ def test_deployment_commands_are_real_cli_subcommands(scenario: str) -> None:
     assert commands[f"{RELEASE}-pipeline"] == "run"
     if f"{RELEASE}-review" in commands:
         assert commands[f"{RELEASE}-review"] == "serve"
+    worker_enabled = ((scenario_values(scenario) or {}).get("inferenceWorker") or {}).get("enabled", False)
+    assert (f"{RELEASE}-inference-worker" in commands) is worker_enabled
+    if worker_enabled:
+        assert commands[f"{RELEASE}-inference-worker"] == "infer"
 
 
 def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
@@ -653,6 +680,23 @@ def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
         ({"review": {"ingress": {"enabled": True}}}, "hosts"),
         ({"review": {"metricsPort": 8080}}, "review.metricsPort"),
         ({"review": {"metricsPort": 9108}}, "review.metricsPort"),
+        # The worker pods cannot open the pipeline pod's SQLite file.
+        ({"inferenceWorker": {"enabled": True}}, r"inferenceWorker\.enabled needs PostgreSQL: database\.url is SQLite"),
+        (
+            {
+                "database": {"url": "postgresql://u@db:5432/o"},
+                "inferenceWorker": {"enabled": True},
+                "config": {"inference": {"workers": False}},
+            },
+            r"inferenceWorker\.enabled needs config\.inference\.workers",
+        ),
+        (
+            {
+                "database": {"url": "postgresql://u@db:5432/o"},
+                "inferenceWorker": {"enabled": True, "terminationGracePeriodSeconds": 5},
+            },
+            r"inferenceWorker\.terminationGracePeriodSeconds \(5\) must be at least 10",
+        ),
     ],
 )
 def test_invalid_combinations_are_rejected_at_render_time(values: dict[str, Any], message: str) -> None:
@@ -989,7 +1033,7 @@ def test_review_metrics_have_their_own_port_and_service(scenario: str) -> None:
     for d in by_kind(docs, "Deployment"):
         (c,) = d["spec"]["template"]["spec"]["containers"]
         args = build_parser().parse_args(c["args"])
-        if args.command == "serve" or args.review:
+        if args.command == "serve" or getattr(args, "review", False):
             review_pods.append(d)
             assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == 9109
     assert len(review_pods) == 1
@@ -1007,14 +1051,27 @@ PROMETHEUS_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metada
 INGRESS_PEERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
 
 
-@pytest.mark.parametrize("database", ["sqlite:////data/oversight.db", "postgresql://u@db:5432/o"])
-def test_network_policy_admits_prometheus_to_metrics_and_reviewers_to_the_ui(database: str) -> None:
+@pytest.mark.parametrize(
+    ("database", "worker"),
+    [("sqlite:////data/oversight.db", False), ("postgresql://u@db:5432/o", False), ("postgresql://u@db:5432/o", True)],
+)
+def test_network_policy_admits_prometheus_to_metrics_and_reviewers_to_the_ui(database: str, worker: bool) -> None:
     docs = render_docs(
-        {"database": {"url": database}, "networkPolicy": {"metricsFrom": PROMETHEUS_PEERS, "reviewFrom": INGRESS_PEERS}}
+        {
+            "database": {"url": database},
+            "inferenceWorker": {"enabled": worker},
+            "networkPolicy": {"metricsFrom": PROMETHEUS_PEERS, "reviewFrom": INGRESS_PEERS},
+        }
     )
     test_pod = one(docs, "Pod", "-test-endpoints")
     pods = [d["spec"]["template"] for d in by_kind(docs, "Deployment")]
-    for np in by_kind(docs, "NetworkPolicy"):
+    # Every pod of the release is behind a policy (the inference workers' too).
+    policies = by_kind(docs, "NetworkPolicy")
+    assert all(
+        any(matches(np["spec"]["podSelector"]["matchLabels"], t["metadata"]["labels"]) for np in policies) for t in pods
+    )
+    assert len(pods) == (3 if worker else 1 if database.startswith("sqlite") else 2)
+    for np in policies:
         (pod,) = [t for t in pods if matches(np["spec"]["podSelector"]["matchLabels"], t["metadata"]["labels"])]
         covered: set[str] = set()
         for rule in np["spec"]["ingress"]:
@@ -1036,6 +1093,210 @@ def test_network_policy_admits_prometheus_to_metrics_and_reviewers_to_the_ui(dat
 def test_network_policy_without_peer_lists_admits_everyone() -> None:
     for np in by_kind(manifests("default"), "NetworkPolicy"):
         assert all("from" not in rule for rule in np["spec"]["ingress"])
+
+
+# --- inference workers: `oversight infer` in a Deployment of its own ------------------------------------------
+
+POSTGRES_URL = "postgresql://oversight:ci-password@postgres.db.svc:5432/oversight"
+WORKER = "-inference-worker"
+
+
+def _config_file(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(one(docs, "ConfigMap", "-config")["data"]["config.yaml"])
+    return config
+
+
+def _worker_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = one(docs, "Deployment", WORKER)["spec"]["template"]["spec"]["containers"]
+    (c,) = containers
+    return c
+
+
+@pytest.mark.parametrize("database", ["sqlite:////data/oversight.db", POSTGRES_URL])
+def test_inference_worker_is_off_by_default(database: str) -> None:
+    docs = render_docs({"database": {"url": database}, "config": {"inference": {"batch_size": 64}}})
+    assert [d for d in docs if d["metadata"]["name"].endswith(WORKER)] == []
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Deployment")] == [
+        f"{RELEASE}-pipeline",
+        *([] if database.startswith("sqlite") else [f"{RELEASE}-review"]),
+    ]
+    # The pipeline runs the models itself; the user's inference keys stay beside the chart's.
+    assert _config_file(docs)["inference"] == {"external": False, "batch_size": 64}
+    assert "-inference-worker" not in " ".join(_test_command(docs)[3:])
+    assert "Inference workers" not in notes({"database": {"url": database}})
+
+
+def test_inference_worker_runs_infer_against_postgresql(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    docs = manifests("inference-worker")
+    worker = one(docs, "Deployment", WORKER)
+    pipeline = one(docs, "Deployment", "-pipeline")
+    template = worker["spec"]["template"]
+    assert worker["metadata"]["labels"]["app.kubernetes.io/component"] == "inference-worker"
+    assert worker["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "inference-worker"
+    assert template["metadata"]["annotations"]["example.com/team"] == "ml-platform"
+    c = _worker_container(docs)
+    assert c["args"] == ["infer", "--config", "/etc/oversight/config.yaml", "--port", "9110", "--log-level", "INFO"]
+    assert c["image"] == pipeline["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert c["ports"] == [{"name": "ops", "containerPort": 9110, "protocol": "TCP"}]
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    # The pipeline's Secret environment without the review key; the database URL from the Secret.
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert refs["OVERSIGHT_DATABASE__URL"] == {"name": f"{RELEASE}-secrets", "key": "database-url"}
+    assert "OVERSIGHT_REVIEW__SECRET_KEY" not in refs and "OVERSIGHT_SAMPLING__KEY" in refs
+    # The same config file, so a config change rolls the workers with the pipeline.
+    annotations = template["metadata"]["annotations"]
+    assert annotations["checksum/config"] == pipeline["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert template["spec"]["priorityClassName"] == "oversight-inference"
+    assert template["spec"]["automountServiceAccountToken"] is False, "the workers never call the Kubernetes API"
+    # Security as the pipeline's; the config and data mounts, never the Job templates.
+    pipeline_spec = pipeline["spec"]["template"]["spec"]
+    assert template["spec"]["securityContext"] == pipeline_spec["securityContext"]
+    assert c["securityContext"] == pipeline_spec["containers"][0]["securityContext"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert set(mounts) == {"/etc/oversight", "/tmp", "/data", "/var/run/secrets/oversight"}
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert volumes[mounts["/etc/oversight"]]["configMap"]["name"] == f"{RELEASE}-config"
+    assert "emptyDir" in volumes[mounts["/data"]]
+    # What the process reads: the database from the Secret, the external mode, the user's other inference keys.
+    settings = _pod_settings(docs, template, monkeypatch, tmp_path)
+    assert settings.database.url == POSTGRES_URL
+    assert settings.inference.external is True
+    assert (settings.inference.batch_size, settings.inference.threads) == (64, 4)
+    assert build_parser().parse_args(c["args"]).port == 9110
+    assert _config_file(docs)["inference"] == {"external": True, "batch_size": 64, "threads": 4}
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            if doc["metadata"]["name"].endswith(WORKER):
+                validate(doc, version)
+
+
+def test_inference_worker_defaults_on_postgresql() -> None:
+    docs = render_docs({"database": {"url": POSTGRES_URL}, "inferenceWorker": {"enabled": True}})
+    worker = one(docs, "Deployment", WORKER)
+    assert worker["spec"]["replicas"] == 1
+    assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    c = _worker_container(docs)
+    assert c["args"] == ["infer", "--config", "/etc/oversight/config.yaml", "--port", "9109"]
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    spec = worker["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == 30
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName"} & set(spec)
+    # One fixed replica: no PodDisruptionBudget, no autoscaler for the workers.
+    assert not [
+        d
+        for d in docs
+        if d["kind"] in {"PodDisruptionBudget", "HorizontalPodAutoscaler"} and WORKER in d["metadata"]["name"]
+    ]
+    assert _config_file(docs)["inference"] == {"external": True}
+    text = notes({"database": {"url": POSTGRES_URL}, "inferenceWorker": {"enabled": True}})
+    assert "Inference workers: 1 pod(s) of `oversight infer`" in text
+    assert f"svc/{RELEASE}-inference-worker port 9109" in text
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            validate(doc, version)
+
+
+def test_inference_worker_gpu_goes_into_the_limits_beside_the_users_resources() -> None:
+    docs = manifests("inference-worker")
+    c = _worker_container(docs)
+    assert c["resources"] == {
+        "requests": {"cpu": "2", "memory": "3Gi"},
+        "limits": {"memory": "6Gi", "nvidia.com/gpu": 1},
+    }
+    worker = one(docs, "Deployment", WORKER)
+    spec = worker["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (spread,) = spec["topologySpreadConstraints"]
+    assert matches(spread["labelSelector"]["matchLabels"], worker["spec"]["template"]["metadata"]["labels"])
+    # A rollout needs no spare GPU.
+    assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert "with 1 GPU(s) each" in notes(scenario_values("inference-worker"))
+
+    def resources(worker_values: dict[str, Any]) -> Any:
+        values = {"database": {"url": POSTGRES_URL}, "inferenceWorker": {"enabled": True, **worker_values}}
+        return _worker_container(render_docs(values))["resources"]
+
+    # CPU and memory limits of the user's stay; gpu wins over a count in the limits; no limits at all still works.
+    assert resources({"gpu": 2, "resources": {"limits": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 1}}}) == {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 2},
+    }
+    assert resources({"gpu": 1, "resources": {"limits": None}}) == {
+        "requests": {"cpu": "1", "memory": "1Gi"},
+        "limits": {"nvidia.com/gpu": 1},
+    }
+    assert "nvidia.com/gpu" not in resources({"gpu": 0})["limits"]
+
+
+def test_inference_worker_is_scraped_scaled_and_fenced() -> None:
+    docs = manifests("inference-worker")
+    worker = one(docs, "Deployment", WORKER)
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    pipeline_labels = one(docs, "Deployment", "-pipeline")["spec"]["template"]["metadata"]["labels"]
+    # A ClusterIP Service of the workers' ops port, and nobody else's.
+    svc = one(docs, "Service", WORKER)
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"] == [{"name": "ops", "port": 9110, "targetPort": "ops", "protocol": "TCP"}]
+    assert matches(svc["spec"]["selector"], labels) and not matches(svc["spec"]["selector"], pipeline_labels)
+    # Prometheus scrapes it as job oversight-inference-worker.
+    monitor = one(docs, "ServiceMonitor", WORKER)
+    assert matches(monitor["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+    assert not matches(
+        monitor["spec"]["selector"]["matchLabels"], one(docs, "Service", "-pipeline")["metadata"]["labels"]
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "ops" and endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"] == [
+        {"action": "replace", "targetLabel": "job", "replacement": "oversight-inference-worker"}
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # Only Prometheus's namespace (and the `helm test` pod) reach the ops port.
+    policy = one(docs, "NetworkPolicy", WORKER)
+    assert matches(policy["spec"]["podSelector"]["matchLabels"], labels)
+    assert not matches(policy["spec"]["podSelector"]["matchLabels"], pipeline_labels)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "ops", "protocol": "TCP"}]
+    assert rule["from"][0] == PROMETHEUS_PEERS[0] and len(rule["from"]) == 2
+    # The autoscaler owns the count; the PodDisruptionBudget keeps all but one worker through a drain.
+    assert "replicas" not in worker["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler", WORKER)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": f"{RELEASE}{WORKER}",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 5)
+    pdb = one(docs, "PodDisruptionBudget", WORKER)
+    assert matches(pdb["spec"]["selector"]["matchLabels"], labels) and pdb["spec"]["maxUnavailable"] == 1
+    # `helm test` asks the workers too.
+    urls = _test_command(docs)[3:]
+    assert f"http://{RELEASE}{WORKER}:9110/readyz" in urls and f"http://{RELEASE}{WORKER}:9110/metrics" in urls
+    # Without the monitoring API, or with the ServiceMonitor off, no worker ServiceMonitor; the Service stays.
+    values = scenario_values("inference-worker")
+    assert not [d for d in render_docs(values, api_versions=()) if d["kind"] == "ServiceMonitor"]
+    assert values is not None
+    values["metrics"]["serviceMonitor"]["enabled"] = False
+    off = render_docs(values)
+    assert by_kind(off, "ServiceMonitor") == [] and one(off, "Service", WORKER)
+    # Two fixed replicas get a PodDisruptionBudget too.
+    fixed = render_docs({"database": {"url": POSTGRES_URL}, "inferenceWorker": {"enabled": True, "replicas": 2}})
+    assert one(fixed, "Deployment", WORKER)["spec"]["replicas"] == 2
+    assert one(fixed, "PodDisruptionBudget", WORKER)
+
+
+def test_enabling_the_inference_worker_rolls_the_pipeline() -> None:
+    """The pipeline must restart to stop loading the models (inference.external is read at start)."""
+
+    def checksum(enabled: bool) -> str:
+        docs = render_docs({"database": {"url": POSTGRES_URL}, "inferenceWorker": {"enabled": enabled}})
+        return str(
+            one(docs, "Deployment", "-pipeline")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        )
+
+    assert checksum(True) != checksum(False)
 
 
 # --- helm test -------------------------------------------------------------------------------------------
@@ -1063,23 +1324,32 @@ def test_helm_test_checks_readyz_and_metrics_of_every_service(scenario: str) -> 
         assert parts.hostname is not None and parts.hostname in services, url
         svc = services[parts.hostname]
         (port,) = [p for p in svc["spec"]["ports"] if p["port"] == parts.port]
-        # The pipeline serves /readyz and /metrics on its ops port; the review app /readyz on its http port (its
-        # readiness probe) and /metrics on its metrics port, in its own pod or inside the pipeline's.
+        # The pipeline and the inference workers serve /readyz and /metrics on their ops port; the review app
+        # /readyz on its http port (its readiness probe) and /metrics on its metrics port, in its own pod or inside
+        # the pipeline's.
         app_port = port["targetPort"]
-        app = {"ops": "pipeline", "http": "review", "metrics": "review"}[app_port]
         assert parts.path in {"ops": {"/readyz", "/metrics"}, "http": {"/readyz"}, "metrics": {"/metrics"}}[app_port], (
             url
         )
         selected = [t for t in pods if matches(svc["spec"]["selector"], t["metadata"]["labels"])]
         assert selected, url
+        apps = set()
         for pod in selected:
             (c,) = pod["spec"]["containers"]
             args = build_parser().parse_args(c["args"])
-            assert app == "pipeline" or args.command == "serve" or args.review, url
-            if parts.path == "/readyz" and args.command == "serve":
+            if app_port == "ops":
+                apps.add({"run": "pipeline", "infer": "inference-worker"}[args.command])
+            else:
+                assert args.command == "serve" or args.review, url
+                apps.add("review")
+            if parts.path == "/readyz" and args.command in ("serve", "infer"):
                 assert c["readinessProbe"]["httpGet"]["port"] == app_port, url
+        (app,) = apps
         checked.add((app, parts.path))
-    assert checked == {(app, path) for app in ("pipeline", "review") for path in ("/readyz", "/metrics")}
+    expected = {"pipeline", "review"}
+    if any(d["metadata"]["name"].endswith("-inference-worker") for d in by_kind(docs, "Deployment")):
+        expected.add("inference-worker")
+    assert checked == {(app, path) for app in expected for path in ("/readyz", "/metrics")}
 
 
 def test_helm_test_passes_on_live_endpoints_and_names_what_fails() -> None:

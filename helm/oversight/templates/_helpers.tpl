@@ -119,6 +119,15 @@ reaches the cluster.
 {{- if has (int .Values.review.metricsPort) (list (int .Values.review.port) (int $p.port)) -}}
 {{- fail (printf "review.metricsPort (%d) must differ from review.port and pipeline.port: the review pod listens on all of them in the SQLite layout." (int .Values.review.metricsPort)) -}}
 {{- end -}}
+{{- if and .Values.inferenceWorker.enabled (include "oversight.sqlite" .) -}}
+{{- fail "inferenceWorker.enabled needs PostgreSQL: database.url is SQLite, a file on the pipeline pod's volume that the inference worker pods cannot open. Set a postgresql:// database.url, or leave inferenceWorker.enabled false (the pipeline then runs the models itself)." -}}
+{{- end -}}
+{{- if and .Values.inferenceWorker.enabled (lt (int .Values.inferenceWorker.terminationGracePeriodSeconds) $drain) -}}
+{{- fail (printf "inferenceWorker.terminationGracePeriodSeconds (%d) must be at least 10: the worker may take 10 s to stop after SIGTERM." (int .Values.inferenceWorker.terminationGracePeriodSeconds)) -}}
+{{- end -}}
+{{- if and .Values.inferenceWorker.enabled (not (dig "inference" "workers" true (default (dict) .Values.config))) -}}
+{{- fail "inferenceWorker.enabled needs config.inference.workers (true, the default): with inference.external the pipeline commits the workers' results with later batches, through its worker threads." -}}
+{{- end -}}
 {{- include "oversight.validateReservedConfig" . -}}
 {{- end -}}
 
@@ -168,7 +177,9 @@ Each returns "true" when the feature is enabled and its API is available.
 {{/*
 The service's configuration file: values.config merged (deeply) with the keys the chart manages. The render has
 already failed if values.config sets any of those (files/reserved-config.yaml), so the merge never overwrites a
-user's setting.
+user's setting; the merge is deep, so a user's other keys of a section the chart writes into (kafka.*, review.*,
+inference.*) stay. inference.external is true when the inference workers run in pods of their own
+(inferenceWorker.enabled): the pipeline then loads no model.
 */}}
 {{- define "oversight.config" -}}
 {{- $managed := dict
@@ -178,6 +189,7 @@ user's setting.
   "kafka" (dict "bootstrap_servers" .Values.kafka.bootstrapServers "topic" .Values.kafka.topic "group_id" .Values.kafka.groupId)
   "dead_letter" (dict "path" "/data/dead-letter.jsonl")
   "database" (dict "migrate" .Values.database.migrate)
+  "inference" (dict "external" (.Values.inferenceWorker.enabled | default false))
 -}}
 {{- if include "oversight.sqlite" . -}}
 {{- $_ := set $managed.database "url" .Values.database.url -}}
@@ -278,4 +290,16 @@ emptyDir:
   from:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* Resources of an inference worker: inferenceWorker.resources with nvidia.com/gpu in the limits when gpu > 0. */}}
+{{- define "oversight.inferenceWorkerResources" -}}
+{{- $w := .Values.inferenceWorker -}}
+{{- $resources := deepCopy (default (dict) $w.resources) -}}
+{{- if gt (int $w.gpu) 0 -}}
+{{- $limits := deepCopy (default (dict) $resources.limits) -}}
+{{- $_ := set $limits "nvidia.com/gpu" (int $w.gpu) -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- toYaml $resources -}}
 {{- end -}}

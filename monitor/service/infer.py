@@ -1,0 +1,254 @@
+"""``oversight infer``: the inference workers as a process of their own.
+
+With ``inference.external`` the pipeline (``oversight run``) loads no model. This process does
+the model work instead, and scales on its own (its own Deployment in the chart, on GPU nodes
+where there are any): it claims the oldest waiting drift samples and rm/human samples in the
+store (``monitor.store.inference``), embeds them with the drift encoder and scores them with the
+active reward-model version, and stores the results. The pipeline replica that holds a stream
+feeds its stored results to the detectors, in commit order, and marks the samples in its
+batch's transaction. So the effects stay exactly once whatever happens to this process:
+
+* a result that was computed and not stored (kill -9, a database error) is computed again once
+  its claim expires (``inference.retry_after_s``);
+* a stored result is fed once, by the commit that marks its sample and deletes it;
+* two workers never hold one item at once (the claim is a row of its own); a claim that expired
+  while its computation still ran may be computed twice, and only its holder's result is stored.
+
+Reward-model versions are picked up as the pipeline picks them up (every ``reward.swap_poll_s``);
+each score records the version that computed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Settings
+from monitor.metrics import InferenceMetrics
+from monitor.pipeline.background import BackgroundWork, episode_work
+from monitor.retry import first_line
+from monitor.reward.registry import Registry
+from monitor.reward.scorer import load_version
+from monitor.store import Store
+from monitor.store.inference import (
+    EMBEDDING_STAGE,
+    SCORE_STAGE,
+    ToEmbed,
+    ToScore,
+    claim_for_embedding,
+    claim_for_score,
+    prune_results,
+    store_results,
+)
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 300.0  # result rows left by a mode switch (see prune_results): rare, cheap
+
+
+@dataclass
+class Stage:
+    """One kind of model work: what computes it, and how its results are stored."""
+
+    name: str  # the metrics' stage label: embedding, rm_score
+    work: BackgroundWork[Any, Any]
+    store: Callable[[Sequence[tuple[Any, Any]]], int]
+
+
+class InferenceWorker:
+    """The embedding and scoring workers of one ``oversight infer`` process.
+
+    :meth:`round` runs one claim -> compute -> store round of a stage (the tests drive it);
+    :meth:`run` runs every stage on a thread of its own until ``stop``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        registry: CollectorRegistry | None = None,
+        worker_id: str | None = None,
+    ):
+        self.settings = settings
+        self.store = store
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = InferenceMetrics.on(self.registry)
+        self.metrics.zero(backlogs=False)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        icfg = settings.inference
+        # A claim outlives a round by far (a batch is seconds); one whose worker died or failed
+        # is taken again after this.
+        self.lease_s = icfg.retry_after_s
+        self.reward_versions = Registry.for_settings(store, settings)
+        self._embedder: Any = None
+        self._backend: Any = None  # the active reward-model version's scoring backend
+        self._version: str | None = None
+        self._generation = -2  # unknown: read at the first round
+        self._last_check = -1e18
+        self._swap_lock = threading.Lock()
+        self.stages = [s for s in (self._embedding_stage(), self._scoring_stage()) if s is not None]
+
+    # -- the stages ----------------------------------------------------------------
+    def _embedding_stage(self) -> Stage | None:
+        ecfg = self.settings.drift.embedding
+        if not (self.settings.drift.enabled and ecfg.enabled):
+            return None
+        import numpy as np
+
+        from monitor.signals.embeddings import embedder_for, episode_text
+
+        # A process of its own: every core is the encoder's (``inference.threads`` to cap it).
+        self._embedder = embedder_for(ecfg, self.settings.inference.threads or None)
+        embedder, store = self._embedder, self.store
+
+        def fetch(limit: int, skip: frozenset[str]) -> list[ToEmbed]:
+            return claim_for_embedding(store, limit, self.id, self.lease_s)
+
+        def compute(items: Sequence[ToEmbed]) -> list[Any]:
+            return list(embedder.embed([episode_text(w.prompt, w.response) for w in items]))
+
+        def write(done: Sequence[tuple[ToEmbed, Any]]) -> int:
+            rows = [{"episode_id": w.episode_id, "vector": np.asarray(v, dtype="<f4").tobytes()} for w, v in done]
+            return store_results(store, EMBEDDING_STAGE, self.id, rows)
+
+        return Stage("embedding", self._work("inference-embedding", fetch, compute, "embedding"), write)
+
+    def _scoring_stage(self) -> Stage | None:
+        if not self.settings.reward.enabled:
+            return None
+        store = self.store
+
+        def fetch(limit: int, skip: frozenset[str]) -> list[ToScore]:
+            self.check_version()
+            # Without an active version nothing is claimed: the samples wait for one.
+            return [] if self._backend is None else claim_for_score(store, limit, self.id, self.lease_s)
+
+        def compute(items: Sequence[ToScore]) -> list[tuple[str, float] | None]:
+            from monitor.reward.kinds import Item
+
+            with self._swap_lock:
+                backend, version = self._backend, self._version
+            if backend is None or version is None:
+                return [None] * len(items)
+            scores = backend.score([Item(w.prompt, w.response, w.messages) for w in items])
+            return [(version, float(sc.value)) if sc.ok else None for sc in scores]
+
+        def write(done: Sequence[tuple[ToScore, tuple[str, float]]]) -> int:
+            rows = [{"episode_id": w.episode_id, "version": v, "score": sc} for w, (v, sc) in done]
+            return store_results(store, SCORE_STAGE, self.id, rows)
+
+        return Stage("rm_score", self._work("inference-rm-score", fetch, compute, "rm_score"), write)
+
+    def _work(self, name: str, fetch: Any, compute: Any, stage: str) -> BackgroundWork[Any, Any]:
+        icfg = self.settings.inference
+        m = self.metrics
+
+        def counted(ok: int, failed: int) -> None:
+            m.items.labels(stage, "ok").inc(ok)
+            m.items.labels(stage, "failed").inc(failed)
+
+        return episode_work(name, fetch, compute, icfg, counted=counted)
+
+    def check_version(self, force: bool = False) -> None:
+        """Load the active reward-model version when it changed (every ``reward.swap_poll_s``).
+        A version that does not load leaves the previous one scoring, as in the pipeline."""
+        now = time.monotonic()
+        if not force and now - self._last_check < self.settings.reward.swap_poll_s:
+            return
+        self._last_check = now
+        active = self.reward_versions.active()
+        gen = -1 if active is None else active[2]
+        if gen == self._generation:
+            return
+        backend: Any = None
+        version: str | None = None
+        if active is not None:
+            version, path, _ = active
+            try:
+                backend = load_version(self.settings.reward, path, self.registry)
+            except Exception as e:
+                log.error("cannot load reward-model version %s (keeping %s): %s", version, self._version, e)
+                return
+        with self._swap_lock:
+            old, self._backend, self._version, self._generation = self._backend, backend, version, gen
+        if old is not None:
+            old.close()
+        log.info("inference worker %s: scoring with %s", self.id, version)
+
+    # -- running -------------------------------------------------------------------
+    def round(self, stage: Stage) -> int:
+        """One round: claim the oldest waiting items, compute, store. Returns how many it computed.
+        A store that fails loses nothing: the claims expire and the items are computed again."""
+        n = stage.work.run_once()
+        done = stage.work.take()
+        if done:
+            stage.store(done)
+        return n
+
+    def publish(self) -> None:
+        """This worker's capacity (items per second of compute). The backlogs and their lag are
+        the pipeline's to publish (and to act on: the throttle)."""
+        for s in self.stages:
+            capacity = s.work.capacity()
+            if capacity is not None:
+                self.metrics.capacity.labels(s.name).set(capacity)
+
+    def readiness(self) -> dict[str, bool]:
+        """/readyz: the database answers, and the models load (the encoder loads at start)."""
+        checks = {"database": self.store.ping()}
+        if self._embedder is not None:
+            checks["encoder"] = self._embedder.resolved is not None
+        return checks
+
+    def warm(self) -> None:
+        """Load the models now (seconds), before /readyz says ready."""
+        if self._embedder is not None:
+            self._embedder.embed([])
+        if self.settings.reward.enabled:
+            self.check_version(force=True)
+
+    def run(self, stop: threading.Event) -> None:
+        """Every stage on a thread of its own until ``stop``; this thread publishes the metrics."""
+        threads = [
+            threading.Thread(target=self._serve, args=(s, stop), name=s.work.name, daemon=True) for s in self.stages
+        ]
+        for th in threads:
+            th.start()
+        last_prune = time.monotonic()
+        while not stop.wait(self.settings.inference.adapt_every_s):
+            try:
+                self.publish()
+                if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                    prune_results(self.store)
+                    last_prune = time.monotonic()
+            except Exception as e:  # the database: the next tick tries again
+                log.warning("inference worker %s: publishing failed: %s", self.id, first_line(e))
+        for th in threads:
+            th.join(self.settings.pipeline.drain_timeout_s / 2)
+
+    def _serve(self, stage: Stage, stop: threading.Event) -> None:
+        poll_s = self.settings.inference.poll_s
+        while not stop.is_set():
+            try:
+                n = self.round(stage)
+            except Exception as e:  # the database or the model: the claims expire, nothing is lost
+                log.warning("inference %s failed (retrying): %s", stage.name, first_line(e))
+                n = 0
+            if n == 0:
+                stop.wait(poll_s)
+
+    def close(self) -> None:
+        with self._swap_lock:
+            backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()

@@ -1,0 +1,244 @@
+"""Inference workers of their own (``oversight infer``, ``inference.external``).
+
+The store level on SQLite and PostgreSQL: claims are exclusive and expire, only a claim's holder
+stores its result, stored results feed in commit order per stream, and feeding deletes them. The
+service level: ``oversight run`` built as the service builds it, with no model loaded, and an
+:class:`InferenceWorker` with the real encoder and a real ``hf`` reward model (MiniLM with a
+sequence-classification head) beside it: every drift sample is fed exactly once, every review
+sample scored once by the active version, and nothing is left in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from model_helpers import untrained_hf_checkpoint
+from prometheus_client import CollectorRegistry
+
+from inference.test_workers import drift_samples_per_stream, episodes, fed, wait_for
+from monitor.config import load_settings
+from monitor.episodes.deadletter import JsonlDeadLetterSink
+from monitor.reward.kinds import KindVersion
+from monitor.reward.registry import Registry
+from monitor.service import build_service
+from monitor.service.infer import InferenceWorker
+from monitor.sources.memory import MemorySource
+from monitor.store import BatchWrite, Store
+from monitor.store import tables as t
+from monitor.store.inference import (
+    EMBEDDING_STAGE,
+    SCORE_STAGE,
+    claim_for_embedding,
+    claim_for_score,
+    prune_results,
+    store_results,
+    stored_embeddings,
+    stored_scores,
+)
+
+T0 = 1_767_225_600.0
+
+
+def add_samples(store: Store, n: int, channels: tuple[str, ...] = ("drift",), created: float | None = None) -> None:
+    """``n`` episodes e0..e(n-1), alternating between the streams chat and assistant, each sampled
+    for ``channels`` and waiting, committed one after another (e0 first)."""
+    now = time.time() if created is None else created
+    store.insert_ignore(
+        t.episodes,
+        [
+            {
+                "episode_id": f"e{i}",
+                "stream": ("chat", "assistant")[i % 2],
+                "model": None,
+                "ts": T0 + i,
+                "prompt": f"question {i}",
+                "response": f"answer {i}",
+                "metadata": None,
+                "source": "test",
+                "position": str(i),
+                "ingested_at": now,
+                "messages": None,
+            }
+            for i in range(n)
+        ],
+    )
+    store.insert_ignore(
+        t.samples,
+        [
+            {
+                "episode_id": f"e{i}",
+                "channel": c,
+                "stream": ("chat", "assistant")[i % 2],
+                "ts": T0 + i,
+                "inclusion_probability": 0.5,
+                "status": "pending",
+                "created_at": now + i,
+            }
+            for i in range(n)
+            for c in channels
+        ],
+    )
+
+
+def vec(i: int) -> bytes:
+    return np.full(4, float(i), dtype="<f4").tobytes()
+
+
+def results(store: Store) -> list[tuple[str, str, bool]]:
+    r = t.inference_results
+    with store.engine.connect() as conn:
+        return sorted((x[0], x[1], bool(x[2])) for x in conn.execute(sa.select(r.c.episode_id, r.c.stage, r.c.done)))
+
+
+def test_two_workers_never_claim_the_same_sample(db_url: str) -> None:
+    store = Store(db_url)
+    add_samples(store, 10)
+    a = claim_for_embedding(store, 4, "a", 30.0)
+    b = claim_for_embedding(store, 100, "b", 30.0)
+    assert [w.episode_id for w in a] == ["e0", "e1", "e2", "e3"]  # the oldest first
+    assert [w.episode_id for w in b] == [f"e{i}" for i in range(4, 10)]
+    assert a[0].prompt == "question 0" and a[1].stream == "assistant"
+    assert claim_for_embedding(store, 100, "c", 30.0) == []  # all held
+    # Another stage of the same episodes is claimed on its own.
+    add_samples(store, 2, ("rm", "human"))
+    scored = claim_for_score(store, 10, "c", 30.0)
+    assert [(w.episode_id, w.rm) for w in scored] == [("e0", True), ("e1", True)]  # one item per episode
+    store.close()
+
+
+def test_an_expired_claim_is_taken_again_and_only_its_holder_stores(db_url: str) -> None:
+    store = Store(db_url)
+    add_samples(store, 3)
+    dead = claim_for_embedding(store, 3, "dead", -1.0)  # a worker that died: its claims have expired
+    alive = claim_for_embedding(store, 3, "alive", 30.0)
+    assert [w.episode_id for w in alive] == [w.episode_id for w in dead] == ["e0", "e1", "e2"]
+    # The dead worker's late results are not stored; the holder's are.
+    assert store_results(store, EMBEDDING_STAGE, "dead", [{"episode_id": "e0", "vector": vec(9)}]) == 0
+    rows = [{"episode_id": f"e{i}", "vector": vec(i)} for i in range(3)]
+    assert store_results(store, EMBEDDING_STAGE, "alive", rows) == 3
+    assert store_results(store, EMBEDDING_STAGE, "alive", rows) == 0  # done once
+    got = stored_embeddings(store, 10)
+    assert [(g.episode_id, g.vector.tolist()) for g in got] == [(f"e{i}", [float(i)] * 4) for i in range(3)]
+    assert claim_for_embedding(store, 10, "late", 30.0) == []  # done: nobody computes it again
+    store.close()
+
+
+def test_stored_results_feed_in_commit_order_per_stream(db_url: str) -> None:
+    store = Store(db_url)
+    add_samples(store, 6)  # chat: e0 e2 e4, assistant: e1 e3 e5
+    claim_for_embedding(store, 6, "w", 30.0)
+    store_results(store, EMBEDDING_STAGE, "w", [{"episode_id": i, "vector": vec(1)} for i in ("e1", "e2", "e3")])
+    # chat waits for e0 (claimed, not done): e2 may not overtake it; assistant feeds e1 e3, not e5.
+    assert [g.episode_id for g in stored_embeddings(store, 10)] == ["e1", "e3"]
+    assert [g.episode_id for g in stored_embeddings(store, 10, streams=["chat"])] == []
+    assert [g.episode_id for g in stored_embeddings(store, 10, skip={"e1"})] == ["e3"]
+    # A sample that has waited longer than hold_s (its computation keeps failing) holds nothing back.
+    assert [g.episode_id for g in stored_embeddings(store, 10, hold_s=0.0)] == ["e1", "e2", "e3"]
+    assert [g.episode_id for g in stored_embeddings(store, 1, hold_s=0.0)] == ["e1"]
+    store.close()
+
+
+def test_feeding_deletes_the_results_and_prune_drops_orphans(db_url: str) -> None:
+    store = Store(db_url)
+    add_samples(store, 4, ("drift", "rm"))
+    claim_for_embedding(store, 4, "w", 30.0)
+    claim_for_score(store, 4, "w", 30.0)
+    store_results(store, EMBEDDING_STAGE, "w", [{"episode_id": f"e{i}", "vector": vec(i)} for i in range(4)])
+    store_results(store, SCORE_STAGE, "w", [{"episode_id": f"e{i}", "version": "v1", "score": 0.5} for i in range(4)])
+    got = stored_scores(store, 10)
+    assert [(g.episode_id, g.rm, g.version, g.score) for g in got] == [(f"e{i}", True, "v1", 0.5) for i in range(4)]
+    store.commit_batch(BatchWrite(embedded=["e0", "e1"]))
+    row = {"version": "v1", "stream": "chat", "score": 0.5, "ts": T0, "created_at": time.time()}
+    store.record_scores([{**row, "episode_id": "e0"}])  # type: ignore[typeddict-item]
+    left = results(store)
+    assert ("e0", EMBEDDING_STAGE, True) not in left and ("e1", EMBEDDING_STAGE, True) not in left
+    assert ("e0", SCORE_STAGE, True) not in left and ("e1", SCORE_STAGE, True) in left
+    assert [g.episode_id for g in stored_embeddings(store, 10)] == ["e2", "e3"]
+    # A sample marked by another path (a pipeline that computed inline) leaves an orphan: pruned.
+    with store.engine.begin() as conn:
+        s = t.samples
+        conn.execute(s.update().where(s.c.episode_id == "e2", s.c.channel == "drift").values(status="embedded"))
+    assert prune_results(store) == 1
+    assert ("e2", EMBEDDING_STAGE, True) not in results(store) and ("e3", EMBEDDING_STAGE, True) in results(store)
+    store.close()
+
+
+def test_run_feeds_an_external_workers_results_exactly_once(tmp_path: Path) -> None:
+    overrides = [
+        "dev=true",
+        f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+        f"reward.models_dir={tmp_path / 'models'}",
+        "pipeline.batch_size=50",
+        "sampling.drift.rate=0.3",
+        "sampling.rm.rate=0.1",
+        "sampling.human.rate=0.03",
+        "drift.embedding.reference_size=20",
+        "drift.reference_size=100000",  # the text signals stay in warm-up: only the model work matters here
+        "inference.external=true",
+        "inference.poll_s=0.05",
+        "inference.settle_timeout_s=240",
+        "reward.swap_poll_s=0.2",
+    ]
+    s = load_settings(None, overrides)
+    store = Store(s.database.url)
+    registry = Registry.for_settings(store, s)
+    ckpt = untrained_hf_checkpoint(tmp_path / "hf")
+    version = registry.register(
+        KindVersion.create("hf", {"path": str(ckpt), "max_length": 64}), data_window={}, metrics={}
+    )
+    registry.promote(version)
+
+    svc = build_service(
+        s,
+        source=MemorySource(episodes(300)),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(s.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
+        background_calibration=True,  # as `oversight run`
+    )
+    assert svc.drift is not None and svc.scorer is not None
+    # The pipeline loads no model: the encoder and the reward model are the worker's.
+    assert not svc.drift.embeds and svc.scorer.version == version and svc.scorer.scoring
+
+    worker = InferenceWorker(s, Store(s.database.url, migrate=False), worker_id="w1")
+    assert [st.name for st in worker.stages] == ["embedding", "rm_score"]
+    stop = threading.Event()
+    out: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: out.update(stats=svc.run()), daemon=True)
+    runner.start()
+    # The pipeline commits its samples as waiting and waits for the worker (settle at the end).
+    wait_for(lambda: sum(drift_samples_per_stream(store).values()) > 0, 60, "drift samples committed")
+    worker.warm()
+    serving = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    serving.start()
+    runner.join(300)
+    stop.set()
+    serving.join(30)
+    assert not runner.is_alive() and out["stats"].records == 300
+
+    per_stream = drift_samples_per_stream(store)
+    assert fed(store) == per_stream and sum(per_stream.values()) > 40
+    s_, sc = t.samples, t.rm_scores
+    with store.engine.connect() as conn:
+        pending = sa.select(s_.c.channel, sa.func.count()).where(s_.c.status == "pending").group_by(s_.c.channel)
+        statuses = {r[0]: int(r[1]) for r in conn.execute(pending)}
+        review = conn.execute(
+            sa.select(sa.func.count(sa.distinct(s_.c.episode_id))).where(s_.c.channel.in_(("rm", "human")))
+        ).scalar_one()
+        scores = conn.execute(sa.select(sc.c.episode_id, sc.c.version)).all()
+    assert statuses == {}  # nothing waits
+    assert review > 10 and len(scores) == len({e for e, _ in scores}) == review
+    assert {v for _, v in scores} == {version}
+    assert results(store) == []  # nothing left in flight
+    items = worker.metrics.items
+    assert items.labels("embedding", "ok")._value.get() >= sum(per_stream.values())
+    assert items.labels("rm_score", "ok")._value.get() >= review
+    worker.close()
+    svc.close()
