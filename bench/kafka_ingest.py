@@ -4,7 +4,8 @@ raw kafka-python consume loop over the same topic, records/s (goal: ratio >= 0.5
     python bench/kafka_ingest.py [--episodes N] [--partitions P] [--batch-size B] [--configs C,...] [--profile]
 
 Each configuration (``--configs``: ``default``, as ``oversight run`` ships, with the embeddings on
-the inference worker; ``no-inference``, embeddings and reward scoring off; ``core``, drift off too)
+the inference worker; ``external``, the model work in an ``oversight infer`` process of its own
+beside the pipeline; ``no-inference``, embeddings and reward scoring off; ``core``, drift off too)
 is measured against the raw loop of the same round.
 
 Starts its own Tansu broker (memory storage), produces N realistic episodes (prompts and
@@ -25,6 +26,7 @@ import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,6 +133,10 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_records: int) -> tuple[f
 # itself, so the embeddings run on the inference worker, off the ingest path.
 CONFIGS: dict[str, list[str]] = {
     "default": [],
+    # The model work in a process of its own (`oversight infer`, started beside the pipeline on the
+    # same database): the pipeline loads no model and feeds what the worker stored. One encoder
+    # thread, as `default` leaves a core to the ingest loop (on a cluster: pods of their own).
+    "external": ["inference.external=true", "inference.threads=1"],
     "no-inference": ["drift.embedding.enabled=false", "reward.enabled=false"],
     "core": ["drift.enabled=false", "reward.enabled=false"],
 }
@@ -144,22 +150,21 @@ def pipeline_consume(
     from monitor.config import load_settings
     from monitor.service import build_service
 
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            f"database.url=sqlite:///{workdir}/bench.db",
-            "source.kind=kafka",
-            f'kafka.bootstrap_servers=["{bootstrap}"]',
-            f"kafka.topic={topic}",
-            f"kafka.group_id=bench-svc-{uuid.uuid4().hex[:6]}",
-            *(f"kafka.{k}={v}" for k, v in FAST_GROUP.items()),
-            f"pipeline.batch_size={batch_size}",
-            *CONFIGS[config],
-        ],
-    )
+    overrides = [
+        "dev=true",
+        f"database.url=sqlite:///{workdir}/bench.db",
+        "source.kind=kafka",
+        f'kafka.bootstrap_servers=["{bootstrap}"]',
+        f"kafka.topic={topic}",
+        f"kafka.group_id=bench-svc-{uuid.uuid4().hex[:6]}",
+        *(f"kafka.{k}={v}" for k, v in FAST_GROUP.items()),
+        f"pipeline.batch_size={batch_size}",
+        *CONFIGS[config],
+    ]
+    settings = load_settings(None, overrides)
     # As `oversight run` builds it: detectors built in the background, inference on its workers.
     svc = build_service(settings, serve=False, registry=CollectorRegistry(), background_calibration=True)
+    infer = start_infer(workdir, overrides) if settings.inference.external else None
     pipe = svc.pipeline
     marks: dict[str, float] = {}
     real_poll = pipe.source.poll
@@ -190,9 +195,22 @@ def pipeline_consume(
             prof.disable()
         workers = worker_figures(svc, marks)
         svc.close()
+        if infer is not None:
+            infer.terminate()
+            infer.wait(30)
     if stats.records < n:
         raise RuntimeError(f"pipeline got {stats.records} of {n} records")
     return marks["end"] - marks["start"], stats, pstats.Stats(prof) if prof is not None else None, workers
+
+
+def start_infer(workdir: str, overrides: list[str]) -> subprocess.Popen[bytes]:
+    """`oversight infer` on the pipeline's settings and database, its log in the work directory."""
+    cmd = [str(Path(sys.executable).parent / "oversight"), "infer", "--port", "0"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OVERSIGHT_")} | {"HF_HUB_OFFLINE": "1"}
+    with open(f"{workdir}/infer.log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def worker_figures(svc: Any, marks: dict[str, float]) -> dict[str, float]:
@@ -204,12 +222,14 @@ def worker_figures(svc: Any, marks: dict[str, float]) -> dict[str, float]:
     from monitor.store.inference import embedding_backlog
 
     wall = marks["end"] - marks["start"]
-    return {
-        "embedded": float(worker.computed),
+    out = {
+        "embedded": float(worker.computed),  # external: embeddings fed from what `oversight infer` stored
         "embedded_per_s": worker.computed / wall if wall > 0 else 0.0,
-        "capacity_per_s": worker.capacity() or 0.0,
         "waiting_at_end": float(embedding_backlog(svc.store).waiting),
     }
+    if not svc.settings.inference.external:  # else the reader's rate, not the encoder's
+        out["capacity_per_s"] = worker.capacity() or 0.0
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -270,9 +290,10 @@ class Rounds:
         self.ratios[config].append(rate / self.raw[-1])
         if w:
             self.workers[config].append(w)
+        capacity = f", capacity {w['capacity_per_s']:.1f}/s" if "capacity_per_s" in w else ""
         extra = (
-            f"; embedding worker {w['embedded']:.0f} done ({w['embedded_per_s']:.1f}/s of wall time,"
-            f" capacity {w['capacity_per_s']:.1f}/s), {w['waiting_at_end']:.0f} waiting at the end"
+            f"; embedding worker {w['embedded']:.0f} done ({w['embedded_per_s']:.1f}/s of wall time{capacity}),"
+            f" {w['waiting_at_end']:.0f} waiting at the end"
             if w
             else ""
         )
@@ -302,7 +323,8 @@ class Rounds:
             ws = self.workers[config]
             if ws:
                 entry["embedding_worker_per_s"] = round(statistics.median(w["embedded_per_s"] for w in ws), 1)
-                entry["embedding_capacity_per_s"] = round(statistics.median(w["capacity_per_s"] for w in ws), 1)
+                if all("capacity_per_s" in w for w in ws):
+                    entry["embedding_capacity_per_s"] = round(statistics.median(w["capacity_per_s"] for w in ws), 1)
             out[config] = entry
         return out
 

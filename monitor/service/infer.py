@@ -30,10 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Settings
-from monitor.metrics import InferenceMetrics
+from monitor.metrics import NS, InferenceMetrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import first_line
 from monitor.reward.registry import Registry
@@ -97,6 +97,18 @@ class InferenceWorker:
         self._last_check = -1e18
         self._swap_lock = threading.Lock()
         self.stages = [s for s in (self._embedding_stage(), self._scoring_stage()) if s is not None]
+        # A round that raised: its claims or its results did not reach the database. Pre-zeroed,
+        # so that the first one shows in rate(); /readyz is red while a stage's last round failed.
+        self.errors = Counter(
+            "inference_worker_errors",
+            "Rounds of an inference worker process that failed on the database (claims, results), by stage",
+            ["stage"],
+            namespace=NS,
+            registry=self.registry,
+        )
+        for stage in self.stages:
+            self.errors.labels(stage.name)
+        self._failing: set[str] = set()
 
     # -- the stages ----------------------------------------------------------------
     def _embedding_stage(self) -> Stage | None:
@@ -204,8 +216,9 @@ class InferenceWorker:
                 self.metrics.capacity.labels(s.name).set(capacity)
 
     def readiness(self) -> dict[str, bool]:
-        """/readyz: the database answers, and the models load (the encoder loads at start)."""
-        checks = {"database": self.store.ping()}
+        """/readyz: the database answers and takes this worker's claims and results (a read-only
+        one answers a read), and the encoder loaded."""
+        checks = {"database": self.store.ping(), "writes": not self._failing}
         if self._embedder is not None:
             checks["encoder"] = self._embedder.resolved is not None
         return checks
@@ -241,8 +254,11 @@ class InferenceWorker:
         while not stop.is_set():
             try:
                 n = self.round(stage)
-            except Exception as e:  # the database or the model: the claims expire, nothing is lost
+                self._failing.discard(stage.name)
+            except Exception as e:  # the database: the claims expire, nothing is lost
                 log.warning("inference %s failed (retrying): %s", stage.name, first_line(e))
+                self.errors.labels(stage.name).inc()
+                self._failing.add(stage.name)
                 n = 0
             if n == 0:
                 stop.wait(poll_s)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import sqlalchemy as sa
 from model_helpers import untrained_hf_checkpoint
 from prometheus_client import CollectorRegistry
@@ -44,10 +45,10 @@ from monitor.store.inference import (
 T0 = 1_767_225_600.0
 
 
-def add_samples(store: Store, n: int, channels: tuple[str, ...] = ("drift",), created: float | None = None) -> None:
-    """``n`` episodes e0..e(n-1), alternating between the streams chat and assistant, each sampled
-    for ``channels`` and waiting, committed one after another (e0 first)."""
-    now = time.time() if created is None else created
+def add_samples(store: Store, n: int, channels: tuple[str, ...] = ("drift",), start: int = 0) -> None:
+    """``n`` episodes e<start>.., alternating between the streams chat and assistant, each sampled
+    for ``channels`` and waiting, committed one after another (the first first)."""
+    now = time.time()
     store.insert_ignore(
         t.episodes,
         [
@@ -64,7 +65,7 @@ def add_samples(store: Store, n: int, channels: tuple[str, ...] = ("drift",), cr
                 "ingested_at": now,
                 "messages": None,
             }
-            for i in range(n)
+            for i in range(start, start + n)
         ],
     )
     store.insert_ignore(
@@ -79,7 +80,7 @@ def add_samples(store: Store, n: int, channels: tuple[str, ...] = ("drift",), cr
                 "status": "pending",
                 "created_at": now + i,
             }
-            for i in range(n)
+            for i in range(start, start + n)
             for c in channels
         ],
     )
@@ -242,3 +243,45 @@ def test_run_feeds_an_external_workers_results_exactly_once(tmp_path: Path) -> N
     assert items.labels("rm_score", "ok")._value.get() >= review
     worker.close()
     svc.close()
+
+
+@pytest.mark.postgres
+def test_a_database_outage_turns_the_worker_red_and_it_recovers(tmp_path: Path) -> None:
+    """A private PostgreSQL cluster stopped under a running ``oversight infer`` worker: its rounds
+    fail and are counted, /readyz turns red, and once the database is back every waiting sample
+    gets its result, none twice."""
+    from pg_cluster import PgCluster
+
+    with PgCluster() as pg:
+        url = pg.create_database()
+        s = load_settings(None, ["dev=true", f"database.url={url}", "reward.enabled=false", "inference.poll_s=0.05"])
+        store = Store(url)
+        add_samples(store, 40)
+        worker = InferenceWorker(s, Store(url, migrate=False), worker_id="w1")
+        worker.warm()
+        stop = threading.Event()
+        serving = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        try:
+            serving.start()
+            wait_for(lambda: len(stored_embeddings(store, 100, hold_s=0.0)) == 40, 120, "the first samples embedded")
+            assert all(worker.readiness().values())
+            pg.stop()
+
+            def errors() -> float:
+                value = worker.registry.get_sample_value(
+                    "oversight_inference_worker_errors_total", {"stage": "embedding"}
+                )
+                return value or 0.0
+
+            wait_for(lambda: errors() >= 2, 30, "failed rounds counted")
+            assert worker.readiness()["database"] is False and worker.readiness()["writes"] is False
+            pg.start()
+            add_samples(store, 30, start=40)  # the test's own connections are replaced too
+            wait_for(lambda: len(stored_embeddings(store, 100, hold_s=0.0)) == 70, 120, "embedded after the outage")
+            wait_for(lambda: all(worker.readiness().values()), 30, "ready again")
+        finally:
+            stop.set()
+            serving.join(30)
+            worker.close()
+        assert len(results(store)) == 70 and all(done for _, _, done in results(store))
+        store.close()
