@@ -101,19 +101,21 @@ def scenario_pools(name: str) -> tuple[list[Rows], list[Rows] | None, float]:
 
 
 class Cache:
-    """Each distinct text's signals, computed once."""
+    """Each distinct text's signals, computed once. Keyed by the texts themselves: an ``id()`` of a
+    row is reused once the row is freed (the pools of the scenario before), and a key by id then
+    handed one text the signals of another."""
 
     def __init__(self) -> None:
-        self._by_id: dict[int, dict[str, float]] = {}
+        self._by_text: dict[tuple[str, str], dict[str, float]] = {}
 
     def values(self, pool: Rows) -> dict[str, FloatArray]:
         out: dict[str, list[float]] = {s: [] for s in SIGNALS}
         for r in pool:
-            key = id(r)
-            if key not in self._by_id:
-                self._by_id[key] = text_stats(r["prompt"], r["response"])
+            key = (r["prompt"], r["response"])
+            if key not in self._by_text:
+                self._by_text[key] = text_stats(r["prompt"], r["response"])
             for s in SIGNALS:
-                out[s].append(self._by_id[key][s])
+                out[s].append(self._by_text[key][s])
         return {s: np.asarray(v, dtype=float) for s, v in out.items()}
 
 

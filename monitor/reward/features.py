@@ -37,7 +37,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from monitor.signals.textstats import non_text_ratio
+from monitor.signals.textstats import non_text_ratio_v1
 
 FEATURES_VERSION = 3
 # The first FEATURES_BY_VERSION[v] names are feature set v (later versions append).
@@ -259,7 +259,7 @@ def _shape_features(prompt: str, response: str, t: _Parsed) -> list[float]:
         1.0 if _APOLOGY.search(head) else 0.0,
         1.0 if _AI_MENTION.search(r[:2000]) else 0.0,
         1.0 if _ROLE_LEAK.search(r) else 0.0,
-        non_text_ratio(r[:8000]),
+        non_text_ratio_v1(r[:8000]),  # as trained: see non_text_ratio_v1
     ]
 
 

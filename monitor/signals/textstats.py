@@ -69,7 +69,7 @@ _PLAIN_TEXT = re.compile(r"""(?:[^\W_]|[\t\n\r !"#%&'()*,\-./:;?@\[\\\]_{}])+"""
 _NON_WORD = re.compile(r"\W+")
 # ASCII text (most traffic) goes through bytes.translate, a table lookup per byte: every byte that
 # is not a word character (``\w`` in ASCII: letters, digits, underscore) becomes a space, and
-# the control characters but tab, CR and LF are counted by deleting them.
+# the bytes that are not text are counted by deleting them.
 _ASCII_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 _TO_SPACE = bytes(b if b in _ASCII_WORD else 0x20 for b in range(256))
 _CONTROL_BYTES = bytes(b for b in range(128) if (b < 32 and b not in b"\n\r\t") or b == 127)
@@ -80,6 +80,12 @@ _ASCII_LETTER = re.compile(r"[A-Za-z]")
 @functools.lru_cache(maxsize=65536)
 def _is_text_char(ch: str) -> bool:
     return unicodedata.category(ch)[0] in _TEXT_CATEGORIES or ch in "\n\r\t"
+
+
+# The ASCII bytes that are not text by the same definition: the controls but tab, CR and LF, and
+# the symbols ``$ + < = > ^ ` | ~`` (Unicode category S). Derived from the definition, so that a
+# text's symbols count the same whether or not it holds a non-ASCII character.
+_NON_TEXT_BYTES = bytes(b for b in range(128) if not _is_text_char(chr(b)))
 
 
 @functools.lru_cache(maxsize=65536)
@@ -93,14 +99,37 @@ def non_text_ratio(text: str) -> float:
 
     >>> non_text_ratio("plain text, and a bell" + chr(7)), non_text_ratio("emoji " + chr(0x1F600) + "!")
     (0.043478260869565216, 0.125)
+    >>> non_text_ratio("x = a + b"), non_text_ratio("x = a + b, \u00e9")  # the same two symbols either way
+    (0.2222222222222222, 0.16666666666666666)
+    """
+    if not text:
+        return 0.0
+    if text.isascii():
+        raw = text.encode("ascii")
+        return (len(raw) - len(raw.translate(None, _NON_TEXT_BYTES))) / len(raw)
+    return _non_text_count(text) / len(text)
+
+
+def _non_text_count(text: str) -> int:
+    rest = _PLAIN_TEXT.sub("", text)
+    return sum(1 for ch in rest if not _is_text_char(ch))
+
+
+def non_text_ratio_v1(text: str) -> float:
+    """The reward model's ``non_text_ratio`` feature (feature sets 1 to 3), kept as those versions
+    were trained on it: in a text without a non-ASCII character only the control characters count,
+    not the ASCII symbols. The drift signal counts them (:func:`non_text_ratio`); a trained version
+    must score with the features it learned, so the feature keeps its first definition.
+
+    >>> non_text_ratio_v1("x = a + b"), non_text_ratio_v1("x = a + b, \u00e9")
+    (0.0, 0.16666666666666666)
     """
     if not text:
         return 0.0
     if text.isascii():
         raw = text.encode("ascii")
         return (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw)
-    rest = _PLAIN_TEXT.sub("", text)
-    return sum(1 for ch in rest if not _is_text_char(ch)) / len(text)
+    return _non_text_count(text) / len(text)
 
 
 def _mixed_script(text: str) -> float:

@@ -30,6 +30,8 @@ def test_every_declared_signal_is_computed() -> None:
         ("one two three", "distinct_token_ratio", 1.0),
         ("abc\x07\x07", "non_text_ratio", 0.4),
         ("plain text.\n", "non_text_ratio", 0.0),
+        ("a+b=c", "non_text_ratio", 0.4),  # ASCII symbols are not text, as they are beside non-ASCII text
+        ("a+b=c \u00e9", "non_text_ratio", 2 / 7),
         ("1. one\n\n  \n2. two\n3. three", "response_log_lines", math.log(4)),
         ("", "response_log_lines", 0.0),
     ],
@@ -77,10 +79,7 @@ def _by_definition(prompt: str, response: str) -> dict[str, float]:
 
     r = response[:MAX_CHARS]
     tokens = re.findall(r"\w+", r.lower())
-    if r.isascii():
-        bad = sum(1 for ch in r if (ord(ch) < 32 and ch not in "\n\r\t") or ord(ch) == 127)
-    else:
-        bad = sum(1 for ch in r if unicodedata.category(ch)[0] not in "LMNPZ" and ch not in "\n\r\t")
+    bad = sum(1 for ch in r if unicodedata.category(ch)[0] not in "LMNPZ" and ch not in "\n\r\t")
     scripts = {
         "LATIN" if ch.isascii() else unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0] for ch in r if ch.isalpha()
     }
@@ -110,3 +109,23 @@ def test_fast_paths_equal_the_definitions_on_real_and_random_text() -> None:
         texts.append("".join(rnd.choice(pool if i % 2 else ascii_pool) for _ in range(rnd.randint(0, 60))))
     for text in texts:
         assert text_stats("a prompt", text) == _by_definition("a prompt", text), repr(text[:60])
+
+
+def test_every_ascii_character_counts_alike_with_or_without_non_ascii_text() -> None:
+    """The ASCII fast path and the general path agree character by character: a code answer's
+    value does not jump when one curly quote appears in it."""
+    from monitor.signals.textstats import non_text_ratio
+
+    for c in map(chr, range(128)):
+        assert non_text_ratio(c) == 2 * non_text_ratio(c + "\u00e9"), repr(c)
+
+
+def test_the_reward_model_feature_keeps_its_trained_definition() -> None:
+    """Trained reward-model versions learned ``non_text_ratio`` as the first definition had it
+    (ASCII symbols uncounted in pure-ASCII text): the feature keeps it, whatever the drift signal does."""
+    from monitor.reward.features import FEATURE_NAMES, response_features
+    from monitor.signals.textstats import non_text_ratio_v1
+
+    assert non_text_ratio_v1("a+b=c") == 0.0 and non_text_ratio_v1("a+b=c\x07") == pytest.approx(1 / 6)
+    assert non_text_ratio_v1("a+b=c \u00e9") == pytest.approx(2 / 7)
+    assert response_features("p", "x = a + b")[FEATURE_NAMES.index("non_text_ratio")] == 0.0
