@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import posixpath
 import re
 import subprocess
 import sys
@@ -156,6 +157,7 @@ def test_values_schema_rejects_typos_and_wrong_types() -> None:
         chart.validate_schema(None)
         for path in CI_VALUES:
             chart.validate_schema(yaml.safe_load(path.read_text()))
+        bad: dict[str, Any]
         for bad in (
             {"pipline": {"replicas": 1}},
             {"pipeline": {"replicas": "3"}},
@@ -166,6 +168,11 @@ def test_values_schema_rejects_typos_and_wrong_types() -> None:
             {"inferenceWorker": {"gpu": -1}},
             {"inferenceWorker": {"gpu": "1"}},
             {"inferenceWorker": {"resources": {"limit": {"memory": "2Gi"}}}},
+            {"modelsVolume": {"storageClass": "nfs"}},
+            {"modelsVolume": {"accessModes": ["ReadWriteOnce"]}},
+            {"modelsVolume": {"accessModes": []}},
+            {"modelsVolume": {"size": "lots"}},
+            {"modelsVolume": {"enabled": "true"}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -697,6 +704,32 @@ def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
             },
             r"inferenceWorker\.terminationGracePeriodSeconds \(5\) must be at least 10",
         ),
+        # With SQLite the pipeline's own claim holds the versions for its one pod and its Jobs.
+        ({"modelsVolume": {"enabled": True}}, r"modelsVolume\.enabled needs PostgreSQL: with SQLite"),
+        (
+            {"database": {"url": "sqlite:////data/o.db"}, "modelsVolume": {"enabled": True, "existingClaim": "m"}},
+            r"modelsVolume\.enabled needs PostgreSQL",
+        ),
+        # The shared claim must not cover, or sit inside, one of the chart's own mounts.
+        *(
+            (
+                {
+                    "database": {"url": "postgresql://u@db:5432/o"},
+                    "modelsVolume": {"enabled": True},
+                    "config": {"reward": {"models_dir": models_dir}},
+                },
+                rf"reward\.models_dir, which resolves to {re.escape(resolved)}: that would cover or sit inside",
+            )
+            for models_dir, resolved in [
+                (".", "/data"),
+                ("./", "/data"),
+                ("/", "/"),
+                ("/tmp", "/tmp"),
+                ("/etc", "/etc"),
+                ("/etc/oversight/models", "/etc/oversight/models"),
+                ("/var/run/secrets/oversight/m", "/var/run/secrets/oversight/m"),
+            ]
+        ),
     ],
 )
 def test_invalid_combinations_are_rejected_at_render_time(values: dict[str, Any], message: str) -> None:
@@ -1155,7 +1188,8 @@ def test_inference_worker_runs_infer_against_postgresql(monkeypatch: pytest.Monk
     assert template["spec"]["securityContext"] == pipeline_spec["securityContext"]
     assert c["securityContext"] == pipeline_spec["containers"][0]["securityContext"]
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    assert set(mounts) == {"/etc/oversight", "/tmp", "/data", "/var/run/secrets/oversight"}
+    # The scenario shares the reward-model versions (modelsVolume): their claim over /data/models.
+    assert set(mounts) == {"/etc/oversight", "/tmp", "/data", "/var/run/secrets/oversight", "/data/models"}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     assert volumes[mounts["/etc/oversight"]]["configMap"]["name"] == f"{RELEASE}-config"
     assert "emptyDir" in volumes[mounts["/data"]]
@@ -1297,6 +1331,144 @@ def test_enabling_the_inference_worker_rolls_the_pipeline() -> None:
         )
 
     assert checksum(True) != checksum(False)
+
+
+# --- shared reward-model volume ---------------------------------------------------------------------------
+
+MODELS = "models"
+
+
+def _models_mounts(template: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(container, mount, volume) of every mount of the pod's "models" volume."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    return [
+        (c["name"], m, volumes[m["name"]])
+        for c in template["spec"]["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] == MODELS
+    ]
+
+
+def _model_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pod templates by component: pipeline, review, inference-worker, rm-update (Job template), ..."""
+    return {t["metadata"]["labels"]["app.kubernetes.io/component"]: t for _, t in pod_specs(docs)}
+
+
+@pytest.mark.parametrize(
+    ("database", "worker"), [("sqlite:////data/oversight.db", False), (POSTGRES_URL, False), (POSTGRES_URL, True)]
+)
+def test_models_volume_is_off_by_default(database: str, worker: bool) -> None:
+    values = {"database": {"url": database}, "inferenceWorker": {"enabled": worker}}
+    docs = render_docs(values)
+    claims = [d["metadata"]["name"] for d in by_kind(docs, "PersistentVolumeClaim")]
+    assert f"{RELEASE}-models" not in claims
+    pods = _model_pods(docs)
+    assert {"pipeline", "rm-update"} <= set(pods) and ("inference-worker" in pods) is worker
+    for component, template in pods.items():
+        assert MODELS not in {v["name"] for v in template["spec"]["volumes"]}, component
+        assert _models_mounts(template) == [], component
+    text = notes(values)
+    if database.startswith("sqlite"):
+        # The one pod's claim holds the versions: nothing to warn about.
+        assert "modelsVolume" not in text
+    else:
+        line = next(x for x in text.splitlines() if "modelsVolume.enabled is false" in x)
+        assert line.startswith("WARNING: " if worker else "NOTE: ")
+        assert "(/data/models)" in line and "is not visible to the others" in line
+        assert ("inference workers score with the active version" in line) is worker
+
+
+def test_models_volume_is_shared_by_the_pods_that_train_and_load_versions(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """One ReadWriteMany claim, the whole of it (no subPath) at the folder reward.models_dir names, in the pipeline,
+    the inference workers and the rm-update Job; not in the review pods, which read only the database's rows."""
+    docs = manifests("inference-worker")
+    (claim,) = [d for d in by_kind(docs, "PersistentVolumeClaim") if d["metadata"]["name"] == f"{RELEASE}-models"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "nfs-client"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert claim["metadata"]["labels"]["app.kubernetes.io/component"] == "models"
+    pods = _model_pods(docs)
+    assert {"pipeline", "review", "inference-worker", "rm-update"} <= set(pods)
+    for component in ("pipeline", "inference-worker", "rm-update"):
+        template = pods[component]
+        (mount_of,) = _models_mounts(template)
+        _, mount, volume = mount_of
+        assert mount == {"name": MODELS, "mountPath": "/data/models"}, component
+        assert volume == {"name": MODELS, "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+        # The folder the service itself uses: reward.models_dir, relative to the working directory /data.
+        with monkeypatch.context() as m:
+            settings = _pod_settings(docs, template, m, tmp_path)
+        assert posixpath.normpath(posixpath.join("/data", settings.reward.models_dir)) == mount["mountPath"]
+    assert _models_mounts(pods["review"]) == []
+    assert MODELS not in {v["name"] for v in pods["review"]["spec"]["volumes"]}
+    text = notes(scenario_values("inference-worker"))
+    assert (
+        f"Reward-model versions: the claim {RELEASE}-models (modelsVolume), mounted at /data/models"
+        " (reward.models_dir) in the pipeline, inference-worker and rm-update Job pods." in text
+    )
+    assert "modelsVolume.enabled is false" not in text
+    for version in K8S_VERSIONS:
+        for doc in docs + job_templates(docs):
+            validate(doc, version)
+
+
+def test_models_volume_on_postgresql_without_inference_workers() -> None:
+    values = {
+        "database": {"url": POSTGRES_URL},
+        "modelsVolume": {"enabled": True, "annotations": {"example.com/backup": "daily"}},
+        "config": {"reward": {"models_dir": "/srv/oversight/models"}},
+    }
+    docs = render_docs(values)
+    claim = one(docs, "PersistentVolumeClaim", "-models")
+    # The defaults: RWX, 10Gi, the cluster's default StorageClass (no field); the user's annotations kept.
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}
+    assert claim["metadata"]["annotations"] == {"example.com/backup": "daily", "helm.sh/resource-policy": "keep"}
+    pods = _model_pods(docs)
+    assert "inference-worker" not in pods
+    for component in ("pipeline", "rm-update"):
+        ((_, mount, volume),) = _models_mounts(pods[component])
+        # An absolute reward.models_dir is where the claim goes.
+        assert mount["mountPath"] == "/srv/oversight/models" and "subPath" not in mount, component
+        assert volume["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-models"
+    assert _models_mounts(pods["review"]) == []
+    assert "mounted at /srv/oversight/models (reward.models_dir) in the pipeline and rm-update Job pods." in notes(
+        values
+    )
+    for version in K8S_VERSIONS:
+        for doc in docs + job_templates(docs):
+            validate(doc, version)
+    # A relative reward.models_dir is relative to /data; without the Job templates only the pipeline mounts it.
+    values = {
+        "database": {"url": POSTGRES_URL},
+        "modelsVolume": {"enabled": True},
+        "config": {"reward": {"models_dir": "./rm/versions/"}},
+        "jobs": {"enabled": False},
+    }
+    pods = _model_pods(render_docs(values))
+    assert "rm-update" not in pods
+    ((_, mount, _),) = _models_mounts(pods["pipeline"])
+    assert mount["mountPath"] == "/data/rm/versions"
+    assert "in the pipeline pods." in notes(values)
+
+
+def test_models_volume_existing_claim_is_used_and_not_created() -> None:
+    values = {
+        "database": {"url": POSTGRES_URL},
+        "inferenceWorker": {"enabled": True},
+        "modelsVolume": {"enabled": True, "existingClaim": "shared-rm-versions", "storageClassName": "ignored"},
+    }
+    docs = render_docs(values)
+    assert by_kind(docs, "PersistentVolumeClaim") == [], "the existing claim is the user's: none is created"
+    pods = _model_pods(docs)
+    for component in ("pipeline", "inference-worker", "rm-update"):
+        ((_, mount, volume),) = _models_mounts(pods[component])
+        assert mount["mountPath"] == "/data/models", component
+        assert volume["persistentVolumeClaim"] == {"claimName": "shared-rm-versions"}, component
+    assert _models_mounts(pods["review"]) == []
+    assert "the claim shared-rm-versions (modelsVolume)" in notes(values)
 
 
 # --- helm test -------------------------------------------------------------------------------------------

@@ -65,6 +65,27 @@ app.kubernetes.io/part-of: oversight
 {{- default (printf "%s-data" (include "oversight.fullname" .)) .Values.pipeline.persistence.existingClaim -}}
 {{- end -}}
 
+{{- define "oversight.modelsClaimName" -}}
+{{- default (printf "%s-models" (include "oversight.fullname" .)) .Values.modelsVolume.existingClaim -}}
+{{- end -}}
+
+{{/* "true" when the shared reward-model volume is mounted (modelsVolume.enabled; the render fails with SQLite). */}}
+{{- define "oversight.modelsVolumeOn" -}}
+{{- if and .Values.modelsVolume.enabled (not (include "oversight.sqlite" .)) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Where reward.models_dir (config; default ./models) is in the pods: a relative path is relative to the image's
+working directory, /data (deploy/Dockerfile WORKDIR; no pod sets workingDir).
+*/}}
+{{- define "oversight.modelsDir" -}}
+{{- $dir := dig "reward" "models_dir" "./models" (default (dict) .Values.config) | toString -}}
+{{- if not (hasPrefix "/" $dir) -}}
+{{- $dir = printf "/data/%s" $dir -}}
+{{- end -}}
+{{- clean $dir -}}
+{{- end -}}
+
 {{/* "true" when the database is SQLite: one process, review inside the pipeline pod, data on a volume. */}}
 {{- define "oversight.sqlite" -}}
 {{- if hasPrefix "sqlite" .Values.database.url -}}true{{- end -}}
@@ -127,6 +148,17 @@ reaches the cluster.
 {{- end -}}
 {{- if and .Values.inferenceWorker.enabled (not (dig "inference" "workers" true (default (dict) .Values.config))) -}}
 {{- fail "inferenceWorker.enabled needs config.inference.workers (true, the default): with inference.external the pipeline commits the workers' results with later batches, through its worker threads." -}}
+{{- end -}}
+{{- if and .Values.modelsVolume.enabled (include "oversight.sqlite" .) -}}
+{{- fail "modelsVolume.enabled needs PostgreSQL: with SQLite (database.url) the one pipeline pod and the rm-update Jobs already share the reward-model versions on the pipeline's data volume (pipeline.persistence). Leave modelsVolume.enabled false, or set a postgresql:// database.url." -}}
+{{- end -}}
+{{- if include "oversight.modelsVolumeOn" . -}}
+{{- $dir := include "oversight.modelsDir" . -}}
+{{- range list "/data" "/tmp" "/etc/oversight" "/etc/oversight-jobs" "/var/run/secrets/oversight" -}}
+{{- if or (eq $dir "/") (eq $dir .) (hasPrefix (printf "%s/" $dir) .) (and (ne . "/data") (ne . "/tmp") (hasPrefix (printf "%s/" .) $dir)) -}}
+{{- fail (printf "modelsVolume is mounted at reward.models_dir, which resolves to %s: that would cover or sit inside the chart's mount %s. Use a folder of its own, e.g. the default ./models (/data/models)." $dir .) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- include "oversight.validateReservedConfig" . -}}
 {{- end -}}
@@ -227,7 +259,12 @@ inference.*) stay. inference.external is true when the inference workers run in 
       optional: true
 {{- end -}}
 
-{{/* Volumes every oversight container mounts. Call with (dict "ctx" $ "tmpSizeLimit" "1Gi" "data" <volume source>). */}}
+{{/*
+Volumes every oversight container mounts. Call with (dict "ctx" $ "tmpSizeLimit" "1Gi" "data" <volume source>
+"models" true/false): models adds the shared reward-model volume (modelsVolume) when it is on, for the pods that
+train or load reward-model versions (pipeline, inference workers, rm-update Jobs); pass the same flag to
+oversight.volumeMounts.
+*/}}
 {{- define "oversight.volumes" -}}
 - name: config
   configMap:
@@ -245,8 +282,14 @@ inference.*) stay. inference.external is true when the inference workers run in 
     items:
       - key: webhook-secret
         path: webhook-secret
+{{- if and .models (include "oversight.modelsVolumeOn" .ctx) }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "oversight.modelsClaimName" .ctx }}
+{{- end }}
 {{- end -}}
 
+{{/* Mounts of the volumes above. Call with (dict "ctx" $ "models" true/false), models as for oversight.volumes. */}}
 {{- define "oversight.volumeMounts" -}}
 - name: config
   mountPath: /etc/oversight
@@ -258,6 +301,11 @@ inference.*) stay. inference.external is true when the inference workers run in 
 - name: webhook-secret
   mountPath: /var/run/secrets/oversight
   readOnly: true
+{{- if and .models (include "oversight.modelsVolumeOn" .ctx) }}
+# The whole claim (no subPath) over reward.models_dir, inside the per-pod /data.
+- name: models
+  mountPath: {{ include "oversight.modelsDir" .ctx }}
+{{- end }}
 {{- end -}}
 
 {{/* Source of the /data volume of pipeline pods (and of jobs, which share the SQLite file). */}}
