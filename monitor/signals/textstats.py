@@ -102,17 +102,19 @@ def non_text_ratio(text: str) -> float:
     >>> non_text_ratio("x = a + b"), non_text_ratio("x = a + b, \u00e9")  # the same two symbols either way
     (0.2222222222222222, 0.16666666666666666)
     """
+    return _non_text_share(text, _NON_TEXT_BYTES)
+
+
+def _non_text_share(text: str, ascii_non_text: bytes) -> float:
+    """The share of ``text`` that is not text: in pure ASCII the bytes in ``ascii_non_text`` (one
+    table lookup per byte), else every character by its Unicode category."""
     if not text:
         return 0.0
     if text.isascii():
         raw = text.encode("ascii")
-        return (len(raw) - len(raw.translate(None, _NON_TEXT_BYTES))) / len(raw)
-    return _non_text_count(text) / len(text)
-
-
-def _non_text_count(text: str) -> int:
+        return (len(raw) - len(raw.translate(None, ascii_non_text))) / len(raw)
     rest = _PLAIN_TEXT.sub("", text)
-    return sum(1 for ch in rest if not _is_text_char(ch))
+    return sum(1 for ch in rest if not _is_text_char(ch)) / len(text)
 
 
 def non_text_ratio_v1(text: str) -> float:
@@ -124,12 +126,7 @@ def non_text_ratio_v1(text: str) -> float:
     >>> non_text_ratio_v1("x = a + b"), non_text_ratio_v1("x = a + b, \u00e9")
     (0.0, 0.16666666666666666)
     """
-    if not text:
-        return 0.0
-    if text.isascii():
-        raw = text.encode("ascii")
-        return (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw)
-    return _non_text_count(text) / len(text)
+    return _non_text_share(text, _CONTROL_BYTES)
 
 
 def _mixed_script(text: str) -> float:
