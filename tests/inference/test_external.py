@@ -21,9 +21,19 @@ import sqlalchemy as sa
 from model_helpers import untrained_hf_checkpoint
 from prometheus_client import CollectorRegistry
 
-from inference.test_workers import drift_samples_per_stream, episodes, fed, wait_for
+from inference.test_workers import (
+    committed_episodes,
+    drift_samples_per_stream,
+    episodes,
+    fed,
+    service,
+    step_observers,
+    wait_for,
+)
+from inference.test_workers import settings as worker_settings
 from monitor.config import load_settings
 from monitor.episodes.deadletter import JsonlDeadLetterSink
+from monitor.pipeline import LoopHooks
 from monitor.reward.kinds import KindVersion
 from monitor.reward.registry import Registry
 from monitor.service import build_service
@@ -285,3 +295,59 @@ def test_a_database_outage_turns_the_worker_red_and_it_recovers(tmp_path: Path) 
             worker.close()
         assert len(results(store)) == 70 and all(done for _, _, done in results(store))
         store.close()
+
+
+@pytest.mark.slow  # about 20 s
+def test_the_drift_rate_follows_an_external_workers_lag_and_stays_unbiased(tmp_path: Path) -> None:
+    """No ``oversight infer`` runs at first: the drift samples wait, their lag passes
+    ``inference.max_lag_s`` and the drift channel's rate halves down to its floor, as with the
+    worker threads (the throttle reads the backlog from the store). A worker started then drains
+    the backlog, the run settles, every sample is fed once, and the rate comes back; every sample
+    records the probability in effect, so the Horvitz-Thompson count still estimates the traffic."""
+    s = worker_settings(
+        tmp_path,
+        "inference.external=true",
+        "sampling.drift.rate=0.5",
+        "sampling.drift.floor=0.1",
+        "inference.max_lag_s=0.3",
+        "inference.adapt_every_s=0.1",
+        "inference.settle_timeout_s=240",
+    )
+    store = Store(s.database.url)
+    prom = CollectorRegistry()
+    n = 2000
+    svc = service(s, store, n, prom)
+    assert svc.drift is not None and not svc.drift.embeds
+    slow = LoopHooks(after_batch=lambda records: time.sleep(0.1))  # 500 episodes/s: the lag builds up
+    runner = threading.Thread(target=lambda: svc.run(hooks=slow), daemon=True)
+    runner.start()
+    stop = threading.Event()
+    worker = InferenceWorker(s, Store(s.database.url, migrate=False), worker_id="late")
+    serving = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    try:
+        wait_for(lambda: committed_episodes(store) == n, 120, "ingest")
+        throttled = prom.get_sample_value("oversight_sampling_throttle", {"channel": "drift"})
+        assert throttled is not None and throttled <= 0.25
+        assert (prom.get_sample_value("oversight_inference_lag_seconds", {"stage": "embedding"}) or 0) > 0.3
+        worker.warm()
+        serving.start()
+        runner.join(240)
+        assert not runner.is_alive()
+        wait_for(lambda: svc.pipeline.sampler.throttle_factor("drift") == 1.0 or step_observers(svc), 10, "recovery")
+    finally:
+        stop.set()
+        if serving.is_alive():
+            serving.join(30)
+        worker.close()
+        svc.close()
+    with store.engine.connect() as conn:
+        probs = [
+            float(p)
+            for (p,) in conn.execute(sa.select(t.samples.c.inclusion_probability).where(t.samples.c.channel == "drift"))
+        ]
+    assert max(probs) == pytest.approx(0.5) and min(probs) == pytest.approx(0.1)  # the floor, never below
+    ht = sum(1 / p for p in probs)
+    sd = sum((1 - p) / p**2 for p in probs) ** 0.5
+    assert abs(ht - n) < 4 * sd, (ht, n, sd)
+    assert fed(store) == drift_samples_per_stream(store) and results(store) == []
+    store.close()

@@ -141,7 +141,11 @@ def test_ingest_commits_every_batch_while_the_encoder_is_held(
     runner.start()
     try:
         # Every batch commits although no embedding can be computed: the drift samples wait.
-        wait_for(lambda: sum(drift_samples_per_stream(store).values()) > 0 and _episodes(store) == 400, 120, "ingest")
+        wait_for(
+            lambda: sum(drift_samples_per_stream(store).values()) > 0 and committed_episodes(store) == 400,
+            120,
+            "ingest",
+        )
         status = drift_status(store)
         assert status.get("embedded", 0) == 0 and status["pending"] > 60
         assert runner.is_alive(), "the run ended before its embeddings were done"
@@ -162,7 +166,7 @@ def test_ingest_commits_every_batch_while_the_encoder_is_held(
     store.close()
 
 
-def _episodes(store: Store) -> int:
+def committed_episodes(store: Store) -> int:
     """Episodes committed (sampled or not): the traffic counts."""
     with store.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.traffic.c.episodes), 0))).scalar_one())
@@ -223,7 +227,7 @@ def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
     runner = threading.Thread(target=lambda: svc.run(hooks=slow), daemon=True)
     runner.start()
     try:
-        wait_for(lambda: _episodes(store) == n, 120, "ingest")
+        wait_for(lambda: committed_episodes(store) == n, 120, "ingest")
         throttled = prom.get_sample_value("oversight_sampling_throttle", {"channel": "drift"})
         assert throttled is not None and throttled <= 0.25
         assert (prom.get_sample_value("oversight_inference_lag_seconds", {"stage": "embedding"}) or 0) > 0.3
@@ -231,7 +235,7 @@ def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
         runner.join(180)
         assert not runner.is_alive()
         # The backlog is gone, so the rate recovers at the next adaptations.
-        wait_for(lambda: svc.pipeline.sampler.throttle_factor("drift") == 1.0 or _step(svc), 10, "recovery")
+        wait_for(lambda: svc.pipeline.sampler.throttle_factor("drift") == 1.0 or step_observers(svc), 10, "recovery")
     finally:
         gate.set()
         svc.close()
@@ -247,7 +251,8 @@ def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
     store.close()
 
 
-def _step(svc: Service) -> bool:
+def step_observers(svc: Service) -> bool:
+    """Run the observers' periodic step now (the throttle's adaptation); False, for ``wait_for``."""
     for obs in svc.pipeline.observers:
         step = getattr(obs, "step", None)
         if step is not None:
