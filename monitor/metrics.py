@@ -353,10 +353,11 @@ class InferenceMetrics:
     own, those of ``oversight infer`` (a worker process publishes no pipeline series, so no
     pipeline alert reads its zeros).
 
-    >>> m = InferenceMetrics.on(CollectorRegistry())
+    >>> registry = CollectorRegistry()
+    >>> m = InferenceMetrics.on(registry)
     >>> m.zero(); m.items.labels("embedding", "ok").inc(3)
-    >>> m.items.labels("embedding", "ok")._value.get()
-    3.0
+    >>> registry.get_sample_value("oversight_inference_items_total", {"stage": "embedding", "outcome": "failed"})
+    0.0
     """
 
     items: Counter

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,47 @@ class Registry:
         if not path.exists():
             raise RegistryError(f"active version {version} has no folder at {path}")
         return RewardModel.load(path, device=device), gen
+
+
+@dataclass(frozen=True)
+class ActiveChange:
+    """The active version (``None``: none is active) after its generation moved."""
+
+    active: tuple[str, Path, int] | None
+
+    @property
+    def generation(self) -> int:
+        return -1 if self.active is None else self.active[2]
+
+
+class VersionWatch:
+    """Whether the active version changed, read at most every ``poll_s``: what a scorer polls at
+    its batch boundaries. A change is reported until the caller accepts it (:meth:`accept`), so a version
+    that failed to load is tried again at the next poll.
+
+    >>> class Fixed:
+    ...     def active(self): return ("v1", Path("v1"), 0)
+    >>> watch = VersionWatch(Fixed(), poll_s=60.0)
+    >>> change = watch.changed()
+    >>> change.active[0], watch.changed()  # the next read waits for poll_s
+    ('v1', None)
+    >>> watch.accept(change); watch.changed(force=True) is None
+    True
+    """
+
+    def __init__(self, registry: Any, poll_s: float):
+        self.registry = registry  # a Registry (anything with ``active()``)
+        self.poll_s = poll_s
+        self.generation = -2  # unknown: the first read is a change
+        self._last_check = -1e18
+
+    def changed(self, force: bool = False) -> ActiveChange | None:
+        now = time.monotonic()
+        if not force and now - self._last_check < self.poll_s:
+            return None
+        self._last_check = now
+        change = ActiveChange(self.registry.active())
+        return None if change.generation == self.generation else change
+
+    def accept(self, change: ActiveChange) -> None:
+        self.generation = change.generation

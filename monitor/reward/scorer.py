@@ -27,7 +27,7 @@ from monitor.config import InferenceConfig, RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
-from monitor.reward.registry import Registry
+from monitor.reward.registry import Registry, VersionWatch
 from monitor.store import BatchWrite, RmScoreRow
 from monitor.store.inference import Scored, stored_scores, waiting_for_score
 from sampling import Decision
@@ -90,8 +90,7 @@ class RewardScorer:
         self._pending: list[tuple[Episode, int, bool]] = []  # (episode, input index, rm-sampled?)
         self._rows: list[RmScoreRow] = []
         self._model: Any = None
-        self._generation = -2  # unknown: check at the first batch
-        self._last_check = -1e18
+        self._watch = VersionWatch(registry, cfg.swap_poll_s)  # the active version, checked at batch boundaries
         self._warned = False
         self.scored = 0
         self.unscored = 0
@@ -258,29 +257,27 @@ class RewardScorer:
         self._rows.clear()
 
     def _maybe_swap(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_check < self.cfg.swap_poll_s:
+        change = self._watch.changed(force)
+        if change is None:
             return
-        self._last_check = now
-        active = self.registry.active()
-        gen = -1 if active is None else active[2]
-        if gen == self._generation:
-            return
+        active = change.active
         if active is None:
-            self._model, self._generation, self._active = None, gen, None
+            self._model, self._active = None, None
+            self._watch.accept(change)
             return
         if self._external:  # `oversight infer` loads it: keep the name for the metrics
             self._swap_label(active[0])
-            self._generation = gen
+            self._watch.accept(change)
             return
-        version, path, _ = active
+        version, path, gen = active
         try:
             model = load_version(self.cfg, path, self._metrics.registry)
         except Exception as e:  # keep scoring with the old version rather than stop ingest
             log.error("cannot load reward-model version %s (keeping %s): %s", version, self.version, e)
             return
         old = self.version
-        self._model, self._generation = model, gen
+        self._model = model
+        self._watch.accept(change)
         self._start_background()
         self._swap_label(version)
         log.info("reward model: scoring with %s (generation %d, was %s)", version, gen, old)

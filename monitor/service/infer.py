@@ -36,7 +36,7 @@ from monitor.config import Settings
 from monitor.metrics import NS, InferenceMetrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import first_line
-from monitor.reward.registry import Registry
+from monitor.reward.registry import Registry, VersionWatch
 from monitor.reward.scorer import load_version
 from monitor.store import Store
 from monitor.store.inference import (
@@ -89,12 +89,10 @@ class InferenceWorker:
         # A claim outlives a round by far (a batch is seconds); one whose worker died or failed
         # is taken again after this.
         self.lease_s = icfg.retry_after_s
-        self.reward_versions = Registry.for_settings(store, settings)
+        self._watch = VersionWatch(Registry.for_settings(store, settings), settings.reward.swap_poll_s)
         self._embedder: Any = None
         self._backend: Any = None  # the active reward-model version's scoring backend
         self._version: str | None = None
-        self._generation = -2  # unknown: read at the first round
-        self._last_check = -1e18
         self._swap_lock = threading.Lock()
         self.stages = [s for s in (self._embedding_stage(), self._scoring_stage()) if s is not None]
         # A round that raised: its claims or its results did not reach the database. Pre-zeroed,
@@ -174,25 +172,21 @@ class InferenceWorker:
     def check_version(self, force: bool = False) -> None:
         """Load the active reward-model version when it changed (every ``reward.swap_poll_s``).
         A version that does not load leaves the previous one scoring, as in the pipeline."""
-        now = time.monotonic()
-        if not force and now - self._last_check < self.settings.reward.swap_poll_s:
-            return
-        self._last_check = now
-        active = self.reward_versions.active()
-        gen = -1 if active is None else active[2]
-        if gen == self._generation:
+        change = self._watch.changed(force)
+        if change is None:
             return
         backend: Any = None
         version: str | None = None
-        if active is not None:
-            version, path, _ = active
+        if change.active is not None:
+            version, path, _ = change.active
             try:
                 backend = load_version(self.settings.reward, path, self.registry)
             except Exception as e:
                 log.error("cannot load reward-model version %s (keeping %s): %s", version, self._version, e)
                 return
         with self._swap_lock:
-            old, self._backend, self._version, self._generation = self._backend, backend, version, gen
+            old, self._backend, self._version = self._backend, backend, version
+        self._watch.accept(change)
         if old is not None:
             old.close()
         log.info("inference worker %s: scoring with %s", self.id, version)

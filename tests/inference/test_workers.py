@@ -228,27 +228,43 @@ def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
     runner.start()
     try:
         wait_for(lambda: committed_episodes(store) == n, 120, "ingest")
-        throttled = prom.get_sample_value("oversight_sampling_throttle", {"channel": "drift"})
-        assert throttled is not None and throttled <= 0.25
-        assert (prom.get_sample_value("oversight_inference_lag_seconds", {"stage": "embedding"}) or 0) > 0.3
+        assert_drift_throttled(prom)
         gate.set()
         runner.join(180)
         assert not runner.is_alive()
         # The backlog is gone, so the rate recovers at the next adaptations.
-        wait_for(lambda: svc.pipeline.sampler.throttle_factor("drift") == 1.0 or step_observers(svc), 10, "recovery")
+        wait_for(lambda: recovered(svc), 10, "recovery")
     finally:
         gate.set()
         svc.close()
+    assert_drift_sample_unbiased(store, n, rate=0.5, floor=0.1)
+    store.close()
+
+
+def assert_drift_throttled(prom: CollectorRegistry) -> None:
+    """The drift channel halved at least twice, while the oldest embedding waited past max_lag_s (0.3 s)."""
+    throttled = prom.get_sample_value("oversight_sampling_throttle", {"channel": "drift"})
+    assert throttled is not None and throttled <= 0.25
+    assert (prom.get_sample_value("oversight_inference_lag_seconds", {"stage": "embedding"}) or 0) > 0.3
+
+
+def recovered(svc: Service) -> bool:
+    """The drift channel's rate is back to 1 (else run the throttle's adaptation now)."""
+    return svc.pipeline.sampler.throttle_factor("drift") == 1.0 or step_observers(svc)
+
+
+def assert_drift_sample_unbiased(store: Store, n: int, *, rate: float, floor: float) -> None:
+    """Every drift sample recorded the probability in effect, between the rate and its floor (never
+    below), so the Horvitz-Thompson count of the drift sample estimates the ``n`` episodes."""
     with store.engine.connect() as conn:
         probs = [
             float(p)
             for (p,) in conn.execute(sa.select(t.samples.c.inclusion_probability).where(t.samples.c.channel == "drift"))
         ]
-    assert max(probs) == pytest.approx(0.5) and min(probs) == pytest.approx(0.1)  # the floor, never below
+    assert max(probs) == pytest.approx(rate) and min(probs) == pytest.approx(floor)
     ht = sum(1 / p for p in probs)
     sd = sum((1 - p) / p**2 for p in probs) ** 0.5
     assert abs(ht - n) < 4 * sd, (ht, n, sd)
-    store.close()
 
 
 def step_observers(svc: Service) -> bool:
