@@ -10,7 +10,8 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["replay.py"],
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
-    ["hot_path.py", "--configs", "core,signals"],  # ~1 minute: microseconds per record by area (cProfile)
+    # ~2 minutes: microseconds per record by area (cProfile), and the built drift monitor per episode
+    ["hot_path.py", "--configs", "core,signals", "--drift-steady"],
     ["drift.py"],
     ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
     ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector

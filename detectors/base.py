@@ -48,6 +48,8 @@ class Result(TypedDict):
 
 def finite_or_none(v: Any) -> float | None:
     """``float(v)`` when it is a finite number, else ``None`` (NaN, inf, None, arrays of size != 1)."""
+    if type(v) is float:  # the common case, on every update: x - x is 0 only for a finite x
+        return v if v - v == 0.0 else None
     if v is None:
         return None
     try:
@@ -141,7 +143,10 @@ class Detector(abc.ABC):
         ``t``: the observation's event time in seconds. Detectors that count updates ignore it;
         detectors whose false-alarm budget is in time (``timed = True``) use it, and without it
         count one second per update."""
-        drift, distance, p_val, threshold = self._step(x) if t is None else self._step_at(x, float(t))
+        if t is not None and self.timed:
+            drift, distance, p_val, threshold = self._step_at(x, float(t))
+        else:  # detectors that count updates go straight to _step: one call less per value
+            drift, distance, p_val, threshold = self._step(x)
         self._n += 1
         self._drift_detected = bool(drift)
         self._distance = finite_or_none(distance)
@@ -200,7 +205,8 @@ class Detector(abc.ABC):
     timed: ClassVar[bool] = False
 
     def _step_at(self, x: Any, t: float) -> tuple[bool, Any, Any, Any]:
-        """One update at event time ``t`` (seconds); detectors that count updates ignore ``t``."""
+        """One update at event time ``t`` (seconds): called only when :attr:`timed` is true (the
+        others get :meth:`_step`)."""
         return self._step(x)
 
     @abc.abstractmethod

@@ -48,13 +48,18 @@ class CUSUM:
             self.n = 0
             self.drift_detected = False
         self.n += 1
-        self.s_up = max(0.0, self.s_up + z - self.k)
-        self.s_down = max(0.0, self.s_down - z - self.k)
+        # max(0.0, s) without the builtin's call, on every value of every text signal; the same
+        # result for NaN (0.0) and -0.0 (0.0).
+        up = self.s_up + z - self.k
+        down = self.s_down - z - self.k
+        self.s_up = up if up > 0.0 else 0.0
+        self.s_down = down if down > 0.0 else 0.0
         self.drift_detected = self.n >= self.min_instances and self.statistic > self.threshold
 
     @property
     def statistic(self) -> float:
-        return self.s_up if self.mode == "up" else self.s_down if self.mode == "down" else max(self.s_up, self.s_down)
+        up, down, mode = self.s_up, self.s_down, self.mode
+        return up if mode == "up" else down if mode == "down" else up if up >= down else down
 
 
 class CUSUMDetector(CalibratedDetector):

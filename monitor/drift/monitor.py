@@ -251,7 +251,9 @@ class DriftMonitor:
         fired: list[tuple[str, str, dict[str, Any], At]],
     ) -> None:
         """One value of one signal: into the reference, the waiting list, or the detectors."""
-        st = sd.signals.setdefault(signal, SignalState())
+        st = sd.signals.get(signal)
+        if st is None:  # not setdefault: that would build a SignalState for every value
+            st = sd.signals[signal] = SignalState()
         if st.waiting is not None:
             if not self._install(stream, sd, signal, names, ref_size, fired):
                 st.waiting.append(x, at)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -42,6 +42,12 @@ class NormalScores:
     sorted_ref: list[float]
     scale: float
     clip: float
+    # Phi^-1 of every mid-rank (2n + 1 of them), built at the first call: one list index per value
+    # instead of inv_cdf on the ingest path. Not pickled (rebuilt), absent from older pickles.
+    _scores: list[float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_scores"}
 
     @classmethod
     def fit(cls, ref: list[float], clip: float = 5.0) -> NormalScores:
@@ -65,8 +71,11 @@ class NormalScores:
             return max(_N.inv_cdf(0.5 / (n + 1)) - (lo - x) / self.scale, -self.clip)
         if x > hi:
             return min(_N.inv_cdf(1 - 0.5 / (n + 1)) + (x - hi) / self.scale, self.clip)
-        rank = (bisect.bisect_left(s, x) + bisect.bisect_right(s, x)) / 2
-        return _N.inv_cdf((rank + 0.5) / (n + 1))
+        scores = self._scores
+        if scores is None:
+            # (twice the mid-rank) / 2 + 0.5: the same float operations as on the rank itself.
+            scores = self._scores = [_N.inv_cdf((i / 2 + 0.5) / (n + 1)) for i in range(2 * n + 1)]
+        return scores[bisect.bisect_left(s, x) + bisect.bisect_right(s, x)]
 
 
 def has_point_mass(ref: list[float], share: float = 0.1) -> bool:

@@ -61,3 +61,27 @@ def test_tail_augmented_calibration_keeps_the_false_alarm_budget() -> None:
     # than its ERT promises; with the tail added back the detector stays within its budget.
     assert plain > 1.5 * expected
     assert augmented <= expected
+
+
+def test_normal_scores_are_phi_inverse_of_the_mid_rank_and_the_cache_is_not_state() -> None:
+    import pickle
+    from statistics import NormalDist
+
+    ref = [1.0, 2.0, 2.0, 2.0, 3.5, 7.0, 7.0, 10.0]
+    ns = NormalScores.fit(ref)
+    n = len(ref)
+    # Every in-range value, ties and the two ends included: Phi^-1((mid-rank + 1/2) / (n + 1)).
+    for x in [*ref, 1.5, 2.5, 6.9999, 9.0]:
+        rank = (sum(r < x for r in ref) + sum(r <= x for r in ref)) / 2
+        assert ns(x) == NormalDist().inv_cdf((rank + 0.5) / (n + 1))
+    assert ns(0.0) < ns(1.0) and ns(11.0) > ns(10.0)  # beyond the range: continues linearly
+    # The table of scores is rebuilt after a restore, not carried in the detector's state; a
+    # pickle from before the table existed restores and scores the same.
+    data = pickle.dumps(ns)
+    assert b"_scores" not in data
+    assert pickle.loads(data)(2.0) == ns(2.0)
+    old = NormalScores.fit(ref)
+    old(3.5)
+    old.__dict__.pop("_scores")  # the state as pickled before the table: the three fields only
+    assert set(old.__dict__) == {"sorted_ref", "scale", "clip"}
+    assert pickle.loads(pickle.dumps(old))(3.5) == ns(3.5)
