@@ -10,9 +10,10 @@ keeps. See ``detectors/README.md``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from detectors.base import Detector, Result, SnapshotError, load_snapshot
+from detectors.base import Detector, Result, SnapshotError, load_snapshot, load_snapshot_parts
 from detectors.extras import MissingExtraError, missing_for_module, module_extra, require_module
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = [
     "make",
     "missing_extra",
     "restore",
+    "restore_parts",
 ]
 
 # name -> (module, class)
@@ -129,6 +131,12 @@ def make(name: str, *, ert: float, x_ref: Any = None, **params: Any) -> Detector
 def restore(data: bytes) -> Detector:
     """A detector from :meth:`Detector.snapshot` bytes. Authenticate the bytes first: it unpickles."""
     return load_snapshot(data)
+
+
+def restore_parts(data: bytes, static: Mapping[str, Any]) -> Detector:
+    """A detector from :meth:`Detector.snapshot_parts`: the bytes (authenticate them first) and the
+    static attributes handed out apart."""
+    return load_snapshot_parts(data, static)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ import abc
 import copy
 import math
 import pickle
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Self, TypedDict
 
 #: Header of every snapshot: magic bytes, then one version byte, then a pickle.
@@ -178,6 +179,29 @@ class Detector(abc.ABC):
             raise SnapshotError(f"snapshot holds a {type(obj).__name__}, not a {cls.__name__}")
         return obj
 
+    #: Attributes that hold the reference (arrays, typically) and never change after construction:
+    #: :meth:`snapshot_parts` hands them out apart from the rest of the state.
+    static_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def snapshot_parts(self) -> tuple[bytes, dict[str, Any]]:
+        """:meth:`snapshot` without the :attr:`static_attrs` (set to ``None`` in it), and their values.
+
+        A checkpoint at every batch then writes the online state (bytes) and, once per build, the
+        reference, which is most of the size (a 500-value reference against a few sums).
+        :meth:`restore_parts` joins them again."""
+        static = {a: v for a in self.static_attrs if (v := getattr(self, a, None)) is not None}
+        if not static:
+            return self.snapshot(), {}
+        light = copy.copy(self)  # shallow: the snapshot reads it, nothing writes it
+        for a in static:
+            setattr(light, a, None)
+        return light.snapshot(), static
+
+    @classmethod
+    def restore_parts(cls, data: bytes, static: Mapping[str, Any]) -> Self:
+        """The detector that :meth:`snapshot_parts` split into ``data`` and ``static``."""
+        return _join(cls.restore(data), static)  # type: ignore[return-value]
+
     def result(self) -> Result:
         """The last update's decision and statistics, and the detector's metadata."""
         return {
@@ -220,6 +244,22 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def _params(self) -> dict[str, Any]:
         """JSON-friendly parameters: the constructor arguments (arrays summarised) and calibrated values."""
+
+
+def load_snapshot_parts(data: bytes, static: Mapping[str, Any]) -> Detector:
+    """Restore any detector from :meth:`Detector.snapshot_parts` (authenticate ``data`` first)."""
+    return _join(load_snapshot(data), static)
+
+
+def _join(det: Detector, static: Mapping[str, Any]) -> Detector:
+    unknown = sorted(set(static) - set(det.static_attrs))
+    if unknown:
+        raise SnapshotError(f"{type(det).__name__} has no static attributes {unknown}")
+    for a, v in static.items():
+        if getattr(det, a, None) is not None:
+            raise SnapshotError(f"{type(det).__name__}.{a} is in the snapshot already")
+        setattr(det, a, v)
+    return det
 
 
 def load_snapshot(data: bytes) -> Detector:

@@ -427,6 +427,7 @@ class KernelMMDDetector(Detector):
 
     name: ClassVar[str] = "kmmd"
     kind: ClassVar[Kind] = "multivariate"
+    static_attrs: ClassVar[tuple[str, ...]] = ("x_ref", "_r_sq")  # the window's arrays change per update
 
     ert: float
     x_ref: FloatArray

@@ -33,6 +33,7 @@ class CalibratedDetector(Detector):
     """
 
     kind: ClassVar[Kind] = "continuous"
+    static_attrs: ClassVar[tuple[str, ...]] = ("x_ref",)  # read by the calibration only
     #: name of the calibrated constructor argument
     param_name: ClassVar[str]
     # search settings for the calibrated parameter: start, lo, hi, ERT increasing with it

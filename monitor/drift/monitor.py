@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from monitor.config import DriftConfig, InferenceConfig
+from monitor.drift.static import pack_static, static_component, unpack_static
 from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
@@ -87,6 +88,9 @@ class SignalState:
     # Not None while the detectors are being built from the full reference: the values that
     # arrived since, with where each arrived, fed to the detectors in order once they are built.
     waiting: WaitingValues | None = None
+    # The SHA-256 of the static part (transform, references) as stored, once the first checkpoint
+    # after the build wrote it (monitor/drift/static.py); None: still to be written.
+    static: str | None = None
 
 
 @dataclass
@@ -632,7 +636,7 @@ class DriftMonitor:
         for name, err in b.errors:
             log.error("cannot build detector %s for %s/%s: %s", name, stream, signal, err)
             self._metrics.detector_errors.labels(name).inc()
-        st.transform, st.detectors, st.ref = b.transform, b.detectors, None
+        st.transform, st.detectors, st.ref, st.static = b.transform, b.detectors, None, None
         waiting, st.waiting = st.waiting or WaitingValues(), None
         load = functools.partial(self._load_chunk, stream, signal)
         try:
@@ -764,16 +768,12 @@ class DriftMonitor:
         chunks: dict[str, dict[str, Any]] = {}
         shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
         for signal, st in sd.signals.items():
-            dets = {}
-            for name, det in st.detectors.items():
-                dets[name] = None if det is None else self._sign(det.snapshot())
-            signals[signal] = {
-                "ref": pack_ref(st.ref),
-                "cooldown": st.cooldown,
-                "n": st.n,
-                "detectors": dets,
-                "transform": None if st.transform is None else st.transform.to_dict(),
-            }
+            signals[signal] = {"ref": pack_ref(st.ref), "cooldown": st.cooldown, "n": st.n}
+            if st.detectors:
+                signals[signal].update(self._snapshot_built(signal, st, chunks))
+            else:
+                signals[signal]["detectors"] = {}
+                signals[signal]["transform"] = None if st.transform is None else st.transform.to_dict()
             if st.waiting is not None:  # detectors being built: the next owner builds them again
                 waiting = st.waiting
                 # The full chunks first, so that every signal compared below holds only its tail.
@@ -786,12 +786,27 @@ class DriftMonitor:
                     signals[signal]["waiting"]["arrivals_of"] = twin
         return {"version": STATE_VERSION, "signals": signals, "fed": dict(sd.fed)}, chunks
 
+    def _snapshot_built(self, signal: str, st: SignalState, chunks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """A built signal's detectors: their online state, signed, and the hash of their static part,
+        which goes to ``chunks`` (written in the same transaction) the first time only."""
+        dets: dict[str, str | None] = {}
+        static: dict[str, dict[str, Any]] = {}
+        for name, det in st.detectors.items():
+            if det is None:
+                dets[name] = None
+                continue
+            data, static[name] = det.snapshot_parts()
+            dets[name] = self._sign(data)
+        if st.static is None:
+            transform = None if st.transform is None else st.transform.to_dict()
+            content, st.static = pack_static(transform, static)
+            chunks[static_component(COMPONENT, signal)] = content
+        return {"detectors": dets, "static": self._sign(st.static.encode())}
+
     def _load(self, stream: str) -> StreamDrift:
         sd = StreamDrift()
         snap = self._read(lambda: self._store.load_state(stream, COMPONENT))
         if snap is not None and snap.get("version") == STATE_VERSION:
-            import detectors
-
             sd.fed = {str(k): int(v) for k, v in (snap.get("fed") or {}).items()}
 
             for signal, s in snap.get("signals", {}).items():
@@ -807,17 +822,37 @@ class DriftMonitor:
                         log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
                         sd.signals[signal] = SignalState()
                         continue
-                for name, blob in (s.get("detectors") or {}).items():
-                    data = None if blob is None else self._unsign(blob)
-                    if blob is not None and data is None:
-                        log.error("drift state of %s/%s fails its signature: warming up again", stream, signal)
-                        st = SignalState()
-                        break
-                    st.detectors[name] = None if data is None else detectors.restore(data)
-                sd.signals[signal] = st
+                sd.signals[signal] = self._load_detectors(stream, signal, s, st)
         self._streams[stream] = sd
         self._apply_rereference(stream)
         return sd
+
+    def _load_detectors(self, stream: str, signal: str, s: Mapping[str, Any], st: SignalState) -> SignalState:
+        """A signal's detectors from its checkpoint (and its static part, when it has one); a fresh
+        state, warming up again, when a signature fails or the static part is missing or another's."""
+        import detectors
+
+        static: dict[str, dict[str, Any]] = {}
+        if s.get("static") is not None:
+            sha = self._unsign(s["static"])
+            try:
+                if sha is None:
+                    raise ValueError("its hash fails its signature")
+                component = static_component(COMPONENT, signal)
+                stored = self._read(lambda: self._store.load_state(stream, component))
+                transform, static = unpack_static(stored, sha.decode())
+            except ValueError as e:
+                log.error("static drift state of %s/%s unusable (%s): warming up again", stream, signal, e)
+                return SignalState()
+            st.transform = None if transform is None else NormalScores.from_dict(transform)
+            st.static = sha.decode()
+        for name, blob in (s.get("detectors") or {}).items():
+            data = None if blob is None else self._unsign(blob)
+            if blob is not None and data is None:
+                log.error("drift state of %s/%s fails its signature: warming up again", stream, signal)
+                return SignalState()
+            st.detectors[name] = None if data is None else detectors.restore_parts(data, static.get(name, {}))
+        return st
 
     @staticmethod
     def _load_waiting(signals: Mapping[str, Any], signal: str) -> WaitingValues:

@@ -185,6 +185,29 @@ def test_snapshot_restore_continues_identically(name: str, cut: int) -> None:
 
 
 @names
+def test_snapshot_parts_hold_the_static_attributes_apart_and_join_identically(name: str) -> None:
+    xs = stream(detectors.detector_class(name).kind)
+    flags, results = trace(fresh(name), xs)
+    det = fresh(name)
+    before = {a: pickle.dumps(getattr(det, a)) for a in det.static_attrs}
+    trace(det, xs[:100])
+    # Static means static: the updates leave them as they were (a checkpoint writes them once).
+    assert {a: pickle.dumps(getattr(det, a)) for a in det.static_attrs} == before
+    data, static = det.snapshot_parts()
+    assert set(static) == {a for a in det.static_attrs if getattr(det, a) is not None}
+    assert len(data) <= len(det.snapshot())
+    for restored in (type(det).restore_parts(data, static), detectors.restore_parts(data, static)):
+        assert type(restored) is type(det) and restored.result() == results[99]
+        assert restored.result()["meta"]["params"] == det.result()["meta"]["params"]
+        assert trace(restored, xs[100:]) == (flags[100:], results[100:])
+    with pytest.raises(SnapshotError):
+        detectors.restore_parts(data, {"no_such_attribute": 1})
+    if static:  # a static attribute that the bytes already hold is not overwritten
+        with pytest.raises(SnapshotError):
+            detectors.restore_parts(det.snapshot(), static)
+
+
+@names
 def test_updates_ignore_the_global_random_generators(name: str) -> None:
     import torch
 
