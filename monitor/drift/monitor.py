@@ -259,6 +259,10 @@ class DriftMonitor:
         if st is None:  # not setdefault: that would build a SignalState for every value
             st = sd.signals[signal] = SignalState()
         if st.waiting is not None:
+            b = self._builds.get((stream, signal))
+            if b is not None and not b.done.is_set():  # still building: the common case, checked inline
+                st.waiting.append(x, at)
+                return
             if not self._install(stream, sd, signal, names, ref_size, fired):
                 st.waiting.append(x, at)
                 return
