@@ -560,6 +560,24 @@ class KernelMMDDetector(Detector):
         stat = self._k_rr + self._pair / (w * (w - 1)) - self._msum * (2.0 / (n * w))
         return stat > self._alarm_level, stat, None, self._alarm_level
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The window is the largest part of the state a checkpoint writes at every batch (50 x 384
+        # float64 for the embedding detector). Its rows are the inputs, which are float32
+        # embeddings in the monitor: then it is pickled as float32, exactly (checked, else kept).
+        state = self.__dict__.copy()
+        win = state.get("_win")
+        if isinstance(win, np.ndarray) and win.dtype == np.float64:
+            narrow = win.astype(np.float32)
+            if np.array_equal(narrow, win):
+                state["_win"] = narrow
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        win = state.get("_win")
+        if isinstance(win, np.ndarray) and win.dtype == np.float32:
+            state["_win"] = win.astype(np.float64)  # every update computes in float64
+        self.__dict__.update(state)
+
     def _reset_state(self) -> None:
         w, d = self.window_size, self.x_ref.shape[1]
         self._win = np.zeros((w, d))

@@ -222,3 +222,24 @@ def test_needs_neither_torch_nor_alibi() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_window_of_float32_inputs_is_pickled_as_float32_and_continues_exactly() -> None:
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((120, 16)).astype(np.float32)
+    xs = list(rng.standard_normal((90, 16)).astype(np.float32))
+    det = km.KernelMMDDetector(ert=500, x_ref=ref, window_size=10)
+    for x in xs[:40]:
+        det.update(x)
+    narrow, static = det.snapshot_parts()
+    wide_det = det.clone()
+    for x in xs[:40]:
+        wide_det.update(x.astype(np.float64) + 1e-9)  # not representable in float32: kept float64
+    wide, _ = wide_det.snapshot_parts()
+    assert len(narrow) < len(wide) - 10 * 16 * 3  # about half the window's bytes saved
+    for data, source in ((narrow, det), (wide, wide_det)):
+        restored = km.KernelMMDDetector.restore_parts(data, static)
+        for x in xs[40:]:  # the same statistic at every update: the window came back exactly
+            restored.update(x)
+            source.update(x)
+            assert restored.result() == source.result()
