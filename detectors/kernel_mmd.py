@@ -561,8 +561,8 @@ class KernelMMDDetector(Detector):
         return stat > self._alarm_level, stat, None, self._alarm_level
 
     def __getstate__(self) -> dict[str, Any]:
-        # The window is the largest part of the state a checkpoint writes at every batch (50 x 384
-        # float64 for the embedding detector). Its rows are the inputs, which are float32
+        # The window is the largest part of the state a checkpoint writes at every batch (20 x 384
+        # float64 for the embedding detector by default). Its rows are the inputs, which are float32
         # embeddings in the monitor: then it is pickled as float32, exactly (checked, else kept).
         state = self.__dict__.copy()
         win = state.get("_win")

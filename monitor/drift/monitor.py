@@ -259,10 +259,6 @@ class DriftMonitor:
         if st is None:  # not setdefault: that would build a SignalState for every value
             st = sd.signals[signal] = SignalState()
         if st.waiting is not None:
-            b = self._builds.get((stream, signal))
-            if b is not None and not b.done.is_set():  # still building: the common case, checked inline
-                st.waiting.append(x, at)
-                return
             if not self._install(stream, sd, signal, names, ref_size, fired):
                 st.waiting.append(x, at)
                 return
@@ -766,8 +762,9 @@ class DriftMonitor:
         return data
 
     def _snapshot(self, sd: StreamDrift) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """A stream's state, and the chunks of waiting values filled since the last snapshot (by
-        state component: written once, see ``monitor/drift/waiting.py``)."""
+        """A stream's state, and the components written apart from it (by state component, each
+        written once): the chunks of waiting values filled since the last snapshot
+        (``monitor/drift/waiting.py``) and the static part of a signal built since (``static.py``)."""
         signals = {}
         chunks: dict[str, dict[str, Any]] = {}
         shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
