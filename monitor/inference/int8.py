@@ -1,0 +1,184 @@
+"""Dynamic int8 of chosen weight MatMuls in an ONNX file, without the ``onnx`` package.
+
+``onnx`` (26 MB, with ``ml_dtypes``) was in the default install for one call: ONNX Runtime's
+``quantize_dynamic``, which rewrites 18 of the encoder's MatMuls (q/k/v, see
+``monitor/inference/onnx.py``). This module does that one rewrite itself, with the same recipe:
+
+* weights int8 per output channel, symmetric: ``scale = max|W[:, j]| / 127``, zero point 0,
+  ``q = clip(round(W / scale), -127, 127)``;
+* activations quantised at run time: ``DynamicQuantizeLinear(X)`` (uint8, one per input tensor,
+  shared by the MatMuls that read it), then ``MatMulInteger``, ``Cast`` to float, and the product
+  of the two scales;
+
+so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8)`` gives
+(``tests/inference/test_int8.py`` compares the two where ``onnx`` is installed).
+
+The file is read with a hand-written subset of ``onnx.proto`` (the fields below, numbered as in
+ONNX's schema): protobuf keeps every field it does not know as it was, so the rest of the model
+goes through untouched.
+
+>>> import numpy as np
+>>> w = np.array([[0.5, -2.0], [0.25, 1.0]], dtype=np.float32)
+>>> q, scale = quantize_weight(w)
+>>> q.tolist(), scale.tolist()
+([[127, -127], [64, 64]], [0.003937007859349251, 0.015748031437397003])
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+# TensorProto.DataType and AttributeProto.AttributeType values (onnx.proto).
+FLOAT, INT8 = 1, 3
+ATTR_INT = 2
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+@cache
+def _messages() -> dict[str, Any]:
+    """The ONNX message classes, as far as the rewrite reads and writes them (field numbers of
+    onnx.proto; everything else is kept as unknown fields and written back unchanged)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fd = descriptor_pb2.FileDescriptorProto(name="oversight/onnx_subset.proto", package="oversight_onnx")
+    fd.syntax = "proto2"
+    field = descriptor_pb2.FieldDescriptorProto
+    one, many = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+    schema: dict[str, list[tuple[str, int, int, int, str]]] = {
+        "AttributeProto": [
+            ("name", 1, field.TYPE_STRING, one, ""),
+            ("i", 3, field.TYPE_INT64, one, ""),
+            ("type", 20, field.TYPE_INT32, one, ""),
+        ],
+        "TensorProto": [
+            ("dims", 1, field.TYPE_INT64, many, ""),
+            ("data_type", 2, field.TYPE_INT32, one, ""),
+            ("float_data", 4, field.TYPE_FLOAT, many, ""),
+            ("name", 8, field.TYPE_STRING, one, ""),
+            ("raw_data", 9, field.TYPE_BYTES, one, ""),
+            ("data_location", 14, field.TYPE_INT32, one, ""),
+        ],
+        "NodeProto": [
+            ("input", 1, field.TYPE_STRING, many, ""),
+            ("output", 2, field.TYPE_STRING, many, ""),
+            ("name", 3, field.TYPE_STRING, one, ""),
+            ("op_type", 4, field.TYPE_STRING, one, ""),
+            ("attribute", 5, field.TYPE_MESSAGE, many, "AttributeProto"),
+            ("domain", 7, field.TYPE_STRING, one, ""),
+        ],
+        "GraphProto": [
+            ("node", 1, field.TYPE_MESSAGE, many, "NodeProto"),
+            ("initializer", 5, field.TYPE_MESSAGE, many, "TensorProto"),
+        ],
+        "ModelProto": [("graph", 7, field.TYPE_MESSAGE, one, "GraphProto")],
+    }
+    for name, fields in schema.items():
+        m = fd.message_type.add(name=name)
+        for fname, number, ftype, label, ref in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if ref:
+                f.type_name = f".oversight_onnx.{ref}"
+            if fname == "float_data":
+                f.options.packed = True  # as onnx.proto declares it
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oversight_onnx.{name}")) for name in schema
+    }
+
+
+def node_domains(model_bytes: bytes) -> set[str]:
+    """The operator domains of a serialised model's top-level nodes (``""``: the standard one)."""
+    model = _messages()["ModelProto"]()
+    model.ParseFromString(model_bytes)
+    return {n.domain for n in model.graph.node}
+
+
+def quantize_weight(w: Any) -> tuple[Any, Any]:
+    """``(q, scale)`` of a 2-D float32 weight, per output channel (column), symmetric int8."""
+    import numpy as np
+
+    absmax = np.abs(w).max(axis=0).astype(np.float32)
+    scale = absmax / np.float32(127)
+    scale[scale == 0] = np.float32(1.0)  # an all-zero column: any scale gives zeros
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _weight(t: Any) -> Any:
+    import numpy as np
+
+    if t.data_location == _EXTERNAL:
+        raise ValueError(f"initializer {t.name!r} is stored outside the model file: not supported")
+    if t.data_type != FLOAT or len(t.dims) != 2:
+        raise ValueError(f"initializer {t.name!r} is not a 2-D float tensor")
+    data = np.frombuffer(t.raw_data, dtype="<f4") if t.raw_data else np.asarray(t.float_data, dtype=np.float32)
+    return data.reshape(tuple(t.dims)).astype(np.float32)
+
+
+def _tensor(name: str, array: Any, data_type: int) -> Any:
+    t = _messages()["TensorProto"](name=name, data_type=data_type, raw_data=array.tobytes())
+    t.dims.extend(array.shape)
+    return t
+
+
+def _node(op: str, name: str, inputs: list[str], outputs: list[str], **ints: int) -> Any:
+    n = _messages()["NodeProto"](op_type=op, name=name)
+    n.input.extend(inputs)
+    n.output.extend(outputs)
+    for key, value in ints.items():
+        n.attribute.add(name=key, i=value, type=ATTR_INT)
+    return n
+
+
+def quantize_matmuls(src: Path, dest: Path, chosen: Callable[[str], bool]) -> int:
+    """Write ``src`` to ``dest`` with every MatMul whose node name ``chosen`` accepts (and whose
+    second input is a 2-D float initializer) in dynamic int8; returns how many were rewritten."""
+    import numpy as np
+
+    model = _messages()["ModelProto"]()
+    model.ParseFromString(src.read_bytes())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(name for n in graph.node for name in n.input)
+    nodes: list[Any] = []
+    activations: dict[str, tuple[str, str, str]] = {}  # input -> its uint8 copy, scale, zero point
+    new_inits: list[Any] = []
+    replaced: set[str] = set()
+    for n in graph.node:
+        weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if weight is None or n.domain not in ("", "ai.onnx") or not chosen(n.name):
+            nodes.append(n)
+            continue
+        x, w = n.input[0], n.input[1]
+        if x not in activations:
+            activations[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+            nodes.append(_node("DynamicQuantizeLinear", f"{x}_QuantizeLinear", [x], list(activations[x])))
+        xq, xs, xz = activations[x]
+        q, scale = quantize_weight(_weight(weight))
+        new_inits += [
+            _tensor(f"{w}_quantized", q, INT8),
+            _tensor(f"{w}_zero_point", np.zeros(q.shape[1], dtype=np.int8), INT8),
+            _tensor(f"{w}_scale", scale, FLOAT),
+        ]
+        uses[w] -= 1
+        replaced.add(w)
+        out = n.output[0]
+        nodes += [
+            _node("MatMulInteger", f"{n.name}_quant", [xq, f"{w}_quantized", xz, f"{w}_zero_point"], [f"{out}_int32"]),
+            _node("Cast", f"{n.name}_cast", [f"{out}_int32"], [f"{out}_int32_float"], to=FLOAT),
+            _node("Mul", f"{n.name}_scales_mul", [xs, f"{w}_scale"], [f"{out}_scales"]),
+            _node("Mul", f"{n.name}_output_scale_mul", [f"{out}_int32_float", f"{out}_scales"], [out]),
+        ]
+    kept = [t for t in graph.initializer if not (t.name in replaced and uses[t.name] <= 0)]
+    rewritten = len(new_inits) // 3
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    dest.write_bytes(model.SerializeToString())
+    return rewritten

@@ -1,0 +1,133 @@
+"""The int8 rewrite without the ``onnx`` package (``monitor/inference/int8.py``).
+
+It must compute what ONNX Runtime's ``quantize_dynamic`` computes with the same recipe (that
+reference needs ``onnx``, which the dev install has and the default install does not), leave the
+rest of the model as it was, and build the encoder's int8 cache where ``onnx`` cannot be imported.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference.test_onnx_encoder import tiny_bert
+from monitor.inference.int8 import quantize_matmuls, quantize_weight
+from monitor.inference.onnx import OnnxEncoder, export, pooled_module
+
+QKV = ("/attention/self/query/", "/attention/self/key/", "/attention/self/value/")
+
+
+def qkv(name: str) -> bool:
+    return any(k in name for k in QKV)
+
+
+def inputs(seed: int) -> tuple[Any, Any, Any]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 200, size=(4, 11)).astype(np.int64)
+    ids[:, 0] = 1
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # padding: the pooling must ignore it
+    mask[3, 3:] = 0
+    return ids, mask, np.zeros_like(ids)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("int8") / "fp32.onnx"
+    export(pooled_module(tiny_bert(), [0, -1], False), path)
+    return path
+
+
+def test_weight_recipe_is_symmetric_per_output_channel() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero column
+    q, scale = quantize_weight(w)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (8,)
+    assert np.abs(q).max() == 127 and q.min() >= -127
+    assert (q[:, 3] == 0).all() and scale[3] == 1.0
+    # Each column's largest magnitude lands on +-127, and dequantising is within half a step.
+    assert (np.abs(q[:, [0, 1, 2, 4, 5, 6, 7]]).max(axis=0) == 127).all()
+    assert np.abs(q * scale - w).max() <= scale.max() / 2 + 1e-7
+
+
+def test_rewrites_only_the_chosen_matmuls_and_keeps_the_rest(fp32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    assert quantize_matmuls(fp32, out, qkv) == 6  # 2 layers x q, k, v
+    assert quantize_matmuls(fp32, tmp_path / "none.onnx", lambda name: False) == 0
+    base = OnnxEncoder(fp32).session
+    got = OnnxEncoder(out).session
+    # The graph's inputs and outputs are untouched (unknown fields written back as they were).
+    assert [i.name for i in got.get_inputs()] == [i.name for i in base.get_inputs()]
+    assert [o.name for o in got.get_outputs()] == [o.name for o in base.get_outputs()]
+    # Nothing chosen: the same model, byte for byte in what it computes.
+    same = OnnxEncoder(tmp_path / "none.onnx")
+    for seed in range(3):
+        ids, mask, types = inputs(seed)
+        a, b = OnnxEncoder(fp32).run(ids, mask, types), same.run(ids, mask, types)
+        assert np.array_equal(a, b)
+
+
+def test_same_outputs_as_onnxruntime_quantize_dynamic(fp32: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")  # the reference implementation needs it (dev install)
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32)).graph
+    keep = [n.name for n in graph.node if n.op_type == "MatMul" and not qkv(n.name)]
+    ref_path = tmp_path / "ort.onnx"
+    quantize_dynamic(
+        str(fp32),
+        str(ref_path),
+        op_types_to_quantize=["MatMul"],
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=keep,
+    )
+    ours_path = tmp_path / "ours.onnx"
+    quantize_matmuls(fp32, ours_path, qkv)
+    ref, ours, base = OnnxEncoder(ref_path), OnnxEncoder(ours_path), OnnxEncoder(fp32)
+    # The same int8 weights, scales and zero points as the reference writes.
+    r = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ref_path)).graph.initializer}
+    o = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ours_path)).graph.initializer}
+    quantised = sorted(k for k in r if k.endswith(("_quantized", "_scale", "_zero_point")) and "MatMul" in k)
+    assert len(quantised) == 18
+    for k in quantised:
+        assert o[k].dtype == r[k].dtype and np.array_equal(o[k], r[k]), k
+    for seed in range(5):
+        x = inputs(seed)
+        want, got, full = ref.run(*x), ours.run(*x), base.run(*x)
+        assert np.allclose(got, want, rtol=0, atol=1e-6)
+        assert not np.array_equal(got, full)  # it is quantised
+
+
+def test_int8_cache_builds_where_onnx_cannot_be_imported(tmp_path: Path) -> None:
+    """The default install has no ``onnx``: building the int8 encoder must not need it."""
+    script = """
+import sys
+sys.modules["onnx"] = None  # import onnx raises ImportError
+sys.path.insert(0, "tests")
+import numpy as np
+from monitor.inference.onnx import load_encoder
+from inference.test_onnx_encoder import tiny_bert, tiny_inputs
+enc = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8")
+out = enc.run(*tiny_inputs())
+assert out.shape == (2, 64) and np.isfinite(out).all(), out.shape
+print("ok", enc.path.parent.name)
+"""
+    env = {"ENCODER_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok int8-")
