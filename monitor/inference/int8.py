@@ -38,56 +38,47 @@ ATTR_INT = 2
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
+# The fields the rewrite reads and writes, as onnx.proto numbers them: "name number type", a
+# leading "*" for repeated. Everything else in a model is kept as unknown fields, written back as it was.
+_SCHEMA = {
+    "AttributeProto": "name 1 string, i 3 int64, type 20 int32",
+    "TensorProto": "dims 1 *int64, data_type 2 int32, float_data 4 *float, name 8 string, raw_data 9 bytes,"
+    " data_location 14 int32",
+    "NodeProto": "input 1 *string, output 2 *string, name 3 string, op_type 4 string,"
+    " attribute 5 *AttributeProto, domain 7 string",
+    "GraphProto": "node 1 *NodeProto, initializer 5 *TensorProto",
+    "ModelProto": "graph 7 GraphProto",
+}
+
+
 @cache
 def _messages() -> dict[str, Any]:
-    """The ONNX message classes, as far as the rewrite reads and writes them (field numbers of
-    onnx.proto; everything else is kept as unknown fields and written back unchanged)."""
+    """The ONNX message classes of :data:`_SCHEMA` (proto2, as onnx.proto is)."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+    field = descriptor_pb2.FieldDescriptorProto
+    scalars = {"string": field.TYPE_STRING, "int64": field.TYPE_INT64, "int32": field.TYPE_INT32}
+    scalars |= {"float": field.TYPE_FLOAT, "bytes": field.TYPE_BYTES}
     fd = descriptor_pb2.FileDescriptorProto(name="oversight/onnx_subset.proto", package="oversight_onnx")
     fd.syntax = "proto2"
-    field = descriptor_pb2.FieldDescriptorProto
-    one, many = field.LABEL_OPTIONAL, field.LABEL_REPEATED
-    schema: dict[str, list[tuple[str, int, int, int, str]]] = {
-        "AttributeProto": [
-            ("name", 1, field.TYPE_STRING, one, ""),
-            ("i", 3, field.TYPE_INT64, one, ""),
-            ("type", 20, field.TYPE_INT32, one, ""),
-        ],
-        "TensorProto": [
-            ("dims", 1, field.TYPE_INT64, many, ""),
-            ("data_type", 2, field.TYPE_INT32, one, ""),
-            ("float_data", 4, field.TYPE_FLOAT, many, ""),
-            ("name", 8, field.TYPE_STRING, one, ""),
-            ("raw_data", 9, field.TYPE_BYTES, one, ""),
-            ("data_location", 14, field.TYPE_INT32, one, ""),
-        ],
-        "NodeProto": [
-            ("input", 1, field.TYPE_STRING, many, ""),
-            ("output", 2, field.TYPE_STRING, many, ""),
-            ("name", 3, field.TYPE_STRING, one, ""),
-            ("op_type", 4, field.TYPE_STRING, one, ""),
-            ("attribute", 5, field.TYPE_MESSAGE, many, "AttributeProto"),
-            ("domain", 7, field.TYPE_STRING, one, ""),
-        ],
-        "GraphProto": [
-            ("node", 1, field.TYPE_MESSAGE, many, "NodeProto"),
-            ("initializer", 5, field.TYPE_MESSAGE, many, "TensorProto"),
-        ],
-        "ModelProto": [("graph", 7, field.TYPE_MESSAGE, one, "GraphProto")],
-    }
-    for name, fields in schema.items():
+    for name, spec in _SCHEMA.items():
         m = fd.message_type.add(name=name)
-        for fname, number, ftype, label, ref in fields:
-            f = m.field.add(name=fname, number=number, type=ftype, label=label)
-            if ref:
-                f.type_name = f".oversight_onnx.{ref}"
-            if fname == "float_data":
-                f.options.packed = True  # as onnx.proto declares it
+        for part in spec.split(","):
+            fname, number, kind = part.split()
+            repeated = kind.startswith("*")
+            kind = kind.lstrip("*")
+            f = m.field.add(name=fname, number=int(number))
+            f.label = field.LABEL_REPEATED if repeated else field.LABEL_OPTIONAL
+            if kind in scalars:
+                f.type = scalars[kind]
+            else:
+                f.type, f.type_name = field.TYPE_MESSAGE, f".oversight_onnx.{kind}"
+            if repeated and kind == "float":
+                f.options.packed = True  # float_data, as onnx.proto declares it
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oversight_onnx.{name}")) for name in schema
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"oversight_onnx.{name}")) for name in _SCHEMA
     }
 
 
