@@ -101,12 +101,11 @@ def quantize_weight(w: Any) -> tuple[Any, Any]:
 
 
 def _weight(t: Any) -> Any:
+    """A 2-D float32 initializer's array, or None for anything else (that MatMul stays fp32)."""
     import numpy as np
 
-    if t.data_location == _EXTERNAL:
-        raise ValueError(f"initializer {t.name!r} is stored outside the model file: not supported")
-    if t.data_type != FLOAT or len(t.dims) != 2:
-        raise ValueError(f"initializer {t.name!r} is not a 2-D float tensor")
+    if t.data_location == _EXTERNAL or t.data_type != FLOAT or len(t.dims) != 2:
+        return None
     data = np.frombuffer(t.raw_data, dtype="<f4") if t.raw_data else np.asarray(t.float_data, dtype=np.float32)
     return data.reshape(tuple(t.dims)).astype(np.float32)
 
@@ -129,47 +128,72 @@ def _node(op: str, name: str, inputs: list[str], outputs: list[str], **ints: int
 def quantize_matmuls(src: Path, dest: Path, chosen: Callable[[str], bool]) -> int:
     """Write ``src`` to ``dest`` with every MatMul whose node name ``chosen`` accepts (and whose
     second input is a 2-D float initializer) in dynamic int8; returns how many were rewritten."""
-    import numpy as np
-
     model = _messages()["ModelProto"]()
     model.ParseFromString(src.read_bytes())
-    graph = model.graph
+    rewritten = _rewrite(model.graph, chosen)
+    dest.write_bytes(model.SerializeToString())
+    return rewritten
+
+
+def _rewrite(graph: Any, chosen: Callable[[str], bool]) -> int:
+    """Replace the chosen MatMuls of ``graph`` in place (nodes stay in topological order: each
+    replacement takes its MatMul's place); weights no node reads any more are dropped."""
     inits = {t.name: t for t in graph.initializer}
     uses = Counter(name for n in graph.node for name in n.input)
     nodes: list[Any] = []
     activations: dict[str, tuple[str, str, str]] = {}  # input -> its uint8 copy, scale, zero point
     new_inits: list[Any] = []
-    replaced: set[str] = set()
+    rewritten = 0
     for n in graph.node:
         weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
         if weight is None or n.domain not in ("", "ai.onnx") or not chosen(n.name):
             nodes.append(n)
             continue
-        x, w = n.input[0], n.input[1]
+        w = n.input[1]
+        if f"{w}_quantized" not in inits:  # a weight read by two chosen MatMuls is quantised once
+            quantised = _quantised_weight(weight)
+            if quantised is None:
+                nodes.append(n)
+                continue
+            new_inits += quantised
+            inits.update((t.name, t) for t in quantised)
+        x = n.input[0]
         if x not in activations:
             activations[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
             nodes.append(_node("DynamicQuantizeLinear", f"{x}_QuantizeLinear", [x], list(activations[x])))
-        xq, xs, xz = activations[x]
-        q, scale = quantize_weight(_weight(weight))
-        new_inits += [
-            _tensor(f"{w}_quantized", q, INT8),
-            _tensor(f"{w}_zero_point", np.zeros(q.shape[1], dtype=np.int8), INT8),
-            _tensor(f"{w}_scale", scale, FLOAT),
-        ]
+        nodes += _int8_matmul(n, activations[x])
         uses[w] -= 1
-        replaced.add(w)
-        out = n.output[0]
-        nodes += [
-            _node("MatMulInteger", f"{n.name}_quant", [xq, f"{w}_quantized", xz, f"{w}_zero_point"], [f"{out}_int32"]),
-            _node("Cast", f"{n.name}_cast", [f"{out}_int32"], [f"{out}_int32_float"], to=FLOAT),
-            _node("Mul", f"{n.name}_scales_mul", [xs, f"{w}_scale"], [f"{out}_scales"]),
-            _node("Mul", f"{n.name}_output_scale_mul", [f"{out}_int32_float", f"{out}_scales"], [out]),
-        ]
-    kept = [t for t in graph.initializer if not (t.name in replaced and uses[t.name] <= 0)]
-    rewritten = len(new_inits) // 3
+        rewritten += 1
+    kept = [t for t in graph.initializer if uses[t.name] > 0 or f"{t.name}_quantized" not in inits]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
-    dest.write_bytes(model.SerializeToString())
     return rewritten
+
+
+def _quantised_weight(t: Any) -> list[Any] | None:
+    """The int8 weight, its zero points and scales as initializers (None: not a 2-D float one)."""
+    import numpy as np
+
+    array = _weight(t)
+    if array is None:
+        return None
+    q, scale = quantize_weight(array)
+    return [
+        _tensor(f"{t.name}_quantized", q, INT8),
+        _tensor(f"{t.name}_zero_point", np.zeros(q.shape[1], dtype=np.int8), INT8),
+        _tensor(f"{t.name}_scale", scale, FLOAT),
+    ]
+
+
+def _int8_matmul(n: Any, activation: tuple[str, str, str]) -> list[Any]:
+    """The nodes that compute MatMul ``n`` from the quantised input and weight, into its output."""
+    xq, xs, xz = activation
+    w, out = n.input[1], n.output[0]
+    return [
+        _node("MatMulInteger", f"{n.name}_quant", [xq, f"{w}_quantized", xz, f"{w}_zero_point"], [f"{out}_int32"]),
+        _node("Cast", f"{n.name}_cast", [f"{out}_int32"], [f"{out}_int32_float"], to=FLOAT),
+        _node("Mul", f"{n.name}_scales_mul", [xs, f"{w}_scale"], [f"{out}_scales"]),
+        _node("Mul", f"{n.name}_output_scale_mul", [f"{out}_int32_float", f"{out}_scales"], [out]),
+    ]

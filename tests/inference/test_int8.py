@@ -73,6 +73,32 @@ def test_rewrites_only_the_chosen_matmuls_and_keeps_the_rest(fp32: Path, tmp_pat
         assert np.array_equal(a, b)
 
 
+def test_a_shared_weight_is_quantised_once_and_other_shapes_stay_fp32(tmp_path: Path) -> None:
+    import torch
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.w = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+            self.v = torch.nn.Parameter(torch.randn(3, 8, 8, generator=g))
+
+        def forward(self, x: Any) -> Any:
+            # Two MatMuls read w (different inputs); one reads a 3-D weight.
+            return x @ self.w + (2 * x) @ self.w + (x @ self.v).sum(0)
+
+    src, out = tmp_path / "shared.onnx", tmp_path / "shared-int8.onnx"
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    torch.onnx.export(Shared().eval(), (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"])
+    assert quantize_matmuls(src, out, lambda name: True) == 2
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    assert got.shape == want.shape and not np.array_equal(got, want)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # int8 of an 8-wide product
+
+
 def test_same_outputs_as_onnxruntime_quantize_dynamic(fp32: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")  # the reference implementation needs it (dev install)
     import onnx
