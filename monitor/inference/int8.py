@@ -11,7 +11,7 @@
   of the two scales;
 
 so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8)`` gives
-(``tests/inference/test_int8.py`` compares the two where ``onnx`` is installed).
+(``tests/inference/test_int8.py`` compares the two; the dev install has ``onnx``).
 
 The file is read with a hand-written subset of ``onnx.proto`` (the fields below, numbered as in
 ONNX's schema): protobuf keeps every field it does not know as it was, so the rest of the model
@@ -36,12 +36,14 @@ from typing import Any
 FLOAT, INT8 = 1, 3
 ATTR_INT = 2
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+#: Names of the standard operator domain; any other domain is a custom one.
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 
 # The fields the rewrite reads and writes, as onnx.proto numbers them: "name number type", a
 # leading "*" for repeated. Everything else in a model is kept as unknown fields, written back as it was.
 _SCHEMA = {
-    "AttributeProto": "name 1 string, i 3 int64, type 20 int32",
+    "AttributeProto": "name 1 string, i 3 int64, g 6 GraphProto, graphs 11 *GraphProto, type 20 int32",
     "TensorProto": "dims 1 *int64, data_type 2 int32, float_data 4 *float, name 8 string, raw_data 9 bytes,"
     " data_location 14 int32",
     "NodeProto": "input 1 *string, output 2 *string, name 3 string, op_type 4 string,"
@@ -83,10 +85,21 @@ def _messages() -> dict[str, Any]:
 
 
 def node_domains(model_bytes: bytes) -> set[str]:
-    """The operator domains of a serialised model's top-level nodes (``""``: the standard one)."""
+    """The operator domains of a serialised model's nodes, those of subgraphs (If, Loop, Scan
+    bodies) included (``""``: the standard one)."""
     model = _messages()["ModelProto"]()
     model.ParseFromString(model_bytes)
-    return {n.domain for n in model.graph.node}
+    domains: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for n in graph.node:
+            domains.add(n.domain)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+    return domains
 
 
 def quantize_weight(w: Any) -> tuple[Any, Any]:
@@ -146,7 +159,7 @@ def _rewrite(graph: Any, chosen: Callable[[str], bool]) -> int:
     rewritten = 0
     for n in graph.node:
         weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if weight is None or n.domain not in ("", "ai.onnx") or not chosen(n.name):
+        if weight is None or n.domain not in STANDARD_DOMAINS or not chosen(n.name):
             nodes.append(n)
             continue
         w = n.input[1]

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from monitor.inference.int8 import node_domains, quantize_matmuls
+from monitor.inference.int8 import STANDARD_DOMAINS, node_domains, quantize_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _without_onnx_package() -> Iterator[None]:
     original = hooks._add_onnxscript_fn
 
     def standard_operators_only(model_bytes: bytes, custom_opsets: Any) -> bytes:
-        custom = sorted(node_domains(model_bytes) - {"", "ai.onnx"})
+        custom = sorted(node_domains(model_bytes) - STANDARD_DOMAINS)
         if custom:
             raise RuntimeError(f"exporting operators of {custom} needs the onnx package (pip install onnx)")
         return model_bytes

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from inference.test_onnx_encoder import tiny_bert
-from monitor.inference.int8 import quantize_matmuls, quantize_weight
+from monitor.inference.int8 import STANDARD_DOMAINS, node_domains, quantize_matmuls, quantize_weight
 from monitor.inference.onnx import OnnxEncoder, export, pooled_module
 
 QKV = ("/attention/self/query/", "/attention/self/key/", "/attention/self/value/")
@@ -97,6 +97,39 @@ def test_a_shared_weight_is_quantised_once_and_other_shapes_stay_fp32(tmp_path: 
     got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
     assert got.shape == want.shape and not np.array_equal(got, want)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # int8 of an 8-wide product
+
+
+def test_node_domains_reach_into_subgraphs(fp32: Path) -> None:
+    """The export hook refuses custom-domain operators; one inside an If branch counts too."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    assert node_domains(fp32.read_bytes()) <= STANDARD_DOMAINS  # the encoder: standard only
+    branch = helper.make_graph(
+        [helper.make_node("MyOp", ["x"], ["y"], domain="com.example")],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    plain = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "plain",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    cond = helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=plain)
+    graph = helper.make_graph(
+        [cond],
+        "g",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    assert node_domains(model.SerializeToString()) == {"", "com.example"}
+    assert node_domains(onnx.ModelProto(graph=plain).SerializeToString()) == {""}
 
 
 def test_same_outputs_as_onnxruntime_quantize_dynamic(fp32: Path, tmp_path: Path) -> None:
