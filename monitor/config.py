@@ -388,7 +388,9 @@ class EmbeddingDriftConfig(_Model):
     backend: Literal["auto", "onnx", "torch"] = Field(
         "auto", description="auto: PyTorch on CUDA when present, else ONNX Runtime (exported at first use, cached)"
     )
-    quantisation: Literal["int8", "fp32"] = Field("int8", description="ONNX weights (int8: q/k/v projections only)")
+    quantisation: Literal["int8", "fp32"] = Field(
+        "int8", description="ONNX weights (int8: SmoothQuant, all but the feed-forward output projection)"
+    )
 
 
 def _default_drift_signals() -> dict[str, list[str]]:

@@ -7,15 +7,12 @@ stands next to (or in place of).
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from monitor.data import bundled_records
 from monitor.perturb.base import Direction, Perturbed
 
 #: The kind of a better variant made from a stronger known answer.
@@ -88,20 +85,6 @@ def undo(item: Perturbed) -> Perturbed:
         detail=detail,
         seed_key=item.seed_key,
     )
-
-
-def bundled_records(name: str) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a bundled gzip JSONL file in ``monitor/data``."""
-    path = Path(str(resources.files("monitor.data").joinpath(name)))
-    # The demo traffic deliberately holds malformed records (for the dead-letter demo): skip them.
-    with gzip.open(path, "rb") as fh:
-        for line in fh:
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
 
 
 def known_answers_from_episodes(

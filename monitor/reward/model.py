@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,8 +393,19 @@ class RewardModel:
             self.pool_indices(),
             normalize=False,
             quantisation=quantisation,
+            calibration=self._calibration_batches,
         )
         return "onnx"
+
+    def _calibration_batches(self) -> Iterator[tuple[Any, Any, Any]]:
+        """The int8 build's calibration inputs, encoded as :meth:`score` encodes."""
+        from monitor.inference.smooth import calibration_pairs
+
+        pairs = calibration_pairs()
+        encs = self.encode([p for p, _ in pairs], [r for _, r in pairs])
+        for s in range(0, len(encs), 32):
+            ids, types, mask = pad_batch(encs[s : s + 32], "cpu")
+            yield ids, mask, types
 
     def _pooled(self, encs: Sequence[tuple[list[int], list[int]]]) -> Any:
         """The pooled hidden states of ``pool_layers`` for one batch, from the backend in use."""

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, resolve_backend
+from monitor.inference.smooth import calibration_pairs
 
 if TYPE_CHECKING:
     from monitor.config import EmbeddingDriftConfig
@@ -97,6 +99,7 @@ class Embedder:
                     normalize=True,
                     quantisation=self.quantisation,
                     threads=self.threads,
+                    calibration=self._calibration_batches,
                 )
                 return
             except OSError as e:  # an unwritable cache folder (read-only root file system)
@@ -108,6 +111,19 @@ class Embedder:
 
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self._model = self._torch_model().to(self._device)
+
+    def _calibration_batches(self) -> Iterator[tuple[Any, Any, Any]]:
+        """The int8 build's calibration inputs, tokenized as :meth:`embed` tokenizes."""
+        texts = [episode_text(p, r) for p, r in calibration_pairs()]
+        for s in range(0, len(texts), self.batch_size):
+            b = self._tok(
+                texts[s : s + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            yield b["input_ids"], b["attention_mask"], b.get("token_type_ids", 0 * b["input_ids"])
 
     def _torch_model(self) -> Any:
         from transformers import AutoModel

@@ -1,0 +1,145 @@
+"""SmoothQuant before the int8 export (``monitor/inference/smooth.py``).
+
+Smoothing must not change what the fp32 encoder computes (it only moves a per-channel factor from
+the activations into the weights), it must make int8 more accurate on an encoder with an outlier
+channel, and the int8 build must quantise what :func:`int8_matmul` says, falling back to q/k/v for
+an encoder it cannot smooth. The accuracy gates on the real MiniLM are in ``test_onnx_encoder.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference.test_int8 import inputs
+from inference.test_onnx_encoder import tiny_bert
+from monitor.inference.int8 import quantize_matmuls
+from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_matmul, load_encoder, pooled_module
+from monitor.inference.smooth import calibration_pairs, input_absmax, layers, smooth
+
+
+def batches(seeds: range) -> list[tuple[Any, Any, Any]]:
+    import torch
+
+    return [tuple(torch.from_numpy(a) for a in inputs(s)) for s in seeds]  # type: ignore[misc]
+
+
+def outlier_bert() -> Any:
+    """tiny_bert with the outlier channels real encoders have: two hidden channels that every
+    LayerNorm puts out 40 times larger, so each layer's q/k/v and feed-forward inputs carry them.
+    Biases are not zero (as BERT's initialisation leaves them), so that folding into them counts."""
+    import torch
+
+    model = tiny_bert()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight[[3, 17]] *= 40.0
+                mod.bias[[3, 17]] += 5.0
+            if isinstance(mod, torch.nn.Linear):
+                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=gen))
+    return model
+
+
+def pooled(model: Any, batch: tuple[Any, Any, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return pooled_module(model, [0, -1], False)(*batch).numpy()
+
+
+def test_smoothing_leaves_the_fp32_function_unchanged() -> None:
+    model, ref = outlier_bert(), outlier_bert()
+    assert smooth(model, input_absmax(model, batches(range(3)))) == 2
+    for batch in batches(range(10, 14)):
+        np.testing.assert_allclose(pooled(model, batch), pooled(ref, batch), rtol=1e-4, atol=1e-4)
+    # The weights did change: q/k/v's input columns were scaled, the value rows divided.
+    layer, before = model.encoder.layer[0], ref.encoder.layer[0]
+    assert not np.allclose(
+        layer.attention.self.query.weight.detach().numpy(), before.attention.self.query.weight.detach().numpy()
+    )
+    assert not np.allclose(
+        layer.attention.self.value.bias.detach().numpy(), before.attention.self.value.bias.detach().numpy()
+    )
+
+
+def spread(absmax: Any) -> float:
+    """How far the largest channel stands above the typical one."""
+    return float(absmax.max() / absmax.median())
+
+
+def test_smoothing_flattens_the_quantised_inputs() -> None:
+    model = outlier_bert()
+    before = input_absmax(model, batches(range(3)))
+    smooth(model, before)
+    after = input_absmax(model, batches(range(3)))  # the hooks divide: this is what int8 sees
+    for b, a in zip(before, after, strict=True):
+        for name in b:
+            if name == "output.dense":  # recorded, left alone: it stays fp32
+                continue
+            assert spread(a[name]) < spread(b[name]) / 2, name
+
+
+def test_smoothed_int8_is_closer_to_fp32_than_int8_alone(tmp_path: Path) -> None:
+    def int8(model: Any, name: str) -> OnnxEncoder:
+        fp32, out = tmp_path / f"{name}-fp32.onnx", tmp_path / f"{name}.onnx"
+        export(pooled_module(model, [0, -1], False), fp32)
+        assert quantize_matmuls(fp32, out, lambda node: int8_matmul(node, True)) == 2 * 5
+        return OnnxEncoder(out)
+
+    ref = outlier_bert()
+    smoothed = outlier_bert()
+    smooth(smoothed, input_absmax(smoothed, batches(range(4))))
+    plain, better = int8(outlier_bert(), "plain"), int8(smoothed, "smoothed")
+    err_plain, err_smoothed = [], []
+    for seed in range(20, 30):  # inputs the calibration never saw
+        x = inputs(seed)
+        want = pooled(ref, batches(range(seed, seed + 1))[0])
+        err_plain.append(np.abs(plain.run(*x) - want).max())
+        err_smoothed.append(np.abs(better.run(*x) - want).max())
+    assert np.mean(err_smoothed) < np.mean(err_plain) / 2, (np.mean(err_smoothed), np.mean(err_plain))
+
+
+def test_an_encoder_of_another_shape_is_not_smoothed() -> None:
+    import torch
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert layers(other) == [] and smooth(other, []) == 0
+    model = tiny_bert()
+    assert smooth(model, []) == 0  # no calibration statistics: nothing is touched
+
+
+def onnx_ops(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_the_int8_build_smooths_when_given_calibration_and_falls_back_to_qkv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    smoothed = load_encoder(
+        "tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8", calibration=lambda: batches(range(2))
+    )
+    qkv_only = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8")
+    assert smoothed.path != qkv_only.path  # two recipes, two cache entries
+    # 2 layers: q, k, v, attention output and feed-forward input int8 (5 each); q/k/v alone: 3 each.
+    assert onnx_ops(smoothed.path).count("MatMulInteger") == 10
+    assert onnx_ops(qkv_only.path).count("MatMulInteger") == 6
+    ref = tiny_bert()
+    for seed in range(3):
+        x = inputs(seed)
+        want = pooled(ref, batches(range(seed, seed + 1))[0])
+        assert np.allclose(smoothed.run(*x), want, atol=0.05)
+
+
+def test_calibration_pairs_come_from_the_bundled_dialogues() -> None:
+    pairs = calibration_pairs(4)
+    assert len(pairs) == 12 and all(isinstance(p, str) and isinstance(r, str) for p, r in pairs)
+    assert pairs[0][0].rstrip().endswith("Assistant:") and pairs[0][1]
+    assert max(len(r) for _, r in pairs[2::3]) <= 60  # the short answers
