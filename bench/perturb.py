@@ -34,7 +34,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def load_texts() -> list[tuple[str, str, str, str]]:
     """(corpus, id, prompt, response) of every bundled text."""
-    from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS, bundled_records
+    from monitor.data import bundled_records
+    from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS
 
     out: list[tuple[str, str, str, str]] = []
     for r in bundled_records(DEMO_TRAFFIC):

@@ -577,8 +577,9 @@ class RewardConfig(_Model):
     batch_size: int = Field(32, gt=0)
     swap_poll_s: float = Field(2.0, gt=0, description="how often the scorer checks for a newly promoted version")
     device: str | None = Field(None, description="torch device; default: cuda when present, else cpu")
-    # PyTorch by default: ONNX scores only 1.2-1.3x faster on CPU (bench/encoder.py) and exports each
-    # promoted version once (about 20 s on 2 cores), which a swap would pay inside the ingest path.
+    # PyTorch by default: ONNX exports each promoted version once (about 20 s on 2 cores), which
+    # replay and simulate pay at the swap (`oversight run` loads it off the ingest thread). ONNX int8
+    # scores 2.2x faster on CPU at the same accuracy (bench/encoder.py): `auto` + `int8` to use it.
     backend: Literal["auto", "onnx", "torch"] = Field(
         "torch",
         description="scoring encoder: torch, onnx (ONNX Runtime, exported per version and cached), "

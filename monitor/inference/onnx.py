@@ -21,7 +21,7 @@ instructions, answers' first 40 characters), texts/s on 2 cores against PyTorch'
   activation scale covers few tokens);
 * q/k/v only, the recipe before: 0.9945;
 * smoothed, all but the feed-forward output projection (this recipe): 0.9980, 189/s;
-* smoothed, all: 0.983, 224/s (the GELU's output is heavy at a few tokens, not in a few channels).
+* smoothed, all: 0.983, 224/s (see ``smooth.py`` on the feed-forward output projection).
 
 The gate is 0.99 (``tests/inference/test_onnx_encoder.py``). An encoder whose layers are not
 BERT-shaped is not smoothed and gets the q/k/v recipe.

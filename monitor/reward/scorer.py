@@ -12,14 +12,20 @@ Episodes sampled for ``rm`` are collected as they pass and scored in one forward
 batch boundary (the observers' checkpoint), by the version active at that moment; the scores
 are committed in the same transaction as the batch's offsets, so a crash re-scores nothing
 twice (one row per episode and version) and loses nothing. A newly promoted version is picked
-up at a batch boundary: every episode is scored by exactly one version, without a restart.
+up at a batch boundary: every episode is scored by exactly one version, without a restart. In the
+service (:meth:`RewardScorer.score_in_background`) the promoted version loads on a thread of its
+own (:class:`VersionLoad`) and is installed at the first boundary after it is ready; until then the
+version in hand scores, so a slow load (an ONNX export, a large checkpoint) never holds ingest.
+Replay and simulate load at the boundary itself, so that their runs reproduce.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +33,7 @@ from monitor.config import InferenceConfig, RewardConfig
 from monitor.episodes import Episode
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
-from monitor.reward.registry import Registry, VersionWatch
+from monitor.reward.registry import ActiveChange, Registry, VersionWatch
 from monitor.store import BatchWrite, RmScoreRow
 from monitor.store.inference import Scored, stored_scores, waiting_for_score
 from sampling import Decision
@@ -56,6 +62,36 @@ def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistr
         backend=cfg.backend,
         quantisation=cfg.quantisation,
     )
+
+
+class VersionLoad:
+    """A version's scoring backend loading on a thread of its own.
+
+    >>> load = VersionLoad(ActiveChange(("v2", Path("v2"), 3)), lambda: 1 / 0)
+    >>> load.wait(5.0), load.name, type(load.error).__name__, load.backend
+    (True, 'v2', 'ZeroDivisionError', None)
+    """
+
+    def __init__(self, change: ActiveChange, load: Callable[[], ScoringBackend]):
+        assert change.active is not None
+        self.change = change
+        self.name = change.active[0]
+        self.backend: ScoringBackend | None = None
+        self.error: Exception | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(load,), name=f"rm-load-{self.name}", daemon=True).start()
+
+    def _run(self, load: Callable[[], ScoringBackend]) -> None:
+        try:
+            self.backend = load()
+        except Exception as e:  # reported by the scorer at its next batch boundary
+            self.error = e
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether the load has finished, waiting up to ``timeout`` seconds (None: until it has)."""
+        return self._done.wait(timeout)
 
 
 class RewardScorer:
@@ -99,6 +135,7 @@ class RewardScorer:
         self._external = False  # scores come from `oversight infer` (inference.external): no model here
         self._active: str | None = None  # the active version, as last read (external: no model holds it)
         self._streams: Callable[[], Collection[str] | None] | None = None
+        self._loading: VersionLoad | None = None  # a promoted version loading off the ingest thread
 
     @property
     def version(self) -> str | None:
@@ -233,10 +270,14 @@ class RewardScorer:
         return BackendMetrics.on(self._metrics.registry)
 
     def close(self) -> None:
-        """Stop the background scorer, if any (what it scored but did not hand over waits in the store)."""
+        """Stop the background scorer, if any (what it scored but did not hand over waits in the
+        store); a version still loading is abandoned to its thread."""
         if self._background is not None:
             self._background.stop()
             self._background = None
+        loading, self._loading = self._loading, None
+        if loading is not None and loading.wait(0.0) and loading.backend is not None:
+            loading.backend.close()
 
     def take_rows(self) -> list[RmScoreRow]:
         rows, self._rows = self._rows, []
@@ -257,9 +298,13 @@ class RewardScorer:
         self._rows.clear()
 
     def _maybe_swap(self, force: bool = False) -> None:
-        change = self._watch.changed(force)
-        if change is None:
+        if self._loading is not None and not self._finish_loading(force):
             return
+        change = self._watch.changed(force)
+        if change is not None:
+            self._swap_to(change, force)
+
+    def _swap_to(self, change: ActiveChange, force: bool) -> None:
         active = change.active
         if active is None:
             self._model, self._active = None, None
@@ -269,12 +314,44 @@ class RewardScorer:
             self._swap_label(active[0])
             self._watch.accept(change)
             return
-        version, path, gen = active
-        try:
-            model = load_version(self.cfg, path, self._metrics.registry)
-        except Exception as e:  # keep scoring with the old version rather than stop ingest
-            log.error("cannot load reward-model version %s (keeping %s): %s", version, self.version, e)
+        load = partial(load_version, self.cfg, active[1], self._metrics.registry)
+        if self._offload and not force and self._model is not None:
+            # The service: a load can take tens of seconds (an ONNX export, a large checkpoint)
+            # and the batch boundary is on the ingest thread. The version in hand keeps scoring
+            # until the new one is ready. Replay and simulate swap at once, reproducibly.
+            self._loading = VersionLoad(change, load)
+            log.info("reward model: loading %s in the background (scoring with %s)", active[0], self.version)
             return
+        try:
+            model = load()
+        except Exception as e:  # keep scoring with the old version rather than stop ingest
+            log.error("cannot load reward-model version %s (keeping %s): %s", active[0], self.version, e)
+            return
+        self._install(change, model)
+
+    def _finish_loading(self, force: bool) -> bool:
+        """Install a background load that has finished (``force``: wait for it). Returns whether
+        the active version may be read again (False: still loading)."""
+        loading = self._loading
+        assert loading is not None
+        if not loading.wait(None if force else 0.0):
+            return False
+        self._loading = None
+        if loading.error is not None or loading.backend is None:
+            # Not accepted: the watch reports the version again and it is tried at the next poll.
+            log.error("cannot load reward-model version %s (keeping %s): %s", loading.name, self.version, loading.error)
+            return True
+        latest = ActiveChange(self.registry.active())
+        if latest.generation != loading.change.generation:
+            # Promoted or retired again while it loaded: never score with a version no longer active.
+            loading.backend.close()
+            return True
+        self._install(loading.change, loading.backend)
+        return True
+
+    def _install(self, change: ActiveChange, model: ScoringBackend) -> None:
+        assert change.active is not None
+        version, _, gen = change.active
         old = self.version
         self._model = model
         self._watch.accept(change)

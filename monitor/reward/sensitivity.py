@@ -75,7 +75,8 @@ def stored_texts(store: Store, streams: Sequence[str] | None = None, scan: int =
 
 def bundled_texts() -> list[ProbeText]:
     """Every valid text of the bundled data: demo-traffic answers and both sides of each HH pair."""
-    from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS, bundled_records
+    from monitor.data import bundled_records
+    from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS
 
     out: list[ProbeText] = []
     for r in bundled_records(DEMO_TRAFFIC):

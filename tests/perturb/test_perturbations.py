@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from monitor.data import bundled_records
 from monitor.perturb import (
     MAX_CHARS,
     NAMES,
@@ -38,7 +39,7 @@ from monitor.perturb import (
     sensitivity,
     undo,
 )
-from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS, bundled_records
+from monitor.perturb.better import DEMO_TRAFFIC, HH_PAIRS
 from monitor.perturb.text import code_spans, detect_lists, fenced_bodies, fenced_spans
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +132,8 @@ def test_deterministic_per_item_and_seed(kind: str) -> None:
 DIGEST_SCRIPT = """
 import hashlib, json, itertools
 from monitor.perturb import choose, make_seed_key
-from monitor.perturb.better import DEMO_TRAFFIC, bundled_records
+from monitor.data import bundled_records
+from monitor.perturb.better import DEMO_TRAFFIC
 rows = [r for r in itertools.islice(bundled_records(DEMO_TRAFFIC), 400) if isinstance(r.get("response"), str)][::5]
 items = [choose(r["prompt"], r["response"], make_seed_key(str(r["episode_id"]), 3)) for r in rows]
 blob = json.dumps([None if i is None else i.to_dict() for i in items], sort_keys=True)

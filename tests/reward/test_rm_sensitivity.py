@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from monitor.config import load_settings
+from monitor.data import bundled_records
 from monitor.metrics import Metrics
 from monitor.perturb import NAMES, Perturbed, Sensitivity
-from monitor.perturb.better import HH_PAIRS, bundled_records
+from monitor.perturb.better import HH_PAIRS
 from monitor.reward import sensitivity as rs
 from monitor.reward.registry import Registry
 from monitor.reward.update import decide, render_gate

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
@@ -19,6 +21,7 @@ from monitor.service import build_service
 from monitor.sources.memory import MemorySource
 from monitor.store import Store
 from monitor.store import tables as t
+from sampling import Decision
 
 
 def _episodes(n: int) -> list[bytes]:
@@ -154,3 +157,122 @@ def test_no_active_version_scores_nothing_and_keeps_ingesting(tmp_path: Path) ->
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(t.rm_scores)).scalar_one() == 0
         assert conn.execute(sa.select(sa.func.count()).select_from(t.episodes)).scalar_one() == 30
+
+
+def test_service_loads_a_promoted_version_off_the_ingest_thread(
+    tmp_path: Path, small_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In the service a promoted version loads on a thread of its own (an ONNX export or a large
+    checkpoint takes tens of seconds): batch boundaries go on with the version in hand, the new one
+    is installed once loaded, a failed load keeps the old one and is tried again, and a version
+    that stopped being active while it loaded never scores."""
+    import monitor.reward.scorer as scorer_module
+    from monitor.episodes import parse_episode
+    from monitor.metrics import Metrics
+    from monitor.reward.model import ModelConfig, RewardModel
+    from monitor.reward.scorer import RewardScorer
+
+    caplog.set_level(logging.INFO, logger="monitor.reward.scorer")
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            "reward.swap_poll_s=0.001",
+        ],
+    )
+    store = Store(settings.database.url)
+    registry = Registry.for_settings(store, settings)
+    v1 = registry.register(small_models["untrained"], data_window={}, metrics={})
+    v2 = registry.register(small_models["trained"], data_window={}, metrics={})
+    registry.promote(v1)
+    real_load = scorer_module.load_version
+    gates: dict[str, threading.Event] = {}
+    loads: list[str] = []
+    broken: set[str] = set()
+    closed: list[str] = []
+
+    ended: list[str] = []
+
+    def gated_load(cfg: Any, path: Any, reg: Any) -> Any:
+        name = Path(path).name
+        loads.append(name)
+        try:
+            return opened_load(cfg, path, reg, name)
+        finally:
+            ended.append(name)
+
+    def opened_load(cfg: Any, path: Any, reg: Any, name: str) -> Any:
+        if name in gates and not gates[name].wait(30):
+            raise TimeoutError("the test never opened the gate")
+        if name in broken:
+            raise OSError(f"{name}: disk error")
+        backend = real_load(cfg, path, reg)
+        original_close = backend.close
+
+        def close() -> None:
+            closed.append(name)
+            original_close()
+
+        monkeypatch.setattr(backend, "close", close)
+        return backend
+
+    monkeypatch.setattr(scorer_module, "load_version", gated_load)
+    metrics = Metrics(CollectorRegistry())
+    scorer = RewardScorer(settings.reward, registry, metrics)
+    scorer.score_in_background()  # the service's mode: the first version loads at once
+    assert scorer.version == v1 and loads == [v1]
+
+    def boundary_until(version: str) -> None:
+        deadline = time.monotonic() + 60
+        while scorer.version != version and time.monotonic() < deadline:
+            time.sleep(0.01)
+            scorer.checkpoint()
+        assert scorer.version == version
+
+    # A slow load: the batch boundary returns with v1 still scoring while v2 loads.
+    gates[v2] = threading.Event()
+    registry.promote(v2)
+    time.sleep(0.01)
+    scorer.checkpoint()
+    # The boundary returned while the load still waits at its gate: it did not wait for it.
+    assert loads == [v1, v2] and ended == [v1] and scorer.version == v1
+    ep = parse_episode(b'{"episode_id": "e1", "prompt": "2+2?", "response": "4"}', 1 << 20, now=0.0)
+    scorer.observe(ep, Decision({"rm": 1.0}, {"rm": 1.0}, u_review=0.0, u_drift=0.5), 0)
+    scorer.checkpoint()  # the episode waits in the store for the background scorer: not lost
+    gates[v2].set()
+    boundary_until(v2)
+    assert metrics.registry.get_sample_value("oversight_rm_active_version_info", {"version": v2}) == 1
+
+    # A load that fails keeps v2 and is tried again at the next poll.
+    broken.add(v1)
+    registry.promote(v1)
+    deadline = time.monotonic() + 60
+    while loads.count(v1) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        scorer.checkpoint()
+    assert loads.count(v1) >= 3 and scorer.version == v2
+    broken.discard(v1)
+    boundary_until(v1)
+
+    # Promoted again while a load is in flight: the stale load is closed, never installed.
+    stale = threading.Event()
+    gates[v2] = stale
+    registry.promote(v2)
+    time.sleep(0.01)
+    scorer.checkpoint()  # v2 starts loading and waits at its gate
+    del gates[v2]
+    v3 = registry.register(
+        RewardModel.create(ModelConfig(finetune_layers=0, max_length=64, length_anchor=0.0), seed=2),
+        data_window={},
+        metrics={},
+    )
+    registry.promote(v3)
+    stale.set()
+    boundary_until(v3)
+    # v2 loaded twice: once installed (closed when v1 replaced it), once stale (closed unused).
+    assert loads.count(v2) == 2 and closed.count(v2) == 2
+    assert sum(f"scoring with {v2} " in r.getMessage() for r in caplog.records) == 1
+    scorer.close()
+    store.close()
