@@ -8,7 +8,8 @@ SmoothQuant (Xiao et al., 2023) divides each input channel ``j`` of a linear lay
 ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and multiplies the weight's input column by
 ``s_j``: the product is unchanged in exact arithmetic, the activations become flatter, and the
 weights, quantised per output channel, absorb the range. ``max|X_j|`` comes from calibration texts
-run through the fp32 encoder (:func:`input_absmax`); nothing is trained.
+run through the fp32 encoder (:func:`input_absmax`; the callers encode
+:func:`monitor.data.calibration_pairs`); nothing is trained.
 
 Where the division goes, per encoder layer:
 
@@ -39,10 +40,7 @@ and PyTorch run the weights as they are.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import islice
 from typing import Any
-
-from monitor.data import bundled_records
 
 #: The migration strength. Minimum cosine to PyTorch on 966 texts of the 23 AlpacaEval models
 #: (episodes, bare instructions, answers' first 40 characters): 0.9974 at 0.6, 0.9980 at 0.7,
@@ -53,22 +51,6 @@ QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 ATTENTION_OUT = "attention.output.dense"
 FFN_IN = "intermediate.dense"
 _MIN = 1e-5  # a channel that never fired (or a zero weight column) keeps a finite, positive scale
-CALIBRATION = "hh-harmless-400.jsonl.gz"
-# 3 inputs per dialogue: ~6 s of PyTorch at the first int8 build. The scales are maxima, which
-# settle quickly: 200 dialogues gave the same minimum cosine to the third decimal.
-CALIBRATION_DIALOGUES = 96
-
-
-def calibration_pairs(n: int = CALIBRATION_DIALOGUES) -> list[tuple[str, str]]:
-    """``(prompt, response)`` pairs to calibrate on, from the HH-RLHF dialogues bundled in
-    ``monitor/data``: each dialogue with its chosen answer, the dialogue's last 200 characters
-    alone and the answer's first 60 characters alone (short inputs have the sharpest activations).
-    Each caller encodes them as it encodes its own inputs."""
-    out: list[tuple[str, str]] = []
-    for r in islice(bundled_records(CALIBRATION), n):
-        prompt, answer = str(r["prompt"]), str(r["chosen"])
-        out += [(prompt, answer), ("", prompt[-200:]), ("", answer[:60])]
-    return out
 
 
 def smoothing(x_absmax: Any, w_absmax: Any, alpha: float = ALPHA) -> Any:

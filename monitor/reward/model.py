@@ -399,7 +399,7 @@ class RewardModel:
 
     def _calibration_batches(self) -> Iterator[tuple[Any, Any, Any]]:
         """The int8 build's calibration inputs, encoded as :meth:`score` encodes."""
-        from monitor.inference.smooth import calibration_pairs
+        from monitor.data import calibration_pairs
 
         pairs = calibration_pairs()
         encs = self.encode([p for p, _ in pairs], [r for _, r in pairs])

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from monitor.data import calibration_pairs
 from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, resolve_backend
-from monitor.inference.smooth import calibration_pairs
 
 if TYPE_CHECKING:
     from monitor.config import EmbeddingDriftConfig

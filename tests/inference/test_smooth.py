@@ -16,9 +16,10 @@ import pytest
 
 from inference.test_int8 import inputs
 from inference.test_onnx_encoder import tiny_bert
+from monitor.data import calibration_pairs
 from monitor.inference.int8 import quantize_matmuls
 from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_matmul, load_encoder, pooled_module
-from monitor.inference.smooth import calibration_pairs, input_absmax, layers, smooth
+from monitor.inference.smooth import input_absmax, layers, smooth
 
 
 def batches(seeds: range) -> list[tuple[Any, Any, Any]]:
