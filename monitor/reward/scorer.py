@@ -336,14 +336,16 @@ class RewardScorer:
         assert loading is not None
         if not loading.wait(None if force else 0.0):
             return False
-        self._loading = None
         if loading.error is not None or loading.backend is None:
+            self._loading = None
             # Not accepted: the watch reports the version again and it is tried at the next poll.
             log.error("cannot load reward-model version %s (keeping %s): %s", loading.name, self.version, loading.error)
             return True
+        # Read before letting go of the load: a database error here leaves it for the next boundary.
         latest = ActiveChange(self.registry.active())
+        self._loading = None
         if latest.generation != loading.change.generation:
-            # Promoted or retired again while it loaded: never score with a version no longer active.
+            # Promoted or retired again while it loaded: never install a version no longer active.
             loading.backend.close()
             return True
         self._install(loading.change, loading.backend)
