@@ -149,6 +149,14 @@ def test_embedding_cosine_gate_on_real_texts(shared_cache: Path, quantisation: s
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     worst = int(cos.argmin())
     assert cos.min() >= 0.99, (quantisation, float(cos.min()), texts[worst][:80])
+    if quantisation == "int8":
+        # The smoothed recipe, not the q/k/v fallback: 6 layers x (q, k, v, attention output, FFN input).
+        import onnx as onnx_package
+
+        built = sorted((shared_cache / "onnx").glob("int8-*/model.onnx"))
+        assert built and all(
+            [n.op_type for n in onnx_package.load(str(m)).graph.node].count("MatMulInteger") == 30 for m in built
+        )
 
 
 @pytest.mark.slow
