@@ -113,20 +113,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(source_digest: str, quantisation: Quantisation, pool_indices: Sequence[int], normalize: bool) -> str:
+def cache_key(
+    source_digest: str, quantisation: Quantisation, pool_indices: Sequence[int], normalize: bool, *, calibrated: bool
+) -> str:
+    """The cache folder's name. An int8 build without calibration (the q/k/v recipe) is marked
+    ``-qkv``; a calibrated one's key holds the smoothing's alpha."""
     import onnxruntime
 
+    int8 = quantisation == "int8"
     parts = [
         str(RECIPE),
         source_digest,
         onnxruntime.__version__,
         quantisation,
-        str(ALPHA) if quantisation == "int8" else "",
+        (f"smooth {ALPHA}" if calibrated else "qkv") if int8 else "",
         ",".join(map(str, pool_indices)),
         str(normalize),
     ]
     digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
-    return f"{quantisation}-{digest}"
+    return f"{quantisation}-{digest}" + ("-qkv" if int8 and not calibrated else "")
 
 
 def pooled_module(encoder: Any, pool_indices: Sequence[int], normalize: bool, *, smoothed: bool = False) -> Any:
@@ -334,7 +339,7 @@ def load_encoder(
     session's intra-op threads, without spinning (default: onnxruntime's, one per core).
     ``calibration``: batches of ``(input_ids, attention_mask, token_type_ids)`` tensors, encoded as
     the caller encodes its inputs, for the int8 build's smoothing (without it, q/k/v only)."""
-    key = cache_key(source_digest, quantisation, pool_indices, normalize) + ("" if calibration else "-qkv")
+    key = cache_key(source_digest, quantisation, pool_indices, normalize, calibrated=calibration is not None)
 
     def make() -> Any:
         encoder = make_encoder()

@@ -298,7 +298,7 @@ class RewardScorer:
         self._rows.clear()
 
     def _maybe_swap(self, force: bool = False) -> None:
-        if self._loading is not None and not self._finish_loading(force):
+        if self._loading is not None and not self._finish_loading(self._loading, force):
             return
         change = self._watch.changed(force)
         if change is not None:
@@ -329,11 +329,9 @@ class RewardScorer:
             return
         self._install(change, model)
 
-    def _finish_loading(self, force: bool) -> bool:
+    def _finish_loading(self, loading: VersionLoad, force: bool) -> bool:
         """Install a background load that has finished (``force``: wait for it). Returns whether
         the active version may be read again (False: still loading)."""
-        loading = self._loading
-        assert loading is not None
         if not loading.wait(None if force else 0.0):
             return False
         if loading.error is not None or loading.backend is None:
