@@ -44,26 +44,52 @@ def tiny_inputs() -> tuple[Any, Any, Any]:
 
 
 def torch_pooled(model: Any, ids: Any, mask: Any, types: Any) -> Any:
+    """The reference: ``model`` as loaded (transformers' default attention), mean-pooled over the
+    mask at the embeddings and the last layer, written out here rather than through the export's
+    own :func:`~monitor.inference.onnx.pooled_module`."""
     import torch
 
-    from monitor.inference.onnx import pooled_module
-
     with torch.no_grad():
-        out = pooled_module(model, [0, -1], False)(
-            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            token_type_ids=torch.from_numpy(types),
+            output_hidden_states=True,
         )
-    return out.numpy()
+        m = torch.from_numpy(mask).unsqueeze(-1).float()
+        return torch.cat([(out.hidden_states[i] * m).sum(1) / m.sum(1) for i in (0, -1)], dim=-1).numpy()
+
+
+def onnx_ops(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
 def test_exported_encoder_matches_pytorch_and_handles_any_shape(cache: Path) -> None:
-    model = tiny_bert()
-    enc = load_encoder("tiny", lambda: model, [0, -1], normalize=False, quantisation="fp32")
+    model = tiny_bert()  # the reference; the export gets a model of its own (it switches attention)
+    enc = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="fp32")
     ids, mask, types = tiny_inputs()
     np.testing.assert_allclose(enc.run(ids, mask, types), torch_pooled(model, ids, mask, types), atol=1e-4)
     # Dynamic axes: another batch size and sequence length than the trace's.
     longer = np.tile(np.arange(1, 40, dtype=np.int64), (5, 1))
     ones = np.ones_like(longer)
     np.testing.assert_allclose(enc.run(longer, ones, 0 * ones), torch_pooled(model, longer, ones, 0 * ones), atol=1e-4)
+
+
+def test_the_export_traces_attention_without_the_sdpa_nan_guard(cache: Path) -> None:
+    """The default attention traces a ``Where(IsNaN(p), 0, p)`` over every layer's attention
+    probabilities, a quarter of the int8 encoder's run time; the export must not carry it, and
+    must still compute what the default attention computes, padded rows included."""
+    reference = tiny_bert()
+    enc = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="fp32")
+    ops = onnx_ops(enc.path)
+    assert "IsNaN" not in ops and ops.count("Softmax") == 2  # one softmax per layer, unguarded
+    ids = np.array([[1, 5, 2, 0, 0, 0, 0], [1, 7, 8, 9, 10, 11, 2]], dtype=np.int64)  # mostly padding
+    mask = (ids != 0).astype(np.int64)
+    np.testing.assert_allclose(
+        enc.run(ids, mask, np.zeros_like(ids)), torch_pooled(reference, ids, mask, np.zeros_like(ids)), atol=1e-4
+    )
 
 
 def test_cache_hit_does_not_rebuild(cache: Path) -> None:
@@ -151,12 +177,8 @@ def test_embedding_cosine_gate_on_real_texts(shared_cache: Path, quantisation: s
     assert cos.min() >= 0.99, (quantisation, float(cos.min()), texts[worst][:80])
     if quantisation == "int8":
         # The smoothed recipe, not the q/k/v fallback: 6 layers x (q, k, v, attention output, FFN input).
-        import onnx as onnx_package
-
         built = sorted((shared_cache / "onnx").glob("int8-*/model.onnx"))
-        assert built and all(
-            [n.op_type for n in onnx_package.load(str(m)).graph.node].count("MatMulInteger") == 30 for m in built
-        )
+        assert built and all(onnx_ops(m).count("MatMulInteger") == 30 for m in built)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from inference.test_int8 import inputs
-from inference.test_onnx_encoder import tiny_bert
+from inference.test_onnx_encoder import onnx_ops, tiny_bert
 from monitor.data import calibration_pairs
 from monitor.inference.int8 import quantize_matmuls
 from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_matmul, load_encoder, pooled_module
@@ -112,12 +112,6 @@ def test_an_encoder_of_another_shape_is_not_smoothed() -> None:
     assert layers(other) == [] and smooth(other, []) == 0
     model = tiny_bert()
     assert smooth(model, []) == 0  # no calibration statistics: nothing is touched
-
-
-def onnx_ops(path: Path) -> list[str]:
-    import onnx
-
-    return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
 def test_the_int8_build_smooths_when_given_calibration_and_falls_back_to_qkv(
