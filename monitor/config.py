@@ -389,7 +389,7 @@ class EmbeddingDriftConfig(_Model):
         "auto", description="auto: PyTorch on CUDA when present, else ONNX Runtime (exported at first use, cached)"
     )
     quantisation: Literal["int8", "fp32"] = Field(
-        "int8", description="ONNX weights (int8: SmoothQuant, all but the feed-forward output projection)"
+        "int8", description="ONNX weights (int8: SmoothQuant; the feed-forward output projection per token)"
     )
 
 

@@ -11,7 +11,9 @@
   of the two scales;
 
 so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8)`` gives
-(``tests/inference/test_int8.py`` compares the two; the dev install has ``onnx``).
+(``tests/inference/test_int8.py`` compares the two; the dev install has ``onnx``). That is
+:data:`PER_TENSOR`. A MatMul may instead get :class:`PerRow`: one activation scale per row (per
+token), for an input whose values one scale per tensor resolves poorly (see the class).
 
 The file is read with a hand-written subset of ``onnx.proto`` (the fields below, numbered as in
 ONNX's schema): protobuf keeps every field it does not know as it was, so the rest of the model
@@ -28,22 +30,53 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 # TensorProto.DataType and AttributeProto.AttributeType values (onnx.proto).
-FLOAT, INT8 = 1, 3
-ATTR_INT = 2
+FLOAT, UINT8, INT8, INT64 = 1, 2, 3, 7
+ATTR_INT, ATTR_INTS = 2, 7
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 #: Names of the standard operator domain; any other domain is a custom one.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 
+@dataclass(frozen=True)
+class PerTensor:
+    """One activation scale and zero point per input tensor, computed at run time
+    (``DynamicQuantizeLinear``, uint8): ``quantize_dynamic``'s recipe, which ONNX Runtime fuses with
+    the MatMul into one ``DynamicQuantizeMatMul``."""
+
+
+@dataclass(frozen=True)
+class PerRow:
+    """One activation scale and zero point per row of the input (per token), over the range
+    ``[floor, max(0, row max)]``: ``QuantizeLinear`` along the rows (uint8, saturating), and
+    ``x @ W = s_row * s_w * (q @ W_int8 - z_row * colsum(W_int8))``. ``floor`` (<= 0) is the
+    activation function's minimum, the low end of every row's range; a value below it saturates
+    to it rather than wrapping round, so a loose floor costs precision, not correctness.
+
+    For an input with a long one-sided tail whose extent differs from token to token (a GELU's
+    output: mostly near zero, a few tokens several times larger than the rest), one scale per
+    tensor spends its levels on the largest token of the batch; per row, each token gets all 256
+    levels over its own range."""
+
+    floor: float
+
+
+#: The default scheme, as ``quantize_dynamic`` does it.
+PER_TENSOR = PerTensor()
+Scheme = PerTensor | PerRow
+_ROW_LEVELS = 255.0
+_TINY_SCALE = 1e-12  # a row that is all ``floor``: any positive scale gives zeros, not 0/0
+
+
 # The fields the rewrite reads and writes, as onnx.proto numbers them: "name number type", a
 # leading "*" for repeated. Everything else in a model is kept as unknown fields, written back as it was.
 _SCHEMA = {
-    "AttributeProto": "name 1 string, i 3 int64, g 6 GraphProto, graphs 11 *GraphProto, type 20 int32",
+    "AttributeProto": "name 1 string, i 3 int64, g 6 GraphProto, ints 8 *int64, graphs 11 *GraphProto, type 20 int32",
     "TensorProto": "dims 1 *int64, data_type 2 int32, float_data 4 *float, name 8 string, raw_data 9 bytes,"
     " data_location 14 int32",
     "NodeProto": "input 1 *string, output 2 *string, name 3 string, op_type 4 string,"
@@ -129,37 +162,50 @@ def _tensor(name: str, array: Any, data_type: int) -> Any:
     return t
 
 
-def _node(op: str, name: str, inputs: list[str], outputs: list[str], **ints: int) -> Any:
+def _node(op: str, name: str, inputs: list[str], outputs: list[str], **attributes: int | list[int]) -> Any:
     n = _messages()["NodeProto"](op_type=op, name=name)
     n.input.extend(inputs)
     n.output.extend(outputs)
-    for key, value in ints.items():
-        n.attribute.add(name=key, i=value, type=ATTR_INT)
+    for key, value in attributes.items():
+        if isinstance(value, list):
+            n.attribute.add(name=key, ints=value, type=ATTR_INTS)
+        else:
+            n.attribute.add(name=key, i=value, type=ATTR_INT)
     return n
 
 
-def quantize_matmuls(src: Path, dest: Path, chosen: Callable[[str], bool]) -> int:
-    """Write ``src`` to ``dest`` with every MatMul whose node name ``chosen`` accepts (and whose
-    second input is a 2-D float initializer) in dynamic int8; returns how many were rewritten."""
+def _scalar(name: str, value: float) -> Any:
+    import numpy as np
+
+    return _tensor(name, np.array(value, dtype=np.float32), FLOAT)
+
+
+def quantize_matmuls(src: Path, dest: Path, scheme: Callable[[str], Scheme | None]) -> int:
+    """Write ``src`` to ``dest`` with every MatMul (whose second input is a 2-D float initializer)
+    in dynamic int8 by the scheme ``scheme`` gives its node name (None: it stays fp32); returns
+    how many were rewritten."""
     model = _messages()["ModelProto"]()
     model.ParseFromString(src.read_bytes())
-    rewritten = _rewrite(model.graph, chosen)
+    rewritten = _rewrite(model.graph, scheme)
     dest.write_bytes(model.SerializeToString())
     return rewritten
 
 
-def _rewrite(graph: Any, chosen: Callable[[str], bool]) -> int:
+def _rewrite(graph: Any, scheme: Callable[[str], Scheme | None]) -> int:
     """Replace the chosen MatMuls of ``graph`` in place (nodes stay in topological order: each
     replacement takes its MatMul's place); weights no node reads any more are dropped."""
     inits = {t.name: t for t in graph.initializer}
     uses = Counter(name for n in graph.node for name in n.input)
     nodes: list[Any] = []
-    activations: dict[str, tuple[str, str, str]] = {}  # input -> its uint8 copy, scale, zero point
+    # An input quantised once per scheme, shared by the MatMuls that read it: (input, scheme) ->
+    # the names of its quantised copy and scale (and zero point, per tensor).
+    activations: dict[tuple[str, Scheme], tuple[str, ...]] = {}
     new_inits: list[Any] = []
     rewritten = 0
     for n in graph.node:
         weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if weight is None or n.domain not in STANDARD_DOMAINS or not chosen(n.name):
+        chosen = scheme(n.name) if weight is not None and n.domain in STANDARD_DOMAINS else None
+        if weight is None or chosen is None:
             nodes.append(n)
             continue
         w = n.input[1]
@@ -170,19 +216,86 @@ def _rewrite(graph: Any, chosen: Callable[[str], bool]) -> int:
                 continue
             new_inits += quantised
             inits.update((t.name, t) for t in quantised)
-        x = n.input[0]
-        if x not in activations:
-            activations[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
-            nodes.append(_node("DynamicQuantizeLinear", f"{x}_QuantizeLinear", [x], list(activations[x])))
-        nodes += _int8_matmul(n, activations[x])
+        key = (n.input[0], chosen)
+        if key not in activations:
+            activations[key], quantise, constants = _quantised_input(*key, width=int(weight.dims[0]))
+            nodes += quantise
+            new_inits += constants
+        if isinstance(chosen, PerRow):
+            if f"{w}_column_sums" not in inits:
+                sums = _column_sums(inits[f"{w}_quantized"], f"{w}_column_sums")
+                new_inits.append(sums)
+                inits[sums.name] = sums
+            nodes += _row_int8_matmul(n, activations[key])
+        else:
+            nodes += _int8_matmul(n, activations[key])
         uses[w] -= 1
         rewritten += 1
     kept = [t for t in graph.initializer if uses[t.name] > 0 or f"{t.name}_quantized" not in inits]
+    read = {name for n in nodes for name in n.input}
+    new_inits = [t for t in new_inits if t.name in read]  # a weight's zero point, when only rows read it
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     return rewritten
+
+
+def _quantised_input(x: str, scheme: Scheme, width: int) -> tuple[tuple[str, ...], list[Any], list[Any]]:
+    """The names of ``x``'s quantised copy, scale(s) and zero point(s), the nodes that compute them
+    and the constants those nodes read (``width``: ``x``'s last dimension)."""
+    if isinstance(scheme, PerTensor):
+        names = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+        return names, [_node("DynamicQuantizeLinear", f"{x}_QuantizeLinear", [x], list(names))], []
+    import numpy as np
+
+    c = {k: f"{x}_row_{k}" for k in ("floor", "minus_floor", "zero", "inverse_levels", "tiny", "flat", "rows")}
+    v = {k: f"{x}_row_{k}" for k in ("max", "top", "range", "raw_scale", "scale", "raw_zero", "zero_point")}
+    v |= {k: f"{x}_row_{k}" for k in ("zero_uint8", "scale_flat", "zero_flat", "as_rows", "rows_quantized")}
+    v |= {"shape": f"{x}_shape", "quantized": f"{x}_row_quantized"}
+    nodes = [
+        # Each row's scale and zero point, shaped [..., 1] to broadcast over the MatMul's output.
+        _node("ReduceMax", f"{x}_row_max", [x], [v["max"]], axes=[-1], keepdims=1),
+        _node("Max", f"{x}_row_top", [v["max"], c["zero"]], [v["top"]]),  # 0 in range: exact zeros
+        _node("Sub", f"{x}_row_range", [v["top"], c["floor"]], [v["range"]]),
+        _node("Mul", f"{x}_row_raw_scale", [v["range"], c["inverse_levels"]], [v["raw_scale"]]),
+        _node("Max", f"{x}_row_scale", [v["raw_scale"], c["tiny"]], [v["scale"]]),
+        # -floor / scale <= 255, since the range reaches from floor to at least 0.
+        _node("Div", f"{x}_row_raw_zero", [c["minus_floor"], v["scale"]], [v["raw_zero"]]),
+        _node("Round", f"{x}_row_zero_point", [v["raw_zero"]], [v["zero_point"]]),
+        _node("Cast", f"{x}_row_zero_uint8", [v["zero_point"]], [v["zero_uint8"]], to=UINT8),
+        # QuantizeLinear's per-axis parameters are 1-D along one axis: the rows of a 2-D view.
+        _node("Reshape", f"{x}_row_scale_flat", [v["scale"], c["flat"]], [v["scale_flat"]]),
+        _node("Reshape", f"{x}_row_zero_flat", [v["zero_uint8"], c["flat"]], [v["zero_flat"]]),
+        _node("Reshape", f"{x}_row_as_rows", [x, c["rows"]], [v["as_rows"]]),
+        _node(
+            "QuantizeLinear",
+            f"{x}_row_quantize",
+            [v["as_rows"], v["scale_flat"], v["zero_flat"]],
+            [v["rows_quantized"]],
+            axis=0,
+        ),
+        _node("Shape", f"{x}_shape", [x], [v["shape"]]),
+        _node("Reshape", f"{x}_row_reshape", [v["rows_quantized"], v["shape"]], [v["quantized"]]),
+    ]
+    constants = [
+        _scalar(c["floor"], scheme.floor),
+        _scalar(c["minus_floor"], -scheme.floor),
+        _scalar(c["zero"], 0.0),
+        _scalar(c["inverse_levels"], 1.0 / _ROW_LEVELS),
+        _scalar(c["tiny"], _TINY_SCALE),
+        _tensor(c["flat"], np.array([-1], dtype=np.int64), INT64),
+        _tensor(c["rows"], np.array([-1, width], dtype=np.int64), INT64),
+    ]
+    return (v["quantized"], v["scale"], v["zero_point"]), nodes, constants
+
+
+def _column_sums(t: Any, name: str) -> Any:
+    """The int8 weight's column sums as float: the zero points' share of ``q @ W_int8``."""
+    import numpy as np
+
+    q = np.frombuffer(t.raw_data, dtype=np.int8).reshape(tuple(t.dims))
+    return _tensor(name, q.astype(np.int64).sum(axis=0).astype(np.float32), FLOAT)
 
 
 def _quantised_weight(t: Any) -> list[Any] | None:
@@ -200,7 +313,7 @@ def _quantised_weight(t: Any) -> list[Any] | None:
     ]
 
 
-def _int8_matmul(n: Any, activation: tuple[str, str, str]) -> list[Any]:
+def _int8_matmul(n: Any, activation: tuple[str, ...]) -> list[Any]:
     """The nodes that compute MatMul ``n`` from the quantised input and weight, into its output."""
     xq, xs, xz = activation
     w, out = n.input[1], n.output[0]
@@ -209,4 +322,20 @@ def _int8_matmul(n: Any, activation: tuple[str, str, str]) -> list[Any]:
         _node("Cast", f"{n.name}_cast", [f"{out}_int32"], [f"{out}_int32_float"], to=FLOAT),
         _node("Mul", f"{n.name}_scales_mul", [xs, f"{w}_scale"], [f"{out}_scales"]),
         _node("Mul", f"{n.name}_output_scale_mul", [f"{out}_int32_float", f"{out}_scales"], [out]),
+    ]
+
+
+def _row_int8_matmul(n: Any, activation: tuple[str, ...]) -> list[Any]:
+    """:func:`_int8_matmul` for a :class:`PerRow` input: ``MatMulInteger`` without zero points (ONNX
+    Runtime takes one per tensor), the rows' zero points taken out with the weight's column sums,
+    then the rows' and the weight's scales."""
+    xq, xs, xz = activation
+    w, out = n.input[1], n.output[0]
+    return [
+        _node("MatMulInteger", f"{n.name}_quant", [xq, f"{w}_quantized"], [f"{out}_int32"]),
+        _node("Cast", f"{n.name}_cast", [f"{out}_int32"], [f"{out}_int32_float"], to=FLOAT),
+        _node("Mul", f"{n.name}_zero_share", [xz, f"{w}_column_sums"], [f"{out}_zero_share"]),
+        _node("Sub", f"{n.name}_zero_sub", [f"{out}_int32_float", f"{out}_zero_share"], [f"{out}_centred"]),
+        _node("Mul", f"{n.name}_row_scale_mul", [f"{out}_centred", xs], [f"{out}_row_scaled"]),
+        _node("Mul", f"{n.name}_weight_scale_mul", [f"{out}_row_scaled", f"{w}_scale"], [out]),
     ]

@@ -19,12 +19,13 @@ Where the division goes, per encoder layer:
   value projection: its division is folded into the value projection's rows and bias (no extra op);
 * the feed-forward input projection: a division on its input (a pre-hook on ``intermediate``).
 
-The feed-forward *output* projection is left alone and stays fp32 (``monitor/inference/onnx.py``):
-smoothed and int8 too, the minimum cosine to PyTorch on held-out texts fell to 0.983 at alpha 0.7
-(0.930 at 0.9). Its input, the GELU's output, has outlier channels no worse than the feed-forward
-input's (largest channel 4-14x the median on real texts, largest token 3-9x), but it is mostly near
-zero with a long positive tail, which one per-tensor activation scale resolves poorly, and its error
-goes straight into the residual stream.
+The feed-forward *output* projection is not smoothed. Its input, the GELU's output, has outlier
+channels no worse than the feed-forward input's (largest channel 4-14x the median on real texts),
+but it is mostly near zero with a long positive tail whose extent differs from token to token
+(largest token 3-9x), and its error goes straight into the residual stream: smoothed and int8 with
+one scale per tensor, the minimum cosine to PyTorch on held-out texts fell to 0.983 at alpha 0.7
+(0.930 at 0.9). It is int8 with one scale per token instead (``monitor/inference/int8.py``,
+``PerRow``), which needs no smoothing.
 
 The hooks are traced into the ONNX graph as ``Mul`` nodes. Only the int8 build is smoothed; fp32
 and PyTorch run the weights as they are.

@@ -16,14 +16,22 @@ import numpy as np
 import pytest
 
 from inference.test_onnx_encoder import tiny_bert
-from monitor.inference.int8 import STANDARD_DOMAINS, node_domains, quantize_matmuls, quantize_weight
+from monitor.inference.int8 import (
+    PER_TENSOR,
+    STANDARD_DOMAINS,
+    PerRow,
+    Scheme,
+    node_domains,
+    quantize_matmuls,
+    quantize_weight,
+)
 from monitor.inference.onnx import OnnxEncoder, export, pooled_module
 
 QKV = ("/attention/self/query/", "/attention/self/key/", "/attention/self/value/")
 
 
-def qkv(name: str) -> bool:
-    return any(k in name for k in QKV)
+def qkv(name: str) -> Scheme | None:
+    return PER_TENSOR if any(k in name for k in QKV) else None
 
 
 def inputs(seed: int) -> tuple[Any, Any, Any]:
@@ -59,7 +67,7 @@ def test_weight_recipe_is_symmetric_per_output_channel() -> None:
 def test_rewrites_only_the_chosen_matmuls_and_keeps_the_rest(fp32: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8.onnx"
     assert quantize_matmuls(fp32, out, qkv) == 6  # 2 layers x q, k, v
-    assert quantize_matmuls(fp32, tmp_path / "none.onnx", lambda name: False) == 0
+    assert quantize_matmuls(fp32, tmp_path / "none.onnx", lambda name: None) == 0
     base = OnnxEncoder(fp32).session
     got = OnnxEncoder(out).session
     # The graph's inputs and outputs are untouched (unknown fields written back as they were).
@@ -90,13 +98,94 @@ def test_a_shared_weight_is_quantised_once_and_other_shapes_stay_fp32(tmp_path: 
     src, out = tmp_path / "shared.onnx", tmp_path / "shared-int8.onnx"
     x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     torch.onnx.export(Shared().eval(), (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"])
-    assert quantize_matmuls(src, out, lambda name: True) == 2
+    assert quantize_matmuls(src, out, lambda name: PER_TENSOR) == 2
     import onnxruntime as ort
 
     want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
     assert got.shape == want.shape and not np.array_equal(got, want)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # int8 of an 8-wide product
+
+
+def activation_then_matmul(tmp_path: Path, activation: str) -> tuple[Path, Any, Any]:
+    """``act(x @ A) @ W`` exported (the second MatMul reads an activation's output, as an encoder's
+    feed-forward output projection does), and inputs whose rows span two orders of magnitude."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.nn.Parameter(torch.randn(16, 64, generator=g))
+            self.w = torch.nn.Parameter(torch.randn(64, 8, generator=g) / 8)
+
+        def forward(self, x: Any) -> Any:
+            act = torch.nn.functional.gelu if activation == "gelu" else torch.relu
+            return act(x @ self.a) @ self.w
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(12, 16)) * np.logspace(-1, 1, 12)[:, None]).astype(np.float32)
+    src, block = tmp_path / f"{activation}.onnx", Block().eval()
+    torch.onnx.export(block, (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"], opset_version=17)
+    return src, x, block
+
+
+def second_matmul(scheme: Scheme) -> Any:
+    return lambda name: scheme if name.endswith("MatMul_1") else None
+
+
+def row_errors(src: Path, out: Path, x: Any) -> Any:
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    return np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+
+
+def test_per_row_activations_keep_every_rows_precision(tmp_path: Path) -> None:
+    """One scale per tensor spends its 256 levels on the largest row; per row, a row 100 times
+    smaller keeps its own. The rows' zero points must be taken back out exactly (GELU's outputs
+    reach -0.17, so no row's zero point is 0)."""
+    src, x, _ = activation_then_matmul(tmp_path, "gelu")
+    per_row, per_tensor = tmp_path / "row.onnx", tmp_path / "tensor.onnx"
+    assert quantize_matmuls(src, per_row, second_matmul(PerRow(-0.17))) == 1
+    assert quantize_matmuls(src, per_tensor, second_matmul(PER_TENSOR)) == 1
+    row, tensor = row_errors(src, per_row, x), row_errors(src, per_tensor, x)
+    assert row.max() < 0.02  # every row within 2% of fp32 (int8 weights, 8-bit rows)
+    small = slice(0, 4)  # the rows 100-25 times smaller than the largest
+    assert tensor[small].mean() > 10 * row[small].mean()
+
+
+def test_per_row_saturates_below_the_floor_instead_of_wrapping(tmp_path: Path) -> None:
+    """A floor above the activation's minimum (0 for a GELU, whose outputs reach -0.17) clips
+    the values below it: the result is the product of the clipped activations, not uint8 wrapping
+    round to the top of the range. A floor below the minimum only costs levels."""
+    import onnxruntime as ort
+    import torch
+
+    src, x, block = activation_then_matmul(tmp_path, "gelu")
+    out = tmp_path / "floor0.onnx"
+    quantize_matmuls(src, out, second_matmul(PerRow(0.0)))
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    with torch.no_grad():
+        clipped = (torch.nn.functional.gelu(torch.from_numpy(x) @ block.a).clamp(min=0.0) @ block.w).numpy()
+    assert (np.linalg.norm(got - clipped, axis=1) / np.linalg.norm(clipped, axis=1)).max() < 0.02
+    quantize_matmuls(src, out, second_matmul(PerRow(-1.0)))
+    assert row_errors(src, out, x).max() < 0.05
+
+
+def test_per_row_gives_exact_zeros_for_a_row_at_the_floor(tmp_path: Path) -> None:
+    """A row whose values all sit at the floor (ReLU of zeros) has no range: its scale must not be
+    0 (0/0 is NaN); the product is then exactly 0."""
+    import onnxruntime as ort
+
+    src, x, _ = activation_then_matmul(tmp_path, "relu")
+    x[5] = 0.0  # ReLU(0 @ A) = 0 everywhere
+    out = tmp_path / "row.onnx"
+    quantize_matmuls(src, out, second_matmul(PerRow(0.0)))
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    assert np.isfinite(got).all() and np.array_equal(got[5], np.zeros(8, dtype=np.float32))
+    assert row_errors(src, out, x)[np.arange(12) != 5].max() < 0.02
 
 
 def test_node_domains_reach_into_subgraphs(fp32: Path) -> None:
@@ -138,7 +227,7 @@ def test_same_outputs_as_onnxruntime_quantize_dynamic(fp32: Path, tmp_path: Path
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(fp32)).graph
-    keep = [n.name for n in graph.node if n.op_type == "MatMul" and not qkv(n.name)]
+    keep = [n.name for n in graph.node if n.op_type == "MatMul" and qkv(n.name) is None]
     ref_path = tmp_path / "ort.onnx"
     quantize_dynamic(
         str(fp32),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.inference.onnx import CACHE_ENV, DIGEST, MODEL, load_encoder, resolve_backend
+from monitor.inference.onnx import ACTIVATION_FLOORS, CACHE_ENV, DIGEST, MODEL, load_encoder, resolve_backend
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -90,6 +90,18 @@ def test_the_export_traces_attention_without_the_sdpa_nan_guard(cache: Path) -> 
     np.testing.assert_allclose(
         enc.run(ids, mask, np.zeros_like(ids)), torch_pooled(reference, ids, mask, np.zeros_like(ids)), atol=1e-4
     )
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATION_FLOORS))
+def test_activation_floors_are_true_and_tight_lower_bounds(name: str) -> None:
+    """The per-row scheme quantises the feed-forward output projection's input from its floor: a
+    value below it would be clipped, a floor far below it wastes levels."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-20.0, 5.0, 2_000_001, dtype=torch.float64)
+    lowest = float(ACT2FN[name](x).min())
+    assert ACTIVATION_FLOORS[name] <= lowest <= ACTIVATION_FLOORS[name] + 0.002, lowest
 
 
 def test_cache_hit_does_not_rebuild(cache: Path) -> None:
@@ -176,9 +188,11 @@ def test_embedding_cosine_gate_on_real_texts(shared_cache: Path, quantisation: s
     worst = int(cos.argmin())
     assert cos.min() >= 0.99, (quantisation, float(cos.min()), texts[worst][:80])
     if quantisation == "int8":
-        # The smoothed recipe, not the q/k/v fallback: 6 layers x (q, k, v, attention output, FFN input).
+        # The smoothed recipe, not the q/k/v fallback: 6 layers x (q, k, v, attention output, FFN
+        # input, and the FFN output with its activations per row: one ReduceMax each).
         built = sorted((shared_cache / "onnx").glob("int8-*/model.onnx"))
-        assert built and all(onnx_ops(m).count("MatMulInteger") == 30 for m in built)
+        assert built and all(onnx_ops(m).count("MatMulInteger") == 36 for m in built)
+        assert all(onnx_ops(m).count("ReduceMax") == 6 for m in built)
 
 
 @pytest.mark.slow

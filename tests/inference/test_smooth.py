@@ -2,7 +2,7 @@
 
 Smoothing must not change what the fp32 encoder computes (it only moves a per-channel factor from
 the activations into the weights), it must make int8 more accurate on an encoder with an outlier
-channel, and the int8 build must quantise what :func:`int8_matmul` says, falling back to q/k/v for
+channel, and the int8 build must quantise what :func:`int8_scheme` says, falling back to q/k/v for
 an encoder it cannot smooth. The accuracy gates on the real MiniLM are in ``test_onnx_encoder.py``.
 """
 
@@ -18,7 +18,7 @@ from inference.test_int8 import inputs
 from inference.test_onnx_encoder import onnx_ops, tiny_bert
 from monitor.data import calibration_pairs
 from monitor.inference.int8 import quantize_matmuls
-from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_matmul, load_encoder, pooled_module
+from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_scheme, load_encoder, pooled_module
 from monitor.inference.smooth import input_absmax, layers, smooth
 
 
@@ -80,7 +80,7 @@ def test_smoothing_flattens_the_quantised_inputs() -> None:
     after = input_absmax(model, batches(range(3)))  # the hooks divide: this is what int8 sees
     for b, a in zip(before, after, strict=True):
         for name in b:
-            if name == "output.dense":  # recorded, left alone: it stays fp32
+            if name == "output.dense":  # recorded, not smoothed: it is int8 per token instead
                 continue
             assert spread(a[name]) < spread(b[name]) / 2, name
 
@@ -89,7 +89,7 @@ def test_smoothed_int8_is_closer_to_fp32_than_int8_alone(tmp_path: Path) -> None
     def int8(model: Any, name: str) -> OnnxEncoder:
         fp32, out = tmp_path / f"{name}-fp32.onnx", tmp_path / f"{name}.onnx"
         export(pooled_module(model, [0, -1], False), fp32)
-        assert quantize_matmuls(fp32, out, lambda node: int8_matmul(node, True)) == 2 * 5
+        assert quantize_matmuls(fp32, out, lambda node: int8_scheme(node, True)) == 2 * 5
         return OnnxEncoder(out)
 
     ref = outlier_bert()
@@ -123,8 +123,8 @@ def test_the_int8_build_smooths_when_given_calibration_and_falls_back_to_qkv(
     )
     qkv_only = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8")
     assert smoothed.path != qkv_only.path  # two recipes, two cache entries
-    # 2 layers: q, k, v, attention output and feed-forward input int8 (5 each); q/k/v alone: 3 each.
-    assert onnx_ops(smoothed.path).count("MatMulInteger") == 10
+    # 2 layers: q, k, v, attention output, feed-forward input and output int8 (6 each); q/k/v alone: 3 each.
+    assert onnx_ops(smoothed.path).count("MatMulInteger") == 12
     assert onnx_ops(qkv_only.path).count("MatMulInteger") == 6
     ref = tiny_bert()
     for seed in range(3):
