@@ -28,8 +28,9 @@ Minimum cosine to PyTorch on the gate's 197 texts / 644 held-out texts of the 23
 The graph is traced with eager attention (:func:`pooled_module` says why). ``python bench/encoder.py``
 gives the speed against PyTorch eager in the same run. The gate is 0.99
 (``tests/inference/test_onnx_encoder.py``). An encoder whose layers are not BERT-shaped is not
-smoothed and gets q/k/v int8 only; one whose activation has no known minimum keeps the
-feed-forward output projection fp32.
+smoothed and gets q/k/v int8 only, where its projections carry BERT's names (DistilBERT's do not:
+it runs fp32, with a warning); one whose activation has no known minimum keeps the feed-forward
+output projection fp32 (``tests/inference/test_smooth.py`` builds each case).
 
 **Cache.** ``onnx/<key>/`` under :func:`cache_root`, where the key hashes the source weights'
 SHA-256, the onnxruntime version, the quantisation and the pooling. A build happens in a temporary
@@ -365,15 +366,15 @@ class OnnxEncoder:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        # The export drops an input the encoder never reads (DistilBERT has no token types), and
+        # ONNX Runtime refuses a feed it does not declare.
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
     def run(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
         import numpy as np
 
-        feed = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-            "token_type_ids": np.ascontiguousarray(token_type_ids, dtype=np.int64),
-        }
+        given = dict(zip(INPUTS, (input_ids, attention_mask, token_type_ids), strict=True))
+        feed = {name: np.ascontiguousarray(given[name], dtype=np.int64) for name in self.inputs}
         return self.session.run(None, feed)[0]
 
 

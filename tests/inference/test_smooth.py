@@ -138,3 +138,72 @@ def test_calibration_pairs_come_from_the_bundled_dialogues() -> None:
     assert len(pairs) == 12 and all(isinstance(p, str) and isinstance(r, str) for p, r in pairs)
     assert pairs[0][0].rstrip().endswith("Assistant:") and pairs[0][1]
     assert max(len(r) for _, r in pairs[2::3]) <= 60  # the short answers
+
+
+def tiny_encoder(family: str, act: str) -> Any:
+    """A tiny randomly initialised encoder of ``family`` (``bert``, ``roberta``, ``distilbert``)
+    with feed-forward activation ``act``, seeded like ``tiny_bert``."""
+    import torch
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    model: Any
+    if family == "distilbert":
+        model = DistilBertModel(
+            DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=2, hidden_dim=64, activation=act)
+        )
+    elif family == "roberta":
+        model = RobertaModel(
+            RobertaConfig(
+                vocab_size=200,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                hidden_act=act,
+            )
+        )
+    else:
+        model = BertModel(
+            BertConfig(
+                vocab_size=200,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                hidden_act=act,
+            )
+        )
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "act", "int8_matmuls"),
+    [
+        ("roberta", "gelu_new", 12),  # BERT-shaped: smoothed, the feed-forward output per row
+        ("bert", "silu", 12),  # another floor (-0.279)
+        ("bert", "tanh", 10),  # no known minimum: the feed-forward output projection stays fp32
+        ("distilbert", "gelu", 0),  # not BERT-shaped, no token types: exported, left fp32, and it runs
+    ],
+)
+def test_the_int8_recipe_on_other_encoders_matches_pytorch(
+    family: str, act: str, int8_matmuls: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``drift.embedding.model_dir`` takes any local encoder: the export's attention switch, the
+    smoothing and the per-row scheme must hold beyond MiniLM, and fail closed where they cannot."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    enc = load_encoder(
+        f"{family}-{act}",
+        lambda: tiny_encoder(family, act),
+        [0, -1],
+        normalize=False,
+        quantisation="int8",
+        calibration=lambda: batches(range(2)),
+    )
+    assert onnx_ops(enc.path).count("MatMulInteger") == int8_matmuls
+    assert "IsNaN" not in onnx_ops(enc.path)
+    ref = tiny_encoder(family, act)
+    for seed in range(3):
+        want = pooled(ref, batches(range(seed, seed + 1))[0])
+        got = enc.run(*inputs(seed))
+        assert np.isfinite(got).all() and np.allclose(got, want, atol=0.05), np.abs(got - want).max()
