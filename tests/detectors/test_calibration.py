@@ -43,6 +43,33 @@ def test_cusum_model_matches_the_detector_exactly(mode: str) -> None:
     assert runs[2 if mode != "down" else 4] > 0
 
 
+def whole_stream_cusum_path(streams: Any, k: float, min_instances: int, mode: str) -> Any:
+    """The CUSUM model's path over whole streams at once (how it was computed before chunking)."""
+    up = np.cumsum(streams - k, axis=1)
+    up = up - np.minimum(np.minimum.accumulate(up, axis=1), 0.0)
+    down = np.cumsum(-streams - k, axis=1)
+    down = down - np.minimum(np.minimum.accumulate(down, axis=1), 0.0)
+    stat = up if mode == "up" else down if mode == "down" else np.maximum(up, down)
+    stat[:, : max(min_instances - 1, 0)] = -np.inf
+    return np.maximum.accumulate(stat, axis=1)
+
+
+@pytest.mark.parametrize(("mode", "chunk", "min_instances"), [("both", 97, 5), ("up", 1, 300), ("down", 4096, 1)])
+def test_the_chunked_cusum_path_is_the_whole_stream_path_bit_for_bit(mode: str, chunk: int, min_instances: int) -> None:
+    """Chunks carry the walk, its low and the path's maximum: the same additions in the same
+    order, so the calibrated thresholds cannot move. The warm-up can span chunks (300 > 97)."""
+    streams = cal.null_streams(None, 7, 3001, seed=11)
+    streams[1, 1500:] += 0.8
+    streams[5, 2000:] -= 0.8
+    got = cal.cusum_path_max(streams, k=0.3, min_instances=min_instances, mode=mode, chunk=chunk)
+    want = whole_stream_cusum_path(streams, 0.3, min_instances, mode)
+    assert np.array_equal(got, want)
+    run = cal.cusum_run_lengths(streams, k=0.3, min_instances=min_instances, mode=mode, chunk=chunk)
+    for level in (2.0, 9.0, 25.0, 1e9):
+        level_hits = [int(np.argmax(row > level)) + 1 if (row > level).any() else 0 for row in want]
+        assert run(level).tolist() == level_hits
+
+
 def test_cusum_is_anchored_on_the_reference_not_the_running_mean() -> None:
     """A change soon after the start: the reference-anchored CUSUM finds it, PageHinkley (whose
     running mean follows the new level) much later."""
