@@ -247,27 +247,18 @@ def cusum_path_max(
     the carried sum before its cumulative sum, which is the whole stream's order of additions."""
     n_runs, length = streams.shape
     path: FloatArray = np.empty((n_runs, length), dtype=np.float64)
-    sides = [(1.0, mode != "down"), (-1.0, mode != "up")]
-    walk = {sign: np.zeros(n_runs) for sign, _ in sides}  # X at the end of the previous chunk
-    low = {sign: np.zeros(n_runs) for sign, _ in sides}  # min(0, min X) so far
+    signs = [1.0] if mode == "up" else [-1.0] if mode == "down" else [1.0, -1.0]
+    # Per side, the walk X at the end of the previous chunk and min(0, min X) so far.
+    carry = {sign: (np.zeros(n_runs), np.zeros(n_runs)) for sign in signs}
     top = np.full(n_runs, -np.inf)  # the path's running maximum so far
     warm = max(min_instances - 1, 0)  # the first steps can never alarm
     for c0 in range(0, length, chunk):
         c1 = min(length, c0 + chunk)
-        stat: FloatArray | None = None
-        for sign, used in sides:
-            if not used:
-                continue
-            x = (streams[:, c0:c1] if sign > 0 else -streams[:, c0:c1]) - k
-            x[:, 0] += walk[sign]
-            np.cumsum(x, axis=1, out=x)
-            walk[sign] = x[:, -1].copy()
-            floor = np.minimum.accumulate(x, axis=1)
-            np.minimum(floor, low[sign][:, None], out=floor)
-            low[sign] = floor[:, -1].copy()
-            np.subtract(x, floor, out=x)  # S_t = X_t - min(0, min X): the carried low starts at 0
-            stat = x if stat is None else np.maximum(stat, x, out=stat)
-        assert stat is not None
+        sides = []
+        for sign in signs:
+            side, carry[sign] = _cusum_side(sign * streams[:, c0:c1] - k, *carry[sign])
+            sides.append(side)
+        stat = sides[0] if len(sides) == 1 else np.maximum(sides[0], sides[1], out=sides[0])
         if c0 < warm:
             stat[:, : warm - c0] = -np.inf
         np.maximum.accumulate(stat, axis=1, out=stat)
@@ -275,6 +266,20 @@ def cusum_path_max(
         top = stat[:, -1].copy()
         path[:, c0:c1] = stat
     return path
+
+
+def _cusum_side(
+    increments: FloatArray, walk: FloatArray, low: FloatArray
+) -> tuple[FloatArray, tuple[FloatArray, FloatArray]]:
+    """One side's CUSUM ``X_t - min(0, min X)`` over a chunk of ``increments`` (a new array,
+    overwritten), from the walk and low carried in; returns it and the carries out."""
+    increments[:, 0] += walk
+    x = np.cumsum(increments, axis=1, out=increments)
+    floor = np.minimum.accumulate(x, axis=1)
+    np.minimum(floor, low[:, None], out=floor)
+    carried = (x[:, -1].copy(), floor[:, -1].copy())
+    np.subtract(x, floor, out=x)
+    return x, carried
 
 
 @lru_cache(maxsize=64)
