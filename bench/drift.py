@@ -141,18 +141,19 @@ def baseline_adwin(rows: list[dict[str, Any]]) -> list[int]:
     return out
 
 
-def baseline_mmd(rows: list[dict[str, Any]], emb_cache: dict[str, Any]) -> list[int]:
+def baseline_mmd(rows: list[dict[str, Any]], emb_cache: dict[tuple[str, str], Any]) -> list[int]:
     import numpy as np
     from alibi_detect.cd import MMDDriftOnline
 
-    from monitor.signals.embeddings import Embedder, episode_text
+    from monitor.signals.embeddings import Embedder
 
-    texts = [episode_text(r["prompt"], r["response"]) for r in rows]
-    missing = sorted({t for t in texts if t not in emb_cache})
+    # The monitor's own embedding (the default pair encoding), cached by episode.
+    keys = [(r["prompt"], r["response"]) for r in rows]
+    missing = sorted({k for k in keys if k not in emb_cache})
     if missing:
-        vecs = Embedder().embed(missing)
+        vecs = Embedder().embed_episodes([p for p, _ in missing], [r for _, r in missing])
         emb_cache.update(zip(missing, vecs, strict=True))
-    x = np.stack([emb_cache[t] for t in texts])
+    x = np.stack([emb_cache[k] for k in keys])
     ref = x[:500]
     # alibi-detect's defaults but for the ERT, window and reference of the orientation
     # numbers; its default 1,000 bootstraps cannot estimate the 1 - 1/2000 quantile (it refuses).
@@ -177,7 +178,7 @@ def main() -> int:
     if args.scenarios:
         scen = {k: v for k, v in scen.items() if k in args.scenarios.split(",")}
     results = []
-    emb_cache: dict[str, Any] = {}
+    emb_cache: dict[tuple[str, str], Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (rows, change) in scen.items():
             events, rate = run_monitor(encode(rows, name), tmp, args.set)

@@ -4,9 +4,14 @@
 
 Two workloads, at the product's token limits and batch sizes:
 
-* drift: ``Embedder`` on ``episode_text(prompt, response)`` (drift.embedding.max_length 128, batch 32);
+* drift: ``Embedder.embed_episodes`` (drift.embedding: the pair encoding, max_length 128, batch 32);
 * reward: ``RewardModel.score`` (max_length 128, reward.batch_size 32; head included, the head is
   PyTorch on every backend).
+
+And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, the drift
+encoder ONNX int8): episodes/s with two passes (score, then embed) and with one (the score's pass
+hands out the drift embedding, ``monitor/inference/shared.py``), and how close the shared vectors
+are to the drift encoder's own.
 
 The backends run interleaved (torch, onnx-fp32, onnx-int8, then again) ``--repeat`` times and the
 median texts/s is printed, so a neighbour loading the CPU hurts all three alike. Accuracy on the same
@@ -56,7 +61,7 @@ def interleaved(runs: dict[str, Callable[[], Any]], n: int, repeat: int) -> dict
     return {k: round(statistics.median(v), 1) for k, v in times.items()}
 
 
-def drift_bench(texts: list[str], repeat: int) -> dict[str, Any]:
+def drift_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
     import numpy as np
 
     from monitor.signals.embeddings import Embedder
@@ -70,10 +75,10 @@ def drift_bench(texts: list[str], repeat: int) -> dict[str, Any]:
     vecs = {}
     for name, e in emb.items():
         t0 = time.perf_counter()
-        vecs[name] = e.embed(texts)  # first call: load (export on a cache miss) and a warm pass
+        vecs[name] = e.embed_episodes(prompts, responses)  # first call: load (export on a miss), a warm pass
         out["load_s"][name] = round(time.perf_counter() - t0, 1)
-    runs: dict[str, Callable[[], Any]] = {k: partial(e.embed, texts) for k, e in emb.items()}
-    out["texts_per_s"] = interleaved(runs, len(texts), repeat)
+    runs: dict[str, Callable[[], Any]] = {k: partial(e.embed_episodes, prompts, responses) for k, e in emb.items()}
+    out["texts_per_s"] = interleaved(runs, len(prompts), repeat)
     for name in ("onnx-fp32", "onnx-int8"):
         cos = (vecs[name] * vecs["torch"]).sum(1)
         out[f"{name}_cosine_min"] = round(float(np.min(cos)), 4)
@@ -109,7 +114,33 @@ def reward_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[
     out["texts_per_s"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
     for name in ("onnx-fp32", "onnx-int8"):
         out[f"{name}_score_corr"] = round(float(np.corrcoef(scores["torch"], scores[name])[0, 1]), 5)
+    out["both_channels"] = shared_bench(model, prompts, responses, repeat)
     return out
+
+
+def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
+    """An episode sampled for drift and rm, at the default backends: two passes against one."""
+    import numpy as np
+
+    from monitor.signals.embeddings import Embedder
+
+    drift = Embedder(backend="onnx", quantisation="int8")
+    spec = drift.drift_pass()
+    slot = None if spec is None else model.drift_slot(spec)
+    assert slot is not None, "the default reward model and drift embedding share a pass"
+    model.use_backend("torch")  # reward.backend's default
+    own = drift.embed_episodes(prompts, responses)
+    _, shared = model.score_and_embed(prompts, responses, 32, slot)
+    runs: dict[str, Callable[[], Any]] = {
+        "two_passes": lambda: (model.score(prompts, responses, 32), drift.embed_episodes(prompts, responses)),
+        "one_pass": lambda: model.score_and_embed(prompts, responses, 32, slot),
+    }
+    cos = (own * shared).sum(1)
+    return {
+        "episodes_per_s": interleaved(runs, len(prompts), repeat),
+        "cosine_to_own_min": round(float(np.min(cos)), 4),
+        "cosine_to_own_mean": round(float(np.mean(cos)), 5),
+    }
 
 
 def use(model: Any, name: str) -> None:
@@ -133,14 +164,12 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from monitor.signals.embeddings import episode_text
-
     data = rows(args.texts)
     prompts = [r["instruction"] for r in data]
     responses = [r["output"] for r in data]
     with tempfile.TemporaryDirectory() as cache:
         os.environ["ENCODER_CACHE_DIR"] = cache
-        drift = drift_bench([episode_text(p, r) for p, r in zip(prompts, responses, strict=True)], args.repeat)
+        drift = drift_bench(prompts, responses, args.repeat)
         reward = reward_bench(prompts, responses, args.repeat)
     result = {
         "bench": "encoder",
@@ -158,6 +187,13 @@ def main() -> int:
             f"({tps['onnx-fp32'] / tps['torch']:.2f}x), onnx int8 {tps['onnx-int8']} "
             f"({tps['onnx-int8'] / tps['torch']:.2f}x)"
         )
+    both = reward["both_channels"]
+    eps = both["episodes_per_s"]
+    print(
+        f"sampled for drift and rm (rm torch, drift onnx int8): episodes/s two passes {eps['two_passes']}, "
+        f"one pass {eps['one_pass']} ({eps['one_pass'] / eps['two_passes']:.2f}x); shared vectors' cosine to the "
+        f"drift encoder's own: min {both['cosine_to_own_min']}, mean {both['cosine_to_own_mean']}"
+    )
     print(json.dumps(result))
     return 0
 

@@ -144,11 +144,13 @@ def shifted_episodes(n: int) -> dict[str, list[dict[str, Any]]]:
 def embed(episodes: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     import numpy as np
 
-    from monitor.signals.embeddings import Embedder, episode_text
+    from monitor.signals.embeddings import Embedder
 
-    embedder = Embedder()
+    embedder = Embedder()  # the monitor's own embedding (the default pair encoding)
     return {
-        key: np.asarray(embedder.embed([episode_text(r["prompt"], r["response"]) for r in rs]), dtype=np.float64)
+        key: np.asarray(
+            embedder.embed_episodes([r["prompt"] for r in rs], [r["response"] for r in rs]), dtype=np.float64
+        )
         for key, rs in episodes.items()
     }
 

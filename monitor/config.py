@@ -197,6 +197,12 @@ class InferenceConfig(_Model):
     threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime threads of the embedding worker (0: every core but one)"
     )
+    share_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="how long a drift sample also waiting for its reward-model score waits for that score's encoder "
+        "pass to bring its embedding (monitor/inference/shared.py); 0: every drift sample is encoded on its own",
+    )
 
     @model_validator(mode="after")
     def _external_needs_workers(self) -> InferenceConfig:
@@ -391,6 +397,19 @@ class EmbeddingDriftConfig(_Model):
     quantisation: Literal["int8", "fp32"] = Field(
         "int8", description="ONNX weights (int8: SmoothQuant; the feed-forward output projection per token)"
     )
+    encoding: Literal["pair", "text"] = Field(
+        "pair",
+        description="pair: [CLS] prompt [SEP] response [SEP], cut as the reward model cuts (one encoder pass serves "
+        "both when an episode is sampled for both); text: one sequence, prompt then response (the 0.x embedding)",
+    )
+    max_prompt_tokens: int = Field(32, ge=0, description="pair: prompt tokens kept when the response needs the room")
+
+    @model_validator(mode="after")
+    def _room_for_the_response(self) -> EmbeddingDriftConfig:
+        # As the reward model's ModelConfig: special tokens and a few response tokens must fit.
+        if self.encoding == "pair" and self.max_prompt_tokens + 8 > self.max_length:
+            raise ValueError("drift.embedding.max_prompt_tokens must leave at least 8 tokens of max_length")
+        return self
 
 
 def _default_drift_signals() -> dict[str, list[str]]:

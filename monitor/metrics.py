@@ -370,7 +370,8 @@ class InferenceMetrics:
         return cls(
             Counter(
                 "inference_items",
-                "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed)",
+                "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed; "
+                "embedding shared: taken from the reward-model score's encoder pass, also counted ok)",
                 ["stage", "outcome"],
                 namespace=NS,
                 registry=r,
@@ -408,3 +409,4 @@ class InferenceMetrics:
             if backlogs:
                 self.backlog.labels(stage)
                 self.lag.labels(stage)
+        self.items.labels("embedding", "shared")

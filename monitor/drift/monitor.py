@@ -52,6 +52,7 @@ from monitor.config import DriftConfig, InferenceConfig
 from monitor.drift.static import pack_static, static_component, unpack_static
 from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
 from monitor.episodes import Episode
+from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import RetryPolicy, transient
@@ -356,10 +357,8 @@ class DriftMonitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        from monitor.signals.embeddings import episode_text
-
         self._load_embedder()
-        vectors = self._embedder.embed([episode_text(ep.prompt, ep.response) for ep, _ in pending])
+        vectors = self._embedder.embed_episodes([ep.prompt for ep, _ in pending], [ep.response for ep, _ in pending])
         for (ep, index), vec in zip(pending, vectors, strict=True):
             self._feed_embedding(ep.stream, ep.episode_id, ep.timestamp, index, vec)
 
@@ -371,7 +370,9 @@ class DriftMonitor:
         self._marked.append(episode_id)
 
     # -- the inference worker ------------------------------------------------------
-    def embed_in_background(self, icfg: InferenceConfig, *, every_stream: bool) -> None:
+    def embed_in_background(
+        self, icfg: InferenceConfig, *, every_stream: bool, shared: SharedVectors | None = None
+    ) -> None:
         """Embed drift samples on a worker thread from now on: the batch commits its drift samples
         as waiting, the worker embeds the oldest waiting ones of the streams this replica holds,
         and a later checkpoint feeds their embeddings to the detectors and marks them embedded in
@@ -380,7 +381,11 @@ class DriftMonitor:
         ``every_stream``: this replica holds every stream (a file, stdin or the inbox). Otherwise
         (Kafka) it holds the streams of its partitions, known by their episodes: a stream's backlog
         is embedded once this replica has seen an episode of it since its last assignment, so that
-        two replicas never feed the same stream's detectors."""
+        two replicas never feed the same stream's detectors.
+
+        ``shared``: the drift embeddings that the reward-model scorer's encoder pass computed
+        (``monitor/inference/shared.py``); while its version computes them, a drift sample whose
+        score is still to come waits for it (at most ``inference.share_wait_s``)."""
         self._every_stream = every_stream
         if self._worker is not None or not self.cfg.embedding.enabled:
             return
@@ -389,18 +394,19 @@ class DriftMonitor:
             return
         import os
 
-        from monitor.signals.embeddings import episode_text
-
         # Before arm_in_background loads it: the worker's encoder leaves a core to the ingest loop.
         self._load_embedder(icfg.threads or max(1, (os.cpu_count() or 2) - 1))
         embedder, store = self._embedder, self._store
         m = self._metrics
 
         def fetch(limit: int, skip: frozenset[str]) -> list[ToEmbed]:
-            return waiting_for_embedding(store, limit, skip, self.owned_streams())
+            wait = icfg.share_wait_s if shared is not None and shared.active else 0.0
+            return waiting_for_embedding(store, limit, skip, self.owned_streams(), wait)
 
         def compute(items: Sequence[ToEmbed]) -> list[Any]:
-            return list(embedder.embed([episode_text(w.prompt, w.response) for w in items]))
+            vectors, held = embed_sharing(shared, items, embedder.embed_episodes)
+            m.inference_items.labels(EMBEDDING, "shared").inc(held)
+            return vectors
 
         def counted(ok: int, failed: int) -> None:
             m.inference_items.labels(EMBEDDING, "ok").inc(ok)
@@ -770,6 +776,8 @@ class DriftMonitor:
         shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
         for signal, st in sd.signals.items():
             signals[signal] = {"ref": pack_ref(st.ref), "cooldown": st.cooldown, "n": st.n}
+            if signal == EMBEDDING:
+                signals[signal]["embedding"] = self.embedding_id
             if st.detectors:
                 signals[signal].update(self._snapshot_built(signal, st, chunks))
             else:
@@ -813,6 +821,12 @@ class DriftMonitor:
             for signal, s in snap.get("signals", {}).items():
                 if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):
                     continue
+                if signal == EMBEDDING and s.get("embedding") != self.embedding_id:
+                    # Built on other embeddings (an upgrade to the pair encoding, another encoder or
+                    # token limit): compared with this one's they would all look like drift.
+                    log.warning("%s: the drift embedding changed since its checkpoint: warming up again", stream)
+                    sd.signals[signal] = SignalState()
+                    continue
                 st = SignalState(ref=unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
                 if s.get("transform") is not None:
                     st.transform = NormalScores.from_dict(s["transform"])
@@ -827,6 +841,15 @@ class DriftMonitor:
         self._streams[stream] = sd
         self._apply_rereference(stream)
         return sd
+
+    @functools.cached_property
+    def embedding_id(self) -> str | None:
+        """What the embedding signal's detectors are built on, saved with them (None: the ``text``
+        encoding, unchecked as before the ``pair`` encoding existed)."""
+        from monitor.signals.embeddings import embedder_for
+
+        spec = embedder_for(self.cfg.embedding).drift_pass()  # reads the weights' digest, loads no model
+        return None if spec is None else f"pair {spec.weights_sha256} {spec.max_length} {spec.max_prompt_tokens}"
 
     def _load_detectors(self, stream: str, signal: str, s: Mapping[str, Any], st: SignalState) -> SignalState:
         """A signal's detectors from its checkpoint (and its static part, when it has one); a fresh

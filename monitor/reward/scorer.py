@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from monitor.config import InferenceConfig, RewardConfig
 from monitor.episodes import Episode
+from monitor.inference.shared import SharedVectors
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.reward.registry import ActiveChange, Registry, VersionWatch
@@ -132,6 +133,7 @@ class RewardScorer:
         self.unscored = 0
         self._background: Any = None  # a BackgroundScorer while a remote kind is active (any kind, in the service)
         self._offload = False  # every kind on the background scorer (score_in_background)
+        self._shared: SharedVectors | None = None
         self._external = False  # scores come from `oversight infer` (inference.external): no model here
         self._active: str | None = None  # the active version, as last read (external: no model holds it)
         self._streams: Callable[[], Collection[str] | None] | None = None
@@ -210,15 +212,21 @@ class RewardScorer:
                 self._accept(w.episode_id, w.stream, w.ts, -1, w.rm, float(score.value or 0.0), str(version))
 
     def score_in_background(
-        self, streams: Callable[[], Collection[str] | None] | None = None, icfg: InferenceConfig | None = None
+        self,
+        streams: Callable[[], Collection[str] | None] | None = None,
+        icfg: InferenceConfig | None = None,
+        shared: SharedVectors | None = None,
     ) -> None:
         """Score every kind on a worker thread from now on (the service: ``inference.workers``),
         not only the remote ones: the batch commits its rm and human samples as waiting and a
         later batch commits their scores, so ingest never waits for a forward pass. ``streams``:
         the streams this replica holds (see :class:`BackgroundScorer`). With
-        ``icfg.external``, no model loads here: the scores ``oversight infer`` stored are fed."""
+        ``icfg.external``, no model loads here: the scores ``oversight infer`` stored are fed.
+        ``shared``: where a version whose encoder pass computes the drift embeddings leaves them
+        for the embedding worker (``monitor/inference/shared.py``)."""
         self._offload = True
         self._streams = streams
+        self._shared = shared
         if icfg is not None and icfg.external:
             self._external = True
             self._model = None
@@ -368,10 +376,16 @@ class RewardScorer:
     def _start_background(self) -> None:
         """A remote kind scores on a worker thread; a local one inline (and stops the worker)."""
         from monitor.reward.kinds.background import BackgroundScorer
+        from monitor.reward.kinds.base import share_drift_pass
 
         if self._background is not None:
             self._background.stop()
             self._background = None
+        shared = self._shared
+        if shared is not None:
+            # Only a version whose pass computes them (the built-in, over the drift encoder's
+            # weights and limits) makes the drift samples wait for its scores.
+            shared.active = self._offload and self._model is not None and share_drift_pass(self._model, shared.spec)
         if getattr(self._model, "remote", False) or self._offload:
             m = self._metrics
 
@@ -388,4 +402,5 @@ class RewardScorer:
                 max_pending=self.cfg.backlog_max,
                 counted=counted,
                 streams=self._streams,
+                shared=shared,
             ).start()

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from monitor.actions.outbox import OutboxPublisher
     from monitor.actions.worker import ActionWorker
     from monitor.drift import DisagreementFeed, DriftMonitor
+    from monitor.inference.shared import SharedVectors
     from monitor.pipeline.throttle import ModelChannelThrottle
     from monitor.review.server import BackgroundServer
     from monitor.reward.scorer import RewardScorer
@@ -213,10 +214,11 @@ class Service:
         SIGTERM drain never waits for any of it."""
         icfg = self.settings.inference
         drift = self.drift
+        shared = self._shared_vectors(icfg)
         if drift is not None and icfg.workers:
             # The models off the ingest path: the batch commits its samples as waiting and the
             # inference workers' results commit with later batches (monitor/pipeline/background.py).
-            drift.embed_in_background(icfg, every_stream=self.settings.source.kind != "kafka")
+            drift.embed_in_background(icfg, every_stream=self.settings.source.kind != "kafka", shared=shared)
         if drift is not None:
             drift.arm_in_background()
         streams = None if drift is None else drift.owned_streams
@@ -228,9 +230,22 @@ class Service:
         if not icfg.workers:
             return
         if self.scorer is not None and not icfg.external:
-            self.scorer.score_in_background(streams)
+            self.scorer.score_in_background(streams, shared=shared)
         self.pipeline.observers.append(self._throttle(icfg))
         self.pipeline.settle_at_end = True
+
+    def _shared_vectors(self, icfg: InferenceConfig) -> SharedVectors | None:
+        """One encoder pass per episode on this process's workers: where the scorer leaves the
+        drift embeddings its pass computed (``monitor/inference/shared.py``); None when the
+        workers are not both here, or the drift embedding is not one a reward model computes."""
+        ecfg = self.settings.drift.embedding
+        if not icfg.workers or icfg.external or self.drift is None or self.scorer is None or not ecfg.enabled:
+            return None
+        from monitor.inference.shared import SharedVectors
+        from monitor.signals.embeddings import embedder_for
+
+        spec = embedder_for(ecfg).drift_pass()  # reads the weights' digest; loads no model
+        return None if spec is None else SharedVectors(spec)
 
     def _throttle(self, icfg: InferenceConfig) -> ModelChannelThrottle:
         """The model channels' rates follow the workers' lag (only channels that have a worker)."""

@@ -28,14 +28,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Settings
+from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import NS, InferenceMetrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import first_line
+from monitor.reward.kinds.base import share_drift_pass
 from monitor.reward.registry import Registry, VersionWatch
 from monitor.reward.scorer import load_version
 from monitor.store import Store
@@ -49,6 +51,9 @@ from monitor.store.inference import (
     prune_results,
     store_results,
 )
+
+if TYPE_CHECKING:
+    from monitor.signals.embeddings import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +99,12 @@ class InferenceWorker:
         self._backend: Any = None  # the active reward-model version's scoring backend
         self._version: str | None = None
         self._swap_lock = threading.Lock()
-        self.stages = [s for s in (self._embedding_stage(), self._scoring_stage()) if s is not None]
+        embedding = self._embedding_stage()
+        # One encoder pass per episode: the scoring stage leaves the drift embeddings its pass
+        # computed here, for the embedding stage (monitor/inference/shared.py).
+        spec = None if self._embedder is None or not settings.reward.enabled else self._embedder.drift_pass()
+        self.shared = None if spec is None else SharedVectors(spec)
+        self.stages = [s for s in (embedding, self._scoring_stage()) if s is not None]
         # A round that raised: its claims or its results did not reach the database. Pre-zeroed,
         # so that the first one shows in rate(); /readyz is red while a stage's last round failed.
         self.errors = Counter(
@@ -115,17 +125,21 @@ class InferenceWorker:
             return None
         import numpy as np
 
-        from monitor.signals.embeddings import embedder_for, episode_text
+        from monitor.signals.embeddings import embedder_for
 
         # A process of its own: every core is the encoder's (``inference.threads`` to cap it).
         self._embedder = embedder_for(ecfg, self.settings.inference.threads or None)
-        embedder, store = self._embedder, self.store
+        embedder, store, icfg = self._embedder, self.store, self.settings.inference
 
         def fetch(limit: int, skip: frozenset[str]) -> list[ToEmbed]:
-            return claim_for_embedding(store, limit, self.id, self.lease_s)
+            shared = self.shared
+            wait = icfg.share_wait_s if shared is not None and shared.active else 0.0
+            return claim_for_embedding(store, limit, self.id, self.lease_s, wait)
 
         def compute(items: Sequence[ToEmbed]) -> list[Any]:
-            return list(embedder.embed([episode_text(w.prompt, w.response) for w in items]))
+            vectors, held = embed_sharing(self.shared, items, embedder.embed_episodes)
+            self.metrics.items.labels("embedding", "shared").inc(held)
+            return vectors
 
         def write(done: Sequence[tuple[ToEmbed, Any]]) -> int:
             rows = [{"episode_id": w.episode_id, "vector": np.asarray(v, dtype="<f4").tobytes()} for w, v in done]
@@ -151,6 +165,12 @@ class InferenceWorker:
             if backend is None or version is None:
                 return [None] * len(items)
             scores = backend.score([Item(w.prompt, w.response, w.messages) for w in items])
+            if self.shared is not None:
+                self.shared.put(
+                    (w.episode_id, sc.embedding)
+                    for w, sc in zip(items, scores, strict=True)
+                    if sc.embedding is not None
+                )
             return [(version, float(sc.value)) if sc.ok else None for sc in scores]
 
         def write(done: Sequence[tuple[ToScore, tuple[str, float]]]) -> int:
@@ -184,12 +204,20 @@ class InferenceWorker:
             except Exception as e:
                 log.error("cannot load reward-model version %s (keeping %s): %s", version, self._version, e)
                 return
+        if self.shared is not None:
+            # Before it scores: a drift sample waits for this version's pass only if it computes them.
+            self.shared.active = backend is not None and share_drift_pass(backend, self.shared.spec)
         with self._swap_lock:
             old, self._backend, self._version = self._backend, backend, version
         self._watch.accept(change)
         if old is not None:
             old.close()
         log.info("inference worker %s: scoring with %s", self.id, version)
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The drift encoder of the embedding stage (None without one)."""
+        return self._embedder  # type: ignore[no-any-return]
 
     # -- running -------------------------------------------------------------------
     def round(self, stage: Stage) -> int:

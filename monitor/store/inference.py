@@ -51,11 +51,34 @@ def _restricted(q: sa.Select[Any], skip: Collection[str], streams: Collection[st
     return q
 
 
+def awaiting_score_pass(wait_s: float, now: float) -> sa.Exists:
+    """Drift samples whose episode also waits for its reward-model score, sampled for it less than
+    ``wait_s`` ago and not scored by an inference worker yet: that score's encoder pass brings
+    their embedding (``monitor/inference/shared.py``), so the embedding workers leave them alone
+    until it did, or until ``wait_s`` passed (the scorer is behind or failing: encode them anyway)."""
+    s, scored, result = t.samples, t.samples.alias("scored_sample"), t.inference_results.alias("score_result")
+    stored = sa.exists().where(
+        result.c.episode_id == scored.c.episode_id, result.c.stage == SCORE_STAGE, result.c.done == sa.true()
+    )
+    return sa.exists().where(
+        scored.c.episode_id == s.c.episode_id,
+        scored.c.channel.in_(SCORED_CHANNELS),
+        scored.c.status == PENDING,
+        scored.c.created_at > now - wait_s,
+        ~stored,
+    )
+
+
 def waiting_for_embedding(
-    store: Store, limit: int, skip: Collection[str] = (), streams: Collection[str] | None = None
+    store: Store,
+    limit: int,
+    skip: Collection[str] = (),
+    streams: Collection[str] | None = None,
+    share_wait_s: float = 0.0,
 ) -> list[ToEmbed]:
     """The oldest ``limit`` waiting drift samples not in ``skip``, of ``streams`` when given
-    (the streams this replica holds), in commit order, then event time, within a stream."""
+    (the streams this replica holds), in commit order, then event time, within a stream; with
+    ``share_wait_s``, not those :func:`awaiting_score_pass`."""
     if limit <= 0 or (streams is not None and not streams):
         return []
     s, e = t.samples, t.episodes
@@ -66,6 +89,8 @@ def waiting_for_embedding(
         .order_by(s.c.created_at, s.c.ts, s.c.episode_id)
         .limit(limit)
     )
+    if share_wait_s > 0:
+        q = q.where(sa.not_(awaiting_score_pass(share_wait_s, time.time())))
     q = _restricted(q, skip, streams)
     with store.engine.connect() as conn:
         return [ToEmbed(r.episode_id, r.stream, float(r.ts), r.prompt, r.response) for r in conn.execute(q)]
@@ -193,12 +218,13 @@ class Scored:
     score: float
 
 
-def _claimable(stage: str, channels: Sequence[str], now: float) -> sa.Select[Any]:
+def _claimable(stage: str, channels: Sequence[str], now: float, share_wait_s: float = 0.0) -> sa.Select[Any]:
     """Waiting samples of ``channels`` whose ``stage`` nobody holds: no row, or a claim that
-    expired before it was done (its worker died, or its computation failed)."""
+    expired before it was done (its worker died, or its computation failed); with
+    ``share_wait_s``, not those :func:`awaiting_score_pass`."""
     s, r = t.samples, t.inference_results
     joined = s.outerjoin(r, sa.and_(r.c.episode_id == s.c.episode_id, r.c.stage == stage))
-    return (
+    q = (
         sa.select(s.c.episode_id)
         .select_from(joined)
         .where(
@@ -208,9 +234,18 @@ def _claimable(stage: str, channels: Sequence[str], now: float) -> sa.Select[Any
         )
         .order_by(s.c.created_at, s.c.ts, s.c.episode_id)
     )
+    return q.where(sa.not_(awaiting_score_pass(share_wait_s, now))) if share_wait_s > 0 else q
 
 
-def _claim(store: Store, stage: str, channels: Sequence[str], limit: int, worker: str, lease_s: float) -> list[str]:
+def _claim(
+    store: Store,
+    stage: str,
+    channels: Sequence[str],
+    limit: int,
+    worker: str,
+    lease_s: float,
+    share_wait_s: float = 0.0,
+) -> list[str]:
     """Claim up to ``limit`` of the oldest claimable samples for ``worker`` until ``lease_s`` from
     now; of two workers that race for one, exactly one gets it (the insert's conflict, or the
     expired claim's update, decides). Returns the claimed episode ids, oldest first."""
@@ -220,7 +255,9 @@ def _claim(store: Store, stage: str, channels: Sequence[str], limit: int, worker
     now = time.time()
     with store.engine.begin() as conn:
         # An episode sampled for rm and human has two rows: distinct ids, in order.
-        ids = list(dict.fromkeys(x[0] for x in conn.execute(_claimable(stage, channels, now).limit(2 * limit))))
+        ids = list(
+            dict.fromkeys(x[0] for x in conn.execute(_claimable(stage, channels, now, share_wait_s).limit(2 * limit)))
+        )
         ids = ids[:limit]
         row = {"stage": stage, "worker": worker, "claimed_until": now + lease_s, "done": False, "created_at": now}
         got = set(store.insert_new(r, [{**row, "episode_id": i} for i in ids], r.c.episode_id, conn))
@@ -236,9 +273,12 @@ def _claim(store: Store, stage: str, channels: Sequence[str], limit: int, worker
     return [i for i in ids if i in got]
 
 
-def claim_for_embedding(store: Store, limit: int, worker: str, lease_s: float) -> list[ToEmbed]:
-    """Claim the oldest waiting drift samples that no other worker holds, with their texts."""
-    ids = _claim(store, EMBEDDING_STAGE, (DRIFT,), limit, worker, lease_s)
+def claim_for_embedding(
+    store: Store, limit: int, worker: str, lease_s: float, share_wait_s: float = 0.0
+) -> list[ToEmbed]:
+    """Claim the oldest waiting drift samples that no other worker holds, with their texts
+    (with ``share_wait_s``, not those :func:`awaiting_score_pass`)."""
+    ids = _claim(store, EMBEDDING_STAGE, (DRIFT,), limit, worker, lease_s, share_wait_s)
     if not ids:
         return []
     s, e = t.samples, t.episodes

@@ -250,3 +250,51 @@ def test_restart_keeps_the_embedding_detectors_reference(db_url: str, tmp_path: 
     store = Store(db_url)
     assert run(store, 3) == whole  # restarted after the build (60 + the window), before the change
     assert store.load_state(STREAM, static_component(COMPONENT, "embedding")) is not None
+
+
+def test_a_checkpoint_built_on_other_embeddings_warms_the_embedding_signal_up_again(db_url: str) -> None:
+    """An upgrade to the pair encoding, another encoder or another token limit changes every
+    embedding: compared with the old reference they would all look like drift. The embedding signal
+    warms up again; the text signals keep their detectors."""
+    from sampling import Decision
+
+    def settings(prompt_tokens: int) -> Any:
+        return load_settings(
+            None,
+            [
+                "dev=true",
+                "drift.signals={refusal: [cusum]}",
+                "drift.embedding.reference_size=60",
+                f"drift.embedding.max_prompt_tokens={prompt_tokens}",
+                "drift.detector_params={kmmd: {window_size: 10}, cusum: {k: 0.3}}",
+                "drift.ert=5000",
+            ],
+        )
+
+    eps = _episodes(300, 200)
+    drift = Decision({"drift": 1.0}, {"human": 0.0, "rm": 0.0, "drift": 1.0}, 0.5, 0.0)
+    store = Store(db_url)
+
+    def batches(mon: DriftMonitor, first: int, last: int) -> dict[str, Any]:
+        for start in range(first, last, 50):
+            for i in range(start, start + 50):
+                mon.observe(eps[i], drift, i)
+            batch = BatchWrite()
+            batch.states.update(mon.checkpoint())
+            mon.add_rows(batch)
+            store.commit_batch(batch)
+        state = store.load_state(STREAM, COMPONENT)
+        assert state is not None
+        return dict(state["signals"])
+
+    before = batches(DriftMonitor(settings(32).drift, store, KEY, Metrics(), boost=lambda *a: None), 0, 150)
+    assert before["embedding"]["detectors"] and before["refusal"]["n"] == 150  # built; the text signal warming up
+    assert str(before["embedding"]["embedding"]).startswith("pair ")
+    same = batches(DriftMonitor(settings(32).drift, store, KEY, Metrics(), boost=lambda *a: None), 150, 200)
+    assert same["embedding"]["detectors"] and same["embedding"]["n"] > before["embedding"]["n"]  # kept
+    other = DriftMonitor(settings(16).drift, store, KEY, Metrics(), boost=lambda *a: None)
+    after = batches(other, 200, 250)
+    assert not after["embedding"]["detectors"] and after["embedding"]["n"] == 50  # warming up on the new ones
+    assert after["embedding"]["embedding"] != before["embedding"]["embedding"]
+    assert after["refusal"]["n"] == 250  # the text signal kept its 200 values
+    store.close()

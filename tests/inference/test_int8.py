@@ -19,6 +19,7 @@ from inference.test_onnx_encoder import tiny_bert
 from monitor.inference.int8 import (
     PER_TENSOR,
     STANDARD_DOMAINS,
+    WEIGHT_MAX,
     PerRow,
     Scheme,
     node_domains,
@@ -57,10 +58,10 @@ def test_weight_recipe_is_symmetric_per_output_channel() -> None:
     w[:, 3] = 0.0  # an all-zero column
     q, scale = quantize_weight(w)
     assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (8,)
-    assert np.abs(q).max() == 127 and q.min() >= -127
+    assert np.abs(q).max() == WEIGHT_MAX == 64 and q.min() >= -WEIGHT_MAX
     assert (q[:, 3] == 0).all() and scale[3] == 1.0
-    # Each column's largest magnitude lands on +-127, and dequantising is within half a step.
-    assert (np.abs(q[:, [0, 1, 2, 4, 5, 6, 7]]).max(axis=0) == 127).all()
+    # Each column's largest magnitude lands on +-64, and dequantising is within half a step.
+    assert (np.abs(q[:, [0, 1, 2, 4, 5, 6, 7]]).max(axis=0) == WEIGHT_MAX).all()
     assert np.abs(q * scale - w).max() <= scale.max() / 2 + 1e-7
 
 
@@ -188,6 +189,42 @@ def test_per_row_gives_exact_zeros_for_a_row_at_the_floor(tmp_path: Path) -> Non
     assert row_errors(src, out, x)[np.arange(12) != 5].max() < 0.02
 
 
+def test_per_row_over_each_rows_own_range_keeps_a_two_sided_input_precise(tmp_path: Path) -> None:
+    """``PerRow()`` (no floor): each row's range is its own ``[min(0, row min), max(0, row max)]``,
+    so a two-sided input with a few rows far larger than the rest (a LayerNorm's output with its
+    ``[SEP]`` tokens) keeps every row's precision, with the rows' zero points taken back out."""
+    import onnxruntime as ort
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(2)
+            self.w = torch.nn.Parameter(torch.randn(16, 8, generator=g) / 4)
+
+        def forward(self, x: Any) -> Any:
+            return x @ self.w
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 16)).astype(np.float32) + 0.5  # two-sided, not centred
+    x[[3, 9]] *= 60.0  # two outlier tokens
+    x[6] = -np.abs(x[6])  # a row with no positive value
+    src = tmp_path / "linear.onnx"
+    torch.onnx.export(
+        Block().eval(), (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"], opset_version=17
+    )
+    per_row, per_tensor = tmp_path / "row.onnx", tmp_path / "tensor.onnx"
+    assert quantize_matmuls(src, per_row, lambda name: PerRow()) == 1  # the graph's one MatMul
+    assert quantize_matmuls(src, per_tensor, lambda name: PER_TENSOR) == 1
+    row, tensor = row_errors(src, per_row, x), row_errors(src, per_tensor, x)
+    assert row.max() < 0.02
+    small = np.array([i for i in range(12) if i not in (3, 9)])
+    assert tensor[small].mean() > 5 * row[small].mean()
+    x[4] = 0.0  # a row with no range: exactly zero, not NaN
+    got = ort.InferenceSession(str(per_row)).run(None, {"x": x})[0]
+    assert np.isfinite(got).all() and np.array_equal(got[4], np.zeros(8, dtype=np.float32))
+
+
 def test_node_domains_reach_into_subgraphs(fp32: Path) -> None:
     """The export hook refuses custom-domain operators; one inside an If branch counts too."""
     import onnx
@@ -235,6 +272,7 @@ def test_same_outputs_as_onnxruntime_quantize_dynamic(fp32: Path, tmp_path: Path
         op_types_to_quantize=["MatMul"],
         weight_type=QuantType.QInt8,
         per_channel=True,
+        reduce_range=True,
         nodes_to_exclude=keep,
     )
     ours_path = tmp_path / "ours.onnx"

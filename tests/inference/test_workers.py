@@ -108,15 +108,15 @@ def held_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Ev
     threads it ran on."""
     gate = threading.Event()
     threads: list[str] = []
-    real = Embedder.embed
+    real = Embedder.embed_episodes
 
-    def held(self: Embedder, texts: list[str]) -> Any:
-        if texts:
+    def held(self: Embedder, prompts: list[str], responses: list[str]) -> Any:
+        if prompts:
             gate.wait(120)
             threads.append(threading.current_thread().name)
-        return real(self, texts)
+        return real(self, prompts, responses)
 
-    monkeypatch.setattr(Embedder, "embed", held)
+    monkeypatch.setattr(Embedder, "embed_episodes", held)
     yield gate, threads
     gate.set()
 

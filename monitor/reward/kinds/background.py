@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from monitor.inference.shared import SharedVectors
 from monitor.pipeline.background import BackgroundWork
 from monitor.reward.kinds.base import Item, Score, ScoringBackend
 from monitor.reward.kinds.resilience import BackendMetrics
@@ -37,7 +38,9 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
     """One worker thread scoring the backlog with ``backend``; :meth:`take` hands (item, score) over.
 
     ``streams``: when given, called at each fetch for the streams this replica holds (``None``:
-    all); a score feeds its stream's drift detectors, which only the stream's owner may write."""
+    all); a score feeds its stream's drift detectors, which only the stream's owner may write.
+    ``shared``: where the drift embeddings that ``backend``'s pass computed go (``embedding`` of
+    its scores, ``monitor/inference/shared.py``)."""
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
         stream: str | None = None,
         counted: Callable[[int, int], None] | None = None,
         streams: Callable[[], Collection[str] | None] | None = None,
+        shared: SharedVectors | None = None,
     ):
         self.store = store
         self.backend = backend
@@ -66,6 +70,12 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
 
         def compute(items: Sequence[ToScore]) -> list[Score | None]:
             scores = backend.score([Item(w.prompt, w.response, w.messages) for w in items])
+            if shared is not None:
+                shared.put(
+                    (w.episode_id, sc.embedding)
+                    for w, sc in zip(items, scores, strict=True)
+                    if sc.embedding is not None
+                )
             return [sc if sc.ok else None for sc in scores]
 
         super().__init__(

@@ -4,7 +4,9 @@ A backend scores items (prompt, response and, for schema-v2 episodes, the conver
 returns one :class:`Score` per item, in order. A score that could not be computed carries an
 ``error`` and no value: the caller leaves that episode unscored (it stays in the backlog) rather
 than storing a made-up number. ``truncated`` says the backend saw less than the whole text;
-``tokens`` is what the item cost (input plus output tokens for a remote judge).
+``tokens`` is what the item cost (input plus output tokens for a remote judge). ``embedding``:
+the item's drift embedding, when the backend's encoder pass computed it as well
+(``monitor.inference.shared``; the built-in kind, once :func:`share_drift_pass` says so).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from monitor.inference.shared import DriftPass
 
 KINDS = ("builtin", "hf", "judge", "http")
 REMOTE_KINDS = frozenset({"judge", "http"})
@@ -35,6 +39,7 @@ class Score:
     truncated: bool = False
     tokens: int = 0
     error: str | None = None
+    embedding: Any = None
 
     @property
     def ok(self) -> bool:
@@ -71,6 +76,7 @@ class BuiltinBackend:
     def __init__(self, model: Any, batch_size: int = 32):
         self.model = model
         self.batch_size = batch_size
+        self.drift_slot: int | None = None  # set by share_drift_pass
 
     @property
     def version(self) -> str | None:
@@ -78,11 +84,23 @@ class BuiltinBackend:
         return None if v is None else str(v)
 
     def score(self, items: Sequence[Item]) -> list[Score]:
-        values = self.model.score([i.prompt for i in items], [i.response for i in items], batch_size=self.batch_size)
-        return [Score(float(v)) for v in values]
+        prompts, responses = [i.prompt for i in items], [i.response for i in items]
+        values, vectors = self.model.score_and_embed(prompts, responses, self.batch_size, self.drift_slot)
+        if vectors is None:
+            return [Score(float(v)) for v in values]
+        return [Score(float(v), embedding=vec) for v, vec in zip(values, vectors, strict=True)]
 
     def close(self) -> None:
         return None
+
+
+def share_drift_pass(backend: ScoringBackend, spec: DriftPass | None) -> bool:
+    """Make ``backend`` hand out the drift embedding ``spec`` describes with each score, when its
+    encoder pass computes it (only the built-in kind's can); returns whether it does now."""
+    if not isinstance(backend, BuiltinBackend):
+        return False
+    backend.drift_slot = None if spec is None else backend.model.drift_slot(spec)
+    return backend.drift_slot is not None
 
 
 class PairScorer:

@@ -19,13 +19,13 @@ import os
 import time
 from collections.abc import Sequence
 
+from monitor.inference.pairs import CHARS_PER_TOKEN
 from monitor.reward.kinds.base import BackendError, Item, Score
 from monitor.reward.kinds.config import HfConfig
 from monitor.reward.kinds.resilience import BackendMetrics
 
 # No token is shorter than a character and English averages ~4: this many characters per kept
 # token always suffice, and a 100 kB response is not tokenized whole to keep its first tokens.
-_CHARS_PER_TOKEN = 12
 
 
 class HfBackend:
@@ -63,7 +63,7 @@ class HfBackend:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def _text(self, item: Item) -> str:
-        cap = self.cfg.max_length * _CHARS_PER_TOKEN
+        cap = self.cfg.max_length * CHARS_PER_TOKEN
         turns = [dict(m) for m in item.messages[:-1]] if item.messages else [{"role": "user", "content": item.prompt}]
         for t in turns:
             t["content"] = str(t.get("content", ""))[-cap:]
@@ -73,7 +73,7 @@ class HfBackend:
     def encode(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
         """Token ids per item and whether they were cut."""
         tok, n = self.tokenizer, self.cfg.max_length
-        cap = n * _CHARS_PER_TOKEN
+        cap = n * CHARS_PER_TOKEN
         if self.uses_chat_template:
             texts = [self._text(i) for i in items]
             full = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
