@@ -40,7 +40,7 @@ from monitor.store.inference import (
     waiting_for_embedding,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"  # the AlpacaEval files bundled with the tests
 
 
 def real_episodes(n: int = 40) -> tuple[list[str], list[str]]:
