@@ -15,8 +15,8 @@ and torch's thread pool otherwise spins badly on a busy machine. Printed:
 4. detection delay on real traffic: MiniLM embeddings (``monitor/signals/embeddings.py``) of
    prompt + response, reference = 500 random ``gpt-3.5-turbo-1106`` episodes of the bundled
    demo traffic, then 100 held-out ones (false alarms), then a shifted stream: ``policy_swap``
-   (``alpaca-7b`` answering the same AlpacaEval prompts: the embeddings of the first 128 tokens
-   are mostly the prompt, so this one is hard), ``red_team_25`` (a quarter of the episodes
+   (``alpaca-7b`` answering the same AlpacaEval prompts: a change of style within the same
+   requests, which the embeddings of one answer barely show, so this one is hard), ``red_team_25`` (a quarter of the episodes
    replaced by HH-RLHF red-team conversations from ``../shared/data``, as in ``bench/drift.py``)
    and ``red_team_100``. Two random splits; one detector per split, cloned for each stream.
 
