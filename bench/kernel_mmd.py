@@ -16,8 +16,9 @@ and torch's thread pool otherwise spins badly on a busy machine. Printed:
    prompt + response, reference = 500 random ``gpt-3.5-turbo-1106`` episodes of the bundled
    demo traffic, then 100 held-out ones (false alarms), then a shifted stream: ``policy_swap``
    (``alpaca-7b`` answering the same AlpacaEval prompts: a change of style within the same
-   requests, which the embeddings of one answer barely show, so this one is hard), ``red_team_25`` (a quarter of the episodes
-   replaced by HH-RLHF red-team conversations from ``../shared/data``, as in ``bench/drift.py``)
+   requests, which the embeddings of one answer barely show, so this one is hard),
+   ``red_team_25`` (a quarter of the episodes replaced by HH-RLHF red-team conversations from
+   ``../shared/data``, as in ``bench/drift.py``)
    and ``red_team_100``. Two random splits; one detector per split, cloned for each stream.
 
 Ends with a JSON line of all numbers. ``--quick`` shrinks every part (a smoke test). alibi's five

@@ -52,7 +52,7 @@ from monitor.config import DriftConfig, InferenceConfig
 from monitor.drift.static import pack_static, static_component, unpack_static
 from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
 from monitor.episodes import Episode
-from monitor.inference.shared import SharedVectors, embed_sharing
+from monitor.inference.shared import DriftPass, SharedVectors, embed_sharing
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import RetryPolicy, transient
@@ -843,12 +843,18 @@ class DriftMonitor:
         return sd
 
     @functools.cached_property
+    def drift_pass(self) -> DriftPass | None:
+        """What the drift embedding is, for a reward model's pass to compute it too (None: the
+        ``text`` encoding). Reads the weights' digest once (~90 MB); loads no model."""
+        from monitor.signals.embeddings import embedder_for
+
+        return embedder_for(self.cfg.embedding).drift_pass()
+
+    @property
     def embedding_id(self) -> str | None:
         """What the embedding signal's detectors are built on, saved with them (None: the ``text``
         encoding, unchecked as before the ``pair`` encoding existed)."""
-        from monitor.signals.embeddings import embedder_for
-
-        spec = embedder_for(self.cfg.embedding).drift_pass()  # reads the weights' digest, loads no model
+        spec = self.drift_pass
         return None if spec is None else f"pair {spec.weights_sha256} {spec.max_length} {spec.max_prompt_tokens}"
 
     def _load_detectors(self, stream: str, signal: str, s: Mapping[str, Any], st: SignalState) -> SignalState:

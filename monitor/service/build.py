@@ -238,14 +238,14 @@ class Service:
         """One encoder pass per episode on this process's workers: where the scorer leaves the
         drift embeddings its pass computed (``monitor/inference/shared.py``); None when the
         workers are not both here, or the drift embedding is not one a reward model computes."""
-        ecfg = self.settings.drift.embedding
-        if not icfg.workers or icfg.external or self.drift is None or self.scorer is None or not ecfg.enabled:
+        drift = self.drift
+        if not icfg.workers or icfg.external or drift is None or self.scorer is None:
+            return None
+        if not self.settings.drift.embedding.enabled or drift.drift_pass is None:
             return None
         from monitor.inference.shared import SharedVectors
-        from monitor.signals.embeddings import embedder_for
 
-        spec = embedder_for(ecfg).drift_pass()  # reads the weights' digest; loads no model
-        return None if spec is None else SharedVectors(spec)
+        return SharedVectors(drift.drift_pass)
 
     def _throttle(self, icfg: InferenceConfig) -> ModelChannelThrottle:
         """The model channels' rates follow the workers' lag (only channels that have a worker)."""

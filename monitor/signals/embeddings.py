@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -159,41 +159,28 @@ class Embedder:
 
     def embed_episodes(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
         """One embedding per (prompt, response), encoded as ``encoding`` says; an (n, 384) float32 array."""
-        import numpy as np
-
-        with self._lock:
-            if self._tok is None:
-                self._load()
-            out = np.zeros((len(prompts), DIM), dtype=np.float32)
-            # Longest first (by characters, a cheap proxy for tokens): batches of similar lengths.
-            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]) - len(responses[i]))
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s : s + self.batch_size]
-                ids, types, mask = self._tokens([prompts[i] for i in idx], [responses[i] for i in idx])
-                out[idx] = self._run(ids, types, mask)
-            return out
+        sizes = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        return self._embed_sorted(
+            sizes, lambda idx: self._tokens([prompts[i] for i in idx], [responses[i] for i in idx])
+        )
 
     def embed(self, texts: list[str]) -> Any:
         """One embedding per text, each encoded as one sequence (whatever ``encoding`` says)."""
+        return self._embed_sorted([len(t) for t in texts], lambda idx: self._text_tokens([texts[i] for i in idx]))
+
+    def _embed_sorted(self, sizes: Sequence[int], tokens: Callable[[list[int]], tuple[Any, Any, Any]]) -> Any:
+        """Items embedded longest first (``sizes``: characters, a cheap proxy for tokens), so that a
+        batch wastes little on padding; ``tokens(indices)`` tokenizes one batch of them."""
         import numpy as np
 
         with self._lock:
             if self._tok is None:
                 self._load()
-            out = np.zeros((len(texts), DIM), dtype=np.float32)
-            order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+            out = np.zeros((len(sizes), DIM), dtype=np.float32)
+            order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                b = self._tok(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="np",
-                )
-                types = b.get("token_type_ids")
-                ids = b["input_ids"]
-                out[idx] = self._run(ids, types if types is not None else 0 * ids, b["attention_mask"])
+                out[idx] = self._run(*tokens(idx))
             return out
 
     def _tokens(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Any, Any, Any]:
@@ -203,10 +190,14 @@ class Embedder:
                 self._tok, prompts, responses, max_length=self.max_length, max_prompt_tokens=self.max_prompt_tokens
             )
             return pad_pairs(encs)
-        texts = [episode_text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self._text_tokens([episode_text(p, r) for p, r in zip(prompts, responses, strict=True)])
+
+    def _text_tokens(self, texts: list[str]) -> tuple[Any, Any, Any]:
+        """``(input_ids, token_type_ids, attention_mask)`` of one-sequence texts (zeros for the types
+        of a tokenizer without them)."""
         b = self._tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        types = b.get("token_type_ids")
         ids = b["input_ids"].astype("int64")
+        types = b.get("token_type_ids")
         return ids, ids * 0 if types is None else types.astype("int64"), b["attention_mask"].astype("int64")
 
     def _run(self, ids: Any, types: Any, mask: Any) -> Any:

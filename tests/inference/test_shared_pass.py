@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from inference.test_external import add_samples
 from inference.test_workers import drift_samples_per_stream, fed, service
 from inference.test_workers import settings as worker_settings
-from monitor.config import load_settings
+from monitor.config import Settings, load_settings
 from monitor.inference.shared import DriftPass
 from monitor.reward.kinds.base import BuiltinBackend, Item, share_drift_pass
 from monitor.reward.model import ModelConfig, RewardModel
@@ -124,6 +124,14 @@ def test_a_drift_sample_waits_for_its_scores_pass_and_not_longer(db_url: str) ->
     store.close()
 
 
+def active(s: Settings, model: RewardModel) -> Store:
+    """The store of ``s``, with ``model`` registered and promoted."""
+    store = Store(s.database.url)
+    registry = Registry.for_settings(store, s)
+    registry.promote(registry.register(model, data_window={}, metrics={}))
+    return store
+
+
 def test_the_worker_encodes_an_episode_sampled_for_both_once(
     tmp_path: Path, model: RewardModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,9 +146,7 @@ def test_the_worker_encodes_an_episode_sampled_for_both_once(
             "inference.external=true",
         ],
     )
-    store = Store(s.database.url)
-    registry = Registry.for_settings(store, s)
-    registry.promote(registry.register(model, data_window={}, metrics={}))
+    store = active(s, model)
     add_samples(store, 4, ("drift",))  # e0-e3: drift only
     add_samples(store, 4, ("drift", "rm"), start=4)  # e4-e7: both
     prom = CollectorRegistry()
@@ -200,9 +206,7 @@ def test_oversight_run_encodes_an_episode_sampled_for_both_once(tmp_path: Path, 
         "sampling.rm.rate=0.5",
         "inference.settle_timeout_s=240",
     )
-    store = Store(s.database.url)
-    registry = Registry.for_settings(store, s)
-    registry.promote(registry.register(model, data_window={}, metrics={}))
+    store = active(s, model)
     prom = CollectorRegistry()
     svc = service(s, store, 300, prom)
     try:
