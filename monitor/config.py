@@ -121,6 +121,16 @@ class SamplingConfig(_Model):
 class DatabaseConfig(_Model):
     url: str = "sqlite:///oversight.db"
     migrate: bool = Field(True, description="apply migrations at start")
+    # PostgreSQL's connection pool, per process (SQLite has none: one file, writers queue on it).
+    # The review app serves up to 40 requests at once, each holding a connection while it runs:
+    # size the pool for the reviewers who act at the same moment.
+    pool_size: int = Field(5, ge=1, le=500, description="PostgreSQL: connections kept open per process")
+    max_overflow: int = Field(
+        5, ge=0, le=500, description="PostgreSQL: connections opened beyond pool_size under load, closed when returned"
+    )
+    pool_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="PostgreSQL: how long an operation waits for a free connection before it fails"
+    )
 
 
 class SourceConfig(_Model):

@@ -273,6 +273,15 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        # A step of the action worker that raised (retried next round): pre-zeroed by the worker.
+        self.action_worker_errors = Counter(
+            "action_worker_errors",
+            "Rounds of an action-worker step that failed and were retried, by step (incidents, updates,"
+            " dispatch, gauges, sensitivity)",
+            ["step"],
+            namespace=NS,
+            registry=r,
+        )
         self.incident_limit = Gauge(
             "incident_limit_per_stream_per_day",
             "actions.max_requests_per_stream_per_day: new incidents (with their requests) allowed per stream per 24 h",

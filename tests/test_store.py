@@ -4,11 +4,13 @@ the service's keyed state, insert-ignore, drift events and the outbox."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
 
+from monitor.config import DatabaseConfig
 from monitor.store import BatchWrite, StaleOffsets, Store
 from monitor.store.rows import EpisodeRow, SampleRow
 from monitor.store.store import bucket_of
@@ -200,3 +202,25 @@ def test_ping(db_url: str) -> None:
     s = Store(db_url)
     assert s.ping()
     s.close()
+
+
+@pytest.mark.postgres
+def test_the_pool_follows_the_database_settings(pg_url: str) -> None:
+    store = Store.open(DatabaseConfig(url=pg_url, pool_size=2, max_overflow=1, pool_timeout_s=0.5))
+    held = []
+    try:
+        for _ in range(3):  # the pool and its overflow
+            conn = store.engine.connect()
+            conn.execute(sa.text("SELECT 1"))
+            held.append(conn)
+        t0 = time.monotonic()
+        with pytest.raises(sa.exc.TimeoutError):
+            store.engine.connect()
+        assert 0.4 < time.monotonic() - t0 < 10
+        held.pop().close()
+        with store.engine.connect() as conn:  # one returned: the next operation gets it
+            assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+    finally:
+        for conn in held:
+            conn.close()
+        store.close()

@@ -20,6 +20,15 @@ simulation) and meets the pipeline only through the database:
 3. When an incident's update has finished (or at once, without updates), one ``retrain``
    request carries the drift events, the label window and the active reward-model version
    to the configured sinks.
+
+It works on three threads (``LANES``), each a round every ``reward.update.poll_s``, and they meet
+only through the database. The **control** thread (incidents, the quality gauges) does quick
+database work. The **dispatch** thread waits on the sinks (a Kafka broker that is down holds a
+round for its bootstrap timeout, a webhook for its retries). The **model** thread (updates, the
+active version's sensitivity) loads and runs reward models: an update trains for minutes. Neither
+may freeze the quality estimates, the agreement and the reward-hacking alarm. Each step is
+isolated: one that raises is counted (``oversight_action_worker_errors_total{step}``), logged and
+retried next round, and the steps after it in the round still run.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from monitor.config import Settings
@@ -40,6 +50,12 @@ CURSOR_KEY = "actions:cursor"  # internal_state: the id of the last drift event 
 INGEST_LIMIT = 1000  # drift events taken per round
 #: What a drift event did to incidents (``oversight_incidents_total{outcome}``).
 INCIDENT_OUTCOMES = ("opened", "attached", "rate_limited", "closed_timeout", "closed_rereference")
+#: The worker's threads and the steps of each, in round order (``oversight_action_worker_errors_total{step}``).
+LANES: dict[str, tuple[str, ...]] = {
+    "action-worker": ("incidents", "gauges"),
+    "action-dispatch": ("dispatch",),
+    "action-models": ("updates", "sensitivity"),
+}
 
 
 class ActionWorker:
@@ -47,9 +63,10 @@ class ActionWorker:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._sinks: dict[str, list[Any]] = {}  # built once: a Kafka sink holds a producer
+        self._sinks: dict[str, list[Any]] = {}  # per kind, built once: a Kafka sink holds a producer
+        self._errors_lock = threading.Lock()
         self.oversight: dict[str, dict[str, Any]] = {}
         if metrics is not None:
             # Series exist from the start (rate() and alerts see the first request).
@@ -61,8 +78,18 @@ class ActionWorker:
             for outcome in INCIDENT_OUTCOMES:
                 metrics.incidents.labels(outcome)
             metrics.incident_limit.set(a.max_requests_per_stream_per_day)
+            for steps in LANES.values():
+                for step in steps:
+                    metrics.action_worker_errors.labels(step)
         self.errors = 0
         self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
+        self._steps: dict[str, Callable[[], object]] = {
+            "incidents": self.ingest_events,
+            "updates": self.run_updates,
+            "dispatch": self.dispatch,
+            "gauges": self.refresh_gauges,
+            "sensitivity": self.refresh_sensitivity,
+        }
 
     # -- incidents ------------------------------------------------------------------
     def ingest_events(self) -> int:
@@ -274,7 +301,6 @@ class ActionWorker:
     def dispatch(self) -> int:
         """Send pending requests to their sinks (everything but the local worker)."""
         from monitor.actions.dispatch import dispatch_pending
-        from monitor.actions.sinks import make_sinks
 
         n = 0
         a = self.settings.actions
@@ -284,10 +310,20 @@ class ActionWorker:
             ("rm_training", a.rm_training_sinks),
         ):
             if names and not (kind == "rm_update" and "local" in a.rm_update_sinks):
-                n += dispatch_pending(self.store, self.settings, kind, make_sinks(names, self.settings), self.metrics)
+                n += dispatch_pending(self.store, self.settings, kind, self._sinks_for(kind, names), self.metrics)
         return n
 
-    # -- loop ---------------------------------------------------------------------------------
+    def _sinks_for(self, kind: str, names: Sequence[str]) -> list[Any]:
+        """The kind's sinks, built on first use and kept until :meth:`stop`: built per round, a
+        Kafka sink would leave a producer (a thread and its sockets) behind every round. A sink
+        that cannot be built (a broker down at start) raises here and is built again next round."""
+        from monitor.actions.sinks import make_sinks
+
+        if kind not in self._sinks:
+            self._sinks[kind] = make_sinks(names, self.settings)
+        return self._sinks[kind]
+
+    # -- oversight gauges ------------------------------------------------------------------------
     def refresh_gauges(self) -> dict[str, dict[str, Any]]:
         """Quality estimates, reward-model/human agreement and the reward-hacking alarm (metrics)."""
         from monitor.quality import oversight
@@ -303,51 +339,82 @@ class ActionWorker:
         )
         if self.metrics is not None:
             oversight.publish(self.metrics, self.oversight)
-            if active is not None and active[0] not in self.sensitivity_failed:
-                self.refresh_sensitivity(active[0])
         return self.oversight
 
-    def refresh_sensitivity(self, version: str) -> None:
+    def refresh_sensitivity(self) -> None:
         """The active version's sensitivity per perturbation kind, once per version (gate record,
-        else measured). A version that cannot be measured is logged once, not retried each round."""
+        else measured: a model thread step). A version that cannot be measured is logged once,
+        not retried each round."""
         from monitor.reward import sensitivity
+        from monitor.reward.registry import Registry
 
-        assert self.metrics is not None
+        if self.metrics is None:
+            return
+        active = Registry.for_settings(self.store, self.settings).active()
+        if active is None or active[0] in self.sensitivity_failed:
+            return
+        version = active[0]
         try:
             sensitivity.refresh_active(self.metrics, self.settings, self.store)
         except Exception as e:  # a broken version folder must not stop the other gauges
             self.sensitivity_failed.add(version)
             log.warning("cannot measure the sensitivity of reward-model version %s: %s", version, first_line(e))
 
+    # -- rounds ------------------------------------------------------------------------------
     def run_once(self) -> None:
-        self.ingest_events()
-        self.run_updates()
-        self.dispatch()
-        self.refresh_gauges()
+        """Every step once, in order, on the caller's thread; the first that raises ends it
+        (tests and the simulation drive the worker this way)."""
+        for name in ("incidents", "updates", "dispatch", "gauges", "sensitivity"):
+            self._steps[name]()
+
+    def run_round(self, steps: tuple[str, ...]) -> int:
+        """``steps`` once each, a failure counted and logged and the next step run all the same;
+        returns how many failed."""
+        failed = 0
+        for name in steps:
+            try:
+                self._steps[name]()
+            except Exception as e:  # keep the worker alive; the next round retries
+                failed += 1
+                self._failed(name, e)
+        return failed
+
+    def _failed(self, step: str, e: Exception) -> None:
+        with self._errors_lock:
+            self.errors += 1
+        if self.metrics is not None:
+            self.metrics.action_worker_errors.labels(step).inc()
+        if transient(e):  # an outage: one line per round, not a traceback per round
+            log.warning("action worker step %s failed (retried next round): %s", step, first_line(e))
+        else:
+            log.exception("action worker step %s failed (retried next round)", step)
 
     def start(self) -> ActionWorker:
-        def loop() -> None:
-            while not self._stop.wait(self.settings.reward.update.poll_s):
-                try:
-                    self.run_once()
-                except Exception as e:  # keep the worker alive; the next round retries
-                    self.errors += 1
-                    if transient(e):  # an outage: one line per round, not a traceback per round
-                        log.warning("action worker round failed (retried next round): %s", first_line(e))
-                    else:
-                        log.exception("action worker round failed")
+        """A thread per lane (module docstring), each a round every ``reward.update.poll_s``."""
 
-        self._thread = threading.Thread(target=loop, name="action-worker", daemon=True)
-        self._thread.start()
+        def loop(steps: tuple[str, ...]) -> None:
+            while not self._stop.wait(self.settings.reward.update.poll_s):
+                self.run_round(steps)
+
+        for name, steps in LANES.items():
+            th = threading.Thread(target=loop, args=(steps,), name=name, daemon=True)
+            th.start()
+            self._threads.append(th)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads (a step in progress, a training, is not interrupted: the threads are
+        daemons and a request's lease lets another worker take it over), then close the sinks."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for th in self._threads:
+            th.join(max(0.0, deadline - time.monotonic()))
         for sinks in self._sinks.values():
             for sink in sinks:
-                sink.close()
+                try:
+                    sink.close()
+                except Exception as e:  # one sink that cannot close must not keep the others open
+                    log.warning("cannot close the %s sink: %s", sink.name, first_line(e))
         self._sinks.clear()
 
 

@@ -23,7 +23,7 @@ BROKER_TIMEOUT_MS = 5000
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from monitor.store import Store
 
-    store = Store(settings_from_args(args).database.url, migrate=True)
+    store = Store.open(settings_from_args(args).database, migrate=True)
     try:
         revision = store.revision()
     finally:

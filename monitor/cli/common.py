@@ -211,7 +211,7 @@ def open_existing_store(settings: Settings, *, require_schema: bool = True) -> S
     # Checked before the engine exists: opening SQLite creates the file (and its folder).
     if path is not None and not path.is_file():
         raise CommandFailed(f"database {path} does not exist (oversight db upgrade creates it)")
-    store = Store(url, migrate=False)
+    store = Store.open(settings.database, migrate=False)
     try:
         # revision() connects: an unreachable server raises here, with the driver's reason.
         revision = store.revision()
@@ -229,7 +229,7 @@ def open_store(settings: Settings) -> Store:
     as database.migrate says, like ``run``)."""
     from monitor.store import Store
 
-    return Store(settings.database.url, migrate=settings.database.migrate)
+    return Store.open(settings.database)
 
 
 def one_line(message: object) -> str:

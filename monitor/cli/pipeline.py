@@ -81,7 +81,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         log.warning("inference.external is false: `oversight run` computes too (set it for the pipeline)")
     stop = threading.Event()
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    store = Store(settings.database.url, migrate=settings.database.migrate)
+    store = Store.open(settings.database)
     worker = InferenceWorker(settings, store)
     server = OpsServer(settings.server.host, args.port, worker.registry, worker.readiness).start()
     log.info("inference worker %s: serving /metrics, /healthz, /readyz at %s", worker.id, server.url)

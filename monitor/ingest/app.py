@@ -307,7 +307,7 @@ def build_context(
 ) -> IngestContext:
     """The context from the settings: the store (tokens; the inbox), the hand-off, the metrics."""
     own = store is None
-    store = store if store is not None else Store(settings.database.url, migrate=settings.database.migrate)
+    store = store if store is not None else Store.open(settings.database)
     cfg = settings.ingest
     if handoff is None:
         handoff = InboxHandoff(store) if cfg.handoff == "inbox" else KafkaHandoff(settings.kafka, cfg.kafka_timeout_s)

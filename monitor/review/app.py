@@ -42,7 +42,7 @@ def create_app(
     ``registry``: the Prometheus registry for the review metrics (default: a new one);
     ``clock``: the time for leases, login backoff and sessions (tests pass one they move)."""
     settings.review_secret()
-    store = store if store is not None else Store(settings.database.url, migrate=settings.database.migrate)
+    store = store if store is not None else Store.open(settings.database)
     app = FastAPI(
         title="oversight review API",
         version="1",

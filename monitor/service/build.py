@@ -354,7 +354,7 @@ def build_service(
     """
     settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
     given_store = store is not None
-    store = store if store is not None else Store(settings.database.url, migrate=settings.database.migrate)
+    store = store if store is not None else Store.open(settings.database)
     metrics = Metrics(registry, max_streams=settings.metrics.max_streams)
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     # One retry policy for every database and broker access on the pipeline's path; its health

@@ -1,13 +1,14 @@
 """The review-queue store: tables, migrations, batch commits and queries."""
 
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
-from monitor.store.store import BatchWrite, StaleOffsets, Store, normalize_url
+from monitor.store.store import BatchWrite, Pool, StaleOffsets, Store, normalize_url
 
 __all__ = [
     "BatchWrite",
     "DriftEvent",
     "DriftEventRow",
     "EpisodeRow",
+    "Pool",
     "ReviewTaskRow",
     "RmScoreRow",
     "SampleRow",

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -27,6 +27,9 @@ from sqlalchemy.engine import Connection, Engine
 from monitor.retry import first_line, transient
 from monitor.store import tables as t
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
+
+if TYPE_CHECKING:
+    from monitor.config import DatabaseConfig
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUCKET_S = 60
@@ -70,12 +73,18 @@ class BatchWrite:
 
 
 class Store:
-    def __init__(self, url: str, *, migrate: bool = True, echo: bool = False):
+    def __init__(self, url: str, *, migrate: bool = True, echo: bool = False, pool: Pool | None = None):
         self.url = normalize_url(url)
-        self.engine: Engine = _make_engine(self.url, echo)
+        self.engine: Engine = _make_engine(self.url, echo, pool or Pool())
         self.dialect = self.engine.dialect.name
         if migrate:
             self.migrate()
+
+    @classmethod
+    def open(cls, cfg: DatabaseConfig, *, migrate: bool | None = None) -> Store:
+        """The store ``database`` settings describe (``migrate``: instead of ``cfg.migrate``)."""
+        pool = Pool(cfg.pool_size, cfg.max_overflow, cfg.pool_timeout_s)
+        return cls(cfg.url, migrate=cfg.migrate if migrate is None else migrate, pool=pool)
 
     # -- lifecycle -------------------------------------------------------
     def migrate(self, target: str = "head") -> None:
@@ -440,7 +449,17 @@ def _json_value(value: Mapping[str, Any]) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _make_engine(url: str, echo: bool) -> Engine:
+@dataclass(frozen=True)
+class Pool:
+    """PostgreSQL's connection pool of one process (``database.pool_size``, ``max_overflow``,
+    ``pool_timeout_s``); SQLite has none."""
+
+    size: int = 5
+    overflow: int = 5
+    timeout_s: float = 30.0
+
+
+def _make_engine(url: str, echo: bool, pool: Pool) -> Engine:
     if url.startswith("sqlite"):
         from sqlalchemy.pool import StaticPool
 
@@ -475,4 +494,12 @@ def _make_engine(url: str, echo: bool) -> Engine:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in sa.engine.make_url(url).query:
         connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
-    return sa.create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args)
+    return sa.create_engine(
+        url,
+        echo=echo,
+        pool_pre_ping=True,
+        pool_size=pool.size,
+        max_overflow=pool.overflow,
+        pool_timeout=pool.timeout_s,
+        connect_args=connect_args,
+    )

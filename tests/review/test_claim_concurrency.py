@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from review_helpers import episode_row, seed
 
 from monitor.review import auth, queue
-from monitor.store import Store
+from monitor.store import Pool, Store
 from monitor.store import tables as t
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -30,7 +30,11 @@ FLAGS = ["harmful", "incorrect"]
 
 @pytest.fixture
 def store(pg_url: str) -> Iterator[Store]:
-    s = Store(pg_url)
+    # 20 connections for 50 reviewers who act at machine speed (a deployment sizes its pool with
+    # database.pool_size), and a long wait for one: the pool is not fair, and on a loaded CI
+    # machine a thread lost the race for a connection for the default 30 s. A pool deadlock
+    # (a thread that holds one connection and waits for a second) still fails it.
+    s = Store(pg_url, pool=Pool(size=10, overflow=10, timeout_s=120))
     yield s
     s.close()
 
@@ -103,7 +107,7 @@ def test_fifty_reviewers_drain_the_queue(store: Store) -> None:
                     return  # nothing leased anywhere: nothing can come back for me
                 # An idle reviewer checks again after a jittered, growing pause (the page
                 # has a "Check again" link, it does not poll): 50 threads re-polling every
-                # 50 ms in lockstep only measured the fairness of the connection pool (10
+                # 50 ms in lockstep only measured the fairness of the connection pool (20
                 # connections), and one could wait out its 30 s pool timeout on a loaded
                 # CI machine.
                 idle += 1
