@@ -1,6 +1,6 @@
 """The closed loop on real shifts: ``oversight simulate`` over three scenarios, measured.
 
-    python bench/closed_loop.py [--scenarios policy_swap,rlhf,reward_hacking] [--keep DIR]
+    python bench/closed_loop.py [--scenarios policy_swap,rlhf,reward_hacking] [--keep DIR] [--set KEY=VALUE ...]
 
 Each scenario is built from ../shared/data/alpaca_eval: stream ``chat`` serves one policy for its
 805 instructions (seeded random order), then the changed policy for the 805 again (another
@@ -129,7 +129,7 @@ def judge_distilled_pairs(out: Path, n: int = 400, seed: int = 0) -> None:
     write_pairs(pick, out)
 
 
-def run(name: str, work: Path) -> dict[str, Any]:
+def run(name: str, work: Path, extra: list[str] | None = None) -> dict[str, Any]:
     from monitor.config import load_settings
     from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
 
@@ -147,7 +147,7 @@ def run(name: str, work: Path) -> dict[str, Any]:
     if name == "reward_hacking":
         judge_distilled_pairs(work / "judge-pairs.jsonl")
         overrides.append(f"simulate.bootstrap_pairs={work / 'judge-pairs.jsonl'}")
-    settings = load_settings(str(bundled(BUNDLED_CONFIG)), overrides)
+    settings = load_settings(str(bundled(BUNDLED_CONFIG)), [*overrides, *(extra or [])])
     t0 = time.perf_counter()
     report = run_simulation(settings, str(data), progress=False)
     seconds = time.perf_counter() - t0
@@ -198,6 +198,9 @@ def summarise(name: str, r: dict[str, Any], change: dict[str, Any], seconds: flo
         "agreement_new_after": promoted[-1]["agreement_new"] if promoted else None,
         "agreement_old_before": versions[0]["agreement_old"] if versions else None,
         "agreement_old_after": promoted[-1]["agreement_old"] if promoted else None,
+        # The update's version whatever the gate said (promoted, rejected or held): what training gave.
+        "update_status": versions[-1]["status"] if len(versions) > 1 else None,
+        "agreement_new_update": versions[-1]["agreement_new"] if len(versions) > 1 else None,
         "estimate_before": phases.get("before_alarm"),
         "estimate_after": phases.get("after_alarm"),
         "retrain_requests": len(r["retrain_requests"]),
@@ -219,12 +222,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--keep", metavar="DIR", help="keep each scenario's database, models and report here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, as oversight --set")
     args = ap.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="closed-loop-"))
     rows = []
     try:
         for name in args.scenarios.split(","):
-            rows.append(run(name, root / name))
+            rows.append(run(name, root / name, args.set))
             print(json.dumps({"bench": "closed_loop", **rows[-1]}, default=str), flush=True)
     finally:
         if not args.keep:
@@ -246,6 +250,7 @@ def main() -> int:
         print(
             f"  {r['scenario']:<16}starting version {_fmt(r['agreement_new_before'])}  "
             f"promoted {_fmt(r['agreement_new_after'])}  longer wins {_fmt(r['longer_wins_new'])}  n={r['n_eval_new']}"
+            f"  (the update: {_fmt(r['agreement_new_update'])}, {_fmt(r['update_status'])})"
         )
     print("\nHorvitz-Thompson estimate of the mean answer in chat (95% CI) vs the true mean:")
     for r in rows:
