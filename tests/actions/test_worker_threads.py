@@ -158,11 +158,11 @@ def test_the_gauges_stay_fresh_while_a_slow_step_runs(tmp_path: Path, slow: str)
     worker.start()
     try:
         assert worker.busy.wait(10), f"the worker never ran its {slow} step"
-        _label(store, 7, user)  # labels that come in while the update trains
+        _label(store, 7, user)  # labels that come in while the slow step runs
         deadline = time.monotonic() + 20
         while _estimate(metrics) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _estimate(metrics) == pytest.approx(4.0), "the quality gauge froze while a model step ran"
+        assert _estimate(metrics) == pytest.approx(4.0), f"the quality gauge froze while {slow} ran"
         assert not worker.release.is_set()  # still busy
         _label(store, 7, user, start=7, rating=7)
         while _estimate(metrics) == pytest.approx(4.0) and time.monotonic() < deadline:
