@@ -83,6 +83,7 @@ class ActionWorker:
                     metrics.action_worker_errors.labels(step)
         self.errors = 0
         self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
+        # In run_once's order: incidents make requests, updates finish them, dispatch sends them.
         self._steps: dict[str, Callable[[], object]] = {
             "incidents": self.ingest_events,
             "updates": self.run_updates,
@@ -355,17 +356,17 @@ class ActionWorker:
             return
         version = active[0]
         try:
-            sensitivity.refresh_active(self.metrics, self.settings, self.store)
+            sensitivity.refresh_active(self.metrics, self.settings, self.store, active)
         except Exception as e:  # a broken version folder must not stop the other gauges
             self.sensitivity_failed.add(version)
             log.warning("cannot measure the sensitivity of reward-model version %s: %s", version, first_line(e))
 
     # -- rounds ------------------------------------------------------------------------------
     def run_once(self) -> None:
-        """Every step once, in order, on the caller's thread; the first that raises ends it
-        (tests and the simulation drive the worker this way)."""
-        for name in ("incidents", "updates", "dispatch", "gauges", "sensitivity"):
-            self._steps[name]()
+        """Every step once, in order (``_steps``), on the caller's thread; the first that raises
+        ends it (tests and the simulation drive the worker this way)."""
+        for step in self._steps.values():
+            step()
 
     def run_round(self, steps: tuple[str, ...]) -> int:
         """``steps`` once each, a failure counted and logged and the next step run all the same;

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
@@ -343,15 +344,18 @@ def failure_rule(record: Mapping[str, Any]) -> str:
     return "sensitivity lost: " + "; ".join(parts)
 
 
-def refresh_active(metrics: Metrics, settings: Any, store: Store) -> str | None:
+def refresh_active(
+    metrics: Metrics, settings: Any, store: Store, active: tuple[str, Path, int] | None = None
+) -> str | None:
     """Publish the active version's sensitivity once per version (the action worker calls this
     every round): from its gate record when it was promoted through the gate, else measured now
-    (a version activated by hand). Returns the version published, None when nothing changed."""
+    (a version activated by hand). ``active``: the registry's active version as the caller read
+    it (default: read here). Returns the version published, None when nothing changed."""
     from monitor.reward.kinds import PairScorer, load_backend
     from monitor.reward.registry import Registry
 
     registry = Registry.for_settings(store, settings)
-    active = registry.active()
+    active = active if active is not None else registry.active()
     if active is None or metrics.rm_sensitivity_version("active") == active[0]:
         return None
     version, path, _ = active
