@@ -1,4 +1,5 @@
-"""Encoder throughput and accuracy: ONNX Runtime int8 and fp32 against PyTorch eager, same texts, same run.
+"""Encoder throughput and accuracy: ONNX Runtime int8 and fp32, and PyTorch bf16, against PyTorch eager
+fp32, same texts, same run.
 
     python bench/encoder.py [--texts N] [--repeat R] [--threads T]
 
@@ -8,13 +9,16 @@ Two workloads, at the product's token limits and batch sizes:
 * reward: ``RewardModel.score`` (max_length 128, reward.batch_size 32; head included, the head is
   PyTorch on every backend).
 
-And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, the drift
-encoder ONNX int8): episodes/s with two passes (score, then embed) and with one (the score's pass
-hands out the drift embedding, ``monitor/inference/shared.py``), and how close the shared vectors
-are to the drift encoder's own.
+``torch-bf16`` is the encoder in bf16 weights (``monitor/inference/bf16.py``): fast only on a CPU
+with native bf16 (the JSON's ``native_bf16``), where ``precision: auto`` chooses it.
 
-The backends run interleaved (torch, onnx-fp32, onnx-int8, then again) ``--repeat`` times and the
-median texts/s is printed, so a neighbour loading the CPU hurts all three alike. Accuracy on the same
+And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, in bf16
+where the CPU has native bf16; the drift encoder ONNX int8): episodes/s with two passes (score, then
+embed) and with one (the score's pass hands out the drift embedding, ``monitor/inference/shared.py``),
+and how close the shared vectors are to the drift encoder's own.
+
+The backends run interleaved (torch, torch-bf16, onnx-fp32, onnx-int8, then again) ``--repeat``
+times and the median texts/s is printed, so a neighbour loading the CPU hurts all of them alike. Accuracy on the same
 texts: the minimum and mean cosine of the embeddings to PyTorch's; for the reward model the score
 correlation and held-out pairwise accuracy of a head trained here on the bundled AlpacaEval pairs.
 The ONNX models are exported into a fresh cache folder; the first load's time (export, quantise,
@@ -40,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA = REPO / "tests" / "data" / "alpaca_eval"
-BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 
 def rows(n: int) -> list[dict[str, Any]]:
@@ -67,7 +71,8 @@ def drift_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[s
     from monitor.signals.embeddings import Embedder
 
     emb: dict[str, Embedder] = {
-        "torch": Embedder(backend="torch"),
+        "torch": Embedder(backend="torch", precision="fp32"),
+        "torch-bf16": Embedder(backend="torch", precision="bf16"),
         "onnx-fp32": Embedder(backend="onnx", quantisation="fp32"),
         "onnx-int8": Embedder(backend="onnx", quantisation="int8"),
     }
@@ -79,7 +84,7 @@ def drift_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[s
         out["load_s"][name] = round(time.perf_counter() - t0, 1)
     runs: dict[str, Callable[[], Any]] = {k: partial(e.embed_episodes, prompts, responses) for k, e in emb.items()}
     out["texts_per_s"] = interleaved(runs, len(prompts), repeat)
-    for name in ("onnx-fp32", "onnx-int8"):
+    for name in BACKENDS[1:]:
         cos = (vecs[name] * vecs["torch"]).sum(1)
         out[f"{name}_cosine_min"] = round(float(np.min(cos)), 4)
         out[f"{name}_cosine_mean"] = round(float(np.mean(cos)), 5)
@@ -112,7 +117,7 @@ def reward_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[
             use(model, name)
             times[name].append(len(prompts) / _timed(lambda: model.score(prompts, responses, batch_size=32)))
     out["texts_per_s"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
-    for name in ("onnx-fp32", "onnx-int8"):
+    for name in BACKENDS[1:]:
         out[f"{name}_score_corr"] = round(float(np.corrcoef(scores["torch"], scores[name])[0, 1]), 5)
     out["both_channels"] = shared_bench(model, prompts, responses, repeat)
     return out
@@ -128,7 +133,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     spec = drift.drift_pass()
     slot = None if spec is None else model.drift_slot(spec)
     assert slot is not None, "the default reward model and drift embedding share a pass"
-    model.use_backend("torch")  # reward.backend's default
+    model.use_backend("torch", precision="auto")  # reward.backend's and reward.precision's defaults
     own = drift.embed_episodes(prompts, responses)
     _, shared = model.score_and_embed(prompts, responses, 32, slot)
     runs: dict[str, Callable[[], Any]] = {
@@ -137,6 +142,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     }
     cos = (own * shared).sum(1)
     return {
+        "rm_precision": "bf16" if model.runner is not None else "fp32",
         "episodes_per_s": interleaved(runs, len(prompts), repeat),
         "cosine_to_own_min": round(float(np.min(cos)), 4),
         "cosine_to_own_mean": round(float(np.mean(cos)), 5),
@@ -144,7 +150,11 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
 
 
 def use(model: Any, name: str) -> None:
-    model.use_backend("torch" if name == "torch" else "onnx", "int8" if name == "onnx-int8" else "fp32")
+    backend, _, kind = name.partition("-")
+    if backend == "torch":
+        model.use_backend("torch", precision="bf16" if kind == "bf16" else "fp32")
+    else:
+        model.use_backend("onnx", "int8" if kind == "int8" else "fp32")
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -162,6 +172,8 @@ def main() -> int:
 
     import torch
 
+    from monitor.inference.bf16 import native_bf16
+
     if args.threads:
         torch.set_num_threads(args.threads)
     data = rows(args.texts)
@@ -176,21 +188,20 @@ def main() -> int:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "native_bf16": native_bf16(),
         "texts": len(data),
         "drift": drift,
         "reward": reward,
     }
     for name, part in (("drift (max_length 128, batch 32)", drift), ("reward (max_length 128, batch 32)", reward)):
         tps = part["texts_per_s"]
-        print(
-            f"{name}: texts/s torch {tps['torch']}, onnx fp32 {tps['onnx-fp32']} "
-            f"({tps['onnx-fp32'] / tps['torch']:.2f}x), onnx int8 {tps['onnx-int8']} "
-            f"({tps['onnx-int8'] / tps['torch']:.2f}x)"
-        )
+        rest = ", ".join(f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x)" for b in BACKENDS[1:])
+        print(f"{name}: texts/s torch {tps['torch']}, {rest}")
     both = reward["both_channels"]
     eps = both["episodes_per_s"]
     print(
-        f"sampled for drift and rm (rm torch, drift onnx int8): episodes/s two passes {eps['two_passes']}, "
+        f"sampled for drift and rm (rm torch {both['rm_precision']}, drift onnx int8): episodes/s two passes "
+        f"{eps['two_passes']}, "
         f"one pass {eps['one_pass']} ({eps['one_pass'] / eps['two_passes']:.2f}x); shared vectors' cosine to the "
         f"drift encoder's own: min {both['cosine_to_own_min']}, mean {both['cosine_to_own_mean']}"
     )

@@ -407,6 +407,11 @@ class EmbeddingDriftConfig(_Model):
     quantisation: Literal["int8", "fp32"] = Field(
         "int8", description="ONNX weights (int8: SmoothQuant; the feed-forward output projection per token)"
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="PyTorch encoder weights on the CPU (auto: bf16 where the CPU multiplies bf16 natively, "
+        "AVX512-BF16 or AMX, else fp32)",
+    )
     encoding: Literal["pair", "text"] = Field(
         "pair",
         description="pair: [CLS] prompt [SEP] response [SEP], cut as the reward model cuts (one encoder pass serves "
@@ -615,6 +620,11 @@ class RewardConfig(_Model):
         "or auto (PyTorch on CUDA when present, else ONNX Runtime)",
     )
     quantisation: Literal["int8", "fp32"] = Field("fp32", description="ONNX encoder weights for scoring")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="PyTorch encoder weights for scoring on the CPU (auto: bf16 where the CPU multiplies bf16 "
+        "natively, AVX512-BF16 or AMX, else fp32)",
+    )
     update: RewardUpdateConfig = Field(default_factory=RewardUpdateConfig)
     # Bring your own reward model (monitor/reward/kinds/): which kind a version is, and so how it is
     # scored, is recorded with the version; these say what `rm register` registers by default and

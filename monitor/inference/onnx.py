@@ -206,9 +206,14 @@ def pooled_module(encoder: Any, pool_indices: Sequence[int], normalize: bool, *,
                 token_type_ids=token_type_ids,
                 output_hidden_states=True,
             )
-            m = attention_mask.unsqueeze(-1).to(out.hidden_states[0].dtype)
+            # Pooled in fp32 whatever the encoder's dtype (a bf16 encoder, monitor/inference/bf16.py:
+            # a sum over hundreds of tokens in bf16 keeps 8 bits). The cast is decided here, not
+            # traced: fp32 states are used as they are, so the exported graph has no extra Cast.
+            states = [out.hidden_states[i] for i in pool_indices]
+            states = [h if h.dtype == torch.float32 else h.float() for h in states]
+            m = attention_mask.unsqueeze(-1).to(torch.float32)
             denom = m.sum(1).clamp(min=1e-9)
-            pooled = torch.cat([(out.hidden_states[i] * m).sum(1) / denom for i in pool_indices], dim=-1)
+            pooled = torch.cat([(h * m).sum(1) / denom for h in states], dim=-1)
             return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
     return Pooled().eval()

@@ -45,6 +45,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from monitor.inference.bf16 import Bf16Encoder, resolve_precision
 from monitor.inference.onnx import Quantisation
 from monitor.inference.pairs import encode_pairs, pad_pairs
 from monitor.inference.shared import DriftPass
@@ -203,7 +204,9 @@ class RewardModel:
         self.trained_layers = sorted(set(trained_layers))
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.device = default_device() if device in (None, "auto") else str(device)
-        self.onnx: Any = None  # an ONNX Runtime copy of the encoder and pooling (use_backend)
+        # What encodes and pools a batch when it is not ``encoder`` itself (use_backend): an ONNX
+        # Runtime session, or a bf16 copy of the encoder on a CPU with native bf16.
+        self.runner: Any = None
         self._base_sha256: str | None = None
         self._to_device()
 
@@ -378,18 +381,23 @@ class RewardModel:
 
     # --- scoring -----------------------------------------------------------------------------
 
-    def use_backend(self, backend: str = "auto", quantisation: Quantisation = "fp32") -> str:
+    def use_backend(self, backend: str = "auto", quantisation: Quantisation = "fp32", precision: str = "fp32") -> str:
         """Score with ONNX Runtime (``onnx``; ``auto`` on a machine without CUDA) or PyTorch; returns
         the backend in use. The encoder and pooling are exported as they are now, cached by
-        ``content_id`` (one export per version); the head stays in PyTorch. Training never goes
-        through here: a model trained further must call this again."""
-        from monitor.inference.onnx import load_encoder, resolve_backend
+        ``content_id`` (one export per version); the head stays in PyTorch. With PyTorch on the CPU,
+        ``precision`` (:func:`monitor.inference.bf16.resolve_precision`) may give a bf16 copy of the
+        encoder for scoring. Training never goes through here: a model trained further must call
+        this again."""
+        from monitor.inference.onnx import load_encoder, pooled_module, resolve_backend
 
-        self.onnx = None
-        if resolve_backend(backend) == "torch":
-            return "torch"
+        self.runner = None
         encoder = self.encoder
-        self.onnx = load_encoder(
+        if resolve_backend(backend) == "torch":
+            if resolve_precision(precision, self.device) == "bf16":
+                copied = copy.deepcopy(encoder).cpu().eval()
+                self.runner = Bf16Encoder(pooled_module(copied, self.pool_indices(), normalize=False))
+            return "torch"
+        self.runner = load_encoder(
             self.content_id(),
             lambda: copy.deepcopy(encoder).cpu().eval(),
             self.pool_indices(),
@@ -413,11 +421,11 @@ class RewardModel:
         """The pooled hidden states of ``pool_layers`` for one batch, from the backend in use."""
         import torch
 
-        if self.onnx is None:
+        if self.runner is None:
             ids, types, mask = pad_batch(encs, self.device)
             return self.pooled_from(self.embed(ids, types), mask, 0)
         ids, types, mask = pad_batch(encs, "cpu")
-        return torch.from_numpy(self.onnx.run(ids.numpy(), mask.numpy(), types.numpy())).to(self.device)
+        return torch.from_numpy(self.runner.run(ids.numpy(), mask.numpy(), types.numpy())).to(self.device)
 
     def _to_device(self) -> None:
         self.encoder.to(self.device).eval()

@@ -52,7 +52,7 @@ Feed = Callable[[str, str, float, str, float, int], None]
 
 def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistry | None) -> ScoringBackend:
     """The scoring backend of a version folder, as ``reward`` configures it (device, batch,
-    the built-in's backend and quantisation); raises what :func:`load_backend` raises."""
+    the built-in's backend, quantisation and precision); raises what :func:`load_backend` raises."""
     from monitor.reward.kinds import load_backend
 
     return load_backend(
@@ -62,6 +62,7 @@ def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistr
         registry=registry,
         backend=cfg.backend,
         quantisation=cfg.quantisation,
+        precision=cfg.precision,
     )
 
 

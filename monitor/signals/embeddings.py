@@ -14,7 +14,9 @@ characters of prompt, a blank line and the response (:func:`episode_text`, the 0
 Backends (``drift.embedding.backend``): ``auto`` runs PyTorch on CUDA when a GPU
 is present and ONNX Runtime on CPU (the model exported from the same weights at
 first use and cached, ``monitor/inference/onnx.py``); ``onnx`` and ``torch``
-force one. ``quantisation`` (``int8`` or ``fp32``) applies to ONNX only.
+force one. ``quantisation`` (``int8`` or ``fp32``) applies to ONNX only, ``precision`` (``fp32``,
+``bf16``, or ``auto``: bf16 on a CPU with native bf16, ``monitor/inference/bf16.py``) to PyTorch
+on the CPU only. ``drift.embedding.precision`` is ``auto``; the class's own default is fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from monitor.data import calibration_pairs
-from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, resolve_backend
+from monitor.inference.bf16 import Bf16Encoder, Precision, resolve_precision
+from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, pooled_module, resolve_backend
 from monitor.inference.pairs import encode_pairs, pad_pairs
 from monitor.inference.shared import DriftPass
 
@@ -63,6 +66,7 @@ def embedder_for(ecfg: EmbeddingDriftConfig, threads: int | None = None) -> Embe
         max_length=ecfg.max_length,
         backend=ecfg.backend,
         quantisation=ecfg.quantisation,
+        precision=ecfg.precision,
         threads=threads,
         encoding=ecfg.encoding,
         max_prompt_tokens=ecfg.max_prompt_tokens,
@@ -80,6 +84,7 @@ class Embedder:
         *,
         backend: Backend = "auto",
         quantisation: Quantisation = "int8",
+        precision: Precision = "fp32",
         threads: int | None = None,
         encoding: Encoding = "pair",
         max_prompt_tokens: int = 32,
@@ -94,10 +99,14 @@ class Embedder:
         self.threads = threads  # ONNX Runtime intra-op threads (None: one per core)
         self._lock = threading.Lock()
         self._model: Any = None
-        self._onnx: Any = None
+        # What encodes a batch when it is not the PyTorch model itself: an ONNX Runtime session
+        # (backend onnx) or the model in bf16 weights (torch on a bf16 CPU); both ``run`` alike.
+        self._runner: Any = None
         self._tok: Any = None
         self._device = "cpu"
         self.resolved: str | None = None  # "onnx" or "torch" once loaded
+        self.precision = precision
+        self.resolved_precision: str | None = None  # torch: "fp32" or "bf16" once loaded
         self._sha256: str | None = None
 
     def _load(self) -> None:
@@ -108,7 +117,7 @@ class Embedder:
         self.resolved = resolve_backend(self.backend)
         if self.resolved == "onnx":
             try:
-                self._onnx = load_encoder(
+                self._runner = load_encoder(
                     self.weights_sha256(),
                     self._torch_model,
                     [-1],
@@ -128,6 +137,10 @@ class Embedder:
         import torch
 
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.resolved_precision = resolve_precision(self.precision, self._device)
+        if self.resolved_precision == "bf16":
+            self._runner = Bf16Encoder(pooled_module(self._torch_model(), [-1], normalize=True))
+            return
         self._model = self._torch_model().to(self._device)
 
     def _calibration_batches(self) -> Iterator[tuple[Any, Any, Any]]:
@@ -202,8 +215,8 @@ class Embedder:
 
     def _run(self, ids: Any, types: Any, mask: Any) -> Any:
         """Mean-pooled, L2-normalised last hidden states of one padded batch."""
-        if self._onnx is not None:
-            return self._onnx.run(ids, mask, types)
+        if self._runner is not None:
+            return self._runner.run(ids, mask, types)
         import torch
 
         with torch.inference_mode():

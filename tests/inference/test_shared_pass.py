@@ -132,8 +132,9 @@ def active(s: Settings, model: RewardModel) -> Store:
     return store
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_worker_encodes_an_episode_sampled_for_both_once(
-    tmp_path: Path, model: RewardModel, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, model: RewardModel, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     s = load_settings(
         None,
@@ -143,6 +144,8 @@ def test_the_worker_encodes_an_episode_sampled_for_both_once(
             f"reward.models_dir={tmp_path / 'models'}",
             "reward.backend=torch",
             "drift.embedding.backend=torch",
+            f"reward.precision={precision}",
+            f"drift.embedding.precision={precision}",
             "inference.external=true",
         ],
     )
@@ -181,7 +184,12 @@ def test_the_worker_encodes_an_episode_sampled_for_both_once(
     own = Embedder(backend="torch").embed_episodes(
         [f"question {i}" for i in range(8)], [f"answer {i}" for i in range(8)]
     )
-    np.testing.assert_allclose(np.stack([stored[i] for i in ids]), own, atol=2e-6)  # the same function either way
+    got = np.stack([stored[i] for i in ids])
+    if precision == "fp32":
+        np.testing.assert_allclose(got, own, atol=2e-6)  # the same function either way
+    else:  # both passes in bf16 (monitor/inference/bf16.py): the fp32 direction, to bf16's precision
+        assert (got * own).sum(1).min() >= 0.999
+        assert np.abs(got - own).max() > 1e-6  # bf16 did run: it is not the fp32 result
     worker.close()
     store.close()
 

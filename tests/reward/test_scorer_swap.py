@@ -52,6 +52,9 @@ def test_hot_swap_under_replay_loses_and_duplicates_no_score(
             f"dead_letter.path={tmp_path / 'dead.jsonl'}",
             f"reward.models_dir={tmp_path / 'models'}",
             "reward.swap_poll_s=0.01",
+            # The scores are compared with the model's own fp32 scores to 4 places below (on a CPU
+            # with native bf16, `auto` would score in bf16: tests/reward/test_bf16_scoring.py).
+            "reward.precision=fp32",
             "sampling.rm.rate=0.5",
             "sampling.human.rate=0.1",
             "pipeline.batch_size=20",

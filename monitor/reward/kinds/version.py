@@ -151,18 +151,21 @@ def load_backend(
     client: Any = None,
     backend: str = "torch",
     quantisation: str = "fp32",
+    precision: str = "fp32",
 ) -> ScoringBackend:
     """The backend of the version folder ``path``: a ``kind.json`` names the kind, otherwise it is
     a built-in model folder, scored with ``backend`` (``reward.backend``: torch, onnx or auto) at
-    ``quantisation``. Raises BackendError (or the built-in's ValueError/OSError)."""
+    ``quantisation`` (ONNX) or ``precision`` (PyTorch on the CPU). Raises BackendError (or the
+    built-in's ValueError/OSError)."""
     root = Path(path)
     metrics = BackendMetrics.on(registry)
     if not (root / KIND_FILE).is_file():
         from monitor.reward.model import RewardModel
 
         model = RewardModel.load(root, device=device)
-        if backend != "torch":  # the built-in encoder in ONNX Runtime (reward.backend)
-            model.use_backend(backend, "int8" if quantisation == "int8" else "fp32")
+        # The built-in encoder in ONNX Runtime, or in bf16 on a CPU with native bf16 (reward.backend,
+        # reward.quantisation, reward.precision); PyTorch fp32 as loaded otherwise.
+        model.use_backend(backend, "int8" if quantisation == "int8" else "fp32", precision)
         return BuiltinBackend(model, batch_size)
     rec = json.loads((root / KIND_FILE).read_text(encoding="utf-8"))
     if rec.get("format") != FORMAT:

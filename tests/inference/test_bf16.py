@@ -1,0 +1,82 @@
+"""PyTorch bf16 encoders on the CPU (``monitor/inference/bf16.py``): when ``auto`` chooses them, and
+that they keep accuracy on real texts, for the drift embedding through the settings the service
+reads (the reward model's: ``tests/reward/test_bf16_scoring.py``).
+
+bf16 runs on any CPU (emulated where there is no native support, only slower), so every test here
+runs on every machine; which precision ``auto`` picks is tested on given flag sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.test_onnx_encoder import real_episodes
+from monitor.inference import bf16
+from monitor.inference.bf16 import Bf16Encoder, cpu_flags, native_bf16, resolve_precision
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse2 avx2 fma {extra}
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "native"), [("avx512f avx512_bf16", True), ("amx_tile amx_bf16", True), ("avx512f avx512_vnni", False)]
+)
+def test_native_bf16_is_read_from_the_first_processors_flags(tmp_path: Path, extra: str, native: bool) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO.format(extra=extra))
+    flags = cpu_flags(info)
+    assert "avx2" in flags and "spectre_v1" not in flags
+    assert native_bf16(flags) is native
+
+
+def test_without_cpuinfo_there_are_no_flags(tmp_path: Path) -> None:
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert cpu_flags(tmp_path) == frozenset()  # a folder: unreadable as a file
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_chooses_bf16_only_on_a_cpu_that_has_it(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(bf16, "_this_cpu", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == resolve_precision("bf16", "cuda:0") == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_drift_embeddings_in_bf16_keep_the_fp32_direction() -> None:
+    from monitor.signals.embeddings import Embedder
+
+    prompts, responses = real_episodes()
+    ref_enc = Embedder(backend="torch")
+    ref = ref_enc.embed_episodes(prompts, responses)
+    got_enc = Embedder(backend="torch", precision="bf16")
+    got = got_enc.embed_episodes(prompts, responses)
+    assert ref_enc.resolved_precision == "fp32" and isinstance(got_enc._runner, Bf16Encoder)
+    assert got_enc.resolved_precision == "bf16" and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cos = (got * ref).sum(1)
+    # bf16 keeps fp32's exponent range: no outliers to manage, so far above the int8 gate (0.99).
+    assert cos.min() >= 0.999, float(cos.min())
+    # The pooled states are fp32 sums: short texts and the empty response come out as fp32 does.
+    assert np.abs(got - ref).max() < 0.02
+
+
+def test_the_settings_give_the_drift_encoder_its_precision() -> None:
+    from monitor.config import load_settings
+    from monitor.signals.embeddings import embedder_for
+
+    settings = load_settings(None, ["dev=true", "drift.embedding.backend=torch", "drift.embedding.precision=bf16"])
+    enc = embedder_for(settings.drift.embedding)
+    enc.embed(["hello"])
+    assert enc.resolved_precision == "bf16"
+    plain = embedder_for(load_settings(None, ["dev=true", "drift.embedding.precision=fp32"]).drift.embedding)
+    assert plain.precision == "fp32"

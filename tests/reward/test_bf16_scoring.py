@@ -1,0 +1,41 @@
+"""A built-in reward model scored in bf16 on the CPU (``monitor/inference/bf16.py``): the same
+ranking as fp32 on held-out pairs, and ``reward.precision`` reaching the scoring backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.inference.bf16 import Bf16Encoder
+
+
+def test_a_reward_model_scores_in_bf16_as_in_fp32(small_models: dict[str, Any], alpaca_split: Any) -> None:
+    from monitor.reward.train import evaluate
+
+    model = small_models["trained"].clone()
+    pairs = alpaca_split["test"]
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    ref = np.array(model.score(prompts, responses))
+    ref_acc = evaluate(model, pairs)["pairwise_accuracy"]
+    assert model.use_backend("torch", precision="bf16") == "torch" and isinstance(model.runner, Bf16Encoder)
+    got = np.array(model.score(prompts, responses))
+    assert np.corrcoef(ref, got)[0, 1] > 0.999
+    # Within 0.5 points, the ONNX gate's tolerance (one flipped pair of 160 would be 0.625).
+    assert abs(evaluate(model, pairs)["pairwise_accuracy"] - ref_acc) <= 0.005 + 1e-9
+    assert model.use_backend("torch", precision="fp32") == "torch" and model.runner is None
+    np.testing.assert_allclose(model.score(prompts, responses), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reward_precision_reaches_the_scoring_backend(small_models: dict[str, Any], tmp_path: Path) -> None:
+    from monitor.config import load_settings
+    from monitor.reward.scorer import load_version
+
+    small_models["trained"].save(tmp_path / "v1")
+    for precision, runner in (("bf16", True), ("fp32", False)):
+        settings = load_settings(None, ["dev=true", f"reward.precision={precision}"])
+        backend: Any = load_version(settings.reward, tmp_path / "v1", None)
+        assert isinstance(backend.model.runner, Bf16Encoder) is runner, precision
+        assert len(backend.model.score(["What is 2+2?"], ["4"])) == 1
