@@ -4,14 +4,15 @@
 ``quantize_dynamic``, which rewrites 18 of the encoder's MatMuls (q/k/v, see
 ``monitor/inference/onnx.py``). This module does that one rewrite itself, with the same recipe:
 
-* weights int8 per output channel, symmetric, over a reduced range: ``scale = max|W[:, j]| / 64``,
-  zero point 0, ``q = clip(round(W / scale), -64, 64)`` (:data:`WEIGHT_MAX` says why);
+* weights int8 per output channel, symmetric: ``scale = max|W[:, j]| / L``, zero point 0,
+  ``q = clip(round(W / scale), -L, L)``, with ``L`` 127 where this machine's ONNX Runtime computes
+  full-range products exactly and 64 (a reduced range) elsewhere (:func:`weight_levels` says why);
 * activations quantised at run time: ``DynamicQuantizeLinear(X)`` (uint8, one per input tensor,
   shared by the MatMuls that read it), then ``MatMulInteger``, ``Cast`` to float, and the product
   of the two scales;
 
-so a rewritten model computes what ``quantize_dynamic(per_channel=True, weight_type=QInt8,
-reduce_range=True)`` gives
+so a rewritten model with ``L = 64`` computes what ``quantize_dynamic(per_channel=True,
+weight_type=QInt8, reduce_range=True)`` gives
 (``tests/inference/test_int8.py`` compares the two; the dev install has ``onnx``). That is
 :data:`PER_TENSOR`. A MatMul may instead get :class:`PerRow`: one activation scale per row (per
 token), for an input whose values one scale per tensor resolves poorly (see the class).
@@ -29,6 +30,7 @@ goes through untouched.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +38,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 # TensorProto.DataType and AttributeProto.AttributeType values (onnx.proto).
-FLOAT, UINT8, INT8, INT64 = 1, 2, 3, 7
+FLOAT, UINT8, INT8, INT32, INT64 = 1, 2, 3, 6, 7
 ATTR_INT, ATTR_INTS = 2, 7
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 #: Names of the standard operator domain; any other domain is a custom one.
@@ -71,14 +75,20 @@ class PerRow:
     floor: float | None = None
 
 
-#: The largest weight level. ONNX Runtime's uint8 x int8 kernel on x86 CPUs without VNNI (AVX2
-#: only, as many AMD EPYC and older Xeon hosts are) adds adjacent products in int16 (``vpmaddubsw``),
-#: which saturates: 255 x 127 x 2 = 64,770 > 32,767. On such a CPU full-range int8 weights gave 19%
-#: relative error on a random 64 x 64 MatMul and 10-15% at 384 x 384 (against 1% computed exactly),
-#: whatever the onnxruntime version (1.20 to 1.32); 255 x 64 x 2 = 32,640 fits. This is
-#: ``quantize_dynamic``'s ``reduce_range``: half the weight levels, on every CPU, so that a cached
-#: model computes the same thing wherever it runs.
-WEIGHT_MAX = 64
+#: The largest weight level where the int8 products may be summed in int16: ONNX Runtime's uint8 x
+#: int8 kernel on x86 CPUs without VNNI (AVX2 only, as many AMD EPYC and older Xeon hosts are, and
+#: AVX-512 without VNNI) adds adjacent products in int16 (``vpmaddubsw``), which saturates:
+#: 255 x 127 x 2 = 64,770 > 32,767. On such a CPU full-range int8 weights gave 19% relative error on
+#: a random 64 x 64 MatMul and 10-15% at 384 x 384 (against 1% computed exactly), whatever the
+#: onnxruntime version (1.20 to 1.32); 255 x 64 x 2 = 32,640 fits. This is ``quantize_dynamic``'s
+#: ``reduce_range``.
+REDUCED_RANGE = 64
+#: The largest weight level where the kernel sums in int32 (VNNI's ``vpdpbusd``, AMX): one more bit
+#: per weight. On the drift encoder (MiniLM, smoothed) on an AVX-512 VNNI Xeon it raised the minimum
+#: cosine to PyTorch on the gate's 195 episodes from 0.9899 (under the 0.99 gate: a short refusal
+#: after an empty prompt) to 0.9958, and on its 197 texts from 0.9918 to 0.9959; the means from
+#: 0.9975 and 0.9977 to 0.9992 and 0.9991.
+FULL_RANGE = 127
 
 #: The default scheme, as ``quantize_dynamic`` does it.
 PER_TENSOR = PerTensor()
@@ -95,8 +105,16 @@ _SCHEMA = {
     " data_location 14 int32",
     "NodeProto": "input 1 *string, output 2 *string, name 3 string, op_type 4 string,"
     " attribute 5 *AttributeProto, domain 7 string",
-    "GraphProto": "node 1 *NodeProto, initializer 5 *TensorProto",
-    "ModelProto": "graph 7 GraphProto",
+    "GraphProto": "node 1 *NodeProto, name 2 string, initializer 5 *TensorProto, input 11 *ValueInfoProto,"
+    " output 12 *ValueInfoProto",
+    "ModelProto": "ir_version 1 int64, graph 7 GraphProto, opset_import 8 *OperatorSetIdProto",
+    # The rest only for :func:`weight_levels`'s probe model, which is built rather than rewritten.
+    "OperatorSetIdProto": "domain 1 string, version 2 int64",
+    "ValueInfoProto": "name 1 string, type 2 TypeProto",
+    "TypeProto": "tensor_type 1 TensorTypeProto",
+    "TensorTypeProto": "elem_type 1 int32, shape 2 TensorShapeProto",  # TypeProto.Tensor
+    "TensorShapeProto": "dim 1 *DimensionProto",
+    "DimensionProto": "dim_value 1 int64, dim_param 2 string",  # TensorShapeProto.Dimension
 }
 
 
@@ -149,16 +167,76 @@ def node_domains(model_bytes: bytes) -> set[str]:
     return domains
 
 
-def quantize_weight(w: Any) -> tuple[Any, Any]:
+def quantize_weight(w: Any, levels: int = REDUCED_RANGE) -> tuple[Any, Any]:
     """``(q, scale)`` of a 2-D float32 weight, per output channel (column), symmetric int8 in
-    ``[-WEIGHT_MAX, WEIGHT_MAX]``."""
+    ``[-levels, levels]``."""
     import numpy as np
 
+    if not 1 <= levels <= FULL_RANGE:
+        raise ValueError(f"int8 weight levels must be in [1, {FULL_RANGE}], not {levels}")
     absmax = np.abs(w).max(axis=0).astype(np.float32)
-    scale = absmax / np.float32(WEIGHT_MAX)
+    scale = absmax / np.float32(levels)
     scale[scale == 0] = np.float32(1.0)  # an all-zero column: any scale gives zeros
-    q = np.clip(np.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
+    q = np.clip(np.round(w / scale), -levels, levels).astype(np.int8)
     return q, scale
+
+
+@cache
+def weight_levels() -> int:
+    """:data:`FULL_RANGE` where this process's ONNX Runtime sums uint8 x int8 products exactly,
+    else :data:`REDUCED_RANGE`.
+
+    Decided by running the kernel, not by reading CPU flags: which of its kernels ONNX Runtime
+    picks (AVX2, AVX-VNNI, AVX-512 with or without VNNI, AMX, ARM's dot products) is its own
+    choice and may change between versions. The probe multiplies 255s by 127s, the products that
+    saturate an int16 sum, and compares with the exact result; a probe that cannot run at all
+    gives the reduced range, which is correct everywhere. The answer is part of the encoders' cache
+    key, so a cache shared by machines of both kinds holds one model for each."""
+    try:
+        exact = _full_range_is_exact()
+    except Exception as e:  # onnxruntime raises its own types; the reduced range is always safe
+        log.warning("int8 kernel probe failed (%s): weights over the reduced range", e)
+        exact = False
+    return FULL_RANGE if exact else REDUCED_RANGE
+
+
+def _full_range_is_exact() -> bool:
+    import numpy as np
+    import onnxruntime as ort
+
+    rows, inner, cols = 8, 256, 32  # a matrix product, not a vector one: the kernels ingest uses
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(_probe_model(inner, cols), opts, providers=["CPUExecutionProvider"])
+    x = np.full((rows, inner), 255, dtype=np.uint8)
+    got = session.run(None, {"x": x})[0]
+    return bool((got == 255 * FULL_RANGE * inner).all())
+
+
+def _probe_model(inner: int, cols: int) -> bytes:
+    """A serialised model computing ``MatMulInteger(x, W)``, ``x`` uint8 ``[rows, inner]`` (an
+    input, so the product runs when called rather than folded at load), ``W`` all :data:`FULL_RANGE`."""
+    import numpy as np
+
+    m = _messages()
+    model = m["ModelProto"](ir_version=8)
+    model.opset_import.add(domain="", version=13)
+    graph = model.graph
+    graph.name = "int8_kernel_probe"
+    graph.initializer.append(_tensor("w", np.full((inner, cols), FULL_RANGE, dtype=np.int8), INT8))
+    graph.node.append(_node("MatMulInteger", "probe", ["x", "w"], ["y"]))
+    for value, elem, dims in ((graph.input.add(), UINT8, (-1, inner)), (graph.output.add(), INT32, (-1, cols))):
+        value.name = "x" if elem == UINT8 else "y"
+        tensor = value.type.tensor_type
+        tensor.elem_type = elem
+        for d in dims:
+            dim = tensor.shape.dim.add()
+            if d > 0:
+                dim.dim_value = d
+            else:
+                dim.dim_param = "rows"
+    serialised: bytes = model.SerializeToString()
+    return serialised
 
 
 def _weight(t: Any) -> Any:
@@ -195,18 +273,20 @@ def _scalar(name: str, value: float) -> Any:
     return _tensor(name, np.array(value, dtype=np.float32), FLOAT)
 
 
-def quantize_matmuls(src: Path, dest: Path, scheme: Callable[[str], Scheme | None]) -> int:
+def quantize_matmuls(
+    src: Path, dest: Path, scheme: Callable[[str], Scheme | None], *, levels: int = REDUCED_RANGE
+) -> int:
     """Write ``src`` to ``dest`` with every MatMul (whose second input is a 2-D float initializer)
-    in dynamic int8 by the scheme ``scheme`` gives its node name (None: it stays fp32); returns
-    how many were rewritten."""
+    in dynamic int8 by the scheme ``scheme`` gives its node name (None: it stays fp32), weights
+    over ``[-levels, levels]``; returns how many were rewritten."""
     model = _messages()["ModelProto"]()
     model.ParseFromString(src.read_bytes())
-    rewritten = _rewrite(model.graph, scheme)
+    rewritten = _rewrite(model.graph, scheme, levels)
     dest.write_bytes(model.SerializeToString())
     return rewritten
 
 
-def _rewrite(graph: Any, scheme: Callable[[str], Scheme | None]) -> int:
+def _rewrite(graph: Any, scheme: Callable[[str], Scheme | None], levels: int) -> int:
     """Replace the chosen MatMuls of ``graph`` in place (nodes stay in topological order: each
     replacement takes its MatMul's place); weights no node reads any more are dropped."""
     inits = {t.name: t for t in graph.initializer}
@@ -225,7 +305,7 @@ def _rewrite(graph: Any, scheme: Callable[[str], Scheme | None]) -> int:
             continue
         w = n.input[1]
         if f"{w}_quantized" not in inits:  # a weight read by two chosen MatMuls is quantised once
-            quantised = _quantised_weight(weight)
+            quantised = _quantised_weight(weight, levels)
             if quantised is None:
                 nodes.append(n)
                 continue
@@ -322,14 +402,14 @@ def _column_sums(t: Any, name: str) -> Any:
     return _tensor(name, q.astype(np.int64).sum(axis=0).astype(np.float32), FLOAT)
 
 
-def _quantised_weight(t: Any) -> list[Any] | None:
+def _quantised_weight(t: Any, levels: int) -> list[Any] | None:
     """The int8 weight, its zero points and scales as initializers (None: not a 2-D float one)."""
     import numpy as np
 
     array = _weight(t)
     if array is None:
         return None
-    q, scale = quantize_weight(array)
+    q, scale = quantize_weight(array, levels)
     return [
         _tensor(f"{t.name}_quantized", q, INT8),
         _tensor(f"{t.name}_zero_point", np.zeros(q.shape[1], dtype=np.int8), INT8),

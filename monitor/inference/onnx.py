@@ -30,6 +30,11 @@ RECIPE 6 still fell under the gate on whole episodes (276 of them, 12 per model,
 0.986 as one sequence, 0.987 as the prompt-response pair; q/k/v per token as well (RECIPE 7,
 :func:`int8_scheme` says why) gives 0.9957 and 0.9954.
 
+Those figures are from an AVX2 host. On an AVX-512 VNNI host the same recipe fell under the gate
+on the test's own episodes (0.9899: an empty prompt and a short refusal); RECIPE 8 uses the full
+weight range wherever the kernel sums exactly (:func:`~monitor.inference.int8.weight_levels`),
+which gives 0.9958 there, and keeps the reduced one elsewhere.
+
 The graph is traced with eager attention (:func:`pooled_module` says why). ``python bench/encoder.py``
 gives the speed against PyTorch eager in the same run. The gate is 0.99
 (``tests/inference/test_onnx_encoder.py``). An encoder whose layers are not BERT-shaped is not
@@ -59,7 +64,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from monitor.inference.int8 import PER_TENSOR, STANDARD_DOMAINS, PerRow, Scheme, node_domains, quantize_matmuls
+from monitor.inference.int8 import (
+    PER_TENSOR,
+    REDUCED_RANGE,
+    STANDARD_DOMAINS,
+    PerRow,
+    Scheme,
+    node_domains,
+    quantize_matmuls,
+    weight_levels,
+)
 from monitor.inference.smooth import ALPHA, input_absmax, smooth
 
 log = logging.getLogger(__name__)
@@ -76,8 +90,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # 3: int8 written by monitor/inference/int8.py; 4: SmoothQuant, all but the FFN output int8;
 # 5: traced with eager attention (no NaN guard over the attention probabilities); 6: the
 # feed-forward output projection int8 too, per row; 7: q/k/v per row too (their input's own range),
-# and weights over +-64 (int8.WEIGHT_MAX: no int16 saturation on CPUs without VNNI).
-RECIPE = 7
+# and weights over +-64 (no int16 saturation on CPUs without VNNI); 8: weights over +-127 where the
+# machine's kernel sums exactly (int8.weight_levels, in the key as well).
+RECIPE = 8
 #: Lower bounds of the feed-forward activations, by ``config.hidden_act`` (transformers' names):
 #: each function's minimum over the reals (gelu -0.16997, its tanh approximations -0.17004,
 #: quick_gelu -0.16361, silu -0.27846, mish -0.30884), rounded down: the per-row scheme clips
@@ -152,10 +167,13 @@ def cache_key(
     *,
     calibrated: bool,
     calibration_tag: str = "",
+    levels: int = REDUCED_RANGE,
 ) -> str:
     """The cache folder's name. An int8 build without calibration (the q/k/v recipe) is marked
     ``-qkv``; a calibrated one's key holds the smoothing's alpha, and ``calibration_tag`` when
-    the caller calibrates on inputs of another form than the untagged build's."""
+    the caller calibrates on inputs of another form than the untagged build's. An int8 key holds
+    its weight ``levels``: a model whose full-range products saturate on another machine's kernel
+    must not be loaded there from a shared cache."""
     import onnxruntime
 
     int8 = quantisation == "int8"
@@ -167,6 +185,7 @@ def cache_key(
         (f"smooth {ALPHA}" if calibrated else "qkv") if int8 else "",
         ",".join(map(str, pool_indices)),
         str(normalize),
+        f"levels {levels}" if int8 else "",
     ]
     if int8 and calibrated and calibration_tag:
         parts.append(calibration_tag)
@@ -283,9 +302,12 @@ def activation_floor(encoder: Any) -> float | None:
     return ACTIVATION_FLOORS.get(act) if isinstance(act, str) else None
 
 
-def quantize_int8(src: Path, dest: Path, *, smoothed: bool, ffn_floor: float | None = None) -> None:
-    """Dynamic int8 (weights per channel) of the MatMuls :func:`int8_scheme` chooses; the rest stays fp32."""
-    if quantize_matmuls(src, dest, lambda name: int8_scheme(name, smoothed, ffn_floor)) == 0:
+def quantize_int8(
+    src: Path, dest: Path, *, smoothed: bool, ffn_floor: float | None = None, levels: int = REDUCED_RANGE
+) -> None:
+    """Dynamic int8 (weights per channel, over ``[-levels, levels]``) of the MatMuls
+    :func:`int8_scheme` chooses; the rest stays fp32."""
+    if quantize_matmuls(src, dest, lambda name: int8_scheme(name, smoothed, ffn_floor), levels=levels) == 0:
         log.warning("no weight MatMul found to quantise in %s: the int8 model is the fp32 one", src)
 
 
@@ -339,7 +361,7 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _build(final: Path, make_module: Callable[[], Any], quantisation: Quantisation) -> None:
+def _build(final: Path, make_module: Callable[[], Any], quantisation: Quantisation, levels: int) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
     try:
@@ -352,6 +374,7 @@ def _build(final: Path, make_module: Callable[[], Any], quantisation: Quantisati
                 tmp / MODEL,
                 smoothed=bool(getattr(module, "smoothed", False)),
                 ffn_floor=getattr(module, "ffn_floor", None),
+                levels=levels,
             )
             fp32.unlink()
         else:
@@ -367,9 +390,11 @@ def _build(final: Path, make_module: Callable[[], Any], quantisation: Quantisati
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_model(key: str, make_module: Callable[[], Any], quantisation: Quantisation) -> Path:
-    """The path of a verified ``model.onnx`` for ``key``, exported (and quantised) on a miss or
-    when the cached file does not match its digest."""
+def cached_model(
+    key: str, make_module: Callable[[], Any], quantisation: Quantisation, levels: int = REDUCED_RANGE
+) -> Path:
+    """The path of a verified ``model.onnx`` for ``key``, exported (and quantised, weights over
+    ``[-levels, levels]``) on a miss or when the cached file does not match its digest."""
     final = cache_root() / "onnx" / key
     with _build_lock:
         if final.exists() and not _valid(final):
@@ -377,7 +402,7 @@ def cached_model(key: str, make_module: Callable[[], Any], quantisation: Quantis
             _discard(final)
         if not final.exists():
             log.info("exporting the encoder to ONNX (%s) into %s", quantisation, final)
-            _build(final, make_module, quantisation)
+            _build(final, make_module, quantisation, levels)
     return final / MODEL
 
 
@@ -426,6 +451,7 @@ def load_encoder(
     ``calibration``: batches of ``(input_ids, attention_mask, token_type_ids)`` tensors, encoded as
     the caller encodes its inputs, for the int8 build's smoothing (without it, q/k/v only), and
     ``calibration_tag`` the form of those inputs, where one source is calibrated on two."""
+    levels = weight_levels() if quantisation == "int8" else REDUCED_RANGE
     key = cache_key(
         source_digest,
         quantisation,
@@ -433,6 +459,7 @@ def load_encoder(
         normalize,
         calibrated=calibration is not None,
         calibration_tag=calibration_tag,
+        levels=levels,
     )
 
     def make() -> Any:
@@ -442,10 +469,10 @@ def load_encoder(
             smoothed = smooth(encoder, input_absmax(encoder, calibration())) > 0
         return pooled_module(encoder, pool_indices, normalize, smoothed=smoothed)
 
-    path = cached_model(key, make, quantisation)
+    path = cached_model(key, make, quantisation, levels)
     try:
         return OnnxEncoder(path, threads)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         log.warning("cached ONNX model %s does not load (%s): rebuilding it", path, e)
         _discard(path.parent)
-        return OnnxEncoder(cached_model(key, make, quantisation), threads)
+        return OnnxEncoder(cached_model(key, make, quantisation, levels), threads)

@@ -17,14 +17,16 @@ import pytest
 
 from inference.test_onnx_encoder import tiny_bert
 from monitor.inference.int8 import (
+    FULL_RANGE,
     PER_TENSOR,
+    REDUCED_RANGE,
     STANDARD_DOMAINS,
-    WEIGHT_MAX,
     PerRow,
     Scheme,
     node_domains,
     quantize_matmuls,
     quantize_weight,
+    weight_levels,
 )
 from monitor.inference.onnx import OnnxEncoder, export, pooled_module
 
@@ -52,17 +54,63 @@ def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_weight_recipe_is_symmetric_per_output_channel() -> None:
+@pytest.mark.parametrize("levels", [REDUCED_RANGE, FULL_RANGE])
+def test_weight_recipe_is_symmetric_per_output_channel(levels: int) -> None:
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 8)).astype(np.float32)
     w[:, 3] = 0.0  # an all-zero column
-    q, scale = quantize_weight(w)
+    q, scale = quantize_weight(w, levels)
     assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (8,)
-    assert np.abs(q).max() == WEIGHT_MAX == 64 and q.min() >= -WEIGHT_MAX
+    assert np.abs(q).max() == levels and q.min() >= -levels
     assert (q[:, 3] == 0).all() and scale[3] == 1.0
-    # Each column's largest magnitude lands on +-64, and dequantising is within half a step.
-    assert (np.abs(q[:, [0, 1, 2, 4, 5, 6, 7]]).max(axis=0) == WEIGHT_MAX).all()
+    # Each column's largest magnitude lands on +-levels, and dequantising is within half a step.
+    assert (np.abs(q[:, [0, 1, 2, 4, 5, 6, 7]]).max(axis=0) == levels).all()
     assert np.abs(q * scale - w).max() <= scale.max() / 2 + 1e-7
+    with pytest.raises(ValueError, match="levels"):
+        quantize_weight(w, 128)  # would wrap round in int8
+
+
+def integer_product(tmp_path: Path, levels: int, name: str) -> tuple[Any, Any]:
+    """ONNX Runtime's ``MatMulInteger`` of the worst-case activations (uint8 255, the largest
+    and 0) and random weights over ``[-levels, levels]`` (half of them at the bounds), with the
+    exact int64 product."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(levels)
+    w = rng.integers(-levels, levels + 1, size=(384, 384)).astype(np.float32)
+    w[:, ::2] = levels * np.sign(w[:, ::2] + 0.5)  # every other column at +-levels
+    w[0] = levels  # every column reaches its bound: its scale is 1, so it quantises to itself
+
+    class Product(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.from_numpy(w))
+
+        def forward(self, x: Any) -> Any:
+            return x @ self.w
+
+    src, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}-int8.onnx"
+    x = np.where(rng.random((16, 384)) < 0.7, 255.0, 0.0).astype(np.float32)
+    torch.onnx.export(Product().eval(), (torch.from_numpy(x),), str(src), dynamo=False, input_names=["x"])
+    assert quantize_matmuls(src, out, lambda node: PER_TENSOR, levels=levels) == 1
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    # x quantises to itself (scale 1, zero point 0) and w to itself (scale 1 per column).
+    return got, x.astype(np.int64) @ w.astype(np.int64)
+
+
+def test_the_weight_range_this_machine_gets_is_computed_exactly(tmp_path: Path) -> None:
+    """The probe's verdict, checked on a full product: the levels it chose sum without
+    saturating here, and where it chose the reduced range, full-range weights really do
+    saturate (the reason for the choice). Each machine exercises one branch: VNNI/AMX hosts the
+    first, AVX2-only hosts both."""
+    levels = weight_levels()
+    assert levels in (REDUCED_RANGE, FULL_RANGE)
+    got, want = integer_product(tmp_path, levels, "chosen")
+    np.testing.assert_array_equal(got, want)
+    if levels == REDUCED_RANGE:
+        got, want = integer_product(tmp_path, FULL_RANGE, "full")
+        assert not np.array_equal(got, want)
 
 
 def test_rewrites_only_the_chosen_matmuls_and_keeps_the_rest(fp32: Path, tmp_path: Path) -> None:
