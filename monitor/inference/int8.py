@@ -225,16 +225,12 @@ def _probe_model(inner: int, cols: int) -> bytes:
     graph.name = "int8_kernel_probe"
     graph.initializer.append(_tensor("w", np.full((inner, cols), FULL_RANGE, dtype=np.int8), INT8))
     graph.node.append(_node("MatMulInteger", "probe", ["x", "w"], ["y"]))
-    for value, elem, dims in ((graph.input.add(), UINT8, (-1, inner)), (graph.output.add(), INT32, (-1, cols))):
-        value.name = "x" if elem == UINT8 else "y"
+    for value, name, elem, width in ((graph.input.add(), "x", UINT8, inner), (graph.output.add(), "y", INT32, cols)):
+        value.name = name
         tensor = value.type.tensor_type
         tensor.elem_type = elem
-        for d in dims:
-            dim = tensor.shape.dim.add()
-            if d > 0:
-                dim.dim_value = d
-            else:
-                dim.dim_param = "rows"
+        tensor.shape.dim.add(dim_param="rows")
+        tensor.shape.dim.add(dim_value=width)
     serialised: bytes = model.SerializeToString()
     return serialised
 
