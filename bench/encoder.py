@@ -10,12 +10,19 @@ Two workloads, at the product's token limits and batch sizes:
   PyTorch on every backend).
 
 ``torch-bf16`` is the encoder in bf16 weights (``monitor/inference/bf16.py``): fast only on a CPU
-with native bf16 (the JSON's ``native_bf16``), where ``precision: auto`` chooses it.
+with native bf16 (the JSON's ``native_bf16``), where ``precision: auto`` chooses it, and measured
+only there: elsewhere PyTorch emulates bf16, 3x slower than fp32 on an AVX-512 CPU and about 90x
+(its matrix products) on an AVX2 one, where that column alone ran past 15 minutes.
 
 And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, in bf16
 where the CPU has native bf16; the drift encoder ONNX int8): episodes/s with two passes (score, then
 embed) and with one (the score's pass hands out the drift embedding, ``monitor/inference/shared.py``),
 and how close the shared vectors are to the drift encoder's own.
+
+And a ceiling: one batch encoded by PyTorch eager against the same batch's weight matrix products
+alone, timed on this CPU in PyTorch fp32 (bf16 where native) and ONNX Runtime int8, interleaved.
+Everything else an encoder does is left out of the products' time, so their ratio bounds the speed-up
+of any recipe on those kernels.
 
 The backends run interleaved (torch, torch-bf16, onnx-fp32, onnx-int8, then again) ``--repeat``
 times and the median texts/s is printed, so a neighbour loading the CPU hurts all of them alike. Accuracy on the same
@@ -47,6 +54,13 @@ DATA = REPO / "tests" / "data" / "alpaca_eval"
 BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 
+def backends() -> tuple[str, ...]:
+    """The backends measured on this CPU: ``torch-bf16`` only where it has native bf16."""
+    from monitor.inference.bf16 import native_bf16
+
+    return BACKENDS if native_bf16() else tuple(b for b in BACKENDS if b != "torch-bf16")
+
+
 def rows(n: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for f in sorted(DATA.glob("*.jsonl.gz")):
@@ -70,12 +84,13 @@ def drift_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[s
 
     from monitor.signals.embeddings import Embedder
 
-    emb: dict[str, Embedder] = {
+    every = {
         "torch": Embedder(backend="torch", precision="fp32"),
         "torch-bf16": Embedder(backend="torch", precision="bf16"),
         "onnx-fp32": Embedder(backend="onnx", quantisation="fp32"),
         "onnx-int8": Embedder(backend="onnx", quantisation="int8"),
     }
+    emb = {name: every[name] for name in backends()}  # lazy: the ones left out never load
     out: dict[str, Any] = {"load_s": {}}
     vecs = {}
     for name, e in emb.items():
@@ -84,7 +99,7 @@ def drift_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[s
         out["load_s"][name] = round(time.perf_counter() - t0, 1)
     runs: dict[str, Callable[[], Any]] = {k: partial(e.embed_episodes, prompts, responses) for k, e in emb.items()}
     out["texts_per_s"] = interleaved(runs, len(prompts), repeat)
-    for name in BACKENDS[1:]:
+    for name in backends()[1:]:
         cos = (vecs[name] * vecs["torch"]).sum(1)
         out[f"{name}_cosine_min"] = round(float(np.min(cos)), 4)
         out[f"{name}_cosine_mean"] = round(float(np.mean(cos)), 5)
@@ -106,18 +121,18 @@ def reward_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[
     held_out = [p for p in pairs if split_of(p["group"]) == "test"][:300]
     out: dict[str, Any] = {"held_out_pairs": len(held_out)}
     scores = {}
-    for name in BACKENDS:
+    for name in backends():
         use(model, name)
         scores[name] = np.array(model.score(prompts, responses, batch_size=32))  # also the warm-up
         out[f"{name}_accuracy"] = evaluate(model, held_out)["pairwise_accuracy"]
     # Interleaved: switch backends between timed runs (a switch reloads the cached session).
-    times: dict[str, list[float]] = {k: [] for k in BACKENDS}
+    times: dict[str, list[float]] = {k: [] for k in backends()}
     for _ in range(repeat):
-        for name in BACKENDS:
+        for name in backends():
             use(model, name)
             times[name].append(len(prompts) / _timed(lambda: model.score(prompts, responses, batch_size=32)))
     out["texts_per_s"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
-    for name in BACKENDS[1:]:
+    for name in backends()[1:]:
         out[f"{name}_score_corr"] = round(float(np.corrcoef(scores["torch"], scores[name])[0, 1]), 5)
     out["both_channels"] = shared_bench(model, prompts, responses, repeat)
     return out
@@ -163,6 +178,104 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def ceiling_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
+    """The most any recipe on this CPU's matrix kernels could gain over PyTorch eager.
+
+    One batch, the drift encoder's first (its 32 longest episodes, the pair encoding, padded), is
+    encoded by PyTorch eager fp32 (``Embedder``, tokenizing included), and each weight matrix
+    product of its layers (the shapes from the bundled model's config) is timed alone with that
+    batch's token rows: PyTorch fp32 and bf16 (``torch.mm``; bf16 only on a CPU with native bf16) and
+    ONNX Runtime's uint8 x int8 ``MatMulInteger``, the kernel the int8 recipe runs. Interleaved
+    ``repeat`` times, medians. Attention's own products, the norms, GELU, the activations'
+    quantisation and the tokenizer are left out of the products' time, so ``x_torch_eager`` (PyTorch
+    eager's batch time over the products') is an upper bound on the speed-up of any encoder that
+    runs those kernels."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+
+    from monitor.inference.bf16 import native_bf16
+    from monitor.signals.embeddings import Embedder, model_dir
+
+    cfg = AutoConfig.from_pretrained(model_dir(), local_files_only=True)
+    eager = Embedder(backend="torch", precision="fp32")
+    first = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(responses[i])))[: eager.batch_size]
+    batch = ([prompts[i] for i in first], [responses[i] for i in first])
+    rows = batch_rows(eager, *batch)
+    threads = torch.get_num_threads()
+    # q, k, v, the attention output, the feed-forward input and output projections
+    shapes = [(cfg.hidden_size, cfg.hidden_size)] * 4 + [
+        (cfg.hidden_size, cfg.intermediate_size),
+        (cfg.intermediate_size, cfg.hidden_size),
+    ]
+    rng = np.random.default_rng(0)
+    products: dict[str, list[Callable[[], Any]]] = {"torch-fp32": [], "torch-bf16": [], "ort-int8": []}
+    for inner, cols in shapes:
+        a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+        products["torch-fp32"].append(partial(torch.mm, a, b))
+        products["torch-bf16"].append(partial(torch.mm, a.bfloat16(), b.bfloat16()))
+        session = int8_matmul(rng.integers(-127, 128, size=(inner, cols), dtype=np.int8), threads)
+        x = rng.integers(0, 256, size=(rows, inner), dtype=np.uint8)
+        products["ort-int8"].append(partial(session.run, None, {"x": x}))
+    if not native_bf16():
+        # Emulated elsewhere (about 90x slower on an AVX2 host): it bounds nothing and takes minutes.
+        del products["torch-bf16"]
+    eager.embed_episodes(*batch)  # load and warm
+    times: dict[str, list[float]] = {k: [] for k in ("torch-eager", *products)}
+    for _ in range(repeat):
+        # Each kind runs its products once untimed first: the two runtimes' thread pools share the
+        # cores, and the one that ran last may still be spinning (interleaved cold, the int8
+        # products measured as slow as PyTorch's fp32 ones here).
+        for kind, calls in products.items():
+            for fn in calls:
+                fn()
+            times[kind].append(cfg.num_hidden_layers * sum(_timed(fn) for fn in calls))
+        for fn in products["torch-fp32"]:
+            fn()
+        times["torch-eager"].append(_timed(partial(eager.embed_episodes, *batch)))
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "batch": len(first),
+        "token_rows": rows,
+        "threads": threads,
+        "seconds_per_batch": {k: round(v, 4) for k, v in seconds.items()},
+        "x_torch_eager": {k: round(seconds["torch-eager"] / v, 2) for k, v in seconds.items() if k != "torch-eager"},
+    }
+
+
+def batch_rows(e: Any, prompts: list[str], responses: list[str]) -> int:
+    """Token rows one batch costs the Embedder ``e``, padding included (its pair encoding, its limits)."""
+    from transformers import AutoTokenizer
+
+    from monitor.inference.pairs import encode_pairs, pad_pairs
+
+    tok = AutoTokenizer.from_pretrained(e.path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
+    encs = encode_pairs(tok, prompts, responses, max_length=e.max_length, max_prompt_tokens=e.max_prompt_tokens)
+    ids, _, _ = pad_pairs(encs)
+    return int(ids.shape[0] * ids.shape[1])
+
+
+def int8_matmul(w: Any, threads: int) -> Any:
+    """An ONNX Runtime session computing ``MatMulInteger(x, w)``: ``x`` uint8 ``[rows, inner]``
+    (an input, so the product runs at each call), ``w`` the int8 weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inner, cols = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, ["rows", inner])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["rows", cols])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # PyTorch's turn comes next
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--texts", type=int, default=256)
@@ -183,6 +296,7 @@ def main() -> int:
         os.environ["ENCODER_CACHE_DIR"] = cache
         drift = drift_bench(prompts, responses, args.repeat)
         reward = reward_bench(prompts, responses, args.repeat)
+    ceiling = ceiling_bench(prompts, responses, 3 * args.repeat)
     result = {
         "bench": "encoder",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -192,10 +306,11 @@ def main() -> int:
         "texts": len(data),
         "drift": drift,
         "reward": reward,
+        "ceiling": ceiling,
     }
     for name, part in (("drift (max_length 128, batch 32)", drift), ("reward (max_length 128, batch 32)", reward)):
         tps = part["texts_per_s"]
-        rest = ", ".join(f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x)" for b in BACKENDS[1:])
+        rest = ", ".join(f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x)" for b in backends()[1:])
         print(f"{name}: texts/s torch {tps['torch']}, {rest}")
     both = reward["both_channels"]
     eps = both["episodes_per_s"]
@@ -204,6 +319,14 @@ def main() -> int:
         f"{eps['two_passes']}, "
         f"one pass {eps['one_pass']} ({eps['one_pass'] / eps['two_passes']:.2f}x); shared vectors' cosine to the "
         f"drift encoder's own: min {both['cosine_to_own_min']}, mean {both['cosine_to_own_mean']}"
+    )
+    sec, x = ceiling["seconds_per_batch"], ceiling["x_torch_eager"]
+    print(
+        f"ceiling (one batch: {ceiling['batch']} episodes, {ceiling['token_rows']} token rows): PyTorch eager "
+        f"{sec['torch-eager']} s; its weight products alone "
+        + ", ".join(f"{k.replace('-', ' ')} {sec[k]} s" for k in x)
+        + "; so an encoder on these kernels runs at most "
+        + ", ".join(f"{x[k]}x PyTorch eager ({k.replace('-', ' ')})" for k in x)
     )
     print(json.dumps(result))
     return 0

@@ -21,7 +21,7 @@ BENCHES = [
     ["review_api.py"],
     ["ingest_http.py"],  # SDK, raw HTTP, OTLP and a raw producer against `oversight ingest serve`
     ["rm_score.py"],
-    ["encoder.py"],  # ~3 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders
+    ["encoder.py"],  # ~6 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the ceiling
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
     ["adjudication.py"],  # ~40 s: items sent to adjudication, their errors before and after, the cost

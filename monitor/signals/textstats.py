@@ -10,6 +10,7 @@ import functools
 import math
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,17 +62,17 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
 }
 
 
-# These run on every episode, so the per-character work is left to the regex engine (C): Python
-# loops only over what it cannot classify, with the Unicode lookups cached per character.
-# Letters and numbers (categories L and N) of any script, and the ASCII spaces and punctuation
-# (categories Z and P, tab, CR, LF): text, so never looked up one by one.
-_PLAIN_TEXT = re.compile(r"""(?:[^\W_]|[\t\n\r !"#%&'()*,\-./:;?@\[\\\]_{}])+""")
+# These run on every episode, so the per-character work is left to C: bytes.translate (a table
+# lookup per byte) and str.split, with Python looping only over the distinct characters that are
+# not ASCII, their Unicode lookups cached. A third of real answers hold a non-ASCII character (a
+# curly quote, a dash, an accent), so that path must be nearly as cheap as the ASCII one: with a
+# regex over every character it cost six times as much (308 against 51 us on AlpacaEval answers).
 _NON_WORD = re.compile(r"\W+")
-# ASCII text (most traffic) goes through bytes.translate, a table lookup per byte: every byte that
-# is not a word character (``\w`` in ASCII: letters, digits, underscore) becomes a space, and
-# the bytes that are not text are counted by deleting them.
+# Every ASCII byte that is not a word character (``\w`` in ASCII: letters, digits, underscore)
+# becomes a space; the bytes of non-ASCII characters (0x80 and up in UTF-8) are kept, so a token
+# that holds one is split again by the Unicode definition.
 _ASCII_WORD = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_TO_SPACE = bytes(b if b in _ASCII_WORD else 0x20 for b in range(256))
+_TO_SPACE = bytes(b if b in _ASCII_WORD or b >= 0x80 else 0x20 for b in range(256))
 _CONTROL_BYTES = bytes(b for b in range(128) if (b < 32 and b not in b"\n\r\t") or b == 127)
 _ASCII = re.compile(r"[\x00-\x7f]+")
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
@@ -107,14 +108,17 @@ def non_text_ratio(text: str) -> float:
 
 def _non_text_share(text: str, ascii_non_text: bytes) -> float:
     """The share of ``text`` that is not text: in pure ASCII the bytes in ``ascii_non_text`` (one
-    table lookup per byte), else every character by its Unicode category."""
+    table lookup per byte), else every character by its Unicode category (the ASCII ones by the
+    same table lookup, the others once per distinct character)."""
     if not text:
         return 0.0
     if text.isascii():
         raw = text.encode("ascii")
         return (len(raw) - len(raw.translate(None, ascii_non_text))) / len(raw)
-    rest = _PLAIN_TEXT.sub("", text)
-    return sum(1 for ch in rest if not _is_text_char(ch)) / len(text)
+    ascii_part = text.encode("ascii", "ignore")
+    bad = len(ascii_part) - len(ascii_part.translate(None, _NON_TEXT_BYTES))
+    bad += sum(n for ch, n in Counter(_ASCII.sub("", text)).items() if not _is_text_char(ch))
+    return bad / len(text)
 
 
 def non_text_ratio_v1(text: str) -> float:
@@ -142,16 +146,34 @@ def _mixed_script(text: str) -> float:
     return 0.0
 
 
+def word_tokens(text: str) -> list[bytes]:
+    r"""The lower-cased word tokens (``\w+`` runs) of ``text``, UTF-8 encoded.
+
+    The ASCII non-word bytes become spaces and ``bytes.split`` cuts there; only a token that holds
+    a non-ASCII character is cut again, by the Unicode definition (a curly apostrophe splits
+    ``don't`` as ``'`` does). Lone surrogates (JSON allows them) pass through ``surrogatepass``.
+
+    >>> word_tokens("Don\u2019t PANIC: caf\u00e9 2x_y!")
+    [b'don', b't', b'panic', b'caf\xc3\xa9', b'2x_y']
+    """
+    raw = text.lower().encode("utf-8", "surrogatepass")
+    tokens = raw.translate(_TO_SPACE).split()
+    if raw.isascii():
+        return tokens
+    out: list[bytes] = []
+    for token in tokens:
+        if token.isascii():
+            out.append(token)
+        else:
+            words = _NON_WORD.sub(" ", token.decode("utf-8", "surrogatepass")).split()
+            out.extend(w.encode("utf-8", "surrogatepass") for w in words)
+    return out
+
+
 def text_stats(prompt: str, response: str) -> dict[str, float]:
     """Every text signal of one episode."""
     r = response[:MAX_CHARS]
-    # The word tokens (``\w+`` runs): the non-word runs become single spaces and str.split cuts
-    # there, in C (no Unicode character is both a word character and whitespace).
-    tokens: list[str] | list[bytes]
-    if r.isascii():
-        tokens = r.lower().encode("ascii").translate(_TO_SPACE).split()
-    else:
-        tokens = _NON_WORD.sub(" ", r.lower()).split()
+    tokens = word_tokens(r)
     return {
         "response_log_chars": math.log1p(len(response)),
         "prompt_log_chars": math.log1p(len(prompt)),

@@ -99,16 +99,34 @@ def test_fast_paths_equal_the_definitions_on_real_and_random_text() -> None:
     import random
 
     texts = [row["output"] for row in alpaca_rows("gpt-3.5-turbo-1106")[:300]]
+    # gpt-4's answers: a third of them hold a non-ASCII character (quotes, dashes, accents, CJK)
+    texts += [row["output"] for row in alpaca_rows("gpt4_1106_preview") if not row["output"].isascii()][:300]
     rnd = random.Random(0)
     # Every ASCII byte, Latin, Greek, Cyrillic, general punctuation, CJK, emoji, private use,
-    # zero-width and bidi controls, combining marks, Arabic digits, line and paragraph separators.
+    # zero-width and bidi controls, combining marks, Arabic digits, line and paragraph separators,
+    # enclosed and fraction numbers, fullwidth forms, lone surrogates (JSON can carry them).
     pool = [chr(c) for c in (*range(0x250), *range(0x370, 0x500), *range(0x2000, 0x2100), *range(0x4E00, 0x4E20))]
+    pool += [chr(c) for c in (*range(0x2460, 0x2500), *range(0xFF00, 0xFF60), 0xD800, 0xDFFF)]
     pool += [chr(c) for c in (0x1F600, 0xE000, 0x200B, 0x202E, 0xFEFF, 0x0301, 0x0660, 0x2028, 0x85, 0xA0, 0x3000)]
     ascii_pool = [chr(c) for c in range(128)]
-    for i in range(3000):
-        texts.append("".join(rnd.choice(pool if i % 2 else ascii_pool) for _ in range(rnd.randint(0, 60))))
+    mostly_ascii = ascii_pool * 8 + pool[:0x250:7]  # a rare non-ASCII character among ASCII words
+    for i in range(4500):
+        chars = (ascii_pool, pool, mostly_ascii)[i % 3]
+        texts.append("".join(rnd.choice(chars) for _ in range(rnd.randint(0, 60))))
     for text in texts:
         assert text_stats("a prompt", text) == _by_definition("a prompt", text), repr(text[:60])
+
+
+def test_word_tokens_are_the_unicode_word_runs() -> None:
+    """The bytes fast path cuts where ``\\w+`` does, in any script, and keeps a token whole across
+    accents (UTF-8 bytes of 0x80 and up are never spaces)."""
+    import re
+
+    from monitor.signals.textstats import word_tokens
+
+    for text in ("Don\u2019t", "na\u00efve caf\u00e9s", "\u4e2d\u6587\u3002ok", "a\u00a0b\u2028c", "x\ud800y", "A_b-C"):
+        words = [w.decode("utf-8", "surrogatepass") for w in word_tokens(text)]
+        assert words == re.findall(r"\w+", text.lower()), repr(text)
 
 
 def test_every_ascii_character_counts_alike_with_or_without_non_ascii_text() -> None:
