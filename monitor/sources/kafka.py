@@ -40,6 +40,26 @@ QUEUE_BATCHES = 4
 # group coordinator and to the leader of every assigned partition (kafka-python's poll returns
 # empty batches while the broker is down, so a poll that returned proves nothing).
 CONTACT_S = 3.0
+# Between polls that raised a retriable error: short, so ingest resumes within a second of the
+# broker's return (as RECONNECT_BACKOFF_MAX_MS does for the client's own reconnects).
+POLL_BACKOFF_MAX_S = 1.0
+
+
+def retriable(e: BaseException) -> bool:
+    """Whether kafka-python marks ``e`` retriable (a connection refused or reset, a timeout, a
+    coordinator not available yet): an outage to wait out, not a fault of this consumer.
+
+    >>> from kafka.errors import KafkaConnectionError, UnsupportedVersionError
+    >>> retriable(KafkaConnectionError("111 ECONNREFUSED")), retriable(UnsupportedVersionError())
+    (True, False)
+    >>> retriable(ValueError("a bug"))
+    False
+    """
+    from kafka.errors import KafkaError
+
+    return isinstance(e, KafkaError) and bool(getattr(e, "retriable", False))
+
+
 RECONNECT_BACKOFF_MAX_MS = 1000
 
 
@@ -79,6 +99,7 @@ class KafkaSource:
         self._committed: dict[int, int] = {}
         self._lag: dict[int, int] = {}
         self._last_contact = 0.0  # monotonic time the consumer thread last saw the broker up
+        self._failures = 0  # polls that raised a retriable error in a row (consumer thread only)
         self._error: BaseException | None = None
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,38 +198,20 @@ class KafkaSource:
                 self._consumer.seek_to_end(*unseen)
 
     def _loop(self) -> None:
-        consumer = self._consumer
         last_lag = 0.0
         try:
             while self._running.is_set():
-                with self._state:
-                    if self._pending_seek is not None:
-                        self._seek(self._pending_seek, sorted(self._assigned))
-                        self._pending_seek = None
-                        self._seek_gen = self._gen
-                    commits, self._to_commit = self._to_commit, {}
-                self._commit_kafka(commits)
-                batches = consumer.poll(timeout_ms=100, max_records=self._max_records)
+                self._seek_and_commit()
+                batches = self._poll_kafka()
+                if batches is None:
+                    continue  # a retriable failure, waited out
                 self._check_contact(bool(batches))
                 if time.monotonic() - last_lag >= 1.0:
                     last_lag = time.monotonic()
                     self._update_lag()
-                if not batches:
-                    continue
-                now = time.time()
-                with self._state:
-                    gen = self._seek_gen
-                    if gen != self._gen:
-                        continue  # fetched before a rewind's seek: stale
-                    out: list[Record] = []
-                    for tp, msgs in batches.items():
-                        p = tp.partition
-                        if msgs and p not in self._first:
-                            self._first[p] = msgs[0].offset
-                        for m in msgs:
-                            value = m.value if m.value is not None else b""
-                            out.append(Record(value, p, m.offset, m.offset + 1, now, m.key))
-                self._put(gen, out)
+                fetched = self._records(batches) if batches else None
+                if fetched is not None:
+                    self._put(*fetched)
         except BaseException as e:  # surfaced to the pipeline by poll()
             log.exception("kafka consumer thread failed")
             self._error = e
@@ -218,7 +221,7 @@ class KafkaSource:
                     commits, self._to_commit = self._to_commit, {}
                 self._commit_kafka(commits, sync=True)
             with contextlib.suppress(Exception):
-                consumer.close(autocommit=False)
+                self._consumer.close(autocommit=False)
 
     def _put(self, gen: int, records: list[Record]) -> None:
         # Blocks while the pipeline is behind; kafka-python's heartbeat thread
@@ -234,6 +237,60 @@ class KafkaSource:
                 # the broker's liveness is still known from the client's connections.
                 self._check_contact(False)
                 continue
+
+    def _seek_and_commit(self) -> None:
+        """On the consumer thread: a rewind's pending seek, then the offsets the store committed."""
+        with self._state:
+            if self._pending_seek is not None:
+                self._seek(self._pending_seek, sorted(self._assigned))
+                self._pending_seek = None
+                self._seek_gen = self._gen
+            commits, self._to_commit = self._to_commit, {}
+        self._commit_kafka(commits)
+
+    def _poll_kafka(self) -> dict[Any, list[Any]] | None:
+        """One poll of the consumer: its batches, or None after a retriable failure (waited out)."""
+        try:
+            batches: dict[Any, list[Any]] = self._consumer.poll(timeout_ms=100, max_records=self._max_records)
+        except Exception as e:
+            if not retriable(e):
+                raise
+            self._failures += 1
+            self._poll_failed(e, self._failures)
+            return None
+        if self._failures:
+            log.info("kafka poll returned without an error after %d that raised", self._failures)
+            self._failures = 0
+        return batches
+
+    def _records(self, batches: Mapping[Any, list[Any]]) -> tuple[int, list[Record]] | None:
+        """The fetched messages as records of the current generation; None when fetched before a
+        rewind's seek (stale)."""
+        now = time.time()
+        with self._state:
+            gen = self._seek_gen
+            if gen != self._gen:
+                return None
+            out: list[Record] = []
+            for tp, msgs in batches.items():
+                p = tp.partition
+                if msgs and p not in self._first:
+                    self._first[p] = msgs[0].offset
+                for m in msgs:
+                    value = m.value if m.value is not None else b""
+                    out.append(Record(value, p, m.offset, m.offset + 1, now, m.key))
+        return gen, out
+
+    def _poll_failed(self, e: BaseException, failures: int) -> None:
+        """A poll that raised a retriable error (the broker refused or reset a connection while
+        kafka-python looked up the coordinator): an outage, not the end of the consumer thread.
+        Contact is not renewed, so /readyz and ``oversight_ready_check{check="source"}`` show it
+        within ``CONTACT_S``; the next poll retries after a backoff that grows to a second."""
+        if failures == 1:
+            log.warning("kafka poll failed, retrying: %s", e)
+        else:
+            log.debug("kafka poll failed again (%d in a row): %s", failures, e)
+        time.sleep(min(POLL_BACKOFF_MAX_S, 0.05 * 2 ** min(failures, 5)))
 
     def _check_contact(self, fetched: bool) -> None:
         """On the consumer thread (the client is not thread-safe): note the time if the broker is

@@ -54,7 +54,8 @@ class Relay:
 
     def restore(self) -> None:
         srv = socket.create_server(("127.0.0.1", self.port))
-        self._server = srv
+        with self._lock:
+            self._server = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
 
     def _accept(self, srv: socket.socket) -> None:
@@ -70,7 +71,15 @@ class Relay:
                 continue
             up.settimeout(None)
             with self._lock:
-                self._socks += [client, up]
+                # A connection accepted just before a cut and connected upstream after it would
+                # miss the cut's reset and carry the broker through the outage.
+                live = self._server is srv
+                if live:
+                    self._socks += [client, up]
+            if not live:
+                for s in (client, up):
+                    _reset(s)
+                return
             for a, b in ((client, up), (up, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -87,18 +96,22 @@ class Relay:
                     s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
         with self._lock:
+            srv, self._server = self._server, None
             socks, self._socks = self._socks, []
+        if srv is not None:
+            srv.close()
         for s in socks:
-            try:
-                # RST, not FIN: what a peer that died leaves behind.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                s.close()
-            except OSError:
-                pass
+            _reset(s)
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with an RST, not a FIN: what a peer that died leaves behind."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    except OSError:
+        pass
 
 
 @pytest.fixture
