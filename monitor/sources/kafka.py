@@ -43,6 +43,7 @@ CONTACT_S = 3.0
 # Between polls that raised a retriable error: short, so ingest resumes within a second of the
 # broker's return (as RECONNECT_BACKOFF_MAX_MS does for the client's own reconnects).
 POLL_BACKOFF_MAX_S = 1.0
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 def retriable(e: BaseException) -> bool:
@@ -58,9 +59,6 @@ def retriable(e: BaseException) -> bool:
     from kafka.errors import KafkaError
 
     return isinstance(e, KafkaError) and bool(getattr(e, "retriable", False))
-
-
-RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 def client_security(cfg: KafkaConfig) -> dict[str, Any]:
@@ -256,7 +254,7 @@ class KafkaSource:
             if not retriable(e):
                 raise
             self._failures += 1
-            self._poll_failed(e, self._failures)
+            self._poll_failed(e)
             return None
         if self._failures:
             log.info("kafka poll returned without an error after %d that raised", self._failures)
@@ -281,16 +279,16 @@ class KafkaSource:
                     out.append(Record(value, p, m.offset, m.offset + 1, now, m.key))
         return gen, out
 
-    def _poll_failed(self, e: BaseException, failures: int) -> None:
+    def _poll_failed(self, e: BaseException) -> None:
         """A poll that raised a retriable error (the broker refused or reset a connection while
         kafka-python looked up the coordinator): an outage, not the end of the consumer thread.
         Contact is not renewed, so /readyz and ``oversight_ready_check{check="source"}`` show it
         within ``CONTACT_S``; the next poll retries after a backoff that grows to a second."""
-        if failures == 1:
+        if self._failures == 1:
             log.warning("kafka poll failed, retrying: %s", e)
         else:
-            log.debug("kafka poll failed again (%d in a row): %s", failures, e)
-        time.sleep(min(POLL_BACKOFF_MAX_S, 0.05 * 2 ** min(failures, 5)))
+            log.debug("kafka poll failed again (%d in a row): %s", self._failures, e)
+        time.sleep(min(POLL_BACKOFF_MAX_S, 0.05 * 2 ** min(self._failures, 5)))
 
     def _check_contact(self, fetched: bool) -> None:
         """On the consumer thread (the client is not thread-safe): note the time if the broker is
