@@ -102,6 +102,14 @@ class Metrics:
         self.commit_errors = Counter(
             "commit_errors", "Failed commits (retried), by target", ["target"], namespace=NS, registry=r
         )
+        self.source_errors = Counter(
+            "source_errors",
+            "Failed attempts of the source (retried), by operation (read: a poll the broker or the"
+            " database refused; commit: an informational Kafka offset commit)",
+            ["operation"],
+            namespace=NS,
+            registry=r,
+        )
         self.stale_batches = Counter(
             "stale_batches", "Batches rolled back because another consumer moved the offsets", namespace=NS, registry=r
         )
@@ -333,11 +341,14 @@ class Metrics:
         value 1 is invisible to rate()/increase(), so the first dead letter or failed update
         would never alert."""
         from monitor.episodes import DEAD_LETTER_REASONS
+        from monitor.sources.base import SOURCE_OPERATIONS
 
         for reason in DEAD_LETTER_REASONS:  # validation's reasons, store_rejected and internal_error
             self.dead_letters.labels(reason)
         for target in ("store", "dead_letter"):
             self.commit_errors.labels(target)
+        for operation in SOURCE_OPERATIONS:
+            self.source_errors.labels(operation)
         for outcome in ("promoted", "rejected", "undecided", "failed"):
             self.rm_updates.labels(outcome)
         self.inference.zero()

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from outage_helpers import (
@@ -187,3 +188,64 @@ def test_a_statement_limit_is_the_records_fault_not_an_outage(pg_url: str) -> No
     with pytest.raises(sa.exc.OperationalError) as refused, down.connect():
         pass
     assert transient(refused.value)
+
+
+def test_inbox_reads_in_a_database_outage_are_counted_and_retried(tmp_path: Path) -> None:
+    """The ingest API's inbox is read from the database the outage took: every refused read is
+    an empty poll, counted in ``oversight_source_errors_total{operation="read"}``, the source
+    check of /readyz is red, and the rows written before and after are consumed exactly once."""
+    import json
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import load_settings
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
+    from monitor.metrics import Metrics
+    from monitor.pipeline import Pipeline
+    from monitor.sources.inbox import InboxSource
+    from monitor.store import Store
+    from monitor.store.ingest import Inbox, InboxRow
+
+    eps = [episode(i) for i in range(200)]
+    rows = [InboxRow(str(e["episode_id"]), str(e["stream"]), json.dumps(e).encode(), time.time()) for e in eps]
+    with PgCluster() as pg:
+        url = pg.create_database()
+        s = load_settings(None, [*SETTINGS, f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}"])
+        store = Store(url)
+        inbox = Inbox(store)
+        registry = CollectorRegistry()
+        sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
+        p = Pipeline(s, store, InboxSource(inbox), sink, Metrics(registry, s.metrics.max_streams))
+
+        def errors() -> float:
+            return registry.get_sample_value("oversight_source_errors_total", {"operation": "read"}) or 0.0
+
+        stop = threading.Event()
+        runner = threading.Thread(target=p.run, args=(stop,), daemon=True)
+        try:
+            inbox.insert(rows[:100])
+            runner.start()
+            wait_for(lambda: inbox.position() == rows_end(inbox), 30, "the first rows consumed")
+            assert errors() == 0.0
+            pg.crash()
+            wait_for(lambda: errors() >= 2, READY_WITHIN_S, "refused reads counted")
+            assert p.readiness()["source"] is False
+            pg.start()
+            wait_for(lambda: p.readiness()["source"], READY_WITHIN_S, "the source ready after the outage")
+            counted = errors()
+            inbox.insert(rows[100:])
+            wait_for(lambda: inbox.position() == rows_end(inbox), 30, "the rows written after consumed")
+            assert errors() == counted, "reads that succeed are not counted"
+        finally:
+            stop.set()
+            runner.join(30)
+        assert not runner.is_alive()
+        store.close()
+        assert_exactly_once(url, eps)
+
+
+def rows_end(inbox: Any) -> int:
+    """The id after the newest inbox row (the consumer's position once it has read them all)."""
+    got = inbox.read(0, 1_000_000)
+    return int(got[-1].id) + 1 if got else 0

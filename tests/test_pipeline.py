@@ -227,3 +227,45 @@ def test_metrics_label_cardinality_is_bounded(tmp_path: Path) -> None:
 
 def _unused(_: Any) -> None:  # keep make_sampler imported for type checkers
     make_sampler  # noqa: B018
+
+
+class FlakySource(MemorySource):
+    """The in-memory source after ``outage`` polls that failed (as a broker that refused the
+    connection: an empty poll, counted), with ``commits_failed`` informational commits refused."""
+
+    def __init__(self, values: list[bytes], outage: int, commits_failed: int = 0):
+        super().__init__(values)
+        self.outage = outage
+        self.read_failures = 0
+        self.commits_failed = commits_failed
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Any]:
+        if self.read_failures < self.outage:
+            self.read_failures += 1
+            return []
+        return super().poll(max_records, timeout_s)
+
+    def failures(self) -> dict[str, int]:
+        return {"read": self.read_failures, "commit": self.commits_failed}
+
+
+def test_source_failures_are_counted_once_each(tmp_path: Path) -> None:
+    s = settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    registry = CollectorRegistry()
+    src = FlakySource(episodes(120), outage=7, commits_failed=2)
+    metrics = Metrics(registry, s.metrics.max_streams)
+
+    def errors(operation: str) -> float | None:
+        return registry.get_sample_value("oversight_source_errors_total", {"operation": operation})
+
+    # Pre-zeroed: the first failure must show up in rate().
+    assert errors("read") == 0.0 and errors("commit") == 0.0
+    p = Pipeline(s, Store(s.database.url), src, JsonlDeadLetterSink(s.dead_letter.path, 1024), metrics)
+    stats = p.run()
+    assert stats.records == 120
+    # Published at most once a second while running, the rest at close: each failure once.
+    assert errors("read") == 7.0 and errors("commit") == 2.0
+    # A second pipeline on the same registry adds only what its own source counts.
+    src2 = FlakySource(episodes(10, start=500), outage=1)
+    Pipeline(s, Store(s.database.url), src2, JsonlDeadLetterSink(s.dead_letter.path, 1024), metrics).run()
+    assert errors("read") == 8.0 and errors("commit") == 2.0

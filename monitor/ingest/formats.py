@@ -211,6 +211,9 @@ class ConvertingSource:
     def lag(self) -> dict[int, int]:
         return self.inner.lag()
 
+    def failures(self) -> Mapping[str, int]:
+        return self.inner.failures()
+
     def ready(self) -> bool:
         return self.inner.ready()
 

@@ -129,6 +129,7 @@ class Pipeline:
         self._max_bytes = settings.source.max_episode_bytes
         self._key = settings.sampling_key()
         self._last_lag = 0.0
+        self._source_failures: dict[str, int] = {}  # the source's counts already added to the metric
         self._last_store_ok = 0.0  # monotonic time of the last successful store write
         self._index_key = ""  # internal-state key of the input index (set by open)
         self._opened = False
@@ -227,7 +228,7 @@ class Pipeline:
                         break
                 if hooks.stage_idle_work:
                     self._stage_idle_work(stop, idle=not records)
-                self._maybe_update_lag()
+                self._maybe_publish_source()
             if stop.is_set():
                 self._drain_read_ahead(stop)
         finally:
@@ -329,6 +330,7 @@ class Pipeline:
         if self._opened:
             self._opened = False
             try:
+                self._publish_source_failures()  # the last second's, before the final scrape
                 self.source.close()
             finally:
                 self.dead_letters.close()
@@ -538,14 +540,29 @@ class Pipeline:
             return cfg.overlap
         return 2 if keyed_uniform(self._key, episode_id, "overlap") < cfg.overlap_fraction else 1
 
-    def _maybe_update_lag(self) -> None:
+    def _maybe_publish_source(self) -> None:
+        """The source's lag and failures, at most once a second (the loop turns at least every
+        ``batch_timeout_ms``, also while the source is down: a failed poll is an empty one)."""
         t = time.monotonic()
         if t - self._last_lag < 1.0:
             return
         self._last_lag = t
+        self._publish_lag()
+        self._publish_source_failures()
+
+    def _publish_lag(self) -> None:
         topic = getattr(getattr(self.source, "cfg", None), "topic", self.source.name)
         for p, lag in self.source.lag().items():
             self.metrics.consumer_lag.labels(topic, str(p)).set(lag)
+
+    def _publish_source_failures(self) -> None:
+        """Adds what the source counted since the last call to ``oversight_source_errors_total``
+        (the source keeps running totals; the counter must only ever grow)."""
+        for operation, total in self.source.failures().items():
+            new = total - self._source_failures.get(operation, 0)
+            if new > 0:
+                self.metrics.source_errors.labels(operation).inc(new)
+                self._source_failures[operation] = total
 
     def _publish_readiness(self) -> None:
         """``oversight_ready`` and ``oversight_ready_check{check}`` are computed at scrape time

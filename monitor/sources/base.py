@@ -7,6 +7,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+#: The operations a source counts its retried failures by (``Source.failures``).
+SOURCE_OPERATIONS = ("read", "commit")
+
 
 @dataclass(slots=True)
 class Record:
@@ -66,6 +69,12 @@ class Source(Protocol):
 
     def lag(self) -> dict[int, int]:
         """Records behind the end, per partition, where known."""
+        ...
+
+    def failures(self) -> Mapping[str, int]:
+        """Failed attempts the source retried since it was built, by operation (``read``: a poll
+        the broker or the database refused; ``commit``: an informational offset commit). The
+        pipeline adds them to ``oversight_source_errors_total{operation}``."""
         ...
 
     def ready(self) -> bool: ...

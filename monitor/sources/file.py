@@ -215,6 +215,9 @@ class FileSource:
     def lag(self) -> dict[int, int]:
         return {}
 
+    def failures(self) -> Mapping[str, int]:
+        return {}  # nothing is retried: a broken stream ends the input (said once)
+
     def ready(self) -> bool:
         # A pipe waiting for its writer, or for its next line, is a live source with nothing to say.
         return self._fh is not None or self._queue is not None

@@ -60,6 +60,7 @@ class InboxSource:
         self._pos = 0
         self._rebalance: Rebalance | None = None
         self._ok = True
+        self._read_errors = 0  # reads refused in a database outage (the pipeline's thread only)
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
 
@@ -92,6 +93,7 @@ class InboxSource:
             if self._ok:
                 log.warning("reading the inbox failed (retrying): %s", str(e).splitlines()[0][:300] if str(e) else e)
             self._ok = False
+            self._read_errors += 1
             return []
         self._ok = True
         return rows
@@ -112,6 +114,9 @@ class InboxSource:
 
     def lag(self) -> dict[int, int]:
         return {}
+
+    def failures(self) -> Mapping[str, int]:
+        return {"read": self._read_errors}  # the position lives in the store: nothing to commit here
 
     def ready(self) -> bool:
         return self._ok

@@ -98,6 +98,10 @@ class KafkaSource:
         self._lag: dict[int, int] = {}
         self._last_contact = 0.0  # monotonic time the consumer thread last saw the broker up
         self._failures = 0  # polls that raised a retriable error in a row (consumer thread only)
+        # Since the source was built, for oversight_source_errors_total (written by the consumer
+        # thread and kafka-python's commit callbacks on it, read by the pipeline: plain ints).
+        self._errors = {"read": 0, "commit": 0}
+        self._commit_failures = 0  # in a row
         self._error: BaseException | None = None
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -254,6 +258,7 @@ class KafkaSource:
             if not retriable(e):
                 raise
             self._failures += 1
+            self._errors["read"] += 1
             self._poll_failed(e)
             return None
         if self._failures:
@@ -327,9 +332,27 @@ class KafkaSource:
             if sync:
                 self._consumer.commit(data)
             else:
-                self._consumer.commit_async(data)
+                # Without a callback kafka-python discards an asynchronous commit's error.
+                self._consumer.commit_async(data, self._committed_async)
         except Exception as e:  # informational: must not stop ingest
+            self._commit_failed(e)
+
+    def _committed_async(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, BaseException):
+            self._commit_failed(response)
+        else:
+            self._commit_failures = 0
+
+    def _commit_failed(self, e: BaseException) -> None:
+        """Kafka's offsets are for lag tooling only (the store's are read back), so a failed
+        commit is counted and logged, never retried: the next batch commits newer offsets.
+        Logged once per run of failures (a rebalance refuses every commit in flight)."""
+        self._errors["commit"] += 1
+        self._commit_failures += 1
+        if self._commit_failures == 1:
             log.warning("kafka offset commit failed: %s", e)
+        else:
+            log.debug("kafka offset commit failed again (%d in a row): %s", self._commit_failures, e)
 
     def _update_lag(self) -> None:
         """Records between the end of each partition and what the store has committed.
@@ -395,6 +418,9 @@ class KafkaSource:
 
     def lag(self) -> dict[int, int]:
         return dict(self._lag)
+
+    def failures(self) -> Mapping[str, int]:
+        return dict(self._errors)
 
     def ready(self) -> bool:
         return (

@@ -46,6 +46,9 @@ class MemorySource:
     def lag(self) -> dict[int, int]:
         return {0: len(self._values) - self._pos}
 
+    def failures(self) -> Mapping[str, int]:
+        return {}  # a list in memory cannot fail
+
     def ready(self) -> bool:
         return True
 

@@ -187,6 +187,8 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
     try:
         wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 90, "ready after start")
         assert proc.poll() is None, tail(tmp_path / "service.log")
+        for operation in ("read", "commit"):  # pre-zeroed: the first failure shows in rate()
+            assert metric(port, "oversight_source_errors_total", operation=operation) is not None
         for i in range(outages):
             new = [env.episode(len(eps) + j, f"s{j % 3}") for j in range(chunk)]
             eps += new
@@ -213,6 +215,9 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
             wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, f"/readyz 200 after outage {i}")
             assert metric(port, "oversight_ready") == 1.0
             wait_for(functools.partial(env.offsets_reached, db, source, ends), 90, f"the chunk of outage {i} stored")
+        time.sleep(1.2)  # the pipeline publishes the source's failures once a second
+        counted = {op: metric(port, "oversight_source_errors_total", operation=op) or 0.0 for op in ("read", "commit")}
+        logged = (tmp_path / "service.log").read_text(errors="replace")  # what the count covers
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=15)
         assert rc == 0, tail(tmp_path / "service.log")
@@ -224,6 +229,11 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
     # kafka-python logs its own connection errors with tracebacks during an outage; none of ours.
     text = (tmp_path / "service.log").read_text(errors="replace")
     assert not re.search(r'File ".*/monitor/', text), tail(tmp_path / "service.log")
+    # Whether a poll raises in an outage (kafka-python looking the coordinator up) or only comes
+    # back empty depends on timing, so the count is held to the log: each run of failures logs
+    # its first one, and every failure counts.
+    assert counted["read"] >= logged.count("kafka poll failed, retrying:"), (counted, tail(tmp_path / "service.log"))
+    assert counted["commit"] >= logged.count("kafka offset commit failed:"), (counted, tail(tmp_path / "service.log"))
     env.assert_exactly_once(db, env.settings(topic, group, db), eps)
 
 
