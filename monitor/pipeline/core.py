@@ -128,7 +128,7 @@ class Pipeline:
         self._index = 0
         self._max_bytes = settings.source.max_episode_bytes
         self._key = settings.sampling_key()
-        self._last_lag = 0.0
+        self._last_source_publish = 0.0
         self._source_failures: dict[str, int] = {}  # the source's counts already added to the metric
         self._last_store_ok = 0.0  # monotonic time of the last successful store write
         self._index_key = ""  # internal-state key of the input index (set by open)
@@ -544,9 +544,9 @@ class Pipeline:
         """The source's lag and failures, at most once a second (the loop turns at least every
         ``batch_timeout_ms``, also while the source is down: a failed poll is an empty one)."""
         t = time.monotonic()
-        if t - self._last_lag < 1.0:
+        if t - self._last_source_publish < 1.0:
             return
-        self._last_lag = t
+        self._last_source_publish = t
         self._publish_lag()
         self._publish_source_failures()
 

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from monitor.config import KafkaConfig
-from monitor.sources.base import Rebalance, Record
+from monitor.sources.base import SOURCE_OPERATIONS, Rebalance, Record
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class KafkaSource:
         self._failures = 0  # polls that raised a retriable error in a row (consumer thread only)
         # Since the source was built, for oversight_source_errors_total (written by the consumer
         # thread and kafka-python's commit callbacks on it, read by the pipeline: plain ints).
-        self._errors = {"read": 0, "commit": 0}
+        self._errors = dict.fromkeys(SOURCE_OPERATIONS, 0)
         self._commit_failures = 0  # in a row
         self._error: BaseException | None = None
         self._running = threading.Event()

@@ -215,9 +215,15 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
             wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, f"/readyz 200 after outage {i}")
             assert metric(port, "oversight_ready") == 1.0
             wait_for(functools.partial(env.offsets_reached, db, source, ends), 90, f"the chunk of outage {i} stored")
-        time.sleep(1.2)  # the pipeline publishes the source's failures once a second
-        counted = {op: metric(port, "oversight_source_errors_total", operation=op) or 0.0 for op in ("read", "commit")}
-        logged = (tmp_path / "service.log").read_text(errors="replace")  # what the count covers
+        logged = (tmp_path / "service.log").read_text(errors="replace")  # what the count must cover
+        warned = {"read": "kafka poll failed, retrying:", "commit": "kafka offset commit failed:"}
+        counted: dict[str, float] = {}
+
+        def caught_up() -> bool:  # the pipeline publishes the source's failures once a second
+            counted.update({op: metric(port, "oversight_source_errors_total", operation=op) or 0.0 for op in warned})
+            return all(counted[op] >= logged.count(w) for op, w in warned.items())
+
+        wait_for(caught_up, 10, "the source's failures published")
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=15)
         assert rc == 0, tail(tmp_path / "service.log")
@@ -232,8 +238,8 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
     # Whether a poll raises in an outage (kafka-python looking the coordinator up) or only comes
     # back empty depends on timing, so the count is held to the log: each run of failures logs
     # its first one, and every failure counts.
-    assert counted["read"] >= logged.count("kafka poll failed, retrying:"), (counted, tail(tmp_path / "service.log"))
-    assert counted["commit"] >= logged.count("kafka offset commit failed:"), (counted, tail(tmp_path / "service.log"))
+    for op, w in warned.items():
+        assert counted[op] >= logged.count(w), (op, counted, tail(tmp_path / "service.log"))
     env.assert_exactly_once(db, env.settings(topic, group, db), eps)
 
 
