@@ -84,7 +84,7 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
             assert errors >= errors_before + outages, "every outage is counted in oversight_commit_errors_total"
             n = writer.finish()
             rc = proc.wait(timeout=60)
-            assert rc == 0, tail(tmp_path / "service.log")
+            assert rc == 0, f"exit status {rc}:\n{tail(tmp_path / 'service.log')}"
         finally:
             writer.abandon()
             if proc.poll() is None:
