@@ -82,6 +82,9 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
                 assert metric(port, "oversight_ready_check", check="database") == 1.0
             errors = metric(port, "oversight_commit_errors_total", target="store") or 0.0
             assert errors >= errors_before + outages, "every outage is counted in oversight_commit_errors_total"
+            # One consumer: a batch whose commit reply died with the server is its own, not one
+            # another consumer took (it happens when the crash falls between COMMIT and its answer).
+            assert metric(port, "oversight_stale_batches_total") == 0.0, tail(tmp_path / "service.log")
             n = writer.finish()
             rc = proc.wait(timeout=60)
             assert rc == 0, f"exit status {rc}:\n{tail(tmp_path / 'service.log')}"

@@ -162,6 +162,48 @@ def test_stale_batch_is_rolled_back_and_redone(db_url: str, tmp_path: Path) -> N
     assert stored_samples(store) == expected_samples(s, values)
 
 
+def test_a_commit_whose_reply_was_lost_counts_once(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database commits a batch and the connection dies before the reply (a crash between
+    COMMIT and its answer): the retry's compare-and-set finds the offsets moved. The batch is
+    the pipeline's own, stored whole; it must count once, in the stats and the metrics, and
+    not as a batch another consumer took (no rollback, no stale batch)."""
+    import sqlalchemy as sa
+
+    s = settings(db_url, tmp_path)
+    values = episodes(300)
+    store = Store(s.database.url)
+    real_commit = store.commit_batch
+    lost: list[str] = []
+
+    def commit_then_lose_the_reply(batch: Any) -> None:
+        real_commit(batch)
+        if len(lost) < 2 and batch.offsets:  # two batches lose their reply
+            lost.append(batch.commit_id)
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(store, "commit_batch", commit_then_lose_the_reply)
+    p = make(s, values, store)
+    stats = p.run()
+    assert len(lost) == 2
+    assert stats.records == 300 and stats.stale_batches == 0
+    r = p.metrics.registry
+    assert r.get_sample_value("oversight_stale_batches_total") == 0
+    assert r.get_sample_value("oversight_commit_errors_total", {"target": "store"}) == 2
+    counted = sum(
+        r.get_sample_value("oversight_episodes_total", {"stream": "s", "outcome": o}) or 0
+        for o in ("sampled", "not_sampled")
+    )
+    assert counted == 300
+    stored = stored_samples(store)
+    assert stored == expected_samples(s, values)
+    assert r.get_sample_value("oversight_sampled_total", {"stream": "s", "channel": "human"}) == sum(
+        1 for _, ch, _ in stored if ch == "human"
+    )
+    assert store.traffic_count("s") == 300 and store.load_offsets("mem") == {0: 300}
+
+
 def test_boost_changes_rates_and_is_checkpointed(db_url: str, tmp_path: Path) -> None:
     s = settings(db_url, tmp_path)
     values = episodes(200)

@@ -48,10 +48,10 @@ def sample(eid: str, channel: str, p: float, stream: str = "s", ts: float = 120.
 
 def test_migrations_are_idempotent(db_url: str) -> None:
     s = Store(db_url)
-    assert s.revision() == "0014"
+    assert s.revision() == "0015"
     s.migrate()
     Store(db_url).close()
-    assert s.revision() == "0014"
+    assert s.revision() == "0015"
     insp = sa.inspect(s.engine)
     assert {
         "episodes",
@@ -112,6 +112,23 @@ def test_stale_offsets_roll_back_everything(db_url: str) -> None:
     assert s.load_offsets("src") == {0: 5, 1: 7}
     with pytest.raises(StaleOffsets):  # a second "first" writer of a partition
         s.commit_batch(BatchWrite(offsets={("src", 0): (None, 1)}))
+    s.close()
+
+
+def test_a_batch_recognises_its_own_commit(db_url: str) -> None:
+    """The question a retry asks after a commit whose reply was lost: are the offsets this
+    batch's? Only the batch that wrote them, while no one has moved them since, says yes."""
+    s = Store(db_url)
+    first = BatchWrite(episodes=[ep("a")], offsets={("src", 0): (None, 5), ("src", 1): (None, 7)})
+    assert not s.committed(first)  # nothing stored yet
+    s.commit_batch(first)
+    assert s.committed(first)
+    # The same range written by someone else (another consumer's batch): not ours.
+    assert not s.committed(BatchWrite(offsets={("src", 0): (None, 5), ("src", 1): (None, 7)}))
+    # One partition moved on by another batch: the first batch no longer holds both.
+    s.commit_batch(BatchWrite(offsets={("src", 1): (7, 9)}))
+    assert not s.committed(first)
+    assert not s.committed(BatchWrite())  # without offsets there is nothing to recognise
     s.close()
 
 

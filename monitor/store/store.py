@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class BatchWrite:
     rm_scores: list[RmScoreRow] = field(default_factory=list)
     # Drift samples whose embedding this batch fed to the detectors (``monitor.store.inference``).
     embedded: list[str] = field(default_factory=list)
+    # Written with the offsets, the same on every retry of this batch: a retry that finds its
+    # own id knows the earlier attempt committed (:meth:`Store.committed`).
+    commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class Store:
@@ -243,7 +247,7 @@ class Store:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us."""
         now = time.time()
         with self.engine.begin() as conn:
-            self._cas_offsets(conn, batch.offsets, now)
+            self._cas_offsets(conn, batch.offsets, batch.commit_id, now)
             # Episodes before the rows that refer to them (foreign keys).
             self.insert_ignore(t.episodes, batch.episodes, conn)
             self.insert_ignore(t.samples, batch.samples, conn)
@@ -311,8 +315,27 @@ class Store:
             conn.close()
         return rejected
 
+    def committed(self, batch: BatchWrite) -> bool:
+        """Whether ``batch`` is what the offsets hold: each at the batch's new value, written
+        with its commit id. After a commit whose reply was lost (the connection died between
+        COMMIT and its answer), a retry's refused compare-and-set asks this: True means the
+        earlier attempt committed every row of the batch (one transaction), and no consumer
+        has moved the offsets since. A batch without offsets cannot tell: False."""
+        if not batch.offsets:
+            return False
+        o = t.offsets
+        keys = sa.tuple_(o.c.source, o.c.partition).in_(list(batch.offsets))
+        q = sa.select(o.c.source, o.c.partition, o.c.next_offset, o.c.commit_id).where(keys)
+        with self.engine.connect() as conn:
+            held = {(r.source, int(r.partition)): (int(r.next_offset), r.commit_id) for r in conn.execute(q)}
+        return all(held.get(k) == (new, batch.commit_id) for k, (_, new) in batch.offsets.items())
+
     def _cas_offsets(
-        self, conn: Connection, offsets: Mapping[tuple[str, int], tuple[int | None, int]], now: float
+        self,
+        conn: Connection,
+        offsets: Mapping[tuple[str, int], tuple[int | None, int]],
+        commit_id: str,
+        now: float,
     ) -> None:
         # Sorted so two writers lock rows in the same order (no deadlock).
         for (source, partition), (expected, new) in sorted(offsets.items()):
@@ -320,7 +343,13 @@ class Store:
                 # RETURNING, not rowcount: drivers report -1 for INSERT .. ON CONFLICT.
                 inserted = conn.execute(
                     self._insert(t.offsets).on_conflict_do_nothing().returning(t.offsets.c.partition),
-                    {"source": source, "partition": partition, "next_offset": new, "updated_at": now},
+                    {
+                        "source": source,
+                        "partition": partition,
+                        "next_offset": new,
+                        "updated_at": now,
+                        "commit_id": commit_id,
+                    },
                 ).first()
                 if inserted is None:
                     raise StaleOffsets(f"offset of {source}[{partition}] was created by another consumer")
@@ -333,7 +362,7 @@ class Store:
                         t.offsets.c.partition == partition,
                         t.offsets.c.next_offset == expected,
                     )
-                    .values(next_offset=new, updated_at=now)
+                    .values(next_offset=new, updated_at=now, commit_id=commit_id)
                 )
             if res.rowcount != 1:
                 raise StaleOffsets(f"offset of {source}[{partition}] is no longer {expected}")

@@ -83,6 +83,8 @@ offsets = sa.Table(
     sa.Column("partition", sa.Integer, primary_key=True),
     sa.Column("next_offset", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # The batch that moved it last (migration 0015): a retried commit recognises its own.
+    sa.Column("commit_id", sa.String(32), nullable=True),
 )
 
 # Per-stream state checkpoint (sampling clock, budget, boosts; detectors later).
