@@ -178,6 +178,14 @@ class PipelineConfig(_Model):
     batch_size: int = Field(500, gt=0)
     batch_timeout_ms: int = Field(200, gt=0)
     drain_timeout_s: float = Field(8.0, gt=0)
+    stall_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="an operation on the pipeline's path (a batch's transaction, a read, a dead-letter flush) in"
+        " flight longer shows as its target down in /readyz; PostgreSQL cancels a batch's statement that runs"
+        " longer (a lock held elsewhere), and the batch is retried",
+    )
 
 
 class InferenceConfig(_Model):

@@ -97,13 +97,49 @@ class TargetHealth:
 
 class Health:
     """The last outcome of the operations on each target, shared by the pipeline's threads and
-    read by the ops server's. Changes are logged once per transition, not per attempt."""
+    read by the ops server's. Changes are logged once per transition, not per attempt.
 
-    def __init__(self, metrics: Metrics | None = None):
+    An operation that neither succeeds nor fails (a database frozen, or a lock held elsewhere:
+    the server still acknowledges the bytes, so no timeout of the connection fires) would keep
+    the last outcome green forever. So an operation in flight for longer than ``stall_s`` counts
+    as its target down until it ends (:meth:`begin`, :meth:`end`)."""
+
+    def __init__(self, metrics: Metrics | None = None, *, stall_s: float = 10.0):
         self._metrics = metrics
         self._lock = threading.Lock()
         now = time.monotonic()
         self._targets = {t: TargetHealth(since=now) for t in TARGETS}
+        self.stall_s = stall_s
+        # The operations in flight, by a token of their own (threads of the pipeline share the
+        # policy, and a retried operation may nest another's): target and start time.
+        self._started: dict[object, tuple[str, float]] = {}
+        self._stalled: set[str] = set()  # targets whose stall was logged, until one ends
+
+    def begin(self, target: str) -> object:
+        """An operation on ``target`` starts; pass the token to :meth:`end`."""
+        token = object()
+        self._started[token] = (target, time.monotonic())
+        return token
+
+    def end(self, token: object) -> None:
+        """The operation ended, however (its outcome is :meth:`failed` or :meth:`succeeded`)."""
+        target, started = self._started.pop(token, ("", 0.0))
+        if target in self._stalled and not self.stalled(target):
+            self._stalled.discard(target)
+            log.warning("%s operation ended after %.1fs in flight", target, time.monotonic() - started)
+
+    def stalled(self, target: str) -> bool:
+        """Whether an operation on ``target`` has been in flight for longer than ``stall_s``."""
+        limit = time.monotonic() - self.stall_s
+        # A copy: other threads add and remove operations (list() of a dict is atomic).
+        if not any(t == target and started < limit for t, started in list(self._started.values())):
+            return False
+        if target not in self._stalled:
+            self._stalled.add(target)
+            log.warning(
+                "%s operation in flight for over %.1fs: counted as an outage until it ends", target, self.stall_s
+            )
+        return True
 
     def failed(self, target: str, e: BaseException) -> None:
         if self._metrics is not None and target != "source":
@@ -133,7 +169,7 @@ class Health:
         log.warning("%s available again after %.1fs (%d failed attempts)", target, down_s, failures)
 
     def ok(self, target: str) -> bool:
-        return self._targets[target].ok
+        return self._targets[target].ok and not self.stalled(target)
 
     def error(self, target: str) -> str:
         return self._targets[target].error
@@ -169,7 +205,7 @@ class RetryPolicy:
         delay = self.first_delay_s
         while True:
             try:
-                out = fn()
+                out = self.attempt(fn, target)
             except Aborted:
                 raise  # a nested retry already gave up: not an outage of this operation
             except Exception as e:
@@ -187,6 +223,14 @@ class RetryPolicy:
                 return out
             self.wait(delay, stop, f"stopped while the {target} was unavailable; the batch will be redelivered")
             delay = min(delay * 2, self.max_delay_s)
+
+    def attempt(self, fn: Callable[[], T], target: str) -> T:
+        """One attempt, no retry: in flight for :meth:`Health.stalled` while it runs."""
+        token = self.health.begin(target)
+        try:
+            return fn()
+        finally:
+            self.health.end(token)
 
     @staticmethod
     def wait(seconds: float, stop: threading.Event | None, message: str) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -123,6 +124,28 @@ class PgCluster:
         what a crash or an OOM kill of the server looks like to its clients."""
         if self.running:
             self._ctl("-m", "immediate", "-w", "stop")
+
+    def _processes(self) -> list[int]:
+        """The postmaster (first) and its children: the server's processes."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # The field after the command (which may hold spaces, in parentheses) is the state, then the ppid.
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """Stop every server process (SIGSTOP): the kernel still accepts and acknowledges the
+        clients' bytes, nothing answers, no timeout of the connection fires. What a server whose
+        storage or VM stalled looks like to its clients."""
+        for pid in self._processes():  # the postmaster first: it would notice its children stop
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in reversed(self._processes()):
+            os.kill(pid, signal.SIGCONT)
 
     def set_read_only(self, read_only: bool) -> None:
         """Every transaction, in open sessions too, becomes read-only (or writable again): what

@@ -252,3 +252,112 @@ def rows_end(inbox: Any) -> int:
     """The id after the newest inbox row (the consumer's position once it has read them all)."""
     got = inbox.read(0, 1_000_000)
     return int(got[-1].id) + 1 if got else 0
+
+
+def stalled_service(url: str, tmp_path: Path, eps: list[dict[str, Any]]) -> Any:
+    """A service over ``eps`` on ``url`` whose operations count as stalled after 1 s (and whose
+    batches' statements PostgreSQL cancels after 1 s), its first batch committed."""
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import load_settings
+    from monitor.episodes.deadletter import JsonlDeadLetterSink
+    from monitor.service import build_service
+    from monitor.sources.memory import MemorySource
+    from monitor.store import Store
+
+    extra = [f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.stall_timeout_s=1"]
+    s = load_settings(None, [*SETTINGS, *extra])
+    sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
+    values = [json.dumps(e).encode() for e in eps]
+    svc = build_service(
+        s, source=MemorySource(values), serve=False, store=Store(url), dead_letters=sink, registry=CollectorRegistry()
+    )
+    svc.owns_store = True
+    svc.pipeline.open()
+    assert svc.pipeline.process_batch(svc.pipeline.source.poll(50, 0.0))
+    return svc
+
+
+def the_rest(svc: Any) -> Any:
+    """A thread that processes the service's remaining records."""
+    import threading
+
+    def run() -> None:
+        while records := svc.pipeline.source.poll(50, 0.0):
+            assert svc.pipeline.process_batch(records)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.postgres
+def test_a_lock_held_elsewhere_is_an_outage_not_a_hang(pg_url: str, tmp_path: Path) -> None:
+    """Another session holds a lock the batch needs (a migration, an operator's open
+    transaction): the batch's statement is cancelled after ``pipeline.stall_timeout_s``, counted
+    as a store error and retried, /readyz shows the database down meanwhile, and the batches
+    commit exactly once when the lock goes. Without the timeout the pipeline would wait on the
+    lock for as long as it is held, with /readyz green."""
+    import sqlalchemy as sa
+
+    from monitor.store.store import normalize_url
+
+    eps = [episode(i, ("chat",)) for i in range(300)]
+    svc = stalled_service(pg_url, tmp_path, eps)
+    registry = svc.metrics.registry
+
+    def errors() -> float:
+        return registry.get_sample_value("oversight_commit_errors_total", {"target": "store"}) or 0.0
+
+    assert errors() == 0.0
+    locker = sa.create_engine(normalize_url(pg_url))
+    conn = locker.connect()
+    lock = conn.begin()
+    conn.execute(sa.text("LOCK TABLE offsets IN ACCESS EXCLUSIVE MODE"))
+    try:
+        runner = the_rest(svc)
+        wait_for(lambda: not svc.pipeline.readiness()["database"], READY_WITHIN_S, "/readyz shows the lock wait")
+        wait_for(lambda: errors() >= 2, READY_WITHIN_S, "the cancelled statements counted")
+        assert runner.is_alive(), "the batch gave up instead of waiting the lock out"
+    finally:
+        lock.rollback()
+        conn.close()
+        locker.dispose()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert svc.pipeline.readiness()["database"]
+    assert svc.pipeline.stats.records == len(eps) and svc.pipeline.stats.stale_batches == 0
+    svc.close()
+    assert_exactly_once(pg_url, eps)
+
+
+def test_a_frozen_database_shows_in_readyz(tmp_path: Path) -> None:
+    """Every server process stopped (SIGSTOP: a storage or VM stall): the kernel still accepts
+    the batch's bytes, so no error comes and no timeout of the connection fires. /readyz must
+    show the database down once the batch has been in flight for ``pipeline.stall_timeout_s``,
+    and up again when the server resumes and the batches commit, exactly once."""
+    eps = [episode(i, ("chat",)) for i in range(300)]
+    with PgCluster() as pg:
+        url = pg.create_database()
+        svc = stalled_service(url, tmp_path, eps)
+        registry = svc.metrics.registry
+        errors_before = registry.get_sample_value("oversight_commit_errors_total", {"target": "store"})
+        pg.freeze()
+        try:
+            runner = the_rest(svc)
+            took = wait_for(lambda: not svc.pipeline.readiness()["database"], 1 + READY_WITHIN_S, "/readyz red")
+            assert took >= 0.9, "red before the operation had been in flight for the stall timeout"
+            # Nothing failed: the readiness comes from the operation in flight alone.
+            assert registry.get_sample_value("oversight_commit_errors_total", {"target": "store"}) == errors_before
+            time.sleep(1.0)
+            assert runner.is_alive() and not svc.pipeline.readiness()["database"]
+        finally:
+            pg.thaw()
+        runner.join(30)
+        assert not runner.is_alive()
+        wait_for(lambda: svc.pipeline.readiness()["database"], READY_WITHIN_S, "/readyz green after the thaw")
+        assert svc.pipeline.stats.records == len(eps)
+        svc.close()
+        assert_exactly_once(url, eps)

@@ -177,8 +177,8 @@ def test_a_commit_whose_reply_was_lost_counts_once(
     real_commit = store.commit_batch
     lost: list[str] = []
 
-    def commit_then_lose_the_reply(batch: Any) -> None:
-        real_commit(batch)
+    def commit_then_lose_the_reply(batch: Any, **kw: Any) -> None:
+        real_commit(batch, **kw)
         if len(lost) < 2 and batch.offsets:  # two batches lose their reply
             lost.append(batch.commit_id)
             raise sa.exc.OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))

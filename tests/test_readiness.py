@@ -281,3 +281,32 @@ def test_rollbacks_without_progress_back_off_and_give_up(tmp_path: Path, monkeyp
     assert p.stats.stale_batches == 4
     assert metrics.registry.get_sample_value("oversight_stale_batches_total") == 4
     store.close()
+
+
+def test_an_operation_in_flight_too_long_counts_as_down() -> None:
+    """An operation that neither fails nor succeeds turns its target red after ``stall_s`` and
+    green when it ends; another target, and an operation that ends in time, are untouched."""
+    from monitor.retry import Health, RetryPolicy
+
+    health = Health(stall_s=0.2)
+    release = threading.Event()
+    policy = RetryPolicy(health)
+    assert policy.call(lambda: 1, "store") == 1 and health.ok("store")
+    hung = threading.Thread(target=policy.call, args=(release.wait, "store"), daemon=True)
+    hung.start()
+    time.sleep(0.1)
+    assert health.ok("store")  # in flight, not yet for long
+    time.sleep(0.25)
+    assert not health.ok("store") and health.ok("dead_letter")
+    release.set()
+    hung.join(5)
+    assert not hung.is_alive() and health.ok("store")
+    # One attempt outside a retry (the idle write probe) is tracked the same way.
+    flushed = threading.Event()
+    probe = threading.Thread(target=policy.attempt, args=(flushed.wait, "dead_letter"), daemon=True)
+    probe.start()
+    time.sleep(0.3)
+    assert not health.ok("dead_letter") and health.ok("store")
+    flushed.set()
+    probe.join(5)
+    assert health.ok("dead_letter")

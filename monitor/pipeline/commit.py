@@ -49,8 +49,13 @@ class Committer:
         metrics: Metrics,
         stats: RunStats,
         forget_state: Callable[[], None],
+        *,
+        statement_timeout_s: float | None = None,
     ):
         self.store = store
+        # A batch's statement that waits longer (a lock held elsewhere) is cancelled by the
+        # database and the batch retried as in an outage, instead of hanging the pipeline.
+        self.statement_timeout_s = statement_timeout_s
         self.dead_letters = dead_letters
         self.retry = retry
         self.metrics = metrics
@@ -154,7 +159,7 @@ class Committer:
 
     def _commit_store(self, batch: BatchWrite, letters: list[DeadLetter], stop: threading.Event | None) -> None:
         try:
-            self.store.commit_batch(batch)
+            self.store.commit_batch(batch, timeout_s=self.statement_timeout_s)
         except Exception as e:
             if transient(e) or isinstance(e, StaleOffsets):
                 raise
@@ -165,7 +170,7 @@ class Committer:
                 raise
             log.warning("store rejected %d episode(s): %r", len(rejected), describe(e, 200))
             self._reject_rows(batch, rejected, letters, stop)
-            self.store.commit_batch(batch)
+            self.store.commit_batch(batch, timeout_s=self.statement_timeout_s)
 
     def _reject_rows(
         self, batch: BatchWrite, rejected: Mapping[str, str], letters: list[DeadLetter], stop: threading.Event | None

@@ -112,7 +112,12 @@ class Pipeline:
         # One retry policy for every database and broker access on the pipeline's path; its
         # health is what /readyz and oversight_ready report. A failed store operation drops the
         # pooled connections: one opened while the database was read-only stays read-only.
-        self.retry = retry if retry is not None else RetryPolicy(Health(metrics), on_failure={"store": store.reconnect})
+        stall_s = settings.pipeline.stall_timeout_s
+        self.retry = (
+            retry
+            if retry is not None
+            else RetryPolicy(Health(metrics, stall_s=stall_s), on_failure={"store": store.reconnect})
+        )
         self.health = self.retry.health
         self.sampler = sampler if sampler is not None else make_sampler(settings, store, self.retry)
         self.observers: list[EpisodeObserver] = list(observers)
@@ -123,7 +128,16 @@ class Pipeline:
         self.settle_at_end = False
         self.stats = RunStats()
         self.stop_event = threading.Event()
-        self.committer = Committer(store, source, dead_letters, self.retry, metrics, self.stats, self._forget_state)
+        self.committer = Committer(
+            store,
+            source,
+            dead_letters,
+            self.retry,
+            metrics,
+            self.stats,
+            self._forget_state,
+            statement_timeout_s=stall_s,
+        )
         self._expected: dict[int, int | None] = {}
         self._index = 0
         self._max_bytes = settings.source.max_episode_bytes
@@ -317,7 +331,7 @@ class Pipeline:
             return
         self._last_store_ok = now
         try:
-            self.store.probe_write()
+            self.retry.attempt(self.store.probe_write, "store")
         except Exception as e:
             if not transient(e):
                 raise

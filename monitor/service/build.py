@@ -359,7 +359,8 @@ def build_service(
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     # One retry policy for every database and broker access on the pipeline's path; its health
     # is what /readyz reports. A failed store operation drops the pooled connections.
-    retry = RetryPolicy(Health(metrics), on_failure={"store": store.reconnect})
+    health = Health(metrics, stall_s=settings.pipeline.stall_timeout_s)
+    retry = RetryPolicy(health, on_failure={"store": store.reconnect})
     sampler = make_sampler(settings, store, retry)
     stages = build_stages(settings, store, metrics, sampler, retry)
     publishers = build_publishers(settings, store)

@@ -243,10 +243,20 @@ class Store:
                 r = t.inference_results
                 c.execute(r.delete().where(r.c.stage == "score", r.c.episode_id.in_(ids[i : i + 500])))
 
-    def commit_batch(self, batch: BatchWrite) -> None:
-        """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us."""
+    def commit_batch(self, batch: BatchWrite, *, timeout_s: float | None = None) -> None:
+        """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us.
+
+        ``timeout_s`` (PostgreSQL): the longest any statement of the transaction may run, lock
+        waits included; the database then cancels it (SQLSTATE 57014, an outage to the caller's
+        retry). SQLite's writers wait at most its busy timeout anyway."""
         now = time.time()
         with self.engine.begin() as conn:
+            if timeout_s is not None and self.dialect == "postgresql":
+                # For this transaction only (is_local): the pool's connections keep their default.
+                conn.execute(
+                    sa.text("SELECT set_config('statement_timeout', :ms, true)"),
+                    {"ms": str(max(1, int(timeout_s * 1000)))},
+                )
             self._cas_offsets(conn, batch.offsets, batch.commit_id, now)
             # Episodes before the rows that refer to them (foreign keys).
             self.insert_ignore(t.episodes, batch.episodes, conn)

@@ -125,7 +125,7 @@ def test_stale_batch_rewinds_every_partition(kenv: Any, sqlite_url: str) -> None
         store = svc.store
         real = store.commit_batch
 
-        def commit_batch(batch: Any) -> None:
+        def commit_batch(batch: Any, **kw: Any) -> None:
             fresh = sorted(p for (_, p), (expected, _) in batch.offsets.items() if expected is None)
             if not injected and len(batch.offsets) >= 2 and fresh:
                 # Another consumer "created" one partition's offset at 0 meanwhile.
@@ -134,7 +134,7 @@ def test_stale_batch_rewinds_every_partition(kenv: Any, sqlite_url: str) -> None
                     c.execute(
                         sa.insert(t.offsets).values(source=source, partition=fresh[0], next_offset=0, updated_at=0.0)
                     )
-            real(batch)
+            real(batch, **kw)
 
         store.commit_batch = commit_batch
 
@@ -234,9 +234,9 @@ def test_second_replica_joining_mid_stream_rebalances_without_loss(kenv: Any, pg
         # second one's join (a few seconds) completes.
         real = svc.store.commit_batch
 
-        def slow_commit(batch: Any, real: Any = real) -> None:
+        def slow_commit(batch: Any, real: Any = real, **kw: Any) -> None:
             time.sleep(0.03)
-            real(batch)
+            real(batch, **kw)
 
         svc.store.commit_batch = slow_commit  # type: ignore[method-assign]
     stops = [threading.Event(), threading.Event()]
