@@ -131,6 +131,15 @@ class DatabaseConfig(_Model):
     pool_timeout_s: float = Field(
         30.0, gt=0, le=600, description="PostgreSQL: how long an operation waits for a free connection before it fails"
     )
+    tcp_timeout_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="PostgreSQL: a connection whose bytes stay unacknowledged this long (a network partition, the"
+        " server's host gone, a failover that moved its address) is closed and the operation retried; idle ones are"
+        " probed by TCP keepalives on the same scale. Without it the operation would wait for the kernel's"
+        " retransmissions to give up (about 15 minutes on Linux)",
+    )
 
 
 class SourceConfig(_Model):

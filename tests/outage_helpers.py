@@ -320,3 +320,64 @@ class SmallDisk:
                 return
             time.sleep(0.1)
         subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
+
+
+class Partition:
+    """A network of its own that a test can cut: a namespace (``name``) joined to this one by a
+    veth pair, the far end at ``server_ip``. :meth:`cut` takes the far end's link down: what is
+    sent is dropped without a word (no reset, no refusal), as in a network partition or when a
+    host vanishes; :meth:`heal` brings it back. Root with CAP_NET_ADMIN, as in CI."""
+
+    def __init__(self) -> None:
+        import secrets
+
+        tag = secrets.token_hex(3)
+        self.name = f"ovp-{tag}"
+        self._near, self._far = f"ovp{tag}a", f"ovp{tag}b"
+        net = 16 + secrets.randbelow(200)
+        self.client_ip, self.server_ip = f"10.231.{net}.1", f"10.231.{net}.2"
+
+    @staticmethod
+    def _ip(*args: str, netns: str | None = None) -> None:
+        argv = ["ip", *args] if netns is None else ["ip", "netns", "exec", netns, "ip", *args]
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+    def __enter__(self) -> Partition:
+        self._ip("netns", "add", self.name)
+        try:
+            self._ip("link", "add", self._near, "type", "veth", "peer", "name", self._far)
+            self._ip("link", "set", self._far, "netns", self.name)
+            self._ip("addr", "add", f"{self.client_ip}/30", "dev", self._near)
+            self._ip("link", "set", self._near, "up")
+            self._ip("addr", "add", f"{self.server_ip}/30", "dev", self._far, netns=self.name)
+            self._ip("link", "set", self._far, "up", netns=self.name)
+            self._ip("link", "set", "lo", "up", netns=self.name)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def cut(self) -> None:
+        self._ip("link", "set", self._far, "down", netns=self.name)
+
+    def heal(self) -> None:
+        self._ip("link", "set", self._far, "up", netns=self.name)
+
+    def close(self) -> None:
+        for argv in (["ip", "netns", "del", self.name], ["ip", "link", "del", self._near]):
+            subprocess.run(argv, check=False, capture_output=True, timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def can_partition() -> bool:
+    """Whether this process may make network namespaces and veth pairs (root with
+    CAP_NET_ADMIN and CAP_SYS_ADMIN, as in CI)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with Partition():
+            return True
+    except (OSError, subprocess.SubprocessError):
+        return False

@@ -49,7 +49,17 @@ def free_port() -> int:
 
 
 class PgCluster:
-    def __init__(self, parent: str | os.PathLike[str] | None = None, *, port: int | None = None):
+    """``host``/``netns``: listen on ``host`` inside the network namespace ``netns`` (whose
+    link a test can cut, see ``outage_helpers.Partition``) instead of on 127.0.0.1."""
+
+    def __init__(
+        self,
+        parent: str | os.PathLike[str] | None = None,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ):
         bindir = server_bin()
         if bindir is None:
             raise PgUnavailable("Debian's PostgreSQL server binaries (/usr/lib/postgresql/*/bin) are not installed")
@@ -61,6 +71,8 @@ class PgCluster:
         self.sockets = self.root / "sock"
         self.log = self.root / "server.log"
         self.port = port if port is not None else free_port()
+        self.host = host
+        self.netns = netns
         self._as_root = os.geteuid() == 0
         self.sockets.mkdir()
         self.log.touch()
@@ -89,15 +101,20 @@ class PgCluster:
             # so the OS still has every write). synchronous_commit stays on: a commit the client
             # saw must survive the crash, as in production, or exactly-once could not be checked.
             fh.write(
-                f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.sockets}'\n"
+                f"\nport = {self.port}\nlisten_addresses = '{host}'\nunix_socket_directories = '{self.sockets}'\n"
                 "fsync = off\nfull_page_writes = off\nmax_connections = 50\n"
             )
+        if host != "127.0.0.1":  # initdb trusts the loopback only; this cluster's namespace is private
+            with open(self.data / "pg_hba.conf", "a", encoding="utf-8") as fh:
+                fh.write("\nhost all all 0.0.0.0/0 trust\n")
 
     # -- process control -------------------------------------------------------------------------
     def _run(self, argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         name = Path(argv[0]).name
         if self._as_root:
             argv = ["runuser", "-u", "postgres", "--", *argv]
+        if self.netns is not None:  # the server listens there, and pg_ctl waits for it there
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and res.returncode != 0:
             raise PgUnavailable(f"{name} failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-500:]}")
@@ -155,7 +172,7 @@ class PgCluster:
 
     # -- databases ---------------------------------------------------------------------------------
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
 
     def sql(self, *statements: str, database: str = "postgres") -> None:
         import sqlalchemy as sa

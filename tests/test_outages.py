@@ -19,7 +19,9 @@ import pytest
 from outage_helpers import (
     SETTINGS,
     PacedWriter,
+    Partition,
     assert_exactly_once,
+    can_partition,
     episode,
     free_port,
     metric,
@@ -254,7 +256,7 @@ def rows_end(inbox: Any) -> int:
     return int(got[-1].id) + 1 if got else 0
 
 
-def stalled_service(url: str, tmp_path: Path, eps: list[dict[str, Any]]) -> Any:
+def stalled_service(url: str, tmp_path: Path, eps: list[dict[str, Any]], *more: str) -> Any:
     """A service over ``eps`` on ``url`` whose operations count as stalled after 1 s (and whose
     batches' statements PostgreSQL cancels after 1 s), its first batch committed."""
     import json
@@ -267,12 +269,17 @@ def stalled_service(url: str, tmp_path: Path, eps: list[dict[str, Any]]) -> Any:
     from monitor.sources.memory import MemorySource
     from monitor.store import Store
 
-    extra = [f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.stall_timeout_s=1"]
+    extra = [f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.stall_timeout_s=1", *more]
     s = load_settings(None, [*SETTINGS, *extra])
     sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
     values = [json.dumps(e).encode() for e in eps]
     svc = build_service(
-        s, source=MemorySource(values), serve=False, store=Store(url), dead_letters=sink, registry=CollectorRegistry()
+        s,
+        source=MemorySource(values),
+        serve=False,
+        store=Store.open(s.database),
+        dead_letters=sink,
+        registry=CollectorRegistry(),
     )
     svc.owns_store = True
     svc.pipeline.open()
@@ -359,5 +366,39 @@ def test_a_frozen_database_shows_in_readyz(tmp_path: Path) -> None:
         assert not runner.is_alive()
         wait_for(lambda: svc.pipeline.readiness()["database"], READY_WITHIN_S, "/readyz green after the thaw")
         assert svc.pipeline.stats.records == len(eps)
+        svc.close()
+        assert_exactly_once(url, eps)
+
+
+@pytest.mark.skipif(not can_partition(), reason="needs root with network namespaces (as in CI)")
+def test_a_network_partition_is_an_outage_not_a_hang(tmp_path: Path) -> None:
+    """The database's network goes silent mid-stream (a partition, a host gone, a failover that
+    moved its address): what the batch sends is dropped without a reset or a refusal, so the
+    driver would wait for the kernel's retransmissions to give up, about 15 minutes. /readyz
+    shows the database down after ``pipeline.stall_timeout_s``; the dead connection is closed
+    after ``database.tcp_timeout_s``, counted as a store error, and retried; when the network
+    heals the batches commit, exactly once."""
+    eps = [episode(i, ("chat",)) for i in range(300)]
+    with Partition() as net, PgCluster(host=net.server_ip, netns=net.name) as pg:
+        url = pg.create_database()
+        svc = stalled_service(url, tmp_path, eps, "database.tcp_timeout_s=2")
+        registry = svc.metrics.registry
+
+        def errors() -> float:
+            return registry.get_sample_value("oversight_commit_errors_total", {"target": "store"}) or 0.0
+
+        assert errors() == 0.0
+        net.cut()
+        try:
+            runner = the_rest(svc)
+            wait_for(lambda: not svc.pipeline.readiness()["database"], 1 + READY_WITHIN_S, "/readyz red")
+            wait_for(lambda: errors() >= 1, 2 + READY_WITHIN_S, "the silent connection closed and counted")
+            assert runner.is_alive(), "the batch gave up instead of retrying"
+        finally:
+            net.heal()
+        runner.join(60)
+        assert not runner.is_alive()
+        wait_for(lambda: svc.pipeline.readiness()["database"], READY_WITHIN_S, "/readyz green after the heal")
+        assert svc.pipeline.stats.records == len(eps) and svc.pipeline.stats.stale_batches == 0
         svc.close()
         assert_exactly_once(url, eps)

@@ -241,3 +241,23 @@ def test_the_pool_follows_the_database_settings(pg_url: str) -> None:
         for conn in held:
             conn.close()
         store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_connections_fail_on_a_silent_network(pg_url: str) -> None:
+    """libpq's timeouts that turn a dead network into an error (tests/test_outages.py cuts one):
+    from ``database.tcp_timeout_s``, unless the URL sets its own."""
+    from monitor.store.store import Pool
+
+    def options(store: Store) -> dict[str, str]:
+        with store.engine.connect() as conn:
+            info = conn.connection.dbapi_connection.pgconn.info  # type: ignore[union-attr]
+        store.close()
+        return {o.keyword.decode(): (o.val or b"").decode() for o in info}
+
+    got = options(Store(pg_url, migrate=False, pool=Pool(tcp_timeout_s=12)))
+    assert got["tcp_user_timeout"] == "12000" and got["keepalives"] == "1" and got["connect_timeout"] == "5"
+    assert int(got["keepalives_idle"]) + int(got["keepalives_interval"]) * int(got["keepalives_count"]) <= 12
+    sep = "&" if "?" in pg_url else "?"
+    own = options(Store(f"{pg_url}{sep}tcp_user_timeout=7000", migrate=False, pool=Pool(tcp_timeout_s=12)))
+    assert own["tcp_user_timeout"] == "7000"

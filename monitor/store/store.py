@@ -87,7 +87,7 @@ class Store:
     @classmethod
     def open(cls, cfg: DatabaseConfig, *, migrate: bool | None = None) -> Store:
         """The store ``database`` settings describe (``migrate``: instead of ``cfg.migrate``)."""
-        pool = Pool(cfg.pool_size, cfg.max_overflow, cfg.pool_timeout_s)
+        pool = Pool(cfg.pool_size, cfg.max_overflow, cfg.pool_timeout_s, cfg.tcp_timeout_s)
         return cls(cfg.url, migrate=cfg.migrate if migrate is None else migrate, pool=pool)
 
     # -- lifecycle -------------------------------------------------------
@@ -491,11 +491,30 @@ def _json_value(value: Mapping[str, Any]) -> Any:
 @dataclass(frozen=True)
 class Pool:
     """PostgreSQL's connection pool of one process (``database.pool_size``, ``max_overflow``,
-    ``pool_timeout_s``); SQLite has none."""
+    ``pool_timeout_s``) and its connections' TCP timeout (``tcp_timeout_s``); SQLite has none."""
 
     size: int = 5
     overflow: int = 5
     timeout_s: float = 30.0
+    tcp_timeout_s: float = 30.0
+
+
+def _connection_timeouts(tcp_timeout_s: float) -> dict[str, int]:
+    """libpq's settings that turn a dead network into an error instead of a wait: a server that
+    does not answer the connection (``connect_timeout``), bytes sent and never acknowledged
+    (``tcp_user_timeout``: a partition, a host gone, a failover that moved the address) and an
+    idle connection whose peer vanished (keepalive probes, failing within about the same time).
+    A healthy server acknowledges within milliseconds however long its query runs, so none of
+    these limits a long query."""
+    ms = int(tcp_timeout_s * 1000)
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "tcp_user_timeout": ms,
+        "keepalives": 1,
+        "keepalives_idle": max(1, int(tcp_timeout_s / 2)),
+        "keepalives_interval": max(1, int(tcp_timeout_s / 6)),
+        "keepalives_count": 3,
+    }
 
 
 def _make_engine(url: str, echo: bool, pool: Pool) -> Engine:
@@ -530,9 +549,8 @@ def _make_engine(url: str, echo: bool, pool: Pool) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    connect_args: dict[str, Any] = {}
-    if "connect_timeout" not in sa.engine.make_url(url).query:
-        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    given = sa.engine.make_url(url).query
+    connect_args = {k: v for k, v in _connection_timeouts(pool.tcp_timeout_s).items() if k not in given}
     return sa.create_engine(
         url,
         echo=echo,
