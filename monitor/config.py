@@ -796,6 +796,13 @@ class IngestConfig(_Model):
         3600.0, ge=0, description="consumed inbox rows older than this are deleted by the consumer"
     )
     kafka_timeout_s: float = Field(10.0, gt=0, description="kafka mode: longest wait for the broker's acks")
+    inbox_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="inbox mode, PostgreSQL: longest a request's transaction may wait (a lock) or sit idle; then"
+        " 503, and the server ends a stopped writer's transaction, whose ordering lock would hold every other",
+    )
 
 
 class MetricsConfig(_Model):

@@ -402,3 +402,111 @@ def test_a_network_partition_is_an_outage_not_a_hang(tmp_path: Path) -> None:
         assert svc.pipeline.stats.records == len(eps) and svc.pipeline.stats.stale_batches == 0
         svc.close()
         assert_exactly_once(url, eps)
+
+
+# A replica that stopped mid-transaction (its node gone, its network cut, its process paused),
+# holding a lock others need: the row of the offset its batch moves ("batch"), or the inbox's
+# ordering lock ("inbox"). Its transaction never ends on its own.
+ZOMBIE = """
+import sys, time
+import monitor.store.ingest as ingest
+from monitor.store import BatchWrite, Store
+
+mode, url, timeout_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+store = Store(url, migrate=False)
+
+
+def paused(*args, **kwargs):  # the lock is taken: stop here
+    print("holding", flush=True)
+    time.sleep(3600)
+
+
+if mode == "batch":  # right after the compare-and-set, which locked the offset's row
+    store.insert_ignore = paused
+    expected = int(sys.argv[5])
+    store.commit_batch(BatchWrite(offsets={(sys.argv[4], 0): (expected, expected + 1)}), timeout_s=timeout_s)
+else:  # right after the advisory lock, before the rows
+    ingest._insert = paused
+    ingest.Inbox(store, timeout_s).insert([ingest.InboxRow("z", "s", b"{}", 0.0)])
+"""
+
+
+def stopped_writer(mode: str, url: str, *args: str) -> Any:
+    """The stopped writer (a subprocess), once it holds its lock; its transactions' limits are 1 s."""
+    import subprocess
+    import sys
+
+    zombie = subprocess.Popen(
+        [sys.executable, "-c", ZOMBIE, mode, url, "1.0", *args], stdout=subprocess.PIPE, text=True
+    )
+    assert zombie.stdout is not None and zombie.stdout.readline().strip() == "holding"
+    return zombie
+
+
+@pytest.mark.postgres
+def test_a_replica_stopped_mid_batch_does_not_hold_the_offsets(pg_url: str, tmp_path: Path) -> None:
+    """Another replica stopped in the middle of its batch's transaction, holding the row lock of
+    the offset this one must move. The server keeps such a session until its TCP keepalive
+    notices, two hours by default; the batch's idle-in-transaction timeout ends it after
+    ``pipeline.stall_timeout_s``, and this replica's batches commit, exactly once, while the
+    stopped one is still alive."""
+    eps = [episode(i, ("chat",)) for i in range(300)]
+    svc = stalled_service(pg_url, tmp_path, eps)
+    source = svc.pipeline.source.name
+    zombie = stopped_writer("batch", pg_url, source, str(svc.store.load_offsets(source)[0]))
+    try:
+        t0 = time.monotonic()
+        runner = the_rest(svc)
+        runner.join(20)
+        assert not runner.is_alive(), "the stopped replica's lock held the batches"
+        assert time.monotonic() - t0 < 15
+        assert zombie.poll() is None, "the lock was freed by the replica exiting, not by the server"
+    finally:
+        zombie.kill()
+        zombie.wait(10)
+    assert svc.pipeline.stats.records == len(eps) and svc.pipeline.stats.stale_batches == 0
+    svc.close()
+    assert_exactly_once(pg_url, eps)
+
+
+@pytest.mark.postgres
+def test_an_ingest_writer_stopped_mid_insert_does_not_hold_the_inbox(pg_url: str) -> None:
+    """An ingest replica stopped inside an inbox insert, holding the lock that orders the
+    inbox's ids: another replica's insert waits at most ``ingest.inbox_timeout_s`` (then 503,
+    and the client retries), and once the server has ended the stopped transaction (idle for as
+    long) the inserts go through, while the stopped replica is still alive."""
+    import threading
+
+    import sqlalchemy as sa
+
+    from monitor.store import Store
+    from monitor.store.ingest import Inbox, InboxRow
+
+    store = Store(pg_url)
+    inbox = Inbox(store, timeout_s=1.0)
+    rows = [InboxRow(f"e{i}", "s", b"{}", time.time()) for i in range(3)]
+    waits: list[float] = []  # how long each refused insert waited
+    taken: set[str] = set()
+
+    def insert_until_taken() -> None:  # as a client does: retry after a 503
+        while not taken:
+            t0 = time.monotonic()
+            try:
+                taken.update(inbox.insert(rows))
+            except sa.exc.OperationalError:  # cancelled while the lock was held: the API's 503
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.2)
+
+    zombie = stopped_writer("inbox", pg_url)
+    try:
+        client = threading.Thread(target=insert_until_taken, daemon=True)
+        client.start()
+        client.join(15)
+        assert not client.is_alive(), "the stopped writer kept the inbox's lock"
+        assert taken == {"e0", "e1", "e2"} and all(w < 5 for w in waits), waits
+        assert zombie.poll() is None, "the lock was freed by the writer exiting, not by the server"
+    finally:
+        zombie.kill()
+        zombie.wait(10)
+    assert [r.id for r in inbox.read(0, 10)] == sorted(r.id for r in inbox.read(0, 10)) and inbox.count() == 3
+    store.close()

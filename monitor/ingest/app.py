@@ -310,7 +310,10 @@ def build_context(
     store = store if store is not None else Store.open(settings.database)
     cfg = settings.ingest
     if handoff is None:
-        handoff = InboxHandoff(store) if cfg.handoff == "inbox" else KafkaHandoff(settings.kafka, cfg.kafka_timeout_s)
+        if cfg.handoff == "inbox":
+            handoff = InboxHandoff(store, cfg.inbox_timeout_s)
+        else:
+            handoff = KafkaHandoff(settings.kafka, cfg.kafka_timeout_s)
     return IngestContext(
         cfg=cfg,
         max_episode_bytes=settings.source.max_episode_bytes,

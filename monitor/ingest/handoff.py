@@ -72,9 +72,9 @@ class _Health:
 class InboxHandoff:
     kind = "inbox"
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, timeout_s: float | None = None):
         self._store = store
-        self._inbox = Inbox(store)
+        self._inbox = Inbox(store, timeout_s)
         self._health = _Health()
 
     def submit(self, rows: Sequence[InboxRow]) -> set[str]:

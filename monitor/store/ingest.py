@@ -59,10 +59,13 @@ def _insert(store: Store, table: sa.Table) -> Any:
 
 
 class Inbox:
-    """The ``inbox`` table of a store."""
+    """The ``inbox`` table of a store. ``timeout_s``: the limits of an insert's transaction
+    (:meth:`Store.limit_transaction`): a writer that stopped while holding the ordering lock
+    must not hold every other writer for hours."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, timeout_s: float | None = None):
         self.store = store
+        self.timeout_s = timeout_s
 
     def insert(self, rows: Sequence[InboxRow]) -> set[str]:
         """Insert rows in one transaction, skipping episode ids already there; the ids inserted.
@@ -71,6 +74,7 @@ class Inbox:
         if not rows:
             return inserted
         with self.store.engine.begin() as conn:
+            self.store.limit_transaction(conn, self.timeout_s)
             if self.store.dialect == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INBOX_LOCK})
             for start in range(0, len(rows), INSERT_CHUNK):

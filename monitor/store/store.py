@@ -246,17 +246,10 @@ class Store:
     def commit_batch(self, batch: BatchWrite, *, timeout_s: float | None = None) -> None:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us.
 
-        ``timeout_s`` (PostgreSQL): the longest any statement of the transaction may run, lock
-        waits included; the database then cancels it (SQLSTATE 57014, an outage to the caller's
-        retry). SQLite's writers wait at most its busy timeout anyway."""
+        ``timeout_s``: see :meth:`limit_transaction`."""
         now = time.time()
         with self.engine.begin() as conn:
-            if timeout_s is not None and self.dialect == "postgresql":
-                # For this transaction only (is_local): the pool's connections keep their default.
-                conn.execute(
-                    sa.text("SELECT set_config('statement_timeout', :ms, true)"),
-                    {"ms": str(max(1, int(timeout_s * 1000)))},
-                )
+            self.limit_transaction(conn, timeout_s)
             self._cas_offsets(conn, batch.offsets, batch.commit_id, now)
             # Episodes before the rows that refer to them (foreign keys).
             self.insert_ignore(t.episodes, batch.episodes, conn)
@@ -324,6 +317,28 @@ class Store:
             trans.rollback()
             conn.close()
         return rejected
+
+    def limit_transaction(self, conn: Connection, timeout_s: float | None) -> None:
+        """PostgreSQL, for the transaction open on ``conn`` only (the pooled connection keeps
+        its defaults): the longest any statement may run, lock waits included, and the longest
+        the transaction may sit idle; the server then cancels the statement (SQLSTATE 57014, an
+        outage to the caller's retry) or ends the session.
+
+        The idle limit matters when the client vanished mid-transaction (its node gone, its
+        network cut, its process paused): the server would keep the session, and its locks,
+        until its TCP keepalive notices, two hours by default, and every writer that needs them
+        (a replica taking over the partitions, the other ingest replicas) would wait. The
+        callers send their statements back to back, so they are never idle that long while
+        alive. Nothing on SQLite, whose writers wait at most its busy timeout anyway."""
+        if timeout_s is None or self.dialect != "postgresql":
+            return
+        conn.execute(
+            sa.text(
+                "SELECT set_config('statement_timeout', :ms, true),"
+                " set_config('idle_in_transaction_session_timeout', :ms, true)"
+            ),
+            {"ms": str(max(1, int(timeout_s * 1000)))},
+        )
 
     def committed(self, batch: BatchWrite) -> bool:
         """Whether ``batch`` is what the offsets hold: each at the batch's new value, written
