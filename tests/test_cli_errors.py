@@ -521,3 +521,50 @@ def test_an_assistance_experiment_naming_an_unknown_assistant_fails_the_check() 
     )
     line = one_error_line(res)
     assert res.returncode == 2 and "unknown assistants ['rm_scores']" in line and "rm_score" in line
+
+
+# A command in a process of its own, as the ``oversight`` script runs one (``monitor.cli.entry``):
+# it writes to stdout without flushing, registers an exit handler of its own, and leaves behind an
+# object whose teardown aborts the process, as a native library's static destructor did.
+ENTRY = """
+import atexit, os, sys
+from pathlib import Path
+import monitor.cli.app as app
+
+
+class AbortsAtTeardown:
+    def __del__(self):
+        os.abort()
+
+
+def command(argv=None):
+    global LEFT
+    LEFT = AbortsAtTeardown()
+    atexit.register(Path(sys.argv[1]).write_text, "handler ran")
+    sys.stdout.write("the report, unflushed")
+    if sys.argv[2] == "raise":
+        raise SystemExit(2)
+    return int(sys.argv[2])
+
+
+app.main = command
+sys.exit(app.entry())
+"""
+
+
+@pytest.mark.parametrize("outcome", ["0", "5", "raise"])
+def test_a_command_ends_with_its_status_and_its_output(tmp_path: Path, outcome: str) -> None:
+    """The script ends with the command's status once the exit handlers have run, its output
+    flushed, whatever the interpreter's teardown would do after (a native library's thread pool
+    aborted a service that had stopped cleanly: status -6). A command that raised is left to the
+    interpreter."""
+    marker = tmp_path / "handler"
+    res = subprocess.run(
+        [sys.executable, "-c", ENTRY, str(marker), outcome], capture_output=True, text=True, check=False
+    )
+    assert res.stdout == "the report, unflushed"
+    assert marker.read_text() == "handler ran"
+    if outcome == "raise":
+        assert res.returncode != 0  # the teardown runs, and aborts: nothing of ours to skip
+    else:
+        assert res.returncode == int(outcome), res.stderr

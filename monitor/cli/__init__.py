@@ -6,6 +6,6 @@ Nothing else in the project imports this package: what the CLI shares with the d
 benchmarks lives below it (``monitor.errors``, ``monitor.fileio``, ``monitor.service.replay``).
 """
 
-from monitor.cli.app import build_parser, main
+from monitor.cli.app import build_parser, entry, main
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]

@@ -11,6 +11,8 @@ quietly, as a process killed by SIGPIPE would report in a shell.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -195,6 +197,36 @@ def run_command(args: argparse.Namespace) -> int:
         code, message = known
     print(f"{name}: error: {one_line(message)}", file=sys.stderr)
     return code
+
+
+def entry() -> int:
+    """The ``oversight`` script: :func:`main` in a process of its own, which ends with the
+    command's status once every exit handler has run (:func:`_end_process`)."""
+    outcome: list[int] = []
+    # Registered before anything else can register one, so it runs last (handlers run in reverse).
+    atexit.register(_end_process, outcome)
+    code = main()
+    outcome.append(code)
+    return code
+
+
+def _end_process(outcome: list[int]) -> None:
+    """The last exit handler: flush the logs and the standard streams, then end the process with
+    the command's status, skipping the rest of the interpreter's shutdown (module teardown, then
+    the C++ libraries' static destructors). Those of PyTorch's and ONNX Runtime's native thread
+    pools aborted a process that had finished cleanly, now and then, once a model had run on a
+    worker thread: "terminate called without an active exception" after "stopped after N
+    records", status -6, with no Python frame left. Everything of ours is closed by then (the
+    service closes its sinks, store and consumer itself); Python's own exit handlers have run
+    (multiprocessing's children, temporary directories). A command that raised is left to the
+    interpreter, which reports it."""
+    if not outcome:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a stream already closed
+            stream.flush()
+    os._exit(outcome[0])
 
 
 def main(argv: list[str] | None = None) -> int:
