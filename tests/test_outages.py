@@ -267,21 +267,13 @@ def stalled_service(url: str, tmp_path: Path, eps: list[dict[str, Any]], *more: 
     from monitor.episodes.deadletter import JsonlDeadLetterSink
     from monitor.service import build_service
     from monitor.sources.memory import MemorySource
-    from monitor.store import Store
 
     extra = [f"database.url={url}", f"dead_letter.path={tmp_path / 'dlq.jsonl'}", "pipeline.stall_timeout_s=1", *more]
     s = load_settings(None, [*SETTINGS, *extra])
     sink = JsonlDeadLetterSink(s.dead_letter.path, s.dead_letter.max_raw_bytes)
     values = [json.dumps(e).encode() for e in eps]
-    svc = build_service(
-        s,
-        source=MemorySource(values),
-        serve=False,
-        store=Store.open(s.database),
-        dead_letters=sink,
-        registry=CollectorRegistry(),
-    )
-    svc.owns_store = True
+    # The store as the service opens it (database.*: its timeouts), closed with the service.
+    svc = build_service(s, source=MemorySource(values), serve=False, dead_letters=sink, registry=CollectorRegistry())
     svc.pipeline.open()
     assert svc.pipeline.process_batch(svc.pipeline.source.poll(50, 0.0))
     return svc
