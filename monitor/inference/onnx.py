@@ -193,7 +193,9 @@ def cache_key(
     return f"{quantisation}-{digest}" + ("-qkv" if int8 and not calibrated else "")
 
 
-def pooled_module(encoder: Any, pool_indices: Sequence[int], normalize: bool, *, smoothed: bool = False) -> Any:
+def pooled_module(
+    encoder: Any, pool_indices: Sequence[int], normalize: bool, *, smoothed: bool = False, attention: str = "eager"
+) -> Any:
     """The encoder plus its pooling as one module: mean over the attention mask of each hidden
     state in ``pool_indices`` (0: embeddings output, n: layer n), concatenated. ``smoothed``: the
     encoder went through :func:`monitor.inference.smooth.smooth`, so every MatMul may be int8
@@ -204,12 +206,14 @@ def pooled_module(encoder: Any, pool_indices: Sequence[int], normalize: bool, *,
     with ``Where(IsNaN(p), 0, p)`` over the whole ``[batch, heads, seq, seq]`` tensor, for rows
     with every key masked, which a mask that always keeps ``[CLS]`` never has. ONNX Runtime runs
     that ``Where`` with its generic broadcasting kernel: a quarter of the int8 encoder's time in a
-    profile of 256 real episodes (``python bench/encoder.py`` gains 1.3x on int8). Callers pass
-    an encoder of their own (a fresh load or a copy), since the switch stays on it."""
+    profile of 256 real episodes (``python bench/encoder.py`` gains 1.3x on int8). A module run by
+    PyTorch itself (:class:`~monitor.inference.bf16.Bf16Encoder`) asks for ``attention="sdpa"``:
+    PyTorch's fused attention kernel, where eager attention materialises the scores and the
+    probabilities in four separate operators (see :func:`set_attention`). Callers pass an encoder of
+    their own (a fresh load or a copy), since the switch stays on it."""
     import torch
 
-    if hasattr(encoder, "set_attn_implementation"):
-        encoder.set_attn_implementation("eager")
+    set_attention(encoder, attention)
 
     class Pooled(torch.nn.Module):
         def __init__(self) -> None:
@@ -236,6 +240,29 @@ def pooled_module(encoder: Any, pool_indices: Sequence[int], normalize: bool, *,
             return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
     return Pooled().eval()
+
+
+def set_attention(encoder: Any, attention: str) -> str:
+    """Switch a transformers encoder to ``attention`` (``eager`` or ``sdpa``); returns the one it runs.
+
+    An encoder whose class has no SDPA path keeps eager attention, which computes the same function,
+    and one that cannot switch at all (a model outside transformers' attention interface) keeps
+    what it has.
+
+    Why SDPA for PyTorch in bf16: on an Intel Xeon with AMX (2 cores, ``python bench/encoder.py``'s
+    drift workload) the bf16 encoder ran 168 texts/s with eager attention and 204 with SDPA, against
+    63 for PyTorch fp32, at a minimum cosine of 0.99987 to fp32 on 256 real episodes: with the
+    matrix products on AMX, the attention's separate operators were a sixth of the time."""
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"unknown attention {attention!r} (eager, sdpa)")
+    if not hasattr(encoder, "set_attn_implementation"):
+        return "unchanged"
+    try:
+        encoder.set_attn_implementation(attention)
+    except (ValueError, ImportError) as e:  # transformers refuses an implementation the class lacks
+        log.info("encoder %s keeps eager attention (%s)", type(encoder).__name__, e)
+        encoder.set_attn_implementation("eager")
+    return str(getattr(encoder.config, "_attn_implementation", attention))
 
 
 def export(module: Any, dest: Path) -> None:

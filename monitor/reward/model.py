@@ -395,7 +395,7 @@ class RewardModel:
         if resolve_backend(backend) == "torch":
             if resolve_precision(precision, self.device) == "bf16":
                 copied = copy.deepcopy(encoder).cpu().eval()
-                self.runner = Bf16Encoder(pooled_module(copied, self.pool_indices(), normalize=False))
+                self.runner = Bf16Encoder(pooled_module(copied, self.pool_indices(), normalize=False, attention="sdpa"))
             return "torch"
         self.runner = load_encoder(
             self.content_id(),

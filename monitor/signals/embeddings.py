@@ -139,7 +139,7 @@ class Embedder:
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self.resolved_precision = resolve_precision(self.precision, self._device)
         if self.resolved_precision == "bf16":
-            self._runner = Bf16Encoder(pooled_module(self._torch_model(), [-1], normalize=True))
+            self._runner = Bf16Encoder(pooled_module(self._torch_model(), [-1], normalize=True, attention="sdpa"))
             return
         self._model = self._torch_model().to(self._device)
 

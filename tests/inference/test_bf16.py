@@ -61,6 +61,7 @@ def test_drift_embeddings_in_bf16_keep_the_fp32_direction() -> None:
     got_enc = Embedder(backend="torch", precision="bf16")
     got = got_enc.embed_episodes(prompts, responses)
     assert ref_enc.resolved_precision == "fp32" and isinstance(got_enc._runner, Bf16Encoder)
+    assert got_enc._runner.module.encoder.config._attn_implementation == "sdpa"  # fused: the faster one
     assert got_enc.resolved_precision == "bf16" and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     cos = (got * ref).sum(1)
@@ -80,3 +81,40 @@ def test_the_settings_give_the_drift_encoder_its_precision() -> None:
     assert enc.resolved_precision == "bf16"
     plain = embedder_for(load_settings(None, ["dev=true", "drift.embedding.precision=fp32"]).drift.embedding)
     assert plain.precision == "fp32"
+
+
+def test_the_bf16_encoders_run_fused_attention_and_the_export_eager() -> None:
+    """PyTorch's SDPA for a module PyTorch runs (faster in bf16: the module docstring of
+    ``set_attention``), eager attention for one ONNX traces (``pooled_module`` says why); the two
+    compute the same function."""
+    import torch
+
+    from inference.test_onnx_encoder import tiny_bert, tiny_inputs
+    from monitor.inference.onnx import pooled_module
+
+    ids, mask, types = (torch.from_numpy(a) for a in tiny_inputs())
+    fused = pooled_module(tiny_bert(), [0, -1], normalize=True, attention="sdpa")
+    traced = pooled_module(tiny_bert(), [0, -1], normalize=True)
+    assert fused.encoder.config._attn_implementation == "sdpa"
+    assert traced.encoder.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, mask, types), traced(ids, mask, types), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="flash"):
+        pooled_module(tiny_bert(), [-1], normalize=True, attention="flash")
+
+
+def test_an_encoder_without_fused_attention_keeps_eager() -> None:
+    from transformers import BertModel
+
+    from inference.test_onnx_encoder import tiny_bert
+    from monitor.inference.onnx import set_attention
+
+    class NoSdpa(BertModel):  # type: ignore[no-untyped-call, unused-ignore]
+        _supports_sdpa = False
+
+    cfg = tiny_bert().config
+    cfg._attn_implementation = "eager"  # as a class without SDPA is loaded
+    model = NoSdpa(cfg).eval()  # type: ignore[no-untyped-call, unused-ignore]
+    assert set_attention(model, "sdpa") == "eager"
+    assert set_attention(tiny_bert(), "sdpa") == "sdpa"
+    assert set_attention(object(), "sdpa") == "unchanged"
