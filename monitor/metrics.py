@@ -113,6 +113,13 @@ class Metrics:
         self.stale_batches = Counter(
             "stale_batches", "Batches rolled back because another consumer moved the offsets", namespace=NS, registry=r
         )
+        self.offset_regressions = Counter(
+            "offset_regressions",
+            "Partitions whose stored offset went back behind this consumer's last commit (the database lost"
+            " acknowledged commits: a failover to a standby that was behind, a restore); re-read from there",
+            namespace=NS,
+            registry=r,
+        )
         self.last_checkpoint = Gauge(
             "last_checkpoint_timestamp_seconds",
             "Unix time of the last committed batch (offsets and state)",

@@ -59,6 +59,7 @@ class PgCluster:
         port: int | None = None,
         host: str = "127.0.0.1",
         netns: str | None = None,
+        standby_of: PgCluster | None = None,
     ):
         bindir = server_bin()
         if bindir is None:
@@ -81,6 +82,9 @@ class PgCluster:
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(self.sockets, "postgres", "postgres")
             shutil.chown(self.log, "postgres", "postgres")
+        if standby_of is not None:
+            self._clone(standby_of)
+            return
         self._run(
             [
                 str(self.bin / "initdb"),
@@ -107,6 +111,30 @@ class PgCluster:
         if host != "127.0.0.1":  # initdb trusts the loopback only; this cluster's namespace is private
             with open(self.data / "pg_hba.conf", "a", encoding="utf-8") as fh:
                 fh.write("\nhost all all 0.0.0.0/0 trust\n")
+
+    def _clone(self, primary: PgCluster) -> None:
+        """A streaming-replication standby of ``primary`` (running): its base backup with the
+        standby's settings (``-R``: ``standby.signal`` and the primary's address), on this port."""
+        self._run(
+            [
+                str(self.bin / "pg_basebackup"),
+                "-D",
+                str(self.data),
+                "-h",
+                primary.host,
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "--checkpoint=fast",  # not a spread checkpoint: minutes on an idle server
+            ]
+        )
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as fh:  # later lines win
+            fh.write(f"\nport = {self.port}\nunix_socket_directories = '{self.sockets}'\nhot_standby = on\n")
 
     # -- process control -------------------------------------------------------------------------
     def _run(self, argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -163,6 +191,31 @@ class PgCluster:
     def thaw(self) -> None:
         for pid in reversed(self._processes()):
             os.kill(pid, signal.SIGCONT)
+
+    def promote(self) -> None:
+        """End a standby's recovery: it becomes a primary that accepts writes (a failover)."""
+        self._ctl("-w", "promote")
+
+    def detach(self) -> None:
+        """A standby stops receiving its primary's WAL (the link between them lost): what the
+        primary commits from now on, this standby never has. Returns once its receiver is gone."""
+        self.sql("ALTER SYSTEM SET primary_conninfo = ''", "SELECT pg_reload_conf()")
+        wait_until(lambda: self.scalar("SELECT count(*) FROM pg_stat_wal_receiver") == 0, 10)
+
+    def scalar(self, query: str, database: str = "postgres") -> object:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url(database))
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text(query)).scalar()
+        finally:
+            engine.dispose()
+
+    def replicate_synchronously(self) -> None:
+        """A primary's commits wait until a standby has the WAL on disk, so a commit a client saw
+        survives a failover to that standby (``synchronous_standby_names``)."""
+        self.sql("ALTER SYSTEM SET synchronous_standby_names = '*'", "SELECT pg_reload_conf()")
 
     def set_read_only(self, read_only: bool) -> None:
         """Every transaction, in open sessions too, becomes read-only (or writable again): what

@@ -362,6 +362,94 @@ def test_a_frozen_database_shows_in_readyz(tmp_path: Path) -> None:
         assert_exactly_once(url, eps)
 
 
+def test_a_failover_to_a_standby_keeps_exactly_once(tmp_path: Path) -> None:
+    """The primary dies mid-stream and its synchronous standby is promoted (what a managed
+    PostgreSQL or Patroni does). The service is given both servers in one libpq URL with
+    ``target_session_attrs=read-write``: it is red while neither accepts writes (the standby
+    refuses them until its promotion), moves to the new primary without a restart, and every
+    record lands exactly once. Synchronous replication is what makes a commit the service saw
+    survive the failover (README, "Database failover")."""
+    with PgCluster() as primary:
+        primary.create_database("oversight")
+        standby = PgCluster(standby_of=primary)
+        try:
+            standby.start()
+            primary.replicate_synchronously()
+            both = (
+                f"postgresql://postgres@/oversight?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
+                "&target_session_attrs=read-write"
+            )
+            fifo = tmp_path / "in.fifo"
+            os.mkfifo(fifo)
+            port = free_port()
+            proc, log = start_service(fifo, both, port, tmp_path)
+            writer = PacedWriter(fifo, rate=300).start()
+            try:
+                wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
+                assert proc.poll() is None, tail(tmp_path / "service.log")
+                wait_for(lambda: traffic(primary, "oversight") > 300, 30, "progress on the primary")
+                primary.crash()  # and it stays down: the standby takes over
+                wait_for(lambda: readyz(port)[0] == 503, READY_WITHIN_S, "/readyz 503 without a primary")
+                time.sleep(1.5)  # the failover's detection and decision, as an orchestrator takes them
+                assert readyz(port)[0] == 503, "ready while no server accepts writes"
+                assert proc.poll() is None, tail(tmp_path / "service.log")
+                standby.promote()
+                wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, "/readyz 200 on the new primary")
+                moved = traffic(standby, "oversight")
+                wait_for(lambda: traffic(standby, "oversight") > moved + 100, 30, "progress on the new primary")
+                assert metric(port, "oversight_stale_batches_total") == 0.0, tail(tmp_path / "service.log")
+                n = writer.finish()
+                rc = proc.wait(timeout=60)
+                assert rc == 0, f"exit status {rc}:\n{tail(tmp_path / 'service.log')}"
+            finally:
+                writer.abandon()
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+                log.close()
+            out = (tmp_path / "service.log").read_text(errors="replace")
+            assert f"stopped after {n} records" in out, tail(tmp_path / "service.log")
+            assert_exactly_once(standby.url("oversight"), [episode(i) for i in range(n)])
+        finally:
+            standby.destroy()
+
+
+def test_an_asynchronous_failover_reads_the_lost_batches_again(tmp_path: Path) -> None:
+    """The standby is promoted without the last batches the primary had acknowledged
+    (asynchronous replication, its link lost first). The service finds its offset behind what it
+    committed: a loss, not another consumer. It counts it, and reads the source again from the
+    stored offset, so the new primary ends with every record once."""
+    eps = [episode(i, ("chat", "search")) for i in range(400)]
+    with PgCluster() as primary:
+        primary.create_database("oversight")
+        standby = PgCluster(standby_of=primary)
+        try:
+            standby.start()
+            both = (
+                f"postgresql://postgres@/oversight?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
+                "&target_session_attrs=read-write"
+            )
+            svc = stalled_service(both, tmp_path, eps)  # its first batch committed
+            p = svc.pipeline
+            assert p.process_batch(p.source.poll(50, 0.0))
+            wait_for(lambda: traffic(standby, "oversight") == 100, 10, "the standby has the first batches")
+            standby.detach()
+            for _ in range(2):  # acknowledged by the primary alone
+                assert p.process_batch(p.source.poll(50, 0.0))
+            primary.crash()
+            standby.promote()
+            assert traffic(standby, "oversight") == 100, "the new primary lacks the last two batches"
+            while records := p.source.poll(50, 0.0):
+                p.process_batch(records)
+            assert p.stats.offset_regressions == 1 and p.stats.stale_batches == 0
+            assert svc.metrics.registry.get_sample_value("oversight_offset_regressions_total") == 1.0
+            assert p.readiness()["database"]
+            svc.close()
+            assert_exactly_once(standby.url("oversight"), eps)
+        finally:
+            standby.destroy()
+
+
 @pytest.mark.skipif(not can_partition(), reason="needs root with network namespaces (as in CI)")
 def test_a_network_partition_is_an_outage_not_a_hang(tmp_path: Path) -> None:
     """The database's network goes silent mid-stream (a partition, a host gone, a failover that

@@ -204,6 +204,49 @@ def test_a_commit_whose_reply_was_lost_counts_once(
     assert store.traffic_count("s") == 300 and store.load_offsets("mem") == {0: 300}
 
 
+def test_offsets_the_database_lost_are_read_again(db_url: str, tmp_path: Path) -> None:
+    """The database loses the last batches it had acknowledged (a failover to a standby that
+    was behind, a restore from a backup): every table goes back to what it held two batches
+    earlier. The next batch's compare-and-set finds its offset *behind* what it expects: not
+    another consumer (no stale batch, no backoff) but a loss, counted and logged, and the
+    source is read again from the stored offset, so the database ends with every record once."""
+    import sqlalchemy as sa
+
+    from monitor.store import tables
+
+    s = settings(db_url, tmp_path, "drift.enabled=true", "drift.embedding.enabled=false")
+    values = episodes(300)
+    store = Store(s.database.url)
+    p = make(s, values, store)
+    p.open()
+    for _ in range(2):
+        assert p.process_batch(p.source.poll(50, 0.0))
+    order = tables.metadata.sorted_tables
+    with store.engine.connect() as c:  # the backup
+        backup = {tb.name: [dict(r._mapping) for r in c.execute(sa.select(tb))] for tb in order}
+    for _ in range(2):
+        assert p.process_batch(p.source.poll(50, 0.0))
+    assert store.load_offsets("mem") == {0: 200}
+    with store.engine.begin() as c:  # the restore: the last two batches are gone
+        for tb in reversed(order):
+            c.execute(tb.delete())
+        for tb in order:
+            if backup[tb.name]:
+                c.execute(tb.insert(), backup[tb.name])
+    assert store.load_offsets("mem") == {0: 100}
+    assert not p.process_batch(p.source.poll(50, 0.0))  # refused: read again from 100
+    assert p.index == 100, "the input index goes back with the offsets"
+    while records := p.source.poll(50, 0.0):
+        assert p.process_batch(records)
+    assert p.stats.offset_regressions == 1 and p.stats.stale_batches == 0
+    r = p.metrics.registry
+    assert r.get_sample_value("oversight_offset_regressions_total") == 1
+    assert r.get_sample_value("oversight_stale_batches_total") == 0
+    assert store.load_offsets("mem") == {0: 300} and store.traffic_count("s") == 300
+    assert stored_samples(store) == expected_samples(s, values)
+    assert p.stats.records == 400, "the run counts what it read: the lost batches twice"
+
+
 def test_boost_changes_rates_and_is_checkpointed(db_url: str, tmp_path: Path) -> None:
     s = settings(db_url, tmp_path)
     values = episodes(200)

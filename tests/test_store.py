@@ -132,6 +132,27 @@ def test_a_batch_recognises_its_own_commit(db_url: str) -> None:
     s.close()
 
 
+def test_offsets_behind_a_batch_are_told_from_offsets_moved_on(db_url: str) -> None:
+    """The other question a refused compare-and-set asks: did the offsets go *back* (the
+    database lost commits: a failover to a standby that was behind, a restore), or did another
+    consumer move them on? Only the first are listed, with what the batch expected and what
+    is stored."""
+    import sqlalchemy as sa
+
+    s = Store(db_url)
+    s.commit_batch(BatchWrite(offsets={("src", 0): (None, 10), ("src", 1): (None, 5), ("src", 2): (None, 3)}))
+    nxt = BatchWrite(offsets={("src", 0): (10, 20), ("src", 1): (5, 8), ("src", 2): (3, 4), ("src", 3): (None, 1)})
+    assert s.regressed(nxt) == {}  # where the batch expects them: nothing went back
+    s.commit_batch(BatchWrite(offsets={("src", 1): (5, 9)}))  # another consumer moved partition 1 on
+    with s.engine.begin() as c:  # what a lost tail leaves: partition 0 back at 4, partition 2's row gone
+        c.execute(sa.text("UPDATE offsets SET next_offset = 4 WHERE source = 'src' AND partition = 0"))
+        c.execute(sa.text("DELETE FROM offsets WHERE source = 'src' AND partition = 2"))
+    assert s.regressed(nxt) == {("src", 0): (10, 4), ("src", 2): (3, None)}
+    assert s.regressed(BatchWrite(offsets={("src", 5): (None, 1)})) == {}  # a first batch expects nothing
+    assert s.regressed(BatchWrite()) == {}
+    s.close()
+
+
 def test_traffic_windows_and_sampled_windows_agree(db_url: str) -> None:
     s = Store(db_url)
     s.commit_batch(

@@ -110,7 +110,11 @@ class Committer:
             self.retry.call(lambda: self._commit_store(batch, letters, stop), "store", stop)
         except StaleOffsets as e:
             if not self._own_commit(batch, e, stop):
-                self._rolled_back(e, stop)
+                lost = self.retry.call(lambda: self.store.regressed(batch), "store", stop)
+                if lost:
+                    self._reread(lost)
+                else:
+                    self._rolled_back(e, stop)
                 return False
         self._stale_in_a_row = 0
         self.last_ok = time.monotonic()
@@ -126,6 +130,31 @@ class Committer:
             return False
         log.warning("the database had committed the batch before the connection was lost (%s); it is stored", e)
         return True
+
+    def _reread(self, lost: Mapping[tuple[str, int], tuple[int, int | None]]) -> None:
+        """The stored offsets went back behind what this consumer had committed: the database
+        lost acknowledged batches (a failover to a standby that was behind, a restore from a
+        backup). Not another consumer (those only move offsets forward), so no backoff and no
+        stale batch: the per-stream state is reloaded from the checkpoint the database has, and
+        the source rewinds to the stored offsets, so that the records the database lost are
+        read and stored again, exactly once, from a source that still holds them (Kafka within
+        its retention, a file). A pipe cannot be read again: what it delivered in between is
+        not in the database, and the log says how much."""
+        self.metrics.offset_regressions.inc(len(lost))
+        self.stats.offset_regressions += len(lost)
+        self._forget_state()
+        for (source, partition), (had, stored) in sorted(lost.items()):
+            log.error(
+                "the stored offset of %s[%d] went back from %d to %s: the database lost batches it had"
+                " committed (a failover to a standby that was behind, a restore from a backup); rewinding"
+                " to it (Kafka and files are read again from there; a pipe cannot be, and what it"
+                " delivered since is not in the database)",
+                source,
+                partition,
+                had,
+                "the start" if stored is None else stored,
+            )
+        self.source.rewind()
 
     def _rolled_back(self, e: StaleOffsets, stop: threading.Event | None) -> None:
         """Another consumer moved the offsets: forget the batch's state, wait, and rewind to the

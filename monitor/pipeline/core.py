@@ -162,7 +162,15 @@ class Pipeline:
         stored = self.retry.call(lambda: self.store.load_offsets(self.source.name, partitions), "store")
         for p in partitions:
             self._expected[p] = stored.get(p)
+        if self._opened and not self._kafka:
+            # A rewind: the input index goes back with the offsets (the same transaction wrote both).
+            self._load_index()
         return stored
+
+    def _load_index(self) -> None:
+        key = self._index_key
+        saved = self.retry.call(lambda: self.store.load_internal(key), "store")
+        self._index = int(saved["records"]) if saved else 0
 
     def revoked(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -206,9 +214,8 @@ class Pipeline:
             # Kafka records are indexed by their partition offset instead.
             self._kafka = self.source.name.startswith("kafka:")
             if not self._kafka:
-                key = self._index_key = index_key(self.source.name)
-                saved = self.retry.call(lambda: self.store.load_internal(key), "store")
-                self._index = int(saved["records"]) if saved else 0
+                self._index_key = index_key(self.source.name)
+                self._load_index()
             self.source.open(self)
             self._opened = True
             self._publish_floors()

@@ -49,6 +49,7 @@ class RunStats:
     streams: dict[str, StreamStats] = field(default_factory=dict)
     batches: int = 0
     stale_batches: int = 0
+    offset_regressions: int = 0  # partitions whose stored offset went back (the database lost commits)
     drift_events: list[dict[str, Any]] = field(default_factory=list)
 
     def stream(self, name: str) -> StreamStats:

@@ -355,6 +355,30 @@ class Store:
             held = {(r.source, int(r.partition)): (int(r.next_offset), r.commit_id) for r in conn.execute(q)}
         return all(held.get(k) == (new, batch.commit_id) for k, (_, new) in batch.offsets.items())
 
+    def regressed(self, batch: BatchWrite) -> dict[tuple[str, int], tuple[int, int | None]]:
+        """The partitions of ``batch`` whose stored offset is *behind* the one the batch expected
+        (``{(source, partition): (expected, stored)}``, ``stored`` None where the row is gone).
+
+        Consumers only ever move an offset forward from the value they read, so an offset behind
+        what this consumer committed means the database lost commits it had acknowledged: a
+        failover to a standby that was behind (asynchronous replication), a restore from a
+        backup, or an operator who rewound it. Another consumer's commit leaves it ahead."""
+        o = t.offsets
+        expected = {k: e for k, (e, _) in batch.offsets.items() if e is not None}
+        if not expected:
+            return {}
+        q = sa.select(o.c.source, o.c.partition, o.c.next_offset).where(
+            sa.tuple_(o.c.source, o.c.partition).in_(list(expected))
+        )
+        with self.engine.connect() as conn:
+            held = {(r.source, int(r.partition)): int(r.next_offset) for r in conn.execute(q)}
+        out: dict[tuple[str, int], tuple[int, int | None]] = {}
+        for key, want in expected.items():
+            stored = held.get(key)
+            if stored is None or stored < want:
+                out[key] = (want, stored)
+        return out
+
     def _cas_offsets(
         self,
         conn: Connection,
