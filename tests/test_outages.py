@@ -450,6 +450,42 @@ def test_an_asynchronous_failover_reads_the_lost_batches_again(tmp_path: Path) -
             standby.destroy()
 
 
+def test_a_primary_that_replicates_asynchronously_is_named_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failover can lose acknowledged commits only where commits do not wait for a standby:
+    the service says so when it starts, and not for a synchronous pair, a lone server or SQLite."""
+    import logging
+
+    from monitor.service.build import warn_of_asynchronous_replication
+    from monitor.store import Replication, Store
+
+    def warned(store: Store) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="monitor.service.build"):
+            warn_of_asynchronous_replication(store)
+        return "replicates asynchronously to 1 standby" in caplog.text
+
+    with PgCluster() as primary:
+        url = primary.create_database("oversight")
+        store = Store(url)
+        assert store.replication() == Replication(0, False) and not warned(store)  # a lone server
+        standby = PgCluster(standby_of=primary)
+        try:
+            standby.start()
+            wait_for(lambda: store.replication() == Replication(1, False), 10, "the standby attached")
+            assert warned(store)
+            primary.replicate_synchronously()  # a reload: sessions read it at their next statement or so
+            wait_for(lambda: store.replication() == Replication(1, True), 10, "the setting reloaded")
+            assert not warned(store)
+        finally:
+            store.close()
+            standby.destroy()
+    lite = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert lite.replication() is None and not warned(lite)
+    lite.close()
+
+
 @pytest.mark.skipif(not can_partition(), reason="needs root with network namespaces (as in CI)")
 def test_a_network_partition_is_an_outage_not_a_hang(tmp_path: Path) -> None:
     """The database's network goes silent mid-stream (a partition, a host gone, a failover that

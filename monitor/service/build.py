@@ -330,6 +330,27 @@ class Service:
         self.close()
 
 
+def warn_of_asynchronous_replication(store: Store) -> None:
+    """Say at start when a failover could lose what the database acknowledged: a primary with
+    standbys that its commits do not wait for. The pipeline reads such a loss again from Kafka
+    or a file (``oversight_offset_regressions_total``), but review labels, inbox records and
+    action requests written in that window are gone. Advisory: a server that cannot say (an
+    outage at start, a restricted role) is not a reason to stop."""
+    try:
+        replication = store.replication()
+    except Exception as e:  # the pipeline's own retries meet any outage
+        log.debug("could not read the database's replication: %s", first_line(e))
+        return
+    if replication is not None and replication.failover_can_lose_commits:
+        log.warning(
+            "the database replicates asynchronously to %d standby(s): a failover to one can lose the last"
+            " batches it acknowledged (Kafka and files are read again; review labels, inbox records and action"
+            " requests in that window are lost); set synchronous_standby_names on the primary"
+            " (README, 'Database failover')",
+            replication.standbys,
+        )
+
+
 def build_service(
     settings: Settings,
     *,
@@ -355,6 +376,7 @@ def build_service(
     settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
     given_store = store is not None
     store = store if store is not None else Store.open(settings.database)
+    warn_of_asynchronous_replication(store)
     metrics = Metrics(registry, max_streams=settings.metrics.max_streams)
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     # One retry policy for every database and broker access on the pipeline's path; its health

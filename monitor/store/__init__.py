@@ -1,7 +1,7 @@
 """The review-queue store: tables, migrations, batch commits and queries."""
 
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
-from monitor.store.store import BatchWrite, Pool, StaleOffsets, Store, normalize_url
+from monitor.store.store import BatchWrite, Pool, Replication, StaleOffsets, Store, normalize_url
 
 __all__ = [
     "BatchWrite",
@@ -9,6 +9,7 @@ __all__ = [
     "DriftEventRow",
     "EpisodeRow",
     "Pool",
+    "Replication",
     "ReviewTaskRow",
     "RmScoreRow",
     "SampleRow",

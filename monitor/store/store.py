@@ -355,6 +355,20 @@ class Store:
             held = {(r.source, int(r.partition)): (int(r.next_offset), r.commit_id) for r in conn.execute(q)}
         return all(held.get(k) == (new, batch.commit_id) for k, (_, new) in batch.offsets.items())
 
+    def replication(self) -> Replication | None:
+        """The server's streaming replication (None on SQLite). ``pg_stat_replication`` lists its
+        standbys to every role (the details only to monitoring roles), and both settings are
+        readable by all."""
+        if self.dialect != "postgresql":
+            return None
+        q = sa.text(
+            "SELECT (SELECT count(*) FROM pg_stat_replication),"
+            " current_setting('synchronous_standby_names'), current_setting('synchronous_commit')"
+        )
+        with self.engine.connect() as conn:
+            standbys, names, commit = conn.execute(q).one()
+        return Replication(int(standbys), bool(str(names).strip()) and str(commit) not in ("off", "local"))
+
     def regressed(self, batch: BatchWrite) -> dict[tuple[str, int], tuple[int, int | None]]:
         """The partitions of ``batch`` whose stored offset is *behind* the one the batch expected
         (``{(source, partition): (expected, stored)}``, ``stored`` None where the row is gone).
@@ -525,6 +539,20 @@ class Store:
 def _json_value(value: Mapping[str, Any]) -> Any:
     """A value as it reads back from a JSON column (tuples become lists, keys strings)."""
     return json.loads(json.dumps(value))
+
+
+@dataclass(frozen=True)
+class Replication:
+    """A PostgreSQL primary's streaming replication as it reports it: the standbys attached now,
+    and whether a commit waits for one (``synchronous_standby_names`` set, ``synchronous_commit``
+    neither ``off`` nor ``local``). Storage-level replication (a managed service's) is not seen."""
+
+    standbys: int
+    synchronous: bool
+
+    @property
+    def failover_can_lose_commits(self) -> bool:
+        return self.standbys > 0 and not self.synchronous
 
 
 @dataclass(frozen=True)
