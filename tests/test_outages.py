@@ -9,9 +9,11 @@ The pipe cannot be read twice, so a batch lost or rolled back would show as a mi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +52,52 @@ def traffic(pg: PgCluster, db: str) -> int:
         engine.dispose()
 
 
+class FedService:
+    """``oversight run`` on a FIFO that a paced writer keeps feeding (see :func:`fed_service`)."""
+
+    def __init__(self, proc: Any, port: int, writer: PacedWriter, log_path: Path):
+        self.proc, self.port, self.writer, self.log_path = proc, port, writer, log_path
+
+    def assert_alive(self, what: str = "") -> None:
+        assert self.proc.poll() is None, f"the service exited{what}:\n{tail(self.log_path)}"
+
+    def finish(self) -> int:
+        """Close the input; the service reads to its end and exits 0. Returns the records written."""
+        n = self.writer.finish()
+        rc = self.proc.wait(timeout=60)
+        assert rc == 0, f"exit status {rc}:\n{tail(self.log_path)}"
+        return n
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def fed_service(db_url: str, tmp_path: Path) -> Iterator[FedService]:
+    """The service on ``db_url``, ready, its input fed at 300 episodes/s; stopped at the end."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    port = free_port()
+    proc, log = start_service(fifo, db_url, port, tmp_path)
+    writer = PacedWriter(fifo, rate=300).start()
+    svc = FedService(proc, port, writer, tmp_path / "service.log")
+    try:
+        wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
+        svc.assert_alive(" at start")
+        yield svc
+    finally:
+        writer.abandon()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
 def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
     with PgCluster() as pg:
         url = pg.create_database("oversight")
-        fifo = tmp_path / "in.fifo"
-        os.mkfifo(fifo)
-        port = free_port()
-        proc, log = start_service(fifo, url, port, tmp_path)
-        writer = PacedWriter(fifo, rate=300).start()
-        try:
-            wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
-            assert proc.poll() is None, tail(tmp_path / "service.log")
+        with fed_service(url, tmp_path) as svc:
+            port = svc.port
             errors_before = metric(port, "oversight_commit_errors_total", target="store") or 0.0
             for i in range(outages):
                 seen = traffic(pg, "oversight")
@@ -77,7 +114,7 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
                 assert metric(port, "oversight_ready") == 0.0
                 assert metric(port, "oversight_ready_check", check="database") == 0.0
                 time.sleep(max(0.0, down_s - took))
-                assert proc.poll() is None, f"the service exited in outage {i}:\n{tail(tmp_path / 'service.log')}"
+                svc.assert_alive(f" in outage {i}")
                 pg.start()
                 wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, f"/readyz 200 after outage {i}")
                 assert metric(port, "oversight_ready") == 1.0
@@ -86,20 +123,12 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
             assert errors >= errors_before + outages, "every outage is counted in oversight_commit_errors_total"
             # One consumer: a batch whose commit reply died with the server is its own, not one
             # another consumer took (it happens when the crash falls between COMMIT and its answer).
-            assert metric(port, "oversight_stale_batches_total") == 0.0, tail(tmp_path / "service.log")
-            n = writer.finish()
-            rc = proc.wait(timeout=60)
-            assert rc == 0, f"exit status {rc}:\n{tail(tmp_path / 'service.log')}"
-        finally:
-            writer.abandon()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            log.close()
-        out = (tmp_path / "service.log").read_text(errors="replace")
+            assert metric(port, "oversight_stale_batches_total") == 0.0, tail(svc.log_path)
+            n = svc.finish()
+        out = svc.log()
         # No traceback through the pipeline's path (other components log theirs: the action worker).
         assert not re.search(r'File ".*/monitor/(pipeline|retry|drift|store|sources|signals|deadletter)', out), out
-        assert f"stopped after {n} records" in out, tail(tmp_path / "service.log")
+        assert f"stopped after {n} records" in out, tail(svc.log_path)
         assert_exactly_once(url, [episode(i) for i in range(n)])
 
 
@@ -379,36 +408,21 @@ def test_a_failover_to_a_standby_keeps_exactly_once(tmp_path: Path) -> None:
                 f"postgresql://postgres@/oversight?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
                 "&target_session_attrs=read-write"
             )
-            fifo = tmp_path / "in.fifo"
-            os.mkfifo(fifo)
-            port = free_port()
-            proc, log = start_service(fifo, both, port, tmp_path)
-            writer = PacedWriter(fifo, rate=300).start()
-            try:
-                wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
-                assert proc.poll() is None, tail(tmp_path / "service.log")
+            with fed_service(both, tmp_path) as svc:
+                port = svc.port
                 wait_for(lambda: traffic(primary, "oversight") > 300, 30, "progress on the primary")
                 primary.crash()  # and it stays down: the standby takes over
                 wait_for(lambda: readyz(port)[0] == 503, READY_WITHIN_S, "/readyz 503 without a primary")
                 time.sleep(1.5)  # the failover's detection and decision, as an orchestrator takes them
                 assert readyz(port)[0] == 503, "ready while no server accepts writes"
-                assert proc.poll() is None, tail(tmp_path / "service.log")
+                svc.assert_alive(" without a primary")
                 standby.promote()
                 wait_for(lambda: readyz(port)[0] == 200, READY_WITHIN_S, "/readyz 200 on the new primary")
                 moved = traffic(standby, "oversight")
                 wait_for(lambda: traffic(standby, "oversight") > moved + 100, 30, "progress on the new primary")
-                assert metric(port, "oversight_stale_batches_total") == 0.0, tail(tmp_path / "service.log")
-                n = writer.finish()
-                rc = proc.wait(timeout=60)
-                assert rc == 0, f"exit status {rc}:\n{tail(tmp_path / 'service.log')}"
-            finally:
-                writer.abandon()
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-                log.close()
-            out = (tmp_path / "service.log").read_text(errors="replace")
-            assert f"stopped after {n} records" in out, tail(tmp_path / "service.log")
+                assert metric(port, "oversight_stale_batches_total") == 0.0, tail(svc.log_path)
+                n = svc.finish()
+            assert f"stopped after {n} records" in svc.log(), tail(svc.log_path)
             assert_exactly_once(standby.url("oversight"), [episode(i) for i in range(n)])
         finally:
             standby.destroy()
