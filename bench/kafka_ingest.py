@@ -5,7 +5,8 @@ raw kafka-python consume loop over the same topic, records/s (goal: ratio >= 0.5
 
 Each configuration (``--configs``: ``default``, as ``oversight run`` ships, with the embeddings on
 the inference worker; ``external``, the model work in an ``oversight infer`` process of its own
-beside the pipeline; ``no-inference``, embeddings and reward scoring off; ``core``, drift off too)
+beside the pipeline; ``same-priority``, ``default`` with the worker threads at ingest's CPU
+priority, as before ``inference.nice``; ``no-inference``, embeddings and reward scoring off; ``core``, drift off too)
 is measured against the raw loop of the same round.
 
 Starts its own Tansu broker (memory storage), produces N realistic episodes (prompts and
@@ -137,6 +138,9 @@ CONFIGS: dict[str, list[str]] = {
     # same database): the pipeline loads no model and feeds what the worker stored. One encoder
     # thread, as `default` leaves a core to the ingest loop (on a cluster: pods of their own).
     "external": ["inference.external=true", "inference.threads=1"],
+    # `default` with the model workers' threads at ingest's CPU priority (before inference.nice):
+    # the same run shows what the lower priority gives ingest when the cores are all busy.
+    "same-priority": ["inference.nice=0"],
     "no-inference": ["drift.embedding.enabled=false", "reward.enabled=false"],
     "core": ["drift.enabled=false", "reward.enabled=false"],
 }
@@ -240,7 +244,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=500, help="pipeline.batch_size (records per transaction)")
     ap.add_argument(
         "--configs",
-        default="default,no-inference",
+        default="default,same-priority,no-inference",
         help=f"comma-separated service configurations, each measured against the raw loop: {', '.join(CONFIGS)}",
     )
     ap.add_argument(

@@ -224,6 +224,16 @@ class InferenceConfig(_Model):
     threads: int = Field(
         0, ge=0, le=256, description="ONNX Runtime threads of the embedding worker (0: every core but one)"
     )
+    # 10: under full contention the scheduler gives such a thread about a tenth of the weight of
+    # one at the process's priority (CFS weights 110 and 1024), so a busy ingest loop keeps its
+    # core and the broker's, and the model work still moves (monitor/pipeline/background.py).
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="the model workers' threads run this many nice values below ingest's (Linux; 0: the same"
+        " priority): on a host whose cores are all busy, ingest gets them first and the model channels adapt",
+    )
     share_wait_s: float = Field(
         30.0,
         ge=0,

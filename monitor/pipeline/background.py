@@ -14,11 +14,19 @@ Ingest never waits for any of this. The worker holds at most ``max_pending`` res
 committed and waits when it has that many; an item whose computation failed waits
 ``retry_after_s`` before it is fetched again. Handed-out items are *claimed* so that the next
 fetch skips them until their commit (or release, when the pipeline dropped its batch).
+
+Nor does ingest share the CPU with it as an equal. The worker's thread runs ``nice`` steps below
+the process (Linux keeps a nice value per thread), so when the cores are all busy, as when a
+service catches up a backlog on a small host, the scheduler gives them to the ingest threads and
+the broker first: the model work takes what is left, its backlog grows, and the model channels'
+rates adapt down to what it serves (never below their floors). A thread keeps the GIL only
+between the model's calls, which release it, so the lower priority cannot hold ingest up.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +75,7 @@ class BackgroundWork(Generic[W, R]):
         retry_after_s: float = 30.0,
         counted: Counted | None = None,
         waiting: Callable[[frozenset[str]], bool] | None = None,
+        nice: int = 0,
     ):
         self.name = name
         self.fetch = fetch
@@ -81,6 +90,7 @@ class BackgroundWork(Generic[W, R]):
         # tell: results computed by another process are fetched once stored, and one not stored
         # yet is still work left.
         self.waiting = waiting
+        self.nice = nice
         self.failed = 0  # items whose computation failed (they stay waiting), over the worker's life
         self.attempted = 0
         self.computed = 0
@@ -187,6 +197,7 @@ class BackgroundWork(Generic[W, R]):
         return self.computed / self.busy_s if self.computed and self.busy_s > 0 else None
 
     def _loop(self) -> None:
+        lower_thread_priority(self.nice, self.name)
         while not self._stop.is_set():
             try:
                 n = self.run_once()
@@ -204,6 +215,30 @@ class BackgroundWork(Generic[W, R]):
         self.stop()
 
 
+def lower_thread_priority(steps: int, name: str) -> int | None:
+    """Lower the calling thread's CPU priority by ``steps`` nice values (capped at 19, the lowest);
+    the threads it starts from then on inherit it. Returns the thread's new nice value, or None
+    when nothing changed: ``steps`` 0, or a platform without per-thread priorities (the work then
+    runs at the process's, as before; a lower priority is an optimisation, never a requirement).
+
+    >>> import threading
+    >>> out = []
+    >>> th = threading.Thread(target=lambda: out.append(lower_thread_priority(0, "doc")))
+    >>> th.start(); th.join(); out
+    [None]
+    """
+    if steps <= 0:
+        return None
+    try:
+        tid = threading.get_native_id()
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (AttributeError, OSError) as e:  # not Linux, or a sandbox that forbids it
+        log.debug("background %s keeps the process's CPU priority: %s", name, e)
+        return None
+    return nice
+
+
 def episode_work(
     name: str,
     fetch: Fetch[W],
@@ -215,7 +250,8 @@ def episode_work(
     waiting: Callable[[frozenset[str]], bool] | None = None,
 ) -> BackgroundWork[W, R]:
     """A worker over items keyed by their ``episode_id``, paced by ``inference`` (``batch``: items
-    per fetch, default ``inference.batch_size``). Not started."""
+    per fetch, default ``inference.batch_size``; its thread ``inference.nice`` below ingest's
+    priority). Not started."""
     return BackgroundWork(
         name,
         fetch,
@@ -227,4 +263,5 @@ def episode_work(
         retry_after_s=icfg.retry_after_s,
         counted=counted,
         waiting=waiting,
+        nice=icfg.nice,
     )

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from monitor.config import Settings
 from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import NS, InferenceMetrics
-from monitor.pipeline.background import BackgroundWork, episode_work
+from monitor.pipeline.background import BackgroundWork, episode_work, lower_thread_priority
 from monitor.retry import first_line
 from monitor.reward.kinds.base import share_drift_pass
 from monitor.reward.registry import Registry, VersionWatch
@@ -273,6 +273,8 @@ class InferenceWorker:
 
     def _serve(self, stage: Stage, stop: threading.Event) -> None:
         poll_s = self.settings.inference.poll_s
+        # Below the metrics thread and /readyz, and below ingest where `infer` shares a host with `run`.
+        lower_thread_priority(self.settings.inference.nice, stage.name)
         while not stop.is_set():
             try:
                 n = self.round(stage)

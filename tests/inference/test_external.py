@@ -10,6 +10,7 @@ sample scored once by the active version, and nothing is left in flight.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -229,6 +230,16 @@ def test_run_feeds_an_external_workers_results_exactly_once(tmp_path: Path) -> N
     # The pipeline commits its samples as waiting and waits for the worker (settle at the end).
     wait_for(lambda: sum(drift_samples_per_stream(store).values()) > 0, 60, "drift samples committed")
     worker.warm()
+    # Each stage's rounds, and what they start, run inference.nice (10) below this thread.
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    priorities: set[int] = set()
+    real_round = worker.round
+
+    def round_at(stage: Any) -> int:
+        priorities.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real_round(stage)
+
+    worker.round = round_at  # type: ignore[method-assign]
     serving = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     serving.start()
     runner.join(300)
@@ -247,6 +258,8 @@ def test_run_feeds_an_external_workers_results_exactly_once(tmp_path: Path) -> N
         ).scalar_one()
         scores = conn.execute(sa.select(sc.c.episode_id, sc.c.version)).all()
     assert statuses == {}  # nothing waits
+    assert priorities == {min(19, base + 10)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     assert review > 10 and len(scores) == len({e for e, _ in scores}) == review
     assert {v for _, v in scores} == {version}
     assert results(store) == []  # nothing left in flight

@@ -9,9 +9,11 @@ event, so that "ingest never waits" is observed rather than assumed.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from monitor.config import Settings, load_settings
 from monitor.drift import COMPONENT
 from monitor.episodes.deadletter import JsonlDeadLetterSink
 from monitor.pipeline import LoopHooks
+from monitor.pipeline.background import BackgroundWork
 from monitor.service import Service, build_service
 from monitor.signals.embeddings import Embedder
 from monitor.sources.memory import MemorySource
@@ -102,23 +105,32 @@ def drift_samples_per_stream(store: Store) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in conn.execute(q)}
 
 
+@dataclass
+class Held:
+    """The held encoder: ``gate`` lets it go on; ``threads`` it ran on, and their nice values."""
+
+    gate: threading.Event
+    threads: list[str] = field(default_factory=list)
+    priorities: set[int] = field(default_factory=set)
+
+
 @pytest.fixture
-def held_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[str]]]:
+def held_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Held]:
     """The real encoder, made to wait for an event before each non-empty batch; records the
-    threads it ran on."""
-    gate = threading.Event()
-    threads: list[str] = []
+    threads it ran on and their CPU priority."""
+    out = Held(threading.Event())
     real = Embedder.embed_episodes
 
     def held(self: Embedder, prompts: list[str], responses: list[str]) -> Any:
         if prompts:
-            gate.wait(120)
-            threads.append(threading.current_thread().name)
+            out.gate.wait(120)
+            out.threads.append(threading.current_thread().name)
+            out.priorities.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return real(self, prompts, responses)
 
     monkeypatch.setattr(Embedder, "embed_episodes", held)
-    yield gate, threads
-    gate.set()
+    yield out
+    out.gate.set()
 
 
 def wait_for(cond: Any, timeout: float, what: str) -> None:
@@ -128,10 +140,9 @@ def wait_for(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_ingest_commits_every_batch_while_the_encoder_is_held(
-    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
-) -> None:
-    gate, threads = held_encoder
+def test_ingest_commits_every_batch_while_the_encoder_is_held(tmp_path: Path, held_encoder: Held) -> None:
+    gate, threads = held_encoder.gate, held_encoder.threads
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     s = settings(tmp_path)
     store = Store(s.database.url)
     prom = CollectorRegistry()
@@ -159,6 +170,9 @@ def test_ingest_commits_every_batch_while_the_encoder_is_held(
     assert drift_status(store) == {"embedded": sum(n.values())}
     assert fed(store) == n  # each drift sample fed exactly once, to its own stream
     assert set(threads) == {"inference-embedding"}  # never on the pipeline's thread
+    # ... and below its CPU priority (inference.nice, 10): on busy cores ingest goes first.
+    assert held_encoder.priorities == {min(19, base + 10)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     assert prom.get_sample_value("oversight_inference_items_total", {"stage": "embedding", "outcome": "ok"}) == sum(
         n.values()
     )
@@ -173,12 +187,10 @@ def committed_episodes(store: Store) -> int:
 
 
 @pytest.mark.slow  # about 12 s
-def test_a_restart_feeds_what_the_last_run_left_waiting(
-    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
-) -> None:
+def test_a_restart_feeds_what_the_last_run_left_waiting(tmp_path: Path, held_encoder: Held) -> None:
     """The first run stops with its drift samples waiting (the encoder held); the next run, on a
     source with no new episode, embeds each of them once and commits it."""
-    gate, _ = held_encoder
+    gate = held_encoder.gate
     s = settings(tmp_path, "inference.settle_timeout_s=0")
     store = Store(s.database.url)
     svc = service(s, store, 200, CollectorRegistry())
@@ -205,13 +217,11 @@ def test_a_restart_feeds_what_the_last_run_left_waiting(
 
 
 @pytest.mark.slow  # about 17 s
-def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(
-    tmp_path: Path, held_encoder: tuple[threading.Event, list[str]]
-) -> None:
+def test_drift_rate_follows_the_workers_lag_and_stays_unbiased(tmp_path: Path, held_encoder: Held) -> None:
     """While the encoder is held, the drift channel's rate halves every adaptation down to its
     floor; every sample records the probability in effect, so the Horvitz-Thompson count of the
     drift sample still estimates the traffic. Released, the rate comes back."""
-    gate, _ = held_encoder
+    gate = held_encoder.gate
     s = settings(
         tmp_path,
         "sampling.drift.rate=0.5",
@@ -274,3 +284,26 @@ def step_observers(svc: Service) -> bool:
         if step is not None:
             step()
     return False
+
+
+@pytest.mark.parametrize("nice", [0, 7, 40])
+def test_a_background_worker_lowers_only_its_own_threads_priority(nice: int) -> None:
+    """Linux keeps a nice value per thread: the worker's computing thread (and what it starts)
+    runs ``nice`` steps lower, capped at 19; the thread that started it keeps its priority."""
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def compute(items: Any) -> list[int]:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return [1 for _ in items]
+
+    items = ["a", "b"]
+    work = BackgroundWork[str, int](
+        "nice-test", lambda n, skip: [i for i in items if i not in skip][:n], compute, key=str, nice=nice, poll_s=0.05
+    ).start()
+    try:
+        wait_for(lambda: work.pending() == 2, 10, "the worker's results")
+    finally:
+        work.stop()
+    assert seen and set(seen) == {min(19, base + nice)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
