@@ -578,6 +578,16 @@ class RewardUpdateConfig(_Model):
         description="drift events on these signals request an update ('*': any signal)",
     )
     min_labels: int = Field(40, ge=4, description="fresh human labels from the drifted stream needed before training")
+    # The gate's intervals narrow as labels come; an undecided verdict is a request for more of them
+    # (its needs_more), so the update runs again when they have arrived instead of leaving the
+    # incident's overseer in place for good (monitor/actions/worker.py).
+    regates: int = Field(
+        2,
+        ge=0,
+        description="an update the gate left undecided trains and is gated again, on every label then, once the"
+        " fresh labels it needs have arrived (the gate's needs_more: at least min_labels more, at most as many"
+        " again as it had); at most this many more times, within max_wait_s of the incident (0: never)",
+    )
     max_wait_s: float = Field(
         86400.0, gt=0, description="a request still short of labels after this long (wall clock) is marked failed"
     )

@@ -14,7 +14,9 @@ simulation) and meets the pipeline only through the database:
    (further events are counted as ``rate_limited`` and create nothing).
 2. ``rm_update`` requests with the ``local`` sink run here once ``reward.update.min_labels``
    fresh human labels of the stream exist (labels of episodes at or after the first event):
-   train -> gate -> promote or reject (``monitor.reward.update``). After a promotion the
+   train -> gate -> promote or reject (``monitor.reward.update``). A verdict the gate could not
+   reach (undecided) puts the request back to wait for the labels it asked for, and it trains and
+   is gated again, up to ``reward.update.regates`` times. After a promotion the
    stream's detectors are re-referenced (audited in ``drift_audit``): the new regime is the
    new normal. Other sinks hand the request to an external trainer.
 3. When an incident's update has finished (or at once, without updates), one ``retrain``
@@ -227,11 +229,11 @@ class ActionWorker:
         for req in sorted(rq.listing(self.store, kind="rm_update", state="pending"), key=lambda r: r["created_at"]):
             p = req["payload"]
             have = fresh_label_count(self.store, p["stream"], float(p["since"]))
-            if have < ucfg.min_labels:
+            # A request the gate left undecided carries its own, higher target (see _regate).
+            if have < int(p.get("min_labels", ucfg.min_labels)):
                 expired = time.time() - float(req["created_at"]) > ucfg.max_wait_s
                 if expired and rq.claim(self.store, req["id"]):
-                    rq.finish(self.store, req["id"], "failed", error=f"only {have} fresh labels")
-                    self._request_retrain(p, None)
+                    self._expire(req, have)
                 continue
             if not rq.claim(self.store, req["id"]):
                 continue
@@ -270,6 +272,8 @@ class ActionWorker:
             return {"request": req["id"], "error": str(e)}
         finally:
             beat.set()
+        if self._regate(req, result):
+            return {"request": req["id"], **result}
         rq.finish(self.store, req["id"], "done", result=result)
         if self.metrics is not None:
             self.metrics.action_requests.labels("rm_update", "local", "sent").inc()
@@ -283,6 +287,49 @@ class ActionWorker:
             )
         self._request_retrain(p, result)
         return {"request": req["id"], **result}
+
+    def _regate(self, req: dict[str, Any], result: dict[str, Any]) -> bool:
+        """After an undecided verdict: put the request back to wait for the labels the gate asked
+        for (``needs_more``; at least ``min_labels`` more, at most as many again as there are, so
+        one round never waits for an estimate made on a handful of pairs), then train and gate
+        again on every label; at most ``reward.update.regates`` times. The incident's retraining
+        request goes out now, with this verdict, as after any finished round (it is created once
+        per incident). False when this verdict is final."""
+        from monitor.reward.update import fresh_label_count
+
+        ucfg = self.settings.reward.update
+        p = req["payload"]
+        gate = result.get("gate") or {}
+        done = int(p.get("round", 0))
+        if gate.get("verdict") != "undecided" or done >= ucfg.regates:
+            return False
+        have = fresh_label_count(self.store, p["stream"], float(p["since"]))
+        needs = int((gate.get("needs_more") or {}).get("labels") or 0)
+        target = have + min(max(needs, ucfg.min_labels), max(have, ucfg.min_labels))
+        if not rq.requeue(self.store, req["id"], {**p, "round": done + 1, "min_labels": target}, result):
+            return False
+        log.info(
+            "rm update %s undecided on %d fresh labels (%s): trained and gated again at %d (round %d of %d)",
+            req["id"],
+            have,
+            gate.get("rule"),
+            target,
+            done + 1,
+            ucfg.regates,
+        )
+        self._request_retrain(p, result)
+        return True
+
+    def _expire(self, req: dict[str, Any], have: int) -> None:
+        """A claimed request whose labels did not come within ``max_wait_s``: failed when it never
+        ran; after an undecided round, done with that round's verdict (the active version stays)."""
+        p = req["payload"]
+        if p.get("round"):
+            rq.finish(self.store, req["id"], "done", result=req.get("result"))
+            self._request_retrain(p, req.get("result"))
+            return
+        rq.finish(self.store, req["id"], "failed", error=f"only {have} fresh labels")
+        self._request_retrain(p, None)
 
     # -- retraining requests -----------------------------------------------------------------
     def _request_retrain(self, incident: dict[str, Any], update: dict[str, Any] | None) -> None:

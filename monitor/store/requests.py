@@ -100,6 +100,20 @@ def finish(store: Store, rid: str, state: str, result: dict[str, Any] | None = N
         conn.execute(r.update().where(r.c.id == rid).values(**values))
 
 
+def requeue(store: Store, rid: str, payload: dict[str, Any], result: dict[str, Any]) -> bool:
+    """A ``running`` request back to ``pending`` with a new payload and its round's result, in one
+    transaction, only if it is still running (compare-and-set: a worker that lost its lease to
+    another does not put it back)."""
+    r = t.action_requests
+    with store.engine.begin() as conn:
+        res = conn.execute(
+            r.update()
+            .where(r.c.id == rid, r.c.state == "running")
+            .values(state="pending", payload=payload, result=result, updated_at=time.time())
+        )
+    return res.rowcount == 1
+
+
 def update_payload(store: Store, rid: str, payload: dict[str, Any]) -> None:
     r = t.action_requests
     with store.engine.begin() as conn:
