@@ -216,10 +216,12 @@ class BackgroundWork(Generic[W, R]):
 
 
 def lower_thread_priority(steps: int, name: str) -> int | None:
-    """Lower the calling thread's CPU priority by ``steps`` nice values (capped at 19, the lowest);
-    the threads it starts from then on inherit it. Returns the thread's new nice value, or None
-    when nothing changed: ``steps`` 0, or a platform without per-thread priorities (the work then
-    runs at the process's, as before; a lower priority is an optimisation, never a requirement).
+    """Run the calling thread ``steps`` nice values below the process (its main thread; capped at
+    19, the lowest); the threads it starts from then on inherit it. Relative to the process, not
+    to the thread, so a worker started from another worker is not lowered twice, and never raised
+    (that needs a privilege). Returns the thread's nice value, or None when nothing changed:
+    ``steps`` 0, or a platform without per-thread priorities (the work then runs at the process's,
+    as before; a lower priority is an optimisation, never a requirement).
 
     >>> import threading
     >>> out = []
@@ -231,8 +233,10 @@ def lower_thread_priority(steps: int, name: str) -> int | None:
         return None
     try:
         tid = threading.get_native_id()
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps)
-        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        nice = max(now, min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + steps))
+        if nice != now:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
     except (AttributeError, OSError) as e:  # not Linux, or a sandbox that forbids it
         log.debug("background %s keeps the process's CPU priority: %s", name, e)
         return None

@@ -26,7 +26,7 @@ from monitor.config import Settings, load_settings
 from monitor.drift import COMPONENT
 from monitor.episodes.deadletter import JsonlDeadLetterSink
 from monitor.pipeline import LoopHooks
-from monitor.pipeline.background import BackgroundWork
+from monitor.pipeline.background import BackgroundWork, lower_thread_priority
 from monitor.service import Service, build_service
 from monitor.signals.embeddings import Embedder
 from monitor.sources.memory import MemorySource
@@ -307,3 +307,22 @@ def test_a_background_worker_lowers_only_its_own_threads_priority(nice: int) -> 
         work.stop()
     assert seen and set(seen) == {min(19, base + nice)}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def test_a_worker_started_by_a_worker_is_not_lowered_twice() -> None:
+    """The level is relative to the process: a thread that inherited a lowered priority keeps it
+    rather than going lower again (and is never raised, which would need a privilege)."""
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    got: list[int | None] = []
+
+    def outer() -> None:
+        got.append(lower_thread_priority(5, "outer"))
+        inner = threading.Thread(target=lambda: got.append(lower_thread_priority(5, "inner")))
+        inner.start()
+        inner.join()
+        got.append(lower_thread_priority(2, "outer again"))  # less than it has: kept
+
+    th = threading.Thread(target=outer)
+    th.start()
+    th.join()
+    assert got == [min(19, base + 5)] * 3
