@@ -71,6 +71,10 @@ def prepare(tmp_path: Path, *extra: str) -> tuple[list[str], list[str], dict[str
         "pipeline.batch_size=100",
         "inference.poll_s=0.1",
         "reward.swap_poll_s=0.2",
+        # The workers at ingest's priority, so both backlogs move while the input is read and the
+        # kill finds both half done. At the default (inference.nice) ingest goes first on 2 busy
+        # cores: the scoring backlog can be done before the encoder has embedded a sample.
+        "inference.nice=0",
         *extra,
     ]
     settings = load_settings(None, overrides)
