@@ -14,7 +14,9 @@ responses from ../shared/data/alpaca_eval when present, synthetic otherwise) key
 then measures (a) a raw consumer in a new group and (b) the Pipeline with the KafkaSource and a
 SQLite database in a temporary directory (dev mode). Both clocks run from the first record a
 poll returns to the last record consumed (a) or committed to the database (b), so the group
-join is not counted. Prints one line per measurement and a JSON summary line.
+join is not counted. Both consumers fetch with ``fetch_max_wait_ms`` 20 (``--fetch-wait-ms``; the
+service's ``kafka.fetch_max_wait_ms``, 500 by default, is the only setting changed): see
+``FETCH_WAIT_MS``. Prints one line per measurement and a JSON summary line.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ from monitor.config import KafkaConfig  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval"
 BASE_TS = 1_767_225_600.0
+# Both consumers' fetch_max_wait_ms. Tansu holds a fetch for that long whenever one requested
+# partition has nothing new (Apache Kafka answers once any has data), so as the partitions drain
+# unevenly a consumer reads in bursts with that much idle time between them: at kafka-python's
+# 500 ms the raw loop ran 4,000-15,000 records/s in some rounds and 40,000-100,000 in others,
+# measuring the broker's hold rather than the cost of consuming, and in its slow rounds the
+# service path "beat" it (ratio 1.03-1.16 at `core`). At 20 ms neither side waits.
+FETCH_WAIT_MS = 20
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_poll_interval_ms": 10000}
 
 
@@ -97,7 +106,7 @@ def make_episodes(n: int) -> tuple[list[tuple[bytes, bytes]], str]:
     return out, origin
 
 
-def raw_consume(bootstrap: str, topic: str, n: int, max_records: int) -> tuple[float, int]:
+def raw_consume(bootstrap: str, topic: str, n: int, max_records: int, fetch_wait_ms: int) -> tuple[float, int]:
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(
@@ -106,6 +115,7 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_records: int) -> tuple[f
         group_id=f"bench-raw-{uuid.uuid4().hex[:6]}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_wait_ms,
         **FAST_GROUP,
     )
     got = 0
@@ -147,7 +157,14 @@ CONFIGS: dict[str, list[str]] = {
 
 
 def pipeline_consume(
-    bootstrap: str, topic: str, n: int, batch_size: int, workdir: str, profile: bool, config: str = "default"
+    bootstrap: str,
+    topic: str,
+    n: int,
+    batch_size: int,
+    workdir: str,
+    profile: bool,
+    config: str = "default",
+    fetch_wait_ms: int = KafkaConfig().fetch_max_wait_ms,
 ) -> tuple[float, Any, pstats.Stats | None, dict[str, float]]:
     from prometheus_client import CollectorRegistry
 
@@ -163,6 +180,7 @@ def pipeline_consume(
         f"kafka.group_id=bench-svc-{uuid.uuid4().hex[:6]}",
         *(f"kafka.{k}={v}" for k, v in FAST_GROUP.items()),
         f"pipeline.batch_size={batch_size}",
+        f"kafka.fetch_max_wait_ms={fetch_wait_ms}",
         *CONFIGS[config],
     ]
     settings = load_settings(None, overrides)
@@ -253,6 +271,12 @@ def parse_args() -> argparse.Namespace:
         help="make kafka-python check CRCs in pure Python, as it does when the crc32c extension is missing",
     )
     ap.add_argument("--profile", action="store_true", help="cProfile the pipeline run and print the top functions")
+    ap.add_argument(
+        "--fetch-wait-ms",
+        type=int,
+        default=FETCH_WAIT_MS,
+        help=f"fetch_max_wait_ms of both consumers (the service's kafka.fetch_max_wait_ms; default {FETCH_WAIT_MS})",
+    )
     args = ap.parse_args()
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = set(args.configs) - set(CONFIGS)
@@ -275,7 +299,7 @@ class Rounds:
     def run(self, args: argparse.Namespace, bootstrap: str, topic: str, n: int, workdir: str) -> None:
         for r in range(args.rounds):
             # The raw loop gets the same consumer settings as the service (max_poll_records).
-            raw_s, nbytes = raw_consume(bootstrap, topic, n, KafkaConfig().max_poll_records)
+            raw_s, nbytes = raw_consume(bootstrap, topic, n, KafkaConfig().max_poll_records, args.fetch_wait_ms)
             self.raw.append(n / raw_s)
             print(
                 f"round {r}: (a) raw kafka-python consume {self.raw[-1]:,.0f} records/s"
@@ -287,7 +311,7 @@ class Rounds:
 
     def one(self, args: argparse.Namespace, bootstrap: str, topic: str, n: int, workdir: str, config: str) -> None:
         pipe_s, stats, self.prof, w = pipeline_consume(
-            bootstrap, topic, n, args.batch_size, workdir, args.profile, config
+            bootstrap, topic, n, args.batch_size, workdir, args.profile, config, args.fetch_wait_ms
         )
         rate = n / pipe_s
         self.rates[config].append(rate)

@@ -164,6 +164,17 @@ class KafkaConfig(_Model):
     max_poll_interval_ms: int = 60000
     max_poll_records: int = Field(1000, gt=0)
     fetch_max_bytes: int = 52428800
+    # How long the broker may hold a fetch that has too little data to return. Apache Kafka answers
+    # as soon as any requested partition has a record, so this only bounds the long poll of an idle
+    # consumer; some brokers (Tansu, the one the tests run) hold the fetch for the full time
+    # whenever one of the requested partitions has nothing new, so a consumer whose partitions
+    # drain unevenly reads in bursts with this much idle time between them.
+    fetch_max_wait_ms: int = Field(
+        500,
+        ge=0,
+        le=60000,
+        description="longest the broker may hold a fetch waiting for data (kafka-python's fetch_max_wait_ms)",
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

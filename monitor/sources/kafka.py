@@ -125,6 +125,7 @@ class KafkaSource:
             max_poll_interval_ms=cfg.max_poll_interval_ms,
             max_poll_records=cfg.max_poll_records,
             fetch_max_bytes=cfg.fetch_max_bytes,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             # Reconnect within a second of the broker's return (the default backoff grows to 30 s),
             # so that ingest, and /readyz, recover within seconds of an outage.
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,

@@ -273,3 +273,36 @@ def test_second_replica_joining_mid_stream_rebalances_without_loss(kenv: Any, pg
 test_second_replica_joining_mid_stream_rebalances_without_loss = pytest.mark.postgres(
     test_second_replica_joining_mid_stream_rebalances_without_loss
 )
+
+
+def test_the_consumer_holds_a_fetch_no_longer_than_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kafka.fetch_max_wait_ms`` reaches the consumer. Tansu holds a fetch for that long whenever
+    one requested partition has nothing new, so a consumer whose partitions drain unevenly read
+    in bursts 500 ms apart at kafka-python's default (bench/kafka_ingest.py --fetch-wait-ms)."""
+    import kafka
+
+    from monitor.config import KafkaConfig
+    from monitor.sources.kafka import KafkaSource
+
+    seen: dict[str, Any] = {}
+
+    class Captured(Exception):
+        pass
+
+    def consumer(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Captured
+
+    class NoOffsets:
+        def assigned(self, partitions: list[int]) -> dict[int, int]:
+            return {}
+
+        def revoked(self, partitions: list[int]) -> None:
+            pass
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", consumer)
+    for wait in (None, 20):
+        cfg = KafkaConfig() if wait is None else KafkaConfig(fetch_max_wait_ms=wait)
+        with pytest.raises(Captured):
+            KafkaSource(cfg).open(NoOffsets())
+        assert seen["fetch_max_wait_ms"] == (500 if wait is None else 20)
