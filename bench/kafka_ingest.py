@@ -164,7 +164,7 @@ def pipeline_consume(
     workdir: str,
     profile: bool,
     config: str = "default",
-    fetch_wait_ms: int = KafkaConfig().fetch_max_wait_ms,
+    fetch_wait_ms: int = FETCH_WAIT_MS,
 ) -> tuple[float, Any, pstats.Stats | None, dict[str, float]]:
     from prometheus_client import CollectorRegistry
 

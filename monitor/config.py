@@ -600,7 +600,10 @@ class RewardUpdateConfig(_Model):
         " again as it had); at most this many more times, within max_wait_s of the incident (0: never)",
     )
     max_wait_s: float = Field(
-        86400.0, gt=0, description="a request still short of labels after this long (wall clock) is marked failed"
+        86400.0,
+        gt=0,
+        description="a request still short of labels after this long (wall clock) is marked failed; one that an"
+        " undecided round put back to wait is marked done with that round's verdict",
     )
     holdout_fraction: float = Field(0.3, gt=0, lt=1, description="share of prompts held out for the gate")
     margin: float = Field(0.02, ge=0, description="the candidate must beat the active version by this on new labels")

@@ -274,7 +274,7 @@ class InferenceWorker:
     def _serve(self, stage: Stage, stop: threading.Event) -> None:
         poll_s = self.settings.inference.poll_s
         # Below the metrics thread and /readyz, and below ingest where `infer` shares a host with `run`.
-        lower_thread_priority(self.settings.inference.nice, stage.name)
+        lower_thread_priority(stage.work.nice, stage.name)  # the level its worker was built with
         while not stop.is_set():
             try:
                 n = self.round(stage)
