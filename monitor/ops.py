@@ -7,6 +7,7 @@ the review app's web stack, and it must answer while the pipeline is busy.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +15,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 ReadyCheck = Callable[[], dict[str, bool]]
+
+
+def listening_socket(host: str, port: int, setting: str) -> socket.socket:
+    """A socket bound and listening on ``host:port`` for a foreground web server (uvicorn takes it).
+
+    Bound here, before the server starts, so that a port in use or an address that is not this
+    host's is one clear error naming ``setting`` (the CLI prints it on one line and exits 2); left to
+    uvicorn, the bind failed after the address had been logged as served, and uvicorn ended the
+    process itself with its own log line."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        from monitor.config import ConfigError
+
+        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def socket_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket (the port the system chose for port 0)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class OpsServer:

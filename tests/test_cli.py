@@ -48,6 +48,23 @@ def test_help_is_fast() -> None:
     assert "replay" in out.stdout and "demo" in out.stdout
 
 
+def test_every_help_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of every command and group prints (argparse %-formats each help text, so one
+    stray "%" in a command's help broke its whole group's ``--help`` with a traceback)."""
+    from monitor.cli.app import COMMANDS, main
+
+    paths = {cmd.path[:depth] for cmd in COMMANDS for depth in range(1, len(cmd.path) + 1)}
+    assert len(paths) > 20
+    for path in sorted(paths):
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0, path
+        assert f"usage: oversight {' '.join(path)}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["reviewers", "--help"])
+    assert "(95% intervals)" in capsys.readouterr().out
+
+
 def test_no_heavy_imports_at_cli_import() -> None:
     heavy = "('torch', 'transformers', 'alibi_detect', 'sqlalchemy', 'kafka')"
     code = f"import monitor.cli, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
@@ -125,6 +142,33 @@ def test_config_errors_exit_2_with_message(tmp_path: Path) -> None:
     assert res.returncode == 2 and "sampling.key is not set" in res.stderr
     shown = run("config", "show", "--set", "sampling.key=topsecret-5f0c9e2a7b4d1e8c")
     assert shown.returncode == 0 and "topsecret" not in shown.stdout and "**" in shown.stdout
+
+
+def test_web_servers_in_use_port_is_one_line_error_and_port_0_logs_the_real_url(tmp_path: Path) -> None:
+    """``oversight serve`` and ``oversight ingest serve`` on a port in use: exit 2 with one line naming
+    the setting (before, uvicorn logged the address as served, then ended the process itself)."""
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for cmd, setting in ((["serve"], "review.host/port"), (["ingest", "serve"], "ingest.host/port")):
+            res = run(*cmd, "--dev", "--db", db, "--port", port, "--set", "review.metrics_port=0")
+            assert res.returncode == 2, res.stderr
+            assert f"{setting}: cannot listen on 127.0.0.1:{port}" in res.stderr
+            assert "Traceback" not in res.stderr and " at http" not in res.stderr
+    proc = subprocess.Popen(
+        [*OVERSIGHT, "ingest", "serve", "--dev", "--db", db, "--port", "0"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "ingest API at http://127.0.0.1:" in line and ":0/" not in line, line
+        url = line.split(" at ", 1)[1].split("/v1/", 1)[0]
+        assert get(f"{url}/healthz") == (200, '{"status":"ok"}')
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
 
 
 def test_run_serves_ops_endpoints_and_drains_on_sigterm(tmp_path: Path) -> None:

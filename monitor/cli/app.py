@@ -78,6 +78,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def literal(text: str) -> str:
+    """A help text as argparse prints it literally: argparse %-formats every help (``%(default)s``),
+    so a plain "95%" in a command's help broke ``--help`` of its whole group with a traceback."""
+    return text.replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="oversight", description="Continuous deployment-time oversight monitor for deployed language models."
@@ -89,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         for depth in range(1, len(cmd.path)):
             prefix = cmd.path[:depth]
             if prefix not in groups:
-                p = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUPS[prefix[-1]])
+                p = groups[prefix[:-1]].add_parser(prefix[-1], help=literal(GROUPS[prefix[-1]]))
                 groups[prefix] = p.add_subparsers(
                     dest=f"{prefix[-1]}_command", metavar="ACTION", required=True, parser_class=Parser
                 )
-        leaf = groups[cmd.path[:-1]].add_parser(cmd.path[-1], help=cmd.help, description=cmd.help)
+        leaf = groups[cmd.path[:-1]].add_parser(cmd.path[-1], help=literal(cmd.help), description=cmd.help)
         if cmd.arguments is not None:
             cmd.arguments(leaf)
         for group in cmd.options:

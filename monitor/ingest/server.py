@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import ConfigError, Settings
 from monitor.ingest.app import IngestContext, build_context, create_app
+from monitor.ops import listening_socket, socket_url
 from monitor.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,22 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     """``oversight ingest serve``: the API in the foreground until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    ctx = build_context(settings)
     host = host or settings.ingest.host
     port = settings.ingest.port if port is None else port
-    server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
-    log.info("ingest API at http://%s:%d/v1/episodes (hand-off: %s)", host, port, ctx.handoff.kind)
+    sock = listening_socket(host, port, "ingest.host/port")
     try:
-        server.run()
+        ctx = build_context(settings)
+    except BaseException:
+        sock.close()
+        raise
+    server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
+    log.info("ingest API at %s/v1/episodes (hand-off: %s)", socket_url(sock), ctx.handoff.kind)
+    try:
+        server.run(sockets=[sock])
         if not server.started:
-            raise ConfigError(f"ingest.host/port: cannot listen on {host}:{port}")
+            raise ConfigError(f"ingest.host/port: cannot serve on {host}:{port}")
     finally:
+        sock.close()
         ctx.close()
 
 

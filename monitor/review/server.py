@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from monitor.config import ConfigError, Settings
-from monitor.ops import OpsServer
+from monitor.ops import OpsServer, listening_socket, socket_url
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,21 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
 
     from monitor.review.app import create_app
 
-    app = create_app(settings)
-    metrics = start_metrics(app, settings.review.metrics_host, settings.review.metrics_port)
     host = host or settings.review.host
     port = settings.review.port if port is None else port
-    log.info("review UI at http://%s:%d/", host, port)
+    sock = listening_socket(host, port, "review.host/port")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+        app = create_app(settings)
+        metrics = start_metrics(app, settings.review.metrics_host, settings.review.metrics_port)
+    except BaseException:
+        sock.close()
+        raise
+    log.info("review UI at %s/", socket_url(sock))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         metrics.stop()
 
 
