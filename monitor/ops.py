@@ -18,7 +18,8 @@ ReadyCheck = Callable[[], dict[str, bool]]
 
 
 def listening_socket(host: str, port: int, setting: str) -> socket.socket:
-    """A socket bound and listening on ``host:port`` for a foreground web server (uvicorn takes it).
+    """A socket bound and listening on ``host:port`` for a foreground web server (uvicorn takes it;
+    the caller closes it, ``with listening_socket(...) as sock``).
 
     Bound here, before the server starts, so that a port in use or an address that is not this
     host's is one clear error naming ``setting`` (the CLI prints it on one line and exits 2); left to

@@ -55,14 +55,14 @@ def test_every_help_renders(capsys: pytest.CaptureFixture[str]) -> None:
 
     paths = {cmd.path[:depth] for cmd in COMMANDS for depth in range(1, len(cmd.path) + 1)}
     assert len(paths) > 20
+    helps = {}
     for path in sorted(paths):
         with pytest.raises(SystemExit) as done:
             main([*path, "--help"])
         assert done.value.code == 0, path
-        assert f"usage: oversight {' '.join(path)}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["reviewers", "--help"])
-    assert "(95% intervals)" in capsys.readouterr().out
+        helps[path] = capsys.readouterr().out
+        assert f"usage: oversight {' '.join(path)}" in helps[path]
+    assert "(95% intervals)" in helps[("reviewers",)]
 
 
 def test_no_heavy_imports_at_cli_import() -> None:

@@ -33,21 +33,16 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
 
     host = host or settings.ingest.host
     port = settings.ingest.port if port is None else port
-    sock = listening_socket(host, port, "ingest.host/port")
-    try:
+    with listening_socket(host, port, "ingest.host/port") as sock:
         ctx = build_context(settings)
-    except BaseException:
-        sock.close()
-        raise
-    server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
-    log.info("ingest API at %s/v1/episodes (hand-off: %s)", socket_url(sock), ctx.handoff.kind)
-    try:
-        server.run(sockets=[sock])
-        if not server.started:
-            raise ConfigError(f"ingest.host/port: cannot serve on {host}:{port}")
-    finally:
-        sock.close()
-        ctx.close()
+        server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
+        log.info("ingest API at %s/v1/episodes (hand-off: %s)", socket_url(sock), ctx.handoff.kind)
+        try:
+            server.run(sockets=[sock])
+            if not server.started:
+                raise ConfigError(f"ingest.host/port: cannot serve on {host}:{port}")
+        finally:
+            ctx.close()
 
 
 class IngestServer:

@@ -38,20 +38,17 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
 
     host = host or settings.review.host
     port = settings.review.port if port is None else port
-    sock = listening_socket(host, port, "review.host/port")
-    try:
+    with listening_socket(host, port, "review.host/port") as sock:
         app = create_app(settings)
         metrics = start_metrics(app, settings.review.metrics_host, settings.review.metrics_port)
-    except BaseException:
-        sock.close()
-        raise
-    log.info("review UI at %s/", socket_url(sock))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-        metrics.stop()
+        log.info("review UI at %s/", socket_url(sock))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
+        )
+        try:
+            server.run(sockets=[sock])
+        finally:
+            metrics.stop()
 
 
 class BackgroundServer:
