@@ -1,7 +1,8 @@
 """Kafka ingest throughput: the service's consume -> validate -> sample -> store path against a
 raw kafka-python consume loop over the same topic, records/s (goal: ratio >= 0.5 at default settings).
 
-    python bench/kafka_ingest.py [--episodes N] [--partitions P] [--batch-size B] [--configs C,...] [--profile]
+    python bench/kafka_ingest.py [--episodes N] [--partitions P] [--batch-size B] [--configs C,...]
+        [--steady [--warm-episodes N]] [--profile]
 
 Each configuration (``--configs``: ``default``, as ``oversight run`` ships, with the embeddings on
 the inference worker; ``external``, the model work in an ``oversight infer`` process of its own
@@ -17,17 +18,31 @@ poll returns to the last record consumed (a) or committed to the database (b), s
 join is not counted. Both consumers fetch with ``fetch_max_wait_ms`` 20 (``--fetch-wait-ms``; the
 service's ``kafka.fetch_max_wait_ms``, 500 by default, is the only setting changed): see
 ``FETCH_WAIT_MS``. Prints one line per measurement and a JSON summary line.
+
+Cold and steady. By default the service path starts on an empty database, so its 20,000 episodes
+are mostly warm-up: every stream's signals fill their references and build their detectors (a
+calibration each) while the clock runs, and the episodes come in the shared data's order (model
+after model), so detectors fire and build again. ``--steady`` measures a service that has been
+running: the episodes of both topics are a seeded random mixture of the same rows (stationary
+traffic), and before each configuration's timed runs one untimed run over a warm-up topic of
+``--warm-episodes`` builds the detectors inline and checkpoints them; each timed run starts from a
+copy of that database (the state a restarted replica loads). It also counts the drift events of the
+timed run, which on stationary traffic should be few: each re-references a signal and so costs a
+build.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import gzip
 import io
 import json
 import os
 import pstats
+import random
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -88,16 +103,22 @@ def load_base() -> tuple[list[dict[str, Any]], str]:
     return synthetic, "synthetic"
 
 
-def make_episodes(n: int) -> tuple[list[tuple[bytes, bytes]], str]:
+def make_episodes(
+    n: int, mix_seed: int | None = None, prefix: str = "bench", start_ts: float = BASE_TS
+) -> tuple[list[tuple[bytes, bytes]], str]:
+    """``n`` episodes over the shared rows, in their order (model after model: the traffic drifts)
+    or, with ``mix_seed``, drawn at random from all of them (a stationary mixture); 50 a second of
+    event time from ``start_ts``."""
     base, origin = load_base()
+    rng = random.Random(mix_seed)
     out = []
     for i in range(n):
-        b = base[i % len(base)]
+        b = base[i % len(base)] if mix_seed is None else rng.choice(base)
         ep = {
-            "episode_id": f"bench-{i}",
+            "episode_id": f"{prefix}-{i}",
             "stream": b["stream"],
             "model": b["model"],
-            "timestamp": BASE_TS + i * 0.02,
+            "timestamp": start_ts + i * 0.02,
             "prompt": b["prompt"],
             "response": b["response"],
             "metadata": {"turn": i % 5, "lang": "en"},
@@ -165,7 +186,12 @@ def pipeline_consume(
     profile: bool,
     config: str = "default",
     fetch_wait_ms: int = FETCH_WAIT_MS,
+    inline_builds: bool = False,
 ) -> tuple[float, Any, pstats.Stats | None, dict[str, float]]:
+    """The service path over ``topic`` until ``n`` records are committed: its seconds from the first
+    record polled, its stats, the profile and the embedding worker's figures. ``inline_builds``:
+    detectors built on the pipeline's thread (as ``replay`` builds them; the warm-up run), not in
+    the background as ``oversight run`` builds them."""
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
@@ -183,9 +209,11 @@ def pipeline_consume(
         f"kafka.fetch_max_wait_ms={fetch_wait_ms}",
         *CONFIGS[config],
     ]
+    if inline_builds:  # a calibration on the pipeline's thread outlasts the fast group's poll interval
+        overrides.append("kafka.max_poll_interval_ms=300000")
     settings = load_settings(None, overrides)
     # As `oversight run` builds it: detectors built in the background, inference on its workers.
-    svc = build_service(settings, serve=False, registry=CollectorRegistry(), background_calibration=True)
+    svc = build_service(settings, serve=False, registry=CollectorRegistry(), background_calibration=not inline_builds)
     infer = start_infer(workdir, overrides) if settings.inference.external else None
     pipe = svc.pipeline
     marks: dict[str, float] = {}
@@ -272,6 +300,12 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--profile", action="store_true", help="cProfile the pipeline run and print the top functions")
     ap.add_argument(
+        "--steady",
+        action="store_true",
+        help="stationary traffic, and each configuration timed from the database of a warm-up run (see the module)",
+    )
+    ap.add_argument("--warm-episodes", type=int, default=20_000, help="the warm-up topic's size (--steady)")
+    ap.add_argument(
         "--fetch-wait-ms",
         type=int,
         default=FETCH_WAIT_MS,
@@ -288,8 +322,12 @@ def parse_args() -> argparse.Namespace:
 class Rounds:
     """The measurements of every round: the raw loop, and each configuration against it."""
 
-    def __init__(self, configs: list[str]):
+    def __init__(self, configs: list[str], warm: tuple[str, int] | None = None):
         self.configs = configs
+        # --steady: the warm-up topic and its size; the database each configuration warmed.
+        self.warm = warm
+        self.warmed: dict[str, Path] = {}
+        self.events: dict[str, list[int]] = {c: [] for c in configs}
         self.raw: list[float] = []
         self.rates: dict[str, list[float]] = {c: [] for c in configs}
         self.ratios: dict[str, list[float]] = {c: [] for c in configs}
@@ -310,9 +348,16 @@ class Rounds:
                 self.one(args, bootstrap, topic, n, f"{workdir}/r{r}-{config}", config)
 
     def one(self, args: argparse.Namespace, bootstrap: str, topic: str, n: int, workdir: str, config: str) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        if self.warm is not None:
+            copy_db(self.warm_db(args, bootstrap, str(Path(workdir).parent), config), Path(workdir) / "bench.db")
+        before = drift_events(Path(workdir) / "bench.db").keys()
         pipe_s, stats, self.prof, w = pipeline_consume(
             bootstrap, topic, n, args.batch_size, workdir, args.profile, config, args.fetch_wait_ms
         )
+        found = drift_events(Path(workdir) / "bench.db")
+        events = {i: sig for i, sig in found.items() if i not in before}
+        self.events[config].append(len(events))
         rate = n / pipe_s
         self.rates[config].append(rate)
         self.ratios[config].append(rate / self.raw[-1])
@@ -327,9 +372,27 @@ class Rounds:
         )
         print(
             f"         (b) service path [{config}] {rate:,.0f} records/s, ratio {self.ratios[config][-1]:.3f}"
-            f" ({stats.batches} batches, sampled {stats.sampled}){extra}",
+            f" ({stats.batches} batches, sampled {stats.sampled}, drift events {by_signal(events)}){extra}",
             flush=True,
         )
+
+    def warm_db(self, args: argparse.Namespace, bootstrap: str, root: str, config: str) -> Path:
+        """The database of one untimed run of ``config`` over the warm-up topic, detectors built
+        inline and checkpointed (made once per configuration)."""
+        assert self.warm is not None
+        if config not in self.warmed:
+            topic, n = self.warm
+            workdir = f"{root}/warm-{config}"
+            os.makedirs(workdir, exist_ok=True)
+            t0 = time.perf_counter()
+            pipeline_consume(bootstrap, topic, n, args.batch_size, workdir, False, config, args.fetch_wait_ms, True)
+            self.warmed[config] = Path(workdir) / "bench.db"
+            print(
+                f"         warm-up [{config}]: {n:,} episodes in {time.perf_counter() - t0:.0f}s,"
+                f" drift events {by_signal(drift_events(self.warmed[config]))}, detectors built inline",
+                flush=True,
+            )
+        return self.warmed[config]
 
     def summary(self) -> dict[str, Any]:
         raw_rate = statistics.median(self.raw)
@@ -347,6 +410,7 @@ class Rounds:
                 "pipeline_records_per_s": round(pipe_rate, 1),
                 "ratio": round(ratio, 4),
                 "overhead_us_per_record": round(overhead_us, 1),
+                "drift_events_per_run": statistics.median(self.events[config]),
             }
             ws = self.workers[config]
             if ws:
@@ -355,6 +419,26 @@ class Rounds:
                     entry["embedding_capacity_per_s"] = round(statistics.median(w["capacity_per_s"] for w in ws), 1)
             out[config] = entry
         return out
+
+
+def drift_events(db: Path) -> dict[int, str]:
+    """The drift events stored in a bench database, by id: their signal (none before it exists)."""
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db) as conn:
+        return {int(i): str(sig) for i, sig in conn.execute("SELECT id, signal FROM drift_events")}
+
+
+def by_signal(events: dict[int, str]) -> str:
+    """``n`` or ``n: signal x k, ...`` for a line of the report."""
+    counts = collections.Counter(events.values())
+    return f"{len(events)}" + (": " + ", ".join(f"{s} x{k}" for s, k in sorted(counts.items())) if counts else "")
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a closed SQLite database (its WAL included), through the backup API."""
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
 
 
 def print_profile(prof: pstats.Stats) -> None:
@@ -373,14 +457,25 @@ def main() -> int:
 
         kafka_util.calc_crc32c.__defaults__ = (kafka_util.crc32c_py,)
 
-    values, origin = make_episodes(args.episodes)
+    values, origin = make_episodes(args.episodes, 1 if args.steady else None)
     avg = sum(len(v) for _, v in values) / len(values)
     crc = "pure-Python CRC" if args.pure_python_crc else "C CRC (crc32c)"
-    print(f"episodes: {len(values)} from {origin}, {avg:.0f} bytes on average; kafka-python with {crc}", flush=True)
-    rounds = Rounds(args.configs)
+    mode = "steady (stationary mixture, detectors warmed)" if args.steady else "cold (empty database, rows in order)"
+    print(
+        f"episodes: {len(values)} from {origin}, {avg:.0f} bytes on average; kafka-python with {crc}; {mode}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="kafka-bench-") as workdir:
         broker = tansu.start_broker(Path(workdir) / "tansu.log")
         try:
+            warm = None
+            if args.steady:
+                warm_topic = tansu.episodes_topic(broker.bootstrap, "warm", args.partitions)
+                # Served before the timed topic, in event time as in offsets.
+                warm_values = make_episodes(args.warm_episodes, 2, "warm", BASE_TS - args.warm_episodes * 0.02)[0]
+                tansu.produce(broker.bootstrap, warm_topic, warm_values, 20)
+                warm = (warm_topic, args.warm_episodes)
+            rounds = Rounds(args.configs, warm)
             topic = tansu.episodes_topic(broker.bootstrap, "bench", args.partitions)
             t0 = time.perf_counter()
             ends = tansu.produce(broker.bootstrap, topic, values, linger_ms=20)
@@ -400,6 +495,8 @@ def main() -> int:
         "produce_records_per_s": round(len(values) / produce_s, 1),
         "kafka_crc": "python" if args.pure_python_crc else "c",
         "rounds": args.rounds,
+        "mode": "steady" if args.steady else "cold",
+        "warm_episodes": args.warm_episodes if args.steady else 0,
         "raw_records_per_s": round(statistics.median(rounds.raw), 1),
         "profiled": bool(args.profile),
         "configs": rounds.summary(),

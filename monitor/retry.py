@@ -93,19 +93,24 @@ class TargetHealth:
     since: float = 0.0  # monotonic time of the last change
     failures: int = 0  # failed attempts since the last success
     error: str = ""
+    reminded: float = 0.0  # monotonic time of the last warning while down
 
 
 class Health:
     """The last outcome of the operations on each target, shared by the pipeline's threads and
-    read by the ops server's. Changes are logged once per transition, not per attempt.
+    read by the ops server's. Changes are logged once per transition, not per attempt, and an
+    outage that lasts is warned about again every ``remind_s``: a command without ``/readyz``
+    (``oversight replay`` writing to a full disk) would otherwise say it once and then retry in
+    silence, indistinguishable from a hang.
 
     An operation that neither succeeds nor fails (a database frozen, or a lock held elsewhere:
     the server still acknowledges the bytes, so no timeout of the connection fires) would keep
     the last outcome green forever. So an operation in flight for longer than ``stall_s`` counts
     as its target down until it ends (:meth:`begin`, :meth:`end`)."""
 
-    def __init__(self, metrics: Metrics | None = None, *, stall_s: float = 10.0):
+    def __init__(self, metrics: Metrics | None = None, *, stall_s: float = 10.0, remind_s: float = 60.0):
         self._metrics = metrics
+        self.remind_s = remind_s
         self._lock = threading.Lock()
         now = time.monotonic()
         self._targets = {t: TargetHealth(since=now) for t in TARGETS}
@@ -148,13 +153,22 @@ class Health:
             h = self._targets[target]
             h.failures += 1
             h.error = first_line(e)
+            now = time.monotonic()
             went_down = h.ok
             if went_down:
-                h.ok, h.since = False, time.monotonic()
+                h.ok, h.since, h.reminded = False, now, now
+            remind = not went_down and now - h.reminded >= self.remind_s
+            if remind:
+                h.reminded = now
+            down_s, failures, error = now - h.since, h.failures, h.error
         if went_down:
-            log.warning("%s unavailable, retrying: %s", target, h.error)
+            log.warning("%s unavailable, retrying: %s", target, error)
+        elif remind:
+            log.warning(
+                "%s still unavailable after %.0fs (%d failed attempts), retrying: %s", target, down_s, failures, error
+            )
         else:
-            log.debug("%s still unavailable (attempt %d): %s", target, h.failures, h.error)
+            log.debug("%s still unavailable (attempt %d): %s", target, failures, error)
 
     def succeeded(self, target: str) -> None:
         h = self._targets[target]

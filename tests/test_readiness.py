@@ -13,6 +13,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +311,42 @@ def test_an_operation_in_flight_too_long_counts_as_down() -> None:
     flushed.set()
     probe.join(5)
     assert health.ok("dead_letter")
+
+
+def test_a_lasting_outage_is_warned_about_again(caplog: pytest.LogCaptureFixture) -> None:
+    """One warning when a target goes down, one every ``remind_s`` while it stays down (a command
+    without /readyz must not retry in silence), one when it is back; none in between."""
+    import logging
+
+    from monitor.retry import Health, RetryPolicy
+
+    def flaky(fails: int) -> Callable[[], int]:
+        left = [fails]
+
+        def op() -> int:
+            if left[0] > 0:
+                left[0] -= 1
+                raise OSError(28, "No space left on device")
+            return 7
+
+        return op
+
+    with caplog.at_level(logging.WARNING, logger="monitor.retry"):
+        reminding = RetryPolicy(Health(remind_s=0.05), first_delay_s=0.02, max_delay_s=0.02)
+        t0 = time.monotonic()
+        assert reminding.call(flaky(12), "dead_letter") == 7
+        down_s = time.monotonic() - t0
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("dead_letter unavailable, retrying" in m for m in lines) == 1
+    reminders = [m for m in lines if "dead_letter still unavailable after" in m]
+    # 11 waits of at least 20 ms (0.22 s or more down), a reminder at most every 50 ms.
+    assert 2 <= len(reminders) <= down_s / 0.05, lines
+    assert "No space left on device" in reminders[0] and "failed attempts" in reminders[0]
+    assert sum("dead_letter available again" in m for m in lines) == 1
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monitor.retry"):
+        quiet = RetryPolicy(Health(remind_s=60.0), first_delay_s=0.02, max_delay_s=0.02)
+        assert quiet.call(flaky(12), "dead_letter") == 7
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "unavailable, retrying" in lines[0] and "available again" in lines[1], lines
