@@ -196,6 +196,8 @@ ANSWER = {"role": "assistant", "content": "hello"}
         ({"episode_id": "v", "schema_version": 2, "prompt": "p", "response": "r"}, "invalid_value", "carry messages"),
         (with_messages([USER, ANSWER], schema_version=1), "invalid_value", "schema_version must be 2"),
         (with_messages([USER, ANSWER], schema_version="2"), "invalid_value", "schema_version must be 2"),
+        ({"episode_id": "v", "schema_version": 3}, "invalid_value", "schema_version must be 1 (or 2 with messages)"),
+        ({"episode_id": "v", "schema_version": "1"}, "invalid_value", "schema_version must be 1 (or 2 with messages)"),
         (with_messages({"role": "user"}), "invalid_message", "messages must be an array"),
         (with_messages([]), "invalid_message", "must not be empty"),
         (with_messages([USER, "hello"]), "invalid_message", "messages[1] must be an object"),

@@ -381,12 +381,26 @@ def _validate_v2(obj: dict[str, Any], size: int, now: float) -> Episode:
     return Episode(eid, ts, stream, model, prompt, response, metadata, size, messages)
 
 
-def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: Any) -> InvalidEpisode:
-    """The first problem with the required fields, named, once the one test of the common case
-    failed: in the order a reader fixes them (presence, then each field's type, length, characters)."""
+def _version_error(obj: dict[str, Any]) -> InvalidEpisode | None:
+    """What is wrong with the version of a record that lacks v1's required fields, if anything: a
+    v2 record without messages, or a version this build does not know (a newer client's), which is
+    named as such, not as a v1 record missing its prompt."""
     version = obj.get("schema_version")
     if type(version) is int and version == SCHEMA_VERSION_V2 and "prompt" not in obj and "response" not in obj:
         return _bad(obj, "missing_field", "messages is required with schema_version 2")
+    if version is not None and not (type(version) is int and version in (SCHEMA_VERSION, SCHEMA_VERSION_V2)):
+        return _bad(
+            obj, "invalid_value", f"schema_version must be {SCHEMA_VERSION} (or {SCHEMA_VERSION_V2} with messages)"
+        )
+    return None
+
+
+def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: Any) -> InvalidEpisode:
+    """The first problem with the required fields, named, once the one test of the common case
+    failed: in the order a reader fixes them (presence, then each field's type, length, characters)."""
+    version_error = _version_error(obj)
+    if version_error is not None:
+        return version_error
     for name in ("episode_id", "prompt", "response"):
         if name not in obj:
             return _bad(obj, "missing_field", f"{name} is required")

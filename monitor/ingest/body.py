@@ -85,7 +85,17 @@ def split_json_array(body: bytes, max_records: int) -> list[bytes]:
         raise BodyError(400, "not_array", "an application/json body must be a JSON array of records")
     if len(doc) > max_records:
         raise BodyError(413, "too_many_records", f"{len(doc)} records in one request; the limit is {max_records}")
-    return [orjson.dumps(x) if strict else _reencode(x) for x in doc]
+    return [encode_record(x) if strict else reencode(x) for x in doc]
+
+
+def encode_record(value: Any) -> bytes:
+    """A parsed record as bytes again, whatever it holds. orjson parses 1,024 levels of nesting but
+    serialises only 254: a record between the two (deep metadata) falls back to :func:`reencode`,
+    so that validation names it (too deep) instead of the whole request or import failing."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return reencode(value)
 
 
 def _lenient_loads(body: bytes) -> Any:
@@ -100,7 +110,9 @@ def _lenient_loads(body: bytes) -> Any:
         raise BodyError(400, "invalid_json", f"the body is not JSON: {str(e)[:200]}") from None
 
 
-def _reencode(value: Any) -> bytes:
+def reencode(value: Any) -> bytes:
+    """A value parsed by the lenient parser as bytes again, faithful enough for validation to name
+    what is wrong with it."""
     try:
         # Restores invalid UTF-8 bytes as they came: validation reports them as invalid_utf8.
         return json.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogateescape")

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
+from monitor.ingest.body import encode_record
 from monitor.sources.base import Rebalance, Record, Source
 
 FORMATS = ("auto", "openai-chat", "langfuse")
@@ -149,7 +150,7 @@ def convert_line(rec: Record, fmt: str, stream: str | None = None) -> bytes:
     out = converter(obj, rec)
     if stream is not None and "stream" not in out:
         out["stream"] = stream
-    return orjson.dumps(out)
+    return encode_record(out)  # a record nested too deeply to encode is validation's to refuse
 
 
 class ConvertingSource:

@@ -105,6 +105,32 @@ def test_importing_the_same_file_again_is_refused(tmp_path: Path, capsys: pytest
     assert "cannot resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["openai-chat", "langfuse"])
+def test_a_line_nested_too_deeply_to_encode_again_is_a_dead_letter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """orjson reads 1,024 levels of nesting but writes only 254: a converted line between the two
+    (deep metadata) once stopped the whole import with a TypeError. It is validation's to refuse,
+    with its reason, and the lines around it are imported."""
+    deep = "[" * 300 + "]" * 300
+    turn = '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]'
+    if fmt == "openai-chat":
+        bad = '{"id": "deep", "messages": ' + turn + ', "metadata": {"a": ' + deep + "}}"
+        good = [json.dumps({"id": f"ok{i}", "messages": json.loads(turn)}) for i in range(2)]
+    else:
+        bad = '{"id": "deep", "input": "hi", "output": "yo", "metadata": {"a": ' + deep + "}}"
+        good = [json.dumps({"id": f"ok{i}", "input": "hi", "output": "yo"}) for i in range(2)]
+    src = tmp_path / "deep.jsonl"
+    src.write_text("\n".join([good[0], bad, good[1]]) + "\n")
+
+    assert _run(tmp_path, "--input", str(src), "--format", fmt) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == 3 and summary["invalid"] == 1 and summary["unconvertible"] == 0
+    assert set(_stored(tmp_path)) == {"ok0", "ok1"}
+    (letter,) = _letters(tmp_path)
+    assert letter["episode_id"] == "deep" and "deep" in letter["detail"], letter
+
+
 def test_langfuse_traces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(tmp_path, "--input", str(DATA / "langfuse_traces.jsonl"), "--format", "langfuse") == 0
     assert json.loads(capsys.readouterr().out)["invalid"] == 0

@@ -233,6 +233,17 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == ["accepted", "rejected", "rejected"]
     assert r.json()["results"][1]["reason"] == "invalid_utf8"
+    # An element nested deeper than orjson writes (254) but not than it reads (1,024): its own
+    # reason, not a failed request.
+    too_deep = (
+        b'{"episode_id": "d2", "prompt": "p", "response": "r", "metadata": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}"
+    )
+    r = env.post(
+        b"[" + too_deep + b"," + json.dumps(episode(4)).encode() + b"]", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 200
+    assert [x["status"] for x in r.json()["results"]] == ["rejected", "accepted"]
+    assert r.json()["results"][0]["reason"] == reasons[4]  # as the same record on an NDJSON line
     # Whole-body refusals.
     json_ct = {"Content-Type": "application/json"}
     assert env.post(b'{"episode_id": "x"}', headers=json_ct).status_code == 400  # not an array
@@ -243,7 +254,7 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     assert env.post(b"x", headers={"Content-Type": "text/plain"}).status_code == 415
     assert env.post(b"x", headers={"Content-Encoding": "br"}).status_code == 415
     assert env.post(b"not gzip", headers={"Content-Encoding": "gzip"}).status_code == 400
-    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-3"]
+    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-3", "ep-chat-4"]
     assert 'oversight_ingest_rejected_total{reason="invalid_utf8"} 2.0' in env.client.get("/metrics").text
 
 
