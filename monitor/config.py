@@ -1033,6 +1033,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:  # a binary file, or a text in another encoding
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

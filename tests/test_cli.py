@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -131,6 +132,49 @@ def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
     assert report["episodes"] == 300 and report["sampled"]["human"] == 300 and report["sampled"]["rm"] == 300
 
 
+@pytest.mark.parametrize("command", ["replay", "import"])
+def test_a_damaged_gzip_input_is_one_line_exit_1_after_the_report(tmp_path: Path, command: str) -> None:
+    """A gzip cut short (an export copied while written): the episodes before the cut are processed,
+    committed and reported, then the command fails with one line naming the file and the cause. It
+    used to stop with "unexpected EOFError", the batch in progress lost and the input's offset stored
+    (so the replay could be neither finished nor run again)."""
+    lines = b"".join(
+        json.dumps({"episode_id": f"e{i}", "prompt": "p" * 50, "response": "r" * 200, "timestamp": i}).encode() + b"\n"
+        for i in range(3000)
+    )
+    data = gzip.compress(lines)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    rep = tmp_path / "r.json"
+    res = run(
+        command,
+        "--input",
+        str(cut),
+        "--report",
+        str(rep),
+        "--dev",
+        "--db",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "--set",
+        "sampling.human.rate=1.0",
+        "--set",
+        "drift.enabled=false",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+    )
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "unexpected" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"oversight {command}: error: reading {command}:{cut} failed after byte"), last
+    assert "end-of-stream marker" in last and "were processed and committed" in last
+    report = json.loads(rep.read_text())
+    read = report["episodes"]
+    assert 1000 < read < 3000 and report["invalid"] == 0 and report["sampled"]["human"] == read
+    assert report["input_error"] in last
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM episodes").fetchone()[0] == read
+
+
 def test_config_errors_exit_2_with_message(tmp_path: Path) -> None:
     res = run("config", "check", "--set", "sampling.humna.rate=0.1")
     assert res.returncode == 2 and "sampling.humna: unknown key" in res.stderr
@@ -138,6 +182,9 @@ def test_config_errors_exit_2_with_message(tmp_path: Path) -> None:
     bad.write_text("sampling: [1\n")
     res = run("config", "show", "--config", str(bad))
     assert res.returncode == 2 and "not valid YAML" in res.stderr
+    bad.write_bytes(b"sampling:\n  key: \xff\xfe\n")  # not UTF-8: one line, not "unexpected UnicodeDecodeError"
+    res = run("config", "check", "--config", str(bad))
+    assert res.returncode == 2 and "is not UTF-8 text" in res.stderr and "unexpected" not in res.stderr
     res = run("run", "--input", str(bundled_traffic()), "--db", f"sqlite:///{tmp_path / 'x.db'}")
     assert res.returncode == 2 and "sampling.key is not set" in res.stderr
     shown = run("config", "show", "--set", "sampling.key=topsecret-5f0c9e2a7b4d1e8c")

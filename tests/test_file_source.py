@@ -165,3 +165,56 @@ def test_bom_on_a_pipe(tmp_path: Path) -> None:
         got += [r.value for r in src.poll(10, 1.0)]
     writer.join(5)
     assert got == [b'{"a":1}', b'{"b":2}']
+
+
+def damaged_gzips(tmp_path: Path, lines: int) -> dict[str, Path]:
+    """A gzip of ``lines`` JSONL lines cut at half its length, and one whose CRC does not match."""
+    data = gzip.compress(b"".join(b'{"i":%d,"pad":"%s"}\n' % (i, b"x" * 200) for i in range(lines)))
+    cut, bad_crc = tmp_path / "cut.jsonl.gz", tmp_path / "crc.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[-6] ^= 0xFF  # inside the CRC-32 of the trailer
+    bad_crc.write_bytes(bytes(flipped))
+    return {"cut": cut, "crc": bad_crc}
+
+
+@pytest.mark.parametrize("damage", ["cut", "crc"])
+def test_a_damaged_gzip_ends_the_input_where_the_damage_starts(tmp_path: Path, damage: str) -> None:
+    """The lines before the damage are read, in batches as usual; then the input ends and says why
+    once (``input_error``), instead of raising out of a poll with the batch in progress."""
+    path = damaged_gzips(tmp_path, 2000)[damage]
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    got = drain(src, 300)
+    assert src.exhausted and src.input_error is not None
+    assert f"failed after byte {sum(len(v) + 1 for v in got)}" in src.input_error
+    if damage == "crc":  # the CRC is checked at the end: every line was read
+        assert len(got) == 2000 and "CRC check failed" in src.input_error
+    else:
+        assert 500 < len(got) < 2000 and "end-of-stream marker" in src.input_error
+    assert got == [b'{"i":%d,"pad":"%s"}' % (i, b"x" * 200) for i in range(len(got))]
+    # A restart resumes past what was committed and ends at the same damage, at once.
+    resumed = FileSource(str(path), 1000)
+    resumed.open(Positions({0: sum(len(v) + 1 for v in got)}))
+    assert drain(resumed) == [] and resumed.input_error is not None
+    # A whole file says nothing.
+    whole = tmp_path / "whole.jsonl.gz"
+    whole.write_bytes(gzip.compress(b'{"i":0}\n'))
+    ok = FileSource(str(whole), 1000)
+    ok.open(Positions())
+    assert drain(ok) == [b'{"i":0}'] and ok.input_error is None
+
+
+def test_a_damaged_gzip_on_a_pipe_says_so_too(tmp_path: Path) -> None:
+    path = damaged_gzips(tmp_path, 2000)["cut"]
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: Path(fifo).write_bytes(path.read_bytes()))
+    writer.start()
+    src = FileSource(str(fifo), 1000)
+    src.open(Positions())
+    got = []
+    while not src.exhausted:
+        got += [r.value for r in src.poll(500, 1.0)]
+    writer.join(5)
+    assert 500 < len(got) < 2000 and src.input_error is not None and "end-of-stream marker" in src.input_error

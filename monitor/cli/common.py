@@ -265,3 +265,13 @@ def write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True, default=str)
         fh.write("\n")
+
+
+def ended_early(report: dict[str, Any]) -> None:
+    """Fail the command (exit 1, one line) when its input ended at damage, after its report: what
+    was read before the damage is committed and reported, and the rest was never read."""
+    if "input_error" in report:
+        raise CommandFailed(
+            f"{report['input_error']}; the {report['episodes']} episodes before it were processed and"
+            " committed (see the report)"
+        )

@@ -8,7 +8,15 @@ import json
 import logging
 import time
 
-from monitor.cli.common import Command, InputFile, OutputFile, input_overrides, settings_from_args, write_json
+from monitor.cli.common import (
+    Command,
+    InputFile,
+    OutputFile,
+    ended_early,
+    input_overrides,
+    settings_from_args,
+    write_json,
+)
 
 log = logging.getLogger("oversight")
 FORMATS = ("auto", "openai-chat", "langfuse")  # monitor.ingest.formats.FORMATS, without importing it for --help
@@ -28,6 +36,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from monitor.ingest.formats import ConvertingSource
     from monitor.pipeline import LoopHooks
     from monitor.service.build import build_dead_letters, build_service, build_source
+    from monitor.sources.file import file_input_error
 
     extra = input_overrides(args.input)
     settings = settings_from_args(args, extra)
@@ -44,10 +53,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         report = svc.pipeline.report()
     report["unconvertible"] = source.unconvertible
     report["timing"] = {"seconds": round(time.perf_counter() - t0, 3)}
+    if (error := file_input_error(inner)) is not None:
+        report["input_error"] = error
     if args.report:
         write_json(args.report, report)
     summary = {k: report[k] for k in ("episodes", "invalid", "sampled", "unconvertible")}
     print(json.dumps(summary))
+    ended_early(report)
     return 0
 
 

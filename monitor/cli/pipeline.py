@@ -12,13 +12,14 @@ from monitor.cli.common import (
     InputFile,
     OutputDir,
     OutputFile,
+    ended_early,
     input_overrides,
     port,
     progress_of,
     settings_from_args,
     write_json,
 )
-from monitor.errors import UsageError, require_readable
+from monitor.errors import CommandFailed, UsageError, require_readable
 
 log = logging.getLogger("oversight")
 
@@ -38,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitor.pipeline import Aborted
     from monitor.service import build_service, install_signal_handlers
+    from monitor.sources.file import file_input_error
 
     settings = settings_from_args(args, input_overrides(args.input) if args.input else [])
     if settings.source.kind == "file" and settings.source.path and not args.input:
@@ -57,7 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Aborted as e:
             log.warning("%s", e)
             return EXIT_ABORTED
+        error = file_input_error(svc.pipeline.source)
     log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
+    if error is not None:
+        raise CommandFailed(f"{error}; the {stats.records} records before it were processed and committed")
     return 0
 
 
@@ -117,6 +122,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     report = replay_file(settings, args.input, progress=progress_of(args))
     write_json(args.report, report)
     print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
+    ended_early(report)
     return 0
 
 

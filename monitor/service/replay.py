@@ -15,6 +15,7 @@ from monitor.fileio import count_lines
 from monitor.pipeline import LoopHooks
 from monitor.service.build import build_service, build_source
 from monitor.sources.base import Record
+from monitor.sources.file import file_input_error
 
 
 def replay_file(
@@ -46,6 +47,8 @@ def replay_file(
                 bar.close()
         elapsed = time.perf_counter() - t0
         report = svc.pipeline.report()
+    if (error := file_input_error(source)) is not None:
+        report["input_error"] = error  # the input ended early: the command fails after the report
     report["timing"] = {
         "seconds": round(elapsed, 3),
         "episodes_per_s": round(report["episodes"] / elapsed, 1) if elapsed else None,

@@ -7,6 +7,12 @@ at the start of the stream is skipped. Lines longer than the episode limit
 are not read into memory whole: the first bytes are kept for the dead letter
 and the rest is skipped. Pipes (stdin, FIFOs) are read by a thread, so a
 batch is committed after ``timeout`` even while the writer is quiet.
+
+A damaged input (a gzip file cut short or failing its CRC, a read error) ends where the damage
+starts, for a file as for a pipe: the lines read before it are processed and committed, the error
+is logged once and kept in :attr:`FileSource.input_error` (``file_input_error``), which the
+commands report (the replay's report, exit code 1). It used to end a file's replay with the
+batch in progress lost and its offset stored, so the replay could be neither finished nor run again.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO, cast
 
-from monitor.sources.base import Rebalance, Record
+from monitor.sources.base import Rebalance, Record, Source
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ READ_AHEAD = 500  # lines a pipe's reader thread takes ahead of the pipeline (wh
 
 
 _BOM = b"\xef\xbb\xbf"
+# What reading a damaged input raises: gzip's BadGzipFile (an OSError: a CRC or length that does not
+# match) and EOFError (the stream cut short), zlib.error (invalid compressed data), an I/O error.
+READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, int, int | None]]:
@@ -89,6 +99,9 @@ class FileSource:
         self._stop_reading = threading.Event()
         self._eof = False
         self._rebalance: Rebalance | None = None
+        # Where the last record read ends, and why the input ended early (None: it did not).
+        self._pos = 0
+        self.input_error: str | None = None
 
     def _open_stream(self) -> BinaryIO:
         if self._pipe:
@@ -125,10 +138,20 @@ class FileSource:
             self._start_reader()
             return
         self._fh = self._open_stream()
-        start = int(stored or 0) if self._resume else 0
-        if start:
-            self._fh.seek(start)
+        start = self._pos = int(stored or 0) if self._resume else 0
+        try:
+            if start:
+                self._fh.seek(start)  # a gzip decompresses up to there: its damage may show now
+        except READ_ERRORS as e:
+            self._read_failed(e)
+            self._eof = True
         self._it = _lines(self._fh, self._limit, start)
+
+    def _read_failed(self, e: BaseException) -> None:
+        """The input ends here: said once, kept for the command's report."""
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        self.input_error = f"reading {self.name} failed after byte {self._pos}: {detail}"
+        log.error("%s; treating it as the end of the input", self.input_error)
 
     def _start_reader(self) -> None:
         """A pipe is read by a thread: everything that can block (opening a FIFO waits for its
@@ -145,10 +168,11 @@ class FileSource:
                 fh = self._fh = self._open_stream()
                 for item in _lines(fh, limit, 0):
                     q.put(item)
+                    self._pos = item[2]
                     if stop_reading.is_set():
                         return  # a stop: what was read is processed, nothing more is taken
-            except (OSError, EOFError) as e:  # a broken or corrupt stream ends the input, said once
-                log.error("reading %s failed, treating it as the end of the input: %s", self.name, e)
+            except READ_ERRORS as e:  # a broken or corrupt stream ends the input, said once
+                self._read_failed(e)
             finally:
                 q.put(_EOF)
 
@@ -161,10 +185,14 @@ class FileSource:
         out: list[Record] = []
         if self._queue is None:
             assert self._it is not None
-            for value, begin, end, full in self._it:
-                out.append(Record(value, 0, begin, end, now, full_size=full))
-                if len(out) >= max_records:
-                    return out
+            try:
+                for value, begin, end, full in self._it:
+                    out.append(Record(value, 0, begin, end, now, full_size=full))
+                    self._pos = end
+                    if len(out) >= max_records:
+                        return out
+            except READ_ERRORS as e:  # the lines before the damage are this batch, and the last
+                self._read_failed(e)
             self._eof = True
             return out
         deadline = time.monotonic() + timeout_s
@@ -230,6 +258,11 @@ class FileSource:
         self._fh = None
         self._it = None
         self._queue = None
+
+
+def file_input_error(source: Source) -> str | None:
+    """Why ``source``'s input ended early (a damaged file), or None: it did not, or it is not a file."""
+    return source.input_error if isinstance(source, FileSource) else None
 
 
 def _stdin_reader() -> io.BufferedReader:
