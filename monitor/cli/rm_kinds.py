@@ -65,7 +65,10 @@ def kind_config(args: argparse.Namespace) -> dict[str, Any]:
         *parents, last = key.split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(value)
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--kind-set {item!r}: the value is not YAML: {str(e).splitlines()[0]}") from None
     if args.kind == "hf" and args.model:
         raw["path"] = str(Path(args.model).resolve())
     return raw

@@ -15,9 +15,11 @@ the CPU. Items are batched longest first, so a batch wastes little on padding.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from monitor.inference.pairs import CHARS_PER_TOKEN
 from monitor.reward.kinds.base import BackendError, Item, Score
@@ -26,6 +28,77 @@ from monitor.reward.kinds.resilience import BackendMetrics
 
 # No token is shorter than a character and English averages ~4: this many characters per kept
 # token always suffice, and a 100 kB response is not tokenized whole to keep its first tokens.
+
+
+# The weights of a checkpoint as save_pretrained writes them: one file, or an index of shards.
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint(cfg: HfConfig) -> None:
+    """What registering a checkpoint checks, without loading its weights (a Llama-sized reward model
+    is many GB; loading is the first use's work): ``config.json`` parses and describes a sequence
+    classifier with the configured label, the tokenizer loads, and the weights are there, every
+    safetensors file with a readable header. A broken checkpoint used to register (and activate)
+    fine and then leave every rm-sampled episode unscored; :class:`BackendError` names the problem."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(cfg.path)
+    try:
+        conf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BackendError(f"hf checkpoint {path}: its config does not load: {_first_line(e)}") from None
+    archs = list(getattr(conf, "architectures", None) or [])
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        # AutoModelForSequenceClassification would load it with a freshly initialised (random) head.
+        raise BackendError(
+            f"hf checkpoint {path}: config.json's architectures {archs} hold no *ForSequenceClassification:"
+            " not a reward model (its score head would be random)"
+        )
+    labels = int(getattr(conf, "num_labels", 0))
+    if cfg.label_index >= labels:
+        raise BackendError(f"hf checkpoint {path}: label_index {cfg.label_index} but config.json has {labels} labels")
+    for f in _weight_files(path):
+        _check_weights(f)
+    try:
+        AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
+    except Exception as e:  # tokenizer loaders raise many kinds on a broken file
+        raise BackendError(f"hf checkpoint {path}: its tokenizer does not load: {_first_line(e)}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: the single file, or every shard its index names."""
+    for name in WEIGHTS:
+        f = path / name
+        if not f.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
+        try:
+            shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BackendError(f"hf checkpoint {path}: {name} is not a weight index: {_first_line(e)}") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise BackendError(f"hf checkpoint {path}: {name} names missing shards: {', '.join(missing[:3])}")
+        return [path / s for s in shards]
+    raise BackendError(f"hf checkpoint {path}: no weights ({' or '.join(WEIGHTS[::2])})")
+
+
+def _check_weights(f: Path) -> None:
+    """A safetensors file's header parses (the weights themselves are not read)."""
+    if f.suffix != ".safetensors":
+        return  # a pickled .bin has no header to read without loading it
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), "pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise BackendError(f"hf checkpoint weights {f}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 class HfBackend:

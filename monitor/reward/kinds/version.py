@@ -96,12 +96,17 @@ class KindVersion:
     @classmethod
     def create(cls, kind: str, raw: dict[str, Any], description: str | None = None) -> KindVersion:
         cfg = parse_config(kind, raw)
-        if isinstance(cfg, HfConfig) and cfg.lora is not None:
-            from monitor.reward.kinds.lora import require_peft
+        identity = identity_of(kind, cfg)  # first: a missing or empty checkpoint folder is said as such
+        if isinstance(cfg, HfConfig):
+            from monitor.reward.kinds.hf import check_checkpoint
 
-            require_peft()  # fail at registration, not at the first update
+            check_checkpoint(cfg)  # a broken checkpoint fails here, not at every scoring after activation
+            if cfg.lora is not None:
+                from monitor.reward.kinds.lora import require_peft
+
+                require_peft()  # fail at registration, not at the first update
         meta: dict[str, Any] = {"training": {"description": description or f"{kind} registered by hand"}}
-        return cls(kind, cfg, identity_of(kind, cfg), meta)
+        return cls(kind, cfg, identity, meta)
 
     @property
     def version(self) -> str:

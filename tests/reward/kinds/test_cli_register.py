@@ -53,3 +53,13 @@ def test_bad_kind_config_is_one_line_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "base_url" in r.stderr and "Traceback" not in r.stderr
     r = run("rm", "register", "--kind", "hf", "--dev", "--db", db)
     assert r.returncode == 2 and "--model" in r.stderr and "Traceback" not in r.stderr
+    # A value that is not YAML, and a checkpoint folder that is not a reward model: one line each.
+    r = run("rm", "register", "--kind", "judge", "--kind-set", "model=[", "--dev", "--db", db)
+    assert r.returncode == 2 and "--kind-set 'model=[': the value is not YAML" in r.stderr, r.stderr
+    assert "unexpected" not in r.stderr
+    (tmp_path / "not-a-rm").mkdir()
+    (tmp_path / "not-a-rm" / "config.json").write_text("{bad")
+    r = run("rm", "register", "--kind", "hf", "--model", str(tmp_path / "not-a-rm"), "--dev", "--db", db)
+    assert r.returncode == 2 and "its config does not load" in r.stderr and "Traceback" not in r.stderr
+    listed = run("rm", "versions", "--dev", "--db", db).stdout
+    assert "hf-" not in listed  # nothing was registered
