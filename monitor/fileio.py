@@ -7,11 +7,47 @@ Stdlib only: imported by the CLI before any command runs.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import io
 import os
+import zlib
 from typing import IO, Any, cast
 
 GZIP_MAGIC = b"\x1f\x8b"
+# What reading a damaged gzip raises: EOFError (cut short), BadGzipFile (an OSError: a CRC or length
+# that does not match), zlib.error (invalid compressed data); with OSError, any read error.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class DamagedFile(OSError):
+    """A compressed file that cannot be read to its end: an OSError naming the file, so that a command
+    says which file and why in one line, where a bare EOFError named neither."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(errno.EIO, f"damaged gzip file: {cause}", path)
+
+
+class _GzipReader(gzip.GzipFile):
+    """Reads like GzipFile; its damage is a :class:`DamagedFile`."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DamagedFile(str(self.name), e) from None
+
+    def read1(self, size: int = -1) -> bytes:
+        try:
+            return super().read1(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DamagedFile(str(self.name), e) from None
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return super().readline(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DamagedFile(str(self.name), e) from None
 
 
 def is_gzip(path: str | os.PathLike[str]) -> bool:
@@ -23,7 +59,8 @@ def open_maybe_gzip(path: str | os.PathLike[str], *, text: bool = False) -> IO[A
     """Open a plain or gzip file for reading, binary (default) or UTF-8 text."""
     if is_gzip(path):
         # GzipFile is a binary stream that typeshed does not count as IO[bytes].
-        return gzip.open(path, "rt", encoding="utf-8") if text else cast(IO[bytes], gzip.open(path, "rb"))
+        reader = _GzipReader(os.fspath(path), "rb")
+        return io.TextIOWrapper(reader, encoding="utf-8") if text else cast(IO[bytes], reader)
     return open(path, encoding="utf-8") if text else open(path, "rb")
 
 
@@ -31,5 +68,11 @@ def count_lines(path: str) -> int | None:
     """Non-blank lines (records) of a plain or gzip file; None for stdin ('-'), which cannot be read twice."""
     if path == "-":
         return None
+    n = 0
     with open_maybe_gzip(path) as fh:
-        return sum(1 for line in fh if line.strip())
+        try:
+            for line in fh:
+                n += line.strip() != b""
+        except READ_ERRORS:
+            pass  # the lines before the damage: what the reader of the input will get
+    return n

@@ -26,11 +26,11 @@ import stat
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, BinaryIO, cast
 
+from monitor.fileio import READ_ERRORS
 from monitor.sources.base import Rebalance, Record, Source
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,6 @@ READ_AHEAD = 500  # lines a pipe's reader thread takes ahead of the pipeline (wh
 
 
 _BOM = b"\xef\xbb\xbf"
-# What reading a damaged input raises: gzip's BadGzipFile (an OSError: a CRC or length that does not
-# match) and EOFError (the stream cut short), zlib.error (invalid compressed data), an I/O error.
-READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, int, int | None]]:
