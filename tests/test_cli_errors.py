@@ -348,6 +348,12 @@ def test_known_names_are_accepted(chat_db: str) -> None:
     assert json.loads(res.stdout)["status"] == "pending"
 
 
+def test_a_rereference_needs_a_reason(chat_db: str) -> None:
+    """The audit log records why a stream's detectors forgot their reference: a blank reason is refused."""
+    res = run("drift", "rereference", "--stream", "chat", "--reason", "  ", "--db", chat_db)
+    assert res.returncode == 2 and "--reason must say what changed" in one_error_line(res)
+
+
 READ_ONLY = [
     ["db", "current"],
     ["estimate", "--stream", "chat", "--quantity", "response_chars"],

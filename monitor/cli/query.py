@@ -105,6 +105,8 @@ def rereference_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_drift_rereference(args: argparse.Namespace) -> int:
     from monitor.drift import EMBEDDING, request_rereference
 
+    if not args.reason.strip():  # the audit log's record of why the detectors forgot their reference
+        raise UsageError("--reason must say what changed (a new policy version, a prompt change...)")
     settings = settings_from_args(args)
     if args.signal is not None:
         signals = sorted({*settings.drift.signals, EMBEDDING})
