@@ -19,6 +19,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from monitor.ingest.otlp import Conversion, OtlpError, OtlpLimits, convert, decode_json, decode_protobuf, iter_reasons
 
@@ -27,7 +28,8 @@ JSON = "application/json"
 #: Records (each one episode, encoded as JSON) -> per record None (accepted) or the reason it was not.
 Submit = Callable[[Request, list[bytes]], Sequence[str | None]]
 SPAN_OUTCOMES = ("episode", "ignored", "rejected")
-REQUEST_OUTCOMES = ("ok", "partial", "bad_request", "too_large", "unsupported")
+# client_disconnected: the exporter went away before its body was complete (nothing is answered).
+REQUEST_OUTCOMES = ("ok", "partial", "bad_request", "too_large", "unsupported", "client_disconnected")
 _GRPC_INVALID_ARGUMENT = 3
 _GRPC_RESOURCE_EXHAUSTED = 8
 
@@ -75,6 +77,9 @@ def otlp_router(
         except OtlpError as e:
             metrics.requests.labels(_REQUEST_OUTCOME.get(e.status, "bad_request")).inc()
             return _status(encoding, e.status, e.message)
+        except ClientDisconnect:  # routine: counted, without a traceback in the server's log
+            metrics.requests.labels("client_disconnected").inc()
+            return Response(status_code=499)
         conv = convert(spans, limits)
         raws = [orjson.dumps(r) for r in conv.records]
         errors = list(await run_in_threadpool(submit, request, raws)) if raws else []

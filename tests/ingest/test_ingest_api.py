@@ -258,6 +258,46 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     assert 'oversight_ingest_rejected_total{reason="invalid_utf8"} 2.0' in env.client.get("/metrics").text
 
 
+def test_a_client_gone_mid_body_is_counted_without_a_traceback(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes its connection before its body is complete (its own timeout, a deploy)
+    is routine at volume: counted (499 / ``client_disconnected``), never an "Exception in ASGI
+    application" traceback at ERROR in the server's log, and the server goes on serving."""
+    import logging
+    from urllib.parse import urlsplit
+
+    where = urlsplit(env.server.url)
+    host, port = where.hostname or "127.0.0.1", where.port or 80
+
+    def cut_short(path: str, content_type: str) -> None:
+        with socket.create_connection((host, port)) as sock:
+            head = (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {env.token}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b'{"episode_id": "gone", "prom')
+            time.sleep(0.3)
+
+    def metric(line: str) -> float:
+        text = env.client.get("/metrics").text
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
+
+    with caplog.at_level(logging.ERROR):
+        cut_short("/v1/episodes", "application/x-ndjson")
+        cut_short("/v1/traces", "application/json")
+        cut_short("/v1/traces", "application/x-protobuf")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            metric('oversight_ingest_requests_total{code="499"}') < 1
+            or metric('oversight_otlp_requests_total{outcome="client_disconnected"}') < 2
+        ):
+            time.sleep(0.1)
+    assert metric('oversight_ingest_requests_total{code="499"}') == 1
+    assert metric('oversight_otlp_requests_total{outcome="client_disconnected"}') == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert env.post(json.dumps(episode(9)).encode()).status_code == 200
+    assert env.inbox_ids() == ["ep-chat-9"]
+
+
 def run_pipeline(settings: Settings, store: Store) -> Any:
     s = settings.model_copy(update={"source": settings.source.model_copy(update={"kind": "inbox"})})
     svc = build_service(s, serve=False, store=store, registry=CollectorRegistry())
