@@ -11,12 +11,12 @@ import contextvars
 import itertools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 if TYPE_CHECKING:
     from sampling import SamplingPolicy
@@ -69,7 +69,9 @@ def secret_weakness(value: str) -> str | None:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: "1e400" or "inf" for an ERT, a rate or a timeout parses as a float that passes
+    # every bound (inf > 10), and a detector calibrated to an infinite ERT never alarms.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ChannelConfig(_Model):
@@ -550,7 +552,7 @@ class DriftConfig(_Model):
     min_rate_change: float = Field(
         0.25, ge=0, description="`windowed`: smallest relative change of a binary signal's rate worth an alarm"
     )
-    windows_s: list[float] = Field(
+    windows_s: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [300.0, 3600.0, 21600.0],
         min_length=1,
         description="`windowed`: event-time window lengths tested (seconds; multiples of 60 keep them aligned)",
@@ -577,6 +579,41 @@ class DriftConfig(_Model):
             message = detectors.missing_extra(name)
             if message is not None:
                 raise ValueError(message)
+        return self
+
+    @model_validator(mode="after")
+    def _detector_names_and_params(self) -> DriftConfig:
+        # A detector name or a parameter that does not exist used to pass here and fail every build
+        # of every stream's signals, one ERROR line each, leaving those signals unwatched.
+        import inspect
+
+        import detectors
+
+        where: dict[str, list[str]] = {}  # detector name -> the settings that name it
+        for signal, names in self.signals.items():
+            for name in names:
+                where.setdefault(name, []).append(f"drift.signals.{signal}")
+        for name in self.embedding.detectors:
+            where.setdefault(name, []).append("drift.embedding.detectors")
+        params = {f"drift.detector_params.{n}": (n, p) for n, p in self.detector_params.items()}
+        for signal, by_name in self.signal_params.items():
+            params |= {f"drift.signal_params.{signal}.{n}": (n, p) for n, p in by_name.items()}
+        for key, (name, _) in params.items():
+            where.setdefault(name, []).append(key)
+        unknown = sorted(n for n in where if n not in detectors.NAMES)
+        if unknown:
+            first = unknown[0]
+            raise ValueError(
+                f"unknown detector {first!r} (in {', '.join(where[first])}); known: {', '.join(detectors.NAMES)}"
+            )
+        for key, (name, given) in sorted(params.items()):
+            if not given or detectors.missing_extra(name) is not None:
+                continue  # the extra's absence is reported where the detector is used
+            accepted = set(inspect.signature(detectors.detector_class(name).__init__).parameters) - {"self"}
+            wrong = sorted((set(given) - accepted) | ({"ert", "x_ref"} & set(given)))  # those two are the monitor's
+            if wrong:
+                allowed = ", ".join(sorted(accepted - {"ert", "x_ref"}))
+                raise ValueError(f"{key}.{wrong[0]}: detector {name!r} has no such parameter (it takes {allowed})")
         return self
 
 
@@ -877,7 +914,11 @@ class QualityConfig(_Model):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="OVERSIGHT_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+        env_prefix="OVERSIGHT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
     dev: bool = Field(False, description="development mode: allows the built-in sampling key")
@@ -1024,29 +1065,9 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
     """Build the effective settings, raising :class:`ConfigError` with a readable message."""
     from pydantic import ValidationError
 
-    file_data: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        except UnicodeDecodeError as e:  # a binary file, or a text in another encoding
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        file_data = loaded
+    file_data = _read_config_file(Path(config_file)) if config_file is not None else {}
     set_data = _nest(overrides or [])
-    known = {name.upper() for name in Settings.model_fields}
-    for var in os.environ:
-        if var.startswith("OVERSIGHT_"):
-            head = var[len("OVERSIGHT_") :].split("__", 1)[0]
-            if head not in known:
-                raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
+    _check_environment()
     token = _LOAD.set((file_data, set_data))
     try:
         settings = Settings()
@@ -1059,8 +1080,37 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  {loc}: {msg}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+    except SettingsError as e:  # an OVERSIGHT_ variable holding a complex value that is not JSON
+        raise ConfigError(f"invalid configuration:\n  {e}: set it to JSON (or use --set / the config file)") from None
     finally:
         _LOAD.reset(token)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML configuration file holds (empty for an empty file)."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:  # a binary file, or a text in another encoding
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _check_environment() -> None:
+    """Refuse an ``OVERSIGHT_`` variable that names no section (a typo would otherwise be ignored)."""
+    known = {name.upper() for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith("OVERSIGHT_"):
+            head = var[len("OVERSIGHT_") :].split("__", 1)[0]
+            if head not in known:
+                raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
 
 
 def settings_json_schema(reserved: dict[str, str] | None = None) -> dict[str, Any]:

@@ -51,6 +51,42 @@ def test_unknown_yaml_and_env_keys_are_errors(tmp_path: Path, monkeypatch: pytes
         load_settings(None, [])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # Infinite or NaN floats passed every bound (inf > 10): a detector with an infinite ERT never alarms.
+        ("drift.ert=inf", "drift.ert: Input should be a finite number"),
+        ("drift.ert=1e400", "drift.ert: Input should be a finite number"),
+        ("sampling.human.rate=nan", "sampling.human.rate: Input should be a finite number"),
+        ("drift.windows_s=[0, 3600]", "drift.windows_s.0: Input should be greater than 0"),
+        # Unknown detectors and parameters failed every build of every stream instead, leaving signals unwatched.
+        ("drift.signals.refusal=[cusm]", "unknown detector 'cusm' (in drift.signals.refusal)"),
+        ("drift.embedding.detectors=[kmd]", "unknown detector 'kmd' (in drift.embedding.detectors)"),
+        (
+            "drift.detector_params.cusum.kk=0.2",
+            "drift.detector_params.cusum.kk: detector 'cusum' has no such parameter",
+        ),
+        ("drift.detector_params.cusum.ert=50", "drift.detector_params.cusum.ert: detector 'cusum' has no such"),
+        ("drift.signal_params.refusal.cusum.modes=up", "drift.signal_params.refusal.cusum.modes: detector 'cusum'"),
+        ("drift.detector_params.pagehinkley.delta=1", "unknown detector 'pagehinkley' (in drift.detector_params"),
+    ],
+)
+def test_settings_that_would_fail_at_run_time_are_refused_when_read(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, [override])
+    assert message in str(e.value), str(e.value)
+
+
+def test_known_detector_parameters_and_json_env_values_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(None, ["drift.detector_params.cusum.k=0.4", "drift.signal_params.refusal.cusum.mode=up"])
+    assert s.drift.detector_params["cusum"]["k"] == 0.4
+    monkeypatch.setenv("OVERSIGHT_DRIFT__SIGNALS", "{")  # a complex value that is not JSON: one line, not a crash
+    with pytest.raises(ConfigError, match="set it to JSON"):
+        load_settings(None, [])
+    monkeypatch.setenv("OVERSIGHT_DRIFT__SIGNALS", '{"refusal": ["cusum"]}')
+    assert load_settings(None, []).drift.signals == {"refusal": ["cusum"]}
+
+
 def test_sampling_key_required_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"sampling\.key"):
         load_settings(None, []).sampling_key()
