@@ -7,11 +7,13 @@ Stdlib only: imported by the CLI before any command runs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
 import os
 import zlib
+from collections.abc import Iterator
 from typing import IO, Any, cast
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -29,25 +31,27 @@ class DamagedFile(OSError):
 
 
 class _GzipReader(gzip.GzipFile):
-    """Reads like GzipFile; its damage is a :class:`DamagedFile`."""
+    """Reads like GzipFile; its damage is a :class:`DamagedFile` (through every way of reading:
+    ``read``, ``read1`` for a text wrapper, ``readline`` for iteration)."""
+
+    @contextlib.contextmanager
+    def _named_damage(self) -> Iterator[None]:
+        try:
+            yield
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DamagedFile(str(self.name), e) from None
 
     def read(self, size: int | None = -1) -> bytes:
-        try:
+        with self._named_damage():
             return super().read(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise DamagedFile(str(self.name), e) from None
 
     def read1(self, size: int = -1) -> bytes:
-        try:
+        with self._named_damage():
             return super().read1(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise DamagedFile(str(self.name), e) from None
 
     def readline(self, size: int | None = -1) -> bytes:
-        try:
+        with self._named_damage():
             return super().readline(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise DamagedFile(str(self.name), e) from None
 
 
 def is_gzip(path: str | os.PathLike[str]) -> bool:

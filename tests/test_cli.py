@@ -108,6 +108,20 @@ def test_replay_report_is_deterministic(tmp_path: Path) -> None:
     assert sum(st["sampled"]["rm"] for st in a["streams"].values()) == a["sampled"]["rm"]
 
 
+def every_episode_stored(tmp_path: Path) -> list[str]:
+    """A fresh SQLite database under ``tmp_path`` that keeps every episode (human sampling at 1), no drift."""
+    return [
+        "--db",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "--set",
+        "sampling.human.rate=1.0",
+        "--set",
+        "drift.enabled=false",
+        "--set",
+        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+    ]
+
+
 def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
     lines = [json.dumps({"episode_id": f"e{i}", "prompt": "p", "response": "r", "timestamp": i}) for i in range(300)]
     rep = tmp_path / "r.json"
@@ -117,14 +131,7 @@ def test_replay_from_stdin_with_set_overrides(tmp_path: Path) -> None:
         "-",
         "--report",
         str(rep),
-        "--db",
-        f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "--set",
-        "sampling.human.rate=1.0",
-        "--set",
-        "drift.enabled=false",
-        "--set",
-        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+        *every_episode_stored(tmp_path),
         input="\n".join(lines) + "\n\n",
     )
     assert res.returncode == 0, res.stderr
@@ -153,14 +160,7 @@ def test_a_damaged_gzip_input_is_one_line_exit_1_after_the_report(tmp_path: Path
         "--report",
         str(rep),
         "--dev",
-        "--db",
-        f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "--set",
-        "sampling.human.rate=1.0",
-        "--set",
-        "drift.enabled=false",
-        "--set",
-        f"dead_letter.path={tmp_path / 'd.jsonl'}",
+        *every_episode_stored(tmp_path),
     )
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr and "unexpected" not in res.stderr

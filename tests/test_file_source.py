@@ -147,23 +147,24 @@ def test_bom_alone_or_before_a_long_first_line(tmp_path: Path) -> None:
     assert [(r.value, r.full_size) for r in recs] == [(line, None)]
 
 
-def test_bom_on_a_pipe(tmp_path: Path) -> None:
+def through_a_pipe(tmp_path: Path, payload: bytes, batch: int = 10) -> tuple[FileSource, list[bytes]]:
+    """``payload`` written into a FIFO by a thread and read by a FileSource to its end: the source
+    and the values it gave."""
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
-    payload = BOM + b'{"a":1}\n' + b" " * 5000 + b'\n{"b":2}\n'
-
-    def write() -> None:
-        with open(fifo, "wb") as w:
-            w.write(payload)
-
-    writer = threading.Thread(target=write)
+    writer = threading.Thread(target=fifo.write_bytes, args=(payload,))
     writer.start()
     src = FileSource(str(fifo), 1000)
     src.open(Positions())
     got = []
     while not src.exhausted:
-        got += [r.value for r in src.poll(10, 1.0)]
+        got += [r.value for r in src.poll(batch, 1.0)]
     writer.join(5)
+    return src, got
+
+
+def test_bom_on_a_pipe(tmp_path: Path) -> None:
+    _, got = through_a_pipe(tmp_path, BOM + b'{"a":1}\n' + b" " * 5000 + b'\n{"b":2}\n')
     assert got == [b'{"a":1}', b'{"b":2}']
 
 
@@ -206,15 +207,5 @@ def test_a_damaged_gzip_ends_the_input_where_the_damage_starts(tmp_path: Path, d
 
 
 def test_a_damaged_gzip_on_a_pipe_says_so_too(tmp_path: Path) -> None:
-    path = damaged_gzips(tmp_path, 2000)["cut"]
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: Path(fifo).write_bytes(path.read_bytes()))
-    writer.start()
-    src = FileSource(str(fifo), 1000)
-    src.open(Positions())
-    got = []
-    while not src.exhausted:
-        got += [r.value for r in src.poll(500, 1.0)]
-    writer.join(5)
+    src, got = through_a_pipe(tmp_path, damaged_gzips(tmp_path, 2000)["cut"].read_bytes(), batch=500)
     assert 500 < len(got) < 2000 and src.input_error is not None and "end-of-stream marker" in src.input_error

@@ -267,11 +267,8 @@ def write_json(path: str, obj: Any) -> None:
         fh.write("\n")
 
 
-def ended_early(report: dict[str, Any]) -> None:
-    """Fail the command (exit 1, one line) when its input ended at damage, after its report: what
-    was read before the damage is committed and reported, and the rest was never read."""
-    if "input_error" in report:
-        raise CommandFailed(
-            f"{report['input_error']}; the {report['episodes']} episodes before it were processed and"
-            " committed (see the report)"
-        )
+def ended_early(input_error: str | None, episodes: int) -> None:
+    """Fail the command (exit 1, one line) when its input ended at damage (``input_error``), after
+    its report: the ``episodes`` before the damage are committed, the rest was never read."""
+    if input_error is not None:
+        raise CommandFailed(f"{input_error}; the {episodes} episodes before it were processed and committed")

@@ -59,7 +59,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         write_json(args.report, report)
     summary = {k: report[k] for k in ("episodes", "invalid", "sampled", "unconvertible")}
     print(json.dumps(summary))
-    ended_early(report)
+    ended_early(report.get("input_error"), report["episodes"])
     return 0
 
 

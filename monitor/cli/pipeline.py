@@ -19,7 +19,7 @@ from monitor.cli.common import (
     settings_from_args,
     write_json,
 )
-from monitor.errors import CommandFailed, UsageError, require_readable
+from monitor.errors import UsageError, require_readable
 
 log = logging.getLogger("oversight")
 
@@ -61,8 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_ABORTED
         error = file_input_error(svc.pipeline.source)
     log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
-    if error is not None:
-        raise CommandFailed(f"{error}; the {stats.records} records before it were processed and committed")
+    ended_early(error, stats.records)
     return 0
 
 
@@ -122,7 +121,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     report = replay_file(settings, args.input, progress=progress_of(args))
     write_json(args.report, report)
     print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
-    ended_early(report)
+    ended_early(report.get("input_error"), report["episodes"])
     return 0
 
 

@@ -146,6 +146,7 @@ class FileSource:
 
     def _read_failed(self, e: BaseException) -> None:
         """The input ends here: said once, kept for the command's report."""
+        # Not monitor.retry.first_line: importing it here closes an import cycle (through monitor.metrics).
         detail = (str(e).splitlines() or [type(e).__name__])[0][:300]
         self.input_error = f"reading {self.name} failed after byte {self._pos}: {detail}"
         log.error("%s; treating it as the end of the input", self.input_error)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monitor.inference.pairs import CHARS_PER_TOKEN
+from monitor.retry import first_line
 from monitor.reward.kinds.base import BackendError, Item, Score
 from monitor.reward.kinds.config import HfConfig
 from monitor.reward.kinds.resilience import BackendMetrics
@@ -46,7 +47,7 @@ def check_checkpoint(cfg: HfConfig) -> None:
     try:
         conf = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise BackendError(f"hf checkpoint {path}: its config does not load: {_first_line(e)}") from None
+        raise BackendError(f"hf checkpoint {path}: its config does not load: {first_line(e, 300)}") from None
     archs = list(getattr(conf, "architectures", None) or [])
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
         # AutoModelForSequenceClassification would load it with a freshly initialised (random) head.
@@ -62,7 +63,7 @@ def check_checkpoint(cfg: HfConfig) -> None:
     try:
         AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
     except Exception as e:  # tokenizer loaders raise many kinds on a broken file
-        raise BackendError(f"hf checkpoint {path}: its tokenizer does not load: {_first_line(e)}") from None
+        raise BackendError(f"hf checkpoint {path}: its tokenizer does not load: {first_line(e, 300)}") from None
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -76,7 +77,7 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BackendError(f"hf checkpoint {path}: {name} is not a weight index: {_first_line(e)}") from None
+            raise BackendError(f"hf checkpoint {path}: {name} is not a weight index: {first_line(e, 300)}") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise BackendError(f"hf checkpoint {path}: {name} names missing shards: {', '.join(missing[:3])}")
@@ -94,11 +95,7 @@ def _check_weights(f: Path) -> None:
         with safe_open(str(f), "pt"):
             pass
     except (SafetensorError, OSError) as e:
-        raise BackendError(f"hf checkpoint weights {f}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BackendError(f"hf checkpoint weights {f}: {first_line(e, 300)}") from None
 
 
 class HfBackend:
