@@ -162,7 +162,8 @@ def length_on_new(settings: Any, data: str, report: dict[str, Any]) -> dict[str,
     from monitor.reward.train import length_baseline
     from monitor.simulate.loop import Truth
 
-    truth = Truth.load(data, settings.simulate.answer_key, settings.source.max_episode_bytes)
+    source = settings.source
+    truth = Truth.load(data, settings.simulate.answer_key, source.max_episode_bytes, source.max_future_s)
     # The report's events carry the alarm episode, whose event time is the change point it uses.
     since: dict[str, float] = {}
     for ev in sorted(report["drift_events"], key=lambda e: e["index"]):

@@ -112,7 +112,7 @@ def run_seed(seed: int, share: float, lines: list[bytes], tmp: str) -> dict[str,
         # of the file that was never ingested may hold it (the reviewer would take it for that one).
         subset = Path(tmp) / f"traffic-{seed}.jsonl"
         subset.write_bytes(b"\n".join(lines) + b"\n")
-        truth = Truth.load(str(subset), s.simulate.answer_key, s.source.max_episode_bytes)
+        truth = Truth.load(str(subset), s.simulate.answer_key, s.source.max_episode_bytes, s.source.max_future_s)
         url = svc.serve_review(0, metrics_listener=False).url
         with httpx.Client(base_url=url.rstrip("/"), timeout=30.0) as client:
             reviewers = make_reviewers(s, svc.store, client)

@@ -148,6 +148,17 @@ class SourceConfig(_Model):
     kind: Literal["file", "stdin", "kafka", "inbox"] = "file"
     path: str | None = None
     max_episode_bytes: int = Field(256 * 1024, gt=0)
+    # Event time is each stream's clock, and it only moves forward (the largest timestamp seen):
+    # one record stamped in the far future would end every active boost, freeze the review budget
+    # and make the next boost last forever. Kafka refuses such records the same way
+    # (log.message.timestamp.after.max.ms).
+    max_future_s: float | None = Field(
+        300.0,
+        gt=0,
+        description="a record whose timestamp is more than this ahead of the reader's clock is refused"
+        " (dead letter or per-record rejection, reason timestamp_in_future); null: no limit, for a replay of"
+        " traffic stamped ahead of today",
+    )
 
 
 class KafkaConfig(_Model):

@@ -33,6 +33,7 @@ CORPUS: list[tuple[bytes, str]] = [
     (b'{"episode_id": "s", "prompt": "p", "response": "\\udc00"}', "invalid_unicode"),
     (b'{"episode_id": "x", "prompt": "p", "response": "r", "extra": 1}', "unknown_field"),
     (b'{"episode_id": "ts", "prompt": "p", "response": "r", "timestamp": "soon"}', "invalid_value"),
+    (b'{"episode_id": "tf", "prompt": "p", "response": "r", "timestamp": 253402300799}', "timestamp_in_future"),
     # Issue 13's poison pills: each of these crashed replay and run, with nothing of the batch committed.
     (b'{"episode_id": "i1", "prompt": "p", "response": "r", "timestamp": 1' + b"0" * 400 + b"}", "number_out_of_range"),
     (

@@ -191,3 +191,15 @@ def test_huge_integer_timestamp_is_out_of_range() -> None:
             parse_timestamp(value)
         assert ei.value.reason == "invalid_value"
     assert parse_timestamp(253402300799) == 253402300799.0
+
+
+def test_a_timestamp_past_the_skew_limit_is_refused_with_its_stream() -> None:
+    assert parse_episode(ok(timestamp=NOW + 300, stream="chat"), LIMIT, NOW, 300.0).timestamp == NOW + 300
+    with pytest.raises(InvalidEpisode) as ei:
+        parse_episode(ok(timestamp="2026-01-01T00:05:01Z", stream="chat"), LIMIT, NOW, 300.0)
+    e = ei.value
+    assert (e.reason, e.episode_id, e.stream) == ("timestamp_in_future", "e1", "chat")
+    assert "2026-01-01T00:05:01Z is 301 s ahead" in e.detail
+    # No limit, and a record without a timestamp is stamped with the reader's clock.
+    assert parse_episode(ok(timestamp="9999-12-31T23:59:59Z"), LIMIT, NOW, None).timestamp == 253402300799.0
+    assert parse_episode(ok(), LIMIT, NOW, 0.001).timestamp == NOW

@@ -51,9 +51,9 @@ def test_readers_of_whole_files_fail_on_damage_with_the_file_named(tmp_path: Pat
     """The simulation's ground truth and the pair files are read whole before any work: damage
     fails them at once, as one error naming the file (the CLI prints it in one line, exit 1)."""
     episodes, pairs = files(tmp_path / "episodes"), files(tmp_path / "pairs", PAIR)
-    assert len(Truth.load(str(episodes["whole"]), "k", 1 << 20).episodes) == 2000
+    assert len(Truth.load(str(episodes["whole"]), "k", 1 << 20, None).episodes) == 2000
     assert len(read_pairs(pairs["whole"])) == 2000
     with pytest.raises(DamagedFile, match=r"cut\.jsonl\.gz"):
-        Truth.load(str(episodes["cut"]), "k", 1 << 20)
+        Truth.load(str(episodes["cut"]), "k", 1 << 20, None)
     with pytest.raises(DamagedFile, match=r"cut\.jsonl\.gz"):
         read_pairs(pairs["cut"])

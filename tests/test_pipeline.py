@@ -270,6 +270,36 @@ def test_boost_changes_rates_and_is_checkpointed(db_url: str, tmp_path: Path) ->
     assert r.get_sample_value("oversight_sampling_boost_factor", {"stream": "s", "channel": "human"}) == 4.0
 
 
+FUTURE = json.dumps(
+    {"episode_id": "s-future", "stream": "s", "prompt": "p", "response": "r", "timestamp": "9999-12-31T23:59:59Z"}
+).encode()
+
+
+def test_a_record_from_the_far_future_is_refused_and_leaves_the_streams_clock(db_url: str, tmp_path: Path) -> None:
+    """Event time only moves forward: accepted, this one record would end the boost at once
+    (and a boost made after it would never end)."""
+    s = settings(db_url, tmp_path)
+    values = episodes(100)
+    p = make(s, [*values[:50], FUTURE, *values[50:]])
+    p.open()
+    p.process_batch(p.source.poll(50, 0.0))
+    p.boost("s", 4.0, duration=1000.0)
+    p.process_batch(p.source.poll(51, 0.0))
+    assert dict(p.stats.dead_letters) == {"timestamp_in_future": 1}
+    assert p.sampler.state("s").clock == 1_767_225_600 + 99
+    probs = {r["episode_id"]: r["inclusion_probability"] for r in p.store.sampled("s", "human")}
+    later = [probs[e] for e in probs if int(e.split("-")[1]) >= 50]
+    assert later and all(x == pytest.approx(0.2) for x in later)
+    letter = json.loads(Path(s.dead_letter.path).read_text().splitlines()[0])
+    assert letter["episode_id"] == "s-future" and "source.max_future_s = 300 s" in letter["detail"]
+
+
+def test_max_future_s_null_takes_every_timestamp(db_url: str, tmp_path: Path) -> None:
+    p = make(settings(db_url, tmp_path, "source.max_future_s=null"), [*episodes(10), FUTURE])
+    p.run()
+    assert p.stats.invalid == 0 and p.store.traffic_count("s") == 11
+
+
 def test_episode_the_database_refuses_is_dead_lettered(pg_url: str, tmp_path: Path) -> None:
     """Passes validation, refused by PostgreSQL (a model name over the column width is caught
     by validation, so use a JSON metadata key PostgreSQL JSONB refuses: none exist after

@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -77,6 +77,7 @@ REASONS: tuple[str, ...] = (
     "invalid_unicode",
     "too_deep",
     "number_out_of_range",
+    "timestamp_in_future",
     *CONVERSATION_REASONS,
 )
 # Reasons the pipeline gives a record that passed validation: the database refused it,
@@ -236,8 +237,40 @@ def _bounded_int(text: str) -> int | float:
     return _finite_float(text)
 
 
-def parse_episode(raw: bytes, max_bytes: int, now: float) -> Episode:
-    """Validate one raw record; raise :class:`InvalidEpisode` with a reason."""
+def parse_episode(raw: bytes, max_bytes: int, now: float, max_future_s: float | None = None) -> Episode:
+    """Validate one raw record; raise :class:`InvalidEpisode` with a reason.
+
+    ``now`` is the reader's clock: the timestamp of a record without one, and, with
+    ``max_future_s``, the time a record's timestamp may not pass by more than that. Event time
+    is the stream's clock (the sampler's boosts and review budget, the windowed detectors), and
+    it only moves forward: one episode stamped in the year 9999 would end every active boost,
+    freeze the review budget and make the next boost last forever.
+
+    >>> parse_episode(b'{"episode_id": "e1", "prompt": "p", "response": "r", "timestamp": 7200}', 1024, 0.0, 3600.0)
+    Traceback (most recent call last):
+    ...
+    monitor.episodes.validate.InvalidEpisode: timestamp_in_future: timestamp 1970-01-01T02:00:00Z is 7200 s ahead \
+of this reader's clock (limit: source.max_future_s = 3600 s)
+    """
+    ep = _parse(raw, max_bytes, now)
+    if max_future_s is not None and ep.timestamp > now + max_future_s:
+        raise _in_future(ep, now, max_future_s)
+    return ep
+
+
+def _in_future(ep: Episode, now: float, max_future_s: float) -> InvalidEpisode:
+    # The timestamp passed parse_timestamp, so it is a year between 1970 and 9999.
+    stamp = datetime.fromtimestamp(ep.timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return InvalidEpisode(
+        "timestamp_in_future",
+        f"timestamp {stamp} is {ep.timestamp - now:.0f} s ahead of this reader's clock"
+        f" (limit: source.max_future_s = {max_future_s:g} s)",
+        ep.episode_id,
+        ep.stream,
+    )
+
+
+def _parse(raw: bytes, max_bytes: int, now: float) -> Episode:
     size = len(raw)
     if size > max_bytes:
         raise InvalidEpisode("oversize", f"record is {size} bytes, limit is {max_bytes}")

@@ -82,6 +82,7 @@ class IngestContext:
 
     cfg: IngestConfig
     max_episode_bytes: int
+    max_future_s: float | None
     tokens: TokenCache
     handoff: Handoff
     metrics: IngestMetrics
@@ -158,7 +159,7 @@ class IngestContext:
 
     def _check(self, i: int, raw: bytes, principal: Principal, now: float, seen: set[str]) -> RecordResult | InboxRow:
         try:
-            ep = parse_episode(raw, self.max_episode_bytes, now)
+            ep = parse_episode(raw, self.max_episode_bytes, now, self.max_future_s)
         except InvalidEpisode as e:
             return RecordResult(index=i, episode_id=e.episode_id, status="rejected", reason=e.reason, detail=e.detail)
         except Exception as e:  # a bug in validation must not fail the other records
@@ -322,6 +323,7 @@ def build_context(
     return IngestContext(
         cfg=cfg,
         max_episode_bytes=settings.source.max_episode_bytes,
+        max_future_s=settings.source.max_future_s,
         tokens=TokenCache(store, cfg.token_refresh_s),
         handoff=handoff,
         metrics=IngestMetrics(registry),

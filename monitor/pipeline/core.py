@@ -404,6 +404,7 @@ class Pipeline:
         batch, letters, tally, next_offsets = draft.batch, draft.letters, draft.tally, draft.next_offsets
         traffic = batch.traffic
         sampler, observers, max_bytes, kafka = self.sampler, self.observers, self._max_bytes, self._kafka
+        max_future_s = self.settings.source.max_future_s
         source_name = self.source.name
         idx = self._index - 1
         for rec in records:
@@ -414,7 +415,7 @@ class Pipeline:
             try:
                 if rec.full_size is not None:
                     raise InvalidEpisode("oversize", f"record is {rec.full_size} bytes, limit is {max_bytes}")
-                ep = parse_episode(rec.value, max_bytes, now)
+                ep = parse_episode(rec.value, max_bytes, now, max_future_s)
                 stream = ep.stream
                 d = sampler.decide(ep.episode_id, stream, ep.timestamp)
                 n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0

@@ -102,7 +102,7 @@ class Truth:
     episodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str, key: str, max_bytes: int) -> Truth:
+    def load(cls, path: str, key: str, max_bytes: int, max_future_s: float | None) -> Truth:
         from monitor.episodes import InvalidEpisode, parse_episode
 
         out = cls()
@@ -112,7 +112,7 @@ class Truth:
                 if not line.strip():
                     continue
                 try:
-                    ep = parse_episode(line.rstrip(b"\r\n"), max_bytes, now)
+                    ep = parse_episode(line.rstrip(b"\r\n"), max_bytes, now, max_future_s)
                 except InvalidEpisode:
                     continue  # the pipeline dead-letters it
                 v = (ep.metadata or {}).get(key)
@@ -421,7 +421,7 @@ class Simulation:
 
         s = self.settings
         cfg = s.simulate
-        truth = Truth.load(self.input, cfg.answer_key, s.source.max_episode_bytes)
+        truth = Truth.load(self.input, cfg.answer_key, s.source.max_episode_bytes, s.source.max_future_s)
         source = build_source(s, resume=True, name=f"simulate:{Path(self.input).resolve()}")
         with build_service(s, source=source, serve=True) as svc:
             store = svc.store

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -144,6 +145,20 @@ def test_json_array_ndjson_gzip_and_per_record_errors(env: Env) -> None:
     r = env.post(gzip.compress(ndjson([episode(12)])), headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200 and r.json()["accepted"] == 1
     assert env.inbox_ids() == ["ep-chat-1", "ep-chat-2", "ep-chat-10", "ep-chat-11", "ep-chat-12"]
+
+
+def test_a_timestamp_ahead_of_the_servers_clock_is_rejected_beyond_the_skew_limit(env: Env) -> None:
+    now = time.time()
+    records = [{**episode(1), "timestamp": now + 60}, {**episode(2), "timestamp": now + 3600}]
+    out = env.post(ndjson(records)).json()
+    assert [(x["status"], x["reason"]) for x in out["results"]] == [
+        ("accepted", None),
+        ("rejected", "timestamp_in_future"),
+    ]
+    assert re.search(r"is 3[56]\d\d s ahead of this reader's clock", out["results"][1]["detail"])
+    registry = env.server.ctx.metrics.registry
+    assert registry.get_sample_value("oversight_ingest_rejected_total", {"reason": "timestamp_in_future"}) == 1
+    assert env.inbox_ids() == ["ep-chat-1"]
 
 
 def test_a_retried_request_is_idempotent(env: Env) -> None:
