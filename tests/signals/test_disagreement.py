@@ -101,3 +101,87 @@ def test_agreeing_labels_feed_zeros(tmp_path: Path) -> None:
     # Median rating 3: e4..e6 good on both sides, e1..e3 bad on both sides.
     assert [a[2] for a in fed] == [0.0] * 6
     store.close()
+
+
+def _label_streams(store: Store, streams: list[str], first: int, per_stream: int = 2) -> None:
+    """``per_stream`` scored and labelled episodes in each stream, the episode ids numbered from ``first``."""
+    now = 1_700_000_000.0
+    eps, scores, labels = [], [], []
+    for k, stream in enumerate(streams):
+        for j in range(per_stream):
+            eid, ts = f"{stream}-e{first + j}", now + k
+            eps.append(
+                {
+                    "episode_id": eid,
+                    "stream": stream,
+                    "model": None,
+                    "ts": ts,
+                    "prompt": "p",
+                    "response": "r",
+                    "metadata": None,
+                    "source": "test",
+                    "position": eid,
+                    "ingested_at": now,
+                }
+            )
+            scores.append(
+                {"episode_id": eid, "version": "v1", "stream": stream, "score": float(j), "ts": ts, "created_at": now}
+            )
+            labels.append(
+                {
+                    "episode_id": eid,
+                    "slot": 0,
+                    "user_id": 1,
+                    "stream": stream,
+                    "skipped": False,
+                    "rating": 5 - j,
+                    "flags": [],
+                    "critique": "",
+                    "time_spent_ms": 0,
+                    "created_at": ts,
+                }
+            )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.rm_scores.insert(), scores)
+        conn.execute(t.labels.insert(), labels)
+
+
+def test_thousands_of_streams_are_fed_once_each_without_one_query_per_stream(db_url: str) -> None:
+    """One condition per owned stream in one query failed every checkpoint on SQLite beyond about
+    1,000 streams ("Expression tree is too large"), and the pipeline retried it forever."""
+    store = Store(db_url)
+    with store.engine.begin() as conn:
+        conn.execute(t.users.insert().values(id=1, name="r", role="reviewer", password_hash="x", created_at=0.0))
+    streams = [f"s{i}" for i in range(2500)]
+    _label_streams(store, streams, 0)
+    fed: list[tuple[Any, ...]] = []
+    feed = DisagreementFeed(store, lambda *a: fed.append(a))
+    for i, s in enumerate(streams[:2400]):  # s2400.. are another replica's
+        feed.observe(_Ep(f"x{i}", s), None, i)  # type: ignore[arg-type]
+    state: dict[Any, Any] = {}
+    state.update(feed.checkpoint())
+    # Labels keep coming while the streams are caught up (1,000 streams per checkpoint).
+    _label_streams(store, streams[:3] + streams[-3:], 10)
+    state.update(feed.checkpoint())
+    state.update(feed.checkpoint())
+    assert feed.checkpoint() == {}
+    ids = [a[3] for a in fed]
+    assert len(ids) == len(set(ids)) == 2 * 2400 + 2 * 3
+    assert {e.split("-")[0] for e in ids} == set(streams[:2400])
+    assert [a[3] for a in fed if a[0] == "s1"] == ["s1-e0", "s1-e1", "s1-e10", "s1-e11"]  # in label order
+    # A restart from the committed cursors feeds nothing twice; a new label is fed once.
+    with store.engine.begin() as conn:
+        conn.execute(
+            t.stream_state.insert(),
+            [{"stream": s, "component": c, "state": v, "updated_at": 0.0} for (s, c), v in state.items()],
+        )
+    _label_streams(store, ["s7"], 20, per_stream=1)
+    again: list[tuple[Any, ...]] = []
+    feed2 = DisagreementFeed(store, lambda *a: again.append(a))
+    for i, s in enumerate(streams[:2400]):
+        feed2.observe(_Ep(f"y{i}", s), None, i)  # type: ignore[arg-type]
+    for _ in range(4):
+        feed2.checkpoint()
+    assert [a[3] for a in again] == ["s7-e20"]
+    store.close()
