@@ -735,6 +735,13 @@ class RewardConfig(_Model):
         1000, gt=0, description="remote kinds: scores held in memory waiting for their commit (the rest wait in the DB)"
     )
     backlog_poll_s: float = Field(1.0, gt=0, description="remote kinds: how often the background scorer looks for work")
+    backlog_give_up_after: int = Field(
+        5,
+        ge=0,
+        description="an episode whose score failed this many times, each time while other episodes were scored"
+        " (a judge that refuses its prompt, an answer that cannot be parsed), leaves the backlog for good"
+        " (samples status unscorable, oversight_rm_async_scored_total{outcome=given_up}); 0: retried forever",
+    )
 
 
 class WebhookConfig(_Model):

@@ -12,7 +12,13 @@ fetched again.
 
 Ingest never waits for any of this. The worker holds at most ``max_pending`` results not yet
 committed and waits when it has that many; an item whose computation failed waits
-``retry_after_s`` before it is fetched again. Handed-out items are *claimed* so that the next
+``retry_after_s`` before it is fetched again. With ``give_up_after``, an item that failed that
+many times, each time after the model had produced other results since its previous failure, is
+the item's fault (a judge that refuses one prompt with a 400, an answer it cannot parse), not the
+model's: ``give_up`` takes it off the backlog for good. Without that, such items piled up, oldest
+first in every fetch, and their retries took a growing share of the worker until the items
+behind them starved. A model that fails every item (an endpoint down, a broken prompt template)
+gives up on none: its items wait until it recovers. Handed-out items are *claimed* so that the next
 fetch skips them until their commit (or release, when the pipeline dropped its batch).
 
 Nor does ingest share the CPU with it as an equal. The worker's thread runs ``nice`` steps below
@@ -47,6 +53,8 @@ Fetch = Callable[[int, frozenset[str]], Sequence[W]]
 Compute = Callable[[Sequence[W]], Sequence["R | None"]]
 #: After each round, with (results, failures): metrics.
 Counted = Callable[[int, int], None]
+#: ``give_up(items)``: take items off the backlog for good (durably: they are not fetched again).
+GiveUp = Callable[[Sequence[W]], None]
 
 CLAIM_S = 3600.0  # a result handed over is committed (or released) long before this
 
@@ -76,6 +84,8 @@ class BackgroundWork(Generic[W, R]):
         counted: Counted | None = None,
         waiting: Callable[[frozenset[str]], bool] | None = None,
         nice: int = 0,
+        give_up_after: int = 0,
+        give_up: GiveUp[W] | None = None,
     ):
         self.name = name
         self.fetch = fetch
@@ -91,6 +101,12 @@ class BackgroundWork(Generic[W, R]):
         # yet is still work left.
         self.waiting = waiting
         self.nice = nice
+        self.give_up_after = give_up_after if give_up is not None else 0
+        self.give_up = give_up
+        self.given_up = 0  # items taken off the backlog as hopeless, over the worker's life
+        # Per failing item: failures that counted, and ``computed`` at its last failure (a failure
+        # counts only when other results came since: the model works, this item does not).
+        self._failures: dict[str, tuple[int, int]] = {}
         self.failed = 0  # items whose computation failed (they stay waiting), over the worker's life
         self.attempted = 0
         self.computed = 0
@@ -179,9 +195,44 @@ class BackgroundWork(Generic[W, R]):
         self.failed += failed
         self.attempted += len(items)
         self.computed += len(good)
+        if self.give_up_after:
+            self._count_failures(items, results, len(good))
         if self.counted is not None:
             self.counted(len(good), failed)
         return len(good)
+
+    def _count_failures(self, items: Sequence[W], results: Sequence[R | None], good: int) -> None:
+        """Count each failed item's failures that the model's other results show to be the item's,
+        and give up on those that reached ``give_up_after``."""
+        hopeless: list[W] = []
+        for w, r in zip(items, results, strict=True):
+            k = self.key(w)
+            if r is not None:
+                self._failures.pop(k, None)
+                continue
+            # Results since the item's last failure; at its first, this round's.
+            count, seen = self._failures.get(k, (0, self.computed - good))
+            count += self.computed > seen
+            self._failures[k] = (count, self.computed)
+            if count >= self.give_up_after:
+                hopeless.append(w)
+        if not hopeless or self.give_up is None:
+            return
+        try:
+            self.give_up(hopeless)
+        except Exception as e:  # the database: they stay waiting, and are given up at their next failure
+            log.warning("background %s could not give up on %d items: %s", self.name, len(hopeless), first_line(e))
+            return
+        for w in hopeless:
+            self._failures.pop(self.key(w), None)
+        self.given_up += len(hopeless)
+        log.warning(
+            "background %s gave up on %d items that failed %d times each while others succeeded (first: %s)",
+            self.name,
+            len(hopeless),
+            self.give_up_after,
+            self.key(hopeless[0])[:80],
+        )
 
     def outstanding(self) -> bool:
         """Work left: results held for the owner, or an item waiting that is not claimed (one being

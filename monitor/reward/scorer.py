@@ -401,6 +401,7 @@ class RewardScorer:
                 batch=self.cfg.batch_size,
                 poll_s=self.cfg.backlog_poll_s,
                 max_pending=self.cfg.backlog_max,
+                give_up_after=self.cfg.backlog_give_up_after,
                 counted=counted,
                 streams=self._streams,
                 shared=shared,

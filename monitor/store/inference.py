@@ -109,6 +109,7 @@ def embedding_backlog(store: Store, now: float | None = None) -> Backlog:
 # -- the score backlog -----------------------------------------------------------
 SCORED_CHANNELS = ("rm", "human")
 SCORED = "scored"
+UNSCORABLE = "unscorable"  # given up: its score failed again and again while other episodes were scored
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,23 @@ def _to_score(conn: Any, ids: Sequence[str], rm: Collection[str]) -> list[ToScor
         for i in ids
         if (x := by_id.get(i)) is not None
     ]
+
+
+def give_up_scoring(store: Store, episode_ids: Sequence[str]) -> None:
+    """Take episodes off the score backlog for good: their rm and human samples still waiting are
+    marked ``unscorable`` (an episode scored in the meantime keeps its mark)."""
+    s = t.samples
+    with store.engine.begin() as conn:
+        for i in range(0, len(episode_ids), 500):
+            conn.execute(
+                s.update()
+                .where(
+                    s.c.channel.in_(SCORED_CHANNELS),
+                    s.c.status == PENDING,
+                    s.c.episode_id.in_(list(episode_ids[i : i + 500])),
+                )
+                .values(status=UNSCORABLE)
+            )
 
 
 def score_backlog_stats(store: Store, stream: str | None = None, now: float | None = None) -> Backlog:

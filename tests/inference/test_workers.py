@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,3 +326,34 @@ def test_a_worker_started_by_a_worker_is_not_lowered_twice() -> None:
     th.start()
     th.join()
     assert got == [min(19, base + 5)] * 3
+
+
+def test_an_item_that_fails_while_others_succeed_is_given_up_and_a_model_that_fails_all_gives_up_none() -> None:
+    """Batches of nothing but failing items (the oldest, fetched together) still count, as long
+    as the model produced other results between their attempts."""
+    waiting = {f"{'p' if i % 4 == 0 else 'g'}{i}": i for i in range(64)}
+    down = [True]
+    gave_up: list[str] = []
+
+    def fetch(n: int, skip: frozenset[str]) -> list[str]:
+        return [k for k in sorted(waiting, key=waiting.__getitem__) if k not in skip][:n]
+
+    def compute(items: Sequence[str]) -> list[float | None]:
+        return [None if down[0] or k.startswith("p") else 1.0 for k in items]
+
+    def give_up(items: Sequence[str]) -> None:
+        gave_up.extend(items)
+        for k in items:
+            del waiting[k]
+
+    work = BackgroundWork("t", fetch, compute, key=str, batch=4, retry_after_s=0.0, give_up_after=3, give_up=give_up)
+    for _ in range(40):  # every item fails many times over: an outage, not the items
+        work.run_once()
+    assert work.given_up == 0 and len(waiting) == 64
+    down[0] = False
+    for i in range(64, 144):  # traffic goes on: one new item a round
+        waiting[f"g{i}"] = i
+        work.run_once()
+        for k, _ in work.take():
+            waiting.pop(k, None)
+    assert sorted(gave_up) == sorted(f"p{i}" for i in range(0, 64, 4)) and len(waiting) <= 4

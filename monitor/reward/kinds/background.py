@@ -8,7 +8,9 @@ scores back; the pipeline's scorer takes them at its next checkpoint and commits
 batch (or, when no record comes, through the pipeline's idle commit), so rows, the outbox and the
 drift feed go exactly where inline scores go. Nothing is lost: a restart finds the same episodes
 waiting; an item whose score failed (timeout, open circuit, malformed answer) stays waiting and is
-tried again after a backoff. Ingest never waits for any of it; the worker holds at most
+tried again after a backoff, until ``give_up_after`` failures that the backend's other scores
+show to be the item's own take it off the backlog (``monitor.pipeline.background``). Ingest never
+waits for any of it; the worker holds at most
 ``max_pending`` scores not yet committed, and waits when it has that many.
 """
 
@@ -24,7 +26,7 @@ from monitor.pipeline.background import BackgroundWork
 from monitor.reward.kinds.base import Item, Score, ScoringBackend
 from monitor.reward.kinds.resilience import BackendMetrics
 from monitor.store import Store
-from monitor.store.inference import ToScore, score_backlog_stats, waiting_for_score
+from monitor.store.inference import ToScore, give_up_scoring, score_backlog_stats, waiting_for_score
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
         counted: Callable[[int, int], None] | None = None,
         streams: Callable[[], Collection[str] | None] | None = None,
         shared: SharedVectors | None = None,
+        give_up_after: int = 0,
     ):
         self.store = store
         self.backend = backend
@@ -88,7 +91,13 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
             max_pending=max_pending,
             retry_after_s=retry_after_s,
             counted=self._count,
+            give_up_after=give_up_after,
+            give_up=self._give_up,
         )
+
+    def _give_up(self, items: Sequence[ToScore]) -> None:
+        give_up_scoring(self.store, [w.episode_id for w in items])
+        self.metrics.async_scored.labels("given_up").inc(len(items))
 
     def _count(self, ok: int, failed: int) -> None:
         self.metrics.async_scored.labels("ok").inc(ok)

@@ -108,7 +108,7 @@ class BackendMetrics:
             self.breaker.labels(kind).set(0)
             for o in OUTCOMES:
                 self.requests.labels(kind, o)
-        for o in ("ok", "failed"):
+        for o in ("ok", "failed", "given_up"):
             self.async_scored.labels(o)
 
     @classmethod

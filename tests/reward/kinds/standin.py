@@ -17,12 +17,15 @@ from typing import Any
 @dataclass
 class Script:
     """What the stand-in answers. ``fail_first``: that many requests get a 500 first; ``mode``:
-    ok | fail (500 always) | malformed | slow (sleep ``delay`` s) | hold (wait for ``release``)."""
+    ok | fail (500 always) | malformed | slow (sleep ``delay`` s) | hold (wait for ``release``).
+    ``refuse``: a request whose body holds it gets a 400, as a judge refuses a prompt it will not
+    grade (a content policy), in any mode."""
 
     mode: str = "ok"
     logprobs: bool = True
     delay: float = 0.0
     fail_first: int = 0
+    refuse: str | None = None
     release: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
     in_flight: int = 0
@@ -115,6 +118,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(script.delay)
         if script.mode == "hold":
             script.release.wait(60)
+        if script.refuse is not None and script.refuse in json.dumps(body):
+            self._send(400, b'{"error": {"message": "the prompt was refused by the content policy"}}')
+            return
         if script.mode == "fail" or hit <= script.fail_first:
             self._send(500, b'{"error": "scripted failure"}')
             return

@@ -89,3 +89,88 @@ def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
     by_id = {r.episode_id: r.score for r in rows}
     assert by_id["e99"] > by_id["e0"] and round(by_id["e0"]) == judge_score("")
     store.close()
+
+
+def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_on_none(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    """Retried forever, refused episodes piled up oldest first in every fetch, and their retries
+    took a growing share of the judge's calls until the episodes behind them starved."""
+    import time
+
+    from monitor.reward.kinds.background import BackgroundScorer
+
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"dead_letter.path={tmp_path / 'dead.jsonl'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            "sampling.rm.rate=1.0",
+            "drift.enabled=false",
+            "reward.enabled=false",  # nothing scores during ingest: all 30 wait
+        ],
+    )
+    store = Store(settings.database.url)
+    values = [
+        json.dumps(
+            {"episode_id": f"e{i}", "stream": "chat", "timestamp": 1_767_225_600 + i, "prompt": "Q?", "response": r}
+        ).encode()
+        for i, r in enumerate(["POISON" if i in (0, 7) else "A" * i for i in range(30)])
+    ]
+    with build_service(
+        settings,
+        source=MemorySource(values),
+        serve=False,
+        store=store,
+        dead_letters=JsonlDeadLetterSink(settings.dead_letter.path, 1000),
+        registry=CollectorRegistry(),
+    ) as svc:
+        svc.run()
+    assert backlog_count(store) == 30
+    judge = {
+        "base_url": f"{judge_standin.url}/v1",
+        "model": "stand-in",
+        "resilience": {"max_attempts": 1, "breaker_reset_s": 0.01},
+    }
+    registry = Registry.for_settings(store, settings)
+    version = registry.register(KindVersion.create("judge", judge), data_window={}, metrics={})
+    backend = load_backend(registry.path_of(version))
+    prom = CollectorRegistry()
+    worker = BackgroundScorer(store, backend, BackendMetrics.on(prom), batch=8, retry_after_s=0.01, give_up_after=3)
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            worker.run_once()
+            store.record_scores(
+                [
+                    {
+                        "episode_id": w.episode_id,
+                        "version": "v",
+                        "stream": w.stream,
+                        "score": float(sc.value or 0.0),
+                        "ts": w.ts,
+                        "created_at": 0.0,
+                    }
+                    for w, sc in worker.take()
+                ]
+            )
+            time.sleep(0.02)
+
+    judge_standin.script.mode = "fail"  # the endpoint is down: every episode fails, none is given up
+    rounds(12)
+    assert worker.failed >= 30 and worker.given_up == 0 and backlog_count(store) == 30
+    judge_standin.script.mode, judge_standin.script.refuse = "ok", "POISON"
+    rounds(12)
+    assert worker.given_up == 2 and backlog_count(store) == 0
+    with store.engine.connect() as conn:
+        status = dict(conn.execute(sa.select(t.samples.c.episode_id, t.samples.c.status)).all())
+    assert {e for e, s in status.items() if s == "unscorable"} == {"e0", "e7"}
+    assert prom.get_sample_value("oversight_rm_async_scored_total", {"outcome": "given_up"}) == 2
+    refused = [b for b in judge_standin.script.bodies if "POISON" in json.dumps(b)]
+    hits = len(refused)
+    rounds(3)  # never asked again
+    assert len([b for b in judge_standin.script.bodies if "POISON" in json.dumps(b)]) == hits
+    backend.close()
+    store.close()
