@@ -398,7 +398,8 @@ class InferenceMetrics:
             Counter(
                 "inference_items",
                 "Items the inference workers computed, by stage (embedding, rm_score) and outcome (ok, failed; "
-                "embedding shared: taken from the reward-model score's encoder pass, also counted ok)",
+                "embedding shared: taken from the reward-model score's encoder pass, also counted ok; rm_score "
+                "given_up: taken off the backlog after reward.backlog_give_up_after failures of its own)",
                 ["stage", "outcome"],
                 namespace=NS,
                 registry=r,
@@ -437,3 +438,4 @@ class InferenceMetrics:
                 self.backlog.labels(stage)
                 self.lag.labels(stage)
         self.items.labels("embedding", "shared")
+        self.items.labels("rm_score", "given_up")

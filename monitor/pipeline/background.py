@@ -303,6 +303,8 @@ def episode_work(
     batch: int | None = None,
     counted: Counted | None = None,
     waiting: Callable[[frozenset[str]], bool] | None = None,
+    give_up_after: int = 0,
+    give_up: GiveUp[W] | None = None,
 ) -> BackgroundWork[W, R]:
     """A worker over items keyed by their ``episode_id``, paced by ``inference`` (``batch``: items
     per fetch, default ``inference.batch_size``; its thread ``inference.nice`` below ingest's
@@ -319,4 +321,6 @@ def episode_work(
         counted=counted,
         waiting=waiting,
         nice=icfg.nice,
+        give_up_after=give_up_after,
+        give_up=give_up,
     )

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from monitor.config import Settings
 from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import NS, InferenceMetrics
-from monitor.pipeline.background import BackgroundWork, episode_work, lower_thread_priority
+from monitor.pipeline.background import BackgroundWork, GiveUp, episode_work, lower_thread_priority
 from monitor.retry import first_line
 from monitor.reward.kinds.base import share_drift_pass
 from monitor.reward.registry import Registry, VersionWatch
@@ -48,6 +48,7 @@ from monitor.store.inference import (
     ToScore,
     claim_for_embedding,
     claim_for_score,
+    give_up_scoring,
     prune_results,
     store_results,
 )
@@ -177,9 +178,16 @@ class InferenceWorker:
             rows = [{"episode_id": w.episode_id, "version": v, "score": sc} for w, (v, sc) in done]
             return store_results(store, SCORE_STAGE, self.id, rows)
 
-        return Stage("rm_score", self._work("inference-rm-score", fetch, compute, "rm_score"), write)
+        def give_up(items: Sequence[ToScore]) -> None:
+            give_up_scoring(store, [w.episode_id for w in items])
+            self.metrics.items.labels("rm_score", "given_up").inc(len(items))
 
-    def _work(self, name: str, fetch: Any, compute: Any, stage: str) -> BackgroundWork[Any, Any]:
+        work = self._work("inference-rm-score", fetch, compute, "rm_score", give_up)
+        return Stage("rm_score", work, write)
+
+    def _work(
+        self, name: str, fetch: Any, compute: Any, stage: str, give_up: GiveUp[Any] | None = None
+    ) -> BackgroundWork[Any, Any]:
         icfg = self.settings.inference
         m = self.metrics
 
@@ -187,7 +195,9 @@ class InferenceWorker:
             m.items.labels(stage, "ok").inc(ok)
             m.items.labels(stage, "failed").inc(failed)
 
-        return episode_work(name, fetch, compute, icfg, counted=counted)
+        # An item the model keeps failing while it computes others leaves the backlog (rm_score).
+        after = self.settings.reward.backlog_give_up_after if give_up is not None else 0
+        return episode_work(name, fetch, compute, icfg, counted=counted, give_up_after=after, give_up=give_up)
 
     def check_version(self, force: bool = False) -> None:
         """Load the active reward-model version when it changed (every ``reward.swap_poll_s``).

@@ -177,19 +177,18 @@ def _to_score(conn: Any, ids: Sequence[str], rm: Collection[str]) -> list[ToScor
 
 def give_up_scoring(store: Store, episode_ids: Sequence[str]) -> None:
     """Take episodes off the score backlog for good: their rm and human samples still waiting are
-    marked ``unscorable`` (an episode scored in the meantime keeps its mark)."""
-    s = t.samples
+    marked ``unscorable`` (an episode scored in the meantime keeps its mark), and an inference
+    worker's claim on them that holds no score is dropped."""
+    s, r = t.samples, t.inference_results
     with store.engine.begin() as conn:
         for i in range(0, len(episode_ids), 500):
+            ids = list(episode_ids[i : i + 500])
             conn.execute(
                 s.update()
-                .where(
-                    s.c.channel.in_(SCORED_CHANNELS),
-                    s.c.status == PENDING,
-                    s.c.episode_id.in_(list(episode_ids[i : i + 500])),
-                )
+                .where(s.c.channel.in_(SCORED_CHANNELS), s.c.status == PENDING, s.c.episode_id.in_(ids))
                 .values(status=UNSCORABLE)
             )
+            conn.execute(r.delete().where(r.c.stage == SCORE_STAGE, r.c.done == sa.false(), r.c.episode_id.in_(ids)))
 
 
 def score_backlog_stats(store: Store, stream: str | None = None, now: float | None = None) -> Backlog:

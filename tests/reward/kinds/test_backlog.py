@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from standin import StandIn, judge_score
 
-from monitor.config import load_settings
+from monitor.config import Settings, load_settings
 from monitor.episodes.deadletter import JsonlDeadLetterSink
 from monitor.reward.kinds import KindVersion, load_backend
 from monitor.reward.kinds.background import backlog_count, score_backlog
@@ -91,15 +91,8 @@ def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
     store.close()
 
 
-def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_on_none(
-    tmp_path: Path, judge_standin: StandIn
-) -> None:
-    """Retried forever, refused episodes piled up oldest first in every fetch, and their retries
-    took a growing share of the judge's calls until the episodes behind them starved."""
-    import time
-
-    from monitor.reward.kinds.background import BackgroundScorer
-
+def _refused_backlog(tmp_path: Path, *extra: str) -> tuple[Settings, Store]:
+    """30 episodes waiting for a score, two of them (e0, e7) with an answer the judge refuses."""
     settings = load_settings(
         None,
         [
@@ -109,7 +102,7 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
             f"reward.models_dir={tmp_path / 'models'}",
             "sampling.rm.rate=1.0",
             "drift.enabled=false",
-            "reward.enabled=false",  # nothing scores during ingest: all 30 wait
+            *extra,
         ],
     )
     store = Store(settings.database.url)
@@ -119,8 +112,9 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
         ).encode()
         for i, r in enumerate(["POISON" if i in (0, 7) else "A" * i for i in range(30)])
     ]
+    # Nothing scores during ingest: all 30 wait.
     with build_service(
-        settings,
+        settings.model_copy(update={"reward": settings.reward.model_copy(update={"enabled": False})}),
         source=MemorySource(values),
         serve=False,
         store=store,
@@ -129,6 +123,29 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
     ) as svc:
         svc.run()
     assert backlog_count(store) == 30
+    return settings, store
+
+
+def _refused_ids(store: Store) -> set[str]:
+    with store.engine.connect() as conn:
+        status = dict(conn.execute(sa.select(t.samples.c.episode_id, t.samples.c.status)).all())
+    return {e for e, s in status.items() if s == "unscorable"}
+
+
+def _asked(judge: StandIn, text: str) -> int:
+    return len([b for b in judge.script.bodies if text in json.dumps(b)])
+
+
+def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_on_none(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    """Retried forever, refused episodes piled up oldest first in every fetch, and their retries
+    took a growing share of the judge's calls until the episodes behind them starved."""
+    import time
+
+    from monitor.reward.kinds.background import BackgroundScorer
+
+    settings, store = _refused_backlog(tmp_path)
     judge = {
         "base_url": f"{judge_standin.url}/v1",
         "model": "stand-in",
@@ -163,14 +180,46 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
     assert worker.failed >= 30 and worker.given_up == 0 and backlog_count(store) == 30
     judge_standin.script.mode, judge_standin.script.refuse = "ok", "POISON"
     rounds(12)
-    assert worker.given_up == 2 and backlog_count(store) == 0
-    with store.engine.connect() as conn:
-        status = dict(conn.execute(sa.select(t.samples.c.episode_id, t.samples.c.status)).all())
-    assert {e for e, s in status.items() if s == "unscorable"} == {"e0", "e7"}
+    assert worker.given_up == 2 and backlog_count(store) == 0 and _refused_ids(store) == {"e0", "e7"}
     assert prom.get_sample_value("oversight_rm_async_scored_total", {"outcome": "given_up"}) == 2
-    refused = [b for b in judge_standin.script.bodies if "POISON" in json.dumps(b)]
-    hits = len(refused)
+    hits = _asked(judge_standin, "POISON")
     rounds(3)  # never asked again
-    assert len([b for b in judge_standin.script.bodies if "POISON" in json.dumps(b)]) == hits
+    assert _asked(judge_standin, "POISON") == hits
     backend.close()
+    store.close()
+
+
+def test_an_inference_worker_of_its_own_gives_up_on_refused_episodes_too(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    """``oversight infer`` claims by lease: a refused episode's claim expired and it was claimed
+    again, forever."""
+    import time
+
+    from monitor.service.infer import InferenceWorker
+
+    # Four a round: the refused ones fail while the others are scored, round after round.
+    extra = ("inference.retry_after_s=0.01", "inference.batch_size=4", "reward.backlog_give_up_after=3")
+    settings, store = _refused_backlog(tmp_path, *extra)
+    judge = {"base_url": f"{judge_standin.url}/v1", "model": "stand-in", "resilience": {"max_attempts": 1}}
+    registry = Registry.for_settings(store, settings)
+    registry.promote(registry.register(KindVersion.create("judge", judge), data_window={}, metrics={}))
+    judge_standin.script.refuse = "POISON"
+    worker = InferenceWorker(settings, Store(settings.database.url, migrate=False), worker_id="w1")
+    (stage,) = worker.stages
+    for _ in range(12):
+        worker.round(stage)
+        time.sleep(0.02)
+    assert _refused_ids(store) == {"e0", "e7"}
+    with store.engine.connect() as conn:
+        held = dict(conn.execute(sa.select(t.inference_results.c.episode_id, t.inference_results.c.done)).all())
+    assert len(held) == 28 and all(held.values())  # scores for the rest; no claim left on the two
+    metric = {"stage": "rm_score", "outcome": "given_up"}
+    assert worker.registry.get_sample_value("oversight_inference_items_total", metric) == 2
+    hits = _asked(judge_standin, "POISON")
+    for _ in range(3):
+        worker.round(stage)
+        time.sleep(0.02)
+    assert _asked(judge_standin, "POISON") == hits
+    worker.close()
     store.close()
