@@ -300,6 +300,47 @@ def test_max_future_s_null_takes_every_timestamp(db_url: str, tmp_path: Path) ->
     assert p.stats.invalid == 0 and p.store.traffic_count("s") == 11
 
 
+def test_an_episode_id_another_stream_holds_is_a_dead_letter_not_a_window_on_its_text(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Ids are the store's key across streams. Stored anyway, stream b's human sample and review
+    task of "shared-1" pointed at stream a's episode: b's reviewers would read a's text."""
+    s = settings(
+        db_url,
+        tmp_path,
+        "sampling.rm.rate=1.0",  # a's episodes are stored (rm), never human-sampled; b's always are
+        "sampling.human.rate=0.001",
+        "sampling.streams.b.human.rate=1.0",
+    )
+
+    def record(eid: str, stream: str) -> bytes:
+        body = {"episode_id": eid, "stream": stream, "prompt": f"{stream}'s prompt", "response": "r", "timestamp": 1}
+        return json.dumps(body).encode()
+
+    # shared-1: a in one batch, b in the next; shared-2: both in one batch.
+    values = [record("shared-1", "a"), *episodes(3, "a")]
+    values += [record("shared-1", "b"), record("shared-2", "a"), record("shared-2", "b"), record("own-1", "b")]
+    p = make(s, values)
+    p.open()
+    p.process_batch(p.source.poll(4, 0.0))
+    p.process_batch(p.source.poll(10, 0.0))
+    assert dict(p.stats.dead_letters) == {"episode_id_conflict": 2}
+    letters = [json.loads(line) for line in Path(s.dead_letter.path).read_text().splitlines()]
+    assert sorted((x["episode_id"], x["stream"]) for x in letters) == [("shared-1", "b"), ("shared-2", "b")]
+    assert all(x["detail"].startswith("episode_id already belongs to an episode of another stream") for x in letters)
+    import sqlalchemy as sa
+
+    from monitor.store import tables as t
+
+    with p.store.engine.connect() as conn:
+        b_tasks = conn.execute(sa.select(t.review_tasks.c.episode_id).where(t.review_tasks.c.stream == "b")).all()
+        owners = dict(conn.execute(sa.select(t.episodes.c.episode_id, t.episodes.c.stream)).all())
+    assert {r[0] for r in b_tasks} == {"own-1"}
+    assert owners["shared-1"] == owners["shared-2"] == "a"
+    assert p.store.traffic_count("b") == 1 and p.store.traffic_count("a") == 5
+    assert p.stats.stream("b").episodes == 1 and p.stats.stream("b").invalid == 2
+
+
 def test_episode_the_database_refuses_is_dead_lettered(pg_url: str, tmp_path: Path) -> None:
     """Passes validation, refused by PostgreSQL (a model name over the column width is caught
     by validation, so use a JSON metadata key PostgreSQL JSONB refuses: none exist after

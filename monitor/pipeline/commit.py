@@ -21,12 +21,14 @@ from monitor.metrics import Metrics
 from monitor.pipeline.stats import RunStats
 from monitor.retry import NoProgress, RetryPolicy, first_line, transient
 from monitor.sources.base import Record, Source
-from monitor.store import BatchWrite, StaleOffsets, Store
+from monitor.store import BatchWrite, EpisodeIdConflict, StaleOffsets, Store
 from monitor.store.store import BUCKET_S
 
 log = logging.getLogger("monitor.pipeline")
 
 STALE_LIMIT = 10  # batches rolled back in a row (offsets moved under us) before giving up
+# Dead letters made at the commit, of records the batch's loop had counted as valid episodes.
+LATE_REASONS = ("store_rejected", "episode_id_conflict")
 
 
 def describe(e: BaseException, limit: int = 300) -> str:
@@ -187,6 +189,16 @@ class Committer:
         self.dead_letters.flush()
 
     def _commit_store(self, batch: BatchWrite, letters: list[DeadLetter], stop: threading.Event | None) -> None:
+        # Each conflict takes its rows out of the batch, so this ends.
+        while True:
+            try:
+                self._commit_or_reject(batch, letters, stop)
+                return
+            except EpisodeIdConflict as c:
+                log.warning("%s; dead-lettered as episode_id_conflict", c)
+                self._reject_rows(batch, "episode_id_conflict", c.rows, letters, stop)
+
+    def _commit_or_reject(self, batch: BatchWrite, letters: list[DeadLetter], stop: threading.Event | None) -> None:
         try:
             self.store.commit_batch(batch, timeout_s=self.statement_timeout_s)
         except Exception as e:
@@ -198,23 +210,35 @@ class Committer:
             if not rejected:
                 raise
             log.warning("store rejected %d episode(s): %r", len(rejected), describe(e, 200))
-            self._reject_rows(batch, rejected, letters, stop)
+            rows = {
+                (eid, row["stream"]): detail
+                for row in batch.episodes
+                if (detail := rejected.get(eid := row["episode_id"]))
+            }
+            self._reject_rows(batch, "store_rejected", rows, letters, stop)
             self.store.commit_batch(batch, timeout_s=self.statement_timeout_s)
 
     def _reject_rows(
-        self, batch: BatchWrite, rejected: Mapping[str, str], letters: list[DeadLetter], stop: threading.Event | None
+        self,
+        batch: BatchWrite,
+        reason: str,
+        rejected: Mapping[tuple[str, str], str],
+        letters: list[DeadLetter],
+        stop: threading.Event | None,
     ) -> None:
-        """Dead-letter the rejected episodes (flushed before the commit, as all dead letters) and
-        take them out of the batch: rows, and their traffic count, so each record is counted once."""
+        """Dead-letter the rejected episodes, (episode id, stream) -> detail (flushed before the
+        commit, as all dead letters), and take them out of the batch: rows, and their traffic
+        count, so each record is counted once."""
         extra = []
         for row in batch.episodes:
-            if row["episode_id"] in rejected:
+            detail = rejected.get((row["episode_id"], row["stream"]))
+            if detail is not None:
                 raw = reencode(row)
                 partition, offset = row["position"].split(":")
                 extra.append(
                     DeadLetter(
-                        reason="store_rejected",
-                        detail=rejected[row["episode_id"]][:500],
+                        reason=reason,
+                        detail=detail[:500],
                         raw=raw,
                         source=row["source"],
                         partition=int(partition),
@@ -233,10 +257,10 @@ class Committer:
                     batch.traffic.pop(key, None)
         self.retry.call(lambda: self._send_letters(extra), "dead_letter", stop)
         letters.extend(extra)
-        batch.episodes = [r for r in batch.episodes if r["episode_id"] not in rejected]
-        batch.samples = [r for r in batch.samples if r["episode_id"] not in rejected]
-        batch.tasks = [r for r in batch.tasks if r["episode_id"] not in rejected]
-        batch.rm_scores = [r for r in batch.rm_scores if r["episode_id"] not in rejected]
+        batch.episodes = [r for r in batch.episodes if (r["episode_id"], r["stream"]) not in rejected]
+        batch.samples = [r for r in batch.samples if (r["episode_id"], r["stream"]) not in rejected]
+        batch.tasks = [r for r in batch.tasks if (r["episode_id"], r["stream"]) not in rejected]
+        batch.rm_scores = [r for r in batch.rm_scores if (r["episode_id"], r["stream"]) not in rejected]
 
     # -- accounting (after the commit) ------------------------------------------------
     def account_letters(self, letters: list[DeadLetter]) -> None:

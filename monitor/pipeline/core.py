@@ -27,7 +27,7 @@ from monitor.config import Settings
 from monitor.episodes import Episode, InvalidEpisode, parse_episode
 from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
 from monitor.metrics import Metrics
-from monitor.pipeline.commit import Committer, describe
+from monitor.pipeline.commit import LATE_REASONS, Committer, describe
 from monitor.pipeline.stages import EpisodeObserver
 from monitor.pipeline.stats import BatchTally, RunStats
 from monitor.retry import Aborted, Health, RetryPolicy, transient
@@ -508,10 +508,12 @@ class Pipeline:
         stats.records += len(records)
         for stream in tally.probabilities:  # label slots go to streams in order of arrival
             m.stream_label(stream)
-        refused = {letter.episode_id for letter in draft.letters if letter.reason == "store_rejected"}
-        for letter in draft.letters:
-            if letter.reason == "store_rejected" and letter.stream is not None:
-                tally.valid[letter.stream] -= 1  # counted as valid in the loop, before the store refused it
+        # Counted as valid in the loop, before the store refused them (the rest never were).
+        late = [x for x in draft.letters if x.reason in LATE_REASONS]
+        refused = {(x.episode_id, x.stream) for x in late}
+        for letter in late:
+            if letter.stream is not None:
+                tally.valid[letter.stream] -= 1
         self.committer.account_letters(draft.letters)
         for stream, n in tally.valid.items():
             st = stats.stream(stream)
@@ -522,7 +524,7 @@ class Pipeline:
         for ep_row in batch.episodes:
             sampled_episodes[ep_row["stream"]] = sampled_episodes.get(ep_row["stream"], 0) + 1
         for sample in batch.samples:
-            if sample["episode_id"] in refused:
+            if (sample["episode_id"], sample["stream"]) in refused:
                 continue
             stream, ch = sample["stream"], sample["channel"]
             stats.sampled[ch] += 1

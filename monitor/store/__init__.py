@@ -1,12 +1,13 @@
 """The review-queue store: tables, migrations, batch commits and queries."""
 
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
-from monitor.store.store import BatchWrite, Pool, Replication, StaleOffsets, Store, normalize_url
+from monitor.store.store import BatchWrite, EpisodeIdConflict, Pool, Replication, StaleOffsets, Store, normalize_url
 
 __all__ = [
     "BatchWrite",
     "DriftEvent",
     "DriftEventRow",
+    "EpisodeIdConflict",
     "EpisodeRow",
     "Pool",
     "Replication",

@@ -38,8 +38,23 @@ PROBE_KEY = "health:write_probe"  # the internal_state row of the pipeline's idl
 CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
 
 
+# Not the other stream's name: the dead letter is read by whoever runs this stream.
+_CONFLICT = "episode_id already belongs to an episode of another stream (ids are unique across streams)"
+
+
 class StaleOffsets(RuntimeError):
     """Another consumer committed these partitions since we read them; the batch was rolled back."""
+
+
+class EpisodeIdConflict(RuntimeError):
+    """Episodes of the batch whose id another stream's episode already holds; the batch was rolled
+    back. ``rows``: (episode id, stream) of each such row -> detail. Ids are the store's key across
+    every stream, so the samples and review tasks of such a record would point at the other
+    stream's episode: its reviewers would read that stream's text (and its estimates count it)."""
+
+    def __init__(self, rows: Mapping[tuple[str, str], str]):
+        super().__init__(f"{len(rows)} episode(s) whose id already belongs to another stream")
+        self.rows = dict(rows)
 
 
 def normalize_url(url: str) -> str:
@@ -243,6 +258,24 @@ class Store:
                 r = t.inference_results
                 c.execute(r.delete().where(r.c.stage == "score", r.c.episode_id.in_(ids[i : i + 500])))
 
+    def _stream_conflicts(self, rows: Sequence[EpisodeRow], conn: Connection) -> dict[tuple[str, str], str]:
+        """The episode rows, (episode id, stream), whose id the store holds for another stream: read
+        after their insert, so an id new to the store belongs to the batch's first row of it."""
+        if not rows:
+            return {}
+        ids = list(dict.fromkeys(row["episode_id"] for row in rows))
+        e = t.episodes
+        owner: dict[str, str] = {}
+        for i in range(0, len(ids), 500):
+            owner.update(
+                conn.execute(sa.select(e.c.episode_id, e.c.stream).where(e.c.episode_id.in_(ids[i : i + 500]))).all()
+            )
+        return {
+            (row["episode_id"], row["stream"]): _CONFLICT
+            for row in rows
+            if owner.get(row["episode_id"], row["stream"]) != row["stream"]
+        }
+
     def commit_batch(self, batch: BatchWrite, *, timeout_s: float | None = None) -> None:
         """Apply a batch atomically; raise :class:`StaleOffsets` if an offset moved under us.
 
@@ -253,6 +286,11 @@ class Store:
             self._cas_offsets(conn, batch.offsets, batch.commit_id, now)
             # Episodes before the rows that refer to them (foreign keys).
             self.insert_ignore(t.episodes, batch.episodes, conn)
+            # After the insert, in its transaction: a row another writer committed since (or holds,
+            # on PostgreSQL, until it commits) is seen here, so no race lets a conflict through.
+            conflicts = self._stream_conflicts(batch.episodes, conn)
+            if conflicts:
+                raise EpisodeIdConflict(conflicts)  # leaving the block rolls the batch back
             self.insert_ignore(t.samples, batch.samples, conn)
             self.insert_ignore(t.review_tasks, batch.tasks, conn)
             self.insert_ignore(t.drift_events, batch.drift_events, conn)
