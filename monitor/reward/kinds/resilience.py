@@ -5,8 +5,8 @@ The breaker counts *endpoint* failures (timeouts, connection errors, 429 and 5xx
 retries): ``breaker_failures`` in a row open it, and while open every call fails at once without a
 request ("rejected"), so a dead judge costs nothing per item. After ``breaker_reset_s`` one call
 is let through (half-open): its success closes the circuit, its failure opens it again. A
-malformed answer or a 4xx says something about the item, not the endpoint's health, and is
-neither retried nor counted by the breaker.
+malformed answer or a 4xx says something about the item, not a failure of the endpoint: it is
+not retried, and to the breaker it is an answer (the endpoint is up: a half-open circuit closes).
 """
 
 from __future__ import annotations
@@ -170,10 +170,16 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._set("open")
 
-    def release(self) -> None:
-        """A probe that ended without a verdict on the endpoint (a malformed answer) frees the slot."""
+    def answered(self) -> None:
+        """The endpoint answered, though not with a score (a 4xx, a malformed answer): it is up.
+        A half-open circuit closes. Freeing the probe's slot alone left it half-open, and the next
+        probe went to the same item: the oldest waiting one, first in every fetch. So a judge that
+        refused that item never closed its circuit again after an outage, and every other
+        request was rejected."""
         with self._lock:
             self._probe = False
+            self._consecutive = 0
+            self._set("closed")
 
 
 class Resilient:
@@ -206,13 +212,13 @@ class Resilient:
             if e.endpoint:
                 self.breaker.record(False)
             else:
-                self.breaker.release()
+                self.breaker.answered()
             raise
         try:
             out = parse(data)
         except (KeyError, IndexError, TypeError, ValueError) as e:
             self.metrics.requests.labels(self.kind, "malformed").inc()
-            self.breaker.release()
+            self.breaker.answered()
             raise RemoteError(f"malformed answer: {type(e).__name__}: {e}"[:300], "malformed", endpoint=False) from None
         self.metrics.requests.labels(self.kind, "ok").inc()
         self.breaker.record(True)

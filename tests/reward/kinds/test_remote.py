@@ -120,6 +120,21 @@ def test_failed_probe_reopens_the_circuit(judge_standin: StandIn) -> None:
     assert backend.http.breaker.state == "open" and judge_standin.script.hits == 2
 
 
+def test_a_probe_the_judge_refuses_still_closes_the_circuit(judge_standin: StandIn) -> None:
+    """The endpoint answered: it is up. Left half-open, the next probe went to the same item (the
+    oldest waiting one), and the circuit never closed while the judge refused it."""
+    judge_standin.script.mode = "fail"
+    backend, _, _ = _judge(judge_standin, res={"max_attempts": 1, "breaker_failures": 1, "breaker_reset_s": 0.2})
+    backend.score([Item("Q?", SHORT)])
+    assert backend.http.breaker.state == "open"
+    time.sleep(0.25)
+    judge_standin.script.mode, judge_standin.script.refuse = "ok", "REFUSED"
+    [probe] = backend.score([Item("Q?", "REFUSED")])
+    assert probe.error is not None and "400" in probe.error
+    assert backend.http.breaker.state == "closed"
+    assert [s.ok for s in backend.score([Item("Q?", SHORT)] * 3)] == [True] * 3
+
+
 def test_api_key_comes_from_the_named_variable(judge_standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STANDIN_JUDGE_KEY", "sk-test-123")
     backend, _, _ = _judge(judge_standin, api_key_env="STANDIN_JUDGE_KEY")
