@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -146,6 +146,26 @@ def _check(values: Sequence[float], probabilities: Sequence[float], bounds: tupl
                 raise ValueError(f"value {y!r} is outside the declared bounds [{lo}, {hi}]")
 
 
+def _scale(values: Sequence[float], weights: Sequence[float]) -> float:
+    """1, or a power of two near the largest ``|y|`` when ``(y / pi)**2`` could overflow."""
+    top = max((abs(y) for y in values), default=0.0)
+    if top == 0.0 or top * max(weights) < 1e150:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)  # 2**1024 itself is beyond the double range
+
+
+def _rescaled(est: Estimate, scale: float) -> Estimate:
+    """An estimate of scaled values, in the values' own units (a total beyond the double range is inf)."""
+    return replace(
+        est,
+        mean=est.mean * scale,
+        total=est.total * scale,
+        se=est.se * scale,
+        ci_low=est.ci_low * scale,
+        ci_high=est.ci_high * scale,
+    )
+
+
 def _ht_total_variance(values: Sequence[float], probabilities: Sequence[float], weights: list[float]) -> float:
     """Unbiased variance estimate of the HT total under Poisson sampling: ``sum((1 - pi) y**2 / pi**2)``."""
     return math.fsum((1.0 - p) * y * y * w * w for y, p, w in zip(values, probabilities, weights, strict=True))
@@ -208,6 +228,13 @@ def horvitz_thompson(
     if population is not None and population <= 0:
         raise ValueError("population must be positive")
     weights = [1.0 / p for p in probabilities]
+    scale = _scale(values, weights)
+    if scale != 1.0:
+        # Values near the double range (a producer's 1e308 in metadata) overflow y / pi and y**2:
+        # "-inf + inf in fsum" stopped the whole estimate. Scaled by a power of two, which is exact.
+        small = [y / scale for y in values]
+        box = None if bounds is None else (bounds[0] / scale, bounds[1] / scale)
+        return _rescaled(horvitz_thompson(small, probabilities, population, confidence, box), scale)
     n_eff = math.fsum(weights) ** 2 / math.fsum(w * w for w in weights)
     total = math.fsum(y * w for y, w in zip(values, weights, strict=True))
     if bounds is None and population is not None:

@@ -49,6 +49,24 @@ def test_empty_sample_is_unknown_not_zero() -> None:
     assert math.isnan(est.ci_low) and math.isnan(est.ci_high)
 
 
+@pytest.mark.parametrize("population", [10, None])
+def test_values_near_the_double_range_give_the_estimate_of_the_scaled_values(population: int | None) -> None:
+    """A producer's 1e308 in metadata overflowed y / pi and y**2, and "-inf + inf in fsum"
+    stopped the whole estimate (``oversight estimate``, the admin page's series)."""
+    big = horvitz_thompson([1e308, -1e308, 3e307, 1.0], [0.5, 0.5, 0.25, 0.5], population)
+    small = horvitz_thompson([1.0, -1.0, 0.3, 1e-308], [0.5, 0.5, 0.25, 0.5], population)
+    for field in ("mean", "total", "se", "ci_low", "ci_high"):
+        assert getattr(big, field) == pytest.approx(getattr(small, field) * 1e308, rel=1e-12), field
+    assert (big.method, big.n_sampled, big.population) == (small.method, small.n_sampled, small.population)
+    # A total beyond the double range is inf (None in the JSON); the mean still is what it is.
+    over = horvitz_thompson([1.5e308, 1.5e308], [0.5, 0.5], population)
+    assert over.mean == pytest.approx(1.5e308 * (1 if population is None else 4 / population))
+    assert math.isinf(over.total) and math.isfinite(over.se)
+    rate = horvitz_thompson([1e300, 2e300], [0.001, 0.001], bounds=(0.0, 4e300))
+    assert rate.interval == "score" and rate.mean == pytest.approx(1.5e300)
+    assert rate.ci_low <= rate.mean <= rate.ci_high
+
+
 def test_rejects_bad_probabilities_and_bounds() -> None:
     with pytest.raises(ValueError):
         horvitz_thompson([1.0], [0.0])
