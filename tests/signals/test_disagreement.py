@@ -19,45 +19,59 @@ class _Ep:
         self.stream = stream
 
 
+NOW = 1_700_000_000.0
+
+
+def _reviewer(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(t.users.insert().values(id=1, name="r", role="reviewer", password_hash="x", created_at=NOW))
+
+
+def _labelled(store: Store, rows: list[tuple[str, str, float, float, int]]) -> None:
+    """(episode id, stream, time, rm score, human rating): each episode, its score and its label."""
+    eps, scores, labels = [], [], []
+    for eid, stream, ts, score, rating in rows:
+        eps.append(
+            {
+                "episode_id": eid,
+                "stream": stream,
+                "model": None,
+                "ts": ts,
+                "prompt": "p",
+                "response": "r",
+                "metadata": None,
+                "source": "test",
+                "position": eid,
+                "ingested_at": NOW,
+            }
+        )
+        scores.append(
+            {"episode_id": eid, "version": "v1", "stream": stream, "score": score, "ts": ts, "created_at": NOW}
+        )
+        labels.append(
+            {
+                "episode_id": eid,
+                "slot": 0,
+                "user_id": 1,
+                "stream": stream,
+                "skipped": False,
+                "rating": rating,
+                "flags": [],
+                "critique": "",
+                "time_spent_ms": 0,
+                "created_at": ts,
+            }
+        )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.rm_scores.insert(), scores)
+        conn.execute(t.labels.insert(), labels)
+
+
 def _seed(store: Store, rows: list[tuple[str, float, int]]) -> None:
     """(episode id, rm score, human rating) in stream chat."""
-    now = 1_700_000_000.0
-    with store.engine.begin() as conn:
-        conn.execute(t.users.insert().values(id=1, name="r", role="reviewer", password_hash="x", created_at=now))
-        for i, (eid, score, rating) in enumerate(rows):
-            conn.execute(
-                t.episodes.insert().values(
-                    episode_id=eid,
-                    stream="chat",
-                    model=None,
-                    ts=now + i,
-                    prompt="p",
-                    response="r",
-                    metadata=None,
-                    source="test",
-                    position=str(i),
-                    ingested_at=now,
-                )
-            )
-            conn.execute(
-                t.rm_scores.insert().values(
-                    episode_id=eid, version="v1", stream="chat", score=score, ts=now + i, created_at=now
-                )
-            )
-            conn.execute(
-                t.labels.insert().values(
-                    episode_id=eid,
-                    slot=0,
-                    user_id=1,
-                    stream="chat",
-                    skipped=False,
-                    rating=rating,
-                    flags=[],
-                    critique="",
-                    time_spent_ms=0,
-                    created_at=now + i,
-                )
-            )
+    _reviewer(store)
+    _labelled(store, [(eid, "chat", NOW + i, score, rating) for i, (eid, score, rating) in enumerate(rows)])
 
 
 def test_each_label_is_fed_once_with_its_verdict(tmp_path: Path) -> None:
@@ -105,54 +119,21 @@ def test_agreeing_labels_feed_zeros(tmp_path: Path) -> None:
 
 def _label_streams(store: Store, streams: list[str], first: int, per_stream: int = 2) -> None:
     """``per_stream`` scored and labelled episodes in each stream, the episode ids numbered from ``first``."""
-    now = 1_700_000_000.0
-    eps, scores, labels = [], [], []
-    for k, stream in enumerate(streams):
-        for j in range(per_stream):
-            eid, ts = f"{stream}-e{first + j}", now + k
-            eps.append(
-                {
-                    "episode_id": eid,
-                    "stream": stream,
-                    "model": None,
-                    "ts": ts,
-                    "prompt": "p",
-                    "response": "r",
-                    "metadata": None,
-                    "source": "test",
-                    "position": eid,
-                    "ingested_at": now,
-                }
-            )
-            scores.append(
-                {"episode_id": eid, "version": "v1", "stream": stream, "score": float(j), "ts": ts, "created_at": now}
-            )
-            labels.append(
-                {
-                    "episode_id": eid,
-                    "slot": 0,
-                    "user_id": 1,
-                    "stream": stream,
-                    "skipped": False,
-                    "rating": 5 - j,
-                    "flags": [],
-                    "critique": "",
-                    "time_spent_ms": 0,
-                    "created_at": ts,
-                }
-            )
-    with store.engine.begin() as conn:
-        conn.execute(t.episodes.insert(), eps)
-        conn.execute(t.rm_scores.insert(), scores)
-        conn.execute(t.labels.insert(), labels)
+    _labelled(
+        store,
+        [
+            (f"{stream}-e{first + j}", stream, NOW + k, float(j), 5 - j)
+            for k, stream in enumerate(streams)
+            for j in range(per_stream)
+        ],
+    )
 
 
 def test_thousands_of_streams_are_fed_once_each_without_one_query_per_stream(db_url: str) -> None:
     """One condition per owned stream in one query failed every checkpoint on SQLite beyond about
     1,000 streams ("Expression tree is too large"), and the pipeline retried it forever."""
     store = Store(db_url)
-    with store.engine.begin() as conn:
-        conn.execute(t.users.insert().values(id=1, name="r", role="reviewer", password_hash="x", created_at=0.0))
+    _reviewer(store)
     streams = [f"s{i}" for i in range(2500)]
     _label_streams(store, streams, 0)
     fed: list[tuple[Any, ...]] = []

@@ -38,11 +38,9 @@ def _episodes(n: int) -> list[bytes]:
     ]
 
 
-def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
-    tmp_path: Path, judge_standin: StandIn
-) -> None:
-    judge_standin.script.mode = "hold"  # every request waits until released
-    settings = load_settings(
+def _settings(tmp_path: Path, *extra: str) -> Settings:
+    """Every episode sampled for rm review, in a SQLite store under ``tmp_path``, drift off."""
+    return load_settings(
         None,
         [
             "dev=true",
@@ -50,10 +48,17 @@ def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
             f"dead_letter.path={tmp_path / 'dead.jsonl'}",
             f"reward.models_dir={tmp_path / 'models'}",
             "sampling.rm.rate=1.0",
-            "pipeline.batch_size=20",
             "drift.enabled=false",
+            *extra,
         ],
     )
+
+
+def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    judge_standin.script.mode = "hold"  # every request waits until released
+    settings = _settings(tmp_path, "pipeline.batch_size=20")
     store = Store(settings.database.url)
     registry = Registry.for_settings(store, settings)
     judge = {"base_url": f"{judge_standin.url}/v1", "model": "stand-in", "resilience": {"timeout_s": 30}}
@@ -93,18 +98,7 @@ def test_held_judge_does_not_stall_ingest_and_backlog_is_scored_after_restart(
 
 def _refused_backlog(tmp_path: Path, *extra: str) -> tuple[Settings, Store]:
     """30 episodes waiting for a score, two of them (e0, e7) with an answer the judge refuses."""
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
-            f"dead_letter.path={tmp_path / 'dead.jsonl'}",
-            f"reward.models_dir={tmp_path / 'models'}",
-            "sampling.rm.rate=1.0",
-            "drift.enabled=false",
-            *extra,
-        ],
-    )
+    settings = _settings(tmp_path, *extra)
     store = Store(settings.database.url)
     values = [
         json.dumps(
