@@ -219,6 +219,17 @@ class PipelineConfig(_Model):
         " flight longer shows as its target down in /readyz; PostgreSQL cancels a batch's statement that runs"
         " longer (a lock held elsewhere), and the batch is retried",
     )
+    # At-least-once delivery sends some records twice (a producer's or an HTTP client's retry,
+    # an OpenTelemetry collector's re-export); counted twice, they inflate every population
+    # total and the review budget's traffic rate. About 80 bytes of memory per episode.
+    duplicate_window: int = Field(
+        200_000,
+        ge=0,
+        le=50_000_000,
+        description="a record whose (stream, episode_id) was among the last this many episodes taken is a"
+        ' duplicate: counted (oversight_episodes_total{outcome="duplicate"}) and skipped, not sampled, counted'
+        " as traffic or seen by the detectors again; 0: off",
+    )
 
 
 class InferenceConfig(_Model):

@@ -39,7 +39,7 @@ class Metrics:
         """Ingest: records by outcome, sampling and its inclusion probabilities, consumer lag."""
         self.episodes = Counter(
             "episodes",
-            "Records ingested, by stream and outcome (sampled, not_sampled, invalid)",
+            "Records ingested, by stream and outcome (sampled, not_sampled, invalid, duplicate)",
             ["stream", "outcome"],
             namespace=NS,
             registry=r,

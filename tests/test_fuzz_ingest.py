@@ -1,7 +1,8 @@
 """Fuzz of file ingest (issue 13): 10,000 seeded mutated records through the real service wiring
 (FileSource -> Pipeline.process_batch -> SQLite or PostgreSQL, JSONL dead letters, drift text
 statistics on every valid episode). The process survives, and every record is counted exactly
-once: as a valid episode (traffic) or as one dead letter, never both, never neither."""
+once: as a valid episode (traffic), as one dead letter or as a duplicate (the corpus repeats some
+ids in a stream), never two of them, never none."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def test_fuzz_file_ingest_counts_every_record_once(db_url: str, tmp_path: Path) 
     letter_offsets = [d["offset"] for d in letters]
     assert len(set(letter_offsets)) == len(letter_offsets), "a record was dead-lettered twice"
     assert set(letter_offsets) <= counted
-    assert traffic == len(counted) - len(letters), "valid episodes + dead letters != records"
+    assert stats.duplicates > 0, "the corpus repeats ids: copies are counted as such"
+    assert traffic == len(counted) - len(letters) - stats.duplicates, "valid + dead letters + duplicates != records"
     # Every dead letter has a reason validation names: nothing needed the internal_error net and
     # the store refused nothing that validation accepted. The mutations reuse ids ("fz-dup", "x" *
     # 128, ...) across streams: the sampled ones after the first are episode_id_conflict.
@@ -87,10 +89,10 @@ def test_fuzz_file_ingest_counts_every_record_once(db_url: str, tmp_path: Path) 
             for s in metric.samples
             if s.name.endswith("_total") and s.labels["outcome"] == o
         )
-        for o in ("sampled", "not_sampled", "invalid")
+        for o in ("sampled", "not_sampled", "invalid", "duplicate")
     }
     assert sum(by_outcome.values()) == len(counted)
-    assert by_outcome["invalid"] == len(letters)
+    assert by_outcome["invalid"] == len(letters) and by_outcome["duplicate"] == stats.duplicates
 
 
 def _traffic_total(store: Store) -> int:

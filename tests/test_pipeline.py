@@ -341,6 +341,83 @@ def test_an_episode_id_another_stream_holds_is_a_dead_letter_not_a_window_on_its
     assert p.stats.stream("b").episodes == 1 and p.stats.stream("b").invalid == 2
 
 
+def test_a_record_delivered_again_counts_once(db_url: str, tmp_path: Path) -> None:
+    """At-least-once delivery (a producer's retry, a collector's re-export) repeats records: in the
+    same batch, in a later one, and copies of sampled and of unsampled episodes. Counted again,
+    each inflated its stream's traffic (every Horvitz-Thompson population) and sampling counts."""
+    s = settings(db_url, tmp_path)
+    distinct = episodes(300)
+    values = list(distinct)
+    values.insert(10, distinct[7])  # the same batch
+    values += [distinct[i] for i in range(0, 300, 10)]  # later batches, sampled or not
+    values.append(episodes(1, "t", start=3)[0])  # another stream's id is no copy of s-3
+    p = make(s, values)
+    stats = p.run()
+    assert stats.records == 332 and stats.duplicates == 31 and stats.stream("s").duplicates == 31
+    assert p.store.traffic_count("s") == 300 and p.store.traffic_count("t") == 1
+    assert stats.stream("s").episodes == 300
+    assert stored_samples(p.store) == expected_samples(s, distinct + values[-1:])
+    counted = {
+        o: p.metrics.registry.get_sample_value("oversight_episodes_total", {"stream": "s", "outcome": o})
+        for o in ("sampled", "not_sampled", "duplicate")
+    }
+    assert counted["sampled"] + counted["not_sampled"] == 300 and counted["duplicate"] == 31  # type: ignore[operator]
+    assert sum(stats.stream("s").sampled.values()) == sum(1 for _ in p.store.sampled("s", "human")) + sum(
+        1 for _ in p.store.sampled("s", "rm")
+    ) + sum(1 for _ in p.store.sampled("s", "drift"))
+    assert p.report()["streams"]["s"]["duplicates"] == 31
+
+
+def test_the_window_of_recent_episodes_is_bounded_and_can_be_off(db_url: str, tmp_path: Path) -> None:
+    def delivery(stream: str) -> list[bytes]:
+        distinct = episodes(200, stream)
+        return distinct + distinct[:50] + distinct[150:]  # 50 copies of old episodes, 50 of recent ones
+
+    p = make(settings(db_url, tmp_path, "pipeline.duplicate_window=100"), delivery("s"))
+    assert p.run().duplicates == 50 and p.store.traffic_count("s") == 250
+    off = make(settings(db_url, tmp_path, "pipeline.duplicate_window=0"), delivery("u"), p.store, name="off")
+    assert off.run().duplicates == 0 and off.store.traffic_count("u") == 300
+
+
+def test_a_batch_redone_after_an_outage_is_no_copy_of_itself(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch interrupted after its draft (here: its checkpoint could not be read) is redone
+    with the same records: they must be new again, not copies of the attempt that failed."""
+    s = settings(db_url, tmp_path)
+    values = episodes(200)
+    p = make(s, values)
+    take_dirty = p.sampler.take_dirty
+    failures = [OSError("disk gone")] * 2
+
+    def flaky() -> Any:
+        if failures:
+            raise failures.pop()
+        return take_dirty()
+
+    monkeypatch.setattr(p.sampler, "take_dirty", flaky)
+    monkeypatch.setattr(p.retry, "first_delay_s", 0.01)
+    stats = p.run()
+    assert not failures and stats.duplicates == 0
+    assert p.store.traffic_count("s") == 200 and stored_samples(p.store) == expected_samples(s, values)
+
+
+def test_a_copy_of_a_record_the_store_refused_is_refused_again(db_url: str, tmp_path: Path) -> None:
+    """The window holds what the store took: a copy of a dead-lettered record is not a copy of
+    anything stored, and gets its own dead letter instead of vanishing as a duplicate."""
+    s = settings(db_url, tmp_path, "sampling.rm.rate=1.0")
+
+    def record(stream: str) -> bytes:
+        body = {"episode_id": "x", "stream": stream, "prompt": "p", "response": "r", "timestamp": 1}
+        return json.dumps(body).encode()
+
+    p = make(s, [record("a"), record("b"), record("b"), record("b")])
+    p.open()
+    p.process_batch(p.source.poll(3, 0.0))
+    p.process_batch(p.source.poll(3, 0.0))
+    assert dict(p.stats.dead_letters) == {"episode_id_conflict": 2} and p.stats.duplicates == 1
+
+
 def test_episode_the_database_refuses_is_dead_lettered(pg_url: str, tmp_path: Path) -> None:
     """Passes validation, refused by PostgreSQL (a model name over the column width is caught
     by validation, so use a JSON metadata key PostgreSQL JSONB refuses: none exist after

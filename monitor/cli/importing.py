@@ -57,7 +57,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         report["input_error"] = error
     if args.report:
         write_json(args.report, report)
-    summary = {k: report[k] for k in ("episodes", "invalid", "sampled", "unconvertible")}
+    summary = {k: report[k] for k in ("episodes", "invalid", "duplicates", "sampled", "unconvertible")}
     print(json.dumps(summary))
     ended_early(report.get("input_error"), report["episodes"])
     return 0

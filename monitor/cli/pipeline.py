@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning("%s", e)
             return EXIT_ABORTED
         error = file_input_error(svc.pipeline.source)
-    log.info("stopped after %d records (%d invalid)", stats.records, stats.invalid)
+    log.info("stopped after %d records (%d invalid, %d duplicates)", stats.records, stats.invalid, stats.duplicates)
     ended_early(error, stats.records)
     return 0
 
@@ -120,7 +120,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         settings = settings_from_args(args, [*extra, "dev=true"])
     report = replay_file(settings, args.input, progress=progress_of(args))
     write_json(args.report, report)
-    print(json.dumps({k: report[k] for k in ("episodes", "invalid", "sampled")}))
+    print(json.dumps({k: report[k] for k in ("episodes", "invalid", "duplicates", "sampled")}))
     ended_early(report.get("input_error"), report["episodes"])
     return 0
 

@@ -4,8 +4,8 @@
   skipping episode ids already there (a retried request reports them as duplicates).
 * ``kafka``: each record is produced to ``kafka.topic`` keyed by its stream with acks=all, and
   every send's acknowledgement is awaited. Kafka does not deduplicate: a retried request is
-  produced again, and the pipeline stores each episode once (the episodes primary key), so the
-  API reports no duplicates in this mode.
+  produced again, and the pipeline skips the copy (``monitor.pipeline.dedup``), so the API
+  reports no duplicates in this mode.
 
 An outage raises :class:`HandoffUnavailable` (the API answers 503 + Retry-After); nothing is
 acknowledged that the target did not durably take.

@@ -28,6 +28,7 @@ from monitor.episodes import Episode, InvalidEpisode, parse_episode
 from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
 from monitor.metrics import Metrics
 from monitor.pipeline.commit import LATE_REASONS, Committer, describe
+from monitor.pipeline.dedup import RecentEpisodes
 from monitor.pipeline.stages import EpisodeObserver
 from monitor.pipeline.stats import BatchTally, RunStats
 from monitor.retry import Aborted, Health, RetryPolicy, transient
@@ -128,6 +129,7 @@ class Pipeline:
         self.settle_at_end = False
         self.stats = RunStats()
         self.stop_event = threading.Event()
+        self.recent = RecentEpisodes(settings.pipeline.duplicate_window)
         self.committer = Committer(
             store,
             source,
@@ -181,6 +183,7 @@ class Pipeline:
 
     def _forget_state(self) -> None:
         """Drop in-memory per-stream state; it reloads from the checkpoint on next use."""
+        self.recent.forget()
         self.sampler.forget()
         for obs in self.observers:
             obs.forget()
@@ -380,7 +383,7 @@ class Pipeline:
         if draft.failed:  # a score of an episode that failed after the scorer saw it has no row to refer to
             stored = {row["episode_id"] for row in batch.episodes}
             batch.rm_scores = [r for r in batch.rm_scores if r["episode_id"] in stored]
-        if not self.committer.commit(batch, draft.letters, stop):
+        if not self._commit(batch, draft.letters, stop):
             return False
         if not self._kafka:
             self._index = draft.next_index
@@ -389,6 +392,27 @@ class Pipeline:
         self.source.commit(draft.next_offsets)
         self._after_commit(batch)
         self._account(records, draft, t0)
+        return True
+
+    def _commit(self, batch: BatchWrite, letters: list[DeadLetter], stop: threading.Event | None) -> bool:
+        """Commit the batch; its episodes join the window of recent ones only if it committed,
+        without those the store refused (dead letters now, appended to ``letters``)."""
+        recent = self.recent
+        try:
+            done = self.committer.commit(batch, letters, stop)
+        except BaseException:
+            recent.discard()
+            raise
+        if not done:
+            recent.discard()
+            return False
+        refused = [
+            recent.key(x.stream, x.episode_id)
+            for x in letters
+            if x.reason in LATE_REASONS and x.stream is not None and x.episode_id is not None
+        ]
+        recent.drop(refused)
+        recent.commit()
         return True
 
     def _draft(self, records: list[Record], now: float) -> Draft:
@@ -404,6 +428,7 @@ class Pipeline:
         batch, letters, tally, next_offsets = draft.batch, draft.letters, draft.tally, draft.next_offsets
         traffic = batch.traffic
         sampler, observers, max_bytes, kafka = self.sampler, self.observers, self._max_bytes, self._kafka
+        recent = self.recent
         max_future_s = self.settings.source.max_future_s
         source_name = self.source.name
         idx = self._index - 1
@@ -417,6 +442,10 @@ class Pipeline:
                     raise InvalidEpisode("oversize", f"record is {rec.full_size} bytes, limit is {max_bytes}")
                 ep = parse_episode(rec.value, max_bytes, now, max_future_s)
                 stream = ep.stream
+                key = recent.key(stream, ep.episode_id)
+                if recent.seen(key):
+                    tally.duplicates[stream] += 1
+                    continue
                 d = sampler.decide(ep.episode_id, stream, ep.timestamp)
                 n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0
                 # Inline, not after the batch: a drift event's boost must apply from the very
@@ -432,9 +461,10 @@ class Pipeline:
                 letters.append(self.committer.internal_error(rec, source_name, e, ep))
                 draft.failed = True
                 continue
+            recent.take(key)
             tally.saw(stream, d.probabilities)
-            key = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
-            traffic[key] = traffic.get(key, 0) + 1
+            bucket = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
+            traffic[bucket] = traffic.get(bucket, 0) + 1
             if d.sampled:
                 self._rows(batch, ep, d.sampled, n_tasks, f"{rec.partition}:{rec.offset}", now)
             else:
@@ -520,6 +550,23 @@ class Pipeline:
             st.episodes += n
             for probs in tally.probabilities[stream]:
                 st.saw_probabilities(probs)
+        self._account_outcomes(batch, tally, refused)
+        self._publish_rates(tally.probabilities)
+        done = time.time()
+        for rec in records:
+            m.latency.observe(done - rec.received_at)
+        stats.drift_events.extend(self.committer.account_events(batch))
+        m.batches.inc()
+        m.last_checkpoint.set(done)
+        m.batch_seconds.observe(time.perf_counter() - t0)
+        stats.batches += 1
+
+    def _account_outcomes(
+        self, batch: BatchWrite, tally: BatchTally, refused: set[tuple[str | None, str | None]]
+    ) -> None:
+        """The episodes of a committed batch by outcome (sampled, not sampled, duplicate), and its
+        samples by channel, without those of the episodes the store refused."""
+        stats, m = self.stats, self.metrics
         sampled_episodes: dict[str, int] = {}
         for ep_row in batch.episodes:
             sampled_episodes[ep_row["stream"]] = sampled_episodes.get(ep_row["stream"], 0) + 1
@@ -534,15 +581,10 @@ class Pipeline:
             m.episodes.labels(m.stream_label(stream), "sampled").inc(n)
         for stream, n in tally.not_sampled.items():
             m.episodes.labels(m.stream_label(stream), "not_sampled").inc(n)
-        self._publish_rates(tally.probabilities)
-        done = time.time()
-        for rec in records:
-            m.latency.observe(done - rec.received_at)
-        stats.drift_events.extend(self.committer.account_events(batch))
-        m.batches.inc()
-        m.last_checkpoint.set(done)
-        m.batch_seconds.observe(time.perf_counter() - t0)
-        stats.batches += 1
+        for stream, n in tally.duplicates.items():
+            m.episodes.labels(m.stream_label(stream), "duplicate").inc(n)
+            stats.duplicates += n
+            stats.stream(stream).duplicates += n
 
     def _publish_rates(self, streams: Iterable[str]) -> None:
         m, sampler = self.metrics, self.sampler
@@ -617,6 +659,7 @@ class Pipeline:
         return {
             "episodes": s.records,
             "invalid": s.invalid,
+            "duplicates": s.duplicates,
             "sampled": dict(s.sampled),
             "dead_letters": dict(sorted(s.dead_letters.items())),
             "drift_events": list(drift_events if drift_events is not None else s.drift_events),

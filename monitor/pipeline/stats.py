@@ -19,6 +19,7 @@ from sampling import CHANNELS
 class StreamStats:
     episodes: int = 0
     invalid: int = 0
+    duplicates: int = 0  # copies of an episode taken within the window (monitor.pipeline.dedup)
     sampled: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
     p_min: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, math.inf))
     p_max: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0.0))
@@ -27,6 +28,7 @@ class StreamStats:
         return {
             "episodes": self.episodes,
             "invalid": self.invalid,
+            "duplicates": self.duplicates,
             "sampled": dict(self.sampled),
             "inclusion_probability": {
                 ch: {"min": self.p_min[ch], "max": self.p_max[ch]} for ch in CHANNELS if self.p_max[ch] > 0
@@ -44,6 +46,7 @@ class StreamStats:
 class RunStats:
     records: int = 0
     invalid: int = 0
+    duplicates: int = 0
     sampled: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
     dead_letters: Counter[str] = field(default_factory=Counter)
     streams: dict[str, StreamStats] = field(default_factory=dict)
@@ -65,6 +68,7 @@ class BatchTally:
 
     valid: Counter[str] = field(default_factory=Counter)
     not_sampled: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
     #: The distinct probability dicts each stream's decisions used (the sampler reuses one dict
     #: until a stream's rates change), in order: min and max over them are the batch's range.
     probabilities: dict[str, list[dict[str, float]]] = field(default_factory=dict)

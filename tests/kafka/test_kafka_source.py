@@ -184,7 +184,7 @@ def test_cli_run_drains_on_sigterm(kenv: Any, tmp_path: Path) -> None:
     assert rc == 0, out[-3000:]
     assert elapsed < 10
     assert "signal SIGTERM: draining" in out
-    assert f"stopped after {len(eps)} records (0 invalid)" in out
+    assert f"stopped after {len(eps)} records (0 invalid, 0 duplicates)" in out
     kenv.assert_exactly_once(db, kenv.settings(topic, group, db), eps)
     assert _wait_committed(kenv, group, topic, ends, timeout_s=2) == ends
 
