@@ -616,7 +616,7 @@ def test_an_ingest_writer_stopped_mid_insert_does_not_hold_the_inbox(pg_url: str
     inbox = Inbox(store, timeout_s=1.0)
     rows = [InboxRow(f"e{i}", "s", b"{}", time.time()) for i in range(3)]
     waits: list[float] = []  # how long each refused insert waited
-    taken: set[str] = set()
+    taken: set[tuple[str, str]] = set()
 
     def insert_until_taken() -> None:  # as a client does: retry after a 503
         while not taken:
@@ -633,7 +633,7 @@ def test_an_ingest_writer_stopped_mid_insert_does_not_hold_the_inbox(pg_url: str
         client.start()
         client.join(15)
         assert not client.is_alive(), "the stopped writer kept the inbox's lock"
-        assert taken == {"e0", "e1", "e2"} and all(w < 5 for w in waits), waits
+        assert taken == {("s", "e0"), ("s", "e1"), ("s", "e2")} and all(w < 5 for w in waits), waits
         assert zombie.poll() is None, "the lock was freed by the writer exiting, not by the server"
     finally:
         zombie.kill()

@@ -141,23 +141,26 @@ class IngestContext:
         now = time.time()
         results: list[RecordResult | None] = [None] * len(raws)
         rows: list[InboxRow] = []
-        pending: list[tuple[int, str]] = []
-        seen: set[str] = set()
+        pending: list[tuple[int, tuple[str, str]]] = []
+        seen: set[tuple[str, str]] = set()
         for i, raw in enumerate(raws):
             res = self._check(i, raw, principal, now, seen)
             if isinstance(res, RecordResult):
                 results[i] = res
                 continue
-            seen.add(res.episode_id)
+            key = (res.stream, res.episode_id)
+            seen.add(key)
             rows.append(res)
-            pending.append((i, res.episode_id))
+            pending.append((i, key))
         new = self._hand_off(rows)
-        for i, eid in pending:
-            results[i] = RecordResult(index=i, episode_id=eid, status="accepted" if eid in new else "duplicate")
+        for i, key in pending:
+            results[i] = RecordResult(index=i, episode_id=key[1], status="accepted" if key in new else "duplicate")
         final = [r for r in results if r is not None]
         return self._tally(final)
 
-    def _check(self, i: int, raw: bytes, principal: Principal, now: float, seen: set[str]) -> RecordResult | InboxRow:
+    def _check(
+        self, i: int, raw: bytes, principal: Principal, now: float, seen: set[tuple[str, str]]
+    ) -> RecordResult | InboxRow:
         try:
             ep = parse_episode(raw, self.max_episode_bytes, now, self.max_future_s)
         except InvalidEpisode as e:
@@ -169,17 +172,17 @@ class IngestContext:
             return RecordResult(
                 index=i, episode_id=ep.episode_id, status="rejected", reason="stream_not_allowed", detail=detail
             )
-        if ep.episode_id in seen:
+        if (ep.stream, ep.episode_id) in seen:
             return RecordResult(
                 index=i,
                 episode_id=ep.episode_id,
                 status="duplicate",
                 reason="duplicate_in_request",
-                detail="the same episode_id came earlier in this request",
+                detail="the same episode_id and stream came earlier in this request",
             )
         return InboxRow(ep.episode_id, ep.stream, raw, now)
 
-    def _hand_off(self, rows: list[InboxRow]) -> set[str]:
+    def _hand_off(self, rows: list[InboxRow]) -> set[tuple[str, str]]:
         if not rows:
             return set()
         t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The durable hand-off of accepted records, done before the ingest API answers 2xx.
 
 * ``inbox`` (embedded default): one database transaction inserts the records into ``inbox``,
-  skipping episode ids already there (a retried request reports them as duplicates).
+  skipping those whose stream holds their episode id already (a retried request reports them as
+  duplicates; another stream's id does not: the pipeline decides that record).
 * ``kafka``: each record is produced to ``kafka.topic`` keyed by its stream with acks=all, and
   every send's acknowledgement is awaited. Kafka does not deduplicate: a retried request is
   produced again, and the pipeline skips the copy (``monitor.pipeline.dedup``), so the API
@@ -35,8 +36,9 @@ class HandoffUnavailable(RuntimeError):
 class Handoff(Protocol):
     kind: str
 
-    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
-        """Hand the rows off durably; the episode ids that were new (the rest were duplicates)."""
+    def submit(self, rows: Sequence[InboxRow]) -> set[tuple[str, str]]:
+        """Hand the rows off durably; the (stream, episode id) pairs that were new (the rest were
+        duplicates)."""
         ...
 
     def backlog(self, cap: int) -> int | None:
@@ -77,7 +79,7 @@ class InboxHandoff:
         self._inbox = Inbox(store, timeout_s)
         self._health = _Health()
 
-    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
+    def submit(self, rows: Sequence[InboxRow]) -> set[tuple[str, str]]:
         try:
             new = self._inbox.insert(rows)
         except Exception as e:
@@ -134,7 +136,7 @@ class KafkaHandoff:
                 )
             return self._producer
 
-    def submit(self, rows: Sequence[InboxRow]) -> set[str]:
+    def submit(self, rows: Sequence[InboxRow]) -> set[tuple[str, str]]:
         try:
             producer = self._get_producer()
             futures = [producer.send(self._cfg.topic, key=r.stream.encode(), value=r.raw) for r in rows]
@@ -146,7 +148,7 @@ class KafkaHandoff:
             self._health.failed()
             raise HandoffUnavailable(f"broker: {type(e).__name__}") from e
         self._health.succeeded()
-        return {r.episode_id for r in rows}
+        return {(r.stream, r.episode_id) for r in rows}
 
     def backlog(self, cap: int) -> int | None:
         return None

@@ -67,10 +67,10 @@ class Inbox:
         self.store = store
         self.timeout_s = timeout_s
 
-    def insert(self, rows: Sequence[InboxRow]) -> set[str]:
-        """Insert rows in one transaction, skipping episode ids already there; the ids inserted.
-        Raises (nothing committed) on an outage."""
-        inserted: set[str] = set()
+    def insert(self, rows: Sequence[InboxRow]) -> set[tuple[str, str]]:
+        """Insert rows in one transaction, skipping (stream, episode id) pairs already there; the
+        pairs inserted. Raises (nothing committed) on an outage."""
+        inserted: set[tuple[str, str]] = set()
         if not rows:
             return inserted
         with self.store.engine.begin() as conn:
@@ -85,10 +85,10 @@ class Inbox:
                 stmt = (
                     _insert(self.store, t.inbox)
                     .values(values)
-                    .on_conflict_do_nothing(index_elements=["episode_id"])
-                    .returning(t.inbox.c.episode_id)
+                    .on_conflict_do_nothing(index_elements=["stream", "episode_id"])
+                    .returning(t.inbox.c.stream, t.inbox.c.episode_id)
                 )
-                inserted.update(r[0] for r in conn.execute(stmt))
+                inserted.update((r[0], r[1]) for r in conn.execute(stmt))
         return inserted
 
     def read(self, from_id: int, limit: int) -> list[InboxRecord]:

@@ -380,15 +380,17 @@ action_requests = sa.Table(
 # Records accepted by ``POST /v1/episodes`` in the embedded hand-off, in the order they were
 # committed (id): the inbox source consumes them by id, its position in ``offsets`` (source
 # "inbox"). AUTOINCREMENT on SQLite: a deleted highest id is never reused (a reused id below the
-# consumer's position would never be read). episode_id UNIQUE: a retried request is a no-op.
+# consumer's position would never be read). (stream, episode_id) UNIQUE: a retried request is a
+# no-op, and no stream's id makes another stream's record a "duplicate" (migration 0016).
 inbox = sa.Table(
     "inbox",
     metadata,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    sa.Column("episode_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("episode_id", sa.String(128), nullable=False),
     sa.Column("stream", sa.String(128), nullable=False),
     sa.Column("raw", sa.LargeBinary, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("stream", "episode_id", name="uq_inbox_stream_episode"),
     sqlite_autoincrement=True,
 )
 

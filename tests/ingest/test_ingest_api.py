@@ -496,3 +496,34 @@ def test_cli_tokens_and_ingest_serve(sqlite_url: str, tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=15)
     assert oversight("ingest", "tokens", "revoke", "svc", "--db", sqlite_url).returncode == 2
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_an_id_another_stream_sent_is_no_duplicate_of_it(
+    db: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two tenants, each with a token for its own stream, both use the id "order-1". Before, the
+    inbox held ids once for all streams: bob's record was answered "duplicate" (the SDK counts it
+    as held by the server) and was gone, though bob's token cannot even read stream a. Now it is
+    accepted and reaches the pipeline, which dead-letters it as episode_id_conflict when a's
+    episode is stored: visible, counted, not lost without a word."""
+    db_url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+    e = start(db_url, tmp_path, "sampling.rm.rate=1.0")  # a's episode is stored
+    try:
+        alice, bob = add_token(e.store, "alice", ["a"]), add_token(e.store, "bob", ["b"])
+        mine = {**episode(1, "a"), "episode_id": "order-1"}
+        theirs = {**episode(1, "b"), "episode_id": "order-1"}
+        assert [x["status"] for x in e.post(ndjson([mine]), token=alice).json()["results"]] == ["accepted"]
+        assert [x["status"] for x in e.post(ndjson([theirs]), token=bob).json()["results"]] == ["accepted"]
+        assert [x["status"] for x in e.post(ndjson([theirs]), token=bob).json()["results"]] == ["duplicate"]
+        both = e.post(
+            ndjson([{**episode(2, "a"), "episode_id": "order-2"}, {**episode(2, "b"), "episode_id": "order-2"}])
+        )
+        assert [x["status"] for x in both.json()["results"]] == ["accepted", "accepted"]
+        stats = run_pipeline(e.settings, e.store)
+        assert stats.records == 4 and dict(stats.dead_letters) == {"episode_id_conflict": 2}
+        letters = [json.loads(line) for line in (tmp_path / "dlq.jsonl").read_text().splitlines()]
+        assert sorted((x["episode_id"], x["stream"]) for x in letters) == [("order-1", "b"), ("order-2", "b")]
+    finally:
+        e.server.stop()
+        e.store.close()
