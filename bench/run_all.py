@@ -27,6 +27,7 @@ BENCHES = [
     ["encoder.py"],  # ~6 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the ceiling
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
+    ["retention.py"],  # ~15 s: the retention purge of 200,000 stored episodes on SQLite
     ["adjudication.py"],  # ~40 s: items sent to adjudication, their errors before and after, the cost
     ["closed_loop.py"],  # ~7 minutes: the closed loop on three real shifts
     ["install_size.py"],  # ~2 minutes: a fresh virtualenv with `pip install .` (no extras): size, time, BSL check

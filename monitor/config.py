@@ -120,6 +120,22 @@ class SamplingConfig(_Model):
     streams: dict[str, StreamSamplingConfig] = Field(default_factory=dict)
 
 
+class RetentionConfig(_Model):
+    """How long stored episodes are kept (``monitor/store/retention.py``). At production volume the
+    sampled episodes, their samples and scores grow with traffic for as long as the service runs;
+    the labelled ones are the reviewers' work, and stay."""
+
+    days: float | None = Field(
+        None,
+        gt=0,
+        description="stored episodes older than this much of their stream's event time are deleted with their"
+        " samples, scores and traffic counts, except those with labels, adjudications, canaries or open review"
+        " tasks; estimates then cover this window; null: keep everything",
+    )
+    every_s: float = Field(3600.0, ge=1, le=7 * 86400, description="how often `oversight run` purges")
+    chunk: int = Field(1000, ge=1, le=100_000, description="episodes deleted per transaction")
+
+
 class DatabaseConfig(_Model):
     url: str = "sqlite:///oversight.db"
     migrate: bool = Field(True, description="apply migrations at start")
@@ -142,6 +158,7 @@ class DatabaseConfig(_Model):
         " probed by TCP keepalives on the same scale. Without it the operation would wait for the kernel's"
         " retransmissions to give up (about 15 minutes on Linux)",
     )
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class SourceConfig(_Model):

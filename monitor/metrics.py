@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 NS = "oversight"
+# The tables the retention purge deletes from, in its order (monitor/store/retention.py).
+RETENTION_TABLES = ("rm_scores", "samples", "inference_results", "review_tasks", "episodes", "traffic")
 OTHER = "_other"
 UNKNOWN = "_unknown"
 
@@ -33,6 +35,7 @@ class Metrics:
         self._oversight_metrics(r)
         self._readiness_metrics(r)
         self._inference_metrics(r)
+        self._retention_metrics(r)
         self._zero_known_labels()
 
     def _ingest_metrics(self, r: CollectorRegistry) -> None:
@@ -343,6 +346,21 @@ class Metrics:
             registry=r,
         )
 
+    def _retention_metrics(self, r: CollectorRegistry) -> None:
+        """The purge of old stored episodes (``monitor/store/retention.py``)."""
+        self.retention_deleted = Counter(
+            "retention_deleted", "Rows deleted by the retention purge, by table", ["table"], namespace=NS, registry=r
+        )
+        self.retention_runs = Counter(
+            "retention_runs", "Retention purges, by outcome (ok, failed)", ["outcome"], namespace=NS, registry=r
+        )
+        self.retention_last_success = Gauge(
+            "retention_last_success_timestamp_seconds",
+            "Unix time of the last retention purge that succeeded",
+            namespace=NS,
+            registry=r,
+        )
+
     def _zero_known_labels(self) -> None:
         """Counters with a known, small label set start at 0: a series that first appears with
         value 1 is invisible to rate()/increase(), so the first dead letter or failed update
@@ -361,6 +379,10 @@ class Metrics:
         self.inference.zero()
         for channel in ("drift", "rm"):
             self.sampling_throttle.labels(channel).set(1.0)
+        for table in RETENTION_TABLES:
+            self.retention_deleted.labels(table)
+        for outcome in ("ok", "failed"):
+            self.retention_runs.labels(outcome)
 
     def stream_label(self, stream: str | None) -> str:
         if stream is None:

@@ -1,4 +1,4 @@
-"""``oversight db upgrade | current`` and ``oversight config show | check``."""
+"""``oversight db upgrade | current | purge`` and ``oversight config show | check``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 from monitor.cli.common import Command, one_line, open_existing_store, settings_from_args, shown_url
-from monitor.errors import CommandFailed, require_readable, require_writable_dir, sqlite_file
+from monitor.errors import CommandFailed, UsageError, require_readable, require_writable_dir, sqlite_file
 
 if TYPE_CHECKING:
     from monitor.config import KafkaConfig, Settings
@@ -39,6 +39,36 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(revision or "none")
+    return 0
+
+
+def purge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--days",
+        type=float,
+        help="keep this many days of each stream's event time (default: database.retention.days)",
+    )
+
+
+def cmd_db_purge(args: argparse.Namespace) -> int:
+    from monitor.store.retention import purge
+
+    settings = settings_from_args(args)
+    cfg = settings.database.retention
+    if args.days is not None:
+        if not args.days > 0:
+            raise UsageError("--days must be above 0")
+        cfg = cfg.model_copy(update={"days": args.days})
+    if cfg.days is None:
+        raise UsageError("nothing to purge: set database.retention.days or pass --days")
+    store = open_existing_store(settings)
+    try:
+        purged = purge(store, cfg)
+    finally:
+        store.close()
+    print(
+        json.dumps({"deleted": purged.deleted, "streams": len(purged.horizons), "failed_chunks": purged.failed_chunks})
+    )
     return 0
 
 
@@ -176,6 +206,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 COMMANDS = (
     Command(("db", "upgrade"), "apply all migrations (creates the database and its schema)", cmd_db_upgrade),
     Command(("db", "current"), "print the current schema revision ('none' before the first upgrade)", cmd_db_current),
+    Command(
+        ("db", "purge"),
+        "delete stored episodes older than the retention window (labelled ones stay), with their samples,"
+        " scores and traffic counts",
+        cmd_db_purge,
+        purge_arguments,
+    ),
     Command(("config", "show"), "print the effective configuration (secrets redacted)", cmd_config_show),
     Command(
         ("config", "check"),

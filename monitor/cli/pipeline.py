@@ -54,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("review UI at %s", svc.serve_review().url)
         if settings.actions.worker:
             svc.action_worker(start=True)
+        if settings.database.retention.days is not None:
+            svc.retention_job()
         try:
             stats = svc.run(stop)
         except Aborted as e:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from monitor.pipeline.throttle import ModelChannelThrottle
     from monitor.review.server import BackgroundServer
     from monitor.reward.scorer import RewardScorer
+    from monitor.store.retention import RetentionJob
     from sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class Service:
     server: OpsServer | None = None
     review: BackgroundServer | None = None
     worker: ActionWorker | None = None
+    retention: RetentionJob | None = None
     owns_store: bool = True  # False: the caller gave the store, and closes it
 
     # The stages by name (tests and the simulation read them).
@@ -296,6 +298,13 @@ class Service:
             self.worker.start()
         return self.worker
 
+    def retention_job(self) -> RetentionJob:
+        """The purge of stored episodes past ``database.retention.days``, on a thread of its own."""
+        from monitor.store.retention import RetentionJob
+
+        self.retention = RetentionJob(self.store, self.settings.database.retention, self.metrics).start()
+        return self.retention
+
     def run(self, stop: threading.Event | None = None, hooks: LoopHooks | None = None) -> RunStats:
         """The pipeline's loop until the source is exhausted, ``stop`` is set or a hook ends it."""
         stats: RunStats = self.pipeline.run(stop, hooks)
@@ -304,6 +313,7 @@ class Service:
     def close(self) -> None:
         """Stop and close everything, the last started first; one failure does not keep the rest open."""
         parts = [
+            self.retention.stop if self.retention is not None else None,
             self.worker.stop if self.worker is not None else None,
             self.review.stop if self.review is not None else None,
             self.pipeline.close,

@@ -68,6 +68,11 @@ def bucket_of(ts: float) -> int:
     return math.floor(ts / BUCKET_S) * BUCKET_S
 
 
+def horizon_key(stream: str) -> str:
+    """The internal-state key of a stream's retention horizon."""
+    return f"retention_horizon:{stream}"
+
+
 @dataclass
 class BatchWrite:
     """Everything one batch changes. ``offsets`` maps (source, partition) to (expected, new);
@@ -246,8 +251,10 @@ class Store:
         if not rows:
             return
         with self._writing(conn) as c:
+            present = self._still_stored(sorted({r["episode_id"] for r in rows}), c)
+            rows = [r for r in rows if r["episode_id"] in present]
             self.insert_ignore(t.rm_scores, rows, c)
-            ids = sorted({r["episode_id"] for r in rows})
+            ids = sorted(present)
             for i in range(0, len(ids), 500):
                 c.execute(
                     t.samples.update()
@@ -257,6 +264,21 @@ class Store:
                 # The results an inference worker of its own stored for them (inference.external).
                 r = t.inference_results
                 c.execute(r.delete().where(r.c.stage == "score", r.c.episode_id.in_(ids[i : i + 500])))
+
+    def _still_stored(self, ids: Sequence[str], conn: Connection) -> set[str]:
+        """Of ``ids``, the episodes stored now. A score computed while the retention purge deleted
+        its episode (``monitor/store/retention.py``) has nothing to refer to: its insert would fail
+        the whole batch. On PostgreSQL the rows are locked (KEY SHARE, as the foreign key check
+        would) until the caller commits, so a purge cannot delete them in between; a purge that
+        deleted one first is waited for, and the row is not returned."""
+        e = t.episodes
+        present: set[str] = set()
+        for i in range(0, len(ids), 500):
+            q = sa.select(e.c.episode_id).where(e.c.episode_id.in_(ids[i : i + 500]))
+            if self.dialect == "postgresql":
+                q = q.with_for_update(key_share=True)
+            present.update(r[0] for r in conn.execute(q))
+        return present
 
     def _stream_conflicts(self, rows: Sequence[EpisodeRow], conn: Connection) -> dict[tuple[str, str], str]:
         """The episode rows, (episode id, stream), whose id the store holds for another stream: read
@@ -528,7 +550,23 @@ class Store:
                 out.setdefault(stream, {})[channel] = int(n)
         return out
 
+    def retention_horizon(self, stream: str) -> int | None:
+        """The start of a stream's retained window (``monitor/store/retention.py``): the purge has
+        deleted, or may be deleting, what is older. None before its first purge."""
+        state = self.load_internal(horizon_key(stream))
+        return None if state is None else int(state["horizon"])
+
+    def _retained(self, stream: str, since: float | None) -> float | None:
+        """``since`` moved up to the stream's retention horizon: the traffic counts and the sampled
+        items of an estimate must cover the same episodes, and before the horizon only some of the
+        sampled ones are left (the labelled)."""
+        horizon = self.retention_horizon(stream)
+        if horizon is None:
+            return since
+        return float(horizon) if since is None else max(since, float(horizon))
+
     def traffic_count(self, stream: str, since: float | None = None, until: float | None = None) -> int:
+        since = self._retained(stream, since)
         q = sa.select(sa.func.coalesce(sa.func.sum(t.traffic.c.episodes), 0)).where(t.traffic.c.stream == stream)
         if since is not None:
             q = q.where(t.traffic.c.bucket >= bucket_of(since))
@@ -543,8 +581,10 @@ class Store:
         """Sampled episodes of a stream and channel with their inclusion probabilities.
 
         Window bounds are rounded to the traffic buckets so the sampled items
-        and the population count cover the same episodes.
+        and the population count cover the same episodes, and start at the stream's retention
+        horizon at the earliest (:meth:`retention_horizon`).
         """
+        since = self._retained(stream, since)
         e, s = t.episodes, t.samples
         q = (
             sa.select(

@@ -1,0 +1,198 @@
+"""Retention: a stream's stored episodes older than ``database.retention.days`` of its event time
+are deleted, with what refers to them, so that the database stops growing with traffic.
+
+The service stores every sampled episode (all channels), its samples, its reward-model scores and
+a traffic count per minute. At 1,000 episodes/s and the floors alone that is millions of rows a
+day, for as long as the service runs. What is kept past the horizon is what people made: an
+episode with a label (a skip is a label), an adjudication or a canary, and one whose review task
+is still open. Everything the model channels stored, and the traffic counts, go.
+
+**Estimates stay consistent.** Before the horizon only the labelled episodes are left, so a
+Horvitz-Thompson estimate there would count kept items against a population that lost its
+counts. The horizon is saved *before* anything is deleted, and :meth:`Store.sampled` and
+:meth:`Store.traffic_count` start every window at it: an estimate covers the retained window,
+whatever ``since`` it was asked for.
+
+**Event time, not the wall clock.** A stream's horizon is ``retention.days`` before the end of
+its latest traffic minute, so a replay of last year's traffic is not deleted as it is stored,
+and a stream that went quiet keeps its last window. The horizon only moves forward.
+
+**Small transactions.** Episodes are deleted ``retention.chunk`` at a time, oldest first, each
+chunk in a transaction of its own that deletes the rows referring to them first (foreign keys).
+A chunk that meets a concurrent writer (a score written for one of its episodes a moment
+before) fails alone and is tried again next round; replicas that purge at once delete the same
+rows once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from monitor.config import RetentionConfig
+from monitor.metrics import RETENTION_TABLES, Metrics
+from monitor.retry import first_line, transient
+from monitor.store import tables as t
+from monitor.store.store import BUCKET_S, Store, bucket_of, horizon_key
+
+log = logging.getLogger(__name__)
+
+OPEN_TASKS = ("pending", "claimed")
+#: The tables whose rows go with a deleted episode, in the order they are deleted.
+DEPENDENTS = ("rm_scores", "samples", "inference_results", "review_tasks")
+TABLES = RETENTION_TABLES
+
+
+@dataclass
+class Purged:
+    """What one purge deleted, per table, and the horizon of each stream it purged."""
+
+    deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+    horizons: dict[str, int] = field(default_factory=dict)
+    failed_chunks: int = 0
+
+    def add(self, table: str, n: int) -> None:
+        self.deleted[table] += n
+
+
+def horizons(store: Store, days: float) -> dict[str, int]:
+    """Per stream: ``days`` before the end of its latest traffic minute, on a minute boundary,
+    and never before the horizon it already has."""
+    span = days * 86400.0
+    q = sa.select(t.traffic.c.stream, sa.func.max(t.traffic.c.bucket)).group_by(t.traffic.c.stream)
+    with store.engine.connect() as conn:
+        latest = {str(s): float(b) + BUCKET_S for s, b in conn.execute(q)}
+    out = {}
+    for stream, end in sorted(latest.items()):
+        had = store.retention_horizon(stream)
+        out[stream] = max(bucket_of(end - span), had if had is not None else bucket_of(end - span))
+    return out
+
+
+def _candidates(stream: str, horizon: int, after: tuple[float, str] | None, chunk: int) -> sa.Select[str, float]:
+    """The next ``chunk`` episodes of ``stream`` before ``horizon`` that nothing people made refers
+    to, oldest first, after the keyset ``after`` (the kept ones are passed over once)."""
+    e = t.episodes
+
+    def refers(table: sa.Table, *extra: sa.ColumnElement[bool]) -> sa.Exists:
+        return sa.exists().where(table.c.episode_id == e.c.episode_id, *extra)
+
+    q = sa.select(e.c.episode_id, e.c.ts).where(
+        e.c.stream == stream,
+        e.c.ts < horizon,
+        ~refers(t.labels),
+        ~refers(t.adjudications),
+        ~refers(t.canaries),
+        ~refers(t.review_tasks, t.review_tasks.c.status.in_(OPEN_TASKS)),
+    )
+    if after is not None:
+        q = q.where(sa.tuple_(e.c.ts, e.c.episode_id) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1])))
+    return q.order_by(e.c.ts, e.c.episode_id).limit(chunk)
+
+
+def _delete_chunk(store: Store, ids: list[str], purged: Purged) -> None:
+    """The episodes and the rows that refer to them, in one transaction."""
+    tables = {name: t.metadata.tables[name] for name in (*DEPENDENTS, "episodes")}
+    counts = {}
+    with store.engine.begin() as conn:
+        store.limit_transaction(conn, 60.0)
+        for name, table in tables.items():
+            counts[name] = int(conn.execute(table.delete().where(table.c.episode_id.in_(ids))).rowcount or 0)
+    for name, n in counts.items():
+        purged.add(name, n)
+
+
+def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Purged) -> None:
+    """Delete what ``stream`` stored before ``horizon`` (the horizon saved first)."""
+    had = store.retention_horizon(stream)
+    if had is None or horizon > had:
+        store.save_internal(horizon_key(stream), {"horizon": horizon})
+    purged.horizons[stream] = horizon
+    after: tuple[float, str] | None = None
+    while True:
+        with store.engine.connect() as conn:
+            rows = [(str(r[0]), float(r[1])) for r in conn.execute(_candidates(stream, horizon, after, chunk))]
+        if not rows:
+            break
+        after = (rows[-1][1], rows[-1][0])
+        try:
+            _delete_chunk(store, [eid for eid, _ in rows], purged)
+        except sa.exc.IntegrityError as e:  # a row referring to one of them came meanwhile
+            purged.failed_chunks += 1
+            log.info("retention: a chunk of %s met a concurrent writer; retried next round: %s", stream, first_line(e))
+        if len(rows) < chunk:
+            break
+    tr = t.traffic
+    with store.engine.begin() as conn:
+        n = conn.execute(tr.delete().where(tr.c.stream == stream, tr.c.bucket < horizon)).rowcount
+    purged.add("traffic", int(n or 0))
+
+
+def purge(store: Store, cfg: RetentionConfig) -> Purged:
+    """One purge of every stream (nothing when ``cfg.days`` is None)."""
+    purged = Purged()
+    if cfg.days is None:
+        return purged
+    for stream, horizon in horizons(store, cfg.days).items():
+        purge_stream(store, stream, horizon, cfg.chunk, purged)
+    return purged
+
+
+class RetentionJob:
+    """The purge every ``retention.every_s`` on a thread of its own (``oversight run``). A failed
+    purge (an outage) is counted and logged, and the next round tries again.
+
+    Metrics: ``oversight_retention_deleted_total{table}``, ``oversight_retention_runs_total{outcome}``
+    (``ok``, ``failed``), both pre-zeroed, and ``oversight_retention_last_success_timestamp_seconds``."""
+
+    def __init__(self, store: Store, cfg: RetentionConfig, metrics: Metrics | None = None):
+        self.store = store
+        self.cfg = cfg
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> Purged | None:
+        """One purge; None when it failed (counted and logged)."""
+        m = self.metrics
+        try:
+            purged = purge(self.store, self.cfg)
+        except Exception as e:
+            if m is not None:
+                m.retention_runs.labels("failed").inc()
+            if transient(e):
+                log.warning("retention: purge failed (retried in %.0f s): %s", self.cfg.every_s, first_line(e))
+            else:
+                log.exception("retention: purge failed (retried in %.0f s)", self.cfg.every_s)
+            return None
+        if m is not None:
+            m.retention_runs.labels("ok").inc()
+            m.retention_last_success.set(time.time())
+            for table, n in purged.deleted.items():
+                m.retention_deleted.labels(table).inc(n)
+        if purged.deleted["episodes"]:
+            log.info("retention: deleted %s", purged.deleted)
+        return purged
+
+    def start(self) -> RetentionJob:
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.run_once()
+                self._stop.wait(self.cfg.every_s)
+
+        self._thread = threading.Thread(target=loop, name="retention", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
