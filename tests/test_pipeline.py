@@ -502,3 +502,20 @@ def test_source_failures_are_counted_once_each(tmp_path: Path) -> None:
     src2 = FlakySource(episodes(10, start=500), outage=1)
     Pipeline(s, Store(s.database.url), src2, JsonlDeadLetterSink(s.dead_letter.path, 1024), metrics).run()
     assert errors("read") == 8.0 and errors("commit") == 2.0
+
+
+def test_a_service_that_runs_for_months_keeps_only_its_last_drift_events(tmp_path: Path) -> None:
+    """The run's stats list its drift events for a replay's report; `oversight run` would keep
+    every one for as long as it runs (about 500 bytes each; at the default budget of 1 per 20,000
+    episodes a stream at 1,000 episodes/s raises about 4,300 a day), so it keeps the last ones."""
+    from monitor.service import build_service
+    from monitor.service.build import KEPT_DRIFT_EVENTS
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(v + b"\n" for v in episodes(5)))
+    s = settings(f"sqlite:///{tmp_path / 'o.db'}", tmp_path, "source.kind=file", f"source.path={path}")
+    s = s.model_copy(update={"server": s.server.model_copy(update={"port": 0})})
+    with build_service(s, registry=CollectorRegistry(), background_calibration=False) as svc:
+        assert svc.pipeline.stats.max_drift_events == KEPT_DRIFT_EVENTS
+    with build_service(s, source=MemorySource(episodes(5), "replay"), serve=False) as replay:
+        assert replay.pipeline.stats.max_drift_events is None, "a replay's report lists every event"

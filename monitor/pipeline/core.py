@@ -299,7 +299,7 @@ class Pipeline:
                 self._assemble(batch, stop)
                 if self.committer.commit(batch, [], stop):
                     self._after_commit(batch)
-                    self.stats.drift_events.extend(self.committer.account_events(batch))
+                    self.stats.add_drift_events(self.committer.account_events(batch))
 
     def _settle(self, stop: threading.Event) -> None:
         """The input is exhausted: wait for the inference workers to finish what its episodes left
@@ -555,7 +555,7 @@ class Pipeline:
         done = time.time()
         for rec in records:
             m.latency.observe(done - rec.received_at)
-        stats.drift_events.extend(self.committer.account_events(batch))
+        stats.add_drift_events(self.committer.account_events(batch))
         m.batches.inc()
         m.last_checkpoint.set(done)
         m.batch_seconds.observe(time.perf_counter() - t0)

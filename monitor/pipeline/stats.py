@@ -53,7 +53,25 @@ class RunStats:
     batches: int = 0
     stale_batches: int = 0
     offset_regressions: int = 0  # partitions whose stored offset went back (the database lost commits)
+    #: The run's drift events as its report lists them: every one for a replay or an import, the
+    #: last ``max_drift_events`` for a service that runs for months (they are in the database).
     drift_events: list[dict[str, Any]] = field(default_factory=list)
+    drift_event_count: int = 0
+    max_drift_events: int | None = None
+
+    def add_drift_events(self, events: list[dict[str, Any]]) -> None:
+        """Count and keep a committed batch's drift events (the oldest dropped beyond the cap).
+
+        >>> stats = RunStats(max_drift_events=2)
+        >>> stats.add_drift_events([{"index": 1}, {"index": 2}, {"index": 3}])
+        >>> stats.drift_event_count, [ev["index"] for ev in stats.drift_events]
+        (3, [2, 3])
+        """
+        self.drift_event_count += len(events)
+        self.drift_events.extend(events)
+        cap = self.max_drift_events
+        if cap is not None and len(self.drift_events) > cap:
+            del self.drift_events[: len(self.drift_events) - cap]
 
     def stream(self, name: str) -> StreamStats:
         st = self.streams.get(name)

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+KEPT_DRIFT_EVENTS = 1000  # the drift events a long-running service's stats keep in memory
+
 
 def build_source(
     settings: Settings, *, resume: bool = True, name: str | None = None, store: Store | None = None
@@ -408,6 +410,10 @@ def build_service(
         after_commit=[_after_commit(p) for p in publishers],
     )
     svc = Service(settings, store, metrics, retry, sampler, stages, pipeline, publishers, owns_store=not given_store)
+    if serve and source is None:
+        # `oversight run` runs for months: its stats keep the last events, not every one (a leak of
+        # about a kilobyte per drift event; the events are in the database).
+        pipeline.stats.max_drift_events = KEPT_DRIFT_EVENTS
     if background_calibration is None:
         background_calibration = serve and source is None
     if background_calibration:
