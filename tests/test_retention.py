@@ -276,3 +276,18 @@ def test_a_score_whose_episode_the_purge_took_is_dropped_not_a_failed_batch(db_u
         scored = {r[0] for r in conn.execute(sa.select(t.rm_scores.c.episode_id))}
     assert scored == {kept[0]}
     store.close()
+
+
+def test_a_traffic_minute_from_the_far_future_does_not_move_the_horizon(db_url: str, tmp_path: Path) -> None:
+    """A bucket stamped in the year 9999 (stored before source.max_future_s existed) would put the
+    horizon 3 days before it: the stream's whole window, deleted. Minutes further ahead of the
+    clock than the source accepts do not count."""
+    s = settings(db_url, tmp_path)
+    store = Store(db_url)
+    ingest(s, store, traffic_of("a"))
+    with store.engine.begin() as conn:
+        conn.execute(t.traffic.insert().values(stream="a", bucket=253402300740, episodes=1))
+    kept = count(store, t.episodes, t.episodes.c.ts >= BASE + (DAYS - 3) * 86400)
+    purged = purge(store, RetentionConfig(days=3), max_future_s=300.0, now=BASE + DAYS * 86400)
+    assert purged.horizons["a"] < BASE + DAYS * 86400
+    assert count(store, t.episodes, t.episodes.c.ts >= BASE + (DAYS - 3) * 86400) == kept > 0

@@ -63,7 +63,7 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
         raise UsageError("nothing to purge: set database.retention.days or pass --days")
     store = open_existing_store(settings)
     try:
-        purged = purge(store, cfg)
+        purged = purge(store, cfg, settings.source.max_future_s)
     finally:
         store.close()
     print(

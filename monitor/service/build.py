@@ -304,7 +304,9 @@ class Service:
         """The purge of stored episodes past ``database.retention.days``, on a thread of its own."""
         from monitor.store.retention import RetentionJob
 
-        self.retention = RetentionJob(self.store, self.settings.database.retention, self.metrics).start()
+        s = self.settings
+        job = RetentionJob(self.store, s.database.retention, self.metrics, s.source.max_future_s)
+        self.retention = job.start()
         return self.retention
 
     def run(self, stop: threading.Event | None = None, hooks: LoopHooks | None = None) -> RunStats:

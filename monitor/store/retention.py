@@ -59,11 +59,18 @@ class Purged:
         self.deleted[table] += n
 
 
-def horizons(store: Store, days: float) -> dict[str, int]:
+def horizons(store: Store, days: float, not_after: float | None = None) -> dict[str, int]:
     """Per stream: ``days`` before the end of its latest traffic minute, on a minute boundary,
-    and never before the horizon it already has."""
+    and never before the horizon it already has.
+
+    ``not_after``: traffic minutes after it do not count (the wall clock plus
+    ``source.max_future_s``). A bucket stamped in the far future, stored before that limit
+    existed, would otherwise put the horizon there and delete the stream's whole window."""
     span = days * 86400.0
-    q = sa.select(t.traffic.c.stream, sa.func.max(t.traffic.c.bucket)).group_by(t.traffic.c.stream)
+    tr = t.traffic
+    q = sa.select(tr.c.stream, sa.func.max(tr.c.bucket)).group_by(tr.c.stream)
+    if not_after is not None:
+        q = q.where(tr.c.bucket <= not_after)
     with store.engine.connect() as conn:
         latest = {str(s): float(b) + BUCKET_S for s, b in conn.execute(q)}
     out = {}
@@ -132,12 +139,14 @@ def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Pu
     purged.add("traffic", int(n or 0))
 
 
-def purge(store: Store, cfg: RetentionConfig) -> Purged:
-    """One purge of every stream (nothing when ``cfg.days`` is None)."""
+def purge(store: Store, cfg: RetentionConfig, max_future_s: float | None = None, now: float | None = None) -> Purged:
+    """One purge of every stream (nothing when ``cfg.days`` is None). ``max_future_s``: the
+    source's limit (``source.max_future_s``): traffic stamped further ahead of ``now`` is ignored."""
     purged = Purged()
     if cfg.days is None:
         return purged
-    for stream, horizon in horizons(store, cfg.days).items():
+    not_after = None if max_future_s is None else (time.time() if now is None else now) + max_future_s
+    for stream, horizon in horizons(store, cfg.days, not_after).items():
         purge_stream(store, stream, horizon, cfg.chunk, purged)
     return purged
 
@@ -149,9 +158,12 @@ class RetentionJob:
     Metrics: ``oversight_retention_deleted_total{table}``, ``oversight_retention_runs_total{outcome}``
     (``ok``, ``failed``), both pre-zeroed, and ``oversight_retention_last_success_timestamp_seconds``."""
 
-    def __init__(self, store: Store, cfg: RetentionConfig, metrics: Metrics | None = None):
+    def __init__(
+        self, store: Store, cfg: RetentionConfig, metrics: Metrics | None = None, max_future_s: float | None = None
+    ):
         self.store = store
         self.cfg = cfg
+        self.max_future_s = max_future_s
         self.metrics = metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -160,7 +172,7 @@ class RetentionJob:
         """One purge; None when it failed (counted and logged)."""
         m = self.metrics
         try:
-            purged = purge(self.store, self.cfg)
+            purged = purge(self.store, self.cfg, self.max_future_s)
         except Exception as e:
             if m is not None:
                 m.retention_runs.labels("failed").inc()
