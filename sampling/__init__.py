@@ -13,6 +13,7 @@ from sampling.policy import (
     Sampler,
     SamplingPolicy,
     StreamSamplingState,
+    rewind_clock,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "horvitz_thompson",
     "keyed_uniform",
     "keyed_uniforms",
+    "rewind_clock",
 ]

@@ -136,6 +136,30 @@ class StreamSamplingState:
         )
 
 
+def rewind_clock(state: StreamSamplingState, not_after: float) -> bool:
+    """Undo a clock that a record stamped in the far future moved past ``not_after``: True if it did.
+
+    Such a clock ended every boost (a boost lasts until the clock passes its end), froze the
+    review budget's window (it never closes again) and made every later boost last until after
+    that date. So the clock starts again from the next episode, the budget's window with it (its
+    rate is kept), and the boosts go: each one left was made after the bad record.
+
+    >>> st = StreamSamplingState(clock=253402300799.0, window_start=253402300000.0, window_count=5)
+    >>> st.boosts.append(Boost(4.0, 253402304399.0, ("human",), "drift"))
+    >>> rewind_clock(st, not_after=1_767_225_900.0), st.clock, st.window_start, st.boosts
+    (True, -inf, None, [])
+    >>> rewind_clock(StreamSamplingState(clock=1_767_225_600.0), not_after=1_767_225_900.0)
+    False
+    """
+    if not state.clock > not_after:
+        return False
+    state.clock = -math.inf
+    state.window_start = None
+    state.window_count = 0
+    state.boosts = []
+    return True
+
+
 class Decision:
     """Which channels sampled an episode, and the probabilities in effect.
 

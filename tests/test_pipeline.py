@@ -519,3 +519,37 @@ def test_a_service_that_runs_for_months_keeps_only_its_last_drift_events(tmp_pat
         assert svc.pipeline.stats.max_drift_events == KEPT_DRIFT_EVENTS
     with build_service(s, source=MemorySource(episodes(5), "replay"), serve=False) as replay:
         assert replay.pipeline.stats.max_drift_events is None, "a replay's report lists every event"
+
+
+def test_a_checkpoint_whose_clock_a_future_record_poisoned_is_repaired(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checkpointed by a version without source.max_future_s: the stream's clock at the year 9999,
+    the review budget's window frozen there, a drift boost that ends after it. Loaded as it was,
+    the boost would hold the rates up for good and a new boost would never end."""
+    from monitor.store import BatchWrite
+
+    s = settings(db_url, tmp_path)
+    store = Store(s.database.url)
+    poisoned = {
+        "version": 1,
+        "clock": 253402300799.0,
+        "window_start": 253402300000.0,
+        "window_count": 7,
+        "traffic_per_hour": None,
+        "budget_rate": None,
+        "boosts": [{"factor": 4.0, "until": 253402304399.0, "channels": ["human", "rm"], "reason": "drift"}],
+    }
+    store.commit_batch(BatchWrite(states={("s", "sampling"): poisoned}))
+    p = make(s, episodes(200), store)
+    p.open()
+    with caplog.at_level("WARNING"):
+        p.process_batch(p.source.poll(50, 0.0))
+    assert "beyond source.max_future_s" in caplog.text
+    state = p.sampler.state("s")
+    assert state.clock == 1_767_225_600 + 49 and state.boosts == []
+    assert p.sampler.rates("s")["human"] == pytest.approx(0.05), "the poisoned boost is gone"
+    p.boost("s", 4.0, duration=100.0)
+    p.process_batch(p.source.poll(150, 0.0))
+    probs = {r["episode_id"]: r["inclusion_probability"] for r in store.sampled("s", "human")}
+    assert all(probs[e] == pytest.approx(0.05) for e in probs if int(e.split("-")[1]) >= 150), "the new boost ended"

@@ -35,7 +35,7 @@ from monitor.retry import Aborted, Health, RetryPolicy, transient
 from monitor.sources.base import ReadAhead, Record, Source
 from monitor.store import BatchWrite, Store
 from monitor.store.store import BUCKET_S
-from sampling import CHANNELS, Sampler, StreamSamplingState, keyed_uniform
+from sampling import CHANNELS, Sampler, StreamSamplingState, keyed_uniform, rewind_clock
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,19 @@ def make_sampler(settings: Settings, store: Store, retry: RetryPolicy | None = N
 
         # Inside the hot loop: an outage here waits for the database (no decision without state).
         snap = get() if retry is None else retry.call(get, "store")
-        return None if snap is None else StreamSamplingState.restore(snap)
+        if snap is None:
+            return None
+        state = StreamSamplingState.restore(snap)
+        limit = settings.source.max_future_s
+        if limit is not None and rewind_clock(state, time.time() + limit):
+            # Checkpointed before source.max_future_s refused such records, by a version without it.
+            log.warning(
+                "stream %r: its sampling clock was at %s, beyond source.max_future_s (a record stamped in"
+                " the future, accepted before); restarting it from the next episode, without its boosts",
+                stream,
+                snap.get("clock"),
+            )
+        return state
 
     return Sampler(settings.sampling_policy(), settings.sampling_key(), loader=load)
 
