@@ -78,8 +78,9 @@ def leaves(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] 
 
 
 # Options a command needs under the default settings although argparse cannot mark them required:
-# `rm register --model` is optional only for a non-built-in `--kind` (a remote judge has no folder).
-REQUIRED_BY_DEFAULT: dict[str, tuple[str, ...]] = {"rm register": ("--model",)}
+# `rm register --model` is optional only for a non-built-in `--kind` (a remote judge has no folder);
+# `db purge --days` only when `database.retention.days` is set.
+REQUIRED_BY_DEFAULT: dict[str, tuple[str, ...]] = {"rm register": ("--model",), "db purge": ("--days",)}
 
 
 @dataclass
