@@ -41,13 +41,16 @@ class Backlog:
     oldest_s: float  # seconds since the oldest waiting sample committed (0 when none waits)
 
 
-def _restricted(q: sa.Select[Any], skip: Collection[str], streams: Collection[str] | None) -> sa.Select[Any]:
-    """A query of samples without those in ``skip``, of ``streams`` when given."""
+def _restricted(
+    store: Store, q: sa.Select[Any], skip: Collection[str], streams: Collection[str] | None
+) -> sa.Select[Any]:
+    """A query of samples without those in ``skip``, of ``streams`` when given (each one bound
+    parameter however many: a replica can own more streams than a statement takes parameters)."""
     s = t.samples
     if skip:
-        q = q.where(s.c.episode_id.not_in(list(skip)))
+        q = q.where(sa.not_(store.one_of(s.c.episode_id, skip)))
     if streams is not None:
-        q = q.where(s.c.stream.in_(list(streams)))
+        q = q.where(store.one_of(s.c.stream, streams))
     return q
 
 
@@ -91,7 +94,7 @@ def waiting_for_embedding(
     )
     if share_wait_s > 0:
         q = q.where(sa.not_(awaiting_score_pass(share_wait_s, time.time())))
-    q = _restricted(q, skip, streams)
+    q = _restricted(store, q, skip, streams)
     with store.engine.connect() as conn:
         return [ToEmbed(r.episode_id, r.stream, float(r.ts), r.prompt, r.response) for r in conn.execute(q)]
 
@@ -140,6 +143,7 @@ def waiting_for_score(
         return []
     s = t.samples
     q = _restricted(
+        store,
         sa.select(s.c.episode_id, s.c.channel)
         .where(s.c.channel.in_(SCORED_CHANNELS), s.c.status == PENDING)
         .order_by(s.c.created_at, s.c.ts, s.c.episode_id)
@@ -412,7 +416,7 @@ def stored_embeddings(
         .order_by(s.c.created_at, s.c.ts, s.c.episode_id)
         .limit(4 * limit)
     )
-    q = _restricted(q, skip, streams)
+    q = _restricted(store, q, skip, streams)
     import numpy as np
 
     with store.engine.connect() as conn:
@@ -443,7 +447,7 @@ def stored_scores(
         .order_by(s.c.created_at, s.c.ts, s.c.episode_id)
         .limit(8 * limit)
     )
-    q = _restricted(q, skip, streams)
+    q = _restricted(store, q, skip, streams)
     first: dict[str, Any] = {}
     with store.engine.connect() as conn:
         for x in conn.execute(q):

@@ -16,13 +16,14 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from monitor.retry import first_line, transient
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUCKET_S = 60
+IN_LIST_MAX = 1000  # values of an IN list; more are one bound parameter (Store.one_of)
 PROBE_KEY = "health:write_probe"  # the internal_state row of the pipeline's idle write probe
 CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
 
@@ -549,6 +551,19 @@ class Store:
             for stream, channel, n in conn.execute(q):
                 out.setdefault(stream, {})[channel] = int(n)
         return out
+
+    def one_of(self, column: sa.ColumnElement[Any], values: Collection[str]) -> sa.ColumnElement[bool]:
+        """``column IN values``. Up to ``IN_LIST_MAX`` values as an IN list; beyond, as one bound
+        parameter (``= ANY(array)`` on PostgreSQL, ``IN (SELECT value FROM json_each(...))`` on
+        SQLite): an IN list binds a parameter per value, and a statement takes at most 65,535 on
+        PostgreSQL (its protocol) and 32,766 on SQLite, fewer than the streams one replica can own."""
+        vals = sorted(values)
+        if len(vals) <= IN_LIST_MAX:
+            return column.in_(vals)
+        if self.dialect == "postgresql":
+            return column == sa.any_(sa.bindparam(None, vals, type_=ARRAY(sa.String())))
+        each = sa.func.json_each(sa.bindparam(None, json.dumps(vals), type_=sa.String())).table_valued("value")
+        return column.in_(sa.select(each.c.value))
 
     def retention_horizon(self, stream: str) -> int | None:
         """The start of a stream's retained window (``monitor/store/retention.py``): the purge has
