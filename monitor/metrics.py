@@ -15,7 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 NS = "oversight"
 # The tables the retention purge deletes from, in its order (monitor/store/retention.py).
-RETENTION_TABLES = ("rm_scores", "samples", "inference_results", "review_tasks", "episodes", "traffic")
+RETENTION_TABLES = (
+    "rm_scores",
+    "samples",
+    "inference_results",
+    "review_tasks",
+    "episodes",
+    "traffic",
+    "drift_events",
+)
 OTHER = "_other"
 UNKNOWN = "_unknown"
 

@@ -136,6 +136,15 @@ def test_a_purge_keeps_the_window_and_what_people_made(db_url: str, tmp_path: Pa
     )
     h_a, h_b = bucket_of(end_a - 3 * 86400), bucket_of(end_b - 3 * 86400)
     scores_for_every_rm_sample(store)
+    with store.engine.begin() as conn:  # a drift event a day in stream a
+        conn.execute(
+            t.drift_events.insert(),
+            [
+                {"stream": "a", "signal": "refusal", "detector": "cusum", "episode_id": f"a-{d * 24}"}
+                | {"input_index": d * 24, "event_ts": BASE + d * 86400 + 17, "created_at": 1.0}
+                for d in range(DAYS)
+            ],
+        )
     kept, open_ = label_half_and_leave_a_third_open(store, h_a)
     before = {
         q: estimate_stream(store, "a", "rm", q, since=h_a)["estimate"] for q in ("response_chars", "empty_response")
@@ -158,6 +167,9 @@ def test_a_purge_keeps_the_window_and_what_people_made(db_url: str, tmp_path: Pa
     assert count(store, t.samples, t.samples.c.episode_id.in_(kept)) > 0, "kept episodes keep their samples"
     assert count(store, t.traffic, t.traffic.c.bucket < h_a, t.traffic.c.stream == "a") == 0
     assert count(store, t.traffic, t.traffic.c.bucket >= h_a, t.traffic.c.stream == "a") > 0
+    de = t.drift_events
+    assert count(store, de, de.c.event_ts < h_a) == 0 and count(store, de, de.c.event_ts >= h_a) == 3
+    assert purged.deleted["drift_events"] == DAYS - 3
     # The estimates over everything now are those of the retained window before: same items, same population.
     after = {q: estimate_stream(store, "a", "rm", q)["estimate"] for q in before}
     assert after == before and store.traffic_count("a") == population == 3 * 24

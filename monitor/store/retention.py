@@ -5,7 +5,8 @@ The service stores every sampled episode (all channels), its samples, its reward
 a traffic count per minute. At 1,000 episodes/s and the floors alone that is millions of rows a
 day, for as long as the service runs. What is kept past the horizon is what people made: an
 episode with a label (a skip is a label), an adjudication or a canary, and one whose review task
-is still open. Everything the model channels stored, and the traffic counts, go.
+is still open. Everything the model channels stored, the traffic counts and the drift events go;
+incidents, requests and the re-reference audit stay.
 
 **Estimates stay consistent.** Before the horizon only the labelled episodes are left, so a
 Horvitz-Thompson estimate there would count kept items against a population that lost its
@@ -133,10 +134,13 @@ def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Pu
             log.info("retention: a chunk of %s met a concurrent writer; retried next round: %s", stream, first_line(e))
         if len(rows) < chunk:
             break
-    tr = t.traffic
+    tr, de = t.traffic, t.drift_events
     with store.engine.begin() as conn:
         n = conn.execute(tr.delete().where(tr.c.stream == stream, tr.c.bucket < horizon)).rowcount
+        # At the default per-episode budget a stream at 1,000 episodes/s raises thousands a day.
+        m = conn.execute(de.delete().where(de.c.stream == stream, de.c.event_ts < horizon)).rowcount
     purged.add("traffic", int(n or 0))
+    purged.add("drift_events", int(m or 0))
 
 
 def purge(store: Store, cfg: RetentionConfig, max_future_s: float | None = None, now: float | None = None) -> Purged:
