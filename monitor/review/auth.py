@@ -258,15 +258,27 @@ def login(
     return open_session(store, User(int(row.id), row.name, row.role), hours, now=now)
 
 
+PRUNE_PER_ATTEMPT = 100  # expired failures of any name and address each attempt deletes
+
+
 def _record_attempt(store: Store, name: str, address: str, now: float, window_s: float) -> int:
     """Record the attempt *before* the throttle counts, committed. Of N parallel guesses, the
     last to count sees all N, so at most the allowed number see a count within the limit:
-    guessing in parallel gains nothing. Rows past the window are pruned here."""
+    guessing in parallel gains nothing.
+
+    Rows past the window are pruned here: this name's and this address's, and the oldest
+    ``PRUNE_PER_ATTEMPT`` of any other. A guesser who never repeats a name or an address (IPv6
+    gives one a /64 of them) would otherwise leave a row per guess for good. Ids grow with
+    time, so the oldest rows are found at the start of the primary key's index."""
     lf = t.login_failures
     since = now - window_s
     with store.engine.begin() as conn:
         conn.execute(lf.delete().where(lf.c.name == name, lf.c.at < since))
         conn.execute(lf.delete().where(lf.c.address == address, lf.c.at < since))
+        oldest = sa.select(lf.c.id).where(lf.c.at < since).order_by(lf.c.id).limit(PRUNE_PER_ATTEMPT)
+        expired = [r[0] for r in conn.execute(oldest)]
+        if expired:
+            conn.execute(lf.delete().where(lf.c.id.in_(expired)))
         return int(conn.execute(lf.insert().values(name=name, address=address, at=now).returning(lf.c.id)).scalar_one())
 
 

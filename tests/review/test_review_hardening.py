@@ -144,6 +144,36 @@ def test_parallel_guesses_from_one_address_get_no_more_checks(make_review_env: M
     assert outcomes.count(401) <= 3, outcomes
 
 
+def test_expired_failures_of_names_and_addresses_that_never_return_are_pruned(make_review_env: MakeEnv) -> None:
+    """A guesser who never repeats a name or an address (an IPv6 /64 holds 2^64) left one row per
+    guess for good: only a returning name or address pruned its own. Each attempt now also
+    deletes the oldest expired rows of any other, so the table holds about the window's guesses."""
+    import sqlalchemy as sa
+
+    from monitor.store import tables as t
+
+    env = make_review_env()
+    ctx = env.app.state.review
+    window = ctx.limits.window_s
+
+    def guess(i: int, at: float) -> None:
+        with pytest.raises(auth.AuthError):
+            auth.login(env.store, f"n{i}", "x", f"2001:db8::{i:x}", limits=ctx.limits, gate=ctx.gate, hours=1, now=at)
+
+    def rows() -> int:
+        with env.store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(t.login_failures)).scalar_one())
+
+    t0 = 1_000_000.0
+    for i in range(250):  # a burst of guesses, each from a new address with a new name
+        guess(i, t0 + i)
+    assert rows() == 250
+    later = t0 + 250 + window
+    for j in range(3):  # three attempts after the window: each prunes up to 100 expired rows
+        guess(1000 + j, later + j)
+    assert rows() == 3, "the expired burst is gone; the new attempts stay"
+
+
 # -- password hashing ------------------------------------------------------------------------
 
 
