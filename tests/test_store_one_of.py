@@ -6,6 +6,7 @@ reads failed, on every fetch, and the workers did nothing."""
 from __future__ import annotations
 
 import sqlalchemy as sa
+from test_store import ep, sample
 
 from monitor.store import BatchWrite, Store
 from monitor.store import tables as t
@@ -14,19 +15,10 @@ from monitor.store.store import IN_LIST_MAX
 
 
 def stored(store: Store, n: int) -> None:
-    episodes, samples = [], []
-    for i in range(n):
-        eid, stream = f"e{i}", f"s{i}"
-        episodes.append(
-            {"episode_id": eid, "stream": stream, "model": None, "ts": float(i), "prompt": "p", "response": "r"}
-            | {"metadata": None, "source": "t", "position": f"0:{i}", "ingested_at": 1.0, "messages": None}
-        )
-        for ch in ("drift", "rm"):
-            samples.append(
-                {"episode_id": eid, "channel": ch, "stream": stream, "ts": float(i), "inclusion_probability": 0.5}
-                | {"created_at": float(i)}
-            )
-    store.commit_batch(BatchWrite(episodes=episodes, samples=samples))  # type: ignore[arg-type]
+    """Episodes e0..e{n-1}, each in a stream of its own, sampled for drift and rm."""
+    episodes = [ep(f"e{i}", f"s{i}", float(i)) for i in range(n)]
+    samples = [sample(f"e{i}", ch, 0.5, f"s{i}", float(i)) for i in range(n) for ch in ("drift", "rm")]
+    store.commit_batch(BatchWrite(episodes=episodes, samples=samples))
 
 
 def test_a_replica_that_owns_70000_streams_reads_its_backlog(db_url: str) -> None:

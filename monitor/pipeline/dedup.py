@@ -94,6 +94,3 @@ class RecentEpisodes:
         self._pending.clear()
         self._keys.clear()
         self._order.clear()
-
-    def __len__(self) -> int:
-        return len(self._keys)

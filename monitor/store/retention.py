@@ -45,14 +45,13 @@ log = logging.getLogger(__name__)
 OPEN_TASKS = ("pending", "claimed")
 #: The tables whose rows go with a deleted episode, in the order they are deleted.
 DEPENDENTS = ("rm_scores", "samples", "inference_results", "review_tasks")
-TABLES = RETENTION_TABLES
 
 
 @dataclass
 class Purged:
     """What one purge deleted, per table, and the horizon of each stream it purged."""
 
-    deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLES, 0))
+    deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RETENTION_TABLES, 0))
     horizons: dict[str, int] = field(default_factory=dict)
     failed_chunks: int = 0
 
@@ -61,8 +60,8 @@ class Purged:
 
 
 def horizons(store: Store, days: float, not_after: float | None = None) -> dict[str, int]:
-    """Per stream: ``days`` before the end of its latest traffic minute, on a minute boundary,
-    and never before the horizon it already has.
+    """Per stream: ``days`` before the end of its latest traffic minute, on a minute boundary
+    (:func:`purge_stream` keeps the horizon a stream already has when it is later).
 
     ``not_after``: traffic minutes after it do not count (the wall clock plus
     ``source.max_future_s``). A bucket stamped in the far future, stored before that limit
@@ -73,12 +72,7 @@ def horizons(store: Store, days: float, not_after: float | None = None) -> dict[
     if not_after is not None:
         q = q.where(tr.c.bucket <= not_after)
     with store.engine.connect() as conn:
-        latest = {str(s): float(b) + BUCKET_S for s, b in conn.execute(q)}
-    out = {}
-    for stream, end in sorted(latest.items()):
-        had = store.retention_horizon(stream)
-        out[stream] = max(bucket_of(end - span), had if had is not None else bucket_of(end - span))
-    return out
+        return {str(s): bucket_of(float(b) + BUCKET_S - span) for s, b in sorted(conn.execute(q))}
 
 
 def _candidates(stream: str, horizon: int, after: tuple[float, str] | None, chunk: int) -> sa.Select[str, float]:
@@ -115,9 +109,12 @@ def _delete_chunk(store: Store, ids: list[str], purged: Purged) -> None:
 
 
 def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Purged) -> None:
-    """Delete what ``stream`` stored before ``horizon`` (the horizon saved first)."""
+    """Delete what ``stream`` stored before ``horizon``, or before the horizon it already has
+    when that is later (a horizon never moves back); the horizon saved first."""
     had = store.retention_horizon(stream)
-    if had is None or horizon > had:
+    if had is not None and had >= horizon:
+        horizon = had
+    else:
         store.save_internal(horizon_key(stream), {"horizon": horizon})
     purged.horizons[stream] = horizon
     after: tuple[float, str] | None = None
