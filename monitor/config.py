@@ -222,6 +222,20 @@ class DeadLetterConfig(_Model):
         900_000, gt=0, description="raw bytes kept per dead letter (larger is truncated, hashed)"
     )
     fsync: bool = True
+    # A full disk stops the pipeline (a batch commits only once its letters are written), and a
+    # producer of oversize records fills one at up to a gigabyte a second: the file is bounded.
+    max_bytes: int | None = Field(
+        268_435_456,
+        ge=1_048_576,
+        description="the file is rotated (to <path>.1, <path>.2, ...) before it would grow past this; null: never",
+    )
+    keep: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="rotated files kept; the oldest beyond them is deleted and its letters counted in"
+        " oversight_dead_letters_discarded_total",
+    )
 
 
 class PipelineConfig(_Model):

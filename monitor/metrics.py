@@ -61,6 +61,19 @@ class Metrics:
         self.dead_letters = Counter(
             "dead_letters", "Records dead-lettered, by reason", ["reason"], namespace=NS, registry=r
         )
+        # Unlabelled counters start at 0 by themselves: the first rotation shows in rate().
+        self.dead_letter_rotations = Counter(
+            "dead_letter_rotations",
+            "Rotations of the dead-letter file (dead_letter.max_bytes)",
+            namespace=NS,
+            registry=r,
+        )
+        self.dead_letters_discarded = Counter(
+            "dead_letters_discarded",
+            "Dead letters deleted with the oldest rotated file (beyond dead_letter.keep)",
+            namespace=NS,
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "consumer_lag",
             "Records behind the end of each assigned partition",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from monitor.config import KafkaConfig
 
@@ -51,20 +53,50 @@ class DeadLetterSink(Protocol):
 class JsonlDeadLetterSink:
     """Appends one JSON object per dead letter; raw bytes are base64 (they may not be UTF-8).
 
-    Lines are buffered here and written with one unbuffered append per flush. A failed flush (a
-    full disk, an I/O error) leaves no partial line behind: the file is cut back to its last
-    flushed length, the unflushed letters are dropped, and the pipeline sends the batch's letters
-    again when it retries, so every line in the file is whole and none is lost."""
+    Lines are buffered here and written with unbuffered appends per flush. A failed flush (a
+    full disk, an I/O error) leaves no partial line behind: the file is cut back to its length
+    before the failed append, the unflushed letters are dropped, and the pipeline sends the
+    batch's letters again when it retries, so every line in the file is whole and none is lost.
 
-    def __init__(self, path: str, max_raw_bytes: int, fsync: bool = True):
+    ``max_bytes``: a hostile producer sending oversize records at 1,000 a second writes about a
+    gigabyte a second here, and a full disk stops the pipeline (the batch cannot commit until
+    its letters are written). So before an append would take the file past ``max_bytes`` it is
+    rotated: ``path`` becomes ``path.1``, ``path.1`` becomes ``path.2`` and so on; ``path.<keep>``
+    (``path`` itself when ``keep`` is 0) is deleted, and the letters it held are counted through
+    ``on_rotate``. A batch's letters may be split over two files; no line is. ``None``: never
+    rotate.
+
+    Several processes may append to one file (``oversight import`` beside ``oversight run``): a
+    flush holds an exclusive ``flock`` on the file, so one process's cut-back never cuts another's
+    lines and two rotations never race; a process whose file another one rotated (or an external
+    logrotate moved) reopens ``path`` before it appends."""
+
+    def __init__(
+        self,
+        path: str,
+        max_raw_bytes: int,
+        fsync: bool = True,
+        max_bytes: int | None = None,
+        keep: int = 3,
+        on_rotate: Callable[[int], None] | None = None,
+    ):
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError("max_bytes must be positive (None: never rotate)")
+        if keep < 0:
+            raise ValueError("keep must be at least 0")
         self.path = path
         self.max_raw_bytes = max_raw_bytes
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._fsync = fsync
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 (kept open for the sink's life)
-        self._good = os.fstat(self._fh.fileno()).st_size  # length of what was flushed whole
+        self._on_rotate = on_rotate
+        self._dir = os.path.dirname(os.path.abspath(path))
+        os.makedirs(self._dir, exist_ok=True)
+        self._fh = self._open()
         self._lines: list[bytes] = []
+
+    def _open(self) -> BinaryIO:
+        return open(self.path, "ab", buffering=0)  # kept open for the sink's life; closed by close()
 
     def send(self, letter: DeadLetter) -> None:
         raw = letter.raw[: self.max_raw_bytes]
@@ -92,26 +124,112 @@ class JsonlDeadLetterSink:
     def flush(self) -> None:
         if not self._lines:
             return
-        data = memoryview(b"".join(self._lines))
-        self._lines = []
+        pending, self._lines = self._lines, []
+        self._lock_current()
+        try:
+            while pending:
+                size = os.fstat(self._fh.fileno()).st_size
+                n = self._fitting(pending, size)
+                if n == 0:
+                    self._rotate()
+                    continue
+                self._append(b"".join(pending[:n]), size)
+                pending = pending[n:]
+        finally:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+
+    def _fitting(self, lines: list[bytes], size: int) -> int:
+        """How many of ``lines`` go into a file of ``size`` bytes before it must be rotated; a
+        line longer than ``max_bytes`` goes alone into an empty file."""
+        if self.max_bytes is None:
+            return len(lines)
+        n, room = 0, self.max_bytes - size
+        for line in lines:
+            if len(line) > room:
+                break
+            room -= len(line)
+            n += 1
+        return 1 if n == 0 and size == 0 else n
+
+    def _append(self, data: bytes, start: int) -> None:
         fd = self._fh.fileno()
         try:
-            rest = data
+            rest = memoryview(data)
             while rest:
                 rest = rest[os.write(fd, rest) :]
             if self._fsync:
                 os.fsync(fd)
         except OSError:
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, self._good)  # appends go to the end: the next write starts whole
+                os.ftruncate(fd, start)  # appends go to the end: the next write starts whole
             raise
-        self._good += len(data)
+
+    def _lock_current(self) -> None:
+        """Hold the exclusive lock of the file ``path`` names now, reopening it first when
+        another process rotated it (or something deleted it) since this sink opened it."""
+        while True:
+            fcntl.flock(self._fh, fcntl.LOCK_EX)
+            if self._is_current():
+                return
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = self._open()
+
+    def _is_current(self) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fh.fileno())
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _rotate(self) -> None:
+        """Shift the files up by one and start an empty ``path``, under the lock of the old one.
+        Each rename is atomic; a crash between them leaves a gap in the numbers, never a torn
+        file. Waiting processes find ``path`` renamed when they get the lock, and reopen it."""
+        victim = f"{self.path}.{self.keep}" if self.keep else self.path
+        discarded = _letters_in(victim)
+        for i in range(self.keep - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        if self.keep:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.unlink(self.path)
+        old, self._fh = self._fh, self._open()
+        fcntl.flock(self._fh, fcntl.LOCK_EX)
+        old.close()  # releases its lock: the new file's is already held
+        _fsync_dir(self._dir)
+        if self._on_rotate is not None:
+            self._on_rotate(discarded)
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
             self._fh.close()
+
+
+def _letters_in(path: str) -> int:
+    """Newlines in ``path`` (0 when it does not exist), read a mebibyte at a time."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return 0
+    n = 0
+    with fh:
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the renames in a directory durable (a crash could otherwise undo a rotation)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class KafkaDeadLetterSink:

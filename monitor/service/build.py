@@ -80,14 +80,31 @@ def build_inbox_source(settings: Settings, store: Store | None) -> Source:
     return InboxSource(Inbox(store), settings.ingest.inbox_retention_s)
 
 
-def build_dead_letters(settings: Settings) -> DeadLetterSink:
+def build_dead_letters(settings: Settings, metrics: Metrics | None = None) -> DeadLetterSink:
+    """The sink the settings describe; ``metrics``: where the file sink counts its rotations
+    (without them, as in ``oversight import``, a rotation that deletes letters is only logged)."""
     if settings.source.kind == "kafka":
         from monitor.episodes.deadletter import KafkaDeadLetterSink
 
         return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes)
+    cfg = settings.dead_letter
     return JsonlDeadLetterSink(
-        settings.dead_letter.path, settings.dead_letter.max_raw_bytes, settings.dead_letter.fsync
+        cfg.path, cfg.max_raw_bytes, cfg.fsync, cfg.max_bytes, cfg.keep, _rotated(cfg.path, cfg.keep, metrics)
     )
+
+
+def _rotated(path: str, keep: int, metrics: Metrics | None) -> Callable[[int], None]:
+    def rotated(discarded: int) -> None:
+        if metrics is not None:
+            metrics.dead_letter_rotations.inc()
+            metrics.dead_letters_discarded.inc(discarded)
+        if discarded:
+            # Only counts and the configured path: the letters themselves are attacker-controlled.
+            log.warning(
+                "dead-letter file %s rotated: %d dead letters beyond the %d kept files deleted", path, discarded, keep
+            )
+
+    return rotated
 
 
 @dataclass
@@ -404,7 +421,7 @@ def build_service(
         settings,
         store,
         source if source is not None else build_source(settings, resume=resume, store=store),
-        dead_letters if dead_letters is not None else build_dead_letters(settings),
+        dead_letters if dead_letters is not None else build_dead_letters(settings, metrics),
         metrics,
         retry=retry,
         sampler=sampler,
