@@ -167,3 +167,36 @@ def test_rereference_is_applied_and_audited(values: list[bytes], sqlite_url: str
     assert snap is not None
     # 100 episodes since the re-reference: every signal is warming up again with them.
     assert all(st["ref"] is not None and len(st["ref"]) == 100 for st in snap["signals"].values())
+
+
+def test_a_rereference_poll_is_one_query_whatever_the_streams_held(sqlite_url: str, tmp_path: Path) -> None:
+    """The service polls for re-reference requests every few seconds. It asked the database once
+    per stream it held, so at 20,000 streams a poll took longer than its period and the pipeline
+    did little else. One query now: requests of held streams are applied, others stay pending."""
+    import sqlalchemy as sa
+
+    s = settings(sqlite_url, tmp_path, "drift.rereference_poll_s=0.001")
+    store = Store(s.database.url)
+    rows = [
+        json.dumps({"episode_id": f"e{i}", "stream": f"s{i}", "prompt": "p", "response": "r", "timestamp": T0 + i})
+        for i in range(300)
+    ]
+    svc = pipeline(s, [r.encode() for r in rows], store)
+    svc.run()
+    drift = svc.drift
+    assert drift is not None
+    held = request_rereference(store, "s7", None, "acknowledged", "alice")
+    other = request_rereference(store, "elsewhere", None, "another replica's stream", "bob")
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        drift.poll_rereference()
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+    assert sum("drift_audit" in x for x in statements) == 1, statements
+    assert drift.take_applied() == [held]
+    assert other != held
