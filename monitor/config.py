@@ -261,6 +261,15 @@ class PipelineConfig(_Model):
         ' duplicate: counted (oversight_episodes_total{outcome="duplicate"}) and skipped, not sampled, counted'
         " as traffic or seen by the detectors again; 0: off",
     )
+    # Every stream met costs memory for the process's life (about 6 KB with the default signals)
+    # and a checkpoint row per component; a producer that puts a request id in `stream` makes
+    # one per record (monitor/pipeline/held.py).
+    max_streams: int | None = Field(
+        10_000,
+        gt=0,
+        description="streams a replica holds: a record of a stream beyond them is dead-lettered as"
+        " too_many_streams (counted, raw bytes kept) while the streams held go on; null: no limit",
+    )
 
 
 class InferenceConfig(_Model):

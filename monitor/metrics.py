@@ -61,6 +61,12 @@ class Metrics:
         self.dead_letters = Counter(
             "dead_letters", "Records dead-lettered, by reason", ["reason"], namespace=NS, registry=r
         )
+        self.streams_held = Gauge(
+            "streams_held",
+            "Streams whose state the pipeline holds in memory (at most pipeline.max_streams)",
+            namespace=NS,
+            registry=r,
+        )
         # Unlabelled counters start at 0 by themselves: the first rotation shows in rate().
         self.dead_letter_rotations = Counter(
             "dead_letter_rotations",

@@ -368,6 +368,35 @@ def test_a_record_delivered_again_counts_once(db_url: str, tmp_path: Path) -> No
     assert p.report()["streams"]["s"]["duplicates"] == 31
 
 
+def test_streams_beyond_the_limit_are_dead_letters_and_the_held_ones_go_on(db_url: str, tmp_path: Path) -> None:
+    """A producer that makes a stream per record (a request id in ``stream``) made the service
+    hold state for each one for its life. Past ``pipeline.max_streams`` a new stream's records
+    are dead letters (raw bytes kept, counted), the streams held are sampled and counted as if
+    alone, invalid records naming new streams add no per-stream counts, and a rebalance (the
+    state forgotten) holds streams anew."""
+    s = settings(db_url, tmp_path, "pipeline.max_streams=3")
+    held = [episodes(100, name) for name in ("a", "b", "c")]
+    per_record = [x for i in range(100) for x in episodes(1, f"user-{i}", start=i)]
+    named_invalid = [json.dumps({"episode_id": f"bad{i}", "stream": f"junk-{i}"}).encode() for i in range(50)]
+    values = [v for group in zip(*held, per_record, strict=True) for v in group] + named_invalid
+    p = make(s, values)
+    stats = p.run()
+    assert dict(stats.dead_letters) == {"too_many_streams": 100, "missing_field": 50}
+    assert sorted(stats.streams) == ["a", "b", "c"], "an invalid or refused record's stream is not counted apart"
+    kept = {name: p.store.traffic_count(name) for name in ("a", "b", "c", "user-0", "user-99")}
+    assert kept == {"a": 100, "b": 100, "c": 100, "user-0": 0, "user-99": 0}
+    assert stored_samples(p.store) == expected_samples(s, [v for group in held for v in group])
+    registry = p.metrics.registry
+    assert registry.get_sample_value("oversight_dead_letters_total", {"reason": "too_many_streams"}) == 100
+    assert registry.get_sample_value("oversight_streams_held") == 3
+    letters = [json.loads(line) for line in Path(s.dead_letter.path).read_text().splitlines()]
+    refused = [x for x in letters if x["reason"] == "too_many_streams"]
+    assert [x["stream"] for x in refused] == [f"user-{i}" for i in range(100)]
+    assert base64.b64decode(refused[0]["raw_b64"]) == per_record[0]
+    p._forget_state()  # what a rebalance does
+    assert p.held.admit("user-0")
+
+
 def test_the_window_of_recent_episodes_is_bounded_and_can_be_off(db_url: str, tmp_path: Path) -> None:
     def delivery(stream: str) -> list[bytes]:
         distinct = episodes(200, stream)

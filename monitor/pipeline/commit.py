@@ -266,10 +266,8 @@ class Committer:
     def account_letters(self, letters: list[DeadLetter]) -> None:
         stats, m = self.stats, self.metrics
         for letter in letters:
-            stats.invalid += 1
+            stats.count_invalid(letter.stream)
             stats.dead_letters[letter.reason] += 1
-            if letter.stream is not None:
-                stats.stream(letter.stream).invalid += 1
             m.dead_letters.labels(letter.reason).inc()
             m.episodes.labels(m.stream_label(letter.stream), "invalid").inc()
 

@@ -29,6 +29,7 @@ from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
 from monitor.metrics import Metrics
 from monitor.pipeline.commit import LATE_REASONS, Committer, describe
 from monitor.pipeline.dedup import RecentEpisodes
+from monitor.pipeline.held import HeldStreams
 from monitor.pipeline.stages import EpisodeObserver
 from monitor.pipeline.stats import BatchTally, RunStats
 from monitor.retry import Aborted, Health, RetryPolicy, transient
@@ -139,9 +140,10 @@ class Pipeline:
         # At the end of a finite input, wait for the inference workers' backlog (the service
         # with its workers sets it: `oversight run --input FILE` reports on every episode).
         self.settle_at_end = False
-        self.stats = RunStats()
+        self.stats = RunStats(max_streams=settings.pipeline.max_streams)
         self.stop_event = threading.Event()
         self.recent = RecentEpisodes(settings.pipeline.duplicate_window)
+        self.held = HeldStreams(settings.pipeline.max_streams)
         self.committer = Committer(
             store,
             source,
@@ -196,6 +198,7 @@ class Pipeline:
     def _forget_state(self) -> None:
         """Drop in-memory per-stream state; it reloads from the checkpoint on next use."""
         self.recent.forget()
+        self.held.forget()
         self.sampler.forget()
         for obs in self.observers:
             obs.forget()
@@ -440,7 +443,7 @@ class Pipeline:
         batch, letters, tally, next_offsets = draft.batch, draft.letters, draft.tally, draft.next_offsets
         traffic = batch.traffic
         sampler, observers, max_bytes, kafka = self.sampler, self.observers, self._max_bytes, self._kafka
-        recent = self.recent
+        recent, held = self.recent, self.held
         max_future_s = self.settings.source.max_future_s
         source_name = self.source.name
         idx = self._index - 1
@@ -458,6 +461,13 @@ class Pipeline:
                 if recent.seen(key):
                     tally.duplicates[stream] += 1
                     continue
+                if not held.admit(stream):
+                    raise InvalidEpisode(
+                        "too_many_streams",
+                        f"this replica holds {held.limit} streams (pipeline.max_streams); {stream!r} is not one",
+                        ep.episode_id,
+                        stream,
+                    )
                 d = sampler.decide(ep.episode_id, stream, ep.timestamp)
                 n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0
                 # Inline, not after the batch: a drift event's boost must apply from the very
@@ -556,13 +566,16 @@ class Pipeline:
         for letter in late:
             if letter.stream is not None:
                 tally.valid[letter.stream] -= 1
-        self.committer.account_letters(draft.letters)
         for stream, n in tally.valid.items():
             st = stats.stream(stream)
             st.episodes += n
             for probs in tally.probabilities[stream]:
                 st.saw_probabilities(probs)
+        # After the valid ones: the streams the batch holds have their counts before a letter
+        # naming another stream may take a place among RunStats.max_streams.
+        self.committer.account_letters(draft.letters)
         self._account_outcomes(batch, tally, refused)
+        m.streams_held.set(self.held.count)
         self._publish_rates(tally.probabilities)
         done = time.time()
         for rec in records:

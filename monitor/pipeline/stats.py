@@ -58,6 +58,9 @@ class RunStats:
     drift_events: list[dict[str, Any]] = field(default_factory=list)
     drift_event_count: int = 0
     max_drift_events: int | None = None
+    #: Streams an invalid record may add to ``streams`` (``pipeline.max_streams``; valid records
+    #: come only from the streams the pipeline holds, which that setting bounds already).
+    max_streams: int | None = None
 
     def add_drift_events(self, events: list[dict[str, Any]]) -> None:
         """Count and keep a committed batch's drift events (the oldest dropped beyond the cap).
@@ -72,6 +75,23 @@ class RunStats:
         cap = self.max_drift_events
         if cap is not None and len(self.drift_events) > cap:
             del self.drift_events[: len(self.drift_events) - cap]
+
+    def count_invalid(self, stream: str | None) -> None:
+        """One more invalid record. Counted under its stream too, unless that would take the
+        streams counted past ``max_streams``: an invalid record names any stream it likes, and a
+        stream counted here stays in memory for the run.
+
+        >>> stats = RunStats(max_streams=2)
+        >>> for s in ("a", "b", "c", "a"):
+        ...     stats.count_invalid(s)
+        >>> stats.invalid, {name: st.invalid for name, st in stats.streams.items()}
+        (4, {'a': 2, 'b': 1})
+        """
+        self.invalid += 1
+        if stream is not None and (
+            stream in self.streams or self.max_streams is None or len(self.streams) < self.max_streams
+        ):
+            self.stream(stream).invalid += 1
 
     def stream(self, name: str) -> StreamStats:
         st = self.streams.get(name)
