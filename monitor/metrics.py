@@ -74,6 +74,12 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        self.dead_letters_raw_dropped = Counter(
+            "dead_letters_raw_dropped",
+            "Dead letters sent to the dead-letter topic without their raw bytes: the broker refused their size",
+            namespace=NS,
+            registry=r,
+        )
         self.dead_letters_discarded = Counter(
             "dead_letters_discarded",
             "Dead letters deleted with the oldest rotated file (beyond dead_letter.keep)",

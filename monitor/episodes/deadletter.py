@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,11 @@ from typing import Any, BinaryIO, Protocol
 from monitor.config import KafkaConfig
 
 FLUSH_TIMEOUT_S = 5
+# A Kafka record's key is its stream name; a longer one is cut in the letter (its hash and size
+# are kept), so that no key can make a letter larger than the producer's request.
+KEY_MAX_BYTES = 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -233,15 +239,25 @@ def _fsync_dir(path: str) -> None:
 
 
 class KafkaDeadLetterSink:
-    """Produces the raw bytes to ``<topic>.dlq`` with the reason in headers."""
+    """Produces the raw bytes to ``<topic>.dlq`` with the reason in headers.
 
-    def __init__(self, cfg: KafkaConfig, max_raw_bytes: int):
+    Every letter fits the producer's request: its value is cut to ``max_raw_bytes`` and its key
+    to ``KEY_MAX_BYTES`` (with the whole key's hash and size in headers). A record whose key alone
+    passed the request size (a broker that takes large messages, a producer that put a payload
+    in the key) was refused by the producer at every retry, and the pipeline waited on it
+    forever: one record stopped ingest. A letter the broker refuses as too large (the dead-letter
+    topic's ``max.message.bytes`` below the episodes topic's) goes again without its raw bytes:
+    the reason, the position, the size and the hash still reach the topic, the record itself
+    stays at its offset in the source topic, and ``on_raw_dropped`` counts it."""
+
+    def __init__(self, cfg: KafkaConfig, max_raw_bytes: int, on_raw_dropped: Callable[[int], None] | None = None):
         from kafka import KafkaProducer
 
         from monitor.sources.kafka import client_security
 
         self.topic = cfg.dead_letter_topic
         self.max_raw_bytes = max_raw_bytes
+        self._on_raw_dropped = on_raw_dropped
         self._producer = KafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers,
             acks="all",
@@ -253,10 +269,13 @@ class KafkaDeadLetterSink:
             reconnect_backoff_max_ms=1000,
             **client_security(cfg),
         )
-        self._futures: list[Any] = []
+        self._sent: list[tuple[DeadLetter, Any]] = []
 
     def send(self, letter: DeadLetter) -> None:
-        raw = letter.raw[: self.max_raw_bytes]
+        self._sent.append((letter, self._produce(letter, with_raw=True)))
+
+    def _produce(self, letter: DeadLetter, with_raw: bool) -> Any:
+        raw = letter.raw[: self.max_raw_bytes] if with_raw else b""
         headers = [
             ("oversight.error.reason", letter.reason.encode()),
             ("oversight.error.detail", letter.detail.encode("utf-8", "backslashreplace")[:1000]),
@@ -268,18 +287,53 @@ class KafkaDeadLetterSink:
             ("oversight.raw_sha256", hashlib.sha256(letter.raw).hexdigest().encode()),
             ("oversight.raw_truncated", b"true" if len(raw) < letter.size else b"false"),
         ]
-        self._futures.append(self._producer.send(self.topic, value=raw, key=letter.key, headers=headers))
+        if not with_raw:
+            headers.append(("oversight.raw_dropped", b"the broker refused the letter's size"))
+        key = letter.key
+        if key is not None and len(key) > KEY_MAX_BYTES:
+            headers += [
+                ("oversight.key_size", str(len(key)).encode()),
+                ("oversight.key_sha256", hashlib.sha256(key).hexdigest().encode()),
+            ]
+            key = key[:KEY_MAX_BYTES]
+        return self._producer.send(self.topic, value=raw, key=key, headers=headers)
 
     def flush(self) -> None:
-        if not self._futures:
+        if not self._sent:
             return
         # The pipeline sends the batch's letters again when it retries, so a failed attempt's
         # futures are dropped: a letter of it that reached the broker after all is a duplicate
         # with the same idempotency key, never a loss.
-        futures, self._futures = self._futures, []
+        sent, self._sent = self._sent, []
         self._producer.flush(timeout=FLUSH_TIMEOUT_S)
-        for f in futures:
-            f.get(timeout=FLUSH_TIMEOUT_S)  # raises if the broker did not take it: the batch is not committed
+        refused = [letter for letter, f in sent if self._too_large(f)]
+        if not refused:
+            return
+        # Without their raw bytes: a few kilobytes of headers. If the broker refuses these too,
+        # the error is raised and the batch waits, as in any outage of the dead-letter topic.
+        again = [self._produce(letter, with_raw=False) for letter in refused]
+        self._producer.flush(timeout=FLUSH_TIMEOUT_S)
+        for f in again:
+            f.get(timeout=FLUSH_TIMEOUT_S)
+        log.warning(
+            "%d dead letters sent to %s without their raw bytes: the broker refused their size",
+            len(refused),
+            self.topic,
+        )
+        if self._on_raw_dropped is not None:
+            self._on_raw_dropped(len(refused))
+
+    @staticmethod
+    def _too_large(future: Any) -> bool:
+        """Whether the broker (or the producer) refused a letter for its size; any other failure
+        is raised: the batch is not committed."""
+        from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+
+        try:
+            future.get(timeout=FLUSH_TIMEOUT_S)
+        except (MessageSizeTooLargeError, RecordListTooLargeError):
+            return True
+        return False
 
     def close(self) -> None:
         self.flush()

@@ -81,12 +81,14 @@ def build_inbox_source(settings: Settings, store: Store | None) -> Source:
 
 
 def build_dead_letters(settings: Settings, metrics: Metrics | None = None) -> DeadLetterSink:
-    """The sink the settings describe; ``metrics``: where the file sink counts its rotations
-    (without them, as in ``oversight import``, a rotation that deletes letters is only logged)."""
+    """The sink the settings describe; ``metrics``: where the file sink counts its rotations and
+    the Kafka sink the letters sent without their raw bytes (without them, as in ``oversight
+    import``, both are only logged)."""
     if settings.source.kind == "kafka":
         from monitor.episodes.deadletter import KafkaDeadLetterSink
 
-        return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes)
+        dropped = None if metrics is None else metrics.dead_letters_raw_dropped.inc
+        return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes, dropped)
     cfg = settings.dead_letter
     return JsonlDeadLetterSink(
         cfg.path, cfg.max_raw_bytes, cfg.fsync, cfg.max_bytes, cfg.keep, _rotated(cfg.path, cfg.keep, metrics)

@@ -3,6 +3,7 @@ offsets in the database, resume after restart, the CLI's SIGTERM drain."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -69,6 +70,74 @@ def test_valid_and_invalid_records(kenv: Any, db_url: str) -> None:
 
     # Kafka's committed offsets (lag tooling) reach the end too.
     assert _wait_committed(kenv, group, topic, ends) == ends
+
+
+def test_a_record_with_a_huge_key_is_a_dead_letter_not_a_stall(kenv: Any, sqlite_url: str) -> None:
+    """A broker that takes large messages (Tansu takes any; Kafka with message.max.bytes raised)
+    delivers an invalid record whose key is 1.5 MB. Its dead letter kept the whole key, passed
+    the producer's request size, was refused at every retry, and the pipeline waited on it
+    forever with nothing after it processed. The key is cut now, its size and hash kept."""
+    import hashlib
+
+    topic, group = kenv.topic(), _group()
+    eps = [kenv.episode(i, "chat") for i in range(30)]
+    big_key = bytes(range(256)) * 6000
+    items = [(b"chat", json.dumps(e).encode()) for e in eps[:10]] + [(big_key, b'{"episode_id": "cut')]
+    ends = kenv.produce(topic, items + [(b"chat", json.dumps(e).encode()) for e in eps[10:]])
+    settings = kenv.settings(topic, group, sqlite_url)
+    source = kenv.source_name(group, topic)
+    stats = kenv.run_until(settings, lambda store: kenv.offsets_reached(sqlite_url, source, ends), timeout_s=45)
+    assert stats.records == 31 and dict(stats.dead_letters) == {"invalid_json": 1}
+    kenv.assert_exactly_once(sqlite_url, settings, eps)
+    [letter] = kenv.consume_all(f"{topic}.dlq", expect=1)
+    h = dict(letter.headers)
+    assert letter.value == b'{"episode_id": "cut' and letter.key == big_key[:1024]
+    assert int(h["oversight.key_size"]) == len(big_key)
+    assert h["oversight.key_sha256"].decode() == hashlib.sha256(big_key).hexdigest()
+
+
+def test_letters_the_broker_refuses_for_their_size_go_without_their_raw_bytes(kenv: Any) -> None:
+    """A dead-letter topic whose max.message.bytes is below the episodes topic's refuses a large
+    letter at every retry: the batch would wait forever. The letter goes again without its raw
+    bytes (reason, position, size and hash kept) and is counted. Tansu enforces no message size,
+    so a stand-in for a broker that does fails the sends of values over 10,000 bytes as Kafka
+    answers them (``MessageSizeTooLargeError`` on the future); the rest is the real producer and
+    broker."""
+    import hashlib
+
+    from kafka.errors import MessageSizeTooLargeError
+
+    from monitor.config import KafkaConfig
+    from monitor.episodes.deadletter import DeadLetter, KafkaDeadLetterSink
+
+    topic = kenv.topic()
+    dropped: list[int] = []
+    sink = KafkaDeadLetterSink(
+        KafkaConfig(bootstrap_servers=[kenv.bootstrap], topic=topic), 900_000, on_raw_dropped=dropped.append
+    )
+    send = sink._producer.send
+
+    class Refused:
+        """The future of a send the broker answered MESSAGE_TOO_LARGE."""
+
+        def get(self, timeout: float | None = None) -> Any:
+            raise MessageSizeTooLargeError("over the topic's max.message.bytes")
+
+    def enforcing(t: str, value: bytes, **kw: Any) -> Any:
+        return Refused() if len(value) > 10_000 else send(t, value=value, **kw)
+
+    sink._producer.send = enforcing
+    small, large = b'{"a": "small"}', b'{"a": "' + b"L" * 50_000 + b'"}'
+    for i, raw in enumerate((small, large)):
+        sink.send(DeadLetter("invalid_json", "cut off", raw, "kafka:g:t", 0, i, 0.0, len(raw), b"chat"))
+    sink.close()
+    assert dropped == [1]
+    letters = {int(dict(m.headers)["oversight.source.offset"]): m for m in kenv.consume_all(f"{topic}.dlq", expect=2)}
+    assert letters[0].value == small and "oversight.raw_dropped" not in dict(letters[0].headers)
+    h = dict(letters[1].headers)
+    assert letters[1].value == b"" and h["oversight.raw_dropped"] and h["oversight.raw_truncated"] == b"true"
+    assert h["oversight.raw_sha256"].decode() == hashlib.sha256(large).hexdigest()
+    assert int(h["oversight.size"]) == len(large) and h["oversight.error.reason"] == b"invalid_json"
 
 
 def test_restart_resumes_from_database_offsets(kenv: Any, db_url: str) -> None:
