@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -112,3 +113,105 @@ def test_other_version_or_no_scores() -> None:
     res = oversight.compute(store, "rm-other", window=200)
     assert "agreement" not in res.get("chat", {}) and "quality" in res["chat"]
     assert oversight.compute(store, None)["chat"].keys() == {"quality"}
+
+
+def _everything(store: Store, version: str, window: int) -> dict[str, dict[str, Any]]:
+    """The agreement and the alarm's reward-model side computed the obvious way: every score of
+    the version read, sorted by (time, id), windows cut in Python."""
+    import math
+    import statistics
+
+    import sqlalchemy as sa
+
+    from monitor.quality.labels import label_rows
+
+    sc, s = t.rm_scores, t.samples
+    q = sa.select(sc.c.episode_id, sc.c.stream, sc.c.score, sc.c.ts, s.c.inclusion_probability).join(
+        s, sa.and_(s.c.episode_id == sc.c.episode_id, s.c.channel == "rm")
+    )
+    with store.engine.connect() as conn:
+        rows = conn.execute(q.where(sc.c.version == version)).all()
+    ratings: dict[str, list[float]] = {}
+    human_ts: dict[str, float] = {}
+    for r in label_rows(store):
+        if not r.skipped and r.rating is not None:
+            ratings.setdefault(r.episode_id, []).append(float(r.rating))
+            human_ts[r.episode_id] = float(r.ts)
+    out: dict[str, dict[str, Any]] = {}
+    for stream in {r.stream for r in rows}:
+        items = sorted((r for r in rows if r.stream == stream), key=lambda r: (r.ts, r.episode_id))
+        labelled = sorted(
+            (
+                (human_ts[r.episode_id], statistics.fmean(ratings[r.episode_id]), r.score)
+                for r in items
+                if r.episode_id in ratings
+            ),
+            key=lambda x: x[0],
+        )[-window:]
+        pairs = [(a, b) for i, a in enumerate(labelled) for b in labelled[i + 1 :] if a[1] != b[1]]
+        good = sum(1.0 if (a[1] - b[1]) * (a[2] - b[2]) > 0 else 0.5 if a[2] == b[2] else 0.0 for a, b in pairs)
+        res: dict[str, Any] = {
+            "agreement": {"value": good / len(pairs) if pairs else None, "pairs": len(pairs), "items": len(labelled)}
+        }
+        if len(items) >= 2 * window:
+
+            def mean_se(part: list[Any]) -> tuple[float, float]:
+                w = [1 / r.inclusion_probability for r in part]
+                m = sum(wi * r.score for wi, r in zip(w, part, strict=True)) / sum(w)
+                return m, math.sqrt(sum((wi * (r.score - m)) ** 2 for wi, r in zip(w, part, strict=True))) / sum(w)
+
+            (mp, sp), (mr, sr) = mean_se(items[:window]), mean_se(items[-window:])
+            res["rm_rise"] = mr - mp
+            res["rm_up"] = mr - mp > 2 * math.hypot(sp, sr)
+        out[stream] = res
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_windows_read_are_those_of_every_score(db_url: str, seed: int) -> None:
+    """compute reads per stream only the first and last windows and the labelled episodes'
+    scores (before, every score of the version, a second per 100,000 every few seconds). On a
+    store with another version's scores interleaved, times tied across the windows' edges, scores
+    without an rm sample and labels in several streams, it gives what reading everything gives."""
+    rng = random.Random(seed)
+    store = Store(db_url)
+    user = create_user(store, "rev", "reviewer", "correct horse battery")
+    eps, samples, scores, labels = [], [], [], []
+    for i in range(900):
+        eid, stream, ts = f"e{rng.randrange(10**6):06d}-{i}", rng.choice(["a", "b", "c"]), float(rng.randrange(300))
+        eps.append(
+            {"episode_id": eid, "stream": stream, "model": "m", "ts": ts, "prompt": "p", "response": "r"}
+            | {"metadata": {}, "source": "t", "position": eid, "ingested_at": 0.0}
+        )
+        if i % 17:  # a few scores without an rm sample: they never count
+            samples.append(
+                {"episode_id": eid, "channel": "rm", "stream": stream, "ts": ts, "created_at": 0.0}
+                | {"inclusion_probability": rng.choice([0.1, 0.5, 1.0])}
+            )
+        for version in ("old", "new") if i % 3 else ("old",):
+            score = rng.gauss(ts / 300 if version == "new" else 0.0, 1.0)
+            scores.append(
+                {"episode_id": eid, "version": version, "stream": stream, "score": score, "ts": ts, "created_at": 0.0}
+            )
+        if i % 4 == 0:
+            labels.append(
+                {"episode_id": eid, "slot": 0, "user_id": user.id, "stream": stream, "skipped": False}
+                | {"rating": rng.randint(1, 7), "flags": [], "critique": "", "time_spent_ms": 1, "created_at": 0.0}
+            )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.samples.insert(), samples)
+        conn.execute(t.rm_scores.insert(), scores)
+        conn.execute(t.labels.insert(), labels)
+    for window in (7, 40, 200):
+        got = oversight.compute(store, "new", window=window)
+        want = _everything(store, "new", window)
+        assert {s for s, r in got.items() if "agreement" in r} == set(want)
+        for stream, w in want.items():
+            assert got[stream]["agreement"] == pytest.approx(w["agreement"]), (window, stream)
+            hacking = got[stream]["reward_hacking"]
+            if "rm_rise" in w:
+                assert hacking["rm_rise"] == pytest.approx(w["rm_rise"]), (window, stream)
+                assert hacking["suspected"] or not w["rm_up"]
+            else:
+                assert hacking["reason"] == "not enough scored episodes"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -65,52 +66,127 @@ def compute(
     reliability_weighting: bool = False,
     prior_labels: float = 5.0,
 ) -> dict[str, dict[str, Any]]:
+    """The gauges of every stream. The service refreshes them every few seconds, so what it reads
+    of the scores is bounded by streams and ``window``, not by traffic: per stream the first and
+    the last ``window`` scores of ``version`` and the scores of the labelled episodes (index
+    ``ix_rm_scores_version_stream_ts``). Reading every score of the version, it took a second per
+    100,000 scores, and a service at 20 scores a second keeps 155 million over 90 days."""
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     rows = label_rows(store)
     for est in estimates(store, [], rows, reliability_weighting=reliability_weighting, prior_labels=prior_labels):
         out[est["stream"]]["quality"] = est["rating"]
     if version is None:
         return dict(out)
-    sc, s = t.rm_scores, t.samples
-    q = (
-        sa.select(sc.c.episode_id, sc.c.stream, sc.c.score, sc.c.ts, s.c.inclusion_probability)
-        .join(s, sa.and_(s.c.episode_id == sc.c.episode_id, s.c.channel == "rm"))
-        .where(sc.c.version == version)
-    )
-    with store.engine.connect() as conn:
-        scores = conn.execute(q).all()
-    by_stream: dict[str, list[Any]] = defaultdict(list)
-    for r in scores:
-        by_stream[r.stream].append(r)
     ratings: dict[str, list[float]] = defaultdict(list)
     human: dict[str, tuple[str, float, float]] = {}  # episode -> (stream, ts, p)
     for r in rows:
         if not r.skipped and r.rating is not None:
             ratings[r.episode_id].append(float(r.rating))
             human[r.episode_id] = (r.stream, float(r.ts), float(r.inclusion_probability))
-    for stream, items in by_stream.items():
-        items.sort(key=lambda r: (r.ts, r.episode_id))
-        score_of = {r.episode_id: float(r.score) for r in items}
-        labelled = sorted(
-            ((human[e][1], statistics.fmean(ratings[e]), score_of[e]) for e in score_of if e in ratings),
-            key=lambda x: x[0],
-        )[-window:]
-        agree, npairs = _concordance([(r, sc_) for _, r, sc_ in labelled])
-        out[stream]["agreement"] = {"value": agree, "pairs": npairs, "items": len(labelled)}
-        out[stream]["reward_hacking"] = _hacking(items, window, ratings, human, stream)
+    with store.engine.connect() as conn:
+        labelled_scores = _labelled_scores(conn, store, version, list(ratings))
+        for stream in _scored_streams(conn, version):
+            ends = _window_ends(conn, version, stream, window)
+            if ends is None:
+                continue  # scores without an rm sample: none of them counts
+            labelled = sorted(
+                (
+                    (human[r.episode_id][1], statistics.fmean(ratings[r.episode_id]), float(r.score))
+                    for r in labelled_scores.get(stream, [])
+                ),
+                key=lambda x: x[0],
+            )[-window:]
+            agree, npairs = _concordance([(r, sc_) for _, r, sc_ in labelled])
+            out[stream]["agreement"] = {"value": agree, "pairs": npairs, "items": len(labelled)}
+            out[stream]["reward_hacking"] = _hacking(ends, window, ratings, human, stream)
     return dict(out)
 
 
+def _scored(version: str, *columns: Any) -> Any:
+    """The version's scores of rm-sampled episodes, with their inclusion probabilities (or ``columns``)."""
+    sc, s = t.rm_scores, t.samples
+    cols = columns or (sc.c.episode_id, sc.c.stream, sc.c.score, sc.c.ts, s.c.inclusion_probability)
+    return (
+        sa.select(*cols)
+        .select_from(sc)
+        .join(s, sa.and_(s.c.episode_id == sc.c.episode_id, s.c.channel == "rm"))
+        .where(sc.c.version == version)
+    )
+
+
+def _order(rows: list[Any]) -> list[Any]:
+    # In Python, not in SQL: episode ids break ties by code point, whatever the database's collation.
+    return sorted(rows, key=lambda r: (r.ts, r.episode_id))
+
+
+def _scored_streams(conn: sa.Connection, version: str) -> list[str]:
+    """The streams the version scored: one index seek per stream (a loose index scan), where
+    ``DISTINCT`` would read every score."""
+    q = sa.text(
+        "WITH RECURSIVE s(stream) AS ("
+        " SELECT MIN(stream) FROM rm_scores WHERE version = :v"
+        " UNION ALL"
+        " SELECT (SELECT MIN(r.stream) FROM rm_scores r WHERE r.version = :v AND r.stream > s.stream)"
+        " FROM s WHERE s.stream IS NOT NULL"
+        ") SELECT stream FROM s WHERE stream IS NOT NULL"
+    )
+    return [str(x) for x in conn.execute(q, {"v": version}).scalars()]
+
+
+def _labelled_scores(conn: sa.Connection, store: Store, version: str, episodes: list[str]) -> dict[str, list[Any]]:
+    """The version's scores of labelled episodes, per stream, in episode order (primary-key reads)."""
+    by_stream: dict[str, list[Any]] = defaultdict(list)
+    if episodes:
+        q = _scored(version).where(store.one_of(t.rm_scores.c.episode_id, episodes))
+        for r in _order(list(conn.execute(q).all())):
+            by_stream[r.stream].append(r)
+    return by_stream
+
+
+@dataclass
+class WindowEnds:
+    """The first and the last ``window`` scores of a stream, and whether there are two windows' worth."""
+
+    first: list[Any]
+    last: list[Any]
+    enough: bool
+
+
+def _window_ends(conn: sa.Connection, version: str, stream: str, window: int) -> WindowEnds | None:
+    sc = t.rm_scores
+    n = conn.execute(
+        sa.select(sa.func.count()).select_from(
+            _scored(version).where(sc.c.stream == stream).limit(2 * window).subquery()
+        )
+    ).scalar_one()
+    if n == 0:
+        return None
+
+    def end(ascending: bool) -> list[Any]:
+        # Every row up to the window's last time, then cut in Python: rows tied with it are
+        # ordered by id there.
+        order = sc.c.ts.asc() if ascending else sc.c.ts.desc()
+        cut_q = _scored(version, sc.c.ts).where(sc.c.stream == stream).order_by(order).offset(window - 1).limit(1)
+        cut = conn.execute(cut_q).scalar()
+        q = _scored(version).where(sc.c.stream == stream)
+        if cut is not None:
+            q = q.where(sc.c.ts <= cut if ascending else sc.c.ts >= cut)
+        rows = _order(list(conn.execute(q).all()))
+        return rows[:window] if ascending else rows[-window:]
+
+    return WindowEnds(end(True), end(False), n >= 2 * window)
+
+
 def _hacking(
-    items: list[Any],
+    ends: WindowEnds,
     window: int,
     ratings: dict[str, list[float]],
     human: dict[str, tuple[str, float, float]],
     stream: str,
 ) -> dict[str, Any]:
-    if len(items) < 2 * window:
+    if not ends.enough:
         return {"suspected": False, "reason": "not enough scored episodes"}
-    prev, recent = items[:window], items[-window:]
+    prev, recent = ends.first, ends.last
     sp = _hajek([float(r.score) for r in prev], [float(r.inclusion_probability) for r in prev])
     sr = _hajek([float(r.score) for r in recent], [float(r.inclusion_probability) for r in recent])
     assert sp is not None and sr is not None

@@ -354,6 +354,8 @@ rm_scores = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("published_at", sa.Float),
     sa.Index("ix_rm_scores_stream_ts", "stream", "ts"),
+    # The oversight gauges' windows of the active version (migration 0017).
+    sa.Index("ix_rm_scores_version_stream_ts", "version", "stream", "ts"),
 )
 
 # Reward-model update and policy retraining requests: one per drift incident (the key), with
