@@ -267,8 +267,9 @@ class PipelineConfig(_Model):
     max_streams: int | None = Field(
         10_000,
         gt=0,
-        description="streams a replica holds: a record of a stream beyond them is dead-lettered as"
-        " too_many_streams (counted, raw bytes kept) while the streams held go on; null: no limit",
+        description="streams a replica holds: a record of a new stream beyond them is dead-lettered as"
+        " too_many_streams (counted, raw bytes kept) while the streams held go on; a stream the store has a"
+        " checkpoint of is held anyway (a restart must not give its place to a flood); null: no limit",
     )
 
 

@@ -397,6 +397,25 @@ def test_streams_beyond_the_limit_are_dead_letters_and_the_held_ones_go_on(db_ur
     assert p.held.admit("user-0")
 
 
+def test_after_a_restart_the_known_streams_are_held_before_a_flood_of_new_ones(db_url: str, tmp_path: Path) -> None:
+    """The set of streams held starts empty after a restart. A producer of a stream per record
+    would take every place before the deployment's own streams came back, and those would be
+    refused until the next restart: a stream whose checkpoint the store holds is held beyond
+    the limit, a new one is not."""
+    s = settings(db_url, tmp_path, "pipeline.max_streams=3")
+    own = [episodes(40, name) for name in ("a", "b", "c")]
+    first = make(s, [v for group in zip(*own, strict=True) for v in group])
+    first.run()
+    flood = [x for i in range(20) for x in episodes(1, f"user-{i}", start=i)]
+    later = [episodes(40, name, start=40) for name in ("a", "b", "c")]
+    again = make(s, flood + [v for group in zip(*later, strict=True) for v in group], first.store, name="again")
+    stats = again.run()
+    assert dict(stats.dead_letters) == {"too_many_streams": 17}
+    assert {name: again.store.traffic_count(name) for name in ("a", "b", "c")} == {"a": 80, "b": 80, "c": 80}
+    assert [again.store.traffic_count(f"user-{i}") for i in (0, 2, 3, 19)] == [1, 1, 0, 0]
+    assert again.metrics.registry.get_sample_value("oversight_streams_held") == 6
+
+
 def test_the_window_of_recent_episodes_is_bounded_and_can_be_off(db_url: str, tmp_path: Path) -> None:
     def delivery(stream: str) -> list[bytes]:
         distinct = episodes(200, stream)

@@ -143,7 +143,7 @@ class Pipeline:
         self.stats = RunStats(max_streams=settings.pipeline.max_streams)
         self.stop_event = threading.Event()
         self.recent = RecentEpisodes(settings.pipeline.duplicate_window)
-        self.held = HeldStreams(settings.pipeline.max_streams)
+        self.held = HeldStreams(settings.pipeline.max_streams, known=self._known_stream)
         self.committer = Committer(
             store,
             source,
@@ -194,6 +194,11 @@ class Pipeline:
         # Streams on the revoked partitions now belong to another replica;
         # whatever we still own is reloaded from the checkpoint on next use.
         self._forget_state()
+
+    def _known_stream(self, stream: str) -> bool:
+        """Whether the store holds the stream's sampling checkpoint. In the hot loop, like the
+        sampler's own read: an outage waits for the database."""
+        return self.retry.call(lambda: self.store.has_state(stream, SAMPLING_COMPONENT), "store")
 
     def _forget_state(self) -> None:
         """Drop in-memory per-stream state; it reloads from the checkpoint on next use."""

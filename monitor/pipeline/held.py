@@ -9,42 +9,67 @@ service held 100,000 streams within two minutes (719 MB) and ran out of memory w
 
 :class:`HeldStreams` bounds them. Past ``pipeline.max_streams`` a record of a stream not held yet
 is refused (dead-lettered as ``too_many_streams``, with its raw bytes) while the streams already
-held go on as before. The set is emptied when the pipeline forgets its state (a Kafka rebalance,
-a rewind), as every per-stream state is.
+held go on as before, unless the stream is known: the store holds its checkpoint, so it was a
+stream this service served before. The set is emptied when the pipeline forgets its state (a
+restart, a Kafka rebalance, a rewind), and without that exception a producer of a stream per
+record would take every place within seconds of each restart, and the deployment's own streams,
+arriving a moment later, would be refused until the next one. So a replica holds at most
+``max_streams`` streams plus the known streams it meets; a stream becomes known only by being
+held, so an attack makes at most ``max_streams`` of them per restart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 __all__ = ["HeldStreams"]
+
+
+#: Refused names remembered, so that a refused stream's records cost no read each: cleared when full.
+REFUSED_MAX = 100_000
 
 
 class HeldStreams:
     """The streams admitted since the pipeline last forgot its state: at most ``limit`` (None:
-    no limit).
+    no limit) besides those ``known`` says the store knows.
 
-    >>> held = HeldStreams(2)
-    >>> held.admit("chat"), held.admit("search"), held.admit("chat")
+    >>> held = HeldStreams(2, known=lambda stream: stream == "search")
+    >>> held.admit("chat"), held.admit("user-8812"), held.admit("chat")
     (True, True, True)
-    >>> held.admit("user-8812")  # a third stream: refused; the two held go on
+    >>> held.admit("user-9140")  # a third stream, unknown: refused; the two held go on
     False
-    >>> held.forget(); held.admit("user-8812")
+    >>> held.admit("search")  # known to the store: held beyond the limit
+    True
+    >>> held.forget(); held.admit("user-9140")
     True
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, known: Callable[[str], bool] | None = None) -> None:
         if limit is not None and limit <= 0:
             raise ValueError("limit must be positive (None: no limit)")
         self.limit = limit
+        self._known = known
         self._held: set[str] = set()
+        self._refused: set[str] = set()
 
     def admit(self, stream: str) -> bool:
         """Whether a record of ``stream`` may be processed (holding the stream if it is new)."""
         if stream in self._held:
             return True
-        if self.limit is not None and len(self._held) >= self.limit:
+        if self.limit is not None and len(self._held) >= self.limit and not self._is_known(stream):
             return False
         self._held.add(stream)
         return True
+
+    def _is_known(self, stream: str) -> bool:
+        if self._known is None or stream in self._refused:
+            return False
+        if self._known(stream):
+            return True
+        if len(self._refused) >= REFUSED_MAX:
+            self._refused.clear()
+        self._refused.add(stream)
+        return False
 
     @property
     def count(self) -> int:
@@ -52,3 +77,4 @@ class HeldStreams:
 
     def forget(self) -> None:
         self._held.clear()
+        self._refused.clear()

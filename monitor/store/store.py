@@ -508,6 +508,13 @@ class Store:
             row = conn.execute(q).first()
         return None if row is None else dict(row[0])
 
+    def has_state(self, stream: str, component: str) -> bool:
+        """Whether ``component`` checkpointed state for ``stream`` (without reading it)."""
+        ss = t.stream_state
+        q = sa.select(sa.literal(1)).where(ss.c.stream == stream, ss.c.component == component).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
     def load_internal(self, key: str) -> dict[str, Any] | None:
         """The service's keyed state ``key`` (``internal_state``); None if it was never saved."""
         q = sa.select(t.internal_state.c.state).where(t.internal_state.c.key == key)
