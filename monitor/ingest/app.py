@@ -2,7 +2,8 @@
 
 A request is, in order: authenticated (bearer token of ``ingest_tokens``: 401), checked against
 the size limits (413) and backpressure (429 + Retry-After: too many requests in flight, or in
-inbox mode an unconsumed inbox backlog above ``ingest.max_backlog``), read and split into records
+inbox mode an unconsumed inbox backlog above ``ingest.max_backlog``; both shared fairly between
+tokens, ``monitor.ingest.fairness``), read and split into records
 (a JSON array or NDJSON, optionally gzip), each record validated as the pipeline validates it
 (``parse_episode``), and the accepted ones handed off durably (``monitor.ingest.handoff``) before
 the answer. The answer lists every record: accepted, duplicate (its episode id was handed off
@@ -16,7 +17,6 @@ Everything a record carries is untrusted: it goes back to the caller only inside
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from monitor.config import IngestConfig, Settings
 from monitor.episodes import InvalidEpisode, parse_episode
 from monitor.ingest.body import BodyError, gunzip_limited, read_limited, split_records, too_large
+from monitor.ingest.fairness import RecentShares, Slots
 from monitor.ingest.handoff import Handoff, HandoffUnavailable, InboxHandoff, KafkaHandoff
 from monitor.ingest.metrics import IngestMetrics
 from monitor.ingest.otlp_route import OtlpMetrics, otlp_router
@@ -87,11 +88,13 @@ class IngestContext:
     handoff: Handoff
     metrics: IngestMetrics
     store: Store | None = None
-    _slots: threading.BoundedSemaphore = field(init=False)
+    _slots: Slots = field(init=False)
+    _shares: RecentShares = field(init=False)
     _backlog: tuple[float, int | None] = (float("-inf"), None)
 
     def __post_init__(self) -> None:
-        self._slots = threading.BoundedSemaphore(self.cfg.max_inflight)
+        self._slots = Slots(self.cfg.max_inflight)
+        self._shares = RecentShares()
 
     # -- refusals -----------------------------------------------------------------
     def refuse(self, status: int, why: str, detail: str, retry: bool = False) -> ApiError:
@@ -109,30 +112,43 @@ class IngestContext:
         return principal
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """One of ``ingest.max_inflight`` request slots, or 429 at once (never queued)."""
-        if not self._slots.acquire(blocking=False):
+    def slot(self, principal: Principal | None = None) -> Iterator[None]:
+        """One of ``ingest.max_inflight`` request slots, or 429 at once (never queued). A token
+        that holds one already cannot take the last free ones (``monitor.ingest.fairness``)."""
+        holder = None if principal is None else principal.name
+        if not self._slots.take(holder):
             raise self.refuse(429, "inflight", f"more than {self.cfg.max_inflight} requests in flight", True)
         self.metrics.inflight.inc()
         try:
             yield
         finally:
             self.metrics.inflight.dec()
-            self._slots.release()
+            self._slots.give(holder)
 
-    def check_backlog(self) -> None:
-        """429 when the consumer is behind by more than ``ingest.max_backlog`` records."""
+    def check_backlog(self, principal: Principal) -> None:
+        """429 when the consumer is behind by more than ``ingest.max_backlog`` records and this
+        token sent at least its fair share of the recent ones, or by more than twice that."""
         at, n = self._backlog
         now = time.monotonic()
+        limit = self.cfg.max_backlog
         if now - at >= BACKLOG_CACHE_S:
             try:
-                n = self.handoff.backlog(self.cfg.max_backlog)
+                n = self.handoff.backlog(2 * limit)
             except HandoffUnavailable as e:
                 self.metrics.handoff_failures.inc()
                 raise self.refuse(503, "unavailable", f"hand-off target unavailable ({e})", True) from None
             self._backlog = (now, n)
-        if n is not None and n > self.cfg.max_backlog:
-            raise self.refuse(429, "backlog", f"more than {self.cfg.max_backlog} records wait to be processed", True)
+        if n is None or n <= limit:
+            return
+        if n > 2 * limit:
+            raise self.refuse(429, "backlog", f"more than {2 * limit} records wait to be processed", True)
+        if self._shares.over_share(principal.name):
+            raise self.refuse(
+                429,
+                "backlog",
+                f"more than {limit} records wait to be processed, and this token sent its share of them",
+                True,
+            )
 
     # -- the records --------------------------------------------------------------
     def ingest(self, raws: list[bytes], principal: Principal) -> IngestResponse:
@@ -153,6 +169,7 @@ class IngestContext:
             rows.append(res)
             pending.append((i, key))
         new = self._hand_off(rows)
+        self._shares.add(principal.name, len(new))
         for i, key in pending:
             results[i] = RecordResult(index=i, episode_id=key[1], status="accepted" if key in new else "duplicate")
         final = [r for r in results if r is not None]
@@ -264,8 +281,8 @@ async def post_episodes(request: Request) -> Response:
     ctx: IngestContext = request.app.state.ingest
     try:
         principal = await run_in_threadpool(ctx.authenticate, request.headers.get("authorization"))
-        with ctx.slot():
-            await run_in_threadpool(ctx.check_backlog)
+        with ctx.slot(principal):
+            await run_in_threadpool(ctx.check_backlog, principal)
             raws = await read_records(request, ctx)
             result = await run_in_threadpool(ctx.ingest, raws, principal)
     except (ApiError, BodyError) as e:
@@ -291,9 +308,10 @@ def submit_records(request: Request, raws: list[bytes]) -> list[str | None]:
     ``POST /v1/episodes``. Per record None (accepted or a duplicate) or the reason it was refused."""
     ctx: IngestContext = request.app.state.ingest
     try:
-        with ctx.slot():
-            ctx.check_backlog()
-            result = ctx.ingest(raws, request.state.ingest_principal)
+        principal = request.state.ingest_principal
+        with ctx.slot(principal):
+            ctx.check_backlog(principal)
+            result = ctx.ingest(raws, principal)
     except ApiError as e:
         raise _http_error(ctx, e) from None
     return [None if r.status != "rejected" else f"{r.reason}: {r.detail}" for r in result.results]

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings, load_settings
 from monitor.ingest.server import IngestServer
-from monitor.ingest.tokens import add_token, revoke_token
+from monitor.ingest.tokens import Principal, add_token, revoke_token
 from monitor.pipeline import LoopHooks
 from monitor.service import build_service
 from monitor.store import Store
@@ -98,6 +98,38 @@ def env(sqlite_url: str, tmp_path: Path) -> Iterator[Env]:
     e.client.close()
     e.server.stop()
     e.store.close()
+
+
+def test_one_tenant_flooding_does_not_stop_the_others(sqlite_url: str, tmp_path: Path) -> None:
+    """Backpressure and request slots were global: a tenant that filled the inbox past
+    ``ingest.max_backlog`` or held every slot made every other tenant's requests 429 too. Past
+    the backlog only the tokens that sent their share of the recent records are refused, up to
+    twice the backlog; a token that holds a slot cannot take the last free one."""
+    e = start(sqlite_url, tmp_path, "ingest.max_backlog=20", "ingest.max_inflight=4")
+    quiet = add_token(e.store, "quiet", None)
+    try:
+        assert e.post(ndjson([episode(i) for i in range(25)])).status_code == 200  # the flood: 25 > 20
+        time.sleep(0.6)  # past the backlog count's cache
+        r = e.post(ndjson([episode(100)]))
+        assert r.status_code == 429 and r.json()["error"] == "backlog"
+        for i in range(3):  # the quiet tenant goes on, well below its share
+            assert e.post(ndjson([episode(200 + i, "search")]), token=quiet).status_code == 200
+        # Up to twice max_backlog: then everyone waits, so the inbox stays bounded.
+        assert e.post(ndjson([episode(300 + i, "search") for i in range(15)]), token=quiet).status_code == 200
+        time.sleep(0.6)
+        r = e.post(ndjson([episode(400, "search")]), token=quiet)
+        assert r.status_code == 429 and "more than 40" in r.json()["detail"]
+        run_pipeline(e.settings, e.store)
+        time.sleep(0.6)
+        assert e.post(ndjson([episode(101)])).status_code == 200
+        # Three of the four slots held by one token: the last is the other token's.
+        flood = Principal("app", None)
+        with e.server.ctx.slot(flood), e.server.ctx.slot(flood), e.server.ctx.slot(flood):
+            assert e.post(ndjson([episode(102)])).json()["error"] == "inflight"
+            assert e.post(ndjson([episode(500, "search")]), token=quiet).status_code == 200
+    finally:
+        e.server.stop()
+        e.store.close()
 
 
 def test_bearer_tokens_none_bad_revoked_and_stream_scope(env: Env) -> None:
