@@ -129,8 +129,8 @@ class RetentionConfig(_Model):
         None,
         gt=0,
         description="stored episodes older than this much of their stream's event time are deleted with their"
-        " samples, scores and traffic counts, except those with labels, adjudications, canaries or open review"
-        " tasks; estimates then cover this window; null: keep everything",
+        " samples, scores, pending review tasks and traffic counts, except those with labels, adjudications,"
+        " canaries or a review task a reviewer holds; estimates then cover this window; null: keep everything",
     )
     every_s: float = Field(3600.0, ge=1, le=7 * 86400, description="how often `oversight run` purges")
     chunk: int = Field(1000, ge=1, le=100_000, description="episodes deleted per transaction")
