@@ -145,7 +145,8 @@ def _labelled_scores(conn: sa.Connection, store: Store, version: str, episodes: 
 
 @dataclass
 class WindowEnds:
-    """The first and the last ``window`` scores of a stream, and whether there are two windows' worth."""
+    """The first and the last ``window`` scores of a stream when there are two windows' worth
+    (``enough``); empty otherwise."""
 
     first: list[Any]
     last: list[Any]
@@ -161,6 +162,8 @@ def _window_ends(conn: sa.Connection, version: str, stream: str, window: int) ->
     ).scalar_one()
     if n == 0:
         return None
+    if n < 2 * window:
+        return WindowEnds([], [], enough=False)  # the alarm needs two windows: nothing more to read
 
     def end(ascending: bool) -> list[Any]:
         # Every row up to the window's last time, then cut in Python: rows tied with it are
@@ -174,7 +177,7 @@ def _window_ends(conn: sa.Connection, version: str, stream: str, window: int) ->
         rows = _order(list(conn.execute(q).all()))
         return rows[:window] if ascending else rows[-window:]
 
-    return WindowEnds(end(True), end(False), n >= 2 * window)
+    return WindowEnds(end(True), end(False), enough=True)
 
 
 def _hacking(
