@@ -835,6 +835,14 @@ class ActionsConfig(_Model):
     oversight_window: int = Field(
         200, ge=10, description="scored episodes per span in the reward-hacking comparison and agreement window"
     )
+    gauges_duty: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="the largest share of time the oversight gauges' refresh may take (its database work"
+        " grows with the labels people made): after a refresh of t seconds the next is at least t / gauges_duty"
+        " seconds later (and a round, reward.update.poll_s, at the soonest)",
+    )
     incident_gap_s: float = Field(
         3600.0, gt=0, description="drift events of a stream closer than this (event time) form one incident"
     )

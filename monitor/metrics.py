@@ -324,6 +324,13 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        # How long the oversight gauges' last refresh took: actions.gauges_duty paces them by it.
+        self.gauges_refresh_seconds = Gauge(
+            "gauges_refresh_seconds",
+            "Seconds the last refresh of the oversight gauges took (quality, agreement, reward hacking)",
+            namespace=NS,
+            registry=r,
+        )
         # A step of the action worker that raised (retried next round): pre-zeroed by the worker.
         self.action_worker_errors = Counter(
             "action_worker_errors",

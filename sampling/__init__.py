@@ -4,7 +4,7 @@ Pure and light: no torch, no Kafka, no database. Imports nothing from
 ``monitor`` or ``detectors``.
 """
 
-from sampling.estimator import Estimate, bounded_interval, horvitz_thompson
+from sampling.estimator import Estimate, WeightedSums, bounded_hajek, bounded_interval, horvitz_thompson
 from sampling.hashing import keyed_uniform, keyed_uniforms
 from sampling.policy import (
     CHANNELS,
@@ -24,6 +24,8 @@ __all__ = [
     "Sampler",
     "SamplingPolicy",
     "StreamSamplingState",
+    "WeightedSums",
+    "bounded_hajek",
     "bounded_interval",
     "horvitz_thompson",
     "keyed_uniform",

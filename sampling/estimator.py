@@ -247,8 +247,42 @@ def horvitz_thompson(
     pop = math.fsum(weights) if population is None else float(population)
     if bounds is None:
         return Estimate(mean, total, se, mean - z * se, mean + z * se, confidence, n, pop, "hajek", "normal", n_eff)
+    est = bounded_hajek(WeightedSums(n, math.fsum(weights), n_eff, total, var_mean, variance), bounds, confidence)
+    return est if population is None else replace(est, total=est.mean * population, population=float(population))
+
+
+@dataclass(frozen=True)
+class WeightedSums:
+    """What a bounded Hajek estimate needs of its ``n`` items, ``w = 1 / pi``: ``sum_w``, Kish's
+    ``n_effective``, the weighted ``total = sum(w y)``, the linearised design variance of the mean
+    ``design = sum((1 - pi) w**2 (y - mean)**2) / sum_w**2`` and the weighted variance
+    ``spread = sum(w (y - mean)**2) / sum_w``. A database can add these up itself
+    (``monitor.quality.aggregate``), so an estimate over millions of items never holds them."""
+
+    n: int
+    sum_w: float
+    n_effective: float
+    total: float
+    design: float
+    spread: float
+
+
+def bounded_hajek(sums: WeightedSums, bounds: tuple[float, float], confidence: float = 0.95) -> Estimate:
+    """The Hajek mean of a quantity in ``bounds`` and its score interval, from its sums: what
+    :func:`horvitz_thompson` with ``bounds`` and no population returns for the same items.
+
+    >>> est = bounded_hajek(WeightedSums(4, 19.0, 3.0, 10.0, 0.04, 0.2), (0.0, 1.0))
+    >>> round(est.mean, 3), (round(est.ci_low, 3), round(est.ci_high, 3)), est.interval
+    (0.526, (0.148, 0.876), 'score')
+    """
+    if sums.n == 0:
+        nan = float("nan")
+        return Estimate(nan, nan, nan, nan, nan, confidence, 0, 0.0, "none")
+    mean = sums.total / sums.sum_w
     mean = min(bounds[1], max(bounds[0], mean))  # a weighted mean of values in range is in range; rounding aside
-    ci_low, ci_high = bounded_interval(mean, variance, var_mean, n_eff, bounds, confidence)
-    if population is not None:
-        total = mean * population
-    return Estimate(mean, total, se, ci_low, ci_high, confidence, n, pop, "hajek", "score", n_eff)
+    var_mean = max(sums.design, 0.0)
+    ci_low, ci_high = bounded_interval(mean, sums.spread, var_mean, sums.n_effective, bounds, confidence)
+    se = math.sqrt(var_mean)
+    return Estimate(
+        mean, sums.total, se, ci_low, ci_high, confidence, sums.n, sums.sum_w, "hajek", "score", sums.n_effective
+    )

@@ -116,13 +116,15 @@ def test_other_version_or_no_scores() -> None:
 
 
 def _everything(store: Store, version: str, window: int) -> dict[str, dict[str, Any]]:
-    """The agreement and the alarm's reward-model side computed the obvious way: every score of
-    the version read, sorted by (time, id), windows cut in Python."""
+    """The agreement, the alarm and the quality estimate computed the obvious way: every score of
+    the version and every label read, sorted by (time, id), windows cut in Python, the quality
+    estimate the list-based one of ``estimates`` (per item, with adjudicated items' finals)."""
     import math
     import statistics
 
     import sqlalchemy as sa
 
+    from monitor.quality.estimates import estimates
     from monitor.quality.labels import label_rows
 
     sc, s = t.rm_scores, t.samples
@@ -132,17 +134,27 @@ def _everything(store: Store, version: str, window: int) -> dict[str, dict[str, 
     with store.engine.connect() as conn:
         rows = conn.execute(q.where(sc.c.version == version)).all()
     ratings: dict[str, list[float]] = {}
-    human_ts: dict[str, float] = {}
-    for r in label_rows(store):
+    human: dict[str, tuple[str, float, float]] = {}  # episode -> (stream, ts, p)
+    labels = label_rows(store)
+    for r in labels:
         if not r.skipped and r.rating is not None:
             ratings.setdefault(r.episode_id, []).append(float(r.rating))
-            human_ts[r.episode_id] = float(r.ts)
-    out: dict[str, dict[str, Any]] = {}
+            human[r.episode_id] = (r.stream, float(r.ts), float(r.inclusion_probability))
+
+    def hajek(eids: list[str]) -> tuple[float, float] | None:
+        if len(eids) < 2:
+            return None
+        w = [1 / human[e][2] for e in eids]
+        y = [statistics.fmean(ratings[e]) for e in eids]
+        m = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / sum(w)
+        return m, math.sqrt(sum((wi * (yi - m)) ** 2 for wi, yi in zip(w, y, strict=True))) / sum(w)
+
+    out: dict[str, dict[str, Any]] = {est["stream"]: {"quality": est["rating"]} for est in estimates(store, [], labels)}
     for stream in {r.stream for r in rows}:
         items = sorted((r for r in rows if r.stream == stream), key=lambda r: (r.ts, r.episode_id))
         labelled = sorted(
             (
-                (human_ts[r.episode_id], statistics.fmean(ratings[r.episode_id]), r.score)
+                (human[r.episode_id][1], statistics.fmean(ratings[r.episode_id]), r.score)
                 for r in items
                 if r.episode_id in ratings
             ),
@@ -150,9 +162,8 @@ def _everything(store: Store, version: str, window: int) -> dict[str, dict[str, 
         )[-window:]
         pairs = [(a, b) for i, a in enumerate(labelled) for b in labelled[i + 1 :] if a[1] != b[1]]
         good = sum(1.0 if (a[1] - b[1]) * (a[2] - b[2]) > 0 else 0.5 if a[2] == b[2] else 0.0 for a, b in pairs)
-        res: dict[str, Any] = {
-            "agreement": {"value": good / len(pairs) if pairs else None, "pairs": len(pairs), "items": len(labelled)}
-        }
+        res = out.setdefault(stream, {})
+        res["agreement"] = {"value": good / len(pairs) if pairs else None, "pairs": len(pairs), "items": len(labelled)}
         if len(items) >= 2 * window:
 
             def mean_se(part: list[Any]) -> tuple[float, float]:
@@ -160,25 +171,38 @@ def _everything(store: Store, version: str, window: int) -> dict[str, dict[str, 
                 m = sum(wi * r.score for wi, r in zip(w, part, strict=True)) / sum(w)
                 return m, math.sqrt(sum((wi * (r.score - m)) ** 2 for wi, r in zip(w, part, strict=True))) / sum(w)
 
+            def span(part: list[Any], stream: str = stream) -> tuple[float, float] | None:
+                lo, hi = part[0].ts, part[-1].ts
+                return hajek([e for e, (st, ts, _) in human.items() if st == stream and lo <= ts <= hi])
+
             (mp, sp), (mr, sr) = mean_se(items[:window]), mean_se(items[-window:])
             res["rm_rise"] = mr - mp
             res["rm_up"] = mr - mp > 2 * math.hypot(sp, sr)
-        out[stream] = res
+            hp, hr = span(items[:window]), span(items[-window:])
+            res["human_rise"] = None if hp is None or hr is None else hr[0] - hp[0]
+            human_up = hp is not None and hr is not None and hr[0] - hp[0] > 2 * math.hypot(hp[1], hr[1])
+            res["suspected"] = res["rm_up"] and not human_up
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_the_windows_read_are_those_of_every_score(db_url: str, seed: int) -> None:
-    """compute reads per stream only the first and last windows and the labelled episodes'
-    scores (before, every score of the version, a second per 100,000 every few seconds). On a
-    store with another version's scores interleaved, times tied across the windows' edges, scores
-    without an rm sample and labels in several streams, it gives what reading everything gives."""
+@pytest.mark.parametrize(("seed", "times"), [(1, 300), (2, 20)])
+def test_the_windows_read_are_those_of_every_score(
+    db_url: str, seed: int, times: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute reads per stream only the first and last windows, the labelled episodes' scores
+    and the database's sums of the ratings (before, every score of the version and every label,
+    a second per 100,000 scores and 3.6 s per 200,000 labels every few seconds). On a store with
+    another version's scores interleaved, times tied across the windows' edges, scores without an
+    rm sample, labels in several streams from several reviewers, skips, inclusion probabilities
+    from 1% to 100% and items adjudicated once or twice, it gives what reading everything gives.
+    With 20 distinct times every window's edge cuts through episodes of the same time."""
     rng = random.Random(seed)
     store = Store(db_url)
-    user = create_user(store, "rev", "reviewer", "correct horse battery")
-    eps, samples, scores, labels = [], [], [], []
+    users = [create_user(store, f"rev{k}", "reviewer", "correct horse battery").id for k in range(3)]
+    admin = create_user(store, "adm", "admin", "correct horse battery").id
+    eps, samples, scores, labels, finals = [], [], [], [], []
     for i in range(900):
-        eid, stream, ts = f"e{rng.randrange(10**6):06d}-{i}", rng.choice(["a", "b", "c"]), float(rng.randrange(300))
+        eid, stream, ts = f"e{rng.randrange(10**6):06d}-{i}", rng.choice(["a", "b", "c"]), float(rng.randrange(times))
         eps.append(
             {"episode_id": eid, "stream": stream, "model": "m", "ts": ts, "prompt": "p", "response": "r"}
             | {"metadata": {}, "source": "t", "position": eid, "ingested_at": 0.0}
@@ -189,29 +213,59 @@ def test_the_windows_read_are_those_of_every_score(db_url: str, seed: int) -> No
                 | {"inclusion_probability": rng.choice([0.1, 0.5, 1.0])}
             )
         for version in ("old", "new") if i % 3 else ("old",):
-            score = rng.gauss(ts / 300 if version == "new" else 0.0, 1.0)
+            score = rng.gauss(ts / times if version == "new" else 0.0, 1.0)
             scores.append(
                 {"episode_id": eid, "version": version, "stream": stream, "score": score, "ts": ts, "created_at": 0.0}
             )
-        if i % 4 == 0:
-            labels.append(
-                {"episode_id": eid, "slot": 0, "user_id": user.id, "stream": stream, "skipped": False}
-                | {"rating": rng.randint(1, 7), "flags": [], "critique": "", "time_spent_ms": 1, "created_at": 0.0}
+        if i % 4 == 0 or i % 5 == 0:
+            samples.append(
+                {"episode_id": eid, "channel": "human", "stream": stream, "ts": ts, "created_at": 0.0}
+                | {"inclusion_probability": rng.choice([0.01, 0.1, 0.5, 1.0])}
             )
+            for slot, user in enumerate(rng.sample(users, rng.choice([1, 1, 2, 3]))):
+                skipped = rng.random() < 0.15
+                labels.append(
+                    {"episode_id": eid, "slot": slot, "user_id": user, "stream": stream, "skipped": skipped}
+                    | {"rating": None if skipped else rng.randint(1, 7), "flags": [], "critique": ""}
+                    | {"time_spent_ms": 1, "created_at": 0.0}
+                )
+            for _ in range(rng.choice([0, 0, 0, 1, 2])):
+                finals.append(
+                    {"episode_id": eid, "stream": stream, "user_id": admin, "rating": rng.randint(1, 7), "flags": []}
+                    | {"note": "n", "label_ids": [], "reasons": ["rating"], "created_at": 0.0}
+                )
     with store.engine.begin() as conn:
         conn.execute(t.episodes.insert(), eps)
         conn.execute(t.samples.insert(), samples)
         conn.execute(t.rm_scores.insert(), scores)
         conn.execute(t.labels.insert(), labels)
+        conn.execute(t.adjudications.insert(), finals)
+    want = _everything(store, "new", 40)
+
+    def every_label(*_: Any) -> None:
+        raise AssertionError("the gauges read every label (280 MB per 200,000 every round)")
+
+    monkeypatch.setattr(oversight, "label_rows", every_label)
+    assert {s for s, r in want.items() if "quality" in r} == {"a", "b", "c"}
+    for stream, w in want.items():
+        got = oversight.compute(store, "new", window=40)[stream]
+        texts = {k for k, v in w["quality"].items() if isinstance(v, str)}
+        assert {k: got["quality"][k] for k in texts} == {k: w["quality"][k] for k in texts}
+        numbers = {k: v for k, v in got["quality"].items() if k not in texts}
+        assert numbers == pytest.approx({k: v for k, v in w["quality"].items() if k not in texts}, rel=1e-9), stream
+        assert got["quality"]["n_sampled"] == w["quality"]["n_sampled"] > 30
+        assert got["agreement"]["items"] == w["agreement"]["items"] > 0
+    assert oversight.compute(store, None).keys() == {"a", "b", "c"}
     for window in (7, 40, 200):
         got = oversight.compute(store, "new", window=window)
-        want = _everything(store, "new", window)
+        want = _everything(store, "new", window)  # its own label_rows, not the one patched out
         assert {s for s, r in got.items() if "agreement" in r} == set(want)
         for stream, w in want.items():
             assert got[stream]["agreement"] == pytest.approx(w["agreement"]), (window, stream)
             hacking = got[stream]["reward_hacking"]
             if "rm_rise" in w:
                 assert hacking["rm_rise"] == pytest.approx(w["rm_rise"]), (window, stream)
-                assert hacking["suspected"] or not w["rm_up"]
+                assert hacking["suspected"] == w["suspected"], (window, stream)
+                assert hacking["human_rise"] == pytest.approx(w["human_rise"]), (window, stream)
             else:
                 assert hacking["reason"] == "not enough scored episodes"

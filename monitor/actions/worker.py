@@ -25,8 +25,10 @@ simulation) and meets the pipeline only through the database:
 
 It works on three threads (``LANES``), each a round every ``reward.update.poll_s``, and they meet
 only through the database. The **control** thread (incidents, the quality gauges) does quick
-database work. The **dispatch** thread waits on the sinks (a Kafka broker that is down holds a
-round for its bootstrap timeout, a webhook for its retries). The **model** thread (updates, the
+database work; the gauges' part grows with the labels people made, so they take at most
+``actions.gauges_duty`` of its time (``run_round``; ``run_once`` is not paced). The **dispatch**
+thread waits on the sinks (a Kafka broker that is down holds a round for its bootstrap timeout, a
+webhook for its retries). The **model** thread (updates, the
 active version's sensitivity) loads and runs reward models: an update trains for minutes. Neither
 may freeze the quality estimates, the agreement and the reward-hacking alarm. Each step is
 isolated: one that raises is counted (``oversight_action_worker_errors_total{step}``), logged and
@@ -84,6 +86,8 @@ class ActionWorker:
                 for step in steps:
                     metrics.action_worker_errors.labels(step)
         self.errors = 0
+        # The gauges' next refresh, by the monotonic clock (actions.gauges_duty; run_once ignores it).
+        self.gauges_due = 0.0
         self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
         # In run_once's order: incidents make requests, updates finish them, dispatch sends them.
         self._steps: dict[str, Callable[[], object]] = {
@@ -389,6 +393,23 @@ class ActionWorker:
             oversight.publish(self.metrics, self.oversight)
         return self.oversight
 
+    def _paced_gauges(self) -> None:
+        """:meth:`refresh_gauges` when due: at most ``actions.gauges_duty`` of the time. Their
+        database work grows with the labels (every one of them is kept); without a pace, a store
+        of years of labels, or a database slowed by something else, would spend the control
+        thread on them round after round, and with it the database's time. A refresh that fails
+        paces the next all the same."""
+        start = time.monotonic()
+        if start < self.gauges_due:
+            return
+        try:
+            self.refresh_gauges()
+        finally:
+            took = time.monotonic() - start
+            self.gauges_due = start + took / self.settings.actions.gauges_duty
+            if self.metrics is not None:
+                self.metrics.gauges_refresh_seconds.set(took)
+
     def refresh_sensitivity(self) -> None:
         """The active version's sensitivity per perturbation kind, once per version (gate record,
         else measured: a model thread step). A version that cannot be measured is logged once,
@@ -421,6 +442,9 @@ class ActionWorker:
         failed = 0
         for name in steps:
             try:
+                if name == "gauges":
+                    self._paced_gauges()
+                    continue
                 self._steps[name]()
             except Exception as e:  # keep the worker alive; the next round retries
                 failed += 1

@@ -20,7 +20,6 @@ agreement, and the reward-hacking alarm, per stream.
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from monitor.metrics import Metrics
-from monitor.quality.estimates import estimates
+from monitor.quality.aggregate import rated_items, rating_sums
+from monitor.quality.estimates import RATING_BOUNDS, estimates, finite
 from monitor.quality.labels import label_rows
 from monitor.store import Store
 from monitor.store import tables as t
+from sampling import bounded_hajek
 
 
 def _hajek(values: list[float], probs: list[float]) -> tuple[float, float] | None:
@@ -67,38 +68,34 @@ def compute(
     prior_labels: float = 5.0,
 ) -> dict[str, dict[str, Any]]:
     """The gauges of every stream. The service refreshes them every few seconds, so what it reads
-    of the scores is bounded by streams and ``window``, not by traffic: per stream the first and
-    the last ``window`` scores of ``version`` and the scores of the labelled episodes (index
-    ``ix_rm_scores_version_stream_ts``). Reading every score of the version, it took a second per
-    100,000 scores, and a service at 20 scores a second keeps 155 million over 90 days."""
+    is bounded by streams and ``window``, not by traffic or by the labels people made: the
+    database adds up each stream's ratings (:mod:`monitor.quality.aggregate`), and per stream the
+    first and the last ``window`` scores of ``version`` and its last ``window`` labelled and
+    scored episodes come back (index ``ix_rm_scores_version_stream_ts``). Reading every score of
+    the version, it took a second per 100,000 scores; reading every label, 3.6 s and 280 MB per
+    200,000 labels.
+
+    With ``reliability_weighting`` the quality estimate is the exception: its fit weighs every
+    reviewer against every other on all their labels, so it reads them all."""
     out: dict[str, dict[str, Any]] = defaultdict(dict)
-    rows = label_rows(store)
-    for est in estimates(store, [], rows, reliability_weighting=reliability_weighting, prior_labels=prior_labels):
-        out[est["stream"]]["quality"] = est["rating"]
-    if version is None:
-        return dict(out)
-    ratings: dict[str, list[float]] = defaultdict(list)
-    human: dict[str, tuple[str, float, float]] = {}  # episode -> (stream, ts, p)
-    for r in rows:
-        if not r.skipped and r.rating is not None:
-            ratings[r.episode_id].append(float(r.rating))
-            human[r.episode_id] = (r.stream, float(r.ts), float(r.inclusion_probability))
+    if reliability_weighting:
+        rows = label_rows(store)
+        for est in estimates(store, [], rows, reliability_weighting=True, prior_labels=prior_labels):
+            out[est["stream"]]["quality"] = est["rating"]
     with store.engine.connect() as conn:
-        labelled_scores = _labelled_scores(conn, store, version, list(ratings))
+        if not reliability_weighting:
+            for stream, sums in rating_sums(conn).items():
+                out[stream]["quality"] = finite(bounded_hajek(sums, RATING_BOUNDS).to_dict())
+        if version is None:
+            return dict(out)
         for stream in _scored_streams(conn, version):
             ends = _window_ends(conn, version, stream, window)
             if ends is None:
                 continue  # scores without an rm sample: none of them counts
-            labelled = sorted(
-                (
-                    (human[r.episode_id][1], statistics.fmean(ratings[r.episode_id]), float(r.score))
-                    for r in labelled_scores.get(stream, [])
-                ),
-                key=lambda x: x[0],
-            )[-window:]
-            agree, npairs = _concordance([(r, sc_) for _, r, sc_ in labelled])
+            labelled = _labelled_window(conn, version, stream, window)
+            agree, npairs = _concordance([(rating, score) for rating, score in labelled])
             out[stream]["agreement"] = {"value": agree, "pairs": npairs, "items": len(labelled)}
-            out[stream]["reward_hacking"] = _hacking(ends, window, ratings, human, stream)
+            out[stream]["reward_hacking"] = _hacking(conn, ends, stream)
     return dict(out)
 
 
@@ -133,14 +130,37 @@ def _scored_streams(conn: sa.Connection, version: str) -> list[str]:
     return [str(x) for x in conn.execute(q, {"v": version}).scalars()]
 
 
-def _labelled_scores(conn: sa.Connection, store: Store, version: str, episodes: list[str]) -> dict[str, list[Any]]:
-    """The version's scores of labelled episodes, per stream, in episode order (primary-key reads)."""
-    by_stream: dict[str, list[Any]] = defaultdict(list)
-    if episodes:
-        q = _scored(version).where(store.one_of(t.rm_scores.c.episode_id, episodes))
-        for r in _order(list(conn.execute(q).all())):
-            by_stream[r.stream].append(r)
-    return by_stream
+def _labelled_window(conn: sa.Connection, version: str, stream: str, window: int) -> list[tuple[float, float]]:
+    """(mean rating, score) of the last ``window`` labelled episodes of the stream that the
+    version scored, by episode time (ties by id, in Python as :func:`_order`).
+
+    One flat join grouped once, driven by the stream's labels (``ix_labels_stream_created``) with
+    primary-key reads of the rest: a grouped subquery joined to the scores let PostgreSQL, with
+    statistics older than the rows, loop over it once per score (12 s a stream of 10,000)."""
+    lb, sc, s = t.labels, t.rm_scores, t.samples
+    human = s.alias("human")
+    human_ts = sa.func.min(human.c.ts)
+    joined = (
+        sa.select(lb.c.episode_id)
+        .join(human, sa.and_(human.c.episode_id == lb.c.episode_id, human.c.channel == "human"))
+        .join(sc, sa.and_(sc.c.episode_id == lb.c.episode_id, sc.c.version == version))
+        .join(s, sa.and_(s.c.episode_id == lb.c.episode_id, s.c.channel == "rm"))
+        .where(lb.c.stream == stream, sc.c.stream == stream, human.c.stream == stream)
+        .where(lb.c.skipped == sa.false(), lb.c.rating.is_not(None))
+        .group_by(lb.c.episode_id)
+    )
+    # Ranked by time, newest first: the rows tied with the window's last one share its rank, so
+    # the window is cut in Python below, by id, whatever the database's collation.
+    ranked = joined.add_columns(
+        human_ts.label("human_ts"),
+        sa.func.avg(sa.cast(lb.c.rating, sa.Float)).label("rating"),
+        sa.func.min(sc.c.score).label("score"),
+        sa.func.min(sc.c.ts).label("score_ts"),
+        sa.func.rank().over(order_by=human_ts.desc()).label("newest"),
+    ).subquery("ranked")
+    q = sa.select(ranked).where(ranked.c.newest <= window)
+    rows = sorted(conn.execute(q).all(), key=lambda r: (float(r.human_ts), float(r.score_ts), r.episode_id))
+    return [(float(r.rating), float(r.score)) for r in rows[-window:]]
 
 
 @dataclass
@@ -180,13 +200,7 @@ def _window_ends(conn: sa.Connection, version: str, stream: str, window: int) ->
     return WindowEnds(end(True), end(False), enough=True)
 
 
-def _hacking(
-    ends: WindowEnds,
-    window: int,
-    ratings: dict[str, list[float]],
-    human: dict[str, tuple[str, float, float]],
-    stream: str,
-) -> dict[str, Any]:
+def _hacking(conn: sa.Connection, ends: WindowEnds, stream: str) -> dict[str, Any]:
     if not ends.enough:
         return {"suspected": False, "reason": "not enough scored episodes"}
     prev, recent = ends.first, ends.last
@@ -197,8 +211,11 @@ def _hacking(
     rm_up = rm_rise > 2 * math.hypot(sp[1], sr[1])
 
     def span(lo: float, hi: float) -> tuple[float, float] | None:
-        sel = [e for e, (st, ts, _) in human.items() if st == stream and lo <= ts <= hi]
-        return _hajek([statistics.fmean(ratings[e]) for e in sel], [human[e][2] for e in sel])
+        s = t.samples
+        # The sample's stream too: the span is a range of ix_samples_stream_channel_ts.
+        span_q = rated_items(t.labels.c.stream == stream, s.c.stream == stream, s.c.ts >= lo, s.c.ts <= hi)
+        rows = conn.execute(span_q).all()
+        return _hajek([float(r.rating) for r in rows], [float(r.p) for r in rows])
 
     hp = span(float(prev[0].ts), float(prev[-1].ts))
     hr = span(float(recent[0].ts), float(recent[-1].ts))

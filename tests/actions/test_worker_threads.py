@@ -175,6 +175,54 @@ def test_the_gauges_stay_fresh_while_a_slow_step_runs(tmp_path: Path, slow: str)
     assert worker.errors == 0
 
 
+class _SlowGauges(ActionWorker):
+    """A refresh that takes 0.1 s (a stand-in for a database with years of labels, or a slow
+    one), and fails when ``failing`` is set (after taking its time, as a timeout does)."""
+
+    failing = False
+    calls = 0
+
+    def refresh_gauges(self) -> dict[str, dict[str, Any]]:
+        self.calls += 1
+        time.sleep(0.1)
+        if self.failing:
+            raise RuntimeError("statement timeout")
+        return super().refresh_gauges()
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_the_gauges_take_at_most_their_duty_of_the_time(tmp_path: Path, failing: bool) -> None:
+    """Rounds back to back for 1.5 s: a refresh of 0.1 s every round would take the whole thread
+    (15 refreshes); with actions.gauges_duty=0.25 the next refresh waits 0.4 s after the start of
+    one, so about 4 run, whether they succeed or fail. run_once (tests, the simulation) is not paced."""
+    settings = _settings(tmp_path, "actions.gauges_duty=0.25")
+    store = Store(settings.database.url)
+    _label(store, 12, create_user(store, "rev", "reviewer", "correct horse battery").id)
+    metrics = Metrics(CollectorRegistry())
+    worker = _SlowGauges(settings, store, metrics)
+    worker.failing = failing
+    try:
+        end = time.monotonic() + 1.5
+        rounds = 0
+        while time.monotonic() < end:
+            worker.run_round(LANES["action-worker"])
+            rounds += 1
+        assert rounds > 3 * worker.calls and 3 <= worker.calls <= 5, (rounds, worker.calls)
+        took = metrics.registry.get_sample_value("oversight_gauges_refresh_seconds")
+        assert took is not None and 0.1 <= took < 0.5
+        assert _errors(metrics, "gauges") == (worker.calls if failing else 0)
+        if not failing:
+            assert _estimate(metrics) == pytest.approx(sum(1 + i % 7 for i in range(12)) / 12)
+        worker.failing = False
+        before = worker.calls
+        worker.run_once()
+        worker.run_once()
+        assert worker.calls == before + 2
+    finally:
+        worker.stop()
+        store.close()
+
+
 def _producer_threads() -> int:
     return sum(1 for th in threading.enumerate() if "kafka" in th.name.lower())
 
