@@ -263,23 +263,7 @@ def _claim_once(
         mine_canary = _held_canary(conn, user, lease_s, now, renew, blinding)
         if mine_canary is not None:
             return mine_canary
-        mine = sa.select(t.labels.c.episode_id).where(t.labels.c.user_id == user.id)
-        leased = sa.select(rt.c.episode_id).where(rt.c.lease_user_id == user.id, rt.c.status == "claimed")
-        q = (
-            sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence)
-            .where(
-                sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
-                rt.c.episode_id.not_in(mine),
-                rt.c.episode_id.not_in(leased),
-                # An episode that was this reviewer's canary: seeing it again would tell.
-                rt.c.episode_id.not_in(canary.sources_of(user.id)),
-            )
-            .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
-            .limit(1)
-        )
-        if store.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True, of=rt)
-        row = conn.execute(q).first()
+        row = _oldest_waiting(conn, store, user, now)
         if row is None:
             return None
         expires = now + lease_s
@@ -302,6 +286,41 @@ def _claim_once(
             raise _LostRace
         c = Claim(row.episode_id, int(row.slot), int(row.fence) + 1, expires)
         return _read_item(conn, c, int(row.fence), key, blinding)
+
+
+def _oldest_waiting(conn: sa.Connection, store: Store, user: User, now: float) -> Any:
+    """The oldest item the reviewer may take: pending, or claimed under a lease that expired.
+
+    Two reads, each the head of ``ix_review_tasks_status_created`` in order, and the older of
+    the two. One read of "pending OR expired" cannot walk that index, so the database read and
+    sorted every waiting item on every claim: at 2,000,000 waiting (a few days of 1% of 1,000
+    episodes/s, which retention keeps for its whole horizon) 0.65 s a claim on PostgreSQL, with
+    an 86 MB sort on disk, against 7 ms at 20,000. The reviewer's own items are passed over by
+    primary-key lookups as the walk meets them (``NOT EXISTS``), not by reading all their labels."""
+    rt, lb = t.review_tasks, t.labels
+    leased = rt.alias("leased")
+    skip = (
+        ~sa.exists().where(lb.c.episode_id == rt.c.episode_id, lb.c.user_id == user.id),
+        ~sa.exists().where(
+            leased.c.episode_id == rt.c.episode_id, leased.c.lease_user_id == user.id, leased.c.status == "claimed"
+        ),
+        # An episode that was this reviewer's canary: seeing it again would tell.
+        rt.c.episode_id.not_in(canary.sources_of(user.id)),
+    )
+    heads = []
+    for waiting in (rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)):
+        q = (
+            sa.select(rt.c.episode_id, rt.c.slot, rt.c.fence, rt.c.created_at)
+            .where(waiting, *skip)
+            .order_by(rt.c.created_at, rt.c.episode_id, rt.c.slot)
+            .limit(1)
+        )
+        if store.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=rt)
+        row = conn.execute(q).first()
+        if row is not None:
+            heads.append(row)
+    return min(heads, key=lambda r: (float(r.created_at), r.episode_id, int(r.slot)), default=None)
 
 
 def _held_canary(

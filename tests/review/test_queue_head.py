@@ -1,0 +1,113 @@
+"""The review queue's head: a claim takes the oldest item a reviewer may take, pending or under an
+expired lease, and its cost does not grow with the items waiting (retention keeps a pending
+task for its whole horizon: a few days of 1% of 1,000 episodes/s is millions of them)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from review_helpers import episode_row, seed
+
+from monitor.review import auth, queue
+from monitor.store import Store
+
+KEY = b"queue-head-test-sampling-key"
+
+
+def _users(store: Store, *names: str) -> list[auth.User]:
+    return [auth.create_user(store, n, "reviewer", "correct horse battery") for n in names]
+
+
+def _claim(store: Store, user: auth.User, now: float, lease_s: float = 60) -> str:
+    item = queue.claim(store, user, lease_s, KEY, now=now)
+    assert item is not None
+    return item.claim.episode_id
+
+
+def test_the_oldest_item_first_whether_pending_or_under_an_expired_lease(db_url: str) -> None:
+    store = Store(db_url)
+    seed(store, [episode_row(f"e{i}") for i in range(5)], slots=lambda i, _: 2 if i == 1 else 1)
+    a, b, c = _users(store, "ann", "bob", "cat")
+    now = 10_000.0
+    # ann holds e0 under a lease that has expired by now; bob then takes e0 before the pending e1.
+    assert _claim(store, a, now - 120) == "e0"
+    assert _claim(store, b, now) == "e0"
+    # bob labels it; cat's claim is e1's first slot, her lease expires, and ann takes it.
+    item = queue.claim(store, b, 60, KEY, now=now)
+    assert item is not None
+    queue.submit(store, b, "e0", item.claim.slot, item.claim.fence, queue.LabelIn(rating=5), [], now=now)
+    assert _claim(store, c, now - 120) == "e1"
+    assert _claim(store, a, now) == "e1"
+    # ann holds e1's first slot: its second slot is not hers to take, so bob gets it, and cat the next.
+    assert _claim(store, b, now + 1) == "e1"
+    assert _claim(store, c, now + 1) == "e2"
+    store.close()
+
+
+def test_a_reviewer_never_gets_an_episode_she_labelled_or_holds(db_url: str) -> None:
+    store = Store(db_url)
+    seed(store, [episode_row(f"e{i}") for i in range(3)], slots=lambda i, _: 2 if i == 0 else 1)
+    (a,) = _users(store, "ann")
+    now = 10_000.0
+    item = queue.claim(store, a, 60, KEY, now=now)
+    assert item is not None and item.claim.episode_id == "e0"
+    queue.submit(store, a, "e0", item.claim.slot, item.claim.fence, queue.LabelIn(rating=3), [], now=now)
+    # e0's second slot waits, but ann labelled e0: the oldest she may take is e1.
+    assert _claim(store, a, now) == "e1"
+    store.close()
+
+
+def _fill(url: str, waiting: int) -> None:
+    """``waiting`` pending review tasks (and their episodes), oldest first, straight in SQL."""
+    series = f"WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < {waiting}) "
+    with sa.create_engine(url).begin() as conn:
+        conn.execute(
+            sa.text(
+                series + "INSERT INTO episodes (episode_id, stream, model, ts, prompt, response, metadata, source,"
+                " position, ingested_at) SELECT 'e' || g, 's' || (g % 10), 'm', g, 'p', 'r', '{}', 't', 'e' || g,"
+                " g FROM s"
+            )
+        )
+        conn.execute(
+            sa.text(
+                series + "INSERT INTO review_tasks (episode_id, slot, stream, status, fence, created_at)"
+                " SELECT 'e' || g, 0, 's' || (g % 10), 'pending', 0, g FROM s"
+            )
+        )
+
+
+def _claim_steps(tmp_path: Path, waiting: int) -> int:
+    """SQLite virtual-machine steps (in thousands) of the database work of ten claims and labels."""
+    url = f"sqlite:///{tmp_path / f'q{waiting}.db'}"
+    store = Store(url)
+    _fill(url, waiting)
+    (user,) = _users(store, "ann")
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    @sa.event.listens_for(store.engine, "checkout")
+    def _watch(dbapi: Any, *_: Any) -> None:
+        assert isinstance(dbapi, sqlite3.Connection)
+        dbapi.set_progress_handler(count, 1000)
+
+    store.engine.dispose()  # connections made before the listener are not watched
+    for i in range(10):
+        item = queue.claim(store, user, 60, KEY, now=1e6 + i)
+        assert item is not None and item.claim.episode_id == f"e{i + 1}"
+        queue.submit(store, user, item.claim.episode_id, 0, item.claim.fence, queue.LabelIn(rating=4), [], now=1e6)
+    store.close()
+    return steps[0]
+
+
+def test_a_claim_costs_the_same_whatever_the_items_waiting(tmp_path: Path) -> None:
+    """Counted in the database's own steps, not timed: ten claims with 20,000 items waiting do
+    the work of ten with 200. One read of "pending or expired, oldest first" read and sorted every
+    waiting item (0.65 s a claim at 2,000,000 on PostgreSQL and SQLite, 2 to 6 ms now)."""
+    few, many = _claim_steps(tmp_path, 200), _claim_steps(tmp_path, 20_000)
+    assert many < 2 * few, (few, many)
