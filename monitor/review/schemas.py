@@ -385,7 +385,10 @@ def validation_detail(loc: tuple[str, ...], msg: str) -> dict[str, Any]:
 class ProgressOut(Strict):
     labelled_today: int = Field(description="the caller's labels since the start of the UTC day")
     skipped_today: int = Field(description="the caller's skips since the start of the UTC day")
-    waiting: int = Field(description="items waiting in the queue that the caller could claim")
+    waiting: int = Field(
+        description="items waiting in the queue that the caller could claim, counted up to 10,000 (waiting_more)"
+    )
+    waiting_more: bool = Field(description="more items than ``waiting`` wait: the count stops at 10,000")
     day_start: float = Field(description="the start of the UTC day (Unix seconds)")
     undo_left_s: float = Field(description="seconds left to undo the caller's last label (0: none to undo)")
 

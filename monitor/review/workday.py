@@ -30,6 +30,10 @@ from monitor.store import tables as t
 DAY_S = 86_400
 
 
+#: The items waiting that a reviewer's progress counts at most (then "10,000+").
+WAITING_COUNTED = 10_000
+
+
 def day_start(now: float) -> float:
     """The start of the UTC day of ``now``."""
     return now - now % DAY_S
@@ -44,15 +48,20 @@ def progress(store: Store, user: User, now: float | None = None) -> dict[str, An
         sa.func.sum(sa.case((lb.c.skipped == sa.false(), 1), else_=0)),
         sa.func.sum(sa.case((lb.c.skipped == sa.true(), 1), else_=0)),
     ).where(lb.c.user_id == user.id, lb.c.created_at >= start)
-    mine = sa.select(lb.c.episode_id).where(lb.c.user_id == user.id)
-    waiting = (
-        sa.select(sa.func.count())
-        .select_from(rt)
+    # Counted up to WAITING_COUNTED: the page shows this on every item, and counting every waiting
+    # task (millions at production volume: retention keeps them for its horizon) took 0.15 s on
+    # PostgreSQL and 0.46 s on SQLite per view at 2,000,000, and reading all the reviewer's labels
+    # (NOT IN) grew with her work. The reviewer's own are passed over by key lookups.
+    ahead = (
+        sa.select(rt.c.episode_id)
         .where(
             sa.or_(rt.c.status == "pending", sa.and_(rt.c.status == "claimed", rt.c.lease_expires_at <= now)),
-            rt.c.episode_id.not_in(mine),
+            ~sa.exists().where(lb.c.episode_id == rt.c.episode_id, lb.c.user_id == user.id),
         )
+        .limit(WAITING_COUNTED + 1)
+        .subquery()
     )
+    waiting = sa.select(sa.func.count()).select_from(ahead)
     cl = t.canary_labels
     canaries_done = sa.select(
         sa.func.sum(sa.case((cl.c.skipped == sa.false(), 1), else_=0)),
@@ -62,11 +71,12 @@ def progress(store: Store, user: User, now: float | None = None) -> dict[str, An
         labelled, skipped = conn.execute(done).one()
         c_labelled, c_skipped = conn.execute(canaries_done).one()
         labelled, skipped = (labelled or 0) + (c_labelled or 0), (skipped or 0) + (c_skipped or 0)
-        ahead = conn.execute(waiting).scalar()
+        counted = int(conn.execute(waiting).scalar() or 0)
     return {
         "labelled_today": int(labelled or 0),
         "skipped_today": int(skipped or 0),
-        "waiting": int(ahead or 0),
+        "waiting": min(counted, WAITING_COUNTED),
+        "waiting_more": counted > WAITING_COUNTED,
         "day_start": start,
     }
 
