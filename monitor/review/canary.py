@@ -187,30 +187,41 @@ def sources_of(user_id: int) -> sa.Select[Any]:
     return sa.select(t.canaries.c.episode_id).where(t.canaries.c.user_id == user_id)
 
 
+#: Rows read per candidate wanted: an item with overlap has a label per reviewer.
+ROWS_PER_ITEM = 4
+
+
 def _candidates(conn: sa.Connection, user_id: int, window: int) -> list[str]:
+    """The newest ``window`` labelled items the reviewer neither labelled nor was shown as a
+    canary; before anyone has labelled, the newest pending items of the queue.
+
+    Read newest first along an index (the labels' primary key, ``ix_review_tasks_status_created``)
+    and stopped after ``window * ROWS_PER_ITEM`` rows: grouping every label by item to sort the
+    groups took 0.14 s (PostgreSQL) to 0.26 s (SQLite) per canary turn at 200,000 labels, and the
+    fallback grouped every review task (millions at production volume)."""
     lb, rt = t.labels, t.review_tasks
-    mine = sa.select(lb.c.episode_id).where(lb.c.user_id == user_id)
+    mine = t.labels.alias("mine")
     used = sources_of(user_id)
+
+    def fresh(episode: sa.ColumnElement[str]) -> tuple[sa.ColumnElement[bool], ...]:
+        return (~sa.exists().where(mine.c.episode_id == episode, mine.c.user_id == user_id), episode.not_in(used))
+
     labelled = conn.execute(
         sa.select(lb.c.episode_id)
-        .where(lb.c.skipped == sa.false(), lb.c.episode_id.not_in(mine), lb.c.episode_id.not_in(used))
-        .group_by(lb.c.episode_id)
-        .order_by(sa.func.max(lb.c.created_at).desc(), lb.c.episode_id)
-        .limit(window)
+        .where(lb.c.skipped == sa.false(), *fresh(lb.c.episode_id))
+        .order_by(lb.c.id.desc())
+        .limit(window * ROWS_PER_ITEM)
     ).scalars()
-    out = list(labelled)
+    out = list(dict.fromkeys(labelled))[:window]
     if out:
         return out
-    # Nothing labelled yet: any episode of the review queue.
-    return list(
-        conn.execute(
-            sa.select(rt.c.episode_id)
-            .where(rt.c.episode_id.not_in(mine), rt.c.episode_id.not_in(used))
-            .group_by(rt.c.episode_id)
-            .order_by(sa.func.max(rt.c.created_at).desc(), rt.c.episode_id)
-            .limit(window)
-        ).scalars()
-    )
+    queued = conn.execute(
+        sa.select(rt.c.episode_id)
+        .where(rt.c.status == "pending", *fresh(rt.c.episode_id))
+        .order_by(rt.c.created_at.desc())
+        .limit(window * ROWS_PER_ITEM)
+    ).scalars()
+    return list(dict.fromkeys(queued))[:window]
 
 
 def _templates(conn: sa.Connection, stream: str) -> list[str]:

@@ -204,6 +204,8 @@ labels = sa.Table(
     sa.Column("assist_condition", sa.String(32)),
     sa.UniqueConstraint("episode_id", "user_id", name="uq_labels_episode_user"),
     sa.Index("ix_labels_stream_created", "stream", "created_at"),
+    # The reviewer's labels: her claim number (canaries), her day's count (migration 0018).
+    sa.Index("ix_labels_user_created", "user_id", "created_at"),
 )
 
 # Reviewer guidelines per stream (migration 0010): every save is a new version, never an update.
