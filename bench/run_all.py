@@ -28,6 +28,9 @@ BENCHES = [
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
     ["retention.py"],  # ~15 s: the retention purge of 200,000 stored episodes on SQLite
+    # ~2 minutes each: claims, the item page, the queue depth and the gauges at 2,000,000 waiting, 200,000 labels
+    ["review_scale.py", "--db", "sqlite"],
+    ["review_scale.py", "--db", "postgres"],
     ["adjudication.py"],  # ~40 s: items sent to adjudication, their errors before and after, the cost
     ["closed_loop.py"],  # ~7 minutes: the closed loop on three real shifts
     ["install_size.py"],  # ~2 minutes: a fresh virtualenv with `pip install .` (no extras): size, time, BSL check
