@@ -4,6 +4,7 @@ once, not once per round (a producer, with its thread and sockets, left behind e
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -177,24 +178,32 @@ def test_the_gauges_stay_fresh_while_a_slow_step_runs(tmp_path: Path, slow: str)
 
 class _SlowGauges(ActionWorker):
     """A refresh that takes 0.1 s (a stand-in for a database with years of labels, or a slow
-    one), and fails when ``failing`` is set (after taking its time, as a timeout does)."""
+    one), and fails when ``failing`` is set (after taking its time, as a timeout does). Records
+    when each refresh started and how long it took."""
 
     failing = False
-    calls = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refreshes: list[tuple[float, float]] = []
 
     def refresh_gauges(self) -> dict[str, dict[str, Any]]:
-        self.calls += 1
-        time.sleep(0.1)
-        if self.failing:
-            raise RuntimeError("statement timeout")
-        return super().refresh_gauges()
+        start = time.monotonic()
+        try:
+            time.sleep(0.1)
+            if self.failing:
+                raise RuntimeError("statement timeout")
+            return super().refresh_gauges()
+        finally:
+            self.refreshes.append((start, time.monotonic() - start))
 
 
 @pytest.mark.parametrize("failing", [False, True])
 def test_the_gauges_take_at_most_their_duty_of_the_time(tmp_path: Path, failing: bool) -> None:
     """Rounds back to back for 1.5 s: a refresh of 0.1 s every round would take the whole thread
-    (15 refreshes); with actions.gauges_duty=0.25 the next refresh waits 0.4 s after the start of
-    one, so about 4 run, whether they succeed or fail. run_once (tests, the simulation) is not paced."""
+    (15 refreshes); with actions.gauges_duty=0.25 a refresh that took t starts the next no sooner
+    than t / 0.25 after its own start, whether it succeeded or failed. run_once (tests, the
+    simulation) is not paced."""
     settings = _settings(tmp_path, "actions.gauges_duty=0.25")
     store = Store(settings.database.url)
     _label(store, 12, create_user(store, "rev", "reviewer", "correct horse battery").id)
@@ -207,17 +216,20 @@ def test_the_gauges_take_at_most_their_duty_of_the_time(tmp_path: Path, failing:
         while time.monotonic() < end:
             worker.run_round(LANES["action-worker"])
             rounds += 1
-        assert rounds > 3 * worker.calls and 3 <= worker.calls <= 5, (rounds, worker.calls)
-        took = metrics.registry.get_sample_value("oversight_gauges_refresh_seconds")
-        assert took is not None and 0.1 <= took < 0.5
-        assert _errors(metrics, "gauges") == (worker.calls if failing else 0)
+        refreshes = worker.refreshes
+        assert 2 <= len(refreshes) <= 5 and rounds > 2 * len(refreshes), (rounds, refreshes)
+        for (start, took), (later, _) in itertools.pairwise(refreshes):
+            assert later - start >= took / 0.25 - 0.01, refreshes  # the pace, however slow the machine
+        last = metrics.registry.get_sample_value("oversight_gauges_refresh_seconds")
+        assert last is not None and last >= 0.1
+        assert _errors(metrics, "gauges") == (len(refreshes) if failing else 0)
         if not failing:
             assert _estimate(metrics) == pytest.approx(sum(1 + i % 7 for i in range(12)) / 12)
         worker.failing = False
-        before = worker.calls
+        before = len(refreshes)
         worker.run_once()
         worker.run_once()
-        assert worker.calls == before + 2
+        assert len(worker.refreshes) == before + 2
     finally:
         worker.stop()
         store.close()
