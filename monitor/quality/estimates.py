@@ -197,10 +197,11 @@ def estimate_series(
     their final label. Pass ``rows`` (from :func:`label_rows`) and ``final`` (from
     :func:`monitor.quality.adjudication.finals`) to chart several streams from one read."""
     buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    labelled = per_item(label_rows(store) if rows is None else rows, finals(store, stream) if final is None else final)
-    for it in labelled.values():
-        if it["stream"] == stream:
-            buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
+    # The stream's rows first: grouping every stream's labels into items once per stream charted
+    # took the admin page 15 s for 10 streams at 200,000 labels.
+    mine = [r for r in (label_rows(store) if rows is None else rows) if r.stream == stream]
+    for it in per_item(mine, finals(store, stream) if final is None else final).values():
+        buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
     out = []
     for start in sorted(buckets):
         items = buckets[start]

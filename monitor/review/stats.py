@@ -91,10 +91,14 @@ def recent_requests(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     return [{k: r[k] for k in keep} for r in listing(store, limit=limit)]
 
 
-def admin_summary(store: Store, settings: Settings, now: float | None = None) -> dict[str, Any]:
+def admin_summary(
+    store: Store, settings: Settings, now: float | None = None, rows: list[Any] | None = None
+) -> dict[str, Any]:
+    """``rows``: every label (:func:`monitor.quality.labels.label_rows`), read here when not given
+    (the admin page reads them once for this and its chart)."""
     now = time.time() if now is None else now
     flags = settings.review.flags
-    rows = label_rows(store)
+    rows = label_rows(store) if rows is None else rows
     return {
         "queue": queue_depth(store, now),
         "throughput": throughput(store, now),

@@ -39,10 +39,9 @@ STREAM_COLUMNS = [
 ]
 
 
-def chart(ctx: ReviewContext, estimates: list[Any]) -> Markup:
-    """The rating estimate over time of the streams with estimates (one read of the labels)."""
+def chart(ctx: ReviewContext, estimates: list[Any], rows: list[Any]) -> Markup:
+    """The rating estimate over time of the streams with estimates, from ``rows`` (every label)."""
     streams = [e["stream"] for e in estimates if isinstance(e, dict) and isinstance(e.get("stream"), str)]
-    rows = label_rows(ctx.store)
     series = {s: estimate_series(ctx.store, s, rows=rows) for s in streams[:MAX_STREAMS]}
     # Our own SVG: every text in it is escaped by the builder.
     return Markup(estimates_svg(series))  # noqa: S704
@@ -79,7 +78,8 @@ def dashboard(summary: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/admin", response_class=HTMLResponse)
 def get_admin(ctx: Ctx, session: AdminSession) -> Response:
-    summary = stats.admin_summary(ctx.store, ctx.settings, ctx.now())
+    rows = label_rows(ctx.store)  # once for the summary and the chart: every label, so not twice
+    summary = stats.admin_summary(ctx.store, ctx.settings, ctx.now(), rows)
     values = dashboard(summary)
     return render(
         "admin.html",
@@ -87,7 +87,7 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         session,
         **values,
         flags=list(ctx.settings.review.flags),
-        chart=chart(ctx, values["estimates"]),
+        chart=chart(ctx, values["estimates"], rows),
         exports=EXPORTS,
         guidelines=guidelines.current_versions(ctx.store),
         disagreements_waiting=sum(waiting_per_stream(ctx.store, ctx.disagreement_rule).values()),
