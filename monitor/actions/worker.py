@@ -28,8 +28,8 @@ only through the database. The **control** thread (incidents, the quality gauges
 database work; the gauges' part grows with the labels people made, so they take at most
 ``actions.gauges_duty`` of its time (``run_round``; ``run_once`` is not paced). The **dispatch**
 thread waits on the sinks (a Kafka broker that is down holds a round for its bootstrap timeout, a
-webhook for its retries). The **model** thread (updates, the
-active version's sensitivity) loads and runs reward models: an update trains for minutes. Neither
+webhook for its retries). The **model** thread (updates, the active version's sensitivity) loads
+and runs reward models: an update trains for minutes. Neither
 may freeze the quality estimates, the agreement and the reward-hacking alarm. Each step is
 isolated: one that raises is counted (``oversight_action_worker_errors_total{step}``), logged and
 retried next round, and the steps after it in the round still run.
@@ -87,7 +87,7 @@ class ActionWorker:
                     metrics.action_worker_errors.labels(step)
         self.errors = 0
         # The gauges' next refresh, by the monotonic clock (actions.gauges_duty; run_once ignores it).
-        self.gauges_due = 0.0
+        self._gauges_due = 0.0
         self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
         # In run_once's order: incidents make requests, updates finish them, dispatch sends them.
         self._steps: dict[str, Callable[[], object]] = {
@@ -400,13 +400,13 @@ class ActionWorker:
         thread on them round after round, and with it the database's time. A refresh that fails
         paces the next all the same."""
         start = time.monotonic()
-        if start < self.gauges_due:
+        if start < self._gauges_due:
             return
         try:
             self.refresh_gauges()
         finally:
             took = time.monotonic() - start
-            self.gauges_due = start + took / self.settings.actions.gauges_duty
+            self._gauges_due = start + took / self.settings.actions.gauges_duty
             if self.metrics is not None:
                 self.metrics.gauges_refresh_seconds.set(took)
 
