@@ -29,10 +29,10 @@ database work; the gauges' part grows with the labels people made, so they take 
 ``actions.gauges_duty`` of its time (``run_round``; ``run_once`` is not paced). The **dispatch**
 thread waits on the sinks (a Kafka broker that is down holds a round for its bootstrap timeout, a
 webhook for its retries). The **model** thread (updates, the active version's sensitivity) loads
-and runs reward models: an update trains for minutes. Neither
-may freeze the quality estimates, the agreement and the reward-hacking alarm. Each step is
-isolated: one that raises is counted (``oversight_action_worker_errors_total{step}``), logged and
-retried next round, and the steps after it in the round still run.
+and runs reward models: an update trains for minutes. Neither may freeze the quality estimates,
+the agreement and the reward-hacking alarm. Each step is isolated: one that raises is counted
+(``oversight_action_worker_errors_total{step}``), logged and retried next round, and the steps
+after it in the round still run.
 """
 
 from __future__ import annotations
