@@ -244,10 +244,11 @@ def horvitz_thompson(
         return Estimate(mean, total, se, lo, hi, confidence, n, float(population), "horvitz-thompson", "normal", n_eff)
     mean, var_mean, variance = _hajek(values, probabilities, weights)
     se = math.sqrt(var_mean)
-    pop = math.fsum(weights) if population is None else float(population)
+    sum_w = math.fsum(weights)
+    pop = sum_w if population is None else float(population)
     if bounds is None:
         return Estimate(mean, total, se, mean - z * se, mean + z * se, confidence, n, pop, "hajek", "normal", n_eff)
-    est = bounded_hajek(WeightedSums(n, math.fsum(weights), n_eff, total, var_mean, variance), bounds, confidence)
+    est = bounded_hajek(WeightedSums(n, sum_w, n_eff, total, var_mean, variance), bounds, confidence)
     return est if population is None else replace(est, total=est.mean * population, population=float(population))
 
 

@@ -26,7 +26,15 @@ ROOTS = ("monitor", "sampling", "detectors")
 LAYERS: list[tuple[str, ...]] = [
     ("sampling", "detectors"),
     ("monitor.inference",),  # encoder backends (ONNX Runtime); signals/embeddings and reward use them
-    ("monitor.__init__", "monitor.errors", "monitor.fileio", "monitor.config", "monitor.data", "monitor.signals"),
+    (
+        "monitor.__init__",
+        "monitor.errors",
+        "monitor.fileio",
+        "monitor.pace",
+        "monitor.config",
+        "monitor.data",
+        "monitor.signals",
+    ),
     ("monitor.sources",),
     ("monitor.episodes",),
     ("monitor.metrics", "monitor.retry", "monitor.ops"),

@@ -181,6 +181,23 @@ def test_settings_reach_the_admin_summary(filled: Any) -> None:
     assert est_on["rating"]["mean"] != est_off["rating"]["mean"]
 
 
+def test_the_quality_gauge_follows_the_setting(filled: Any) -> None:
+    """The gauges add the ratings up in the database without weighting (every label read only for
+    the fit): both ways give what the admin summary gives."""
+    from monitor.quality import oversight
+    from monitor.review.stats import admin_summary
+
+    store, _ = filled
+    for on in (False, True):
+        settings = load_settings(None, ["dev=true", f"quality.reliability_weighting={str(on).lower()}"])
+        (est,) = admin_summary(store, settings)["estimates"]
+        (gauge,) = oversight.compute(store, None, reliability_weighting=on).values()
+        want = est["rating"]
+        assert gauge["quality"]["method"] == want["method"]
+        numbers = {k: v for k, v in want.items() if not isinstance(v, str)}
+        assert {k: gauge["quality"][k] for k in numbers} == pytest.approx(numbers, rel=1e-9), on
+
+
 def test_training_records_are_calibrated(filled: Any) -> None:
     store, truth = filled
     records = rated_records(store)

@@ -45,6 +45,7 @@ from typing import Any
 
 from monitor.config import Settings
 from monitor.metrics import Metrics
+from monitor.pace import Pace
 from monitor.retry import first_line, transient
 from monitor.store import DriftEvent, Store
 from monitor.store import requests as rq
@@ -86,8 +87,8 @@ class ActionWorker:
                 for step in steps:
                     metrics.action_worker_errors.labels(step)
         self.errors = 0
-        # The gauges' next refresh, by the monotonic clock (actions.gauges_duty; run_once ignores it).
-        self._gauges_due = 0.0
+        # The gauges' refreshes, by the monotonic clock (actions.gauges_duty; run_once ignores it).
+        self._gauges_pace = Pace(settings.actions.gauges_duty)
         self.sensitivity_failed: set[str] = set()  # versions whose sensitivity could not be measured
         # In run_once's order: incidents make requests, updates finish them, dispatch sends them.
         self._steps: dict[str, Callable[[], object]] = {
@@ -400,13 +401,13 @@ class ActionWorker:
         thread on them round after round, and with it the database's time. A refresh that fails
         paces the next all the same."""
         start = time.monotonic()
-        if start < self._gauges_due:
+        if not self._gauges_pace.due(start):
             return
         try:
             self.refresh_gauges()
         finally:
             took = time.monotonic() - start
-            self._gauges_due = start + took / self.settings.actions.gauges_duty
+            self._gauges_pace.ran(start, took)
             if self.metrics is not None:
                 self.metrics.gauges_refresh_seconds.set(took)
 

@@ -78,12 +78,11 @@ def compute(
     With ``reliability_weighting`` the quality estimate is the exception: its fit weighs every
     reviewer against every other on all their labels, so it reads them all."""
     out: dict[str, dict[str, Any]] = defaultdict(dict)
-    if reliability_weighting:
-        rows = label_rows(store)
-        for est in estimates(store, [], rows, reliability_weighting=True, prior_labels=prior_labels):
-            out[est["stream"]]["quality"] = est["rating"]
     with store.engine.connect() as conn:
-        if not reliability_weighting:
+        if reliability_weighting:
+            for est in estimates(store, [], label_rows(store), reliability_weighting=True, prior_labels=prior_labels):
+                out[est["stream"]]["quality"] = est["rating"]
+        else:
             for stream, sums in rating_sums(conn).items():
                 out[stream]["quality"] = finite(bounded_hajek(sums, RATING_BOUNDS).to_dict())
         if version is None:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from monitor.assist import registered
 from monitor.config import CanaryConfig
+from monitor.pace import Pace
 from monitor.quality.adjudication import Rule, waiting_per_stream
 from monitor.store import Store
 from monitor.store import tables as t
@@ -40,7 +41,7 @@ class QueueCollector(Collector):
         self._max_streams = max_streams
         self._clock = clock
         self._counted: list[dict[str, Any]] = []
-        self._due = 0.0  # by the monotonic clock: when the queue is next counted
+        self._pace = Pace(QUEUE_DUTY)  # by the monotonic clock
 
     def _rows(self) -> list[dict[str, Any]]:
         """The queue's depth, counted afresh when due (``QUEUE_DUTY``); the ages of the oldest
@@ -48,7 +49,7 @@ class QueueCollector(Collector):
         from monitor.review.queue import queue_depth
 
         start = time.monotonic()
-        if start < self._due:
+        if not self._pace.due(start):
             return self._counted
         try:
             now = self._clock()
@@ -57,7 +58,7 @@ class QueueCollector(Collector):
             self._counted = []  # the scrapes until the next count show what this one shows: nothing
             raise
         finally:
-            self._due = start + (time.monotonic() - start) / QUEUE_DUTY
+            self._pace.ran(start, time.monotonic() - start)
         return self._counted
 
     def collect(self) -> Iterator[Any]:
