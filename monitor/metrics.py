@@ -44,6 +44,7 @@ class Metrics:
         self._readiness_metrics(r)
         self._inference_metrics(r)
         self._retention_metrics(r)
+        self._outbox_metrics(r)
         self._zero_known_labels()
 
     def _ingest_metrics(self, r: CollectorRegistry) -> None:
@@ -364,7 +365,8 @@ class Metrics:
         )
         self.ready_check = Gauge(
             "ready_check",
-            "1 when a check of /readyz passes (source, database, dead_letter), computed at scrape time",
+            "1 when a check of /readyz passes (source, database, dead_letter; outbox in Kafka mode),"
+            " computed at scrape time",
             ["check"],
             namespace=NS,
             registry=r,
@@ -397,6 +399,27 @@ class Metrics:
         self.retention_last_success = Gauge(
             "retention_last_success_timestamp_seconds",
             "Unix time of the last retention purge that succeeded",
+            namespace=NS,
+            registry=r,
+        )
+
+    def _outbox_metrics(self, r: CollectorRegistry) -> None:
+        """The outboxes of Kafka mode (``monitor/actions/outbox.py``), by table; each relay zeroes its
+        own series when it starts, so a service without outboxes shows none."""
+        self.outbox_published = Counter(
+            "outbox_published", "Rows of an outbox published to Kafka, by outbox", ["outbox"], namespace=NS, registry=r
+        )
+        self.outbox_errors = Counter(
+            "outbox_errors",
+            "Failed publishing rounds of an outbox (its rows wait and are retried), by outbox",
+            ["outbox"],
+            namespace=NS,
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "outbox_oldest_age_seconds",
+            "How long the oldest row of an outbox still to publish has waited since its commit (0: none waits)",
+            ["outbox"],
             namespace=NS,
             registry=r,
         )

@@ -78,7 +78,7 @@ def _stream_state(store: Store) -> dict[tuple[str, str], dict[str, object]]:
 def test_upgrade_moves_the_services_rows_out_of_stream_state(db_url: str) -> None:
     _at_0004(db_url)
     store = Store(db_url)  # migrates to head, as the service does at start
-    assert store.revision() == "0018"
+    assert store.revision() == "0019"
     assert store.load_internal(f"input_index:{SHORT_SOURCE}") == {"records": 12}
     assert store.load_internal("input_index:stdin") == {"records": 3}
     assert store.load_internal(f"input_index:{LONG_SOURCE}") == {"records": 5000}  # its full name again
@@ -106,7 +106,7 @@ def test_upgrade_of_a_database_without_such_rows(db_url: str) -> None:
     old.migrate("0004")
     old.close()
     store = Store(db_url)
-    assert store.revision() == "0018"
+    assert store.revision() == "0019"
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(t.internal_state)).scalar_one() == 0
     store.close()

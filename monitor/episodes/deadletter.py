@@ -251,25 +251,36 @@ class KafkaDeadLetterSink:
     stays at its offset in the source topic, and ``on_raw_dropped`` counts it."""
 
     def __init__(self, cfg: KafkaConfig, max_raw_bytes: int, on_raw_dropped: Callable[[int], None] | None = None):
-        from kafka import KafkaProducer
-
-        from monitor.sources.kafka import client_security
-
         self.topic = cfg.dead_letter_topic
         self.max_raw_bytes = max_raw_bytes
+        self._cfg = cfg
         self._on_raw_dropped = on_raw_dropped
-        self._producer = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers,
-            acks="all",
-            retries=5,
-            max_request_size=max(1048576, max_raw_bytes + 65536),
-            # While the broker is down, send() and flush() give up within seconds: the pipeline's
-            # retry policy owns the waiting, and a stop must not sit in a 60 s metadata wait.
-            max_block_ms=FLUSH_TIMEOUT_S * 1000,
-            reconnect_backoff_max_ms=1000,
-            **client_security(cfg),
-        )
+        self._client: Any = None
         self._sent: list[tuple[DeadLetter, Any]] = []
+
+    @property
+    def _producer(self) -> Any:
+        """Made at the first letter, not with the sink: a broker down when the service starts is
+        then an outage of the dead-letter target, retried by the pipeline, not a failed start."""
+        if self._client is None:
+            from kafka import KafkaProducer
+
+            from monitor.sources.kafka import client_security
+
+            cfg = self._cfg
+            self._client = KafkaProducer(
+                bootstrap_servers=cfg.bootstrap_servers,
+                acks="all",
+                retries=5,
+                max_request_size=max(1048576, self.max_raw_bytes + 65536),
+                # While the broker is down, send() and flush() give up within seconds: the pipeline's
+                # retry policy owns the waiting, and a stop must not sit in a 60 s metadata wait.
+                max_block_ms=FLUSH_TIMEOUT_S * 1000,
+                bootstrap_timeout_ms=FLUSH_TIMEOUT_S * 1000,
+                reconnect_backoff_max_ms=1000,
+                **client_security(cfg),
+            )
+        return self._client
 
     def send(self, letter: DeadLetter) -> None:
         self._sent.append((letter, self._produce(letter, with_raw=True)))
@@ -336,5 +347,7 @@ class KafkaDeadLetterSink:
         return False
 
     def close(self) -> None:
+        if self._client is None:  # no letter was ever sent
+            return
         self.flush()
         self._producer.close(timeout=10)

@@ -239,7 +239,13 @@ class Pipeline:
             if not self._kafka:
                 self._index_key = index_key(self.source.name)
                 self._load_index()
-            self.source.open(self)
+            if self._kafka:
+                # A broker down when the service starts is an outage like any other: retried (the
+                # source check of /readyz red meanwhile) until it is back or the run is stopped. A
+                # file that cannot be opened is not: that fails the command with its reason.
+                self.retry.call(lambda: self.source.open(self), "source")
+            else:
+                self.source.open(self)
             self._opened = True
             self._publish_floors()
 

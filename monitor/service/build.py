@@ -4,7 +4,7 @@
 policy every database access shares, the source and the dead-letter sink, the sampler, the
 stages that watch the episodes (the disagreement feed and the scorer before the drift monitor:
 their values feed it, and they must reach it in the same checkpoint), the pipeline, the outbox
-publishers that act on committed rows, the ops server, and, when asked, the review app and the
+relays that publish committed rows, the ops server, and, when asked, the review app and the
 action worker. Nothing else builds these: ``oversight run``, ``replay``, ``simulate`` and the demo
 all get a :class:`Service` and drive it through :meth:`Service.run`.
 """
@@ -29,12 +29,12 @@ from monitor.episodes.deadletter import DeadLetterSink, JsonlDeadLetterSink
 from monitor.metrics import Metrics
 from monitor.ops import OpsServer
 from monitor.pipeline import AfterCommit, EpisodeObserver, LoopHooks, Pipeline, RunStats, make_sampler
-from monitor.retry import Health, RetryPolicy, first_line, transient
+from monitor.retry import Health, RetryPolicy, first_line
 from monitor.sources.base import Source
 from monitor.store import BatchWrite, Store
 
 if TYPE_CHECKING:
-    from monitor.actions.outbox import OutboxPublisher
+    from monitor.actions.outbox import OutboxRelay
     from monitor.actions.worker import ActionWorker
     from monitor.drift import DisagreementFeed, DriftMonitor
     from monitor.inference.shared import SharedVectors
@@ -155,43 +155,32 @@ def build_stages(settings: Settings, store: Store, metrics: Metrics, sampler: Sa
     return stages
 
 
-def build_publishers(settings: Settings, store: Store) -> list[OutboxPublisher]:
-    """Kafka mode: the outboxes of drift events and scores. Whatever a previous run committed but
+def build_outboxes(settings: Settings, store: Store, metrics: Metrics) -> list[OutboxRelay]:
+    """Kafka mode: the outboxes of drift events and scores, each published by a relay thread of its
+    own (started here), so that no broker wait is ingest's. Whatever a previous run committed but
     did not publish goes out first; through an outage of the broker or the database the outbox
-    keeps it: start anyway, the next batch retries."""
+    keeps it and the relay retries."""
     if settings.source.kind != "kafka":
         return []
-    from monitor.actions.outbox import drift_publisher, scores_publisher
+    from monitor.actions.outbox import OutboxRelay, drift_publisher, scores_publisher
 
     publishers = []
     if settings.drift.enabled:
         publishers.append(drift_publisher(settings.kafka, store))
     if settings.reward.enabled:
         publishers.append(scores_publisher(settings.kafka, store))
-    for publisher in publishers:
-        _publish_pending(publisher)
-    return publishers
+    stall_s = settings.pipeline.stall_timeout_s
+    return [OutboxRelay(p, store, metrics, stall_s=stall_s).start() for p in publishers]
 
 
-def _after_commit(publisher: OutboxPublisher) -> AfterCommit:
-    rows = publisher.batch_field
+def _after_commit(relay: OutboxRelay) -> AfterCommit:
+    rows = relay.publisher.name  # the BatchWrite field of the outbox table's rows
 
     def hook(batch: BatchWrite) -> None:
         if getattr(batch, rows):
-            publisher.publish_pending()
+            relay.notify()
 
     return hook
-
-
-def _publish_pending(publisher: OutboxPublisher) -> None:
-    try:
-        publisher.publish_pending()
-    except Exception as e:
-        if not transient(e):
-            raise
-        log.warning(
-            "publishing %s left over by the last run failed (kept for retry): %s", publisher.what, first_line(e)
-        )
 
 
 @dataclass
@@ -206,7 +195,7 @@ class Service:
     sampler: Sampler
     stages: Stages
     pipeline: Pipeline
-    publishers: list[OutboxPublisher] = field(default_factory=list)
+    outboxes: list[OutboxRelay] = field(default_factory=list)
     server: OpsServer | None = None
     review: BackgroundServer | None = None
     worker: ActionWorker | None = None
@@ -227,8 +216,12 @@ class Service:
         return self.stages.labels_feed
 
     def readiness(self) -> dict[str, bool]:
-        """The checks of /readyz (``oversight_ready`` is computed from the same function)."""
-        return self.pipeline.readiness()
+        """The checks of /readyz (``oversight_ready`` is computed from the same function): the
+        pipeline's, and in Kafka mode ``outbox`` (every outbox's last round published)."""
+        checks = self.pipeline.readiness()
+        if self.outboxes:
+            checks["outbox"] = all(relay.ready() for relay in self.outboxes)
+        return checks
 
     def prepare_for_service(self) -> None:
         """Before a long-running service consumes: do now what a batch would otherwise do the
@@ -342,7 +335,7 @@ class Service:
             self.pipeline.close,
             self.scorer.close if self.scorer is not None else None,  # the background scorer
             self.drift.close if self.drift is not None else None,  # the embedding worker
-            *(p.close for p in self.publishers),
+            *(relay.stop for relay in self.outboxes),
             self.server.stop if self.server is not None else None,
             self.store.close if self.owns_store else None,
         ]
@@ -395,7 +388,7 @@ def build_service(
     dead_letters: DeadLetterSink | None = None,
     store: Store | None = None,
 ) -> Service:
-    """The service: store (migrated), metrics, source, dead letters, stages, pipeline, publishers,
+    """The service: store (migrated), metrics, source, dead letters, stages, pipeline, outbox relays,
     ops server (``serve``). ``source``, ``dead_letters`` and ``store``: given ones instead of those
     the settings describe (tests, drivers); ``registry``: the Prometheus registry (a fresh one per
     service in tests).
@@ -418,7 +411,7 @@ def build_service(
     retry = RetryPolicy(health, on_failure={"store": store.reconnect})
     sampler = make_sampler(settings, store, retry)
     stages = build_stages(settings, store, metrics, sampler, retry)
-    publishers = build_publishers(settings, store)
+    outboxes = build_outboxes(settings, store, metrics)
     pipeline = Pipeline(
         settings,
         store,
@@ -428,9 +421,9 @@ def build_service(
         retry=retry,
         sampler=sampler,
         observers=stages.observers(),
-        after_commit=[_after_commit(p) for p in publishers],
+        after_commit=[_after_commit(relay) for relay in outboxes],
     )
-    svc = Service(settings, store, metrics, retry, sampler, stages, pipeline, publishers, owns_store=not given_store)
+    svc = Service(settings, store, metrics, retry, sampler, stages, pipeline, outboxes, owns_store=not given_store)
     if serve and source is None:
         # `oversight run` runs for months: its stats keep the last events, not every one (a leak of
         # about a kilobyte per drift event; the events are in the database).

@@ -43,6 +43,7 @@ CONTACT_S = 3.0
 # Between polls that raised a retriable error: short, so ingest resumes within a second of the
 # broker's return (as RECONNECT_BACKOFF_MAX_MS does for the client's own reconnects).
 POLL_BACKOFF_MAX_S = 1.0
+BOOTSTRAP_TIMEOUT_MS = 5000
 RECONNECT_BACKOFF_MAX_MS = 1000
 
 
@@ -129,6 +130,8 @@ class KafkaSource:
             # Reconnect within a second of the broker's return (the default backoff grows to 30 s),
             # so that ingest, and /readyz, recover within seconds of an outage.
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            # A broker down at start fails this attempt within seconds; the pipeline retries it.
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
             **client_security(cfg),
         )
         source = self

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 BUCKET_S = 60
 IN_LIST_MAX = 1000  # values of an IN list; more are one bound parameter (Store.one_of)
+# Commit order per outbox table; the first column keys its partial index of unpublished rows.
+OUTBOX_ORDER = {"drift_events": ("id",), "rm_scores": ("created_at", "episode_id", "version")}
 PROBE_KEY = "health:write_probe"  # the internal_state row of the pipeline's idle write probe
 CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
 
@@ -68,6 +70,12 @@ def normalize_url(url: str) -> str:
 
 def bucket_of(ts: float) -> int:
     return math.floor(ts / BUCKET_S) * BUCKET_S
+
+
+def outbox_order(table: sa.Table) -> list[sa.Column[Any]]:
+    """The order an outbox table publishes in: commit order. Its first column is the key of the
+    table's partial index of unpublished rows (migration 0019); the rest only break ties."""
+    return [table.c[name] for name in OUTBOX_ORDER[table.name]]
 
 
 def horizon_key(stream: str) -> str:
@@ -239,12 +247,18 @@ class Store:
 
     def mark_published(self, table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> None:
         """Mark rows of an outbox table (``drift_events``, ``rm_scores``) as published, by their key."""
-        pk = list(table.primary_key.columns)
-        keys = [tuple(r[c.name] for c in pk) for r in rows]
-        if not keys:
-            return
+        # Grouped by the key's other columns (a score's version), each group one IN list of the
+        # first: SQLite cannot look a row-value IN list up in the key, and scanned the whole table
+        # for every batch published.
+        head, *rest = table.primary_key.columns
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for r in rows:
+            groups.setdefault(tuple(r[c.name] for c in rest), []).append(r[head.name])
+        now = time.time()
         with self.engine.begin() as conn:
-            conn.execute(table.update().where(sa.tuple_(*pk).in_(keys)).values(published_at=time.time()))
+            for others, firsts in groups.items():
+                where = [head.in_(firsts), *(c == v for c, v in zip(rest, others, strict=True))]
+                conn.execute(table.update().where(*where).values(published_at=now))
 
     def record_scores(self, rows: Sequence[RmScoreRow], conn: Connection | None = None) -> None:
         """Reward-model scores (one row per episode and version; a repeat is ignored), and the
@@ -544,10 +558,21 @@ class Store:
             return [cast(DriftEvent, dict(r._mapping)) for r in conn.execute(q)]
 
     def unpublished(self, table: sa.Table, limit: int) -> list[dict[str, Any]]:
-        """Rows of an outbox table (``drift_events``, ``rm_scores``) not yet published, oldest key first."""
-        q = sa.select(table).where(table.c.published_at.is_(None)).order_by(*table.primary_key.columns).limit(limit)
+        """Rows of an outbox table (``drift_events``, ``rm_scores``) not yet published, in the order
+        they committed (``outbox_order``). The read walks a partial index of the unpublished rows
+        (migration 0019), so it costs what is waiting, however many rows were published before."""
+        q = sa.select(table).where(table.c.published_at.is_(None)).order_by(*outbox_order(table)).limit(limit)
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def oldest_unpublished(self, table: sa.Table) -> float | None:
+        """When the oldest row of an outbox table still to publish committed (``created_at``), or None
+        when every row is published: the outbox's lag, read off the same partial index."""
+        first = outbox_order(table)[0]
+        q = sa.select(table.c.created_at).where(table.c.published_at.is_(None)).order_by(first).limit(1)
+        with self.engine.connect() as conn:
+            value = conn.execute(q).scalar()
+        return None if value is None else float(value)
 
     def sample_counts(self) -> dict[str, dict[str, int]]:
         q = sa.select(t.samples.c.stream, t.samples.c.channel, sa.func.count()).group_by(

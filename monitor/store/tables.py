@@ -300,6 +300,13 @@ drift_events = sa.Table(
     sa.Column("detail", JsonType),
     sa.UniqueConstraint("stream", "signal", "episode_id", name="uq_drift_events_stream_signal_episode"),
     sa.Index("ix_drift_events_stream_created", "stream", "created_at"),
+    # The outbox's read (migration 0019): only the rows still to publish are in it.
+    sa.Index(
+        "ix_drift_events_unpublished",
+        "id",
+        sqlite_where=sa.text("published_at IS NULL"),
+        postgresql_where=sa.text("published_at IS NULL"),
+    ),
 )
 
 # Re-reference requests and what became of them: the audit trail of acknowledged changes.
@@ -358,6 +365,15 @@ rm_scores = sa.Table(
     sa.Index("ix_rm_scores_stream_ts", "stream", "ts"),
     # The oversight gauges' windows of the active version (migration 0017).
     sa.Index("ix_rm_scores_version_stream_ts", "version", "stream", "ts"),
+    # The outbox's read in commit order (migration 0019): only the rows still to publish are in it.
+    sa.Index(
+        "ix_rm_scores_unpublished",
+        "created_at",
+        "episode_id",
+        "version",
+        sqlite_where=sa.text("published_at IS NULL"),
+        postgresql_where=sa.text("published_at IS NULL"),
+    ),
 )
 
 # Reward-model update and policy retraining requests: one per drift incident (the key), with

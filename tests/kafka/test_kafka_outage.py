@@ -252,3 +252,136 @@ def test_broker_outage_mid_stream(kenv: Any, relayed_broker: tuple[str, Relay], 
 def test_five_broker_outages_mid_stream(kenv: Any, relayed_broker: tuple[str, Relay], tmp_path: Path) -> None:
     """The issue's goal: 0 exits over 5 broker outages mid-stream, readiness right each time."""
     broker_outages(kenv, relayed_broker, tmp_path, outages=5)
+
+
+def test_a_broker_down_at_start_is_an_outage_not_a_failed_start(
+    kenv: Any, relayed_broker: tuple[str, Relay], tmp_path: Path
+) -> None:
+    """The broker is away when ``oversight run`` starts (a cluster restarting, the monitor up
+    first). Before, the consumer, the outbox producers and the dead-letter producer each waited
+    30 s to bootstrap and the service exited ("broker unavailable"). Now it stays up with /readyz
+    503 (``source``), and consumes once the broker is back; the dead-letter producer, made at
+    the first letter, sends one."""
+    bootstrap, relay = relayed_broker
+    env = type(kenv)(bootstrap)
+    topic = env.topic()
+    group = f"g-{topic}"
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    port = free_port()
+    args = [OVERSIGHT, "run"]
+    for o in env.overrides(topic, group, db, f"server.port={port}", "drift.enabled=true"):
+        args += ["--set", o]
+    relay.cut()
+    log = open(tmp_path / "service.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env.env_without_oversight())
+    try:
+        wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 at start")
+        checks = readyz(port)[1]
+        assert checks["source"] is False and checks["database"] is True, checks
+        # Past two of the consumer's bootstrap attempts (5 s each) and the producers' 10 s.
+        time.sleep(12)
+        assert proc.poll() is None, f"the service exited:\n{tail(tmp_path / 'service.log')}"
+        assert readyz(port)[0] == 503
+        relay.restore()
+        eps = [env.episode(i, f"s{i % 3}") for i in range(300)]
+        env.produce_episodes(topic, eps)
+        ends = env.produce(topic, [(b"s0", b'{"episode_id": "t", "prompt": "trunc')])
+        wait_for(lambda: readyz(port)[0] == 200, 30, "/readyz 200 once the broker is back")
+        source = env.source_name(group, topic)
+        wait_for(functools.partial(env.offsets_reached, db, source, ends), 60, "everything produced stored")
+        (letter,) = env.consume_all(f"{topic}.dlq", 1)
+        assert dict(letter.headers)["oversight.error.reason"] == b"invalid_json"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, tail(tmp_path / "service.log")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    text = (tmp_path / "service.log").read_text(errors="replace")
+    assert not re.search(r'File ".*/monitor/', text), tail(tmp_path / "service.log")
+    assert "source unavailable, retrying" in text
+    env.assert_exactly_once(db, env.settings(topic, group, db), eps)
+
+
+def _scores(url: str, n: int) -> list[tuple[str, str]]:
+    """``n`` committed reward-model scores (and their episodes), not yet published."""
+    import sqlalchemy as sa
+
+    rows = [(f"ep-{i}", "v1") for i in range(n)]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for i, (eid, version) in enumerate(rows):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO episodes (episode_id, stream, model, ts, prompt, response, metadata, source,"
+                    " position, ingested_at) VALUES (:e, 's', 'm', :i, 'p', 'r', '{}', 't', :e, :i)"
+                ),
+                {"e": eid, "i": i},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO rm_scores (episode_id, version, stream, score, ts, created_at)"
+                    " VALUES (:e, :v, 's', 0.5, :i, :c)"
+                ),
+                {"e": eid, "v": version, "i": i, "c": time.time()},
+            )
+    engine.dispose()
+    return rows
+
+
+def test_an_outbox_waits_out_a_broker_outage_and_no_batch_waits_for_it(
+    kenv: Any, relayed_broker: tuple[str, Relay], tmp_path: Path
+) -> None:
+    """The outbox of scores is published on a thread of its own. Before, each batch with scores
+    published them on the ingest thread after its commit, so a broker wait (a metadata wait of
+    60 s, an acknowledgement of 30 s) was the batch's. Here the broker is away: the commit hook
+    returns at once, the outbox is red in /readyz's checks and counts its failed rounds, its lag
+    grows; when the broker is back every score is published (at least once, each with its key)."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.service import build_service
+    from monitor.store import BatchWrite, Store
+    from monitor.store import tables as t
+    from monitor.store.rows import RmScoreRow
+
+    bootstrap, relay = relayed_broker
+    env = type(kenv)(bootstrap)
+    topic = env.topic()
+    scores_topic = f"{topic}.scores"
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    settings = env.settings(topic, f"g-{topic}", db, "pipeline.stall_timeout_s=1", f"kafka.scores_topic={scores_topic}")
+    store = Store(db)
+    rows = _scores(db, 30)
+    relay.cut()
+    registry = CollectorRegistry()
+    svc = build_service(settings, serve=False, registry=registry, store=store)
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name, {"outbox": "rm_scores"})
+
+    try:
+        wait_for(lambda: svc.readiness().get("outbox") is False, 10, "the outbox red while the broker is away")
+        (hook,) = svc.pipeline.after_commit
+        score = RmScoreRow(episode_id="ep-0", version="v1", stream="s", score=0.5, ts=0.0, created_at=0.0)
+        batch = BatchWrite(rm_scores=[score])
+        call = threading.Thread(target=hook, args=(batch,), daemon=True)
+        call.start()
+        call.join(timeout=5)  # a publish on this thread would wait 10 s for the bootstrap alone
+        assert not call.is_alive(), "the commit hook waited for the broker"
+        wait_for(lambda: (sample("oversight_outbox_errors_total") or 0) >= 1, 30, "a failed round counted")
+        assert svc.readiness()["outbox"] is False
+        assert svc.readiness()["database"] is True  # the outbox's outage is not the pipeline's
+        wait_for(lambda: (sample("oversight_outbox_oldest_age_seconds") or 0) > 0, 30, "the outbox's lag shown")
+        assert len(store.unpublished(t.rm_scores, 100)) == len(rows)
+        relay.restore()
+        wait_for(lambda: store.oldest_unpublished(t.rm_scores) is None, 60, "every score published")
+        wait_for(lambda: svc.readiness()["outbox"] is True, 10, "the outbox green again")
+        assert sample("oversight_outbox_published_total") == len(rows)
+        wait_for(lambda: sample("oversight_outbox_oldest_age_seconds") == 0, 15, "no lag left")
+        messages = env.consume_all(scores_topic, len(rows))
+        keys = {dict(m.headers)["oversight.idempotency_key"].decode() for m in messages}
+        assert keys == {f"rm-score-{e}-{v}" for e, v in rows}
+    finally:
+        svc.close()
+        store.close()
