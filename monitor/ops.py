@@ -83,6 +83,11 @@ class OpsServer:
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ops-http", daemon=True)
 
+    def serve(self, registry: CollectorRegistry, ready: ReadyCheck) -> None:
+        """Serve another registry and readiness from now on: the service takes over the server that
+        answered while it started (``monitor.service.startup``), so the port never closes."""
+        self._registry, self._ready = registry, ready
+
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])

@@ -12,15 +12,18 @@ import ast
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from outage_helpers import free_port, http_get, metric, readyz, tail, wait_for
 
 from monitor.cli import build_parser
 
@@ -28,6 +31,7 @@ OVERSIGHT = str(Path(sys.executable).parent / "oversight")
 REPO = Path(__file__).resolve().parent.parent
 # Nothing listens on port 1: the connection is refused at once.
 UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/none"
+WAIT_FOR_THE_DATABASE = ("run", "infer")  # long-running: a database down at start is waited for
 ERROR_LINE = re.compile(r"^oversight( [a-z][a-z-]*)*: error: \S")
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR) ")
 # Values for required arguments that the command validates before it touches anything else.
@@ -180,7 +184,8 @@ def faults(tmp: Path) -> list[tuple[str, list[str], int, str]]:
             flag = action.option_strings[-1]
             bad = missing_path(kind, where)
             out.append((f"{leaf.name}: {flag} missing", leaf.argv(where, {flag: bad}), 1, flag))
-        if leaf.has("--db") and leaf.name != "config show":
+        # `run` and `infer` wait for a database server that is down at start instead (test below).
+        if leaf.has("--db") and leaf.name not in ("config show", *WAIT_FOR_THE_DATABASE):
             dev = ["--dev"] if leaf.has("--dev") else []
             argv = [*leaf.argv(where, {"--db": UNREACHABLE_DB}), *dev]
             out.append((f"{leaf.name}: database unreachable", argv, 1, "database"))
@@ -205,6 +210,44 @@ def test_every_command_answers_every_fault_with_one_line(tmp_path: Path) -> None
     with ThreadPoolExecutor(max_workers=4) as pool:
         failures = [f for f in pool.map(attempt, cases) if f]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("command", WAIT_FOR_THE_DATABASE)
+def test_a_service_waits_for_a_database_down_at_start_and_stops_on_sigterm(tmp_path: Path, command: str) -> None:
+    """A PostgreSQL server that is not up when ``run`` or ``infer`` starts (a pod restarted beside a
+    database failing over) ended the command before; Kubernetes then restarted it with a back-off of
+    up to five minutes. Now the command waits, alive and not ready, and a SIGTERM ends the wait
+    with one line and the aborted status."""
+    port = free_port()
+    flag = ["--port", str(port)] if command == "infer" else ["--set", f"server.port={port}", "--input", "-"]
+    log = tmp_path / "service.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [OVERSIGHT, command, "--db", UNREACHABLE_DB, "--dev", *flag],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
+        try:
+            wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 while waiting")
+            assert readyz(port) == (503, {"database": False}), tail(log)
+            assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+            assert metric(port, "oversight_ready") == 0.0
+            time.sleep(2)  # more than a few attempts
+            assert proc.poll() is None, tail(log)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 3, tail(log)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    text = log.read_text()
+    assert "database unavailable at start, waiting for it" in text
+    assert "Traceback" not in text, text
+    assert (
+        text.rstrip().splitlines()[-1] == f"oversight {command}: error: stopped while waiting for the database at start"
+    )
 
 
 def test_config_show_ignores_an_unreachable_database() -> None:

@@ -132,6 +132,41 @@ def database_outages(tmp_path: Path, outages: int, down_s: float) -> None:
         assert_exactly_once(url, [episode(i) for i in range(n)])
 
 
+def test_a_database_down_at_start_is_waited_for(tmp_path: Path) -> None:
+    """The server is down when ``oversight run`` starts: the service waits, alive and not ready
+    (``/readyz`` 503, ``database`` false), and starts once the server is up: it migrates, becomes
+    ready and stores everything fed to it, exactly once. Before, it exited at once."""
+    with PgCluster() as pg:
+        url = pg.create_database("oversight")
+        pg.stop()
+        fifo = tmp_path / "in.fifo"
+        os.mkfifo(fifo)
+        port = free_port()
+        proc, log = start_service(fifo, url, port, tmp_path)
+        writer = PacedWriter(fifo, rate=300).start()
+        svc = FedService(proc, port, writer, tmp_path / "service.log")
+        try:
+            wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 while waiting")
+            assert readyz(port) == (503, {"database": False})
+            time.sleep(3)
+            svc.assert_alive(" while the database was down")
+            assert traffic(pg, "oversight") == 0
+            pg.start()
+            wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz 200 once the database is up")
+            wait_for(lambda: traffic(pg, "oversight") > 100, 30, "episodes stored")
+            n = svc.finish()
+        finally:
+            writer.abandon()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+        out = svc.log()
+        assert "database unavailable at start, waiting for it" in out and "database available after" in out
+        assert not re.search(r'File ".*/monitor/', out), tail(svc.log_path)
+        assert_exactly_once(url, [episode(i) for i in range(n)])
+
+
 def test_database_outage_mid_stream(tmp_path: Path) -> None:
     """A crash of the database mid-stream: no exit, /readyz red within 5 s and green within 5 s
     of the restart, the gauges agree, exact results (the fast suite's share of the 20 outages)."""

@@ -39,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitor.pipeline import Aborted
     from monitor.service import build_service, install_signal_handlers
+    from monitor.service.startup import open_store, starting_server
     from monitor.sources.file import file_input_error
 
     settings = settings_from_args(args, input_overrides(args.input) if args.input else [])
@@ -47,21 +48,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # Before connecting anything: a SIGTERM during start-up is a clean stop too.
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    with build_service(settings) as svc:
-        assert svc.server is not None
-        log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
-        if args.review:
-            log.info("review UI at %s", svc.serve_review().url)
-        if settings.actions.worker:
-            svc.action_worker(start=True)
-        if settings.database.retention.days is not None:
-            svc.retention_job()
-        try:
-            stats = svc.run(stop)
-        except Aborted as e:
-            log.warning("%s", e)
-            return EXIT_ABORTED
-        error = file_input_error(svc.pipeline.source)
+    server = starting_server(settings.server.host, settings.server.port)
+    try:
+        store = open_store(settings.database, stop)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        service = build_service(settings, store=store, server=server)
+    except BaseException:
+        server.stop()
+        store.close()
+        raise
+    try:
+        with service as svc:
+            assert svc.server is not None
+            log.info("serving /metrics, /healthz, /readyz at %s", svc.server.url)
+            if args.review:
+                log.info("review UI at %s", svc.serve_review().url)
+            if settings.actions.worker:
+                svc.action_worker(start=True)
+            if settings.database.retention.days is not None:
+                svc.retention_job()
+            try:
+                stats = svc.run(stop)
+            except Aborted as e:
+                log.warning("%s", e)
+                return EXIT_ABORTED
+            error = file_input_error(svc.pipeline.source)
+    finally:
+        store.close()  # after the service's parts: it was given the store, so it leaves it open
     log.info("stopped after %d records (%d invalid, %d duplicates)", stats.records, stats.invalid, stats.duplicates)
     ended_early(error, stats.records)
     return 0
@@ -76,10 +92,9 @@ def infer_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     import threading
 
-    from monitor.ops import OpsServer
     from monitor.service import install_signal_handlers
     from monitor.service.infer import InferenceWorker
-    from monitor.store import Store
+    from monitor.service.startup import open_store, starting_server
 
     settings = settings_from_args(args)
     if not settings.inference.external:
@@ -87,9 +102,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         log.warning("inference.external is false: `oversight run` computes too (set it for the pipeline)")
     stop = threading.Event()
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    store = Store.open(settings.database)
-    worker = InferenceWorker(settings, store)
-    server = OpsServer(settings.server.host, args.port, worker.registry, worker.readiness).start()
+    server = starting_server(settings.server.host, args.port)
+    try:
+        store = open_store(settings.database, stop)
+        worker = InferenceWorker(settings, store)
+    except BaseException:
+        server.stop()
+        raise
+    server.serve(worker.registry, worker.readiness)
     log.info("inference worker %s: serving /metrics, /healthz, /readyz at %s", worker.id, server.url)
     try:
         worker.warm()

@@ -387,6 +387,7 @@ def build_service(
     background_calibration: bool | None = None,
     dead_letters: DeadLetterSink | None = None,
     store: Store | None = None,
+    server: OpsServer | None = None,
 ) -> Service:
     """The service: store (migrated), metrics, source, dead letters, stages, pipeline, outbox relays,
     ops server (``serve``). ``source``, ``dead_letters`` and ``store``: given ones instead of those
@@ -398,6 +399,9 @@ def build_service(
     drain, never waits for a calibration. Default: on for the long-running service (``serve``
     and the source from the settings: ``oversight run``), off for drivers that bring their own
     source (replay, simulate), whose reports must not depend on how fast a calibration ran.
+
+    ``server``: an ops server already answering (``monitor.service.startup``) that the service
+    takes over with ``serve``, instead of starting its own; the service stops it when it closes.
     """
     settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
     given_store = store is not None
@@ -432,7 +436,10 @@ def build_service(
         background_calibration = serve and source is None
     if background_calibration:
         svc.prepare_for_service()
-    if serve:
+    if server is not None:
+        server.serve(metrics.registry, svc.readiness)
+        svc.server = server
+    elif serve:
         svc.server = OpsServer(settings.server.host, settings.server.port, metrics.registry, svc.readiness).start()
     return svc
 
