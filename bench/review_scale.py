@@ -12,7 +12,11 @@ Then measures, each the median of its repeats:
 * a reviewer's claim and label with canaries on (the default), and the item page's reads (the
   progress with the queue ahead, the undo left);
 * the review queue's depth per stream (what every scrape of the review service reads);
-* a refresh of the oversight gauges, with and without an active version, and the memory it took.
+* a refresh of the oversight gauges, with and without an active version, and the memory it took;
+* the admin page's summary (agreement, estimates, queue, incidents), and the memory it took.
+
+Every tenth labelled item has a second label by another reviewer (the default
+``review.overlap_fraction``).
 
 Prints a table and one JSON line ``{"bench": "review_scale", ...}``.
 """
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from monitor.config import load_settings
 from monitor.quality import oversight
-from monitor.review import auth, queue, workday
+from monitor.review import auth, queue, stats, workday
 from monitor.store import Store
 
 PG_BASE = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
@@ -94,6 +98,18 @@ def fill(store: Store, waiting: int, labels: int, streams: int) -> list[auth.Use
                 f" SELECT 'e' || g, 0, 's' || (g % {streams}), 'done', 0, g, g " + src
             )
         )
+        # The default overlap (review.overlap_fraction 0.1): every tenth item reviewed a second time,
+        # by the next reviewer, sometimes with another rating.
+        second = (
+            f"(CASE (g + 1) % {REVIEWERS} " + " ".join(f"WHEN {i} THEN {u.id}" for i, u in enumerate(users)) + " END)"
+        )
+        conn.execute(
+            sa.text(
+                pre + "INSERT INTO labels (episode_id, slot, user_id, stream, skipped, rating, flags, critique,"
+                f" time_spent_ms, created_at) SELECT 'e' || g, 1, {second}, 's' || (g % {streams}),"
+                " false, 1 + ((g / 10) % 7), '[]', '', 1000, g * 7.0 + 1 " + src + " WHERE g % 10 = 0"
+            )
+        )
         pre, src = _series(d, waiting, labels + 1)
         conn.execute(
             sa.text(
@@ -139,6 +155,10 @@ def measure(store: Store, users: list[auth.User], claims: int) -> dict[str, Any]
     out["gauges_ms"] = timed(lambda: oversight.compute(store, None), 3)
     out["gauges_with_version_ms"] = timed(lambda: oversight.compute(store, "v1"), 3)
     out["gauges_peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    settings = load_settings(None, ["dev=true"])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["admin_summary_ms"] = timed(lambda: stats.admin_summary(store, settings), 1)
+    out["admin_summary_peak_rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return out
 
 
@@ -174,7 +194,7 @@ def main() -> int:
     size = f"{args.waiting:,} waiting tasks, {args.labels:,} labels in {args.streams} streams"
     print(f"{args.db}: {size} (filled in {fill_s:.0f} s)")
     for key, value in res.items():
-        print(f"  {key:28s} {value:10.1f}")
+        print(f"  {key:34s} {value:10.1f}")
     print(json.dumps({"bench": "review_scale", "db": args.db, "waiting": args.waiting, "labels": args.labels, **res}))
     return 0
 

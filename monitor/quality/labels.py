@@ -15,21 +15,39 @@ from monitor.store import tables as t
 
 
 def krippendorff_alpha_interval(units: list[list[float]]) -> float | None:
-    """Krippendorff's alpha with the interval metric; units with fewer than 2 values are ignored."""
+    """Krippendorff's alpha with the interval metric; units with fewer than 2 values are ignored.
+
+    >>> round(krippendorff_alpha_interval([[1, 2], [3, 3]]), 4)
+    0.7273
+
+    Both disagreements are sums of squared differences over ordered pairs of values, taken in one
+    pass each (:func:`pair_spread`). Summed pair by pair they were quadratic in the labels: the
+    expected disagreement pairs every value with every other, and with the default overlap (10% of
+    items reviewed twice) an admin page at 200,000 labels paired 36,000 values, about 70 s of the
+    review service's interpreter per view, growing with the square of the labels kept.
+    """
     units = [u for u in units if len(u) >= 2]
     n = sum(len(u) for u in units)
     if n < 2:
         return None
-    d_o = 0.0
-    for u in units:
-        m = len(u)
-        d_o += sum((a - b) ** 2 for i, a in enumerate(u) for j, b in enumerate(u) if i != j) / (m - 1)
-    d_o /= n
     values = [v for u in units for v in u]
-    d_e = sum((a - b) ** 2 for i, a in enumerate(values) for j, b in enumerate(values) if i != j) / (n * (n - 1))
-    if d_e == 0:
+    if len(set(values)) == 1:
         return None  # every rating identical: no variation to agree on
+    d_o = sum(pair_spread(u) / (len(u) - 1) for u in units) / n
+    d_e = pair_spread(values) / (n * (n - 1))
     return 1.0 - d_o / d_e
+
+
+def pair_spread(values: list[float]) -> float:
+    """The sum over ordered pairs i != j of (values[i] - values[j])**2, in one pass: it is
+    2 m sum((v - mean)**2) for m values.
+
+    >>> pair_spread([1, 2, 3, 3])  # 2 * (1 + 4 + 4 + 1 + 1 + 0)
+    22.0
+    """
+    m = len(values)
+    mean = sum(values) / m
+    return 2.0 * m * sum((v - mean) ** 2 for v in values)
 
 
 def cohen_kappa(pairs: list[tuple[bool, bool]]) -> float | None:

@@ -23,6 +23,7 @@ from monitor.config import Settings
 from monitor.quality.adjudication import Rule
 from monitor.review import adjudication, auth, canary, hints, queue, workday
 from monitor.review.conversation import Rate
+from monitor.review.label_stats import LabelStatsCache, compute
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
 
@@ -59,6 +60,8 @@ class ReviewContext:
         self.limits = auth.LoginLimits.of(settings.review)
         # Refuses to start on an experiment naming an unknown assistant or invalid parameters.
         self.assist = Assistance(settings.review.assist, on_error=self.count_assist_error)
+        # The admin views of every label, computed once for all who ask together and paced.
+        self.label_stats = LabelStatsCache(lambda: compute(store, settings, clock()))
 
     def now(self) -> float:
         return self.clock()

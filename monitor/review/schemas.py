@@ -329,6 +329,10 @@ class SummaryOut(Strict):
     drift_streams: list[DriftStreamOut]
     requests: list[RequestOut]
     estimates: list[StreamEstimateOut]
+    labels_computed_at: float = Field(
+        description="when agreement and estimates were computed from the labels (Unix time): a computation that"
+        " took t seconds (1 s or more) serves the next 10 t seconds"
+    )
 
 
 class SeriesPointOut(Strict):

@@ -12,8 +12,7 @@ import sqlalchemy as sa
 from monitor.actions.worker import incident_overview
 from monitor.config import Settings
 from monitor.drift import detail_text
-from monitor.quality.estimates import estimates
-from monitor.quality.labels import agreement, label_rows
+from monitor.review.label_stats import LabelStats, compute
 from monitor.review.queue import queue_depth
 from monitor.store import Store
 from monitor.store import tables as t
@@ -92,26 +91,20 @@ def recent_requests(store: Store, limit: int = 20) -> list[dict[str, Any]]:
 
 
 def admin_summary(
-    store: Store, settings: Settings, now: float | None = None, rows: list[Any] | None = None
+    store: Store, settings: Settings, now: float | None = None, labels: LabelStats | None = None
 ) -> dict[str, Any]:
-    """``rows``: every label (:func:`monitor.quality.labels.label_rows`), read here when not given
-    (the admin page reads them once for this and its chart)."""
+    """``labels``: what the summary takes from every label (agreement, estimates), computed here
+    when not given (the review app passes its :class:`LabelStatsCache`'s)."""
     now = time.time() if now is None else now
-    flags = settings.review.flags
-    rows = label_rows(store) if rows is None else rows
+    labels = compute(store, settings, now, chart=False) if labels is None else labels
     return {
         "queue": queue_depth(store, now),
         "throughput": throughput(store, now),
-        "agreement": agreement(rows, flags),
+        "agreement": labels.agreement,
         "rm_agreement": rm_agreement(store, settings),
         "drift_events": recent_drift_events(store),
         "drift_streams": incident_overview(store, settings),
         "requests": recent_requests(store),
-        "estimates": estimates(
-            store,
-            flags,
-            rows,
-            reliability_weighting=settings.quality.reliability_weighting,
-            prior_labels=settings.quality.reliability_prior_labels,
-        ),
+        "estimates": labels.estimates,
+        "labels_computed_at": labels.computed_at,
     }

@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 from review_helpers import PASSWORD, Env, TestClient, episode_row, make_env, make_settings, seed, seed_simple
 
-from monitor.review import auth, queue
+from monitor.quality import labels as quality_labels
+from monitor.review import auth, label_stats, queue
 from monitor.review.app import create_app
 from monitor.review.chart import estimates_svg
 from monitor.review.markdown import split_fences
@@ -310,7 +311,7 @@ def test_pairwise_item_shows_both_responses_in_keyed_order(make_page_env: Callab
 # -- admin ---------------------------------------------------------------------------------
 
 
-def test_admin_page_is_for_admins(make_page_env: Callable[..., Env]) -> None:
+def test_admin_page_is_for_admins(make_page_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch) -> None:
     env = make_page_env()
     env.user("alice")
     env.user("root", "admin")
@@ -323,9 +324,19 @@ def test_admin_page_is_for_admins(make_page_env: Callable[..., Env]) -> None:
         assert reviewer.post("/review/submit", data={**fields, "rating": "5", "flags": ["harmful"]}).status_code == 303
     admin = login(env, "root")
     assert 'href="/admin"' in admin.get("/").text
+    reads: list[int] = []
+    every_label = quality_labels.label_rows
+
+    def counted(store: Store, since: float | None = None) -> list[Any]:
+        reads.append(1)
+        return every_label(store, since)
+
+    monkeypatch.setattr(label_stats, "label_rows", counted)
     page = admin.get("/admin")
     assert page.status_code == 200
+    assert reads == [1], "the summary and the chart read every label once between them"
     text = page.text
+    assert "Agreement, estimates and chart as of 20" in text
     assert "<svg" in text and "<circle" in text  # one hourly estimate per stream
     assert "stream&lt;0&gt;" in text and "stream<0>" not in text
     assert "Not available until the reward model is deployed" in text

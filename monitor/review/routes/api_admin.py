@@ -8,10 +8,11 @@ from fastapi.exceptions import RequestValidationError
 from monitor.quality import canaries as quality_canaries
 from monitor.quality import estimates as quality_estimates
 from monitor.quality import labels as quality_labels
-from monitor.review import auth, queue, stats
+from monitor.review import auth, stats
 from monitor.review.chart import estimates_svg
 from monitor.review.context import Ctx
 from monitor.review.deps import Admin
+from monitor.review.label_stats import CHART_BUCKET_S
 from monitor.review.schemas import (
     ADMIN_ONLY,
     BODY,
@@ -35,7 +36,7 @@ BUCKET_S = Query(3600, ge=60, le=86400 * 31, description="bucket width in second
 @router.get("/summary")
 def summary(_p: Admin, ctx: Ctx) -> SummaryOut:
     """Queue, throughput, agreement, drift events, action requests and estimates: the dashboard's data."""
-    return SummaryOut.model_validate(stats.admin_summary(ctx.store, ctx.settings, ctx.now()))
+    return SummaryOut.model_validate(stats.admin_summary(ctx.store, ctx.settings, ctx.now(), ctx.label_stats.get()))
 
 
 @router.get("/estimates/series")
@@ -51,10 +52,13 @@ def series(_p: Admin, ctx: Ctx, stream: str = Query(max_length=128), bucket_s: i
     responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}}, "description": "an SVG chart"}},
 )
 def chart(_p: Admin, ctx: Ctx, bucket_s: int = BUCKET_S) -> Response:
-    """Every stream's series as one SVG line chart (the admin page shows the same)."""
-    streams = sorted({q["stream"] for q in queue.queue_depth(ctx.store, ctx.now())})
-    rows = quality_labels.label_rows(ctx.store)
-    svg = estimates_svg({s: quality_estimates.estimate_series(ctx.store, s, bucket_s, rows) for s in streams})
+    """The streams' series as one SVG line chart (the admin page shows the same at an hour's bucket,
+    served as the summary is: computed once for all who ask together, and paced)."""
+    series = ctx.label_stats.get().series
+    if bucket_s != CHART_BUCKET_S:  # another bucket: the same streams, computed afresh
+        rows = quality_labels.label_rows(ctx.store)
+        series = {s: quality_estimates.estimate_series(ctx.store, s, bucket_s, rows) for s in series}
+    svg = estimates_svg(series)
     return Response(svg, media_type="image/svg+xml")
 
 

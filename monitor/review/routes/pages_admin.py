@@ -12,10 +12,8 @@ from markupsafe import Markup
 
 from monitor.quality import canaries as quality_canaries
 from monitor.quality.adjudication import waiting_per_stream
-from monitor.quality.estimates import estimate_series
-from monitor.quality.labels import label_rows
 from monitor.review import guidelines, stats
-from monitor.review.chart import MAX_STREAMS, estimates_svg
+from monitor.review.chart import estimates_svg
 from monitor.review.context import Ctx, ReviewContext
 from monitor.review.pages import AdminSession, render
 
@@ -37,14 +35,6 @@ STREAM_COLUMNS = [
     "incident_limit_24h",
     "false_alarms_per_30d",
 ]
-
-
-def chart(ctx: ReviewContext, estimates: list[Any], rows: list[Any]) -> Markup:
-    """The rating estimate over time of the streams with estimates, from ``rows`` (every label)."""
-    streams = [e["stream"] for e in estimates if isinstance(e, dict) and isinstance(e.get("stream"), str)]
-    series = {s: estimate_series(ctx.store, s, rows=rows) for s in streams[:MAX_STREAMS]}
-    # Our own SVG: every text in it is escaped by the builder.
-    return Markup(estimates_svg(series))  # noqa: S704
 
 
 def columns(rows: list[Any], limit: int) -> list[str]:
@@ -78,8 +68,8 @@ def dashboard(summary: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/admin", response_class=HTMLResponse)
 def get_admin(ctx: Ctx, session: AdminSession) -> Response:
-    rows = label_rows(ctx.store)  # once for the summary and the chart: every label, so not twice
-    summary = stats.admin_summary(ctx.store, ctx.settings, ctx.now(), rows)
+    labels = ctx.label_stats.get()  # every label: computed once for the summary and the chart, paced
+    summary = stats.admin_summary(ctx.store, ctx.settings, ctx.now(), labels)
     values = dashboard(summary)
     return render(
         "admin.html",
@@ -87,7 +77,9 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         session,
         **values,
         flags=list(ctx.settings.review.flags),
-        chart=chart(ctx, values["estimates"], rows),
+        # Our own SVG: every text in it is escaped by the builder.
+        chart=Markup(estimates_svg(labels.series)),  # noqa: S704
+        labels_computed_at=labels.computed_at,
         exports=EXPORTS,
         guidelines=guidelines.current_versions(ctx.store),
         disagreements_waiting=sum(waiting_per_stream(ctx.store, ctx.disagreement_rule).values()),
