@@ -85,7 +85,7 @@ class OpsServer:
 
     def serve(self, registry: CollectorRegistry, ready: ReadyCheck) -> None:
         """Serve another registry and readiness from now on: the service takes over the server that
-        answered while it started (``monitor.service.startup``), so the port never closes."""
+        answered while it started (``monitor.startup``), so the port never closes."""
         self._registry, self._ready = registry, ready
 
     @property

@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("monitor.episodes",),
     ("monitor.metrics", "monitor.retry", "monitor.ops"),
     ("monitor.store", "monitor.perturb"),
-    ("monitor.pipeline",),
+    ("monitor.pipeline", "monitor.startup"),
     ("monitor.drift", "monitor.reward"),
     ("monitor.quality", "monitor.assist"),
     ("monitor.review", "monitor.actions", "monitor.ingest"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from outage_helpers import (
+    OVERSIGHT,
     SETTINGS,
     PacedWriter,
     Partition,
@@ -26,6 +28,7 @@ from outage_helpers import (
     can_partition,
     episode,
     free_port,
+    http_get,
     metric,
     readyz,
     start_service,
@@ -165,6 +168,43 @@ def test_a_database_down_at_start_is_waited_for(tmp_path: Path) -> None:
         assert "database unavailable at start, waiting for it" in out and "database available after" in out
         assert not re.search(r'File ".*/monitor/', out), tail(svc.log_path)
         assert_exactly_once(url, [episode(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("command", ["serve", "ingest serve"])
+def test_a_web_service_waits_for_a_database_down_at_start(tmp_path: Path, command: str) -> None:
+    """The review and ingest servers, started while the server is down: their port answers at once
+    (``/healthz`` 200, everything else 503, ``/readyz`` naming the database), and once the server is
+    up they migrate, serve and are ready on the same port; SIGTERM then stops them cleanly."""
+    import subprocess
+
+    with PgCluster() as pg:
+        url = pg.create_database("oversight")
+        pg.stop()
+        port = free_port()
+        args = [OVERSIGHT, *command.split(), "--db", url, "--dev", "--port", str(port)]
+        if command == "serve":
+            args += ["--set", f"review.metrics_port={free_port()}"]
+        log_path = tmp_path / "service.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OVERSIGHT_")}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 while waiting")
+                assert readyz(port) == (503, {"database": False}), tail(log_path)
+                assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+                time.sleep(2)
+                assert proc.poll() is None, tail(log_path)
+                pg.start()
+                wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz 200 once the database is up")
+                proc.send_signal(signal.SIGTERM)
+                # uvicorn shuts down, then raises the signal it caught again (its default action).
+                assert proc.wait(timeout=30) in (0, -signal.SIGTERM), tail(log_path)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        out = log_path.read_text(errors="replace")
+        assert "database available after" in out and "Traceback" not in out, out
 
 
 def test_database_outage_mid_stream(tmp_path: Path) -> None:

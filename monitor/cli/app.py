@@ -143,8 +143,8 @@ def classify(e: BaseException) -> tuple[int, str] | None:
     config = sys.modules.get("monitor.config")
     if config is not None and isinstance(e, config.ConfigError):
         return EXIT_USAGE, str(e)
-    pipeline = sys.modules.get("monitor.pipeline")
-    if pipeline is not None and isinstance(e, pipeline.Aborted):
+    retry = sys.modules.get("monitor.retry")
+    if retry is not None and isinstance(e, retry.Aborted):
         # The pipeline gave up (an outage that outlasted its retries, a loop without progress).
         return EXIT_ABORTED, str(e)
     sa_exc = sys.modules.get("sqlalchemy.exc")

@@ -39,8 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitor.pipeline import Aborted
     from monitor.service import build_service, install_signal_handlers
-    from monitor.service.startup import open_store, starting_server
     from monitor.sources.file import file_input_error
+    from monitor.startup import open_store, starting_server
 
     settings = settings_from_args(args, input_overrides(args.input) if args.input else [])
     if settings.source.kind == "file" and settings.source.path and not args.input:
@@ -94,7 +94,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from monitor.service import install_signal_handlers
     from monitor.service.infer import InferenceWorker
-    from monitor.service.startup import open_store, starting_server
+    from monitor.startup import open_store, starting_server
 
     settings = settings_from_args(args)
     if not settings.inference.external:

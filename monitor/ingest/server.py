@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from monitor.config import ConfigError, Settings
 from monitor.ingest.app import IngestContext, build_context, create_app
 from monitor.ops import listening_socket, socket_url
+from monitor.startup import open_store_answering
 from monitor.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     host = host or settings.ingest.host
     port = settings.ingest.port if port is None else port
     with listening_socket(host, port, "ingest.host/port") as sock:
-        ctx = build_context(settings)
+        store = open_store_answering(settings.database, sock)
+        ctx = build_context(settings, store=store)
         server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
         log.info("ingest API at %s/v1/episodes (hand-off: %s)", socket_url(sock), ctx.handoff.kind)
         try:
@@ -43,6 +45,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
                 raise ConfigError(f"ingest.host/port: cannot serve on {host}:{port}")
         finally:
             ctx.close()
+            store.close()
 
 
 class IngestServer:

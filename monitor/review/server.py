@@ -15,6 +15,7 @@ from typing import Any
 
 from monitor.config import ConfigError, Settings
 from monitor.ops import OpsServer, listening_socket, socket_url
+from monitor.startup import open_store_answering
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     host = host or settings.review.host
     port = settings.review.port if port is None else port
     with listening_socket(host, port, "review.host/port") as sock:
-        app = create_app(settings)
+        store = open_store_answering(settings.database, sock)
+        app = create_app(settings, store)
         metrics = start_metrics(app, settings.review.metrics_host, settings.review.metrics_port)
         log.info("review UI at %s/", socket_url(sock))
         server = uvicorn.Server(
@@ -49,6 +51,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             server.run(sockets=[sock])
         finally:
             metrics.stop()
+            store.close()
 
 
 class BackgroundServer:

@@ -400,7 +400,7 @@ def build_service(
     and the source from the settings: ``oversight run``), off for drivers that bring their own
     source (replay, simulate), whose reports must not depend on how fast a calibration ran.
 
-    ``server``: an ops server already answering (``monitor.service.startup``) that the service
+    ``server``: an ops server already answering (``monitor.startup``) that the service
     takes over with ``serve``, instead of starting its own; the service stops it when it closes.
     """
     settings.sampling_key()  # refuse to start without a real key outside dev mode, before touching anything
