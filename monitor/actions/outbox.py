@@ -183,12 +183,13 @@ class OutboxRelay:
         self.publisher.close()
 
     def _loop(self) -> None:
-        self.run_once()  # what a previous run committed and did not publish
+        full = self.run_once() >= ROUND_BATCHES * BATCH_ROWS  # what a previous run left first
         while not self._stop.is_set():
-            self._wake.wait(self.poll_s if self._ok else self._backoff())
+            if not full:  # a full round may have left more: go on at once (a backlog after an outage)
+                self._wake.wait(self.poll_s if self._ok else self._backoff())
             self._wake.clear()
             if not self._stop.is_set():
-                self.run_once()
+                full = self.run_once() >= ROUND_BATCHES * BATCH_ROWS
 
     def _backoff(self) -> float:
         return float(min(self.max_backoff_s, self.first_backoff_s * 2 ** max(0, self._failures - 1)))

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,3 +386,32 @@ def test_an_outbox_waits_out_a_broker_outage_and_no_batch_waits_for_it(
     finally:
         svc.close()
         store.close()
+
+
+def test_an_outbox_backlog_drains_round_after_round(kenv: Any, tmp_path: Path) -> None:
+    """A backlog larger than a round (an outage's worth of scores) is published round after round,
+    not one round per poll: the poll here is ten minutes, and it is never waited for."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.actions.outbox import BATCH_ROWS, ROUND_BATCHES, OutboxRelay, scores_publisher
+    from monitor.config import load_settings
+    from monitor.metrics import Metrics
+    from monitor.store import Store
+    from monitor.store import tables as t
+
+    topic = f"scores-{uuid.uuid4().hex[:8]}"
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = Store(db)
+    rows = _scores(db, ROUND_BATCHES * BATCH_ROWS + 300)
+    settings = load_settings(
+        None, ["dev=true", f'kafka.bootstrap_servers=["{kenv.bootstrap}"]', f"kafka.scores_topic={topic}"]
+    )
+    relay = OutboxRelay(
+        scores_publisher(settings.kafka, store), store, Metrics(CollectorRegistry()), stall_s=10, poll_s=600
+    ).start()
+    try:
+        wait_for(lambda: store.oldest_unpublished(t.rm_scores) is None, 120, "the whole backlog published")
+    finally:
+        relay.stop()
+        store.close()
+    assert len(kenv.consume_all(topic, len(rows), timeout_s=60)) == len(rows)
