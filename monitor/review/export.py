@@ -12,7 +12,7 @@ import io
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +25,14 @@ from monitor.store import tables as t
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _rows(store: Store) -> list[Any]:
+#: Rows fetched from the database at once while an export streams.
+FETCH_ROWS = 500
+
+
+def _rows(store: Store, *, by_prompt: bool = False) -> Iterator[Any]:
+    """Every label with its episode and reviewer, in label order (``by_prompt``: grouped by prompt),
+    fetched ``FETCH_ROWS`` at a time: an export streams, it never holds every label and its texts
+    (at 200,000 labels with their prompts and responses, several hundred megabytes per export)."""
     lb, e, s, u = t.labels, t.episodes, t.samples, t.users
     q = (
         sa.select(
@@ -51,57 +58,64 @@ def _rows(store: Store) -> list[Any]:
         .join(e, e.c.episode_id == lb.c.episode_id)
         .join(u, u.c.id == lb.c.user_id)
         .join(s, sa.and_(s.c.episode_id == lb.c.episode_id, s.c.channel == "human"), isouter=True)
-        .order_by(lb.c.id)
+        .order_by(*((e.c.prompt, lb.c.id) if by_prompt else (lb.c.id,)))
     )
     with store.engine.connect() as conn:
-        return list(conn.execute(q).all())
+        # A server-side cursor on PostgreSQL; SQLite's cursor reads as it goes anyway.
+        yield from conn.execution_options(stream_results=True, yield_per=FETCH_ROWS).execute(q)
+
+
+def iter_ratings(store: Store) -> Iterator[dict[str, Any]]:
+    """One record per label (the reviewers' own, for analysis), streamed; an adjudicated
+    episode's records also carry its final label (``adjudicated``, ``final_rating``,
+    ``final_flags``, ``final_preference``; null when it has none), which training should use
+    instead."""
+    final = finals(store)
+    for r in _rows(store):
+        f = final.get(r.episode_id)
+        yield {
+            "episode_id": r.episode_id,
+            "stream": r.stream,
+            "model": r.model,
+            "timestamp": r.ts,
+            "reviewer": r.reviewer,
+            "skipped": bool(r.skipped),
+            "skip_reason": r.skip_reason,
+            "rating": r.rating,
+            "flags": list(r.flags or []),
+            "critique": r.critique,
+            "preference": r.preference,
+            "rated": r.rated,  # final_turn or conversation; None for a v1 episode or a skip
+            "time_spent_ms": r.time_spent_ms,
+            "labelled_at": r.created_at,
+            "inclusion_probability": r.inclusion_probability,
+            "prompt": r.prompt,
+            "response": r.response,
+            "adjudicated": f is not None,
+            "final_rating": None if f is None else f.rating,
+            "final_flags": None if f is None else sorted(f.flags),
+            "final_preference": None if f is None else f.preference,
+        }
 
 
 def rating_records(store: Store) -> list[dict[str, Any]]:
-    """One record per label (the reviewers' own, for analysis); an adjudicated episode's records
-    also carry its final label (``adjudicated``, ``final_rating``, ``final_flags``,
-    ``final_preference``; null when it has none), which training should use instead."""
-    final = finals(store)
-    out = []
-    for r in _rows(store):
-        f = final.get(r.episode_id)
-        out.append(
-            {
-                "episode_id": r.episode_id,
-                "stream": r.stream,
-                "model": r.model,
-                "timestamp": r.ts,
-                "reviewer": r.reviewer,
-                "skipped": bool(r.skipped),
-                "skip_reason": r.skip_reason,
-                "rating": r.rating,
-                "flags": list(r.flags or []),
-                "critique": r.critique,
-                "preference": r.preference,
-                "rated": r.rated,  # final_turn or conversation; None for a v1 episode or a skip
-                "time_spent_ms": r.time_spent_ms,
-                "labelled_at": r.created_at,
-                "inclusion_probability": r.inclusion_probability,
-                "prompt": r.prompt,
-                "response": r.response,
-                "adjudicated": f is not None,
-                "final_rating": None if f is None else f.rating,
-                "final_flags": None if f is None else sorted(f.flags),
-                "final_preference": None if f is None else f.preference,
-            }
-        )
-    return out
+    """:func:`iter_ratings` as a list (the API streams it)."""
+    return list(iter_ratings(store))
 
 
-def pair_records(store: Store) -> list[dict[str, str]]:
-    """``{"prompt", "chosen", "rejected"}`` pairs: from pairwise preferences, and from ratings of
-    different responses to the same prompt (mean rating per response; ties give no pair). An
-    adjudicated episode counts once, with its final label, in place of its reviewers' labels."""
+def iter_pairs(store: Store) -> Iterator[dict[str, str]]:
+    """``{"prompt", "chosen", "rejected"}`` pairs, streamed one prompt at a time: from pairwise
+    preferences, and from ratings of different responses to the same prompt (mean rating per
+    response; ties give no pair). An adjudicated episode counts once, with its final label, in
+    place of its reviewers' labels."""
     final = finals(store)
     done: set[str] = set()
-    pairs: list[dict[str, str]] = []
-    by_prompt: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for r in _rows(store):
+    prompt: str | None = None
+    responses: dict[str, list[int]] = defaultdict(list)
+    for r in _rows(store, by_prompt=True):
+        if r.prompt != prompt:
+            yield from _rating_pairs(prompt, responses)
+            prompt, responses = r.prompt, defaultdict(list)
         if r.skipped or r.episode_id in done:
             continue
         f = final.get(r.episode_id)
@@ -112,19 +126,29 @@ def pair_records(store: Store) -> list[dict[str, str]]:
         alt = alternative_of(parse_metadata(r.metadata, r.episode_id))
         if alt is not None and preference in ("response", "alternative"):
             chosen, rejected = (r.response, alt) if preference == "response" else (alt, r.response)
-            pairs.append({"prompt": r.prompt, "chosen": chosen, "rejected": rejected})
+            yield {"prompt": r.prompt, "chosen": chosen, "rejected": rejected}
         if rating is not None:
-            by_prompt[r.prompt][r.response].append(int(rating))
-    for prompt, responses in by_prompt.items():
-        means = sorted(((statistics.fmean(v), resp) for resp, v in responses.items()), reverse=True)
-        for i, (mi, ri) in enumerate(means):
-            for mj, rj in means[i + 1 :]:
-                if mi > mj:
-                    pairs.append({"prompt": prompt, "chosen": ri, "rejected": rj})
-    return pairs
+            responses[r.response].append(int(rating))
+    yield from _rating_pairs(prompt, responses)
 
 
-def jsonl(records: list[dict[str, Any]]) -> Iterator[str]:
+def _rating_pairs(prompt: str | None, responses: dict[str, list[int]]) -> Iterator[dict[str, str]]:
+    """The pairs of one prompt's rated responses: each over every response with a lower mean."""
+    if prompt is None:
+        return
+    means = sorted(((statistics.fmean(v), resp) for resp, v in responses.items()), reverse=True)
+    for i, (mi, ri) in enumerate(means):
+        for mj, rj in means[i + 1 :]:
+            if mi > mj:
+                yield {"prompt": prompt, "chosen": ri, "rejected": rj}
+
+
+def pair_records(store: Store) -> list[dict[str, str]]:
+    """:func:`iter_pairs` as a list (the API streams it)."""
+    return list(iter_pairs(store))
+
+
+def jsonl(records: Iterable[dict[str, Any]]) -> Iterator[str]:
     for rec in records:
         yield json.dumps(rec, ensure_ascii=True, sort_keys=True) + "\n"
 
@@ -164,7 +188,7 @@ CSV_FIELDS = [
 LIST_FIELDS = ("flags", "final_flags")
 
 
-def csv_rows(records: list[dict[str, Any]]) -> Iterator[str]:
+def csv_rows(records: Iterable[dict[str, Any]]) -> Iterator[str]:
     buf = io.StringIO()
     w = csv.writer(buf, quoting=csv.QUOTE_ALL)
     w.writerow(CSV_FIELDS)

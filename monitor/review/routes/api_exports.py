@@ -37,7 +37,7 @@ def attachment(body: Iterator[str], media_type: str, filename: str) -> Streaming
     responses=documented(JSONL, 'one {"prompt", "chosen", "rejected"} object per line'),
 )
 def export_pairs(_p: Admin, ctx: Ctx) -> StreamingResponse:
-    return attachment(export.jsonl(export.pair_records(ctx.store)), JSONL, "pairs.jsonl")
+    return attachment(export.jsonl(export.iter_pairs(ctx.store)), JSONL, "pairs.jsonl")
 
 
 @router.get(
@@ -46,7 +46,7 @@ def export_pairs(_p: Admin, ctx: Ctx) -> StreamingResponse:
     responses=documented(JSONL, "one label per line, with its episode and inclusion probability"),
 )
 def export_ratings(_p: Admin, ctx: Ctx) -> StreamingResponse:
-    return attachment(export.jsonl(export.rating_records(ctx.store)), JSONL, "ratings.jsonl")
+    return attachment(export.jsonl(export.iter_ratings(ctx.store)), JSONL, "ratings.jsonl")
 
 
 @router.get(
@@ -55,4 +55,4 @@ def export_ratings(_p: Admin, ctx: Ctx) -> StreamingResponse:
     responses=documented("text/csv", "one label per row; cells a spreadsheet would run are neutralised"),
 )
 def export_csv(_p: Admin, ctx: Ctx) -> StreamingResponse:
-    return attachment(export.csv_rows(export.rating_records(ctx.store)), CSV, "ratings.csv")
+    return attachment(export.csv_rows(export.iter_ratings(ctx.store)), CSV, "ratings.csv")
