@@ -45,13 +45,29 @@ MAX_DELAY_S = 5.0
 REMIND_S = 60.0
 
 
-def starting_server(host: str, port: int) -> OpsServer:
-    """The ops endpoints while the database is awaited: alive, not ready (``database`` false)."""
-    registry = CollectorRegistry()
-    Gauge("ready", "1 when the pipeline can make progress (0: starting)", namespace=NS, registry=registry).set(0)
-    check = Gauge("ready_check", "1 when a check of /readyz passes", ["check"], namespace=NS, registry=registry)
-    check.labels("database").set(0)
-    return OpsServer(host, port, registry, lambda: {"database": False}).start()
+class StartingServer:
+    """The ops endpoints before the service exists: alive, and not ready. ``database`` is false
+    until :meth:`database_open`; then ``service`` is false until the service takes the server over
+    (loading the models and building the detectors take seconds, and the database is not to blame)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        registry = CollectorRegistry()
+        ready = "1 when the pipeline can make progress (0: starting)"
+        Gauge("ready", ready, namespace=NS, registry=registry).set(0)
+        self._check = Gauge(
+            "ready_check", "1 when a check of /readyz passes", ["check"], namespace=NS, registry=registry
+        )
+        self._check.labels("database").set(0)
+        self._checks = {"database": False}
+        self.server = OpsServer(host, port, registry, lambda: dict(self._checks)).start()
+
+    def database_open(self) -> None:
+        self._checks = {"database": True, "service": False}
+        self._check.labels("database").set(1)
+        self._check.labels("service").set(0)
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def open_store(cfg: DatabaseConfig, stop: threading.Event) -> Store:

@@ -350,3 +350,27 @@ def test_a_lasting_outage_is_warned_about_again(caplog: pytest.LogCaptureFixture
         assert quiet.call(flaky(12), "dead_letter") == 7
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and "unavailable, retrying" in lines[0] and "available again" in lines[1], lines
+
+
+def test_the_start_up_ops_server_says_what_the_service_waits_for() -> None:
+    """Before the service exists (``monitor/startup.py``): alive, not ready, ``database`` false while
+    the database is awaited, then ``service`` false while the models load; the service then takes
+    the same server over with its own checks."""
+    from outage_helpers import http_get, metric, readyz
+    from prometheus_client import CollectorRegistry
+
+    from monitor.startup import StartingServer
+
+    starting = StartingServer("127.0.0.1", 0)
+    port = starting.server.port
+    try:
+        assert readyz(port) == (503, {"database": False})
+        assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert metric(port, "oversight_ready_check", check="database") == 0.0
+        starting.database_open()
+        assert readyz(port) == (503, {"database": True, "service": False})
+        assert metric(port, "oversight_ready_check", check="database") == 1.0
+        starting.server.serve(CollectorRegistry(), lambda: {"source": True, "database": True})
+        assert readyz(port) == (200, {"source": True, "database": True})
+    finally:
+        starting.stop()

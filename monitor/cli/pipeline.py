@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.pipeline import Aborted
     from monitor.service import build_service, install_signal_handlers
     from monitor.sources.file import file_input_error
-    from monitor.startup import open_store, starting_server
+    from monitor.startup import StartingServer, open_store
 
     settings = settings_from_args(args, input_overrides(args.input) if args.input else [])
     if settings.source.kind == "file" and settings.source.path and not args.input:
@@ -48,16 +48,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # Before connecting anything: a SIGTERM during start-up is a clean stop too.
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    server = starting_server(settings.server.host, settings.server.port)
+    starting = StartingServer(settings.server.host, settings.server.port)
     try:
         store = open_store(settings.database, stop)
     except BaseException:
-        server.stop()
+        starting.stop()
         raise
+    starting.database_open()
     try:
-        service = build_service(settings, store=store, server=server)
+        service = build_service(settings, store=store, server=starting.server)
     except BaseException:
-        server.stop()
+        starting.stop()
         store.close()
         raise
     try:
@@ -94,7 +95,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from monitor.service import install_signal_handlers
     from monitor.service.infer import InferenceWorker
-    from monitor.startup import open_store, starting_server
+    from monitor.startup import StartingServer, open_store
 
     settings = settings_from_args(args)
     if not settings.inference.external:
@@ -102,13 +103,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
         log.warning("inference.external is false: `oversight run` computes too (set it for the pipeline)")
     stop = threading.Event()
     install_signal_handlers(stop, settings.pipeline.drain_timeout_s)
-    server = starting_server(settings.server.host, args.port)
+    starting = StartingServer(settings.server.host, args.port)
     try:
         store = open_store(settings.database, stop)
+        starting.database_open()
         worker = InferenceWorker(settings, store)
     except BaseException:
-        server.stop()
+        starting.stop()
         raise
+    server = starting.server
     server.serve(worker.registry, worker.readiness)
     log.info("inference worker %s: serving /metrics, /healthz, /readyz at %s", worker.id, server.url)
     try:

@@ -276,7 +276,9 @@ def test_a_broker_down_at_start_is_an_outage_not_a_failed_start(
     log = open(tmp_path / "service.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env.env_without_oversight())
     try:
-        wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 at start")
+        # The service's own checks, once it has taken the ops server over from start-up's.
+        wait_for(lambda: proc.poll() is not None or "source" in readyz(port)[1], 90, "/readyz of the service")
+        assert readyz(port)[0] == 503
         checks = readyz(port)[1]
         assert checks["source"] is False and checks["database"] is True, checks
         # Past two of the consumer's bootstrap attempts (5 s each) and the producers' 10 s.
