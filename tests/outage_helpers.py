@@ -214,6 +214,13 @@ def assert_exactly_once(db_url: str, eps: Sequence[dict[str, Any]], *extra: str)
     assert traffic == n, f"traffic counts {traffic} episodes, {n} were written"
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs (a test's ``finally``: whatever failed, nothing is left behind)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from outage_helpers import free_port, http_get, metric, readyz, tail, wait_for
+from outage_helpers import free_port, http_get, metric, readyz, stop, tail, wait_for
 
 from monitor.cli import build_parser
 
@@ -246,9 +246,7 @@ def test_a_service_waits_for_a_database_down_at_start_and_stops_on_sigterm(tmp_p
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 3, tail(log)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            stop(proc)
     text = log.read_text()
     assert "database unavailable at start, waiting for it" in text
     assert "Traceback" not in text, text

@@ -32,6 +32,7 @@ from outage_helpers import (
     metric,
     readyz,
     start_service,
+    stop,
     tail,
     wait_for,
 )
@@ -76,8 +77,9 @@ class FedService:
 
 
 @contextlib.contextmanager
-def fed_service(db_url: str, tmp_path: Path) -> Iterator[FedService]:
-    """The service on ``db_url``, ready, its input fed at 300 episodes/s; stopped at the end."""
+def fed_service(db_url: str, tmp_path: Path, *, ready: bool = True) -> Iterator[FedService]:
+    """The service on ``db_url``, its input fed at 300 episodes/s; stopped at the end. ``ready``:
+    yielded once it is ready (else at once, as it starts)."""
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
     port = free_port()
@@ -85,14 +87,14 @@ def fed_service(db_url: str, tmp_path: Path) -> Iterator[FedService]:
     writer = PacedWriter(fifo, rate=300).start()
     svc = FedService(proc, port, writer, tmp_path / "service.log")
     try:
-        wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
-        svc.assert_alive(" at start")
+        if ready:
+            wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 200, 60, "ready after start")
+            svc.assert_alive(" at start")
         yield svc
     finally:
         writer.abandon()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
+        log.close()
         log.close()
 
 
@@ -142,14 +144,9 @@ def test_a_database_down_at_start_is_waited_for(tmp_path: Path) -> None:
     with PgCluster() as pg:
         url = pg.create_database("oversight")
         pg.stop()
-        fifo = tmp_path / "in.fifo"
-        os.mkfifo(fifo)
-        port = free_port()
-        proc, log = start_service(fifo, url, port, tmp_path)
-        writer = PacedWriter(fifo, rate=300).start()
-        svc = FedService(proc, port, writer, tmp_path / "service.log")
-        try:
-            wait_for(lambda: proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 while waiting")
+        with fed_service(url, tmp_path, ready=False) as svc:
+            port = svc.port
+            wait_for(lambda: svc.proc.poll() is not None or readyz(port)[0] == 503, 60, "/readyz 503 while waiting")
             assert readyz(port) == (503, {"database": False})
             time.sleep(3)
             svc.assert_alive(" while the database was down")
@@ -158,12 +155,6 @@ def test_a_database_down_at_start_is_waited_for(tmp_path: Path) -> None:
             wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz 200 once the database is up")
             wait_for(lambda: traffic(pg, "oversight") > 100, 30, "episodes stored")
             n = svc.finish()
-        finally:
-            writer.abandon()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            log.close()
         out = svc.log()
         assert "database unavailable at start, waiting for it" in out and "database available after" in out
         assert not re.search(r'File ".*/monitor/', out), tail(svc.log_path)
@@ -200,9 +191,7 @@ def test_a_web_service_waits_for_a_database_down_at_start(tmp_path: Path, comman
                 # uvicorn shuts down, then raises the signal it caught again (its default action).
                 assert proc.wait(timeout=30) in (0, -signal.SIGTERM), tail(log_path)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
+                stop(proc)
         out = log_path.read_text(errors="replace")
         assert "database available after" in out and "Traceback" not in out, out
 

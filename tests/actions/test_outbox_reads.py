@@ -7,11 +7,10 @@ primary key through every published score to find the few that were not (110 ms 
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
+from sqlite_steps import StepCounter
 
 from monitor.store import Store
 from monitor.store import tables as t
@@ -69,25 +68,14 @@ def _read_steps(tmp_path: Path, published: int) -> int:
     store = Store(url)
     _scores(url, 1, published, published=True)
     _scores(url, published + 1, 100, published=False)
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    @sa.event.listens_for(store.engine, "checkout")
-    def _watch(dbapi: Any, *_: Any) -> None:
-        assert isinstance(dbapi, sqlite3.Connection)
-        dbapi.set_progress_handler(count, 1000)
-
-    store.engine.dispose()  # connections made before the listener are not watched
+    counter = StepCounter(store)
     for _ in range(20):
         rows = store.unpublished(t.rm_scores, 5)
         assert len(rows) == 5
         assert store.oldest_unpublished(t.rm_scores) is not None
         store.mark_published(t.rm_scores, rows)
     store.close()
-    return steps[0]
+    return counter.steps
 
 
 def test_an_outbox_read_costs_what_waits_not_what_was_published(tmp_path: Path) -> None:

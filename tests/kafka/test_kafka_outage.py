@@ -34,7 +34,7 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from outage_helpers import OVERSIGHT, free_port, metric, readyz, tail, wait_for  # noqa: E402
+from outage_helpers import OVERSIGHT, free_port, metric, readyz, stop, tail, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.kafka
 
@@ -229,9 +229,7 @@ def broker_outages(kenv: Any, relayed: tuple[str, Relay], tmp_path: Path, outage
         rc = proc.wait(timeout=15)
         assert rc == 0, tail(tmp_path / "service.log")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         log.close()
     # kafka-python logs its own connection errors with tracebacks during an outage; none of ours.
     text = (tmp_path / "service.log").read_text(errors="replace")
@@ -297,9 +295,7 @@ def test_a_broker_down_at_start_is_an_outage_not_a_failed_start(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, tail(tmp_path / "service.log")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         log.close()
     text = (tmp_path / "service.log").read_text(errors="replace")
     assert not re.search(r'File ".*/monitor/', text), tail(tmp_path / "service.log")

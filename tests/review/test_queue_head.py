@@ -5,7 +5,6 @@ task for its whole horizon: a few days of 1% of 1,000 episodes/s is millions of 
 from __future__ import annotations
 
 import itertools
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from review_helpers import episode_row, seed
+from sqlite_steps import StepCounter
 
 from monitor.config import load_settings
 from monitor.review import auth, queue
@@ -111,18 +111,7 @@ def _claim_steps(tmp_path: Path, waiting: int, labelled: int = 0) -> int:
     if labelled:
         _label_all(url, labelled, other.id)
         canaries = load_settings(None, ["dev=true", *CANARIES]).review.canaries
-    steps = [0]
-
-    def count() -> int:
-        steps[0] += 1
-        return 0
-
-    @sa.event.listens_for(store.engine, "checkout")
-    def _watch(dbapi: Any, *_: Any) -> None:
-        assert isinstance(dbapi, sqlite3.Connection)
-        dbapi.set_progress_handler(count, 1000)
-
-    store.engine.dispose()  # connections made before the listener are not watched
+    counter = StepCounter(store)
     for i in range(10):
         item = queue.claim(store, user, 60, KEY, now=1e6 + i, canaries=canaries)
         assert item is not None
@@ -130,7 +119,7 @@ def _claim_steps(tmp_path: Path, waiting: int, labelled: int = 0) -> int:
             assert item.claim.episode_id == f"e{i + 1}"
         queue.submit(store, user, item.claim.episode_id, 0, item.claim.fence, queue.LabelIn(rating=4), [], now=1e6)
     store.close()
-    return steps[0]
+    return counter.steps
 
 
 def test_a_claim_costs_the_same_whatever_the_items_waiting(tmp_path: Path) -> None:
