@@ -13,7 +13,7 @@ import abc
 import copy
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, Self, TypedDict
 
 #: Header of every snapshot: magic bytes, then one version byte, then a pickle.
@@ -153,6 +153,30 @@ class Detector(abc.ABC):
         self._distance = finite_or_none(distance)
         self._p_val = finite_or_none(p_val)
         self._threshold = finite_or_none(threshold)
+
+    def update_until_drift(self, xs: Sequence[Any], ts: Sequence[float] | None = None) -> int:
+        """Update with ``xs`` in order (``ts``: their event times), stopping after the first value
+        on which drift is detected; returns how many values were taken (``len(xs)`` if none).
+
+        The detector is then as after that many :meth:`update` calls: the same alarm at the same
+        value, the same :meth:`result` (a vectorised override may differ in the last bits of its
+        statistic, never in an alarm away from the threshold). A value that :meth:`update` refuses
+        raises its error once the values before it are taken. This one loops; detectors whose
+        recursion has a closed form override it (:class:`detectors.CUSUMDetector`), which is what
+        lets the ingest path put a batch's values of a signal through in one call.
+
+        >>> import detectors
+        >>> det = detectors.make("cusum", ert=None, threshold=3.0, k=0.5)
+        >>> det.update_until_drift([0.0, 1.5, 2.0, 2.0, 0.0])  # sums 0, 1, 2.5, 4 > 3: stops at the 4th
+        4
+        >>> det.drift_detected, det.n
+        (True, 4)
+        """
+        for i, x in enumerate(xs):
+            self.update(x, None if ts is None else ts[i])
+            if self._drift_detected:
+                return i + 1
+        return len(xs)
 
     def reset(self) -> None:
         """Back to the state right after construction (reference and calibration kept)."""

@@ -20,13 +20,19 @@ again from 0 on the next update (as river's detectors do).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from numpy.typing import ArrayLike
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from detectors import calibration as cal
+from detectors.base import finite_or_none
 from detectors.river_detectors import CalibratedDetector
+
+FloatArray = NDArray[np.float64]
+#: Fewer values than this go one update at a time: numpy's calls cost more than the steps they save.
+MANY_MIN = 16
 
 
 class CUSUM:
@@ -56,10 +62,54 @@ class CUSUM:
         self.s_down = down if down > 0.0 else 0.0
         self.drift_detected = self.n >= self.min_instances and self.statistic > self.threshold
 
+    def update_until_drift(self, z: FloatArray) -> int:
+        """:meth:`update` with each value of ``z`` in order, stopping after the first alarm; returns
+        how many values were taken. One pass of numpy instead of a Python step per value.
+
+        Each sum is a Lindley recursion ``S_t = max(0, S_(t-1) + a_t)``, whose closed form is
+        ``S_t = C_t - min(-S_0, min_(j <= t) C_j)`` with ``C`` the cumulative sum of ``a``: a
+        cumulative sum and a running minimum. Sums are rounded in another order than one step at
+        a time, so the statistic may differ in its last bits (a few ulps of the partial sums).
+
+        >>> c = CUSUM(threshold=3.0, k=0.5)
+        >>> c.update_until_drift(np.array([0.0, 1.5, 2.0, 2.0, 0.0])), c.s_up, c.n, c.drift_detected
+        (4, 4.0, 4, True)
+        """
+        m = len(z)
+        if m == 0:
+            return 0
+        if self.drift_detected:
+            self.s_up = self.s_down = 0.0
+            self.n = 0
+            self.drift_detected = False
+        up = _lindley(self.s_up, z - self.k)
+        down = _lindley(self.s_down, -z - self.k)
+        stat = up if self.mode == "up" else down if self.mode == "down" else np.maximum(up, down)
+        alarm = stat > self.threshold
+        first = self.min_instances - self.n - 1  # values before it have n < min_instances
+        if first > 0:
+            alarm[:first] = False
+        hit = int(np.argmax(alarm)) if alarm.any() else -1
+        last = hit if hit >= 0 else m - 1
+        self.s_up, self.s_down = float(up[last]), float(down[last])
+        self.n += last + 1
+        self.drift_detected = hit >= 0
+        return last + 1
+
     @property
     def statistic(self) -> float:
         up, down, mode = self.s_up, self.s_down, self.mode
         return up if mode == "up" else down if mode == "down" else up if up >= down else down
+
+
+def _lindley(s0: float, a: FloatArray) -> FloatArray:
+    """``S_t = max(0, S_(t-1) + a_t)`` from ``S_0 = s0`` for every ``t``, in closed form (see
+    :meth:`CUSUM.update_until_drift`)."""
+    c = np.cumsum(a)
+    low = np.minimum.accumulate(c)
+    np.minimum(low, -s0, out=low)
+    out: FloatArray = c - low
+    return out
 
 
 class CUSUMDetector(CalibratedDetector):
@@ -117,3 +167,30 @@ class CUSUMDetector(CalibratedDetector):
         if d.n < self.min_instances:
             return None, None, self._value
         return float(d.statistic), None, self._value
+
+    def update_until_drift(self, xs: Sequence[Any], ts: Sequence[float] | None = None) -> int:
+        """:meth:`detectors.base.Detector.update_until_drift` in one numpy pass (:meth:`CUSUM.update_until_drift`)
+        when there are enough values to pay for numpy's calls; else, and for values that are not
+        plain numbers, one :meth:`update` at a time."""
+        d = self._detector
+        if len(xs) < MANY_MIN or type(d) is not CUSUM:
+            return super().update_until_drift(xs, ts)
+        try:
+            v = np.asarray(xs, dtype=np.float64)
+        except (TypeError, ValueError):
+            return super().update_until_drift(xs, ts)
+        if v.ndim != 1:
+            return super().update_until_drift(xs, ts)
+        finite = np.isfinite(v)
+        m = len(v) if finite.all() else int(np.argmin(finite))
+        taken = d.update_until_drift((v[:m] - self._mu) / self._sd) if m else 0
+        if taken:
+            self._n += taken
+            self._drift_detected = bool(d.drift_detected)
+            distance, p_val, threshold = self._stats()
+            self._distance = finite_or_none(distance)
+            self._p_val = finite_or_none(p_val)
+            self._threshold = finite_or_none(threshold)
+        if taken == m < len(v) and not self._drift_detected:
+            self.update(xs[m])  # the value update refuses: its error, the state left as it is
+        return taken

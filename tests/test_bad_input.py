@@ -158,6 +158,9 @@ class BuggyStage:
         self.fail = fail
         self.seen: list[str] = []
 
+    def prepare(self, episodes: Any) -> None:
+        pass
+
     def observe(self, episode: Any, decision: Any, index: int) -> None:
         self.seen.append(episode.episode_id)
         self.fail(episode)

@@ -26,7 +26,7 @@ tree is too large"), and the pipeline retried it forever.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar
@@ -72,6 +72,9 @@ class DisagreementFeed:
         self._mark: int | None = None  # every label up to it was looked at for the caught-up streams
         self._index = -1
         self.fed = 0
+
+    def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
+        pass  # its values come from labels, at the checkpoint
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         self._index = index  # events name the input index at which their value arrived

@@ -56,7 +56,14 @@ from monitor.inference.shared import DriftPass, SharedVectors, embed_sharing
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
 from monitor.retry import RetryPolicy, transient
-from monitor.signals import CONVERSATION_SIGNALS, FED_SIGNALS, TEXT_SIGNALS, conversation_stats, text_stats
+from monitor.signals import (
+    CONVERSATION_SIGNALS,
+    FED_SIGNALS,
+    TEXT_SIGNALS,
+    conversation_stats,
+    text_stats,
+    text_stats_many,
+)
 from monitor.signals.normalise import (
     NormalScores,
     conservative_binary_reference,
@@ -70,6 +77,8 @@ from sampling import Decision
 
 log = logging.getLogger(__name__)
 
+#: A detecting stretch shorter than this goes one value at a time: numpy's calls would cost more.
+MANY_MIN = 16
 COMPONENT = "drift"
 STATE_VERSION = 2
 EMBEDDING = "embedding"
@@ -115,6 +124,23 @@ class StreamDrift:
     # Values fed per signal over the stream's life (re-references included): what a replica
     # restarted by kill -9 must continue, neither repeating nor skipping a value.
     fed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedBatch:
+    """What :meth:`DriftMonitor.prepare` found in a batch, for :meth:`DriftMonitor.observe` to
+    apply at each episode: the drift events by the position of the episode that raised them."""
+
+    active: bool = False
+    position: dict[int, int] = field(default_factory=dict)  # id(episode) -> position in the batch
+    errors: dict[int, Exception] = field(default_factory=dict)  # position -> its statistics' error
+    fires: dict[int, tuple[str, list[tuple[str, str, dict[str, Any], At]]]] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)  # the positions in ``fires``, in order
+    next: int = 0  # ``order[next:]`` are still to record
+
+    def fire(self, pos: int, stream: str, fired: list[tuple[str, str, dict[str, Any], At]]) -> None:
+        if fired:
+            self.fires.setdefault(pos, (stream, []))[1].extend(fired)
 
 
 def detector_ert(cfg: DriftConfig) -> float:
@@ -192,9 +218,187 @@ class DriftMonitor:
         self._background = False
         self._work: queue.Queue[Callable[[], None]] | None = None
         self._calibrator: Any = None  # a detectors.calibration.CalibrationProcess in the background
+        self._batch = PreparedBatch()  # the batch :meth:`prepare` took, until its checkpoint
 
     # -- observer protocol ------------------------------------------------------
+    def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
+        """The batch's episodes that :meth:`observe` will see, in order, before they are sampled.
+
+        Their text signals go through the detectors now: per stream and signal, the batch's
+        values in one call (``Detector.update_until_drift``; a CUSUM's is one numpy pass), where one
+        episode at a time costs a few Python calls per value, signal and detector (8 signals by
+        default, on every episode of the traffic). Nothing here depends on a sampling decision, and what depends on
+        the order waits for :meth:`observe`: a drift event is recorded, and its stream boosted,
+        when observe reaches the episode that raised it, so the boost applies from the next
+        episode exactly as one episode at a time. An episode whose statistics raise keeps its
+        error, which observe raises (the pipeline dead-letters that record alone); the events
+        of episodes observe never reaches (a record that failed before it) are recorded at the
+        checkpoint."""
+        self._batch = batch = PreparedBatch()
+        batch.active = True
+        for pos, (ep, _) in enumerate(episodes):
+            batch.position[id(ep)] = pos
+        kept, columns = self._signal_columns(episodes, batch.errors)
+        by_stream: dict[str, list[int]] = {}  # stream -> indices into kept
+        for i, pos in enumerate(kept):
+            by_stream.setdefault(episodes[pos][0].stream, []).append(i)
+        for stream, rows in by_stream.items():
+            sd = self._streams.get(stream)
+            if sd is None:
+                sd = self._load(stream)
+            self._dirty.add(stream)
+            positions = [kept[i] for i in rows]
+            ats: list[At] = []
+            for pos in positions:
+                ep, index = episodes[pos]
+                ats.append((ep.episode_id, ep.timestamp, index))
+            whole = len(rows) == len(kept)  # one stream in the batch: its columns as they are
+            for signal, names in self._text_watch.items():
+                sd.fed[signal] = sd.fed.get(signal, 0) + len(rows)
+                column = columns[signal]
+                xs = column if whole else [column[i] for i in rows]
+                self._feed_many(stream, sd, signal, names, xs, ats, positions)
+        batch.order = sorted(batch.fires)
+
+    def _signal_columns(
+        self, episodes: Sequence[tuple[Episode, int]], errors: dict[int, Exception]
+    ) -> tuple[list[int], dict[str, list[float]]]:
+        """The batch's text (and, when watched, conversation) signals, one list per signal, and the
+        positions they are of: every episode but those whose statistics raised (their errors go
+        to ``errors``, for :meth:`observe` to raise for them alone)."""
+        kept = list(range(len(episodes)))
+        try:
+            columns = text_stats_many([ep.prompt for ep, _ in episodes], [ep.response for ep, _ in episodes])
+        except Exception:  # one episode's text broke it: one at a time, to know which
+            kept, rows = [], []
+            for pos, (ep, _) in enumerate(episodes):
+                try:
+                    rows.append(text_stats(ep.prompt, ep.response))
+                except Exception as e:
+                    errors[pos] = e
+                    continue
+                kept.append(pos)
+            columns = {signal: [v[signal] for v in rows] for signal in TEXT_SIGNALS}
+        if self._conversation:
+            good, conv = [], []
+            for i, pos in enumerate(kept):
+                try:
+                    conv.append(conversation_stats(episodes[pos][0].messages))
+                except Exception as e:
+                    errors[pos] = e
+                    continue
+                good.append(i)
+            if len(good) < len(kept):
+                columns = {signal: [column[i] for i in good] for signal, column in columns.items()}
+                kept = [kept[i] for i in good]
+            columns.update({signal: [v[signal] for v in conv] for signal in CONVERSATION_SIGNALS})
+        return kept, columns
+
+    def _feed_many(
+        self,
+        stream: str,
+        sd: StreamDrift,
+        signal: str,
+        names: list[str],
+        xs: list[float],
+        ats: list[At],
+        positions: list[int],
+    ) -> None:
+        """A batch's values of one signal of one stream, in order (:meth:`_feed`'s effects, with
+        the detecting stretches in one call); what fires is kept for its episode's position."""
+        ref_size = self.cfg.reference_size
+        i, m = 0, len(xs)
+        while i < m:
+            st = sd.signals.get(signal)
+            if st is None:
+                st = sd.signals[signal] = SignalState()
+            fired: list[tuple[str, str, dict[str, Any], At]] = []
+            if st.waiting is not None:
+                installed = self._install(stream, sd, signal, names, ref_size, fired)
+                self._batch.fire(positions[i], stream, fired)  # found now: recorded at this episode
+                if not installed:
+                    for j in range(i, m):
+                        st.waiting.append(xs[j], ats[j])
+                    return
+                continue  # detecting now, or warming up again after an alarm among the waiting values
+            if st.ref is not None:
+                take = max(1, min(ref_size - len(st.ref), m - i))
+                st.ref.extend(xs[i : i + take])
+                st.n += take
+                i += take
+                if len(st.ref) >= ref_size:
+                    self._arm(stream, sd, signal, names, ref_size, fired)
+                    self._batch.fire(positions[i - 1], stream, fired)
+                continue
+            if st.cooldown > 0 or len(names) != 1 or m - i < MANY_MIN:
+                # One value the way one episode at a time goes (several detectors must stop at
+                # the same alarm; a few values do not pay numpy's calls).
+                self._feed(stream, sd, signal, names, ref_size, xs[i], ats[i], fired)
+                self._batch.fire(positions[i], stream, fired)
+                i += 1
+                continue
+            i = self._detect_many(stream, sd, signal, names[0], xs, ats, positions, i)
+
+    def _detect_many(
+        self,
+        stream: str,
+        sd: StreamDrift,
+        signal: str,
+        name: str,
+        xs: list[float],
+        ats: list[At],
+        positions: list[int],
+        i: int,
+    ) -> int:
+        """``xs[i:]`` into a built signal's one detector, up to its first alarm; where it stopped."""
+        st = sd.signals[signal]
+        det = st.detectors.get(name)
+        if det is None:  # disabled: the values only count
+            st.n += len(xs) - i
+            return len(xs)
+        try:
+            z = xs[i:] if st.transform is None else st.transform.many(xs[i:])
+            taken = det.update_until_drift(z, [a[1] for a in ats[i:]])
+        except Exception as e:  # a detector must never stop ingest
+            log.error("detector %s on %s/%s failed, disabled: %s", name, stream, signal, e)
+            self._metrics.detector_errors.labels(name).inc()
+            st.detectors[name] = None
+            st.n += len(xs) - i
+            return len(xs)
+        st.n += taken
+        i += taken
+        if det.drift_detected:
+            res: dict[str, Any] = dict(det.result())
+            if getattr(det, "last_test", None) is not None:  # windowed: the shift and its interval
+                res["window"] = dict(det.last_test)
+            res["detail"] = event_detail(det, res, st.n)
+            self._batch.fire(positions[i - 1], stream, [(signal, name, res, ats[i - 1])])
+            # Re-reference, as _feed does: the signal warms up again on what follows.
+            sd.signals[signal] = SignalState(cooldown=self.cfg.cooldown)
+        return i
+
+    def _record_prepared(self, upto: int | None) -> None:
+        """The events of the prepared batch's episodes up to position ``upto`` (None: all of them)."""
+        batch = self._batch
+        while batch.next < len(batch.order) and (upto is None or batch.order[batch.next] <= upto):
+            stream, fired = batch.fires[batch.order[batch.next]]
+            batch.next += 1
+            self._record(stream, fired)
+
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
+        pos = self._batch.position.get(id(episode)) if self._batch.active else None
+        if pos is not None:  # prepared: its signals are in; its events (and any skipped before it) now
+            self._record_prepared(pos)
+            err = self._batch.errors.get(pos)
+            if err is not None:
+                raise err
+        else:
+            self._observe_one(episode, index)
+        if self.cfg.embedding.enabled and "drift" in decision.sampled and self._worker is None:
+            self._pending.append((episode, index))
+
+    def _observe_one(self, episode: Episode, index: int) -> None:
+        """One episode's text signals through the detectors (a batch not prepared)."""
         values = text_stats(episode.prompt, episode.response)
         if self._conversation:
             values.update(conversation_stats(episode.messages))
@@ -207,8 +411,6 @@ class DriftMonitor:
             self._text_watch,
             self.cfg.reference_size,
         )
-        if self.cfg.embedding.enabled and "drift" in decision.sampled and self._worker is None:
-            self._pending.append((episode, index))
 
     def observe_value(
         self, stream: str, signal: str, value: float, episode_id: str, event_ts: float, index: int
@@ -476,6 +678,9 @@ class DriftMonitor:
             self._embedder = embedder_for(self.cfg.embedding, threads)
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
+        if self._batch.active:  # before anything that can fail: a retried checkpoint records nothing twice
+            self._record_prepared(None)
+            self._batch = PreparedBatch()
         self._embed_pending()
         self._take_embedded()
         self._install_built()
@@ -524,6 +729,7 @@ class DriftMonitor:
             self._worker.release(self._marked)
         self._marked = []
         self._owned = frozenset()
+        self._batch = PreparedBatch()
         self._streams.clear()
         self._dirty.clear()
         self._events.clear()

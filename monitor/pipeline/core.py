@@ -442,7 +442,9 @@ class Pipeline:
         return True
 
     def _draft(self, records: list[Record], now: float) -> Draft:
-        """The hot loop: every record of the deployment's traffic passes here.
+        """The hot loop: every record of the deployment's traffic passes here, in three steps:
+        admit (parse, validate, deduplicate, the replica's streams), prepare (the observers take
+        the admitted episodes at once, see :meth:`_prepare`), then sample and observe each.
 
         Nothing in it may stop the batch: a record that fails in a way nobody foresaw (a bug in
         validation, sampling or an observer) is dead-lettered as internal_error and the batch
@@ -451,12 +453,47 @@ class Pipeline:
         and the observers before the failing one have seen the episode (drift statistics, a
         reward-model score queued, dropped in ``_process`` if its episode is not stored)."""
         draft = Draft(BatchWrite(), [], {})
-        batch, letters, tally, next_offsets = draft.batch, draft.letters, draft.tally, draft.next_offsets
+        admitted = self._admit(records, draft, now)
+        self._prepare(admitted)
+        batch, letters, tally = draft.batch, draft.letters, draft.tally
         traffic = batch.traffic
-        sampler, observers, max_bytes, kafka = self.sampler, self.observers, self._max_bytes, self._kafka
-        recent, held = self.recent, self.held
+        sampler, observers, recent = self.sampler, self.observers, self.recent
+        source_name = self.source.name
+        for rec, ep, key, idx in admitted:
+            stream = ep.stream
+            try:
+                d = sampler.decide(ep.episode_id, stream, ep.timestamp)
+                n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0
+                # Inline, not after the batch: a drift event's boost must apply from the very
+                # next episode, whatever the batch boundaries (replays stay deterministic).
+                for obs in observers:
+                    obs.observe(ep, d, idx)
+            except Exception as e:
+                if transient(e):
+                    raise  # the batch is redelivered; dead-lettering would lose a good record
+                recent.drop([key])
+                letters.append(self.committer.internal_error(rec, source_name, e, ep))
+                draft.failed = True
+                continue
+            tally.saw(stream, d.probabilities)
+            bucket = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
+            traffic[bucket] = traffic.get(bucket, 0) + 1
+            if d.sampled:
+                self._rows(batch, ep, d.sampled, n_tasks, f"{rec.partition}:{rec.offset}", now)
+            else:
+                tally.not_sampled[stream] += 1
+        return draft
+
+    def _admit(self, records: list[Record], draft: Draft, now: float) -> list[tuple[Record, Episode, int, int]]:
+        """The batch's episodes that go on to be sampled, in order, with their dedup key and input
+        index; the others become dead letters or count as duplicates. Each admitted episode is
+        taken in the window of recent ones at once, so a copy later in the batch is a duplicate
+        (:meth:`_draft` gives the key back if its episode fails after all)."""
+        letters, tally, next_offsets = draft.letters, draft.tally, draft.next_offsets
+        max_bytes, kafka, recent, held = self._max_bytes, self._kafka, self.recent, self.held
         max_future_s = self.settings.source.max_future_s
         source_name = self.source.name
+        admitted: list[tuple[Record, Episode, int, int]] = []
         idx = self._index - 1
         for rec in records:
             idx = rec.offset if kafka else idx + 1
@@ -479,12 +516,6 @@ class Pipeline:
                         ep.episode_id,
                         stream,
                     )
-                d = sampler.decide(ep.episode_id, stream, ep.timestamp)
-                n_tasks = self._overlap(ep.episode_id) if "human" in d.sampled else 0
-                # Inline, not after the batch: a drift event's boost must apply from the very
-                # next episode, whatever the batch boundaries (replays stay deterministic).
-                for obs in observers:
-                    obs.observe(ep, d, idx)
             except InvalidEpisode as e:
                 letters.append(self.committer.letter(rec, source_name, e.reason, e.detail, e.episode_id, e.stream))
                 continue
@@ -495,15 +526,29 @@ class Pipeline:
                 draft.failed = True
                 continue
             recent.take(key)
-            tally.saw(stream, d.probabilities)
-            bucket = (stream, int(ep.timestamp // BUCKET_S) * BUCKET_S)
-            traffic[bucket] = traffic.get(bucket, 0) + 1
-            if d.sampled:
-                self._rows(batch, ep, d.sampled, n_tasks, f"{rec.partition}:{rec.offset}", now)
-            else:
-                tally.not_sampled[stream] += 1
+            admitted.append((rec, ep, key, idx))
         draft.next_index = idx + 1
-        return draft
+        return admitted
+
+    def _prepare(self, admitted: list[tuple[Record, Episode, int, int]]) -> None:
+        """Each observer takes the batch's admitted episodes at once (``EpisodeObserver.prepare``).
+
+        One that fails in a way nobody foresaw drops its in-memory state (``forget``: it reloads
+        from the last checkpoint, which no part of this batch has reached) and sees the batch
+        one episode at a time instead, where a record that fails is dead-lettered alone."""
+        episodes = [(ep, idx) for _, ep, _, idx in admitted]
+        for obs in self.observers:
+            try:
+                obs.prepare(episodes)
+            except Exception as e:
+                if transient(e):
+                    raise  # the batch is redone after the outage
+                log.error(
+                    "%s could not take the batch at once, one episode at a time instead: %s",
+                    type(obs).__name__,
+                    describe(e, 200),
+                )
+                obs.forget()
 
     def _rows(
         self, batch: BatchWrite, ep: Episode, sampled: Mapping[str, float], n_tasks: int, position: str, now: float

@@ -7,7 +7,7 @@ never imports one: stages later in the flow meet the pipeline only through this 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from monitor.episodes import Episode
@@ -18,12 +18,21 @@ from sampling import Decision
 class EpisodeObserver(Protocol):
     """A later stage that sees every valid episode with its sampling decision.
 
-    Per batch, in this order: ``observe`` for each valid episode (inline, so that an effect such
-    as a drift boost applies from the very next episode), then ``checkpoint`` and ``add_rows``
-    (their results commit in the batch's transaction). ``forget`` drops in-memory state (it
+    Per batch, in this order: ``prepare`` with the batch's valid episodes, then ``observe`` for
+    each of them (inline, so that an effect such as a drift boost applies from the very next
+    episode), then ``checkpoint`` and ``add_rows`` (their results commit in the batch's
+    transaction). ``forget`` drops in-memory state (it
     reloads from the last checkpoint); ``between_batches`` does idle work in the service loop, and
     ``outstanding`` says whether work off the pipeline's thread remains.
     """
+
+    def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
+        """The batch's episodes (with their input index) that ``observe`` will see, in that order,
+        before they are sampled: the work that does not depend on a sampling decision, done for
+        the batch at once. What must take effect at an episode (a boost) waits for its
+        ``observe``; an episode ``observe`` does not reach (its record failed first) is still one
+        this stage saw. A stage with nothing to do at once does nothing."""
+        ...
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None: ...
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from monitor.config import InferenceConfig
@@ -110,6 +110,9 @@ class ModelChannelThrottle:
         self.metrics.sampling_throttle.labels(channel).set(new)
 
     # -- observer protocol: no episode, no state -------------------------------------
+    def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
+        pass
+
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         pass
 

@@ -144,6 +144,9 @@ class RewardScorer:
     def version(self) -> str | None:
         return self._active if self._model is None else self._model.version
 
+    def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
+        pass  # what it scores depends on the sampling decisions: it queues them in observe
+
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
         rm = "rm" in decision.sampled
         if rm or "human" in decision.sampled:

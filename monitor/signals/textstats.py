@@ -11,6 +11,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -186,6 +187,33 @@ def text_stats(prompt: str, response: str) -> dict[str, float]:
         "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
         "non_text_ratio": non_text_ratio(r),
         "mixed_script": _mixed_script(r),
+    }
+
+
+def text_stats_many(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list[float]]:
+    """:func:`text_stats` of many episodes, one list per signal: the same values to the bit, with
+    the per-signal work in comprehensions instead of a dict and eight calls per episode (the
+    drift observer's batch path, where every episode of the traffic passes).
+
+    >>> text_stats_many(["Hi?"], ["I'm sorry, I can't."])["refusal"]
+    [1.0]
+    """
+    rs = [r[:MAX_CHARS] for r in responses]
+    ratios: list[float] = []
+    for r in rs:
+        tokens = word_tokens(r)
+        ratios.append(len(set(tokens)) / len(tokens) if tokens else 1.0)
+    match = _REFUSAL.match
+    return {
+        "response_log_chars": [math.log1p(len(r)) for r in responses],
+        "prompt_log_chars": [math.log1p(len(p)) for p in prompts],
+        "response_log_lines": [math.log1p(sum(1 for line in r.split("\n") if line.strip())) for r in rs],
+        # isspace() is strip()'s test without its copy; an empty response is empty too.
+        "empty_response": [1.0 if not r or r.isspace() else 0.0 for r in responses],
+        "refusal": [1.0 if match(r, 0, 300) else 0.0 for r in rs],  # endpos: r[:300] without its copy
+        "distinct_token_ratio": ratios,
+        "non_text_ratio": [non_text_ratio(r) for r in rs],
+        "mixed_script": [_mixed_script(r) for r in rs],
     }
 
 

@@ -286,3 +286,71 @@ def test_import_is_lazy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _same_result(got: Any, want: Any) -> bool:
+    """Results equal, a statistic up to the last bits (a vectorised override sums in another order)."""
+    if got["meta"] != want["meta"]:
+        return False
+    for key in DATA_KEYS:
+        a, b = got["data"][key], want["data"][key]
+        if isinstance(b, float) and isinstance(a, float):
+            if a != pytest.approx(b, rel=1e-9, abs=1e-9):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+@names
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1000])
+def test_update_until_drift_is_update_one_value_at_a_time(name: str, chunk: int) -> None:
+    """The batch contract (the ingest path feeds a batch's values of a signal in one call): in
+    chunks, each call stopping at its first alarm, the alarms fall on the same values and every
+    result is the one that many single updates leave."""
+    xs = stream(detectors.detector_class(name).kind)
+    flags, results = trace(fresh(name), xs)
+    det = fresh(name)
+    alarms, i = [], 0
+    while i < len(xs):
+        size = min(chunk, len(xs) - i)
+        taken = det.update_until_drift(xs[i : i + size])
+        assert 1 <= taken <= size
+        assert taken == size or det.drift_detected, "stopped early without an alarm"
+        i += taken
+        if det.drift_detected:
+            alarms.append(i - 1)
+        assert det.n == results[i - 1]["meta"]["n"] and det.drift_detected == flags[i - 1]
+        assert _same_result(det.result(), results[i - 1]), (i, det.result(), results[i - 1])
+    assert alarms == [j for j, f in enumerate(flags) if f]
+    assert alarms, "the stream's change raised no alarm: the test would prove nothing"
+
+
+@pytest.mark.parametrize("mode", ["both", "up", "down"])
+@pytest.mark.parametrize("min_instances", [1, 30])
+def test_the_cusum_closed_form_alarms_where_its_steps_do(mode: str, min_instances: int) -> None:
+    """CUSUM's one-pass form (cumulative sums and running minima) on long streams with shifts
+    both ways, in chunks that cut anywhere: the same alarms as one step at a time, the same sums up
+    to rounding; a non-finite value raises once the values before it are in, as ``update`` does."""
+    from detectors.cusum import MANY_MIN
+
+    rng = np.random.default_rng(11)
+    xs = np.r_[rng.normal(0, 1, 3000), rng.normal(0.7, 1, 2000), rng.normal(-0.6, 1, 2000)].tolist()
+    one = detectors.make("cusum", ert=500, x_ref=REF_1D, k=0.25, mode=mode, min_instances=min_instances)
+    many = one.clone()
+    want = []
+    for j, x in enumerate(xs):
+        one.update(x)
+        if one.drift_detected:
+            want.append(j)
+    got, i = [], 0
+    while i < len(xs):
+        i += many.update_until_drift(xs[i : i + int(rng.integers(MANY_MIN, 400))])
+        if many.drift_detected:
+            got.append(i - 1)
+    assert got == want and len(want) > 5
+    assert many.result()["data"]["distance"] == pytest.approx(one.result()["data"]["distance"], abs=1e-9)
+    before = many.n
+    with pytest.raises(ValueError):
+        many.update_until_drift([0.1] * 20 + [float("nan")] + [0.2] * 20)
+    assert many.n == before + 20

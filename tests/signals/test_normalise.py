@@ -85,3 +85,19 @@ def test_normal_scores_are_phi_inverse_of_the_mid_rank_and_the_cache_is_not_stat
     old.__dict__.pop("_scores")  # the state as pickled before the table: the three fields only
     assert set(old.__dict__) == {"sorted_ref", "scale", "clip"}
     assert pickle.loads(pickle.dumps(old))(3.5) == ns(3.5)
+
+
+def test_a_batch_of_normal_scores_is_each_score_to_the_bit() -> None:
+    """``many`` (the drift observer's batch path) gives exactly what one value at a time gives:
+    ties, both ends, values between and far beyond the range (clipped), on a skewed real-like
+    reference and on one with a point mass; its arrays are not pickled with the detector state."""
+    import pickle
+
+    rng = np.random.default_rng(5)
+    for ref in (rng.lognormal(size=500).tolist(), [0.0] * 300 + rng.random(200).tolist()):
+        ns = NormalScores.fit(ref, clip=4.0)
+        xs = [*ref[:50], *rng.lognormal(size=2000).tolist(), -1e9, -3.0, 1e9, min(ref), max(ref), 0.0]
+        assert ns.many(xs).tolist() == [ns(x) for x in xs]
+        assert ns.many([]).tolist() == []
+        assert b"_table" not in pickle.dumps(ns)
+        assert pickle.loads(pickle.dumps(ns)).many(xs).tolist() == ns.many(xs).tolist()

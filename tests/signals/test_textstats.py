@@ -117,6 +117,32 @@ def test_fast_paths_equal_the_definitions_on_real_and_random_text() -> None:
         assert text_stats("a prompt", text) == _by_definition("a prompt", text), repr(text[:60])
 
 
+def test_the_batch_of_statistics_equals_one_episode_at_a_time() -> None:
+    """``text_stats_many`` (the drift observer's batch path) gives every signal of every episode to
+    the bit, on real answers, hostile text and the edges its shortcuts touch (whitespace-only and
+    empty answers, a refusal cut at the 300th character, answers past ``MAX_CHARS``)."""
+    import random
+
+    from monitor.signals import text_stats_many
+
+    rows = alpaca_rows("gpt4_1106_preview")[:400] + alpaca_rows("alpaca-7b")[:200]
+    prompts, responses = [r["instruction"] for r in rows], [r["output"] for r in rows]
+    rnd = random.Random(1)
+    pool = [chr(c) for c in (*range(0x250), 0x85, 0xA0, 0x2028, 0x3000, 0xD800, 0x1F600, 0x202E, 0x4E2D)]
+    edges = ["", " ", "\n\t \u3000\x85", "\u2028", " " * 290 + "I'm sorry", " " * 296 + "I'm sorry"]
+    edges += ["x" * (MAX_CHARS + 50)]
+    edges += ["As an AI" + "!" * 300, "I cannot\n\n \nsay", "a\u00a0\n\u2028\nb"]
+    edges += ["".join(rnd.choice(pool) for _ in range(rnd.randint(0, 80))) for _ in range(600)]
+    prompts += ["", *edges][: len(edges)]
+    responses += edges
+    columns = text_stats_many(prompts, responses)
+    assert set(columns) == set(TEXT_SIGNALS)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        one = text_stats(prompt, response)
+        assert {s: columns[s][i] for s in TEXT_SIGNALS} == one, repr(response[:60])
+    assert text_stats_many([], []) == {s: [] for s in TEXT_SIGNALS}
+
+
 def test_word_tokens_are_the_unicode_word_runs() -> None:
     """The bytes fast path cuts where ``\\w+`` does, in any script, and keeps a token whole across
     accents (UTF-8 bytes of 0x80 and up are never spaces)."""
