@@ -224,16 +224,16 @@ class DriftMonitor:
     def prepare(self, episodes: Sequence[tuple[Episode, int]]) -> None:
         """The batch's episodes that :meth:`observe` will see, in order, before they are sampled.
 
-        Their text signals go through the detectors now: per stream and signal, the batch's
-        values in one call (``Detector.update_until_drift``; a CUSUM's is one numpy pass), where one
+        Their text signals go through the detectors now: per stream and signal, the batch's values
+        in one call (``Detector.update_until_drift``; a CUSUM's is one numpy pass), where one
         episode at a time costs a few Python calls per value, signal and detector (8 signals by
-        default, on every episode of the traffic). Nothing here depends on a sampling decision, and what depends on
-        the order waits for :meth:`observe`: a drift event is recorded, and its stream boosted,
-        when observe reaches the episode that raised it, so the boost applies from the next
-        episode exactly as one episode at a time. An episode whose statistics raise keeps its
-        error, which observe raises (the pipeline dead-letters that record alone); the events
-        of episodes observe never reaches (a record that failed before it) are recorded at the
-        checkpoint."""
+        default, on every episode of the traffic). Nothing here depends on a sampling decision,
+        and what depends on the order waits for :meth:`observe`: a drift event is recorded, and
+        its stream boosted, when observe reaches the episode that raised it, so the boost applies
+        from the next episode exactly as one episode at a time. An episode whose statistics raise
+        keeps its error, which observe raises (the pipeline dead-letters that record alone); the
+        events of episodes observe never reaches (a record that failed before it) are recorded at
+        the checkpoint."""
         self._batch = batch = PreparedBatch()
         batch.active = True
         for pos, (ep, _) in enumerate(episodes):
