@@ -12,6 +12,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -24,7 +25,10 @@ from monitor.service.replay import replay_file
 from monitor.simulate.demo import bundled_traffic
 
 
-def make_input(path: Path, n: int) -> int:
+def make_input(path: Path, n: int, tag: str = "r", seed: int | None = None) -> int:
+    """``n`` episodes of the bundled traffic, repeated with fresh ids (``<id>-<tag><i>``); their size.
+    In the file's order (its shifts included), or with ``seed`` drawn at random from all of it: a
+    stationary mixture."""
     base = []
     with gzip.open(bundled_traffic(), "rb") as fh:
         for line in fh:
@@ -35,10 +39,11 @@ def make_input(path: Path, n: int) -> int:
             if isinstance(obj, dict) and isinstance(obj.get("episode_id"), str) and "response" in obj:
                 base.append(obj)
     size = 0
+    rng = random.Random(seed)
     with open(path, "wb") as out:
         for i in range(n):
-            ep = dict(base[i % len(base)])
-            ep["episode_id"] = f"{ep['episode_id']}-r{i // len(base)}"
+            ep = dict(base[i % len(base)] if seed is None else rng.choice(base))
+            ep["episode_id"] = f"{ep['episode_id']}-{tag}{i // len(base) if seed is None else i}"
             line = json.dumps(ep).encode() + b"\n"
             size += len(line)
             out.write(line)

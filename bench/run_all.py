@@ -12,6 +12,8 @@ BENCHES = [
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
     # ~2 minutes: microseconds per record by area (cProfile), and the built drift monitor per episode
     ["hot_path.py", "--configs", "core,signals", "--drift-steady"],
+    # ~2 minutes: the same on a warm database (detectors built: what a running service pays per record)
+    ["hot_path.py", "--configs", "core,signals", "--steady"],
     ["drift.py"],
     ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
     ["drift_ert.py"],  # ~2 minutes: false alarms of the default detectors on 3 x 1,000,000 stationary episodes
