@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,7 @@ class Pipeline:
         self.health = self.retry.health
         self.sampler = sampler if sampler is not None else make_sampler(settings, store, self.retry)
         self.observers: list[EpisodeObserver] = list(observers)
+        self._prepare_seen: set[tuple[str, str]] = set()  # (stage, exception class) whose traceback was logged
         self.after_commit: list[AfterCommit] = list(after_commit)
         self.clock = clock
         # At the end of a finite input, wait for the inference workers' backlog (the service
@@ -488,7 +490,9 @@ class Pipeline:
         """The batch's episodes that go on to be sampled, in order, with their dedup key and input
         index; the others become dead letters or count as duplicates. Each admitted episode is
         taken in the window of recent ones at once, so a copy later in the batch is a duplicate
-        (:meth:`_draft` gives the key back if its episode fails after all)."""
+        (:meth:`_draft` gives the key back if its episode fails after all; a copy later in the
+        same batch has been counted a duplicate by then, and the failed one is a dead letter with
+        its raw bytes)."""
         letters, tally, next_offsets = draft.letters, draft.tally, draft.next_offsets
         max_bytes, kafka, recent, held = self._max_bytes, self._kafka, self.recent, self.held
         max_future_s = self.settings.source.max_future_s
@@ -543,12 +547,17 @@ class Pipeline:
             except Exception as e:
                 if transient(e):
                     raise  # the batch is redone after the outage
-                log.error(
-                    "%s could not take the batch at once, one episode at a time instead: %s",
-                    type(obs).__name__,
-                    describe(e, 200),
-                )
+                self._prepare_failed(type(obs).__name__, e)
                 obs.forget()
+
+    def _prepare_failed(self, stage: str, e: Exception) -> None:
+        """Logged as a record's internal error is: the traceback once per stage and exception
+        class (a bug met at every batch must not flood the log), one line after that; the message
+        escaped (it may quote a record)."""
+        seen = (stage, type(e).__name__)
+        frames = "" if seen in self._prepare_seen else "\n" + "".join(traceback.format_tb(e.__traceback__))
+        self._prepare_seen.add(seen)
+        log.error("%s could not take the batch at once, one episode at a time: %r%s", stage, describe(e), frames)
 
     def _rows(
         self, batch: BatchWrite, ep: Episode, sampled: Mapping[str, float], n_tasks: int, position: str, now: float

@@ -161,18 +161,23 @@ def test_an_episode_whose_statistics_fail_is_dead_lettered_alone(
 
 
 def test_a_batch_path_that_fails_falls_back_to_one_episode_at_a_time(
-    values: list[bytes], one_at_a_time: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    values: list[bytes],
+    one_at_a_time: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A bug in the batch path itself (here: the third batch's feed raises half-way): the observer
     drops what it did to that batch (its state reloads from the last checkpoint), takes the batch
-    one episode at a time, and the run ends exactly as the reference run does."""
+    one episode at a time, and the run ends exactly as the reference run does. The error is logged
+    with the frames that raised it, its message escaped."""
     real = DriftMonitor._feed_many
     calls = {"n": 0}
 
     def flaky(self: DriftMonitor, *args: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 2 * 3 * 6 + 4:  # the third batch (3 streams x 6 signals each), its fourth feed
-            raise RuntimeError("injected")
+            raise RuntimeError("injected\nFAKE LOG LINE")
         real(self, *args)
 
     monkeypatch.setattr(DriftMonitor, "_feed_many", flaky)
@@ -183,3 +188,6 @@ def test_a_batch_path_that_fails_falls_back_to_one_episode_at_a_time(
     assert got["letters"] == []
     for stream in STREAMS:
         assert got["state"][stream]["fed"] == one_at_a_time["state"][stream]["fed"]
+    errors = [r.getMessage() for r in caplog.records if "could not take the batch at once" in r.getMessage()]
+    assert len(errors) == 1 and "DriftMonitor" in errors[0] and "flaky" in errors[0]
+    assert "\nFAKE LOG LINE" not in caplog.text
