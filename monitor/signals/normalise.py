@@ -50,8 +50,8 @@ class NormalScores:
     # Phi^-1 of every mid-rank (2n + 1 of them), built at the first call: one list index per value
     # instead of inv_cdf on the ingest path. Not pickled (rebuilt), absent from older pickles.
     _scores: list[float] | None = field(default=None, init=False, repr=False, compare=False)
-    # That table as an array, for :meth:`many` (a batch's values at once). Not pickled.
-    _table: FloatArray | None = field(default=None, init=False, repr=False, compare=False)
+    # The reference and that table as arrays, for :meth:`many` (a batch's values at once). Not pickled.
+    _table: tuple[FloatArray, FloatArray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_scores", "_table")}
@@ -85,15 +85,8 @@ class NormalScores:
         return scores[bisect.bisect_left(s, x) + bisect.bisect_right(s, x)]
 
     def many(self, xs: Sequence[float]) -> FloatArray:
-        """:meth:`__call__` of every value at once: the same table and the same float operations,
-        so the same scores to the bit.
-
-        The ranks come from ``bisect`` in one comprehension, not ``numpy.searchsorted``: numpy
-        releases the interpreter lock for a search, and in the service another thread (the Kafka
-        consumer's) then holds it for up to a switch interval (5 ms) while the search is long done.
-        On the Kafka path in steady state the service path added 83 us a record with
-        ``searchsorted`` and 50 with ``bisect`` (``bench/kafka_ingest.py --steady --configs
-        no-inference``, paired runs on 2 cores).
+        """:meth:`__call__` of every value, in one numpy pass: the same table and the same float
+        operations, so the same scores to the bit.
 
         >>> t = NormalScores.fit([1.0, 2.0, 3.0, 4.0])
         >>> xs = [0.0, 1.0, 2.5, 2.5, 4.0, 9.0]
@@ -104,11 +97,11 @@ class NormalScores:
         if self._scores is None:
             self(s[0])  # builds the table
         table = self._table
-        if table is None or len(table) != 2 * n + 1:
-            table = self._table = np.asarray(self._scores, dtype=np.float64)
-        left, right = bisect.bisect_left, bisect.bisect_right
-        out: FloatArray = table[[left(s, x) + right(s, x) for x in xs]]
+        if table is None or len(table[0]) != n:
+            table = self._table = (np.asarray(s, dtype=np.float64), np.asarray(self._scores, dtype=np.float64))
+        ref, scores = table
         v = np.asarray(xs, dtype=np.float64)
+        out: FloatArray = scores[np.searchsorted(ref, v, "left") + np.searchsorted(ref, v, "right")]
         lo, hi = s[0], s[-1]
         below, above = v < lo, v > hi
         if below.any():
