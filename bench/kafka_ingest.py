@@ -91,6 +91,10 @@ def load_base() -> tuple[list[dict[str, Any]], str]:
                         )
     if rows:
         return rows, f"alpaca_eval ({len(rows)} distinct)"
+    # Loudly: short synthetic texts cost the text statistics far less than real answers, so a run on
+    # them cannot be compared with one on the shared data (a checkout elsewhere than beside
+    # ../shared, a worktree under /tmp, measures another workload without this line).
+    print(f"warning: no AlpacaEval data at {ALPACA}: synthetic texts, not comparable with real data", file=sys.stderr)
     synthetic = [
         {
             "prompt": f"Question {i}: explain topic {i % 97} in a few sentences.",
