@@ -12,7 +12,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from monitor.quality.labels import agreement, label_rows, per_item
-from monitor.review.export import csv_rows, rating_records
+from monitor.review.export import csv_rows, iter_ratings
 from monitor.store import Store
 from monitor.store import tables as t
 from monitor.store.store import MIGRATIONS_DIR
@@ -90,7 +90,7 @@ def test_upgrade_keeps_existing_labels_readable_and_stores_rated_from_then_on(db
     assert [(r.episode_id, r.rating, r.flags) for r in rows] == [("e1", 6, ["harmful"]), ("e1", 5, ["harmful"])]
     assert per_item(rows)["e1"]["labels"] == [(6, {"harmful"}), (5, {"harmful"})]
     assert agreement(rows, ["harmful"])["n_items"] == 1
-    recs = rating_records(store)
+    recs = list(iter_ratings(store))
     assert [(r["reviewer"], r["flags"], r["rated"]) for r in recs] == [
         ("ann", ["harmful"], None),
         ("bob", ["harmful"], None),
@@ -99,7 +99,7 @@ def test_upgrade_keeps_existing_labels_readable_and_stores_rated_from_then_on(db
     with store.engine.begin() as conn:
         conn.execute(t.labels.insert(), [label("e2", 1, 3, [], rated="conversation")])
     assert _rated(store)[("e2", 1)] == "conversation"
-    assert [r["rated"] for r in rating_records(store)] == [None, None, "conversation"]
+    assert [r["rated"] for r in iter_ratings(store)] == [None, None, "conversation"]
     store.close()
 
 

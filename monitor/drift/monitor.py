@@ -131,7 +131,6 @@ class PreparedBatch:
     """What :meth:`DriftMonitor.prepare` found in a batch, for :meth:`DriftMonitor.observe` to
     apply at each episode: the drift events by the position of the episode that raised them."""
 
-    active: bool = False
     position: dict[int, int] = field(default_factory=dict)  # id(episode) -> position in the batch
     errors: dict[int, Exception] = field(default_factory=dict)  # position -> its statistics' error
     fires: dict[int, tuple[str, list[tuple[str, str, dict[str, Any], At]]]] = field(default_factory=dict)
@@ -235,7 +234,6 @@ class DriftMonitor:
         events of episodes observe never reaches (a record that failed before it) are recorded at
         the checkpoint."""
         self._batch = batch = PreparedBatch()
-        batch.active = True
         for pos, (ep, _) in enumerate(episodes):
             batch.position[id(ep)] = pos
         kept, columns = self._signal_columns(episodes, batch.errors)
@@ -386,7 +384,7 @@ class DriftMonitor:
             self._record(stream, fired)
 
     def observe(self, episode: Episode, decision: Decision, index: int) -> None:
-        pos = self._batch.position.get(id(episode)) if self._batch.active else None
+        pos = self._batch.position.get(id(episode))
         if pos is not None:  # prepared: its signals are in; its events (and any skipped before it) now
             self._record_prepared(pos)
             err = self._batch.errors.get(pos)
@@ -678,9 +676,9 @@ class DriftMonitor:
             self._embedder = embedder_for(self.cfg.embedding, threads)
 
     def checkpoint(self) -> Mapping[tuple[str, str], dict[str, Any]]:
-        if self._batch.active:  # before anything that can fail: a retried checkpoint records nothing twice
-            self._record_prepared(None)
-            self._batch = PreparedBatch()
+        # Before anything that can fail: a retried checkpoint records nothing twice.
+        self._record_prepared(None)
+        self._batch = PreparedBatch()
         self._embed_pending()
         self._take_embedded()
         self._install_built()

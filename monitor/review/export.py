@@ -98,11 +98,6 @@ def iter_ratings(store: Store) -> Iterator[dict[str, Any]]:
         }
 
 
-def rating_records(store: Store) -> list[dict[str, Any]]:
-    """:func:`iter_ratings` as a list (the API streams it)."""
-    return list(iter_ratings(store))
-
-
 def iter_pairs(store: Store) -> Iterator[dict[str, str]]:
     """``{"prompt", "chosen", "rejected"}`` pairs, streamed one prompt at a time: from pairwise
     preferences, and from ratings of different responses to the same prompt (mean rating per
@@ -141,11 +136,6 @@ def _rating_pairs(prompt: str | None, responses: dict[str, list[int]]) -> Iterat
         for mj, rj in means[i + 1 :]:
             if mi > mj:
                 yield {"prompt": prompt, "chosen": ri, "rejected": rj}
-
-
-def pair_records(store: Store) -> list[dict[str, str]]:
-    """:func:`iter_pairs` as a list (the API streams it)."""
-    return list(iter_pairs(store))
 
 
 def jsonl(records: Iterable[dict[str, Any]]) -> Iterator[str]:

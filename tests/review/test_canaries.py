@@ -121,8 +121,8 @@ def test_canaries_never_enter_estimates_training_exports_or_agreement(make_revie
             quality_estimates.estimates(env.store, flags),
             quality_labels.agreement(rows, flags),
             rated_records(env.store),
-            export.rating_records(env.store),
-            export.pair_records(env.store),
+            list(export.iter_ratings(env.store)),
+            list(export.iter_pairs(env.store)),
         )
 
     before = everything()
