@@ -7,14 +7,19 @@ the review app's web stack, and it must answer while the pipeline is busy.
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 ReadyCheck = Callable[[], dict[str, bool]]
+log = logging.getLogger(__name__)
 
 
 def listening_socket(host: str, port: int, setting: str) -> socket.socket:
@@ -38,6 +43,36 @@ def socket_url(sock: socket.socket) -> str:
     """``http://host:port`` of a bound socket (the port the system chose for port 0)."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
+    """Run the uvicorn ``server`` on ``sock`` until SIGTERM or SIGINT, then shut it down gracefully
+    and return normally; returns whether it had started (False: it ended on its own, e.g. a failed
+    start). A second signal stops it without waiting for open connections.
+
+    uvicorn's own ``run()`` on the main thread catches those signals itself and, once shut down,
+    raises the signal again so that its default action ends the process: the caller's ``finally``
+    (closing the store, the Kafka hand-off's producer) never ran and the exit status was 143. On a
+    thread of its own uvicorn installs no handlers; the main thread's ask it to exit
+    (``should_exit``, then ``force_exit``), and the command exits 0 after its cleanup."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: %s shutting down", signal.Signals(signum).name, name)
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)  # with a timeout: the main thread's signal handlers run between the waits
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+    return bool(server.started)
 
 
 class OpsServer:

@@ -218,6 +218,40 @@ def test_web_servers_in_use_port_is_one_line_error_and_port_0_logs_the_real_url(
         proc.wait(timeout=15)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("command", ["serve", "ingest serve"])
+def test_a_web_service_stops_cleanly_on_a_signal(tmp_path: Path, command: str, signum: int) -> None:
+    """``oversight serve`` and ``oversight ingest serve`` shut down on SIGTERM (Kubernetes) or SIGINT
+    (Ctrl-C), run their cleanup (store, hand-off) and exit 0. uvicorn's own signal handling raised
+    the signal again after its shutdown: the process died of it (status 143) before the command's
+    cleanup ran, and a Ctrl-C could end in a KeyboardInterrupt traceback."""
+    args = [*OVERSIGHT, *command.split(), "--dev", "--db", f"sqlite:///{tmp_path / 'w.db'}", "--port", "0"]
+    if command == "serve":
+        args += ["--set", "review.metrics_port=0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OVERSIGHT_")}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        line = ""
+        while "review UI at " not in line and "ingest API at " not in line:
+            line = proc.stderr.readline()
+            assert line, "".join(seen)  # ended before serving
+            seen.append(line)
+        url = line.split(" at ", 1)[1].strip().split("/v1/", 1)[0].rstrip("/")
+        assert get(f"{url}/healthz")[0] == 200
+        proc.send_signal(signum)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    name = "review UI" if command == "serve" else "ingest API"
+    assert f"{name} stopped" in rest and signal.Signals(signum).name in rest, rest
+    assert "Traceback" not in rest, rest
+
+
 def test_run_serves_ops_endpoints_and_drains_on_sigterm(tmp_path: Path) -> None:
     """A file source that is being appended to (a FIFO) keeps the service running; SIGTERM drains."""
     fifo = tmp_path / "in.fifo"

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import ConfigError, Settings
 from monitor.ingest.app import IngestContext, build_context, create_app
-from monitor.ops import listening_socket, socket_url
+from monitor.ops import listening_socket, serve_until_signalled, socket_url
 from monitor.startup import open_store_answering
 from monitor.store import Store
 
@@ -40,12 +40,12 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
         server = uvicorn.Server(_uvicorn_config(create_app(ctx), host, port))
         log.info("ingest API at %s/v1/episodes (hand-off: %s)", socket_url(sock), ctx.handoff.kind)
         try:
-            server.run(sockets=[sock])
-            if not server.started:
+            if not serve_until_signalled(server, sock, "ingest-http"):
                 raise ConfigError(f"ingest.host/port: cannot serve on {host}:{port}")
         finally:
             ctx.close()
             store.close()
+        log.info("ingest API stopped")
 
 
 class IngestServer:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from monitor.config import ConfigError, Settings
-from monitor.ops import OpsServer, listening_socket, socket_url
+from monitor.ops import OpsServer, listening_socket, serve_until_signalled, socket_url
 from monitor.startup import open_store_answering
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
             uvicorn.Config(app, host=host, port=port, log_level="warning", proxy_headers=False, server_header=False)
         )
         try:
-            server.run(sockets=[sock])
+            serve_until_signalled(server, sock, "review-http")
         finally:
             metrics.stop()
             store.close()
+        log.info("review UI stopped")
 
 
 class BackgroundServer:
