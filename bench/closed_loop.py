@@ -202,6 +202,8 @@ def summarise(name: str, r: dict[str, Any], change: dict[str, Any], seconds: flo
         # The update's version whatever the gate said (promoted, rejected or held): what training gave.
         "update_status": versions[-1]["status"] if len(versions) > 1 else None,
         "agreement_new_update": versions[-1]["agreement_new"] if len(versions) > 1 else None,
+        # What the gate measured the update on: its held-out pairs of new labels, most across prompts.
+        "gate_new": versions[-1]["gate"] if len(versions) > 1 else None,
         "estimate_before": phases.get("before_alarm"),
         "estimate_after": phases.get("after_alarm"),
         "retrain_requests": len(r["retrain_requests"]),
@@ -253,6 +255,15 @@ def main() -> int:
             f"promoted {_fmt(r['agreement_new_after'])}  longer wins {_fmt(r['longer_wins_new'])}  n={r['n_eval_new']}"
             f"  (the update: {_fmt(r['agreement_new_update'])}, {_fmt(r['update_status'])})"
         )
+    print("\nThe gate's own held-out pairs of new labels (the update against the active version):")
+    for r in rows:
+        g = r["gate_new"]
+        if g and g.get("new_pairs"):
+            print(
+                f"  {r['scenario']:<16}{g['new_pairs']} pairs, {_fmt(g['new_within_prompt'])} within one prompt: "
+                f"update {_fmt(g['candidate_new'])}  active {_fmt(g['active_new'])}  "
+                f"longer wins {_fmt(g['longer_wins_new'])}"
+            )
     print("\nHorvitz-Thompson estimate of the mean answer in chat (95% CI) vs the true mean:")
     for r in rows:
         for phase in ("estimate_before", "estimate_after"):

@@ -228,23 +228,61 @@ def gain_interval(cand: np.ndarray, act: np.ndarray, left: np.ndarray, right: np
     }
 
 
+class LongerWins:
+    """The baseline "the longer answer wins" as a scorer (a response's length in characters): every
+    agreement of the gate is printed beside it, on the same pairs and with the same tie rule."""
+
+    version = "longer-wins"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
+        return [float(len(r)) for r in responses]
+
+
+def within_prompt(pairs: Sequence[Pair]) -> np.ndarray:
+    """Per pair: whether both responses answer the same prompt (else a pair across prompts)."""
+    return np.array([a[0] == b[0] for a, b in map(pair_texts, pairs)], dtype=bool)
+
+
 def side_report(candidate: Any, active: Any, pairs: Sequence[Pair], z: float) -> dict[str, Any] | None:
-    """n, responses, both agreements with intervals and the paired gain on ``pairs`` (None if empty)."""
+    """n, responses, both agreements with intervals and the paired gain on ``pairs`` (None if empty),
+    "the longer answer wins" on the same pairs, and the pairs within one prompt on their own.
+
+    With ``pairing: absolute`` most held-out pairs join answers to *different* prompts: their
+    agreement measures ratings across prompts, where a prompt's difficulty moves a rating as much
+    as the answer does, while a policy is trained and compared on answers to the same prompt. The
+    record says how many pairs are of each kind, and the within-prompt agreements apart, so a
+    reader sees what the verdict could and could not measure (the verdict itself reads all pairs)."""
     if not pairs:
         return None
     left, right = response_ends(pairs)
     cand = outcomes(candidate, pairs)
+    act = None if active is None else outcomes(active, pairs)
     out: dict[str, Any] = {
         "n": len(pairs),
         "responses": int(max(left.max(), right.max())) + 1,
         "candidate": agreement_interval(cand, left, right, z),
         "active": None,
         "gain": None,
+        "longer_wins": agreement_interval(outcomes(LongerWins(), pairs), left, right, z),
+        "within_prompt": within_report(pairs, cand, act, z),
     }
-    if active is not None:
-        act = outcomes(active, pairs)
+    if act is not None:
         out["active"] = agreement_interval(act, left, right, z)
         out["gain"] = gain_interval(cand, act, left, right, z)
+    return out
+
+
+def within_report(pairs: Sequence[Pair], cand: np.ndarray, act: np.ndarray | None, z: float) -> dict[str, Any]:
+    """The pairs of ``pairs`` within one prompt: their number and, when there are any, both
+    versions' agreements on them with intervals (``cand``/``act``: the outcomes on all pairs)."""
+    mask = within_prompt(pairs)
+    out: dict[str, Any] = {"n": int(mask.sum()), "candidate": None, "active": None}
+    if out["n"]:
+        sub = [p for p, m in zip(pairs, mask, strict=True) if m]
+        left, right = response_ends(sub)
+        out["candidate"] = agreement_interval(cand[mask], left, right, z)
+        if act is not None:
+            out["active"] = agreement_interval(act[mask], left, right, z)
     return out
 
 
@@ -460,6 +498,23 @@ def _interval(a: dict[str, Any], key: str, sign: str = "") -> str:
     return f"{a[key]:{sign}.3f} [{a['lo']:{sign}.3f}, {a['hi']:{sign}.3f}]"
 
 
+def render_baselines(rep: dict[str, Any]) -> str:
+    """The "longer wins" baseline and the within-prompt pairs of one side's report (absent from
+    records written before they were kept)."""
+    txt = ""
+    if rep.get("longer_wins") is not None:
+        txt += f", longer wins {_interval(rep['longer_wins'], 'agreement')}"
+    within = rep.get("within_prompt")
+    if within is not None:
+        txt += f"; {within['n']} of the {rep['n']} pairs within one prompt"
+        if within["candidate"] is not None:
+            txt += f" (candidate {_interval(within['candidate'], 'agreement')}"
+            if within["active"] is not None:
+                txt += f", active {_interval(within['active'], 'agreement')}"
+            txt += ")"
+    return txt
+
+
 def render_gate(verdict: dict[str, Any]) -> str:
     """One line for people: the verdict, the sizes, every agreement and the gain with its bounds."""
     head = f"gate {verdict['verdict']}"
@@ -474,6 +529,7 @@ def render_gate(verdict: dict[str, Any]) -> str:
         txt = f"{side}: {rep['n']} pairs of {rep['responses']} responses, candidate {cand}"
         if rep["active"] is not None:
             txt += f", active {_interval(rep['active'], 'agreement')}, gain {_interval(rep['gain'], 'gain', '+')}"
+        txt += render_baselines(rep)
         parts.append(txt)
     sens = verdict.get("sensitivity")
     if sens and sens.get("comparison"):

@@ -157,6 +157,17 @@ class Truth:
         return out
 
 
+def gate_pairs(gate: dict[str, Any]) -> dict[str, Any]:
+    """What the gate's new held-out pairs were: how many, how many within one prompt, and "the
+    longer answer wins" on them (None in a record without them: a bootstrap, or written before)."""
+    new = gate.get("new") or {}
+    return {
+        "new_pairs": new.get("n"),
+        "new_within_prompt": (new.get("within_prompt") or {}).get("n"),
+        "longer_wins_new": (new.get("longer_wins") or {}).get("agreement"),
+    }
+
+
 # --- reviewers ------------------------------------------------------------------------------------
 
 
@@ -679,7 +690,11 @@ class Simulation:
                     "agreement_old": acc["old"],
                     "eval_pairs": {k: len(p) for k, p in pairs.items()},
                     "gate": {
-                        k: gate.get(k) for k in ("candidate_new", "active_new", "candidate_old", "active_old", "reason")
+                        **{
+                            k: gate.get(k)
+                            for k in ("candidate_new", "active_new", "candidate_old", "active_old", "reason")
+                        },
+                        **gate_pairs(gate),
                     },
                     "data_window": v.get("data_window"),
                 }

@@ -203,6 +203,10 @@ def test_update_is_gated_promoted_and_helps(loop: dict[str, Any]) -> None:
     assert last["status"] == "active" and last["promoted"] and last["parent"] == first["version"]
     gate = last["gate"]
     assert gate["reason"] == "passed" and gate["candidate_new"] >= gate["active_new"] + 0.02
+    # The report says what the gate measured on: its new held-out pairs, those within one prompt, and
+    # "the longer answer wins" on them.
+    assert gate["new_pairs"] >= 100 and 0 <= gate["new_within_prompt"] < gate["new_pairs"], gate
+    assert 0 < gate["longer_wins_new"] < 1, gate
     # On held-out judge pairs of the new distribution the promoted version agrees more.
     assert last["agreement_new"] > first["agreement_new"], versions
     (inc,) = [i for i in r["incidents"] if i["stream"] == "chat"]

@@ -224,3 +224,49 @@ def test_cli_prints_the_verdict_in_words(capsys: pytest.CaptureFixture[str]) -> 
     assert err.startswith("gate undecided (could not decide; the active version stays); ")
     assert f"new: {new['n']} pairs of 40 responses" in err and f"gain {g['gain']:+.3f} [{g['lo']:+.3f}, " in err
     assert f"needs about {needs['labels']} more labels" in err
+
+
+def test_the_record_says_what_the_pairs_could_measure() -> None:
+    """Held-out pairs across prompts measure ratings across prompts; the record counts the pairs
+    within one prompt and gives both versions' agreements on those apart, and "the longer answer
+    wins" on the same pairs, each checked here against a computation of its own."""
+    from monitor.reward.train import length_baseline
+
+    pairs, quality = _population(120, seed=3)
+    # Lengths that disagree with quality on some pairs, so "longer wins" is neither 0 nor 1.
+    rng = random.Random(4)
+    lengths = {k: max(1, int(50 + 30 * q + rng.gauss(0, 40))) for k, q in quality.items()}
+    padded = {k: k[1] + "." * n for k, n in lengths.items()}
+    pairs = [
+        {
+            **p,
+            "chosen": padded[(p["prompt"], p["chosen"])],
+            "rejected": padded[(p.get("rejected_prompt") or p["prompt"], p["rejected"])],
+        }
+        for p in pairs
+    ]
+    quality = {(k[0], padded[k]): q for k, q in quality.items()}
+    cand, act = NoisyScorer(quality, 0.3, 5), NoisyScorer(quality, 2.0, 6)
+    rep = side_report(cand, act, pairs, Z95)
+    assert rep is not None
+    same = [p for p in pairs if p.get("rejected_prompt") in (None, p["prompt"])]
+    assert 0 < len(same) < len(pairs) // 4  # two answers a prompt: most pairs join two prompts
+    lw = rep["longer_wins"]
+    assert lw["agreement"] == pytest.approx(length_baseline(pairs), abs=1e-4) and 0.2 < lw["agreement"] < 0.95
+    assert lw["lo"] <= lw["agreement"] <= lw["hi"]
+    within = rep["within_prompt"]
+    assert within["n"] == len(same)
+    for who, model in (("candidate", cand), ("active", act)):
+        direct = float(outcomes(model, same).mean())
+        assert within[who]["agreement"] == pytest.approx(direct, abs=1e-4)
+        assert within[who]["lo"] <= direct <= within[who]["hi"] and within[who]["n_eff"] <= len(same)
+    line = render_gate({"verdict": "undecided", "reason": "r", "new": rep, "old": None, "confidence": 0.95})
+    assert f"longer wins {lw['agreement']:.3f} [" in line
+    assert f"{len(same)} of the {len(pairs)} pairs within one prompt (candidate " in line and ", active " in line
+    # No pair within a prompt: counted as none, no agreements; a record written before these were kept
+    # still renders.
+    across = [p for p in pairs if p not in same]
+    rep2 = side_report(cand, None, across, Z95)
+    assert rep2 is not None and rep2["within_prompt"] == {"n": 0, "candidate": None, "active": None}
+    old = {k: v for k, v in rep.items() if k not in ("longer_wins", "within_prompt")}
+    assert "longer wins" not in render_gate({"verdict": "reject", "reason": "r", "new": old, "confidence": 0.95})
