@@ -26,6 +26,10 @@ BENCHES = [
     ["review_api.py"],
     ["ingest_http.py"],  # SDK, raw HTTP, OTLP and a raw producer against `oversight ingest serve`
     ["rm_score.py"],
+    # ~4 minutes: the built-in reward model trained on each corpus, and the per-kind section (LoRA, calibration)
+    ["rm_train.py", "--corpus", "both"],
+    # ~12 minutes: the built-in default on AlpacaEval models held out (3 folds), HH-RLHF, training time
+    ["rm_train.py", "--heldout-models", "--no-baseline", "--no-progress"],
     ["encoder.py"],  # ~6 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the ceiling
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
