@@ -347,8 +347,8 @@ def test_a_client_gone_mid_body_is_counted_without_a_traceback(env: Env, caplog:
 
 def run_pipeline(settings: Settings, store: Store) -> Any:
     s = settings.model_copy(update={"source": settings.source.model_copy(update={"kind": "inbox"})})
-    svc = build_service(s, serve=False, store=store, registry=CollectorRegistry())
-    return svc.pipeline.run(hooks=LoopHooks(when_idle=lambda: True, stage_idle_work=False))
+    with build_service(s, serve=False, store=store, registry=CollectorRegistry()) as svc:
+        return svc.pipeline.run(hooks=LoopHooks(when_idle=lambda: True, stage_idle_work=False))
 
 
 def traffic(store: Store) -> int:
