@@ -55,7 +55,15 @@ def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     (closing the store, the Kafka hand-off's producer) never ran and the exit status was 143. On a
     thread of its own uvicorn installs no handlers; the main thread's ask it to exit
     (``should_exit``, then ``force_exit``), and the command exits 0 after its cleanup."""
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:  # raised on the caller's thread below, as run() on it would
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: %s shutting down", signal.Signals(signum).name, name)
@@ -72,6 +80,8 @@ def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     finally:
         for sig, old in before.items():
             signal.signal(sig, old)
+    if failed:
+        raise failed[0]
     return bool(server.started)
 
 

@@ -252,6 +252,46 @@ def test_a_web_service_stops_cleanly_on_a_signal(tmp_path: Path, command: str, s
     assert "Traceback" not in rest, rest
 
 
+class StandInServer:
+    """A stand-in for uvicorn.Server (the attributes serve_until_signalled uses): serves until asked
+    to exit, or raises ``fail`` at start."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.should_exit = False
+        self.force_exit = False
+        self.started = False
+        self.fail = fail
+        self.sockets: list[socket.socket] = []
+
+    def run(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+        if self.fail is not None:
+            raise self.fail
+        self.started = True
+        while not self.should_exit:
+            time.sleep(0.01)
+
+
+def test_serve_until_signalled_stops_on_a_signal_and_raises_what_the_server_raised() -> None:
+    """The mechanism under the two commands: a signal asks the server to exit and the call returns
+    (a second one forces it); the handlers before are put back; what the server's thread raised is
+    raised to the caller, as uvicorn's run() on the caller's thread did (the CLI turns it into one line)."""
+    import threading
+
+    from monitor.ops import serve_until_signalled
+
+    before = signal.getsignal(signal.SIGTERM)
+    with socket.socket() as sock:
+        server = StandInServer()
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        assert serve_until_signalled(server, sock, "stand-in") is True
+        assert server.should_exit and not server.force_exit and server.sockets == [sock]
+        assert signal.getsignal(signal.SIGTERM) == before
+        with pytest.raises(OSError, match="no such address"):
+            serve_until_signalled(StandInServer(fail=OSError("no such address")), sock, "stand-in")
+        assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_run_serves_ops_endpoints_and_drains_on_sigterm(tmp_path: Path) -> None:
     """A file source that is being appended to (a FIFO) keeps the service running; SIGTERM drains."""
     fifo = tmp_path / "in.fifo"
