@@ -162,7 +162,9 @@ class KafkaEnv:
         finally:
             stop.set()
             th.join(30)
-            svc.store.close()
+            # The whole service, not its store alone: its outbox relays would go on publishing (and
+            # logging failures) after the test's database is gone.
+            svc.close()
         assert not th.is_alive(), "the pipeline did not stop within 30 s"
         if "error" in result:
             raise result["error"]
