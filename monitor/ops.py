@@ -6,12 +6,13 @@ the review app's web stack, and it must answer while the pipeline is busy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
@@ -45,6 +46,25 @@ def socket_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
+@contextlib.contextmanager
+def signals_handled(handler: SignalHandler) -> Iterator[None]:
+    """``handler`` takes SIGTERM and SIGINT during the block, and the handlers before it are put
+    back after it; on a thread other than the main one (where Python allows no handlers) nothing
+    is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
 def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     """Run the uvicorn ``server`` on ``sock`` until SIGTERM or SIGINT, then shut it down gracefully
     and return normally; returns whether it had started (False: it ended on its own, e.g. a failed
@@ -71,15 +91,10 @@ def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
             server.force_exit = True
         server.should_exit = True
 
-    main = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
-    try:
+    with signals_handled(handler):
         thread.start()
         while thread.is_alive():
             thread.join(0.5)  # with a timeout: the main thread's signal handlers run between the waits
-    finally:
-        for sig, old in before.items():
-            signal.signal(sig, old)
     if failed:
         raise failed[0]
     return bool(server.started)

@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from monitor.config import DatabaseConfig
 from monitor.metrics import NS
-from monitor.ops import OpsServer
+from monitor.ops import OpsServer, signals_handled
 from monitor.retry import Aborted, first_line, transient
 from monitor.store import Store
 
@@ -169,21 +169,12 @@ def _answering(sock: socket.socket) -> Iterator[None]:
         thread.join(5)
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(stop: threading.Event) -> Iterator[None]:
+def _stopped_by_signals(stop: threading.Event) -> contextlib.AbstractContextManager[None]:
     """SIGTERM and SIGINT set ``stop`` during the block (the main thread only; elsewhere nothing is
     changed), and the handlers before it are put back after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: no longer waiting for the database", signal.Signals(signum).name)
         stop.set()
 
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in before.items():
-            signal.signal(sig, old)
+    return signals_handled(handler)

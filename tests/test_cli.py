@@ -273,8 +273,8 @@ class StandInServer:
 
 
 def test_serve_until_signalled_stops_on_a_signal_and_raises_what_the_server_raised() -> None:
-    """The mechanism under the two commands: a signal asks the server to exit and the call returns
-    (a second one forces it); the handlers before are put back; what the server's thread raised is
+    """The mechanism under the two commands: a signal asks the server to exit and the call returns;
+    the handlers before are put back; what the server's thread raised is
     raised to the caller, as uvicorn's run() on the caller's thread did (the CLI turns it into one line)."""
     import threading
 

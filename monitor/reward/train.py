@@ -132,15 +132,20 @@ def model_config_of(cfg: TrainConfig) -> ModelConfig:
     return ModelConfig.model_validate({k: getattr(cfg, k) for k in MODEL_KEYS})
 
 
+def length_outcomes(pairs: Sequence[Pair]) -> list[float]:
+    """Per pair, "the longer response wins" (characters): 1 when it orders the pair as labelled,
+    0.5 on a tie, 0 when not."""
+    return [
+        1.0 if len(p["chosen"]) > len(p["rejected"]) else 0.5 if len(p["chosen"]) == len(p["rejected"]) else 0.0
+        for p in pairs
+    ]
+
+
 def length_baseline(pairs: Sequence[Pair]) -> float:
     """Accuracy of "the longer response wins" (characters; ties count half)."""
     if not pairs:
         return float("nan")
-    wins = sum(
-        1.0 if len(p["chosen"]) > len(p["rejected"]) else 0.5 if len(p["chosen"]) == len(p["rejected"]) else 0.0
-        for p in pairs
-    )
-    return wins / len(pairs)
+    return sum(length_outcomes(pairs)) / len(pairs)
 
 
 def pair_texts(p: Pair) -> tuple[tuple[str, str], tuple[str, str]]:

@@ -55,7 +55,7 @@ from monitor.metrics import Metrics
 from monitor.reward import sensitivity as rm_sensitivity
 from monitor.reward.data import Pair, pairs_from_ratings, split_of
 from monitor.reward.registry import Registry
-from monitor.reward.train import pair_texts
+from monitor.reward.train import length_outcomes, pair_texts
 from monitor.store import Store
 from monitor.store import tables as t
 from monitor.store.adjudications import finals
@@ -228,16 +228,6 @@ def gain_interval(cand: np.ndarray, act: np.ndarray, left: np.ndarray, right: np
     }
 
 
-class LongerWins:
-    """The baseline "the longer answer wins" as a scorer (a response's length in characters): every
-    agreement of the gate is printed beside it, on the same pairs and with the same tie rule."""
-
-    version = "longer-wins"
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32) -> list[float]:
-        return [float(len(r)) for r in responses]
-
-
 def within_prompt(pairs: Sequence[Pair]) -> np.ndarray:
     """Per pair: whether both responses answer the same prompt (else a pair across prompts)."""
     return np.array([a[0] == b[0] for a, b in map(pair_texts, pairs)], dtype=bool)
@@ -263,7 +253,7 @@ def side_report(candidate: Any, active: Any, pairs: Sequence[Pair], z: float) ->
         "candidate": agreement_interval(cand, left, right, z),
         "active": None,
         "gain": None,
-        "longer_wins": agreement_interval(outcomes(LongerWins(), pairs), left, right, z),
+        "longer_wins": agreement_interval(np.asarray(length_outcomes(pairs)), left, right, z),
         "within_prompt": within_report(pairs, cand, act, z),
     }
     if act is not None:
