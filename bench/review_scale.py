@@ -16,7 +16,8 @@ Then measures, each the median of its repeats:
 * the admin page's summary (agreement, estimates, queue, incidents), and the memory it took.
 
 Every tenth labelled item has a second label by another reviewer (the default
-``review.overlap_fraction``).
+``review.overlap_fraction``). The labelled episodes span a year of episode time, each with its
+traffic minute, as a service that has run that long keeps them; the waiting ones follow.
 
 Prints a table and one JSON line ``{"bench": "review_scale", ...}``.
 """
@@ -47,6 +48,7 @@ from monitor.store import Store
 
 PG_BASE = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 REVIEWERS = 5
+YEAR_S = 365 * 86400.0
 
 
 def _series(dialect: str, n: int, start: int = 1) -> tuple[str, str]:
@@ -60,13 +62,15 @@ def fill(store: Store, waiting: int, labels: int, streams: int) -> list[auth.Use
     """The tasks, the labelled episodes and their rows (module docstring); returns the reviewers."""
     users = [auth.create_user(store, f"rev{i}", "reviewer", "correct horse battery") for i in range(REVIEWERS)]
     d = store.dialect
-    # Labelled episodes e1..eL (90 days of episode time), then the waiting ones eL+1..eL+W.
+    # Labelled episodes e1..eL over a year of episode time, then the waiting ones eL+1..eL+W, two a second.
+    spacing = YEAR_S / labels
+    ts = f"(CASE WHEN g <= {labels} THEN g * {spacing} ELSE {labels * spacing} + (g - {labels}) * 0.5 END)"
     with store.engine.begin() as conn:
         pre, src = _series(d, labels + waiting)
         conn.execute(
             sa.text(
                 pre + "INSERT INTO episodes (episode_id, stream, model, ts, prompt, response, metadata, source,"
-                f" position, ingested_at) SELECT 'e' || g, 's' || (g % {streams}), 'm', g * 7.0, 'A question?',"
+                f" position, ingested_at) SELECT 'e' || g, 's' || (g % {streams}), 'm', {ts}, 'A question?',"
                 " 'The answer is yes. It was fine. Paris is in France.', '{}', 't', 'e' || g, g " + src
             )
         )
@@ -75,13 +79,20 @@ def fill(store: Store, waiting: int, labels: int, streams: int) -> list[auth.Use
             conn.execute(
                 sa.text(
                     pre + "INSERT INTO samples (episode_id, channel, stream, ts, inclusion_probability, created_at)"
-                    f" SELECT 'e' || g, '{channel}', 's' || (g % {streams}), g * 7.0, {p}, g " + src
+                    f" SELECT 'e' || g, '{channel}', 's' || (g % {streams}), g * {spacing}, {p}, g " + src
                 )
             )
         conn.execute(
             sa.text(
                 pre + "INSERT INTO rm_scores (episode_id, version, stream, score, ts, created_at)"
-                f" SELECT 'e' || g, 'v1', 's' || (g % {streams}), (g % 97) / 97.0, g * 7.0, g " + src
+                f" SELECT 'e' || g, 'v1', 's' || (g % {streams}), (g % 97) / 97.0, g * {spacing}, g " + src
+            )
+        )
+        # Each labelled episode's traffic minute (a human sample of 1% stands for 100 episodes).
+        conn.execute(
+            sa.text(
+                pre + "INSERT INTO traffic (stream, bucket, episodes)"
+                f" SELECT 's' || (g % {streams}), CAST(g * {spacing} / 60 AS INTEGER) * 60, 100 " + src
             )
         )
         user_of = f"(CASE g % {REVIEWERS} " + " ".join(f"WHEN {i} THEN {u.id}" for i, u in enumerate(users)) + " END)"
@@ -89,7 +100,7 @@ def fill(store: Store, waiting: int, labels: int, streams: int) -> list[auth.Use
             sa.text(
                 pre + "INSERT INTO labels (episode_id, slot, user_id, stream, skipped, rating, flags, critique,"
                 f" time_spent_ms, created_at) SELECT 'e' || g, 0, {user_of}, 's' || (g % {streams}),"
-                " false, 1 + (g % 7), '[]', '', 1000, g * 7.0 " + src
+                f" false, 1 + (g % 7), '[]', '', 1000, g * {spacing} " + src
             )
         )
         conn.execute(
@@ -107,7 +118,7 @@ def fill(store: Store, waiting: int, labels: int, streams: int) -> list[auth.Use
             sa.text(
                 pre + "INSERT INTO labels (episode_id, slot, user_id, stream, skipped, rating, flags, critique,"
                 f" time_spent_ms, created_at) SELECT 'e' || g, 1, {second}, 's' || (g % {streams}),"
-                " false, 1 + ((g / 10) % 7), '[]', '', 1000, g * 7.0 + 1 " + src + " WHERE g % 10 = 0"
+                f" false, 1 + ((g / 10) % 7), '[]', '', 1000, g * {spacing} + 1 " + src + " WHERE g % 10 = 0"
             )
         )
         pre, src = _series(d, waiting, labels + 1)

@@ -988,6 +988,18 @@ class QualityConfig(_Model):
         description="each reviewer's bias and noise are shrunk towards none and the pooled noise with a prior"
         " worth this many overlapping labels",
     )
+    # Labels are kept for ever (retention keeps what people made), so estimates over every label
+    # grew without end: 200,000 of them took the admin summary 10 s and 280 MB of the review
+    # service per computation. A window bounds that by the reviewers' pace, and it is what an
+    # estimate of a stream's quality now should cover.
+    window_days: float | None = Field(
+        30.0,
+        gt=0,
+        le=36500,
+        description="the estimates over all traffic, reviewer agreement, the estimates chart and the quality gauge"
+        " cover each stream's last N days of traffic (event time, up to the end of its latest traffic minute,"
+        " as retention measures it); null: every label kept",
+    )
 
 
 class Settings(BaseSettings):

@@ -380,6 +380,7 @@ class ActionWorker:
     def refresh_gauges(self) -> dict[str, dict[str, Any]]:
         """Quality estimates, reward-model/human agreement and the reward-hacking alarm (metrics)."""
         from monitor.quality import oversight
+        from monitor.quality.window import quality_windows
         from monitor.reward.registry import Registry
 
         active = Registry.for_settings(self.store, self.settings).active()
@@ -389,6 +390,7 @@ class ActionWorker:
             window=self.settings.actions.oversight_window,
             reliability_weighting=self.settings.quality.reliability_weighting,
             prior_labels=self.settings.quality.reliability_prior_labels,
+            windows=quality_windows(self.store, self.settings),
         )
         if self.metrics is not None:
             oversight.publish(self.metrics, self.oversight)

@@ -27,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.quality.window import Windows, in_window
 from monitor.store import tables as t
 from sampling import WeightedSums
 
@@ -52,10 +53,11 @@ def rated_items(*where: sa.ColumnElement[bool]) -> sa.Select[Any]:
     )
 
 
-def _items() -> sa.CTE:
-    """Each labelled item's value: its newest adjudication's rating, else its reviewers' mean."""
+def _items(windows: Windows | None = None) -> sa.CTE:
+    """Each labelled item's value: its newest adjudication's rating, else its reviewers' mean
+    (``windows``: the items of each stream's window, :mod:`monitor.quality.window`)."""
     a = t.adjudications
-    rated = rated_items().subquery("rated")
+    rated = (rated_items() if windows is None else rated_items(in_window(windows))).subquery("rated")
     newest = sa.select(sa.func.max(a.c.id)).group_by(a.c.episode_id)
     final = sa.select(a.c.episode_id, a.c.rating).where(a.c.id.in_(newest)).subquery("final")
     y = sa.func.coalesce(sa.cast(final.c.rating, sa.Float), rated.c.rating)
@@ -66,9 +68,10 @@ def _items() -> sa.CTE:
     )
 
 
-def rating_sums(conn: sa.Connection) -> dict[str, WeightedSums]:
-    """Per stream with labels: the sums of its items' ratings (module docstring)."""
-    item = _items()
+def rating_sums(conn: sa.Connection, windows: Windows | None = None) -> dict[str, WeightedSums]:
+    """Per stream with labels: the sums of its items' ratings (module docstring), over each
+    stream's window when ``windows`` is given."""
+    item = _items(windows)
     one = sa.literal(1.0, sa.Float)
     per = (
         sa.select(

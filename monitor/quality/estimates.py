@@ -21,6 +21,7 @@ from typing import Any
 
 from monitor.quality.adjudication import Final, finals
 from monitor.quality.labels import label_rows, per_item
+from monitor.quality.window import Windows
 from monitor.store import Store
 from sampling import horvitz_thompson, reliability
 
@@ -127,8 +128,11 @@ def estimates(
     reliability_weighting: bool = False,
     prior_labels: float = 5.0,
     final: Mapping[str, Final] | None = None,
+    windows: Windows | None = None,
 ) -> list[dict[str, Any]]:
-    """Per stream: the rating estimate and the flag rates over all traffic.
+    """Per stream: the rating estimate and the flag rates over all traffic (``windows``: over each
+    stream's window, :mod:`monitor.quality.window`; pass the same to :func:`label_rows` for
+    ``rows``).
 
     With ``reliability_weighting`` (``quality.reliability_weighting``) an item's rating is its
     calibrated value (``sampling.reliability``: each reviewer's bias removed, ratings weighted by
@@ -138,7 +142,7 @@ def estimates(
     An adjudicated item (``final``, default: :func:`monitor.quality.adjudication.finals`) counts
     with its final label in place of its reviewers' labels, weighted or not; the reliability fit
     still reads the reviewers' own labels (it measures them), with the final ratings as gold."""
-    rows = label_rows(store) if rows is None else rows
+    rows = label_rows(store, windows=windows) if rows is None else rows
     final = finals(store) if final is None else final
     by_stream: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for eid, it in per_item(rows, final).items():
@@ -173,7 +177,8 @@ def estimates(
             flag_est[f] = finite(horvitz_thompson(vals, probs, bounds=FLAG_BOUNDS).to_dict())
         row: dict[str, Any] = {
             "stream": stream,
-            "population": store.traffic_count(stream),
+            "population": store.traffic_count(stream, None if windows is None else windows.get(stream)),
+            "window_start": None if windows is None else windows.get(stream),
             "n_labelled": len(items),
             "n_adjudicated": sum(1 for it in items if it["adjudicated"]),
             "rating": finite(rating.to_dict()),
@@ -192,14 +197,16 @@ def estimate_series(
     bucket_s: int = 3600,
     rows: list[Any] | None = None,
     final: Mapping[str, Final] | None = None,
+    windows: Windows | None = None,
 ) -> list[dict[str, Any]]:
     """The rating estimate per time bucket of episode time (for the chart), adjudicated items at
     their final label. Pass ``rows`` (from :func:`label_rows`) and ``final`` (from
-    :func:`monitor.quality.adjudication.finals`) to chart several streams from one read."""
+    :func:`monitor.quality.adjudication.finals`) to chart several streams from one read;
+    ``windows`` (without ``rows``): the buckets of each stream's window only."""
     buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
     # The stream's rows first: grouping every stream's labels into items once per stream charted
     # took the admin page 15 s for 10 streams at 200,000 labels.
-    mine = [r for r in (label_rows(store) if rows is None else rows) if r.stream == stream]
+    mine = [r for r in (label_rows(store, windows=windows) if rows is None else rows) if r.stream == stream]
     for it in per_item(mine, finals(store, stream) if final is None else final).values():
         buckets[int(it["ts"] // bucket_s) * bucket_s].append(it)
     out = []

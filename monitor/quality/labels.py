@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from monitor.quality.adjudication import Final
+from monitor.quality.window import Windows, in_window
 from monitor.store import Store
 from monitor.store import tables as t
 
@@ -66,8 +67,10 @@ def cohen_kappa(pairs: list[tuple[bool, bool]]) -> float | None:
     return (po - pe) / (1 - pe)
 
 
-def label_rows(store: Store, since: float | None = None) -> list[Any]:
-    """Every label with its inclusion probability (one read for several estimates)."""
+def label_rows(store: Store, since: float | None = None, windows: Windows | None = None) -> list[Any]:
+    """Every label with its inclusion probability (one read for several estimates); ``since``:
+    labels made since then; ``windows``: labels of episodes in their stream's window
+    (:mod:`monitor.quality.window`)."""
     lb, s = t.labels, t.samples
     q = (
         sa.select(
@@ -87,6 +90,8 @@ def label_rows(store: Store, since: float | None = None) -> list[Any]:
     )
     if since is not None:
         q = q.where(lb.c.created_at >= since)
+    if windows is not None:
+        q = q.where(in_window(windows, s))
     with store.engine.connect() as conn:
         return list(conn.execute(q).all())
 

@@ -30,6 +30,7 @@ from monitor.metrics import Metrics
 from monitor.quality.aggregate import rated_items, rating_sums
 from monitor.quality.estimates import RATING_BOUNDS, estimates, finite
 from monitor.quality.labels import label_rows
+from monitor.quality.window import Windows
 from monitor.store import Store
 from monitor.store import tables as t
 from sampling import bounded_hajek
@@ -66,6 +67,7 @@ def compute(
     *,
     reliability_weighting: bool = False,
     prior_labels: float = 5.0,
+    windows: Windows | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The gauges of every stream. The service refreshes them every few seconds, so what it reads
     is bounded by streams and ``window``, not by traffic or by the labels people made: the
@@ -76,14 +78,18 @@ def compute(
     200,000 labels.
 
     With ``reliability_weighting`` the quality estimate is the exception: its fit weighs every
-    reviewer against every other on all their labels, so it reads them all."""
+    reviewer against every other on all their labels, so it reads them all (those of each stream's
+    window, with ``windows``: the span ``quality`` covers, as the admin summary's estimates do)."""
     out: dict[str, dict[str, Any]] = defaultdict(dict)
     with store.engine.connect() as conn:
         if reliability_weighting:
-            for est in estimates(store, [], label_rows(store), reliability_weighting=True, prior_labels=prior_labels):
+            rows = label_rows(store, windows=windows)
+            for est in estimates(
+                store, [], rows, reliability_weighting=True, prior_labels=prior_labels, windows=windows
+            ):
                 out[est["stream"]]["quality"] = est["rating"]
         else:
-            for stream, sums in rating_sums(conn).items():
+            for stream, sums in rating_sums(conn, windows).items():
                 out[stream]["quality"] = finite(bounded_hajek(sums, RATING_BOUNDS).to_dict())
         if version is None:
             return dict(out)

@@ -1,11 +1,13 @@
-"""What the admin page and its API compute from every label: the agreement between reviewers, the
+"""What the admin page and its API compute from the labels: the agreement between reviewers, the
 estimates over all traffic and the chart of the estimates over time.
 
 Labels are kept for ever, and these read every one of them: at 200,000 labels (five reviewers, the
 default overlap) one computation took 10 s of the review service's interpreter and 280 MB on SQLite
 (``bench/review_scale.py``), and every view of the page, every call of the summary and every chart
 paid it again, at once if several admins (or one, refreshing) asked together. The reviewers, served
-by the same process, waited meanwhile.
+by the same process, waited meanwhile. They now read the labels of each stream's window
+(``quality.window_days``, :mod:`monitor.quality.window`): what the reviewers made in that span,
+however long the service has run.
 
 :class:`LabelStatsCache` computes them once for all who ask at the same time (the others wait for
 that result), and serves a result for ``took / duty`` seconds after a computation that took ``took``
@@ -27,6 +29,7 @@ from monitor.pace import Pace
 from monitor.quality.adjudication import finals
 from monitor.quality.estimates import estimate_series, estimates
 from monitor.quality.labels import agreement, label_rows
+from monitor.quality.window import quality_windows
 from monitor.review.chart import MAX_STREAMS
 from monitor.store import Store
 
@@ -43,12 +46,15 @@ class LabelStats:
     estimates: list[dict[str, Any]]
     series: dict[str, list[dict[str, Any]]]  # the chart: the first streams it holds, hourly
     computed_at: float  # wall clock
+    window_days: float | None = None  # quality.window_days: what the labels read cover
 
 
 def compute(store: Store, settings: Settings, now: float, *, chart: bool = True) -> LabelStats:
-    """Every label read once, for the agreement, the estimates and (``chart``) the chart."""
+    """Every label of each stream's window (``quality.window_days``, :mod:`monitor.quality.window`)
+    read once, for the agreement, the estimates and (``chart``) the chart."""
     flags = list(settings.review.flags)
-    rows = label_rows(store)
+    windows = quality_windows(store, settings, now)
+    rows = label_rows(store, windows=windows)
     final = finals(store)
     est = estimates(
         store,
@@ -57,10 +63,11 @@ def compute(store: Store, settings: Settings, now: float, *, chart: bool = True)
         reliability_weighting=settings.quality.reliability_weighting,
         prior_labels=settings.quality.reliability_prior_labels,
         final=final,
+        windows=windows,
     )
     streams = [e["stream"] for e in est][:MAX_STREAMS] if chart else []
     series = {s: estimate_series(store, s, CHART_BUCKET_S, rows, final) for s in streams}
-    return LabelStats(agreement(rows, flags), est, series, now)
+    return LabelStats(agreement(rows, flags), est, series, now, settings.quality.window_days)
 
 
 class LabelStatsCache:

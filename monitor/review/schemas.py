@@ -239,6 +239,11 @@ class EstimateOut(Strict):
 class StreamEstimateOut(Strict):
     stream: str
     population: int
+    window_start: float | None = Field(
+        None,
+        description="event time the estimate starts at: the stream's last quality.window_days of traffic"
+        " (null: every label kept)",
+    )
     n_labelled: int
     n_adjudicated: int = Field(0, description="labelled items counted at their adjudicated label")
     rating: EstimateOut
@@ -332,6 +337,9 @@ class SummaryOut(Strict):
     labels_computed_at: float = Field(
         description="when agreement and estimates were computed from the labels (Unix time): a computation that"
         " took t seconds (1 s or more) serves the next 10 t seconds"
+    )
+    labels_window_days: float | None = Field(
+        None, description="agreement and estimates cover each stream's last N days of traffic (null: every label)"
     )
 
 

@@ -107,4 +107,5 @@ def admin_summary(
         "requests": recent_requests(store),
         "estimates": labels.estimates,
         "labels_computed_at": labels.computed_at,
+        "labels_window_days": labels.window_days,
     }

@@ -71,12 +71,7 @@ def horizons(store: Store, days: float, not_after: float | None = None) -> dict[
     ``source.max_future_s``). A bucket stamped in the far future, stored before that limit
     existed, would otherwise put the horizon there and delete the stream's whole window."""
     span = days * 86400.0
-    tr = t.traffic
-    q = sa.select(tr.c.stream, sa.func.max(tr.c.bucket)).group_by(tr.c.stream)
-    if not_after is not None:
-        q = q.where(tr.c.bucket <= not_after)
-    with store.engine.connect() as conn:
-        return {str(s): bucket_of(float(b) + BUCKET_S - span) for s, b in sorted(conn.execute(q))}
+    return {s: bucket_of(float(b) + BUCKET_S - span) for s, b in sorted(store.traffic_ends(not_after).items())}
 
 
 def _candidates(stream: str, horizon: int, after: tuple[float, str] | None, chunk: int) -> sa.Select[str, float]:

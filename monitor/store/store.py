@@ -656,6 +656,43 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def traffic_ends(self, not_after: float | None = None) -> dict[str, int]:
+        """Per stream, its latest traffic minute (the bucket, at or before ``not_after``).
+
+        A walk of the traffic table's key, two index probes a stream (the next stream, then its
+        latest minute), not a grouped read of every minute kept: the admin summary asks at every
+        computation, and a stream keeps 1,440 minutes a day for as long as retention keeps them."""
+        tr = t.traffic
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            stream = conn.execute(sa.select(sa.func.min(tr.c.stream))).scalar()
+            while stream is not None:
+                q = sa.select(sa.func.max(tr.c.bucket)).where(tr.c.stream == stream)
+                if not_after is not None:
+                    q = q.where(tr.c.bucket <= not_after)
+                last = conn.execute(q).scalar()
+                if last is not None:
+                    out[str(stream)] = int(last)
+                stream = conn.execute(sa.select(sa.func.min(tr.c.stream)).where(tr.c.stream > stream)).scalar()
+        return out
+
+    def sample_ends(self, channel: str, not_after: float | None = None) -> dict[str, float]:
+        """Per stream, the event time of its latest episode sampled for ``channel`` (at or before
+        ``not_after``): a walk of ``ix_samples_stream_channel_ts``, two index probes a stream."""
+        s = t.samples
+        out: dict[str, float] = {}
+        with self.engine.connect() as conn:
+            stream = conn.execute(sa.select(sa.func.min(s.c.stream))).scalar()
+            while stream is not None:
+                q = sa.select(sa.func.max(s.c.ts)).where(s.c.stream == stream, s.c.channel == channel)
+                if not_after is not None:
+                    q = q.where(s.c.ts <= not_after)
+                last = conn.execute(q).scalar()
+                if last is not None:
+                    out[str(stream)] = float(last)
+                stream = conn.execute(sa.select(sa.func.min(s.c.stream)).where(s.c.stream > stream)).scalar()
+        return out
+
     def streams(self) -> list[str]:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(sa.select(t.traffic.c.stream).distinct().order_by(t.traffic.c.stream))]

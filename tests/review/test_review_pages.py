@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from review_helpers import PASSWORD, Env, TestClient, episode_row, make_env, make_settings, seed, seed_simple
 
 from monitor.quality import labels as quality_labels
+from monitor.quality.window import Windows
 from monitor.review import auth, label_stats, queue
 from monitor.review.app import create_app
 from monitor.review.chart import estimates_svg
@@ -327,16 +328,16 @@ def test_admin_page_is_for_admins(make_page_env: Callable[..., Env], monkeypatch
     reads: list[int] = []
     every_label = quality_labels.label_rows
 
-    def counted(store: Store, since: float | None = None) -> list[Any]:
+    def counted(store: Store, since: float | None = None, windows: Windows | None = None) -> list[Any]:
         reads.append(1)
-        return every_label(store, since)
+        return every_label(store, since, windows)
 
     monkeypatch.setattr(label_stats, "label_rows", counted)
     page = admin.get("/admin")
     assert page.status_code == 200
-    assert reads == [1], "the summary and the chart read every label once between them"
+    assert reads == [1], "the summary and the chart read the labels once between them"
     text = page.text
-    assert "Agreement, estimates and chart as of 20" in text
+    assert "Each stream's last 30 days of traffic (event time). Agreement, estimates and chart as of 20" in text
     assert "<svg" in text and "<circle" in text  # one hourly estimate per stream
     assert "stream&lt;0&gt;" in text and "stream<0>" not in text
     assert "Not available until the reward model is deployed" in text

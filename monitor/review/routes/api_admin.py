@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from monitor.quality import canaries as quality_canaries
 from monitor.quality import estimates as quality_estimates
 from monitor.quality import labels as quality_labels
+from monitor.quality.window import quality_windows
 from monitor.review import auth, stats
 from monitor.review.chart import estimates_svg
 from monitor.review.context import Ctx
@@ -41,8 +42,12 @@ def summary(_p: Admin, ctx: Ctx) -> SummaryOut:
 
 @router.get("/estimates/series")
 def series(_p: Admin, ctx: Ctx, stream: str = Query(max_length=128), bucket_s: int = BUCKET_S) -> list[SeriesPointOut]:
-    """The estimated mean rating of one stream per time bucket, with its 95% interval."""
-    rows = quality_estimates.estimate_series(ctx.store, stream, bucket_s)
+    """The estimated mean rating of one stream per time bucket, with its 95% interval, over the
+    stream's last ``quality.window_days`` of traffic."""
+    windows = quality_windows(ctx.store, ctx.settings, ctx.now())
+    if windows is not None:  # that stream's labels alone are read
+        windows = {stream: windows[stream]} if stream in windows else {}
+    rows = quality_estimates.estimate_series(ctx.store, stream, bucket_s, windows=windows)
     return [SeriesPointOut.model_validate(r) for r in rows]
 
 
@@ -56,7 +61,7 @@ def chart(_p: Admin, ctx: Ctx, bucket_s: int = BUCKET_S) -> Response:
     served as the summary is: computed once for all who ask together, and paced)."""
     series = ctx.label_stats.get().series
     if bucket_s != CHART_BUCKET_S:  # another bucket: the same streams, computed afresh
-        rows = quality_labels.label_rows(ctx.store)
+        rows = quality_labels.label_rows(ctx.store, windows=quality_windows(ctx.store, ctx.settings, ctx.now()))
         series = {s: quality_estimates.estimate_series(ctx.store, s, bucket_s, rows) for s in series}
     svg = estimates_svg(series)
     return Response(svg, media_type="image/svg+xml")

@@ -68,7 +68,7 @@ def dashboard(summary: dict[str, Any]) -> dict[str, Any]:
 
 @router.get("/admin", response_class=HTMLResponse)
 def get_admin(ctx: Ctx, session: AdminSession) -> Response:
-    labels = ctx.label_stats.get()  # every label: computed once for the summary and the chart, paced
+    labels = ctx.label_stats.get()  # the window's labels: computed once for the summary and the chart, paced
     summary = stats.admin_summary(ctx.store, ctx.settings, ctx.now(), labels)
     values = dashboard(summary)
     return render(
@@ -80,6 +80,7 @@ def get_admin(ctx: Ctx, session: AdminSession) -> Response:
         # Our own SVG: every text in it is escaped by the builder.
         chart=Markup(estimates_svg(labels.series)),  # noqa: S704
         labels_computed_at=labels.computed_at,
+        labels_window_days=labels.window_days,
         exports=EXPORTS,
         guidelines=guidelines.current_versions(ctx.store),
         disagreements_waiting=sum(waiting_per_stream(ctx.store, ctx.disagreement_rule).values()),
