@@ -45,7 +45,7 @@ def stream_windows(
     out = {stream: float(start) for stream, start in horizons(store, days, not_after).items()}
     for stream, last in store.sample_ends("human", not_after).items():
         if stream not in out:  # no traffic counts: the window ends at its latest human sample
-            out[stream] = float(bucket_of(last) + BUCKET_S) - days * 86400.0
+            out[stream] = float(bucket_of(bucket_of(last) + BUCKET_S - days * 86400.0))
     return out
 
 
