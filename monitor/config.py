@@ -1006,6 +1006,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OVERSIGHT_",
         env_nested_delimiter="__",
+        # "null" in a variable is None, as in the YAML file and --set: otherwise an optional setting
+        # whose default is a value (quality.window_days, 30) could not be unset from the environment,
+        # which is all a container's configuration may have.
+        env_parse_none_str="null",
         extra="forbid",
         validate_assignment=True,
         allow_inf_nan=False,

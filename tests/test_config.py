@@ -87,6 +87,20 @@ def test_known_detector_parameters_and_json_env_values_load(monkeypatch: pytest.
     assert load_settings(None, []).drift.signals == {"refusal": ["cusum"]}
 
 
+def test_null_in_the_environment_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``null`` does in the file and in --set; before, it was refused as a number that does not parse."""
+    assert load_settings(None, []).quality.window_days == 30.0
+    monkeypatch.setenv("OVERSIGHT_QUALITY__WINDOW_DAYS", "null")
+    monkeypatch.setenv("OVERSIGHT_DATABASE__RETENTION__DAYS", "null")
+    s = load_settings(None, [])
+    assert s.quality.window_days is None and s.database.retention.days is None
+    monkeypatch.setenv("OVERSIGHT_QUALITY__WINDOW_DAYS", "7")
+    assert load_settings(None, []).quality.window_days == 7.0
+    monkeypatch.setenv("OVERSIGHT_SAMPLING__HUMAN__RATE", "null")  # a setting that may not be null: refused
+    with pytest.raises(ConfigError, match=r"sampling\.human\.rate"):
+        load_settings(None, [])
+
+
 def test_sampling_key_required_outside_dev(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"sampling\.key"):
         load_settings(None, []).sampling_key()
