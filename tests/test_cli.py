@@ -413,6 +413,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         timeout=600,
     )
     assert res.returncode == 0, res.stderr
+    assert "Loading weights" not in res.stderr  # no progress bar of transformers' in the log
     out = res.stdout
     assert "2420 records: 5 invalid" in out and "Review UI: http://" in out and "/metrics" in out
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

@@ -132,6 +132,11 @@ def setup_logging(level: str) -> None:
     )
     for noisy in ("kafka", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers draws a progress bar on stderr for every model it loads ("Loading weights:
+    # 100%|...| 103/103"), a carriage-return line in a service's log at every start and hot swap.
+    # Read when transformers is first imported, which every command does after this; a user who
+    # wants the bars sets the variable to 0.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def classify(e: BaseException) -> tuple[int, str] | None:
