@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from monitor.reward.model import RewardModel
     from monitor.store import Store
 
+log = logging.getLogger("oversight")
 REQUEST_STATES = ("pending", "running", "sent", "done", "failed")
 
 
@@ -297,6 +300,45 @@ def backlog_arguments(p: argparse.ArgumentParser) -> None:
     add(p)
 
 
+def promote_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--version", dest="rm_version", metavar="V", required=True, help="the version to make active (rm versions)"
+    )
+    p.add_argument("--reason", required=True, help="why, recorded with the version beside its gate's verdict")
+    p.add_argument("--by", help="who decided, recorded too (default: the login name)")
+
+
+def cmd_rm_promote(args: argparse.Namespace) -> int:
+    from monitor.reward.registry import RegistryError
+
+    settings = settings_from_args(args)
+    store = open_existing_store(settings)
+    try:
+        out = registry_of(settings, store).promote_by_hand(args.rm_version, args.reason, args.by or login_name())
+    except RegistryError as e:
+        raise UsageError(f"rm promote: {e}") from None
+    finally:
+        store.close()
+    if out["changed"]:
+        log.warning(
+            "reward model %s made active by hand (it was %s; reason: %s)",
+            out["version"],
+            out["status_before"],
+            args.reason,
+        )
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def login_name() -> str:
+    """Who runs the command, for the record: the login name, else ``unknown`` (a container's
+    user may have no name)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def cmd_rm_versions(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     store = open_existing_store(settings)
@@ -440,6 +482,12 @@ COMMANDS = (
         "add a version directory to the registry (optionally make it active)",
         cmd_rm_register,
         register_arguments,
+    ),
+    Command(
+        ("rm", "promote"),
+        "make a registered version active by hand, over its gate's verdict, with the reason on record",
+        cmd_rm_promote,
+        promote_arguments,
     ),
     Command(("rm", "versions"), "list registered versions (JSON lines) and the active one", cmd_rm_versions),
     Command(

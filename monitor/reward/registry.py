@@ -116,6 +116,43 @@ class Registry:
             conn.execute(v.update().where(v.c.version == version).values(**values))
         return gen
 
+    def promote_by_hand(self, version: str, reason: str, by: str, now: float | None = None) -> dict[str, Any]:
+        """A person makes ``version`` active over its gate's verdict (a rejected or undecided
+        candidate, or a retired version: a rollback). The gate's record stays as it was, with an
+        ``override`` beside it: who, when, why, and the status and verdict it overrode.
+
+        The gate refuses a candidate that loses a protected sensitivity however much better it
+        ranks the new traffic (README, "The gate"): after a policy swap the starting version may
+        rank the new answers worse than chance while the update that would fix it lost, say,
+        ``off_topic``. That trade is a person's decision, made here, on the record."""
+        row = self.get(version)
+        if row is None:
+            raise RegistryError(f"unknown version {version} (oversight rm versions lists them)")
+        if not reason.strip():
+            raise RegistryError("a reason is required: it is recorded with the version")
+        if not Path(str(row["path"])).exists():
+            raise RegistryError(f"version {version} has no files at {row['path']}: it cannot be loaded")
+        active = self.active()
+        if active is not None and active[0] == version:
+            return {"version": version, "active": True, "generation": active[2], "changed": False}
+        gate = dict(row.get("gate") or {})
+        gate["override"] = {
+            "by": by,
+            "reason": reason.strip(),
+            "at": time.time() if now is None else now,
+            "status_before": row["status"],
+            "verdict_before": gate.get("verdict"),
+        }
+        generation = self.promote(version, gate)
+        return {
+            "version": version,
+            "active": True,
+            "generation": generation,
+            "changed": True,
+            "status_before": row["status"],
+            "replaced": None if active is None else active[0],
+        }
+
     def reject(self, version: str, gate: dict[str, Any]) -> None:
         v = t.rm_versions
         with self.store.engine.begin() as conn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,58 @@ def test_registry_load_active_round_trip(tmp_path: Path, small_models: dict[str,
     texts = (["Name a colour.", "Say hi."], ["Blue.", "Hello! How can I help you today?"])
     assert model.score(*texts) == small_models["trained"].score(*texts)
     assert gen == 0 and model.version == v
+
+
+def test_a_person_promotes_a_rejected_version_on_the_record(
+    tmp_path: Path, small_models: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``oversight rm promote``: the gate's refusal stays in the record, with who overrode it and
+    why; the active version's generation moves on, so running scorers swap to it."""
+    from monitor.cli.app import main
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    store = Store(url)
+    registry = Registry(store, tmp_path / "models")
+    v0 = registry.register(small_models["untrained"], data_window={}, metrics={})
+    registry.promote(v0)
+    v1 = registry.register(small_models["trained"], data_window={}, metrics={})
+    refusal = {"passed": False, "verdict": "reject", "reason": "sensitivity lost: off_topic 0.90 -> 0.30"}
+    registry.reject(v1, refusal)
+    common = ["--db", url, "--set", f"reward.models_dir={tmp_path / 'models'}", "--dev"]
+
+    # No reason, an unknown version, a version whose files are gone: refused, nothing changes.
+    assert main(["rm", "promote", "--version", v1, "--reason", "  ", *common]) == 2
+    assert "a reason is required" in capsys.readouterr().err
+    assert main(["rm", "promote", "--version", "rm-nope", "--reason", "x", *common]) == 2
+    assert "unknown version rm-nope" in capsys.readouterr().err
+    assert registry.active() == (v0, registry.path_of(v0), 0)
+
+    code = main(
+        ["rm", "promote", "--version", v1, "--reason", "ranks the new policy 0.84 vs 0.20", "--by", "ana", *common]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {
+        "version": v1,
+        "active": True,
+        "generation": 1,
+        "changed": True,
+        "status_before": "rejected",
+        "replaced": v0,
+    }
+    rows = {r["version"]: r for r in registry.versions()}
+    assert rows[v1]["status"] == "active" and rows[v0]["status"] == "retired"
+    gate_record = rows[v1]["gate"]
+    assert {k: gate_record[k] for k in refusal} == refusal  # the gate's verdict is kept as it was
+    override = gate_record["override"]
+    assert (override["by"], override["reason"]) == ("ana", "ranks the new policy 0.84 vs 0.20")
+    assert (override["status_before"], override["verdict_before"]) == ("rejected", "reject")
+    assert registry.generation() == 1
+
+    # Again: nothing to do. A rollback to the retired version is the same command.
+    assert main(["rm", "promote", "--version", v1, "--reason", "again", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] is False
+    shutil.rmtree(registry.path_of(v0))
+    assert main(["rm", "promote", "--version", v0, "--reason", "rollback", *common]) == 2
+    assert "has no files" in capsys.readouterr().err and registry.active() == (v1, registry.path_of(v1), 1)
+    store.close()
