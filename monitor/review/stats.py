@@ -72,10 +72,18 @@ def rm_agreement(store: Store, settings: Settings) -> dict[str, Any] | None:
     from monitor.quality.oversight import compute
     from monitor.reward.registry import Registry
 
-    active = Registry.for_settings(store, settings).active()
+    registry = Registry.for_settings(store, settings)
+    active = registry.active()
     if active is None:
         return None
     out: dict[str, Any] = {"active version": active[0]}
+    # Made active by a person over its gate's verdict (``oversight rm promote``): the page says so.
+    override = ((registry.get(active[0]) or {}).get("gate") or {}).get("override")
+    if isinstance(override, dict):
+        out["made active by hand"] = (
+            f"by {override.get('by')} over the gate's verdict {override.get('verdict_before') or 'none'}:"
+            f" {override.get('reason')}"
+        )
     for stream, r in sorted(compute(store, active[0]).items()):
         a = r.get("agreement")
         if a is not None:

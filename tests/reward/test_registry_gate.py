@@ -11,6 +11,7 @@ import pytest
 
 from monitor.config import load_settings
 from monitor.metrics import Metrics
+from monitor.review.stats import rm_agreement
 from monitor.reward.registry import Registry, RegistryError
 from monitor.reward.train import evaluate
 from monitor.reward.update import decide, gate
@@ -159,6 +160,11 @@ def test_a_person_promotes_a_rejected_version_on_the_record(
     assert (override["by"], override["reason"]) == ("ana", "ranks the new policy 0.84 vs 0.20")
     assert (override["status_before"], override["verdict_before"]) == ("rejected", "reject")
     assert registry.generation() == 1
+    # The admin page and summary say so.
+    settings = load_settings(None, ["dev=true", f"database.url={url}", f"reward.models_dir={tmp_path / 'models'}"])
+    shown = rm_agreement(store, settings)
+    assert shown is not None and shown["active version"] == v1
+    assert shown["made active by hand"] == "by ana over the gate's verdict reject: ranks the new policy 0.84 vs 0.20"
 
     # Again: nothing to do. A rollback to the retired version is the same command.
     assert main(["rm", "promote", "--version", v1, "--reason", "again", *common]) == 0
