@@ -659,38 +659,36 @@ class Store:
     def traffic_ends(self, not_after: float | None = None) -> dict[str, int]:
         """Per stream, its latest traffic minute (the bucket, at or before ``not_after``).
 
-        A walk of the traffic table's key, two index probes a stream (the next stream, then its
-        latest minute), not a grouped read of every minute kept: the admin summary asks at every
-        computation, and a stream keeps 1,440 minutes a day for as long as retention keeps them."""
+        Not a grouped read of every minute kept (:meth:`_latest_per_stream`): the admin summary
+        asks at every computation, and a stream keeps 1,440 minutes a day for as long as retention
+        keeps them."""
         tr = t.traffic
-        out: dict[str, int] = {}
-        with self.engine.connect() as conn:
-            stream = conn.execute(sa.select(sa.func.min(tr.c.stream))).scalar()
-            while stream is not None:
-                q = sa.select(sa.func.max(tr.c.bucket)).where(tr.c.stream == stream)
-                if not_after is not None:
-                    q = q.where(tr.c.bucket <= not_after)
-                last = conn.execute(q).scalar()
-                if last is not None:
-                    out[str(stream)] = int(last)
-                stream = conn.execute(sa.select(sa.func.min(tr.c.stream)).where(tr.c.stream > stream)).scalar()
-        return out
+        return {s: int(b) for s, b in self._latest_per_stream(tr, tr.c.bucket, not_after).items()}
 
     def sample_ends(self, channel: str, not_after: float | None = None) -> dict[str, float]:
         """Per stream, the event time of its latest episode sampled for ``channel`` (at or before
-        ``not_after``): a walk of ``ix_samples_stream_channel_ts``, two index probes a stream."""
+        ``not_after``), along ``ix_samples_stream_channel_ts``."""
         s = t.samples
-        out: dict[str, float] = {}
+        ends = self._latest_per_stream(s, s.c.ts, not_after, s.c.channel == channel)
+        return {k: float(v) for k, v in ends.items()}
+
+    def _latest_per_stream(
+        self, table: sa.Table, column: sa.Column[Any], not_after: float | None, *where: sa.ColumnElement[bool]
+    ) -> dict[str, Any]:
+        """Per stream of ``table``, the largest ``column`` (at or before ``not_after``, under
+        ``where``): a walk of an index that starts with the stream, two probes a stream (the next
+        stream, then its largest value), whatever the rows kept."""
+        out: dict[str, Any] = {}
         with self.engine.connect() as conn:
-            stream = conn.execute(sa.select(sa.func.min(s.c.stream))).scalar()
+            stream = conn.execute(sa.select(sa.func.min(table.c.stream))).scalar()
             while stream is not None:
-                q = sa.select(sa.func.max(s.c.ts)).where(s.c.stream == stream, s.c.channel == channel)
+                q = sa.select(sa.func.max(column)).where(table.c.stream == stream, *where)
                 if not_after is not None:
-                    q = q.where(s.c.ts <= not_after)
+                    q = q.where(column <= not_after)
                 last = conn.execute(q).scalar()
                 if last is not None:
-                    out[str(stream)] = float(last)
-                stream = conn.execute(sa.select(sa.func.min(s.c.stream)).where(s.c.stream > stream)).scalar()
+                    out[str(stream)] = last
+                stream = conn.execute(sa.select(sa.func.min(table.c.stream)).where(table.c.stream > stream)).scalar()
         return out
 
     def streams(self) -> list[str]:
