@@ -4,6 +4,7 @@ boosts review sampling at once, survives a restart, and can be re-referenced."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,9 @@ def test_a_rereference_poll_is_one_query_whatever_the_streams_held(sqlite_url: s
     def count(conn: object, cursor: object, statement: str, *args: object) -> None:
         statements.append(statement)
 
+    # The poll is paced: run() polled at its end, and the two requests above can be written in
+    # under the 1 ms period on a fast disk, when this poll would be skipped. Wait out the period.
+    time.sleep(2 * s.drift.rereference_poll_s)
     sa.event.listen(store.engine, "before_cursor_execute", count)
     try:
         drift.poll_rereference()
