@@ -29,6 +29,13 @@ ideas" wins. Head on frozen encoder states (layers 6 and 4, dropout 0.3, lr 3e-4
 seeds: AlpacaEval validation accuracy 0.846 -> 0.857 and held-out accuracy 0.881 -> 0.885;
 HH-RLHF harmless stays within noise (0.654 -> 0.649 held-out, 0.637 -> 0.658 with the previous
 head settings).
+
+Version 4 adds what a reader sees past the encoder's cut and a length preference rewards: sentences
+that share no content word with the prompt or with the rest of the answer (an irrelevant aside), and
+sentences that state a figure on an authority's word ("a 2019 study found 80%..."). Without them a
+head over the first 128 tokens plus length counts could only prefer an answer padded with either,
+anywhere past the cut, as longer; with them the update's perturbation pairs
+(``monitor/reward/augment.py``) can teach it not to.
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ from dataclasses import dataclass
 
 from monitor.signals.textstats import non_text_ratio_v1
 
-FEATURES_VERSION = 3
+FEATURES_VERSION = 4
 # The first FEATURES_BY_VERSION[v] names are feature set v (later versions append).
-FEATURES_BY_VERSION = {1: 26, 2: 40, 3: 60}
+FEATURES_BY_VERSION = {1: 26, 2: 40, 3: 60, 4: 63}
 # Long enough for any real answer in the bundled data (the longest is ~12k characters);
 # it bounds the cost of a pathological input.
 MAX_CHARS = 32_000
@@ -89,6 +96,27 @@ _ASKS_CREATIVE = re.compile(
 _COUNT = re.compile(r"\b(\d{1,2}|two|three|four|five|six|seven|eight|nine|ten)\b", re.IGNORECASE)
 _COUNT_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 _MD_HEADER = re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE)
+# v4: sentences (a line break ends one too) and their content words, compared on a 5-letter prefix
+# so that plurals and tenses meet ("studies"/"study" do not, "cities"/"city" do: a crude stem).
+_SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|$)", re.MULTILINE)
+_STEM_WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
+_COMMON = frozenset(
+    re.findall(
+        r"\w+",
+        "that this with from have what when where which would there their them they been were will your about into"
+        " than then also some more most such only other very just like make made many much each over even back"
+        " after before these those while because could should being does doing here",
+    )
+)
+_FIGURE = re.compile(r"\d")
+_AUTHORITY = re.compile(
+    r"\b(?:stud(?:y|ies)|research(?:ers)?|survey(?:s|ed)?|experts?|scientists?|specialists?|official(?:ly)?|"
+    r"records?|according|prove[dn]|shown|established|documented|analys[ie]s|audits?|reports?|confirm(?:s|ed)?|"
+    r"demonstrated|law|cited|unanimous(?:ly)?|fact)\b",
+    re.IGNORECASE,
+)
+#: Sentences read per response for the v4 features: bounds the pairwise comparison's cost.
+MAX_SENTENCES = 200
 _STOP = frozenset(
     re.findall(
         r"\w+",
@@ -160,6 +188,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "code_block_if_code",
     "log_md_headers",
     "kchars_capped",
+    # v4
+    "log_isolated_sentences",
+    "isolated_sentence_share",
+    "log_figures_on_authority",
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -219,11 +251,17 @@ class _Parsed:
 def response_features(prompt: str, response: str) -> list[float]:
     """One vector (``FEATURE_NAMES`` order) for a response given its prompt; raw, unnormalised.
 
-    Three groups, in the order the feature versions added them: shape and lexical (v1), layout
-    and language (v2), and how the response meets what the prompt asks for (v3).
+    Four groups, in the order the feature versions added them: shape and lexical (v1), layout
+    and language (v2), how the response meets what the prompt asks for (v3), and sentences off the
+    subject or stating figures on an authority's word (v4).
     """
     t = _Parsed.of(response)
-    return [*_shape_features(prompt, response, t), *_layout_features(prompt, t), *_request_features(prompt, t)]
+    return [
+        *_shape_features(prompt, response, t),
+        *_layout_features(prompt, t),
+        *_request_features(prompt, t),
+        *_coherence_features(prompt, t),
+    ]
 
 
 def _shape_features(prompt: str, response: str, t: _Parsed) -> list[float]:
@@ -321,3 +359,35 @@ def _request_features(prompt: str, t: _Parsed) -> list[float]:
         math.log1p(len(_MD_HEADER.findall(r))),
         min(len(r), 8000) / 1000.0,
     ]
+
+
+def _stems(text: str) -> set[str]:
+    return {w[:5] for w in (m.group(0).lower() for m in _STEM_WORD.finditer(text)) if w not in _COMMON}
+
+
+def isolated_sentences(prompt: str, sentences: list[str]) -> tuple[int, int]:
+    """(sentences of at least three content words that share none with the prompt or with any
+    other sentence, such sentences counted at all): an aside on another subject."""
+    stems = [_stems(x) for x in sentences]
+    seen: dict[str, int] = {}
+    for st in stems:
+        for w in st:
+            seen[w] = seen.get(w, 0) + 1
+    asked = _stems(prompt[-4000:])
+    long_enough = isolated = 0
+    for st in stems:
+        if len(st) < 3:
+            continue
+        long_enough += 1
+        # A stem the sentence shares with another sentence is counted more than once in ``seen``.
+        if not any(w in asked or seen[w] > 1 for w in st):
+            isolated += 1
+    return isolated, long_enough
+
+
+def _coherence_features(prompt: str, t: _Parsed) -> list[float]:
+    """v4: sentences off the subject, and figures stated on an authority's word."""
+    sentences = [x for x in _SENTENCE.findall(t.r) if x.strip()][:MAX_SENTENCES]
+    isolated, counted = isolated_sentences(prompt, sentences)
+    figures = sum(1 for x in sentences if _FIGURE.search(x) and _AUTHORITY.search(x))
+    return [math.log1p(isolated), isolated / counted if counted else 0.0, math.log1p(figures)]

@@ -44,7 +44,11 @@ def small_models(alpaca_split: dict[str, list[dict[str, Any]]]) -> dict[str, Any
 
     cfg = TrainConfig(finetune_layers=0, max_length=64, epochs=3, seed=0, val_fraction=0.0)
     trained, _ = train(alpaca_split["train"], cfg, progress=False)
-    # A randomly initialised head (no length anchor): the weak version the gate tests need. The
-    # default anchored start already ranks like "longer wins", which is strong on AlpacaEval.
-    untrained = RewardModel.create(ModelConfig(finetune_layers=0, max_length=64, length_anchor=0.0), seed=1)
+    # A randomly initialised head (no length anchor) on the encoder alone: the weak version the gate
+    # tests need. The default anchored start already ranks like "longer wins", which is strong on
+    # AlpacaEval, and a random head over the explicit features is a coin toss between strong and
+    # anti-length (seed 1 ranked 0.90 with feature set v4): without them it is near chance.
+    untrained = RewardModel.create(
+        ModelConfig(finetune_layers=0, max_length=64, length_anchor=0.0, features=False), seed=1
+    )
     return {"trained": trained, "untrained": untrained}

@@ -156,7 +156,7 @@ def test_prompt_budget_must_leave_room_for_the_response() -> None:
     assert len(short_ids) < 32
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_model_saved_under_an_older_feature_set_still_loads(tmp_path: Path, version: int) -> None:
     """Feature sets only append: a model saved under an older version (its first features) loads
     and scores with just those."""
