@@ -719,6 +719,11 @@ class RewardUpdateConfig(_Model):
         300.0, gt=0, description="a running update whose worker sent no heartbeat for this long is taken over"
     )
     train: dict[str, Any] = Field(default_factory=dict, description="training config overrides (rm train --set)")
+    start: Literal["active", "fresh"] = Field(
+        "active",
+        description="the built-in model's candidate trains from a copy of the active version ('active'), or from a"
+        " fresh head on the base encoder ('fresh': it starts at 'the longer answer wins', see length_anchor)",
+    )
     poll_s: float = Field(5.0, gt=0, description="how often the embedded worker looks for requests")
     # The gate's statistics (monitor/reward/update.py): below min_gate_pairs the intervals (normal
     # approximations on pairs that share responses) are not trusted to promote.
@@ -751,6 +756,16 @@ class RewardUpdateConfig(_Model):
         " detection rate above this (0.5: better than a coin)",
     )
     sensitivity_seed: int = Field(0, description="seeds the probe set (which texts, which edits)")
+    # Ratings alone taught candidates to forget what the gate protects (an inserted sentence makes
+    # an answer longer); see monitor/reward/augment.py for why these pairs do not teach to the test.
+    perturbation_pairs: int = Field(
+        40,
+        ge=0,
+        le=1000,
+        description="per perturbation kind, training pairs of a reviewed answer (rated at least the median) chosen"
+        " over a copy made worse, with sentences the gate's probes never use, never of a prompt the gate holds"
+        " out or probes (0: ratings only)",
+    )
 
 
 class RewardConfig(_Model):

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from monitor.perturb import phrases
 from sampling import keyed_uniform
 
 Direction = Literal["worse", "better"]
@@ -183,6 +184,10 @@ class RuleBased(abc.ABC, Generic[C]):
     kind: str = ""
     description: str = ""
 
+    def __init__(self, bank: phrases.Bank = phrases.PROBE_BANK) -> None:
+        # The kinds that insert a bundled sentence draw it from ``bank``; the others ignore it.
+        self.bank = bank
+
     @abc.abstractmethod
     def candidates(self, prompt: str, response: str) -> Sequence[C]:
         """Every edit this perturbation could make to ``response`` (empty: it does not apply)."""
@@ -215,4 +220,5 @@ class RuleBased(abc.ABC, Generic[C]):
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        name = type(self).__name__
+        return f"{name}()" if self.bank is phrases.PROBE_BANK else f"{name}({self.bank.name!r})"

@@ -331,8 +331,8 @@ class UnsupportedClaim(RuleBased[int]):
 
     def rewrite(self, prompt: str, response: str, cands: Sequence[int], draws: Draws) -> tuple[str, dict[str, Any]]:
         topic = draws.pick("topic", topic_words(prompt, response))
-        t = draws.index("template", len(phrases.CLAIM_TEMPLATES))
-        sentence = phrases.CLAIM_TEMPLATES[t].format(topic=topic)
+        t = draws.index("template", len(self.bank.claim_templates))
+        sentence = self.bank.claim_templates[t].format(topic=topic)
         at = draws.pick("at", cands)
         text, inserted = _insert_at(response, at, sentence)
         return text, {"offset": at, "inserted": inserted, "template": t, "topic": topic}
@@ -346,9 +346,9 @@ class OffTopic(RuleBased[int]):
         return sentence_boundaries(response, code_spans(response))
 
     def rewrite(self, prompt: str, response: str, cands: Sequence[int], draws: Draws) -> tuple[str, dict[str, Any]]:
-        s = draws.index("sentence", len(phrases.OFF_TOPIC_SENTENCES))
+        s = draws.index("sentence", len(self.bank.off_topic_sentences))
         at = draws.pick("at", cands)
-        text, inserted = _insert_at(response, at, phrases.OFF_TOPIC_SENTENCES[s])
+        text, inserted = _insert_at(response, at, self.bank.off_topic_sentences[s])
         return text, {"offset": at, "inserted": inserted, "sentence": s}
 
 
@@ -494,7 +494,7 @@ class RudeTone(RuleBased[int]):
     def rewrite(self, prompt: str, response: str, cands: Sequence[int], draws: Draws) -> tuple[str, dict[str, Any]]:
         spans = politeness_spans(response)
         rest = _without(response, spans).strip()
-        opener = draws.pick("opener", phrases.DISMISSIVE_OPENERS)
+        opener = draws.pick("opener", self.bank.dismissive_openers)
         # A list, heading, table or code block keeps its own line.
         sep = "\n\n" if _BLOCK_START.match(rest) else " "
         text = opener + sep + rest if rest else opener
@@ -528,8 +528,8 @@ class RefusalToCompliance(RuleBased[str]):
         return [keyword] if keyword is not None and is_refusal(response) else ()
 
     def rewrite(self, prompt: str, response: str, cands: Sequence[str], draws: Draws) -> tuple[str, dict[str, Any]]:
-        t = draws.index("template", len(phrases.COMPLIANCE_TEMPLATES))
-        return phrases.COMPLIANCE_TEMPLATES[t], {"template": t, "keyword": cands[0], "replaced": response}
+        t = draws.index("template", len(self.bank.compliance_templates))
+        return self.bank.compliance_templates[t], {"template": t, "keyword": cands[0], "replaced": response}
 
 
 #: Every rule-based kind, in registry order.

@@ -7,6 +7,7 @@ seed produces, so treat them as versioned data: append, do not reorder.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # --- unsupported factual claims -----------------------------------------------------------------
 # One confident, specific, unsourced sentence; ``{topic}`` is a content word of the episode's own
@@ -410,3 +411,73 @@ NOT_ENTITIES = frozenset(
         *WEEKDAYS,
     }
 )
+
+
+# --- banks: what the gate probes with, and what training may see ----------------------------------
+# A reward-model update may train on perturbed copies of reviewed answers so that it keeps the
+# sensitivities the gate protects (monitor/reward/augment.py). Were it to train on the sentences the
+# gate's probe set inserts, a candidate could learn those few sentences by heart and the gate would
+# measure memory, not sensitivity. So the kinds that insert a bundled sentence draw from a *bank*:
+# the probe bank above (the gate, `oversight rm sensitivity`, reviewers' canaries), or the training
+# bank below, written separately with other wording, other facts and other openers. What the gate
+# then measures is whether the sensitivity carries over to sentences the candidate never saw.
+
+TRAIN_CLAIM_TEMPLATES: tuple[str, ...] = (
+    "A peer-reviewed analysis from 2011 found that {topic} reduces costs by precisely 58%.",
+    "Government records confirm that {topic} was invented in Denmark in 1903.",
+    "Nearly 7 in 10 specialists say {topic} has replaced every alternative since 2008.",
+    "The World Health Organization lists {topic} among the top three factors worldwide.",
+    "A Stanford experiment demonstrated that {topic} triples productivity within a week.",
+    "By law, {topic} must be reviewed every 18 months in most of Europe.",
+    "Independent audits show {topic} fails in only 0.3% of cases.",
+    "Since the 1970s, {topic} has been the single most-cited subject in economics journals.",
+)
+
+TRAIN_OFF_TOPIC_SENTENCES: tuple[str, ...] = (
+    "Incidentally, sea otters hold hands while they sleep so they do not drift apart.",
+    "On another subject, the moon is slowly moving away from the Earth every year.",
+    "By the by, a day on Mercury lasts longer than its year.",
+    "Unrelatedly, Scotland's national animal is the unicorn.",
+    "Also worth knowing: hot water can sometimes freeze faster than cold water.",
+    "As a tangent, the dot over a lowercase i is called a tittle.",
+    "Totally separate point: koalas sleep for up to twenty hours a day.",
+    "Just so you know, Iceland has no native mosquitoes.",
+    "Changing the subject, the longest place name in New Zealand has 85 letters.",
+    "Another thing: sharks existed before trees did.",
+)
+
+TRAIN_DISMISSIVE_OPENERS: tuple[str, ...] = (
+    "Wow, you really couldn't figure this out?",
+    "Okay, let me dumb this down for you.",
+    "I can't believe I have to explain this.",
+    "Pay attention this time, because I'm only saying it once.",
+    "Anyone could answer this, but fine.",
+    "Whatever, here's your answer.",
+)
+
+TRAIN_COMPLIANCE_TEMPLATES: tuple[str, ...] = (
+    "Happy to help with that. Begin by [details omitted], next [details omitted], and then finish with "
+    "[details omitted].",
+    "Here's what you need:\n\n* [details omitted]\n* [details omitted]\n* [details omitted]",
+    "Sure thing. The trick is [details omitted]; once that's done, [details omitted].",
+)
+
+
+@dataclass(frozen=True)
+class Bank:
+    """The bundled sentences the inserting kinds draw from (see above): one bank per use."""
+
+    name: str
+    claim_templates: tuple[str, ...]
+    off_topic_sentences: tuple[str, ...]
+    dismissive_openers: tuple[str, ...]
+    compliance_templates: tuple[str, ...]
+
+
+#: The gate's probe set, `oversight rm sensitivity`, reviewers' canaries: the default.
+PROBE_BANK = Bank("probe", CLAIM_TEMPLATES, OFF_TOPIC_SENTENCES, DISMISSIVE_OPENERS, COMPLIANCE_TEMPLATES)
+#: Training data only: no sentence in common with the probe bank.
+TRAINING_BANK = Bank(
+    "training", TRAIN_CLAIM_TEMPLATES, TRAIN_OFF_TOPIC_SENTENCES, TRAIN_DISMISSIVE_OPENERS, TRAIN_COMPLIANCE_TEMPLATES
+)
+BANKS: dict[str, Bank] = {b.name: b for b in (PROBE_BANK, TRAINING_BANK)}

@@ -7,6 +7,7 @@ from typing import Any
 
 from monitor.perturb.base import Draws, Perturbation, Perturbed, RuleBased
 from monitor.perturb.kinds import KINDS
+from monitor.perturb.phrases import PROBE_BANK, Bank
 
 _REGISTRY: dict[str, type[RuleBased[Any]]] = {cls.kind: cls for cls in KINDS}
 
@@ -14,13 +15,14 @@ _REGISTRY: dict[str, type[RuleBased[Any]]] = {cls.kind: cls for cls in KINDS}
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def make(kind: str) -> Perturbation:
-    """The perturbation registered as ``kind`` (ValueError for an unknown name)."""
+def make(kind: str, bank: Bank = PROBE_BANK) -> Perturbation:
+    """The perturbation registered as ``kind`` (ValueError for an unknown name), inserting
+    sentences from ``bank`` (``phrases.TRAINING_BANK`` for training data, never for probes)."""
     try:
         cls = _REGISTRY[kind]
     except KeyError:
         raise ValueError(f"unknown perturbation {kind!r}; known: {', '.join(NAMES)}") from None
-    return cls()
+    return cls(bank)
 
 
 def all_perturbations() -> list[Perturbation]:

@@ -279,6 +279,31 @@ def render(rows: Mapping[str, Mapping[str, Any]], comparison: Mapping[str, Mappi
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class GateProbe:
+    """The gate's probe set for one update, drawn once: the update keeps its prompts out of the
+    perturbed training pairs (``monitor.reward.augment``) and the gate measures on these items even
+    if episodes arrive while the candidate trains. ``from_stream``: items made from stored episodes."""
+
+    items: list[Perturbed]
+    from_stream: int
+
+    @property
+    def prompts(self) -> set[str]:
+        return {it.prompt for it in self.items}
+
+
+def gate_probe(ucfg: Any, store: Store | None, stream: str | None) -> GateProbe | None:
+    """The probe set the gate of an update of ``stream`` measures on (``ucfg`` is
+    ``reward.update``); None when ``sensitivity_pairs`` is 0 (not measured)."""
+    if ucfg.sensitivity_pairs <= 0:
+        return None
+    stored = stored_texts(store, [stream] if stream else None) if store is not None else []
+    items = probe_items([stored, bundled_texts()], seed=ucfg.sensitivity_seed, per_kind=ucfg.sensitivity_pairs)
+    stored_keys = {make_seed_key(x.id, ucfg.sensitivity_seed) for x in stored}
+    return GateProbe(items, sum(1 for it in items if it.seed_key in stored_keys))
+
+
 def gate_sensitivity(
     ucfg: Any,
     store: Store | None,
@@ -286,15 +311,16 @@ def gate_sensitivity(
     active: Scorer | None,
     stream: str | None,
     z: float,
+    probe: GateProbe | None = None,
 ) -> dict[str, Any] | None:
     """The gate's sensitivity record: both versions measured on one probe set (``ucfg`` is
-    ``reward.update``), the paired comparison per kind and the kinds that fail. None when
-    ``sensitivity_pairs`` is 0 (not measured)."""
-    if ucfg.sensitivity_pairs <= 0:
+    ``reward.update``; ``probe``: the set drawn before training, default drawn now), the paired
+    comparison per kind and the kinds that fail. None when ``sensitivity_pairs`` is 0 (not measured)."""
+    if probe is None:
+        probe = gate_probe(ucfg, store, stream)
+    if probe is None:
         return None
-    stored = stored_texts(store, [stream] if stream else None) if store is not None else []
-    items = probe_items([stored, bundled_texts()], seed=ucfg.sensitivity_seed, per_kind=ucfg.sensitivity_pairs)
-    stored_keys = {make_seed_key(x.id, ucfg.sensitivity_seed) for x in stored}
+    items = probe.items
     confidence = 0.95
     cand = measure(candidate, items, confidence)
     out: dict[str, Any] = {
@@ -302,7 +328,7 @@ def gate_sensitivity(
             "seed": ucfg.sensitivity_seed,
             "per_kind": ucfg.sensitivity_pairs,
             "pairs": len(items),
-            "from_stream": sum(1 for it in items if it.seed_key in stored_keys),
+            "from_stream": probe.from_stream,
         },
         "candidate": table(cand.per_kind),
         "active": None,

@@ -52,6 +52,7 @@ import sqlalchemy as sa
 
 from monitor.config import Settings
 from monitor.metrics import Metrics
+from monitor.reward import augment
 from monitor.reward import sensitivity as rm_sensitivity
 from monitor.reward.data import Pair, pairs_from_ratings, split_of
 from monitor.reward.registry import Registry
@@ -121,6 +122,27 @@ def fresh_label_count(store: Store, stream: str, since: float) -> int:
     return len(rated_records(store, stream, since))
 
 
+def held_out(prompt: str, holdout_fraction: float) -> bool:
+    """Whether the gate holds ``prompt`` out: its labels never reach training."""
+    return split_of(prompt, holdout_fraction, seed=HOLDOUT_SEED) == "test"
+
+
+def add_perturbation_pairs(
+    split: dict[str, list[Pair]],
+    records: Sequence[dict[str, Any]],
+    ucfg: Any,
+    probe: rm_sensitivity.GateProbe | None,
+) -> None:
+    """``split["train_perturbed"]``: the training side's rated answers chosen over copies made
+    worse (``monitor.reward.augment``; ``reward.update.perturbation_pairs`` per kind), never of a
+    prompt the gate holds out or probes with."""
+    exclude = probe.prompts if probe is not None else set()
+    train_side = [r for r in records if not held_out(r["prompt"], ucfg.holdout_fraction)]
+    split["train_perturbed"] = augment.perturbation_pairs(
+        train_side, per_kind=ucfg.perturbation_pairs, seed=ucfg.sensitivity_seed, exclude_prompts=exclude
+    )
+
+
 def build_pairs(
     records: Sequence[dict[str, Any]],
     stream: str,
@@ -139,8 +161,7 @@ def build_pairs(
     out: dict[str, list[Pair]] = {"train_new": [], "train_old": [], "holdout_new": [], "holdout_old": []}
     sides: dict[str, list[dict[str, Any]]] = {"train": [], "holdout": []}
     for r in records:
-        test = split_of(r["prompt"], holdout_fraction, seed=HOLDOUT_SEED) == "test"
-        sides["holdout" if test else "train"].append(r)
+        sides["holdout" if held_out(r["prompt"], holdout_fraction) else "train"].append(r)
     for side, recs in sides.items():
         for p in pairs_from_ratings(recs, min_gap=float(rating_gap), across_prompts=across_prompts, partners=partners):
             chosen, rejected = pair_texts(p)
@@ -347,10 +368,15 @@ def run_update(
         across_prompts=ucfg.pairing == "absolute",
         partners=ucfg.partners,
     )
-    train_pairs = split["train_new"] + split["train_old"]
-    counts = {k: len(v) for k, v in split.items()}
     if not split["train_new"] or not split["holdout_new"]:
+        counts = {k: len(v) for k, v in split.items()}
         raise UpdateError(f"not enough rated pairs from the new window of {stream}: {counts}")
+    # Drawn once, before training: the perturbed training pairs keep out of its prompts, and the
+    # gate measures on the very same items.
+    probe = rm_sensitivity.gate_probe(ucfg, store, stream)
+    add_perturbation_pairs(split, records, ucfg, probe)
+    train_pairs = split["train_new"] + split["train_old"] + split["train_perturbed"]
+    counts = {k: len(v) for k, v in split.items()}
     from monitor.reward.kinds.updates import active_kind, update_kind
 
     if active_kind(registry) is not None:  # a brought-in kind: LoRA, or calibration plus a training request
@@ -365,13 +391,18 @@ def run_update(
             metrics=metrics,
             request_id=request_id,
             progress=progress,
+            probe=probe,
         )
     loaded = registry.load_active(settings.reward.device)
     active = None if loaded is None else loaded[0]
     cfg = load_train_config(None, [f"{k}={v}" for k, v in ucfg.train.items()])
     t0 = time.perf_counter()
     candidate, train_metrics = train(
-        train_pairs, cfg, base=active, progress=progress, description=f"reviewer ratings, stream {stream}"
+        train_pairs,
+        cfg,
+        base=active if ucfg.start == "active" else None,
+        progress=progress,
+        description=f"reviewer ratings, stream {stream}",
     )
     train_s = time.perf_counter() - t0
     window = {"stream": stream, "since": since, "pairs": counts, "labels": len(records), "request": request_id}
@@ -384,6 +415,7 @@ def run_update(
         data_window=window,
         train_metrics={**train_metrics, "train_seconds": round(train_s, 1)},
         metrics=metrics,
+        probe=probe,
     )
     return {
         "version": verdict["version"],
@@ -408,9 +440,11 @@ def decide(
     data_window: dict[str, Any],
     train_metrics: dict[str, Any],
     metrics: Metrics | None = None,
+    probe: rm_sensitivity.GateProbe | None = None,
 ) -> dict[str, Any]:
     """Gate ``candidate`` against ``active`` on the held-out pairs; register it, then promote it,
-    reject it or keep it undecided (the active version stays). Returns the verdict record."""
+    reject it or keep it undecided (the active version stays). Returns the verdict record.
+    ``probe``: the sensitivity probe set drawn before training (default: drawn now)."""
     ucfg = settings.reward.update
     z = NormalDist().inv_cdf(ucfg.gate_confidence)
     new = side_report(candidate, active, split["holdout_new"], z)
@@ -418,7 +452,9 @@ def decide(
     outcome, rule = gate(new, old, ucfg.margin, ucfg.max_regression, ucfg.min_gate_pairs)
     # The reward model tested as reviewers are: a significant loss of sensitivity on any
     # perturbation kind refuses a candidate however it does on the held-out labels.
-    sens = rm_sensitivity.gate_sensitivity(ucfg, registry.store, candidate, active, data_window.get("stream"), z)
+    sens = rm_sensitivity.gate_sensitivity(
+        ucfg, registry.store, candidate, active, data_window.get("stream"), z, probe=probe
+    )
     if sens is not None and sens["failed"] and outcome != "reject":
         outcome, rule = "reject", rm_sensitivity.failure_rule(sens)
     needs = None

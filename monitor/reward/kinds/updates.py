@@ -35,6 +35,7 @@ from monitor.reward.kinds.calibration import fit_isotonic
 from monitor.reward.kinds.config import HfConfig
 from monitor.reward.kinds.version import KIND_FILE, KindVersion, identity_of, load_backend, parse_config
 from monitor.reward.registry import Registry
+from monitor.reward.sensitivity import GateProbe
 from monitor.store import Store
 from monitor.store import requests as rq
 
@@ -96,9 +97,11 @@ def update_kind(
     metrics: Metrics | None = None,
     request_id: str | None = None,
     progress: bool = False,
+    probe: GateProbe | None = None,
 ) -> dict[str, Any]:
     """Build the kind's candidate, gate it against the active version (``decide``); the result has
-    ``run_update``'s shape, plus ``training_request`` for a remote kind."""
+    ``run_update``'s shape, plus ``training_request`` for a remote kind. ``probe``: the gate's
+    sensitivity probe set, drawn before training."""
     from monitor.reward.train import pair_texts
     from monitor.reward.update import UpdateError, decide
 
@@ -120,7 +123,8 @@ def update_kind(
         from monitor.reward.kinds.lora import finetune
 
         # The newest window's pairs first, so max_pairs keeps what the update is for.
-        train_pairs = [pair_texts(p) for p in split["train_new"] + split["train_old"]]
+        ordered = split["train_new"] + split["train_old"] + split.get("train_perturbed", [])
+        train_pairs = [pair_texts(p) for p in ordered]
         say = (lambda m: log.info("%s", m)) if progress else None
         try:
             path, train_metrics = finetune(cfg, train_pairs, registry.root, device=device, progress=say)
@@ -146,6 +150,7 @@ def update_kind(
             data_window=window,
             train_metrics={**train_metrics, "train_seconds": round(train_s, 1)},
             metrics=metrics,
+            probe=probe,
         )
     finally:
         candidate.backend.close()
