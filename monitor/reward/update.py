@@ -371,15 +371,20 @@ def run_update(
     if not split["train_new"] or not split["holdout_new"]:
         counts = {k: len(v) for k, v in split.items()}
         raise UpdateError(f"not enough rated pairs from the new window of {stream}: {counts}")
+    from monitor.reward.kinds.updates import active_kind, update_kind
+
+    brought_in = active_kind(registry)
     # Drawn once, before training: the perturbed training pairs keep out of its prompts, and the
     # gate measures on the very same items.
     probe = rm_sensitivity.gate_probe(ucfg, store, stream)
-    add_perturbation_pairs(split, records, ucfg, probe)
+    if brought_in is None or brought_in[1] == "hf":  # what trains here; a judge's calibration does not
+        add_perturbation_pairs(split, records, ucfg, probe)
+    else:
+        split["train_perturbed"] = []
     train_pairs = split["train_new"] + split["train_old"] + split["train_perturbed"]
     counts = {k: len(v) for k, v in split.items()}
-    from monitor.reward.kinds.updates import active_kind, update_kind
 
-    if active_kind(registry) is not None:  # a brought-in kind: LoRA, or calibration plus a training request
+    if brought_in is not None:  # a brought-in kind: LoRA, or calibration plus a training request
         return update_kind(
             settings,
             store,

@@ -134,6 +134,7 @@ def test_judge_update_is_a_calibration_and_a_training_request(
     result = run_update(settings, store, stream="chat", since=0.0)
     verdict = result["gate"]
     assert result["kind"] == "judge" and result["parent"] == active and result["version"] != active
+    assert result["pairs"]["train_perturbed"] == 0  # a calibration trains nothing on pairs
     rec = json.loads((registry.path_of(result["version"]) / "kind.json").read_text())
     cal = rec["config"]["calibration"]
     # The version covers endpoint, model, rubric and the calibration map.

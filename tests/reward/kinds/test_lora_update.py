@@ -60,6 +60,7 @@ def test_lora_update_learns_the_reviewers_preference_and_is_gated(hf_checkpoint:
     new = verdict["new"]
     assert result["kind"] == "hf" and result["parent"] == active
     assert result["version"].startswith("hf-") and result["version"] != active
+    assert result["pairs"]["train_perturbed"] > 0  # LoRA trains on perturbation pairs as the built-in does
     # The adapter learnt the reviewers' preference: agreement on held-out prompts went up.
     assert new["n"] >= 40 and new["candidate"]["agreement"] > new["active"]["agreement"] + 0.2
     assert new["candidate"]["lo"] > 0.5 and new["gain"]["lo"] > 0
