@@ -766,6 +766,13 @@ class RewardUpdateConfig(_Model):
         " over a copy made worse, with sentences the gate's probes never use, never of a prompt the gate holds"
         " out or probes (0: ratings only)",
     )
+    perturbation_share: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="the perturbation pairs in all, at most this share of the ratings' training pairs (with few"
+        " labels they would otherwise outnumber the ratings and drown what the update is for)",
+    )
 
 
 class RewardConfig(_Model):

@@ -134,12 +134,18 @@ def add_perturbation_pairs(
     probe: rm_sensitivity.GateProbe | None,
 ) -> None:
     """``split["train_perturbed"]``: the training side's rated answers chosen over copies made
-    worse (``monitor.reward.augment``; ``reward.update.perturbation_pairs`` per kind), never of a
-    prompt the gate holds out or probes with."""
+    worse (``monitor.reward.augment``; ``reward.update.perturbation_pairs`` per kind, at most
+    ``perturbation_share`` of the ratings' training pairs in all), never of a prompt the gate holds
+    out or probes with."""
     exclude = probe.prompts if probe is not None else set()
     train_side = [r for r in records if not held_out(r["prompt"], ucfg.holdout_fraction)]
+    rated_pairs = len(split["train_new"]) + len(split["train_old"])
     split["train_perturbed"] = augment.perturbation_pairs(
-        train_side, per_kind=ucfg.perturbation_pairs, seed=ucfg.sensitivity_seed, exclude_prompts=exclude
+        train_side,
+        per_kind=ucfg.perturbation_pairs,
+        seed=ucfg.sensitivity_seed,
+        exclude_prompts=exclude,
+        max_total=int(ucfg.perturbation_share * rated_pairs),
     )
 
 

@@ -149,6 +149,8 @@ def test_an_update_trains_on_perturbation_pairs_away_from_what_the_gate_reads(
 
     perturbed = [p for p in trained_on if str(p.get("source", "")).startswith("perturbation:")]
     assert perturbed and result["pairs"]["train_perturbed"] == len(perturbed)
+    rated = result["pairs"]["train_new"] + result["pairs"]["train_old"]
+    assert len(perturbed) <= 0.25 * rated  # reward.update.perturbation_share
     assert max(kinds_of(perturbed).values()) == 6
     prompts = {p["prompt"] for p in perturbed}
     assert not prompts & probe.prompts
@@ -167,3 +169,14 @@ def test_an_update_trains_on_perturbation_pairs_away_from_what_the_gate_reads(
     assert run_update(off, store, stream="chat", since=CHANGE)["pairs"]["train_perturbed"] == 0
     assert trained_on and not any(str(p.get("source", "")).startswith("perturbation:") for p in trained_on)
     assert bases[1] is None
+
+
+def test_a_cap_keeps_every_kind_in_turn() -> None:
+    """``max_total`` (the update passes a share of the ratings' pairs) cuts every kind alike, so a
+    few labels are not drowned and no kind is dropped for another."""
+    records = _records()
+    full = kinds_of(perturbation_pairs(records, per_kind=10))
+    capped = perturbation_pairs(records, per_kind=10, max_total=2 * len(full))
+    assert len(capped) == 2 * len(full) and kinds_of(capped) == dict.fromkeys(full, 2)
+    assert capped == [p for p in perturbation_pairs(records, per_kind=10) if p in capped]  # the first of each
+    assert perturbation_pairs(records, per_kind=10, max_total=0) == []
