@@ -95,7 +95,7 @@ def perturbation_pairs(
         for pairs in per:
             if rank < len(pairs) and (max_total is None or len(out) < max_total):
                 out.append(pairs[rank])
-    # Grouped by kind again, in the kinds' order: the same pairs whatever the cap cut.
+    # Back in the kinds' order (each kind's pairs in their own order), as without a cap.
     order = {kind: i for i, kind in enumerate(kinds)}
     return sorted(out, key=lambda p: order[str(p["source"])[len(SOURCE_PREFIX) :]])
 
