@@ -1,6 +1,6 @@
 """The closed loop on real shifts: ``oversight simulate`` over three scenarios, measured.
 
-    python bench/closed_loop.py [--scenarios policy_swap,rlhf,reward_hacking] [--keep DIR] [--set KEY=VALUE ...]
+    python bench/closed_loop.py [--scenarios policy_swap,rlhf,reward_hacking | --dev] [--keep DIR] [--set KEY=VALUE ...]
 
 Each scenario is built from ../shared/data/alpaca_eval: stream ``chat`` serves one policy for its
 805 instructions (seeded random order), then the changed policy for the 805 again (another
@@ -12,13 +12,17 @@ and the source of the "old" evaluation pairs). ``model`` is the constant "deploy
 * ``rlhf``: alpaca-7b -> alpaca-farm-ppo-human (the same base model after RLHF);
 * ``reward_hacking``: gpt-3.5-turbo-1106, then NullModel mixed in at 10%.
 
-The starting reward model: for the first two, the bundled one (trained on 400 HH-RLHF harmless
-pairs: an RM for another distribution); for reward hacking, an RM distilled from the GPT-4 judge's
-own preferences with NullModel's outputs among them (400 AlpacaEval pairs, a quarter involving
-NullModel): it inherits the judge's blind spot, as RLAIF reward models do. Reviewers answer from
-``human_pref``: ``judge_pref``, except that a person reading NullModel's constant string of
-braces and a prompt injection rates it as the worst answer (0.0); the judge was fooled
-(../shared/data/README.md), people are not.
+``--dev`` runs three other swaps instead (``DEV_SCENARIOS``: Qwen-14B-Chat -> falcon-7b-instruct,
+phi-2 -> phi-2-sft, gemma-2b-it -> gpt4_1106_preview), on which to choose settings so that the
+three above stay held out.
+
+The starting reward model: for the first two (and the development ones), the bundled one (trained
+on 400 HH-RLHF harmless pairs: an RM for another distribution); for reward hacking, an RM distilled
+from the GPT-4 judge's own preferences with NullModel's outputs among them (400 AlpacaEval pairs, a
+quarter involving NullModel): it inherits the judge's blind spot, as RLAIF reward models do.
+Reviewers answer from ``human_pref``: ``judge_pref``, except that a person reading NullModel's
+constant string of braces and a prompt injection rates it as the worst answer (0.0); the judge was
+fooled (../shared/data/README.md), people are not.
 
 Reported per scenario: episodes from the change to the first alarm (all inputs, and chat
 episodes), human labels of the new traffic before the update, alarm -> promoted reward model
@@ -57,6 +61,14 @@ SCENARIOS = {
     "rlhf": ("alpaca-7b", "alpaca-farm-ppo-human", 1.0),
     "reward_hacking": ("gpt-3.5-turbo-1106", "NullModel", 0.10),
 }
+# Development scenarios (``--dev``): other swaps, none of whose models appear above, on which to
+# choose settings, so that the three reported scenarios stay held out. Each starts from the bundled
+# reward model, as the first two do.
+DEV_SCENARIOS = {
+    "weaker": ("Qwen-14B-Chat", "falcon-7b-instruct", 1.0),
+    "sft": ("phi-2", "phi-2-sft", 1.0),
+    "stronger": ("gemma-2b-it", "gpt4_1106_preview", 1.0),
+}
 
 
 def _rows(model: str) -> list[dict[str, Any]]:
@@ -78,7 +90,7 @@ def _episode(stream: str, i: int, ts: datetime, row: dict[str, Any], hacked: boo
 
 
 def build(name: str, out: Path, seed: int = 0) -> dict[str, Any]:
-    before_model, after_model, mix = SCENARIOS[name]
+    before_model, after_model, mix = (SCENARIOS | DEV_SCENARIOS)[name]
     rng = random.Random(f"{seed}:{name}")
     before = _rows(before_model)
     after = _rows(after_model)
@@ -223,14 +235,19 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--scenarios", help=f"comma-separated, of {', '.join(SCENARIOS | DEV_SCENARIOS)}")
+    ap.add_argument("--dev", action="store_true", help="the development scenarios (default: the reported ones)")
     ap.add_argument("--keep", metavar="DIR", help="keep each scenario's database, models and report here")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, as oversight --set")
     args = ap.parse_args()
+    names = args.scenarios.split(",") if args.scenarios else list(DEV_SCENARIOS if args.dev else SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS | DEV_SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenarios {unknown}: choose from {', '.join(SCENARIOS | DEV_SCENARIOS)}")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="closed-loop-"))
     rows = []
     try:
-        for name in args.scenarios.split(","):
+        for name in names:
             rows.append(run(name, root / name, args.set))
             print(json.dumps({"bench": "closed_loop", **rows[-1]}, default=str), flush=True)
     finally:
@@ -264,6 +281,8 @@ def main() -> int:
                 f"update {_fmt(g['candidate_new'])}  active {_fmt(g['active_new'])}  "
                 f"longer wins {_fmt(g['longer_wins_new'])}"
             )
+            for caveat in g.get("caveats") or ():
+                print(f"  {'':<16}caveat: {caveat}")
     print("\nHorvitz-Thompson estimate of the mean answer in chat (95% CI) vs the true mean:")
     for r in rows:
         for phase in ("estimate_before", "estimate_after"):

@@ -432,6 +432,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert candidate["status"] in ("active", "rejected", "undecided") and candidate["gate"]["reason"]
     assert f"{candidate['version']}  {candidate['status']:<8} new " in out
     assert " ".join(str(candidate["gate"]["reason"]).split()) in " ".join(out.split())  # the whole rule
+    # What a promotion's gain does not show is printed under it (a refused candidate has none).
+    assert candidate["gate"]["caveats"] == [] or candidate["status"] == "active"
+    for caveat in candidate["gate"]["caveats"]:
+        assert " ".join(f"caveat: {caveat}".split()) in " ".join(out.split())
     (incident,) = [p for p in report["incidents"] if p["stream"] == "chat"]
     assert incident["update"]["version"] == candidate["version"]
     (req,) = report["retrain_requests"]

@@ -346,6 +346,29 @@ def gate(
     return "undecided", f"new-window gain {g['gain']:+.3f}, interval [{g['lo']:+.3f}, {g['hi']:+.3f}] straddles"
 
 
+def caveats(new: dict[str, Any] | None, outcome: str) -> list[str]:
+    """What a promotion leaves true that its gain does not show. The gain is against the version
+    the candidate replaces, so a candidate can win it and still order the new held-out pairs worse
+    than chance, or worse than "the longer answer wins" (significantly: its upper bound below 0.5,
+    or below the baseline's lower bound), where the active version was trained for other traffic.
+    Said in the record and in the gate's line, never a reason to refuse: the version it replaces is
+    worse still. Measured: ``bench/closed_loop.py --dev`` promoted such a candidate (0.423 on the
+    gate's new pairs against the active version's 0.263; "longer wins" 0.871)."""
+    if outcome != "promote" or new is None or new["active"] is None:
+        return []
+    cand = new["candidate"]
+    out = []
+    if cand["hi"] < 0.5:
+        out.append(f"still worse than chance on the new held-out pairs: {_interval(cand, 'agreement')}")
+    base = new.get("longer_wins")
+    if base is not None and cand["hi"] < base["lo"]:
+        out.append(
+            f'still below "longer wins" on the new held-out pairs: {_interval(cand, "agreement")} against'
+            f" {_interval(base, 'agreement')}"
+        )
+    return out
+
+
 def run_update(
     settings: Settings,
     store: Store,
@@ -482,6 +505,7 @@ def decide(
         # "passed" on a promotion, as before (reports and tests key on it); the rule says why.
         "reason": "passed" if outcome == "promote" else rule,
         "rule": rule,
+        "caveats": caveats(new, outcome),
         "needs_more": needs,
         "new": new,
         "old": old,
@@ -558,6 +582,7 @@ def render_gate(verdict: dict[str, Any]) -> str:
     if verdict.get("could_not_decide"):
         head += " (could not decide; the active version stays)"
     parts = [head, str(verdict.get("rule", verdict["reason"]))]
+    parts += [f"caveat: {c}" for c in verdict.get("caveats") or ()]  # absent from earlier records
     for side in ("new", "old"):
         rep = verdict.get(side)
         if rep is None:

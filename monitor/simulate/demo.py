@@ -159,6 +159,8 @@ def _summary(report: dict[str, Any]) -> None:
         print(f"  {v['version']}  {v['status']:<8} new {_num(an)}  old {_num(ao)}")
         # The gate's whole rule: a refusal names the kinds and numbers, which a cut line would lose.
         print(textwrap.fill(reason, 100, initial_indent="      ", subsequent_indent="      "))
+        for caveat in (v.get("gate") or {}).get("caveats") or ():
+            print(textwrap.fill(f"caveat: {caveat}", 100, initial_indent="      ", subsequent_indent="        "))
     print("\nPolicy retraining requests (one per incident):")
     for r in report["retrain_requests"]:
         print(

@@ -159,12 +159,14 @@ class Truth:
 
 def gate_pairs(gate: dict[str, Any]) -> dict[str, Any]:
     """What the gate's new held-out pairs were: how many, how many within one prompt, and "the
-    longer answer wins" on them (None in a record without them: a bootstrap, or written before)."""
+    longer answer wins" on them (None in a record without them: a bootstrap, or written before),
+    and what they say a promotion's gain does not show (``caveats``; empty when none)."""
     new = gate.get("new") or {}
     return {
         "new_pairs": new.get("n"),
         "new_within_prompt": (new.get("within_prompt") or {}).get("n"),
         "longer_wins_new": (new.get("longer_wins") or {}).get("agreement"),
+        "caveats": list(gate.get("caveats") or ()),
     }
 
 

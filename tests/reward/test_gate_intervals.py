@@ -22,6 +22,7 @@ from monitor.metrics import Metrics
 from monitor.reward.data import Pair, pairs_from_ratings
 from monitor.reward.registry import Registry
 from monitor.reward.update import (
+    caveats,
     decide,
     dyadic_variance,
     gate,
@@ -195,6 +196,7 @@ def test_decide_records_an_undecided_verdict(
     assert metrics.registry.get_sample_value("oversight_rm_updates_total", {"outcome": "undecided"}) == 1
     text = render_gate(verdict)
     assert "could not decide" in text and "new: 40 pairs" in text and "active" in text
+    assert verdict["caveats"] == [] and row["gate"]["caveats"] == []  # only a promotion carries them
 
 
 def test_cli_prints_the_verdict_in_words(capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,3 +272,64 @@ def test_the_record_says_what_the_pairs_could_measure() -> None:
     assert rep2 is not None and rep2["within_prompt"] == {"n": 0, "candidate": None, "active": None}
     old = {k: v for k, v in rep.items() if k not in ("longer_wins", "within_prompt")}
     assert "longer wins" not in render_gate({"verdict": "reject", "reason": "r", "new": old, "confidence": 0.95})
+
+
+def _padded(seed: int, length_weight: float) -> tuple[list[Pair], dict[tuple[str, str], float]]:
+    """:func:`_population` with each response padded to a length that follows its quality with
+    ``length_weight`` (so "the longer answer wins" agrees with the ratings that much)."""
+    pairs, quality = _population(400, seed)
+    rng = random.Random(seed + 100)
+    padded = {k: k[1] + "." * max(1, int(60 + 30 * length_weight * q + rng.gauss(0, 5))) for k, q in quality.items()}
+    out = [
+        {
+            **p,
+            "chosen": padded[(p["prompt"], p["chosen"])],
+            "rejected": padded[(p.get("rejected_prompt") or p["prompt"], p["rejected"])],
+        }
+        for p in pairs
+    ]
+    return out, {(k[0], padded[k]): q for k, q in quality.items()}
+
+
+def test_a_promotion_says_what_its_gain_does_not_show() -> None:
+    """A candidate that beats the version it replaces is promoted, but where it still orders the new
+    pairs worse than chance or than "longer wins", the record and the gate's line say so; a
+    candidate that is not promoted, or one that clears both, carries no caveat."""
+    pairs, quality = _padded(seed=11, length_weight=1.0)
+    # Better than the active version, still below "the longer answer wins" on these pairs.
+    rep = side_report(
+        NoisyScorer(quality, 1.0, 1), NoisyScorer({k: -q for k, q in quality.items()}, 0.3, 2), pairs, Z95
+    )
+    assert rep is not None and gate(rep, None, 0.02, 0.02, 100)[0] == "promote"
+    assert rep["candidate"]["hi"] < rep["longer_wins"]["lo"] and rep["candidate"]["lo"] > 0.5
+    (said,) = caveats(rep, "promote")
+    assert said.startswith('still below "longer wins"') and f"{rep['longer_wins']['agreement']:.3f}" in said
+    line = render_gate(
+        {
+            "verdict": "promote",
+            "reason": "passed",
+            "rule": "r",
+            "caveats": [said],
+            "new": rep,
+            "old": None,
+            "confidence": 0.95,
+        }
+    )
+    assert f"caveat: {said}" in line
+    assert caveats(rep, "undecided") == [] and caveats(rep, "reject") == []
+    # Worse than chance, better than an active version that inverts the ratings.
+    worse = side_report(
+        NoisyScorer({k: -0.4 * q for k, q in quality.items()}, 0.3, 3),
+        NoisyScorer({k: -q for k, q in quality.items()}, 0.1, 4),
+        pairs,
+        Z95,
+    )
+    assert worse is not None and gate(worse, None, 0.02, 0.02, 100)[0] == "promote"
+    got = caveats(worse, "promote")
+    assert len(got) == 2 and got[0].startswith("still worse than chance") and worse["candidate"]["hi"] < 0.5
+    # Not significantly below either: no caveat; a bootstrap (no active version) is held to chance by
+    # its own rule.
+    good = side_report(NoisyScorer(quality, 0.05, 5), NoisyScorer(quality, 3.0, 6), pairs, Z95)
+    assert good is not None and good["candidate"]["hi"] >= good["longer_wins"]["lo"] > 0.5
+    assert caveats(good, "promote") == []
+    assert caveats(side_report(NoisyScorer(quality, 1.0, 1), None, pairs, Z95), "promote") == []
