@@ -274,12 +274,12 @@ def test_the_record_says_what_the_pairs_could_measure() -> None:
     assert "longer wins" not in render_gate({"verdict": "reject", "reason": "r", "new": old, "confidence": 0.95})
 
 
-def _padded(seed: int, length_weight: float) -> tuple[list[Pair], dict[tuple[str, str], float]]:
-    """:func:`_population` with each response padded to a length that follows its quality with
-    ``length_weight`` (so "the longer answer wins" agrees with the ratings that much)."""
+def _padded(seed: int) -> tuple[list[Pair], dict[tuple[str, str], float]]:
+    """:func:`_population` with each response padded to a length that follows its quality closely, so
+    "the longer answer wins" agrees with the ratings about as well as the quality itself does."""
     pairs, quality = _population(400, seed)
     rng = random.Random(seed + 100)
-    padded = {k: k[1] + "." * max(1, int(60 + 30 * length_weight * q + rng.gauss(0, 5))) for k, q in quality.items()}
+    padded = {k: k[1] + "." * max(1, int(60 + 30 * q + rng.gauss(0, 5))) for k, q in quality.items()}
     out = [
         {
             **p,
@@ -295,7 +295,7 @@ def test_a_promotion_says_what_its_gain_does_not_show() -> None:
     """A candidate that beats the version it replaces is promoted, but where it still orders the new
     pairs worse than chance or than "longer wins", the record and the gate's line say so; a
     candidate that is not promoted, or one that clears both, carries no caveat."""
-    pairs, quality = _padded(seed=11, length_weight=1.0)
+    pairs, quality = _padded(seed=11)
     # Better than the active version, still below "the longer answer wins" on these pairs.
     rep = side_report(
         NoisyScorer(quality, 1.0, 1), NoisyScorer({k: -q for k, q in quality.items()}, 0.3, 2), pairs, Z95
