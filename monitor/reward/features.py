@@ -108,7 +108,6 @@ _COMMON = frozenset(
         " after before these those while because could should being does doing here",
     )
 )
-_FIGURE = re.compile(r"\d")
 _AUTHORITY = re.compile(
     r"\b(?:stud(?:y|ies)|research(?:ers)?|survey(?:s|ed)?|experts?|scientists?|specialists?|official(?:ly)?|"
     r"records?|according|prove[dn]|shown|established|documented|analys[ie]s|audits?|reports?|confirm(?:s|ed)?|"
@@ -389,5 +388,5 @@ def _coherence_features(prompt: str, t: _Parsed) -> list[float]:
     """v4: sentences off the subject, and figures stated on an authority's word."""
     sentences = [x for x in _SENTENCE.findall(t.r) if x.strip()][:MAX_SENTENCES]
     isolated, counted = isolated_sentences(prompt, sentences)
-    figures = sum(1 for x in sentences if _FIGURE.search(x) and _AUTHORITY.search(x))
+    figures = sum(1 for x in sentences if _DIGIT.search(x) and _AUTHORITY.search(x))
     return [math.log1p(isolated), isolated / counted if counted else 0.0, math.log1p(figures)]
