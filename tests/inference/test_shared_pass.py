@@ -213,6 +213,11 @@ def test_oversight_run_encodes_an_episode_sampled_for_both_once(tmp_path: Path, 
         "drift.embedding.backend=torch",
         "sampling.rm.rate=0.5",
         "inference.settle_timeout_s=240",
+        # A drift sample waits for its score's pass at most share_wait_s (30 s by default), then is
+        # encoded on its own: by design, but on a slow or busy host (a CI run) the niced scorer can
+        # fall that far behind, and this test would count the design's fallback as a miss. Waiting
+        # longer than the run may settle leaves a missing vector (a bug) as the only way to fail.
+        "inference.share_wait_s=600",
     )
     store = active(s, model)
     prom = CollectorRegistry()
