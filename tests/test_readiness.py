@@ -289,7 +289,7 @@ def test_an_operation_in_flight_too_long_counts_as_down() -> None:
     green when it ends; another target, and an operation that ends in time, are untouched."""
     from monitor.retry import Health, RetryPolicy
 
-    health = Health(stall_s=0.2)
+    health = Health(stall_s=1.0)  # wide enough that a stalled test host does not make 0.1 s look long
     release = threading.Event()
     policy = RetryPolicy(health)
     assert policy.call(lambda: 1, "store") == 1 and health.ok("store")
@@ -297,7 +297,7 @@ def test_an_operation_in_flight_too_long_counts_as_down() -> None:
     hung.start()
     time.sleep(0.1)
     assert health.ok("store")  # in flight, not yet for long
-    time.sleep(0.25)
+    time.sleep(1.2)
     assert not health.ok("store") and health.ok("dead_letter")
     release.set()
     hung.join(5)
@@ -306,7 +306,7 @@ def test_an_operation_in_flight_too_long_counts_as_down() -> None:
     flushed = threading.Event()
     probe = threading.Thread(target=policy.attempt, args=(flushed.wait, "dead_letter"), daemon=True)
     probe.start()
-    time.sleep(0.3)
+    time.sleep(1.2)
     assert not health.ok("dead_letter") and health.ok("store")
     flushed.set()
     probe.join(5)

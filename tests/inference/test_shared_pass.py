@@ -147,6 +147,9 @@ def test_the_worker_encodes_an_episode_sampled_for_both_once(
             f"reward.precision={precision}",
             f"drift.embedding.precision={precision}",
             "inference.external=true",
+            # Past share_wait_s (30 s by default) a drift sample is encoded on its own, by design;
+            # a slow host loading the models could get there before the first round.
+            "inference.share_wait_s=600",
         ],
     )
     store = active(s, model)

@@ -361,7 +361,7 @@ def test_the_condition_decides_the_hints_and_nothing_else(envs: Callable[..., En
 
 def test_a_failing_or_late_assistant_shows_nothing_and_is_counted(envs: Callable[..., Env]) -> None:
     env = envs(
-        *experiment("{c: [test_broken, test_stuck, test_highlight]}", "review.assist.timeout_s=0.2"),
+        *experiment("{c: [test_broken, test_stuck, test_highlight]}", "review.assist.timeout_s=2"),
     )
     env.user("alice")
     seed(env.store, [episode_row("f1", response="a fine answer")])

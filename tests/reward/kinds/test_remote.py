@@ -96,7 +96,7 @@ def test_concurrency_limit_holds(judge_standin: StandIn) -> None:
 
 def test_circuit_breaker_opens_then_half_opens_and_closes(judge_standin: StandIn) -> None:
     judge_standin.script.mode = "fail"
-    backend, _, reg = _judge(judge_standin, res={"max_attempts": 1, "breaker_failures": 2, "breaker_reset_s": 0.3})
+    backend, _, reg = _judge(judge_standin, res={"max_attempts": 1, "breaker_failures": 2, "breaker_reset_s": 2.0})
     assert [s.ok for s in backend.score([Item("Q?", SHORT)] * 2)] == [False, False]
     assert backend.http.breaker.state == "open" and judge_standin.script.hits == 2
     assert _value(reg, "oversight_rm_backend_breaker_state", {"kind": "judge"}) == 2
@@ -104,7 +104,7 @@ def test_circuit_breaker_opens_then_half_opens_and_closes(judge_standin: StandIn
     [rejected] = backend.score([Item("Q?", SHORT)])
     assert rejected.error is not None and rejected.error.startswith("rejected") and judge_standin.script.hits == 2
     assert _value(reg, "oversight_rm_backend_requests_total", {"kind": "judge", "outcome": "rejected"}) == 1
-    time.sleep(0.35)  # past breaker_reset_s: one probe goes through
+    time.sleep(2.1)  # past breaker_reset_s: one probe goes through
     judge_standin.script.mode = "ok"
     [probe] = backend.score([Item("Q?", SHORT)])
     assert probe.ok and backend.http.breaker.state == "closed" and judge_standin.script.hits == 3
