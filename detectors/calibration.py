@@ -64,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -633,6 +634,9 @@ class CalibrationProcess:
 
 def _serve(conn: Any, parent: int) -> None:
     """The child's loop: (name, ert, reference, params) in, (ok, parameter or error) out."""
+    # A Ctrl-C at a terminal reaches the whole process group: the parent drains and stops this
+    # child itself, which would otherwise print a KeyboardInterrupt traceback at the user.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def orphaned() -> None:  # the parent died without ending us: end now, mid-simulation or not
         while True:

@@ -128,6 +128,7 @@ class RetentionConfig(_Model):
     days: float | None = Field(
         None,
         gt=0,
+        le=36500,  # a century: beyond, the cutoff's arithmetic overflows (and nothing would be purged)
         description="stored episodes older than this much of their stream's event time are deleted with their"
         " samples, scores, pending review tasks and traffic counts, except those with labels, adjudications,"
         " canaries or a review task a reviewer holds; estimates then cover this window; null: keep everything",
@@ -160,11 +161,25 @@ class DatabaseConfig(_Model):
     )
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
+    @field_validator("url")
+    @classmethod
+    def _url_parses(cls, v: str) -> str:
+        # Here, not at the first connection: a port that is not a number or an unclosed [ of an IPv6
+        # host would otherwise be an "unexpected ValueError" of whichever command opened it.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(v)
+        except (ArgumentError, ValueError) as e:
+            raise ValueError(f"not a database URL ({e})") from None
+        return v
+
 
 class SourceConfig(_Model):
     kind: Literal["file", "stdin", "kafka", "inbox"] = "file"
     path: str | None = None
-    max_episode_bytes: int = Field(256 * 1024, gt=0)
+    max_episode_bytes: int = Field(256 * 1024, gt=0, le=1 << 30)  # a GiB: a reader's buffer is sized by it
     # Event time is each stream's clock, and it only moves forward (the largest timestamp seen):
     # one record stamped in the far future would end every active boost, freeze the review budget
     # and make the next boost last forever. Kafka refuses such records the same way
@@ -179,7 +194,7 @@ class SourceConfig(_Model):
 
 
 class KafkaConfig(_Model):
-    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"])
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
     topic: str = "oversight.episodes"
     group_id: str = "oversight-monitor"
     dlq_topic: str | None = Field(None, description="default: <topic>.dlq")
@@ -240,8 +255,9 @@ class DeadLetterConfig(_Model):
 
 class PipelineConfig(_Model):
     batch_size: int = Field(500, gt=0)
-    batch_timeout_ms: int = Field(200, gt=0)
-    drain_timeout_s: float = Field(8.0, gt=0)
+    # Bounded: a wait far beyond them overflows the clock's arithmetic ("timestamp too large").
+    batch_timeout_ms: int = Field(200, gt=0, le=3_600_000)
+    drain_timeout_s: float = Field(8.0, gt=0, le=3600)
     stall_timeout_s: float = Field(
         10.0,
         gt=0,
@@ -1149,6 +1165,37 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid sampling configuration: {e}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: the safe loader keeps the
+    last one silently, so a setting written twice in a long file would change without a word."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, except that a key given twice in one mapping, and nesting
+    too deep for the parser (a RecursionError otherwise), raise ``yaml.YAMLError`` with a message."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
@@ -1157,7 +1204,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError(f"--set has an empty key segment in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -1205,7 +1252,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
 def _read_config_file(path: Path) -> dict[str, Any]:
     """The mapping a YAML configuration file holds (empty for an empty file)."""
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -1216,17 +1263,29 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    strange = [k for k in loaded if not isinstance(k, str)]
+    if strange:  # every top-level key names a section; 1: 2 would fail as a keyword argument
+        raise ConfigError(f"config file {path}: top-level key {strange[0]!r} is not a setting's name")
     return loaded
 
 
 def _check_environment() -> None:
-    """Refuse an ``OVERSIGHT_`` variable that names no section (a typo would otherwise be ignored)."""
-    known = {name.upper() for name in Settings.model_fields}
+    """Refuse an ``OVERSIGHT_`` variable that names no section, or a key under a plain value: a typo
+    would otherwise be ignored. In any case of letters, as pydantic-settings reads them
+    (``oversight_dev`` sets ``dev``, so ``oversight_bogus`` must be refused like ``OVERSIGHT_BOGUS``)."""
+    known = {name.upper(): f.annotation for name, f in Settings.model_fields.items()}
     for var in os.environ:
-        if var.startswith("OVERSIGHT_"):
-            head = var[len("OVERSIGHT_") :].split("__", 1)[0]
-            if head not in known:
-                raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
+        if not var.upper().startswith("OVERSIGHT_"):
+            continue
+        head, *below = var[len("OVERSIGHT_") :].upper().split("__")
+        if head not in known:
+            raise ConfigError(f"invalid configuration:\n  environment variable {var}: unknown key")
+        section = known[head]
+        # A key below a plain value (OVERSIGHT_DEV__X) is dropped by the reader, not refused.
+        if below and not (isinstance(section, type) and issubclass(section, BaseModel)):
+            raise ConfigError(
+                f"invalid configuration:\n  environment variable {var}: {head.lower()} is a value, not a section"
+            )
 
 
 def settings_json_schema(reserved: dict[str, str] | None = None) -> dict[str, Any]:

@@ -49,6 +49,51 @@ def test_unknown_yaml_and_env_keys_are_errors(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("OVERSIGHT_SAMPLNG__HUMAN__RATE", "0.1")
     with pytest.raises(ConfigError, match="OVERSIGHT_SAMPLNG"):
         load_settings(None, [])
+    monkeypatch.delenv("OVERSIGHT_SAMPLNG__HUMAN__RATE")
+
+
+def test_environment_variables_are_checked_in_any_case_and_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads them in any case: a lower-case typo must be refused like an upper-case
+    one, and a key below a plain value (dropped by the reader) must not pass for a setting."""
+    monkeypatch.setenv("oversight_dev", "true")  # read, in any case
+    assert load_settings(None, []).dev is True
+    monkeypatch.setenv("oversight_bogus", "1")
+    with pytest.raises(ConfigError, match="oversight_bogus: unknown key"):
+        load_settings(None, [])
+    monkeypatch.delenv("oversight_bogus")
+    monkeypatch.setenv("OVERSIGHT_DEV__X", "1")
+    with pytest.raises(ConfigError, match="OVERSIGHT_DEV__X: dev is a value, not a section"):
+        load_settings(None, [])
+    monkeypatch.delenv("OVERSIGHT_DEV__X")
+    monkeypatch.setenv("OVERSIGHT_DRIFT__EMBEDDING__BOGUS", "1")  # below a section: the model refuses it
+    with pytest.raises(ConfigError, match=r"drift\.embedding\.bogus: unknown key"):
+        load_settings(None, [])
+
+
+def test_a_configuration_that_would_fail_later_is_refused_when_loaded(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dev: true\nsampling:\n  human: {rate: 0.2}\ndev: false\n")
+    with pytest.raises(ConfigError, match="'dev' is given twice"):  # the safe loader kept the last
+        load_settings(cfg, [])
+    # A merge key's values may be overridden: that is what it is for.
+    cfg.write_text("sampling:\n  human:\n    <<: {rate: 0.2, floor: 0.01}\n    rate: 0.3\n")
+    assert load_settings(cfg, []).sampling.human.rate == 0.3
+    cfg.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match="top-level key 1 is not a setting"):
+        load_settings(cfg, [])
+    cfg.write_text("dev: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_settings(cfg, [])
+    for override, where in [
+        ("database.url=postgresql://u@[::1", "database.url"),
+        ("kafka.bootstrap_servers=[]", "kafka.bootstrap_servers"),
+        ("source.max_episode_bytes=100000000000000000000000", "source.max_episode_bytes"),
+        ("pipeline.batch_timeout_ms=100000000000000000", "pipeline.batch_timeout_ms"),
+        ("pipeline.drain_timeout_s=1e300", "pipeline.drain_timeout_s"),
+        ("database.retention.days=1e308", "database.retention.days"),
+    ]:
+        with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
+            load_settings(None, [override])
 
 
 @pytest.mark.parametrize(

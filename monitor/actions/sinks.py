@@ -439,8 +439,10 @@ class KubernetesJobSink(Sink):
 def _load_yaml(text: str) -> Any:
     import yaml
 
+    from monitor.config import load_yaml
+
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as e:
         raise ValueError(f"not valid YAML: {e}") from None
 

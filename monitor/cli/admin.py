@@ -56,9 +56,12 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     cfg = settings.database.retention
     if args.days is not None:
-        if not args.days > 0:
-            raise UsageError("--days must be above 0")
-        cfg = cfg.model_copy(update={"days": args.days})
+        from pydantic import ValidationError
+
+        try:  # the setting's own bounds (above 0, at most a century: beyond, the cutoff overflows)
+            cfg = type(cfg).model_validate({**cfg.model_dump(), "days": args.days})
+        except ValidationError as e:
+            raise UsageError(f"--days {args.days}: {e.errors()[0]['msg']}") from None
     if cfg.days is None:
         raise UsageError("nothing to purge: set database.retention.days or pass --days")
     store = open_existing_store(settings)

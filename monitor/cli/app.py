@@ -32,6 +32,7 @@ from monitor.cli.common import (
     InputDir,
     InputFile,
     OutputDir,
+    OutputFile,
     log_options,
     one_line,
 )
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="oversight", description="Continuous deployment-time oversight monitor for deployed language models."
     )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    # dest show_version: a subcommand's own --version (rm score-backlog's, a reward-model version)
+    # must never land in this flag's attribute, or the command prints the package's version instead.
+    parser.add_argument("--version", action="store_true", dest="show_version", help="print the version and exit")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[tuple[str, ...], Any] = {(): top}  # path prefix -> its subparsers
     for cmd in COMMANDS:
@@ -124,6 +127,19 @@ def check_paths(args: argparse.Namespace) -> None:
             require_writable_dir(value, flag)
         else:
             require_writable_file(value, flag)
+    refuse_overwriting_an_input(args)
+
+
+def refuse_overwriting_an_input(args: argparse.Namespace) -> None:
+    """An output file that is one of the command's input files (``replay --input x --report x``)
+    would be truncated before, or replaced after, the input was read: refused before either."""
+    paths = [("--" + dest.replace("_", "-"), v) for dest, v in vars(args).items()]
+    inputs = [(flag, v) for flag, v in paths if isinstance(v, InputFile) and v != "-"]
+    for out_flag, out in ((flag, v) for flag, v in paths if isinstance(v, OutputFile)):
+        for in_flag, given in inputs:
+            with contextlib.suppress(OSError):  # an output not there yet is no input's file
+                if os.path.samefile(given, out):
+                    raise UsageError(f"{out_flag} {out} is the file {in_flag} reads: it would be overwritten")
 
 
 def setup_logging(level: str) -> None:
@@ -243,7 +259,7 @@ def _end_process(outcome: list[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
+    if args.show_version:
         from monitor import __version__
 
         print(__version__)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,10 +124,11 @@ def source_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.ratings is None:
             raise UsageError("--source ratings needs --ratings FILE")
         try:
-            with open(args.ratings, encoding="utf-8") as fh:
-                records = [json.loads(line) for line in fh if line.strip()]
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CommandFailed(f"--ratings {args.ratings}: not JSON lines: {e}") from None
+            records = data.read_ratings(args.ratings)
+        except UnicodeDecodeError as e:
+            raise CommandFailed(f"--ratings {args.ratings}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except (OSError, ValueError) as e:
+            raise CommandFailed(f"--ratings {e}") from None
         return data.pairs_from_ratings(records, min_gap=args.min_gap)
     root = data_dir(args)
     if args.source == "alpaca_eval":
@@ -133,16 +136,28 @@ def source_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not any(folder.glob("*.jsonl.gz")):
             # An empty folder would make zero pairs and look like success.
             raise CommandFailed(f"no AlpacaEval data: {folder} holds no *.jsonl.gz")
-        return data.alpaca_eval_pairs(
-            folder,
-            pairs_per_instruction=args.pairs_per_instruction,
-            min_logit_margin=args.min_logit_margin,
-            seed=args.seed,
-        )
+        with damaged_data(folder):
+            return data.alpaca_eval_pairs(
+                folder,
+                pairs_per_instruction=args.pairs_per_instruction,
+                min_logit_margin=args.min_logit_margin,
+                seed=args.seed,
+            )
     path = root / "hh_rlhf" / "harmless-base-test.jsonl.gz"
     if not path.is_file():
         raise CommandFailed(f"no HH-RLHF data: {path} does not exist")
-    return data.hh_rlhf_pairs(path)
+    with damaged_data(path):
+        return data.hh_rlhf_pairs(path)
+
+
+@contextlib.contextmanager
+def damaged_data(where: Path) -> Iterator[None]:
+    """A data file that is not what its source's loader reads (truncated, another format, records of
+    another shape): one line naming it, not the loader's exception."""
+    try:
+        yield
+    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CommandFailed(f"{where}: not readable as this source's data ({type(e).__name__}: {e})") from None
 
 
 def cmd_rm_pairs(args: argparse.Namespace) -> int:
@@ -185,6 +200,8 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     pairs = read_pairs(args.pairs, "--pairs")
+    if not pairs:
+        raise CommandFailed(f"--pairs {args.pairs} holds no pairs: nothing to train on")
     eval_pairs = read_pairs(args.eval_pairs, "--eval-pairs") if args.eval_pairs else None
     # torch and the encoder only once the inputs are known to be good.
     from monitor.reward.train import evaluate, train

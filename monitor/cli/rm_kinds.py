@@ -48,10 +48,12 @@ def kind_arguments(p: argparse.ArgumentParser) -> None:
 def kind_config(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
+    from monitor.config import load_yaml
+
     raw: dict[str, Any] = {}
     if args.kind_config:
         try:
-            loaded = yaml.safe_load(Path(args.kind_config).read_text(encoding="utf-8"))
+            loaded = load_yaml(Path(args.kind_config).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise UsageError(f"--kind-config {args.kind_config}: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
@@ -66,7 +68,7 @@ def kind_config(args: argparse.Namespace) -> dict[str, Any]:
         for k in parents:
             node = node.setdefault(k, {})
         try:
-            node[last] = yaml.safe_load(value)
+            node[last] = load_yaml(value)
         except yaml.YAMLError as e:
             raise UsageError(f"--kind-set {item!r}: the value is not YAML: {str(e).splitlines()[0]}") from None
     if args.kind == "hf" and args.model:
@@ -117,6 +119,10 @@ def backlog_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=32, help="episodes fetched and sent per round (default 32)")
     p.add_argument(
         "--version",
+        # Not `version`: that is the top-level --version flag's, which would print the package's
+        # version and exit 0 without scoring anything.
+        dest="rm_version",
+        metavar="V",
         help="score with this registered version instead of the active one (its scores carry its version id)",
     )
 
@@ -141,10 +147,10 @@ def cmd_rm_score_backlog(args: argparse.Namespace) -> int:
     store = open_existing_store(settings)
     try:
         registry = Registry.for_settings(store, settings)
-        if args.version:
-            if registry.get(args.version) is None:
-                raise CommandFailed(f"no registered version {args.version}")
-            version, path = args.version, registry.path_of(args.version)
+        if args.rm_version:
+            if registry.get(args.rm_version) is None:
+                raise CommandFailed(f"no registered version {args.rm_version}")
+            version, path = args.rm_version, registry.path_of(args.rm_version)
         else:
             active = registry.active()
             if active is None:

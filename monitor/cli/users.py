@@ -39,7 +39,12 @@ def read_password() -> tuple[str, bool]:
     line = sys.stdin.readline()
     if line == "":
         return _generated(), True
-    return line.rstrip("\r\n"), False
+    password = line.rstrip("\r\n")
+    try:  # bytes that are not UTF-8 arrive as lone surrogates: no hash or login form takes those
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the password on stdin is not UTF-8 text") from None
+    return password, False
 
 
 def _generated() -> str:

@@ -447,13 +447,24 @@ def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: A
         return _bad(obj, "invalid_value", f"episode_id must not contain control characters ({_control_at(eid)})")
     if not isinstance(stream, str):
         return _bad(obj, "wrong_type", "stream must be a string")
-    if not 0 < len(stream) <= MAX_STREAM_CHARS:
-        return _bad(obj, "invalid_value", f"stream must be 1-{MAX_STREAM_CHARS} characters")
-    if _CONTROL.search(stream):
-        return _bad(obj, "invalid_value", f"stream must not contain control characters ({_control_at(stream)})")
+    if (why := stream_name_error(stream)) is not None:
+        return _bad(obj, "invalid_value", why)
     if not isinstance(prompt, str):
         return _bad(obj, "wrong_type", "prompt must be a string")
     return _bad(obj, "wrong_type", "response must be a string")
+
+
+def stream_name_error(stream: str) -> str | None:
+    """Why ``stream`` cannot name a stream (None: it can): 1-128 characters, no control characters.
+
+    >>> stream_name_error("chat"), stream_name_error("a\\x01b")
+    (None, 'stream must not contain control characters (U+0001 at index 1)')
+    """
+    if not 0 < len(stream) <= MAX_STREAM_CHARS:
+        return f"stream must be 1-{MAX_STREAM_CHARS} characters"
+    if _CONTROL.search(stream):
+        return f"stream must not contain control characters ({_control_at(stream)})"
+    return None
 
 
 def _check_model(obj: dict[str, Any], model: Any) -> None:

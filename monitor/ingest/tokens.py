@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from monitor.episodes.validate import stream_name_error
 from monitor.store import Store
 from monitor.store.ingest import IngestTokens, TokenRow
 
@@ -49,8 +50,12 @@ def add_token(store: Store, name: str, streams: Iterable[str] | None) -> str:
     if not NAME_RE.fullmatch(name):
         raise ValueError(f"token name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     chosen = None if streams is None else list(streams)
-    if chosen is not None and (not chosen or any(not s for s in chosen)):
+    if chosen is not None and not chosen:
         raise ValueError("--stream needs a non-empty stream name")
+    for stream in chosen or ():
+        # A name no record can carry would make a token that can write nothing.
+        if (why := stream_name_error(stream)) is not None:
+            raise ValueError(f"--stream {stream!r}: {why}")
     token = generate_token()
     if not IngestTokens(store).add(name, hash_token(token), chosen):
         raise ValueError(f"an ingest token named {name!r} exists (revoked names stay taken)")

@@ -367,15 +367,56 @@ def pairs_from_ratings(
 # --- files -------------------------------------------------------------------------------------
 
 
+def _text(obj: Mapping[str, Any], key: str, where: str) -> None:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string")
+    try:  # a lone surrogate ("\\ud800" in the JSON) parses, but no tokenizer or file takes it
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: {key!r} holds a lone surrogate (not Unicode text)") from None
+
+
 def validate_pair(obj: Any, where: str = "pair") -> Pair:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object")
     for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(obj.get(key), str):
-            raise ValueError(f"{where}: {key!r} must be a string")
-    if obj.get("rejected_prompt") is not None and not isinstance(obj["rejected_prompt"], str):
-        raise ValueError(f"{where}: 'rejected_prompt' must be a string when given")
+        _text(obj, key, where)
+    if obj.get("rejected_prompt") is not None:
+        _text(obj, "rejected_prompt", f"{where} (when given)")
     return obj
+
+
+def validate_rating(obj: Any, where: str = "rating") -> dict[str, Any]:
+    """A rating record as :func:`pairs_from_ratings` reads it: ``prompt`` and ``response``
+    strings, ``rating`` a finite number or null (unrated), ``skipped`` a boolean when given."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in ("prompt", "response"):
+        _text(obj, key, where)
+    rating = obj.get("rating")
+    if rating is not None and (
+        isinstance(rating, bool) or not isinstance(rating, int | float) or not math.isfinite(rating)
+    ):
+        raise ValueError(f"{where}: 'rating' must be a finite number or null, not {rating!r}")
+    if not isinstance(obj.get("skipped", False), bool):
+        raise ValueError(f"{where}: 'skipped' must be true or false when given")
+    return obj
+
+
+def read_ratings(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rating records from a JSONL file (the review export's ratings), each checked by
+    :func:`validate_rating`; an error names the line."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+                out.append(validate_rating(obj, f"{path}:{n}"))
+    return out
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:

@@ -104,13 +104,13 @@ def load_train_config(config_file: str | None = None, overrides: Sequence[str] =
     import yaml
     from pydantic import ValidationError
 
-    from monitor.config import ConfigError, parse_override
+    from monitor.config import ConfigError, load_yaml, parse_override
 
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
+            loaded = load_yaml(Path(config_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read training config {config_file}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"training config {config_file} must hold a mapping")

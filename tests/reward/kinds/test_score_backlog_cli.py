@@ -79,6 +79,9 @@ def test_score_backlog_command(tmp_path: Path, judge_standin: StandIn) -> None:
     registry.promote(version)
     r = run("--limit", "0")
     assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr
+    # --version names a reward-model version (it once printed the package's and exited 0).
+    r = run("--version", "nope")
+    assert r.returncode == 1 and "no registered version nope" in r.stderr and "Traceback" not in r.stderr
 
     # The endpoint fails: every item tried stays waiting, counted; exit 1, one JSON object.
     judge_standin.script.mode = "fail"
@@ -89,7 +92,7 @@ def test_score_backlog_command(tmp_path: Path, judge_standin: StandIn) -> None:
 
     # Back up: a limited run scores the oldest first and defers the rest; the stream filter holds.
     judge_standin.script.mode = "ok"
-    r = run("--stream", "chat", "--limit", "5", "--batch", "2")
+    r = run("--stream", "chat", "--limit", "5", "--batch", "2", "--version", version)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["scored"], out["failed"], out["deferred"], out["version"]) == (5, 0, 7, version)
