@@ -19,6 +19,13 @@ where the CPU has native bf16; the drift encoder ONNX int8): episodes/s with two
 embed) and with one (the score's pass hands out the drift embedding, ``monitor/inference/shared.py``),
 and how close the shared vectors are to the drift encoder's own.
 
+And the drift encoder as the service runs it, beside ingest: on a worker thread (ONNX Runtime held to
+every core but one, ``inference.threads``' default; PyTorch on its own pool, as the service leaves it)
+while the main thread runs a pure-Python loop, the ingest loop's stand-in (it parses a record with
+``json.loads`` again and again, holding the interpreter lock as ingest's per-record work does).
+PyTorch eager takes the lock between operators, ONNX Runtime releases it for a whole run: the
+worker's texts/s per backend there, and the share of its rate alone that the stand-in keeps.
+
 And a ceiling: one batch encoded by PyTorch eager against the same batch's weight matrix products
 alone, timed on this CPU in PyTorch fp32 (bf16 where native) and ONNX Runtime int8, interleaved.
 Everything else an encoder does is left out of the products' time, so their ratio bounds the speed-up
@@ -164,6 +171,59 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     }
 
 
+def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
+    """The drift encoder on a worker thread while the main thread runs the ingest loop's stand-in
+    (see the module's docstring): the worker's texts/s and the stand-in's kept share, medians."""
+    import threading
+
+    from monitor.signals.embeddings import Embedder
+
+    threads = max(1, (os.cpu_count() or 2) - 1)  # the embedding worker's inference.threads default
+    every = {
+        "torch": lambda: Embedder(backend="torch", precision="fp32"),
+        "torch-bf16": lambda: Embedder(backend="torch", precision="bf16"),
+        "onnx-fp32": lambda: Embedder(backend="onnx", quantisation="fp32", threads=threads),
+        "onnx-int8": lambda: Embedder(backend="onnx", quantisation="int8", threads=threads),
+    }
+    emb = {name: every[name]() for name in backends()}
+    for e in emb.values():
+        e.embed_episodes(prompts[:32], responses[:32])  # load (the cache is warm) and warm
+    record = json.dumps({"prompt": prompts[0], "response": responses[0], "metadata": {"k": 1}})
+
+    def spin(stop: threading.Event) -> float:
+        """The stand-in's records per second until ``stop``."""
+        n, t0 = 0, time.perf_counter()
+        while not stop.is_set():
+            json.loads(record)
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    alone_stop = threading.Event()
+    timer = threading.Timer(2.0, alone_stop.set)
+    timer.start()
+    alone = spin(alone_stop)
+    rates: dict[str, list[float]] = {k: [] for k in emb}
+    kept: dict[str, list[float]] = {k: [] for k in emb}
+    for _ in range(repeat):
+        for name, e in emb.items():
+            stop, took = threading.Event(), list[float]()
+
+            def work(e: Any = e, stop: threading.Event = stop, took: list[float] = took) -> None:
+                took.append(_timed(partial(e.embed_episodes, prompts, responses)))
+                stop.set()
+
+            worker = threading.Thread(target=work)
+            worker.start()
+            kept[name].append(spin(stop) / alone)
+            worker.join()
+            rates[name].append(len(prompts) / took[0])
+    return {
+        "onnx_threads": threads,
+        "texts_per_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+        "ingest_stand_in_kept": {k: round(statistics.median(v), 3) for k, v in kept.items()},
+    }
+
+
 def use(model: Any, name: str) -> None:
     backend, _, kind = name.partition("-")
     if backend == "torch":
@@ -296,6 +356,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["ENCODER_CACHE_DIR"] = cache
         drift = drift_bench(prompts, responses, args.repeat)
+        drift["beside_ingest"] = beside_ingest_bench(prompts, responses, args.repeat)
         reward = reward_bench(prompts, responses, args.repeat)
     ceiling = ceiling_bench(prompts, responses, 3 * args.repeat)
     result = {
@@ -313,6 +374,16 @@ def main() -> int:
         tps = part["texts_per_s"]
         rest = ", ".join(f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x)" for b in backends()[1:])
         print(f"{name}: texts/s torch {tps['torch']}, {rest}")
+    beside = drift["beside_ingest"]
+    tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
+    print(
+        "drift beside a busy ingest thread (a worker thread; ONNX Runtime on "
+        f"{beside['onnx_threads']} thread(s)): texts/s "
+        + ", ".join(
+            f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})"
+            for b in backends()
+        )
+    )
     both = reward["both_channels"]
     eps = both["episodes_per_s"]
     print(

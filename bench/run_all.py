@@ -30,7 +30,9 @@ BENCHES = [
     ["rm_train.py", "--corpus", "both"],
     # ~12 minutes: the built-in default on AlpacaEval models held out (3 folds), HH-RLHF, training time
     ["rm_train.py", "--heldout-models", "--no-baseline", "--no-progress"],
-    ["encoder.py"],  # ~6 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the ceiling
+    # ~7 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the drift encoder
+    # beside a busy ingest thread, the ceiling
+    ["encoder.py"],
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
     ["retention.py"],  # ~15 s: the retention purge of 200,000 stored episodes on SQLite
