@@ -1176,7 +1176,9 @@ def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
             continue
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, str | int | float | bool) and key in seen:
+        if not isinstance(key, str | int | float | bool):
+            continue  # a list or a mapping as a key: construct_mapping refuses it (unhashable)
+        if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
             )
@@ -1189,7 +1191,16 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _s
 
 def load_yaml(text: str) -> Any:
     """YAML as ``yaml.safe_load`` reads it, except that a key given twice in one mapping, and nesting
-    too deep for the parser (a RecursionError otherwise), raise ``yaml.YAMLError`` with a message."""
+    too deep for the parser (a RecursionError otherwise), raise ``yaml.YAMLError`` with a message.
+
+    >>> load_yaml("a: 1\\nb: {c: 2}")
+    {'a': 1, 'b': {'c': 2}}
+    >>> try:
+    ...     load_yaml("a: 1\\na: 2")
+    ... except yaml.YAMLError as e:
+    ...     print(str(e).splitlines()[0])
+    the key 'a' is given twice in one mapping
+    """
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except RecursionError:
