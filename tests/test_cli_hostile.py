@@ -45,6 +45,19 @@ def test_an_output_that_is_the_input_is_refused_before_either_is_touched(tmp_pat
     assert res.returncode == 0, res.stderr
 
 
+def test_a_dead_letter_path_that_is_a_folder_is_named_as_the_setting(tmp_path: Path) -> None:
+    episodes = tmp_path / "episodes.jsonl"
+    episodes.write_text(json.dumps(episode(0)) + "\n", encoding="utf-8")
+    folder = ["--set", f"dead_letter.path={tmp_path}"]
+    res = run("config", "check", "--dev", "--offline", *folder)
+    assert res.returncode == 1 and "dead_letter.path" in one_error_line(res) and "folder" in res.stderr
+    report = str(tmp_path / "r.json")
+    res = run("replay", "--dev", "--input", str(episodes), "--report", report, "--db", db_url(tmp_path), *folder)
+    assert res.returncode != 0
+    line = one_error_line(res)
+    assert "dead_letter.path" in line and "unexpected" not in line, line
+
+
 def test_purge_refuses_days_it_cannot_compute_a_cutoff_for(tmp_path: Path) -> None:
     for days in ("inf", "nan", "1e308", "0"):
         res = run("db", "purge", "--dev", "--days", days, "--db", db_url(tmp_path))

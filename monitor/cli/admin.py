@@ -99,6 +99,8 @@ def source_problem(settings: Settings) -> str | None:
 def dead_letter_problem(settings: Settings) -> str | None:
     if settings.source.kind == "kafka":
         return None
+    if os.path.isdir(settings.dead_letter.path):
+        return f"dead_letter.path {settings.dead_letter.path} is a folder: name a file (in it)"
     try:
         # The sink creates the file and its folders: the nearest existing folder must be writable.
         require_writable_dir(os.path.dirname(os.path.abspath(settings.dead_letter.path)), "dead_letter.path")

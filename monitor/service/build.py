@@ -90,9 +90,12 @@ def build_dead_letters(settings: Settings, metrics: Metrics | None = None) -> De
         dropped = None if metrics is None else metrics.dead_letters_raw_dropped.inc
         return KafkaDeadLetterSink(settings.kafka, settings.dead_letter.max_raw_bytes, dropped)
     cfg = settings.dead_letter
-    return JsonlDeadLetterSink(
-        cfg.path, cfg.max_raw_bytes, cfg.fsync, cfg.max_bytes, cfg.keep, _rotated(cfg.path, cfg.keep, metrics)
-    )
+    try:
+        return JsonlDeadLetterSink(
+            cfg.path, cfg.max_raw_bytes, cfg.fsync, cfg.max_bytes, cfg.keep, _rotated(cfg.path, cfg.keep, metrics)
+        )
+    except OSError as e:  # a folder, an unwritable place: the setting named, not only the path
+        raise ConfigError(f"dead_letter.path {cfg.path}: {e.strerror or e}") from None
 
 
 def _rotated(path: str, keep: int, metrics: Metrics | None) -> Callable[[int], None]:
