@@ -148,9 +148,14 @@ def test_ctrl_c_at_a_terminal_stops_run_without_a_traceback(tmp_path: Path) -> N
 
 
 def calibration_child(pid: int) -> bool:
-    """Whether process ``pid`` has a child (the detector calibration process, started at build)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as fh:
-            return bool(fh.read().split())
-    except OSError:
-        return False
+    """Whether process ``pid`` has a child (the detector calibration process, started at build):
+    any process in /proc whose parent it is (no /proc/PID/task/*/children, which some kernels lack)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": the command name may hold spaces and parentheses.
+            fields = stat.read_text(encoding="ascii", errors="replace").rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            return True
+    return False
