@@ -12,11 +12,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from outage_helpers import episode, free_port, wait_for
 from test_cli_errors import ENV, OVERSIGHT, one_error_line, run
+from test_drain import stored
 
 
 def db_url(tmp_path: Path) -> str:
@@ -133,9 +133,10 @@ def test_ctrl_c_at_a_terminal_stops_run_without_a_traceback(tmp_path: Path) -> N
     try:
         proc.stdin.write(b"".join(json.dumps(episode(i)).encode() + b"\n" for i in range(20)))
         proc.stdin.flush()
-        wait_for(lambda: proc.poll() is not None or calibration_child(proc.pid), 120, "the calibration child")
+        # Serving (its records committed, so its signal handlers are in place) with the child alive.
+        wait_for(lambda: proc.poll() is not None or stored(db) >= 20, 120, "the records committed")
+        wait_for(lambda: proc.poll() is not None or calibration_child(proc.pid), 60, "the calibration child")
         assert proc.poll() is None
-        time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
