@@ -127,7 +127,7 @@ def source_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
             records = data.read_ratings(args.ratings)
         except UnicodeDecodeError as e:
             raise CommandFailed(f"--ratings {args.ratings}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # both name the file (a ValueError its line, too)
             raise CommandFailed(f"--ratings {e}") from None
         return data.pairs_from_ratings(records, min_gap=args.min_gap)
     root = data_dir(args)

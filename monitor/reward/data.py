@@ -405,22 +405,18 @@ def validate_rating(obj: Any, where: str = "rating") -> dict[str, Any]:
 
 
 def read_ratings(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rating records from a JSONL file (the review export's ratings), each checked by
-    :func:`validate_rating`; an error names the line."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-                out.append(validate_rating(obj, f"{path}:{n}"))
-    return out
+    """Rating records from a JSONL file (plain or gzip; the review export's ratings), each checked
+    by :func:`validate_rating`; an error names the line."""
+    return _read_checked(path, validate_rating)
 
 
 def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     """Pairs from a JSONL file (plain or gzip); every line must hold prompt, chosen and rejected."""
+    return _read_checked(path, validate_pair)
+
+
+def _read_checked(path: str | os.PathLike[str], check: Callable[[Any, str], Any]) -> list[Any]:
+    """Every non-blank line of a JSONL file, parsed and passed through ``check(obj, "path:line")``."""
     out = []
     with open_maybe_gzip(path, text=True) as fh:
         for n, line in enumerate(fh, 1):
@@ -429,7 +425,7 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-                out.append(validate_pair(obj, f"{path}:{n}"))
+                out.append(check(obj, f"{path}:{n}"))
     return out
 
 
