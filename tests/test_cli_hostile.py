@@ -148,6 +148,34 @@ def test_ctrl_c_at_a_terminal_stops_run_without_a_traceback(tmp_path: Path) -> N
     assert proc.returncode == 0, text[-2000:]
 
 
+def test_sigterm_stops_a_batch_command_in_one_line_keeping_what_it_committed(tmp_path: Path) -> None:
+    """Kubernetes stops a Job's ``replay`` with SIGTERM to its process alone. The command unwinds as
+    on Ctrl-C: one line, status 143, no report claiming a finished replay, and the batches it
+    committed kept (its default action ended the process silently, without its cleanup)."""
+    db = tmp_path / "db.sqlite"
+    report = tmp_path / "report.json"
+    args = [OVERSIGHT, "replay", "--input", "-", "--report", str(report), "--db", f"sqlite:///{db}"]
+    args += ["--set", f"dead_letter.path={tmp_path / 'd.jsonl'}", "--set", "pipeline.batch_size=10"]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"".join(json.dumps(episode(i)).encode() + b"\n" for i in range(20)))
+        proc.stdin.flush()  # and left open: the replay waits for more
+        wait_for(lambda: proc.poll() is not None or stored(db) >= 20, 120, "the records committed")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = err.decode(errors="replace")
+    assert proc.returncode == 143, text[-2000:]
+    assert "Traceback" not in text and text.strip().splitlines()[-1] == "oversight replay: terminated (SIGTERM)"
+    assert not out.strip() and not report.exists()
+    assert stored(db) == 20
+
+
 def calibration_child(pid: int) -> bool:
     """Whether process ``pid`` has a child (the detector calibration process, started at build):
     any process in /proc whose parent it is (no /proc/PID/task/*/children, which some kernels lack)."""

@@ -5,7 +5,8 @@ Exit codes: 0 done; 1 the command could not do its work (a missing or unwritable
 unreachable database or broker, a failed operation); 2 the command line or the configuration is
 wrong (argparse errors, unknown names, invalid settings); 3 ``run`` stopped on an unrecoverable
 pipeline error; 130 interrupted (Ctrl-C); 141 stdout was closed early (``oversight ... | head``),
-quietly, as a process killed by SIGPIPE would report in a shell.
+quietly, as a process killed by SIGPIPE would report in a shell; 143 a command without a drain of its
+own (``replay``, ``simulate``, ``rm train``, ...) was sent SIGTERM (:class:`Terminated`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from monitor.cli import admin, importing, ingest, pipeline, query, reviewers, rm, rm_sensitivity, users
@@ -25,6 +29,7 @@ from monitor.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     OPTION_GROUPS,
     PATH_TYPES,
@@ -197,6 +202,39 @@ def _silence_stdout() -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM reached a command that has no drain of its own: a batch (``replay``, ``simulate``,
+    ``rm train``, ``db purge``, ...), which Kubernetes or a supervisor stops with SIGTERM where a
+    person presses Ctrl-C. It unwinds like Ctrl-C's KeyboardInterrupt: the ``finally`` blocks run
+    (the store closed, a half-written output removed, the calibration child ended), a transaction
+    in flight rolls back, and the command says so in one line and exits 143. Without it SIGTERM's
+    default action ended the process at once, silently, with none of that cleanup.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way takes it
+    for a failure to log and carry on from. The commands that drain (``run``, ``infer``, ``demo``,
+    the servers) install their own handlers over this one."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the main thread during the block, and the handler
+    before it is put back after it: a SIGTERM once the command has returned (its exit handlers
+    running) ends the process by its default action, not with a traceback. Only the main thread
+    may set a handler; a caller on another thread (a test's) keeps the one it has."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run_command(args: argparse.Namespace) -> int:
     name = f"oversight {args.command_name}"
     try:
@@ -211,6 +249,9 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except UsageError as e:
         code, message = EXIT_USAGE, str(e)
     except CommandFailed as e:
@@ -268,4 +309,5 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     setup_logging(args.log_level)
-    return run_command(args)
+    with sigterm_raises():
+        return run_command(args)
