@@ -10,6 +10,8 @@ restored (surrogateescape) and lone surrogates kept as ``\\uXXXX`` escapes.
 from __future__ import annotations
 
 import json
+import math
+import secrets
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -98,12 +100,38 @@ def encode_record(value: Any) -> bytes:
         return reencode(value)
 
 
+class Unrepresentable:
+    """A number of a body orjson refused that no double holds (``1e400``, an integer of 5,000
+    digits), kept as its text: :func:`reencode` writes it back as it came, so that validation
+    refuses the one record holding it (``number_out_of_range``) and the request's other records
+    go through. Python's own parse made it ``inf`` (a record then refused as holding
+    ``Infinity``, which it did not) or, past 4,300 digits, refused the whole body with the
+    interpreter's advice to call ``sys.set_int_max_str_digits()``."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def lenient_float(text: str) -> float | Unrepresentable:
+    value = float(text)
+    return value if math.isfinite(value) else Unrepresentable(text)
+
+
+def lenient_int(text: str) -> int | float | Unrepresentable:
+    # As validation and orjson read them: 64-bit sizes exact, longer ones as doubles; never int()
+    # of a long digit string (capped at 4,300 digits, and quadratic below that).
+    return int(text) if len(text) <= 21 else lenient_float(text)
+
+
 def _lenient_loads(body: bytes) -> Any:
-    """Parse a body orjson refused (invalid UTF-8 or lone surrogates in some record) so that the
-    other records still go through; a body that is not JSON at all is a 400."""
+    """Parse a body orjson refused (invalid UTF-8 or lone surrogates in some record, a number out
+    of the double range) so that the other records still go through; a body that is not JSON at
+    all is a 400."""
     text = body.decode("utf-8", "surrogateescape")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_float=lenient_float, parse_int=lenient_int)
     except RecursionError:
         raise BodyError(400, "too_deep", "the body nests too deeply") from None
     except ValueError as e:
@@ -113,14 +141,40 @@ def _lenient_loads(body: bytes) -> Any:
 def reencode(value: Any) -> bytes:
     """A value parsed by the lenient parser as bytes again, faithful enough for validation to name
     what is wrong with it."""
+    numbers = RawNumbers()
     try:
         # Restores invalid UTF-8 bytes as they came: validation reports them as invalid_utf8.
-        return json.dumps(value, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogateescape")
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=numbers.placeholder)
+        return numbers.restore(text).encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         # A lone surrogate (an escape such as \ud800): kept escaped, validation names it.
-        return json.dumps(value, ensure_ascii=True, allow_nan=True).encode("ascii")
+        text = json.dumps(value, ensure_ascii=True, allow_nan=True, default=numbers.placeholder)
+        return numbers.restore(text).encode("ascii")
     except RecursionError:
         return b"[" * 2000  # validation reports it as too deep
+
+
+class RawNumbers:
+    """Writes :class:`Unrepresentable` numbers back as their text. ``json.dumps`` can only write a
+    JSON value for an object it does not know, so each becomes a string placeholder, then the
+    placeholder's quoted form is replaced by the number's text. The placeholders carry a random
+    nonce: a string of the body cannot spell one."""
+
+    def __init__(self) -> None:
+        self.nonce = secrets.token_hex(16)
+        self.texts: dict[str, str] = {}
+
+    def placeholder(self, o: object) -> str:
+        if not isinstance(o, Unrepresentable):
+            raise TypeError(f"{type(o).__name__} is not JSON")
+        key = f"{self.nonce}:{len(self.texts)}"
+        self.texts[key] = o.text
+        return key
+
+    def restore(self, text: str) -> str:
+        for key, number in self.texts.items():
+            text = text.replace(f'"{key}"', number)
+        return text
 
 
 def split_records(body: bytes, content_type: str, max_records: int) -> list[bytes]:
