@@ -1208,17 +1208,41 @@ def load_yaml(text: str) -> Any:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """``KEY=VALUE``, the value read as YAML (``[a, b]`` a list, ``0.05`` a number), or
+    ``KEY:=VALUE``, the value the string as given.
+
+    >>> parse_override("sampling.human.rate=0.05")
+    (['sampling', 'human', 'rate'], 0.05)
+    >>> parse_override("source.path:=2024-01-01")
+    (['source', 'path'], '2024-01-01')
+    """
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
     key, _, raw = item.partition("=")
+    literal = key.endswith(":")
+    key = key.removesuffix(":")
     parts = key.strip().split(".")
     if not key.strip() or any(not p for p in parts):
         raise ConfigError(f"--set has an empty key segment in {key!r}")
+    if literal:
+        return parts, raw
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
+
+
+def literal_override(key: str, value: str) -> str:
+    """The override that sets ``key`` to the string ``value`` as given: what a command's own flags
+    (``--db``, ``--input``, a folder) use. Read as YAML, a file named ``2024-01-01`` was a date,
+    ``a: b.jsonl`` a mapping and ``sqlite:///:memory:`` a mapping too, each refused as "Input should
+    be a valid string", and one named ``null`` no path at all.
+
+    >>> parse_override(literal_override("source.path", "a: b.jsonl"))
+    (['source', 'path'], 'a: b.jsonl')
+    """
+    return f"{key}:={value}"
 
 
 def _nest(overrides: list[str]) -> dict[str, Any]:

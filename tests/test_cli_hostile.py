@@ -58,6 +58,42 @@ def test_a_dead_letter_path_that_is_a_folder_is_named_as_the_setting(tmp_path: P
     assert "dead_letter.path" in line and "unexpected" not in line, line
 
 
+def test_paths_and_urls_are_taken_as_given_not_read_as_yaml(tmp_path: Path) -> None:
+    """--input, --db and the demo's folder are strings: a file named like a date, ``null`` or
+    holding ": ", and the in-memory SQLite URL, were read as YAML (a date, no path, a mapping) and
+    refused as "Input should be a valid string"."""
+    text = "".join(json.dumps(episode(i)) + "\n" for i in range(3))
+    for name in ("2024-01-01", "null", "a: b.jsonl", "1e3"):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        db = f"sqlite:///{name.replace(':', '')}.db"  # relative: YAML reads "/tmp/.../null" as a string
+        args = ["replay", "--dev", "--input", name, "--report", "r.json", "--db", db]
+        res = subprocess.run([OVERSIGHT, *args], capture_output=True, text=True, env=ENV, cwd=tmp_path, check=False)
+        assert res.returncode == 0 and json.loads(res.stdout)["episodes"] == 3, (name, res.stderr)
+    args = ["replay", "--dev", "--input", str(tmp_path / "null"), "--report", str(tmp_path / "r.json")]
+    res = run(*args, "--db", "sqlite:///:memory:")
+    assert res.returncode == 0 and json.loads(res.stdout)["episodes"] == 3, res.stderr
+
+
+def test_an_empty_path_and_a_folder_as_the_database_are_named(tmp_path: Path) -> None:
+    episodes = tmp_path / "episodes.jsonl"
+    episodes.write_text(json.dumps(episode(0)) + "\n", encoding="utf-8")
+    res = run("replay", "--dev", "--input", str(episodes), "--report", "", "--db", db_url(tmp_path))
+    assert res.returncode == 2 and one_error_line(res).endswith("--report: an empty path"), res.stderr
+    folder = tmp_path / "db.sqlite"
+    folder.mkdir()
+    report = str(tmp_path / "r.json")
+    for args in (
+        ("replay", "--dev", "--input", str(episodes), "--report", report),
+        ("estimate", "--stream", "chat", "--quantity", "response_chars"),
+        ("db", "upgrade"),
+    ):
+        res = run(*args, "--db", f"sqlite:///{folder}")
+        assert res.returncode == 1, res.stderr
+        assert one_error_line(res).endswith(f"{folder}: a folder, not a SQLite database file (database.url)"), (
+            res.stderr
+        )
+
+
 def test_purge_refuses_days_it_cannot_compute_a_cutoff_for(tmp_path: Path) -> None:
     for days in ("inf", "nan", "1e308", "0"):
         res = run("db", "purge", "--dev", "--days", days, "--db", db_url(tmp_path))

@@ -124,6 +124,8 @@ def check_paths(args: argparse.Namespace) -> None:
         if not isinstance(value, PATH_TYPES):
             continue
         flag = "--" + dest.replace("_", "-")
+        if not value:  # "" is the current folder to pathlib: "is a folder, not a file" misled
+            raise UsageError(f"{flag}: an empty path")
         if isinstance(value, InputFile):
             require_readable(value, flag)
         elif isinstance(value, InputDir):

@@ -115,7 +115,8 @@ def settings_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a setting by dotted key (repeatable), e.g. --set sampling.human.rate=0.05",
+        help="override a setting by dotted key (repeatable), the value read as YAML, e.g. --set"
+        " sampling.human.rate=0.05; KEY:=VALUE sets the string VALUE as given",
     )
     p.add_argument(
         "--dev", action="store_true", default=None, help="development mode (the built-in sampling key is allowed)"
@@ -176,11 +177,11 @@ def progress_of(args: argparse.Namespace) -> bool:
 def settings_from_args(args: argparse.Namespace, extra: Iterable[str] = ()) -> Settings:
     """The effective settings: ``extra`` (the command's own) first, so the user's --db, --dev and
     --set win over them."""
-    from monitor.config import load_settings
+    from monitor.config import literal_override, load_settings
 
     overrides = list(extra)
     if getattr(args, "db", None):
-        overrides.append(f"database.url={args.db}")
+        overrides.append(literal_override("database.url", args.db))
     if getattr(args, "dev", None):
         overrides.append("dev=true")
     overrides.extend(getattr(args, "overrides", []))
@@ -189,7 +190,9 @@ def settings_from_args(args: argparse.Namespace, extra: Iterable[str] = ()) -> S
 
 def input_overrides(path: str) -> list[str]:
     """Settings for ``--input FILE`` ('-': stdin)."""
-    return ["source.kind=stdin"] if path == "-" else ["source.kind=file", f"source.path={path}"]
+    from monitor.config import literal_override
+
+    return ["source.kind=stdin"] if path == "-" else ["source.kind=file", literal_override("source.path", path)]
 
 
 def shown_url(url: str) -> str:
@@ -210,6 +213,8 @@ def open_existing_store(settings: Settings, *, require_schema: bool = True) -> S
     url = settings.database.url
     path = sqlite_file(url)
     # Checked before the engine exists: opening SQLite creates the file (and its folder).
+    if path is not None and path.is_dir():
+        raise CommandFailed(f"database {path}: a folder, not a SQLite database file (database.url)")
     if path is not None and not path.is_file():
         raise CommandFailed(f"database {path} does not exist (oversight db upgrade creates it)")
     store = Store.open(settings.database, migrate=False)

@@ -171,7 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise UsageError("--input: the simulation reads its input twice (the answers, then the episodes): give a file")
     if args.config is None:
         args.config = str(bundled(BUNDLED_CONFIG))
-    settings = settings_from_args(args, ["source.kind=file", f"source.path={args.input}"])
+    settings = settings_from_args(args, input_overrides(args.input))
     report = run_simulation(settings, args.input, progress=progress_of(args), review_port=args.review_port)
     write_json(args.report, report)
     print(

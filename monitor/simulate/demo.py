@@ -63,7 +63,7 @@ def run_demo(
 
     ``overrides`` (``--set``) come after the demo's own settings, so a user's --set wins.
     """
-    from monitor.config import load_settings
+    from monitor.config import literal_override, load_settings
     from monitor.service import install_signal_handlers
     from monitor.simulate import BUNDLED_CONFIG, bundled, run_simulation
 
@@ -72,10 +72,10 @@ def run_demo(
     extra = [
         "dev=true",
         "source.kind=file",
-        f"source.path={data}",
-        f"database.url=sqlite:///{(work / 'oversight.db').resolve()}",
-        f"dead_letter.path={work / 'dead-letter.jsonl'}",
-        f"reward.models_dir={work / 'models'}",
+        literal_override("source.path", str(data)),
+        literal_override("database.url", f"sqlite:///{(work / 'oversight.db').resolve()}"),
+        literal_override("dead_letter.path", str(work / "dead-letter.jsonl")),
+        literal_override("reward.models_dir", str(work / "models")),
         f"server.port={port}",
     ]
     settings = load_settings(config if config is not None else str(bundled(BUNDLED_CONFIG)), [*extra, *overrides])

@@ -12,6 +12,7 @@ keys, and the SQL of each lives here once.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -755,7 +756,13 @@ def _make_engine(url: str, echo: bool, pool: Pool) -> Engine:
         else:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path:
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                file = Path(path.split("?", 1)[0]).expanduser()
+                if file.is_dir():
+                    # SQLite says only "unable to open database file", at the first connection.
+                    raise IsADirectoryError(
+                        errno.EISDIR, "a folder, not a SQLite database file (database.url)", str(file)
+                    )
+                file.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, echo=echo, **kwargs)
 
         @sa.event.listens_for(engine, "connect")
