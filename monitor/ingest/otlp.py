@@ -24,13 +24,16 @@ grows without a limit, and a malformed request raises :class:`OtlpError` (a 4xx)
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from monitor.episodes.conversation import MAX_MESSAGES
 
 GENAI_OPERATIONS = frozenset(
     {"chat", "text_completion", "generate_content", "execute_tool", "invoke_agent", "create_agent"}
@@ -39,7 +42,9 @@ GENAI_OPERATIONS = frozenset(
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 STREAM_ATTRIBUTE = "oversight.stream"
 STATUS_ERROR = 2  # Status.StatusCode.STATUS_CODE_ERROR
-REJECT_REASONS = ("no_messages", "oversize", "too_deep", "invalid_json", "invalid_value")
+REJECT_REASONS = ("no_messages", "oversize", "too_deep", "invalid_json", "invalid_value", "too_many_messages")
+_UINT64_MAX = (1 << 64) - 1
+_INT64_MAX = (1 << 63) - 1
 _HEX_ID = re.compile(r"^[0-9a-fA-F]{1,64}$")
 _FLAT = re.compile(r"^gen_ai\.(prompt|completion)\.(\d{1,4})\.(.+)$")
 _FLAT_TOOL = re.compile(r"^tool_calls\.(\d{1,3})\.(name|arguments|id)$")
@@ -103,6 +108,8 @@ class Rejected:
 @dataclass(slots=True)
 class Conversion:
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: Each record encoded (parallel to ``records``): what is handed to validation.
+    raws: list[bytes] = field(default_factory=list)
     #: Spans of each record (parallel to ``records``), for partial_success accounting.
     record_spans: list[int] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
@@ -240,12 +247,18 @@ def _json_id(sp: dict[str, Any], key: str, *, required: bool) -> str:
     return value.lower()
 
 
-def _json_int(value: Any, what: str) -> int:
+def _json_int(value: Any, what: str, bound: int = _UINT64_MAX) -> int:
+    """A non-negative integer (a JSON number, or digits in a string as OTLP/JSON writes 64-bit
+    ones) of at most ``bound``: a field's protobuf type holds no more, and orjson cannot encode a
+    larger one into the episode (it raised at the hand-off, a 500 that lost the whole export)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise OtlpError(400, f"{what} must be an integer")
     if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) <= 20):
         raise OtlpError(400, f"{what} must be an integer")
-    return int(value)
+    n = int(value)
+    if not 0 <= n <= bound:
+        raise OtlpError(400, f"{what} must be an integer from 0 to {bound}")
+    return n
 
 
 def _json_span(sp: Any, resource: dict[str, Any], limits: OtlpLimits) -> Span:
@@ -338,11 +351,14 @@ def _json_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
 
 
 def _signed_int(value: Any) -> int:
+    """An ``intValue``: a signed 64-bit integer (a JSON number or a string of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        value = str(value)
     negative = isinstance(value, str) and value.startswith("-")
     try:
-        n = _json_int(value[1:] if negative else value, "intValue")
+        n = _json_int(value[1:] if negative else value, "intValue", _INT64_MAX + negative)
     except OtlpError:
-        raise _Reject("invalid_value", "intValue must be an integer") from None
+        raise _Reject("invalid_value", "intValue must be a signed 64-bit integer") from None
     return -n if negative else n
 
 
@@ -380,12 +396,23 @@ def convert(spans: list[Span], limits: OtlpLimits | None = None) -> Conversion:
         root = by_key[key]
         try:
             record = build_episode(root, members, limits)
+            raw = encode(record)
         except _Reject as e:
             out.rejected.append(Rejected(root.span_id, len(members), e.reason, e.detail))
         else:
             out.records.append(record)
+            out.raws.append(raw)
             out.record_spans.append(len(members))
     return out
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """A built episode as JSON. Decoding bounds what a span holds, so this should not fail; if a
+    value still cannot be written, that span's episode is refused, not the request with a 500."""
+    try:
+        return orjson.dumps(record)
+    except orjson.JSONEncodeError as e:
+        raise _Reject("invalid_value", f"the episode cannot be encoded as JSON: {str(e)[:200]}") from None
 
 
 def _top_genai(spans: list[Span], by_key: dict[Key, Span]) -> dict[Key, Key | None]:
@@ -524,11 +551,27 @@ def _message_key(m: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class _Conversation:
-    """Messages gathered from the spans of one episode, each message once."""
+    """Messages gathered from the spans of one episode, each message once.
+
+    Linear in what the spans hold: a dict finds where a repeated message sits (one export of
+    10,000 model-call spans took 34 s of the event loop with a list searched per span), and a
+    conversation past the validation's message limit is refused here, since it would be anyway."""
 
     def __init__(self, limits: OtlpLimits):
         self.limits = limits
         self.messages: list[dict[str, Any]] = []
+        self.positions: dict[Hashable, list[int]] = {}  # message key -> its indices, ascending
+        self.call_ids: set[Any] = set()  # tool calls made
+        self.result_ids: set[Any] = set()  # tool calls answered
+
+    def append(self, m: dict[str, Any]) -> None:
+        if len(self.messages) >= MAX_MESSAGES:
+            raise _Reject("too_many_messages", f"more than {MAX_MESSAGES} messages on the span and its descendants")
+        self.positions.setdefault(_hashable(_message_key(m)), []).append(len(self.messages))
+        self.messages.append(m)
+        self.call_ids.update(c.get("id") for c in m.get("tool_calls") or () if isinstance(c, dict))
+        if m.get("tool_call_id"):
+            self.result_ids.add(m["tool_call_id"])
 
     def add_span(self, span: Span, *, outputs: bool) -> None:
         if _operation(span) == "execute_tool":
@@ -545,26 +588,25 @@ class _Conversation:
         # A model call's input repeats the conversation so far: keep what is new, matching the
         # messages already here in order (a repeated "yes" later in the conversation stays).
         pos = 0
-        keys = [_message_key(m) for m in self.messages]
         for m in inputs:
-            k = _message_key(m)
-            try:
-                pos = keys.index(k, pos) + 1
-            except ValueError:
-                self.messages.append(m)
-                keys.append(k)
-                pos = len(keys)
+            at = self.positions.get(_hashable(_message_key(m)), [])
+            i = bisect.bisect_left(at, pos)
+            if i < len(at):
+                pos = at[i] + 1
+            else:
+                self.append(m)
+                pos = len(self.messages)
 
     def add_outputs(self, outputs: list[dict[str, Any]]) -> None:
         for m in outputs:
             if not self.messages or _message_key(self.messages[-1]) != _message_key(m):
-                self.messages.append(m)
+                self.append(m)
 
     def add_tool(self, span: Span) -> None:
         a = span.attrs
         call_id = a.get("gen_ai.tool.call.id")
         call_id = call_id if isinstance(call_id, str) and call_id else f"call_{span.span_id}"
-        if not any(call_id == c.get("id") for m in self.messages for c in m.get("tool_calls") or ()):
+        if call_id not in self.call_ids:
             name = a.get("gen_ai.tool.name")
             call = {
                 "id": call_id,
@@ -572,13 +614,13 @@ class _Conversation:
                 "function": {"name": name if isinstance(name, str) else span.name, "arguments": _text_of(
                     a.get("gen_ai.tool.call.arguments", ""))},
             }  # fmt: skip
-            self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        if any(m.get("tool_call_id") == call_id for m in self.messages):
+            self.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        if call_id in self.result_ids:
             return
         result = a.get("gen_ai.tool.call.result")
         if result is None and _failed(span):
             result = f"error: {a.get('error.type') or 'tool call failed'}"
-        self.messages.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(result or "")})
+        self.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(result or "")})
 
     def finish(self) -> list[dict[str, Any]]:
         # Instructions first whatever span carried them (an agent's may come after the user's turn).
@@ -586,10 +628,25 @@ class _Conversation:
         return system + [m for m in self.messages if m.get("role") != "system"]
 
 
+def _hashable(key: tuple[Any, ...]) -> Hashable:
+    """A message key as a dict key: itself, or (content given as parts, a list) its JSON."""
+    try:
+        hash(key)
+    except TypeError:
+        try:
+            return orjson.dumps(key, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        except orjson.JSONEncodeError:
+            return repr(key)
+    return key
+
+
 def _text_of(value: Any) -> str:
     if isinstance(value, str):
         return value
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError as e:
+        raise _Reject("invalid_value", f"a value cannot be written as JSON: {str(e)[:200]}") from None
 
 
 def _json_attr(value: Any, limits: OtlpLimits) -> Any:

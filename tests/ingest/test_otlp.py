@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
 from monitor.config import load_settings
-from monitor.episodes import InvalidEpisode, parse_episode
+from monitor.episodes import MAX_MESSAGES, InvalidEpisode, parse_episode
 from monitor.ingest.otlp import OtlpLimits, Span, convert, episode_id
 from monitor.ingest.otlp_route import JSON, OtlpMetrics, otlp_router
 from monitor.ingest.server import IngestServer
@@ -391,6 +391,69 @@ def test_hostile_attributes_reject_their_span_only(server: tuple[str, Receiver, 
     for reason in ("oversize", "too_deep", "invalid_json"):
         assert reason in partial.error_message
     assert episode_id("ab" * 16, "15" * 8) in receiver.records
+
+
+def test_integers_beyond_64_bits_reject_their_span_not_the_request(
+    server: tuple[str, Receiver, CollectorRegistry],
+) -> None:
+    """An intValue is a signed 64-bit integer. A larger one (OTLP/JSON writes them as strings of up
+    to 20 digits) reached orjson at the hand-off: a 500 that lost every span of the export."""
+    url, receiver, registry = server
+    ok = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    too_big = [
+        {"key": "gen_ai.system_instructions", "value": {"intValue": "99999999999999999999"}},
+        {"key": "gen_ai.system_instructions", "value": {"intValue": "-9223372036854775809"}},
+        {"key": "gen_ai.system_instructions", "value": {"intValue": 18446744073709551615}},
+        {
+            "key": "nested",
+            "value": {"kvlistValue": {"values": [{"key": "n", "value": {"intValue": "9223372036854775808"}}]}},
+        },
+    ]
+    spans = [_json_span(f"{0x20 + i:016x}", ok) for i in range(len(too_big) + 1)]
+    for span, attr in zip(spans, too_big, strict=False):
+        span["attributes"].append(attr)
+    # The bounds themselves are integers.
+    spans[-1]["attributes"] += [_kv("lo", -(1 << 63)), _kv("hi", (1 << 63) - 1)]
+    before = spans_metric(registry, "rejected")
+    r = _post(url, json.dumps(_json_request(spans)).encode(), "application/json")
+    assert r.status_code == 200, r.text
+    assert r.json()["partialSuccess"]["rejectedSpans"] == str(len(too_big))
+    assert "signed 64-bit" in r.json()["partialSuccess"]["errorMessage"]
+    assert spans_metric(registry, "rejected") - before == len(too_big)
+    good = receiver.records[episode_id("5b8efff798038103d269b633813fc60c", spans[-1]["spanId"])]
+    assert good["metadata"]["span_id"] == spans[-1]["spanId"]
+    # A time beyond its fixed64 field: the request is malformed.
+    late = _json_span("00000000000000ff", ok, startTimeUnixNano="18446744073709551616")
+    r = _post(url, json.dumps(_json_request([late])).encode(), "application/json")
+    assert r.status_code == 400 and "startTimeUnixNano" in r.json()["message"]
+
+
+def test_a_conversation_past_the_message_limit_is_refused_while_it_is_built() -> None:
+    """An agent span with more model calls under it than an episode may hold messages is refused
+    as validation would refuse it (too_many_messages), before its conversation grows further; one
+    within the limit keeps each repeated message once, in order."""
+
+    def chat(sid: str, parent: str, start: int, inputs: list[tuple[str, str]], answer: str) -> Span:
+        attrs = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.input.messages": _messages(*[(role, [_text(t)]) for role, t in inputs]),
+            "gen_ai.output.messages": _messages(("assistant", [_text(answer)])),
+        }
+        return Span("t", sid, parent, "chat", start, 0, attrs, [], {})
+
+    root = Span("t", "root", "", "agent", 1, 0, {"gen_ai.operation.name": "invoke_agent"}, [], {})
+    many = [root, *(chat(f"c{i}", "root", 2 + i, [("user", f"q{i}")], f"a{i}") for i in range(MAX_MESSAGES))]
+    conv = convert(many, LIMITS)
+    assert not conv.records and [(r.reason, r.spans) for r in conv.rejected] == [("too_many_messages", len(many))]
+    # Each call repeats the conversation so far; the episode holds it once.
+    turns: list[tuple[str, str]] = []
+    spans = [root]
+    for i in range(3):
+        turns.append(("user", f"q{i}"))
+        spans.append(chat(f"c{i}", "root", 2 + i, list(turns), f"a{i}"))
+        turns.append(("assistant", f"a{i}"))
+    (record,) = convert(spans, LIMITS).records
+    assert [(m["role"], m["content"]) for m in record["messages"]] == turns
 
 
 def test_parent_cycles_and_orphans_do_not_hang() -> None:
