@@ -47,20 +47,64 @@ async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     return bytes(buf)
 
 
+class GzipError(ValueError):
+    """The body is not gzip, or ends inside a member."""
+
+
+class GzipTooLarge(ValueError):
+    """The body decompresses to more than the limit."""
+
+
+class Gunzip:
+    """Streaming gzip decompression, never more than ``limit`` bytes out (a small bomb must not fill
+    the memory), of **every** member: a body may be several gzip members one after the other
+    (``cat a.gz b.gz``, an exporter compressing per batch), and reading only the first dropped the
+    records of the others without a word. Bytes after a member that do not start another are an
+    error, not ignored.
+
+    >>> import gzip
+    >>> g = Gunzip(100)
+    >>> g.feed(gzip.compress(b"one\\n") + gzip.compress(b"two\\n")); g.close()
+    b'one\\ntwo\\n'
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.member = zlib.decompressobj(wbits=31)
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        while data:
+            if self.member.eof:  # the previous member ended: these bytes start the next one
+                self.member = zlib.decompressobj(wbits=31)
+            try:
+                chunk = self.member.decompress(data, self.limit + 1 - self.size)
+            except zlib.error as e:
+                raise GzipError(f"not gzip: {e}") from None
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise GzipTooLarge(f"decompressed body over {self.limit} bytes")
+            out += chunk
+            data = self.member.unused_data if self.member.eof else b""
+        return bytes(out)
+
+    def close(self) -> None:
+        """The body ended: it must end at the end of a member."""
+        if not self.member.eof:
+            raise GzipError("truncated gzip body")
+
+
 def gunzip_limited(data: bytes, limit: int) -> bytes:
-    """Decompress gzip, at most ``limit`` bytes out (a small bomb must not fill the memory)."""
-    d = zlib.decompressobj(wbits=31)
+    """Decompress a whole gzip body (every member), at most ``limit`` bytes out."""
+    g = Gunzip(limit)
     try:
-        out = d.decompress(data, limit + 1)
-        if len(out) > limit or d.unconsumed_tail:
-            raise too_large("decompressed request body", limit)
-        out += d.flush()
-    except zlib.error as e:
-        raise BodyError(400, "invalid_gzip", f"Content-Encoding gzip, but the body is not gzip: {e}") from None
-    if len(out) > limit:
-        raise too_large("decompressed request body", limit)
-    if not d.eof:
-        raise BodyError(400, "invalid_gzip", "truncated gzip body")
+        out = g.feed(data)
+        g.close()
+    except GzipTooLarge:
+        raise too_large("decompressed request body", limit) from None
+    except GzipError as e:
+        raise BodyError(400, "invalid_gzip", f"Content-Encoding gzip, but {e}") from None
     return out
 
 

@@ -11,7 +11,6 @@ or encoding 415. Authentication is the app's: pass its dependencies.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from monitor.ingest.body import Gunzip, GzipError, GzipTooLarge
 from monitor.ingest.otlp import Conversion, OtlpError, OtlpLimits, convert, decode_json, decode_protobuf, iter_reasons
 
 PROTOBUF = "application/x-protobuf"
@@ -108,24 +108,22 @@ async def _read_body(request: Request, limits: OtlpLimits) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes")
-    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS) if coding == "gzip" else None
+    inflate = Gunzip(limits.max_body_bytes) if coding == "gzip" else None
     parts: list[bytes] = []
     size = 0
-    async for received in request.stream():
-        chunk = received
+    try:
+        async for received in request.stream():
+            chunk = received if inflate is None else inflate.feed(received)
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes")
+            parts.append(chunk)
         if inflate is not None:
-            try:
-                chunk = inflate.decompress(received, limits.max_body_bytes + 1 - size)
-            except zlib.error as e:
-                raise OtlpError(400, f"invalid gzip body: {e}") from None
-            if inflate.unconsumed_tail:
-                raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes (decompressed)")
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes")
-        parts.append(chunk)
-    if inflate is not None and not inflate.eof:
-        raise OtlpError(400, "invalid gzip body: truncated")
+            inflate.close()
+    except GzipTooLarge:
+        raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes (decompressed)") from None
+    except GzipError as e:
+        raise OtlpError(400, f"invalid gzip body: {e}") from None
     return b"".join(parts)
 
 

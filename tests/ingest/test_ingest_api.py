@@ -176,7 +176,22 @@ def test_json_array_ndjson_gzip_and_per_record_errors(env: Env) -> None:
     assert r.status_code == 200 and r.json()["accepted"] == 2
     r = env.post(gzip.compress(ndjson([episode(12)])), headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200 and r.json()["accepted"] == 1
-    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-2", "ep-chat-10", "ep-chat-11", "ep-chat-12"]
+    # A body of several gzip members (cat a.gz b.gz): every member is read; bytes after the last
+    # member that are no gzip are an error, not ignored.
+    members = gzip.compress(ndjson([episode(13)])) + gzip.compress(ndjson([episode(14)]))
+    r = env.post(members, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+    r = env.post(gzip.compress(ndjson([episode(15)])) + b"garbage", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_gzip"
+    assert env.inbox_ids() == [
+        "ep-chat-1",
+        "ep-chat-2",
+        "ep-chat-10",
+        "ep-chat-11",
+        "ep-chat-12",
+        "ep-chat-13",
+        "ep-chat-14",
+    ]
 
 
 def test_a_timestamp_ahead_of_the_servers_clock_is_rejected_beyond_the_skew_limit(env: Env) -> None:

@@ -298,6 +298,18 @@ def test_protobuf_gzip_and_partial_success_in_protobuf(server: tuple[str, Receiv
     assert resp.partial_success.rejected_spans == 1
     assert "no_messages" in resp.partial_success.error_message
     assert receiver.records[episode_id("ab" * 16, "01" * 8)]["messages"][-1] == {"role": "assistant", "content": "a"}
+    # Two gzip members (two serialised requests one after the other read as one, as protobuf
+    # concatenates repeated fields): the second member's span counts too.
+    later = _pb_span(b"\x04" * 8, {"gen_ai.operation.name": "chat", **messages})
+    body = gzip.compress(_pb_request([ok]).SerializeToString()) + gzip.compress(
+        _pb_request([later]).SerializeToString()
+    )
+    headers = {"content-type": "application/x-protobuf", "content-encoding": "gzip"}
+    r = httpx.post(f"{url}/v1/traces", content=body, headers=headers)
+    assert r.status_code == 200 and not ExportTraceServiceResponse.FromString(r.content).HasField("partial_success")
+    assert episode_id("ab" * 16, "04" * 8) in receiver.records
+    r = httpx.post(f"{url}/v1/traces", content=body + b"trailing", headers=headers)
+    assert r.status_code == 400
 
 
 def _pb_span(span_id: bytes, attrs: dict[str, Any], parent: bytes = b"") -> PbSpan:
