@@ -9,8 +9,10 @@ restored (surrogateescape) and lone surrogates kept as ``\\uXXXX`` escapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import secrets
 import zlib
 from collections.abc import AsyncIterator
@@ -131,7 +133,29 @@ def split_json_array(body: bytes, max_records: int) -> list[bytes]:
         raise BodyError(400, "not_array", "an application/json body must be a JSON array of records")
     if len(doc) > max_records:
         raise BodyError(413, "too_many_records", f"{len(doc)} records in one request; the limit is {max_records}")
-    return [encode_record(x) if strict else reencode(x) for x in doc]
+    if strict:
+        return [encode_record(x) for x in doc]
+    restore = restores_raw_bytes(body)
+    return [reencode(x, restore_bytes=restore) for x in doc]
+
+
+# An escaped low surrogate in the range ``surrogateescape`` maps raw bytes to (U+DC80-U+DCFF).
+_ESCAPED_BYTE_SURROGATE = re.compile(rb"\\u[dD][cC][89a-fA-F][0-9a-fA-F]")
+
+
+def restores_raw_bytes(body: bytes) -> bool:
+    """Whether the lone surrogates of a body's lenient parse may be written back as the raw bytes
+    they stand for: only when the body holds invalid UTF-8 (the bytes ``surrogateescape`` turned
+    into U+DC80-U+DCFF) and no *escape* of such a surrogate. Otherwise a record could spell valid
+    UTF-8 in escapes (``"\\udcc3\\udca9"``) and have it written back as the bytes of "é": a record
+    refused on an NDJSON line (``invalid_unicode``) was accepted with content it did not hold, a
+    right-to-left override among them. When in doubt every lone surrogate stays escaped and
+    validation names it ``invalid_unicode``."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return _ESCAPED_BYTE_SURROGATE.search(body) is None
+    return False
 
 
 def encode_record(value: Any) -> bytes:
@@ -182,16 +206,18 @@ def _lenient_loads(body: bytes) -> Any:
         raise BodyError(400, "invalid_json", f"the body is not JSON: {str(e)[:200]}") from None
 
 
-def reencode(value: Any) -> bytes:
+def reencode(value: Any, *, restore_bytes: bool = True) -> bytes:
     """A value parsed by the lenient parser as bytes again, faithful enough for validation to name
-    what is wrong with it."""
+    what is wrong with it; ``restore_bytes`` (see :func:`restores_raw_bytes`): lone surrogates
+    U+DC80-U+DCFF written back as the invalid bytes they stood for, else all kept escaped."""
     numbers = RawNumbers()
     try:
-        # Restores invalid UTF-8 bytes as they came: validation reports them as invalid_utf8.
-        text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=numbers.placeholder)
-        return numbers.restore(text).encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        # A lone surrogate (an escape such as \ud800): kept escaped, validation names it.
+        if restore_bytes:
+            # Restores invalid UTF-8 bytes as they came: validation reports them as invalid_utf8.
+            text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=numbers.placeholder)
+            with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate no byte stands for (\ud800)
+                return numbers.restore(text).encode("utf-8", "surrogateescape")
+        # Every lone surrogate kept as its escape: validation names it (invalid_unicode).
         text = json.dumps(value, ensure_ascii=True, allow_nan=True, default=numbers.placeholder)
         return numbers.restore(text).encode("ascii")
     except RecursionError:

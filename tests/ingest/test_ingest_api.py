@@ -306,6 +306,14 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == ["rejected", "accepted"]
     assert r.json()["results"][0]["reason"] == reasons[4]  # as the same record on an NDJSON line
+    # Lone surrogates escaped so that, written back as the bytes they stand for in invalid UTF-8,
+    # they would spell "é" and a right-to-left override: refused as on an NDJSON line, not stored.
+    smuggled = b'{"episode_id": "smuggled", "prompt": "\\udcc3\\udca9 \\udce2\\udc80\\udcae", "response": "r"}'
+    as_line = env.post(smuggled).json()["results"][0]["reason"]
+    assert as_line == "invalid_unicode"
+    for body in (b"[" + smuggled + b"]", b"[" + smuggled + b"," + lines[1] + b"]"):  # the latter with raw bytes
+        r = env.post(body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["results"][0]["reason"] == as_line, r.text
     # Numbers no double holds (which orjson refuses, so the array is parsed again leniently): the
     # records holding them are refused by name, as on an NDJSON line, and the good one goes through.
     huge = [
