@@ -972,6 +972,15 @@ class IngestConfig(_Model):
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (after gzip), else 413")
     max_records_per_request: int = Field(10_000, gt=0, description="records per request, else 413")
     max_inflight: int = Field(8, gt=0, description="requests processed at once; more get 429 + Retry-After")
+    # A request holds one of max_inflight slots while its body arrives (the slot bounds the memory
+    # bodies take): a client that declares a body and never sends it would hold one for ever.
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="the whole request body must arrive within this, else 408 and the connection closed"
+        " (POST /v1/episodes and /v1/traces)",
+    )
     max_backlog: int = Field(
         100_000, gt=0, description="inbox mode: unconsumed inbox rows above which requests get 429 + Retry-After"
     )

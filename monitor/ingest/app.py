@@ -17,6 +17,7 @@ Everything a record carries is untrusted: it goes back to the caller only inside
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,10 +33,11 @@ from starlette.requests import ClientDisconnect
 
 from monitor.config import IngestConfig, Settings
 from monitor.episodes import InvalidEpisode, parse_episode
-from monitor.ingest.body import BodyError, gunzip_limited, read_limited, split_records, too_large
+from monitor.ingest.body import BodyError, body_timeout_detail, gunzip_limited, read_limited, split_records, too_large
 from monitor.ingest.fairness import RecentShares, Slots
 from monitor.ingest.handoff import Handoff, HandoffUnavailable, InboxHandoff, KafkaHandoff
 from monitor.ingest.metrics import IngestMetrics
+from monitor.ingest.otlp import OtlpLimits
 from monitor.ingest.otlp_route import OtlpMetrics, otlp_router
 from monitor.ingest.tokens import Principal, TokenCache
 from monitor.store import Store
@@ -242,6 +244,8 @@ def error_response(ctx: IngestContext, e: ApiError | BodyError) -> JSONResponse:
         headers["Retry-After"] = str(e.retry_after)
     if e.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="oversight-ingest"'
+    if e.status == 408:  # the rest of the body may still come: this connection cannot carry another request
+        headers["Connection"] = "close"
     ctx.metrics.request(e.status)
     return JSONResponse({"error": e.reason, "detail": e.detail}, status_code=e.status, headers=headers)
 
@@ -261,15 +265,19 @@ async def read_records(request: Request, ctx: IngestContext) -> list[bytes]:
         raise BodyError(415, "unsupported_encoding", "Content-Encoding must be gzip or identity")
     try:
         try:
-            body = await read_limited(request.stream(), limit)
+            body = await asyncio.wait_for(read_limited(request.stream(), limit), ctx.cfg.body_timeout_s)
         except ClientDisconnect:
             # Routine (a client's timeout, a deploy): counted, and no traceback in the server's log.
             raise BodyError(499, "client_disconnected", "the client closed the connection mid-body") from None
+        except TimeoutError:
+            # The request holds a slot while its body comes (see post_episodes): a body that
+            # does not come must not keep it.
+            raise BodyError(408, "body_timeout", body_timeout_detail(ctx.cfg.body_timeout_s)) from None
         if encoding == "gzip":
             body = gunzip_limited(body, limit)
         raws = split_records(body, request.headers.get("content-type", ""), ctx.cfg.max_records_per_request)
     except BodyError as e:
-        if e.status == 413:
+        if e.status in (408, 413):
             ctx.metrics.refused.labels(e.reason).inc()
         raise
     if not raws:
@@ -359,7 +367,7 @@ def create_app(ctx: IngestContext) -> FastAPI:
     app.state.ingest = ctx
     ctx.metrics.ready.set_function(lambda: float(all(ctx.readiness().values())))
     responses: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 429, 503)
+        code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 429, 503)
     }
     responses[422] = {"model": IngestResponse}
     app.add_api_route(
@@ -370,6 +378,7 @@ def create_app(ctx: IngestContext) -> FastAPI:
     app.include_router(
         otlp_router(
             submit_records,
+            limits=OtlpLimits(body_timeout_s=ctx.cfg.body_timeout_s),
             metrics=OtlpMetrics(ctx.metrics.registry),
             dependencies=[Depends(require_ingest_token)],
         )

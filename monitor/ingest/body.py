@@ -25,13 +25,17 @@ JSON_TYPES = ("application/json",)
 
 
 class BodyError(Exception):
-    """The request as a whole is refused: ``status`` (400, 413, 415) with a ``reason`` and a detail."""
+    """The request as a whole is refused: ``status`` (400, 408, 413, 415) with a ``reason`` and a detail."""
 
     def __init__(self, status: int, reason: str, detail: str):
         super().__init__(detail)
         self.status = status
         self.reason = reason
         self.detail = detail
+
+
+def body_timeout_detail(seconds: float) -> str:
+    return f"the request body did not arrive within {seconds:g} s (ingest.body_timeout_s)"
 
 
 def too_large(what: str, limit: int) -> BodyError:

@@ -12,8 +12,8 @@ STATUSES = ("accepted", "duplicate", "rejected")
 API_REASONS = ("stream_not_allowed", "duplicate_in_request")
 # HTTP statuses the API answers with (anything else is counted as "other"); 499 (nginx's "client
 # closed request"): the client went away before its body was complete, so nothing was answered.
-CODES = ("200", "400", "401", "413", "415", "422", "429", "499", "503")
-REFUSALS = ("too_large", "too_many_records", "inflight", "backlog", "unauthorized", "unavailable")
+CODES = ("200", "400", "401", "408", "413", "415", "422", "429", "499", "503")
+REFUSALS = ("too_large", "too_many_records", "inflight", "backlog", "unauthorized", "unavailable", "body_timeout")
 
 
 class IngestMetrics:

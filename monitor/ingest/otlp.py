@@ -60,6 +60,7 @@ class OtlpLimits:
     max_events: int = 512  # per span
     max_value_chars: int = 1 << 20  # one string (or bytes) value
     max_depth: int = 16  # nested arrays / kvlists in one AnyValue, JSON in a messages attribute
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (ingest.body_timeout_s), else 408
 
 
 class OtlpError(Exception):

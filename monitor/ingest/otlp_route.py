@@ -11,6 +11,7 @@ or encoding 415. Authentication is the app's: pass its dependencies.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from monitor.ingest.body import Gunzip, GzipError, GzipTooLarge
+from monitor.ingest.body import Gunzip, GzipError, GzipTooLarge, body_timeout_detail
 from monitor.ingest.otlp import Conversion, OtlpError, OtlpLimits, convert, decode_json, decode_protobuf, iter_reasons
 
 PROTOBUF = "application/x-protobuf"
@@ -29,8 +30,9 @@ JSON = "application/json"
 Submit = Callable[[Request, list[bytes]], Sequence[str | None]]
 SPAN_OUTCOMES = ("episode", "ignored", "rejected")
 # client_disconnected: the exporter went away before its body was complete (nothing is answered).
-REQUEST_OUTCOMES = ("ok", "partial", "bad_request", "too_large", "unsupported", "client_disconnected")
+REQUEST_OUTCOMES = ("ok", "partial", "bad_request", "too_large", "unsupported", "client_disconnected", "body_timeout")
 _GRPC_INVALID_ARGUMENT = 3
+_GRPC_DEADLINE_EXCEEDED = 4
 _GRPC_RESOURCE_EXHAUSTED = 8
 
 
@@ -72,7 +74,7 @@ def otlp_router(
             metrics.requests.labels("unsupported").inc()
             return _status(JSON, 415, f"Content-Type must be {PROTOBUF} or {JSON}")
         try:
-            body = await _read_body(request, limits)
+            body = await asyncio.wait_for(_read_body(request, limits), limits.body_timeout_s)
             # Decoding and grouping are CPU work in proportion to the body (up to 16 MiB): on a
             # worker thread, so that the event loop goes on answering /healthz and other requests.
             conv = await run_in_threadpool(decode_and_convert, body, encoding, limits)
@@ -82,6 +84,11 @@ def otlp_router(
         except ClientDisconnect:  # routine: counted, without a traceback in the server's log
             metrics.requests.labels("client_disconnected").inc()
             return Response(status_code=499)
+        except TimeoutError:  # a body that never comes must not hold its connection and memory
+            metrics.requests.labels("body_timeout").inc()
+            response = _status(encoding, 408, body_timeout_detail(limits.body_timeout_s))
+            response.headers["Connection"] = "close"
+            return response
         errors = list(await run_in_threadpool(submit, request, conv.raws)) if conv.raws else []
         return _answer(encoding, conv, errors, metrics)
 
@@ -164,7 +171,7 @@ def _export_response(encoding: str, rejected: int, message: str) -> Response:
 
 def _status(encoding: str, status: int, message: str) -> Response:
     """A ``google.rpc.Status`` body, as OTLP/HTTP asks for failures (encoded by hand: two fields)."""
-    code = _GRPC_RESOURCE_EXHAUSTED if status == 413 else _GRPC_INVALID_ARGUMENT
+    code = {413: _GRPC_RESOURCE_EXHAUSTED, 408: _GRPC_DEADLINE_EXCEEDED}.get(status, _GRPC_INVALID_ARGUMENT)
     if encoding != PROTOBUF:
         return Response(orjson.dumps({"code": code, "message": message}), status_code=status, media_type=JSON)
     text = message.encode("utf-8", "replace")

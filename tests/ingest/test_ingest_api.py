@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from outage_helpers import wait_for
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings, load_settings
@@ -244,6 +245,39 @@ def test_too_many_records_is_413(sqlite_url: str, tmp_path: Path) -> None:
         assert e.post(arr, headers={"Content-Type": "application/json"}).status_code == 413
         assert e.post(ndjson([episode(i) for i in range(5)])).status_code == 200
     finally:
+        e.server.stop()
+        e.store.close()
+
+
+def test_a_body_that_never_arrives_gives_its_slot_back(sqlite_url: str, tmp_path: Path) -> None:
+    """A request holds one of ``max_inflight`` slots while its body arrives: clients that declare a
+    body and stall took every slot for as long as they stayed connected, and every other token
+    got 429. After ``body_timeout_s`` each gets 408 and its connection is closed."""
+    e = start(sqlite_url, tmp_path, "ingest.max_inflight=3", "ingest.body_timeout_s=1")  # one token holds 2
+    host, port = e.server.url.removeprefix("http://").split(":")
+    stalled = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(
+                (
+                    "POST /v1/episodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n"
+                    f"Authorization: Bearer {e.token}\r\nContent-Length: 1000\r\n\r\n" + '{"episode_id": '
+                ).encode()
+            )
+            stalled.append(sock)
+        wait_for(lambda: e.post(ndjson([episode(1)])).status_code == 429, 5, "both slots held")
+        for sock in stalled:
+            sock.settimeout(30)
+            answer = sock.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 408") and "body_timeout" in answer, answer
+            assert "connection: close" in answer.lower()
+        assert e.post(ndjson([episode(2)])).status_code == 200  # the slots are free again
+        metrics = e.client.get("/metrics").text
+        assert 'oversight_ingest_refused_total{why="body_timeout"} 2.0' in metrics
+    finally:
+        for sock in stalled:
+            sock.close()
         e.server.stop()
         e.store.close()
 

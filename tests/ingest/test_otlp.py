@@ -7,8 +7,10 @@ The app here is the router alone with a ``submit`` that validates each record as
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -466,6 +468,25 @@ def test_a_conversation_past_the_message_limit_is_refused_while_it_is_built() ->
         turns.append(("assistant", f"a{i}"))
     (record,) = convert(spans, LIMITS).records
     assert [(m["role"], m["content"]) for m in record["messages"]] == turns
+
+
+def test_a_body_that_never_arrives_is_a_408() -> None:
+    registry = CollectorRegistry()
+    app = FastAPI()
+    limits = dataclasses.replace(LIMITS, body_timeout_s=0.5)
+    app.include_router(otlp_router(Receiver().submit, limits=limits, metrics=OtlpMetrics(registry)))
+    srv = BackgroundServer(app, "127.0.0.1", 0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            head = (
+                "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            sock.sendall(head.encode())
+            answer = sock.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 408") and "connection: close" in answer.lower(), answer
+        assert registry.get_sample_value("oversight_otlp_requests_total", {"outcome": "body_timeout"}) == 1.0
+    finally:
+        srv.stop()
 
 
 def test_parent_cycles_and_orphans_do_not_hang() -> None:
