@@ -134,7 +134,24 @@ def decode_protobuf(body: bytes, limits: OtlpLimits) -> list[Span]:
         for ss in rs.scope_spans:
             _check_count(len(out) + len(ss.spans), limits)
             out.extend(_proto_span(sp, resource, limits) for sp in ss.spans)
+    _check_ids(out)
     return out
+
+
+def _check_ids(spans: list[Span]) -> None:
+    """Every span has a non-zero trace and span id, and no (trace, span) pair comes twice: episodes
+    are keyed and grouped by them. Without it two spans without ids (protobuf leaves them empty)
+    were merged into one made-up conversation, and every later span without ids had that same
+    episode id, so different content was answered 200 and dropped as a redelivery. The JSON
+    encoding already refused a missing id; both now refuse the request (400) as malformed."""
+    seen: set[Key] = set()
+    for s in spans:
+        if not s.trace_id.strip("0") or not s.span_id.strip("0"):
+            raise OtlpError(400, "a span needs a non-zero traceId and spanId")
+        key = (s.trace_id, s.span_id)
+        if key in seen:
+            raise OtlpError(400, f"span {s.span_id[:64]} of trace {s.trace_id[:64]} appears twice in the request")
+        seen.add(key)
 
 
 def _check_count(n: int, limits: OtlpLimits) -> None:
@@ -210,6 +227,7 @@ def decode_json(body: bytes, limits: OtlpLimits) -> list[Span]:
             spans = _list(ss, "spans")
             _check_count(len(out) + len(spans), limits)
             out.extend(_json_span(sp, resource, limits) for sp in spans)
+    _check_ids(out)
     return out
 
 

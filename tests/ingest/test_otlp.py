@@ -489,6 +489,25 @@ def test_a_body_that_never_arrives_is_a_408() -> None:
         srv.stop()
 
 
+def test_spans_without_ids_or_with_repeated_ids_are_a_400(server: tuple[str, Receiver, CollectorRegistry]) -> None:
+    """Episodes are keyed by (trace, span): two spans without ids were merged into one made-up
+    conversation, and a later one with other content got 200 and was dropped as a redelivery."""
+    url, receiver, _ = server
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    before = dict(receiver.records)
+    for spans in (
+        [_pb_span(b"", chat), _pb_span(b"", {**chat, "gen_ai.prompt": "other"})],
+        [_pb_span(b"\x00" * 8, chat)],
+        [_pb_span(b"\x31" * 8, chat), _pb_span(b"\x31" * 8, {**chat, "gen_ai.prompt": "other"})],
+    ):
+        r = _post(url, _pb_request(spans).SerializeToString())
+        assert r.status_code == 400, r.content
+    zero = _json_span("0000000000000000", chat)
+    r = _post(url, json.dumps(_json_request([zero])).encode(), "application/json")
+    assert r.status_code == 400 and "non-zero" in r.json()["message"]
+    assert receiver.records == before
+
+
 def test_parent_cycles_and_orphans_do_not_hang() -> None:
     def span(sid: str, parent: str) -> Span:
         attrs = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
