@@ -59,6 +59,14 @@ def test_full_episode_and_timestamps() -> None:
         (ok(episode_id=""), "invalid_value"),
         (ok(episode_id="x" * 129), "invalid_value"),
         (ok(stream=""), "invalid_value"),
+        (ok(stream="chat\u200b"), "invalid_value"),  # reads as "chat"
+        (ok(stream="\u202echat"), "invalid_value"),  # a right-to-left override
+        (
+            json.dumps(
+                {"episode_id": "e", "stream": "chat\u2066", "messages": [{"role": "user", "content": "q"}]}
+            ).encode(),
+            "invalid_value",
+        ),  # schema v2: the same rule
         (ok(schema_version=2), "invalid_value"),
         (b'{"prompt": "p", "response": "r"}', "missing_field"),
         (b'{"episode_id": "e", "response": "r"}', "missing_field"),

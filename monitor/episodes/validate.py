@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -326,9 +327,7 @@ def _context(obj: Any) -> tuple[str | None, str | None]:
     # fields and metric labels.
     return (
         eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS and not _CONTROL.search(eid) else None,
-        stream
-        if isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_CHARS and not _CONTROL.search(stream)
-        else None,
+        stream if isinstance(stream, str) and stream_name_error(stream) is None else None,
     )
 
 
@@ -353,7 +352,8 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and type(stream) is str
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
-        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _CONTROL.search(stream)))
+        # isprintable() is False for every control, format and separator character but the space.
+        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _unfit_stream(stream)))
     ):
         raise _required_fields_error(obj, eid, stream, prompt)
     model, metadata = _optional_fields(obj)
@@ -402,7 +402,7 @@ def _validate_v2(obj: dict[str, Any], size: int, now: float) -> Episode:
         and type(stream) is str
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
-        and not (_CONTROL.search(eid) or _CONTROL.search(stream))
+        and not (_CONTROL.search(eid) or _unfit_stream(stream))
     ):
         # v1's checks name the problem; "" stands in for the prompt and response v2 does not have.
         raise _required_fields_error({**obj, "prompt": "", "response": ""}, eid, stream, "")
@@ -459,11 +459,31 @@ def stream_name_error(stream: str) -> str | None:
 
     >>> stream_name_error("chat"), stream_name_error("a\\x01b")
     (None, 'stream must not contain control characters (U+0001 at index 1)')
+    >>> stream_name_error("chat\\u200b")
+    'stream must not contain invisible or direction-changing characters (U+200B at index 4)'
     """
     if not 0 < len(stream) <= MAX_STREAM_CHARS:
         return f"stream must be 1-{MAX_STREAM_CHARS} characters"
     if _CONTROL.search(stream):
         return f"stream must not contain control characters ({_control_at(stream)})"
+    if not stream.isascii() and (i := _invisible_at(stream)) is not None:
+        where = f"U+{ord(stream[i]):04X} at index {i}"
+        return f"stream must not contain invisible or direction-changing characters ({where})"
+    return None
+
+
+def _unfit_stream(stream: str) -> bool:
+    """Characters :func:`stream_name_error` refuses (the length is checked apart)."""
+    return bool(_CONTROL.search(stream)) or (not stream.isascii() and _invisible_at(stream) is not None)
+
+
+def _invisible_at(text: str) -> int | None:
+    """The index of the first format or separator character (Unicode Cf, Zl, Zp: zero-width
+    spaces and joiners, bidi overrides such as U+202E, the BOM): a stream named with one reads as
+    another ("chat\u200b" as "chat") in the review UI, dashboards and alerts."""
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cf", "Zl", "Zp"):
+            return i
     return None
 
 
