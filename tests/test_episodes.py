@@ -90,6 +90,11 @@ def test_bad_input_reasons(raw: bytes, expected: str) -> None:
     assert reason(raw, limit=10_000_000) == expected
 
 
+def test_a_byte_order_mark_before_a_record_is_ignored() -> None:
+    """The first line of a file a Windows tool wrote; RFC 8259 lets a parser ignore the mark."""
+    assert parse_episode(b"\xef\xbb\xbf" + ok(), LIMIT, NOW).episode_id == "e1"
+
+
 def test_oversize_is_checked_before_parsing() -> None:
     big = ok(response="x" * (5 * 1024 * 1024))
     assert reason(big) == "oversize"

@@ -297,6 +297,9 @@ def _parse_slow(raw: bytes, size: int, now: float) -> Episode:
         raise InvalidEpisode("invalid_utf8", f"invalid UTF-8 at byte {e.start}") from None
     if "\x00" in text:
         raise InvalidEpisode("nul_character", "raw NUL byte in record")
+    # A byte-order mark before the record (the first line of a file a Windows tool wrote): RFC 8259
+    # lets a parser ignore it, and orjson's refusal sent it here.
+    text = text.removeprefix("\ufeff")
     try:
         # NaN/Infinity are not JSON; strict=True rejects raw control characters.
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)

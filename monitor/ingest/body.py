@@ -253,6 +253,9 @@ class RawNumbers:
 
 def split_records(body: bytes, content_type: str, max_records: int) -> list[bytes]:
     media = content_type.split(";", 1)[0].strip().lower()
+    # A byte-order mark, as Windows tools write one (RFC 8259 lets a parser ignore it): without
+    # this the body, or its first line, was refused with Python's "Unexpected UTF-8 BOM".
+    body = body.removeprefix(b"\xef\xbb\xbf")
     if media in NDJSON_TYPES:
         return split_ndjson(body, max_records)
     if media in JSON_TYPES or media.endswith("+json"):

@@ -361,6 +361,11 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     )
     assert r.status_code == 200, r.text
     assert [x["reason"] for x in r.json()["results"]] == [*as_lines, None]
+    # A byte-order mark before the body (RFC 8259: a parser may ignore it), on either media type.
+    bom = b"\xef\xbb\xbf"
+    assert env.post(bom + ndjson([episode(6)])).json()["accepted"] == 1
+    r = env.post(bom + json.dumps([episode(7)]).encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
     # Whole-body refusals.
     json_ct = {"Content-Type": "application/json"}
     assert env.post(b'{"episode_id": "x"}', headers=json_ct).status_code == 400  # not an array
@@ -371,7 +376,7 @@ def test_hostile_input_gets_4xx_or_per_record_reasons(env: Env) -> None:
     assert env.post(b"x", headers={"Content-Type": "text/plain"}).status_code == 415
     assert env.post(b"x", headers={"Content-Encoding": "br"}).status_code == 415
     assert env.post(b"not gzip", headers={"Content-Encoding": "gzip"}).status_code == 400
-    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-3", "ep-chat-4", "ep-chat-5"]
+    assert env.inbox_ids() == ["ep-chat-1", "ep-chat-3", "ep-chat-4", "ep-chat-5", "ep-chat-6", "ep-chat-7"]
     assert 'oversight_ingest_rejected_total{reason="invalid_utf8"} 2.0' in env.client.get("/metrics").text
 
 
