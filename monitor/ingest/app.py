@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -329,6 +329,9 @@ def _http_error(ctx: IngestContext, e: ApiError) -> HTTPException:
     headers = dict(HEADERS)
     if e.retry_after is not None:
         headers["Retry-After"] = str(e.retry_after)
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="oversight-ingest"'
+
     ctx.metrics.request(e.status)
     return HTTPException(e.status, e.detail, headers=headers)
 
@@ -380,7 +383,7 @@ def create_app(ctx: IngestContext) -> FastAPI:
             submit_records,
             limits=OtlpLimits(body_timeout_s=ctx.cfg.body_timeout_s),
             metrics=OtlpMetrics(ctx.metrics.registry),
-            dependencies=[Depends(require_ingest_token)],
+            authenticate=require_ingest_token,
         )
     )
 

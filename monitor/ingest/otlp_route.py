@@ -6,7 +6,10 @@ gives them to the ingest app's ``submit``: the same validation, idempotency and 
 ``POST /v1/episodes``. The answer is an ``ExportTraceServiceResponse`` in the request's encoding,
 with ``partial_success`` counting the spans whose episodes were refused and why; a request that is
 not OTLP at all gets 400 (a ``google.rpc.Status``), one over the limits 413, an unknown content type
-or encoding 415. Authentication is the app's: pass its dependencies.
+or encoding 415. Authentication is the app's: pass its ``authenticate``. Every failure, a refused token
+(401) and the ingest path's backpressure (429, 503, with their ``Retry-After``) included, is a
+``google.rpc.Status`` in the request's encoding, as OTLP/HTTP requires of every 4xx and 5xx (FastAPI's
+``{"detail": ...}`` is no body an exporter reads).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CollectorRegistry, Counter
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -30,10 +33,25 @@ JSON = "application/json"
 Submit = Callable[[Request, list[bytes]], Sequence[str | None]]
 SPAN_OUTCOMES = ("episode", "ignored", "rejected")
 # client_disconnected: the exporter went away before its body was complete (nothing is answered).
-REQUEST_OUTCOMES = ("ok", "partial", "bad_request", "too_large", "unsupported", "client_disconnected", "body_timeout")
+# refused: the token (401) or the ingest path's backpressure (429, 503).
+REQUEST_OUTCOMES = (
+    "ok",
+    "partial",
+    "bad_request",
+    "too_large",
+    "unsupported",
+    "client_disconnected",
+    "body_timeout",
+    "refused",
+)
 _GRPC_INVALID_ARGUMENT = 3
-_GRPC_DEADLINE_EXCEEDED = 4
-_GRPC_RESOURCE_EXHAUSTED = 8
+_GRPC_CODES = {
+    408: 4,
+    401: 16,
+    413: 8,
+    429: 8,
+    503: 14,
+}  # DEADLINE_EXCEEDED, UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE
 
 
 class OtlpMetrics:
@@ -61,15 +79,28 @@ def otlp_router(
     *,
     limits: OtlpLimits | None = None,
     metrics: OtlpMetrics | None = None,
-    dependencies: Sequence[Any] = (),
+    authenticate: Callable[[Request], None] | None = None,
 ) -> APIRouter:
+    """``authenticate(request)`` raises an HTTPException to refuse the request (run on a worker
+    thread: it may read the database); ``submit`` may raise one too (backpressure)."""
     limits = limits or OtlpLimits()
     metrics = metrics or OtlpMetrics()
-    router = APIRouter(dependencies=list(dependencies))
+    router = APIRouter()
 
     @router.post("/v1/traces", include_in_schema=True, summary="OTLP/HTTP traces receiver (GenAI spans -> episodes)")
     async def traces(request: Request) -> Response:
         encoding = _media_type(request.headers.get("content-type"))
+        try:
+            if authenticate is not None:
+                await run_in_threadpool(authenticate, request)
+            return await export(request, encoding)
+        except HTTPException as e:
+            metrics.requests.labels("refused").inc()
+            response = _status(encoding if encoding == PROTOBUF else JSON, e.status_code, str(e.detail))
+            response.headers.update(e.headers or {})
+            return response
+
+    async def export(request: Request, encoding: str) -> Response:
         if encoding not in (PROTOBUF, JSON):
             metrics.requests.labels("unsupported").inc()
             return _status(JSON, 415, f"Content-Type must be {PROTOBUF} or {JSON}")
@@ -171,7 +202,7 @@ def _export_response(encoding: str, rejected: int, message: str) -> Response:
 
 def _status(encoding: str, status: int, message: str) -> Response:
     """A ``google.rpc.Status`` body, as OTLP/HTTP asks for failures (encoded by hand: two fields)."""
-    code = {413: _GRPC_RESOURCE_EXHAUSTED, 408: _GRPC_DEADLINE_EXCEEDED}.get(status, _GRPC_INVALID_ARGUMENT)
+    code = _GRPC_CODES.get(status, _GRPC_INVALID_ARGUMENT)
     if encoding != PROTOBUF:
         return Response(orjson.dumps({"code": code, "message": message}), status_code=status, media_type=JSON)
     text = message.encode("utf-8", "replace")

@@ -542,7 +542,13 @@ def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str,
     server = IngestServer(settings, store=store, registry=CollectorRegistry()).start()
     try:
         url = server.url.rstrip("/")
-        assert httpx.post(f"{url}/v1/traces", content=b"", headers={"content-type": JSON}).status_code == 401
+        # Refused, as OTLP/HTTP answers every failure: a google.rpc.Status in the request's encoding.
+        r = httpx.post(f"{url}/v1/traces", content=b"", headers={"content-type": JSON})
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["code"] == 16 and r.json()["message"]  # UNAUTHENTICATED
+        r = httpx.post(f"{url}/v1/traces", content=b"", headers={"content-type": "application/x-protobuf"})
+        assert r.status_code == 401 and r.headers["content-type"] == "application/x-protobuf"
+        assert r.content[:2] == bytes([0x08, 16])  # Status.code = 16
         chat_id, agent_id = _emit_with_sdk(url, headers={"authorization": f"Bearer {token}"})
         s = settings.model_copy(update={"source": settings.source.model_copy(update={"kind": "inbox"})})
         svc = build_service(s, serve=False, store=store, registry=CollectorRegistry())
