@@ -29,7 +29,7 @@ import hashlib
 import re
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -588,9 +588,10 @@ class _Conversation:
             raise _Reject("too_many_messages", f"more than {MAX_MESSAGES} messages on the span and its descendants")
         self.positions.setdefault(_hashable(_message_key(m)), []).append(len(self.messages))
         self.messages.append(m)
-        self.call_ids.update(c.get("id") for c in m.get("tool_calls") or () if isinstance(c, dict))
+        # Ids come from the span's own JSON: a list or an object is possible, and must not raise.
+        self.call_ids.update(_hashable(c.get("id")) for c in m.get("tool_calls") or () if isinstance(c, dict))
         if m.get("tool_call_id"):
-            self.result_ids.add(m["tool_call_id"])
+            self.result_ids.add(_hashable(m["tool_call_id"]))
 
     def add_span(self, span: Span, *, outputs: bool) -> None:
         if _operation(span) == "execute_tool":
@@ -647,16 +648,17 @@ class _Conversation:
         return system + [m for m in self.messages if m.get("role") != "system"]
 
 
-def _hashable(key: tuple[Any, ...]) -> Hashable:
-    """A message key as a dict key: itself, or (content given as parts, a list) its JSON."""
+def _hashable(value: Any) -> Hashable:
+    """A message key or an id as a dict key or set member: itself, or (content given as parts, an
+    id that is a list or an object) its JSON."""
     try:
-        hash(key)
+        hash(value)
     except TypeError:
         try:
-            return orjson.dumps(key, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
         except orjson.JSONEncodeError:
-            return repr(key)
-    return key
+            return repr(value)
+    return cast(Hashable, value)
 
 
 def _text_of(value: Any) -> str:

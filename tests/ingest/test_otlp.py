@@ -508,6 +508,25 @@ def test_spans_without_ids_or_with_repeated_ids_are_a_400(server: tuple[str, Rec
     assert receiver.records == before
 
 
+def test_tool_call_ids_of_any_json_type_do_not_break_grouping() -> None:
+    """Ids come from the span's own JSON: a list or an object as an id reaches validation (which
+    names it) instead of raising while the conversation is grouped (a 500 for the export)."""
+    odd = [["x"], {"a": 1}, 7, None]
+    msgs = [{"role": "user", "parts": [_text("q")]}]
+    for i, call_id in enumerate(odd):
+        msgs.append(
+            {"role": "assistant", "parts": [{"type": "tool_call", "id": call_id, "name": "f", "arguments": {}}]}
+        )
+        msgs.append({"role": "tool", "parts": [{"type": "tool_call_response", "id": call_id, "response": f"r{i}"}]})
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.input.messages": json.dumps(msgs)}
+    tool = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.id": "c1", "gen_ai.tool.name": "f"}
+    conv = convert(
+        [Span("t", "s1", "", "c", 1, 0, attrs, [], {}), Span("t", "s2", "s1", "t", 2, 0, tool, [], {})], LIMITS
+    )
+    (record,) = conv.records
+    assert [m["role"] for m in record["messages"]] == ["user", *["assistant", "tool"] * (len(odd) + 1)]
+
+
 def test_parent_cycles_and_orphans_do_not_hang() -> None:
     def span(sid: str, parent: str) -> Span:
         attrs = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
