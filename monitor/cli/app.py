@@ -208,9 +208,9 @@ class Terminated(BaseException):
     """SIGTERM reached a command that has no drain of its own: a batch (``replay``, ``simulate``,
     ``rm train``, ``db purge``, ...), which Kubernetes or a supervisor stops with SIGTERM where a
     person presses Ctrl-C. It unwinds like Ctrl-C's KeyboardInterrupt: the ``finally`` blocks run
-    (the store closed, a half-written output removed, the calibration child ended), a transaction
-    in flight rolls back, and the command says so in one line and exits 143. Without it SIGTERM's
-    default action ended the process at once, silently, with none of that cleanup.
+    (the store closed, the services stopped), a transaction in flight rolls back, and the command
+    says so in one line and exits 143. Without it SIGTERM's default action ended the process at
+    once, silently, with none of that cleanup.
 
     A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way takes it
     for a failure to log and carry on from. The commands that drain (``run``, ``infer``, ``demo``,
