@@ -446,6 +446,9 @@ class ReviewConfig(_Model):
         description="addresses or networks of reverse proxies whose X-Forwarded-For names the client "
         "(login throttling is per client address); empty: the peer is the client",
     )
+    max_request_bytes: int = Field(
+        1 << 20, gt=0, le=1 << 30, description="request bodies larger than this are refused (413) before they are read"
+    )
     metrics_host: str = Field("127.0.0.1", description="listen address of the review service's /metrics")
     metrics_port: int = Field(
         9109, ge=0, le=65535, description="port of the review service's /metrics (0: any free port)"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from monitor.config import Settings
@@ -25,7 +26,7 @@ from monitor.review import auth, pages, queue
 from monitor.review.context import SESSION_COOKIE, Clock, ReviewContext
 from monitor.review.routes import API_ROUTERS, PAGE_ROUTERS
 from monitor.review.schemas import validation_detail
-from monitor.review.security import CSP, HSTS, SECURITY_HEADERS, SecurityHeaders, headers_for
+from monitor.review.security import CSP, HSTS, SECURITY_HEADERS, BodyLimit, SecurityHeaders, headers_for
 from monitor.store import Store
 
 __all__ = ["CSP", "HSTS", "SECURITY_HEADERS", "SESSION_COOKIE", "create_app"]
@@ -67,7 +68,9 @@ def create_app(
 
 
 def add_middleware(app: FastAPI, settings: Settings) -> None:
-    # Added first, so inside the proxy-headers middleware below: every response gets the headers.
+    # Innermost: its own 413 goes out through the security headers.
+    app.add_middleware(BodyLimit, limit=settings.review.max_request_bytes)
+    # Added before the proxy-headers middleware, so inside it: every response gets the headers.
     app.add_middleware(SecurityHeaders, headers=headers_for(settings.dev))
     if settings.review.trusted_proxies:
         # Outermost: behind an ingress every request comes from the proxy's address, and login
@@ -75,6 +78,30 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
         from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.review.trusted_proxies)
+
+
+async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A refused request body, in FastAPI's shape less the refused values. FastAPI's own handler
+    copies each one (``input``) into the answer: a NaN, an infinity or a lone surrogate, which
+    Python's JSON parser accepts, then failed to encode (a 500 with a traceback, before any
+    sign-in), and a 60 MB field came back as a 60 MB answer."""
+    detail = [
+        {
+            "type": str(e.get("type", "")),
+            "loc": [_shown(part) for part in e.get("loc", ())],
+            "msg": _shown(e.get("msg", "")),
+        }
+        for e in exc.errors()[:20]
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _shown(value: Any) -> Any:
+    """A part of an error as it may be sent back: a number as is, text cut to 200 characters and
+    made encodable (a field name a client chose may hold a lone surrogate)."""
+    if isinstance(value, int):
+        return value
+    return str(value)[:200].encode("utf-8", "replace").decode("utf-8")
 
 
 async def queue_error(request: Request, exc: queue.QueueError) -> JSONResponse:
@@ -91,6 +118,7 @@ async def auth_error(_request: Request, exc: auth.AuthError) -> JSONResponse:
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    app.exception_handler(RequestValidationError)(validation_error)
     app.exception_handler(queue.QueueError)(queue_error)
     app.exception_handler(auth.AuthError)(auth_error)
     pages.install_handlers(app)

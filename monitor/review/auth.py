@@ -468,4 +468,11 @@ def new_login_csrf(secret: bytes) -> tuple[str, str]:
 def check_login_csrf(secret: bytes, nonce: str | None, token: str | None) -> bool:
     if not nonce or not token:
         return False
-    return hmac.compare_digest(sign(secret, "login:" + nonce), token)
+    return same_secret(sign(secret, "login:" + nonce), token)
+
+
+def same_secret(expected: str, sent: str) -> bool:
+    """A constant-time comparison of a token with what a client sent, as bytes: on text,
+    ``hmac.compare_digest`` raises TypeError for any non-ASCII character (a 500 for a token of
+    "é"), where a wrong token is simply not the same."""
+    return hmac.compare_digest(expected.encode("utf-8", "replace"), sent.encode("utf-8", "replace"))

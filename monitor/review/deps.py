@@ -8,7 +8,6 @@ Bearer token is never sent by a browser on its own and needs none.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -39,7 +38,7 @@ def check_csrf_header(request: Request, session: auth.Session) -> None:
     if request.method in SAFE_METHODS:
         return
     sent = request.headers.get("x-csrf-token", "")
-    if not hmac.compare_digest(sent, session.csrf):
+    if not auth.same_secret(session.csrf, sent):
         raise HTTPException(403, "missing or wrong X-CSRF-Token header")
 
 

@@ -27,7 +27,6 @@ Security notes:
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, Undefined
 
-from monitor.review.auth import Session
+from monitor.review.auth import Session, same_secret
 from monitor.review.context import Ctx
 from monitor.review.conversation import shown
 from monitor.review.display import reveal
@@ -237,7 +236,7 @@ AdminSession = Annotated[Session, Depends(admin_session)]
 
 def check_form_csrf(session: Session, token: str | None) -> None:
     """Refuses (403) a form of a signed-in page that lacks the session's CSRF token."""
-    if not (token and hmac.compare_digest(session.csrf.encode(), token.encode())):
+    if not (token and same_secret(session.csrf, token)):
         raise PageRefused(403, session, "Forbidden", FORM_EXPIRED)
 
 

@@ -19,15 +19,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrictIn(BaseModel):
+    """A request body: unknown fields refused, and no value converted to a field's type. Lenient
+    parsing took ``"rating": true`` for 1 and ``"5"``, ``5.0`` for 5, so the label validation's
+    refusal of a boolean rating never ran."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 # -- requests -------------------------------------------------------------------------------
 
 
-class LoginIn(Strict):
+class LoginIn(StrictIn):
     name: str = Field(max_length=64)
     password: str = Field(max_length=1024)
 
 
-class LeaseIn(Strict):
+class LeaseIn(StrictIn):
     """Names a lease: the item, its slot and the fencing token the claim handed out."""
 
     episode_id: str = Field(min_length=1, max_length=128)
@@ -52,17 +60,17 @@ class ReleaseBody(LeaseIn):
     pass
 
 
-class UserIn(Strict):
+class UserIn(StrictIn):
     name: str = Field(min_length=1, max_length=64, pattern=f"^{auth.NAME_RE}$")
     role: Literal["reviewer", "admin"]
     password: str | None = Field(None, min_length=10, max_length=1024)
 
 
-class TokenIn(Strict):
+class TokenIn(StrictIn):
     name: str = Field("api", min_length=1, max_length=64)
 
 
-class AdjudicationIn(Strict):
+class AdjudicationIn(StrictIn):
     """An administrator's final label of an item whose reviewers disagreed, and why."""
 
     episode_id: str = Field(min_length=1, max_length=128)
@@ -414,7 +422,7 @@ class UndoneOut(Strict):
     lease_expires_at: float
 
 
-class GuidelinesIn(Strict):
+class GuidelinesIn(StrictIn):
     stream: str = Field(min_length=1, max_length=128)
     markdown: str = Field(min_length=1, max_length=50_000)
 

@@ -64,7 +64,12 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str, port: int, metrics: tuple[str, int] | None = None):
         import uvicorn
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", server_header=False, lifespan="off")
+        # proxy_headers=False as `oversight serve` has it: uvicorn trusts X-Forwarded-For from
+        # 127.0.0.1 by default, so a client over a tunnel or port-forward chose the address login
+        # throttling counts by (review.trusted_proxies is the one way to trust a proxy).
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", server_header=False, lifespan="off", proxy_headers=False
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="review-http", daemon=True)
         self._app = app

@@ -134,7 +134,8 @@ def undo(store: Store, user: User, lease_s: float, window_s: float, now: float |
     """Withdraw the reviewer's newest label and lease its item back to them.
 
     404 when they have no label; 409 when the window has passed or the item has meanwhile been
-    leased to someone else (a withdrawn skip goes back to the queue at once)."""
+    leased to someone else, or someone else has labelled it since (a withdrawn skip goes back to
+    the queue at once)."""
     now = time.time() if now is None else now
     lb, rt = t.labels, t.review_tasks
     with store.engine.begin() as conn:
@@ -156,6 +157,10 @@ def undo(store: Store, user: User, lease_s: float, window_s: float, now: float |
             raise QueueError("the item is now leased to another reviewer", 409)
         if task.status == "error":
             raise QueueError("the item was set aside", 409)
+        if _labelled_since(conn, row, user):
+            # A withdrawn skip that someone else then took and labelled: re-opening the finished
+            # slot would give it two labels (or send it back to the queue for a third reviewer).
+            raise QueueError("another reviewer has labelled the item since", 409)
         # The lease on the next item goes back to the queue: one lease at a time.
         _release_all(conn, user)
         conn.execute(lb.delete().where(lb.c.id == row.id))
@@ -176,6 +181,15 @@ def undo(store: Store, user: User, lease_s: float, window_s: float, now: float |
         if res.rowcount != 1:
             raise QueueError("the item changed meanwhile; try again", 409)
         return Claim(row.episode_id, int(row.slot), fence, expires)
+
+
+def _labelled_since(conn: sa.Connection, row: Newest, user: User) -> bool:
+    """Whether another reviewer left a label (or a skip) on ``row``'s item and slot after it."""
+    lb = t.labels
+    q = sa.select(lb.c.id).where(
+        lb.c.episode_id == row.episode_id, lb.c.slot == row.slot, lb.c.user_id != user.id, lb.c.id > row.id
+    )
+    return conn.execute(q.limit(1)).first() is not None
 
 
 def _release_all(conn: sa.Connection, user: User) -> None:

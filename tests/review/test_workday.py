@@ -187,10 +187,19 @@ def test_undo_of_a_skip_taken_by_someone_else_is_refused(make_review_env: Callab
     item = claim(alice)
     lease = {k: item[k] for k in ("episode_id", "slot", "fence")}
     assert alice.post(f"{API}/items/skip", json={**lease, "reason": "not my language"}).status_code == 200
-    assert claim(bob)["episode_id"] == item["episode_id"]
+    taken = claim(bob)
+    assert taken["episode_id"] == item["episode_id"]
     r = alice.post(f"{API}/items/undo")
     assert r.status_code == 409 and "another reviewer" in r.json()["detail"]
     assert label_of(env, item["episode_id"]) is not None  # nothing changed
+    # Bob labels it: the slot is done, with his label. Undoing the skip would re-open it for a
+    # second label (or, released, for a third reviewer).
+    rate(bob, taken, 6)
+    assert task(env, item["episode_id"]).status == "done"
+    r = alice.post(f"{API}/items/undo")
+    assert r.status_code == 409 and "labelled the item since" in r.json()["detail"], r.text
+    assert task(env, item["episode_id"]).status == "done"
+    assert sorted((x.skipped, x.rating) for x in label_rows(env.store)) == [(False, 6), (True, None)]
 
 
 def test_release_frees_the_lease_at_once(make_review_env: Callable[..., Env]) -> None:

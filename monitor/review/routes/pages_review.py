@@ -47,10 +47,18 @@ async def form_lease(
     fence: Annotated[str, Form()] = "",
 ) -> Lease:
     """The lease a review form names (after its session and CSRF token are checked)."""
-    try:
-        return Lease(episode_id, int(slot), int(fence))
-    except ValueError:
-        raise PageRefused(400, session, "Bad request", "Malformed form.") from None
+    slot_n, fence_n = form_int(slot), form_int(fence)
+    if slot_n is None or fence_n is None:
+        raise PageRefused(400, session, "Bad request", "Malformed form.")
+    return Lease(episode_id, slot_n, fence_n)
+
+
+def form_int(text: str) -> int | None:
+    """A slot or fence of a form: ASCII digits that fit SQL's 64-bit integer, else None. ``int()``
+    took "٥" for 5 and any length of digits, and 10**30 reached SQLite (OverflowError, a 500)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        return None
+    return int(text)
 
 
 FormLease = Annotated[Lease, Depends(form_lease)]
@@ -151,9 +159,9 @@ def post_submit(
     time_spent_ms: Annotated[str, Form()] = "",
 ) -> Response:
     form = {"rating": rating, "flags": flags, "critique": critique, "preference": preference}
-    try:
-        r: int | None = int(rating) if rating.strip() else None
-    except ValueError:
+    text = rating.strip()
+    r = form_int(text) if text else None
+    if text and r is None:
         return review_page(ctx, session, 422, error="rating must be an integer from 1 to 7", form=form)
     label = q.LabelIn(
         rating=r,
