@@ -56,6 +56,8 @@ def test_full_episode_and_timestamps() -> None:
         (ok(timestamp="yesterday"), "invalid_value"),
         (ok(timestamp="2026-01-01T00:00:00"), "invalid_value"),
         (ok(timestamp=-5), "invalid_value"),
+        (ok(timestamp="9999-12-31T23:59:59-23:59"), "invalid_value"),  # past 9999 in UTC: was an internal error
+        (ok(timestamp="1969-12-31T23:59:59Z"), "invalid_value"),  # before 1970, as a number is refused
         (ok(episode_id=""), "invalid_value"),
         (ok(episode_id="x" * 129), "invalid_value"),
         (ok(stream=""), "invalid_value"),

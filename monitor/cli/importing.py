@@ -17,6 +17,7 @@ from monitor.cli.common import (
     settings_from_args,
     write_json,
 )
+from monitor.errors import UsageError
 
 log = logging.getLogger("oversight")
 FORMATS = ("auto", "openai-chat", "langfuse")  # monitor.ingest.formats.FORMATS, without importing it for --help
@@ -33,11 +34,15 @@ def import_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from monitor.episodes.validate import stream_name_error
     from monitor.ingest.formats import ConvertingSource
     from monitor.pipeline import LoopHooks
     from monitor.service.build import build_dead_letters, build_service, build_source
     from monitor.sources.file import file_input_error
 
+    if args.stream is not None and (why := stream_name_error(args.stream)) is not None:
+        # Before a record is read: every line without a stream would otherwise be dead-lettered.
+        raise UsageError(f"--stream {args.stream!r}: {why}")
     extra = input_overrides(args.input)
     settings = settings_from_args(args, extra)
     if settings.sampling.key is None and not settings.dev:

@@ -137,13 +137,16 @@ class InvalidEpisode(Exception):
         self.stream = stream
 
 
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z: the last second a datetime holds
+
+
 def parse_timestamp(value: Any) -> float:
     """Epoch seconds from an RFC 3339 string or a number."""
     if isinstance(value, bool):
         raise InvalidEpisode("wrong_type", "timestamp must be an RFC 3339 string or epoch seconds")
     if isinstance(value, int | float):
         # Compared before float(): an integer beyond the double range overflows it.
-        if not 0 <= value <= 253402300799:  # 9999-12-31; NaN fails too
+        if not 0 <= value <= MAX_TIMESTAMP:  # NaN fails too
             raise InvalidEpisode("invalid_value", "timestamp is out of range")
         return float(value)
     if isinstance(value, str):
@@ -158,7 +161,12 @@ def parse_timestamp(value: Any) -> float:
             raise InvalidEpisode("invalid_value", "timestamp is not RFC 3339 (e.g. 2026-01-01T00:00:00Z)") from None
         if dt.tzinfo is None:
             raise InvalidEpisode("invalid_value", "RFC 3339 timestamp needs a UTC offset or Z")
-        return dt.timestamp()
+        # The same range as a number: an offset moves 9999-12-31T23:59:59-23:59 past year 9999,
+        # which no datetime holds (every later use, the future-skew check first, raised).
+        ts = dt.timestamp()
+        if not 0 <= ts <= MAX_TIMESTAMP:
+            raise InvalidEpisode("invalid_value", "timestamp is out of range (1970 to 9999)")
+        return ts
     raise InvalidEpisode("wrong_type", "timestamp must be an RFC 3339 string or epoch seconds")
 
 

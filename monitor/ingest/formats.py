@@ -14,8 +14,14 @@ One input line is one episode:
   output (a message, a list of messages, ``{"choices": [{"message": ...}]}`` or a string); a trace
   without generations uses its own ``input`` and ``output``. The episode id is the trace id.
   ``tests/data/langfuse_traces.jsonl`` is a sample.
-* ``auto``: decided line by line (``messages`` -> openai-chat, ``observations`` or
-  ``input``/``output`` -> langfuse, ``prompt``/``schema_version`` -> an episode already).
+* ``auto``: decided line by line: ``prompt``, ``schema_version`` or ``episode_id`` -> an episode
+  already (a native v2 record needs no ``schema_version``); ``messages`` -> openai-chat (an evals
+  line may carry ``input`` too); ``observations``, ``input`` or ``output`` -> langfuse.
+
+A line that is not JSON at all, or that JSON cannot hold as it is (invalid UTF-8, a NUL, a lone
+surrogate, a number no double holds, nesting past the parser's limit), goes to validation as it
+came, which names what is wrong with it as it does for any other input (``invalid_utf8``, ...);
+a leading byte-order mark is ignored, as validation ignores it.
 
 A line that cannot be converted becomes a dead letter (reason ``unconvertible``) with its raw
 bytes; a converted record then takes the pipeline's validation like any other, so a conversation
@@ -25,9 +31,11 @@ the schema refuses is dead-lettered with the schema's reason.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -73,7 +81,7 @@ def from_langfuse(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
     if not isinstance(observations, list):
         raise ConversionError("langfuse: observations must be an array")
     generations = [o for o in observations if isinstance(o, dict) and o.get("type") == "GENERATION"]
-    generations.sort(key=lambda o: str(o.get("startTime") or ""))
+    generations.sort(key=lambda o: _started(o.get("startTime")))
     source = generations[-1] if generations else obj
     messages = _langfuse_input(source.get("input")) + _langfuse_output(source.get("output"))
     if not messages:
@@ -91,6 +99,18 @@ def from_langfuse(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
             meta[name] = obj[key]
     out["metadata"] = meta
     return out
+
+
+def _started(value: Any) -> float:
+    """An observation's ``startTime`` as epoch seconds, for ordering (-inf when missing or
+    unreadable). Compared as text, "…:00.500Z" came before "…:00Z" and offsets were ignored, so an
+    earlier generation could be imported as the last one."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00")).timestamp()
+        except (ValueError, OverflowError):
+            pass
+    return -math.inf
 
 
 def _langfuse_input(value: Any) -> list[Any]:
@@ -126,12 +146,12 @@ def _as_is(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
 
 
 def guess(obj: dict[str, Any]) -> Converter:
-    if "prompt" in obj or "schema_version" in obj:
+    if "prompt" in obj or "schema_version" in obj or "episode_id" in obj:
         return _as_is
-    if "observations" in obj or ("input" in obj or "output" in obj):
-        return from_langfuse
-    if "messages" in obj:
+    if "messages" in obj and "observations" not in obj:
         return from_openai_chat
+    if "observations" in obj or "input" in obj or "output" in obj:
+        return from_langfuse
     raise ConversionError("auto: neither OpenAI chat (messages) nor a Langfuse trace (input, output, observations)")
 
 
@@ -140,10 +160,14 @@ CONVERTERS: dict[str, Converter] = {"openai-chat": from_openai_chat, "langfuse":
 
 def convert_line(rec: Record, fmt: str, stream: str | None = None) -> bytes:
     """One input line -> one schema-v2 record (bytes); :class:`ConversionError` with the reason."""
+    raw = rec.value.removeprefix(b"\xef\xbb\xbf")
     try:
-        obj = orjson.loads(rec.value)
-    except orjson.JSONDecodeError as e:
-        raise ConversionError(f"not JSON: {str(e)[:200]}") from None
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # Validation's own parse names the cause (invalid_utf8, nul_character, invalid_unicode,
+        # number_out_of_range, too_deep, invalid_json) as it does for a file replayed: orjson's
+        # message ("not JSON: number is infinity when parsed as double") named none of them.
+        return raw
     if not isinstance(obj, dict):
         raise ConversionError("a line must be a JSON object")
     converter = guess(obj) if fmt == "auto" else CONVERTERS[fmt]

@@ -78,7 +78,8 @@ def test_openai_chat_jsonl_with_bad_lines(tmp_path: Path, capsys: pytest.Capture
 
     assert _run(tmp_path, "--input", str(src), "--stream", "imported") == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["episodes"] == 3 and summary["unconvertible"] == 2 and summary["invalid"] == 1
+    # "not json at all" goes to validation as it came, which names it (invalid_json).
+    assert summary["episodes"] == 4 and summary["unconvertible"] == 1 and summary["invalid"] == 2
 
     stored = _stored(tmp_path)
     assert len(stored) == 2
@@ -87,14 +88,66 @@ def test_openai_chat_jsonl_with_bad_lines(tmp_path: Path, capsys: pytest.Capture
     (generated,) = [k for k in stored if k != "conv-2"]
     assert generated.startswith("chat-")
 
-    letters = _letters(tmp_path)
-    assert [x["reason"] for x in letters].count("unconvertible") == 2
-    assert {base64.b64decode(x["raw_b64"]) for x in letters if x["reason"] == "unconvertible"} == {
-        b"not json at all",
-        b'{"unrelated": true}',
-    }
-    (schema,) = [x for x in letters if x["reason"] != "unconvertible"]
+    letters = {x["reason"]: x for x in _letters(tmp_path)}
+    assert sorted(letters) == ["invalid_json", "invalid_message", "unconvertible"], sorted(letters)
+    assert base64.b64decode(letters["unconvertible"]["raw_b64"]) == b'{"unrelated": true}'
+    assert base64.b64decode(letters["invalid_json"]["raw_b64"]) == b"not json at all"
+    (schema,) = [x for r, x in letters.items() if r not in ("unconvertible", "invalid_json")]
     assert schema["episode_id"] == "conv-5"
+
+
+def test_lines_json_cannot_hold_as_they_are_get_validations_reasons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """orjson's refusal ("not JSON: number is infinity when parsed as double") named no cause, and a
+    byte-order mark on a later line lost a good record. Such a line now goes to validation as it
+    came, which names it as it would in a replayed file; a native v2 line without schema_version
+    keeps its id, and an evals line that also has ``input`` is read by its messages."""
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    lines = [
+        json.dumps({"episode_id": "native", "messages": turn}).encode(),  # v2 without schema_version
+        b"\xef\xbb\xbf" + json.dumps({"id": "bom", "messages": turn}).encode(),  # a mark on a later line
+        json.dumps({"id": "evals", "messages": turn, "input": "x"}).encode(),
+        b'{"id": "inf", "messages": [], "metadata": {"x": 1e400}}',
+        b'{"id": "raw", "messages": [], "note": "\xff"}',
+        b'{"id": "sur", "messages": [], "note": "\\ud800"}',
+    ]
+    src = tmp_path / "odd.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    assert _run(tmp_path, "--input", str(src)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["unconvertible"] == 0 and summary["invalid"] == 3, summary
+    assert set(_stored(tmp_path)) == {"native", "bom", "evals"}
+    reasons = sorted(x["reason"] for x in _letters(tmp_path))
+    assert reasons == ["invalid_unicode", "invalid_utf8", "number_out_of_range"]
+
+
+def test_the_last_langfuse_generation_is_the_last_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Compared as text, "…:00.500Z" sorted before "…:00Z" and an offset was ignored."""
+
+    def gen(start: str, answer: str) -> dict[str, Any]:
+        return {
+            "type": "GENERATION",
+            "startTime": start,
+            "input": [{"role": "user", "content": "hi"}],
+            "output": {"role": "assistant", "content": answer},
+        }
+
+    traces = [
+        {
+            "id": "frac",
+            "observations": [gen("2026-01-05T10:00:00.500Z", "later"), gen("2026-01-05T10:00:00Z", "earlier")],
+        },
+        {
+            "id": "offset",
+            "observations": [gen("2026-01-05T12:00:00+02:00", "earlier"), gen("2026-01-05T11:00:00Z", "later")],
+        },
+    ]
+    src = tmp_path / "lf.jsonl"
+    src.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    assert _run(tmp_path, "--input", str(src), "--format", "langfuse") == 0
+    stored = _stored(tmp_path)
+    assert {k: v["messages"][-1]["content"] for k, v in stored.items()} == {"frac": "later", "offset": "later"}
 
 
 def test_importing_the_same_file_again_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,6 +209,11 @@ def test_a_langfuse_line_in_openai_format_is_a_dead_letter(tmp_path: Path, capsy
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(tmp_path, "--input", str(tmp_path / "missing.jsonl")) == 1
     assert "no such file" in capsys.readouterr().err
+    # A stream no record can carry: refused before a line is read (it dead-lettered every one).
+    for stream in ("", "a\tb"):
+        assert _run(tmp_path, "--input", str(DATA / "langfuse_traces.jsonl"), "--stream", stream) == 2
+        assert "--stream" in capsys.readouterr().err
+    assert not _letters(tmp_path)
     with pytest.raises(SystemExit) as e:
         _run(tmp_path, "--input", str(DATA / "langfuse_traces.jsonl"), "--format", "phoenix")
     assert e.value.code == 2
