@@ -71,7 +71,7 @@ def test_a_non_ascii_csrf_token_is_refused_not_a_500(make_review_env: MakeEnv, p
     env = make_review_env()
     env.user("alice")
     c = env.session_client("alice")
-    r = c.post(f"{API}/queue/claim", headers={"X-CSRF-Token": "\u00e9t\u00e9".encode()})  # bytes: sent as they are
+    r = c.post(f"{API}/queue/claim", headers={b"X-CSRF-Token": "\u00e9t\u00e9".encode()})  # bytes: sent as they are
     assert r.status_code == 403, r.text
     page_env.user("bob")
     b = browser(page_env)
