@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from outage_helpers import wait_for
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings, load_settings
@@ -257,6 +256,7 @@ def test_a_body_that_never_arrives_gives_its_slot_back(sqlite_url: str, tmp_path
     host, port = e.server.url.removeprefix("http://").split(":")
     stalled = []
     try:
+        started = time.monotonic()
         for _ in range(2):
             sock = socket.create_connection((host, int(port)))
             sock.sendall(
@@ -266,15 +266,18 @@ def test_a_body_that_never_arrives_gives_its_slot_back(sqlite_url: str, tmp_path
                 ).encode()
             )
             stalled.append(sock)
-        wait_for(lambda: e.post(ndjson([episode(1)])).status_code == 429, 5, "both slots held")
+        # Without the deadline neither would ever be answered (each held a slot; with both held
+        # this token's next request got 429 for as long as they stayed connected).
         for sock in stalled:
-            sock.settimeout(30)
+            sock.settimeout(60)
             answer = sock.recv(4096).decode()
             assert answer.startswith("HTTP/1.1 408") and "body_timeout" in answer, answer
             assert "connection: close" in answer.lower()
+        assert time.monotonic() - started >= 1.0  # not before the deadline
         assert e.post(ndjson([episode(2)])).status_code == 200  # the slots are free again
         metrics = e.client.get("/metrics").text
         assert 'oversight_ingest_refused_total{why="body_timeout"} 2.0' in metrics
+        assert "oversight_ingest_inflight 0.0" in metrics
     finally:
         for sock in stalled:
             sock.close()
