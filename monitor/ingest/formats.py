@@ -66,7 +66,10 @@ def from_openai_chat(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
         raise ConversionError("openai-chat: messages must be an array")
     out: dict[str, Any] = {"schema_version": 2, "messages": messages}
     eid = obj.get("id")
-    out["episode_id"] = eid if isinstance(eid, str) and eid else _position_id("chat", rec)
+    if eid is not None and not (isinstance(eid, str) and eid):
+        # Replaced by a generated id, the user's own would be lost without a word.
+        raise ConversionError("openai-chat: id must be a non-empty string (or absent: an id is then generated)")
+    out["episode_id"] = eid if eid is not None else _position_id("chat", rec)
     for key in ("model", "metadata", "timestamp", "stream"):
         if obj.get(key) is not None:
             out[key] = obj[key]

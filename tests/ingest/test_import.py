@@ -108,6 +108,7 @@ def test_lines_json_cannot_hold_as_they_are_get_validations_reasons(
         json.dumps({"episode_id": "native", "messages": turn}).encode(),  # v2 without schema_version
         b"\xef\xbb\xbf" + json.dumps({"id": "bom", "messages": turn}).encode(),  # a mark on a later line
         json.dumps({"id": "evals", "messages": turn, "input": "x"}).encode(),
+        json.dumps({"id": ["list"], "messages": turn}).encode(),  # refused, not renamed without a word
         b'{"id": "inf", "messages": [], "metadata": {"x": 1e400}}',
         b'{"id": "raw", "messages": [], "note": "\xff"}',
         b'{"id": "sur", "messages": [], "note": "\\ud800"}',
@@ -116,10 +117,18 @@ def test_lines_json_cannot_hold_as_they_are_get_validations_reasons(
     src.write_bytes(b"\n".join(lines) + b"\n")
     assert _run(tmp_path, "--input", str(src)) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["unconvertible"] == 0 and summary["invalid"] == 3, summary
+    assert summary["unconvertible"] == 1 and summary["invalid"] == 3, summary
     assert set(_stored(tmp_path)) == {"native", "bom", "evals"}
-    reasons = sorted(x["reason"] for x in _letters(tmp_path))
-    assert reasons == ["invalid_unicode", "invalid_utf8", "number_out_of_range"]
+    letters = _letters(tmp_path)
+    assert sorted(x["reason"] for x in letters) == [
+        "invalid_unicode",
+        "invalid_utf8",
+        "number_out_of_range",
+        "unconvertible",
+    ]
+    assert [x["detail"] for x in letters if x["reason"] == "unconvertible"] == [
+        "openai-chat: id must be a non-empty string (or absent: an id is then generated)"
+    ]
 
 
 def test_the_last_langfuse_generation_is_the_last_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
