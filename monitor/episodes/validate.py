@@ -364,7 +364,7 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
         # isprintable() is False for every control, format and separator character but the space.
-        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or _unfit_stream(stream)))
+        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or stream_name_error(stream)))
     ):
         raise _required_fields_error(obj, eid, stream, prompt)
     model, metadata = _optional_fields(obj)
@@ -413,7 +413,7 @@ def _validate_v2(obj: dict[str, Any], size: int, now: float) -> Episode:
         and type(stream) is str
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
-        and not (_CONTROL.search(eid) or _unfit_stream(stream))
+        and not (_CONTROL.search(eid) or stream_name_error(stream))
     ):
         # v1's checks name the problem; "" stands in for the prompt and response v2 does not have.
         raise _required_fields_error({**obj, "prompt": "", "response": ""}, eid, stream, "")
@@ -481,11 +481,6 @@ def stream_name_error(stream: str) -> str | None:
         where = f"U+{ord(stream[i]):04X} at index {i}"
         return f"stream must not contain invisible or direction-changing characters ({where})"
     return None
-
-
-def _unfit_stream(stream: str) -> bool:
-    """Characters :func:`stream_name_error` refuses (the length is checked apart)."""
-    return bool(_CONTROL.search(stream)) or (not stream.isascii() and _invisible_at(stream) is not None)
 
 
 def _invisible_at(text: str) -> int | None:

@@ -35,12 +35,12 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from datetime import datetime
 from typing import Any
 
 import orjson
 
 from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
+from monitor.episodes.validate import InvalidEpisode, parse_timestamp
 from monitor.ingest.body import encode_record
 from monitor.sources.base import Rebalance, Record, Source
 
@@ -105,15 +105,13 @@ def from_langfuse(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
 
 
 def _started(value: Any) -> float:
-    """An observation's ``startTime`` as epoch seconds, for ordering (-inf when missing or
-    unreadable). Compared as text, "…:00.500Z" came before "…:00Z" and offsets were ignored, so an
-    earlier generation could be imported as the last one."""
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00")).timestamp()
-        except (ValueError, OverflowError):
-            pass
-    return -math.inf
+    """An observation's ``startTime`` as epoch seconds, read as validation reads a timestamp, for
+    ordering (-inf when missing or unreadable). Compared as text, "…:00.500Z" came before "…:00Z"
+    and offsets were ignored, so an earlier generation could be imported as the last one."""
+    try:
+        return parse_timestamp(value)
+    except InvalidEpisode:
+        return -math.inf
 
 
 def _langfuse_input(value: Any) -> list[Any]:
