@@ -84,8 +84,14 @@ REASONS: tuple[str, ...] = (
 # Reasons the pipeline gives a record that passed validation: the database refused it, its
 # episode_id is another stream's (ids are unique across streams), its stream would take the
 # replica past pipeline.max_streams, or processing it raised an exception nobody foresaw (a bug,
-# never a crash).
-PIPELINE_REASONS: tuple[str, ...] = ("store_rejected", "episode_id_conflict", "too_many_streams", "internal_error")
+# never a crash); and one that never reached validation: the source could not decode it.
+PIPELINE_REASONS: tuple[str, ...] = (
+    "store_rejected",
+    "episode_id_conflict",
+    "too_many_streams",
+    "internal_error",
+    "undecodable",
+)
 DEAD_LETTER_REASONS: tuple[str, ...] = REASONS + PIPELINE_REASONS
 
 _FIELDS = frozenset(

@@ -505,6 +505,8 @@ class Pipeline:
             next_offsets[rec.partition] = rec.next_offset
             ep: Episode | None = None
             try:
+                if rec.undecodable is not None:
+                    raise InvalidEpisode("undecodable", rec.undecodable)
                 if rec.full_size is not None:
                     raise InvalidEpisode("oversize", f"record is {rec.full_size} bytes, limit is {max_bytes}")
                 ep = parse_episode(rec.value, max_bytes, now, max_future_s)

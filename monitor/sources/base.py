@@ -25,6 +25,9 @@ class Record:
     full_size: int | None = None
     #: Fetch generation (Kafka: bumped by rebalances and rewinds).
     generation: int = 0
+    #: Set when the source could not decode the record at all, to say why (a Kafka batch in a
+    #: codec this build lacks, or damaged): ``value`` is then empty and the record a dead letter.
+    undecodable: str | None = None
 
 
 class Rebalance(Protocol):

@@ -45,6 +45,28 @@ CONTACT_S = 3.0
 POLL_BACKOFF_MAX_S = 1.0
 BOOTSTRAP_TIMEOUT_MS = 5000
 RECONNECT_BACKOFF_MAX_MS = 1000
+# A record kafka-python cannot decode (see KafkaSource._undecodable): how long a probe waits for one
+# partition's next record, and how many decoding failures in a row no probe could place before the
+# consumer thread gives up as it did before.
+PROBE_S = 2.0
+UNPLACED_MAX = 5
+
+
+def decoding_failure(e: BaseException) -> bool:
+    """Whether ``e`` was raised while kafka-python decoded fetched records (a codec it lacks, a
+    compressed payload that does not decompress, a header key that is not UTF-8, a CRC that fails)
+    rather than by the broker or the network: the frames it passed through say so.
+
+    >>> decoding_failure(ValueError("not from kafka-python"))
+    False
+    """
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "_unpack_records" or "/kafka/record/" in code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def retriable(e: BaseException) -> bool:
@@ -104,6 +126,9 @@ class KafkaSource:
         self._errors = dict.fromkeys(SOURCE_OPERATIONS, 0)
         self._commit_failures = 0  # in a row
         self._error: BaseException | None = None
+        self._unplaced = 0  # decoding failures in a row that no probe could place
+        self._last_undecodable: int | None = None  # the partition of the last one (probed first)
+        self._last_letter: tuple[int, int] | None = None  # its (partition, offset)
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self._max_records = cfg.max_poll_records
@@ -259,6 +284,9 @@ class KafkaSource:
         try:
             batches: dict[Any, list[Any]] = self._consumer.poll(timeout_ms=100, max_records=self._max_records)
         except Exception as e:
+            if decoding_failure(e):
+                self._undecodable(e)
+                return None
             if not retriable(e):
                 raise
             self._failures += 1
@@ -268,6 +296,8 @@ class KafkaSource:
         if self._failures:
             log.info("kafka poll returned without an error after %d that raised", self._failures)
             self._failures = 0
+        if batches:
+            self._unplaced = 0
         return batches
 
     def _records(self, batches: Mapping[Any, list[Any]]) -> tuple[int, list[Record]] | None:
@@ -287,6 +317,99 @@ class KafkaSource:
                     value = m.value if m.value is not None else b""
                     out.append(Record(value, p, m.offset, m.offset + 1, now, m.key))
         return gen, out
+
+    def _undecodable(self, e: Exception) -> None:
+        """A fetched record kafka-python cannot decode. It raises the same error at every poll
+        (the partition's position stays on the record), so one such record used to end the
+        consumer thread, and the service with it, at every restart. The partition and offset are
+        found by fetching each partition alone (:meth:`_place`); the record becomes a dead letter
+        (``undecodable``, its raw bytes unknown) and the partition moves past it. A compressed
+        batch fails as a whole: each of its offsets is a dead letter in turn."""
+        self._drop_failed_fetch()
+        with self._state:
+            gen = self._seek_gen
+            if gen != self._gen:
+                return  # a rewind's seek comes first; the next poll meets the record again
+        try:
+            placed = self._place()
+        except Exception as probe_error:  # a rebalance or an outage during the probe: poll again
+            log.warning("kafka: could not place a record that does not decode (%s): %s", e, probe_error)
+            placed = None
+        if placed is None:
+            self._unplaced += 1
+            if self._unplaced > UNPLACED_MAX:
+                raise e
+            log.warning("kafka: a fetched record did not decode, and did again on no partition alone: %s", e)
+            return
+        self._unplaced = 0
+        tp, offset, err = placed
+        with self._state:
+            if gen != self._gen or self._pending_seek is not None:
+                return  # a rebalance or a rewind came meanwhile: it seeks anew
+            self._first.setdefault(tp.partition, offset)  # where a rewind goes back to, as for a record
+        detail = f"kafka-python cannot decode the record at partition {tp.partition} offset {offset}: "
+        detail += f"{type(err).__name__}: {err}"[:500]
+        # One line per run of offsets (a compressed batch fails offset by offset), not per record.
+        level = logging.DEBUG if self._last_letter == (tp.partition, offset - 1) else logging.ERROR
+        log.log(level, "%s; dead-lettered, the partition goes on", detail)
+        self._last_letter = (tp.partition, offset)
+        self._last_undecodable = tp.partition
+        self._consumer.seek(tp, offset + 1)
+        self._put(gen, [Record(b"", tp.partition, offset, offset + 1, time.time(), undecodable=detail)])
+
+    def _place(self) -> tuple[Any, int, BaseException] | None:
+        """The partition, offset and error of a record that does not decode: each assigned
+        partition is fetched alone (the others paused), the last one to hold such a record
+        first; None when every partition yields a record or nothing."""
+        consumer = self._consumer
+        parts = sorted(consumer.assignment(), key=lambda tp: (tp.partition != self._last_undecodable, tp.partition))
+        for tp in parts:
+            others = [p for p in parts if p != tp]
+            consumer.pause(*others)
+            try:
+                placed = self._probe(tp)
+            finally:
+                for p in others:  # one at a time: a partition revoked meanwhile must not keep the rest paused
+                    with contextlib.suppress(Exception):
+                        consumer.resume(p)
+            if placed is not None:
+                return placed
+        return None
+
+    def _drop_failed_fetch(self) -> None:
+        """Forgets the fetched records whose decoding raised. kafka-python 3.0 keeps them as the
+        partition's next in line with their generator spent: every later poll takes nothing from
+        them and never moves on (poll spins on the CPU), even after a seek to the same offset.
+        Drained, the partition is fetched anew. kafka-python's own attributes, read defensively:
+        another version without them has nothing to drop here."""
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        stale = getattr(fetcher, "_next_partition_records", None)
+        if stale is not None:
+            stale.drain()
+            fetcher._next_partition_records = None  # type: ignore[union-attr]
+        if getattr(fetcher, "_next_in_line_exception_metadata", None) is not None:
+            fetcher._next_in_line_exception_metadata = None  # type: ignore[union-attr]  # raised already
+
+    def _probe(self, tp: Any) -> tuple[Any, int, BaseException] | None:
+        """Fetches ``tp`` alone from its position: the error its record there raises, or None once
+        it yields a record (given back: the consumer seeks to it again) or nothing within
+        ``PROBE_S``. The probe's fetch is the record's second: a batch damaged in transit, not
+        on the broker, reads whole this time and is no dead letter."""
+        consumer = self._consumer
+        start = consumer.position(tp, timeout_ms=int(PROBE_S * 1000))
+        deadline = time.monotonic() + PROBE_S
+        while time.monotonic() < deadline:
+            try:
+                got = consumer.poll(timeout_ms=100, max_records=1)
+            except Exception as e:
+                if not decoding_failure(e):
+                    raise
+                self._drop_failed_fetch()
+                return tp, start, e
+            if got:
+                consumer.seek(tp, start)
+                return None
+        return None
 
     def _poll_failed(self, e: BaseException) -> None:
         """A poll that raised a retriable error (the broker refused or reset a connection while
