@@ -65,8 +65,11 @@ def kind_config(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--kind-set {item!r}: expected KEY=VALUE")
         node = raw
         *parents, last = key.split(".")
-        for k in parents:
+        for depth, k in enumerate(parents, 1):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth])
+                raise UsageError(f"--kind-set {item!r}: {where} is already set to a value, not a mapping")
         try:
             node[last] = load_yaml(value)
         except yaml.YAMLError as e:

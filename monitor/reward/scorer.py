@@ -173,7 +173,21 @@ class RewardScorer:
             return {}
         from monitor.reward.kinds import Item
 
-        scores = self._model.score([Item(ep.prompt, ep.response, ep.messages) for ep, _, _ in pending])
+        try:
+            scores = self._model.score([Item(ep.prompt, ep.response, ep.messages) for ep, _, _ in pending])
+        except Exception as e:
+            # A backend that fails in a way its own guards did not foresee: the episodes stay in the
+            # samples table for the backlog, and the batch, and the replay or run, go on. It used to
+            # end `oversight replay` with the whole file's work lost.
+            self.unscored += len(pending)
+            log.error(
+                "reward model %s: scoring %d episodes failed, left for the backlog: %s: %r",
+                self._model.version,
+                len(pending),
+                type(e).__name__,
+                str(e)[:200],
+            )
+            return {}
         for (ep, index, rm), s in zip(pending, scores, strict=True):
             if s.ok:
                 self._accept(ep.episode_id, ep.stream, ep.timestamp, index, rm, float(s.value), self._model.version)

@@ -11,6 +11,7 @@ import itertools
 import math
 import os
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -29,13 +30,30 @@ class _Kind(BaseModel):
 class ResilienceConfig(_Kind):
     """How a remote scorer is called: every failure mode bounded."""
 
-    timeout_s: float = Field(30.0, gt=0, description="per request (connect + read)")
-    max_attempts: int = Field(3, ge=1, description="attempts per request (retries on timeouts, 429 and 5xx)")
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt, with jitter")
-    max_backoff_s: float = Field(8.0, ge=0)
-    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    # Finite bounds: an infinite timeout or backoff passed gt=0 and then raised OverflowError at
+    # every request.
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="per request: connect, each read, and the whole answer (an answer still arriving after"
+        " this is a timeout, so a server that sends a byte at a time cannot hold a slot)",
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="attempts per request (retries on timeouts, 429 and 5xx)")
+    backoff_s: float = Field(0.5, ge=0, le=3600, description="first retry delay; doubles each attempt, with jitter")
+    max_backoff_s: float = Field(8.0, ge=0, le=3600)
+    concurrency: int = Field(4, ge=1, le=1024, description="requests in flight at once")
     breaker_failures: int = Field(5, ge=1, description="consecutive failed requests that open the circuit")
-    breaker_reset_s: float = Field(30.0, gt=0, description="an open circuit lets one probe through after this")
+    breaker_reset_s: float = Field(
+        30.0, gt=0, le=86400, description="an open circuit lets one probe through after this"
+    )
+    max_response_bytes: int = Field(
+        8 * 2**20,
+        ge=1024,
+        le=2**30,
+        description="an answer longer than this, decompressed, is malformed (a score needs a few bytes; each"
+        " request in flight holds its answer in memory)",
+    )
 
 
 class LoraConfig(_Kind):
@@ -85,7 +103,12 @@ class HfConfig(_Kind):
     max_length: int = Field(512, ge=8, description="tokens per item; longer items are cut and recorded as truncated")
     batch_size: int = Field(8, ge=1)
     label_index: int = Field(0, ge=0, description="logit taken as the reward (0 for num_labels=1 reward models)")
-    device: str | None = Field(None, description="torch device; default cuda (bf16) when present, else cpu (fp32)")
+    device: str | None = Field(
+        None,
+        pattern=r"^(auto|cpu|mps|(cuda|xpu)(:[0-9]{1,3})?)$",
+        description="torch device (auto, cpu, cuda, cuda:N, mps, xpu); default cuda (bf16) when present, else cpu"
+        " (fp32)",
+    )
     lora: LoraConfig | None = Field(None, description="updates fine-tune a LoRA adapter (needs the `lora` extra: peft)")
 
 
@@ -108,15 +131,40 @@ class _Remote(_Kind):
         """The key from the environment; a named variable that is unset fails closed."""
         if self.api_key_env is None:
             return None
-        value = os.environ.get(self.api_key_env)
+        # A key read from a file (a Kubernetes secret made --from-file) often ends in a newline;
+        # sent as is, the header was refused by the HTTP library with the key in its message,
+        # which reached logs and the command's error line.
+        value = (os.environ.get(self.api_key_env) or "").strip()
         if not value:
             raise ValueError(f"api_key_env {self.api_key_env} is not set in the environment")
+        if not all("!" <= c <= "~" for c in value):
+            raise ValueError(
+                f"api_key_env {self.api_key_env}: the key holds a space, a control or a non-ASCII character,"
+                " which no HTTP header carries"
+            )
         return SecretStr(value)
 
 
 def _http_url(v: str) -> str:
+    """An http(s) URL every request can be sent to: a space, a control character, a port out of
+    range or no host passed here before and failed every request as an exception of the HTTP
+    library's that no retry or breaker knew.
+
+    >>> _http_url("https://judge.example/v1/")
+    'https://judge.example/v1'
+    >>> _http_url("http://judge:99999/v1")
+    Traceback (most recent call last):
+    ...
+    ValueError: Port out of range 0-65535
+    """
     if not v.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
+    if any(c <= " " or c == "\x7f" for c in v):
+        raise ValueError("must not hold spaces or control characters")
+    parts = urlsplit(v)
+    parts.port  # noqa: B018 (raises ValueError on a port that is not a number or out of range)
+    if not parts.hostname:
+        raise ValueError("must name a host")
     return v.rstrip("/")
 
 

@@ -16,16 +16,20 @@ the CPU. Items are batched longest first, so a batch wastes little on padding.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from monitor.inference.pairs import CHARS_PER_TOKEN
 from monitor.retry import first_line
 from monitor.reward.kinds.base import BackendError, Item, Score
 from monitor.reward.kinds.config import HfConfig
 from monitor.reward.kinds.resilience import BackendMetrics
+
+log = logging.getLogger(__name__)
 
 # No token is shorter than a character and English averages ~4: this many characters per kept
 # token always suffice, and a 100 kB response is not tokenized whole to keep its first tokens.
@@ -45,8 +49,10 @@ def check_checkpoint(cfg: HfConfig) -> None:
 
     path = Path(cfg.path)
     try:
-        conf = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
+        # Never a checkpoint's own code (config.json's auto_map): transformers asks on stdin
+        # whether to run it when this is not said, and runs it on a "y".
+        conf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # OSError, ValueError, and a refused auto_map's own kinds
         raise BackendError(f"hf checkpoint {path}: its config does not load: {first_line(e, 300)}") from None
     archs = list(getattr(conf, "architectures", None) or [])
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
@@ -61,9 +67,40 @@ def check_checkpoint(cfg: HfConfig) -> None:
     for f in _weight_files(path):
         _check_weights(f)
     try:
-        AutoTokenizer.from_pretrained(path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)  # type: ignore[no-untyped-call, unused-ignore]
     except Exception as e:  # tokenizer loaders raise many kinds on a broken file
         raise BackendError(f"hf checkpoint {path}: its tokenizer does not load: {first_line(e, 300)}") from None
+    limit = position_limit(conf, tok)
+    if limit is not None and cfg.max_length > limit:
+        # Every item longer than the model's positions failed its whole batch ("The expanded size
+        # of the tensor (905) must match the existing size (512)").
+        raise BackendError(
+            f"hf checkpoint {path}: max_length {cfg.max_length} but the model reads at most {limit} tokens;"
+            f" set max_length to {limit} or less"
+        )
+    if getattr(tok, "chat_template", None):
+        try:
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."}], tokenize=False
+            )
+        except Exception as e:  # a template is a program: it may raise, on its own terms
+            raise BackendError(
+                f"hf checkpoint {path}: its chat template fails on a user turn and an answer: {first_line(e, 300)}"
+            ) from None
+
+
+def position_limit(conf: Any, tokenizer: Any) -> int | None:
+    """The most tokens the model reads in one item: the tokenizer's ``model_max_length`` where it is
+    a real limit (tokenizers without one say 1e30), and the position embeddings (less RoBERTa's
+    two offset positions); None when neither is known."""
+    known: list[int] = []
+    tmax = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tmax, int) and 0 < tmax < 10**7:
+        known.append(tmax)
+    pmax = getattr(conf, "max_position_embeddings", None)
+    if isinstance(pmax, int) and pmax > 0:
+        known.append(pmax - 2 if "roberta" in str(getattr(conf, "model_type", "")) else pmax)
+    return min(known) if known else None
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -86,9 +123,17 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _check_weights(f: Path) -> None:
-    """A safetensors file's header parses (the weights themselves are not read)."""
+    """A safetensors file's header parses (the weights themselves are not read); a pickled ``.bin``
+    loads the way scoring will load it, as tensors only (``weights_only``: a pickle that needs
+    anything else is refused there, and registered fine before), mapped rather than read."""
     if f.suffix != ".safetensors":
-        return  # a pickled .bin has no header to read without loading it
+        import torch
+
+        try:
+            torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # UnpicklingError, RuntimeError, OSError: not tensors alone
+            raise BackendError(f"hf checkpoint weights {f}: do not load as tensors: {first_line(e, 300)}") from None
+        return
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -112,28 +157,39 @@ class HfBackend:
         self.metrics = metrics
         dev = cfg.device or device
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if dev in (None, "auto") else str(dev)
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            raise BackendError(f"device {self.device!r}: {first_line(e, 200)}") from None
         self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True, trust_remote_code=False)  # type: ignore[no-untyped-call, unused-ignore]
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path, local_files_only=True, dtype=self.dtype
+                cfg.path, local_files_only=True, dtype=self.dtype, trust_remote_code=False
             )
-        except (OSError, ValueError) as e:
-            raise BackendError(f"cannot load the checkpoint {cfg.path}: {e}") from None
+        except Exception as e:  # OSError, ValueError, an UnpicklingError of weights that are not tensors alone
+            raise BackendError(f"cannot load the checkpoint {cfg.path}: {first_line(e, 300)}") from None
+        limit = position_limit(self.model.config, self.tokenizer)
+        self.max_length = cfg.max_length if limit is None else min(cfg.max_length, limit)
+        if self.max_length < cfg.max_length:  # a version registered before registration checked it
+            log.warning("hf %s: max_length %d cut to the model's %d tokens", version, cfg.max_length, limit)
         if cfg.label_index >= int(self.model.config.num_labels):
             raise BackendError(f"label_index {cfg.label_index} but the model has {self.model.config.num_labels} labels")
         if self.tokenizer.pad_token is None:
             # Decoder reward models often ship without one; padding with EOS is the usual choice.
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
+        try:
+            self.model.to(self.device).eval()
+        except Exception as e:  # "cuda" on a machine without one, an out-of-memory
+            raise BackendError(f"cannot place the checkpoint on {self.device}: {first_line(e, 200)}") from None
 
     @property
     def uses_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def _text(self, item: Item) -> str:
-        cap = self.cfg.max_length * CHARS_PER_TOKEN
+        cap = self.max_length * CHARS_PER_TOKEN
         turns = [dict(m) for m in item.messages[:-1]] if item.messages else [{"role": "user", "content": item.prompt}]
         for t in turns:
             t["content"] = str(t.get("content", ""))[-cap:]
@@ -142,7 +198,7 @@ class HfBackend:
 
     def encode(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
         """Token ids per item and whether they were cut."""
-        tok, n = self.tokenizer, self.cfg.max_length
+        tok, n = self.tokenizer, self.max_length
         cap = n * CHARS_PER_TOKEN
         if self.uses_chat_template:
             texts = [self._text(i) for i in items]
@@ -157,6 +213,20 @@ class HfBackend:
         return [(list(c), len(f) > len(c) or k) for f, c, k in zip(full, cut, capped, strict=True)]
 
     def score(self, items: Sequence[Item]) -> list[Score]:
+        """One score per item. An item that fails (its conversation refused by the chat template,
+        a tensor the model refuses) is a failed score alone: the batch is scored again an item at
+        a time. Before, it failed every item scored with it, and where scoring runs inline
+        (replay, simulate) it ended the command."""
+        try:
+            return self._score(items)
+        except Exception as e:
+            if len(items) <= 1:
+                log.debug("hf: an item failed: %s", first_line(e, 200))
+                return [Score.failed(f"hf: {type(e).__name__}: {first_line(e, 200)}")] * len(items)
+            log.warning("hf: a batch of %d failed (%s); scoring it an item at a time", len(items), first_line(e, 200))
+            return [s for item in items for s in self.score([item])]
+
+    def _score(self, items: Sequence[Item]) -> list[Score]:
         import torch
 
         if not items:

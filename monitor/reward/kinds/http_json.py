@@ -8,6 +8,7 @@ wrong length or a non-number is a malformed answer and the items stay unscored.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from monitor.reward.kinds.base import Item, Score
 from monitor.reward.kinds.config import HttpJsonConfig
 from monitor.reward.kinds.resilience import BackendMetrics, RemoteError, Resilient
+
+log = logging.getLogger(__name__)
 
 
 def at_path(data: Any, path: str) -> Any:
@@ -91,12 +94,19 @@ class HttpJsonBackend:
             self.metrics.truncated.labels(self.kind).inc()
         return Score(value, truncated=cut)
 
+    def _guarded(self, items: list[Item]) -> list[Score]:
+        try:
+            return self._chunk(items)
+        except Exception as e:  # a bug: these items alone stay unscored, not the whole call
+            log.exception("http scorer: scoring %d items failed", len(items))
+            return [Score.failed(f"internal_error: {type(e).__name__}")] * len(items)
+
     def score(self, items: Sequence[Item]) -> list[Score]:
         if not self.cfg.batched:
-            return [s for chunk in self.http.map(lambda i: self._chunk([i]), list(items)) for s in chunk]
+            return [s for chunk in self.http.map(lambda i: self._guarded([i]), list(items)) for s in chunk]
         size = self.cfg.max_batch
         chunks = [list(items[s : s + size]) for s in range(0, len(items), size)]
-        return [s for chunk in self.http.map(self._chunk, chunks) for s in chunk]
+        return [s for chunk in self.http.map(self._guarded, chunks) for s in chunk]
 
     def close(self) -> None:
         self.http.close()

@@ -11,6 +11,7 @@ not retried, and to the breaker it is an answer (the endpoint is up: a half-open
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -31,6 +32,21 @@ OUTCOMES = ("ok", "timeout", "transport_error", "http_error", "malformed", "reje
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def redact(text: str, headers: Mapping[str, str]) -> str:
+    """``text`` without the header values of the request (the API key), however quoted.
+
+    >>> redact("Illegal header value b'Bearer sk-123456789\\n'", {"Authorization": "Bearer sk-123456789"})
+    "Illegal header value b'<redacted>\\n'"
+    """
+    for value in headers.values():
+        # The whole value first, then its words (a scheme and a key), longest first: deterministic.
+        for part in sorted({value, *value.split()}, key=lambda p: (-len(p), p)):
+            if len(part) >= 8:
+                for form in (part, repr(part.encode())[2:-1], repr(part)[1:-1]):
+                    text = text.replace(form, "<redacted>")
+    return text
 
 
 class RemoteError(RuntimeError):
@@ -170,6 +186,13 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._set("open")
 
+    def release(self) -> None:
+        """The probe's call ended in neither an answer nor an endpoint failure (an interrupt, a
+        bug): its slot is free again, the state unchanged. Kept taken, the circuit stayed
+        half-open for good and rejected every later call."""
+        with self._lock:
+            self._probe = False
+
     def answered(self) -> None:
         """The endpoint answered, though not with a score (a 4xx, a malformed answer): it is up.
         A half-open circuit closes. Freeing the probe's slot alone left it half-open, and the next
@@ -214,12 +237,20 @@ class Resilient:
             else:
                 self.breaker.answered()
             raise
+        except BaseException:
+            self.breaker.release()
+            raise
         try:
             out = parse(data)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except Exception as e:
+            # Whatever an answer makes the parser raise (a null where an object goes, a logprob of
+            # 1000, nesting past the recursion limit) is the answer's fault, not the endpoint's.
+            # Only four kinds were caught before: the others escaped with the probe's slot taken
+            # and failed the item's whole batch.
             self.metrics.requests.labels(self.kind, "malformed").inc()
             self.breaker.answered()
-            raise RemoteError(f"malformed answer: {type(e).__name__}: {e}"[:300], "malformed", endpoint=False) from None
+            detail = redact(f"malformed answer: {type(e).__name__}: {e}", headers)[:300]
+            raise RemoteError(detail, "malformed", endpoint=False) from None
         self.metrics.requests.labels(self.kind, "ok").inc()
         self.breaker.record(True)
         return out
@@ -245,22 +276,55 @@ class Resilient:
         with self._slots:
             t0 = time.perf_counter()
             try:
-                resp = self.client.post(url, json=body, headers=dict(headers), timeout=self.cfg.timeout_s)
+                status, location, content = self._exchange(url, body, headers, t0 + self.cfg.timeout_s)
             except httpx.TimeoutException:
                 raise RemoteError(f"timed out after {self.cfg.timeout_s} s", "timeout") from None
-            except httpx.HTTPError as e:
-                raise RemoteError(f"{type(e).__name__}: {e}"[:300], "transport_error") from None
+            except RemoteError:
+                raise
+            except Exception as e:
+                # httpx.HTTPError, and what it raises outside that class (InvalidURL); the message
+                # is redacted: the HTTP library quotes a header value it refuses, the API key's.
+                raise RemoteError(redact(f"{type(e).__name__}: {e}", headers)[:300], "transport_error") from None
             finally:
                 self.metrics.latency.labels(self.kind).observe(time.perf_counter() - t0)
-        if resp.status_code == 429 or resp.status_code >= 500:
-            raise RemoteError(f"HTTP {resp.status_code}", "http_error")
-        if resp.status_code >= 400:
+        if status == 429 or status >= 500:
+            raise RemoteError(f"HTTP {status}", "http_error")
+        if 300 <= status < 400:
+            # Redirects are not followed (the API key would go with them): the configured URL is not
+            # the endpoint's. Not retried; the endpoint answered.
+            where = redact(str(location or "")[:200], headers)
+            raise RemoteError(
+                f"HTTP {status}: redirected to {where!r}; configure that URL", "http_error", endpoint=False
+            )
+        if status >= 400:
             # The item or the request is wrong (400, 401, 413): retrying will not help.
-            raise RemoteError(f"HTTP {resp.status_code}: {resp.text[:200]}", "http_error", endpoint=False)
+            text = redact(content[:200].decode("utf-8", "replace"), headers)
+            raise RemoteError(f"HTTP {status}: {text}", "http_error", endpoint=False)
         try:
-            return resp.json()
-        except ValueError:
+            return json.loads(content)
+        except (ValueError, RecursionError):
             raise RemoteError("answer is not JSON", "malformed", endpoint=False) from None
+
+    def _exchange(
+        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str], deadline: float
+    ) -> tuple[int, str | None, bytes]:
+        """One request: the status, the Location header and the answer's bytes, read within the
+        deadline and ``max_response_bytes`` (counted decompressed). httpx's timeout bounds each
+        read, not the answer: a server sending a byte every half second held a slot, and the
+        worker, for as long as it liked; and an answer was read whole however large (a 300 MB
+        body, or a 300 KB gzip one that inflates, took the process past 600 MB)."""
+        cap = self.cfg.max_response_bytes
+        with self.client.stream("POST", url, json=body, headers=dict(headers), timeout=self.cfg.timeout_s) as resp:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise RemoteError(f"answer larger than {cap} bytes", "malformed", endpoint=False)
+                if time.perf_counter() > deadline:
+                    raise RemoteError(f"timed out after {self.cfg.timeout_s} s, the answer still arriving", "timeout")
+                chunks.append(chunk)
+            return resp.status_code, resp.headers.get("location"), b"".join(chunks)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``fn`` over ``items`` with at most ``concurrency`` in flight, results in order."""

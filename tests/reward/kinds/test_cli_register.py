@@ -57,6 +57,9 @@ def test_bad_kind_config_is_one_line_exit_2(tmp_path: Path) -> None:
     r = run("rm", "register", "--kind", "judge", "--kind-set", "model=[", "--dev", "--db", db)
     assert r.returncode == 2 and "--kind-set 'model=[': the value is not YAML" in r.stderr, r.stderr
     assert "unexpected" not in r.stderr
+    # A dotted key under a key already set to a value ("unexpected TypeError" before).
+    r = run("rm", "register", "--kind", "judge", "--kind-set", "resilience=5", "--kind-set", "resilience.timeout_s=1")
+    assert r.returncode == 2 and "resilience is already set to a value, not a mapping" in r.stderr, r.stderr
     (tmp_path / "not-a-rm").mkdir()
     (tmp_path / "not-a-rm" / "config.json").write_text("{bad")
     r = run("rm", "register", "--kind", "hf", "--model", str(tmp_path / "not-a-rm"), "--dev", "--db", db)

@@ -123,3 +123,62 @@ def test_hot_swap_from_builtin_to_hf_and_gate(
     assert row["version"] == v and scorer.version == v
     scorer.close()
     store.close()
+
+
+def test_an_item_that_fails_fails_alone(hf_checkpoint: Path, tmp_path: Path) -> None:
+    """A Mistral-style template refuses a system turn, and a version registered before
+    registration checked max_length reads past the model's 512 positions: each such item failed
+    every item batched with it."""
+    strict = tmp_path / "strict"
+    shutil.copytree(hf_checkpoint, strict)
+    b = _backend(strict, max_length=1024, batch_size=8)
+    assert b.max_length == 512  # cut to the model's positions
+    b.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('roles must alternate') }}"
+        "{% endif %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    )
+    b.tokenizer.save_pretrained(strict)
+    b = _backend(strict, max_length=1024, batch_size=8)
+    system = Item(
+        "x", "the answer", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}]
+    )
+    items = [Item("Q?", "Yes."), system, Item("Q?", "word " * 900), Item("Q?", "No.")]
+    scores = b.score(items)
+    assert [s.ok for s in scores] == [True, False, True, True]
+    assert scores[1].error is not None and "roles must alternate" in scores[1].error
+    assert scores[2].truncated and scores[2].tokens == 512
+
+
+def test_a_scorer_that_raises_leaves_its_episodes_for_the_backlog(
+    hf_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scoring inline (replay, simulate, run without workers): an exception a backend did not catch
+    went up through the batch's checkpoint and ended the command with the whole input's work lost."""
+    from monitor.episodes import parse_episode
+    from monitor.metrics import Metrics
+    from monitor.reward.scorer import RewardScorer
+    from sampling import Decision
+
+    settings = load_settings(None, ["dev=true", "database.url=sqlite://", f"reward.models_dir={tmp_path / 'm'}"])
+    store = Store(settings.database.url)
+    registry = Registry.for_settings(store, settings)
+    v = registry.register(
+        KindVersion.create("hf", {"path": str(hf_checkpoint), "max_length": 64}), data_window={}, metrics={}
+    )
+    registry.promote(v)
+    scorer = RewardScorer(settings.reward, registry, Metrics(CollectorRegistry()))
+
+    def boom(self: HfBackend, items: Any) -> Any:
+        raise RuntimeError("a failure nobody foresaw")
+
+    ep = parse_episode(b'{"episode_id": "e1", "prompt": "2+2?", "response": "4"}', 1 << 20, now=0.0)
+    d = Decision({"rm": 1.0}, {"rm": 1.0}, u_review=0.0, u_drift=0.5)
+    scorer.observe(ep, d, 0)
+    scorer.checkpoint()  # loads the version
+    assert scorer.take_rows()[0]["version"] == v
+    monkeypatch.setattr(HfBackend, "score", boom)
+    scorer.observe(ep, d, 1)
+    assert scorer.checkpoint() == {} and scorer.take_rows() == [] and scorer.unscored == 1
+    assert "scoring 1 episodes failed, left for the backlog: RuntimeError" in caplog.text
+    scorer.close()
+    store.close()

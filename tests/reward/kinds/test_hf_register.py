@@ -84,3 +84,58 @@ def test_a_label_the_checkpoint_lacks_is_refused(tmp_path: Path) -> None:
         KindVersion.create("hf", {"path": str(checkpoint(tmp_path)), "label_index": 1})
     two = checkpoint(tmp_path / "two", num_labels=2, id2label={"0": "bad", "1": "good"})
     assert KindVersion.create("hf", {"path": str(two), "label_index": 1}).version.startswith("hf-")
+
+
+def test_a_max_length_past_the_models_positions_is_refused(tmp_path: Path) -> None:
+    """Every item longer than the model's 512 positions failed its whole batch ("The expanded size
+    of the tensor (905) must match the existing size (512)")."""
+    ckpt = checkpoint(tmp_path)
+    with pytest.raises(BackendError, match="max_length 1024 but the model reads at most 512 tokens"):
+        KindVersion.create("hf", {"path": str(ckpt), "max_length": 1024})
+    assert KindVersion.create("hf", {"path": str(ckpt), "max_length": 512}).version.startswith("hf-")
+
+
+def _with_template(p: Path, template: str) -> None:
+    conf = json.loads((p / "tokenizer_config.json").read_text())
+    (p / "tokenizer_config.json").write_text(json.dumps(conf | {"chat_template": template}))
+
+
+def test_a_chat_template_that_fails_on_a_plain_turn_is_refused(tmp_path: Path) -> None:
+    ckpt = checkpoint(tmp_path)
+    _with_template(ckpt, "{{ raise_exception('this template renders nothing') }}")
+    with pytest.raises(BackendError, match=r"its chat template fails on a user turn and an answer: .*renders nothing"):
+        KindVersion.create("hf", {"path": str(ckpt)})
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickled_weights_that_are_not_tensors_alone_are_refused(tmp_path: Path) -> None:
+    """Scoring loads a .bin as tensors only (weights_only); one that holds anything else
+    registered, activated, and then left every episode unscored."""
+    import torch
+
+    ckpt = checkpoint(tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    torch.save({"classifier.bias": torch.zeros(1), "extra": _NotATensor()}, ckpt / "pytorch_model.bin")
+    with pytest.raises(BackendError, match=r"pytorch_model\.bin: do not load as tensors"):
+        KindVersion.create("hf", {"path": str(ckpt)})
+    torch.save({"classifier.bias": torch.zeros(1)}, ckpt / "pytorch_model.bin")
+    assert KindVersion.create("hf", {"path": str(ckpt)}).version.startswith("hf-")
+
+
+def test_a_checkpoints_own_code_is_never_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config.json with an auto_map names code in the folder: transformers asked on stdin whether
+    to run it (on stdout, in the middle of the command's JSON) and ran it on a "y"."""
+    ckpt = checkpoint(tmp_path, model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    marker = tmp_path / "ran"
+    (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(BackendError, match="its config does not load"):
+        KindVersion.create("hf", {"path": str(ckpt)})
+    assert not marker.exists() and "custom code" not in capsys.readouterr().out
+
+
+def test_a_device_torch_does_not_know_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="device"):
+        KindVersion.create("hf", {"path": str(checkpoint(tmp_path)), "device": "bogus"})

@@ -38,9 +38,11 @@ def test_judge_expected_score_from_logprobs(judge_standin: StandIn) -> None:
     backend, _, reg = _judge(judge_standin)
     scores = backend.score([Item("Q?", SHORT), Item("Q?", LONG)])
     s_short, s_long = judge_score(SHORT), judge_score(LONG)
-    # 0.6 on s and 0.3 on the neighbour, renormalised over score tokens ("The" is ignored).
-    assert scores[0].value == pytest.approx((0.6 * s_short + 0.3 * (s_short + 1)) / 0.9)
-    assert scores[1].value == pytest.approx((0.6 * s_long + 0.3 * (s_long + 1)) / 0.9)
+    # 0.6 on s and 0.3 on the neighbour, renormalised over score tokens ("The" is ignored) ...
+    assert s_long not in (1, 10) and scores[1].value == pytest.approx((0.6 * s_long + 0.3 * (s_long + 1)) / 0.9)
+    # ... except where a "1" may be the first digit of a 10 (the alternatives show no score of two
+    # digits, so this tokenizer may write numbers a digit at a time): the answer's text decides.
+    assert s_short == 1 and scores[0].value == 1.0
     assert all(s.ok and s.tokens > 0 and not s.truncated for s in scores)
     assert judge_standin.script.bodies[0]["logprobs"] is True
     assert _value(reg, "oversight_rm_backend_requests_total", {"kind": "judge", "outcome": "ok"}) == 2
