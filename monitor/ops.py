@@ -100,8 +100,89 @@ def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     return bool(server.started)
 
 
+# The ops port (/metrics, /healthz, /readyz) has no authentication and is often reachable from the
+# whole cluster. A connection that sent nothing held a thread and a file descriptor for good: a
+# thousand of them took the process to its descriptor limit, and the pipeline could open neither its
+# database nor a broker socket. So each connection gets a socket timeout and a whole-request
+# deadline (the server speaks HTTP/1.0: one request a connection), and at most so many at once, of
+# which a quarter from one address; a connection past either limit is closed at once.
+OPS_SOCKET_TIMEOUT_S = 5.0
+OPS_DEADLINE_S = 15.0
+OPS_MAX_CONNECTIONS = 64
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        deadline_s: float,
+    ):
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.per_address = max(1, max_connections // 4)
+        self.deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self.refused = 0  # connections closed at once, over a limit
+
+    def _take(self, address: str) -> bool:
+        with self._lock:
+            if sum(self._open.values()) >= self.max_connections or self._open.get(address, 0) >= self.per_address:
+                self.refused += 1
+                return False
+            self._open[address] = self._open.get(address, 0) + 1
+            return True
+
+    def _give(self, address: str) -> None:
+        with self._lock:
+            left = self._open.get(address, 0) - 1
+            if left > 0:
+                self._open[address] = left
+            else:
+                self._open.pop(address, None)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        address = str(client_address[0])
+        if not self._take(address):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._give(address)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        def cut() -> None:  # the deadline: a slow sender's blocked read ends at once
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.deadline_s, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            timer.cancel()
+            self._give(str(client_address[0]))
+
+
 class OpsServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, ready: ReadyCheck):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        *,
+        socket_timeout_s: float = OPS_SOCKET_TIMEOUT_S,
+        deadline_s: float = OPS_DEADLINE_S,
+        max_connections: int = OPS_MAX_CONNECTIONS,
+    ):
         self._registry = registry
         self._ready = ready
         outer = self
@@ -109,6 +190,7 @@ class OpsServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "oversight"
             sys_version = ""
+            timeout = socket_timeout_s  # set on the socket by StreamRequestHandler.setup
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
@@ -139,8 +221,7 @@ class OpsServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 return
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedHTTPServer((host, port), Handler, max_connections, deadline_s)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="ops-http", daemon=True)
 
     def serve(self, registry: CollectorRegistry, ready: ReadyCheck) -> None:

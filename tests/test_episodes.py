@@ -63,12 +63,23 @@ def test_full_episode_and_timestamps() -> None:
         (ok(stream=""), "invalid_value"),
         (ok(stream="chat\u200b"), "invalid_value"),  # reads as "chat"
         (ok(stream="\u202echat"), "invalid_value"),  # a right-to-left override
+        # Ids and model names by the same rule: they reach log lines, exports and the review UI.
+        (ok(episode_id="id\u202eexe.txt"), "invalid_value"),
+        (ok(episode_id="e\u2028FAKE LOG LINE"), "invalid_value"),
+        (ok(model="pol\u2029FAKE LOG LINE"), "invalid_value"),
+        (ok(model="gpt\u200d4"), "invalid_value"),
         (
             json.dumps(
                 {"episode_id": "e", "stream": "chat\u2066", "messages": [{"role": "user", "content": "q"}]}
             ).encode(),
             "invalid_value",
         ),  # schema v2: the same rule
+        (
+            json.dumps(
+                {"episode_id": "e\u200b", "stream": "chat", "messages": [{"role": "user", "content": "q"}]}
+            ).encode(),
+            "invalid_value",
+        ),
         (ok(schema_version=2), "invalid_value"),
         (b'{"prompt": "p", "response": "r"}', "missing_field"),
         (b'{"episode_id": "e", "response": "r"}', "missing_field"),
@@ -196,8 +207,8 @@ def test_control_characters_in_ids_are_rejected(field: str, char: str) -> None:
 
 
 def test_printable_unicode_ids_are_fine() -> None:
-    ep = parse_episode(ok(episode_id="épisode ü-\U0001f600", stream="日本 語", model="m\u2028x"), LIMIT, NOW)
-    assert (ep.episode_id, ep.stream, ep.model) == ("épisode ü-\U0001f600", "日本 語", "m\u2028x")
+    ep = parse_episode(ok(episode_id="épisode ü-\U0001f600", stream="日本 語", model="mistral–7b ×2"), LIMIT, NOW)
+    assert (ep.episode_id, ep.stream, ep.model) == ("épisode ü-\U0001f600", "日本 語", "mistral–7b ×2")
 
 
 def test_huge_integer_timestamp_is_out_of_range() -> None:

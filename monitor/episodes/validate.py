@@ -343,7 +343,7 @@ def _context(obj: Any) -> tuple[str | None, str | None]:
     # Only values that would have been valid: the context travels into dead-letter
     # fields and metric labels.
     return (
-        eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS and not _CONTROL.search(eid) else None,
+        eid if isinstance(eid, str) and 0 < len(eid) <= MAX_ID_CHARS and not _characters_error("", eid) else None,
         stream if isinstance(stream, str) and stream_name_error(stream) is None else None,
     )
 
@@ -370,7 +370,10 @@ def _validate(obj: Any, size: int, now: float) -> Episode:
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
         # isprintable() is False for every control, format and separator character but the space.
-        and ((eid.isprintable() and stream.isprintable()) or not (_CONTROL.search(eid) or stream_name_error(stream)))
+        and (
+            (eid.isprintable() and stream.isprintable())
+            or not (_characters_error("episode_id", eid) or stream_name_error(stream))
+        )
     ):
         raise _required_fields_error(obj, eid, stream, prompt)
     model, metadata = _optional_fields(obj)
@@ -419,7 +422,7 @@ def _validate_v2(obj: dict[str, Any], size: int, now: float) -> Episode:
         and type(stream) is str
         and 0 < len(eid) <= MAX_ID_CHARS
         and 0 < len(stream) <= MAX_STREAM_CHARS
-        and not (_CONTROL.search(eid) or stream_name_error(stream))
+        and not (_characters_error("episode_id", eid) or stream_name_error(stream))
     ):
         # v1's checks name the problem; "" stands in for the prompt and response v2 does not have.
         raise _required_fields_error({**obj, "prompt": "", "response": ""}, eid, stream, "")
@@ -460,8 +463,8 @@ def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: A
         return _bad(obj, "wrong_type", "episode_id must be a string")
     if not 0 < len(eid) <= MAX_ID_CHARS:
         return _bad(obj, "invalid_value", f"episode_id must be 1-{MAX_ID_CHARS} characters")
-    if _CONTROL.search(eid):
-        return _bad(obj, "invalid_value", f"episode_id must not contain control characters ({_control_at(eid)})")
+    if (why := _characters_error("episode_id", eid)) is not None:
+        return _bad(obj, "invalid_value", why)
     if not isinstance(stream, str):
         return _bad(obj, "wrong_type", "stream must be a string")
     if (why := stream_name_error(stream)) is not None:
@@ -469,6 +472,17 @@ def _required_fields_error(obj: dict[str, Any], eid: Any, stream: Any, prompt: A
     if not isinstance(prompt, str):
         return _bad(obj, "wrong_type", "prompt must be a string")
     return _bad(obj, "wrong_type", "response must be a string")
+
+
+def _characters_error(name: str, text: str) -> str | None:
+    """Why ``text`` cannot be an id, a stream or a model name for its characters (None: it can).
+    Controls break log lines and forms; format and separator characters make one name read as
+    another, or turn it around (U+202E), in the review UI, exports, dashboards and log lines."""
+    if _CONTROL.search(text):
+        return f"{name} must not contain control characters ({_control_at(text)})"
+    if not text.isascii() and (i := _invisible_at(text)) is not None:
+        return f"{name} must not contain invisible or direction-changing characters (U+{ord(text[i]):04X} at index {i})"
+    return None
 
 
 def stream_name_error(stream: str) -> str | None:
@@ -481,12 +495,7 @@ def stream_name_error(stream: str) -> str | None:
     """
     if not 0 < len(stream) <= MAX_STREAM_CHARS:
         return f"stream must be 1-{MAX_STREAM_CHARS} characters"
-    if _CONTROL.search(stream):
-        return f"stream must not contain control characters ({_control_at(stream)})"
-    if not stream.isascii() and (i := _invisible_at(stream)) is not None:
-        where = f"U+{ord(stream[i]):04X} at index {i}"
-        return f"stream must not contain invisible or direction-changing characters ({where})"
-    return None
+    return _characters_error("stream", stream)
 
 
 def _invisible_at(text: str) -> int | None:
@@ -504,8 +513,8 @@ def _check_model(obj: dict[str, Any], model: Any) -> None:
         raise _bad(obj, "wrong_type", "model must be a string")
     if len(model) > MAX_MODEL_CHARS:
         raise _bad(obj, "invalid_value", f"model must be at most {MAX_MODEL_CHARS} characters")
-    if not model.isprintable() and _CONTROL.search(model):
-        raise _bad(obj, "invalid_value", f"model must not contain control characters ({_control_at(model)})")
+    if not model.isprintable() and (why := _characters_error("model", model)) is not None:
+        raise _bad(obj, "invalid_value", why)
 
 
 def _check_metadata(obj: dict[str, Any], metadata: Any) -> None:

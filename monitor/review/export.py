@@ -2,7 +2,9 @@
 
 Exports carry model outputs, i.e. attacker-controlled text: they are served as
 attachments, JSON is ASCII-escaped, and CSV cells that a spreadsheet would read
-as a formula (starting with = + - @, tab or carriage return) are neutralised.
+as a formula (starting with = + - @, tab or carriage return, also after Unicode compatibility
+folding and leading spaces) are neutralised; control and invisible characters in CSV cells are
+written as escapes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import io
 import json
 import statistics
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -143,11 +146,33 @@ def jsonl(records: Iterable[dict[str, Any]]) -> Iterator[str]:
         yield json.dumps(rec, ensure_ascii=True, sort_keys=True) + "\n"
 
 
+def _visible(c: str) -> str:
+    cat = unicodedata.category(c)
+    if c in "\t\n" or cat not in ("Cc", "Cf", "Zl", "Zp"):
+        return c
+    return f"\\u{ord(c):04x}"
+
+
 def neutralize(value: Any) -> str:
+    r"""A CSV cell no spreadsheet runs and no terminal obeys.
+
+    * A cell that starts like a formula gets a leading quote, also where it does so after Unicode
+      compatibility folding or leading spaces (a full-width equals sign is an = to some spreadsheets).
+    * Line ends are LF. Control characters other than tab and LF (ESC, BEL, a lone CR: ``cat
+      ratings.csv`` ran the OSC 52 clipboard write a model's answer held, or hid rows), and
+      invisible or direction-changing ones (U+202E turned a model name around), are written as
+      ``\uXXXX``.
+
+    >>> neutralize("\uff1d1+1")[0], neutralize("a\x1b]52;c;QQ==\x07b"), neutralize("one\r\ntwo\rthree")
+    ("'", 'a\\u001b]52;c;QQ==\\u0007b', 'one\ntwo\\u000dthree')
+    """
     text = "" if value is None else str(value)
-    if text.startswith(FORMULA_START):
-        return "'" + text
-    return text
+    start = unicodedata.normalize("NFKC", text[:16]).lstrip()
+    quote = text.startswith(FORMULA_START) or start.startswith(FORMULA_START)
+    text = text.replace("\r\n", "\n")
+    if not text.replace("\n", "").replace("\t", "").isprintable():
+        text = "".join(c if c.isprintable() else _visible(c) for c in text)
+    return "'" + text if quote else text
 
 
 CSV_FIELDS = [

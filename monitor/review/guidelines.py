@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from monitor.episodes.validate import stream_name_error
 from monitor.review.auth import User
 from monitor.store import Store
 from monitor.store import tables as t
@@ -48,6 +49,10 @@ class Guidelines:
 def check(stream: str, markdown: str) -> None:
     if not stream.strip() or len(stream) > MAX_STREAM:
         raise GuidelinesError(f"stream must be 1 to {MAX_STREAM} characters")
+    # A name no episode can carry (an escape sequence, a bidi override: "chat\u202e" reads as a real
+    # stream) saved guidelines that looked like a stream's and never applied to it.
+    if (why := stream_name_error(stream)) is not None:
+        raise GuidelinesError(why)
     if not markdown.strip():
         raise GuidelinesError("guidelines must not be empty")
     if len(markdown) > MAX_GUIDELINES:

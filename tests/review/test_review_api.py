@@ -270,7 +270,22 @@ def test_overlap_two_slots_two_different_reviewers(make_review_env: MakeEnv) -> 
 
 # -- exports ------------------------------------------------------------------------
 
-FORMULAS = ['=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A2)", "\tTAB", "\rCR"]
+FORMULAS = [
+    '=HYPERLINK("http://x","y")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1:A2)",
+    "\tTAB",
+    "\rCR",
+    "\uff1dHYPERLINK(1)",  # a full-width equals sign: an = once folded
+    "  =1+1",
+]
+# What a terminal would obey, or a reader not see, in a model's text: written as escapes in the CSV.
+UNSEEN = "\x1b]52;c;ZWNobyBwd25lZA==\x07\r\x1b[2K\u202etxt.exe\u2028"
+
+
+def _shown(text: str) -> str:
+    return "".join(c if c in "\t\n" or c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def test_csv_export_neutralises_formulas_and_is_an_attachment(make_review_env: MakeEnv) -> None:
@@ -278,7 +293,7 @@ def test_csv_export_neutralises_formulas_and_is_an_attachment(make_review_env: M
     env.user("admin", "admin")
     env.user("alice")
     eps = [
-        episode_row(f"={i}+1", stream=f"{f}-stream", model=f, prompt=f, response=f + " resp")
+        episode_row(f"={i}+1", stream=f"{f}-stream", model=f, prompt=f, response=f + " resp" + UNSEEN)
         for i, f in enumerate(FORMULAS)
     ]
     seed(env.store, eps)
@@ -302,14 +317,16 @@ def test_csv_export_neutralises_formulas_and_is_an_attachment(make_review_env: M
     assert len(data) == len(FORMULAS)
     for row in data:
         for name, cell in zip(header, row, strict=True):
-            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), (name, cell)
+            assert not cell.startswith(("=", "+", "-", "@", "\t", "\r", "\uff1d", " ")), (name, cell)
+    assert all(c in "\t\n" or c.isprintable() for c in r.text.replace("\r\n", "")), "a raw control character"
     by_id = {row[header.index("episode_id")]: dict(zip(header, row, strict=True)) for row in data}
     assert set(by_id) == {f"'={i}+1" for i in range(len(FORMULAS))}
     for i, f in enumerate(FORMULAS):
         cols = by_id[f"'={i}+1"]
-        assert cols["prompt"] == "'" + f and cols["model"] == "'" + f and cols["stream"] == "'" + f + "-stream"
-        assert cols["response"] == "'" + f + " resp"
-        assert (cols["skip_reason"] if i % 2 else cols["critique"]) == "'" + f
+        assert cols["prompt"] == "'" + _shown(f) and cols["model"] == "'" + _shown(f)
+        assert cols["stream"] == "'" + _shown(f) + "-stream"
+        assert cols["response"] == "'" + _shown(f + " resp" + UNSEEN)
+        assert (cols["skip_reason"] if i % 2 else cols["critique"]) == "'" + _shown(f)
 
 
 def test_jsonl_pairs_export_shape(make_review_env: MakeEnv) -> None:

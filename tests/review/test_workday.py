@@ -64,6 +64,10 @@ def test_guidelines_are_versioned_and_each_label_records_the_version_at_claim(
     assert alice.post(f"{API}/admin/guidelines", json={"stream": "s", "markdown": "mine"}).status_code == 403
     assert admin.post(f"{API}/admin/guidelines", json={"stream": "s", "markdown": "  "}).status_code == 422
     assert admin.post(f"{API}/admin/guidelines", json={"stream": "s", "markdown": "x", "v": 1}).status_code == 422
+    # A stream no episode can carry: guidelines saved under it would look like a stream's and never apply.
+    for stream in ("ch\x1b]52;c;QQ==\x07at", "s\u202e", "x\r\ny"):
+        r = admin.post(f"{API}/admin/guidelines", json={"stream": stream, "markdown": "Rate."})
+        assert r.status_code == 422 and "stream must not contain" in r.text, (stream, r.text)
 
     first = claim(alice)  # claimed under version 1
     assert task(env, first["episode_id"]).guidelines_version == 1
