@@ -179,9 +179,21 @@ class BackgroundWork(Generic[W, R]):
             results = self.compute(items)
         except Exception as e:  # the model: these items wait for their retry, the thread goes on
             log.warning("background %s failed on %d items (retrying): %s", self.name, len(items), first_line(e))
-            results = [None] * len(items)
+            results = self._one_by_one(items) if len(items) > 1 else [None]
         self.busy_s += time.perf_counter() - t0
         return self._hold(items, results)
+
+    def _one_by_one(self, items: Sequence[W]) -> list[R | None]:
+        """The items of a round that failed as a whole, computed an item at a time: a failure is
+        then the item's own. Charged to every item of the round, one bad item made its neighbours
+        fail too, and at ``give_up_after`` they were given up with it (marked unscorable)."""
+        out: list[R | None] = []
+        for w in items:
+            try:
+                out.append(self.compute([w])[0])
+            except Exception:
+                out.append(None)
+        return out
 
     def _hold(self, items: Sequence[W], results: Sequence[R | None]) -> int:
         now = time.monotonic()

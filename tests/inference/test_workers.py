@@ -357,3 +357,35 @@ def test_an_item_that_fails_while_others_succeed_is_given_up_and_a_model_that_fa
         for k, _ in work.take():
             waiting.pop(k, None)
     assert sorted(gave_up) == sorted(f"p{i}" for i in range(0, 64, 4)) and len(waiting) <= 4
+
+
+def test_an_item_that_fails_its_whole_batch_is_given_up_alone() -> None:
+    """A model that raises for a whole batch because of one item (an hf batch before its per-item
+    guard, a parser bug): the round is computed again an item at a time, so the failure is that
+    item's. Charged to every item of the round, its neighbours were given up (unscorable) with it."""
+    waiting = {f"{'p' if i % 4 == 0 else 'g'}{i}": i for i in range(32)}
+    gave_up: list[str] = []
+    scored: list[str] = []
+
+    def fetch(n: int, skip: frozenset[str]) -> list[str]:
+        return [k for k in sorted(waiting, key=waiting.__getitem__) if k not in skip][:n]
+
+    def compute(items: Sequence[str]) -> list[float | None]:
+        if any(k.startswith("p") for k in items):
+            raise RuntimeError("one item broke the batch")
+        return [1.0 for _ in items]
+
+    def give_up(items: Sequence[str]) -> None:
+        gave_up.extend(items)
+        for k in items:
+            del waiting[k]
+
+    work = BackgroundWork("t", fetch, compute, key=str, batch=4, retry_after_s=0.0, give_up_after=3, give_up=give_up)
+    for i in range(32, 112):
+        waiting[f"g{i}"] = i
+        work.run_once()
+        for k, _ in work.take():
+            scored.append(k)
+            waiting.pop(k, None)
+    assert sorted(gave_up) == sorted(f"p{i}" for i in range(0, 32, 4))
+    assert not any(k.startswith("g") for k in gave_up) and len(waiting) <= 4
