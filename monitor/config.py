@@ -209,6 +209,15 @@ class KafkaConfig(_Model):
     max_poll_interval_ms: int = 60000
     max_poll_records: int = Field(1000, gt=0)
     fetch_max_bytes: int = 52428800
+    # kafka-python inflates a compressed batch whole: a megabyte of gzip can be a gigabyte
+    # (monitor/sources/codecs.py). A batch past this is dead-lettered record by record.
+    max_batch_bytes: int = Field(
+        64 * 2**20,
+        ge=2**20,
+        le=2**31,
+        description="the most bytes one compressed record batch may inflate to; a larger one's records are"
+        " dead letters (undecodable)",
+    )
     # How long the broker may hold a fetch that has too little data to return. Apache Kafka answers
     # as soon as any requested partition has a record, so this only bounds the long poll of an idle
     # consumer; some brokers (Tansu, the one the tests run) hold the fetch for the full time

@@ -138,8 +138,11 @@ class KafkaSource:
         from kafka import KafkaConsumer
         from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
+        from monitor.sources import codecs
+
         self._rebalance = rebalance
         cfg = self.cfg
+        codecs.install(cfg.max_batch_bytes)
         self._consumer = KafkaConsumer(
             bootstrap_servers=cfg.bootstrap_servers,
             group_id=cfg.group_id,

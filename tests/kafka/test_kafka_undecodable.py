@@ -33,7 +33,7 @@ class _NotUtf8(str):
 def _producer(kenv: Any, **kw: Any) -> Any:
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=kenv.bootstrap, linger_ms=20, **kw)
+    return KafkaProducer(bootstrap_servers=kenv.bootstrap, **{"linger_ms": 20, **kw})
 
 
 def _send(producer: Any, topic: str, eps: list[dict[str, Any]], partition: int, **kw: Any) -> Iterator[int]:
@@ -131,7 +131,7 @@ def test_a_fetch_damaged_once_is_fetched_again_not_dead_lettered(
 ) -> None:
     """A batch that failed to decompress once (as if damaged between broker and consumer) is read
     whole from a second fetch: nothing is a dead letter."""
-    import kafka.record.default_records as records
+    from monitor.sources import codecs
 
     topic, group = kenv.topic(), _group()
     eps = [kenv.episode(i, "chat") for i in range(20)]
@@ -140,19 +140,50 @@ def test_a_fetch_damaged_once_is_fetched_again_not_dead_lettered(
         ends = {0: list(_send(packed, topic, eps, 0))[-1] + 1}
     finally:
         packed.close()
-    real = records.gzip_decode
+    real = codecs.gzip_decode
     calls = {"n": 0}
 
-    def once_damaged(payload: bytes) -> bytes:
+    def once_damaged(payload: bytes, limit: int) -> bytes:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError("damaged in transit")
-        return real(payload)
+        return real(payload, limit)
 
-    monkeypatch.setattr(records, "gzip_decode", once_damaged)
+    monkeypatch.setattr(codecs, "gzip_decode", once_damaged)
     settings = kenv.settings(topic, group, sqlite_url)
     source = kenv.source_name(group, topic)
     stats = kenv.run_until(settings, lambda store: kenv.offsets_reached(sqlite_url, source, ends), timeout_s=45)
     assert calls["n"] >= 2
     assert stats.records == len(eps) and stats.invalid == 0
     kenv.assert_exactly_once(sqlite_url, settings, eps)
+
+
+def test_a_batch_that_inflates_past_the_limit_is_dead_lettered_not_inflated(kenv: Any, sqlite_url: str) -> None:
+    """kafka-python inflated a compressed batch whole: a megabyte of gzip could be a gigabyte in the
+    consumer. Past kafka.max_batch_bytes the batch's records are dead letters and the partition goes on."""
+    topic, group = kenv.topic(), _group()
+    good = [kenv.episode(i, "chat") for i in range(10)]
+    # Eight valid episodes of 200 KB each that compress to almost nothing: 1.6 MB inflated, one batch.
+    big = [{**kenv.episode(i, "chat", prefix="big"), "response": "ha " * 66_000} for i in range(8)]
+    plain = _producer(kenv)
+    packed = _producer(kenv, compression_type="gzip", batch_size=16 * 2**20, linger_ms=500)
+    try:
+        first = list(_send(plain, topic, good[:5], 0))
+        bombs = list(_send(packed, topic, big, 0))
+        after = list(_send(plain, topic, good[5:], 0))
+    finally:
+        plain.close()
+        packed.close()
+    assert first[-1] + 1 == bombs[0] and bombs == list(range(bombs[0], bombs[0] + 8))
+    ends = {0: after[-1] + 1}
+    settings = kenv.settings(topic, group, sqlite_url, f"kafka.max_batch_bytes={2**20}")
+    source = kenv.source_name(group, topic)
+    stats = kenv.run_until(settings, lambda store: kenv.offsets_reached(sqlite_url, source, ends), timeout_s=60)
+    assert stats.records == 18 and dict(stats.dead_letters) == {"undecodable": 8}
+    kenv.assert_exactly_once(sqlite_url, settings, good)
+    letters = _letters(kenv, topic, 8)
+    assert [o for _, o, _, _ in letters] == bombs
+    assert all("inflates past kafka.max_batch_bytes (1048576 bytes)" in d for _, _, _, d in letters)
+    from monitor.sources import codecs
+
+    codecs.install(settings.kafka.model_fields["max_batch_bytes"].default)  # process-wide: back to the default
