@@ -130,7 +130,12 @@ def _check_weights(f: Path) -> None:
         import torch
 
         try:
-            torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(str(f), map_location="cpu", weights_only=True)  # the pre-1.6 format maps nothing
         except Exception as e:  # UnpicklingError, RuntimeError, OSError: not tensors alone
             raise BackendError(f"hf checkpoint weights {f}: do not load as tensors: {first_line(e, 300)}") from None
         return

@@ -123,6 +123,9 @@ def test_pickled_weights_that_are_not_tensors_alone_are_refused(tmp_path: Path) 
         KindVersion.create("hf", {"path": str(ckpt)})
     torch.save({"classifier.bias": torch.zeros(1)}, ckpt / "pytorch_model.bin")
     assert KindVersion.create("hf", {"path": str(ckpt)}).version.startswith("hf-")
+    # The format before torch 1.6, which cannot be mapped: read whole, still tensors only.
+    torch.save({"classifier.bias": torch.ones(1)}, ckpt / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert KindVersion.create("hf", {"path": str(ckpt)}).version.startswith("hf-")
 
 
 def test_a_checkpoints_own_code_is_never_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
