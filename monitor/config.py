@@ -852,9 +852,9 @@ class WebhookConfig(_Model):
         "/var/run/secrets/oversight/webhook-secret",
         description="file holding the HMAC secret (where the chart mounts it)",
     )
-    timeout_s: float = Field(10.0, gt=0)
-    max_attempts: int = Field(5, ge=1)
-    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each attempt")
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="per attempt: the whole exchange, headers and body")
+    max_attempts: int = Field(5, ge=1, le=100)
+    backoff_s: float = Field(1.0, gt=0, le=3600, description="first retry delay; doubles each attempt")
 
 
 class KubernetesJobConfig(_Model):
@@ -862,6 +862,12 @@ class KubernetesJobConfig(_Model):
         "/etc/oversight-jobs", description="Job manifests rm-update-job.yaml and retrain-job.yaml (from the chart)"
     )
     namespace: str | None = Field(None, description="default: the pod's own namespace")
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="the whole request to the API server: one that never answers held the action worker for good",
+    )
 
 
 RetrainSink = Literal["kafka", "webhook", "kubernetes", "log"]

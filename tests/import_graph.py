@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "monitor.__init__",
         "monitor.errors",
         "monitor.fileio",
+        "monitor.deadline_http",
         "monitor.pace",
         "monitor.config",
         "monitor.data",

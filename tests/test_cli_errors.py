@@ -277,6 +277,32 @@ def test_a_multi_line_configuration_error_is_one_line() -> None:
     assert res.returncode == 2 and "sampling.humna: unknown key" in line and "sampling.drfit: unknown key" in line
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["actions.retrain_sinks=[webhook]"], "actions.webhook.url is required"),
+        (
+            ["actions.retrain_sinks=[webhook]", "actions.webhook.url=http://[::1"],
+            "actions.webhook.url: Invalid IPv6 URL",
+        ),
+        (
+            ["actions.retrain_sinks=[log, webhook]", "actions.webhook.url=https://hooks.example/x"],
+            "cannot read the webhook secret file /var/run/secrets/oversight/webhook-secret",
+        ),
+    ],
+)
+def test_an_action_sink_the_settings_cannot_make_is_refused_before_the_service_runs(
+    tmp_path: Path, sets: list[str], message: str
+) -> None:
+    """Sinks were built at their first request: such settings passed `config check` ("configuration is
+    valid") and `run`, then failed every dispatch round with a traceback."""
+    args = [a for kv in sets for a in ("--set", kv)]
+    res = run("config", "check", "--offline", "--dev", *args)
+    assert res.returncode == 2 and message in one_error_line(res), res.stderr
+    res = run("run", "--dev", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--input", "-", *args, stdin="")
+    assert res.returncode == 2 and message in one_error_line(res), res.stderr
+
+
 def test_report_in_a_missing_folder_fails_before_the_replay(tmp_path: Path) -> None:
     from monitor.simulate.demo import bundled_traffic
 

@@ -94,20 +94,27 @@ class OutboxPublisher:
         if not rows:
             return 0
         producer = self._connected()
-        futures = []
-        for row in rows:
-            item = {k: v for k, v in row.items() if k != "published_at"}
-            futures.append(
-                producer.send(
-                    self.topic,
-                    key=str(item["stream"]).encode(),
-                    value=json.dumps(item, ensure_ascii=True, sort_keys=True).encode(),
-                    headers=[("oversight.idempotency_key", self._key(item).encode())],
+        try:
+            futures = []
+            for row in rows:
+                item = {k: v for k, v in row.items() if k != "published_at"}
+                futures.append(
+                    producer.send(
+                        self.topic,
+                        key=str(item["stream"]).encode(),
+                        value=json.dumps(item, ensure_ascii=True, sort_keys=True).encode(),
+                        headers=[("oversight.idempotency_key", self._key(item).encode())],
+                    )
                 )
-            )
-        producer.flush(timeout=PUBLISH_TIMEOUT_S)
-        for f in futures:
-            f.get(timeout=PUBLISH_TIMEOUT_S)
+            producer.flush(timeout=PUBLISH_TIMEOUT_S)
+            for f in futures:
+                f.get(timeout=PUBLISH_TIMEOUT_S)
+        except Exception:
+            from monitor.sources.kafka import discard_producer
+
+            self._producer = None  # the next round builds a new one (see discard_producer)
+            discard_producer(producer)
+            raise
         # Only after every send is acknowledged: a crash before this line publishes them again.
         self._store.mark_published(self.table, rows)
         return len(rows)

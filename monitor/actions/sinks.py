@@ -25,12 +25,12 @@ import json
 import logging
 import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from monitor.deadline_http import DeadlineClient, DeadlineExceeded
 
 if TYPE_CHECKING:
     from monitor.config import KafkaConfig, KubernetesJobConfig, Settings, WebhookConfig
@@ -120,23 +120,32 @@ class KafkaSink(Sink):
     name = "kafka"
 
     def __init__(self, cfg: KafkaConfig, ack_timeout_s: float = 30.0):
-        from kafka import KafkaProducer
-
-        from monitor.sources.kafka import client_security
-
         self.topic = cfg.retrain_topic
+        self._cfg = cfg
         self._timeout = ack_timeout_s
-        self._producer = KafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers, acks="all", retries=5, **client_security(cfg)
-        )
+        self._producer: Any = None
+        self._connected()  # a broker down when the sink is built: it is built again next round
+
+    def _connected(self) -> Any:
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            from monitor.sources.kafka import client_security
+
+            self._producer = KafkaProducer(
+                bootstrap_servers=self._cfg.bootstrap_servers, acks="all", retries=5, **client_security(self._cfg)
+            )
+        return self._producer
 
     def send(self, request: Mapping[str, Any]) -> dict[str, Any]:
         from kafka.errors import KafkaError, MessageSizeTooLargeError
 
+        from monitor.sources.kafka import discard_producer
+
         msg = request_message(request)
         stream = msg["stream"]
         try:
-            future = self._producer.send(
+            future = self._connected().send(
                 self.topic,
                 key=None if stream is None else str(stream).encode(),
                 value=encode(msg),
@@ -146,11 +155,15 @@ class KafkaSink(Sink):
         except MessageSizeTooLargeError as e:
             raise SinkError(f"Kafka refused the message: {_printable(e)}", permanent=True) from e
         except KafkaError as e:
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                discard_producer(producer)
             raise SinkError(f"Kafka: {_printable(e)}", permanent=False) from e
         return {"topic": md.topic, "partition": md.partition, "offset": md.offset}
 
     def close(self) -> None:
-        self._producer.close(timeout=10)
+        if self._producer is not None:
+            self._producer.close(timeout=10)
 
 
 # --- webhook -------------------------------------------------------------------------------------------
@@ -177,20 +190,13 @@ def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value):  # ASCII digits: isdigit() took "²", which float() refuses
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib would turn a redirected POST into a body-less GET, possibly to another host:
-    # a 3xx is reported as it is (a permanent failure) instead.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 class WebhookSink(Sink):
@@ -217,7 +223,12 @@ class WebhookSink(Sink):
 
         if not cfg.url:
             raise ConfigError("actions.webhook.url is required for the webhook sink")
-        if urllib.parse.urlsplit(cfg.url).scheme not in ("http", "https"):
+        try:
+            parts = urllib.parse.urlsplit(cfg.url)
+            parts.port  # noqa: B018 (raises ValueError on a port that is not a number or out of range)
+        except ValueError as e:  # "http://[::1": Invalid IPv6 URL
+            raise ConfigError(f"actions.webhook.url: {e}") from None
+        if parts.scheme not in ("http", "https"):
             raise ConfigError("actions.webhook.url must be an http:// or https:// URL")
         if not cfg.secret_file:
             # Unsigned requests to a retraining trigger could not be told from forged ones.
@@ -226,12 +237,18 @@ class WebhookSink(Sink):
             read_secret(cfg.secret_file)
         except SinkError as e:
             raise ConfigError(str(e)) from None
+        if not parts.hostname or any(c <= " " or c == "\x7f" for c in cfg.url):
+            raise ConfigError("actions.webhook.url must name a host, without spaces or control characters")
         self.cfg = cfg
         self.url: str = cfg.url
         self.secret_file: str = cfg.secret_file
         self._sleep = sleep
         self._clock = clock
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        # A whole-exchange deadline (monitor/deadline_http.py): urllib's timeout bounded each read,
+        # and a receiver sending its headers a byte a second held the dispatch thread, and every
+        # other request behind it, for hours, with nothing counted. Redirects are not followed
+        # (a 3xx is a permanent failure): a redirected POST becomes a body-less GET elsewhere.
+        self._http = DeadlineClient("webhook", max_connections=2)
 
     def send(self, request: Mapping[str, Any]) -> dict[str, Any]:
         msg = request_message(request)
@@ -241,40 +258,37 @@ class WebhookSink(Sink):
             now = self._clock()
             ts = int(now)
             body = encode({**msg, "sent_at": ts})
-            req = urllib.request.Request(  # noqa: S310 (scheme checked in __init__)
-                self.url,
-                data=body,
-                method="POST",
-                headers={
-                    "Content-Type": "application/json",
-                    "User-Agent": "oversight-monitor",
-                    "X-Oversight-Signature": sign(secret, body),
-                    "X-Oversight-Timestamp": str(ts),
-                    "X-Oversight-Kind": msg["kind"],
-                    "Idempotency-Key": msg["id"],
-                },
-            )
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "oversight-monitor",
+                "X-Oversight-Signature": sign(secret, body),
+                "X-Oversight-Timestamp": str(ts),
+                "X-Oversight-Kind": msg["kind"],
+                "Idempotency-Key": msg["id"],
+            }
             wait: float | None = None
             try:
-                with self._opener.open(req, timeout=self.cfg.timeout_s) as resp:
-                    resp.read(64 * 1024)
-                    return {"status": int(resp.status), "attempts": attempt}
-            except urllib.error.HTTPError as e:
-                status = int(e.code)
-                last = f"HTTP {status} {_printable(e.reason, 80)}"
-                retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None, now)
-                e.close()
+                answer = self._http.post(self.url, body, headers, timeout_s=self.cfg.timeout_s, max_bytes=64 * 1024)
+            except DeadlineExceeded:
+                last = f"no complete answer within {self.cfg.timeout_s} s"
+            except Exception as e:  # httpx's transport errors (refused, reset, TLS, a bad address)
+                last = f"connection error: {_printable(f'{type(e).__name__}: {e}', 120)}"
+            else:
+                status = answer.status
+                if 200 <= status < 300:
+                    return {"status": status, "attempts": attempt}
+                last = f"HTTP {status} {_printable(http.client.responses.get(status, ''), 80)}".rstrip()
                 if not (status >= 500 or status in (408, 429)):
-                    raise SinkError(f"permanent failure: {last}", permanent=True) from None
-                wait = retry_after
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                last = f"connection error: {_printable(reason, 120)}"
+                    raise SinkError(f"permanent failure: {last}", permanent=True)
+                wait = _retry_after(answer.headers.get("retry-after"), now)
             if attempt < self.cfg.max_attempts:
                 delay = wait if wait is not None else self.cfg.backoff_s * 2 ** (attempt - 1)
                 log.info("webhook delivery of %s failed (%s), attempt %d; retrying", msg["id"], last, attempt)
                 self._sleep(min(delay, MAX_RETRY_DELAY_S))
         raise SinkError(f"transient failure, gave up after {self.cfg.max_attempts} attempts: {last}", permanent=False)
+
+    def close(self) -> None:
+        self._http.close()
 
 
 # --- Kubernetes Job ------------------------------------------------------------------------------------
@@ -319,11 +333,15 @@ def _pod_namespace() -> str | None:
         return None
 
 
-def create_job(manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
+def create_job(manifest: dict[str, Any], namespace: str, timeout_s: float = 30.0) -> dict[str, Any]:
     """Create the Job with the pod's service-account credentials; a Job of that name already there is success.
 
-    The only code that talks to the API server (not run by the tests: there is none here).
+    The only code that talks to the API server (the tests run it against a STAND-IN server: there
+    is no cluster here). ``timeout_s`` bounds the whole request (urllib3's total timeout): without
+    one, an API server that took the request and never answered held the action worker's dispatch
+    thread, and every request behind it, for good, with nothing counted.
     """
+    import urllib3.exceptions
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
@@ -333,7 +351,9 @@ def create_job(manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
     api: Any = client.BatchV1Api()
     name = manifest["metadata"]["name"]
     try:
-        job = api.create_namespaced_job(namespace=namespace, body=manifest)
+        job = api.create_namespaced_job(namespace=namespace, body=manifest, _request_timeout=timeout_s)
+    except urllib3.exceptions.HTTPError as e:  # a timeout, a refused or reset connection: try again later
+        raise SinkError(f"Kubernetes API: {_printable(f'{type(e).__name__}: {e}', 200)}", permanent=False) from None
     except ApiException as e:
         if e.status == 409:
             # The name is derived from the request id: this request's Job exists (an earlier delivery).
@@ -433,7 +453,7 @@ class KubernetesJobSink(Sink):
 
     def send(self, request: Mapping[str, Any]) -> dict[str, Any]:
         job = self.build_job(request)
-        return create_job(job, job["metadata"]["namespace"])
+        return create_job(job, job["metadata"]["namespace"], self.cfg.timeout_s)
 
 
 def _load_yaml(text: str) -> Any:
@@ -464,6 +484,24 @@ class LogSink(Sink):
         # WARNING: with this sink the log line is the only trace of the request, so it must show.
         self._log.warning("action request %s", encode(msg).decode())
         return {"logged": True}
+
+
+def check_sinks(settings: Settings) -> None:
+    """Builds, and closes, every configured sink that needs no connection (webhook, kubernetes, log):
+    a sink the settings cannot make raises ``ConfigError`` here, at ``config check`` and at the
+    start of ``run``. Sinks are built at their first request, so a webhook without a URL or secret
+    passed both and then failed every dispatch round, with a traceback each time. The Kafka sink
+    needs the broker (``config check`` tests it), so it is left to its first request."""
+    a = settings.actions
+    kinds: list[list[str]] = [
+        list(a.retrain_sinks),
+        [n for n in a.rm_update_sinks if n != "local"],
+        list(a.rm_training_sinks),
+    ]
+    for names in kinds:
+        offline = names if len(set(names)) != len(names) else [n for n in names if n != "kafka"]  # a repeat: named
+        for sink in make_sinks(offline, settings):
+            sink.close()
 
 
 def make_sinks(names: Sequence[str], settings: Settings) -> list[Sink]:

@@ -53,6 +53,12 @@ from monitor.store import requests as rq
 log = logging.getLogger(__name__)
 CURSOR_KEY = "actions:cursor"  # internal_state: the id of the last drift event taken
 INGEST_LIMIT = 1000  # drift events taken per round
+# Drift events an incident's request carries: its first ones (what set it off) and its newest. An
+# incident stays open while events keep coming, and every one used to be appended and the whole
+# payload written again: 3,000 events made a 0.74 MB payload and a 16 s round, quadratic in the
+# events, and past about 130 the Kubernetes sink refused the request (32 KB of environment).
+INCIDENT_EVENTS_FIRST = 10
+INCIDENT_EVENTS_NEWEST = 30
 #: What a drift event did to incidents (``oversight_incidents_total{outcome}``).
 INCIDENT_OUTCOMES = ("opened", "attached", "rate_limited", "closed_timeout", "closed_rereference")
 #: The worker's threads and the steps of each, in round order (``oversight_action_worker_errors_total{step}``).
@@ -61,6 +67,33 @@ LANES: dict[str, tuple[str, ...]] = {
     "action-dispatch": ("dispatch",),
     "action-models": ("updates", "sensitivity"),
 }
+
+
+def attach(payload: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The incident's payload with one more drift event, or None when it holds the event already
+    (a redelivery). The events carried are bounded: the first ``INCIDENT_EVENTS_FIRST`` and the
+    newest ``INCIDENT_EVENTS_NEWEST``; ``events_total`` counts them all.
+
+    >>> p = {"drift_events": [{"id": 1}], "last_event_ts": 0.0, "events_total": 1, "last_event_id": 1}
+    >>> for i in range(2, 101):
+    ...     p = attach(p, {"id": i, "event_ts": float(i)})
+    >>> len(p["drift_events"]), p["events_total"], p["drift_events"][9]["id"], p["drift_events"][10]["id"]
+    (40, 100, 10, 71)
+    >>> attach(p, {"id": 100, "event_ts": 100.0}) is None
+    True
+    """
+    events = list(payload.get("drift_events") or [])
+    newest = payload.get("last_event_id")
+    if (int(newest) >= int(summary["id"])) if newest is not None else any(x["id"] == summary["id"] for x in events):
+        return None
+    events.append(summary)
+    if len(events) > INCIDENT_EVENTS_FIRST + INCIDENT_EVENTS_NEWEST:
+        events = events[:INCIDENT_EVENTS_FIRST] + events[-INCIDENT_EVENTS_NEWEST:]
+    payload["drift_events"] = events
+    payload["events_total"] = int(payload.get("events_total", len(events) - 1)) + 1
+    payload["last_event_id"] = int(summary["id"])
+    payload["last_event_ts"] = max(float(payload["last_event_ts"]), float(summary["event_ts"]))
+    return payload
 
 
 class ActionWorker:
@@ -123,10 +156,8 @@ class ActionWorker:
         summary["detail"] = ev.get("detail")  # the size of the shift travels with the retraining request
         inc = self._incident(stream, ev)
         if inc is not None:
-            payload = dict(inc["payload"])
-            if all(x["id"] != ev["id"] for x in payload["drift_events"]):
-                payload["drift_events"] = [*payload["drift_events"], summary]
-                payload["last_event_ts"] = max(float(payload["last_event_ts"]), float(ev["event_ts"]))
+            payload = attach(dict(inc["payload"]), summary)
+            if payload is not None:
                 rq.update_payload(self.store, inc["id"], payload)
             self._count("attached")
             return
@@ -148,6 +179,8 @@ class ActionWorker:
             "since": float(ev["event_ts"]),
             "last_event_ts": float(ev["event_ts"]),
             "drift_events": [summary],
+            "events_total": 1,
+            "last_event_id": int(ev["id"]),
         }
         self._count("opened")
         if wants_update:
@@ -526,7 +559,9 @@ def incident_overview(store: Store, settings: Settings) -> list[dict[str, Any]]:
             {
                 "stream": stream,
                 "open_incident_since": float(newest["since"]) if is_open and newest is not None else None,
-                "events_attached": len(newest.get("drift_events") or []) if is_open and newest is not None else 0,
+                "events_attached": int(newest.get("events_total", len(newest.get("drift_events") or [])))
+                if is_open and newest is not None
+                else 0,
                 "incidents_24h": sum(1 for p in mine if now - float(p["since"]) < 86400.0),
                 "incident_limit_24h": a.max_requests_per_stream_per_day,
                 "false_alarms_per_30d": settings.drift.false_alarms_per_30d,

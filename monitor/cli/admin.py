@@ -179,6 +179,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     settings.sampling_key()
     settings.sampling_policy()
+    from monitor.actions.sinks import check_sinks
+
+    check_sinks(settings)  # a webhook without its URL or secret, a missing Job template folder: exit 2
     if settings.review.assist.enabled:
         from monitor.assist import check_experiment
 

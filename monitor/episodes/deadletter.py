@@ -283,7 +283,20 @@ class KafkaDeadLetterSink:
         return self._client
 
     def send(self, letter: DeadLetter) -> None:
-        self._sent.append((letter, self._produce(letter, with_raw=True)))
+        try:
+            self._sent.append((letter, self._produce(letter, with_raw=True)))
+        except Exception:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        """A send or flush failed: the next letter goes through a new producer (see
+        ``monitor.sources.kafka.discard_producer``); the pipeline sends the batch's letters again."""
+        from monitor.sources.kafka import discard_producer
+
+        client, self._client, self._sent = self._client, None, []
+        if client is not None:
+            discard_producer(client)
 
     def _produce(self, letter: DeadLetter, with_raw: bool) -> Any:
         raw = letter.raw[: self.max_raw_bytes] if with_raw else b""
@@ -316,16 +329,20 @@ class KafkaDeadLetterSink:
         # futures are dropped: a letter of it that reached the broker after all is a duplicate
         # with the same idempotency key, never a loss.
         sent, self._sent = self._sent, []
-        self._producer.flush(timeout=FLUSH_TIMEOUT_S)
-        refused = [letter for letter, f in sent if self._too_large(f)]
-        if not refused:
-            return
-        # Without their raw bytes: a few kilobytes of headers. If the broker refuses these too,
-        # the error is raised and the batch waits, as in any outage of the dead-letter topic.
-        again = [self._produce(letter, with_raw=False) for letter in refused]
-        self._producer.flush(timeout=FLUSH_TIMEOUT_S)
-        for f in again:
-            f.get(timeout=FLUSH_TIMEOUT_S)
+        try:
+            self._producer.flush(timeout=FLUSH_TIMEOUT_S)
+            refused = [letter for letter, f in sent if self._too_large(f)]
+            if not refused:
+                return
+            # Without their raw bytes: a few kilobytes of headers. If the broker refuses these too,
+            # the error is raised and the batch waits, as in any outage of the dead-letter topic.
+            again = [self._produce(letter, with_raw=False) for letter in refused]
+            self._producer.flush(timeout=FLUSH_TIMEOUT_S)
+            for f in again:
+                f.get(timeout=FLUSH_TIMEOUT_S)
+        except Exception:
+            self._discard()
+            raise
         log.warning(
             "%d dead letters sent to %s without their raw bytes: the broker refused their size",
             len(refused),

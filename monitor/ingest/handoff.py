@@ -137,6 +137,7 @@ class KafkaHandoff:
             return self._producer
 
     def submit(self, rows: Sequence[InboxRow]) -> set[tuple[str, str]]:
+        producer = None
         try:
             producer = self._get_producer()
             futures = [producer.send(self._cfg.topic, key=r.stream.encode(), value=r.raw) for r in rows]
@@ -146,9 +147,23 @@ class KafkaHandoff:
                 f.get(timeout=max(0.1, deadline - time.monotonic()))
         except Exception as e:
             self._health.failed()
+            if producer is not None:
+                self._discard(producer)
             raise HandoffUnavailable(f"broker: {type(e).__name__}") from e
         self._health.succeeded()
         return {(r.stream, r.episode_id) for r in rows}
+
+    def _discard(self, producer: Any) -> None:
+        """A request's send failed: the next request builds a new producer (see
+        ``monitor.sources.kafka.discard_producer``). Requests in flight on this one fail too and
+        are answered 503, which clients retry."""
+        from monitor.sources.kafka import discard_producer
+
+        with self._lock:
+            if self._producer is not producer:
+                return  # another request's failure replaced it already
+            self._producer = None
+        discard_producer(producer)
 
     def backlog(self, cap: int) -> int | None:
         return None

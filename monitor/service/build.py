@@ -308,8 +308,10 @@ class Service:
     def action_worker(self, *, start: bool) -> ActionWorker:
         """The action worker on the service's store and metrics: a thread of its own (``start``),
         or driven round by round by the caller (the simulation)."""
+        from monitor.actions.sinks import check_sinks
         from monitor.actions.worker import ActionWorker
 
+        check_sinks(self.settings)  # a sink the settings cannot make: exit 2 now, not a failure every round
         self.worker = ActionWorker(self.settings, self.store, self.metrics)
         if start:
             self.worker.start()

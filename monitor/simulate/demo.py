@@ -163,8 +163,9 @@ def _summary(report: dict[str, Any]) -> None:
             print(textwrap.fill(f"caveat: {caveat}", 100, initial_indent="      ", subsequent_indent="        "))
     print("\nPolicy retraining requests (one per incident):")
     for r in report["retrain_requests"]:
+        events = r.get("events_total", len(r["drift_events"]))
         print(
-            f"  {r['id']} for {r['incident']}: {len(r['drift_events'])} drift event(s), reward model {r['rm_version']},"
+            f"  {r['id']} for {r['incident']}: {events} drift event(s), reward model {r['rm_version']},"
             f" {r['state']} via {', '.join(sorted((r.get('sinks') or {}).keys())) or '-'}"
         )
     print("\nHorvitz-Thompson estimate of the mean judge preference over ALL traffic, from the labelled sample:")

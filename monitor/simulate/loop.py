@@ -597,6 +597,7 @@ class Simulation:
                     "incident": r["payload"].get("incident"),
                     "stream": r["stream"],
                     "drift_events": [ev["id"] for ev in r["payload"].get("drift_events", [])],
+                    "events_total": int(r["payload"].get("events_total", len(r["payload"].get("drift_events", [])))),
                     "label_window": r["payload"].get("label_window"),
                     "rm_version": r["payload"].get("rm_version"),
                     "sinks": r.get("result"),

@@ -84,6 +84,16 @@ def retriable(e: BaseException) -> bool:
     return isinstance(e, KafkaError) and bool(getattr(e, "retriable", False))
 
 
+def discard_producer(producer: Any) -> None:
+    """Closes a producer whose send failed, without waiting for what it holds. kafka-python's
+    idempotent producer can enter a fatal state it never leaves (an unknown producer id after a
+    broker restart, an authorization refusal): kept, every later send failed the same way until
+    a restart of the process. Its callers build a new one at their next attempt, and what this one
+    held is sent again by them (an outbox's rows, a batch's dead letters, a request)."""
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)
+
+
 def client_security(cfg: KafkaConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"security_protocol": cfg.security_protocol}
     if cfg.sasl_mechanism:

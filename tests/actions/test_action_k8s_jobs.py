@@ -189,3 +189,94 @@ def test_missing_template_is_a_permanent_failure(tmp_path: Path) -> None:
     (tmp_path / "other" / "rm-update-job.yaml").write_text("apiVersion: v1\nkind: Pod\n")
     with pytest.raises(SinkError, match="not a batch/v1 Job"):
         KubernetesJobSink(KubernetesJobConfig(templates_dir=str(tmp_path / "other"))).build_job(request())
+
+
+class _StandInApiServer:
+    """A STAND-IN for the Kubernetes API server (there is none here): answers POST .../jobs as scripted
+    (``mode``: created | conflict | silent, which reads the request and never answers)."""
+
+    def __init__(self, mode: str):
+        import socket
+        import threading
+
+        self.mode = mode
+        self.requests: list[bytes] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._held: list[Any] = []
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.requests.append(body)
+            if self.mode == "silent":
+                self._held.append(conn)  # read, never answered
+                continue
+            manifest = json.loads(body)
+            if self.mode == "conflict":
+                status, answer = "409 Conflict", {"kind": "Status", "code": 409, "reason": "AlreadyExists"}
+            else:
+                status = "201 Created"
+                answer = {**manifest, "metadata": {**manifest["metadata"], "uid": "uid-1"}}
+            out = json.dumps(answer).encode()
+            conn.sendall(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(out)}\r\n"
+                f"Connection: close\r\n\r\n".encode()
+                + out
+            )
+            conn.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        for c in self._held:
+            c.close()
+
+
+@pytest.mark.parametrize("mode", ["created", "conflict", "silent"])
+def test_create_job_against_a_stand_in_api_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The one function that calls the cluster, against a STAND-IN API server. Without a request
+    timeout, a server that took the request and never answered held the action worker for good."""
+    import time
+
+    import kubernetes.client
+    import kubernetes.config
+
+    server = _StandInApiServer(mode)
+
+    def in_cluster() -> None:
+        cfg = kubernetes.client.Configuration()
+        cfg.host = server.url
+        kubernetes.client.Configuration.set_default(cfg)
+
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", in_cluster)
+    sink = KubernetesJobSink(
+        KubernetesJobConfig(templates_dir=str(mount(tmp_path, "default")), namespace=NAMESPACE, timeout_s=1.0)
+    )
+    t0 = time.monotonic()
+    try:
+        if mode == "silent":
+            with pytest.raises(SinkError) as e:
+                sink.send(request())
+            assert not e.value.permanent and "Kubernetes API" in str(e.value)
+            assert time.monotonic() - t0 < 10
+        else:
+            out = sink.send(request())
+            assert out["namespace"] == NAMESPACE and out["created"] == (mode == "created")
+            assert DNS_LABEL.match(out["name"]) and out.get("uid") == ("uid-1" if mode == "created" else None)
+        [sent] = server.requests
+        assert json.loads(sent)["metadata"]["labels"]["oversight.io/kind"] == "rm_update"
+    finally:
+        server.close()

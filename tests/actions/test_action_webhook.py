@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from action_helpers import Receiver
+from slow_server import SlowHeaders
 
 from monitor.actions.sinks import KafkaSink, LogSink, SinkError, WebhookSink, encode, make_sinks
 from monitor.config import ConfigError, WebhookConfig, load_settings
@@ -41,7 +42,7 @@ class Sleeps:
 
 
 def sink(url: str, secret_file: Path, sleeps: Sleeps | None = None, **cfg: Any) -> WebhookSink:
-    config = WebhookConfig(url=url, secret_file=str(secret_file), timeout_s=5, backoff_s=0.5, **cfg)
+    config = WebhookConfig(url=url, secret_file=str(secret_file), **{"timeout_s": 5, "backoff_s": 0.5, **cfg})
     return WebhookSink(config, sleep=sleeps or Sleeps())
 
 
@@ -224,3 +225,25 @@ def test_make_sinks_builds_the_named_sinks(secret_file: Path, tmp_path: Path) ->
     with pytest.raises(ConfigError, match="twice"):
         make_sinks(["log", "log"], settings)
     assert KafkaSink.name == "kafka"
+
+
+def test_an_odd_retry_after_is_the_backoff_not_a_crash(receiver: Receiver, secret_file: Path) -> None:
+    """ "²" passed str.isdigit() and then failed float(): the delivery ended with a ValueError after
+    one attempt and the request was marked failed for good."""
+    receiver.script = [(503, {"Retry-After": "²"}), (503, {"Retry-After": "-1"})]
+    sleeps = Sleeps()
+    assert sink(receiver.url, secret_file, sleeps).send(request())["attempts"] == 3
+    assert sleeps.delays == [0.5, 1.0]  # neither header is delta-seconds or a date: the backoff
+
+
+def test_a_receiver_that_sends_its_headers_a_byte_at_a_time_is_a_timeout(secret_file: Path) -> None:
+    """urllib's timeout bounded each read: such a receiver held the dispatch thread, and every request
+    behind it, for hours, with no error counted. Each attempt now has a deadline on the whole exchange."""
+    server = SlowHeaders()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SinkError, match=r"no complete answer within 1\.0 s") as e:
+            sink(f"{server.url}/", secret_file, Sleeps(), timeout_s=1.0, max_attempts=2).send(request())
+        assert not e.value.permanent and time.monotonic() - t0 < 6 and len(server.conns) == 2
+    finally:
+        server.close()

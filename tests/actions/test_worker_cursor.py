@@ -114,3 +114,28 @@ def test_the_cursor_survives_a_restart(db_url: str, tmp_path: Path) -> None:
     assert sorted(reqs) == ["chat", "code"]
     assert [e["id"] for e in reqs["chat"]["payload"]["drift_events"]] == ids
     store.close()
+
+
+def test_an_incident_carries_a_bounded_number_of_events(db_url: str, tmp_path: Path) -> None:
+    """Every event of an open incident used to be appended and the whole payload written again:
+    quadratic in the events (3,000 made a 0.74 MB payload and a 16 s round), and past about 130 the
+    Kubernetes sink refused the request. Its first events and its newest are kept, all counted."""
+    import json
+
+    from monitor.actions.worker import INCIDENT_EVENTS_FIRST, INCIDENT_EVENTS_NEWEST
+
+    settings = _settings(db_url, tmp_path)
+    store = Store(db_url)
+    worker = ActionWorker(settings, store)
+    for first in range(0, 600, 100):  # six rounds, the incident open throughout (an event a second)
+        _events(store, "chat", first, 100)
+        assert worker.ingest_events() == 100
+    ids = [e["id"] for e in store.drift_events()]
+    [req] = rq.listing(store)
+    payload = req["payload"]
+    kept = [e["id"] for e in payload["drift_events"]]
+    assert kept == ids[:INCIDENT_EVENTS_FIRST] + ids[-INCIDENT_EVENTS_NEWEST:]
+    assert payload["events_total"] == 600 and payload["last_event_id"] == ids[-1]
+    assert len(json.dumps(payload)) < 32 * 1024
+    assert worker.ingest_events() == 0
+    store.close()

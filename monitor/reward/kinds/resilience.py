@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from monitor.deadline_http import DeadlineClient, DeadlineExceeded
 from monitor.reward.kinds.config import ResilienceConfig
 
 log = logging.getLogger(__name__)
@@ -208,13 +209,11 @@ class CircuitBreaker:
 class Resilient:
     """POSTs JSON with the policy of :class:`ResilienceConfig`; thread-safe."""
 
-    def __init__(self, cfg: ResilienceConfig, kind: str, metrics: BackendMetrics, client: Any = None):
-        import httpx
-
+    def __init__(self, cfg: ResilienceConfig, kind: str, metrics: BackendMetrics, client: DeadlineClient | None = None):
         self.cfg = cfg
         self.kind = kind
         self.metrics = metrics
-        self.client = client if client is not None else httpx.Client(timeout=cfg.timeout_s)
+        self.client = client if client is not None else DeadlineClient(f"rm-{kind}", max_connections=cfg.concurrency)
         self.breaker = CircuitBreaker(
             cfg.breaker_failures,
             cfg.breaker_reset_s,
@@ -276,17 +275,24 @@ class Resilient:
         with self._slots:
             t0 = time.perf_counter()
             try:
-                status, location, content = self._exchange(url, body, headers, t0 + self.cfg.timeout_s)
-            except httpx.TimeoutException:
+                answer = self.client.post(
+                    url,
+                    json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
+                    {"Content-Type": "application/json", **headers},
+                    timeout_s=self.cfg.timeout_s,
+                    max_bytes=self.cfg.max_response_bytes,
+                )
+            except (httpx.TimeoutException, DeadlineExceeded):
                 raise RemoteError(f"timed out after {self.cfg.timeout_s} s", "timeout") from None
-            except RemoteError:
-                raise
             except Exception as e:
                 # httpx.HTTPError, and what it raises outside that class (InvalidURL); the message
                 # is redacted: the HTTP library quotes a header value it refuses, the API key's.
                 raise RemoteError(redact(f"{type(e).__name__}: {e}", headers)[:300], "transport_error") from None
             finally:
                 self.metrics.latency.labels(self.kind).observe(time.perf_counter() - t0)
+        status, location, content = answer.status, answer.headers.get("location"), answer.body
+        if not answer.complete:
+            raise RemoteError(f"answer larger than {self.cfg.max_response_bytes} bytes", "malformed", endpoint=False)
         if status == 429 or status >= 500:
             raise RemoteError(f"HTTP {status}", "http_error")
         if 300 <= status < 400:
@@ -304,27 +310,6 @@ class Resilient:
             return json.loads(content)
         except (ValueError, RecursionError):
             raise RemoteError("answer is not JSON", "malformed", endpoint=False) from None
-
-    def _exchange(
-        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str], deadline: float
-    ) -> tuple[int, str | None, bytes]:
-        """One request: the status, the Location header and the answer's bytes, read within the
-        deadline and ``max_response_bytes`` (counted decompressed). httpx's timeout bounds each
-        read, not the answer: a server sending a byte every half second held a slot, and the
-        worker, for as long as it liked; and an answer was read whole however large (a 300 MB
-        body, or a 300 KB gzip one that inflates, took the process past 600 MB)."""
-        cap = self.cfg.max_response_bytes
-        with self.client.stream("POST", url, json=body, headers=dict(headers), timeout=self.cfg.timeout_s) as resp:
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in resp.iter_bytes():
-                size += len(chunk)
-                if size > cap:
-                    raise RemoteError(f"answer larger than {cap} bytes", "malformed", endpoint=False)
-                if time.perf_counter() > deadline:
-                    raise RemoteError(f"timed out after {self.cfg.timeout_s} s, the answer still arriving", "timeout")
-                chunks.append(chunk)
-            return resp.status_code, resp.headers.get("location"), b"".join(chunks)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``fn`` over ``items`` with at most ``concurrency`` in flight, results in order."""

@@ -161,6 +161,20 @@ def test_an_answer_sent_a_byte_at_a_time_is_a_timeout(hostile: Any) -> None:
     assert s.error is not None and s.error.startswith("timeout")
 
 
+def test_a_judge_that_sends_its_headers_a_byte_at_a_time_is_a_timeout() -> None:
+    """httpx's timeout bounds each read: headers a byte every 0.2 s held the slot, and the worker,
+    for as long as the server liked. The whole exchange now has the deadline."""
+    from slow_server import SlowHeaders
+
+    server = SlowHeaders()
+    t0 = time.monotonic()
+    try:
+        [s] = _judge(server.url, timeout_s=1.0).score([Item("Q", "A")])
+        assert s.error is not None and s.error.startswith("timeout") and time.monotonic() - t0 < 4.0
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])
 def test_an_answer_past_the_size_limit_is_malformed(hostile: Any, encoding: str) -> None:
     big = json.dumps({"scores": [1.0], "pad": "x" * (3 * 2**20)}).encode()
