@@ -71,10 +71,9 @@ def test_an_outbox(kenv: Any, tmp_path: Path, first_producer_broken: list[Any]) 
 
     topic = kenv.topic()
     store = Store(f"sqlite:///{tmp_path / 'o.db'}")
-    event = {"stream": "chat", "signal": "s", "detector": "d", "statistic": 1.0, "threshold": 0.5, "p_val": None}
-    store.commit_batch(
-        BatchWrite(drift_events=[{**event, "episode_id": "e1", "input_index": 1, "event_ts": 1.0, "created_at": 1.0}])
-    )
+    event: Any = {"stream": "chat", "signal": "s", "detector": "d", "statistic": 1.0, "threshold": 0.5}
+    event |= {"p_val": None, "episode_id": "e1", "input_index": 1, "event_ts": 1.0, "created_at": 1.0}
+    store.commit_batch(BatchWrite(drift_events=[event]))
     publisher = drift_publisher(_cfg(kenv, topic), store)
     try:
         with pytest.raises(Exception, match="fatal state"):
