@@ -234,3 +234,23 @@ def test_kafka_client_counts_failures_when_the_broker_is_gone() -> None:
     stats = c.close(30)
     assert (stats.failed, stats.pending, stats.accepted) == (1, 0, 0)
     assert outcomes.ids("failed") == {"lost"}
+
+
+@pytest.mark.kafka
+def test_kafka_client_rejects_a_record_too_large_and_sends_the_rest(kafka_bootstrap: str) -> None:
+    """A record over the producer's max_request_size (1 MiB) was retried like an outage: with
+    max_retries=None the 999 episodes behind it never went out."""
+    topic = f"sdkb-{uuid.uuid4().hex[:8]}"
+    tansu.create_topic(kafka_bootstrap, topic, 1)
+    outcomes = Outcomes()
+    with KafkaClient(
+        kafka_bootstrap, topic, flush_interval_s=0.05, max_retries=None, backoff=Backoff(0.01, 0.02), on_result=outcomes
+    ) as c:
+        c.log({"episode_id": "big", "stream": "s", "prompt": "p", "response": "x" * (2 * 2**20)})
+        for i in range(999):
+            c.log({"episode_id": f"k{i}", "stream": "s", "prompt": "p", "response": "r"})
+        assert c.flush(60)
+        stats = c.stats
+    assert (stats.accepted, stats.rejected, stats.failed, stats.pending) == (999, 1, 0, 0)
+    assert outcomes.ids("rejected") == {"big"}
+    assert len(tansu.consume_all(kafka_bootstrap, topic, 999, timeout_s=60)) == 999

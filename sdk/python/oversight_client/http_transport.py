@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,6 +22,25 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 _RESULT_STATUS: dict[str, Status] = {"duplicate": "duplicate", "rejected": "rejected"}
 # The server's words end up in the application's logs: keep them short.
 MAX_DETAIL_CHARS = 500
+# An answer of the ingest API lists a result per record: under 100 bytes each, and a request holds at
+# most 10,000 records. Read whole, an answer could be anything: a gzip answer of a megabyte took the
+# serving process to 3 GB, one that never ended grew it by 250 MB a second.
+MAX_ANSWER_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A final answer of the server: its status, its headers, and its body (at most
+    ``MAX_ANSWER_BYTES``; ``complete`` is False when it went on)."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    complete: bool
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
 
 
 def endpoint(url: str) -> str:
@@ -41,8 +62,12 @@ class HttpTransport:
     ):
         hdrs = {"Content-Type": "application/x-ndjson", "User-Agent": "oversight-client/0.1", **(headers or {})}
         if token:
+            if not all("!" <= c <= "~" for c in token):
+                # Sent, a CR or LF was refused at every attempt as a "connection error".
+                raise ValueError("token holds a space, a control or a non-ASCII character (a line break from a file?)")
             hdrs["Authorization"] = f"Bearer {token}"
         self._url = endpoint(url)
+        self._timeout_s = timeout_s
         self._http = httpx.Client(timeout=timeout_s, headers=hdrs, transport=transport)
 
     def deliver(self, batch: list[Item], ctx: Delivery) -> None:
@@ -52,32 +77,51 @@ class HttpTransport:
             resp = self._post(chunk, ctx)
             if resp is None:
                 continue  # failed and reported
-            if resp.status_code == 413 and len(chunk) > 1:
+            if resp.status == 413 and len(chunk) > 1:
                 half = len(chunk) // 2
                 stack += [chunk[half:], chunk[:half]]
                 continue
             report(chunk, resp, ctx)
 
-    def _post(self, chunk: list[Item], ctx: Delivery) -> httpx.Response | None:
+    def _post(self, chunk: list[Item], ctx: Delivery) -> Answer | None:
         """The first final answer (2xx or a non-retryable error), or None once retries are spent."""
         body = b"\n".join(i.payload for i in chunk) + b"\n"
         attempt = 0
         while True:
             ctx.request()
             try:
-                resp = self._http.post(self._url, content=body)
-            except httpx.TransportError as e:
-                # Refused, reset or timed out: the server may have stored the batch before it
-                # died, and a retry is then answered "duplicate" (idempotent by episode_id).
+                answer = self._exchange(body)
+            except (httpx.HTTPError, TimeoutError) as e:
+                # Refused, reset, timed out, or an answer that does not decode: the server may have
+                # stored the batch before it died, and a retry is then answered "duplicate"
+                # (idempotent by episode_id).
                 reason, retry_after = f"connection_error: {type(e).__name__}", None
             else:
-                if not retryable(resp.status_code):
-                    return resp
-                reason, retry_after = f"http_{resp.status_code}", parse_retry_after(resp.headers.get("retry-after"))
+                if not retryable(answer.status):
+                    return answer
+                reason, retry_after = f"http_{answer.status}", parse_retry_after(answer.headers.get("retry-after"))
             if not ctx.retry(attempt, retry_after):
                 ctx.results(chunk, "failed", reason)
                 return None
             attempt += 1
+
+    def _exchange(self, body: bytes) -> Answer:
+        """One request, its answer read up to ``MAX_ANSWER_BYTES`` (decompressed) and within
+        ``timeout_s`` of its start. httpx's timeout bounds each read: an answer sent a byte every
+        two seconds held the sender, and every batch behind it, for good."""
+        deadline = time.monotonic() + self._timeout_s
+        with self._http.stream("POST", self._url, content=body) as resp:
+            chunks: list[bytes] = []
+            size = 0
+            for piece in resp.iter_bytes():
+                chunks.append(piece)
+                size += len(piece)
+                if size > MAX_ANSWER_BYTES:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the answer still arriving after {self._timeout_s} s")
+            data = b"".join(chunks)
+            return Answer(resp.status_code, resp.headers, data[:MAX_ANSWER_BYTES], size <= MAX_ANSWER_BYTES)
 
     def close(self) -> None:
         self._http.close()
@@ -87,28 +131,42 @@ def retryable(status: int) -> bool:
     return status >= 500 or status in RETRYABLE_4XX
 
 
-def report(chunk: list[Item], resp: httpx.Response, ctx: Delivery) -> None:
+def report(chunk: list[Item], resp: Answer, ctx: Delivery) -> None:
     """Per-record results of a final answer."""
     detail = resp.text[:MAX_DETAIL_CHARS] or None
-    if resp.status_code == 413:
+    if resp.status == 413:
         ctx.results(chunk, "rejected", "oversize", detail)
-    elif not resp.is_success:
-        ctx.results(chunk, "failed", f"http_{resp.status_code}", detail)
+    elif not 200 <= resp.status < 300:
+        ctx.results(chunk, "failed", f"http_{resp.status}", detail)
     else:
-        for index, (status, reason, why) in per_record(resp, len(chunk)).items():
+        results = ingest_results(resp)
+        if results is None:
+            # Not the ingest API's answer (a proxy's page, a wrong path): nothing says the records
+            # were stored. They counted as accepted, and were lost without a word.
+            ctx.results(chunk, "failed", "unexpected_answer", detail)
+            return
+        for index, (status, reason, why) in per_record(results, len(chunk)).items():
             ctx.result(chunk[index], status, reason, why)
         # A 2xx is a durable hand-off of every record it does not say otherwise about.
         ctx.results(chunk, "accepted")
 
 
-def per_record(resp: httpx.Response, n: int) -> dict[int, tuple[Status, str | None, str | None]]:
-    """``{index: (status, reason, detail)}`` from the body's ``results``; unreadable entries are skipped."""
+def ingest_results(resp: Answer) -> list[Any] | None:
+    """The ``results`` list of an answer of the ingest API; None when the answer is not one."""
+    if not resp.complete:
+        return None
     try:
-        results = resp.json().get("results")
-    except (ValueError, AttributeError):
-        return {}
+        data = json.loads(resp.body)
+    except (ValueError, RecursionError):
+        return None
+    results = data.get("results") if isinstance(data, dict) else None
+    return results if isinstance(results, list) else None
+
+
+def per_record(results: list[Any], n: int) -> dict[int, tuple[Status, str | None, str | None]]:
+    """``{index: (status, reason, detail)}`` from the answer's ``results``; unreadable entries are skipped."""
     out: dict[int, tuple[Status, str | None, str | None]] = {}
-    for r in results if isinstance(results, list) else ():
+    for r in results:
         if not isinstance(r, dict):
             continue
         index, status = r.get("index"), r.get("status")

@@ -74,6 +74,9 @@ class KafkaTransport:
             try:
                 futures.append((item, producer.send(self._topic, key=item.stream.encode(), value=item.payload)))
             except Exception as e:  # metadata unavailable within max_block_ms, buffer full, closed
+                if too_large(e):
+                    ctx.result(item, "rejected", "oversize", f"{type(e).__name__}: {e}"[:200])
+                    continue
                 failed.append(item)
                 reason = f"kafka_error: {type(e).__name__}"
         producer.flush(timeout=self._timeout_s)
@@ -81,6 +84,9 @@ class KafkaTransport:
             try:
                 fut.get(timeout=0 if fut.is_done else self._timeout_s)
             except Exception as e:
+                if too_large(e):
+                    ctx.result(item, "rejected", "oversize", f"{type(e).__name__}: {e}"[:200])
+                    continue
                 failed.append(item)
                 reason = f"kafka_error: {type(e).__name__}"
             else:
@@ -90,6 +96,13 @@ class KafkaTransport:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=self._timeout_s)
+
+
+def too_large(e: BaseException) -> bool:
+    """Whether the producer or the broker refused the record for its size: final, the record's own.
+    Retried, one such record held the sender, and every batch behind it, for all its retries
+    (about 30 s each with the defaults; for ever with ``max_retries=None``)."""
+    return type(e).__name__ in ("MessageSizeTooLargeError", "RecordListTooLargeError")
 
 
 class KafkaClient(BaseClient):

@@ -1,0 +1,134 @@
+"""oversight_client against a broken or hostile server (a STAND-IN HTTP server that answers what
+each test scripts, byte for byte). The SDK runs inside the application's serving process: an
+answer must never take its memory, hold its sender for good, or count episodes as stored that
+nothing stored."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from oversight_client import Backoff, Client, Result
+from sdk_helpers import ep
+
+# (status, headers, body chunks, seconds between chunks)
+Reply = tuple[int, dict[str, str], Iterator[bytes], float]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Any
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, headers, chunks, pause = self.server.reply()
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for c in chunks:
+                self.wfile.write(c)
+                self.wfile.flush()
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[Callable[[], Reply]], str]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(reply: Callable[[], Reply]) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.daemon_threads = True
+        server.reply = reply  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _send(url: str, n: int = 3, **kw: Any) -> tuple[list[Result], Any, float]:
+    results: list[Result] = []
+    t0 = time.monotonic()
+    settings: dict[str, Any] = {"backoff": Backoff(initial_s=0.01, max_s=0.05), "max_retries": 0, **kw}
+    with Client(url, "tok", on_result=results.append, flush_interval_s=0.05, **settings) as c:
+        for i in range(n):
+            c.log(ep(i))
+        c.flush(20)
+        stats = c.stats
+    return results, stats, time.monotonic() - t0
+
+
+def _endless() -> Iterator[bytes]:
+    while True:
+        yield b"x" * 65536
+
+
+def test_an_answer_that_never_ends_is_read_no_further_than_a_bound(hostile: Any) -> None:
+    """Read whole, it grew the serving process by 250 MB a second until it was killed."""
+    url = hostile(lambda: (200, {"Content-Type": "application/json"}, _endless(), 0.0))
+    tracemalloc.start()
+    try:
+        results, stats, _ = _send(url)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, peak
+    assert [r.status for r in results] == ["failed"] * 3 and {r.reason for r in results} == {"unexpected_answer"}
+    assert stats.accepted == 0
+
+
+def test_a_gzip_bomb_answer_is_not_inflated_whole(hostile: Any) -> None:
+    """A megabyte of gzip that inflates to a gigabyte took the process to 3 GB."""
+    bomb = gzip.compress(b"\0" * (256 * 2**20))
+    url = hostile(lambda: (200, {"Content-Encoding": "gzip", "Content-Length": str(len(bomb))}, iter([bomb]), 0.0))
+    tracemalloc.start()
+    try:
+        results, _, _ = _send(url)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 160 * 2**20, peak
+    assert {r.reason for r in results} == {"unexpected_answer"}
+
+
+def test_an_answer_sent_a_byte_at_a_time_is_a_timeout(hostile: Any) -> None:
+    """httpx's timeout bounds each read: a byte every 0.2 s held the sender, and every batch behind
+    it, for good (close() then took twice its timeout and left the episodes pending)."""
+    url = hostile(lambda: (200, {"Content-Type": "application/json"}, iter([b" "] * 1000), 0.2))
+    results, stats, took = _send(url, timeout_s=1.0)
+    assert took < 6 and stats.pending == 0
+    assert {r.reason for r in results} == {"connection_error: TimeoutError"}
+
+
+def test_a_2xx_that_is_not_the_ingest_apis_answer_stores_nothing(hostile: Any) -> None:
+    """A proxy's page, a wrong path: the episodes counted as accepted and were lost without a word."""
+    page = b"<html><body>Welcome to nginx!</body></html>"
+    url = hostile(lambda: (200, {"Content-Type": "text/html", "Content-Length": str(len(page))}, iter([page]), 0.0))
+    results, stats, _ = _send(url)
+    assert stats.accepted == 0 and {(r.status, r.reason) for r in results} == {("failed", "unexpected_answer")}
+    deep = b"[" * 100_000 + b"]" * 100_000  # nesting past the recursion limit: a traceback in the log before
+    url = hostile(lambda: (200, {"Content-Length": str(len(deep))}, iter([deep]), 0.0))
+    results, stats, _ = _send(url)
+    assert stats.accepted == 0 and {r.reason for r in results} == {"unexpected_answer"}
+
+
+def test_a_token_no_header_can_carry_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="token holds a space, a control"):
+        Client("http://127.0.0.1:9", "tok-from-a-file\n")
