@@ -77,7 +77,12 @@ def build_inbox_source(settings: Settings, store: Store | None) -> Source:
 
     if store is None:
         raise ConfigError("source.kind inbox reads the database: build it with the service's store")
-    return InboxSource(Inbox(store), settings.ingest.inbox_retention_s)
+    return InboxSource(
+        Inbox(store),
+        settings.ingest.inbox_retention_s,
+        max_bytes=settings.source.max_episode_bytes,
+        stall_s=settings.pipeline.stall_timeout_s,
+    )
 
 
 def build_dead_letters(settings: Settings, metrics: Metrics | None = None) -> DeadLetterSink:

@@ -39,11 +39,15 @@ class InboxItem(Protocol):
     def raw(self) -> bytes: ...
     @property
     def received_at(self) -> float: ...
+    @property
+    def full_size(self) -> int | None: ...
+    @property
+    def undecodable(self) -> str | None: ...
 
 
 class InboxReader(Protocol):
-    def read(self, from_id: int, limit: int) -> Sequence[InboxItem]:
-        """Up to ``limit`` rows with id >= ``from_id``, in id order."""
+    def read(self, from_id: int, limit: int, max_bytes: int | None = None) -> Sequence[InboxItem]:
+        """Up to ``limit`` rows with id >= ``from_id``, in id order, each cut past ``max_bytes``."""
         ...
 
     def purge(self, older_than_s: float, now: float | None = None) -> int:
@@ -52,11 +56,24 @@ class InboxReader(Protocol):
 
 
 class InboxSource:
-    def __init__(self, reader: InboxReader, retention_s: float = 3600.0, *, purge_every_s: float = PURGE_EVERY_S):
+    def __init__(
+        self,
+        reader: InboxReader,
+        retention_s: float = 3600.0,
+        *,
+        purge_every_s: float = PURGE_EVERY_S,
+        max_bytes: int | None = None,
+        stall_s: float | None = None,
+    ):
         self.name = NAME
         self._reader = reader
         self._retention_s = retention_s
         self._purge_every_s = purge_every_s
+        self._max_bytes = max_bytes
+        # A read in flight for longer than this makes the source not ready: a database frozen by a
+        # storage stall answers nothing, raises nothing, and /readyz said ready throughout.
+        self._stall_s = stall_s
+        self._reading_since: float | None = None
         self._pos = 0
         self._rebalance: Rebalance | None = None
         self._ok = True
@@ -81,20 +98,26 @@ class InboxSource:
             if rows or time.monotonic() >= deadline or self._stop.is_set():
                 break
             time.sleep(min(IDLE_WAIT_S, max(0.0, deadline - time.monotonic())))
-        out = [Record(bytes(r.raw), 0, r.id, r.id + 1, r.received_at) for r in rows]
+        out = [
+            Record(bytes(r.raw), 0, r.id, r.id + 1, r.received_at, full_size=r.full_size, undecodable=r.undecodable)
+            for r in rows
+        ]
         if out:
             self._pos = out[-1].next_offset
         return out
 
     def _read(self, max_records: int) -> Sequence[InboxItem]:
+        self._reading_since = time.monotonic()
         try:
-            rows = self._reader.read(self._pos, max_records)
+            rows = self._reader.read(self._pos, max_records, self._max_bytes)
         except Exception as e:  # an outage of the database: said once, then retried by the next poll
             if self._ok:
                 log.warning("reading the inbox failed (retrying): %s", str(e).splitlines()[0][:300] if str(e) else e)
             self._ok = False
             self._read_errors += 1
             return []
+        finally:
+            self._reading_since = None
         self._ok = True
         return rows
 
@@ -119,7 +142,9 @@ class InboxSource:
         return {"read": self._read_errors}  # the position lives in the store: nothing to commit here
 
     def ready(self) -> bool:
-        return self._ok
+        since = self._reading_since
+        stalled = self._stall_s is not None and since is not None and time.monotonic() - since > self._stall_s
+        return self._ok and not stalled
 
     def close(self) -> None:
         self._stop.set()

@@ -9,6 +9,7 @@ flight, move past 10 and never read it). SQLite's BEGIN IMMEDIATE serialises wri
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ class InboxRecord:
     id: int
     raw: bytes
     received_at: float
+    #: Set when ``raw`` holds only the first bytes of a row larger than the reader's limit.
+    full_size: int | None = None
+    #: Set when the row cannot be read as an inbox row (a value of the wrong type, which a writer
+    #: other than this build can leave in SQLite): why. ``raw`` is then empty.
+    undecodable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +97,26 @@ class Inbox:
                 inserted.update((r[0], r[1]) for r in conn.execute(stmt))
         return inserted
 
-    def read(self, from_id: int, limit: int) -> list[InboxRecord]:
-        """Up to ``limit`` rows with id >= ``from_id``, in id order."""
+    def read(self, from_id: int, limit: int, max_bytes: int | None = None) -> list[InboxRecord]:
+        """Up to ``limit`` rows with id >= ``from_id``, in id order; of a row longer than
+        ``max_bytes`` only its first ``max_bytes + 1`` bytes (and its size), as the Kafka and file
+        sources keep of an oversize record: read whole, 60 rows of 6 MiB doubled the reader's memory.
+
+        Each row is converted on its own: one the reader cannot convert (a raw value stored as
+        text, a time that is not a number) is returned with ``undecodable`` set, for a dead letter.
+        It used to fail the whole read, as an outage retried for ever, so that nothing after it,
+        nor before it in its read, was ever processed."""
         i = t.inbox
-        q = sa.select(i.c.id, i.c.raw, i.c.received_at).where(i.c.id >= from_id).order_by(i.c.id).limit(limit)
+        raw: Any = i.c.raw if max_bytes is None else sa.func.substr(i.c.raw, 1, max_bytes + 1)
+        size: Any = sa.literal(None) if max_bytes is None else sa.func.length(i.c.raw)
+        q = (
+            sa.select(i.c.id, raw.label("raw"), size.label("size"), i.c.received_at)
+            .where(i.c.id >= from_id)
+            .order_by(i.c.id)
+            .limit(limit)
+        )
         with self.store.engine.connect() as conn:
-            return [InboxRecord(int(r.id), bytes(r.raw), float(r.received_at)) for r in conn.execute(q)]
+            return [_inbox_record(r, max_bytes) for r in conn.execute(q)]
 
     def position(self) -> int:
         """The consumer's committed position (the next id it reads), 0 before its first batch."""
@@ -121,6 +141,19 @@ class Inbox:
     def count(self) -> int:
         with self.store.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(t.inbox)).scalar_one())
+
+
+def _inbox_record(row: Any, max_bytes: int | None) -> InboxRecord:
+    rid = int(row.id)
+    try:
+        raw = bytes(row.raw)
+        received_at = float(row.received_at)
+    except (TypeError, ValueError) as e:
+        return InboxRecord(rid, b"", time.time(), undecodable=f"inbox row {rid}: {type(e).__name__}: {e}"[:300])
+    if not math.isfinite(received_at):
+        received_at = time.time()  # a time no writer of this build leaves: the row itself may be fine
+    full = int(row.size) if max_bytes is not None and row.size is not None and int(row.size) > max_bytes else None
+    return InboxRecord(rid, raw, received_at, full_size=full)
 
 
 class IngestTokens:

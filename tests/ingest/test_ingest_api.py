@@ -646,3 +646,68 @@ def test_an_id_another_stream_sent_is_no_duplicate_of_it(
     finally:
         e.server.stop()
         e.store.close()
+
+
+def test_an_inbox_row_the_reader_cannot_convert_is_a_dead_letter_and_an_oversize_one_is_cut(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """One row whose raw value is text (SQLite's loose typing: any writer other than this build can
+    leave one) failed every read as an outage: nothing after it, nor before it in its read, was
+    processed, for good. A row longer than source.max_episode_bytes was read whole."""
+    import json as jsonlib
+
+    from monitor.config import load_settings
+    from monitor.store.ingest import InboxRow
+
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url={sqlite_url}",
+            f"dead_letter.path={tmp_path / 'dead.jsonl'}",
+            "source.max_episode_bytes=4096",
+        ],
+    )
+    store = Store(sqlite_url)
+    inbox = Inbox(store)
+    good = [jsonlib.dumps(episode(i, "s")).encode() for i in range(2)]
+    big = jsonlib.dumps({**episode(9, "s"), "response": "x" * 20_000}).encode()
+    inbox.insert([InboxRow("e0", "s", good[0], 1.0)])
+    with store.engine.begin() as c:
+        text = "INSERT INTO inbox (episode_id, stream, raw, received_at) VALUES ('t', 's', 'text, not bytes', 1.0)"
+        c.execute(sa.text(text))
+    inbox.insert([InboxRow("e9", "s", big, 1.0), InboxRow("e1", "s", good[1], 1.0)])
+    stats = run_pipeline(settings, store)
+    assert stats.records == 4 and traffic(store) == 2
+    assert dict(stats.dead_letters) == {"undecodable": 1, "oversize": 1}
+    letters = [jsonlib.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    by_reason = {x["reason"]: x for x in letters}
+    assert "TypeError" in by_reason["undecodable"]["detail"] and by_reason["oversize"]["size"] == len(big)
+    store.close()
+
+
+def test_a_read_of_the_inbox_that_hangs_makes_the_source_not_ready() -> None:
+    """A database frozen by a storage stall answers nothing and raises nothing: /readyz said ready
+    throughout. A read in flight past the stall timeout now says not ready."""
+    from monitor.sources.inbox import InboxSource
+
+    release = threading.Event()
+
+    class Frozen:  # a STAND-IN for the store's Inbox whose database does not answer
+        def read(self, from_id: int, limit: int, max_bytes: int | None = None) -> list[Any]:
+            release.wait(10)
+            return []
+
+        def purge(self, older_than_s: float, now: float | None = None) -> int:
+            return 0
+
+    source = InboxSource(Frozen(), stall_s=0.2)
+    poller = threading.Thread(target=source.poll, args=(10, 0.0))
+    poller.start()
+    try:
+        time.sleep(0.4)
+        assert not source.ready()
+    finally:
+        release.set()
+        poller.join(5)
+    assert source.ready()
