@@ -134,3 +134,38 @@ def test_downgrade_puts_the_rows_back(db_url: str) -> None:
     assert store.load_internal(f"input_index:{LONG_SOURCE}") == {"records": 5000}
     assert store.load_internal("actions:cursor") == {"last_event_id": 41}
     store.close()
+
+
+def test_a_store_that_does_not_migrate_refuses_a_schema_that_is_not_this_builds(tmp_path: object) -> None:
+    """With database.migrate: false a service started on a schema a newer build had migrated, and
+    `db purge` deleted rows in it; on an older schema a command failed at its first query."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from monitor.config import DatabaseConfig
+    from monitor.store import SchemaMismatch
+
+    db = Path(str(tmp_path)) / "db.sqlite"
+    url = f"sqlite:///{db}"
+    Store(url).close()  # this build's head
+    assert Store.open(DatabaseConfig(url=url, migrate=False)).revision() is not None
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    with pytest.raises(SchemaMismatch, match="9999_from_the_future, which this build does not know"):
+        Store.open(DatabaseConfig(url=url, migrate=False))
+    oversight = Path(sys.executable).with_name("oversight")
+    cmd = [str(oversight), "db", "purge", "--days", "1", "--db", url]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "which this build does not know" in res.stderr and "Traceback" not in res.stderr
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE alembic_version SET version_num = '0002'"))
+    with pytest.raises(SchemaMismatch, match=r"at 0002, older than this build's .*: run oversight db upgrade"):
+        Store.open(DatabaseConfig(url=url, migrate=False))
+    cmd = [str(oversight), "drift", "events", "--db", url]
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "run oversight db upgrade" in res.stderr, res.stderr
+    engine.dispose()

@@ -181,6 +181,9 @@ def classify(e: BaseException) -> tuple[int, str] | None:
         if isinstance(e, sa_exc.OperationalError | sa_exc.InterfaceError):
             return EXIT_FAILED, f"database unavailable: {one_line(reason)}"
         return EXIT_FAILED, f"database error: {one_line(reason)}"
+    store = sys.modules.get("monitor.store")
+    if store is not None and isinstance(e, store.SchemaMismatch):
+        return EXIT_FAILED, str(e)
     alembic_exc = sys.modules.get("alembic.util.exc")
     if alembic_exc is not None and isinstance(e, alembic_exc.CommandError):
         return EXIT_FAILED, f"database migration failed: {e}"

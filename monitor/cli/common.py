@@ -217,7 +217,7 @@ def open_existing_store(settings: Settings, *, require_schema: bool = True) -> S
         raise CommandFailed(f"database {path}: a folder, not a SQLite database file (database.url)")
     if path is not None and not path.is_file():
         raise CommandFailed(f"database {path} does not exist (oversight db upgrade creates it)")
-    store = Store.open(settings.database, migrate=False)
+    store = Store.open(settings.database, migrate=False, check_schema=False)
     try:
         # revision() connects: an unreachable server raises here, with the driver's reason.
         revision = store.revision()
@@ -227,6 +227,9 @@ def open_existing_store(settings: Settings, *, require_schema: bool = True) -> S
     if require_schema and revision is None:
         store.close()
         raise CommandFailed(f"database {shown_url(url)} has no schema (oversight db upgrade creates it)")
+    if require_schema and (problem := store.schema_problem(revision)) is not None:
+        store.close()
+        raise CommandFailed(f"database {shown_url(url)}: {problem}")
     return store
 
 

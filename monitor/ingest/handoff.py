@@ -97,9 +97,19 @@ class InboxHandoff:
             raise HandoffUnavailable(f"database: {type(e).__name__}") from e
 
     def ready(self) -> bool:
-        if not self._health.ok and self._health.due() and self._store.ping():
+        if not self._health.ok and self._health.due() and self._writable():
             self._health.succeeded()
         return self._health.ok
+
+    def _writable(self) -> bool:
+        """Whether a write commits now: a ``SELECT 1`` succeeds on a read-only database (a failover
+        to a standby) or a full disk, and /readyz said ready while every request was refused 503."""
+        try:
+            self._store.probe_write()
+        except Exception:
+            self._store.reconnect()
+            return False
+        return True
 
     def close(self) -> None:
         pass

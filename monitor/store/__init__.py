@@ -1,7 +1,16 @@
 """The review-queue store: tables, migrations, batch commits and queries."""
 
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
-from monitor.store.store import BatchWrite, EpisodeIdConflict, Pool, Replication, StaleOffsets, Store, normalize_url
+from monitor.store.store import (
+    BatchWrite,
+    EpisodeIdConflict,
+    Pool,
+    Replication,
+    SchemaMismatch,
+    StaleOffsets,
+    Store,
+    normalize_url,
+)
 
 __all__ = [
     "BatchWrite",
@@ -14,6 +23,7 @@ __all__ = [
     "ReviewTaskRow",
     "RmScoreRow",
     "SampleRow",
+    "SchemaMismatch",
     "StaleOffsets",
     "Store",
     "normalize_url",

@@ -107,6 +107,10 @@ class BatchWrite:
     commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+class SchemaMismatch(RuntimeError):
+    """The database's schema is not this build's, and the store was not to migrate it."""
+
+
 class Store:
     def __init__(self, url: str, *, migrate: bool = True, echo: bool = False, pool: Pool | None = None):
         self.url = normalize_url(url)
@@ -116,10 +120,23 @@ class Store:
             self.migrate()
 
     @classmethod
-    def open(cls, cfg: DatabaseConfig, *, migrate: bool | None = None) -> Store:
-        """The store ``database`` settings describe (``migrate``: instead of ``cfg.migrate``)."""
+    def open(cls, cfg: DatabaseConfig, *, migrate: bool | None = None, check_schema: bool | None = None) -> Store:
+        """The store ``database`` settings describe (``migrate``: instead of ``cfg.migrate``). Not
+        migrated, its schema must be this build's (``check_schema``, by default where it does
+        not migrate): raises :class:`SchemaMismatch`."""
         pool = Pool(cfg.pool_size, cfg.max_overflow, cfg.pool_timeout_s, cfg.tcp_timeout_s)
-        return cls(cfg.url, migrate=cfg.migrate if migrate is None else migrate, pool=pool)
+        migrating = cfg.migrate if migrate is None else migrate
+        store = cls(cfg.url, migrate=migrating, pool=pool)
+        if check_schema if check_schema is not None else not migrating:
+            try:
+                problem = store.schema_problem(store.revision())
+            except BaseException:
+                store.close()
+                raise
+            if problem is not None:
+                store.close()
+                raise SchemaMismatch(problem)
+        return store
 
     # -- lifecycle -------------------------------------------------------
     def migrate(self, target: str = "head") -> None:
@@ -132,6 +149,30 @@ class Store:
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, target)
+
+    @staticmethod
+    def schema_problem(revision: str | None) -> str | None:
+        """Why this build cannot use a database at ``revision`` without migrating it (None: it can,
+        or there is no schema yet). With ``database.migrate: false`` a service started on a schema a
+        newer build had migrated, and ``db purge`` deleted rows in it; on an older one a command
+        failed at its first query ("no such table: drift_events")."""
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        if revision is None:
+            return None
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        scripts = ScriptDirectory.from_config(cfg)
+        head = scripts.get_current_head()
+        if revision == head:
+            return None
+        if revision in {s.revision for s in scripts.walk_revisions()}:
+            return f"the database schema is at {revision}, older than this build's {head}: run oversight db upgrade"
+        return (
+            f"the database schema is at {revision}, which this build does not know (its newest is {head}):"
+            " a newer oversight migrated it; run that version"
+        )
 
     def revision(self) -> str | None:
         with self.engine.connect() as conn:

@@ -711,3 +711,33 @@ def test_a_read_of_the_inbox_that_hangs_makes_the_source_not_ready() -> None:
         release.set()
         poller.join(5)
     assert source.ready()
+
+
+@pytest.mark.postgres
+def test_the_inbox_hand_off_is_not_ready_while_the_database_refuses_writes(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover to a standby leaves a read-only database: every request was refused 503 while the
+    readiness re-check, a SELECT 1, said ready. Its re-check is a write now."""
+    import monitor.ingest.handoff as handoff_module
+    from monitor.ingest.handoff import HandoffUnavailable, InboxHandoff
+    from monitor.store.ingest import InboxRow
+
+    Store(pg_url).close()  # the schema, migrated
+    read_only = pg_url + "%20-cdefault_transaction_read_only%3Don"
+    monkeypatch.setattr(handoff_module, "PROBE_EVERY_S", 0.0)
+    store = Store(read_only)
+    handoff = InboxHandoff(store)
+    try:
+        with pytest.raises(HandoffUnavailable):
+            handoff.submit([InboxRow("e1", "s", b"{}", time.time())])
+        assert [handoff.ready() for _ in range(3)] == [False, False, False]
+    finally:
+        store.close()
+    store = Store(pg_url)
+    writable = InboxHandoff(store)
+    try:
+        assert writable.submit([InboxRow("e1", "s", b"{}", time.time())]) == {("s", "e1")}
+        assert writable.ready()
+    finally:
+        store.close()
