@@ -130,6 +130,10 @@ class Store:
         if check_schema if check_schema is not None else not migrating:
             try:
                 problem = store.schema_problem(store.revision())
+            except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                # Unreachable now: an outage, which the service waits out and shows (the ingest API
+                # answers 503 meanwhile); a store that does not migrate never needed to connect here.
+                problem = None
             except BaseException:
                 store.close()
                 raise
