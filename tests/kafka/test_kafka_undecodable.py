@@ -184,6 +184,7 @@ def test_a_batch_that_inflates_past_the_limit_is_dead_lettered_not_inflated(kenv
     letters = _letters(kenv, topic, 8)
     assert [o for _, o, _, _ in letters] == bombs
     assert all("inflates past kafka.max_batch_bytes (1048576 bytes)" in d for _, _, _, d in letters)
+    from monitor.config import KafkaConfig
     from monitor.sources import codecs
 
-    codecs.install(settings.kafka.model_fields["max_batch_bytes"].default)  # process-wide: back to the default
+    codecs.install(KafkaConfig().max_batch_bytes)  # process-wide: back to the default
