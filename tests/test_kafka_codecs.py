@@ -58,3 +58,28 @@ def test_install_puts_the_bounded_decoders_in_both_record_formats() -> None:
         assert v2.zstd_decode(_zstd(b"ok")) == b"ok"
     finally:
         codecs.install(KafkaConfig().max_batch_bytes)  # process-wide: the default for later tests
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_batches_decode_without_the_lz4_and_zstandard_packages(monkeypatch: pytest.MonkeyPatch, codec: str) -> None:
+    """A plain install has neither package (29 MB): kafka-python would refuse such a batch as
+    "Libraries for lz4 compression codec not found"; the source's decoders use cramjam."""
+    import kafka.codec
+    from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+    from monitor.config import KafkaConfig
+
+    kind = DefaultRecordBatch.CODEC_LZ4 if codec == "lz4" else DefaultRecordBatch.CODEC_ZSTD
+    builder = DefaultRecordBatchBuilder(2, kind, False, -1, -1, -1, 2**20)
+    for i in range(3):
+        builder.append(i, timestamp=None, key=None, value=f"episode {i}".encode() * 50, headers=[])
+    buf = bytes(builder.build())  # encoded with the package (a producer's side needs it)
+    monkeypatch.setattr(kafka.codec, "lz4", None)
+    monkeypatch.setattr(kafka.codec, "zstd", None)
+    monkeypatch.setattr(kafka.codec, "has_lz4", lambda: False)
+    monkeypatch.setattr(kafka.codec, "has_zstd", lambda: False)
+    codecs.install(2**20 + 1)  # another limit: installed again
+    try:
+        assert [r.value for r in DefaultRecordBatch(buf)] == [f"episode {i}".encode() * 50 for i in range(3)]
+    finally:
+        codecs.install(KafkaConfig().max_batch_bytes)
