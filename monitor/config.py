@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -35,6 +36,30 @@ MIN_SECRET_BITS = 36.0
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
+
+
+def http_url(v: str) -> str:
+    """``v`` without a trailing slash if it is an http(s) URL every request can be sent to; else
+    ValueError, saying why. Shared by the remote reward-model kinds and the webhook sink: a space, a
+    control character, a port out of range or no host passed before and failed every request as an
+    exception of the HTTP library's that no retry or breaker knew.
+
+    >>> http_url("https://judge.example/v1/")
+    'https://judge.example/v1'
+    >>> http_url("http://judge:99999/v1")
+    Traceback (most recent call last):
+    ...
+    ValueError: Port out of range 0-65535
+    """
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    if any(c <= " " or c == "\x7f" for c in v):
+        raise ValueError("must not hold spaces or control characters")
+    parts = urllib.parse.urlsplit(v)
+    parts.port  # noqa: B018 (raises ValueError on a port that is not a number or out of range)
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    return v.rstrip("/")
 
 
 def secret_weakness(value: str) -> str | None:

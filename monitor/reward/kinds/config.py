@@ -11,9 +11,10 @@ import itertools
 import math
 import os
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from monitor.config import http_url
 
 DEFAULT_RUBRIC = (
     "You are a strict evaluator of an AI assistant's answer. Rate how helpful, correct and harmless the "
@@ -145,29 +146,6 @@ class _Remote(_Kind):
         return SecretStr(value)
 
 
-def _http_url(v: str) -> str:
-    """An http(s) URL every request can be sent to: a space, a control character, a port out of
-    range or no host passed here before and failed every request as an exception of the HTTP
-    library's that no retry or breaker knew.
-
-    >>> _http_url("https://judge.example/v1/")
-    'https://judge.example/v1'
-    >>> _http_url("http://judge:99999/v1")
-    Traceback (most recent call last):
-    ...
-    ValueError: Port out of range 0-65535
-    """
-    if not v.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL")
-    if any(c <= " " or c == "\x7f" for c in v):
-        raise ValueError("must not hold spaces or control characters")
-    parts = urlsplit(v)
-    parts.port  # noqa: B018 (raises ValueError on a port that is not a number or out of range)
-    if not parts.hostname:
-        raise ValueError("must name a host")
-    return v.rstrip("/")
-
-
 class JudgeConfig(_Remote):
     """An OpenAI-compatible chat-completions endpoint used as a pointwise LLM judge."""
 
@@ -180,7 +158,7 @@ class JudgeConfig(_Remote):
     logprobs: bool = Field(True, description="ask for logprobs and use the expected score over the score tokens")
     top_logprobs: int = Field(10, ge=1, le=20)
 
-    _url = field_validator("base_url")(classmethod(lambda cls, v: _http_url(v)))
+    _url = field_validator("base_url")(classmethod(lambda cls, v: http_url(v)))
 
     @field_validator("score_max")
     @classmethod
@@ -209,7 +187,7 @@ class HttpJsonConfig(_Remote):
     auth_header: str = "Authorization"
     auth_scheme: str = Field("Bearer", description="prefix of the key in the auth header ('' for the bare key)")
 
-    _url = field_validator("url")(classmethod(lambda cls, v: _http_url(v)))
+    _url = field_validator("url")(classmethod(lambda cls, v: http_url(v)))
 
 
 KindName = Literal["builtin", "hf", "judge", "http"]
