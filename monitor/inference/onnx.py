@@ -17,7 +17,9 @@ activations' outlier channels into the weights, calibrated on texts bundled with
 feed-forward input projections' activations get one scale per tensor (ONNX Runtime's fused
 ``DynamicQuantizeMatMul``); the others one scale per token (:class:`~monitor.inference.int8.PerRow`):
 the feed-forward output projection's, a GELU's output, from the activation's minimum
-(:data:`ACTIVATION_FLOORS`), and q/k/v's, a LayerNorm's output, over each token's own range.
+(:data:`ACTIVATION_FLOORS`), and q/k/v's, a LayerNorm's output, over each token's own range
+(symmetric over its largest magnitude from RECIPE 9, whose per-token products run in ONNX Runtime's
+``MatMulIntegerToFloat``: the class says why).
 Minimum cosine to PyTorch on the gate's 197 texts / 644 held-out texts of the 23 AlpacaEval models
 (episodes, bare instructions, answers' first 40 characters):
 
@@ -91,8 +93,9 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # 5: traced with eager attention (no NaN guard over the attention probabilities); 6: the
 # feed-forward output projection int8 too, per row; 7: q/k/v per row too (their input's own range),
 # and weights over +-64 (no int16 saturation on CPUs without VNNI); 8: weights over +-127 where the
-# machine's kernel sums exactly (int8.weight_levels, in the key as well).
-RECIPE = 8
+# machine's kernel sums exactly (int8.weight_levels, in the key as well); 9: the per-row
+# products in ONNX Runtime's MatMulIntegerToFloat, q/k/v's rows symmetric, the FFN output's shifted.
+RECIPE = 9
 #: Lower bounds of the feed-forward activations, by ``config.hidden_act`` (transformers' names):
 #: each function's minimum over the reals (gelu -0.16997, its tanh approximations -0.17004,
 #: quick_gelu -0.16361, silu -0.27846, mish -0.30884), rounded down: the per-row scheme clips

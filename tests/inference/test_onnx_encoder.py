@@ -212,9 +212,10 @@ def test_embedding_cosine_gate_on_real_texts(shared_cache: Path, quantisation: s
     if quantisation == "int8":
         # The smoothed recipe, not the q/k/v fallback: 6 layers x (q, k, v, attention output, FFN
         # input, FFN output), with q/k/v's shared input per row over its own range (a ReduceMin and
-        # a ReduceMax) and the FFN output's per row from the floor (a ReduceMax).
+        # a ReduceMax; MatMulIntegerToFloat) and the FFN output's per row from the floor (a ReduceMax).
         built = sorted((shared_cache / "onnx").glob("int8-*/model.onnx"))
-        assert built and all(onnx_ops(m).count("MatMulInteger") == 36 for m in built)
+        assert built and all(onnx_ops(m).count("MatMulInteger") == 12 for m in built)
+        assert all(onnx_ops(m).count("MatMulIntegerToFloat") == 24 for m in built)
         assert all(onnx_ops(m).count("ReduceMax") == 12 and onnx_ops(m).count("ReduceMin") == 6 for m in built)
 
 

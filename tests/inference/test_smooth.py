@@ -123,8 +123,10 @@ def test_the_int8_build_smooths_when_given_calibration_and_falls_back_to_qkv(
     )
     qkv_only = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8")
     assert smoothed.path != qkv_only.path  # two recipes, two cache entries
-    # 2 layers: q, k, v, attention output, feed-forward input and output int8 (6 each); q/k/v alone: 3 each.
-    assert onnx_ops(smoothed.path).count("MatMulInteger") == 12
+    # 2 layers: q, k, v, attention output, feed-forward input and output int8 (6 each), of which q, k,
+    # v and the feed-forward output per row (MatMulIntegerToFloat); q/k/v alone: 3 each, per tensor.
+    ops = onnx_ops(smoothed.path)
+    assert (ops.count("MatMulInteger"), ops.count("MatMulIntegerToFloat")) == (4, 8)
     assert onnx_ops(qkv_only.path).count("MatMulInteger") == 6
     ref = tiny_bert()
     for seed in range(3):
@@ -179,7 +181,8 @@ def test_the_int8_recipe_on_other_encoders_matches_pytorch(
         quantisation="int8",
         calibration=lambda: batches(range(2)),
     )
-    assert onnx_ops(enc.path).count("MatMulInteger") == int8_matmuls
+    ops = onnx_ops(enc.path)
+    assert ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat") == int8_matmuls
     assert "IsNaN" not in onnx_ops(enc.path)
     ref = tiny_encoder(family, act)
     for seed in range(3):
