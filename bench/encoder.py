@@ -10,12 +10,13 @@ Two workloads, at the product's token limits and batch sizes:
   PyTorch on every backend).
 
 ``torch-bf16`` is the encoder in bf16 weights (``monitor/inference/bf16.py``): fast only on a CPU
-with native bf16 (the JSON's ``native_bf16``), where ``precision: auto`` chooses it, and measured
-only there: elsewhere PyTorch emulates bf16, 3x slower than fp32 on an AVX-512 CPU and about 90x
-(its matrix products) on an AVX2 one, where that column alone ran past 15 minutes.
+with native bf16 (the JSON's ``native_bf16``), and measured only there: elsewhere PyTorch emulates
+bf16, 3x slower than fp32 on an AVX-512 CPU and about 90x (its matrix products) on an AVX2 one,
+where that column alone ran past 15 minutes. Even there it may be slower than fp32, so ``precision:
+auto`` chooses it only where a bf16 product is timed faster (the JSON's ``precision_auto``).
 
 And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, in bf16
-where the CPU has native bf16; the drift encoder ONNX int8): episodes/s with two passes (score, then
+where ``auto`` chooses it; the drift encoder ONNX int8): episodes/s with two passes (score, then
 embed) and with one (the score's pass hands out the drift embedding, ``monitor/inference/shared.py``),
 and how close the shared vectors are to the drift encoder's own.
 
@@ -346,7 +347,7 @@ def main() -> int:
 
     import torch
 
-    from monitor.inference.bf16 import native_bf16
+    from monitor.inference.bf16 import native_bf16, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -365,6 +366,7 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "native_bf16": native_bf16(),
+        "precision_auto": resolve_precision("auto", "cpu"),
         "texts": len(data),
         "drift": drift,
         "reward": reward,

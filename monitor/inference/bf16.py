@@ -9,6 +9,12 @@ at the same held-out accuracy. bf16 keeps fp32's exponent range, so unlike int8 
 activation outlier to manage. On a CPU without it PyTorch emulates bf16, slower
 than fp32, so ``auto`` keeps fp32 there.
 
+The flag is not enough: on another Intel Xeon that lists ``avx512_bf16`` (and AVX512-FP16, but no
+AMX, 2 cores) an encoder-sized bf16 product took 1.6x fp32's time, and the same bench gave drift
+embeddings in bf16 0.55x fp32 and reward scoring 0.64x. So ``auto`` also times the product it is
+about (:func:`bf16_is_faster`: once a process, about 0.1 s) and takes bf16 only where it runs at
+least :data:`MIN_GAIN` times as fast as fp32.
+
 On a Xeon with AMX-BF16 (2 cores, the same bench), where the matrix products take a tenth of
 fp32's time, the rest of the encoder sets the pace; with PyTorch's fused attention (SDPA) instead
 of eager attention, drift embeddings ran 201.4 texts/s against 65.0 in fp32 (3.10x) and reward
@@ -29,16 +35,27 @@ encoder for training.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger(__name__)
+
 Precision = Literal["auto", "fp32", "bf16"]
 #: /proc/cpuinfo flags of a native bf16 dot product (Linux's names).
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
+#: How many times as fast as fp32 a bf16 product must run for ``auto`` to choose bf16: a margin
+#: over the timing's noise on a shared host, and over what the encoder does besides its products.
+MIN_GAIN = 1.2
+#: The timed product: a batch of 8 sequences of 128 tokens through a MiniLM feed-forward input
+#: projection (384 -> 1536), as ``torch.nn.functional.linear`` runs the encoder's.
+PROBE_SHAPE = (1024, 384, 1536)
+_PROBE_ROUNDS = 5
 
 
 def cpu_flags(path: Path = CPUINFO) -> frozenset[str]:
@@ -66,13 +83,56 @@ def _this_cpu() -> frozenset[str]:
 
 def resolve_precision(precision: str, device: str) -> Literal["fp32", "bf16"]:
     """The encoder's weights on ``device``: ``bf16`` on the CPU when asked, ``auto`` bf16 on a CPU
-    with native bf16; fp32 otherwise, and always on a GPU (the encoders' GPU path is the PyTorch
-    model as it was loaded)."""
+    where it is faster (:func:`bf16_is_faster`); fp32 otherwise, and always on a GPU (the encoders'
+    GPU path is the PyTorch model as it was loaded)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"unknown encoder precision {precision!r} (auto, fp32, bf16)")
     if device != "cpu" or precision == "fp32":
         return "fp32"
-    return "bf16" if precision == "bf16" or native_bf16() else "fp32"
+    return "bf16" if precision == "bf16" or bf16_is_faster() else "fp32"
+
+
+@cache
+def bf16_is_faster() -> bool:
+    """Whether this process's PyTorch runs an encoder-sized bf16 product at least :data:`MIN_GAIN`
+    times as fast as fp32 on the CPU: never where the CPU has no native bf16 (there it is emulated,
+    up to 90x slower, and not worth timing). Decided by running it, as ``int8.weight_levels`` decides
+    the int8 range, not by the flags alone (see the module); a probe that cannot run gives fp32."""
+    if not native_bf16():
+        return False
+    try:
+        fp32, bf16 = product_seconds()
+    except Exception as e:  # a torch build without CPU bf16 kernels raises its own types
+        log.warning("bf16 probe failed (%s): the encoders run fp32", e)
+        return False
+    gain = fp32 / bf16 if bf16 > 0 else 0.0
+    faster = gain >= MIN_GAIN
+    log.info(
+        "precision auto: a bf16 product runs %.2fx fp32 on this CPU: encoders in %s", gain, "bf16" if faster else "fp32"
+    )
+    return faster
+
+
+def product_seconds(shape: tuple[int, int, int] = PROBE_SHAPE, rounds: int = _PROBE_ROUNDS) -> tuple[float, float]:
+    """The fastest of ``rounds`` interleaved timings of ``x @ W.T`` (``shape``: rows, inputs,
+    outputs) in fp32 and in bf16, seconds each, after a warm-up of each."""
+    import torch
+
+    rows, inputs, outputs = shape
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=generator)
+    w = torch.randn(outputs, inputs, generator=generator)
+    operands = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
+    best = dict.fromkeys(operands, float("inf"))
+    with torch.inference_mode():
+        for a, b in operands.values():
+            torch.nn.functional.linear(a, b)
+        for _ in range(rounds):
+            for dtype, (a, b) in operands.items():
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.float32], best[torch.bfloat16]
 
 
 class Bf16Encoder:

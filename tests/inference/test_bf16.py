@@ -7,6 +7,7 @@ runs on every machine; which precision ``auto`` picks is tested on given flag se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +43,51 @@ def test_without_cpuinfo_there_are_no_flags(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path) == frozenset()  # a folder: unreadable as a file
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_chooses_bf16_only_on_a_cpu_that_has_it(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+@pytest.fixture
+def fresh_probe() -> Iterator[None]:
+    bf16.bf16_is_faster.cache_clear()
+    yield
+    bf16.bf16_is_faster.cache_clear()  # the next test, and the rest of the run, time this machine
+
+
+def no_probe() -> tuple[float, float]:
+    raise AssertionError("a CPU without native bf16 is not timed")
+
+
+@pytest.mark.parametrize(
+    ("native", "seconds", "chosen"),
+    [
+        (True, (2.0, 1.0), "bf16"),  # twice as fast (AMX, Zen 4)
+        (True, (1.0, 1.6), "fp32"),  # the flag, but slower: a Xeon listing avx512_bf16 measured this
+        (True, (1.0, 0.9), "fp32"),  # within the margin: not worth the bf16 copy
+        (False, None, "fp32"),
+    ],
+)
+def test_auto_chooses_bf16_only_where_it_is_measured_faster(
+    monkeypatch: pytest.MonkeyPatch, fresh_probe: None, native: bool, seconds: tuple[float, float] | None, chosen: str
+) -> None:
     monkeypatch.setattr(bf16, "_this_cpu", lambda: frozenset({"avx512_bf16"} if native else {"avx2"}))
-    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    monkeypatch.setattr(bf16, "product_seconds", (lambda: seconds) if seconds else no_probe)
+    assert resolve_precision("auto", "cpu") == chosen
     assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == resolve_precision("bf16", "cuda:0") == "fp32"
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", "cpu")
+
+
+def test_a_probe_that_cannot_run_gives_fp32(monkeypatch: pytest.MonkeyPatch, fresh_probe: None) -> None:
+    def broken() -> tuple[float, float]:
+        raise RuntimeError("no bf16 kernel in this build")
+
+    monkeypatch.setattr(bf16, "_this_cpu", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(bf16, "product_seconds", broken)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # asked for: no probe
+
+
+def test_the_probe_times_both_products_on_this_machine() -> None:
+    fp32, bf16_s = bf16.product_seconds(shape=(64, 32, 48), rounds=2)
+    assert 0 < fp32 < 10 and 0 < bf16_s < 10
 
 
 def test_drift_embeddings_in_bf16_keep_the_fp32_direction() -> None:
