@@ -8,6 +8,7 @@ the YAML file, defaults. Unknown keys are an error at every level.
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import itertools
 import os
 import urllib.parse
@@ -32,6 +33,11 @@ DEV_REVIEW_SECRET = "dev-only-review-secret-key"  # noqa: S105 (refused outside 
 # repeated characters and short patterns are far below.
 MIN_SECRET_CHARS = 16
 MIN_SECRET_BITS = 36.0
+
+
+#: The URL schemes of a PostgreSQL store (``monitor.store.store.normalize_url`` maps the plain ones to
+#: the psycopg dialect).
+POSTGRES_SCHEMES = ("postgresql:", "postgresql+psycopg:", "postgres:")
 
 
 class ConfigError(ValueError):
@@ -1137,8 +1143,15 @@ class Settings(BaseSettings):
     @field_validator("database", mode="after")
     @classmethod
     def _db_url(cls, v: DatabaseConfig) -> DatabaseConfig:
-        if not v.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
+        if not v.url.startswith(("sqlite:", *POSTGRES_SCHEMES)):
             raise ValueError("database.url must be sqlite:///PATH or postgresql://...")
+        # The driver is the optional `postgres` extra (12.7 MB with its libpq): a missing one fails
+        # when the settings are read, naming the extra, not as an import error at the first connection.
+        if v.url.startswith(POSTGRES_SCHEMES) and importlib.util.find_spec("psycopg") is None:
+            raise ValueError(
+                "a PostgreSQL database.url needs its driver, which the default install leaves out:"
+                " pip install 'oversight-monitor[postgres]'"
+            )
         return v
 
     def check_secrets(self) -> None:

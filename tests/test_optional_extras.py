@@ -56,6 +56,9 @@ def test_default_and_dev_installs_carry_no_alibi_and_no_kubernetes_client() -> N
     assert "alibi-detect" not in _names(extras["dev"])
     assert "alibi-detect" in _names(extras["alibi"])
     assert "kubernetes" in _names(extras["k8s"])
+    # The PostgreSQL driver is an extra too (the embedded default is SQLite); the tests need it.
+    assert "psycopg" not in _names(project["dependencies"])
+    assert "psycopg" in _names(extras["postgres"]) and "psycopg" in _names(extras["dev"])
 
 
 def test_every_alibi_detector_names_its_extra() -> None:
@@ -129,3 +132,29 @@ def test_without_the_kubernetes_client_the_job_sink_names_the_k8s_extra(
     settings = load_settings(None, [f"actions.kubernetes.templates_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"pip install 'oversight-monitor\[k8s\]'"):
         make_sinks(["log", "kubernetes"], settings)
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@db:5432/o", "postgres://u@db/o", "postgresql+psycopg://u@db/o"])
+def test_without_the_postgres_driver_a_postgresql_url_is_rejected_when_read(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    assert load_settings(None, [f"database.url={url}"]).database.url == url  # the dev install has it
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(ConfigError, match=r"pip install 'oversight-monitor\[postgres\]'"):
+        load_settings(None, [f"database.url={url}"])
+    assert load_settings(None, ["database.url=sqlite:///x.db"]).database.url == "sqlite:///x.db"
+
+
+def test_the_cli_names_the_postgres_extra_without_a_traceback(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None\n"
+        "from monitor.cli import main\n"
+        "sys.exit(main(['config', 'show', '--db', 'postgresql://oversight@db:5432/oversight']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "pip install 'oversight-monitor[postgres]'" in out.stderr and "database" in out.stderr
