@@ -945,6 +945,17 @@ class ActionsConfig(_Model):
     worker: bool = Field(
         True, description="run the action worker (incidents, updates, requests) inside `oversight run`"
     )
+    redeliver_for_s: float = Field(
+        86400.0,
+        ge=0,
+        le=30 * 86400,
+        description="a request whose sinks failed only transiently (a receiver down or overloaded, a timeout),"
+        " after each sink's own retries, goes back to pending and is sent again with a growing delay"
+        " (redeliver_backoff_s), until it is this old (since it was created): then it is failed. 0: failed at once",
+    )
+    redeliver_backoff_s: float = Field(
+        60.0, gt=0, le=3600, description="the delay before a request's first resend; it doubles each time, up to 1 h"
+    )
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     kubernetes: KubernetesJobConfig = Field(default_factory=KubernetesJobConfig)
 

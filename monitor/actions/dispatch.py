@@ -3,8 +3,15 @@
 ``dispatch_pending`` takes each ``pending`` request of a kind, claims it (compare-and-set
 ``pending`` -> ``running``, so of two workers or replicas exactly one gets it), sends it to every
 sink and finishes it ``sent`` (result: ``{sink: sink's result}``) or ``failed`` (``last_error``:
-``"<sink>: <why>"`` for each failed sink; transient failures say how many attempts were made). A
-failed request is not retried automatically: the sinks already retry what is worth retrying.
+``"<sink>: <why>"`` for each failed sink; transient failures say how many attempts were made).
+
+Redelivery: each sink retries a few times within one delivery (the webhook's ``max_attempts``,
+seconds apart), which does not outlast a receiver that is down for minutes (a deploy of the
+user's training pipeline). A request whose sinks failed only transiently goes back to
+``pending`` (its ``last_error`` says why) and is sent again to the sinks that failed once
+:func:`redelivery_delay` has passed since the last try (``actions.redeliver_backoff_s``,
+doubling, at most :data:`MAX_REDELIVERY_DELAY_S`), until it is ``actions.redeliver_for_s`` old
+(a day): then it is ``failed``. A permanent refusal (a 4xx, a bad manifest) fails it at once.
 
 Delivery: at most once per request and sink while the monitor runs normally. A worker that
 dies after a sink accepted the request but before that was recorded leaves the request
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from monitor.actions.sinks import MAX_RETRY_DELAY_S, Sink, SinkError
@@ -38,6 +45,17 @@ log = logging.getLogger("monitor.actions")
 
 # Longer than any one delivery can take, so that a live worker never loses its request.
 MIN_LEASE_S = 900.0
+#: The longest wait between two deliveries of a request whose sinks failed transiently.
+MAX_REDELIVERY_DELAY_S = 3600.0
+
+
+def redelivery_delay(attempts: int, backoff_s: float) -> float:
+    """Seconds after its ``attempts``-th delivery before a transiently failed request is sent again.
+
+    >>> [redelivery_delay(a, 60.0) for a in (1, 2, 3, 7, 30)]
+    [60.0, 120.0, 240.0, 3600.0, 3600.0]
+    """
+    return min(backoff_s * 2.0 ** min(max(attempts - 1, 0), 30), MAX_REDELIVERY_DELAY_S)
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -64,17 +82,29 @@ def dispatch_pending(
     if not sinks:
         raise ValueError("dispatch_pending needs at least one sink")
     lease = lease_seconds(settings) if lease_s is None else lease_s
+    backoff = settings.actions.redeliver_backoff_s
     finished = 0
-    for request, fence in _claims(store, kind, lease, limit):
-        if _deliver(store, request, fence, sinks, metrics):
+    for request, fence in _claims(store, kind, lease, limit, backoff):
+        if _deliver(store, request, fence, sinks, metrics, settings.actions.redeliver_for_s):
             finished += 1
     return finished
 
 
-def _claims(store: Store, kind: str, lease_s: float, limit: int) -> Iterator[tuple[dict[str, Any], int]]:
+def _due(row: dict[str, Any], now: float, backoff_s: float) -> bool:
+    """Whether a pending request may be sent now: a new one at once, one waiting to be sent again
+    (an earlier delivery failed transiently: ``last_error`` set) once its delay has passed."""
+    if not row["attempts"] or row["last_error"] is None:
+        return True
+    return float(row["updated_at"]) + redelivery_delay(int(row["attempts"]), backoff_s) <= now
+
+
+def _claims(
+    store: Store, kind: str, lease_s: float, limit: int, backoff_s: float
+) -> Iterator[tuple[dict[str, Any], int]]:
     """(request, fence) for every request this worker won, abandoned ones first (they are older)."""
     n = 0
-    cutoff = time.time() - lease_s
+    now = time.time()
+    cutoff = now - lease_s
     for row in sorted(requests.listing(store, kind, "running", limit), key=lambda r: r["created_at"]):
         if n >= limit:
             return
@@ -82,8 +112,11 @@ def _claims(store: Store, kind: str, lease_s: float, limit: int) -> Iterator[tup
             log.warning("action request %s was abandoned by a worker; sending it again", row["id"])
             n += 1
             yield {**row, "attempts": row["attempts"] + 1}, row["attempts"] + 1
+    waiting: set[str] = set()  # pending, not due yet: left alone this call
     while n < limit:
-        rows = sorted(requests.listing(store, kind, "pending", limit - n), key=lambda r: r["created_at"])
+        listed = requests.listing(store, kind, "pending", limit - n + len(waiting))
+        waiting.update(str(r["id"]) for r in listed if not _due(r, now, backoff_s))
+        rows = sorted((r for r in listed if str(r["id"]) not in waiting), key=lambda r: r["created_at"])
         if not rows:
             return
         for row in rows:
@@ -107,7 +140,14 @@ def _fenced_update(store: Store, rid: str, fence: int, **values: Any) -> bool:
     return res.rowcount == 1
 
 
-def _deliver(store: Store, request: dict[str, Any], fence: int, sinks: Sequence[Sink], metrics: Metrics | None) -> bool:
+def _deliver(
+    store: Store,
+    request: dict[str, Any],
+    fence: int,
+    sinks: Sequence[Sink],
+    metrics: Metrics | None,
+    redeliver_for_s: float,
+) -> bool:
     rid, kind = str(request["id"]), str(request["kind"])
     prior = request.get("result")
     # Results recorded before a crash: those sinks already have the request.
@@ -133,13 +173,25 @@ def _deliver(store: Store, request: dict[str, Any], fence: int, sinks: Sequence[
     for name, e in errors.items():
         results[name] = {"error": str(e), "permanent": e.permanent}
         log.warning("action request %s: sink %s failed: %s", rid, name, e)
-    state = "failed" if errors else "sent"
+    state = _outcome(request, errors, redeliver_for_s)
     last_error = "; ".join(f"{n}: {e}" for n, e in errors.items()) or None
-    values: dict[str, Any] = {"state": state, "result": results}
-    if last_error is not None:
-        values["last_error"] = last_error[:1000]
+    # A request sent at last keeps no error of an earlier try; one waiting keeps why it waits.
+    values: dict[str, Any] = {"state": state, "result": results, "last_error": last_error and last_error[:1000]}
     if not _fenced_update(store, rid, fence, **values):
         log.warning("action request %s was taken over by another worker before it finished", rid)
         return False
-    log.info("action request %s (%s): %s", rid, kind, state)
-    return True
+    if state == "pending":
+        log.warning("action request %s (%s) will be sent again to %s", rid, kind, ", ".join(errors))
+    else:
+        log.info("action request %s (%s): %s", rid, kind, state)
+    return state != "pending"
+
+
+def _outcome(request: dict[str, Any], errors: Mapping[str, SinkError], redeliver_for_s: float) -> str:
+    """``sent``; ``pending`` again (to be sent again later) when every failure was transient and the
+    request is younger than ``redeliver_for_s``; else ``failed``."""
+    if not errors:
+        return "sent"
+    transient = not any(e.permanent for e in errors.values())
+    young = time.time() - float(request["created_at"]) < redeliver_for_s
+    return "pending" if transient and young else "failed"

@@ -19,6 +19,7 @@ from monitor.actions.sinks import LogSink, Sink, WebhookSink
 from monitor.config import Settings, WebhookConfig, load_settings
 from monitor.metrics import Metrics
 from monitor.store import Store, requests
+from monitor.store import tables as t
 
 
 @pytest.fixture
@@ -53,6 +54,13 @@ def row_of(store: Store, rid: str) -> dict[str, Any]:
     row = requests.get(store, rid)
     assert row is not None
     return row
+
+
+def backdate(store: Store, rid: str, *, created_s: float, tried_s: float) -> None:
+    r = t.action_requests
+    now = time.time()
+    with store.engine.begin() as conn:
+        conn.execute(r.update().where(r.c.id == rid).values(created_at=now - created_s, updated_at=now - tried_s))
 
 
 def make_requests(store: Store, n: int, kind: str = "retrain") -> list[str]:
@@ -148,9 +156,8 @@ def test_permanent_refusal_marks_the_request_failed(
     assert len(receiver.deliveries) == 1
 
 
-def test_transient_failures_after_max_attempts_say_so(
-    store: Store, settings: Settings, receiver: Receiver, secret_file: Path
-) -> None:
+def test_transient_failures_after_max_attempts_say_so(store: Store, receiver: Receiver, secret_file: Path) -> None:
+    settings = load_settings(None, ["dev=true", "actions.redeliver_for_s=0"])  # no redelivery: failed at once
     (rid,) = make_requests(store, 1)
     receiver.script = [(503, {})] * 3
     assert dispatch_pending(store, settings, "retrain", [webhook(receiver, secret_file, max_attempts=3)]) == 1
@@ -161,27 +168,81 @@ def test_transient_failures_after_max_attempts_say_so(
     assert len(receiver.deliveries) == 3
 
 
-def test_every_sink_is_tried_and_each_outcome_recorded(
-    store: Store, settings: Settings, receiver: Receiver, secret_file: Path
+def test_a_request_whose_receiver_is_down_is_sent_again_later_until_it_lands(
+    store: Store, receiver: Receiver, secret_file: Path
 ) -> None:
+    """The receiver answers 503 for longer than the sink's own retries: the request waits (pending,
+    with its error), is not sent again before its delay, then lands under the same idempotency key."""
+    settings = load_settings(None, ["dev=true", "actions.redeliver_backoff_s=0.3"])
+    (rid,) = make_requests(store, 1)
+    receiver.script = [(503, {})] * 4  # two deliveries of two attempts each
+    sink = webhook(receiver, secret_file, max_attempts=2)
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 0  # not finished: waiting
+    row = row_of(store, rid)
+    assert row["state"] == "pending" and row["attempts"] == 1
+    assert row["last_error"] == "webhook: transient failure, gave up after 2 attempts: HTTP 503 Service Unavailable"
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 0 and len(receiver.deliveries) == 2  # not due
+    time.sleep(0.35)
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 0  # the second delivery fails too
+    assert row_of(store, rid)["attempts"] == 2 and len(receiver.deliveries) == 4
+    time.sleep(0.35)  # the delay doubled: 0.6 s after the second delivery
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 0 and len(receiver.deliveries) == 4
+    time.sleep(0.3)
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 1
+    row = row_of(store, rid)
+    assert row["state"] == "sent" and row["last_error"] is None and "error" not in row["result"]["webhook"]
+    assert list(receiver.processed) == [rid]  # delivered once, with the request's id as its key
+
+
+def test_a_waiting_request_does_not_hold_back_new_ones_and_old_ones_fail(
+    store: Store, receiver: Receiver, secret_file: Path
+) -> None:
+    settings = load_settings(None, ["dev=true", "actions.redeliver_backoff_s=3600", "actions.redeliver_for_s=60"])
+    (old,) = make_requests(store, 1)
+    receiver.script = [(503, {})]
+    sink = webhook(receiver, secret_file, max_attempts=1)
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 0
+    assert row_of(store, old)["state"] == "pending"
+    new = requests.create(store, "retrain", "s9:9", "s9", {})[0]
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 1  # the new one, past the waiting one
+    assert row_of(store, new)["state"] == "sent" and row_of(store, old)["state"] == "pending"
+    # Past redeliver_for_s since it was created, a request that fails again is failed for good.
+    backdate(store, old, created_s=120, tried_s=7200)  # created 2 min ago, due (tried 2 h ago)
+    receiver.script = [(503, {})]
+    assert dispatch_pending(store, settings, "retrain", [sink]) == 1
+    assert row_of(store, old)["state"] == "failed"
+
+
+def test_a_permanent_refusal_is_not_sent_again(store: Store, receiver: Receiver, secret_file: Path) -> None:
+    settings = load_settings(None, ["dev=true", "actions.redeliver_backoff_s=0.01"])
+    (rid,) = make_requests(store, 1)
+    receiver.script = [(422, {})]
+    assert dispatch_pending(store, settings, "retrain", [webhook(receiver, secret_file)]) == 1
+    time.sleep(0.05)
+    assert dispatch_pending(store, settings, "retrain", [webhook(receiver, secret_file)]) == 0
+    assert row_of(store, rid)["state"] == "failed" and len(receiver.deliveries) == 1
+
+
+def test_every_sink_is_tried_and_each_outcome_recorded(store: Store, receiver: Receiver, secret_file: Path) -> None:
+    settings = load_settings(None, ["dev=true", "actions.redeliver_backoff_s=0.05"])
     (rid,) = make_requests(store, 1)
     metrics = Metrics(CollectorRegistry())
     sinks = [BrokenSink(), LogSink(), webhook(receiver, secret_file)]
-    assert dispatch_pending(store, settings, "retrain", sinks, metrics) == 1
+    assert dispatch_pending(store, settings, "retrain", sinks, metrics) == 0  # waits to be sent again
     row = requests.get(store, rid)
-    assert row is not None and row["state"] == "failed"
+    assert row is not None and row["state"] == "pending"
     assert row["result"]["log"] == {"logged": True}
     assert row["result"]["webhook"] == {"status": 202, "attempts": 1}
     assert row["result"]["broken"] == {"error": "KeyError: 'bug'", "permanent": False}
     assert row["last_error"] == "broken: KeyError: 'bug'"
     assert set(receiver.processed) == {rid}
-    assert [
-        count(metrics, "retrain", s, o) for s, o in [("broken", "failed"), ("log", "sent"), ("webhook", "sent")]
-    ] == [
-        1,
-        1,
-        1,
-    ]
+    outcomes = [("broken", "failed"), ("log", "sent"), ("webhook", "sent")]
+    assert [count(metrics, "retrain", s, o) for s, o in outcomes] == [1, 1, 1]
+    # Sent again to the sink that failed only: the others have it.
+    time.sleep(0.1)
+    assert dispatch_pending(store, settings, "retrain", sinks, metrics) == 0
+    assert [count(metrics, "retrain", s, o) for s, o in outcomes] == [2, 1, 1]
+    assert len(receiver.deliveries) == 1 and row_of(store, rid)["attempts"] == 2
 
 
 def test_a_request_abandoned_mid_delivery_is_resumed_with_the_remaining_sinks(
