@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from monitor.config import KafkaConfig
@@ -51,13 +51,23 @@ class Handoff(Protocol):
 
 
 class _Health:
-    """The outcome of the last hand-off, with a probe of a failed target now and then."""
+    """The outcome of the last hand-off, with a probe of a failed target now and then.
+
+    The probe runs on a thread of its own, at most one at a time, and :meth:`check` returns at
+    once with what is known: ``/readyz`` and ``/metrics`` (whose ``oversight_ready`` reads the same
+    function) call it, and a probe run by them waited as long as the target did not answer (a
+    database frozen by a storage stall acknowledges the bytes and answers nothing, a KafkaProducer
+    waits for its bootstrap), so every scrape and readiness probe of an outage timed out instead of
+    showing it, each holding a server thread."""
 
     def __init__(self) -> None:
         self.ok = True
         self._probed = 0.0
+        self._failures = 0  # a probe that started before the latest failure does not clear it
+        self._probing = threading.Lock()
 
     def failed(self) -> None:
+        self._failures += 1
         self.ok = False
 
     def succeeded(self) -> None:
@@ -69,6 +79,25 @@ class _Health:
             return False
         self._probed = now
         return True
+
+    def check(self, probe: Callable[[], bool]) -> bool:
+        """Whether the target is healthy, as far as is known now; starts ``probe`` (True: the
+        target takes writes again) on a thread when the target failed, a probe is due and none is
+        in flight."""
+        if not self.ok and self.due() and self._probing.acquire(blocking=False):
+            thread = threading.Thread(target=self._probe, args=(probe, self._failures), daemon=True)
+            thread.name = "handoff-probe"
+            thread.start()
+        return self.ok
+
+    def _probe(self, probe: Callable[[], bool], failures: int) -> None:
+        try:
+            if probe() and failures == self._failures:
+                self.succeeded()
+        except Exception:  # a probe that raises says what a False says: not yet
+            log.debug("hand-off probe failed", exc_info=True)
+        finally:
+            self._probing.release()
 
 
 class InboxHandoff:
@@ -97,9 +126,7 @@ class InboxHandoff:
             raise HandoffUnavailable(f"database: {type(e).__name__}") from e
 
     def ready(self) -> bool:
-        if not self._health.ok and self._health.due() and self._writable():
-            self._health.succeeded()
-        return self._health.ok
+        return self._health.check(self._writable)
 
     def _writable(self) -> bool:
         """Whether a write commits now: a ``SELECT 1`` succeeds on a read-only database (a failover
@@ -179,13 +206,7 @@ class KafkaHandoff:
         return None
 
     def ready(self) -> bool:
-        if not self._health.ok and self._health.due():
-            try:
-                if self._get_producer().bootstrap_connected():
-                    self._health.succeeded()
-            except Exception:
-                log.debug("kafka hand-off probe failed", exc_info=True)
-        return self._health.ok
+        return self._health.check(lambda: bool(self._get_producer().bootstrap_connected()))
 
     def close(self) -> None:
         with self._lock:

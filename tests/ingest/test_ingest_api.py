@@ -713,6 +713,45 @@ def test_a_read_of_the_inbox_that_hangs_makes_the_source_not_ready() -> None:
     assert source.ready()
 
 
+def test_readiness_never_waits_for_a_database_that_does_not_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz and /metrics (oversight_ready) ask the hand-off whether it is ready; its re-check of a
+    failed database ran in the caller and waited as long as the database did (frozen by a storage
+    stall: until it thawed), so scrapes timed out during the outage, each holding a server thread.
+    Now the re-check runs on a thread of its own, one at a time, and the answer comes at once."""
+    import monitor.ingest.handoff as handoff_module
+    from monitor.ingest.handoff import HandoffUnavailable, InboxHandoff
+    from monitor.store.ingest import InboxRow
+
+    monkeypatch.setattr(handoff_module, "PROBE_EVERY_S", 0.0)
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    handoff = InboxHandoff(store)
+    thaw, probes = threading.Event(), []
+
+    def frozen_probe() -> None:  # the database takes the write only once it thaws
+        probes.append(time.monotonic())
+        assert thaw.wait(10)
+
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE inbox")  # the next hand-off fails
+        with pytest.raises(HandoffUnavailable):
+            handoff.submit([InboxRow("e1", "s", b"{}", time.time())])
+        monkeypatch.setattr(store, "probe_write", frozen_probe)
+        t0 = time.monotonic()
+        assert [handoff.ready() for _ in range(20)] == [False] * 20
+        assert time.monotonic() - t0 < 1.0 and len(probes) == 1  # one probe in flight, nobody waits on it
+        thaw.set()
+        deadline = time.monotonic() + 5
+        while not handoff.ready():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        thaw.set()
+        store.close()
+
+
 @pytest.mark.postgres
 def test_the_inbox_hand_off_is_not_ready_while_the_database_refuses_writes(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
