@@ -114,11 +114,14 @@ def _claims(
             yield {**row, "attempts": row["attempts"] + 1}, row["attempts"] + 1
     waiting: set[str] = set()  # pending, not due yet: left alone this call
     while n < limit:
-        listed = requests.listing(store, kind, "pending", limit - n + len(waiting))
+        want = limit - n + len(waiting)  # the listing is newest first: past the waiting ones
+        listed = requests.listing(store, kind, "pending", want)
         waiting.update(str(r["id"]) for r in listed if not _due(r, now, backoff_s))
         rows = sorted((r for r in listed if str(r["id"]) not in waiting), key=lambda r: r["created_at"])
         if not rows:
-            return
+            if len(listed) < want:
+                return
+            continue  # a whole page of newer requests waiting: an older one may be due
         for row in rows:
             if not requests.claim(store, row["id"]):
                 continue  # another worker has it

@@ -213,6 +213,19 @@ def test_a_waiting_request_does_not_hold_back_new_ones_and_old_ones_fail(
     assert row_of(store, old)["state"] == "failed"
 
 
+def test_newer_waiting_requests_past_the_limit_do_not_hide_an_older_due_one(store: Store, settings: Settings) -> None:
+    (due,) = make_requests(store, 1)
+    newer = [requests.create(store, "retrain", f"n:{i}", "n", {"i": i})[0] for i in range(3)]
+    r = t.action_requests
+    with store.engine.begin() as conn:  # the newer ones failed a moment ago and wait an hour
+        conn.execute(
+            r.update().where(r.c.id.in_(newer)).values(attempts=1, last_error="webhook: down", updated_at=time.time())
+        )
+    assert dispatch_pending(store, settings, "retrain", [LogSink()], limit=2) == 1
+    assert row_of(store, due)["state"] == "sent"
+    assert {row_of(store, rid)["state"] for rid in newer} == {"pending"}
+
+
 def test_a_permanent_refusal_is_not_sent_again(store: Store, receiver: Receiver, secret_file: Path) -> None:
     settings = load_settings(None, ["dev=true", "actions.redeliver_backoff_s=0.01"])
     (rid,) = make_requests(store, 1)
