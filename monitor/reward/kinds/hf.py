@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,11 @@ from monitor.reward.kinds.config import HfConfig
 from monitor.reward.kinds.resilience import BackendMetrics
 
 log = logging.getLogger(__name__)
+#: The longest a checkpoint's chat template may take to render the registration's probe
+#: conversation (:func:`check_template`); a sound one takes milliseconds.
+TEMPLATE_LIMIT_S = 5.0
+#: The probe conversation's user/assistant turn pairs.
+TEMPLATE_PROBE_TURNS = 4
 
 # No token is shorter than a character and English averages ~4: this many characters per kept
 # token always suffice, and a 100 kB response is not tokenized whole to keep its first tokens.
@@ -79,14 +85,44 @@ def check_checkpoint(cfg: HfConfig) -> None:
             f" set max_length to {limit} or less"
         )
     if getattr(tok, "chat_template", None):
+        check_template(tok, path, cfg.max_length)
+
+
+def check_template(tok: Any, path: Path, max_length: int) -> None:
+    """Render the checkpoint's chat template on a user turn and an answer, then on a conversation
+    of turns as long as the scorer passes (``max_length`` tokens' worth of text each), within
+    :data:`TEMPLATE_LIMIT_S`. A template is a program the checkpoint brings, rendered once for
+    every item scored: one that raises failed every item, and one that loops (nested ``range``
+    loops pass Jinja's sandbox) held registration, and then every scoring round, for good. The
+    render runs on a daemon thread: one past the limit is left behind, and the version refused."""
+    cap = max_length * CHARS_PER_TOKEN
+    long_text = ("word " * (cap // 5 + 1))[:cap]
+    short = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."}]
+    long = [{"role": r, "content": long_text} for _ in range(TEMPLATE_PROBE_TURNS) for r in ("user", "assistant")]
+    outcome: list[BaseException | None] = []
+
+    def render() -> None:
         try:
-            tok.apply_chat_template(
-                [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."}], tokenize=False
-            )
+            for turns in (short, long):
+                tok.apply_chat_template(turns, tokenize=False)
         except Exception as e:  # a template is a program: it may raise, on its own terms
-            raise BackendError(
-                f"hf checkpoint {path}: its chat template fails on a user turn and an answer: {first_line(e, 300)}"
-            ) from None
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=render, name="chat-template-check", daemon=True)
+    thread.start()
+    thread.join(TEMPLATE_LIMIT_S)
+    if not outcome:
+        raise BackendError(
+            f"hf checkpoint {path}: its chat template took more than {TEMPLATE_LIMIT_S:g} s to render one"
+            f" conversation ({2 * TEMPLATE_PROBE_TURNS} turns of {max_length} tokens' text); it is rendered"
+            " for every item scored"
+        )
+    if outcome[0] is not None:
+        raise BackendError(
+            f"hf checkpoint {path}: its chat template fails on a user turn and an answer: {first_line(outcome[0], 300)}"
+        )
 
 
 def position_limit(conf: Any, tokenizer: Any) -> int | None:

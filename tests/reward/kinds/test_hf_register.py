@@ -107,6 +107,21 @@ def test_a_chat_template_that_fails_on_a_plain_turn_is_refused(tmp_path: Path) -
         KindVersion.create("hf", {"path": str(ckpt)})
 
 
+def test_a_chat_template_that_takes_too_long_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested loops pass Jinja's sandbox (it caps one range at 100,000): such a template held
+    registration, and every scoring round after it, for as long as it ran."""
+    from monitor.reward.kinds import hf
+
+    monkeypatch.setattr(hf, "TEMPLATE_LIMIT_S", 0.2)
+    ckpt = checkpoint(tmp_path)
+    loops = "{% for i in range(2000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}"  # seconds, not 0.2
+    _with_template(ckpt, loops + "{{ messages[0]['content'] }}")
+    with pytest.raises(BackendError, match=r"its chat template took more than 0\.2 s to render one conversation"):
+        KindVersion.create("hf", {"path": str(ckpt)})
+    _with_template(ckpt, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert KindVersion.create("hf", {"path": str(ckpt)}).version.startswith("hf-")  # a sound one, in time
+
+
 class _NotATensor:
     pass
 
