@@ -117,6 +117,26 @@ def test_an_answer_sent_a_byte_at_a_time_is_a_timeout(hostile: Any) -> None:
     assert {r.reason for r in results} == {"connection_error: TimeoutError"}
 
 
+def test_close_accounts_for_a_batch_stuck_in_an_exchange(hostile: Any) -> None:
+    """A server that takes the request and never answers (within the client's timeout): close()
+    returned with the batch in flight still pending, neither sent nor failed, for good."""
+
+    def silent() -> Reply:
+        time.sleep(5)  # longer than close() waits, shorter than the client's timeout
+        return 200, {"Content-Type": "application/json"}, iter([b"{}"]), 0.0
+
+    results: list[Result] = []
+    c = Client(hostile(silent), "tok", on_result=results.append, flush_interval_s=0.01, timeout_s=60, max_retries=0)
+    for i in range(3):
+        c.log(ep(i))
+    time.sleep(0.3)  # the batch is in its exchange
+    t0 = time.monotonic()
+    stats = c.close(timeout_s=0.2)
+    assert time.monotonic() - t0 < 2
+    assert stats.pending == 0 and stats.failed == 3 and stats.enqueued == 3
+    assert [(r.status, r.reason) for r in results] == [("failed", "closed")] * 3
+
+
 def test_a_2xx_that_is_not_the_ingest_apis_answer_stores_nothing(hostile: Any) -> None:
     """A proxy's page, a wrong path: the episodes counted as accepted and were lost without a word."""
     page = b"<html><body>Welcome to nginx!</body></html>"

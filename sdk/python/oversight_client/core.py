@@ -33,18 +33,29 @@ class Delivery:
         # Set by close() past its timeout: stop retrying, fail what is left.
         self.abandon = threading.Event()
         self._open: dict[int, Item] = {}
+        # The sender reports results; close() may fail what it still holds (give_up) meanwhile.
+        self._lock = threading.Lock()
 
     def begin(self, batch: list[Item]) -> None:
-        self._open = {id(i): i for i in batch}
+        with self._lock:
+            self._open = {id(i): i for i in batch}
 
     def end(self) -> None:
         """Whatever the transport did not report (it raised) failed: every episode is accounted for."""
-        for item in list(self._open.values()):
-            self.result(item, "failed", "internal_error")
+        self.give_up("internal_error")
+
+    def give_up(self, reason: str) -> None:
+        """Fail every episode of the batch in flight not reported yet; a result the transport reports
+        for one later is ignored (close() calls this when the sender is stuck in an exchange)."""
+        with self._lock:
+            items, self._open = list(self._open.values()), {}
+        for item in items:
+            self._finish(item, "failed", reason, None)
 
     def result(self, item: Item, status: Status, reason: str | None = None, detail: str | None = None) -> None:
-        if self._open.pop(id(item), None) is None:
-            return  # reported already
+        with self._lock:
+            if self._open.pop(id(item), None) is None:
+                return  # reported already
         self._finish(item, status, reason, detail)
 
     def dropped(self, item: Item) -> None:
@@ -182,7 +193,9 @@ class BaseClient:
     def close(self, timeout_s: float | None = 30.0) -> Stats:
         """Flush, stop the sender and release the connection; later ``log()`` calls raise.
 
-        Past ``timeout_s`` the sender stops retrying and what is left counts as ``failed``.
+        Past ``timeout_s`` the sender stops retrying and what is left counts as ``failed``; past
+        twice ``timeout_s``, so does a batch still in an exchange (a server that never answers: the
+        sender thread is left to it, and whatever it reports later is ignored).
         Idempotent; also runs at interpreter exit and when a ``with`` block ends.
         """
         with self._close_lock:
@@ -194,6 +207,9 @@ class BaseClient:
                 if self._thread.is_alive():
                     self._delivery.abandon.set()
                     self._thread.join(timeout_s)
+                if self._thread.is_alive():
+                    self._delivery.give_up("closed")
+                    self._fail(self._buffer.drain(), "closed")
                 self._transport.close()
         return self.stats
 
