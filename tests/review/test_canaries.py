@@ -384,6 +384,7 @@ def test_migration_0011_up_and_down(db_url: str) -> None:
     store.close()
 
 
+@pytest.mark.slow  # about 45 s: a simulated reviewer pool end to end
 def test_simulated_reviewers_recover_sensitivity_and_gain(sqlite_url: str) -> None:
     """End to end: simulated reviewers of known skill label a queue with canaries at a high share
     under a two-condition experiment; the report recovers each configured sensitivity (control)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 OVERSIGHT = [sys.executable, "-m", "monitor.cli"]
 TINY = ["--set", "max_length=32", "--set", "max_prompt_tokens=8", "--set", "epochs=1", "--set", "val_fraction=0"]
 
@@ -16,6 +18,7 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OVERSIGHT, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow  # about 25 s: the CLI trains and evaluates end to end
 def test_rm_pairs_train_eval(tmp_path: Path) -> None:
     pairs = tmp_path / "hh.jsonl"
     out = run("rm", "pairs", "--source", "hh_rlhf", "--split", "test", "--limit", "24", "--out", str(pairs))
