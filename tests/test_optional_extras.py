@@ -107,16 +107,16 @@ def test_without_alibi_a_disabled_embedding_channel_may_keep_the_name() -> None:
     load_settings(None, ["drift.enabled=false", 'drift.embedding.detectors=["mmd"]'])
 
 
+def cli_without(package: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``oversight ARGS`` in a child process where ``package`` cannot be imported."""
+    code = f"import sys\nsys.modules[{package!r}] = None\nfrom monitor.cli import main\nsys.exit(main({args!r}))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=cwd
+    )
+
+
 def test_the_cli_says_which_extra_without_a_traceback(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['alibi_detect'] = None\n"
-        "from monitor.cli import main\n"
-        "sys.exit(main(['config', 'show', '--set', 'drift.embedding.detectors=[\"lsdd\"]']))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path
-    )
+    out = cli_without("alibi_detect", ["config", "show", "--set", 'drift.embedding.detectors=["lsdd"]'], tmp_path)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert "pip install 'oversight-monitor[alibi]'" in out.stderr
@@ -146,15 +146,7 @@ def test_without_the_postgres_driver_a_postgresql_url_is_rejected_when_read(
 
 
 def test_the_cli_names_the_postgres_extra_without_a_traceback(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['psycopg'] = None\n"
-        "from monitor.cli import main\n"
-        "sys.exit(main(['config', 'show', '--db', 'postgresql://oversight@db:5432/oversight']))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path
-    )
+    out = cli_without("psycopg", ["config", "show", "--db", "postgresql://oversight@db:5432/oversight"], tmp_path)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert "pip install 'oversight-monitor[postgres]'" in out.stderr and "database" in out.stderr
