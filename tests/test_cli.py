@@ -73,6 +73,8 @@ def test_no_heavy_imports_at_cli_import() -> None:
     assert out.stdout.strip() == "[]"
 
 
+# End to end (two replays of the bundled traffic, about 30 s): make test-slow.
+@pytest.mark.slow
 def test_replay_report_is_deterministic(tmp_path: Path) -> None:
     data = bundled_traffic()
     reports = []
