@@ -16,16 +16,17 @@ where that column alone ran past 15 minutes. Even there it may be slower than fp
 auto`` chooses it only where a bf16 product is timed faster (the JSON's ``precision_auto``).
 
 And an episode sampled for both, at the default backends on CPU (the reward model PyTorch, in bf16
-where ``auto`` chooses it; the drift encoder ONNX int8): episodes/s with two passes (score, then
-embed) and with one (the score's pass hands out the drift embedding, ``monitor/inference/shared.py``),
-and how close the shared vectors are to the drift encoder's own.
+where ``auto`` chooses it; the drift encoder PyTorch bf16 there too, else ONNX int8): episodes/s
+with two passes (score, then embed) and with one (the score's pass hands out the drift embedding,
+``monitor/inference/shared.py``), and how close the shared vectors are to the drift encoder's own.
 
 And the drift encoder as the service runs it, beside ingest: on a worker thread (ONNX Runtime held to
 every core but one, ``inference.threads``' default; PyTorch on its own pool, as the service leaves it)
 while the main thread runs a pure-Python loop, the ingest loop's stand-in (it parses a record with
 ``json.loads`` again and again, holding the interpreter lock as ingest's per-record work does).
-PyTorch eager takes the lock between operators, ONNX Runtime releases it for a whole run: the
-worker's texts/s per backend there, and the share of its rate alone that the stand-in keeps.
+PyTorch eager takes the lock between operators, ONNX Runtime and the bf16 encoder's TorchScript trace
+release it for a whole run: the worker's texts/s per backend there, and the share of its rate alone
+that the stand-in keeps.
 
 And a ceiling: one batch encoded by PyTorch eager against the same batch's weight matrix products
 alone, timed on this CPU in PyTorch fp32 (bf16 where native) and ONNX Runtime int8, interleaved.
@@ -152,7 +153,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
 
     from monitor.signals.embeddings import Embedder
 
-    drift = Embedder(backend="onnx", quantisation="int8")
+    drift = Embedder()  # drift.embedding's defaults: backend and precision auto, ONNX int8
     spec = drift.drift_pass()
     slot = None if spec is None else model.drift_slot(spec)
     assert slot is not None, "the default reward model and drift embedding share a pass"
@@ -166,6 +167,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     cos = (own * shared).sum(1)
     return {
         "rm_precision": "bf16" if model.runner is not None else "fp32",
+        "drift_backend": "onnx int8" if drift.resolved == "onnx" else f"torch {drift.resolved_precision}",
         "episodes_per_s": interleaved(runs, len(prompts), repeat),
         "cosine_to_own_min": round(float(np.min(cos)), 4),
         "cosine_to_own_mean": round(float(np.mean(cos)), 5),
@@ -389,8 +391,8 @@ def main() -> int:
     both = reward["both_channels"]
     eps = both["episodes_per_s"]
     print(
-        f"sampled for drift and rm (rm torch {both['rm_precision']}, drift onnx int8): episodes/s two passes "
-        f"{eps['two_passes']}, "
+        f"sampled for drift and rm (rm torch {both['rm_precision']}, drift {both['drift_backend']}): episodes/s "
+        f"two passes {eps['two_passes']}, "
         f"one pass {eps['one_pass']} ({eps['one_pass'] / eps['two_passes']:.2f}x); shared vectors' cosine to the "
         f"drift encoder's own: min {both['cosine_to_own_min']}, mean {both['cosine_to_own_mean']}"
     )

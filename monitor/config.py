@@ -564,7 +564,9 @@ class EmbeddingDriftConfig(_Model):
         None, description="a local transformers encoder directory; default: the bundled MiniLM"
     )
     backend: Literal["auto", "onnx", "torch"] = Field(
-        "auto", description="auto: PyTorch on CUDA when present, else ONNX Runtime (exported at first use, cached)"
+        "auto",
+        description="auto: PyTorch on CUDA when present; on a CPU where precision resolves to bf16, PyTorch bf16; "
+        "else ONNX Runtime (exported at first use, cached)",
     )
     quantisation: Literal["int8", "fp32"] = Field(
         "int8", description="ONNX weights (int8: SmoothQuant; the feed-forward output projection per token)"
@@ -849,7 +851,7 @@ class RewardConfig(_Model):
     backend: Literal["auto", "onnx", "torch"] = Field(
         "torch",
         description="scoring encoder: torch, onnx (ONNX Runtime, exported per version and cached), "
-        "or auto (PyTorch on CUDA when present, else ONNX Runtime)",
+        "or auto (PyTorch on CUDA when present or where precision resolves to bf16, else ONNX Runtime)",
     )
     quantisation: Literal["int8", "fp32"] = Field("fp32", description="ONNX encoder weights for scoring")
     precision: Literal["auto", "fp32", "bf16"] = Field(

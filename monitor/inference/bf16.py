@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -52,6 +53,13 @@ CPUINFO = Path("/proc/cpuinfo")
 #: How many times as fast as fp32 a bf16 product must run for ``auto`` to choose bf16: a margin
 #: over the timing's noise on a shared host, and over what the encoder does besides its products.
 MIN_GAIN = 1.2
+#: How many times as fast as fp32 a bf16 product must run for a backend ``auto`` to choose PyTorch
+#: bf16 over ONNX Runtime int8 (:func:`bf16_outruns_int8`). ONNX Runtime's int8 products ran 2.6x
+#: PyTorch fp32's on a Xeon without AMX and 4.5x on one with AMX (``bench/encoder.py``'s ceiling),
+#: so bf16 must beat about 3x: on the AMX Xeon its products ran 7.5x fp32's and the bf16 encoder
+#: 1.9x the int8 one; on an AMD EPYC with AVX512-BF16 but no AMX (another session) the bf16
+#: encoder ran 0.9x the int8 one, its products 0.64x int8's.
+INT8_GAIN = 3.0
 #: The timed product: a batch of 8 sequences of 128 tokens through a MiniLM feed-forward input
 #: projection (384 -> 1536), as ``torch.nn.functional.linear`` runs the encoder's.
 PROBE_SHAPE = (1024, 384, 1536)
@@ -92,25 +100,41 @@ def resolve_precision(precision: str, device: str) -> Literal["fp32", "bf16"]:
     return "bf16" if precision == "bf16" or bf16_is_faster() else "fp32"
 
 
-@cache
 def bf16_is_faster() -> bool:
     """Whether this process's PyTorch runs an encoder-sized bf16 product at least :data:`MIN_GAIN`
-    times as fast as fp32 on the CPU: never where the CPU has no native bf16 (there it is emulated,
-    up to 90x slower, and not worth timing). Decided by running it, as ``int8.weight_levels`` decides
-    the int8 range, not by the flags alone (see the module); a probe that cannot run gives fp32."""
+    times as fast as fp32 on the CPU (:func:`bf16_gain`)."""
+    return bf16_gain() >= MIN_GAIN
+
+
+def bf16_outruns_int8(precision: str) -> bool:
+    """Whether an encoder on the CPU should run in PyTorch bf16 rather than ONNX Runtime int8:
+    ``precision`` ``bf16`` (asked for), or ``auto`` where a bf16 product runs at least
+    :data:`INT8_GAIN` times as fast as fp32 (AMX: the products then cost less than int8's)."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and bf16_gain() >= INT8_GAIN
+
+
+@cache
+def bf16_gain() -> float:
+    """How many times as fast as fp32 this process's PyTorch runs an encoder-sized bf16 product on
+    the CPU, timed once a process; 0 where the CPU has no native bf16 (there it is emulated, up to
+    90x slower, and not worth timing) or the probe cannot run. Decided by running it, as
+    ``int8.weight_levels`` decides the int8 range, not by the flags alone (see the module)."""
     if not native_bf16():
-        return False
+        return 0.0
     try:
         fp32, bf16 = product_seconds()
     except Exception as e:  # a torch build without CPU bf16 kernels raises its own types
         log.warning("bf16 probe failed (%s): the encoders run fp32", e)
-        return False
+        return 0.0
     gain = fp32 / bf16 if bf16 > 0 else 0.0
-    faster = gain >= MIN_GAIN
     log.info(
-        "precision auto: a bf16 product runs %.2fx fp32 on this CPU: encoders in %s", gain, "bf16" if faster else "fp32"
+        "precision auto: a bf16 product runs %.2fx fp32 on this CPU: encoders in %s",
+        gain,
+        "bf16" if gain >= MIN_GAIN else "fp32",
     )
-    return faster
+    return gain
 
 
 def product_seconds(shape: tuple[int, int, int] = PROBE_SHAPE, rounds: int = _PROBE_ROUNDS) -> tuple[float, float]:
@@ -138,12 +162,26 @@ def product_seconds(shape: tuple[int, int, int] = PROBE_SHAPE, rounds: int = _PR
 class Bf16Encoder:
     """A pooled encoder (:func:`~monitor.inference.onnx.pooled_module`) in bf16 weights on the CPU,
     called as :class:`~monitor.inference.onnx.OnnxEncoder` is. ``module`` must be the caller's own
-    copy: it is converted in place."""
+    copy: it is converted in place.
+
+    It runs as a frozen TorchScript trace (:func:`traced`) where the module traces, else eagerly
+    (``traced`` says which). Why: the service encodes on a worker thread beside the ingest loop, and
+    eager PyTorch takes the interpreter lock back between operators, each time waiting out the
+    ingest thread's switch interval; with bf16 products on AMX every operator is short, so the
+    encoder spent most of its time waiting. A TorchScript call releases the lock for the whole
+    forward, as ONNX Runtime does. On an Intel Xeon with AMX (2 cores, ``bench/encoder.py``'s
+    drift workload beside a busy Python thread) the eager bf16 encoder ran 34-36 texts/s, the
+    trace 109-119, alone both about 270; the ingest stand-in kept 0.94-0.97 of its rate in both."""
 
     def __init__(self, module: Any):
         import torch
 
-        self.module = module.to(device="cpu", dtype=torch.bfloat16).eval()
+        module = module.to(device="cpu", dtype=torch.bfloat16).eval()
+        config = getattr(getattr(module, "encoder", None), "config", None)
+        self.attention = str(getattr(config, "_attn_implementation", ""))  # what the trace runs
+        script = traced(module)
+        self.traced = script is not None
+        self.module = module if script is None else script
         self._lock = threading.Lock()  # one module: callers on several threads take turns
 
     def run(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
@@ -153,3 +191,37 @@ class Bf16Encoder:
         with self._lock, torch.inference_mode():
             out = self.module(ids, mask, types)
         return out.float().numpy()
+
+
+def example_inputs() -> tuple[Any, Any, Any]:
+    """A batch to trace with: token ids valid in any vocabulary, and one padded row, so that the
+    trace keeps the attention mask (a mask of ones alone could let a model skip it)."""
+    import torch
+
+    ids = torch.tensor([[1, 5, 6, 2], [1, 5, 2, 0]])
+    return ids, (ids != 0).long(), torch.zeros_like(ids)
+
+
+def traced(module: Any) -> Any | None:
+    """``module`` traced with :func:`example_inputs` and frozen, or None where it cannot be (a
+    model whose forward the tracer cannot follow, or whose trace does not give the module's own
+    output on the example): the caller runs it eagerly then, slower beside ingest but the same
+    function. Dynamic batch and sequence sizes hold as for the ONNX export, which traces the same
+    module the same way."""
+    import torch
+
+    example = example_inputs()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns at every Python-level branch on a tensor; transformers' own checks
+            # (padding, causal flags) do not depend on the batch for an encoder with a mask.
+            warnings.simplefilter("ignore")
+            script = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False).eval())  # type: ignore[no-untyped-call]
+            same = torch.allclose(script(*example).float(), module(*example).float(), atol=1e-2, rtol=1e-2)
+    except Exception as e:  # the tracer raises many types (RuntimeError, TypeError, its own)
+        log.warning("bf16 encoder runs eagerly: it could not be traced (%s)", e)
+        return None
+    if not same:
+        log.warning("bf16 encoder runs eagerly: its trace does not reproduce it")
+        return None
+    return script

@@ -392,7 +392,7 @@ class RewardModel:
 
         self.runner = None
         encoder = self.encoder
-        if resolve_backend(backend) == "torch":
+        if resolve_backend(backend, precision) == "torch":
             if resolve_precision(precision, self.device) == "bf16":
                 copied = copy.deepcopy(encoder).cpu().eval()
                 self.runner = Bf16Encoder(pooled_module(copied, self.pool_indices(), normalize=False, attention="sdpa"))

@@ -114,7 +114,7 @@ class Embedder:
         from transformers import AutoTokenizer
 
         self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
-        self.resolved = resolve_backend(self.backend)
+        self.resolved = resolve_backend(self.backend, self.precision)
         if self.resolved == "onnx":
             try:
                 self._runner = load_encoder(

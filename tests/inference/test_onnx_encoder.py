@@ -141,12 +141,24 @@ def test_corrupt_cache_file_is_rebuilt(cache: Path, damage: str, caplog: pytest.
     assert (again.path.parent / MODEL).stat().st_size > 1000
 
 
-def test_auto_is_torch_on_cuda_and_onnx_on_cpu() -> None:
+@pytest.mark.parametrize(("gain", "on_cpu"), [(0.0, "onnx"), (2.0, "onnx"), (7.5, "torch")])
+def test_auto_is_torch_on_cuda_and_amx_cpus_and_onnx_on_other_cpus(
+    monkeypatch: pytest.MonkeyPatch, gain: float, on_cpu: str
+) -> None:
+    """``gain``: how many times as fast as fp32 a bf16 product runs (none, AVX512-BF16, AMX)."""
     import torch
 
-    assert resolve_backend("auto") == ("torch" if torch.cuda.is_available() else "onnx")
+    from monitor.inference import bf16
+
+    monkeypatch.setattr(bf16, "bf16_gain", lambda: gain)
+    cpu = "torch" if torch.cuda.is_available() else on_cpu
+    assert resolve_backend("auto", "auto") == cpu
+    # Asked for fp32, the CPU's fastest is ONNX int8 whatever bf16 does; asked for bf16, PyTorch runs it.
+    plain = "torch" if torch.cuda.is_available() else "onnx"
+    assert resolve_backend("auto") == resolve_backend("auto", "fp32") == plain
+    assert resolve_backend("auto", "bf16") == "torch"
     assert resolve_backend("torch") == "torch"
-    assert resolve_backend("onnx") == "onnx"
+    assert resolve_backend("onnx", "bf16") == "onnx"
     with pytest.raises(ValueError, match="unknown inference backend"):
         resolve_backend("tpu")
 
