@@ -24,9 +24,11 @@ And the drift encoder as the service runs it, beside ingest: on a worker thread 
 every core but one, ``inference.threads``' default; PyTorch on its own pool, as the service leaves it)
 while the main thread runs a pure-Python loop, the ingest loop's stand-in (it parses a record with
 ``json.loads`` again and again, holding the interpreter lock as ingest's per-record work does).
-PyTorch eager takes the lock between operators, ONNX Runtime and the bf16 encoder's TorchScript trace
-release it for a whole run: the worker's texts/s per backend there, and the share of its rate alone
-that the stand-in keeps.
+PyTorch eager takes the lock between operators, ONNX Runtime and the TorchScript traces
+(``monitor/inference/traced.py``) release it for a whole run: the worker's texts/s per backend there,
+and the share of its rate alone that the stand-in keeps. The reward model's scorer the same way, with
+one more column, ``torch traced``: the fp32 trace that ``reward.backend: torch`` (the default) scores
+with on a CPU where bf16 is not faster.
 
 And a ceiling: one batch encoded by PyTorch eager against the same batch's weight matrix products
 alone, timed on this CPU in PyTorch fp32 (bf16 where native) and ONNX Runtime int8, interleaved.
@@ -51,7 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,7 @@ def reward_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[
     out["texts_per_s"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
     for name in backends()[1:]:
         out[f"{name}_score_corr"] = round(float(np.corrcoef(scores["torch"], scores[name])[0, 1]), 5)
+    out["beside_ingest"] = reward_beside_ingest_bench(model, prompts, responses, repeat)
     out["both_channels"] = shared_bench(model, prompts, responses, repeat)
     return out
 
@@ -151,9 +154,10 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     """An episode sampled for drift and rm, at the default backends: two passes against one."""
     import numpy as np
 
-    from monitor.signals.embeddings import Embedder
+    from monitor.config import EmbeddingDriftConfig
+    from monitor.signals.embeddings import embedder_for
 
-    drift = Embedder()  # drift.embedding's defaults: backend and precision auto, ONNX int8
+    drift = embedder_for(EmbeddingDriftConfig())  # drift.embedding's defaults: backend and precision auto
     spec = drift.drift_pass()
     slot = None if spec is None else model.drift_slot(spec)
     assert slot is not None, "the default reward model and drift embedding share a pass"
@@ -166,7 +170,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     }
     cos = (own * shared).sum(1)
     return {
-        "rm_precision": "bf16" if model.runner is not None else "fp32",
+        "rm_precision": model.runner.precision,
         "drift_backend": "onnx int8" if drift.resolved == "onnx" else f"torch {drift.resolved_precision}",
         "episodes_per_s": interleaved(runs, len(prompts), repeat),
         "cosine_to_own_min": round(float(np.min(cos)), 4),
@@ -177,8 +181,6 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
 def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
     """The drift encoder on a worker thread while the main thread runs the ingest loop's stand-in
     (see the module's docstring): the worker's texts/s and the stand-in's kept share, medians."""
-    import threading
-
     from monitor.signals.embeddings import Embedder
 
     threads = max(1, (os.cpu_count() or 2) - 1)  # the embedding worker's inference.threads default
@@ -191,6 +193,34 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
     emb = {name: every[name]() for name in backends()}
     for e in emb.values():
         e.embed_episodes(prompts[:32], responses[:32])  # load (the cache is warm) and warm
+    runs = {name: partial(e.embed_episodes, prompts, responses) for name, e in emb.items()}
+    return {"onnx_threads": threads, **beside_busy_thread(runs, prompts, responses, repeat)}
+
+
+def reward_beside_ingest_bench(model: Any, prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
+    """The reward model scoring on a worker thread beside the stand-in, as the service's scorer does:
+    PyTorch eager (the model's own encoder), the traced fp32 copy that ``reward.backend: torch`` runs
+    on a CPU without fast bf16, the traced bf16 one, and ONNX Runtime."""
+    names = ("torch", "torch-traced", *backends()[1:])
+    models = {name: model.clone() for name in names}
+    for name, m in models.items():
+        if name == "torch-traced":
+            m.use_backend("torch", precision="fp32")
+        else:
+            use(m, name)
+        m.score(prompts[:32], responses[:32], batch_size=32)  # load and warm
+    runs = {name: partial(m.score, prompts, responses, 32) for name, m in models.items()}
+    return beside_busy_thread(runs, prompts, responses, repeat)
+
+
+def beside_busy_thread(
+    runs: Mapping[str, Callable[[], Any]], prompts: list[str], responses: list[str], repeat: int
+) -> dict[str, Any]:
+    """Each of ``runs`` (encoding ``prompts``) on a worker thread while this thread runs the ingest
+    loop's stand-in, interleaved ``repeat`` times: the worker's texts/s and the share of its rate
+    alone that the stand-in keeps, medians."""
+    import threading
+
     record = json.dumps({"prompt": prompts[0], "response": responses[0], "metadata": {"k": 1}})
 
     def spin(stop: threading.Event) -> float:
@@ -205,14 +235,14 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
     timer = threading.Timer(2.0, alone_stop.set)
     timer.start()
     alone = spin(alone_stop)
-    rates: dict[str, list[float]] = {k: [] for k in emb}
-    kept: dict[str, list[float]] = {k: [] for k in emb}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    kept: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeat):
-        for name, e in emb.items():
+        for name, fn in runs.items():
             stop, took = threading.Event(), list[float]()
 
-            def work(e: Any = e, stop: threading.Event = stop, took: list[float] = took) -> None:
-                took.append(_timed(partial(e.embed_episodes, prompts, responses)))
+            def work(fn: Callable[[], Any] = fn, stop: threading.Event = stop, took: list[float] = took) -> None:
+                took.append(_timed(fn))
                 stop.set()
 
             worker = threading.Thread(target=work)
@@ -221,7 +251,6 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
             worker.join()
             rates[name].append(len(prompts) / took[0])
     return {
-        "onnx_threads": threads,
         "texts_per_s": {k: round(statistics.median(v), 1) for k, v in rates.items()},
         "ingest_stand_in_kept": {k: round(statistics.median(v), 3) for k, v in kept.items()},
     }
@@ -230,7 +259,8 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
 def use(model: Any, name: str) -> None:
     backend, _, kind = name.partition("-")
     if backend == "torch":
-        model.use_backend("torch", precision="bf16" if kind == "bf16" else "fp32")
+        # The baseline is PyTorch eager, the model's own encoder; torch-bf16 is the service's traced copy.
+        model.use_backend("torch", precision="bf16" if kind == "bf16" else "fp32", eager=kind != "bf16")
     else:
         model.use_backend("onnx", "int8" if kind == "int8" else "fp32")
 
@@ -386,6 +416,14 @@ def main() -> int:
         + ", ".join(
             f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})"
             for b in backends()
+        )
+    )
+    beside = reward["beside_ingest"]
+    tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
+    print(
+        "reward beside a busy ingest thread (the scorer on a worker thread): texts/s "
+        + ", ".join(
+            f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})" for b in tps
         )
     )
     both = reward["both_channels"]

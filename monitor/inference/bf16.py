@@ -21,9 +21,8 @@ of eager attention, drift embeddings ran 201.4 texts/s against 65.0 in fp32 (3.1
 scoring 224.9 against 72.0 (3.12x), at a minimum cosine of 0.9999 and the same held-out accuracy.
 
 What runs is :func:`monitor.inference.onnx.pooled_module` (the function the ONNX export traces, with
-SDPA attention here) in bf16 weights, with the pooling itself in fp32, behind the ``run`` of an ONNX
-Runtime encoder: numpy int64 arrays in, float32 pooled states out. The caller keeps its fp32
-encoder for training.
+SDPA attention here) in bf16 weights, with the pooling itself in fp32, as a TorchScript trace
+(:class:`~monitor.inference.traced.TracedEncoder`). The caller keeps its fp32 encoder for training.
 
 >>> resolve_precision("fp32", "cpu"), resolve_precision("bf16", "cpu")
 ('fp32', 'bf16')
@@ -36,13 +35,11 @@ encoder for training.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import warnings
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -157,71 +154,3 @@ def product_seconds(shape: tuple[int, int, int] = PROBE_SHAPE, rounds: int = _PR
                 torch.nn.functional.linear(a, b)
                 best[dtype] = min(best[dtype], time.perf_counter() - t0)
     return best[torch.float32], best[torch.bfloat16]
-
-
-class Bf16Encoder:
-    """A pooled encoder (:func:`~monitor.inference.onnx.pooled_module`) in bf16 weights on the CPU,
-    called as :class:`~monitor.inference.onnx.OnnxEncoder` is. ``module`` must be the caller's own
-    copy: it is converted in place.
-
-    It runs as a frozen TorchScript trace (:func:`traced`) where the module traces, else eagerly
-    (``traced`` says which). Why: the service encodes on a worker thread beside the ingest loop, and
-    eager PyTorch takes the interpreter lock back between operators, each time waiting out the
-    ingest thread's switch interval; with bf16 products on AMX every operator is short, so the
-    encoder spent most of its time waiting. A TorchScript call releases the lock for the whole
-    forward, as ONNX Runtime does. On an Intel Xeon with AMX (2 cores, ``bench/encoder.py``'s
-    drift workload beside a busy Python thread) the eager bf16 encoder ran 34-36 texts/s, the
-    trace 109-119, alone both about 270; the ingest stand-in kept 0.94-0.97 of its rate in both."""
-
-    def __init__(self, module: Any):
-        import torch
-
-        module = module.to(device="cpu", dtype=torch.bfloat16).eval()
-        config = getattr(getattr(module, "encoder", None), "config", None)
-        self.attention = str(getattr(config, "_attn_implementation", ""))  # what the trace runs
-        script = traced(module)
-        self.traced = script is not None
-        self.module = module if script is None else script
-        self._lock = threading.Lock()  # one module: callers on several threads take turns
-
-    def run(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-        import torch
-
-        ids, mask, types = (torch.as_tensor(a, dtype=torch.long) for a in (input_ids, attention_mask, token_type_ids))
-        with self._lock, torch.inference_mode():
-            out = self.module(ids, mask, types)
-        return out.float().numpy()
-
-
-def example_inputs() -> tuple[Any, Any, Any]:
-    """A batch to trace with: token ids valid in any vocabulary, and one padded row, so that the
-    trace keeps the attention mask (a mask of ones alone could let a model skip it)."""
-    import torch
-
-    ids = torch.tensor([[1, 5, 6, 2], [1, 5, 2, 0]])
-    return ids, (ids != 0).long(), torch.zeros_like(ids)
-
-
-def traced(module: Any) -> Any | None:
-    """``module`` traced with :func:`example_inputs` and frozen, or None where it cannot be (a
-    model whose forward the tracer cannot follow, or whose trace does not give the module's own
-    output on the example): the caller runs it eagerly then, slower beside ingest but the same
-    function. Dynamic batch and sequence sizes hold as for the ONNX export, which traces the same
-    module the same way."""
-    import torch
-
-    example = example_inputs()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # The tracer warns at every Python-level branch on a tensor; transformers' own checks
-            # (padding, causal flags) do not depend on the batch for an encoder with a mask.
-            warnings.simplefilter("ignore")
-            script = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False).eval())  # type: ignore[no-untyped-call]
-            same = torch.allclose(script(*example).float(), module(*example).float(), atol=1e-2, rtol=1e-2)
-    except Exception as e:  # the tracer raises many types (RuntimeError, TypeError, its own)
-        log.warning("bf16 encoder runs eagerly: it could not be traced (%s)", e)
-        return None
-    if not same:
-        log.warning("bf16 encoder runs eagerly: its trace does not reproduce it")
-        return None
-    return script

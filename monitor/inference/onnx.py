@@ -218,7 +218,7 @@ def pooled_module(
     with every key masked, which a mask that always keeps ``[CLS]`` never has. ONNX Runtime runs
     that ``Where`` with its generic broadcasting kernel: a quarter of the int8 encoder's time in a
     profile of 256 real episodes (``python bench/encoder.py`` gains 1.3x on int8). A module run by
-    PyTorch itself (:class:`~monitor.inference.bf16.Bf16Encoder`) asks for ``attention="sdpa"``:
+    PyTorch itself (:class:`~monitor.inference.traced.TracedEncoder`) asks for ``attention="sdpa"``:
     PyTorch's fused attention kernel, where eager attention materialises the scores and the
     probabilities in four separate operators (see :func:`set_attention`). Callers pass an encoder of
     their own (a fresh load or a copy), since the switch stays on it."""

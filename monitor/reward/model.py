@@ -45,10 +45,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from monitor.inference.bf16 import Bf16Encoder, resolve_precision
+from monitor.inference.bf16 import resolve_precision
 from monitor.inference.onnx import Quantisation
 from monitor.inference.pairs import encode_pairs, pad_pairs
 from monitor.inference.shared import DriftPass
+from monitor.inference.traced import TracedEncoder
 from monitor.reward.features import (
     FEATURE_NAMES,
     FEATURES_BY_VERSION,
@@ -205,7 +206,7 @@ class RewardModel:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.device = default_device() if device in (None, "auto") else str(device)
         # What encodes and pools a batch when it is not ``encoder`` itself (use_backend): an ONNX
-        # Runtime session, or a bf16 copy of the encoder on a CPU with native bf16.
+        # Runtime session, or a traced copy of the encoder on the CPU (fp32 or bf16).
         self.runner: Any = None
         self._base_sha256: str | None = None
         self._to_device()
@@ -381,21 +382,31 @@ class RewardModel:
 
     # --- scoring -----------------------------------------------------------------------------
 
-    def use_backend(self, backend: str = "auto", quantisation: Quantisation = "fp32", precision: str = "fp32") -> str:
-        """Score with ONNX Runtime (``onnx``; ``auto`` on a machine without CUDA) or PyTorch; returns
-        the backend in use. The encoder and pooling are exported as they are now, cached by
+    def use_backend(
+        self,
+        backend: str = "auto",
+        quantisation: Quantisation = "fp32",
+        precision: str = "fp32",
+        *,
+        eager: bool = False,
+    ) -> str:
+        """Score with ONNX Runtime (``onnx``; ``auto`` on a machine without CUDA and AMX) or PyTorch;
+        returns the backend in use. The encoder and pooling are exported as they are now, cached by
         ``content_id`` (one export per version); the head stays in PyTorch. With PyTorch on the CPU,
-        ``precision`` (:func:`monitor.inference.bf16.resolve_precision`) may give a bf16 copy of the
-        encoder for scoring. Training never goes through here: a model trained further must call
-        this again."""
+        scoring runs a copy of the encoder as a TorchScript trace (:mod:`monitor.inference.traced`:
+        it leaves the interpreter lock to the ingest loop while it runs), in bf16 where ``precision``
+        (:func:`monitor.inference.bf16.resolve_precision`) gives it; ``eager`` keeps the model's own
+        fp32 encoder, run eagerly (the benchmarks' PyTorch-eager baseline). Training never goes
+        through here: a model trained further must call this again."""
         from monitor.inference.onnx import load_encoder, pooled_module, resolve_backend
 
         self.runner = None
         encoder = self.encoder
         if resolve_backend(backend, precision) == "torch":
-            if resolve_precision(precision, self.device) == "bf16":
+            if self.device == "cpu" and not eager:
                 copied = copy.deepcopy(encoder).cpu().eval()
-                self.runner = Bf16Encoder(pooled_module(copied, self.pool_indices(), normalize=False, attention="sdpa"))
+                module = pooled_module(copied, self.pool_indices(), normalize=False, attention="sdpa")
+                self.runner = TracedEncoder(module, resolve_precision(precision, self.device))
             return "torch"
         self.runner = load_encoder(
             self.content_id(),

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from monitor.data import calibration_pairs
-from monitor.inference.bf16 import Bf16Encoder, Precision, resolve_precision
+from monitor.inference.bf16 import Precision, resolve_precision
 from monitor.inference.onnx import Backend, Quantisation, file_sha256, load_encoder, pooled_module, resolve_backend
 from monitor.inference.pairs import encode_pairs, pad_pairs
 from monitor.inference.shared import DriftPass
+from monitor.inference.traced import TracedEncoder
 
 if TYPE_CHECKING:
     from monitor.config import EmbeddingDriftConfig
@@ -139,7 +140,8 @@ class Embedder:
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         self.resolved_precision = resolve_precision(self.precision, self._device)
         if self.resolved_precision == "bf16":
-            self._runner = Bf16Encoder(pooled_module(self._torch_model(), [-1], normalize=True, attention="sdpa"))
+            module = pooled_module(self._torch_model(), [-1], normalize=True, attention="sdpa")
+            self._runner = TracedEncoder(module, "bf16")
             return
         self._model = self._torch_model().to(self._device)
 

@@ -7,17 +7,16 @@ runs on every machine; which precision ``auto`` picks is tested on given flag se
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from inference.test_onnx_encoder import real_episodes
 from monitor.inference import bf16
-from monitor.inference.bf16 import Bf16Encoder, cpu_flags, native_bf16, resolve_precision
+from monitor.inference.bf16 import cpu_flags, native_bf16, resolve_precision
+from monitor.inference.traced import TracedEncoder
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -108,7 +107,7 @@ def test_drift_embeddings_in_bf16_keep_the_fp32_direction() -> None:
     ref = ref_enc.embed_episodes(prompts, responses)
     got_enc = Embedder(backend="torch", precision="bf16")
     got = got_enc.embed_episodes(prompts, responses)
-    assert ref_enc.resolved_precision == "fp32" and isinstance(got_enc._runner, Bf16Encoder)
+    assert ref_enc.resolved_precision == "fp32" and isinstance(got_enc._runner, TracedEncoder)
     assert got_enc._runner.attention == "sdpa"  # fused: the faster one
     assert got_enc._runner.traced  # a TorchScript call: the interpreter lock is free while it runs
     assert got_enc.resolved_precision == "bf16" and got.dtype == np.float32
@@ -167,107 +166,3 @@ def test_an_encoder_without_fused_attention_keeps_eager() -> None:
     assert set_attention(model, "sdpa") == "eager"
     assert set_attention(tiny_bert(), "sdpa") == "sdpa"
     assert set_attention(object(), "sdpa") == "unchanged"
-
-
-def shapes() -> list[tuple[Any, Any, Any]]:
-    """Batches unlike the trace's example: one row without padding, rows padded to several lengths,
-    a longer sequence."""
-    rng = np.random.default_rng(0)
-    out = []
-    for rows, length, pads in ((1, 3, [0]), (3, 9, [0, 4, 7]), (5, 40, [0, 1, 20, 30, 38])):
-        ids = rng.integers(3, 200, size=(rows, length))
-        for r, pad in enumerate(pads):
-            ids[r, length - pad :] = 0
-        ids[:, 0] = 1
-        out.append((ids, (ids != 0).astype(np.int64), np.zeros_like(ids)))
-    return out
-
-
-def test_the_trace_computes_the_eager_module_on_batches_of_any_shape() -> None:
-    import torch
-
-    from inference.test_onnx_encoder import tiny_bert
-    from monitor.inference.onnx import pooled_module
-
-    eager = pooled_module(tiny_bert(), [0, -1], normalize=False, attention="sdpa").to(dtype=torch.bfloat16)
-    enc = Bf16Encoder(pooled_module(tiny_bert(), [0, -1], normalize=False, attention="sdpa"))
-    assert enc.traced and isinstance(enc.module, torch.jit.ScriptModule) and enc.attention == "sdpa"
-    for ids, mask, types in shapes():
-        with torch.no_grad():
-            want = eager(*(torch.from_numpy(a) for a in (ids, mask, types))).float().numpy()
-        got = enc.run(ids, mask, types)
-        assert got.shape == want.shape == (len(ids), 64) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
-        # The mask is in the trace: a padded row's padding changes nothing.
-        if mask[-1].min() == 0:
-            keep = int(mask[-1].sum())
-            alone = enc.run(ids[-1:, :keep], mask[-1:, :keep], types[-1:, :keep])
-            np.testing.assert_allclose(alone[0], got[-1], atol=2e-2, rtol=2e-2)
-
-
-def test_a_module_that_cannot_be_traced_runs_eagerly(caplog: pytest.LogCaptureFixture) -> None:
-    import torch
-
-    class Counting(torch.nn.Module):
-        """Its output depends on Python state, which a trace bakes in: the trace disagrees with it."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, ids: Any, mask: Any, types: Any) -> Any:
-            self.calls += 1
-            return ids.float() + self.calls
-
-    class Untraceable(torch.nn.Module):
-        def forward(self, ids: Any, mask: Any, types: Any) -> Any:
-            return {"not": "a tensor"}
-
-    with caplog.at_level(logging.WARNING, logger="monitor.inference.bf16"):
-        broken = Bf16Encoder(Untraceable())
-    assert not broken.traced and "could not be traced" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="monitor.inference.bf16"):
-        counting = Bf16Encoder(Counting())
-    assert not counting.traced and "does not reproduce" in caplog.text
-    ids, mask, types = shapes()[1]
-    # Eager, it still encodes: the same function, only slower beside ingest.
-    assert counting.run(ids, mask, types).shape == ids.shape
-
-
-def test_the_traced_encoder_leaves_the_interpreter_lock_to_other_threads() -> None:
-    """While a thread encodes, a Python thread that never blocks keeps running: the forward holds no
-    interpreter lock (eager PyTorch would take it back between operators, every time waiting out
-    the spinning thread's switch interval, here 50 ms: seconds for this model's operators)."""
-    import sys
-    import threading
-    import time
-
-    from inference.test_onnx_encoder import tiny_bert
-    from monitor.inference.onnx import pooled_module
-
-    enc = Bf16Encoder(pooled_module(tiny_bert(), [-1], normalize=True, attention="sdpa"))
-    ids, mask, types = shapes()[2]
-    enc.run(ids, mask, types)  # warm: the first runs of a trace profile it
-    enc.run(ids, mask, types)
-    took: list[float] = []
-
-    def work() -> None:
-        t0 = time.perf_counter()
-        enc.run(ids, mask, types)
-        took.append(time.perf_counter() - t0)
-
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.05)
-    try:
-        worker = threading.Thread(target=work)
-        worker.start()
-        deadline = time.perf_counter() + 30
-        while worker.is_alive() and time.perf_counter() < deadline:
-            pass  # pure Python: gives the lock up only at the switch interval
-        worker.join()
-    finally:
-        sys.setswitchinterval(before)
-    # A handful of switch intervals (the call's own Python before and after the forward), not one
-    # per operator: the eager module took 3.2 s here, on an AMX Xeon.
-    assert took and took[0] < 1.5, took

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.inference.bf16 import Bf16Encoder
+from monitor.inference.traced import TracedEncoder
 
 
 def test_a_reward_model_scores_in_bf16_as_in_fp32(small_models: dict[str, Any], alpaca_split: Any) -> None:
@@ -20,14 +20,20 @@ def test_a_reward_model_scores_in_bf16_as_in_fp32(small_models: dict[str, Any], 
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     ref = np.array(model.score(prompts, responses))
     ref_acc = evaluate(model, pairs)["pairwise_accuracy"]
-    assert model.use_backend("torch", precision="bf16") == "torch" and isinstance(model.runner, Bf16Encoder)
+    assert model.use_backend("torch", precision="bf16") == "torch" and isinstance(model.runner, TracedEncoder)
+    assert model.runner.precision == "bf16"
     assert model.runner.attention == "sdpa" and model.runner.traced  # fused attention, no interpreter lock
     got = np.array(model.score(prompts, responses))
     assert np.corrcoef(ref, got)[0, 1] > 0.999
     # Within 0.5 points, the ONNX gate's tolerance (one flipped pair of 160 would be 0.625).
     assert abs(evaluate(model, pairs)["pairwise_accuracy"] - ref_acc) <= 0.005 + 1e-9
-    assert model.use_backend("torch", precision="fp32") == "torch" and model.runner is None
+    # fp32 on the CPU: a traced copy too (it frees the interpreter lock), the same scores as eager.
+    assert model.use_backend("torch", precision="fp32") == "torch"
+    fp32: TracedEncoder = model.runner
+    assert fp32.precision == "fp32" and fp32.traced
     np.testing.assert_allclose(model.score(prompts, responses), ref, rtol=1e-5, atol=1e-5)
+    assert model.use_backend("torch", precision="fp32", eager=True) == "torch" and model.runner is None
+    np.testing.assert_allclose(model.score(prompts, responses), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_reward_precision_reaches_the_scoring_backend(small_models: dict[str, Any], tmp_path: Path) -> None:
@@ -35,8 +41,8 @@ def test_reward_precision_reaches_the_scoring_backend(small_models: dict[str, An
     from monitor.reward.scorer import load_version
 
     small_models["trained"].save(tmp_path / "v1")
-    for precision, runner in (("bf16", True), ("fp32", False)):
+    for precision in ("bf16", "fp32"):
         settings = load_settings(None, ["dev=true", f"reward.precision={precision}"])
         backend: Any = load_version(settings.reward, tmp_path / "v1", None)
-        assert isinstance(backend.model.runner, Bf16Encoder) is runner, precision
+        assert isinstance(backend.model.runner, TracedEncoder) and backend.model.runner.precision == precision
         assert len(backend.model.score(["What is 2+2?"], ["4"])) == 1

@@ -168,8 +168,9 @@ def load_backend(
         from monitor.reward.model import RewardModel
 
         model = RewardModel.load(root, device=device)
-        # The built-in encoder in ONNX Runtime, or in bf16 on a CPU with native bf16 (reward.backend,
-        # reward.quantisation, reward.precision); PyTorch fp32 as loaded otherwise.
+        # The built-in encoder in ONNX Runtime, or a TorchScript trace of it on the CPU, in bf16 where
+        # the CPU multiplies bf16 faster (reward.backend, reward.quantisation, reward.precision); on a
+        # GPU, PyTorch as loaded.
         model.use_backend(backend, "int8" if quantisation == "int8" else "fp32", precision)
         return BuiltinBackend(model, batch_size)
     rec = json.loads((root / KIND_FILE).read_text(encoding="utf-8"))
