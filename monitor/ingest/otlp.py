@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
+import math
 import re
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -200,8 +202,10 @@ def _proto_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
         if len(value) > limits.max_value_chars:
             raise _Reject("oversize", f"an attribute value of {len(value)} characters")
         return value if kind == "string_value" else value.hex()
-    if kind in ("bool_value", "int_value", "double_value"):
+    if kind in ("bool_value", "int_value"):
         return getattr(v, kind)
+    if kind == "double_value":
+        return _finite_or_name(v.double_value)
     if kind is None:
         return None
     if depth >= limits.max_depth:
@@ -214,10 +218,7 @@ def _proto_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
 def decode_json(body: bytes, limits: OtlpLimits) -> list[Span]:
     """The OTLP/JSON encoding: lowerCamelCase fields (snake_case accepted), hex trace and span ids,
     64-bit integers as strings or numbers."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:  # invalid UTF-8, lone surrogates, > 1,024 levels: all end here
-        raise OtlpError(400, f"invalid JSON: {str(e)[:200]}") from None
+    doc = _loads(body)
     if not isinstance(doc, dict):
         raise OtlpError(400, "an ExportTraceServiceRequest must be a JSON object")
     out: list[Span] = []
@@ -229,6 +230,57 @@ def decode_json(body: bytes, limits: OtlpLimits) -> list[Span]:
             out.extend(_json_span(sp, resource, limits) for sp in spans)
     _check_ids(out)
     return out
+
+
+# orjson's refusal of a number past the double range (``1e999``, ``-1e999``).
+_OUT_OF_DOUBLE_RANGE = "number is infinity when parsed as double"
+
+
+def _loads(body: bytes) -> Any:
+    """The request's JSON document. orjson refuses a whole body for one number past the double
+    range, which the protobuf JSON mapping reads as an infinite double (a ``doubleValue`` may hold
+    one): one such attribute, in any span, made the export a 400. Such a body is parsed again by
+    Python's parser, which reads it so, and held to what orjson holds a body to (invalid UTF-8,
+    lone surrogates, the ``NaN`` and ``Infinity`` literals, nesting past the parser's depth: 400)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:  # invalid UTF-8, lone surrogates, > 1,024 levels: all end here
+        if _OUT_OF_DOUBLE_RANGE not in str(e):
+            raise OtlpError(400, f"invalid JSON: {str(e)[:200]}") from None
+    try:
+        doc = json.loads(body.decode("utf-8"), parse_constant=_no_constant, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise OtlpError(400, f"invalid JSON: {str(e)[:200]}") from None
+    _check_strings(doc)
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _bounded_int(text: str) -> int | float:
+    """An integer as orjson reads it: exact within 64 bits, a double past that (never ``int()`` of
+    thousands of digits, which Python refuses past 4,300 and computes in quadratic time below)."""
+    return int(text) if len(text) <= 20 else float(text)
+
+
+def _check_strings(doc: Any) -> None:
+    """Every key and string of ``doc`` encodes as UTF-8 (Python's parser lets an escaped lone
+    surrogate through; no episode holding one can be written)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise OtlpError(400, "invalid JSON: a string holds a lone surrogate") from None
 
 
 def _get(obj: dict[str, Any], camel: str) -> Any:
@@ -335,9 +387,12 @@ def _json_attributes(kvs: Any, limits: OtlpLimits, errors: list[_Reject] | None 
 _JSON_SCALARS: dict[str, type | tuple[type, ...]] = {
     "stringValue": str,
     "boolValue": bool,
-    "doubleValue": (int, float),
     "bytesValue": str,
 }
+# The strings the protobuf JSON mapping writes for a double that is not a finite number, and a
+# number in a string, which the mapping also accepts for a double.
+_DOUBLE_NAMES = ("NaN", "Infinity", "-Infinity")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
 def _json_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
@@ -347,14 +402,8 @@ def _json_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
         raise _Reject("invalid_value", "an AnyValue must be an object with one field")
     (key, value), = v.items()  # fmt: skip
     key = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key)
-    if key in _JSON_SCALARS:
-        if not isinstance(value, _JSON_SCALARS[key]):
-            raise _Reject("invalid_value", f"{key} has the wrong type")
-        if isinstance(value, str) and len(value) > limits.max_value_chars:
-            raise _Reject("oversize", f"an attribute value of {len(value)} characters")
-        return value
-    if key == "intValue":
-        return _signed_int(value)
+    if key in _JSON_SCALARS or key in ("intValue", "doubleValue"):
+        return _json_scalar(key, value, limits)
     if depth >= limits.max_depth:
         raise _Reject("too_deep", f"an attribute nested deeper than {limits.max_depth} levels")
     if key == "arrayValue" and isinstance(value, dict):
@@ -367,6 +416,40 @@ def _json_value(v: Any, limits: OtlpLimits, depth: int) -> Any:
             out[kv["key"][:256]] = _json_value(kv.get("value"), limits, depth + 1)
         return out
     raise _Reject("invalid_value", f"unknown AnyValue field {key[:40]!r}")
+
+
+def _json_scalar(key: str, value: Any, limits: OtlpLimits) -> Any:
+    """The value of a scalar AnyValue field (``key`` in lowerCamelCase)."""
+    if key == "intValue":
+        return _signed_int(value)
+    if key == "doubleValue":
+        return _double(value)
+    if not isinstance(value, _JSON_SCALARS[key]):
+        raise _Reject("invalid_value", f"{key} has the wrong type")
+    if isinstance(value, str) and len(value) > limits.max_value_chars:
+        raise _Reject("oversize", f"an attribute value of {len(value)} characters")
+    return value
+
+
+def _double(value: Any) -> float | str:
+    """A ``doubleValue``: a JSON number, or a string the protobuf JSON mapping allows for a double
+    (a number, ``NaN``, ``Infinity``, ``-Infinity``; exporters write the names, since JSON has no
+    such numbers, and a span holding one was refused as a wrong type)."""
+    if isinstance(value, str) and value in _DOUBLE_NAMES:
+        return value
+    if isinstance(value, str) and len(value) <= 400 and _JSON_NUMBER.fullmatch(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Reject("invalid_value", "doubleValue must be a number, NaN, Infinity or -Infinity")
+    return value if isinstance(value, int) else _finite_or_name(value)  # an integer as before: JSON has one number
+
+
+def _finite_or_name(value: float) -> float | str:
+    """A double as an episode can hold it: a finite one as it is, another by the protobuf JSON
+    mapping's name for it (orjson would write null in its place, a value the span did not hold)."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
 def _signed_int(value: Any) -> int:

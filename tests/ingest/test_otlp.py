@@ -350,8 +350,22 @@ def _post(url: str, body: bytes, ctype: str = "application/x-protobuf", **header
         (b'{"resourceSpans": "x"}', "application/json", 400),
         (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"spanId": "zz"}]}]}]}', "application/json", 400),
         (b"{}", "text/plain", 415),
+        # Past the double range, the body is parsed again (see the doubles test): held to the same rules.
+        (b'{"resourceSpans": [], "x": 1e999, "y": "\\ud800"}', "application/json", 400),
+        (b'{"resourceSpans": [], "x": 1e999, "y": NaN}', "application/json", 400),
+        (b'{"resourceSpans": [], "x": 1e999, "y": "\xff"}', "application/json", 400),
     ],
-    ids=["garbage-protobuf", "invalid-utf8-json", "deep-json-body", "wrong-type", "bad-span-id", "content-type"],
+    ids=[
+        "garbage-protobuf",
+        "invalid-utf8-json",
+        "deep-json-body",
+        "wrong-type",
+        "bad-span-id",
+        "content-type",
+        "huge-number-and-lone-surrogate",
+        "huge-number-and-nan-literal",
+        "huge-number-and-invalid-utf8",
+    ],
 )
 def test_malformed_requests_get_a_4xx(
     server: tuple[str, Receiver, CollectorRegistry], body: bytes, ctype: str, status: int
@@ -440,6 +454,51 @@ def test_integers_beyond_64_bits_reject_their_span_not_the_request(
     late = _json_span("00000000000000ff", ok, startTimeUnixNano="18446744073709551616")
     r = _post(url, json.dumps(_json_request([late])).encode(), "application/json")
     assert r.status_code == 400 and "startTimeUnixNano" in r.json()["message"]
+
+
+def test_doubles_past_the_range_or_by_name_keep_the_request_and_their_span(
+    server: tuple[str, Receiver, CollectorRegistry],
+) -> None:
+    """One ``doubleValue`` of 1e999, in any span, made orjson refuse the whole export (a 400 for every
+    span); and the names the protobuf JSON mapping gives a double that is not finite ("NaN",
+    "Infinity"), which exporters write, refused their span as a wrong type."""
+    url, receiver, registry = server
+    ok = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    values = ['"NaN"', '"Infinity"', '"-Infinity"', '"2.5"', "1e999", "-1e999", "0.25", "7", '"abc"', "true", '"1e5x"']
+    refused = 3  # the last three
+    spans = [_json_span(f"{0x40 + i:016x}", ok) for i in range(len(values))]
+    for i, span in enumerate(spans):
+        span["attributes"].append({"key": "x", "value": {"doubleValue": f"@{i}@"}})
+    body = json.dumps(_json_request(spans))
+    for i, v in enumerate(values):
+        body = body.replace(f'"@{i}@"', v)
+    before = spans_metric(registry, "rejected")
+    r = _post(url, body.encode(), "application/json")
+    assert r.status_code == 200, r.text
+    assert r.json()["partialSuccess"]["rejectedSpans"] == str(refused)
+    assert "doubleValue must be a number" in r.json()["partialSuccess"]["errorMessage"]
+    assert spans_metric(registry, "rejected") - before == refused
+    for span in spans[:-refused]:
+        assert episode_id("5b8efff798038103d269b633813fc60c", span["spanId"]) in receiver.records
+
+
+def test_a_double_that_is_not_finite_is_kept_by_its_name_in_both_encodings() -> None:
+    """orjson writes a NaN or an infinity as null: an episode would hold a value its span did not."""
+    from monitor.ingest.otlp import decode_json, decode_protobuf
+
+    attrs = {"a": "1e999", "b": '"NaN"', "c": "-0.5", "d": "3", "e": "-1e999"}
+    span = _json_span("00000000000000a1", {})
+    span["attributes"] = [{"key": k, "value": {"doubleValue": f"@{k}@"}} for k in attrs]
+    body = json.dumps(_json_request([span]))
+    for k, v in attrs.items():
+        body = body.replace(f'"@{k}@"', v)
+    (got,) = decode_json(body.encode(), OtlpLimits())
+    assert got.attrs == {"a": "Infinity", "b": "NaN", "c": -0.5, "d": 3, "e": "-Infinity"}
+    assert got.error is None
+    doubles = {"a": float("inf"), "b": float("nan"), "c": -0.5, "e": float("-inf")}
+    pb = _pb_request([_pb_span(b"\x01" * 8, {k: AnyValue(double_value=v) for k, v in doubles.items()})])
+    (got,) = decode_protobuf(pb.SerializeToString(), OtlpLimits())
+    assert got.attrs == {"a": "Infinity", "b": "NaN", "c": -0.5, "e": "-Infinity"}
 
 
 def test_a_conversation_past_the_message_limit_is_refused_while_it_is_built() -> None:
