@@ -25,6 +25,12 @@ INBOX_SOURCE = "inbox"  # the inbox source's name: its position is offsets[("inb
 INSERT_CHUNK = 500  # rows per INSERT statement (5 parameters each: under SQLite's 32,766)
 
 
+#: How far ahead of the purge's clock a consumed inbox row's time may be and still wait for its
+#: retention: a day of clock skew between the writer and the purging replica. Past it (NaN and
+#: Infinity included), the time is not one, and the consumed row goes at the next purge.
+FUTURE_SLACK_S = 86_400.0
+
+
 @dataclass(frozen=True, slots=True)
 class InboxRow:
     episode_id: str
@@ -131,11 +137,21 @@ class Inbox:
 
     def purge(self, older_than_s: float, now: float | None = None) -> int:
         """Delete consumed rows (below the committed position) received more than ``older_than_s``
-        ago; the number deleted."""
-        cutoff = (time.time() if now is None else now) - older_than_s
+        ago, and consumed rows whose time is past :data:`FUTURE_SLACK_S` ahead of ``now``; the
+        number deleted.
+
+        The second kind: no writer of this build leaves such a time, but a row written by hand or
+        by a tool with NaN or Infinity (PostgreSQL orders NaN above every number) was never older
+        than any cutoff, and stayed for good; its episode was read at its own time as now
+        (``_inbox_record``)."""
+        now = time.time() if now is None else now
+        cutoff = now - older_than_s
         pos = self.position()
+        received = t.inbox.c.received_at
         with self.store.engine.begin() as conn:
-            res = conn.execute(t.inbox.delete().where(t.inbox.c.id < pos, t.inbox.c.received_at < cutoff))
+            res = conn.execute(
+                t.inbox.delete().where(t.inbox.c.id < pos, sa.or_(received < cutoff, received > now + FUTURE_SLACK_S))
+            )
         return int(res.rowcount or 0)
 
     def count(self) -> int:

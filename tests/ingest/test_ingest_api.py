@@ -686,6 +686,39 @@ def test_an_inbox_row_the_reader_cannot_convert_is_a_dead_letter_and_an_oversize
     store.close()
 
 
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_consumed_inbox_rows_with_a_time_that_is_not_one_are_purged(
+    db: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A row written by hand or by another tool with NaN or Infinity as its time (PostgreSQL orders
+    NaN above every number) was never older than a purge's cutoff: kept for good once consumed."""
+    from monitor.store.ingest import FUTURE_SLACK_S, InboxRow
+
+    url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+    settings = load_settings(None, ["dev=true", f"database.url={url}", f"dead_letter.path={tmp_path / 'd.jsonl'}"])
+    store = Store(url)
+    inbox = Inbox(store)
+    now = time.time()
+    times = {"old": now - 7200, "fresh": now - 60, "skewed": now + 600, "far": now + 2 * FUTURE_SLACK_S}
+    inbox.insert(
+        [InboxRow(name, "s", json.dumps(episode(i, "s")).encode(), ts) for i, (name, ts) in enumerate(times.items())]
+    )
+    odd = ["'NaN'::float8", "'Infinity'::float8"] if db == "postgres" else []
+    with store.engine.begin() as c:
+        for k, value in enumerate(odd):
+            raw = json.dumps(episode(10 + k, "s"))
+            c.execute(
+                sa.text(f"INSERT INTO inbox (episode_id, stream, raw, received_at) VALUES (:e, 's', :r, {value})"),
+                {"e": f"odd{k}", "r": raw.encode()},
+            )
+    assert run_pipeline(settings, store).records == len(times) + len(odd)  # read, each at its own time or now
+    assert inbox.purge(3600, now=now) == 2 + len(odd)  # the old one, and the times that are not one
+    with store.engine.connect() as c:
+        kept = {r[0] for r in c.execute(sa.text("SELECT episode_id FROM inbox"))}
+    assert kept == {"fresh", "skewed"}  # within retention, and a clock ahead by less than a day
+    store.close()
+
+
 def test_a_read_of_the_inbox_that_hangs_makes_the_source_not_ready() -> None:
     """A database frozen by a storage stall answers nothing and raises nothing: /readyz said ready
     throughout. A read in flight past the stall timeout now says not ready."""
