@@ -6,6 +6,7 @@ nothing stored."""
 from __future__ import annotations
 
 import gzip
+import socket
 import threading
 import time
 import tracemalloc
@@ -115,6 +116,56 @@ def test_an_answer_sent_a_byte_at_a_time_is_a_timeout(hostile: Any) -> None:
     results, stats, took = _send(url, timeout_s=1.0)
     assert took < 6 and stats.pending == 0
     assert {r.reason for r in results} == {"connection_error: TimeoutError"}
+
+
+@pytest.fixture
+def header_drip() -> Iterator[str]:
+    """A STAND-IN server that reads a request, then sends its status line and a header a byte every
+    0.2 s for 12 s: each of the client's reads gets a byte within its timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = conn.recv(65536)
+                if not piece:
+                    return
+                head += piece
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+                for _ in range(60):
+                    if stop.is_set():
+                        return
+                    conn.sendall(b"x")
+                    time.sleep(0.2)
+            except OSError:
+                return  # the client hung up: what the test wants
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_headers_sent_a_byte_at_a_time_are_a_timeout(header_drip: str) -> None:
+    """The status line and headers are read inside httpx, whose timeout bounds each read: headers
+    sent a byte every 0.2 s held the sender (and every batch behind it) for as long as they came."""
+    results, stats, took = _send(header_drip, timeout_s=1.0)
+    assert took < 6 and stats.pending == 0 and stats.failed == 3
+    assert {r.reason for r in results} == {"connection_error: TimeoutError"}
+    # Retried on a new connection, and cut again at each deadline.
+    results, stats, took = _send(header_drip, timeout_s=1.0, max_retries=2)
+    assert took < 10 and stats.failed == 3 and stats.requests == 3
 
 
 def test_close_accounts_for_a_batch_stuck_in_an_exchange(hostile: Any) -> None:

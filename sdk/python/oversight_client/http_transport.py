@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,7 +71,11 @@ class HttpTransport:
             hdrs["Authorization"] = f"Bearer {token}"
         self._url = endpoint(url)
         self._timeout_s = timeout_s
-        self._http = httpx.Client(timeout=timeout_s, headers=hdrs, transport=transport)
+        # One connection: the sender posts one batch at a time, so the socket the last connection
+        # opened is the one an exchange reads from (see _exchange).
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._http = httpx.Client(timeout=timeout_s, headers=hdrs, transport=transport, limits=limits)
+        self._socket: socket.socket | None = None
 
     def deliver(self, batch: list[Item], ctx: Delivery) -> None:
         stack = [batch]
@@ -108,20 +115,53 @@ class HttpTransport:
     def _exchange(self, body: bytes) -> Answer:
         """One request, its answer read up to ``MAX_ANSWER_BYTES`` (decompressed) and within
         ``timeout_s`` of its start. httpx's timeout bounds each read: an answer sent a byte every
-        two seconds held the sender, and every batch behind it, for good."""
+        two seconds held the sender, and every batch behind it, for good. The body's reads check
+        the deadline between pieces; the status line and headers are read inside httpx, so a
+        watchdog shuts the connection's socket down at the deadline, which ends the read there
+        (a transport given to the client opens no socket of ours: only the body is bounded then)."""
         deadline = time.monotonic() + self._timeout_s
-        with self._http.stream("POST", self._url, content=body) as resp:
-            chunks: list[bytes] = []
-            size = 0
-            for piece in resp.iter_bytes():
-                chunks.append(piece)
-                size += len(piece)
-                if size > MAX_ANSWER_BYTES:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the answer still arriving after {self._timeout_s} s")
-            data = b"".join(chunks)
-            return Answer(resp.status_code, resp.headers, data[:MAX_ANSWER_BYTES], size <= MAX_ANSWER_BYTES)
+        cut = threading.Event()
+        watchdog = threading.Timer(self._timeout_s, self._hang_up, (cut,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            with self._http.stream("POST", self._url, content=body, extensions={"trace": self._trace}) as resp:
+                chunks: list[bytes] = []
+                size = 0
+                for piece in resp.iter_bytes():
+                    chunks.append(piece)
+                    size += len(piece)
+                    if size > MAX_ANSWER_BYTES:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the answer still arriving after {self._timeout_s} s")
+                if cut.is_set():  # the shutdown ends a body read to the connection's end as an end
+                    raise TimeoutError(f"no complete answer within {self._timeout_s} s")
+                data = b"".join(chunks)
+                return Answer(resp.status_code, resp.headers, data[:MAX_ANSWER_BYTES], size <= MAX_ANSWER_BYTES)
+        except httpx.HTTPError:
+            if cut.is_set():
+                raise TimeoutError(f"no complete answer within {self._timeout_s} s") from None
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook: remembers the socket of each new connection."""
+        if event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            self._socket = sock if isinstance(sock, socket.socket) else None
+
+    def _hang_up(self, cut: threading.Event) -> None:
+        """The exchange's deadline: its connection's socket is shut down (the connection is not
+        reused after the error it gives; the next exchange opens another)."""
+        sock = self._socket
+        if sock is None:
+            return
+        cut.set()
+        with contextlib.suppress(OSError):  # already closed: the exchange is over
+            sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._http.close()
