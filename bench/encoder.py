@@ -170,7 +170,7 @@ def shared_bench(model: Any, prompts: list[str], responses: list[str], repeat: i
     }
     cos = (own * shared).sum(1)
     return {
-        "rm_precision": model.runner.precision,
+        "rm_precision": "fp32" if model.runner is None else model.runner.precision,  # None: CUDA, as loaded
         "drift_backend": "onnx int8" if drift.resolved == "onnx" else f"torch {drift.resolved_precision}",
         "episodes_per_s": interleaved(runs, len(prompts), repeat),
         "cosine_to_own_min": round(float(np.min(cos)), 4),
