@@ -35,6 +35,9 @@ from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
+#: Token counts are padded to a multiple of this (:func:`bucketed`): 8 lengths up to 128 tokens.
+LENGTH_STEP = 16
+
 
 class TracedEncoder:
     """A pooled encoder (:func:`~monitor.inference.onnx.pooled_module`) on the CPU in ``precision``,
@@ -57,10 +60,36 @@ class TracedEncoder:
     def run(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
         import torch
 
-        ids, mask, types = (torch.as_tensor(a, dtype=torch.long) for a in (input_ids, attention_mask, token_type_ids))
+        rows = len(input_ids)
+        batch = bucketed(*(torch.as_tensor(a, dtype=torch.long) for a in (input_ids, attention_mask, token_type_ids)))
         with self._lock, torch.inference_mode():
-            out = self.module(ids, mask, types)
-        return out.float().numpy()
+            out = self.module(*batch)
+        return out[:rows].float().numpy()
+
+
+def bucketed(ids: Any, mask: Any, types: Any) -> tuple[Any, Any, Any]:
+    """A batch padded to one of few shapes: rows to a power of two (copies of the first row, whose
+    outputs the caller drops), tokens to a multiple of :data:`LENGTH_STEP` (masked out).
+
+    Why: PyTorch on the CPU keeps memory per input shape it has run (oneDNN's primitive cache and
+    the allocator's pools), and the workers' batches come in every size (what waits, up to 32) and
+    length: on an AMX Xeon, 3,000 batches of random shapes (1-32 rows, 3-128 tokens) took the bf16
+    MiniLM encoder from 0.7 to 2.9 GB, still growing, eager or traced alike; the same batches
+    bucketed stayed flat after their warm-up (see the CHANGELOG). The outputs of the real rows do
+    not change: a masked token is no key of any other."""
+    import torch
+
+    rows, length = ids.shape
+    to_rows = 1 << max(0, rows - 1).bit_length()
+    to_length = -(-length // LENGTH_STEP) * LENGTH_STEP
+    if (to_rows, to_length) == (rows, length):
+        return ids, mask, types
+    pad = to_length - length
+    ids, mask, types = (torch.nn.functional.pad(a, (0, pad)) for a in (ids, mask, types))
+    if to_rows > rows:
+        extra = to_rows - rows
+        ids, mask, types = (torch.cat([a, a[:1].expand(extra, -1)]) for a in (ids, mask, types))
+    return ids, mask, types
 
 
 def example_inputs() -> tuple[Any, Any, Any]:

@@ -82,7 +82,7 @@ def test_a_module_that_cannot_be_traced_runs_eagerly(caplog: pytest.LogCaptureFi
     assert not counting.traced and "does not reproduce" in caplog.text
     ids, mask, types = shapes()[1]
     # Eager, it still encodes: the same function, only slower beside ingest.
-    assert counting.run(ids, mask, types).shape == ids.shape
+    assert counting.run(ids, mask, types).shape[0] == len(ids)
 
 
 @PRECISIONS
@@ -140,3 +140,25 @@ def test_tracing_a_transformers_model_prints_nothing(capfd: pytest.CaptureFixtur
     err = capfd.readouterr().err
     assert "loss_type" not in err and err == "", err
     assert logging.getLogger("transformers").level == before  # given back: transformers warns elsewhere
+
+
+def test_batches_are_padded_to_few_shapes_and_keep_their_rows() -> None:
+    """PyTorch keeps memory per input shape it has run: 3,000 batches of random shapes took the bf16
+    encoder from 0.7 to 2.9 GB. Bucketed, every batch of 1-32 rows and 1-128 tokens is one of 48."""
+    import torch
+
+    from monitor.inference.traced import LENGTH_STEP, bucketed
+
+    seen = set()
+    rng = np.random.default_rng(1)
+    for rows in range(1, 33):
+        for length in range(1, 129):
+            ids = torch.from_numpy(rng.integers(1, 200, size=(rows, length)))
+            mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+            b_ids, b_mask, b_types = bucketed(ids, mask, types)
+            seen.add(tuple(b_ids.shape))
+            assert b_ids.shape == b_mask.shape == b_types.shape
+            assert torch.equal(b_ids[:rows, :length], ids) and torch.equal(b_mask[:rows, :length], mask)
+            assert int(b_mask[:rows, length:].sum()) == 0  # the added tokens are masked out
+            assert torch.equal(b_ids[rows:], b_ids[:1].expand(len(b_ids) - rows, -1))  # copies of a real row
+    assert len(seen) == 6 * (128 // LENGTH_STEP)
