@@ -19,6 +19,10 @@ service that has been running pays per record (from empty, the ``signals`` run i
 detector builds). Both inputs are then drawn at random from the bundled traffic (a stationary
 mixture), so that no shift makes a signal warm up and build again in the timed run.
 ``--drift-steady``: the drift monitor alone, a batch at once against one episode at a time.
+``--state-writes``: the service path (as ``oversight run`` builds it: detectors built in the
+background, embeddings on the inference worker) at the default settings from an empty database,
+references filling: the bytes of stream state each batch's checkpoint writes (JSON, what the
+store encodes), on average, at most and in all.
 
 Prints a table per configuration and one JSON line ``{"bench": "hot_path", ...}``.
 """
@@ -36,6 +40,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -179,6 +184,51 @@ def drift_steady(data: Path, episodes: int) -> dict[str, float]:
     return out
 
 
+def state_writes(data: Path, tmp: str) -> dict[str, float]:
+    """Bytes of stream state (drift, sampling) each batch's checkpoint writes on the service path
+    over ``data`` from an empty database, at the default settings and built as ``oversight run``
+    builds itself (detectors built in the background while the values wait, embeddings on the
+    inference worker): what the filling references and the waiting values cost every batch
+    (``monitor/drift/reference.py``, ``waiting.py``)."""
+    from prometheus_client import CollectorRegistry
+
+    from monitor.config import load_settings
+    from monitor.service import build_service
+    from monitor.store import BatchWrite, Store
+
+    sizes: list[int] = []
+    real = Store.commit_batch
+
+    def counting(store: Store, batch: BatchWrite, *, timeout_s: float | None = None) -> None:
+        if batch.states:
+            sizes.append(sum(len(json.dumps(v)) for v in batch.states.values()))
+        real(store, batch, timeout_s=timeout_s)
+
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            "source.kind=file",
+            f"source.path={data}",
+            f"database.url=sqlite:///{tmp}/state-writes.sqlite",
+            f"dead_letter.path={tmp}/state-writes-dlq.jsonl",
+        ],
+    )
+    with mock.patch.object(Store, "commit_batch", counting):
+        svc = build_service(settings, serve=False, registry=CollectorRegistry(), background_calibration=True)
+        try:
+            stats = svc.pipeline.run(svc.pipeline.stop_event)
+        finally:
+            svc.close()
+    return {
+        "episodes": int(stats.records),
+        "batches": len(sizes),
+        "state_kb_per_batch": round(sum(sizes) / max(1, len(sizes)) / 1e3, 1),
+        "state_kb_max": round(max(sizes, default=0) / 1e3, 1),
+        "state_mb": round(sum(sizes) / 1e6, 1),
+    }
+
+
 def kmmd_state_bytes(ref_rows: int) -> dict[str, int]:
     """What the embedding detector (``kmmd``, defaults, float32 MiniLM-sized inputs) writes: its whole
     snapshot, and the part a checkpoint writes at every batch (``snapshot_parts``: no reference)."""
@@ -206,6 +256,11 @@ def main() -> int:
         action="store_true",
         help="time each configuration on a database an untimed replay of as many other episodes warmed"
         " (references full, detectors built: a service that has been running), not from empty",
+    )
+    ap.add_argument(
+        "--state-writes",
+        action="store_true",
+        help="also count the stream state the checkpoints write, default settings from an empty database",
     )
     args = ap.parse_args()
     out: dict[str, Any] = {}
@@ -246,6 +301,13 @@ def main() -> int:
             print(
                 f"embedding detector (kmmd, 200 x 384 reference): snapshot {d['kmmd_snapshot_bytes']:,} bytes,"
                 f" {d['kmmd_per_batch_bytes']:,} bytes of it written per batch"
+            )
+        if args.state_writes:
+            out["state_writes"] = w = state_writes(data, tmp)
+            print(
+                "\nstream state written by the checkpoints (the service path, default settings, from an empty"
+                f" database): {w['episodes']:,} episodes in {w['batches']} batches, {w['state_kb_per_batch']} KB"
+                f" a batch on average, {w['state_kb_max']} KB at most, {w['state_mb']} MB in all"
             )
     print(json.dumps({"bench": "hot_path", **out}))
     return 0

@@ -12,6 +12,8 @@ BENCHES = [
     ["replay.py", "--drift", "--episodes", "10000", "--repeat", "1"],
     # ~2 minutes: microseconds per record by area (cProfile), and the built drift monitor per episode
     ["hot_path.py", "--configs", "core,signals", "--drift-steady"],
+    # ~30 s past the core run: the stream state the service path's checkpoints write from an empty database
+    ["hot_path.py", "--configs", "core", "--state-writes"],
     # ~2 minutes: the same on a warm database (detectors built: what a running service pays per record)
     ["hot_path.py", "--configs", "core,signals", "--steady"],
     ["drift.py"],

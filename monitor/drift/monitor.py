@@ -49,8 +49,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from monitor.config import DriftConfig, InferenceConfig
+from monitor.drift.reference import pack_reference, ref_component, unpack_reference
 from monitor.drift.static import pack_static, static_component, unpack_static
-from monitor.drift.waiting import At, WaitingValues, chunk_component, pack_ref, unpack_ref
+from monitor.drift.waiting import At, WaitingValues, chunk_component
 from monitor.episodes import Episode
 from monitor.inference.shared import DriftPass, SharedVectors, embed_sharing
 from monitor.metrics import Metrics
@@ -101,6 +102,11 @@ class SignalState:
     # The SHA-256 of the static part (transform, references) as stored, once the first checkpoint
     # after the build wrote it (monitor/drift/static.py); None: still to be written.
     static: str | None = None
+    # Chunks of ``ref`` handed to a checkpoint (or read from one): not written again
+    # (monitor/drift/reference.py).
+    ref_sealed: int = 0
+    # ``static`` and its signature, which every checkpoint writes: signed once, not per batch.
+    static_signed: tuple[str, str] | None = None
 
 
 @dataclass
@@ -861,6 +867,11 @@ class DriftMonitor:
         """Chunk ``j`` of a signal's waiting values, from the store (written by an earlier checkpoint)."""
         return self._read(functools.partial(self._store.load_state, stream, chunk_component(COMPONENT, signal, j)))
 
+    def _load_ref_chunk(self, stream: str, signal: str, j: int) -> Any:
+        """Chunk ``j`` of a signal's reference, from the store (written by an earlier checkpoint)."""
+        chunk = self._read(functools.partial(self._store.load_state, stream, ref_component(COMPONENT, signal, j)))
+        return chunk.get("ref") if isinstance(chunk, dict) else None
+
     def _install_built(self) -> None:
         """At the batch boundary: install what the worker finished, so that a signal whose
         stream went quiet does not wait for its next value."""
@@ -975,11 +986,16 @@ class DriftMonitor:
         """A stream's state, and the components written apart from it (by state component, each
         written once): the chunks of waiting values filled since the last snapshot
         (``monitor/drift/waiting.py``) and the static part of a signal built since (``static.py``)."""
-        signals = {}
+        signals: dict[str, dict[str, Any]] = {}
         chunks: dict[str, dict[str, Any]] = {}
         shared: list[tuple[str, WaitingValues]] = []  # signals whose state holds their arrivals
         for signal, st in sd.signals.items():
-            signals[signal] = {"ref": pack_ref(st.ref), "cooldown": st.cooldown, "n": st.n}
+            signals[signal] = {"ref": None, "cooldown": st.cooldown, "n": st.n}
+            if st.ref is not None:
+                ref, sealed = pack_reference(st.ref, st.ref_sealed)
+                signals[signal].update(ref)
+                chunks.update((ref_component(COMPONENT, signal, j), {"ref": c}) for j, c in sealed)
+                st.ref_sealed = int(ref["ref_sealed"])
             if signal == EMBEDDING:
                 signals[signal]["embedding"] = self.embedding_id
             if st.detectors:
@@ -1014,7 +1030,9 @@ class DriftMonitor:
             transform = None if st.transform is None else st.transform.to_dict()
             content, st.static = pack_static(transform, static)
             chunks[static_component(COMPONENT, signal)] = content
-        return {"detectors": dets, "static": self._sign(st.static.encode())}
+        if st.static_signed is None or st.static_signed[0] != st.static:
+            st.static_signed = (st.static, self._sign(st.static.encode()))
+        return {"detectors": dets, "static": st.static_signed[1]}
 
     def _load(self, stream: str) -> StreamDrift:
         sd = StreamDrift()
@@ -1031,7 +1049,14 @@ class DriftMonitor:
                     log.warning("%s: the drift embedding changed since its checkpoint: warming up again", stream)
                     sd.signals[signal] = SignalState()
                     continue
-                st = SignalState(ref=unpack_ref(s.get("ref")), cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
+                try:
+                    ref = unpack_reference(s, functools.partial(self._load_ref_chunk, stream, signal))
+                except ValueError as e:  # a chunk the store does not have (whole)
+                    log.error("reference of %s/%s unreadable (%s): warming up again", stream, signal, e)
+                    sd.signals[signal] = SignalState()
+                    continue
+                st = SignalState(ref=ref, cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
+                st.ref_sealed = int(s.get("ref_sealed", 0))
                 if s.get("transform") is not None:
                     st.transform = NormalScores.from_dict(s["transform"])
                 if s.get("waiting") is not None:

@@ -7,7 +7,7 @@ loop and a JSON encoding over the whole list: quadratic in the build's length, a
 ingest thread's time in ``bench/kafka_ingest.py``. Here each value is packed once, when the first
 checkpoint after its arrival asks for it, into columns (float64 values and event times, int64
 indices: exact; vectors as float16, as vector references are). The columns are cut into chunks
-of ``CHUNK`` values: a full chunk is written once, as a state component of its own
+of ``CHUNK`` scalars or ``VECTOR_CHUNK`` vectors: a full chunk is written once, as a state component of its own
 (:func:`chunk_component`), and leaves memory; the signal's checkpoint holds only the open tail
 and the number of chunks before it. So a batch writes at most one chunk's worth per waiting
 signal, and a waiting signal holds at most about two chunks in memory, however long the build
@@ -23,7 +23,7 @@ are still read.
 >>> w.append(True, ("ep-2", 101.5, 8))
 >>> state = w.to_state()
 >>> sorted(state), w.new_chunks()
-(['f64', 'ids', 'idx', 'n', 'sealed', 'ts'], [])
+(['chunk', 'f64', 'ids', 'idx', 'n', 'sealed', 'ts'], [])
 >>> list(WaitingValues.from_state(state))
 [(0.5, ('ep-1', 100.0, 7)), (1.0, ('ep-2', 101.5, 8))]
 """
@@ -37,8 +37,14 @@ from typing import Any
 
 #: Where a value arrived: (episode id, event time, input index).
 At = tuple[str, float, int]
-#: Values per chunk written once (see the module docstring).
-CHUNK = 1024
+#: Values per chunk written once (see the module docstring): scalars, and vectors, whose rows are
+#: far larger (a 384-dimension embedding is 1 KB of base64 as float16). The open tail is what every
+#: batch rewrites: with 1,024 values a chunk, as both were cut before, it reached 1 MB a stream for
+#: the embedding and 40 KB for a text signal (its episode ids, times and indices). A checkpoint
+#: records its chunk size (``chunk``); one without it was cut at :data:`EARLIER_CHUNK`.
+CHUNK = 256
+VECTOR_CHUNK = 32
+EARLIER_CHUNK = 1024
 
 
 def chunk_component(component: str, signal: str, j: int) -> str:
@@ -63,8 +69,10 @@ class WaitingValues:
     store from that checkpoint's commit on); :meth:`items` reads them back when the detectors are
     installed. Memory per waiting signal is thus at most about two chunks, whatever the rate."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int | None = None) -> None:
+        """``chunk``: values per chunk; by default by the first value's kind (:attr:`chunk`)."""
         self._base = 0  # values before the in-memory ones: in stored chunks
+        self._chunk = chunk  # None: set by the first value
         self._items: list[tuple[Any, At]] = []  # the values from _base on
         self._packed = 0  # in-memory values already in the columns below
         self._vector: bool | None = None  # None until the first value: scalars or vectors
@@ -81,15 +89,22 @@ class WaitingValues:
     def __len__(self) -> int:
         return self._base + len(self._items)
 
+    @property
+    def chunk(self) -> int:
+        """Values per chunk: :data:`VECTOR_CHUNK` for vectors, :data:`CHUNK` for scalars (or what
+        the checkpoint it was read from says)."""
+        return CHUNK if self._chunk is None else self._chunk
+
     def items(self, load_chunk: Callable[[int], Mapping[str, Any] | None]) -> Iterator[tuple[Any, At]]:
         """Every value in order: the stored chunks through ``load_chunk(j)`` (a chunk that is
         missing raises ``ValueError``), then those in memory."""
-        for j in range(self._base // CHUNK):
+        size = self.chunk
+        for j in range(self._base // size):
             chunk = load_chunk(j)
             if chunk is None:
                 raise ValueError(f"chunk {j} of the waiting values is missing")
             part = WaitingValues.from_state(chunk)
-            if len(part) != CHUNK:
+            if len(part) != size:
                 raise ValueError(f"chunk {j} of the waiting values has {len(part)} values")
             yield from part._items
         yield from self._items
@@ -105,6 +120,8 @@ class WaitingValues:
             return
         if self._vector is None:
             self._vector = hasattr(new[0][0], "shape")
+        if self._chunk is None:
+            self._chunk = VECTOR_CHUNK if self._vector else CHUNK
         if self._vector:
             import numpy as np
 
@@ -161,9 +178,11 @@ class WaitingValues:
         """The checkpoint form: the open tail after the full chunks, and how many chunks there are.
         ``arrivals=False``: the values only (another signal's state holds the same arrivals)."""
         self._pack_new()
-        sealed = len(self) // CHUNK
-        out = self._columns(sealed * CHUNK, len(self), arrivals)
+        size = self.chunk
+        sealed = len(self) // size
+        out = self._columns(sealed * size, len(self), arrivals)
         out["sealed"] = sealed
+        out["chunk"] = size
         return out
 
     def new_chunks(self) -> list[tuple[int, dict[str, Any]]]:
@@ -172,10 +191,11 @@ class WaitingValues:
         commit is followed by a reload from the stored one (the pipeline's rule), which brings
         this count and the values back in line with the store."""
         self._pack_new()
-        sealed = len(self) // CHUNK
+        size = self.chunk
+        sealed = len(self) // size
         # The chunks before _base were handed out already (or read back from the checkpoint).
-        out = [(j, self._columns(j * CHUNK, (j + 1) * CHUNK, True)) for j in range(self._base // CHUNK, sealed)]
-        self._drop_to(sealed * CHUNK)
+        out = [(j, self._columns(j * size, (j + 1) * size, True)) for j in range(self._base // size, sealed)]
+        self._drop_to(sealed * size)
         return out
 
     @staticmethod
@@ -218,7 +238,11 @@ class WaitingValues:
             for x, a in zip(unpack_ref(w["values"]) or [], w["at"], strict=True):
                 out.append(x, (str(a[0]), a[1], int(a[2])))
             return out
-        out._base = int(w.get("sealed", 0)) * CHUNK
+        size = int(w.get("chunk", EARLIER_CHUNK))
+        if size <= 0:
+            raise ValueError(f"waiting values in chunks of {size}")
+        out = cls(size)
+        out._base = int(w.get("sealed", 0)) * size
         values = cls._values(w)
         for x, at in zip(values, cls._tail_arrivals(w, arrivals_of, len(values)), strict=True):
             out.append(x, at)

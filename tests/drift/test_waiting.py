@@ -14,7 +14,8 @@ import sqlalchemy as sa
 
 from monitor.config import load_settings
 from monitor.drift import DriftMonitor
-from monitor.drift.waiting import CHUNK, WaitingValues, chunk_component
+from monitor.drift.reference import SCALAR_CHUNK, pack_reference, ref_component, unpack_reference
+from monitor.drift.waiting import CHUNK, EARLIER_CHUNK, VECTOR_CHUNK, WaitingValues, chunk_component
 from monitor.metrics import Metrics
 from monitor.store import BatchWrite, Store
 from monitor.store import tables as t
@@ -25,7 +26,7 @@ T0 = 1_767_225_600.0
 
 def test_scalars_round_trip_exactly_and_pack_only_what_is_new() -> None:
     rng = np.random.default_rng(5)
-    xs = [float(v) for v in rng.standard_normal(300)] + [0.0, -0.0, 1e-308, 1e308, math.inf, -math.inf, 1, True]
+    xs = [float(v) for v in rng.standard_normal(CHUNK - 60)] + [0.0, -0.0, 1e-308, 1e308, math.inf, -math.inf, 1, True]
     w = WaitingValues()
     for i, x in enumerate(xs[:150]):
         w.append(x, (f"ep-{i}", T0 + i / 3, i))
@@ -234,15 +235,118 @@ def test_a_long_build_writes_chunks_once_and_a_restart_reads_them(
 
 
 def test_vector_chunks_round_trip() -> None:
-    """The embedding signal waits with vectors: chunks cut at the same rows as the arrivals."""
+    """The embedding signal waits with vectors: chunks of VECTOR_CHUNK rows (a 1 KB row each), cut at
+    the same rows as the arrivals, so a batch rewrites at most that many; the size is in the state."""
     rng = np.random.default_rng(2)
-    vecs = rng.standard_normal((CHUNK + 5, 16)).astype(np.float32)
+    vecs = rng.standard_normal((2 * VECTOR_CHUNK + 5, 16)).astype(np.float32)
     w = WaitingValues()
     for i, v in enumerate(vecs):
         w.append(v, (f"e{i}", float(i), i))
     state = w.to_state()
     chunks = [c for _, c in w.new_chunks()]
-    assert state["sealed"] == 1 and state["shape"] == [5, 16] and chunks[0]["shape"] == [CHUNK, 16]
-    back = list(WaitingValues.from_state(state).items(dict(enumerate(chunks)).get))
-    assert [at for _, at in back] == [(f"e{i}", float(i), i) for i in range(CHUNK + 5)]
-    assert np.allclose(np.stack([x for x, _ in back]), vecs, atol=2e-3, rtol=1e-3)
+    assert state["sealed"] == 2 and state["chunk"] == VECTOR_CHUNK and state["shape"] == [5, 16]
+    assert [c["shape"] for c in chunks] == [[VECTOR_CHUNK, 16]] * 2
+    back = WaitingValues.from_state(state)
+    assert back.chunk == VECTOR_CHUNK and back.new_chunks() == []  # those chunks are stored already
+    got = list(back.items(dict(enumerate(chunks)).get))
+    assert [at for _, at in got] == [(f"e{i}", float(i), i) for i in range(len(vecs))]
+    assert np.allclose(np.stack([x for x, _ in got]), vecs, atol=2e-3, rtol=1e-3)
+
+
+def test_a_checkpoint_without_its_chunk_size_was_cut_at_the_earlier_size() -> None:
+    """Checkpoints written before the size was recorded cut vectors and scalars at 1,024: read so."""
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((EARLIER_CHUNK + 3, 4)).astype(np.float32)
+    w = WaitingValues(EARLIER_CHUNK)  # as the earlier version cut them
+    for i, v in enumerate(vecs):
+        w.append(v, (f"e{i}", float(i), i))
+    state = w.to_state()
+    chunks = dict(w.new_chunks())
+    del state["chunk"]
+    back = WaitingValues.from_state(state)
+    assert back.chunk == EARLIER_CHUNK and len(back) == EARLIER_CHUNK + 3
+    assert np.allclose(np.stack([x for x, _ in back.items(chunks.get)]), vecs, atol=2e-3, rtol=1e-3)
+    back.append(vecs[0], ("later", 0.0, 0))
+    assert back.to_state()["chunk"] == EARLIER_CHUNK  # the values after it keep the stored cut
+
+
+def _monitor_ref(store: Store, ref_size: int) -> DriftMonitor:
+    s = load_settings(
+        None,
+        ["dev=true", "drift.signals={rm_score: [cusum]}", f"drift.fed_reference_size={ref_size}", "drift.ert=20000"],
+    )
+    return DriftMonitor(s.drift, store, KEY, Metrics(), boost=lambda *a: None)
+
+
+def _feed_ref(
+    mon: DriftMonitor, store: Store, xs: list[float], lo: int, hi: int, written: list[str]
+) -> list[tuple[str, int]]:
+    """Values ``lo`` to ``hi`` of rm_score and one checkpoint; the components it wrote go to ``written``."""
+    for i in range(lo, hi):
+        mon.observe_value("chat", "rm_score", xs[i], f"ep-{i}", T0 + i, i)
+    batch = BatchWrite()
+    batch.states.update(mon.checkpoint())
+    written.extend(component for _, component in batch.states)
+    mon.add_rows(batch)
+    store.commit_batch(batch)
+    return [(str(e["signal"]), int(e["input_index"])) for e in batch.drift_events]
+
+
+def test_a_filling_reference_writes_each_chunk_once_and_a_restart_reads_it_whole(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reference fills over four checkpoints and the replica stops before it is full: each
+    full chunk was written by one checkpoint only, the stream's state holds the tail, and the
+    next replica reads the reference whole: it arms at the same value and finds the same alarms
+    as a monitor that never stopped. A chunk that went missing makes the signal warm up again
+    (logged), without stopping the monitor."""
+    size = 3 * SCALAR_CHUNK + 50
+    rng = np.random.default_rng(5)
+    xs = [float(v) + (2.0 if i >= size + 300 else 0.0) for i, v in enumerate(rng.standard_normal(size + 600))]
+    cuts = [(0, 100), (100, 250), (250, 300), (300, size - 10), (size - 10, size + 600)]
+    whole_store = Store(f"sqlite:///{tmp_path / 'whole.db'}")
+    whole = _monitor_ref(whole_store, size)
+    want = [e for lo, hi in cuts for e in _feed_ref(whole, whole_store, xs, lo, hi, [])]
+    assert want and all(i >= size + 300 for _, i in want)  # the change alarms, nothing before it
+
+    store = Store(db_url)
+    first = _monitor_ref(store, size)
+    written: list[str] = []
+    got = [e for lo, hi in cuts[:4] for e in _feed_ref(first, store, xs, lo, hi, written)]
+    chunks = [c for c in written if c.startswith("drift:ref:")]
+    assert sorted(chunks) == [ref_component("drift", "rm_score", j) for j in range(3)]  # each once
+    state = store.load_state("chat", "drift")
+    assert state is not None
+    entry = state["signals"]["rm_score"]
+    assert entry["ref_sealed"] == 3 and len(entry["ref"]) == size - 10 - 3 * SCALAR_CHUNK
+    second = _monitor_ref(store, size)
+    got += _feed_ref(second, store, xs, *cuts[4], [])
+    assert got == want
+
+    # The same stop with chunk 1 gone: the signal warms up again from the next value, logged.
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.delete(t.stream_state).where(t.stream_state.c.component == ref_component("drift", "rm_score", 1))
+        )
+        conn.execute(sa.delete(t.drift_events))
+    third = _monitor_ref(Store(db_url), size)
+    _feed_ref(third, store, xs, size - 10, size - 5, [])
+    after = store.load_state("chat", "drift")
+    assert after is not None and after["signals"]["rm_score"]["ref"] == xs[size - 10 : size - 5]
+    assert after["signals"]["rm_score"]["ref_sealed"] == 0
+    assert "reference of chat/rm_score unreadable" in caplog.text
+
+
+def test_a_vector_reference_is_written_in_chunks_of_vector_chunk_rows() -> None:
+    """The embedding reference (float16 rows of 1 KB): chunks of VECTOR_CHUNK rows, the tail the
+    rest; read back whole, in order, at float16 precision; a chunk of another size is refused."""
+    rng = np.random.default_rng(4)
+    ref = list(rng.standard_normal((2 * VECTOR_CHUNK + 7, 8)).astype(np.float32))
+    state, chunks = pack_reference(ref, sealed_before=0)
+    assert [j for j, _ in chunks] == [0, 1] and state["ref_sealed"] == 2 and state["ref_chunk"] == VECTOR_CHUNK
+    assert state["ref"]["shape"] == [7, 8] and [c["shape"] for _, c in chunks] == [[VECTOR_CHUNK, 8]] * 2
+    back = unpack_reference(state, dict(chunks).get)
+    assert back is not None and np.allclose(np.stack(back), np.stack(ref), atol=2e-3, rtol=1e-3)
+    assert pack_reference(ref, sealed_before=2)[1] == []
+    with pytest.raises(ValueError, match="holds 7 values"):
+        unpack_reference(state, {0: chunks[0][1], 1: state["ref"]}.get)
