@@ -61,6 +61,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from monitor.config import InferenceConfig  # noqa: E402
+
 DATA = REPO / "tests" / "data" / "alpaca_eval"
 BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 
@@ -183,7 +185,7 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
     (see the module's docstring): the worker's texts/s and the stand-in's kept share, medians."""
     from monitor.signals.embeddings import Embedder
 
-    threads = max(1, (os.cpu_count() or 2) - 1)  # the embedding worker's inference.threads default
+    threads = InferenceConfig().worker_threads()  # the embedding worker's, as `oversight run` runs it
     every = {
         "torch": lambda: Embedder(backend="torch", precision="fp32"),
         "torch-bf16": lambda: Embedder(backend="torch", precision="bf16"),
@@ -200,17 +202,23 @@ def beside_ingest_bench(prompts: list[str], responses: list[str], repeat: int) -
 def reward_beside_ingest_bench(model: Any, prompts: list[str], responses: list[str], repeat: int) -> dict[str, Any]:
     """The reward model scoring on a worker thread beside the stand-in, as the service's scorer does:
     PyTorch eager (the model's own encoder), the traced fp32 copy that ``reward.backend: torch`` runs
-    on a CPU without fast bf16, the traced bf16 one, and ONNX Runtime."""
-    names = ("torch", "torch-traced", *backends()[1:])
+    on a CPU without fast bf16, the traced bf16 one, and ONNX Runtime on the service's worker threads
+    (``inference.worker_threads()``, no spinning), and, for int8, on every core as before."""
+    threads = InferenceConfig().worker_threads()
+    names = ("torch", "torch-traced", *backends()[1:], "onnx-int8-every-core")
     models = {name: model.clone() for name in names}
     for name, m in models.items():
         if name == "torch-traced":
             m.use_backend("torch", precision="fp32")
+        elif name == "onnx-int8-every-core":
+            m.use_backend("onnx", "int8")
+        elif name.startswith("onnx"):
+            m.use_backend("onnx", "int8" if name.endswith("int8") else "fp32", threads=threads)
         else:
             use(m, name)
         m.score(prompts[:32], responses[:32], batch_size=32)  # load and warm
     runs = {name: partial(m.score, prompts, responses, 32) for name, m in models.items()}
-    return beside_busy_thread(runs, prompts, responses, repeat)
+    return {"onnx_threads": threads, **beside_busy_thread(runs, prompts, responses, repeat)}
 
 
 def beside_busy_thread(
@@ -421,7 +429,8 @@ def main() -> int:
     beside = reward["beside_ingest"]
     tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
     print(
-        "reward beside a busy ingest thread (the scorer on a worker thread): texts/s "
+        "reward beside a busy ingest thread (the scorer on a worker thread; ONNX Runtime on "
+        f"{beside['onnx_threads']} thread(s) but where it says every core): texts/s "
         + ", ".join(
             f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})" for b in tps
         )

@@ -354,7 +354,11 @@ class InferenceConfig(_Model):
     )
     adapt_every_s: float = Field(10.0, gt=0, description="how often the model channels' rates adapt to the workers")
     threads: int = Field(
-        0, ge=0, le=256, description="ONNX Runtime threads of the embedding worker (0: every core but one)"
+        0,
+        ge=0,
+        le=256,
+        description="ONNX Runtime threads of each model worker, the embedding worker's and the reward scorer's"
+        " (0: every core but one)",
     )
     # 10: under full contention the scheduler gives such a thread about a tenth of the weight of
     # one at the process's priority (CFS weights 110 and 1024), so a busy ingest loop keeps its
@@ -366,6 +370,18 @@ class InferenceConfig(_Model):
         description="the model workers' threads run this many nice values below ingest's (Linux; 0: the same"
         " priority): on a host whose cores are all busy, ingest gets them first and the model channels adapt",
     )
+
+    def worker_threads(self) -> int:
+        """ONNX Runtime threads of a model worker beside the ingest loop: ``threads``, else every core
+        but one, which the loop keeps.
+
+        >>> InferenceConfig(threads=3).worker_threads()
+        3
+        """
+        import os
+
+        return self.threads or max(1, (os.cpu_count() or 2) - 1)
+
     share_wait_s: float = Field(
         30.0,
         ge=0,

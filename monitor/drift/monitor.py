@@ -598,10 +598,8 @@ class DriftMonitor:
         if icfg.external:
             self._worker = self._stored_results(icfg)
             return
-        import os
-
         # Before arm_in_background loads it: the worker's encoder leaves a core to the ingest loop.
-        self._load_embedder(icfg.threads or max(1, (os.cpu_count() or 2) - 1))
+        self._load_embedder(icfg.worker_threads())
         embedder, store = self._embedder, self._store
         m = self._metrics
 

@@ -389,6 +389,7 @@ class RewardModel:
         precision: str = "fp32",
         *,
         eager: bool = False,
+        threads: int | None = None,
     ) -> str:
         """Score with ONNX Runtime (``onnx``; ``auto`` on a machine without CUDA and AMX) or PyTorch;
         returns the backend in use. The encoder and pooling are exported as they are now, cached by
@@ -396,8 +397,10 @@ class RewardModel:
         scoring runs a copy of the encoder as a TorchScript trace (:mod:`monitor.inference.traced`:
         it leaves the interpreter lock to the ingest loop while it runs), in bf16 where ``precision``
         (:func:`monitor.inference.bf16.resolve_precision`) gives it; ``eager`` keeps the model's own
-        fp32 encoder, run eagerly (the benchmarks' PyTorch-eager baseline). Training never goes
-        through here: a model trained further must call this again."""
+        fp32 encoder, run eagerly (the benchmarks' PyTorch-eager baseline). ``threads``: the ONNX
+        Runtime session's threads, without spinning (a scorer on a worker beside the ingest loop;
+        default: one per core). Training never goes through here: a model trained further must call
+        this again."""
         from monitor.inference.onnx import load_encoder, pooled_module, resolve_backend
 
         self.runner = None
@@ -414,6 +417,7 @@ class RewardModel:
             self.pool_indices(),
             normalize=False,
             quantisation=quantisation,
+            threads=threads,
             calibration=self._calibration_batches,
         )
         return "onnx"

@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 Feed = Callable[[str, str, float, str, float, int], None]
 
 
-def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistry | None) -> ScoringBackend:
+def load_version(
+    cfg: RewardConfig, path: str | Path, registry: CollectorRegistry | None, threads: int | None = None
+) -> ScoringBackend:
     """The scoring backend of a version folder, as ``reward`` configures it (device, batch,
-    the built-in's backend, quantisation and precision); raises what :func:`load_backend` raises."""
+    the built-in's backend, quantisation and precision), ONNX Runtime on ``threads`` (None: one per
+    core); raises what :func:`load_backend` raises."""
     from monitor.reward.kinds import load_backend
 
     return load_backend(
@@ -63,6 +66,7 @@ def load_version(cfg: RewardConfig, path: str | Path, registry: CollectorRegistr
         backend=cfg.backend,
         quantisation=cfg.quantisation,
         precision=cfg.precision,
+        threads=threads,
     )
 
 
@@ -139,6 +143,10 @@ class RewardScorer:
         self._active: str | None = None  # the active version, as last read (external: no model holds it)
         self._streams: Callable[[], Collection[str] | None] | None = None
         self._loading: VersionLoad | None = None  # a promoted version loading off the ingest thread
+        # ONNX Runtime threads of the versions loaded from now on (None: one per core, as inline
+        # scoring wants). The service sets it before its first load: its scorer runs beside the
+        # ingest loop, and a session on every core, spinning between runs, took the loop's core.
+        self.threads: int | None = None
 
     @property
     def version(self) -> str | None:
@@ -340,7 +348,7 @@ class RewardScorer:
             self._swap_label(active[0])
             self._watch.accept(change)
             return
-        load = partial(load_version, self.cfg, active[1], self._metrics.registry)
+        load = partial(load_version, self.cfg, active[1], self._metrics.registry, self.threads)
         if self._offload and not force and self._model is not None:
             # The service: a load can take tens of seconds (an ONNX export, a large checkpoint)
             # and the batch boundary is on the ingest thread. The version in hand keeps scoring

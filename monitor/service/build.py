@@ -249,6 +249,9 @@ class Service:
         if self.scorer is not None and icfg.workers and icfg.external:
             # Before the first checkpoint, which would load the active version: `oversight infer` does.
             self.scorer.score_in_background(streams, icfg)
+        elif self.scorer is not None and icfg.workers:
+            # Before the first checkpoint loads the active version: it will score on a worker.
+            self.scorer.threads = icfg.worker_threads()
         if self.scorer is not None:
             self.scorer.checkpoint()  # nothing pending yet: loads the active version, if any
         if not icfg.workers:

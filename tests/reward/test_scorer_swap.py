@@ -198,7 +198,7 @@ def test_service_loads_a_promoted_version_off_the_ingest_thread(
 
     ended: list[str] = []
 
-    def gated_load(cfg: Any, path: Any, reg: Any) -> Any:
+    def gated_load(cfg: Any, path: Any, reg: Any, threads: int | None = None) -> Any:
         name = Path(path).name
         loads.append(name)
         try:
@@ -279,3 +279,49 @@ def test_service_loads_a_promoted_version_off_the_ingest_thread(
     assert sum(f"scoring with {v2} " in r.getMessage() for r in caplog.records) == 1
     scorer.close()
     store.close()
+
+
+def test_the_service_scores_on_onnx_runtime_beside_ingest_with_the_worker_threads(
+    tmp_path: Path, small_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``oversight run`` scores on a worker thread beside the ingest loop. An ONNX Runtime session
+    on every core, spinning between runs, took the loop's core (``bench/encoder.py``, reward beside a
+    busy thread); the service's scorer loads the active version on ``inference.worker_threads()``
+    without spinning, as the embedding worker does. Inline scoring (replay) keeps every core."""
+    from monitor.inference.onnx import CACHE_ENV
+    from monitor.reward import scorer as scorer_module
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            "reward.backend=onnx",
+            "drift.enabled=false",
+            "inference.threads=1",
+        ],
+    )
+    store = Store(settings.database.url)
+    registry = Registry.for_settings(store, settings)
+    version = registry.register(small_models["untrained"], data_window={}, metrics={})
+    registry.promote(version)
+    sessions: list[Any] = []
+    real_load = scorer_module.load_version
+
+    def load(cfg: Any, path: Any, reg: Any, threads: int | None = None) -> Any:
+        backend = real_load(cfg, path, reg, threads)
+        sessions.append(backend.model.runner.session.get_session_options())
+        return backend
+
+    monkeypatch.setattr(scorer_module, "load_version", load)
+    svc = build_service(settings, source=MemorySource([]), serve=False, store=store, registry=CollectorRegistry())
+    try:
+        svc.prepare_for_service()
+    finally:
+        svc.close()
+    assert [o.intra_op_num_threads for o in sessions] == [1]
+    assert sessions[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    inline = real_load(settings.reward, registry.path_of(version), None)  # the cached export, as replay loads it
+    assert inline.model.runner.session.get_session_options().intra_op_num_threads == 0  # one per core

@@ -157,11 +157,12 @@ def load_backend(
     backend: str = "torch",
     quantisation: str = "fp32",
     precision: str = "fp32",
+    threads: int | None = None,
 ) -> ScoringBackend:
     """The backend of the version folder ``path``: a ``kind.json`` names the kind, otherwise it is
     a built-in model folder, scored with ``backend`` (``reward.backend``: torch, onnx or auto) at
-    ``quantisation`` (ONNX) or ``precision`` (PyTorch on the CPU). Raises BackendError (or the
-    built-in's ValueError/OSError)."""
+    ``quantisation`` (ONNX) or ``precision`` (PyTorch on the CPU), its ONNX Runtime session on
+    ``threads`` (None: one per core). Raises BackendError (or the built-in's ValueError/OSError)."""
     root = Path(path)
     metrics = BackendMetrics.on(registry)
     if not (root / KIND_FILE).is_file():
@@ -171,7 +172,7 @@ def load_backend(
         # The built-in encoder in ONNX Runtime, or a TorchScript trace of it on the CPU, in bf16 where
         # the CPU multiplies bf16 faster (reward.backend, reward.quantisation, reward.precision); on a
         # GPU, PyTorch as loaded.
-        model.use_backend(backend, "int8" if quantisation == "int8" else "fp32", precision)
+        model.use_backend(backend, "int8" if quantisation == "int8" else "fp32", precision, threads=threads)
         return BuiltinBackend(model, batch_size)
     rec = json.loads((root / KIND_FILE).read_text(encoding="utf-8"))
     if rec.get("format") != FORMAT:
