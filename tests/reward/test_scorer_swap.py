@@ -290,6 +290,7 @@ def test_the_service_scores_on_onnx_runtime_beside_ingest_with_the_worker_thread
     without spinning, as the embedding worker does. Inline scoring (replay) keeps every core."""
     from monitor.inference.onnx import CACHE_ENV
     from monitor.reward import scorer as scorer_module
+    from monitor.reward.kinds import BuiltinBackend
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     settings = load_settings(
@@ -312,6 +313,7 @@ def test_the_service_scores_on_onnx_runtime_beside_ingest_with_the_worker_thread
 
     def load(cfg: Any, path: Any, reg: Any, threads: int | None = None) -> Any:
         backend = real_load(cfg, path, reg, threads)
+        assert isinstance(backend, BuiltinBackend)
         sessions.append(backend.model.runner.session.get_session_options())
         return backend
 
@@ -324,4 +326,5 @@ def test_the_service_scores_on_onnx_runtime_beside_ingest_with_the_worker_thread
     assert [o.intra_op_num_threads for o in sessions] == [1]
     assert sessions[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
     inline = real_load(settings.reward, registry.path_of(version), None)  # the cached export, as replay loads it
+    assert isinstance(inline, BuiltinBackend)
     assert inline.model.runner.session.get_session_options().intra_op_num_threads == 0  # one per core
