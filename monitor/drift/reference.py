@@ -5,9 +5,9 @@ text signal, 200 drift embeddings), and every batch checkpoints the stream. Writ
 reference was rewritten at each batch for as long as it filled, and for as long as its detectors
 were built after it: quadratic in the warm-up. For the embedding signal that is up to 205 KB of
 base64 per stream and batch (200 x 384 float16), filling at the drift sampling rate (5% of the
-stream), so for minutes to hours; in ``bench/kafka_ingest.py``'s steady run the stream states were
-200-425 KB each, encoded and written by every batch, and their checkpoints took 17 us of each
-record's ingest time. On PostgreSQL each such row is also a new TOASTed version in the WAL.
+stream), so for minutes to hours. In a steady run of the service path over the bundled traffic,
+embedding references filling, the stream states were 200-425 KB each, encoded and written by every
+batch. On PostgreSQL each such row is also a new TOASTed version in the WAL.
 
 Here the reference is cut into chunks of :func:`chunk_size` values (32 vectors, 128 scalars):
 a full chunk is written once, as a state component of its own (:func:`ref_component`), in the

@@ -7,8 +7,8 @@ loop and a JSON encoding over the whole list: quadratic in the build's length, a
 ingest thread's time in ``bench/kafka_ingest.py``. Here each value is packed once, when the first
 checkpoint after its arrival asks for it, into columns (float64 values and event times, int64
 indices: exact; vectors as float16, as vector references are). The columns are cut into chunks
-of ``CHUNK`` scalars or ``VECTOR_CHUNK`` vectors: a full chunk is written once, as a state component of its own
-(:func:`chunk_component`), and leaves memory; the signal's checkpoint holds only the open tail
+of ``CHUNK`` scalars or ``VECTOR_CHUNK`` vectors: a full chunk is written once, as a state
+component of its own (:func:`chunk_component`), and leaves memory; the signal's checkpoint holds only the open tail
 and the number of chunks before it. So a batch writes at most one chunk's worth per waiting
 signal, and a waiting signal holds at most about two chunks in memory, however long the build
 takes at whatever rate; the chunks are read back, in order, when the detectors are installed.
