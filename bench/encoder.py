@@ -264,6 +264,17 @@ def beside_busy_thread(
     }
 
 
+def print_beside(title: str, part: Mapping[str, Any]) -> None:
+    """One line of a ``beside_ingest`` measurement: each backend's texts/s, its gain over PyTorch
+    eager and the share of its rate the stand-in kept; ``title`` takes the ONNX Runtime threads."""
+    beside = part["beside_ingest"]
+    tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
+    rates = ", ".join(
+        f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})" for b in tps
+    )
+    print(f"{title.format(beside['onnx_threads'])}: texts/s {rates}")
+
+
 def use(model: Any, name: str) -> None:
     backend, _, kind = name.partition("-")
     if backend == "torch":
@@ -416,24 +427,11 @@ def main() -> int:
         tps = part["texts_per_s"]
         rest = ", ".join(f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x)" for b in backends()[1:])
         print(f"{name}: texts/s torch {tps['torch']}, {rest}")
-    beside = drift["beside_ingest"]
-    tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
-    print(
-        "drift beside a busy ingest thread (a worker thread; ONNX Runtime on "
-        f"{beside['onnx_threads']} thread(s)): texts/s "
-        + ", ".join(
-            f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})"
-            for b in backends()
-        )
-    )
-    beside = reward["beside_ingest"]
-    tps, kept = beside["texts_per_s"], beside["ingest_stand_in_kept"]
-    print(
-        "reward beside a busy ingest thread (the scorer on a worker thread; ONNX Runtime on "
-        f"{beside['onnx_threads']} thread(s) but where it says every core): texts/s "
-        + ", ".join(
-            f"{b.replace('-', ' ')} {tps[b]} ({tps[b] / tps['torch']:.2f}x; ingest keeps {kept[b]:.0%})" for b in tps
-        )
+    print_beside("drift beside a busy ingest thread (a worker thread; ONNX Runtime on {} thread(s))", drift)
+    print_beside(
+        "reward beside a busy ingest thread (the scorer on a worker thread; ONNX Runtime on {} thread(s)"
+        " but where it says every core)",
+        reward,
     )
     both = reward["both_channels"]
     eps = both["episodes_per_s"]

@@ -82,27 +82,33 @@ def area_of(filename: str, name: str) -> str:
     return "Python built-ins and stdlib"
 
 
+def file_settings(path: Path, tmp: str, tag: str, overrides: list[str]) -> Any:
+    """Settings that read ``path`` into the database ``<tag>.sqlite`` under ``tmp`` (dev mode)."""
+    from monitor.config import load_settings
+
+    return load_settings(
+        None,
+        [
+            "dev=true",
+            "source.kind=file",
+            f"source.path={path}",
+            f"database.url=sqlite:///{tmp}/{tag}.sqlite",
+            f"dead_letter.path={tmp}/{tag}-dlq.jsonl",
+            *overrides,
+        ],
+    )
+
+
 def run(
     data: Path, tmp: str, overrides: list[str], tag: str, profile: bool, warm: Path | None = None
 ) -> tuple[float, int, Any]:
     """One replay of ``data`` into the database ``<tag>.sqlite``: seconds, episodes, the profile.
     ``warm``: first an untimed replay of that file into the same database, so that the timed one
     meets streams whose references are full and detectors built (what a running service pays)."""
-    from monitor.config import load_settings
     from monitor.service.replay import replay_file
 
     def settings(path: Path) -> Any:
-        return load_settings(
-            None,
-            [
-                "dev=true",
-                "source.kind=file",
-                f"source.path={path}",
-                f"database.url=sqlite:///{tmp}/{tag}.sqlite",
-                f"dead_letter.path={tmp}/{tag}-dlq.jsonl",
-                *overrides,
-            ],
-        )
+        return file_settings(path, tmp, tag, overrides)
 
     if warm is not None:
         replay_file(settings(warm), str(warm), name=f"hot-path-{tag}-warm-{os.getpid()}")
@@ -192,7 +198,6 @@ def state_writes(data: Path, tmp: str) -> dict[str, float]:
     (``monitor/drift/reference.py``, ``waiting.py``)."""
     from prometheus_client import CollectorRegistry
 
-    from monitor.config import load_settings
     from monitor.service import build_service
     from monitor.store import BatchWrite, Store
 
@@ -204,16 +209,7 @@ def state_writes(data: Path, tmp: str) -> dict[str, float]:
             sizes.append(sum(len(json.dumps(v)) for v in batch.states.values()))
         real(store, batch, timeout_s=timeout_s)
 
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            "source.kind=file",
-            f"source.path={data}",
-            f"database.url=sqlite:///{tmp}/state-writes.sqlite",
-            f"dead_letter.path={tmp}/state-writes-dlq.jsonl",
-        ],
-    )
+    settings = file_settings(data, tmp, "state-writes", [])
     with mock.patch.object(Store, "commit_batch", counting):
         svc = build_service(settings, serve=False, registry=CollectorRegistry(), background_calibration=True)
         try:

@@ -378,8 +378,6 @@ class InferenceConfig(_Model):
         >>> InferenceConfig(threads=3).worker_threads()
         3
         """
-        import os
-
         return self.threads or max(1, (os.cpu_count() or 2) - 1)
 
     share_wait_s: float = Field(
