@@ -2,8 +2,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The package metadata's version comes from monitor/__init__.py: a bump reinstalls too.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py sdk/python/pyproject.toml | sha1sum | cut -c1-12)
+# The package metadata's version comes from monitor/__init__.py: a bump reinstalls too, and so does a
+# change to the compiled scan (setup.py, monitor/signals/textscan.c), which the editable install builds.
+STAMP_INPUTS := pyproject.toml setup.py monitor/__init__.py monitor/signals/textscan.c sdk/python/pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(STAMP_INPUTS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 # Nothing may download models or data at run time.
@@ -16,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml monitor/__init__.py sdk/python/pyproject.toml
+$(STAMP): $(STAMP_INPUTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	# torch is pinned (2.13.0, CPU wheel on local disk) so pip never pulls a CUDA build.
@@ -66,9 +68,9 @@ test-all: install chromium prometheus axe
 # numpy<2 and transformers<5, so its detectors' tests (marked `alibi`) run in their own virtualenv,
 # .venv-alibi with `.[dev,alibi]`. CI (.ci/run) runs this after test-slow.
 ALIBI_VENV := .venv-alibi
-ALIBI_STAMP := $(ALIBI_VENV)/.installed-$(shell cat pyproject.toml monitor/__init__.py sdk/python/pyproject.toml | sha1sum | cut -c1-12)
+ALIBI_STAMP := $(ALIBI_VENV)/.installed-$(shell cat $(STAMP_INPUTS) | sha1sum | cut -c1-12)
 
-$(ALIBI_STAMP): pyproject.toml monitor/__init__.py sdk/python/pyproject.toml
+$(ALIBI_STAMP): $(STAMP_INPUTS)
 	test -x $(ALIBI_VENV)/bin/python || $(PY) -m venv $(ALIBI_VENV)
 	$(ALIBI_VENV)/bin/python -m pip install -q -U pip setuptools wheel
 	$(ALIBI_VENV)/bin/python -m pip install -q -e '.[dev,alibi]'

@@ -22,7 +22,7 @@ BENCHES = [
     ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector
     ["kafka_ingest.py"],
     # ~5 minutes: a service that has been running (detectors built, stationary traffic)
-    ["kafka_ingest.py", "--steady", "--configs", "default,core", "--rounds", "2"],
+    ["kafka_ingest.py", "--steady", "--configs", "default,no-inference,core", "--rounds", "2"],
     ["kafka_ingest.py", "--pure-python-crc", "--episodes", "20000"],
     ["run_rss.py"],  # ~5 minutes: `oversight run` on a 100,000-episode topic, its memory while ingesting
     ["review_api.py"],

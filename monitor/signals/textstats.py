@@ -15,6 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+try:  # compiled at install (setup.py); optional, so an install without a C compiler still works
+    from monitor.signals import textscan
+except ImportError:  # pragma: no cover - exercised by tests that hide it
+    textscan = None  # type: ignore[assignment]
+
 MAX_CHARS = 8000
 # Refusal openings seen in deployed assistants; matched near the start of a response.
 _REFUSAL = re.compile(
@@ -68,7 +73,9 @@ TEXT_SIGNALS: dict[str, SignalSpec] = {
 # not ASCII, their Unicode lookups cached. One real answer in seven holds a non-ASCII character (a
 # curly quote, a dash, an accent: 14% over AlpacaEval's 23 models, a third for some of them), so
 # that path must be nearly as cheap as the ASCII one: with a regex over every character it cost six
-# times as much (308 against 51 us an answer).
+# times as much (308 against 51 us an answer). The drift observer's batch path goes further for
+# ASCII answers: the compiled scan (``textscan.c``, see :func:`_scanned`) counts lines, tokens and
+# non-text bytes without a Python object per token.
 _NON_WORD = re.compile(r"\W+")
 # Every ASCII byte that is not a word character (``\w`` in ASCII: letters, digits, underscore)
 # becomes a space; the bytes of non-ASCII characters (0x80 and up in UTF-8) are kept, so a token
@@ -177,42 +184,70 @@ def word_tokens(text: str) -> list[bytes]:
 def text_stats(prompt: str, response: str) -> dict[str, float]:
     """Every text signal of one episode."""
     r = response[:MAX_CHARS]
-    tokens = word_tokens(r)
     return {
         "response_log_chars": math.log1p(len(response)),
         "prompt_log_chars": math.log1p(len(prompt)),
-        "response_log_lines": math.log1p(sum(1 for line in r.split("\n") if line.strip())),
+        "response_log_lines": math.log1p(_non_blank_lines(r)),
         "empty_response": 0.0 if response.strip() else 1.0,
         "refusal": 1.0 if _REFUSAL.match(r[:300]) else 0.0,
-        "distinct_token_ratio": len(set(tokens)) / len(tokens) if tokens else 1.0,
+        "distinct_token_ratio": _distinct_ratio(r),
         "non_text_ratio": non_text_ratio(r),
         "mixed_script": _mixed_script(r),
     }
 
 
+def _distinct_ratio(text: str) -> float:
+    tokens = word_tokens(text)
+    return len(set(tokens)) / len(tokens) if tokens else 1.0
+
+
+def _non_blank_lines(text: str) -> int:
+    return sum(1 for line in text.split("\n") if line.strip())
+
+
+# The tables the compiled scan (``textscan.c``) reads, derived from the definitions above, so that
+# its values are this module's to the bit (tests/signals/test_textscan.py): a word byte to its
+# lower case (0: not a word byte), Python's whitespace (what ``str.strip`` removes), and the
+# non-text bytes of :func:`non_text_ratio`.
+_SCAN_LOWER = bytes(ord(chr(b).lower()) if b in _ASCII_WORD else 0 for b in range(256))
+_SCAN_SPACE = bytes(1 if b < 128 and chr(b).isspace() else 0 for b in range(256))
+_SCAN_NON_TEXT = bytes(1 if b in _NON_TEXT_BYTES else 0 for b in range(256))
+
+
+def _scanned(rs: list[str]) -> tuple[list[int], list[float], list[float]]:
+    """Each response's non-blank lines, distinct token ratio and non-text ratio: the ASCII ones
+    in one compiled pass where the extension is built, the others (and all of them without it)
+    in Python."""
+    if textscan is None:
+        return [_non_blank_lines(r) for r in rs], [_distinct_ratio(r) for r in rs], [non_text_ratio(r) for r in rs]
+    lines, ratios, shares, rest = textscan.scan(rs, _SCAN_LOWER, _SCAN_SPACE, _SCAN_NON_TEXT, MAX_CHARS)
+    for i in rest:
+        r = rs[i]
+        lines[i], ratios[i], shares[i] = _non_blank_lines(r), _distinct_ratio(r), non_text_ratio(r)
+    return lines, ratios, shares
+
+
 def text_stats_many(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list[float]]:
     """:func:`text_stats` of many episodes, one list per signal: the same values to the bit, with
     the per-signal work in comprehensions instead of a dict and eight calls per episode (the
-    drift observer's batch path, where every episode of the traffic passes).
+    drift observer's batch path, where every episode of the traffic passes), and the scan of
+    every character in C where it was compiled (:func:`_scanned`).
 
     >>> text_stats_many(["Hi?"], ["I'm sorry, I can't."])["refusal"]
     [1.0]
     """
     rs = [r[:MAX_CHARS] for r in responses]
-    ratios: list[float] = []
-    for r in rs:
-        tokens = word_tokens(r)
-        ratios.append(len(set(tokens)) / len(tokens) if tokens else 1.0)
+    lines, ratios, shares = _scanned(rs)
     match = _REFUSAL.match
     return {
         "response_log_chars": [math.log1p(len(r)) for r in responses],
         "prompt_log_chars": [math.log1p(len(p)) for p in prompts],
-        "response_log_lines": [math.log1p(sum(1 for line in r.split("\n") if line.strip())) for r in rs],
+        "response_log_lines": [math.log1p(n) for n in lines],
         # isspace() is strip()'s test without its copy; an empty response is empty too.
         "empty_response": [1.0 if not r or r.isspace() else 0.0 for r in responses],
         "refusal": [1.0 if match(r, 0, 300) else 0.0 for r in rs],  # endpos: r[:300] without its copy
         "distinct_token_ratio": ratios,
-        "non_text_ratio": [non_text_ratio(r) for r in rs],
+        "non_text_ratio": shares,
         "mixed_script": [_mixed_script(r) for r in rs],
     }
 

@@ -1,0 +1,246 @@
+/*
+ * The per-character work of three text signals over a batch of ASCII responses, in one pass each:
+ * non-blank lines, distinct / total word tokens, and the share of non-text characters.
+ *
+ * Why C: these run on every episode of the traffic. In Python each answer's word tokens became a
+ * list of bytes objects and then a set (16 of the 22 us an episode the text signals cost); here a
+ * token is a span of the answer, hashed in place, and nothing is allocated per token.
+ *
+ * Only the definitions' mechanics live here. The tables that define "word character", "whitespace"
+ * and "non-text character" come from Python (monitor/signals/textstats.py derives them from the
+ * same definitions as its own path), so the two cannot drift apart; tests/signals/test_textscan.py
+ * holds them to the same values, bit for bit. A response that is not ASCII is left to the Python
+ * path (its index is returned): Unicode categories, scripts and the Unicode word definition stay
+ * there, in one place.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    uint64_t hash;
+    Py_ssize_t start;
+    Py_ssize_t len;
+    Py_ssize_t stamp; /* which response the entry belongs to: no clearing between responses */
+} Slot;
+
+static int
+same_token(const unsigned char *data, const unsigned char *lower, Py_ssize_t a, Py_ssize_t b, Py_ssize_t len)
+{
+    for (Py_ssize_t k = 0; k < len; k++) {
+        if (lower[data[a + k]] != lower[data[b + k]])
+            return 0;
+    }
+    return 1;
+}
+
+/* Word tokens of data[0:n): runs of bytes whose `lower` entry is not 0, compared lower-cased. */
+static void
+count_tokens(const unsigned char *data, Py_ssize_t n, const unsigned char *lower, Slot *slots, size_t mask,
+             Py_ssize_t stamp, Py_ssize_t *total, Py_ssize_t *distinct)
+{
+    Py_ssize_t i = 0, all = 0, seen = 0;
+    while (i < n) {
+        while (i < n && !lower[data[i]])
+            i++;
+        if (i >= n)
+            break;
+        Py_ssize_t start = i;
+        uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+        while (i < n && lower[data[i]]) {
+            h = (h ^ lower[data[i]]) * 1099511628211ULL;
+            i++;
+        }
+        Py_ssize_t len = i - start;
+        all++;
+        size_t at = (size_t)(h ^ (h >> 29)) & mask;
+        for (;;) {
+            Slot *s = &slots[at];
+            if (s->stamp != stamp) {
+                s->stamp = stamp;
+                s->hash = h;
+                s->start = start;
+                s->len = len;
+                seen++;
+                break;
+            }
+            if (s->hash == h && s->len == len && same_token(data, lower, s->start, start, len))
+                break;
+            at = (at + 1) & mask;
+        }
+    }
+    *total = all;
+    *distinct = seen;
+}
+
+static Py_ssize_t
+count_lines(const unsigned char *data, Py_ssize_t n, const unsigned char *space)
+{
+    /* Lines as str.split("\n") cuts them, counted when one holds a character that is not space. */
+    Py_ssize_t lines = 0;
+    int filled = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = data[i];
+        if (c == '\n') {
+            lines += filled;
+            filled = 0;
+        }
+        else if (!space[c]) {
+            filled = 1;
+        }
+    }
+    return lines + filled;
+}
+
+static Py_ssize_t
+count_flagged(const unsigned char *data, Py_ssize_t n, const unsigned char *flags)
+{
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        bad += flags[data[i]] != 0;
+    return bad;
+}
+
+static int
+table_ok(const Py_buffer *b, const char *what)
+{
+    if (b->len != 256) {
+        PyErr_Format(PyExc_ValueError, "%s must be a table of 256 bytes", what);
+        return 0;
+    }
+    return 1;
+}
+
+static int
+set_float(PyObject *list, Py_ssize_t i, double v)
+{
+    PyObject *f = PyFloat_FromDouble(v);
+    if (f == NULL)
+        return -1;
+    PyList_SET_ITEM(list, i, f);
+    return 0;
+}
+
+static int
+set_int(PyObject *list, Py_ssize_t i, Py_ssize_t v)
+{
+    PyObject *x = PyLong_FromSsize_t(v);
+    if (x == NULL)
+        return -1;
+    PyList_SET_ITEM(list, i, x);
+    return 0;
+}
+
+PyDoc_STRVAR(scan_doc,
+             "scan(texts, lower, space, non_text, max_chars) -> (lines, distinct_ratio, non_text_ratio, rest)\n\n"
+             "For each ASCII text, cut at max_chars: its non-blank lines, distinct / total word tokens (1.0 when\n"
+             "it has none) and the share of its characters flagged in non_text. ``lower`` maps a word byte to\n"
+             "its lower case and every other byte to 0; ``space`` flags whitespace. ``rest``: the indices of\n"
+             "the texts that are not ASCII, whose entries are 0 and left to the caller.");
+
+static PyObject *
+scan(PyObject *self, PyObject *args)
+{
+    PyObject *texts;
+    Py_buffer lower, space, non_text;
+    Py_ssize_t max_chars;
+    PyObject *seq = NULL, *lines = NULL, *ratios = NULL, *shares = NULL, *rest = NULL, *out = NULL;
+    Slot *slots = NULL;
+
+    if (!PyArg_ParseTuple(args, "Oy*y*y*n", &texts, &lower, &space, &non_text, &max_chars))
+        return NULL;
+    if (!table_ok(&lower, "lower") || !table_ok(&space, "space") || !table_ok(&non_text, "non_text"))
+        goto done;
+    if (max_chars < 0 || max_chars > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "max_chars must be between 0 and 2**24");
+        goto done;
+    }
+    seq = PySequence_Fast(texts, "texts must be a sequence of str");
+    if (seq == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    lines = PyList_New(n);
+    ratios = PyList_New(n);
+    shares = PyList_New(n);
+    rest = PyList_New(0);
+    if (lines == NULL || ratios == NULL || shares == NULL || rest == NULL)
+        goto done;
+    /* At most (max_chars + 1) / 2 tokens a text: a table of twice max_chars keeps the load under 1/4. */
+    size_t size = 16;
+    while (size < (size_t)max_chars * 2 + 2)
+        size <<= 1;
+    slots = PyMem_Calloc(size, sizeof(Slot));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t k = 0; k < size; k++)
+        slots[k].stamp = -1;
+
+    const unsigned char *lo = lower.buf, *sp = space.buf, *nt = non_text.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyUnicode_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not str", i, Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        if (PyUnicode_READY(item) < 0)
+            goto done;
+        if (!PyUnicode_IS_ASCII(item)) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            int failed = index == NULL || PyList_Append(rest, index) < 0;
+            Py_XDECREF(index);
+            if (failed || set_int(lines, i, 0) < 0 || set_float(ratios, i, 0.0) < 0 || set_float(shares, i, 0.0) < 0)
+                goto done;
+            continue;
+        }
+        const unsigned char *data = PyUnicode_1BYTE_DATA(item);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(item);
+        if (len > max_chars)
+            len = max_chars;
+        /* The table's part this text uses: its size bounds the tokens, and a short text's
+         * probes stay in a few cache lines instead of spreading over the whole table. */
+        size_t used = 16;
+        while (used < (size_t)len * 2 + 2)
+            used <<= 1;
+        Py_ssize_t total, distinct;
+        count_tokens(data, len, lo, slots, used - 1, i, &total, &distinct);
+        if (set_int(lines, i, count_lines(data, len, sp)) < 0 ||
+            set_float(ratios, i, total ? (double)distinct / (double)total : 1.0) < 0 ||
+            set_float(shares, i, len ? (double)count_flagged(data, len, nt) / (double)len : 0.0) < 0)
+            goto done;
+    }
+    out = PyTuple_Pack(4, lines, ratios, shares, rest);
+
+done:
+    PyMem_Free(slots);
+    Py_XDECREF(seq);
+    Py_XDECREF(lines);
+    Py_XDECREF(ratios);
+    Py_XDECREF(shares);
+    Py_XDECREF(rest);
+    PyBuffer_Release(&lower);
+    PyBuffer_Release(&space);
+    PyBuffer_Release(&non_text);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_VARARGS, scan_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "monitor.signals.textscan",
+    "The text signals' per-character work over ASCII responses (see monitor/signals/textstats.py).",
+    -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit_textscan(void)
+{
+    return PyModule_Create(&module);
+}
