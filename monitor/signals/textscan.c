@@ -9,9 +9,10 @@
  * Only the definitions' mechanics live here. The tables that define "word character", "whitespace"
  * and "non-text character" come from Python (monitor/signals/textstats.py derives them from the
  * same definitions as its own path), so the two cannot drift apart; tests/signals/test_textscan.py
- * holds them to the same values, bit for bit. A response that is not ASCII is left to the Python
- * path (its index is returned): Unicode categories, scripts and the Unicode word definition stay
- * there, in one place.
+ * holds them to the same values, bit for bit. `scan` leaves a response that is not ASCII to the
+ * caller (its index is returned): Python lower-cases it (Unicode case rules, final sigma included, stay
+ * Python's) and `distinct_ratio` counts the tokens of its UTF-8, with the word definition of Python's
+ * re (`\w`: alphanumeric or '_'); its Unicode categories and scripts stay in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,6 +36,29 @@ same_token(const unsigned char *data, const unsigned char *lower, Py_ssize_t a, 
     return 1;
 }
 
+/* Adds the token data[start:start+len) of hash h to the set; 1 when it was not there yet. Tokens
+ * compare lower-cased through `lower`, or byte for byte when `lower` is NULL (text lowered already). */
+static int
+add_token(const unsigned char *data, const unsigned char *lower, Slot *slots, size_t mask, Py_ssize_t stamp,
+          uint64_t h, Py_ssize_t start, Py_ssize_t len)
+{
+    size_t at = (size_t)(h ^ (h >> 29)) & mask;
+    for (;;) {
+        Slot *s = &slots[at];
+        if (s->stamp != stamp) {
+            s->stamp = stamp;
+            s->hash = h;
+            s->start = start;
+            s->len = len;
+            return 1;
+        }
+        if (s->hash == h && s->len == len &&
+            (lower ? same_token(data, lower, s->start, start, len) : !memcmp(data + s->start, data + start, len)))
+            return 0;
+        at = (at + 1) & mask;
+    }
+}
+
 /* Word tokens of data[0:n): runs of bytes whose `lower` entry is not 0, compared lower-cased. */
 static void
 count_tokens(const unsigned char *data, Py_ssize_t n, const unsigned char *lower, Slot *slots, size_t mask,
@@ -52,23 +76,71 @@ count_tokens(const unsigned char *data, Py_ssize_t n, const unsigned char *lower
             h = (h ^ lower[data[i]]) * 1099511628211ULL;
             i++;
         }
-        Py_ssize_t len = i - start;
         all++;
-        size_t at = (size_t)(h ^ (h >> 29)) & mask;
-        for (;;) {
-            Slot *s = &slots[at];
-            if (s->stamp != stamp) {
-                s->stamp = stamp;
-                s->hash = h;
-                s->start = start;
-                s->len = len;
-                seen++;
-                break;
-            }
-            if (s->hash == h && s->len == len && same_token(data, lower, s->start, start, len))
-                break;
-            at = (at + 1) & mask;
+        seen += add_token(data, lower, slots, mask, stamp, h, start, i - start);
+    }
+    *total = all;
+    *distinct = seen;
+}
+
+/* The character at data[i] of UTF-8 (surrogates allowed, as Python's "surrogatepass" writes them):
+ * its code point, and in *len its bytes. A byte that starts no valid sequence is one unit of its own,
+ * code point -1 (never a word character): Python never writes one, this only keeps the scan in bounds. */
+static long
+utf8_at(const unsigned char *data, Py_ssize_t n, Py_ssize_t i, Py_ssize_t *len)
+{
+    unsigned char c = data[i];
+    Py_ssize_t need = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+    *len = 1;
+    if (c < 0x80)
+        return c;
+    if (need == 0 || i + need > n)
+        return -1;
+    long cp = c & (need == 2 ? 0x1F : need == 3 ? 0x0F : 0x07);
+    for (Py_ssize_t k = 1; k < need; k++) {
+        if ((data[i + k] & 0xC0) != 0x80)
+            return -1;
+        cp = (cp << 6) | (data[i + k] & 0x3F);
+    }
+    *len = need;
+    return cp;
+}
+
+/* A word character as Python's re reads ``\w`` in a str pattern: alphanumeric (Unicode) or '_'. */
+static int
+is_word(long cp, const unsigned char *lower)
+{
+    if (cp < 0)
+        return 0;
+    if (cp < 0x80)
+        return lower[cp] != 0;
+    return Py_UNICODE_ISALNUM((Py_UCS4)cp);
+}
+
+/* Word tokens of lower-cased UTF-8 text: runs of word characters, compared byte for byte. */
+static void
+count_tokens_utf8(const unsigned char *data, Py_ssize_t n, const unsigned char *lower, Slot *slots, size_t mask,
+                  Py_ssize_t *total, Py_ssize_t *distinct)
+{
+    Py_ssize_t i = 0, all = 0, seen = 0, len;
+    while (i < n) {
+        long cp = utf8_at(data, n, i, &len);
+        if (!is_word(cp, lower)) {
+            i += len;
+            continue;
         }
+        Py_ssize_t start = i;
+        uint64_t h = 1469598103934665603ULL;
+        while (i < n) {
+            cp = utf8_at(data, n, i, &len);
+            if (!is_word(cp, lower))
+                break;
+            for (Py_ssize_t k = 0; k < len; k++)
+                h = (h ^ data[i + k]) * 1099511628211ULL;
+            i += len;
+        }
+        all++;
+        seen += add_token(data, NULL, slots, mask, 0, h, start, i - start);
     }
     *total = all;
     *distinct = seen;
@@ -226,8 +298,45 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(distinct_ratio_doc,
+             "distinct_ratio(raw, lower) -> float\n\n"
+             "Distinct / total word tokens (1.0 when there are none) of lower-cased UTF-8 text (lone surrogates\n"
+             "as \"surrogatepass\" writes them): runs of the ASCII bytes ``lower`` maps to non-zero and of the\n"
+             "other characters that are alphanumeric, as ``\\w+`` in a str pattern.");
+
+static PyObject *
+distinct_ratio(PyObject *self, PyObject *args)
+{
+    Py_buffer raw, lower;
+    PyObject *out = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*", &raw, &lower))
+        return NULL;
+    if (table_ok(&lower, "lower")) {
+        /* At most (bytes + 1) / 2 tokens: a table of twice that keeps the load under 1/2. */
+        size_t size = 16;
+        while (size < (size_t)raw.len + 2)
+            size <<= 1;
+        Slot *slots = PyMem_Malloc(size * sizeof(Slot));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+        }
+        else {
+            for (size_t k = 0; k < size; k++)
+                slots[k].stamp = -1;
+            Py_ssize_t total, distinct;
+            count_tokens_utf8(raw.buf, raw.len, lower.buf, slots, size - 1, &total, &distinct);
+            PyMem_Free(slots);
+            out = PyFloat_FromDouble(total ? (double)distinct / (double)total : 1.0);
+        }
+    }
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&lower);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
+    {"distinct_ratio", distinct_ratio, METH_VARARGS, distinct_ratio_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -216,14 +216,20 @@ _SCAN_NON_TEXT = bytes(1 if b in _NON_TEXT_BYTES else 0 for b in range(256))
 
 def _scanned(rs: list[str]) -> tuple[list[int], list[float], list[float]]:
     """Each response's non-blank lines, distinct token ratio and non-text ratio: the ASCII ones
-    in one compiled pass where the extension is built, the others (and all of them without it)
-    in Python."""
+    in one compiled pass where the extension is built, the others' tokens in C too, their lines
+    and non-text share in Python (all of it in Python without the extension)."""
     if textscan is None:
         return [_non_blank_lines(r) for r in rs], [_distinct_ratio(r) for r in rs], [non_text_ratio(r) for r in rs]
     lines, ratios, shares, rest = textscan.scan(rs, _SCAN_LOWER, _SCAN_SPACE, _SCAN_NON_TEXT, MAX_CHARS)
     for i in rest:
+        # Lower-cased by Python (Unicode's rules, final sigma included), tokens counted in C.
         r = rs[i]
-        lines[i], ratios[i], shares[i] = _non_blank_lines(r), _distinct_ratio(r), non_text_ratio(r)
+        raw = r.lower().encode("utf-8", "surrogatepass")
+        lines[i], ratios[i], shares[i] = (
+            _non_blank_lines(r),
+            textscan.distinct_ratio(raw, _SCAN_LOWER),
+            non_text_ratio(r),
+        )
     return lines, ratios, shares
 
 

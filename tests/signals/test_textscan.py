@@ -53,8 +53,16 @@ def test_the_compiled_scan_gives_the_python_values_to_the_bit(monkeypatch: pytes
     _scan_module()
     rows = alpaca_rows("gpt-3.5-turbo-1106")[:300] + alpaca_rows("gpt4_1106_preview")[:300]
     responses = [r["output"] for r in rows] + _ascii_texts(0)
-    # Non-ASCII answers among them go to the Python path; their neighbours must keep their values.
+    # Non-ASCII answers: Python lower-cases them, C counts their tokens; their neighbours keep their values.
     responses += ["caf\u00e9 the The", "plain after it", "\u2028", "x" * 10 + "\u00e9" + "y" * ts.MAX_CHARS]
+    # Case rules only Python's lower() knows (final sigma, a dotted capital I that lowers to two
+    # characters), CJK runs, combining marks, digits of other scripts, lone surrogates.
+    responses += ["\u03a3\u0391\u03a3 \u03c3\u03b1\u03c3 \u03c3\u03b1\u03c2", "\u0130stanbul istanbul i\u0307stanbul"]
+    responses += ["\u4e2d\u6587\u3002\u4e2d\u6587 ok", "e\u0301 e\u0301 \u00e9", "\u0661\u0662 12 \u0661\u0662"]
+    responses += ["x\ud800y x y"]
+    rnd = random.Random(3)
+    pool = [chr(c) for c in (*range(0x20, 0x250), *range(0x370, 0x500), 0x2028, 0x3000, 0xD800, 0x1F600, 0x4E2D)]
+    responses += ["".join(rnd.choice(pool + [" "] * 40) for _ in range(rnd.randint(0, 300))) for _ in range(500)]
     prompts = ["p"] * len(responses)
     assert sum(r.isascii() for r in responses) > 1500
     compiled = text_stats_many(prompts, responses)
@@ -83,6 +91,20 @@ def test_the_scan_counts_what_its_tables_say() -> None:
     assert scan(["aa bb\ncc"], ts._SCAN_LOWER, ts._SCAN_SPACE, ts._SCAN_NON_TEXT, 4)[:2] == ([1], [1.0])
 
 
+def test_the_compiled_word_definition_is_pythons_on_every_code_point() -> None:
+    """``x<c>x`` is one token when ``c`` (lower-cased) is a word character and two otherwise: its
+    distinct ratio (1.0 or 0.5) names the C scan's decision, held to the Python path's for each
+    code point of the first four planes and of plane 14, and for every 97th one elsewhere."""
+    distinct_ratio = _scan_module().distinct_ratio
+    code_points = [*range(0x40000), *range(0xE0000, 0xF0000), *range(0x40000, 0x110000, 97)]
+    wrong = []
+    for c in code_points:
+        text = "x" + chr(c) + "x"
+        if distinct_ratio(text.lower().encode("utf-8", "surrogatepass"), ts._SCAN_LOWER) != ts._distinct_ratio(text):
+            wrong.append(hex(c))
+    assert not wrong, wrong[:20]
+
+
 def test_the_scan_refuses_what_it_cannot_read() -> None:
     scan = _scan_module().scan
     tables = (ts._SCAN_LOWER, ts._SCAN_SPACE, ts._SCAN_NON_TEXT)
@@ -94,3 +116,9 @@ def test_the_scan_refuses_what_it_cannot_read() -> None:
         scan(["ok"], *tables, -1)
     with pytest.raises(TypeError):
         scan(None, *tables, 10)
+    distinct_ratio = _scan_module().distinct_ratio
+    # Bytes Python never writes (not UTF-8) are separators, never read past the end.
+    assert distinct_ratio(b"\xff\xfea\xc3 a\xe4\xb8", ts._SCAN_LOWER) == 0.5
+    assert distinct_ratio(b"", ts._SCAN_LOWER) == 1.0
+    with pytest.raises(ValueError, match="256 bytes"):
+        distinct_ratio(b"a", b"")
