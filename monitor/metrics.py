@@ -44,6 +44,7 @@ class Metrics:
         self._readiness_metrics(r)
         self._inference_metrics(r)
         self._retention_metrics(r)
+        self._sqlite_metrics(r)
         self._outbox_metrics(r)
         self._zero_known_labels()
 
@@ -399,6 +400,23 @@ class Metrics:
         self.retention_last_success = Gauge(
             "retention_last_success_timestamp_seconds",
             "Unix time of the last retention purge that succeeded",
+            namespace=NS,
+            registry=r,
+        )
+
+    def _sqlite_metrics(self, r: CollectorRegistry) -> None:
+        """A SQLite store's write-ahead log, checkpointed apart by the service (``monitor/store/wal.py``);
+        the checkpointer zeroes its outcomes when it starts, so a PostgreSQL service shows none."""
+        self.sqlite_checkpoints = Counter(
+            "sqlite_checkpoints",
+            "Checkpoints of the SQLite write-ahead log by the service's own thread, by outcome (ok, failed)",
+            ["outcome"],
+            namespace=NS,
+            registry=r,
+        )
+        self.sqlite_wal_pages = Gauge(
+            "sqlite_wal_pages",
+            "Pages in the SQLite write-ahead log at the service's last checkpoint",
             namespace=NS,
             registry=r,
         )

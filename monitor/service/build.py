@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from monitor.review.server import BackgroundServer
     from monitor.reward.scorer import RewardScorer
     from monitor.store.retention import RetentionJob
+    from monitor.store.wal import WalCheckpointer
     from sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ class Service:
     review: BackgroundServer | None = None
     worker: ActionWorker | None = None
     retention: RetentionJob | None = None
+    checkpointer: WalCheckpointer | None = None
     owns_store: bool = True  # False: the caller gave the store, and closes it
 
     # The stages by name (tests and the simulation read them).
@@ -237,6 +239,7 @@ class Service:
         on a busy machine), and build drift detectors in the background from now on, so that a
         SIGTERM drain never waits for any of it."""
         icfg = self.settings.inference
+        self._checkpoint_in_background()
         drift = self.drift
         shared = self._shared_vectors(icfg)
         if drift is not None and icfg.workers:
@@ -260,6 +263,16 @@ class Service:
             self.scorer.score_in_background(streams, shared=shared)
         self.pipeline.observers.append(self._throttle(icfg))
         self.pipeline.settle_at_end = True
+
+    def _checkpoint_in_background(self) -> None:
+        """A SQLite store's write-ahead log checkpointed on a thread of its own, not inside the
+        ingest loop's commits (``monitor/store/wal.py``)."""
+        path = self.store.sqlite_file
+        if path is None or self.checkpointer is not None:
+            return
+        from monitor.store.wal import WalCheckpointer
+
+        self.checkpointer = WalCheckpointer(path, self.metrics).start()
 
     def _shared_vectors(self, icfg: InferenceConfig) -> SharedVectors | None:
         """One encoder pass per episode on this process's workers: where the scorer leaves the
@@ -349,6 +362,7 @@ class Service:
             self.scorer.close if self.scorer is not None else None,  # the background scorer
             self.drift.close if self.drift is not None else None,  # the embedding worker
             *(relay.stop for relay in self.outboxes),
+            self.checkpointer.stop if self.checkpointer is not None else None,
             self.server.stop if self.server is not None else None,
             self.store.close if self.owns_store else None,
         ]

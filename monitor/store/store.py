@@ -41,6 +41,10 @@ IN_LIST_MAX = 1000  # values of an IN list; more are one bound parameter (Store.
 OUTBOX_ORDER = {"drift_events": ("id",), "rm_scores": ("created_at", "episode_id", "version")}
 PROBE_KEY = "health:write_probe"  # the internal_state row of the pipeline's idle write probe
 CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pipeline for minutes
+# SQLite checkpoints its write-ahead log inside the commit that takes it past this many pages (32 MB of
+# 4 KB pages; SQLite's default is 1,000). The service checkpoints on a thread of its own instead
+# (monitor/store/wal.py), so this is the safety net of a process without one, or of one that fell behind.
+INLINE_CHECKPOINT_PAGES = 8000
 
 
 # Not the other stream's name: the dead letter is read by whoever runs this stream.
@@ -210,6 +214,15 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def sqlite_file(self) -> str | None:
+        """The database file of a SQLite store on disk (its write-ahead log can be checkpointed
+        apart, ``monitor.store.wal``); None for PostgreSQL and in-memory SQLite."""
+        if self.dialect != "sqlite":
+            return None
+        database = sa.engine.make_url(self.url).database
+        return None if database in (None, "", ":memory:") else database
 
     # -- writes ----------------------------------------------------------
     def _insert(self, table: sa.Table) -> Any:
@@ -819,6 +832,7 @@ def _make_engine(url: str, echo: bool, pool: Pool) -> Engine:
             if not memory:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute(f"PRAGMA wal_autocheckpoint={INLINE_CHECKPOINT_PAGES}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
