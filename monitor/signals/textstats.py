@@ -17,7 +17,7 @@ from typing import Literal
 
 try:  # compiled at install (setup.py); optional, so an install without a C compiler still works
     from monitor.signals import textscan
-except ImportError:  # pragma: no cover - exercised by tests that hide it
+except ImportError:  # pragma: no cover - the tests set it to None to run the Python path
     textscan = None  # type: ignore[assignment]
 
 MAX_CHARS = 8000
