@@ -23,8 +23,54 @@ typedef struct {
     uint64_t hash;
     Py_ssize_t start;
     Py_ssize_t len;
-    Py_ssize_t stamp; /* which response the entry belongs to: no clearing between responses */
+    uint64_t stamp; /* which text the entry belongs to: no clearing between texts */
 } Slot;
+
+/* One table for every call, grown as needed and never cleared: each text takes a stamp of its own
+ * (0: never used), so an entry of another text is an empty one. Allocating and stamping a table per
+ * call cost 10 us, more than scanning a short answer, and the pipeline calls once a batch, which at
+ * low volume holds an episode or two. Safe without a lock: the interpreter lock is held from a text's
+ * table lookup (`table_for`) to its last probe, with no Python code in between. Tables past
+ * KEPT_SLOTS (texts of over about 256 KB, never the pipeline's) are the call's own, freed after. */
+#define KEPT_SLOTS ((size_t)1 << 18)
+static Slot *kept = NULL;
+static size_t kept_size = 0;
+static uint64_t next_stamp = 1;
+
+/* A table of at least `size` slots (a power of two), or NULL with MemoryError set. `*own`: the
+ * caller frees it (past KEPT_SLOTS). */
+static Slot *
+table_for(size_t size, int *own)
+{
+    *own = size > KEPT_SLOTS;
+    if (*own) {
+        Slot *t = PyMem_Calloc(size, sizeof(Slot));
+        if (t == NULL)
+            PyErr_NoMemory();
+        return t;
+    }
+    if (size > kept_size) {
+        Slot *grown = PyMem_Calloc(size, sizeof(Slot));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        PyMem_Free(kept);
+        kept = grown;
+        kept_size = size;
+    }
+    return kept;
+}
+
+/* The power of two, at least 16, at or above `need`. */
+static size_t
+slots_for(size_t need)
+{
+    size_t size = 16;
+    while (size < need)
+        size <<= 1;
+    return size;
+}
 
 static int
 same_token(const unsigned char *data, const unsigned char *lower, Py_ssize_t a, Py_ssize_t b, Py_ssize_t len)
@@ -39,7 +85,7 @@ same_token(const unsigned char *data, const unsigned char *lower, Py_ssize_t a, 
 /* Adds the token data[start:start+len) of hash h to the set; 1 when it was not there yet. Tokens
  * compare lower-cased through `lower`, or byte for byte when `lower` is NULL (text lowered already). */
 static int
-add_token(const unsigned char *data, const unsigned char *lower, Slot *slots, size_t mask, Py_ssize_t stamp,
+add_token(const unsigned char *data, const unsigned char *lower, Slot *slots, size_t mask, uint64_t stamp,
           uint64_t h, Py_ssize_t start, Py_ssize_t len)
 {
     size_t at = (size_t)(h ^ (h >> 29)) & mask;
@@ -62,7 +108,7 @@ add_token(const unsigned char *data, const unsigned char *lower, Slot *slots, si
 /* Word tokens of data[0:n): runs of bytes whose `lower` entry is not 0, compared lower-cased. */
 static void
 count_tokens(const unsigned char *data, Py_ssize_t n, const unsigned char *lower, Slot *slots, size_t mask,
-             Py_ssize_t stamp, Py_ssize_t *total, Py_ssize_t *distinct)
+             uint64_t stamp, Py_ssize_t *total, Py_ssize_t *distinct)
 {
     Py_ssize_t i = 0, all = 0, seen = 0;
     while (i < n) {
@@ -120,7 +166,7 @@ is_word(long cp, const unsigned char *lower)
 /* Word tokens of lower-cased UTF-8 text: runs of word characters, compared byte for byte. */
 static void
 count_tokens_utf8(const unsigned char *data, Py_ssize_t n, const unsigned char *lower, Slot *slots, size_t mask,
-                  Py_ssize_t *total, Py_ssize_t *distinct)
+                  uint64_t stamp, Py_ssize_t *total, Py_ssize_t *distinct)
 {
     Py_ssize_t i = 0, all = 0, seen = 0, len;
     while (i < n) {
@@ -140,7 +186,7 @@ count_tokens_utf8(const unsigned char *data, Py_ssize_t n, const unsigned char *
             i += len;
         }
         all++;
-        seen += add_token(data, NULL, slots, mask, 0, h, start, i - start);
+        seen += add_token(data, NULL, slots, mask, stamp, h, start, i - start);
     }
     *total = all;
     *distinct = seen;
@@ -218,7 +264,6 @@ scan(PyObject *self, PyObject *args)
     Py_buffer lower, space, non_text;
     Py_ssize_t max_chars;
     PyObject *seq = NULL, *lines = NULL, *ratios = NULL, *shares = NULL, *rest = NULL, *out = NULL;
-    Slot *slots = NULL;
 
     if (!PyArg_ParseTuple(args, "Oy*y*y*n", &texts, &lower, &space, &non_text, &max_chars))
         return NULL;
@@ -238,18 +283,6 @@ scan(PyObject *self, PyObject *args)
     rest = PyList_New(0);
     if (lines == NULL || ratios == NULL || shares == NULL || rest == NULL)
         goto done;
-    /* At most (max_chars + 1) / 2 tokens a text: a table of twice max_chars keeps the load under 1/4. */
-    size_t size = 16;
-    while (size < (size_t)max_chars * 2 + 2)
-        size <<= 1;
-    slots = PyMem_Calloc(size, sizeof(Slot));
-    if (slots == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (size_t k = 0; k < size; k++)
-        slots[k].stamp = -1;
-
     const unsigned char *lo = lower.buf, *sp = space.buf, *nt = non_text.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
@@ -271,13 +304,17 @@ scan(PyObject *self, PyObject *args)
         Py_ssize_t len = PyUnicode_GET_LENGTH(item);
         if (len > max_chars)
             len = max_chars;
-        /* The table's part this text uses: its size bounds the tokens, and a short text's
-         * probes stay in a few cache lines instead of spreading over the whole table. */
-        size_t used = 16;
-        while (used < (size_t)len * 2 + 2)
-            used <<= 1;
+        /* At most (len + 1) / 2 tokens: a table of twice len keeps the load under 1/4, and a short
+         * text's probes stay in a few cache lines of the shared table. */
+        size_t used = slots_for((size_t)len * 2 + 2);
+        int own;
+        Slot *slots = table_for(used, &own);
+        if (slots == NULL)
+            goto done;
         Py_ssize_t total, distinct;
-        count_tokens(data, len, lo, slots, used - 1, i, &total, &distinct);
+        count_tokens(data, len, lo, slots, used - 1, next_stamp++, &total, &distinct);
+        if (own)
+            PyMem_Free(slots);
         if (set_int(lines, i, count_lines(data, len, sp)) < 0 ||
             set_float(ratios, i, total ? (double)distinct / (double)total : 1.0) < 0 ||
             set_float(shares, i, len ? (double)count_flagged(data, len, nt) / (double)len : 0.0) < 0)
@@ -286,7 +323,6 @@ scan(PyObject *self, PyObject *args)
     out = PyTuple_Pack(4, lines, ratios, shares, rest);
 
 done:
-    PyMem_Free(slots);
     Py_XDECREF(seq);
     Py_XDECREF(lines);
     Py_XDECREF(ratios);
@@ -313,19 +349,14 @@ distinct_ratio(PyObject *self, PyObject *args)
         return NULL;
     if (table_ok(&lower, "lower")) {
         /* At most (bytes + 1) / 2 tokens: a table of twice that keeps the load under 1/2. */
-        size_t size = 16;
-        while (size < (size_t)raw.len + 2)
-            size <<= 1;
-        Slot *slots = PyMem_Malloc(size * sizeof(Slot));
-        if (slots == NULL) {
-            PyErr_NoMemory();
-        }
-        else {
-            for (size_t k = 0; k < size; k++)
-                slots[k].stamp = -1;
+        size_t size = slots_for((size_t)raw.len + 2);
+        int own;
+        Slot *slots = table_for(size, &own);
+        if (slots != NULL) {
             Py_ssize_t total, distinct;
-            count_tokens_utf8(raw.buf, raw.len, lower.buf, slots, size - 1, &total, &distinct);
-            PyMem_Free(slots);
+            count_tokens_utf8(raw.buf, raw.len, lower.buf, slots, size - 1, next_stamp++, &total, &distinct);
+            if (own)
+                PyMem_Free(slots);
             out = PyFloat_FromDouble(total ? (double)distinct / (double)total : 1.0);
         }
     }

@@ -117,6 +117,13 @@ def test_the_scan_refuses_what_it_cannot_read() -> None:
     with pytest.raises(TypeError):
         scan(None, *tables, 10)
     distinct_ratio = _scan_module().distinct_ratio
+    # A text past the table the module keeps (its own table, freed after), between short ones that
+    # use the kept table: every call counts its own tokens only.
+    rnd = random.Random(5)
+    huge = " ".join(f"t{rnd.randrange(60_000)}" for _ in range(120_000))
+    for text in ("a b a", huge, "a b a", huge[:5000], "x"):
+        raw = text.encode()
+        assert distinct_ratio(raw, ts._SCAN_LOWER) == ts._distinct_ratio(text), len(text)
     # Bytes Python never writes (not UTF-8) are separators, never read past the end.
     assert distinct_ratio(b"\xff\xfea\xc3 a\xe4\xb8", ts._SCAN_LOWER) == 0.5
     assert distinct_ratio(b"", ts._SCAN_LOWER) == 1.0
