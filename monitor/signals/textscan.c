@@ -230,20 +230,10 @@ table_ok(const Py_buffer *b, const char *what)
     return 1;
 }
 
+/* Puts a new reference (NULL: its creation failed, the error set) at list[i]; -1 on failure. */
 static int
-set_float(PyObject *list, Py_ssize_t i, double v)
+set_item(PyObject *list, Py_ssize_t i, PyObject *x)
 {
-    PyObject *f = PyFloat_FromDouble(v);
-    if (f == NULL)
-        return -1;
-    PyList_SET_ITEM(list, i, f);
-    return 0;
-}
-
-static int
-set_int(PyObject *list, Py_ssize_t i, Py_ssize_t v)
-{
-    PyObject *x = PyLong_FromSsize_t(v);
     if (x == NULL)
         return -1;
     PyList_SET_ITEM(list, i, x);
@@ -296,7 +286,8 @@ scan(PyObject *self, PyObject *args)
             PyObject *index = PyLong_FromSsize_t(i);
             int failed = index == NULL || PyList_Append(rest, index) < 0;
             Py_XDECREF(index);
-            if (failed || set_int(lines, i, 0) < 0 || set_float(ratios, i, 0.0) < 0 || set_float(shares, i, 0.0) < 0)
+            if (failed || set_item(lines, i, PyLong_FromLong(0)) < 0 || set_item(ratios, i, PyFloat_FromDouble(0.0)) < 0 ||
+                set_item(shares, i, PyFloat_FromDouble(0.0)) < 0)
                 goto done;
             continue;
         }
@@ -315,9 +306,9 @@ scan(PyObject *self, PyObject *args)
         count_tokens(data, len, lo, slots, used - 1, next_stamp++, &total, &distinct);
         if (own)
             PyMem_Free(slots);
-        if (set_int(lines, i, count_lines(data, len, sp)) < 0 ||
-            set_float(ratios, i, total ? (double)distinct / (double)total : 1.0) < 0 ||
-            set_float(shares, i, len ? (double)count_flagged(data, len, nt) / (double)len : 0.0) < 0)
+        if (set_item(lines, i, PyLong_FromSsize_t(count_lines(data, len, sp))) < 0 ||
+            set_item(ratios, i, PyFloat_FromDouble(total ? (double)distinct / (double)total : 1.0)) < 0 ||
+            set_item(shares, i, PyFloat_FromDouble(len ? (double)count_flagged(data, len, nt) / (double)len : 0.0)) < 0)
             goto done;
     }
     out = PyTuple_Pack(4, lines, ratios, shares, rest);

@@ -29,7 +29,6 @@ rows once.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from monitor.config import RetentionConfig
 from monitor.metrics import RETENTION_TABLES, Metrics
 from monitor.retry import first_line, transient
 from monitor.store import tables as t
+from monitor.store.periodic import PeriodicJob
 from monitor.store.store import BUCKET_S, Store, bucket_of, horizon_key
 
 log = logging.getLogger(__name__)
@@ -151,22 +151,24 @@ def purge(store: Store, cfg: RetentionConfig, max_future_s: float | None = None,
     return purged
 
 
-class RetentionJob:
+class RetentionJob(PeriodicJob):
     """The purge every ``retention.every_s`` on a thread of its own (``oversight run``). A failed
     purge (an outage) is counted and logged, and the next round tries again.
 
     Metrics: ``oversight_retention_deleted_total{table}``, ``oversight_retention_runs_total{outcome}``
     (``ok``, ``failed``), both pre-zeroed, and ``oversight_retention_last_success_timestamp_seconds``."""
 
+    name = "retention"
+    stop_timeout_s = 5.0
+
     def __init__(
         self, store: Store, cfg: RetentionConfig, metrics: Metrics | None = None, max_future_s: float | None = None
     ):
+        super().__init__(cfg.every_s)
         self.store = store
         self.cfg = cfg
         self.max_future_s = max_future_s
         self.metrics = metrics
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def run_once(self) -> Purged | None:
         """One purge; None when it failed (counted and logged)."""
@@ -189,22 +191,3 @@ class RetentionJob:
         if purged.deleted["episodes"]:
             log.info("retention: deleted %s", purged.deleted)
         return purged
-
-    def start(self) -> RetentionJob:
-        def loop() -> None:
-            while not self._stop.is_set():
-                self.run_once()
-                self._stop.wait(self.cfg.every_s)
-
-        self._thread = threading.Thread(target=loop, name="retention", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)

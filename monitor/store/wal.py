@@ -22,12 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-import threading
-import time
 from dataclasses import dataclass
 
 from monitor.metrics import Metrics
 from monitor.retry import first_line
+from monitor.store.periodic import PeriodicJob
 
 log = logging.getLogger("monitor.store")
 
@@ -42,7 +41,7 @@ class Checkpoint:
     checkpointed: int
 
 
-class WalCheckpointer:
+class WalCheckpointer(PeriodicJob):
     """Checkpoints the SQLite database at ``path`` every ``interval_s`` on a daemon thread.
 
     A failed round (the file gone, a disk full, a lock held past ``timeout_s``) is counted and
@@ -50,13 +49,14 @@ class WalCheckpointer:
     ``oversight_sqlite_checkpoints_total{outcome}`` (``ok``, ``failed``; pre-zeroed) and
     ``oversight_sqlite_wal_pages`` (the log's pages at the last round)."""
 
+    name = "sqlite-checkpoint"
+    first_now = False  # nothing to checkpoint yet when the service starts
+
     def __init__(self, path: str, metrics: Metrics | None = None, *, interval_s: float = 0.5, timeout_s: float = 5.0):
+        super().__init__(interval_s)
         self.path = path
         self.metrics = metrics
-        self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._failed_before: set[str] = set()  # exception classes already logged
         if metrics is not None:
@@ -85,34 +85,14 @@ class WalCheckpointer:
         kind = type(e).__name__
         level = logging.DEBUG if kind in self._failed_before else logging.WARNING
         self._failed_before.add(kind)
-        log.log(level, "sqlite checkpoint failed (retried in %.1f s): %s", self.interval_s, first_line(e))
+        log.log(level, "sqlite checkpoint failed (retried in %.1f s): %s", self.every_s, first_line(e))
         self._close_connection()  # a fresh one next round: the file may have been replaced
+
+    def finish(self) -> None:
+        self._close_connection()
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-
-    def start(self) -> WalCheckpointer:
-        def loop() -> None:
-            while not self._stop.wait(self.interval_s):
-                self.run_once()
-            self._close_connection()
-
-        self._thread = threading.Thread(target=loop, name="sqlite-checkpoint", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the round in progress (at most ``timeout_s`` waiting for a lock)."""
-        self._stop.set()
-        if self._thread is not None:
-            started = time.monotonic()
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("sqlite checkpoint thread still running after %.0f s", time.monotonic() - started)
