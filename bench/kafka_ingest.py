@@ -17,7 +17,12 @@ SQLite database in a temporary directory (dev mode). Both clocks run from the fi
 poll returns to the last record consumed (a) or committed to the database (b), so the group
 join is not counted. Both consumers fetch with ``fetch_max_wait_ms`` 20 (``--fetch-wait-ms``; the
 service's ``kafka.fetch_max_wait_ms``, 500 by default, is the only setting changed): see
-``FETCH_WAIT_MS``. Prints one line per measurement and a JSON summary line.
+``FETCH_WAIT_MS``. Over the same span each run also reads the CPU clocks of its threads (Linux's
+per-thread clocks): the raw loop's, and the service's ingest thread, Kafka consumer thread and the
+rest of the process (the model workers), per record. On a 2-core machine the broker, the consumer
+thread, the ingest thread and the model workers take turns, and the wall-clock ratio moves from run
+to run with how they happen to; the CPU a record holds still. Prints one line per measurement and
+a JSON summary line.
 
 Cold and steady. By default the service path starts on an empty database, so its 20,000 episodes
 are mostly warm-up: every stream's signals fill their references and build their detectors (a
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import gzip
 import io
@@ -47,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -131,7 +138,9 @@ def make_episodes(
     return out, origin
 
 
-def raw_consume(bootstrap: str, topic: str, n: int, max_records: int, fetch_wait_ms: int) -> tuple[float, int]:
+def raw_consume(bootstrap: str, topic: str, n: int, max_records: int, fetch_wait_ms: int) -> tuple[float, int, float]:
+    """The raw loop over ``topic`` until ``n`` records: its seconds from the first record polled,
+    the bytes it read and its thread's CPU seconds over the same span."""
     from kafka import KafkaConsumer
 
     c = KafkaConsumer(
@@ -146,22 +155,45 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_records: int, fetch_wait
     got = 0
     nbytes = 0
     t0 = None
+    cpu0 = 0.0
     deadline = time.monotonic() + 300
     try:
         while got < n and time.monotonic() < deadline:
             batches = c.poll(timeout_ms=200, max_records=max_records)
             if batches and t0 is None:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
             for msgs in batches.values():
                 for m in msgs:
                     got += 1
                     nbytes += len(m.value)
         elapsed = time.perf_counter() - (t0 or time.perf_counter())
+        cpu = time.thread_time() - cpu0
     finally:
         c.close(autocommit=False)
     if got < n:
         raise RuntimeError(f"raw consumer got {got} of {n} records")
-    return elapsed, nbytes
+    return elapsed, nbytes, cpu
+
+
+def cpu_clocks(consumer_thread: str = "kafka-consumer") -> dict[str, float]:
+    """CPU seconds so far of the calling thread (the pipeline's), of the service's Kafka consumer
+    thread (0 when it is not running) and of the whole process. Linux's per-thread clocks: the
+    consumer thread is read through its pthread id, so nothing of the service is wrapped."""
+    consumer = 0.0
+    for th in threading.enumerate():
+        if th.name == consumer_thread and th.ident is not None:
+            with contextlib.suppress(OSError):
+                consumer = time.clock_gettime(time.pthread_getcpuclockid(th.ident))
+    return {"ingest": time.thread_time(), "consumer": consumer, "process": time.process_time()}
+
+
+def cpu_per_record(start: dict[str, float], end: dict[str, float], n: int) -> dict[str, float]:
+    """Microseconds of CPU a record between two :func:`cpu_clocks` readings: the ingest thread,
+    the consumer thread and the process's other threads (the model workers, the checkpointer)."""
+    ingest = end["ingest"] - start["ingest"]
+    consumer = end["consumer"] - start["consumer"]
+    other = max(0.0, end["process"] - start["process"] - ingest - consumer)
+    return {k: round(v / n * 1e6, 1) for k, v in (("ingest", ingest), ("consumer", consumer), ("other", other))}
 
 
 # What each configuration changes from the defaults. `default` is `oversight run` as shipped: drift
@@ -191,11 +223,11 @@ def pipeline_consume(
     config: str = "default",
     fetch_wait_ms: int = FETCH_WAIT_MS,
     inline_builds: bool = False,
-) -> tuple[float, Any, pstats.Stats | None, dict[str, float]]:
+) -> tuple[float, Any, pstats.Stats | None, dict[str, float], dict[str, float]]:
     """The service path over ``topic`` until ``n`` records are committed: its seconds from the first
-    record polled, its stats, the profile and the embedding worker's figures. ``inline_builds``:
-    detectors built on the pipeline's thread (as ``replay`` builds them; the warm-up run), not in
-    the background as ``oversight run`` builds them."""
+    record polled, its stats, the profile, the embedding worker's figures and the CPU a record
+    (:func:`cpu_per_record`). ``inline_builds``: detectors built on the pipeline's thread (as
+    ``replay`` builds them; the warm-up run), not in the background as ``oversight run`` builds them."""
     from prometheus_client import CollectorRegistry
 
     from monitor.config import load_settings
@@ -221,6 +253,7 @@ def pipeline_consume(
     infer = start_infer(workdir, overrides) if settings.inference.external else None
     pipe = svc.pipeline
     marks: dict[str, float] = {}
+    clocks: dict[str, dict[str, float]] = {}
     real_poll = pipe.source.poll
     real_batch = pipe.process_batch
 
@@ -228,12 +261,14 @@ def pipeline_consume(
         recs = real_poll(max_records, timeout_s)
         if recs and "start" not in marks:
             marks["start"] = time.perf_counter()
+            clocks["start"] = cpu_clocks()
         return recs
 
     def process_batch(records: list[Any], stop: Any = None) -> bool:
         ok = real_batch(records, stop)
         if pipe.stats.records >= n:
             marks["end"] = time.perf_counter()
+            clocks["end"] = cpu_clocks()
             pipe.stop_event.set()
         return ok
 
@@ -254,7 +289,8 @@ def pipeline_consume(
             infer.wait(30)
     if stats.records < n:
         raise RuntimeError(f"pipeline got {stats.records} of {n} records")
-    return marks["end"] - marks["start"], stats, pstats.Stats(prof) if prof is not None else None, workers
+    cpu = cpu_per_record(clocks["start"], clocks["end"], n)
+    return marks["end"] - marks["start"], stats, pstats.Stats(prof) if prof is not None else None, workers, cpu
 
 
 def start_infer(workdir: str, overrides: list[str]) -> subprocess.Popen[bytes]:
@@ -333,6 +369,8 @@ class Rounds:
         self.warmed: dict[str, Path] = {}
         self.events: dict[str, list[int]] = {c: [] for c in configs}
         self.raw: list[float] = []
+        self.raw_cpu: list[float] = []  # the raw loop's CPU a record, us
+        self.cpu: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
         self.rates: dict[str, list[float]] = {c: [] for c in configs}
         self.ratios: dict[str, list[float]] = {c: [] for c in configs}
         self.workers: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
@@ -341,11 +379,14 @@ class Rounds:
     def run(self, args: argparse.Namespace, bootstrap: str, topic: str, n: int, workdir: str) -> None:
         for r in range(args.rounds):
             # The raw loop gets the same consumer settings as the service (max_poll_records).
-            raw_s, nbytes = raw_consume(bootstrap, topic, n, KafkaConfig().max_poll_records, args.fetch_wait_ms)
+            raw_s, nbytes, raw_cpu = raw_consume(
+                bootstrap, topic, n, KafkaConfig().max_poll_records, args.fetch_wait_ms
+            )
             self.raw.append(n / raw_s)
+            self.raw_cpu.append(raw_cpu / n * 1e6)
             print(
                 f"round {r}: (a) raw kafka-python consume {self.raw[-1]:,.0f} records/s"
-                f" ({nbytes / raw_s / 1e6:.0f} MB/s)",
+                f" ({nbytes / raw_s / 1e6:.0f} MB/s; CPU {self.raw_cpu[-1]:.1f} us a record)",
                 flush=True,
             )
             for config in self.configs:
@@ -356,9 +397,10 @@ class Rounds:
         if self.warm is not None:
             copy_db(self.warm_db(args, bootstrap, str(Path(workdir).parent), config), Path(workdir) / "bench.db")
         before = drift_events(Path(workdir) / "bench.db").keys()
-        pipe_s, stats, self.prof, w = pipeline_consume(
+        pipe_s, stats, self.prof, w, cpu = pipeline_consume(
             bootstrap, topic, n, args.batch_size, workdir, args.profile, config, args.fetch_wait_ms
         )
+        self.cpu[config].append(cpu)
         found = drift_events(Path(workdir) / "bench.db")
         events = {i: sig for i, sig in found.items() if i not in before}
         self.events[config].append(len(events))
@@ -376,7 +418,9 @@ class Rounds:
         )
         print(
             f"         (b) service path [{config}] {rate:,.0f} records/s, ratio {self.ratios[config][-1]:.3f}"
-            f" ({stats.batches} batches, sampled {stats.sampled}, drift events {by_signal(events)}){extra}",
+            f" ({stats.batches} batches, sampled {stats.sampled}, drift events {by_signal(events)}){extra};"
+            f" CPU a record: ingest thread {cpu['ingest']} us, consumer thread {cpu['consumer']} us,"
+            f" other threads {cpu['other']} us",
             flush=True,
         )
 
@@ -410,10 +454,22 @@ class Rounds:
                 f" (goal >= 0.5 at default settings); the service path adds {overhead_us:.0f} us per record",
                 flush=True,
             )
+            cpu = {
+                k: round(statistics.median(c[k] for c in self.cpu[config]), 1) for k in ("ingest", "consumer", "other")
+            }
+            cpu_ratio = statistics.median(self.raw_cpu) / max(1e-9, cpu["ingest"] + cpu["consumer"])
+            print(
+                f"  CPU a record [{config}]: raw loop {statistics.median(self.raw_cpu):.1f} us; service path: ingest"
+                f" thread {cpu['ingest']} + consumer thread {cpu['consumer']} us (ratio {cpu_ratio:.3f}),"
+                f" other threads {cpu['other']} us",
+                flush=True,
+            )
             entry: dict[str, Any] = {
                 "pipeline_records_per_s": round(pipe_rate, 1),
                 "ratio": round(ratio, 4),
                 "overhead_us_per_record": round(overhead_us, 1),
+                "cpu_us_per_record": cpu,
+                "cpu_ratio": round(cpu_ratio, 4),
                 "drift_events_per_run": statistics.median(self.events[config]),
             }
             ws = self.workers[config]
@@ -502,6 +558,7 @@ def main() -> int:
         "mode": "steady" if args.steady else "cold",
         "warm_episodes": args.warm_episodes if args.steady else 0,
         "raw_records_per_s": round(statistics.median(rounds.raw), 1),
+        "raw_cpu_us_per_record": round(statistics.median(rounds.raw_cpu), 1),
         "profiled": bool(args.profile),
         "configs": rounds.summary(),
     }
