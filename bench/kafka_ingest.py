@@ -178,18 +178,20 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_records: int, fetch_wait
 def cpu_clocks(consumer_thread: str = "kafka-consumer") -> dict[str, float]:
     """CPU seconds so far of the calling thread (the pipeline's), of the service's Kafka consumer
     thread (0 when it is not running) and of the whole process. Linux's per-thread clocks: the
-    consumer thread is read through its pthread id, so nothing of the service is wrapped."""
+    consumer thread is read through its pthread id, so nothing of the service is wrapped (where
+    the platform has no such clock, it reads 0)."""
     consumer = 0.0
     for th in threading.enumerate():
         if th.name == consumer_thread and th.ident is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, AttributeError):
                 consumer = time.clock_gettime(time.pthread_getcpuclockid(th.ident))
     return {"ingest": time.thread_time(), "consumer": consumer, "process": time.process_time()}
 
 
 def cpu_per_record(start: dict[str, float], end: dict[str, float], n: int) -> dict[str, float]:
     """Microseconds of CPU a record between two :func:`cpu_clocks` readings: the ingest thread,
-    the consumer thread and the process's other threads (the model workers, the checkpointer)."""
+    the consumer thread and the process's other threads (the model workers, the checkpointer; with
+    ``external`` the model work runs in a process of its own, which this does not count)."""
     ingest = end["ingest"] - start["ingest"]
     consumer = end["consumer"] - start["consumer"]
     other = max(0.0, end["process"] - start["process"] - ingest - consumer)
