@@ -21,7 +21,7 @@ service's ``kafka.fetch_max_wait_ms``, 500 by default, is the only setting chang
 per-thread clocks): the raw loop's, and the service's ingest thread, Kafka consumer thread and the
 rest of the process (the model workers), per record. On a 2-core machine the broker, the consumer
 thread, the ingest thread and the model workers take turns, and the wall-clock ratio moves from run
-to run with how they happen to; the CPU a record holds still. Prints one line per measurement and
+to run with how they happen to; the CPU a record moves less. Prints one line per measurement and
 a JSON summary line.
 
 Cold and steady. By default the service path starts on an empty database, so its 20,000 episodes
