@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "monitor.__init__",
         "monitor.errors",
+        "monitor.daemon",
         "monitor.fileio",
         "monitor.deadline_http",
         "monitor.pace",

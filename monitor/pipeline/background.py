@@ -40,6 +40,7 @@ from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from monitor.config import InferenceConfig
+from monitor.daemon import DaemonThread
 from monitor.retry import first_line
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ GiveUp = Callable[[Sequence[W]], None]
 CLAIM_S = 3600.0  # a result handed over is committed (or released) long before this
 
 
-class BackgroundWork(Generic[W, R]):
+class BackgroundWork(DaemonThread, Generic[W, R]):
     """One daemon thread: fetch -> compute -> hold; :meth:`take` hands the results over.
 
     >>> work = BackgroundWork("double", lambda n, skip: [i for i in ("a", "bb") if i not in skip][:n],
@@ -118,16 +119,6 @@ class BackgroundWork(Generic[W, R]):
         self._taken: list[str] = []  # handed over at the last take: committed (or released) by the next
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> BackgroundWork[W, R]:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def nudge(self) -> None:
         """New items may be waiting (a batch committed some): fetch now rather than at the next poll."""
@@ -137,8 +128,7 @@ class BackgroundWork(Generic[W, R]):
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.join(timeout)
 
     def pending(self) -> int:
         """Results computed and not yet taken."""
@@ -259,7 +249,7 @@ class BackgroundWork(Generic[W, R]):
         """Items per second of computing time so far (None before the first result)."""
         return self.computed / self.busy_s if self.computed and self.busy_s > 0 else None
 
-    def _loop(self) -> None:
+    def thread_main(self) -> None:
         lower_thread_priority(self.nice, self.name)
         while not self._stop.is_set():
             try:

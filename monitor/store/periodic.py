@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Self
+from abc import abstractmethod
+
+from monitor.daemon import DaemonThread
 
 log = logging.getLogger("monitor.store")
 
 
-class PeriodicJob:
+class PeriodicJob(DaemonThread):
     """:meth:`run_once` every ``every_s`` seconds on a daemon thread named ``name``; the first round
     at once (``first_now``) or after one interval. :meth:`finish` runs on the thread after the last."""
 
@@ -26,37 +28,26 @@ class PeriodicJob:
     def __init__(self, every_s: float):
         self.every_s = every_s
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
+    @abstractmethod
     def run_once(self) -> object:
-        raise NotImplementedError
+        """One round; it counts and logs its own failure and never raises."""
 
     def finish(self) -> None:
         """After the last round, on the job's thread (close what the rounds opened)."""
 
-    def _loop(self) -> None:
+    def thread_main(self) -> None:
         if self.first_now:
             self.run_once()
         while not self._stop.wait(self.every_s):
             self.run_once()
         self.finish()
 
-    def start(self) -> Self:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the round in progress; say so when it outlasts ``timeout`` (by default
         ``stop_timeout_s``)."""
         self._stop.set()
-        if self._thread is None:
-            return
         started = time.monotonic()
-        self._thread.join(self.stop_timeout_s if timeout is None else timeout)
-        if self._thread.is_alive():
+        self.join(self.stop_timeout_s if timeout is None else timeout)
+        if self.running:
             log.warning("%s: still running after %.0f s", self.name, time.monotonic() - started)
