@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# `make test` runs the tests in pytest-xdist workers, one per core. Each worker's PyTorch would
+# start a thread per core of its own (and so would each `oversight` process a test starts): on 2
+# cores the training tests then ran 2-4x slower than alone, longer than they saved. So each worker,
+# and what it starts, keeps to its share of the cores; PyTorch reads this when it is first imported,
+# which is after this file. Set by hand, the variable is left alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 PG_BASE = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 REQUIRE_SERVICES = os.environ.get("CI_REQUIRE_SERVICES") == "1"
 
