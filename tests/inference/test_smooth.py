@@ -17,8 +17,16 @@ import pytest
 from inference.test_int8 import inputs
 from inference.test_onnx_encoder import onnx_ops, tiny_bert
 from monitor.data import calibration_pairs
-from monitor.inference.int8 import quantize_matmuls
-from monitor.inference.onnx import CACHE_ENV, OnnxEncoder, export, int8_scheme, load_encoder, pooled_module
+from monitor.inference.int8 import FULL_RANGE, REDUCED_RANGE, quantize_matmuls, weight_levels
+from monitor.inference.onnx import (
+    CACHE_ENV,
+    OnnxEncoder,
+    export,
+    int8_scheme,
+    load_encoder,
+    pooled_module,
+    quantize_int8,
+)
 from monitor.inference.smooth import input_absmax, layers, smooth
 
 
@@ -123,16 +131,42 @@ def test_the_int8_build_smooths_when_given_calibration_and_falls_back_to_qkv(
     )
     qkv_only = load_encoder("tiny", tiny_bert, [0, -1], normalize=False, quantisation="int8")
     assert smoothed.path != qkv_only.path  # two recipes, two cache entries
-    # 2 layers: q, k, v, attention output, feed-forward input and output int8 (6 each), of which q, k,
-    # v and the feed-forward output per row (MatMulIntegerToFloat); q/k/v alone: 3 each, per tensor.
+    # 2 layers: q, k, v, attention output, feed-forward input int8 (5 each), of which q, k, v per row
+    # (MatMulIntegerToFloat); the feed-forward output per row too where this machine's kernel sums
+    # full-range weights exactly, else fp32 (the next test builds both); q/k/v alone: 3 each, per tensor.
     ops = onnx_ops(smoothed.path)
-    assert (ops.count("MatMulInteger"), ops.count("MatMulIntegerToFloat")) == (4, 8)
+    ffn_rows = 2 if weight_levels() == FULL_RANGE else 0
+    assert (ops.count("MatMulInteger"), ops.count("MatMulIntegerToFloat")) == (4, 6 + ffn_rows)
     assert onnx_ops(qkv_only.path).count("MatMulInteger") == 6
     ref = tiny_bert()
     for seed in range(3):
         x = inputs(seed)
         want = pooled(ref, batches(range(seed, seed + 1))[0])
         assert np.allclose(smoothed.run(*x), want, atol=0.05)
+
+
+@pytest.mark.parametrize(("levels", "ffn_rows"), [(FULL_RANGE, 2), (REDUCED_RANGE, 0)])
+def test_the_feed_forward_output_is_int8_only_with_full_range_weights(
+    levels: int, ffn_rows: int, tmp_path: Path
+) -> None:
+    """Where the kernel sums in int16 (reduced-range weights) the feed-forward output projection
+    stays fp32, the rest as in full range; the model built with this machine's range computes the
+    encoder's function."""
+    import torch
+
+    model = tiny_bert()
+    smooth(model, input_absmax(model, batches(range(2))))
+    module = pooled_module(model, [0, -1], False, smoothed=True)
+    export(module, tmp_path / "fp32.onnx")
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    quantize_int8(fp32, int8, smoothed=True, ffn_floor=module.ffn_floor, levels=levels)
+    ops = onnx_ops(int8)
+    assert (ops.count("MatMulInteger"), ops.count("MatMulIntegerToFloat")) == (4, 6 + ffn_rows)
+    if levels == weight_levels():  # products this machine computes exactly
+        x = inputs(0)
+        with torch.no_grad():
+            want = module(*batches(range(1))[0]).numpy()
+        assert np.allclose(OnnxEncoder(int8).run(*x), want, atol=0.05)
 
 
 def test_calibration_pairs_come_from_the_bundled_dialogues() -> None:
@@ -161,7 +195,8 @@ def tiny_encoder(family: str, act: str) -> Any:
 @pytest.mark.parametrize(
     ("family", "act", "int8_matmuls"),
     [
-        ("roberta", "gelu_new", 12),  # BERT-shaped: smoothed, the feed-forward output per row
+        # BERT-shaped: smoothed, the feed-forward output per row (where the weights have the full range)
+        ("roberta", "gelu_new", 12),
         ("bert", "silu", 12),  # another floor (-0.279)
         ("bert", "tanh", 10),  # no known minimum: the feed-forward output projection stays fp32
         ("distilbert", "gelu", 0),  # not BERT-shaped, no token types: exported, left fp32, and it runs
@@ -182,6 +217,8 @@ def test_the_int8_recipe_on_other_encoders_matches_pytorch(
         calibration=lambda: batches(range(2)),
     )
     ops = onnx_ops(enc.path)
+    if int8_matmuls == 12 and weight_levels() == REDUCED_RANGE:
+        int8_matmuls = 10  # the feed-forward output projections stay fp32 (quantize_int8)
     assert ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat") == int8_matmuls
     assert "IsNaN" not in onnx_ops(enc.path)
     ref = tiny_encoder(family, act)
