@@ -367,8 +367,8 @@ def int8_scheme(node: str, smoothed: bool, ffn_floor: float | None = None) -> Sc
     """How the MatMul named ``node`` is int8, None where it stays fp32. A smoothed encoder: q/k/v
     per row over each row's own range; the feed-forward output projection (``layer.N/output/dense``)
     per row from ``ffn_floor`` (fp32 where the activation's bound is not known, and where
-    :func:`quantize_int8` passes none); the attention
-    output and feed-forward input projections per tensor. Otherwise q/k/v only, per tensor.
+    :func:`quantize_int8` passes none); the attention output and feed-forward input projections
+    per tensor. Otherwise q/k/v only, per tensor.
 
     Why q/k/v per row: their input, a LayerNorm's output, holds a few tokens far larger than the
     rest (``[SEP]``, the more so with two of them in a prompt-response pair), and one scale per
