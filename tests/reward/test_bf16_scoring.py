@@ -38,7 +38,7 @@ def test_a_reward_model_scores_in_bf16_as_in_fp32(small_models: dict[str, Any], 
     got = np.array(model.score(prompts, responses))
     assert np.corrcoef(ref, got)[0, 1] > 0.999
     # Within 0.5 points, the ONNX gate's tolerance (one flipped pair of 160 would be 0.625).
-    assert abs(accuracy(got, n) - ref_acc) <= 0.005 + 1e-9
+    assert abs(accuracy(got, n) - accuracy(ref, n)) <= 0.005 + 1e-9
     # fp32 on the CPU: a traced copy too (it frees the interpreter lock), the same scores as eager.
     assert model.use_backend("torch", precision="fp32") == "torch"
     fp32: TracedEncoder = model.runner
