@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed-$(shell cat $(STAMP_INPUTS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 # `make test` runs its tests in pytest-xdist workers, one per core of the 2-core machine it is sized
 # for: the suite spends most of its time in one thread (24:22 in one process on a 2-core AMD EPYC
-# with AVX2, 14:53 in two; tests/conftest.py keeps each worker's PyTorch to its share of the cores). `worksteal` hands
-# out tests so that one file's long tests move to an idle worker; `loadfile` would collapse tests that
-# share a node id (schemathesis' API operations under pytest 9) into one and run only that.
+# with AVX2, 14:53 in two; tests/conftest.py keeps each worker's PyTorch to its share of the
+# cores). `worksteal` hands out tests so that one file's long tests move to an idle worker;
+# `loadfile` would collapse tests that share a node id (schemathesis' API operations under
+# pytest 9) into one and run only that.
 # `make test-slow` stays in one process: its end-to-end tests keep both cores busy on their own (the
 # broker, the service, the browser), and two workers took 18:05 on that EPYC where one process had
 # taken 15:11 on an earlier, AVX-512 machine. PYTEST_WORKERS=0: one process.
@@ -62,9 +63,9 @@ axe:
 schema: install
 	$(BIN)/python tests/deploy/chart_schema.py
 
-# `make test` stays under 20 minutes on 2 cores (in two workers, above): the slow end-to-end tests (marked `slow`:
-# closed loop with kill -9, browser, Kafka crash, live Prometheus, demo) run in `make test-slow`,
-# and CI (.ci/run) runs both.
+# `make test` stays under 20 minutes on 2 cores (in two workers, above): the slow end-to-end
+# tests (marked `slow`: closed loop with kill -9, browser, Kafka crash, live Prometheus, demo) run
+# in `make test-slow`, and CI (.ci/run) runs both.
 test: install chromium prometheus axe
 	$(BIN)/python -m pytest -m "not slow and not alibi" $(XDIST) $(PYTEST_ARGS)
 
