@@ -17,6 +17,8 @@ BENCHES = [
     # ~2 minutes: the same on a warm database (detectors built: what a running service pays per record)
     ["hot_path.py", "--configs", "core,signals", "--steady"],
     ["drift.py"],
+    # ~2 minutes each: the same shifts drawn with other seeds (the monitor alone): the spread of the delays and alarms
+    *(["drift.py", "--no-baselines", "--seed", str(seed)] for seed in (1, 2, 3)),
     ["cusum_allowance.py"],  # ~1 minute: delay against the CUSUM allowance, four seeds
     ["drift_ert.py"],  # ~2 minutes: false alarms of the default detectors on 3 x 1,000,000 stationary episodes
     ["drift_volume.py"],  # 14-day event-time streams at 5-60 episodes/s: the time-budgeted detector
