@@ -34,7 +34,7 @@ BENCHES = [
     ["rm_train.py", "--corpus", "both"],
     # ~12 minutes: the built-in default on AlpacaEval models held out (3 folds), HH-RLHF, training time
     ["rm_train.py", "--heldout-models", "--no-baseline", "--no-progress"],
-    # ~8 minutes: the same models dealt into 4 folds (the margin over "longer wins" depends on the dealing)
+    # ~13 minutes: the same models dealt into 4 folds (the margin over "longer wins" depends on the dealing)
     ["rm_train.py", "--heldout-models", "--folds", "4", "--no-baseline", "--no-progress"],
     # ~7 minutes: ONNX Runtime int8/fp32 against PyTorch eager, drift and reward encoders, the drift encoder
     # beside a busy ingest thread, the ceiling
