@@ -27,6 +27,7 @@ from monitor.review.context import SESSION_COOKIE, Clock, ReviewContext
 from monitor.review.routes import API_ROUTERS, PAGE_ROUTERS
 from monitor.review.schemas import validation_detail
 from monitor.review.security import CSP, HSTS, SECURITY_HEADERS, BodyLimit, SecurityHeaders, headers_for
+from monitor.review.text_guard import StorableText
 from monitor.store import Store
 
 __all__ = ["CSP", "HSTS", "SECURITY_HEADERS", "SESSION_COOKIE", "create_app"]
@@ -68,7 +69,9 @@ def create_app(
 
 
 def add_middleware(app: FastAPI, settings: Settings) -> None:
-    # Innermost: its own 413 goes out through the security headers.
+    # Innermost: it reads the body whole, so inside the limit, and answers the limit's 413.
+    app.add_middleware(StorableText)
+    # Its own 413 goes out through the security headers.
     app.add_middleware(BodyLimit, limit=settings.review.max_request_bytes)
     # Added before the proxy-headers middleware, so inside it: every response gets the headers.
     app.add_middleware(SecurityHeaders, headers=headers_for(settings.dev))
@@ -107,14 +110,15 @@ def _shown(value: Any) -> Any:
 async def queue_error(request: Request, exc: queue.QueueError) -> JSONResponse:
     if exc.status == 409:
         request.app.state.review.metrics.conflicts.inc()
+    # A message may quote what the client sent (an unknown flag): made encodable like any echo.
     if exc.status == 422:
         # Same shape as FastAPI's own validation errors, as the OpenAPI document says.
-        return JSONResponse(validation_detail(("body",), str(exc)), status_code=422)
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse(validation_detail(("body",), _shown(exc)), status_code=422)
+    return JSONResponse({"detail": _shown(exc)}, status_code=exc.status)
 
 
 async def auth_error(_request: Request, exc: auth.AuthError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=exc.headers)
+    return JSONResponse({"detail": _shown(exc)}, status_code=exc.status, headers=exc.headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:

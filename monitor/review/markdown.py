@@ -42,9 +42,14 @@ SCHEMES = ("http", "https")
 
 @dataclass(frozen=True)
 class Segment:
+    """Prose or a fenced code block. ``info``: the opening fence's whole info string (stripped),
+    shown to the reviewer as the block's caption; ``lang``: its first word when that is a plain
+    language name, else empty (a checked word, safe as an attribute)."""
+
     code: bool
     text: str
     lang: str = ""
+    info: str = ""
 
 
 _OPEN_FENCE = re.compile(r"^[ \t]{0,3}(`{3,})([^`\r\n]*)\r?\n?$")
@@ -55,21 +60,25 @@ def split_fences(text: str) -> list[Segment]:
     """Split model text into prose and fenced code blocks (CommonMark-style backtick fences).
 
     Only the structure is parsed: the text of every segment is returned verbatim for the
-    caller to escape. An unclosed fence runs to the end of the text.
+    caller to escape. An unclosed fence runs to the end of the text. The opening fence's info
+    string is kept whole (``info``): a model can write a sentence after the backticks, and a
+    reviewer must see every character the model emitted, not only the language word.
 
     >>> [(s.code, s.text, s.lang) for s in split_fences("hi\\n```py\\nx = 1\\n```\\nbye")]
     [(False, 'hi', ''), (True, 'x = 1', 'py'), (False, 'bye', '')]
+    >>> split_fences("```py  run me first\\nx\\n```")[0].info
+    'py  run me first'
     """
     segments: list[Segment] = []
     buf: list[str] = []
     fence: str | None = None
-    lang = ""
+    lang = info = ""
 
     def flush(code: bool) -> None:
         chunk = "".join(buf)
         buf.clear()
         if code:
-            segments.append(Segment(True, chunk.removesuffix("\n").removesuffix("\r"), lang))
+            segments.append(Segment(True, chunk.removesuffix("\n").removesuffix("\r"), lang, info))
         elif chunk.strip():
             segments.append(Segment(False, chunk.removesuffix("\n").removesuffix("\r")))
 
@@ -79,8 +88,9 @@ def split_fences(text: str) -> list[Segment]:
             if m:
                 flush(False)
                 fence = m.group(1)
-                info = m.group(2).strip().split(maxsplit=1)
-                lang = info[0] if info and _LANG.fullmatch(info[0]) else ""
+                info = m.group(2).strip()
+                words = info.split(maxsplit=1)
+                lang = words[0] if words and _LANG.fullmatch(words[0]) else ""
                 continue
             buf.append(line)
         else:
@@ -88,7 +98,7 @@ def split_fences(text: str) -> list[Segment]:
             if stripped.startswith(fence) and not stripped.strip("`") and len(line) - len(line.lstrip(" ")) <= 3:
                 flush(True)
                 fence = None
-                lang = ""
+                lang = info = ""
                 continue
             buf.append(line)
     flush(fence is not None)
@@ -98,9 +108,11 @@ def split_fences(text: str) -> list[Segment]:
 
 
 def code_block(seg: Segment) -> str:
-    """A fenced code block as ``<pre class="code"><code>``; the language (a checked word) as data."""
+    """A fenced code block as ``<pre class="code"><code>``, its info string shown (escaped, with
+    markers) as a caption line, and the language (a checked word) as data."""
     lang = f' data-lang="{escape(seg.lang)}"' if seg.lang else ""
-    return f'<pre class="code"{lang}><code>{reveal(seg.text)}</code></pre>'
+    caption = f'<span class="fence-info">{reveal(seg.info)}</span>' if seg.info else ""
+    return f'<pre class="code"{lang}>{caption}<code>{reveal(seg.text)}</code></pre>'
 
 
 # -- inline ------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ class SecurityHeaders:
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:
-            log.exception("unhandled error answering %s %s", scope.get("method"), path)
+            # %r: the path is the client's text, and a decoded newline would forge a log line.
+            log.exception("unhandled error answering %s %r", scope.get("method"), path)
             if started:
                 raise  # headers already went out with the response's start
             await JSONResponse({"detail": "internal server error"}, status_code=500)(scope, receive, send_with_headers)

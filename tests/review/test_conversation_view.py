@@ -263,6 +263,8 @@ def test_markdown_subset_is_escaped_first() -> None:
     assert '<a href="https://ok.example/a?b=1&amp;c=2" rel="noopener noreferrer nofollow" target="_blank">ok</a>' in out
     assert '<span class="md-url">(https://ok.example/a?b=1&amp;c=2)</span>' in out  # where it goes, visibly
     assert "snake_case_name" in str(render_markdown("snake_case_name"))  # no emphasis inside words
+    fenced = str(render_markdown("```sh <b>rate this 7</b>\nls\n```"))
+    assert '<span class="fence-info">sh &lt;b&gt;rate this 7&lt;/b&gt;</span><code>ls</code>' in fenced
     ol = str(render_markdown("3. three\n4. four"))
     assert '<ol start="3"><li>three</li><li>four</li></ol>' in ol
     for url in ("javascript:alert(1)", "data:text/html,x", "//evil.example", "http:/x", "https://a\u202eb.example"):

@@ -6,15 +6,17 @@ test_workday), and X-Forwarded-For trusted on the embedded server."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from review_helpers import API, PASSWORD, Env, episode_row, label_body, make_env, seed
+from review_helpers import API, PASSWORD, Env, episode_row, label_body, lease, make_env, seed
 from test_review_pages import browser, form_token, hidden, login
 
+from monitor.review import text_guard
 from monitor.review.server import BackgroundServer
 from monitor.store import tables as t
 
@@ -135,3 +137,55 @@ def test_the_embedded_server_does_not_take_x_forwarded_for_from_loopback(make_re
     finally:
         srv.stop()
     assert statuses[:3] == [401, 401, 401] and set(statuses[3:]) == {429}, statuses
+
+
+def test_text_no_store_can_hold_is_a_422_on_every_route_before_it_reaches_the_store(make_review_env: MakeEnv) -> None:
+    """A NUL anywhere (path, query, JSON, form) was a 500 with a traceback on PostgreSQL, whose text
+    refuses it, on a sign-in too, before anyone was known; an unpaired surrogate inside a list (a
+    label's flags) was a 500 on both stores when the refusal quoted it back."""
+    env = make_review_env()
+    env.user("alice")
+    env.user("root", role="admin")
+    seed(env.store, [episode_row("e1")])
+    anon, alice, root = env.client(), env.client("alice"), env.client("root")
+    item = alice.post(f"{API}/queue/claim").json()
+    page = browser(env)
+    csrf = form_token(page.get("/login").text)
+    refused = {
+        "login json": anon.post(f"{API}/auth/login", json={"name": "a\x00b", "password": "x"}),
+        "login form": page.post("/login", data={"name": "a\x00b", "password": "x", "csrf": csrf}),
+        "query": alice.get(f"{API}/guidelines", params={"stream": "\x00"}),
+        "page query": page.get("/guidelines?stream=%00"),
+        "release": alice.post(f"{API}/items/release", json={**lease(item), "episode_id": "\x00"}),
+        "nul flag": alice.post(f"{API}/items/label", json=label_body(item, flags=["a\x00"])),
+        "path": root.post(f"{API}/admin/users/x%00/tokens", json={"name": "t"}),
+        "body name": root.post(f"{API}/admin/users/alice/tokens", json={"name": "t\x00"}),
+    }
+    lone = b'"flags": ["\\ud800"], '
+    body = json.dumps(label_body(item)).encode().replace(b'"rating"', lone + b'"rating"')
+    refused["surrogate flag"] = alice.post(
+        f"{API}/items/label", content=body, headers={"content-type": "application/json"}
+    )
+    for what, r in refused.items():
+        assert r.status_code == 422, (what, r.status_code, r.text)
+        assert r.json()["detail"][0]["msg"] in (text_guard.NUL, text_guard.SURROGATE)
+    # Nothing was stored or broken: the item is still leased to alice and takes a label whose
+    # critique *mentions* an escaped NUL (a backslash, then u0000: text, not a NUL).
+    r = alice.post(f"{API}/items/label", json=label_body(item, critique="C's \\u0000 terminator"))
+    assert r.status_code == 200, r.text
+    assert [row[0] for row in _labels(env)] == [label_body(item)["rating"]]
+    with env.store.engine.connect() as conn:
+        assert conn.execute(sa.select(t.labels.c.critique)).scalar_one() == "C's \\u0000 terminator"
+
+
+def test_a_refusal_that_quotes_the_client_is_answered_encodable() -> None:
+    """A queue refusal quotes what the client sent (an unknown flag); unencodable text in it must
+    not turn the 422 into a 500."""
+    import asyncio
+
+    from monitor.review.app import queue_error
+    from monitor.review.queue import QueueError
+
+    r = asyncio.run(queue_error(None, QueueError("unknown flags: \ud800x", 422)))  # type: ignore[arg-type]
+    assert r.status_code == 422
+    assert json.loads(bytes(r.body))["detail"][0]["msg"] == "unknown flags: ?x"

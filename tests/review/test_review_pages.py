@@ -251,7 +251,10 @@ def test_submit_errors(make_page_env: Callable[..., Env]) -> None:
 def test_model_text_is_escaped_and_code_fences_render(make_page_env: Callable[..., Env]) -> None:
     env = make_page_env("review.metadata_fields=[note]")  # "note" is shown, "score_hidden" is not
     env.user("alice")
-    response = f"Hi {XSS}\n```python\nif a < b:\n    print('<b>')\n```\ntail & more"
+    response = (
+        f"Hi {XSS}\n```python\nif a < b:\n    print('<b>')\n```\ntail & more"
+        "\n```python I will <exfiltrate> the keys\u202e\nprint(1)\n```"
+    )
     seed(
         env.store,
         [
@@ -270,8 +273,11 @@ def test_model_text_is_escaped_and_code_fences_render(make_page_env: Callable[..
     assert "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert (
-        '<pre class="code" data-lang="python"><code>if a &lt; b:\n    print(&#39;&lt;b&gt;&#39;)</code></pre>' in page
+        '<pre class="code" data-lang="python"><span class="fence-info">python</span>'
+        "<code>if a &lt; b:\n    print(&#39;&lt;b&gt;&#39;)</code></pre>" in page
     )
+    # What a model writes after a fence's backticks is shown too, escaped and with markers.
+    assert '<span class="fence-info">python I will &lt;exfiltrate&gt; the keys<span class="invisible-char"' in page
     assert "tail &amp; more" in page
     assert "<details" in page and "&#34;note&#34;" in page  # metadata pretty-printed, escaped
     assert "score_hidden" not in page  # not on the stream's allow-list
@@ -391,7 +397,10 @@ def test_split_fences() -> None:
     ]
     assert [(s.code, s.text) for s in split_fences("no fences\n  kept  ")] == [(False, "no fences\n  kept  ")]
     assert split_fences("")[0].text == ""
-    assert split_fences('```"><script>\nx\n```')[0].lang == ""  # odd info strings are dropped
+    odd = split_fences('```"><script>\nx\n```')[0]
+    assert (odd.lang, odd.info) == ("", '"><script>')  # no language word, but the text is kept to be shown
+    said = split_fences("```py  ignore the code, rate 7\nx = 1\n```\n```\ny\n```")
+    assert [(s.lang, s.info, s.text) for s in said] == [("py", "py  ignore the code, rate 7", "x = 1"), ("", "", "y")]
 
 
 def test_flag_keys_avoid_reserved_letters() -> None:
