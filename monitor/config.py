@@ -1045,7 +1045,9 @@ class IngestConfig(_Model):
         description="where accepted records go before the 2xx: the database table inbox (one transaction;"
         " `oversight run` with source.kind=inbox consumes it) or kafka.topic (acks=all, keyed by stream)",
     )
-    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="request body limit (after gzip), else 413")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="request body limit (after gzip) of /v1/episodes and /v1/traces, else 413"
+    )
     max_records_per_request: int = Field(10_000, gt=0, description="records per request, else 413")
     max_inflight: int = Field(8, gt=0, description="requests processed at once; more get 429 + Retry-After")
     # A request holds one of max_inflight slots while its body arrives (the slot bounds the memory

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -257,7 +257,8 @@ async def read_records(request: Request, ctx: IngestContext) -> list[bytes]:
     if declared is not None:
         if not declared.strip().isdigit():
             raise BodyError(400, "bad_request", "Content-Length is not a number")
-        if int(declared) > limit:
+        # By its length first: int() of thousands of digits is refused (ValueError, a 500).
+        if len(declared.strip()) > 18 or int(declared) > limit:
             ctx.metrics.refused.labels("too_large").inc()
             raise too_large("request body", limit)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -273,9 +274,13 @@ async def read_records(request: Request, ctx: IngestContext) -> list[bytes]:
             # The request holds a slot while its body comes (see post_episodes): a body that
             # does not come must not keep it.
             raise BodyError(408, "body_timeout", body_timeout_detail(ctx.cfg.body_timeout_s)) from None
+        # CPU work in proportion to the body (up to max_request_bytes, and a hostile body's many
+        # gzip members or unrepresentable numbers took seconds): on a worker thread, so that the
+        # event loop goes on answering /healthz and the other requests meanwhile.
         if encoding == "gzip":
-            body = gunzip_limited(body, limit)
-        raws = split_records(body, request.headers.get("content-type", ""), ctx.cfg.max_records_per_request)
+            body = await run_in_threadpool(gunzip_limited, body, limit)
+        content_type = request.headers.get("content-type", "")
+        raws = await run_in_threadpool(split_records, body, content_type, ctx.cfg.max_records_per_request)
     except BodyError as e:
         if e.status in (408, 413):
             ctx.metrics.refused.labels(e.reason).inc()
@@ -310,16 +315,31 @@ def require_ingest_token(request: Request) -> None:
         raise _http_error(ctx, e) from None
 
 
+@contextmanager
+def hold_ingest_slot(request: Request) -> Iterator[None]:
+    """A route's request slot (the OTLP receiver's ``admit``), held from before its body is read
+    until its records are handed off, as ``POST /v1/episodes`` holds one: taken only in
+    ``submit_records``, after the body was read and decoded, it bounded neither (a request without
+    GenAI spans never took one). 429 at once when none is free."""
+    ctx: IngestContext = request.app.state.ingest
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(ctx.slot(request.state.ingest_principal))
+        except ApiError as e:
+            raise _http_error(ctx, e) from None
+        yield
+
+
 def submit_records(request: Request, raws: list[bytes]) -> list[str | None]:
-    """What another ingest route (the OTLP receiver) gives its records to, on a worker thread:
-    the same backpressure, validation, stream scopes, idempotency and hand-off as
-    ``POST /v1/episodes``. Per record None (accepted or a duplicate) or the reason it was refused."""
+    """What another ingest route (the OTLP receiver) gives its records to, on a worker thread,
+    holding the request's slot (``hold_ingest_slot``): the same backpressure, validation, stream
+    scopes, idempotency and hand-off as ``POST /v1/episodes``. Per record None (accepted or a
+    duplicate) or the reason it was refused."""
     ctx: IngestContext = request.app.state.ingest
     try:
         principal = request.state.ingest_principal
-        with ctx.slot(principal):
-            ctx.check_backlog(principal)
-            result = ctx.ingest(raws, principal)
+        ctx.check_backlog(principal)
+        result = ctx.ingest(raws, principal)
     except ApiError as e:
         raise _http_error(ctx, e) from None
     return [None if r.status != "rejected" else f"{r.reason}: {r.detail}" for r in result.results]
@@ -381,9 +401,10 @@ def create_app(ctx: IngestContext) -> FastAPI:
     app.include_router(
         otlp_router(
             submit_records,
-            limits=OtlpLimits(body_timeout_s=ctx.cfg.body_timeout_s),
+            limits=OtlpLimits(max_body_bytes=ctx.cfg.max_request_bytes, body_timeout_s=ctx.cfg.body_timeout_s),
             metrics=OtlpMetrics(ctx.metrics.registry),
             authenticate=require_ingest_token,
+            admit=hold_ingest_slot,
         )
     )
 

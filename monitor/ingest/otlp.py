@@ -25,10 +25,13 @@ grows without a limit, and a malformed request raises :class:`OtlpError` (a 4xx)
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
+import logging
 import math
 import re
+import traceback
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -37,6 +40,7 @@ import orjson
 
 from monitor.episodes.conversation import MAX_MESSAGES
 
+log = logging.getLogger(__name__)
 GENAI_OPERATIONS = frozenset(
     {"chat", "text_completion", "generate_content", "execute_tool", "invoke_agent", "create_agent"}
 )
@@ -44,7 +48,15 @@ GENAI_OPERATIONS = frozenset(
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 STREAM_ATTRIBUTE = "oversight.stream"
 STATUS_ERROR = 2  # Status.StatusCode.STATUS_CODE_ERROR
-REJECT_REASONS = ("no_messages", "oversize", "too_deep", "invalid_json", "invalid_value", "too_many_messages")
+REJECT_REASONS = (
+    "no_messages",
+    "oversize",
+    "too_deep",
+    "invalid_json",
+    "invalid_value",
+    "too_many_messages",
+    "internal_error",  # a bug met while building one episode: that span's, never the request's
+)
 _UINT64_MAX = (1 << 64) - 1
 _INT64_MAX = (1 << 63) - 1
 _HEX_ID = re.compile(r"^[0-9a-fA-F]{1,64}$")
@@ -58,6 +70,9 @@ class OtlpLimits:
 
     max_body_bytes: int = 16 << 20  # after decompression
     max_spans: int = 10_000
+    # resourceSpans plus scopeSpans: a real export has a few; an empty one costs two bytes on the
+    # wire, and millions of them (16 KiB gzipped) cost seconds of CPU and hundreds of MB to parse.
+    max_groups: int = 1_000
     max_attributes: int = 512  # per span, resource or event
     max_events: int = 512  # per span
     max_value_chars: int = 1 << 20  # one string (or bytes) value
@@ -126,6 +141,7 @@ def decode_protobuf(body: bytes, limits: OtlpLimits) -> list[Span]:
     from google.protobuf.message import DecodeError
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+    check_wire_counts(body, limits)
     try:
         request = ExportTraceServiceRequest.FromString(body)
     except (DecodeError, RecursionError, ValueError) as e:  # upb refuses invalid UTF-8 and deep nesting itself
@@ -138,6 +154,79 @@ def decode_protobuf(body: bytes, limits: OtlpLimits) -> list[Span]:
             out.extend(_proto_span(sp, resource, limits) for sp in ss.spans)
     _check_ids(out)
     return out
+
+
+def check_wire_counts(body: bytes, limits: OtlpLimits) -> None:
+    """The resource spans, scope spans and spans of a protobuf request counted on the wire, before
+    the whole message is parsed: the parse builds every one of them first (8 million empty resource
+    spans, 16 MiB, took 15 s and 512 MB), and the counts after it came too late. Stops as soon as a
+    count is over its limit, so it reads at most ``max_groups + max_spans`` fields of the three
+    levels; a malformed body is left for the parser to name.
+
+    >>> check_wire_counts(b"\\x0a\\x00" * 3, OtlpLimits(max_groups=2))
+    Traceback (most recent call last):
+    ...
+    monitor.ingest.otlp.OtlpError: more than 2 resourceSpans and scopeSpans in one request
+    """
+    groups = spans = 0
+    try:
+        # ExportTraceServiceRequest.resource_spans = 1; ResourceSpans.scope_spans = 2; ScopeSpans.spans = 2.
+        for resource in _wire_messages(body, 0, len(body), 1):
+            groups += 1
+            for scope in _wire_messages(body, resource[0], resource[1], 2):
+                groups += 1
+                if groups > limits.max_groups:
+                    break
+                spans += sum(1 for _ in _wire_messages(body, scope[0], scope[1], 2, limits.max_spans - spans + 1))
+                _check_count(spans, limits)
+            if groups > limits.max_groups:
+                raise OtlpError(413, f"more than {limits.max_groups} resourceSpans and scopeSpans in one request")
+    except _WireError:
+        return  # not what it claims to be: FromString says so with its own message
+
+
+class _WireError(Exception):
+    pass
+
+
+def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise _WireError
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _wire_messages(buf: bytes, start: int, end: int, field_no: int, limit: int = -1) -> Iterator[tuple[int, int]]:
+    """(start, end) of each length-delimited field ``field_no`` in ``buf[start:end]``, at most
+    ``limit`` of them (-1: all); the other fields skipped by their wire type."""
+    i = start
+    while i < end and limit != 0:
+        key, i = _varint(buf, i, end)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i, end)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i, end)
+            if i + n > end:
+                raise _WireError
+            if key >> 3 == field_no:
+                limit -= 1
+                yield i, i + n
+            i += n
+        else:
+            raise _WireError
+    if i > end:
+        raise _WireError
 
 
 def _check_ids(spans: list[Span]) -> None:
@@ -222,7 +311,11 @@ def decode_json(body: bytes, limits: OtlpLimits) -> list[Span]:
     if not isinstance(doc, dict):
         raise OtlpError(400, "an ExportTraceServiceRequest must be a JSON object")
     out: list[Span] = []
-    for rs in _list(doc, "resourceSpans"):
+    resources = _list(doc, "resourceSpans")
+    groups = len(resources) + sum(len(_list(rs, "scopeSpans")) for rs in resources[: limits.max_groups])
+    if groups > limits.max_groups:
+        raise OtlpError(413, f"more than {limits.max_groups} resourceSpans and scopeSpans in one request")
+    for rs in resources:
         resource = _json_attributes(_obj(rs, "resource").get("attributes"), limits)
         for ss in _list(rs, "scopeSpans"):
             spans = _list(ss, "spans")
@@ -283,10 +376,17 @@ def _check_strings(doc: Any) -> None:
                 raise OtlpError(400, "invalid JSON: a string holds a lone surrogate") from None
 
 
+@functools.cache
+def _snake(camel: str) -> str:
+    """``traceId`` -> ``trace_id``: the field names are the decoder's own, a few dozen, so cached
+    (a regular expression on every lookup was most of a hostile body's decoding time)."""
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+
+
 def _get(obj: dict[str, Any], camel: str) -> Any:
     if camel in obj:
         return obj[camel]
-    return obj.get(re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel))
+    return obj.get(_snake(camel))
 
 
 def _obj(parent: Any, key: str) -> dict[str, Any]:
@@ -501,11 +601,26 @@ def convert(spans: list[Span], limits: OtlpLimits | None = None) -> Conversion:
             raw = encode(record)
         except _Reject as e:
             out.rejected.append(Rejected(root.span_id, len(members), e.reason, e.detail))
+        except Exception as e:  # a bug met on one span's content must not lose the request's others
+            _internal_error(e)
+            out.rejected.append(Rejected(root.span_id, len(members), "internal_error", type(e).__name__))
         else:
             out.records.append(record)
             out.raws.append(raw)
             out.record_spans.append(len(members))
     return out
+
+
+_logged_errors: set[str] = set()
+
+
+def _internal_error(e: Exception) -> None:
+    """The traceback once per exception class (a bug that every request meets must not flood the
+    log), one line after that; the message quoted (it may hold a sender's text)."""
+    name = type(e).__name__
+    frames = "" if name in _logged_errors else "\n" + "".join(traceback.format_tb(e.__traceback__))
+    _logged_errors.add(name)
+    log.error("OTLP: a span's episode could not be built (internal_error): %s %r%s", name, str(e)[:200], frames)
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -917,23 +1032,25 @@ def _legacy(value: Any, limits: OtlpLimits, role: str) -> list[dict[str, Any]]:
 def _flattened(attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     """OpenLLMetry's ``gen_ai.prompt.0.role`` / ``.content`` / ``.tool_calls.0.name`` ... flattening."""
     found: dict[int, dict[str, Any]] = {}
+    # Tool calls apart from the message's fields: those are named by the sender, so a working key
+    # among them (an attribute ``gen_ai.prompt.0._calls``) was overwritten by its value, a 500.
+    calls: dict[int, dict[int, dict[str, Any]]] = {}
     for key, value in attrs.items():
         m = _FLAT.match(key)
         if m is None or m.group(1) != kind:
             continue
-        msg = found.setdefault(int(m.group(2)), {})
+        index = int(m.group(2))
+        msg = found.setdefault(index, {})
         rest = m.group(3)
         tool = _FLAT_TOOL.match(rest)
         if tool is not None:
-            calls = msg.setdefault("_calls", {})
-            calls.setdefault(int(tool.group(1)), {})[tool.group(2)] = value
+            calls.setdefault(index, {}).setdefault(int(tool.group(1)), {})[tool.group(2)] = value
         else:
             msg[rest] = value
     out: list[dict[str, Any]] = []
-    for _, msg in sorted(found.items()):
-        calls = msg.pop("_calls", {})
-        if calls:
-            msg["tool_calls"] = [c for _, c in sorted(calls.items())]
+    for index, msg in sorted(found.items()):
+        if index in calls:
+            msg["tool_calls"] = [c for _, c in sorted(calls[index].items())]
         out.extend(_normalise(msg, "user" if kind == "prompt" else "assistant"))
     return out
 

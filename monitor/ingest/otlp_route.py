@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import orjson
@@ -75,9 +76,13 @@ def otlp_router(
     limits: OtlpLimits | None = None,
     metrics: OtlpMetrics | None = None,
     authenticate: Callable[[Request], None] | None = None,
+    admit: Callable[[Request], AbstractContextManager[None]] | None = None,
 ) -> APIRouter:
     """``authenticate(request)`` raises an HTTPException to refuse the request (run on a worker
-    thread: it may read the database); ``submit`` may raise one too (backpressure)."""
+    thread: it may read the database); ``submit`` may raise one too (backpressure). ``admit(request)``,
+    after ``authenticate``, is held while the body is read, decoded and submitted (the ingest app's
+    request slot: what bounds the memory and CPU of requests at once); entering it may raise an
+    HTTPException (429)."""
     limits = limits or OtlpLimits()
     metrics = metrics or OtlpMetrics()
     router = APIRouter()
@@ -88,7 +93,8 @@ def otlp_router(
         try:
             if authenticate is not None:
                 await run_in_threadpool(authenticate, request)
-            return await export(request, encoding)
+            with admit(request) if admit is not None else nullcontext():
+                return await export(request, encoding)
         except HTTPException as e:
             metrics.requests.labels("refused").inc()
             response = _status(encoding if encoding == PROTOBUF else JSON, e.status_code, str(e.detail))
@@ -139,7 +145,7 @@ async def _read_body(request: Request, limits: OtlpLimits) -> bytes:
     if coding not in ("identity", "gzip"):
         raise OtlpError(415, f"Content-Encoding {coding[:20]!r} is not supported (gzip or none)")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+    if declared and declared.isdigit() and (len(declared) > 18 or int(declared) > limits.max_body_bytes):
         raise OtlpError(413, f"request body over {limits.max_body_bytes} bytes")
     inflate = Gunzip(limits.max_body_bytes) if coding == "gzip" else None
     parts: list[bytes] = []

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Settings, load_settings
+from monitor.ingest.body import MAX_GZIP_MEMBERS
 from monitor.ingest.server import IngestServer
 from monitor.ingest.tokens import Principal, add_token, revoke_token
 from monitor.pipeline import LoopHooks
@@ -192,6 +193,54 @@ def test_json_array_ndjson_gzip_and_per_record_errors(env: Env) -> None:
         "ep-chat-13",
         "ep-chat-14",
     ]
+
+
+def test_a_body_of_many_gzip_members_is_decoded_in_bounded_time_or_refused(sqlite_url: str, tmp_path: Path) -> None:
+    """Each member's end copied the rest of the body: 4 MiB of empty members took 16 s (16 MiB,
+    minutes) on the event loop. Up to MAX_GZIP_MEMBERS members are read, more are a 400."""
+    e = start(sqlite_url, tmp_path)
+    empty = gzip.compress(b"")
+    records = b"".join(gzip.compress(ndjson([episode(i)])) for i in (30, 31))
+    try:
+        r = e.post(records + empty * (MAX_GZIP_MEMBERS - 2), headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+        r = e.post(records + empty * (MAX_GZIP_MEMBERS - 1), headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_gzip" and "gzip members" in r.json()["detail"]
+    finally:
+        e.server.stop()
+        e.store.close()
+
+
+def test_a_body_is_decoded_off_the_event_loop(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Un-gzipping and splitting a body (seconds for a hostile one) ran on the event loop: /healthz
+    and every other request waited. Here the split waits for /healthz to be answered, which it
+    only can be while the split runs elsewhere."""
+    import monitor.ingest.app as ingest_app
+    from monitor.ingest.body import split_records as real
+
+    entered, answered = threading.Event(), threading.Event()
+
+    def waiting_split(*args: Any) -> list[bytes]:
+        entered.set()
+        answered.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(ingest_app, "split_records", waiting_split)
+    result: list[httpx.Response] = []
+    post = threading.Thread(
+        target=lambda: result.append(
+            env.post(gzip.compress(ndjson([episode(40)])), headers={"Content-Encoding": "gzip"})
+        )
+    )
+    post.start()
+    try:
+        assert entered.wait(10)
+        assert httpx.get(f"{env.server.url}/healthz", timeout=5).status_code == 200
+        answered.set()
+    finally:
+        answered.set()
+        post.join(30)
+    assert result[0].status_code == 200 and result[0].json()["accepted"] == 1
 
 
 def test_a_timestamp_ahead_of_the_servers_clock_is_rejected_beyond_the_skew_limit(env: Env) -> None:

@@ -598,6 +598,45 @@ def test_parent_cycles_and_orphans_do_not_hang() -> None:
     assert "c" in {r["metadata"]["span_id"] for r in conv.records}
 
 
+@pytest.mark.parametrize("field", ["_calls", "tool_calls", "content.x"])
+def test_flattened_message_fields_are_the_senders_names_only(field: str) -> None:
+    """A field named like the parser's own working key (``gen_ai.prompt.0._calls``) replaced the
+    tool calls it collected: a 500 that lost the whole export, the valid spans in it included."""
+    attrs = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.prompt.0.role": "user",
+        "gen_ai.prompt.0.content": "q",
+        f"gen_ai.prompt.0.{field}": "x",
+        "gen_ai.completion.0.role": "assistant",
+        "gen_ai.completion.0.content": "a",
+        "gen_ai.completion.0.tool_calls.0.name": "f",
+        "gen_ai.completion.0.tool_calls.0.arguments": "{}",
+        f"gen_ai.completion.0.{field}": ["not", "calls"],
+    }
+    ok = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    conv = convert([Span("t", "s1", "", "c", 1, 0, attrs, [], {}), Span("t", "s2", "", "c", 1, 0, ok, [], {})], LIMITS)
+    assert sorted(r["metadata"]["span_id"] for r in conv.records) == ["s1", "s2"], conv.rejected
+    (flat,) = [r for r in conv.records if r["metadata"]["span_id"] == "s1"]
+    assert flat["messages"][-1]["tool_calls"][0]["function"]["name"] == "f"  # the call sent, whatever else is
+
+
+def test_a_bug_on_one_span_rejects_that_span_not_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    import monitor.ingest.otlp as otlp
+
+    real = otlp.build_episode
+
+    def flaky(root: Span, members: list[Span], limits: OtlpLimits) -> dict[str, Any]:
+        if root.span_id == "bad":
+            raise KeyError("a bug")
+        return real(root, members, limits)
+
+    monkeypatch.setattr(otlp, "build_episode", flaky)
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.prompt": "q", "gen_ai.completion": "a"}
+    conv = convert([Span("t", "bad", "", "c", 1, 0, attrs, [], {}), Span("t", "ok", "", "c", 1, 0, attrs, [], {})])
+    assert [r["metadata"]["span_id"] for r in conv.records] == ["ok"]
+    assert [(r.span_id, r.reason, r.detail) for r in conv.rejected] == [("bad", "internal_error", "KeyError")]
+
+
 # --- through the ingest app: exporter -> /v1/traces -> inbox -> pipeline -> review item -----------
 
 
@@ -642,3 +681,62 @@ def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str,
     assert tasks == {chat_id: "shop-assistant", agent_id: "agents"}
     agent_messages = stored[agent_id] if isinstance(stored[agent_id], list) else json.loads(stored[agent_id])
     assert [m["role"] for m in agent_messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_the_ingest_app_holds_a_slot_and_its_body_limit_for_every_export(sqlite_url: str, tmp_path: Path) -> None:
+    """The OTLP route took a request slot only to hand its records off, after reading and decoding
+    a body of up to 16 MiB (and never for one without GenAI spans), and ignored
+    ``ingest.max_request_bytes``; resource and scope spans had no limit at all (millions of empty
+    ones, 16 KiB gzipped, cost 15-19 s of CPU each)."""
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url={sqlite_url}",
+            f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
+            "ingest.port=0",
+            "ingest.token_refresh_s=0",
+            "ingest.max_request_bytes=100000",
+            "ingest.max_inflight=2",
+            "drift.enabled=false",
+            "reward.enabled=false",
+        ],
+    )
+    store = Store(sqlite_url)
+    token = add_token(store, "otel", None)
+    server = IngestServer(settings, store=store, registry=CollectorRegistry()).start()
+    auth = {"authorization": f"Bearer {token}"}
+    not_genai = _json_request([_json_span("bbb19b7ec3c1b174", {"http.method": "GET"})])
+    try:
+        url = server.url.rstrip("/")
+        assert _post(url, json.dumps(not_genai).encode(), JSON, **auth).status_code == 200
+        with server.ctx.slot(), server.ctx.slot():  # every slot busy: refused before the body is read
+            r = _post(url, json.dumps(not_genai).encode(), JSON, **auth)
+        assert r.status_code == 429 and "Retry-After" in r.headers and r.json()["code"] == 8
+        big = _json_request([_json_span("ccc19b7ec3c1b174", {"gen_ai.operation.name": "chat", "x": "y" * 150_000})])
+        assert _post(url, json.dumps(big).encode(), JSON, **auth).status_code == 413
+        groups = json.dumps({"resourceSpans": [{}] * 1001}).encode()
+        assert _post(url, gzip.compress(groups), JSON, **auth, **{"content-encoding": "gzip"}).status_code == 413
+        scopes = json.dumps({"resourceSpans": [{"scopeSpans": [{}] * 1000}]}).encode()
+        assert _post(url, scopes, JSON, **auth).status_code == 413
+        assert _post(url, b"\x0a\x00" * 1001, "application/x-protobuf", **auth).status_code == 413
+        assert _post(url, b"\x0a\x02\x12\x00" * 501, "application/x-protobuf", **auth).status_code == 413
+        fine = _pb_request([_pb_span(b"\x01" * 8, {"http.method": "GET"})]).SerializeToString()
+        assert _post(url, fine, "application/x-protobuf", **auth).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "oversight_ingest_inflight 0.0" in metrics  # every slot given back
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_spans_counted_on_the_wire_before_the_parse() -> None:
+    from monitor.ingest.otlp import OtlpError, check_wire_counts
+
+    limits = OtlpLimits(max_spans=3, max_groups=4)
+    three = _pb_request([_pb_span(bytes([i]) * 8, {}) for i in range(1, 4)]).SerializeToString()
+    check_wire_counts(three, limits)  # at the limit
+    four = _pb_request([_pb_span(bytes([i]) * 8, {}) for i in range(1, 5)]).SerializeToString()
+    with pytest.raises(OtlpError, match="more than 3 spans"):
+        check_wire_counts(four, limits)
+    check_wire_counts(b"\xff\xff garbage", limits)  # malformed: left for the parser to name
