@@ -8,6 +8,12 @@ exchange runs as a task on an event loop of its own, under ``asyncio.timeout``, 
 whatever read is pending when the deadline comes; the caller's thread waits on the task's future.
 The answer's body is read up to ``max_bytes`` (counted decompressed): more is left unread.
 
+Compression is decoded here, never by httpx: it decoded a whole network chunk, every layer of a
+``Content-Encoding: gzip, gzip`` or a zstd frame at once, before the size was counted, so 7 KB on
+the wire held 8 GB in memory, and on the loop's thread no deadline could interrupt it. The request
+asks for ``identity``; an answer in one layer of ``gzip`` or ``deflate`` anyway is decoded at most
+``max_bytes + 1`` bytes at a time, and any other encoding is not decoded at all (``Answer.undecodable``).
+
 Redirects are never followed: a redirected POST would carry its signature or API key elsewhere.
 Used by the webhook sink (``monitor.actions.sinks``) and the remote reward-model kinds
 (``monitor.reward.kinds.resilience``).
@@ -18,10 +24,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ssl
 import threading
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+# Content-Encoding -> zlib's wbits: the encodings decoded here, one layer.
+_DECODABLE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
 class DeadlineExceeded(TimeoutError):
@@ -34,15 +45,19 @@ class Answer:
     headers: Mapping[str, str]
     body: bytes  # at most max_bytes
     complete: bool  # False: the body went on past max_bytes
+    # The Content-Encoding of a body that was not decoded (an encoding other than one layer of gzip
+    # or deflate, or one that failed to decode): ``body`` is then empty and says nothing.
+    undecodable: str | None = None
 
 
 class DeadlineClient:
     """Thread-safe; one event loop thread and one connection pool per client, started at the
     first request."""
 
-    def __init__(self, name: str, max_connections: int = 16):
+    def __init__(self, name: str, max_connections: int = 16, verify: ssl.SSLContext | bool = True):
         self._name = name
         self._max_connections = max_connections
+        self._verify = verify
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -72,25 +87,15 @@ class DeadlineClient:
 
         if self._client is None:  # on the loop's thread: the client belongs to this loop
             limits = httpx.Limits(max_connections=self._max_connections)
-            self._client = httpx.AsyncClient(follow_redirects=False, limits=limits)
+            self._client = httpx.AsyncClient(follow_redirects=False, limits=limits, verify=self._verify)
         try:
             async with asyncio.timeout(timeout_s):
                 request = self._client.build_request(
-                    "POST", url, content=content, headers=dict(headers), timeout=timeout_s
+                    "POST", url, content=content, headers={"Accept-Encoding": "identity", **headers}, timeout=timeout_s
                 )
                 resp = await self._client.send(request, stream=True)
                 try:
-                    chunks: list[bytes] = []
-                    size = 0
-                    complete = True
-                    async for chunk in resp.aiter_bytes():
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size > max_bytes:
-                            complete = False
-                            break
-                    body = b"".join(chunks)[:max_bytes]
-                    return Answer(resp.status_code, dict(resp.headers), body, complete)
+                    return await _read(resp, max_bytes)
                 finally:
                     await resp.aclose()
         except TimeoutError:
@@ -131,3 +136,25 @@ class DeadlineClient:
             thread.join(5.0)
         if not loop.is_running():
             loop.close()
+
+
+async def _read(resp: Any, max_bytes: int) -> Answer:
+    """The answer with its body decoded, at most ``max_bytes`` of it (see the module)."""
+    status, headers = resp.status_code, dict(resp.headers)
+    coding = resp.headers.get("content-encoding", "identity").strip().lower() or "identity"
+    if coding != "identity" and coding not in _DECODABLE:
+        return Answer(status, headers, b"", False, undecodable=coding[:40])
+    inflate = zlib.decompressobj(wbits=_DECODABLE[coding]) if coding != "identity" else None
+    chunks: list[bytes] = []
+    size = 0
+    async for raw in resp.aiter_raw():
+        try:
+            # Never more out than the room left, plus one byte to know the body goes on.
+            chunk = raw if inflate is None else inflate.decompress(raw, max_bytes + 1 - size)
+        except zlib.error:
+            return Answer(status, headers, b"", False, undecodable=f"{coding} (invalid)")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            return Answer(status, headers, b"".join(chunks)[:max_bytes], False)
+    return Answer(status, headers, b"".join(chunks), True)

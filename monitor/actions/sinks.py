@@ -24,10 +24,12 @@ import http.client
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote
 
 from monitor.deadline_http import DeadlineClient, DeadlineExceeded
 
@@ -331,32 +333,54 @@ def create_job(manifest: dict[str, Any], namespace: str, timeout_s: float = 30.0
     """Create the Job with the pod's service-account credentials; a Job of that name already there is success.
 
     The only code that talks to the API server (the tests run it against a STAND-IN server: there
-    is no cluster here). ``timeout_s`` bounds the whole request (urllib3's total timeout): without
-    one, an API server that took the request and never answered held the action worker's dispatch
-    thread, and every request behind it, for good, with nothing counted.
+    is no cluster here). ``timeout_s`` bounds the whole exchange (``monitor.deadline_http``): the
+    Kubernetes client's own request timeout bounds each socket read, so an API server, or a proxy
+    before it, that answered a byte at a time held the action worker's dispatch thread, and every
+    request behind it, for as long as it liked (and one that never answered, for good). The client
+    library still reads the in-cluster configuration: the address, the CA and the (rotated) token.
     """
-    import urllib3.exceptions
+    import httpx
     from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
 
-    # The client accepts a plain dict body; its stubs say V1Job.
     load_config: Any = config.load_incluster_config
     load_config()
-    api: Any = client.BatchV1Api()
+    cfg: Any = client.Configuration.get_default_copy()
     name = manifest["metadata"]["name"]
+    url = f"{str(cfg.host).rstrip('/')}/apis/batch/v1/namespaces/{quote(namespace, safe='')}/jobs"
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    for auth in cfg.auth_settings().values():  # the bearer token, however this client names it
+        if auth.get("in") == "header" and auth.get("value"):
+            headers[str(auth["key"])] = str(auth["value"])
+    api = DeadlineClient("kubernetes", max_connections=1, verify=_tls(cfg))
     try:
-        job = api.create_namespaced_job(namespace=namespace, body=manifest, _request_timeout=timeout_s)
-    except urllib3.exceptions.HTTPError as e:  # a timeout, a refused or reset connection: try again later
+        answer = api.post(url, json.dumps(manifest).encode(), headers, timeout_s=timeout_s, max_bytes=1 << 20)
+    except DeadlineExceeded:
+        raise SinkError(f"Kubernetes API: no complete answer within {timeout_s} s", permanent=False) from None
+    except (httpx.HTTPError, OSError, ValueError) as e:  # refused, reset, TLS, a bad address: try again later
         raise SinkError(f"Kubernetes API: {_printable(f'{type(e).__name__}: {e}', 200)}", permanent=False) from None
-    except ApiException as e:
-        if e.status == 409:
-            # The name is derived from the request id: this request's Job exists (an earlier delivery).
-            return {"name": name, "namespace": namespace, "created": False}
-        transient = e.status is None or e.status == 0 or e.status >= 500 or e.status in (408, 429)
-        raise SinkError(
-            f"Kubernetes API: {e.status} {_printable(e.reason, 80)}: {_printable(e.body, 200)}", permanent=not transient
-        ) from None
-    return {"name": job.metadata.name, "namespace": namespace, "uid": job.metadata.uid, "created": True}
+    finally:
+        api.close()
+    if answer.status == 409:
+        # The name is derived from the request id: this request's Job exists (an earlier delivery).
+        return {"name": name, "namespace": namespace, "created": False}
+    if not 200 <= answer.status < 300:
+        transient = answer.status >= 500 or answer.status in (408, 429)
+        reason = http.client.responses.get(answer.status, "")
+        body = answer.body.decode("utf-8", "replace")
+        detail = f"{answer.status} {_printable(reason, 80)}: {_printable(body, 200)}"
+        raise SinkError(f"Kubernetes API: {detail}", permanent=not transient)
+    try:
+        created = json.loads(answer.body)["metadata"]
+        return {"name": str(created["name"]), "namespace": namespace, "uid": created.get("uid"), "created": True}
+    except (ValueError, TypeError, KeyError):  # created, with an answer that says less than it should
+        return {"name": name, "namespace": namespace, "uid": None, "created": True}
+
+
+def _tls(cfg: Any) -> ssl.SSLContext | bool:
+    """Verification as the in-cluster configuration says: the service account's CA."""
+    if not getattr(cfg, "verify_ssl", True):
+        return False
+    return ssl.create_default_context(cafile=cfg.ssl_ca_cert) if getattr(cfg, "ssl_ca_cert", None) else True
 
 
 class KubernetesJobSink(Sink):

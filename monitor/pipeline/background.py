@@ -48,10 +48,25 @@ log = logging.getLogger(__name__)
 W = TypeVar("W")  # an item waiting in the store
 R = TypeVar("R")  # its result
 
+
+class Later:
+    """A result of ``compute`` for an item it could not compute through no fault of the item's (an
+    endpoint's timeout, 429 or 5xx, an open circuit): the item waits for its retry as after a
+    failure (``None``), but the failure never counts toward ``give_up_after``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER = Later()
+
 #: ``fetch(limit, skip)``: up to ``limit`` waiting items, oldest first, none whose key is in ``skip``.
 Fetch = Callable[[int, frozenset[str]], Sequence[W]]
-#: ``compute(items)``: one result per item, ``None`` where it failed (the item waits for a retry).
-Compute = Callable[[Sequence[W]], Sequence["R | None"]]
+#: ``compute(items)``: one result per item, ``None`` where it failed (the item waits for a retry),
+#: ``LATER`` where it failed through no fault of its own (it waits, and is never given up for it).
+Compute = Callable[[Sequence[W]], Sequence["R | Later | None"]]
 #: After each round, with (results, failures): metrics.
 Counted = Callable[[int, int], None]
 #: ``give_up(items)``: take items off the backlog for good (durably: they are not fetched again).
@@ -173,11 +188,11 @@ class BackgroundWork(DaemonThread, Generic[W, R]):
         self.busy_s += time.perf_counter() - t0
         return self._hold(items, results)
 
-    def _one_by_one(self, items: Sequence[W]) -> list[R | None]:
+    def _one_by_one(self, items: Sequence[W]) -> list[R | Later | None]:
         """The items of a round that failed as a whole, computed an item at a time: a failure is
         then the item's own. Charged to every item of the round, one bad item made its neighbours
         fail too, and at ``give_up_after`` they were given up with it (marked unscorable)."""
-        out: list[R | None] = []
+        out: list[R | Later | None] = []
         for w in items:
             try:
                 out.append(self.compute([w])[0])
@@ -185,14 +200,15 @@ class BackgroundWork(DaemonThread, Generic[W, R]):
                 out.append(None)
         return out
 
-    def _hold(self, items: Sequence[W], results: Sequence[R | None]) -> int:
+    def _hold(self, items: Sequence[W], results: Sequence[R | Later | None]) -> int:
         now = time.monotonic()
-        good = [(w, r) for w, r in zip(items, results, strict=True) if r is not None]
+        good = [(w, r) for w, r in zip(items, results, strict=True) if r is not None and not isinstance(r, Later)]
+        done = {self.key(w) for w, _ in good}
         with self._lock:
             self._done.extend(good)
-            for w, r in zip(items, results, strict=True):
+            for w in items:
                 # A result waits for its commit; a failed item for its retry.
-                self._claimed[self.key(w)] = now + (CLAIM_S if r is not None else self.retry_after_s)
+                self._claimed[self.key(w)] = now + (CLAIM_S if self.key(w) in done else self.retry_after_s)
         failed = len(items) - len(good)
         self.failed += failed
         self.attempted += len(items)
@@ -203,12 +219,15 @@ class BackgroundWork(DaemonThread, Generic[W, R]):
             self.counted(len(good), failed)
         return len(good)
 
-    def _count_failures(self, items: Sequence[W], results: Sequence[R | None], good: int) -> None:
+    def _count_failures(self, items: Sequence[W], results: Sequence[R | Later | None], good: int) -> None:
         """Count each failed item's failures that the model's other results show to be the item's,
-        and give up on those that reached ``give_up_after``."""
+        and give up on those that reached ``give_up_after``. A failure that is not the item's
+        (``LATER``) leaves its count as it was."""
         hopeless: list[W] = []
         for w, r in zip(items, results, strict=True):
             k = self.key(w)
+            if isinstance(r, Later):
+                continue
             if r is not None:
                 self._failures.pop(k, None)
                 continue

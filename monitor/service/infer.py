@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 from monitor.config import Settings
 from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import NS, InferenceMetrics
-from monitor.pipeline.background import BackgroundWork, GiveUp, episode_work, lower_thread_priority
+from monitor.pipeline.background import LATER, BackgroundWork, GiveUp, Later, episode_work, lower_thread_priority
 from monitor.retry import first_line
 from monitor.reward.kinds.base import share_drift_pass
 from monitor.reward.registry import Registry, VersionWatch
@@ -158,7 +158,7 @@ class InferenceWorker:
             # Without an active version nothing is claimed: the samples wait for one.
             return [] if self._backend is None else claim_for_score(store, limit, self.id, self.lease_s)
 
-        def compute(items: Sequence[ToScore]) -> list[tuple[str, float] | None]:
+        def compute(items: Sequence[ToScore]) -> list[tuple[str, float] | Later | None]:
             from monitor.reward.kinds import Item
 
             with self._swap_lock:
@@ -172,7 +172,8 @@ class InferenceWorker:
                     for w, sc in zip(items, scores, strict=True)
                     if sc.embedding is not None
                 )
-            return [(version, float(sc.value)) if sc.ok else None for sc in scores]
+            # A failure that is only the scorer's (a 429, a timeout) never counts toward giving up.
+            return [(version, float(sc.value)) if sc.ok else None if sc.own_fault else LATER for sc in scores]
 
         def write(done: Sequence[tuple[ToScore, tuple[str, float]]]) -> int:
             rows = [{"episode_id": w.episode_id, "version": v, "score": sc} for w, (v, sc) in done]

@@ -193,7 +193,8 @@ def test_missing_template_is_a_permanent_failure(tmp_path: Path) -> None:
 
 class _StandInApiServer:
     """A STAND-IN for the Kubernetes API server (there is none here): answers POST .../jobs as scripted
-    (``mode``: created | conflict | silent, which reads the request and never answers)."""
+    (``mode``: created | conflict | forbidden | unavailable | silent, which reads the request and never
+    answers | drip, which answers its headers a byte every 0.2 s, for ever)."""
 
     def __init__(self, mode: str):
         import socket
@@ -201,6 +202,7 @@ class _StandInApiServer:
 
         self.mode = mode
         self.requests: list[bytes] = []
+        self.heads: list[bytes] = []
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(8)
@@ -209,6 +211,8 @@ class _StandInApiServer:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
+        import threading
+
         while True:
             try:
                 conn, _ = self._sock.accept()
@@ -222,6 +226,16 @@ class _StandInApiServer:
             while len(body) < length:
                 body += conn.recv(65536)
             self.requests.append(body)
+            self.heads.append(head)
+            if self.mode == "drip":
+                threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+                self._held.append(conn)
+                continue
+            if self.mode in ("forbidden", "unavailable"):
+                status = "403 Forbidden" if self.mode == "forbidden" else "503 Service Unavailable"
+                conn.sendall(f"HTTP/1.1 {status}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode())
+                conn.close()
+                continue
             if self.mode == "silent":
                 self._held.append(conn)  # read, never answered
                 continue
@@ -239,16 +253,29 @@ class _StandInApiServer:
             )
             conn.close()
 
+    @staticmethod
+    def _drip(conn: Any) -> None:
+        import time
+
+        try:
+            conn.sendall(b"HTTP/1.1 201 Created\r\nX-Slow: ")
+            while True:
+                conn.sendall(b"a")
+                time.sleep(0.2)
+        except OSError:
+            return
+
     def close(self) -> None:
         self._sock.close()
         for c in self._held:
             c.close()
 
 
-@pytest.mark.parametrize("mode", ["created", "conflict", "silent"])
+@pytest.mark.parametrize("mode", ["created", "conflict", "forbidden", "unavailable", "silent", "drip"])
 def test_create_job_against_a_stand_in_api_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The one function that calls the cluster, against a STAND-IN API server. Without a request
-    timeout, a server that took the request and never answered held the action worker for good."""
+    timeout, a server that took the request and never answered held the action worker for good; the
+    client's own timeout bounds each read, so one that answered a byte at a time (``drip``) still did."""
     import time
 
     import kubernetes.client
@@ -259,6 +286,7 @@ def test_create_job_against_a_stand_in_api_server(tmp_path: Path, monkeypatch: p
     def in_cluster() -> None:
         cfg = kubernetes.client.Configuration()
         cfg.host = server.url
+        cfg.api_key = {"BearerToken": "bearer sa-token"}  # as the in-cluster loader sets it
         kubernetes.client.Configuration.set_default(cfg)
 
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", in_cluster)
@@ -267,10 +295,10 @@ def test_create_job_against_a_stand_in_api_server(tmp_path: Path, monkeypatch: p
     )
     t0 = time.monotonic()
     try:
-        if mode == "silent":
+        if mode in ("silent", "drip", "forbidden", "unavailable"):
             with pytest.raises(SinkError) as e:
                 sink.send(request())
-            assert not e.value.permanent and "Kubernetes API" in str(e.value)
+            assert e.value.permanent == (mode == "forbidden") and "Kubernetes API" in str(e.value)
             assert time.monotonic() - t0 < 10
         else:
             out = sink.send(request())
@@ -278,5 +306,7 @@ def test_create_job_against_a_stand_in_api_server(tmp_path: Path, monkeypatch: p
             assert DNS_LABEL.match(out["name"]) and out.get("uid") == ("uid-1" if mode == "created" else None)
         [sent] = server.requests
         assert json.loads(sent)["metadata"]["labels"]["oversight.io/kind"] == "rm_update"
+        assert server.heads[0].startswith(f"POST /apis/batch/v1/namespaces/{NAMESPACE}/jobs ".encode())
+        assert b"\r\nauthorization: bearer sa-token" in server.heads[0].lower()
     finally:
         server.close()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from monitor.inference.shared import SharedVectors
-from monitor.pipeline.background import BackgroundWork
+from monitor.pipeline.background import LATER, BackgroundWork, Later
 from monitor.reward.kinds.base import Item, Score, ScoringBackend
 from monitor.reward.kinds.resilience import BackendMetrics
 from monitor.store import Store
@@ -71,7 +71,7 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
             metrics.backlog.set(backlog_count(store))
             return items
 
-        def compute(items: Sequence[ToScore]) -> list[Score | None]:
+        def compute(items: Sequence[ToScore]) -> list[Score | Later | None]:
             scores = backend.score([Item(w.prompt, w.response, w.messages) for w in items])
             if shared is not None:
                 shared.put(
@@ -79,7 +79,7 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
                     for w, sc in zip(items, scores, strict=True)
                     if sc.embedding is not None
                 )
-            return [sc if sc.ok else None for sc in scores]
+            return [sc if sc.ok else None if sc.own_fault else LATER for sc in scores]
 
         super().__init__(
             f"rm-{backend.kind}",

@@ -40,14 +40,18 @@ class Score:
     tokens: int = 0
     error: str | None = None
     embedding: Any = None
+    # A failure's: whether it may be the item's own (a refusal of it, an answer that cannot be
+    # parsed), or only the scorer's (a timeout, a 429 or 5xx, an open circuit), which says nothing
+    # about the item and never counts toward giving up on it (``reward.async.give_up_after``).
+    own_fault: bool = True
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.value is not None and math.isfinite(self.value)
 
     @classmethod
-    def failed(cls, error: str) -> Score:
-        return cls(None, error=error)
+    def failed(cls, error: str, *, own_fault: bool = True) -> Score:
+        return cls(None, error=error, own_fault=own_fault)
 
 
 class ScoringBackend(Protocol):

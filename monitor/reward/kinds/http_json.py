@@ -74,7 +74,7 @@ class HttpJsonBackend:
                     self.cfg.url, body, self._headers, lambda d: self._parse_many(d, len(items))
                 )
             except RemoteError as e:
-                return [Score.failed(f"{e.outcome}: {e}")] * len(items)
+                return [e.score()] * len(items)
         else:
             return [self._single(f, cut) for f, cut in fields]
         return [self._done(v, cut) for v, (_, cut) in zip(values, fields, strict=True)]
@@ -86,7 +86,7 @@ class HttpJsonBackend:
                 self.cfg.url, body, self._headers, lambda d: as_number(at_path(d, self.cfg.score_path))
             )
         except RemoteError as e:
-            return Score.failed(f"{e.outcome}: {e}")
+            return e.score()
         return self._done(value, cut)
 
     def _done(self, value: float, cut: bool) -> Score:

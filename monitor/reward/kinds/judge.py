@@ -209,7 +209,7 @@ class JudgeBackend:
                 self._url, self._body(messages), self._headers, lambda d: parse_answer(d, self.cfg)
             )
         except RemoteError as e:
-            return Score.failed(f"{e.outcome}: {e}")
+            return e.score()
         except Exception as e:  # a bug: this item alone stays unscored, not its whole batch
             log.exception("judge: scoring one item failed")
             return Score.failed(f"internal_error: {type(e).__name__}")

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from monitor.deadline_http import DeadlineClient, DeadlineExceeded
+from monitor.reward.kinds.base import Score
 from monitor.reward.kinds.config import ResilienceConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ class RemoteError(RuntimeError):
         super().__init__(message)
         self.outcome = outcome
         self.endpoint = endpoint
+
+    def score(self) -> Score:
+        """The failed score of an item this request was for. The item may be at fault only when the
+        endpoint answered and refused it (a 4xx but 408 and 429) or answered what cannot be
+        parsed: a timeout, a transport error, a 429 or 5xx or an open circuit is the endpoint's,
+        and counted against the item, it gave up on items an overloaded judge never refused."""
+        return Score.failed(f"{self.outcome}: {self}", own_fault=not self.endpoint and self.outcome != "rejected")
 
 
 class BackendMetrics:
@@ -291,6 +299,9 @@ class Resilient:
             finally:
                 self.metrics.latency.labels(self.kind).observe(time.perf_counter() - t0)
         status, location, content = answer.status, answer.headers.get("location"), answer.body
+        if answer.undecodable is not None:
+            detail = f"answer in Content-Encoding {answer.undecodable!r}: identity, gzip or deflate are read"
+            raise RemoteError(detail, "malformed", endpoint=False)
         if not answer.complete:
             raise RemoteError(f"answer larger than {self.cfg.max_response_bytes} bytes", "malformed", endpoint=False)
         if status == 429 or status >= 500:
@@ -298,13 +309,14 @@ class Resilient:
         if 300 <= status < 400:
             # Redirects are not followed (the API key would go with them): the configured URL is not
             # the endpoint's. Not retried; the endpoint answered.
-            where = redact(str(location or "")[:200], headers)
+            # Redacted whole, then cut: cut first, a key across the cut kept its beginning.
+            where = redact(str(location or ""), headers)[:200]
             raise RemoteError(
                 f"HTTP {status}: redirected to {where!r}; configure that URL", "http_error", endpoint=False
             )
         if status >= 400:
             # The item or the request is wrong (400, 401, 413): retrying will not help.
-            text = redact(content[:200].decode("utf-8", "replace"), headers)
+            text = redact(content.decode("utf-8", "replace"), headers)[:200]
             raise RemoteError(f"HTTP {status}: {text}", "http_error", endpoint=False)
         try:
             return json.loads(content)

@@ -17,7 +17,8 @@ from typing import Any
 @dataclass
 class Script:
     """What the stand-in answers. ``fail_first``: that many requests get a 500 first; ``mode``:
-    ok | fail (500 always) | malformed | slow (sleep ``delay`` s) | hold (wait for ``release``).
+    ok | fail (500 always) | malformed | slow (sleep ``delay`` s) | hold (wait for ``release``) |
+    overloaded (429 but to every ``answer_every``-th request, as a judge over its rate limit).
     ``refuse``: a request whose body holds it gets a 400, as a judge refuses a prompt it will not
     grade (a content policy), in any mode."""
 
@@ -26,6 +27,7 @@ class Script:
     delay: float = 0.0
     fail_first: int = 0
     refuse: str | None = None
+    answer_every: int = 4
     release: threading.Event = field(default_factory=threading.Event)
     hits: int = 0
     in_flight: int = 0
@@ -123,6 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if script.mode == "fail" or hit <= script.fail_first:
             self._send(500, b'{"error": "scripted failure"}')
+            return
+        if script.mode == "overloaded" and hit % script.answer_every:
+            self._send(429, b'{"error": {"message": "rate limit reached"}}')
             return
         if script.mode == "malformed":
             self._send(200, json.dumps({"choices": [{"message": {"content": "I think it is good"}}]}).encode())

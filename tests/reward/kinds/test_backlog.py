@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from standin import StandIn, judge_score
@@ -186,11 +187,52 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
     store.close()
 
 
+def test_an_overloaded_judge_gets_no_episode_given_up(tmp_path: Path, judge_standin: StandIn) -> None:
+    """A judge over its rate limit (429 to three requests in four) scores some episodes of every
+    round: its 429s were counted against the others, and at ``give_up_after`` episodes it never
+    refused were marked unscorable for good (14 of 30 in one run). Only a refusal of the episode
+    (or an answer that cannot be parsed) counts; the episodes wait until they are scored."""
+    import time
+
+    from monitor.reward.kinds.background import BackgroundScorer
+
+    settings, store = _refused_backlog(tmp_path)
+    judge = {
+        "base_url": f"{judge_standin.url}/v1",
+        "model": "stand-in",
+        "resilience": {"max_attempts": 1, "breaker_failures": 1000},
+    }
+    registry = Registry.for_settings(store, settings)
+    version = registry.register(KindVersion.create("judge", judge), data_window={}, metrics={})
+    backend = load_backend(registry.path_of(version))
+    worker = BackgroundScorer(
+        store, backend, BackendMetrics.on(CollectorRegistry()), batch=8, retry_after_s=0.01, give_up_after=2
+    )
+    judge_standin.script.mode, judge_standin.script.refuse = "overloaded", "POISON"
+    for _ in range(400):
+        worker.run_once()
+        store.record_scores(
+            [
+                {"episode_id": w.episode_id, "version": "v", "stream": w.stream, "score": float(sc.value or 0.0),
+                 "ts": w.ts, "created_at": 0.0}
+                for w, sc in worker.take()
+            ]
+        )  # fmt: skip
+        if backlog_count(store) == 0:
+            break
+        time.sleep(0.01)
+    assert backlog_count(store) == 0 and worker.failed > 30  # many 429s on the way
+    assert _refused_ids(store) == {"e0", "e7"}  # the refused ones only, none the judge was too busy for
+    backend.close()
+    store.close()
+
+
+@pytest.mark.parametrize("mode", ["ok", "overloaded"])
 def test_an_inference_worker_of_its_own_gives_up_on_refused_episodes_too(
-    tmp_path: Path, judge_standin: StandIn
+    tmp_path: Path, judge_standin: StandIn, mode: str
 ) -> None:
     """``oversight infer`` claims by lease: a refused episode's claim expired and it was claimed
-    again, forever."""
+    again, forever. A judge over its rate limit (``overloaded``) gets no other episode given up."""
     import time
 
     from monitor.service.infer import InferenceWorker
@@ -198,10 +240,11 @@ def test_an_inference_worker_of_its_own_gives_up_on_refused_episodes_too(
     # Four a round: the refused ones fail while the others are scored, round after round.
     extra = ("inference.retry_after_s=0.01", "inference.batch_size=4", "reward.backlog_give_up_after=3")
     settings, store = _refused_backlog(tmp_path, *extra)
-    judge = {"base_url": f"{judge_standin.url}/v1", "model": "stand-in", "resilience": {"max_attempts": 1}}
+    resilience = {"max_attempts": 1, "breaker_failures": 1000}
+    judge = {"base_url": f"{judge_standin.url}/v1", "model": "stand-in", "resilience": resilience}
     registry = Registry.for_settings(store, settings)
     registry.promote(registry.register(KindVersion.create("judge", judge), data_window={}, metrics={}))
-    judge_standin.script.refuse = "POISON"
+    judge_standin.script.refuse, judge_standin.script.mode = "POISON", mode
     worker = InferenceWorker(settings, Store(settings.database.url, migrate=False), worker_id="w1")
     (stage,) = worker.stages
 
@@ -212,7 +255,7 @@ def test_an_inference_worker_of_its_own_gives_up_on_refused_episodes_too(
     for _ in range(300):  # rounds until done
         worker.round(stage)
         time.sleep(0.02)
-        if len(_refused_ids(store)) == 2 and len(held()) == 28:
+        if len(_refused_ids(store)) == 2 and len(held()) == 28 and all(held().values()):
             break
     assert _refused_ids(store) == {"e0", "e7"}
     assert len(held()) == 28 and all(held().values())  # scores for the rest; no claim left on the two

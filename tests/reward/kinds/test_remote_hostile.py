@@ -186,6 +186,50 @@ def test_an_answer_past_the_size_limit_is_malformed(hostile: Any, encoding: str)
     assert s.error is not None and "malformed: answer larger than 1048576 bytes" in s.error
 
 
+def test_a_small_answer_that_inflates_past_the_limit_is_never_inflated_whole(hostile: Any) -> None:
+    """httpx decoded a whole network chunk, every layer of ``gzip, gzip`` (or a zstd frame) at once,
+    before the size was counted: 7 KB on the wire held 8 GB. The request asks for identity; one
+    layer of gzip or deflate is decoded within the limit, anything else is not decoded at all."""
+    import zlib
+
+    inner = gzip.compress(b"0" * (64 << 20))  # 64 MB of zeros: 65 KB, and gzipped again 1 KB
+    url, hits = hostile(lambda b, h: (200, {"Content-Encoding": "gzip, gzip"}, [gzip.compress(inner)], 0.0))
+    cfg = HttpJsonConfig(url=f"{url}/score", resilience={"max_attempts": 1, "max_response_bytes": 2**20})
+    backend = HttpJsonBackend(cfg, "http-test", BackendMetrics.on(CollectorRegistry()))
+    [s] = backend.score([Item("Q", "A")])
+    assert s.error is not None and "malformed: answer in Content-Encoding 'gzip, gzip'" in s.error
+    assert hits[0]["Accept-Encoding"] == "identity"
+    for coding, body in (("gzip", inner), ("deflate", zlib.compress(b"0" * (64 << 20)))):
+        url, _ = hostile(lambda b, h, c=coding, d=body: (200, {"Content-Encoding": c}, [d], 0.0))
+        cfg = HttpJsonConfig(url=f"{url}/score", resilience={"max_attempts": 1, "max_response_bytes": 2**20})
+        [s] = HttpJsonBackend(cfg, "http-test", BackendMetrics.on(CollectorRegistry())).score([Item("Q", "A")])
+        assert s.error is not None and "larger than 1048576 bytes" in s.error, (coding, s.error)
+    # A well-behaved compressed answer is still read.
+    fine = gzip.compress(json.dumps({"scores": [0.25]}).encode())
+    url, _ = hostile(lambda b, h: (200, {"Content-Encoding": "gzip"}, [fine], 0.0))
+    [s] = HttpJsonBackend(
+        HttpJsonConfig(url=f"{url}/score"), "http-test", BackendMetrics.on(CollectorRegistry())
+    ).score([Item("Q", "A")])
+    assert s.value == 0.25
+
+
+def test_the_api_key_is_redacted_before_an_error_is_cut(hostile: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error quoted the first 200 characters of a refusal, then redacted: a key echoed across
+    that cut kept its beginning (9 to 25 characters of it)."""
+    key = "sk-SECRET-0123456789abcdefghij"
+    monkeypatch.setenv("JUDGE_KEY", key)
+    for pad in range(180, 200, 3):
+        url, _ = hostile(lambda b, h, n=pad: (401, {}, [b"x" * n + key.encode()], 0.0))
+        cfg = JudgeConfig(base_url=f"{url}/v1", model="m", api_key_env="JUDGE_KEY", resilience={"max_attempts": 1})
+        [s] = JudgeBackend(cfg, "judge-test", BackendMetrics.on(CollectorRegistry())).score([Item("Q", "A")])
+        assert s.error is not None and "HTTP 401" in s.error and "sk-SECRET" not in s.error, (pad, s.error)
+        where = "https://elsewhere.example/" + "p" * (pad - 20) + key
+        url, _ = hostile(lambda b, h, w=where: (307, {"Location": w}, [b""], 0.0))
+        cfg = JudgeConfig(base_url=f"{url}/v1", model="m", api_key_env="JUDGE_KEY", resilience={"max_attempts": 1})
+        [s] = JudgeBackend(cfg, "judge-test", BackendMetrics.on(CollectorRegistry())).score([Item("Q", "A")])
+        assert s.error is not None and "HTTP 307" in s.error and "sk-SECRET" not in s.error, (pad, s.error)
+
+
 def test_the_api_key_is_trimmed_checked_and_never_quoted(hostile: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key read from a file ends in a newline: the HTTP library refused the header and quoted it,
     key and all, in the error every caller printed or stored. An endpoint may also echo it."""
