@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from monitor.fileio import MAX_CONFIG_BYTES, FileTooLarge, read_text_limited
+
 if TYPE_CHECKING:
     from sampling import SamplingPolicy
 
@@ -42,6 +44,46 @@ POSTGRES_SCHEMES = ("postgresql:", "postgresql+psycopg:", "postgres:")
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
+
+
+_SECRET_QUERY = frozenset({"password", "passwd", "pass", "pwd", "token", "secret", "key", "api_key", "apikey", "sig",
+                           "signature", "auth", "access_token", "sslpassword"})  # fmt: skip
+
+
+def redact_url(text: str) -> str:
+    """``text`` with a URL's password and secret-looking query values as ``***`` (anything else as is).
+
+    >>> redact_url("postgresql+psycopg://app:S3CRET@db:5432/oversight?sslmode=require&password=x")
+    'postgresql+psycopg://app:***@db:5432/oversight?sslmode=require&password=***'
+    >>> redact_url("https://hooks.example/x?token=abc&team=1"), redact_url("sqlite:///oversight.db")
+    ('https://hooks.example/x?token=***&team=1', 'sqlite:///oversight.db')
+    """
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return text if "@" not in text else "***"  # not a URL this can read: nothing of it that may be a secret
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        name, colon, _ = user.partition(":")
+        netloc = f"{name}{':***' if colon else ''}@{host}"
+    query = "&".join(
+        f"{k}={'***' if k.lower() in _SECRET_QUERY else v}" if sep else k
+        for k, sep, v in (pair.partition("=") for pair in parts.query.split("&"))
+    ) if parts.query else ""  # fmt: skip
+    if (netloc, query) == (parts.netloc, parts.query) or "://" not in text:
+        return text
+    # Assembled here: urlunsplit writes "sqlite:///x" back as "sqlite:/x".
+    tail = ("?" + query if query else "") + ("#" + parts.fragment if parts.fragment else "")
+    return f"{parts.scheme}://{netloc}{parts.path}{tail}"
+
+
+def _redact_urls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _redact_urls(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact_urls(v) for v in node]
+    return redact_url(node) if isinstance(node, str) and "://" in node else node
 
 
 def http_url(v: str) -> str:
@@ -272,7 +314,7 @@ class KafkaConfig(_Model):
 
 
 class DeadLetterConfig(_Model):
-    path: str = "dead-letter.jsonl"
+    path: str = Field("dead-letter.jsonl", min_length=1)  # empty: passed config check, refused by run
     max_raw_bytes: int = Field(
         900_000, gt=0, description="raw bytes kept per dead letter (larger is truncated, hashed)"
     )
@@ -1224,7 +1266,11 @@ class Settings(BaseSettings):
         )
 
     def redacted(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The settings as ``config show`` prints them: secrets (``SecretStr``) masked, and every URL's
+        credentials (``database.url``'s password, a webhook's ``user:password@`` or ``?token=``)
+        replaced. A plain dump printed the database password that the chart keeps in a Secret."""
+        shown: dict[str, Any] = _redact_urls(self.model_dump(mode="json"))
+        return shown
 
     def sampling_policy(self) -> SamplingPolicy:
         from sampling import ChannelPolicy, SamplingPolicy
@@ -1381,7 +1427,9 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, overrides: 
 def _read_config_file(path: Path) -> dict[str, Any]:
     """The mapping a YAML configuration file holds (empty for an empty file)."""
     try:
-        loaded = load_yaml(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(read_text_limited(path))
+    except FileTooLarge:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes: not a configuration") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:

@@ -68,15 +68,46 @@ def open_maybe_gzip(path: str | os.PathLike[str], *, text: bool = False) -> IO[A
     return open(path, encoding="utf-8") if text else open(path, "rb")
 
 
+# A configuration or a kind's file is a few KB; more is not one (``--config /dev/zero`` was read
+# until the machine ran out of memory).
+MAX_CONFIG_BYTES = 4 << 20
+
+
+class FileTooLarge(ValueError):
+    """A file read whole was larger than its limit."""
+
+
+def read_text_limited(path: str | os.PathLike[str], limit: int = MAX_CONFIG_BYTES) -> str:
+    """A UTF-8 text file read whole, at most ``limit`` bytes (else :class:`FileTooLarge`); ``OSError``
+    and ``UnicodeDecodeError`` as ``Path.read_text`` raises them."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"{os.fspath(path)} is larger than {limit} bytes")
+    return data.decode("utf-8")
+
+
 def count_lines(path: str) -> int | None:
-    """Non-blank lines (records) of a plain or gzip file; None for stdin ('-'), which cannot be read twice."""
+    """Non-blank lines (records) of a plain or gzip file; None for stdin ('-'), which cannot be read twice.
+
+    Read in blocks, not lines: one line of 2 GB (a 2 MB gzip) was held whole, twice over, only to be
+    counted, where replaying the same file without ``--progress`` held a record at a time."""
     if path == "-":
         return None
     n = 0
+    blank = True  # the line read so far holds nothing but whitespace
     with open_maybe_gzip(path) as fh:
         try:
-            for line in fh:
-                n += line.strip() != b""
+            # read1: one read of the file a block, so the lines before damage are counted (a whole
+            # read(n) lost the block the damage ended, a gzip's CRC error at its end among them).
+            reader = cast(io.BufferedIOBase, fh)  # a GzipFile or a BufferedReader: both have read1
+            for block in iter(lambda: reader.read1(1 << 16), b""):
+                pieces = block.split(b"\n")
+                for i, piece in enumerate(pieces):
+                    if i:  # a newline ended the line before this piece
+                        n += not blank
+                        blank = True
+                    blank = blank and not piece.strip()
         except READ_ERRORS:
             pass  # the lines before the damage: what the reader of the input will get
-    return n
+    return n + (not blank)

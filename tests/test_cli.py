@@ -191,6 +191,15 @@ def test_config_errors_exit_2_with_message(tmp_path: Path) -> None:
     assert res.returncode == 2 and "sampling.key is not set" in res.stderr
     shown = run("config", "show", "--set", "sampling.key=topsecret-5f0c9e2a7b4d1e8c")
     assert shown.returncode == 0 and "topsecret" not in shown.stdout and "**" in shown.stdout
+    # Credentials in URLs too: the database password (a Secret in the chart), a webhook's user and token.
+    shown = run(
+        "config", "show", "--db", "postgresql://app:S3CRETPW@db:5432/o?sslmode=require&password=QPW",
+        "--set", "actions.webhook.url=https://hook:HOOKPW@hooks.example/x?token=TOK&team=1",
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert not any(s in shown.stdout for s in ("S3CRETPW", "QPW", "HOOKPW", "TOK"))
+    assert "postgresql://app:***@db:5432/o?sslmode=require&password=***" in shown.stdout
+    assert "https://hook:***@hooks.example/x?token=***&team=1" in shown.stdout
 
 
 def test_web_servers_in_use_port_is_one_line_error_and_port_0_logs_the_real_url(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 from outage_helpers import free_port, http_get, metric, readyz, stop, tail, wait_for
 
 from monitor.cli import build_parser
+from monitor.errors import UsageError
 
 OVERSIGHT = str(Path(sys.executable).parent / "oversight")
 REPO = Path(__file__).resolve().parent.parent
@@ -269,6 +270,66 @@ def test_a_closed_stdout_is_a_quiet_exit_141() -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == ""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["config", "show"]])
+def test_no_stdout_at_all_a_full_disk_or_a_gone_reader_is_never_a_traceback(args: list[str]) -> None:
+    """Started with stdout closed (``>&-``) Python has None there: ``sys.stdout.flush()`` was an
+    AttributeError and a traceback at exit; ``--version`` wrote outside the error handling, so a
+    reader gone or a full disk was a traceback too."""
+    closed = subprocess.run(
+        ["bash", "-c", '"$0" "$@" >&-', OVERSIGHT, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=60,
+        check=False,
+    )
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            [OVERSIGHT, *args], stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=60, check=False
+        )
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "No space left on device" in res.stderr
+    proc = subprocess.Popen([OVERSIGHT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--confidence", "0.9999999999999999"], "argument --confidence: 0.9999999999999999 is not strictly"),
+        (["--since", "\u00b2"], "timestamp is not RFC 3339"),
+        (["--since", "2026-02-01T00:00:00Z", "--until", "2026-01-01T00:00:00Z"], "is not before --until"),
+    ],
+)
+def test_estimate_arguments_no_estimate_can_take_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """A confidence whose quantile rounds to 1 and a superscript digit (``isdigit`` takes it, float
+    does not) were "unexpected" errors; an empty span was an estimate over nothing, silently."""
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    res = run("estimate", "--stream", "chat", "--quantity", "response_chars", "--db", db, *args)
+    assert res.returncode == 2 and message in one_error_line(res) and "unexpected" not in res.stderr
+
+
+def test_a_kind_record_that_is_not_an_object_is_named(tmp_path: Path) -> None:
+    (tmp_path / "kind.json").write_text("[1, 2]")
+    res = run("rm", "sensitivity", "--model", str(tmp_path), "--db", f"sqlite:///{tmp_path / 'k.db'}")
+    assert res.returncode == 1 and "is not an oversight-reward-kind record" in one_error_line(res)
+
+
+def test_ctrl_c_before_the_command_runs_is_one_line() -> None:
+    """Ctrl-C while the parser was built (the command modules' imports) was a traceback."""
+    code = (
+        "import sys, monitor.cli.app as app\n"
+        "def interrupted(argv=None):\n    raise KeyboardInterrupt\n"
+        "app.main = interrupted\nsys.exit(app.entry())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60, check=False)
+    assert res.returncode == 130 and res.stderr == "oversight: interrupted\n", res.stderr
 
 
 def test_a_multi_line_configuration_error_is_one_line() -> None:
@@ -516,6 +577,23 @@ def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
     res = run("demo", "--workdir", str(home), "--exit-after-replay", "--port", "0", "--review-port", "0", timeout=60)
     assert res.returncode == 2 and "refusing to delete" in one_error_line(res)
     assert (home / "thesis.tex").read_text() == "years of work"
+
+
+def test_demo_refuses_a_folder_of_the_services_default_files(tmp_path: Path) -> None:
+    """Names alone were taken for a demo folder: ``oversight.db`` and ``dead-letter.jsonl`` are what
+    ``run`` and ``replay`` write by default, and a folder of them was deleted, database and all."""
+    from monitor.simulate.demo import prepare_workdir
+
+    work = tmp_path / "svc"
+    (work / "models" / "my-rm").mkdir(parents=True)
+    (work / "oversight.db").write_text("six episodes")
+    (work / "models" / "my-rm" / "model.bin").write_text("weights")
+    with pytest.raises(UsageError, match="refusing to delete"):
+        prepare_workdir(work)
+    assert (work / "oversight.db").read_text() == "six episodes" and (work / "models" / "my-rm" / "model.bin").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_workdir(empty)  # an empty folder is taken
 
 
 def test_a_demo_folder_is_emptied(tmp_path: Path) -> None:

@@ -169,3 +169,9 @@ def test_budget_config_reaches_policy() -> None:
     s = load_settings(None, ["sampling.human_budget_per_hour=60", "sampling.streams.b.human_budget_per_hour=6"])
     pol = s.sampling_policy()
     assert pol.budget("a") == 60 and pol.budget("b") == 6
+
+
+def test_an_empty_dead_letter_path_is_refused_where_the_configuration_is_checked() -> None:
+    """``config check`` said "configuration is valid"; ``run`` then failed on the empty path."""
+    with pytest.raises(ConfigError, match=r"dead_letter\.path"):
+        load_settings(None, ["dead_letter.path="])

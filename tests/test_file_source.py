@@ -64,6 +64,22 @@ def test_resume_from_byte_offset(tmp_path: Path) -> None:
         FileSource(str(path), 1000, resume=False).open(Positions({0: first[-1].next_offset}))
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_resuming_past_the_end_of_a_replaced_file_is_refused(tmp_path: Path, gz: bool) -> None:
+    """A file replaced by a shorter one was sought past its end and read as empty: its records were
+    skipped with status 0. At its end exactly (a finished file) there is simply nothing more."""
+    path = tmp_path / ("x.jsonl.gz" if gz else "x.jsonl")
+    content = b"".join(b'{"i":%d}\n' % i for i in range(30))
+    path.write_bytes(gzip.compress(content) if gz else content)
+    done = FileSource(str(path), 1000)
+    done.open(Positions({0: len(content)}))
+    assert drain(done) == []
+    done.close()
+    path.write_bytes(gzip.compress(content[:40]) if gz else content[:40])
+    with pytest.raises(ConfigError, match=f"up to byte {len(content)}, but the file now ends at byte 40"):
+        FileSource(str(path), 1000).open(Positions({0: len(content)}))
+
+
 def test_oversize_line_is_truncated_and_skipped(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     big = b'{"x":"' + b"y" * (5 * 1024 * 1024) + b'"}'

@@ -4,6 +4,7 @@ text mode, and counting lines (a progress bar's total) stops at the damage inste
 from __future__ import annotations
 
 import gzip
+import random
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,29 @@ def test_readers_of_whole_files_fail_on_damage_with_the_file_named(tmp_path: Pat
         Truth.load(str(episodes["cut"]), "k", 1 << 20, None)
     with pytest.raises(DamagedFile, match=r"cut\.jsonl\.gz"):
         read_pairs(pairs["cut"])
+
+
+def test_count_lines_counts_in_blocks_as_it_counted_by_line(tmp_path: Path) -> None:
+    """Blocks, not lines: one 2 GB line was held whole only to be counted. The count is the same:
+    non-blank lines, a last line without its newline included, across block boundaries."""
+    rng = random.Random(7)
+    pieces = [b"", b" ", b"\t", b"\r", b"x", b"{}", b" y ", b"z" * (1 << 20)]
+    for k in range(30):
+        text = b"\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        f = tmp_path / f"t{k}.jsonl"
+        f.write_bytes(text)
+        assert count_lines(str(f)) == sum(1 for line in text.split(b"\n") if line.strip()), text[:80]
+
+
+def test_config_and_jsonl_files_are_read_within_a_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config /dev/zero`` was read until the machine ran out of memory; so was a pairs file of one endless line."""
+    import monitor.reward.data as data
+    from monitor.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="is larger than"):
+        load_settings("/dev/zero")
+    monkeypatch.setattr(data, "MAX_LINE", 100)
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "' + "p" * 200 + '"}\n')
+    with pytest.raises(ValueError, match=r"long\.jsonl:1: a line longer than 100 characters"):
+        read_pairs(long)

@@ -203,8 +203,15 @@ def _silence_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all (None)
         pass
+
+
+def flush_stdout() -> None:
+    """Flush stdout if there is one: started with it closed (``>&-``), Python has ``None`` there,
+    and ``print`` writes nowhere, but ``sys.stdout.flush()`` was an AttributeError."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 class Terminated(BaseException):
@@ -246,7 +253,7 @@ def run_command(args: argparse.Namespace) -> int:
         check_paths(args)
         code = int(args.func(args))
         # A reader that went away shows up at the latest here, where it is still handled.
-        sys.stdout.flush()
+        flush_stdout()
         return code
     except BrokenPipeError:
         _silence_stdout()
@@ -278,7 +285,11 @@ def entry() -> int:
     outcome: list[int] = []
     # Registered before anything else can register one, so it runs last (handlers run in reverse).
     atexit.register(_end_process, outcome)
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (its imports, the parser): run_command handles the rest
+        print("oversight: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     outcome.append(code)
     return code
 
@@ -297,19 +308,33 @@ def _end_process(outcome: list[int]) -> None:
         return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader that went away, a stream already closed
+        # A reader that went away, a stream already closed, or none at all (started with it closed).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
     os._exit(outcome[0])
+
+
+def print_version() -> int:
+    """``--version``, with a reader gone or a full disk handled as a command's output is."""
+    from monitor import __version__
+
+    try:
+        print(__version__)
+        flush_stdout()
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        print(f"oversight: error: cannot write to stdout: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.show_version:
-        from monitor import __version__
-
-        print(__version__)
-        return EXIT_OK
+        return print_version()
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -90,9 +90,11 @@ def non_negative_int(value: str) -> int:
 
 
 def probability(value: str) -> float:
-    """A number strictly between 0 and 1 (a share, a confidence level)."""
+    """A number strictly between 0 and 1 (a share, a confidence level), and far enough from 1 that a
+    two-sided level's quantile, 0.5 + x/2, is still below 1 in floating point (0.9999999999999999
+    was an "unexpected StatisticsError")."""
     x = float(value)
-    if not 0.0 < x < 1.0:
+    if not (0.0 < x < 1.0 and 0.5 + x / 2 < 1.0):
         raise argparse.ArgumentTypeError(f"{value} is not strictly between 0 and 1")
     return x
 

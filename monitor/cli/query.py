@@ -27,7 +27,9 @@ def parse_time(value: str | None, flag: str) -> float | None:
     from monitor.episodes import InvalidEpisode, parse_timestamp
 
     try:
-        return parse_timestamp(float(value)) if value.replace(".", "", 1).isdigit() else parse_timestamp(value)
+        # ASCII digits: str.isdigit() takes "²", which float() refuses (an "unexpected ValueError").
+        numeric = value.replace(".", "", 1).isascii() and value.replace(".", "", 1).isdigit()
+        return parse_timestamp(float(value)) if numeric else parse_timestamp(value)
     except InvalidEpisode as e:
         raise UsageError(f"{flag} {value!r}: {e.detail}") from None
 
@@ -61,6 +63,9 @@ def estimate_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     check_quantity(args.quantity)
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    if since is not None and until is not None and since >= until:
+        # An empty span is an estimate over nothing, which looked like an answer.
+        raise UsageError(f"--since {args.since} is not before --until {args.until}")
     settings = settings_from_args(args)
     from monitor.quality.estimates import estimate_stream
 

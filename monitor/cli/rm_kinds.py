@@ -49,12 +49,13 @@ def kind_config(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
     from monitor.config import load_yaml
+    from monitor.fileio import FileTooLarge, read_text_limited
 
     raw: dict[str, Any] = {}
     if args.kind_config:
         try:
-            loaded = load_yaml(Path(args.kind_config).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            loaded = load_yaml(read_text_limited(args.kind_config))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, FileTooLarge) as e:
             raise UsageError(f"--kind-config {args.kind_config}: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise UsageError(f"--kind-config {args.kind_config}: not a mapping")

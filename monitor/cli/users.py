@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 from monitor.cli.common import Command, open_existing_store, open_store, port, print_json, settings_from_args
 from monitor.errors import UsageError
 
+# What the sign-in takes (monitor.review.schemas.LoginIn).
+MAX_PASSWORD = 1024
+
 if TYPE_CHECKING:
     from monitor.review.auth import User
     from monitor.store import Store
@@ -36,10 +39,13 @@ def read_password() -> tuple[str, bool]:
     container without input) gets a generated password; a piped line is the password."""
     if sys.stdin is None or sys.stdin.isatty():
         return _generated(), True
-    line = sys.stdin.readline()
+    # At most a password's length and its line end: a stdin of /dev/zero was read until memory ran out.
+    line = sys.stdin.readline(MAX_PASSWORD + 3)
     if line == "":
         return _generated(), True
     password = line.rstrip("\r\n")
+    if len(password) > MAX_PASSWORD:
+        raise UsageError(f"the password on stdin is longer than {MAX_PASSWORD} characters")
     try:  # bytes that are not UTF-8 arrive as lone surrogates: no hash or login form takes those
         password.encode("utf-8")
     except UnicodeEncodeError:

@@ -415,11 +415,17 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     return _read_checked(path, validate_pair)
 
 
+MAX_LINE = 64 << 20  # characters of one pair or rating: far more than any real one
+
+
 def _read_checked(path: str | os.PathLike[str], check: Callable[[Any, str], Any]) -> list[Any]:
     """Every non-blank line of a JSONL file, parsed and passed through ``check(obj, "path:line")``."""
     out = []
     with open_maybe_gzip(path, text=True) as fh:
-        for n, line in enumerate(fh, 1):
+        # Lines of at most MAX_LINE characters: a file of /dev/zero was one line read until memory ran out.
+        for n, line in enumerate(iter(lambda: fh.readline(MAX_LINE + 1), ""), 1):
+            if len(line) > MAX_LINE:
+                raise ValueError(f"{path}:{n}: a line longer than {MAX_LINE} characters")
             if line.strip():
                 try:
                     obj = json.loads(line)

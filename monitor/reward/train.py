@@ -99,18 +99,18 @@ MODEL_KEYS = frozenset(ModelConfig.model_fields)
 
 def load_train_config(config_file: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A YAML mapping (optional) plus ``KEY=VALUE`` overrides; unknown keys are errors (ConfigError)."""
-    from pathlib import Path
 
     import yaml
     from pydantic import ValidationError
 
     from monitor.config import ConfigError, load_yaml, parse_override
+    from monitor.fileio import FileTooLarge, read_text_limited
 
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
-            loaded = load_yaml(Path(config_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            loaded = load_yaml(read_text_limited(config_file)) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, FileTooLarge) as e:
             raise ConfigError(f"cannot read training config {config_file}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"training config {config_file} must hold a mapping")

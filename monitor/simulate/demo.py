@@ -20,30 +20,23 @@ def bundled_traffic() -> Path:
     return Path(str(resources.files("monitor.data").joinpath(DATA)))
 
 
-# What a demo folder holds; --workdir is emptied at start only when it holds nothing else.
+# A demo folder holds this file; --workdir is emptied at start only when it does (or is empty).
 WORKDIR_MARKER = ".oversight-demo-workdir"
-WORKDIR_FILES = frozenset(
-    {
-        WORKDIR_MARKER,
-        "oversight.db",
-        "oversight.db-wal",
-        "oversight.db-shm",
-        "dead-letter.jsonl",
-        "models",
-        "report.json",
-    }
-)
 
 
 def prepare_workdir(work: Path) -> None:
     """Empty (or create) the demo's folder; refuse any folder the demo did not make, since
-    ``--workdir ~`` must not delete a home directory."""
+    ``--workdir ~`` must not delete a home directory. Only the marker the demo writes says so: a
+    folder whose names were the demo's own (``oversight.db``, ``dead-letter.jsonl``, ``models``)
+    was taken for one, and those are the service's defaults, so ``run``'s database was deleted."""
     if work.exists():
         if not work.is_dir():
             raise UsageError(f"--workdir {work}: is a file, not a folder")
-        names = {p.name for p in work.iterdir()}
-        if names and WORKDIR_MARKER not in names and not names <= WORKDIR_FILES:
-            raise UsageError(f"--workdir {work}: not empty and not a demo folder; refusing to delete it")
+        if any(work.iterdir()) and not (work / WORKDIR_MARKER).is_file():
+            raise UsageError(
+                f"--workdir {work}: not empty and not a folder `oversight demo` made ({WORKDIR_MARKER} is missing);"
+                " refusing to delete it"
+            )
         shutil.rmtree(work)
     work.mkdir(parents=True)
     (work / WORKDIR_MARKER).write_text("made by oversight demo; emptied by the next demo run\n")

@@ -139,10 +139,27 @@ class FileSource:
         try:
             if start:
                 self._fh.seek(start)  # a gzip decompresses up to there: its damage may show now
+                self._check_holds(start)
         except READ_ERRORS as e:
             self._read_failed(e)
             self._eof = True
         self._it = _lines(self._fh, self._limit, start)
+
+    def _check_holds(self, start: int) -> None:
+        """Refuse to resume past the end of the input: the file was replaced or cut since the stored
+        offset was written, and a seek there read nothing, so a new file's records were skipped
+        silently ("stopped after 0 records", status 0)."""
+        fh: Any = self._fh
+        # A gzip's seek stops at its end; a plain file's may go past it.
+        end = fh.tell() if isinstance(fh, gzip.GzipFile) else os.fstat(fh.fileno()).st_size
+        if end < start:
+            from monitor.config import ConfigError
+
+            raise ConfigError(
+                f"the database holds {self.name} up to byte {start}, but the file now ends at byte {end}:"
+                " it was replaced or cut since. Read a new file into a fresh database (--db), or under"
+                " another name (the progress is kept per file name)"
+            )
 
     def _read_failed(self, e: BaseException) -> None:
         """The input ends here: said once, kept for the command's report."""

@@ -175,7 +175,7 @@ def load_backend(
         model.use_backend(backend, "int8" if quantisation == "int8" else "fp32", precision, threads=threads)
         return BuiltinBackend(model, batch_size)
     rec = json.loads((root / KIND_FILE).read_text(encoding="utf-8"))
-    if rec.get("format") != FORMAT:
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise BackendError(f"{root}: {KIND_FILE} is not an {FORMAT} record")
     kind, cfg, version = str(rec["kind"]), parse_config(str(rec["kind"]), rec["config"]), str(rec["version"])
     try:
