@@ -226,16 +226,19 @@ class Sampler:
         return out
 
     def forget(self, streams: Iterable[str] | None = None) -> None:
-        """Drop cached state (after a rebalance it is reloaded from the checkpoint)."""
+        """Drop cached state (after a rebalance it is reloaded from the checkpoint). Every per-stream
+        cache goes: the budget targets kept theirs, and grew by every stream ever met."""
         if streams is None:
             self._states.clear()
             self._rates.clear()
             self._dirty.clear()
+            self._targets.clear()
             return
         for s in streams:
             self._states.pop(s, None)
             self._rates.pop(s, None)
             self._dirty.discard(s)
+            self._targets.pop(s, None)
 
     # -- rates -----------------------------------------------------------
     def rates(self, stream: str) -> dict[str, float]:

@@ -416,6 +416,25 @@ def test_after_a_restart_the_known_streams_are_held_before_a_flood_of_new_ones(d
     assert again.metrics.registry.get_sample_value("oversight_streams_held") == 6
 
 
+def test_known_streams_do_not_add_up_over_restarts(sqlite_url: str, tmp_path: Path) -> None:
+    """Each restart let the limit's worth of new names be held, and every name held once was known
+    from then on: a producer that sent new names, then every name it had used, was held 3, 6, 9, 12
+    streams after each restart at a limit of 3. Known streams are held up to twice the limit."""
+    s = settings(sqlite_url, tmp_path, "pipeline.max_streams=3")
+    store = None
+    used: list[str] = []
+    held = []
+    for restart in range(4):
+        new = [f"user-{restart}-{i}" for i in range(3)]
+        values = [x for i, name in enumerate(new + used) for x in episodes(1, name, start=100 * restart + i)]
+        p = make(s, values, store, name=f"run{restart}")
+        p.run()
+        store = p.store
+        used += new
+        held.append(p.metrics.registry.get_sample_value("oversight_streams_held"))
+    assert held == [3, 6, 6, 6]
+
+
 def test_the_window_of_recent_episodes_is_bounded_and_can_be_off(db_url: str, tmp_path: Path) -> None:
     def delivery(stream: str) -> list[bytes]:
         distinct = episodes(200, stream)

@@ -13,9 +13,12 @@ held go on as before, unless the stream is known: the store holds its checkpoint
 stream this service served before. The set is emptied when the pipeline forgets its state (a
 restart, a Kafka rebalance, a rewind), and without that exception a producer of a stream per
 record would take every place within seconds of each restart, and the deployment's own streams,
-arriving a moment later, would be refused until the next one. So a replica holds at most
-``max_streams`` streams plus the known streams it meets; a stream becomes known only by being
-held, so an attack makes at most ``max_streams`` of them per restart.
+arriving a moment later, would be refused until the next one. A stream becomes known only by being
+held, so an attack makes at most ``max_streams`` known streams per restart, and over restarts they
+add up: unbounded, a producer that sent new names and then every name it had used before was held
+200, 400, ... 1,000 streams after five restarts at a limit of 200. So the known streams held beyond
+the limit are bounded too: a replica holds at most twice ``max_streams`` streams, whatever happened
+before it started.
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ REFUSED_MAX = 100_000
 
 class HeldStreams:
     """The streams admitted since the pipeline last forgot its state: at most ``limit`` (None:
-    no limit) besides those ``known`` says the store knows.
+    no limit), and up to ``limit`` more that ``known`` says the store knows.
 
-    >>> held = HeldStreams(2, known=lambda stream: stream == "search")
+    >>> held = HeldStreams(2, known=lambda stream: stream.startswith("search"))
     >>> held.admit("chat"), held.admit("user-8812"), held.admit("chat")
     (True, True, True)
     >>> held.admit("user-9140")  # a third stream, unknown: refused; the two held go on
     False
-    >>> held.admit("search")  # known to the store: held beyond the limit
-    True
+    >>> held.admit("search"), held.admit("search-eu")  # known to the store: held beyond the limit
+    (True, True)
+    >>> held.admit("search-us")  # ... up to twice the limit
+    False
     >>> held.forget(); held.admit("user-9140")
     True
     """
@@ -56,8 +61,9 @@ class HeldStreams:
         """Whether a record of ``stream`` may be processed (holding the stream if it is new)."""
         if stream in self._held:
             return True
-        if self.limit is not None and len(self._held) >= self.limit and not self._is_known(stream):
-            return False
+        if self.limit is not None and len(self._held) >= self.limit:
+            if len(self._held) >= 2 * self.limit or not self._is_known(stream):
+                return False
         self._held.add(stream)
         return True
 

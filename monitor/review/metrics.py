@@ -22,7 +22,6 @@ from monitor.config import CanaryConfig
 from monitor.pace import Pace
 from monitor.quality.adjudication import Rule, waiting_per_stream
 from monitor.store import Store
-from monitor.store import tables as t
 
 NS = "oversight"
 LABEL_OUTCOMES = ("labelled", "skipped", "undone")
@@ -194,8 +193,11 @@ class DisagreementCollector(Collector):
         )
         try:
             counts = self._counts()
+            # Not cached: a stream's series exists from its first review item. A loose index scan,
+            # one seek per stream: the DISTINCT it replaces read every review item at every scrape
+            # (10 ms a scrape at 100,000 items, 101 ms at 1.6 million).
             with self._store.engine.connect() as conn:
-                queued = conn.execute(sa.select(t.review_tasks.c.stream).distinct()).scalars().all()
+                queued = queued_streams(conn)
         except Exception:  # a scrape must not fail because the database blinked
             counts, queued = {}, []
         counts = {**dict.fromkeys(queued, 0), **counts}
@@ -206,6 +208,19 @@ class DisagreementCollector(Collector):
         if tail:
             g.add_metric(["_other"], sum(counts[s] for s in tail))
         yield g
+
+
+def queued_streams(conn: sa.Connection) -> list[str]:
+    """The streams with review items: one seek per stream on ``ix_review_tasks_stream_status`` (a
+    loose index scan), where ``DISTINCT`` reads every item."""
+    q = sa.text(
+        "WITH RECURSIVE s(stream) AS ("
+        " SELECT MIN(stream) FROM review_tasks"
+        " UNION ALL"
+        " SELECT (SELECT MIN(r.stream) FROM review_tasks r WHERE r.stream > s.stream) FROM s WHERE s.stream IS NOT NULL"
+        ") SELECT stream FROM s WHERE stream IS NOT NULL"
+    )
+    return [str(x) for x in conn.execute(q).scalars()]
 
 
 class ReviewMetrics:
