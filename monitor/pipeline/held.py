@@ -61,9 +61,9 @@ class HeldStreams:
         """Whether a record of ``stream`` may be processed (holding the stream if it is new)."""
         if stream in self._held:
             return True
-        if self.limit is not None and len(self._held) >= self.limit:
-            if len(self._held) >= 2 * self.limit or not self._is_known(stream):
-                return False
+        n = len(self._held)
+        if self.limit is not None and n >= self.limit and (n >= 2 * self.limit or not self._is_known(stream)):
+            return False
         self._held.add(stream)
         return True
 
