@@ -416,6 +416,38 @@ def test_after_a_restart_the_known_streams_are_held_before_a_flood_of_new_ones(d
     assert again.metrics.registry.get_sample_value("oversight_streams_held") == 6
 
 
+def test_streams_past_the_limit_cost_one_read_a_batch_and_keep_their_order(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the store knew a stream was one read per new name: a producer of a name per record
+    made one read per record at the limit (12 times a record's cost). The batch's names are read at
+    once, and the episodes admitted after the read are sampled in input order among the others."""
+    s = settings(sqlite_url, tmp_path, "pipeline.max_streams=3", "pipeline.batch_size=100")
+    before = episodes(2, "k1")
+    first = make(s, before)
+    first.run()  # k1 held, so known from now on
+    reads: list[int] = []
+    store = first.store
+    real = store.with_state
+
+    def counted(streams: Any, component: str) -> set[str]:
+        reads.append(len(streams))
+        return real(streams, component)
+
+    monkeypatch.setattr(store, "with_state", counted)
+    own = [v for group in zip(*[episodes(10, name, start=10) for name in ("a", "b", "c")], strict=True) for v in group]
+    flood = [x for i in range(60) for x in episodes(1, f"user-{i}", start=i)]
+    known = episodes(10, "k1", start=10)
+    values = own + [v for pair in zip(flood, known + [b""] * 50, strict=True) for v in pair if v]
+    again = make(s, values, store, name="again")
+    stats = again.run()
+    assert reads == [61], reads  # one read for the batch's undecided names, not one per name
+    assert stats.dead_letters["too_many_streams"] == 60
+    assert {n: store.traffic_count(n) for n in ("a", "b", "c", "k1")} == {"a": 10, "b": 10, "c": 10, "k1": 12}
+    # Every stream sampled as a sampler given its episodes in input order would.
+    assert stored_samples(store) == expected_samples(s, before + own + known)
+
+
 def test_known_streams_do_not_add_up_over_restarts(sqlite_url: str, tmp_path: Path) -> None:
     """Each restart let the limit's worth of new names be held, and every name held once was known
     from then on: a producer that sent new names, then every name it had used, was held 3, 6, 9, 12

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +145,7 @@ class Pipeline:
         self.stats = RunStats(max_streams=settings.pipeline.max_streams)
         self.stop_event = threading.Event()
         self.recent = RecentEpisodes(settings.pipeline.duplicate_window)
-        self.held = HeldStreams(settings.pipeline.max_streams, known=self._known_stream)
+        self.held = HeldStreams(settings.pipeline.max_streams, known=self._known_streams)
         self.committer = Committer(
             store,
             source,
@@ -197,10 +197,10 @@ class Pipeline:
         # whatever we still own is reloaded from the checkpoint on next use.
         self._forget_state()
 
-    def _known_stream(self, stream: str) -> bool:
-        """Whether the store holds the stream's sampling checkpoint. In the hot loop, like the
+    def _known_streams(self, streams: Collection[str]) -> set[str]:
+        """Those of ``streams`` whose sampling checkpoint the store holds. In the hot loop, like the
         sampler's own read: an outage waits for the database."""
-        return self.retry.call(lambda: self.store.has_state(stream, SAMPLING_COMPONENT), "store")
+        return self.retry.call(lambda: self.store.with_state(streams, SAMPLING_COMPONENT), "store")
 
     def _forget_state(self) -> None:
         """Drop in-memory per-stream state; it reloads from the checkpoint on next use."""
@@ -498,6 +498,9 @@ class Pipeline:
         max_future_s = self.settings.source.max_future_s
         source_name = self.source.name
         admitted: list[tuple[Record, Episode, int, int]] = []
+        # Records of streams whose admission needs a read of the store (past pipeline.max_streams),
+        # with their place in the batch: decided after the loop, with one read for all their names.
+        undecided: list[tuple[int, Record, Episode, int, int]] = []
         idx = self._index - 1
         for rec in records:
             idx = rec.offset if kafka else idx + 1
@@ -512,16 +515,13 @@ class Pipeline:
                 ep = parse_episode(rec.value, max_bytes, now, max_future_s)
                 stream = ep.stream
                 key = recent.key(stream, ep.episode_id)
+                if held.undecided(stream):
+                    undecided.append((len(admitted), rec, ep, key, idx))
+                    continue
                 if recent.seen(key):
                     tally.duplicates[stream] += 1
                     continue
-                if not held.admit(stream):
-                    raise InvalidEpisode(
-                        "too_many_streams",
-                        f"this replica holds {held.limit} streams (pipeline.max_streams); {stream!r} is not one",
-                        ep.episode_id,
-                        stream,
-                    )
+                self._hold(ep)
             except InvalidEpisode as e:
                 letters.append(self.committer.letter(rec, source_name, e.reason, e.detail, e.episode_id, e.stream))
                 continue
@@ -534,7 +534,48 @@ class Pipeline:
             recent.take(key)
             admitted.append((rec, ep, key, idx))
         draft.next_index = idx + 1
-        return admitted
+        return self._decide_undecided(undecided, admitted, draft) if undecided else admitted
+
+    def _hold(self, ep: Episode) -> None:
+        """The replica holds the episode's stream (at once, or as one the store knows), else ``too_many_streams``."""
+        if not self.held.admit(ep.stream):
+            raise InvalidEpisode(
+                "too_many_streams",
+                f"this replica holds {self.held.limit} streams (pipeline.max_streams); {ep.stream!r} is not one",
+                ep.episode_id,
+                ep.stream,
+            )
+
+    def _decide_undecided(
+        self,
+        undecided: list[tuple[int, Record, Episode, int, int]],
+        admitted: list[tuple[Record, Episode, int, int]],
+        draft: Draft,
+    ) -> list[tuple[Record, Episode, int, int]]:
+        """Admit or refuse the records :meth:`_admit` set aside, after one read of the store for all
+        their streams (an outage raises: the batch is redelivered). Each goes back where it came in
+        the batch (``before``: how many admitted records came before it), so that sampling,
+        deduplication and the observers see every stream's episodes in input order. Their streams
+        were not held, so no admitted record shares one with them."""
+        self.held.learn({ep.stream for _, _, ep, _, _ in undecided})
+        recent, tally, letters, source_name = self.recent, draft.tally, draft.letters, self.source.name
+        out: list[tuple[Record, Episode, int, int]] = []
+        taken = 0  # of ``admitted``, already in ``out``
+        for before, rec, ep, key, idx in undecided:
+            out.extend(admitted[taken:before])
+            taken = before
+            if recent.seen(key):
+                tally.duplicates[ep.stream] += 1
+                continue
+            try:
+                self._hold(ep)
+            except InvalidEpisode as e:
+                letters.append(self.committer.letter(rec, source_name, e.reason, e.detail, e.episode_id, e.stream))
+                continue
+            recent.take(key)
+            out.append((rec, ep, key, idx))
+        out.extend(admitted[taken:])
+        return out
 
     def _prepare(self, admitted: list[tuple[Record, Episode, int, int]]) -> None:
         """Each observer takes the batch's admitted episodes at once (``EpisodeObserver.prepare``).

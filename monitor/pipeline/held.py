@@ -19,11 +19,16 @@ add up: unbounded, a producer that sent new names and then every name it had use
 200, 400, ... 1,000 streams after five restarts at a limit of 200. So the known streams held beyond
 the limit are bounded too: a replica holds at most twice ``max_streams`` streams, whatever happened
 before it started.
+
+Whether the store knows a stream is one read, and at the limit a producer of a new name per record
+made one per record (0.49 ms of CPU each on SQLite, 12 times a record's cost; a round trip each on
+PostgreSQL). The pipeline asks for a batch's undecided names at once (:meth:`HeldStreams.undecided`,
+:meth:`HeldStreams.learn`): one read per batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 
 __all__ = ["HeldStreams"]
 
@@ -36,7 +41,9 @@ class HeldStreams:
     """The streams admitted since the pipeline last forgot its state: at most ``limit`` (None:
     no limit), and up to ``limit`` more that ``known`` says the store knows.
 
-    >>> held = HeldStreams(2, known=lambda stream: stream.startswith("search"))
+    ``known(names)``: those of ``names`` the store knows.
+
+    >>> held = HeldStreams(2, known=lambda names: {n for n in names if n.startswith("search")})
     >>> held.admit("chat"), held.admit("user-8812"), held.admit("chat")
     (True, True, True)
     >>> held.admit("user-9140")  # a third stream, unknown: refused; the two held go on
@@ -49,13 +56,14 @@ class HeldStreams:
     True
     """
 
-    def __init__(self, limit: int | None, known: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, limit: int | None, known: Callable[[Collection[str]], set[str]] | None = None) -> None:
         if limit is not None and limit <= 0:
             raise ValueError("limit must be positive (None: no limit)")
         self.limit = limit
         self._known = known
         self._held: set[str] = set()
         self._refused: set[str] = set()
+        self._told: set[str] = set()  # known to the store, learnt in a batch's read and not held yet
 
     def admit(self, stream: str) -> bool:
         """Whether a record of ``stream`` may be processed (holding the stream if it is new)."""
@@ -67,15 +75,43 @@ class HeldStreams:
         self._held.add(stream)
         return True
 
+    def undecided(self, stream: str) -> bool:
+        """Whether admitting ``stream`` now would need a read of the store (see :meth:`learn`)."""
+        n = len(self._held)
+        return (
+            self._known is not None
+            and self.limit is not None
+            and self.limit <= n < 2 * self.limit
+            and stream not in self._held
+            and stream not in self._refused
+            and stream not in self._told
+        )
+
+    def learn(self, streams: Iterable[str]) -> None:
+        """Read at once whether the store knows ``streams``, for the :meth:`admit` calls that follow."""
+        asked = {s for s in streams if self.undecided(s)}
+        if not asked or self._known is None:
+            return
+        known = self._known(asked)
+        self._told |= known
+        for s in asked - known:
+            self._remember_refused(s)
+
     def _is_known(self, stream: str) -> bool:
         if self._known is None or stream in self._refused:
             return False
-        if self._known(stream):
+        if stream in self._told:
+            self._told.discard(stream)
             return True
+        if self._known([stream]):
+            return True
+        self._remember_refused(stream)
+        return False
+
+    def _remember_refused(self, stream: str) -> None:
         if len(self._refused) >= REFUSED_MAX:
             self._refused.clear()
         self._refused.add(stream)
-        return False
 
     @property
     def count(self) -> int:
@@ -84,3 +120,4 @@ class HeldStreams:
     def forget(self) -> None:
         self._held.clear()
         self._refused.clear()
+        self._told.clear()
