@@ -2,13 +2,18 @@
 
 Names are namespaced ``oversight_``. Stream names come from traffic (untrusted
 and unbounded), so the stream label is capped: after ``max_streams``
-distinct streams, further ones share the label ``_other``.
+distinct streams, further ones share the label ``_other``. The streams the
+configuration names (``named``) always have their own label, outside the cap: the
+places went first come, first served, so fifty junk names right after a start took
+them all and the deployment's own streams were counted as ``_other`` for the
+process's life.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -29,9 +34,10 @@ UNKNOWN = "_unknown"
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, max_streams: int = 50):
+    def __init__(self, registry: CollectorRegistry | None = None, max_streams: int = 50, named: Iterable[str] = ()):
         self.registry = registry if registry is not None else CollectorRegistry()
         self.max_streams = max_streams
+        self._named = frozenset(named)
         self._streams: set[str] = set()
         self._lock = threading.Lock()
         r = self.registry
@@ -468,7 +474,7 @@ class Metrics:
     def stream_label(self, stream: str | None) -> str:
         if stream is None:
             return UNKNOWN
-        if stream in self._streams:
+        if stream in self._streams or stream in self._named:
             return stream
         with self._lock:
             if len(self._streams) < self.max_streams:

@@ -557,6 +557,30 @@ def test_metrics_label_cardinality_is_bounded(tmp_path: Path) -> None:
     assert streams == {"st0", "st1", "st2", "_other"}
 
 
+def test_configured_streams_keep_their_own_metric_label_whatever_came_first(tmp_path: Path) -> None:
+    """The label places went first come, first served: junk names right after a start took them
+    all, and the deployment's own streams were counted as ``_other`` for the process's life."""
+    from monitor.service import build_service
+
+    s = settings(
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        tmp_path,
+        "metrics.max_streams=3",
+        "sampling.streams.prod.human_budget_per_hour=10",
+    )
+    values = [v for i in range(10) for v in episodes(3, f"junk{i}")] + episodes(5, "prod")
+    with build_service(s, source=MemorySource(values), serve=False, registry=CollectorRegistry()) as svc:
+        svc.run()
+        per_stream: dict[str, float] = {}
+        for metric in svc.metrics.registry.collect():
+            if metric.name == "oversight_episodes":
+                for smp in metric.samples:
+                    if smp.name.endswith("_total"):
+                        per_stream[smp.labels["stream"]] = per_stream.get(smp.labels["stream"], 0.0) + smp.value
+    assert per_stream == {"junk0": 3, "junk1": 3, "junk2": 3, "_other": 21, "prod": 5}, per_stream
+    assert Metrics(max_streams=1, named=["prod"]).stream_label("prod") == "prod"
+
+
 def _unused(_: Any) -> None:  # keep make_sampler imported for type checkers
     make_sampler  # noqa: B018
 

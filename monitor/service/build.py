@@ -434,7 +434,8 @@ def build_service(
     given_store = store is not None
     store = store if store is not None else Store.open(settings.database)
     warn_of_asynchronous_replication(store)
-    metrics = Metrics(registry, max_streams=settings.metrics.max_streams)
+    named = {*settings.sampling.streams, *settings.review.streams}  # configured: their own labels, always
+    metrics = Metrics(registry, max_streams=settings.metrics.max_streams, named=named)
     metrics.info.info({"version": __version__, "source": settings.source.kind})
     # One retry policy for every database and broker access on the pipeline's path; its health
     # is what /readyz reports. A failed store operation drops the pooled connections.
