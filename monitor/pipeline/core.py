@@ -572,6 +572,12 @@ class Pipeline:
             except InvalidEpisode as e:
                 letters.append(self.committer.letter(rec, source_name, e.reason, e.detail, e.episode_id, e.stream))
                 continue
+            except Exception as e:  # as in _admit's loop: an outage redelivers the batch, a bug is this record's
+                if transient(e):
+                    raise
+                letters.append(self.committer.internal_error(rec, source_name, e, ep))
+                draft.failed = True
+                continue
             recent.take(key)
             out.append((rec, ep, key, idx))
         out.extend(admitted[taken:])

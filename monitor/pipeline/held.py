@@ -76,15 +76,12 @@ class HeldStreams:
         return True
 
     def undecided(self, stream: str) -> bool:
-        """Whether admitting ``stream`` now would need a read of the store (see :meth:`learn`)."""
-        n = len(self._held)
+        """Whether admitting ``stream`` now would need a read of the store (see :meth:`learn`). Asked
+        for every record: a held stream, the common case, answers at the first test."""
+        if stream in self._held or self._known is None or self.limit is None:
+            return False
         return (
-            self._known is not None
-            and self.limit is not None
-            and self.limit <= n < 2 * self.limit
-            and stream not in self._held
-            and stream not in self._refused
-            and stream not in self._told
+            self.limit <= len(self._held) < 2 * self.limit and stream not in self._refused and stream not in self._told
         )
 
     def learn(self, streams: Iterable[str]) -> None:
