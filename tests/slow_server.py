@@ -30,14 +30,23 @@ class SlowHeaders:
     def _drip(conn: socket.socket) -> None:
         try:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while True:
-                conn.sendall(b"a")
-                time.sleep(0.2)
         except OSError:
             return
+        drip_headers(conn, b"HTTP/1.1 200 OK")
 
     def close(self) -> None:
         self._srv.close()
         for c in self.conns:
             c.close()
+
+
+def drip_headers(conn: socket.socket, status_line: bytes) -> None:
+    """Answer on ``conn`` with ``status_line`` and then one header byte every 0.2 s, until the
+    client goes away (a server whose request was already read: the Kubernetes API's stand-in)."""
+    try:
+        conn.sendall(status_line + b"\r\nX-Slow: ")
+        while True:
+            conn.sendall(b"a")
+            time.sleep(0.2)
+    except OSError:
+        return

@@ -11,9 +11,6 @@ from typing import TYPE_CHECKING
 from monitor.cli.common import Command, open_existing_store, open_store, port, print_json, settings_from_args
 from monitor.errors import UsageError
 
-# What the sign-in takes (monitor.review.schemas.LoginIn).
-MAX_PASSWORD = 1024
-
 if TYPE_CHECKING:
     from monitor.review.auth import User
     from monitor.store import Store
@@ -40,6 +37,8 @@ def read_password() -> tuple[str, bool]:
     if sys.stdin is None or sys.stdin.isatty():
         return _generated(), True
     # At most a password's length and its line end: a stdin of /dev/zero was read until memory ran out.
+    from monitor.review.auth import MAX_PASSWORD
+
     line = sys.stdin.readline(MAX_PASSWORD + 3)
     if line == "":
         return _generated(), True

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 ROLES = ("reviewer", "admin")
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MAX_PASSWORD = 1024  # characters a sign-in takes (and `users add` reads)
 
 # argon2id with OWASP's first recommended setting (19 MiB, 2 passes, 1 lane): about 55 ms
 # on one core. Hashes made with other parameters (the library's 64 MiB default before)

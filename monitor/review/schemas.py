@@ -32,7 +32,7 @@ class StrictIn(BaseModel):
 
 class LoginIn(StrictIn):
     name: str = Field(max_length=64)
-    password: str = Field(max_length=1024)
+    password: str = Field(max_length=auth.MAX_PASSWORD)
 
 
 class LeaseIn(StrictIn):
@@ -63,7 +63,7 @@ class ReleaseBody(LeaseIn):
 class UserIn(StrictIn):
     name: str = Field(min_length=1, max_length=64, pattern=f"^{auth.NAME_RE}$")
     role: Literal["reviewer", "admin"]
-    password: str | None = Field(None, min_length=10, max_length=1024)
+    password: str | None = Field(None, min_length=10, max_length=auth.MAX_PASSWORD)
 
 
 class TokenIn(StrictIn):

@@ -35,8 +35,9 @@ from prometheus_client import CollectorRegistry, Counter
 from monitor.config import Settings
 from monitor.inference.shared import SharedVectors, embed_sharing
 from monitor.metrics import NS, InferenceMetrics
-from monitor.pipeline.background import LATER, BackgroundWork, GiveUp, Later, episode_work, lower_thread_priority
+from monitor.pipeline.background import BackgroundWork, GiveUp, Later, episode_work, lower_thread_priority
 from monitor.retry import first_line
+from monitor.reward.kinds.background import failure
 from monitor.reward.kinds.base import share_drift_pass
 from monitor.reward.registry import Registry, VersionWatch
 from monitor.reward.scorer import load_version
@@ -173,7 +174,7 @@ class InferenceWorker:
                     if sc.embedding is not None
                 )
             # A failure that is only the scorer's (a 429, a timeout) never counts toward giving up.
-            return [(version, float(sc.value)) if sc.ok else None if sc.own_fault else LATER for sc in scores]
+            return [(version, float(sc.value)) if sc.ok else failure(sc) for sc in scores]
 
         def write(done: Sequence[tuple[ToScore, tuple[str, float]]]) -> int:
             rows = [{"episode_id": w.episode_id, "version": v, "score": sc} for w, (v, sc) in done]

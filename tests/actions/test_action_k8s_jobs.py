@@ -18,6 +18,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from slow_server import drip_headers
 
 from monitor.actions.sinks import KubernetesJobSink, SinkError, job_name, label_value
 from monitor.cli import build_parser
@@ -228,7 +229,7 @@ class _StandInApiServer:
             self.requests.append(body)
             self.heads.append(head)
             if self.mode == "drip":
-                threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+                threading.Thread(target=drip_headers, args=(conn, b"HTTP/1.1 201 Created"), daemon=True).start()
                 self._held.append(conn)
                 continue
             if self.mode in ("forbidden", "unavailable"):
@@ -252,18 +253,6 @@ class _StandInApiServer:
                 + out
             )
             conn.close()
-
-    @staticmethod
-    def _drip(conn: Any) -> None:
-        import time
-
-        try:
-            conn.sendall(b"HTTP/1.1 201 Created\r\nX-Slow: ")
-            while True:
-                conn.sendall(b"a")
-                time.sleep(0.2)
-        except OSError:
-            return
 
     def close(self) -> None:
         self._sock.close()

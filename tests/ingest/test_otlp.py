@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
-from monitor.config import load_settings
+from monitor.config import Settings, load_settings
 from monitor.episodes import MAX_MESSAGES, InvalidEpisode, parse_episode
 from monitor.ingest.otlp import OtlpLimits, Span, convert, episode_id
 from monitor.ingest.otlp_route import JSON, OtlpMetrics, otlp_router
@@ -640,7 +640,8 @@ def test_a_bug_on_one_span_rejects_that_span_not_the_request(monkeypatch: pytest
 # --- through the ingest app: exporter -> /v1/traces -> inbox -> pipeline -> review item -----------
 
 
-def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str, tmp_path: Path) -> None:
+def _ingest_app(sqlite_url: str, tmp_path: Path, *extra: str) -> tuple[Settings, Store, str, IngestServer]:
+    """The ingest app on a real server and a SQLite store, with one token (``otel``)."""
     settings = load_settings(
         None,
         [
@@ -651,12 +652,17 @@ def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str,
             "ingest.token_refresh_s=0",
             "drift.enabled=false",
             "reward.enabled=false",
-            "sampling.human.rate=1.0",  # every episode becomes a review item
+            *extra,
         ],
     )
     store = Store(sqlite_url)
     token = add_token(store, "otel", None)
-    server = IngestServer(settings, store=store, registry=CollectorRegistry()).start()
+    return settings, store, token, IngestServer(settings, store=store, registry=CollectorRegistry()).start()
+
+
+def test_sdk_round_trip_through_the_ingest_app_to_a_review_item(sqlite_url: str, tmp_path: Path) -> None:
+    # Every episode becomes a review item.
+    settings, store, token, server = _ingest_app(sqlite_url, tmp_path, "sampling.human.rate=1.0")
     try:
         url = server.url.rstrip("/")
         # Refused, as OTLP/HTTP answers every failure: a google.rpc.Status in the request's encoding.
@@ -688,23 +694,9 @@ def test_the_ingest_app_holds_a_slot_and_its_body_limit_for_every_export(sqlite_
     a body of up to 16 MiB (and never for one without GenAI spans), and ignored
     ``ingest.max_request_bytes``; resource and scope spans had no limit at all (millions of empty
     ones, 16 KiB gzipped, cost 15-19 s of CPU each)."""
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            f"database.url={sqlite_url}",
-            f"dead_letter.path={tmp_path / 'dlq.jsonl'}",
-            "ingest.port=0",
-            "ingest.token_refresh_s=0",
-            "ingest.max_request_bytes=100000",
-            "ingest.max_inflight=2",
-            "drift.enabled=false",
-            "reward.enabled=false",
-        ],
+    _, store, token, server = _ingest_app(
+        sqlite_url, tmp_path, "ingest.max_request_bytes=100000", "ingest.max_inflight=2"
     )
-    store = Store(sqlite_url)
-    token = add_token(store, "otel", None)
-    server = IngestServer(settings, store=store, registry=CollectorRegistry()).start()
     auth = {"authorization": f"Bearer {token}"}
     not_genai = _json_request([_json_span("bbb19b7ec3c1b174", {"http.method": "GET"})])
     try:

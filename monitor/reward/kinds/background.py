@@ -36,6 +36,12 @@ def backlog_count(store: Store, stream: str | None = None) -> int:
     return score_backlog_stats(store, stream).waiting
 
 
+def failure(score: Score) -> Later | None:
+    """A failed score as a background worker's result: ``None`` (counted toward giving up on the
+    item) when it may be the item's own, ``LATER`` when it is only the scorer's (see ``Score.own_fault``)."""
+    return None if score.own_fault else LATER
+
+
 class BackgroundScorer(BackgroundWork[ToScore, Score]):
     """One worker thread scoring the backlog with ``backend``; :meth:`take` hands (item, score) over.
 
@@ -79,7 +85,7 @@ class BackgroundScorer(BackgroundWork[ToScore, Score]):
                     for w, sc in zip(items, scores, strict=True)
                     if sc.embedding is not None
                 )
-            return [sc if sc.ok else None if sc.own_fault else LATER for sc in scores]
+            return [sc if sc.ok else failure(sc) for sc in scores]
 
         super().__init__(
             f"rm-{backend.kind}",

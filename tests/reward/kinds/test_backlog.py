@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -131,44 +132,53 @@ def _asked(judge: StandIn, text: str) -> int:
     return len([b for b in judge.script.bodies if text in json.dumps(b)])
 
 
-def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_on_none(
-    tmp_path: Path, judge_standin: StandIn
-) -> None:
-    """Retried forever, refused episodes piled up oldest first in every fetch, and their retries
-    took a growing share of the judge's calls until the episodes behind them starved."""
-    import time
-
+def _judge_worker(
+    tmp_path: Path, judge_standin: StandIn, give_up_after: int, prom: CollectorRegistry, **resilience: Any
+) -> tuple[Store, Any]:
+    """The refused backlog (``_refused_backlog``) and a background scorer of the stand-in judge."""
     from monitor.reward.kinds.background import BackgroundScorer
 
     settings, store = _refused_backlog(tmp_path)
     judge = {
         "base_url": f"{judge_standin.url}/v1",
         "model": "stand-in",
-        "resilience": {"max_attempts": 1, "breaker_reset_s": 0.01},
+        "resilience": {"max_attempts": 1, **resilience},
     }
     registry = Registry.for_settings(store, settings)
     version = registry.register(KindVersion.create("judge", judge), data_window={}, metrics={})
     backend = load_backend(registry.path_of(version))
+    worker = BackgroundScorer(
+        store, backend, BackendMetrics.on(prom), batch=8, retry_after_s=0.01, give_up_after=give_up_after
+    )
+    return store, worker
+
+
+def _round(worker: Any, store: Store) -> None:
+    """One fetch -> score round, its scores committed as the scorer's batch would."""
+    import time
+
+    worker.run_once()
+    store.record_scores(
+        [
+            {"episode_id": w.episode_id, "version": "v", "stream": w.stream, "score": float(sc.value or 0.0),
+             "ts": w.ts, "created_at": 0.0}
+            for w, sc in worker.take()
+        ]
+    )  # fmt: skip
+    time.sleep(0.02)
+
+
+def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_on_none(
+    tmp_path: Path, judge_standin: StandIn
+) -> None:
+    """Retried forever, refused episodes piled up oldest first in every fetch, and their retries
+    took a growing share of the judge's calls until the episodes behind them starved."""
     prom = CollectorRegistry()
-    worker = BackgroundScorer(store, backend, BackendMetrics.on(prom), batch=8, retry_after_s=0.01, give_up_after=3)
+    store, worker = _judge_worker(tmp_path, judge_standin, 3, prom, breaker_reset_s=0.01)
 
     def rounds(n: int) -> None:
         for _ in range(n):
-            worker.run_once()
-            store.record_scores(
-                [
-                    {
-                        "episode_id": w.episode_id,
-                        "version": "v",
-                        "stream": w.stream,
-                        "score": float(sc.value or 0.0),
-                        "ts": w.ts,
-                        "created_at": 0.0,
-                    }
-                    for w, sc in worker.take()
-                ]
-            )
-            time.sleep(0.02)
+            _round(worker, store)
 
     judge_standin.script.mode = "fail"  # the endpoint is down: every episode fails, none is given up
     rounds(12)
@@ -183,7 +193,7 @@ def test_an_episode_the_judge_refuses_leaves_the_backlog_and_an_outage_gives_up_
     hits = _asked(judge_standin, "POISON")
     rounds(3)  # never asked again
     assert _asked(judge_standin, "POISON") == hits
-    backend.close()
+    worker.backend.close()
     store.close()
 
 
@@ -192,38 +202,15 @@ def test_an_overloaded_judge_gets_no_episode_given_up(tmp_path: Path, judge_stan
     round: its 429s were counted against the others, and at ``give_up_after`` episodes it never
     refused were marked unscorable for good (14 of 30 in one run). Only a refusal of the episode
     (or an answer that cannot be parsed) counts; the episodes wait until they are scored."""
-    import time
-
-    from monitor.reward.kinds.background import BackgroundScorer
-
-    settings, store = _refused_backlog(tmp_path)
-    judge = {
-        "base_url": f"{judge_standin.url}/v1",
-        "model": "stand-in",
-        "resilience": {"max_attempts": 1, "breaker_failures": 1000},
-    }
-    registry = Registry.for_settings(store, settings)
-    version = registry.register(KindVersion.create("judge", judge), data_window={}, metrics={})
-    backend = load_backend(registry.path_of(version))
-    worker = BackgroundScorer(
-        store, backend, BackendMetrics.on(CollectorRegistry()), batch=8, retry_after_s=0.01, give_up_after=2
-    )
+    store, worker = _judge_worker(tmp_path, judge_standin, 2, CollectorRegistry(), breaker_failures=1000)
     judge_standin.script.mode, judge_standin.script.refuse = "overloaded", "POISON"
     for _ in range(400):
-        worker.run_once()
-        store.record_scores(
-            [
-                {"episode_id": w.episode_id, "version": "v", "stream": w.stream, "score": float(sc.value or 0.0),
-                 "ts": w.ts, "created_at": 0.0}
-                for w, sc in worker.take()
-            ]
-        )  # fmt: skip
+        _round(worker, store)
         if backlog_count(store) == 0:
             break
-        time.sleep(0.01)
     assert backlog_count(store) == 0 and worker.failed > 30  # many 429s on the way
     assert _refused_ids(store) == {"e0", "e7"}  # the refused ones only, none the judge was too busy for
-    backend.close()
+    worker.backend.close()
     store.close()
 
 
