@@ -94,6 +94,8 @@ class WindowedShiftDetector(Detector):
     name: ClassVar[str] = "windowed"
     kind: ClassVar[Any] = "continuous"
     timed: ClassVar[bool] = True
+    # Read at construction only (the variance floor): not written again with every snapshot.
+    static_attrs: ClassVar[tuple[str, ...]] = ("x_ref",)
 
     def __init__(
         self,
@@ -123,7 +125,7 @@ class WindowedShiftDetector(Detector):
         if seasonal and fold_s != 3600.0:
             raise ValueError("a seasonal reference folds hourly: fold_s must be 3600")
         self._lam = 1.0 - 2.0 ** (-1.0 / self.half_life_folds)
-        self._var_floor = 1e-6 * _ref_var(x_ref)
+        self._var_floor = variance_floor(x_ref)
         self._nb = 48 if self.seasonal else 1
         self._reset_state()
 
@@ -340,12 +342,17 @@ class WindowedShiftDetector(Detector):
         return hit
 
     def _enough(self, w: _Window) -> bool:
+        """Enough values for the test: ``min_count``, and for a binary signal ``min_events`` of each
+        outcome, expected from the reference or seen. Seen counts too: a reference rate of 0 (or 1)
+        expects no events however long the window, and the change from it would never be tested
+        (the window merging on while the drifted traffic is folded into the reference)."""
         if w.n < self.min_count:
             return False
         if not self.binary:
             return True
-        p = w.s_mu / w.n
-        return w.n * p >= self.min_events and w.n * (1.0 - p) >= self.min_events
+        expected = w.s_mu
+        seen = w.s_dev + w.s_mu
+        return max(expected, seen) >= self.min_events and w.n - min(expected, seen) >= self.min_events
 
     def _test(self, w: _Window) -> dict[str, float]:
         assert self.ert is not None
@@ -380,13 +387,21 @@ class WindowedShiftDetector(Detector):
         }
 
 
-def _ref_var(x_ref: Any) -> float:
+def variance_floor(x_ref: Any) -> float:
+    """The least variance a bucket is given: a millionth of the reference's, against rounding.
+    A reference without spread (a constant signal) has no scale to take a millionth of: its floor
+    is the unit variance of the normal scores the monitor feeds, so one outlier after days of a
+    constant value is not a shift of thousands of SDs (a level change of the whole window still is).
+
+    >>> variance_floor([2.0] * 100), variance_floor([0.0, 2.0] * 50) < 1e-5
+    (1.0, True)
+    """
     if x_ref is None or len(x_ref) < 2:
-        return 1.0
+        return 1e-6
     vals = [float(v) for v in x_ref]
     mean = sum(vals) / len(vals)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    return var if var > 0 else 1.0
+    return 1e-6 * var if var > 0 else 1.0
 
 
 def _grid(lengths: Sequence[float]) -> float:

@@ -201,6 +201,14 @@ class Metrics:
             namespace=NS,
             registry=r,
         )
+        self.drift_state_refused = Counter(
+            "drift_state_refused",
+            "Checkpointed drift state not used (the signal warms up again), by reason: unreadable, "
+            "version (another release's format), settings (detectors configured differently since)",
+            ["reason"],
+            namespace=NS,
+            registry=r,
+        )
 
     def _reward_metrics(self, r: CollectorRegistry) -> None:
         """Reward model: scores, the active version, updates and agreement with humans."""

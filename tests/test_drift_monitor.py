@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -204,3 +206,133 @@ def test_a_rereference_poll_is_one_query_whatever_the_streams_held(sqlite_url: s
     assert sum("drift_audit" in x for x in statements) == 1, statements
     assert drift.take_applied() == [held]
     assert other != held
+
+
+def _refused(p: Service, reason: str) -> float:
+    got = p.metrics.registry.get_sample_value("oversight_drift_state_refused_total", {"reason": reason})
+    assert got is not None  # pre-zeroed
+    return got
+
+
+def _edit_blob(snap: dict[str, Any]) -> None:
+    snap["signals"]["response_log_chars"]["detectors"]["adwin"] = "not base64!"
+
+
+def _edit_count(snap: dict[str, Any]) -> None:
+    snap["signals"]["response_log_chars"]["n"] = "lots"
+
+
+def _edit_cooldown(snap: dict[str, Any]) -> None:
+    snap["signals"]["response_log_chars"]["cooldown"] = None
+
+
+def _edit_static(snap: dict[str, Any]) -> None:
+    snap["signals"]["response_log_chars"]["static"] = 5
+
+
+def _edit_fed(snap: dict[str, Any]) -> None:
+    snap["fed"] = ["not", "a", "mapping"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "signals_lost"),
+    [(_edit_blob, 1), (_edit_count, 1), (_edit_cooldown, 1), (_edit_static, 1), (_edit_fed, 3)],  # fed: the whole row
+    ids=["blob", "count", "cooldown", "static", "fed"],
+)
+def test_a_malformed_checkpoint_warms_up_again_and_loses_no_episode(
+    edit: Callable[[dict[str, Any]], None], signals_lost: int, values: list[bytes], sqlite_url: str, tmp_path: Path
+) -> None:
+    """A checkpoint row edited by hand or written by another release: the parts that cannot be
+    used are refused (counted) and warm up again. It used to raise on every episode of the stream,
+    which went to dead letters, on every run: nothing rewrote the row."""
+    s = settings(sqlite_url, tmp_path)
+    store = Store(s.database.url)
+    pipeline(s, values[:500], store).run()
+    snap = store.load_state("chat", COMPONENT)
+    assert snap is not None
+    edit(snap)
+    from monitor.store import BatchWrite
+
+    store.commit_batch(BatchWrite(states={("chat", COMPONENT): snap}))
+    again = pipeline(s, values[:600], store)
+    stats = again.run()
+    assert stats.invalid == 0 and not stats.dead_letters
+    assert store.traffic_count("chat") == 600
+    assert _refused(again, "unreadable") == 1
+    after = store.load_state("chat", COMPONENT)
+    assert after is not None
+    warming = [name for name, st in after["signals"].items() if st["ref"] is not None]
+    assert len(warming) == signals_lost  # the rest kept their detectors
+
+
+def test_a_checkpoint_of_another_format_is_refused_and_counted(
+    values: list[bytes], sqlite_url: str, tmp_path: Path
+) -> None:
+    s = settings(sqlite_url, tmp_path)
+    store = Store(s.database.url)
+    pipeline(s, values[:500], store).run()
+    snap = store.load_state("chat", COMPONENT)
+    assert snap is not None
+    snap["version"] = 99
+    from monitor.store import BatchWrite
+
+    store.commit_batch(BatchWrite(states={("chat", COMPONENT): snap}))
+    again = pipeline(s, values[:600], store)
+    assert not again.run().dead_letters
+    assert _refused(again, "version") == 1 and _refused(again, "unreadable") == 0
+
+
+def test_detectors_configured_differently_since_are_built_again(
+    values: list[bytes], sqlite_url: str, tmp_path: Path
+) -> None:
+    """A signal switched to another detector (the README's advice for streams at volume, say) kept
+    the checkpoint's detector, and the configured one never watched: it warms up again now. The
+    signals whose settings did not change keep their detectors, and so does a checkpoint written
+    before the settings were saved with it, when its detector names are the configured ones."""
+    s = settings(sqlite_url, tmp_path)
+    store = Store(s.database.url)
+    pipeline(s, values[:500], store).run()
+    snap = store.load_state("chat", COMPONENT)
+    assert snap is not None and all(st["settings"] for st in snap["signals"].values())
+
+    same = pipeline(s, values[:510], store)
+    same.run()
+    assert _refused(same, "settings") == 0
+    kept = store.load_state("chat", COMPONENT)
+    assert kept is not None and all(st["ref"] is None for st in kept["signals"].values())
+
+    for st in kept["signals"].values():  # as a release before the settings were saved wrote it
+        del st["settings"]
+    from monitor.store import BatchWrite
+
+    store.commit_batch(BatchWrite(states={("chat", COMPONENT): kept}))
+    old = pipeline(s, values[:520], store)
+    old.run()
+    assert _refused(old, "settings") == 0
+
+    changed = settings(
+        sqlite_url,
+        tmp_path,
+        "drift.signals={response_log_chars: [cusum], distinct_token_ratio: [adwin], refusal: [cusum]}",
+    )
+    switched = pipeline(changed, values[:530], store)
+    switched.run()
+    assert _refused(switched, "settings") == 1
+    after = store.load_state("chat", COMPONENT)
+    assert after is not None
+    assert after["signals"]["response_log_chars"]["ref"] is not None  # warming up, for cusum
+    assert after["signals"]["distinct_token_ratio"]["ref"] is None
+
+
+def test_an_unreadable_label_cursor_costs_no_episode(values: list[bytes], sqlite_url: str, tmp_path: Path) -> None:
+    s = settings(
+        sqlite_url,
+        tmp_path,
+        "drift.signals={response_log_chars: [adwin], rm_disagreement: [cusum]}",
+    )
+    store = Store(s.database.url)
+    from monitor.store import BatchWrite
+
+    store.commit_batch(BatchWrite(states={("chat", "rm_disagreement"): {"last_label_id": None}}))
+    stats = pipeline(s, values[:200], store).run()
+    assert stats.invalid == 0 and not stats.dead_letters and store.traffic_count("chat") == 200

@@ -25,6 +25,7 @@ tree is too large"), and the pipeline retried it forever.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from monitor.retry import RetryPolicy
 from monitor.store import BatchWrite, Store
 from monitor.store import tables as t
 from sampling import Decision
+
+log = logging.getLogger(__name__)
 
 SIGNAL = "rm_disagreement"
 COMPONENT = SIGNAL
@@ -61,6 +64,23 @@ class _Found:
     caught_up: list[str] = field(default_factory=list)
 
 
+def saved_cursor(stream: str, saved: Any) -> int:
+    """The last label id a stream's checkpoint says was taken; 0 (its labels taken again from the
+    first) when the checkpoint does not hold one that can be read, said once: raising would fail
+    every episode of the stream, on every run, since nothing would rewrite the row.
+
+    >>> saved_cursor("chat", {"last_label_id": 41}), saved_cursor("chat", None)
+    (41, 0)
+    """
+    if saved is None:
+        return 0
+    value = saved.get("last_label_id") if isinstance(saved, Mapping) else saved
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    log.error("label cursor of %r unreadable (%r): its labels are taken again from the first", stream, value)
+    return 0
+
+
 class DisagreementFeed:
     def __init__(self, store: Store, feed: Feed, retry: RetryPolicy | None = None):
         self.store = store
@@ -81,7 +101,7 @@ class DisagreementFeed:
         if episode.stream not in self._cursors:
             stream = episode.stream
             saved = self._read(lambda: self.store.load_state(stream, COMPONENT))
-            self._cursors[stream] = int(saved["last_label_id"]) if saved else 0
+            self._cursors[stream] = saved_cursor(stream, saved)
             self._lagging[stream] = None
 
     def _read(self, fn: Callable[[], _T]) -> _T:

@@ -37,6 +37,7 @@ import base64
 import functools
 import hashlib
 import hmac
+import json
 import logging
 import math
 import queue
@@ -56,7 +57,7 @@ from monitor.episodes import Episode
 from monitor.inference.shared import DriftPass, SharedVectors, embed_sharing
 from monitor.metrics import Metrics
 from monitor.pipeline.background import BackgroundWork, episode_work
-from monitor.retry import RetryPolicy, transient
+from monitor.retry import RetryPolicy, first_line, transient
 from monitor.signals import (
     CONVERSATION_SIGNALS,
     FED_SIGNALS,
@@ -107,6 +108,18 @@ class SignalState:
     ref_sealed: int = 0
     # ``static`` and its signature, which every checkpoint writes: signed once, not per batch.
     static_signed: tuple[str, str] | None = None
+
+
+REFUSED_REASONS = ("unreadable", "version", "settings")
+
+
+class RefusedState(ValueError):
+    """A signal's checkpoint that this configuration or release cannot use, and why (``reason``:
+    a ``drift_state_refused`` label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -196,11 +209,14 @@ class DriftMonitor:
         names = {n for d in cfg.signals.values() for n in d} | set(cfg.embedding.detectors)
         for name in sorted(names):
             metrics.detector_errors.labels(name)  # a series from the start: the first error is visible
+        for reason in REFUSED_REASONS:
+            metrics.drift_state_refused.labels(reason)
         self._store = store
         self._key = key
         self._metrics = metrics
         self._boost = boost
         self._streams: dict[str, StreamDrift] = {}
+        self._settings: dict[str, str] = {}  # signal -> build_settings
         self._dirty: set[str] = set()
         self._events: list[DriftEventRow] = []
         self._applied: list[int] = []
@@ -856,8 +872,10 @@ class DriftMonitor:
         try:
             for x, at in waiting.items(load):
                 self._feed(stream, sd, signal, names, ref_size, x, at, fired)
-        except ValueError as e:  # a chunk the store does not have (whole): the values are lost
-            log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
+        except Exception as e:  # a chunk the store does not have (whole), or malformed: the values are lost
+            if transient(e):
+                raise
+            self._refuse(stream, signal, "unreadable", f"its waiting values: {type(e).__name__}: {first_line(e)}")
             sd.signals[signal] = SignalState()
         return True
 
@@ -973,8 +991,12 @@ class DriftMonitor:
         mac = hmac.new(self._key, data, hashlib.sha256).digest()
         return base64.b64encode(mac + data).decode("ascii")
 
-    def _unsign(self, text: str) -> bytes | None:
-        raw = base64.b64decode(text)
+    def _unsign(self, text: Any) -> bytes | None:
+        """The signed data, or None when it is not what :meth:`_sign` wrote (or its signature fails)."""
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (TypeError, ValueError):  # not a string, or not base64 (binascii.Error is a ValueError)
+            return None
         mac, data = raw[:32], raw[32:]
         if not hmac.compare_digest(mac, hmac.new(self._key, data, hashlib.sha256).digest()):
             return None
@@ -1030,44 +1052,77 @@ class DriftMonitor:
             chunks[static_component(COMPONENT, signal)] = content
         if st.static_signed is None or st.static_signed[0] != st.static:
             st.static_signed = (st.static, self._sign(st.static.encode()))
-        return {"detectors": dets, "static": st.static_signed[1]}
+        return {"detectors": dets, "static": st.static_signed[1], "settings": self.build_settings(signal)}
 
     def _load(self, stream: str) -> StreamDrift:
+        """A stream's drift state from its checkpoint; what cannot be used of it warms up again.
+
+        A checkpoint is data the store hands back, possibly written by another release or edited
+        by hand: a part of it this release cannot use is refused (one log line, counted in
+        ``drift_state_refused``) and that signal learns a new reference. Raising instead would fail
+        every episode of the stream, on every run, since the row would never be rewritten. Only
+        an outage propagates (retried, never a reason to drop state)."""
         sd = StreamDrift()
         snap = self._read(lambda: self._store.load_state(stream, COMPONENT))
-        if snap is not None and snap.get("version") == STATE_VERSION:
-            sd.fed = {str(k): int(v) for k, v in (snap.get("fed") or {}).items()}
-
-            for signal, s in snap.get("signals", {}).items():
-                if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):
-                    continue
-                if signal == EMBEDDING and s.get("embedding") != self.embedding_id:
-                    # Built on other embeddings (an upgrade to the pair encoding, another encoder or
-                    # token limit): compared with this one's they would all look like drift.
-                    log.warning("%s: the drift embedding changed since its checkpoint: warming up again", stream)
-                    sd.signals[signal] = SignalState()
-                    continue
-                try:
-                    ref = unpack_reference(s, functools.partial(self._load_ref_chunk, stream, signal))
-                except ValueError as e:  # a chunk the store does not have (whole)
-                    log.error("reference of %s/%s unreadable (%s): warming up again", stream, signal, e)
-                    sd.signals[signal] = SignalState()
-                    continue
-                st = SignalState(ref=ref, cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
-                st.ref_sealed = int(s.get("ref_sealed", 0))
-                if s.get("transform") is not None:
-                    st.transform = NormalScores.from_dict(s["transform"])
-                if s.get("waiting") is not None:
-                    try:
-                        st.waiting = self._load_waiting(snap["signals"], signal)
-                    except (KeyError, ValueError) as e:  # a checkpoint this version cannot read whole
-                        log.error("waiting values of %s/%s unreadable (%s): warming up again", stream, signal, e)
-                        sd.signals[signal] = SignalState()
-                        continue
-                sd.signals[signal] = self._load_detectors(stream, signal, s, st)
+        if snap is not None:
+            try:
+                self._restore(stream, snap, sd)
+            except Exception as e:
+                if transient(e):
+                    raise
+                self._refuse(stream, "*", "unreadable", e)
+                sd = StreamDrift()
         self._streams[stream] = sd
         self._apply_rereference(stream)
         return sd
+
+    def _restore(self, stream: str, snap: Mapping[str, Any], sd: StreamDrift) -> None:
+        """Fill ``sd`` from a checkpoint's content, signal by signal."""
+        if snap.get("version") != STATE_VERSION:
+            # An older format, or a newer release's after a rollback: not read, and said so.
+            self._refuse(stream, "*", "version", f"format version {snap.get('version')!r}, read {STATE_VERSION}")
+            return
+        sd.fed = {str(k): int(v) for k, v in dict(snap.get("fed") or {}).items()}
+        signals = dict(snap.get("signals") or {})
+        for signal, s in signals.items():
+            if signal not in self.cfg.signals and not (signal == EMBEDDING and self.cfg.embedding.enabled):
+                continue
+            try:
+                sd.signals[signal] = self._restore_signal(stream, signal, s, signals)
+            except RefusedState as e:
+                self._refuse(stream, signal, e.reason, str(e))
+                sd.signals[signal] = SignalState()
+            except Exception as e:
+                if transient(e):
+                    raise
+                self._refuse(stream, signal, "unreadable", e)
+                sd.signals[signal] = SignalState()
+
+    def _refuse(self, stream: str, signal: str, reason: str, e: BaseException | str) -> None:
+        detail = e if isinstance(e, str) else f"{type(e).__name__}: {first_line(e)}"
+        log.error("drift state of %r/%s not used (%s: %s): warming up again", stream, signal, reason, detail)
+        self._metrics.drift_state_refused.labels(reason).inc()
+
+    def _restore_signal(
+        self, stream: str, signal: str, s: Mapping[str, Any], signals: Mapping[str, Any]
+    ) -> SignalState:
+        """One signal's state from its checkpoint entry; :class:`RefusedState` (or any error of
+        malformed content) when it cannot be used."""
+        if signal == EMBEDDING and s.get("embedding") != self.embedding_id:
+            # Built on other embeddings (an upgrade to the pair encoding, another encoder or
+            # token limit): compared with this one's they would all look like drift.
+            raise RefusedState("settings", "the drift embedding changed since the checkpoint")
+        try:
+            ref = unpack_reference(s, functools.partial(self._load_ref_chunk, stream, signal))
+        except ValueError as e:  # a chunk the store does not have (whole)
+            raise RefusedState("unreadable", f"its reference: {e}") from e
+        st = SignalState(ref=ref, cooldown=int(s.get("cooldown", 0)), n=int(s.get("n", 0)))
+        st.ref_sealed = int(s.get("ref_sealed", 0))
+        if s.get("transform") is not None:
+            st.transform = NormalScores.from_dict(s["transform"])
+        if s.get("waiting") is not None:
+            st.waiting = self._load_waiting(signals, signal)
+        return self._load_detectors(stream, signal, s, st)
 
     @functools.cached_property
     def drift_pass(self) -> DriftPass | None:
@@ -1085,31 +1140,72 @@ class DriftMonitor:
         return None if spec is None else f"pair {spec.weights_sha256} {spec.max_length} {spec.max_prompt_tokens}"
 
     def _load_detectors(self, stream: str, signal: str, s: Mapping[str, Any], st: SignalState) -> SignalState:
-        """A signal's detectors from its checkpoint (and its static part, when it has one); a fresh
-        state, warming up again, when a signature fails or the static part is missing or another's."""
+        """A signal's detectors from its checkpoint (and its static part, when it has one);
+        :class:`RefusedState` when a signature fails, the static part is missing or another's, or
+        the detectors were built with other settings than this configuration's."""
         import detectors
 
+        dets = dict(s.get("detectors") or {})
+        if dets:
+            self._check_settings(signal, s, dets)
         static: dict[str, dict[str, Any]] = {}
         if s.get("static") is not None:
             sha = self._unsign(s["static"])
+            if sha is None:
+                raise RefusedState("unreadable", "the static part's hash fails its signature")
+            component = static_component(COMPONENT, signal)
+            stored = self._read(lambda: self._store.load_state(stream, component))
             try:
-                if sha is None:
-                    raise ValueError("its hash fails its signature")
-                component = static_component(COMPONENT, signal)
-                stored = self._read(lambda: self._store.load_state(stream, component))
                 transform, static = unpack_static(stored, sha.decode())
             except ValueError as e:
-                log.error("static drift state of %s/%s unusable (%s): warming up again", stream, signal, e)
-                return SignalState()
+                raise RefusedState("unreadable", f"its static part: {e}") from e
             st.transform = None if transform is None else NormalScores.from_dict(transform)
             st.static = sha.decode()
-        for name, blob in (s.get("detectors") or {}).items():
+        for name, blob in dets.items():
             data = None if blob is None else self._unsign(blob)
             if blob is not None and data is None:
-                log.error("drift state of %s/%s fails its signature: warming up again", stream, signal)
-                return SignalState()
+                raise RefusedState("unreadable", f"detector {name} fails its signature")
             st.detectors[name] = None if data is None else detectors.restore_parts(data, static.get(name, {}))
         return st
+
+    def _check_settings(self, signal: str, s: Mapping[str, Any], dets: Mapping[str, Any]) -> None:
+        """Detectors built under other settings (``drift.signals``, their parameters, the ERT, the
+        windowed settings) are not restored: with another detector configured, the checkpoint's
+        would keep watching and the configured one never would. A checkpoint from before the
+        settings were recorded is compared by its detector names."""
+        names, _ = self._watch_of(signal)
+        saved = s.get("settings")
+        if saved is None:
+            if sorted(dets) != sorted(names):
+                raise RefusedState("settings", f"detectors {sorted(dets)} built, {sorted(names)} configured")
+        elif saved != self.build_settings(signal):
+            raise RefusedState("settings", "built with other detector settings than configured")
+
+    def build_settings(self, signal: str) -> str:
+        """A digest of what a signal's detectors are built from, saved with them (the configuration
+        does not change while the process runs: computed once per signal)."""
+        known = self._settings.get(signal)
+        if known is not None:
+            return known
+        names, _ = self._watch_of(signal)
+        c = self.cfg
+        what = {
+            "detectors": {name: self._params_for(signal, name) for name in names},
+            "ert": self.ert_embedding if signal == EMBEDDING else self.ert_each,
+            "tail_clip": c.tail_clip,
+        }
+        if WINDOWED in names:
+            what["windowed"] = [
+                c.windows_s,
+                c.min_shift_sd,
+                c.min_rate_change,
+                c.seasonal_warmup_s,
+                c.reference_half_life_days,
+                windowed_ert_s(c),
+            ]
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self._settings[signal] = digest
+        return digest
 
     @staticmethod
     def _load_waiting(signals: Mapping[str, Any], signal: str) -> WaitingValues:

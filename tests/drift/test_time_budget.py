@@ -8,6 +8,7 @@ shift, no prior day-to-day variance): the count must stay within the budget's Po
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,3 +85,45 @@ def test_restore_mid_window_continues_identically() -> None:
     assert isinstance(second, WindowedShiftDetector)
     got += [(i + cut, r) for i, r in second.update_many(t[cut:], x[cut:])]
     assert expected and got == expected
+
+
+def _binary_stream(p_before: float, p_after: float, change_day: float, days: float, seed: int) -> tuple[Any, Any]:
+    rng = np.random.default_rng(seed)
+    t = MONDAY + np.arange(int(days * DAY), dtype=float)  # 1 episode/s
+    p = np.where(t >= MONDAY + change_day * DAY, p_after, p_before)
+    return t, (rng.random(t.size) < p).astype(float)
+
+
+def test_a_change_from_a_rate_of_zero_is_tested() -> None:
+    """A binary signal never seen during learning (rate 0: an empty response, a tool error) that
+    jumps to 50%: its windows expected no events however long they grew, so the change went
+    untested for a day while the reference absorbed it. Seen events count toward a test now."""
+    t, x = _binary_stream(0.0, 0.5, 3.0, 4.0, seed=2)
+    det = WindowedShiftDetector(binary=True, x_ref=np.zeros(500))
+    hits = det.update_many(t, x)
+    assert hits, "the change from 0% to 50% was never tested"
+    assert t[hits[0][0]] - (MONDAY + 3 * DAY) < 3600.0, (t[hits[0][0]] - MONDAY) / DAY
+
+
+def test_rare_events_on_a_rate_of_zero_are_no_alarm() -> None:
+    """The other side: a stationary rare event (a few a day, none while learning, perhaps) is not
+    a change; the windows it falls in are tested against the reference's floored rate."""
+    t, x = _binary_stream(3e-5, 3e-5, 0.0, 14.0, seed=4)
+    assert WindowedShiftDetector(binary=True, x_ref=np.zeros(500)).update_many(t, x) == []
+
+
+def test_one_outlier_after_a_constant_reference_is_no_alarm_a_new_level_is() -> None:
+    """A signal constant while learned (``turns`` 2 on single-turn traffic, fed as normal scores: all
+    equal) has no spread to measure shifts in: one episode off it, among 86,400 a day, was a shift
+    of thousands of SDs. A new level of the whole stream still alarms at once."""
+    from monitor.signals.normalise import NormalScores
+
+    transform = NormalScores.fit([2.0] * 500, 5.0)
+    ref = np.array([transform(2.0)] * 500)
+    t = MONDAY + np.arange(int(3 * DAY), dtype=float)
+    one = np.full(t.size, transform(2.0))
+    one[int(2.5 * DAY)] = transform(4.0)
+    assert WindowedShiftDetector(x_ref=ref).update_many(t, one) == []
+    level = np.where(t >= MONDAY + 2.5 * DAY, transform(3.0), transform(2.0))
+    hits = WindowedShiftDetector(x_ref=ref).update_many(t, level)
+    assert hits and t[hits[0][0]] - (MONDAY + 2.5 * DAY) <= 600.0

@@ -334,7 +334,7 @@ def test_a_filling_reference_writes_each_chunk_once_and_a_restart_reads_it_whole
     after = store.load_state("chat", "drift")
     assert after is not None and after["signals"]["rm_score"]["ref"] == xs[size - 10 : size - 5]
     assert after["signals"]["rm_score"]["ref_sealed"] == 0
-    assert "reference of chat/rm_score unreadable" in caplog.text
+    assert "drift state of 'chat'/rm_score not used (unreadable: its reference" in caplog.text
 
 
 def test_a_vector_reference_is_written_in_chunks_of_vector_chunk_rows() -> None:
