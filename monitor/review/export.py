@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import unicodedata
 from collections import defaultdict
@@ -26,6 +27,7 @@ from monitor.store import Store
 from monitor.store import tables as t
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+LEADING_SPACE = re.compile(r"\s+")
 
 
 #: Rows fetched from the database at once while an export streams.
@@ -157,17 +159,23 @@ def neutralize(value: Any) -> str:
     r"""A CSV cell no spreadsheet runs and no terminal obeys.
 
     * A cell that starts like a formula gets a leading quote, also where it does so after Unicode
-      compatibility folding or leading spaces (a full-width equals sign is an = to some spreadsheets).
+      compatibility folding or any amount of leading whitespace (a full-width equals sign is an = to some spreadsheets).
     * Line ends are LF. Control characters other than tab and LF (ESC, BEL, a lone CR: ``cat
       ratings.csv`` ran the OSC 52 clipboard write a model's answer held, or hid rows), and
       invisible or direction-changing ones (U+202E turned a model name around), are written as
       ``\uXXXX``.
 
+    >>> neutralize(" " * 40 + "=1+1")[0], neutralize("\n\xa0" * 20 + "@SUM(A1)")[0], neutralize("  a=1")[0]
+    ("'", "'", ' ')
     >>> neutralize("\uff1d1+1")[0], neutralize("a\x1b]52;c;QQ==\x07b"), neutralize("one\r\ntwo\rthree")
     ("'", 'a\\u001b]52;c;QQ==\\u0007b', 'one\ntwo\\u000dthree')
     """
     text = "" if value is None else str(value)
-    start = unicodedata.normalize("NFKC", text[:16]).lstrip()
+    # After all the leading whitespace, however much: a spreadsheet that trims cells on import
+    # (LibreOffice's "Trim spaces") reads a formula after 16 spaces, newlines or NBSPs as well.
+    lead = LEADING_SPACE.match(text)
+    skip = lead.end() if lead is not None else 0
+    start = unicodedata.normalize("NFKC", text[skip : skip + 16]).lstrip()
     quote = text.startswith(FORMULA_START) or start.startswith(FORMULA_START)
     text = text.replace("\r\n", "\n")
     if not text.replace("\n", "").replace("\t", "").isprintable():

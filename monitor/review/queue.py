@@ -569,9 +569,10 @@ def _check_lease(
     if store.dialect == "postgresql":
         q = q.with_for_update()
     row = conn.execute(q).first()
-    if row is None:
-        raise QueueError("no such review item", 404)
-    if (
+    # No item at all is refused as a lease not held is: a 404 here, against the canaries' 409 for
+    # any slot but 0, told a reviewer which of their items were canaries (and whether any episode
+    # id of any stream had a review task).
+    if row is None or (
         row.status != "claimed"
         or row.lease_user_id != user.id
         or int(row.fence) != fence

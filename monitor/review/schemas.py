@@ -389,8 +389,10 @@ ADMIN_ONLY: Responses = {**SIGNED_IN, 403: refusal("not an admin, or a cookie se
 BODY: Responses = {400: refusal("the request body could not be parsed")}
 LEASED: Responses = {
     **BODY,
-    404: refusal("no such review item"),
-    409: refusal("the lease is no longer valid (expired, released, claimed by someone else) or already used"),
+    409: refusal(
+        "the lease is no longer valid (expired, released, claimed by someone else, or never held: "
+        "no such item) or already used"
+    ),
 }
 
 

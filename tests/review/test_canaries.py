@@ -450,3 +450,35 @@ def test_simulated_reviewers_recover_sensitivity_and_gain(sqlite_url: str) -> No
     env.close()
     ff = [r["false_flag"] for r in everyone]
     assert all(f["ci"][0] <= 0.1 <= f["ci"][1] for f in ff if f["n"] >= 20)
+
+
+def test_a_refused_lease_answers_alike_for_canaries_real_items_and_unknown_ids(make_review_env: Any) -> None:
+    """A refused release, label or skip (a slot or fence the caller does not hold) is one answer,
+    whether the item is a canary, a real item or no item at all. A missing review task used to be a
+    404 where a canary's wrong slot was a 409: one refused request told a reviewer which of their
+    items were canaries, and whether any episode id of any stream had a review task."""
+    env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1")
+    _seed(env, 40)
+    env.user("ann")
+    env.user("bob")
+    _work(env, env.client("ann"), 10)
+    c = env.client("bob")
+    canary_item = _until_canary(env, c)
+    assert c.post(f"{API}/items/release", json=lease(canary_item)).status_code == 200
+    real_item = c.post(f"{API}/queue/claim").json()
+    while real_item["episode_id"] in _canary_ids(env.store):
+        assert c.post(f"{API}/items/label", json=label_body(real_item)).status_code == 200
+        real_item = c.post(f"{API}/queue/claim").json()
+    unknown = {**real_item, "episode_id": "no-such-episode"}
+    answers = set()
+    for item in (canary_item, real_item, unknown):
+        for slot in (1, 16):
+            probe = {**lease(item), "slot": slot}
+            for route, body in (
+                ("release", probe),
+                ("skip", {**probe, "reason": "unsure"}),
+                ("label", {**label_body(item), "slot": slot}),
+            ):
+                r = c.post(f"{API}/items/{route}", json=body)
+                answers.add((r.status_code, r.text))
+    assert len(answers) == 1 and next(iter(answers))[0] == 409, answers

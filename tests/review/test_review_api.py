@@ -150,9 +150,9 @@ def test_submit_with_a_stale_fence_is_refused(make_review_env: MakeEnv) -> None:
     assert a.post(f"{API}/items/label", json=label_body(again)).status_code == 409
     assert a.post(f"{API}/items/skip", json={**lease(again), "reason": "x"}).status_code == 409
     assert len(_labels(env)) == 1
-    # An unknown item is 404.
+    # An unknown item is a lease not held, as any other (a 404 would tell canaries apart: test_canaries).
     r = a.post(f"{API}/items/label", json=label_body({**again, "episode_id": "nope"}))
-    assert r.status_code == 404
+    assert r.status_code == 409
 
 
 def test_a_second_label_by_the_same_reviewer_is_refused(make_review_env: MakeEnv) -> None:
@@ -279,6 +279,8 @@ FORMULAS = [
     "\rCR",
     "\uff1dHYPERLINK(1)",  # a full-width equals sign: an = once folded
     "  =1+1",
+    " " * 20 + '=HYPERLINK("http://x","y")',  # past any fixed window: a trimming import reads the formula
+    "\n" * 20 + "+1",
 ]
 # What a terminal would obey, or a reader not see, in a model's text: written as escapes in the CSV.
 UNSEEN = "\x1b]52;c;ZWNobyBwd25lZA==\x07\r\x1b[2K\u202etxt.exe\u2028"
