@@ -80,6 +80,59 @@ def test_resuming_past_the_end_of_a_replaced_file_is_refused(tmp_path: Path, gz:
         FileSource(str(path), 1000).open(Positions({0: len(content)}))
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_resuming_a_file_replaced_by_a_longer_one_is_refused(tmp_path: Path, gz: bool) -> None:
+    """Rotated (or a symlink retargeted) and already longer than the stored offset: the new file was
+    read from the old offset, mid-line, its first records skipped without a word. The stored offset
+    always follows a newline; in another file it seldom does."""
+    path = tmp_path / ("x.jsonl.gz" if gz else "x.jsonl")
+    old = b"".join(b'{"old":%d}\n' % i for i in range(10))
+    path.write_bytes(gzip.compress(old) if gz else old)
+    new = b"".join(b'{"episode":"new-%d","text":"%s"}\n' % (i, b"x" * (i % 7)) for i in range(40))
+    assert new[len(old) - 1 : len(old)] != b"\n"
+    path.write_bytes(gzip.compress(new) if gz else new)
+    with pytest.raises(ConfigError, match=f"up to byte {len(old)}, but no line ends there now"):
+        FileSource(str(path), 1000).open(Positions({0: len(old)}))
+    # The same file grown (appended to) resumes as before.
+    path.write_bytes(gzip.compress(old + new) if gz else old + new)
+    grown = FileSource(str(path), 1000)
+    grown.open(Positions({0: len(old)}))
+    assert len(drain(grown)) == 40
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_unfinished_last_line_is_left_for_the_next_run(tmp_path: Path, gz: bool) -> None:
+    """A last line its writer has not finished (no newline, not whole JSON) was read as a dead
+    letter, and the next run, starting where it ended, made the rest another: the episode was
+    lost. It is left for the next run now; a replay, which has no next run, still reads it."""
+    path = tmp_path / ("x.jsonl.gz" if gz else "x.jsonl")
+    whole = b'{"a":1}\n{"b":2}\n'
+    third = b'{"c":"' + b"z" * 50 + b'"}'
+    path.write_bytes(gzip.compress(whole + third[:20]) if gz else whole + third[:20])
+    first = FileSource(str(path), 1000)
+    first.open(Positions())
+    recs = []
+    while not first.exhausted:
+        recs += first.poll(10, 0.0)
+    first.close()
+    assert [r.value for r in recs] == [b'{"a":1}', b'{"b":2}'] and recs[-1].next_offset == len(whole)
+    replay = FileSource(str(path), 1000, resume=False)
+    replay.open(Positions())
+    assert drain(replay)[-1] == third[:20]
+    path.write_bytes(gzip.compress(whole + third + b'\n{"d":4}') if gz else whole + third + b'\n{"d":4}')
+    second = FileSource(str(path), 1000)
+    second.open(Positions({0: len(whole)}))
+    assert drain(second) == [third, b'{"d":4}']  # a whole last line without a newline is read
+
+
+def test_an_unfinished_oversize_last_line_is_left_too(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a":1}\n' + b'{"x":"' + b"y" * 5000)
+    src = FileSource(str(path), 1000)
+    src.open(Positions())
+    assert drain(src) == [b'{"a":1}']
+
+
 def test_oversize_line_is_truncated_and_skipped(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     big = b'{"x":"' + b"y" * (5 * 1024 * 1024) + b'"}'

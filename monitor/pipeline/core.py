@@ -16,6 +16,7 @@ are handed in by the composition root as :class:`EpisodeObserver` s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -162,6 +163,7 @@ class Pipeline:
         self._key = settings.sampling_key()
         self._last_source_publish = 0.0
         self._source_failures: dict[str, int] = {}  # the source's counts already added to the metric
+        self._lag_published: set[str] = set()  # partitions whose consumer_lag series this replica set
         self._last_store_ok = 0.0  # monotonic time of the last successful store write
         self._index_key = ""  # internal-state key of the input index (set by open)
         self._opened = False
@@ -761,9 +763,16 @@ class Pipeline:
         self._publish_source_failures()
 
     def _publish_lag(self) -> None:
+        """The lag of the partitions held; those no longer held lose their series (another replica
+        reports them: a revoked partition's last value, kept, was added to theirs in every sum)."""
         topic = getattr(getattr(self.source, "cfg", None), "topic", self.source.name)
-        for p, lag in self.source.lag().items():
-            self.metrics.consumer_lag.labels(topic, str(p)).set(lag)
+        lag = {str(p): v for p, v in self.source.lag().items()}
+        for p in self._lag_published - lag.keys():
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(topic, p)
+        for p, v in lag.items():
+            self.metrics.consumer_lag.labels(topic, p).set(v)
+        self._lag_published = set(lag)
 
     def _publish_source_failures(self) -> None:
         """Adds what the source counted since the last call to ``oversight_source_errors_total``

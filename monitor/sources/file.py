@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import os
 import queue
@@ -42,24 +43,33 @@ READ_AHEAD = 500  # lines a pipe's reader thread takes ahead of the pipeline (wh
 _BOM = b"\xef\xbb\xbf"
 
 
-def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, int, int | None]]:
+def _lines(
+    fh: BinaryIO, limit: int, start: int, *, hold_partial: bool = False, name: str = ""
+) -> Iterator[tuple[bytes, int, int, int | None]]:
     """(value, start, next_offset, full_size if truncated) for every non-blank line.
 
     Whitespace-only lines are blank whatever their length (an oversize one is skipped in
     chunks, never read whole). A UTF-8 byte-order mark at offset 0 (editors on Windows write
     one) is not part of the first record, which starts at offset 3: offsets stay byte offsets
-    of the stream, so a resume seeks past it."""
+    of the stream, so a resume seeks past it.
+
+    ``hold_partial`` (a regular file, which a later run resumes): a last line without its newline
+    that is not a whole JSON value is a line its writer has not finished. It is left for the next
+    run, its offset not passed: read now, it was a dead letter, and the next run, starting where it
+    ended, made the rest of the line another one; the episode was lost. A whole last line without
+    a newline (a file that simply ends so) is read as before."""
     pos = start
     while True:
         begin = pos
-        line = fh.readline(limit + 2 + (len(_BOM) if begin == 0 else 0))
+        size = limit + 2 + (len(_BOM) if begin == 0 else 0)
+        line = fh.readline(size)
         if not line:
             return
         pos += len(line)
         if begin == 0 and line.startswith(_BOM):
             line, begin = line[len(_BOM) :], len(_BOM)
         if not line.endswith(b"\n") and len(line) > limit:
-            blank = line.isspace()
+            blank, ended = line.isspace(), False
             while True:
                 chunk = fh.readline(1 << 20)
                 if not chunk:
@@ -67,13 +77,48 @@ def _lines(fh: BinaryIO, limit: int, start: int) -> Iterator[tuple[bytes, int, i
                 pos += len(chunk)
                 blank = blank and chunk.isspace()
                 if chunk.endswith(b"\n"):
+                    ended = True
                     break
+            if hold_partial and not ended and not blank:
+                _held(name, begin, pos - begin)
+                return
             if not blank:
                 yield line, begin, pos, pos - begin
             continue
         value = line.rstrip(b"\r\n")
+        if hold_partial and not line.endswith(b"\n") and value.strip() and not _whole_json(value):
+            _held(name, begin, len(line))
+            return
         if value.strip():
             yield value, begin, pos, None
+
+
+def _replaced(name: str, start: int, why: str) -> Exception:
+    from monitor.config import ConfigError
+
+    return ConfigError(
+        f"the database holds {name} up to byte {start}, but {why}: it was replaced or cut since."
+        " Read a new file into a fresh database (--db), or under another name (the progress is kept"
+        " per file name)"
+    )
+
+
+def _whole_json(value: bytes) -> bool:
+    """Whether ``value`` parses as JSON: no proper prefix of a JSON object does."""
+    try:
+        json.loads(value)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+    return True
+
+
+def _held(name: str, begin: int, size: int) -> None:
+    log.warning(
+        "%s: the last line (byte %d, %d bytes) has no newline and is not whole yet: left for the next run",
+        name,
+        begin,
+        size,
+    )
 
 
 class FileSource:
@@ -90,6 +135,9 @@ class FileSource:
         self._limit = max_line_bytes
         self._resume = resume and not self._pipe
         self._fresh_only = not resume
+        # A run that a later one continues leaves an unfinished last line to it; a replay, read
+        # once, has no later run: its last line is a record (or a dead letter) as it stands.
+        self._hold_partial = self._resume
         self._fh: BinaryIO | None = None
         self._it: Iterator[tuple[bytes, int, int, int | None]] | None = None
         self._queue: queue.Queue[object] | None = None
@@ -143,7 +191,7 @@ class FileSource:
         except READ_ERRORS as e:
             self._read_failed(e)
             self._eof = True
-        self._it = _lines(self._fh, self._limit, start)
+        self._it = _lines(self._fh, self._limit, start, hold_partial=self._hold_partial, name=self.name)
 
     def _check_holds(self, start: int) -> None:
         """Refuse to resume past the end of the input: the file was replaced or cut since the stored
@@ -153,13 +201,23 @@ class FileSource:
         # A gzip's seek stops at its end; a plain file's may go past it.
         end = fh.tell() if isinstance(fh, gzip.GzipFile) else os.fstat(fh.fileno()).st_size
         if end < start:
-            from monitor.config import ConfigError
+            raise _replaced(self.name, start, f"the file now ends at byte {end}")
+        if start > len(_BOM) and not self._line_ends_before(start):
+            raise _replaced(self.name, start, "no line ends there now")
 
-            raise ConfigError(
-                f"the database holds {self.name} up to byte {start}, but the file now ends at byte {end}:"
-                " it was replaced or cut since. Read a new file into a fresh database (--db), or under"
-                " another name (the progress is kept per file name)"
-            )
+    def _line_ends_before(self, start: int) -> bool:
+        """Whether the byte before ``start`` is a newline, as it is where a stored offset was written
+        (every record ends with its line). A file replaced by a longer one at the same path was read
+        from the old offset, mid-line, its first records skipped without a word; a replacement rarely
+        holds a line end at just that byte (one line start per line's length of bytes)."""
+        fh: Any = self._fh
+        if isinstance(fh, gzip.GzipFile):
+            fh.seek(start - 1)  # backwards: the gzip decompresses from its start again, once
+            before = fh.read(1)
+        else:
+            before = os.pread(fh.fileno(), 1, start - 1)
+        fh.seek(start)
+        return before == b"\n"
 
     def _read_failed(self, e: BaseException) -> None:
         """The input ends here: said once, kept for the command's report."""

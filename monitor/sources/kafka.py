@@ -129,6 +129,9 @@ class KafkaSource:
         self._to_commit: dict[int, int] = {}
         self._committed: dict[int, int] = {}
         self._lag: dict[int, int] = {}
+        # Where each assigned partition starts: its stored offset, else (asked of the broker once) its
+        # beginning or end per auto_offset_reset. The lag of a partition nothing was fetched from yet.
+        self._start: dict[int, int] = {}
         self._last_contact = 0.0  # monotonic time the consumer thread last saw the broker up
         self._failures = 0  # polls that raised a retriable error in a row (consumer thread only)
         # Since the source was built, for oversight_source_errors_total (written by the consumer
@@ -186,6 +189,7 @@ class KafkaSource:
                         source._to_commit.pop(p, None)
                         source._committed.pop(p, None)
                         source._lag.pop(p, None)
+                        source._start.pop(p, None)
                     log.info("partitions revoked: %s", parts)
                     rebalance.revoked(parts)
 
@@ -196,7 +200,9 @@ class KafkaSource:
                     source._assigned.update(parts)
                     for p in parts:
                         source._first.pop(p, None)
+                        source._start.pop(p, None)
                     stored = rebalance.assigned(parts)
+                    source._start.update(stored)
                     log.info("partitions assigned: %s (stored offsets %s)", parts, dict(stored))
                     source._seek(stored, parts, fresh=True)
                     source._seek_gen = source._gen
@@ -503,12 +509,45 @@ class KafkaSource:
         from kafka import TopicPartition
 
         out: dict[int, int] = {}
+        unknown: dict[int, tuple[int | None, int | None]] = {}
         for p in sorted(self._assigned):
             hw = self._consumer.highwater(TopicPartition(self.cfg.topic, p))
-            done = self._committed.get(p, self._first.get(p))
+            done = self._committed.get(p, self._first.get(p, self._start.get(p)))
             if hw is not None and done is not None:
                 out[p] = max(0, hw - done)
+            else:
+                unknown[p] = (hw, done)
+        if unknown:
+            # Nothing fetched from these yet (no high watermark) or no stored offset: asked of the
+            # broker, once a second until the first fetch. They were left out, so a replica behind
+            # on one partition reported only the others' lag.
+            out.update(self._lag_unfetched(unknown))
         self._lag = out
+
+    def _lag_unfetched(self, unknown: Mapping[int, tuple[int | None, int | None]]) -> dict[int, int]:
+        from kafka import TopicPartition
+
+        tps = {p: TopicPartition(self.cfg.topic, p) for p in unknown}
+        try:
+            ends = self._consumer.end_offsets(list(tps.values()))
+            starts = {}
+            fresh = [tps[p] for p, (_, done) in unknown.items() if done is None]
+            if fresh:
+                earliest = self.cfg.auto_offset_reset == "earliest"
+                starts = self._consumer.beginning_offsets(fresh) if earliest else ends
+        except Exception as e:  # the lag waits for the next try; consuming does not
+            log.debug("cannot read the offsets of %s: %s", sorted(unknown), e)
+            return {}
+        out: dict[int, int] = {}
+        for p, (known_hw, known_done) in unknown.items():
+            tp = tps[p]
+            done = known_done
+            if done is None and starts.get(tp) is not None:
+                done = self._start[p] = int(starts[tp])
+            hw = known_hw if known_hw is not None else ends.get(tp)
+            if hw is not None and done is not None:
+                out[p] = max(0, int(hw) - done)
+        return out
 
     # -- pipeline side -------------------------------------------------------
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:

@@ -281,6 +281,51 @@ def test_database_decides_where_an_unseen_partition_starts(kenv: Any, sqlite_url
     kenv.assert_exactly_once(sqlite_url, settings, eps)
 
 
+def _gauged(svc: Any) -> set[str]:
+    """The partitions of a service's ``oversight_consumer_lag`` series."""
+    return {
+        sample.labels["partition"]
+        for metric in svc.metrics.registry.collect()
+        if metric.name == "oversight_consumer_lag"
+        for sample in metric.samples
+    }
+
+
+class _NothingStored:
+    def assigned(self, partitions: list[int]) -> dict[int, int]:
+        return {}
+
+    def revoked(self, partitions: list[int]) -> None:
+        pass
+
+
+def test_the_lag_counts_partitions_nothing_was_taken_from_yet(kenv: Any, sqlite_url: str) -> None:
+    """A replica behind takes its records a partition at a time: a partition it has not reached
+    yet (no stored offset, nothing fetched from it taken) was left out of the lag, so the lag
+    said a quarter of the backlog. It starts where auto_offset_reset puts it, asked of the broker."""
+    from monitor.sources.kafka import KafkaSource
+
+    topic, group = kenv.topic(partitions=2), _group()
+    # Records of 2 KB: a fetch holds at most 1 MB of a partition, and the consumer hands out one
+    # partition's fetch before the next one's.
+    eps = [{**kenv.episode(i, s), "prompt": "p" * 2000} for i in range(700) for s in STREAMS]
+    ends = kenv.produce_episodes(topic, eps)
+    assert all(ends.values())
+    settings = kenv.settings(topic, group, sqlite_url, "kafka.max_poll_records=5")
+    source = KafkaSource(settings.kafka)
+    source.open(_NothingStored())
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not source.lag():
+            source.poll(5, 0.2)  # taken slowly, never committed: a partition at a time
+            time.sleep(0.05)
+        # Nothing was committed: both partitions are behind, the one not reached yet too.
+        lag = source.lag()
+        assert set(lag) == set(ends) and all(0 < lag[p] <= ends[p] for p in ends), (lag, ends)
+    finally:
+        source.close()
+
+
 def test_second_replica_joining_mid_stream_rebalances_without_loss(kenv: Any, pg_url: str) -> None:
     """Two in-process replicas in one group; the second joins while the first is busy, taking
     partitions away from it (revocation with batches in flight). Effects stay exactly-once and
@@ -316,13 +361,21 @@ def test_second_replica_joining_mid_stream_rebalances_without_loss(kenv: Any, pg
     threads[0].start()
     try:
         deadline = time.monotonic() + 60
-        while sum(services[0].store.load_offsets(source).values()) < 100 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            sum(services[0].store.load_offsets(source).values()) < 100 or len(_gauged(services[0])) < 3
+        ):
             time.sleep(0.05)
         threads[1].start()
         deadline = time.monotonic() + 90
         while not kenv.offsets_reached(pg_url, source, ends) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert kenv.offsets_reached(pg_url, source, ends)
+        time.sleep(2.5)  # the lag is published once a second
+        # Each replica's lag gauge names the partitions it holds, no more: the first one's series of
+        # the partitions it lost were kept at their last value and added into every sum.
+        for svc in services:
+            held = {str(p) for p in svc.pipeline.source.lag()}
+            assert held and _gauged(svc) == held, (_gauged(svc), held)
     finally:
         for stop in stops:
             stop.set()
