@@ -295,19 +295,27 @@ class Service:
         store = self.store
         backlogs = {}
         capacities: dict[str, Callable[[], float | None]] = {}
-        worker = None if self.drift is None else self.drift.worker
+        drift = self.drift
+        worker = None if drift is None else drift.worker
+        # The streams this replica feeds (Kafka: those it holds; None: every stream). A backlog of
+        # streams it does not feed is not its workers' lag: a stream quiet since a restart, which no
+        # replica holds, waited forever and halved every stream's model rates down to their floors.
+        owned = (lambda: None) if drift is None else drift.owned_streams
         # With external workers (`oversight infer`) the capacity is theirs to publish: here it would
         # be the rate of reading stored results.
         local = not icfg.external
         if worker is not None:
-            backlogs["drift"] = ("embedding", lambda: embedding_backlog(store))
+            backlogs["drift"] = ("embedding", lambda: embedding_backlog(store, streams=owned()))
             if local:
                 capacities["embedding"] = worker.capacity
         scorer = self.scorer
         if scorer is not None:
             # No version active, nothing scores: the backlog waits for one (or `rm score-backlog`)
             # and says nothing about the workers.
-            backlogs["rm"] = ("rm_score", lambda: score_backlog_stats(store) if scorer.scoring else Backlog(0, 0.0))
+            backlogs["rm"] = (
+                "rm_score",
+                lambda: score_backlog_stats(store, streams=owned()) if scorer.scoring else Backlog(0, 0.0),
+            )
             if local:
                 capacities["rm_score"] = scorer.capacity
         return ModelChannelThrottle(self.sampler, self.metrics, icfg, backlogs, capacities=capacities)

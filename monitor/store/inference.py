@@ -99,10 +99,14 @@ def waiting_for_embedding(
         return [ToEmbed(r.episode_id, r.stream, float(r.ts), r.prompt, r.response) for r in conn.execute(q)]
 
 
-def embedding_backlog(store: Store, now: float | None = None) -> Backlog:
-    """How many drift samples wait for their embedding, and for how long the oldest has waited."""
+def embedding_backlog(store: Store, now: float | None = None, streams: Collection[str] | None = None) -> Backlog:
+    """How many drift samples wait for their embedding, and for how long the oldest has waited;
+    of ``streams`` when given (a replica's own: another's, or a quiet stream's that no replica
+    holds since a restart, are not its workers' lag)."""
     s = t.samples
     q = sa.select(sa.func.count(), sa.func.min(s.c.created_at)).where(s.c.channel == DRIFT, s.c.status == PENDING)
+    if streams is not None:
+        q = q.where(store.one_of(s.c.stream, streams))
     with store.engine.connect() as conn:
         n, oldest = conn.execute(q).one()
     now = time.time() if now is None else now
@@ -195,14 +199,19 @@ def give_up_scoring(store: Store, episode_ids: Sequence[str]) -> None:
             conn.execute(r.delete().where(r.c.stage == SCORE_STAGE, r.c.done == sa.false(), r.c.episode_id.in_(ids)))
 
 
-def score_backlog_stats(store: Store, stream: str | None = None, now: float | None = None) -> Backlog:
-    """Episodes sampled for rm or human review still without a score, and the oldest one's wait."""
+def score_backlog_stats(
+    store: Store, stream: str | None = None, now: float | None = None, streams: Collection[str] | None = None
+) -> Backlog:
+    """Episodes sampled for rm or human review still without a score, and the oldest one's wait;
+    of one ``stream``, or of ``streams`` (a replica's own), when given."""
     s = t.samples
     q = sa.select(sa.func.count(sa.distinct(s.c.episode_id)), sa.func.min(s.c.created_at)).where(
         s.c.channel.in_(SCORED_CHANNELS), s.c.status == PENDING
     )
     if stream is not None:
         q = q.where(s.c.stream == stream)
+    if streams is not None:
+        q = q.where(store.one_of(s.c.stream, streams))
     with store.engine.connect() as conn:
         n, oldest = conn.execute(q).one()
     now = time.time() if now is None else now
