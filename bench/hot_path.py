@@ -240,6 +240,22 @@ def kmmd_state_bytes(ref_rows: int) -> dict[str, int]:
     return {"kmmd_snapshot_bytes": len(det.snapshot()), "kmmd_per_batch_bytes": len(online)}
 
 
+def windowed_state_bytes(ref_size: int) -> dict[str, int]:
+    """What a ``windowed`` detector (defaults, a normal-scored reference) writes per batch once it
+    has learned a day at 1 episode/s (``snapshot_parts``: its reference goes with the static part)."""
+    import numpy as np
+
+    from detectors.windowed import WindowedShiftDetector
+
+    rng = np.random.default_rng(0)
+    det = WindowedShiftDetector(x_ref=rng.standard_normal(ref_size))
+    t0 = 4 * 86_400.0
+    times = t0 + np.arange(2 * 86_400, dtype=float)
+    det.update_many(times, rng.standard_normal(times.size))
+    online, _ = det.snapshot_parts()
+    return {"windowed_per_batch_bytes": len(online)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--episodes", type=int, default=20_000)
@@ -287,7 +303,9 @@ def main() -> int:
                 if share >= 0.005:
                     print(f"  {area:<34} {share * per:8.1f} us  {share:6.1%}")
         if args.drift_steady:
-            out["drift_steady"] = d = drift_steady(data, args.episodes) | kmmd_state_bytes(200)
+            out["drift_steady"] = d = (
+                drift_steady(data, args.episodes) | kmmd_state_bytes(200) | windowed_state_bytes(500)
+            )
             print(
                 f"\ndrift monitor once built (default signals, embeddings off, 100-episode batches): a batch at"
                 f" once (prepare + observe) {d['batch_us']} us per episode, one episode at a time (observe)"
@@ -296,7 +314,8 @@ def main() -> int:
             )
             print(
                 f"embedding detector (kmmd, 200 x 384 reference): snapshot {d['kmmd_snapshot_bytes']:,} bytes,"
-                f" {d['kmmd_per_batch_bytes']:,} bytes of it written per batch"
+                f" {d['kmmd_per_batch_bytes']:,} bytes of it written per batch; a windowed detector (500-value"
+                f" reference, two days learned) writes {d['windowed_per_batch_bytes']:,} bytes per batch"
             )
         if args.state_writes:
             out["state_writes"] = w = state_writes(data, tmp)
