@@ -223,10 +223,21 @@ class Metrics:
             buckets=(-6.0, -4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0),
         )
         # The histogram cannot carry the sum: with negative buckets the OpenMetrics exposition
-        # omits a histogram's _sum. A gauge (it can go down) carries it instead.
-        self.rm_score_cumulative = Gauge(
-            "rm_score_cumulative",
-            "Sum of all reward-model scores since start, by stream (mean = delta / increase of rm_score_count)",
+        # omits a histogram's _sum. Two counters carry it, the positive scores' sum and the negative
+        # ones' (as a positive number): counters, so that increase() sees through a restart. A gauge of
+        # the whole sum fell back to 0 with every restart, and delta() read the fall as a plunge of the
+        # mean score that vetoed the reward-hacking alert for hours.
+        self.rm_score_positive = Counter(
+            "rm_score_positive",
+            "Sum of the positive reward-model scores, by stream "
+            "(mean = (increase of this - increase of rm_score_negative) / increase of rm_score_count)",
+            ["stream"],
+            namespace=NS,
+            registry=r,
+        )
+        self.rm_score_negative = Counter(
+            "rm_score_negative",
+            "Sum of the negative reward-model scores' magnitudes, by stream (see rm_score_positive)",
             ["stream"],
             namespace=NS,
             registry=r,
@@ -414,6 +425,14 @@ class Metrics:
         self.retention_last_success = Gauge(
             "retention_last_success_timestamp_seconds",
             "Unix time of the last retention purge that succeeded",
+            namespace=NS,
+            registry=r,
+        )
+        # What the alert reads: purges failed since the last success, whatever retention.every_s is (a
+        # count of failures over a fixed window could not reach 2 when purges are 3 hours apart or more).
+        self.retention_failures_in_a_row = Gauge(
+            "retention_failures_in_a_row",
+            "Retention purges failed since the last one that succeeded",
             namespace=NS,
             registry=r,
         )

@@ -225,6 +225,11 @@ def test_the_job_counts_its_rows_and_survives_a_database_that_is_gone(db_url: st
     broken = RetentionJob(gone, RetentionConfig(days=3), metrics)
     assert broken.run_once() is None
     assert r.get_sample_value("oversight_retention_runs_total", {"outcome": "failed"}) == 1.0
+    assert broken.run_once() is None
+    # What the alert reads: failures since the last success, whatever the period between purges.
+    assert r.get_sample_value("oversight_retention_failures_in_a_row") == 2.0
+    assert job.run_once() is not None
+    assert r.get_sample_value("oversight_retention_failures_in_a_row") == 0.0
     job.start()
     job.stop()
     store.close()

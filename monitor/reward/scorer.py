@@ -221,7 +221,9 @@ class RewardScorer:
             return
         label = self._metrics.stream_label(stream)
         self._metrics.rm_score.labels(label).observe(score)
-        self._metrics.rm_score_cumulative.labels(label).inc(score)
+        # Both series touched: the mean's rule subtracts one from the other, stream by stream.
+        self._metrics.rm_score_positive.labels(label).inc(max(score, 0.0))
+        self._metrics.rm_score_negative.labels(label).inc(max(-score, 0.0))
         if self._feed is not None:
             self._feed(stream, "rm_score", score, episode_id, ts, index)
 

@@ -156,7 +156,8 @@ class RetentionJob(PeriodicJob):
     purge (an outage) is counted and logged, and the next round tries again.
 
     Metrics: ``oversight_retention_deleted_total{table}``, ``oversight_retention_runs_total{outcome}``
-    (``ok``, ``failed``), both pre-zeroed, and ``oversight_retention_last_success_timestamp_seconds``."""
+    (``ok``, ``failed``), both pre-zeroed, ``oversight_retention_last_success_timestamp_seconds`` and
+    ``oversight_retention_failures_in_a_row`` (what the alert reads)."""
 
     name = "retention"
     stop_timeout_s = 5.0
@@ -178,6 +179,7 @@ class RetentionJob(PeriodicJob):
         except Exception as e:
             if m is not None:
                 m.retention_runs.labels("failed").inc()
+                m.retention_failures_in_a_row.inc()
             if transient(e):
                 log.warning("retention: purge failed (retried in %.0f s): %s", self.cfg.every_s, first_line(e))
             else:
@@ -186,6 +188,7 @@ class RetentionJob(PeriodicJob):
         if m is not None:
             m.retention_runs.labels("ok").inc()
             m.retention_last_success.set(time.time())
+            m.retention_failures_in_a_row.set(0)
             for table, n in purged.deleted.items():
                 m.retention_deleted.labels(table).inc(n)
         if purged.deleted["episodes"]:

@@ -704,6 +704,32 @@ def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
             },
             r"inferenceWorker\.terminationGracePeriodSeconds \(5\) must be at least 10",
         ),
+        # The review UI inside the pipeline pod (SQLite) on the pipeline's own port.
+        ({"review": {"port": 9000}, "pipeline": {"port": 9000}}, r"review\.port and pipeline\.port are both 9000"),
+        # The chart's Secret is not written: the URL would be dropped without a word.
+        (
+            {"database": {"url": "postgresql://u@db:5432/o"}, "secrets": {"existingSecret": "mine"}},
+            r"the URL would not be used",
+        ),
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True, "interval": "30s", "scrapeTimeout": "1m"}}},
+            r"scrapeTimeout \(1m\) must not exceed its interval \(30s\)",
+        ),
+        (
+            {
+                "database": {"url": "postgresql://u@db:5432/o"},
+                "pipeline": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+            },
+            r"pipeline\.autoscaling\.minReplicas \(5\) is above its maxReplicas \(2\)",
+        ),
+        (
+            {
+                "database": {"url": "postgresql://u@db:5432/o"},
+                "pipeline": {"keda": {"enabled": True, "minReplicaCount": 7}},
+            },
+            r"pipeline\.keda\.minReplicaCount \(7\) is above its maxReplicaCount",
+        ),
+        ({"fullnameOverride": "o" * 47}, r"is 47 characters"),
         # With SQLite the pipeline's own claim holds the versions for its one pod and its Jobs.
         ({"modelsVolume": {"enabled": True}}, r"modelsVolume\.enabled needs PostgreSQL: with SQLite"),
         (
@@ -735,6 +761,21 @@ def test_rm_update_job_template_command_is_a_real_cli_subcommand() -> None:
 def test_invalid_combinations_are_rejected_at_render_time(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=message):
         render(values)
+
+
+def test_the_limits_of_those_checks_render() -> None:
+    """The edges the checks above allow: a timeout equal to the interval (other units), a full name
+    of 46 characters, as many replicas at least as at most."""
+    docs = render_docs(
+        {
+            "fullnameOverride": "o" * 46,
+            "metrics": {"serviceMonitor": {"enabled": True, "interval": "1m", "scrapeTimeout": "60000ms"}},
+            "database": {"url": "postgresql://u@db:5432/o"},
+            "pipeline": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 3}},
+        }
+    )
+    names = [d["metadata"]["name"] for d in docs]
+    assert by_kind(docs, "ServiceMonitor") and max(len(n) for n in names) <= 63, max(names, key=len)
 
 
 def test_sqlite_runs_one_process_with_the_review_ui_inside() -> None:

@@ -312,7 +312,8 @@ def test_prometheus_scrapes_the_monitor_and_fires_the_drift_alert(tmp_path: Path
             for probe in (
                 "oversight_rm_score_count",
                 "rate(oversight_rm_score_count[1h])",
-                "oversight_rm_score_cumulative",
+                "oversight_rm_score_positive_total",
+                "oversight_rm_score_negative_total",
             ):
                 problems.append(f"probe {probe}: {prom.query(probe)}")
             # Listed first: a long assertion message may be cut.

@@ -130,7 +130,8 @@ def test_rules_use_only_metrics_the_service_exposes(tmp_path: Path) -> None:
     for name in (
         "oversight_drift_events_total",
         "oversight_review_queue_oldest_seconds",
-        "oversight_rm_score_cumulative",
+        "oversight_rm_score_positive_total",
+        "oversight_rm_score_negative_total",
     ):
         assert name in used
 

@@ -160,7 +160,38 @@ reaches the cluster.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and (include "oversight.sqlite" .) .Values.review.enabled (eq (int .Values.review.port) (int $p.port)) -}}
+{{- fail (printf "review.port and pipeline.port are both %d: with SQLite (database.url) the review UI runs inside the pipeline pod, which cannot listen twice on one port." (int $p.port)) -}}
+{{- end -}}
+{{- if and .Values.secrets.existingSecret .Values.database.url (not (include "oversight.sqlite" .)) -}}
+{{- fail "database.url is a PostgreSQL URL and secrets.existingSecret is set: the URL would not be used (the pods read the key database-url of the existing Secret, which the chart does not write). Leave database.url empty and put the URL in that Secret under database-url." -}}
+{{- end -}}
+{{- $sm := .Values.metrics.serviceMonitor -}}
+{{- if and $sm.enabled (gt (float64 (include "oversight.seconds" $sm.scrapeTimeout)) (float64 (include "oversight.seconds" $sm.interval))) -}}
+{{- fail (printf "metrics.serviceMonitor.scrapeTimeout (%s) must not exceed its interval (%s): Prometheus refuses such a scrape configuration, and nothing would be scraped." $sm.scrapeTimeout $sm.interval) -}}
+{{- end -}}
+{{- range $name, $a := dict "pipeline.autoscaling" $p.autoscaling "review.autoscaling" .Values.review.autoscaling "inferenceWorker.autoscaling" .Values.inferenceWorker.autoscaling -}}
+{{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- fail (printf "%s.minReplicas (%d) is above its maxReplicas (%d): the API server refuses such a HorizontalPodAutoscaler." $name (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $p.keda.enabled (gt (int $p.keda.minReplicaCount) (int $p.keda.maxReplicaCount)) -}}
+{{- fail (printf "pipeline.keda.minReplicaCount (%d) is above its maxReplicaCount (%d)." (int $p.keda.minReplicaCount) (int $p.keda.maxReplicaCount)) -}}
+{{- end -}}
+{{- $full := include "oversight.fullname" . -}}
+{{- if gt (len $full) 46 -}}
+{{- fail (printf "the release's full name %q is %d characters: names of its resources add up to 17 more (-inference-worker), and Kubernetes refuses a name over 63. Use a shorter release name or fullnameOverride (at most 46)." $full (len $full)) -}}
+{{- end -}}
 {{- include "oversight.validateReservedConfig" . -}}
+{{- end -}}
+
+{{/*
+A Prometheus duration of the chart's values (values.schema.json: digits and one of ms, s, m, h) in seconds.
+*/}}
+{{- define "oversight.seconds" -}}
+{{- $unit := regexFind "(ms|s|m|h)$" . -}}
+{{- $n := float64 (trimSuffix $unit .) -}}
+{{- if eq $unit "ms" -}}{{ divf $n 1000 }}{{- else if eq $unit "s" -}}{{ $n }}{{- else if eq $unit "m" -}}{{ mulf $n 60 }}{{- else -}}{{ mulf $n 3600 }}{{- end -}}
 {{- end -}}
 
 {{/*
