@@ -20,6 +20,44 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 ReadyCheck = Callable[[], dict[str, bool]]
+
+
+class ReadinessCollector:
+    """``oversight_ready`` and ``oversight_ready_check{check}`` computed at scrape time from a
+    process's /readyz check, for the processes whose metrics do not hold them already: the review
+    service and the inference workers. Without them ``OversightNotReady`` could never fire for
+    those pods, whose /readyz alone said they were not ready.
+
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> registry = CollectorRegistry()
+    >>> registry.register(ReadinessCollector(lambda: {"database": False}))
+    >>> sorted(line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#"))
+    ['oversight_ready 0.0', 'oversight_ready_check{check="database"} 0.0']
+    """
+
+    def __init__(self, ready: ReadyCheck) -> None:
+        self._ready = ready
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            checks = self._ready()
+        except Exception:  # a scrape must not fail because a check did
+            checks = {"check": False}
+        ready = GaugeMetricFamily("oversight_ready", "1 when every check of /readyz passes (computed at scrape time)")
+        ready.add_metric([], float(all(checks.values())))
+        per = GaugeMetricFamily("oversight_ready_check", "1 when a check of /readyz passes", labels=["check"])
+        for name, ok in sorted(checks.items()):
+            per.add_metric([name], float(bool(ok)))
+        yield ready
+        yield per
+
+    def describe(self) -> list[Any]:
+        # Nothing described: registering does not run the check (a database ping) once ahead of time.
+        return []
+
+
 log = logging.getLogger(__name__)
 
 

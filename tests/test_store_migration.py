@@ -5,7 +5,9 @@ downgrades back."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -169,3 +171,24 @@ def test_a_store_that_does_not_migrate_refuses_a_schema_that_is_not_this_builds(
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "run oversight db upgrade" in res.stderr, res.stderr
     engine.dispose()
+
+
+def test_a_locked_database_is_unavailable_not_without_a_schema(tmp_path: Path) -> None:
+    """A database another process holds locked answered "has no schema (oversight db upgrade creates
+    it)": every failure to read the version table was taken for a missing table."""
+    import sqlite3
+
+    path = tmp_path / "o.db"
+    store = Store(f"sqlite:///{path}")
+    assert store.revision() is not None
+    empty = Store(f"sqlite:///{tmp_path / 'empty.db'}", migrate=False)
+    assert empty.revision() is None  # no schema at all: still None
+    holder = sqlite3.connect(path, isolation_level=None, timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = Store(f"sqlite:///{path}?timeout=0.2", migrate=False)
+        with pytest.raises(sa.exc.OperationalError, match="locked"):
+            locked.revision()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

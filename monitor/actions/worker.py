@@ -283,23 +283,16 @@ class ActionWorker:
         from monitor.reward.update import run_update
 
         p = req["payload"]
-        beat = threading.Event()
-
-        def heartbeat() -> None:
-            while not beat.wait(self.settings.reward.update.lease_s / 4):
-                rq.touch(self.store, req["id"])
-
-        ticker = threading.Thread(target=heartbeat, name="rm-update-heartbeat", daemon=True)
-        ticker.start()
         try:
-            result = run_update(
-                self.settings,
-                self.store,
-                stream=p["stream"],
-                since=float(p["since"]),
-                metrics=self.metrics,
-                request_id=req["id"],
-            )
+            with rq.held(self.store, req["id"], self.settings.reward.update.lease_s):
+                result = run_update(
+                    self.settings,
+                    self.store,
+                    stream=p["stream"],
+                    since=float(p["since"]),
+                    metrics=self.metrics,
+                    request_id=req["id"],
+                )
         except Exception as e:
             log.exception("reward-model update %s failed", req["id"])
             if self.metrics is not None:
@@ -308,8 +301,6 @@ class ActionWorker:
             rq.finish(self.store, req["id"], "failed", error=str(e))
             self._request_retrain(p, None)
             return {"request": req["id"], "error": str(e)}
-        finally:
-            beat.set()
         if self._regate(req, result):
             return {"request": req["id"], **result}
         rq.finish(self.store, req["id"], "done", result=result)

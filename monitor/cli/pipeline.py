@@ -93,6 +93,7 @@ def infer_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     import threading
 
+    from monitor.ops import ReadinessCollector
     from monitor.service import install_signal_handlers
     from monitor.service.infer import InferenceWorker
     from monitor.startup import StartingServer, open_store
@@ -112,6 +113,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         starting.stop()
         raise
     server = starting.server
+    worker.registry.register(ReadinessCollector(worker.readiness))
     server.serve(worker.registry, worker.readiness)
     log.info("inference worker %s: serving /metrics, /healthz, /readyz at %s", worker.id, server.url)
     try:

@@ -460,14 +460,24 @@ def run_update(
     from monitor.reward.update import run_update as update
     from monitor.store import requests as rq
 
+    # A request claimed here is held while it runs (the action worker would otherwise take it over
+    # as abandoned after reward.update.lease_s and run it again), and never left running: whatever
+    # stops the update marks it failed, so a trainer's retry is not refused as "running" forever.
+    lease = contextlib.nullcontext() if request is None else rq.held(store, request, settings.reward.update.lease_s)
     try:
-        result: dict[str, Any] = update(
-            settings, store, stream=stream, since=since, request_id=request, progress=progress_of(args)
-        )
+        with lease:
+            result: dict[str, Any] = update(
+                settings, store, stream=stream, since=since, request_id=request, progress=progress_of(args)
+            )
     except UpdateError as e:
         if request is not None:
             rq.finish(store, request, "failed", error=str(e))
         raise CommandFailed(f"update failed: {e}") from None
+    except BaseException as e:
+        if request is not None:
+            with contextlib.suppress(Exception):  # the database may be what failed: its lease then expires
+                rq.finish(store, request, "failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
     return result
 
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from monitor.config import ConfigError, Settings
-from monitor.ops import OpsServer, listening_socket, serve_until_signalled, socket_url
+from monitor.ops import OpsServer, ReadinessCollector, listening_socket, serve_until_signalled, socket_url
 from monitor.startup import open_store_answering
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,13 @@ log = logging.getLogger(__name__)
 def start_metrics(app: Any, host: str, port: int) -> OpsServer:
     """Serve the review app's metrics registry on ``host:port`` (a daemon thread)."""
     ctx = app.state.review
+
+    def ready() -> dict[str, bool]:
+        return {"database": bool(ctx.store.ping())}
+
+    ctx.metrics.registry.register(ReadinessCollector(ready))
     try:
-        server = OpsServer(host, port, ctx.metrics.registry, lambda: {"database": bool(ctx.store.ping())}).start()
+        server = OpsServer(host, port, ctx.metrics.registry, ready).start()
     except OSError as e:
         raise ConfigError(f"review.metrics_host/metrics_port: cannot listen on {host}:{port}: {e.strerror}") from None
     log.info("review /metrics at %s/metrics", server.url)

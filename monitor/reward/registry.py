@@ -26,6 +26,17 @@ class RegistryError(RuntimeError):
     pass
 
 
+class ActiveChanged(RegistryError):
+    """The active version moved since a gate compared a candidate with it."""
+
+    def __init__(self, expected: int, now: int, active: str | None) -> None:
+        super().__init__(
+            f"the active version changed since the gate compared with it (generation {expected}, now {now}: "
+            f"{active or 'none'}): the candidate is kept undecided, to be gated again"
+        )
+        self.active = active
+
+
 class Registry:
     def __init__(self, store: Store, models_dir: str | Path, stream_set: str = "default"):
         self.store = store
@@ -85,14 +96,22 @@ class Registry:
         a = self.active()
         return -1 if a is None else a[2]
 
-    def promote(self, version: str, gate: dict[str, Any] | None = None) -> int:
-        """Make ``version`` the active one (atomically); returns the new generation."""
+    def promote(self, version: str, gate: dict[str, Any] | None = None, *, expect_generation: int | None = None) -> int:
+        """Make ``version`` the active one (atomically); returns the new generation.
+
+        ``expect_generation``: the generation the gate compared against (-1: none was active). A
+        promotion, rollback or other update since then refuses this one (:class:`ActiveChanged`):
+        it was gated against a version no longer active, and promoting it would undo what happened
+        meanwhile (an update training for minutes overwrote a rollback made during it)."""
         now = time.time()
         v, a = t.rm_versions, t.rm_active
         with self.store.engine.begin() as conn:
             if conn.execute(sa.select(v.c.version).where(v.c.version == version)).first() is None:
                 raise RegistryError(f"unknown version {version}")
             cur = conn.execute(sa.select(a.c.version, a.c.generation).where(a.c.stream_set == self.stream_set)).first()
+            now_gen = -1 if cur is None else int(cur.generation)
+            if expect_generation is not None and now_gen != expect_generation:
+                raise ActiveChanged(expect_generation, now_gen, None if cur is None else str(cur.version))
             if cur is not None and cur.version == version:
                 return int(cur.generation)
             gen = 0 if cur is None else int(cur.generation) + 1

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
@@ -55,7 +55,7 @@ from monitor.metrics import Metrics
 from monitor.reward import augment
 from monitor.reward import sensitivity as rm_sensitivity
 from monitor.reward.data import Pair, pairs_from_ratings, split_of
-from monitor.reward.registry import Registry
+from monitor.reward.registry import ActiveChanged, Registry
 from monitor.reward.train import length_outcomes, pair_texts
 from monitor.store import Store
 from monitor.store import tables as t
@@ -332,13 +332,18 @@ def gate(
             return "promote", f"bootstrap: agreement {cand['agreement']:.3f} >= chance 0.5 + margin {margin}"
         return "reject", f"bootstrap: agreement {cand['agreement']:.3f} < chance 0.5 + margin {margin}"
     g = new["gain"]
+    doubt = None  # an old-window loss that is not significant: undecided, unless a rule rejects
     if old is not None and old["gain"] is not None and old["gain"]["gain"] < -max_regression:
         og = old["gain"]
         if og["hi"] < 0:
             return "reject", f"old-window gain {og['gain']:+.3f} < -{max_regression}, upper bound {og['hi']:+.3f} < 0"
-        return "undecided", f"old-window gain {og['gain']:+.3f} < -{max_regression} but not significant"
+        doubt = f"old-window gain {og['gain']:+.3f} < -{max_regression} but not significant"
+    # Before the doubt: a candidate the new window rejects is rejected, not sent back for labels
+    # that cannot change that.
     if g["hi"] < margin or g["hi"] <= 0:
         return "reject", f"new-window gain upper bound {g['hi']:+.3f} < margin {margin}"
+    if doubt is not None:
+        return "undecided", doubt
     if new["n"] < min_pairs:
         return "undecided", f"{new['n']} new held-out pairs < min_gate_pairs {min_pairs}"
     if g["lo"] > 0 and g["gain"] >= margin:
@@ -429,6 +434,7 @@ def run_update(
         )
     loaded = registry.load_active(settings.reward.device)
     active = None if loaded is None else loaded[0]
+    generation = -1 if loaded is None else loaded[1]  # what the gate compares with: promote only over it
     cfg = load_train_config(None, [f"{k}={v}" for k, v in ucfg.train.items()])
     t0 = time.perf_counter()
     candidate, train_metrics = train(
@@ -450,6 +456,7 @@ def run_update(
         train_metrics={**train_metrics, "train_seconds": round(train_s, 1)},
         metrics=metrics,
         probe=probe,
+        generation=generation,
     )
     return {
         "version": verdict["version"],
@@ -464,6 +471,26 @@ def run_update(
 OUTCOMES = {"promote": "promoted", "reject": "rejected", "undecided": "undecided"}
 
 
+def unchanged(same: Mapping[str, Any], active: Any, confidence: float) -> dict[str, Any]:
+    """The verdict of a candidate the registry holds already: nothing to gate, nothing written."""
+    version = str(same["version"])
+    rule = f"the candidate is version {version} ({same['status']}) itself: nothing changed"
+    return {
+        "version": version,
+        "active": None if active is None else active.version,
+        "passed": False,
+        "verdict": "unchanged",
+        "could_not_decide": False,
+        "reason": rule,
+        "rule": rule,
+        "caveats": [],
+        "needs_more": None,
+        "new": None,
+        "old": None,
+        "confidence": confidence,
+    }
+
+
 def decide(
     settings: Settings,
     registry: Registry,
@@ -475,11 +502,23 @@ def decide(
     train_metrics: dict[str, Any],
     metrics: Metrics | None = None,
     probe: rm_sensitivity.GateProbe | None = None,
+    generation: int | None = None,
 ) -> dict[str, Any]:
     """Gate ``candidate`` against ``active`` on the held-out pairs; register it, then promote it,
     reject it or keep it undecided (the active version stays). Returns the verdict record.
-    ``probe``: the sensitivity probe set drawn before training (default: drawn now)."""
+    ``probe``: the sensitivity probe set drawn before training (default: drawn now).
+    ``generation``: the active version's generation when ``active`` was read; a promotion over
+    another (a rollback or update since) keeps the candidate undecided instead.
+
+    A candidate equal to a version the registry holds already (training kept its start: the same
+    weights, the same id) changes nothing: that version's row, the active one's included, keeps
+    its status and record (it was marked rejected, its override erased)."""
     ucfg = settings.reward.update
+    same = registry.get(candidate.content_id())
+    if same is not None:
+        nothing = unchanged(same, active, ucfg.gate_confidence)
+        log.info("reward model: %s", nothing["rule"])
+        return nothing
     z = NormalDist().inv_cdf(ucfg.gate_confidence)
     new = side_report(candidate, active, split["holdout_new"], z)
     old = side_report(candidate, active, split["holdout_old"], z)
@@ -517,7 +556,12 @@ def decide(
         "sensitivity": sens,
     }
     if outcome == "promote":
-        registry.promote(version, verdict)
+        try:
+            registry.promote(version, verdict, expect_generation=generation)
+        except ActiveChanged as e:
+            outcome = "undecided"
+            verdict.update(passed=False, verdict=outcome, could_not_decide=True, reason=str(e), rule=str(e))
+            registry.hold(version, verdict)
     elif outcome == "reject":
         registry.reject(version, verdict)
     else:

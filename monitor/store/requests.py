@@ -9,14 +9,20 @@ requests handed to sinks (retraining, rm_update in Kafka mode): pending -> runni
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
 
 from monitor.store import Store
 from monitor.store import tables as t
+
+log = logging.getLogger(__name__)
 
 OPEN_STATES = ("pending", "running")
 
@@ -87,6 +93,28 @@ def touch(store: Store, rid: str) -> None:
     r = t.action_requests
     with store.engine.begin() as conn:
         conn.execute(r.update().where(r.c.id == rid, r.c.state == "running").values(updated_at=time.time()))
+
+
+@contextlib.contextmanager
+def held(store: Store, rid: str, lease_s: float) -> Iterator[None]:
+    """Renew a running request's lease every quarter of ``lease_s`` while the block runs: whoever
+    runs it (the action worker, or ``oversight rm update --request`` by hand or in a Job) keeps it,
+    and no other runner takes it over as abandoned and runs it a second time."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(lease_s / 4):
+            try:
+                touch(store, rid)
+            except Exception as e:  # an outage: the next beat tries again, the work goes on
+                log.warning("renewing the lease of request %s failed: %s", rid, e)
+
+    ticker = threading.Thread(target=beat, name="request-heartbeat", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def finish(store: Store, rid: str, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:

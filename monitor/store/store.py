@@ -111,6 +111,13 @@ class BatchWrite:
     commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+def no_such_table(e: sa.exc.DBAPIError) -> bool:
+    """Whether a query failed because its table does not exist (PostgreSQL's undefined_table, SQLite's
+    "no such table")."""
+    state = str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "")
+    return state == "42P01" or "no such table" in str(e.orig)
+
+
 class SchemaMismatch(RuntimeError):
     """The database's schema is not this build's, and the store was not to migrate it."""
 
@@ -183,11 +190,16 @@ class Store:
         )
 
     def revision(self) -> str | None:
+        """The schema's migration revision; None when the database has no schema (no version table).
+        Any other failure (a locked or unreachable database) is raised: it said "has no schema",
+        which sent an operator to run ``db upgrade`` on a live database."""
         with self.engine.connect() as conn:
             try:
                 return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-            except sa.exc.DBAPIError:
-                return None
+            except sa.exc.DBAPIError as e:
+                if no_such_table(e):
+                    return None
+                raise
 
     def ping(self) -> bool:
         """Whether the database answers a read. Not readiness: a read-only or full database

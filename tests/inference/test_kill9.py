@@ -191,6 +191,7 @@ def test_kill9_of_the_inference_process_then_restart_is_exactly_once(tmp_path: P
         wait_for(half_done(db, first), 300, "both backlogs half done")
         assert first.poll() is None, tail(logs[1])
         assert readyz(port)[0] == 200
+        assert metric(port, "oversight_ready") == 1.0  # as /readyz: what OversightNotReady reads
         assert (metric(port, "oversight_inference_items_total", stage="embedding", outcome="ok") or 0) > 0
         first.kill()  # SIGKILL: its claims stay until they expire
         first.wait(30)

@@ -478,6 +478,9 @@ def test_metrics_listen_on_their_own_port(sqlite_url: str) -> None:
         for name in ("oversight_review_queue_waiting", 'oversight_review_logins_total{result="busy"} 0.0'):
             assert name in scraped.text
         assert httpx.get(f"{srv.metrics.url}/readyz").json()["ready"] is True
+        # What /readyz says, as the gauge OversightNotReady reads (the review pods had none).
+        assert "\noversight_ready 1.0\n" in scraped.text
+        assert 'oversight_ready_check{check="database"} 1.0' in scraped.text
     finally:
         srv.stop()
         env.close()

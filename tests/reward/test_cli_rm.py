@@ -91,3 +91,42 @@ def test_rm_pairs_splits_do_not_share_instructions(tmp_path: Path) -> None:
             sides[side + "_prompts"] = {json.loads(line)["prompt"] for line in fh}
     assert sides["train"] > 2000 and sides["test"] > 400
     assert not sides["train_prompts"] & sides["test_prompts"]
+
+
+def test_an_update_that_stops_on_any_error_leaves_its_request_failed_not_running(tmp_path: Path) -> None:
+    """`rm update --request` marked its request failed on an UpdateError only: any other error (here
+    reward.models_dir is a file) left it running for good, and the trainer's retry was refused as
+    "running: another trainer has it"."""
+    from monitor.store import Store
+    from monitor.store import requests as rq
+
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    store = Store(db)
+    rid, _ = rq.create(store, "rm_update", "chat:1", "chat", {"stream": "chat", "since": 0.0, "incident": 1})
+    not_a_folder = tmp_path / "models"
+    not_a_folder.write_text("a file")
+    out = run("rm", "update", "--request", rid, "--db", db, "--set", f"reward.models_dir={not_a_folder}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    got = rq.get(store, rid)
+    assert got is not None and got["state"] == "failed" and "FileExistsError" in str(got["last_error"]), got
+
+
+def test_a_request_held_by_a_runner_is_not_taken_over(tmp_path: Path) -> None:
+    """`rm update --request` never renewed its lease: after reward.update.lease_s the action worker
+    took the request over as abandoned and ran it a second time, both runs promoting."""
+    import time
+
+    from monitor.store import Store
+    from monitor.store import requests as rq
+
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    rid, _ = rq.create(store, "rm_update", "chat:1", "chat", {"stream": "chat", "since": 0.0})
+    assert rq.claim(store, rid)
+    lease_s = 0.4
+    with rq.held(store, rid, lease_s):
+        time.sleep(3 * lease_s)
+        row = rq.get(store, rid)
+        assert row is not None and not rq.take_over(store, row, time.time() - lease_s)
+    time.sleep(2 * lease_s)
+    row = rq.get(store, rid)
+    assert row is not None and rq.take_over(store, row, time.time() - lease_s)  # not held: it would be

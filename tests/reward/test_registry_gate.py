@@ -14,7 +14,7 @@ from monitor.metrics import Metrics
 from monitor.review.stats import rm_agreement
 from monitor.reward.registry import Registry, RegistryError
 from monitor.reward.train import evaluate
-from monitor.reward.update import decide, gate
+from monitor.reward.update import decide, gate, render_gate
 from monitor.store import Store
 
 
@@ -96,6 +96,59 @@ def test_gate_promotes_better_and_rejects_worse(
     assert (Path(settings.reward.models_dir) / verdict2["version"]).is_dir()
     assert metrics.rm_updates.labels("promoted")._value.get() == 1
     assert metrics.rm_updates.labels("rejected")._value.get() == 1
+
+
+def test_a_promotion_over_a_version_changed_since_the_gate_is_held(
+    tmp_path: Path, db_url: str, small_models: dict[str, Any], alpaca_split: dict[str, list[dict[str, Any]]]
+) -> None:
+    """An update gates against the version active when it started; a rollback (or another update)
+    while it trained made another one active. Its promotion overwrote that: it is kept undecided
+    now, to be gated again against what is active, and the rollback stands."""
+    settings = _settings(tmp_path, db_url)
+    registry = Registry.for_settings(Store(db_url), settings)
+    trained, untrained = small_models["trained"], small_models["untrained"]
+    test = alpaca_split["test"]
+    split = {"holdout_new": test[:100], "holdout_old": test[100:], "train_new": [], "train_old": []}
+    v0 = registry.register(untrained, data_window={}, metrics={})
+    registry.promote(v0)
+    seen = registry.generation()  # what the update read before it trained
+    other = registry.register(type(untrained).create(untrained.config, seed=3), data_window={}, metrics={})
+    registry.promote_by_hand(other, "rolled back meanwhile", "alice")
+    verdict = decide(settings, registry, trained, untrained, split, data_window={}, train_metrics={}, generation=seen)
+    assert verdict["verdict"] == "undecided" and not verdict["passed"], verdict
+    assert "active version changed since the gate" in verdict["rule"]
+    active = registry.active()
+    assert active is not None and active[0] == other
+    assert registry.get(verdict["version"])["status"] == "undecided"  # type: ignore[index]
+
+
+def test_a_candidate_equal_to_a_stored_version_changes_nothing(
+    tmp_path: Path, db_url: str, small_models: dict[str, Any], alpaca_split: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Early stopping kept the start: the candidate has the active version's weights and id. Its
+    verdict was written on the active version's row (marked rejected while active, an override
+    erased); nothing is written now."""
+    settings = _settings(tmp_path, db_url)
+    registry = Registry.for_settings(Store(db_url), settings)
+    trained = small_models["trained"]
+    v = registry.register(trained, data_window={}, metrics={})
+    registry.promote(v)
+    before = registry.get(v)
+    test = alpaca_split["test"]
+    split = {"holdout_new": test[:100], "holdout_old": test[100:], "train_new": [], "train_old": []}
+    verdict = decide(settings, registry, trained, trained, split, data_window={}, train_metrics={})
+    assert verdict["verdict"] == "unchanged" and not verdict["passed"] and verdict["version"] == v
+    assert registry.get(v) == before
+    assert "nothing changed" in render_gate(verdict)
+
+
+def test_a_candidate_the_new_window_rejects_is_rejected_whatever_the_old_window() -> None:
+    """An old-window loss that is not significant made the verdict undecided before the new
+    window's reject rule was read: the request waited for labels that could not change it."""
+    worse_new = _side(300, 0.60, 0.62, -0.06, 0.01)
+    doubtful_old = _side(100, 0.60, 0.65, -0.12, 0.02)
+    verdict, why = gate(worse_new, doubtful_old, 0.02, 0.02, 100)
+    assert verdict == "reject" and "new-window" in why, why
 
 
 def test_registry_load_active_round_trip(tmp_path: Path, small_models: dict[str, Any]) -> None:
