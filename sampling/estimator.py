@@ -211,6 +211,12 @@ def horvitz_thompson(
     >>> est.method, est.total, est.mean
     ('horvitz-thompson', 4040.0, 101.0)
 
+    One item gives an estimate but no interval (its variance cannot be estimated from it):
+
+    >>> one = horvitz_thompson([42.0], [0.01])
+    >>> one.mean, math.isnan(one.ci_low) and math.isnan(one.ci_high)
+    (42.0, True)
+
     A rate (flags, 0/1) has known bounds, and its interval stays inside them:
 
     >>> rate = horvitz_thompson([0.0, 1.0, 0.0, 0.0], [0.5, 0.1, 0.1, 0.2], bounds=(0.0, 1.0))
@@ -237,9 +243,14 @@ def horvitz_thompson(
         return _rescaled(horvitz_thompson(small, probabilities, population, confidence, box), scale)
     n_eff = math.fsum(weights) ** 2 / math.fsum(w * w for w in weights)
     total = math.fsum(y * w for y, w in zip(values, weights, strict=True))
+    # One item estimates no variance: its normal interval was a point ([42, 42] from one sampled 42),
+    # certainty where there is none. Unknown instead (a bounded quantity's score interval stays), unless
+    # it was certain to be sampled (a census is exact).
+    nan = float("nan")
+    varies = n > 1 or all(p >= 1.0 for p in probabilities)
     if bounds is None and population is not None:
         mean = total / population
-        se = math.sqrt(_ht_total_variance(values, probabilities, weights)) / population
+        se = math.sqrt(_ht_total_variance(values, probabilities, weights)) / population if varies else nan
         lo, hi = mean - z * se, mean + z * se
         return Estimate(mean, total, se, lo, hi, confidence, n, float(population), "horvitz-thompson", "normal", n_eff)
     mean, var_mean, variance = _hajek(values, probabilities, weights)
@@ -247,6 +258,7 @@ def horvitz_thompson(
     sum_w = math.fsum(weights)
     pop = sum_w if population is None else float(population)
     if bounds is None:
+        se = se if varies else nan
         return Estimate(mean, total, se, mean - z * se, mean + z * se, confidence, n, pop, "hajek", "normal", n_eff)
     est = bounded_hajek(WeightedSums(n, sum_w, n_eff, total, var_mean, variance), bounds, confidence)
     return est if population is None else replace(est, total=est.mean * population, population=float(population))

@@ -476,5 +476,5 @@ def test_estimate_command(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["population"] == 1610 and out["estimate"]["method"] == "horvitz-thompson"
+    assert out["population"] == 1610 and out["estimate"]["method"] == "hajek"  # a metadata key: see estimate_stream
     assert 0.0 < out["estimate"]["ci_low"] < out["estimate"]["mean"] < out["estimate"]["ci_high"] < 1.0

@@ -293,7 +293,9 @@ def test_no_zero_width_interval_at_any_call_site(sqlite_url: str) -> None:
         assert out["mean"] == 0.0 and out["ci_low"] == 0.0, out
         assert 0.05 < out["ci_high"] < 0.5 and out["interval"] == "score", out
     numeric = estimate_stream(store, "chat", "rm", "metadata.score")["estimate"]
-    assert numeric["interval"] == "normal" and numeric["method"] == "horvitz-thompson"
+    # A metadata key's mean is over the episodes that carry it: the ratio, whatever the sample holds.
+    assert numeric["interval"] == "normal" and numeric["method"] == "hajek"
+    assert estimate_stream(store, "chat", "rm", "response_chars")["estimate"]["method"] == "horvitz-thompson"
 
     (est,) = stats.estimates(store, ["harmful"])
     flag = est["flags"]["harmful"]
@@ -366,3 +368,17 @@ def test_ht_from_the_store_covers_truth_over_pipeline_replays(tmp_path: Path) ->
     n = 2 * reps
     print(f"covered {covered}/{n}")
     assert covered >= binom.ppf(0.001, n, 0.95) - 0.02 * n, covered
+
+
+def test_one_sampled_item_has_no_interval_unless_it_was_certain() -> None:
+    """One item estimates no variance: the normal interval read [42, 42], certainty where a second
+    item could have been anything. A census of one (probability 1) is exact."""
+    import math
+
+    for population in (None, 100):
+        one = horvitz_thompson([42.0], [0.01], population=population)
+        assert math.isnan(one.ci_low) and math.isnan(one.ci_high) and math.isnan(one.se), one
+    census = horvitz_thompson([42.0], [1.0], population=1)
+    assert census.ci_low == census.ci_high == 42.0
+    rate = horvitz_thompson([1.0], [0.01], bounds=(0.0, 1.0))
+    assert 0.0 < rate.ci_low < 1.0 and rate.ci_high == 1.0  # bounded: the score interval says what one item can
