@@ -168,3 +168,24 @@ def test_model_folds_leave_the_development_models_out() -> None:
     assert not set(flat) & set(data.DEV_MODELS)
     with pytest.raises(ValueError):
         data.model_folds(models, 0)
+
+
+def test_the_partner_view_is_the_list_it_stands_for() -> None:
+    """Cross-prompt partners are drawn from a view of the indices far enough in rating, not from a
+    list built by scanning every item for every item (quadratic in the labels ever stored): the
+    view must be that list, element for element, so that the seeded draw picks the same pairs."""
+    import random
+
+    from monitor.reward.data import Partners
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        size = rng.randint(0, 30)
+        low = rng.randint(0, size)
+        high = rng.randint(low, size)
+        skip = sorted(rng.sample(range(size), rng.randint(0, min(size, 5))))
+        want = [j for j in range(size) if (j < low or j >= high) and j not in skip]
+        view = Partners(low, high, size, skip)
+        assert len(view) == len(want) and list(view) == want and view[:] == want
+        if want:
+            assert random.Random(7).sample(view, min(3, len(want))) == random.Random(7).sample(want, min(3, len(want)))
