@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_S = 300.0  # the longest wait before a version that failed to load is tried again
+
 # (stream, signal, value, episode_id, event_ts, input_index): DriftMonitor.observe_value
 Feed = Callable[[str, str, float, str, float, int], None]
 
@@ -143,6 +145,10 @@ class RewardScorer:
         self._active: str | None = None  # the active version, as last read (external: no model holds it)
         self._streams: Callable[[], Collection[str] | None] | None = None
         self._loading: VersionLoad | None = None  # a promoted version loading off the ingest thread
+        # A version that failed to load: when it may be tried again (generation -> (monotonic time, the
+        # wait that set it)). Tried at every poll, a checkpoint that cannot load (a 2 GB one changed in
+        # place, re-hashed each time) took three quarters of the ingest thread, for good.
+        self._retry: dict[int, tuple[float, float]] = {}
         # ONNX Runtime threads of the versions loaded from now on (None: one per core, as inline
         # scoring wants). The service sets it before its first load: its scorer runs beside the
         # ingest loop, and a session on every core, spinning between runs, took the loop's core.
@@ -342,6 +348,9 @@ class RewardScorer:
 
     def _swap_to(self, change: ActiveChange, force: bool) -> None:
         active = change.active
+        wait = self._retry.get(change.generation)
+        if wait is not None and not force and time.monotonic() < wait[0]:
+            return  # failed to load: tried again when its wait is over
         if active is None:
             self._model, self._active = None, None
             self._watch.accept(change)
@@ -351,19 +360,29 @@ class RewardScorer:
             self._watch.accept(change)
             return
         load = partial(load_version, self.cfg, active[1], self._metrics.registry, self.threads)
-        if self._offload and not force and self._model is not None:
+        if self._offload and not force:
             # The service: a load can take tens of seconds (an ONNX export, a large checkpoint)
             # and the batch boundary is on the ingest thread. The version in hand keeps scoring
-            # until the new one is ready. Replay and simulate swap at once, reproducibly.
+            # until the new one is ready (with none in hand, the samples wait in the backlog: a
+            # load that fails again and again must not run on the ingest thread either). Replay and
+            # simulate swap at once, reproducibly.
             self._loading = VersionLoad(change, load)
             log.info("reward model: loading %s in the background (scoring with %s)", active[0], self.version)
             return
         try:
             model = load()
         except Exception as e:  # keep scoring with the old version rather than stop ingest
+            self._failed(change.generation)
             log.error("cannot load reward-model version %s (keeping %s): %s", active[0], self.version, e)
             return
         self._install(change, model)
+
+    def _failed(self, generation: int) -> None:
+        """Wait before trying a version that failed to load again: the poll period, doubling up to
+        ``MAX_RETRY_S`` (a promotion, a new generation, is tried at once)."""
+        last = self._retry.get(generation)
+        wait = min(MAX_RETRY_S, self.cfg.swap_poll_s if last is None else 2 * last[1])
+        self._retry = {generation: (time.monotonic() + wait, wait)}
 
     def _finish_loading(self, loading: VersionLoad, force: bool) -> bool:
         """Install a background load that has finished (``force``: wait for it). Returns whether
@@ -372,7 +391,8 @@ class RewardScorer:
             return False
         if loading.error is not None or loading.backend is None:
             self._loading = None
-            # Not accepted: the watch reports the version again and it is tried at the next poll.
+            # Not accepted: the watch reports the version again and it is tried after a wait.
+            self._failed(loading.change.generation)
             log.error("cannot load reward-model version %s (keeping %s): %s", loading.name, self.version, loading.error)
             return True
         # Read before letting go of the load: a database error here leaves it for the next boundary.
@@ -389,6 +409,7 @@ class RewardScorer:
         assert change.active is not None
         version, _, gen = change.active
         old = self.version
+        self._retry = {}
         self._model = model
         self._watch.accept(change)
         self._start_background()

@@ -281,6 +281,54 @@ def test_service_loads_a_promoted_version_off_the_ingest_thread(
     store.close()
 
 
+def test_a_version_that_cannot_load_is_retried_off_the_ingest_thread_and_less_and_less(
+    tmp_path: Path, small_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart no version is in hand, and the active one cannot load (a checkpoint changed in
+    place, re-hashed on every try): it was loaded on the ingest thread at every poll, for good (75%
+    of the thread in the hunt's run). It loads on a thread of its own, and each failure doubles the
+    wait before the next try."""
+    import monitor.reward.scorer as scorer_module
+    from monitor.metrics import Metrics
+    from monitor.reward.scorer import RewardScorer
+
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            "reward.swap_poll_s=0.05",
+        ],
+    )
+    store = Store(settings.database.url)
+    registry = Registry.for_settings(store, settings)
+    registry.promote(registry.register(small_models["untrained"], data_window={}, metrics={}))
+    loads: list[float] = []
+
+    def failing_load(cfg: Any, path: Any, reg: Any, threads: int | None = None) -> Any:
+        loads.append(time.monotonic())
+        time.sleep(0.3)  # a slow failure: hashing a large checkpoint
+        raise OSError("the checkpoint changed since it was registered")
+
+    monkeypatch.setattr(scorer_module, "load_version", failing_load)
+    scorer = RewardScorer(settings.reward, registry, Metrics(CollectorRegistry()))
+    scorer.score_in_background()  # the service's mode: the first try is at once
+    assert scorer.version is None and len(loads) == 1
+    slowest = 0.0
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        scorer.checkpoint()  # a batch boundary, on the ingest thread
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.01)
+    scorer.close()
+    store.close()
+    assert slowest < 0.2, slowest  # no boundary waited for a load
+    # 0.05 s, then 0.1, 0.2, 0.4, 0.8 (plus the 0.3 s a try takes): a handful, not one per poll.
+    assert 3 <= len(loads) <= 8, len(loads)
+
+
 def test_the_service_scores_on_onnx_runtime_beside_ingest_with_the_worker_threads(
     tmp_path: Path, small_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
