@@ -38,8 +38,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,28 @@ def anchor_length_prior(head: Any, weight: float) -> None:
         last.bias.zero_()
 
 
+VERSION_ID = re.compile(r"rm-[0-9a-f]{12}")
+
+
+def check_identity(root: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse a version folder whose parts are not one version's: the weights file names the version
+    it was saved as (its safetensors header), and so do ``metadata.json`` and, in a registry, the
+    folder. Another version's weights copied in, a hand-edited id, or new weights beside old
+    metadata (a save cut short) scored under the registered id, and every score row named it."""
+    from safetensors import safe_open
+
+    named = metadata.get("version")
+    with safe_open(str(root / WEIGHTS), framework="pt") as f:
+        saved = (f.metadata() or {}).get("version")
+    if saved and named and saved != named:
+        raise ValueError(
+            f"{root}: its weights are version {saved}, its metadata.json says {named}: the folder changed after "
+            "it was saved, or its save was cut short"
+        )
+    if VERSION_ID.fullmatch(root.name) and (saved or named) not in (None, root.name):
+        raise ValueError(f"{root}: the folder of version {root.name} holds version {saved or named}")
+
+
 class RewardModel:
     """Scores (prompt, response) pairs. Build with ``create`` (untrained head), ``load`` or ``train``."""
 
@@ -251,13 +274,17 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | None = None) -> RewardModel:
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         root = Path(path)
         meta_cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        if meta_cfg.get("format") != FORMAT or meta_cfg.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta_cfg, dict) or (meta_cfg.get("format"), meta_cfg.get("format_version")) != (
+            FORMAT,
+            FORMAT_VERSION,
+        ):
             raise ValueError(f"{root}: not an {FORMAT} v{FORMAT_VERSION} directory")
         feats = meta_cfg["features"]
         names = list(feats["names"])
@@ -282,15 +309,23 @@ class RewardModel:
             )
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)  # type: ignore[no-untyped-call, unused-ignore]
         encoder = AutoModel.from_pretrained(enc_path, local_files_only=True)
-        tensors = load_file(str(root / WEIGHTS))
+        try:
+            tensors = load_file(str(root / WEIGHTS))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # an empty or cut file: a save cut short
+            raise ValueError(f"{root}: {WEIGHTS} cannot be read ({type(e).__name__}: {e})") from None
         head = build_head(encoder.config.hidden_size, cfg, len(names))
         head.load_state_dict({k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")})
         trained = [int(i) for i in meta_cfg["trained_layers"]]
         layers = _layers(encoder)
+        if any(not 0 <= i < len(layers) for i in trained):
+            raise ValueError(f"{root}: trained_layers {trained} outside the encoder's {len(layers)} layers")
         for i in trained:
             prefix = f"encoder.layer.{i}."
             layers[i].load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         metadata = json.loads((root / "metadata.json").read_text(encoding="utf-8"))
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{root}: metadata.json is not an object")
+        check_identity(root, metadata)
         model = cls(
             cfg,
             encoder,

@@ -117,6 +117,44 @@ def test_load_refuses_a_different_base_encoder(tmp_path: Path, model: RewardMode
         RewardModel.load(out)
 
 
+def test_load_refuses_a_folder_whose_parts_are_not_one_version(tmp_path: Path) -> None:
+    """Another version's weights copied in, a hand-edited id, or new weights beside old metadata (a
+    save cut short) loaded and scored under the folder's id, which every score row then named."""
+    import shutil
+
+    a = RewardModel.create(ModelConfig(**FREE), seed=3, device="cpu")
+    b = RewardModel.create(ModelConfig(**FREE), seed=4, device="cpu")
+    va, vb = a.save(tmp_path / "a"), b.save(tmp_path / "b")
+    assert a.version != b.version
+    shutil.copy(vb / "weights.safetensors", va / "weights.safetensors")
+    with pytest.raises(ValueError, match=f"its weights are version {b.version}, its metadata.json says {a.version}"):
+        RewardModel.load(va)
+    edited = b.save(tmp_path / "edited")
+    meta = json.loads((edited / "metadata.json").read_text())
+    (edited / "metadata.json").write_text(json.dumps({**meta, "version": "rm-000000000000"}))
+    with pytest.raises(ValueError, match="its weights are version"):
+        RewardModel.load(edited)
+    # In a registry the folder is named by the version it holds.
+    misfiled = tmp_path / str(a.version)
+    shutil.copytree(vb, misfiled)
+    with pytest.raises(ValueError, match=f"the folder of version {a.version} holds version {b.version}"):
+        RewardModel.load(misfiled)
+    assert RewardModel.load(vb).version == b.version  # whole: loads
+
+    # A save cut short (an empty or truncated weights file) and a layer the encoder lacks: clear
+    # refusals (ValueError, one line in every command), not a SafetensorError or an IndexError.
+    cut = b.save(tmp_path / "cut")
+    data = (cut / "weights.safetensors").read_bytes()
+    (cut / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"weights\.safetensors cannot be read"):
+        RewardModel.load(cut)
+    layers = b.save(tmp_path / "layers")
+    cfg = json.loads((layers / "config.json").read_text())
+    (layers / "config.json").write_text(json.dumps({**cfg, "trained_layers": [99]}))
+    with pytest.raises(ValueError, match=r"trained_layers \[99\] outside"):
+        RewardModel.load(layers)
+
+
 def test_config_rejects_unknown_keys_and_bad_layers() -> None:
     with pytest.raises(ValueError):
         ModelConfig.model_validate({"max_lenght": 64})

@@ -177,6 +177,8 @@ def load_backend(
     rec = json.loads((root / KIND_FILE).read_text(encoding="utf-8"))
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise BackendError(f"{root}: {KIND_FILE} is not an {FORMAT} record")
+    if not all(key in rec for key in ("kind", "config", "version")):
+        raise BackendError(f"{root}: {KIND_FILE} lacks kind, config or version")
     kind, cfg, version = str(rec["kind"]), parse_config(str(rec["kind"]), rec["config"]), str(rec["version"])
     try:
         if isinstance(cfg, HfConfig):
