@@ -89,7 +89,7 @@ def test_resuming_a_file_replaced_by_a_longer_one_is_refused(tmp_path: Path, gz:
     old = b"".join(b'{"old":%d}\n' % i for i in range(10))
     path.write_bytes(gzip.compress(old) if gz else old)
     new = b"".join(b'{"episode":"new-%d","text":"%s"}\n' % (i, b"x" * (i % 7)) for i in range(40))
-    assert new[len(old) - 1 : len(old)] != b"\n"
+    assert b"\n" not in new[len(old) - 1 : len(old) + 1]  # no line ends at the stored offset
     path.write_bytes(gzip.compress(new) if gz else new)
     with pytest.raises(ConfigError, match=f"up to byte {len(old)}, but no line ends there now"):
         FileSource(str(path), 1000).open(Positions({0: len(old)}))
@@ -123,6 +123,24 @@ def test_an_unfinished_last_line_is_left_for_the_next_run(tmp_path: Path, gz: bo
     second = FileSource(str(path), 1000)
     second.open(Positions({0: len(whole)}))
     assert drain(second) == [third, b'{"d":4}']  # a whole last line without a newline is read
+
+
+def test_a_file_whose_whole_last_line_had_no_newline_resumes_when_it_grows(tmp_path: Path) -> None:
+    """The stored offset may follow a whole last record read without its newline: the file grown
+    since ("\n" and more records after it) is the same file, and resumes."""
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":2}')
+    first = FileSource(str(path), 1000)
+    first.open(Positions())
+    recs = []
+    while not first.exhausted:
+        recs += first.poll(10, 0.0)
+    first.close()
+    assert [r.value for r in recs] == [b'{"a":1}', b'{"b":2}']
+    path.write_bytes(b'{"a":1}\n{"b":2}\n{"c":3}\n')
+    grown = FileSource(str(path), 1000)
+    grown.open(Positions({0: recs[-1].next_offset}))
+    assert drain(grown) == [b'{"c":3}']
 
 
 def test_an_unfinished_oversize_last_line_is_left_too(tmp_path: Path) -> None:

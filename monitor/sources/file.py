@@ -206,18 +206,19 @@ class FileSource:
             raise _replaced(self.name, start, "no line ends there now")
 
     def _line_ends_before(self, start: int) -> bool:
-        """Whether the byte before ``start`` is a newline, as it is where a stored offset was written
-        (every record ends with its line). A file replaced by a longer one at the same path was read
-        from the old offset, mid-line, its first records skipped without a word; a replacement rarely
-        holds a line end at just that byte (one line start per line's length of bytes)."""
+        """Whether a line ends at ``start``, as it does where a stored offset was written: the byte
+        before is a newline, or (the last record had no newline when it was read) the byte there is
+        one, or the end. A file replaced by a longer one at the same path was read from the old
+        offset, mid-line, its first records skipped without a word; a replacement rarely has a line
+        end at just that byte (one per line's length of bytes)."""
         fh: Any = self._fh
         if isinstance(fh, gzip.GzipFile):
             fh.seek(start - 1)  # backwards: the gzip decompresses from its start again, once
-            before = fh.read(1)
+            around = fh.read(2)
         else:
-            before = os.pread(fh.fileno(), 1, start - 1)
+            around = os.pread(fh.fileno(), 2, start - 1)
         fh.seek(start)
-        return before == b"\n"
+        return around[:1] == b"\n" or around[1:] in (b"", b"\n", b"\r")
 
     def _read_failed(self, e: BaseException) -> None:
         """The input ends here: said once, kept for the command's report."""
