@@ -471,6 +471,16 @@ def run_update(
 OUTCOMES = {"promote": "promoted", "reject": "rejected", "undecided": "undecided"}
 
 
+def candidate_id(candidate: Any) -> str | None:
+    """The id the registry will file ``candidate`` under, where it can tell before saving it: a
+    built-in model's content id, a brought-in kind's version (None: it cannot tell)."""
+    content = getattr(candidate, "content_id", None)
+    if callable(content):
+        return str(content())
+    version = getattr(candidate, "version", None)
+    return None if version is None else str(version)
+
+
 def unchanged(same: Mapping[str, Any], active: Any, confidence: float) -> dict[str, Any]:
     """The verdict of a candidate the registry holds already: nothing to gate, nothing written."""
     version = str(same["version"])
@@ -510,11 +520,13 @@ def decide(
     ``generation``: the active version's generation when ``active`` was read; a promotion over
     another (a rollback or update since) keeps the candidate undecided instead.
 
-    A candidate equal to a version the registry holds already (training kept its start: the same
-    weights, the same id) changes nothing: that version's row, the active one's included, keeps
-    its status and record (it was marked rejected, its override erased)."""
+    A candidate that is the active version itself (training kept its start: the same weights, the
+    same id; or the active folder registered again) changes nothing: its row keeps its status and
+    record (it was marked rejected while active, its override erased). Another stored version is
+    gated as any candidate (``gate_version`` gates registered versions, again after more labels)."""
     ucfg = settings.reward.update
-    same = registry.get(candidate.content_id())
+    known, current = candidate_id(candidate), registry.active()
+    same = registry.get(known) if known is not None and current is not None and known == current[0] else None
     if same is not None:
         nothing = unchanged(same, active, ucfg.gate_confidence)
         log.info("reward model: %s", nothing["rule"])

@@ -122,7 +122,7 @@ def test_a_promotion_over_a_version_changed_since_the_gate_is_held(
     assert registry.get(verdict["version"])["status"] == "undecided"  # type: ignore[index]
 
 
-def test_a_candidate_equal_to_a_stored_version_changes_nothing(
+def test_a_candidate_that_is_the_active_version_changes_nothing(
     tmp_path: Path, db_url: str, small_models: dict[str, Any], alpaca_split: dict[str, list[dict[str, Any]]]
 ) -> None:
     """Early stopping kept the start: the candidate has the active version's weights and id. Its
