@@ -36,6 +36,7 @@ from monitor.sources.base import SOURCE_OPERATIONS, Rebalance, Record
 log = logging.getLogger(__name__)
 
 QUEUE_BATCHES = 4
+LAG_LOOKUP_MS = 2000  # the longest the consumer thread waits for the offsets of a partition not fetched yet
 # The source is ready while the consumer thread saw the broker this recently: connected to the
 # group coordinator and to the leader of every assigned partition (kafka-python's poll returns
 # empty batches while the broker is down, so a poll that returned proves nothing).
@@ -528,13 +529,16 @@ class KafkaSource:
         from kafka import TopicPartition
 
         tps = {p: TopicPartition(self.cfg.topic, p) for p in unknown}
+        # A short wait: this is the consumer thread, and a broker gone between two polls would hold
+        # it for the client's request timeout (minutes) over a metric.
+        wait = LAG_LOOKUP_MS
         try:
-            ends = self._consumer.end_offsets(list(tps.values()))
+            ends = self._consumer.end_offsets(list(tps.values()), timeout_ms=wait)
             starts = {}
             fresh = [tps[p] for p, (_, done) in unknown.items() if done is None]
             if fresh:
                 earliest = self.cfg.auto_offset_reset == "earliest"
-                starts = self._consumer.beginning_offsets(fresh) if earliest else ends
+                starts = self._consumer.beginning_offsets(fresh, timeout_ms=wait) if earliest else ends
         except Exception as e:  # the lag waits for the next try; consuming does not
             log.debug("cannot read the offsets of %s: %s", sorted(unknown), e)
             return {}
