@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from monitor.config import ConfigError
+from monitor.sources.base import Record
 from monitor.sources.file import FileSource
 
 
@@ -25,11 +26,16 @@ class Positions:
         pass
 
 
-def drain(src: FileSource, n: int = 3) -> list[bytes]:
-    out = []
+def drain_records(src: FileSource, n: int = 3) -> list[Record]:
+    """Every record until the source is exhausted."""
+    out: list[Record] = []
     while not src.exhausted:
-        out += [r.value for r in src.poll(n, 0.0)]
+        out += src.poll(n, 0.0)
     return out
+
+
+def drain(src: FileSource, n: int = 3) -> list[bytes]:
+    return [r.value for r in drain_records(src, n)]
 
 
 def test_plain_and_gzip_with_blank_lines(tmp_path: Path) -> None:
@@ -111,9 +117,7 @@ def test_an_unfinished_last_line_is_left_for_the_next_run(tmp_path: Path, gz: bo
     path.write_bytes(gzip.compress(whole + third[:20]) if gz else whole + third[:20])
     first = FileSource(str(path), 1000)
     first.open(Positions())
-    recs = []
-    while not first.exhausted:
-        recs += first.poll(10, 0.0)
+    recs = drain_records(first, 10)
     first.close()
     assert [r.value for r in recs] == [b'{"a":1}', b'{"b":2}'] and recs[-1].next_offset == len(whole)
     replay = FileSource(str(path), 1000, resume=False)
@@ -132,9 +136,7 @@ def test_a_file_whose_whole_last_line_had_no_newline_resumes_when_it_grows(tmp_p
     path.write_bytes(b'{"a":1}\n{"b":2}')
     first = FileSource(str(path), 1000)
     first.open(Positions())
-    recs = []
-    while not first.exhausted:
-        recs += first.poll(10, 0.0)
+    recs = drain_records(first, 10)
     first.close()
     assert [r.value for r in recs] == [b'{"a":1}', b'{"b":2}']
     path.write_bytes(b'{"a":1}\n{"b":2}\n{"c":3}\n')
@@ -157,9 +159,7 @@ def test_oversize_line_is_truncated_and_skipped(tmp_path: Path) -> None:
     path.write_bytes(b'{"a":1}\n' + big + b'\n{"b":2}\n')
     src = FileSource(str(path), 1000)
     src.open(Positions())
-    recs = []
-    while not src.exhausted:
-        recs += src.poll(10, 0.0)
+    recs = drain_records(src, 10)
     assert [r.value for r in recs][::2] == [b'{"a":1}', b'{"b":2}']
     assert recs[1].full_size == len(big) + 1 and len(recs[1].value) <= 1002
     assert recs[2].offset == 8 + len(big) + 1
@@ -173,9 +173,7 @@ def test_whitespace_only_oversize_line_is_blank(tmp_path: Path) -> None:
     path.write_bytes(content)
     src = FileSource(str(path), 1000)
     src.open(Positions())
-    recs = []
-    while not src.exhausted:
-        recs += src.poll(10, 0.0)
+    recs = drain_records(src, 10)
     assert [(r.value, r.full_size) for r in recs] == [(b'{"a":1}', None), (b'{"b":2}', None)]
     assert recs[1].offset == content.index(b'{"b":2}')
     assert recs[1].next_offset == recs[1].offset + len(b'{"b":2}\n')

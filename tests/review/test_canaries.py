@@ -144,14 +144,19 @@ def _until_canary(env: Env, c: TestClient) -> dict[str, Any]:
     raise AssertionError("no canary in 40 claims")
 
 
-def test_release_undo_and_skip_work_on_canaries(make_review_env: Any) -> None:
-    env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1", "review.undo_window_s=60")
+def _bob_holds_a_canary(env: Env) -> tuple[TestClient, dict[str, Any]]:
+    """40 items, ann labels 10 of them, then bob claims until he holds a canary (unlabelled)."""
     _seed(env, 40)
     env.user("ann")
     env.user("bob")
     _work(env, env.client("ann"), 10)
     c = env.client("bob")
-    item = _until_canary(env, c)
+    return c, _until_canary(env, c)
+
+
+def test_release_undo_and_skip_work_on_canaries(make_review_env: Any) -> None:
+    env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1", "review.undo_window_s=60")
+    c, item = _bob_holds_a_canary(env)
     # Release: handed out again, under a new fence.
     assert c.post(f"{API}/items/release", json=lease(item)).status_code == 200
     again = c.post(f"{API}/queue/claim").json()
@@ -181,12 +186,7 @@ def test_a_real_episode_that_later_takes_a_canarys_id_wins(make_review_env: Any)
     was refused with 409 on every try, holding the reviewer on it forever), and the canary, held
     or labelled, is left as it was."""
     env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1")
-    _seed(env, 40)
-    env.user("ann")
-    env.user("bob")
-    _work(env, env.client("ann"), 10)
-    c = env.client("bob")
-    held = _until_canary(env, c)  # bob holds a canary, unlabelled
+    c, held = _bob_holds_a_canary(env)
     cid = held["episode_id"]
     # The real episode of that id arrives with its review task.
     seed(env.store, [episode_row(cid, prompt="A real question.", response="A real answer.")], created_at=0.0)
@@ -458,12 +458,7 @@ def test_a_refused_lease_answers_alike_for_canaries_real_items_and_unknown_ids(m
     404 where a canary's wrong slot was a 409: one refused request told a reviewer which of their
     items were canaries, and whether any episode id of any stream had a review task."""
     env = make_review_env("review.canaries.share=0.5", "review.canaries.seed=1")
-    _seed(env, 40)
-    env.user("ann")
-    env.user("bob")
-    _work(env, env.client("ann"), 10)
-    c = env.client("bob")
-    canary_item = _until_canary(env, c)
+    c, canary_item = _bob_holds_a_canary(env)
     assert c.post(f"{API}/items/release", json=lease(canary_item)).status_code == 200
     real_item = c.post(f"{API}/queue/claim").json()
     while real_item["episode_id"] in _canary_ids(env.store):

@@ -162,6 +162,21 @@ def test_no_active_version_scores_nothing_and_keeps_ingesting(tmp_path: Path) ->
         assert conn.execute(sa.select(sa.func.count()).select_from(t.episodes)).scalar_one() == 30
 
 
+def _service_registry(tmp_path: Path, swap_poll_s: float) -> tuple[Any, Store, Registry]:
+    """Settings of a service whose scorer polls for promotions every ``swap_poll_s``, its store and registry."""
+    settings = load_settings(
+        None,
+        [
+            "dev=true",
+            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
+            f"reward.models_dir={tmp_path / 'models'}",
+            f"reward.swap_poll_s={swap_poll_s}",
+        ],
+    )
+    store = Store(settings.database.url)
+    return settings, store, Registry.for_settings(store, settings)
+
+
 def test_service_loads_a_promoted_version_off_the_ingest_thread(
     tmp_path: Path, small_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -176,17 +191,7 @@ def test_service_loads_a_promoted_version_off_the_ingest_thread(
     from monitor.reward.scorer import RewardScorer
 
     caplog.set_level(logging.INFO, logger="monitor.reward.scorer")
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
-            f"reward.models_dir={tmp_path / 'models'}",
-            "reward.swap_poll_s=0.001",
-        ],
-    )
-    store = Store(settings.database.url)
-    registry = Registry.for_settings(store, settings)
+    settings, store, registry = _service_registry(tmp_path, 0.001)
     v1 = registry.register(small_models["untrained"], data_window={}, metrics={})
     v2 = registry.register(small_models["trained"], data_window={}, metrics={})
     registry.promote(v1)
@@ -292,17 +297,7 @@ def test_a_version_that_cannot_load_is_retried_off_the_ingest_thread_and_less_an
     from monitor.metrics import Metrics
     from monitor.reward.scorer import RewardScorer
 
-    settings = load_settings(
-        None,
-        [
-            "dev=true",
-            f"database.url=sqlite:///{tmp_path / 'db.sqlite'}",
-            f"reward.models_dir={tmp_path / 'models'}",
-            "reward.swap_poll_s=0.05",
-        ],
-    )
-    store = Store(settings.database.url)
-    registry = Registry.for_settings(store, settings)
+    settings, store, registry = _service_registry(tmp_path, 0.05)
     registry.promote(registry.register(small_models["untrained"], data_window={}, metrics={}))
     loads: list[float] = []
 
