@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_schema import VALUES_SCHEMA, generated_values_schema, reserved_config_keys
-from deploy_helpers import CHART, DASHBOARD, RULES, rule_groups
+from deploy_helpers import CHART, DASHBOARD, RULES, promtool, rule_groups
 from helm_python import _native as helm_native
 from pydantic import BaseModel, SecretStr
 
@@ -870,10 +870,23 @@ def test_config_change_rolls_the_pods() -> None:
     assert checksum(None) != checksum({"config": {"sampling": {"human": {"rate": 0.02}}}})
 
 
+def release_rule_groups(scales_to_zero: bool = False) -> list[dict[str, Any]]:
+    """deploy/prometheus/rules.yaml as the chart installs it: rules on an absent series scoped to the release's
+    namespace, and OversightMonitorAbsent left out where KEDA may scale the pipeline to zero."""
+    groups = rule_groups()
+    for group in groups:
+        group["rules"] = [
+            {**r, "expr": r["expr"].replace("absent(up{", f'absent(up{{namespace="{NAMESPACE}", ')}
+            for r in group["rules"]
+            if not (scales_to_zero and r.get("alert") == "OversightMonitorAbsent")
+        ]
+    return groups
+
+
 def test_monitoring_resources_come_from_the_deploy_files() -> None:
     docs = manifests("postgres-kafka-ha")
     rule = one(docs, "PrometheusRule")
-    assert rule["spec"]["groups"] == rule_groups(), "the PrometheusRule must be deploy/prometheus/rules.yaml"
+    assert rule["spec"]["groups"] == release_rule_groups(), "the PrometheusRule must be deploy/prometheus/rules.yaml"
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     dashboard = one(docs, "ConfigMap", "-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -910,6 +923,45 @@ def test_keda_scales_the_pipeline_on_the_consumer_group_lag() -> None:
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 12)
 
 
+@pytest.mark.parametrize("minimum", [0, 1])
+def test_a_pipeline_scaled_to_zero_is_not_paged_as_absent(minimum: int) -> None:
+    values = scenario_values("keda") or {}
+    values["pipeline"]["keda"]["minReplicaCount"] = minimum
+    values["metrics"] = {"prometheusRule": {"enabled": True}}
+    groups = one(render_docs(values), "PrometheusRule")["spec"]["groups"]
+    assert groups == release_rule_groups(scales_to_zero=minimum == 0)
+    alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
+    assert ("OversightMonitorAbsent" in alerts) == (minimum > 0)
+    assert ("OversightMonitorAbsent is left out" in notes(values)) == (minimum == 0)
+
+
+def test_another_namespace_pipeline_does_not_hide_this_release_absence(tmp_path: Path) -> None:
+    """Two releases in one Prometheus: the chart's absence rule watches its own namespace only."""
+    groups = one(render_docs({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")["spec"]["groups"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    case = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="oversight-pipeline",namespace="other",instance="o0:9108"}', "values": "1x20"},
+                ],
+                "alert_rule_test": [{"eval_time": "10m", "alertname": "OversightMonitorAbsent", "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "component": "monitor", "job": "oversight-pipeline",
+                                    "namespace": NAMESPACE}},
+                ]}],
+            }
+        ],
+    }
+    for rule in (r for g in groups for r in g["rules"] if r.get("alert") == "OversightMonitorAbsent"):
+        case["tests"][0]["alert_rule_test"][0]["exp_alerts"][0]["exp_annotations"] = rule["annotations"]
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(case))
+    result = promtool("test", "rules", tmp_path / "test.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_ingress_terminates_tls_for_the_review_service() -> None:
     docs = manifests("ingress-tls")
     ingress = one(docs, "Ingress")
@@ -931,7 +983,7 @@ def test_runbook_links_follow_the_configured_base_url() -> None:
     # Apart from the links, the rules are deploy/prometheus/rules.yaml.
     for rule in alerts:
         rule["annotations"].pop("runbook_url")
-    expected = rule_groups()
+    expected = release_rule_groups()
     for rule in (r for g in expected for r in g["rules"] if "alert" in r):
         rule["annotations"].pop("runbook_url")
     assert groups == expected
