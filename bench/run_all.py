@@ -42,6 +42,7 @@ BENCHES = [
     ["perturb.py", "--train-rm", "hh_rlhf"],  # ~2 minutes: perturbation kinds, the default model's sensitivity
     ["overseers.py"],  # ~10 minutes: canary measurement of simulated reviewers over 8 seeds, RM sensitivity
     ["retention.py"],  # ~15 s: the retention purge of 200,000 stored episodes on SQLite
+    ["estimate.py"],  # ~25 s: `oversight estimate` over 100,000 sampled rows on SQLite
     # ~2 minutes each: claims, the item page, the queue depth and the gauges at 2,000,000 waiting, 200,000 labels
     ["review_scale.py", "--db", "sqlite"],
     ["review_scale.py", "--db", "postgres"],

@@ -4,7 +4,7 @@ Pure and light: no torch, no Kafka, no database. Imports nothing from
 ``monitor`` or ``detectors``.
 """
 
-from sampling.estimator import Estimate, WeightedSums, bounded_hajek, bounded_interval, horvitz_thompson
+from sampling.estimator import Estimate, RunningSums, WeightedSums, bounded_hajek, bounded_interval, horvitz_thompson
 from sampling.hashing import keyed_uniform, keyed_uniforms
 from sampling.policy import (
     CHANNELS,
@@ -21,6 +21,7 @@ __all__ = [
     "ChannelPolicy",
     "Decision",
     "Estimate",
+    "RunningSums",
     "Sampler",
     "SamplingPolicy",
     "StreamSamplingState",

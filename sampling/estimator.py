@@ -131,27 +131,156 @@ def bounded_interval(
     return lo_b + span * low, lo_b + span * high
 
 
-def _check(values: Sequence[float], probabilities: Sequence[float], bounds: tuple[float, float] | None) -> None:
-    if len(values) != len(probabilities):
-        raise ValueError("values and probabilities must have the same length")
-    for p in probabilities:
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"inclusion probability {p!r} is not in (0, 1]")
+def _check_bounds(bounds: tuple[float, float] | None) -> None:
     if bounds is not None:
         lo, hi = bounds
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"bounds {bounds!r} are not a finite range lo < hi")
-        for y in values:
-            if not lo <= y <= hi:
-                raise ValueError(f"value {y!r} is outside the declared bounds [{lo}, {hi}]")
 
 
-def _scale(values: Sequence[float], weights: Sequence[float]) -> float:
-    """1, or a power of two near the largest ``|y|`` when ``(y / pi)**2`` could overflow."""
-    top = max((abs(y) for y in values), default=0.0)
-    if top == 0.0 or top * max(weights) < 1e150:
-        return 1.0
-    return math.ldexp(1.0, math.frexp(top)[1] - 1)  # 2**1024 itself is beyond the double range
+# Where ``(y / pi)**2`` summed could leave the double range: values are then added up in units of a
+# power of two near the largest ``|y|`` (exact), and the estimate is given back in the values' own units.
+_SCALE_AT = 1e150
+
+
+class RunningSums:
+    """The sums a Horvitz-Thompson or Hajek estimate needs, added up one sampled item at a time.
+
+    An estimate over a day of sampled traffic (millions of items) then holds a few floats, not
+    the items: :func:`horvitz_thompson` is this with every item added. ``add(y, pi)`` takes an
+    item's value and its inclusion probability; :meth:`estimate` gives what
+    :func:`horvitz_thompson` gives for the same items (within rounding).
+
+    The squares around the mean are summed around the first value seen (``y - c``, not
+    ``sum(y**2) - n * mean**2``), so values far from 0 with a small spread keep their digits.
+
+    >>> sums = RunningSums()
+    >>> for y, p in [(120.0, 0.5), (300.0, 0.1), (80.0, 0.1)]:
+    ...     sums.add(y, p)
+    >>> est = sums.estimate(population=40)
+    >>> est.method, est.total, est.mean
+    ('horvitz-thompson', 4040.0, 101.0)
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._low = math.inf  # the smallest and largest value seen, for the bounds an estimate declares
+        self._high = -math.inf
+        self._certain = True  # every item sampled with probability 1 (a census: exact, no interval needed)
+        self._scale = 1.0
+        self._top = 0.0  # the largest |y| and 1 / pi seen, for the scale
+        self._w_top = 0.0
+        self._shift = 0.0  # the first value, in scaled units
+        # w = 1 / pi, d = y / scale - shift, v = (1 - pi) * w**2 (each item's design-variance weight)
+        self._sw = 0.0
+        self._sww = 0.0
+        self._swy = 0.0
+        self._swd = 0.0
+        self._swdd = 0.0
+        self._sv = 0.0
+        self._svd = 0.0
+        self._svdd = 0.0
+        self._svyy = 0.0
+
+    def add(self, y: float, p: float) -> None:
+        """One sampled item: its value ``y`` and the probability ``p`` (in (0, 1]) it was sampled with."""
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"inclusion probability {p!r} is not in (0, 1]")
+        if not math.isfinite(y):
+            raise ValueError(f"value {y!r} is not a finite number")
+        self._low, self._high = min(self._low, y), max(self._high, y)
+        w = 1.0 / p
+        self._top = max(self._top, abs(y))
+        self._w_top = max(self._w_top, w)
+        if self._top * self._w_top >= _SCALE_AT * self._scale:
+            self._rescale(math.ldexp(1.0, math.frexp(self._top)[1] - 1))
+        ys = y / self._scale
+        if self.n == 0:
+            self._shift = ys
+        d = ys - self._shift
+        v = (1.0 - p) * w * w
+        self.n += 1
+        self._certain = self._certain and p >= 1.0
+        self._sw += w
+        self._sww += w * w
+        self._swy += w * ys
+        self._swd += w * d
+        self._swdd += w * d * d
+        self._sv += v
+        self._svd += v * d
+        self._svdd += v * d * d
+        self._svyy += v * ys * ys
+
+    def _rescale(self, scale: float) -> None:
+        """Sums in units of ``scale`` (a power of two, so exact) instead of the current one."""
+        if scale <= self._scale:
+            return
+        r = self._scale / scale
+        self._scale = scale
+        self._shift *= r
+        self._swy *= r
+        self._swd *= r
+        self._svd *= r
+        self._swdd *= r * r
+        self._svdd *= r * r
+        self._svyy *= r * r
+
+    def estimate(
+        self, population: float | None = None, confidence: float = 0.95, bounds: tuple[float, float] | None = None
+    ) -> Estimate:
+        """The estimate of the items added so far (:func:`horvitz_thompson`'s ``population``,
+        ``confidence`` and ``bounds``)."""
+        _check_bounds(bounds)
+        if bounds is not None and self.n and not bounds[0] <= self._low <= self._high <= bounds[1]:
+            outside = self._low if self._low < bounds[0] else self._high
+            raise ValueError(f"value {outside!r} is outside the declared bounds [{bounds[0]}, {bounds[1]}]")
+        z = _z(confidence)
+        nan = float("nan")
+        if self.n == 0:
+            # With nothing sampled the HT total is 0 with variance 0, a confident
+            # wrong answer; say "unknown" instead.
+            return Estimate(nan, nan, nan, nan, nan, confidence, 0, float(population or 0.0), "none")
+        if population is not None and population <= 0:
+            raise ValueError("population must be positive")
+        est = self._scaled(population, z, confidence, bounds)
+        return est if self._scale == 1.0 else _rescaled(est, self._scale)
+
+    def _scaled(
+        self, population: float | None, z: float, confidence: float, bounds: tuple[float, float] | None
+    ) -> Estimate:
+        nan = float("nan")
+        n, sw = self.n, self._sw
+        n_eff = sw * sw / self._sww
+        total = self._swy
+        # One item estimates no variance: its normal interval was a point ([42, 42] from one sampled 42),
+        # certainty where there is none. Unknown instead (a bounded quantity's score interval stays), unless
+        # it was certain to be sampled (a census is exact).
+        varies = n > 1 or self._certain
+        if bounds is None and population is not None:
+            mean = total / population
+            se = math.sqrt(max(self._svyy, 0.0)) / population if varies else nan
+            return Estimate(
+                mean, total, se, mean - z * se, mean + z * se, confidence, n, float(population or 0.0),
+                "horvitz-thompson", "normal", n_eff,
+            )  # fmt: skip
+        # The ratio (Hajek) mean, its linearised design variance under Poisson sampling, and the
+        # weighted variance of the values around it.
+        mean = total / sw
+        m = mean - self._shift
+        design = max(self._svdd - 2.0 * m * self._svd + m * m * self._sv, 0.0) / (sw * sw)
+        spread = max(self._swdd - 2.0 * m * self._swd + m * m * sw, 0.0) / sw
+        weight_sum = sw if population is None else float(population)
+        if bounds is None:
+            se = math.sqrt(design) if varies else nan
+            return Estimate(
+                mean, total, se, mean - z * se, mean + z * se, confidence, n, weight_sum,
+                "hajek", "normal", n_eff,
+            )  # fmt: skip
+        box = (bounds[0] / self._scale, bounds[1] / self._scale)
+        est = bounded_hajek(WeightedSums(n, sw, n_eff, total, design, spread), box, confidence)
+        if population is None:
+            return est
+        return replace(est, total=est.mean * float(population), population=float(population))
 
 
 def _rescaled(est: Estimate, scale: float) -> Estimate:
@@ -164,22 +293,6 @@ def _rescaled(est: Estimate, scale: float) -> Estimate:
         ci_low=est.ci_low * scale,
         ci_high=est.ci_high * scale,
     )
-
-
-def _ht_total_variance(values: Sequence[float], probabilities: Sequence[float], weights: list[float]) -> float:
-    """Unbiased variance estimate of the HT total under Poisson sampling: ``sum((1 - pi) y**2 / pi**2)``."""
-    return math.fsum((1.0 - p) * y * y * w * w for y, p, w in zip(values, probabilities, weights, strict=True))
-
-
-def _hajek(values: Sequence[float], probabilities: Sequence[float], weights: list[float]) -> tuple[float, float, float]:
-    """The ratio mean ``sum(w y) / sum(w)``, its linearised design variance under Poisson
-    sampling, and the weighted variance of the values around it."""
-    sum_w = math.fsum(weights)
-    mean = math.fsum(y * w for y, w in zip(values, weights, strict=True)) / sum_w
-    resid = [y - mean for y in values]
-    design = math.fsum((1.0 - p) * r * r * w * w for r, p, w in zip(resid, probabilities, weights, strict=True))
-    spread = math.fsum(w * r * r for r, w in zip(resid, weights, strict=True)) / sum_w
-    return mean, design / (sum_w * sum_w), spread
 
 
 def horvitz_thompson(
@@ -223,45 +336,12 @@ def horvitz_thompson(
     >>> rate.method, rate.interval, round(rate.mean, 3), (round(rate.ci_low, 3), round(rate.ci_high, 3))
     ('hajek', 'score', 0.37, (0.077, 0.805))
     """
-    _check(values, probabilities, bounds)
-    z = _z(confidence)
-    n = len(values)
-    if n == 0:
-        # With nothing sampled the HT total is 0 with variance 0, a confident
-        # wrong answer; say "unknown" instead.
-        nan = float("nan")
-        return Estimate(nan, nan, nan, nan, nan, confidence, 0, float(population or 0.0), "none")
-    if population is not None and population <= 0:
-        raise ValueError("population must be positive")
-    weights = [1.0 / p for p in probabilities]
-    scale = _scale(values, weights)
-    if scale != 1.0:
-        # Values near the double range (a producer's 1e308 in metadata) overflow y / pi and y**2:
-        # "-inf + inf in fsum" stopped the whole estimate. Scaled by a power of two, which is exact.
-        small = [y / scale for y in values]
-        box = None if bounds is None else (bounds[0] / scale, bounds[1] / scale)
-        return _rescaled(horvitz_thompson(small, probabilities, population, confidence, box), scale)
-    n_eff = math.fsum(weights) ** 2 / math.fsum(w * w for w in weights)
-    total = math.fsum(y * w for y, w in zip(values, weights, strict=True))
-    # One item estimates no variance: its normal interval was a point ([42, 42] from one sampled 42),
-    # certainty where there is none. Unknown instead (a bounded quantity's score interval stays), unless
-    # it was certain to be sampled (a census is exact).
-    nan = float("nan")
-    varies = n > 1 or all(p >= 1.0 for p in probabilities)
-    if bounds is None and population is not None:
-        mean = total / population
-        se = math.sqrt(_ht_total_variance(values, probabilities, weights)) / population if varies else nan
-        lo, hi = mean - z * se, mean + z * se
-        return Estimate(mean, total, se, lo, hi, confidence, n, float(population), "horvitz-thompson", "normal", n_eff)
-    mean, var_mean, variance = _hajek(values, probabilities, weights)
-    se = math.sqrt(var_mean)
-    sum_w = math.fsum(weights)
-    pop = sum_w if population is None else float(population)
-    if bounds is None:
-        se = se if varies else nan
-        return Estimate(mean, total, se, mean - z * se, mean + z * se, confidence, n, pop, "hajek", "normal", n_eff)
-    est = bounded_hajek(WeightedSums(n, sum_w, n_eff, total, var_mean, variance), bounds, confidence)
-    return est if population is None else replace(est, total=est.mean * population, population=float(population))
+    if len(values) != len(probabilities):
+        raise ValueError("values and probabilities must have the same length")
+    sums = RunningSums()
+    for y, p in zip(values, probabilities, strict=True):
+        sums.add(y, p)
+    return sums.estimate(population, confidence, bounds)
 
 
 @dataclass(frozen=True)

@@ -382,3 +382,138 @@ def test_one_sampled_item_has_no_interval_unless_it_was_certain() -> None:
     assert census.ci_low == census.ci_high == 42.0
     rate = horvitz_thompson([1.0], [0.01], bounds=(0.0, 1.0))
     assert 0.0 < rate.ci_low < 1.0 and rate.ci_high == 1.0  # bounded: the score interval says what one item can
+
+
+def _exact(values: list[float], probs: list[float]) -> dict[str, float]:
+    """The HT and Hajek statistics of the items in exact rational arithmetic."""
+    from fractions import Fraction
+
+    ys, ps = [Fraction(y) for y in values], [Fraction(p) for p in probs]
+    ws = [1 / p for p in ps]
+    sw, total = sum(ws), sum(w * y for w, y in zip(ws, ys, strict=True))
+    mean = total / sw
+    design = sum((1 - p) * w * w * (y - mean) ** 2 for y, p, w in zip(ys, ps, ws, strict=True)) / sw**2
+    ht_var = sum((1 - p) * w * w * y * y for y, p, w in zip(ys, ps, ws, strict=True))
+
+    def root(x: Fraction) -> float:
+        """sqrt of a square beyond the double range: taken at a power of two and scaled back."""
+        half = (x.numerator.bit_length() - x.denominator.bit_length()) // 2
+        return math.ldexp(math.sqrt(x / Fraction(4) ** half), half)
+
+    return {"total": float(total), "hajek_mean": float(mean), "hajek_se": root(design), "ht_sd": root(ht_var)}
+
+
+@pytest.mark.parametrize(
+    ("offset", "spread", "seed"),
+    [(0.0, 100.0, 0), (1e9, 1.0, 1), (-3e7, 0.01, 2), (1e300, 1e299, 3), (0.0, 1e-300, 4)],
+)
+def test_running_sums_agree_with_exact_arithmetic(offset: float, spread: float, seed: int) -> None:
+    """Items added one at a time: the same estimate as exact arithmetic over the whole list, for values
+    far from 0 with a small spread (where sum(y**2) - n * mean**2 loses every digit) and near the double
+    range (where (y / pi)**2 overflows unless the sums are scaled)."""
+    from sampling import RunningSums
+
+    rng = np.random.default_rng(seed)
+    values = [float(v) for v in offset + spread * rng.standard_normal(500)]
+    probs = [float(p) for p in rng.choice([0.001, 0.02, 0.3, 1.0], size=500)]
+    exact = _exact(values, probs)
+    sums = RunningSums()
+    for y, p in zip(values, probs, strict=True):
+        sums.add(y, p)
+    ht = sums.estimate(population=20_000.0)
+    assert ht.total == pytest.approx(exact["total"], rel=1e-9)
+    assert ht.se == pytest.approx(exact["ht_sd"] / 20_000.0, rel=1e-9)
+    hajek = sums.estimate()
+    assert hajek.mean == pytest.approx(exact["hajek_mean"], rel=1e-12)
+    assert hajek.se == pytest.approx(exact["hajek_se"], rel=1e-6)
+
+
+def test_running_sums_of_a_rate_give_the_score_interval() -> None:
+    from sampling import RunningSums
+
+    sums = RunningSums()
+    for y, p in [(0.0, 0.5), (1.0, 0.1), (0.0, 0.1), (0.0, 0.2)]:
+        sums.add(y, p)
+    est = sums.estimate(bounds=(0.0, 1.0))
+    assert (est.interval, round(est.mean, 3), round(est.ci_low, 3), round(est.ci_high, 3)) == (
+        "score",
+        0.37,
+        0.077,
+        0.805,
+    )
+    with pytest.raises(ValueError, match="inclusion probability"):
+        sums.add(1.0, 0.0)
+    with pytest.raises(ValueError, match="not a finite number"):
+        sums.add(math.nan, 0.5)
+    sums.add(2.0, 0.5)
+    with pytest.raises(ValueError, match=r"2\.0 is outside the declared bounds"):
+        sums.estimate(bounds=(0.0, 1.0))
+
+
+def _hostile_fill(store: Store) -> None:
+    """Sampled episodes whose quantities the database must compute as Python does: responses of
+    Unicode whitespace only, non-ASCII text, metadata with the key absent, boolean, nested or text."""
+    from monitor.store import tables as t
+    from monitor.store.store import bucket_of
+
+    responses = ["a real answer", "\u3000\u2028 \t\n", "", "  x  ", "\xa0", "héllo wörld 🙂" * 3, "\u200b", " " * 300]
+    metas: list[object] = [{"flag": True, "n": 3}, {"flag": False}, {}, {"flag": "yes", "n": 2.5}, None]
+    now = time.time()
+    eps, samples = [], []
+    for i in range(120):
+        eid = f"e{i}"
+        eps.append(
+            {
+                "episode_id": eid,
+                "stream": "chat",
+                "model": "m",
+                "ts": float(i),
+                "prompt": "ünïcode prompt " * (i % 5),
+                "response": responses[i % len(responses)],
+                "metadata": metas[i % len(metas)],
+                "source": "t",
+                "position": eid,
+                "ingested_at": now,
+            }
+        )
+        samples.append(
+            {
+                "episode_id": eid,
+                "channel": "rm",
+                "stream": "chat",
+                "ts": float(i),
+                "inclusion_probability": (0.05, 0.3, 1.0)[i % 3],
+                "created_at": now,
+            }
+        )
+    with store.engine.begin() as conn:
+        conn.execute(t.episodes.insert(), eps)
+        conn.execute(t.samples.insert(), samples)
+        conn.execute(t.traffic.insert(), [{"stream": "chat", "bucket": bucket_of(0.0), "episodes": 900}])
+
+
+@pytest.mark.parametrize(
+    "quantity", ["response_chars", "prompt_chars", "empty_response", "metadata.flag", "metadata.n"]
+)
+def test_the_database_computes_each_quantity_as_python_does(db_url: str, quantity: str) -> None:
+    """`oversight estimate` reads only the quantity and the probability, computed by the database: the
+    same estimate as the quantity computed in Python from the whole rows."""
+    from monitor.quality.estimates import estimate_stream, raw_quantity
+
+    store = Store(db_url)
+    _hostile_fill(store)
+    rows = store.sampled("chat", "rm")
+    raws = [raw_quantity(r, quantity) for r in rows]
+    present = [(r, raw) for r, raw in zip(rows, raws, strict=True) if isinstance(raw, bool | int | float)]
+    binary = all(isinstance(raw, bool) for _, raw in present)
+    values = [float(raw) for _, raw in present]
+    probs = [float(r["inclusion_probability"]) for r, _ in present]
+    out = estimate_stream(store, "chat", "rm", quantity)
+    assert out["n_missing"] == len(rows) - len(present)
+    known = None if quantity.startswith("metadata.") else 900
+    want = horvitz_thompson(values, probs, known, bounds=(0.0, 1.0) if binary else None)
+    got = out["estimate"]
+    assert got["n_sampled"] == want.n_sampled and got["interval"] == want.interval
+    assert got["mean"] == pytest.approx(want.mean, rel=1e-12)
+    assert got["ci_high"] == pytest.approx(want.ci_high, rel=1e-9)
+    store.close()

@@ -19,11 +19,14 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+import sqlalchemy as sa
+
 from monitor.quality.adjudication import Final, finals
 from monitor.quality.labels import label_rows, per_item
 from monitor.quality.window import Windows
 from monitor.store import Store
-from sampling import horvitz_thompson, reliability
+from monitor.store import tables as t
+from sampling import RunningSums, horvitz_thompson, reliability
 
 BUILTIN_QUANTITIES = ("response_chars", "prompt_chars", "empty_response")
 RATE_BOUNDS = (0.0, 1.0)
@@ -37,14 +40,23 @@ def raw_quantity(row: dict[str, Any], quantity: str) -> Any:
         return float(len(row["prompt"]))
     if quantity == "empty_response":
         return not row["response"].strip()
-    if quantity.startswith("metadata."):
-        cur: Any = row.get("metadata")
-        for part in quantity.split(".")[1:]:
-            if not isinstance(cur, dict) or part not in cur:
-                return None
-            cur = cur[part]
-        return cur
-    raise ValueError(f"unknown quantity {quantity!r}: use one of {', '.join(BUILTIN_QUANTITIES)} or metadata.KEY")
+    _check_quantity(quantity)
+    return metadata_value(row.get("metadata"), quantity)
+
+
+def _check_quantity(quantity: str) -> None:
+    if quantity not in BUILTIN_QUANTITIES and not quantity.startswith("metadata."):
+        raise ValueError(f"unknown quantity {quantity!r}: use one of {', '.join(BUILTIN_QUANTITIES)} or metadata.KEY")
+
+
+def metadata_value(metadata: Any, quantity: str) -> Any:
+    """``metadata.A.B``'s value in an episode's metadata, as found, or None (absent)."""
+    cur = metadata
+    for part in quantity.split(".")[1:]:
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
 
 
 def quantity_value(row: dict[str, Any], quantity: str) -> float | None:
@@ -58,6 +70,38 @@ def _number(cur: Any) -> float | None:
     if isinstance(cur, int | float) and math.isfinite(cur):
         return float(cur)
     return None
+
+
+# What str.strip() removes (every character whose isspace() is true), for the database to strip the same.
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + ("\u2028\u2029\u202f\u205f\u3000")
+)
+
+
+def _quantity_column(quantity: str, dialect: str) -> sa.ColumnElement[Any]:
+    """The database expression that gives :func:`raw_quantity` its input, computed where the row is:
+    a length, a stripped length, or the metadata (texts are never read out)."""
+    e = t.episodes
+    if quantity == "response_chars":
+        return sa.func.length(e.c.response)
+    if quantity == "prompt_chars":
+        return sa.func.length(e.c.prompt)
+    if quantity == "empty_response":
+        strip = sa.func.btrim if dialect == "postgresql" else sa.func.trim
+        return sa.func.length(strip(e.c.response, _WHITESPACE))
+    _check_quantity(quantity)
+    return e.c.metadata
+
+
+def _stored_quantity(value: Any, quantity: str) -> Any:
+    """:func:`raw_quantity` of the value :func:`_quantity_column` read."""
+    if quantity == "empty_response":
+        return value == 0
+    if quantity in BUILTIN_QUANTITIES:
+        return float(value)
+    return metadata_value(value, quantity)
 
 
 def estimate_stream(
@@ -79,20 +123,19 @@ def estimate_stream(
     window; ``metadata.KEY`` is the mean over the episodes that carry the key (Hajek), whether or not
     the sample holds one without it.
     """
-    rows = store.sampled(stream, channel, since, until)
-    values: list[float] = []
-    probs: list[float] = []
-    missing = 0
-    binary = True
-    for row in rows:
-        raw = raw_quantity(row, quantity)
+    column = _quantity_column(quantity, store.engine.dialect.name)
+    # One pass over the values, none of them held: only the quantity and the probability are read,
+    # computed by the database, a chunk at a time (Store.iter_sampled).
+    sums = RunningSums()
+    missing, binary = 0, True
+    for row in store.iter_sampled(stream, channel, (column, t.samples.c.inclusion_probability), since, until):
+        raw = _stored_quantity(row[0], quantity)
         v = _number(raw)
         if v is None:
             missing += 1
             continue
         binary = binary and isinstance(raw, bool)
-        values.append(v)
-        probs.append(float(row["inclusion_probability"]))
+        sums.add(v, float(row[1]))
     population = store.traffic_count(stream, since, until)
     # A metadata key may be absent from some episodes: its target is the mean over the episodes that
     # carry it, always the ratio (Hajek), whose population (those episodes) is estimated, not counted.
@@ -100,8 +143,8 @@ def estimate_stream(
     # at random: with the key on 80% of the traffic, windows with none missing in their sample
     # divided by all traffic, absent values counting as 0 (0.79 of the truth, coverage 0.81).
     known = population if (population and not missing and not quantity.startswith("metadata.")) else None
-    bounds = RATE_BOUNDS if binary and values else None
-    est = horvitz_thompson(values, probs, known, confidence, bounds)
+    # A quantity whose every value is a boolean is a rate: bounded by 0 and 1.
+    est = sums.estimate(known, confidence, RATE_BOUNDS if binary and sums.n else None)
     out = est.to_dict()
     for k, v in list(out.items()):
         if isinstance(v, float) and not math.isfinite(v):
