@@ -147,3 +147,19 @@ def test_rules_use_only_metrics_the_service_exposes(tmp_path: Path) -> None:
 )
 def test_metric_name_lexer(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+AGGREGATION = re.compile(r"\b(sum|max|min|avg|count|topk|bottomk|quantile|stddev)\s*(?:by\s*\(([^)]*)\)\s*)?\(")
+MATCHING = re.compile(r"\b(on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_every_aggregation_keeps_the_namespace() -> None:
+    """Two releases in one Prometheus (one namespace each): a rule that aggregates across namespaces lets one
+    release's traffic dilute or hide the other's alert, and its alert cannot say which release it is about."""
+    for rule in recording_rules() + alerting_rules():
+        expr = rule["expr"]
+        for match in AGGREGATION.finditer(expr):
+            grouping = match.group(2)
+            assert grouping is not None and "namespace" in grouping, (rule.get("alert") or rule["record"], match[0])
+        for match in MATCHING.finditer(expr):
+            assert "namespace" in match.group(2), (rule.get("alert") or rule["record"], match[0])
