@@ -37,6 +37,7 @@ after it in the round still run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -67,6 +68,11 @@ LANES: dict[str, tuple[str, ...]] = {
     "action-dispatch": ("dispatch",),
     "action-models": ("updates", "sensitivity"),
 }
+
+
+def _close(reason: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The incident's payload closed for ``reason``, or None when it is closed already."""
+    return None if payload.get("closed") else {**payload, "closed": reason}
 
 
 def attach(payload: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -137,16 +143,20 @@ class ActionWorker:
         """Turn new drift events into incidents and requests; returns how many were taken."""
         saved = self.store.load_internal(CURSOR_KEY)
         cursor = int(saved["last_event_id"]) if saved is not None else 0
-        events = self.store.drift_events(since_id=cursor, limit=INGEST_LIMIT)
-        if not events:
-            return 0
-        # Compare-and-set from the state read above (None: no cursor yet): of two workers that
-        # read the same cursor, only the one that moves it acts on these events.
-        if not self.store.cas_internal(CURSOR_KEY, saved, {"last_event_id": int(events[-1]["id"])}):
-            return 0
-        for ev in events:
+        taken = 0
+        for ev in self.store.drift_events(since_id=cursor, limit=INGEST_LIMIT):
+            # Act first, then move the cursor past the event. Moved first (the whole round at once),
+            # an outage or a kill while acting lost every later event of the round for good: no
+            # incident, no update, no retraining request. Now such an event is acted on again, which
+            # is safe: requests are keyed by their incident, and an incident skips an event it holds.
             self._on_event(ev)
-        return len(events)
+            # Compare-and-set from the state read (None: no cursor yet): of two workers that read the
+            # same cursor, the one whose move fails stops here (the other is ahead of it).
+            moved = {"last_event_id": int(ev["id"])}
+            if not self.store.cas_internal(CURSOR_KEY, saved, moved):
+                break
+            saved, taken = moved, taken + 1
+        return taken
 
     def _on_event(self, ev: DriftEvent) -> None:
         stream = str(ev["stream"])
@@ -156,10 +166,8 @@ class ActionWorker:
         summary["detail"] = ev.get("detail")  # the size of the shift travels with the retraining request
         inc = self._incident(stream, ev)
         if inc is not None:
-            payload = attach(dict(inc["payload"]), summary)
-            if payload is not None:
-                rq.update_payload(self.store, inc["id"], payload)
-            self._count("attached")
+            if rq.modify_payload(self.store, inc["id"], lambda payload: attach(payload, summary)):
+                self._count("attached")
             return
         if self._rate_limited(stream, float(ev["event_ts"])):
             log.warning(
@@ -173,20 +181,22 @@ class ActionWorker:
         ucfg = self.settings.reward.update
         triggers = ucfg.trigger_signals
         wants_update = self.settings.reward.enabled and ucfg.enabled and ("*" in triggers or ev["signal"] in triggers)
-        payload = {
+        incident = f"{stream}:{ev['id']}"
+        payload: dict[str, Any] = {
             "stream": stream,
-            "incident": f"{stream}:{ev['id']}",
+            "incident": incident,
             "since": float(ev["event_ts"]),
             "last_event_ts": float(ev["event_ts"]),
             "drift_events": [summary],
             "events_total": 1,
             "last_event_id": int(ev["id"]),
         }
-        self._count("opened")
         if wants_update:
-            rq.create(self.store, "rm_update", payload["incident"], stream, payload)
+            created = rq.create(self.store, "rm_update", incident, stream, payload)[1]
         else:
-            self._request_retrain(payload, None)
+            created = self._request_retrain(payload, None)
+        if created:  # not again for an event acted on twice (a restart, two workers)
+            self._count("opened")
 
     def _incident(self, stream: str, ev: DriftEvent) -> dict[str, Any] | None:
         """The stream's latest incident request (rm_update, else retrain) if it is still open.
@@ -210,8 +220,8 @@ class ActionWorker:
                 closed = "timeout"
             if closed is None:
                 return req
-            rq.update_payload(self.store, req["id"], {**payload, "closed": closed})
-            self._count(f"closed_{closed}")
+            if rq.modify_payload(self.store, req["id"], functools.partial(_close, closed)):
+                self._count(f"closed_{closed}")
             return None
         return None
 
@@ -361,7 +371,8 @@ class ActionWorker:
         self._request_retrain(p, None)
 
     # -- retraining requests -----------------------------------------------------------------
-    def _request_retrain(self, incident: dict[str, Any], update: dict[str, Any] | None) -> None:
+    def _request_retrain(self, incident: dict[str, Any], update: dict[str, Any] | None) -> bool:
+        """Create the incident's retraining request; whether it is new."""
         from monitor.reward.registry import Registry
 
         active = Registry.for_settings(self.store, self.settings).active()
@@ -374,6 +385,7 @@ class ActionWorker:
         rid, created = rq.create(self.store, "retrain", incident["incident"], incident["stream"], payload)
         if created:
             log.info("retraining request %s for incident %s", rid, incident["incident"])
+        return created
 
     def dispatch(self) -> int:
         """Send pending requests to their sinks (everything but the local worker)."""

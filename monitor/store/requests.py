@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -142,10 +142,20 @@ def requeue(store: Store, rid: str, payload: dict[str, Any], result: dict[str, A
     return res.rowcount == 1
 
 
-def update_payload(store: Store, rid: str, payload: dict[str, Any]) -> None:
+def modify_payload(store: Store, rid: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
+    """Apply ``change`` to a request's payload under the row's lock (``None``: leave it), and say
+    whether it was written. Not a write of a payload read earlier: of two workers attaching
+    events to one incident at once, the later write dropped the earlier one's event, and a
+    closing could be undone by an attach."""
     r = t.action_requests
     with store.engine.begin() as conn:
-        conn.execute(r.update().where(r.c.id == rid).values(payload=payload, updated_at=time.time()))
+        # Locked until the commit (PostgreSQL; SQLite's BEGIN IMMEDIATE holds the whole database).
+        row = conn.execute(sa.select(r.c.payload).where(r.c.id == rid).with_for_update()).first()
+        new = None if row is None else change(dict(row.payload))
+        if new is None:
+            return False
+        conn.execute(r.update().where(r.c.id == rid).values(payload=new, updated_at=time.time()))
+    return True
 
 
 def get(store: Store, rid: str) -> dict[str, Any] | None:

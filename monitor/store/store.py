@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Unpack, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -721,7 +721,7 @@ class Store:
         columns: Sequence[sa.ColumnElement[Any]],
         since: float | None = None,
         until: float | None = None,
-    ) -> Iterator[sa.Row[Unpack[tuple[Any, ...]]]]:
+    ) -> Iterator[sa.Row[*tuple[Any, ...]]]:
         """``columns`` (expressions over ``episodes`` and ``samples``) of the episodes :meth:`sampled`
         returns, read as they are used, in no particular order.
 

@@ -139,3 +139,71 @@ def test_an_incident_carries_a_bounded_number_of_events(db_url: str, tmp_path: P
     assert len(json.dumps(payload)) < 32 * 1024
     assert worker.ingest_events() == 0
     store.close()
+
+
+def test_an_outage_while_acting_loses_no_event(db_url: str, tmp_path: Path) -> None:
+    """The cursor moves past an event only after the event is acted on: an outage (or a kill) in the
+    middle of a round leaves the rest of the round for the next one. Moved first, the three events
+    after the failure were skipped for good: no incident, no request for their streams."""
+    settings = _settings(db_url, tmp_path)
+    store = Store(db_url)
+    for stream in ("s1", "s2", "s3", "s4"):
+        _events(store, stream, 0, 1)
+    worker = ActionWorker(settings, store)
+    act = worker._on_event
+    calls = 0
+
+    def failing_once(ev: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise sa.exc.OperationalError("insert", {}, Exception("server closed the connection"))
+        act(ev)
+
+    worker._on_event = failing_once  # type: ignore[method-assign]
+    with contextlib.suppress(sa.exc.OperationalError):
+        worker.ingest_events()
+    assert sorted(r["stream"] for r in rq.listing(store)) == ["s1"]
+    assert worker.ingest_events() == 3
+    assert sorted(r["stream"] for r in rq.listing(store)) == ["s1", "s2", "s3", "s4"]
+    # Events acted on again (a kill after acting, before the cursor moved) make no second request,
+    # and no incident holds an event twice.
+    before = {r["id"]: r["payload"] for r in rq.listing(store)}
+    store.save_internal("actions:cursor", {"last_event_id": 0})
+    assert worker.ingest_events() == 4
+    assert {r["id"]: r["payload"] for r in rq.listing(store)} == before
+    store.close()
+
+
+def test_two_workers_attaching_at_once_keep_every_event(db_url: str, tmp_path: Path) -> None:
+    """Events attached to one open incident by two workers at once: each attach is a locked
+    read-modify-write of the payload, so neither overwrites the other's event."""
+    settings = _settings(db_url, tmp_path)
+    store = Store(db_url)
+    _events(store, "chat", 0, 1)
+    ActionWorker(settings, store).ingest_events()
+    _events(store, "chat", 1, 2)
+    first, second = store.drift_events(since_id=0)[1:3]
+    workers = [ActionWorker(settings, store), ActionWorker(settings, store)]
+    # Both workers read the open incident before either writes it (the barrier); a write of the
+    # payload each read then dropped the other's event.
+    barrier = threading.Barrier(2)
+    held: set[int] = set()
+
+    def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        me = threading.get_ident()
+        if me not in held and "FROM action_requests" in statement and statement.lstrip().upper().startswith("SELECT"):
+            held.add(me)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=2)
+
+    sa.event.listen(store.engine, "before_cursor_execute", hold)
+    threads = [threading.Thread(target=w._on_event, args=(ev,)) for w, ev in zip(workers, (first, second), strict=True)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    sa.event.remove(store.engine, "before_cursor_execute", hold)
+    [req] = rq.listing(store)
+    assert sorted(e["id"] for e in req["payload"]["drift_events"]) == [e["id"] for e in store.drift_events()]
+    store.close()
