@@ -318,3 +318,84 @@ def test_a_traffic_minute_from_the_far_future_does_not_move_the_horizon(db_url: 
     purged = purge(store, RetentionConfig(days=3), max_future_s=300.0, now=BASE + DAYS * 86400)
     assert purged.horizons["a"] < BASE + DAYS * 86400
     assert count(store, t.episodes, t.episodes.c.ts >= BASE + (DAYS - 3) * 86400) == kept > 0
+
+
+def _old_episode(eid: str, ts: float) -> Any:
+    return {
+        "episode_id": eid,
+        "stream": "a",
+        "model": "m",
+        "ts": ts,
+        "prompt": "q",
+        "response": "r",
+        "metadata": None,
+        "source": "t",
+        "position": eid,
+        "ingested_at": 1.0,
+    }
+
+
+@pytest.mark.postgres
+def test_an_old_episode_stored_again_while_the_purge_deletes_it_is_not_a_failed_batch(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """An episode older than the horizon comes again (a producer's retry, a rewind) while the purge
+    runs: its insert does nothing (it is there) and takes no lock, the purge deletes it, and the
+    batch's sample then referred to nothing. The foreign key failed the batch and stopped
+    `oversight run`; now the batch reads its episodes under KEY SHARE and stores one deleted
+    in between again."""
+    from monitor.store import BatchWrite
+    from monitor.store.retention import Purged, purge_stream
+
+    store, purger = Store(pg_url), Store(pg_url)
+    eid = "a-old"
+    store.commit_batch(BatchWrite(episodes=[_old_episode(eid, BASE)]))
+    purged = Purged()
+    fired: list[str] = []
+
+    def purge_now(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # The moment after the batch's episode insert did nothing and before it reads the owners.
+        if not fired and statement.lstrip().startswith("SELECT episodes.episode_id, episodes.stream"):
+            fired.append(statement)
+            purge_stream(purger, "a", BASE + 86400, 100, purged)
+
+    sa.event.listen(store.engine, "before_cursor_execute", purge_now)
+    sample = {"episode_id": eid, "channel": "rm", "stream": "a", "ts": BASE, "inclusion_probability": 0.5}
+    store.commit_batch(BatchWrite(episodes=[_old_episode(eid, BASE)], samples=[{**sample, "created_at": 1.0}]))
+    sa.event.remove(store.engine, "before_cursor_execute", purge_now)
+    assert fired and purged.deleted["episodes"] == 1, "the purge did not run in the window"
+    assert count(store, t.samples, t.samples.c.episode_id == eid) == 1
+    assert count(store, t.episodes, t.episodes.c.episode_id == eid) == 1
+    store.close()
+    purger.close()
+
+
+def test_a_task_claimed_after_the_purge_chose_its_episode_is_kept(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge reads its candidates, then deletes them in another transaction: a reviewer who
+    claimed one of them in between lost the item (their label refused with 409). What keeps an
+    episode is checked again where it is deleted."""
+    from monitor.store import BatchWrite, retention
+
+    store = Store(db_url)
+    eids = [f"a-{i}" for i in range(4)]
+    tasks = [{"episode_id": e, "slot": 0, "stream": "a", "status": "pending", "created_at": 1.0} for e in eids]
+    store.commit_batch(BatchWrite(episodes=[_old_episode(e, BASE + i) for i, e in enumerate(eids)], tasks=tasks))
+    delete = retention._delete_chunk
+
+    def claim_first(*args: Any) -> None:
+        with store.engine.begin() as conn:
+            conn.execute(t.review_tasks.update().where(t.review_tasks.c.episode_id == eids[0]).values(status="claimed"))
+        delete(*args)
+
+    monkeypatch.setattr(retention, "_delete_chunk", claim_first)
+    purged = retention.Purged()
+    retention.purge_stream(store, "a", BASE + 86400, 100, purged)
+    with store.engine.connect() as conn:
+        left = {
+            str(e): str(st) for e, st in conn.execute(sa.select(t.review_tasks.c.episode_id, t.review_tasks.c.status))
+        }
+    assert left == {eids[0]: "claimed"}
+    assert count(store, t.episodes) == 1 and purged.deleted["episodes"] == 3
+    store.close()

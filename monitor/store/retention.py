@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 HELD_TASKS = ("claimed",)
 #: The tables whose rows go with a deleted episode, in the order they are deleted.
 DEPENDENTS = ("rm_scores", "samples", "inference_results", "review_tasks")
+DEADLOCK_SQLSTATE = "40P01"  # PostgreSQL's deadlock_detected
 
 
 @dataclass
@@ -95,16 +96,36 @@ def _candidates(stream: str, horizon: int, after: tuple[float, str] | None, chun
     return q.order_by(e.c.ts, e.c.episode_id).limit(chunk)
 
 
-def _delete_chunk(store: Store, ids: list[str], purged: Purged) -> None:
-    """The episodes and the rows that refer to them, in one transaction."""
-    tables = {name: t.metadata.tables[name] for name in (*DEPENDENTS, "episodes")}
+def _delete_chunk(store: Store, stream: str, horizon: int, ids: list[str], purged: Purged) -> None:
+    """The episodes of ``ids`` that may still go, and the rows that refer to them, in one transaction.
+
+    The candidates were read before, outside it: what keeps an episode is checked again here,
+    with the episodes locked first (PostgreSQL; SQLite's write transaction holds the database).
+    Locks are skipped, not waited for: a batch storing an episode again holds it (KEY SHARE,
+    ``Store.commit_batch``) and may wait for this transaction's rows, and the opposite orders
+    deadlocked. A review task is deleted only while nobody holds it: one claimed since the
+    check keeps its episode (the foreign key then fails the chunk, retried next round) instead of
+    taking the reviewer's item from under them."""
+    e = t.episodes
     counts = {}
     with store.engine.begin() as conn:
         store.limit_transaction(conn, 60.0)
-        for name, table in tables.items():
-            counts[name] = int(conn.execute(table.delete().where(table.c.episode_id.in_(ids))).rowcount or 0)
+        q = _candidates(stream, horizon, None, len(ids)).where(e.c.episode_id.in_(ids))
+        if store.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=e)
+        locked = [str(r[0]) for r in conn.execute(q)]
+        for name in (*DEPENDENTS, "episodes"):
+            table = t.metadata.tables[name]
+            where: sa.ColumnElement[bool] = table.c.episode_id.in_(locked)
+            if name == "review_tasks":
+                where = sa.and_(where, table.c.status.not_in(HELD_TASKS))
+            counts[name] = int(conn.execute(table.delete().where(where)).rowcount or 0)
     for name, n in counts.items():
         purged.add(name, n)
+
+
+def _deadlock(e: sa.exc.DBAPIError) -> bool:
+    return str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "") == DEADLOCK_SQLSTATE
 
 
 def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Purged) -> None:
@@ -124,8 +145,12 @@ def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Pu
             break
         after = (rows[-1][1], rows[-1][0])
         try:
-            _delete_chunk(store, [eid for eid, _ in rows], purged)
-        except sa.exc.IntegrityError as e:  # a row referring to one of them came meanwhile
+            _delete_chunk(store, stream, horizon, [eid for eid, _ in rows], purged)
+        except sa.exc.DBAPIError as e:
+            # A row referring to one of them came meanwhile, or a writer's locks crossed ours: this
+            # chunk waits for the next round, the others go on (an outage still fails the purge).
+            if not (isinstance(e, sa.exc.IntegrityError) or _deadlock(e)):
+                raise
             purged.failed_chunks += 1
             log.info("retention: a chunk of %s met a concurrent writer; retried next round: %s", stream, first_line(e))
         if len(rows) < chunk:

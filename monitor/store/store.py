@@ -368,18 +368,33 @@ class Store:
             present.update(r[0] for r in conn.execute(q))
         return present
 
-    def _stream_conflicts(self, rows: Sequence[EpisodeRow], conn: Connection) -> dict[tuple[str, str], str]:
-        """The episode rows, (episode id, stream), whose id the store holds for another stream: read
-        after their insert, so an id new to the store belongs to the batch's first row of it."""
-        if not rows:
-            return {}
-        ids = list(dict.fromkeys(row["episode_id"] for row in rows))
+    def _insert_episodes(self, rows: Sequence[EpisodeRow], conn: Connection) -> dict[str, str]:
+        """Insert the batch's episodes; return the stream that owns each id, read after the insert
+        (so an id new to the store belongs to the batch's first row of it).
+
+        An id already stored takes no lock when its insert does nothing, so the retention purge
+        could delete it before the batch's samples referred to it: the foreign key failed the
+        batch and stopped the pipeline (an old episode sent again: a producer's retry, a rewind,
+        re-imported history). The owners are read under KEY SHARE on PostgreSQL, as the foreign
+        key check would lock them, until the caller commits; one deleted in between is inserted
+        again (ours then, which no purge can see). SQLite's write transaction holds the database."""
         e = t.episodes
         owner: dict[str, str] = {}
-        for i in range(0, len(ids), 500):
-            owner.update(
-                conn.execute(sa.select(e.c.episode_id, e.c.stream).where(e.c.episode_id.in_(ids[i : i + 500]))).all()
-            )
+        pending = list(rows)
+        while pending:
+            self.insert_ignore(t.episodes, pending, conn)
+            ids = list(dict.fromkeys(row["episode_id"] for row in pending))
+            for i in range(0, len(ids), 500):
+                q = sa.select(e.c.episode_id, e.c.stream).where(e.c.episode_id.in_(ids[i : i + 500]))
+                if self.dialect == "postgresql":
+                    q = q.with_for_update(key_share=True)
+                owner.update((str(r[0]), str(r[1])) for r in conn.execute(q))
+            pending = [row for row in pending if row["episode_id"] not in owner]
+        return owner
+
+    @staticmethod
+    def _stream_conflicts(rows: Sequence[EpisodeRow], owner: Mapping[str, str]) -> dict[tuple[str, str], str]:
+        """The episode rows, (episode id, stream), whose id the store holds for another stream."""
         return {
             (row["episode_id"], row["stream"]): _CONFLICT
             for row in rows
@@ -394,11 +409,10 @@ class Store:
         with self.engine.begin() as conn:
             self.limit_transaction(conn, timeout_s)
             self._cas_offsets(conn, batch.offsets, batch.commit_id, now)
-            # Episodes before the rows that refer to them (foreign keys).
-            self.insert_ignore(t.episodes, batch.episodes, conn)
-            # After the insert, in its transaction: a row another writer committed since (or holds,
-            # on PostgreSQL, until it commits) is seen here, so no race lets a conflict through.
-            conflicts = self._stream_conflicts(batch.episodes, conn)
+            # Episodes before the rows that refer to them (foreign keys). Their owners are read after
+            # the insert, in its transaction: a row another writer committed since (or holds, on
+            # PostgreSQL, until it commits) is seen here, so no race lets a conflict through.
+            conflicts = self._stream_conflicts(batch.episodes, self._insert_episodes(batch.episodes, conn))
             if conflicts:
                 raise EpisodeIdConflict(conflicts)  # leaving the block rolls the batch back
             self.insert_ignore(t.samples, batch.samples, conn)
