@@ -647,6 +647,39 @@ class EmbeddingDriftConfig(_Model):
         return self
 
 
+# The names of the signals drift detection watches. The signals themselves (kind, description,
+# computation) live in monitor/signals (TEXT_SIGNALS, CONVERSATION_SIGNALS, FED_SIGNALS) and
+# monitor/drift (EMBEDDING), which import this module: the names are here so that the settings can
+# be checked when they are read, not when DriftMonitor starts (monitor/signals already imports this
+# module, so it may not import monitor/signals back). tests/test_config_signals.py keeps the two equal.
+TEXT_SIGNAL_NAMES = (
+    "response_log_chars",
+    "prompt_log_chars",
+    "response_log_lines",
+    "empty_response",
+    "refusal",
+    "mixed_script",
+    "distinct_token_ratio",
+    "non_text_ratio",
+)
+CONVERSATION_SIGNAL_NAMES = ("turns", "tool_calls", "tool_errors", "tool_output_share")
+FED_SIGNAL_NAMES = ("rm_score", "rm_disagreement")
+#: The signal of the prompt+response embeddings (``drift.embedding``): not a ``drift.signals`` key.
+EMBEDDING_SIGNAL = "embedding"
+#: What ``drift.signals`` may name.
+DRIFT_SIGNAL_NAMES = frozenset(TEXT_SIGNAL_NAMES + CONVERSATION_SIGNAL_NAMES + FED_SIGNAL_NAMES)
+#: What a drift event's signal can be: ``drift.signal_params`` and ``reward.update.trigger_signals`` may name it.
+EVENT_SIGNAL_NAMES = DRIFT_SIGNAL_NAMES | {EMBEDDING_SIGNAL}
+
+
+def _unknown_signals(where: str, names: set[str], known: frozenset[str], also: str = "") -> None:
+    """Raise the one-line error of a setting that names signals outside ``known`` (``where``: the
+    setting's key and a colon, where the error's location would not name it)."""
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(f"{where}unknown signals {unknown}; known: {also}{sorted(known)}")
+
+
 def _default_drift_signals() -> dict[str, list[str]]:
     # One CUSUM per text signal, anchored on the warm-up reference: cheap, calibrated once per
     # process (signals are put on a common null first, see monitor/signals/normalise.py), and
@@ -796,6 +829,34 @@ class DriftConfig(_Model):
                 raise ValueError(f"{key}.{wrong[0]}: detector {name!r} has no such parameter (it takes {allowed})")
         return self
 
+    @model_validator(mode="after")
+    def _signal_names(self) -> DriftConfig:
+        # An unknown signal used to pass `config check` and stop `run` at start (DriftMonitor); in
+        # signal_params it had no effect at all, nor had a detector that does not watch the signal.
+        _unknown_signals("drift.signals: ", set(self.signals), DRIFT_SIGNAL_NAMES)
+        _unknown_signals("drift.signal_params: ", set(self.signal_params), EVENT_SIGNAL_NAMES)
+        if "signal_params" not in self.model_fields_set:
+            # The default (rm_disagreement's one-sided CUSUM) is not the operator's doing: a
+            # drift.signals that leaves that signal or that detector out just leaves it unused.
+            return self
+        for signal, by_name in sorted(self.signal_params.items()):
+            if signal == EMBEDDING_SIGNAL:
+                listed, where = self.embedding.detectors, "drift.embedding.detectors"
+            else:
+                listed, where = self.signals.get(signal, []), f"drift.signals.{signal}"
+            if by_name and not listed:
+                raise ValueError(
+                    f"drift.signal_params.{signal}: {signal} is not watched ({where} lists no detector),"
+                    " so these parameters would have no effect"
+                )
+            extra = sorted(set(by_name) - set(listed))
+            if extra:
+                raise ValueError(
+                    f"drift.signal_params.{signal}.{extra[0]}: {where} does not list detector {extra[0]!r}"
+                    f" (it lists {', '.join(listed)}), so these parameters would have no effect"
+                )
+        return self
+
 
 class RewardUpdateConfig(_Model):
     """When and how a reward-model update runs (train on fresh labels -> gate -> promote)."""
@@ -890,6 +951,13 @@ class RewardUpdateConfig(_Model):
         description="the perturbation pairs in all, at most this share of the ratings' training pairs (with few"
         " labels they would otherwise outnumber the ratings and drown what the update is for)",
     )
+
+    @field_validator("trigger_signals")
+    @classmethod
+    def _trigger_signal_names(cls, v: list[str]) -> list[str]:
+        # A misspelt signal was accepted and silently left its drift events without updates.
+        _unknown_signals("", set(v) - {"*"}, EVENT_SIGNAL_NAMES, also="'*' or ")
+        return v
 
 
 class RewardConfig(_Model):

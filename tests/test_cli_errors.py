@@ -178,7 +178,9 @@ def faults(tmp: Path) -> list[tuple[str, list[str], int, str]]:
     for leaf in LEAVES:
         where = tmp / leaf.name.replace(" ", "-")
         where.mkdir()
-        out.append((f"{leaf.name}: unknown flag", [*leaf.argv(where), "--no-such-flag"], 2, "--no-such-flag"))
+        # The command's own error, pointing to its own --help (not the top level's).
+        unknown = f"oversight {leaf.name}: error: unrecognized arguments: --no-such-flag"
+        out.append((f"{leaf.name}: unknown flag", [*leaf.argv(where), "--no-such-flag"], 2, unknown))
         for action in leaf.options():
             kind = leaf.path_kind(action)
             if kind is None:
@@ -313,6 +315,67 @@ def test_estimate_arguments_no_estimate_can_take_are_usage_errors(
     db = f"sqlite:///{tmp_path / 'e.db'}"
     res = run("estimate", "--stream", "chat", "--quantity", "response_chars", "--db", db, *args)
     assert res.returncode == 2 and message in one_error_line(res) and "unexpected" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "extra"),
+    [
+        (["rm", "update", "--bogus"], "rm update", "--bogus"),
+        (["replay", "--input", "x", "--report", "y", "--bogus"], "replay", "--bogus"),
+        (
+            ["estimate", "--stream", "chat", "--quantity", "response_chars", "extra_positional"],
+            "estimate",
+            "extra_positional",
+        ),
+        (["users", "add", "ann", "--role", "reviewer", "--bogus", "more"], "users add", "--bogus more"),
+        (["rm", "--bogus", "update"], "rm", "--bogus"),
+    ],
+)
+def test_an_unknown_argument_is_the_error_of_the_command_given_it(argv: list[str], command: str, extra: str) -> None:
+    """argparse hands a subcommand's leftovers to the top-level parser: ``oversight rm update
+    --bogus`` was ``oversight: error: ... (see oversight --help)``, not the command's own error
+    with a pointer to its own help, as a missing argument is."""
+    res = run(*argv)
+    want = f"oversight {command}: error: unrecognized arguments: {extra} (see oversight {command} --help)"
+    assert res.returncode == 2 and one_error_line(res) == want and res.stdout == "", res.stderr
+
+
+def test_a_second_import_is_not_pointed_to_run(tmp_path: Path) -> None:
+    """The refusal of a second import advised ``oversight run --input FILE``, which reads episodes:
+    every line of the export was a dead letter (unknown_field). An import is pointed to a fresh database."""
+    args = ["--dev", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--set", f"dead_letter.path={tmp_path / 'd'}"]
+    source = str(REPO / "tests" / "data" / "langfuse_traces.jsonl")
+    assert run("import", *args, "--input", source).returncode == 0
+    res = run("import", *args, "--input", source)
+    line = one_error_line(res)
+    assert res.returncode == 2 and line.startswith("oversight import: error: the database already holds"), line
+    assert "cannot resume" in line and "fresh database (--db)" in line and "oversight run" not in line
+
+
+def test_a_second_replay_is_pointed_to_run(tmp_path: Path) -> None:
+    """A replay's refusal keeps its advice: episodes are what ``oversight run`` reads."""
+    episodes = tmp_path / "episodes.jsonl"
+    lines = [
+        json.dumps({"episode_id": f"e{i}", "stream": "chat", "prompt": "p", "response": "r", "timestamp": i})
+        for i in range(3)
+    ]
+    episodes.write_text("\n".join(lines) + "\n")
+    args = [
+        "--input",
+        str(episodes),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--db",
+        f"sqlite:///{tmp_path / 'db.sqlite'}",
+    ]
+    args += ["--set", "drift.enabled=false", "--set", f"dead_letter.path={tmp_path / 'd'}"]
+    assert run("replay", *args).returncode == 0
+    res = run("replay", *args)
+    line = one_error_line(res)
+    assert res.returncode == 2 and "a replay reads its input from the start and cannot resume" in line, line
+    assert line.endswith(
+        "Replay into a fresh database (--db), or continue a file where it stopped with `oversight run --input FILE`"
+    )
 
 
 def test_a_kind_record_that_is_not_an_object_is_named(tmp_path: Path) -> None:

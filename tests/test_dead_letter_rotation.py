@@ -232,3 +232,30 @@ def test_the_service_counts_its_rotations(tmp_path: Path) -> None:
     assert value("oversight_dead_letters_discarded_total") + len(kept) == 60
     assert registry.get_sample_value("oversight_dead_letters_total", {"reason": "invalid_json"}) == 60
     assert os.path.getsize(path) <= 1048576
+
+
+@pytest.mark.parametrize("torn_bytes", [1, 150, 200_000])
+@pytest.mark.parametrize("whole_before", [0, 3])
+def test_a_line_torn_by_a_killed_process_is_cut_before_the_next_append(
+    tmp_path: Path, torn_bytes: int, whole_before: int
+) -> None:
+    """kill -9 in the middle of an append leaves part of a line. The restarted service appended the
+    redelivered letter to it, and neither could be read. The torn part is cut back to the last
+    whole line first (also when it is longer than one read back), and the letters before stay."""
+    path = tmp_path / "dlq.jsonl"
+    first = JsonlDeadLetterSink(str(path), 1 << 20)
+    for n in range(whole_before):
+        first.send(letter(n))
+    first.flush()
+    first.close()
+    big = letter(99, size=torn_bytes)
+    line = json.dumps({"offset": 99, "raw_b64": "x" * (torn_bytes * 2)}).encode()
+    assert len(line) > torn_bytes
+    del big
+    with path.open("ab") as fh:
+        fh.write(line[:torn_bytes])  # what the killed process had written of its letter
+    restarted = JsonlDeadLetterSink(str(path), 1 << 20)
+    restarted.send(letter(99))
+    restarted.flush()
+    restarted.close()
+    assert offsets(path) == [*range(whole_before), 99]

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 
 from monitor.cli import admin, importing, ingest, pipeline, query, reviewers, rm, rm_sensitivity, users
@@ -84,6 +84,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+class CommandParser(Parser):
+    """A command's (or a group's) parser: it refuses what it does not know itself. argparse hands a
+    subparser's leftovers up to the root parser, so ``oversight rm update --bogus`` was the top
+    level's error, pointing to ``oversight --help``; now it is ``oversight rm update``'s."""
+
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:  # Any: typeshed's overloads give back the namespace's own type
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def literal(text: str) -> str:
     """A help text as argparse prints it literally: argparse %-formats every help (``%(default)s``),
     so a plain "95%" in a command's help broke ``--help`` of its whole group with a traceback."""
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     # dest show_version: a subcommand's own --version (rm score-backlog's, a reward-model version)
     # must never land in this flag's attribute, or the command prints the package's version instead.
     parser.add_argument("--version", action="store_true", dest="show_version", help="print the version and exit")
-    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     groups: dict[tuple[str, ...], Any] = {(): top}  # path prefix -> its subparsers
     for cmd in COMMANDS:
         for depth in range(1, len(cmd.path)):
@@ -105,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
             if prefix not in groups:
                 p = groups[prefix[:-1]].add_parser(prefix[-1], help=literal(GROUPS[prefix[-1]]))
                 groups[prefix] = p.add_subparsers(
-                    dest=f"{prefix[-1]}_command", metavar="ACTION", required=True, parser_class=Parser
+                    dest=f"{prefix[-1]}_command", metavar="ACTION", required=True, parser_class=CommandParser
                 )
         leaf = groups[cmd.path[:-1]].add_parser(cmd.path[-1], help=literal(cmd.help), description=cmd.help)
         if cmd.arguments is not None:

@@ -25,6 +25,7 @@ FLUSH_TIMEOUT_S = 5
 # A Kafka record's key is its stream name; a longer one is cut in the letter (its hash and size
 # are kept), so that no key can make a letter larger than the producer's request.
 KEY_MAX_BYTES = 1024
+TAIL_SCAN = 65536  # bytes read at a time looking back for the last whole line of a torn file
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class JsonlDeadLetterSink:
         self._lines: list[bytes] = []
 
     def _open(self) -> BinaryIO:
-        return open(self.path, "ab", buffering=0)  # kept open for the sink's life; closed by close()
+        # Readable too: a torn last line is found by reading back (_cut_torn_tail). Appends go to the end.
+        return open(self.path, "ab+", buffering=0)  # kept open for the sink's life; closed by close()
 
     def send(self, letter: DeadLetter) -> None:
         raw = letter.raw[: self.max_raw_bytes]
@@ -176,10 +178,32 @@ class JsonlDeadLetterSink:
         while True:
             fcntl.flock(self._fh, fcntl.LOCK_EX)
             if self._is_current():
+                self._cut_torn_tail()
                 return
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = self._open()
+
+    def _cut_torn_tail(self) -> None:
+        """Cut the file back to its last whole line, under the lock. A process killed in the middle
+        of an append (kill -9, a lost node) left part of a line; the next letter was glued onto it,
+        and neither could be read. The torn letter's batch never committed, so it is sent again."""
+        fd = self._fh.fileno()
+        end = os.fstat(fd).st_size
+        if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+            return
+        at = end
+        while at > 0:
+            start = max(0, at - TAIL_SCAN)
+            newline = os.pread(fd, at - start, start).rfind(b"\n")
+            if newline >= 0:
+                at = start + newline + 1
+                break
+            at = start
+        log.warning(
+            "dead letters: %s ended in a torn line (%d bytes), cut back to its last whole line", self.path, end - at
+        )
+        os.ftruncate(fd, at)
 
     def _is_current(self) -> bool:
         try:

@@ -171,6 +171,12 @@ class FileSource:
         if self._fresh_only and stored is not None:
             from monitor.config import ConfigError
 
+            if self.name.startswith("import:"):  # `oversight import` names its source import:PATH
+                # Not `oversight run`: it reads episodes, so it dead-lettered an export's every line.
+                raise ConfigError(
+                    f"the database already holds {self.name} (up to byte {stored}): an import reads its"
+                    " input from the start and cannot resume. Import it into a fresh database (--db)"
+                )
             raise ConfigError(
                 f"the database already holds {self.name} (up to byte {stored}): a replay reads its input"
                 " from the start and cannot resume. Replay into a fresh database (--db), or continue a"

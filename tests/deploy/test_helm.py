@@ -948,10 +948,22 @@ def test_another_namespace_pipeline_does_not_hide_this_release_absence(tmp_path:
                 "input_series": [
                     {"series": 'up{job="oversight-pipeline",namespace="other",instance="o0:9108"}', "values": "1x20"},
                 ],
-                "alert_rule_test": [{"eval_time": "10m", "alertname": "OversightMonitorAbsent", "exp_alerts": [
-                    {"exp_labels": {"severity": "critical", "component": "monitor", "job": "oversight-pipeline",
-                                    "namespace": NAMESPACE}},
-                ]}],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "OversightMonitorAbsent",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    "component": "monitor",
+                                    "job": "oversight-pipeline",
+                                    "namespace": NAMESPACE,
+                                }
+                            },
+                        ],
+                    }
+                ],
             }
         ],
     }

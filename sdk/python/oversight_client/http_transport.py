@@ -232,7 +232,7 @@ class Client(BaseClient):
 
     Example::
 
-        client = Client("https://monitor.example.com", token=os.environ["OVERSIGHT_INGEST_TOKEN"])
+        client = Client("https://monitor.example.com", token=os.environ["MONITOR_INGEST_TOKEN"])
         client.log({"prompt": "2+2?", "response": "4", "stream": "chat"})
 
     ``url`` is the service's base URL (``/v1/episodes`` is appended) or the endpoint itself.
