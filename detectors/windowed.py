@@ -32,9 +32,12 @@ episodes/s, and at volume any shift, however small, becomes significant. This de
   conservative choice) plus the error of the reference mean itself (``w`` its forgetting weight).
   ``tau^2`` of a bucket seen on fewer than two days is the pooled ratio ``tau^2 / sigma^2`` of
   the others, shrunk towards ``tau_prior_sd^2`` (4 pseudo-days); a bucket's own estimate is used
-  only when larger. Hours that raised an alarm are not folded. A bucket not yet seen on any day
-  is not tested (the first weekend after the start is learned, not tested), and no window is
-  tested before ``warmup_s`` after the first value. ``seasonal=False``: one bucket, folded every
+  only when larger. Hours that raised an alarm are not folded, nor are hours of fewer than
+  ``min_count`` values (one record stamped days early, a ``"timestamp": 0`` sentinel, made an
+  hour of one value whose variance of 0 put its bucket's error at the floor: an alarm of -1,700
+  standard deviations on stationary traffic). A bucket not yet seen on any day is not tested
+  (the first weekend after the start is learned, not tested), and no window is tested before
+  ``warmup_s`` after the start of the first hour folded. ``seasonal=False``: one bucket, folded every
   ``fold_s`` seconds. State: O(buckets + windows), never O(traffic).
 * **What the guarantee assumes.** The reference is right for the hour (the daily and weekly
   rhythm repeats, up to ``tau``), window means are approximately normal (the merge rule), and
@@ -227,8 +230,6 @@ class WindowedShiftDetector(Detector):
         return self._drift_detected
 
     def _add(self, t: float, n: float, s: float, ss: float) -> tuple[bool, Any, Any, Any]:
-        if math.isnan(self._clock):
-            self._first = t
         t = t if math.isnan(self._clock) else max(t, self._clock)  # late values count now
         self._clock = t
         hit = self._close_windows(t)
@@ -256,10 +257,13 @@ class WindowedShiftDetector(Detector):
         idx = math.floor(t / self.fold_s)
         if idx == self._fold:
             return
-        if not math.isnan(self._fold) and self._fold_acc[0] > 0 and not self._fold_alarm:
-            self._fold_in(self._bucket(self._fold * self.fold_s), *self._fold_acc)
+        if not math.isnan(self._fold) and self._fold_acc[0] >= self.min_count and not self._fold_alarm:
+            start = self._fold * self.fold_s
+            if math.isnan(self._first):
+                self._first = start  # the warm-up counts from the first hour learned
+            self._fold_in(self._bucket(start), *self._fold_acc)
         self._fold, self._fold_acc, self._fold_alarm = idx, [0.0, 0.0, 0.0], False
-        self._warm = t - self._first >= self.warmup_s
+        self._warm = t - self._first >= self.warmup_s  # False while nothing was folded (NaN)
 
     def _fold_in(self, b: int, n: float, s: float, ss: float) -> None:
         h = s / n

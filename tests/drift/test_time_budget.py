@@ -127,3 +127,20 @@ def test_one_outlier_after_a_constant_reference_is_no_alarm_a_new_level_is() -> 
     level = np.where(t >= MONDAY + 2.5 * DAY, transform(3.0), transform(2.0))
     hits = WindowedShiftDetector(x_ref=ref).update_many(t, level)
     assert hits and t[hits[0][0]] - (MONDAY + 2.5 * DAY) <= 600.0
+
+
+@pytest.mark.parametrize("stale_by", [2 * DAY + 1800.0, None])
+def test_one_stale_first_value_is_no_alarm(stale_by: float | None) -> None:
+    """The first value the detector sees stamped days before the rest (a buffered record flushed
+    late), or at 0 (a producer's "unknown" sentinel): its hour of one value was folded with a
+    variance of 0, and the warm-up counted from it. Stationary traffic then alarmed at shifts of
+    about -1,700 SD. An hour of fewer than min_count values is not learned from."""
+    rng = np.random.default_rng(7)
+    start = MONDAY + 2 * DAY + 10 * 3600.0
+    t = start + np.arange(int(3 * DAY), dtype=float)
+    x = rng.standard_normal(t.size)
+    t[0] = 0.0 if stale_by is None else start - stale_by
+    det = WindowedShiftDetector()
+    assert det.update_many(t, x) == []
+    # Learning starts with the first full hour: the warm-up still ends and the windows are tested.
+    assert det.last_test is not None
