@@ -667,8 +667,33 @@ class DriftMonitor:
         self._worker.release(gone)
 
     def outstanding(self) -> bool:
-        """Drift samples of this replica's streams still waiting for the worker, or fed and not committed."""
-        return bool(self._marked) or (self._worker is not None and self._worker.outstanding())
+        """Drift samples of this replica's streams still waiting for the worker, or fed and not
+        committed, or detectors still being built (the values waiting for them are fed when they
+        are installed: a finite run that exited first left them for a next value that may never come)."""
+        return bool(self._marked) or bool(self._builds) or (self._worker is not None and self._worker.outstanding())
+
+    def resume_builds(self) -> int:
+        """Start again the builds a checkpoint says were running: every stream whose checkpoint
+        holds a signal waiting for its detectors is loaded now; returns how many builds started.
+        For a replica that holds every stream (a file, stdin, the inbox), at the start of a
+        service. A build cut short (kill -9 during a calibration) was otherwise started again only
+        by its stream's next value: a stream gone quiet, or an input already consumed, left the
+        waiting values (a policy swap's, perhaps) unexamined for good."""
+        started = 0
+        for stream in self._read(lambda: self._store.streams_with_state(COMPONENT)):
+            sd = self._streams.get(stream) or self._load(stream)
+            fired: list[tuple[str, str, dict[str, Any], At]] = []
+            for signal, st in list(sd.signals.items()):
+                if st.waiting is None or (stream, signal) in self._builds:
+                    continue
+                names, ref_size = self._watch_of(signal)
+                self._install(stream, sd, signal, names, ref_size, fired)  # starts the build
+                started += 1
+                self._dirty.add(stream)
+            self._record(stream, fired)
+        if started:
+            log.info("drift: %d detector builds cut short by the last stop started again", started)
+        return started
 
     def owned_streams(self) -> frozenset[str] | None:
         """The streams this replica holds, as of the last checkpoint (``None``: every stream)."""

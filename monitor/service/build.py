@@ -248,6 +248,11 @@ class Service:
             drift.embed_in_background(icfg, every_stream=self.settings.source.kind != "kafka", shared=shared)
         if drift is not None:
             drift.arm_in_background()
+            if self.settings.source.kind != "kafka":
+                # This replica holds every stream: builds a kill cut short start now, not when
+                # (if ever) their stream's next episode comes. A Kafka replica learns its streams
+                # from their episodes.
+                drift.resume_builds()
         streams = None if drift is None else drift.owned_streams
         if self.scorer is not None and icfg.workers and icfg.external:
             # Before the first checkpoint, which would load the active version: `oversight infer` does.

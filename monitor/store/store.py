@@ -620,6 +620,13 @@ class Store:
                 found.update(str(s) for s in conn.execute(q).scalars())
         return found
 
+    def streams_with_state(self, component: str) -> list[str]:
+        """Every stream for which ``component`` checkpointed state (without reading it)."""
+        ss = t.stream_state
+        with self.engine.connect() as conn:
+            q = sa.select(ss.c.stream).where(ss.c.component == component).order_by(ss.c.stream)
+            return [str(s) for s in conn.execute(q).scalars()]
+
     def load_internal(self, key: str) -> dict[str, Any] | None:
         """The service's keyed state ``key`` (``internal_state``); None if it was never saved."""
         q = sa.select(t.internal_state.c.state).where(t.internal_state.c.key == key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,47 @@ def test_a_restart_while_the_detectors_are_built_feeds_every_waiting_value_once(
     # The same alarms; their order within a batch may differ (the restarted monitor feeds one
     # signal's waiting values, then the next's).
     assert sorted(got, key=lambda e: (e[3], e[0])) == sorted(want, key=lambda e: (e[3], e[0]))
+
+
+def test_a_build_cut_short_is_started_again_without_a_next_value(
+    db_url: str, tmp_path: Path, held_builds: threading.Event
+) -> None:
+    """A replica is killed while its detectors are built, after its input was consumed (or its
+    stream went quiet). The restarted service starts the build again at once and finds the alarms
+    in the values that waited: before, only the stream's next value started it, so a finished
+    input exited with them unexamined, run after run."""
+    rng = np.random.default_rng(11)
+    xs = [float(v) + (1.5 if i >= 140 else 0.0) for i, v in enumerate(rng.standard_normal(300))]
+    store = Store(db_url)
+    first = _monitor(store)
+    first.arm_in_background()  # its builds wait for held_builds: the kill comes first
+    try:
+        assert _feed(first, store, xs, 0, 300) == []
+    finally:
+        first.close()
+    second = _monitor(store)
+    second.arm_in_background()
+    try:
+        assert second.resume_builds() == 2
+        assert second.resume_builds() == 0  # nothing twice
+        assert second.outstanding(), "a finite run must wait for the builds before it exits"
+        held_builds.set()
+        events = []
+        deadline = time.monotonic() + 60
+        while second.outstanding() and time.monotonic() < deadline:  # what the service's idle work does
+            if second.between_batches():
+                batch = BatchWrite()
+                batch.states.update(second.checkpoint())  # installs the builds, feeds the waiting values
+                second.add_rows(batch)
+                store.commit_batch(batch)
+                events += batch.drift_events
+            time.sleep(0.05)
+    finally:
+        second.close()
+    assert {str(e["signal"]) for e in events} == {"rm_score", "rm_disagreement"}
+    assert all(140 <= int(e["input_index"]) < 300 for e in events)
+    assert not second.outstanding()
+    assert _monitor(store).resume_builds() == 0  # installed and checkpointed: nothing left to build
 
 
 @pytest.mark.parametrize("ids", [["a"], [""], ["x\ny", "z"], ["a", "b", "c"], []])
