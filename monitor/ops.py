@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -166,6 +167,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self.refused = 0  # connections closed at once, over a limit
+        self.gone = 0  # clients that went away before their answer was written (a probe timed out)
 
     def _take(self, address: str) -> bool:
         with self._lock:
@@ -193,6 +195,21 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         except BaseException:
             self._give(address)
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request's handler raised. socketserver's default printed the traceback on stderr: a
+        kubelet probe that timed out on a busy node (the connection reset while /readyz ran) put
+        one in the service's log each time. A client that went away (a reset, a broken pipe, a
+        timeout, the deadline's cut) is counted and logged at debug level; anything else is one
+        warning line, without a traceback."""
+        error = sys.exc_info()[1]
+        peer = client_address[0] if isinstance(client_address, tuple) and client_address else client_address
+        if isinstance(error, (ConnectionError, TimeoutError)):  # BrokenPipe, ConnectionReset, socket.timeout
+            with self._lock:
+                self.gone += 1
+            log.debug("ops: client %s went away: %s", peer, error)
+            return
+        log.warning("ops: request from %s failed: %s: %s", peer, type(error).__name__, error)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         def cut() -> None:  # the deadline: a slow sender's blocked read ends at once

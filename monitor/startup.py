@@ -24,11 +24,13 @@ import json
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -152,11 +154,18 @@ class _Waiting(BaseHTTPRequestHandler):
         return
 
 
+class _WaitingServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A probe that gave up while the database was awaited (a reset, a broken pipe): socketserver's
+        # default printed its traceback on stderr. One debug line, as the ops server's (monitor/ops.py).
+        log.debug("waiting server: request from %s failed: %s", client_address, sys.exc_info()[1])
+
+
 @contextlib.contextmanager
 def _answering(sock: socket.socket) -> Iterator[None]:
     """Serve :class:`_Waiting` on the bound, listening ``sock`` until the block ends; the socket
     stays open (the server that follows takes it)."""
-    httpd = ThreadingHTTPServer(sock.getsockname()[:2], _Waiting, bind_and_activate=False)
+    httpd = _WaitingServer(sock.getsockname()[:2], _Waiting, bind_and_activate=False)
     httpd.socket.close()  # its own, never bound: ours replaces it
     httpd.socket = sock
     httpd.daemon_threads = True

@@ -22,10 +22,17 @@ from monitor.store import tables as t
 
 MAX_GUIDELINES = 50_000
 MAX_STREAM = 128
+SAVE_ATTEMPTS = 5  # tries at the next version number before GuidelinesBusy
+GUIDELINES_LOCK = 7163528  # first key of the per-stream pg_advisory_xact_lock(int, int) of save()
 
 
 class GuidelinesError(ValueError):
     """Refused guidelines (empty, too long, a NUL, a bad stream name): a 422."""
+
+
+class GuidelinesBusy(Exception):
+    """Guidelines that could not be given a version number (concurrent saves took every number
+    tried): a 503 with Retry-After, never a 500; saving again succeeds."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +69,28 @@ def check(stream: str, markdown: str) -> None:
 
 
 def save(store: Store, stream: str, markdown: str, user: User, now: float | None = None) -> Guidelines:
-    """Store ``markdown`` as the stream's next version; raises :class:`GuidelinesError`.
+    """Store ``markdown`` as the stream's next version; raises :class:`GuidelinesError` (refused
+    text) or :class:`GuidelinesBusy` (no version number could be taken: try again).
 
-    Two concurrent saves can pick the same next number: the primary key refuses the second,
-    which is retried once with a fresh number."""
+    Concurrent saves of one stream are numbered one after the other: PostgreSQL holds a
+    transaction-scoped advisory lock on the stream while it reads ``max(version)`` and inserts
+    the next one, and SQLite's ``BEGIN IMMEDIATE`` runs one writer at a time (without the lock,
+    concurrent saves read the same maximum and the primary key refused all but one: a 500). A
+    save that still meets a taken number (a writer that does not take the lock) is retried with a
+    fresh one, at most :data:`SAVE_ATTEMPTS` times."""
     check(stream, markdown)
     now = time.time() if now is None else now
     g = t.guidelines
-    for attempt in range(2):
+    for _ in range(SAVE_ATTEMPTS):
         try:
             with store.engine.begin() as conn:
+                if store.dialect == "postgresql":
+                    # Two int4 keys: a key space apart from the one-bigint locks of the migrations
+                    # and the inbox; streams whose hashes collide merely wait for each other.
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:k, hashtext(:stream))"),
+                        {"k": GUIDELINES_LOCK, "stream": stream},
+                    )
                 top = conn.execute(sa.select(sa.func.max(g.c.version)).where(g.c.stream == stream)).scalar()
                 version = int(top or 0) + 1
                 conn.execute(
@@ -81,9 +100,10 @@ def save(store: Store, stream: str, markdown: str, user: User, now: float | None
                 )
             return Guidelines(stream, version, markdown, now, user.name)
         except sa.exc.IntegrityError:
-            if attempt:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+            continue
+    raise GuidelinesBusy(
+        f"guidelines not saved: other saves of stream {stream!r} took each version number tried; try again"
+    )
 
 
 def get(store: Store, stream: str, version: int | None = None) -> Guidelines | None:

@@ -61,11 +61,17 @@ def get_guidelines(
     return GuidelinesOut.model_validate(g.to_json())
 
 
-@admin_router.post("/guidelines", status_code=201, responses=BODY)
+@admin_router.post(
+    "/guidelines",
+    status_code=201,
+    responses={**BODY, 503: refusal("concurrent saves of the stream took every version number tried (Retry-After)")},
+)
 def set_guidelines(body: GuidelinesIn, p: Admin, ctx: Ctx) -> GuidelinesOut:
     """Saves the stream's guidelines as its next version (the older ones are kept)."""
     try:
         g = guidelines.save(ctx.store, body.stream, body.markdown, p.user, now=ctx.now())
     except guidelines.GuidelinesError as e:
         raise RequestValidationError([{"type": "value_error", "loc": ("body", "markdown"), "msg": str(e)}]) from None
+    except guidelines.GuidelinesBusy as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
     return GuidelinesOut.model_validate(g.to_json())

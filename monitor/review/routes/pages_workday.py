@@ -83,4 +83,8 @@ def post_guidelines(
         guidelines.save(ctx.store, stream.strip(), markdown.replace("\r\n", "\n"), session.user, now=ctx.now())
     except guidelines.GuidelinesError as e:
         return error_page(422, session, "Guidelines not saved", str(e))
+    except guidelines.GuidelinesBusy as e:
+        busy = error_page(503, session, "Guidelines not saved", str(e))
+        busy.headers["Retry-After"] = "1"
+        return busy
     return redirect("/admin#guidelines")
