@@ -103,6 +103,11 @@ class StreamSamplingState:
     traffic_per_hour: float | None = None
     budget_rate: float | None = None
     boosts: list[Boost] = field(default_factory=list)
+    #: The review budget's last window that spanned more than two windows of the clock (a stream
+    #: that was quiet, or a clock that leapt): (its start, its end, the traffic per hour and the
+    #: budget rate before it closed). :func:`rewind_clock` puts the budget back as it was before
+    #: that window when the window ended past ``not_after`` (the clock leapt into the future).
+    leap: tuple[float, float, float | None, float | None] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -116,6 +121,7 @@ class StreamSamplingState:
                 {"factor": b.factor, "until": b.until, "channels": list(b.channels), "reason": b.reason}
                 for b in self.boosts
             ],
+            "leap": None if self.leap is None else list(self.leap),
         }
 
     @classmethod
@@ -123,6 +129,7 @@ class StreamSamplingState:
         if snap.get("version") != 1:
             raise ValueError(f"unknown sampling state version {snap.get('version')!r}")
         clock = snap.get("clock")
+        leap = snap.get("leap")
         return cls(
             clock=-math.inf if clock is None else float(clock),
             window_start=snap.get("window_start"),
@@ -133,16 +140,23 @@ class StreamSamplingState:
                 Boost(float(b["factor"]), float(b["until"]), tuple(b["channels"]), str(b.get("reason", "")))
                 for b in snap.get("boosts", [])
             ],
+            leap=None if leap is None else (float(leap[0]), float(leap[1]), leap[2], leap[3]),
         )
 
 
 def rewind_clock(state: StreamSamplingState, not_after: float) -> bool:
-    """Undo a clock that a record stamped in the far future moved past ``not_after``: True if it did.
+    """Undo a clock moved past ``not_after``: True if it did. A record stamped in the far future
+    moves it there, and so does every record stamped with the ingesting host's clock while that
+    clock is stepped ahead (a bad NTP answer, an RTC read as local time): the clock stays there
+    when the host's clock is set right, since it only moves forward.
 
     Such a clock ended every boost (a boost lasts until the clock passes its end), froze the
     review budget's window (it never closes again) and made every later boost last until after
-    that date. So the clock starts again from the next episode, the budget's window with it (its
-    rate is kept), and the boosts go: each one left was made after the bad record.
+    that date. So the clock starts again from the next episode, the budget's window with it, and
+    the boosts go: each one left was made after the bad record. The budget's rate is kept, or,
+    when the window that closed across the leap is known (:attr:`StreamSamplingState.leap`), put
+    back as it was before that window: its traffic per hour counted the leap as hours without
+    traffic. Only later decisions change: each sample keeps the probability it was drawn with.
 
     >>> st = StreamSamplingState(clock=253402300799.0, window_start=253402300000.0, window_count=5)
     >>> st.boosts.append(Boost(4.0, 253402304399.0, ("human",), "drift"))
@@ -150,13 +164,21 @@ def rewind_clock(state: StreamSamplingState, not_after: float) -> bool:
     (True, -inf, None, [])
     >>> rewind_clock(StreamSamplingState(clock=1_767_225_600.0), not_after=1_767_225_900.0)
     False
+    >>> st = StreamSamplingState(clock=1_767_254_430.0, window_start=1_767_254_400.0, window_count=300,
+    ...     traffic_per_hour=18_010.0, budget_rate=0.02, leap=(1_767_225_590.0, 1_767_254_400.0, 36_000.0, 0.01))
+    >>> rewind_clock(st, not_after=1_767_225_900.0), st.traffic_per_hour, st.budget_rate, st.leap
+    (True, 36000.0, 0.01, None)
     """
     if not state.clock > not_after:
         return False
+    leap = state.leap
+    if leap is not None and leap[0] <= not_after < leap[1]:
+        state.traffic_per_hour, state.budget_rate = leap[2], leap[3]
     state.clock = -math.inf
     state.window_start = None
     state.window_count = 0
     state.boosts = []
+    state.leap = None
     return True
 
 
@@ -239,6 +261,18 @@ class Sampler:
             self._rates.pop(s, None)
             self._dirty.discard(s)
             self._targets.pop(s, None)
+
+    def rewind(self, stream: str, not_after: float) -> float | None:
+        """:func:`rewind_clock` on the stream's state, its cached rates dropped and the state
+        checkpointed with the next batch. Returns the clock it undid, None when it was not past
+        ``not_after``."""
+        st = self.state(stream)
+        clock = st.clock
+        if not rewind_clock(st, not_after):
+            return None
+        self._rates.pop(stream, None)
+        self._dirty.add(stream)
+        return clock
 
     # -- rates -----------------------------------------------------------
     def rates(self, stream: str) -> dict[str, float]:
@@ -383,6 +417,8 @@ class Sampler:
         st.window_count += 1
         elapsed = st.clock - st.window_start
         if elapsed >= self.policy.budget_window_s:
+            if elapsed > 2.0 * self.policy.budget_window_s:  # a leap of the clock: see rewind_clock
+                st.leap = (st.window_start, st.clock, st.traffic_per_hour, st.budget_rate)
             per_hour = st.window_count * 3600.0 / elapsed
             a = self.policy.budget_smoothing
             st.traffic_per_hour = (

@@ -392,8 +392,8 @@ def _exact(values: list[float], probs: list[float]) -> dict[str, float]:
     ws = [1 / p for p in ps]
     sw, total = sum(ws), sum(w * y for w, y in zip(ws, ys, strict=True))
     mean = total / sw
-    design = sum((1 - p) * w * w * (y - mean) ** 2 for y, p, w in zip(ys, ps, ws, strict=True)) / sw**2
-    ht_var = sum((1 - p) * w * w * y * y for y, p, w in zip(ys, ps, ws, strict=True))
+    design = Fraction(sum((1 - p) * w * w * (y - mean) ** 2 for y, p, w in zip(ys, ps, ws, strict=True)) / sw**2)
+    ht_var = Fraction(sum((1 - p) * w * w * y * y for y, p, w in zip(ys, ps, ws, strict=True)))
 
     def root(x: Fraction) -> float:
         """sqrt of a square beyond the double range: taken at a power of two and scaled back."""

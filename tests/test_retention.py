@@ -25,6 +25,7 @@ from monitor.sources.memory import MemorySource
 from monitor.store import Store
 from monitor.store import tables as t
 from monitor.store.retention import RetentionJob, purge
+from monitor.store.rows import ReviewTaskRow, SampleRow
 from monitor.store.store import BUCKET_S, bucket_of
 
 BASE = 1_767_225_600  # 2026-01-01: event time, far from the wall clock
@@ -360,8 +361,15 @@ def test_an_old_episode_stored_again_while_the_purge_deletes_it_is_not_a_failed_
             purge_stream(purger, "a", BASE + 86400, 100, purged)
 
     sa.event.listen(store.engine, "before_cursor_execute", purge_now)
-    sample = {"episode_id": eid, "channel": "rm", "stream": "a", "ts": BASE, "inclusion_probability": 0.5}
-    store.commit_batch(BatchWrite(episodes=[_old_episode(eid, BASE)], samples=[{**sample, "created_at": 1.0}]))
+    sample: SampleRow = {
+        "episode_id": eid,
+        "channel": "rm",
+        "stream": "a",
+        "ts": BASE,
+        "inclusion_probability": 0.5,
+        "created_at": 1.0,
+    }
+    store.commit_batch(BatchWrite(episodes=[_old_episode(eid, BASE)], samples=[sample]))
     sa.event.remove(store.engine, "before_cursor_execute", purge_now)
     assert fired and purged.deleted["episodes"] == 1, "the purge did not run in the window"
     assert count(store, t.samples, t.samples.c.episode_id == eid) == 1
@@ -380,7 +388,9 @@ def test_a_task_claimed_after_the_purge_chose_its_episode_is_kept(
 
     store = Store(db_url)
     eids = [f"a-{i}" for i in range(4)]
-    tasks = [{"episode_id": e, "slot": 0, "stream": "a", "status": "pending", "created_at": 1.0} for e in eids]
+    tasks: list[ReviewTaskRow] = [
+        {"episode_id": e, "slot": 0, "stream": "a", "status": "pending", "created_at": 1.0} for e in eids
+    ]
     store.commit_batch(BatchWrite(episodes=[_old_episode(e, BASE + i) for i, e in enumerate(eids)], tasks=tasks))
     delete = retention._delete_chunk
 

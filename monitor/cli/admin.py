@@ -48,10 +48,18 @@ def purge_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help="keep this many days of each stream's event time (default: database.retention.days)",
     )
+    p.add_argument(
+        "--reset-horizon",
+        metavar="STREAM",
+        action="append",
+        default=[],
+        help="first forget the stream's retention horizon (repeatable): one that a wall clock stepped into the"
+        " future saved, which deleted new episodes and started its estimates there; the purge computes it again",
+    )
 
 
 def cmd_db_purge(args: argparse.Namespace) -> int:
-    from monitor.store.retention import purge
+    from monitor.store.retention import purge, reset_horizon
 
     settings = settings_from_args(args)
     cfg = settings.database.retention
@@ -62,16 +70,19 @@ def cmd_db_purge(args: argparse.Namespace) -> int:
             cfg = type(cfg).model_validate({**cfg.model_dump(), "days": args.days})
         except ValidationError as e:
             raise UsageError(f"--days {args.days}: {e.errors()[0]['msg']}") from None
-    if cfg.days is None:
+    if cfg.days is None and not args.reset_horizon:
         raise UsageError("nothing to purge: set database.retention.days or pass --days")
     store = open_existing_store(settings)
     try:
+        reset = {stream: reset_horizon(store, stream) for stream in args.reset_horizon}
+        if cfg.days is None:
+            print(json.dumps({"reset": reset}))
+            return 0
         purged = purge(store, cfg, settings.source.max_future_s)
     finally:
         store.close()
-    print(
-        json.dumps({"deleted": purged.deleted, "streams": len(purged.horizons), "failed_chunks": purged.failed_chunks})
-    )
+    out = {"deleted": purged.deleted, "streams": len(purged.horizons), "failed_chunks": purged.failed_chunks}
+    print(json.dumps({**out, "held": purged.held, **({"reset": reset} if reset else {})}))
     return 0
 
 

@@ -458,6 +458,7 @@ class Pipeline:
         reward-model score queued, dropped in ``_process`` if its episode is not stored)."""
         draft = Draft(BatchWrite(), [], {})
         admitted = self._admit(records, draft, now)
+        self._rewind_clocks({a[1].stream for a in admitted}, now)
         self._prepare(admitted)
         batch, letters, tally = draft.batch, draft.letters, draft.tally
         traffic = batch.traffic
@@ -487,6 +488,34 @@ class Pipeline:
             else:
                 tally.not_sampled[stream] += 1
         return draft
+
+    def _rewind_clocks(self, streams: Iterable[str], now: float) -> None:
+        """Bring back the sampling clock of each of ``streams`` that is further ahead of ``now``
+        than ``source.max_future_s`` allows (:meth:`Sampler.rewind`), before the batch's decisions.
+
+        Episodes without a timestamp take the host's clock, and a stream's clock only moves
+        forward: a wall clock stepped ahead for a moment (a bad NTP answer) left it there, its
+        review budget's window frozen (the rate of the step's window held for as long as the step
+        was long) and its boosts ended, or made to last that much longer. Once the host's clock is
+        set right, no episode can be that far ahead of it (validation refuses one), so the clock is
+        restarted from the batch's episodes. Estimates stay unbiased: every sample keeps the
+        inclusion probability it was drawn with, only later decisions change."""
+        limit = self.settings.source.max_future_s
+        if limit is None:
+            return
+        not_after = now + limit
+        for stream in streams:
+            clock = self.sampler.rewind(stream, not_after)
+            if clock is not None:
+                log.warning(
+                    "stream %r: its sampling clock was %.0f s ahead of this host's clock (%.0f s past"
+                    " source.max_future_s): the clock stepped back, after episodes were stamped with it"
+                    " while it was ahead; restarting it from the next episode, without its boosts, the"
+                    " review budget's rate as it was before the clock leapt",
+                    stream,
+                    clock - now,
+                    clock - not_after,
+                )
 
     def _admit(self, records: list[Record], draft: Draft, now: float) -> list[tuple[Record, Episode, int, int]]:
         """The batch's episodes that go on to be sampled, in order, with their dedup key and input

@@ -19,6 +19,17 @@ whatever ``since`` it was asked for.
 its latest traffic minute, so a replay of last year's traffic is not deleted as it is stored,
 and a stream that went quiet keeps its last window. The horizon only moves forward.
 
+**A leap waits for the next purge.** Episodes without a timestamp take the ingesting host's
+clock, and the purge's limit on future traffic (``source.max_future_s``) reads that clock too: a
+clock stepped a year ahead for a moment would put the horizon 275 days past today (90 days kept),
+saved for good, deleting everything stored for nine months and starting every estimate there. So a
+horizon more than ``retention.every_s`` plus an hour past the one the previous purge computed for
+the stream is held (logged, counted in :attr:`Purged.held`): the purge goes to the previous one,
+and the leap is taken when the next purge, ``every_s`` later by a timer that the wall clock does not
+move, computes it again. A stream catching up (a backlog, a replay, traffic after a quiet day)
+purges one round later; a clock stepped for less than a round leaves no trace. A horizon saved
+before this rule is undone with ``oversight db purge --reset-horizon STREAM``.
+
 **Small transactions.** Episodes are deleted ``retention.chunk`` at a time, oldest first, each
 chunk in a transaction of its own that deletes the rows referring to them first (foreign keys).
 A chunk that meets a concurrent writer (a score written for one of its episodes a moment
@@ -50,6 +61,8 @@ HELD_TASKS = ("claimed",)
 #: The tables whose rows go with a deleted episode, in the order they are deleted.
 DEPENDENTS = ("rm_scores", "samples", "inference_results", "review_tasks")
 DEADLOCK_SQLSTATE = "40P01"  # PostgreSQL's deadlock_detected
+#: A horizon may move this much more than ``retention.every_s`` past the previous purge's at once.
+LEAP_MARGIN_S = 3600.0
 
 
 @dataclass
@@ -59,6 +72,8 @@ class Purged:
     deleted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RETENTION_TABLES, 0))
     horizons: dict[str, int] = field(default_factory=dict)
     failed_chunks: int = 0
+    #: Per stream, a horizon that leapt past the previous purge's and waits for the next one.
+    held: dict[str, int] = field(default_factory=dict)
 
     def add(self, table: str, n: int) -> None:
         self.deleted[table] += n
@@ -128,14 +143,36 @@ def _deadlock(e: sa.exc.DBAPIError) -> bool:
     return str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "") == DEADLOCK_SQLSTATE
 
 
-def purge_stream(store: Store, stream: str, horizon: int, chunk: int, purged: Purged) -> None:
+def purge_stream(
+    store: Store, stream: str, horizon: int, chunk: int, purged: Purged, leap_s: float | None = None
+) -> None:
     """Delete what ``stream`` stored before ``horizon``, or before the horizon it already has
-    when that is later (a horizon never moves back); the horizon saved first."""
-    had = store.retention_horizon(stream)
-    if had is not None and had >= horizon:
-        horizon = had
-    else:
-        store.save_internal(horizon_key(stream), {"horizon": horizon})
+    when that is later (a horizon never moves back); the horizon saved first, with ``horizon`` as
+    the one this purge computed.
+
+    ``leap_s``: a ``horizon`` more than this past the one the previous purge computed is held at
+    that one (counted in ``purged.held``) until a purge computes it again."""
+    saved = store.load_internal(horizon_key(stream))
+    computed = horizon
+    if saved is not None:
+        had = int(saved["horizon"])
+        last = int(saved.get("computed", had))
+        if leap_s is not None and horizon > last + leap_s:
+            purged.held[stream] = horizon
+            log.warning(
+                "retention: stream %r: the horizon would move %.1f days past the one the last purge"
+                " computed, to %d: held there until the next purge computes it again (traffic stamped by"
+                " a host clock stepped ahead puts it in the future; a backlog or a replay catching up"
+                " is purged one round later)",
+                stream,
+                (horizon - last) / 86400.0,
+                horizon,
+            )
+            horizon = last
+        horizon = max(horizon, had)
+    state = {"horizon": horizon, "computed": computed}
+    if saved != state:
+        store.save_internal(horizon_key(stream), state)
     purged.horizons[stream] = horizon
     after: tuple[float, str] | None = None
     while True:
@@ -172,8 +209,18 @@ def purge(store: Store, cfg: RetentionConfig, max_future_s: float | None = None,
         return purged
     not_after = None if max_future_s is None else (time.time() if now is None else now) + max_future_s
     for stream, horizon in horizons(store, cfg.days, not_after).items():
-        purge_stream(store, stream, horizon, cfg.chunk, purged)
+        purge_stream(store, stream, horizon, cfg.chunk, purged, leap_s=cfg.every_s + LEAP_MARGIN_S)
     return purged
+
+
+def reset_horizon(store: Store, stream: str) -> int | None:
+    """Forget ``stream``'s retention horizon (its estimates cover everything stored again, and the
+    next purge computes it from the traffic, moving it back if need be): the way back from a
+    horizon that a clock stepped into the future saved. Returns the horizon it had."""
+    had = store.retention_horizon(stream)
+    with store.engine.begin() as conn:
+        conn.execute(t.internal_state.delete().where(t.internal_state.c.key == horizon_key(stream)))
+    return had
 
 
 class RetentionJob(PeriodicJob):

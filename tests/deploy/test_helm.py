@@ -939,7 +939,7 @@ def test_another_namespace_pipeline_does_not_hide_this_release_absence(tmp_path:
     """Two releases in one Prometheus: the chart's absence rule watches its own namespace only."""
     groups = one(render_docs({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")["spec"]["groups"]
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
-    case = {
+    case: dict[str, Any] = {
         "rule_files": ["rules.yaml"],
         "evaluation_interval": "1m",
         "tests": [
