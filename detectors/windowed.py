@@ -23,7 +23,9 @@ episodes/s, and at volume any shift, however small, becomes significant. This de
   ``alpha_j``; as volume rises ``se`` shrinks and a larger shift is found in a shorter window.
   Every test reports the shift in reference SDs with a 95% interval (:attr:`last_test`).
 * **Seasonal reference.** With ``seasonal=True`` the reference is a profile of 48 buckets
-  (hour of day in UTC x weekday/weekend). Each hour's values are folded, when the hour ends,
+  (hour of day x weekday/weekend, in ``timezone``: UTC by default; a rhythm that follows a local
+  clock moves by an hour in UTC when daylight saving time starts or ends, and its buckets with it
+  in UTC, which alarmed on the day of the change). Each hour's values are folded, when the hour ends,
   into their bucket: an exponentially forgetting mean of the hourly means (half-life
   ``half_life_folds`` days), their between-day variance ``tau^2`` and the mean within-hour
   variance ``sigma^2``. A value is compared with its bucket's mean and the window's variance is
@@ -51,12 +53,24 @@ interval that no window or fold boundary cuts: same alarms as one update per val
 
 from __future__ import annotations
 
+import datetime
+import functools
 import math
+import zoneinfo
 from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any, ClassVar
 
 from detectors.base import Detector
+
+
+@functools.cache
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
+        raise ValueError(f"unknown time zone {name!r} (an IANA name, e.g. Asia/Kolkata)") from e
+
 
 _N = NormalDist()
 _Z95 = _N.inv_cdf(0.975)
@@ -67,7 +81,7 @@ _PRIOR_DAYS = 4.0  # pseudo-days of the prior ratio tau^2 / sigma^2
 class _Window:
     """One window length's open (possibly merged) window: sums over its tested values."""
 
-    __slots__ = ("end", "length", "n", "s_dev", "s_mu", "s_sd", "s_u", "s_var", "start")
+    __slots__ = ("end", "length", "n", "s_dev", "s_mu", "s_sd", "s_structure", "s_u", "s_var", "start")
 
     def __init__(self, length: float) -> None:
         self.length = length
@@ -77,13 +91,17 @@ class _Window:
 
     def clear(self) -> None:
         self.n = 0.0
-        self.s_dev = self.s_var = self.s_u = self.s_sd = self.s_mu = 0.0
+        self.s_dev = self.s_var = self.s_u = self.s_sd = self.s_mu = self.s_structure = 0.0
 
     def __getstate__(self) -> tuple[float, ...]:
-        return (self.length, self.start, self.end, self.n, self.s_dev, self.s_var, self.s_u, self.s_sd, self.s_mu)
+        return (
+            self.length, self.start, self.end, self.n, self.s_dev, self.s_var, self.s_u, self.s_sd, self.s_mu,
+            self.s_structure,
+        )  # fmt: skip
 
     def __setstate__(self, st: tuple[float, ...]) -> None:
-        self.length, self.start, self.end, self.n, self.s_dev, self.s_var, self.s_u, self.s_sd, self.s_mu = st
+        self.length, self.start, self.end, self.n, self.s_dev, self.s_var, self.s_u, self.s_sd, self.s_mu = st[:9]
+        self.s_structure = st[9] if len(st) > 9 else 0.0  # a window saved before the structure term
 
 
 class WindowedShiftDetector(Detector):
@@ -99,6 +117,14 @@ class WindowedShiftDetector(Detector):
     timed: ClassVar[bool] = True
     # Read at construction only (the variance floor): not written again with every snapshot.
     static_attrs: ClassVar[tuple[str, ...]] = ("x_ref",)
+    # Per bucket, the variance of the shortest window's means within an hour around the hour's mean
+    # (the rhythm inside the hour), and the current fold's sums per such cell. None in a detector
+    # saved before they existed: created on first use (learned from then on).
+    _structure: list[float] | None = None
+    _cells: dict[int, list[float]] | None = None
+    timezone: str | None = None  # a detector saved before time zones: UTC
+    _tz_hour = math.nan  # the hour of event time whose offset is cached
+    _tz_offset = 0.0
 
     def __init__(
         self,
@@ -116,6 +142,7 @@ class WindowedShiftDetector(Detector):
         min_count: int = 30,
         min_events: int = 10,
         tau_prior_sd: float = 0.1,
+        timezone: str | None = None,
     ) -> None:
         super().__init__(ert if ert is not None else 30 * _DAY)
         self.x_ref = x_ref
@@ -124,6 +151,9 @@ class WindowedShiftDetector(Detector):
         self.binary, self.seasonal = bool(binary), bool(seasonal)
         self.fold_s, self.warmup_s, self.half_life_folds = float(fold_s), float(warmup_s), float(half_life_folds)
         self.min_count, self.min_events, self.tau_prior_sd = int(min_count), int(min_events), float(tau_prior_sd)
+        self.timezone = None if timezone in (None, "UTC") else timezone
+        if self.timezone is not None:
+            _zone(self.timezone)  # an unknown zone fails here, not at the first value
         self._check()
         if seasonal and fold_s != 3600.0:
             raise ValueError("a seasonal reference folds hourly: fold_s must be 3600")
@@ -174,6 +204,7 @@ class WindowedShiftDetector(Detector):
             "min_count": self.min_count,
             "min_events": self.min_events,
             "tau_prior_sd": self.tau_prior_sd,
+            "timezone": self.timezone,
             "x_ref": None if self.x_ref is None else {"n": len(self.x_ref)},
         }
 
@@ -238,6 +269,11 @@ class WindowedShiftDetector(Detector):
         acc[0] += n
         acc[1] += s
         acc[2] += ss
+        if self._cells is None:
+            self._cells = {}
+        cell = self._cells.setdefault(math.floor(t / self._cell_s), [0.0, 0.0])
+        cell[0] += n
+        cell[1] += s
         if self._warm:
             self._into_windows(t, n, s)
         lt = self.last_test
@@ -249,6 +285,7 @@ class WindowedShiftDetector(Detector):
     def _bucket(self, t: float) -> int:
         if not self.seasonal:
             return 0
+        t += self._offset(t)
         day = math.floor(t / _DAY)
         weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday: day 0 -> weekday index 3
         return int((t - day * _DAY) // 3600) + (24 if weekend else 0)
@@ -262,7 +299,9 @@ class WindowedShiftDetector(Detector):
             if math.isnan(self._first):
                 self._first = start  # the warm-up counts from the first hour learned
             self._fold_in(self._bucket(start), *self._fold_acc)
+            self._fold_structure(self._bucket(start), *self._fold_acc)
         self._fold, self._fold_acc, self._fold_alarm = idx, [0.0, 0.0, 0.0], False
+        self._cells = {}
         self._warm = t - self._first >= self.warmup_s  # False while nothing was folded (NaN)
 
     def _fold_in(self, b: int, n: float, s: float, ss: float) -> None:
@@ -279,6 +318,49 @@ class WindowedShiftDetector(Detector):
             self._nref[b] = (1.0 - w) * self._nref[b] + n
         self._k[b] += 1.0
         self._pool()
+
+    def _offset(self, t: float) -> float:
+        """Seconds ``timezone`` is ahead of UTC at ``t``; looked up once per hour of event time."""
+        if self.timezone is None:
+            return 0.0
+        hour = math.floor(t / 3600.0)
+        if hour != self._tz_hour:
+            moment = datetime.datetime.fromtimestamp(hour * 3600.0, datetime.UTC)
+            delta = _zone(self.timezone).utcoffset(moment)
+            self._tz_hour, self._tz_offset = hour, 0.0 if delta is None else delta.total_seconds()
+        return self._tz_offset
+
+    @property
+    def _cell_s(self) -> float:
+        """The shortest window, inside the fold: the rhythm within an hour is measured at it."""
+        return min(*self.windows_s, self.fold_s)
+
+    def _fold_structure(self, b: int, n: float, s: float, ss: float) -> None:
+        """Learn how far the shortest window's means stray from their hour's mean, every day.
+
+        A bucket's mean is the hour's; a rhythm that steps inside the hour (a deployment in a
+        half-hour time zone whose night mix changes at :30 UTC, a batch job at :45) puts every
+        5-minute window before the step half a step from it, every day, and that was tested as
+        drift: 16 false alarms in 21 days at 80-1,000 episodes/s against a budget of 1 a month.
+        The between-cell variance of the fold, less what the within-cell noise explains
+        (``(K - 1) sigma_w^2``, K cells), is that structure's variance; a window of k cells of an
+        hour of K is off the hour's mean by ``V (K - k) / (k (K - 1))`` in variance (a mean of k
+        of K cells drawn without replacement), 0 for a whole hour."""
+        cells = [c for c in (self._cells or {}).values() if c[0] > 0]
+        if self._structure is None:
+            self._structure = [0.0] * self._nb
+        k = len(cells)
+        if k < 2:
+            return
+        mean = s / n
+        between = sum(c[0] * (c[1] / c[0] - mean) ** 2 for c in cells)
+        within = max(0.0, (ss - n * mean * mean - between) / max(n - k, 1.0))
+        v = max(0.0, (between - (k - 1) * within) / n)
+        w = max(self._lam, 1.0 / self._k[b]) if self._k[b] > 0 else 1.0
+        self._structure[b] += w * (v - self._structure[b])
+
+    def _structure_sd(self, b: int) -> float:
+        return 0.0 if self._structure is None else math.sqrt(self._structure[b])
 
     def _pool(self) -> None:
         """The pooled ratio tau^2 / sigma^2 over buckets seen on two days or more, with the prior."""
@@ -309,7 +391,7 @@ class WindowedShiftDetector(Detector):
         if self._k[b] == 0:
             return  # a bucket never seen on a day is learned, not tested
         s2, u, mu = self._sigma2(b), self._shared_sd(b), self._m[b]
-        sd = math.sqrt(s2)
+        sd, structure = math.sqrt(s2), self._structure_sd(b)
         for w in self._wins:
             if math.isnan(w.start):
                 w.start = math.floor(t / w.length) * w.length
@@ -318,6 +400,7 @@ class WindowedShiftDetector(Detector):
             w.s_dev += s - n * mu
             w.s_var += n * s2
             w.s_u += n * u
+            w.s_structure += n * structure
             w.s_sd += n * sd
             w.s_mu += n * mu
 
@@ -366,7 +449,10 @@ class WindowedShiftDetector(Detector):
         z = _N.inv_cdf(1.0 - alpha / 2.0) if alpha < 1.0 else 0.0
         d = w.s_dev / n
         sd = w.s_sd / n
-        se = math.sqrt(w.s_var / n / n + (w.s_u / n) ** 2)
+        cells = self.fold_s / self._cell_s  # the shortest windows an hour holds
+        k = min(max(span / self._cell_s, 1.0), cells)
+        inside = (cells - k) / (k * (cells - 1.0)) if cells > 1.0 else 0.0
+        se = math.sqrt(w.s_var / n / n + (w.s_u / n) ** 2 + inside * (w.s_structure / n) ** 2)
         margin = self.min_rate_change * (w.s_mu / n) if self.binary else self.min_shift_sd * sd
         excess = (abs(d) - margin) / se
         p_val = 1.0 if excess <= 0 else math.erfc(excess / math.sqrt(2.0))

@@ -776,6 +776,24 @@ class DriftConfig(_Model):
     reference_half_life_days: float = Field(
         7.0, gt=0, description="`windowed`: half-life of the seasonal reference (days of each hour-of-day bucket)"
     )
+    seasonal_timezone: str = Field(
+        "UTC",
+        min_length=1,
+        description="`windowed`: the IANA time zone whose hours of the day and weekends the seasonal reference"
+        " follows (e.g. America/New_York): traffic with a local daily rhythm moves by an hour in UTC when daylight"
+        " saving time changes",
+    )
+
+    @field_validator("seasonal_timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: an IANA name such as UTC or Asia/Kolkata") from None
+        return v
 
     @model_validator(mode="after")
     def _detector_extras(self) -> DriftConfig:

@@ -989,6 +989,7 @@ class DriftMonitor:
             "min_rate_change": c.min_rate_change,
             "warmup_s": c.seasonal_warmup_s,
             "half_life_folds": c.reference_half_life_days,
+            "timezone": c.seasonal_timezone,
             "binary": kind == "binary",
             **params,
         }
@@ -1220,7 +1221,7 @@ class DriftMonitor:
             "tail_clip": c.tail_clip,
         }
         if WINDOWED in names:
-            what["windowed"] = [
+            windowed: list[Any] = [
                 c.windows_s,
                 c.min_shift_sd,
                 c.min_rate_change,
@@ -1228,6 +1229,9 @@ class DriftMonitor:
                 c.reference_half_life_days,
                 windowed_ert_s(c),
             ]
+            if c.seasonal_timezone != "UTC":  # appended only then: UTC checkpoints keep their digest
+                windowed.append(c.seasonal_timezone)
+            what["windowed"] = windowed
         digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self._settings[signal] = digest
         return digest

@@ -144,3 +144,66 @@ def test_one_stale_first_value_is_no_alarm(stale_by: float | None) -> None:
     assert det.update_many(t, x) == []
     # Learning starts with the first full hour: the warm-up still ends and the windows are tested.
     assert det.last_test is not None
+
+
+def _minute_sums(
+    days: float,
+    shift_from: float = math.inf,
+    seed: int = 5,
+    start: float = MONDAY,
+    zone: str | None = None,
+    night: tuple[int, int] = (30, 390),
+) -> list[tuple[float, float, float, float]]:
+    """Per minute, 2,000 unit-variance values whose mean steps by 0.7 for the ``night`` minutes of the day
+    (default 00:30 to 06:30 UTC: a night mix in a half-hour time zone; ``zone``: of its local day), plus a
+    shift of 0.5 of the whole stream from ``shift_from``: (time, n, sum, sum of squares)."""
+    import datetime
+    import zoneinfo
+
+    tz = None if zone is None else zoneinfo.ZoneInfo(zone)
+    rng = np.random.default_rng(seed)
+    out = []
+    n = 2000.0
+    for m in range(int(days * 1440)):
+        t = start + m * 60.0
+        local = t if tz is None else t + tz.utcoffset(datetime.datetime.fromtimestamp(t, datetime.UTC)).total_seconds()  # type: ignore[union-attr]
+        of_day = int(local % DAY) // 60
+        mean = (0.7 if night[0] <= of_day < night[1] else 0.0) + (0.5 if t >= shift_from else 0.0)
+        s = n * mean + math.sqrt(n) * float(rng.standard_normal())
+        ss = s * s / n + float(rng.chisquare(n - 1.0))
+        out.append((t, n, s, ss))
+    return out
+
+
+def test_a_rhythm_that_steps_inside_the_hour_is_no_alarm_a_shift_still_is() -> None:
+    """The reference is one mean per hour: a step at :30 put every 5-minute window before it half a step off
+    its hour's mean, every day, and that was tested as drift (16 false alarms in 21 days for a deployment in
+    a half-hour time zone). The windows' spread inside the hour is learned and allowed for; a shift of the
+    whole stream is still found in the first hour."""
+    det = WindowedShiftDetector()
+    hits = [t for t, n, s, ss in _minute_sums(9.0) if det.add_sums(t, n, s, ss)]
+    assert hits == [], [(t - MONDAY) / DAY for t in hits]
+    change = MONDAY + 9 * DAY + 14 * 3600.0
+    shifted = WindowedShiftDetector()
+    found = [t for t, n, s, ss in _minute_sums(10.0, change) if shifted.add_sums(t, n, s, ss)]
+    assert found and found[0] - change <= 3600.0, [(t - MONDAY) / DAY for t in found[:3]]
+
+
+@pytest.mark.parametrize("zone", [None, "America/New_York"])
+def test_the_reference_follows_a_local_clock_across_daylight_saving_time(zone: str | None) -> None:
+    """A rhythm on New York's clock (a night mix from 22:00 to 06:00 local) moves by an hour in UTC on
+    2026-03-08: hourly UTC buckets alarmed that morning (4 signals at once in a hunt's run). Buckets on the
+    local clock (``drift.seasonal_timezone``) see the same day as every other."""
+    start = 1_771_804_800.0  # 2026-02-23 00:00 UTC, a Monday
+    det = WindowedShiftDetector(timezone=zone)
+    sums = _minute_sums(21.0, start=start, zone="America/New_York", night=(0, 360), seed=9)
+    hits = [t for t, n, s, ss in sums if det.add_sums(t, n, s, ss)]
+    if zone is None:
+        assert hits, "the UTC reference should have alarmed at the change (the test's premise)"
+    else:
+        assert hits == [], [(t - start) / DAY for t in hits]
+
+
+def test_an_unknown_time_zone_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
+        WindowedShiftDetector(timezone="Mars/Olympus")
