@@ -1034,7 +1034,8 @@ class WebhookConfig(_Model):
 
 class KubernetesJobConfig(_Model):
     templates_dir: str = Field(
-        "/etc/oversight-jobs", description="Job manifests rm-update-job.yaml and retrain-job.yaml (from the chart)"
+        "/etc/oversight-jobs",
+        description="Job manifests rm-update-job.yaml, retrain-job.yaml and rm-training-job.yaml (from the chart)",
     )
     namespace: str | None = Field(None, description="default: the pod's own namespace")
     timeout_s: float = Field(

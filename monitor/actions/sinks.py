@@ -415,7 +415,8 @@ class KubernetesJobSink(Sink):
         try:
             doc = _load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            hint = " (set jobs.retrain.image.repository in the chart)" if kind == "retrain" else ""
+            values = {"retrain": "jobs.retrain", "rm_training": "jobs.rmTraining"}.get(kind)
+            hint = f" (set {values}.image.repository in the chart)" if values else ""
             raise SinkError(f"no Job template {path}{hint}", permanent=True) from None
         except (OSError, ValueError) as e:
             raise SinkError(f"cannot read the Job template {path}: {e}", permanent=True) from None

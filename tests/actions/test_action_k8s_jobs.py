@@ -70,7 +70,7 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
-@pytest.mark.parametrize("kind", ["rm_update", "retrain"])
+@pytest.mark.parametrize("kind", ["rm_update", "retrain", "rm_training"])
 def test_jobs_validate_against_the_kubernetes_schema(tmp_path: Path, kind: str) -> None:
     sink = KubernetesJobSink(KubernetesJobConfig(templates_dir=str(mount(tmp_path, "postgres-kafka-ha"))))
     rid = f"{kind}-0123456789abcdef"
@@ -130,10 +130,12 @@ def test_rm_update_job_arguments_are_an_oversight_command(tmp_path: Path) -> Non
     assert args.request == "rm_update-0123456789abcdef"
 
 
-def test_retrain_job_keeps_the_training_image_arguments(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["retrain", "rm_training"])
+def test_a_user_training_job_keeps_the_training_image_arguments(tmp_path: Path, kind: str) -> None:
+    """jobs.retrain and jobs.rmTraining (a brought-in judge's owner retrains it) run the user's image."""
     sink = KubernetesJobSink(KubernetesJobConfig(templates_dir=str(mount(tmp_path, "postgres-kafka-ha"))))
-    template = sink.template("retrain")
-    job = sink.build_job(request("retrain", "retrain-0123456789abcdef"))
+    template = sink.template(kind)
+    job = sink.build_job(request(kind, f"{kind}-0123456789abcdef"))
     before = template["spec"]["template"]["spec"]["containers"][0]
     after = job["spec"]["template"]["spec"]["containers"][0]
     # The image is not ours: the request reaches it through the environment only.

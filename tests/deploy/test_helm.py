@@ -825,7 +825,7 @@ def test_postgres_ha_scales_and_spreads() -> None:
     assert pipeline["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     assert review["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     jobs = {j["metadata"]["generateName"] for j in job_templates(docs)}
-    assert jobs == {f"{RELEASE}-rm-update-", f"{RELEASE}-retrain-"}
+    assert jobs == {f"{RELEASE}-rm-update-", f"{RELEASE}-retrain-", f"{RELEASE}-rm-training-"}
     policies = {n["metadata"]["name"]: n for n in by_kind(docs, "NetworkPolicy")}
     assert policies[f"{RELEASE}-pipeline"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"

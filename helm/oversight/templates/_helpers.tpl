@@ -382,3 +382,62 @@ emptyDir:
 {{- end -}}
 {{- toYaml $resources -}}
 {{- end -}}
+
+{{/*
+A Job of the user's own training system (jobs.retrain, jobs.rmTraining): their image, command, arguments,
+environment and resources, restricted like the release's pods. The service fills in the request (labels, a name
+from the request id, ACTION_REQUEST_* variables). Arguments: ctx (the root context), component, cfg (its values).
+*/}}
+{{- define "oversight.userJob" -}}
+{{- $ := .ctx }}
+{{- $c := .component }}
+{{- $cfg := .cfg }}
+{{- $j := $.Values.jobs }}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  generateName: {{ include "oversight.fullname" $ }}-{{ $c }}-
+  namespace: {{ $.Release.Namespace }}
+  labels:
+    {{- include "oversight.labels" (dict "ctx" $ "component" $c) | nindent 4 }}
+spec:
+  backoffLimit: {{ $j.backoffLimit }}
+  activeDeadlineSeconds: {{ $j.activeDeadlineSeconds }}
+  ttlSecondsAfterFinished: {{ $j.ttlSecondsAfterFinished }}
+  template:
+    metadata:
+      labels:
+        {{- include "oversight.labels" (dict "ctx" $ "component" $c) | nindent 8 }}
+    spec:
+      restartPolicy: Never
+      automountServiceAccountToken: false
+      securityContext:
+        {{- toYaml $.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ $c }}
+          image: {{ printf "%s:%s" $cfg.image.repository $cfg.image.tag }}
+          {{- with $cfg.command }}
+          command:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $cfg.args }}
+          args:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $cfg.env }}
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with $cfg.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          securityContext:
+            {{- toYaml $.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: tmp
+          emptyDir: {}
+{{- end -}}
