@@ -229,3 +229,13 @@ def test_a_timestamp_past_the_skew_limit_is_refused_with_its_stream() -> None:
     # No limit, and a record without a timestamp is stamped with the reader's clock.
     assert parse_episode(ok(timestamp="9999-12-31T23:59:59Z"), LIMIT, NOW, None).timestamp == 253402300799.0
     assert parse_episode(ok(), LIMIT, NOW, 0.001).timestamp == NOW
+
+
+def test_a_leap_second_is_the_next_second() -> None:
+    """23:59:60 is valid RFC 3339 (a leap second): it was refused as "not RFC 3339". It counts as the next
+    second, as POSIX time does; a second 61, or 60 in the middle of a minute's text, is still refused."""
+    assert parse_timestamp("2016-12-31T23:59:60Z") == parse_timestamp("2017-01-01T00:00:00Z")
+    assert parse_timestamp("2016-12-31T18:59:60.5-05:00") == parse_timestamp("2017-01-01T00:00:00.5Z")
+    for bad in ("2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z"):
+        with pytest.raises(InvalidEpisode, match="not RFC 3339"):
+            parse_timestamp(bad)

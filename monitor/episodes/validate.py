@@ -39,7 +39,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -161,8 +161,11 @@ def parse_timestamp(value: Any) -> float:
             raise InvalidEpisode("invalid_value", "timestamp is not RFC 3339 (e.g. 2026-01-01T00:00:00Z)")
         if s[-1] in "Zz":
             s = s[:-1] + "+00:00"
+        # A leap second (23:59:60, valid RFC 3339) is the next second, as POSIX time counts it:
+        # datetime has no second 60, and the record was refused as "not RFC 3339".
+        leap = s[16:19] == ":60"
         try:
-            dt = datetime.fromisoformat(s)
+            dt = datetime.fromisoformat(s[:17] + "59" + s[19:] if leap else s) + timedelta(seconds=leap)
         except ValueError:
             raise InvalidEpisode("invalid_value", "timestamp is not RFC 3339 (e.g. 2026-01-01T00:00:00Z)") from None
         if dt.tzinfo is None:
