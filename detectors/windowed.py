@@ -123,6 +123,7 @@ class WindowedShiftDetector(Detector):
     _structure: list[float] | None = None
     _cells: dict[int, list[float]] | None = None
     timezone: str | None = None  # a detector saved before time zones: UTC
+    _ref_var = 1.0  # a detector saved before it: the normal scores' unit variance
     _tz_hour = math.nan  # the hour of event time whose offset is cached
     _tz_offset = 0.0
 
@@ -159,6 +160,7 @@ class WindowedShiftDetector(Detector):
             raise ValueError("a seasonal reference folds hourly: fold_s must be 3600")
         self._lam = 1.0 - 2.0 ** (-1.0 / self.half_life_folds)
         self._var_floor = variance_floor(x_ref)
+        self._ref_var = reference_variance(x_ref)
         self._nb = 48 if self.seasonal else 1
         self._reset_state()
 
@@ -190,6 +192,9 @@ class WindowedShiftDetector(Detector):
         self._fold_alarm = False
         self._wins = [_Window(w) for w in self.windows_s]
         self.last_test: dict[str, float] | None = None
+        self._structure = [0.0] * nb
+        self._cells = {}
+        self._tz_hour = math.nan
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -294,7 +299,12 @@ class WindowedShiftDetector(Detector):
         idx = math.floor(t / self.fold_s)
         if idx == self._fold:
             return
-        if not math.isnan(self._fold) and self._fold_acc[0] >= self.min_count and not self._fold_alarm:
+        # An hour of a few values before anything was learned, followed by a gap (one record stamped
+        # days early, a "timestamp": 0 sentinel) is not learned: the warm-up counted from it and its
+        # bucket's error started at the floor (-1,700 SD alarms on stationary traffic). A stream of a
+        # few values an hour still learns from its hours (their variance floored in _fold_in).
+        stray = self._fold_acc[0] < self.min_count and math.isnan(self._first) and idx > self._fold + 1
+        if not math.isnan(self._fold) and self._fold_acc[0] > 0 and not self._fold_alarm and not stray:
             start = self._fold * self.fold_s
             if math.isnan(self._first):
                 self._first = start  # the warm-up counts from the first hour learned
@@ -307,6 +317,10 @@ class WindowedShiftDetector(Detector):
     def _fold_in(self, b: int, n: float, s: float, ss: float) -> None:
         h = s / n
         v = max(0.0, ss / n - h * h)
+        if n < self.min_count:
+            # Too few values to measure a spread (one value: none): the reference's, not 0, which
+            # put the bucket's error at the floor.
+            v = max(v, self._ref_var)
         if self._k[b] == 0:
             self._m[b], self._tau2[b], self._s2[b], self._nref[b] = h, 0.0, v, n
         else:
@@ -386,8 +400,14 @@ class WindowedShiftDetector(Detector):
         return math.sqrt(tau2 * (1.0 + w) + s2 / max(self._nref[b], 1.0))
 
     # -- windows -------------------------------------------------------------------------------
+    def _fold_bucket(self, t: float) -> int:
+        """The bucket of the fold (a UTC hour) that ``t`` falls in: the one its values are learned
+        into. Not ``_bucket(t)``: in a half-hour time zone a UTC hour is local 09:30-10:30, and its
+        values after 10:00 were tested against the next hour's reference (228 alarms in 21 days)."""
+        return self._bucket(math.floor(t / self.fold_s) * self.fold_s)
+
     def _into_windows(self, t: float, n: float, s: float) -> None:
-        b = self._bucket(t)
+        b = self._fold_bucket(t)
         if self._k[b] == 0:
             return  # a bucket never seen on a day is learned, not tested
         s2, u, mu = self._sigma2(b), self._shared_sd(b), self._m[b]
@@ -472,9 +492,28 @@ class WindowedShiftDetector(Detector):
             "alarm": float(excess > z),
             # The reference buckets the window was compared with (seasonal: hour of day in UTC,
             # +24 on weekends; else 0), first and last: a person reads the size against them.
-            "bucket_first": float(self._bucket(w.start)),
-            "bucket_last": float(self._bucket(max(w.start, w.end - 1.0))),
+            "bucket_first": float(self._fold_bucket(w.start)),
+            "bucket_last": float(self._fold_bucket(max(w.start, w.end - 1.0))),
         }
+
+
+def reference_variance(x_ref: Any) -> float:
+    """The reference's variance, or the normal scores' unit variance where it has none to give.
+
+    >>> reference_variance([0.0, 2.0] * 50), reference_variance(None), reference_variance([3.0] * 10)
+    (1.0101010101010102, 1.0, 1.0)
+    """
+    var = _sample_variance(x_ref)
+    return var if var > 0 else 1.0
+
+
+def _sample_variance(x_ref: Any) -> float:
+    """0 for no reference (or one value)."""
+    if x_ref is None or len(x_ref) < 2:
+        return 0.0
+    vals = [float(v) for v in x_ref]
+    mean = sum(vals) / len(vals)
+    return sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
 
 
 def variance_floor(x_ref: Any) -> float:
@@ -488,9 +527,7 @@ def variance_floor(x_ref: Any) -> float:
     """
     if x_ref is None or len(x_ref) < 2:
         return 1e-6
-    vals = [float(v) for v in x_ref]
-    mean = sum(vals) / len(vals)
-    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    var = _sample_variance(x_ref)
     return 1e-6 * var if var > 0 else 1.0
 
 

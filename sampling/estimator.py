@@ -151,8 +151,11 @@ class RunningSums:
     item's value and its inclusion probability; :meth:`estimate` gives what
     :func:`horvitz_thompson` gives for the same items (within rounding).
 
-    The squares around the mean are summed around the first value seen (``y - c``, not
-    ``sum(y**2) - n * mean**2``), so values far from 0 with a small spread keep their digits.
+    The squares around the mean are kept by West's weighted update (a running weighted mean and
+    the weighted squares around it, for the weights ``1 / pi`` and for the design weights
+    ``(1 - pi) / pi**2``), never as ``sum(y**2) - n * mean**2``: values far from 0 with a small
+    spread keep their digits, in whatever order the items come (a first item far from the rest,
+    shifted around, cancelled the rest's variance).
 
     >>> sums = RunningSums()
     >>> for y, p in [(120.0, 0.5), (300.0, 0.1), (80.0, 0.1)]:
@@ -170,16 +173,15 @@ class RunningSums:
         self._scale = 1.0
         self._top = 0.0  # the largest |y| and 1 / pi seen, for the scale
         self._w_top = 0.0
-        self._shift = 0.0  # the first value, in scaled units
-        # w = 1 / pi, d = y / scale - shift, v = (1 - pi) * w**2 (each item's design-variance weight)
+        # w = 1 / pi and v = (1 - pi) * w**2 (each item's design-variance weight); values in scaled units.
         self._sw = 0.0
         self._sww = 0.0
         self._swy = 0.0
-        self._swd = 0.0
-        self._swdd = 0.0
+        self._mean_w = 0.0  # sum(w y) / sum(w), and sum(w (y - mean_w)**2)
+        self._m2_w = 0.0
         self._sv = 0.0
-        self._svd = 0.0
-        self._svdd = 0.0
+        self._mean_v = 0.0  # the same with the weights v
+        self._m2_v = 0.0
         self._svyy = 0.0
 
     def add(self, y: float, p: float) -> None:
@@ -195,21 +197,15 @@ class RunningSums:
         if self._top * self._w_top >= _SCALE_AT * self._scale:
             self._rescale(math.ldexp(1.0, math.frexp(self._top)[1] - 1))
         ys = y / self._scale
-        if self.n == 0:
-            self._shift = ys
-        d = ys - self._shift
         v = (1.0 - p) * w * w
         self.n += 1
         self._certain = self._certain and p >= 1.0
-        self._sw += w
         self._sww += w * w
         self._swy += w * ys
-        self._swd += w * d
-        self._swdd += w * d * d
-        self._sv += v
-        self._svd += v * d
-        self._svdd += v * d * d
         self._svyy += v * ys * ys
+        self._sw, self._mean_w, self._m2_w = _west(self._sw, self._mean_w, self._m2_w, w, ys)
+        if v > 0.0:  # an item sampled for certain has no design variance
+            self._sv, self._mean_v, self._m2_v = _west(self._sv, self._mean_v, self._m2_v, v, ys)
 
     def _rescale(self, scale: float) -> None:
         """Sums in units of ``scale`` (a power of two, so exact) instead of the current one."""
@@ -217,12 +213,11 @@ class RunningSums:
             return
         r = self._scale / scale
         self._scale = scale
-        self._shift *= r
         self._swy *= r
-        self._swd *= r
-        self._svd *= r
-        self._swdd *= r * r
-        self._svdd *= r * r
+        self._mean_w *= r
+        self._mean_v *= r
+        self._m2_w *= r * r
+        self._m2_v *= r * r
         self._svyy *= r * r
 
     def estimate(
@@ -266,9 +261,11 @@ class RunningSums:
         # The ratio (Hajek) mean, its linearised design variance under Poisson sampling, and the
         # weighted variance of the values around it.
         mean = total / sw
-        m = mean - self._shift
-        design = max(self._svdd - 2.0 * m * self._svd + m * m * self._sv, 0.0) / (sw * sw)
-        spread = max(self._swdd - 2.0 * m * self._swd + m * m * sw, 0.0) / sw
+        # Around the w-weighted mean: the v-weighted squares around their own mean, plus the
+        # distance between the two means (exact; no difference of large sums).
+        gap = self._mean_v - self._mean_w
+        design = (self._m2_v + self._sv * gap * gap) / (sw * sw)
+        spread = self._m2_w / sw
         weight_sum = sw if population is None else float(population)
         if bounds is None:
             se = math.sqrt(design) if varies else nan
@@ -281,6 +278,14 @@ class RunningSums:
         if population is None:
             return est
         return replace(est, total=est.mean * float(population), population=float(population))
+
+
+def _west(total: float, mean: float, m2: float, weight: float, y: float) -> tuple[float, float, float]:
+    """West's (1979) weighted update of a running weighted mean and its weighted squares."""
+    total += weight
+    delta = y - mean
+    mean += delta * weight / total
+    return total, mean, m2 + weight * delta * (y - mean)
 
 
 def _rescaled(est: Estimate, scale: float) -> Estimate:

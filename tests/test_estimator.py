@@ -517,3 +517,22 @@ def test_the_database_computes_each_quantity_as_python_does(db_url: str, quantit
     assert got["mean"] == pytest.approx(want.mean, rel=1e-12)
     assert got["ci_high"] == pytest.approx(want.ci_high, rel=1e-9)
     store.close()
+
+
+def test_running_sums_keep_the_variance_whatever_item_comes_first() -> None:
+    """A census item far from the rest, first (the database's rows come in no order): summed around
+    the first value, its design weight of 0 let the expansion cancel the others' variance (a
+    standard error 11 times too large). Around the running weighted means, nothing cancels."""
+    from sampling import RunningSums
+
+    rng = np.random.default_rng(3)
+    values = [1e8, *(float(v) for v in rng.standard_normal(20_000))]
+    probs = [1.0, *([0.001] * 20_000)]
+    exact = _exact(values, probs)
+    for order in (values, values[::-1]):
+        sums = RunningSums()
+        for y, p in zip(order, probs if order is values else probs[::-1], strict=True):
+            sums.add(y, p)
+        est = sums.estimate()
+        assert est.mean == pytest.approx(exact["hajek_mean"], rel=1e-9)
+        assert est.se == pytest.approx(exact["hajek_se"], rel=1e-6)

@@ -207,3 +207,32 @@ def test_the_reference_follows_a_local_clock_across_daylight_saving_time(zone: s
 def test_an_unknown_time_zone_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         WindowedShiftDetector(timezone="Mars/Olympus")
+
+
+def test_a_half_hour_time_zone_tests_a_value_against_the_hour_it_is_learned_into() -> None:
+    """Folds are UTC hours: in Asia/Kolkata (+5:30) one is local 09:30-10:30, learned into bucket 9. Its
+    values after 10:00 were tested against bucket 10, learned from 10:30-11:30: half of every hour
+    against the next hour's reference (228 alarms in 21 days of a stationary office-hours rhythm)."""
+    start = 1_771_804_800.0  # 2026-02-23 00:00 UTC, a Monday
+    det = WindowedShiftDetector(timezone="Asia/Kolkata")
+    sums = _minute_sums(14.0, start=start, zone="Asia/Kolkata", night=(9 * 60 + 30, 18 * 60 + 30), seed=4)
+    assert [t for t, n, s, ss in sums if det.add_sums(t, n, s, ss)] == []
+
+
+def test_a_stream_of_a_few_values_an_hour_still_learns_and_alarms() -> None:
+    """Hours of fewer than min_count values are learned (their variance floored at the reference's):
+    not learning them left a stream of ten values an hour untested for good."""
+    rng = np.random.default_rng(2)
+    t = np.sort(MONDAY + rng.uniform(0, 16 * DAY, size=16 * 24 * 10))
+    x = rng.standard_normal(t.size) + np.where(t >= MONDAY + 14 * DAY, 2.0, 0.0)
+    hits = WindowedShiftDetector().update_many(t, x)
+    assert hits and t[hits[0][0]] >= MONDAY + 14 * DAY and t[hits[0][0]] - (MONDAY + 14 * DAY) < DAY
+
+
+def test_reset_forgets_the_structure_inside_the_hour() -> None:
+    det = WindowedShiftDetector()
+    for t, n, s, ss in _minute_sums(3.0):
+        det.add_sums(t, n, s, ss)
+    assert max(det._structure or [0.0]) > 0.0
+    det.reset()
+    assert max(det._structure or [0.0]) == 0.0 and det.clone()._structure == det._structure
