@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from monitor.actions.worker import ActionWorker
@@ -175,9 +176,13 @@ def test_an_outage_while_acting_loses_no_event(db_url: str, tmp_path: Path) -> N
     store.close()
 
 
-def test_two_workers_attaching_at_once_keep_every_event(db_url: str, tmp_path: Path) -> None:
+def test_two_workers_attaching_at_once_keep_every_event(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Events attached to one open incident by two workers at once: each attach is a locked
-    read-modify-write of the payload, so neither overwrites the other's event."""
+    read-modify-write of the payload, so the later one does not overwrite the earlier one's event.
+    Both read the open incident first (the barrier); the second event's write waits for the first's,
+    as the cursor orders them (an incident skips an event older than its newest: a redelivery)."""
     settings = _settings(db_url, tmp_path)
     store = Store(db_url)
     _events(store, "chat", 0, 1)
@@ -185,10 +190,9 @@ def test_two_workers_attaching_at_once_keep_every_event(db_url: str, tmp_path: P
     _events(store, "chat", 1, 2)
     first, second = store.drift_events(since_id=0)[1:3]
     workers = [ActionWorker(settings, store), ActionWorker(settings, store)]
-    # Both workers read the open incident before either writes it (the barrier); a write of the
-    # payload each read then dropped the other's event.
     barrier = threading.Barrier(2)
     held: set[int] = set()
+    first_written = threading.Event()
 
     def hold(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         me = threading.get_ident()
@@ -197,8 +201,23 @@ def test_two_workers_attaching_at_once_keep_every_event(db_url: str, tmp_path: P
             with contextlib.suppress(threading.BrokenBarrierError):
                 barrier.wait(timeout=2)
 
+    modify = rq.modify_payload
+
+    def in_order(store_: Store, rid: str, change: Any) -> bool:
+        if threading.current_thread().name == "second":
+            first_written.wait(10)
+        try:
+            return modify(store_, rid, change)
+        finally:
+            if threading.current_thread().name == "first":
+                first_written.set()
+
+    monkeypatch.setattr(rq, "modify_payload", in_order)
     sa.event.listen(store.engine, "before_cursor_execute", hold)
-    threads = [threading.Thread(target=w._on_event, args=(ev,)) for w, ev in zip(workers, (first, second), strict=True)]
+    threads = [
+        threading.Thread(target=w._on_event, args=(ev,), name=name)
+        for w, ev, name in zip(workers, (first, second), ("first", "second"), strict=True)
+    ]
     for th in threads:
         th.start()
     for th in threads:
