@@ -54,12 +54,18 @@ class NoProgress(Aborted):
     """A retry loop gave up after a bound without progress (nothing of the batch was committed)."""
 
 
+def sqlstate(e: sa.exc.DBAPIError) -> str:
+    """The database's SQLSTATE of a driver error (psycopg's ``sqlstate``, psycopg2's ``pgcode``); "" for
+    none (SQLite)."""
+    return str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "")
+
+
 def transient(e: BaseException) -> bool:
     """An outage of the database, the broker or the disk, not a property of the record at hand:
     retried or redelivered, never dead-lettered. :class:`Aborted` counts: a batch stopped during
     an outage is redelivered, so none of its records may be dead-lettered on the way out."""
     if isinstance(e, sa.exc.DBAPIError) and not e.connection_invalidated:
-        state = str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "")
+        state = sqlstate(e)
         # psycopg raises some per-statement refusals as OperationalError (class 54: "stack depth
         # limit exceeded" on a deeply nested value). Retrying them would spin on one record
         # forever; they are the record's fault and go to find_rejected instead.
@@ -72,7 +78,7 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, sa.exc.DBAPIError):
         if e.connection_invalidated:
             return True
-        state = str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "")
+        state = sqlstate(e)
         return state == _READ_ONLY_SQLSTATE or state[:2] in _TRANSIENT_SQLSTATE_CLASSES
     # kafka-python raises its own hierarchy for broker trouble.
     return type(e).__module__.startswith("kafka")

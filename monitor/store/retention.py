@@ -47,7 +47,7 @@ import sqlalchemy as sa
 
 from monitor.config import RetentionConfig
 from monitor.metrics import RETENTION_TABLES, Metrics
-from monitor.retry import first_line, transient
+from monitor.retry import first_line, sqlstate, transient
 from monitor.store import tables as t
 from monitor.store.periodic import PeriodicJob
 from monitor.store.store import BUCKET_S, Store, bucket_of, horizon_key
@@ -140,7 +140,7 @@ def _delete_chunk(store: Store, stream: str, horizon: int, ids: list[str], purge
 
 
 def _deadlock(e: sa.exc.DBAPIError) -> bool:
-    return str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "") == DEADLOCK_SQLSTATE
+    return sqlstate(e) == DEADLOCK_SQLSTATE
 
 
 def purge_stream(

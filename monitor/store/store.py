@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
-from monitor.retry import first_line, transient
+from monitor.retry import first_line, sqlstate, transient
 from monitor.store import tables as t
 from monitor.store.rows import DriftEvent, DriftEventRow, EpisodeRow, ReviewTaskRow, RmScoreRow, SampleRow
 
@@ -115,8 +115,7 @@ class BatchWrite:
 def no_such_table(e: sa.exc.DBAPIError) -> bool:
     """Whether a query failed because its table does not exist (PostgreSQL's undefined_table, SQLite's
     "no such table")."""
-    state = str(getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None) or "")
-    return state == "42P01" or "no such table" in str(e.orig)
+    return sqlstate(e) == "42P01" or "no such table" in str(e.orig)
 
 
 class SchemaMismatch(RuntimeError):
