@@ -25,7 +25,7 @@ from monitor.assist.base import (
     register,
     registered,
 )
-from monitor.assist.builtin import BUILTIN, register_builtins
+from monitor.assist.builtin import BUILTIN, RM_SCORE, register_builtins
 from monitor.assist.experiment import assign, assistants_of, condition_of, uniform
 from monitor.assist.run import Assistance, check_experiment, used_assistants
 
@@ -36,6 +36,7 @@ __all__ = [
     "BUILTIN",
     "MAX_HINTS",
     "MAX_HINT_CHARS",
+    "RM_SCORE",
     "AssistContext",
     "Assistance",
     "Assistant",

@@ -13,8 +13,8 @@ quotes model output): the page escapes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +59,9 @@ class EpisodeView:
     response: str
     alternative: str | None = None
     timestamp: float | None = None
+    #: Reward-model scores of the shown response by version, where it is not the stored one (a
+    #: perturbed canary, scored when it was made: ``monitor.review.canary_score``).
+    shown_scores: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

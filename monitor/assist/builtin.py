@@ -77,6 +77,10 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
 # -- rm_score -------------------------------------------------------------------------------
 
 
+#: The reward-model score assistant's name (a perturbed canary is scored for it: monitor/review/canary_score.py).
+RM_SCORE = "rm_score"
+
+
 class RmScoreParams(_Params):
     window: int = Field(1000, ge=10, le=100_000, description="recent scored episodes of the stream for the percentile")
     min_scores: int = Field(20, ge=2, description="fewer scored episodes than this: the score without a percentile")
@@ -89,9 +93,11 @@ class RmScore:
     Silent when no version is active, the episode was not scored by it, the item is a pair
     (the score is of one response, and which one is shown first is the item's keyed order),
     or the stored response is not the text the reviewer sees (a score of other text misleads).
+    A perturbed canary's text was scored when the canary was made (``episode.shown_scores``):
+    silent there, the hint would tell the canaries apart from the real items, which all have one.
     """
 
-    name: ClassVar[str] = "rm_score"
+    name: ClassVar[str] = RM_SCORE
 
     def __init__(self, params: dict[str, Any]):
         self.p = RmScoreParams.model_validate(params)
@@ -106,14 +112,16 @@ class RmScore:
             ).scalar()
             if version is None:
                 return []
-            row = conn.execute(
-                sa.select(s.c.score, e.c.response, e.c.stream)
-                .join(e, e.c.episode_id == s.c.episode_id)
-                .where(s.c.episode_id == episode.episode_id, s.c.version == version)
-            ).first()
-            if row is None or row.stream != episode.stream or row.response != episode.response:
-                return []
-            score = float(row.score)
+            score = episode.shown_scores.get(version)
+            if score is None:
+                row = conn.execute(
+                    sa.select(s.c.score, e.c.response, e.c.stream)
+                    .join(e, e.c.episode_id == s.c.episode_id)
+                    .where(s.c.episode_id == episode.episode_id, s.c.version == version)
+                ).first()
+                if row is None or row.stream != episode.stream or row.response != episode.response:
+                    return []
+                score = float(row.score)
             if not math.isfinite(score):
                 return []
             recent = [

@@ -4,8 +4,10 @@ One input line is one episode:
 
 * ``openai-chat``: OpenAI chat JSONL, ``{"messages": [...]}`` per line (the fine-tuning and
   evals format), with optional ``id``, ``model``, ``metadata``, ``timestamp`` and ``stream``;
-  other keys (``tools``, ...) are ignored. Without ``id`` the episode id is a hash of the line and
-  its position, so importing the same file again gives the same ids.
+  other keys (``tools``, ...) are ignored. A message's fine-tuning metadata (``weight``,
+  :data:`FINE_TUNING_KEYS`) is dropped; its other keys go to the schema as they came. Without
+  ``id`` the episode id is a hash of the line and its position, so importing the same file again
+  gives the same ids.
 * ``langfuse``: one Langfuse trace per line as the public API returns it
   (``GET /api/public/traces/{id}``: ``id``, ``timestamp``, ``name``, ``input``, ``output``,
   ``sessionId``, ``userId``, ``tags``, ``metadata`` and ``observations``, full observation
@@ -39,6 +41,7 @@ from typing import Any
 
 import orjson
 
+from monitor.episodes.conversation import MESSAGE_KEYS
 from monitor.episodes.deadletter import DeadLetter, DeadLetterSink
 from monitor.episodes.validate import InvalidEpisode, parse_timestamp
 from monitor.ingest.body import encode_record
@@ -60,11 +63,25 @@ def _position_id(prefix: str, rec: Record) -> str:
     return f"{prefix}-{digest}-{rec.offset}"
 
 
+# Keys of an OpenAI fine-tuning message that are training metadata, not conversation: ``weight``
+# (0 or 1 on an assistant message: whether the fine-tune learns that turn). The schema refuses
+# keys it does not know, which dead-lettered every such line (invalid_message); these are dropped,
+# never a key the schema knows. Any other key stays, for validation to refuse: it may carry
+# content (a legacy ``function_call``) that the episode would silently lose.
+FINE_TUNING_KEYS = frozenset({"weight"}) - MESSAGE_KEYS
+
+
+def _without_fine_tuning_keys(messages: list[Any]) -> list[Any]:
+    """The messages less their fine-tuning metadata; anything that is not a message is left for
+    validation to refuse by its own reason."""
+    return [{k: v for k, v in m.items() if k not in FINE_TUNING_KEYS} if isinstance(m, dict) else m for m in messages]
+
+
 def from_openai_chat(obj: dict[str, Any], rec: Record) -> dict[str, Any]:
     messages = obj.get("messages")
     if not isinstance(messages, list):
         raise ConversionError("openai-chat: messages must be an array")
-    out: dict[str, Any] = {"schema_version": 2, "messages": messages}
+    out: dict[str, Any] = {"schema_version": 2, "messages": _without_fine_tuning_keys(messages)}
     eid = obj.get("id")
     if eid is not None and not (isinstance(eid, str) and eid):
         # Replaced by a generated id, the user's own would be lost without a word.

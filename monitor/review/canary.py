@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from monitor.config import CanaryConfig
 from monitor.perturb import Perturbed, applicable, choose, make_seed_key
+from monitor.review.canary_score import SHOWN_SCORE, shown_score_of
 from monitor.review.conversation import Turn
 from monitor.store import tables as t
 from sampling import keyed_uniform
@@ -182,6 +183,27 @@ def find(conn: sa.Connection, user_id: int, canary_id: str, lock: bool = False) 
     return conn.execute(q.with_for_update() if lock else q).first()
 
 
+def set_aside(conn: sa.Connection, canary_id: str) -> None:
+    """Never serve the canary again (status ``error``): its source cannot be read back, or the
+    score its shown text needs cannot be had. It is not measured."""
+    c = t.canaries
+    conn.execute(c.update().where(c.c.id == canary_id).values(status="error", lease_expires_at=None))
+
+
+def needs_shown_score(row: Any, version: str | None) -> bool:
+    """Whether the canary ``row`` shows text with no stored score by ``version``: a perturbed
+    response not yet scored by it (an original shows its source's text, whose stored score the
+    hint reads; a pair shows no score)."""
+    return version is not None and row.presentation == "perturbed" and version not in shown_score_of(row.detail)
+
+
+def save_shown_score(conn: sa.Connection, row: Any, score: dict[str, Any]) -> None:
+    """Keep ``score`` (``{"version", "score"}``) of the canary's shown text with it."""
+    c = t.canaries
+    detail = dict(row.detail) if isinstance(row.detail, dict) else {}
+    conn.execute(c.update().where(c.c.id == row.id).values(detail={**detail, SHOWN_SCORE: score}))
+
+
 def sources_of(user_id: int) -> sa.Select[Any]:
     """The episodes that have been this reviewer's canary sources (the real queue skips them)."""
     return sa.select(t.canaries.c.episode_id).where(t.canaries.c.user_id == user_id)
@@ -249,6 +271,26 @@ def _final_turn_matches(messages: tuple[Turn, ...] | None, response: str) -> boo
     return any(m.final and m.text == response for m in messages)
 
 
+def request_of(messages: tuple[Turn, ...] | None, prompt: str) -> str:
+    """What a perturbation reads as the episode's request: a conversation's user turns, the last
+    first, else the (v1) prompt. The flattened v2 prompt starts with the system prompt and carries
+    the flattening's role words: ``refusal_to_compliance`` fired on a benign refusal whenever a
+    system prompt listed what is forbidden, missed a harmful request after 4,000 characters of
+    system prompt (perturbations read that many), and ``unsupported_claim`` took "assistant" and
+    "called" for the topic.
+
+    >>> request_of((Turn("system", None, "Never help build a bomb."), Turn("user", None, "A film?"),
+    ...             Turn("assistant", None, "No.", final=True)), "system: Never ...")
+    'A film?'
+    >>> request_of(None, "List three colours.")
+    'List three colours.'
+    """
+    if messages is None:
+        return prompt
+    asked = [m.text for m in reversed(messages) if m.role == "user" and m.text.strip()]
+    return "\n\n".join(asked) if asked else prompt
+
+
 def create(
     conn: sa.Connection,
     key: bytes,
@@ -276,7 +318,7 @@ def create(
         if not _final_turn_matches(messages, row.response):
             continue  # a conversation whose final turn is not the flattened response: not perturbable as shown
         seed_key = make_seed_key(episode_id, f"{cfg.seed}:{user_id}")
-        p = choose(row.prompt, row.response, seed_key, cfg.kinds)
+        p = choose(request_of(messages, row.prompt), row.response, seed_key, cfg.kinds)
         if p is None:
             continue
         pairwise = isinstance(meta, dict) and isinstance(meta.get("alternative_response"), str)

@@ -10,26 +10,32 @@ expiry are all measured with it, so tests move time instead of sleeping through 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import Depends, Request, Response
 
-from monitor.assist import Assistance, AssistContext, Hint
-from monitor.config import Settings
+from monitor.assist import RM_SCORE, Assistance, AssistContext, Hint
+from monitor.config import CanaryConfig, Settings
 from monitor.quality.adjudication import Rule
 from monitor.review import adjudication, auth, canary, hints, queue, workday
+from monitor.review.canary_score import CanaryScorer, ScoreUnavailable, shown_score_of, with_final_turn
 from monitor.review.conversation import Rate
 from monitor.review.label_stats import LabelStatsCache, compute
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
+from monitor.store import tables as t
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "oversight_session"
+#: Canaries set aside for want of a score in one claim before the claim serves what it has.
+MAX_CANARIES_SET_ASIDE = 3
 
 Clock = Callable[[], float]
 
@@ -60,6 +66,10 @@ class ReviewContext:
         self.limits = auth.LoginLimits.of(settings.review)
         # Refuses to start on an experiment naming an unknown assistant or invalid parameters.
         self.assist = Assistance(settings.review.assist, on_error=self.count_assist_error)
+        # A perturbed canary's text is scored when it is made, where a condition shows rm_score
+        # (monitor/review/canary_score.py: without it, it is the one item with no score hint).
+        scores = settings.review.canaries.share > 0 and RM_SCORE in self.assist.assistants
+        self.canary_scorer = CanaryScorer.of(store, settings.reward, registry) if scores else None
         # The admin views of every label, computed once for all who ask together and paced.
         self.label_stats = LabelStatsCache(lambda: compute(store, settings, clock()))
 
@@ -116,16 +126,23 @@ class ReviewContext:
         """The reviewer's lease (held or new), with the stream's blinding applied; ``renew``
         extends a held lease (the review page: see :func:`monitor.review.queue.claim`)."""
         rc = self.settings.review
-        item = queue.claim(
-            self.store,
-            user,
-            rc.lease_seconds,
-            self.key,
-            now=self.now(),
-            blinding=rc.blinding,
-            renew=renew,
-            canaries=rc.canaries,
-        )
+        canaries: CanaryConfig | None = rc.canaries
+        for attempt in range(MAX_CANARIES_SET_ASIDE + 1):
+            item = queue.claim(
+                self.store,
+                user,
+                rc.lease_seconds,
+                self.key,
+                now=self.now(),
+                blinding=rc.blinding,
+                renew=renew,
+                canaries=canaries,
+            )
+            if item is None or attempt == MAX_CANARIES_SET_ASIDE or self.canary_scored(user, item):
+                break
+            # No canary without its score hint: it is set aside and the claim goes on, making no
+            # new canary this time (the real item, or another canary the reviewer already had).
+            canaries = None
         if item is None:
             return None
         # A pair compares two final turns, whatever the stream's setting (queue.submit records the same).
@@ -185,6 +202,40 @@ class ReviewContext:
         out["undo_left_s"] = workday.undo_left(self.store, user, self.settings.review.undo_window_s, now)
         return out
 
+    def canary_scored(self, user: auth.User, item: queue.Item) -> bool:
+        """False when ``item`` is a perturbed canary whose text needs the active version's score
+        for the reviewer's condition and none could be had: then it is set aside (never served,
+        not measured) and counted as an ``rm_score`` error. True for everything else."""
+        if self.canary_scorer is None:
+            return True
+        with self.store.engine.connect() as conn:
+            row = canary.find(conn, user.id, item.claim.episode_id)
+        if row is None or RM_SCORE not in self.assist.names_for(user.id, row.id, item.claim.slot):
+            return True
+        if not canary.needs_shown_score(row, self.canary_scorer.active_version()):
+            return True
+        with self.store.engine.connect() as conn:
+            e = t.episodes
+            source = conn.execute(
+                sa.select(e.c.prompt, sa.cast(e.c.messages, sa.Text).label("messages")).where(
+                    e.c.episode_id == row.episode_id
+                )
+            ).first()
+        if source is None:
+            return True  # the source is gone: the queue sets the canary aside when it reads it
+        try:
+            messages = _stored_messages(source.messages)
+            score = self.canary_scorer.score(source.prompt, row.perturbed, with_final_turn(messages, row.perturbed))
+        except ScoreUnavailable as e:
+            log.warning("canary %r set aside: its text needs a reward-model score (%s)", row.id, e)
+            self.count_assist_error(RM_SCORE)
+            with self.store.engine.begin() as conn:
+                canary.set_aside(conn, row.id)
+            return False
+        with self.store.engine.begin() as conn:
+            canary.save_shown_score(conn, row, score)
+        return True
+
     # -- assistance experiments -------------------------------------------------------------
 
     def count_assist_error(self, assistant: str) -> None:
@@ -202,7 +253,7 @@ class ReviewContext:
         with self.store.engine.connect() as conn:
             row = canary.find(conn, user.id, item.claim.episode_id)
         if row is not None:
-            view = replace(view, episode_id=row.episode_id)
+            view = replace(view, episode_id=row.episode_id, shown_scores=shown_score_of(row.detail))
         return self.assist.hints(user.id, item.claim.slot, view, ctx, item_id=item.claim.episode_id)
 
     def show(
@@ -217,6 +268,17 @@ class ReviewContext:
             queue.set_aside(self.store, user, item.claim, now=self.now())
             self.metrics.claim_errors.inc()
             return failed()
+
+
+def _stored_messages(raw: str | None) -> list[Any] | None:
+    """A source's stored conversation, as the pipeline's scorer reads it; unreadable: refused."""
+    if raw is None:
+        return None
+    try:
+        got = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ScoreUnavailable(f"the source's conversation cannot be read back ({type(e).__name__})") from None
+    return got if isinstance(got, list) else None
 
 
 async def review_context(request: Request) -> ReviewContext:

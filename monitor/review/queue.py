@@ -229,8 +229,7 @@ def claim(
         except _UnreadableCanary as e:
             log.warning("a canary's source cannot be read (%s); set aside", type(e.__cause__).__name__)
             with store.engine.begin() as conn:
-                c = t.canaries
-                conn.execute(c.update().where(c.c.id == e.canary_id).values(status="error", lease_expires_at=None))
+                canary.set_aside(conn, e.canary_id)
     return None
 
 

@@ -131,6 +131,48 @@ def test_lines_json_cannot_hold_as_they_are_get_validations_reasons(
     ]
 
 
+@pytest.mark.parametrize("fmt", ["openai-chat", "auto"])
+def test_openai_fine_tuning_weights_are_dropped_and_other_keys_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """OpenAI's fine-tuning format marks assistant turns with ``weight`` (0 or 1: whether the
+    fine-tune learns the turn): every such line was dead-lettered (``invalid_message: messages[2]
+    has unknown keys 'weight'``). The weight is dropped and the schema's keys kept (``name``); a
+    key that may carry content (a legacy ``function_call``) is still refused, and a native v2
+    record stays as strict as before."""
+    system = {"role": "system", "content": "Marv is a sarcastic chatbot."}
+    user = {"role": "user", "content": "What's the capital of France?"}
+    weighted: list[dict[str, Any]] = [
+        system,
+        user,
+        {"role": "assistant", "content": "Paris", "weight": 0},
+        {"role": "user", "content": "Can you be more sarcastic?", "name": "alice"},
+        {"role": "assistant", "content": "Paris, as if everyone doesn't know that already.", "weight": 1},
+    ]
+    legacy_call = {"role": "assistant", "content": "", "function_call": {"name": "capital", "arguments": "{}"}}
+    lines: list[dict[str, Any]] = [
+        {"id": "ft-1", "messages": weighted},
+        {"id": "ft-2", "messages": [user, legacy_call]},
+    ]
+    if fmt == "auto":
+        lines.append({"schema_version": 2, "episode_id": "native", "messages": [user, weighted[2]]})
+    src = tmp_path / "ft.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    assert _run(tmp_path, "--input", str(src), "--format", fmt) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == len(lines) and summary["invalid"] == len(lines) - 1, summary
+    stored = _stored(tmp_path)
+    assert list(stored) == ["ft-1"]
+    assert stored["ft-1"]["messages"] == [{k: v for k, v in m.items() if k != "weight"} for m in weighted]
+    assert stored["ft-1"]["messages"][3]["name"] == "alice"
+    details = {x["episode_id"]: (x["reason"], x["detail"]) for x in _letters(tmp_path)}
+    assert details.pop("ft-2") == ("invalid_message", "messages[1] has unknown keys 'function_call'")
+    assert details == (
+        {"native": ("invalid_message", "messages[1] has unknown keys 'weight'")} if fmt == "auto" else {}
+    )
+
+
 def test_the_last_langfuse_generation_is_the_last_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Compared as text, "…:00.500Z" sorted before "…:00Z" and an offset was ignored."""
 

@@ -2,7 +2,13 @@
 
 Input. With a tokenizer that has a chat template, the conversation (the episode's messages, or
 the prompt as one user turn) plus the response as the assistant turn, rendered by the template:
-that is the format chat reward models (Llama-, Gemma-, Skywork-style) were trained on. Without a
+that is the format chat reward models (Llama-, Gemma-, Skywork-style) were trained on. Each
+message's content is its text as the flattening reads it (parts' texts, ``[image]`` and the like
+for the others; a tool call's null content is ""), tool calls go as ``tool_calls`` with
+``function.name`` and ``function.arguments`` (an object where the JSON is one) and a tool result
+with its ``tool_call_id`` and the function's ``name``, as transformers' chat templates take them.
+A template that raises on those, or leaves the calls out of its text, gets the tool calls and
+results as text instead, as the flattening writes them (:func:`text_turns`). Without a
 template, the **documented flattening**: the tokenizer's pair encoding of (prompt, response), as
 ``[CLS] prompt [SEP] response [SEP]`` for BERT/DeBERTa, cut ``longest_first`` to ``max_length``.
 An item longer than ``max_length`` tokens is cut (chat template: the tokenizer's
@@ -20,10 +26,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.episodes.conversation import content_text, flatten
 from monitor.inference.pairs import CHARS_PER_TOKEN
 from monitor.retry import first_line
 from monitor.reward.kinds.base import BackendError, Item, Score
@@ -184,6 +191,102 @@ def _check_weights(f: Path) -> None:
         raise BackendError(f"hf checkpoint weights {f}: {first_line(e, 300)}") from None
 
 
+def _render(tokenizer: Any, turns: list[dict[str, Any]]) -> str:
+    return str(tokenizer.apply_chat_template(turns, tokenize=False))
+
+
+def _holds_tools(msg: Mapping[str, Any]) -> bool:
+    return msg["role"] == "tool" or bool(msg.get("tool_calls"))
+
+
+def _shows_calls(text: str, messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a rendered conversation names every tool call's function (a template that renders
+    ``tool_calls`` writes the name; one that ignores them leaves it out)."""
+    return all(c["function"]["name"] in text for m in messages for c in m.get("tool_calls") or ())
+
+
+def _note_calls(msg: Mapping[str, Any], names: dict[str, str]) -> None:
+    """Remember the function each tool call of ``msg`` names, by call id (a result names its call)."""
+    for c in msg.get("tool_calls") or ():
+        names[c["id"]] = c["function"]["name"]
+
+
+def _tool_name(msg: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    """A tool result's tool, as the flattening names it: the message's name, else its call's function."""
+    return str(msg.get("name") or names.get(msg["tool_call_id"], msg["tool_call_id"]))
+
+
+def _arguments(text: str, cap: int) -> Any:
+    """A tool call's arguments as chat templates take them: the object the JSON holds (templates
+    write it with ``tojson``; a JSON string would come out quoted twice), else the text as it is."""
+    if len(text) <= cap:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser
+            return text
+        if isinstance(value, dict):
+            return value
+    return text[-cap:]
+
+
+def _chat_turn(msg: Mapping[str, Any], names: Mapping[str, str], cap: int) -> dict[str, Any]:
+    turn: dict[str, Any] = {"role": msg["role"], "content": content_text(msg.get("content"))[-cap:]}
+    if msg["role"] == "tool":
+        turn["tool_call_id"] = msg["tool_call_id"]
+        turn["name"] = _tool_name(msg, names)
+    elif msg.get("name"):
+        turn["name"] = msg["name"]
+    if msg.get("tool_calls"):
+        turn["tool_calls"] = [
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"], cap)},
+            }
+            for c in msg["tool_calls"]
+        ]
+    return turn
+
+
+def chat_turns(messages: Sequence[Mapping[str, Any]], cap: int) -> list[dict[str, Any]]:
+    """Validated schema-v2 messages as a chat template takes them (transformers' tool-use format):
+    the content as its text (:func:`content_text`: parts' texts, placeholders for the others, ""
+    for a tool call's null), tool calls as ``tool_calls`` with ``function.name`` and
+    ``function.arguments``, a tool result with ``tool_call_id`` and the ``name`` of its function.
+    Each text keeps its last ``cap`` characters, as the flattened prompt is cut from the left."""
+    names: dict[str, str] = {}
+    turns = []
+    for msg in messages:
+        _note_calls(msg, names)
+        turns.append(_chat_turn(msg, names, cap))
+    return turns
+
+
+def text_turns(messages: Sequence[Mapping[str, Any]], cap: int) -> list[dict[str, Any]]:
+    """As :func:`chat_turns`, for a template that refuses tool calls or results: those turns go as
+    the documented flattening writes them, an assistant's calls as an assistant turn and each run of
+    results as one user turn (blocks joined by a blank line, as in the flattening; two user turns in
+    a row break the templates that want roles to alternate)."""
+    names: dict[str, str] = {}
+    turns: list[dict[str, Any]] = []
+    results: list[Mapping[str, Any]] = []
+    for msg in messages:
+        _note_calls(msg, names)
+        if msg["role"] == "tool":
+            results.append({**msg, "name": _tool_name(msg, names)})
+            continue
+        if results:
+            turns.append({"role": "user", "content": flatten(results)[-cap:]})
+            results = []
+        if msg.get("tool_calls"):
+            turns.append({"role": "assistant", "content": flatten([msg])[-cap:]})
+        else:
+            turns.append(_chat_turn(msg, names, cap))
+    if results:
+        turns.append({"role": "user", "content": flatten(results)[-cap:]})
+    return turns
+
+
 class HfBackend:
     kind = "hf"
     remote = False
@@ -231,11 +334,25 @@ class HfBackend:
 
     def _text(self, item: Item) -> str:
         cap = self.max_length * CHARS_PER_TOKEN
-        turns = [dict(m) for m in item.messages[:-1]] if item.messages else [{"role": "user", "content": item.prompt}]
-        for t in turns:
-            t["content"] = str(t.get("content", ""))[-cap:]
-        turns.append({"role": "assistant", "content": item.response[:cap]})
-        return str(self.tokenizer.apply_chat_template(turns, tokenize=False))
+        answer = {"role": "assistant", "content": item.response[:cap]}
+        if not item.messages:
+            return _render(self.tokenizer, [{"role": "user", "content": item.prompt[-cap:]}, answer])
+        history = item.messages[:-1]
+        try:
+            text = _render(self.tokenizer, [*chat_turns(history, cap), answer])
+        except Exception as e:  # a template is a program: it raises on its own terms
+            if not any(_holds_tools(m) for m in history):
+                raise
+            # Many templates know no tool role ("roles must alternate"): the conversation then
+            # goes as plain turns, the tools' part as the flattening writes it.
+            log.debug("hf: the chat template refused tool turns (%s); rendering them as text", first_line(e, 200))
+        else:
+            if _shows_calls(text, history):
+                return text
+            # A template that reads only role and content renders a call as an empty turn:
+            # the model would judge an answer built on a call it never saw.
+            log.debug("hf: the chat template leaves tool calls out; rendering them as text")
+        return _render(self.tokenizer, [*text_turns(history, cap), answer])
 
     def encode(self, items: Sequence[Item]) -> list[tuple[list[int], bool]]:
         """Token ids per item and whether they were cut."""

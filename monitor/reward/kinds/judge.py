@@ -1,7 +1,8 @@
 """An OpenAI-compatible chat-completions endpoint as a pointwise LLM judge.
 
-Request: the rubric as the system message, the conversation (or prompt) and the response as the
-user message between markers, ``temperature`` 0, a few ``max_tokens``, and ``logprobs`` with
+Request: the rubric as the system message, the conversation (its documented flattening, as
+``monitor.episodes.conversation.flatten`` writes it, or the prompt) and the response as the user
+message between markers, ``temperature`` 0, a few ``max_tokens``, and ``logprobs`` with
 ``top_logprobs`` when configured. The episode's text is untrusted and may try to instruct the
 judge: it is fenced, and the rubric says the fenced text is data.
 
@@ -20,6 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from monitor.episodes.conversation import flatten
 from monitor.reward.kinds.base import Item, Score
 from monitor.reward.kinds.config import JudgeConfig
 from monitor.reward.kinds.resilience import BackendMetrics, RemoteError, Resilient
@@ -33,11 +35,10 @@ def _clip(text: str, n: int) -> tuple[str, bool]:
 
 
 def _conversation(item: Item, max_chars: int) -> tuple[str, bool]:
-    if item.messages:
-        turns = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in item.messages[:-1]]
-        text = "\n".join(turns) or item.prompt
-    else:
-        text = item.prompt
+    # The documented flattening, as every other reader of an episode sees it: tool calls and
+    # results as their lines, a part as its text or placeholder. The raw content read a call as
+    # "None", a result without its tool, and parts as a repr whose image data filled max_chars.
+    text = (flatten(item.messages[:-1]) if item.messages else "") or item.prompt
     # The end of the conversation is the request being answered: keep it.
     return (text, False) if len(text) <= max_chars else (text[-max_chars:], True)
 
