@@ -8,12 +8,16 @@ OpenTelemetry GenAI semantic conventions:
   ``gen_ai.provider.name``; other spans are ignored (and counted);
 * one episode per **top-level** GenAI span (one without a GenAI ancestor in the request): a
   generation or an agent invocation. Its GenAI descendants (LLM calls, tool executions, nested
-  agents), also through non-GenAI spans in between, are its turns, in start-time order;
+  agents), also through non-GenAI spans in between, are its turns, in start-time order; of its
+  model calls, only those that continue the conversation (``_thread``): a guardrail or classifier
+  run on the answer is auxiliary, left out and counted. Of several choices, one is kept;
 * messages come from ``gen_ai.input.messages`` / ``gen_ai.output.messages`` /
   ``gen_ai.system_instructions`` (JSON, the current conventions), from the older
   ``gen_ai.*.message`` / ``gen_ai.choice`` / ``gen_ai.content.prompt`` events, or from the
-  OpenLLMetry flattening ``gen_ai.prompt.N.role`` / ``.content`` (``gen_ai.completion.N.*``);
-  ``execute_tool`` spans give an assistant tool call and its tool result.
+  OpenLLMetry flattening ``gen_ai.prompt.N.role`` / ``.content`` (``gen_ai.completion.N.*``; a
+  content that is a JSON list of Anthropic blocks is read as those blocks);
+  ``execute_tool`` spans give an assistant tool call and its tool result (the model's own call
+  when the span names none).
 
 README "OTLP traces" has the whole attribute mapping. Nothing here validates an episode: the
 records go through the same validation as every other path (``monitor.episodes``); a span whose
@@ -27,18 +31,20 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import re
 import traceback
-from collections.abc import Hashable, Iterator
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 
-from monitor.episodes.conversation import MAX_MESSAGES
+from monitor.episodes.conversation import MAX_MESSAGES, PLACEHOLDERS
 
 log = logging.getLogger(__name__)
 GENAI_OPERATIONS = frozenset(
@@ -660,24 +666,34 @@ def _operation(span: Span) -> str:
     return op if isinstance(op, str) else ""
 
 
+def _is_model_call(span: Span) -> bool:
+    """A chat, text completion or generate_content span, or a GenAI span that names no operation
+    (OpenLLMetry's model-call spans carry ``gen_ai.system`` and no ``gen_ai.operation.name``)."""
+    op = _operation(span)
+    return op in LLM_OPERATIONS or not op
+
+
 def build_episode(root: Span, members: list[Span], limits: OtlpLimits) -> dict[str, Any]:
     """The v2 record of one top-level GenAI span and its GenAI descendants (``members`` holds both)."""
     ordered = sorted(members, key=lambda s: (s is not root, s.start_ns))
     for s in ordered:
         if s.error is not None:
             raise s.error
-    conv = _Conversation(limits)
-    conv.add_span(root, outputs=False)
-    for s in ordered[1:]:
-        conv.add_span(s, outputs=True)
-    conv.add_outputs(_outputs(root, limits))
-    messages = conv.finish()
+    top = _Call.of(root, limits)
+    calls = [_Call.of(s, limits) for s in ordered[1:] if _operation(s) != "execute_tool"]
+    model_calls = [c for c in calls if _is_model_call(c.span)]
+    thread = _thread(model_calls, top)
+    # Agent spans nested under the root (and other GenAI spans that are not model calls) are
+    # merged as before; of the model calls, only those that carry the conversation.
+    taken = {(c.span.trace_id, c.span.span_id): c for c in calls if not _is_model_call(c.span)}
+    taken.update({(c.span.trace_id, c.span.span_id): c for c in thread})
+    messages = _conversation(top, ordered, taken, limits)
     if not messages:
         raise _Reject("no_messages", "no gen_ai messages on the span or its descendants")
     record: dict[str, Any] = {
         "schema_version": 2,
         "episode_id": episode_id(root.trace_id, root.span_id),
-        "metadata": _metadata(root, ordered),
+        "metadata": _metadata(root, ordered) | _left_out(model_calls, thread, [top, *taken.values()]),
         "messages": messages,
     }
     if root.start_ns > 0:
@@ -687,10 +703,28 @@ def build_episode(root: Span, members: list[Span], limits: OtlpLimits) -> dict[s
     )
     if stream:
         record["stream"] = stream
-    model = _model(root, ordered)
+    model = _model(root, thread)
     if model:
         record["model"] = model
     return record
+
+
+def _conversation(top: _Call, ordered: list[Span], taken: dict[Key, _Call], limits: OtlpLimits) -> list[dict[str, Any]]:
+    """The messages of the episode: the root's input first, then its descendants in start order
+    (tool spans, and the calls in ``taken``), the root's answer last."""
+    conv = _Conversation(limits)
+    if _operation(top.span) == "execute_tool":  # a tool span whose parent is in another request
+        conv.add_tool(top.span)
+    else:
+        conv.add_call(top, answer=False)
+    for s in ordered[1:]:
+        if _operation(s) == "execute_tool":
+            conv.add_tool(s)
+        elif (call := taken.get((s.trace_id, s.span_id))) is not None:
+            conv.add_call(call, answer=True)
+    # The root's answer ends the episode: what the agent returned, whichever call produced it.
+    conv.add_outputs(top.answer, top.span.span_id)
+    return conv.finish()
 
 
 def episode_id(trace_id: str, span_id: str) -> str:
@@ -707,11 +741,13 @@ def _first_str(*maps: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def _model(root: Span, ordered: list[Span]) -> str | None:
+def _model(root: Span, thread: list[_Call]) -> str | None:
+    """The root's model, else that of the last call the conversation went on with (not of an
+    auxiliary call after it: a guardrail's model did not answer)."""
     keys = ("gen_ai.response.model", "gen_ai.request.model")
     found = _first_str(root.attrs, keys=keys)
-    for s in reversed(ordered):  # else the last model call's
-        found = found or _first_str(s.attrs, keys=keys)
+    for call in reversed(thread):
+        found = found or _first_str(call.span.attrs, keys=keys)
     return found
 
 
@@ -728,26 +764,199 @@ def _metadata(root: Span, ordered: list[Span]) -> dict[str, Any]:
         value = root.name if attr is None else root.attrs.get(attr)
         if isinstance(value, str) and value:
             meta[key] = value[:256]
-    tokens = {"input_tokens": 0, "output_tokens": 0}
-    for s in ordered:
-        for k in tokens:
-            v = s.attrs.get(f"gen_ai.usage.{k}")
-            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40:
-                tokens[k] += v
-    meta.update({k: v for k, v in tokens.items() if v})
+    meta.update(_usage(root, ordered))
     errors = sum(1 for s in ordered if _operation(s) == "execute_tool" and _failed(s))
     if errors:
         meta["tool_errors"] = errors
     return meta
 
 
+def _usage(root: Span, ordered: list[Span]) -> dict[str, int]:
+    """Tokens of the episode: the root's own counts when it has any (an agent span's are the
+    run's totals, so adding its model calls' to them counted every token twice), else the sum
+    of its model calls' (the auxiliary ones too: they were spent)."""
+    own = _tokens([root])
+    return own or _tokens([s for s in ordered[1:] if _is_model_call(s)])
+
+
+def _tokens(spans: list[Span]) -> dict[str, int]:
+    tokens = {"input_tokens": 0, "output_tokens": 0}
+    for s in spans:
+        for k in tokens:
+            v = s.attrs.get(f"gen_ai.usage.{k}")
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40:
+                tokens[k] += v
+    return {k: v for k, v in tokens.items() if v}
+
+
+def _left_out(model_calls: list[_Call], thread: list[_Call], taken: list[_Call]) -> dict[str, int]:
+    """How much of what the spans hold is not in the conversation: ``auxiliary_calls`` (model
+    calls that did not continue it) and ``extra_choices`` (answers beyond the one kept, of calls
+    that returned several)."""
+    counts = {
+        "auxiliary_calls": len(model_calls) - len(thread),
+        "extra_choices": sum(len(c.choices) - 1 for c in taken if c.choices),
+    }
+    return {k: v for k, v in counts.items() if v}
+
+
 def _failed(span: Span) -> bool:
     return span.status_code == STATUS_ERROR or "error.type" in span.attrs
+
+
+# --- which model calls carry the conversation ---------------------------------------------------
+
+_INSTRUCTION_ROLES = ("system", "developer")  # a tuple: compared, not hashed (a role may be a list)
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """One span's messages, parsed once: what it was sent, and the answers (choices) it returned."""
+
+    span: Span
+    system: dict[str, Any] | None
+    inputs: list[dict[str, Any]]
+    #: Each choice: an assistant message and the non-assistant messages that followed it.
+    choices: list[list[dict[str, Any]]]
+    #: Keys of the input's messages, parallel to ``inputs``: computed once, also for the merge.
+    input_keys: list[Hashable]
+    #: Those keys without the instructions' (a handoff changes them): where the call stands.
+    sent: list[Hashable]
+    #: Keys of each choice's messages, parallel to ``choices``.
+    answer_keys: list[list[Hashable]]
+    #: Whether every tool call and result it holds has an id (else the merge makes some up).
+    has_ids: bool
+    kept: int = 0  # the choice the conversation goes on with
+
+    @classmethod
+    def of(cls, span: Span, limits: OtlpLimits) -> _Call:
+        inputs = _inputs(span, limits)
+        choices = _choices(_outputs(span, limits))
+        keys = [_key(m) for m in inputs]
+        return cls(
+            span,
+            _system_instructions(span, limits),
+            inputs,
+            choices,
+            keys,
+            [k for m, k in zip(inputs, keys, strict=True) if m.get("role") not in _INSTRUCTION_ROLES],
+            [[_key(m) for m in choice] for choice in choices],
+            not any(_lacks_ids(m) for m in inputs) and not any(_lacks_ids(m) for c in choices for m in c),
+        )
+
+    @property
+    def answer(self) -> list[dict[str, Any]]:
+        return self.choices[self.kept] if self.choices else []
+
+
+def _choices(outputs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A call's output messages as choices: each assistant message begins one (an ``n > 1``
+    request returns one per choice); anything else belongs to the choice before it."""
+    choices: list[list[dict[str, Any]]] = []
+    for m in outputs:
+        if m.get("role") == "assistant" or not choices:
+            choices.append([m])
+        else:
+            choices[-1].append(m)
+    return choices
+
+
+def _key(m: dict[str, Any]) -> Hashable:
+    return _hashable(_message_key(m))
+
+
+@dataclass(slots=True)
+class _Turn:
+    """The model calls sent one point of the conversation: usually one; more when a call was
+    retried, or when an input check was sent the user's messages as they are."""
+
+    sent: list[Hashable]
+    calls: list[_Call] = field(default_factory=list)
+    #: Each answer of those calls by its first message's key, for the next call to find the one it
+    #: goes on from in one look-up (a later call's answer replaces an earlier one's).
+    answers: dict[Hashable, tuple[_Call, int]] = field(default_factory=dict)
+    #: Each answer by the key of a result to one of its tool calls (see ``continued_by``).
+    results: dict[Hashable, tuple[_Call, int]] = field(default_factory=dict)
+    chosen: tuple[_Call, int] | None = None
+
+    def add(self, call: _Call) -> None:
+        self.calls.append(call)
+        for j, keys in enumerate(call.answer_keys):
+            prior = self.answers.get(keys[0]) if keys else None
+            if keys and (prior is None or prior[0] is not call):  # of one call's equal choices, the first
+                self.answers[keys[0]] = (call, j)
+        for j, choice in enumerate(call.choices):
+            for c in (c for m in choice for c in m.get("tool_calls") or () if isinstance(c, dict)):
+                if c.get("id"):
+                    self.results.setdefault(_key({"tool_call_id": c["id"]}), (call, j))
+
+    def continued_by(self, sent: list[Hashable]) -> tuple[_Call, int] | None:
+        """The answer ``sent`` goes on from: it begins with this turn's input and that answer, and
+        adds to them (a call given the finished conversation to judge it continues nothing)."""
+        base = len(self.sent)
+        if len(sent) > base and sent[:base] == self.sent and (hit := self.answers.get(sent[base])) is not None:
+            answer = hit[0].answer_keys[hit[1]]
+            end = base + len(answer)
+            if len(sent) > end and sent[base:end] == answer:
+                return hit
+        # A call to a stateful API (the Responses API's previous_response_id) is sent only what
+        # follows the answer: the results of its tool calls.
+        return self.results.get(sent[0]) if sent else None
+
+    def settle(self, final: Hashable | None) -> _Call:
+        """The call this turn keeps, its ``kept`` choice set: the one the next turn went on from;
+        for the last turn, the one whose answer the root returned, else the latest that answered
+        (a retry supersedes the try before it)."""
+        if self.chosen is None and final is not None:
+            self.chosen = self.answers.get(final)
+        if self.chosen is None:
+            answered = [c for c in self.calls if c.choices] or self.calls
+            self.chosen = (answered[-1], 0)
+        call, choice = self.chosen
+        call.kept = choice
+        return call
+
+
+def _thread(calls: list[_Call], top: _Call) -> list[_Call]:
+    """The model calls that carry the conversation, in order, each with the choice it went on
+    with; the others (an output guardrail, a classifier, a title or summary call) are auxiliary.
+
+    The first call to carry it is the first whose input begins with the root's (an agent span's
+    input is the conversation it was given). Were none to (the root's input written otherwise
+    than its calls' inputs), the first call begins it instead: the root's input is not worth the
+    whole conversation. Then a call carries it when it continues the last carrying call's input
+    and answer (``_Turn.continued_by``), or was sent exactly that last call's input (a retry);
+    anything else is left out, so a classifier run on the answer no longer becomes the final turn."""
+    final = top.answer_keys[0][0] if top.answer_keys and top.answer_keys[0] else None
+    turns = _turns(calls, top.sent) or (_turns(calls, []) if top.sent else [])
+    return [turn.settle(final if turn is turns[-1] else None) for turn in turns]
+
+
+def _turns(calls: list[_Call], anchor: list[Hashable]) -> list[_Turn]:
+    turns: list[_Turn] = []
+    for call in calls:
+        if not turns:
+            if call.sent[: len(anchor)] == anchor:
+                turns.append(_Turn(call.sent))
+                turns[-1].add(call)
+            continue
+        last = turns[-1]
+        hit = last.continued_by(call.sent)
+        if hit is not None:
+            last.chosen = hit
+            turns.append(_Turn(call.sent))
+            turns[-1].add(call)
+        elif call.sent == last.sent:
+            last.add(call)
+    return turns
 
 
 # --- messages ---------------------------------------------------------------------------------
 
 _ROLE_ALIASES = {"model": "assistant", "human": "user", "ai": "assistant"}  # Gemini, LangChain
+# Reasoning written as a message of its own (OpenLLMetry's Anthropic instrumentation writes extended
+# thinking as a completion with role ``thinking`` before the answer): not a turn of the conversation.
+_REASONING_ROLES = frozenset({"thinking", "reasoning"})
 _EVENT_ROLES = {
     "gen_ai.system.message": "system",
     "gen_ai.user.message": "user",
@@ -758,13 +967,62 @@ _EVENT_ROLES = {
 
 def _message_key(m: dict[str, Any]) -> tuple[Any, ...]:
     """What makes two renderings of one message the same message: a tool result by its call id,
-    an assistant tool call by its call ids, anything else by role and text."""
+    an assistant tool call by its call ids, anything else by role and text. Calls sent without
+    ids are known by their names and arguments (the ids made up for them differ from span to
+    span), results without ids by their text."""
     if m.get("tool_call_id"):
         return ("tool", m["tool_call_id"])
     calls = m.get("tool_calls")
+    if calls and _lacks_call_ids(m):
+        return (m.get("role"), m.get("content"), tuple(_call_signature(c) for c in calls))
     if calls:
         return (m.get("role"), tuple(c.get("id") for c in calls))
     return (m.get("role"), m.get("content"))
+
+
+def _lacks_call_ids(m: dict[str, Any]) -> bool:
+    return any(c.get("id") in (None, "") for c in m.get("tool_calls") or ())
+
+
+def _lacks_ids(m: dict[str, Any]) -> bool:
+    return _lacks_call_ids(m) or (m.get("role") == "tool" and not m.get("tool_call_id"))
+
+
+def _call_signature(c: dict[str, Any]) -> tuple[Any, Any]:
+    fn = c.get("function") or {}
+    return (fn.get("name"), fn.get("arguments"))
+
+
+class _OpenCalls:
+    """Tool calls not answered yet, oldest first, also by function name. An answered call is
+    only marked, and dropped when it reaches the front: linear however many calls and results."""
+
+    def __init__(self) -> None:
+        self.order: deque[str] = deque()
+        self.by_name: dict[str, deque[str]] = {}
+        self.answered: set[str] = set()
+
+    def add(self, call: dict[str, Any]) -> None:
+        call_id, name = call.get("id"), (call.get("function") or {}).get("name")
+        if isinstance(call_id, str) and call_id:
+            self.order.append(call_id)
+            if isinstance(name, str):
+                self.by_name.setdefault(name, deque()).append(call_id)
+
+    def answer(self, call_id: Any) -> None:
+        if isinstance(call_id, str):
+            self.answered.add(call_id)
+
+    def oldest(self) -> str | None:
+        return self._front(self.order)
+
+    def oldest_named(self, name: Any) -> str | None:
+        return self._front(self.by_name.get(name)) if isinstance(name, str) else None
+
+    def _front(self, queue: deque[str] | None) -> str | None:
+        while queue and queue[0] in self.answered:
+            queue.popleft()
+        return queue[0] if queue else None
 
 
 class _Conversation:
@@ -780,58 +1038,119 @@ class _Conversation:
         self.positions: dict[Hashable, list[int]] = {}  # message key -> its indices, ascending
         self.call_ids: set[Any] = set()  # tool calls made
         self.result_ids: set[Any] = set()  # tool calls answered
+        self.open = _OpenCalls()  # what an execute_tool span without a call id answers
+        self.made_up = 0  # ids made up for tool calls sent without one
 
-    def append(self, m: dict[str, Any]) -> None:
+    def append(self, m: dict[str, Any], key: Hashable | None = None, alias: Hashable | None = None) -> None:
+        """``key``: ``m``'s, when known; ``alias``: the key a call message had before ids were made
+        up for it, which its other renderings (without ids) still have."""
         if len(self.messages) >= MAX_MESSAGES:
             raise _Reject("too_many_messages", f"more than {MAX_MESSAGES} messages on the span and its descendants")
-        self.positions.setdefault(_hashable(_message_key(m)), []).append(len(self.messages))
+        key = _key(m) if key is None else key
+        for k in [key] if alias is None else [key, alias]:
+            self.positions.setdefault(k, []).append(len(self.messages))
         self.messages.append(m)
         # Ids come from the span's own JSON: a list or an object is possible, and must not raise.
-        self.call_ids.update(_hashable(c.get("id")) for c in m.get("tool_calls") or () if isinstance(c, dict))
+        for c in m.get("tool_calls") or ():
+            if isinstance(c, dict):
+                self.call_ids.add(_hashable(c.get("id")))
+                self.open.add(c)
         if m.get("tool_call_id"):
             self.result_ids.add(_hashable(m["tool_call_id"]))
+            self.open.answer(m["tool_call_id"])
 
-    def add_span(self, span: Span, *, outputs: bool) -> None:
-        if _operation(span) == "execute_tool":
-            self.add_tool(span)
-            return
-        system = _system_instructions(span, self.limits)
-        if system is not None:
-            self.add_inputs([system])
-        self.add_inputs(_inputs(span, self.limits))
-        if outputs:
-            self.add_outputs(_outputs(span, self.limits))
+    def add_call(self, call: _Call, *, answer: bool) -> None:
+        span_id = call.span.span_id
+        if call.system is not None:
+            self.add_inputs([call.system], span_id)
+        self.add_inputs(call.inputs, span_id, call.input_keys if call.has_ids else None)
+        if answer:
+            self.add_outputs(call.answer, span_id)
 
-    def add_inputs(self, inputs: list[dict[str, Any]]) -> None:
+    def add_inputs(self, inputs: list[dict[str, Any]], span_id: str, keys: list[Hashable] | None = None) -> None:
+        """``keys``: the inputs' keys, when no ids are to be made up for them (the inputs of a long
+        agent run are most of what its spans hold: their keys are computed once)."""
         # A model call's input repeats the conversation so far: keep what is new, matching the
         # messages already here in order (a repeated "yes" later in the conversation stays).
         pos = 0
-        for m in inputs:
-            at = self.positions.get(_hashable(_message_key(m)), [])
+        for m, key, alias in self.keyed(inputs, span_id, keys):
+            at = self.positions.get(key, [])
             i = bisect.bisect_left(at, pos)
             if i < len(at):
                 pos = at[i] + 1
             else:
-                self.append(m)
+                self.append(m, key, alias)
                 pos = len(self.messages)
 
-    def add_outputs(self, outputs: list[dict[str, Any]]) -> None:
-        for m in outputs:
-            if not self.messages or _message_key(self.messages[-1]) != _message_key(m):
-                self.append(m)
+    def keyed(
+        self, msgs: list[dict[str, Any]], span_id: str, keys: list[Hashable] | None
+    ) -> Iterable[tuple[dict[str, Any], Hashable, Hashable | None]]:
+        if keys is not None:
+            return zip(msgs, keys, itertools.repeat(None))
+        return [(m, _key(m), alias) for m, alias in self.with_ids(msgs, span_id, shown_before=True)]
+
+    def add_outputs(self, outputs: list[dict[str, Any]], span_id: str) -> None:
+        # An answer is new (the same call made again is another call, with ids of its own) unless
+        # it repeats the last message: the root returns what its last model call answered.
+        for m, alias in self.with_ids(outputs, span_id, shown_before=False):
+            if not self.is_last(_key(m) if alias is None else alias):
+                self.append(m, alias=alias)
+
+    def is_last(self, key: Hashable) -> bool:
+        at = self.positions.get(key)
+        return at is not None and at[-1] == len(self.messages) - 1
+
+    def with_ids(
+        self, msgs: list[dict[str, Any]], span_id: str, *, shown_before: bool
+    ) -> list[tuple[dict[str, Any], Hashable | None]]:
+        """Each message with ids for its tool calls and results that came without one (the GenAI
+        conventions make them optional), and the key it had before (see ``append``). With
+        ``shown_before`` (an input: the conversation so far), a call message already here takes
+        the ids it got then (the k-th such message of ``msgs`` is the k-th here); otherwise, and
+        for a new one, ids are made up: ``call_<span id>_<n>``. A result without an id answers a
+        call of the latest call message before it in ``msgs``: the first of its name, else the
+        first not yet answered there."""
+        seen: dict[Hashable, int] = {}
+        pending = _OpenCalls()
+        out: list[tuple[dict[str, Any], Hashable | None]] = []
+        for m in msgs:
+            alias = _key(m) if m.get("tool_calls") and _lacks_call_ids(m) else None
+            if alias is not None:
+                seen[alias] = seen.get(alias, 0) + 1
+                filled = self.ided(m, alias, seen[alias] - 1 if shown_before else -1, span_id)
+            else:
+                filled = _answering(m, pending) if m.get("role") == "tool" else m
+            if filled.get("tool_calls"):
+                pending = _OpenCalls()  # results answer the latest call message before them
+                for c in filled["tool_calls"]:
+                    pending.add(c)
+            out.append((filled, alias))
+        return out
+
+    def ided(self, m: dict[str, Any], alias: Hashable, k: int, span_id: str) -> dict[str, Any]:
+        """``m`` with the ids of the k-th call message like it here (-1: none), else made up."""
+        at = self.positions.get(alias, [])
+        if 0 <= k < len(at):
+            return {**m, "tool_calls": self.messages[at[k]]["tool_calls"]}
+        return {**m, "tool_calls": [self.made_up_id(c, span_id) for c in m["tool_calls"]]}
+
+    def made_up_id(self, call: dict[str, Any], span_id: str) -> dict[str, Any]:
+        if call.get("id") not in (None, ""):
+            return call
+        self.made_up += 1  # counted over the episode: unique, and the same for the same spans
+        return {**call, "id": f"call_{span_id}_{self.made_up}"}
 
     def add_tool(self, span: Span) -> None:
         a = span.attrs
-        call_id = a.get("gen_ai.tool.call.id")
-        call_id = call_id if isinstance(call_id, str) and call_id else f"call_{span.span_id}"
+        name = a.get("gen_ai.tool.name")
+        name = name if isinstance(name, str) else span.name
+        call_id = self.tool_call_id(span, name)
         if call_id not in self.call_ids:
-            name = a.get("gen_ai.tool.name")
             call = {
                 "id": call_id,
                 "type": "function",
-                "function": {"name": name if isinstance(name, str) else span.name, "arguments": _text_of(
-                    a.get("gen_ai.tool.call.arguments", ""))},
-            }  # fmt: skip
+                "function": {"name": name, "arguments": _text_of(a.get("gen_ai.tool.call.arguments", ""))},
+            }
             self.append({"role": "assistant", "content": None, "tool_calls": [call]})
         if call_id in self.result_ids:
             return
@@ -840,10 +1159,31 @@ class _Conversation:
             result = f"error: {a.get('error.type') or 'tool call failed'}"
         self.append({"role": "tool", "tool_call_id": call_id, "content": _text_of(result or "")})
 
+    def tool_call_id(self, span: Span, name: str) -> str:
+        """The call an execute_tool span runs: the one its ``gen_ai.tool.call.id`` names; without
+        one, the oldest call of that tool the model made and nothing answered yet (a made-up id
+        would show the call, and its result, twice); else a new one, ``call_<span id>``."""
+        given = span.attrs.get("gen_ai.tool.call.id")
+        if isinstance(given, str) and given:
+            return given
+        return self.open.oldest_named(name) or f"call_{span.span_id}"
+
     def finish(self) -> list[dict[str, Any]]:
         # Instructions first whatever span carried them (an agent's may come after the user's turn).
         system = [m for m in self.messages if m.get("role") == "system"]
         return system + [m for m in self.messages if m.get("role") != "system"]
+
+
+def _answering(m: dict[str, Any], pending: _OpenCalls) -> dict[str, Any]:
+    """A tool result, with the call it answers when it came without an id (see ``with_ids``)."""
+    if m.get("tool_call_id"):
+        pending.answer(m["tool_call_id"])
+        return m
+    call_id = pending.oldest_named(m.get("name")) or pending.oldest()
+    if call_id is None:
+        return m  # nothing to answer: validation names it
+    pending.answer(call_id)
+    return {**m, "tool_call_id": call_id}
 
 
 def _hashable(value: Any) -> Hashable:
@@ -906,11 +1246,11 @@ def _messages(value: Any, limits: OtlpLimits, default_role: str) -> list[dict[st
         raise _Reject("invalid_value", "gen_ai messages must be a JSON array of messages")
     out: list[dict[str, Any]] = []
     for m in doc:
-        out.extend(_normalise(m, default_role))
+        out.extend(_normalise(m, default_role, limits))
     return out
 
 
-def _normalise(m: Any, default_role: str) -> list[dict[str, Any]]:
+def _normalise(m: Any, default_role: str, limits: OtlpLimits) -> list[dict[str, Any]]:
     """One GenAI-convention message (``parts``) or OpenAI chat message -> OpenAI chat messages."""
     if isinstance(m, str):
         return [{"role": default_role, "content": m}]
@@ -918,8 +1258,13 @@ def _normalise(m: Any, default_role: str) -> list[dict[str, Any]]:
         raise _Reject("invalid_value", "a gen_ai message must be an object")
     role = m.get("role") or default_role
     role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if isinstance(role, str) and role in _REASONING_ROLES:
+        return []
     if isinstance(m.get("parts"), list):
         return _from_parts(role, m["parts"])
+    blocks = _anthropic_blocks(role, m.get("content"), limits)
+    if blocks is not None:
+        return _from_blocks(role, blocks, m.get("tool_calls"))
     msg: dict[str, Any] = {"role": role, "content": _content(m.get("content"))}
     if isinstance(m.get("tool_calls"), list) and m["tool_calls"]:
         msg["tool_calls"] = [_tool_call(c) for c in m["tool_calls"]]
@@ -930,12 +1275,41 @@ def _normalise(m: Any, default_role: str) -> list[dict[str, Any]]:
 
 
 def _content(content: Any) -> Any:
-    if isinstance(content, list):  # OpenAI parts or GenAI parts: their text
-        texts = [p.get("text", p.get("content")) for p in content if isinstance(p, dict)]
-        return "\n".join(t for t in texts if isinstance(t, str))
+    if isinstance(content, list):  # OpenAI parts or GenAI parts: their text, placeholders for media
+        texts = [_part_text(p) for p in content]
+        return "\n".join(t for t in texts if t is not None)
     if content is None or isinstance(content, str):
         return content
     return _text_of(content)
+
+
+# Media parts read as schema v2 reads OpenAI's (``PLACEHOLDERS``): the GenAI conventions' blob, uri
+# and file parts by their modality (a video, or none named, is a file), Anthropic's blocks by type.
+_MEDIA_PARTS = frozenset({"blob", "uri", "file"})
+_MODALITY_PLACEHOLDERS = {"image": PLACEHOLDERS["image_url"], "audio": PLACEHOLDERS["input_audio"]}
+_BLOCK_PLACEHOLDERS = {**PLACEHOLDERS, "image": PLACEHOLDERS["image_url"], "document": PLACEHOLDERS["file"]}
+_REASONING_PARTS = frozenset({"reasoning", "thinking", "redacted_thinking"})
+
+
+def _part_text(p: Any) -> str | None:
+    """A content part as text: a placeholder for media (first: a GenAI blob part's ``content`` is
+    its base64 data), else its text; None for reasoning (not what was said) and for a part
+    without text."""
+    kind = p.get("type") if isinstance(p, dict) else None
+    if not isinstance(kind, str) or kind in _REASONING_PARTS:
+        return None
+    placeholder = _placeholder(kind, p.get("modality"))
+    if placeholder is not None:
+        return placeholder
+    text = p.get("text", p.get("content"))
+    return text if isinstance(text, str) else None
+
+
+def _placeholder(kind: str, modality: Any) -> str | None:
+    if kind not in _MEDIA_PARTS:
+        return _BLOCK_PLACEHOLDERS.get(kind)
+    named = _MODALITY_PLACEHOLDERS.get(modality) if isinstance(modality, str) else None
+    return named or PLACEHOLDERS["file"]
 
 
 def _tool_call(c: Any) -> dict[str, Any]:
@@ -944,7 +1318,7 @@ def _tool_call(c: Any) -> dict[str, Any]:
     fn: dict[str, Any] = c["function"] if isinstance(c.get("function"), dict) else c
     args = fn.get("arguments", "")
     return {
-        "id": c.get("id"),
+        "id": c.get("id"),  # None when the sender gave none: _Conversation.with_ids makes one up
         "type": "function",
         "function": {"name": fn.get("name"), "arguments": _text_of(args if args is not None else "")},
     }
@@ -956,20 +1330,124 @@ def _from_parts(role: Any, parts: list[Any]) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for p in parts:
         kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "text" and isinstance(p.get("content"), str):
-            texts.append(p["content"])
-        elif kind == "tool_call":
+        if kind == "tool_call":
             calls.append(_tool_call(p))
         elif kind == "tool_call_response":
-            results.append({"role": "tool", "tool_call_id": p.get("id"), "content": _text_of(p.get("response", ""))})
-        # reasoning, blob, file and uri parts are not reviewed text: left out
+            results.append({"role": "tool", "tool_call_id": p.get("id"), "content": _text_of(_response(p))})
+        elif kind == "text":
+            if isinstance(p.get("content"), str):
+                texts.append(p["content"])
+        elif isinstance(kind, str) and (placeholder := _placeholder(kind, p.get("modality"))) is not None:
+            texts.append(placeholder)  # a reasoning part, or one of a type unknown here, is left out
     out: list[dict[str, Any]] = []
     if texts or calls or not results:
-        msg: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts else None}
-        if calls:
-            msg["tool_calls"] = calls
-        out.append(msg)
+        out.append(_message(role, texts, calls))
     return out + results
+
+
+def _response(part: dict[str, Any]) -> Any:
+    """A tool_call_response part's result: ``response`` in the conventions, ``result`` in a draft
+    of their JSON schema that instrumentations still write."""
+    return part["response"] if "response" in part else part.get("result", "")
+
+
+def _message(role: Any, texts: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": role, "content": "\n".join(texts) if texts else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+# --- Anthropic content blocks (OpenLLMetry writes a message's blocks as a JSON string) -----------
+
+_BLOCK_MEDIA = frozenset({"image", "document", "image_url"})
+_RESULT_BLOCKS = ("text", "image", "document", "image_url")  # a tuple: compared, not hashed (a type may be a list)
+
+
+def _anthropic_blocks(role: Any, content: Any, limits: OtlpLimits) -> list[dict[str, Any]] | None:
+    """``content`` as a list of Anthropic content blocks, when it is one (or a JSON string of one):
+    every block a known type with its fields, tool_use only from the assistant and tool_result
+    only from the user, as the Messages API has them. Anything else is None and stays text, and
+    so does a list of text blocks only: the instrumentation joins those itself, so such a string
+    is text someone wrote."""
+    if isinstance(content, str):
+        content = _json_list(content, limits)
+    if not isinstance(content, list) or not content:
+        return None
+    if not all(_is_block(b, role) for b in content) or all(b["type"] == "text" for b in content):
+        return None
+    return content
+
+
+def _json_list(text: str, limits: OtlpLimits) -> list[Any] | None:
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, list) and not _too_deep(doc, limits.max_depth) else None
+
+
+def _is_block(b: Any, role: object) -> bool:
+    kind = b.get("type") if isinstance(b, dict) else None
+    if kind == "text":
+        return isinstance(b.get("text"), str)
+    if kind == "tool_use":
+        return role == "assistant" and _label(b.get("id")) and _label(b.get("name")) and "input" in b
+    if kind == "tool_result":
+        return (
+            role == "user"
+            and _label(b.get("tool_use_id"))
+            and isinstance(b.get("is_error", False), bool)
+            and _is_result_content(b.get("content"))
+        )
+    if kind in ("thinking", "redacted_thinking"):
+        return role == "assistant"
+    return isinstance(kind, str) and kind in _BLOCK_MEDIA
+
+
+def _label(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_result_content(content: Any) -> bool:
+    if content is None or isinstance(content, str):
+        return True
+    # Text and media only: a tool_result inside a tool_result is no Messages API shape.
+    return isinstance(content, list) and all(
+        isinstance(b, dict) and b.get("type") in _RESULT_BLOCKS and _is_block(b, "user") for b in content
+    )
+
+
+def _from_blocks(role: Any, blocks: list[dict[str, Any]], listed: Any) -> list[dict[str, Any]]:
+    """Anthropic blocks -> OpenAI chat messages: each tool_result a ``tool`` message (first: they
+    answer the calls of the assistant message before; the Messages API puts them first too; an
+    ``is_error`` result keeps its text, schema v2 has no flag for it), tool_use blocks the
+    assistant's tool calls (after those the span also lists as ``tool_calls``, by id, which they
+    repeat), text blocks its text; thinking left out."""
+    texts: list[str] = []
+    calls = [_tool_call(c) for c in listed] if isinstance(listed, list) else []
+    known = {c["id"] for c in calls if isinstance(c["id"], str)}
+    results: list[dict[str, Any]] = []
+    for b in blocks:
+        if b["type"] == "tool_use" and b["id"] not in known:
+            calls.append(
+                {"id": b["id"], "type": "function", "function": {"name": b["name"], "arguments": _text_of(b["input"])}}
+            )
+        elif b["type"] == "tool_result":
+            results.append(
+                {"role": "tool", "tool_call_id": b["tool_use_id"], "content": _result_text(b.get("content"))}
+            )
+        elif (text := _part_text(b)) is not None:
+            texts.append(text)
+    return results + ([_message(role, texts, calls)] if texts or calls or not results else [])
+
+
+def _result_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "\n".join(t for t in map(_part_text, content) if t is not None)
+    return content if isinstance(content, str) else ""
 
 
 def _system_instructions(span: Span, limits: OtlpLimits) -> dict[str, Any] | None:
@@ -992,14 +1470,14 @@ def _inputs(span: Span, limits: OtlpLimits) -> list[dict[str, Any]]:
         if name == "gen_ai.client.inference.operation.details" and "gen_ai.input.messages" in attrs:
             out.extend(_messages(attrs["gen_ai.input.messages"], limits, "user"))
         elif name in _EVENT_ROLES:
-            out.extend(_normalise({**attrs, "role": attrs.get("role") or _EVENT_ROLES[name]}, "user"))
+            out.extend(_normalise({**attrs, "role": attrs.get("role") or _EVENT_ROLES[name]}, "user", limits))
         elif name == "gen_ai.content.prompt" and "gen_ai.prompt" in attrs:
             out.extend(_legacy(attrs["gen_ai.prompt"], limits, "user"))
     if out:
         return out
     if "gen_ai.prompt" in a:
         return _legacy(a["gen_ai.prompt"], limits, "user")
-    return _flattened(a, "prompt")
+    return _flattened(a, "prompt", limits)
 
 
 def _outputs(span: Span, limits: OtlpLimits) -> list[dict[str, Any]]:
@@ -1019,7 +1497,7 @@ def _outputs(span: Span, limits: OtlpLimits) -> list[dict[str, Any]]:
         return out
     if "gen_ai.completion" in a:
         return _legacy(a["gen_ai.completion"], limits, "assistant")
-    return _flattened(a, "completion")
+    return _flattened(a, "completion", limits)
 
 
 def _legacy(value: Any, limits: OtlpLimits, role: str) -> list[dict[str, Any]]:
@@ -1029,7 +1507,7 @@ def _legacy(value: Any, limits: OtlpLimits, role: str) -> list[dict[str, Any]]:
     return _messages(value, limits, role)
 
 
-def _flattened(attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+def _flattened(attrs: dict[str, Any], kind: str, limits: OtlpLimits) -> list[dict[str, Any]]:
     """OpenLLMetry's ``gen_ai.prompt.0.role`` / ``.content`` / ``.tool_calls.0.name`` ... flattening."""
     found: dict[int, dict[str, Any]] = {}
     # Tool calls apart from the message's fields: those are named by the sender, so a working key
@@ -1051,7 +1529,7 @@ def _flattened(attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     for index, msg in sorted(found.items()):
         if index in calls:
             msg["tool_calls"] = [c for _, c in sorted(calls[index].items())]
-        out.extend(_normalise(msg, "user" if kind == "prompt" else "assistant"))
+        out.extend(_normalise(msg, "user" if kind == "prompt" else "assistant", limits))
     return out
 
 

@@ -502,8 +502,8 @@ def test_a_double_that_is_not_finite_is_kept_by_its_name_in_both_encodings() -> 
 
 
 def test_a_conversation_past_the_message_limit_is_refused_while_it_is_built() -> None:
-    """An agent span with more model calls under it than an episode may hold messages is refused
-    as validation would refuse it (too_many_messages), before its conversation grows further; one
+    """An agent span with more turns under it than an episode may hold messages is refused as
+    validation would refuse it (too_many_messages), before its conversation grows further; one
     within the limit keeps each repeated message once, in order."""
 
     def chat(sid: str, parent: str, start: int, inputs: list[tuple[str, str]], answer: str) -> Span:
@@ -514,8 +514,12 @@ def test_a_conversation_past_the_message_limit_is_refused_while_it_is_built() ->
         }
         return Span("t", sid, parent, "chat", start, 0, attrs, [], {})
 
+    def tool(i: int) -> Span:  # a call and its result: two messages each
+        attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.call.id": f"t{i}", "gen_ai.tool.name": "f"}
+        return Span("t", f"t{i}", "root", "tool", 3 + i, 0, attrs, [], {})
+
     root = Span("t", "root", "", "agent", 1, 0, {"gen_ai.operation.name": "invoke_agent"}, [], {})
-    many = [root, *(chat(f"c{i}", "root", 2 + i, [("user", f"q{i}")], f"a{i}") for i in range(MAX_MESSAGES))]
+    many = [root, chat("c", "root", 2, [("user", "q")], "a"), *(tool(i) for i in range(MAX_MESSAGES // 2))]
     conv = convert(many, LIMITS)
     assert not conv.records and [(r.reason, r.spans) for r in conv.rejected] == [("too_many_messages", len(many))]
     # Each call repeats the conversation so far; the episode holds it once.
