@@ -654,6 +654,31 @@ class Store:
         with self.engine.connect() as conn:
             return [cast(DriftEvent, dict(r._mapping)) for r in conn.execute(q)]
 
+    @contextmanager
+    def one_at_a_time(self, key: int, name: str) -> Iterator[bool]:
+        """Whether this process may go on with the work ``(key, name)`` now, none other doing it:
+        on PostgreSQL a session advisory lock tried, not waited for (held until the block ends;
+        a process that dies mid-block loses it with its connection); on SQLite always True (one
+        process owns the file's writers)."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        with self.engine.connect() as conn:
+            args = {"k": key, "name": name}
+            got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k, hashtext(:name))"), args).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    try:
+                        conn.execute(sa.text("SELECT pg_advisory_unlock(:k, hashtext(:name))"), args)
+                        conn.commit()
+                    except sa.exc.DBAPIError:
+                        # The session is gone or broken: closing it for good releases the lock.
+                        conn.invalidate()
+                        raise
+
     def unpublished(self, table: sa.Table, limit: int) -> list[dict[str, Any]]:
         """Rows of an outbox table (``drift_events``, ``rm_scores``) not yet published, in the order
         they committed (``outbox_order``). The read walks a partial index of the unpublished rows
