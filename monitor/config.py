@@ -277,6 +277,13 @@ class KafkaConfig(_Model):
         "oversight.retrain", description="reward-model update and policy retraining requests are published here"
     )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    # kafka-python reads uncommitted by default: the records of an upstream transaction that
+    # aborted (Kafka Streams, Flink or Connect with exactly-once) were counted and sampled.
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="read_committed: records of aborted transactions are never read (a consumer reads up to"
+        " the last stable offset)",
+    )
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 3000
     max_poll_interval_ms: int = 60000

@@ -163,6 +163,7 @@ class KafkaSource:
             client_id=self._client_id,
             enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset,
+            isolation_level=cfg.isolation_level,
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             max_poll_interval_ms=cfg.max_poll_interval_ms,
