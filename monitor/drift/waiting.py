@@ -109,6 +109,28 @@ class WaitingValues:
             yield from part._items
         yield from self._items
 
+    def runs(
+        self, load_chunk: Callable[[int], Mapping[str, Any] | None], size: int
+    ) -> Iterator[tuple[list[Any], list[At]]]:
+        """:meth:`items` in consecutive runs of at most ``size``: values and where each arrived.
+
+        >>> w = WaitingValues()
+        >>> for i in range(5):
+        ...     w.append(float(i), (f"ep-{i}", 100.0 + i, i))
+        >>> [xs for xs, _ in w.runs(lambda j: None, 2)]
+        [[0.0, 1.0], [2.0, 3.0], [4.0]]
+        """
+        xs: list[Any] = []
+        ats: list[At] = []
+        for x, at in self.items(load_chunk):
+            xs.append(x)
+            ats.append(at)
+            if len(xs) >= size:
+                yield xs, ats
+                xs, ats = [], []
+        if xs:
+            yield xs, ats
+
     def __iter__(self) -> Iterator[tuple[Any, At]]:
         if self._base:
             raise RuntimeError("some waiting values are in stored chunks: read them with items()")

@@ -392,3 +392,38 @@ def test_a_vector_reference_is_written_in_chunks_of_vector_chunk_rows() -> None:
     assert pack_reference(ref, sealed_before=2)[1] == []
     with pytest.raises(ValueError, match="holds 7 values"):
         unpack_reference(state, {0: chunks[0][1], 1: state["ref"]}.get)
+
+
+def test_a_long_backlog_is_replayed_in_runs_with_the_alarms_of_a_monitor_that_never_waited(
+    tmp_path: Path, held_builds: threading.Event
+) -> None:
+    """Values that waited for a build go into its detectors in runs through the batch path
+    (``DriftMonitor._replay``): across runs, with alarms among them and builds of the new
+    reference started in the middle of the replay, the alarms are those of a monitor whose
+    detectors were built at once, at the same episodes."""
+    from monitor.drift.monitor import REPLAY_RUN
+
+    n = 2 * REPLAY_RUN + 2000
+    rng = np.random.default_rng(23)
+    shift = [1.5 if n // 4 <= i < n // 2 else (-1.0 if i >= 3 * n // 4 else 0.0) for i in range(n)]
+    xs = [float(v) + s for v, s in zip(rng.standard_normal(n), shift, strict=True)]
+    whole_store = Store(f"sqlite:///{tmp_path / 'whole.db'}")
+    whole = _monitor(whole_store)
+    want = _feed(whole, whole_store, xs, 0, n)
+    assert len({e[3] for e in want if e[0] == "rm_score"}) >= 3  # alarms in several runs of the replay
+
+    store = Store(f"sqlite:///{tmp_path / 'waited.db'}")
+    mon = _monitor(store)
+    mon.arm_in_background()
+    try:
+        got = _feed(mon, store, xs, 0, n)  # every value after the reference waits for the held build
+        assert got == []
+        held_builds.set()
+        deadline = time.monotonic() + 120
+        while mon.outstanding() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            got += _feed(mon, store, xs, n, n)  # a checkpoint installs what was built meanwhile
+        assert not mon.outstanding()
+    finally:
+        mon.close()
+    assert sorted(got, key=lambda e: (e[3], e[0])) == sorted(want, key=lambda e: (e[3], e[0]))
