@@ -12,10 +12,30 @@ means as the E step) until nothing moves.
 Only items with two or more labels say anything about a reviewer (a lone rating is its own
 estimate): residuals are taken against the *other* reviewers' estimate of the item (leave one
 out), whose own variance is subtracted. Reviewers with few overlapping labels are shrunk
-towards the pooled noise with a prior worth ``prior_labels`` labels, and their bias towards 0;
-biases are centred so that the precision-weighted mean bias is 0 (the reliable reviewers define
-the scale). Without any overlap every reviewer gets the pooled noise and no bias, so the
-calibrated item values are the plain means: weighting cannot invent information.
+towards the pooled noise with a prior worth ``prior_labels`` labels, and their bias towards 0.
+Without any overlap every reviewer gets the pooled noise and no bias, so the calibrated item
+values are the plain means: weighting cannot invent information.
+
+Overlap only ever compares reviewers with each other, so it fixes their biases up to one shift
+common to every reviewer it links (moving them all and every item by the same amount fits as
+well): something must say where the truth is. Per group of reviewers linked by shared items:
+
+* the *reference* is the weighted median of their biases, each weighted by its shared labels
+  (the evidence behind it). The scale is then the typical reviewer's, and a harsh or lenient
+  minority is corrected without moving anyone else. Precision is no weight here: a precise
+  reviewer can be precisely harsh, and a mean weighted by it (the earlier rule) let one such
+  reviewer shift every careful one by their bias times their share of the weight (0.19 points
+  with six careful reviewers, one harsh by -1.5 and one careless), so the estimate stayed biased;
+* ``gold`` items (with a known answer: adjudicated ratings, canaries) measure the shift itself:
+  the biases move by the group's gold residuals left after the reference, summed and divided by
+  their number plus ``prior_labels`` per reviewer of the group (the reference counts as that
+  many gold labels at no residual). Plenty of gold pins the biases to the truth, and a few
+  adjudicated items (noisy, and chosen for disagreeing) move the scale by little. Not centring
+  at all where there is gold would not do: the scale would then be wherever the bias prior,
+  pulling every bias towards 0 alike (a plain mean, with that same weight), balances the gold,
+  and with a handful of gold items one harsh reviewer would shift everyone again.
+
+A reviewer who shares no item with anyone, and has no gold, keeps bias 0.
 
 Pure: no database, no numpy; the callers (``monitor.quality``, ``monitor.reward.update``) read
 the labels and use the calibrated item values in place of the plain per-item means.
@@ -36,7 +56,8 @@ MIN_VARIANCE = 1.0 / 12.0
 
 @dataclass(frozen=True)
 class Reviewer:
-    """A reviewer's fitted calibration: ``n`` labels, ``overlap`` of them on shared items."""
+    """A reviewer's fitted calibration: ``n`` labels, ``overlap`` of them on items with another
+    label or a known (gold) answer: the labels that say anything about the reviewer."""
 
     bias: float
     variance: float
@@ -83,7 +104,8 @@ def fit(
     """Fit the model to ``(item, reviewer, rating)`` labels (one per reviewer and item: a repeated
     one replaces the earlier). ``gold`` holds items whose true value is known (for example canaries
     with a known answer): a reviewer's residual there is taken against it, so even a lone label
-    says something. Calibrated item values are clipped to ``bounds``."""
+    says something, and the gold sets where the biases' zero lies (the module docstring says how).
+    Calibrated item values are clipped to ``bounds``."""
     gold = dict(gold or {})
     if prior_labels <= 0:
         raise ValueError("prior_labels must be positive")
@@ -95,18 +117,20 @@ def fit(
         by_item[item][reviewer] = r
     counts: dict[Hashable, int] = defaultdict(int)
     overlap: dict[Hashable, int] = defaultdict(int)
-    for ratings in by_item.values():
+    for i, ratings in by_item.items():
+        is_shared = len(ratings) > 1 or i in gold  # this item's, not the last item read's
         for j in ratings:
             counts[j] += 1
-            overlap[j] += len(ratings) > 1 or item in gold
+            overlap[j] += is_shared
     shared = {i: rs for i, rs in by_item.items() if len(rs) > 1 or i in gold}
+    groups = _groups(shared, gold)
     pooled = _pooled_variance(shared)
     bias = dict.fromkeys(counts, 0.0)
     var = dict.fromkeys(counts, pooled)
     it, converged = 0, not shared
     while shared and it < max_iter:
         it += 1
-        new_bias, new_var = _m_step(shared, gold, bias, var, pooled, prior_labels)
+        new_bias, new_var = _m_step(shared, gold, groups, bias, var, pooled, prior_labels)
         delta = max(*(abs(new_bias[j] - bias[j]) for j in bias), *(abs(math.log(new_var[j] / var[j])) for j in var))
         bias, var = new_bias, new_var
         if delta < tol:
@@ -142,6 +166,7 @@ def _pooled_variance(shared: dict[Hashable, dict[Hashable, float]]) -> float:
 def _m_step(
     shared: dict[Hashable, dict[Hashable, float]],
     gold: Mapping[Any, float],
+    groups: Sequence[_Group],
     bias: dict[Hashable, float],
     var: dict[Hashable, float],
     pooled: float,
@@ -168,10 +193,79 @@ def _m_step(
         ss = sum((x - b) ** 2 - e for x, e in zip(rj, extra.get(j, []), strict=True))
         new_bias[j] = b
         new_var[j] = max((ss + prior * pooled) / (n + prior), MIN_VARIANCE)
-    # Centre: the precision-weighted mean bias is 0, so the scale is the reliable reviewers'.
-    w = {j: 1.0 / new_var[j] for j in new_bias}
-    centre = sum(w[j] * new_bias[j] for j in new_bias) / sum(w.values())
-    return {j: b - centre for j, b in new_bias.items()}, new_var
+    return _centre(new_bias, groups, prior), new_var
+
+
+@dataclass
+class _Group:
+    """Reviewers linked through shared items (their biases are known relative to each other):
+    each one's shared labels (the weight of its bias in the reference) and the group's residuals
+    against gold, ``(reviewer, rating - gold)``."""
+
+    evidence: dict[Hashable, int]
+    gold_residuals: list[tuple[Hashable, float]]
+
+
+def _groups(shared: dict[Hashable, dict[Hashable, float]], gold: Mapping[Any, float]) -> list[_Group]:
+    """The linked groups (union-find over the shared items). Each needs its own reference: one
+    shift for all of them would leave the groups free to drift apart."""
+    parent: dict[Hashable, Hashable] = {}
+
+    def root(j: Hashable) -> Hashable:
+        while parent[j] != j:
+            parent[j] = parent[parent[j]]
+            j = parent[j]
+        return j
+
+    for rs in shared.values():
+        first, *rest = rs
+        parent.setdefault(first, first)
+        for k in rest:
+            parent[root(parent.setdefault(k, k))] = root(first)
+    groups: dict[Hashable, _Group] = {}
+    for i, rs in shared.items():
+        for j, r in rs.items():
+            g = groups.setdefault(root(j), _Group({}, []))
+            g.evidence[j] = g.evidence.get(j, 0) + 1
+            if i in gold:
+                g.gold_residuals.append((j, r - gold[i]))
+    return list(groups.values())
+
+
+def _centre(bias: dict[Hashable, float], groups: Sequence[_Group], prior: float) -> dict[Hashable, float]:
+    """Fix each group's common shift (the module docstring says why): biases relative to the
+    weighted median of the group's, then moved by what the gold says is left."""
+    out = dict(bias)  # a reviewer in no group has no residual: its bias stays the prior's 0
+    for g in groups:
+        ref = weighted_median([bias[j] for j in g.evidence], list(g.evidence.values()))
+        left = sum(d - (bias[j] - ref) for j, d in g.gold_residuals)
+        shift = left / (len(g.gold_residuals) + prior * len(g.evidence))
+        for j in g.evidence:
+            out[j] = bias[j] - ref + shift
+    return out
+
+
+def weighted_median(values: Sequence[float], weights: Sequence[int]) -> float:
+    """The value with at most half the total weight on either side; where the weight splits
+    exactly in two, the midpoint of the two values at the split (so equal weights give the
+    ordinary median). Zero weights count for nothing.
+
+    >>> weighted_median([0.1, -1.5, 0.0, -0.1], [1, 1, 1, 1])  # one harsh reviewer of four
+    -0.05
+    >>> weighted_median([0.0, -1.5], [300, 20])  # the reviewer behind most shared labels
+    0.0
+    """
+    pts = sorted((v, w) for v, w in zip(values, weights, strict=True) if w > 0)
+    if not pts:
+        raise ValueError("weighted_median needs a positive weight")
+    total, cum = sum(w for _, w in pts), 0
+    for k, (v, w) in enumerate(pts):
+        cum += w
+        if 2 * cum == total:  # integer weights: an exact split is exact
+            return (v + pts[k + 1][0]) / 2
+        if 2 * cum > total:
+            return v
+    raise AssertionError("unreachable: the weights add up to their total")
 
 
 def item_values(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def simulate(
 ) -> tuple[dict[int, int], list[tuple[int, str, int]], dict[int, float]]:
     """Truth per item, labels (item, reviewer, rating) and gold items. Every third item is labelled
     by every reviewer (overlap), the rest by one at random. ``good*`` reviewers rate the truth with
-    a little noise, ``random`` uniformly at random, ``adversarial`` the mirror image (8 - truth)."""
+    a little noise, ``harsh*`` 1.5 points lower with as little, ``random`` uniformly at random,
+    ``adversarial`` the mirror image (8 - truth)."""
     rng = random.Random(seed)
     truth = {i: rng.choice(SCALE) for i in range(n)}
     labels: list[tuple[int, str, int]] = []
@@ -37,6 +39,8 @@ def simulate(
         for who in reviewers if i % 3 == 0 else [rng.choice(reviewers)]:
             if who.startswith("good"):
                 r = min(7, max(1, round(true + rng.gauss(0, 0.5))))
+            elif who.startswith("harsh"):
+                r = min(7, max(1, round(true - 1.5 + rng.gauss(0, 0.5))))
             elif who == "random":
                 r = rng.randint(1, 7)
             else:
@@ -70,6 +74,86 @@ def test_gold_items_identify_two_reviewers() -> None:
     assert abs(statistics.fmean(rel.items[i] for i in ids) - true_mean) < abs(
         statistics.fmean(plain[i] for i in ids) - true_mean
     )
+
+
+def error(values: Mapping[Any, float], truth: Mapping[int, int], ids: Iterable[int] | None = None) -> float:
+    """The estimated mean rating minus the true one, over ``ids`` (default: every item)."""
+    ids = list(truth if ids is None else ids)
+    return statistics.fmean(values[i] for i in ids) - statistics.fmean(truth[i] for i in ids)
+
+
+CAREFUL_AND_HARSH = ["good", "good2", "good3", "good4", "good5", "harsh"]
+
+
+def test_a_harsh_precise_reviewer_moves_no_one_else() -> None:
+    # The harsh reviewer is as precise as the careful ones. Biases centred on their
+    # precision-weighted mean gave the harsh one a sixth of the weight, so every careful reviewer
+    # came out about +0.25 lenient and the weighted estimate kept most of the plain one's error
+    # (-0.26 against -0.30); centred on the median reviewer, only the harsh one is corrected.
+    truth, labels, _ = simulate(CAREFUL_AND_HARSH)
+    rel = fit(labels)
+    careful = [r.bias for j, r in rel.reviewers.items() if str(j).startswith("good")]
+    assert max(map(abs, careful)) < 0.15 and rel.reviewers["harsh"].bias < -1.0, rel.to_dict()
+    plain = error(item_values(labels, weighting=False), truth)
+    weighted = error(rel.items, truth)
+    assert plain < -0.2 and abs(weighted) < abs(plain) / 3, (plain, weighted)
+
+
+def test_a_few_gold_items_leave_the_scale_to_the_reference() -> None:
+    # Three gold items are too few to say where the truth is. Not centring at all as soon as
+    # there is gold left the scale to the bias prior, which pulls every bias towards 0 alike (a
+    # plain mean), and the harsh reviewer shifted the careful ones again (error -0.18).
+    truth, labels, gold = simulate(CAREFUL_AND_HARSH, gold_every=100)
+    assert len(gold) == 3
+    ids = [i for i in truth if i not in gold]
+    rel = fit(labels, gold=gold)
+    plain = error(item_values(labels, weighting=False), truth, ids)
+    assert abs(error(rel.items, truth, ids)) < abs(plain) / 3, rel.to_dict()
+
+
+def test_gold_sets_the_scale_where_most_reviewers_are_harsh() -> None:
+    # Without gold the reference is the typical reviewer, here a harsh one: the careful reviewer
+    # looks lenient and the estimate is further off than the plain mean. Gold on half the items
+    # says where the truth is.
+    truth, labels, gold = simulate(["harsh", "harsh2", "good"], gold_every=2)
+    ids = [i for i in truth if i not in gold]
+    plain = error(item_values(labels, weighting=False), truth, ids)
+    blind = fit(labels)
+    assert blind.reviewers["good"].bias > 1.0 and error(blind.items, truth, ids) < plain < -0.5
+    rel = fit(labels, gold=gold)
+    assert abs(rel.reviewers["good"].bias) < 0.2 and rel.reviewers["harsh"].bias < -1.0, rel.to_dict()
+    assert abs(error(rel.items, truth, ids)) < 0.2
+
+
+def test_reviewers_who_share_no_item_are_centred_apart() -> None:
+    # Two pools that never label the same item: overlap says nothing about one pool's scale
+    # against the other's, so each is centred on its own median. One shift for all (the median
+    # of all eight) left the first pool's careful reviewers about +0.35 lenient.
+    truth_a, labels_a, _ = simulate(["good", "good2", "good3", "harsh"])
+    _, labels_b, _ = simulate(["good4", "good5", "good6", "good7"], seed=101)
+    labels = labels_a + [(i + 1000, who, r) for i, who, r in labels_b]
+    rel = fit(labels)
+    assert rel.converged
+    careful = [r.bias for j, r in rel.reviewers.items() if str(j).startswith("good")]
+    assert len(careful) == 7 and max(map(abs, careful)) < 0.15, rel.to_dict()
+    assert rel.reviewers["harsh"].bias < -1.0
+    assert abs(error(rel.items, truth_a)) < 0.1
+
+
+def test_overlap_counts_each_items_own_labels() -> None:
+    # A label counts as overlap when its own item has another label or a gold answer; the count
+    # once read the gold of whichever item came last, so ann's ten lone labels all counted.
+    labels = [("i1", "ann", 5.0), ("i1", "bob", 4.0)]
+    labels += [(f"solo{k}", "ann", 4.0) for k in range(10)]
+    labels += [("g", "cy", 3.0)]
+
+    def overlap(gold: dict[str, float] | None) -> dict[str, int]:
+        return {str(j): r.overlap for j, r in fit(labels, gold=gold).reviewers.items()}
+
+    assert overlap(None) == {"ann": 1, "bob": 1, "cy": 0}
+    assert overlap({"g": 3.0}) == {"ann": 1, "bob": 1, "cy": 1}
+    assert overlap({"solo0": 4.0}) == {"ann": 2, "bob": 1, "cy": 0}
+    assert {str(j): r.n for j, r in fit(labels, gold={"g": 3.0}).reviewers.items()} == {"ann": 11, "bob": 1, "cy": 1}
 
 
 def test_without_overlap_weighting_changes_nothing() -> None:
