@@ -104,6 +104,78 @@ def signals_handled(handler: SignalHandler) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+#: How often a process out of file descriptors says so (asyncio's accept loop says it per connection).
+ACCEPT_FLOOD_EVERY_S = 60.0
+
+
+class AcceptFlood(logging.Filter):
+    """Lets one of asyncio's "socket.accept() out of system resource" records through a minute,
+    with the count of those held back, and none of their tracebacks.
+
+    A server at its file-descriptor limit (``RLIMIT_NOFILE``) logs that record, with a traceback, for
+    every connection its accept loop tries: up to the listen backlog (uvicorn's 2,048) each time
+    the loop wakes. ``oversight serve`` under ``ulimit -n 64`` with 300 clients wrote 47,000
+    tracebacks, 22 MB of log, in 25 s, the disk the logs share filling while it recovered on
+    its own once descriptors were free.
+
+    >>> f = AcceptFlood(clock=iter([0.0, 1.0, 2.0, 61.0]).__next__)
+    >>> def rec(msg: str) -> logging.LogRecord:
+    ...     return logging.LogRecord("asyncio", logging.ERROR, "", 0, msg, None, None)
+    >>> [f.filter(rec("socket.accept() out of system resource")) for _ in range(3)]
+    [True, False, False]
+    >>> r = rec("socket.accept() out of system resource"); f.filter(r), r.getMessage()[-56:]
+    (True, '(2 more held back in 61 s; at the file-descriptor limit)')
+    >>> f.filter(rec("Task exception was never retrieved"))
+    True
+    """
+
+    MARK = "out of system resource"
+    #: asyncio schedules a retry of the accept for every accept that failed (thousands in a flood);
+    #: those still pending when the server closes its socket at shutdown each fail on it ("Invalid
+    #: file descriptor") with a traceback: dropped, they only echo the flood already said.
+    RETRY = "BaseSelectorEventLoop._start_serving"
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        super().__init__()
+        import time
+
+        self._clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if self.RETRY in msg and record.exc_info is not None and isinstance(record.exc_info[1], ValueError | OSError):
+            return False
+        if self.MARK not in msg:
+            return True
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and now - self._last < ACCEPT_FLOOD_EVERY_S:
+                self._held += 1
+                return False
+            held, since = self._held, None if self._last is None else now - self._last
+            self._last, self._held = now, 0
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        if since is not None:
+            more = f"{held} more held back in {since:.0f} s; at the file-descriptor limit"
+            record.msg = f"{record.getMessage()} ({more})"
+            record.args = None
+        return True
+
+
+_ACCEPT_FLOOD = AcceptFlood()
+
+
+def quiet_accept_flood() -> None:
+    """Install :class:`AcceptFlood` on the ``asyncio`` logger (once per process)."""
+    logger = logging.getLogger("asyncio")
+    if _ACCEPT_FLOOD not in logger.filters:
+        logger.addFilter(_ACCEPT_FLOOD)
+
+
 def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     """Run the uvicorn ``server`` on ``sock`` until SIGTERM or SIGINT, then shut it down gracefully
     and return normally; returns whether it had started (False: it ended on its own, e.g. a failed
@@ -115,6 +187,7 @@ def serve_until_signalled(server: Any, sock: socket.socket, name: str) -> bool:
     thread of its own uvicorn installs no handlers; the main thread's ask it to exit
     (``should_exit``, then ``force_exit``), and the command exits 0 after its cleanup."""
     failed: list[BaseException] = []
+    quiet_accept_flood()
 
     def run() -> None:
         try:

@@ -14,7 +14,14 @@ import time
 from typing import Any
 
 from monitor.config import ConfigError, Settings
-from monitor.ops import OpsServer, ReadinessCollector, listening_socket, serve_until_signalled, socket_url
+from monitor.ops import (
+    OpsServer,
+    ReadinessCollector,
+    listening_socket,
+    quiet_accept_flood,
+    serve_until_signalled,
+    socket_url,
+)
 from monitor.startup import open_store_answering
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ class BackgroundServer:
             app, host=host, port=port, log_level="warning", server_header=False, lifespan="off", proxy_headers=False
         )
         self._server = uvicorn.Server(config)
+        quiet_accept_flood()
         self._thread = threading.Thread(target=self._server.run, name="review-http", daemon=True)
         self._app = app
         self._metrics_listen = metrics
