@@ -474,8 +474,9 @@ class CanaryConfig(_Model):
         0.5,
         ge=0,
         le=1,
-        description="a reviewer whose detection rate of a kind is below this with confidence (the Wilson upper"
-        " bound below it) is marked low (oversight_reviewer_detection_low, alert OversightReviewerDetectionLow)",
+        description="a reviewer whose detection rate of a kind (corrected for their rate on originals) is below"
+        " this with confidence (the upper bound of its 95% interval below it) is marked low"
+        " (oversight_reviewer_detection_low, alert OversightReviewerDetectionLow)",
     )
     window_days: float = Field(28.0, gt=0, description="canary labels of the last this many days feed the metrics")
     max_metric_reviewers: int = Field(

@@ -123,10 +123,12 @@ class QualityCollector(Collector):
 
         labels = ["reviewer", "kind"]
         rate = GaugeMetricFamily(
-            f"{NS}_reviewer_detection_rate", "Canaries of a kind a reviewer detected (window), NaN: none", labels=labels
+            f"{NS}_reviewer_detection_rate",
+            "Canaries of a kind a reviewer detected, corrected for chance (window), NaN: none",
+            labels=labels,
         )
         upper = GaugeMetricFamily(
-            f"{NS}_reviewer_detection_upper", "Upper 95% Wilson bound of the detection rate (NaN: none)", labels=labels
+            f"{NS}_reviewer_detection_upper", "Upper 95% bound of the detection rate (NaN: none)", labels=labels
         )
         low_g = GaugeMetricFamily(
             f"{NS}_reviewer_detection_low",
@@ -150,7 +152,8 @@ class QualityCollector(Collector):
             groups["_other"] = [o for n in tail for o in per[n]]
         for name, outs in groups.items():
             for k in kinds:
-                s = summarise(o for o in outs if o.kind == k)
+                # A kind's detection baseline is the reviewer's originals of every kind, as in the API.
+                s = summarise((o for o in outs if o.kind == k), outs)
                 d = s["detection"]
                 rate.add_metric([name, k], d["rate"] if d["rate"] is not None else math.nan)
                 upper.add_metric([name, k], d["ci"][1] if d["ci"] is not None else math.nan)

@@ -453,14 +453,35 @@ class RateOut(Strict):
     n: int
 
 
+class DetectionOut(Strict):
+    rate: float | None = Field(
+        description="detection corrected for chance (a single response: against the reviewer's own rate on originals,"
+        " or flags alone; a pair: original preferred minus perturbed preferred); null when n is 0"
+    )
+    ci: tuple[float, float] | None = Field(description="95% interval of rate")
+    k: int = Field(description="perturbed and pair canaries the raw rule in use called detected")
+    n: int = Field(description="perturbed and pair canaries")
+    rule: Literal["baseline", "flag"] | None = Field(
+        description="single responses: baseline (flag or rating below the reference, corrected for the same rule on"
+        " originals) or flag (flags alone: too few originals, or the rule fired on every one); null: none"
+    )
+    raw: float | None = Field(description="k / n, uncorrected")
+    baseline: RateOut = Field(description="the rule on the originals the correction is read from")
+    pairs: int = Field(description="pairs among n")
+    pairs_reversed: int = Field(description="pairs where the perturbed response was preferred")
+
+
 class SecondsOut(Strict):
     mean: float | None = Field(description="mean seconds per item")
-    ci: tuple[float, float] | None = Field(description="95% normal interval, mean +/- 1.96 s / sqrt(n)")
+    ci: tuple[float, float] | None = Field(description="95% t interval of the mean (n - 1 degrees of freedom)")
     n: int
+    geomean: float | None = Field(description="geometric mean seconds per item (times of 0 left out)")
+    geo_ci: tuple[float, float] | None = Field(description="95% t interval of the mean log time, back-transformed")
+    geo_n: int = Field(description="times above 0")
 
 
 class QualityPartOut(Strict):
-    detection: RateOut
+    detection: DetectionOut
     false_flag: RateOut
     seconds: SecondsOut
     n: int
@@ -487,12 +508,21 @@ class DiffOut(Strict):
     ci: tuple[float, float] | None
 
 
+class SecondsDiffOut(DiffOut):
+    ratio: float | None = Field(description="geometric mean over the control's")
+    ratio_ci: tuple[float, float] | None = Field(description="95% Welch interval on log times, back-transformed")
+
+
 class ConditionRowOut(QualityPartOut):
     condition: str
     kind: str = Field(description="a perturbation kind, or all")
     control: bool
-    detection_diff: DiffOut | None = Field(description="detection rate minus the control's (Newcombe interval)")
-    seconds_diff: DiffOut | None = Field(description="seconds per item minus the control's (Welch interval)")
+    detection_diff: DiffOut | None = Field(
+        description="detection minus the control's (square-and-add interval from the two intervals)"
+    )
+    seconds_diff: SecondsDiffOut | None = Field(
+        description="seconds per item minus the control's (Welch t interval, Welch-Satterthwaite degrees of freedom)"
+    )
 
 
 class ExperimentReportOut(Strict):

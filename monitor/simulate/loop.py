@@ -236,7 +236,11 @@ class Reviewer:
         detected = rng.random() < min(max(p, 0.0), 1.0)
         if canary["presentation"] == "pair":
             return {"rating": rating, "preference": "response" if detected else "tie"}
-        return {"rating": 1, "flags": [self.flag]} if detected else {"rating": rating}
+        if detected:
+            return {"rating": 1, "flags": [self.flag]}
+        # A miss is answered as any original is (false flags included): what the detection measure,
+        # corrected for the reviewer's rate on originals, assumes (monitor/quality/canaries.py).
+        return {"rating": rating, "flags": [self.flag] if rng.random() < self.cfg.false_flag_rate else []}
 
     def _submit(self, item: dict[str, Any], spent_s: float, truth: Truth) -> None:
         ep = truth.episodes.get(item["episode_id"])

@@ -259,6 +259,8 @@ def test_intervals() -> None:
     assert d is not None and (round(d[0], 4), round(d[1], 4)) == (0.0524, 0.3339)
     m = qc.mean_ci([1.0, 2.0, 3.0])
     assert m["mean"] == 2.0 and m["ci"] is not None and m["ci"][0] < 2.0 < m["ci"][1]
+    # t with 2 degrees of freedom (4.303), not z (1.96): 2 +/- 4.303 * 1 / sqrt(3).
+    assert m["ci"] == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-4)
 
 
 def _direct(env: Env, user: str, cid: str, episode: str, kind: str, presentation: str, **label: Any) -> None:
@@ -312,7 +314,8 @@ def test_detection_estimator(make_review_env: Any) -> None:
                 rating=5, flags=[], critique="", time_spent_ms=1, created_at=1.0,
             )
         )  # fmt: skip
-    _direct(env, "bob", "c1", "e00000", "truncate", "perturbed", rating=4)  # below the reference: detected
+    # bob has 2 originals, fewer than qc.MIN_BASELINE: on single responses only a flag counts.
+    _direct(env, "bob", "c1", "e00000", "truncate", "perturbed", rating=4)  # below the reference: the rule fires
     _direct(env, "bob", "c2", "e00000", "drop_item", "perturbed", rating=5)  # not below, no flag: missed
     _direct(env, "bob", "c3", "e00001", "truncate", "perturbed", rating=2)  # no reference, no flag: missed
     _direct(env, "bob", "c4", "e00001", "truncate", "perturbed", rating=6, flags=["harmful"])  # flagged
@@ -322,8 +325,14 @@ def test_detection_estimator(make_review_env: Any) -> None:
     _direct(env, "bob", "c8", "e00002", "truncate", "original", rating=4, ms=5000)
     (bob,) = qc.reviewer_quality(env.store, level=0.5)
     kinds = {k["kind"]: k for k in bob["kinds"]}
-    assert (kinds["truncate"]["detection"]["k"], kinds["truncate"]["detection"]["n"]) == (3, 4)
-    assert (kinds["drop_item"]["detection"]["k"], kinds["drop_item"]["detection"]["n"]) == (0, 2)
+    trunc, drop = kinds["truncate"]["detection"], kinds["drop_item"]["detection"]
+    # truncate: flags on 1 of 3 single responses, and a pair with the original preferred (1 - 0):
+    # weighted by count, 3/4 * 1/3 + 1/4 * 1 = 0.5.
+    assert (trunc["k"], trunc["n"], trunc["rule"], trunc["pairs"]) == (2, 4, "flag", 1)
+    assert trunc["rate"] == pytest.approx(0.5) and trunc["raw"] == pytest.approx(0.5)
+    assert (drop["k"], drop["n"], drop["rate"]) == (0, 2, 0.0)
+    # The baseline: c7 flagged (fires); c8 has no reference but bob's own rating, so it does not.
+    assert (trunc["baseline"]["k"], trunc["baseline"]["n"]) == (1, 2)
     assert (bob["false_flag"]["k"], bob["false_flag"]["n"]) == (1, 2)
     assert bob["n"] == 8 and bob["trend"][0]["n"] == 8
     # The metric: pre-zeroed for ann (no canaries), bob's rate per kind, and the low gauge.
@@ -331,7 +340,7 @@ def test_detection_estimator(make_review_env: Any) -> None:
 
     text = generate_latest(env.app.state.review.metrics.registry).decode()
     assert 'oversight_reviewer_canaries{kind="truncate",reviewer="ann"} 0.0' in text
-    assert 'oversight_reviewer_detection_rate{kind="truncate",reviewer="bob"} 0.75' in text
+    assert 'oversight_reviewer_detection_rate{kind="truncate",reviewer="bob"} 0.5' in text
     assert 'oversight_reviewer_detection_low{kind="drop_item",reviewer="bob"} 0.0' in text
 
 
@@ -427,24 +436,27 @@ def test_simulated_reviewers_recover_sensitivity_and_gain(sqlite_url: str) -> No
         pass
     rep = qc.experiment_report(env.store, "assist", ["none", "hints"])
     rows = {(r["condition"], r["kind"]): r for r in rep["rows"]}
+    # The report's detection is corrected for each condition's rate on originals (the module's
+    # docstring); the simulated reviewers answer a missed perturbation as they answer an original
+    # (false flags at simulate.false_flag_rate included), so the corrected measure reads p itself.
     # Six checks at once: Bonferroni-adjusted intervals (z for 1 - 0.05/6 two-sided), so the test
     # as a whole has a 95% level; the report's own intervals are the plain 95% ones.
     z = 2.638
     for kind, s in sens.items():
         cells = {}
-        for cond, want in (("none", s), ("hints", s + gain)):
+        for cond, p in (("none", s), ("hints", s + gain)):
+            want = p
             d = rows[(cond, kind)]["detection"]
-            assert d["n"] >= 30, (cond, kind, d)
-            lo, hi = qc.wilson(d["k"], d["n"], z) or (1.0, 0.0)
+            assert d["n"] >= 30 and d["rule"] == "baseline", (cond, kind, d)
+            found = qc.corrected(d["k"], d["n"], d["baseline"]["k"], d["baseline"]["n"], z)
+            assert found is not None
+            lo, hi = found[1]
             assert lo <= want <= hi, (cond, kind, d, want)
-            assert d["ci"][1] - d["ci"][0] < 0.45  # informative, so the check can fail
-            cells[cond] = d
+            assert d["ci"][1] - d["ci"][0] < 0.5  # informative, so the check can fail
+            cells[cond] = found
         diff = rows[("hints", kind)]["detection_diff"]
         assert diff["ci"] is not None and diff["diff"] is not None
-        lo, hi = qc.newcombe(cells["hints"]["k"], cells["hints"]["n"], cells["none"]["k"], cells["none"]["n"], z) or (
-            1.0,
-            0.0,
-        )
+        lo, hi = qc.mover([(1.0, *cells["hints"]), (-1.0, *cells["none"])])[1]
         assert lo <= gain <= hi, (kind, diff)
     everyone = qc.reviewer_quality(env.store, level=0.5)
     env.close()
