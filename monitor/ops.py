@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -123,8 +124,8 @@ class AcceptFlood(logging.Filter):
     ...     return logging.LogRecord("asyncio", logging.ERROR, "", 0, msg, None, None)
     >>> [f.filter(rec("socket.accept() out of system resource")) for _ in range(3)]
     [True, False, False]
-    >>> r = rec("socket.accept() out of system resource"); f.filter(r), r.getMessage()[-56:]
-    (True, '(2 more held back in 61 s; at the file-descriptor limit)')
+    >>> r = rec("socket.accept() out of system resource"); f.filter(r), r.getMessage()[-45:]
+    (True, '(the cause unknown; 2 more held back in 61 s)')
     >>> f.filter(rec("Task exception was never retrieved"))
     True
     """
@@ -157,12 +158,14 @@ class AcceptFlood(logging.Filter):
                 return False
             held, since = self._held, None if self._last is None else now - self._last
             self._last, self._held = now, 0
+        # The same words for EMFILE, ENFILE, ENOBUFS and ENOMEM: say which, the traceback going.
+        err = record.exc_info[1] if record.exc_info else None
+        why = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else "the cause unknown"
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
-        if since is not None:
-            more = f"{held} more held back in {since:.0f} s; at the file-descriptor limit"
-            record.msg = f"{record.getMessage()} ({more})"
-            record.args = None
+        more = f"{why}" if since is None else f"{why}; {held} more held back in {since:.0f} s"
+        record.msg = f"{record.getMessage()} ({more})"
+        record.args = None
         return True
 
 

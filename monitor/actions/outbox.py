@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from monitor.metrics import Metrics
 from monitor.retry import first_line
@@ -96,11 +97,11 @@ class OutboxPublisher:
         same unpublished rows, and two of them between the read and the mark sent each row twice
         in normal operation (10 messages for 9 drift events with two replicas, no fault). A round
         that finds another relay publishing sends nothing; it looks again at its next poll."""
-        with self._store.one_at_a_time(OUTBOX_LOCK, self.name) as mine:
-            return self._publish(limit) if mine else 0
+        with self._store.one_at_a_time(OUTBOX_LOCK, self.name) as (mine, conn):
+            return self._publish(limit, conn) if mine else 0
 
-    def _publish(self, limit: int) -> int:
-        rows = self._store.unpublished(self.table, limit)
+    def _publish(self, limit: int, conn: Connection | None) -> int:
+        rows = self._store.unpublished(self.table, limit, conn)
         if not rows:
             return 0
         producer = self._connected()
@@ -126,7 +127,7 @@ class OutboxPublisher:
             discard_producer(producer)
             raise
         # Only after every send is acknowledged: a crash before this line publishes them again.
-        self._store.mark_published(self.table, rows)
+        self._store.mark_published(self.table, rows, conn)
         return len(rows)
 
     def close(self) -> None:

@@ -927,6 +927,11 @@ def _thread(calls: list[_Call], top: _Call) -> list[_Call]:
     whole conversation. Then a call carries it when it continues the last carrying call's input
     and answer (``_Turn.continued_by``), or was sent exactly that last call's input (a retry);
     anything else is left out, so a classifier run on the answer no longer becomes the final turn."""
+    if not any(call.sent for call in calls):
+        # Spans that record only what each call answered say nothing of what it was sent: nothing
+        # to tell a continuation from a guardrail by, so every call carries the conversation (a
+        # retry test on their empty inputs kept the first call and dropped the others' answers).
+        return calls
     final = top.answer_keys[0][0] if top.answer_keys and top.answer_keys[0] else None
     turns = _turns(calls, top.sent) or (_turns(calls, []) if top.sent else [])
     return [turn.settle(final if turn is turns[-1] else None) for turn in turns]
@@ -946,7 +951,7 @@ def _turns(calls: list[_Call], anchor: list[Hashable]) -> list[_Turn]:
             last.chosen = hit
             turns.append(_Turn(call.sent))
             turns[-1].add(call)
-        elif call.sent == last.sent:
+        elif call.sent and call.sent == last.sent:  # a retry: the same input again
             last.add(call)
     return turns
 

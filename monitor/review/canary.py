@@ -191,10 +191,12 @@ def set_aside(conn: sa.Connection, canary_id: str) -> None:
 
 
 def needs_shown_score(row: Any, version: str | None) -> bool:
-    """Whether the canary ``row`` shows text with no stored score by ``version``: a perturbed
-    response not yet scored by it (an original shows its source's text, whose stored score the
-    hint reads; a pair shows no score)."""
-    return version is not None and row.presentation == "perturbed" and version not in shown_score_of(row.detail)
+    """Whether the canary ``row`` shows a perturbed response never scored (an original shows its
+    source's text, whose stored score the hint reads; a pair shows no score). Scored once, by the
+    version active when it was first claimed: a canary held across a promotion keeps that score,
+    as a real item keeps the old version's until it is scored again, and a page view never waits
+    on a model."""
+    return version is not None and row.presentation == "perturbed" and not shown_score_of(row.detail)
 
 
 def save_shown_score(conn: sa.Connection, row: Any, score: dict[str, Any]) -> None:

@@ -10,14 +10,12 @@ expiry are all measured with it, so tests move time instead of sleeping through 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any
 
-import sqlalchemy as sa
 from fastapi import Depends, Request, Response
 
 from monitor.assist import RM_SCORE, Assistance, AssistContext, Hint
@@ -29,7 +27,6 @@ from monitor.review.conversation import Rate
 from monitor.review.label_stats import LabelStatsCache, compute
 from monitor.review.metrics import ReviewMetrics
 from monitor.store import Store
-from monitor.store import tables as t
 
 log = logging.getLogger(__name__)
 
@@ -206,26 +203,26 @@ class ReviewContext:
         """False when ``item`` is a perturbed canary whose text needs the active version's score
         for the reviewer's condition and none could be had: then it is set aside (never served,
         not measured) and counted as an ``rm_score`` error. True for everything else."""
-        if self.canary_scorer is None:
+        scorer = self.canary_scorer
+        if scorer is None:
             return True
         with self.store.engine.connect() as conn:
             row = canary.find(conn, user.id, item.claim.episode_id)
         if row is None or RM_SCORE not in self.assist.names_for(user.id, row.id, item.claim.slot):
             return True
-        if not canary.needs_shown_score(row, self.canary_scorer.active_version()):
+        if not canary.needs_shown_score(row, scorer.active_version()):
             return True
+        return self._score_canary(scorer, row)
+
+    def _score_canary(self, scorer: CanaryScorer, row: Any) -> bool:
+        """Score the canary ``row``'s shown text and keep the score with it; else set it aside."""
         with self.store.engine.connect() as conn:
-            e = t.episodes
-            source = conn.execute(
-                sa.select(e.c.prompt, sa.cast(e.c.messages, sa.Text).label("messages")).where(
-                    e.c.episode_id == row.episode_id
-                )
-            ).first()
+            source = queue.source_for_scoring(conn, row.episode_id)
         if source is None:
             return True  # the source is gone: the queue sets the canary aside when it reads it
+        prompt, messages = source
         try:
-            messages = _stored_messages(source.messages)
-            score = self.canary_scorer.score(source.prompt, row.perturbed, with_final_turn(messages, row.perturbed))
+            score = scorer.score(prompt, row.perturbed, with_final_turn(messages, row.perturbed))
         except ScoreUnavailable as e:
             log.warning("canary %r set aside: its text needs a reward-model score (%s)", row.id, e)
             self.count_assist_error(RM_SCORE)
@@ -268,17 +265,6 @@ class ReviewContext:
             queue.set_aside(self.store, user, item.claim, now=self.now())
             self.metrics.claim_errors.inc()
             return failed()
-
-
-def _stored_messages(raw: str | None) -> list[Any] | None:
-    """A source's stored conversation, as the pipeline's scorer reads it; unreadable: refused."""
-    if raw is None:
-        return None
-    try:
-        got = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ScoreUnavailable(f"the source's conversation cannot be read back ({type(e).__name__})") from None
-    return got if isinstance(got, list) else None
 
 
 async def review_context(request: Request) -> ReviewContext:

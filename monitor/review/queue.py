@@ -470,19 +470,37 @@ def load_metadata(conn: sa.Connection, episode_id: str) -> dict[str, Any] | None
     return parse_metadata(raw, episode_id)
 
 
-def load_messages(conn: sa.Connection, episode_id: str) -> tuple[Turn, ...] | None:
-    """An episode's conversation (schema v2), None for v1. Read as text and parsed here, like
-    metadata (:func:`parse_metadata`): a row that cannot be decoded is shown as its flattening."""
+def stored_messages(conn: sa.Connection, episode_id: str) -> Any:
+    """An episode's stored conversation as JSON (None for v1). Read as text and parsed here, like
+    metadata (:func:`parse_metadata`); raises ``ValueError`` or ``RecursionError`` for a row that
+    cannot be decoded."""
     raw = conn.execute(
         sa.select(sa.cast(t.episodes.c.messages, sa.Text)).where(t.episodes.c.episode_id == episode_id)
     ).scalar()
-    if raw is None:
+    return None if raw is None else json.loads(raw)
+
+
+def load_messages(conn: sa.Connection, episode_id: str) -> tuple[Turn, ...] | None:
+    """An episode's conversation (schema v2), None for v1: a row that cannot be decoded is shown as
+    its flattening."""
+    try:
+        return turns_of(stored_messages(conn, episode_id))
+    except (ValueError, RecursionError):
+        log.warning("episode %r: messages cannot be read back; shown flattened", episode_id)
+        return None
+
+
+def source_for_scoring(conn: sa.Connection, episode_id: str) -> tuple[str, list[Any] | None] | None:
+    """A canary source's prompt and stored conversation, as the pipeline's scorer reads an episode;
+    None when the source is gone. A conversation that cannot be decoded is scored flattened."""
+    prompt = conn.execute(sa.select(t.episodes.c.prompt).where(t.episodes.c.episode_id == episode_id)).scalar()
+    if prompt is None:
         return None
     try:
-        return turns_of(json.loads(raw))
+        messages = stored_messages(conn, episode_id)
     except (ValueError, RecursionError):
-        log.warning("episode %r: messages cannot be read back (%d characters); shown flattened", episode_id, len(raw))
-        return None
+        messages = None
+    return str(prompt), messages if isinstance(messages, list) else None
 
 
 def _item(conn: sa.Connection, c: Claim, key: bytes, blinding: Blinding) -> Item:

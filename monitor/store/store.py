@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import time
 import uuid
@@ -46,6 +47,8 @@ CONNECT_TIMEOUT_S = 5  # a database host that drops packets must not hang the pi
 # 4 KB pages; SQLite's default is 1,000). The service checkpoints on a thread of its own instead
 # (monitor/store/wal.py), so this is the safety net of a process without one, or of one that fell behind.
 INLINE_CHECKPOINT_PAGES = 8000
+
+log = logging.getLogger(__name__)
 
 
 # Not the other stream's name: the dead letter is read by whoever runs this stream.
@@ -248,6 +251,16 @@ class Store:
         return sqlite_insert(table)
 
     @contextmanager
+    def _transaction(self, conn: Connection | None) -> Iterator[Connection]:
+        """A transaction of its own: on ``conn`` (none open there), else on a connection of the pool."""
+        if conn is None:
+            with self.engine.begin() as own:
+                yield own
+            return
+        with conn.begin():
+            yield conn
+
+    @contextmanager
     def _writing(self, conn: Connection | None) -> Iterator[Connection]:
         """The caller's connection (its transaction commits the write), else a transaction of its own."""
         if conn is not None:
@@ -316,8 +329,11 @@ class Store:
         with self._writing(conn) as c:
             c.execute(stmt, rows)
 
-    def mark_published(self, table: sa.Table, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Mark rows of an outbox table (``drift_events``, ``rm_scores``) as published, by their key."""
+    def mark_published(
+        self, table: sa.Table, rows: Iterable[Mapping[str, Any]], conn: Connection | None = None
+    ) -> None:
+        """Mark rows of an outbox table (``drift_events``, ``rm_scores``) as published, by their key;
+        ``conn``: in a transaction of its own on that connection."""
         # Grouped by the key's other columns (a score's version), each group one IN list of the
         # first: SQLite cannot look a row-value IN list up in the key, and scanned the whole table
         # for every batch published.
@@ -326,10 +342,10 @@ class Store:
         for r in rows:
             groups.setdefault(tuple(r[c.name] for c in rest), []).append(r[head.name])
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._transaction(conn) as c:
             for others, firsts in groups.items():
-                where = [head.in_(firsts), *(c == v for c, v in zip(rest, others, strict=True))]
-                conn.execute(table.update().where(*where).values(published_at=now))
+                where = [head.in_(firsts), *(col == v for col, v in zip(rest, others, strict=True))]
+                c.execute(table.update().where(*where).values(published_at=now))
 
     def record_scores(self, rows: Sequence[RmScoreRow], conn: Connection | None = None) -> None:
         """Reward-model scores (one row per episode and version; a repeat is ignored), and the
@@ -655,37 +671,59 @@ class Store:
             return [cast(DriftEvent, dict(r._mapping)) for r in conn.execute(q)]
 
     @contextmanager
-    def one_at_a_time(self, key: int, name: str) -> Iterator[bool]:
-        """Whether this process may go on with the work ``(key, name)`` now, none other doing it:
-        on PostgreSQL a session advisory lock tried, not waited for (held until the block ends;
-        a process that dies mid-block loses it with its connection); on SQLite always True (one
-        process owns the file's writers)."""
+    def one_at_a_time(self, key: int, name: str) -> Iterator[tuple[bool, Connection | None]]:
+        """Whether this process may go on with the work ``(key, name)`` now, none other doing it,
+        and the connection to do it on. On PostgreSQL a session advisory lock on ``name`` in the
+        current schema (two deployments in one database are two), tried, not waited for, held on
+        that connection until the block ends (a process that dies mid-block loses it with its
+        connection): the work's reads and writes go on it, so the work needs one connection of
+        the pool, not two. On SQLite always True and None (one process owns the file's writers;
+        the work takes its own connections, none held open while it waits on something else)."""
         if self.dialect != "postgresql":
-            yield True
+            yield True, None
             return
+        args = {"k": key, "name": name}
         with self.engine.connect() as conn:
-            args = {"k": key, "name": name}
-            got = bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k, hashtext(:name))"), args).scalar())
+            lock = "SELECT pg_try_advisory_lock(:k, hashtext(current_schema() || '.' || :name))"
+            got = bool(conn.execute(sa.text(lock), args).scalar())
             conn.commit()
+            failed = False
             try:
-                yield got
+                yield got, conn
+            except BaseException:
+                failed = True
+                raise
             finally:
                 if got:
-                    try:
-                        conn.execute(sa.text("SELECT pg_advisory_unlock(:k, hashtext(:name))"), args)
-                        conn.commit()
-                    except sa.exc.DBAPIError:
-                        # The session is gone or broken: closing it for good releases the lock.
-                        conn.invalidate()
-                        raise
+                    self._unlock(conn, args, quiet=failed)
 
-    def unpublished(self, table: sa.Table, limit: int) -> list[dict[str, Any]]:
+    @staticmethod
+    def _unlock(conn: Connection, args: Mapping[str, Any], quiet: bool) -> None:
+        """Release :meth:`one_at_a_time`'s lock; a session gone or broken is closed for good, which
+        releases it. ``quiet``: the work failed already, and its error is the one to raise."""
+        try:
+            conn.rollback()  # the work's transaction, if it left one open
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k, hashtext(current_schema() || '.' || :name))"), args)
+            conn.commit()
+        except sa.exc.DBAPIError:
+            conn.invalidate()
+            if not quiet:
+                raise
+            log.warning("advisory lock %s: the session could not release it; closed", args["name"], exc_info=True)
+
+    def unpublished(self, table: sa.Table, limit: int, conn: Connection | None = None) -> list[dict[str, Any]]:
         """Rows of an outbox table (``drift_events``, ``rm_scores``) not yet published, in the order
         they committed (``outbox_order``). The read walks a partial index of the unpublished rows
-        (migration 0019), so it costs what is waiting, however many rows were published before."""
+        (migration 0019), so it costs what is waiting, however many rows were published before.
+        ``conn``: read on it (its transaction ends with the read: nothing is held while the rows
+        are sent)."""
         q = sa.select(table).where(table.c.published_at.is_(None)).order_by(*outbox_order(table)).limit(limit)
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+        if conn is not None:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+            conn.commit()
+            return rows
+        with self.engine.connect() as own:
+            return [dict(r._mapping) for r in own.execute(q)]
 
     def oldest_unpublished(self, table: sa.Table) -> float | None:
         """When the oldest row of an outbox table still to publish committed (``created_at``), or None

@@ -143,6 +143,42 @@ def test_the_conversation_follows_the_calls_that_continue_it() -> None:
     assert record["metadata"]["auxiliary_calls"] == 2
 
 
+def test_calls_that_record_only_their_answers_all_carry_the_conversation() -> None:
+    """Model spans without ``gen_ai.input.messages`` (an instrumentation that records outputs only):
+    nothing tells a continuation from a guardrail, so every call's answer is kept, in order. A retry
+    test on their empty inputs kept the first call and dropped the next one's text and arguments."""
+    first = _span(
+        "b1",
+        {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.output.messages": json.dumps(
+                [
+                    {
+                        "role": "assistant",
+                        "parts": [
+                            _text("assistant", "Let me look that up.")["parts"][0],
+                            _call("call_1", "weather", city="Paris")["parts"][0],
+                        ],
+                    }
+                ]
+            ),
+        },
+        1,
+    )
+    last = _span("b3", {"gen_ai.operation.name": "chat", "gen_ai.output.messages": json.dumps([ANSWER])}, 3)
+    root = _agent(**{"gen_ai.input.messages": json.dumps([QUESTION]), "gen_ai.output.messages": json.dumps([ANSWER])})
+    record, _ = _episode([root, first, _tool("b2", 2, "weather", "21", "call_1"), last])
+    assert _shape(record) == [
+        ("user", "How do I reset my password?"),
+        ("assistant", "Let me look that up.", ("call_1",)),
+        ("tool", "21", "call_1"),
+        ("assistant", "Go to Settings > Security > Reset password."),
+    ]
+    (call,) = record["messages"][1]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert "auxiliary_calls" not in record["metadata"]
+
+
 def test_a_call_sent_only_its_tool_results_continues_the_conversation() -> None:
     """A stateful API (the Responses API's previous_response_id) is sent only what follows the
     answer: the results of its tool calls. That call carries the conversation too."""

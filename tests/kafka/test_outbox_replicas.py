@@ -5,22 +5,36 @@ operation (10 messages for 9 drift events, no fault). A real Tansu broker and Po
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from monitor.store.rows import DriftEventRow
+
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+# The lock of one outbox in the current schema (Store.one_at_a_time).
+KEY = ":k, hashtext(current_schema() || '.' || :n)"
 
 
-def events(n: int) -> list[dict[str, Any]]:
-    out = []
-    for i in range(n):
-        e: dict[str, Any] = {"stream": f"s{i % 3}", "signal": "x", "detector": "cusum", "statistic": 1.0}
-        e |= {"threshold": 0.5, "p_val": None, "episode_id": f"e{i}", "input_index": i, "event_ts": float(i)}
-        out.append(e | {"created_at": 1.0 + i})
-    return out
+def events(n: int) -> list[DriftEventRow]:
+    return [
+        DriftEventRow(
+            stream=f"s{i % 3}",
+            signal="x",
+            detector="cusum",
+            statistic=1.0,
+            threshold=0.5,
+            p_val=None,
+            episode_id=f"e{i}",
+            input_index=i,
+            event_ts=float(i),
+            created_at=1.0 + i,
+        )
+        for i in range(n)
+    ]
 
 
 def cfg(kenv: Any, topic: str) -> Any:
@@ -45,11 +59,11 @@ def test_a_round_finds_another_relay_publishing_and_sends_nothing(kenv: Any, pg_
     try:
         with other.connect() as conn:  # another replica's relay, mid-round
             lock = {"k": OUTBOX_LOCK, "n": publisher.name}
-            held = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k, hashtext(:n))"), lock).scalar()
+            held = conn.execute(sa.text(f"SELECT pg_try_advisory_lock({KEY})"), lock).scalar()
             assert held
             assert publisher.publish_pending() == 0
             assert store.oldest_unpublished(publisher.table) is not None
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:k, hashtext(:n))"), lock)
+            conn.execute(sa.text(f"SELECT pg_advisory_unlock({KEY})"), lock)
         assert publisher.publish_pending() == 3
         assert store.oldest_unpublished(publisher.table) is None
     finally:
@@ -94,3 +108,35 @@ def test_two_relays_publishing_at_once_send_each_row_once(kenv: Any, pg_url: str
     got = keys_of(kenv.consume_all(topic, expect=rows + 50, timeout_s=15))
     assert len(got) == rows
     assert max(got.values()) == 1, [k for k, n in got.items() if n > 1][:5]
+
+
+def test_a_round_needs_one_connection_and_another_schemas_relay_is_no_obstacle(kenv: Any, pg_url: str) -> None:
+    """The lock's connection does the round's reads and writes: a pool of one connection publishes
+    (a second checkout waited for the pool and failed every round). A relay of another deployment
+    in the same database (another schema) holding its own lock does not stop this one."""
+    from monitor.actions.outbox import OUTBOX_LOCK, drift_publisher
+    from monitor.store import BatchWrite, Store
+    from monitor.store.store import Pool
+
+    topic = kenv.topic()
+    store = Store(pg_url, pool=Pool(size=1, overflow=0, timeout_s=3.0))
+    store.commit_batch(BatchWrite(drift_events=events(5)))
+    publisher = drift_publisher(cfg(kenv, topic), store)
+    schema = f"other_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    other = Store(pg_url.rsplit("%3D", 1)[0] + f"%3D{schema}")  # another deployment's store
+    try:
+        with other.one_at_a_time(OUTBOX_LOCK, publisher.name) as (theirs, _):
+            assert theirs
+            assert publisher.publish_pending() == 5
+        assert store.oldest_unpublished(publisher.table) is None
+    finally:
+        publisher.close()
+        other.close()
+        store.close()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+    assert len(kenv.consume_all(topic, expect=5)) == 5

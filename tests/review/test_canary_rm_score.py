@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +92,18 @@ def scored(item: dict[str, Any]) -> list[float]:
     return [h["score"] for h in item["hints"] if h["assistant"] == "rm_score"]
 
 
-def test_a_perturbed_canary_shows_the_active_versions_score_of_its_own_text(
-    sqlite_url: str, rows: list[EpisodeRow], tmp_path: Path
-) -> None:
+@dataclass
+class Scored:
+    """A review app whose experiment shows rm_score, over episodes all scored by an active version."""
+
+    env: Env
+    store: Store
+    version: str
+    path: Path
+
+
+@pytest.fixture
+def scored_env(sqlite_url: str, rows: list[EpisodeRow], tmp_path: Path) -> Iterator[Scored]:
     store = Store(sqlite_url)
     seed(store, rows)
     version, path = promote_version(store, tmp_path / "models")
@@ -100,26 +111,33 @@ def test_a_perturbed_canary_shows_the_active_versions_score_of_its_own_text(
     env = make_env(sqlite_url, *overrides)
     try:
         store_scores(store, version, path, rows, env.settings)
-        seen = review_all(env, ("ann", "bob", "cy"), 30)
-        tally = Counter(("real" if row is None else row.presentation, bool(scored(item))) for item, row in seen)
-        # Every item a reviewer sees carries the hint, the perturbed canaries as the real items.
-        assert tally[("perturbed", True)] >= 3, tally
-        assert tally[("real", True)] >= 40, tally
-        assert not [k for k in tally if not k[1]], tally
-        backend = load_version(env.settings.reward, path, None, threads=1)
-        for item, row in seen:
-            if row is None or row.presentation != "perturbed":
-                continue
-            (shown,) = scored(item)
-            source = next(r for r in rows if r["episode_id"] == row.episode_id)
-            (own,) = backend.score([Item(source["prompt"], row.perturbed)])
-            original = next(s for s in scored_of(store, row.episode_id, version))
-            # The score of the text shown, not of the source's stored text.
-            assert shown == pytest.approx(own.value, abs=1e-6)
-            assert shown != pytest.approx(original, abs=1e-9)
+        yield Scored(env, store, version, path)
     finally:
         env.close()
         store.close()
+
+
+def test_a_perturbed_canary_shows_the_active_versions_score_of_its_own_text(
+    scored_env: Scored, rows: list[EpisodeRow]
+) -> None:
+    env, store, version, path = scored_env.env, scored_env.store, scored_env.version, scored_env.path
+    seen = review_all(env, ("ann", "bob", "cy"), 30)
+    tally = Counter(("real" if row is None else row.presentation, bool(scored(item))) for item, row in seen)
+    # Every item a reviewer sees carries the hint, the perturbed canaries as the real items.
+    assert tally[("perturbed", True)] >= 3, tally
+    assert tally[("real", True)] >= 40, tally
+    assert not [k for k in tally if not k[1]], tally
+    backend = load_version(env.settings.reward, path, None, threads=1)
+    for item, row in seen:
+        if row is None or row.presentation != "perturbed":
+            continue
+        (shown,) = scored(item)
+        source = next(r for r in rows if r["episode_id"] == row.episode_id)
+        (own,) = backend.score([Item(source["prompt"], row.perturbed)])
+        original = next(s for s in scored_of(store, row.episode_id, version))
+        # The score of the text shown, not of the source's stored text.
+        assert shown == pytest.approx(own.value, abs=1e-6)
+        assert shown != pytest.approx(original, abs=1e-9)
 
 
 def scored_of(store: Store, episode_id: str, version: str) -> list[float]:
@@ -129,34 +147,23 @@ def scored_of(store: Store, episode_id: str, version: str) -> list[float]:
         return [float(v) for v in conn.execute(q).scalars()]
 
 
-def test_a_canary_whose_score_cannot_be_had_is_set_aside_and_the_real_item_served(
-    sqlite_url: str, rows: list[EpisodeRow], tmp_path: Path
-) -> None:
-    store = Store(sqlite_url)
-    seed(store, rows)
-    version, path = promote_version(store, tmp_path / "models")
-    overrides = (*CANARIES, *experiment("{rm: [rm_score]}"), f"reward.models_dir={tmp_path / 'models'}")
-    env = make_env(sqlite_url, *overrides)
-    try:
-        store_scores(store, version, path, rows, env.settings)
-        shutil.rmtree(path)  # the version's files are gone: it can no longer be loaded
-        seen = review_all(env, ("ann", "bob"), 30)
-        shown = Counter("real" if row is None else row.presentation for _, row in seen)
-        assert shown["perturbed"] == 0, shown
-        assert shown["real"] >= 40, shown
-        with store.engine.connect() as conn:
-            c = t.canaries
-            aside = conn.execute(
-                sa.select(sa.func.count()).where(c.c.presentation == "perturbed", c.c.status == "error")
-            ).scalar()
-        assert aside and aside >= 2
-        errors = env.app.state.review.metrics.registry.get_sample_value(
-            "oversight_assist_errors_total", {"assistant": "rm_score"}
-        )
-        assert errors == aside
-    finally:
-        env.close()
-        store.close()
+def test_a_canary_whose_score_cannot_be_had_is_set_aside_and_the_real_item_served(scored_env: Scored) -> None:
+    env, store, path = scored_env.env, scored_env.store, scored_env.path
+    shutil.rmtree(path)  # the version's files are gone: it can no longer be loaded
+    seen = review_all(env, ("ann", "bob"), 30)
+    shown = Counter("real" if row is None else row.presentation for _, row in seen)
+    assert shown["perturbed"] == 0, shown
+    assert shown["real"] >= 40, shown
+    with store.engine.connect() as conn:
+        c = t.canaries
+        aside = conn.execute(
+            sa.select(sa.func.count()).where(c.c.presentation == "perturbed", c.c.status == "error")
+        ).scalar()
+    assert aside and aside >= 2
+    errors = env.app.state.review.metrics.registry.get_sample_value(
+        "oversight_assist_errors_total", {"assistant": "rm_score"}
+    )
+    assert errors == aside
 
 
 def test_without_rm_score_in_any_condition_no_model_is_loaded(sqlite_url: str, rows: list[EpisodeRow]) -> None:
