@@ -117,6 +117,7 @@ def scored_env(sqlite_url: str, rows: list[EpisodeRow], tmp_path: Path) -> Itera
         store.close()
 
 
+@pytest.mark.slow  # a real reward model scores every episode and canary: about 25 s each here
 def test_a_perturbed_canary_shows_the_active_versions_score_of_its_own_text(
     scored_env: Scored, rows: list[EpisodeRow]
 ) -> None:
@@ -147,6 +148,7 @@ def scored_of(store: Store, episode_id: str, version: str) -> list[float]:
         return [float(v) for v in conn.execute(q).scalars()]
 
 
+@pytest.mark.slow  # a real reward model scores every episode and canary: about 25 s each here
 def test_a_canary_whose_score_cannot_be_had_is_set_aside_and_the_real_item_served(scored_env: Scored) -> None:
     env, store, path = scored_env.env, scored_env.store, scored_env.path
     shutil.rmtree(path)  # the version's files are gone: it can no longer be loaded
