@@ -130,6 +130,8 @@ class KafkaSource:
         self._to_commit: dict[int, int] = {}
         self._committed: dict[int, int] = {}
         self._lag: dict[int, int] = {}
+        # Partitions whose stored offset lies past the log's end, with that offset (:meth:`_behind`).
+        self._past_end: dict[int, int] = {}
         # Where each assigned partition starts: its stored offset, else (asked of the broker once) its
         # beginning or end per auto_offset_reset. The lag of a partition nothing was fetched from yet.
         self._start: dict[int, int] = {}
@@ -192,6 +194,7 @@ class KafkaSource:
                         source._committed.pop(p, None)
                         source._lag.pop(p, None)
                         source._start.pop(p, None)
+                        source._past_end.pop(p, None)
                     log.info("partitions revoked: %s", parts)
                     rebalance.revoked(parts)
 
@@ -516,7 +519,7 @@ class KafkaSource:
             hw = self._consumer.highwater(TopicPartition(self.cfg.topic, p))
             done = self._committed.get(p, self._first.get(p, self._start.get(p)))
             if hw is not None and done is not None:
-                out[p] = max(0, hw - done)
+                out[p] = self._behind(p, hw, done)
             else:
                 unknown[p] = (hw, done)
         if unknown:
@@ -525,6 +528,32 @@ class KafkaSource:
             # on one partition reported only the others' lag.
             out.update(self._lag_unfetched(unknown))
         self._lag = out
+
+    def _behind(self, p: int, end: int, done: int) -> int:
+        """The lag of partition ``p``, noting a stored offset past the log's end: the topic was
+        deleted and made again, or its log cut back (an unclean leader election), since the
+        database stored it. The replica then reads nothing of that partition until the new log
+        reaches the old offset, and whatever comes before it is never read: the lag said 0 and
+        ``/readyz`` 200 while every new record was skipped. Now the replica is not ready
+        (:meth:`ready`) and says why, once per partition and offset."""
+        if done <= end:
+            self._past_end.pop(p, None)
+            return end - done
+        if self._past_end.get(p) != done:
+            self._past_end[p] = done
+            log.error(
+                "partition %d of %s: the offset the database stored, %d, is past the log's end, %d: the topic"
+                " was deleted and created again, or its log cut back, since it was stored. Nothing of this"
+                " partition is read until the log reaches %d, and the records before that never are; this"
+                " replica reports not ready until then (the stored offsets are the offsets table's rows of %s)",
+                p,
+                self.cfg.topic,
+                done,
+                end,
+                done,
+                self.name,
+            )
+        return 0
 
     def _lag_unfetched(self, unknown: Mapping[int, tuple[int | None, int | None]]) -> dict[int, int]:
         from kafka import TopicPartition
@@ -551,7 +580,7 @@ class KafkaSource:
                 done = self._start[p] = int(starts[tp])
             hw = known_hw if known_hw is not None else ends.get(tp)
             if hw is not None and done is not None:
-                out[p] = max(0, int(hw) - done)
+                out[p] = self._behind(p, int(hw), done)
         return out
 
     # -- pipeline side -------------------------------------------------------
@@ -612,4 +641,5 @@ class KafkaSource:
             and self._thread.is_alive()
             and self._error is None
             and time.monotonic() - self._last_contact < CONTACT_S
+            and not self._past_end
         )

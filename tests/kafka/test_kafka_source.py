@@ -430,3 +430,47 @@ def test_the_consumer_holds_a_fetch_no_longer_than_configured(monkeypatch: pytes
         with pytest.raises(Captured):
             KafkaSource(cfg).open(NoOffsets())
         assert seen["fetch_max_wait_ms"] == (500 if wait is None else 20)
+
+
+class _Stored:
+    """The offsets the database stored for the source's partitions."""
+
+    def __init__(self, offsets: dict[int, int]) -> None:
+        self.offsets = offsets
+
+    def assigned(self, partitions: list[int]) -> dict[int, int]:
+        return {p: o for p, o in self.offsets.items() if p in partitions}
+
+    def revoked(self, partitions: list[int]) -> None:
+        pass
+
+
+def test_a_stored_offset_past_the_logs_end_makes_the_replica_not_ready(
+    kenv: Any, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The topic was deleted and created again (or its log cut back) since the database stored its
+    offset: the replica read nothing of the new log until it reached the old offset, and never what
+    came before, while the lag said 0 and /readyz 200. Now it is not ready and says why; a stored
+    offset inside the log is ready as before."""
+    from monitor.sources.kafka import KafkaSource
+
+    topic, group = kenv.topic(partitions=1), _group()
+    ends = kenv.produce_episodes(topic, [kenv.episode(i, "chat") for i in range(10)])
+    settings = kenv.settings(topic, group, sqlite_url)
+    for stored, ready in ((300, False), (4, True)):
+        source = KafkaSource(settings.kafka)
+        source.open(_Stored({0: stored}))
+        try:
+            deadline = time.monotonic() + 20
+            taken = 0
+            while time.monotonic() < deadline and (0 not in source.lag() or source.ready() is not ready):
+                taken += len(source.poll(100, 0.2))
+            assert source.ready() is ready, (stored, source.lag())
+            assert source.lag()[0] == (0 if stored > ends[0] else ends[0] - stored)
+        finally:
+            source.close()
+        said = [r.getMessage() for r in caplog.records if "past the log's end" in r.getMessage()]
+        assert bool(said) is not ready, said
+        if not ready:
+            assert taken == 0  # nothing of the new log is read
+        caplog.clear()
