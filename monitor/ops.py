@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
@@ -138,8 +139,6 @@ class AcceptFlood(logging.Filter):
 
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__()
-        import time
-
         self._clock = clock or time.monotonic
         self._lock = threading.Lock()
         self._last: float | None = None
